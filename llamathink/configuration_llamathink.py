@@ -1,0 +1,181 @@
+"""Configuration of LlamaThink, a small hybrid-attention language model.
+
+The defaults ARE the original 95.7M-parameter "Llama Think" model: 16 layers in the repeating pattern
+linear (Gated DeltaNet), linear, csa (compressed sparse attention), full (gated softmax attention),
+hidden size 576, tied embeddings, Llama 2 vocabulary.
+
+This file must only import from `transformers` and the standard library: `save_pretrained` copies it next
+to the weights so `AutoConfig.from_pretrained(..., trust_remote_code=True)` works where the `llamathink`
+package is not installed.
+"""
+
+from transformers import PretrainedConfig
+
+MIXER_TYPES = ("linear", "csa", "full")
+DEFAULT_MIXER_PATTERN = ("linear", "linear", "csa", "full")
+
+
+class LlamaThinkConfig(PretrainedConfig):
+    r"""
+    Args:
+        vocab_size (`int`, defaults to 32000): vocabulary size (Llama 2 SentencePiece).
+        hidden_size (`int`, defaults to 576): width of the residual stream.
+        intermediate_size (`int`, defaults to 1536): SwiGLU hidden width.
+        num_hidden_layers (`int`, defaults to 16): number of decoder layers.
+        num_attention_heads (`int`, defaults to 9): query heads of the softmax-attention mixers.
+        num_key_value_heads (`int`, defaults to 3): key/value heads (grouped-query attention).
+        head_dim (`int`, defaults to 64): per-head width of the softmax-attention mixers.
+        max_position_embeddings (`int`, defaults to 1024): longest sequence the model accepts.
+        rope_theta (`float`, defaults to 20000.0): RoPE base.
+        partial_rotary_factor (`float`, defaults to 0.5): fraction of each head's dims that are rotated.
+        rms_norm_eps (`float`, defaults to 1e-6): RMSNorm epsilon.
+        initializer_range (`float`, defaults to 0.02): std of the normal init of linear and embedding weights.
+        tie_word_embeddings (`bool`, defaults to True): share the input embedding and the output head.
+        mixer_types (`list[str]`): token mixer of every layer, each of `"linear"` (Gated DeltaNet),
+            `"csa"` (compressed sparse attention) or `"full"` (gated full attention).
+            Defaults to `["linear", "linear", "csa", "full"] * (num_hidden_layers // 4)`.
+        linear_num_key_heads / linear_num_value_heads (`int`, defaults to 9 / 9): Gated DeltaNet heads.
+        linear_key_head_dim / linear_value_head_dim (`int`, defaults to 112 / 112): Gated DeltaNet head widths.
+        linear_conv_kernel_dim (`int`, defaults to 4): causal depthwise convolution width.
+        csa_stride (`int`, defaults to 4): tokens pooled into one compressed key/value block.
+        csa_window (`int`, defaults to 64): local causal window of the CSA layers (the query's own token included).
+        hyper_connections (`bool`, defaults to True): learned per-dimension residual scaling,
+            `h = (1 + r) * h + (1 + s) * sublayer(norm(h))`, with `r`, `s` initialised to zero.
+        gdn_chunk_size (`int`, defaults to 64): chunk length of the chunked Gated DeltaNet (training/prefill).
+    """
+
+    model_type = "llamathink"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 576,
+        intermediate_size: int = 1536,
+        num_hidden_layers: int = 16,
+        num_attention_heads: int = 9,
+        num_key_value_heads: int = 3,
+        head_dim: int = 64,
+        max_position_embeddings: int = 1024,
+        rope_theta: float = 20000.0,
+        partial_rotary_factor: float = 0.5,
+        rms_norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = True,
+        mixer_types: list[str] | tuple[str, ...] | None = None,
+        linear_num_key_heads: int = 9,
+        linear_num_value_heads: int = 9,
+        linear_key_head_dim: int = 112,
+        linear_value_head_dim: int = 112,
+        linear_conv_kernel_dim: int = 4,
+        csa_stride: int = 4,
+        csa_window: int = 64,
+        hyper_connections: bool = True,
+        gdn_chunk_size: int = 64,
+        use_cache: bool = True,
+        bos_token_id: int = 1,
+        eos_token_id: int = 2,
+        pad_token_id: int | None = None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_theta = rope_theta
+        self.partial_rotary_factor = partial_rotary_factor
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        if mixer_types is None:
+            if num_hidden_layers % len(DEFAULT_MIXER_PATTERN) != 0:
+                raise ValueError(
+                    f"mixer_types is not given and num_hidden_layers={num_hidden_layers} is not a multiple of "
+                    f"{len(DEFAULT_MIXER_PATTERN)}, the length of the default pattern {list(DEFAULT_MIXER_PATTERN)}; "
+                    "pass mixer_types explicitly"
+                )
+            mixer_types = list(DEFAULT_MIXER_PATTERN) * (num_hidden_layers // len(DEFAULT_MIXER_PATTERN))
+        self.mixer_types = list(mixer_types)
+        self.linear_num_key_heads = linear_num_key_heads
+        self.linear_num_value_heads = linear_num_value_heads
+        self.linear_key_head_dim = linear_key_head_dim
+        self.linear_value_head_dim = linear_value_head_dim
+        self.linear_conv_kernel_dim = linear_conv_kernel_dim
+        self.csa_stride = csa_stride
+        self.csa_window = csa_window
+        self.hyper_connections = hyper_connections
+        self.gdn_chunk_size = gdn_chunk_size
+        self.use_cache = use_cache
+        super().__init__(
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        # transformers 5.x reads `tie_word_embeddings` from the config; older versions from kwargs. Set it on both.
+        self.tie_word_embeddings = tie_word_embeddings
+        self.validate_llamathink()
+
+    def validate_llamathink(self):
+        """Raise `ValueError` naming the field when the configuration cannot describe a working model."""
+        positive_ints = (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "linear_num_key_heads",
+            "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim",
+            "csa_stride", "csa_window", "gdn_chunk_size",
+        )  # fmt: skip
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if len(self.mixer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"mixer_types has {len(self.mixer_types)} entries but num_hidden_layers={self.num_hidden_layers}; "
+                "give one mixer type per layer"
+            )
+        for i, mixer in enumerate(self.mixer_types):
+            if mixer not in MIXER_TYPES:
+                raise ValueError(f"mixer_types[{i}]={mixer!r} is not one of the allowed values {list(MIXER_TYPES)}")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must be divisible by "
+                f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)"
+            )
+        if self.linear_num_value_heads % self.linear_num_key_heads != 0:
+            raise ValueError(
+                f"linear_num_value_heads={self.linear_num_value_heads} must be divisible by "
+                f"linear_num_key_heads={self.linear_num_key_heads}"
+            )
+        if not 0.0 < self.partial_rotary_factor <= 1.0:
+            raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor!r}")
+        rotary_dim = int(self.head_dim * self.partial_rotary_factor)
+        if rotary_dim < 2 or rotary_dim % 2 != 0:
+            raise ValueError(
+                f"head_dim * partial_rotary_factor = {self.head_dim} * {self.partial_rotary_factor} must give an even "
+                f"number of rotary dims >= 2, got {rotary_dim}"
+            )
+        if self.csa_window < 2:
+            raise ValueError(f"csa_window must be at least 2 (the query's own token and one more), got {self.csa_window}")
+        if not isinstance(self.hyper_connections, bool):
+            raise ValueError(f"hyper_connections must be true or false, got {self.hyper_connections!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name, None)
+            ids = value if isinstance(value, (list, tuple)) else [value]
+            for token_id in ids:
+                if token_id is not None and not 0 <= token_id < self.vocab_size:
+                    raise ValueError(f"{name}={value!r} is outside the vocabulary [0, {self.vocab_size})")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+
+__all__ = ["LlamaThinkConfig"]

@@ -1,0 +1,1108 @@
+"""LlamaThink: a small hybrid-attention causal language model for Hugging Face transformers.
+
+Every layer is a pre-norm block `mixer -> SwiGLU MLP`, the mixer being one of
+
+* ``linear``: Gated DeltaNet (Qwen3-Next / Qwen3.5 style linear attention with a causal depthwise conv),
+* ``csa``:    compressed sparse attention (a 64-token causal window blended with attention over mean-pooled,
+              learned-compressed blocks of 4 tokens),
+* ``full``:   gated full softmax attention (Qwen3.5 style: sigmoid output gate, per-head QK RMSNorm, GQA),
+
+with partial RoPE, (1 + w) RMSNorms and optional hyper-connections `h = (1 + r) * h + (1 + s) * f(norm(h))`.
+
+Everything here is plain PyTorch and runs on CPU. The hot spots have one dispatch point each
+(`GDN_KERNELS`, `LlamaThinkAttention._attend`, `LlamaThinkCompressedSparseAttention._local_attention` /
+`_compressed_attention`) so faster GPU kernels can be slotted in without touching the model.
+
+Only sibling relative imports are allowed in this file: `save_pretrained` copies it (and the configuration
+file) next to the weights for `trust_remote_code=True` loading where the `llamathink` package is absent.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput, logging
+
+from .configuration_llamathink import LlamaThinkConfig
+
+try:  # transformers >= 5: init functions that respect the "already loaded" flags of from_pretrained
+    from transformers import initialization as init
+except ImportError:  # pragma: no cover - transformers 4.x
+    init = nn.init
+
+try:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # pragma: no cover - old transformers
+    GradientCheckpointingLayer = nn.Module
+
+logger = logging.get_logger(__name__)
+
+# transformers 5.24 renamed generate()'s cache argument from `past_key_values` to `cache`; accept both.
+_GENERATE_CACHE_KEY = (
+    "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    else "past_key_values"
+)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Normalisation, RoPE, MLP
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LlamaThinkRMSNorm(nn.Module):
+    """RMSNorm with a zero-initialised weight applied as `x_norm * (1 + w)`, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).type_as(x)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+class LlamaThinkGatedRMSNorm(nn.Module):
+    """Gated DeltaNet output norm: `rmsnorm(o) * w * silu(z)` (weight initialised to one, as in Qwen3.5)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = self.weight * xf.to(dtype)
+        return (out * F.silu(gate.float())).to(dtype)
+
+
+class LlamaThinkRotaryEmbedding(nn.Module):
+    """Partial rotary embedding: the first `rotary_dim` dims of every head, rotate-half layout."""
+
+    def __init__(self, config: LlamaThinkConfig):
+        super().__init__()
+        self.rotary_dim = config.rotary_dim
+        self.base = config.rope_theta
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self, device=None) -> torch.Tensor:
+        exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=device) / self.rotary_dim
+        return 1.0 / (self.base**exponents)
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, T] -> cos, sin [B, T, rotary_dim] (fp32 math, returned in `dtype`)."""
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # [B, T, rotary_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [B, T, R] with R <= D: rotate the first R dims, pass the rest through."""
+    cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, R]
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    x_rot = x_rot * cos + rotate_half(x_rot) * sin
+    return torch.cat((x_rot, x_pass), dim=-1)
+
+
+class LlamaThinkMLP(nn.Module):
+    def __init__(self, config: LlamaThinkConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gated delta rule: pure-PyTorch reference kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32 for low-precision inputs, fp64 kept (the tests check exactness in double)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """`x / sqrt(sum(x^2) + eps)` over the last dim (the convention of fla and transformers' Qwen3.5)."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def torch_recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token-by-token gated delta rule (the definition; used for one-token decode and as the test oracle).
+
+    q, k: [B, T, H, Dk] (already L2-normalised), v: [B, T, H, Dv], g (log-decay <= 0), beta: [B, T, H].
+    Per head, with S of shape [Dk, Dv]:
+        S_t = exp(g_t) S_{t-1} + beta_t k_t (v_t - exp(g_t) S_{t-1}^T k_t)^T,   o_t = S_t^T (scale * q_t).
+    Returns o [B, T, H, Dv] in v's dtype and the final state [B, H, Dk, Dv] in fp32.
+    """
+    out_dtype = v.dtype
+    B, T, H, Dk = k.shape
+    Dv = v.shape[-1]
+    acc = _acc_dtype(v.dtype)
+    q, k, v, g, beta = (x.transpose(1, 2).to(acc) for x in (q, k, v, g, beta))  # head-major: [B, H, T, ...]
+    q = q * scale
+    state = q.new_zeros(B, H, Dk, Dv) if initial_state is None else initial_state.to(acc)
+    outs = []
+    for t in range(T):
+        state = state * g[:, :, t, None, None].exp()
+        kv_mem = torch.einsum("bhkv,bhk->bhv", state, k[:, :, t])
+        delta = (v[:, :, t] - kv_mem) * beta[:, :, t, None]
+        state = state + k[:, :, t, :, None] * delta[:, :, None, :]
+        outs.append(torch.einsum("bhkv,bhk->bhv", state, q[:, :, t]))
+    o = torch.stack(outs, dim=2) if outs else v.new_zeros(B, H, 0, Dv)
+    return o.transpose(1, 2).to(out_dtype), (state if output_final_state else None)
+
+
+def torch_chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked (WY-form) gated delta rule: same inputs, outputs and maths as `torch_recurrent_gated_delta_rule`.
+
+    Inside a chunk of C tokens with cumulative log-decay G_i = g_1 + ... + g_i and chunk-initial state S_0,
+    the per-token state corrections delta_i = beta_i (v_i - exp(g_i) S_{i-1}^T k_i) satisfy the unit lower
+    triangular system (I + A) delta = beta*V - (beta*exp(G)*K) S_0, A_ij = beta_i exp(G_i - G_j) k_i.k_j (j < i).
+    Solving it once per chunk for both right-hand sides gives delta = U - W S_0, after which
+        O   = (exp(G) * Q) S_0 + (Q K^T * decay) delta,        decay_ij = exp(G_i - G_j) for j <= i
+        S_C = exp(G_C) S_0 + (exp(G_C - G) * K)^T delta.
+    Only the chunk-to-chunk state hand-off is sequential; everything else is batched matmuls and one batched
+    triangular solve, which is what makes this form fast under torch.compile on GPU.
+    """
+    out_dtype = v.dtype
+    B, T, H, Dk = k.shape
+    Dv = v.shape[-1]
+    C = chunk_size
+    acc = _acc_dtype(v.dtype)
+    q, k, v, g, beta = (x.transpose(1, 2).to(acc) for x in (q, k, v, g, beta))  # [B, H, T, ...]
+    q = q * scale
+    pad = (-T) % C
+    if pad:  # padded steps have g = 0 and beta = 0: they leave the state untouched; their outputs are dropped
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        g, beta = (F.pad(x, (0, pad)) for x in (g, beta))
+    N = (T + pad) // C
+    q, k, v = (x.reshape(B, H, N, C, -1) for x in (q, k, v))  # [B, H, N, C, D]
+    g, beta = g.reshape(B, H, N, C), beta.reshape(B, H, N, C)
+
+    G = g.cumsum(-1)  # [B, H, N, C]
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    # exp(G_i - G_j) <= 1 for j <= i; the upper triangle is masked BEFORE exp so it cannot overflow
+    decay = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # [B, H, N, C, C]
+    k_beta = k * beta[..., None]
+    A = (k_beta @ k.transpose(-1, -2) * decay).tril(-1)  # strictly lower  [B, H, N, C, C]
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    rhs = torch.cat((v * beta[..., None], k_beta * G.exp()[..., None]), dim=-1)  # [B, H, N, C, Dv + Dk]
+    UW = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+    U, W = UW.split((Dv, Dk), dim=-1)
+    attn = q @ k.transpose(-1, -2) * decay  # inclusive lower triangle  [B, H, N, C, C]
+    q_decayed = q * G.exp()[..., None]
+    k_to_end = k * (G[..., -1:] - G).exp()[..., None]  # decay from each token to the chunk end
+
+    state = q.new_zeros(B, H, Dk, Dv) if initial_state is None else initial_state.to(acc)
+    outs = []
+    for n in range(N):
+        delta = U[:, :, n] - W[:, :, n] @ state  # [B, H, C, Dv]
+        outs.append(q_decayed[:, :, n] @ state + attn[:, :, n] @ delta)
+        state = state * G[:, :, n, -1, None, None].exp() + k_to_end[:, :, n].transpose(-1, -2) @ delta
+    o = torch.stack(outs, dim=2).reshape(B, H, N * C, Dv)[:, :, :T]
+    return o.transpose(1, 2).to(out_dtype), (state if output_final_state else None)
+
+
+# Dispatch table of the delta-rule kernels: "chunk" for training/prefill, "recurrent" for one-token decode.
+# A fast backend (fla, compiled) replaces the entries; the signatures above are the contract.
+GDN_KERNELS = {"chunk": torch_chunk_gated_delta_rule, "recurrent": torch_recurrent_gated_delta_rule}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cache
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _LayerState:
+    """Per-layer decode state; every tensor field has the batch as its first dimension."""
+
+    fields: tuple[str, ...] = ()
+
+    def map_batch(self, fn):
+        for name in self.fields:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, fn(value))
+
+
+class GatedDeltaNetState(_LayerState):
+    """Last (kernel - 1) conv inputs [B, C, K-1] and the delta-rule state [B, Hv, Dk, Dv] (fp32)."""
+
+    fields = ("conv", "recurrent")
+
+    def __init__(self):
+        self.conv: torch.Tensor | None = None
+        self.recurrent: torch.Tensor | None = None
+
+
+class AttentionState(_LayerState):
+    """RoPE'd keys and values of every cached position, [B, Hkv, S, D]."""
+
+    fields = ("keys", "values")
+
+    def __init__(self):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+
+class CompressedAttentionState(_LayerState):
+    """What a CSA layer needs to continue.
+
+    * `window_k`, `window_v` [B, Hkv, W-1, D] and `window_valid` [B, W-1]: RoPE'd keys/values of the last W-1
+      positions (index space; padding and not-yet-filled slots are invalid).
+    * `blocks_k`, `blocks_v` [B, Hkv, N, D]: compressed (and, for keys, RoPE'd) blocks in absolute slots: slot j
+      holds block j of that row; row b has `completed_b = real_length_b // stride` valid slots.
+    * `partial` [B, stride, 2 * Hkv * D]: raw (k-normed, un-RoPE'd) keys and values of the block being filled,
+      a ring indexed by position % stride.
+    """
+
+    fields = ("window_k", "window_v", "window_valid", "blocks_k", "blocks_v", "partial")
+
+    def __init__(self):
+        self.window_k = self.window_v = self.window_valid = None
+        self.blocks_k = self.blocks_v = None
+        self.partial = None
+
+
+class LlamaThinkCache:
+    """Decode state of the hybrid stack, usable with `generate()` (transformers 5.17 to 5.24).
+
+    Holds, per layer, a `GatedDeltaNetState`, `AttentionState` or `CompressedAttentionState`, plus what every
+    layer shares: how many positions were processed (`get_seq_length`, padding included, so it matches the
+    length of `attention_mask`), how many real tokens each row has seen (their next position), and which cached
+    positions are padding.
+
+    Padding must be on the left of the first chunk fed to the cache (what `generate` does with
+    `padding_side="left"`). Decoding is then exact for every mixer: padded positions never enter the Gated
+    DeltaNet conv or recurrent state and are masked from attention, and CSA blocks are aligned by each row's own
+    token positions (block j = positions 4j..4j+3 of that row), so a left-padded row decodes exactly as it would
+    alone. A cache built from right-padded input cannot be continued (a clear error says so).
+    The recurrent state cannot be rolled back, so the cache is not croppable (no assisted decoding).
+    """
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, config: LlamaThinkConfig):
+        self.config = config
+        self.mixer_types = list(config.mixer_types)
+        self.layers: list[_LayerState] = [
+            GatedDeltaNetState() if t == "linear" else CompressedAttentionState() if t == "csa" else AttentionState()
+            for t in self.mixer_types
+        ]
+        self.seq_length = 0  # positions processed, padding included (index space)
+        self.real_lengths: torch.Tensor | None = None  # [B] long: real tokens seen per row = next position
+        self.key_valid: torch.Tensor | None = None  # [B, seq_length] bool, only kept once padding was seen
+        self.continuable = True
+        self._not_continuable_reason = ""
+
+    # --- what transformers' generate() asks of a cache ---------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seq_length
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def is_linear(self) -> list[bool]:
+        # generate() slices continuation inputs only for caches that know their sequence length; every layer of
+        # this cache does (the shared `seq_length`), so none reports itself as length-less.
+        return [False] * len(self.layers)
+
+    @property
+    def batch_size(self) -> int | None:
+        return None if self.real_lengths is None else self.real_lengths.shape[0]
+
+    def _map_batch(self, fn):
+        for layer in self.layers:
+            layer.map_batch(fn)
+        if self.real_lengths is not None:
+            self.real_lengths = fn(self.real_lengths)
+        if self.key_valid is not None:
+            self.key_valid = fn(self.key_valid)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        """Beam search: row i of the new cache is row beam_idx[i] of the old one."""
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        self._map_batch(lambda t: t[indices.to(t.device)])
+
+    def crop(self, max_length: int):
+        raise NotImplementedError(
+            "LlamaThinkCache cannot be cropped: Gated DeltaNet layers keep a recurrent state that cannot be rolled back"
+        )
+
+    # --- bookkeeping used by the model -------------------------------------------------------------------------
+    def check_continuable(self):
+        if not self.continuable:
+            raise ValueError(f"this LlamaThinkCache cannot be continued: {self._not_continuable_reason}")
+
+    def advance(self, num_new: int, new_valid: torch.Tensor | None, batch_size: int, device: torch.device):
+        """Record `num_new` processed positions (`new_valid` [B, T] bool, or None when all are real tokens)."""
+        if self.real_lengths is None:
+            self.real_lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        if new_valid is None:
+            self.real_lengths = self.real_lengths + num_new
+            if self.key_valid is not None:
+                self.key_valid = F.pad(self.key_valid, (0, num_new), value=True)
+        else:
+            self.real_lengths = self.real_lengths + new_valid.sum(-1)
+            past = self.key_valid
+            if past is None:
+                past = torch.ones(batch_size, self.seq_length, dtype=torch.bool, device=device)
+            self.key_valid = torch.cat((past, new_valid), dim=-1)
+            if not bool(new_valid[:, -1].all()):
+                self.continuable = False
+                self._not_continuable_reason = (
+                    "it was built from right-padded input (a padding token after a real token); use left padding "
+                    "(tokenizer.padding_side = 'left') for generation"
+                )
+        self.seq_length += num_new
+
+
+@dataclass
+class ForwardContext:
+    """Per-forward inputs shared by every layer."""
+
+    position_ids: torch.Tensor  # [B, T] positions of the new tokens (padding gets 0)
+    cos: torch.Tensor  # [B, T, R]
+    sin: torch.Tensor
+    valid: torch.Tensor | None  # [B, T] bool: real tokens of this chunk; None when all are real
+    key_valid: torch.Tensor | None  # [B, past + T] bool over all attended positions; None when all are real
+    past_length: int  # positions already in the cache (index space)
+    real_lengths: torch.Tensor | None  # [B] real tokens before this chunk; None without a cache
+    new_real_lengths: torch.Tensor | None  # [B] real tokens after this chunk; None without a cache
+    cache: LlamaThinkCache | None
+    rotary: LlamaThinkRotaryEmbedding
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mixers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LlamaThinkGatedDeltaNet(nn.Module):
+    """Gated DeltaNet (linear attention with a delta-rule state), parameter-compatible with Qwen3.5's."""
+
+    def __init__(self, config: LlamaThinkConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_k_heads = config.linear_num_key_heads
+        self.num_v_heads = config.linear_num_value_heads
+        self.head_k_dim = config.linear_key_head_dim
+        self.head_v_dim = config.linear_value_head_dim
+        self.key_dim = self.num_k_heads * self.head_k_dim
+        self.value_dim = self.num_v_heads * self.head_v_dim
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.conv_kernel_size = config.linear_conv_kernel_dim
+        self.chunk_size = config.gdn_chunk_size
+
+        self.in_proj_qkv = nn.Linear(config.hidden_size, self.conv_dim, bias=False)
+        self.in_proj_z = nn.Linear(config.hidden_size, self.value_dim, bias=False)
+        self.in_proj_b = nn.Linear(config.hidden_size, self.num_v_heads, bias=False)
+        self.in_proj_a = nn.Linear(config.hidden_size, self.num_v_heads, bias=False)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, kernel_size=self.conv_kernel_size, groups=self.conv_dim, bias=False
+        )
+        self.A_log = nn.Parameter(torch.empty(self.num_v_heads).uniform_(1, 16).log_())
+        self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
+        self.norm = LlamaThinkGatedRMSNorm(self.head_v_dim, eps=config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, config.hidden_size, bias=False)
+
+    def _causal_conv(self, qkv: torch.Tensor, state: GatedDeltaNetState | None) -> torch.Tensor:
+        """Depthwise causal conv + SiLU over qkv [B, C, T]; reads and updates the conv state when caching."""
+        K = self.conv_kernel_size
+        T = qkv.shape[-1]
+        if state is not None and state.conv is not None:
+            x = torch.cat((state.conv.to(qkv.dtype), qkv), dim=-1)  # [B, C, K-1+T]
+        else:
+            x = F.pad(qkv, (K - 1, 0))  # a fresh sequence sees zeros before position 0
+        if state is not None:
+            state.conv = x[:, :, x.shape[-1] - (K - 1) :].detach().clone()
+        out = F.conv1d(x, self.conv1d.weight.to(x.dtype), groups=self.conv_dim)  # [B, C, T]
+        return F.silu(out[:, :, -T:])
+
+    def _delta_rule(self, q, k, v, g, beta, initial_state, output_final_state):
+        """The dispatch point of the delta-rule kernel."""
+        if q.shape[1] == 1 and initial_state is not None:
+            return GDN_KERNELS["recurrent"](q, k, v, g, beta, self.head_k_dim**-0.5, initial_state, output_final_state)
+        return GDN_KERNELS["chunk"](
+            q, k, v, g, beta, self.head_k_dim**-0.5, initial_state, output_final_state, chunk_size=self.chunk_size
+        )
+
+    def forward(self, hidden_states: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
+        B, T, _ = hidden_states.shape
+        valid = ctx.valid if ctx is not None else None
+        state = ctx.cache.layers[self.layer_idx] if ctx is not None and ctx.cache is not None else None
+
+        qkv = self.in_proj_qkv(hidden_states)  # [B, T, conv_dim]
+        if valid is not None:  # padding must not enter the conv state
+            qkv = qkv * valid[..., None].to(qkv.dtype)
+        qkv = self._causal_conv(qkv.transpose(1, 2), state).transpose(1, 2)  # [B, T, conv_dim]
+        q, k, v = qkv.split((self.key_dim, self.key_dim, self.value_dim), dim=-1)
+        q = q.reshape(B, T, self.num_k_heads, self.head_k_dim)
+        k = k.reshape(B, T, self.num_k_heads, self.head_k_dim)
+        v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
+        if self.num_v_heads > self.num_k_heads:  # each key head serves a group of consecutive value heads
+            q = q.repeat_interleave(self.num_v_heads // self.num_k_heads, dim=2)
+            k = k.repeat_interleave(self.num_v_heads // self.num_k_heads, dim=2)
+        acc = _acc_dtype(hidden_states.dtype)  # q/k normalisation, gates and the state are kept in fp32
+        q, k = l2norm(q.to(acc)), l2norm(k.to(acc))
+
+        beta = torch.sigmoid(self.in_proj_b(hidden_states).to(acc))  # [B, T, Hv]
+        g = -self.A_log.to(acc).exp() * F.softplus(self.in_proj_a(hidden_states).to(acc) + self.dt_bias.to(acc))
+        if valid is not None:  # padded steps: decay 1, no write -> the recurrent state passes through unchanged
+            beta = beta * valid[..., None]
+            g = g * valid[..., None]
+
+        initial_state = state.recurrent if state is not None else None
+        o, final_state = self._delta_rule(q, k, v, g, beta, initial_state, state is not None)
+        if state is not None:
+            state.recurrent = final_state.detach()
+
+        z = self.in_proj_z(hidden_states).reshape(B, T, self.num_v_heads, self.head_v_dim)
+        o = self.norm(o.to(hidden_states.dtype), z)  # [B, T, Hv, Dv]
+        return self.out_proj(o.reshape(B, T, self.value_dim))
+
+
+def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim in fp32 where `mask` is True; rows with nothing visible give exactly 0 (no NaN,
+    finite gradients)."""
+    acc = _acc_dtype(scores.dtype)
+    scores = scores.to(acc).masked_fill(~mask, torch.finfo(acc).min)
+    return torch.softmax(scores, dim=-1) * mask
+
+
+class LlamaThinkAttention(nn.Module):
+    """Gated full softmax attention: q_proj gives a query and a sigmoid output gate per head (interleaved per head,
+    the layout of Qwen3.5's q_proj), per-head QK RMSNorm before partial RoPE, grouped-query attention."""
+
+    def __init__(self, config: LlamaThinkConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.num_groups = self.num_heads // self.num_kv_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.q_proj = nn.Linear(config.hidden_size, 2 * self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_norm = LlamaThinkRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = LlamaThinkRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """-> q [B, Hq, T, D] (RoPE'd), k [B, Hkv, T, D] (RoPE'd), k_raw (normed, un-RoPE'd), v, gate [B, T, Hq*D]."""
+        B, T, _ = x.shape
+        q, gate = self.q_proj(x).view(B, T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        gate = gate.reshape(B, T, self.num_heads * self.head_dim)
+        q = self.q_norm(q).transpose(1, 2)  # [B, Hq, T, D]
+        k_raw = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        return apply_rotary(q, cos, sin), apply_rotary(k_raw, cos, sin), k_raw, v, gate
+
+    def _attend(self, q, k, v, ctx: ForwardContext | None) -> torch.Tensor:
+        """Causal GQA softmax attention of the T new queries over all S = past + T keys -> [B, Hq, T, D]."""
+        T, S = q.shape[2], k.shape[2]
+        key_valid = ctx.key_valid if ctx is not None else None
+        if key_valid is None and S == T:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scaling, enable_gqa=True)
+        # Query i sits at index S - T + i; it sees keys at indices <= its own, and never padding. Its own key is
+        # always allowed so that a padding query has one key to look at (its output is ignored, but stays finite).
+        q_idx = torch.arange(S - T, S, device=q.device)[:, None]
+        k_idx = torch.arange(S, device=q.device)[None, :]
+        mask = k_idx <= q_idx  # [T, S]
+        if key_valid is not None:
+            mask = (mask & key_valid[:, None, :]) | (k_idx == q_idx)  # [B, T, S]
+            mask = mask[:, None]  # [B, 1, T, S]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True)
+
+    def forward(self, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, T, _ = hidden_states.shape
+        q, k, _, v, gate = self.project(hidden_states, ctx.cos, ctx.sin)
+        state = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
+        if state is not None:
+            if state.keys is not None:
+                k = torch.cat((state.keys, k), dim=2)
+                v = torch.cat((state.values, v), dim=2)
+            state.keys, state.values = k.detach(), v.detach()
+        out = self._attend(q, k, v, ctx)  # [B, Hq, T, D]
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        return self.o_proj(out * torch.sigmoid(gate))
+
+
+class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
+    """Compressed sparse attention: a causal local window blended with attention over compressed blocks.
+
+    * local path: softmax attention over the last `csa_window` positions (the query's own included);
+    * compressed path: k-normed keys and values are mean-pooled over blocks of `csa_stride` positions, refined by
+      `compress_k` / `compress_v`, keys RoPE'd at the block centre `stride * j + stride // 2`; a query at position
+      t attends block j only when the block lies wholly before it, `stride * (j + 1) <= t` (no block: output 0);
+    * `blend = sigmoid(blend_proj(x))` per token and channel mixes the two, then the output gate and projection.
+
+    Blocks are cut by each row's token positions, so left padding does not shift them. Neither path builds a
+    T x T mask: the window runs over query chunks against a (chunk + window - 1) key band, and the compressed path
+    scores T queries against T / stride blocks.
+    """
+
+    def __init__(self, config: LlamaThinkConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.stride = config.csa_stride
+        self.window = config.csa_window
+        kv_width = self.num_kv_heads * self.head_dim
+        self.compress_k = nn.Linear(kv_width, kv_width, bias=False)
+        self.compress_v = nn.Linear(kv_width, kv_width, bias=False)
+        self.blend_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+
+    def _local_attention(self, q, k, v, valid, state: CompressedAttentionState | None) -> torch.Tensor:
+        """Sliding-window causal attention -> [B, Hq, T, D]; updates the state's window when caching."""
+        B, Hkv, T, D = k.shape
+        P = self.window - 1  # earlier positions a query may see
+        if state is not None and state.window_k is not None:
+            past_k, past_v, past_valid = state.window_k, state.window_v, state.window_valid
+        else:
+            past_k = k.new_zeros(B, Hkv, P, D)
+            past_v = v.new_zeros(B, Hkv, P, D)
+            past_valid = torch.zeros(B, P, dtype=torch.bool, device=k.device)
+        new_valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=k.device)
+        keys = torch.cat((past_k, k), dim=2)  # [B, Hkv, P + T, D]; query i sits at index P + i
+        values = torch.cat((past_v, v), dim=2)
+        key_valid = torch.cat((past_valid, new_valid), dim=1)  # [B, P + T]
+        if state is not None:
+            state.window_k = keys[:, :, T:].detach()
+            state.window_v = values[:, :, T:].detach()
+            state.window_valid = key_valid[:, T:]
+
+        C = min(T, self.window)  # query chunk; chunk c needs keys [c*C, c*C + C + P)
+        n = -(-T // C)
+        pad = n * C - T
+        q = F.pad(q, (0, 0, 0, pad))
+        keys, values = (F.pad(x, (0, 0, 0, pad)) for x in (keys, values))
+        key_valid = F.pad(key_valid, (0, pad), value=False)
+        keys = keys.unfold(2, C + P, C).transpose(-1, -2)  # [B, Hkv, n, C + P, D]
+        values = values.unfold(2, C + P, C).transpose(-1, -2)
+        key_valid = key_valid.unfold(1, C + P, C)  # [B, n, C + P]
+        qc = q.reshape(B, Hkv, self.num_groups, n, C, D)  # query head h uses kv head h // groups
+        scores = torch.einsum("bhgncd,bhnkd->bhgnck", qc, keys) * self.scaling  # [B, Hkv, G, n, C, C + P]
+        r = torch.arange(C, device=q.device)[:, None]
+        o = torch.arange(C + P, device=q.device)[None, :]
+        band = (o >= r) & (o <= r + P)  # [C, C + P]: query r sees band offsets r..r+P (itself at r + P)
+        mask = (band & key_valid[:, :, None, :]) | (o == r + P)  # [B, n, C, C + P]; own key always allowed
+        probs = _masked_softmax(scores, mask[:, None, None]).to(values.dtype)
+        out = torch.einsum("bhgnck,bhnkd->bhgncd", probs, values)
+        return out.reshape(B, self.num_heads, n * C, D)[:, :, :T]
+
+    def _compressed_attention(self, q, k_raw, v, ctx: ForwardContext) -> torch.Tensor:
+        """Attention over completed compressed blocks -> [B, Hq, T, D]; updates the cached blocks when caching."""
+        B, Hkv, T, D = k_raw.shape
+        S, E = self.stride, Hkv * D
+        state = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
+        pos = ctx.position_ids  # [B, T]
+        valid = ctx.valid
+        p0 = ctx.real_lengths if ctx.real_lengths is not None else torch.zeros(B, dtype=torch.long, device=q.device)
+        base = p0 // S  # block holding this chunk's first position, per row
+
+        # 1) Pool this chunk's keys/values into blocks base, base+1, ... (by position; padding to a dump slot).
+        nb = (T + 2 * S - 2) // S  # at most this many blocks are touched: the first may be partly cached
+        rel = pos // S - base[:, None]  # [B, T]
+        if valid is not None:
+            rel = rel.masked_fill(~valid, nb)
+        kv = torch.cat((k_raw, v), dim=1).transpose(1, 2).reshape(B, T, 2 * E)  # [B, T, 2E]: k heads | v heads
+        sums = kv.new_zeros(B, nb + 1, 2 * E).scatter_add(1, rel[..., None].expand(B, T, 2 * E), kv)
+        if state is not None and state.partial is not None:  # cached members of block `base`
+            in_block = torch.arange(S, device=q.device)[None, :] < (p0 % S)[:, None]  # [B, S]
+            sums[:, 0] += (state.partial * in_block[..., None]).sum(1).to(sums.dtype)
+        mean = sums[:, :nb] / S  # only complete blocks are ever attended, so dividing by S is exact
+        new_k = self.compress_k(mean[..., :E]).view(B, nb, Hkv, D).transpose(1, 2)  # [B, Hkv, nb, D]
+        new_v = self.compress_v(mean[..., E:]).view(B, nb, Hkv, D).transpose(1, 2)
+        new_abs = base[:, None] + torch.arange(nb, device=q.device)[None, :]  # absolute block index [B, nb]
+        cos, sin = ctx.rotary(new_abs * S + S // 2, new_k.dtype)  # RoPE at the block centre
+        new_k = apply_rotary(new_k, cos, sin)
+
+        # 2) Attend over cached blocks (absolute slots 0..N-1, valid below `base`) and this chunk's blocks.
+        if state is not None and state.blocks_k is not None:
+            n_cached = state.blocks_k.shape[2]
+            cached_abs = torch.arange(n_cached, device=q.device)[None, :].expand(B, n_cached)
+            cached_abs = cached_abs.masked_fill(cached_abs >= base[:, None], torch.iinfo(torch.long).max)
+            blocks_k = torch.cat((state.blocks_k, new_k), dim=2)
+            blocks_v = torch.cat((state.blocks_v, new_v), dim=2)
+            block_abs = torch.cat((cached_abs, new_abs), dim=1)
+        else:
+            blocks_k, blocks_v, block_abs = new_k, new_v, new_abs
+        visible = block_abs[:, None, :] < (pos // S)[:, :, None]  # [B, T, N]: block j visible iff S(j+1) <= t
+        qg = q.reshape(B, Hkv, self.num_groups, T, D)
+        scores = torch.einsum("bhgtd,bhnd->bhgtn", qg, blocks_k) * self.scaling
+        probs = _masked_softmax(scores, visible[:, None, None]).to(blocks_v.dtype)
+        out = torch.einsum("bhgtn,bhnd->bhgtd", probs, blocks_v).reshape(B, self.num_heads, T, D)
+
+        if state is not None:
+            self._update_blocks(state, new_k, new_v, kv, pos, valid, base, ctx.new_real_lengths)
+        return out
+
+    @torch.no_grad()
+    def _update_blocks(self, state, new_k, new_v, kv, pos, valid, base, new_lengths):
+        """Store completed blocks in absolute slots and keep the raw members of the block being filled."""
+        B, Hkv, nb, D = new_k.shape
+        S = self.stride
+        completed = new_lengths // S  # [B]
+        n_slots = int(completed.max())
+        if n_slots > 0:
+            old_k, old_v = state.blocks_k, state.blocks_v
+            n_old = 0 if old_k is None else old_k.shape[2]
+            slot = torch.arange(n_slots, device=kv.device)[None, :]  # [1, N]
+            from_new = slot >= base[:, None]  # slots below `base` were completed before this chunk
+            src = (slot - base[:, None]).clamp(0, nb - 1)[:, None, :, None].expand(B, Hkv, n_slots, D)
+            blocks_k, blocks_v = new_k.gather(2, src), new_v.gather(2, src)
+            if n_old:
+                keep = ~from_new[:, None, :n_old, None]
+                blocks_k[:, :, :n_old] = torch.where(keep, old_k[:, :, :n_slots], blocks_k[:, :, :n_old])
+                blocks_v[:, :, :n_old] = torch.where(keep, old_v[:, :, :n_slots], blocks_v[:, :, :n_old])
+            state.blocks_k, state.blocks_v = blocks_k, blocks_v
+        # Ring of raw members of each row's unfinished block: slot = position % S. Only positions of that block are
+        # written, so each slot gets at most one writer; positions that fall in finished blocks go to a dump slot.
+        B, T, width = kv.shape
+        keep = pos >= (completed * S)[:, None]
+        if valid is not None:
+            keep = keep & valid
+        ring_idx = torch.where(keep, pos % S, torch.full_like(pos, S))
+        partial = state.partial if state.partial is not None else kv.new_zeros(B, S, width)
+        partial = torch.cat((partial.to(kv.dtype), kv.new_zeros(B, 1, width)), dim=1)
+        partial = partial.scatter(1, ring_idx[..., None].expand(B, T, width), kv)
+        state.partial = partial[:, :S]
+
+    def forward(self, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, T, _ = hidden_states.shape
+        q, k, k_raw, v, gate = self.project(hidden_states, ctx.cos, ctx.sin)
+        state = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
+        local = self._local_attention(q, k, v, ctx.valid, state)
+        comp = self._compressed_attention(q, k_raw, v, ctx)
+        local = local.transpose(1, 2).reshape(B, T, -1)  # [B, T, Hq*D]
+        comp = comp.transpose(1, 2).reshape(B, T, -1)
+        blend = torch.sigmoid(self.blend_proj(hidden_states))
+        out = blend * comp + (1 - blend) * local
+        return self.o_proj(out * torch.sigmoid(gate))
+
+
+MIXER_CLASSES = {
+    "linear": LlamaThinkGatedDeltaNet,
+    "csa": LlamaThinkCompressedSparseAttention,
+    "full": LlamaThinkAttention,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoder layer and models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LlamaThinkDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: LlamaThinkConfig, layer_idx: int):
+        super().__init__()
+        self.mixer_type = config.mixer_types[layer_idx]
+        self.hyper_connections = config.hyper_connections
+        self.input_layernorm = LlamaThinkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mixer = MIXER_CLASSES[self.mixer_type](config, layer_idx)
+        self.post_attention_layernorm = LlamaThinkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = LlamaThinkMLP(config)
+        if self.hyper_connections:  # zero init: training starts as a plain residual network
+            self.mixer_residual_scale = nn.Parameter(torch.zeros(config.hidden_size))
+            self.mixer_sublayer_scale = nn.Parameter(torch.zeros(config.hidden_size))
+            self.mlp_residual_scale = nn.Parameter(torch.zeros(config.hidden_size))
+            self.mlp_sublayer_scale = nn.Parameter(torch.zeros(config.hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        out = self.mixer(self.input_layernorm(hidden_states), ctx)
+        if self.hyper_connections:
+            hidden_states = (1 + self.mixer_residual_scale) * hidden_states + (1 + self.mixer_sublayer_scale) * out
+        else:
+            hidden_states = hidden_states + out
+        out = self.mlp(self.post_attention_layernorm(hidden_states))
+        if self.hyper_connections:
+            return (1 + self.mlp_residual_scale) * hidden_states + (1 + self.mlp_sublayer_scale) * out
+        return hidden_states + out
+
+
+# transformers 5.24 names the cache field of model outputs `cache` (with a `past_key_values` alias); 5.17 and older
+# name it `past_key_values`. Declare whichever the installed version reads, and give both spellings.
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+if _OUTPUT_CACHE_FIELD == "cache":
+
+    @dataclass
+    class LlamaThinkModelOutput(ModelOutput):
+        last_hidden_state: torch.Tensor | None = None
+        cache: LlamaThinkCache | None = None
+        hidden_states: tuple[torch.Tensor, ...] | None = None
+
+    @dataclass
+    class LlamaThinkCausalLMOutput(ModelOutput):
+        loss: torch.Tensor | None = None
+        logits: torch.Tensor | None = None
+        cache: LlamaThinkCache | None = None
+        hidden_states: tuple[torch.Tensor, ...] | None = None
+
+else:  # pragma: no cover - exercised on transformers < 5.24
+
+    @dataclass
+    class LlamaThinkModelOutput(ModelOutput):
+        last_hidden_state: torch.Tensor | None = None
+        past_key_values: LlamaThinkCache | None = None
+        hidden_states: tuple[torch.Tensor, ...] | None = None
+
+        @property
+        def cache(self):
+            return self.past_key_values
+
+    @dataclass
+    class LlamaThinkCausalLMOutput(ModelOutput):
+        loss: torch.Tensor | None = None
+        logits: torch.Tensor | None = None
+        past_key_values: LlamaThinkCache | None = None
+        hidden_states: tuple[torch.Tensor, ...] | None = None
+
+        @property
+        def cache(self):
+            return self.past_key_values
+
+
+class LlamaThinkPreTrainedModel(PreTrainedModel):
+    config_class = LlamaThinkConfig
+    config: LlamaThinkConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaThinkDecoderLayer"]
+    _supports_sdpa = True
+    _is_stateful = True  # recurrent layers: no assisted decoding / cache cropping
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        std = self.config.initializer_range
+        # Output projections of residual branches get the GPT-2 / llama2.c scaled init
+        residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=residual_std if getattr(module, "_is_residual_out", False) else std)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Conv1d):
+            bound = 1.0 / math.sqrt(module.kernel_size[0])  # fan-in of a depthwise filter
+            init.uniform_(module.weight, -bound, bound)
+        elif isinstance(module, LlamaThinkRMSNorm):
+            init.zeros_(module.weight)  # applied as (1 + w)
+        elif isinstance(module, LlamaThinkGatedRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, LlamaThinkRotaryEmbedding):
+            # a non-persistent buffer: meta-device loading leaves it empty, so it is rebuilt here
+            init.copy_(module.inv_freq, module.compute_inv_freq(device=module.inv_freq.device))
+        if isinstance(module, LlamaThinkGatedDeltaNet):
+            init.copy_(module.A_log, torch.empty_like(module.A_log, device="cpu").uniform_(1, 16).log_())
+            init.ones_(module.dt_bias)
+        elif isinstance(module, LlamaThinkDecoderLayer) and module.hyper_connections:
+            for p in (module.mixer_residual_scale, module.mixer_sublayer_scale):
+                init.zeros_(p)
+            for p in (module.mlp_residual_scale, module.mlp_sublayer_scale):
+                init.zeros_(p)
+
+
+def _mark_residual_outputs(model: nn.Module):
+    for name, module in model.named_modules():
+        if name.endswith(("o_proj", "out_proj", "down_proj")) and isinstance(module, nn.Linear):
+            module._is_residual_out = True
+
+
+class LlamaThinkModel(LlamaThinkPreTrainedModel):
+    """The decoder stack (embeddings -> layers -> final norm), returning hidden states."""
+
+    def __init__(self, config: LlamaThinkConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([LlamaThinkDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = LlamaThinkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaThinkRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        _mark_residual_outputs(self)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past: int):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        if len(shape) != 2 or (inputs_embeds is not None and inputs_embeds.dim() != 3):
+            raise ValueError(
+                "input_ids must be [batch, seq_len] and inputs_embeds [batch, seq_len, hidden_size], got "
+                f"{tuple(input_ids.shape if input_ids is not None else inputs_embeds.shape)}"
+            )
+        if inputs_embeds is not None and inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds has width {inputs_embeds.shape[-1]}, the model's hidden_size is {self.config.hidden_size}"
+            )
+        B, T = shape
+        if T == 0:
+            raise ValueError("the input sequence is empty")
+        if input_ids is not None:
+            if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+                raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
+        if past + T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {past + T} positions ({past} cached + {T} new) is longer than "
+                f"max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in (T, past + T):
+                expected = f"[{B}, {past + T}]" + (f" or [{B}, {T}]" if past else "")
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected {expected} for input of shape "
+                    f"[{B}, {T}] with {past} cached positions"
+                )
+        return B, T
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: LlamaThinkCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache: LlamaThinkCache | None = None,
+        **kwargs,
+    ) -> LlamaThinkModelOutput | tuple:
+        if kwargs.get("output_attentions"):
+            raise ValueError("output_attentions is not supported: linear and compressed mixers have no attention matrix")
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and not isinstance(cache, LlamaThinkCache):
+            raise ValueError(f"the cache must be a LlamaThinkCache, got {type(cache).__name__}")
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if self.gradient_checkpointing and self.training and (use_cache or cache is not None):
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; not caching.")
+            use_cache, cache = False, None
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if cache is not None:
+            cache.check_continuable()
+        elif use_cache:
+            cache = LlamaThinkCache(self.config)
+        past = cache.get_seq_length() if cache is not None else 0
+        B, T = self._check_inputs(input_ids, inputs_embeds, attention_mask, past)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        device = inputs_embeds.device
+        if cache is not None and cache.batch_size is not None and cache.batch_size != B:
+            raise ValueError(f"the cache holds {cache.batch_size} rows but the input has batch size {B}")
+
+        # Which new positions are real tokens (None: all of them), and over all attended positions.
+        valid = None
+        if attention_mask is not None:
+            new_mask = attention_mask[:, -T:].bool().to(device)
+            if not bool(new_mask.all()):
+                valid = new_mask
+        key_valid = None
+        if valid is not None or (cache is not None and cache.key_valid is not None):
+            past_valid = cache.key_valid if cache is not None and cache.key_valid is not None else None
+            if past_valid is None:
+                past_valid = torch.ones(B, past, dtype=torch.bool, device=device)
+            new_valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+            key_valid = torch.cat((past_valid, new_valid), dim=1)
+            # each row's real tokens must form one contiguous run (left and/or right padding, no holes)
+            starts = key_valid[:, :1].long() + (key_valid.long().diff(dim=1) == 1).sum(1, keepdim=True)
+            if bool((starts > 1).any()):
+                raise ValueError(
+                    "attention_mask has padding between real tokens; only left or right padding is supported"
+                )
+
+        real_lengths = cache.real_lengths if cache is not None and cache.real_lengths is not None else None
+        if cache is not None and real_lengths is None:
+            real_lengths = torch.zeros(B, dtype=torch.long, device=device)
+        if position_ids is None:
+            start = real_lengths[:, None] if real_lengths is not None else 0
+            if valid is None:
+                position_ids = start + torch.arange(T, device=device)[None, :].expand(B, T)
+            else:
+                position_ids = (start + valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
+        elif position_ids.shape != (B, T):
+            position_ids = position_ids[..., -T:].expand(B, T)
+        new_real_lengths = None
+        if real_lengths is not None:
+            new_real_lengths = real_lengths + (valid.sum(-1) if valid is not None else T)
+
+        cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        ctx = ForwardContext(
+            position_ids=position_ids, cos=cos, sin=sin, valid=valid, key_valid=key_valid, past_length=past,
+            real_lengths=real_lengths, new_real_lengths=new_real_lengths, cache=cache, rotary=self.rotary_emb,
+        )  # fmt: skip
+
+        hidden_states = inputs_embeds
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, ctx=ctx)
+            if output_hidden_states and layer is not self.layers[-1]:
+                all_hidden_states += (hidden_states,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        if cache is not None:
+            cache.advance(T, valid, B, device)
+
+        if not return_dict:
+            return tuple(x for x in (hidden_states, cache, all_hidden_states) if x is not None)
+        return LlamaThinkModelOutput(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{_OUTPUT_CACHE_FIELD: cache}
+        )
+
+
+class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LlamaThinkConfig):
+        super().__init__(config)
+        self.model = LlamaThinkModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not build a DynamicCache: this model creates its own LlamaThinkCache (see below)
+        return False
+
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        other_key = "past_key_values" if _GENERATE_CACHE_KEY == "cache" else "cache"
+        if kwargs.get(_GENERATE_CACHE_KEY) is None and kwargs.get(other_key) is not None:
+            kwargs[_GENERATE_CACHE_KEY] = kwargs.pop(other_key)
+        if kwargs.get(_GENERATE_CACHE_KEY) is None and kwargs.get("use_cache", True):
+            kwargs[_GENERATE_CACHE_KEY] = LlamaThinkCache(self.config)
+        return super().prepare_inputs_for_generation(input_ids, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: LlamaThinkCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        cache: LlamaThinkCache | None = None,
+        **kwargs,
+    ) -> LlamaThinkCausalLMOutput | tuple:
+        """Causal LM forward. `labels` [B, T] gives the mean next-token cross-entropy: positions are shifted inside,
+        -100 is ignored. `logits_to_keep=n` computes logits for the last n positions only (generate uses 1)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if labels is not None and labels.shape != hidden_states.shape[:2]:
+            raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(hidden_states.shape[:2])}")
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            if logits.shape[1] != labels.shape[1]:
+                raise ValueError("labels need logits for every position: do not combine labels with logits_to_keep")
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
+            )  # fmt: skip
+        if not return_dict:
+            out = (logits, outputs.cache, outputs.hidden_states)
+            out = tuple(x for x in out if x is not None)
+            return (loss,) + out if loss is not None else out
+        return LlamaThinkCausalLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{_OUTPUT_CACHE_FIELD: outputs.cache}
+        )
+
+
+__all__ = [
+    "LlamaThinkCache",
+    "LlamaThinkForCausalLM",
+    "LlamaThinkModel",
+    "LlamaThinkPreTrainedModel",
+    "torch_chunk_gated_delta_rule",
+    "torch_recurrent_gated_delta_rule",
+]
