@@ -56,6 +56,11 @@ _GENERATE_CACHE_KEY = (
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32 for low-precision inputs, fp64 kept (the tests check exactness in double)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class LlamaThinkRMSNorm(nn.Module):
     """RMSNorm with a zero-initialised weight applied as `x_norm * (1 + w)`, computed in fp32."""
 
@@ -65,9 +70,10 @@ class LlamaThinkRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        acc = _acc_dtype(x.dtype)
+        xf = x.to(acc)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).type_as(x)
+        return (xf * (1.0 + self.weight.to(acc))).type_as(x)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
@@ -82,11 +88,11 @@ class LlamaThinkGatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
+        dtype, acc = x.dtype, _acc_dtype(x.dtype)
+        xf = x.to(acc)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         out = self.weight * xf.to(dtype)
-        return (out * F.silu(gate.float())).to(dtype)
+        return (out * F.silu(gate.to(acc))).to(dtype)
 
 
 class LlamaThinkRotaryEmbedding(nn.Module):
@@ -138,11 +144,6 @@ class LlamaThinkMLP(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # Gated delta rule: pure-PyTorch reference kernels
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: fp32 for low-precision inputs, fp64 kept (the tests check exactness in double)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -821,6 +822,21 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["LlamaThinkDecoderLayer"]
     _supports_sdpa = True
     _is_stateful = True  # recurrent layers: no assisted decoding / cache cropping
+
+    # Written into config.json by save_pretrained so that every Auto class loads this model with
+    # trust_remote_code=True (transformers itself only records the class being saved).
+    _auto_map = {
+        "AutoConfig": "configuration_llamathink.LlamaThinkConfig",
+        "AutoModel": "modeling_llamathink.LlamaThinkModel",
+        "AutoModelForCausalLM": "modeling_llamathink.LlamaThinkForCausalLM",
+    }
+
+    def __init__(self, config: LlamaThinkConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        auto_map = dict(getattr(config, "auto_map", None) or {})
+        for auto_class, reference in self._auto_map.items():
+            auto_map.setdefault(auto_class, reference)
+        config.auto_map = auto_map
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):

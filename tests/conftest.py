@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny configuration with every mixer type, and helpers to randomise weights so that
+norms, gates and hyper-connection scales are non-trivial (a freshly initialised model hides many bugs)."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # tests run from a checkout without installing too
+    sys.path.insert(0, str(REPO_ROOT))
+
+from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+LLAMA2_TOKENIZER = Path(
+    os.environ.get("LLAMATHINK_LLAMA2_TOKENIZER", REPO_ROOT.parent / "shared" / "tokenizer" / "llama2-tokenizer.model")
+)
+
+
+def tiny_config(**overrides) -> LlamaThinkConfig:
+    kwargs = dict(
+        vocab_size=96,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=10,
+        mixer_types=["linear", "csa", "full", "linear"],
+        csa_stride=4,
+        csa_window=16,
+        max_position_embeddings=256,
+        gdn_chunk_size=16,
+        pad_token_id=0,
+    )
+    kwargs.update(overrides)
+    return LlamaThinkConfig(**kwargs)
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> torch.nn.Module:
+    """Perturb every parameter (norm weights, hyper-connection scales, gates included)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+        if name.endswith("A_log"):
+            p.copy_(torch.empty(p.shape, dtype=torch.float64).uniform_(-1.0, 1.0, generator=gen).to(p.dtype))
+        elif p.dim() == 1:
+            p.add_(scale * noise)
+        else:
+            p.add_(scale * noise / p.shape[-1] ** 0.5)
+    return model
+
+
+def tiny_model(dtype=torch.float64, seed: int = 0, **overrides) -> LlamaThinkForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaThinkForCausalLM(tiny_config(**overrides)).to(dtype)
+    return randomize_(model, seed=seed).eval()
+
+
+@pytest.fixture
+def model():
+    return tiny_model()
