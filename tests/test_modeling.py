@@ -376,8 +376,9 @@ def window64_model():
 
 @pytest.mark.parametrize("prompt_len", [1, 3, 4, 5, 63, 64, 65, 130])
 def test_cached_decoding_equals_full_forward(window64_model, prompt_len):
+    """Prefill `prompt_len` tokens, then decode one token at a time; the short prompt decodes across the window."""
     model = window64_model
-    total = 140
+    total = 72 if prompt_len == 1 else prompt_len + 10
     ids = torch.randint(1, 96, (2, total), generator=torch.Generator().manual_seed(prompt_len))
     with torch.no_grad():
         full = model(ids).logits
@@ -618,8 +619,14 @@ def test_remote_code_round_trip_in_a_fresh_process_without_the_package(tmp_path,
     torch.save({"ids": ids, "logits": model(ids).logits.float()}, tmp_path / "expected.pt")
     script = textwrap.dedent(
         f"""
-        import importlib.util, sys, torch
-        assert importlib.util.find_spec("llamathink") is None, "the package must not be importable here"
+        import sys
+        sys.modules["llamathink"] = None  # the package may be installed here; make it unimportable
+        try:
+            import llamathink
+            raise SystemExit("llamathink is still importable")
+        except ImportError:
+            pass
+        import torch
         from transformers import AutoModel, AutoModelForCausalLM
         m = AutoModelForCausalLM.from_pretrained({str(ckpt)!r}, trust_remote_code=True, dtype=torch.float64)
         assert type(m).__name__ == "LlamaThinkForCausalLM" and "transformers_modules" in type(m).__module__
@@ -635,9 +642,8 @@ def test_remote_code_round_trip_in_a_fresh_process_without_the_package(tmp_path,
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
+    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-    if "the package must not be importable" in proc.stderr:
-        pytest.fail("llamathink is installed in site-packages; this test needs it absent: " + proc.stderr[-500:])
     assert proc.returncode == 0 and "REMOTE-OK" in proc.stdout, proc.stderr[-3000:]
 
 

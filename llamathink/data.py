@@ -1,0 +1,958 @@
+"""Pretraining data pipeline for LlamaThink: token shards, preparation and loading.
+
+Shard format (``*.bin``, little-endian)::
+
+    header   256 x int32 (1024 bytes)
+             [0] magic 0x4B48544C (the bytes b"LTHK")
+             [1] format version (1)
+             [2] bytes per token (2)
+             [3] vocabulary size of the tokenizer that produced the tokens
+             [4:6] number of tokens, as one int64
+             [6] BOS id, [7] EOS id (-1 if unknown); the rest is zero
+    tokens   uint16 x number of tokens
+
+Preparation (``python -m llamathink.data prepare ...`` or :func:`prepare`)
+reads documents from local files or a Hugging Face ``datasets`` dataset,
+tokenizes each WHOLE document (newlines are kept; nothing is split into
+lines) as ``[BOS] + tokens + [EOS]`` in worker processes, and concatenates the
+documents into shards of exactly ``shard_tokens`` tokens
+(``train_000000.bin``, ``train_000001.bin``, ...; the last one may be shorter;
+documents may span shard boundaries).  The FIRST ``val_docs`` documents of the
+source go to one held-out shard ``val_000000.bin``.  ``meta.json`` describes
+the result.  The run is restartable: after every shard, ``progress.json``
+(written atomically) records the shards written, how many documents they
+consumed and how many tokens of the next document they already hold; a rerun
+skips those documents and produces output byte-identical to an uninterrupted
+run.
+
+Loading for training (:class:`TokenBatchLoader`) memory-maps the shards and
+cuts their concatenation into non-overlapping windows of ``seq_len`` tokens.
+Each epoch visits the windows in a permutation seeded by ``(seed, epoch)``;
+consecutive groups of ``batch_size`` windows form global batches and rank ``r``
+of ``world_size`` takes global batches ``r, r + world_size, ...``, so ranks
+never share a window and nothing is sampled with replacement (windows that do
+not fill a whole round of batches are skipped for that epoch; a different
+permutation the next epoch includes them).  Batches are ``(input_ids,
+labels)``, both ``torch.int64`` of shape ``[batch_size, seq_len]`` with
+``labels`` equal to ``input_ids``: the model shifts labels internally, the
+Hugging Face way.  ``state_dict()``/``load_state_dict()`` resume exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import collections
+import glob
+import gzip
+import hashlib
+import itertools
+import json
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+MAGIC = 0x4B48544C  # b"LTHK" read as a little-endian int32
+FORMAT_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TOKEN_DTYPE = np.dtype("<u2")
+MAX_VOCAB = 65536  # token ids must fit in uint16 (0..65535)
+
+DEFAULT_HF_DATASET = "HuggingFaceFW/fineweb"
+DEFAULT_HF_CONFIG = "sample-10BT"
+DEFAULT_SHARD_TOKENS = 100_000_000
+DEFAULT_VAL_DOCS = 500
+PROGRESS_FILE = "progress.json"
+META_FILE = "meta.json"
+_SHARD_RE = re.compile(r"^(train|val)_\d{6}\.bin$")
+_TMP_RE = re.compile(r"^((train|val)_\d{6}\.bin|progress\.json|meta\.json)\.tmp\.\d+$")
+
+
+# ---------------------------------------------------------------------------
+# shard files
+# ---------------------------------------------------------------------------
+
+def _atomic_write_bytes(path: str | os.PathLike, chunks: Iterable[bytes]) -> None:
+    path = os.fspath(path)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    _atomic_write_bytes(path, [(json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")])
+
+
+def write_shard(path: str | os.PathLike, tokens, vocab_size: int, *, bos_id: int = -1, eos_id: int = -1) -> None:
+    """Write ``tokens`` (any integer array-like) as a shard, atomically
+    (temporary file + ``os.replace``).  Raises ``ValueError`` if the vocabulary
+    does not fit uint16 or a token is outside ``[0, vocab_size)``."""
+    vocab_size = int(vocab_size)
+    if vocab_size > MAX_VOCAB:
+        raise ValueError(f"vocabulary of {vocab_size} tokens is too large for uint16 shards "
+                         f"(token ids must be <= 65535, so at most {MAX_VOCAB} tokens)")
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        arr = arr.reshape(-1)
+    if arr.size:
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{path}: token ids must be in [0, {vocab_size}), got range [{lo}, {hi}]")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0] = MAGIC
+    header[1] = FORMAT_VERSION
+    header[2] = TOKEN_DTYPE.itemsize
+    header[3] = vocab_size
+    header[4:6] = np.array([arr.size], dtype="<i8").view("<i4")
+    header[6] = bos_id
+    header[7] = eos_id
+    _atomic_write_bytes(path, [header.tobytes(), arr.astype(TOKEN_DTYPE, copy=False).tobytes()])
+
+
+def read_shard_header(path: str | os.PathLike) -> dict:
+    """Validate a shard's header and size; return its fields.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` (naming
+    the file and the problem) for a bad magic number, an unsupported version or
+    token size, or a file whose length does not match the token count.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"shard file not found: {path}")
+    size = os.path.getsize(path)
+    if size < HEADER_BYTES:
+        raise ValueError(f"{path}: truncated shard: {size} bytes is smaller than the {HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if int(header[0]) != MAGIC:
+        raise ValueError(f"{path}: not a LlamaThink token shard (bad magic number 0x{int(header[0]) & 0xFFFFFFFF:08X}, "
+                         f"expected 0x{MAGIC:08X})")
+    version = int(header[1])
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported shard format version {version} "
+                         f"(this code reads version {FORMAT_VERSION})")
+    token_bytes = int(header[2])
+    if token_bytes != TOKEN_DTYPE.itemsize:
+        raise ValueError(f"{path}: unsupported token size of {token_bytes} bytes (expected {TOKEN_DTYPE.itemsize})")
+    num_tokens = int(header[4:6].view("<i8")[0])
+    if num_tokens < 0:
+        raise ValueError(f"{path}: corrupt header: negative token count {num_tokens}")
+    expected = HEADER_BYTES + num_tokens * token_bytes
+    if size < expected:
+        raise ValueError(f"{path}: truncated shard: header says {num_tokens} tokens ({expected} bytes) "
+                         f"but the file has only {size} bytes")
+    if size > expected:
+        raise ValueError(f"{path}: corrupt shard: header says {num_tokens} tokens ({expected} bytes) "
+                         f"but the file has {size} bytes")
+    return {"version": version, "token_bytes": token_bytes, "vocab_size": int(header[3]),
+            "num_tokens": num_tokens, "bos_id": int(header[6]), "eos_id": int(header[7])}
+
+
+def open_shard(path: str | os.PathLike) -> np.ndarray:
+    """Validate a shard (see :func:`read_shard_header`) and return its tokens as a
+    read-only ``np.memmap`` of dtype uint16 (an empty read-only array for an
+    empty shard)."""
+    info = read_shard_header(path)
+    n = info["num_tokens"]
+    if n == 0:
+        arr = np.zeros(0, dtype=TOKEN_DTYPE)
+        arr.flags.writeable = False
+        return arr
+    return np.memmap(os.fspath(path), dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+def find_shards(data_dir: str | os.PathLike, split: str = "train") -> list[Path]:
+    """Sorted ``{split}_*.bin`` files in ``data_dir``; ``FileNotFoundError`` with
+    a clear message if the directory is missing or holds no such shards."""
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"shard directory {d} does not exist (run `python -m llamathink.data prepare` first)")
+    shards = sorted(p for p in d.glob(f"{split}_*.bin") if _SHARD_RE.match(p.name))
+    if not shards:
+        raise FileNotFoundError(f"no {split}_*.bin shards in {d} (run `python -m llamathink.data prepare` first)")
+    return shards
+
+
+def load_meta(data_dir: str | os.PathLike) -> dict:
+    """The ``meta.json`` written by :func:`prepare`."""
+    p = Path(data_dir) / META_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found; is {data_dir} a finished `prepare` output directory?")
+    with open(p, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def check_vocab(tokenizer_vocab_size: int, model_vocab_size: int) -> None:
+    """Raise ``ValueError`` if the tokenizer (or data) vocabulary is larger than
+    the model's embedding table."""
+    if int(tokenizer_vocab_size) > int(model_vocab_size):
+        raise ValueError(
+            f"tokenizer vocabulary size {tokenizer_vocab_size} is larger than the model vocab_size "
+            f"{model_vocab_size}: token ids up to {int(tokenizer_vocab_size) - 1} would index past the "
+            "embedding table; raise the model's vocab_size or use a smaller tokenizer")
+
+
+# ---------------------------------------------------------------------------
+# document sources
+# ---------------------------------------------------------------------------
+
+_LOCAL_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+
+
+def _has_suffix(p: Path) -> bool:
+    return any(p.name.endswith(s) for s in _LOCAL_SUFFIXES)
+
+
+@dataclass
+class LocalSource:
+    """Documents from local files, in sorted path order.
+
+    ``paths`` may be files, directories (searched recursively for ``.txt``,
+    ``.jsonl``, ``.jsonl.gz`` and ``.parquet`` files), glob patterns, or a
+    directory written by ``datasets.Dataset.save_to_disk``.
+
+    * ``.txt``: ``txt_split="file"`` (default) makes each file ONE document;
+      ``"paragraph"`` makes each block of text between blank lines a document.
+      Files are read as UTF-8 (undecodable bytes become U+FFFD) with universal
+      newlines.
+    * ``.jsonl`` / ``.jsonl.gz``: one JSON object per line, text in
+      ``text_field``.
+    * ``.parquet``: column ``text_field``.
+
+    Empty or whitespace-only documents are skipped.
+    """
+
+    paths: Sequence[str]
+    text_field: str = "text"
+    txt_split: str = "file"
+
+    def __post_init__(self):
+        if self.txt_split not in ("file", "paragraph"):
+            raise ValueError(f"txt_split must be 'file' or 'paragraph', got {self.txt_split!r}")
+
+    def files(self) -> list[Path]:
+        out: list[Path] = []
+        for spec in self.paths:
+            p = Path(spec)
+            if p.is_dir():
+                if (p / "state.json").is_file() and (p / "dataset_info.json").is_file():
+                    out.append(p)  # datasets.save_to_disk directory
+                    continue
+                found = sorted(q for q in p.rglob("*") if q.is_file() and _has_suffix(q))
+                if not found:
+                    raise FileNotFoundError(f"no {', '.join(_LOCAL_SUFFIXES)} files under {p}")
+                out.extend(found)
+            elif p.is_file():
+                if not _has_suffix(p):
+                    raise ValueError(f"{p}: unsupported input file type (expected one of {', '.join(_LOCAL_SUFFIXES)})")
+                out.append(p)
+            else:
+                matches = sorted(Path(m) for m in glob.glob(spec, recursive=True) if _has_suffix(Path(m)))
+                if not matches:
+                    raise FileNotFoundError(f"input {spec} does not exist")
+                out.extend(matches)
+        return out
+
+    def describe(self) -> dict:
+        return {"type": "local", "paths": [str(p) for p in self.paths], "text_field": self.text_field,
+                "txt_split": self.txt_split}
+
+    def __iter__(self) -> Iterator[str]:
+        for path in self.files():
+            for doc in self._iter_file(path):
+                if doc.strip():
+                    yield doc
+
+    def _iter_file(self, path: Path) -> Iterator[str]:
+        name = path.name
+        if path.is_dir():
+            import datasets
+
+            ds = datasets.load_from_disk(str(path))
+            for row in ds:
+                yield _field(row, self.text_field, path)
+        elif name.endswith(".txt"):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+            if self.txt_split == "file":
+                yield text
+            else:
+                for para in re.split(r"\n[ \t]*\n", text):
+                    para = para.strip("\n")
+                    if para:
+                        yield para
+        elif name.endswith(".jsonl") or name.endswith(".jsonl.gz"):
+            opener = gzip.open if name.endswith(".gz") else open
+            with opener(path, "rt", encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from e
+                    yield _field(row, self.text_field, f"{path}:{lineno}")
+        elif name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(path)
+            if self.text_field not in pf.schema_arrow.names:
+                raise ValueError(f"{path}: no column {self.text_field!r} (columns: {pf.schema_arrow.names})")
+            for batch in pf.iter_batches(columns=[self.text_field], batch_size=1024):
+                for text in batch.column(0).to_pylist():
+                    if text is not None:
+                        yield text
+
+
+def _field(row: Any, field_name: str, where: Any) -> str:
+    if not isinstance(row, dict) or field_name not in row:
+        keys = list(row) if isinstance(row, dict) else type(row).__name__
+        raise ValueError(f"{where}: record has no field {field_name!r} (fields: {keys}); use --text-field")
+    text = row[field_name]
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: field {field_name!r} is {type(text).__name__}, not a string")
+    return text
+
+
+@dataclass
+class HFSource:
+    """Documents from a Hugging Face ``datasets`` dataset (``load_dataset``).
+
+    Defaults to FineWeb's 10B-token sample, streamed.  This is the only source
+    that may use the network.  ``data_files`` is passed through, so builders such
+    as ``"json"`` or ``"parquet"`` with local files also work offline.
+    """
+
+    name: str = DEFAULT_HF_DATASET
+    config: str | None = None
+    split: str = "train"
+    streaming: bool = True
+    text_field: str = "text"
+    data_files: Any = None
+
+    def __post_init__(self):
+        if self.config is None and self.name == DEFAULT_HF_DATASET:
+            self.config = DEFAULT_HF_CONFIG
+
+    def describe(self) -> dict:
+        return {"type": "hf", "name": self.name, "config": self.config, "split": self.split,
+                "streaming": self.streaming, "text_field": self.text_field,
+                "data_files": self.data_files if isinstance(self.data_files, (str, list, dict, type(None)))
+                else str(self.data_files)}
+
+    def __iter__(self) -> Iterator[str]:
+        import datasets
+
+        kwargs = {"split": self.split, "streaming": self.streaming}
+        if self.data_files is not None:
+            kwargs["data_files"] = self.data_files
+        ds = datasets.load_dataset(self.name, self.config, **kwargs) if self.config else \
+            datasets.load_dataset(self.name, **kwargs)
+        for i, row in enumerate(ds):
+            text = _field(row, self.text_field, f"{self.name} row {i}")
+            if text.strip():
+                yield text
+
+
+# ---------------------------------------------------------------------------
+# tokenization workers
+# ---------------------------------------------------------------------------
+
+_W: dict = {}
+
+
+def _init_worker(kind: str, payload: Any, bos_id: int, eos_id: int) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _W.clear()
+    _W.update(_make_encoder(kind, payload, bos_id, eos_id))
+
+
+def _make_encoder(kind: str, payload: Any, bos_id: int, eos_id: int) -> dict:
+    if kind == "backend":
+        from tokenizers import Tokenizer
+
+        tk = Tokenizer.from_str(payload)
+        tk.no_padding()
+        tk.no_truncation()
+        tk.encode_special_tokens = True  # text like "</s>" inside a document is plain text
+        return {"kind": kind, "tk": tk, "bos": bos_id, "eos": eos_id}
+    return {"kind": kind, "tok": payload, "bos": bos_id, "eos": eos_id}
+
+
+def _encode_docs(docs: list[str]) -> list[np.ndarray]:
+    return _encode_with(_W, docs)
+
+
+def _encode_with(enc: dict, docs: list[str]) -> list[np.ndarray]:
+    if enc["kind"] == "backend":
+        ids_list = [e.ids for e in enc["tk"].encode_batch(docs, add_special_tokens=False)]
+    else:
+        ids_list = enc["tok"](docs, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    out = []
+    for ids in ids_list:
+        a = np.empty(len(ids) + 2, dtype=TOKEN_DTYPE)
+        a[0] = enc["bos"]
+        a[1:-1] = ids
+        a[-1] = enc["eos"]
+        out.append(a)
+    return out
+
+
+def _tokenizer_payload(tok) -> tuple[str, Any]:
+    bt = getattr(tok, "backend_tokenizer", None)
+    if bt is not None:
+        return "backend", bt.to_str()
+    return "python", tok
+
+
+def _batched(it: Iterable[str], n: int) -> Iterator[list[str]]:
+    it = iter(it)
+    while True:
+        chunk = list(itertools.islice(it, n))
+        if not chunk:
+            return
+        yield chunk
+
+
+def _ordered_imap(pool, fn, batches: Iterable, max_in_flight: int) -> Iterator:
+    """Like ``pool.imap(fn, batches)`` (ordered results) but reads at most
+    ``max_in_flight`` batches ahead, so an endless streaming source is not
+    pulled into memory by the task feeder."""
+    pending: collections.deque = collections.deque()
+    for b in batches:
+        pending.append(pool.apply_async(fn, (b,)))
+        while len(pending) >= max_in_flight:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+# ---------------------------------------------------------------------------
+# prepare
+# ---------------------------------------------------------------------------
+
+def _shard_name(split: str, i: int) -> str:
+    return f"{split}_{i:06d}.bin"
+
+
+def _tokenizer_fingerprint(kind: str, payload: Any) -> str | None:
+    if kind == "backend":
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    return None
+
+
+def prepare(source: LocalSource | HFSource | Iterable[str], out_dir: str | os.PathLike, tokenizer,
+            *, shard_tokens: int = DEFAULT_SHARD_TOKENS, val_docs: int = DEFAULT_VAL_DOCS,
+            num_workers: int | None = None, batch_docs: int = 64, max_docs: int | None = None,
+            overwrite: bool = False, progress: bool = True, stop_after_shards: int | None = None,
+            mp_context: str | None = None, source_description: dict | None = None) -> dict:
+    """Tokenize a document source into shards in ``out_dir`` (see module docstring).
+
+    ``tokenizer`` is a tokenizer object or anything :func:`load_tokenizer`
+    accepts.  ``source`` is a :class:`LocalSource`, an :class:`HFSource` or any
+    re-iterable of strings (then pass ``source_description`` for meta.json).
+    ``val_docs`` is the number of leading documents held out for validation (0
+    for none).  ``num_workers`` worker processes (default: CPU count; 0 or 1
+    tokenizes in this process) each tokenize ``batch_docs`` documents at a time.
+    ``max_docs`` limits the number of documents read (validation included).
+    ``stop_after_shards`` stops after writing that many NEW train shards (the
+    run can be continued later by calling again).  ``mp_context`` is the
+    multiprocessing start method; the default is "fork" where available,
+    because "spawn"/"forkserver" workers re-import the ``llamathink`` package,
+    which imports torch and transformers (seconds per worker); the workers only
+    use the ``tokenizers`` library and set ``TOKENIZERS_PARALLELISM=false``.
+
+    Returns the meta dict (also written to ``meta.json``); when stopped early it
+    returns ``{"complete": False, ...progress...}``.
+    """
+    from .tokenizer_utils import load_tokenizer
+
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    if val_docs < 0:
+        raise ValueError(f"val_docs must be >= 0, got {val_docs}")
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tok_name = os.fspath(tokenizer)
+        if os.path.exists(tok_name):  # record local tokenizers by absolute path (meta.json is read elsewhere)
+            tok_name = os.path.abspath(tok_name)
+    else:
+        tok_name = str(getattr(tok, "name_or_path", ""))
+    vocab_size = len(tok)
+    if vocab_size > MAX_VOCAB:
+        raise ValueError(f"tokenizer {tok_name!r} has {vocab_size} tokens; uint16 shards hold at most {MAX_VOCAB}")
+    bos_id, eos_id = tok.bos_token_id, tok.eos_token_id
+    if bos_id is None or eos_id is None:
+        raise ValueError(f"tokenizer {tok_name!r} needs both a BOS and an EOS token (bos={bos_id}, eos={eos_id})")
+    kind, payload = _tokenizer_payload(tok)
+
+    if isinstance(source, (LocalSource, HFSource)):
+        src_desc = source.describe()
+    else:
+        src_desc = source_description or {"type": "iterable"}
+    config = {
+        "format_version": FORMAT_VERSION, "tokenizer": tok_name,
+        "tokenizer_sha256": _tokenizer_fingerprint(kind, payload),
+        "vocab_size": vocab_size, "bos_token_id": bos_id, "eos_token_id": eos_id, "source": src_desc,
+        "shard_tokens": int(shard_tokens), "val_docs": int(val_docs), "max_docs": max_docs,
+    }
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prog_path, meta_path = out / PROGRESS_FILE, out / META_FILE
+    for p in out.iterdir():  # temporary files left by a run that was killed mid-write
+        if _TMP_RE.match(p.name):
+            p.unlink()
+    state = None
+    if prog_path.exists():
+        with open(prog_path, encoding="utf-8") as f:
+            state = json.load(f)
+        if overwrite or state.get("config") != config:
+            if not overwrite:
+                diff = sorted(k for k in set(config) | set(state.get("config", {}))
+                              if config.get(k) != state.get("config", {}).get(k))
+                raise ValueError(f"{out} holds a different preparation (differs in: {', '.join(diff)}); "
+                                 "use another output directory or overwrite=True / --overwrite")
+            state = None
+        elif state.get("complete") and meta_path.exists():
+            with open(meta_path, encoding="utf-8") as f:
+                return json.load(f)
+    existing = [p for p in out.iterdir() if _SHARD_RE.match(p.name)] + [p for p in (meta_path,) if p.exists()]
+    if state is None:
+        if existing and not overwrite:
+            raise ValueError(f"{out} already contains shards but no matching {PROGRESS_FILE}; "
+                             "use another output directory or overwrite=True / --overwrite")
+        for p in existing:
+            p.unlink()
+        if prog_path.exists():
+            prog_path.unlink()
+        state = {"config": config, "complete": False, "val_done": val_docs == 0, "val": None,
+                 "docs_done": 0, "skip_tokens": 0, "train_shards": []}
+        _atomic_write_json(prog_path, state)
+
+    def save_state():
+        _atomic_write_json(prog_path, state)
+
+    num_workers = (os.cpu_count() or 1) if num_workers is None else int(num_workers)
+    docs_iter = iter(source)
+    start = state["docs_done"]
+    if start:
+        skipped = sum(1 for _ in itertools.islice(docs_iter, start))
+        if skipped < start:
+            raise ValueError(f"source now has only {skipped} documents but {start} were already processed; "
+                             "has the input changed?")
+    limit = None if max_docs is None else max(0, max_docs - start)
+    if limit is not None:
+        docs_iter = itertools.islice(docs_iter, limit)
+    batches = _batched(docs_iter, batch_docs)
+
+    pool = None
+    if num_workers > 1:
+        import multiprocessing as mp
+
+        if mp_context is None:
+            mp_context = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        ctx = mp.get_context(mp_context)
+        pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=(kind, payload, bos_id, eos_id))
+        results = _ordered_imap(pool, _encode_docs, batches, max_in_flight=2 * num_workers)
+    else:
+        enc = _make_encoder(kind, payload, bos_id, eos_id)
+        results = (_encode_with(enc, b) for b in batches)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=max_docs, initial=start, unit="doc", desc="tokenizing", disable=not progress, dynamic_ncols=True)
+    doc_index = start
+    skip_first = state["skip_tokens"]
+    val_parts: list[np.ndarray] = []
+    buf: list[np.ndarray] = []
+    buf_len = 0
+    new_shards = 0
+    stopped = False
+    train_tokens = sum(s["tokens"] for s in state["train_shards"])
+
+    def flush(parts: list[np.ndarray], n: int) -> list[np.ndarray]:
+        """Write the first n tokens of parts as the next train shard; return the rest."""
+        joined = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        name = _shard_name("train", len(state["train_shards"]))
+        write_shard(out / name, joined[:n], vocab_size, bos_id=bos_id, eos_id=eos_id)
+        state["train_shards"].append({"file": name, "tokens": int(n)})
+        rest = joined[n:]
+        return [rest] if rest.size else []
+
+    finished = False
+    try:
+        for batch in results:
+            for toks in batch:
+                i = doc_index
+                doc_index += 1
+                bar.update(1)
+                if not state["val_done"]:
+                    val_parts.append(toks)
+                    if doc_index == val_docs:
+                        _write_val(out, state, val_parts, vocab_size, bos_id, eos_id, doc_index)
+                        val_parts = []
+                        save_state()
+                    continue
+                full_len = len(toks)
+                if skip_first:
+                    toks = toks[skip_first:]
+                    skip_first = 0
+                buf.append(toks)
+                buf_len += len(toks)
+                while buf_len >= shard_tokens:
+                    buf = flush(buf, shard_tokens)
+                    buf_len -= shard_tokens
+                    train_tokens += shard_tokens
+                    # Everything left in the buffer is a suffix of document i.
+                    if buf_len:
+                        state["docs_done"], state["skip_tokens"] = i, full_len - buf_len
+                    else:
+                        state["docs_done"], state["skip_tokens"] = i + 1, 0
+                    save_state()
+                    new_shards += 1
+                    if stop_after_shards is not None and new_shards >= stop_after_shards:
+                        stopped = True
+                        break
+                if stopped:
+                    break
+            if stopped:
+                break
+            bar.set_postfix(train_tokens=train_tokens + buf_len, refresh=False)
+        finished = not stopped
+    finally:
+        bar.close()
+        if pool is not None:
+            if finished:
+                pool.close()
+            else:
+                pool.terminate()
+            pool.join()
+
+    if stopped:
+        return {"complete": False, **{k: state[k] for k in ("docs_done", "skip_tokens", "train_shards")}}
+
+    if not state["val_done"]:
+        if val_parts or doc_index > start:
+            _write_val(out, state, val_parts, vocab_size, bos_id, eos_id, doc_index)
+            save_state()
+        raise ValueError(f"the source has only {doc_index} documents and all of them went to the validation split "
+                         f"(val_docs={val_docs}); lower --val-docs or add data")
+    if buf_len:
+        buf = flush(buf, buf_len)
+        train_tokens += buf_len
+    state["docs_done"], state["skip_tokens"] = doc_index, 0
+    if not state["train_shards"]:
+        raise ValueError(f"no training documents: the source produced {doc_index} documents "
+                         f"and val_docs={val_docs} of them are held out")
+    val = state["val"] or {"file": None, "tokens": 0, "docs": 0}
+    meta = {
+        **{k: config[k] for k in ("format_version", "tokenizer", "tokenizer_sha256", "vocab_size", "bos_token_id",
+                                  "eos_token_id", "source", "shard_tokens", "max_docs")},
+        "dtype": "uint16", "header_bytes": HEADER_BYTES,
+        "val_docs_requested": val_docs,
+        "num_docs": doc_index,
+        "train": {"num_docs": doc_index - val["docs"], "num_tokens": int(train_tokens),
+                  "shards": state["train_shards"]},
+        "val": {"num_docs": val["docs"], "num_tokens": val["tokens"],
+                "shards": [{"file": val["file"], "tokens": val["tokens"]}] if val["file"] else []},
+    }
+    _atomic_write_json(meta_path, meta)
+    state["complete"] = True
+    save_state()
+    return meta
+
+
+def _write_val(out: Path, state: dict, parts: list[np.ndarray], vocab_size: int, bos_id: int, eos_id: int,
+               docs: int) -> None:
+    arr = np.concatenate(parts) if parts else np.zeros(0, dtype=TOKEN_DTYPE)
+    name = _shard_name("val", 0)
+    write_shard(out / name, arr, vocab_size, bos_id=bos_id, eos_id=eos_id)
+    state["val_done"] = True
+    state["val"] = {"file": name, "tokens": int(arr.size), "docs": int(docs)}
+    state["docs_done"], state["skip_tokens"] = docs, 0
+
+
+# ---------------------------------------------------------------------------
+# training-side reading
+# ---------------------------------------------------------------------------
+
+def _resolve_paths(shards: str | os.PathLike | Sequence[str | os.PathLike], split: str) -> list[Path]:
+    if isinstance(shards, (str, os.PathLike)):
+        p = Path(shards)
+        if p.is_dir() or not p.suffix:
+            return find_shards(p, split)
+        return [p]
+    paths = [Path(s) for s in shards]
+    if not paths:
+        raise FileNotFoundError(f"no {split} shard paths given")
+    return paths
+
+
+class ShardedTokenDataset:
+    """Random access to non-overlapping ``seq_len``-token windows of the
+    concatenation of some shards (memory-mapped; windows may span shards).
+
+    ``shards`` is a list of shard files or a directory (then its
+    ``{split}_*.bin`` files are used).  If ``model_vocab_size`` is given, every
+    shard's vocabulary size is checked against it with :func:`check_vocab`.
+    """
+
+    def __init__(self, shards, seq_len: int, *, split: str = "train", model_vocab_size: int | None = None):
+        if int(seq_len) < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        self.seq_len = int(seq_len)
+        self.paths = _resolve_paths(shards, split)
+        self.headers = [read_shard_header(p) for p in self.paths]
+        if model_vocab_size is not None:
+            for p, h in zip(self.paths, self.headers, strict=True):
+                try:
+                    check_vocab(h["vocab_size"], model_vocab_size)
+                except ValueError as e:
+                    raise ValueError(f"{p}: {e}") from None
+        self.arrays = [open_shard(p) for p in self.paths]
+        lengths = [len(a) for a in self.arrays]
+        self.starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.total_tokens = int(self.starts[-1])
+        if self.total_tokens < self.seq_len:
+            where = self.paths[0] if len(self.paths) == 1 else f"{len(self.paths)} shards in {self.paths[0].parent}"
+            raise ValueError(f"seq_len {self.seq_len} is longer than the data: {where} hold(s) only "
+                             f"{self.total_tokens} tokens")
+        self.num_windows = self.total_tokens // self.seq_len
+        self.vocab_size = max(h["vocab_size"] for h in self.headers)
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def _read(self, start: int, n: int, out: np.ndarray) -> None:
+        k = bisect.bisect_right(self.starts, start) - 1
+        done = 0
+        while done < n:
+            a = self.arrays[k]
+            lo = start + done - int(self.starts[k])
+            take = min(n - done, len(a) - lo)
+            out[done:done + take] = a[lo:lo + take]
+            done += take
+            k += 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < self.num_windows:
+            raise IndexError(f"window {i} out of range [0, {self.num_windows})")
+        out = np.empty(self.seq_len, dtype=np.int64)
+        self._read(i * self.seq_len, self.seq_len, out)
+        return out
+
+    def windows(self, indices: Sequence[int]) -> np.ndarray:
+        out = np.empty((len(indices), self.seq_len), dtype=np.int64)
+        for r, i in enumerate(indices):
+            self._read(int(i) * self.seq_len, self.seq_len, out[r])
+        return out
+
+
+def _to_batch(arr: np.ndarray):
+    import torch
+
+    x = torch.from_numpy(arr)
+    return x, x.clone()
+
+
+class TokenBatchLoader:
+    """Endless, deterministic, resumable batches for one rank (see module docstring).
+
+    ``next(loader)`` returns ``(input_ids, labels)``, both ``torch.int64``
+    ``[batch_size, seq_len]``, ``labels == input_ids``.  One epoch is
+    ``len(loader)`` batches per rank; after that the next epoch starts with a new
+    permutation.  ``state_dict()`` / ``load_state_dict()`` hold ``epoch`` and
+    ``position`` (batches of the current epoch already returned by this rank);
+    since ranks move in lockstep, every rank may load rank 0's state.
+    """
+
+    def __init__(self, shard_paths, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, *, model_vocab_size: int | None = None):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.dataset = ShardedTokenDataset(shard_paths, seq_len, split="train", model_vocab_size=model_vocab_size)
+        self.seq_len, self.batch_size = int(seq_len), int(batch_size)
+        self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
+        self.batches_per_epoch = self.dataset.num_windows // self.batch_size // self.world_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"not enough data: {self.dataset.num_windows} windows of {self.seq_len} tokens "
+                f"({self.dataset.total_tokens} tokens) cannot fill one batch of {self.batch_size} on each of "
+                f"{self.world_size} rank(s)")
+        self.epoch = 0
+        self.position = 0
+        self._perm_epoch = None
+        self._perm = None
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self):
+        return self
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The window order of ``epoch`` (shared by all ranks)."""
+        if self._perm_epoch != epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.dataset.num_windows)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def batch_windows(self, epoch: int, position: int) -> np.ndarray:
+        """Window indices of this rank's batch number ``position`` in ``epoch``."""
+        g = position * self.world_size + self.rank
+        return self.permutation(epoch)[g * self.batch_size:(g + 1) * self.batch_size]
+
+    def __next__(self):
+        if self.position >= self.batches_per_epoch:
+            self.epoch += 1
+            self.position = 0
+        idx = self.batch_windows(self.epoch, self.position)
+        self.position += 1
+        return _to_batch(self.dataset.windows(idx))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "seq_len": self.seq_len,
+                "batch_size": self.batch_size, "world_size": self.world_size, "rank": self.rank,
+                "num_windows": self.dataset.num_windows}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = {"seed": self.seed, "seq_len": self.seq_len, "batch_size": self.batch_size,
+                "num_windows": self.dataset.num_windows}
+        for k, v in mine.items():
+            if k in state and int(state[k]) != v:
+                raise ValueError(f"cannot resume data loader: saved {k}={state[k]} but this loader has {k}={v}")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        saved_ws = int(state.get("world_size", self.world_size))
+        if saved_ws != self.world_size:
+            consumed = position * saved_ws
+            position = consumed // self.world_size
+            warnings.warn(f"data loader resumed with world_size {self.world_size} instead of {saved_ws}; "
+                          f"continuing at global batch {position * self.world_size} of epoch {epoch} "
+                          "(exact only when the world size is unchanged)", stacklevel=2)
+        self.epoch, self.position = epoch, position
+
+
+def val_batches(shards, seq_len: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                max_batches: int | None = None, model_vocab_size: int | None = None):
+    """Deterministic evaluation batches (same every call): consecutive
+    ``seq_len`` windows of the validation shard(s) in order, grouped into
+    batches of ``batch_size`` (the last one may be smaller); rank ``r`` takes
+    batches ``r, r + world_size, ...``; at most ``max_batches`` per rank.
+    ``shards`` is a directory (its ``val_*.bin`` files) or a list of files.
+    Yields ``(input_ids, labels)`` like :class:`TokenBatchLoader`."""
+    ds = ShardedTokenDataset(shards, seq_len, split="val", model_vocab_size=model_vocab_size)
+    n_batches = -(-ds.num_windows // batch_size)
+    count = 0
+    for b in range(rank, n_batches, world_size):
+        if max_batches is not None and count >= max_batches:
+            return
+        idx = range(b * batch_size, min((b + 1) * batch_size, ds.num_windows))
+        yield _to_batch(ds.windows(idx))
+        count += 1
+
+
+# ---------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------
+
+def _build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m llamathink.data", description="LlamaThink pretraining data tools")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="tokenize documents into uint16 shards",
+                       description="Tokenize whole documents ([BOS] doc [EOS]) into train_*.bin shards, "
+                                   "a val_000000.bin shard (the first --val-docs documents) and meta.json.  "
+                                   "Rerunning the same command after an interruption continues where it stopped.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", nargs="+", metavar="PATH",
+                     help="local .txt/.jsonl/.jsonl.gz/.parquet files, directories, globs, or a save_to_disk dataset")
+    src.add_argument("--hf-dataset", nargs="?", const=DEFAULT_HF_DATASET, metavar="NAME",
+                     help=f"Hugging Face dataset (network); without NAME: {DEFAULT_HF_DATASET} "
+                          f"(config {DEFAULT_HF_CONFIG})")
+    src.add_argument("--sample", action="store_true",
+                     help="the bundled sample corpus (llamathink/sample_data/prose.jsonl)")
+    p.add_argument("--hf-config", default=None, help="dataset config (default for FineWeb: sample-10BT)")
+    p.add_argument("--hf-split", default="train")
+    p.add_argument("--hf-data-files", nargs="+", default=None, help="data_files for builders such as json/parquet")
+    p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=True,
+                   help="stream the HF dataset instead of downloading it first (default: on)")
+    p.add_argument("--text-field", default="text", help="JSON field / column holding the text (default: text)")
+    p.add_argument("--txt-split", choices=["file", "paragraph"], default="file",
+                   help=".txt files: one document per file (default) or per blank-line-separated paragraph")
+    p.add_argument("--tokenizer", required=True,
+                   help="'builtin', a tokenizer.model file, a tokenizer directory / tokenizer.json, or a Hub id")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per train shard")
+    p.add_argument("--val-docs", type=int, default=DEFAULT_VAL_DOCS,
+                   help="number of leading documents held out in val_000000.bin (0: none)")
+    p.add_argument("--max-docs", type=int, default=None, help="read at most this many documents (val included)")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPU count)")
+    p.add_argument("--batch-docs", type=int, default=64, help="documents per worker task")
+    p.add_argument("--mp-context", default=None, choices=["spawn", "forkserver", "fork"],
+                   help="multiprocessing start method (default: fork where available)")
+    p.add_argument("--stop-after-shards", type=int, default=None,
+                   help="stop after writing this many new train shards (rerun to continue)")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing different preparation in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ins = sub.add_parser("inspect", help="validate shards and print a summary")
+    ins.add_argument("path", help="a prepare output directory or a .bin shard")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    if args.cmd == "inspect":
+        p = Path(args.path)
+        files = [p] if p.is_file() else sorted(q for q in p.glob("*.bin") if _SHARD_RE.match(q.name))
+        if not files:
+            raise FileNotFoundError(f"no shards at {p}")
+        summary = {"shards": {str(f.name): read_shard_header(f) for f in files}}
+        if p.is_dir() and (p / META_FILE).exists():
+            summary["meta"] = load_meta(p)
+        print(json.dumps(summary, indent=2))
+        return 0
+    if args.sample:
+        from .tokenizer_utils import sample_data_path
+
+        source: LocalSource | HFSource = LocalSource([str(sample_data_path("prose.jsonl"))])
+    elif args.input:
+        source = LocalSource(args.input, text_field=args.text_field, txt_split=args.txt_split)
+    else:
+        source = HFSource(args.hf_dataset, args.hf_config, args.hf_split, args.streaming, args.text_field,
+                          args.hf_data_files)
+    meta = prepare(source, args.out, args.tokenizer, shard_tokens=args.shard_tokens, val_docs=args.val_docs,
+                   num_workers=args.workers, batch_docs=args.batch_docs, max_docs=args.max_docs,
+                   overwrite=args.overwrite, progress=not args.no_progress,
+                   stop_after_shards=args.stop_after_shards, mp_context=args.mp_context)
+    if meta.get("complete") is False:
+        print(f"stopped after {len(meta['train_shards'])} train shards; rerun the same command to continue")
+    else:
+        print(f"wrote {len(meta['train']['shards'])} train shards ({meta['train']['num_tokens']} tokens, "
+              f"{meta['train']['num_docs']} docs) and {meta['val']['num_tokens']} val tokens "
+              f"({meta['val']['num_docs']} docs) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,625 @@
+"""Muon + AdamW in a single ``torch.optim.Optimizer``, plus LlamaThink parameter routing.
+
+Why one optimizer object?
+    Muon is only defined for 2-D weight matrices of hidden layers; embeddings, the
+    LM head, norms, scales etc. must be trained with AdamW.  The usual recipe of two
+    optimizers is awkward with ``accelerate`` (``prepare`` / gradient accumulation /
+    ``save_state``), LR schedulers and checkpoints, which all assume one optimizer.
+    So every param group here carries a flag ``use_muon``; ``step()`` runs Muon on
+    the ``use_muon=True`` groups and AdamW on the others.  ``state_dict`` /
+    ``load_state_dict`` / LR schedulers are inherited unchanged from
+    ``torch.optim.Optimizer`` (a scheduler scales each group's ``lr`` relative to
+    its own ``initial_lr``, so Muon and AdamW groups keep their ratio).
+
+Muon update for one matrix ``W`` (rows x cols) with gradient ``G``
+(same conventions as ``torch.optim.Muon`` in torch >= 2.9)::
+
+    B  <- momentum * B + (1 - momentum) * G           # EMA momentum buffer
+    U  <- (1 - momentum) * G + momentum * B           # Nesterov look-ahead (else U = B)
+    O  <- NewtonSchulz5(U)                            # ~ U V^T of U's SVD, in bf16
+    W  <- W * (1 - lr * weight_decay)                 # decoupled weight decay
+    W  <- W - adjusted_lr * O
+    adjusted_lr = lr * sqrt(max(1, rows / cols))      # adjust_lr_fn="original" (K. Jordan)
+                = lr * 0.2 * sqrt(max(rows, cols))    # adjust_lr_fn="match_rms_adamw" (Moonlight)
+
+The EMA form of momentum differs from the classical ``B = mu B + G`` only by a
+constant factor, which the Frobenius normalisation in Newton-Schulz removes.
+
+Distributed data parallel (``torch.distributed`` initialised, world size > 1):
+    gradients are already identical on every rank (DDP all-reduced them), so every
+    rank updates the (cheap, element-wise) momentum of *all* Muon params - this keeps
+    the full optimizer state on every rank, so rank 0's checkpoint is complete.  The
+    expensive Newton-Schulz orthogonalisation is split: matrices are bucketed by
+    shape, assigned round-robin to ranks, each rank orthogonalises only its share
+    (batched into one ``bmm`` chain per bucket) and one asynchronous all-gather per
+    shape bucket (bf16) gives every rank every update, so all ranks apply identical
+    updates.  Works with gloo (CPU) and NCCL (GPU).  Requirement: every rank must
+    have the same set of Muon params with a non-None ``.grad`` (true under DDP).
+    Not meant for FSDP/ZeRO (parameters must be full, unsharded tensors).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = [
+    "Muon",
+    "zeropower_via_newtonschulz",
+    "adjusted_muon_lr",
+    "muon_param_groups",
+    "summarize_param_groups",
+    "classify_parameter",
+]
+
+logger = logging.getLogger(__name__)
+
+# Quintic Newton-Schulz coefficients from Keller Jordan's Muon: chosen to maximise the
+# slope at 0 so that 5 iterations push all singular values into roughly [0.7, 1.2].
+NS_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+# Same default as torch.optim.Muon; only guards the division for an all-zero update.
+NS_EPS = 1e-7
+ADJUST_LR_FNS = ("original", "match_rms_adamw")
+
+
+# --------------------------------------------------------------------------------------
+# Newton-Schulz orthogonalisation
+# --------------------------------------------------------------------------------------
+def zeropower_via_newtonschulz(
+    update: Tensor,
+    steps: int = NS_STEPS,
+    coefficients: Sequence[float] = NS_COEFFICIENTS,
+    eps: float = NS_EPS,
+) -> Tensor:
+    """Approximately orthogonalise a matrix (or a batch of same-shape matrices).
+
+    Returns ``~ U V^T`` where ``U S V^T`` is the SVD of each ``[rows, cols]`` slice of
+    ``update`` (shape ``[rows, cols]`` or ``[batch, rows, cols]``), in **bfloat16**.
+    The quintic iteration ``X <- a X + (b A + c A^2) X`` with ``A = X X^T`` does not
+    converge exactly to 1 (singular values end up in ~[0.7, 1.2]); that is fine for
+    Muon and lets 5 cheap bf16 iterations suffice.
+
+    * Each slice is first divided by its Frobenius norm (+ eps): the Frobenius norm
+      bounds the spectral norm, so all singular values start in [0, 1], inside the
+      region where the polynomial iteration behaves.  The norm is accumulated in fp32.
+    * Tall slices (rows > cols) are transposed so that the Gram matrix ``X X^T`` is
+      the small ``[min, min]`` one - same result, fewer FLOPs.
+    * The input is never modified.
+    """
+    if update.ndim not in (2, 3):
+        raise ValueError(
+            f"Newton-Schulz expects a matrix or a batch of matrices, got shape {tuple(update.shape)}"
+        )
+    if len(coefficients) != 3:
+        raise ValueError(f"need exactly 3 Newton-Schulz coefficients, got {coefficients}")
+    a, b, c = (float(x) for x in coefficients)
+    squeeze = update.ndim == 2
+    x = update.unsqueeze(0) if squeeze else update
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:
+        x = x.mT
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=torch.float32)
+    # fp32 divide then a single rounding to bf16 (out of place: never touch the input).
+    x = (x / (norm + eps)).to(torch.bfloat16)
+    for _ in range(steps):
+        gram = torch.bmm(x, x.mT)  # [B, m, m], m = min(rows, cols)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b*A + c*A@A
+        x = torch.baddbmm(x, poly, x, beta=a)  # a*X + (b*A + c*A@A) @ X
+    if transposed:
+        x = x.mT
+    return x.squeeze(0) if squeeze else x
+
+
+def adjusted_muon_lr(lr: float, adjust_lr_fn: str | None, shape: Sequence[int]) -> float:
+    """Shape-aware Muon step size.
+
+    The orthogonalised update has all singular values ~1, so its per-entry RMS is
+    ``1/sqrt(max(rows, cols))``; the adjustment makes step sizes comparable across
+    matrix shapes.
+
+    * ``"original"`` (Keller Jordan, default): ``lr * sqrt(max(1, rows / cols))``.
+    * ``"match_rms_adamw"`` (Moonlight, "Muon is Scalable for LLM Training"):
+      ``lr * 0.2 * sqrt(max(rows, cols))`` - update RMS ~0.2 like AdamW's, so AdamW's
+      lr / weight decay can be reused.
+    """
+    rows, cols = int(shape[0]), int(shape[1])
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {adjust_lr_fn!r}")
+
+
+# torch >= 2.13 deprecates all_gather_into_tensor in favour of all_gather_single.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or getattr(
+    dist, "all_gather_into_tensor", None
+)
+
+
+# --------------------------------------------------------------------------------------
+# The optimizer
+# --------------------------------------------------------------------------------------
+class Muon(torch.optim.Optimizer):
+    """Muon for hidden 2-D matrices and AdamW for everything else, in one optimizer.
+
+    Every param group has ``use_muon: bool`` (missing -> ``True``, like
+    ``torch.optim.Muon``).  Hyper-parameters a group does not set are filled from the
+    constructor arguments of its kind:
+
+    * Muon groups: ``lr``, ``weight_decay``, ``momentum``, ``nesterov``, ``ns_steps``,
+      ``ns_coefficients``, ``eps`` (Newton-Schulz normalisation), ``adjust_lr_fn``.
+      Only 2-D params are allowed (``ValueError`` otherwise).
+    * AdamW groups: ``lr`` (from ``adamw_lr``), ``weight_decay`` (from
+      ``adamw_weight_decay``, default ``weight_decay``), ``betas``, ``eps`` (from
+      ``adamw_eps``).  Same arithmetic as ``torch.optim.AdamW`` (bias correction,
+      decoupled weight decay ``p *= 1 - lr * wd``), done with ``torch._foreach_*``.
+
+    Params whose ``.grad`` is None are skipped (their state is untouched).
+
+    Args:
+        params: tensors or param-group dicts, e.g. ``muon_param_groups(model)``.
+        lr: Muon learning rate (default 0.02).
+        momentum: Muon momentum (default 0.95).
+        nesterov: Nesterov look-ahead for Muon (default True).
+        ns_steps / ns_coefficients / eps: Newton-Schulz settings.
+        adjust_lr_fn: ``"original"`` (default) or ``"match_rms_adamw"``, see
+            :func:`adjusted_muon_lr`.
+        weight_decay: decoupled weight decay of Muon groups (default 0.01).
+        adamw_lr / adamw_betas / adamw_eps / adamw_weight_decay: AdamW defaults
+            (0.002, (0.9, 0.99), 1e-8, ``weight_decay``).
+        distributed: ``None`` (default) = shard Newton-Schulz across ranks whenever
+            ``torch.distributed`` is initialised with world size > 1; ``False`` =
+            never; ``True`` = require it.
+        process_group: process group for the sharding (default: the world).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = NS_STEPS,
+        ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+        eps: float = NS_EPS,
+        adjust_lr_fn: str | None = "original",
+        weight_decay: float = 0.01,
+        adamw_lr: float = 0.002,
+        adamw_betas: tuple[float, float] = (0.9, 0.99),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float | None = None,
+        *,
+        distributed: bool | None = None,
+        process_group: Any = None,
+    ) -> None:
+        # Kind-specific defaults must exist before super().__init__ calls add_param_group.
+        self._muon_defaults = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "ns_steps": ns_steps,
+            "ns_coefficients": tuple(ns_coefficients),
+            "eps": eps,
+            "adjust_lr_fn": "original" if adjust_lr_fn is None else adjust_lr_fn,
+        }
+        self._adamw_defaults = {
+            "lr": adamw_lr,
+            "weight_decay": weight_decay if adamw_weight_decay is None else adamw_weight_decay,
+            "betas": tuple(adamw_betas),
+            "eps": adamw_eps,
+        }
+        self._distributed = distributed
+        self._process_group = process_group
+        # ``defaults`` only holds keys common to both kinds: Optimizer.add_param_group
+        # setdefault()s every key of ``defaults`` into every group, and e.g. a
+        # "momentum" key on an AdamW group would be misleading.  (The complete,
+        # kind-specific defaults are filled in by our add_param_group.)
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+
+    # ---- construction -------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Fill the kind-specific defaults, validate, then defer to torch."""
+        use_muon = param_group.setdefault("use_muon", True)
+        if not isinstance(use_muon, bool):
+            raise TypeError(f"param group key 'use_muon' must be a bool, got {use_muon!r}")
+        for key, value in (self._muon_defaults if use_muon else self._adamw_defaults).items():
+            param_group.setdefault(key, value)
+        if use_muon and param_group["adjust_lr_fn"] is None:
+            param_group["adjust_lr_fn"] = "original"  # same meaning as torch.optim.Muon
+        super().add_param_group(param_group)  # normalises "params" to a list, checks dups
+        try:
+            self._validate_group(self.param_groups[-1])
+        except Exception:
+            self.param_groups.pop()  # never keep an invalid group around
+            raise
+
+    @staticmethod
+    def _validate_group(group: dict[str, Any]) -> None:
+        if not 0.0 <= group["lr"]:
+            raise ValueError(f"invalid learning rate {group['lr']}")
+        if not 0.0 <= group["weight_decay"]:
+            raise ValueError(f"invalid weight_decay {group['weight_decay']}")
+        if not 0.0 <= group["eps"]:
+            raise ValueError(f"invalid eps {group['eps']}")
+        if group["use_muon"]:
+            if not 0.0 <= group["momentum"] < 1.0:
+                raise ValueError(f"invalid momentum {group['momentum']}")
+            if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
+                raise ValueError(
+                    f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}"
+                )
+            if len(group["ns_coefficients"]) != 3 or int(group["ns_steps"]) < 0:
+                raise ValueError("ns_coefficients must have 3 values and ns_steps must be >= 0")
+            names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                if p.ndim != 2:
+                    name = f" {names[i]!r}" if names is not None else ""
+                    raise ValueError(
+                        f"Muon groups only accept 2-D parameters, but parameter{name} has "
+                        f"shape {tuple(p.shape)}; put it in an AdamW group (use_muon=False)"
+                    )
+        else:
+            b1, b2 = group["betas"]
+            if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+                raise ValueError(f"invalid AdamW betas {group['betas']}")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Keep the kind defaults across pickling/deepcopy (the base class only keeps
+        # defaults/state/param_groups); process groups are not picklable -> dropped.
+        state = super().__getstate__()
+        state["_muon_defaults"] = self._muon_defaults
+        state["_adamw_defaults"] = self._adamw_defaults
+        state["_distributed"] = self._distributed
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_process_group", None)
+        super().__setstate__(state)
+
+    # ---- step -------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        """One optimisation step for all groups (AdamW groups first, then Muon)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        muon_work: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]] = []
+        for group in self.param_groups:
+            if group["use_muon"]:
+                params, updates = self._muon_momentum(group)
+                if params:
+                    muon_work.append((group, params, updates))
+            else:
+                self._adamw_step(group)
+        if muon_work:
+            self._muon_orthogonalise_and_apply(muon_work)
+        return loss
+
+    def _muon_momentum(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        """Update momentum buffers of one Muon group; return (params, pre-NS updates).
+
+        Runs on every rank for every param (element-wise, cheap) so that all ranks
+        keep the complete, identical optimizer state.
+        """
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        bufs: list[Tensor] = []
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError("Muon does not support sparse gradients")
+            if g.ndim != 2:  # belt and braces; add_param_group already checked p
+                raise ValueError(f"Muon gradient must be 2-D, got shape {tuple(g.shape)}")
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(g)
+            bufs.append(state["momentum_buffer"])
+        if not params:
+            return params, []
+        m = group["momentum"]
+        torch._foreach_lerp_(bufs, grads, 1.0 - m)  # B = m*B + (1-m)*G
+        if group["nesterov"]:
+            updates = torch._foreach_lerp(grads, bufs, m)  # (1-m)*G + m*B, new tensors
+        else:
+            updates = bufs  # NS never modifies its input, so handing out the buffers is safe
+        return params, updates
+
+    def _world(self) -> tuple[int, int, Any]:
+        """(world_size, rank, group) used for sharding Newton-Schulz."""
+        if self._distributed is False:
+            return 1, 0, None
+        if not (dist.is_available() and dist.is_initialized()):
+            if self._distributed:
+                raise RuntimeError("Muon(distributed=True) but torch.distributed is not initialised")
+            return 1, 0, None
+        pg = self._process_group
+        return dist.get_world_size(pg), dist.get_rank(pg), pg
+
+    def _muon_orthogonalise_and_apply(
+        self, work: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]
+    ) -> None:
+        world, rank, pg = self._world()
+
+        # Bucket matrices that can share one batched Newton-Schulz: same shape, dtype,
+        # device and NS settings.  Dict insertion order = param_groups order, which is
+        # identical on all ranks, so the bucket/ownership plan is deterministic.
+        buckets: dict[tuple, list[tuple[Tensor, Tensor, dict[str, Any]]]] = {}
+        for group, params, updates in work:
+            ns_key = (int(group["ns_steps"]), tuple(group["ns_coefficients"]), float(group["eps"]))
+            for p, u in zip(params, updates):
+                key = (tuple(p.shape), p.dtype, p.device, ns_key)
+                buckets.setdefault(key, []).append((p, u, group))
+
+        if world == 1:
+            for key, items in buckets.items():
+                steps, coeffs, eps = key[3]
+                ortho = zeropower_via_newtonschulz(
+                    torch.stack([u for _, u, _ in items]), steps, coeffs, eps
+                )
+                # One cast for the whole bucket; contiguous so that the foreach kernels
+                # in _apply_bucket take their fast (multi-tensor) path.
+                ortho = ortho.to(dtype=key[1], memory_format=torch.contiguous_format)
+                self._apply_bucket(items, ortho.unbind(0))
+            return
+
+        if _all_gather_flat is None:  # pragma: no cover - very old torch
+            raise RuntimeError("this torch.distributed has no all_gather_into_tensor")
+        # Round robin over a *global* counter (not restarting per bucket) so that many
+        # small buckets do not all land on rank 0.  Item i of a bucket starting at
+        # global position `offset` belongs to rank (offset + i) % world.
+        pending = []
+        offset = 0
+        for key, items in buckets.items():
+            shape, (ns_steps, coeffs, eps) = key[0], key[3]
+            n = len(items)
+            per_rank = -(-n // world)  # ceil: every rank sends the same-size block
+            device = key[2]
+            send = torch.zeros((per_rank, *shape), dtype=torch.bfloat16, device=device)
+            mine = items[(rank - offset) % world :: world]
+            if mine:
+                send[: len(mine)] = zeropower_via_newtonschulz(
+                    torch.stack([u for _, u, _ in mine]), ns_steps, coeffs, eps
+                )
+            recv = torch.empty((world * per_rank, *shape), dtype=torch.bfloat16, device=device)
+            # Async: on NCCL the gather of this bucket overlaps the next bucket's NS.
+            handle = _all_gather_flat(recv, send, group=pg, async_op=True)
+            pending.append((key, items, offset, per_rank, recv, handle))
+            offset += n
+
+        for key, items, start, per_rank, recv, handle in pending:
+            handle.wait()
+            # recv is owner-major: rows [owner*per_rank, (owner+1)*per_rank) are that
+            # owner's matrices in bucket order.  Map them back to bucket positions.
+            rows = recv.to(dtype=key[1]).unbind(0)
+            ordered: list[Tensor] = [rows[0]] * len(items)
+            for owner in range(world):
+                first = (owner - start) % world
+                for j, idx in enumerate(range(first, len(items), world)):
+                    ordered[idx] = rows[owner * per_rank + j]
+            self._apply_bucket(items, ordered)
+
+    @staticmethod
+    def _apply_bucket(
+        items: list[tuple[Tensor, Tensor, dict[str, Any]]], ortho: Sequence[Tensor]
+    ) -> None:
+        """p <- p * (1 - lr * wd) - adjusted_lr * O for one shape bucket (foreach ops).
+
+        All matrices of a bucket share a shape, so each param group present in the
+        bucket needs only one scalar step size.
+        """
+        by_group: dict[int, tuple[dict[str, Any], list[Tensor], list[Tensor]]] = {}
+        for (p, _, group), o in zip(items, ortho):
+            entry = by_group.setdefault(id(group), (group, [], []))
+            entry[1].append(p)
+            entry[2].append(o)
+        for group, params, updates in by_group.values():
+            lr, wd = group["lr"], group["weight_decay"]
+            if wd != 0:
+                # Decoupled weight decay uses the *unadjusted* lr (as torch.optim.Muon).
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+            step = adjusted_muon_lr(lr, group["adjust_lr_fn"], params[0].shape)
+            torch._foreach_add_(params, updates, alpha=-step)
+
+    def _adamw_step(self, group: dict[str, Any]) -> None:
+        """AdamW for one group with foreach kernels; same arithmetic as torch.optim.AdamW."""
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        exp_avgs: list[Tensor] = []
+        exp_avg_sqs: list[Tensor] = []
+        steps: list[int] = []
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError("AdamW groups do not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                # "step" is a plain int: no per-param tensor increment each step.
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            params.append(p)
+            grads.append(g)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        if not params:
+            return
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        if wd != 0:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        if all(s == steps[0] for s in steps):  # usual case: one scalar for the group
+            bc2_sqrt = (1.0 - beta2 ** steps[0]) ** 0.5
+            step_size = lr / (1.0 - beta1 ** steps[0])
+            torch._foreach_div_(denom, bc2_sqrt)
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(params, exp_avgs, denom, -step_size)
+        else:  # some params skipped steps (grad None) -> per-param bias correction
+            torch._foreach_div_(denom, [(1.0 - beta2**s) ** 0.5 for s in steps])
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(
+                params, exp_avgs, denom, [-lr / (1.0 - beta1**s) for s in steps]
+            )
+
+
+# --------------------------------------------------------------------------------------
+# Parameter routing for LlamaThink (works for any model using these names)
+# --------------------------------------------------------------------------------------
+MUON = "muon"
+ADAMW_DECAY = "adamw_decay"
+ADAMW_NO_DECAY = "adamw_no_decay"
+
+# Hidden matrices live inside the decoder stack: "...layers.<i>....".
+_IN_DECODER_LAYER = re.compile(r"(?:^|\.)layers\.\d+\.")
+# 2-D matrices inside decoder layers that must NOT use Muon.  in_proj_a / in_proj_b of
+# the Gated DeltaNet produce one scalar per head ([num_heads=9, 576]): they feed the
+# decay / beta gates, not a hidden representation.  Orthogonalisation makes every one of
+# their 9 singular values ~1 and the "original" shape scale then gives them an update
+# as large as a 576x576 matrix's - a far too big step for a 9-row gate (known defect of
+# the original LlamaThink training setup).  AdamW's per-entry step suits them.
+ADAMW_MATRIX_SUFFIXES: tuple[str, ...] = ("in_proj_a.weight", "in_proj_b.weight")
+_SCALE_LEAVES = ("A_log", "dt_bias")
+
+
+def classify_parameter(
+    name: str, param: Tensor, extra_adamw_suffixes: Sequence[str] = ()
+) -> tuple[str, str]:
+    """Return ``(group, reason)`` for one named parameter.
+
+    ``group`` is ``"muon"``, ``"adamw_decay"`` or ``"adamw_no_decay"``.  Rules, in order:
+
+    1. Norm gains (``*norm.weight``/``*norm.bias``: input/post-attention layernorms,
+       final norm, GDN output norm, ``q_norm``/``k_norm``), hyper-connection scales
+       (``*_residual_scale``, ``*_sublayer_scale``), ``A_log``, ``dt_bias``, biases and
+       any other tensor with < 2 dims -> AdamW **without** weight decay: their natural
+       value is not 0 (gains ~1, ``A_log`` sets the decay rates), so decaying them
+       towards 0 only biases the model; they are also tiny.
+    2. ``embed_tokens`` / ``lm_head`` -> AdamW with decay: embeddings are lookup tables
+       (only the rows of seen tokens get gradient), the head is the output layer; the
+       Muon authors recommend AdamW for both.
+    3. Tensors with > 2 dims (``conv1d.weight`` [C, 1, K], depthwise filters, not a
+       linear map between hidden spaces) -> AdamW with decay.
+    4. The tiny gate projections ``in_proj_a/in_proj_b`` (+ ``extra_adamw_suffixes``)
+       -> AdamW with decay (see ``ADAMW_MATRIX_SUFFIXES``).
+    5. Other 2-D weights inside decoder layers (``layers.<i>.``): attention, GDN and
+       MLP projections -> Muon (with decay).
+    6. Any other 2-D tensor (outside the decoder stack) -> AdamW with decay, to be safe.
+    """
+    parts = name.split(".")
+    leaf = parts[-1]
+    module = parts[-2] if len(parts) > 1 else ""
+    if module.endswith("norm") and leaf in ("weight", "bias"):
+        return ADAMW_NO_DECAY, "norm gain"
+    if leaf.endswith("_residual_scale") or leaf.endswith("_sublayer_scale"):
+        return ADAMW_NO_DECAY, "hyper-connection scale"
+    if leaf in _SCALE_LEAVES:
+        return ADAMW_NO_DECAY, "GDN decay parameter"
+    if leaf == "bias":
+        return ADAMW_NO_DECAY, "bias"
+    if param.ndim < 2:
+        return ADAMW_NO_DECAY, "non-matrix (<2-D)"
+    if "embed_tokens" in parts or "lm_head" in parts:
+        return ADAMW_DECAY, "embedding / lm_head"
+    if param.ndim > 2:
+        return ADAMW_DECAY, "conv / >2-D"
+    if any(name.endswith(s) for s in (*ADAMW_MATRIX_SUFFIXES, *extra_adamw_suffixes)):
+        return ADAMW_DECAY, "tiny gate projection"
+    if _IN_DECODER_LAYER.search(name):
+        return MUON, "hidden matrix"
+    return ADAMW_DECAY, "2-D outside decoder layers"
+
+
+def muon_param_groups(
+    model: nn.Module,
+    muon_lr: float = 0.02,
+    adamw_lr: float = 0.002,
+    weight_decay: float = 0.01,
+    *,
+    muon_weight_decay: float | None = None,
+    extra_adamw_suffixes: Sequence[str] = (),
+    log: bool = True,
+) -> list[dict[str, Any]]:
+    """Route the trainable parameters of ``model`` into param groups for :class:`Muon`.
+
+    Returns up to three groups (empty ones are dropped), each with keys ``params``,
+    ``param_names``, ``name`` (``"muon"``, ``"adamw_decay"``, ``"adamw_no_decay"``),
+    ``use_muon``, ``lr`` and ``weight_decay``; see :func:`classify_parameter` for the
+    rules.  Weight decay (``weight_decay``, or ``muon_weight_decay`` for the Muon
+    group) is applied to matrices and embeddings; 1-D params (norms, scales,
+    ``A_log``, ``dt_bias``, biases) get none.  Params with ``requires_grad=False`` are
+    ignored, and a tied tensor (``lm_head.weight`` is ``model.embed_tokens.weight``)
+    appears exactly once.  Logs a summary (see :func:`summarize_param_groups`) at INFO.
+    """
+    buckets: dict[str, tuple[list[Tensor], list[str]]] = {
+        MUON: ([], []),
+        ADAMW_DECAY: ([], []),
+        ADAMW_NO_DECAY: ([], []),
+    }
+    seen: set[int] = set()
+    # named_parameters() already drops duplicates (tied weights keep the first name);
+    # the id check makes that explicit and independent of remove_duplicate defaults.
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        kind, _ = classify_parameter(name, p, extra_adamw_suffixes)
+        buckets[kind][0].append(p)
+        buckets[kind][1].append(name)
+
+    settings = {
+        MUON: (True, muon_lr, weight_decay if muon_weight_decay is None else muon_weight_decay),
+        ADAMW_DECAY: (False, adamw_lr, weight_decay),
+        ADAMW_NO_DECAY: (False, adamw_lr, 0.0),
+    }
+    groups = []
+    for kind, (params, names) in buckets.items():
+        if not params:
+            continue
+        use_muon, lr, wd = settings[kind]
+        groups.append(
+            {
+                "params": params,
+                "param_names": names,
+                "name": kind,
+                "use_muon": use_muon,
+                "lr": lr,
+                "weight_decay": wd,
+            }
+        )
+    if log:
+        summary = summarize_param_groups(groups)
+        logger.info(
+            "Muon param groups: %s",
+            ", ".join(f"{k}: {v['tensors']} tensors / {v['params']:,} params" for k, v in summary.items()),
+        )
+    return groups
+
+
+def summarize_param_groups(groups: Iterable[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """``{group name: {"tensors": count, "params": numel}}`` for param-group dicts."""
+    out: dict[str, dict[str, int]] = {}
+    for i, g in enumerate(groups):
+        key = g.get("name", f"group{i}")
+        out[key] = {"tensors": len(g["params"]), "params": sum(p.numel() for p in g["params"])}
+    return out

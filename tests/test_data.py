@@ -1,0 +1,479 @@
+"""Tests for llamathink.data: shard format, prepare (sources, BOS/EOS, restart)
+and the training/validation readers."""
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llamathink import data as D
+from llamathink.data import (
+    HEADER_BYTES,
+    HFSource,
+    LocalSource,
+    ShardedTokenDataset,
+    TokenBatchLoader,
+    check_vocab,
+    find_shards,
+    load_meta,
+    main,
+    open_shard,
+    prepare,
+    read_shard_header,
+    val_batches,
+    write_shard,
+)
+from llamathink.tokenizer_utils import builtin_tokenizer, iter_sample_texts, load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def llama2_model_path() -> Path:
+    env = os.environ.get("LLAMATHINK_LLAMA2_TOKENIZER")
+    p = Path(env) if env else REPO / ".." / "shared" / "tokenizer" / "llama2-tokenizer.model"
+    if not p.is_file():
+        pytest.skip(f"Llama 2 tokenizer.model not found at {p} (set LLAMATHINK_LLAMA2_TOKENIZER)")
+    return p
+
+
+@pytest.fixture(scope="module")
+def small_tok():
+    return builtin_tokenizer(1024)
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return list(iter_sample_texts(include_conversations=False))[:120]
+
+
+def write_jsonl(path, texts, field="text"):
+    with open(path, "w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({field: t}) + "\n")
+    return path
+
+
+def read_dir(d):
+    return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir())}
+
+
+def all_train_tokens(out):
+    return np.concatenate([np.asarray(open_shard(p)) for p in find_shards(out, "train")])
+
+
+# ---------------------------------------------------------------- shard format
+
+def test_shard_round_trip(tmp_path):
+    toks = np.array([1, 15043, 3186, 2, 0, 31999], dtype=np.int64)
+    p = tmp_path / "s.bin"
+    write_shard(p, toks, 32000, bos_id=1, eos_id=2)
+    assert p.stat().st_size == HEADER_BYTES + 2 * len(toks)
+    raw = np.fromfile(p, dtype="<i4", count=8)
+    assert raw[0] == 0x4B48544C and bytes(raw[:1].tobytes()) == b"LTHK"
+    assert list(raw[1:4]) == [1, 2, 32000]
+    assert read_shard_header(p) == {"version": 1, "token_bytes": 2, "vocab_size": 32000, "num_tokens": 6,
+                                    "bos_id": 1, "eos_id": 2}
+    arr = open_shard(p)
+    assert isinstance(arr, np.memmap) and arr.dtype == np.uint16
+    assert arr.tolist() == toks.tolist()
+    with pytest.raises(ValueError):
+        arr[0] = 5  # read-only
+    assert [f for f in os.listdir(tmp_path) if "tmp" in f] == []
+    # Overwrite atomically with different content; empty shards are allowed.
+    write_shard(p, [], 10)
+    assert read_shard_header(p)["num_tokens"] == 0 and len(open_shard(p)) == 0
+    # Full uint16 range.
+    write_shard(p, [0, 65535], 65536)
+    assert open_shard(p).tolist() == [0, 65535]
+
+
+def test_write_shard_errors(tmp_path):
+    with pytest.raises(ValueError, match="too large for uint16"):
+        write_shard(tmp_path / "a.bin", [1, 2], 70000)
+    with pytest.raises(ValueError, match=r"\[0, 100\)"):
+        write_shard(tmp_path / "a.bin", [1, 100], 100)
+    with pytest.raises(ValueError, match=r"\[0, 100\)"):
+        write_shard(tmp_path / "a.bin", [-1, 3], 100)
+    assert not (tmp_path / "a.bin").exists()
+
+
+def test_corrupt_shards(tmp_path):
+    good = tmp_path / "good.bin"
+    write_shard(good, np.arange(100), 1000)
+    body = good.read_bytes()
+
+    bad_magic = tmp_path / "bad_magic.bin"
+    bad_magic.write_bytes(b"XXXX" + body[4:])
+    with pytest.raises(ValueError, match=r"bad_magic\.bin.*bad magic"):
+        open_shard(bad_magic)
+
+    bad_version = tmp_path / "bad_version.bin"
+    bad_version.write_bytes(body[:4] + np.array([7], "<i4").tobytes() + body[8:])
+    with pytest.raises(ValueError, match=r"bad_version\.bin.*version 7"):
+        open_shard(bad_version)
+
+    truncated = tmp_path / "truncated.bin"
+    truncated.write_bytes(body[:-3])
+    with pytest.raises(ValueError, match=r"truncated\.bin.*truncated.*100 tokens"):
+        open_shard(truncated)
+
+    tiny = tmp_path / "tiny.bin"
+    tiny.write_bytes(body[:100])
+    with pytest.raises(ValueError, match=r"tiny\.bin.*smaller than the 1024-byte header"):
+        open_shard(tiny)
+
+    extra = tmp_path / "extra.bin"
+    extra.write_bytes(body + b"\0\0")
+    with pytest.raises(ValueError, match=r"extra\.bin.*corrupt"):
+        open_shard(extra)
+
+    with pytest.raises(FileNotFoundError):
+        open_shard(tmp_path / "missing.bin")
+    with pytest.raises(ValueError, match="truncated"):
+        ShardedTokenDataset([good, truncated], 8)
+
+
+def test_find_shards_and_check_vocab(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        find_shards(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no train_"):
+        find_shards(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no train_"):
+        TokenBatchLoader(tmp_path, 8, 2)
+    for i in (1, 0):
+        write_shard(tmp_path / f"train_{i:06d}.bin", [1, 2, 3], 10)
+    assert [p.name for p in find_shards(tmp_path)] == ["train_000000.bin", "train_000001.bin"]
+    check_vocab(32000, 32000)
+    with pytest.raises(ValueError, match="32001.*32000"):
+        check_vocab(32001, 32000)
+
+
+# ---------------------------------------------------------------- prepare
+
+def test_llama2_bos_eos_and_newlines(tmp_path):
+    model = llama2_model_path()
+    texts = ["Hello world", "First line\nsecond line\n\nNew paragraph.\n", "  indented\tand </s> literal"]
+    src = write_jsonl(tmp_path / "d.jsonl", texts)
+    meta = prepare(LocalSource([str(src)]), tmp_path / "out", str(model), shard_tokens=1000, val_docs=0,
+                   num_workers=1, progress=False)
+    assert meta["vocab_size"] == 32000 and (meta["bos_token_id"], meta["eos_token_id"]) == (1, 2)
+    toks = all_train_tokens(tmp_path / "out").tolist()
+    assert toks[:4] == [1, 15043, 3186, 2]
+    tok = load_tokenizer(model)
+    # Split the stream back into documents at BOS ... EOS and decode each one.
+    docs, cur = [], None
+    for t in toks:
+        if t == 1:
+            cur = []
+        elif t == 2:
+            docs.append(cur)
+            cur = None
+        else:
+            cur.append(t)
+    assert [tok.decode(d) for d in docs] == texts
+    second = docs[1]
+    assert second.count(13) == 4  # the four "\n" (<0x0A>) survive inside the document
+    assert 2 not in docs[2]  # literal "</s>" in text is not an EOS token
+    assert meta["train"]["num_docs"] == 3 and meta["train"]["num_tokens"] == len(toks)
+
+
+def test_sources_agree(tmp_path, small_tok, docs):
+    """.txt, .jsonl, .jsonl.gz, .parquet, datasets.load_dataset and save_to_disk
+    give the same token stream."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = docs[:30]
+    (tmp_path / "txt").mkdir()
+    for i, t in enumerate(texts):
+        (tmp_path / "txt" / f"{i:03d}.txt").write_text(t, encoding="utf-8")
+    write_jsonl(tmp_path / "d.jsonl", texts)
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"body": t}) + "\n")
+    pq.write_table(pa.table({"text": texts}), tmp_path / "d.parquet")
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "saved"))
+    sources = {
+        "txt": LocalSource([str(tmp_path / "txt")]),
+        "jsonl": LocalSource([str(tmp_path / "d.jsonl")]),
+        "gz": LocalSource([str(tmp_path / "d.jsonl.gz")], text_field="body"),
+        "parquet": LocalSource([str(tmp_path / "d.parquet")]),
+        "saved": LocalSource([str(tmp_path / "saved")]),
+        "hf_json": HFSource("json", split="train", streaming=True, data_files=str(tmp_path / "d.jsonl")),
+    }
+    streams = {}
+    for name, src in sources.items():
+        out = tmp_path / f"out_{name}"
+        prepare(src, out, small_tok, shard_tokens=500, val_docs=3, num_workers=1, progress=False)
+        streams[name] = (all_train_tokens(out).tolist(), np.asarray(open_shard(out / "val_000000.bin")).tolist())
+    out = tmp_path / "out_list"
+    prepare(texts, out, small_tok, shard_tokens=500, val_docs=3, num_workers=1, progress=False,
+            source_description={"type": "list"})
+    streams["list"] = (all_train_tokens(out).tolist(), np.asarray(open_shard(out / "val_000000.bin")).tolist())
+    assert load_meta(out)["source"] == {"type": "list"}
+    ref = streams["jsonl"]
+    expected = []
+    for t in texts:
+        expected += [1] + small_tok.encode(t, add_special_tokens=False) + [2]
+    assert ref[1] + ref[0] == expected
+    for name, s in streams.items():
+        assert s == ref, name
+
+
+def test_txt_paragraph_split_and_field_errors(tmp_path, small_tok):
+    (tmp_path / "a.txt").write_text("Para one\nstill one.\n\n\nPara two.\n  \nPara three.\n")
+    src = LocalSource([str(tmp_path / "a.txt")], txt_split="paragraph")
+    assert list(src) == ["Para one\nstill one.", "Para two.", "Para three."]
+    assert list(LocalSource([str(tmp_path / "a.txt")])) == ["Para one\nstill one.\n\n\nPara two.\n  \nPara three.\n"]
+    write_jsonl(tmp_path / "b.jsonl", ["x"], field="content")
+    with pytest.raises(ValueError, match=r"b\.jsonl:1.*no field 'text'"):
+        list(LocalSource([str(tmp_path / "b.jsonl")]))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list(LocalSource([str(tmp_path / "missing.jsonl")]))
+    assert HFSource().config == "sample-10BT" and HFSource().name == "HuggingFaceFW/fineweb"
+
+
+def test_prepare_layout_and_parallel_determinism(tmp_path, small_tok, docs):
+    src = LocalSource([str(write_jsonl(tmp_path / "d.jsonl", docs))])
+    m1 = prepare(src, tmp_path / "one", small_tok, shard_tokens=3000, val_docs=10, num_workers=1,
+                 batch_docs=7, progress=False)
+    m2 = prepare(src, tmp_path / "two", small_tok, shard_tokens=3000, val_docs=10, num_workers=2,
+                 batch_docs=5, progress=False)
+    assert read_dir(tmp_path / "one") == read_dir(tmp_path / "two")
+    assert m1 == m2 == load_meta(tmp_path / "one")
+    shards = m1["train"]["shards"]
+    assert all(s["tokens"] == 3000 for s in shards[:-1]) and 0 < shards[-1]["tokens"] <= 3000
+    assert m1["train"]["num_docs"] == len(docs) - 10 and m1["val"]["num_docs"] == 10
+    total = sum(s["tokens"] for s in shards)
+    assert total == m1["train"]["num_tokens"] == len(all_train_tokens(tmp_path / "one"))
+    val = np.asarray(open_shard(tmp_path / "one" / "val_000000.bin"))
+    assert (val == 1).sum() == 10 and (val == 2).sum() == 10 and val[0] == 1 and val[-1] == 2
+    train = all_train_tokens(tmp_path / "one")
+    assert (train == 1).sum() == len(docs) - 10 and train[0] == 1 and train[-1] == 2
+    # Rerunning a finished preparation is a no-op that returns the same meta.
+    assert prepare(src, tmp_path / "one", small_tok, shard_tokens=3000, val_docs=10, num_workers=1,
+                   batch_docs=3, progress=False) == m1
+
+
+@pytest.mark.parametrize("shard_tokens", [50, 997])
+def test_prepare_restart_is_byte_identical(tmp_path, small_tok, docs, shard_tokens):
+    """Stopping after k shards (shard_tokens=50 also splits single documents
+    over several shards) and rerunning gives exactly the uninterrupted output."""
+    src = LocalSource([str(write_jsonl(tmp_path / "d.jsonl", docs[:40]))])
+    kw = dict(shard_tokens=shard_tokens, val_docs=4, num_workers=1, batch_docs=3, progress=False)
+    prepare(src, tmp_path / "ref", small_tok, **kw)
+    ref = read_dir(tmp_path / "ref")
+    n_shards = len([n for n in ref if n.startswith("train_")])
+    assert n_shards > 3
+    for k in sorted({1, 2, n_shards // 2, n_shards - 1}):
+        out = tmp_path / f"stop{k}"
+        part = prepare(src, out, small_tok, stop_after_shards=k, **kw)
+        assert part["complete"] is False and len(part["train_shards"]) == k
+        assert not (out / "meta.json").exists()
+        if 1 < k < n_shards - 2:  # a second partial run continues from the first
+            part = prepare(src, out, small_tok, stop_after_shards=1, **kw)
+            assert len(part["train_shards"]) == k + 1
+        prepare(src, out, small_tok, **kw)
+        assert read_dir(out) == ref
+
+
+def test_prepare_restart_after_crash(tmp_path, small_tok, docs, monkeypatch):
+    src = LocalSource([str(write_jsonl(tmp_path / "d.jsonl", docs[:60]))])
+    kw = dict(shard_tokens=700, val_docs=5, num_workers=2, batch_docs=4, progress=False)
+    prepare(src, tmp_path / "ref", small_tok, **kw)
+
+    real_write = D.write_shard
+    calls = {"n": 0}
+
+    def flaky(path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # val shard + 2 train shards succeed, then "crash" mid-write
+            Path(path).write_bytes(b"partial garbage")
+            raise KeyboardInterrupt("simulated crash")
+        return real_write(path, *a, **k)
+
+    monkeypatch.setattr(D, "write_shard", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(src, tmp_path / "out", small_tok, **kw)
+    monkeypatch.setattr(D, "write_shard", real_write)
+    (tmp_path / "out" / "train_000003.bin.tmp.12345").write_bytes(b"left by a killed process")
+    progress = json.loads((tmp_path / "out" / "progress.json").read_text())
+    assert len(progress["train_shards"]) == 2 and not progress["complete"]
+    prepare(src, tmp_path / "out", small_tok, **kw)
+    assert read_dir(tmp_path / "out") == read_dir(tmp_path / "ref")
+
+
+def test_prepare_errors(tmp_path, small_tok, docs):
+    src = LocalSource([str(write_jsonl(tmp_path / "d.jsonl", docs[:10]))])
+    prepare(src, tmp_path / "out", small_tok, shard_tokens=500, val_docs=2, num_workers=1, progress=False)
+    with pytest.raises(ValueError, match="different preparation.*shard_tokens"):
+        prepare(src, tmp_path / "out", small_tok, shard_tokens=600, val_docs=2, num_workers=1, progress=False)
+    meta = prepare(src, tmp_path / "out", small_tok, shard_tokens=600, val_docs=2, num_workers=1,
+                   progress=False, overwrite=True)
+    assert meta["shard_tokens"] == 600
+    with pytest.raises(ValueError, match="all of them went to the validation split"):
+        prepare(src, tmp_path / "v", small_tok, val_docs=50, num_workers=1, progress=False)
+    (tmp_path / "stale").mkdir()
+    write_shard(tmp_path / "stale" / "train_000000.bin", [1, 2], 10)
+    with pytest.raises(ValueError, match="already contains shards"):
+        prepare(src, tmp_path / "stale", small_tok, num_workers=1, progress=False)
+    class NoBos:
+        bos_token_id = None
+        eos_token_id = 2
+        name_or_path = "nobos"
+
+        def __len__(self):
+            return 100
+
+    with pytest.raises(ValueError, match="needs both a BOS and an EOS"):
+        prepare(src, tmp_path / "nb", NoBos(), num_workers=1, progress=False)
+
+
+def test_cli_prepare_and_inspect(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "d.jsonl", list(iter_sample_texts(include_conversations=False))[:40])
+    argv = ["prepare", "--input", str(src), "--tokenizer", "builtin", "--out", str(tmp_path / "out"),
+            "--shard-tokens", "2000", "--val-docs", "4", "--workers", "1", "--no-progress"]
+    assert main(argv + ["--stop-after-shards", "1"]) == 0
+    assert "rerun the same command" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "train shards" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "out")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["meta"]["tokenizer"] == "builtin"
+    assert summary["shards"]["train_000000.bin"]["num_tokens"] == 2000
+    assert main(["prepare", "--sample", "--tokenizer", "builtin", "--out", str(tmp_path / "s"),
+                 "--shard-tokens", "100000", "--val-docs", "8", "--workers", "2", "--no-progress"]) == 0
+    meta = load_meta(tmp_path / "s")
+    assert meta["train"]["num_tokens"] > 50_000  # the sample corpus is big enough for a demo run
+
+
+# ---------------------------------------------------------------- reader
+
+def make_shards(d, sizes, vocab=60000):
+    """Shards whose concatenation is 0, 1, 2, ... so a window identifies itself."""
+    d.mkdir(parents=True, exist_ok=True)
+    start = 0
+    for i, n in enumerate(sizes):
+        write_shard(d / f"train_{i:06d}.bin", np.arange(start, start + n), vocab)
+        start += n
+    return start
+
+
+def window_ids(x, seq_len):
+    assert (x[:, 0] % seq_len == 0).all()
+    return (x[:, 0] // seq_len).tolist()
+
+
+def test_dataset_windows_span_shards(tmp_path):
+    total = make_shards(tmp_path, [10, 7, 30, 3])
+    ds = ShardedTokenDataset(tmp_path, 8)
+    assert ds.total_tokens == total == 50 and len(ds) == 6
+    for i in range(len(ds)):
+        assert ds[i].tolist() == list(range(8 * i, 8 * i + 8))
+    assert ds.windows([5, 1]).tolist() == [list(range(40, 48)), list(range(8, 16))]
+    with pytest.raises(IndexError):
+        ds[6]
+    with pytest.raises(ValueError, match="seq_len 51 is longer than the data.*50 tokens"):
+        ShardedTokenDataset(tmp_path, 51)
+    with pytest.raises(ValueError, match="60000.*model vocab_size 32000"):
+        ShardedTokenDataset(tmp_path, 8, model_vocab_size=32000)
+
+
+def test_loader_batches_epochs_and_determinism(tmp_path):
+    make_shards(tmp_path, [1000, 24, 1000])  # 2024 tokens -> 126 windows of 16
+    L = TokenBatchLoader(tmp_path, seq_len=16, batch_size=6, seed=3)
+    assert len(L) == 21  # 126 windows // 6
+    x, y = next(L)
+    assert x.shape == y.shape == (6, 16) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x, y) and x.data_ptr() != y.data_ptr()
+    assert (x[:, 1:] - x[:, :-1] == 1).all()  # contiguous windows
+    seen = window_ids(x, 16)
+    for _ in range(20):
+        seen += window_ids(next(L)[0], 16)
+    assert sorted(seen) == list(range(126))  # one epoch: every window exactly once
+    epoch1 = []
+    for _ in range(21):
+        epoch1 += window_ids(next(L)[0], 16)
+    assert sorted(epoch1) == list(range(126)) and epoch1 != seen and L.epoch == 1
+    again = TokenBatchLoader(tmp_path, seq_len=16, batch_size=6, seed=3)
+    assert [window_ids(next(again)[0], 16) for _ in range(21)] == [seen[i:i + 6] for i in range(0, 126, 6)]
+    other = TokenBatchLoader(tmp_path, seq_len=16, batch_size=6, seed=4)
+    assert window_ids(next(other)[0], 16) != seen[:6]
+
+
+def test_loader_resume_exact(tmp_path):
+    make_shards(tmp_path, [700, 300])
+    ref = TokenBatchLoader(tmp_path, 10, 4, seed=11)  # 100 windows -> 25 batches per epoch
+    stream = [next(ref)[0] for _ in range(60)]  # crosses two epoch boundaries
+    for k in (0, 1, 24, 25, 26, 49):
+        a = TokenBatchLoader(tmp_path, 10, 4, seed=11)
+        for _ in range(k):
+            next(a)
+        state = json.loads(json.dumps(a.state_dict()))  # must survive JSON (checkpoint files)
+        b = TokenBatchLoader(tmp_path, 10, 4, seed=11)
+        b.load_state_dict(state)
+        for j in range(k, min(k + 12, 60)):
+            assert torch.equal(next(b)[0], stream[j]), (k, j)
+    bad = TokenBatchLoader(tmp_path, 10, 4, seed=12)
+    with pytest.raises(ValueError, match="seed=11"):
+        bad.load_state_dict(ref.state_dict())
+
+
+def test_loader_rank_split(tmp_path):
+    make_shards(tmp_path, [960])  # 120 windows of 8; 2 ranks x batch 5 -> 12 batches per rank
+    r0 = TokenBatchLoader(tmp_path, 8, 5, rank=0, world_size=2, seed=5)
+    r1 = TokenBatchLoader(tmp_path, 8, 5, rank=1, world_size=2, seed=5)
+    assert len(r0) == len(r1) == 12
+    w0 = [w for _ in range(12) for w in window_ids(next(r0)[0], 8)]
+    w1 = [w for _ in range(12) for w in window_ids(next(r1)[0], 8)]
+    assert not set(w0) & set(w1)
+    assert sorted(w0 + w1) == list(range(120))
+    # Rank r takes every world_size-th batch of the single-process order.
+    single = TokenBatchLoader(tmp_path, 8, 5, seed=5)
+    perm = single.permutation(0)
+    assert w0[:5] == perm[0:5].tolist() and w1[:5] == perm[5:10].tolist() and w0[5:10] == perm[10:15].tolist()
+    # Resuming with another world size continues at the same global batch.
+    state = r0.state_dict()  # 12 batches x 2 ranks = all 24 global batches of epoch 0
+    with pytest.warns(UserWarning, match="world_size"):
+        single.load_state_dict(state)
+    assert single.state_dict()["position"] == 24 and single.epoch == 0
+    with pytest.raises(ValueError, match="rank"):
+        TokenBatchLoader(tmp_path, 8, 5, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        TokenBatchLoader(tmp_path, 8, 61, world_size=2)
+
+
+def test_val_batches(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    write_shard(d / "val_000000.bin", np.arange(100), 1000)
+    a = list(val_batches(d, 8, 5))
+    b = list(val_batches(d, 8, 5))
+    assert len(a) == 3 and [x.shape[0] for x, _ in a] == [5, 5, 2]
+    assert all(torch.equal(x, x2) and torch.equal(x, y) for (x, y), (x2, _) in zip(a, b, strict=True))
+    assert [w for x, _ in a for w in window_ids(x, 8)] == list(range(12))
+    r1 = list(val_batches(d, 8, 5, rank=1, world_size=2))
+    assert len(r1) == 1 and torch.equal(r1[0][0], a[1][0])
+    assert len(list(val_batches(d, 8, 2, max_batches=2))) == 2
+    assert len(list(val_batches([d / "val_000000.bin"], 8, 5))) == 3
+    with pytest.raises(FileNotFoundError, match="no val_"):
+        list(val_batches(tmp_path, 8, 5))
+
+
+def test_end_to_end_with_prepared_sample(tmp_path, small_tok):
+    prepare(LocalSource([str(REPO / "llamathink" / "sample_data" / "prose.jsonl")]), tmp_path / "s", small_tok,
+            shard_tokens=30000, val_docs=8, num_workers=1, progress=False)
+    L = TokenBatchLoader(tmp_path / "s", seq_len=128, batch_size=8, seed=0, model_vocab_size=1024)
+    x, y = next(L)
+    assert x.shape == (8, 128) and int(x.max()) < 1024
+    text = small_tok.decode(x[0].tolist())
+    assert len(text) > 200
+    v = list(val_batches(tmp_path / "s", 128, 8))
+    assert v and v[0][0].shape[1] == 128
+    with pytest.raises(ValueError, match="1024.*model vocab_size 512"):
+        TokenBatchLoader(tmp_path / "s", 128, 8, model_vocab_size=512)

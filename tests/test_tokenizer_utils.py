@@ -1,0 +1,225 @@
+"""Tests for llamathink.tokenizer_utils (offline; the Llama 2 tests need the
+shared tokenizer.model and are skipped without it)."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from llamathink.tokenizer_utils import (
+    BYTE_PIECES,
+    NO_MERGE_SCORE,
+    builtin_tokenizer,
+    check_tokenizer,
+    greedy_encode,
+    iter_sample_texts,
+    load_tokenizer,
+    main,
+    tokenizer_from_sentencepiece,
+    train_tokenizer,
+    vocab_and_scores,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+TRICKY = [
+    "",
+    " ",
+    "   ",
+    " leading space",
+    "  two leading spaces",
+    "multiple   spaces  inside",
+    "trailing space ",
+    "line one\nline two\n\n\nafter blank lines\n",
+    "\n starts with a newline",
+    "tabs\tand\t\tmore tabs\t",
+    "emoji \U0001F600\U0001F389 and a flag \U0001F1EB\U0001F1F7",
+    "CJK \u4e2d\u6587\u5b57\u7b26 \u65e5\u672c\u8a9e \ud55c\uad6d\uc5b4",
+    "accents: caf\u00e9, na\u00efve, \u00fcber, ma\u00f1ana, \u00c5ngstr\u00f6m, e\u0301 (combining)",
+    "windows\r\nnewlines\r\n",
+    "literal specials <s> </s> <unk> <0x41> stay text",
+    "<person1> hi there <person2> hello",
+    "zero\u200bwidth and nbsp\u00a0here",
+    "math: 3 + 4 = 7, 10 x 2 = 20; 100% sure?!",
+]
+
+
+def llama2_model_path() -> Path:
+    env = os.environ.get("LLAMATHINK_LLAMA2_TOKENIZER")
+    p = Path(env) if env else REPO / ".." / "shared" / "tokenizer" / "llama2-tokenizer.model"
+    if not p.is_file():
+        pytest.skip(f"Llama 2 tokenizer.model not found at {p} (set LLAMATHINK_LLAMA2_TOKENIZER)")
+    return p
+
+
+@pytest.fixture(scope="module")
+def llama2():
+    return load_tokenizer(llama2_model_path())
+
+
+@pytest.fixture(scope="module")
+def small():
+    return builtin_tokenizer(1024)
+
+
+# ---------------------------------------------------------------- Llama 2
+
+def test_llama2_from_model_file(llama2):
+    assert len(llama2) == 32000
+    assert llama2.encode("Hello world", add_special_tokens=False) == [15043, 3186]
+    # Like the Hugging Face Llama 2 tokenizer: BOS added, no EOS.
+    assert llama2("Hello world").input_ids == [1, 15043, 3186]
+    assert (llama2.unk_token_id, llama2.bos_token_id, llama2.eos_token_id, llama2.pad_token_id) == (0, 1, 2, 0)
+    assert llama2.convert_ids_to_tokens([3, 13, 258]) == ["<0x00>", "<0x0A>", "<0xFF>"]
+
+
+def test_llama2_matches_sentencepiece(llama2):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(llama2_model_path()))
+    texts = TRICKY + [t[:2000] for t in list(iter_sample_texts())[:60]]
+    for text in texts:
+        ids = llama2.encode(text, add_special_tokens=False, split_special_tokens=True)
+        assert ids == sp.encode(text), text
+        assert llama2.decode(ids) == text
+
+
+def test_llama2_from_directory_and_save_load(llama2, tmp_path):
+    d = tmp_path / "tok"
+    d.mkdir()
+    shutil.copy(llama2_model_path(), d / "tokenizer.model")
+    tok = load_tokenizer(d)
+    assert tok.encode("Hello world", add_special_tokens=False) == [15043, 3186]
+    out = tmp_path / "saved"
+    tok.save_pretrained(out)
+    again = load_tokenizer(out)
+    for text in TRICKY:
+        assert again.encode(text) == tok.encode(text)
+
+
+def test_llama2_greedy_reference(llama2):
+    pieces, scores = vocab_and_scores(llama2)
+    assert len(pieces) == 32000 and pieces[15043] == "\u2581Hello"
+    assert scores[0] == scores[1] == scores[3] == NO_MERGE_SCORE
+    for text in TRICKY + ["Hello world", "The quick brown fox jumps over the lazy dog."]:
+        assert greedy_encode(text, pieces, scores) == llama2.encode(text, add_special_tokens=False,
+                                                                    split_special_tokens=True), text
+
+
+def test_three_token_pitfall_is_rejected():
+    from transformers import LlamaTokenizer
+
+    bad = LlamaTokenizer(vocab_file=str(llama2_model_path()))
+    assert len(bad) == 3  # the transformers 5 pitfall this module guards against
+    with pytest.raises(ValueError, match="only 3 tokens"):
+        check_tokenizer(bad, "LlamaTokenizer(vocab_file=...)")
+
+
+# ---------------------------------------------------------------- errors
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        load_tokenizer(tmp_path)
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"this is not a sentencepiece model")
+    with pytest.raises(ValueError, match="not a valid SentencePiece model"):
+        load_tokenizer(junk)
+    other = tmp_path / "vocab.txt"
+    other.write_text("a\nb\n")
+    with pytest.raises(ValueError, match="unsupported tokenizer file"):
+        load_tokenizer(other)
+    with pytest.raises(ValueError, match="bad built-in tokenizer name"):
+        load_tokenizer("builtin:lots")
+    with pytest.raises(FileNotFoundError):
+        tokenizer_from_sentencepiece(tmp_path / "missing.model")
+
+
+# ---------------------------------------------------------------- trained tokenizer
+
+def test_trained_structure(small):
+    assert len(small) == 1024
+    assert small.convert_ids_to_tokens([0, 1, 2]) == ["<unk>", "<s>", "</s>"]
+    assert small.convert_ids_to_tokens(list(range(3, 259))) == BYTE_PIECES
+    assert (small.unk_token_id, small.bos_token_id, small.eos_token_id, small.pad_token_id) == (0, 1, 2, 0)
+    data = json.loads(small.backend_tokenizer.to_str())
+    model = data["model"]
+    assert model["type"] == "BPE" and model["byte_fallback"] is True and model["unk_token"] == "<unk>"
+    assert data["pre_tokenizer"]["type"] == "Metaspace"
+    assert data["pre_tokenizer"]["replacement"] == "\u2581"
+    assert data["pre_tokenizer"]["prepend_scheme"] == "first"
+    assert data["normalizer"] == {"type": "Prepend", "prepend": "\u2581"}
+    assert {t["content"] for t in data["added_tokens"]} == {"<unk>", "<s>", "</s>"}
+    assert small("Hello world").input_ids[0] == 1
+    assert small("Hello world").input_ids[-1] != 2
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_trained_round_trip_and_greedy(small, text):
+    ids = small.encode(text, add_special_tokens=False, split_special_tokens=True)
+    assert small.decode(ids) == text
+    assert all(0 <= i < len(small) for i in ids)
+    pieces, scores = vocab_and_scores(small)
+    assert greedy_encode(text, pieces, scores) == ids
+
+
+def test_trained_matches_greedy_on_corpus(small):
+    pieces, scores = vocab_and_scores(small)
+    for text in list(iter_sample_texts())[::7][:80]:
+        text = text[:600]
+        ids = small.encode(text, add_special_tokens=False)
+        assert greedy_encode(text, pieces, scores) == ids
+        assert small.decode(ids) == text
+
+
+def test_trained_compresses_and_falls_back_to_bytes(small):
+    text = "\n\n".join(list(iter_sample_texts(include_conversations=False))[:50])
+    ids = small.encode(text, add_special_tokens=False)
+    assert len(ids) < len(text) / 2.4  # it learned real merges (about 2.7 characters per token)
+    emoji = small.encode("\U0001F600", add_special_tokens=False)
+    assert small.convert_ids_to_tokens(emoji) == ["\u2581", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
+
+
+def test_trained_deterministic_and_save_load(tmp_path):
+    from transformers import AutoTokenizer
+
+    texts = list(iter_sample_texts(include_conversations=False))[:200]
+    a = train_tokenizer(texts, vocab_size=600)
+    b = train_tokenizer(texts, vocab_size=600)
+    assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
+    assert len(a) <= 600
+    a.save_pretrained(tmp_path / "t")
+    for loaded in (AutoTokenizer.from_pretrained(tmp_path / "t"), load_tokenizer(tmp_path / "t"),
+                   load_tokenizer(tmp_path / "t" / "tokenizer.json")):
+        assert (loaded.bos_token_id, loaded.eos_token_id, loaded.unk_token_id, loaded.pad_token_id) == (1, 2, 0, 0)
+        for text in TRICKY:
+            assert loaded.encode(text) == a.encode(text)
+            ids = loaded.encode(text, add_special_tokens=False, split_special_tokens=True)
+            assert loaded.decode(ids) == text
+
+
+def test_train_small_input_and_bad_sizes():
+    tok = train_tokenizer(["tiny text, tiny text"], vocab_size=512)
+    assert 259 < len(tok) <= 512
+    assert tok.decode(tok.encode("\u00fcnknown \u4e2d", add_special_tokens=False)) == "\u00fcnknown \u4e2d"
+    with pytest.raises(ValueError, match="too small"):
+        train_tokenizer(["x"], vocab_size=300)
+    with pytest.raises(ValueError, match="too large"):
+        train_tokenizer(["x"], vocab_size=70000)
+
+
+def test_builtin_names(small):
+    tok = load_tokenizer("builtin")
+    assert tok.backend_tokenizer.to_str() == small.backend_tokenizer.to_str()
+    assert len(load_tokenizer("builtin:512")) == 512
+
+
+def test_cli_train_and_info(tmp_path, capsys):
+    src = tmp_path / "docs.jsonl"
+    src.write_text("\n".join(json.dumps({"text": t}) for t in list(iter_sample_texts())[:100]) + "\n")
+    assert main(["train", "--input", str(src), "--vocab-size", "512", "--out", str(tmp_path / "t")]) == 0
+    assert main(["info", str(tmp_path / "t"), "--text", "Hello world"]) == 0
+    out = capsys.readouterr().out
+    info = json.loads(out[out.index("{"):])
+    assert info["vocab_size"] == 512 and info["bos_token_id"] == 1 and info["ids"]
