@@ -1,0 +1,245 @@
+"""Pretraining loop tests on CPU: settings, schedule, a short run whose loss falls, exact resume, atomic
+checkpoints under SIGKILL, non-finite losses, vocabulary checks, and a 2-process DDP (gloo) run."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+
+import train_hf
+from llamathink import LlamaThinkConfig
+from llamathink.data import prepare, write_shard
+from llamathink.tokenizer_utils import builtin_tokenizer, sample_data_path
+from llamathink.data import LocalSource
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    prepare(LocalSource([str(sample_data_path("prose.jsonl"))]), out, "builtin", shard_tokens=40_000, val_docs=20,
+            num_workers=1, progress=False)  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_json(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "config.json"
+    LlamaThinkConfig(vocab_size=1024, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
+                     linear_num_value_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+                     max_position_embeddings=128, csa_window=16, gdn_chunk_size=16).to_json_file(path)  # fmt: skip
+    return path
+
+
+def _cfg(sample_data, model_json, out_dir, **overrides):
+    settings = dict(
+        model_config=str(model_json), data_dir=str(sample_data), out_dir=str(out_dir), seq_len=64,
+        micro_batch_size=8, grad_accum=2, max_steps=12, warmup_steps=2, mixed_precision="no", eval_every=6,
+        eval_batches=2, sample_every=10_000, log_every=3, save_every=6, keep_last=2, peak_tflops=None,
+        wandb_mode="disabled", progress_bar=False, seed=3,
+    )  # fmt: skip
+    settings.update(overrides)
+    return train_hf.TrainConfig(**settings)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# settings and schedule
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_yaml_and_cli_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("max_steps: 30\nwarmup_steps: 3\noptimizer: adamw\nsample_prompts: [a, b]\n")
+    cfg = train_hf.load_config(str(path), ["--max_steps", "40", "--muon_lr=0.01", "--compile", "true",
+                                           "--wandb_run_name", "123"])  # fmt: skip
+    assert (cfg.max_steps, cfg.warmup_steps, cfg.optimizer, cfg.muon_lr, cfg.compile) == (40, 3, "adamw", 0.01, True)
+    assert cfg.sample_prompts == ["a", "b"] and cfg.wandb_run_name == "123"
+
+
+def test_unknown_and_bad_settings_are_named(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("max_step: 30\n")
+    with pytest.raises(ValueError, match=r"run.yaml: unknown setting 'max_step'"):
+        train_hf.load_config(str(path))
+    with pytest.raises(ValueError, match="unknown setting --lr"):
+        train_hf.load_config(None, ["--lr", "0.1"])
+    with pytest.raises(ValueError, match="optimizer must be 'muon' or 'adamw'"):
+        train_hf.load_config(None, ["--optimizer", "sgd"])
+    with pytest.raises(ValueError, match="expects true or false"):
+        train_hf.load_config(None, ["--compile", "maybe"])
+    with pytest.raises(ValueError, match="warmup_steps"):
+        train_hf.load_config(None, ["--max_steps", "10", "--warmup_steps", "20"])
+
+
+def test_presets_load():
+    for path in sorted((REPO_ROOT / "configuration" / "train").glob("*.yaml")):
+        cfg = train_hf.load_config(str(path))
+        config = LlamaThinkConfig.from_json_file(str(REPO_ROOT / cfg.model_config))
+        assert cfg.seq_len <= config.max_position_embeddings, path
+    original = train_hf.load_config(str(REPO_ROOT / "configuration/train/fineweb_95m_4gpu.yaml"))
+    # the original recipe: 64 x 1024 x 8 accumulation x 4 GPUs = 2,097,152 tokens per step
+    assert original.micro_batch_size * original.seq_len * original.grad_accum * 4 == 2_097_152
+    assert (original.max_steps, original.warmup_steps, original.muon_lr, original.adamw_lr) == (10_000, 500, 0.02, 0.002)
+
+
+def test_warmup_then_cosine_to_zero():
+    cfg = train_hf.TrainConfig(max_steps=100, warmup_steps=10)
+    factors = [train_hf.lr_factor(s, cfg) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[55] == pytest.approx(0.5)
+    assert train_hf.lr_factor(100, cfg) == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+
+
+def test_flops_per_token_counts_params_and_mixers():
+    config = LlamaThinkConfig()
+    n = 95_715_408  # tied: the embedding matrix is counted once, as the output head
+    T = 1024
+    attention = 4 * 6 * 9 * 64 * T  # 4 full layers
+    attention += 4 * 12 * 9 * 64 * (64 + T / 8)  # 4 CSA layers: window + compressed blocks
+    attention += 8 * 12 * 9 * 112 * 112  # 8 Gated DeltaNet layers
+    assert train_hf.flops_per_token(config, T) == pytest.approx(6 * n + attention)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training runs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_short_run_lowers_the_loss_and_saves_a_loadable_model(sample_data, model_json, tmp_path):
+    cfg = _cfg(sample_data, model_json, tmp_path / "run", max_steps=30, eval_every=15, save_every=30,
+               adamw_lr=0.004)  # fmt: skip
+    history = train_hf.train(cfg)
+    losses = history["losses"]
+    assert len(losses) == 30
+    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (28, 29, 30)) / 3
+    assert last < first - 1.0, (first, last)  # ln(1024) = 6.9 at the start
+    assert history["eval"][30] < history["eval"][15]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(history["final_dir"], trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(history["final_dir"])
+    ids = tokenizer("The river", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=5, do_sample=False).shape[1] == ids.shape[1] + 5
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(sample_data, model_json, tmp_path):
+    full = train_hf.train(_cfg(sample_data, model_json, tmp_path / "full"))
+    interrupted = train_hf.train(_cfg(sample_data, model_json, tmp_path / "resumed", stop_at_step=6))
+    assert interrupted["final_dir"] is None and sorted(interrupted["losses"]) == list(range(1, 7))
+    resumed = train_hf.train(_cfg(sample_data, model_json, tmp_path / "resumed"))
+    assert sorted(resumed["losses"]) == list(range(1, 13))
+    for step in range(1, 13):
+        assert resumed["losses"][step] == full["losses"][step], step  # bitwise: same data, state and RNG
+    a = torch.load(tmp_path / "full/checkpoints/step_00000012/state.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "resumed/checkpoints/step_00000012/state.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_adamw_only_run(sample_data, model_json, tmp_path):
+    history = train_hf.train(_cfg(sample_data, model_json, tmp_path / "adamw", optimizer="adamw", max_steps=6,
+                                  eval_every=100))  # fmt: skip
+    assert len(history["losses"]) == 6 and all(math.isfinite(v) for v in history["losses"].values())
+
+
+def test_keep_last_checkpoints(sample_data, model_json, tmp_path):
+    train_hf.train(_cfg(sample_data, model_json, tmp_path / "k", max_steps=8, save_every=2, keep_last=2))
+    names = [p.name for p in train_hf.list_checkpoints(tmp_path / "k")]
+    assert names == ["step_00000006", "step_00000008"]
+
+
+def test_nonfinite_loss_stops_or_skips_and_keeps_checkpoints(sample_data, model_json, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    train_hf.train(_cfg(sample_data, model_json, out, max_steps=12, stop_at_step=2, save_every=2))
+    real_build = train_hf.build_model
+
+    def poisoned(cfg):
+        model = real_build(cfg)
+        model.model.norm.weight.data.fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(train_hf, "build_model", poisoned)
+    with pytest.raises(train_hf.NonFiniteLoss, match="non-finite loss"):
+        train_hf.train(_cfg(sample_data, model_json, tmp_path / "nan2", max_steps=12))
+    # resuming loads the good checkpoint weights over the poisoned init, so this run is healthy
+    history = train_hf.train(_cfg(sample_data, model_json, out, max_steps=12, stop_at_step=3))
+    assert 3 in history["losses"] and math.isfinite(history["losses"][3])
+    with pytest.raises(train_hf.NonFiniteLoss, match="3 consecutive non-finite steps"):
+        train_hf.train(_cfg(sample_data, model_json, tmp_path / "nan3", nonfinite="skip", max_consecutive_skips=3))
+    assert [p.name for p in train_hf.list_checkpoints(out)] == ["step_00000002", "step_00000003"]
+
+
+def test_vocabulary_mismatch_is_named(sample_data, tmp_path):
+    small = tmp_path / "small.json"
+    LlamaThinkConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                     num_key_value_heads=1, head_dim=16, linear_num_key_heads=1, linear_num_value_heads=1,
+                     linear_key_head_dim=16, linear_value_head_dim=16, max_position_embeddings=128).to_json_file(small)
+    with pytest.raises(ValueError, match="1024.*512|512.*1024"):
+        train_hf.train(_cfg(sample_data, small, tmp_path / "v"))
+
+
+def test_corrupt_shard_is_named(sample_data, model_json, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(sample_data, data)
+    shard = sorted(data.glob("train_*.bin"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated
+    with pytest.raises(ValueError, match=shard.name):
+        train_hf.train(_cfg(data, model_json, tmp_path / "c"))
+
+
+def test_sigkill_during_checkpoint_write_leaves_the_previous_checkpoint_loadable(sample_data, model_json, tmp_path):
+    out = tmp_path / "killed"
+    args = [sys.executable, str(REPO_ROOT / "train_hf.py"), "--model_config", str(model_json), "--data_dir",
+            str(sample_data), "--out_dir", str(out), "--seq_len", "64", "--micro_batch_size", "4", "--grad_accum",
+            "1", "--max_steps", "20", "--warmup_steps", "1", "--mixed_precision", "no", "--eval_every", "100",
+            "--save_every", "2", "--peak_tflops", "null", "--wandb_mode", "disabled", "--progress_bar", "false",
+            "--seed", "3"]
+    env = dict(os.environ, LLAMATHINK_TEST_SLOW_CHECKPOINT="60", PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    root = out / "checkpoints"
+    try:
+        deadline = time.time() + 240
+        # the first save (step 2) sleeps before its rename: wait for its temporary directory, then kill
+        while time.time() < deadline and not any(p.name.startswith(".tmp-step_00000002") for p in
+                                                 (root.iterdir() if root.exists() else [])):  # fmt: skip
+            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert train_hf.list_checkpoints(out) == []  # the half-written one is not listed
+    # a second run: its first checkpoint completes; kill during the second one (step 4)
+    env["LLAMATHINK_TEST_SLOW_CHECKPOINT"] = "0"
+    train_hf.train(_cfg(sample_data, model_json, out, micro_batch_size=4, grad_accum=1, max_steps=20, save_every=2,
+                        stop_at_step=2, eval_every=100))  # fmt: skip
+    env["LLAMATHINK_TEST_SLOW_CHECKPOINT"] = "60"
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not any(p.name.startswith(".tmp-step_00000004") for p in root.iterdir()):
+            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    found = train_hf.list_checkpoints(out)
+    assert [p.name for p in found] == ["step_00000002"]
+    state = train_hf.load_checkpoint(found[0])
+    assert state["step"] == 2 and "model" in state and "optimizer" in state
+    history = train_hf.train(_cfg(sample_data, model_json, out, micro_batch_size=4, grad_accum=1, max_steps=20,
+                                  save_every=2, stop_at_step=4, eval_every=100))  # fmt: skip
+    assert sorted(history["losses"]) == [1, 2, 3, 4]
