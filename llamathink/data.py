@@ -838,19 +838,24 @@ class TokenBatchLoader:
                 "num_windows": self.dataset.num_windows}
 
     def load_state_dict(self, state: dict) -> None:
-        mine = {"seed": self.seed, "seq_len": self.seq_len, "batch_size": self.batch_size,
-                "num_windows": self.dataset.num_windows}
+        """Resume at the saved position. The world size and per-rank batch size may change as long as the global
+        batch (world_size x batch_size windows) stays the same: global batch n then holds the same windows."""
+        mine = {"seed": self.seed, "seq_len": self.seq_len, "num_windows": self.dataset.num_windows}
         for k, v in mine.items():
             if k in state and int(state[k]) != v:
                 raise ValueError(f"cannot resume data loader: saved {k}={state[k]} but this loader has {k}={v}")
         epoch, position = int(state["epoch"]), int(state["position"])
         saved_ws = int(state.get("world_size", self.world_size))
-        if saved_ws != self.world_size:
-            consumed = position * saved_ws
-            position = consumed // self.world_size
-            warnings.warn(f"data loader resumed with world_size {self.world_size} instead of {saved_ws}; "
-                          f"continuing at global batch {position * self.world_size} of epoch {epoch} "
-                          "(exact only when the world size is unchanged)", stacklevel=2)
+        saved_bs = int(state.get("batch_size", self.batch_size))
+        if (saved_ws, saved_bs) != (self.world_size, self.batch_size):
+            consumed = position * saved_ws * saved_bs  # windows of this epoch already used by all ranks
+            per_round = self.world_size * self.batch_size
+            if saved_ws * saved_bs != per_round or consumed % per_round:
+                warnings.warn(
+                    f"data loader resumed with world_size x batch_size = {self.world_size} x {self.batch_size} "
+                    f"instead of {saved_ws} x {saved_bs}; continuing after window {consumed} of epoch {epoch} "
+                    "(exact only when the global batch is unchanged)")
+            position = -(-consumed // per_round)
         self.epoch, self.position = epoch, position
 
 

@@ -1,0 +1,55 @@
+"""Data-parallel training on CPU (2 processes, gloo, launched with torchrun): the loss curve equals the
+1-process curve at the same global batch, and checkpoints move between 1 and 2 processes.
+(The multi-GPU run of the same code path needs a machine with several GPUs; see BENCHMARKS.md.)"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+from test_train import model_json, sample_data  # noqa: F401  (session fixtures)
+
+import train_hf
+
+
+def _run(nproc, model_json, data, out, micro_batch, **overrides):
+    settings = dict(model_config=model_json, data_dir=data, out_dir=out, seq_len=64, micro_batch_size=micro_batch,
+                    grad_accum=2, max_steps=8, warmup_steps=1, mixed_precision="no", eval_every=100, save_every=4,
+                    peak_tflops="null", wandb_mode="disabled", progress_bar="false", seed=5)  # fmt: skip
+    settings.update(overrides)
+    args = [f"--{k}={v}" for k, v in settings.items()]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    if nproc == 1:
+        cmd = [sys.executable, str(REPO_ROOT / "train_hf.py"), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(REPO_ROOT / "train_hf.py"), *args]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    last = train_hf.list_checkpoints(out)[-1]
+    return train_hf.load_checkpoint(last)
+
+
+def test_two_process_ddp_matches_one_process_and_checkpoints_move_between_them(sample_data, model_json, tmp_path):
+    one = _run(1, model_json, sample_data, tmp_path / "one", micro_batch=8)
+    two = _run(2, model_json, sample_data, tmp_path / "two", micro_batch=4)  # same global batch: 2 x 4 = 8
+    l1, l2 = one["history"]["losses"], two["history"]["losses"]
+    assert sorted(l1) == sorted(l2) == list(range(1, 9))
+    for step in l1:  # same windows per global step, gradients averaged by DDP: equal up to reduction order
+        assert abs(l1[step] - l2[step]) < 1e-4 * abs(l1[step]), (step, l1[step], l2[step])
+    for name, value in one["model"].items():
+        # Muon's bf16 Newton-Schulz turns reduction-order differences (1e-7) into bf16 rounding flips (~0.4%)
+        rel = ((two["model"][name] - value).norm() / value.norm().clamp_min(1e-12)).item()
+        assert rel < 2e-2, (name, rel)
+
+    # saved on 2 processes, resumed on 1 (and the reverse): the continuation follows the uninterrupted curve
+    _run(2, model_json, sample_data, tmp_path / "2to1", micro_batch=4, stop_at_step=4)
+    resumed = _run(1, model_json, sample_data, tmp_path / "2to1", micro_batch=8)
+    _run(1, model_json, sample_data, tmp_path / "1to2", micro_batch=8, stop_at_step=4)
+    resumed2 = _run(2, model_json, sample_data, tmp_path / "1to2", micro_batch=4)
+    for history in (resumed["history"]["losses"], resumed2["history"]["losses"]):
+        assert sorted(history) == list(range(1, 9))
+        for step in range(5, 9):
+            assert abs(history[step] - l1[step]) < 1e-4 * abs(l1[step]), (step, history[step], l1[step])
