@@ -385,6 +385,13 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def write_history(out_dir: Path, history: dict):
+    """`history.json`: per-step training loss, evaluation loss and performance metrics (for plots and reports)."""
+    tmp = Path(out_dir) / "history.json.tmp"
+    tmp.write_text(json.dumps(history, indent=1, default=float))
+    os.replace(tmp, Path(out_dir) / "history.json")
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -572,6 +579,7 @@ def train(cfg: TrainConfig) -> dict:
                 extra = {"tokens_seen": tokens_seen, "history": history, "config": dataclasses.asdict(cfg),
                          "wandb_run_id": run.id if run is not None else run_id}  # fmt: skip
                 save_checkpoint(cfg.out_dir, step, raw_model, optimizer, scheduler, loader, extra, cfg.keep_last)
+                write_history(out_dir, history)
             accelerator.wait_for_everyone()
         if paused:
             t_last, tokens_last = time.perf_counter(), tokens_seen
@@ -579,6 +587,8 @@ def train(cfg: TrainConfig) -> dict:
     if progress is not None:
         progress.close()
     final_dir = out_dir / "final"
+    if is_main:
+        write_history(out_dir, history)
     if is_main and step == cfg.max_steps:
         raw_model.save_pretrained(final_dir, safe_serialization=True)
         if tokenizer is not None:

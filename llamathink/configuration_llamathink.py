@@ -13,6 +13,7 @@ from transformers import PretrainedConfig
 
 MIXER_TYPES = ("linear", "csa", "full")
 DEFAULT_MIXER_PATTERN = ("linear", "linear", "csa", "full")
+GDN_BACKENDS = ("auto", "fla", "torch")
 
 
 class LlamaThinkConfig(PretrainedConfig):
@@ -42,6 +43,9 @@ class LlamaThinkConfig(PretrainedConfig):
         hyper_connections (`bool`, defaults to True): learned per-dimension residual scaling,
             `h = (1 + r) * h + (1 + s) * sublayer(norm(h))`, with `r`, `s` initialised to zero.
         gdn_chunk_size (`int`, defaults to 64): chunk length of the chunked Gated DeltaNet (training/prefill).
+        gdn_backend (`str`, defaults to `"auto"`): Gated DeltaNet kernels: `"auto"` (fla's Triton kernels on CUDA
+            where installed and trustworthy, else PyTorch), `"fla"` (the same, warning when it must fall back) or
+            `"torch"` (always the PyTorch reference).
     """
 
     model_type = "llamathink"
@@ -72,6 +76,7 @@ class LlamaThinkConfig(PretrainedConfig):
         csa_window: int = 64,
         hyper_connections: bool = True,
         gdn_chunk_size: int = 64,
+        gdn_backend: str = "auto",
         use_cache: bool = True,
         bos_token_id: int = 1,
         eos_token_id: int = 2,
@@ -108,6 +113,7 @@ class LlamaThinkConfig(PretrainedConfig):
         self.csa_window = csa_window
         self.hyper_connections = hyper_connections
         self.gdn_chunk_size = gdn_chunk_size
+        self.gdn_backend = gdn_backend
         self.use_cache = use_cache
         super().__init__(
             bos_token_id=bos_token_id,
@@ -164,6 +170,8 @@ class LlamaThinkConfig(PretrainedConfig):
             )
         if self.csa_window < 2:
             raise ValueError(f"csa_window must be at least 2 (the query's own token and one more), got {self.csa_window}")
+        if self.gdn_backend not in GDN_BACKENDS:
+            raise ValueError(f"gdn_backend={self.gdn_backend!r} is not one of the allowed values {list(GDN_BACKENDS)}")
         if not isinstance(self.hyper_connections, bool):
             raise ValueError(f"hyper_connections must be true or false, got {self.hyper_connections!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):

@@ -247,9 +247,112 @@ def torch_chunk_gated_delta_rule(
     return o.transpose(1, 2).to(out_dtype), (state if output_final_state else None)
 
 
-# Dispatch table of the delta-rule kernels: "chunk" for training/prefill, "recurrent" for one-token decode.
-# A fast backend (fla, compiled) replaces the entries; the signatures above are the contract.
+# Dispatch table of the pure-PyTorch delta-rule kernels: "chunk" for training/prefill, "recurrent" for one-token
+# decode. The signatures above are the contract every backend follows.
 GDN_KERNELS = {"chunk": torch_chunk_gated_delta_rule, "recurrent": torch_recurrent_gated_delta_rule}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optional fla (flash-linear-attention) kernels, never imported at module load
+# ----------------------------------------------------------------------------------------------------------------
+
+_fla_state: dict = {}
+
+
+def _warn_once(key: str, message: str):
+    if key not in _fla_state:
+        _fla_state[key] = True
+        logger.warning(message)
+
+
+def _fla_ops():
+    """fla's (chunk, fused_recurrent) gated delta rule functions, or None when fla is missing or broken."""
+    if "ops" not in _fla_state:
+        try:
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+            _fla_state["ops"] = (chunk_gated_delta_rule, fused_recurrent_gated_delta_rule)
+        except Exception as err:  # ImportError, or a broken triton/fla install
+            _fla_state["ops"] = None
+            _fla_state["import_error"] = f"{type(err).__name__}: {err}"
+    return _fla_state["ops"]
+
+
+def fla_backward_problem(device: torch.device) -> str | None:
+    """Why fla's gated-delta-rule backward cannot be trusted on `device`, or None.
+
+    fla 0.6 refuses the backward pass on Hopper (sm_90) with Triton >= 3.4 and < 3.7.1 (wrong gradients, fla issue
+    #640) unless tilelang is installed, in which case it uses tilelang for that kernel. We detect the case up front:
+    an exception raised inside autograd's backward would otherwise end a training run.
+    """
+    if device.type != "cuda":
+        return "fla kernels need a CUDA device"
+    import importlib.util
+
+    try:
+        import triton
+
+        triton_version = tuple(int(x) for x in triton.__version__.split("+")[0].split(".")[:3])
+    except Exception:  # pragma: no cover - fla imports triton, so this only happens on broken installs
+        return "triton is not importable"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major == 9 and (3, 4, 0) <= triton_version < (3, 7, 1) and importlib.util.find_spec("tilelang") is None:
+        return (
+            f"fla's backward pass is wrong on Hopper with Triton {triton.__version__} (fla issue #640) and "
+            "tilelang is not installed (pip install tilelang, or Triton >= 3.7.1)"
+        )
+    return None
+
+
+def select_gdn_backend(requested: str, device: torch.device, needs_grad: bool) -> str:
+    """Resolve `config.gdn_backend` ("auto", "fla" or "torch") to the backend that will run: fla only where it is
+    installed, on CUDA, and (when gradients are needed) where its backward is trustworthy; otherwise the PyTorch
+    reference, with one warning saying why."""
+    if requested == "torch" or device.type != "cuda":
+        if requested == "fla" and device.type != "cuda":
+            _warn_once("fla-cpu", "gdn_backend='fla' needs a CUDA device; using the PyTorch Gated DeltaNet kernels")
+        return "torch"
+    if _fla_ops() is None:
+        _warn_once(
+            "fla-missing",
+            "flash-linear-attention (fla-core) is not available "
+            f"({_fla_state.get('import_error', 'not installed')}); using the slower PyTorch Gated DeltaNet kernels. "
+            "Install it with `pip install llamathink[gpu]`.",
+        )
+        return "torch"
+    if needs_grad:
+        problem = fla_backward_problem(device)
+        if problem is not None:
+            _warn_once("fla-backward", f"{problem}; training uses the PyTorch Gated DeltaNet kernels instead.")
+            return "torch"
+    return "fla"
+
+
+def fla_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False, chunk_size=64):
+    """fla's chunked kernel behind our contract (q, k already L2-normalised; [B, T, H, D]; fp32 g)."""
+    chunk, _ = _fla_ops()
+    dtype = v.dtype if v.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    o, state = chunk(
+        q.to(dtype), k.to(dtype), v.to(dtype), g.float(), beta.to(dtype), scale=scale,
+        initial_state=None if initial_state is None else initial_state.float(),
+        output_final_state=output_final_state,
+    )  # fmt: skip
+    return o.to(v.dtype), state
+
+
+def fla_recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False):
+    """fla's fused recurrent kernel (decode; it has no backward) behind our contract."""
+    _, recurrent = _fla_ops()
+    dtype = v.dtype if v.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    o, state = recurrent(
+        q.to(dtype), k.to(dtype), v.to(dtype), g=g.float(), beta=beta.to(dtype), scale=scale,
+        initial_state=None if initial_state is None else initial_state.float(),
+        output_final_state=output_final_state,
+    )  # fmt: skip
+    return o.to(v.dtype), state
+
+
+FLA_GDN_KERNELS = {"chunk": fla_chunk_gated_delta_rule, "recurrent": fla_recurrent_gated_delta_rule}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -444,6 +547,7 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         self.conv_dim = 2 * self.key_dim + self.value_dim
         self.conv_kernel_size = config.linear_conv_kernel_dim
         self.chunk_size = config.gdn_chunk_size
+        self.backend = config.gdn_backend
 
         self.in_proj_qkv = nn.Linear(config.hidden_size, self.conv_dim, bias=False)
         self.in_proj_z = nn.Linear(config.hidden_size, self.value_dim, bias=False)
@@ -471,10 +575,13 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         return F.silu(out[:, :, -T:])
 
     def _delta_rule(self, q, k, v, g, beta, initial_state, output_final_state):
-        """The dispatch point of the delta-rule kernel."""
-        if q.shape[1] == 1 and initial_state is not None:
-            return GDN_KERNELS["recurrent"](q, k, v, g, beta, self.head_k_dim**-0.5, initial_state, output_final_state)
-        return GDN_KERNELS["chunk"](
+        """The dispatch point of the delta-rule kernel: fla or the PyTorch reference, chunked or recurrent."""
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta))
+        backend = select_gdn_backend(self.backend, q.device, needs_grad)
+        kernels = FLA_GDN_KERNELS if backend == "fla" else GDN_KERNELS
+        if q.shape[1] == 1 and initial_state is not None and not needs_grad:
+            return kernels["recurrent"](q, k, v, g, beta, self.head_k_dim**-0.5, initial_state, output_final_state)
+        return kernels["chunk"](
             q, k, v, g, beta, self.head_k_dim**-0.5, initial_state, output_final_state, chunk_size=self.chunk_size
         )
 

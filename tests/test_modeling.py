@@ -660,3 +660,12 @@ def test_text_generation_pipeline(tmp_path):
     out = pipe("w5 w6 w7", max_new_tokens=6, do_sample=False)
     text = out[0]["generated_text"]
     assert text.startswith("w5 w6 w7") and len(text.split()) > 3
+
+
+def test_gdn_backend_selection_falls_back_on_cpu(caplog):
+    from llamathink.modeling_llamathink import select_gdn_backend
+
+    assert select_gdn_backend("auto", torch.device("cpu"), needs_grad=True) == "torch"
+    assert select_gdn_backend("fla", torch.device("cpu"), needs_grad=False) == "torch"
+    with pytest.raises(ValueError, match="gdn_backend='triton' is not one of"):
+        tiny_config(gdn_backend="triton")

@@ -1,0 +1,89 @@
+"""GPU checks (skipped where there is no CUDA device): the fla backend against the PyTorch reference, forward and
+gradients, and cached decoding against the uncached forward on the GPU."""
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from llamathink.modeling_llamathink import (
+    _fla_ops,
+    fla_backward_problem,
+    fla_chunk_gated_delta_rule,
+    fla_recurrent_gated_delta_rule,
+    l2norm,
+    torch_chunk_gated_delta_rule,
+    torch_recurrent_gated_delta_rule,
+)
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+needs_fla = pytest.mark.skipif(not torch.cuda.is_available() or _fla_ops() is None, reason="fla is not installed")
+
+
+def _inputs(B=2, T=300, H=4, Dk=64, Dv=64, dtype=torch.bfloat16, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    kw = dict(device="cuda", generator=gen)
+    q = l2norm(torch.randn(B, T, H, Dk, **kw)).to(dtype)
+    k = l2norm(torch.randn(B, T, H, Dk, **kw)).to(dtype)
+    v = torch.randn(B, T, H, Dv, **kw).to(dtype)
+    g = -torch.nn.functional.softplus(torch.randn(B, T, H, **kw)) * 0.3
+    beta = torch.rand(B, T, H, **kw).to(dtype)
+    s0 = torch.randn(B, H, Dk, Dv, **kw) * 0.1
+    return q, k, v, g, beta, s0
+
+
+@needs_fla
+def test_fla_chunk_matches_reference_forward_and_backward():
+    q, k, v, g, beta, s0 = _inputs()
+    ref_in = [x.float().requires_grad_() for x in (q, k, v, g, beta, s0)]
+    fla_in = [x.clone().requires_grad_() for x in (q, k, v, g, beta, s0)]
+    o_ref, s_ref = torch_chunk_gated_delta_rule(*ref_in[:5], 0.125, ref_in[5], True)
+    o_fla, s_fla = fla_chunk_gated_delta_rule(*fla_in[:5], 0.125, fla_in[5], True)
+    torch.testing.assert_close(o_fla.float(), o_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(s_fla.float(), s_ref, rtol=2e-2, atol=2e-2)
+    if fla_backward_problem(q.device) is not None:
+        pytest.skip(fla_backward_problem(q.device))
+    w = torch.randn_like(o_ref)
+    g_ref = torch.autograd.grad((o_ref * w).sum() + s_ref.sum(), ref_in)
+    g_fla = torch.autograd.grad((o_fla.float() * w).sum() + s_fla.float().sum(), fla_in)
+    for name, a, b in zip("q k v g beta s0".split(), g_fla, g_ref):
+        err = (a.float() - b).norm() / b.norm()
+        assert err < 3e-2, (name, err.item())
+
+
+@needs_fla
+def test_fla_recurrent_matches_reference():
+    q, k, v, g, beta, s0 = _inputs(T=1)
+    o_ref, s_ref = torch_recurrent_gated_delta_rule(q.float(), k.float(), v.float(), g, beta.float(), 0.125, s0, True)
+    o_fla, s_fla = fla_recurrent_gated_delta_rule(q, k, v, g, beta, 0.125, s0, True)
+    torch.testing.assert_close(o_fla.float(), o_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(s_fla.float(), s_ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_gpu_model_matches_cpu_reference_forward_and_gradients(backend):
+    cpu = tiny_model(dtype=torch.float32, gdn_backend="torch")
+    gpu = tiny_model(dtype=torch.float32, gdn_backend=backend).cuda()
+    ids = torch.randint(1, 96, (2, 150), generator=torch.Generator().manual_seed(0))
+    cpu.train(), gpu.train()
+    loss_cpu = cpu(ids, labels=ids).loss
+    loss_cpu.backward()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_gpu = gpu(ids.cuda(), labels=ids.cuda()).loss
+    loss_gpu.backward()
+    assert abs(loss_gpu.item() - loss_cpu.item()) < 2e-2 * abs(loss_cpu.item())
+    for (name, p_cpu), (_, p_gpu) in zip(cpu.named_parameters(), gpu.named_parameters()):
+        err = (p_gpu.grad.float().cpu() - p_cpu.grad).norm() / p_cpu.grad.norm().clamp_min(1e-8)
+        assert err < 0.1, (name, err.item())  # bf16 autocast against fp32
+
+
+def test_cached_decode_equals_uncached_forward_on_gpu():
+    model = tiny_model(dtype=torch.float32, csa_window=64, mixer_types=["csa", "linear", "full", "csa"]).cuda()
+    ids = torch.randint(1, 96, (2, 90), generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :70], use_cache=True)
+        pieces, cache = [out.logits], out.cache
+        for t in range(70, 90):
+            out = model(ids[:, t : t + 1], cache=cache)
+            pieces.append(out.logits)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=2e-4, atol=2e-4)
