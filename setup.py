@@ -49,6 +49,8 @@ setup(
     entry_points={
         "console_scripts": [
             "llamathink-quickstart=llamathink.quickstart:main",
+            "llamathink-chat=llamathink.chat:main",
+            "llamathink-export-c=export_c.export:main",
         ]
     },
 )

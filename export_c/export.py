@@ -1,0 +1,427 @@
+"""Export a LlamaThink checkpoint (config.json + *.safetensors) to the binary read by run.c.
+
+Usage:
+    python -m export_c.export <model_dir_or_hub_id> <out.bin> [--dtype fp32|bf16|int8]
+                              [--group-size auto|N] [--tokenizer-out tokenizer.bin]
+                              [--tokenizer-src DIR] [--chat-marker KEY=VALUE ...]
+                              [--tokenizer-sentencepiece]
+
+The checkpoint is read tensor by tensor by NAME with the safetensors library; no PyTorch model
+is built.  Every tensor in the checkpoint must be used and every expected tensor must exist
+(anything else is an error naming the tensors).  The format is described in export_c/README.md
+and mirrored by model_init() in run.c.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import struct
+import sys
+
+import numpy as np
+
+MAGIC = 0x4B48544C  # b"LTHK" little-endian
+VERSION = 1
+HEADER_SIZE = 1024
+ALIGN = 64
+TYPES_OFFSET = 256
+MAX_LAYERS = 512
+DTYPES = {"fp32": 0, "bf16": 1, "int8": 2}
+MIXER_CODES = {"linear": 0, "csa": 1, "full": 2}
+GROUP_CANDIDATES = (64, 48, 32, 16)
+
+DEFAULTS = dict(
+    vocab_size=32000, hidden_size=576, intermediate_size=1536, num_hidden_layers=16,
+    num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=1024,
+    rope_theta=20000.0, partial_rotary_factor=0.5, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    bos_token_id=1, eos_token_id=2, mixer_types=["linear", "linear", "csa", "full"] * 4,
+    linear_num_key_heads=9, linear_num_value_heads=9, linear_key_head_dim=112,
+    linear_value_head_dim=112, linear_conv_kernel_dim=4, csa_stride=4, csa_window=64,
+    hyper_connections=True,
+)
+
+
+class ExportError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+def resolve_source(src: str) -> str:
+    """A local directory, or a Hugging Face hub id downloaded with huggingface_hub."""
+    if os.path.isdir(src):
+        return src
+    if os.path.exists(src):
+        raise ExportError(f"{src} is a file; pass the checkpoint directory")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover
+        raise ExportError(f"{src} is not a directory and huggingface_hub is unavailable") from e
+    return snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
+
+
+def load_config(d: str) -> dict:
+    path = os.path.join(d, "config.json")
+    if not os.path.exists(path):
+        raise ExportError(f"no config.json in {d}")
+    with open(path) as f:
+        raw = json.load(f)
+    cfg = dict(DEFAULTS)
+    cfg.update({k: v for k, v in raw.items() if k in DEFAULTS and v is not None})
+    if raw.get("head_dim") is None and "hidden_size" in raw and "num_attention_heads" in raw:
+        cfg["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
+    cfg["mixer_types"] = list(cfg["mixer_types"])
+    if len(cfg["mixer_types"]) != cfg["num_hidden_layers"]:
+        raise ExportError(f"mixer_types has {len(cfg['mixer_types'])} entries for "
+                          f"{cfg['num_hidden_layers']} layers")
+    bad = [t for t in cfg["mixer_types"] if t not in MIXER_CODES]
+    if bad:
+        raise ExportError(f"unknown mixer types {bad}")
+    if cfg["num_hidden_layers"] > MAX_LAYERS:
+        raise ExportError("too many layers for format version 1")
+    return cfg
+
+
+def _safetensor_files(d: str) -> list[str]:
+    idx = os.path.join(d, "model.safetensors.index.json")
+    if os.path.exists(idx):
+        with open(idx) as f:
+            wm = json.load(f)["weight_map"]
+        return sorted({os.path.join(d, v) for v in wm.values()})
+    files = sorted(glob.glob(os.path.join(d, "*.safetensors")))
+    if not files:
+        raise ExportError(f"no *.safetensors in {d}")
+    return files
+
+
+def load_tensors(d: str) -> dict[str, np.ndarray]:
+    """All tensors as float32 numpy arrays, by name (bf16 is converted exactly)."""
+    from safetensors import safe_open
+
+    try:
+        import torch  # noqa: F401
+        framework = "pt"
+    except ImportError:  # pragma: no cover
+        framework = "numpy"
+    out: dict[str, np.ndarray] = {}
+    for fn in _safetensor_files(d):
+        with safe_open(fn, framework=framework) as f:
+            for name in f.keys():
+                if name in out:
+                    raise ExportError(f"tensor {name} appears in more than one shard")
+                t = f.get_tensor(name)
+                if framework == "pt":
+                    t = t.float().numpy()
+                out[name] = np.ascontiguousarray(np.asarray(t, dtype=np.float32))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# layout (must match model_init() in run.c)
+# ---------------------------------------------------------------------------------------------
+def derived(cfg: dict) -> dict:
+    D = cfg["head_dim"]
+    return dict(
+        R=int(D * cfg["partial_rotary_factor"]),
+        C=2 * cfg["linear_num_key_heads"] * cfg["linear_key_head_dim"]
+        + cfg["linear_num_value_heads"] * cfg["linear_value_head_dim"],
+        VD=cfg["linear_num_value_heads"] * cfg["linear_value_head_dim"],
+        QD=cfg["num_attention_heads"] * D,
+        KV=cfg["num_key_value_heads"] * D,
+    )
+
+
+def layout(cfg: dict) -> list[tuple]:
+    """List of (kind, [tensor names], rows, cols).  kind 'vec' is always fp32 (rows=numel,
+    cols=None); kind 'mat' is a matmul weight in the file dtype, the named tensors concatenated
+    along rows (row-wise fusion)."""
+    H, I, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    d = derived(cfg)
+    Hv, D = cfg["linear_num_value_heads"], cfg["head_dim"]
+    K = cfg["linear_conv_kernel_dim"]
+    out = [("mat", ["model.embed_tokens.weight"], V, H), ("vec", ["model.norm.weight"], H, None)]
+    if not cfg["tie_word_embeddings"]:
+        out.append(("mat", ["lm_head.weight"], V, H))
+    for i, t in enumerate(cfg["mixer_types"]):
+        p = f"model.layers.{i}."
+        out += [("vec", [p + "input_layernorm.weight"], H, None),
+                ("vec", [p + "post_attention_layernorm.weight"], H, None)]
+        if cfg["hyper_connections"]:
+            for n in ("mixer_residual_scale", "mixer_sublayer_scale", "mlp_residual_scale",
+                      "mlp_sublayer_scale"):
+                out.append(("vec", [p + n], H, None))
+        m = p + "mixer."
+        if t == "linear":
+            out += [
+                ("mat", [m + "in_proj_qkv.weight", m + "in_proj_z.weight", m + "in_proj_b.weight",
+                         m + "in_proj_a.weight"], d["C"] + d["VD"] + 2 * Hv, H),
+                ("vec", [m + "conv1d.weight"], d["C"] * K, None),
+                ("vec", [m + "A_log"], Hv, None),
+                ("vec", [m + "dt_bias"], Hv, None),
+                ("vec", [m + "norm.weight"], cfg["linear_value_head_dim"], None),
+                ("mat", [m + "out_proj.weight"], H, d["VD"]),
+            ]
+        else:
+            names = [m + "q_proj.weight", m + "k_proj.weight", m + "v_proj.weight"]
+            rows = 2 * d["QD"] + 2 * d["KV"]
+            if t == "csa":
+                names.append(m + "blend_proj.weight")
+                rows += d["QD"]
+            out += [("mat", names, rows, H), ("vec", [m + "q_norm.weight"], D, None),
+                    ("vec", [m + "k_norm.weight"], D, None)]
+            if t == "csa":
+                out += [("mat", [m + "compress_k.weight"], d["KV"], d["KV"]),
+                        ("mat", [m + "compress_v.weight"], d["KV"], d["KV"])]
+            out.append(("mat", [m + "o_proj.weight"], H, d["QD"]))
+        out += [("mat", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], 2 * I, H),
+                ("mat", [p + "mlp.down_proj.weight"], H, I)]
+    return out
+
+
+def expected_shapes(cfg: dict) -> dict[str, tuple]:
+    H, I, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    d = derived(cfg)
+    Hv, D, K = cfg["linear_num_value_heads"], cfg["head_dim"], cfg["linear_conv_kernel_dim"]
+    s = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
+    if not cfg["tie_word_embeddings"]:
+        s["lm_head.weight"] = (V, H)
+    for i, t in enumerate(cfg["mixer_types"]):
+        p = f"model.layers.{i}."
+        s[p + "input_layernorm.weight"] = (H,)
+        s[p + "post_attention_layernorm.weight"] = (H,)
+        if cfg["hyper_connections"]:
+            for n in ("mixer_residual_scale", "mixer_sublayer_scale", "mlp_residual_scale",
+                      "mlp_sublayer_scale"):
+                s[p + n] = (H,)
+        s[p + "mlp.gate_proj.weight"] = (I, H)
+        s[p + "mlp.up_proj.weight"] = (I, H)
+        s[p + "mlp.down_proj.weight"] = (H, I)
+        m = p + "mixer."
+        if t == "linear":
+            s.update({m + "in_proj_qkv.weight": (d["C"], H), m + "in_proj_z.weight": (d["VD"], H),
+                      m + "in_proj_b.weight": (Hv, H), m + "in_proj_a.weight": (Hv, H),
+                      m + "conv1d.weight": (d["C"], 1, K), m + "A_log": (Hv,),
+                      m + "dt_bias": (Hv,), m + "norm.weight": (cfg["linear_value_head_dim"],),
+                      m + "out_proj.weight": (H, d["VD"])})
+        else:
+            s.update({m + "q_proj.weight": (2 * d["QD"], H), m + "k_proj.weight": (d["KV"], H),
+                      m + "v_proj.weight": (d["KV"], H), m + "o_proj.weight": (H, d["QD"]),
+                      m + "q_norm.weight": (D,), m + "k_norm.weight": (D,)})
+            if t == "csa":
+                s.update({m + "compress_k.weight": (d["KV"], d["KV"]),
+                          m + "compress_v.weight": (d["KV"], d["KV"]),
+                          m + "blend_proj.weight": (d["QD"], H)})
+    return s
+
+
+def check_tensors(cfg: dict, tensors: dict[str, np.ndarray]) -> None:
+    exp = expected_shapes(cfg)
+    missing = sorted(n for n in exp if n not in tensors)
+    unknown = sorted(n for n in tensors if n not in exp)
+    if cfg["tie_word_embeddings"] and "lm_head.weight" in unknown:
+        if np.array_equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")):
+            unknown.remove("lm_head.weight")  # a tied copy saved explicitly: harmless
+        else:
+            raise ExportError("tie_word_embeddings is true but lm_head.weight differs from "
+                              "model.embed_tokens.weight")
+    if missing or unknown:
+        msg = []
+        if missing:
+            msg.append("missing tensors: " + ", ".join(missing))
+        if unknown:
+            msg.append("unknown tensors: " + ", ".join(unknown))
+        raise ExportError("; ".join(msg))
+    bad = [f"{n}: {tuple(tensors[n].shape)} != {shp}" for n, shp in exp.items()
+           if tuple(tensors[n].shape) != shp]
+    if bad:
+        raise ExportError("shape mismatch: " + "; ".join(bad))
+
+
+def matmul_cols(cfg: dict) -> list[int]:
+    return sorted({c for kind, _, _, c in layout(cfg) if kind == "mat"})
+
+
+def pick_group_size(cfg: dict, requested: str | int = "auto") -> int:
+    cols = matmul_cols(cfg)
+    if requested != "auto":
+        g = int(requested)
+        if g <= 0 or g % 16:
+            raise ExportError(f"group size {g} must be a positive multiple of 16")
+        bad = [c for c in cols if c % g]
+        if bad:
+            raise ExportError(f"group size {g} does not divide row lengths {bad}")
+        return g
+    for g in GROUP_CANDIDATES:
+        if all(c % g == 0 for c in cols):
+            return g
+    raise ExportError(f"no int8 group size in {GROUP_CANDIDATES} divides every row length {cols}")
+
+
+# ---------------------------------------------------------------------------------------------
+# encoding
+# ---------------------------------------------------------------------------------------------
+def to_bf16_bits(w: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 with round-to-nearest-even (as torch does); returns uint16."""
+    u = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    nan = np.isnan(w)
+    out = r.astype(np.uint16)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def quantize_int8(w: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-group int8: groups of g consecutive values inside a row."""
+    rows, cols = w.shape
+    wg = w.reshape(rows, cols // g, g).astype(np.float32)
+    amax = np.abs(wg).max(axis=2)
+    scale = (amax / 127.0).astype(np.float32)
+    inv = np.where(scale > 0, 1.0 / np.where(scale > 0, scale, 1.0), 0.0).astype(np.float32)
+    q = np.clip(np.rint(wg * inv[:, :, None]), -127, 127).astype(np.int8)
+    return q.reshape(rows, cols), scale.reshape(-1)
+
+
+def dequantize_int8(q: np.ndarray, scale: np.ndarray, g: int) -> np.ndarray:
+    rows, cols = q.shape
+    return (q.reshape(rows, cols // g, g).astype(np.float32)
+            * scale.reshape(rows, cols // g, 1)).reshape(rows, cols)
+
+
+def mat_kc(dtype: str, cols: int, group: int) -> int:
+    """Chunk length of the packed matrix layout (must match mat_kc() in run.c)."""
+    if dtype == "int8":
+        return group
+    if dtype == "bf16" and cols % 32 == 0:
+        return 32
+    for kc in (16, 8):
+        if cols % kc == 0:
+            return kc
+    return cols
+
+
+def pack_blocks(a: np.ndarray, kc: int) -> np.ndarray:
+    """Packed layout of a [rows, cols] matrix: blocks of 4 rows; inside a block, chunks of kc
+    columns, the block's rows one after another inside each chunk (see README / pk_off)."""
+    rows, cols = a.shape
+    nb, nr = rows // 4, rows % 4
+    parts = []
+    if nb:
+        parts.append(a[:nb * 4].reshape(nb, 4, cols // kc, kc).transpose(0, 2, 1, 3).reshape(-1))
+    if nr:
+        parts.append(a[nb * 4:].reshape(1, nr, cols // kc, kc).transpose(0, 2, 1, 3).reshape(-1))
+    return np.ascontiguousarray(np.concatenate(parts))
+
+
+def unpack_blocks(flat: np.ndarray, rows: int, cols: int, kc: int) -> np.ndarray:
+    out = np.empty((rows, cols), dtype=flat.dtype)
+    nb, nr = rows // 4, rows % 4
+    if nb:
+        out[:nb * 4] = flat[:nb * 4 * cols].reshape(nb, cols // kc, 4, kc).transpose(0, 2, 1, 3).reshape(nb * 4, cols)
+    if nr:
+        out[nb * 4:] = flat[nb * 4 * cols:].reshape(1, cols // kc, nr, kc).transpose(0, 2, 1, 3).reshape(nr, cols)
+    return out
+
+
+def header_bytes(cfg: dict, dtype: str, group: int, n_tensors: int, file_size: int) -> bytes:
+    d = derived(cfg)
+    h = bytearray(HEADER_SIZE)
+    struct.pack_into("<6I", h, 0, MAGIC, VERSION, HEADER_SIZE, DTYPES[dtype], group, ALIGN)
+    struct.pack_into("<Q", h, 24, file_size)
+    ints = [cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"],
+            cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
+            cfg["head_dim"], cfg["max_position_embeddings"], d["R"], cfg["linear_num_key_heads"],
+            cfg["linear_num_value_heads"], cfg["linear_key_head_dim"],
+            cfg["linear_value_head_dim"], cfg["linear_conv_kernel_dim"], cfg["csa_stride"],
+            cfg["csa_window"], int(bool(cfg["hyper_connections"])),
+            int(bool(cfg["tie_word_embeddings"])),
+            -1 if cfg["bos_token_id"] is None else cfg["bos_token_id"],
+            -1 if cfg["eos_token_id"] is None else cfg["eos_token_id"]]
+    struct.pack_into("<20i", h, 32, *ints)
+    struct.pack_into("<I", h, 112, n_tensors)
+    struct.pack_into("<3d", h, 120, float(cfg["rope_theta"]), float(cfg["partial_rotary_factor"]),
+                     float(cfg["rms_norm_eps"]))
+    for i, t in enumerate(cfg["mixer_types"]):
+        h[TYPES_OFFSET + i] = MIXER_CODES[t]
+    return bytes(h)
+
+
+def export(src: str, out_path: str, dtype: str = "fp32", group_size="auto", verbose=True) -> dict:
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype}")
+    d = resolve_source(src)
+    cfg = load_config(d)
+    tensors = load_tensors(d)
+    check_tensors(cfg, tensors)
+    group = pick_group_size(cfg, group_size) if dtype == "int8" else 0
+    entries = layout(cfg)
+    tmp = out_path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(b"\0" * HEADER_SIZE)
+
+        def pad():
+            f.write(b"\0" * (-f.tell() % ALIGN))
+
+        for kind, names, rows, cols in entries:
+            if kind == "vec":
+                pad()
+                f.write(tensors[names[0]].reshape(-1).astype("<f4").tobytes())
+                continue
+            w = np.concatenate([tensors[n].reshape(-1, cols) for n in names], axis=0)
+            assert w.shape == (rows, cols), (names, w.shape, rows, cols)
+            pad()
+            kc = mat_kc(dtype, cols, group)
+            if dtype == "fp32":
+                f.write(pack_blocks(w.astype("<f4"), kc).tobytes())
+            elif dtype == "bf16":
+                f.write(pack_blocks(to_bf16_bits(w).astype("<u2"), kc).tobytes())
+            else:
+                q, s = quantize_int8(w, group)
+                f.write(pack_blocks(q, kc).tobytes())
+                pad()
+                f.write(pack_blocks(s.reshape(rows, cols // group).astype("<f4"), 1).tobytes())
+        size = f.tell()
+        f.seek(0)
+        f.write(header_bytes(cfg, dtype, group, len(entries), size))
+    os.replace(tmp, out_path)
+    if verbose:
+        print(f"wrote {out_path}: {dtype}, group {group}, {len(entries)} tensors, {size} bytes",
+              file=sys.stderr)
+    return dict(config=cfg, group_size=group, n_tensors=len(entries), size=size, dir=d)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m export_c.export", description=__doc__.split("\n")[0])
+    ap.add_argument("src", help="checkpoint directory (config.json + *.safetensors) or hub id")
+    ap.add_argument("out", help="output model .bin")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    ap.add_argument("--group-size", default="auto", help="int8 group size (auto: largest of "
+                    f"{GROUP_CANDIDATES} dividing every row length)")
+    ap.add_argument("--tokenizer-out", help="also write tokenizer.bin here")
+    ap.add_argument("--tokenizer-src", help="tokenizer directory (default: the checkpoint dir)")
+    ap.add_argument("--chat-marker", action="append", default=[], metavar="KEY=VALUE",
+                    help="chat-template marker stored in tokenizer.bin (repeatable)")
+    ap.add_argument("--tokenizer-sentencepiece", action="store_true",
+                    help="tokenizer.model source: SentencePiece's own rules instead of "
+                    "transformers' LlamaTokenizer's (see export_c/README.md)")
+    a = ap.parse_args(argv)
+    try:
+        info = export(a.src, a.out, a.dtype, a.group_size)
+        if a.tokenizer_out:
+            from .tokenizer_export import export_tokenizer, parse_markers
+            export_tokenizer(a.tokenizer_src or info["dir"], a.tokenizer_out,
+                             parse_markers(a.chat_marker), a.tokenizer_sentencepiece)
+    except Exception as e:  # ExportError, TokenizerExportError, I/O errors
+        if not isinstance(e, (ExportError, OSError, ValueError)) and \
+                type(e).__name__ != "TokenizerExportError":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2046 @@
+/*
+ * run.c -- one-file C inference for LlamaThink (Gated DeltaNet + CSA + gated full attention,
+ * hyper-connections, SwiGLU, partial RoPE), reading the binary written by export_c/export.py.
+ *
+ * Build (either):
+ *   make -C export_c                                  (OpenMP, -O3 -march=native)
+ *   cc -O3 -march=native -o run run.c -lm             (single thread)
+ *   cc -O3 -march=native -fopenmp -o run run.c -lm    (OpenMP threads)
+ * Only libc and libm are needed. SIMD paths are chosen at compile time from __AVX512F__ /
+ * __AVX2__ (+ __AVX512VNNI__ / __AVXVNNI__ for int8); anything else uses portable scalar C.
+ *
+ * Usage: see usage() below or export_c/README.md. File format: export_c/README.md.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define LT_AVX2 1
+#endif
+#if defined(__AVX512F__)
+#define LT_AVX512 1
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* File format constants (keep in sync with export_c/export.py)                               */
+/* ------------------------------------------------------------------------------------------ */
+#define LT_MAGIC 0x4B48544Cu /* bytes "LTHK" */
+#define LT_VERSION 1u
+#define LT_HEADER_SIZE 1024u
+#define LT_ALIGN 64u
+#define LT_MAX_LAYERS 512
+#define LT_TYPES_OFFSET 256
+
+#define TK_MAGIC 0x4B54544Cu /* bytes "LTTK" */
+#define TK_VERSION 1u
+#define TK_HEADER_SIZE 64u
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_I8 = 2 };
+enum { MIX_LINEAR = 0, MIX_CSA = 1, MIX_FULL = 2 };
+
+typedef struct {
+    int dtype, rows, cols, gs, kc; /* kc: chunk length of the packed layout (see pk_off) */
+    const void *w;  /* float / uint16 (bf16) / int8 */
+    const float *s; /* int8 group scales, rows*cols/gs */
+} Mat;
+
+typedef struct {
+    int type;
+    const float *in_ln, *post_ln;         /* raw (1+w) applied at use via precomputed copies */
+    float *in_ln1, *post_ln1;             /* 1 + w */
+    float *mix_r1, *mix_s1, *mlp_r1, *mlp_s1; /* 1 + scale (hyper-connections) */
+    Mat w_in;                             /* fused input projection of the mixer */
+    Mat w_out;                            /* out_proj / o_proj */
+    Mat w_gu, w_down;                     /* MLP: [gate; up], down */
+    /* linear (Gated DeltaNet) */
+    const float *conv_w;                  /* [C, K] */
+    float *neg_exp_a;                     /* -exp(A_log) [Hv] */
+    const float *dt_bias;                 /* [Hv] */
+    const float *gnorm;                   /* [Dv] (plain weight) */
+    /* attention */
+    float *q_norm1, *k_norm1;             /* 1 + w, [D] */
+    Mat w_ck, w_cv;                       /* CSA compress_k / compress_v */
+} Layer;
+
+typedef struct {
+    /* hyperparameters */
+    int dtype, gs, vocab, dim, inter, n_layers, n_heads, n_kv, head_dim, max_pos, rope_dim;
+    int lk_heads, lv_heads, lk_dim, lv_dim, conv_k, csa_stride, csa_window, hyper, tied, bos, eos;
+    double rope_theta, rope_frac, eps;
+    uint8_t types[LT_MAX_LAYERS];
+    /* derived sizes */
+    int lin_c;     /* 2*Hk*Dk + Hv*Dv */
+    int q_dim;     /* Hq*D */
+    int kv_dim;    /* Hkv*D */
+    int n_lin, n_csa, n_full;
+    /* weights */
+    Mat embed, lm_head;
+    const float *final_norm;
+    float *final_norm1;
+    Layer *layers;
+    /* file mapping */
+    const uint8_t *data;
+    size_t size;
+    int mapped;
+} Model;
+
+/* ------------------------------------------------------------------------------------------ */
+/* small helpers                                                                               */
+/* ------------------------------------------------------------------------------------------ */
+static void set_err(char *err, size_t n, const char *fmt, const char *a, long long v) {
+    if (err && n) snprintf(err, n, fmt, a, v);
+}
+static uint32_t rd_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static int32_t rd_i32(const uint8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+static uint64_t rd_u64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static double rd_f64(const uint8_t *p) { double v; memcpy(&v, p, 8); return v; }
+static float rd_f32(const uint8_t *p) { float v; memcpy(&v, p, 4); return v; }
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static int n_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+static int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+static inline float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
+static inline float siluf_(float x) { return x / (1.0f + expf(-x)); }
+static inline float softplusf_(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+/* ------------------------------------------------------------------------------------------ */
+/* model loading with full validation (never reads outside [data, data+size))                 */
+/* ------------------------------------------------------------------------------------------ */
+typedef struct {
+    const uint8_t *data;
+    uint64_t size, off;
+    int count;
+    char *err;
+    size_t errn;
+} Cursor;
+
+/* Reserve nbytes at the next aligned offset; returns NULL (and sets err) if out of bounds. */
+static const void *take(Cursor *c, uint64_t nbytes, const char *what) {
+    uint64_t off = (c->off + (LT_ALIGN - 1)) & ~(uint64_t)(LT_ALIGN - 1);
+    if (off < c->off || off > c->size || nbytes > c->size - off) {
+        set_err(c->err, c->errn, "tensor '%s' (%lld bytes) runs past the end of the file", what,
+                (long long)nbytes);
+        return NULL;
+    }
+    c->off = off + nbytes;
+    return c->data + off;
+}
+
+static int take_vec(Cursor *c, const float **out, int n, const char *what) {
+    c->count++;
+    *out = (const float *)take(c, (uint64_t)n * 4u, what);
+    return *out ? 0 : -1;
+}
+
+/* chunk length of the packed layout: int8 -> the group size; bf16 -> 32, 16 or 8; fp32 -> 16
+ * or 8 (the first that divides the row length), else the whole row (plain row-major blocks). */
+static int mat_kc(int dtype, int cols, int gs) {
+    if (dtype == DT_I8) return gs;
+    if (dtype == DT_BF16 && cols % 32 == 0) return 32;
+    if (cols % 16 == 0) return 16;
+    if (cols % 8 == 0) return 8;
+    return cols;
+}
+
+static int take_mat(Cursor *c, const Model *m, Mat *out, int rows, int cols, const char *what) {
+    out->dtype = m->dtype;
+    out->rows = rows;
+    out->cols = cols;
+    out->gs = m->gs;
+    out->kc = mat_kc(m->dtype, cols, m->gs);
+    out->s = NULL;
+    uint64_t n = (uint64_t)rows * (uint64_t)cols;
+    c->count++;
+    if (m->dtype == DT_F32) {
+        out->w = take(c, n * 4u, what);
+    } else if (m->dtype == DT_BF16) {
+        out->w = take(c, n * 2u, what);
+    } else {
+        out->w = take(c, n, what);
+        if (!out->w) return -1;
+        out->s = (const float *)take(c, (n / (uint64_t)m->gs) * 4u, what);
+        if (!out->s) return -1;
+    }
+    return out->w ? 0 : -1;
+}
+
+static float *ones_plus(const float *w, int n) {
+    float *o = (float *)malloc((size_t)n * sizeof(float));
+    if (!o) return NULL;
+    for (int i = 0; i < n; i++) o[i] = 1.0f + rd_f32((const uint8_t *)(w + i));
+    return o;
+}
+
+static void free_model(Model *m) {
+    if (m->layers) {
+        for (int l = 0; l < m->n_layers; l++) {
+            Layer *L = &m->layers[l];
+            free(L->in_ln1); free(L->post_ln1);
+            free(L->mix_r1); free(L->mix_s1); free(L->mlp_r1); free(L->mlp_s1);
+            free(L->neg_exp_a); free(L->q_norm1); free(L->k_norm1);
+        }
+        free(m->layers);
+        m->layers = NULL;
+    }
+    free(m->final_norm1);
+    m->final_norm1 = NULL;
+}
+
+#define CHECK_RANGE(name, v, lo, hi)                                                       \
+    do {                                                                                   \
+        if ((long long)(v) < (long long)(lo) || (long long)(v) > (long long)(hi)) {         \
+            set_err(err, errn, "header field %s out of range: %lld", name, (long long)(v)); \
+            return -1;                                                                     \
+        }                                                                                  \
+    } while (0)
+
+/* Parse and validate a model image. Returns 0 on success, -1 with a message in err. */
+static int model_init(Model *m, const uint8_t *data, size_t size, char *err, size_t errn) {
+    memset(m, 0, sizeof(*m));
+    m->data = data;
+    m->size = size;
+    if (size < LT_HEADER_SIZE) {
+        set_err(err, errn, "%s: file too small (%lld bytes)", "model", (long long)size);
+        return -1;
+    }
+    if (rd_u32(data) != LT_MAGIC) {
+        set_err(err, errn, "%s: bad magic 0x%llx (not a LlamaThink C model file)", "model",
+                (long long)rd_u32(data));
+        return -1;
+    }
+    if (rd_u32(data + 4) != LT_VERSION) {
+        set_err(err, errn, "%s: unsupported format version %lld", "model", (long long)rd_u32(data + 4));
+        return -1;
+    }
+    if (rd_u32(data + 8) != LT_HEADER_SIZE) {
+        set_err(err, errn, "%s: bad header size %lld", "model", (long long)rd_u32(data + 8));
+        return -1;
+    }
+    if (rd_u32(data + 20) != LT_ALIGN) {
+        set_err(err, errn, "%s: bad alignment %lld", "model", (long long)rd_u32(data + 20));
+        return -1;
+    }
+    if (rd_u64(data + 24) != (uint64_t)size) {
+        set_err(err, errn, "%s: file size mismatch (header says %lld; truncated or padded file)",
+                "model", (long long)rd_u64(data + 24));
+        return -1;
+    }
+    m->dtype = (int)rd_u32(data + 12);
+    m->gs = (int)rd_u32(data + 16);
+    m->vocab = rd_i32(data + 32);
+    m->dim = rd_i32(data + 36);
+    m->inter = rd_i32(data + 40);
+    m->n_layers = rd_i32(data + 44);
+    m->n_heads = rd_i32(data + 48);
+    m->n_kv = rd_i32(data + 52);
+    m->head_dim = rd_i32(data + 56);
+    m->max_pos = rd_i32(data + 60);
+    m->rope_dim = rd_i32(data + 64);
+    m->lk_heads = rd_i32(data + 68);
+    m->lv_heads = rd_i32(data + 72);
+    m->lk_dim = rd_i32(data + 76);
+    m->lv_dim = rd_i32(data + 80);
+    m->conv_k = rd_i32(data + 84);
+    m->csa_stride = rd_i32(data + 88);
+    m->csa_window = rd_i32(data + 92);
+    m->hyper = rd_i32(data + 96);
+    m->tied = rd_i32(data + 100);
+    m->bos = rd_i32(data + 104);
+    m->eos = rd_i32(data + 108);
+    uint32_t n_tensors = rd_u32(data + 112);
+    m->rope_theta = rd_f64(data + 120);
+    m->rope_frac = rd_f64(data + 128);
+    m->eps = rd_f64(data + 136);
+
+    CHECK_RANGE("dtype", m->dtype, 0, 2);
+    CHECK_RANGE("vocab_size", m->vocab, 1, 1 << 22);
+    CHECK_RANGE("hidden_size", m->dim, 1, 1 << 16);
+    CHECK_RANGE("intermediate_size", m->inter, 1, 1 << 18);
+    CHECK_RANGE("num_hidden_layers", m->n_layers, 1, LT_MAX_LAYERS);
+    CHECK_RANGE("num_attention_heads", m->n_heads, 1, 4096);
+    CHECK_RANGE("num_key_value_heads", m->n_kv, 1, m->n_heads);
+    CHECK_RANGE("head_dim", m->head_dim, 1, 4096);
+    CHECK_RANGE("max_position_embeddings", m->max_pos, 1, 1 << 20);
+    CHECK_RANGE("rope_dim", m->rope_dim, 0, m->head_dim);
+    CHECK_RANGE("linear_num_key_heads", m->lk_heads, 1, 4096);
+    CHECK_RANGE("linear_num_value_heads", m->lv_heads, 1, 4096);
+    CHECK_RANGE("linear_key_head_dim", m->lk_dim, 1, 4096);
+    CHECK_RANGE("linear_value_head_dim", m->lv_dim, 1, 4096);
+    CHECK_RANGE("linear_conv_kernel_dim", m->conv_k, 1, 64);
+    CHECK_RANGE("csa_stride", m->csa_stride, 1, 1 << 16);
+    CHECK_RANGE("csa_window", m->csa_window, 1, 1 << 20);
+    CHECK_RANGE("hyper_connections", m->hyper, 0, 1);
+    CHECK_RANGE("tie_word_embeddings", m->tied, 0, 1);
+    CHECK_RANGE("bos_token_id", m->bos, -1, m->vocab - 1);
+    CHECK_RANGE("eos_token_id", m->eos, -1, m->vocab - 1);
+    if (m->rope_dim % 2) { set_err(err, errn, "%s: rope_dim %lld is odd", "model", m->rope_dim); return -1; }
+    if (m->n_heads % m->n_kv) { set_err(err, errn, "%s: heads %lld not a multiple of kv heads", "model", m->n_heads); return -1; }
+    if (m->lv_heads % m->lk_heads) { set_err(err, errn, "%s: linear value heads %lld not a multiple of key heads", "model", m->lv_heads); return -1; }
+    if (!(m->eps > 0 && m->eps < 1)) { set_err(err, errn, "%s: bad rms_norm_eps (%lld)", "model", 0); return -1; }
+    if (!(m->rope_theta > 0 && m->rope_theta < 1e12)) { set_err(err, errn, "%s: bad rope_theta (%lld)", "model", 0); return -1; }
+    m->lin_c = 2 * m->lk_heads * m->lk_dim + m->lv_heads * m->lv_dim;
+    m->q_dim = m->n_heads * m->head_dim;
+    m->kv_dim = m->n_kv * m->head_dim;
+    CHECK_RANGE("linear width", m->lin_c, 1, 1 << 20);
+    CHECK_RANGE("query width", m->q_dim, 1, 1 << 20);
+    for (int l = 0; l < m->n_layers; l++) {
+        m->types[l] = data[LT_TYPES_OFFSET + l];
+        if (m->types[l] > 2) { set_err(err, errn, "%s: bad mixer type for layer %lld", "model", l); return -1; }
+        m->n_lin += m->types[l] == MIX_LINEAR;
+        m->n_csa += m->types[l] == MIX_CSA;
+        m->n_full += m->types[l] == MIX_FULL;
+    }
+    if (m->dtype == DT_I8) {
+        int g = m->gs;
+        int bad = g < 16 || g > 4096 || g % 16 || m->dim % g || m->inter % g;
+        if (!bad && m->n_lin && (m->lv_heads * m->lv_dim) % g) bad = 1;
+        if (!bad && (m->n_csa || m->n_full) && m->q_dim % g) bad = 1;
+        if (!bad && m->n_csa && m->kv_dim % g) bad = 1;
+        if (bad) { set_err(err, errn, "%s: int8 group size %lld does not divide every row", "model", g); return -1; }
+    } else if (m->gs != 0) {
+        set_err(err, errn, "%s: group size %lld given for a non-int8 file", "model", m->gs);
+        return -1;
+    }
+
+    Cursor c = {data, (uint64_t)size, LT_HEADER_SIZE, 0, err, errn};
+    const float *fn;
+    m->layers = (Layer *)calloc((size_t)m->n_layers, sizeof(Layer));
+    if (!m->layers) { set_err(err, errn, "%s: out of memory (%lld layers)", "model", m->n_layers); return -1; }
+    if (take_mat(&c, m, &m->embed, m->vocab, m->dim, "model.embed_tokens.weight")) goto fail;
+    if (take_vec(&c, &fn, m->dim, "model.norm.weight")) goto fail;
+    m->final_norm = fn;
+    if (!m->tied) {
+        if (take_mat(&c, m, &m->lm_head, m->vocab, m->dim, "lm_head.weight")) goto fail;
+    } else {
+        m->lm_head = m->embed;
+    }
+    const int H = m->dim, Hv = m->lv_heads, VD = m->lv_heads * m->lv_dim;
+    for (int l = 0; l < m->n_layers; l++) {
+        Layer *L = &m->layers[l];
+        L->type = m->types[l];
+        const float *v;
+        if (take_vec(&c, &L->in_ln, H, "input_layernorm")) goto fail;
+        if (take_vec(&c, &L->post_ln, H, "post_attention_layernorm")) goto fail;
+        if (m->hyper) {
+            if (take_vec(&c, &v, H, "mixer_residual_scale")) goto fail;
+            if (!(L->mix_r1 = ones_plus(v, H))) goto oom;
+            if (take_vec(&c, &v, H, "mixer_sublayer_scale")) goto fail;
+            if (!(L->mix_s1 = ones_plus(v, H))) goto oom;
+            if (take_vec(&c, &v, H, "mlp_residual_scale")) goto fail;
+            if (!(L->mlp_r1 = ones_plus(v, H))) goto oom;
+            if (take_vec(&c, &v, H, "mlp_sublayer_scale")) goto fail;
+            if (!(L->mlp_s1 = ones_plus(v, H))) goto oom;
+        }
+        if (!(L->in_ln1 = ones_plus(L->in_ln, H)) || !(L->post_ln1 = ones_plus(L->post_ln, H))) goto oom;
+        if (L->type == MIX_LINEAR) {
+            if (take_mat(&c, m, &L->w_in, m->lin_c + VD + 2 * Hv, H, "mixer.in_proj_[qkv|z|b|a]")) goto fail;
+            if (take_vec(&c, &L->conv_w, m->lin_c * m->conv_k, "mixer.conv1d.weight")) goto fail;
+            if (take_vec(&c, &v, Hv, "mixer.A_log")) goto fail;
+            if (!(L->neg_exp_a = (float *)malloc((size_t)Hv * 4))) goto oom;
+            for (int i = 0; i < Hv; i++) L->neg_exp_a[i] = -expf(v[i]);
+            if (take_vec(&c, &L->dt_bias, Hv, "mixer.dt_bias")) goto fail;
+            if (take_vec(&c, &L->gnorm, m->lv_dim, "mixer.norm.weight")) goto fail;
+            if (take_mat(&c, m, &L->w_out, H, VD, "mixer.out_proj.weight")) goto fail;
+        } else {
+            int rows = 2 * m->q_dim + 2 * m->kv_dim + (L->type == MIX_CSA ? m->q_dim : 0);
+            if (take_mat(&c, m, &L->w_in, rows, H, "mixer.[q|k|v(|blend)]_proj")) goto fail;
+            if (take_vec(&c, &v, m->head_dim, "mixer.q_norm.weight")) goto fail;
+            if (!(L->q_norm1 = ones_plus(v, m->head_dim))) goto oom;
+            if (take_vec(&c, &v, m->head_dim, "mixer.k_norm.weight")) goto fail;
+            if (!(L->k_norm1 = ones_plus(v, m->head_dim))) goto oom;
+            if (L->type == MIX_CSA) {
+                if (take_mat(&c, m, &L->w_ck, m->kv_dim, m->kv_dim, "mixer.compress_k.weight")) goto fail;
+                if (take_mat(&c, m, &L->w_cv, m->kv_dim, m->kv_dim, "mixer.compress_v.weight")) goto fail;
+            }
+            if (take_mat(&c, m, &L->w_out, H, m->q_dim, "mixer.o_proj.weight")) goto fail;
+        }
+        if (take_mat(&c, m, &L->w_gu, 2 * m->inter, H, "mlp.[gate|up]_proj.weight")) goto fail;
+        if (take_mat(&c, m, &L->w_down, H, m->inter, "mlp.down_proj.weight")) goto fail;
+    }
+    if (!(m->final_norm1 = ones_plus(m->final_norm, H))) goto oom;
+    if ((uint32_t)c.count != n_tensors) {
+        set_err(err, errn, "%s: tensor count mismatch (file says %lld)", "model", (long long)n_tensors);
+        goto fail_nomsg;
+    }
+    if (c.off != (uint64_t)size) {
+        set_err(err, errn, "%s: %lld trailing bytes after the last tensor", "model", (long long)(size - c.off));
+        goto fail_nomsg;
+    }
+    return 0;
+oom:
+    set_err(err, errn, "%s: out of memory%lld", "model", 0);
+fail:
+fail_nomsg:
+    free_model(m);
+    return -1;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* SIMD kernels                                                                                */
+/* ------------------------------------------------------------------------------------------ */
+#ifdef LT_AVX2
+static inline float hsum8(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+static inline __m256 bf16x8(const uint16_t *p) {
+    __m128i r = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(r), 16));
+}
+/* acc += sum over groups of 4 of (w*x), int8 x int8 (sign trick so that u8 x s8 works) */
+static inline __m256i dp_i8_256(__m256i acc, __m256i w, __m256i x) {
+    __m256i aw = _mm256_sign_epi8(w, w), sx = _mm256_sign_epi8(x, w);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, aw, sx);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, aw, sx);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1)));
+#endif
+}
+static inline __m128i dp_i8_128(__m128i acc, __m128i w, __m128i x) {
+    __m128i aw = _mm_sign_epi8(w, w), sx = _mm_sign_epi8(x, w);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm_dpbusd_epi32(acc, aw, sx);
+#elif defined(__AVXVNNI__)
+    return _mm_dpbusd_avx_epi32(acc, aw, sx);
+#else
+    return _mm_add_epi32(acc, _mm_madd_epi16(_mm_maddubs_epi16(aw, sx), _mm_set1_epi16(1)));
+#endif
+}
+#endif
+#ifdef LT_AVX512
+static inline __m512 bf16x16(const uint16_t *p) {
+    __m256i r = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(r), 16));
+}
+#endif
+
+static inline float dotf(const float *a, const float *b, int n) {
+    int i = 0;
+    float s = 0.0f;
+#if defined(LT_AVX512)
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    s = _mm512_reduce_add_ps(acc);
+#elif defined(LT_AVX2)
+    __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+        acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc2);
+    }
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    s = hsum8(_mm256_add_ps(acc, acc2));
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+static inline void axpyf(float *y, float a, const float *x, int n) {
+    for (int i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+/* --- vectorised exp / sigmoid / silu (SwiGLU, gates, conv) -------------------------------- */
+#if defined(LT_AVX2)
+/* exp(x) for AVX2 lanes: Cody-Waite range reduction + degree-6 Taylor polynomial (|rel err| <
+ * 2e-7 on the clamped range [-87, 88]) */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+static inline __m256 sigmoid8(__m256 x) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+#endif
+/* y[i] = sigmoid(x[i]) */
+static void vsigmoid(float *y, const float *x, int n) {
+    int i = 0;
+#if defined(LT_AVX2)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, sigmoid8(_mm256_loadu_ps(x + i)));
+#endif
+    for (; i < n; i++) y[i] = sigmoidf_(x[i]);
+}
+/* y[i] = silu(x[i]) * (m ? m[i] : 1) */
+static void vsilu_mul(float *y, const float *x, const float *m, int n) {
+    int i = 0;
+#if defined(LT_AVX2)
+    for (; i + 8 <= n; i += 8) {
+        __m256 xv = _mm256_loadu_ps(x + i), v = _mm256_mul_ps(xv, sigmoid8(xv));
+        if (m) v = _mm256_mul_ps(v, _mm256_loadu_ps(m + i));
+        _mm256_storeu_ps(y + i, v);
+    }
+#endif
+    for (; i < n; i++) y[i] = siluf_(x[i]) * (m ? m[i] : 1.0f);
+}
+
+/* --- packed matrix layout ---------------------------------------------------------------
+ * Rows are grouped in blocks of 4 (the last block may hold fewer, nr).  Inside a block the row
+ * length is cut into chunks of kc elements and stored chunk by chunk, the block's rows one after
+ * the other inside a chunk:  element (r, k) with b = r/4, rr = r%4, c = k/kc, kk = k%kc is at
+ *     b*4*cols + c*nr*kc + rr*kc + kk.
+ * A 4-row matrix-vector kernel then reads one sequential stream (the hardware prefetcher's
+ * favourite), instead of 4 interleaved ones.  int8 group scales use the same order with kc = 1
+ * per group: scale (r, g) is at b*4*ng + g*nr + rr.  kc: see mat_kc(). */
+static inline size_t pk_off(int n, int kc, int nr, int b, int rr, int c) {
+    return (size_t)b * 4 * n + (size_t)c * nr * kc + (size_t)rr * kc;
+}
+#define LT_PF_BYTES 2048 /* software prefetch distance of the decode kernels */
+static inline void prefetch_span(const void *p, int bytes) {
+#if defined(LT_AVX2) || defined(LT_AVX512)
+    for (int o = 0; o < bytes; o += 64) _mm_prefetch((const char *)p + LT_PF_BYTES + o, _MM_HINT_T0);
+#else
+    (void)p; (void)bytes;
+#endif
+}
+
+/* generic (scalar) block kernel, any dtype / kc / nr: y[rr] = row(4b+rr) . x */
+static void mv_block_scalar(const Mat *W, int b, int nr, const float *x, const int8_t *xq, const float *xs, float *y) {
+    const int n = W->cols, kc = W->kc, nc = n / kc;
+    for (int rr = 0; rr < nr; rr++) {
+        float acc = 0.0f;
+        if (W->dtype == DT_I8) {
+            const int G = W->gs, ng = n / G;
+            const int8_t *w = (const int8_t *)W->w;
+            for (int g = 0; g < ng; g++) {
+                const int8_t *p = w + pk_off(n, G, nr, b, rr, g);
+                int32_t ia = 0;
+                for (int k = 0; k < G; k++) ia += (int32_t)p[k] * (int32_t)xq[g * G + k];
+                acc += (float)ia * (W->s[(size_t)b * 4 * ng + (size_t)g * nr + rr] * xs[g]);
+            }
+        } else {
+            for (int c = 0; c < nc; c++) {
+                const size_t off = pk_off(n, kc, nr, b, rr, c);
+                const float *xc = x + (size_t)c * kc;
+                if (W->dtype == DT_F32) {
+                    const float *p = (const float *)W->w + off;
+                    for (int k = 0; k < kc; k++) acc += p[k] * xc[k];
+                } else {
+                    const uint16_t *p = (const uint16_t *)W->w + off;
+                    for (int k = 0; k < kc; k++) acc += bf16_to_f32(p[k]) * xc[k];
+                }
+            }
+        }
+        y[rr] = acc;
+    }
+}
+
+/* fp32, full block of 4 rows */
+static void mv_f32_block(const Mat *W, int b, const float *x, float *y) {
+    const int n = W->cols, kc = W->kc, nc = n / kc;
+    const float *base = (const float *)W->w + (size_t)b * 4 * n;
+#if defined(LT_AVX512)
+    if (kc % 16 == 0) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int c = 0; c < nc; c++) {
+            const float *p = base + (size_t)c * 4 * kc, *xc = x + (size_t)c * kc;
+            prefetch_span(p, 16 * kc);
+            for (int k = 0; k < kc; k += 16) {
+                __m512 xv = _mm512_loadu_ps(xc + k);
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(p + k), xv, a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(p + kc + k), xv, a1);
+                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(p + 2 * kc + k), xv, a2);
+                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(p + 3 * kc + k), xv, a3);
+            }
+        }
+        y[0] = _mm512_reduce_add_ps(a0); y[1] = _mm512_reduce_add_ps(a1);
+        y[2] = _mm512_reduce_add_ps(a2); y[3] = _mm512_reduce_add_ps(a3);
+        return;
+    }
+#endif
+#if defined(LT_AVX2)
+    if (kc % 8 == 0) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int c = 0; c < nc; c++) {
+            const float *p = base + (size_t)c * 4 * kc, *xc = x + (size_t)c * kc;
+            prefetch_span(p, 16 * kc);
+            for (int k = 0; k < kc; k += 8) {
+                __m256 xv = _mm256_loadu_ps(xc + k);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(p + k), xv, a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(p + kc + k), xv, a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(p + 2 * kc + k), xv, a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(p + 3 * kc + k), xv, a3);
+            }
+        }
+        y[0] = hsum8(a0); y[1] = hsum8(a1); y[2] = hsum8(a2); y[3] = hsum8(a3);
+        return;
+    }
+#endif
+    mv_block_scalar(W, b, 4, x, NULL, NULL, y);
+}
+
+/* bf16 weights, fp32 activations, full block */
+static void mv_bf16_block(const Mat *W, int b, const float *x, float *y) {
+    const int n = W->cols, kc = W->kc, nc = n / kc;
+    const uint16_t *base = (const uint16_t *)W->w + (size_t)b * 4 * n;
+#if defined(LT_AVX512)
+    if (kc % 16 == 0) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int c = 0; c < nc; c++) {
+            const uint16_t *p = base + (size_t)c * 4 * kc;
+            const float *xc = x + (size_t)c * kc;
+            prefetch_span(p, 8 * kc);
+            for (int k = 0; k < kc; k += 16) {
+                __m512 xv = _mm512_loadu_ps(xc + k);
+                a0 = _mm512_fmadd_ps(bf16x16(p + k), xv, a0);
+                a1 = _mm512_fmadd_ps(bf16x16(p + kc + k), xv, a1);
+                a2 = _mm512_fmadd_ps(bf16x16(p + 2 * kc + k), xv, a2);
+                a3 = _mm512_fmadd_ps(bf16x16(p + 3 * kc + k), xv, a3);
+            }
+        }
+        y[0] = _mm512_reduce_add_ps(a0); y[1] = _mm512_reduce_add_ps(a1);
+        y[2] = _mm512_reduce_add_ps(a2); y[3] = _mm512_reduce_add_ps(a3);
+        return;
+    }
+#endif
+#if defined(LT_AVX2)
+    if (kc % 8 == 0) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int c = 0; c < nc; c++) {
+            const uint16_t *p = base + (size_t)c * 4 * kc;
+            const float *xc = x + (size_t)c * kc;
+            prefetch_span(p, 8 * kc);
+            for (int k = 0; k < kc; k += 8) {
+                __m256 xv = _mm256_loadu_ps(xc + k);
+                a0 = _mm256_fmadd_ps(bf16x8(p + k), xv, a0);
+                a1 = _mm256_fmadd_ps(bf16x8(p + kc + k), xv, a1);
+                a2 = _mm256_fmadd_ps(bf16x8(p + 2 * kc + k), xv, a2);
+                a3 = _mm256_fmadd_ps(bf16x8(p + 3 * kc + k), xv, a3);
+            }
+        }
+        y[0] = hsum8(a0); y[1] = hsum8(a1); y[2] = hsum8(a2); y[3] = hsum8(a3);
+        return;
+    }
+#endif
+    mv_block_scalar(W, b, 4, x, NULL, NULL, y);
+}
+
+/* int8 weights x int8-quantised activations, full block; per group g of a row:
+ * y += (sum_k w*x) * w_scale[g] * x_scale[g] */
+static void mv_i8_block(const Mat *W, int b, const int8_t *xq, const float *xs, float *y) {
+#if defined(LT_AVX2)
+    const int n = W->cols, G = W->gs, ng = n / G;
+    const int8_t *base = (const int8_t *)W->w + (size_t)b * 4 * n;
+    const float *sb = W->s + (size_t)b * 4 * ng;
+    __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+    for (int g = 0; g < ng; g++) {
+        const int8_t *w0 = base + (size_t)g * 4 * G, *w1 = w0 + G, *w2 = w1 + G, *w3 = w2 + G;
+        const int8_t *xg = xq + (size_t)g * G;
+        prefetch_span(w0, 4 * G);
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+        int k = 0;
+        for (; k + 32 <= G; k += 32) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xg + k));
+            a0 = dp_i8_256(a0, _mm256_loadu_si256((const __m256i *)(w0 + k)), xv);
+            a1 = dp_i8_256(a1, _mm256_loadu_si256((const __m256i *)(w1 + k)), xv);
+            a2 = dp_i8_256(a2, _mm256_loadu_si256((const __m256i *)(w2 + k)), xv);
+            a3 = dp_i8_256(a3, _mm256_loadu_si256((const __m256i *)(w3 + k)), xv);
+        }
+        if (k < G) { /* 16-byte tail of a group (G % 32 == 16) */
+            __m128i xv = _mm_loadu_si128((const __m128i *)(xg + k)), z = _mm_setzero_si128();
+            a0 = _mm256_add_epi32(a0, _mm256_zextsi128_si256(dp_i8_128(z, _mm_loadu_si128((const __m128i *)(w0 + k)), xv)));
+            a1 = _mm256_add_epi32(a1, _mm256_zextsi128_si256(dp_i8_128(z, _mm_loadu_si128((const __m128i *)(w1 + k)), xv)));
+            a2 = _mm256_add_epi32(a2, _mm256_zextsi128_si256(dp_i8_128(z, _mm_loadu_si128((const __m128i *)(w2 + k)), xv)));
+            a3 = _mm256_add_epi32(a3, _mm256_zextsi128_si256(dp_i8_128(z, _mm_loadu_si128((const __m128i *)(w3 + k)), xv)));
+        }
+        const float xsg = xs[g];
+        const float *sg = sb + (size_t)g * 4;
+        f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0), _mm256_set1_ps(sg[0] * xsg), f0);
+        f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1), _mm256_set1_ps(sg[1] * xsg), f1);
+        f2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a2), _mm256_set1_ps(sg[2] * xsg), f2);
+        f3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a3), _mm256_set1_ps(sg[3] * xsg), f3);
+    }
+    y[0] = hsum8(f0); y[1] = hsum8(f1); y[2] = hsum8(f2); y[3] = hsum8(f3);
+#else
+    mv_block_scalar(W, b, 4, NULL, xq, xs, y);
+#endif
+}
+
+/* symmetric int8 quantisation of an activation vector in groups of G */
+static void quantize_act(const float *x, int n, int G, int8_t *q, float *s) {
+    for (int g = 0; g < n / G; g++) {
+        const float *xg = x + g * G;
+        float amax = 0.0f;
+        for (int k = 0; k < G; k++) { float a = fabsf(xg[k]); amax = a > amax ? a : amax; }
+        float sc = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+        s[g] = sc;
+        for (int k = 0; k < G; k++) q[g * G + k] = (int8_t)lrintf(xg[k] * inv);
+    }
+}
+
+/* unpack block b (nr rows) into fp32 rows out[rr*cols + k] (prefill path) */
+static void block_to_f32(const Mat *W, int b, int nr, float *out) {
+    const int n = W->cols, kc = W->kc, nc = n / kc;
+    for (int rr = 0; rr < nr; rr++) {
+        for (int c = 0; c < nc; c++) {
+            const size_t off = pk_off(n, kc, nr, b, rr, c);
+            float *o = out + (size_t)rr * n + (size_t)c * kc;
+            if (W->dtype == DT_F32) {
+                const float *p = (const float *)W->w + off;
+                for (int k = 0; k < kc; k++) o[k] = p[k];
+            } else if (W->dtype == DT_BF16) {
+                const uint16_t *p = (const uint16_t *)W->w + off;
+                for (int k = 0; k < kc; k++) o[k] = bf16_to_f32(p[k]);
+            } else {
+                const int8_t *p = (const int8_t *)W->w + off;
+                const float sc = W->s[(size_t)b * 4 * nc + (size_t)c * nr + rr]; /* kc == G for int8 */
+                for (int k = 0; k < kc; k++) o[k] = (float)p[k] * sc;
+            }
+        }
+    }
+}
+
+/* --- prefill GEMM ----------------------------------------------------------------------
+ * Rows are processed in panels of LT_PANEL rows, decoded once per chunk of tokens into a
+ * transposed fp32 buffer wt[k * LT_PANEL + i]; a register-blocked micro-kernel then computes
+ * LT_NT tokens x LT_PANEL rows at a time with broadcasts of x (no horizontal sums, contiguous
+ * stores of Y). */
+#if defined(LT_AVX512)
+#define LT_PANEL 32
+#else
+#define LT_PANEL 16
+#endif
+#define LT_NT 6
+#ifndef LT_KB
+#define LT_KB (1 << 20) /* k blocking off: no gain measured on Zen 3 (X streams well from L3) */
+#endif
+
+#if defined(LT_AVX2)
+/* dst[i*ldd + j] = src[j*lds + i] for an 8x8 tile */
+static inline void transpose8x8(const float *src, size_t lds, float *dst, size_t ldd) {
+    __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + lds), r2 = _mm256_loadu_ps(src + 2 * lds);
+    __m256 r3 = _mm256_loadu_ps(src + 3 * lds), r4 = _mm256_loadu_ps(src + 4 * lds), r5 = _mm256_loadu_ps(src + 5 * lds);
+    __m256 r6 = _mm256_loadu_ps(src + 6 * lds), r7 = _mm256_loadu_ps(src + 7 * lds);
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3);
+    __m256 t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    _mm256_storeu_ps(dst, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(dst + ldd, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(dst + 2 * ldd, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(dst + 3 * ldd, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(dst + 4 * ldd, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(dst + 5 * ldd, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(dst + 6 * ldd, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(dst + 7 * ldd, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+#endif
+
+/* rows [r0, r0+np) of W (r0 % 4 == 0) -> wt[k * LT_PANEL + i] (transposed, zero-padded rows);
+ * tmp: LT_PANEL * cols floats */
+static void panel_fill(const Mat *W, int r0, int np, float *wt, float *tmp) {
+    const int n = W->cols;
+    for (int i = 0; i < np; i += 4) {
+        const int b = (r0 + i) / 4, nr = W->rows - 4 * b < 4 ? W->rows - 4 * b : 4;
+        block_to_f32(W, b, nr, tmp + (size_t)i * n);
+    }
+    if (np < LT_PANEL) memset(tmp + (size_t)np * n, 0, sizeof(float) * (size_t)(LT_PANEL - np) * n);
+    int k0 = 0;
+#if defined(LT_AVX2)
+    for (; k0 + 8 <= n; k0 += 8)
+        for (int i = 0; i < LT_PANEL; i += 8)
+            transpose8x8(tmp + (size_t)i * n + k0, (size_t)n, wt + (size_t)k0 * LT_PANEL + i, LT_PANEL);
+#endif
+    for (int i = 0; i < LT_PANEL; i++)
+        for (int k = k0; k < n; k++) wt[(size_t)k * LT_PANEL + i] = tmp[(size_t)i * n + k];
+}
+
+/* Y[t*ldy + i] (+)= sum_{k0 <= k < k1} wt[k][i] * X[t*ldx + k] for i < np, t < T */
+static void mm_panel(const float *wt, int k0, int k1, const float *X, int ldx, int T, float *Y, int ldy, int np, int acc) {
+    for (int t = 0; t < T; t += LT_NT) {
+        const int tn = T - t < LT_NT ? T - t : LT_NT;
+        const float *x0 = X + (size_t)t * ldx;
+        const float *x1 = X + (size_t)(t + (1 < tn ? 1 : tn - 1)) * ldx;
+        const float *x2 = X + (size_t)(t + (2 < tn ? 2 : tn - 1)) * ldx;
+        const float *x3 = X + (size_t)(t + (3 < tn ? 3 : tn - 1)) * ldx;
+        const float *x4 = X + (size_t)(t + (4 < tn ? 4 : tn - 1)) * ldx;
+        const float *x5 = X + (size_t)(t + (5 < tn ? 5 : tn - 1)) * ldx;
+        float out[LT_NT][LT_PANEL];
+#if defined(LT_AVX512)
+        __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+        __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+        for (int k = k0; k < k1; k++) {
+            const __m512 w0 = _mm512_loadu_ps(wt + (size_t)k * 32), w1 = _mm512_loadu_ps(wt + (size_t)k * 32 + 16);
+            __m512 b;
+            b = _mm512_set1_ps(x0[k]); c00 = _mm512_fmadd_ps(w0, b, c00); c01 = _mm512_fmadd_ps(w1, b, c01);
+            b = _mm512_set1_ps(x1[k]); c10 = _mm512_fmadd_ps(w0, b, c10); c11 = _mm512_fmadd_ps(w1, b, c11);
+            b = _mm512_set1_ps(x2[k]); c20 = _mm512_fmadd_ps(w0, b, c20); c21 = _mm512_fmadd_ps(w1, b, c21);
+            b = _mm512_set1_ps(x3[k]); c30 = _mm512_fmadd_ps(w0, b, c30); c31 = _mm512_fmadd_ps(w1, b, c31);
+            b = _mm512_set1_ps(x4[k]); c40 = _mm512_fmadd_ps(w0, b, c40); c41 = _mm512_fmadd_ps(w1, b, c41);
+            b = _mm512_set1_ps(x5[k]); c50 = _mm512_fmadd_ps(w0, b, c50); c51 = _mm512_fmadd_ps(w1, b, c51);
+        }
+        _mm512_storeu_ps(out[0], c00); _mm512_storeu_ps(out[0] + 16, c01);
+        _mm512_storeu_ps(out[1], c10); _mm512_storeu_ps(out[1] + 16, c11);
+        _mm512_storeu_ps(out[2], c20); _mm512_storeu_ps(out[2] + 16, c21);
+        _mm512_storeu_ps(out[3], c30); _mm512_storeu_ps(out[3] + 16, c31);
+        _mm512_storeu_ps(out[4], c40); _mm512_storeu_ps(out[4] + 16, c41);
+        _mm512_storeu_ps(out[5], c50); _mm512_storeu_ps(out[5] + 16, c51);
+#elif defined(LT_AVX2)
+        __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+        __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+        for (int k = k0; k < k1; k++) {
+            const __m256 w0 = _mm256_loadu_ps(wt + (size_t)k * 16), w1 = _mm256_loadu_ps(wt + (size_t)k * 16 + 8);
+            __m256 b;
+            b = _mm256_broadcast_ss(x0 + k); c00 = _mm256_fmadd_ps(w0, b, c00); c01 = _mm256_fmadd_ps(w1, b, c01);
+            b = _mm256_broadcast_ss(x1 + k); c10 = _mm256_fmadd_ps(w0, b, c10); c11 = _mm256_fmadd_ps(w1, b, c11);
+            b = _mm256_broadcast_ss(x2 + k); c20 = _mm256_fmadd_ps(w0, b, c20); c21 = _mm256_fmadd_ps(w1, b, c21);
+            b = _mm256_broadcast_ss(x3 + k); c30 = _mm256_fmadd_ps(w0, b, c30); c31 = _mm256_fmadd_ps(w1, b, c31);
+            b = _mm256_broadcast_ss(x4 + k); c40 = _mm256_fmadd_ps(w0, b, c40); c41 = _mm256_fmadd_ps(w1, b, c41);
+            b = _mm256_broadcast_ss(x5 + k); c50 = _mm256_fmadd_ps(w0, b, c50); c51 = _mm256_fmadd_ps(w1, b, c51);
+        }
+        _mm256_storeu_ps(out[0], c00); _mm256_storeu_ps(out[0] + 8, c01);
+        _mm256_storeu_ps(out[1], c10); _mm256_storeu_ps(out[1] + 8, c11);
+        _mm256_storeu_ps(out[2], c20); _mm256_storeu_ps(out[2] + 8, c21);
+        _mm256_storeu_ps(out[3], c30); _mm256_storeu_ps(out[3] + 8, c31);
+        _mm256_storeu_ps(out[4], c40); _mm256_storeu_ps(out[4] + 8, c41);
+        _mm256_storeu_ps(out[5], c50); _mm256_storeu_ps(out[5] + 8, c51);
+#else
+        const float *xs[LT_NT] = {x0, x1, x2, x3, x4, x5};
+        for (int j = 0; j < LT_NT; j++) {
+            for (int i = 0; i < LT_PANEL; i++) out[j][i] = 0.0f;
+            for (int k = k0; k < k1; k++) {
+                const float xv = xs[j][k];
+                const float *w = wt + (size_t)k * LT_PANEL;
+                for (int i = 0; i < LT_PANEL; i++) out[j][i] += w[i] * xv;
+            }
+        }
+#endif
+        for (int j = 0; j < tn; j++) {
+            float *y = Y + (size_t)(t + j) * ldy;
+            if (acc) for (int i = 0; i < np; i++) y[i] += out[j][i];
+            else for (int i = 0; i < np; i++) y[i] = out[j][i];
+        }
+    }
+}
+
+/* work (multiply-adds) below which a loop runs on one thread: forking a team for tiny work
+ * costs more than it saves, and with busy cores a barrier can wait for a descheduled thread.
+ * Environment LT_PAR_MIN overrides (0 = always parallel). */
+static double g_par_min = 65536.0;
+
+/* scratch shared by the matmul kernels */
+static float *g_wbuf;     /* n_threads * 2 * LT_PANEL * max_cols floats */
+static int g_wbuf_cols;
+static int8_t *g_xq;      /* max_cols */
+static float *g_xs;       /* max_cols / 16 */
+
+/* Y[t, :] = W X[t, :] for T tokens (row stride ldx for X, ldy for Y). */
+static void matmul(const Mat *W, const float *X, int ldx, int T, float *Y, int ldy) {
+    const int rows = W->rows, nb = (rows + 3) / 4;
+    if (T == 1) {
+        if (W->dtype == DT_I8) quantize_act(X, W->cols, W->gs, g_xq, g_xs);
+#pragma omp parallel for schedule(static) if ((double)rows * W->cols >= g_par_min)
+        for (int b = 0; b < nb; b++) {
+            const int nr = rows - 4 * b < 4 ? rows - 4 * b : 4;
+            float *y = Y + 4 * b;
+            if (nr < 4) mv_block_scalar(W, b, nr, X, g_xq, g_xs, y);
+            else if (W->dtype == DT_F32) mv_f32_block(W, b, X, y);
+            else if (W->dtype == DT_BF16) mv_bf16_block(W, b, X, y);
+            else mv_i8_block(W, b, g_xq, g_xs, y);
+        }
+        return;
+    }
+    const int npan = (rows + LT_PANEL - 1) / LT_PANEL;
+#pragma omp parallel for schedule(static) if ((double)rows * W->cols * T >= g_par_min)
+    for (int p = 0; p < npan; p++) {
+        const int r0 = p * LT_PANEL, np = rows - r0 < LT_PANEL ? rows - r0 : LT_PANEL;
+        float *wt = g_wbuf + (size_t)thread_id() * 2 * LT_PANEL * g_wbuf_cols;
+        panel_fill(W, r0, np, wt, wt + (size_t)LT_PANEL * g_wbuf_cols);
+        /* k blocks keep the panel slice in L1 and the X slice of all tokens in L2 */
+        for (int k0 = 0; k0 < W->cols; k0 += LT_KB)
+            mm_panel(wt, k0, W->cols - k0 < LT_KB ? W->cols : k0 + LT_KB, X, ldx, T, Y + r0, ldy, np, k0 > 0);
+    }
+}
+
+/* one row of a matrix as fp32 (embedding lookup) */
+static void mat_row(const Mat *W, int r, float *out) {
+    const int b = r / 4, rr = r % 4, nr = W->rows - 4 * b < 4 ? W->rows - 4 * b : 4;
+    const int n = W->cols, kc = W->kc, nc = n / kc;
+    for (int c = 0; c < nc; c++) {
+        const size_t off = pk_off(n, kc, nr, b, rr, c);
+        float *o = out + (size_t)c * kc;
+        if (W->dtype == DT_F32) memcpy(o, (const float *)W->w + off, (size_t)kc * 4);
+        else if (W->dtype == DT_BF16) for (int k = 0; k < kc; k++) o[k] = bf16_to_f32(((const uint16_t *)W->w)[off + k]);
+        else {
+            const float sc = W->s[(size_t)b * 4 * nc + (size_t)c * nr + rr];
+            for (int k = 0; k < kc; k++) o[k] = (float)((const int8_t *)W->w)[off + k] * sc;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* state and forward pass                                                                      */
+/* ------------------------------------------------------------------------------------------ */
+typedef struct {
+    float *conv;   /* [K-1, C] previous conv inputs, oldest first */
+    float *S;      /* [Hv, Dk, Dv] */
+    float *k, *v;  /* full: [max_pos, kv_dim]; csa: ring [ring, kv_dim] (RoPE'd keys) */
+    float *kc, *vc;     /* csa: compressed blocks [n_blocks_max, kv_dim] */
+    float *pk, *pv;     /* csa: raw k (normed, no RoPE) and v of the current partial block [S, kv_dim] */
+    int n_part;         /* rows in pk/pv */
+    int n_blocks;       /* completed blocks */
+} LayerState;
+
+typedef struct {
+    int chunk;          /* max tokens per forward call */
+    int ring;           /* csa local ring size = window + chunk */
+    int pos;            /* next position */
+    LayerState *ls;
+    float *cos_t, *sin_t;  /* [max_pos, rope_dim/2] */
+    /* chunk scratch */
+    float *h, *xn, *proj, *mo, *y, *u, *logits;
+    float *bm_k, *bm_v, *bc_k, *bc_v; /* csa block means / compressed outputs for a chunk */
+    int *bm_idx;
+    float *att;         /* n_threads * att_len */
+    int att_len;
+    float *hd;          /* n_threads * per-head temporaries */
+    int hd_len;
+} State;
+
+static void state_free(State *s, const Model *m);
+
+/* runtime-state budget in bytes (the fuzz harness lowers it) */
+static double g_state_limit = 16e9;
+
+static void *xcalloc(size_t n, size_t sz, int *fail) {
+    void *p = calloc(n ? n : 1, sz ? sz : 1);
+    if (!p) *fail = 1;
+    return p;
+}
+
+static int state_init(State *s, const Model *m, int chunk, int all_logits, char *err, size_t errn) {
+    memset(s, 0, sizeof(*s));
+    if (chunk < 1) chunk = 1;
+    if (chunk > m->max_pos) chunk = m->max_pos;
+    s->chunk = chunk;
+    s->ring = m->csa_window + chunk;
+    if (s->ring > m->max_pos) s->ring = m->max_pos;
+    const int nt = n_threads();
+    const int C = m->lin_c, KV = m->kv_dim, VD = m->lv_heads * m->lv_dim;
+    const int nblk = m->max_pos / m->csa_stride + 1;
+    /* refuse absurd allocations up front (bytes, computed in double to avoid overflow) */
+    double need = 0;
+    need += (double)m->n_lin * ((double)(m->conv_k - 1) * C + (double)m->lv_heads * m->lk_dim * m->lv_dim);
+    need += (double)m->n_full * 2.0 * m->max_pos * KV;
+    need += (double)m->n_csa * (2.0 * s->ring * KV + 2.0 * nblk * KV + 2.0 * m->csa_stride * KV);
+    need += (double)chunk * (3.0 * m->dim + 2.0 * m->inter + 2.0 * m->q_dim + 3.0 * C + 2.0 * VD);
+    need += (double)m->vocab * (all_logits ? chunk : 1) + 2.0 * m->max_pos * m->rope_dim;
+    need *= 4.0;
+    if (need > g_state_limit) {
+        set_err(err, errn, "%s: runtime state would need %lld MB; refusing", "model", (long long)(need / 1e6));
+        return -1;
+    }
+    int fail = 0;
+    s->ls = (LayerState *)xcalloc((size_t)m->n_layers, sizeof(LayerState), &fail);
+    if (fail) goto oom;
+    for (int l = 0; l < m->n_layers; l++) {
+        LayerState *L = &s->ls[l];
+        if (m->types[l] == MIX_LINEAR) {
+            L->conv = (float *)xcalloc((size_t)(m->conv_k - 1) * C, 4, &fail);
+            L->S = (float *)xcalloc((size_t)m->lv_heads * m->lk_dim * m->lv_dim, 4, &fail);
+        } else if (m->types[l] == MIX_FULL) {
+            L->k = (float *)xcalloc((size_t)m->max_pos * KV, 4, &fail);
+            L->v = (float *)xcalloc((size_t)m->max_pos * KV, 4, &fail);
+        } else {
+            L->k = (float *)xcalloc((size_t)s->ring * KV, 4, &fail);
+            L->v = (float *)xcalloc((size_t)s->ring * KV, 4, &fail);
+            L->kc = (float *)xcalloc((size_t)nblk * KV, 4, &fail);
+            L->vc = (float *)xcalloc((size_t)nblk * KV, 4, &fail);
+            L->pk = (float *)xcalloc((size_t)m->csa_stride * KV, 4, &fail);
+            L->pv = (float *)xcalloc((size_t)m->csa_stride * KV, 4, &fail);
+        }
+        if (fail) goto oom;
+    }
+    int half = m->rope_dim / 2;
+    s->cos_t = (float *)xcalloc((size_t)m->max_pos * (half ? half : 1), 4, &fail);
+    s->sin_t = (float *)xcalloc((size_t)m->max_pos * (half ? half : 1), 4, &fail);
+    if (fail) goto oom;
+    for (int i = 0; i < half; i++) {
+        float inv = 1.0f / powf((float)m->rope_theta, (float)(2 * i) / (float)m->rope_dim);
+        for (int p = 0; p < m->max_pos; p++) {
+            float a = (float)p * inv;
+            s->cos_t[(size_t)p * half + i] = cosf(a);
+            s->sin_t[(size_t)p * half + i] = sinf(a);
+        }
+    }
+    int pmax = 2 * m->inter;
+    int rows_lin = C + VD + 2 * m->lv_heads, rows_att = 3 * m->q_dim + 2 * KV;
+    if (m->n_lin && rows_lin > pmax) pmax = rows_lin;
+    if ((m->n_csa || m->n_full) && rows_att > pmax) pmax = rows_att;
+    int omax = m->q_dim > VD ? m->q_dim : VD;
+    s->h = (float *)xcalloc((size_t)chunk * m->dim, 4, &fail);
+    s->xn = (float *)xcalloc((size_t)chunk * m->dim, 4, &fail);
+    s->y = (float *)xcalloc((size_t)chunk * m->dim, 4, &fail);
+    s->proj = (float *)xcalloc((size_t)chunk * pmax, 4, &fail);
+    s->mo = (float *)xcalloc((size_t)chunk * omax, 4, &fail);
+    s->u = (float *)xcalloc((size_t)chunk * C, 4, &fail);
+    s->logits = (float *)xcalloc((size_t)(all_logits ? chunk : 1) * m->vocab, 4, &fail);
+    int nb = chunk / m->csa_stride + 2;
+    s->bm_k = (float *)xcalloc((size_t)nb * KV, 4, &fail);
+    s->bm_v = (float *)xcalloc((size_t)nb * KV, 4, &fail);
+    s->bc_k = (float *)xcalloc((size_t)nb * KV, 4, &fail);
+    s->bc_v = (float *)xcalloc((size_t)nb * KV, 4, &fail);
+    s->bm_idx = (int *)xcalloc((size_t)nb, sizeof(int), &fail);
+    s->att_len = m->max_pos + nblk + 16;
+    s->att = (float *)xcalloc((size_t)nt * s->att_len, 4, &fail);
+    s->hd_len = 4 * m->lk_dim + 5 * m->lv_dim + 4 * m->head_dim + 16;
+    s->hd = (float *)xcalloc((size_t)nt * s->hd_len, 4, &fail);
+    int maxc = m->dim > m->inter ? m->dim : m->inter;
+    if (VD > maxc) maxc = VD;
+    if (m->q_dim > maxc) maxc = m->q_dim;
+    if (KV > maxc) maxc = KV;
+    g_wbuf_cols = maxc;
+    g_wbuf = (float *)xcalloc((size_t)nt * 2 * LT_PANEL * maxc, 4, &fail);
+    g_xq = (int8_t *)xcalloc((size_t)maxc, 1, &fail);
+    g_xs = (float *)xcalloc((size_t)maxc / 16 + 1, 4, &fail);
+    if (fail) goto oom;
+    return 0;
+oom:
+    set_err(err, errn, "%s: out of memory allocating the runtime state%lld", "model", 0);
+    state_free(s, m);
+    return -1;
+}
+
+static void state_free(State *s, const Model *m) {
+    if (s->ls) {
+        for (int l = 0; l < m->n_layers; l++) {
+            LayerState *L = &s->ls[l];
+            free(L->conv); free(L->S); free(L->k); free(L->v);
+            free(L->kc); free(L->vc); free(L->pk); free(L->pv);
+        }
+    }
+    free(s->ls); free(s->cos_t); free(s->sin_t);
+    free(s->h); free(s->xn); free(s->proj); free(s->mo); free(s->y); free(s->u); free(s->logits);
+    free(s->bm_k); free(s->bm_v); free(s->bc_k); free(s->bc_v); free(s->bm_idx);
+    free(s->att); free(s->hd);
+    free(g_wbuf); free(g_xq); free(g_xs);
+    g_wbuf = NULL; g_xq = NULL; g_xs = NULL;
+    memset(s, 0, sizeof(*s));
+}
+
+/* x * 1/sqrt(mean(x^2)+eps) * w1 */
+static void rmsnorm(float *o, const float *x, const float *w1, int n, float eps) {
+    double ss = 0;
+    int i0 = 0;
+#if defined(LT_AVX2)
+    __m256d s0 = _mm256_setzero_pd(), s1 = s0;
+    for (; i0 + 8 <= n; i0 += 8) { /* sum of squares in double, 4 lanes x 2 */
+        const __m256 v = _mm256_loadu_ps(x + i0);
+        const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+        s0 = _mm256_fmadd_pd(lo, lo, s0);
+        s1 = _mm256_fmadd_pd(hi, hi, s1);
+    }
+    double tmp[4];
+    _mm256_storeu_pd(tmp, _mm256_add_pd(s0, s1));
+    ss = (tmp[0] + tmp[1]) + (tmp[2] + tmp[3]);
+#endif
+    for (int i = i0; i < n; i++) ss += (double)x[i] * x[i];
+    float inv = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) o[i] = (x[i] * inv) * w1[i];
+}
+
+static void rope(float *v, int pos, const State *s, int half) {
+    const float *c = s->cos_t + (size_t)pos * half, *sn = s->sin_t + (size_t)pos * half;
+    for (int i = 0; i < half; i++) {
+        float x1 = v[i], x2 = v[i + half];
+        v[i] = x1 * c[i] - x2 * sn[i];
+        v[i + half] = x2 * c[i] + x1 * sn[i];
+    }
+}
+
+/* out[j] = q . keys[j] for 8 keys (AVX2; D % 8 == 0): 8 dot products, reduced together */
+#if defined(LT_AVX2)
+static inline void scores8(const float *q, const float *const *kp, int D, float scale, float *out) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(kp[0] + d), qv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(kp[1] + d), qv, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(kp[2] + d), qv, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(kp[3] + d), qv, a3);
+        a4 = _mm256_fmadd_ps(_mm256_loadu_ps(kp[4] + d), qv, a4);
+        a5 = _mm256_fmadd_ps(_mm256_loadu_ps(kp[5] + d), qv, a5);
+        a6 = _mm256_fmadd_ps(_mm256_loadu_ps(kp[6] + d), qv, a6);
+        a7 = _mm256_fmadd_ps(_mm256_loadu_ps(kp[7] + d), qv, a7);
+    }
+    __m256 t0 = _mm256_hadd_ps(a0, a1), t1 = _mm256_hadd_ps(a2, a3);
+    __m256 t2 = _mm256_hadd_ps(a4, a5), t3 = _mm256_hadd_ps(a6, a7);
+    t0 = _mm256_hadd_ps(t0, t1);
+    t2 = _mm256_hadd_ps(t2, t3);
+    const __m256 r = _mm256_add_ps(_mm256_permute2f128_ps(t0, t2, 0x20), _mm256_permute2f128_ps(t0, t2, 0x31));
+    _mm256_storeu_ps(out, _mm256_mul_ps(r, _mm256_set1_ps(scale)));
+}
+#endif
+
+/* softmax over att[0..nk) then o = sum_j att[j] V_j, V_j at V + j*ld, or for a ring buffer
+ * (ring > 0) at V + ((lo + j) % ring)*ld + kvoff */
+static void softmax_av(float *o, float *att, int nk, const float *V, int ld, int ring, int lo, int kvoff, int D) {
+    float mx = -INFINITY;
+    for (int j = 0; j < nk; j++) mx = att[j] > mx ? att[j] : mx;
+    float sum = 0.0f;
+    int j = 0;
+#if defined(LT_AVX2)
+    __m256 sv = _mm256_setzero_ps();
+    for (; j + 8 <= nk; j += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(att + j), _mm256_set1_ps(mx)));
+        _mm256_storeu_ps(att + j, e);
+        sv = _mm256_add_ps(sv, e);
+    }
+    sum = hsum8(sv);
+#endif
+    for (; j < nk; j++) { att[j] = expf(att[j] - mx); sum += att[j]; }
+    const float inv = 1.0f / sum;
+    memset(o, 0, (size_t)D * 4);
+    int slot = ring ? lo % ring : 0;
+    const float *vp[4];
+    float pw[4];
+    int nb = 0;
+    for (j = 0; j < nk; j++) {
+        vp[nb] = ring ? V + (size_t)slot * ld + kvoff : V + (size_t)j * ld;
+        pw[nb++] = att[j] * inv;
+        if (ring && ++slot == ring) slot = 0;
+        if (nb == 4 || j == nk - 1) { /* o += sum of up to 4 weighted rows, one pass over o */
+            for (int i = nb; i < 4; i++) { vp[i] = vp[0]; pw[i] = 0.0f; }
+            for (int d = 0; d < D; d++) o[d] += pw[0] * vp[0][d] + pw[1] * vp[1][d] + pw[2] * vp[2][d] + pw[3] * vp[3][d];
+            nb = 0;
+        }
+    }
+}
+
+/* o = softmax(q.K^T * scale) V over nk rows of K/V (row stride ld), att scratch */
+static void attend(float *o, const float *q, const float *K, const float *V, int ld, int nk, int D,
+                   float scale, float *att) {
+    int j = 0;
+#if defined(LT_AVX2)
+    if (D % 8 == 0)
+        for (; j + 8 <= nk; j += 8) {
+            const float *kp[8];
+            for (int i = 0; i < 8; i++) kp[i] = K + (size_t)(j + i) * ld;
+            scores8(q, kp, D, scale, att + j);
+        }
+#endif
+    for (; j < nk; j++) att[j] = dotf(q, K + (size_t)j * ld, D) * scale;
+    softmax_av(o, att, nk, V, ld, 0, 0, 0, D);
+}
+
+/* ring-buffer attention: keys at positions [lo, hi] stored at slot p % ring */
+static void attend_ring(float *o, const float *q, const float *K, const float *V, int ring, int lo, int hi,
+                        int kvoff, int KV, int D, float scale, float *att) {
+    const int nk = hi - lo + 1;
+    int j = 0;
+#if defined(LT_AVX2)
+    if (D % 8 == 0)
+        for (; j + 8 <= nk; j += 8) {
+            const float *kp[8];
+            for (int i = 0; i < 8; i++) kp[i] = K + (size_t)((lo + j + i) % ring) * KV + kvoff;
+            scores8(q, kp, D, scale, att + j);
+        }
+#endif
+    for (; j < nk; j++) att[j] = dotf(q, K + (size_t)((lo + j) % ring) * KV + kvoff, D) * scale;
+    softmax_av(o, att, nk, V, KV, ring, lo, kvoff, D);
+}
+
+/* One pass over a Gated DeltaNet state S [Dk, Dv]: S = d S + k dl^T, then a = S^T kn, b = S^T qn.
+ * Column blocks of 16 (8) keep dl, a, b in registers while the rows stream through. */
+static void gdn_pass(float *S, int Dk, int Dv, float d, const float *k, const float *dl,
+                     const float *kn, const float *qn, float *a, float *b) {
+    int j0 = 0;
+#if defined(LT_AVX2)
+    const __m256 dv = _mm256_set1_ps(d);
+    for (; j0 + 16 <= Dv; j0 += 16) {
+        const __m256 l0 = _mm256_loadu_ps(dl + j0), l1 = _mm256_loadu_ps(dl + j0 + 8);
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+        for (int i = 0; i < Dk; i++) {
+            float *row = S + (size_t)i * Dv + j0;
+            const __m256 ki = _mm256_broadcast_ss(k + i), kni = _mm256_broadcast_ss(kn + i), qni = _mm256_broadcast_ss(qn + i);
+            __m256 s0 = _mm256_fmadd_ps(ki, l0, _mm256_mul_ps(dv, _mm256_loadu_ps(row)));
+            __m256 s1 = _mm256_fmadd_ps(ki, l1, _mm256_mul_ps(dv, _mm256_loadu_ps(row + 8)));
+            _mm256_storeu_ps(row, s0);
+            _mm256_storeu_ps(row + 8, s1);
+            a0 = _mm256_fmadd_ps(kni, s0, a0); a1 = _mm256_fmadd_ps(kni, s1, a1);
+            b0 = _mm256_fmadd_ps(qni, s0, b0); b1 = _mm256_fmadd_ps(qni, s1, b1);
+        }
+        _mm256_storeu_ps(a + j0, a0); _mm256_storeu_ps(a + j0 + 8, a1);
+        _mm256_storeu_ps(b + j0, b0); _mm256_storeu_ps(b + j0 + 8, b1);
+    }
+    for (; j0 + 8 <= Dv; j0 += 8) {
+        const __m256 l0 = _mm256_loadu_ps(dl + j0);
+        __m256 a0 = _mm256_setzero_ps(), b0 = a0;
+        for (int i = 0; i < Dk; i++) {
+            float *row = S + (size_t)i * Dv + j0;
+            __m256 s0 = _mm256_fmadd_ps(_mm256_broadcast_ss(k + i), l0, _mm256_mul_ps(dv, _mm256_loadu_ps(row)));
+            _mm256_storeu_ps(row, s0);
+            a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(kn + i), s0, a0);
+            b0 = _mm256_fmadd_ps(_mm256_broadcast_ss(qn + i), s0, b0);
+        }
+        _mm256_storeu_ps(a + j0, a0); _mm256_storeu_ps(b + j0, b0);
+    }
+#endif
+    if (j0 < Dv) {
+        for (int j = j0; j < Dv; j++) { a[j] = 0.0f; b[j] = 0.0f; }
+        for (int i = 0; i < Dk; i++) {
+            float *row = S + (size_t)i * Dv;
+            for (int j = j0; j < Dv; j++) {
+                const float sv = d * row[j] + k[i] * dl[j];
+                row[j] = sv;
+                a[j] += kn[i] * sv;
+                b[j] += qn[i] * sv;
+            }
+        }
+    }
+}
+
+static void mixer_linear(const Model *m, const Layer *L, LayerState *ls, State *s, int T) {
+    const int C = m->lin_c, K = m->conv_k, Hk = m->lk_heads, Hv = m->lv_heads, Dk = m->lk_dim, Dv = m->lv_dim;
+    const int VD = Hv * Dv, P = L->w_in.rows, QK = Hk * Dk;
+    const float eps = (float)m->eps, qscale = 1.0f / sqrtf((float)Dk);
+    /* causal depthwise conv + SiLU, token by token (cheap) */
+    for (int t = 0; t < T; t++) {
+        const float *x = s->proj + (size_t)t * P;
+        float *u = s->u + (size_t)t * C;
+        for (int c = 0; c < C; c++) {
+            const float *w = L->conv_w + (size_t)c * K;
+            float acc = 0.0f;
+            for (int i = 0; i < K - 1; i++) acc += w[i] * ls->conv[(size_t)i * C + c];
+            acc += w[K - 1] * x[c];
+            u[c] = acc;
+        }
+        vsilu_mul(u, u, NULL, C);
+        if (K > 1) {
+            memmove(ls->conv, ls->conv + C, (size_t)(K - 2) * C * 4);
+            memcpy(ls->conv + (size_t)(K - 2) * C, x, (size_t)C * 4);
+        }
+    }
+    const int rep = Hv / Hk;
+#pragma omp parallel for schedule(static) if ((double)T * Hv * Dk * Dv * 4 >= g_par_min)
+    for (int h = 0; h < Hv; h++) {
+        float *tmp = s->hd + (size_t)thread_id() * s->hd_len;
+        float *q = tmp, *k = q + Dk, *qn = k + Dk, *kn = qn + Dk;
+        float *a = kn + Dk, *bq = a + Dv, *dl = bq + Dv, *o = dl + Dv, *sz = o + Dv;
+        float *S = ls->S + (size_t)h * Dk * Dv;
+        const int kh = h / rep;
+        /* L2-normalised q (times 1/sqrt(Dk)) and k of token t */
+#define GDN_QK(t, qd, kd)                                                                              \
+        do {                                                                                           \
+            const float *u_ = s->u + (size_t)(t) * C, *uq_ = u_ + kh * Dk, *uk_ = u_ + QK + kh * Dk;   \
+            double sq_ = 0, sk_ = 0;                                                                   \
+            for (int i = 0; i < Dk; i++) { sq_ += (double)uq_[i] * uq_[i]; sk_ += (double)uk_[i] * uk_[i]; } \
+            const float iq_ = 1.0f / sqrtf((float)sq_ + 1e-6f), ik_ = 1.0f / sqrtf((float)sk_ + 1e-6f); \
+            for (int i = 0; i < Dk; i++) { (qd)[i] = uq_[i] * iq_ * qscale; (kd)[i] = uk_[i] * ik_; }  \
+        } while (0)
+        /* Recurrence S_t = d S_{t-1} + k (beta (v - d S_{t-1}^T k))^T, o_t = S_t^T q, evaluated as
+         * a = S_{t-1}^T k, b = S_{t-1}^T q, delta = beta (v - d a), o = d b + (k.q) delta, so one
+         * pass over S per token both applies token t's update and reads a, b for token t+1. */
+        GDN_QK(0, q, k);
+        memset(a, 0, (size_t)Dv * 4);
+        memset(bq, 0, (size_t)Dv * 4);
+        for (int i = 0; i < Dk; i++) {
+            const float *row = S + (size_t)i * Dv;
+            const float ki = k[i], qi = q[i];
+            for (int j = 0; j < Dv; j++) { a[j] += ki * row[j]; bq[j] += qi * row[j]; }
+        }
+        for (int t = 0; t < T; t++) {
+            const float *u = s->u + (size_t)t * C;
+            const float *pr = s->proj + (size_t)t * P;
+            const float *v = u + 2 * QK + h * Dv;
+            const float beta = sigmoidf_(pr[C + VD + h]);
+            const float g = L->neg_exp_a[h] * softplusf_(pr[C + VD + Hv + h] + L->dt_bias[h]);
+            const float d = expf(g);
+            float kq = 0.0f;
+            for (int i = 0; i < Dk; i++) kq += k[i] * q[i];
+            for (int j = 0; j < Dv; j++) {
+                dl[j] = beta * (v[j] - d * a[j]);
+                o[j] = d * bq[j] + kq * dl[j];
+            }
+            if (t + 1 < T) {
+                GDN_QK(t + 1, qn, kn);
+                gdn_pass(S, Dk, Dv, d, k, dl, kn, qn, a, bq);
+                float *sw = q; q = qn; qn = sw;
+                sw = k; k = kn; kn = sw;
+            } else {
+                for (int i = 0; i < Dk; i++) {
+                    float *row = S + (size_t)i * Dv;
+                    const float ki = k[i];
+                    for (int j = 0; j < Dv; j++) row[j] = d * row[j] + ki * dl[j];
+                }
+            }
+            /* gated RMSNorm: o / rms(o) * w * silu(z) */
+            double ss = 0;
+            for (int j = 0; j < Dv; j++) ss += (double)o[j] * o[j];
+            const float inv = 1.0f / sqrtf((float)(ss / Dv) + eps);
+            vsilu_mul(sz, pr + C + h * Dv, L->gnorm, Dv);
+            float *out = s->mo + (size_t)t * VD + h * Dv;
+            for (int j = 0; j < Dv; j++) out[j] = (o[j] * inv) * sz[j];
+        }
+#undef GDN_QK
+    }
+}
+
+static void mixer_full(const Model *m, const Layer *L, LayerState *ls, State *s, int T, int pos0) {
+    const int D = m->head_dim, Hq = m->n_heads, Hkv = m->n_kv, QD = m->q_dim, KV = m->kv_dim;
+    const int P = L->w_in.rows, half = m->rope_dim / 2;
+    const float eps = (float)m->eps, scale = 1.0f / sqrtf((float)D);
+    for (int t = 0; t < T; t++) {
+        float *pr = s->proj + (size_t)t * P;
+        const int pos = pos0 + t;
+        for (int h = 0; h < Hq; h++) {
+            float *q = pr + (size_t)h * 2 * D;
+            rmsnorm(q, q, L->q_norm1, D, eps);
+            rope(q, pos, s, half);
+        }
+        float *kd = ls->k + (size_t)pos * KV, *vd = ls->v + (size_t)pos * KV;
+        for (int h = 0; h < Hkv; h++) {
+            rmsnorm(kd + h * D, pr + 2 * QD + h * D, L->k_norm1, D, eps);
+            rope(kd + h * D, pos, s, half);
+        }
+        memcpy(vd, pr + 2 * QD + KV, (size_t)KV * 4);
+    }
+    const int rep = Hq / Hkv;
+#pragma omp parallel for schedule(static) if ((double)T * (pos0 + T) * Hq * D >= g_par_min)
+    for (int h = 0; h < Hq; h++) {
+        float *att = s->att + (size_t)thread_id() * s->att_len;
+        const int kvh = h / rep;
+        for (int t = 0; t < T; t++) {
+            const float *pr = s->proj + (size_t)t * P;
+            float *o = s->mo + (size_t)t * QD + h * D;
+            attend(o, pr + (size_t)h * 2 * D, ls->k + kvh * D, ls->v + kvh * D, KV, pos0 + t + 1, D, scale, att);
+            float *sg = s->hd + (size_t)thread_id() * s->hd_len;
+            vsigmoid(sg, pr + (size_t)h * 2 * D + D, D);
+            for (int i = 0; i < D; i++) o[i] *= sg[i];
+        }
+    }
+}
+
+static void mixer_csa(const Model *m, const Layer *L, LayerState *ls, State *s, int T, int pos0) {
+    const int D = m->head_dim, Hq = m->n_heads, Hkv = m->n_kv, QD = m->q_dim, KV = m->kv_dim;
+    const int P = L->w_in.rows, half = m->rope_dim / 2, S = m->csa_stride, W = m->csa_window;
+    const float eps = (float)m->eps, scale = 1.0f / sqrtf((float)D);
+    int nb = 0;
+    for (int t = 0; t < T; t++) {
+        float *pr = s->proj + (size_t)t * P;
+        const int pos = pos0 + t;
+        for (int h = 0; h < Hq; h++) {
+            float *q = pr + (size_t)h * 2 * D;
+            rmsnorm(q, q, L->q_norm1, D, eps);
+            rope(q, pos, s, half);
+        }
+        const int slot = pos % s->ring;
+        float *kr = ls->pk + (size_t)ls->n_part * KV, *vr = ls->pv + (size_t)ls->n_part * KV;
+        for (int h = 0; h < Hkv; h++) rmsnorm(kr + h * D, pr + 2 * QD + h * D, L->k_norm1, D, eps);
+        memcpy(vr, pr + 2 * QD + KV, (size_t)KV * 4);
+        float *kd = ls->k + (size_t)slot * KV, *vd = ls->v + (size_t)slot * KV;
+        memcpy(kd, kr, (size_t)KV * 4);
+        for (int h = 0; h < Hkv; h++) rope(kd + h * D, pos, s, half);
+        memcpy(vd, vr, (size_t)KV * 4);
+        if (++ls->n_part == S) { /* block complete: mean-pool */
+            float *mk = s->bm_k + (size_t)nb * KV, *mv = s->bm_v + (size_t)nb * KV;
+            for (int c = 0; c < KV; c++) {
+                float a = 0.0f, b = 0.0f;
+                for (int i = 0; i < S; i++) { a += ls->pk[(size_t)i * KV + c]; b += ls->pv[(size_t)i * KV + c]; }
+                mk[c] = a / (float)S;
+                mv[c] = b / (float)S;
+            }
+            s->bm_idx[nb++] = ls->n_blocks++;
+            ls->n_part = 0;
+        }
+    }
+    if (nb) {
+        matmul(&L->w_ck, s->bm_k, KV, nb, s->bc_k, KV);
+        matmul(&L->w_cv, s->bm_v, KV, nb, s->bc_v, KV);
+        for (int b = 0; b < nb; b++) {
+            const int j = s->bm_idx[b];
+            float *kc = ls->kc + (size_t)j * KV, *vc = ls->vc + (size_t)j * KV;
+            memcpy(kc, s->bc_k + (size_t)b * KV, (size_t)KV * 4);
+            memcpy(vc, s->bc_v + (size_t)b * KV, (size_t)KV * 4);
+            for (int h = 0; h < Hkv; h++) rope(kc + h * D, j * S + S / 2, s, half);
+        }
+    }
+    const int rep = Hq / Hkv;
+#pragma omp parallel for schedule(static) if ((double)T * (W + pos0 / S + 1) * Hq * D >= g_par_min)
+    for (int h = 0; h < Hq; h++) {
+        float *att = s->att + (size_t)thread_id() * s->att_len;
+        float *tmp = s->hd + (size_t)thread_id() * s->hd_len;
+        float *loc = tmp, *cmp = tmp + D;
+        const int kvh = h / rep;
+        for (int t = 0; t < T; t++) {
+            const int pos = pos0 + t;
+            const float *pr = s->proj + (size_t)t * P;
+            const float *q = pr + (size_t)h * 2 * D;
+            int lo = pos - W + 1;
+            if (lo < 0) lo = 0;
+            attend_ring(loc, q, ls->k, ls->v, s->ring, lo, pos, kvh * D, KV, D, scale, att);
+            const int nvis = pos / S;
+            if (nvis > 0) attend(cmp, q, ls->kc + kvh * D, ls->vc + kvh * D, KV, nvis, D, scale, att);
+            else memset(cmp, 0, (size_t)D * 4);
+            const float *bl = pr + 2 * QD + 2 * KV + h * D, *gate = q + D;
+            float *o = s->mo + (size_t)t * QD + h * D, *sb = cmp + D, *sg = sb + D;
+            vsigmoid(sb, bl, D);
+            vsigmoid(sg, gate, D);
+            for (int i = 0; i < D; i++) o[i] = (sb[i] * cmp[i] + (1.0f - sb[i]) * loc[i]) * sg[i];
+        }
+    }
+}
+
+/* Run T (<= chunk) tokens at positions s->pos.. ; logits for the last token (all_logits=0) into
+ * s->logits[0..V) or for every token (all_logits=1) into s->logits[t*V..]. */
+static void forward(const Model *m, State *s, const int *tok, int T, int all_logits) {
+    const int H = m->dim, I = m->inter, pos0 = s->pos;
+    const float eps = (float)m->eps;
+    for (int t = 0; t < T; t++) mat_row(&m->embed, tok[t], s->h + (size_t)t * H);
+    for (int l = 0; l < m->n_layers; l++) {
+        const Layer *L = &m->layers[l];
+        LayerState *ls = &s->ls[l];
+        for (int t = 0; t < T; t++) rmsnorm(s->xn + (size_t)t * H, s->h + (size_t)t * H, L->in_ln1, H, eps);
+        const int P = L->w_in.rows;
+        matmul(&L->w_in, s->xn, H, T, s->proj, P);
+        int O;
+        if (L->type == MIX_LINEAR) { mixer_linear(m, L, ls, s, T); O = m->lv_heads * m->lv_dim; }
+        else if (L->type == MIX_FULL) { mixer_full(m, L, ls, s, T, pos0); O = m->q_dim; }
+        else { mixer_csa(m, L, ls, s, T, pos0); O = m->q_dim; }
+        matmul(&L->w_out, s->mo, O, T, s->y, H);
+        for (int t = 0; t < T; t++) {
+            float *h = s->h + (size_t)t * H;
+            const float *y = s->y + (size_t)t * H;
+            if (m->hyper) for (int i = 0; i < H; i++) h[i] = L->mix_r1[i] * h[i] + L->mix_s1[i] * y[i];
+            else for (int i = 0; i < H; i++) h[i] += y[i];
+            rmsnorm(s->xn + (size_t)t * H, h, L->post_ln1, H, eps);
+        }
+        matmul(&L->w_gu, s->xn, H, T, s->proj, 2 * I);
+        for (int t = 0; t < T; t++) {
+            float *g = s->proj + (size_t)t * 2 * I;
+            vsilu_mul(g, g, g + I, I);
+        }
+        matmul(&L->w_down, s->proj, 2 * I, T, s->y, H);
+        for (int t = 0; t < T; t++) {
+            float *h = s->h + (size_t)t * H;
+            const float *y = s->y + (size_t)t * H;
+            if (m->hyper) for (int i = 0; i < H; i++) h[i] = L->mlp_r1[i] * h[i] + L->mlp_s1[i] * y[i];
+            else for (int i = 0; i < H; i++) h[i] += y[i];
+        }
+    }
+    const int t0 = all_logits ? 0 : T - 1, nt = T - t0;
+    for (int t = t0; t < T; t++) rmsnorm(s->xn + (size_t)(t - t0) * H, s->h + (size_t)t * H, m->final_norm1, H, eps);
+    matmul(&m->lm_head, s->xn, H, nt, s->logits, m->vocab);
+    s->pos += T;
+}
+
+/* feed n tokens in chunks; logits of the last token end in s->logits */
+static void prefill(const Model *m, State *s, const int *tok, int n) {
+    for (int i = 0; i < n; i += s->chunk) {
+        int T = n - i < s->chunk ? n - i : s->chunk;
+        forward(m, s, tok + i, T, 0);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* tokenizer                                                                                   */
+/* ------------------------------------------------------------------------------------------ */
+enum { TT_NORMAL = 1, TT_UNKNOWN = 2, TT_CONTROL = 3, TT_USER = 4, TT_UNUSED = 5, TT_BYTE = 6 };
+typedef struct {
+    int n, max_len, bos, eos, unk, byte0, flags;
+    const uint8_t **str;  /* pointers into the file image */
+    int *len;
+    float *score;
+    uint8_t *type;
+    int *sorted;          /* ids of mergeable tokens sorted by bytes */
+    int n_sorted;
+    int n_markers;
+    const uint8_t **mk_key, **mk_val;
+    int *mk_key_len, *mk_val_len;
+    uint8_t *image;
+    size_t size;
+} Tokenizer;
+
+static const Tokenizer *g_tok_cmp;
+static int cmp_bytes(const uint8_t *a, int la, const uint8_t *b, int lb) {
+    int n = la < lb ? la : lb, c = memcmp(a, b, (size_t)n);
+    return c ? c : (la > lb) - (la < lb);
+}
+static int cmp_tok(const void *a, const void *b) {
+    int x = *(const int *)a, y = *(const int *)b;
+    return cmp_bytes(g_tok_cmp->str[x], g_tok_cmp->len[x], g_tok_cmp->str[y], g_tok_cmp->len[y]);
+}
+
+static void free_tokenizer(Tokenizer *t) {
+    free(t->str); free(t->len); free(t->score); free(t->type); free(t->sorted);
+    free(t->mk_key); free(t->mk_val); free(t->mk_key_len); free(t->mk_val_len);
+    free(t->image);
+    memset(t, 0, sizeof(*t));
+}
+
+/* Parse a tokenizer image (takes ownership of img). Returns 0 or -1 with err. */
+static int tokenizer_init(Tokenizer *t, uint8_t *img, size_t size, char *err, size_t errn) {
+    memset(t, 0, sizeof(*t));
+    t->image = img;
+    t->size = size;
+    if (size < TK_HEADER_SIZE || rd_u32(img) != TK_MAGIC) { set_err(err, errn, "%s: bad tokenizer magic or size %lld", "tokenizer", (long long)size); goto fail; }
+    if (rd_u32(img + 4) != TK_VERSION) { set_err(err, errn, "%s: unsupported tokenizer version %lld", "tokenizer", rd_u32(img + 4)); goto fail; }
+    if (rd_u32(img + 8) != TK_HEADER_SIZE) { set_err(err, errn, "%s: bad tokenizer header size %lld", "tokenizer", rd_u32(img + 8)); goto fail; }
+    t->n = rd_i32(img + 12);
+    t->max_len = rd_i32(img + 16);
+    t->bos = rd_i32(img + 20);
+    t->eos = rd_i32(img + 24);
+    t->unk = rd_i32(img + 28);
+    t->byte0 = rd_i32(img + 32);
+    t->flags = rd_i32(img + 36);
+    t->n_markers = rd_i32(img + 40);
+    if (t->n < 1 || t->n > (1 << 22) || t->max_len < 1 || t->max_len > 65536 || t->n_markers < 0 || t->n_markers > 1024 ||
+        t->bos < -1 || t->bos >= t->n || t->eos < -1 || t->eos >= t->n || t->unk < -1 || t->unk >= t->n ||
+        t->byte0 < -1 || (t->byte0 >= 0 && t->byte0 + 256 > t->n)) {
+        set_err(err, errn, "%s: tokenizer header out of range (vocab %lld)", "tokenizer", t->n);
+        goto fail;
+    }
+    t->str = (const uint8_t **)calloc((size_t)t->n, sizeof(*t->str));
+    t->len = (int *)calloc((size_t)t->n, sizeof(int));
+    t->score = (float *)calloc((size_t)t->n, sizeof(float));
+    t->type = (uint8_t *)calloc((size_t)t->n, 1);
+    t->sorted = (int *)calloc((size_t)t->n, sizeof(int));
+    t->mk_key = (const uint8_t **)calloc((size_t)t->n_markers + 1, sizeof(*t->mk_key));
+    t->mk_val = (const uint8_t **)calloc((size_t)t->n_markers + 1, sizeof(*t->mk_val));
+    t->mk_key_len = (int *)calloc((size_t)t->n_markers + 1, sizeof(int));
+    t->mk_val_len = (int *)calloc((size_t)t->n_markers + 1, sizeof(int));
+    if (!t->str || !t->len || !t->score || !t->type || !t->sorted || !t->mk_key || !t->mk_val || !t->mk_key_len || !t->mk_val_len) {
+        set_err(err, errn, "%s: out of memory%lld", "tokenizer", 0);
+        goto fail;
+    }
+    size_t off = TK_HEADER_SIZE;
+    for (int i = 0; i < t->n; i++) {
+        if (size - off < 9) { set_err(err, errn, "%s: truncated at token %lld", "tokenizer", i); goto fail; }
+        t->score[i] = rd_f32(img + off);
+        uint32_t len = rd_u32(img + off + 4);
+        t->type[i] = img[off + 8];
+        off += 9;
+        if (len > (uint32_t)t->max_len || len > size - off) { set_err(err, errn, "%s: bad length for token %lld", "tokenizer", i); goto fail; }
+        t->str[i] = img + off;
+        t->len[i] = (int)len;
+        off += len;
+        if ((t->type[i] == TT_NORMAL || t->type[i] == TT_USER) && len > 0) t->sorted[t->n_sorted++] = i;
+    }
+    for (int i = 0; i < t->n_markers; i++) {
+        for (int kv = 0; kv < 2; kv++) {
+            if (size - off < 4) { set_err(err, errn, "%s: truncated marker %lld", "tokenizer", i); goto fail; }
+            uint32_t len = rd_u32(img + off);
+            off += 4;
+            if (len > size - off || len > 65536) { set_err(err, errn, "%s: bad marker length %lld", "tokenizer", i); goto fail; }
+            if (kv == 0) { t->mk_key[i] = img + off; t->mk_key_len[i] = (int)len; }
+            else { t->mk_val[i] = img + off; t->mk_val_len[i] = (int)len; }
+            off += len;
+        }
+    }
+    if (off != size) { set_err(err, errn, "%s: %lld trailing bytes", "tokenizer", (long long)(size - off)); goto fail; }
+    g_tok_cmp = t;
+    qsort(t->sorted, (size_t)t->n_sorted, sizeof(int), cmp_tok);
+    return 0;
+fail:
+    free_tokenizer(t);
+    return -1;
+}
+
+static int tok_lookup(const Tokenizer *t, const uint8_t *s, int len) {
+    int lo = 0, hi = t->n_sorted - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2, id = t->sorted[mid];
+        int c = cmp_bytes(t->str[id], t->len[id], s, len);
+        if (c == 0) return id;
+        if (c < 0) lo = mid + 1; else hi = mid - 1;
+    }
+    return -1;
+}
+
+static const char *tok_marker(const Tokenizer *t, const char *key, int *len) {
+    for (int i = 0; i < t->n_markers; i++)
+        if ((size_t)t->mk_key_len[i] == strlen(key) && !memcmp(t->mk_key[i], key, strlen(key))) {
+            *len = t->mk_val_len[i];
+            return (const char *)t->mk_val[i];
+        }
+    return NULL;
+}
+
+/* Encode text (HF Llama semantics: "\xe2\x96\x81" for spaces, a dummy prefix unless the text
+ * already starts with a space, per-character lookup with byte fallback, then BPE merges by
+ * highest score, leftmost first). Returns number of ids written to out (capacity cap). */
+static int encode(const Tokenizer *t, const char *text, size_t tlen, int add_bos, int *out, int cap) {
+    int n = 0;
+    if (add_bos && t->bos >= 0 && n < cap) out[n++] = t->bos;
+    if (tlen == 0) return n;
+    /* normalise */
+    size_t nl = tlen * 3 + 4;
+    uint8_t *norm = (uint8_t *)malloc(nl);
+    if (!norm) return n;
+    size_t p = 0;
+    if ((t->flags & 1) && !((t->flags & 4) && text[0] == ' ')) { memcpy(norm, "\xe2\x96\x81", 3); p = 3; }
+    for (size_t i = 0; i < tlen; i++) {
+        if (text[i] == ' ') { memcpy(norm + p, "\xe2\x96\x81", 3); p += 3; }
+        else norm[p++] = (uint8_t)text[i];
+    }
+    /* symbols: spans into a working buffer; each symbol = token id */
+    int *ids = (int *)malloc(sizeof(int) * (p + 1));
+    float *best = (float *)malloc(sizeof(float) * (p + 1));
+    int *bid = (int *)malloc(sizeof(int) * (p + 1));
+    uint8_t *buf = (uint8_t *)malloc((size_t)2 * t->max_len + 8);
+    if (!ids || !best || !bid || !buf) { free(norm); free(ids); free(best); free(bid); free(buf); return n; }
+    int ns = 0;
+    for (size_t i = 0; i < p;) {
+        size_t cl = 1;
+        uint8_t c0 = norm[i];
+        if (c0 >= 0xF0) cl = 4; else if (c0 >= 0xE0) cl = 3; else if (c0 >= 0xC0) cl = 2;
+        if (i + cl > p) cl = p - i;
+        for (size_t j = 1; j < cl; j++) if ((norm[i + j] & 0xC0) != 0x80) { cl = j; break; }
+        int id = tok_lookup(t, norm + i, (int)cl);
+        if (id >= 0) ids[ns++] = id;
+        else if (t->byte0 >= 0) for (size_t j = 0; j < cl; j++) ids[ns++] = t->byte0 + norm[i + j];
+        else if (t->unk >= 0) ids[ns++] = t->unk;
+        i += cl;
+    }
+    /* pair scores */
+#define PAIR(i)                                                                                  \
+    do {                                                                                         \
+        int a = ids[i], b = ids[(i) + 1], la = t->len[a], lb = t->len[b];                       \
+        best[i] = -INFINITY; bid[i] = -1;                                                        \
+        if (t->type[a] != TT_BYTE && t->type[b] != TT_BYTE && la + lb <= t->max_len) {           \
+            memcpy(buf, t->str[a], (size_t)la); memcpy(buf + la, t->str[b], (size_t)lb);          \
+            int id = tok_lookup(t, buf, la + lb);                                                \
+            if (id >= 0 && t->score[id] > -1e29f) { best[i] = t->score[id]; bid[i] = id; }       \
+        }                                                                                        \
+    } while (0)
+    for (int i = 0; i + 1 < ns; i++) PAIR(i);
+    for (;;) {
+        int bi = -1;
+        float bs = -INFINITY;
+        for (int i = 0; i + 1 < ns; i++) if (bid[i] >= 0 && best[i] > bs) { bs = best[i]; bi = i; }
+        if (bi < 0) break;
+        ids[bi] = bid[bi];
+        memmove(ids + bi + 1, ids + bi + 2, sizeof(int) * (size_t)(ns - bi - 2));
+        if (ns - bi - 3 > 0) {
+            memmove(best + bi + 1, best + bi + 2, sizeof(float) * (size_t)(ns - bi - 3));
+            memmove(bid + bi + 1, bid + bi + 2, sizeof(int) * (size_t)(ns - bi - 3));
+        }
+        ns--;
+        if (bi > 0) PAIR(bi - 1);
+        if (bi + 1 < ns) PAIR(bi);
+    }
+#undef PAIR
+    for (int i = 0; i < ns && n < cap; i++) out[n++] = ids[i];
+    free(norm); free(ids); free(best); free(bid); free(buf);
+    return n;
+}
+
+/* write the text of token id; *first: strip one leading space from the first printed piece */
+static void decode_piece(const Tokenizer *t, int id, int *first, FILE *f) {
+    if (id < 0 || id >= t->n) return;
+    int ty = t->type[id];
+    if (ty == TT_CONTROL || ty == TT_UNKNOWN || ty == TT_UNUSED) return;
+    if (ty == TT_BYTE) { fputc(t->byte0 >= 0 ? id - t->byte0 : '?', f); *first = 0; return; }
+    const uint8_t *s = t->str[id];
+    int len = t->len[id];
+    for (int i = 0; i < len; i++) {
+        if (i + 2 < len && s[i] == 0xE2 && s[i + 1] == 0x96 && s[i + 2] == 0x81) {
+            if (!(*first && (t->flags & 1))) fputc(' ', f);
+            i += 2;
+        } else {
+            fputc(s[i], f);
+        }
+        *first = 0;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* sampling                                                                                    */
+/* ------------------------------------------------------------------------------------------ */
+static uint64_t g_rng = 0x853c49e6748fea9bULL;
+static uint32_t rng_u32(void) {
+    g_rng ^= g_rng >> 12; g_rng ^= g_rng << 25; g_rng ^= g_rng >> 27;
+    return (uint32_t)((g_rng * 0x2545F4914F6CDD1DULL) >> 32);
+}
+static float rng_f32(void) { return (rng_u32() >> 8) / 16777216.0f; }
+
+typedef struct { float p; int i; } ProbIdx;
+static int cmp_prob(const void *a, const void *b) {
+    float x = ((const ProbIdx *)a)->p, y = ((const ProbIdx *)b)->p;
+    return (x < y) - (x > y);
+}
+
+static int argmax(const float *x, int n) {
+    int b = 0;
+    for (int i = 1; i < n; i++) if (x[i] > x[b]) b = i;
+    return b;
+}
+
+static int sample(float *logits, int n, float temp, int top_k, float top_p, ProbIdx *pi) {
+    if (temp <= 0.0f) return argmax(logits, n);
+    float mx = -INFINITY;
+    for (int i = 0; i < n; i++) if (logits[i] > mx) mx = logits[i];
+    double sum = 0;
+    for (int i = 0; i < n; i++) { logits[i] = expf((logits[i] - mx) / temp); sum += logits[i]; }
+    int m = 0;
+    for (int i = 0; i < n; i++) { pi[m].p = (float)(logits[i] / sum); pi[m].i = i; m++; }
+    if ((top_k > 0 && top_k < n) || (top_p > 0.0f && top_p < 1.0f)) {
+        qsort(pi, (size_t)m, sizeof(ProbIdx), cmp_prob);
+        if (top_k > 0 && top_k < m) m = top_k;
+        if (top_p > 0.0f && top_p < 1.0f) {
+            double c = 0;
+            int k = 0;
+            for (; k < m; k++) { c += pi[k].p; if (c >= top_p) { k++; break; } }
+            m = k < m ? k : m;
+        }
+    }
+    double tot = 0;
+    for (int i = 0; i < m; i++) tot += pi[i].p;
+    double r = rng_f32() * tot, c = 0;
+    for (int i = 0; i < m; i++) { c += pi[i].p; if (r < c) return pi[i].i; }
+    return pi[m - 1].i;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* main                                                                                        */
+/* ------------------------------------------------------------------------------------------ */
+static void usage(void) {
+    fprintf(stderr,
+        "usage: run model.bin [options]\n"
+        "  -m MODE          generate (default) | chat | encode | decode | logits\n"
+        "  -i TEXT          prompt text (needs -z); in encode mode the text to encode\n"
+        "  -z FILE          tokenizer.bin\n"
+        "  --ids \"1 2 3\"    prompt as token ids (no tokenizer needed); decode mode: ids to decode\n"
+        "  -n N             tokens to generate (default 256)\n"
+        "  -t T             temperature (default 1.0; 0 = greedy)\n"
+        "  -k K             top-k (default 0 = off)\n"
+        "  -p P             top-p (default 0.9; 1 = off)\n"
+        "  -s SEED          random seed (default: time)\n"
+        "  -T THREADS       OpenMP threads (default: OMP_NUM_THREADS or all cores)\n"
+        "  --chunk N        prefill chunk size (default 256; 1 = token by token)\n"
+        "  --no-bos         do not prepend BOS to a text prompt\n"
+        "  --ignore-eos     keep generating after EOS\n"
+        "  --print-ids      print generated token ids (one line) instead of text\n"
+        "  --logits-for \"ids\" --logits-out FILE   write float32 logits [n_ids, vocab] for every position\n"
+        "  --stats          print prefill / decode speed to stderr\n"
+        "Prompts longer than the context keep their last (max_position_embeddings - n) tokens\n"
+        "(at least one token; n shrinks to fit); generation stops at max_position_embeddings.\n");
+}
+
+static int *parse_ids(const char *s, int *n) {
+    int cap = 16, k = 0;
+    int *v = (int *)malloc(sizeof(int) * cap);
+    if (!v) return NULL;
+    const char *p = s;
+    while (*p) {
+        while (*p == ' ' || *p == ',' || *p == '\t' || *p == '\n') p++;
+        if (!*p) break;
+        char *e;
+        long x = strtol(p, &e, 10);
+        if (e == p) { free(v); return NULL; }
+        if (k == cap) { cap *= 2; int *nv = (int *)realloc(v, sizeof(int) * cap); if (!nv) { free(v); return NULL; } v = nv; }
+        v[k++] = (int)x;
+        p = e;
+    }
+    *n = k;
+    return v;
+}
+
+static uint8_t *read_file(const char *path, size_t *size) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    if (fseek(f, 0, SEEK_END) != 0) { fclose(f); return NULL; }
+    long n = ftell(f);
+    if (n < 0) { fclose(f); return NULL; }
+    rewind(f);
+    uint8_t *b = (uint8_t *)malloc((size_t)n + 1);
+    if (b && fread(b, 1, (size_t)n, f) != (size_t)n) { free(b); b = NULL; }
+    fclose(f);
+    *size = (size_t)n;
+    return b;
+}
+
+#ifndef LT_NO_MAIN
+static int check_ids(const Model *m, const int *ids, int n) {
+    for (int i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= m->vocab) { fprintf(stderr, "error: token id %d out of range [0, %d)\n", ids[i], m->vocab); return -1; }
+    return 0;
+}
+
+#if defined(_OPENMP) && defined(__linux__)
+/* OpenMP teams spin at barriers by default: best on an idle machine, but when other processes
+ * keep the cores busy a spinning thread burns the time slice its partner needs and decode gets
+ * 10-30x slower.  libgomp reads its wait policy once at start-up, so when neither
+ * OMP_WAIT_POLICY nor GOMP_SPINCOUNT is set and the load average says the cores are busy, the
+ * program re-executes itself once with OMP_WAIT_POLICY=passive (LT_NO_REEXEC=1 disables this). */
+static void maybe_reexec_passive(char **argv) {
+    if (getenv("OMP_WAIT_POLICY") || getenv("GOMP_SPINCOUNT") || getenv("LT_NO_REEXEC")) return;
+    FILE *f = fopen("/proc/loadavg", "r");
+    double load = 0;
+    if (!f) return;
+    int ok = fscanf(f, "%lf", &load) == 1;
+    fclose(f);
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    if (!ok || ncpu < 1 || load < (double)ncpu - 0.5) return;
+    setenv("OMP_WAIT_POLICY", "passive", 1);
+    setenv("LT_NO_REEXEC", "1", 1);
+    execv("/proc/self/exe", argv); /* returns only on failure: carry on as we are */
+}
+#endif
+
+int main(int argc, char **argv) {
+#if defined(_OPENMP) && defined(__linux__)
+    maybe_reexec_passive(argv);
+#endif
+    if (argc < 2) { usage(); return 1; }
+    const char *model_path = argv[1], *mode = "generate", *prompt = NULL, *tok_path = NULL, *ids_str = NULL;
+    const char *logits_for = NULL, *logits_out = NULL;
+    int steps = 256, top_k = 0, threads = 0, chunk = 256, no_bos = 0, ignore_eos = 0, print_ids = 0, stats = 0;
+    float temp = 1.0f, top_p = 0.9f;
+    unsigned long long seed = (unsigned long long)time(NULL);
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+#define NEEDV() do { if (!v) { fprintf(stderr, "error: %s needs a value\n", a); return 1; } i++; } while (0)
+        if (!strcmp(a, "-m")) { NEEDV(); mode = v; }
+        else if (!strcmp(a, "-i")) { NEEDV(); prompt = v; }
+        else if (!strcmp(a, "-z")) { NEEDV(); tok_path = v; }
+        else if (!strcmp(a, "--ids")) { NEEDV(); ids_str = v; }
+        else if (!strcmp(a, "-n")) { NEEDV(); steps = atoi(v); }
+        else if (!strcmp(a, "-t")) { NEEDV(); temp = (float)atof(v); }
+        else if (!strcmp(a, "-k")) { NEEDV(); top_k = atoi(v); }
+        else if (!strcmp(a, "-p")) { NEEDV(); top_p = (float)atof(v); }
+        else if (!strcmp(a, "-s")) { NEEDV(); seed = strtoull(v, NULL, 10); }
+        else if (!strcmp(a, "-T")) { NEEDV(); threads = atoi(v); }
+        else if (!strcmp(a, "--chunk")) { NEEDV(); chunk = atoi(v); }
+        else if (!strcmp(a, "--no-bos")) no_bos = 1;
+        else if (!strcmp(a, "--ignore-eos")) ignore_eos = 1;
+        else if (!strcmp(a, "--print-ids")) print_ids = 1;
+        else if (!strcmp(a, "--stats")) stats = 1;
+        else if (!strcmp(a, "--logits-for")) { NEEDV(); logits_for = v; mode = "logits"; }
+        else if (!strcmp(a, "--logits-out")) { NEEDV(); logits_out = v; }
+        else if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(); return 0; }
+        else { fprintf(stderr, "error: unknown option %s\n", a); usage(); return 1; }
+#undef NEEDV
+    }
+    if (steps < 0) steps = 0;
+    if (getenv("LT_PAR_MIN")) g_par_min = atof(getenv("LT_PAR_MIN"));
+    g_rng = seed * 0x9E3779B97F4A7C15ULL + 1;
+#ifdef _OPENMP
+    if (threads > 0) omp_set_num_threads(threads);
+#else
+    (void)threads;
+#endif
+    char err[512] = {0};
+    Tokenizer tk;
+    int have_tok = 0;
+    if (tok_path) {
+        size_t tsz;
+        uint8_t *img = read_file(tok_path, &tsz);
+        if (!img) { fprintf(stderr, "error: cannot read %s: %s\n", tok_path, strerror(errno)); return 1; }
+        if (tokenizer_init(&tk, img, tsz, err, sizeof err)) { fprintf(stderr, "error: %s\n", err); return 1; }
+        have_tok = 1;
+    }
+    /* tokenizer-only modes (model path may be "-") */
+    if (!strcmp(mode, "encode") || !strcmp(mode, "decode")) {
+        if (!have_tok) { fprintf(stderr, "error: %s mode needs -z tokenizer.bin\n", mode); return 1; }
+        if (!strcmp(mode, "encode")) {
+            if (!prompt) { fprintf(stderr, "error: encode mode needs -i TEXT\n"); return 1; }
+            size_t L = strlen(prompt);
+            int *ids = (int *)malloc(sizeof(int) * (L * 4 + 8));
+            int n = encode(&tk, prompt, L, !no_bos, ids, (int)(L * 4 + 8));
+            for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
+            printf("\n");
+            free(ids);
+        } else {
+            int n = 0, *ids = parse_ids(ids_str ? ids_str : "", &n), first = 1;
+            if (!ids) { fprintf(stderr, "error: bad --ids\n"); return 1; }
+            for (int i = 0; i < n; i++) decode_piece(&tk, ids[i], &first, stdout);
+            free(ids);
+        }
+        free_tokenizer(&tk);
+        return 0;
+    }
+
+    int fd = open(model_path, O_RDONLY);
+    if (fd < 0) { fprintf(stderr, "error: cannot open %s: %s\n", model_path, strerror(errno)); return 1; }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || st.st_size <= 0) { fprintf(stderr, "error: cannot stat %s or empty file\n", model_path); close(fd); return 1; }
+    size_t fsize = (size_t)st.st_size;
+    void *map = mmap(NULL, fsize, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (map == MAP_FAILED) { fprintf(stderr, "error: mmap failed: %s\n", strerror(errno)); return 1; }
+    Model m;
+    if (model_init(&m, (const uint8_t *)map, fsize, err, sizeof err)) {
+        fprintf(stderr, "error: %s\n", err);
+        munmap(map, fsize);
+        return 1;
+    }
+    State s;
+    if (!strcmp(mode, "logits")) {
+        int n = 0, *ids = parse_ids(logits_for ? logits_for : "", &n);
+        if (!ids || n == 0 || !logits_out) { fprintf(stderr, "error: --logits-for needs ids and --logits-out FILE\n"); return 1; }
+        if (check_ids(&m, ids, n)) return 1;
+        if (n > m.max_pos) { fprintf(stderr, "error: %d ids exceed max_position_embeddings %d\n", n, m.max_pos); return 1; }
+        if (state_init(&s, &m, chunk, 1, err, sizeof err)) { fprintf(stderr, "error: %s\n", err); return 1; }
+        FILE *f = fopen(logits_out, "wb");
+        if (!f) { fprintf(stderr, "error: cannot write %s\n", logits_out); return 1; }
+        for (int i = 0; i < n; i += s.chunk) {
+            int T = n - i < s.chunk ? n - i : s.chunk;
+            forward(&m, &s, ids + i, T, 1);
+            if (fwrite(s.logits, sizeof(float), (size_t)T * m.vocab, f) != (size_t)T * m.vocab) { fprintf(stderr, "error: write failed\n"); return 1; }
+        }
+        fclose(f);
+        free(ids);
+        return 0;
+    }
+    if (state_init(&s, &m, chunk, 0, err, sizeof err)) { fprintf(stderr, "error: %s\n", err); return 1; }
+    ProbIdx *pi = (ProbIdx *)malloc(sizeof(ProbIdx) * (size_t)m.vocab);
+    int *seq = (int *)malloc(sizeof(int) * ((size_t)m.max_pos + 1));
+    if (!pi || !seq) { fprintf(stderr, "error: out of memory\n"); return 1; }
+
+    if (!strcmp(mode, "generate")) {
+        int n = 0, *pr = NULL;
+        if (ids_str) {
+            pr = parse_ids(ids_str, &n);
+            if (!pr) { fprintf(stderr, "error: bad --ids\n"); return 1; }
+        } else {
+            if (!have_tok) { fprintf(stderr, "error: a text prompt needs -z tokenizer.bin (or use --ids)\n"); return 1; }
+            const char *text = prompt ? prompt : "";
+            size_t L = strlen(text);
+            pr = (int *)malloc(sizeof(int) * (L * 4 + 8));
+            n = encode(&tk, text, L, !no_bos, pr, (int)(L * 4 + 8));
+        }
+        if (n == 0) { if (m.bos < 0) { fprintf(stderr, "error: empty prompt and no BOS\n"); return 1; } pr[0] = m.bos; n = 1; }
+        if (check_ids(&m, pr, n)) return 1;
+        int start = 0;
+        if (n + steps > m.max_pos) {
+            int keep = m.max_pos - steps;
+            if (keep < 1) keep = 1;
+            if (n > keep) {
+                start = n - keep;
+                fprintf(stderr, "warning: prompt of %d tokens truncated to its last %d (context %d, %d steps)\n", n, keep, m.max_pos, steps);
+                n = keep;
+            }
+            if (steps > m.max_pos - n) steps = m.max_pos - n;
+        }
+        memcpy(seq, pr + start, sizeof(int) * (size_t)n);
+        int first = 1;
+        if (!print_ids && have_tok) for (int i = 0; i < n; i++) decode_piece(&tk, seq[i], &first, stdout);
+        fflush(stdout);
+        double t0 = now_s();
+        prefill(&m, &s, seq, n);
+        double t1 = now_s();
+        int gen = 0;
+        for (; gen < steps; gen++) {
+            int next = sample(s.logits, m.vocab, temp, top_k, top_p, pi);
+            seq[n + gen] = next;
+            if (print_ids) printf(gen ? " %d" : "%d", next);
+            else if (have_tok) decode_piece(&tk, next, &first, stdout);
+            else printf("%d ", next);
+            fflush(stdout);
+            if (next == m.eos && !ignore_eos) { gen++; break; }
+            if (gen + 1 < steps) forward(&m, &s, &next, 1, 0);
+        }
+        double t2 = now_s();
+        printf("\n");
+        if (stats) {
+            const char *wp = getenv("OMP_WAIT_POLICY");
+            fprintf(stderr, "threads: %d, OMP_WAIT_POLICY=%s\n", n_threads(), wp ? wp : "(default)");
+            fprintf(stderr, "prefill: %d tokens in %.3f s (%.1f tok/s)\n", n, t1 - t0, n / (t1 - t0));
+            fprintf(stderr, "decode: %d tokens in %.3f s (%.1f tok/s)\n", gen, t2 - t1, gen > 1 ? (gen - 1) / (t2 - t1) : 0.0);
+        }
+        free(pr);
+        return 0;
+    }
+    if (!strcmp(mode, "chat")) {
+        /* Placeholder: the chat template is defined by a later issue. Markers come from
+         * tokenizer.bin (keys user_prefix, user_suffix, assistant_prefix, assistant_suffix);
+         * absent markers are empty. The conversation is one growing sequence. */
+        if (!have_tok) { fprintf(stderr, "error: chat mode needs -z tokenizer.bin\n"); return 1; }
+        int ml;
+        const char *k_up = "user_prefix", *k_us = "user_suffix", *k_ap = "assistant_prefix";
+        char line[8192];
+        int *buf = (int *)malloc(sizeof(int) * (sizeof(line) * 4 + 4096));
+        if (!buf) { fprintf(stderr, "error: out of memory\n"); return 1; }
+        if (m.bos >= 0) { buf[0] = m.bos; prefill(&m, &s, buf, 1); }
+        for (;;) {
+            fprintf(stdout, "> ");
+            fflush(stdout);
+            if (!fgets(line, sizeof line, stdin)) break;
+            size_t L = strlen(line);
+            while (L && (line[L - 1] == '\n' || line[L - 1] == '\r')) line[--L] = 0;
+            char text[8192 * 2 + 1024];
+            size_t p = 0;
+            const char *mk;
+            if ((mk = tok_marker(&tk, k_up, &ml)) && p + ml < sizeof text) { memcpy(text + p, mk, (size_t)ml); p += ml; }
+            if (p + L < sizeof text) { memcpy(text + p, line, L); p += L; }
+            if ((mk = tok_marker(&tk, k_us, &ml)) && p + ml < sizeof text) { memcpy(text + p, mk, (size_t)ml); p += ml; }
+            if ((mk = tok_marker(&tk, k_ap, &ml)) && p + ml < sizeof text) { memcpy(text + p, mk, (size_t)ml); p += ml; }
+            int k = encode(&tk, text, p, 0, buf, (int)(sizeof(line) * 4 + 4096));
+            if (s.pos + k + 1 >= m.max_pos) { fprintf(stdout, "[context full]\n"); break; }
+            prefill(&m, &s, buf, k);
+            int first = 1;
+            for (int g = 0; g < steps && s.pos < m.max_pos; g++) {
+                int next = sample(s.logits, m.vocab, temp, top_k, top_p, pi);
+                if (next == m.eos) { forward(&m, &s, &next, 1, 0); break; }
+                decode_piece(&tk, next, &first, stdout);
+                fflush(stdout);
+                forward(&m, &s, &next, 1, 0);
+            }
+            fprintf(stdout, "\n");
+        }
+        free(buf);
+        return 0;
+    }
+    fprintf(stderr, "error: unknown mode %s\n", mode);
+    return 1;
+}
+#endif

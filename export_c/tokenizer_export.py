@@ -1,0 +1,281 @@
+"""Write tokenizer.bin (read by run.c) from a SentencePiece tokenizer.model or an HF tokenizer.json.
+
+Usage:
+    python -m export_c.tokenizer_export <dir> <tokenizer.bin> [--chat-marker KEY=VALUE ...]
+                                        [--sentencepiece]
+
+Sources, in order of preference inside <dir>:
+  * tokenizer.model (SentencePiece; parsed directly from its protobuf, no extra package):
+    pieces, scores, piece types (byte pieces <0x00>..<0xFF>), BOS/EOS/UNK ids.
+  * tokenizer.json (HF `tokenizers` BPE): scores derived from merge ranks (score of a piece =
+    -rank of the first merge producing it; pieces no merge produces are never merge targets).
+By default a tokenizer.model is encoded like transformers' LlamaTokenizer (merges ranked by piece
+id); --sentencepiece follows SentencePiece itself (piece scores), as llamathink.tokenizer_utils
+does.  Encoding rule stored in flags (see README): spaces -> U+2581, a U+2581 prefix is prepended
+unless the text already starts with a space (HF Metaspace prepend_scheme="first", which is what
+transformers' LlamaTokenizer does); --sentencepiece always prepends (SentencePiece, and the
+project's own tokenizer_utils, whose tokenizer.json is detected as such automatically).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import sys
+
+TK_MAGIC = 0x4B54544C  # b"LTTK"
+TK_VERSION = 1
+TK_HEADER_SIZE = 64
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+FLAG_DUMMY_PREFIX = 1
+FLAG_BYTE_FALLBACK = 2
+FLAG_NO_PREFIX_IF_SPACE = 4
+NO_MERGE = -1e30
+# Keys the chat mode of run.c looks up (values are filled by the chat-template issue).
+CHAT_MARKER_KEYS = ("system_prefix", "system_suffix", "user_prefix", "user_suffix",
+                    "assistant_prefix", "assistant_suffix")
+
+
+class TokenizerExportError(Exception):
+    pass
+
+
+def _varint(b: bytes, i: int) -> tuple[int, int]:
+    v = shift = 0
+    while True:
+        if i >= len(b):
+            raise TokenizerExportError("truncated protobuf varint")
+        c = b[i]
+        i += 1
+        v |= (c & 0x7F) << shift
+        shift += 7
+        if not c & 0x80:
+            return v, i
+
+
+def _fields(b: bytes):
+    """Yield (field_number, wire_type, value) of a protobuf message."""
+    i = 0
+    while i < len(b):
+        key, i = _varint(b, i)
+        fn, wt = key >> 3, key & 7
+        if wt == 0:
+            v, i = _varint(b, i)
+        elif wt == 1:
+            v, i = b[i:i + 8], i + 8
+        elif wt == 2:
+            n, i = _varint(b, i)
+            v, i = b[i:i + n], i + n
+        elif wt == 5:
+            v, i = b[i:i + 4], i + 4
+        else:
+            raise TokenizerExportError(f"unsupported protobuf wire type {wt}")
+        yield fn, wt, v
+
+
+def read_sentencepiece(path: str) -> dict:
+    with open(path, "rb") as f:
+        data = f.read()
+    pieces, scores, types = [], [], []
+    trainer, normalizer = {}, {}
+    for fn, wt, v in _fields(data):
+        if fn == 1 and wt == 2:
+            piece, score, typ = b"", 0.0, NORMAL
+            for f2, w2, v2 in _fields(v):
+                if f2 == 1:
+                    piece = bytes(v2)
+                elif f2 == 2 and w2 == 5:
+                    score = struct.unpack("<f", v2)[0]
+                elif f2 == 3:
+                    typ = v2
+            pieces.append(piece)
+            scores.append(score)
+            types.append(typ)
+        elif fn == 2 and wt == 2:
+            trainer = {f2: v2 for f2, _, v2 in _fields(v)}
+        elif fn == 3 and wt == 2:
+            normalizer = {f2: v2 for f2, _, v2 in _fields(v)}
+    if not pieces:
+        raise TokenizerExportError(f"{path}: no pieces (not a SentencePiece model?)")
+
+    def sid(field, default):
+        v = trainer.get(field, default)
+        return v - (1 << 64) if isinstance(v, int) and v >= 1 << 63 else v
+
+    return dict(pieces=pieces, scores=scores, types=types,
+                unk=sid(40, 0), bos=sid(41, 1), eos=sid(42, 2),
+                byte_fallback=bool(trainer.get(35, 0)),
+                add_dummy_prefix=bool(normalizer.get(3, 1)))
+
+
+def read_hf_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        j = json.load(f)
+    model = j.get("model", {})
+    if model.get("type") != "BPE":
+        raise TokenizerExportError(f"{path}: only BPE tokenizers are supported "
+                                   f"(got {model.get('type')})")
+    vocab = model["vocab"]
+    n = max(vocab.values()) + 1
+    for t in j.get("added_tokens", []):
+        n = max(n, t["id"] + 1)
+    pieces = [b""] * n
+    types = [UNUSED] * n
+    for p, i in vocab.items():
+        pieces[i] = p.encode("utf-8")
+        types[i] = NORMAL
+    scores = [NO_MERGE] * n
+    for i, p in enumerate(pieces):
+        if len(p.decode("utf-8", "replace")) == 1:
+            scores[i] = 0.0
+    for rank, m in enumerate(model.get("merges", [])):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        i = vocab.get(a + b)
+        if i is not None and scores[i] == NO_MERGE:
+            scores[i] = -float(rank)
+    for i, p in enumerate(pieces):
+        if len(p) == 6 and p.startswith(b"<0x") and p.endswith(b">"):
+            types[i] = BYTE
+    unk = vocab.get(model.get("unk_token") or "", -1)
+    for t in j.get("added_tokens", []):
+        pieces[t["id"]] = t["content"].encode("utf-8")
+        types[t["id"]] = CONTROL if t.get("special", False) else USER_DEFINED
+        scores[t["id"]] = NO_MERGE if t.get("special", False) else 0.0
+    if 0 <= unk < n:
+        types[unk] = UNKNOWN
+    pre = j.get("pre_tokenizer") or {}
+    norm = j.get("normalizer") or {}
+    pres = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    norms = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
+    meta = [p for p in pres if p.get("type") == "Metaspace"]
+    prepend_norm = any(x.get("type") == "Prepend" for x in norms)
+    flags = 0
+    if prepend_norm:
+        # normalizer Prepend(U+2581) always adds the prefix (a Metaspace after it then sees a
+        # leading U+2581 and adds nothing more)
+        flags |= FLAG_DUMMY_PREFIX
+    elif meta and meta[0].get("prepend_scheme", "always") in ("first", "always"):
+        # Metaspace alone prepends only when the text does not already start with a space
+        flags |= FLAG_DUMMY_PREFIX | FLAG_NO_PREFIX_IF_SPACE
+    bos = eos = None
+    cfg_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path, encoding="utf-8") as f:
+            tc = json.load(f)
+
+        def tok_id(v):
+            if isinstance(v, dict):
+                v = v.get("content")
+            if isinstance(v, str):
+                for i, p in enumerate(pieces):
+                    if p == v.encode("utf-8"):
+                        return i
+            return None
+
+        bos, eos = tok_id(tc.get("bos_token")), tok_id(tc.get("eos_token"))
+    if bos is None:
+        bos = next((i for i, p in enumerate(pieces) if p == b"<s>"), -1)
+    if eos is None:
+        eos = next((i for i, p in enumerate(pieces) if p == b"</s>"), -1)
+    return dict(pieces=pieces, scores=scores, types=types, unk=unk, bos=bos, eos=eos,
+                byte_fallback=bool(model.get("byte_fallback")), flags=flags)
+
+
+def load_tokenizer(src: str, sentencepiece_rules: bool = False) -> dict:
+    sp = os.path.join(src, "tokenizer.model") if os.path.isdir(src) else src
+    if os.path.isfile(sp) and sp.endswith(".model"):
+        t = read_sentencepiece(sp)
+        if not sentencepiece_rules:
+            # transformers' LlamaTokenizer (v5) converts a SentencePiece BPE model into merges
+            # ranked by the merged piece's id, not by its score (they differ for e.g.
+            # "\u2581\u2581": score -1e9, id 259); rank by id so that encodings match it exactly.
+            t["scores"] = [-float(i) if ty in (NORMAL, USER_DEFINED) else 0.0
+                           for i, ty in enumerate(t["types"])]
+        flags = 0
+        if t["add_dummy_prefix"]:
+            flags |= FLAG_DUMMY_PREFIX
+            if not sentencepiece_rules:
+                flags |= FLAG_NO_PREFIX_IF_SPACE
+        t["flags"] = flags
+    else:
+        js = os.path.join(src, "tokenizer.json") if os.path.isdir(src) else src
+        if not os.path.isfile(js):
+            raise TokenizerExportError(f"no tokenizer.model or tokenizer.json in {src}")
+        t = read_hf_json(js)
+    if t["byte_fallback"]:
+        t["flags"] |= FLAG_BYTE_FALLBACK
+    # byte pieces must be contiguous <0x00>..<0xFF>
+    byte0 = -1
+    for i, p in enumerate(t["pieces"]):
+        if p == b"<0x00>" and t["types"][i] == BYTE:
+            byte0 = i
+            break
+    if byte0 >= 0:
+        for b in range(256):
+            i = byte0 + b
+            if i >= len(t["pieces"]) or t["pieces"][i] != f"<0x{b:02X}>".encode():
+                raise TokenizerExportError("byte pieces <0x00>..<0xFF> are not contiguous")
+    elif t["byte_fallback"]:
+        raise TokenizerExportError("byte_fallback set but no <0x00> piece")
+    t["byte0"] = byte0
+    return t
+
+
+def parse_markers(items) -> dict:
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise TokenizerExportError(f"chat marker {it!r} is not KEY=VALUE")
+        k, v = it.split("=", 1)
+        out[k] = v.encode("utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8")
+    return out
+
+
+def write_tokenizer_bin(t: dict, out_path: str, markers: dict | None = None) -> None:
+    markers = markers or {}
+    n = len(t["pieces"])
+    max_len = max(1, max(len(p) for p in t["pieces"]))
+    hdr = bytearray(TK_HEADER_SIZE)
+    struct.pack_into("<3I8i", hdr, 0, TK_MAGIC, TK_VERSION, TK_HEADER_SIZE, n, max_len,
+                     t["bos"], t["eos"], t["unk"], t["byte0"], t["flags"], len(markers))
+    body = bytearray()
+    for p, s, ty in zip(t["pieces"], t["scores"], t["types"]):
+        body += struct.pack("<fIB", s, len(p), ty) + p
+    for k, v in markers.items():
+        kb, vb = k.encode("utf-8"), v.encode("utf-8")
+        body += struct.pack("<I", len(kb)) + kb + struct.pack("<I", len(vb)) + vb
+    with open(out_path, "wb") as f:
+        f.write(bytes(hdr) + bytes(body))
+
+
+def export_tokenizer(src: str, out_path: str, markers: dict | None = None,
+                     sentencepiece_rules: bool = False) -> dict:
+    t = load_tokenizer(src, sentencepiece_rules)
+    write_tokenizer_bin(t, out_path, markers)
+    print(f"wrote {out_path}: {len(t['pieces'])} pieces, bos {t['bos']} eos {t['eos']}",
+          file=sys.stderr)
+    return t
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m export_c.tokenizer_export")
+    ap.add_argument("src", help="directory with tokenizer.model or tokenizer.json (or the file)")
+    ap.add_argument("out")
+    ap.add_argument("--chat-marker", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--sentencepiece", action="store_true",
+                    help="tokenizer.model only: encode like SentencePiece itself (and like "
+                    "llamathink.tokenizer_utils): merges by piece score, dummy prefix always; "
+                    "default: like transformers' LlamaTokenizer (merges by piece id, no prefix "
+                    "when the text starts with a space)")
+    a = ap.parse_args(argv)
+    try:
+        export_tokenizer(a.src, a.out, parse_markers(a.chat_marker), a.sentencepiece)
+    except TokenizerExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

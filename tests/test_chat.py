@@ -1,0 +1,502 @@
+"""Chat finetuning: the template (exact strings, Jinja == Python reference, C-runner composition), label masks token
+by token against apply_chat_template, data formats, truncation and skip counts, a CPU finetune that lowers the
+held-out assistant loss, exact resume, reload through AutoModelForCausalLM (trust_remote_code) and the chat CLI."""
+
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+from conftest import LLAMA2_TOKENIZER, REPO_ROOT
+
+import finetune_chat
+from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
+from llamathink.chat import (
+    CHAT_MARKERS,
+    CHAT_TEMPLATE,
+    ChatCollator,
+    ChatSession,
+    ContextOverflow,
+    GenerationSettings,
+    apply_template,
+    build_example,
+    build_examples,
+    load_conversations,
+    main as chat_main,
+    parse_person_conversation,
+    prompt_ids,
+    run_interactive,
+    set_chat_template,
+    trim_history,
+)
+from llamathink.tokenizer_utils import builtin_tokenizer, load_tokenizer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine two spinning OpenMP threads make these small models ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return set_chat_template(builtin_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def llama_tok():
+    if not LLAMA2_TOKENIZER.exists():
+        pytest.skip(f"no Llama 2 tokenizer at {LLAMA2_TOKENIZER}")
+    return set_chat_template(load_tokenizer(LLAMA2_TOKENIZER))
+
+
+@pytest.fixture(scope="module", params=["builtin", "llama2"])
+def any_tok(request):
+    return request.getfixturevalue("tok" if request.param == "builtin" else "llama_tok")
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return load_conversations("sample")
+
+
+def tiny_chat_model(max_positions=256, seed=0):
+    torch.manual_seed(seed)
+    config = LlamaThinkConfig(vocab_size=1024, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
+                              linear_num_value_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+                              max_position_embeddings=max_positions, csa_window=16, gdn_chunk_size=16)  # fmt: skip
+    return LlamaThinkForCausalLM(config).eval()
+
+
+CONV = [
+    {"role": "system", "content": "You are brief."},
+    {"role": "user", "content": "  Hi there!\n"},
+    {"role": "assistant", "content": "Hello. How can I help?"},
+    {"role": "user", "content": "Why is the sky blue?"},
+    {"role": "assistant", "content": "Air scatters blue light more."},
+]
+CONV_TEXT = ("<s>### System:\nYou are brief.\n\n### User:\nHi there!\n\n### Assistant:\nHello. How can I help?</s>"
+             "### User:\nWhy is the sky blue?\n\n### Assistant:\nAir scatters blue light more.</s>")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the template
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_template_renders_the_documented_strings(any_tok):
+    assert any_tok.apply_chat_template(CONV, tokenize=False) == CONV_TEXT
+    assert any_tok.apply_chat_template(CONV[:4], tokenize=False, add_generation_prompt=True) == (
+        "<s>### System:\nYou are brief.\n\n### User:\nHi there!\n\n### Assistant:\nHello. How can I help?</s>"
+        "### User:\nWhy is the sky blue?\n\n### Assistant:\n"
+    )
+    # the assistant may speak first; two messages of one role in a row; text parts; stripped contents
+    odd = [{"role": "assistant", "content": "Hello, may I ask you something?"},
+           {"role": "user", "content": [{"type": "text", "text": " Sure"}, {"type": "text", "text": ". "}]},
+           {"role": "user", "content": "Go on."}]  # fmt: skip
+    expected = ("<s>### Assistant:\nHello, may I ask you something?</s>### User:\nSure.\n\n### User:\nGo on.\n\n"
+                "### Assistant:\n")  # fmt: skip
+    assert any_tok.apply_chat_template(odd, tokenize=False, add_generation_prompt=True) == expected
+    assert apply_template(odd, add_generation_prompt=True) == expected
+    assert apply_template(CONV) == CONV_TEXT
+    with pytest.raises(Exception, match="unknown role"):
+        any_tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+    with pytest.raises(ValueError, match="unknown role"):
+        apply_template([{"role": "tool", "content": "x"}])
+
+
+def test_jinja_template_equals_the_python_reference_on_the_sample_set(tok, sample):
+    for messages in sample:
+        for gen in (False, True):
+            assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen) == apply_template(
+                messages, add_generation_prompt=gen
+            )
+
+
+def test_template_is_saved_with_the_tokenizer(tok, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again.chat_template == CHAT_TEMPLATE
+    assert again.apply_chat_template(CONV, return_dict=True)["input_ids"] == tok.apply_chat_template(
+        CONV, return_dict=True
+    )["input_ids"]
+
+
+def test_c_runner_composition_reproduces_the_template_ids(any_tok, sample):
+    """What the C runner does: BOS once, then per turn encode(user_prefix + text + user_suffix + assistant_prefix)
+    as separate text (dummy prefix, no BOS), the reply tokens, EOS. Token for token apply_chat_template's ids, and
+    the generation prompt is a prefix of the ids the model was trained on."""
+    m = CHAT_MARKERS
+
+    def enc(text):
+        return any_tok(text, add_special_tokens=False)["input_ids"]
+
+    for messages in sample[:60] + [CONV]:
+        ids = [any_tok.bos_token_id]
+        pending = ""
+        for msg in messages:
+            content = msg["content"].strip()
+            if msg["role"] == "system":
+                pending += m["system_prefix"] + content + m["system_suffix"]
+            elif msg["role"] == "user":
+                pending += m["user_prefix"] + content + m["user_suffix"]
+            else:
+                ids += enc(pending + m["assistant_prefix"] + content) + [any_tok.eos_token_id]
+                pending = ""
+        if pending:
+            ids += enc(pending)
+        assert ids == any_tok.apply_chat_template(messages, return_dict=True)["input_ids"]
+        full = any_tok.apply_chat_template(messages, return_dict=True)["input_ids"]
+        for i, msg in enumerate(messages):
+            if msg["role"] == "assistant":
+                prompt = any_tok.apply_chat_template(messages[:i], add_generation_prompt=True, return_dict=True)[
+                    "input_ids"
+                ] if i else [any_tok.bos_token_id] + enc(m["assistant_prefix"])
+                assert full[: len(prompt)] == prompt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# examples: labels, truncation, skips
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _runs(labels):
+    """Contiguous runs of trained positions as (start, end)."""
+    runs, start = [], None
+    for i, lab in enumerate(labels + [-100]):
+        if lab != -100 and start is None:
+            start = i
+        elif lab == -100 and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def test_masks_cover_exactly_the_assistant_spans_token_by_token(any_tok, sample):
+    for messages in sample + [CONV]:
+        example = build_example(any_tok, messages, max_len=100_000)
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        ref = any_tok.apply_chat_template(messages[: last + 1], return_dict=True, return_assistant_tokens_mask=True)
+        assert example.input_ids == ref["input_ids"]  # the same ids as apply_chat_template
+        assert [int(lab != -100) for lab in example.labels] == ref["assistant_masks"]  # {% generation %} spans
+        assert all(lab in (-100, i) for lab, i in zip(example.labels, example.input_ids))
+        replies = [m["content"].strip() for m in messages[: last + 1] if m["role"] == "assistant"]
+        runs = _runs(example.labels)
+        assert len(runs) == len(replies)
+        for (a, b), reply in zip(runs, replies):
+            assert example.input_ids[b - 1] == any_tok.eos_token_id
+            assert any_tok.decode(example.input_ids[a:b]) == reply + any_tok.eos_token
+
+
+def test_truncation_at_turn_boundaries_and_skip_counts(tok):
+    long_conv = [{"role": "user", "content": "Tell me a story."}]
+    for i in range(6):
+        long_conv += [{"role": "assistant", "content": f"Part {i}: the river ran past the old mill."},
+                      {"role": "user", "content": "And then?"}]  # fmt: skip
+    full = len(tok.apply_chat_template(long_conv[:-1], return_dict=True)["input_ids"])
+    stats = Counter()
+    assert build_example(tok, [{"role": "user", "content": "hello?"}], 100, stats) is None
+    assert build_example(tok, [{"role": "system", "content": "x"}], 100, stats) is None
+    whole = build_example(tok, long_conv, full, stats)  # fits: only the trailing user message is left out
+    assert len(whole.input_ids) == full
+    cut = build_example(tok, long_conv, full - 1, stats)  # cut after the last assistant message that fits
+    assert cut.input_ids == tok.apply_chat_template(long_conv[:10], return_dict=True)["input_ids"]
+    assert len(cut.input_ids) <= full - 1 and cut.labels[-1] == tok.eos_token_id
+    first = len(tok.apply_chat_template(long_conv[:2], return_dict=True)["input_ids"])
+    assert build_example(tok, long_conv, first, stats).input_ids == tok.apply_chat_template(
+        long_conv[:2], return_dict=True
+    )["input_ids"]
+    assert build_example(tok, long_conv, first - 1, stats) is None  # the first reply does not fit: dropped
+    assert stats == Counter(no_assistant=2, kept=3, truncated=2, too_long=1)
+
+
+def test_build_examples_on_the_sample_set(tok, sample):
+    stats = Counter()
+    data = build_examples(tok, sample + [[{"role": "user", "content": "anyone?"}]], max_len=96, stats=stats)
+    assert stats["no_assistant"] == 1 and stats["kept"] == len(data)
+    assert stats["kept"] + stats["too_long"] == len(sample) and stats["truncated"] > 0
+    assert int(data.lengths.max()) <= 96
+    ex = data[3]
+    assert len(ex.input_ids) == len(ex.labels) and ex.input_ids[0] == tok.bos_token_id
+
+
+def test_collator_pads_on_the_right():
+    batch = ChatCollator(pad_token_id=0)([([1, 5, 6], [-100, 5, 6]), {"input_ids": [1, 7], "labels": [-100, 7]}])
+    assert batch["input_ids"].tolist() == [[1, 5, 6], [1, 7, 0]]
+    assert batch["labels"].tolist() == [[-100, 5, 6], [-100, 7, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data formats
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_person_format_parsing():
+    blank = "<person1> Hi! How are you?\n\n<person2> Fine, thanks.\n\n<person1> Good."
+    runon = "<person2> Hello! Can you help? <person1> Sure, what is it? <person2> Thanks!"
+    lines = "<person1> A\n<person2> B\n<person1> C"
+    assert parse_person_conversation(blank) == [{"role": "user", "content": "Hi! How are you?"},
+                                                {"role": "assistant", "content": "Fine, thanks."},
+                                                {"role": "user", "content": "Good."}]  # fmt: skip
+    assert parse_person_conversation(runon) == [{"role": "assistant", "content": "Hello! Can you help?"},
+                                                {"role": "user", "content": "Sure, what is it?"},
+                                                {"role": "assistant", "content": "Thanks!"}]  # fmt: skip
+    assert [m["content"] for m in parse_person_conversation(lines)] == ["A", "B", "C"]
+    with pytest.raises(ValueError, match="no <person1>"):
+        parse_person_conversation("just text")
+    with pytest.raises(ValueError, match="before the first"):
+        parse_person_conversation("hi <person1> there")
+
+
+def test_sample_set_keeps_who_speaks_first(sample):
+    rows = [json.loads(line) for line in (REPO_ROOT / "llamathink/sample_data/conversations.jsonl").open()]
+    assert len(sample) == len(rows) == 360
+    for row, messages in zip(rows, sample):
+        first = row["conversation"].lstrip()[:9]
+        assert messages[0]["role"] == {"<person1>": "user", "<person2>": "assistant"}[first]
+        assert len(messages) == row["conversation"].count("<person")
+
+
+def test_messages_sharegpt_and_person_rows_from_jsonl_and_datasets(tmp_path):
+    rows = [
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        {"conversations": [{"from": "human", "value": "c"}, {"from": "gpt", "value": "d"}]},
+        {"conversation": "<person2> e <person1> f"},
+        {"messages": [{"role": "wizard", "content": "?"}]},
+        {"text": "no conversation here"},
+    ]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = Counter()
+    convs = load_conversations(str(path), stats=stats)
+    assert stats["invalid"] == 2
+    assert convs == [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                     [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}],
+                     [{"role": "assistant", "content": "e"}, {"role": "user", "content": "f"}]]  # fmt: skip
+    import datasets
+
+    datasets.Dataset.from_list(rows[:1] * 3).save_to_disk(str(tmp_path / "ds"))
+    assert load_conversations(str(tmp_path / "ds")) == convs[:1] * 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# finetuning
+# ---------------------------------------------------------------------------------------------------------------
+
+FT_STEPS, FT_SAVE = 24, 21
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory, tok):
+    out = tmp_path_factory.mktemp("base")
+    tiny_chat_model().save_pretrained(out)
+    builtin_tokenizer().save_pretrained(out)  # a pretraining checkpoint: no chat template yet
+    return out
+
+
+def _ft_cfg(base_model, out_dir, **overrides):
+    settings = dict(init_from=str(base_model), data="sample", out_dir=str(out_dir), max_len=160, eval_fraction=0.05,
+                    micro_batch_size=8, max_steps=FT_STEPS, warmup_steps=2, muon_lr=0.02, adamw_lr=0.005,
+                    mixed_precision="no", eval_every=FT_STEPS, save_every=FT_SAVE, keep_last=3,
+                    sample_every=10_000, log_every=8, wandb_mode="disabled", progress_bar=False, seed=7)  # fmt: skip
+    settings.update(overrides)
+    return finetune_chat.FinetuneConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def finetuned(base_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("chat")
+    return finetune_chat.finetune(_ft_cfg(base_model, out)), out
+
+
+def test_finetune_lowers_the_held_out_assistant_loss(finetuned):
+    history, out = finetuned
+    assert sorted(history["losses"]) == list(range(1, FT_STEPS + 1))
+    assert history["eval"][FT_STEPS] < history["eval"][0] - 0.7, history["eval"]  # ln(1024) = 6.93 at the start
+    data = history["data"]
+    assert data["eval_conversations"] == 18 and data["train_conversations"] == 342
+    assert data["train"]["kept"] + data["train"].get("too_long", 0) == 342 and data["train"]["truncated"] > 0
+    assert (out / "final" / "chat_template.jinja").exists()
+
+
+def test_resume_reproduces_the_run(finetuned, base_model, tmp_path):
+    history, out = finetuned
+    ckpt = out / "checkpoints" / f"step_{FT_SAVE:08d}"
+    resumed = finetune_chat.finetune(_ft_cfg(base_model, tmp_path / "resumed", resume=str(ckpt)))
+    for step in range(1, FT_STEPS + 1):
+        assert resumed["losses"][step] == history["losses"][step], step  # bitwise: same data order, state, RNG
+    assert resumed["eval"][FT_STEPS] == pytest.approx(history["eval"][FT_STEPS], abs=1e-6)
+
+
+def test_finetuned_checkpoint_reloads_with_remote_code_and_chats(finetuned, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = finetuned[1] / "final"
+    model = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True)
+    assert type(model).__name__ == "LlamaThinkForCausalLM"
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+    session = ChatSession(model, tokenizer, settings=GenerationSettings(max_new_tokens=12, temperature=0))
+    reply = session.reply("Hi! Can you recommend something to read?")
+    assert isinstance(reply, str) and session.messages[-1] == {"role": "assistant", "content": reply}
+
+    rc = chat_main([str(final), "-p", "Hi! Can you recommend something to read?", "--max-new-tokens", "12",
+                    "--greedy", "--trust-remote-code"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and out == reply + "\n"  # streamed text == the decoded reply
+    assert reply.strip(), "the finetuned model answered with EOS straight away"
+
+
+def test_two_process_ddp_matches_one_process(base_model, tmp_path):
+    """Same global batch (1 x 8 vs 2 x 4): every trained token weighs the same across processes, so the losses of
+    each step and the held-out loss agree up to reduction order."""
+    settings = dict(max_steps=3, warmup_steps=1, eval_every=3, save_every=3, eval_at_start=False)
+    one = finetune_chat.finetune(_ft_cfg(base_model, tmp_path / "one", **settings))
+    args = _cli_args(_ft_cfg(base_model, tmp_path / "two", micro_batch_size=4, **settings))
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO_ROOT / "finetune_chat.py"), *args]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    two = finetune_chat.load_checkpoint(tmp_path / "two" / "checkpoints" / "step_00000003")["history"]
+    for step in (1, 2, 3):
+        assert two["losses"][step] == pytest.approx(one["losses"][step], rel=1e-4), step
+    assert two["eval"][3] == pytest.approx(one["eval"][3], rel=1e-4)
+
+
+def _cli_args(cfg) -> list[str]:
+    """A FinetuneConfig as --key=value overrides (lists as YAML/JSON; None left out)."""
+    values = {k: json.dumps(list(v)) if isinstance(v, (list, tuple)) else v for k, v in dataclasses.asdict(cfg).items()}
+    return [f"--{k}={v}" for k, v in values.items() if v is not None]
+
+
+def test_config_files_overrides_and_unknown_keys(tmp_path):
+    path = tmp_path / "ft.yaml"
+    path.write_text("max_steps: 30\nwarmup_steps: 3\noptimizer: adamw\nsample_prompts: [a, b]\n")
+    cfg = finetune_chat.load_config(str(path), ["--max_steps", "40", "--muon_lr=0.01", "--system_prompt", "Be kind."])
+    assert (cfg.max_steps, cfg.optimizer, cfg.muon_lr, cfg.system_prompt) == (40, "adamw", 0.01, "Be kind.")
+    path.write_text("max_step: 30\n")
+    with pytest.raises(ValueError, match="ft.yaml: unknown setting 'max_step'"):
+        finetune_chat.load_config(str(path))
+    with pytest.raises(ValueError, match="unknown setting --lr"):
+        finetune_chat.load_config(None, ["--lr", "0.1"])
+    for preset in sorted((REPO_ROOT / "configuration" / "finetune").glob("*.yaml")):
+        finetune_chat.load_config(str(preset))
+
+
+def test_loader_is_resumable_and_shards_by_rank(tok, sample):
+    data = build_examples(tok, sample[:100], 128)
+    a = finetune_chat.ChatBatchLoader(data, 4, seed=1)
+    for _ in range(30):  # crosses an epoch boundary (25 batches per epoch)
+        next(a)
+    b = finetune_chat.ChatBatchLoader(data, 4, seed=1)
+    b.load_state_dict(a.state_dict())
+    for _ in range(5):
+        assert torch.equal(next(a)["input_ids"], next(b)["input_ids"])
+    r0 = finetune_chat.ChatBatchLoader(data, 2, rank=0, world_size=2, seed=1)
+    r1 = finetune_chat.ChatBatchLoader(data, 2, rank=1, world_size=2, seed=1)
+    one = finetune_chat.ChatBatchLoader(data, 4, seed=1)
+    x0, x1, x = next(r0)["input_ids"], next(r1)["input_ids"], next(one)["input_ids"]
+    assert [r[r != 0].tolist() for r in x] == [r[r != 0].tolist() for r in [*x0, *x1]]
+    with pytest.raises(ValueError, match="size"):
+        finetune_chat.ChatBatchLoader(build_examples(tok, sample[:50], 128), 4, seed=1).load_state_dict(a.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the chat session and the interactive loop
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_trim_history_drops_the_oldest_turns_first(tok):
+    msgs = [{"role": "system", "content": "Be brief."}]
+    for i in range(3):
+        msgs += [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+    msgs.append({"role": "user", "content": "last question"})
+    assert trim_history(tok, msgs, 10_000) == (msgs, 0)
+    keep = [msgs[0]] + msgs[3:]
+    kept, dropped = trim_history(tok, msgs, len(prompt_ids(tok, keep)))
+    assert (kept, dropped) == (keep, 2)
+    kept, dropped = trim_history(tok, msgs, len(prompt_ids(tok, keep)) - 1)  # never starts with a lone reply
+    assert kept == [msgs[0]] + msgs[5:] and dropped == 4
+    with pytest.raises(ContextOverflow):
+        trim_history(tok, msgs, len(prompt_ids(tok, [msgs[0], msgs[-1]])) - 1)
+
+
+def test_streamed_text_is_the_stripped_reply(tok):
+    from llamathink.chat import _StreamPrinter
+
+    reply = "Caf\u00e9 \u2615 ok, na\u00efve \u4e2d!\n"
+    ids = tok(reply, add_special_tokens=False)["input_ids"]
+    assert any(tok.convert_ids_to_tokens(i).startswith("<0x") for i in ids)  # byte-fallback pieces in there
+    out = io.StringIO()
+    printer = _StreamPrinter(tok, out)
+    printer.put(torch.tensor([[1, 5, 6]]))  # the prompt comes first and is not printed
+    for i in ids + [tok.eos_token_id]:
+        printer.put(torch.tensor([i]))
+        assert "\ufffd" not in out.getvalue()
+    printer.end()
+    assert out.getvalue() == reply.strip()
+
+
+def test_interactive_loop_with_a_fake_stdin(tok):
+    model = tiny_chat_model(max_positions=96)
+    notices = io.StringIO()
+    settings = GenerationSettings(max_new_tokens=16, temperature=1.0)
+    session = ChatSession(model, tok, system="Be brief.", settings=settings, notices=notices)
+    assert session.reserve == 16 and session.max_context == 96
+    lines = ["Hello there, how are you doing today?", "", "Tell me about the river and the old mill.",
+             "/reset", "What is the weather like in the lakes?", "And what about tomorrow morning?",
+             "Thanks, and one more question about the mill?"]  # fmt: skip
+    stdout, stderr = io.StringIO(), io.StringIO()
+    torch.manual_seed(0)
+    assert run_interactive(session, io.StringIO("\n".join(lines) + "\n"), stdout, stderr) == 0  # EOF ends it
+    assert "history cleared" in stderr.getvalue()
+    assert len(stdout.getvalue().splitlines()) >= 5  # one line per reply (replies may hold newlines)
+    # the history never outgrows the window: the oldest turns went first, the system prompt and last turn stayed
+    assert "dropped the" in notices.getvalue()
+    assert session.messages[0] == {"role": "system", "content": "Be brief."}
+    assert session.messages[-2]["content"] == lines[-1] and session.messages[-1]["role"] == "assistant"
+    assert len(prompt_ids(tok, session.messages[:-1])) <= 96 - 16
+    assert not any(m["content"] == lines[2] for m in session.messages)  # before /reset
+
+
+def test_ctrl_c_stops_a_reply_and_leaves_at_the_prompt(tok, monkeypatch):
+    model = tiny_chat_model(max_positions=96)
+    session = ChatSession(model, tok, settings=GenerationSettings(max_new_tokens=4, temperature=0))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "generate", interrupted)
+    stderr = io.StringIO()
+    assert run_interactive(session, io.StringIO("hello\n"), io.StringIO(), stderr) == 0
+    assert "interrupted" in stderr.getvalue() and session.messages == []  # the exchange was not kept
+
+    class CtrlC(io.StringIO):
+        def readline(self, *args):
+            raise KeyboardInterrupt
+
+    assert run_interactive(session, CtrlC(), io.StringIO(), io.StringIO()) == 0
+
+
+def test_chat_main_interactive_reads_stdin_until_eof(finetuned, monkeypatch, capsys):
+    final = finetuned[1] / "final"
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi!\n/exit\nnever read\n"))
+    assert chat_main([str(final), "--max-new-tokens", "6", "--seed", "1"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 1 and "/reset" in captured.err
+    monkeypatch.setattr("sys.stdin", io.StringIO("Why is the sky blue?"))
+    assert chat_main([str(final), "-p", "-", "--max-new-tokens", "6", "--no-stream", "--greedy"]) == 0
+    assert capsys.readouterr().out.endswith("\n")

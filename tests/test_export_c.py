@@ -1,0 +1,626 @@
+"""Tests of export_c/: the safetensors -> C exporter, the C runner run.c and tokenizer.bin.
+
+* logits of run.c == PyTorch LlamaThinkForCausalLM (fp32, < 1e-4) for a tiny random model with
+  every mixer type, a prompt longer than the CSA window crossing many strides, prefill chunk
+  sizes 1 (token by token), 5 and 64; greedy decoding identical for 64 steps;
+* bf16 / int8 files vs the same model with the weights rounded the same way (tight), and vs the
+  fp32 model (stated tolerances);
+* the numpy reference (export_c/reference.py) agrees with PyTorch, so the C runner is also
+  checked against an independent reading of the semantics;
+* exporter errors (missing / unknown / misshapen tensors, int8 group size), sharded checkpoints;
+* tokenizer.bin encode/decode == transformers on tricky text (real Llama 2 tokenizer, skipped
+  without it; and the offline builtin tokenizer through tokenizer.json);
+* loader robustness: byte flips / truncations of valid files under AddressSanitizer give a clean
+  error exit, and a short libFuzzer run when clang is installed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from export_c import export as ex  # noqa: E402
+from export_c import reference  # noqa: E402
+from export_c import tokenizer_export as tkx  # noqa: E402
+
+RUN_C = REPO / "export_c" / "run.c"
+CC = os.environ.get("CC", "cc")
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
+            linear_num_value_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+            mixer_types=["linear", "csa", "full", "linear"], csa_window=8,
+            max_position_embeddings=256)
+# prompt: longer than csa_window (8), crosses 11 strides of 4
+PROMPT = [1] + [int(x) for x in np.random.default_rng(7).integers(3, 256, 44)]
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------------------------
+def _build(out: Path, flags: list[str]) -> Path:
+    subprocess.run([CC, *flags, "-o", str(out), str(RUN_C), "-lm"], check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("export_c")
+
+
+@pytest.fixture(scope="module")
+def run_bin(work):
+    return _build(work / "run", ["-O3", "-march=native", "-fopenmp"])
+
+
+def _torch_model(cfg_kw: dict, seed: int = 0):
+    torch = pytest.importorskip("torch")
+    try:
+        from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
+    except ImportError as e:  # pragma: no cover
+        pytest.skip(f"llamathink model not importable: {e}")
+    torch.manual_seed(seed)
+    model = LlamaThinkForCausalLM(LlamaThinkConfig(**cfg_kw)).float().eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # non-trivial norms, scales, gates, decays
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith("A_log"):
+                p.copy_(torch.empty(p.shape).uniform_(-1.0, 1.0, generator=gen))
+            elif p.dim() == 1:
+                p.add_(0.3 * noise)
+            else:
+                p.add_(0.3 * noise / p.shape[-1] ** 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(work):
+    """(model, checkpoint dir, exported files by dtype) for the tiny random PyTorch model."""
+    model = _torch_model(TINY)
+    ck = work / "tiny_ckpt"
+    model.save_pretrained(ck)
+    files = {}
+    for dt in ("fp32", "bf16", "int8"):
+        files[dt] = work / f"tiny_{dt}.bin"
+        assert ex.main([str(ck), str(files[dt]), "--dtype", dt]) == 0
+    return model, ck, files
+
+
+def _logits_c(run_bin, model_file, ids, chunk=64, threads=1):
+    out = Path(str(model_file) + f".{chunk}.logits")
+    r = subprocess.run([str(run_bin), str(model_file), "--logits-for", " ".join(map(str, ids)),
+                        "--logits-out", str(out), "--chunk", str(chunk), "-T", str(threads)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return np.fromfile(out, dtype=np.float32).reshape(len(ids), -1)
+
+
+def _logits_torch(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].double().numpy()
+
+
+def _rounded_copy(model, fn):
+    """Copy of the model whose matmul weights went through fn (numpy [rows, cols] -> same)."""
+    import copy
+
+    import torch
+
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 2:  # every 2-D weight is a matmul weight in the C file
+                p.copy_(torch.from_numpy(fn(p.detach().numpy().astype(np.float32))))
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# exactness vs PyTorch
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_fp32_logits_match_pytorch(run_bin, tiny, chunk):
+    model, _, files = tiny
+    ref = _logits_torch(model, PROMPT)
+    got = _logits_c(run_bin, files["fp32"], PROMPT, chunk)
+    assert np.abs(got - ref).max() < 1e-4, np.abs(got - ref).max()
+
+
+def test_numpy_reference_matches_pytorch(tiny):
+    model, ck, _ = tiny
+    ref = _logits_torch(model.double(), PROMPT)
+    model.float()
+    mine = reference.forward(ex.load_config(str(ck)), ex.load_tensors(str(ck)), PROMPT)
+    assert np.abs(mine - ref).max() < 1e-5
+
+
+def test_fp32_greedy_64_steps_match_pytorch(run_bin, tiny):
+    import torch
+
+    model, _, files = tiny
+    prompt = PROMPT[:20]
+    r = subprocess.run([str(run_bin), str(files["fp32"]), "--ids", " ".join(map(str, prompt)),
+                        "-n", "64", "-t", "0", "--print-ids", "--ignore-eos", "-T", "1"],
+                       capture_output=True, text=True, check=True)
+    c_ids = [int(x) for x in r.stdout.split()]
+    assert len(c_ids) == 64
+    seq = list(prompt)
+    with torch.no_grad():
+        out = model(torch.tensor([seq]), use_cache=True)
+        for step in range(64):
+            lg = out.logits[0, -1].double()
+            top2 = torch.topk(lg, 2)
+            nxt = int(top2.indices[0])
+            if nxt != c_ids[step]:
+                # only a numerical tie may differ
+                assert float(top2.values[0] - top2.values[1]) < 1e-4, (step, nxt, c_ids[step])
+                return
+            seq.append(nxt)
+            cache = getattr(out, "cache", None)
+            if cache is None:
+                cache = out.past_key_values
+            out = model(torch.tensor([[nxt]]), cache=cache, use_cache=True)
+    # the cached PyTorch decode agrees with a full recompute at the end
+    with torch.no_grad():
+        full = model(torch.tensor([seq])).logits[0, -1].double()
+    assert torch.allclose(full, out.logits[0, -1].double(), atol=1e-4)
+
+
+def test_bf16_and_int8_logits(run_bin, tiny):
+    """Tight checks against the model with weights rounded like the file, and stated tolerances
+    against the fp32 model."""
+    model, _, files = tiny
+    ref32 = _logits_torch(model, PROMPT)
+    span = np.abs(ref32).max()
+
+    def bf16(w):
+        return (ex.to_bf16_bits(w).astype(np.uint32) << 16).view(np.float32)
+
+    g = ex.pick_group_size(ex.load_config(str(tiny[1])))
+
+    def int8(w):
+        q, s = ex.quantize_int8(w, g)
+        return ex.dequantize_int8(q, s, g)
+
+    ref_bf = _logits_torch(_rounded_copy(model, bf16), PROMPT)
+    ref_i8 = _logits_torch(_rounded_copy(model, int8), PROMPT)
+    for chunk in (1, 64):
+        got = _logits_c(run_bin, files["bf16"], PROMPT, chunk)
+        assert np.abs(got - ref_bf).max() < 1e-4          # bf16 weights, fp32 math: exact
+        assert np.abs(got - ref32).max() < 0.05 * span    # stated bf16 tolerance: 5% of max |logit|
+    # int8 prefill (chunk > 1) multiplies dequantised weights in fp32: exact vs rounded model
+    got = _logits_c(run_bin, files["int8"], PROMPT, 64)
+    assert np.abs(got - ref_i8).max() < 1e-4
+    assert np.abs(got - ref32).max() < 0.10 * span        # stated int8 tolerance: 10% of max |logit|
+    # int8 decode (chunk 1) also quantises activations per group (int8 x int8 dot products)
+    got = _logits_c(run_bin, files["int8"], PROMPT, 1)
+    assert np.abs(got - ref_i8).max() < 0.10 * span
+    agree = np.mean(got.argmax(1) == ref32.argmax(1))
+    assert agree >= 0.8, agree
+
+
+def test_plain_one_line_build_matches(work, run_bin, tiny):
+    """`cc -O3 -march=native -o run run.c -lm` (no OpenMP) builds and gives the same logits;
+    so does the portable scalar path (-march=x86-64 without AVX)."""
+    _, _, files = tiny
+    a = _logits_c(run_bin, files["fp32"], PROMPT[:12])
+    plain = _build(work / "run_plain", ["-O3", "-march=native"])
+    scalar = _build(work / "run_scalar", ["-O2"])
+    for b in (plain, scalar):
+        for dt in ("fp32", "int8"):
+            ref = _logits_c(run_bin, files[dt], PROMPT[:12], 1)
+            got = _logits_c(b, files[dt], PROMPT[:12], 1)
+            assert np.abs(got - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
+    assert np.abs(_logits_c(plain, files["fp32"], PROMPT[:12]) - a).max() < 1e-4
+
+
+def test_untied_no_hyperconn_odd_dims(run_bin, work):
+    """Untied head, hyper_connections off, Hv > Hk, dims that are not multiples of 8."""
+    kw = dict(TINY, vocab_size=96, hidden_size=48, intermediate_size=96, head_dim=12,
+              linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=10,
+              tie_word_embeddings=False, hyper_connections=False, csa_window=16)
+    model = _torch_model(kw, seed=3)
+    ck = work / "odd_ckpt"
+    model.save_pretrained(ck)
+    f = work / "odd.bin"
+    assert ex.main([str(ck), str(f)]) == 0
+    ids = [i % 96 for i in PROMPT[:40]]
+    ref = _logits_torch(model, ids)
+    for chunk in (1, 64):
+        assert np.abs(_logits_c(run_bin, f, ids, chunk) - ref).max() < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# exporter
+# ---------------------------------------------------------------------------------------------
+def test_header_and_alignment(tiny):
+    _, ck, files = tiny
+    cfg = ex.load_config(str(ck))
+    for dt, f in files.items():
+        b = f.read_bytes()
+        magic, version, hsize, dtype, group, align = struct.unpack_from("<6I", b, 0)
+        assert (magic, version, hsize, align) == (ex.MAGIC, 1, 1024, 64)
+        assert dtype == ex.DTYPES[dt]
+        assert struct.unpack_from("<Q", b, 24)[0] == len(b)
+        assert list(b[256:260]) == [0, 1, 2, 0]
+        assert struct.unpack_from("<20i", b, 32)[:3] == (256, 64, 128)
+        theta, frac, eps = struct.unpack_from("<3d", b, 120)
+        assert (theta, frac, eps) == (cfg["rope_theta"], cfg["partial_rotary_factor"], cfg["rms_norm_eps"])
+        assert group == (32 if dt == "int8" else 0)
+
+
+def test_group_size_rules():
+    cfg = dict(ex.DEFAULTS)
+    assert ex.pick_group_size(cfg) == 48  # 1008-wide out_proj rows rule out 32 and 64
+    with pytest.raises(ex.ExportError, match="1008"):
+        ex.pick_group_size(cfg, 64)
+    assert ex.pick_group_size(dict(cfg, linear_value_head_dim=128)) == 64
+
+
+def test_exporter_rejects_bad_checkpoints(tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    ck = tmp_path / "ck"
+    reference.make_random_checkpoint(str(ck), TINY)
+    W = load_file(str(ck / "model.safetensors"))
+    out = str(tmp_path / "m.bin")
+
+    def export_with(tensors):
+        save_file(tensors, str(ck / "model.safetensors"))
+        return ex.main([str(ck), out])
+
+    bad = dict(W)
+    del bad["model.layers.1.mixer.compress_k.weight"]
+    assert export_with(bad) == 1
+    assert "missing tensors: model.layers.1.mixer.compress_k.weight" in capsys.readouterr().err
+    bad = dict(W, **{"model.layers.0.mixer.rotary.inv_freq": np.zeros(4, np.float32)})
+    assert export_with(bad) == 1
+    assert "unknown tensors: model.layers.0.mixer.rotary.inv_freq" in capsys.readouterr().err
+    bad = dict(W, **{"model.layers.2.mixer.q_norm.weight": np.zeros(17, np.float32)})
+    assert export_with(bad) == 1
+    assert "model.layers.2.mixer.q_norm.weight" in capsys.readouterr().err
+    bad = dict(W, **{"lm_head.weight": W["model.embed_tokens.weight"] + 1})
+    assert export_with(bad) == 1  # tied model with a different head
+    assert export_with(W) == 0
+    assert ex.main([str(ck), out, "--dtype", "int8", "--group-size", "48"]) == 1
+    assert "does not divide" in capsys.readouterr().err
+
+
+def test_sharded_and_bf16_checkpoints(tmp_path, tiny, run_bin):
+    import torch
+
+    model, ck, files = tiny
+    sh = tmp_path / "sharded"
+    model.save_pretrained(sh, max_shard_size="100KB")
+    assert (sh / "model.safetensors.index.json").exists()
+    out = tmp_path / "sh.bin"
+    assert ex.main([str(sh), str(out)]) == 0
+    assert out.read_bytes() == files["fp32"].read_bytes()
+    # a checkpoint stored in bf16 exports to bf16 with the matmul weights bit-identical
+    b16 = tmp_path / "b16"
+    model.to(torch.bfloat16).save_pretrained(b16)
+    model.float()
+    out = tmp_path / "b16.bin"
+    assert ex.main([str(b16), str(out), "--dtype", "bf16"]) == 0
+    ref = _logits_c(run_bin, files["bf16"], PROMPT[:16])
+    got = _logits_c(run_bin, out, PROMPT[:16])
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_parallel_paths_match_serial(run_bin, tiny):
+    """LT_PAR_MIN=0 forces every OpenMP loop parallel even for the tiny model."""
+    _, _, files = tiny
+    for dt in ("fp32", "int8"):
+        for chunk in (1, 64):
+            ref = _logits_c(run_bin, files[dt], PROMPT, chunk, threads=1)
+            os.environ["LT_PAR_MIN"] = "0"
+            try:
+                got = _logits_c(run_bin, files[dt], PROMPT, chunk, threads=2)
+            finally:
+                del os.environ["LT_PAR_MIN"]
+            assert np.abs(got - ref).max() < 1e-5 * max(1.0, np.abs(ref).max())
+
+
+def test_numpy_only_checkpoint_vs_reference(run_bin, tmp_path):
+    """A checkpoint written without PyTorch, checked against the numpy reference."""
+    ck = tmp_path / "np"
+    W = reference.make_random_checkpoint(str(ck), dict(TINY, csa_stride=3, csa_window=5), seed=5)
+    f = tmp_path / "np.bin"
+    assert ex.main([str(ck), str(f)]) == 0
+    ref = reference.forward(dict(TINY, csa_stride=3, csa_window=5), W, PROMPT)
+    got = _logits_c(run_bin, f, PROMPT, 7)
+    assert np.abs(got - ref).max() < 5e-6 * np.abs(ref).max() + 1e-5  # fp32 rounding, |logit| ~ 50
+
+
+# ---------------------------------------------------------------------------------------------
+# runner behaviour
+# ---------------------------------------------------------------------------------------------
+def test_sampling_and_context_rules(run_bin, tiny):
+    _, _, files = tiny
+    f = str(files["fp32"])
+
+    def gen(*args, ids=PROMPT[:10]):
+        r = subprocess.run([str(run_bin), f, "--ids", " ".join(map(str, ids)), "--print-ids",
+                            "--ignore-eos", *args], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split(), r.stderr
+
+    greedy, _ = gen("-n", "16", "-t", "0")
+    assert gen("-n", "16", "-t", "1", "-k", "1", "-s", "3")[0] == greedy   # top-k 1 == greedy
+    a, _ = gen("-n", "16", "-t", "1.0", "-p", "0.9", "-s", "42")
+    assert a == gen("-n", "16", "-t", "1.0", "-p", "0.9", "-s", "42")[0]     # seeded
+    assert a != gen("-n", "16", "-t", "1.0", "-p", "1.0", "-s", "43")[0]
+    # prompt longer than the context (256): its last 256 - n tokens are kept
+    long = [1 + (i * 7) % 250 for i in range(300)]
+    out, err = gen("-n", "6", "-t", "0", ids=long)
+    assert "truncated to its last 250" in err and len(out) == 6
+    out2, _ = gen("-n", "6", "-t", "0", ids=long[-250:])
+    assert out == out2
+    r = subprocess.run([str(run_bin), f, "--ids", "1 999"], capture_output=True, text=True)
+    assert r.returncode == 1 and "out of range" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+# ---------------------------------------------------------------------------------------------
+TRICKY = [
+    "Hello world", "", " ", "   ", " leading space", "  two leading", "trailing spaces  ",
+    "many    inner   spaces", "a\nb\n\nc\n", "\n newline first", "tabs\tand\t\ttabs",
+    "crlf\r\nline", "caf\u00e9 na\u00efve \u00fcber ma\u00f1ana \u00c5ngstr\u00f6m e\u0301",
+    "\u4e2d\u6587 \u65e5\u672c\u8a9e \ud55c\uad6d\uc5b4", "emoji \U0001F600\U0001F389 \U0001F1EB\U0001F1F7",
+    "rare \u01c5 \u2603 \u0fca byte fallback", "zero\u200bwidth nbsp\u00a0here",
+    "code: def f(x):\n    return x ** 2  # done", "math 3 + 4 = 7; 100% sure?!",
+    "The quick brown fox jumps over the lazy dog. " * 3,
+]
+
+
+def _c_encode(run_bin, tok_bin, text, bos=False):
+    args = [str(run_bin), "-", "-m", "encode", "-z", str(tok_bin), "-i", text]
+    r = subprocess.run(args + ([] if bos else ["--no-bos"]), capture_output=True, check=True)
+    return [int(x) for x in r.stdout.split()]
+
+
+def _c_decode(run_bin, tok_bin, ids):
+    r = subprocess.run([str(run_bin), "-", "-m", "decode", "-z", str(tok_bin), "--ids",
+                        " ".join(map(str, ids))], capture_output=True, check=True)
+    return r.stdout.decode("utf-8")
+
+
+def _check_tokenizer(run_bin, hf, tok_bin):
+    for text in TRICKY:
+        want = hf.encode(text, add_special_tokens=False)
+        assert _c_encode(run_bin, tok_bin, text) == want, text
+        assert _c_decode(run_bin, tok_bin, want) == hf.decode(want), text
+    assert _c_encode(run_bin, tok_bin, "Hi", bos=True)[0] == hf.bos_token_id
+
+
+LLAMA2 = Path(os.environ.get("LLAMATHINK_LLAMA2_TOKENIZER",
+                             REPO.parent / "shared" / "tokenizer" / "llama2-tokenizer.model"))
+
+
+@pytest.fixture(scope="module")
+def llama2_dir(work):
+    if not LLAMA2.is_file():
+        pytest.skip(f"Llama 2 tokenizer.model not found at {LLAMA2}")
+    d = work / "llama2tok"
+    d.mkdir(exist_ok=True)
+    shutil.copy(LLAMA2, d / "tokenizer.model")
+    return d
+
+
+def _llama2_hf(d):
+    transformers = pytest.importorskip("transformers")
+    try:
+        hf = transformers.LlamaTokenizer.from_pretrained(str(d))
+    except Exception as e:  # e.g. protobuf missing for the SentencePiece conversion
+        pytest.skip(f"transformers cannot load the Llama 2 tokenizer here: {e}")
+    assert len(hf) == 32000 and hf.encode("Hello world", add_special_tokens=False) == [15043, 3186]
+    return hf
+
+
+def test_tokenizer_llama2_sentencepiece(run_bin, llama2_dir, work):
+    hf = _llama2_hf(llama2_dir)
+    tok_bin = work / "llama2_sp.bin"
+    tkx.export_tokenizer(str(llama2_dir), str(tok_bin),
+                         {"user_prefix": "<user>", "assistant_prefix": "<bot>"})
+    _check_tokenizer(run_bin, hf, tok_bin)
+    assert _c_encode(run_bin, tok_bin, "\n")[-1] == 13  # <0x0A> byte piece
+    # the exporter CLI writes model + tokenizer (+ chat markers, with \n escapes) in one go
+    ck = work / "tiny_ckpt"
+    if ck.exists():
+        tb = work / "cli_tok.bin"
+        assert ex.main([str(ck), str(work / "cli.bin"), "--tokenizer-out", str(tb), "--tokenizer-src",
+                        str(llama2_dir), "--chat-marker", "user_prefix=### User:\\n"]) == 0
+        t = tb.read_bytes()
+        assert struct.unpack_from("<i", t, 40)[0] == 1 and t.endswith(b"user_prefix" + struct.pack("<I", 10) + b"### User:\n")
+
+
+def test_tokenizer_llama2_tokenizer_json(run_bin, llama2_dir, work):
+    hf = _llama2_hf(llama2_dir)
+    d = work / "llama2json"
+    hf.save_pretrained(str(d))
+    if not (d / "tokenizer.json").exists():
+        pytest.skip("transformers did not write tokenizer.json")
+    (d / "tokenizer.model").unlink(missing_ok=True)
+    tok_bin = work / "llama2_json.bin"
+    tkx.export_tokenizer(str(d), str(tok_bin))
+    _check_tokenizer(run_bin, hf, tok_bin)
+
+
+def test_tokenizer_project_llama2_json(run_bin, llama2_dir, work):
+    """The project's own Llama 2 tokenizer (llamathink.tokenizer_utils: Prepend normalizer, so
+    the dummy prefix is always added) saved as tokenizer.json, as a training run stores it."""
+    try:
+        from llamathink.tokenizer_utils import load_tokenizer
+    except ImportError:
+        pytest.skip("llamathink.tokenizer_utils not available")
+    hf = load_tokenizer(str(llama2_dir / "tokenizer.model"))
+    d = work / "project_llama2"
+    hf.save_pretrained(str(d))
+    (d / "tokenizer.model").unlink(missing_ok=True)
+    tok_bin = work / "project_llama2.bin"
+    tkx.export_tokenizer(str(d), str(tok_bin))
+    _check_tokenizer(run_bin, hf, tok_bin)
+    # and --sentencepiece on the raw tokenizer.model gives the same tokenizer
+    legacy = work / "llama2_sp_rules.bin"
+    assert tkx.main([str(llama2_dir), str(legacy), "--sentencepiece"]) == 0
+    _check_tokenizer(run_bin, hf, legacy)
+
+
+def test_tokenizer_builtin_json(run_bin, work):
+    try:
+        from llamathink.tokenizer_utils import builtin_tokenizer
+    except ImportError:
+        pytest.skip("llamathink.tokenizer_utils not available")
+    hf = builtin_tokenizer()
+    d = work / "builtin"
+    hf.save_pretrained(str(d))
+    tok_bin = work / "builtin.bin"
+    tkx.export_tokenizer(str(d), str(tok_bin))
+    _check_tokenizer(run_bin, hf, tok_bin)
+
+
+def test_generate_text_prompt(run_bin, tiny, work):
+    """Text in, text out through tokenizer.bin (byte-level tokenizer for the 256-vocab model)."""
+    _, _, files = tiny
+    pieces = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(253)]
+    t = dict(pieces=pieces, scores=[0.0] * 256, types=[2, 3, 3] + [6] * 253, unk=0, bos=1, eos=2,
+             byte0=3, flags=tkx.FLAG_BYTE_FALLBACK)
+    # 256 pieces hold only 253 byte pieces: pad to a full byte table in a bigger vocabulary
+    t["pieces"] = pieces[:3] + [f"<0x{i:02X}>".encode() for i in range(256)]
+    t["scores"], t["types"] = [0.0] * 259, [2, 3, 3] + [6] * 256
+    tok_bin = work / "bytes_tok.bin"
+    tkx.write_tokenizer_bin(t, str(tok_bin))
+    ids = _c_encode(run_bin, tok_bin, "ab", bos=True)
+    assert ids == [1, 3 + ord("a"), 3 + ord("b")]
+    r = subprocess.run([str(run_bin), str(files["fp32"]), "-z", str(tok_bin), "-i", "ab", "-n", "5",
+                        "-t", "0", "--stats"], capture_output=True)
+    # the model's 256-token vocabulary ends before the last byte pieces: ids must stay in range
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(b"ab") and b"decode:" in r.stderr
+    # chat placeholder: one turn from stdin, ends cleanly at EOF
+    r = subprocess.run([str(run_bin), str(files["fp32"]), "-m", "chat", "-z", str(tok_bin), "-n", "4",
+                        "-t", "0"], input=b"ab\n", capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(b"> ") and r.stdout.count(b"> ") == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# loader robustness
+# ---------------------------------------------------------------------------------------------
+MINI = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=16, linear_num_key_heads=1,
+            linear_num_value_heads=1, linear_key_head_dim=16, linear_value_head_dim=16,
+            mixer_types=["linear", "csa", "full"], csa_window=4, max_position_embeddings=32)
+
+
+@pytest.fixture(scope="module")
+def mini_files(work):
+    ck = work / "mini"
+    reference.make_random_checkpoint(str(ck), MINI, seed=1)
+    out = {}
+    for dt in ("fp32", "int8", "bf16"):
+        out[dt] = work / f"mini_{dt}.bin"
+        ex.export(str(ck), str(out[dt]), dt, verbose=False)
+    pieces = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)] + \
+        [b"\xe2\x96\x81", b"a", b"b", b"ab", b"\xe2\x96\x81ab"]
+    t = dict(pieces=pieces, scores=[0.0] * 259 + [-1.0, -2.0, -3.0, -4.0, -5.0],
+             types=[2, 3, 3] + [6] * 256 + [1] * 5, unk=0, bos=1, eos=2, byte0=3, flags=7)
+    out["tok"] = work / "mini_tok.bin"
+    tkx.write_tokenizer_bin(t, str(out["tok"]), {"user_prefix": "U:"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def asan_bin(work):
+    try:
+        return _build(work / "run_asan", ["-O1", "-g", "-fsanitize=address,undefined",
+                                          "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"])
+    except subprocess.CalledProcessError:
+        pytest.skip("compiler cannot build with -fsanitize=address")
+
+
+def _mutants(data: bytes, rng, n: int):
+    size = len(data)
+    yield data[: size - 1]
+    yield data[:1024]
+    yield data[:100]
+    yield b""
+    yield data + b"\0"
+    for _ in range(n):
+        b = bytearray(data)
+        kind = rng.integers(4)
+        if kind == 0:   # header field bytes (most interesting)
+            for _ in range(rng.integers(1, 4)):
+                b[rng.integers(0, min(size, 300))] = rng.integers(256)
+        elif kind == 1:  # a header int set to an extreme value
+            off = 4 * rng.integers(0, 36)
+            b[off:off + 4] = struct.pack("<i", int(rng.choice([0, -1, 1, 2, 3, 2**31 - 1, 65536, 7])))
+        elif kind == 2:  # anywhere
+            for _ in range(rng.integers(1, 8)):
+                b[rng.integers(0, size)] ^= 1 << rng.integers(8)
+        else:           # truncate
+            b = b[: rng.integers(0, size)]
+        yield bytes(b)
+
+
+def test_loader_mutations_under_asan(asan_bin, mini_files, tmp_path):
+    rng = np.random.default_rng(0)
+    env = dict(os.environ, ASAN_OPTIONS="allocator_may_return_null=1:detect_leaks=0",
+               UBSAN_OPTIONS="halt_on_error=1")
+    jobs = []
+    for dt in ("fp32", "int8", "bf16"):
+        data = mini_files[dt].read_bytes()
+        for i, m in enumerate(_mutants(data, rng, 60)):
+            p = tmp_path / f"{dt}_{i}.bin"
+            p.write_bytes(m)
+            jobs.append([str(asan_bin), str(p), "--logits-for", "1 2 3 4 5 6 7", "--logits-out",
+                         str(tmp_path / "o.f32"), "--chunk", "2"])
+    data = mini_files["tok"].read_bytes()
+    for i, m in enumerate(_mutants(data, rng, 60)):
+        p = tmp_path / f"tok_{i}.bin"
+        p.write_bytes(m)
+        jobs.append([str(asan_bin), "-", "-m", "encode", "-z", str(p), "-i", " ab a\n\u4e2d b"])
+    rejected = 0
+    for cmd in jobs:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode in (0, 1), (cmd, r.returncode, r.stderr[-2000:])
+        assert "Sanitizer" not in r.stderr and "runtime error" not in r.stderr, r.stderr[-2000:]
+        if r.returncode == 1:
+            assert r.stderr.startswith("error:"), r.stderr
+            rejected += 1
+    assert rejected > len(jobs) // 3
+
+
+def test_libfuzzer_loader(work, mini_files):
+    clang = shutil.which("clang")
+    if not clang:
+        pytest.skip("clang not installed (apt-get install clang) - libFuzzer run skipped")
+    fz = work / "fuzz_loader"
+    r = subprocess.run([clang, "-O1", "-g", "-fsanitize=fuzzer,address,undefined",
+                        "-fno-sanitize-recover=all", "-o", str(fz),
+                        str(REPO / "export_c" / "fuzz_loader.c"), "-lm"], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"clang cannot build libFuzzer targets here: {r.stderr[-300:]}")
+    corpus = work / "corpus"
+    corpus.mkdir(exist_ok=True)
+    for dt in ("fp32", "int8", "bf16"):
+        (corpus / dt).write_bytes(b"\0" + mini_files[dt].read_bytes())
+    (corpus / "tok").write_bytes(b"\1" + mini_files["tok"].read_bytes())
+    r = subprocess.run([str(fz), "-max_total_time=8", "-max_len=200000", "-timeout=10",
+                        "-rss_limit_mb=2048", str(corpus)], capture_output=True, text=True,
+                       cwd=str(work), env=dict(os.environ, ASAN_OPTIONS="allocator_may_return_null=1"))
+    assert r.returncode == 0, r.stderr[-3000:]
