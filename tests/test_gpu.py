@@ -61,19 +61,26 @@ def test_fla_recurrent_matches_reference():
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_gpu_model_matches_cpu_reference_forward_and_gradients(backend):
+    """fp32 on the GPU (fla where available) against fp32 on the CPU, then a bf16-autocast step that stays close."""
     cpu = tiny_model(dtype=torch.float32, gdn_backend="torch")
     gpu = tiny_model(dtype=torch.float32, gdn_backend=backend).cuda()
     ids = torch.randint(1, 96, (2, 150), generator=torch.Generator().manual_seed(0))
     cpu.train(), gpu.train()
     loss_cpu = cpu(ids, labels=ids).loss
     loss_cpu.backward()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss_gpu = gpu(ids.cuda(), labels=ids.cuda()).loss
+    loss_gpu = gpu(ids.cuda(), labels=ids.cuda()).loss
     loss_gpu.backward()
-    assert abs(loss_gpu.item() - loss_cpu.item()) < 2e-2 * abs(loss_cpu.item())
+    # fla and cuDNN's conv use TF32 inside, hence 1e-3 rather than 1e-6
+    assert abs(loss_gpu.item() - loss_cpu.item()) < 1e-3 * abs(loss_cpu.item())
     for (name, p_cpu), (_, p_gpu) in zip(cpu.named_parameters(), gpu.named_parameters()):
-        err = (p_gpu.grad.float().cpu() - p_cpu.grad).norm() / p_cpu.grad.norm().clamp_min(1e-8)
-        assert err < 0.1, (name, err.item())  # bf16 autocast against fp32
+        err = (p_gpu.grad.cpu() - p_cpu.grad).norm() / p_cpu.grad.norm().clamp_min(1e-8)
+        assert err < 2e-2, (name, err.item())
+    gpu.zero_grad()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_bf16 = gpu(ids.cuda(), labels=ids.cuda()).loss
+    loss_bf16.backward()
+    assert abs(loss_bf16.item() - loss_cpu.item()) < 2e-2 * abs(loss_cpu.item())
+    assert all(torch.isfinite(p.grad).all() for p in gpu.parameters())
 
 
 def test_cached_decode_equals_uncached_forward_on_gpu():

@@ -1,0 +1,112 @@
+"""The whole pipeline on a tiny model, offline, on CPU, in a few minutes:
+
+    python -m llamathink.quickstart [--out runs/quickstart] [--fast]
+
+1. tokenize the bundled sample corpus with the built-in tokenizer (`llamathink.data prepare`),
+2. pretrain a tiny LlamaThink with Muon (`train_hf.py`, configuration/train/tiny_cpu.yaml),
+3. chat-finetune it on the bundled conversations (`finetune_chat.py`, configuration/finetune/tiny_cpu.yaml),
+4. reload the result through `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)` and chat,
+5. export it to C (`export_c`), build `run.c` and chat with the same model natively.
+
+Run it from a checkout of the repository (the presets live in configuration/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _step(title: str):
+    print(f"\n=== {title} ===", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
+    parser.add_argument("--fast", action="store_true", help="a few steps only (a smoke test of the pipeline)")
+    parser.add_argument("--prompt", default="Hi! Can you recommend something to read?")
+    args = parser.parse_args(argv)
+    presets = REPO_ROOT / "configuration"
+    if not (presets / "train" / "tiny_cpu.yaml").exists():
+        raise SystemExit(f"the presets are missing under {presets}: run the quickstart from a repository checkout")
+    sys.path.insert(0, str(REPO_ROOT))  # train_hf.py and finetune_chat.py live at the repository root
+    import finetune_chat
+    import train_hf
+
+    from llamathink.data import LocalSource, prepare
+    from llamathink.tokenizer_utils import sample_data_path
+
+    out = Path(args.out).resolve()
+    started = time.time()
+
+    _step("1/5 tokenize the bundled sample corpus")
+    data = out / "data"
+    prepare(LocalSource([str(sample_data_path("prose.jsonl"))]), data, "builtin", val_docs=20, progress=False)
+
+    _step("2/5 pretrain a tiny model (Muon)")
+    overrides = ["--data_dir", str(data), "--out_dir", str(out / "pretrain"), "--model_config",
+                 str(presets / "models" / "llamathink-tiny.json"), "--resume", "none", "--progress_bar", "false"]
+    if args.fast:
+        overrides += ["--max_steps", "6", "--warmup_steps", "1", "--eval_every", "3", "--save_every", "6",
+                      "--sample_every", "6"]  # fmt: skip
+    history = train_hf.train(train_hf.load_config(str(presets / "train" / "tiny_cpu.yaml"), overrides))
+    losses = history["losses"]
+    print(f"training loss {losses[min(losses)]:.2f} -> {losses[max(losses)]:.2f}; validation "
+          + " -> ".join(f"{v:.2f}" for v in history["eval"].values()))  # fmt: skip
+
+    _step("3/5 chat-finetune on the bundled conversations")
+    overrides = ["--init_from", history["final_dir"], "--out_dir", str(out / "chat"), "--resume", "none",
+                 "--progress_bar", "false"]  # fmt: skip
+    if args.fast:
+        overrides += ["--max_steps", "4", "--warmup_steps", "1", "--eval_every", "2", "--save_every", "4",
+                      "--sample_every", "4"]  # fmt: skip
+    chat_history = finetune_chat.finetune(
+        finetune_chat.load_config(str(presets / "finetune" / "tiny_cpu.yaml"), overrides)
+    )
+    final = Path(chat_history["final_dir"])
+
+    _step("4/5 reload through trust_remote_code and chat")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llamathink.chat import ChatSession
+
+    model = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    print(f"loaded {type(model).__module__}.{type(model).__name__} from {final}")
+    session = ChatSession(model, tokenizer)
+    print(f"user: {args.prompt}\nassistant: ", end="", flush=True)
+    session.reply(args.prompt, stream=sys.stdout)
+    print()
+
+    _step("5/5 export to C and chat natively")
+    from export_c.export import main as export_main
+
+    c_dir = out / "c"
+    c_dir.mkdir(parents=True, exist_ok=True)
+    export_main([str(final), str(c_dir / "model.bin"), "--dtype", "fp32", "--tokenizer-out", str(c_dir / "tokenizer.bin")])
+    source = REPO_ROOT / "export_c" / "run.c"
+    binary = c_dir / "run"
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        raise SystemExit("no C compiler (cc, gcc or clang) found to build export_c/run.c")
+    subprocess.run([compiler, "-O3", "-march=native", "-o", str(binary), str(source), "-lm"], check=True)
+    cmd = [str(binary), str(c_dir / "model.bin"), "-z", str(c_dir / "tokenizer.bin"), "-m", "chat", "-i", args.prompt,
+           "-n", "48", "-t", "0"]  # fmt: skip
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL)
+    print(f"\ndone in {time.time() - started:.0f} s; everything is under {out}")
+    (out / "quickstart.json").write_text(json.dumps({"pretrain": history["final_dir"], "chat": str(final),
+                                                     "c_model": str(c_dir / "model.bin")}, indent=2))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
