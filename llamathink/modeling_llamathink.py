@@ -439,6 +439,7 @@ class LlamaThinkCache:
         ]
         self.seq_length = 0  # positions processed, padding included (index space)
         self.real_lengths: torch.Tensor | None = None  # [B] long: real tokens seen per row = next position
+        self.max_real_length: int | None = None  # host copy of real_lengths.max() (saves a device sync per step)
         self.key_valid: torch.Tensor | None = None  # [B, seq_length] bool, only kept once padding was seen
         self.continuable = True
         self._not_continuable_reason = ""
@@ -467,6 +468,7 @@ class LlamaThinkCache:
             self.real_lengths = fn(self.real_lengths)
         if self.key_valid is not None:
             self.key_valid = fn(self.key_valid)
+        self.max_real_length = None  # rows were selected or reordered: recompute on the next forward
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         """Beam search: row i of the new cache is row beam_idx[i] of the old one."""
@@ -525,6 +527,7 @@ class ForwardContext:
     new_real_lengths: torch.Tensor | None  # [B] real tokens after this chunk; None without a cache
     cache: LlamaThinkCache | None
     rotary: LlamaThinkRotaryEmbedding
+    max_new_real_length: int | None = None  # host copy of new_real_lengths.max(), computed once per forward
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -792,16 +795,16 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         out = torch.einsum("bhgtn,bhnd->bhgtd", probs, blocks_v).reshape(B, self.num_heads, T, D)
 
         if state is not None:
-            self._update_blocks(state, new_k, new_v, kv, pos, valid, base, ctx.new_real_lengths)
+            self._update_blocks(state, new_k, new_v, kv, pos, valid, base, ctx.new_real_lengths, ctx.max_new_real_length)
         return out
 
     @torch.no_grad()
-    def _update_blocks(self, state, new_k, new_v, kv, pos, valid, base, new_lengths):
+    def _update_blocks(self, state, new_k, new_v, kv, pos, valid, base, new_lengths, max_new_length: int):
         """Store completed blocks in absolute slots and keep the raw members of the block being filled."""
         B, Hkv, nb, D = new_k.shape
         S = self.stride
         completed = new_lengths // S  # [B]
-        n_slots = int(completed.max())
+        n_slots = max_new_length // S
         if n_slots > 0:
             old_k, old_v = state.blocks_k, state.blocks_v
             n_old = 0 if old_k is None else old_k.shape[2]
@@ -1018,7 +1021,7 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         if input_ids is not None:
             if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
                 raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-            lo, hi = int(input_ids.min()), int(input_ids.max())
+            lo, hi = torch.stack((input_ids.min(), input_ids.max())).tolist()  # one host sync, not two
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
@@ -1105,14 +1108,19 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
                 position_ids = (start + valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
         elif position_ids.shape != (B, T):
             position_ids = position_ids[..., -T:].expand(B, T)
-        new_real_lengths = None
+        new_real_lengths, max_new_real_length = None, None
         if real_lengths is not None:
             new_real_lengths = real_lengths + (valid.sum(-1) if valid is not None else T)
+            if valid is None and cache.max_real_length is not None:
+                max_new_real_length = cache.max_real_length + T  # no host sync on the common decode path
+            else:
+                max_new_real_length = int(new_real_lengths.max())
 
         cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
         ctx = ForwardContext(
             position_ids=position_ids, cos=cos, sin=sin, valid=valid, key_valid=key_valid, past_length=past,
-            real_lengths=real_lengths, new_real_lengths=new_real_lengths, cache=cache, rotary=self.rotary_emb,
+            real_lengths=real_lengths, new_real_lengths=new_real_lengths, max_new_real_length=max_new_real_length,
+            cache=cache, rotary=self.rotary_emb,
         )  # fmt: skip
 
         hidden_states = inputs_embeds
@@ -1126,6 +1134,7 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
             all_hidden_states += (hidden_states,)
         if cache is not None:
             cache.advance(T, valid, B, device)
+            cache.max_real_length = max_new_real_length
 
         if not return_dict:
             return tuple(x for x in (hidden_states, cache, all_hidden_states) if x is not None)

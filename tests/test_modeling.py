@@ -224,7 +224,8 @@ def test_rotary_matches_transformers_qwen3_5_rotary_for_text_positions():
     theirs = Qwen3_5TextRotaryEmbedding(_qwen35_text_config(config))
     pos = torch.arange(300)[None]
     cos, sin = LlamaThinkRotaryEmbedding(config)(pos, torch.float32)
-    cos_ref, sin_ref = theirs(torch.zeros(1, dtype=torch.float32), pos)
+    # text positions are the same on the three M-RoPE axes (5.17 wants them [3, B, T]; 5.24 accepts both)
+    cos_ref, sin_ref = theirs(torch.zeros(1, dtype=torch.float32), pos[None].expand(3, 1, -1))
     torch.testing.assert_close(cos, cos_ref)
     torch.testing.assert_close(sin, sin_ref)
 

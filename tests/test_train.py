@@ -243,3 +243,16 @@ def test_sigkill_during_checkpoint_write_leaves_the_previous_checkpoint_loadable
     history = train_hf.train(_cfg(sample_data, model_json, out, micro_batch_size=4, grad_accum=1, max_steps=20,
                                   save_every=2, stop_at_step=4, eval_every=100))  # fmt: skip
     assert sorted(history["losses"]) == [1, 2, 3, 4]
+
+
+def test_wandb_offline_logging(sample_data, model_json, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "wb"
+    train_hf.train(_cfg(sample_data, model_json, out, max_steps=3, log_every=1, eval_every=3, save_every=3,
+                        wandb_mode="offline", wandb_project="llamathink-test"))  # fmt: skip
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    # the run id is kept in the checkpoint so a resumed run continues the same W&B run
+    state = train_hf.load_checkpoint(train_hf.list_checkpoints(out)[-1])
+    assert state["wandb_run_id"] and state["wandb_run_id"] in runs[0].name
