@@ -4,7 +4,7 @@ Usage:
     python -m export_c.export <model_dir_or_hub_id> <out.bin> [--dtype fp32|bf16|int8]
                               [--group-size auto|N] [--tokenizer-out tokenizer.bin]
                               [--tokenizer-src DIR] [--chat-marker KEY=VALUE ...]
-                              [--tokenizer-sentencepiece]
+                              [--no-chat-markers] [--tokenizer-sentencepiece]
 
 The checkpoint is read tensor by tensor by NAME with the safetensors library; no PyTorch model
 is built.  Every tensor in the checkpoint must be used and every expected tensor must exist
@@ -403,7 +403,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer-out", help="also write tokenizer.bin here")
     ap.add_argument("--tokenizer-src", help="tokenizer directory (default: the checkpoint dir)")
     ap.add_argument("--chat-marker", action="append", default=[], metavar="KEY=VALUE",
-                    help="chat-template marker stored in tokenizer.bin (repeatable)")
+                    help="chat-template marker stored in tokenizer.bin (repeatable; overrides one "
+                    "key of the default llamathink.chat.CHAT_MARKERS)")
+    ap.add_argument("--no-chat-markers", action="store_true",
+                    help="store no default chat markers in tokenizer.bin (only --chat-marker ones)")
     ap.add_argument("--tokenizer-sentencepiece", action="store_true",
                     help="tokenizer.model source: SentencePiece's own rules instead of "
                     "transformers' LlamaTokenizer's (see export_c/README.md)")
@@ -411,9 +414,10 @@ def main(argv=None) -> int:
     try:
         info = export(a.src, a.out, a.dtype, a.group_size)
         if a.tokenizer_out:
-            from .tokenizer_export import export_tokenizer, parse_markers
+            from .tokenizer_export import chat_markers, export_tokenizer
             export_tokenizer(a.tokenizer_src or info["dir"], a.tokenizer_out,
-                             parse_markers(a.chat_marker), a.tokenizer_sentencepiece)
+                             chat_markers(a.chat_marker, not a.no_chat_markers),
+                             a.tokenizer_sentencepiece)
     except Exception as e:  # ExportError, TokenizerExportError, I/O errors
         if not isinstance(e, (ExportError, OSError, ValueError)) and \
                 type(e).__name__ != "TokenizerExportError":

@@ -1682,23 +1682,34 @@ static int encode(const Tokenizer *t, const char *text, size_t tlen, int add_bos
     return n;
 }
 
-/* write the text of token id; *first: strip one leading space from the first printed piece */
-static void decode_piece(const Tokenizer *t, int id, int *first, FILE *f) {
-    if (id < 0 || id >= t->n) return;
-    int ty = t->type[id];
-    if (ty == TT_CONTROL || ty == TT_UNKNOWN || ty == TT_UNUSED) return;
-    if (ty == TT_BYTE) { fputc(t->byte0 >= 0 ? id - t->byte0 : '?', f); *first = 0; return; }
+/* the text of token id into out (room for t->max_len bytes; the text is never longer than the
+ * piece); *first: strip one leading space from the first printed piece. Returns its length. */
+static int piece_bytes(const Tokenizer *t, int id, int *first, char *out) {
+    if (id < 0 || id >= t->n) return 0;
+    int ty = t->type[id], k = 0;
+    if (ty == TT_CONTROL || ty == TT_UNKNOWN || ty == TT_UNUSED) return 0;
+    if (ty == TT_BYTE) { out[0] = (char)(t->byte0 >= 0 ? id - t->byte0 : '?'); *first = 0; return 1; }
     const uint8_t *s = t->str[id];
     int len = t->len[id];
     for (int i = 0; i < len; i++) {
         if (i + 2 < len && s[i] == 0xE2 && s[i + 1] == 0x96 && s[i + 2] == 0x81) {
-            if (!(*first && (t->flags & 1))) fputc(' ', f);
+            if (!(*first && (t->flags & 1))) out[k++] = ' ';
             i += 2;
         } else {
-            fputc(s[i], f);
+            out[k++] = (char)s[i];
         }
         *first = 0;
     }
+    return k;
+}
+
+/* write the text of token id; *first: strip one leading space from the first printed piece */
+static void decode_piece(const Tokenizer *t, int id, int *first, FILE *f) {
+    char sbuf[256], *b = t->max_len <= (int)sizeof sbuf ? sbuf : (char *)malloc((size_t)t->max_len);
+    if (!b) return;
+    int k = piece_bytes(t, id, first, b);
+    if (k) fwrite(b, 1, (size_t)k, f);
+    if (b != sbuf) free(b);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1768,10 +1779,15 @@ static void usage(void) {
         "  --no-bos         do not prepend BOS to a text prompt\n"
         "  --ignore-eos     keep generating after EOS\n"
         "  --print-ids      print generated token ids (one line) instead of text\n"
+        "  -y TEXT          chat mode: system prompt\n"
+        "  --print-prompt-ids  chat mode: print each turn's prompt ids (BOS .. assistant prefix) to stderr\n"
         "  --logits-for \"ids\" --logits-out FILE   write float32 logits [n_ids, vocab] for every position\n"
         "  --stats          print prefill / decode speed to stderr\n"
         "Prompts longer than the context keep their last (max_position_embeddings - n) tokens\n"
-        "(at least one token; n shrinks to fit); generation stops at max_position_embeddings.\n");
+        "(at least one token; n shrinks to fit); generation stops at max_position_embeddings.\n"
+        "Chat (-m chat -z tokenizer.bin): the llamathink-chat template; -i TEXT answers one message\n"
+        "('-' reads it from stdin) and exits, without -i lines are read from stdin until EOF or /exit.\n"
+        "The oldest exchanges are dropped when the history outgrows the context window.\n");
 }
 
 static int *parse_ids(const char *s, int *n) {
@@ -1835,14 +1851,403 @@ static void maybe_reexec_passive(char **argv) {
 }
 #endif
 
+/* ------------------------------------------------------------------------------------------ */
+/* chat mode: the LlamaThink chat template (llamathink/chat.py, see export_c/README.md)        */
+/* ------------------------------------------------------------------------------------------ */
+/* The conversation is rendered exactly as tokenizer.apply_chat_template(messages,
+ * add_generation_prompt=True) does it:
+ *   BOS  [system_prefix + system + system_suffix] user_prefix + text + user_suffix + assistant_prefix
+ *        (one string, encoded with the dummy prefix, no BOS)  reply tokens  EOS
+ *        user_prefix + text + user_suffix + assistant_prefix  reply tokens  EOS  ...
+ * Contents are stripped like Python's str.strip(). The reply tokens are kept as sampled. When
+ * the history no longer fits the context window minus the room kept for the reply, the oldest
+ * exchanges are dropped (the system prompt stays) and the kept ones are fed again from BOS.
+ * Markers come from tokenizer.bin; a file with none gets LlamaThink's (llamathink.chat.CHAT_MARKERS). */
+enum { MK_SYS_PRE, MK_SYS_SUF, MK_USER_PRE, MK_USER_SUF, MK_ASST_PRE, MK_COUNT };
+static const char *const CHAT_KEYS[MK_COUNT] = {"system_prefix", "system_suffix", "user_prefix",
+                                                 "user_suffix", "assistant_prefix"};
+static const char *const CHAT_DEFAULTS[MK_COUNT] = {"### System:\n", "\n\n", "### User:\n", "\n\n",
+                                                     "### Assistant:\n"};
+
+/* length of the Python str.isspace() character starting at s[i] (UTF-8), 0 if none */
+static int ws_at(const unsigned char *s, size_t i, size_t n) {
+    unsigned char c = s[i];
+    if (c == ' ' || (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x1F)) return 1;
+    if (c == 0xC2 && i + 1 < n && (s[i + 1] == 0x85 || s[i + 1] == 0xA0)) return 2;
+    if (i + 2 < n) {
+        unsigned char d = s[i + 1], e = s[i + 2];
+        if (c == 0xE1 && d == 0x9A && e == 0x80) return 3;                                  /* U+1680 */
+        if (c == 0xE2 && d == 0x80 && ((e >= 0x80 && e <= 0x8A) || e == 0xA8 || e == 0xA9 || e == 0xAF))
+            return 3;                                                 /* U+2000-200A, 2028, 2029, 202F */
+        if (c == 0xE2 && d == 0x81 && e == 0x9F) return 3;                                  /* U+205F */
+        if (c == 0xE3 && d == 0x80 && e == 0x80) return 3;                                  /* U+3000 */
+    }
+    return 0;
+}
+/* length of the whitespace character ending just before s[j] (not before s[lo]), 0 if none */
+static int ws_before(const unsigned char *s, size_t lo, size_t j) {
+    for (int k = 1; k <= 3; k++)
+        if (j >= lo + (size_t)k && ws_at(s, j - k, j) == k) return k;
+    return 0;
+}
+/* [*a, *b): s[0..n) without leading and trailing whitespace (str.strip) */
+static void strip_span(const char *str, size_t n, size_t *a, size_t *b) {
+    const unsigned char *s = (const unsigned char *)str;
+    size_t i = 0, j = n;
+    int k;
+    while (i < j && (k = ws_at(s, i, j))) i += (size_t)k;
+    while (j > i && (k = ws_before(s, i, j))) j -= (size_t)k;
+    *a = i;
+    *b = j;
+}
+static char *strip_dup(const char *s) {
+    size_t a, b;
+    strip_span(s, strlen(s), &a, &b);
+    char *o = (char *)malloc(b - a + 1);
+    if (!o) return NULL;
+    memcpy(o, s + a, b - a);
+    o[b - a] = 0;
+    return o;
+}
+
+/* Streams a reply the way llamathink-chat prints it: the decoded text without leading and
+ * trailing whitespace, written as it grows (trailing whitespace and an incomplete UTF-8
+ * character are held back until more text follows). */
+typedef struct { char *buf; size_t n, cap, printed; } ReplyOut;
+
+static int reply_add(ReplyOut *r, const char *p, size_t k) {
+    if (r->n + k > r->cap) {
+        size_t cap = (r->cap ? r->cap * 2 : 256) + k;
+        char *nb = (char *)realloc(r->buf, cap);
+        if (!nb) return -1;
+        r->buf = nb;
+        r->cap = cap;
+    }
+    memcpy(r->buf + r->n, p, k);
+    r->n += k;
+    return 0;
+}
+static void reply_flush(ReplyOut *r, int final, FILE *f) {
+    size_t end = r->n;
+    if (!final && end) {
+        size_t i = end;
+        while (i > 0 && end - i < 3 && ((unsigned char)r->buf[i - 1] & 0xC0) == 0x80) i--;
+        if (i > 0) {
+            unsigned char c = (unsigned char)r->buf[i - 1];
+            size_t need = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 1;
+            if (need > end - (i - 1)) end = i - 1;
+        }
+    }
+    size_t a, b;
+    strip_span(r->buf ? r->buf : "", end, &a, &b);
+    if (b <= a) return;
+    if (r->printed < a) r->printed = a;
+    if (b > r->printed) {
+        fwrite(r->buf + r->printed, 1, b - r->printed, f);
+        r->printed = b;
+    }
+    fflush(f);
+}
+
+typedef struct {
+    char *text;           /* the user message, stripped */
+    int *ids, n_ids;      /* user_prefix + text + user_suffix + assistant_prefix, encoded */
+    int *reply, n_reply;  /* the sampled reply (without its EOS) */
+} ChatTurn;
+
+typedef struct {
+    const Model *m;
+    State *s;
+    const Tokenizer *tk;
+    ProbIdx *pi;
+    const char *mk[MK_COUNT];
+    int mk_len[MK_COUNT];
+    char *system;                    /* stripped system prompt, NULL if none */
+    ChatTurn *turns;
+    int n_turns, cap_turns, first;   /* the history is turns[first..n_turns) */
+    int *ctx, n_ctx;                 /* the conversation's tokens; s->pos of them are in the state */
+    int bos, eos, steps, top_k, print_ids, print_prompt_ids;
+    float temp, top_p;
+} Chat;
+
+static void chat_free(Chat *c) {
+    for (int i = 0; i < c->n_turns; i++) { free(c->turns[i].text); free(c->turns[i].ids); free(c->turns[i].reply); }
+    free(c->turns);
+    free(c->ctx);
+    free(c->system);
+}
+
+/* encode [system block +] user_prefix + text + user_suffix + assistant_prefix as one string
+ * (dummy prefix as usual, no BOS); returns malloc'd ids (NULL: out of memory) */
+static int *chat_encode(const Chat *c, int with_system, const char *text, int *n) {
+    const char *parts[6];
+    size_t lens[6];
+    int np = 0;
+    if (with_system && c->system) {
+        parts[np] = c->mk[MK_SYS_PRE]; lens[np++] = (size_t)c->mk_len[MK_SYS_PRE];
+        parts[np] = c->system; lens[np++] = strlen(c->system);
+        parts[np] = c->mk[MK_SYS_SUF]; lens[np++] = (size_t)c->mk_len[MK_SYS_SUF];
+    }
+    parts[np] = c->mk[MK_USER_PRE]; lens[np++] = (size_t)c->mk_len[MK_USER_PRE];
+    parts[np] = text; lens[np++] = strlen(text);
+    parts[np] = c->mk[MK_USER_SUF]; lens[np++] = (size_t)c->mk_len[MK_USER_SUF];
+    size_t L = 0;
+    for (int i = 0; i < np; i++) L += lens[i];
+    L += (size_t)c->mk_len[MK_ASST_PRE];
+    char *str = (char *)malloc(L + 1);
+    int *ids = (int *)malloc(sizeof(int) * (3 * L + 8)); /* a space may fall back to 3 byte pieces */
+    if (!str || !ids) { free(str); free(ids); return NULL; }
+    size_t p = 0;
+    for (int i = 0; i < np; i++) { memcpy(str + p, parts[i], lens[i]); p += lens[i]; }
+    memcpy(str + p, c->mk[MK_ASST_PRE], (size_t)c->mk_len[MK_ASST_PRE]);
+    p += (size_t)c->mk_len[MK_ASST_PRE];
+    *n = encode(c->tk, str, p, 0, ids, (int)(3 * L + 8));
+    free(str);
+    return ids;
+}
+
+/* zero the recurrent state and caches and go back to position 0 */
+static void state_reset(State *s, const Model *m) {
+    const int C = m->lin_c, KV = m->kv_dim;
+    const int nblk = m->max_pos / m->csa_stride + 1;
+    for (int l = 0; l < m->n_layers; l++) {
+        LayerState *L = &s->ls[l];
+        if (m->types[l] == MIX_LINEAR) {
+            memset(L->conv, 0, sizeof(float) * (size_t)(m->conv_k - 1) * C);
+            memset(L->S, 0, sizeof(float) * (size_t)m->lv_heads * m->lk_dim * m->lv_dim);
+        } else if (m->types[l] == MIX_FULL) {
+            memset(L->k, 0, sizeof(float) * (size_t)m->max_pos * KV);
+            memset(L->v, 0, sizeof(float) * (size_t)m->max_pos * KV);
+        } else {
+            memset(L->k, 0, sizeof(float) * (size_t)s->ring * KV);
+            memset(L->v, 0, sizeof(float) * (size_t)s->ring * KV);
+            memset(L->kc, 0, sizeof(float) * (size_t)nblk * KV);
+            memset(L->vc, 0, sizeof(float) * (size_t)nblk * KV);
+            memset(L->pk, 0, sizeof(float) * (size_t)m->csa_stride * KV);
+            memset(L->pv, 0, sizeof(float) * (size_t)m->csa_stride * KV);
+        }
+        L->n_part = 0;
+        L->n_blocks = 0;
+    }
+    s->pos = 0;
+}
+
+/* One exchange: add the user message, trim the history, feed, stream the reply.
+ * Returns 0, 1 when the message alone does not fit the context window (nothing is kept;
+ * the message is in err), or -1 on a fatal error (printed). */
+static int chat_turn(Chat *c, const char *text, char *err, size_t errn) {
+    const Model *m = c->m;
+    State *s = c->s;
+    const int has_bos = c->bos >= 0, has_eos = c->eos >= 0;
+    int n_new = 0, n_first = 0, f;
+    int *new_ids = chat_encode(c, 0, text, &n_new), *first_ids = NULL;
+    if (!new_ids) { fprintf(stderr, "error: out of memory\n"); return -1; }
+    /* room kept for the reply: -n, at most half the window (llamathink.chat.ChatSession.reserve) */
+    int reserve = c->steps < m->max_pos / 2 ? c->steps : m->max_pos / 2;
+    if (reserve < 1) reserve = 1;
+    const long budget = (long)m->max_pos - reserve;
+    long total = 0;
+    for (f = c->first;; f++) {
+        /* BOS + turns[f..) + the new message; the first of them carries the system prompt */
+        free(first_ids);
+        first_ids = chat_encode(c, 1, f < c->n_turns ? c->turns[f].text : text, &n_first);
+        if (!first_ids) { free(new_ids); fprintf(stderr, "error: out of memory\n"); return -1; }
+        total = has_bos + n_first;
+        for (int i = f; i < c->n_turns; i++) total += (i > f ? c->turns[i].n_ids : 0) + c->turns[i].n_reply + has_eos;
+        if (f < c->n_turns) total += n_new;
+        if (total <= budget) break;
+        if (f == c->n_turns) {
+            snprintf(err, errn, "the message is too long for the context window (%ld tokens with the template; "
+                     "at most %ld leave room for the reply)", total, budget);
+            free(new_ids); free(first_ids);
+            return 1;
+        }
+    }
+    if (f > c->first) {
+        int dropped = 2 * (f - c->first); /* a user message and its reply per exchange */
+        fprintf(stderr, "[dropped the %d oldest message%s to fit the %d-token context window]\n", dropped,
+                dropped > 1 ? "s" : "", m->max_pos);
+        c->first = f;
+    }
+    /* the new token sequence */
+    int *nc = (int *)malloc(sizeof(int) * ((size_t)total + 1)), n = 0;
+    if (!nc) { fprintf(stderr, "error: out of memory\n"); return -1; }
+    if (has_bos) nc[n++] = c->bos;
+    memcpy(nc + n, first_ids, sizeof(int) * (size_t)n_first);
+    n += n_first;
+    for (int i = f; i < c->n_turns; i++) {
+        const ChatTurn *t = &c->turns[i];
+        if (i > f) { memcpy(nc + n, t->ids, sizeof(int) * (size_t)t->n_ids); n += t->n_ids; }
+        memcpy(nc + n, t->reply, sizeof(int) * (size_t)t->n_reply);
+        n += t->n_reply;
+        if (has_eos) nc[n++] = c->eos;
+    }
+    if (f < c->n_turns) { memcpy(nc + n, new_ids, sizeof(int) * (size_t)n_new); n += n_new; }
+    free(first_ids);
+    if (n == 0) { free(nc); free(new_ids); snprintf(err, errn, "empty prompt (no BOS and no chat markers)"); return 1; }
+    if (check_ids(m, nc, n)) { free(nc); free(new_ids); return -1; }
+    /* keep what the state already holds when it is a prefix of the new sequence; else start over */
+    int keep = s->pos;
+    if (keep >= n || keep > c->n_ctx || memcmp(nc, c->ctx, sizeof(int) * (size_t)keep) != 0) {
+        if (s->pos) state_reset(s, m);
+        keep = 0;
+    }
+    memcpy(c->ctx, nc, sizeof(int) * (size_t)n);
+    c->n_ctx = n;
+    free(nc);
+    if (c->print_prompt_ids) {
+        fprintf(stderr, "prompt ids:");
+        for (int i = 0; i < n; i++) fprintf(stderr, " %d", c->ctx[i]);
+        fprintf(stderr, "\n");
+        fflush(stderr);
+    }
+    prefill(m, s, c->ctx + keep, n - keep);
+    /* the reply */
+    int max_new = c->steps < m->max_pos - n ? c->steps : m->max_pos - n;
+    int *reply = (int *)malloc(sizeof(int) * ((size_t)max_new + 1)), nr = 0, first = 1;
+    char *pb = (char *)malloc((size_t)c->tk->max_len + 1);
+    ReplyOut ro = {0};
+    if (!reply || !pb) { fprintf(stderr, "error: out of memory\n"); return -1; }
+    for (int g = 0; g < max_new; g++) {
+        int next = sample(s->logits, m->vocab, c->temp, c->top_k, c->top_p, c->pi);
+        if (has_eos && next == c->eos) break;
+        reply[nr++] = next;
+        if (c->print_ids) {
+            printf(nr > 1 ? " %d" : "%d", next);
+            fflush(stdout);
+        } else {
+            int k = piece_bytes(c->tk, next, &first, pb);
+            if (k && reply_add(&ro, pb, (size_t)k)) { fprintf(stderr, "error: out of memory\n"); return -1; }
+            reply_flush(&ro, 0, stdout);
+        }
+        if (g + 1 < max_new) forward(m, s, &next, 1, 0);
+    }
+    if (!c->print_ids) reply_flush(&ro, 1, stdout);
+    printf("\n");
+    fflush(stdout);
+    free(ro.buf);
+    free(pb);
+    /* remember the exchange; its reply and EOS are fed with the next message */
+    if (c->n_turns == c->cap_turns) {
+        int cap = c->cap_turns ? 2 * c->cap_turns : 16;
+        ChatTurn *nt = (ChatTurn *)realloc(c->turns, sizeof(ChatTurn) * (size_t)cap);
+        if (!nt) { fprintf(stderr, "error: out of memory\n"); return -1; }
+        c->turns = nt;
+        c->cap_turns = cap;
+    }
+    ChatTurn *t = &c->turns[c->n_turns];
+    t->text = strdup(text);
+    t->ids = new_ids;
+    t->n_ids = n_new;
+    t->reply = reply;
+    t->n_reply = nr;
+    if (!t->text) { fprintf(stderr, "error: out of memory\n"); return -1; }
+    c->n_turns++;
+    memcpy(c->ctx + c->n_ctx, reply, sizeof(int) * (size_t)nr);
+    c->n_ctx += nr;
+    if (has_eos) c->ctx[c->n_ctx++] = c->eos;
+    return 0;
+}
+
+static char *read_all(FILE *f) {
+    size_t n = 0, cap = 4096;
+    char *b = (char *)malloc(cap);
+    if (!b) return NULL;
+    for (;;) {
+        if (n + 1 >= cap) {
+            char *nb = (char *)realloc(b, cap *= 2);
+            if (!nb) { free(b); return NULL; }
+            b = nb;
+        }
+        size_t k = fread(b + n, 1, cap - n - 1, f);
+        if (k == 0) break;
+        n += k;
+    }
+    b[n] = 0;
+    return b;
+}
+
+#define CHAT_HELP "/reset clears the history, /exit or Ctrl-D quits"
+
+/* chat mode: one message (-i; "-" reads it from stdin) or an interactive loop over stdin lines */
+static int chat_main(const Model *m, State *s, const Tokenizer *tk, ProbIdx *pi, const char *prompt,
+                     const char *system, int steps, float temp, int top_k, float top_p, int print_ids,
+                     int print_prompt_ids) {
+    Chat c;
+    memset(&c, 0, sizeof c);
+    c.m = m; c.s = s; c.tk = tk; c.pi = pi;
+    c.steps = steps; c.temp = temp; c.top_k = top_k; c.top_p = top_p;
+    c.print_ids = print_ids; c.print_prompt_ids = print_prompt_ids;
+    c.bos = tk->bos >= 0 ? tk->bos : m->bos;
+    c.eos = tk->eos >= 0 ? tk->eos : m->eos;
+    int any = 0;
+    for (int i = 0; i < MK_COUNT; i++) any |= tok_marker(tk, CHAT_KEYS[i], &c.mk_len[i]) != NULL;
+    if (!any) fprintf(stderr, "[tokenizer.bin has no chat markers; using LlamaThink's chat template]\n");
+    for (int i = 0; i < MK_COUNT; i++) {
+        int len = 0;
+        const char *v = tok_marker(tk, CHAT_KEYS[i], &len);
+        if (!any) { v = CHAT_DEFAULTS[i]; len = (int)strlen(v); }
+        c.mk[i] = v ? v : "";
+        c.mk_len[i] = v ? len : 0;
+    }
+    if (system && *system) c.system = strip_dup(system); /* llamathink-chat: an empty --system is none */
+    c.ctx = (int *)malloc(sizeof(int) * ((size_t)m->max_pos + 2));
+    if (!c.ctx || (system && *system && !c.system)) { fprintf(stderr, "error: out of memory\n"); return 1; }
+    char err[256];
+    int rc = 0;
+    if (prompt) {
+        char *raw = !strcmp(prompt, "-") ? read_all(stdin) : strdup(prompt);
+        char *text = raw ? strip_dup(raw) : NULL;
+        free(raw);
+        if (!text) { fprintf(stderr, "error: out of memory\n"); chat_free(&c); return 1; }
+        int r = chat_turn(&c, text, err, sizeof err);
+        if (r == 1) fprintf(stderr, "error: %s\n", err);
+        rc = r ? 1 : 0;
+        free(text);
+        chat_free(&c);
+        return rc;
+    }
+    fprintf(stderr, "[" CHAT_HELP "]\n");
+    char *line = NULL;
+    size_t lcap = 0;
+    for (;;) {
+        fprintf(stderr, "> ");
+        fflush(stderr);
+        if (getline(&line, &lcap, stdin) < 0) {
+            fprintf(stderr, "\n");
+            break;
+        }
+        char *text = strip_dup(line);
+        if (!text) { fprintf(stderr, "error: out of memory\n"); rc = 1; break; }
+        if (!*text) { free(text); continue; }
+        if (!strcmp(text, "/exit") || !strcmp(text, "/quit")) { free(text); break; }
+        if (!strcmp(text, "/reset")) {
+            c.first = c.n_turns;
+            fprintf(stderr, "[history cleared]\n");
+            free(text);
+            continue;
+        }
+        if (!strcmp(text, "/help")) { fprintf(stderr, "[" CHAT_HELP "]\n"); free(text); continue; }
+        int r = chat_turn(&c, text, err, sizeof err);
+        free(text);
+        if (r < 0) { rc = 1; break; }
+        if (r == 1) fprintf(stderr, "[%s]\n", err);
+    }
+    free(line);
+    chat_free(&c);
+    return rc;
+}
+
 int main(int argc, char **argv) {
 #if defined(_OPENMP) && defined(__linux__)
     maybe_reexec_passive(argv);
 #endif
     if (argc < 2) { usage(); return 1; }
+    if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) { usage(); return 0; }
     const char *model_path = argv[1], *mode = "generate", *prompt = NULL, *tok_path = NULL, *ids_str = NULL;
-    const char *logits_for = NULL, *logits_out = NULL;
+    const char *logits_for = NULL, *logits_out = NULL, *system = NULL;
     int steps = 256, top_k = 0, threads = 0, chunk = 256, no_bos = 0, ignore_eos = 0, print_ids = 0, stats = 0;
+    int print_prompt_ids = 0;
     float temp = 1.0f, top_p = 0.9f;
     unsigned long long seed = (unsigned long long)time(NULL);
     for (int i = 2; i < argc; i++) {
@@ -1863,6 +2268,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--no-bos")) no_bos = 1;
         else if (!strcmp(a, "--ignore-eos")) ignore_eos = 1;
         else if (!strcmp(a, "--print-ids")) print_ids = 1;
+        else if (!strcmp(a, "--print-prompt-ids")) print_prompt_ids = 1;
+        else if (!strcmp(a, "-y")) { NEEDV(); system = v; }
         else if (!strcmp(a, "--stats")) stats = 1;
         else if (!strcmp(a, "--logits-for")) { NEEDV(); logits_for = v; mode = "logits"; }
         else if (!strcmp(a, "--logits-out")) { NEEDV(); logits_out = v; }
@@ -2001,44 +2408,10 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(mode, "chat")) {
-        /* Placeholder: the chat template is defined by a later issue. Markers come from
-         * tokenizer.bin (keys user_prefix, user_suffix, assistant_prefix, assistant_suffix);
-         * absent markers are empty. The conversation is one growing sequence. */
         if (!have_tok) { fprintf(stderr, "error: chat mode needs -z tokenizer.bin\n"); return 1; }
-        int ml;
-        const char *k_up = "user_prefix", *k_us = "user_suffix", *k_ap = "assistant_prefix";
-        char line[8192];
-        int *buf = (int *)malloc(sizeof(int) * (sizeof(line) * 4 + 4096));
-        if (!buf) { fprintf(stderr, "error: out of memory\n"); return 1; }
-        if (m.bos >= 0) { buf[0] = m.bos; prefill(&m, &s, buf, 1); }
-        for (;;) {
-            fprintf(stdout, "> ");
-            fflush(stdout);
-            if (!fgets(line, sizeof line, stdin)) break;
-            size_t L = strlen(line);
-            while (L && (line[L - 1] == '\n' || line[L - 1] == '\r')) line[--L] = 0;
-            char text[8192 * 2 + 1024];
-            size_t p = 0;
-            const char *mk;
-            if ((mk = tok_marker(&tk, k_up, &ml)) && p + ml < sizeof text) { memcpy(text + p, mk, (size_t)ml); p += ml; }
-            if (p + L < sizeof text) { memcpy(text + p, line, L); p += L; }
-            if ((mk = tok_marker(&tk, k_us, &ml)) && p + ml < sizeof text) { memcpy(text + p, mk, (size_t)ml); p += ml; }
-            if ((mk = tok_marker(&tk, k_ap, &ml)) && p + ml < sizeof text) { memcpy(text + p, mk, (size_t)ml); p += ml; }
-            int k = encode(&tk, text, p, 0, buf, (int)(sizeof(line) * 4 + 4096));
-            if (s.pos + k + 1 >= m.max_pos) { fprintf(stdout, "[context full]\n"); break; }
-            prefill(&m, &s, buf, k);
-            int first = 1;
-            for (int g = 0; g < steps && s.pos < m.max_pos; g++) {
-                int next = sample(s.logits, m.vocab, temp, top_k, top_p, pi);
-                if (next == m.eos) { forward(&m, &s, &next, 1, 0); break; }
-                decode_piece(&tk, next, &first, stdout);
-                fflush(stdout);
-                forward(&m, &s, &next, 1, 0);
-            }
-            fprintf(stdout, "\n");
-        }
-        free(buf);
-        return 0;
+        int rc = chat_main(&m, &s, &tk, pi, prompt, system, steps, temp, top_k, top_p, print_ids, print_prompt_ids);
+        free(pi); free(seq); free_tokenizer(&tk); state_free(&s, &m); free_model(&m); munmap(map, fsize);
+        return rc;
     }
     fprintf(stderr, "error: unknown mode %s\n", mode);
     return 1;

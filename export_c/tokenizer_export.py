@@ -2,7 +2,7 @@
 
 Usage:
     python -m export_c.tokenizer_export <dir> <tokenizer.bin> [--chat-marker KEY=VALUE ...]
-                                        [--sentencepiece]
+                                        [--no-chat-markers] [--sentencepiece]
 
 Sources, in order of preference inside <dir>:
   * tokenizer.model (SentencePiece; parsed directly from its protobuf, no extra package):
@@ -15,6 +15,10 @@ does.  Encoding rule stored in flags (see README): spaces -> U+2581, a U+2581 pr
 unless the text already starts with a space (HF Metaspace prepend_scheme="first", which is what
 transformers' LlamaTokenizer does); --sentencepiece always prepends (SentencePiece, and the
 project's own tokenizer_utils, whose tokenizer.json is detected as such automatically).
+
+Chat markers: by default tokenizer.bin stores llamathink.chat.CHAT_MARKERS (the strings of the
+chat template that run.c's chat mode rebuilds); --chat-marker KEY=VALUE overrides or adds one key
+(backslash escapes such as \\n are decoded), --no-chat-markers stores only the --chat-marker ones.
 """
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ FLAG_DUMMY_PREFIX = 1
 FLAG_BYTE_FALLBACK = 2
 FLAG_NO_PREFIX_IF_SPACE = 4
 NO_MERGE = -1e30
-# Keys the chat mode of run.c looks up (values are filled by the chat-template issue).
+# Keys the chat mode of run.c looks up (default values: llamathink.chat.CHAT_MARKERS; run.c ignores
+# assistant_suffix, since an assistant turn ends with the EOS token).
 CHAT_MARKER_KEYS = ("system_prefix", "system_suffix", "user_prefix", "user_suffix",
                     "assistant_prefix", "assistant_suffix")
 
@@ -232,6 +237,25 @@ def parse_markers(items) -> dict:
     return out
 
 
+def default_chat_markers() -> dict:
+    """llamathink.chat.CHAT_MARKERS (imported here, so that the exporter also runs without the
+    package: then no markers are stored and run.c falls back to its copy of LlamaThink's)."""
+    try:
+        from llamathink.chat import CHAT_MARKERS
+    except ImportError as e:
+        print(f"warning: llamathink.chat is not importable ({e}); tokenizer.bin gets no chat "
+              "markers (run.c's chat mode then uses its built-in copy of LlamaThink's)", file=sys.stderr)
+        return {}
+    return dict(CHAT_MARKERS)
+
+
+def chat_markers(overrides=(), defaults: bool = True) -> dict:
+    """The markers to store: CHAT_MARKERS (unless defaults=False) updated by KEY=VALUE items."""
+    out = default_chat_markers() if defaults else {}
+    out.update(parse_markers(overrides))
+    return out
+
+
 def write_tokenizer_bin(t: dict, out_path: str, markers: dict | None = None) -> None:
     markers = markers or {}
     n = len(t["pieces"])
@@ -251,10 +275,14 @@ def write_tokenizer_bin(t: dict, out_path: str, markers: dict | None = None) -> 
 
 def export_tokenizer(src: str, out_path: str, markers: dict | None = None,
                      sentencepiece_rules: bool = False) -> dict:
+    """Write tokenizer.bin; markers=None stores the default chat markers (CHAT_MARKERS), a dict
+    stores exactly those ({} for none)."""
     t = load_tokenizer(src, sentencepiece_rules)
+    if markers is None:
+        markers = default_chat_markers()
     write_tokenizer_bin(t, out_path, markers)
-    print(f"wrote {out_path}: {len(t['pieces'])} pieces, bos {t['bos']} eos {t['eos']}",
-          file=sys.stderr)
+    print(f"wrote {out_path}: {len(t['pieces'])} pieces, bos {t['bos']} eos {t['eos']}, "
+          f"{len(markers)} chat markers", file=sys.stderr)
     return t
 
 
@@ -262,7 +290,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m export_c.tokenizer_export")
     ap.add_argument("src", help="directory with tokenizer.model or tokenizer.json (or the file)")
     ap.add_argument("out")
-    ap.add_argument("--chat-marker", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--chat-marker", action="append", default=[], metavar="KEY=VALUE",
+                    help="set one chat-template marker (repeatable; default: llamathink.chat.CHAT_MARKERS)")
+    ap.add_argument("--no-chat-markers", action="store_true",
+                    help="store no default chat markers (only --chat-marker ones)")
     ap.add_argument("--sentencepiece", action="store_true",
                     help="tokenizer.model only: encode like SentencePiece itself (and like "
                     "llamathink.tokenizer_utils): merges by piece score, dummy prefix always; "
@@ -270,7 +301,8 @@ def main(argv=None) -> int:
                     "when the text starts with a space)")
     a = ap.parse_args(argv)
     try:
-        export_tokenizer(a.src, a.out, parse_markers(a.chat_marker), a.sentencepiece)
+        export_tokenizer(a.src, a.out, chat_markers(a.chat_marker, not a.no_chat_markers),
+                         a.sentencepiece)
     except TokenizerExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

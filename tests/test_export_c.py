@@ -11,7 +11,10 @@
 * tokenizer.bin encode/decode == transformers on tricky text (real Llama 2 tokenizer, skipped
   without it; and the offline builtin tokenizer through tokenizer.json);
 * loader robustness: byte flips / truncations of valid files under AddressSanitizer give a clean
-  error exit, and a short libFuzzer run when clang is installed.
+  error exit, and a short libFuzzer run when clang is installed;
+* chat mode: the ids run.c feeds == tokenizer.apply_chat_template(..., add_generation_prompt=True)
+  (builtin and Llama 2 tokenizers, system prompt, multi-turn over stdin), the greedy one-shot reply
+  == llamathink.chat.ChatSession's, EOF ends the loop, history trimming in a tiny context.
 """
 from __future__ import annotations
 
@@ -443,9 +446,9 @@ def test_tokenizer_llama2_sentencepiece(run_bin, llama2_dir, work):
     if ck.exists():
         tb = work / "cli_tok.bin"
         assert ex.main([str(ck), str(work / "cli.bin"), "--tokenizer-out", str(tb), "--tokenizer-src",
-                        str(llama2_dir), "--chat-marker", "user_prefix=### User:\\n"]) == 0
-        t = tb.read_bytes()
-        assert struct.unpack_from("<i", t, 40)[0] == 1 and t.endswith(b"user_prefix" + struct.pack("<I", 10) + b"### User:\n")
+                        str(llama2_dir), "--chat-marker", "user_prefix=## Me:\\n"]) == 0
+        mk = _read_markers(tb)
+        assert len(mk) == 6 and mk["user_prefix"] == "## Me:\n" and mk["assistant_prefix"] == "### Assistant:\n"
 
 
 def test_tokenizer_llama2_tokenizer_json(run_bin, llama2_dir, work):
@@ -511,11 +514,266 @@ def test_generate_text_prompt(run_bin, tiny, work):
     # the model's 256-token vocabulary ends before the last byte pieces: ids must stay in range
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(b"ab") and b"decode:" in r.stderr
-    # chat placeholder: one turn from stdin, ends cleanly at EOF
+    # chat with a tokenizer.bin without markers (LlamaThink's template is used): one turn from
+    # stdin, one reply line on stdout, the prompt "> " on stderr, ends cleanly at EOF
     r = subprocess.run([str(run_bin), str(files["fp32"]), "-m", "chat", "-z", str(tok_bin), "-n", "4",
-                        "-t", "0"], input=b"ab\n", capture_output=True, timeout=60)
+                        "-t", "0", "--print-ids"], input=b"ab\n", capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith(b"> ") and r.stdout.count(b"> ") == 2
+    assert r.stdout.count(b"\n") == 1 and r.stderr.count(b"> ") == 2 and b"no chat markers" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# chat mode (the template of llamathink/chat.py)
+# ---------------------------------------------------------------------------------------------
+def _read_markers(tok_bin) -> dict:
+    b = Path(tok_bin).read_bytes()
+    n, n_markers = struct.unpack_from("<i", b, 12)[0], struct.unpack_from("<i", b, 40)[0]
+    off = tkx.TK_HEADER_SIZE
+    for _ in range(n):
+        off += 9 + struct.unpack_from("<I", b, off + 4)[0]
+    out = {}
+    for _ in range(n_markers):
+        kv = []
+        for _ in range(2):
+            ln = struct.unpack_from("<I", b, off)[0]
+            kv.append(b[off + 4:off + 4 + ln].decode("utf-8"))
+            off += 4 + ln
+        out[kv[0]] = kv[1]
+    return out
+
+
+CHAT_CFG = dict(TINY, vocab_size=1024)
+
+
+def _chat_checkpoint(d: Path, cfg: dict, tok, seed: int = 0) -> dict:
+    """A tiny random fp32 LlamaThink model saved with the tokenizer (and its chat template), then
+    exported by the CLI with the default chat markers."""
+    model = _torch_model(cfg, seed)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    (d / "tokenizer.model").unlink(missing_ok=True)  # export the tokenizer.json that is used
+    assert ex.main([str(d), str(d / "model.bin"), "--tokenizer-out", str(d / "tok.bin")]) == 0
+    return dict(model=model, tok=tok, bin=d / "model.bin", tokbin=d / "tok.bin")
+
+
+@pytest.fixture
+def one_thread():
+    """PyTorch on one thread: its tiny-model decode steps are ~30x slower with two threads spinning
+    on a busy 2-core machine."""
+    torch = pytest.importorskip("torch")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def chat_tok():
+    try:
+        from llamathink.chat import set_chat_template
+        from llamathink.tokenizer_utils import load_tokenizer
+    except ImportError as e:  # pragma: no cover
+        pytest.skip(f"llamathink not importable: {e}")
+    return set_chat_template(load_tokenizer("builtin"))
+
+
+@pytest.fixture(scope="module")
+def chat_model(work, chat_tok):
+    return _chat_checkpoint(work / "chat_ckpt", CHAT_CFG, chat_tok, seed=7)  # its greedy reply is plain text
+
+
+@pytest.fixture(scope="module")
+def chat_llama2(work, llama2_dir):
+    """Llama 2 (the project's tokenizer, as llamathink-chat loads it) with a random numpy model of
+    the 32000-token vocabulary."""
+    from llamathink.chat import set_chat_template
+    from llamathink.tokenizer_utils import load_tokenizer
+
+    tok = set_chat_template(load_tokenizer(str(llama2_dir / "tokenizer.model")))
+    d = work / "chat_llama2"
+    reference.make_random_checkpoint(str(d), dict(MINI, vocab_size=32000, max_position_embeddings=512), seed=2)
+    tok.save_pretrained(d)
+    (d / "tokenizer.model").unlink(missing_ok=True)
+    assert ex.main([str(d), str(d / "model.bin"), "--tokenizer-out", str(d / "tok.bin")]) == 0
+    return dict(tok=tok, bin=d / "model.bin", tokbin=d / "tok.bin")
+
+
+def _chat(run_bin, setup, *args, stdin=b"", tokbin=None):
+    r = subprocess.run([str(run_bin), str(setup["bin"]), "-z", str(tokbin or setup["tokbin"]), "-m", "chat",
+                        "-T", "1", *args], input=stdin, capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
+    prompts = [[int(x) for x in ln.split("prompt ids:")[1].split()]  # lines may start with the "> " prompt
+               for ln in r.stderr.decode(errors="replace").splitlines() if "prompt ids:" in ln]
+    return r, prompts
+
+
+def _template_ids(tok, messages):
+    out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(out["input_ids"])
+
+
+def _expected_with_replies(tok, messages, replies):
+    """apply_chat_template of messages whose assistant contents are empty, with each sampled reply
+    (ids) put in front of its EOS: what the runner feeds, since it keeps the sampled tokens."""
+    ids = _template_ids(tok, messages)
+    out, k = [], 0
+    for i in ids:
+        if i == tok.eos_token_id:
+            out += replies[k]
+            k += 1
+        out.append(i)
+    assert k == len(replies)
+    return out
+
+
+CHAT_SYSTEM = "  You are a brief, helpful assistant.\n"
+CHAT_LINES = ["Hi! Can you recommend something to read?", "", "   What about \u00e9t\u00e9 na\u00efve \u4e2d\u6587 "
+              "\U0001F600 poems?\t", "/help", "Thanks.  Anything   shorter?"]
+
+
+@pytest.mark.parametrize("which", ["builtin", "llama2"])
+def test_chat_prompt_ids_match_apply_chat_template(run_bin, which, request):
+    setup = request.getfixturevalue("chat_model" if which == "builtin" else "chat_llama2")
+    tok = setup["tok"]
+    # one shot, with and without a system prompt
+    msg = CHAT_LINES[2]
+    for system in (None, CHAT_SYSTEM):
+        sys_args = ["-y", system] if system else []
+        r, prompts = _chat(run_bin, setup, "-i", msg, "-n", "0", "--print-prompt-ids", *sys_args)
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": msg}]
+        assert prompts == [_template_ids(tok, messages)]
+    # several turns through stdin (empty lines and /help are not messages), real replies kept as sampled
+    users = [ln for ln in CHAT_LINES if ln.strip() and not ln.startswith("/")]
+    r, prompts = _chat(run_bin, setup, "-y", CHAT_SYSTEM, "-n", "3", "-t", "0", "--print-ids",
+                       "--print-prompt-ids", stdin="\n".join(CHAT_LINES).encode() + b"\n")
+    replies = [[int(x) for x in ln.split()] for ln in r.stdout.decode().splitlines()]
+    assert len(prompts) == len(replies) == len(users) == 3
+    messages = [{"role": "system", "content": CHAT_SYSTEM}]
+    for k, text in enumerate(users):
+        messages.append({"role": "user", "content": text})
+        assert prompts[k] == _expected_with_replies(tok, messages, replies[:k]), k
+        messages.append({"role": "assistant", "content": ""})
+    # replies that re-tokenize to themselves: the fed ids are apply_chat_template's exactly
+    r, prompts = _chat(run_bin, setup, "-n", "0", "--print-prompt-ids", stdin=b"Hello!\nAnd then?\n")
+    assert prompts[1] == _template_ids(tok, [{"role": "user", "content": "Hello!"},
+                                             {"role": "assistant", "content": ""},
+                                             {"role": "user", "content": "And then?"}])
+    if which == "builtin":
+        # a tokenizer.bin without markers gets run.c's built-in copy of CHAT_MARKERS: same ids
+        bare = Path(str(setup["tokbin"]) + ".bare")
+        assert tkx.main([str(Path(setup["tokbin"]).parent), str(bare), "--no-chat-markers"]) == 0
+        assert _read_markers(bare) == {}
+        r, prompts2 = _chat(run_bin, setup, "-n", "0", "--print-prompt-ids", stdin=b"Hello!\nAnd then?\n",
+                            tokbin=bare)
+        assert prompts2 == prompts and b"no chat markers" in r.stderr
+        from llamathink.chat import CHAT_MARKERS
+
+        assert _read_markers(setup["tokbin"]) == CHAT_MARKERS
+        over = Path(str(setup["tokbin"]) + ".over")
+        assert tkx.main([str(Path(setup["tokbin"]).parent), str(over), "--chat-marker", "user_prefix=Q:\\n"]) == 0
+        assert _read_markers(over) == dict(CHAT_MARKERS, user_prefix="Q:\n")
+
+
+def test_chat_one_shot_greedy_matches_chat_session(run_bin, chat_model, one_thread):
+    import torch
+
+    from llamathink.chat import ChatSession, GenerationSettings
+
+    model, tok = chat_model["model"], chat_model["tok"]
+    text = "Hi! Can you recommend something to read?"
+    args = ["-i", text, "-n", "24", "-t", "0"]
+    r = subprocess.run([str(run_bin), str(chat_model["bin"]), "-z", str(chat_model["tokbin"]), "-m", "chat",
+                        "-T", "1", *args, "--print-ids"], stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    c_ids = [int(x) for x in r.stdout.split()]
+    ids = _template_ids(tok, [{"role": "user", "content": text}])
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    want = out[0, len(ids):].tolist()
+    if want and want[-1] == tok.eos_token_id:
+        want = want[:-1]
+    assert c_ids == want and len(want) >= 8, (c_ids, want)
+    # the printed text is ChatSession's reply (the lead's quickstart command, stdin /dev/null)
+    r = subprocess.run([str(run_bin), str(chat_model["bin"]), "-z", str(chat_model["tokbin"]), "-m", "chat",
+                        "-T", "1", *args], stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    session = ChatSession(model, tok, settings=GenerationSettings(max_new_tokens=24, temperature=0.0))
+    reply = session.reply(text)
+    assert reply and r.stdout.decode("utf-8", errors="replace") == reply + "\n"
+
+
+def test_chat_interactive_loop_ends_at_eof(run_bin, chat_model):
+    # (stdin, replies): nothing at all; a last line without newline; /exit stops reading
+    for stdin, n_replies in ((b"", 0), (b"Hello there\n\nHow are you?", 2), (b"Hi\n/exit\nnever read\n", 1)):
+        r = subprocess.run([str(run_bin), str(chat_model["bin"]), "-z", str(chat_model["tokbin"]), "-m", "chat",
+                            "-T", "1", "-n", "5", "-t", "0.8", "-s", "1", "--print-ids"], input=stdin,
+                           capture_output=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert len(r.stdout.splitlines()) == n_replies and r.stderr.count(b"> ") >= 1
+    # /reset starts a new conversation from BOS
+    _, prompts = _chat(run_bin, chat_model, "-n", "2", "-t", "0", "--print-prompt-ids",
+                       stdin=b"Hello there\n/reset\nHow are you?\n")
+    assert prompts[1] == _template_ids(chat_model["tok"], [{"role": "user", "content": "How are you?"}])
+
+
+@pytest.fixture(scope="module")
+def chat_ctx96(work, chat_tok):
+    return _chat_checkpoint(work / "chat_ctx96", dict(CHAT_CFG, max_position_embeddings=96), chat_tok, seed=4)
+
+
+TRIM_LINES = ["Tell me about the river.", "And the old mill by the water?", "Why?",
+              "What happened to the miller and his three daughters in the long winter?", "Ok.",
+              "Go on, and tell me everything about the lake, the boats and the harbour please.", "Thanks!"]
+
+
+def test_chat_history_trimming_in_a_tiny_context(run_bin, chat_ctx96, chat_tok, one_thread):
+    """max_position_embeddings=96: long conversations drop the oldest exchanges (the system prompt
+    stays) and go on (one and two exchanges dropped at a time); with empty replies (-n 0) the kept
+    history is llamathink.chat.trim_history's."""
+    from llamathink.chat import trim_history
+
+    setup, lines = chat_ctx96, TRIM_LINES
+    stdin = "\n".join(lines).encode() + b"\n"
+    system = "Be brief."
+    r, prompts = _chat(run_bin, setup, "-y", system, "-n", "8", "-t", "0", "--print-ids", "--print-prompt-ids",
+                       stdin=stdin)
+    replies = [[int(x) for x in ln.split()] for ln in r.stdout.decode().splitlines()]
+    assert len(replies) == len(lines) == len(prompts)
+    # each reply is the model's greedy continuation of its prompt, whether the state was continued
+    # (history kept) or reset and fed again from BOS (history trimmed)
+    import torch
+
+    for p, rep in zip(prompts, replies):
+        with torch.no_grad():
+            out = setup["model"].generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, eos_token_id=2,
+                                          pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long))
+        want = out[0, len(p):].tolist()
+        assert rep == (want[:-1] if want[-1:] == [2] else want)
+    assert b"dropped the 2 oldest" in r.stderr and b"dropped the 4 oldest" in r.stderr
+    assert b"context full" not in r.stdout + r.stderr
+    a, b = (_template_ids(chat_tok, [{"role": "system", "content": system}, {"role": "user", "content": u}])
+            for u in ("x", "y"))
+    head = a[:next(i for i in range(len(a)) if a[i] != b[i])]  # BOS + system block + user marker
+    for p in prompts:
+        assert len(p) <= 96 - 8 and p[:len(head)] == head
+    # exact trimming with empty replies
+    r, prompts = _chat(run_bin, setup, "-y", system, "-n", "0", "--print-prompt-ids", stdin=stdin)
+    msgs = [{"role": "system", "content": system}]
+    n_dropped = 0
+    for k, text in enumerate(lines):
+        msgs, dropped = trim_history(chat_tok, msgs + [{"role": "user", "content": text}], 96 - 1)
+        n_dropped += dropped
+        assert prompts[k] == _template_ids(chat_tok, msgs), k
+        msgs.append({"role": "assistant", "content": ""})
+    assert n_dropped > 2
+    # a message that cannot fit with the template: an error in one-shot mode, a notice interactively
+    big = "word " * 120
+    r = subprocess.run([str(run_bin), str(setup["bin"]), "-z", str(setup["tokbin"]), "-m", "chat", "-T", "1",
+                        "-i", big], capture_output=True, timeout=60)
+    assert r.returncode == 1 and b"too long for the context window" in r.stderr
+    r, _ = _chat(run_bin, setup, "-n", "4", "--print-ids", stdin=(big + "\nHi\n").encode())
+    assert b"too long" in r.stderr and len(r.stdout.splitlines()) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,6 +861,18 @@ def test_loader_mutations_under_asan(asan_bin, mini_files, tmp_path):
             assert r.stderr.startswith("error:"), r.stderr
             rejected += 1
     assert rejected > len(jobs) // 3
+
+
+def test_chat_under_asan(asan_bin, chat_ctx96):
+    """Chat turns (trimming, a refused long message, /reset, unicode, sampling) under ASan + UBSan."""
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0", UBSAN_OPTIONS="halt_on_error=1")
+    lines = TRIM_LINES[:4] + ["word " * 60, "/reset", " \u00e9t\u00e9 \u4e2d\U0001F600\u00a0", "", "Ok."]
+    for extra in (["-n", "8", "-t", "0.9", "-s", "2", "--chunk", "5"], ["-n", "40", "-t", "0"]):
+        r = subprocess.run([str(asan_bin), str(chat_ctx96["bin"]), "-z", str(chat_ctx96["tokbin"]), "-m", "chat",
+                            "-y", "Be brief.", *extra], input="\n".join(lines).encode(), capture_output=True,
+                           env=env, timeout=120)
+        assert r.returncode == 0 and b"Sanitizer" not in r.stderr and b"runtime error" not in r.stderr, r.stderr[-2000:]
+        assert b"dropped the" in r.stderr and b"too long" in r.stderr
 
 
 def test_libfuzzer_loader(work, mini_files):
