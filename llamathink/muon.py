@@ -73,16 +73,22 @@ ADJUST_LR_FNS = ("original", "match_rms_adamw")
 # --------------------------------------------------------------------------------------
 # Newton-Schulz orthogonalisation
 # --------------------------------------------------------------------------------------
+def ns_output_dtype(device: torch.device) -> torch.dtype:
+    """The Newton-Schulz iteration dtype: bf16 on GPUs (tensor cores), fp32 on CPUs (no fast bf16 matmul there)."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
 def zeropower_via_newtonschulz(
     update: Tensor,
     steps: int = NS_STEPS,
     coefficients: Sequence[float] = NS_COEFFICIENTS,
     eps: float = NS_EPS,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Approximately orthogonalise a matrix (or a batch of same-shape matrices).
 
     Returns ``~ U V^T`` where ``U S V^T`` is the SVD of each ``[rows, cols]`` slice of
-    ``update`` (shape ``[rows, cols]`` or ``[batch, rows, cols]``), in **bfloat16**.
+    ``update`` (shape ``[rows, cols]`` or ``[batch, rows, cols]``), in **bfloat16** on GPUs (fp32 on CPUs; ``dtype`` overrides).
     The quintic iteration ``X <- a X + (b A + c A^2) X`` with ``A = X X^T`` does not
     converge exactly to 1 (singular values end up in ~[0.7, 1.2]); that is fine for
     Muon and lets 5 cheap bf16 iterations suffice.
@@ -107,8 +113,9 @@ def zeropower_via_newtonschulz(
     if transposed:
         x = x.mT
     norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=torch.float32)
-    # fp32 divide then a single rounding to bf16 (out of place: never touch the input).
-    x = (x / (norm + eps)).to(torch.bfloat16)
+    # fp32 divide then a single rounding to the iteration dtype (out of place: never touch the input). bf16 on GPUs
+    # (tensor cores); fp32 on CPUs, where bf16 matmuls are emulated and several times slower without AMX.
+    x = (x / (norm + eps)).to(dtype or ns_output_dtype(x.device))
     for _ in range(steps):
         gram = torch.bmm(x, x.mT)  # [B, m, m], m = min(rows, cols)
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b*A + c*A@A
@@ -388,13 +395,14 @@ class Muon(torch.optim.Optimizer):
             n = len(items)
             per_rank = -(-n // world)  # ceil: every rank sends the same-size block
             device = key[2]
-            send = torch.zeros((per_rank, *shape), dtype=torch.bfloat16, device=device)
+            ns_dtype = ns_output_dtype(device)  # what zeropower_via_newtonschulz returns on this device
+            send = torch.zeros((per_rank, *shape), dtype=ns_dtype, device=device)
             mine = items[(rank - offset) % world :: world]
             if mine:
                 send[: len(mine)] = zeropower_via_newtonschulz(
                     torch.stack([u for _, u, _ in mine]), ns_steps, coeffs, eps
                 )
-            recv = torch.empty((world * per_rank, *shape), dtype=torch.bfloat16, device=device)
+            recv = torch.empty((world * per_rank, *shape), dtype=ns_dtype, device=device)
             # Async: on NCCL the gather of this bucket overlaps the next bucket's NS.
             handle = _all_gather_flat(recv, send, group=pg, async_op=True)
             pending.append((key, items, offset, per_rank, recv, handle))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -73,18 +74,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     final = Path(chat_history["final_dir"])
 
-    _step("4/5 reload through trust_remote_code and chat")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llamathink.chat import ChatSession
-
-    model = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained(final)
-    print(f"loaded {type(model).__module__}.{type(model).__name__} from {final}")
-    session = ChatSession(model, tokenizer)
-    print(f"user: {args.prompt}\nassistant: ", end="", flush=True)
-    session.reply(args.prompt, stream=sys.stdout)
-    print()
+    _step("4/5 reload through trust_remote_code (in a process where llamathink is not importable) and chat")
+    # The saved folder carries its own model code: load it the way a user without this package would.
+    script = (
+        "import sys; sys.modules['llamathink'] = None\n"
+        "import torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"path, prompt = {str(final)!r}, {args.prompt!r}\n"
+        "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)\n"
+        "tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)\n"
+        "print('loaded', type(model).__module__ + '.' + type(model).__name__)\n"
+        "ids = tokenizer.apply_chat_template([{'role': 'user', 'content': prompt}], add_generation_prompt=True,\n"
+        "                                    return_tensors='pt', return_dict=True)['input_ids']\n"
+        "out = model.generate(ids, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.pad_token_id)\n"
+        "print('user:', prompt)\n"
+        "print('assistant:', tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=out, env=env)
 
     _step("5/5 export to C and chat natively")
     from export_c.export import main as export_main
