@@ -24,7 +24,6 @@ import json
 import math
 import sys
 import time
-import typing
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 from llamathink import LlamaThinkForCausalLM
 from llamathink.chat import ChatCollator, ChatDataset, build_examples, load_conversations, prompt_ids, set_chat_template
 from llamathink.data import check_vocab
+import train_hf
 from train_hf import (
     NonFiniteLoss,
     _init_wandb,
@@ -44,7 +44,6 @@ from train_hf import (
     checkpoint_dir,
     load_checkpoint,
     lr_factor,
-    parse_setting,
     resolve_resume,
     save_checkpoint,
 )
@@ -143,38 +142,9 @@ class FinetuneConfig:
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> FinetuneConfig:
-    """A `FinetuneConfig` from a YAML file (`path`) and `--key value` / `--key=value` overrides.
-    Unknown keys are an error naming the key (and the file)."""
-    import yaml
-
-    known = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    values: dict[str, Any] = {}
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
-        for key, value in loaded.items():
-            if key not in known:
-                raise ValueError(f"{path}: unknown setting {key!r}; known settings: {', '.join(sorted(known))}")
-            values[key] = value
-    overrides = list(overrides or [])
-    hints = typing.get_type_hints(FinetuneConfig)
-    i = 0
-    while i < len(overrides):
-        arg = overrides[i]
-        if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}; overrides look like --key value or --key=value")
-        key, eq, raw = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if not eq:
-            if i + 1 >= len(overrides):
-                raise ValueError(f"--{key} needs a value")
-            raw, i = overrides[i + 1], i + 1
-        if key not in known:
-            raise ValueError(f"unknown setting --{key}; known settings: {', '.join(sorted(known))}")
-        values[key] = parse_setting(raw, hints[key], key)
-        i += 1
-    return FinetuneConfig(**values)
+    """A `FinetuneConfig` from a YAML file (`path`) and `--key value` / `--key=value` overrides (the parser of
+    train_hf.py; unknown keys are an error naming the key and the file)."""
+    return train_hf.load_config(path, overrides, cls=FinetuneConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------------

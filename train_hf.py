@@ -142,12 +142,13 @@ def parse_setting(raw: str, annotation, name: str):
     return value
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """A `TrainConfig` from a YAML file (`path`) and `--key value` / `--key=value` overrides.
-    Unknown keys are an error naming the key and the file."""
+def load_config(path: str | None = None, overrides: list[str] | None = None, cls: type = None):
+    """A `TrainConfig` (or another settings dataclass `cls`, e.g. finetune_chat's) from a YAML file (`path`) and
+    `--key value` / `--key=value` overrides. Unknown keys are an error naming the key and the file."""
     import yaml
 
-    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    cls = cls or TrainConfig
+    known = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     if path is not None:
         text = Path(path).read_text()
@@ -159,7 +160,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
                 raise ValueError(f"{path}: unknown setting {key!r}; known settings: {', '.join(sorted(known))}")
             values[key] = value
     overrides = list(overrides or [])
-    hints = typing.get_type_hints(TrainConfig)
+    hints = typing.get_type_hints(cls)
     i = 0
     while i < len(overrides):
         arg = overrides[i]
@@ -175,7 +176,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             raise ValueError(f"unknown setting --{key}; known settings: {', '.join(sorted(known))}")
         values[key] = parse_setting(raw, hints[key], key)
         i += 1
-    return TrainConfig(**values)
+    return cls(**values)
 
 
 # ----------------------------------------------------------------------------------------------------------------
