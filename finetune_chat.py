@@ -286,7 +286,8 @@ def evaluate(model, dataset: ChatDataset, batch_size: int, accelerator, pad_toke
         if n == 0:
             continue
         with accelerator.autocast():
-            loss = model(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device)).loss
+            ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+            loss = model(input_ids=ids, labels=labels, use_cache=False).loss
         total += loss.double() * n
         count += n
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
@@ -422,7 +423,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
             # right padding and causal mixers: padding never reaches a real token, so no attention_mask is needed
             with ctx, accelerator.autocast():
-                loss = model(input_ids=input_ids, labels=labels).loss if n > 0 else None
+                loss = model(input_ids=input_ids, labels=labels, use_cache=False).loss if n > 0 else None
                 if loss is None:  # nothing trained in this slice (cannot happen with build_examples' data)
                     loss = sum(p.sum() for p in model.parameters()) * 0.0
                 accelerator.backward(loss * (n * world / n_step))  # DDP averages over processes

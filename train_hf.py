@@ -260,7 +260,8 @@ def evaluate(model, cfg: TrainConfig, accelerator) -> float:
                           world_size=accelerator.num_processes, max_batches=cfg.eval_batches)  # fmt: skip
     for input_ids, labels in batches:
         with accelerator.autocast():
-            loss = model(input_ids=input_ids.to(accelerator.device), labels=labels.to(accelerator.device)).loss
+            loss = model(input_ids=input_ids.to(accelerator.device), labels=labels.to(accelerator.device),
+                         use_cache=False).loss  # eval mode would otherwise build a decode cache
         total += loss.float() * input_ids.shape[0]
         count += input_ids.shape[0]
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
@@ -506,7 +507,7 @@ def train(cfg: TrainConfig) -> dict:
             sync = micro == cfg.grad_accum - 1
             ctx = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else contextlib.nullcontext()
             with ctx, accelerator.autocast():
-                loss = model(input_ids=input_ids, labels=labels).loss
+                loss = model(input_ids=input_ids, labels=labels, use_cache=False).loss
                 accelerator.backward(loss / cfg.grad_accum)
             loss_sum += loss.detach().float()
         loss_mean = accelerator.reduce(loss_sum / cfg.grad_accum, "mean")
