@@ -20,7 +20,7 @@ setup(
     packages=find_packages(include=["llamathink", "llamathink.*", "export_c", "export_c.*"]),
     py_modules=["train_hf", "finetune_chat"],
     package_data={
-        "llamathink": ["sample_data/*", "configs/*"],
+        "llamathink": ["sample_data/*.jsonl"],
         "export_c": ["run.c", "Makefile", "*.h"],
     },
     include_package_data=True,
