@@ -1052,6 +1052,14 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         cache: LlamaThinkCache | None = None,
         **kwargs,
     ) -> LlamaThinkModelOutput | tuple:
+        """Hidden states of the decoder stack.
+
+        `attention_mask` [B, past + T] (or [B, T]) marks real tokens; padding may be on the left (generation) or the
+        right (training), never between real tokens. `position_ids` default to each row's count of real tokens
+        (what `generate` passes too); CSA cuts its blocks by these positions, so custom ones must stay consecutive
+        over each row's real tokens. `cache` (or `past_key_values`) continues a `LlamaThinkCache`; `use_cache`
+        defaults to True in eval mode and False in training.
+        """
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions is not supported: linear and compressed mixers have no attention matrix")
         cache = cache if cache is not None else past_key_values
