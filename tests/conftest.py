@@ -21,6 +21,13 @@ LLAMA2_TOKENIZER = Path(
 )
 
 
+def llama2_model_path() -> Path:
+    """The real Llama 2 tokenizer.model (not part of the repository), or skip the test saying where it was sought."""
+    if not LLAMA2_TOKENIZER.is_file():
+        pytest.skip(f"Llama 2 tokenizer.model not found at {LLAMA2_TOKENIZER} (set LLAMATHINK_LLAMA2_TOKENIZER)")
+    return LLAMA2_TOKENIZER
+
+
 def tiny_config(**overrides) -> LlamaThinkConfig:
     kwargs = dict(
         vocab_size=96,

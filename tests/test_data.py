@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import llama2_model_path
 from llamathink import data as D
 from llamathink.data import (
     HEADER_BYTES,
@@ -30,14 +31,6 @@ from llamathink.data import (
 from llamathink.tokenizer_utils import builtin_tokenizer, iter_sample_texts, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def llama2_model_path() -> Path:
-    env = os.environ.get("LLAMATHINK_LLAMA2_TOKENIZER")
-    p = Path(env) if env else REPO / ".." / "shared" / "tokenizer" / "llama2-tokenizer.model"
-    if not p.is_file():
-        pytest.skip(f"Llama 2 tokenizer.model not found at {p} (set LLAMATHINK_LLAMA2_TOKENIZER)")
-    return p
 
 
 @pytest.fixture(scope="module")

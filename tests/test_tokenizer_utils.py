@@ -2,12 +2,12 @@
 shared tokenizer.model and are skipped without it)."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from conftest import llama2_model_path
 from llamathink.tokenizer_utils import (
     BYTE_PIECES,
     NO_MERGE_SCORE,
@@ -44,14 +44,6 @@ TRICKY = [
     "zero\u200bwidth and nbsp\u00a0here",
     "math: 3 + 4 = 7, 10 x 2 = 20; 100% sure?!",
 ]
-
-
-def llama2_model_path() -> Path:
-    env = os.environ.get("LLAMATHINK_LLAMA2_TOKENIZER")
-    p = Path(env) if env else REPO / ".." / "shared" / "tokenizer" / "llama2-tokenizer.model"
-    if not p.is_file():
-        pytest.skip(f"Llama 2 tokenizer.model not found at {p} (set LLAMATHINK_LLAMA2_TOKENIZER)")
-    return p
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,12 @@
 """Pretraining loop tests on CPU: settings, schedule, a short run whose loss falls, exact resume, atomic
 checkpoints under SIGKILL, non-finite losses, vocabulary checks, and a 2-process DDP (gloo) run."""
 
-import json
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +14,8 @@ from conftest import REPO_ROOT
 
 import train_hf
 from llamathink import LlamaThinkConfig
-from llamathink.data import prepare, write_shard
-from llamathink.tokenizer_utils import builtin_tokenizer, sample_data_path
+from llamathink.data import prepare
+from llamathink.tokenizer_utils import sample_data_path
 from llamathink.data import LocalSource
 
 
@@ -197,20 +195,14 @@ def test_corrupt_shard_is_named(sample_data, model_json, tmp_path):
         train_hf.train(_cfg(data, model_json, tmp_path / "c"))
 
 
-def test_sigkill_during_checkpoint_write_leaves_the_previous_checkpoint_loadable(sample_data, model_json, tmp_path):
-    out = tmp_path / "killed"
-    args = [sys.executable, str(REPO_ROOT / "train_hf.py"), "--model_config", str(model_json), "--data_dir",
-            str(sample_data), "--out_dir", str(out), "--seq_len", "64", "--micro_batch_size", "4", "--grad_accum",
-            "1", "--max_steps", "20", "--warmup_steps", "1", "--mixed_precision", "no", "--eval_every", "100",
-            "--save_every", "2", "--peak_tflops", "null", "--wandb_mode", "disabled", "--progress_bar", "false",
-            "--seed", "3"]
-    env = dict(os.environ, LLAMATHINK_TEST_SLOW_CHECKPOINT="60", PYTHONPATH=str(REPO_ROOT))
+def _kill_during_checkpoint(args, env, root, step: int):
+    """Start training in a subprocess, wait until checkpoint `step` is being written (its temporary directory
+    exists; LLAMATHINK_TEST_SLOW_CHECKPOINT holds it there), then SIGKILL the process."""
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    root = out / "checkpoints"
     try:
         deadline = time.time() + 240
-        # the first save (step 2) sleeps before its rename: wait for its temporary directory, then kill
-        while time.time() < deadline and not any(p.name.startswith(".tmp-step_00000002") for p in
+        prefix = f".tmp-step_{step:08d}"
+        while time.time() < deadline and not any(p.name.startswith(prefix) for p in
                                                  (root.iterdir() if root.exists() else [])):  # fmt: skip
             assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
             time.sleep(0.2)
@@ -219,23 +211,24 @@ def test_sigkill_during_checkpoint_write_leaves_the_previous_checkpoint_loadable
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_sigkill_during_checkpoint_write_leaves_the_previous_checkpoint_loadable(sample_data, model_json, tmp_path):
+    out = tmp_path / "killed"
+    args = [sys.executable, str(REPO_ROOT / "train_hf.py"), "--model_config", str(model_json), "--data_dir",
+            str(sample_data), "--out_dir", str(out), "--seq_len", "64", "--micro_batch_size", "4", "--grad_accum",
+            "1", "--max_steps", "20", "--warmup_steps", "1", "--mixed_precision", "no", "--eval_every", "100",
+            "--save_every", "2", "--peak_tflops", "null", "--wandb_mode", "disabled", "--progress_bar", "false",
+            "--seed", "3"]
+    env = dict(os.environ, LLAMATHINK_TEST_SLOW_CHECKPOINT="60", PYTHONPATH=str(REPO_ROOT))
+    root = out / "checkpoints"
+    # the first save (step 2) sleeps before its rename: kill the process while it waits
+    _kill_during_checkpoint(args, env, root, step=2)
     assert train_hf.list_checkpoints(out) == []  # the half-written one is not listed
     # a second run: its first checkpoint completes; kill during the second one (step 4)
-    env["LLAMATHINK_TEST_SLOW_CHECKPOINT"] = "0"
     train_hf.train(_cfg(sample_data, model_json, out, micro_batch_size=4, grad_accum=1, max_steps=20, save_every=2,
                         stop_at_step=2, eval_every=100))  # fmt: skip
-    env["LLAMATHINK_TEST_SLOW_CHECKPOINT"] = "60"
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and not any(p.name.startswith(".tmp-step_00000004") for p in root.iterdir()):
-            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-            time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _kill_during_checkpoint(args, env, root, step=4)
     found = train_hf.list_checkpoints(out)
     assert [p.name for p in found] == ["step_00000002"]
     state = train_hf.load_checkpoint(found[0])
