@@ -2,12 +2,22 @@
 
     python benchmarks/bench_c.py [--threads 2] [--decode 256] [--prompt 512] [--repeat 3]
                                  [--dtypes fp32,bf16,int8] [--workdir DIR] [--cc cc]
+                                 [--llama2c PATH/TO/llama2.c/run.c] [--json OUT.json]
 
 Builds run.c (-O3 -march=native -fopenmp), writes a random checkpoint with the default
 LlamaThinkConfig shape (no PyTorch model needed), exports it at each dtype, then times greedy
 decode of --decode tokens and prefill of a --prompt-token prompt.  Prints tok/s and the ratio to
 the bandwidth ceilings of DESIGN.md section 5 (~84 fp32, ~170 bf16, ~315 int8 tok/s on two
 threads at ~32 GB/s).  Best of --repeat runs is reported (other processes share the cores).
+
+--llama2c: a peer in the same run.  Builds that run.c (karpathy/llama2.c; not part of this
+repository) with the same flags (-O3 -march=native -fopenmp) and with its own `make runomp` flags
+(-Ofast -march=native -fopenmp: -Ofast lets gcc vectorise its dot-product loops), writes a
+random-weight checkpoint of its 110M shape in its legacy float32 format (dim 768, hidden 2048,
+12 layers, 12 heads, 12 kv heads, vocab 32000, seq_len 1024, shared classifier) and a
+tokenizer.bin of 32000 dummy pieces, and times greedy decode of --decode tokens from BOS with
+OMP_NUM_THREADS threads (its own "achieved tok/s" line).  Bytes per token: its whole file (every
+weight, the classifier = the embedding, is read once per token).
 """
 from __future__ import annotations
 
@@ -67,6 +77,67 @@ def bandwidth(cc: str, wd: str, threads: int) -> float:
     return float(subprocess.run([exe, str(threads)], capture_output=True, text=True, check=True).stdout)
 
 
+LLAMA2C_110M = dict(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, n_kv_heads=12, vocab_size=32000,
+                    seq_len=1024)
+
+
+def write_llama2c_checkpoint(path: str, cfg: dict, seed: int = 0) -> None:
+    """llama2.c legacy (version 0) checkpoint: 7 int32 (dim, hidden_dim, n_layers, n_heads,
+    n_kv_heads, vocab_size > 0 = shared classifier, seq_len), then float32 tensors: token
+    embedding [V, D], rms_att [L, D], wq, wk, wv [L, D, D] (kv heads: [L, D, Hkv*hs]), wo, rms_ffn
+    [L, D], w1 [L, Hd, D], w2 [L, D, Hd], w3 [L, Hd, D], rms_final [D], freq_cis_real and _imag
+    [seq_len, hs/2] (skipped by run.c).  Random weights (N(0, 0.02)); the embedding row of token 1
+    (BOS, where llama2.c stops) is scaled down so that greedy decoding never picks it."""
+    import numpy as np
+
+    D, Hd, L, H, Hkv = cfg["dim"], cfg["hidden_dim"], cfg["n_layers"], cfg["n_heads"], cfg["n_kv_heads"]
+    V, S = cfg["vocab_size"], cfg["seq_len"]
+    hs = D // H
+    rng = np.random.default_rng(seed)
+
+    def rnd(*shape):
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
+
+    with open(path, "wb") as f:
+        f.write(np.array([D, Hd, L, H, Hkv, V, S], dtype=np.int32).tobytes())
+        emb = rnd(V, D)
+        emb[1] *= 1e-3
+        f.write(emb.tobytes())
+        f.write(np.ones((L, D), np.float32).tobytes())
+        for shape in ((L, D, H * hs), (L, D, Hkv * hs), (L, D, Hkv * hs), (L, H * hs, D)):
+            for layer in range(L):
+                f.write(rnd(*shape[1:]).tobytes())
+        f.write(np.ones((L, D), np.float32).tobytes())
+        for shape in ((L, Hd, D), (L, D, Hd), (L, Hd, D)):
+            for layer in range(L):
+                f.write(rnd(*shape[1:]).tobytes())
+        f.write(np.ones(D, np.float32).tobytes())
+        f.write(np.zeros((2, S, hs // 2), np.float32).tobytes())
+
+
+def write_llama2c_tokenizer(path: str, vocab: int) -> None:
+    """llama2.c tokenizer.bin: int32 max_token_length, then per token float32 score, int32 length,
+    bytes.  Dummy pieces ("<unk>", "<s>", "</s>", then " t3", " t4", ...)."""
+    import struct
+
+    pieces = [b"<unk>", b"<s>", b"</s>"] + [b" t%d" % i for i in range(3, vocab)]
+    with open(path, "wb") as f:
+        f.write(struct.pack("<i", max(len(p) for p in pieces)))
+        for i, p in enumerate(pieces):
+            f.write(struct.pack("<fi", -float(i), len(p)) + p)
+
+
+def llama2c_decode(binary, model, tok, steps, threads):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    r = subprocess.run([binary, model, "-z", tok, "-n", str(steps), "-t", "0", "-s", "1"], capture_output=True,
+                       text=True, check=True, env=env)
+    m = re.search(r"achieved tok/s: ([\d.]+)", r.stderr)
+    n = len(r.stdout.split())
+    if not m or n < steps - 2:
+        raise RuntimeError(f"llama2.c run stopped early ({n} tokens): {r.stderr[-500:]}")
+    return float(m.group(1))
+
+
 def run_stats(binary, model, ids, steps, threads):
     cmd = [binary, model, "--ids", " ".join(map(str, ids)), "-n", str(steps), "-t", "0",
            "--ignore-eos", "--print-ids", "--stats", "-T", str(threads)]
@@ -87,6 +158,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="fp32,bf16,int8")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--cc", default=os.environ.get("CC", "cc"))
+    ap.add_argument("--llama2c", default=None, help="path to llama2.c's run.c: measure it in the same run")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     a = ap.parse_args(argv)
 
     import numpy as np
@@ -105,15 +178,25 @@ def main(argv=None) -> int:
     short = [1]
     with open("/proc/loadavg") as f:
         load = f.read().split()[0]
+    cc_ver = subprocess.run([a.cc, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for ln in f:
+            if ln.startswith("model name"):
+                cpu = ln.split(":", 1)[1].strip()
+                break
+    print(f"{cpu}, {os.cpu_count()} CPUs; {cc_ver}; -O3 -march=native -fopenmp")
     print(f"decode={a.decode} tokens, prompt={a.prompt} tokens, best of {a.repeat}; "
           f"load average at start {load} (other processes share the cores: rerun when quiet)")
     threads = [int(x) for x in str(a.threads).split(",")]
     bw = {th: bandwidth(a.cc, wd, th) for th in threads}
     print("streaming read bandwidth measured now: " +
           ", ".join(f"{th} thread(s) {bw[th]:.1f} GB/s" for th in threads) +
-          " (DESIGN.md: ~16 / ~32 GB/s); 'now-ceil' = that bandwidth / file size")
-    print(f"{'dtype':6} {'thr':>3} {'MB':>7} {'decode tok/s':>13} {'ceiling':>8} {'ratio':>6} "
+          " (DESIGN.md: ~16 / ~32 GB/s); 'now-ceil' = that bandwidth / bytes per token")
+    print(f"{'model':16} {'thr':>3} {'MB/tok':>7} {'decode tok/s':>13} {'ceiling':>8} {'ratio':>6} "
           f"{'now-ceil':>8} {'ratio':>6} {'target':>7} {'prefill tok/s':>14}  wait-policy")
+    results = dict(cpu=cpu, cc=cc_ver, load_at_start=float(load), decode_tokens=a.decode, prompt_tokens=a.prompt,
+                   repeat=a.repeat, bandwidth_gbs={str(k): v for k, v in bw.items()}, runs=[])
     for dt in a.dtypes.split(","):
         model = os.path.join(wd, f"model_{dt}.bin")
         if not os.path.exists(model):
@@ -123,9 +206,35 @@ def main(argv=None) -> int:
             dec = max(run_stats(binary, model, short, a.decode, th)[1] for _ in range(a.repeat))
             pre = max(run_stats(binary, model, prompt, 1, th)[0] for _ in range(a.repeat))
             now = bw[th] * 1e3 / mb
-            print(f"{dt:6} {th:3d} {mb:7.1f} {dec:13.1f} {CEILING[dt]:8.0f} {dec / CEILING[dt]:6.2f} "
+            print(f"{'llamathink-' + dt:16} {th:3d} {mb:7.1f} {dec:13.1f} {CEILING[dt]:8.0f} {dec / CEILING[dt]:6.2f} "
                   f"{now:8.0f} {dec / now:6.2f} {TARGET[dt]:7.0f} {pre:14.1f}  {run_stats.policy}",
                   flush=True)
+            results["runs"].append(dict(model=f"llamathink-{dt}", threads=th, mb_per_token=mb, decode_tok_s=dec,
+                                        prefill_tok_s=pre, bandwidth_share=dec / now, wait_policy=run_stats.policy))
+    if a.llama2c:
+        ck2 = os.path.join(wd, "llama2c_110M.bin")
+        tok2 = os.path.join(wd, "llama2c_tokenizer.bin")
+        if not os.path.exists(ck2):
+            write_llama2c_checkpoint(ck2 + ".tmp", LLAMA2C_110M)
+            os.replace(ck2 + ".tmp", ck2)
+        if not os.path.exists(tok2):
+            write_llama2c_tokenizer(tok2, LLAMA2C_110M["vocab_size"])
+        mb = os.path.getsize(ck2) / 1e6
+        for name, flags in (("llama2.c -O3", ["-O3"]), ("llama2.c-Ofast", ["-Ofast"])):
+            exe = os.path.join(wd, "llama2c_" + flags[0].lstrip("-"))
+            subprocess.run([a.cc, *flags, "-march=native", "-fopenmp", "-o", exe, a.llama2c, "-lm"], check=True)
+            for th in threads:
+                dec = max(llama2c_decode(exe, ck2, tok2, a.decode, th) for _ in range(a.repeat))
+                now = bw[th] * 1e3 / mb
+                print(f"{name:16} {th:3d} {mb:7.1f} {dec:13.1f} {'':>8} {'':>6} {now:8.0f} {dec / now:6.2f} "
+                      f"{'':>7} {'(none)':>14}", flush=True)
+                results["runs"].append(dict(model=name + " 110M fp32", threads=th, mb_per_token=mb,
+                                            decode_tok_s=dec, bandwidth_share=dec / now))
+    if a.json:
+        import json
+
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
     return 0
 
 

@@ -21,6 +21,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <signal.h>
 #include <time.h>
 #include <unistd.h>
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -70,6 +71,7 @@ typedef struct {
     Mat w_gu, w_down;                     /* MLP: [gate; up], down */
     /* linear (Gated DeltaNet) */
     const float *conv_w;                  /* [C, K] */
+    float *conv_wt;                       /* the same, transposed [K, C] */
     float *neg_exp_a;                     /* -exp(A_log) [Hv] */
     const float *dt_bias;                 /* [Hv] */
     const float *gnorm;                   /* [Dv] (plain weight) */
@@ -117,6 +119,29 @@ static double now_s(void) {
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
+
+/* -DLT_PROFILE: wall-clock time per part of the forward pass, printed at exit (stderr) */
+#ifdef LT_PROFILE
+enum { PF_EMBED, PF_NORM, PF_MM_IN, PF_MM_OUT, PF_MM_GU, PF_MM_DOWN, PF_MM_HEAD, PF_CONV, PF_GDN,
+       PF_FULL, PF_CSA_PRE, PF_CSA_ATT, PF_MISC, PF_GDN_NORM, PF_N };
+static const char *const PF_NAMES[PF_N] = {"embed", "norms+residual", "matmul in", "matmul out",
+    "matmul gate/up", "matmul down", "matmul head", "gdn conv", "gdn recurrence", "full attention",
+    "csa prep", "csa attention", "misc", "gdn out norm"};
+static double g_prof[PF_N];
+static void prof_print(void) {
+    double tot = 0;
+    for (int i = 0; i < PF_N; i++) tot += g_prof[i];
+    for (int i = 0; i < PF_N; i++)
+        fprintf(stderr, "prof %-16s %8.1f ms %5.1f%%\n", PF_NAMES[i], g_prof[i] * 1e3, tot > 0 ? 100 * g_prof[i] / tot : 0.0);
+}
+#define PROF(k, stmt) do { double t_ = now_s(); stmt; g_prof[k] += now_s() - t_; } while (0)
+#define PROF_BEGIN() double tprof_ = now_s()
+#define PROF_END(k) do { double t2_ = now_s(); g_prof[k] += t2_ - tprof_; tprof_ = t2_; } while (0)
+#else
+#define PROF_BEGIN() do { } while (0)
+#define PROF_END(k) do { } while (0)
+#define PROF(k, stmt) do { stmt; } while (0)
+#endif
 
 static int n_threads(void) {
 #ifdef _OPENMP
@@ -217,7 +242,7 @@ static void free_model(Model *m) {
             Layer *L = &m->layers[l];
             free(L->in_ln1); free(L->post_ln1);
             free(L->mix_r1); free(L->mix_s1); free(L->mlp_r1); free(L->mlp_s1);
-            free(L->neg_exp_a); free(L->q_norm1); free(L->k_norm1);
+            free(L->neg_exp_a); free(L->q_norm1); free(L->k_norm1); free(L->conv_wt);
         }
         free(m->layers);
         m->layers = NULL;
@@ -375,6 +400,10 @@ static int model_init(Model *m, const uint8_t *data, size_t size, char *err, siz
         if (L->type == MIX_LINEAR) {
             if (take_mat(&c, m, &L->w_in, m->lin_c + VD + 2 * Hv, H, "mixer.in_proj_[qkv|z|b|a]")) goto fail;
             if (take_vec(&c, &L->conv_w, m->lin_c * m->conv_k, "mixer.conv1d.weight")) goto fail;
+            if (!(L->conv_wt = (float *)malloc((size_t)m->lin_c * m->conv_k * 4))) goto oom;
+            for (int ch = 0; ch < m->lin_c; ch++)
+                for (int i = 0; i < m->conv_k; i++)
+                    L->conv_wt[(size_t)i * m->lin_c + ch] = rd_f32((const uint8_t *)(L->conv_w + (size_t)ch * m->conv_k + i));
             if (take_vec(&c, &v, Hv, "mixer.A_log")) goto fail;
             if (!(L->neg_exp_a = (float *)malloc((size_t)Hv * 4))) goto oom;
             for (int i = 0; i < Hv; i++) L->neg_exp_a[i] = -expf(v[i]);
@@ -783,10 +812,82 @@ static inline void transpose8x8(const float *src, size_t lds, float *dst, size_t
 }
 #endif
 
+#if defined(LT_AVX2)
+/* 8 fp32 vectors (rows) -> 8 stores of their transpose at dst, dst + ldd, ... */
+static inline void store_transposed8(const __m256 *v, float *dst, size_t ldd) {
+    __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]), t2 = _mm256_unpacklo_ps(v[2], v[3]);
+    __m256 t3 = _mm256_unpackhi_ps(v[2], v[3]), t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+    __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    _mm256_storeu_ps(dst, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(dst + ldd, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(dst + 2 * ldd, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(dst + 3 * ldd, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(dst + 4 * ldd, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(dst + 5 * ldd, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(dst + 6 * ldd, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(dst + 7 * ldd, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
+/* panel_fill for a panel of full 4-row blocks (np == LT_PANEL) with kc % 8 == 0: two blocks
+ * (8 rows) at a time, each chunk of kc columns decoded 8 columns x 8 rows into registers and
+ * stored transposed (one pass, no row-major temporary). */
+static void panel_fill_fast(const Mat *W, int r0, float *wt) {
+    const int n = W->cols, kc = W->kc, nc = n / kc;
+    for (int i = 0; i < LT_PANEL; i += 8) {
+        const int b0 = (r0 + i) / 4;
+        for (int c = 0; c < nc; c++) {
+            float *dst = wt + (size_t)c * kc * LT_PANEL + i;
+            if (W->dtype == DT_F32) {
+                const float *p0 = (const float *)W->w + (size_t)b0 * 4 * n + (size_t)c * 4 * kc, *p1 = p0 + 4 * (size_t)n;
+                for (int kk = 0; kk < kc; kk += 8) {
+                    __m256 v[8];
+                    for (int r = 0; r < 4; r++) {
+                        v[r] = _mm256_loadu_ps(p0 + r * kc + kk);
+                        v[4 + r] = _mm256_loadu_ps(p1 + r * kc + kk);
+                    }
+                    store_transposed8(v, dst + (size_t)kk * LT_PANEL, LT_PANEL);
+                }
+            } else if (W->dtype == DT_BF16) {
+                const uint16_t *p0 = (const uint16_t *)W->w + (size_t)b0 * 4 * n + (size_t)c * 4 * kc, *p1 = p0 + 4 * (size_t)n;
+                for (int kk = 0; kk < kc; kk += 8) {
+                    __m256 v[8];
+                    for (int r = 0; r < 4; r++) {
+                        v[r] = bf16x8(p0 + r * kc + kk);
+                        v[4 + r] = bf16x8(p1 + r * kc + kk);
+                    }
+                    store_transposed8(v, dst + (size_t)kk * LT_PANEL, LT_PANEL);
+                }
+            } else {
+                const int8_t *p0 = (const int8_t *)W->w + (size_t)b0 * 4 * n + (size_t)c * 4 * kc, *p1 = p0 + 4 * (size_t)n;
+                const float *s0 = W->s + (size_t)b0 * 4 * nc + (size_t)c * 4, *s1 = s0 + 4 * (size_t)nc;
+                __m256 sc[8];
+                for (int r = 0; r < 4; r++) { sc[r] = _mm256_set1_ps(s0[r]); sc[4 + r] = _mm256_set1_ps(s1[r]); }
+                for (int kk = 0; kk < kc; kk += 8) {
+                    __m256 v[8];
+                    for (int r = 0; r < 4; r++) {
+                        v[r] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p0 + r * kc + kk)))), sc[r]);
+                        v[4 + r] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p1 + r * kc + kk)))), sc[4 + r]);
+                    }
+                    store_transposed8(v, dst + (size_t)kk * LT_PANEL, LT_PANEL);
+                }
+            }
+        }
+    }
+}
+#endif
+
 /* rows [r0, r0+np) of W (r0 % 4 == 0) -> wt[k * LT_PANEL + i] (transposed, zero-padded rows);
  * tmp: LT_PANEL * cols floats */
 static void panel_fill(const Mat *W, int r0, int np, float *wt, float *tmp) {
     const int n = W->cols;
+#if defined(LT_AVX2)
+    if (np == LT_PANEL && W->kc % 8 == 0 && r0 + LT_PANEL <= 4 * (W->rows / 4)) { panel_fill_fast(W, r0, wt); return; }
+#endif
+
     for (int i = 0; i < np; i += 4) {
         const int b = (r0 + i) / 4, nr = W->rows - 4 * b < 4 ? W->rows - 4 * b : 4;
         block_to_f32(W, b, nr, tmp + (size_t)i * n);
@@ -802,9 +903,17 @@ static void panel_fill(const Mat *W, int r0, int np, float *wt, float *tmp) {
         for (int k = k0; k < n; k++) wt[(size_t)k * LT_PANEL + i] = tmp[(size_t)i * n + k];
 }
 
-/* Y[t*ldy + i] (+)= sum_{k0 <= k < k1} wt[k][i] * X[t*ldx + k] for i < np, t < T */
-static void mm_panel(const float *wt, int k0, int k1, const float *X, int ldx, int T, float *Y, int ldy, int np, int acc) {
+/* Y[t*ldy + i] (+)= sum_{k0 <= k < k1} wt[k*ldw + i] * X[t*ldx + k] for i < np, t < T (reads
+ * LT_PANEL floats of every wt row) */
+static void mm_panel(const float *wt, size_t ldw, int k0, int k1, const float *X, int ldx, int T, float *Y, int ldy, int np, int acc,
+                     const char *pf, size_t pf_bytes) {
+    /* pf: bytes to pull into the cache while computing (the next panel's weights) */
+    const size_t pf_step = pf ? ((pf_bytes / ((size_t)(T + LT_NT - 1) / LT_NT) + 63) & ~(size_t)63) : 0;
+    size_t pf_off = 0;
     for (int t = 0; t < T; t += LT_NT) {
+#if defined(LT_AVX2) || defined(LT_AVX512)
+        for (size_t e = pf_off + pf_step; pf && pf_off < e && pf_off < pf_bytes; pf_off += 64) _mm_prefetch(pf + pf_off, _MM_HINT_T1);
+#endif
         const int tn = T - t < LT_NT ? T - t : LT_NT;
         const float *x0 = X + (size_t)t * ldx;
         const float *x1 = X + (size_t)(t + (1 < tn ? 1 : tn - 1)) * ldx;
@@ -817,7 +926,7 @@ static void mm_panel(const float *wt, int k0, int k1, const float *X, int ldx, i
         __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
         __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
         for (int k = k0; k < k1; k++) {
-            const __m512 w0 = _mm512_loadu_ps(wt + (size_t)k * 32), w1 = _mm512_loadu_ps(wt + (size_t)k * 32 + 16);
+            const __m512 w0 = _mm512_loadu_ps(wt + (size_t)k * ldw), w1 = _mm512_loadu_ps(wt + (size_t)k * ldw + 16);
             __m512 b;
             b = _mm512_set1_ps(x0[k]); c00 = _mm512_fmadd_ps(w0, b, c00); c01 = _mm512_fmadd_ps(w1, b, c01);
             b = _mm512_set1_ps(x1[k]); c10 = _mm512_fmadd_ps(w0, b, c10); c11 = _mm512_fmadd_ps(w1, b, c11);
@@ -836,7 +945,7 @@ static void mm_panel(const float *wt, int k0, int k1, const float *X, int ldx, i
         __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
         __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
         for (int k = k0; k < k1; k++) {
-            const __m256 w0 = _mm256_loadu_ps(wt + (size_t)k * 16), w1 = _mm256_loadu_ps(wt + (size_t)k * 16 + 8);
+            const __m256 w0 = _mm256_loadu_ps(wt + (size_t)k * ldw), w1 = _mm256_loadu_ps(wt + (size_t)k * ldw + 8);
             __m256 b;
             b = _mm256_broadcast_ss(x0 + k); c00 = _mm256_fmadd_ps(w0, b, c00); c01 = _mm256_fmadd_ps(w1, b, c01);
             b = _mm256_broadcast_ss(x1 + k); c10 = _mm256_fmadd_ps(w0, b, c10); c11 = _mm256_fmadd_ps(w1, b, c11);
@@ -844,6 +953,16 @@ static void mm_panel(const float *wt, int k0, int k1, const float *X, int ldx, i
             b = _mm256_broadcast_ss(x3 + k); c30 = _mm256_fmadd_ps(w0, b, c30); c31 = _mm256_fmadd_ps(w1, b, c31);
             b = _mm256_broadcast_ss(x4 + k); c40 = _mm256_fmadd_ps(w0, b, c40); c41 = _mm256_fmadd_ps(w1, b, c41);
             b = _mm256_broadcast_ss(x5 + k); c50 = _mm256_fmadd_ps(w0, b, c50); c51 = _mm256_fmadd_ps(w1, b, c51);
+        }
+        if (!acc && np == LT_PANEL && tn == LT_NT) { /* full tile: straight to Y */
+            float *y = Y + (size_t)t * ldy;
+            _mm256_storeu_ps(y, c00); _mm256_storeu_ps(y + 8, c01); y += ldy;
+            _mm256_storeu_ps(y, c10); _mm256_storeu_ps(y + 8, c11); y += ldy;
+            _mm256_storeu_ps(y, c20); _mm256_storeu_ps(y + 8, c21); y += ldy;
+            _mm256_storeu_ps(y, c30); _mm256_storeu_ps(y + 8, c31); y += ldy;
+            _mm256_storeu_ps(y, c40); _mm256_storeu_ps(y + 8, c41); y += ldy;
+            _mm256_storeu_ps(y, c50); _mm256_storeu_ps(y + 8, c51);
+            continue;
         }
         _mm256_storeu_ps(out[0], c00); _mm256_storeu_ps(out[0] + 8, c01);
         _mm256_storeu_ps(out[1], c10); _mm256_storeu_ps(out[1] + 8, c11);
@@ -857,7 +976,7 @@ static void mm_panel(const float *wt, int k0, int k1, const float *X, int ldx, i
             for (int i = 0; i < LT_PANEL; i++) out[j][i] = 0.0f;
             for (int k = k0; k < k1; k++) {
                 const float xv = xs[j][k];
-                const float *w = wt + (size_t)k * LT_PANEL;
+                const float *w = wt + (size_t)k * ldw;
                 for (int i = 0; i < LT_PANEL; i++) out[j][i] += w[i] * xv;
             }
         }
@@ -868,6 +987,54 @@ static void mm_panel(const float *wt, int k0, int k1, const float *X, int ldx, i
             else for (int i = 0; i < np; i++) y[i] = out[j][i];
         }
     }
+}
+
+/* --- blocked attention (prefill) -----------------------------------------------------------
+ * A block of nq queries against nk keys as two matrix products on the GEMM micro-kernel:
+ * scores = Q K^T with K^T in panel layout kt[(j / LT_PANEL) * D * LT_PANEL + d * LT_PANEL + j % LT_PANEL]
+ * (kt_fill), a masked softmax per row (query i sees keys lo[i]..hi[i]), then O = P V with V rows
+ * of stride ldv (read LT_PANEL floats at a time: buffers carry LT_PANEL floats of padding). */
+#define LT_QB 48 /* queries per block (a multiple of LT_NT) */
+
+static void kt_fill(float *kt, const float *K, int ldk, int nk, int D) {
+    for (int j = 0; j < nk; j++) {
+        float *dst = kt + (size_t)(j / LT_PANEL) * D * LT_PANEL + j % LT_PANEL;
+        const float *src = K + (size_t)j * ldk;
+        for (int d = 0; d < D; d++) dst[(size_t)d * LT_PANEL] = src[d];
+    }
+}
+
+static void attn_block(const float *Q, int ldq, int nq, const float *kt, const float *V, int ldv, int nk,
+                       const int *lo, const int *hi, int D, float scale, float *sc, int ldsc, float *O, int ldo) {
+    for (int j0 = 0; j0 < nk; j0 += LT_PANEL)
+        mm_panel(kt + (size_t)(j0 / LT_PANEL) * D * LT_PANEL, LT_PANEL, 0, D, Q, ldq, nq, sc + j0, ldsc,
+                 nk - j0 < LT_PANEL ? nk - j0 : LT_PANEL, 0, NULL, 0);
+    for (int i = 0; i < nq; i++) {
+        float *r = sc + (size_t)i * ldsc;
+        const int a = lo[i] < 0 ? 0 : lo[i], b = hi[i] < nk ? hi[i] : nk - 1;
+        if (b < a) { memset(r, 0, (size_t)nk * 4); continue; }
+        float mx = -INFINITY;
+        for (int j = a; j <= b; j++) mx = r[j] > mx ? r[j] : mx;
+        float sum = 0.0f;
+        int j = a;
+#if defined(LT_AVX2)
+        const __m256 mv = _mm256_set1_ps(mx), sv = _mm256_set1_ps(scale);
+        __m256 acc = _mm256_setzero_ps();
+        for (; j + 8 <= b + 1; j += 8) {
+            const __m256 e = exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(r + j), mv), sv));
+            _mm256_storeu_ps(r + j, e);
+            acc = _mm256_add_ps(acc, e);
+        }
+        sum = hsum8(acc);
+#endif
+        for (; j <= b; j++) { r[j] = expf((r[j] - mx) * scale); sum += r[j]; }
+        const float inv = 1.0f / sum;
+        for (j = 0; j < a; j++) r[j] = 0.0f;
+        for (j = a; j <= b; j++) r[j] *= inv;
+        for (j = b + 1; j < nk; j++) r[j] = 0.0f;
+    }
+    for (int d0 = 0; d0 < D; d0 += LT_PANEL)
+        mm_panel(V + d0, (size_t)ldv, 0, nk, sc, ldsc, nq, O + d0, ldo, D - d0 < LT_PANEL ? D - d0 : LT_PANEL, 0, NULL, 0);
 }
 
 /* work (multiply-adds) below which a loop runs on one thread: forking a team for tiny work
@@ -904,8 +1071,24 @@ static void matmul(const Mat *W, const float *X, int ldx, int T, float *Y, int l
         float *wt = g_wbuf + (size_t)thread_id() * 2 * LT_PANEL * g_wbuf_cols;
         panel_fill(W, r0, np, wt, wt + (size_t)LT_PANEL * g_wbuf_cols);
         /* k blocks keep the panel slice in L1 and the X slice of all tokens in L2 */
+        /* the next panel's weights (and int8 scales), prefetched while this one computes */
+        const char *pf = NULL, *pfs = NULL;
+        size_t pfb = 0, pfsb = 0;
+        if (r0 + LT_PANEL < rows) {
+            const int nn = rows - r0 - LT_PANEL < LT_PANEL ? rows - r0 - LT_PANEL : LT_PANEL;
+            const size_t esz = W->dtype == DT_F32 ? 4 : W->dtype == DT_BF16 ? 2 : 1;
+            pf = (const char *)W->w + (size_t)(r0 + LT_PANEL) * W->cols * esz;
+            pfb = (size_t)nn * W->cols * esz;
+            if (W->dtype == DT_I8) {
+                pfs = (const char *)(W->s + (size_t)(r0 + LT_PANEL) * (W->cols / W->gs));
+                pfsb = (size_t)nn * (W->cols / W->gs) * 4;
+            }
+        }
         for (int k0 = 0; k0 < W->cols; k0 += LT_KB)
-            mm_panel(wt, k0, W->cols - k0 < LT_KB ? W->cols : k0 + LT_KB, X, ldx, T, Y + r0, ldy, np, k0 > 0);
+            mm_panel(wt, LT_PANEL, k0, W->cols - k0 < LT_KB ? W->cols : k0 + LT_KB, X, ldx, T, Y + r0, ldy, np, k0 > 0, pf, pfb);
+#if defined(LT_AVX2) || defined(LT_AVX512)
+        for (size_t o = 0; pfs && o < pfsb; o += 64) _mm_prefetch(pfs + o, _MM_HINT_T1);
+#endif
     }
 }
 
@@ -948,6 +1131,11 @@ typedef struct {
     float *h, *xn, *proj, *mo, *y, *u, *logits;
     float *bm_k, *bm_v, *bc_k, *bc_v; /* csa block means / compressed outputs for a chunk */
     int *bm_idx;
+    float *gdn;         /* GDN beta, decay [chunk, Hv], k.q [chunk, Hk] */
+    float *kt;          /* keys of every kv head in panel layout for blocked attention (see kt_fill) */
+    size_t kt_len;      /* floats per kv head */
+    float *ab;          /* n_threads * ab_len: scores, gathered local keys / values (blocked attention) */
+    size_t ab_len, ab_sc;
     float *att;         /* n_threads * att_len */
     int att_len;
     float *hd;          /* n_threads * per-head temporaries */
@@ -982,6 +1170,9 @@ static int state_init(State *s, const Model *m, int chunk, int all_logits, char 
     need += (double)m->n_csa * (2.0 * s->ring * KV + 2.0 * nblk * KV + 2.0 * m->csa_stride * KV);
     need += (double)chunk * (3.0 * m->dim + 2.0 * m->inter + 2.0 * m->q_dim + 3.0 * C + 2.0 * VD);
     need += (double)m->vocab * (all_logits ? chunk : 1) + 2.0 * m->max_pos * m->rope_dim;
+    if (m->n_full || m->n_csa) /* blocked attention scratch */
+        need += (double)m->n_kv * (m->max_pos + nblk + LT_PANEL) * m->head_dim +
+                (double)nt * LT_QB * (m->max_pos + nblk + m->csa_window + 3.0 * LT_PANEL + LT_QB) * 3;
     need *= 4.0;
     if (need > g_state_limit) {
         set_err(err, errn, "%s: runtime state would need %lld MB; refusing", "model", (long long)(need / 1e6));
@@ -997,12 +1188,12 @@ static int state_init(State *s, const Model *m, int chunk, int all_logits, char 
             L->S = (float *)xcalloc((size_t)m->lv_heads * m->lk_dim * m->lv_dim, 4, &fail);
         } else if (m->types[l] == MIX_FULL) {
             L->k = (float *)xcalloc((size_t)m->max_pos * KV, 4, &fail);
-            L->v = (float *)xcalloc((size_t)m->max_pos * KV, 4, &fail);
+            L->v = (float *)xcalloc((size_t)m->max_pos * KV + LT_PANEL, 4, &fail); /* + pad: see attn_block */
         } else {
             L->k = (float *)xcalloc((size_t)s->ring * KV, 4, &fail);
             L->v = (float *)xcalloc((size_t)s->ring * KV, 4, &fail);
             L->kc = (float *)xcalloc((size_t)nblk * KV, 4, &fail);
-            L->vc = (float *)xcalloc((size_t)nblk * KV, 4, &fail);
+            L->vc = (float *)xcalloc((size_t)nblk * KV + LT_PANEL, 4, &fail);
             L->pk = (float *)xcalloc((size_t)m->csa_stride * KV, 4, &fail);
             L->pv = (float *)xcalloc((size_t)m->csa_stride * KV, 4, &fail);
         }
@@ -1038,6 +1229,16 @@ static int state_init(State *s, const Model *m, int chunk, int all_logits, char 
     s->bc_k = (float *)xcalloc((size_t)nb * KV, 4, &fail);
     s->bc_v = (float *)xcalloc((size_t)nb * KV, 4, &fail);
     s->bm_idx = (int *)xcalloc((size_t)nb, sizeof(int), &fail);
+    s->gdn = (float *)xcalloc((size_t)chunk * (2 * m->lv_heads + m->lk_heads), 4, &fail);
+    if (m->n_full || m->n_csa) {
+        const int mk = m->max_pos > nblk ? m->max_pos : nblk;
+        const int lk = LT_QB + m->csa_window + LT_PANEL;
+        s->kt_len = (size_t)(mk + LT_PANEL) * m->head_dim;
+        s->kt = (float *)xcalloc((size_t)m->n_kv * s->kt_len, 4, &fail);
+        s->ab_sc = (size_t)LT_QB * ((mk > lk ? mk : lk) + LT_PANEL);
+        s->ab_len = s->ab_sc + (2 * (size_t)lk + 2 * LT_QB) * m->head_dim + LT_PANEL;
+        s->ab = (float *)xcalloc((size_t)nt * s->ab_len, 4, &fail);
+    }
     s->att_len = m->max_pos + nblk + 16;
     s->att = (float *)xcalloc((size_t)nt * s->att_len, 4, &fail);
     s->hd_len = 4 * m->lk_dim + 5 * m->lv_dim + 4 * m->head_dim + 16;
@@ -1069,7 +1270,7 @@ static void state_free(State *s, const Model *m) {
     free(s->ls); free(s->cos_t); free(s->sin_t);
     free(s->h); free(s->xn); free(s->proj); free(s->mo); free(s->y); free(s->u); free(s->logits);
     free(s->bm_k); free(s->bm_v); free(s->bc_k); free(s->bc_v); free(s->bm_idx);
-    free(s->att); free(s->hd);
+    free(s->att); free(s->hd); free(s->gdn); free(s->kt); free(s->ab);
     free(g_wbuf); free(g_xq); free(g_xs);
     g_wbuf = NULL; g_xq = NULL; g_xs = NULL;
     memset(s, 0, sizeof(*s));
@@ -1197,140 +1398,243 @@ static void attend_ring(float *o, const float *q, const float *K, const float *V
     softmax_av(o, att, nk, V, KV, ring, lo, kvoff, D);
 }
 
-/* One pass over a Gated DeltaNet state S [Dk, Dv]: S = d S + k dl^T, then a = S^T kn, b = S^T qn.
- * Column blocks of 16 (8) keep dl, a, b in registers while the rows stream through. */
-static void gdn_pass(float *S, int Dk, int Dv, float d, const float *k, const float *dl,
+/* One pass over columns [j0, j0 + w) of a Gated DeltaNet state S [Dk, Dv] (w = 16, 8 or 1..7):
+ * S = d S + k dl^T, then (when kn != NULL) a = S^T kn, b = S^T qn on those columns. The columns
+ * of S are independent, so column blocks of different heads run on different threads. */
+static void gdn_pass(float *S, int Dk, int Dv, int j0, int w, float d, const float *k, const float *dl,
                      const float *kn, const float *qn, float *a, float *b) {
-    int j0 = 0;
 #if defined(LT_AVX2)
     const __m256 dv = _mm256_set1_ps(d);
-    for (; j0 + 16 <= Dv; j0 += 16) {
+    if (w == 16) {
         const __m256 l0 = _mm256_loadu_ps(dl + j0), l1 = _mm256_loadu_ps(dl + j0 + 8);
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
         for (int i = 0; i < Dk; i++) {
             float *row = S + (size_t)i * Dv + j0;
-            const __m256 ki = _mm256_broadcast_ss(k + i), kni = _mm256_broadcast_ss(kn + i), qni = _mm256_broadcast_ss(qn + i);
+            const __m256 ki = _mm256_broadcast_ss(k + i);
             __m256 s0 = _mm256_fmadd_ps(ki, l0, _mm256_mul_ps(dv, _mm256_loadu_ps(row)));
             __m256 s1 = _mm256_fmadd_ps(ki, l1, _mm256_mul_ps(dv, _mm256_loadu_ps(row + 8)));
             _mm256_storeu_ps(row, s0);
             _mm256_storeu_ps(row + 8, s1);
-            a0 = _mm256_fmadd_ps(kni, s0, a0); a1 = _mm256_fmadd_ps(kni, s1, a1);
-            b0 = _mm256_fmadd_ps(qni, s0, b0); b1 = _mm256_fmadd_ps(qni, s1, b1);
+            if (kn) {
+                const __m256 kni = _mm256_broadcast_ss(kn + i), qni = _mm256_broadcast_ss(qn + i);
+                a0 = _mm256_fmadd_ps(kni, s0, a0); a1 = _mm256_fmadd_ps(kni, s1, a1);
+                b0 = _mm256_fmadd_ps(qni, s0, b0); b1 = _mm256_fmadd_ps(qni, s1, b1);
+            }
         }
-        _mm256_storeu_ps(a + j0, a0); _mm256_storeu_ps(a + j0 + 8, a1);
-        _mm256_storeu_ps(b + j0, b0); _mm256_storeu_ps(b + j0 + 8, b1);
+        if (kn) {
+            _mm256_storeu_ps(a + j0, a0); _mm256_storeu_ps(a + j0 + 8, a1);
+            _mm256_storeu_ps(b + j0, b0); _mm256_storeu_ps(b + j0 + 8, b1);
+        }
+        return;
     }
-    for (; j0 + 8 <= Dv; j0 += 8) {
+    if (w == 8) {
         const __m256 l0 = _mm256_loadu_ps(dl + j0);
         __m256 a0 = _mm256_setzero_ps(), b0 = a0;
         for (int i = 0; i < Dk; i++) {
             float *row = S + (size_t)i * Dv + j0;
             __m256 s0 = _mm256_fmadd_ps(_mm256_broadcast_ss(k + i), l0, _mm256_mul_ps(dv, _mm256_loadu_ps(row)));
             _mm256_storeu_ps(row, s0);
-            a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(kn + i), s0, a0);
-            b0 = _mm256_fmadd_ps(_mm256_broadcast_ss(qn + i), s0, b0);
-        }
-        _mm256_storeu_ps(a + j0, a0); _mm256_storeu_ps(b + j0, b0);
-    }
-#endif
-    if (j0 < Dv) {
-        for (int j = j0; j < Dv; j++) { a[j] = 0.0f; b[j] = 0.0f; }
-        for (int i = 0; i < Dk; i++) {
-            float *row = S + (size_t)i * Dv;
-            for (int j = j0; j < Dv; j++) {
-                const float sv = d * row[j] + k[i] * dl[j];
-                row[j] = sv;
-                a[j] += kn[i] * sv;
-                b[j] += qn[i] * sv;
+            if (kn) {
+                a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(kn + i), s0, a0);
+                b0 = _mm256_fmadd_ps(_mm256_broadcast_ss(qn + i), s0, b0);
             }
         }
+        if (kn) { _mm256_storeu_ps(a + j0, a0); _mm256_storeu_ps(b + j0, b0); }
+        return;
     }
+#endif
+    if (kn) for (int j = j0; j < j0 + w; j++) { a[j] = 0.0f; b[j] = 0.0f; }
+    for (int i = 0; i < Dk; i++) {
+        float *row = S + (size_t)i * Dv;
+        for (int j = j0; j < j0 + w; j++) {
+            const float sv = d * row[j] + k[i] * dl[j];
+            row[j] = sv;
+            if (kn) { a[j] += kn[i] * sv; b[j] += qn[i] * sv; }
+        }
+    }
+}
+
+#if defined(LT_AVX2)
+/* The same pass on 16 columns with the decay kept out of the stored state (prefill): the true
+ * state is c * St; St += (k / c) dl^T (c already includes this token's decay), then a = c St^T kn,
+ * b = c St^T qn. One multiply-add less per element than gdn_pass, and two rows per step (separate
+ * accumulators) so that the sums do not wait on each other. */
+static void gdn_pass_lazy16(float *S, int Dk, int Dv, int j0, float c, const float *k, const float *dl,
+                            const float *kn, const float *qn, float *a, float *b) {
+    const __m256 l0 = _mm256_loadu_ps(dl + j0), l1 = _mm256_loadu_ps(dl + j0 + 8);
+    const float inv = 1.0f / c;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, a2 = a0, a3 = a0, b2 = a0, b3 = a0;
+    int i = 0;
+    for (; i + 2 <= Dk; i += 2) {
+        float *r0 = S + (size_t)i * Dv + j0, *r1 = r0 + Dv;
+        const __m256 k0 = _mm256_set1_ps(k[i] * inv), k1 = _mm256_set1_ps(k[i + 1] * inv);
+        const __m256 s00 = _mm256_fmadd_ps(k0, l0, _mm256_loadu_ps(r0)), s01 = _mm256_fmadd_ps(k0, l1, _mm256_loadu_ps(r0 + 8));
+        const __m256 s10 = _mm256_fmadd_ps(k1, l0, _mm256_loadu_ps(r1)), s11 = _mm256_fmadd_ps(k1, l1, _mm256_loadu_ps(r1 + 8));
+        _mm256_storeu_ps(r0, s00); _mm256_storeu_ps(r0 + 8, s01);
+        _mm256_storeu_ps(r1, s10); _mm256_storeu_ps(r1 + 8, s11);
+        const __m256 kn0 = _mm256_broadcast_ss(kn + i), qn0 = _mm256_broadcast_ss(qn + i);
+        const __m256 kn1 = _mm256_broadcast_ss(kn + i + 1), qn1 = _mm256_broadcast_ss(qn + i + 1);
+        a0 = _mm256_fmadd_ps(kn0, s00, a0); a1 = _mm256_fmadd_ps(kn0, s01, a1);
+        b0 = _mm256_fmadd_ps(qn0, s00, b0); b1 = _mm256_fmadd_ps(qn0, s01, b1);
+        a2 = _mm256_fmadd_ps(kn1, s10, a2); a3 = _mm256_fmadd_ps(kn1, s11, a3);
+        b2 = _mm256_fmadd_ps(qn1, s10, b2); b3 = _mm256_fmadd_ps(qn1, s11, b3);
+    }
+    for (; i < Dk; i++) {
+        float *r0 = S + (size_t)i * Dv + j0;
+        const __m256 k0 = _mm256_set1_ps(k[i] * inv);
+        const __m256 s00 = _mm256_fmadd_ps(k0, l0, _mm256_loadu_ps(r0)), s01 = _mm256_fmadd_ps(k0, l1, _mm256_loadu_ps(r0 + 8));
+        _mm256_storeu_ps(r0, s00); _mm256_storeu_ps(r0 + 8, s01);
+        const __m256 kn0 = _mm256_broadcast_ss(kn + i), qn0 = _mm256_broadcast_ss(qn + i);
+        a0 = _mm256_fmadd_ps(kn0, s00, a0); a1 = _mm256_fmadd_ps(kn0, s01, a1);
+        b0 = _mm256_fmadd_ps(qn0, s00, b0); b1 = _mm256_fmadd_ps(qn0, s01, b1);
+    }
+    const __m256 cv = _mm256_set1_ps(c);
+    _mm256_storeu_ps(a + j0, _mm256_mul_ps(_mm256_add_ps(a0, a2), cv));
+    _mm256_storeu_ps(a + j0 + 8, _mm256_mul_ps(_mm256_add_ps(a1, a3), cv));
+    _mm256_storeu_ps(b + j0, _mm256_mul_ps(_mm256_add_ps(b0, b2), cv));
+    _mm256_storeu_ps(b + j0 + 8, _mm256_mul_ps(_mm256_add_ps(b1, b3), cv));
+}
+#endif
+
+/* a = S^T k, b = S^T q on columns [j0, j0 + w) */
+static void gdn_read(const float *S, int Dk, int Dv, int j0, int w, const float *k, const float *q, float *a, float *b) {
+    for (int j = j0; j < j0 + w; j++) { a[j] = 0.0f; b[j] = 0.0f; }
+    for (int i = 0; i < Dk; i++) {
+        const float *row = S + (size_t)i * Dv;
+        const float ki = k[i], qi = q[i];
+        for (int j = j0; j < j0 + w; j++) { a[j] += ki * row[j]; b[j] += qi * row[j]; }
+    }
+}
+
+/* sum of squares in double (8 lanes at a time) */
+static inline double sumsq(const float *x, int n) {
+    double ss = 0;
+    int i0 = 0;
+#if defined(LT_AVX2)
+    __m256d s0 = _mm256_setzero_pd(), s1 = s0;
+    for (; i0 + 8 <= n; i0 += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i0);
+        const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+        s0 = _mm256_fmadd_pd(lo, lo, s0);
+        s1 = _mm256_fmadd_pd(hi, hi, s1);
+    }
+    double tmp[4];
+    _mm256_storeu_pd(tmp, _mm256_add_pd(s0, s1));
+    ss = (tmp[0] + tmp[1]) + (tmp[2] + tmp[3]);
+#endif
+    for (int i = i0; i < n; i++) ss += (double)x[i] * x[i];
+    return ss;
 }
 
 static void mixer_linear(const Model *m, const Layer *L, LayerState *ls, State *s, int T) {
     const int C = m->lin_c, K = m->conv_k, Hk = m->lk_heads, Hv = m->lv_heads, Dk = m->lk_dim, Dv = m->lv_dim;
     const int VD = Hv * Dv, P = L->w_in.rows, QK = Hk * Dk;
     const float eps = (float)m->eps, qscale = 1.0f / sqrtf((float)Dk);
-    /* causal depthwise conv + SiLU, token by token (cheap) */
+    float *gq = s->gdn, *gd = gq + (size_t)T * Hv, *gkq = gd + (size_t)T * Hv; /* beta, decay [T, Hv]; k.q [T, Hk] */
+    PROF_BEGIN();
+    /* causal depthwise conv + SiLU: u_t[c] = silu(sum_i w[c, i] x_{t-K+1+i}[c]), inputs before the
+     * chunk from the conv state; then L2-normalised q (times 1/sqrt(Dk)) and k, beta, decay */
+#pragma omp parallel for schedule(static) if (T > 1 && (double)T * C * K * 8 >= g_par_min)
     for (int t = 0; t < T; t++) {
-        const float *x = s->proj + (size_t)t * P;
         float *u = s->u + (size_t)t * C;
-        for (int c = 0; c < C; c++) {
-            const float *w = L->conv_w + (size_t)c * K;
-            float acc = 0.0f;
-            for (int i = 0; i < K - 1; i++) acc += w[i] * ls->conv[(size_t)i * C + c];
-            acc += w[K - 1] * x[c];
-            u[c] = acc;
+        for (int i = 0; i < K; i++) {
+            const int r = t - (K - 1) + i;
+            const float *x = r < 0 ? ls->conv + (size_t)(K - 1 + r) * C : s->proj + (size_t)r * P;
+            const float *w = L->conv_wt + (size_t)i * C;
+            if (i == 0) for (int c = 0; c < C; c++) u[c] = w[c] * x[c];
+            else for (int c = 0; c < C; c++) u[c] += w[c] * x[c];
         }
         vsilu_mul(u, u, NULL, C);
-        if (K > 1) {
-            memmove(ls->conv, ls->conv + C, (size_t)(K - 2) * C * 4);
-            memcpy(ls->conv + (size_t)(K - 2) * C, x, (size_t)C * 4);
+        for (int kh = 0; kh < Hk; kh++) {
+            float *uq = u + kh * Dk, *uk = u + QK + kh * Dk;
+            const float iq = 1.0f / sqrtf((float)sumsq(uq, Dk) + 1e-6f), ik = 1.0f / sqrtf((float)sumsq(uk, Dk) + 1e-6f);
+            for (int i = 0; i < Dk; i++) {
+                uq[i] = uq[i] * iq * qscale;
+                uk[i] = uk[i] * ik;
+            }
+            gkq[(size_t)t * Hk + kh] = dotf(uk, uq, Dk);
+        }
+        const float *pr = s->proj + (size_t)t * P;
+        for (int h = 0; h < Hv; h++) {
+            gq[(size_t)t * Hv + h] = sigmoidf_(pr[C + VD + h]);
+            gd[(size_t)t * Hv + h] = expf(L->neg_exp_a[h] * softplusf_(pr[C + VD + Hv + h] + L->dt_bias[h]));
         }
     }
-    const int rep = Hv / Hk;
+    if (K > 1) { /* conv state: the last K-1 inputs */
+        const int keep = T < K - 1 ? K - 1 - T : 0;
+        if (keep) memmove(ls->conv, ls->conv + (size_t)T * C, (size_t)keep * C * 4);
+        for (int r = keep; r < K - 1; r++) memcpy(ls->conv + (size_t)r * C, s->proj + (size_t)(T - (K - 1) + r) * P, (size_t)C * 4);
+    }
+    PROF_END(PF_CONV);
+    /* Recurrence S_t = d S_{t-1} + k (beta (v - d S_{t-1}^T k))^T, o_t = S_t^T q, evaluated as
+     * a = S_{t-1}^T k, b = S_{t-1}^T q, delta = beta (v - d a), o = d b + (k.q) delta, so one
+     * pass over S per token both applies token t's update and reads a, b for token t+1.
+     * Work units: (head, block of 16 columns of S). */
+    const int rep = Hv / Hk, nbj = (Dv + 15) / 16, nunits = Hv * nbj;
 #pragma omp parallel for schedule(static) if ((double)T * Hv * Dk * Dv * 4 >= g_par_min)
-    for (int h = 0; h < Hv; h++) {
+    for (int un = 0; un < nunits; un++) {
+        const int h = un / nbj, j0 = (un % nbj) * 16, w = Dv - j0 < 16 ? Dv - j0 : 16;
         float *tmp = s->hd + (size_t)thread_id() * s->hd_len;
-        float *q = tmp, *k = q + Dk, *qn = k + Dk, *kn = qn + Dk;
-        float *a = kn + Dk, *bq = a + Dv, *dl = bq + Dv, *o = dl + Dv, *sz = o + Dv;
+        float *a = tmp, *bq = a + Dv, *dl = bq + Dv;
         float *S = ls->S + (size_t)h * Dk * Dv;
         const int kh = h / rep;
-        /* L2-normalised q (times 1/sqrt(Dk)) and k of token t */
-#define GDN_QK(t, qd, kd)                                                                              \
-        do {                                                                                           \
-            const float *u_ = s->u + (size_t)(t) * C, *uq_ = u_ + kh * Dk, *uk_ = u_ + QK + kh * Dk;   \
-            double sq_ = 0, sk_ = 0;                                                                   \
-            for (int i = 0; i < Dk; i++) { sq_ += (double)uq_[i] * uq_[i]; sk_ += (double)uk_[i] * uk_[i]; } \
-            const float iq_ = 1.0f / sqrtf((float)sq_ + 1e-6f), ik_ = 1.0f / sqrtf((float)sk_ + 1e-6f); \
-            for (int i = 0; i < Dk; i++) { (qd)[i] = uq_[i] * iq_ * qscale; (kd)[i] = uk_[i] * ik_; }  \
-        } while (0)
-        /* Recurrence S_t = d S_{t-1} + k (beta (v - d S_{t-1}^T k))^T, o_t = S_t^T q, evaluated as
-         * a = S_{t-1}^T k, b = S_{t-1}^T q, delta = beta (v - d a), o = d b + (k.q) delta, so one
-         * pass over S per token both applies token t's update and reads a, b for token t+1. */
-        GDN_QK(0, q, k);
-        memset(a, 0, (size_t)Dv * 4);
-        memset(bq, 0, (size_t)Dv * 4);
-        for (int i = 0; i < Dk; i++) {
-            const float *row = S + (size_t)i * Dv;
-            const float ki = k[i], qi = q[i];
-            for (int j = 0; j < Dv; j++) { a[j] += ki * row[j]; bq[j] += qi * row[j]; }
-        }
+        const float *u0 = s->u;
+        gdn_read(S, Dk, Dv, j0, w, u0 + QK + kh * Dk, u0 + kh * Dk, a, bq);
+        float cs = 1.0f; /* the true state is cs * S on these columns (see gdn_pass_lazy16) */
         for (int t = 0; t < T; t++) {
             const float *u = s->u + (size_t)t * C;
-            const float *pr = s->proj + (size_t)t * P;
-            const float *v = u + 2 * QK + h * Dv;
-            const float beta = sigmoidf_(pr[C + VD + h]);
-            const float g = L->neg_exp_a[h] * softplusf_(pr[C + VD + Hv + h] + L->dt_bias[h]);
-            const float d = expf(g);
-            float kq = 0.0f;
-            for (int i = 0; i < Dk; i++) kq += k[i] * q[i];
-            for (int j = 0; j < Dv; j++) {
+            const float *k = u + QK + kh * Dk, *v = u + 2 * QK + h * Dv;
+            const float beta = gq[(size_t)t * Hv + h], d = gd[(size_t)t * Hv + h], kq = gkq[(size_t)t * Hk + kh];
+            float *o = s->mo + (size_t)t * VD + h * Dv;
+            for (int j = j0; j < j0 + w; j++) {
                 dl[j] = beta * (v[j] - d * a[j]);
                 o[j] = d * bq[j] + kq * dl[j];
             }
-            if (t + 1 < T) {
-                GDN_QK(t + 1, qn, kn);
-                gdn_pass(S, Dk, Dv, d, k, dl, kn, qn, a, bq);
-                float *sw = q; q = qn; qn = sw;
-                sw = k; k = kn; kn = sw;
-            } else {
-                for (int i = 0; i < Dk; i++) {
-                    float *row = S + (size_t)i * Dv;
-                    const float ki = k[i];
-                    for (int j = 0; j < Dv; j++) row[j] = d * row[j] + ki * dl[j];
+            const float *un_ = t + 1 < T ? u + C : NULL;
+#if defined(LT_AVX2)
+            if (w == 16 && un_) {
+                float c2 = cs * d;
+                if (c2 < 1e-20f) { /* fold the scale back into the stored state before it underflows */
+                    for (int i = 0; i < Dk; i++)
+                        for (int j = j0; j < j0 + w; j++) S[(size_t)i * Dv + j] *= cs;
+                    cs = 1.0f;
+                    c2 = d;
+                }
+                if (c2 >= 1e-20f) {
+                    gdn_pass_lazy16(S, Dk, Dv, j0, c2, k, dl, un_ + QK + kh * Dk, un_ + kh * Dk, a, bq);
+                    cs = c2;
+                    continue;
                 }
             }
-            /* gated RMSNorm: o / rms(o) * w * silu(z) */
-            double ss = 0;
-            for (int j = 0; j < Dv; j++) ss += (double)o[j] * o[j];
-            const float inv = 1.0f / sqrtf((float)(ss / Dv) + eps);
-            vsilu_mul(sz, pr + C + h * Dv, L->gnorm, Dv);
-            float *out = s->mo + (size_t)t * VD + h * Dv;
-            for (int j = 0; j < Dv; j++) out[j] = (o[j] * inv) * sz[j];
+#endif
+            if (!un_ && cs != 1.0f) { /* last token: S = (cs d) S + k dl^T stores the true state */
+                gdn_pass(S, Dk, Dv, j0, w, cs * d, k, dl, NULL, NULL, a, bq);
+                cs = 1.0f;
+                continue;
+            }
+            if (w != 16 && w != 8 && un_) { /* odd width: split into 8 + rest */
+                int jj = j0, ww = w;
+                if (ww > 8) { gdn_pass(S, Dk, Dv, jj, 8, d, k, dl, un_ + QK + kh * Dk, un_ + kh * Dk, a, bq); jj += 8; ww -= 8; }
+                gdn_pass(S, Dk, Dv, jj, ww, d, k, dl, un_ + QK + kh * Dk, un_ + kh * Dk, a, bq);
+            } else {
+                gdn_pass(S, Dk, Dv, j0, w, d, k, dl, un_ ? un_ + QK + kh * Dk : NULL, un_ ? un_ + kh * Dk : NULL, a, bq);
+            }
         }
-#undef GDN_QK
     }
+    PROF_END(PF_GDN);
+    /* gated RMSNorm: o / rms(o) * w * silu(z) */
+#pragma omp parallel for schedule(static) if ((double)T * VD * 8 >= g_par_min)
+    for (int t = 0; t < T; t++) {
+        const float *pr = s->proj + (size_t)t * P;
+        float *sz = s->hd + (size_t)thread_id() * s->hd_len;
+        for (int h = 0; h < Hv; h++) {
+            float *o = s->mo + (size_t)t * VD + h * Dv;
+            const float inv = 1.0f / sqrtf((float)(sumsq(o, Dv) / Dv) + eps);
+            vsilu_mul(sz, pr + C + h * Dv, L->gnorm, Dv);
+            for (int j = 0; j < Dv; j++) o[j] = (o[j] * inv) * sz[j];
+        }
+    }
+    PROF_END(PF_GDN_NORM);
 }
 
 static void mixer_full(const Model *m, const Layer *L, LayerState *ls, State *s, int T, int pos0) {
@@ -1353,6 +1657,27 @@ static void mixer_full(const Model *m, const Layer *L, LayerState *ls, State *s,
         memcpy(vd, pr + 2 * QD + KV, (size_t)KV * 4);
     }
     const int rep = Hq / Hkv;
+    if (T >= LT_NT) { /* blocked: (head, block of LT_QB queries) units on the GEMM micro-kernel */
+        const int nk = pos0 + T, nqb = (T + LT_QB - 1) / LT_QB;
+        for (int kvh = 0; kvh < Hkv; kvh++) kt_fill(s->kt + (size_t)kvh * s->kt_len, ls->k + kvh * D, KV, nk, D);
+#pragma omp parallel for schedule(dynamic, 1) if ((double)T * nk * Hq * D >= g_par_min)
+        for (int un = 0; un < Hq * nqb; un++) {
+            const int h = un % Hq, t0 = (un / Hq) * LT_QB, nq = T - t0 < LT_QB ? T - t0 : LT_QB, kvh = h / rep;
+            int lo[LT_QB], hi[LT_QB];
+            for (int i = 0; i < nq; i++) { lo[i] = 0; hi[i] = pos0 + t0 + i; }
+            float *sc = s->ab + (size_t)thread_id() * s->ab_len, *sg = s->hd + (size_t)thread_id() * s->hd_len;
+            float *o0 = s->mo + (size_t)t0 * QD + h * D;
+            const float *q0 = s->proj + (size_t)t0 * P + (size_t)h * 2 * D;
+            attn_block(q0, P, nq, s->kt + (size_t)kvh * s->kt_len, ls->v + kvh * D, KV, pos0 + t0 + nq, lo, hi, D,
+                       scale, sc, (int)(s->ab_sc / LT_QB), o0, QD);
+            for (int i = 0; i < nq; i++) {
+                float *o = o0 + (size_t)i * QD;
+                vsigmoid(sg, q0 + (size_t)i * P + D, D);
+                for (int d = 0; d < D; d++) o[d] *= sg[d];
+            }
+        }
+        return;
+    }
 #pragma omp parallel for schedule(static) if ((double)T * (pos0 + T) * Hq * D >= g_par_min)
     for (int h = 0; h < Hq; h++) {
         float *att = s->att + (size_t)thread_id() * s->att_len;
@@ -1373,6 +1698,7 @@ static void mixer_csa(const Model *m, const Layer *L, LayerState *ls, State *s, 
     const int P = L->w_in.rows, half = m->rope_dim / 2, S = m->csa_stride, W = m->csa_window;
     const float eps = (float)m->eps, scale = 1.0f / sqrtf((float)D);
     int nb = 0;
+    PROF_BEGIN();
     for (int t = 0; t < T; t++) {
         float *pr = s->proj + (size_t)t * P;
         const int pos = pos0 + t;
@@ -1412,7 +1738,58 @@ static void mixer_csa(const Model *m, const Layer *L, LayerState *ls, State *s, 
             for (int h = 0; h < Hkv; h++) rope(kc + h * D, j * S + S / 2, s, half);
         }
     }
+    PROF_END(PF_CSA_PRE);
     const int rep = Hq / Hkv;
+    if (T >= LT_NT) { /* blocked: (head, block of LT_QB queries) units on the GEMM micro-kernel */
+        const int nkc = (pos0 + T - 1) / S, nqb = (T + LT_QB - 1) / LT_QB;
+        for (int kvh = 0; kvh < Hkv && nkc > 0; kvh++) kt_fill(s->kt + (size_t)kvh * s->kt_len, ls->kc + kvh * D, KV, nkc, D);
+        const int ldsc = (int)(s->ab_sc / LT_QB);
+#pragma omp parallel for schedule(dynamic, 1) if ((double)T * (W + nkc) * Hq * D >= g_par_min)
+        for (int un = 0; un < Hq * nqb; un++) {
+            const int h = un % Hq, t0 = (un / Hq) * LT_QB, nq = T - t0 < LT_QB ? T - t0 : LT_QB, kvh = h / rep;
+            const int p0 = pos0 + t0, kbase = p0 - W + 1 > 0 ? p0 - W + 1 : 0, nloc = p0 + nq - kbase;
+            int lo[LT_QB], hi[LT_QB];
+            float *sc = s->ab + (size_t)thread_id() * s->ab_len;
+            float *ktl = sc + s->ab_sc, *vl = ktl + (size_t)(LT_QB + W + LT_PANEL) * D;
+            float *loc = vl + (size_t)(LT_QB + W + LT_PANEL) * D + LT_PANEL, *cmp = loc + (size_t)LT_QB * D;
+            float *tmp = s->hd + (size_t)thread_id() * s->hd_len, *sb = tmp, *sg = tmp + D;
+            const float *q0 = s->proj + (size_t)t0 * P + (size_t)h * 2 * D;
+            /* local window: gather keys kbase..p0+nq-1 from the ring */
+            for (int j = 0; j < nloc; j++) {
+                const int slot = (kbase + j) % s->ring;
+                float *dst = ktl + (size_t)(j / LT_PANEL) * D * LT_PANEL + j % LT_PANEL;
+                const float *kr = ls->k + (size_t)slot * KV + kvh * D;
+                for (int d = 0; d < D; d++) dst[(size_t)d * LT_PANEL] = kr[d];
+                memcpy(vl + (size_t)j * D, ls->v + (size_t)slot * KV + kvh * D, (size_t)D * 4);
+            }
+            for (int i = 0; i < nq; i++) {
+                const int p = p0 + i;
+                lo[i] = (p - W + 1 > 0 ? p - W + 1 : 0) - kbase;
+                hi[i] = p - kbase;
+            }
+            attn_block(q0, P, nq, ktl, vl, D, nloc, lo, hi, D, scale, sc, ldsc, loc, D);
+            /* compressed blocks: query at p sees blocks j < p / S */
+            const int nku = (p0 + nq - 1) / S;
+            if (nku > 0) {
+                for (int i = 0; i < nq; i++) { lo[i] = 0; hi[i] = (p0 + i) / S - 1; }
+                attn_block(q0, P, nq, s->kt + (size_t)kvh * s->kt_len, ls->vc + kvh * D, KV, nku, lo, hi, D, scale,
+                           sc, ldsc, cmp, D);
+            } else {
+                memset(cmp, 0, (size_t)nq * D * 4);
+            }
+            for (int i = 0; i < nq; i++) {
+                const float *pr = s->proj + (size_t)(t0 + i) * P;
+                const float *bl = pr + 2 * QD + 2 * KV + h * D, *gate = pr + (size_t)h * 2 * D + D;
+                const float *lc = loc + (size_t)i * D, *cm = cmp + (size_t)i * D;
+                float *o = s->mo + (size_t)(t0 + i) * QD + h * D;
+                vsigmoid(sb, bl, D);
+                vsigmoid(sg, gate, D);
+                for (int d = 0; d < D; d++) o[d] = (sb[d] * cm[d] + (1.0f - sb[d]) * lc[d]) * sg[d];
+            }
+        }
+        PROF_END(PF_CSA_ATT);
+        return;
+    }
 #pragma omp parallel for schedule(static) if ((double)T * (W + pos0 / S + 1) * Hq * D >= g_par_min)
     for (int h = 0; h < Hq; h++) {
         float *att = s->att + (size_t)thread_id() * s->att_len;
@@ -1436,56 +1813,73 @@ static void mixer_csa(const Model *m, const Layer *L, LayerState *ls, State *s, 
             for (int i = 0; i < D; i++) o[i] = (sb[i] * cmp[i] + (1.0f - sb[i]) * loc[i]) * sg[i];
         }
     }
+    PROF_END(PF_CSA_ATT);
+}
+
+/* h = r1 * h + s1 * y (hyper-connections) or h += y, then (xn != NULL) xn = rmsnorm(h) * w1, for T rows */
+static void residual_norm(const Model *m, const float *r1, const float *s1, float *hh, const float *yy, float *xn,
+                          const float *w1, int T) {
+    const int H = m->dim;
+    const float eps = (float)m->eps;
+#pragma omp parallel for schedule(static) if ((double)T * H * 8 >= g_par_min)
+    for (int t = 0; t < T; t++) {
+        float *h = hh + (size_t)t * H;
+        const float *y = yy + (size_t)t * H;
+        if (m->hyper) for (int i = 0; i < H; i++) h[i] = r1[i] * h[i] + s1[i] * y[i];
+        else for (int i = 0; i < H; i++) h[i] += y[i];
+        if (xn) rmsnorm(xn + (size_t)t * H, h, w1, H, eps);
+    }
+}
+
+/* g = silu(g) * u for T rows [g | u] of 2I */
+static void swiglu_rows(float *gu, int I, int T) {
+#pragma omp parallel for schedule(static) if ((double)T * I * 8 >= g_par_min)
+    for (int t = 0; t < T; t++) {
+        float *g = gu + (size_t)t * 2 * I;
+        vsilu_mul(g, g, g + I, I);
+    }
 }
 
 /* Run T (<= chunk) tokens at positions s->pos.. ; logits for the last token (all_logits=0) into
- * s->logits[0..V) or for every token (all_logits=1) into s->logits[t*V..]. */
+ * s->logits[0..V), for every token (all_logits=1) into s->logits[t*V..], or none (all_logits<0:
+ * a prefill chunk that is not the last). */
 static void forward(const Model *m, State *s, const int *tok, int T, int all_logits) {
     const int H = m->dim, I = m->inter, pos0 = s->pos;
     const float eps = (float)m->eps;
-    for (int t = 0; t < T; t++) mat_row(&m->embed, tok[t], s->h + (size_t)t * H);
+    PROF(PF_EMBED, for (int t = 0; t < T; t++) mat_row(&m->embed, tok[t], s->h + (size_t)t * H));
     for (int l = 0; l < m->n_layers; l++) {
         const Layer *L = &m->layers[l];
         LayerState *ls = &s->ls[l];
-        for (int t = 0; t < T; t++) rmsnorm(s->xn + (size_t)t * H, s->h + (size_t)t * H, L->in_ln1, H, eps);
+        if (l == 0) {
+            PROF(PF_NORM, for (int t = 0; t < T; t++) rmsnorm(s->xn + (size_t)t * H, s->h + (size_t)t * H, L->in_ln1, H, eps));
+        }
         const int P = L->w_in.rows;
-        matmul(&L->w_in, s->xn, H, T, s->proj, P);
+        PROF(PF_MM_IN, matmul(&L->w_in, s->xn, H, T, s->proj, P));
         int O;
         if (L->type == MIX_LINEAR) { mixer_linear(m, L, ls, s, T); O = m->lv_heads * m->lv_dim; }
-        else if (L->type == MIX_FULL) { mixer_full(m, L, ls, s, T, pos0); O = m->q_dim; }
+        else if (L->type == MIX_FULL) { PROF(PF_FULL, mixer_full(m, L, ls, s, T, pos0)); O = m->q_dim; }
         else { mixer_csa(m, L, ls, s, T, pos0); O = m->q_dim; }
-        matmul(&L->w_out, s->mo, O, T, s->y, H);
-        for (int t = 0; t < T; t++) {
-            float *h = s->h + (size_t)t * H;
-            const float *y = s->y + (size_t)t * H;
-            if (m->hyper) for (int i = 0; i < H; i++) h[i] = L->mix_r1[i] * h[i] + L->mix_s1[i] * y[i];
-            else for (int i = 0; i < H; i++) h[i] += y[i];
-            rmsnorm(s->xn + (size_t)t * H, h, L->post_ln1, H, eps);
-        }
-        matmul(&L->w_gu, s->xn, H, T, s->proj, 2 * I);
-        for (int t = 0; t < T; t++) {
-            float *g = s->proj + (size_t)t * 2 * I;
-            vsilu_mul(g, g, g + I, I);
-        }
-        matmul(&L->w_down, s->proj, 2 * I, T, s->y, H);
-        for (int t = 0; t < T; t++) {
-            float *h = s->h + (size_t)t * H;
-            const float *y = s->y + (size_t)t * H;
-            if (m->hyper) for (int i = 0; i < H; i++) h[i] = L->mlp_r1[i] * h[i] + L->mlp_s1[i] * y[i];
-            else for (int i = 0; i < H; i++) h[i] += y[i];
-        }
+        PROF(PF_MM_OUT, matmul(&L->w_out, s->mo, O, T, s->y, H));
+        PROF(PF_NORM, residual_norm(m, L->mix_r1, L->mix_s1, s->h, s->y, s->xn, L->post_ln1, T));
+        PROF(PF_MM_GU, matmul(&L->w_gu, s->xn, H, T, s->proj, 2 * I));
+        PROF(PF_MISC, swiglu_rows(s->proj, I, T));
+        PROF(PF_MM_DOWN, matmul(&L->w_down, s->proj, 2 * I, T, s->y, H));
+        /* the MLP residual, fused with the next layer's input norm */
+        const float *nw = l + 1 < m->n_layers ? m->layers[l + 1].in_ln1 : NULL;
+        PROF(PF_NORM, residual_norm(m, L->mlp_r1, L->mlp_s1, s->h, s->y, nw ? s->xn : NULL, nw, T));
     }
+    s->pos += T;
+    if (all_logits < 0) return;
     const int t0 = all_logits ? 0 : T - 1, nt = T - t0;
     for (int t = t0; t < T; t++) rmsnorm(s->xn + (size_t)(t - t0) * H, s->h + (size_t)t * H, m->final_norm1, H, eps);
-    matmul(&m->lm_head, s->xn, H, nt, s->logits, m->vocab);
-    s->pos += T;
+    PROF(PF_MM_HEAD, matmul(&m->lm_head, s->xn, H, nt, s->logits, m->vocab));
 }
 
 /* feed n tokens in chunks; logits of the last token end in s->logits */
 static void prefill(const Model *m, State *s, const int *tok, int n) {
     for (int i = 0; i < n; i += s->chunk) {
         int T = n - i < s->chunk ? n - i : s->chunk;
-        forward(m, s, tok + i, T, 0);
+        forward(m, s, tok + i, T, i + T < n ? -1 : 0);
     }
 }
 
@@ -1777,7 +2171,7 @@ static void usage(void) {
         "  -T THREADS       OpenMP threads (default: OMP_NUM_THREADS or all cores)\n"
         "  --chunk N        prefill chunk size (default 256; 1 = token by token)\n"
         "  --no-bos         do not prepend BOS to a text prompt\n"
-        "  --ignore-eos     keep generating after EOS\n"
+        "  --ignore-eos     keep generating after EOS (chat: EOS becomes part of the reply)\n"
         "  --print-ids      print generated token ids (one line) instead of text\n"
         "  -y TEXT          chat mode: system prompt\n"
         "  --print-prompt-ids  chat mode: print each turn's prompt ids (BOS .. assistant prefix) to stderr\n"
@@ -1787,7 +2181,8 @@ static void usage(void) {
         "(at least one token; n shrinks to fit); generation stops at max_position_embeddings.\n"
         "Chat (-m chat -z tokenizer.bin): the llamathink-chat template; -i TEXT answers one message\n"
         "('-' reads it from stdin) and exits, without -i lines are read from stdin until EOF or /exit.\n"
-        "The oldest exchanges are dropped when the history outgrows the context window.\n");
+        "The oldest exchanges are dropped when the history outgrows the context window. Ctrl-C stops\n"
+        "the reply being written (the turn keeps it as far as it got); at the prompt it quits.\n");
 }
 
 static int *parse_ids(const char *s, int *n) {
@@ -1966,9 +2361,20 @@ typedef struct {
     ChatTurn *turns;
     int n_turns, cap_turns, first;   /* the history is turns[first..n_turns) */
     int *ctx, n_ctx;                 /* the conversation's tokens; s->pos of them are in the state */
-    int bos, eos, steps, top_k, print_ids, print_prompt_ids;
+    int bos, eos, steps, top_k, print_ids, print_prompt_ids, ignore_eos;
     float temp, top_p;
 } Chat;
+
+/* Ctrl-C in interactive chat: during a reply it stops that reply (the turn keeps what was
+ * generated); at the prompt, or a second time before the reply has stopped, it ends the program
+ * (exit 0). Only flags are set here; the loops poll them. */
+static volatile sig_atomic_t g_in_reply, g_stop_reply, g_quit;
+static void on_sigint(int sig) {
+    (void)sig;
+    if (g_in_reply && !g_stop_reply) g_stop_reply = 1;
+    else if (!g_quit) g_quit = 1;
+    else _exit(130); /* a third Ctrl-C while something does not notice: leave now */
+}
 
 static void chat_free(Chat *c) {
     for (int i = 0; i < c->n_turns; i++) { free(c->turns[i].text); free(c->turns[i].ids); free(c->turns[i].reply); }
@@ -2101,6 +2507,8 @@ static int chat_turn(Chat *c, const char *text, char *err, size_t errn) {
         fprintf(stderr, "\n");
         fflush(stderr);
     }
+    g_stop_reply = 0;
+    g_in_reply = 1; /* from here Ctrl-C stops this turn's reply (during the prompt: an empty reply) */
     prefill(m, s, c->ctx + keep, n - keep);
     /* the reply */
     int max_new = c->steps < m->max_pos - n ? c->steps : m->max_pos - n;
@@ -2108,9 +2516,9 @@ static int chat_turn(Chat *c, const char *text, char *err, size_t errn) {
     char *pb = (char *)malloc((size_t)c->tk->max_len + 1);
     ReplyOut ro = {0};
     if (!reply || !pb) { fprintf(stderr, "error: out of memory\n"); return -1; }
-    for (int g = 0; g < max_new; g++) {
+    for (int g = 0; g < max_new && !g_stop_reply && !g_quit; g++) {
         int next = sample(s->logits, m->vocab, c->temp, c->top_k, c->top_p, c->pi);
-        if (has_eos && next == c->eos) break;
+        if (has_eos && next == c->eos && !c->ignore_eos) break;
         reply[nr++] = next;
         if (c->print_ids) {
             printf(nr > 1 ? " %d" : "%d", next);
@@ -2122,9 +2530,11 @@ static int chat_turn(Chat *c, const char *text, char *err, size_t errn) {
         }
         if (g + 1 < max_new) forward(m, s, &next, 1, 0);
     }
+    g_in_reply = 0;
     if (!c->print_ids) reply_flush(&ro, 1, stdout);
     printf("\n");
     fflush(stdout);
+    if (g_stop_reply) { fprintf(stderr, "[reply stopped]\n"); g_stop_reply = 0; }
     free(ro.buf);
     free(pb);
     /* remember the exchange; its reply and EOS are fed with the next message */
@@ -2167,17 +2577,17 @@ static char *read_all(FILE *f) {
     return b;
 }
 
-#define CHAT_HELP "/reset clears the history, /exit or Ctrl-D quits"
+#define CHAT_HELP "/reset clears the history, /exit or Ctrl-D quits; Ctrl-C stops a reply, at the prompt it quits"
 
 /* chat mode: one message (-i; "-" reads it from stdin) or an interactive loop over stdin lines */
 static int chat_main(const Model *m, State *s, const Tokenizer *tk, ProbIdx *pi, const char *prompt,
                      const char *system, int steps, float temp, int top_k, float top_p, int print_ids,
-                     int print_prompt_ids) {
+                     int print_prompt_ids, int ignore_eos) {
     Chat c;
     memset(&c, 0, sizeof c);
     c.m = m; c.s = s; c.tk = tk; c.pi = pi;
     c.steps = steps; c.temp = temp; c.top_k = top_k; c.top_p = top_p;
-    c.print_ids = print_ids; c.print_prompt_ids = print_prompt_ids;
+    c.print_ids = print_ids; c.print_prompt_ids = print_prompt_ids; c.ignore_eos = ignore_eos;
     c.bos = tk->bos >= 0 ? tk->bos : m->bos;
     c.eos = tk->eos >= 0 ? tk->eos : m->eos;
     int any = 0;
@@ -2208,15 +2618,34 @@ static int chat_main(const Model *m, State *s, const Tokenizer *tk, ProbIdx *pi,
         return rc;
     }
     fprintf(stderr, "[" CHAT_HELP "]\n");
+    /* SIGINT handler without SA_RESTART, so that Ctrl-C at the prompt interrupts the read. OpenMP
+     * threads are started first with SIGINT blocked: the signal then always reaches this thread. */
+#ifdef _OPENMP
+    sigset_t blk, old;
+    sigemptyset(&blk);
+    sigaddset(&blk, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &blk, &old);
+#pragma omp parallel
+    { (void)0; }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+#endif
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_sigint;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0;
+    sigaction(SIGINT, &sa, NULL);
     char *line = NULL;
     size_t lcap = 0;
     for (;;) {
+        if (g_quit) { fprintf(stderr, "\n"); break; }
         fprintf(stderr, "> ");
         fflush(stderr);
         if (getline(&line, &lcap, stdin) < 0) {
             fprintf(stderr, "\n");
             break;
         }
+        if (g_quit) { fprintf(stderr, "\n"); break; }
         char *text = strip_dup(line);
         if (!text) { fprintf(stderr, "error: out of memory\n"); rc = 1; break; }
         if (!*text) { free(text); continue; }
@@ -2321,7 +2750,11 @@ int main(int argc, char **argv) {
     struct stat st;
     if (fstat(fd, &st) != 0 || st.st_size <= 0) { fprintf(stderr, "error: cannot stat %s or empty file\n", model_path); close(fd); return 1; }
     size_t fsize = (size_t)st.st_size;
+#ifdef MAP_POPULATE /* fault the weights in now (page-cache reads), not during the first forward pass */
+    void *map = mmap(NULL, fsize, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
+#else
     void *map = mmap(NULL, fsize, PROT_READ, MAP_PRIVATE, fd, 0);
+#endif
     close(fd);
     if (map == MAP_FAILED) { fprintf(stderr, "error: mmap failed: %s\n", strerror(errno)); return 1; }
     Model m;
@@ -2405,11 +2838,15 @@ int main(int argc, char **argv) {
             fprintf(stderr, "decode: %d tokens in %.3f s (%.1f tok/s)\n", gen, t2 - t1, gen > 1 ? (gen - 1) / (t2 - t1) : 0.0);
         }
         free(pr);
+#ifdef LT_PROFILE
+        prof_print();
+#endif
         return 0;
     }
     if (!strcmp(mode, "chat")) {
         if (!have_tok) { fprintf(stderr, "error: chat mode needs -z tokenizer.bin\n"); return 1; }
-        int rc = chat_main(&m, &s, &tk, pi, prompt, system, steps, temp, top_k, top_p, print_ids, print_prompt_ids);
+        int rc = chat_main(&m, &s, &tk, pi, prompt, system, steps, temp, top_k, top_p, print_ids, print_prompt_ids,
+                           ignore_eos);
         free(pi); free(seq); free_tokenizer(&tk); state_free(&s, &m); free_model(&m); munmap(map, fsize);
         return rc;
     }

@@ -215,6 +215,32 @@ def test_bf16_and_int8_logits(run_bin, tiny):
     assert agree >= 0.8, agree
 
 
+LONG_PROMPT = [1] + [int(x) for x in np.random.default_rng(11).integers(3, 256, 229)]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_chunked_prefill_equals_token_by_token(work, run_bin, tiny, dtype):
+    """Batched prefill (chunks 7, 50 and 256 -> capped at the 256-token context, i.e. the whole
+    230-token prompt in one pass: blocked attention over several query blocks, column-blocked
+    delta rule) gives the same logits as feeding the prompt token by token (--chunk 1), for a
+    prompt much longer than the CSA window (8) and crossing many strides; also in the portable
+    scalar build."""
+    _, _, files = tiny
+    ref = _logits_c(run_bin, files[dtype], LONG_PROMPT, 1)
+    tol = 2e-5 * max(1.0, np.abs(ref).max())
+    for chunk in (7, 50, 256):
+        for threads in (1, 2):
+            got = _logits_c(run_bin, files[dtype], LONG_PROMPT, chunk, threads)
+            assert np.abs(got - ref).max() < tol, (chunk, threads, np.abs(got - ref).max())
+    scalar = work / "run_scalar_chunks"
+    if not scalar.exists():
+        _build(scalar, ["-O2"])
+    ref_s = _logits_c(scalar, files[dtype], LONG_PROMPT, 1)
+    got_s = _logits_c(scalar, files[dtype], LONG_PROMPT, 256)
+    assert np.abs(got_s - ref_s).max() < tol
+    assert np.abs(ref_s - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+
+
 def test_plain_one_line_build_matches(work, run_bin, tiny):
     """`cc -O3 -march=native -o run run.c -lm` (no OpenMP) builds and gives the same logits;
     so does the portable scalar path (-march=x86-64 without AVX)."""
@@ -715,6 +741,95 @@ def test_chat_interactive_loop_ends_at_eof(run_bin, chat_model):
     _, prompts = _chat(run_bin, chat_model, "-n", "2", "-t", "0", "--print-prompt-ids",
                        stdin=b"Hello there\n/reset\nHow are you?\n")
     assert prompts[1] == _template_ids(chat_model["tok"], [{"role": "user", "content": "How are you?"}])
+
+
+@pytest.fixture(scope="module")
+def chat_slow(work, chat_tok):
+    """A random numpy model with the builtin tokenizer, a 16384-token context and wider layers, so
+    that an --ignore-eos reply streams for seconds (long enough to interrupt)."""
+    d = work / "chat_slow"
+    reference.make_random_checkpoint(str(d), dict(CHAT_CFG, hidden_size=256, intermediate_size=1024,
+                                                  max_position_embeddings=16384), seed=5)
+    chat_tok.save_pretrained(d)
+    (d / "tokenizer.model").unlink(missing_ok=True)
+    assert ex.main([str(d), str(d / "model.bin"), "--tokenizer-out", str(d / "tok.bin")]) == 0
+    return dict(bin=d / "model.bin", tokbin=d / "tok.bin")
+
+
+class _Proc:
+    """A chat process with stdin a pipe and stdout / stderr collected by reader threads."""
+
+    def __init__(self, argv):
+        import threading
+
+        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.out, self.err = bytearray(), bytearray()
+        for stream, buf in ((self.p.stdout, self.out), (self.p.stderr, self.err)):
+            threading.Thread(target=self._pump, args=(stream, buf), daemon=True).start()
+
+    @staticmethod
+    def _pump(stream, buf):
+        while True:
+            b = stream.read1(4096) if hasattr(stream, "read1") else stream.read(1)
+            if not b:
+                return
+            buf.extend(b)
+
+    def wait_for(self, cond, timeout=60.0):
+        import time
+
+        end = time.time() + timeout
+        while time.time() < end:
+            if cond():
+                return True
+            if self.p.poll() is not None:
+                return cond()
+            time.sleep(0.01)
+        return False
+
+
+def test_chat_ctrl_c_stops_the_reply_then_quits(run_bin, chat_slow):
+    """Interactive chat: SIGINT while a reply streams stops that reply only (newline, back to the
+    prompt, the turn kept: the next turn's prompt ids contain the partial reply); EOF then exits 0;
+    SIGINT at the prompt exits 0."""
+    import signal
+
+    argv = [str(run_bin), str(chat_slow["bin"]), "-z", str(chat_slow["tokbin"]), "-m", "chat", "-T", "1",
+            "-n", "100000", "--ignore-eos", "-t", "1", "-s", "3", "--print-ids", "--print-prompt-ids"]
+    pr = _Proc(argv)
+    try:
+        pr.p.stdin.write(b"Tell me a very long story.\n")
+        pr.p.stdin.flush()
+        assert pr.wait_for(lambda: len(pr.out.split()) >= 5), (bytes(pr.out), bytes(pr.err[-2000:]))
+        pr.p.send_signal(signal.SIGINT)
+        assert pr.wait_for(lambda: b"[reply stopped]" in pr.err and pr.err.rstrip().endswith(b">")), bytes(pr.err[-2000:])
+        assert pr.p.poll() is None  # still running, back at the prompt
+        assert pr.out.endswith(b"\n") and pr.out.count(b"\n") == 1
+        reply = [int(x) for x in pr.out.split()]
+        assert 5 <= len(reply) < 16000
+        # the interrupted turn is kept: the next prompt is the first one + reply + EOS + the new message
+        pr.p.stdin.write(b"Go on.\n")
+        pr.p.stdin.flush()
+        assert pr.wait_for(lambda: pr.err.count(b"prompt ids:") == 2 and len(pr.out.split(b"\n")[1].split()) >= 1)
+        prompts = [[int(x) for x in ln.split(b"prompt ids:")[1].split()] for ln in bytes(pr.err).splitlines()
+                   if b"prompt ids:" in ln]
+        assert prompts[1][:len(prompts[0]) + len(reply)] == prompts[0] + reply
+        pr.p.send_signal(signal.SIGINT)
+        assert pr.wait_for(lambda: pr.err.count(b"[reply stopped]") == 2 and pr.err.rstrip().endswith(b">"))
+        pr.p.stdin.close()  # EOF at the prompt: exit 0
+        assert pr.p.wait(timeout=60) == 0, bytes(pr.err[-2000:])
+    finally:
+        if pr.p.poll() is None:
+            pr.p.kill()
+    # Ctrl-C at the prompt quits (exit 0)
+    pr = _Proc(argv)
+    try:
+        assert pr.wait_for(lambda: pr.err.rstrip().endswith(b">"))
+        pr.p.send_signal(signal.SIGINT)
+        assert pr.p.wait(timeout=60) == 0, bytes(pr.err[-2000:])
+    finally:
+        if pr.p.poll() is None:
+            pr.p.kill()
 
 
 @pytest.fixture(scope="module")
