@@ -53,8 +53,9 @@ def build(name: str):
     from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
 
     if name.startswith("llamathink"):
-        backend = name.split(":")[1]
-        return LlamaThinkForCausalLM(LlamaThinkConfig(gdn_backend=backend))
+        # llamathink:<backend>[:eager-decode]  (eager-decode: one-token steps without CUDA graphs)
+        parts = name.split(":")
+        return LlamaThinkForCausalLM(LlamaThinkConfig(gdn_backend=parts[1], decode_cuda_graphs="eager-decode" not in parts))
     if name == "hf-llama":
         cfg = LlamaConfig(vocab_size=32000, hidden_size=576, intermediate_size=1536, num_hidden_layers=16,
                           num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=1024,
@@ -162,6 +163,9 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="llamathink:fla,llamathink:torch,hf-llama,hf-qwen3.5")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd training")
     parser.add_argument("--generate-batches", default="1,32")
+    parser.add_argument("--train-batches", default=None, help="comma list of batch sizes (default: --batch)")
+    parser.add_argument("--no-train", action="store_true")
+    parser.add_argument("--no-generate", action="store_true")
     parser.add_argument("--out", default=None, help="write results as JSON here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -169,16 +173,19 @@ def main(argv=None) -> int:
     results = {"versions": versions(), "train": [], "generate": []}
     print(json.dumps(results["versions"]))
     peak = args.peak_tflops * 1e12
+    train_batches = [int(x) for x in (args.train_batches or str(args.batch)).split(",")]
     for name in args.models.split(","):
         for compiled in ([False, True] if args.compile else [False]):
-            try:
-                r = bench_train(name, args.batch, args.seq, args.steps, args.warmup, peak, compiled)
-            except Exception as err:  # one failing peer must not hide the others' numbers
-                r = {"model": name, "compiled": compiled, "error": f"{type(err).__name__}: {err}"[:500]}
-                torch.cuda.empty_cache()
-            results["train"].append(r)
-            print(json.dumps(r), flush=True)
-        for b in (int(x) for x in args.generate_batches.split(",") if x):
+            for batch in [] if args.no_train else train_batches:
+                try:
+                    r = bench_train(name, batch, args.seq, args.steps, args.warmup, peak, compiled)
+                except Exception as err:  # one failing peer (or an out-of-memory batch) must not hide the others
+                    r = {"model": name, "batch": batch, "compiled": compiled, "error": f"{type(err).__name__}: {err}"[:500]}
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                results["train"].append(r)
+                print(json.dumps(r), flush=True)
+        for b in [] if args.no_generate else (int(x) for x in args.generate_batches.split(",") if x):
             try:
                 r = bench_generate(name, b)
             except Exception as err:
@@ -186,8 +193,8 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
             results["generate"].append(r)
             print(json.dumps(r), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        if args.out:  # after every model, so a run cut short keeps what it measured
+            Path(args.out).write_text(json.dumps(results, indent=2))
     return 0
 
 

@@ -1132,6 +1132,7 @@ typedef struct {
     float *bm_k, *bm_v, *bc_k, *bc_v; /* csa block means / compressed outputs for a chunk */
     int *bm_idx;
     float *gdn;         /* GDN beta, decay [chunk, Hv], k.q [chunk, Hk] */
+    float *gp;          /* GDN per-head packed q, k [Hk, T, Dk], v, o [Hv, T, Dv] */
     float *kt;          /* keys of every kv head in panel layout for blocked attention (see kt_fill) */
     size_t kt_len;      /* floats per kv head */
     float *ab;          /* n_threads * ab_len: scores, gathered local keys / values (blocked attention) */
@@ -1147,9 +1148,13 @@ static void state_free(State *s, const Model *m);
 /* runtime-state budget in bytes (the fuzz harness lowers it) */
 static double g_state_limit = 16e9;
 
+/* zeroed, 64-byte aligned (cache-line aligned rows for the SIMD loops); free() releases it */
 static void *xcalloc(size_t n, size_t sz, int *fail) {
-    void *p = calloc(n ? n : 1, sz ? sz : 1);
-    if (!p) *fail = 1;
+    void *p = NULL;
+    if (!n) n = 1;
+    if (!sz) sz = 1;
+    if (n > SIZE_MAX / sz || posix_memalign(&p, 64, n * sz) != 0) { *fail = 1; return NULL; }
+    memset(p, 0, n * sz);
     return p;
 }
 
@@ -1169,6 +1174,7 @@ static int state_init(State *s, const Model *m, int chunk, int all_logits, char 
     need += (double)m->n_full * 2.0 * m->max_pos * KV;
     need += (double)m->n_csa * (2.0 * s->ring * KV + 2.0 * nblk * KV + 2.0 * m->csa_stride * KV);
     need += (double)chunk * (3.0 * m->dim + 2.0 * m->inter + 2.0 * m->q_dim + 3.0 * C + 2.0 * VD);
+    if (m->n_lin) need += (double)chunk * (2.0 * m->lk_heads * m->lk_dim + 2.0 * VD);
     need += (double)m->vocab * (all_logits ? chunk : 1) + 2.0 * m->max_pos * m->rope_dim;
     if (m->n_full || m->n_csa) /* blocked attention scratch */
         need += (double)m->n_kv * (m->max_pos + nblk + LT_PANEL) * m->head_dim +
@@ -1230,6 +1236,7 @@ static int state_init(State *s, const Model *m, int chunk, int all_logits, char 
     s->bc_v = (float *)xcalloc((size_t)nb * KV, 4, &fail);
     s->bm_idx = (int *)xcalloc((size_t)nb, sizeof(int), &fail);
     s->gdn = (float *)xcalloc((size_t)chunk * (2 * m->lv_heads + m->lk_heads), 4, &fail);
+    if (m->n_lin) s->gp = (float *)xcalloc((size_t)chunk * (2 * m->lk_heads * m->lk_dim + 2 * VD), 4, &fail);
     if (m->n_full || m->n_csa) {
         const int mk = m->max_pos > nblk ? m->max_pos : nblk;
         const int lk = LT_QB + m->csa_window + LT_PANEL;
@@ -1270,7 +1277,7 @@ static void state_free(State *s, const Model *m) {
     free(s->ls); free(s->cos_t); free(s->sin_t);
     free(s->h); free(s->xn); free(s->proj); free(s->mo); free(s->y); free(s->u); free(s->logits);
     free(s->bm_k); free(s->bm_v); free(s->bc_k); free(s->bc_v); free(s->bm_idx);
-    free(s->att); free(s->hd); free(s->gdn); free(s->kt); free(s->ab);
+    free(s->att); free(s->hd); free(s->gdn); free(s->gp); free(s->kt); free(s->ab);
     free(g_wbuf); free(g_xq); free(g_xs);
     g_wbuf = NULL; g_xq = NULL; g_xs = NULL;
     memset(s, 0, sizeof(*s));
@@ -1454,48 +1461,6 @@ static void gdn_pass(float *S, int Dk, int Dv, int j0, int w, float d, const flo
     }
 }
 
-#if defined(LT_AVX2)
-/* The same pass on 16 columns with the decay kept out of the stored state (prefill): the true
- * state is c * St; St += (k / c) dl^T (c already includes this token's decay), then a = c St^T kn,
- * b = c St^T qn. One multiply-add less per element than gdn_pass, and two rows per step (separate
- * accumulators) so that the sums do not wait on each other. */
-static void gdn_pass_lazy16(float *S, int Dk, int Dv, int j0, float c, const float *k, const float *dl,
-                            const float *kn, const float *qn, float *a, float *b) {
-    const __m256 l0 = _mm256_loadu_ps(dl + j0), l1 = _mm256_loadu_ps(dl + j0 + 8);
-    const float inv = 1.0f / c;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, a2 = a0, a3 = a0, b2 = a0, b3 = a0;
-    int i = 0;
-    for (; i + 2 <= Dk; i += 2) {
-        float *r0 = S + (size_t)i * Dv + j0, *r1 = r0 + Dv;
-        const __m256 k0 = _mm256_set1_ps(k[i] * inv), k1 = _mm256_set1_ps(k[i + 1] * inv);
-        const __m256 s00 = _mm256_fmadd_ps(k0, l0, _mm256_loadu_ps(r0)), s01 = _mm256_fmadd_ps(k0, l1, _mm256_loadu_ps(r0 + 8));
-        const __m256 s10 = _mm256_fmadd_ps(k1, l0, _mm256_loadu_ps(r1)), s11 = _mm256_fmadd_ps(k1, l1, _mm256_loadu_ps(r1 + 8));
-        _mm256_storeu_ps(r0, s00); _mm256_storeu_ps(r0 + 8, s01);
-        _mm256_storeu_ps(r1, s10); _mm256_storeu_ps(r1 + 8, s11);
-        const __m256 kn0 = _mm256_broadcast_ss(kn + i), qn0 = _mm256_broadcast_ss(qn + i);
-        const __m256 kn1 = _mm256_broadcast_ss(kn + i + 1), qn1 = _mm256_broadcast_ss(qn + i + 1);
-        a0 = _mm256_fmadd_ps(kn0, s00, a0); a1 = _mm256_fmadd_ps(kn0, s01, a1);
-        b0 = _mm256_fmadd_ps(qn0, s00, b0); b1 = _mm256_fmadd_ps(qn0, s01, b1);
-        a2 = _mm256_fmadd_ps(kn1, s10, a2); a3 = _mm256_fmadd_ps(kn1, s11, a3);
-        b2 = _mm256_fmadd_ps(qn1, s10, b2); b3 = _mm256_fmadd_ps(qn1, s11, b3);
-    }
-    for (; i < Dk; i++) {
-        float *r0 = S + (size_t)i * Dv + j0;
-        const __m256 k0 = _mm256_set1_ps(k[i] * inv);
-        const __m256 s00 = _mm256_fmadd_ps(k0, l0, _mm256_loadu_ps(r0)), s01 = _mm256_fmadd_ps(k0, l1, _mm256_loadu_ps(r0 + 8));
-        _mm256_storeu_ps(r0, s00); _mm256_storeu_ps(r0 + 8, s01);
-        const __m256 kn0 = _mm256_broadcast_ss(kn + i), qn0 = _mm256_broadcast_ss(qn + i);
-        a0 = _mm256_fmadd_ps(kn0, s00, a0); a1 = _mm256_fmadd_ps(kn0, s01, a1);
-        b0 = _mm256_fmadd_ps(qn0, s00, b0); b1 = _mm256_fmadd_ps(qn0, s01, b1);
-    }
-    const __m256 cv = _mm256_set1_ps(c);
-    _mm256_storeu_ps(a + j0, _mm256_mul_ps(_mm256_add_ps(a0, a2), cv));
-    _mm256_storeu_ps(a + j0 + 8, _mm256_mul_ps(_mm256_add_ps(a1, a3), cv));
-    _mm256_storeu_ps(b + j0, _mm256_mul_ps(_mm256_add_ps(b0, b2), cv));
-    _mm256_storeu_ps(b + j0 + 8, _mm256_mul_ps(_mm256_add_ps(b1, b3), cv));
-}
-#endif
-
 /* a = S^T k, b = S^T q on columns [j0, j0 + w) */
 static void gdn_read(const float *S, int Dk, int Dv, int j0, int w, const float *k, const float *q, float *a, float *b) {
     for (int j = j0; j < j0 + w; j++) { a[j] = 0.0f; b[j] = 0.0f; }
@@ -1531,6 +1496,9 @@ static void mixer_linear(const Model *m, const Layer *L, LayerState *ls, State *
     const int VD = Hv * Dv, P = L->w_in.rows, QK = Hk * Dk;
     const float eps = (float)m->eps, qscale = 1.0f / sqrtf((float)Dk);
     float *gq = s->gdn, *gd = gq + (size_t)T * Hv, *gkq = gd + (size_t)T * Hv; /* beta, decay [T, Hv]; k.q [T, Hk] */
+    /* q, k, v of each head packed [head, T, dim] (and the outputs o): the recurrence of one head
+     * then streams through contiguous memory */
+    float *PQ = s->gp, *PK = PQ + (size_t)T * QK, *PV = PK + (size_t)T * QK, *PO = PV + (size_t)T * VD;
     PROF_BEGIN();
     /* causal depthwise conv + SiLU: u_t[c] = silu(sum_i w[c, i] x_{t-K+1+i}[c]), inputs before the
      * chunk from the conv state; then L2-normalised q (times 1/sqrt(Dk)) and k, beta, decay */
@@ -1553,7 +1521,10 @@ static void mixer_linear(const Model *m, const Layer *L, LayerState *ls, State *
                 uk[i] = uk[i] * ik;
             }
             gkq[(size_t)t * Hk + kh] = dotf(uk, uq, Dk);
+            memcpy(PQ + ((size_t)kh * T + t) * Dk, uq, (size_t)Dk * 4);
+            memcpy(PK + ((size_t)kh * T + t) * Dk, uk, (size_t)Dk * 4);
         }
+        for (int h = 0; h < Hv; h++) memcpy(PV + ((size_t)h * T + t) * Dv, u + 2 * QK + h * Dv, (size_t)Dv * 4);
         const float *pr = s->proj + (size_t)t * P;
         for (int h = 0; h < Hv; h++) {
             gq[(size_t)t * Hv + h] = sigmoidf_(pr[C + VD + h]);
@@ -1578,46 +1549,23 @@ static void mixer_linear(const Model *m, const Layer *L, LayerState *ls, State *
         float *a = tmp, *bq = a + Dv, *dl = bq + Dv;
         float *S = ls->S + (size_t)h * Dk * Dv;
         const int kh = h / rep;
-        const float *u0 = s->u;
-        gdn_read(S, Dk, Dv, j0, w, u0 + QK + kh * Dk, u0 + kh * Dk, a, bq);
-        float cs = 1.0f; /* the true state is cs * S on these columns (see gdn_pass_lazy16) */
+        const float *qh = PQ + (size_t)kh * T * Dk, *kh_ = PK + (size_t)kh * T * Dk;
+        gdn_read(S, Dk, Dv, j0, w, kh_, qh, a, bq);
         for (int t = 0; t < T; t++) {
-            const float *u = s->u + (size_t)t * C;
-            const float *k = u + QK + kh * Dk, *v = u + 2 * QK + h * Dv;
+            const float *k = kh_ + (size_t)t * Dk, *v = PV + ((size_t)h * T + t) * Dv;
             const float beta = gq[(size_t)t * Hv + h], d = gd[(size_t)t * Hv + h], kq = gkq[(size_t)t * Hk + kh];
-            float *o = s->mo + (size_t)t * VD + h * Dv;
+            float *o = PO + ((size_t)h * T + t) * Dv;
             for (int j = j0; j < j0 + w; j++) {
                 dl[j] = beta * (v[j] - d * a[j]);
                 o[j] = d * bq[j] + kq * dl[j];
             }
-            const float *un_ = t + 1 < T ? u + C : NULL;
-#if defined(LT_AVX2)
-            if (w == 16 && un_) {
-                float c2 = cs * d;
-                if (c2 < 1e-20f) { /* fold the scale back into the stored state before it underflows */
-                    for (int i = 0; i < Dk; i++)
-                        for (int j = j0; j < j0 + w; j++) S[(size_t)i * Dv + j] *= cs;
-                    cs = 1.0f;
-                    c2 = d;
-                }
-                if (c2 >= 1e-20f) {
-                    gdn_pass_lazy16(S, Dk, Dv, j0, c2, k, dl, un_ + QK + kh * Dk, un_ + kh * Dk, a, bq);
-                    cs = c2;
-                    continue;
-                }
-            }
-#endif
-            if (!un_ && cs != 1.0f) { /* last token: S = (cs d) S + k dl^T stores the true state */
-                gdn_pass(S, Dk, Dv, j0, w, cs * d, k, dl, NULL, NULL, a, bq);
-                cs = 1.0f;
-                continue;
-            }
-            if (w != 16 && w != 8 && un_) { /* odd width: split into 8 + rest */
+            const float *kn = t + 1 < T ? k + Dk : NULL, *qn = t + 1 < T ? qh + (size_t)(t + 1) * Dk : NULL;
+            if (w != 16 && w != 8 && kn) { /* odd width: split into 8 + rest */
                 int jj = j0, ww = w;
-                if (ww > 8) { gdn_pass(S, Dk, Dv, jj, 8, d, k, dl, un_ + QK + kh * Dk, un_ + kh * Dk, a, bq); jj += 8; ww -= 8; }
-                gdn_pass(S, Dk, Dv, jj, ww, d, k, dl, un_ + QK + kh * Dk, un_ + kh * Dk, a, bq);
+                if (ww > 8) { gdn_pass(S, Dk, Dv, jj, 8, d, k, dl, kn, qn, a, bq); jj += 8; ww -= 8; }
+                gdn_pass(S, Dk, Dv, jj, ww, d, k, dl, kn, qn, a, bq);
             } else {
-                gdn_pass(S, Dk, Dv, j0, w, d, k, dl, un_ ? un_ + QK + kh * Dk : NULL, un_ ? un_ + kh * Dk : NULL, a, bq);
+                gdn_pass(S, Dk, Dv, j0, w, d, k, dl, kn, qn, a, bq);
             }
         }
     }
@@ -1628,10 +1576,11 @@ static void mixer_linear(const Model *m, const Layer *L, LayerState *ls, State *
         const float *pr = s->proj + (size_t)t * P;
         float *sz = s->hd + (size_t)thread_id() * s->hd_len;
         for (int h = 0; h < Hv; h++) {
-            float *o = s->mo + (size_t)t * VD + h * Dv;
+            const float *o = PO + ((size_t)h * T + t) * Dv;
+            float *out = s->mo + (size_t)t * VD + h * Dv;
             const float inv = 1.0f / sqrtf((float)(sumsq(o, Dv) / Dv) + eps);
             vsilu_mul(sz, pr + C + h * Dv, L->gnorm, Dv);
-            for (int j = 0; j < Dv; j++) o[j] = (o[j] * inv) * sz[j];
+            for (int j = 0; j < Dv; j++) out[j] = (o[j] * inv) * sz[j];
         }
     }
     PROF_END(PF_GDN_NORM);

@@ -46,6 +46,9 @@ class LlamaThinkConfig(PretrainedConfig):
         gdn_backend (`str`, defaults to `"auto"`): Gated DeltaNet kernels: `"auto"` (fla's Triton kernels on CUDA
             where installed and trustworthy, else PyTorch), `"fla"` (the same, warning when it must fall back) or
             `"torch"` (always the PyTorch reference).
+        decode_cuda_graphs (`bool`, defaults to True): on CUDA, run each one-token decode step of a cache without
+            padding as one replay of a captured CUDA graph (static-shape state buffers; see `LlamaThinkCache`).
+            False runs every step eagerly.
     """
 
     model_type = "llamathink"
@@ -77,6 +80,7 @@ class LlamaThinkConfig(PretrainedConfig):
         hyper_connections: bool = True,
         gdn_chunk_size: int = 64,
         gdn_backend: str = "auto",
+        decode_cuda_graphs: bool = True,
         use_cache: bool = True,
         bos_token_id: int = 1,
         eos_token_id: int = 2,
@@ -114,6 +118,7 @@ class LlamaThinkConfig(PretrainedConfig):
         self.hyper_connections = hyper_connections
         self.gdn_chunk_size = gdn_chunk_size
         self.gdn_backend = gdn_backend
+        self.decode_cuda_graphs = decode_cuda_graphs
         self.use_cache = use_cache
         super().__init__(
             bos_token_id=bos_token_id,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -328,6 +329,9 @@ def select_gdn_backend(requested: str, device: torch.device, needs_grad: bool) -
     return "fla"
 
 
+# torch.compile runs fla's kernels as opaque calls (one graph break each): fla launches Triton and, for the Hopper
+# backward, tilelang kernels from Python code that dynamo cannot trace.
+@torch.compiler.disable
 def fla_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False, chunk_size=64):
     """fla's chunked kernel behind our contract (q, k already L2-normalised; [B, T, H, D]; fp32 g)."""
     chunk, _ = _fla_ops()
@@ -340,6 +344,7 @@ def fla_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, outp
     return o.to(v.dtype), state
 
 
+@torch.compiler.disable
 def fla_recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False):
     """fla's fused recurrent kernel (decode; it has no backward) behind our contract."""
     _, recurrent = _fla_ops()
@@ -433,10 +438,11 @@ class LlamaThinkCache:
     def __init__(self, config: LlamaThinkConfig):
         self.config = config
         self.mixer_types = list(config.mixer_types)
-        self.layers: list[_LayerState] = [
+        self._layers: list[_LayerState] = [
             GatedDeltaNetState() if t == "linear" else CompressedAttentionState() if t == "csa" else AttentionState()
             for t in self.mixer_types
         ]
+        self._static: _StaticDecoder | None = None  # set while the state lives in a _StaticDecoder's buffers
         self.seq_length = 0  # positions processed, padding included (index space)
         self.real_lengths: torch.Tensor | None = None  # [B] long: real tokens seen per row = next position
         self.max_real_length: int | None = None  # host copy of real_lengths.max() (saves a device sync per step)
@@ -444,18 +450,31 @@ class LlamaThinkCache:
         self.continuable = True
         self._not_continuable_reason = ""
 
+    @property
+    def layers(self) -> list[_LayerState]:
+        """Per-layer states (brought back from the CUDA-graph decoder's buffers first, if they are there)."""
+        if self._static is not None:
+            self.materialize()
+        return self._layers
+
+    def materialize(self):
+        """Copy the state out of the static decode buffers into this cache's own tensors (a no-op otherwise)."""
+        static, self._static = self._static, None
+        if static is not None and static.owner is not None and static.owner() is self:
+            static.store(self)
+
     # --- what transformers' generate() asks of a cache ---------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seq_length
 
     def __len__(self) -> int:
-        return len(self.layers)
+        return len(self._layers)
 
     @property
     def is_linear(self) -> list[bool]:
         # generate() slices continuation inputs only for caches that know their sequence length; every layer of
         # this cache does (the shared `seq_length`), so none reports itself as length-less.
-        return [False] * len(self.layers)
+        return [False] * len(self._layers)
 
     @property
     def batch_size(self) -> int | None:
@@ -513,6 +532,136 @@ class LlamaThinkCache:
         self.seq_length += num_new
 
 
+class _StaticDecoder:
+    """Fixed-address decode state for one batch size, and the CUDA graph of one decode step over it.
+
+    A cache without padding hands its state to these buffers on its first one-token step (`load`); each later step
+    writes the token id and position into fixed tensors and replays the graph (embedding -> every layer's
+    `decode_static` -> head), so a step costs one launch instead of hundreds of Python-dispatched kernels. The state
+    goes back into the cache's own tensors (`store`) as soon as anything else touches the cache: a multi-token
+    forward, `reorder_cache`, reading `cache.layers`, or another cache taking over these buffers. On CPU (tests) the
+    same step runs eagerly on the same buffers.
+    """
+
+    def __init__(self, model: LlamaThinkForCausalLM, batch_size: int, use_graph: bool):
+        cfg = model.config
+        weight = model.lm_head.weight
+        kw = dict(device=weight.device, dtype=weight.dtype)
+        B, L = batch_size, cfg.max_position_embeddings
+        self.model, self.batch_size, self.use_graph = model, batch_size, use_graph
+        self.layers: list[_LayerState] = []
+        for layer in model.model.layers:
+            mixer = layer.mixer
+            if layer.mixer_type == "linear":
+                state = GatedDeltaNetState()
+                state.conv = torch.zeros(B, mixer.conv_dim, mixer.conv_kernel_size - 1, **kw)
+                state.recurrent = torch.zeros(
+                    B, mixer.num_v_heads, mixer.head_k_dim, mixer.head_v_dim, device=weight.device,
+                    dtype=_acc_dtype(weight.dtype),
+                )  # fmt: skip
+            elif layer.mixer_type == "full":
+                state = AttentionState()
+                state.keys = torch.zeros(B, mixer.num_kv_heads, L, mixer.head_dim, **kw)
+                state.values = torch.zeros_like(state.keys)
+            else:
+                state = CompressedAttentionState()
+                state.window_k = torch.zeros(B, mixer.num_kv_heads, mixer.window, mixer.head_dim, **kw)
+                state.window_v = torch.zeros_like(state.window_k)
+                state.blocks_k = torch.zeros(B, mixer.num_kv_heads, L // mixer.stride, mixer.head_dim, **kw)
+                state.blocks_v = torch.zeros_like(state.blocks_k)
+                state.partial = torch.zeros(B, mixer.stride, 2 * mixer.num_kv_heads * mixer.head_dim, **kw)
+            self.layers.append(state)
+        self.position = torch.zeros(1, dtype=torch.long, device=weight.device)  # of the token being decoded
+        self.slots = torch.arange(max(L, cfg.csa_window), device=weight.device)
+        self.input_ids = torch.zeros(B, 1, dtype=torch.long, device=weight.device)
+        self.logits: torch.Tensor | None = None
+        self.graph = None
+        self.owner = None  # weakref to the cache whose state is in the buffers
+
+    def load(self, cache: LlamaThinkCache):
+        """Copy a cache's state (no padding, `seq_length` positions) into the buffers."""
+        L = cache.seq_length
+        for state, src in zip(self.layers, cache._layers):
+            if isinstance(state, GatedDeltaNetState):
+                state.conv.copy_(src.conv)
+                state.recurrent.copy_(src.recurrent)
+            elif isinstance(state, AttentionState):
+                state.keys[:, :, :L].copy_(src.keys)
+                state.values[:, :, :L].copy_(src.values)
+            else:
+                W = state.window_k.shape[2]
+                pos = torch.arange(L - (W - 1), L, device=self.slots.device)  # positions of src.window_k
+                have = pos >= 0
+                state.window_k[:, :, pos[have] % W] = src.window_k[:, :, have].to(state.window_k.dtype)
+                state.window_v[:, :, pos[have] % W] = src.window_v[:, :, have].to(state.window_v.dtype)
+                if src.blocks_k is not None:
+                    n = src.blocks_k.shape[2]
+                    state.blocks_k[:, :, :n].copy_(src.blocks_k)
+                    state.blocks_v[:, :, :n].copy_(src.blocks_v)
+                state.partial.copy_(src.partial)
+
+    def store(self, cache: LlamaThinkCache):
+        """Write the buffers back as the cache's own state tensors (the inverse of `load`)."""
+        L, B = cache.seq_length, self.batch_size
+        for state, dst in zip(self.layers, cache._layers):
+            if isinstance(state, GatedDeltaNetState):
+                dst.conv, dst.recurrent = state.conv.clone(), state.recurrent.clone()
+            elif isinstance(state, AttentionState):
+                dst.keys, dst.values = state.keys[:, :, :L].clone(), state.values[:, :, :L].clone()
+            else:
+                W, S = state.window_k.shape[2], state.partial.shape[1]
+                pos = torch.arange(L - (W - 1), L, device=self.slots.device)
+                have = pos >= 0
+                dst.window_k = state.window_k[:, :, pos % W] * have[:, None].to(state.window_k.dtype)
+                dst.window_v = state.window_v[:, :, pos % W] * have[:, None].to(state.window_v.dtype)
+                dst.window_valid = have[None].expand(B, -1).clone()
+                n = L // S
+                dst.blocks_k = state.blocks_k[:, :, :n].clone() if n else None
+                dst.blocks_v = state.blocks_v[:, :, :n].clone() if n else None
+                dst.partial = state.partial.clone()
+        cache.real_lengths = torch.full((B,), L, dtype=torch.long, device=self.slots.device)
+        cache.max_real_length = L
+        self.owner = None
+
+    def _run(self):
+        self.logits = self.model._decode_static_step(self.input_ids, self)
+
+    def step(self, cache: LlamaThinkCache, input_ids: torch.Tensor) -> torch.Tensor:
+        """Decode one token [B, 1] with `cache` -> logits [B, vocab]; advances the cache by one position."""
+        previous = self.owner() if self.owner is not None else None
+        if previous is not cache:
+            if previous is not None:
+                previous.materialize()
+            self.load(cache)
+            self.owner = weakref.ref(cache)
+            cache._static = self
+        self.position.fill_(cache.seq_length)
+        self.input_ids.copy_(input_ids)
+        if self.use_graph and self.graph is None:
+            self._capture(cache)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._run()
+        cache.seq_length += 1
+        return self.logits.clone()  # the graph's output buffer is rewritten by the next step
+
+    def _capture(self, cache: LlamaThinkCache):
+        # Warm-up on a side stream (lazy inits, Triton autotuning) before capturing, as CUDA graphs require. The
+        # warm-up steps write into the buffers, so the cache's state is loaded again afterwards.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._run()
+        self.graph = graph
+        self.load(cache)
+
+
 @dataclass
 class ForwardContext:
     """Per-forward inputs shared by every layer."""
@@ -528,6 +677,7 @@ class ForwardContext:
     cache: LlamaThinkCache | None
     rotary: LlamaThinkRotaryEmbedding
     max_new_real_length: int | None = None  # host copy of new_real_lengths.max(), computed once per forward
+    static: _StaticDecoder | None = None  # one-token decode on fixed buffers (position in `static.position`)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -589,7 +739,8 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
-        B, T, _ = hidden_states.shape
+        if ctx is not None and ctx.static is not None:
+            return self.decode_static(hidden_states, ctx)
         valid = ctx.valid if ctx is not None else None
         state = ctx.cache.layers[self.layer_idx] if ctx is not None and ctx.cache is not None else None
 
@@ -597,6 +748,16 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         if valid is not None:  # padding must not enter the conv state
             qkv = qkv * valid[..., None].to(qkv.dtype)
         qkv = self._causal_conv(qkv.transpose(1, 2), state).transpose(1, 2)  # [B, T, conv_dim]
+        q, k, v, g, beta = self._heads_and_gates(qkv, hidden_states, valid)
+        initial_state = state.recurrent if state is not None else None
+        o, final_state = self._delta_rule(q, k, v, g, beta, initial_state, state is not None)
+        if state is not None:
+            state.recurrent = final_state.detach()
+        return self._output(o, hidden_states)
+
+    def _heads_and_gates(self, qkv: torch.Tensor, hidden_states: torch.Tensor, valid: torch.Tensor | None):
+        """conv output [B, T, conv_dim] -> q, k (L2-normed, fp32), v [B, T, H, D]; log-decay g and beta [B, T, Hv]."""
+        B, T, _ = hidden_states.shape
         q, k, v = qkv.split((self.key_dim, self.key_dim, self.value_dim), dim=-1)
         q = q.reshape(B, T, self.num_k_heads, self.head_k_dim)
         k = k.reshape(B, T, self.num_k_heads, self.head_k_dim)
@@ -606,29 +767,31 @@ class LlamaThinkGatedDeltaNet(nn.Module):
             k = k.repeat_interleave(self.num_v_heads // self.num_k_heads, dim=2)
         acc = _acc_dtype(hidden_states.dtype)  # q/k normalisation, gates and the state are kept in fp32
         q, k = l2norm(q.to(acc)), l2norm(k.to(acc))
-
         beta = torch.sigmoid(self.in_proj_b(hidden_states).to(acc))  # [B, T, Hv]
         g = -self.A_log.to(acc).exp() * F.softplus(self.in_proj_a(hidden_states).to(acc) + self.dt_bias.to(acc))
         if valid is not None:  # padded steps: decay 1, no write -> the recurrent state passes through unchanged
             beta = beta * valid[..., None]
             g = g * valid[..., None]
+        return q, k, v, g, beta
 
-        initial_state = state.recurrent if state is not None else None
-        o, final_state = self._delta_rule(q, k, v, g, beta, initial_state, state is not None)
-        if state is not None:
-            state.recurrent = final_state.detach()
-
+    def _output(self, o: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        B, T, _ = hidden_states.shape
         z = self.in_proj_z(hidden_states).reshape(B, T, self.num_v_heads, self.head_v_dim)
         o = self.norm(o.to(hidden_states.dtype), z)  # [B, T, Hv, Dv]
         return self.out_proj(o.reshape(B, T, self.value_dim))
 
-
-def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim in fp32 where `mask` is True; rows with nothing visible give exactly 0 (no NaN,
-    finite gradients)."""
-    acc = _acc_dtype(scores.dtype)
-    scores = scores.to(acc).masked_fill(~mask, torch.finfo(acc).min)
-    return torch.softmax(scores, dim=-1) * mask
+    def decode_static(self, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """One-token step on the fixed buffers of a `_StaticDecoder` (updated in place: CUDA-graph capturable)."""
+        state = ctx.static.layers[self.layer_idx]
+        qkv = self.in_proj_qkv(hidden_states)  # [B, 1, conv_dim]
+        window = torch.cat((state.conv, qkv.transpose(1, 2).to(state.conv.dtype)), dim=-1)  # [B, conv_dim, K]
+        state.conv.copy_(window[:, :, 1:])
+        qkv = F.silu((window * self.conv1d.weight[:, 0].to(window.dtype)).sum(-1, keepdim=True))  # [B, conv_dim, 1]
+        q, k, v, g, beta = self._heads_and_gates(qkv.transpose(1, 2).to(hidden_states.dtype), hidden_states, None)
+        kernels = FLA_GDN_KERNELS if select_gdn_backend(self.backend, q.device, False) == "fla" else GDN_KERNELS
+        o, final_state = kernels["recurrent"](q, k, v, g, beta, self.head_k_dim**-0.5, state.recurrent, True)
+        state.recurrent.copy_(final_state)
+        return self._output(o, hidden_states)
 
 
 class LlamaThinkAttention(nn.Module):
@@ -660,6 +823,20 @@ class LlamaThinkAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         return apply_rotary(q, cos, sin), apply_rotary(k_raw, cos, sin), k_raw, v, gate
 
+    def _grouped_sdpa(self, q, k, v, mask) -> torch.Tensor:
+        """SDPA of q [..., Hq, L, D] over k, v [..., Hkv, S, D] with a bool mask [..., 1, L, S] shared by the heads.
+
+        GQA without copying keys: the G query heads of a kv head are stacked along the query length
+        ([..., Hkv, G * L, D]), so each kv head is read once and the mask is tiled G times instead."""
+        *lead, Hq, L, D = q.shape
+        G, S = self.num_groups, k.shape[-2]
+        # the fused SDPA kernels take 4-D inputs only: fold the leading dims into one batch dim
+        q = q.reshape(-1, self.num_kv_heads, G * L, D)  # query head h = kv head h // G, group member h % G
+        k, v = k.reshape(-1, self.num_kv_heads, S, D), v.reshape(-1, self.num_kv_heads, S, D)
+        mask = mask.reshape(-1, 1, 1, L, S).expand(-1, 1, G, L, S).reshape(-1, 1, G * L, S)  # [N, 1, G*L, S]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+        return out.reshape(*lead, Hq, L, D)
+
     def _attend(self, q, k, v, ctx: ForwardContext | None) -> torch.Tensor:
         """Causal GQA softmax attention of the T new queries over all S = past + T keys -> [B, Hq, T, D]."""
         T, S = q.shape[2], k.shape[2]
@@ -677,6 +854,8 @@ class LlamaThinkAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True)
 
     def forward(self, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if ctx.static is not None:
+            return self.decode_static(hidden_states, ctx)
         B, T, _ = hidden_states.shape
         q, k, _, v, gate = self.project(hidden_states, ctx.cos, ctx.sin)
         state = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
@@ -689,6 +868,17 @@ class LlamaThinkAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(out * torch.sigmoid(gate))
 
+    def decode_static(self, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """One-token step: write K/V at slot `position` of the fixed [B, Hkv, max_len, D] buffers, attend slots <= it."""
+        B = hidden_states.shape[0]
+        state, pos = ctx.static.layers[self.layer_idx], ctx.static.position
+        q, k, _, v, gate = self.project(hidden_states, ctx.cos, ctx.sin)
+        state.keys.index_copy_(2, pos, k.to(state.keys.dtype))
+        state.values.index_copy_(2, pos, v.to(state.values.dtype))
+        mask = ctx.static.slots[: state.keys.shape[2]] <= pos  # [max_len]
+        out = self._grouped_sdpa(q, state.keys, state.values, mask[None, None, None])  # [B, Hq, 1, D]
+        return self.o_proj(out.reshape(B, 1, -1) * torch.sigmoid(gate))
+
 
 class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
     """Compressed sparse attention: a causal local window blended with attention over compressed blocks.
@@ -700,8 +890,8 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
     * `blend = sigmoid(blend_proj(x))` per token and channel mixes the two, then the output gate and projection.
 
     Blocks are cut by each row's token positions, so left padding does not shift them. Neither path builds a
-    T x T mask: the window runs over query chunks against a (chunk + window - 1) key band, and the compressed path
-    scores T queries against T / stride blocks.
+    T x T mask: the window runs over query chunks against a (chunk + window) key band, and the compressed path
+    scores T queries against T / stride blocks; both through SDPA with the GQA groups folded into the query length.
     """
 
     def __init__(self, config: LlamaThinkConfig, layer_idx: int):
@@ -714,42 +904,44 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         self.blend_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
 
     def _local_attention(self, q, k, v, valid, state: CompressedAttentionState | None) -> torch.Tensor:
-        """Sliding-window causal attention -> [B, Hq, T, D]; updates the state's window when caching."""
-        B, Hkv, T, D = k.shape
-        P = self.window - 1  # earlier positions a query may see
-        if state is not None and state.window_k is not None:
-            past_k, past_v, past_valid = state.window_k, state.window_v, state.window_valid
-        else:
-            past_k = k.new_zeros(B, Hkv, P, D)
-            past_v = v.new_zeros(B, Hkv, P, D)
-            past_valid = torch.zeros(B, P, dtype=torch.bool, device=k.device)
-        new_valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=k.device)
-        keys = torch.cat((past_k, k), dim=2)  # [B, Hkv, P + T, D]; query i sits at index P + i
-        values = torch.cat((past_v, v), dim=2)
-        key_valid = torch.cat((past_valid, new_valid), dim=1)  # [B, P + T]
-        if state is not None:
-            state.window_k = keys[:, :, T:].detach()
-            state.window_v = values[:, :, T:].detach()
-            state.window_valid = key_valid[:, T:]
+        """Sliding-window causal attention -> [B, Hq, T, D]; updates the state's window when caching.
 
-        C = min(T, self.window)  # query chunk; chunk c needs keys [c*C, c*C + C + P)
+        Queries go in chunks of C = min(T, W); chunk c attends the band of C + W keys that starts W positions before
+        it (one more than the W - 1 earlier positions a query may see, so the band is a round 128 for W = 64), one
+        SDPA call over all chunks with a [C, C + W] band mask: no T x T mask, no copies of kv heads."""
+        B, Hkv, T, D = k.shape
+        W = self.window
+        if state is not None and state.window_k is not None:  # the W - 1 cached positions, one invalid slot before
+            past_k, past_v = F.pad(state.window_k, (0, 0, 1, 0)), F.pad(state.window_v, (0, 0, 1, 0))
+            past_valid = F.pad(state.window_valid, (1, 0), value=False)
+        else:
+            past_k = k.new_zeros(B, Hkv, W, D)
+            past_v = v.new_zeros(B, Hkv, W, D)
+            past_valid = torch.zeros(B, W, dtype=torch.bool, device=k.device)
+        new_valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=k.device)
+        keys = torch.cat((past_k, k), dim=2)  # [B, Hkv, W + T, D]; query i sits at index W + i
+        values = torch.cat((past_v, v), dim=2)
+        key_valid = torch.cat((past_valid, new_valid), dim=1)  # [B, W + T]
+        if state is not None:
+            state.window_k = keys[:, :, T + 1 :].detach()
+            state.window_v = values[:, :, T + 1 :].detach()
+            state.window_valid = key_valid[:, T + 1 :]
+
+        C = min(T, W)  # query chunk; chunk c needs keys [c*C, c*C + C + W)
         n = -(-T // C)
         pad = n * C - T
-        q = F.pad(q, (0, 0, 0, pad))
+        q = F.pad(q, (0, 0, 0, pad)).view(B, self.num_heads, n, C, D).transpose(1, 2)  # [B, n, Hq, C, D]
         keys, values = (F.pad(x, (0, 0, 0, pad)) for x in (keys, values))
         key_valid = F.pad(key_valid, (0, pad), value=False)
-        keys = keys.unfold(2, C + P, C).transpose(-1, -2)  # [B, Hkv, n, C + P, D]
-        values = values.unfold(2, C + P, C).transpose(-1, -2)
-        key_valid = key_valid.unfold(1, C + P, C)  # [B, n, C + P]
-        qc = q.reshape(B, Hkv, self.num_groups, n, C, D)  # query head h uses kv head h // groups
-        scores = torch.einsum("bhgncd,bhnkd->bhgnck", qc, keys) * self.scaling  # [B, Hkv, G, n, C, C + P]
+        keys = keys.unfold(2, C + W, C).permute(0, 2, 1, 4, 3)  # [B, n, Hkv, C + W, D]
+        values = values.unfold(2, C + W, C).permute(0, 2, 1, 4, 3)
+        key_valid = key_valid.unfold(1, C + W, C)  # [B, n, C + W]
         r = torch.arange(C, device=q.device)[:, None]
-        o = torch.arange(C + P, device=q.device)[None, :]
-        band = (o >= r) & (o <= r + P)  # [C, C + P]: query r sees band offsets r..r+P (itself at r + P)
-        mask = (band & key_valid[:, :, None, :]) | (o == r + P)  # [B, n, C, C + P]; own key always allowed
-        probs = _masked_softmax(scores, mask[:, None, None]).to(values.dtype)
-        out = torch.einsum("bhgnck,bhnkd->bhgncd", probs, values)
-        return out.reshape(B, self.num_heads, n * C, D)[:, :, :T]
+        o = torch.arange(C + W, device=q.device)[None, :]
+        band = (o > r) & (o <= r + W)  # [C, C + W]: query r sees band offsets r+1..r+W (itself at r + W)
+        mask = (band & key_valid[:, :, None, :]) | (o == r + W)  # [B, n, C, C + W]; own key always allowed
+        out = self._grouped_sdpa(q, keys, values, mask[:, :, None])  # [B, n, Hq, C, D]
+        return out.transpose(1, 2).reshape(B, self.num_heads, n * C, D)[:, :, :T]
 
     def _compressed_attention(self, q, k_raw, v, ctx: ForwardContext) -> torch.Tensor:
         """Attention over completed compressed blocks -> [B, Hq, T, D]; updates the cached blocks when caching."""
@@ -789,10 +981,12 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         else:
             blocks_k, blocks_v, block_abs = new_k, new_v, new_abs
         visible = block_abs[:, None, :] < (pos // S)[:, :, None]  # [B, T, N]: block j visible iff S(j+1) <= t
-        qg = q.reshape(B, Hkv, self.num_groups, T, D)
-        scores = torch.einsum("bhgtd,bhnd->bhgtn", qg, blocks_k) * self.scaling
-        probs = _masked_softmax(scores, visible[:, None, None]).to(blocks_v.dtype)
-        out = torch.einsum("bhgtn,bhnd->bhgtd", probs, blocks_v).reshape(B, self.num_heads, T, D)
+        # A query that sees no block (t < S, or padding) outputs 0. SDPA would give NaN for an all-masked row, so
+        # such rows look at block 0 and are zeroed afterwards (no gradient flows through them either).
+        any_visible = visible.any(-1, keepdim=True)  # [B, T, 1]
+        visible[..., :1] |= ~any_visible
+        out = self._grouped_sdpa(q, blocks_k, blocks_v, visible[:, None])  # [B, Hq, T, D]
+        out = out * any_visible[:, None].to(out.dtype)
 
         if state is not None:
             self._update_blocks(state, new_k, new_v, kv, pos, valid, base, ctx.new_real_lengths, ctx.max_new_real_length)
@@ -830,16 +1024,61 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         state.partial = partial[:, :S]
 
     def forward(self, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if ctx.static is not None:
+            return self.decode_static(hidden_states, ctx)
         B, T, _ = hidden_states.shape
         q, k, k_raw, v, gate = self.project(hidden_states, ctx.cos, ctx.sin)
         state = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
         local = self._local_attention(q, k, v, ctx.valid, state)
         comp = self._compressed_attention(q, k_raw, v, ctx)
+        return self._combine(local, comp, hidden_states, gate)
+
+    def _combine(self, local, comp, hidden_states, gate) -> torch.Tensor:
+        B, T, _ = hidden_states.shape
         local = local.transpose(1, 2).reshape(B, T, -1)  # [B, T, Hq*D]
         comp = comp.transpose(1, 2).reshape(B, T, -1)
         blend = torch.sigmoid(self.blend_proj(hidden_states))
         out = blend * comp + (1 - blend) * local
         return self.o_proj(out * torch.sigmoid(gate))
+
+    def decode_static(self, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """One-token step on fixed buffers: the window is a ring of W slots (position p in slot p % W), the raw
+        members of the open block a ring of S slots, completed blocks sit in slot j of a [B, Hkv, max_len / S, D]
+        buffer. Every write happens every step (a block slot is rewritten with its old value until the block
+        completes), so the step has no data-dependent control flow and can be captured in a CUDA graph."""
+        B = hidden_states.shape[0]
+        S, W = self.stride, self.window
+        state, pos, slots = ctx.static.layers[self.layer_idx], ctx.static.position, ctx.static.slots
+        q, k, k_raw, v, gate = self.project(hidden_states, ctx.cos, ctx.sin)  # q [B, Hq, 1, D], k [B, Hkv, 1, D]
+
+        # local window: slot s holds the latest position p <= pos with p % W == s, valid when p >= 0
+        state.window_k.index_copy_(2, pos % W, k.to(state.window_k.dtype))
+        state.window_v.index_copy_(2, pos % W, v.to(state.window_v.dtype))
+        ring = slots[:W]
+        in_window = pos - (pos - ring) % W >= 0  # [W]
+        local = self._grouped_sdpa(q, state.window_k, state.window_v, in_window[None, None, None])
+
+        # compressed blocks: add this token to the open block; when it completes, compress it into slot pos // S
+        kv = torch.cat((k_raw, v), dim=1).transpose(1, 2).reshape(B, 1, -1)  # [B, 1, 2E]: k heads | v heads
+        state.partial.index_copy_(1, pos % S, kv.to(state.partial.dtype))
+        block = pos // S  # [1]
+        n_slots = state.blocks_k.shape[2]
+        E = kv.shape[-1] // 2
+        mean = state.partial.sum(1) / S  # [B, 2E]
+        new_k = self.compress_k(mean[:, :E]).view(B, self.num_kv_heads, 1, self.head_dim)
+        new_v = self.compress_v(mean[:, E:]).view(B, self.num_kv_heads, 1, self.head_dim)
+        cos, sin = ctx.rotary((block * S + S // 2).expand(B, 1), new_k.dtype)  # RoPE at the block centre
+        new_k = apply_rotary(new_k, cos, sin)
+        complete = pos % S == S - 1
+        slot = block.clamp(max=n_slots - 1)
+        for buf, new in ((state.blocks_k, new_k), (state.blocks_v, new_v)):
+            buf.index_copy_(2, slot, torch.where(complete, new.to(buf.dtype), buf.index_select(2, slot)))
+        visible = slots[:n_slots] < block  # [N]: block j visible iff S (j + 1) <= pos
+        any_visible = block > 0
+        visible = visible | ((slots[:n_slots] == 0) & ~any_visible)  # an empty row looks at slot 0, zeroed below
+        comp = self._grouped_sdpa(q, state.blocks_k, state.blocks_v, visible[None, None, None])
+        comp = comp * any_visible.to(comp.dtype)
+        return self._combine(local, comp, hidden_states, gate)
 
 
 MIXER_CLASSES = {
@@ -922,6 +1161,79 @@ else:  # pragma: no cover - exercised on transformers < 5.24
         @property
         def cache(self):
             return self.past_key_values
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss without the full logits tensor
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Sum of token cross-entropies of `hidden @ weight.T`, computed `chunk_rows` rows at a time.
+
+    The logits of the whole batch (16 x 1024 x 32000 in fp32 is 2 GiB, plus as much again for their gradient) never
+    exist at once: each chunk's logits are made, turned into the loss and into the gradients w.r.t. `hidden` and
+    `weight` right away (softmax - onehot), then dropped. The backward only scales the stored gradients, so the head
+    matmuls are done exactly once each, as in the unfused forward + backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, divisor, chunk_rows: int):
+        # hidden [N, H] (already in the compute dtype), weight [V, H], targets [N] (-100 = ignored), divisor: scalar
+        acc = _acc_dtype(hidden.dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        w = weight.to(hidden.dtype)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
+            logits = (h @ w.T).to(acc)  # [n, V]
+            keep = t != -100
+            t_safe = t.masked_fill(~keep, 0)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, t_safe[:, None])[:, 0]) * keep).sum()
+            # d(sum of losses)/d(logits) = softmax - onehot on kept rows; reuse the logits buffer for it
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad[torch.arange(len(t), device=t.device), t_safe] -= 1.0
+            grad = (grad * keep[:, None]).to(hidden.dtype)
+            grad_hidden[start : start + chunk_rows] = grad @ w
+            grad_weight += (grad.T @ h).to(acc)
+        divisor = divisor.to(acc)
+        ctx.save_for_backward(grad_hidden, grad_weight, divisor)
+        ctx.weight_dtype = weight.dtype
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_hidden, grad_weight, divisor = ctx.saved_tensors
+        scale = grad_out / divisor
+        return (grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype), None, None, None)
+
+
+def chunked_causal_lm_loss(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Next-token cross-entropy of `lm_head(hidden_states)` against `labels` (shifted inside, -100 ignored), equal to
+    transformers' `ForCausalLMLoss` on the full logits, without materialising them (see `_ChunkedLinearCrossEntropy`).
+    Under autocast the head matmuls run in the autocast dtype and the softmax in fp32, like the unfused path."""
+    B, T, H = hidden_states.shape
+    # position t predicts labels[t + 1]; the last position predicts nothing
+    targets = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1).to(hidden_states.device)
+    hidden = hidden_states.reshape(B * T, H)
+    if torch.is_autocast_enabled(hidden.device.type):
+        hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
+    if num_items_in_batch is None:
+        divisor = (targets != -100).sum()
+    else:
+        divisor = torch.as_tensor(num_items_in_batch, device=hidden.device)
+    if chunk_rows is None:  # ~256 MiB of fp32 logits per chunk
+        chunk_rows = max(1, (64 * 2**20) // weight.shape[0])
+    with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen explicitly above
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, divisor, chunk_rows)
 
 
 class LlamaThinkPreTrainedModel(PreTrainedModel):
@@ -1018,7 +1330,7 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         B, T = shape
         if T == 0:
             raise ValueError("the input sequence is empty")
-        if input_ids is not None:
+        if input_ids is not None and not torch.compiler.is_compiling():  # (the range check syncs with the device)
             if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
                 raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
             lo, hi = torch.stack((input_ids.min(), input_ids.max())).tolist()  # one host sync, not two
@@ -1075,6 +1387,7 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if cache is not None:
             cache.check_continuable()
+            cache.materialize()  # the state may sit in the CUDA-graph decoder's buffers
         elif use_cache:
             cache = LlamaThinkCache(self.config)
         past = cache.get_seq_length() if cache is not None else 0
@@ -1184,7 +1497,62 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
             kwargs[_GENERATE_CACHE_KEY] = kwargs.pop(other_key)
         if kwargs.get(_GENERATE_CACHE_KEY) is None and kwargs.get("use_cache", True):
             kwargs[_GENERATE_CACHE_KEY] = LlamaThinkCache(self.config)
-        return super().prepare_inputs_for_generation(input_ids, **kwargs)
+        user_positions = kwargs.get("position_ids") is not None
+        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        if not user_positions:
+            # generate() derives position_ids from the attention mask; the model derives the same positions from the
+            # mask and the cache itself, and leaving them out lets decode steps take the CUDA-graph path
+            inputs.pop("position_ids", None)
+        return inputs
+
+    # --- one-token decode on static buffers (CUDA graphs) -----------------------------------------------------
+    def _static_decoder(self, batch_size: int) -> _StaticDecoder:
+        """The decoder for this batch size, rebuilt when the weights moved (new device/dtype = new addresses)."""
+        weight = self.lm_head.weight
+        key = (batch_size, weight.device, weight.dtype, weight.data_ptr())
+        decoders = self.__dict__.setdefault("_static_decoders", {})
+        if key not in decoders:
+            for old in [k for k in decoders if k[1:] != key[1:]]:  # graphs that point at freed weights
+                del decoders[old]
+            use_graph = weight.device.type == "cuda"
+            decoders[key] = _StaticDecoder(self, batch_size, use_graph)
+        return decoders[key]
+
+    def release_decode_graphs(self):
+        """Free the CUDA graphs and static buffers of one-token decoding (they are rebuilt when needed)."""
+        for decoder in self.__dict__.pop("_static_decoders", {}).values():
+            if decoder.owner is not None and decoder.owner() is not None:
+                decoder.owner().materialize()
+
+    def _can_decode_static(self, input_ids, cache, attention_mask, extra) -> bool:
+        if cache is None or input_ids is None or input_ids.shape[1] != 1 or any(extra):
+            return False
+        on = input_ids.is_cuda and self.config.decode_cuda_graphs or getattr(self, "_static_decode_on_cpu", False)
+        if not on or torch.is_grad_enabled() or torch.is_autocast_enabled(input_ids.device.type):
+            return False
+        B, L = input_ids.shape[0], cache.seq_length
+        if not (0 < L < self.config.max_position_embeddings and cache.continuable and cache.key_valid is None):
+            return False  # empty, full or padded caches take the general path (which also reports errors)
+        if cache.batch_size != B or (attention_mask is not None and tuple(attention_mask.shape) not in ((B, L + 1), (B, 1))):
+            return False
+        # one host sync checks both the token ids and that the new token is not padding
+        last = attention_mask[:, -1] if attention_mask is not None else input_ids.new_ones(1)
+        lo, hi, real = torch.stack((input_ids.min(), input_ids.max(), last.min().to(input_ids.dtype))).tolist()
+        return 0 <= lo and hi < self.config.vocab_size and real == 1
+
+    def _decode_static_step(self, input_ids: torch.Tensor, static: _StaticDecoder) -> torch.Tensor:
+        """Embedding -> layers -> head for one token on `static`'s buffers (what the CUDA graph captures)."""
+        B = input_ids.shape[0]
+        hidden_states = self.model.embed_tokens(input_ids)
+        position_ids = static.position.view(1, 1).expand(B, 1)
+        cos, sin = self.model.rotary_emb(position_ids, hidden_states.dtype)
+        ctx = ForwardContext(
+            position_ids=position_ids, cos=cos, sin=sin, valid=None, key_valid=None, past_length=0, real_lengths=None,
+            new_real_lengths=None, cache=None, rotary=self.model.rotary_emb, static=static,
+        )  # fmt: skip
+        for layer in self.model.layers:
+            hidden_states = layer(hidden_states, ctx=ctx)
+        return self.lm_head(self.model.norm(hidden_states))[:, 0]  # [B, vocab]
 
     def forward(
         self,
@@ -1199,16 +1567,26 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache: LlamaThinkCache | None = None,
+        skip_logits: bool | None = None,
         **kwargs,
     ) -> LlamaThinkCausalLMOutput | tuple:
         """Causal LM forward. `labels` [B, T] gives the mean next-token cross-entropy: positions are shifted inside,
-        -100 is ignored. `logits_to_keep=n` computes logits for the last n positions only (generate uses 1)."""
+        -100 is ignored. `logits_to_keep=n` computes logits for the last n positions only (generate uses 1).
+
+        `skip_logits` (default: True in training mode when `labels` are given) computes the loss chunk by chunk
+        without ever holding the [B, T, vocab] logits (`chunked_causal_lm_loss`) and returns `logits=None`."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        cache = cache if cache is not None else past_key_values
+        extra = (inputs_embeds is not None, position_ids is not None, labels is not None, bool(output_hidden_states))
+        if self._can_decode_static(input_ids, cache, attention_mask, extra):
+            logits = self._static_decoder(input_ids.shape[0]).step(cache, input_ids)[:, None]  # [B, 1, vocab]
+            if not return_dict:
+                return (logits, cache)
+            return LlamaThinkCausalLMOutput(logits=logits, **{_OUTPUT_CACHE_FIELD: cache})
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
@@ -1219,6 +1597,19 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         if labels is not None and labels.shape != hidden_states.shape[:2]:
             raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(hidden_states.shape[:2])}")
+        if skip_logits is None:
+            skip_logits = self.training and labels is not None
+        if skip_logits:
+            if labels is None:
+                raise ValueError("skip_logits=True needs labels: without logits the loss is the only output")
+            loss = chunked_causal_lm_loss(
+                hidden_states, self.lm_head.weight, labels, num_items_in_batch=kwargs.get("num_items_in_batch")
+            )
+            if not return_dict:
+                return tuple(x for x in (loss, outputs.cache, outputs.hidden_states) if x is not None)
+            return LlamaThinkCausalLMOutput(
+                loss=loss, logits=None, hidden_states=outputs.hidden_states, **{_OUTPUT_CACHE_FIELD: outputs.cache}
+            )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
@@ -1240,6 +1631,7 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
 
 __all__ = [
     "LlamaThinkCache",
+    "chunked_causal_lm_loss",
     "LlamaThinkForCausalLM",
     "LlamaThinkModel",
     "LlamaThinkPreTrainedModel",

@@ -71,10 +71,11 @@ def test_gpu_model_matches_cpu_reference_forward_and_gradients(backend):
     loss_gpu = gpu(ids.cuda(), labels=ids.cuda()).loss
     loss_gpu.backward()
     # fla and cuDNN's conv use TF32 inside, hence 1e-3 rather than 1e-6
-    assert abs(loss_gpu.item() - loss_cpu.item()) < 1e-3 * abs(loss_cpu.item())
+    assert abs(loss_gpu.item() - loss_cpu.item()) < 1e-3 * abs(loss_cpu.item()), (loss_gpu.item(), loss_cpu.item())
+    errors = {}
     for (name, p_cpu), (_, p_gpu) in zip(cpu.named_parameters(), gpu.named_parameters()):
-        err = (p_gpu.grad.cpu() - p_cpu.grad).norm() / p_cpu.grad.norm().clamp_min(1e-8)
-        assert err < 2e-2, (name, err.item())
+        errors[name] = ((p_gpu.grad.cpu() - p_cpu.grad).norm() / p_cpu.grad.norm().clamp_min(1e-8)).item()
+    assert max(errors.values()) < 2e-2, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
     gpu.zero_grad()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss_bf16 = gpu(ids.cuda(), labels=ids.cuda()).loss
@@ -94,3 +95,20 @@ def test_cached_decode_equals_uncached_forward_on_gpu():
             out = model(ids[:, t : t + 1], cache=cache)
             pieces.append(out.logits)
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=2e-4, atol=2e-4)
+
+
+def test_cuda_graph_decode_equals_eager_decode():
+    """generate() with one-token steps replayed from a CUDA graph == the eager path, token for token and in logits;
+    the graph is reused by a second generate() call."""
+    model = tiny_model(dtype=torch.float32, csa_window=64, mixer_types=["csa", "linear", "full", "csa"]).cuda().eval()
+    prompt = torch.randint(3, 96, (2, 11), generator=torch.Generator().manual_seed(2)).cuda()
+    kwargs = dict(max_new_tokens=90, do_sample=False, pad_token_id=0, eos_token_id=None, output_scores=True,
+                  return_dict_in_generate=True)  # fmt: skip
+    with torch.no_grad():
+        fast = [model.generate(prompt, **kwargs) for _ in range(2)]
+        assert any(d.graph is not None for d in model._static_decoders.values())
+        model.config.decode_cuda_graphs = False
+        slow = model.generate(prompt, **kwargs)
+    for out in fast:
+        assert torch.equal(out.sequences, slow.sequences)
+        torch.testing.assert_close(torch.stack(out.scores), torch.stack(slow.scores), rtol=1e-4, atol=1e-4)

@@ -21,6 +21,7 @@ from llamathink.modeling_llamathink import (
     LlamaThinkGatedDeltaNet,
     LlamaThinkRotaryEmbedding,
     apply_rotary,
+    chunked_causal_lm_loss,
     l2norm,
     torch_chunk_gated_delta_rule,
     torch_recurrent_gated_delta_rule,
@@ -392,6 +393,71 @@ def test_cached_decoding_equals_full_forward(window64_model, prompt_len):
     assert cache.get_seq_length() == total
 
 
+@pytest.fixture()
+def static_model():
+    """The window-64 mixer set with the static decode path on (on CPU it runs the CUDA-graph step eagerly)."""
+    model = tiny_model(csa_window=64, mixer_types=["csa", "linear", "full", "csa"], max_position_embeddings=200)
+    model._static_decode_on_cpu = True
+    return model
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5, 66])
+def test_static_decode_equals_full_forward(static_model, prompt_len):
+    """Static-buffer steps (rings for the window and the open block, block slots, K/V slots) decode exactly like
+    the uncached forward, across window wrap-around and block completions, up to the last position."""
+    model = static_model
+    total = 200 if prompt_len == 66 else prompt_len + 75
+    ids = torch.randint(1, 96, (2, total), generator=torch.Generator().manual_seed(prompt_len))
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :prompt_len], use_cache=True)
+        pieces, cache = [out.logits], out.cache
+        for t in range(prompt_len, total):
+            out = model(ids[:, t : t + 1], cache=cache)
+            assert t == prompt_len or cache._static is not None  # the static path was taken
+            pieces.append(out.logits)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-10, atol=1e-10)
+    assert cache.get_seq_length() == total
+
+
+def test_static_decode_state_moves_back_for_continuation_and_between_caches(static_model):
+    """A multi-token chunk after static steps, and two caches taking turns on the same buffers, stay exact."""
+    model = static_model
+    ids = torch.randint(1, 96, (2, 120), generator=torch.Generator().manual_seed(11))
+    other = torch.randint(1, 96, (2, 90), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        full, full_other = model(ids).logits, model(other).logits
+        a = model(ids[:, :10], use_cache=True).cache
+        b = model(other[:, :30], use_cache=True).cache
+        for t in range(10, 50):  # a and b alternate: each step moves the other's state out of the buffers
+            la = model(ids[:, t : t + 1], cache=a).logits
+            lb = model(other[:, t + 20 : t + 21], cache=b).logits
+            torch.testing.assert_close(la, full[:, t : t + 1], rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(lb, full_other[:, t + 20 : t + 21], rtol=1e-10, atol=1e-10)
+        chunk = model(ids[:, 50:57], cache=a).logits  # general path: the state comes back from the buffers
+        torch.testing.assert_close(chunk, full[:, 50:57], rtol=1e-10, atol=1e-10)
+        for t in range(57, 120):
+            la = model(ids[:, t : t + 1], cache=a).logits
+        torch.testing.assert_close(la, full[:, 119:120], rtol=1e-10, atol=1e-10)
+
+
+def test_static_decode_generate_greedy_and_beam_equal_the_general_path(static_model):
+    model = static_model
+    prompt = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(max_new_tokens=80, do_sample=False, pad_token_id=0, eos_token_id=None)
+    beams = dict(max_new_tokens=12, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0,
+                 eos_token_id=None)  # fmt: skip
+    with torch.no_grad():
+        fast = model.generate(prompt, output_scores=True, return_dict_in_generate=True, **kwargs)
+        fast_beams = model.generate(prompt, **beams)
+        model._static_decode_on_cpu = False
+        slow = model.generate(prompt, output_scores=True, return_dict_in_generate=True, **kwargs)
+        slow_beams = model.generate(prompt, **beams)
+    assert torch.equal(fast.sequences, slow.sequences)
+    torch.testing.assert_close(torch.stack(fast.scores), torch.stack(slow.scores), rtol=1e-10, atol=1e-10)
+    assert torch.equal(fast_beams, slow_beams)
+
+
 def test_multi_token_continuation_equals_full_forward(window64_model):
     model = window64_model
     ids = torch.randint(1, 96, (2, 150), generator=torch.Generator().manual_seed(7))
@@ -555,6 +621,54 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 5])
+@pytest.mark.parametrize("num_items", [None, 40])
+def test_chunked_loss_equals_full_logits_loss_and_gradients(chunk_rows, num_items):
+    """Training mode computes the loss without the logits tensor; value and every gradient (tied head included) must
+    equal transformers' loss on full logits."""
+    ids = torch.randint(1, 96, (3, 19), generator=torch.Generator().manual_seed(4))
+    labels = ids.clone()
+    labels[0, :6] = -100
+    labels[2, 11] = -100
+    results = []
+    for fused in (False, True):
+        model = tiny_model()
+        model.train()
+        if fused:
+            out = model(ids, labels=labels, num_items_in_batch=num_items)
+            assert out.logits is None
+            loss = out.loss
+            if chunk_rows is not None:  # also exercise several chunks with a ragged last one
+                hidden = model.model(ids).last_hidden_state
+                loss = chunked_causal_lm_loss(hidden, model.lm_head.weight, labels, num_items, chunk_rows=chunk_rows)
+        else:  # the definition in float64 (transformers' own loss upcasts only to fp32)
+            logits = model(ids).logits[:, :-1].reshape(-1, 96)
+            target = labels[:, 1:].reshape(-1)
+            loss = F.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
+            loss = loss / (num_items if num_items is not None else (target != -100).sum())
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_ref, grads_ref), (loss_fused, grads_fused) = results
+    torch.testing.assert_close(loss_fused, loss_ref, rtol=1e-12, atol=1e-12)
+    for name in grads_ref:
+        torch.testing.assert_close(grads_fused[name], grads_ref[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_chunked_loss_under_bf16_autocast_matches_fp32():
+    model = tiny_model(dtype=torch.float32)
+    model.train()
+    ids = torch.randint(1, 96, (2, 40), generator=torch.Generator().manual_seed(5))
+    ref = model(ids, labels=ids, skip_logits=False).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - ref.item()) < 2e-2 * ref.item()
+    loss.backward()
+    assert model.lm_head.weight.grad.dtype == torch.float32 and torch.isfinite(model.lm_head.weight.grad).all()
+    with pytest.raises(ValueError, match="skip_logits=True needs labels"):
+        model(ids, skip_logits=True)
 
 
 def test_every_parameter_gets_a_gradient(model):

@@ -1,0 +1,155 @@
+"""Where the time goes: a torch.profiler view of one LlamaThink training step and of cached decoding on one GPU.
+
+    python benchmarks/profile_gpu.py [--backend auto] [--batch 16] [--seq 1024] [--decode-tokens 32] [--out DIR]
+
+Prints (and with --out writes as text) the kernels that take the most GPU time in a bf16 training step, the GPU time
+per layer kind (forward + backward, measured with CUDA events around each decoder layer and the loss), and for
+greedy decoding at batch 1: host time per token, kernel launches per token and the host<->device syncs per token,
+with the Python lines that cause them (`torch.cuda.set_sync_debug_mode`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM  # noqa: E402
+
+
+def layer_times(model, ids, steps=3) -> dict[str, float]:
+    """Milliseconds of GPU time per layer kind for forward + backward (events around each layer's forward and, via
+    tensor hooks on its output and input, around its backward)."""
+    totals: dict[str, float] = collections.defaultdict(float)
+    events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            hidden = args[0]
+            start.record()
+            out = fn(*args, **kwargs)
+            end.record()
+            events.append((name + " fwd", start, end))
+            if hidden.requires_grad:  # backward of this layer: from the grad of its output to the grad of its input
+                b_start, b_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                out.register_hook(lambda g: (b_start.record(), g)[1])
+                hidden.register_hook(lambda g: (b_end.record(), g)[1])
+                events.append((name + " bwd", b_start, b_end))
+            return out
+
+        return wrapper
+
+    for layer in model.model.layers:
+        layer.forward = timed(f"{layer.mixer_type}+mlp", layer.forward)
+    for i in range(steps + 1):
+        events.clear()
+        t0, t1, t2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            t0.record()
+            loss = model(input_ids=ids, labels=ids).loss
+            t1.record()
+        loss.backward()
+        t2.record()
+        torch.cuda.synchronize()
+        if i == 0:
+            continue  # warm-up
+        totals["step total (fwd)"] += t0.elapsed_time(t1) / steps
+        totals["step total (bwd)"] += t1.elapsed_time(t2) / steps
+        for name, start, end in events:
+            totals[name] += start.elapsed_time(end) / steps
+    model.zero_grad(set_to_none=True)
+    return dict(totals)
+
+
+def kernel_table(model, ids, rows=30) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+
+
+@torch.no_grad()
+def decode_profile(model, tokens: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    model.eval()
+    ids = torch.randint(3, 32000, (1, 32), device="cuda")
+    kwargs = dict(do_sample=False, pad_token_id=0, max_new_tokens=tokens, min_new_tokens=tokens)
+    model.generate(ids, **kwargs)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model.generate(ids, **kwargs)
+    torch.cuda.synchronize()
+    per_token = (time.perf_counter() - t0) / tokens
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model.generate(ids, **kwargs)
+        torch.cuda.synchronize()
+    launches = sum(e.count for e in prof.key_averages() if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+    gpu_us = sum(e.device_time_total for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+    syncs = collections.Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            model.generate(ids, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        syncs[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    lines = [
+        f"decode batch 1: {1 / per_token:.1f} tokens/s, {per_token * 1e3:.2f} ms/token host wall time",
+        f"kernel launches per token: {launches / tokens:.0f}; GPU busy per token: {gpu_us / tokens / 1e3:.3f} ms",
+        f"host syncs per token: {sum(syncs.values()) / tokens:.1f}; by line:",
+    ]
+    lines += [f"  {n / tokens:6.2f}  {where}" for where, n in syncs.most_common(20)]
+    lines.append(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--out", default=None, help="also write the report to DIR/profile_<backend>.txt")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    model = LlamaThinkForCausalLM(LlamaThinkConfig(gdn_backend=args.backend)).cuda()
+    ids = torch.randint(0, 32000, (args.batch, args.seq), device="cuda")
+    report = [f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, backend {args.backend}, batch {args.batch}"]
+    report.append("## GPU ms per training step, by layer kind (forward, backward; summed over layers)")
+    for name, ms in sorted(layer_times(model, ids).items()):
+        report.append(f"  {name:24s} {ms:8.2f}")
+    report.append("## top kernels of one training step")
+    report.append(kernel_table(model, ids))
+    report.append("## cached greedy decode, batch 1 (bf16 weights)")
+    report.append(decode_profile(model.to(torch.bfloat16), args.decode_tokens))
+    text = "\n".join(report)
+    print(text)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"profile_{args.backend}.txt").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
