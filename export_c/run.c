@@ -1505,12 +1505,20 @@ static void mixer_linear(const Model *m, const Layer *L, LayerState *ls, State *
 #pragma omp parallel for schedule(static) if (T > 1 && (double)T * C * K * 8 >= g_par_min)
     for (int t = 0; t < T; t++) {
         float *u = s->u + (size_t)t * C;
+        const float *xr[64];
         for (int i = 0; i < K; i++) {
             const int r = t - (K - 1) + i;
-            const float *x = r < 0 ? ls->conv + (size_t)(K - 1 + r) * C : s->proj + (size_t)r * P;
-            const float *w = L->conv_wt + (size_t)i * C;
-            if (i == 0) for (int c = 0; c < C; c++) u[c] = w[c] * x[c];
-            else for (int c = 0; c < C; c++) u[c] += w[c] * x[c];
+            xr[i] = r < 0 ? ls->conv + (size_t)(K - 1 + r) * C : s->proj + (size_t)r * P;
+        }
+        if (K == 4) { /* the usual kernel size: one pass */
+            const float *w0 = L->conv_wt, *w1 = w0 + C, *w2 = w1 + C, *w3 = w2 + C;
+            for (int c = 0; c < C; c++) u[c] = ((w0[c] * xr[0][c] + w1[c] * xr[1][c]) + w2[c] * xr[2][c]) + w3[c] * xr[3][c];
+        } else {
+            for (int i = 0; i < K; i++) {
+                const float *w = L->conv_wt + (size_t)i * C, *x = xr[i];
+                if (i == 0) for (int c = 0; c < C; c++) u[c] = w[c] * x[c];
+                else for (int c = 0; c < C; c++) u[c] += w[c] * x[c];
+            }
         }
         vsilu_mul(u, u, NULL, C);
         for (int kh = 0; kh < Hk; kh++) {
