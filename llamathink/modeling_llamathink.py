@@ -1497,13 +1497,7 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
             kwargs[_GENERATE_CACHE_KEY] = kwargs.pop(other_key)
         if kwargs.get(_GENERATE_CACHE_KEY) is None and kwargs.get("use_cache", True):
             kwargs[_GENERATE_CACHE_KEY] = LlamaThinkCache(self.config)
-        user_positions = kwargs.get("position_ids") is not None
-        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
-        if not user_positions:
-            # generate() derives position_ids from the attention mask; the model derives the same positions from the
-            # mask and the cache itself, and leaving them out lets decode steps take the CUDA-graph path
-            inputs.pop("position_ids", None)
-        return inputs
+        return super().prepare_inputs_for_generation(input_ids, **kwargs)
 
     # --- one-token decode on static buffers (CUDA graphs) -----------------------------------------------------
     def _static_decoder(self, batch_size: int) -> _StaticDecoder:
@@ -1524,7 +1518,7 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
             if decoder.owner is not None and decoder.owner() is not None:
                 decoder.owner().materialize()
 
-    def _can_decode_static(self, input_ids, cache, attention_mask, extra) -> bool:
+    def _can_decode_static(self, input_ids, cache, attention_mask, position_ids, extra) -> bool:
         if cache is None or input_ids is None or input_ids.shape[1] != 1 or any(extra):
             return False
         on = input_ids.is_cuda and self.config.decode_cuda_graphs or getattr(self, "_static_decode_on_cpu", False)
@@ -1535,10 +1529,15 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
             return False  # empty, full or padded caches take the general path (which also reports errors)
         if cache.batch_size != B or (attention_mask is not None and tuple(attention_mask.shape) not in ((B, L + 1), (B, 1))):
             return False
-        # one host sync checks both the token ids and that the new token is not padding
+        if position_ids is not None and position_ids.shape[-1] < 1:
+            return False
+        # One host sync checks the token ids, that the new token is not padding, and that the positions (which
+        # generate() passes) are the cache's own: the static step writes position L.
         last = attention_mask[:, -1] if attention_mask is not None else input_ids.new_ones(1)
-        lo, hi, real = torch.stack((input_ids.min(), input_ids.max(), last.min().to(input_ids.dtype))).tolist()
-        return 0 <= lo and hi < self.config.vocab_size and real == 1
+        pos = position_ids[..., -1] if position_ids is not None else input_ids.new_full((1,), L)
+        stats = (input_ids.min(), input_ids.max(), last.min(), pos.min(), pos.max())
+        lo, hi, real, pos_lo, pos_hi = torch.stack([x.to(torch.long) for x in stats]).tolist()
+        return 0 <= lo and hi < self.config.vocab_size and real == 1 and pos_lo == pos_hi == L
 
     def _decode_static_step(self, input_ids: torch.Tensor, static: _StaticDecoder) -> torch.Tensor:
         """Embedding -> layers -> head for one token on `static`'s buffers (what the CUDA graph captures)."""
@@ -1577,8 +1576,8 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         without ever holding the [B, T, vocab] logits (`chunked_causal_lm_loss`) and returns `logits=None`."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         cache = cache if cache is not None else past_key_values
-        extra = (inputs_embeds is not None, position_ids is not None, labels is not None, bool(output_hidden_states))
-        if self._can_decode_static(input_ids, cache, attention_mask, extra):
+        extra = (inputs_embeds is not None, labels is not None, bool(output_hidden_states))
+        if self._can_decode_static(input_ids, cache, attention_mask, position_ids, extra):
             logits = self._static_decoder(input_ids.shape[0]).step(cache, input_ids)[:, None]  # [B, 1, vocab]
             if not return_dict:
                 return (logits, cache)

@@ -94,7 +94,8 @@ def test_cached_decode_equals_uncached_forward_on_gpu():
         for t in range(70, 90):
             out = model(ids[:, t : t + 1], cache=cache)
             pieces.append(out.logits)
-    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=2e-4, atol=2e-4)
+    # fla's kernels use TF32 for fp32 inputs: cached (recurrent) and uncached (chunked) steps differ at ~1e-3
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=2e-3, atol=2e-3)
 
 
 def test_cuda_graph_decode_equals_eager_decode():
@@ -106,7 +107,7 @@ def test_cuda_graph_decode_equals_eager_decode():
                   return_dict_in_generate=True)  # fmt: skip
     with torch.no_grad():
         fast = [model.generate(prompt, **kwargs) for _ in range(2)]
-        assert any(d.graph is not None for d in model._static_decoders.values())
+        assert any(d.graph is not None for d in model.__dict__["_static_decoders"].values())
         model.config.decode_cuda_graphs = False
         slow = model.generate(prompt, **kwargs)
     for out in fast:

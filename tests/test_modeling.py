@@ -447,8 +447,11 @@ def test_static_decode_generate_greedy_and_beam_equal_the_general_path(static_mo
     kwargs = dict(max_new_tokens=80, do_sample=False, pad_token_id=0, eos_token_id=None)
     beams = dict(max_new_tokens=12, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0,
                  eos_token_id=None)  # fmt: skip
+    steps = []
+    model._decode_static_step = lambda *a, _f=model._decode_static_step: steps.append(1) or _f(*a)
     with torch.no_grad():
         fast = model.generate(prompt, output_scores=True, return_dict_in_generate=True, **kwargs)
+        assert len(steps) == 79  # every step after the prompt's took the static path
         fast_beams = model.generate(prompt, **beams)
         model._static_decode_on_cpu = False
         slow = model.generate(prompt, output_scores=True, return_dict_in_generate=True, **kwargs)
