@@ -6,10 +6,10 @@
 The conversation format, the label mask (-100 everywhere except assistant contents and their EOS) and the
 truncation rule are in `llamathink/chat.py`. This file: the run settings (`FinetuneConfig`, a YAML file plus
 `--key value` overrides), the data (conversations -> examples, a held-out share for evaluation), a resumable batch
-loader, evaluation, and the loop (`finetune`), which reuses the pretraining optimizer, schedule and checkpoint
-functions of `train_hf.py`. The model starts from a `save_pretrained` directory or Hub id (`init_from`); the
-result, `<out_dir>/final`, is a `save_pretrained` checkpoint whose tokenizer carries the chat template, ready for
-`llamathink-chat <out_dir>/final`.
+loader, evaluation, and the loop (`finetune`). From `train_hf.py` it reuses the settings shared with pretraining
+(`RunConfig`) and the optimizer, schedule, checkpoint, non-finite-step and final-save functions. The model starts
+from a `save_pretrained` directory or Hub id (`init_from`); the result, `<out_dir>/final`, is a `save_pretrained`
+checkpoint whose tokenizer carries the chat template, ready for `llamathink-chat <out_dir>/final`.
 
 Loss: the mean cross-entropy over all trained (assistant) tokens of an optimizer step - every token weighs the
 same whatever the length of its conversation, over micro-batches and processes.
@@ -37,15 +37,16 @@ from llamathink.chat import ChatCollator, ChatDataset, build_examples, load_conv
 from llamathink.data import check_vocab
 import train_hf
 from train_hf import (
-    NonFiniteLoss,
+    RunConfig,
     _init_wandb,
-    _set_rng_state,
     build_optimizer,
-    checkpoint_dir,
-    load_checkpoint,
+    load_checkpoint,  # noqa: F401 (re-exported: tests read finetuning checkpoints through finetune_chat)
     lr_factor,
     resolve_resume,
+    restore_checkpoint,
     save_checkpoint,
+    save_final,
+    skip_nonfinite_step,
 )
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -54,7 +55,10 @@ from train_hf import (
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(RunConfig):
+    """Chat finetuning: the pretrained model and the conversations, plus the shared settings of train_hf.py's
+    `RunConfig`, some of them with finetuning defaults (below)."""
+
     # model and tokenizer: a save_pretrained directory or Hub id; the tokenizer defaults to the one saved with it
     init_from: str = "runs/llamathink-95m/final"
     tokenizer: str | None = None
@@ -71,74 +75,36 @@ class FinetuneConfig:
     eval_split: str = "test"
     eval_fraction: float = 0.05
     max_eval_conversations: int | None = 1000
+    eval_at_start: bool = True  # evaluate the starting model too (step 0)
     group_by_length: bool = True  # batch conversations of similar length together (less padding)
-    # batch: micro_batch_size x grad_accum x number of processes conversations per optimizer step
+    # RunConfig settings with finetuning defaults: smaller batches (of conversations), fewer steps, lower learning
+    # rates, no weight decay, more frequent evaluation and checkpoints
     micro_batch_size: int = 16
     grad_accum: int = 1
     max_steps: int = 1000
-    # optimizer: "muon" (Muon for hidden matrices + AdamW for the rest) or "adamw" (AdamW for everything)
-    optimizer: str = "muon"
     muon_lr: float = 0.005
     adamw_lr: float = 0.0005
-    adamw_betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
-    muon_adjust_lr: str = "original"
-    grad_clip: float = 1.0
     warmup_steps: int = 50
-    min_lr_ratio: float = 0.0  # cosine decays to this fraction of the peak
-    # numerics
-    mixed_precision: str = "bf16"  # "no", "bf16" or "fp16" (passed to accelerate)
-    seed: int = 1337
-    nonfinite: str = "stop"  # "stop" or "skip" when the loss is NaN/inf
-    max_consecutive_skips: int = 10
-    # evaluation, samples, logging
     eval_every: int = 100
-    eval_at_start: bool = True  # evaluate the starting model too (step 0)
     sample_every: int = 500
     sample_prompts: list[str] = field(default_factory=lambda: ["Hi! Can you recommend something to read?",
                                                                "Why is the sky blue?"])  # fmt: skip
     sample_tokens: int = 64
-    log_every: int = 10
     wandb_project: str | None = "llamathink-chat"
-    wandb_run_name: str | None = None
-    wandb_mode: str = "offline"  # "online", "offline" or "disabled"
-    progress_bar: bool = True
-    # checkpoints and output
     out_dir: str = "runs/llamathink-95m-chat"
     save_every: int = 500
     keep_last: int = 2
-    resume: str = "auto"  # "auto" (latest checkpoint in out_dir, if any), "none", or a checkpoint path
-    stop_at_step: int | None = None  # stop (with a checkpoint) at this step, as if interrupted
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
 
     def __post_init__(self):
-        for name in ("micro_batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "save_every",
-                     "keep_last", "sample_every", "sample_tokens", "max_consecutive_skips"):  # fmt: skip
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("max_len", "max_conversations", "max_eval_conversations", "stop_at_step"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive or null, got {getattr(self, name)!r}")
+        super().__post_init__()
+        self.check_positive("max_len", "max_conversations", "max_eval_conversations", or_null=True)
         if not self.init_from:
             raise ValueError("init_from must name a pretrained model (a save_pretrained directory or a Hub id)")
-        if self.optimizer not in ("muon", "adamw"):
-            raise ValueError(f"optimizer must be 'muon' or 'adamw', got {self.optimizer!r}")
-        if self.nonfinite not in ("stop", "skip"):
-            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
-        if self.wandb_mode not in ("online", "offline", "disabled"):
-            raise ValueError(f"wandb_mode must be 'online', 'offline' or 'disabled', got {self.wandb_mode!r}")
         if self.data_format not in ("auto", "messages", "sharegpt", "person"):
             raise ValueError(f"data_format must be auto, messages, sharegpt or person, got {self.data_format!r}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if not 0 <= self.warmup_steps <= self.max_steps:
-            raise ValueError(f"warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
-        self.adamw_betas = tuple(self.adamw_betas)
-        if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("push_to_hub needs hub_model_id")
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> FinetuneConfig:
@@ -370,12 +336,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     history: dict[str, Any] = {"losses": {}, "eval": {}}
     resume_from = resolve_resume(cfg)
     if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["loader"])
-        _set_rng_state(state["rng"])
+        state = restore_checkpoint(resume_from, model, optimizer, scheduler, loader)
         start_step, run_id = state["step"], state.get("wandb_run_id")
         history = state.get("history", history)
         accelerator.print(f"resumed from {resume_from} at step {start_step}")
@@ -431,15 +392,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         loss_value = float(accelerator.reduce(loss_sum, "sum") / n_step)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         if not (math.isfinite(loss_value) and bool(torch.isfinite(torch.as_tensor(grad_norm)))):
-            optimizer.zero_grad(set_to_none=True)
-            message = f"non-finite loss or gradient at step {step} (loss {loss_value}, grad norm {float(grad_norm)})"
-            if cfg.nonfinite == "stop":
-                raise NonFiniteLoss(message + "; stopping (set nonfinite: skip to skip such steps). The last "
-                                    f"checkpoint in {checkpoint_dir(cfg.out_dir)} is intact.")  # fmt: skip
-            skips += 1
-            accelerator.print(message + f"; step skipped ({skips} in a row)")
-            if skips >= cfg.max_consecutive_skips:
-                raise NonFiniteLoss(f"{skips} consecutive non-finite steps; stopping")
+            skips = skip_nonfinite_step(cfg, step, loss_value, grad_norm, skips, optimizer, accelerator)
             continue
         skips = 0
         optimizer.step()
@@ -486,11 +439,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if is_main and step == cfg.max_steps:
         raw_model.generation_config.eos_token_id = tokenizer.eos_token_id
         raw_model.generation_config.pad_token_id = pad_id
-        raw_model.save_pretrained(final_dir, safe_serialization=True)
-        tokenizer.save_pretrained(final_dir)  # with the chat template (chat_template.jinja)
-        if cfg.push_to_hub:
-            raw_model.push_to_hub(cfg.hub_model_id)
-            tokenizer.push_to_hub(cfg.hub_model_id)
+        save_final(raw_model, tokenizer, final_dir, cfg)  # the tokenizer with the chat template (chat_template.jinja)
         accelerator.print(f"saved {final_dir}; chat with: llamathink-chat {final_dir}")
     if run is not None:
         run.finish()

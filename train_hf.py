@@ -3,9 +3,10 @@
     accelerate launch [--config_file accelerate_configs/...] train_hf.py --config configuration/train/<preset>.yaml \
         [--key value ...]
 
-Read top to bottom: the run settings (`TrainConfig`, a YAML file plus `--key value` overrides), the model and
-optimizer, the learning-rate schedule, evaluation and samples, checkpoints (atomic, the last K kept, exact resume:
-model, optimizer, scheduler, RNG and data position), then the training loop itself (`train`), which tests call.
+Read top to bottom: the run settings (`TrainConfig`, a YAML file plus `--key value` overrides; what it shares with
+finetune_chat.py's `FinetuneConfig` is in `RunConfig`), the model and optimizer, the learning-rate schedule,
+evaluation and samples, checkpoints (atomic, the last K kept, exact resume: model, optimizer, scheduler, RNG and
+data position), then the training loop itself (`train`), which tests call.
 """
 
 from __future__ import annotations
@@ -38,15 +39,12 @@ from llamathink.muon import Muon, muon_param_groups, summarize_param_groups
 
 
 @dataclass
-class TrainConfig:
-    # model: a config.json (as save_pretrained writes it) for a fresh model, or a save_pretrained directory / Hub id
-    model_config: str | None = "configuration/models/llamathink-95m.json"
-    init_from: str | None = None
-    tokenizer: str | None = None  # defaults to the tokenizer recorded in the data's meta.json
-    # data: the output directory of `python -m llamathink.data prepare`
-    data_dir: str = "data/fineweb"
-    seq_len: int = 1024
-    # batch: micro_batch_size x grad_accum x number of processes sequences per optimizer step
+class RunConfig:
+    """The settings pretraining (`TrainConfig`) and chat finetuning (finetune_chat.py's `FinetuneConfig`) share:
+    batch, optimizer, schedule, numerics, evaluation and logging, checkpoints, the Hub. The defaults are the
+    pretraining ones; `FinetuneConfig` redeclares the fields whose defaults differ."""
+
+    # batch: micro_batch_size x grad_accum x number of processes sequences (finetuning: conversations) per step
     micro_batch_size: int = 64
     grad_accum: int = 8
     max_steps: int = 10_000
@@ -62,18 +60,15 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # cosine decays to this fraction of the peak
     # numerics
     mixed_precision: str = "bf16"  # "no", "bf16" or "fp16" (passed to accelerate)
-    compile: bool = False
     seed: int = 1337
     nonfinite: str = "stop"  # "stop" or "skip" when the loss is NaN/inf
     max_consecutive_skips: int = 10
     # evaluation, samples, logging
     eval_every: int = 250
-    eval_batches: int = 20
     sample_every: int = 1000
     sample_prompts: list[str] = field(default_factory=lambda: ["The history of", "Once upon a time"])
     sample_tokens: int = 48
     log_every: int = 10
-    peak_tflops: float | None = 989.0  # per device, for MFU (H100 SXM dense bf16); null to skip MFU
     wandb_project: str | None = "llamathink"
     wandb_run_name: str | None = None
     wandb_mode: str = "offline"  # "online", "offline" or "disabled"
@@ -89,13 +84,9 @@ class TrainConfig:
     hub_model_id: str | None = None
 
     def __post_init__(self):
-        def positive(name):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-
-        for name in ("seq_len", "micro_batch_size", "grad_accum", "max_steps", "eval_batches", "log_every",
-                     "save_every", "keep_last", "sample_tokens", "max_consecutive_skips"):  # fmt: skip
-            positive(name)
+        self.check_positive("micro_batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "save_every",
+                            "keep_last", "sample_every", "sample_tokens", "max_consecutive_skips")  # fmt: skip
+        self.check_positive("stop_at_step", or_null=True)
         if self.optimizer not in ("muon", "adamw"):
             raise ValueError(f"optimizer must be 'muon' or 'adamw', got {self.optimizer!r}")
         if self.nonfinite not in ("stop", "skip"):
@@ -106,11 +97,41 @@ class TrainConfig:
             raise ValueError(f"wandb_mode must be 'online', 'offline' or 'disabled', got {self.wandb_mode!r}")
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ValueError(f"warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
-        if (self.model_config is None) == (self.init_from is None):
-            raise ValueError("set exactly one of model_config (a fresh model) and init_from (a pretrained one)")
         self.adamw_betas = tuple(self.adamw_betas)
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("push_to_hub needs hub_model_id")
+
+    def check_positive(self, *names: str, or_null: bool = False):
+        """Each named setting must be > 0 (or, with or_null, None: no limit)."""
+        for name in names:
+            value = getattr(self, name)
+            if or_null and value is None:
+                continue
+            if value <= 0:
+                raise ValueError(f"{name} must be positive{' or null' if or_null else ''}, got {value!r}")
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Pretraining: the model and the token data, plus the shared settings of `RunConfig`."""
+
+    # model: a config.json (as save_pretrained writes it) for a fresh model, or a save_pretrained directory / Hub id
+    model_config: str | None = "configuration/models/llamathink-95m.json"
+    init_from: str | None = None
+    tokenizer: str | None = None  # defaults to the tokenizer recorded in the data's meta.json
+    # data: the output directory of `python -m llamathink.data prepare`
+    data_dir: str = "data/fineweb"
+    seq_len: int = 1024
+    # pretraining only: torch.compile, the size of an evaluation, the peak for MFU
+    compile: bool = False
+    eval_batches: int = 20
+    peak_tflops: float | None = 989.0  # per device, for MFU (H100 SXM dense bf16); null to skip MFU
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_positive("seq_len", "eval_batches")
+        if (self.model_config is None) == (self.init_from is None):
+            raise ValueError("set exactly one of model_config (a fresh model) and init_from (a pretrained one)")
 
 
 def parse_setting(raw: str, annotation, name: str):
@@ -198,7 +219,7 @@ def build_model(cfg: TrainConfig) -> LlamaThinkForCausalLM:
     return LlamaThinkForCausalLM(config)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> Muon:
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> Muon:
     """One optimizer object either way, so checkpoints and schedules treat both recipes alike."""
     if cfg.optimizer == "muon":
         groups = muon_param_groups(model, cfg.muon_lr, cfg.adamw_lr, cfg.weight_decay, log=False)
@@ -210,7 +231,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> Muon:
                 adamw_lr=cfg.adamw_lr, adamw_betas=cfg.adamw_betas)  # fmt: skip
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
+def lr_factor(step: int, cfg: RunConfig) -> float:
     """Linear warmup over `warmup_steps`, then cosine from 1 to `min_lr_ratio` at `max_steps`."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
@@ -370,7 +391,19 @@ def load_checkpoint(path: Path) -> dict:
         raise RuntimeError(f"cannot load checkpoint {path / 'state.pt'}: {err}") from err
 
 
-def resolve_resume(cfg: TrainConfig) -> Path | None:
+def restore_checkpoint(path: Path, model, optimizer, scheduler, loader) -> dict:
+    """Load the checkpoint at `path` into the model, optimizer, scheduler and data loader and restore the RNG state
+    (an exact resume); returns the checkpoint's contents for the rest (step, history, wandb_run_id, ...)."""
+    state = load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    loader.load_state_dict(state["loader"])
+    _set_rng_state(state["rng"])
+    return state
+
+
+def resolve_resume(cfg: RunConfig) -> Path | None:
     if cfg.resume == "none":
         return None
     if cfg.resume == "auto":
@@ -398,7 +431,34 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def _init_wandb(cfg: TrainConfig, run_id: str | None):
+def skip_nonfinite_step(cfg: RunConfig, step: int, loss_value: float, grad_norm, skips: int, optimizer,
+                        accelerator) -> int:  # fmt: skip
+    """A non-finite loss or gradient at `step`: drop the gradients, then stop (NonFiniteLoss) with nonfinite: stop
+    or after max_consecutive_skips such steps in a row; else say so and return the new count of skips in a row."""
+    optimizer.zero_grad(set_to_none=True)
+    message = f"non-finite loss or gradient at step {step} (loss {loss_value}, grad norm {float(grad_norm)})"
+    if cfg.nonfinite == "stop":
+        raise NonFiniteLoss(message + "; stopping (set nonfinite: skip to skip such steps). The last "
+                            f"checkpoint in {checkpoint_dir(cfg.out_dir)} is intact.")  # fmt: skip
+    skips += 1
+    accelerator.print(message + f"; step skipped ({skips} in a row)")
+    if skips >= cfg.max_consecutive_skips:
+        raise NonFiniteLoss(f"{skips} consecutive non-finite steps; stopping")
+    return skips
+
+
+def save_final(model, tokenizer, final_dir: Path, cfg: RunConfig):
+    """The finished model (and its tokenizer, if any) as a save_pretrained directory; pushed with push_to_hub."""
+    model.save_pretrained(final_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(final_dir)
+    if cfg.push_to_hub:
+        model.push_to_hub(cfg.hub_model_id)
+        if tokenizer is not None:
+            tokenizer.push_to_hub(cfg.hub_model_id)
+
+
+def _init_wandb(cfg: RunConfig, run_id: str | None):
     if cfg.wandb_mode == "disabled" or cfg.wandb_project is None:
         return None
     try:
@@ -451,12 +511,7 @@ def train(cfg: TrainConfig) -> dict:
     history: dict[str, dict[int, float]] = {"losses": {}, "eval": {}}
     resume_from = resolve_resume(cfg)
     if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["loader"])
-        _set_rng_state(state["rng"])
+        state = restore_checkpoint(resume_from, model, optimizer, scheduler, loader)
         start_step, run_id = state["step"], state.get("wandb_run_id")
         tokens_seen = state.get("tokens_seen", 0)
         history = state.get("history", history)
@@ -515,15 +570,7 @@ def train(cfg: TrainConfig) -> dict:
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         finite = math.isfinite(loss_value) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
         if not finite:
-            optimizer.zero_grad(set_to_none=True)
-            message = f"non-finite loss or gradient at step {step} (loss {loss_value}, grad norm {float(grad_norm)})"
-            if cfg.nonfinite == "stop":
-                raise NonFiniteLoss(message + "; stopping (set nonfinite: skip to skip such steps). The last "
-                                    f"checkpoint in {checkpoint_dir(cfg.out_dir)} is intact.")  # fmt: skip
-            skips += 1
-            accelerator.print(message + f"; step skipped ({skips} in a row)")
-            if skips >= cfg.max_consecutive_skips:
-                raise NonFiniteLoss(f"{skips} consecutive non-finite steps; stopping")
+            skips = skip_nonfinite_step(cfg, step, loss_value, grad_norm, skips, optimizer, accelerator)
             continue  # the data position advanced; the step counter did not
         skips = 0
         if measure:
@@ -592,13 +639,7 @@ def train(cfg: TrainConfig) -> dict:
     if is_main:
         write_history(out_dir, history)
     if is_main and step == cfg.max_steps:
-        raw_model.save_pretrained(final_dir, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(final_dir)
-        if cfg.push_to_hub:
-            raw_model.push_to_hub(cfg.hub_model_id)
-            if tokenizer is not None:
-                tokenizer.push_to_hub(cfg.hub_model_id)
+        save_final(raw_model, tokenizer, final_dir, cfg)
     if run is not None:
         run.finish()
     accelerator.wait_for_everyone()
