@@ -379,8 +379,11 @@ def window64_model():
 @pytest.mark.parametrize("prompt_len", [1, 3, 4, 5, 63, 64, 65, 130])
 def test_cached_decoding_equals_full_forward(window64_model, prompt_len):
     """Prefill `prompt_len` tokens, then decode one token at a time; the short prompt decodes across the window."""
-    model = window64_model
-    total = 72 if prompt_len == 1 else prompt_len + 10
+    _check_stepwise_decoding(window64_model, prompt_len, total=72 if prompt_len == 1 else prompt_len + 10)
+
+
+def _check_stepwise_decoding(model, prompt_len: int, total: int, static: bool = False):
+    """Prefill `prompt_len` tokens, decode the rest one at a time, compare with the uncached forward (float64)."""
     ids = torch.randint(1, 96, (2, total), generator=torch.Generator().manual_seed(prompt_len))
     with torch.no_grad():
         full = model(ids).logits
@@ -388,6 +391,7 @@ def test_cached_decoding_equals_full_forward(window64_model, prompt_len):
         pieces, cache = [out.logits], out.cache
         for t in range(prompt_len, total):
             out = model(ids[:, t : t + 1], cache=cache)
+            assert not static or cache._static is not None  # the static path was taken
             pieces.append(out.logits)
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-10, atol=1e-10)
     assert cache.get_seq_length() == total
@@ -405,19 +409,7 @@ def static_model():
 def test_static_decode_equals_full_forward(static_model, prompt_len):
     """Static-buffer steps (rings for the window and the open block, block slots, K/V slots) decode exactly like
     the uncached forward, across window wrap-around and block completions, up to the last position."""
-    model = static_model
-    total = 200 if prompt_len == 66 else prompt_len + 75
-    ids = torch.randint(1, 96, (2, total), generator=torch.Generator().manual_seed(prompt_len))
-    with torch.no_grad():
-        full = model(ids).logits
-        out = model(ids[:, :prompt_len], use_cache=True)
-        pieces, cache = [out.logits], out.cache
-        for t in range(prompt_len, total):
-            out = model(ids[:, t : t + 1], cache=cache)
-            assert t == prompt_len or cache._static is not None  # the static path was taken
-            pieces.append(out.logits)
-    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-10, atol=1e-10)
-    assert cache.get_seq_length() == total
+    _check_stepwise_decoding(static_model, prompt_len, total=200 if prompt_len == 66 else prompt_len + 75, static=True)
 
 
 def test_static_decode_state_moves_back_for_continuation_and_between_caches(static_model):
@@ -672,6 +664,17 @@ def test_chunked_loss_under_bf16_autocast_matches_fp32():
     assert model.lm_head.weight.grad.dtype == torch.float32 and torch.isfinite(model.lm_head.weight.grad).all()
     with pytest.raises(ValueError, match="skip_logits=True needs labels"):
         model(ids, skip_logits=True)
+
+
+def test_training_step_traces_into_one_graph_for_torch_compile():
+    """torch.compile sees the whole training forward (PyTorch kernels, chunked loss) as one graph: no graph breaks
+    from host syncs or Python-side checks. (fla's kernels are excluded from tracing on purpose, one break each.)"""
+    model = tiny_model(dtype=torch.float32, mixer_types=["linear", "csa", "full", "linear"])
+    model.train()
+    ids = torch.randint(1, 96, (2, 64), generator=torch.Generator().manual_seed(0))
+    explanation = torch._dynamo.explain(lambda x: model(input_ids=x, labels=x).loss)(ids)
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
 
 
 def test_every_parameter_gets_a_gradient(model):
