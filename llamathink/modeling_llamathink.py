@@ -1518,6 +1518,11 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
             decoders[key] = _StaticDecoder(self, batch_size, use_graph)
         return decoders[key]
 
+    def __getstate__(self):
+        # copy.deepcopy / pickle: CUDA graphs and weak references to caches cannot be copied; they are rebuilt
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in state.items() if k != "_static_decoders"}
+
     def release_decode_graphs(self):
         """Free the CUDA graphs and static buffers of one-token decoding (they are rebuilt when needed)."""
         for decoder in self.__dict__.pop("_static_decoders", {}).values():

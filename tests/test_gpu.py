@@ -59,11 +59,17 @@ def test_fla_recurrent_matches_reference():
     torch.testing.assert_close(s_fla.float(), s_ref, rtol=2e-2, atol=2e-2)
 
 
+# Gated DeltaNet head dims: the tiny test model's odd 8 / 10, and multiples of 16 as real models use (fla's Triton
+# tiles are at least 16 wide, so odd dims run its masked paths).
+GDN_DIMS = {"dims8x10": {}, "dims16x32": dict(linear_key_head_dim=16, linear_value_head_dim=32)}
+
+
+@pytest.mark.parametrize("dims", sorted(GDN_DIMS))
 @pytest.mark.parametrize("backend", ["torch", "auto"])
-def test_gpu_model_matches_cpu_reference_forward_and_gradients(backend):
+def test_gpu_model_matches_cpu_reference_forward_and_gradients(backend, dims):
     """fp32 on the GPU (fla where available) against fp32 on the CPU, then a bf16-autocast step that stays close."""
-    cpu = tiny_model(dtype=torch.float32, gdn_backend="torch")
-    gpu = tiny_model(dtype=torch.float32, gdn_backend=backend).cuda()
+    cpu = tiny_model(dtype=torch.float32, gdn_backend="torch", **GDN_DIMS[dims])
+    gpu = tiny_model(dtype=torch.float32, gdn_backend=backend, **GDN_DIMS[dims]).cuda()
     ids = torch.randint(1, 96, (2, 150), generator=torch.Generator().manual_seed(0))
     cpu.train(), gpu.train()
     loss_cpu = cpu(ids, labels=ids).loss

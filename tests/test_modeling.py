@@ -1,6 +1,7 @@
 """Model-core tests: configuration, kernels, mixers against independent references and transformers' Qwen3.5
 modules, causality, caching and generate(), padding, saving and remote-code loading."""
 
+import copy
 import json
 import math
 import os
@@ -451,6 +452,8 @@ def test_static_decode_generate_greedy_and_beam_equal_the_general_path(static_mo
     assert torch.equal(fast.sequences, slow.sequences)
     torch.testing.assert_close(torch.stack(fast.scores), torch.stack(slow.scores), rtol=1e-10, atol=1e-10)
     assert torch.equal(fast_beams, slow_beams)
+    clone = copy.deepcopy(model)  # the static decoders (weak references, graphs) are left behind, not copied
+    assert "_static_decoders" in model.__dict__ and "_static_decoders" not in clone.__dict__
 
 
 def test_multi_token_continuation_equals_full_forward(window64_model):
