@@ -14,7 +14,10 @@
   error exit, and a short libFuzzer run when clang is installed;
 * chat mode: the ids run.c feeds == tokenizer.apply_chat_template(..., add_generation_prompt=True)
   (builtin and Llama 2 tokenizers, system prompt, multi-turn over stdin), the greedy one-shot reply
-  == llamathink.chat.ChatSession's, EOF ends the loop, history trimming in a tiny context.
+  == llamathink.chat.ChatSession's, EOF ends the loop, history trimming in a tiny context, Ctrl-C
+  (SIGINT) stops a reply and returns to the prompt, at the prompt it quits (exit 0);
+* batched prefill (chunks 7, 50, 256) == token-by-token feeding on a prompt much longer than the
+  CSA window (blocked attention, column-blocked delta rule), also in the scalar build.
 """
 from __future__ import annotations
 
