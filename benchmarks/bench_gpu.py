@@ -162,6 +162,7 @@ def main(argv=None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--models", default="llamathink:fla,llamathink:torch,hf-llama,hf-qwen3.5")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd training")
+    parser.add_argument("--compiled-only", action="store_true", help="measure only torch.compile'd training")
     parser.add_argument("--generate-batches", default="1,32")
     parser.add_argument("--train-batches", default=None, help="comma list of batch sizes (default: --batch)")
     parser.add_argument("--no-train", action="store_true")
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
     peak = args.peak_tflops * 1e12
     train_batches = [int(x) for x in (args.train_batches or str(args.batch)).split(",")]
     for name in args.models.split(","):
-        for compiled in ([False, True] if args.compile else [False]):
+        for compiled in [True] if args.compiled_only else [False, True] if args.compile else [False]:
             for batch in [] if args.no_train else train_batches:
                 try:
                     r = bench_train(name, batch, args.seq, args.steps, args.warmup, peak, compiled)

@@ -83,7 +83,7 @@ def kernel_table(model, ids, rows=30) -> str:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+    return prof.key_averages().table(sort_by="device_time_total", row_limit=rows, max_name_column_width=70)
 
 
 @torch.no_grad()
