@@ -71,10 +71,9 @@ class LlamaThinkRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # F.rms_norm is one fused kernel on GPU (and saves only x and 1/rms for backward) instead of ~6 passes
         acc = _acc_dtype(x.dtype)
-        xf = x.to(acc)
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.to(acc))).type_as(x)
+        return F.rms_norm(x.to(acc), x.shape[-1:], 1.0 + self.weight.to(acc), self.eps).type_as(x)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
@@ -90,8 +89,7 @@ class LlamaThinkGatedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         dtype, acc = x.dtype, _acc_dtype(x.dtype)
-        xf = x.to(acc)
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = F.rms_norm(x.to(acc), x.shape[-1:], None, self.eps)
         out = self.weight * xf.to(dtype)
         return (out * F.silu(gate.to(acc))).to(dtype)
 
