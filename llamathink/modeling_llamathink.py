@@ -11,7 +11,9 @@ with partial RoPE, (1 + w) RMSNorms and optional hyper-connections `h = (1 + r) 
 
 Everything here is plain PyTorch and runs on CPU. The hot spots have one dispatch point each
 (`GDN_KERNELS`, `LlamaThinkAttention._attend`, `LlamaThinkCompressedSparseAttention._local_attention` /
-`_compressed_attention`) so faster GPU kernels can be slotted in without touching the model.
+`_compressed_attention`) so faster GPU kernels can be slotted in without touching the model. One-token decode
+steps without padding have a second, static-shape form (`decode_static` of each mixer, driven by `_StaticDecoder`)
+that is replayed from a CUDA graph on GPU; the tests hold both forms to the uncached forward.
 
 Only sibling relative imports are allowed in this file: `save_pretrained` copies it (and the configuration
 file) next to the weights for `trust_remote_code=True` loading where the `llamathink` package is absent.
@@ -428,6 +430,8 @@ class LlamaThinkCache:
     token positions (block j = positions 4j..4j+3 of that row), so a left-padded row decodes exactly as it would
     alone. A cache built from right-padded input cannot be continued (a clear error says so).
     The recurrent state cannot be rolled back, so the cache is not croppable (no assisted decoding).
+    During CUDA-graph decoding the state lives in the model's `_StaticDecoder` buffers; `layers` and every
+    multi-token forward bring it back first (`materialize`).
     """
 
     is_compileable = False
