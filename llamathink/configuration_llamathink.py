@@ -46,8 +46,9 @@ class LlamaThinkConfig(PretrainedConfig):
         gdn_backend (`str`, defaults to `"auto"`): Gated DeltaNet kernels: `"auto"` (fla's Triton kernels on CUDA
             where installed and trustworthy, else PyTorch), `"fla"` (the same, warning when it must fall back) or
             `"torch"` (always the PyTorch reference).
-        decode_cuda_graphs (`bool`, defaults to True): on CUDA, run each one-token decode step of a cache without
-            padding as one replay of a captured CUDA graph (static-shape state buffers; see `LlamaThinkCache`).
+        decode_cuda_graphs (`bool`, defaults to True): on CUDA, run each one-token decode step (left-padded
+            batches included) as one replay of a captured CUDA graph (static-shape state buffers; see
+            `LlamaThinkCache`).
             False runs every step eagerly.
     """
 

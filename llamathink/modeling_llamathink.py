@@ -12,7 +12,7 @@ with partial RoPE, (1 + w) RMSNorms and optional hyper-connections `h = (1 + r) 
 Everything here is plain PyTorch and runs on CPU. The hot spots have one dispatch point each
 (`GDN_KERNELS`, `LlamaThinkAttention._attend`, `LlamaThinkCompressedSparseAttention._local_attention` /
 `_compressed_attention`) so faster GPU kernels can be slotted in without touching the model. One-token decode
-steps without padding have a second, static-shape form (`decode_static` of each mixer, driven by `_StaticDecoder`)
+steps (left-padded batches included) have a second, static-shape form (`decode_static` of each mixer, driven by `_StaticDecoder`)
 that is replayed from a CUDA graph on GPU; the tests hold both forms to the uncached forward.
 
 Only sibling relative imports are allowed in this file: `save_pretrained` copies it (and the configuration
@@ -537,7 +537,7 @@ class LlamaThinkCache:
 class _StaticDecoder:
     """Fixed-address decode state for one batch size, and the CUDA graph of one decode step over it.
 
-    A cache without padding hands its state to these buffers on its first one-token step (`load`); each later step
+    A cache (left padding allowed) hands its state to these buffers on its first one-token step (`load`); each later step
     writes the token id and position into fixed tensors and replays the graph (embedding -> every layer's
     `decode_static` -> head), so a step costs one launch instead of hundreds of Python-dispatched kernels. The state
     goes back into the cache's own tensors (`store`) as soon as anything else touches the cache: a multi-token
@@ -573,16 +573,25 @@ class _StaticDecoder:
                 state.blocks_v = torch.zeros_like(state.blocks_k)
                 state.partial = torch.zeros(B, mixer.stride, 2 * mixer.num_kv_heads * mixer.head_dim, **kw)
             self.layers.append(state)
-        self.position = torch.zeros(1, dtype=torch.long, device=weight.device)  # of the token being decoded
-        self.slots = torch.arange(max(L, cfg.csa_window), device=weight.device)
+        device = weight.device
+        self.index = torch.zeros(1, dtype=torch.long, device=device)  # cache index (padding included) of the new token
+        self.positions = torch.zeros(B, dtype=torch.long, device=device)  # each row's position of the new token
+        self.key_valid = torch.ones(B, L, dtype=torch.bool, device=device)  # which cache indices are real tokens
+        self.padded = False  # whether the cache has seen padding (it then keeps `key_valid`)
+        self.slots = torch.arange(max(L, cfg.csa_window), device=device)
         self.input_ids = torch.zeros(B, 1, dtype=torch.long, device=weight.device)
         self.logits: torch.Tensor | None = None
         self.graph = None
         self.owner = None  # weakref to the cache whose state is in the buffers
 
     def load(self, cache: LlamaThinkCache):
-        """Copy a cache's state (no padding, `seq_length` positions) into the buffers."""
+        """Copy a cache's state (`seq_length` indices, left padding allowed) into the buffers."""
         L = cache.seq_length
+        self.positions.copy_(cache.real_lengths)
+        self.padded = cache.key_valid is not None
+        self.key_valid.fill_(True)
+        if self.padded:
+            self.key_valid[:, :L] = cache.key_valid
         for state, src in zip(self.layers, cache._layers):
             if isinstance(state, GatedDeltaNetState):
                 state.conv.copy_(src.conv)
@@ -592,10 +601,10 @@ class _StaticDecoder:
                 state.values[:, :, :L].copy_(src.values)
             else:
                 W = state.window_k.shape[2]
-                pos = torch.arange(L - (W - 1), L, device=self.slots.device)  # positions of src.window_k
-                have = pos >= 0
-                state.window_k[:, :, pos[have] % W] = src.window_k[:, :, have].to(state.window_k.dtype)
-                state.window_v[:, :, pos[have] % W] = src.window_v[:, :, have].to(state.window_v.dtype)
+                idx = torch.arange(L - (W - 1), L, device=self.slots.device)  # cache indices of src.window_k
+                have = idx >= 0  # (their padding is marked in key_valid)
+                state.window_k[:, :, idx[have] % W] = src.window_k[:, :, have].to(state.window_k.dtype)
+                state.window_v[:, :, idx[have] % W] = src.window_v[:, :, have].to(state.window_v.dtype)
                 if src.blocks_k is not None:
                     n = src.blocks_k.shape[2]
                     state.blocks_k[:, :, :n].copy_(src.blocks_k)
@@ -604,7 +613,8 @@ class _StaticDecoder:
 
     def store(self, cache: LlamaThinkCache):
         """Write the buffers back as the cache's own state tensors (the inverse of `load`)."""
-        L, B = cache.seq_length, self.batch_size
+        L = cache.seq_length
+        max_real_length = L if not self.padded else int(self.positions.max())  # (a host sync, once per hand-back)
         for state, dst in zip(self.layers, cache._layers):
             if isinstance(state, GatedDeltaNetState):
                 dst.conv, dst.recurrent = state.conv.clone(), state.recurrent.clone()
@@ -612,17 +622,18 @@ class _StaticDecoder:
                 dst.keys, dst.values = state.keys[:, :, :L].clone(), state.values[:, :, :L].clone()
             else:
                 W, S = state.window_k.shape[2], state.partial.shape[1]
-                pos = torch.arange(L - (W - 1), L, device=self.slots.device)
-                have = pos >= 0
-                dst.window_k = state.window_k[:, :, pos % W] * have[:, None].to(state.window_k.dtype)
-                dst.window_v = state.window_v[:, :, pos % W] * have[:, None].to(state.window_v.dtype)
-                dst.window_valid = have[None].expand(B, -1).clone()
-                n = L // S
+                idx = torch.arange(L - (W - 1), L, device=self.slots.device)
+                have = (idx >= 0) & self.key_valid[:, idx.clamp(min=0)]  # [B, W - 1]
+                dst.window_k = state.window_k[:, :, idx % W] * have[:, None, :, None].to(state.window_k.dtype)
+                dst.window_v = state.window_v[:, :, idx % W] * have[:, None, :, None].to(state.window_v.dtype)
+                dst.window_valid = have
+                n = max_real_length // S  # slots of the row that has completed the most blocks
                 dst.blocks_k = state.blocks_k[:, :, :n].clone() if n else None
                 dst.blocks_v = state.blocks_v[:, :, :n].clone() if n else None
                 dst.partial = state.partial.clone()
-        cache.real_lengths = torch.full((B,), L, dtype=torch.long, device=self.slots.device)
-        cache.max_real_length = L
+        cache.real_lengths = self.positions.clone()
+        cache.max_real_length = max_real_length
+        cache.key_valid = self.key_valid[:, :L].clone() if self.padded else None
         self.owner = None
 
     def _run(self):
@@ -637,7 +648,7 @@ class _StaticDecoder:
             self.load(cache)
             self.owner = weakref.ref(cache)
             cache._static = self
-        self.position.fill_(cache.seq_length)
+        self.index.fill_(cache.seq_length)
         self.input_ids.copy_(input_ids)
         if self.use_graph and self.graph is None:
             try:
@@ -650,6 +661,7 @@ class _StaticDecoder:
             self.graph.replay()
         else:
             self._run()
+        self.positions += 1  # outside the graph: warm-up and capture must not advance it
         cache.seq_length += 1
         return self.logits.clone()  # the graph's output buffer is rewritten by the next step
 
@@ -684,7 +696,7 @@ class ForwardContext:
     cache: LlamaThinkCache | None
     rotary: LlamaThinkRotaryEmbedding
     max_new_real_length: int | None = None  # host copy of new_real_lengths.max(), computed once per forward
-    static: _StaticDecoder | None = None  # one-token decode on fixed buffers (position in `static.position`)
+    static: _StaticDecoder | None = None  # one-token decode on fixed buffers (`static.index`, `static.positions`)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -877,14 +889,16 @@ class LlamaThinkAttention(nn.Module):
         return self.o_proj(out * torch.sigmoid(gate))
 
     def decode_static(self, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """One-token step: write K/V at slot `position` of the fixed [B, Hkv, max_len, D] buffers, attend slots <= it."""
+        """One-token step: write K/V at slot `index` of the fixed [B, Hkv, max_len, D] buffers, attend the real
+        tokens among slots <= it."""
         B = hidden_states.shape[0]
-        state, pos = ctx.static.layers[self.layer_idx], ctx.static.position
+        static = ctx.static
+        state, index = static.layers[self.layer_idx], static.index
         q, k, _, v, gate = self.project(hidden_states, ctx.cos, ctx.sin)
-        state.keys.index_copy_(2, pos, k.to(state.keys.dtype))
-        state.values.index_copy_(2, pos, v.to(state.values.dtype))
-        mask = ctx.static.slots[: state.keys.shape[2]] <= pos  # [max_len]
-        out = self._grouped_sdpa(q, state.keys, state.values, mask[None, None, None])  # [B, Hq, 1, D]
+        state.keys.index_copy_(2, index, k.to(state.keys.dtype))
+        state.values.index_copy_(2, index, v.to(state.values.dtype))
+        mask = (static.slots[: state.keys.shape[2]] <= index) & static.key_valid  # [B, max_len]
+        out = self._grouped_sdpa(q, state.keys, state.values, mask[:, None, None])  # [B, Hq, 1, D]
         return self.o_proj(out.reshape(B, 1, -1) * torch.sigmoid(gate))
 
 
@@ -1050,42 +1064,47 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         return self.o_proj(out * torch.sigmoid(gate))
 
     def decode_static(self, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """One-token step on fixed buffers: the window is a ring of W slots (position p in slot p % W), the raw
-        members of the open block a ring of S slots, completed blocks sit in slot j of a [B, Hkv, max_len / S, D]
-        buffer. Every write happens every step (a block slot is rewritten with its old value until the block
-        completes), so the step has no data-dependent control flow and can be captured in a CUDA graph."""
+        """One-token step on fixed buffers: the window is a ring of W slots (cache index i in slot i % W), the raw
+        members of each row's open block a ring of S slots (position p in slot p % S), completed blocks sit in slot
+        j of a [B, Hkv, max_len / S, D] buffer. Every write happens every step (a block slot is rewritten with its
+        old value until the block completes), so the step has no data-dependent control flow and can be captured in
+        a CUDA graph. Rows may be at different positions (left padding): blocks follow each row's positions."""
         B = hidden_states.shape[0]
         S, W = self.stride, self.window
-        state, pos, slots = ctx.static.layers[self.layer_idx], ctx.static.position, ctx.static.slots
+        static = ctx.static
+        state, index, slots = static.layers[self.layer_idx], static.index, static.slots
+        pos = static.positions  # [B]
         q, k, k_raw, v, gate = self.project(hidden_states, ctx.cos, ctx.sin)  # q [B, Hq, 1, D], k [B, Hkv, 1, D]
 
-        # local window: slot s holds the latest position p <= pos with p % W == s, valid when p >= 0
-        state.window_k.index_copy_(2, pos % W, k.to(state.window_k.dtype))
-        state.window_v.index_copy_(2, pos % W, v.to(state.window_v.dtype))
-        ring = slots[:W]
-        in_window = pos - (pos - ring) % W >= 0  # [W]
-        local = self._grouped_sdpa(q, state.window_k, state.window_v, in_window[None, None, None])
+        # local window over cache indices: slot s holds the latest index i <= index with i % W == s; it is seen
+        # when i >= 0 and that index is a real token of the row
+        state.window_k.index_copy_(2, index % W, k.to(state.window_k.dtype))
+        state.window_v.index_copy_(2, index % W, v.to(state.window_v.dtype))
+        held = index - (index - slots[:W]) % W  # [W] cache index held by each slot
+        in_window = (held >= 0) & static.key_valid.gather(1, held.clamp(min=0)[None].expand(B, W))  # [B, W]
+        local = self._grouped_sdpa(q, state.window_k, state.window_v, in_window[:, None, None])
 
-        # compressed blocks: add this token to the open block; when it completes, compress it into slot pos // S
+        # compressed blocks: add this token to its row's open block; when that completes, compress it into slot
+        # pos // S of the row
         kv = torch.cat((k_raw, v), dim=1).transpose(1, 2).reshape(B, 1, -1)  # [B, 1, 2E]: k heads | v heads
-        state.partial.index_copy_(1, pos % S, kv.to(state.partial.dtype))
-        block = pos // S  # [1]
+        state.partial.scatter_(1, (pos % S)[:, None, None].expand_as(kv), kv.to(state.partial.dtype))
+        block = pos // S  # [B]
         n_slots = state.blocks_k.shape[2]
         E = kv.shape[-1] // 2
         mean = state.partial.sum(1) / S  # [B, 2E]
         new_k = self.compress_k(mean[:, :E]).view(B, self.num_kv_heads, 1, self.head_dim)
         new_v = self.compress_v(mean[:, E:]).view(B, self.num_kv_heads, 1, self.head_dim)
-        cos, sin = ctx.rotary((block * S + S // 2).expand(B, 1), new_k.dtype)  # RoPE at the block centre
+        cos, sin = ctx.rotary((block * S + S // 2)[:, None], new_k.dtype)  # RoPE at the block centre
         new_k = apply_rotary(new_k, cos, sin)
-        complete = pos % S == S - 1
-        slot = block.clamp(max=n_slots - 1)
+        complete = (pos % S == S - 1)[:, None, None, None]  # [B, 1, 1, 1]
+        slot = block.clamp(max=n_slots - 1)[:, None, None, None].expand_as(new_k)  # [B, Hkv, 1, D]
         for buf, new in ((state.blocks_k, new_k), (state.blocks_v, new_v)):
-            buf.index_copy_(2, slot, torch.where(complete, new.to(buf.dtype), buf.index_select(2, slot)))
-        visible = slots[:n_slots] < block  # [N]: block j visible iff S (j + 1) <= pos
-        any_visible = block > 0
-        visible = visible | ((slots[:n_slots] == 0) & ~any_visible)  # an empty row looks at slot 0, zeroed below
-        comp = self._grouped_sdpa(q, state.blocks_k, state.blocks_v, visible[None, None, None])
-        comp = comp * any_visible.to(comp.dtype)
+            buf.scatter_(2, slot, torch.where(complete, new.to(buf.dtype), buf.gather(2, slot)))
+        visible = slots[None, :n_slots] < block[:, None]  # [B, N]: block j visible iff S (j + 1) <= pos
+        any_visible = (block > 0)[:, None]  # [B, 1]
+        visible = visible | ((slots[None, :n_slots] == 0) & ~any_visible)  # an empty row looks at slot 0, zeroed
+        comp = self._grouped_sdpa(q, state.blocks_k, state.blocks_v, visible[:, None, None])
+        comp = comp * any_visible[:, :, None, None].to(comp.dtype)
         return self._combine(local, comp, hidden_states, gate)
 
 
@@ -1538,25 +1557,27 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         if not on or torch.is_grad_enabled() or torch.is_autocast_enabled(input_ids.device.type):
             return False
         B, L = input_ids.shape[0], cache.seq_length
-        if not (0 < L < self.config.max_position_embeddings and cache.continuable and cache.key_valid is None):
-            return False  # empty, full or padded caches take the general path (which also reports errors)
+        if not (0 < L < self.config.max_position_embeddings and cache.continuable and cache.real_lengths is not None):
+            return False  # empty or full caches take the general path (which also reports errors)
         if cache.batch_size != B or (attention_mask is not None and tuple(attention_mask.shape) not in ((B, L + 1), (B, 1))):
             return False
         if position_ids is not None and position_ids.shape[-1] < 1:
             return False
         # One host sync checks the token ids, that the new token is not padding, and that the positions (which
-        # generate() passes) are the cache's own: the static step writes position L.
+        # generate() passes) are each row's next position, the one the static step writes.
         last = attention_mask[:, -1] if attention_mask is not None else input_ids.new_ones(1)
-        pos = position_ids[..., -1] if position_ids is not None else input_ids.new_full((1,), L)
-        stats = (input_ids.min(), input_ids.max(), last.min(), pos.min(), pos.max())
-        lo, hi, real, pos_lo, pos_hi = torch.stack([x.to(torch.long) for x in stats]).tolist()
-        return 0 <= lo and hi < self.config.vocab_size and real == 1 and pos_lo == pos_hi == L
+        expected = cache._static.positions if cache._static is not None else cache.real_lengths
+        wrong = (position_ids[..., -1].reshape(-1) != expected).sum() if position_ids is not None else expected.new_zeros(())
+        stats = (input_ids.min(), input_ids.max(), last.min(), wrong)
+        lo, hi, real, n_wrong = torch.stack([x.to(torch.long) for x in stats]).tolist()
+        return 0 <= lo and hi < self.config.vocab_size and real == 1 and n_wrong == 0
 
     def _decode_static_step(self, input_ids: torch.Tensor, static: _StaticDecoder) -> torch.Tensor:
         """Embedding -> layers -> head for one token on `static`'s buffers (what the CUDA graph captures)."""
         B = input_ids.shape[0]
         hidden_states = self.model.embed_tokens(input_ids)
-        position_ids = static.position.view(1, 1).expand(B, 1)
+        static.key_valid.index_fill_(1, static.index, True)  # the new token is real (checked before the step)
+        position_ids = static.positions[:, None]  # [B, 1]
         cos, sin = self.model.rotary_emb(position_ids, hidden_states.dtype)
         ctx = ForwardContext(
             position_ids=position_ids, cos=cos, sin=sin, valid=None, key_valid=None, past_length=0, real_lengths=None,

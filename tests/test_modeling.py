@@ -456,6 +456,45 @@ def test_static_decode_generate_greedy_and_beam_equal_the_general_path(static_mo
     assert "_static_decoders" in model.__dict__ and "_static_decoders" not in clone.__dict__
 
 
+def test_static_decode_of_a_left_padded_batch_equals_each_row_alone(static_model):
+    """Rows at different positions (left padding) decode on the static buffers exactly as each row alone: blocks
+    follow each row's positions, padding stays out of the window and the K/V slots."""
+    model = static_model
+    gen = torch.Generator().manual_seed(21)
+    lengths = (70, 9, 3)
+    rows = [torch.randint(3, 96, (n,), generator=gen) for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+    steps = []
+    model._decode_static_step = lambda *a, _f=model._decode_static_step: steps.append(1) or _f(*a)
+    kwargs = dict(max_new_tokens=70, do_sample=False, pad_token_id=0, eos_token_id=None, output_scores=True,
+                  return_dict_in_generate=True)  # fmt: skip
+    with torch.no_grad():
+        batched = model.generate(ids, attention_mask=mask, **kwargs)
+        assert len(steps) == 69  # every step after the prompt took the static path
+        for i, r in enumerate(rows):
+            alone = model.generate(r[None], **kwargs)
+            assert torch.equal(batched.sequences[i, width:], alone.sequences[0, len(r) :])
+            torch.testing.assert_close(
+                torch.stack(batched.scores)[:, i], torch.stack(alone.scores)[:, 0], rtol=1e-9, atol=1e-9
+            )
+        # the cache handed back after static steps continues exactly on the general path too
+        cache = model(ids, attention_mask=mask, use_cache=True).cache
+        step_ids = torch.randint(3, 96, (len(rows), 12), generator=gen)
+        for t in range(8):
+            model(step_ids[:, t : t + 1], cache=cache)
+        assert cache._static is not None
+        tail = model(step_ids[:, 8:], cache=cache).logits  # multi-token chunk: general path
+        full_ids = torch.cat((ids, step_ids), 1)
+        full_mask = torch.cat((mask, torch.ones_like(step_ids)), 1)
+        full = model(full_ids, attention_mask=full_mask).logits
+    for i, n in enumerate(lengths):
+        torch.testing.assert_close(tail[i], full[i, -4:], rtol=1e-10, atol=1e-10)
+
+
 def test_multi_token_continuation_equals_full_forward(window64_model):
     model = window64_model
     ids = torch.randint(1, 96, (2, 150), generator=torch.Generator().manual_seed(7))
