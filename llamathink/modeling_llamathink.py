@@ -1137,13 +1137,15 @@ class LlamaThinkDecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         out = self.mixer(self.input_layernorm(hidden_states), ctx)
-        if self.hyper_connections:
-            hidden_states = (1 + self.mixer_residual_scale) * hidden_states + (1 + self.mixer_sublayer_scale) * out
+        if self.hyper_connections:  # (1 + r) * h + (1 + s) * out, the second product fused into the add
+            hidden_states = torch.addcmul(
+                hidden_states * (1 + self.mixer_residual_scale), out, 1 + self.mixer_sublayer_scale
+            )
         else:
             hidden_states = hidden_states + out
         out = self.mlp(self.post_attention_layernorm(hidden_states))
         if self.hyper_connections:
-            return (1 + self.mlp_residual_scale) * hidden_states + (1 + self.mlp_sublayer_scale) * out
+            return torch.addcmul(hidden_states * (1 + self.mlp_residual_scale), out, 1 + self.mlp_sublayer_scale)
         return hidden_states + out
 
 
