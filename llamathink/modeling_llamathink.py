@@ -534,6 +534,9 @@ class LlamaThinkCache:
         self.seq_length += num_new
 
 
+_MAX_STATIC_DECODERS = 4  # batch sizes whose decode graphs and buffers a model keeps
+
+
 class _StaticDecoder:
     """Fixed-address decode state for one batch size, and the CUDA graph of one decode step over it.
 
@@ -1537,8 +1540,10 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         if key not in decoders:
             for old in [k for k in decoders if k[1:] != key[1:]]:  # graphs that point at freed weights
                 del decoders[old]
-            use_graph = weight.device.type == "cuda"
-            decoders[key] = _StaticDecoder(self, batch_size, use_graph)
+            while len(decoders) >= _MAX_STATIC_DECODERS:  # least recently used batch size goes (a cache whose
+                del decoders[next(iter(decoders))]  # state is in it still holds it and can take the state back)
+            decoders[key] = _StaticDecoder(self, batch_size, use_graph=weight.device.type == "cuda")
+        decoders[key] = decoders.pop(key)  # most recently used last
         return decoders[key]
 
     def __getstate__(self):

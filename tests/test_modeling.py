@@ -452,6 +452,11 @@ def test_static_decode_generate_greedy_and_beam_equal_the_general_path(static_mo
     assert torch.equal(fast.sequences, slow.sequences)
     torch.testing.assert_close(torch.stack(fast.scores), torch.stack(slow.scores), rtol=1e-10, atol=1e-10)
     assert torch.equal(fast_beams, slow_beams)
+    for batch in range(1, 7):  # at most four batch sizes keep their buffers (least recently used goes first)
+        model._static_decode_on_cpu = True
+        with torch.no_grad():
+            model.generate(prompt[:1].expand(batch, -1), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert [key[0] for key in model.__dict__["_static_decoders"]] == [3, 4, 5, 6]
     clone = copy.deepcopy(model)  # the static decoders (weak references, graphs) are left behind, not copied
     assert "_static_decoders" in model.__dict__ and "_static_decoders" not in clone.__dict__
 
