@@ -648,6 +648,7 @@ class _StaticDecoder:
         if previous is not cache:
             if previous is not None:
                 previous.materialize()
+            cache.materialize()  # its state may sit in another decoder (evicted, or built before the weights moved)
             self.load(cache)
             self.owner = weakref.ref(cache)
             cache._static = self

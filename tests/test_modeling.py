@@ -429,7 +429,13 @@ def test_static_decode_state_moves_back_for_continuation_and_between_caches(stat
             torch.testing.assert_close(lb, full_other[:, t + 20 : t + 21], rtol=1e-10, atol=1e-10)
         chunk = model(ids[:, 50:57], cache=a).logits  # general path: the state comes back from the buffers
         torch.testing.assert_close(chunk, full[:, 50:57], rtol=1e-10, atol=1e-10)
-        for t in range(57, 120):
+        for t in range(57, 90):
+            la = model(ids[:, t : t + 1], cache=a).logits
+        for batch in (1, 3, 4, 5):  # four other batch sizes evict the decoder that holds a's state
+            c = model(ids[:1].expand(batch, -1)[:, :5], use_cache=True).cache
+            model(ids[:1].expand(batch, -1)[:, 5:6], cache=c)
+        assert a._static is not None and a._static not in model.__dict__["_static_decoders"].values()
+        for t in range(90, 120):  # a new decoder for batch 2 takes a's state from the evicted one
             la = model(ids[:, t : t + 1], cache=a).logits
         torch.testing.assert_close(la, full[:, 119:120], rtol=1e-10, atol=1e-10)
 
