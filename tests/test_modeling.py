@@ -398,6 +398,13 @@ def _check_stepwise_decoding(model, prompt_len: int, total: int, static: bool = 
     assert cache.get_seq_length() == total
 
 
+def _count_static_steps(model) -> list:
+    """A list that grows by one each time `model` runs a decode step on the static buffers."""
+    steps = []
+    model._decode_static_step = lambda *a, _f=model._decode_static_step: steps.append(1) or _f(*a)
+    return steps
+
+
 @pytest.fixture()
 def static_model():
     """The window-64 mixer set with the static decode path on (on CPU it runs the CUDA-graph step eagerly)."""
@@ -446,8 +453,7 @@ def test_static_decode_generate_greedy_and_beam_equal_the_general_path(static_mo
     kwargs = dict(max_new_tokens=80, do_sample=False, pad_token_id=0, eos_token_id=None)
     beams = dict(max_new_tokens=12, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0,
                  eos_token_id=None)  # fmt: skip
-    steps = []
-    model._decode_static_step = lambda *a, _f=model._decode_static_step: steps.append(1) or _f(*a)
+    steps = _count_static_steps(model)
     with torch.no_grad():
         fast = model.generate(prompt, output_scores=True, return_dict_in_generate=True, **kwargs)
         assert len(steps) == 79  # every step after the prompt's took the static path
@@ -479,8 +485,7 @@ def test_static_decode_of_a_left_padded_batch_equals_each_row_alone(static_model
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
-    steps = []
-    model._decode_static_step = lambda *a, _f=model._decode_static_step: steps.append(1) or _f(*a)
+    steps = _count_static_steps(model)
     kwargs = dict(max_new_tokens=70, do_sample=False, pad_token_id=0, eos_token_id=None, output_scores=True,
                   return_dict_in_generate=True)  # fmt: skip
     with torch.no_grad():
@@ -591,13 +596,21 @@ def test_reorder_cache_permutes_every_state_kind(model):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_greedy_generate_with_cache_equals_without(model):
-    prompt = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(3))
-    kwargs = dict(max_new_tokens=30, do_sample=False, pad_token_id=0, eos_token_id=None)
+@pytest.mark.parametrize(
+    "prompt_len, seed, search, shape",
+    [
+        (9, 3, dict(max_new_tokens=30), (2, 39)),  # greedy
+        (7, 8, dict(max_new_tokens=12, num_beams=3, num_return_sequences=2), (4, 19)),  # beam: reorders the cache
+    ],
+    ids=["greedy", "beam"],
+)
+def test_generate_with_cache_equals_without(model, prompt_len, seed, search, shape):
+    prompt = torch.randint(3, 96, (2, prompt_len), generator=torch.Generator().manual_seed(seed))
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None, **search)
     with torch.no_grad():
         cached = model.generate(prompt, **kwargs)
         uncached = model.generate(prompt, use_cache=False, **kwargs)
-    assert cached.shape == (2, 39)
+    assert cached.shape == shape
     assert torch.equal(cached, uncached)
 
 
@@ -629,17 +642,6 @@ def test_left_padded_generate_equals_each_row_alone():
         for i, r in enumerate(rows):
             alone = model.generate(r[None], **kwargs)
             assert torch.equal(batched[i, 13:], alone[0, len(r) :])
-
-
-def test_beam_search_with_cache_equals_without(model):
-    prompt = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(8))
-    kwargs = dict(max_new_tokens=12, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0,
-                  eos_token_id=None)  # fmt: skip
-    with torch.no_grad():
-        cached = model.generate(prompt, **kwargs)
-        uncached = model.generate(prompt, use_cache=False, **kwargs)
-    assert cached.shape == (4, 19)
-    assert torch.equal(cached, uncached)
 
 
 def test_sampling_is_reproducible_with_seed(model):
