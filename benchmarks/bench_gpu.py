@@ -108,7 +108,7 @@ def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False) -> d
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = step_model(input_ids=ids, labels=ids).loss
+            loss = step_model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

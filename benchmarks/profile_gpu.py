@@ -1,9 +1,11 @@
 """Where the time goes: a torch.profiler view of one LlamaThink training step and of cached decoding on one GPU.
 
-    python benchmarks/profile_gpu.py [--backend auto] [--batch 16] [--seq 1024] [--decode-tokens 32] [--out DIR]
+    python benchmarks/profile_gpu.py [--backend auto] [--batch 16] [--seq 1024] [--decode-tokens 32] [--compile]
+                                     [--out DIR]
 
-Prints (and with --out writes as text) the kernels that take the most GPU time in a bf16 training step, the GPU time
-per layer kind (forward + backward, measured with CUDA events around each decoder layer and the loss), and for
+Prints (and with --out writes as text) the kernels that take the most GPU time in a bf16 training step (with
+--compile also those of the torch.compile'd step), the GPU time per layer kind (forward + backward, measured with
+CUDA events around each decoder layer and the loss), and for
 greedy decoding at batch 1: host time per token, kernel launches per token and the host<->device syncs per token,
 with the Python lines that cause them (`torch.cuda.set_sync_debug_mode`).
 """
@@ -49,12 +51,21 @@ def layer_times(model, ids, steps=3) -> dict[str, float]:
 
     for layer in model.model.layers:
         layer.forward = timed(f"{layer.mixer_type}+mlp", layer.forward)
+    try:
+        _timed_steps(model, ids, steps, events, totals)
+    finally:  # the instance attributes shadow the class's forward: removing them restores it
+        for layer in model.model.layers:
+            del layer.forward
+    return dict(totals)
+
+
+def _timed_steps(model, ids, steps, events, totals):
     for i in range(steps + 1):
         events.clear()
         t0, t1, t2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
         with torch.autocast("cuda", dtype=torch.bfloat16):
             t0.record()
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             t1.record()
         loss.backward()
         t2.record()
@@ -66,7 +77,6 @@ def layer_times(model, ids, steps=3) -> dict[str, float]:
         for name, start, end in events:
             totals[name] += start.elapsed_time(end) / steps
     model.zero_grad(set_to_none=True)
-    return dict(totals)
 
 
 def kernel_table(model, ids, rows=30) -> str:
@@ -74,11 +84,12 @@ def kernel_table(model, ids, rows=30) -> str:
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    step()
+    for _ in range(2):  # warm-up (and, for a compiled model, compilation)
+        step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
@@ -130,6 +141,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--compile", action="store_true", help="also profile the torch.compile'd training step")
     parser.add_argument("--out", default=None, help="also write the report to DIR/profile_<backend>.txt")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -141,6 +153,9 @@ def main(argv=None) -> int:
         report.append(f"  {name:24s} {ms:8.2f}")
     report.append("## top kernels of one training step")
     report.append(kernel_table(model, ids))
+    if args.compile:
+        report.append("## top kernels of one torch.compile'd training step")
+        report.append(kernel_table(torch.compile(model), ids))
     report.append("## cached greedy decode, batch 1 (bf16 weights)")
     report.append(decode_profile(model.to(torch.bfloat16), args.decode_tokens))
     text = "\n".join(report)
