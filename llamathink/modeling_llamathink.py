@@ -21,6 +21,7 @@ file) next to the weights for `trust_remote_code=True` loading where the `llamat
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import weakref
@@ -305,10 +306,10 @@ def fla_backward_problem(device: torch.device) -> str | None:
     return None
 
 
-def select_gdn_backend(requested: str, device: torch.device, needs_grad: bool) -> str:
+def select_gdn_backend(requested: str, device: torch.device, needs_grad: bool, dtype: torch.dtype | None = None) -> str:
     """Resolve `config.gdn_backend` ("auto", "fla" or "torch") to the backend that will run: fla only where it is
-    installed, on CUDA, and (when gradients are needed) where its backward is trustworthy; otherwise the PyTorch
-    reference, with one warning saying why."""
+    installed, on CUDA, and (when gradients are needed) where its backward is trustworthy and the inputs are 16-bit;
+    otherwise the PyTorch reference, with one warning saying why. `dtype`: the dtype of the values (v)."""
     if requested == "torch" or device.type != "cuda":
         if requested == "fla" and device.type != "cuda":
             _warn_once("fla-cpu", "gdn_backend='fla' needs a CUDA device; using the PyTorch Gated DeltaNet kernels")
@@ -326,22 +327,158 @@ def select_gdn_backend(requested: str, device: torch.device, needs_grad: bool) -
         if problem is not None:
             _warn_once("fla-backward", f"{problem}; training uses the PyTorch Gated DeltaNet kernels instead.")
             return "torch"
+        if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+            # fla computes fp32 inputs through TF32 matmuls, and our fp32 gradient check against the CPU reference
+            # has not passed on the H100 (BENCHMARKS.md): fp32 training stays on the exact PyTorch kernels.
+            _warn_once(
+                "fla-fp32",
+                f"fla is used for 16-bit (bf16 autocast) training; training in {dtype} uses the PyTorch Gated DeltaNet "
+                "kernels instead.",
+            )
+            return "torch"
     return "fla"
 
 
-# torch.compile runs fla's kernels as opaque calls (one graph break each): fla launches Triton and, for the Hopper
-# backward, tilelang kernels from Python code that dynamo cannot trace.
+def _fla_dtype(v: torch.Tensor) -> torch.dtype:
+    """The dtype fla computes in: 16-bit inputs as they are, anything else in fp32."""
+    return v.dtype if v.dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def _fla_chunk_internals():
+    """fla's chunked forward and backward functions (the pieces its autograd function calls), or None where this
+    fla lacks them in the form used here (fla-core 0.6); then compiled training takes the graph-break path."""
+    if "internals" not in _fla_state:
+        _fla_state["internals"] = None
+        try:
+            import inspect
+
+            from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_bwd, chunk_gated_delta_rule_fwd
+
+            need_fwd = {"q", "k", "v", "g", "beta", "scale", "initial_state", "output_final_state"}
+            need_bwd = {"q", "k", "v", "g", "beta", "A", "scale", "initial_state", "do", "dht"}
+            if need_fwd <= set(inspect.signature(chunk_gated_delta_rule_fwd).parameters) and need_bwd <= set(
+                inspect.signature(chunk_gated_delta_rule_bwd).parameters
+            ):
+                _fla_state["internals"] = (chunk_gated_delta_rule_fwd, chunk_gated_delta_rule_bwd)
+        except Exception:  # fla missing, broken, or reorganised
+            pass
+    return _fla_state["internals"]
+
+
+# Eager: fla's own autograd function. Under torch.compile the same kernels run behind two opaque custom ops
+# (forward, backward) that dynamo records as single nodes: dynamo cannot trace fla's Triton/tilelang launch code,
+# and `torch.compiler.disable` alone cuts the graph at every Gated DeltaNet layer (BENCHMARKS.md section 1: the
+# compiled step then waits ~39 ms of 109 on the host).
 @torch.compiler.disable
-def fla_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False, chunk_size=64):
-    """fla's chunked kernel behind our contract (q, k already L2-normalised; [B, T, H, D]; fp32 g)."""
+def _fla_chunk_eager(q, k, v, g, beta, scale, initial_state, output_final_state):
     chunk, _ = _fla_ops()
-    dtype = v.dtype if v.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    o, state = chunk(
+    dtype = _fla_dtype(v)
+    return chunk(
         q.to(dtype), k.to(dtype), v.to(dtype), g.float(), beta.to(dtype), scale=scale,
         initial_state=None if initial_state is None else initial_state.float(),
         output_final_state=output_final_state,
     )  # fmt: skip
-    return o.to(v.dtype), state
+
+
+def _empty_f32(like: torch.Tensor) -> torch.Tensor:  # custom ops return tensors, never None
+    return like.new_empty(0, dtype=torch.float32)
+
+
+def _device_of(t: torch.Tensor):
+    """Make `t`'s GPU the current one while fla launches (its kernels run on the current device's stream)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _define_fla_chunk_op():
+    """Define `llamathink::fla_chunk_gdn` (+ its backward op and autograd formula) once per process: a copy of this
+    file loaded through `trust_remote_code` next to the installed package reuses the first definition."""
+    try:
+        return torch.ops.llamathink.fla_chunk_gdn
+    except (AttributeError, RuntimeError):
+        pass
+
+    @torch.library.custom_op("llamathink::fla_chunk_gdn", mutates_args=())
+    def fla_chunk_gdn(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, scale: float,
+        initial_state: torch.Tensor | None, output_final_state: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """q, k, v, beta [B, T, H, D] / [B, T, H] in one 16-bit or fp32 dtype, g fp32, all contiguous ->
+        o [B, T, H, Dv], final state [B, H, Dk, Dv] fp32 (or empty), and what the backward needs: fla's per-chunk
+        cumulative gates [B, T, H] fp32 and inverted WY matrices A [B, T, H, 64] (q's dtype)."""
+        fwd, _ = _fla_chunk_internals()
+        with _device_of(q):
+            g_cum, o, A, state = fwd(q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=initial_state,
+                                     output_final_state=output_final_state)[:4]  # fmt: skip
+        if A.shape != (*k.shape[:3], 64) or A.dtype != k.dtype or g_cum.dtype != torch.float32:
+            raise RuntimeError(
+                f"fla's chunk_gated_delta_rule_fwd returned A {tuple(A.shape)} {A.dtype}, gates {g_cum.dtype}: not "
+                "the layout this version of LlamaThink was written for (fla-core 0.6); train without torch.compile"
+            )
+        return o.to(q.dtype).contiguous(), state if state is not None else _empty_f32(q), g_cum, A
+
+    @fla_chunk_gdn.register_fake
+    def _(q, k, v, g, beta, scale, initial_state, output_final_state):
+        B, T, H, K = k.shape
+        state = v.new_empty((B, H, K, v.shape[3]), dtype=torch.float32) if output_final_state else _empty_f32(q)
+        return torch.empty_like(v, dtype=q.dtype), state, torch.empty_like(g), k.new_empty(B, T, H, 64)
+
+    @torch.library.custom_op("llamathink::fla_chunk_gdn_backward", mutates_args=())
+    def fla_chunk_gdn_backward(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cum: torch.Tensor, beta: torch.Tensor, A: torch.Tensor,
+        scale: float, initial_state: torch.Tensor | None, grad_o: torch.Tensor, grad_state: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Gradients w.r.t. q, k, v, g, beta and the initial state (empty when there is none), by fla's backward."""
+        _, bwd = _fla_chunk_internals()
+        with _device_of(q):
+            dq, dk, dv, dbeta, dg, dh0 = bwd(q=q, k=k, v=v, g=g_cum, beta=beta, A=A, scale=scale,
+                                             initial_state=initial_state, do=grad_o.to(q.dtype).contiguous(),
+                                             dht=grad_state)[:6]  # fmt: skip
+        grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.float(), dbeta.to(beta.dtype),
+                 dh0.float() if dh0 is not None and initial_state is not None else _empty_f32(q))  # fmt: skip
+        return tuple(t.contiguous() for t in grads)
+
+    @fla_chunk_gdn_backward.register_fake
+    def _(q, k, v, g_cum, beta, A, scale, initial_state, grad_o, grad_state):
+        dh0 = torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None else _empty_f32(q)
+        return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g_cum),
+                torch.empty_like(beta), dh0)  # fmt: skip
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, _, beta, scale, initial_state, _ = inputs
+        _, _, g_cum, A = output
+        ctx.save_for_backward(q, k, v, g_cum, beta, A, initial_state)
+        ctx.scale = scale
+
+    def backward(ctx, grad_o, grad_state, _grad_g_cum, _grad_A):
+        q, k, v, g_cum, beta, A, initial_state = ctx.saved_tensors
+        if grad_state is not None and grad_state.numel() == 0:
+            grad_state = None
+        dq, dk, dv, dg, dbeta, dh0 = fla_chunk_gdn_backward(
+            q, k, v, g_cum, beta, A, ctx.scale, initial_state, grad_o, grad_state
+        )
+        return dq, dk, dv, dg, dbeta, None, dh0 if initial_state is not None else None, None
+
+    fla_chunk_gdn.register_autograd(backward, setup_context=setup_context)
+    return torch.ops.llamathink.fla_chunk_gdn
+
+
+_fla_chunk_op = _define_fla_chunk_op()
+
+
+def fla_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False, chunk_size=64):
+    """fla's chunked kernel behind our contract (q, k already L2-normalised; [B, T, H, D]; fp32 g)."""
+    if not torch.compiler.is_compiling() or _fla_chunk_internals() is None:
+        o, state = _fla_chunk_eager(q, k, v, g, beta, scale, initial_state, output_final_state)
+        return o.to(v.dtype), state
+    # Traced: the casts and copies to fla's dtypes and layout happen here, where inductor fuses them into the
+    # kernels that produce q, k, v, g and beta (behind a graph break they were 13 ms of separate copies per step).
+    dtype = _fla_dtype(v)
+    o, state, _, _ = _fla_chunk_op(
+        q.to(dtype).contiguous(), k.to(dtype).contiguous(), v.to(dtype).contiguous(), g.float().contiguous(),
+        beta.to(dtype).contiguous(), scale, None if initial_state is None else initial_state.float().contiguous(),
+        output_final_state,
+    )  # fmt: skip
+    return o.to(v.dtype), state if output_final_state else None
 
 
 @torch.compiler.disable
@@ -747,13 +884,22 @@ class LlamaThinkGatedDeltaNet(nn.Module):
             x = F.pad(qkv, (K - 1, 0))  # a fresh sequence sees zeros before position 0
         if state is not None:
             state.conv = x[:, :, x.shape[-1] - (K - 1) :].detach().clone()
-        out = F.conv1d(x, self.conv1d.weight.to(x.dtype), groups=self.conv_dim)  # [B, C, T]
-        return F.silu(out[:, :, -T:])
+        weight = self.conv1d.weight.to(x.dtype)  # [C, 1, K]
+        if torch.compiler.is_compiling():
+            # K shifted products, which inductor fuses with the SiLU into one kernel each way; cuDNN's depthwise
+            # conv kernels took 10 ms of a 70 ms compiled step (BENCHMARKS.md section 1). Eager keeps cuDNN's
+            # single kernel over K separate element-wise passes.
+            out = x[:, :, :T] * weight[:, :, 0]
+            for i in range(1, K):
+                out = out + x[:, :, i : i + T] * weight[:, :, i]  # [B, C, T]
+        else:
+            out = F.conv1d(x, weight, groups=self.conv_dim)[:, :, -T:]  # [B, C, T]
+        return F.silu(out)
 
     def _delta_rule(self, q, k, v, g, beta, initial_state, output_final_state):
         """The dispatch point of the delta-rule kernel: fla or the PyTorch reference, chunked or recurrent."""
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta))
-        backend = select_gdn_backend(self.backend, q.device, needs_grad)
+        backend = select_gdn_backend(self.backend, q.device, needs_grad, v.dtype)
         kernels = FLA_GDN_KERNELS if backend == "fla" else GDN_KERNELS
         if q.shape[1] == 1 and initial_state is not None and not needs_grad:
             return kernels["recurrent"](q, k, v, g, beta, self.head_k_dim**-0.5, initial_state, output_final_state)

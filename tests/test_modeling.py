@@ -1,6 +1,7 @@
 """Model-core tests: configuration, kernels, mixers against independent references and transformers' Qwen3.5
 modules, causality, caching and generate(), padding, saving and remote-code loading."""
 
+import concurrent.futures
 import copy
 import json
 import math
@@ -16,6 +17,7 @@ from conftest import REPO_ROOT, randomize_, tiny_config, tiny_model
 from safetensors import safe_open
 
 from llamathink import LlamaThinkCache, LlamaThinkConfig, LlamaThinkForCausalLM, LlamaThinkModel
+from llamathink import modeling_llamathink as modeling
 from llamathink.modeling_llamathink import (
     LlamaThinkAttention,
     LlamaThinkCompressedSparseAttention,
@@ -732,6 +734,73 @@ def test_training_step_traces_into_one_graph_for_torch_compile():
     assert explanation.graph_count == 1
 
 
+def _reference_fla_internals():
+    """Stand-ins for fla's chunked forward and backward with fla's signatures and output layout, computed by our
+    PyTorch reference (the backward by autograd on a worker thread: a custom op's body runs with autograd off)."""
+
+    def fwd(q, k, v, g, beta, scale, initial_state, output_final_state, **_):
+        o, state = torch_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
+        return g.clone(), o, k.new_zeros(*k.shape[:3], 64), state, initial_state, None
+
+    def bwd(q, k, v, g, beta, A, scale, initial_state, do, dht, **_):
+        def grads():
+            inputs = [t.detach().requires_grad_() for t in (q, k, v, g, beta)]
+            h0 = None if initial_state is None else initial_state.detach().requires_grad_()
+            o, state = torch_chunk_gated_delta_rule(*inputs, scale, h0, dht is not None)
+            outputs, grad_outputs = [o, state][: 1 + (dht is not None)], [do, dht][: 1 + (dht is not None)]
+            return torch.autograd.grad(outputs, inputs + [h0][: h0 is not None], grad_outputs)
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            r = pool.submit(grads).result()
+        return r[0], r[1], r[2], r[4], r[3], r[5] if initial_state is not None else None, None, None
+
+    return fwd, bwd
+
+
+@pytest.fixture
+def fla_as_reference(monkeypatch):
+    """fla's kernels replaced by the PyTorch reference, and the fla backend used (also on CPU) unless "torch" is
+    asked for."""
+    monkeypatch.setitem(modeling._fla_state, "internals", _reference_fla_internals())
+    monkeypatch.setattr(modeling, "select_gdn_backend", lambda asked, *_: "torch" if asked == "torch" else "fla")
+
+
+def test_fla_custom_op_registration(fla_as_reference):
+    """The op behind compiled fla training: schema, fake (meta) outputs, autograd formula and AOT tracing are
+    consistent (torch.library.opcheck), with and without an initial state / final state."""
+    gen = torch.Generator().manual_seed(0)
+    B, T, H, K, V = 2, 70, 3, 8, 10
+    q, k = (l2norm(torch.randn(B, T, H, K, generator=gen)) for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=gen)
+    g = -F.softplus(torch.randn(B, T, H, generator=gen)) * 0.3
+    beta = torch.rand(B, T, H, generator=gen)
+    h0 = torch.randn(B, H, K, V, generator=gen) * 0.1
+    for initial_state, final in ((None, False), (h0, True)):
+        args = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
+        h = None if initial_state is None else initial_state.clone().requires_grad_()
+        torch.library.opcheck(modeling._fla_chunk_op, (*args, K**-0.5, h, final))
+
+
+def test_compiled_fla_path_is_one_graph_with_exact_gradients(fla_as_reference):
+    """Under torch.compile the fla backend runs as one opaque op per layer: the training forward is one graph
+    (no break per Gated DeltaNet layer), and loss and gradients equal the eager PyTorch path's."""
+    ids = torch.randint(1, 96, (2, 70), generator=torch.Generator().manual_seed(0))
+    mixers = ["linear", "csa", "full", "linear"]
+    reference = tiny_model(dtype=torch.float32, mixer_types=mixers, gdn_backend="torch").train()
+    compiled = tiny_model(dtype=torch.float32, mixer_types=mixers, gdn_backend="fla").train()
+    loss_ref = reference(input_ids=ids, labels=ids).loss
+    loss_ref.backward()
+    explanation = torch._dynamo.explain(lambda x: compiled(input_ids=x, labels=x).loss)(ids)
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+    assert "llamathink.fla_chunk_gdn" in str(explanation.graphs[0].graph)
+    torch._dynamo.reset()
+    loss = torch.compile(lambda x: compiled(input_ids=x, labels=x).loss, backend="aot_eager", fullgraph=True)(ids)
+    loss.backward()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    for (name, p_ref), (_, p) in zip(reference.named_parameters(), compiled.named_parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_every_parameter_gets_a_gradient(model):
     ids = torch.randint(1, 96, (2, 20))
     model.train()
@@ -845,3 +914,17 @@ def test_gdn_backend_selection_falls_back_on_cpu(caplog):
     assert select_gdn_backend("fla", torch.device("cpu"), needs_grad=False) == "torch"
     with pytest.raises(ValueError, match="gdn_backend='triton' is not one of"):
         tiny_config(gdn_backend="triton")
+
+
+def test_gdn_backend_selection_keeps_fp32_training_off_fla(monkeypatch):
+    """Where fla works (stubbed here), bf16/fp16 training and any inference use it; fp32 training does not."""
+    from llamathink import modeling_llamathink as m
+
+    monkeypatch.setattr(m, "_fla_ops", lambda: ("chunk", "recurrent"))
+    monkeypatch.setattr(m, "fla_backward_problem", lambda device: None)
+    cuda = torch.device("cuda")
+    assert m.select_gdn_backend("auto", cuda, needs_grad=True, dtype=torch.bfloat16) == "fla"
+    assert m.select_gdn_backend("fla", cuda, needs_grad=True, dtype=torch.float16) == "fla"
+    assert m.select_gdn_backend("auto", cuda, needs_grad=False, dtype=torch.float32) == "fla"
+    assert m.select_gdn_backend("auto", cuda, needs_grad=True, dtype=torch.float32) == "torch"
+    assert m.select_gdn_backend("torch", cuda, needs_grad=True, dtype=torch.bfloat16) == "torch"
