@@ -404,12 +404,12 @@ def _define_fla_chunk_op():
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """q, k, v, beta [B, T, H, D] / [B, T, H] in one 16-bit or fp32 dtype, g fp32, all contiguous ->
         o [B, T, H, Dv], final state [B, H, Dk, Dv] fp32 (or empty), and what the backward needs: fla's per-chunk
-        cumulative gates [B, T, H] fp32 and inverted WY matrices A [B, T, H, 64] (q's dtype)."""
+        cumulative gates [B, T, H] fp32 and inverted WY matrices A [B, T, H, 64] (k's dtype)."""
         fwd, _ = _fla_chunk_internals()
         with _device_of(q):
             g_cum, o, A, state = fwd(q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=initial_state,
                                      output_final_state=output_final_state)[:4]  # fmt: skip
-        if A.shape != (*k.shape[:3], 64) or A.dtype != k.dtype or g_cum.dtype != torch.float32:
+        if A.shape != (*v.shape[:3], 64) or A.dtype != k.dtype or g_cum.dtype != torch.float32:
             raise RuntimeError(
                 f"fla's chunk_gated_delta_rule_fwd returned A {tuple(A.shape)} {A.dtype}, gates {g_cum.dtype}: not "
                 "the layout this version of LlamaThink was written for (fla-core 0.6); train without torch.compile"
@@ -418,8 +418,8 @@ def _define_fla_chunk_op():
 
     @fla_chunk_gdn.register_fake
     def _(q, k, v, g, beta, scale, initial_state, output_final_state):
-        B, T, H, K = k.shape
-        state = v.new_empty((B, H, K, v.shape[3]), dtype=torch.float32) if output_final_state else _empty_f32(q)
+        B, T, H, V = v.shape  # H: value heads (fla also takes fewer q/k heads; we pass them repeated)
+        state = v.new_empty((B, H, k.shape[3], V), dtype=torch.float32) if output_final_state else _empty_f32(q)
         return torch.empty_like(v, dtype=q.dtype), state, torch.empty_like(g), k.new_empty(B, T, H, 64)
 
     @torch.library.custom_op("llamathink::fla_chunk_gdn_backward", mutates_args=())
