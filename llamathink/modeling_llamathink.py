@@ -350,8 +350,6 @@ def _fla_chunk_internals():
     if "internals" not in _fla_state:
         _fla_state["internals"] = None
         try:
-            import inspect
-
             from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_bwd, chunk_gated_delta_rule_fwd
 
             need_fwd = {"q", "k", "v", "g", "beta", "scale", "initial_state", "output_final_state"}
@@ -873,6 +871,10 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
         self.norm = LlamaThinkGatedRMSNorm(self.head_v_dim, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, config.hidden_size, bias=False)
+        if self.backend != "torch" and torch.cuda.is_available():
+            # look fla up now, not on the first forward: under torch.compile that lookup would import fla while
+            # dynamo traces the step
+            _fla_ops(), _fla_chunk_internals()
 
     def _causal_conv(self, qkv: torch.Tensor, state: GatedDeltaNetState | None) -> torch.Tensor:
         """Depthwise causal conv + SiLU over qkv [B, C, T]; reads and updates the conv state when caching."""
