@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of BENCHMARKS.md section 1 and the GPU tests, on a machine with two GPUs (the two halves of
-# each part run side by side, one per GPU; with one GPU they run one after the other), in commands of under
-# 10 minutes each:
+# each part run side by side, one per GPU), in commands of under 10 minutes each. With one GPU the halves run one
+# after the other; name one (`gpu_suite.sh fla 0`, then `... fla 1`) to keep each command under 10 minutes:
 #   OUT=results_dir bash benchmarks/gpu_suite.sh nofla   # before fla is installed: our own PyTorch GDN path
 #                                                        # (training eager + compiled), generate(), GPU tests
 #   OUT=results_dir bash benchmarks/gpu_suite.sh fla     # with fla-core + tilelang (../shared/gpu/stage-wheels.sh):
@@ -14,6 +14,7 @@
 set -u
 OUT=${OUT:-results}
 PART=${1:-fla}
+ONLY=${2:-}  # 0 or 1: run only that half
 mkdir -p "$OUT" /tmp/kcache
 [ -f .gpu-kernel-cache/kernels.tgz ] && tar -xzf .gpu-kernel-cache/kernels.tgz -C /tmp/kcache
 export TRITON_CACHE_DIR=/tmp/kcache/triton TILELANG_CACHE_DIR=/tmp/kcache/tilelang PYTHONUNBUFFERED=1
@@ -39,7 +40,9 @@ else
         tail -3 "$OUT/profile.log"
         bench 130 generate_fla --models llamathink:fla,hf-qwen3.5 --no-train; }
 fi
-if [ "$SECOND" = 1 ]; then
+if [ -n "$ONLY" ]; then
+    "half$ONLY" > "$OUT/half$ONLY.txt" 2>&1
+elif [ "$SECOND" = 1 ]; then
     CUDA_VISIBLE_DEVICES=0 half0 > "$OUT/half0.txt" 2>&1 &
     CUDA_VISIBLE_DEVICES=1 half1 > "$OUT/half1.txt" 2>&1 &
     wait
@@ -47,7 +50,7 @@ else
     half0 > "$OUT/half0.txt" 2>&1
     half1 > "$OUT/half1.txt" 2>&1
 fi
-cat "$OUT/half0.txt" "$OUT/half1.txt"
+cat "$OUT"/half*.txt
 [ -f "$OUT/profile_auto.txt" ] && head -c 6000 "$OUT/profile_auto.txt"
 # The device returns only a few files per call: everything measured goes back as one archive.
 tar -czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/results.tgz"
