@@ -389,7 +389,8 @@ def _device_of(t: torch.Tensor):
 
 def _define_fla_chunk_op():
     """Define `llamathink::fla_chunk_gdn` (+ its backward op and autograd formula) once per process: a copy of this
-    file loaded through `trust_remote_code` next to the installed package reuses the first definition."""
+    file loaded through `trust_remote_code` next to the installed package reuses the first definition rather than
+    registering the op a second time."""
     try:
         return torch.ops.llamathink.fla_chunk_gdn
     except (AttributeError, RuntimeError):

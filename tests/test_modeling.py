@@ -892,6 +892,28 @@ def test_remote_code_round_trip_in_a_fresh_process_without_the_package(tmp_path,
     assert proc.returncode == 0 and "REMOTE-OK" in proc.stdout, proc.stderr[-3000:]
 
 
+def test_a_second_copy_of_the_modeling_file_loads_in_the_same_process(tmp_path, monkeypatch):
+    """trust_remote_code imports a copy of the modeling file next to the installed package: the copy reuses the
+    first definition of the custom op `llamathink::fla_chunk_gdn` instead of registering it again."""
+    import importlib
+    import shutil
+
+    (tmp_path / "llamathink_copy").mkdir()
+    for name in ("__init__.py", "configuration_llamathink.py", "modeling_llamathink.py"):
+        source = REPO_ROOT / "llamathink" / name
+        target = tmp_path / "llamathink_copy" / name
+        if name == "__init__.py":
+            target.write_text("")
+        else:
+            shutil.copy(source, target)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    copy_module = importlib.import_module("llamathink_copy.modeling_llamathink")
+    assert copy_module is not modeling and copy_module._fla_chunk_op is modeling._fla_chunk_op
+    ids = torch.randint(1, 96, (1, 9), generator=torch.Generator().manual_seed(0))
+    config = copy_module.LlamaThinkConfig(**tiny_config().to_dict())
+    assert copy_module.LlamaThinkForCausalLM(config)(ids).logits.shape == (1, 9, 96)
+
+
 def test_text_generation_pipeline(tmp_path):
     from transformers import PreTrainedTokenizerFast, pipeline
     from tokenizers import Tokenizer, models, pre_tokenizers
