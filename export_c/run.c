@@ -1266,13 +1266,13 @@ static void state_free(State *s, const Model *m) {
     memset(s, 0, sizeof(*s));
 }
 
-/* x * 1/sqrt(mean(x^2)+eps) * w1 */
-static void rmsnorm(float *o, const float *x, const float *w1, int n, float eps) {
+/* sum of squares in double (8 lanes at a time) */
+static inline double sumsq(const float *x, int n) {
     double ss = 0;
     int i0 = 0;
 #if defined(LT_AVX2)
     __m256d s0 = _mm256_setzero_pd(), s1 = s0;
-    for (; i0 + 8 <= n; i0 += 8) { /* sum of squares in double, 4 lanes x 2 */
+    for (; i0 + 8 <= n; i0 += 8) {
         const __m256 v = _mm256_loadu_ps(x + i0);
         const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
         s0 = _mm256_fmadd_pd(lo, lo, s0);
@@ -1283,6 +1283,12 @@ static void rmsnorm(float *o, const float *x, const float *w1, int n, float eps)
     ss = (tmp[0] + tmp[1]) + (tmp[2] + tmp[3]);
 #endif
     for (int i = i0; i < n; i++) ss += (double)x[i] * x[i];
+    return ss;
+}
+
+/* x * 1/sqrt(mean(x^2)+eps) * w1 */
+static void rmsnorm(float *o, const float *x, const float *w1, int n, float eps) {
+    const double ss = sumsq(x, n);
     float inv = 1.0f / sqrtf((float)(ss / n) + eps);
     for (int i = 0; i < n; i++) o[i] = (x[i] * inv) * w1[i];
 }
@@ -1452,26 +1458,6 @@ static void gdn_read(const float *S, int Dk, int Dv, int j0, int w, const float 
         const float ki = k[i], qi = q[i];
         for (int j = j0; j < j0 + w; j++) { a[j] += ki * row[j]; b[j] += qi * row[j]; }
     }
-}
-
-/* sum of squares in double (8 lanes at a time) */
-static inline double sumsq(const float *x, int n) {
-    double ss = 0;
-    int i0 = 0;
-#if defined(LT_AVX2)
-    __m256d s0 = _mm256_setzero_pd(), s1 = s0;
-    for (; i0 + 8 <= n; i0 += 8) {
-        const __m256 v = _mm256_loadu_ps(x + i0);
-        const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
-        s0 = _mm256_fmadd_pd(lo, lo, s0);
-        s1 = _mm256_fmadd_pd(hi, hi, s1);
-    }
-    double tmp[4];
-    _mm256_storeu_pd(tmp, _mm256_add_pd(s0, s1));
-    ss = (tmp[0] + tmp[1]) + (tmp[2] + tmp[3]);
-#endif
-    for (int i = i0; i < n; i++) ss += (double)x[i] * x[i];
-    return ss;
 }
 
 static void mixer_linear(const Model *m, const Layer *L, LayerState *ls, State *s, int T) {
