@@ -98,6 +98,8 @@ def flops_per_token(name: str, model, seq: int) -> float:
 
 def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False) -> dict:
     torch.manual_seed(0)
+    if compile_model:  # a fresh start per model: no guards or automatic-dynamic shapes left by the previous one
+        torch._dynamo.reset()
     model = build(name).cuda()
     n_params = sum(p.numel() for p in model.parameters())
     fpt = flops_per_token(name, model, seq)
@@ -114,7 +116,11 @@ def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False) -> d
         opt.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(warmup):
+    t_first = time.perf_counter()
+    step()  # the first step also compiles
+    torch.cuda.synchronize()
+    first_step_s = time.perf_counter() - t_first
+    for _ in range(warmup - 1):
         step()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -125,7 +131,8 @@ def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False) -> d
     tok_s = batch * seq / dt
     result = {"model": name, "params": n_params, "batch": batch, "seq": seq, "compiled": compile_model,
               "step_s": dt, "tokens_per_s": tok_s, "mfu": tok_s * fpt / peak, "flops_per_token": fpt,
-              "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss)}  # fmt: skip
+              "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss),
+              "first_step_s": first_step_s}  # fmt: skip
     del model, opt, step_model
     gc.collect()
     torch.cuda.empty_cache()

@@ -2,11 +2,12 @@
 # The GPU measurements of BENCHMARKS.md section 1 and the GPU tests, on a machine with two GPUs (the two halves of
 # each part run side by side, one per GPU), in commands of under 10 minutes each. With one GPU the halves run one
 # after the other; name one (`gpu_suite.sh fla 0`, then `... fla 1`) to keep each command under 10 minutes:
-#   OUT=results_dir bash benchmarks/gpu_suite.sh nofla   # before fla is installed: our own PyTorch GDN path
-#                                                        # (training eager + compiled), generate(), GPU tests
+#   OUT=results_dir bash benchmarks/gpu_suite.sh nofla   # before fla is installed: GPU tests, generate(), our own
+#                                                        # PyTorch GDN path compiled (its eager figure: `fla` part)
 #   OUT=results_dir bash benchmarks/gpu_suite.sh fla     # with fla-core + tilelang (../shared/gpu/stage-wheels.sh):
-#                                                        # training, ours and the peers in one process, eager then
-#                                                        # compiled; GPU tests; profile; generate()
+#                                                        # training compiled (ours, then the peers) and eager (ours
+#                                                        # beside the peers in one process); GPU tests; generate()
+#   OUT=results_dir bash benchmarks/gpu_suite.sh profile # torch.profiler view of the eager and compiled steps
 # Every benchmark has its own time limit so that a slow one cannot eat the others' time, and writes what it
 # measured as it goes; at the end everything is packed into $OUT/results.tgz (the device returns a handful of files
 # per call). Triton and tilelang JIT caches are kept in $OUT/kernels.tgz; carry it back as .gpu-kernel-cache/ to
@@ -25,20 +26,24 @@ bench() { local limit=$1 name=$2; shift 2; timeout "$limit" python benchmarks/be
     --out "$OUT/bench_$name.json" "$@" > "$OUT/bench_$name.log" 2>&1; grep '^{' "$OUT/bench_$name.log"; }
 gpu_tests() { timeout "$1" python -m pytest -q -p no:cacheprovider --tb=short -rfEs tests/test_gpu.py \
     > "$OUT/test_gpu_$2.log" 2>&1; grep -v Warn "$OUT/test_gpu_$2.log" | tail -30; }
-if [ "$PART" = nofla ]; then
+if [ "$PART" = nofla ]; then  # before fla is installed
     half0() {
-        bench 160 generate_torch --models llamathink:torch,llamathink:torch:eager-decode,hf-qwen3.5,hf-llama --no-train
-        gpu_tests 150 nofla; }
-    half1() { bench 280 train_torch --models llamathink:torch --compile --no-generate; }
-else
+        gpu_tests 150 nofla
+        bench 160 generate_torch --models llamathink:torch,llamathink:torch:eager-decode,hf-qwen3.5,hf-llama --no-train; }
+    half1() { bench 500 train_torch --models llamathink:torch --compiled-only --train-batches 16 --no-generate; }
+elif [ "$PART" = fla ]; then
     half0() {
-        bench 230 train_eager --models llamathink:fla,hf-qwen3.5,hf-llama --train-batches 16,64 --no-generate
-        bench 320 train_compiled --models llamathink:fla,hf-llama,hf-qwen3.5 --compiled-only --no-generate; }
+        bench 300 train_compiled --models llamathink:fla --compiled-only --train-batches 16,64 --no-generate
+        bench 260 train_compiled_peers --models hf-llama,hf-qwen3.5 --compiled-only --no-generate; }
     half1() {
         gpu_tests 170 fla
-        timeout 240 python benchmarks/profile_gpu.py --backend auto --compile --out "$OUT" > "$OUT/profile.log" 2>&1
-        tail -3 "$OUT/profile.log"
+        bench 280 train_eager --models llamathink:fla,llamathink:torch,hf-qwen3.5,hf-llama --train-batches 16,64 --no-generate
         bench 130 generate_fla --models llamathink:fla,hf-qwen3.5 --no-train; }
+else  # profile
+    half0() {
+        timeout 300 python benchmarks/profile_gpu.py --backend auto --compile --out "$OUT" > "$OUT/profile.log" 2>&1
+        tail -3 "$OUT/profile.log"; }
+    half1() { :; }
 fi
 if [ -n "$ONLY" ]; then
     "half$ONLY" > "$OUT/half$ONLY.txt" 2>&1

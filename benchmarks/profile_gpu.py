@@ -94,7 +94,26 @@ def kernel_table(model, ids, rows=30) -> str:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="device_time_total", row_limit=rows, max_name_column_width=70)
+    averages = prof.key_averages()
+    busy_ms = sum(e.self_device_time_total for e in averages if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
+    table = averages.table(sort_by="device_time_total", row_limit=rows, max_name_column_width=70)
+    return f"{table}\nGPU kernel time of the step (forward + backward): {busy_ms:.1f} ms"
+
+
+def step_wall_ms(model, ids, steps=5) -> str:
+    """Wall time of a synchronised training step (forward + backward): compared with the GPU kernel time above, the
+    difference is time the GPU waits on the host (launch overhead, graph breaks, syncs)."""
+    wall = 0.0
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        torch.cuda.synchronize()
+        wall += (time.perf_counter() - t0) * 1e3 / steps
+    model.zero_grad(set_to_none=True)
+    return f"wall time of a training step (forward + backward, no optimizer): {wall:.1f} ms"
 
 
 @torch.no_grad()
@@ -153,9 +172,17 @@ def main(argv=None) -> int:
         report.append(f"  {name:24s} {ms:8.2f}")
     report.append("## top kernels of one training step")
     report.append(kernel_table(model, ids))
+    report.append(step_wall_ms(model, ids))
     if args.compile:
+        from torch._dynamo.utils import counters
+
+        compiled = torch.compile(model)
         report.append("## top kernels of one torch.compile'd training step")
-        report.append(kernel_table(torch.compile(model), ids))
+        report.append(kernel_table(compiled, ids))
+        breaks = {reason: n for reason, n in counters["graph_break"].items()}
+        report.append(f"graph breaks: {sum(breaks.values())} ({len(counters['stats'])} dynamo stats); reasons:")
+        report += [f"  {n:4d}  {reason[:200]}" for reason, n in sorted(breaks.items(), key=lambda kv: -kv[1])[:10]]
+        report.append(step_wall_ms(compiled, ids))
     report.append("## cached greedy decode, batch 1 (bf16 weights)")
     report.append(decode_profile(model.to(torch.bfloat16), args.decode_tokens))
     text = "\n".join(report)
