@@ -289,6 +289,15 @@ def fla_backward_problem(device: torch.device) -> str | None:
     """
     if device.type != "cuda":
         return "fla kernels need a CUDA device"
+    # Memoised per device: the checks below (importlib's find_spec in particular) cannot be traced by dynamo, and a
+    # compiled training step asks again in every Gated DeltaNet layer.
+    key = ("backward-problem", device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _fla_state:
+        _fla_state[key] = _fla_backward_problem_uncached(device)
+    return _fla_state[key]
+
+
+def _fla_backward_problem_uncached(device: torch.device) -> str | None:
     import importlib.util
 
     try:
@@ -873,9 +882,10 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         self.norm = LlamaThinkGatedRMSNorm(self.head_v_dim, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, config.hidden_size, bias=False)
         if self.backend != "torch" and torch.cuda.is_available():
-            # look fla up now, not on the first forward: under torch.compile that lookup would import fla while
-            # dynamo traces the step
-            _fla_ops(), _fla_chunk_internals()
+            # look fla up now, not on the first forward: under torch.compile that lookup would import fla (and ask
+            # importlib whether tilelang is there) while dynamo traces the step
+            if _fla_ops() is not None:
+                _fla_chunk_internals(), fla_backward_problem(torch.device("cuda", torch.cuda.current_device()))
 
     def _causal_conv(self, qkv: torch.Tensor, state: GatedDeltaNetState | None) -> torch.Tensor:
         """Depthwise causal conv + SiLU over qkv [B, C, T]; reads and updates the conv state when caching."""

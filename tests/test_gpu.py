@@ -64,10 +64,10 @@ def test_fla_recurrent_matches_reference():
 GDN_DIMS = {"dims8x10": {}, "dims16x32": dict(linear_key_head_dim=16, linear_value_head_dim=32)}
 
 
-def _loss_and_grads(model, ids, autocast: bool):
+def _loss_and_grads(model, ids, autocast: bool, forward=None):
     model.zero_grad(set_to_none=True)
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-        loss = model(ids, labels=ids).loss
+        loss = (forward or model)(ids, labels=ids, use_cache=False).loss
     loss.backward()
     return loss.item(), {name: p.grad.detach().float().cpu() for name, p in model.named_parameters()}
 
@@ -105,6 +105,26 @@ def test_gpu_backends_match_cpu_reference_forward_and_gradients(dims):
     worst = sorted(((fla[n], ours[n], n) for n in fla), reverse=True)[:5]
     assert all(fla[n] < 2 * ours[n] + 1e-2 for n in fla), ("fla vs ours (relative gradient errors)", worst)
     assert abs(results["fla"][0] - loss_ref) < 2 * abs(results["torch"][0] - loss_ref) + 2e-3 * abs(loss_ref)
+
+
+@needs_fla
+def test_compiled_fla_training_is_one_graph_and_matches_the_reference():
+    """torch.compile'd bf16 training through the fla custom ops: one graph (fullgraph=True fails on any break), and
+    loss and gradients as close to the fp32 CPU reference as eager fla's."""
+    if fla_backward_problem(torch.device("cuda")) is not None:
+        pytest.skip(fla_backward_problem(torch.device("cuda")))
+    dims = GDN_DIMS["dims16x32"]
+    ids = torch.randint(1, 96, (2, 150), generator=torch.Generator().manual_seed(0))
+    loss_ref, grads_ref = _loss_and_grads(tiny_model(dtype=torch.float32, gdn_backend="torch", **dims).train(), ids, False)
+    model = tiny_model(dtype=torch.float32, gdn_backend="fla", **dims).cuda().train()
+    loss_eager, grads_eager = _loss_and_grads(model, ids.cuda(), autocast=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    loss_compiled, grads_compiled = _loss_and_grads(model, ids.cuda(), autocast=True, forward=compiled)
+    eager, comp = _relative_errors(grads_eager, grads_ref), _relative_errors(grads_compiled, grads_ref)
+    worst = sorted(((comp[n], eager[n], n) for n in comp), reverse=True)[:5]
+    assert all(comp[n] < 2 * eager[n] + 1e-2 for n in comp), ("compiled vs eager (relative gradient errors)", worst)
+    assert abs(loss_compiled - loss_ref) < 2 * abs(loss_eager - loss_ref) + 2e-3 * abs(loss_ref)
 
 
 def test_cached_decode_equals_uncached_forward_on_gpu():
