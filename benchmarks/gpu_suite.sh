@@ -6,8 +6,9 @@
 #                                                        # PyTorch GDN path compiled (its eager figure: `fla` part)
 #   OUT=results_dir bash benchmarks/gpu_suite.sh fla     # with fla-core + tilelang (../shared/gpu/stage-wheels.sh):
 #                                                        # training compiled (ours, then the peers) and eager (ours
-#                                                        # beside the peers in one process); GPU tests; generate()
-#   OUT=results_dir bash benchmarks/gpu_suite.sh profile # torch.profiler view of the eager and compiled steps
+#                                                        # beside the peers in one process); GPU tests
+#   OUT=results_dir bash benchmarks/gpu_suite.sh profile # torch.profiler view of the eager and compiled steps,
+#                                                        # generate() with fla, HF Qwen3.5 compiled (slow to compile)
 # Every benchmark has its own time limit so that a slow one cannot eat the others' time, and writes what it
 # measured as it goes; at the end everything is packed into $OUT/results.tgz (the device returns a handful of files
 # per call). Triton and tilelang JIT caches are kept in $OUT/kernels.tgz; carry it back as .gpu-kernel-cache/ to
@@ -36,14 +37,14 @@ elif [ "$PART" = fla ]; then
         bench 300 train_compiled --models llamathink:fla --compiled-only --train-batches 16,64 --no-generate
         bench 260 train_compiled_peers --models hf-llama,hf-qwen3.5 --compiled-only --no-generate; }
     half1() {
-        gpu_tests 170 fla
-        bench 280 train_eager --models llamathink:fla,llamathink:torch,hf-qwen3.5,hf-llama --train-batches 16,64 --no-generate
-        bench 130 generate_fla --models llamathink:fla,hf-qwen3.5 --no-train; }
+        gpu_tests 300 fla  # fla's Triton and tilelang kernels compile for every new head size: minutes on a fresh machine
+        bench 280 train_eager --models llamathink:fla,llamathink:torch,hf-qwen3.5,hf-llama --train-batches 16,64 --no-generate; }
 else  # profile
     half0() {
         timeout 300 python benchmarks/profile_gpu.py --backend auto --compile --out "$OUT" > "$OUT/profile.log" 2>&1
-        tail -3 "$OUT/profile.log"; }
-    half1() { :; }
+        tail -3 "$OUT/profile.log"
+        bench 115 generate_fla --models llamathink:fla,hf-qwen3.5 --no-train; }
+    half1() { bench 500 train_compiled_qwen --models hf-qwen3.5 --compiled-only --no-generate; }
 fi
 if [ -n "$ONLY" ]; then
     "half$ONLY" > "$OUT/half$ONLY.txt" 2>&1

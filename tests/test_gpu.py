@@ -67,7 +67,7 @@ GDN_DIMS = {"dims8x10": {}, "dims16x32": dict(linear_key_head_dim=16, linear_val
 def _loss_and_grads(model, ids, autocast: bool, forward=None):
     model.zero_grad(set_to_none=True)
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-        loss = (forward or model)(ids, labels=ids, use_cache=False).loss
+        loss = (model if forward is None else forward)(ids, labels=ids, use_cache=False).loss
     loss.backward()
     return loss.item(), {name: p.grad.detach().float().cpu() for name, p in model.named_parameters()}
 

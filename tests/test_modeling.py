@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
@@ -950,3 +951,46 @@ def test_gdn_backend_selection_keeps_fp32_training_off_fla(monkeypatch):
     assert m.select_gdn_backend("auto", cuda, needs_grad=False, dtype=torch.float32) == "fla"
     assert m.select_gdn_backend("auto", cuda, needs_grad=True, dtype=torch.float32) == "torch"
     assert m.select_gdn_backend("torch", cuda, needs_grad=True, dtype=torch.bfloat16) == "torch"
+
+
+def test_fla_backend_choice_is_probed_once_and_traces_without_graph_breaks(monkeypatch):
+    """Under torch.compile every Gated DeltaNet layer asks `select_gdn_backend` again. The probe behind it (triton's
+    version, importlib's find_spec for tilelang: dynamo cannot trace find_spec in torch 2.11, which cut the compiled
+    step on the H100 at all 8 GDN layers) must run once per device, when the layer is built; later answers are a
+    lookup that traces into the graph."""
+    import importlib.util
+
+    from torch._dynamo.backends import debugging  # noqa: F401  (explain's imports need the real, here missing, triton)
+
+    from llamathink import modeling_llamathink as m
+
+    probes = []
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        if name == "tilelang":
+            probes.append(name)
+            return real_find_spec("json")  # "installed"
+        return real_find_spec(name, *args)
+
+    monkeypatch.setattr(m, "_fla_state", {})
+    monkeypatch.setattr(m, "_fla_ops", lambda: ("chunk", "recurrent"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # a Hopper card
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    fake_triton = types.ModuleType("triton")
+    fake_triton.__version__ = "3.6.0"  # in fla's bad range: only tilelang makes its backward usable
+    monkeypatch.setitem(sys.modules, "triton", fake_triton)
+    cuda = torch.device("cuda", 0)
+    assert m.fla_backward_problem(cuda) is None  # what the layer's constructor does
+    for _ in range(8):
+        assert m.select_gdn_backend("auto", cuda, True, torch.bfloat16) == "fla"
+    assert probes == ["tilelang"]
+
+    def step(x):
+        x = x.sin()
+        return x * 2 if m.select_gdn_backend("auto", cuda, True, torch.bfloat16) == "fla" else x - 1
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(step)(torch.ones(3))
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+    assert probes == ["tilelang"]
