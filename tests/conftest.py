@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny configuration with every mixer type, and helpers to randomise weights so that
 norms, gates and hyper-connection scales are non-trivial (a freshly initialised model hides many bugs)."""
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,18 @@ if str(REPO_ROOT) not in sys.path:  # tests run from a checkout without installi
 from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run PyTorch's CPU ops on `n` intra-op threads: the tiny models' many small ops run ~20-30x slower with two
+    OpenMP threads spinning on a busy 2-core machine than with one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 LLAMA2_TOKENIZER = Path(
     os.environ.get("LLAMATHINK_LLAMA2_TOKENIZER", REPO_ROOT.parent / "shared" / "tokenizer" / "llama2-tokenizer.model")

@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import LLAMA2_TOKENIZER, REPO_ROOT
+from conftest import LLAMA2_TOKENIZER, REPO_ROOT, torch_threads
 
 import finetune_chat
 from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
@@ -39,11 +39,8 @@ from llamathink.tokenizer_utils import builtin_tokenizer, load_tokenizer
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """One intra-op thread: on a busy 2-core machine two spinning OpenMP threads make these small models ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

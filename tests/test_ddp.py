@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-import torch
 from conftest import REPO_ROOT
 from test_train import model_json, sample_data  # noqa: F401  (session fixtures)
 

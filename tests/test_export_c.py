@@ -21,7 +21,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import struct
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import torch_threads
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -587,13 +587,8 @@ def _chat_checkpoint(d: Path, cfg: dict, tok, seed: int = 0) -> dict:
 
 @pytest.fixture
 def one_thread():
-    """PyTorch on one thread: its tiny-model decode steps are ~30x slower with two threads spinning
-    on a busy 2-core machine."""
-    torch = pytest.importorskip("torch")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
