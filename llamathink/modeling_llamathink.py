@@ -885,7 +885,9 @@ class LlamaThinkGatedDeltaNet(nn.Module):
             # look fla up now, not on the first forward: under torch.compile that lookup would import fla (and ask
             # importlib whether tilelang is there) while dynamo traces the step
             if _fla_ops() is not None:
-                _fla_chunk_internals(), fla_backward_problem(torch.device("cuda", torch.cuda.current_device()))
+                _fla_chunk_internals()
+                for index in range(torch.cuda.device_count()):  # the model may move to any of them later
+                    fla_backward_problem(torch.device("cuda", index))
 
     def _causal_conv(self, qkv: torch.Tensor, state: GatedDeltaNetState | None) -> torch.Tensor:
         """Depthwise causal conv + SiLU over qkv [B, C, T]; reads and updates the conv state when caching."""
