@@ -79,20 +79,22 @@ def _timed_steps(model, ids, steps, events, totals):
     model.zero_grad(set_to_none=True)
 
 
+def forward_backward(model, ids):
+    """One bf16 training step without the optimizer; `model` may be the torch.compile'd module."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
 def kernel_table(model, ids, rows=30) -> str:
     from torch.profiler import ProfilerActivity, profile
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
     for _ in range(2):  # warm-up (and, for a compiled model, compilation)
-        step()
+        forward_backward(model, ids)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
+        forward_backward(model, ids)
         torch.cuda.synchronize()
     averages = prof.key_averages()
     busy_ms = sum(e.self_device_time_total for e in averages if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
@@ -107,12 +109,9 @@ def step_wall_ms(model, ids, steps=5) -> str:
     for _ in range(steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
+        forward_backward(model, ids)
         torch.cuda.synchronize()
         wall += (time.perf_counter() - t0) * 1e3 / steps
-    model.zero_grad(set_to_none=True)
     return f"wall time of a training step (forward + backward, no optimizer): {wall:.1f} ms"
 
 
@@ -179,7 +178,7 @@ def main(argv=None) -> int:
         compiled = torch.compile(model)
         report.append("## top kernels of one torch.compile'd training step")
         report.append(kernel_table(compiled, ids))
-        breaks = {reason: n for reason, n in counters["graph_break"].items()}
+        breaks = dict(counters["graph_break"])
         report.append(f"graph breaks: {sum(breaks.values())} ({len(counters['stats'])} dynamo stats); reasons:")
         report += [f"  {n:4d}  {reason[:200]}" for reason, n in sorted(breaks.items(), key=lambda kv: -kv[1])[:10]]
         report.append(step_wall_ms(compiled, ids))

@@ -493,7 +493,7 @@ def fla_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, outp
 def fla_recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False):
     """fla's fused recurrent kernel (decode; it has no backward) behind our contract."""
     _, recurrent = _fla_ops()
-    dtype = v.dtype if v.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    dtype = _fla_dtype(v)
     o, state = recurrent(
         q.to(dtype), k.to(dtype), v.to(dtype), g=g.float(), beta=beta.to(dtype), scale=scale,
         initial_state=None if initial_state is None else initial_state.float(),
@@ -727,7 +727,7 @@ class _StaticDecoder:
         self.key_valid = torch.ones(B, L, dtype=torch.bool, device=device)  # which cache indices are real tokens
         self.padded = False  # whether the cache has seen padding (it then keeps `key_valid`)
         self.slots = torch.arange(max(L, cfg.csa_window), device=device)
-        self.input_ids = torch.zeros(B, 1, dtype=torch.long, device=weight.device)
+        self.input_ids = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.logits: torch.Tensor | None = None
         self.graph = None
         self.owner = None  # weakref to the cache whose state is in the buffers
@@ -1743,7 +1743,6 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
 
     def _decode_static_step(self, input_ids: torch.Tensor, static: _StaticDecoder) -> torch.Tensor:
         """Embedding -> layers -> head for one token on `static`'s buffers (what the CUDA graph captures)."""
-        B = input_ids.shape[0]
         hidden_states = self.model.embed_tokens(input_ids)
         static.key_valid.index_fill_(1, static.index, True)  # the new token is real (checked before the step)
         position_ids = static.positions[:, None]  # [B, 1]

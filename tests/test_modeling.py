@@ -724,14 +724,20 @@ def test_chunked_loss_under_bf16_autocast_matches_fp32():
         model(ids, skip_logits=True)
 
 
+def _explain_without_graph_breaks(fn, *args):
+    """torch._dynamo.explain(fn)(*args), asserting that dynamo traced it without a graph break (naming the reasons)."""
+    explanation = torch._dynamo.explain(fn)(*args)
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+    return explanation
+
+
 def test_training_step_traces_into_one_graph_for_torch_compile():
     """torch.compile sees the whole training forward (PyTorch kernels, chunked loss) as one graph: no graph breaks
-    from host syncs or Python-side checks. (fla's kernels are excluded from tracing on purpose, one break each.)"""
+    from host syncs or Python-side checks. (The fla backend's one-graph test is below.)"""
     model = tiny_model(dtype=torch.float32, mixer_types=["linear", "csa", "full", "linear"])
     model.train()
     ids = torch.randint(1, 96, (2, 64), generator=torch.Generator().manual_seed(0))
-    explanation = torch._dynamo.explain(lambda x: model(input_ids=x, labels=x).loss)(ids)
-    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+    explanation = _explain_without_graph_breaks(lambda x: model(input_ids=x, labels=x).loss, ids)
     assert explanation.graph_count == 1
 
 
@@ -791,8 +797,7 @@ def test_compiled_fla_path_is_one_graph_with_exact_gradients(fla_as_reference):
     compiled = tiny_model(dtype=torch.float32, mixer_types=mixers, gdn_backend="fla").train()
     loss_ref = reference(input_ids=ids, labels=ids).loss
     loss_ref.backward()
-    explanation = torch._dynamo.explain(lambda x: compiled(input_ids=x, labels=x).loss)(ids)
-    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+    explanation = _explain_without_graph_breaks(lambda x: compiled(input_ids=x, labels=x).loss, ids)
     assert "llamathink.fla_chunk_gdn" in str(explanation.graphs[0].graph)
     torch._dynamo.reset()
     loss = torch.compile(lambda x: compiled(input_ids=x, labels=x).loss, backend="aot_eager", fullgraph=True)(ids)
@@ -991,6 +996,5 @@ def test_fla_backend_choice_is_probed_once_and_traces_without_graph_breaks(monke
         return x * 2 if m.select_gdn_backend("auto", cuda, True, torch.bfloat16) == "fla" else x - 1
 
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(step)(torch.ones(3))
-    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+    _explain_without_graph_breaks(step, torch.ones(3))
     assert probes == ["tilelang"]
