@@ -30,7 +30,17 @@ class LlamaThinkConfig(PretrainedConfig):
         rope_theta (`float`, defaults to 20000.0): RoPE base.
         partial_rotary_factor (`float`, defaults to 0.5): fraction of each head's dims that are rotated.
         rms_norm_eps (`float`, defaults to 1e-6): RMSNorm epsilon.
-        initializer_range (`float`, defaults to 0.02): std of the normal init of linear and embedding weights.
+        initializer_range (`float`, defaults to 0.02): std of the normal init of every linear, embedding and
+            depthwise-conv weight (transformers' `PreTrainedModel` rule, which HF Qwen3.5 and HF Llama use).
+        rescale_prenorm_residual (`bool`, defaults to False): divide the init std of the residual output projections
+            (`o_proj`, `out_proj`, `down_proj`) by sqrt(2 * num_hidden_layers), as GPT-2 and llama2.c do. Off by
+            default: measured on 13M tokens with Muon it learns less per token (BENCHMARKS.md section 2).
+        A_init_range (`list[float]`, defaults to `[0.01, 16]`): Gated DeltaNet decay rates `A = exp(A_log)` start
+            uniform in this range (Mamba-2's `A_init_range`; Qwen3.5's range, which measured better than the seed's
+            `[1, 16]`: slow-decaying heads from the start).
+        dt_init_range (`list[float]` or `None`, defaults to `None`): `None` starts `dt_bias` at 1 (Qwen3-Next /
+            Qwen3.5); `[dt_min, dt_max]` starts each head's step `softplus(dt_bias)` log-uniform in that range, floored
+            at 1e-4 (Mamba-2 / fla).
         tie_word_embeddings (`bool`, defaults to True): share the input embedding and the output head.
         mixer_types (`list[str]`): token mixer of every layer, each of `"linear"` (Gated DeltaNet),
             `"csa"` (compressed sparse attention) or `"full"` (gated full attention).
@@ -69,6 +79,9 @@ class LlamaThinkConfig(PretrainedConfig):
         partial_rotary_factor: float = 0.5,
         rms_norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
+        rescale_prenorm_residual: bool = False,
+        A_init_range: list[float] | tuple[float, float] = (0.01, 16.0),
+        dt_init_range: list[float] | tuple[float, float] | None = None,
         tie_word_embeddings: bool = True,
         mixer_types: list[str] | tuple[str, ...] | None = None,
         linear_num_key_heads: int = 9,
@@ -100,6 +113,9 @@ class LlamaThinkConfig(PretrainedConfig):
         self.partial_rotary_factor = partial_rotary_factor
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
+        self.rescale_prenorm_residual = rescale_prenorm_residual
+        self.A_init_range = list(A_init_range)
+        self.dt_init_range = None if dt_init_range is None else list(dt_init_range)
         if mixer_types is None:
             if num_hidden_layers % len(DEFAULT_MIXER_PATTERN) != 0:
                 raise ValueError(
@@ -178,8 +194,16 @@ class LlamaThinkConfig(PretrainedConfig):
             raise ValueError(f"csa_window must be at least 2 (the query's own token and one more), got {self.csa_window}")
         if self.gdn_backend not in GDN_BACKENDS:
             raise ValueError(f"gdn_backend={self.gdn_backend!r} is not one of the allowed values {list(GDN_BACKENDS)}")
-        if not isinstance(self.hyper_connections, bool):
-            raise ValueError(f"hyper_connections must be true or false, got {self.hyper_connections!r}")
+        for name in ("hyper_connections", "rescale_prenorm_residual"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("A_init_range", "dt_init_range"):
+            value = getattr(self, name)
+            if value is None and name == "dt_init_range":
+                continue
+            numbers = len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            if not numbers or not 0 < value[0] <= value[1] < float("inf"):
+                raise ValueError(f"{name} must be two numbers [low, high] with 0 < low <= high, got {value!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name, None)
             ids = value if isinstance(value, (list, tuple)) else [value]

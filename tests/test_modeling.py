@@ -816,18 +816,57 @@ def test_every_parameter_gets_a_gradient(model):
 
 
 def test_fresh_init_values():
+    """Every weight matrix, the embedding and the depthwise conv start N(0, initializer_range) (the old init gave the
+    conv std 0.29 and the residual output projections 0.02 / sqrt(2L)); gains, scales and GDN decays as documented."""
     torch.manual_seed(0)
-    model = LlamaThinkForCausalLM(tiny_config(num_hidden_layers=8, mixer_types=["linear", "csa", "full", "linear"] * 2))
+    model = LlamaThinkForCausalLM(LlamaThinkConfig())  # the default 95M shape: large tensors, tight std estimates
+    std = model.config.initializer_range
+    checked = 0
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:  # Linear weights, the embedding, conv1d [C, 1, K]
+            assert abs(p.std().item() - std) < 0.1 * std, (name, p.std().item())
+            assert abs(p.mean().item()) < 0.1 * std, name
+            checked += 1
+    assert checked == 1 + 16 * 3 + 8 * 6 + 4 * 4 + 4 * 7  # embedding, MLPs, GDN (conv included), full, CSA
     layer = model.model.layers[0]
     assert torch.all(layer.input_layernorm.weight == 0) and torch.all(layer.mixer_residual_scale == 0)
-    assert torch.all(layer.mixer.norm.weight == 1) and torch.all(layer.mixer.dt_bias == 1)
-    a = layer.mixer.A_log.exp()
-    assert torch.all((a >= 1) & (a <= 16))
-    std = model.config.initializer_range
-    assert abs(layer.mlp.up_proj.weight.std().item() - std) < 0.2 * std
-    # residual output projections use std / sqrt(2 * layers)
-    assert abs(layer.mlp.down_proj.weight.std().item() - std / 4) < 0.2 * std / 4
+    assert torch.all(layer.mlp_sublayer_scale == 0) and torch.all(layer.mixer.norm.weight == 1)
+    assert torch.all(layer.mixer.dt_bias == 1)
+    a = torch.cat([m.mixer.A_log for m in model.model.layers if m.mixer_type == "linear"]).exp()
+    assert a.min() >= 0.01 and a.max() <= 16 and a.min() < 1  # Qwen3.5's range: some heads decay slowly
     torch.testing.assert_close(model.model.rotary_emb.inv_freq, LlamaThinkRotaryEmbedding(model.config).inv_freq)
+
+
+def test_init_options():
+    torch.manual_seed(0)
+    cfg = dict(num_hidden_layers=8, mixer_types=["linear", "csa", "full", "linear"] * 2, hidden_size=96,
+               intermediate_size=384)  # fmt: skip
+    model = LlamaThinkForCausalLM(tiny_config(rescale_prenorm_residual=True, A_init_range=[2, 3],
+                                              dt_init_range=[0.001, 0.1], **cfg))  # fmt: skip
+    std = model.config.initializer_range
+    layer = model.model.layers[0]
+    assert abs(layer.mlp.down_proj.weight.std().item() - std / 4) < 0.1 * std / 4  # / sqrt(2 * 8)
+    assert abs(layer.mlp.up_proj.weight.std().item() - std) < 0.1 * std
+    a = torch.cat([m.mixer.A_log for m in model.model.layers if m.mixer_type == "linear"]).exp()
+    assert a.min() >= 2 and a.max() <= 3
+    dt = torch.nn.functional.softplus(torch.cat([m.mixer.dt_bias for m in model.model.layers if m.mixer_type == "linear"]))
+    assert dt.min() >= 0.001 * 0.999 and dt.max() <= 0.1 * 1.001 and len(set(dt.tolist())) == len(dt)
+    for bad in ({"A_init_range": [0, 16]}, {"A_init_range": [16, 1]}, {"A_init_range": [1]},
+                {"dt_init_range": [0.1, 0.001]}, {"dt_init_range": "0.1"}, {"rescale_prenorm_residual": "yes"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            tiny_config(**bad)
+
+
+def test_from_pretrained_keeps_saved_tensors_bit_for_bit(tmp_path):
+    """Loading never re-initialises: every saved tensor (A_log and dt_bias included) comes back unchanged."""
+    saved = tiny_model(dtype=torch.float32, seed=5)
+    saved.save_pretrained(tmp_path)
+    torch.manual_seed(123)  # a different init stream than the saved model's
+    loaded = LlamaThinkForCausalLM.from_pretrained(tmp_path)
+    expected, got = saved.state_dict(), loaded.state_dict()
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,434 @@
+"""Equal-token quality: how much each model learns from the same tokens, and in how many seconds (time to loss).
+
+    python benchmarks/bench_quality.py --data runs/english200 --steps 800 --out runs/quality
+    python benchmarks/bench_quality.py --data ... --run "lt:compile=1" --run "no-hc:hyper_connections=false" \
+        --run "adamw:optimizer=adamw,adamw_lr=0.002" --run "llama:model=hf-llama,compile=1"
+    python benchmarks/bench_quality.py --plot runs/quality/quality.json   # redraw the PNG from a JSON
+
+Every run trains one freshly initialised model at the 95M shape with this project's optimizer routing
+(`train_hf.build_optimizer`: Muon for hidden matrices, AdamW for the rest, or AdamW alone) and schedule
+(`train_hf.lr_factor`: linear warmup, cosine to 0), bf16 autocast, gradient clipping, on the same batches in the
+same order (`llamathink.data.TokenBatchLoader`, one seed), and is validated every `--eval-every` steps on the
+same windows. Peers: HF Qwen3.5 (its text model, pattern linear, linear, full, full, fla when importable) and
+HF Llama (all full attention), built as in `bench_gpu.py`.
+
+Held-out data: the validation documents of a `python -m llamathink.data prepare --val-docs N` folder are split
+in two at a document boundary: the first `--val-docs` documents are the validation set (curves, choices), the
+rest the test set, read once at the end of each run for the figure that is reported.
+
+A run is `NAME:key=value,key=value`. Keys: `model` (llamathink, hf-qwen3.5, hf-llama), `compile` (0/1),
+`optimizer` (muon, adamw), `muon_lr`, `adamw_lr`, `weight_decay`, `seed`; for llamathink also any
+`LlamaThinkConfig` field (`hyper_connections=false`, `rescale_prenorm_residual=true`, `A_init_range=[0.01,16]`,
+`pattern=linear/linear/full/full`, repeated to the depth) and re-initialisations of the default init applied
+after construction: `init.conv=uniform|STD` (depthwise conv: PyTorch's uniform(+-1/sqrt(k)) or N(0, STD)),
+`init.embed=STD`, `init.compress=identity|STD` (CSA's compress_k/compress_v). Values are read as JSON where
+they parse, otherwise as text.
+
+Output: `quality.json` (settings, versions, per-run curves of validation loss against steps, tokens and
+training seconds, final validation and test loss, tokens/s) and `quality.png` (validation loss against tokens
+and against wall-clock training seconds, the first compiling step included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_gpu import build as build_peer, versions  # noqa: E402
+
+from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM  # noqa: E402
+from llamathink.data import TokenBatchLoader, find_shards, load_meta, open_shard  # noqa: E402
+
+DEFAULT_RUNS = ("llamathink:compile=1", "hf-qwen3.5:model=hf-qwen3.5", "hf-llama:model=hf-llama,compile=1")
+RUN_KEYS = {"model", "compile", "optimizer", "muon_lr", "adamw_lr", "weight_decay", "seed"}
+INIT_KEYS = {"init.conv", "init.embed", "init.compress"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run specifications
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_run(spec: str) -> dict:
+    """`NAME:key=value,...` -> {"name", "model", "compile", "optimizer", ..., "config": {...}, "init": {...}}.
+
+    Commas inside [...] belong to the value (`A_init_range=[0.01,16]`). Raises ValueError naming the bad part."""
+    name, _, body = spec.partition(":")
+    if not name:
+        raise ValueError(f"run {spec!r} has no name (write NAME:key=value,...)")
+    run = {"name": name, "model": "llamathink", "compile": False, "optimizer": "muon", "config": {}, "init": {}}
+    parts, depth, current = [], 0, ""
+    for ch in body:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    if current:
+        parts.append(current)
+    for part in parts:
+        key, eq, raw = part.partition("=")
+        if not eq:
+            raise ValueError(f"run {name!r}: {part!r} is not key=value")
+        value = _value(raw)
+        if key == "compile":
+            run[key] = bool(value)
+        elif key in RUN_KEYS:
+            run[key] = value
+        elif key in INIT_KEYS:
+            run["init"][key.split(".", 1)[1]] = value
+        elif key == "pattern":
+            run["config"]["mixer_pattern"] = str(value).split("/")
+        else:
+            run["config"][key] = value
+    if run["model"] not in ("llamathink", "hf-qwen3.5", "hf-llama"):
+        raise ValueError(f"run {name!r}: model must be llamathink, hf-qwen3.5 or hf-llama, got {run['model']!r}")
+    if run["model"] != "llamathink" and (run["config"] or run["init"]):
+        raise ValueError(f"run {name!r}: config and init overrides apply to llamathink only")
+    known = set(inspect.signature(LlamaThinkConfig.__init__).parameters) - {"self", "kwargs"}
+    unknown = sorted(set(run["config"]) - known - {"mixer_pattern"})
+    if unknown:
+        raise ValueError(f"run {name!r}: {unknown} are not run keys, init choices or LlamaThinkConfig fields")
+    if run["optimizer"] not in ("muon", "adamw"):
+        raise ValueError(f"run {name!r}: optimizer must be muon or adamw, got {run['optimizer']!r}")
+    return run
+
+
+def build_model(run: dict) -> torch.nn.Module:
+    """A fresh model for one run (seeded by the caller)."""
+    if run["model"] != "llamathink":
+        return build_peer(run["model"])
+    overrides = dict(run["config"])
+    pattern = overrides.pop("mixer_pattern", None)
+    if pattern is not None:
+        layers = overrides.get("num_hidden_layers", LlamaThinkConfig().num_hidden_layers)
+        if layers % len(pattern):
+            raise ValueError(f"run {run['name']!r}: pattern {pattern} does not divide {layers} layers")
+        overrides["mixer_types"] = pattern * (layers // len(pattern))
+    try:
+        config = LlamaThinkConfig(**overrides)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"run {run['name']!r}: {err}") from None
+    model = LlamaThinkForCausalLM(config)
+    reinit(model, run["init"])
+    return model
+
+
+@torch.no_grad()
+def reinit(model: torch.nn.Module, choices: dict) -> None:
+    """Apply the `init.*` ablations of a run to a freshly built LlamaThink (see the module docstring)."""
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if "conv" in choices and leaf == "conv1d":
+            if choices["conv"] == "uniform":  # PyTorch's own Conv1d init for a depthwise filter (fan-in = kernel)
+                bound = 1.0 / math.sqrt(module.kernel_size[0])
+                module.weight.uniform_(-bound, bound)
+            else:
+                module.weight.normal_(0.0, float(choices["conv"]))
+        if "embed" in choices and leaf == "embed_tokens":
+            module.weight.normal_(0.0, float(choices["embed"]))
+        if "compress" in choices and leaf in ("compress_k", "compress_v"):
+            if choices["compress"] == "identity":
+                module.weight.copy_(torch.eye(*module.weight.shape))
+            else:
+                module.weight.normal_(0.0, float(choices["compress"]))
+    unknown = set(choices) - {k.split(".", 1)[1] for k in INIT_KEYS}
+    if unknown:
+        raise ValueError(f"unknown init choices {sorted(unknown)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def heldout_windows(data_dir: str | Path, seq_len: int, val_docs: int) -> tuple[np.ndarray, np.ndarray]:
+    """The validation shard's documents split at document `val_docs` (documents start at BOS): returns the
+    [N_val, seq_len] and [N_test, seq_len] int64 windows of each part (consecutive windows, the tail dropped).
+
+    Raises ValueError when the folder holds no more than `val_docs` held-out documents."""
+    meta = load_meta(data_dir)
+    tokens = np.concatenate([np.asarray(open_shard(p), dtype=np.int64) for p in find_shards(data_dir, "val")])
+    starts = np.flatnonzero(tokens == meta["bos_token_id"])
+    if len(starts) <= val_docs:
+        raise ValueError(f"{data_dir} holds {len(starts)} held-out documents; the test set needs more than "
+                         f"--val-docs={val_docs} (prepare with a larger --val-docs)")  # fmt: skip
+    cut = int(starts[val_docs])
+
+    def windows(part: np.ndarray) -> np.ndarray:
+        n = len(part) // seq_len
+        return part[: n * seq_len].reshape(n, seq_len)
+
+    return windows(tokens[:cut]), windows(tokens[cut:])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training and evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model, windows: np.ndarray, batch: int, device: torch.device) -> float:
+    """Mean next-token loss over the windows (every window has seq_len - 1 targets, so this is the token mean)."""
+    model.eval()
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    for i in range(0, len(windows), batch):
+        ids = torch.from_numpy(windows[i : i + batch]).to(device)
+        with _autocast(device):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        total += loss.double() * len(ids)
+    model.train()
+    return float(total) / len(windows)
+
+
+def train_run(run: dict, args, val: np.ndarray, test: np.ndarray, device: torch.device) -> dict:
+    """Train one run for `args.steps` steps and return its record (curves, final losses, speed)."""
+    from train_hf import RunConfig, build_optimizer, lr_factor
+
+    seed = int(run.get("seed", args.seed))
+    settings = RunConfig(optimizer=run["optimizer"], muon_lr=float(run.get("muon_lr", args.muon_lr)),
+                         adamw_lr=float(run.get("adamw_lr", args.adamw_lr)),
+                         weight_decay=float(run.get("weight_decay", args.weight_decay)), max_steps=args.steps,
+                         warmup_steps=args.warmup, grad_clip=args.grad_clip, micro_batch_size=args.batch,
+                         grad_accum=1)  # fmt: skip
+    torch.manual_seed(seed)
+    if run["compile"]:
+        torch._dynamo.reset()  # no guards or automatic-dynamic shapes left by the previous run
+    model = build_model(run).to(device)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = build_optimizer(model, settings)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, settings))
+    step_model = torch.compile(model) if run["compile"] else model
+    loader = TokenBatchLoader(args.data, args.seq, args.batch, seed=args.data_seed)
+    tokens_per_step = args.batch * args.seq
+    record = {**{k: v for k, v in run.items()}, "params": n_params, "seed": seed,
+              "muon_lr": settings.muon_lr, "adamw_lr": settings.adamw_lr, "weight_decay": settings.weight_decay,
+              "curve": [], "train_loss": []}  # fmt: skip
+    print(f"[{run['name']}] {run['model']} {n_params / 1e6:.1f}M params, {settings.optimizer}", flush=True)
+
+    def point(step: int, seconds: float):
+        loss = evaluate(model, val, args.eval_batch, device)
+        record["curve"].append({"step": step, "tokens": step * tokens_per_step, "seconds": seconds, "val_loss": loss})
+        print(f"[{run['name']}] step {step} tokens {step * tokens_per_step / 1e6:.1f}M train {seconds:.0f}s "
+              f"val {loss:.4f}", flush=True)  # fmt: skip
+
+    train_s, warm_s, window_loss = 0.0, None, []  # training seconds exclude evaluation
+    t0 = time.perf_counter()
+    for step in range(args.steps):
+        input_ids, labels = next(loader)
+        input_ids, labels = input_ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with _autocast(device):
+            loss = step_model(input_ids=input_ids, labels=labels, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        window_loss.append(loss.detach())
+        if step == 0 or step + 1 == args.speed_from:
+            _sync(device)
+            now = train_s + time.perf_counter() - t0
+            if step == 0:
+                record["first_step_s"] = now
+            if step + 1 == args.speed_from:
+                warm_s = now
+        last = step + 1 == args.steps
+        if (step + 1) % args.eval_every and not last:
+            continue
+        _sync(device)
+        train_s += time.perf_counter() - t0
+        if warm_s is not None and step + 1 > args.speed_from:
+            record["tokens_per_s"] = (step + 1 - args.speed_from) * tokens_per_step / (train_s - warm_s)
+        mean = float(torch.stack(window_loss).float().mean())
+        record["train_loss"].append({"step": step + 1, "loss": mean})
+        window_loss = []
+        if not math.isfinite(mean):
+            record["error"] = f"non-finite training loss before step {step + 1}"
+            print(f"[{run['name']}] {record['error']}; stopping this run", flush=True)
+            break
+        point(step + 1, train_s)
+        if args.time_limit and train_s > args.time_limit and not last:
+            record["error"] = f"stopped at step {step + 1}: over --time-limit {args.time_limit} s"
+            print(f"[{run['name']}] {record['error']}", flush=True)
+            break
+        t0 = time.perf_counter()
+    record["train_seconds"] = train_s
+    record["steps_done"] = record["curve"][-1]["step"] if record["curve"] else 0
+    if record["curve"]:
+        record["val_loss"] = record["curve"][-1]["val_loss"]
+        record["test_loss"] = evaluate(model, test, args.eval_batch, device)
+        print(f"[{run['name']}] final val {record['val_loss']:.4f} test {record['test_loss']:.4f} "
+              f"{record.get('tokens_per_s', float('nan')):,.0f} tok/s", flush=True)  # fmt: skip
+    if device.type == "cuda":
+        record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+    del model, step_model, optimizer
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return record
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_to_loss(record: dict, target: float) -> float | None:
+    """Training seconds (first step included) at the first evaluation whose val loss is <= target, linearly
+    interpolated between evaluations; None if never reached."""
+    prev = None
+    for p in record.get("curve", []):
+        if p["val_loss"] <= target:
+            if prev is None:
+                return p["seconds"]
+            frac = (prev["val_loss"] - target) / (prev["val_loss"] - p["val_loss"])
+            return prev["seconds"] + frac * (p["seconds"] - prev["seconds"])
+        prev = p
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def plot(results: dict, path: str | Path) -> None:
+    """Validation loss against tokens and against training seconds, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in results["runs"]:
+        curve = r.get("curve") or []
+        if not curve:
+            continue
+        label = f"{r['name']} ({r['val_loss']:.3f})"
+        axes[0].plot([p["tokens"] / 1e6 for p in curve], [p["val_loss"] for p in curve], label=label)
+        axes[1].plot([p["seconds"] for p in curve], [p["val_loss"] for p in curve], label=label)
+    axes[0].set_xlabel("training tokens (millions)")
+    axes[1].set_xlabel("training seconds (compilation included)")
+    for ax in axes:
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        lows = [p["val_loss"] for r in results["runs"] for p in (r.get("curve") or [])]
+        if lows:
+            ax.set_ylim(min(lows) - 0.05, min(lows) + 1.5)
+    s = results["settings"]
+    card = results["versions"].get("gpu", "CPU")
+    fig.suptitle(f"{s['steps']} steps x {s['batch']} x {s['seq']} tokens, same batches; {card}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary(results: dict) -> str:
+    runs = [r for r in results["runs"] if r.get("curve")]
+    lines = [f"{'run':<28} {'val':>7} {'test':>7} {'tok/s':>9} {'train s':>8} {'first s':>8}"]
+    for r in runs:
+        lines.append(f"{r['name']:<28} {r['val_loss']:7.4f} {r['test_loss']:7.4f} {r.get('tokens_per_s', 0):9,.0f} "
+                     f"{r.get('train_seconds', 0):8.0f} {r.get('first_step_s', 0):8.1f}")  # fmt: skip
+    llama = next((r for r in runs if r["model"] == "hf-llama"), None)
+    if llama:
+        target = llama["val_loss"]
+        lines.append(f"time to HF Llama's final val loss {target:.4f}:")
+        for r in runs:
+            t = time_to_loss(r, target)
+            lines.append(f"  {r['name']:<26} {'not reached' if t is None else f'{t:.0f} s'}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="a `llamathink.data prepare` folder with more than --val-docs held out")
+    parser.add_argument("--run", action="append", default=None, help="NAME:key=value,... (repeat; default: "
+                        "LlamaThink compiled, HF Qwen3.5 eager, HF Llama compiled)")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--muon-lr", type=float, default=0.02)
+    parser.add_argument("--adamw-lr", type=float, default=0.002)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--grad-clip", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="model init seed")
+    parser.add_argument("--data-seed", type=int, default=0, help="batch order seed (the same for every run)")
+    parser.add_argument("--val-docs", type=int, default=100, help="held-out documents in the validation set")
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--eval-batch", type=int, default=16)
+    parser.add_argument("--eval-windows", type=int, default=None, help="use at most this many windows of each set")
+    parser.add_argument("--speed-from", type=int, default=20, help="tokens/s counts the steps after this one")
+    parser.add_argument("--time-limit", type=float, default=None, help="stop a run after this many training s")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="runs/quality", help="folder for quality.json and quality.png")
+    parser.add_argument("--plot", metavar="JSON", help="only redraw the PNG (and print the summary) of a JSON")
+    args = parser.parse_args(argv)
+    if args.plot:
+        results = json.loads(Path(args.plot).read_text())
+        plot(results, Path(args.plot).with_suffix(".png"))
+        print(summary(results))
+        return 0
+    if not args.data:
+        parser.error("--data is required")
+    try:
+        runs = [parse_run(s) for s in (args.run or DEFAULT_RUNS)]
+    except ValueError as err:
+        parser.error(str(err))
+    device = torch.device(args.device)
+    val, test = (w[: args.eval_windows] for w in heldout_windows(args.data, args.seq, args.val_docs))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("run", "plot")}
+    results = {"settings": {**settings, "val_windows": len(val), "test_windows": len(test)},
+               "versions": versions() if device.type == "cuda" else {"torch": torch.__version__}, "runs": []}  # fmt: skip
+    print(json.dumps(results["versions"]), f"val {len(val)} windows, test {len(test)} windows", flush=True)
+    for run in runs:
+        try:
+            record = train_run(run, args, val, test, device)
+        except Exception as err:  # one failing run (out of memory, a missing kernel) must not hide the others
+            record = {**run, "error": f"{type(err).__name__}: {err}"[:800]}
+            print(f"[{run['name']}] failed: {record['error']}", flush=True)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        results["runs"].append(record)
+        (out / "quality.json").write_text(json.dumps(results, indent=1))  # after every run: a cut call keeps it
+    print(summary(results))
+    try:
+        plot(results, out / "quality.png")
+    except ImportError:
+        print("matplotlib is not installed: no PNG (redraw elsewhere with --plot)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
