@@ -23,7 +23,10 @@ import sys
 import numpy as np
 
 MAGIC = 0x4B48544C  # b"LTHK" little-endian
-VERSION = 1
+VERSION = 2       # newest format (run.c LT_VERSION); written only when a model needs it
+VERSION_MIN = 1   # run.c LT_VERSION_MIN: one EOS id, no list
+EOS_OFFSET = 144  # version 2: i32 count, then MAX_EOS i32 ids (run.c LT_EOS_OFFSET)
+MAX_EOS = 16
 HEADER_SIZE = 1024
 ALIGN = 64
 TYPES_OFFSET = 256
@@ -41,6 +44,13 @@ DEFAULTS = dict(
     linear_value_head_dim=112, linear_conv_kernel_dim=4, csa_stride=4, csa_window=64,
     hyper_connections=True,
 )
+
+
+# config fields written as int32 header fields
+INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "max_position_embeddings", "linear_num_key_heads",
+              "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+              "linear_conv_kernel_dim", "csa_stride", "csa_window")
 
 
 class ExportError(Exception):
@@ -81,8 +91,33 @@ def load_config(d: str) -> dict:
     if bad:
         raise ExportError(f"unknown mixer types {bad}")
     if cfg["num_hidden_layers"] > MAX_LAYERS:
-        raise ExportError("too many layers for format version 1")
+        raise ExportError(f"too many layers for the format (at most {MAX_LAYERS})")
+    for k in INT_FIELDS:
+        v = cfg[k]
+        if isinstance(v, bool) or not isinstance(v, int) or not -2**31 <= v < 2**31:
+            raise ExportError(f"config field {k} must be an integer that fits int32, got {v!r}")
+    if cfg["bos_token_id"] is not None and (isinstance(cfg["bos_token_id"], bool)
+                                            or not isinstance(cfg["bos_token_id"], int)):
+        raise ExportError(f"bos_token_id must be one token id or null, got {cfg['bos_token_id']!r}")
+    eos_ids(cfg)  # validates the EOS id(s) now, before any tensor is read
     return cfg
+
+
+def eos_ids(cfg: dict) -> list[int]:
+    """Every EOS id of the config as a list: ``eos_token_id`` may be null, one id or a list of ids
+    (as in Llama 3 checkpoints; generation stops at any of them).  Raises ExportError for a value
+    that is not an id inside the vocabulary or for more than MAX_EOS ids."""
+    raw = cfg["eos_token_id"]
+    ids = [] if raw is None else list(raw) if isinstance(raw, (list, tuple)) else [raw]
+    out: list[int] = []
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < cfg["vocab_size"]:
+            raise ExportError(f"eos_token_id {raw!r}: {i!r} is not a token id in [0, {cfg['vocab_size']})")
+        if i not in out:
+            out.append(i)
+    if len(out) > MAX_EOS:
+        raise ExportError(f"eos_token_id has {len(out)} ids; the format holds at most {MAX_EOS}")
+    return out
 
 
 def _safetensor_files(d: str) -> list[str]:
@@ -327,9 +362,14 @@ def unpack_blocks(flat: np.ndarray, rows: int, cols: int, kc: int) -> np.ndarray
 
 
 def header_bytes(cfg: dict, dtype: str, group: int, n_tensors: int, file_size: int) -> bytes:
+    """The 1024-byte header (layout: export_c/README.md "File format").  Version 1 unless the
+    model has several EOS ids: version 2 adds the EOS list at EOS_OFFSET, so files of models
+    with one EOS id stay readable by older runners."""
     d = derived(cfg)
+    eos = eos_ids(cfg)
+    version = VERSION if len(eos) > 1 else VERSION_MIN
     h = bytearray(HEADER_SIZE)
-    struct.pack_into("<6I", h, 0, MAGIC, VERSION, HEADER_SIZE, DTYPES[dtype], group, ALIGN)
+    struct.pack_into("<6I", h, 0, MAGIC, version, HEADER_SIZE, DTYPES[dtype], group, ALIGN)
     struct.pack_into("<Q", h, 24, file_size)
     ints = [cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"],
             cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
@@ -339,8 +379,10 @@ def header_bytes(cfg: dict, dtype: str, group: int, n_tensors: int, file_size: i
             cfg["csa_window"], int(bool(cfg["hyper_connections"])),
             int(bool(cfg["tie_word_embeddings"])),
             -1 if cfg["bos_token_id"] is None else cfg["bos_token_id"],
-            -1 if cfg["eos_token_id"] is None else cfg["eos_token_id"]]
+            eos[0] if eos else -1]
     struct.pack_into("<20i", h, 32, *ints)
+    if version >= 2:
+        struct.pack_into(f"<{1 + len(eos)}i", h, EOS_OFFSET, len(eos), *eos)
     struct.pack_into("<I", h, 112, n_tensors)
     struct.pack_into("<3d", h, 120, float(cfg["rope_theta"]), float(cfg["partial_rotary_factor"]),
                      float(cfg["rms_norm_eps"]))

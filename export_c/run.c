@@ -42,15 +42,24 @@
 /* File format constants (keep in sync with export_c/export.py)                               */
 /* ------------------------------------------------------------------------------------------ */
 #define LT_MAGIC 0x4B48544Cu /* bytes "LTHK" */
-#define LT_VERSION 1u
+#define LT_VERSION 2u     /* newest version written / read */
+#define LT_VERSION_MIN 1u /* oldest version still read (version 1 has one EOS id, no list) */
 #define LT_HEADER_SIZE 1024u
 #define LT_ALIGN 64u
 #define LT_MAX_LAYERS 512
 #define LT_TYPES_OFFSET 256
+#define LT_EOS_OFFSET 144 /* version 2: i32 count, then LT_MAX_EOS i32 EOS ids */
+#define LT_MAX_EOS 16
+
+#define LT_MAX_TEXT (16u << 20) /* bytes of one prompt, chat message or system prompt */
 
 #define TK_MAGIC 0x4B54544Cu /* bytes "LTTK" */
 #define TK_VERSION 1u
 #define TK_HEADER_SIZE 64u
+/* tokenizer flags: 1 add a U+2581 prefix, 2 byte fallback, 4 no prefix when the text starts with a
+ * space, 8 delete U+FDD0 first (the normalizer step llamathink.chat.set_chat_template installs) */
+#define TK_FLAG_DROP_TEXT_GUARD 8
+#define TK_FLAGS_ALL 15
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_I8 = 2 };
 enum { MIX_LINEAR = 0, MIX_CSA = 1, MIX_FULL = 2 };
@@ -85,6 +94,7 @@ typedef struct {
     int dtype, gs, vocab, dim, inter, n_layers, n_heads, n_kv, head_dim, max_pos, rope_dim;
     int lk_heads, lv_heads, lk_dim, lv_dim, conv_k, csa_stride, csa_window, hyper, tied, bos, eos;
     double rope_theta, rope_frac, eps;
+    int n_eos, eos_ids[LT_MAX_EOS]; /* every EOS id (eos is the first, or -1 when there is none) */
     uint8_t types[LT_MAX_LAYERS];
     /* derived sizes */
     int lin_c;     /* 2*Hk*Dk + Hv*Dv */
@@ -273,8 +283,9 @@ static int model_init(Model *m, const uint8_t *data, size_t size, char *err, siz
                 (long long)rd_u32(data));
         return -1;
     }
-    if (rd_u32(data + 4) != LT_VERSION) {
-        set_err(err, errn, "%s: unsupported format version %lld", "model", (long long)rd_u32(data + 4));
+    const uint32_t version = rd_u32(data + 4);
+    if (version < LT_VERSION_MIN || version > LT_VERSION) {
+        set_err(err, errn, "%s: unsupported format version %lld", "model", (long long)version);
         return -1;
     }
     if (rd_u32(data + 8) != LT_HEADER_SIZE) {
@@ -338,6 +349,21 @@ static int model_init(Model *m, const uint8_t *data, size_t size, char *err, siz
     CHECK_RANGE("tie_word_embeddings", m->tied, 0, 1);
     CHECK_RANGE("bos_token_id", m->bos, -1, m->vocab - 1);
     CHECK_RANGE("eos_token_id", m->eos, -1, m->vocab - 1);
+    if (version >= 2) {
+        m->n_eos = rd_i32(data + LT_EOS_OFFSET);
+        CHECK_RANGE("eos count", m->n_eos, 0, LT_MAX_EOS);
+        for (int i = 0; i < m->n_eos; i++) {
+            m->eos_ids[i] = rd_i32(data + LT_EOS_OFFSET + 4 + 4 * i);
+            CHECK_RANGE("eos_token_id list entry", m->eos_ids[i], 0, m->vocab - 1);
+        }
+        if (m->eos != (m->n_eos ? m->eos_ids[0] : -1)) {
+            set_err(err, errn, "%s: eos_token_id %lld is not the first entry of the EOS list", "model", m->eos);
+            return -1;
+        }
+    } else {
+        m->n_eos = m->eos >= 0;
+        m->eos_ids[0] = m->eos;
+    }
     if (m->rope_dim % 2) { set_err(err, errn, "%s: rope_dim %lld is odd", "model", m->rope_dim); return -1; }
     if (m->n_heads % m->n_kv) { set_err(err, errn, "%s: heads %lld not a multiple of kv heads", "model", m->n_heads); return -1; }
     if (m->lv_heads % m->lk_heads) { set_err(err, errn, "%s: linear value heads %lld not a multiple of key heads", "model", m->lv_heads); return -1; }
@@ -442,6 +468,12 @@ fail:
 fail_nomsg:
     free_model(m);
     return -1;
+}
+
+/* 1 if id is one of the model's EOS ids */
+static int is_eos(const Model *m, int id) {
+    for (int i = 0; i < m->n_eos; i++) if (m->eos_ids[i] == id) return 1;
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1128,8 +1160,16 @@ typedef struct {
 
 static void state_free(State *s, const Model *m);
 
-/* runtime-state budget in bytes (the fuzz harness lowers it) */
-static double g_state_limit = 16e9;
+/* Runtime-state budget in bytes.  The caches and scratch buffers depend on header fields that no
+ * weight ties to the file (max_position_embeddings, csa_window, the prefill chunk), so they are
+ * bounded twice: by a hard cap that also keeps every buffer index inside int (2^31 floats; the
+ * fuzz harness lowers it), and relative to the model file -- a real model needs far less state
+ * than its weights (95.7M model: ~40 MB of state for 104-383 MB of weights; a 128K context with
+ * 4 full-attention layers needs ~8 bytes per byte of int8 weights), so a small file that declares
+ * a huge context is refused before anything is allocated. */
+static double g_state_limit = 8e9;
+#define LT_STATE_FLOOR 256e6    /* bytes always allowed (tiny test models with long contexts) */
+#define LT_STATE_PER_BYTE 32.0  /* bytes of state allowed per byte of model file above that */
 
 /* zeroed, 64-byte aligned (cache-line aligned rows for the SIMD loops); free() releases it */
 static void *xcalloc(size_t n, size_t sz, int *fail) {
@@ -1162,9 +1202,18 @@ static int state_init(State *s, const Model *m, int chunk, int all_logits, char 
     if (m->n_full || m->n_csa) /* blocked attention scratch */
         need += (double)m->n_kv * (m->max_pos + nblk + LT_PANEL) * m->head_dim +
                 (double)nt * LT_QB * (m->max_pos + nblk + m->csa_window + 3.0 * LT_PANEL + LT_QB) * 3;
+    /* projection outputs (attention rows: 3 q_dim + 2 kv) and the per-thread weight panels */
+    need += (double)chunk * (3.0 * m->q_dim + 2.0 * KV) + (double)nt * 2.0 * LT_PANEL * (m->dim + m->inter + VD + m->q_dim + KV);
     need *= 4.0;
-    if (need > g_state_limit) {
-        set_err(err, errn, "%s: runtime state would need %lld MB; refusing", "model", (long long)(need / 1e6));
+    double limit = LT_STATE_PER_BYTE * (double)m->size;
+    if (limit < LT_STATE_FLOOR) limit = LT_STATE_FLOOR;
+    if (limit > g_state_limit) limit = g_state_limit;
+    if (need > limit) {
+        if (err && errn)
+            snprintf(err, errn, "model: runtime state would need %lld MB (max_position_embeddings %d, csa_window %d, "
+                     "%d layers, kv width %d), more than the %lld MB allowed for a %lld-byte model file; "
+                     "the header's dimensions are implausible for this file", (long long)(need / 1e6), m->max_pos,
+                     m->csa_window, m->n_layers, m->kv_dim, (long long)(limit / 1e6), (long long)m->size);
         return -1;
     }
     int fail = 0;
@@ -1861,10 +1910,27 @@ static int tokenizer_init(Tokenizer *t, uint8_t *img, size_t size, char *err, si
     t->byte0 = rd_i32(img + 32);
     t->flags = rd_i32(img + 36);
     t->n_markers = rd_i32(img + 40);
-    if (t->n < 1 || t->n > (1 << 22) || t->max_len < 1 || t->max_len > 65536 || t->n_markers < 0 || t->n_markers > 1024 ||
-        t->bos < -1 || t->bos >= t->n || t->eos < -1 || t->eos >= t->n || t->unk < -1 || t->unk >= t->n ||
-        t->byte0 < -1 || (t->byte0 >= 0 && t->byte0 + 256 > t->n)) {
-        set_err(err, errn, "%s: tokenizer header out of range (vocab %lld)", "tokenizer", t->n);
+    /* every field in range, in 64-bit arithmetic (byte0 + 256 must not wrap), and the counts
+     * possible for the file: a piece takes at least 9 bytes, a marker at least 8 */
+#define TK_FIELD(name, v, lo, hi)                                                                      \
+    do {                                                                                               \
+        if ((long long)(v) < (long long)(lo) || (long long)(v) > (long long)(hi)) {                     \
+            set_err(err, errn, "tokenizer: header field %s out of range: %lld", name, (long long)(v));  \
+            goto fail;                                                                                 \
+        }                                                                                              \
+    } while (0)
+    TK_FIELD("vocab_size", t->n, 1, 1 << 22);
+    TK_FIELD("max_piece_length", t->max_len, 1, 65536);
+    TK_FIELD("n_markers", t->n_markers, 0, 1024);
+    TK_FIELD("bos_id", t->bos, -1, (long long)t->n - 1);
+    TK_FIELD("eos_id", t->eos, -1, (long long)t->n - 1);
+    TK_FIELD("unk_id", t->unk, -1, (long long)t->n - 1);
+    if (t->byte0 != -1) TK_FIELD("byte_fallback_base", t->byte0, 0, (long long)t->n - 256);
+    TK_FIELD("flags", t->flags, 0, TK_FLAGS_ALL);
+#undef TK_FIELD
+    if ((uint64_t)TK_HEADER_SIZE + 9u * (uint64_t)t->n + 8u * (uint64_t)t->n_markers > (uint64_t)size) {
+        set_err(err, errn, "%s: file too small (%lld bytes) for its vocab_size and marker count", "tokenizer",
+                (long long)size);
         goto fail;
     }
     t->str = (const uint8_t **)calloc((size_t)t->n, sizeof(*t->str));
@@ -1933,30 +1999,98 @@ static const char *tok_marker(const Tokenizer *t, const char *key, int *len) {
     return NULL;
 }
 
+/* U+FDD0 (UTF-8 EF B7 90), the noncharacter llamathink.chat.TEXT_GUARD: the chat template writes it
+ * after every "<" of message content and the guarded tokenizer's normalizer deletes it */
+static inline int is_text_guard(const char *s, size_t i, size_t n) {
+    return i + 3 <= n && (uint8_t)s[i] == 0xEF && (uint8_t)s[i + 1] == 0xB7 && (uint8_t)s[i + 2] == 0x90;
+}
+static int has_text_guard(const char *s, size_t n) { return memmem(s, n, "\xef\xb7\x90", 3) != NULL; }
+
+/* BPE merge queue entry: adjacent symbols l, r (indices of their first character) whose
+ * concatenation is piece id with score sc; vl, vr: the symbols' versions when it was queued.
+ * A merge changes its left symbol (version + 1) and removes its right one, so an entry whose
+ * symbols changed since is stale and skipped when popped (lazy invalidation). */
+typedef struct { float sc; int l, r, id; unsigned vl, vr; } BpePair;
+
+/* queue order: higher score first, then the leftmost pair */
+static inline int bpe_before(const BpePair *a, const BpePair *b) {
+    return a->sc > b->sc || (a->sc == b->sc && a->l < b->l);
+}
+static void bpe_push(BpePair *h, int *nh, BpePair e) {
+    int i = (*nh)++;
+    while (i > 0) {
+        int p = (i - 1) / 2;
+        if (!bpe_before(&e, &h[p])) break;
+        h[i] = h[p];
+        i = p;
+    }
+    h[i] = e;
+}
+static BpePair bpe_pop(BpePair *h, int *nh) {
+    BpePair top = h[0], last = h[--*nh];
+    int i = 0, n = *nh;
+    if (!n) return top;
+    for (;;) {
+        int c = 2 * i + 1;
+        if (c >= n) break;
+        if (c + 1 < n && bpe_before(&h[c + 1], &h[c])) c++;
+        if (!bpe_before(&h[c], &last)) break;
+        h[i] = h[c];
+        i = c;
+    }
+    h[i] = last;
+    return top;
+}
+/* queue the pair (l, r) if their concatenation is a mergeable piece (byte pieces never merge) */
+static void bpe_try(const Tokenizer *t, const int *ids, const unsigned *ver, int l, int r, uint8_t *buf,
+                    BpePair *h, int *nh) {
+    const int a = ids[l], b = ids[r], la = t->len[a], lb = t->len[b];
+    if (t->type[a] == TT_BYTE || t->type[b] == TT_BYTE || la + lb > t->max_len) return;
+    memcpy(buf, t->str[a], (size_t)la);
+    memcpy(buf + la, t->str[b], (size_t)lb);
+    const int id = tok_lookup(t, buf, la + lb);
+    if (id >= 0 && t->score[id] > -1e29f) {
+        BpePair e = {t->score[id], l, r, id, ver[l], ver[r]};
+        bpe_push(h, nh, e);
+    }
+}
+
 /* Encode text (HF Llama semantics: "\xe2\x96\x81" for spaces, a dummy prefix unless the text
  * already starts with a space, per-character lookup with byte fallback, then BPE merges by
- * highest score, leftmost first). Returns number of ids written to out (capacity cap). */
+ * highest score, leftmost first). The merges use a binary heap of adjacent pairs over a doubly
+ * linked list of symbols, as SentencePiece's bpe_model.cc does: O(n log n) in the text length
+ * (n symbols: at most n - 1 merges, each popping and pushing O(1) heap entries), with exactly the
+ * result of the plain "rescan for the best pair" loop. Writes at most cap ids to out and returns
+ * their number, or -1 when out of memory or the text is longer than INT_MAX / 4 bytes. */
 static int encode(const Tokenizer *t, const char *text, size_t tlen, int add_bos, int *out, int cap) {
     int n = 0;
+    if (tlen > (size_t)INT32_MAX / 4) return -1;
     if (add_bos && t->bos >= 0 && n < cap) out[n++] = t->bos;
-    if (tlen == 0) return n;
+    /* flag 8: U+FDD0 is deleted before every other rule (HF runs that Replace step first), so the
+     * prefix rule and "empty text" look at the text without it */
+    const int drop_guard = (t->flags & TK_FLAG_DROP_TEXT_GUARD) != 0;
+    size_t i0 = 0;
+    while (drop_guard && is_text_guard(text, i0, tlen)) i0 += 3;
+    if (i0 == tlen) return n;
     /* normalise */
-    size_t nl = tlen * 3 + 4;
-    uint8_t *norm = (uint8_t *)malloc(nl);
-    if (!norm) return n;
+    uint8_t *norm = (uint8_t *)malloc(tlen * 3 + 4);
+    if (!norm) return -1;
     size_t p = 0;
-    if ((t->flags & 1) && !((t->flags & 4) && text[0] == ' ')) { memcpy(norm, "\xe2\x96\x81", 3); p = 3; }
-    for (size_t i = 0; i < tlen; i++) {
-        if (text[i] == ' ') { memcpy(norm + p, "\xe2\x96\x81", 3); p += 3; }
+    if ((t->flags & 1) && !((t->flags & 4) && text[i0] == ' ')) { memcpy(norm, "\xe2\x96\x81", 3); p = 3; }
+    for (size_t i = i0; i < tlen; i++) {
+        if (drop_guard && is_text_guard(text, i, tlen)) i += 2;
+        else if (text[i] == ' ') { memcpy(norm + p, "\xe2\x96\x81", 3); p += 3; }
         else norm[p++] = (uint8_t)text[i];
     }
-    /* symbols: spans into a working buffer; each symbol = token id */
+    /* symbols (at most one per byte): id, list links, version */
     int *ids = (int *)malloc(sizeof(int) * (p + 1));
-    float *best = (float *)malloc(sizeof(float) * (p + 1));
-    int *bid = (int *)malloc(sizeof(int) * (p + 1));
+    int *prv = (int *)malloc(sizeof(int) * (p + 1));
+    int *nxt = (int *)malloc(sizeof(int) * (p + 1));
+    unsigned *ver = (unsigned *)calloc(p + 1, sizeof(unsigned));
+    BpePair *heap = (BpePair *)malloc(sizeof(BpePair) * (3 * p + 4)); /* ns - 1 pairs + 2 per merge */
     uint8_t *buf = (uint8_t *)malloc((size_t)2 * t->max_len + 8);
-    if (!ids || !best || !bid || !buf) { free(norm); free(ids); free(best); free(bid); free(buf); return n; }
-    int ns = 0;
+    int ns = 0, nh = 0, rc = -1;
+    if (!ids || !prv || !nxt || !ver || !heap || !buf) goto done;
     for (size_t i = 0; i < p;) {
         size_t cl = 1;
         uint8_t c0 = norm[i];
@@ -1969,37 +2103,26 @@ static int encode(const Tokenizer *t, const char *text, size_t tlen, int add_bos
         else if (t->unk >= 0) ids[ns++] = t->unk;
         i += cl;
     }
-    /* pair scores */
-#define PAIR(i)                                                                                  \
-    do {                                                                                         \
-        int a = ids[i], b = ids[(i) + 1], la = t->len[a], lb = t->len[b];                       \
-        best[i] = -INFINITY; bid[i] = -1;                                                        \
-        if (t->type[a] != TT_BYTE && t->type[b] != TT_BYTE && la + lb <= t->max_len) {           \
-            memcpy(buf, t->str[a], (size_t)la); memcpy(buf + la, t->str[b], (size_t)lb);          \
-            int id = tok_lookup(t, buf, la + lb);                                                \
-            if (id >= 0 && t->score[id] > -1e29f) { best[i] = t->score[id]; bid[i] = id; }       \
-        }                                                                                        \
-    } while (0)
-    for (int i = 0; i + 1 < ns; i++) PAIR(i);
-    for (;;) {
-        int bi = -1;
-        float bs = -INFINITY;
-        for (int i = 0; i + 1 < ns; i++) if (bid[i] >= 0 && best[i] > bs) { bs = best[i]; bi = i; }
-        if (bi < 0) break;
-        ids[bi] = bid[bi];
-        memmove(ids + bi + 1, ids + bi + 2, sizeof(int) * (size_t)(ns - bi - 2));
-        if (ns - bi - 3 > 0) {
-            memmove(best + bi + 1, best + bi + 2, sizeof(float) * (size_t)(ns - bi - 3));
-            memmove(bid + bi + 1, bid + bi + 2, sizeof(int) * (size_t)(ns - bi - 3));
-        }
-        ns--;
-        if (bi > 0) PAIR(bi - 1);
-        if (bi + 1 < ns) PAIR(bi);
+    for (int i = 0; i < ns; i++) { prv[i] = i - 1; nxt[i] = i + 1 < ns ? i + 1 : -1; }
+    for (int i = 0; i + 1 < ns; i++) bpe_try(t, ids, ver, i, i + 1, buf, heap, &nh);
+    while (nh) {
+        const BpePair e = bpe_pop(heap, &nh);
+        if (nxt[e.l] != e.r || ver[e.l] != e.vl || ver[e.r] != e.vr) continue; /* stale */
+        ids[e.l] = e.id;
+        ver[e.l]++;
+        ver[e.r]++;
+        nxt[e.l] = nxt[e.r];
+        if (nxt[e.r] >= 0) prv[nxt[e.r]] = e.l;
+        nxt[e.r] = -2; /* removed: never matches a queued pair again */
+        if (prv[e.l] >= 0) bpe_try(t, ids, ver, prv[e.l], e.l, buf, heap, &nh);
+        if (nxt[e.l] >= 0) bpe_try(t, ids, ver, e.l, nxt[e.l], buf, heap, &nh);
     }
-#undef PAIR
-    for (int i = 0; i < ns && n < cap; i++) out[n++] = ids[i];
-    free(norm); free(ids); free(best); free(bid); free(buf);
-    return n;
+    /* symbol 0 is never removed (a merge keeps its left symbol) */
+    for (int i = ns ? 0 : -1; i >= 0 && n < cap; i = nxt[i]) out[n++] = ids[i];
+    rc = n;
+done:
+    free(norm); free(ids); free(prv); free(nxt); free(ver); free(heap); free(buf);
+    return rc;
 }
 
 /* the text of token id into out (room for t->max_len bytes; the text is never longer than the
@@ -2103,14 +2226,52 @@ static void usage(void) {
         "  --print-prompt-ids  chat mode: print each turn's prompt ids (BOS .. assistant prefix) to stderr\n"
         "  --logits-for \"ids\" --logits-out FILE   write float32 logits [n_ids, vocab] for every position\n"
         "  --stats          print prefill / decode speed to stderr\n"
-        "Prompts longer than the context keep their last (max_position_embeddings - n) tokens\n"
-        "(at least one token; n shrinks to fit); generation stops at max_position_embeddings.\n"
+        "The prompt is kept whole and -n shrinks to what the context (max_position_embeddings) leaves\n"
+        "after it; a prompt of max_position_embeddings tokens or more is refused. Generation stops at\n"
+        "any of the model's EOS ids. Numbers must be whole and in range (-n 0..2^31-1, -t 0..1e6,\n"
+        "-p 0..1, -k >= 0, -T 0..1024, --chunk 1..2^20); texts are limited to 16 MiB.\n"
         "Chat (-m chat -z tokenizer.bin): the llamathink-chat template; -i TEXT answers one message\n"
         "('-' reads it from stdin) and exits, without -i lines are read from stdin until EOF or /exit.\n"
         "The oldest exchanges are dropped when the history outgrows the context window. Ctrl-C stops\n"
         "the reply being written (the turn keeps it as far as it got); at the prompt it quits.\n");
 }
 
+/* Strict option numbers: the whole string must be one number (leading / trailing blanks allowed,
+ * nothing else), inside [lo, hi]; otherwise a message naming the option and the range is printed
+ * and -1 returned. */
+static int parse_long_opt(const char *opt, const char *v, long long lo, long long hi, long long *out) {
+    char *e;
+    errno = 0;
+    long long x = strtoll(v, &e, 10);
+    while (e != v && (*e == ' ' || *e == '\t' || *e == '\n')) e++;
+    if (e == v || *e || errno == ERANGE || x < lo || x > hi) {
+        fprintf(stderr, "error: %s must be an integer between %lld and %lld (got '%s')\n", opt, lo, hi, v);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+static int parse_int_opt(const char *opt, const char *v, int lo, int hi, int *out) {
+    long long x;
+    if (parse_long_opt(opt, v, lo, hi, &x)) return -1;
+    *out = (int)x;
+    return 0;
+}
+static int parse_float_opt(const char *opt, const char *v, double lo, double hi, float *out) {
+    char *e;
+    errno = 0;
+    double x = strtod(v, &e);
+    while (e != v && (*e == ' ' || *e == '\t' || *e == '\n')) e++;
+    if (e == v || *e || errno == ERANGE || !(x >= lo && x <= hi)) { /* !(..) also refuses NaN */
+        fprintf(stderr, "error: %s must be a number between %g and %g (got '%s')\n", opt, lo, hi, v);
+        return -1;
+    }
+    *out = (float)x;
+    return 0;
+}
+
+/* Token ids separated by blanks or commas; NULL on anything else (a non-number, trailing
+ * characters, a value outside int) or when out of memory. */
 static int *parse_ids(const char *s, int *n) {
     int cap = 16, k = 0;
     int *v = (int *)malloc(sizeof(int) * cap);
@@ -2120,9 +2281,11 @@ static int *parse_ids(const char *s, int *n) {
         while (*p == ' ' || *p == ',' || *p == '\t' || *p == '\n') p++;
         if (!*p) break;
         char *e;
-        long x = strtol(p, &e, 10);
-        if (e == p) { free(v); return NULL; }
-        if (k == cap) { cap *= 2; int *nv = (int *)realloc(v, sizeof(int) * cap); if (!nv) { free(v); return NULL; } v = nv; }
+        errno = 0;
+        long long x = strtoll(p, &e, 10);
+        if (e == p || errno == ERANGE || x < INT32_MIN || x > INT32_MAX ||
+            (*e && *e != ' ' && *e != ',' && *e != '\t' && *e != '\n')) { free(v); return NULL; }
+        if (k == cap) { if (cap > INT32_MAX / 4) { free(v); return NULL; } cap *= 2; int *nv = (int *)realloc(v, sizeof(int) * cap); if (!nv) { free(v); return NULL; } v = nv; }
         v[k++] = (int)x;
         p = e;
     }
@@ -2335,6 +2498,7 @@ static int *chat_encode(const Chat *c, int with_system, const char *text, int *n
     p += (size_t)c->mk_len[MK_ASST_PRE];
     *n = encode(c->tk, str, p, 0, ids, (int)(3 * L + 8));
     free(str);
+    if (*n < 0) { free(ids); return NULL; }
     return ids;
 }
 
@@ -2365,13 +2529,18 @@ static void state_reset(State *s, const Model *m) {
 }
 
 /* One exchange: add the user message, trim the history, feed, stream the reply.
- * Returns 0, 1 when the message alone does not fit the context window (nothing is kept;
- * the message is in err), or -1 on a fatal error (printed). */
+ * Returns 0, 1 when the message is refused (nothing is kept; the reason is in err): it contains
+ * U+FDD0 or does not fit the context window even alone, or -1 on a fatal error (printed). */
 static int chat_turn(Chat *c, const char *text, char *err, size_t errn) {
     const Model *m = c->m;
     State *s = c->s;
     const int has_bos = c->bos >= 0, has_eos = c->eos >= 0;
     int n_new = 0, n_first = 0, f;
+    if (has_text_guard(text, strlen(text))) { /* as llamathink.chat refuses it */
+        snprintf(err, errn, "message contains U+FDD0 (a reserved noncharacter: the chat template uses it to keep "
+                 "content from forming special tokens); remove it");
+        return 1;
+    }
     int *new_ids = chat_encode(c, 0, text, &n_new), *first_ids = NULL;
     if (!new_ids) { fprintf(stderr, "error: out of memory\n"); return -1; }
     /* room kept for the reply: -n, at most half the window (llamathink.chat.ChatSession.reserve) */
@@ -2444,7 +2613,7 @@ static int chat_turn(Chat *c, const char *text, char *err, size_t errn) {
     if (!reply || !pb) { fprintf(stderr, "error: out of memory\n"); return -1; }
     for (int g = 0; g < max_new && !g_stop_reply && !g_quit; g++) {
         int next = sample(s->logits, m->vocab, c->temp, c->top_k, c->top_p, c->pi);
-        if (has_eos && next == c->eos && !c->ignore_eos) break;
+        if (!c->ignore_eos && ((has_eos && next == c->eos) || is_eos(m, next))) break;
         reply[nr++] = next;
         if (c->print_ids) {
             printf(nr > 1 ? " %d" : "%d", next);
@@ -2526,6 +2695,15 @@ static int chat_main(const Model *m, State *s, const Tokenizer *tk, ProbIdx *pi,
         c.mk[i] = v ? v : "";
         c.mk_len[i] = v ? len : 0;
     }
+    if (system && strlen(system) > LT_MAX_TEXT) {
+        fprintf(stderr, "error: -y system prompt too long (%zu bytes; at most %u)\n", strlen(system), LT_MAX_TEXT);
+        return 1;
+    }
+    if (system && has_text_guard(system, strlen(system))) {
+        fprintf(stderr, "error: -y system prompt contains U+FDD0 (a reserved noncharacter: the chat template uses it "
+                "to keep content from forming special tokens); remove it\n");
+        return 1;
+    }
     if (system && *system) c.system = strip_dup(system); /* llamathink-chat: an empty --system is none */
     c.ctx = (int *)malloc(sizeof(int) * ((size_t)m->max_pos + 2));
     if (!c.ctx || (system && *system && !c.system)) { fprintf(stderr, "error: out of memory\n"); return 1; }
@@ -2533,6 +2711,12 @@ static int chat_main(const Model *m, State *s, const Tokenizer *tk, ProbIdx *pi,
     int rc = 0;
     if (prompt) {
         char *raw = !strcmp(prompt, "-") ? read_all(stdin) : strdup(prompt);
+        if (raw && strlen(raw) > LT_MAX_TEXT) {
+            fprintf(stderr, "error: the message is too long (%zu bytes; at most %u)\n", strlen(raw), LT_MAX_TEXT);
+            free(raw);
+            chat_free(&c);
+            return 1;
+        }
         char *text = raw ? strip_dup(raw) : NULL;
         free(raw);
         if (!text) { fprintf(stderr, "error: out of memory\n"); chat_free(&c); return 1; }
@@ -2567,9 +2751,14 @@ static int chat_main(const Model *m, State *s, const Tokenizer *tk, ProbIdx *pi,
         if (g_quit) { fprintf(stderr, "\n"); break; }
         fprintf(stderr, "> ");
         fflush(stderr);
-        if (getline(&line, &lcap, stdin) < 0) {
+        const ssize_t got = getline(&line, &lcap, stdin);
+        if (got < 0) {
             fprintf(stderr, "\n");
             break;
+        }
+        if ((size_t)got > LT_MAX_TEXT) {
+            fprintf(stderr, "[the message is too long (%zd bytes; at most %u); nothing was kept]\n", got, LT_MAX_TEXT);
+            continue;
         }
         if (g_quit) { fprintf(stderr, "\n"); break; }
         char *text = strip_dup(line);
@@ -2602,7 +2791,7 @@ int main(int argc, char **argv) {
     const char *model_path = argv[1], *mode = "generate", *prompt = NULL, *tok_path = NULL, *ids_str = NULL;
     const char *logits_for = NULL, *logits_out = NULL, *system = NULL;
     int steps = 256, top_k = 0, threads = 0, chunk = 256, no_bos = 0, ignore_eos = 0, print_ids = 0, stats = 0;
-    int print_prompt_ids = 0;
+    int print_prompt_ids = 0, steps_given = 0;
     float temp = 1.0f, top_p = 0.9f;
     unsigned long long seed = (unsigned long long)time(NULL);
     for (int i = 2; i < argc; i++) {
@@ -2613,13 +2802,18 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-i")) { NEEDV(); prompt = v; }
         else if (!strcmp(a, "-z")) { NEEDV(); tok_path = v; }
         else if (!strcmp(a, "--ids")) { NEEDV(); ids_str = v; }
-        else if (!strcmp(a, "-n")) { NEEDV(); steps = atoi(v); }
-        else if (!strcmp(a, "-t")) { NEEDV(); temp = (float)atof(v); }
-        else if (!strcmp(a, "-k")) { NEEDV(); top_k = atoi(v); }
-        else if (!strcmp(a, "-p")) { NEEDV(); top_p = (float)atof(v); }
-        else if (!strcmp(a, "-s")) { NEEDV(); seed = strtoull(v, NULL, 10); }
-        else if (!strcmp(a, "-T")) { NEEDV(); threads = atoi(v); }
-        else if (!strcmp(a, "--chunk")) { NEEDV(); chunk = atoi(v); }
+        else if (!strcmp(a, "-n")) { NEEDV(); if (parse_int_opt("-n", v, 0, INT32_MAX, &steps)) return 1; steps_given = 1; }
+        else if (!strcmp(a, "-t")) { NEEDV(); if (parse_float_opt("-t", v, 0.0, 1e6, &temp)) return 1; }
+        else if (!strcmp(a, "-k")) { NEEDV(); if (parse_int_opt("-k", v, 0, INT32_MAX, &top_k)) return 1; }
+        else if (!strcmp(a, "-p")) { NEEDV(); if (parse_float_opt("-p", v, 0.0, 1.0, &top_p)) return 1; }
+        else if (!strcmp(a, "-s")) {
+            long long sd;
+            NEEDV();
+            if (parse_long_opt("-s", v, 0, INT64_MAX, &sd)) return 1;
+            seed = (unsigned long long)sd;
+        }
+        else if (!strcmp(a, "-T")) { NEEDV(); if (parse_int_opt("-T", v, 0, 1024, &threads)) return 1; }
+        else if (!strcmp(a, "--chunk")) { NEEDV(); if (parse_int_opt("--chunk", v, 1, 1 << 20, &chunk)) return 1; }
         else if (!strcmp(a, "--no-bos")) no_bos = 1;
         else if (!strcmp(a, "--ignore-eos")) ignore_eos = 1;
         else if (!strcmp(a, "--print-ids")) print_ids = 1;
@@ -2632,7 +2826,6 @@ int main(int argc, char **argv) {
         else { fprintf(stderr, "error: unknown option %s\n", a); usage(); return 1; }
 #undef NEEDV
     }
-    if (steps < 0) steps = 0;
     if (getenv("LT_PAR_MIN")) g_par_min = atof(getenv("LT_PAR_MIN"));
     g_rng = seed * 0x9E3779B97F4A7C15ULL + 1;
 #ifdef _OPENMP
@@ -2656,8 +2849,10 @@ int main(int argc, char **argv) {
         if (!strcmp(mode, "encode")) {
             if (!prompt) { fprintf(stderr, "error: encode mode needs -i TEXT\n"); return 1; }
             size_t L = strlen(prompt);
+            if (L > LT_MAX_TEXT) { fprintf(stderr, "error: -i text too long (%zu bytes; at most %u)\n", L, LT_MAX_TEXT); return 1; }
             int *ids = (int *)malloc(sizeof(int) * (L * 4 + 8));
-            int n = encode(&tk, prompt, L, !no_bos, ids, (int)(L * 4 + 8));
+            int n = ids ? encode(&tk, prompt, L, !no_bos, ids, (int)(L * 4 + 8)) : -1;
+            if (n < 0) { fprintf(stderr, "error: out of memory encoding the text\n"); return 1; }
             for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
             printf("\n");
             free(ids);
@@ -2721,23 +2916,27 @@ int main(int argc, char **argv) {
             if (!have_tok) { fprintf(stderr, "error: a text prompt needs -z tokenizer.bin (or use --ids)\n"); return 1; }
             const char *text = prompt ? prompt : "";
             size_t L = strlen(text);
+            if (L > LT_MAX_TEXT) { fprintf(stderr, "error: -i text too long (%zu bytes; at most %u)\n", L, LT_MAX_TEXT); return 1; }
             pr = (int *)malloc(sizeof(int) * (L * 4 + 8));
-            n = encode(&tk, text, L, !no_bos, pr, (int)(L * 4 + 8));
+            n = pr ? encode(&tk, text, L, !no_bos, pr, (int)(L * 4 + 8)) : -1;
+            if (n < 0) { fprintf(stderr, "error: out of memory encoding the prompt\n"); return 1; }
         }
         if (n == 0) { if (m.bos < 0) { fprintf(stderr, "error: empty prompt and no BOS\n"); return 1; } pr[0] = m.bos; n = 1; }
         if (check_ids(&m, pr, n)) return 1;
-        int start = 0;
-        if (n + steps > m.max_pos) {
-            int keep = m.max_pos - steps;
-            if (keep < 1) keep = 1;
-            if (n > keep) {
-                start = n - keep;
-                fprintf(stderr, "warning: prompt of %d tokens truncated to its last %d (context %d, %d steps)\n", n, keep, m.max_pos, steps);
-                n = keep;
-            }
-            if (steps > m.max_pos - n) steps = m.max_pos - n;
+        /* the prompt is kept whole (as llamathink's generate / chat do) and -n shrinks to the room
+         * the context leaves after it; a prompt that leaves no room is refused */
+        if (n >= m.max_pos) {
+            fprintf(stderr, "error: the prompt (%d tokens) leaves no room in the %d-token context window "
+                    "(max_position_embeddings); shorten it to at most %d tokens\n", n, m.max_pos, m.max_pos - 1);
+            return 1;
         }
-        memcpy(seq, pr + start, sizeof(int) * (size_t)n);
+        if ((long long)n + steps > m.max_pos) {
+            if (steps_given)
+                fprintf(stderr, "warning: -n %d reduced to %d: the %d-token prompt leaves %d of the %d-token context\n",
+                        steps, m.max_pos - n, n, m.max_pos - n, m.max_pos);
+            steps = m.max_pos - n;
+        }
+        memcpy(seq, pr, sizeof(int) * (size_t)n);
         int first = 1;
         if (!print_ids && have_tok) for (int i = 0; i < n; i++) decode_piece(&tk, seq[i], &first, stdout);
         fflush(stdout);
@@ -2752,7 +2951,7 @@ int main(int argc, char **argv) {
             else if (have_tok) decode_piece(&tk, next, &first, stdout);
             else printf("%d ", next);
             fflush(stdout);
-            if (next == m.eos && !ignore_eos) { gen++; break; }
+            if (is_eos(&m, next) && !ignore_eos) { gen++; break; }
             if (gen + 1 < steps) forward(&m, &s, &next, 1, 0);
         }
         double t2 = now_s();

@@ -16,6 +16,11 @@ unless the text already starts with a space (HF Metaspace prepend_scheme="first"
 transformers' LlamaTokenizer does); --sentencepiece always prepends (SentencePiece, and the
 project's own tokenizer_utils, whose tokenizer.json is detected as such automatically).
 
+Text guard: a tokenizer that went through llamathink.chat.set_chat_template has Replace(U+FDD0, "")
+as the first step of its normalizer (tokenizer.json), so it deletes U+FDD0 from every text it encodes;
+flag 8 in tokenizer.bin tells run.c to do the same (also for a tokenizer.model whose directory holds
+such a tokenizer.json, which is what transformers loads from that directory).
+
 Chat markers: by default tokenizer.bin stores llamathink.chat.CHAT_MARKERS (the strings of the
 chat template that run.c's chat mode rebuilds); --chat-marker KEY=VALUE overrides or adds one key
 (backslash escapes such as \\n are decoded), --no-chat-markers stores only the --chat-marker ones.
@@ -35,6 +40,9 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 FLAG_DUMMY_PREFIX = 1
 FLAG_BYTE_FALLBACK = 2
 FLAG_NO_PREFIX_IF_SPACE = 4
+FLAG_DROP_TEXT_GUARD = 8  # delete U+FDD0 before anything else (llamathink.chat.set_chat_template)
+# llamathink.chat.TEXT_GUARD (a copy: the exporter also runs without the package)
+TEXT_GUARD = "\ufdd0"
 NO_MERGE = -1e30
 # Keys the chat mode of run.c looks up (default values: llamathink.chat.CHAT_MARKERS; run.c ignores
 # assistant_suffix, since an assistant turn ends with the EOS token).
@@ -114,6 +122,51 @@ def read_sentencepiece(path: str) -> dict:
                 add_dummy_prefix=bool(normalizer.get(3, 1)))
 
 
+def _normalizer_steps(j: dict) -> list:
+    norm = j.get("normalizer") or {}
+    if not isinstance(norm, dict):
+        return []
+    steps = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
+    return [x for x in steps if isinstance(x, dict)] if isinstance(steps, list) else []
+
+
+def _is_text_guard(step: dict) -> bool:
+    return (step.get("type") == "Replace" and step.get("pattern") == {"String": TEXT_GUARD}
+            and step.get("content") == "")
+
+
+def text_guard_flag(j: dict, path: str) -> int:
+    """FLAG_DROP_TEXT_GUARD when the tokenizer.json state ``j`` deletes U+FDD0 first thing, as
+    ``llamathink.chat.set_chat_template`` installs it (``Replace(U+FDD0, "")`` as the first normalizer
+    step, or the whole normalizer); else 0. Raises TokenizerExportError for any other step that
+    replaces U+FDD0: run.c only knows the deletion before every other rule."""
+    steps = _normalizer_steps(j)
+    if steps and _is_text_guard(steps[0]):
+        return FLAG_DROP_TEXT_GUARD
+    for step in steps:
+        pattern = step.get("pattern") if step.get("type") == "Replace" else None
+        if isinstance(pattern, dict) and TEXT_GUARD in str(pattern.get("String", pattern.get("Regex", ""))):
+            raise TokenizerExportError(f"{path}: a normalizer step replaces U+FDD0 but is not the text guard "
+                                       "(Replace(U+FDD0, '') as the first step, as llamathink.chat."
+                                       "set_chat_template installs it); run.c cannot encode it exactly")
+    return 0
+
+
+def read_text_guard_flag(path: str) -> int:
+    """text_guard_flag of the tokenizer.json file at path (0 if there is none). Raises
+    TokenizerExportError when it cannot be read: whether U+FDD0 is deleted would be unknown."""
+    if not os.path.isfile(path):
+        return 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            j = json.load(f)
+    except (OSError, ValueError) as e:
+        raise TokenizerExportError(f"{path}: cannot read it to check its normalizer ({e})") from e
+    if not isinstance(j, dict):
+        raise TokenizerExportError(f"{path}: not a tokenizer.json (not a JSON object)")
+    return text_guard_flag(j, path)
+
+
 def read_hf_json(path: str) -> dict:
     with open(path, encoding="utf-8") as f:
         j = json.load(f)
@@ -150,12 +203,11 @@ def read_hf_json(path: str) -> dict:
     if 0 <= unk < n:
         types[unk] = UNKNOWN
     pre = j.get("pre_tokenizer") or {}
-    norm = j.get("normalizer") or {}
     pres = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    norms = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
+    norms = _normalizer_steps(j)
     meta = [p for p in pres if p.get("type") == "Metaspace"]
     prepend_norm = any(x.get("type") == "Prepend" for x in norms)
-    flags = 0
+    flags = text_guard_flag(j, path)
     if prepend_norm:
         # normalizer Prepend(U+2581) always adds the prefix (a Metaspace after it then sees a
         # leading U+2581 and adds nothing more)
@@ -202,7 +254,8 @@ def load_tokenizer(src: str, sentencepiece_rules: bool = False) -> dict:
             flags |= FLAG_DUMMY_PREFIX
             if not sentencepiece_rules:
                 flags |= FLAG_NO_PREFIX_IF_SPACE
-        t["flags"] = flags
+        # transformers loads a directory's tokenizer.json when there is one: its text guard applies
+        t["flags"] = flags | read_text_guard_flag(os.path.join(os.path.dirname(sp) or ".", "tokenizer.json"))
     else:
         js = os.path.join(src, "tokenizer.json") if os.path.isdir(src) else src
         if not os.path.isfile(js):
