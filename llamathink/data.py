@@ -14,7 +14,10 @@ Shard format (``*.bin``, little-endian)::
 Preparation (``python -m llamathink.data prepare ...`` or :func:`prepare`)
 reads documents from local files or a Hugging Face ``datasets`` dataset,
 tokenizes each WHOLE document (newlines are kept; nothing is split into
-lines) as ``[BOS] + tokens + [EOS]`` in worker processes, and concatenates the
+lines) as ``[BOS] + tokens + [EOS]`` in worker processes (documents longer
+than ``max_doc_chars`` are tokenized in pieces that join into one document,
+so memory stays bounded; bad records stop the run naming file and line, or
+are skipped and counted with ``skip_bad_records``), and concatenates the
 documents into shards of exactly ``shard_tokens`` tokens
 (``train_000000.bin``, ``train_000001.bin``, ...; the last one may be shorter;
 documents may span shard boundaries).  The FIRST ``val_docs`` documents of the
@@ -46,7 +49,6 @@ import collections
 import glob
 import gzip
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -54,7 +56,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -216,10 +218,221 @@ def check_vocab(tokenizer_vocab_size: int, model_vocab_size: int) -> None:
 # ---------------------------------------------------------------------------
 
 _LOCAL_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+DEFAULT_MAX_DOC_CHARS = 1_000_000
+_READ_CHUNK_BYTES = 1 << 20  # .txt files are read and validated in pieces of this size
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+_BLANK_LINE_RE = re.compile(r"[ \t]*\n?")
+
+# Kinds of bad record, as counted in meta.json's "bad_records".
+BAD_RECORD_KINDS = ("invalid_utf8", "lone_surrogate", "invalid_json", "missing_field", "not_a_string", "nul_only",
+                    "corrupt_file", "unreadable_file")
 
 
 def _has_suffix(p: Path) -> bool:
     return any(p.name.endswith(s) for s in _LOCAL_SUFFIXES)
+
+
+class BadRecords:
+    """What to do with a bad input record: stop with a ``ValueError`` naming it
+    (``skip=False``, the default) or skip it and count it by kind.
+
+    Kinds (:data:`BAD_RECORD_KINDS`): ``invalid_utf8`` (bytes that are not
+    UTF-8), ``lone_surrogate`` (text with an unpaired UTF-16 surrogate such as
+    JSON ``"\\ud800"``: not valid Unicode, no tokenizer can encode it),
+    ``invalid_json``, ``missing_field`` (no ``text_field`` in the record),
+    ``not_a_string`` (the field is null, a number, a list...), ``nul_only``
+    (text made only of NUL characters and whitespace: a zero-filled or binary
+    file), ``corrupt_file`` (truncated or corrupt gzip / parquet data: the rest
+    of that file is skipped) and ``unreadable_file`` (the file cannot be opened
+    or read).  ``where`` names the file and line (``path:line``) or the dataset
+    row.
+    """
+
+    max_examples = 10
+
+    def __init__(self, skip: bool = False):
+        self.skip = bool(skip)
+        self.counts: dict[str, int] = {}
+        self.examples: list[str] = []
+
+    def __call__(self, kind: str, where: Any, problem: str) -> None:
+        """Report one bad record; raises ``ValueError`` unless skipping."""
+        assert kind in BAD_RECORD_KINDS, kind
+        msg = f"{where}: {problem}"
+        if not self.skip:
+            raise ValueError(f"{msg} [bad record: {kind}]; fix the input, or pass --skip-bad-records "
+                             "(prepare(skip_bad_records=True)) to skip such records and count them")
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if len(self.examples) < self.max_examples:
+            self.examples.append(msg)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> dict:
+        """``{"skipped": total, "by_kind": {kind: count}, "examples": [first messages]}``."""
+        return {"skipped": self.total, "by_kind": dict(sorted(self.counts.items())), "examples": list(self.examples)}
+
+
+class Piece(NamedTuple):
+    """One piece of a document.
+
+    A document longer than ``max_doc_chars`` is cut into several pieces
+    (:class:`_Splitter`); ``first``/``last`` mark the document's start and end
+    (BOS goes before the first piece, EOS after the last one) and ``context``
+    is the character just before the piece in the document ("" for the first
+    piece), used to tokenize the piece as it would be inside the whole document
+    (see :func:`_encode_with`).
+    """
+
+    text: str
+    first: bool = True
+    last: bool = True
+    context: str = ""
+
+
+def _cut_point(buf: str, pos: int, hi: int) -> int:
+    """Where to end a piece that starts at ``buf[pos]`` and may not go past
+    ``hi``: the last paragraph start (after a blank line) in the second half of
+    the window, else the last line start, else just before the last space or
+    tab, else ``hi``."""
+    lo = pos + (hi - pos) // 2
+    j = buf.rfind("\n\n", lo, hi)
+    if j >= 0:
+        cut = j + 2
+        while cut < hi and buf[cut] == "\n":  # keep a run of newlines in one piece
+            cut += 1
+        return cut
+    j = buf.rfind("\n", lo, hi)
+    if j >= 0:
+        return j + 1
+    j = max(buf.rfind(" ", lo, hi), buf.rfind("\t", lo, hi))
+    if j > pos:
+        return j
+    return hi
+
+
+class _Splitter:
+    """Cut one document, fed as text in any number of parts, into
+    :class:`Piece` s of at most ``max_chars`` characters (``None``: never cut).
+    Memory is bounded by ``max_chars`` plus the part being fed."""
+
+    def __init__(self, max_chars: int | None):
+        self.max = max_chars
+        self.buf = ""
+        self.pos = 0
+        self.first = True
+        self.context = ""
+
+    def feed(self, text: str) -> Iterator[Piece]:
+        if self.pos:
+            self.buf = self.buf[self.pos:] + text
+            self.pos = 0
+        else:
+            self.buf += text  # "" + text is text itself: a whole document is not copied
+        if self.max is None:
+            return
+        while len(self.buf) - self.pos > self.max:
+            cut = _cut_point(self.buf, self.pos, self.pos + self.max)
+            yield Piece(self.buf[self.pos:cut], self.first, False, self.context)
+            self.first, self.context, self.pos = False, self.buf[cut - 1], cut
+
+    def finish(self) -> Iterator[Piece]:
+        yield Piece(self.buf[self.pos:], self.first, True, self.context)
+        self.buf, self.pos, self.first, self.context = "", 0, True, ""
+
+
+def _text_problem(text: str) -> tuple[str, str] | None:
+    """``(kind, problem)`` if ``text`` is a bad record, else None."""
+    m = _SURROGATE_RE.search(text)
+    if m:
+        return "lone_surrogate", (f"text contains a lone surrogate U+{ord(m.group()):04X} at character {m.start()} "
+                                  "(not valid Unicode, cannot be tokenized)")
+    if "\0" in text and not text.replace("\0", "").strip():
+        return "nul_only", "text is only NUL characters (a zero-filled or binary file?)"
+    return None
+
+
+def _document_pieces(text: Any, where: Any, bad: BadRecords, max_chars: int | None,
+                     field_name: str | None = None) -> Iterator[Piece]:
+    """Check one in-memory document and cut it into pieces; empty or
+    whitespace-only documents give nothing."""
+    if not isinstance(text, str):
+        what = f"field {field_name!r}" if field_name else "document"
+        bad("not_a_string", where, f"{what} is {type(text).__name__}, not a string")
+        return
+    if not text.strip():
+        return
+    problem = _text_problem(text)
+    if problem:
+        bad(problem[0], where, problem[1])
+        return
+    sp = _Splitter(max_chars)
+    yield from sp.feed(text)
+    yield from sp.finish()
+
+
+def _row_pieces(row: Any, field_name: str, where: Any, bad: BadRecords, max_chars: int | None) -> Iterator[Piece]:
+    if not isinstance(row, dict) or field_name not in row:
+        keys = list(row) if isinstance(row, dict) else type(row).__name__
+        bad("missing_field", where, f"record has no field {field_name!r} (fields: {keys}); use --text-field")
+        return
+    yield from _document_pieces(row[field_name], where, bad, max_chars, field_name)
+
+
+def _join_pieces(pieces: Iterable[Piece]) -> Iterator[str]:
+    parts: list[str] = []
+    for p in pieces:
+        parts.append(p.text)
+        if p.last:
+            yield "".join(parts)
+            parts = []
+
+
+def _scan_txt(path: Path) -> tuple[str, str, str] | None:
+    """Read a .txt file once, in chunks of bounded size, and return ``(kind,
+    where, problem)`` if it is not valid UTF-8 (``where`` names the line) or is
+    only NUL characters and whitespace (``nul_only``); ``("empty", ...)`` if it
+    is empty or only whitespace; None if it is a good document."""
+    offset = 0  # file offset of data[0]
+    lines = 0  # newlines before data[0]
+    line_start = 0  # file offset where the line holding data[0] starts
+    pending = b""
+    has_text = has_real = False
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(_READ_CHUNK_BYTES)
+            final = not chunk
+            data = pending + chunk
+            try:
+                text, pending = data.decode("utf-8"), b""
+            except UnicodeDecodeError as e:
+                if not final and e.reason == "unexpected end of data" and len(data) - e.start < 4:
+                    text, pending = data[:e.start].decode("utf-8"), data[e.start:]  # a character cut by the chunk
+                else:
+                    head = data[:e.start]
+                    nl = head.rfind(b"\n")
+                    col = e.start - nl if nl >= 0 else offset + e.start - line_start + 1
+                    line = lines + head.count(b"\n") + 1
+                    return ("invalid_utf8", f"{path}:{line}",
+                            f"invalid UTF-8: byte(s) {data[e.start:e.end].hex(' ')} at column {col} "
+                            f"(byte offset {offset + e.start} of the file): {e.reason}")
+            has_text = has_text or bool(text.strip())
+            has_real = has_real or bool(text.replace("\0", "").strip())
+            used = data[:len(data) - len(pending)]
+            nl = used.rfind(b"\n")
+            if nl >= 0:
+                line_start = offset + nl + 1
+            lines += used.count(b"\n")
+            offset += len(used)
+            if final:
+                break
+    if not has_text:
+        return "empty", str(path), ""
+    if not has_real:
+        return "nul_only", str(path), "text is only NUL characters (a zero-filled or binary file?)"
+    return None
 
 
 @dataclass
@@ -231,14 +444,24 @@ class LocalSource:
     directory written by ``datasets.Dataset.save_to_disk``.
 
     * ``.txt``: ``txt_split="file"`` (default) makes each file ONE document;
-      ``"paragraph"`` makes each block of text between blank lines a document.
-      Files are read as UTF-8 (undecodable bytes become U+FFFD) with universal
-      newlines.
+      ``"paragraph"`` makes each block of text between blank lines (lines of
+      only spaces and tabs) a document.  Files must be UTF-8; newlines are
+      universal (``\r\n`` and ``\r`` become ``\n``).  Files are streamed: a
+      first pass checks the encoding in 1 MiB chunks, a second one cuts the
+      text into pieces (see :meth:`pieces`), so a file of any size needs
+      bounded memory (in paragraph mode one line is held whole).
     * ``.jsonl`` / ``.jsonl.gz``: one JSON object per line, text in
       ``text_field``.
     * ``.parquet``: column ``text_field``.
 
-    Empty or whitespace-only documents are skipped.
+    Empty or whitespace-only documents are skipped.  Bad records (see
+    :class:`BadRecords`) raise ``ValueError`` naming the file and line (the row
+    for parquet and save_to_disk data), or are skipped and counted.  A .txt
+    file with invalid UTF-8 is one bad record, skipped whole in either split
+    mode (it is checked before any of it is used).
+
+    Iterating yields whole documents (strings); :func:`prepare` uses
+    :meth:`pieces`.
     """
 
     paths: Sequence[str]
@@ -257,7 +480,7 @@ class LocalSource:
                 if (p / "state.json").is_file() and (p / "dataset_info.json").is_file():
                     out.append(p)  # datasets.save_to_disk directory
                     continue
-                found = sorted(q for q in p.rglob("*") if q.is_file() and _has_suffix(q))
+                found = sorted(q for q in p.rglob("*") if (q.is_file() or q.is_symlink()) and _has_suffix(q))
                 if not found:
                     raise FileNotFoundError(f"no {', '.join(_LOCAL_SUFFIXES)} files under {p}")
                 out.extend(found)
@@ -277,60 +500,127 @@ class LocalSource:
                 "txt_split": self.txt_split}
 
     def __iter__(self) -> Iterator[str]:
-        for path in self.files():
-            for doc in self._iter_file(path):
-                if doc.strip():
-                    yield doc
+        return _join_pieces(self.pieces(None))
 
-    def _iter_file(self, path: Path) -> Iterator[str]:
+    def pieces(self, max_doc_chars: int | None = DEFAULT_MAX_DOC_CHARS,
+               bad: BadRecords | None = None) -> Iterator[Piece]:
+        """The documents as :class:`Piece` s of at most ``max_doc_chars``
+        characters (``None``: one piece per document), reporting bad records to
+        ``bad`` (default: raise on the first one)."""
+        bad = BadRecords() if bad is None else bad
+        for path in self.files():
+            yield from self._file_pieces(path, max_doc_chars, bad)
+
+    def _file_pieces(self, path: Path, max_chars: int | None, bad: BadRecords) -> Iterator[Piece]:
         name = path.name
-        if path.is_dir():
+        if path.is_dir() and (path / "state.json").is_file():
             import datasets
 
             ds = datasets.load_from_disk(str(path))
-            for row in ds:
-                yield _field(row, self.text_field, path)
-        elif name.endswith(".txt"):
-            with open(path, encoding="utf-8", errors="replace") as f:
-                text = f.read()
-            if self.txt_split == "file":
-                yield text
-            else:
-                for para in re.split(r"\n[ \t]*\n", text):
-                    para = para.strip("\n")
-                    if para:
-                        yield para
-        elif name.endswith(".jsonl") or name.endswith(".jsonl.gz"):
-            opener = gzip.open if name.endswith(".gz") else open
-            with opener(path, "rt", encoding="utf-8") as f:
+            for i, row in enumerate(ds):
+                yield from _row_pieces(row, self.text_field, f"{path} row {i}", bad, max_chars)
+            return
+        if name.endswith(".txt"):
+            gen = self._txt_pieces(path, max_chars, bad)
+        elif name.endswith(".parquet"):
+            gen = self._parquet_pieces(path, max_chars, bad)
+        else:
+            gen = self._jsonl_pieces(path, max_chars, bad)
+        in_doc = False  # a document has started but not ended: a read error now cannot be skipped cleanly
+        try:
+            for p in gen:
+                in_doc = not p.last
+                yield p
+        except OSError as e:
+            problem = f"cannot read file ({e.strerror or e})"
+            if in_doc:
+                raise ValueError(f"{path}: {problem} in the middle of a document") from e
+            bad("unreadable_file", path, problem)
+
+    def _txt_pieces(self, path: Path, max_chars: int | None, bad: BadRecords) -> Iterator[Piece]:
+        found = _scan_txt(path)
+        if found is not None:
+            if found[0] != "empty":
+                bad(*found)
+            return
+        try:
+            with open(path, encoding="utf-8", errors="strict") as f:
+                if self.txt_split == "file":
+                    sp = _Splitter(max_chars)
+                    while chunk := f.read(_READ_CHUNK_BYTES):
+                        yield from sp.feed(chunk)
+                    yield from sp.finish()
+                    return
+                sp, para_line, has_real = None, 0, False
                 for lineno, line in enumerate(f, 1):
+                    if _BLANK_LINE_RE.fullmatch(line):
+                        if sp is not None:
+                            yield from _end_paragraph(sp, has_real, f"{path}:{para_line}", bad)
+                            sp = None
+                        continue
+                    text = line[:-1] if line.endswith("\n") else line
+                    if sp is None:
+                        sp, para_line, has_real = _Splitter(max_chars), lineno, False
+                        yield from sp.feed(text)
+                    else:
+                        yield from sp.feed("\n" + text)
+                    has_real = has_real or bool(text.replace("\0", "").strip())
+                if sp is not None:
+                    yield from _end_paragraph(sp, has_real, f"{path}:{para_line}", bad)
+        except UnicodeDecodeError as e:  # the file changed after it was checked
+            raise ValueError(f"{path}: invalid UTF-8 ({e}); did the file change during preparation?") from e
+
+    def _jsonl_pieces(self, path: Path, max_chars: int | None, bad: BadRecords) -> Iterator[Piece]:
+        import zlib
+
+        gz = path.name.endswith(".gz")
+        lineno = 0
+        try:
+            with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+                for lineno, raw in enumerate(f, 1):
+                    where = f"{path}:{lineno}"
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        bad("invalid_utf8", where, f"invalid UTF-8: byte(s) {raw[e.start:e.end].hex(' ')} at "
+                                                   f"byte {e.start + 1} of the line: {e.reason}")
+                        continue
                     if not line.strip():
                         continue
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from e
-                    yield _field(row, self.text_field, f"{path}:{lineno}")
-        elif name.endswith(".parquet"):
-            import pyarrow.parquet as pq
+                        bad("invalid_json", where, f"invalid JSON ({e})")
+                        continue
+                    yield from _row_pieces(row, self.text_field, where, bad, max_chars)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            bad("corrupt_file", f"{path}:{lineno + 1}",
+                f"corrupt or truncated {'gzip ' if gz else ''}data after line {lineno} ({e}); "
+                "the rest of the file is lost")
 
+    def _parquet_pieces(self, path: Path, max_chars: int | None, bad: BadRecords) -> Iterator[Piece]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        row = 0
+        try:
             pf = pq.ParquetFile(path)
             if self.text_field not in pf.schema_arrow.names:
-                raise ValueError(f"{path}: no column {self.text_field!r} (columns: {pf.schema_arrow.names})")
+                raise ValueError(f"{path}: no column {self.text_field!r} (columns: {pf.schema_arrow.names}); "
+                                 "use --text-field")
             for batch in pf.iter_batches(columns=[self.text_field], batch_size=1024):
                 for text in batch.column(0).to_pylist():
-                    if text is not None:
-                        yield text
+                    yield from _document_pieces(text, f"{path} row {row}", bad, max_chars, self.text_field)
+                    row += 1
+        except pa.ArrowException as e:
+            bad("corrupt_file", f"{path} row {row}", f"corrupt parquet data ({e}); the rest of the file is lost")
 
 
-def _field(row: Any, field_name: str, where: Any) -> str:
-    if not isinstance(row, dict) or field_name not in row:
-        keys = list(row) if isinstance(row, dict) else type(row).__name__
-        raise ValueError(f"{where}: record has no field {field_name!r} (fields: {keys}); use --text-field")
-    text = row[field_name]
-    if not isinstance(text, str):
-        raise ValueError(f"{where}: field {field_name!r} is {type(text).__name__}, not a string")
-    return text
+def _end_paragraph(sp: _Splitter, has_real: bool, where: str, bad: BadRecords) -> Iterator[Piece]:
+    if not has_real and sp.first:  # nothing of it has gone out yet, so it can still be dropped whole
+        bad("nul_only", where, "paragraph is only NUL characters (binary data?)")
+        return
+    yield from sp.finish()
 
 
 @dataclass
@@ -339,7 +629,8 @@ class HFSource:
 
     Defaults to FineWeb's 10B-token sample, streamed.  This is the only source
     that may use the network.  ``data_files`` is passed through, so builders such
-    as ``"json"`` or ``"parquet"`` with local files also work offline.
+    as ``"json"`` or ``"parquet"`` with local files also work offline.  Bad
+    records (see :class:`BadRecords`) are named by row number.
     """
 
     name: str = DEFAULT_HF_DATASET
@@ -360,17 +651,31 @@ class HFSource:
                 else str(self.data_files)}
 
     def __iter__(self) -> Iterator[str]:
+        return _join_pieces(self.pieces(None))
+
+    def pieces(self, max_doc_chars: int | None = DEFAULT_MAX_DOC_CHARS,
+               bad: BadRecords | None = None) -> Iterator[Piece]:
+        """Like :meth:`LocalSource.pieces`."""
         import datasets
 
+        bad = BadRecords() if bad is None else bad
         kwargs = {"split": self.split, "streaming": self.streaming}
         if self.data_files is not None:
             kwargs["data_files"] = self.data_files
         ds = datasets.load_dataset(self.name, self.config, **kwargs) if self.config else \
             datasets.load_dataset(self.name, **kwargs)
         for i, row in enumerate(ds):
-            text = _field(row, self.text_field, f"{self.name} row {i}")
-            if text.strip():
-                yield text
+            yield from _row_pieces(row, self.text_field, f"{self.name} row {i}", bad, max_doc_chars)
+
+
+def _source_pieces(source, max_doc_chars: int | None, bad: BadRecords) -> Iterator[Piece]:
+    """Pieces of any source: a :class:`LocalSource` / :class:`HFSource` (or
+    anything with a ``pieces`` method) or an iterable of strings."""
+    if hasattr(source, "pieces"):
+        yield from source.pieces(max_doc_chars, bad)
+        return
+    for i, text in enumerate(source):
+        yield from _document_pieces(text, f"document {i}", bad, max_doc_chars)
 
 
 # ---------------------------------------------------------------------------
@@ -398,21 +703,53 @@ def _make_encoder(kind: str, payload: Any, bos_id: int, eos_id: int) -> dict:
     return {"kind": kind, "tok": payload, "bos": bos_id, "eos": eos_id}
 
 
-def _encode_docs(docs: list[str]) -> list[np.ndarray]:
-    return _encode_with(_W, docs)
+def _encode_docs(pieces: list[Piece]) -> list[tuple[np.ndarray, bool]]:
+    return _encode_flagged(_W, pieces)
 
 
-def _encode_with(enc: dict, docs: list[str]) -> list[np.ndarray]:
+def _encode_flagged(enc: dict, pieces: list[Piece]) -> list[tuple[np.ndarray, bool]]:
+    """``(tokens, piece ends its document)`` for each piece."""
+    return list(zip(_encode_with(enc, pieces), (p.last for p in pieces), strict=True))
+
+
+def _encode_texts(enc: dict, texts: list[str]) -> list[list[int]]:
     if enc["kind"] == "backend":
-        ids_list = [e.ids for e in enc["tk"].encode_batch(docs, add_special_tokens=False)]
-    else:
-        ids_list = enc["tok"](docs, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return [e.ids for e in enc["tk"].encode_batch(texts, add_special_tokens=False)]
+    return enc["tok"](texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def _encode_with(enc: dict, pieces: list[Piece]) -> list[np.ndarray]:
+    """Token arrays (uint16) of document pieces: ``[BOS]`` before a first
+    piece, ``[EOS]`` after a last one.
+
+    A piece that does not start its document is tokenized with the character
+    before it (``piece.context``) prepended, and that character's own tokens
+    are dropped from the front: then a tokenizer that treats the start of its
+    input specially (SentencePiece's dummy-prefix space, Llama 2 and the
+    builtin tokenizer) tokenizes the piece as it would inside the whole
+    document.  Where the context's tokens are not a prefix of the result (a
+    merge across the cut), the piece is tokenized alone; only then can the
+    stream differ from tokenizing the whole document, and only at the cut.
+    """
+    pieces = [p if isinstance(p, Piece) else Piece(p) for p in pieces]
+    ids_list = _encode_texts(enc, [p.context + p.text if p.context else p.text for p in pieces])
+    ctx_cache = enc.setdefault("context_ids", {})
     out = []
-    for ids in ids_list:
-        a = np.empty(len(ids) + 2, dtype=TOKEN_DTYPE)
-        a[0] = enc["bos"]
-        a[1:-1] = ids
-        a[-1] = enc["eos"]
+    for p, ids in zip(pieces, ids_list, strict=True):
+        if p.context:
+            ctx = ctx_cache.get(p.context)
+            if ctx is None:
+                ctx = ctx_cache[p.context] = list(_encode_texts(enc, [p.context])[0])
+            if list(ids[:len(ctx)]) == ctx:
+                ids = ids[len(ctx):]
+            else:
+                ids = _encode_texts(enc, [p.text])[0]
+        a = np.empty(len(ids) + p.first + p.last, dtype=TOKEN_DTYPE)
+        if p.first:
+            a[0] = enc["bos"]
+        a[int(p.first):len(a) - int(p.last)] = ids
+        if p.last:
+            a[-1] = enc["eos"]
         out.append(a)
     return out
 
@@ -424,13 +761,51 @@ def _tokenizer_payload(tok) -> tuple[str, Any]:
     return "python", tok
 
 
-def _batched(it: Iterable[str], n: int) -> Iterator[list[str]]:
-    it = iter(it)
-    while True:
-        chunk = list(itertools.islice(it, n))
-        if not chunk:
-            return
-        yield chunk
+def _batched(pieces: Iterable[Piece], n: int, max_chars: int | None) -> Iterator[list[Piece]]:
+    """Groups of at most ``n`` pieces that together hold at most about
+    ``max_chars`` characters (a group closes once it reaches ``max_chars``), so
+    the text in flight to the workers stays bounded whatever the documents'
+    lengths."""
+    group: list[Piece] = []
+    chars = 0
+    for p in pieces:
+        group.append(p)
+        chars += len(p.text)
+        if len(group) >= n or (max_chars is not None and chars >= max_chars):
+            yield group
+            group, chars = [], 0
+    if group:
+        yield group
+
+
+def _skip_docs(pieces: Iterator[Piece], n: int) -> int:
+    """Consume the pieces of the next ``n`` documents; return how many documents
+    were there."""
+    done = 0
+    if n <= 0:
+        return 0
+    for p in pieces:
+        if p.last:
+            done += 1
+            if done == n:
+                break
+    return done
+
+
+def _limit_docs(pieces: Iterable[Piece], n: int | None) -> Iterator[Piece]:
+    """The pieces of the first ``n`` documents (all when ``n`` is None)."""
+    if n is None:
+        yield from pieces
+        return
+    done = 0
+    if n <= 0:
+        return
+    for p in pieces:
+        yield p
+        if p.last:
+            done += 1
+            if done >= n:
+                return
 
 
 def _ordered_imap(pool, fn, batches: Iterable, max_in_flight: int) -> Iterator:
@@ -464,7 +839,8 @@ def prepare(source: LocalSource | HFSource | Iterable[str], out_dir: str | os.Pa
             *, shard_tokens: int = DEFAULT_SHARD_TOKENS, val_docs: int = DEFAULT_VAL_DOCS,
             num_workers: int | None = None, batch_docs: int = 64, max_docs: int | None = None,
             overwrite: bool = False, progress: bool = True, stop_after_shards: int | None = None,
-            mp_context: str | None = None, source_description: dict | None = None) -> dict:
+            mp_context: str | None = None, source_description: dict | None = None,
+            skip_bad_records: bool = False, max_doc_chars: int | None = DEFAULT_MAX_DOC_CHARS) -> dict:
     """Tokenize a document source into shards in ``out_dir`` (see module docstring).
 
     ``tokenizer`` is a tokenizer object or anything :func:`load_tokenizer`
@@ -481,21 +857,44 @@ def prepare(source: LocalSource | HFSource | Iterable[str], out_dir: str | os.Pa
     which imports torch and transformers (seconds per worker); the workers only
     use the ``tokenizers`` library and set ``TOKENIZERS_PARALLELISM=false``.
 
+    Bad records (invalid UTF-8, lone surrogates, invalid JSON, a missing or
+    non-string text field, NUL-only text, corrupt gzip/parquet data, unreadable
+    files; see :class:`BadRecords`) raise ``ValueError`` naming the file and
+    line (or row); the shards written so far stay and a rerun continues after
+    them.  With ``skip_bad_records=True`` they are skipped instead, and
+    counted by kind in meta.json's ``"bad_records"`` (also printed to stderr).
+
+    Documents longer than ``max_doc_chars`` characters (``None``: no limit) are
+    cut into pieces of at most that many characters, at a paragraph start, a
+    line start or a space near the limit (see :func:`_cut_point`); the pieces
+    are tokenized separately (each one with the character before it as context,
+    see :func:`_encode_with`) and concatenated into ONE document ``[BOS] piece1
+    piece2 ... [EOS]``, so tokenizer memory (about 100 bytes per character for
+    the ``tokenizers`` library) stays bounded; the tokens equal those of the
+    whole document except, rarely, at a cut.  Together with streamed .txt
+    reading and batches of at most ``max_doc_chars`` characters, the memory of
+    a run does not grow with the document length.
+
     Returns the meta dict (also written to ``meta.json``); when stopped early it
     returns ``{"complete": False, ...progress...}``.
     """
-    from .tokenizer_utils import load_tokenizer
-
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
     if val_docs < 0:
         raise ValueError(f"val_docs must be >= 0, got {val_docs}")
-    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+    if max_doc_chars is not None and (not isinstance(max_doc_chars, (int, np.integer)) or max_doc_chars < 2):
+        raise ValueError(f"max_doc_chars must be an integer >= 2 or None, got {max_doc_chars!r}")
+    if batch_docs < 1:
+        raise ValueError(f"batch_docs must be >= 1, got {batch_docs}")
     if isinstance(tokenizer, (str, os.PathLike)):
+        from .tokenizer_utils import load_tokenizer  # imports transformers: only when a name is given
+
+        tok = load_tokenizer(tokenizer)
         tok_name = os.fspath(tokenizer)
         if os.path.exists(tok_name):  # record local tokenizers by absolute path (meta.json is read elsewhere)
             tok_name = os.path.abspath(tok_name)
     else:
+        tok = tokenizer
         tok_name = str(getattr(tok, "name_or_path", ""))
     vocab_size = len(tok)
     if vocab_size > MAX_VOCAB:
@@ -514,6 +913,7 @@ def prepare(source: LocalSource | HFSource | Iterable[str], out_dir: str | os.Pa
         "tokenizer_sha256": _tokenizer_fingerprint(kind, payload),
         "vocab_size": vocab_size, "bos_token_id": bos_id, "eos_token_id": eos_id, "source": src_desc,
         "shard_tokens": int(shard_tokens), "val_docs": int(val_docs), "max_docs": max_docs,
+        "max_doc_chars": max_doc_chars,
     }
 
     out = Path(out_dir)
@@ -526,10 +926,12 @@ def prepare(source: LocalSource | HFSource | Iterable[str], out_dir: str | os.Pa
     if prog_path.exists():
         with open(prog_path, encoding="utf-8") as f:
             state = json.load(f)
-        if overwrite or state.get("config") != config:
+        saved = dict(state.get("config") or {})
+        if "max_doc_chars" not in saved:  # written before long documents were cut: they were tokenized whole
+            saved["max_doc_chars"] = config["max_doc_chars"] if state.get("complete") else None
+        if overwrite or saved != config:
             if not overwrite:
-                diff = sorted(k for k in set(config) | set(state.get("config", {}))
-                              if config.get(k) != state.get("config", {}).get(k))
+                diff = sorted(k for k in set(config) | set(saved) if config.get(k) != saved.get(k))
                 raise ValueError(f"{out} holds a different preparation (differs in: {', '.join(diff)}); "
                                  "use another output directory or overwrite=True / --overwrite")
             state = None
@@ -553,17 +955,16 @@ def prepare(source: LocalSource | HFSource | Iterable[str], out_dir: str | os.Pa
         _atomic_write_json(prog_path, state)
 
     num_workers = (os.cpu_count() or 1) if num_workers is None else int(num_workers)
-    docs_iter = iter(source)
+    bad = BadRecords(skip_bad_records)
+    pieces_iter = iter(_source_pieces(source, max_doc_chars, bad))
     start = state["docs_done"]
     if start:
-        skipped = sum(1 for _ in itertools.islice(docs_iter, start))
+        skipped = _skip_docs(pieces_iter, start)
         if skipped < start:
             raise ValueError(f"source now has only {skipped} documents but {start} were already processed; "
                              "has the input changed?")
     limit = None if max_docs is None else max(0, max_docs - start)
-    if limit is not None:
-        docs_iter = itertools.islice(docs_iter, limit)
-    batches = _batched(docs_iter, batch_docs)
+    batches = _batched(_limit_docs(pieces_iter, limit), batch_docs, max_doc_chars)
 
     pool = None
     if num_workers > 1:
@@ -576,12 +977,13 @@ def prepare(source: LocalSource | HFSource | Iterable[str], out_dir: str | os.Pa
         results = _ordered_imap(pool, _encode_docs, batches, max_in_flight=2 * num_workers)
     else:
         enc = _make_encoder(kind, payload, bos_id, eos_id)
-        results = (_encode_with(enc, b) for b in batches)
+        results = (_encode_flagged(enc, b) for b in batches)
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=max_docs, initial=start, unit="doc", desc="tokenizing", disable=not progress, dynamic_ncols=True)
     doc_index = start
+    doc_tokens = 0  # tokens of the current document so far (all its pieces up to this one, untrimmed)
     skip_first = state["skip_tokens"]
     val_parts: list[np.ndarray] = []
     buf: list[np.ndarray] = []
@@ -602,30 +1004,35 @@ def prepare(source: LocalSource | HFSource | Iterable[str], out_dir: str | os.Pa
     finished = False
     try:
         for batch in results:
-            for toks in batch:
+            for toks, doc_last in batch:
+                # toks: the tokens of one piece of document i; doc_last: the piece ends the document.
                 i = doc_index
-                doc_index += 1
-                bar.update(1)
+                doc_tokens += len(toks)
+                if doc_last:
+                    doc_index += 1
+                    bar.update(1)
                 if not state["val_done"]:
                     val_parts.append(toks)
-                    if doc_index == val_docs:
-                        _write_val(out, state, val_parts, vocab_size, bos_id, eos_id, doc_index)
-                        val_parts = []
-                        save_state()
+                    if doc_last:
+                        doc_tokens = 0
+                        if doc_index == val_docs:
+                            _write_val(out, state, val_parts, vocab_size, bos_id, eos_id, doc_index)
+                            val_parts = []
+                            save_state()
                     continue
-                full_len = len(toks)
-                if skip_first:
-                    toks = toks[skip_first:]
-                    skip_first = 0
+                if skip_first:  # tokens of document i that an earlier run already wrote
+                    drop = min(skip_first, len(toks))
+                    toks = toks[drop:]
+                    skip_first -= drop
                 buf.append(toks)
                 buf_len += len(toks)
                 while buf_len >= shard_tokens:
                     buf = flush(buf, shard_tokens)
                     buf_len -= shard_tokens
                     train_tokens += shard_tokens
-                    # Everything left in the buffer is a suffix of document i.
-                    if buf_len:
-                        state["docs_done"], state["skip_tokens"] = i, full_len - buf_len
+                    # Everything left in the buffer is a suffix of this piece, so of document i.
+                    if buf_len or not doc_last:
+                        state["docs_done"], state["skip_tokens"] = i, doc_tokens - buf_len
                     else:
                         state["docs_done"], state["skip_tokens"] = i + 1, 0
                     save_state()
@@ -633,6 +1040,8 @@ def prepare(source: LocalSource | HFSource | Iterable[str], out_dir: str | os.Pa
                     if stop_after_shards is not None and new_shards >= stop_after_shards:
                         stopped = True
                         break
+                if doc_last:
+                    doc_tokens = 0
                 if stopped:
                     break
             if stopped:
@@ -648,8 +1057,10 @@ def prepare(source: LocalSource | HFSource | Iterable[str], out_dir: str | os.Pa
                 pool.terminate()
             pool.join()
 
+    _report_bad(bad)
     if stopped:
-        return {"complete": False, **{k: state[k] for k in ("docs_done", "skip_tokens", "train_shards")}}
+        return {"complete": False, **{k: state[k] for k in ("docs_done", "skip_tokens", "train_shards")},
+                "bad_records": bad.summary()}
 
     if not state["val_done"]:
         if val_parts or doc_index > start:
@@ -667,8 +1078,9 @@ def prepare(source: LocalSource | HFSource | Iterable[str], out_dir: str | os.Pa
     val = state["val"] or {"file": None, "tokens": 0, "docs": 0}
     meta = {
         **{k: config[k] for k in ("format_version", "tokenizer", "tokenizer_sha256", "vocab_size", "bos_token_id",
-                                  "eos_token_id", "source", "shard_tokens", "max_docs")},
+                                  "eos_token_id", "source", "shard_tokens", "max_docs", "max_doc_chars")},
         "dtype": "uint16", "header_bytes": HEADER_BYTES,
+        "skip_bad_records": bool(skip_bad_records), "bad_records": bad.summary(),
         "val_docs_requested": val_docs,
         "num_docs": doc_index,
         "train": {"num_docs": doc_index - val["docs"], "num_tokens": int(train_tokens),
@@ -680,6 +1092,12 @@ def prepare(source: LocalSource | HFSource | Iterable[str], out_dir: str | os.Pa
     state["complete"] = True
     save_state()
     return meta
+
+
+def _report_bad(bad: BadRecords) -> None:
+    if bad.total:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(bad.counts.items()))
+        print(f"prepare: skipped {bad.total} bad record(s) ({kinds}); first: {bad.examples[0]}", file=sys.stderr)
 
 
 def _write_val(out: Path, state: dict, parts: list[np.ndarray], vocab_size: int, bos_id: int, eos_id: int,
@@ -919,6 +1337,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after-shards", type=int, default=None,
                    help="stop after writing this many new train shards (rerun to continue)")
     p.add_argument("--overwrite", action="store_true", help="delete an existing different preparation in --out")
+    p.add_argument("--skip-bad-records", action="store_true",
+                   help="skip bad records (invalid UTF-8 or JSON, lone surrogates, a missing or non-string text "
+                        "field, NUL-only text, corrupt gzip/parquet data, unreadable files) and count them in "
+                        "meta.json, instead of stopping at the first one")
+    p.add_argument("--max-doc-chars", type=int, default=DEFAULT_MAX_DOC_CHARS,
+                   help="tokenize longer documents in pieces of at most this many characters, cut at a paragraph, "
+                        f"line or space, as one document (bounds memory; default {DEFAULT_MAX_DOC_CHARS}; 0: no limit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     ins = sub.add_parser("inspect", help="validate shards and print a summary")
     ins.add_argument("path", help="a prepare output directory or a .bin shard")
@@ -946,10 +1371,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         source = HFSource(args.hf_dataset, args.hf_config, args.hf_split, args.streaming, args.text_field,
                           args.hf_data_files)
-    meta = prepare(source, args.out, args.tokenizer, shard_tokens=args.shard_tokens, val_docs=args.val_docs,
-                   num_workers=args.workers, batch_docs=args.batch_docs, max_docs=args.max_docs,
-                   overwrite=args.overwrite, progress=not args.no_progress,
-                   stop_after_shards=args.stop_after_shards, mp_context=args.mp_context)
+    try:
+        meta = prepare(source, args.out, args.tokenizer, shard_tokens=args.shard_tokens, val_docs=args.val_docs,
+                       num_workers=args.workers, batch_docs=args.batch_docs, max_docs=args.max_docs,
+                       overwrite=args.overwrite, progress=not args.no_progress,
+                       stop_after_shards=args.stop_after_shards, mp_context=args.mp_context,
+                       skip_bad_records=args.skip_bad_records, max_doc_chars=args.max_doc_chars or None)
+    except (ValueError, OSError) as e:
+        # Bad input is the user's to fix: one line, not a traceback.  Shards already written stay in --out.
+        raise SystemExit(f"prepare: error: {e}") from None
     if meta.get("complete") is False:
         print(f"stopped after {len(meta['train_shards'])} train shards; rerun the same command to continue")
     else:

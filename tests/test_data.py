@@ -4,6 +4,7 @@ and the training/validation readers."""
 import gzip
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -470,3 +471,366 @@ def test_end_to_end_with_prepared_sample(tmp_path, small_tok):
     assert v and v[0][0].shape[1] == 128
     with pytest.raises(ValueError, match="1024.*model vocab_size 512"):
         TokenBatchLoader(tmp_path / "s", 128, 8, model_vocab_size=512)
+
+
+# ---------------------------------------------------------------- bad records
+
+GOOD = ["First good document.", "Second good document,\nwith two lines.", "Third good one."]
+FILLER = [f"filler {i} " * 40 for i in range(300)]
+
+
+def _jsonl_bytes(texts):
+    return b"".join(json.dumps({"text": t}).encode() + b"\n" for t in texts)
+
+
+def _bad_input(tmp_path, case):
+    """(input spec, where the error must point, kind) for one kind of bad record; the input also holds GOOD."""
+    good = _jsonl_bytes(GOOD[:2])  # lines 1-2
+    tail = _jsonl_bytes(GOOD[2:])
+    p = tmp_path / "in.jsonl"
+    if case == "invalid_utf8":
+        p.write_bytes(good + b'{"text": "caf\xe9 au lait"}\n' + tail)
+        return p, "in.jsonl:3", r"invalid UTF-8: byte\(s\) e9"
+    if case == "lone_surrogate":
+        p.write_bytes(good + b'{"text": "broken \\ud800 pair"}\n' + tail)
+        return p, r"in\.jsonl:3", r"lone surrogate U\+D800"
+    if case == "invalid_json":
+        p.write_bytes(good + b'{"text": "no end\n' + tail)
+        return p, "in.jsonl:3", "invalid JSON"
+    if case == "missing_field":
+        p.write_bytes(good + b"\n" + b'{"body": "x"}\n' + tail)  # a blank line 3 still counts as a line
+        return p, "in.jsonl:4", "no field 'text'"
+    if case == "not_a_string":
+        p.write_bytes(good + b'{"text": null}\n' + tail)
+        return p, "in.jsonl:3", "field 'text' is NoneType, not a string"
+    if case == "nul_only":
+        p.write_bytes(good + b'{"text": "\\u0000\\u0000 \\u0000"}\n' + tail)
+        return p, "in.jsonl:3", "only NUL characters"
+    if case == "nul_only_txt":
+        d = tmp_path / "txt"
+        d.mkdir()
+        for i, t in enumerate(GOOD):
+            (d / f"{2 * i}.txt").write_text(t)
+        (d / "1.txt").write_bytes(b"\0" * 100 + b"\n\0\0")
+        return d, "1.txt", "only NUL characters"
+    if case == "invalid_utf8_txt":
+        d = tmp_path / "txt"
+        d.mkdir()
+        for i, t in enumerate(GOOD):
+            (d / f"{2 * i}.txt").write_text(t)
+        # An invalid byte on line 3, column 5, after a 2-byte character that the small read chunks cut in half.
+        (d / "1.txt").write_bytes(b"one\ntw\xc3\xa9 x\nthre\xff four\n")  # 7-byte chunks cut the \xc3\xa9
+        return d, "1.txt:3", r"byte\(s\) ff at column 5"
+    if case == "corrupt_gzip":
+        g = gzip.compress(good + _jsonl_bytes(FILLER))
+        (tmp_path / "a.jsonl.gz").write_bytes(g[: len(g) // 2])  # truncated mid-stream
+        (tmp_path / "b.jsonl").write_bytes(tail)
+        return tmp_path / "*.jsonl*", r"a\.jsonl\.gz:\d+", "corrupt or truncated gzip data after line"
+    if case == "not_gzip":
+        (tmp_path / "a.jsonl").write_bytes(good)
+        (tmp_path / "b.jsonl.gz").write_bytes(b"plain text, not gzip\n")
+        (tmp_path / "c.jsonl").write_bytes(tail)
+        return tmp_path / "*.jsonl*", r"b\.jsonl\.gz:1", "Not a gzipped file"
+    if case == "corrupt_parquet":
+        (tmp_path / "a.jsonl").write_bytes(good)
+        (tmp_path / "b.parquet").write_bytes(b"PAR1 this is not parquet")
+        (tmp_path / "c.jsonl").write_bytes(tail)
+        return tmp_path / "*", r"b\.parquet row 0", "corrupt parquet data"
+    if case == "unreadable_dir":
+        (tmp_path / "a.jsonl").write_bytes(good)
+        (tmp_path / "b.jsonl").mkdir()  # a directory where a glob expects a file
+        (tmp_path / "c.jsonl").write_bytes(tail)
+        return tmp_path / "*.jsonl", r"b\.jsonl", r"cannot read file \(Is a directory\)"
+    if case == "unreadable_link":
+        (tmp_path / "a.jsonl").write_bytes(good)
+        os.symlink(tmp_path / "gone.jsonl", tmp_path / "b.jsonl")
+        (tmp_path / "c.jsonl").write_bytes(tail)
+        return tmp_path, r"b\.jsonl", r"cannot read file \(No such file"
+    raise AssertionError(case)
+
+
+BAD_CASES = {"invalid_utf8": "invalid_utf8", "lone_surrogate": "lone_surrogate", "invalid_json": "invalid_json",
+             "missing_field": "missing_field", "not_a_string": "not_a_string", "nul_only": "nul_only",
+             "nul_only_txt": "nul_only", "invalid_utf8_txt": "invalid_utf8", "corrupt_gzip": "corrupt_file",
+             "not_gzip": "corrupt_file", "corrupt_parquet": "corrupt_file", "unreadable_dir": "unreadable_file",
+             "unreadable_link": "unreadable_file"}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_record_named_or_skipped(tmp_path, small_tok, case, monkeypatch):
+    """Every kind of bad record stops prepare with a ValueError naming file and line (or row) and the kind;
+    skip_bad_records=True skips exactly that record, counts it in meta.json and keeps every good document."""
+    monkeypatch.setattr(D, "_READ_CHUNK_BYTES", 7)  # .txt files: line counting across read chunks
+    (tmp_path / "src").mkdir()
+    spec, where, problem = _bad_input(tmp_path / "src", case)
+    kind = BAD_CASES[case]
+    kw = dict(shard_tokens=10_000, val_docs=0, num_workers=1, progress=False)
+    with pytest.raises(ValueError, match=rf"{where}: .*{problem}.*\[bad record: {kind}\].*--skip-bad-records"):
+        prepare(LocalSource([str(spec)]), tmp_path / "out", small_tok, **kw)
+    meta = prepare(LocalSource([str(spec)]), tmp_path / "out", small_tok, skip_bad_records=True, **kw)
+    assert meta["skip_bad_records"] is True
+    assert meta["bad_records"]["skipped"] == 1 and meta["bad_records"]["by_kind"] == {kind: 1}
+    assert re.search(where, meta["bad_records"]["examples"][0])
+    assert load_meta(tmp_path / "out")["bad_records"] == meta["bad_records"]
+    toks = all_train_tokens(tmp_path / "out").tolist()
+    kept = GOOD
+    if case == "corrupt_gzip":  # the records before the damage were read; the rest of that file is lost
+        n_filler = meta["train"]["num_docs"] - 3
+        assert 0 < n_filler < len(FILLER)
+        kept = GOOD[:2] + FILLER[:n_filler] + GOOD[2:]
+    expected = []
+    for t in kept:
+        expected += [1] + small_tok.encode(t, add_special_tokens=False) + [2]
+    assert toks == expected and meta["train"]["num_docs"] == len(kept)
+
+
+def test_bad_records_hf_and_iterable_rows(tmp_path, small_tok):
+    """Datasets name the row; plain iterables the document number; counts add up by kind."""
+    write_jsonl(tmp_path / "d.jsonl", ["good one", "good two"])
+    with open(tmp_path / "d.jsonl", "a") as f:
+        f.write('{"text": null}\n{"text": "three"}\n')
+    hf = HFSource("json", split="train", streaming=True, data_files=str(tmp_path / "d.jsonl"))
+    kw = dict(shard_tokens=1000, val_docs=0, num_workers=1, progress=False)
+    with pytest.raises(ValueError, match=r"json row 2: field 'text' is NoneType"):
+        prepare(hf, tmp_path / "hf", small_tok, **kw)
+    texts = ["a doc", 5, "x\ud800y", "\0", "another doc", None]
+    with pytest.raises(ValueError, match=r"document 1: document is int, not a string"):
+        prepare(texts, tmp_path / "it", small_tok, **kw)
+    meta = prepare(texts, tmp_path / "it", small_tok, skip_bad_records=True, **kw)
+    assert meta["bad_records"]["by_kind"] == {"lone_surrogate": 1, "not_a_string": 2, "nul_only": 1}
+    assert meta["bad_records"]["skipped"] == 4 and meta["train"]["num_docs"] == 2
+
+
+def test_cli_bad_record_exits_with_message(tmp_path, capsys):
+    src = tmp_path / "d.jsonl"
+    src.write_bytes(_jsonl_bytes(GOOD[:2]) + b'{"text": "bad \xff"}\n' + _jsonl_bytes(GOOD[2:]))
+    argv = ["prepare", "--input", str(src), "--tokenizer", "builtin", "--out", str(tmp_path / "out"),
+            "--shard-tokens", "1000", "--val-docs", "0", "--workers", "1", "--no-progress"]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert re.match(rf"prepare: error: {re.escape(str(src))}:3: invalid UTF-8.*--skip-bad-records", str(exc.value))
+    assert main(argv + ["--skip-bad-records"]) == 0
+    assert "skipped 1 bad record(s) (1 invalid_utf8)" in capsys.readouterr().err
+    meta = load_meta(tmp_path / "out")
+    assert meta["bad_records"]["by_kind"] == {"invalid_utf8": 1} and meta["train"]["num_docs"] == 3
+    assert meta["max_doc_chars"] == D.DEFAULT_MAX_DOC_CHARS
+    with pytest.raises(SystemExit, match="max_doc_chars must be an integer >= 2 or None, got -3"):
+        main(argv + ["--max-doc-chars", "-3", "--out", str(tmp_path / "o2")])
+    assert main(argv + ["--skip-bad-records", "--max-doc-chars", "0", "--out", str(tmp_path / "o3")]) == 0
+    assert load_meta(tmp_path / "o3")["max_doc_chars"] is None
+
+
+def test_stop_at_bad_record_keeps_shards_and_resumes(tmp_path, small_tok, docs):
+    """A bad record late in the source stops the run after some shards; those shards and progress.json stay,
+    and a rerun with skipping (or after fixing the file) finishes with output identical to a clean run: no shard
+    lost or duplicated."""
+    good = docs[:40]
+    bad_line = b'{"text": "bad \\udc80 record"}\n'
+    src = tmp_path / "d.jsonl"
+    src.write_bytes(_jsonl_bytes(good[:30]) + bad_line + _jsonl_bytes(good[30:]))
+    kw = dict(shard_tokens=300, val_docs=3, num_workers=1, batch_docs=2, progress=False)
+    with pytest.raises(ValueError, match=r"d\.jsonl:31: .*lone surrogate U\+DC80"):
+        prepare(LocalSource([str(src)]), tmp_path / "out", small_tok, **kw)
+    progress = json.loads((tmp_path / "out" / "progress.json").read_text())
+    written = sorted(p.name for p in (tmp_path / "out").glob("train_*.bin"))
+    assert len(progress["train_shards"]) >= 5 and written == [s["file"] for s in progress["train_shards"]]
+    before = read_dir(tmp_path / "out")
+    prepare(LocalSource([str(src)]), tmp_path / "out", small_tok, skip_bad_records=True, **kw)
+    after = read_dir(tmp_path / "out")
+    assert all(after[name] == data for name, data in before.items() if name.endswith(".bin"))
+    fixed = tmp_path / "fixed.jsonl"
+    fixed.write_bytes(_jsonl_bytes(good))
+    prepare(LocalSource([str(fixed)]), tmp_path / "ref", small_tok, **kw)
+    ref = read_dir(tmp_path / "ref")
+    shards = {n for n in ref if n.endswith(".bin")}
+    assert {n for n in after if n.endswith(".bin")} == shards
+    assert all(after[n] == ref[n] for n in shards)
+    # Fixing the input instead of skipping also continues the stopped run exactly.
+    src2 = tmp_path / "d2.jsonl"
+    src2.write_bytes(_jsonl_bytes(good[:30]) + bad_line + _jsonl_bytes(good[30:]))
+    with pytest.raises(ValueError):
+        prepare(LocalSource([str(src2)]), tmp_path / "out2", small_tok, **kw)
+    src2.write_bytes(_jsonl_bytes(good))
+    prepare(LocalSource([str(src2)]), tmp_path / "out2", small_tok, **kw)
+    assert all(read_dir(tmp_path / "out2")[n] == ref[n] for n in shards)
+
+
+# ---------------------------------------------------------------- overlong documents
+
+def _long_doc(docs, n):
+    """One long document: n sample paragraphs separated by blank lines."""
+    return "\n\n".join(docs[i % len(docs)] for i in range(n))
+
+
+def test_splitter_cuts_at_boundaries(docs):
+    text = _long_doc(docs, 30)
+    pieces = list(D._document_pieces(text, "doc", D.BadRecords(), 500))
+    assert "".join(p.text for p in pieces) == text
+    assert all(0 < len(p.text) <= 500 for p in pieces) and len(pieces) > len(text) // 500
+    assert [p.first for p in pieces] == [True] + [False] * (len(pieces) - 1)
+    assert [p.last for p in pieces] == [False] * (len(pieces) - 1) + [True]
+    ends = [len("".join(q.text for q in pieces[:k + 1])) for k in range(len(pieces) - 1)]
+    assert [p.context for p in pieces[1:]] == [text[e - 1] for e in ends]
+    # Cuts fall at a paragraph start where the window has one, else at a line start or before a space.
+    for e in ends:
+        assert text[e - 2:e] == "\n\n" or text[e - 1] == "\n" or text[e] in " \t"
+    assert sum(text[e - 2:e] == "\n\n" for e in ends) >= len(ends) // 2
+    # No whitespace at all: hard cuts of exactly max_chars.
+    solid = "x" * 1234
+    assert [len(p.text) for p in D._document_pieces(solid, "doc", D.BadRecords(), 500)] == [500, 500, 234]
+    assert [p.text for p in D._document_pieces("short", "d", D.BadRecords(), 500)] == ["short"]
+    assert list(D._document_pieces(" \n\t", "d", D.BadRecords(), 500)) == []  # whitespace-only: no document
+
+
+@pytest.mark.parametrize("fmt", ["txt", "jsonl", "paragraph"])
+def test_long_documents_tokenize_like_whole(tmp_path, small_tok, docs, fmt):
+    """Documents longer than max_doc_chars are tokenized piece by piece into ONE [BOS] ... [EOS] document whose
+    tokens equal the whole document's (the cuts here fall at paragraph and line starts)."""
+    long_docs = [_long_doc(docs[k:], 12 + 5 * k) for k in range(3)] + ["short doc"]
+    if fmt == "jsonl":
+        spec = write_jsonl(tmp_path / "d.jsonl", long_docs)
+    elif fmt == "txt":
+        spec = tmp_path / "txt"
+        spec.mkdir()
+        for i, t in enumerate(long_docs):
+            (spec / f"{i}.txt").write_text(t, encoding="utf-8")
+    else:  # paragraph mode: one very long paragraph (lines, no blank line) between ordinary ones
+        para = "\n".join(d.replace("\n\n", "\n") for d in docs[:15])
+        long_docs = ["Opening paragraph.", para, "Closing paragraph."]
+        spec = tmp_path / "p.txt"
+        spec.write_text("\n\n".join(long_docs) + "\n", encoding="utf-8")
+    src = LocalSource([str(spec)], txt_split="paragraph" if fmt == "paragraph" else "file")
+    assert list(src) == long_docs
+    assert max(len(p.text) for p in src.pieces(700)) <= 700 and len(list(src.pieces(700))) > 10
+    kw = dict(shard_tokens=100_000, val_docs=0, num_workers=1, progress=False)
+    whole = prepare(src, tmp_path / "whole", small_tok, max_doc_chars=None, **kw)
+    cut = prepare(src, tmp_path / "cut", small_tok, max_doc_chars=700, batch_docs=3, **kw)
+    toks = all_train_tokens(tmp_path / "cut")
+    assert toks.tolist() == all_train_tokens(tmp_path / "whole").tolist()
+    assert (toks == 1).sum() == (toks == 2).sum() == len(long_docs) == cut["train"]["num_docs"]
+    expected = []
+    for t in long_docs:
+        expected += [1] + small_tok.encode(t, add_special_tokens=False) + [2]
+    assert toks.tolist() == expected
+    assert cut["max_doc_chars"] == 700 and whole["max_doc_chars"] is None
+
+
+def test_long_documents_llama2_pieces(tmp_path, docs):
+    """The context trick also reproduces the Llama 2 tokenizer's whole-document tokens at line and space cuts."""
+    tok = load_tokenizer(llama2_model_path())
+    text = _long_doc(docs, 8)
+    enc = D._make_encoder(*D._tokenizer_payload(tok), 1, 2)
+    for max_chars in (300, 97):
+        arrays = D._encode_with(enc, list(D._document_pieces(text, "d", D.BadRecords(), max_chars)))
+        assert np.concatenate(arrays).tolist() == [1] + tok.encode(text, add_special_tokens=False) + [2]
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_restart_with_split_documents(tmp_path, small_tok, docs, num_workers):
+    """Stopping and resuming while documents are cut into pieces and shards end inside pieces gives exactly the
+    uninterrupted output."""
+    long_docs = [_long_doc(docs[k:], 3 + k % 4) for k in range(12)]
+    src = LocalSource([str(write_jsonl(tmp_path / "d.jsonl", long_docs))])
+    kw = dict(shard_tokens=333, val_docs=2, num_workers=num_workers, batch_docs=2, progress=False,
+              max_doc_chars=400)
+    prepare(src, tmp_path / "ref", small_tok, **kw)
+    ref = read_dir(tmp_path / "ref")
+    n_shards = len([n for n in ref if n.startswith("train_")])
+    assert n_shards > 6
+    out = tmp_path / "out"
+    stops = []
+    for k in range(3):
+        part = prepare(src, out, small_tok, stop_after_shards=2, **kw)
+        assert part["complete"] is False and len(part["train_shards"]) == 2 * (k + 1)
+        stops.append(part["skip_tokens"])
+    assert any(s > 0 for s in stops)  # some stop fell inside a document, so the rerun skips part of it
+    prepare(src, out, small_tok, **kw)
+    assert read_dir(out) == ref
+
+
+def test_max_doc_chars_validation(tmp_path, small_tok):
+    for bad in (0, 1, -5):
+        with pytest.raises(ValueError, match="max_doc_chars must be an integer >= 2"):
+            prepare(["x"], tmp_path / "o", small_tok, max_doc_chars=bad, num_workers=1, progress=False)
+
+
+_MEMORY_PROBE = r"""
+import importlib.util, json, re, sys
+from tokenizers import Tokenizer
+def peak_rss_kib():  # VmHWM: this process's own peak (ru_maxrss would carry the forking parent's peak over exec)
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s*(\d+) kB", f.read()).group(1))
+spec = importlib.util.spec_from_file_location("ltdata", sys.argv[1])
+D = sys.modules["ltdata"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(D)
+D._READ_CHUNK_BYTES = int(sys.argv[6])
+import tqdm.auto  # imported by prepare: not part of the growth
+class Tok:  # the builtin tokenizer without importing transformers (keeps the subprocess small and quick)
+    backend_tokenizer = Tokenizer.from_file(sys.argv[2])
+    bos_token_id, eos_token_id, name_or_path = 1, 2, "builtin"
+    def __len__(self):
+        return self.backend_tokenizer.get_vocab_size()
+Tok.backend_tokenizer.encode("warm up")
+base = peak_rss_kib()
+meta = D.prepare(D.LocalSource([sys.argv[3]]), sys.argv[4], Tok(), shard_tokens=200_000, val_docs=0,
+                 num_workers=1, progress=False, max_doc_chars=int(sys.argv[5]) or None)
+peak = peak_rss_kib()
+print(json.dumps({"growth_kib": peak - base, "base_kib": base, "tokens": meta["train"]["num_tokens"]}))
+"""
+
+
+def test_long_txt_memory_is_bounded(tmp_path, small_tok, docs):
+    """A 2 MB .txt file (one document), read in 64 KiB chunks and tokenized in pieces of 20,000 characters, is
+    prepared with a peak RSS growth of a few bytes per input byte (about 10 MB, set by the piece size), where
+    tokenizing it whole grows it by ~130 bytes per input byte (measured in a fresh process)."""
+    import subprocess
+    import sys
+
+    body = _long_doc(docs, len(docs))
+    text = ("\n\n".join([body] * (2_000_000 // len(body) + 1)))[:2_000_000]
+    (tmp_path / "big.txt").write_text(text, encoding="utf-8")
+    small_tok.backend_tokenizer.save(str(tmp_path / "tok.json"))
+    size = (tmp_path / "big.txt").stat().st_size
+    res = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, D.__file__, str(tmp_path / "tok.json"),
+                          str(tmp_path / "big.txt"), str(tmp_path / "out"), "20000", "65536"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    probe = json.loads(res.stdout.strip().splitlines()[-1])
+    growth = probe["growth_kib"] * 1024
+    print(f"peak RSS growth {growth / 2**20:.1f} MiB = {growth / size:.1f} bytes per input byte")
+    assert growth < 10 * size, f"peak RSS grew by {growth / size:.1f} bytes per input byte"
+    toks = all_train_tokens(tmp_path / "out")
+    assert probe["tokens"] == len(toks) and (toks == 1).sum() == 1 and toks[0] == 1 and toks[-1] == 2
+
+
+def test_progress_from_before_max_doc_chars(tmp_path, small_tok, docs):
+    """A progress.json written before max_doc_chars existed: a finished preparation is still accepted as is; an
+    unfinished one (its documents were tokenized whole) resumes only with max_doc_chars=None."""
+    src = LocalSource([str(write_jsonl(tmp_path / "d.jsonl", docs[:20]))])
+    kw = dict(shard_tokens=500, val_docs=2, num_workers=1, progress=False)
+    meta = prepare(src, tmp_path / "done", small_tok, **kw)
+    prepare(src, tmp_path / "part", small_tok, stop_after_shards=1, **kw)
+    for name in ("done", "part"):
+        p = tmp_path / name / "progress.json"
+        state = json.loads(p.read_text())
+        del state["config"]["max_doc_chars"]
+        p.write_text(json.dumps(state))
+    assert prepare(src, tmp_path / "done", small_tok, **kw) == meta
+    with pytest.raises(ValueError, match="different preparation.*max_doc_chars"):
+        prepare(src, tmp_path / "part", small_tok, **kw)
+    prepare(src, tmp_path / "part", small_tok, max_doc_chars=None, **kw)
+    assert all_train_tokens(tmp_path / "part").tolist() == all_train_tokens(tmp_path / "done").tolist()
+
+
+def test_piece_context_fallback():
+    """Where the context character merges with the piece's first characters (its tokens are not a prefix), the
+    piece is tokenized alone; BOS/EOS go only at the document's real start and end."""
+    class MergeAB:  # characters as ids, except that "ab" is one token (99)
+        def __call__(self, texts, **kw):
+            return {"input_ids": [[99 if t == "ab" else ord(t) for t in re.findall("ab|.", s, re.S)] for s in texts]}
+
+    enc = D._make_encoder("python", MergeAB(), 1, 2)
+    pieces = [D.Piece("xa", True, False), D.Piece("bc", False, False, "a"), D.Piece(" d", False, True, "c")]
+    out = [a.tolist() for a in D._encode_with(enc, pieces)]
+    assert out == [[1, ord("x"), ord("a")], [ord("b"), ord("c")], [ord(" "), ord("d"), 2]]
+    assert [a.tolist() for a in D._encode_with(enc, ["ab c"])] == [[1, 99, ord(" "), ord("c"), 2]]
