@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import sys
 import time
 from collections import Counter
@@ -38,15 +37,20 @@ from llamathink.data import check_vocab
 import train_hf
 from train_hf import (
     RunConfig,
+    StepCounters,
     _init_wandb,
     build_optimizer,
+    checkpoint_meta,
+    claim_checkpoints,
     load_checkpoint,  # noqa: F401 (re-exported: tests read finetuning checkpoints through finetune_chat)
     lr_factor,
+    make_accelerator,
+    optimizer_step,
+    own_out_dir,
     resolve_resume,
     restore_checkpoint,
     save_checkpoint,
     save_final,
-    skip_nonfinite_step,
 )
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -303,12 +307,19 @@ def load_chat_tokenizer(cfg: FinetuneConfig):
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Run (or resume) a finetuning run. Returns {"losses": {step: loss}, "eval": {step: loss}, "data": counts,
-    "final_dir": <out_dir>/final or None when stopped early}."""
-    from accelerate import Accelerator
+    "overflow_steps": fp16 loss-scale overflows, "final_dir": <out_dir>/final or None when stopped early}. The run
+    holds out_dir's lock throughout (train_hf.own_out_dir: OutDirInUse if another run does)."""
+    accelerator = make_accelerator(cfg)
+    with own_out_dir(cfg.out_dir, accelerator.is_main_process):
+        return _finetune(cfg, accelerator)
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+
+def _finetune(cfg: FinetuneConfig, accelerator) -> dict:
     is_main = accelerator.is_main_process
     out_dir = Path(cfg.out_dir)
+    resume_from = resolve_resume(cfg)
+    saved_run_id = checkpoint_meta(resume_from)["run_id"] if resume_from is not None else None
+    run_id = claim_checkpoints(cfg, resume_from, saved_run_id, is_main)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "finetune_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -332,13 +343,15 @@ def finetune(cfg: FinetuneConfig) -> dict:
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
 
-    start_step, run_id = 0, None
+    start_step, wandb_id = 0, None
     history: dict[str, Any] = {"losses": {}, "eval": {}}
-    resume_from = resolve_resume(cfg)
+    counters = StepCounters()
     if resume_from is not None:
-        state = restore_checkpoint(resume_from, model, optimizer, scheduler, loader)
-        start_step, run_id = state["step"], state.get("wandb_run_id")
+        state = restore_checkpoint(resume_from, model, optimizer, scheduler, loader, cfg,
+                                   world_size=accelerator.num_processes, log=accelerator.print)  # fmt: skip
+        start_step, wandb_id = state["step"], state.get("wandb_run_id")
         history = state.get("history", history)
+        counters.overflows = int(state.get("overflow_steps", 0))
         accelerator.print(f"resumed from {resume_from} at step {start_step}")
     else:
         torch.manual_seed(cfg.seed)
@@ -346,7 +359,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
-    run = _init_wandb(cfg, run_id) if is_main else None
+    run = _init_wandb(cfg, wandb_id) if is_main else None
     if run is not None and resume_from is None:
         run.summary.update({f"data/{k}": v for k, v in data_stats.items() if not isinstance(v, dict)})
     world = accelerator.num_processes
@@ -369,7 +382,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         progress = tqdm(total=cfg.max_steps, initial=start_step, desc="finetune", dynamic_ncols=True)
 
     model.train()
-    skips, step = 0, start_step
+    step = start_step
     end_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
     t_last, tokens_last, tokens_seen = time.perf_counter(), 0, 0
     while step < end_step:
@@ -390,13 +403,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
                 accelerator.backward(loss * (n * world / n_step))  # DDP averages over processes
             loss_sum += loss.detach().float() * n
         loss_value = float(accelerator.reduce(loss_sum, "sum") / n_step)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if not (math.isfinite(loss_value) and bool(torch.isfinite(torch.as_tensor(grad_norm)))):
-            skips = skip_nonfinite_step(cfg, step, loss_value, grad_norm, skips, optimizer, accelerator)
-            continue
-        skips = 0
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # unscales fp16 gradients
+        if not optimizer_step(cfg, step, loss_value, grad_norm, optimizer, accelerator, counters, accelerator.scaler):
+            continue  # the data position advanced; the step counter did not
         scheduler.step()
         step += 1
         tokens_seen += int(n_step)
@@ -407,7 +416,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             tok_s = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
             metrics = {"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0],
                        "train/grad_norm": float(grad_norm), "train/epoch": loader.epoch,
-                       "perf/trained_tokens_per_s": tok_s}  # fmt: skip
+                       "perf/trained_tokens_per_s": tok_s, "train/overflow_steps": counters.overflows}  # fmt: skip
             if run is not None:
                 run.log(metrics, step=step)
             if progress is not None:
@@ -427,8 +436,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
             accelerator.wait_for_everyone()
             if is_main:
                 extra = {"history": history, "config": dataclasses.asdict(cfg),
-                         "wandb_run_id": run.id if run is not None else run_id}  # fmt: skip
-                save_checkpoint(cfg.out_dir, step, raw_model, optimizer, scheduler, loader, extra, cfg.keep_last)
+                         "wandb_run_id": run.id if run is not None else wandb_id, "run_id": run_id,
+                         "overflow_steps": counters.overflows}  # fmt: skip
+                save_checkpoint(cfg.out_dir, step, raw_model, optimizer, scheduler, loader, extra, cfg.keep_last,
+                                run_id=run_id, world_size=world)  # fmt: skip
             accelerator.wait_for_everyone()
         if step % cfg.eval_every == 0 or step % cfg.save_every == 0:
             t_last, tokens_last = time.perf_counter(), tokens_seen
@@ -439,12 +450,16 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if is_main and step == cfg.max_steps:
         raw_model.generation_config.eos_token_id = tokenizer.eos_token_id
         raw_model.generation_config.pad_token_id = pad_id
-        save_final(raw_model, tokenizer, final_dir, cfg)  # the tokenizer with the chat template (chat_template.jinja)
+        # the tokenizer with the chat template (chat_template.jinja); tokens_seen restarts at 0 on resume, so a
+        # resumed run's card leaves the count out rather than understate it
+        save_final(raw_model, tokenizer, final_dir, cfg, history,
+                   tokens_seen=tokens_seen if resume_from is None else None)
         accelerator.print(f"saved {final_dir}; chat with: llamathink-chat {final_dir}")
     if run is not None:
         run.finish()
     accelerator.wait_for_everyone()
     history["final_dir"] = str(final_dir) if step == cfg.max_steps else None
+    history["overflow_steps"] = counters.overflows
     return history
 
 

@@ -5,8 +5,10 @@
 
 Read top to bottom: the run settings (`TrainConfig`, a YAML file plus `--key value` overrides; what it shares with
 finetune_chat.py's `FinetuneConfig` is in `RunConfig`), the model and optimizer, the learning-rate schedule,
-evaluation and samples, checkpoints (atomic, the last K kept, exact resume: model, optimizer, scheduler, RNG and
-data position), then the training loop itself (`train`), which tests call.
+evaluation and samples, checkpoints (atomic, weights-only, owned by one run through a lock and a run id, the last K
+of the run kept, exact resume: model, optimizer, scheduler, RNG and data position, with changed settings applied or
+refused), then the optimizer step (fp16 loss-scale overflows left to the GradScaler) and the training loop itself
+(`train`), which tests call.
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
 import random
 import shutil
+import socket
 import sys
 import time
 import typing
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +85,9 @@ class RunConfig:
     resume: str = "auto"  # "auto" (latest checkpoint in out_dir, if any), "none", or a checkpoint path
     stop_at_step: int | None = None  # stop (with a checkpoint) at this step, as if interrupted; the schedule
     #                                  still runs to max_steps. For time-boxed jobs and resume tests.
+    # a fresh run (resume: none, or resuming another folder's checkpoint) in an out_dir that holds checkpoints of
+    # another run is refused unless overwrite: true, which deletes those checkpoints first
+    overwrite: bool = False
     push_to_hub: bool = False
     hub_model_id: str | None = None
 
@@ -87,6 +95,17 @@ class RunConfig:
         self.check_positive("micro_batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "save_every",
                             "keep_last", "sample_every", "sample_tokens", "max_consecutive_skips")  # fmt: skip
         self.check_positive("stop_at_step", or_null=True)
+        for name in ("muon_lr", "adamw_lr", "weight_decay"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):  # inf: no clipping
+            raise ValueError(f"grad_clip must be a number > 0 (inf for no clipping), got {self.grad_clip!r}")
+        if not (isinstance(self.min_lr_ratio, (int, float)) and 0 <= self.min_lr_ratio <= 1):
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        betas = tuple(self.adamw_betas) if isinstance(self.adamw_betas, (list, tuple)) else ()
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"adamw_betas must be two numbers in [0, 1), got {self.adamw_betas!r}")
         if self.optimizer not in ("muon", "adamw"):
             raise ValueError(f"optimizer must be 'muon' or 'adamw', got {self.optimizer!r}")
         if self.nonfinite not in ("stop", "skip"):
@@ -97,7 +116,7 @@ class RunConfig:
             raise ValueError(f"wandb_mode must be 'online', 'offline' or 'disabled', got {self.wandb_mode!r}")
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ValueError(f"warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
-        self.adamw_betas = tuple(self.adamw_betas)
+        self.adamw_betas = tuple(float(b) for b in betas)
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("push_to_hub needs hub_model_id")
 
@@ -134,33 +153,102 @@ class TrainConfig(RunConfig):
             raise ValueError("set exactly one of model_config (a fresh model) and init_from (a pretrained one)")
 
 
-def parse_setting(raw: str, annotation, name: str):
-    """Parse a `--name value` override by the dataclass field's type (YAML syntax for lists, null, booleans)."""
-    import typing
+_NULL_WORDS = ("null", "none", "~", "")
+_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
+
+def coerce_setting(value, annotation, name: str, where: str = ""):
+    """`value` (from YAML, or a command-line string) as the settings field `name` of type `annotation` needs it.
+
+    Accepted, by type: float - any number YAML or Python reads (`1e-3`, `3E-4`, `.5`, `2`, `0.002`, `inf`; PyYAML
+    reads `1e-3` as a string, so strings go through `float()`), never a bool or NaN; int - an integer, or a float or
+    numeric string with an integral value (`1e4`, `10_000`); bool - true/false, yes/no, on/off, 1/0 (any case);
+    optional fields - null, none or ~ for None; str - text (a YAML number becomes its text); list[str] - a list;
+    tuple[float, float] - a list `[0.9, 0.99]` or a comma-separated string `0.9,0.99` with exactly as many items.
+    `where` prefixes errors (the YAML file, or `--` for the command line). Raises ValueError naming the field and
+    the value when the value cannot be read as the type."""
+    label = f"{where}{name}"
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    if optional:
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NULL_WORDS):
+            return None
+        rest = [a for a in args if a is not type(None)]
+        annotation = rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
+    elif value is None:
+        raise ValueError(f"{label}: a value is required (null is not allowed for this setting)")
+    origin = typing.get_origin(annotation) or annotation
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        word = str(value).strip().lower() if isinstance(value, str) else None
+        if word in _TRUE_WORDS or word in _FALSE_WORDS:
+            return word in _TRUE_WORDS
+        raise ValueError(f"{label} expects true or false, got {value!r}")
+    if origin is float:
+        return _as_float(value, label)
+    if origin is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        number = _as_float(value, label, kind="an integer")
+        if not number.is_integer():
+            raise ValueError(f"{label} expects an integer, got {value!r}")
+        return int(number)
+    if origin is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"{label} expects text, got {value!r} (quote it if it is meant as text)")
+    if origin in (list, tuple):
+        items = value
+        item_types = typing.get_args(annotation)
+        if isinstance(value, str) and str not in item_types:  # numbers, comma-separated: 0.9,0.99 or (0.9, 0.99)
+            text = value.strip()
+            if text[:1] in "[(" and text[-1:] in "])":
+                text = text[1:-1]
+            items = [part.strip() for part in text.split(",")] if text.strip() else []
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(f"{label} expects a list such as [a, b], got {value!r}")
+        if origin is tuple and item_types and item_types[-1] is not Ellipsis:
+            if len(items) != len(item_types):
+                raise ValueError(f"{label} expects {len(item_types)} values, got {len(items)}: {value!r}")
+            return tuple(coerce_setting(v, t, f"{name}[{i}]", where) for i, (v, t) in enumerate(zip(items, item_types)))
+        item_type = item_types[0] if item_types else None
+        parsed = [coerce_setting(v, item_type, f"{name}[{i}]", where) if item_type else v for i, v in enumerate(items)]
+        return origin(parsed)
+    return value
+
+
+def _as_float(value, label: str, kind: str = "a number") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{label} expects {kind}, got {value!r}")
+    try:
+        number = float(value.strip().replace("_", "") if isinstance(value, str) else value)
+    except ValueError:
+        raise ValueError(f"{label} expects {kind}, got {value!r}") from None
+    if math.isnan(number):
+        raise ValueError(f"{label} expects {kind}, got NaN")
+    return number
+
+
+def parse_setting(raw: str, annotation, name: str):
+    """A `--name value` command-line override as the dataclass field's type (`coerce_setting`). The string is read
+    as YAML first (lists, null, booleans); a text field keeps the string exactly as written. Raises ValueError
+    naming the field and the value."""
     import yaml
 
-    value = yaml.safe_load(raw)
     args = typing.get_args(annotation)
-    if value is None and (annotation is type(None) or type(None) in args):
-        return None
-    base = next((a for a in args if a is not type(None)), annotation) if args and type(None) in args else annotation
-    origin = typing.get_origin(base) or base
-    if origin is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"--{name} expects true or false, got {raw!r}")
-        return value
-    if origin is str:
-        return str(raw)
-    if origin in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (origin is int and value != int(value)):
-            raise ValueError(f"--{name} expects {origin.__name__}, got {raw!r}")
-        return origin(value)
-    if origin in (list, tuple):
-        if not isinstance(value, list):
-            raise ValueError(f"--{name} expects a list such as [a, b], got {raw!r}")
-        return origin(value)
-    return value
+    is_text = annotation is str or (type(None) in args and [a for a in args if a is not type(None)] == [str])
+    if is_text and raw.strip().lower() not in _NULL_WORDS:
+        return raw
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw  # e.g. `[0.9, 0.99` : coerce_setting says what was expected
+    return coerce_setting(value, annotation, name, where="--")
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None, cls: type = None):
@@ -170,6 +258,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, cls
 
     cls = cls or TrainConfig
     known = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     if path is not None:
         text = Path(path).read_text()
@@ -179,9 +268,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, cls
         for key, value in loaded.items():
             if key not in known:
                 raise ValueError(f"{path}: unknown setting {key!r}; known settings: {', '.join(sorted(known))}")
-            values[key] = value
+            values[key] = coerce_setting(value, hints[key], key, where=f"{path}: ")
     overrides = list(overrides or [])
-    hints = typing.get_type_hints(cls)
     i = 0
     while i < len(overrides):
         arg = overrides[i]
@@ -308,27 +396,150 @@ def generate_samples(model, tokenizer, cfg: TrainConfig, device) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: step_XXXXXXXX/ directories written to a temporary name and renamed when complete
+#
+# A run owns its out_dir: it holds an exclusive lock on <out_dir>/.lock for its whole life, writes its run id into
+# every checkpoint's meta.json, and rotates (keep_last) only its own checkpoints. state.pt holds only tensors and
+# plain containers, so it is read with torch.load(weights_only=True): a shared checkpoint folder cannot run code.
 # ----------------------------------------------------------------------------------------------------------------
 
 CHECKPOINT_PREFIX = "step_"
+TMP_PREFIX = ".tmp-"  # checkpoints being written (and replaced ones being removed); never listed as complete
+STATE_FILE, META_FILE, LOCK_FILE = "state.pt", "meta.json", ".lock"
+CHECKPOINT_FORMAT = 2  # 1: no meta.json, numpy arrays in the RNG state; 2: meta.json, weights-only state.pt
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read, or must not be trusted; the message says which and why."""
+
+
+class OutDirInUse(RuntimeError):
+    """The out_dir belongs to another run: one running now (its lock), or earlier runs' checkpoints."""
+
+
+class ResumeSettingsError(ValueError):
+    """Settings that must not change within a run differ between the checkpoint and this run."""
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
+    """Where a run in `out_dir` writes its step_XXXXXXXX checkpoint folders."""
     return Path(out_dir) / "checkpoints"
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first. Temporary directories of interrupted writes are ignored."""
+    """Complete checkpoints of every run in out_dir, by step (lowest first). Temporary directories of interrupted
+    writes are ignored."""
     root = checkpoint_dir(out_dir)
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "state.pt").exists()]  # fmt: skip
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / STATE_FILE).exists()]  # fmt: skip
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
+def checkpoint_meta(path: str | Path) -> dict:
+    """A checkpoint's meta.json: {"format", "run_id", "step", "saved_at" (Unix time), "world_size", "config"}.
+    Checkpoints written before run ids (no meta.json) read as run_id None, saved at the folder's mtime.
+    Raises CheckpointError when meta.json is not valid JSON or its fields have the wrong types."""
+    path = Path(path)
+    file = path / META_FILE
+    step = int(path.name[len(CHECKPOINT_PREFIX) :]) if path.name[len(CHECKPOINT_PREFIX) :].isdigit() else None
+    if not file.exists():
+        return {"format": 1, "run_id": None, "step": step, "saved_at": path.stat().st_mtime, "world_size": None,
+                "config": None}  # fmt: skip
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {file}: {err}") from err
+    types = {"run_id": (str, type(None)), "step": int, "saved_at": (int, float), "config": (dict, type(None))}
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) for k, t in types.items()):
+        raise CheckpointError(f"{file} is not a checkpoint's meta.json (expected run_id, step, saved_at, config)")
+    return meta
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The most recently saved complete checkpoint in out_dir (by its save time, then step), whatever its run."""
+    found = list_checkpoints(out_dir)
+    if not found:
+        return None
+    return max(found, key=lambda p: (checkpoint_meta(p)["saved_at"], int(p.name[len(CHECKPOINT_PREFIX) :])))
+
+
+@contextlib.contextmanager
+def own_out_dir(out_dir: str | Path, is_main: bool = True):
+    """Hold an exclusive lock on `out_dir` (fcntl.flock on <out_dir>/.lock, released when the block ends or the
+    process dies) and remove temporary checkpoint folders that an interrupted save left behind. Only the main
+    process locks (it alone writes). Raises OutDirInUse naming the holder (pid, host, start time) when another
+    process holds the lock. flock is advisory and per host: runs on different machines sharing out_dir over a
+    network file system may not see each other's lock."""
+    if not is_main:
+        yield
+        return
+    import fcntl
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = os.read(fd, 4096).decode(errors="replace").strip() or "a process that has not written its name yet"
+        os.close(fd)
+        raise OutDirInUse(f"out_dir {out_dir} is in use by another run ({holder}); wait for it to finish, stop it, "
+                          f"or use another out_dir") from err  # fmt: skip
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, started "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())  # fmt: skip
+        root = checkpoint_dir(out_dir)
+        leftovers = [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX)] if root.is_dir() else []
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if leftovers:
+            print(f"removed {len(leftovers)} temporary checkpoint folder(s) left by an interrupted save in {root}")
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race with a waiting run)
+
+
+def claim_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str | None, is_main: bool = True) -> str:
+    """This run's id (the resumed checkpoint's run id, else a new uuid4 hex) after checking that out_dir's
+    checkpoints may be mixed with this run's.
+
+    A fresh run (`resume: none`, or `resume: auto` with nothing to resume), or a run resumed from a checkpoint
+    outside this out_dir, must not share out_dir with another run's checkpoints: later rotation and `resume: auto`
+    would mix the runs. It raises OutDirInUse listing them, unless `overwrite: true`, which deletes them. A run
+    resumed from this out_dir's own checkpoints leaves other runs' checkpoints untouched."""
+    run_id = run_id or uuid.uuid4().hex
+    if not is_main:
+        return run_id
+    inside = resume_from is not None and Path(resume_from).resolve().parent == checkpoint_dir(cfg.out_dir).resolve()
+    if inside:
+        return run_id
+    foreign = [p for p in list_checkpoints(cfg.out_dir) if _run_id_or_none(p) != run_id]
+    if not foreign:
+        return run_id
+    names = ", ".join(p.name for p in foreign)
+    if not cfg.overwrite:
+        raise OutDirInUse(f"out_dir {cfg.out_dir} holds checkpoints of another run ({names}); resume it with "
+                          "resume: auto, use another out_dir, or set overwrite: true to delete them")  # fmt: skip
+    for path in foreign:
+        shutil.rmtree(path)
+    print(f"overwrite: deleted the earlier run's checkpoints in {checkpoint_dir(cfg.out_dir)} ({names})")
+    return run_id
+
+
+def _run_id_or_none(path: Path) -> str | None:
+    try:
+        return checkpoint_meta(path)["run_id"]
+    except CheckpointError:
+        return None  # an unreadable meta.json is nobody's: never deleted by rotation, counted as foreign
+
+
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, NumPy, torch (and CUDA) generator states as tensors, ints and tuples (weights-only loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}  # fmt: skip
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -336,81 +547,262 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)  # format 1 stored an ndarray
+    np.random.set_state((kind, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, loader, extra: dict, keep_last: int) -> Path:
-    """Write `checkpoints/step_<step>/state.pt` atomically (temporary directory + rename), then drop old ones.
+def _plain(obj):
+    """`obj` with NumPy scalars and arrays turned into Python numbers and tensors (weights-only loadable)."""
+    if isinstance(obj, dict):
+        return {_plain(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    return obj
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _save_error_message(err: BaseException, step: int, final: Path, needed: int, previous: Path | None) -> str:
+    """What went wrong while writing a checkpoint, in words (torch reports a full disk as e.g.
+    'inline_container.cc ... unexpected pos'), and what is still safe."""
+    try:
+        free = shutil.disk_usage(final.parent).free
+    except OSError:
+        free = None
+    code = getattr(err, "errno", None)
+    where = f"checkpoint step {step} to {final}"
+    if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and free is not None and free < needed):
+        what = f"disk full while writing {where} ({free:,} bytes free, about {needed:,} needed)"
+    elif code in (errno.EACCES, errno.EPERM):
+        what = f"permission denied while writing {where} ({getattr(err, 'filename', None) or final.parent})"
+    elif code == errno.EROFS:
+        what = f"read-only file system: cannot write {where}"
+    else:
+        what = f"could not write {where}: {type(err).__name__}: {err}"
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint of this run exists"
+    return f"{what}; {kept} and the partial checkpoint was removed"
+
+
+def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, loader, extra: dict, keep_last: int,
+                    run_id: str | None = None, world_size: int = 1) -> Path:  # fmt: skip
+    """Write `checkpoints/step_<step>/` (state.pt: model, optimizer, scheduler, loader, RNG and `extra`; meta.json:
+    run id, step, save time, world size, `extra["config"]`) atomically (temporary directory + rename), then delete
+    this run's (`run_id`'s) checkpoints beyond the newest `keep_last`; other runs' checkpoints are never touched.
 
     A process killed at any moment leaves either the previous set of checkpoints or the previous set plus the
-    new one; never a half-written checkpoint under a final name.
+    new one; never a half-written checkpoint under a final name. A failed write (full disk, permissions) removes
+    the partial folder and raises CheckpointError saying what happened; earlier checkpoints are intact.
     """
     root = checkpoint_dir(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    old = root / f"{TMP_PREFIX}replaced-{final.name}-{os.getpid()}"
+    mine = [p for p in list_checkpoints(out_dir) if _run_id_or_none(p) == run_id and p != final]
+    previous = max(mine, key=lambda p: checkpoint_meta(p)["saved_at"]) if mine else None
     state = {
         "step": step,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "loader": loader.state_dict(),
+        "loader": _plain(loader.state_dict()),
         "rng": _rng_state(),
-        **extra,
+        **_plain(extra),
     }
-    with open(tmp / "state.pt", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if os.environ.get("LLAMATHINK_TEST_SLOW_CHECKPOINT"):  # lets a test kill the process in the middle of a save
-        time.sleep(float(os.environ["LLAMATHINK_TEST_SLOW_CHECKPOINT"]))
-    if final.exists():  # re-saving the same step after a resume: replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    meta = {"format": CHECKPOINT_FORMAT, "run_id": run_id, "step": step, "saved_at": time.time(),
+            "world_size": world_size, "config": json.loads(json.dumps(extra.get("config"), default=str))}  # fmt: skip
+    try:
+        for path in (tmp, old):
+            if path.exists():
+                shutil.rmtree(path)
+        tmp.mkdir()
+        with open(tmp / STATE_FILE, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(tmp / META_FILE, "w") as f:
+            f.write(json.dumps(meta, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+        if os.environ.get("LLAMATHINK_TEST_SLOW_CHECKPOINT"):  # lets a test kill the process in the middle of a save
+            time.sleep(float(os.environ["LLAMATHINK_TEST_SLOW_CHECKPOINT"]))
+        if final.exists():  # re-saving the same step after a resume: replace it
+            os.replace(final, old)
+        os.replace(tmp, final)
+    except BaseException as err:  # also Ctrl-C: never leave a partial folder or a moved-away checkpoint behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            os.replace(old, final)
+        if isinstance(err, (OSError, RuntimeError)):
+            raise CheckpointError(_save_error_message(err, step, final, _nbytes(state), previous)) from err
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     dir_fd = os.open(root, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    for old in list_checkpoints(out_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    mine = sorted(mine + [final], key=lambda p: (checkpoint_meta(p)["saved_at"], int(p.name[len(CHECKPOINT_PREFIX):])))
+    for stale in mine[:-keep_last]:
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
-def load_checkpoint(path: Path) -> dict:
+def _legacy_numpy_globals() -> list:
+    """What format-1 checkpoints need beyond weights-only defaults: NumPy's ndarray and scalar reconstruction for
+    plain numeric dtypes (the RNG key array, NumPy numbers). None of these can call arbitrary code."""
     try:
-        # our own file: optimizer/RNG state holds numpy arrays and tuples, which weights_only refuses
-        return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # NumPy 1.x
+        from numpy.core.multiarray import _reconstruct, scalar
+
+    dtypes = [type(np.dtype(t)) for t in ("uint32", "int64", "int32", "float64", "float32", "bool")]
+    return [_reconstruct, scalar, np.ndarray, np.dtype, *dtypes]
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """The contents of `<path>/state.pt`, loaded with torch.load(weights_only=True): tensors, numbers, strings and
+    containers only (plus NumPy arrays of plain dtypes, for checkpoints of format 1). A file that holds any other
+    Python object (which could run code when unpickled) is refused with CheckpointError, as is a corrupt one."""
+    import pickle
+
+    file = Path(path) / STATE_FILE
+    try:
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line
+                       or "Unsupported operand" in line), "objects other than tensors and plain containers")  # fmt: skip
+        raise CheckpointError(f"refusing to load {file}: it is not a weights-only checkpoint ({detail}); loading it "
+                              "could run code stored in it. Only checkpoints written by this trainer are loaded."
+                              ) from None  # fmt: skip
     except Exception as err:  # a corrupt file must say which one
-        raise RuntimeError(f"cannot load checkpoint {path / 'state.pt'}: {err}") from err
+        raise CheckpointError(f"cannot load checkpoint {file}: {type(err).__name__}: {err}") from err
+    required = ("step", "model", "optimizer", "scheduler", "loader", "rng")
+    if not isinstance(state, dict) or any(k not in state for k in required):
+        raise CheckpointError(f"{file} is not a training checkpoint (expected the keys {', '.join(required)})")
+    return state
 
 
-def restore_checkpoint(path: Path, model, optimizer, scheduler, loader) -> dict:
+# Settings that cannot change within a run: the optimizer's kind and state, the model, the data and its order.
+# Everything else (learning rates, weight decay, betas, schedule length, clipping, cadences, logging, ...) is
+# applied from the current settings when resuming, and each change is printed. The global batch
+# (micro_batch_size x grad_accum x processes) is checked separately: its factors may change, its product not.
+RESUME_FIXED = ("optimizer", "model_config", "init_from", "tokenizer", "seq_len", "data_dir", "seed", "data",
+                "data_split", "data_config", "data_format", "max_conversations", "system_prompt", "max_len",
+                "eval_fraction", "group_by_length")  # fmt: skip
+_NOT_COMPARED = ("resume", "overwrite")
+
+
+def _json_value(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def compare_resume_settings(saved: dict | None, cfg: RunConfig, saved_world: int | None, world_size: int,
+                            where: str = "the checkpoint") -> list[str]:  # fmt: skip
+    """The differences between the settings saved in a checkpoint (`saved`, dataclasses.asdict of the run's
+    config; `saved_world` processes) and `cfg` (`world_size` processes), as "name: old -> new" lines for the
+    settings that may change (the caller applies them). Raises ResumeSettingsError listing every difference in a
+    RESUME_FIXED setting or in the global batch. Fields missing from `saved` (an older version) are not compared."""
+    if saved is None:
+        return []
+    current = dataclasses.asdict(cfg)
+    fixed, changed = [], []
+    for name, value in current.items():
+        if name in _NOT_COMPARED or name not in saved or _json_value(saved[name]) == _json_value(value):
+            continue
+        line = f"{name}: {saved[name]!r} -> {value!r}"
+        (fixed if name in RESUME_FIXED else changed).append(line)
+    if saved_world is not None and all(k in saved for k in ("micro_batch_size", "grad_accum")):
+        old = int(saved["micro_batch_size"]) * int(saved["grad_accum"]) * saved_world
+        new = cfg.micro_batch_size * cfg.grad_accum * world_size
+        if old != new:
+            fixed.append(f"global batch (micro_batch_size x grad_accum x processes): {saved['micro_batch_size']} x "
+                         f"{saved['grad_accum']} x {saved_world} = {old} -> {cfg.micro_batch_size} x "
+                         f"{cfg.grad_accum} x {world_size} = {new}")  # fmt: skip
+    if fixed:
+        raise ResumeSettingsError(f"cannot resume from {where}: settings that must stay the same within a run "
+                                  f"differ: {'; '.join(fixed)}. Restore them, or start a new run (another out_dir, "
+                                  "or resume: none with overwrite: true).")  # fmt: skip
+    return changed
+
+
+def _saved_world_size(state: dict, meta: dict) -> int | None:
+    if isinstance(meta.get("world_size"), int):
+        return meta["world_size"]
+    loader, config = state.get("loader") or {}, state.get("config") or {}
+    if "world_size" in loader:  # TokenBatchLoader
+        return int(loader["world_size"])
+    if "global_batch" in loader and config.get("micro_batch_size"):  # ChatBatchLoader
+        return int(loader["global_batch"]) // int(config["micro_batch_size"])
+    return None
+
+
+def restore_checkpoint(path: Path, model, optimizer, scheduler, loader, cfg: RunConfig | None = None,
+                       world_size: int = 1, log=print) -> dict:  # fmt: skip
     """Load the checkpoint at `path` into the model, optimizer, scheduler and data loader and restore the RNG state
-    (an exact resume); returns the checkpoint's contents for the rest (step, history, wandb_run_id, ...)."""
+    (an exact resume); returns the checkpoint's contents for the rest (step, history, run_id, wandb_run_id, ...).
+
+    With `cfg` (the current settings; `world_size` processes), the saved settings are compared first
+    (`compare_resume_settings`: a changed fixed setting raises ResumeSettingsError before anything is loaded).
+    The optimizer's hyperparameters (peak learning rates, weight decay, betas, ...) are then taken from the
+    optimizer as built from `cfg` rather than from the checkpoint, and the current learning rates recomputed from
+    the schedule of `cfg` at the saved step, so a changed setting applies from the first resumed step; each
+    change is reported through `log`. `optimizer` and `scheduler` must be freshly built from `cfg`."""
+    path = Path(path)
     state = load_checkpoint(path)
+    meta = checkpoint_meta(path)
+    changes = []
+    if cfg is not None:
+        saved = meta.get("config") or state.get("config")
+        changes = compare_resume_settings(saved, cfg, _saved_world_size(state, meta), world_size, where=str(path))
+    fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     loader.load_state_dict(state["loader"])
     _set_rng_state(state["rng"])
+    if cfg is not None:
+        for group, built in zip(optimizer.param_groups, fresh, strict=True):
+            group.update({k: v for k, v in built.items() if k not in ("lr", "initial_lr")})
+            group["initial_lr"] = built["initial_lr"]
+        scheduler.base_lrs = [built["initial_lr"] for built in fresh]
+        factor = lr_factor(scheduler.last_epoch, cfg)
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * factor  # what LambdaLR computes: base_lr * lr_lambda(last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        if changes:
+            log(f"resuming {path} with changed settings (applied from this step on): {'; '.join(changes)}")
+    state["run_id"] = meta.get("run_id")
+    state["settings_changed"] = changes
     return state
 
 
 def resolve_resume(cfg: RunConfig) -> Path | None:
+    """The checkpoint to resume: none for `resume: none`; for `resume: auto` the most recently saved checkpoint
+    in out_dir, if any; else the named checkpoint folder (FileNotFoundError when it holds no state.pt)."""
     if cfg.resume == "none":
         return None
     if cfg.resume == "auto":
-        found = list_checkpoints(cfg.out_dir)
-        return found[-1] if found else None
+        return latest_checkpoint(cfg.out_dir)
     path = Path(cfg.resume)
-    if not (path / "state.pt").exists():
+    if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"resume={cfg.resume}: no checkpoint (state.pt) there")
     return path
 
@@ -431,6 +823,66 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+@dataclass
+class StepCounters:
+    """What `optimizer_step` counts: non-finite steps in a row (reset by an update) and loss-scale overflow steps
+    (fp16 with a GradScaler) over the run."""
+
+    skips: int = 0
+    overflows: int = 0
+
+
+def optimizer_step(cfg: RunConfig, step: int, loss_value: float, grad_norm, optimizer, accelerator,
+                   counters: StepCounters, scaler=None) -> bool:  # fmt: skip
+    """Update the weights with the accumulated gradients, or skip the update; True when the weights changed.
+
+    Call once per optimizer step after the gradients were unscaled and clipped (accelerator.clip_grad_norm_ does
+    both). Without a loss scaler, a non-finite loss or gradient norm goes to `skip_nonfinite_step` (stop, or skip
+    with nonfinite: skip). With one (`scaler`, e.g. accelerate's GradScaler for fp16), only the loss value decides
+    that: non-finite gradients with a finite loss are a loss-scale overflow, which the scaler handles (its step
+    skips the update and its update halves the scale); the overflow is counted in `counters.overflows` and
+    printed. Only when the scale has fallen below 1, so the gradients overflow without any scaling, is the step
+    treated as non-finite. Every path ends the scaler's step (`update`), so the next step may unscale again.
+    `optimizer` may be accelerate's AcceleratedOptimizer built with `scaler` (its step calls scaler.step and
+    scaler.update) or a plain optimizer (then they are called here)."""
+    if scaler is not None and not math.isfinite(loss_value):
+        scaler.update()  # ends this step (the gradients were unscaled), so the next unscale_ is allowed
+    if not math.isfinite(loss_value) or (scaler is None and not bool(torch.isfinite(torch.as_tensor(grad_norm)))):
+        counters.skips = skip_nonfinite_step(cfg, step, loss_value, grad_norm, counters.skips, optimizer, accelerator)
+        return False
+    if scaler is None:
+        optimizer.step()
+    else:
+        scale = scaler.get_scale()
+        if getattr(optimizer, "scaler", None) is scaler:
+            optimizer.step()
+            skipped = bool(optimizer.step_was_skipped)
+        else:  # a plain optimizer: the scaler backs off exactly when it found inf/NaN gradients and skipped
+            scaler.step(optimizer)
+            scaler.update()
+            skipped = scaler.get_scale() < scale
+        new_scale = scaler.get_scale()
+        if skipped:  # the scaler found inf/NaN gradients: it skipped the update and backed off
+            optimizer.zero_grad(set_to_none=True)
+            counters.overflows += 1
+            accelerator.print(f"loss-scale overflow at step {step} (grad norm {float(grad_norm)}): update skipped, "
+                              f"scale {scale:g} -> {new_scale:g} ({counters.overflows} overflow steps so far)")  # fmt: skip
+            if new_scale < 1.0:
+                counters.skips = skip_nonfinite_step(cfg, step, loss_value, grad_norm, counters.skips, optimizer,
+                                                     accelerator)  # fmt: skip
+            return False
+    optimizer.zero_grad(set_to_none=True)
+    counters.skips = 0
+    return True
+
+
+def make_accelerator(cfg: RunConfig):
+    """The accelerate Accelerator of a run (mixed precision from `cfg`; on CUDA with fp16 it owns a GradScaler)."""
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+
+
 def skip_nonfinite_step(cfg: RunConfig, step: int, loss_value: float, grad_norm, skips: int, optimizer,
                         accelerator) -> int:  # fmt: skip
     """A non-finite loss or gradient at `step`: drop the gradients, then stop (NonFiniteLoss) with nonfinite: stop
@@ -447,15 +899,27 @@ def skip_nonfinite_step(cfg: RunConfig, step: int, loss_value: float, grad_norm,
     return skips
 
 
-def save_final(model, tokenizer, final_dir: Path, cfg: RunConfig):
-    """The finished model (and its tokenizer, if any) as a save_pretrained directory; pushed with push_to_hub."""
+def save_final(model, tokenizer, final_dir: Path, cfg: RunConfig, history: dict | None = None,
+               tokens_seen: int | None = None):
+    """The finished model as a save_pretrained directory: weights, config and model code, the tokenizer (if any)
+    with generation defaults (left padding, `model_max_length` = the model's context; see
+    `llamathink.tokenizer_utils.save_tokenizer_for_model`) and a model card `README.md` built from `cfg`, the run
+    `history` ({"losses": {step: loss}, "eval": {step: loss}}) and `tokens_seen` (`llamathink.model_card`).
+    With `cfg.push_to_hub` the folder, card included, is uploaded as it is to `cfg.hub_model_id`."""
+    from llamathink.model_card import write_model_card
+    from llamathink.tokenizer_utils import save_tokenizer_for_model
+
+    final_dir = Path(final_dir)
     model.save_pretrained(final_dir, safe_serialization=True)
     if tokenizer is not None:
-        tokenizer.save_pretrained(final_dir)
+        tokenizer = save_tokenizer_for_model(tokenizer, final_dir, model.config.max_position_embeddings)
+    write_model_card(final_dir, model, cfg, history=history, tokens_seen=tokens_seen, tokenizer=tokenizer)
     if cfg.push_to_hub:
-        model.push_to_hub(cfg.hub_model_id)
-        if tokenizer is not None:
-            tokenizer.push_to_hub(cfg.hub_model_id)
+        # push_to_hub of the model would write transformers' generic card over ours; upload the folder instead
+        from huggingface_hub import create_repo, upload_folder
+
+        create_repo(cfg.hub_model_id, exist_ok=True)
+        upload_folder(repo_id=cfg.hub_model_id, folder_path=str(final_dir), commit_message="Upload LlamaThink model")
 
 
 def _init_wandb(cfg: RunConfig, run_id: str | None):
@@ -471,12 +935,19 @@ def _init_wandb(cfg: RunConfig, run_id: str | None):
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) a training run. Returns {"losses": {step: loss}, "eval": {step: loss}, "final_dir": ...}."""
-    from accelerate import Accelerator
+    """Run (or resume) a training run. Returns {"losses": {step: loss}, "eval": {step: loss}, "overflow_steps": n,
+    "final_dir": ...}. The run holds out_dir's lock throughout (`own_out_dir`: OutDirInUse if another run does)."""
+    accelerator = make_accelerator(cfg)
+    with own_out_dir(cfg.out_dir, accelerator.is_main_process):
+        return _train(cfg, accelerator)
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+
+def _train(cfg: TrainConfig, accelerator) -> dict:
     is_main = accelerator.is_main_process
     out_dir = Path(cfg.out_dir)
+    resume_from = resolve_resume(cfg)
+    saved_run_id = checkpoint_meta(resume_from)["run_id"] if resume_from is not None else None
+    run_id = claim_checkpoints(cfg, resume_from, saved_run_id, is_main)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -507,15 +978,17 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
 
-    start_step, run_id, tokens_seen = 0, None, 0
+    start_step, wandb_id, tokens_seen = 0, None, 0
     history: dict[str, dict[int, float]] = {"losses": {}, "eval": {}}
-    resume_from = resolve_resume(cfg)
+    counters = StepCounters()
     if resume_from is not None:
-        state = restore_checkpoint(resume_from, model, optimizer, scheduler, loader)
-        start_step, run_id = state["step"], state.get("wandb_run_id")
+        state = restore_checkpoint(resume_from, model, optimizer, scheduler, loader, cfg,
+                                   world_size=accelerator.num_processes, log=accelerator.print)  # fmt: skip
+        start_step, wandb_id = state["step"], state.get("wandb_run_id")
         tokens_seen = state.get("tokens_seen", 0)
         history = state.get("history", history)
-        accelerator.print(f"resumed from {resume_from} at step {start_step}")
+        counters.overflows = int(state.get("overflow_steps", 0))
+        accelerator.print(f"resumed from {resume_from} at step {start_step} (run {run_id})")
     else:
         torch.manual_seed(cfg.seed)
 
@@ -526,7 +999,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.compile:
         model = torch.compile(model)
 
-    run = _init_wandb(cfg, run_id) if is_main else None
+    run = _init_wandb(cfg, wandb_id) if is_main else None
     tokens_per_step = cfg.micro_batch_size * cfg.seq_len * cfg.grad_accum * accelerator.num_processes
     flops_per_step = flops_per_token(raw_model.config, cfg.seq_len) * tokens_per_step
     peak = cfg.peak_tflops * 1e12 * accelerator.num_processes if cfg.peak_tflops else None
@@ -543,7 +1016,6 @@ def train(cfg: TrainConfig) -> dict:
         progress = tqdm(total=cfg.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
     model.train()
-    skips = 0
     t_last, tokens_last = time.perf_counter(), tokens_seen
     optimizer_share = None
     step = start_step
@@ -567,17 +1039,12 @@ def train(cfg: TrainConfig) -> dict:
             loss_sum += loss.detach().float()
         loss_mean = accelerator.reduce(loss_sum / cfg.grad_accum, "mean")
         loss_value = float(loss_mean)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        finite = math.isfinite(loss_value) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
-        if not finite:
-            skips = skip_nonfinite_step(cfg, step, loss_value, grad_norm, skips, optimizer, accelerator)
-            continue  # the data position advanced; the step counter did not
-        skips = 0
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # unscales fp16 gradients
         if measure:
             _sync(accelerator.device)
             t_opt = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if not optimizer_step(cfg, step, loss_value, grad_norm, optimizer, accelerator, counters, accelerator.scaler):
+            continue  # the data position advanced; the step counter did not
         if measure:
             _sync(accelerator.device)
             now = time.perf_counter()
@@ -594,7 +1061,7 @@ def train(cfg: TrainConfig) -> dict:
             mfu = tok_s / tokens_per_step * flops_per_step / peak if peak else None
             metrics = {"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0],
                        "train/grad_norm": float(grad_norm), "perf/tokens_per_s": tok_s,
-                       "train/tokens_seen": tokens_seen}  # fmt: skip
+                       "train/tokens_seen": tokens_seen, "train/overflow_steps": counters.overflows}  # fmt: skip
             if mfu is not None:
                 metrics["perf/mfu"] = mfu
             if optimizer_share is not None:
@@ -626,8 +1093,10 @@ def train(cfg: TrainConfig) -> dict:
             accelerator.wait_for_everyone()
             if is_main:
                 extra = {"tokens_seen": tokens_seen, "history": history, "config": dataclasses.asdict(cfg),
-                         "wandb_run_id": run.id if run is not None else run_id}  # fmt: skip
-                save_checkpoint(cfg.out_dir, step, raw_model, optimizer, scheduler, loader, extra, cfg.keep_last)
+                         "wandb_run_id": run.id if run is not None else wandb_id, "run_id": run_id,
+                         "overflow_steps": counters.overflows}  # fmt: skip
+                save_checkpoint(cfg.out_dir, step, raw_model, optimizer, scheduler, loader, extra, cfg.keep_last,
+                                run_id=run_id, world_size=accelerator.num_processes)  # fmt: skip
                 write_history(out_dir, history)
             accelerator.wait_for_everyone()
         if paused:
@@ -639,11 +1108,12 @@ def train(cfg: TrainConfig) -> dict:
     if is_main:
         write_history(out_dir, history)
     if is_main and step == cfg.max_steps:
-        save_final(raw_model, tokenizer, final_dir, cfg)
+        save_final(raw_model, tokenizer, final_dir, cfg, history, tokens_seen=tokens_seen)
     if run is not None:
         run.finish()
     accelerator.wait_for_everyone()
     history["final_dir"] = str(final_dir) if step == cfg.max_steps else None
+    history["overflow_steps"] = counters.overflows
     return history
 
 

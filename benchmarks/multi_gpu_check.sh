@@ -34,9 +34,9 @@ many() { $LAUNCH train_hf.py "${common[@]}" "$@"; }
 stage() { echo "== $1 ($(date +%T))"; }
 
 stage "1 GPU, batch 16"
-one --out_dir "$OUT/gpu1" --resume none > "$OUT/gpu1.log" 2>&1
+one --out_dir "$OUT/gpu1" --resume none --overwrite true > "$OUT/gpu1.log" 2>&1
 stage "$N GPUs, batch $((16 / N)) each (same global batch)"
-many --out_dir "$OUT/gpu$N" --micro_batch_size $((16 / N)) --resume none > "$OUT/gpu$N.log" 2>&1
+many --out_dir "$OUT/gpu$N" --micro_batch_size $((16 / N)) --resume none --overwrite true > "$OUT/gpu$N.log" 2>&1
 # resume from the other run's mid-way checkpoint: a copy of it is the only checkpoint in a fresh out_dir
 for pair in "gpu$N:to1" "gpu1:to$N"; do
   src=${pair%%:*}; dst="$OUT/${src}_${pair##*:}"
@@ -52,7 +52,7 @@ stage "resume the 1-GPU checkpoint of step $HALF on $N GPUs"
 many --out_dir "$OUT/gpu1_to$N" --micro_batch_size $((16 / N)) --resume auto > "$OUT/gpu1_to$N.log" 2>&1
 stage "$N GPUs, batch 16 each, $LONG steps"
 many --out_dir "$OUT/gpu${N}_long" --micro_batch_size 16 --max_steps "$LONG" --eval_every 100 --save_every 100000 \
-  --resume none > "$OUT/gpu${N}_long.log" 2>&1
+  --resume none --overwrite true > "$OUT/gpu${N}_long.log" 2>&1
 stage "summary"
 python3 - "$OUT" "$N" "$HALF" <<'PY' | tee "$OUT/summary.txt"
 import json, sys

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
     _step("2/5 pretrain a tiny model (Muon)")
     overrides = ["--data_dir", str(data), "--out_dir", str(out / "pretrain"), "--model_config",
-                 str(presets / "models" / "llamathink-tiny.json"), "--resume", "none", "--progress_bar", "false"]
+                 str(presets / "models" / "llamathink-tiny.json"), "--resume", "none", "--overwrite", "true",
+                 "--progress_bar", "false"]  # a rerun starts over: overwrite replaces the last run's checkpoints
     if args.fast:
         overrides += ["--max_steps", "6", "--warmup_steps", "1", "--eval_every", "3", "--save_every", "6",
                       "--sample_every", "6"]  # fmt: skip
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _step("3/5 chat-finetune on the bundled conversations")
     overrides = ["--init_from", history["final_dir"], "--out_dir", str(out / "chat"), "--resume", "none",
-                 "--progress_bar", "false"]  # fmt: skip
+                 "--overwrite", "true", "--progress_bar", "false"]  # fmt: skip
     if args.fast:
         overrides += ["--max_steps", "4", "--warmup_steps", "1", "--eval_every", "2", "--save_every", "4",
                       "--sample_every", "4"]  # fmt: skip

@@ -77,6 +77,57 @@ def test_unknown_and_bad_settings_are_named(tmp_path):
         train_hf.load_config(None, ["--max_steps", "10", "--warmup_steps", "20"])
 
 
+@pytest.mark.parametrize("written, value", [("1e-3", 0.001), ("3e-4", 3e-4), (".5", 0.5), ("1E-3", 0.001), ("2", 2.0),
+                                            ("0.002", 0.002), ("2.5e+1", 25.0), ("-0", 0.0)])  # fmt: skip
+def test_every_way_to_write_a_float_reads_as_that_float(tmp_path, written, value):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"adamw_lr: {written}\nweight_decay: {written}\n")  # PyYAML reads 1e-3 as a string
+    for cfg in (train_hf.load_config(str(path)), train_hf.load_config(None, [f"--adamw_lr={written}",
+                                                                             "--weight_decay", written])):  # fmt: skip
+        assert type(cfg.adamw_lr) is float and cfg.adamw_lr == value and cfg.weight_decay == value
+
+
+def test_settings_of_every_type_parse_from_yaml_and_the_command_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("max_steps: 1e4\nwarmup_steps: 10_000\ncompile: yes\nprogress_bar: 0\nwandb_project: null\n"
+                    "adamw_betas: [0.9, 0.95]\npeak_tflops: 312\nstop_at_step: none\nwandb_run_name: 123\n"
+                    "resume: none\n")  # fmt: skip
+    cfg = train_hf.load_config(str(path))
+    assert (cfg.max_steps, cfg.warmup_steps, cfg.compile, cfg.progress_bar) == (10_000, 10_000, True, False)
+    assert cfg.wandb_project is None and cfg.stop_at_step is None and cfg.resume == "none"
+    assert cfg.adamw_betas == (0.9, 0.95) and cfg.peak_tflops == 312.0 and type(cfg.peak_tflops) is float
+    assert cfg.wandb_run_name == "123"
+    cli = train_hf.load_config(None, ["--adamw_betas", "0.8,0.9", "--compile=FALSE", "--peak_tflops", "null",
+                                      "--wandb_project", "none", "--sample_prompts", "[Hello, 'a, b']",
+                                      "--max_steps", "2e3", "--warmup_steps", "10"])  # fmt: skip
+    assert cli.adamw_betas == (0.8, 0.9) and cli.compile is False and cli.peak_tflops is None
+    assert cli.wandb_project is None and cli.sample_prompts == ["Hello", "a, b"] and cli.max_steps == 2000
+    assert train_hf.load_config(None, ["--adamw_betas", "(0.5, 0.6)"]).adamw_betas == (0.5, 0.6)
+
+
+@pytest.mark.parametrize("setting, written, named", [
+    ("adamw_lr", "fast", r"adamw_lr expects a number, got 'fast'"),
+    ("adamw_lr", "nan", r"adamw_lr expects a number, got NaN"),
+    ("adamw_lr", "true", r"adamw_lr expects a number, got True"),
+    ("max_steps", "1.5", r"max_steps expects an integer, got 1.5"),
+    ("max_steps", "ten", r"max_steps expects an integer, got 'ten'"),
+    ("compile", "maybe", r"compile expects true or false, got 'maybe'"),
+    ("adamw_betas", "0.9,0.95,0.99", r"adamw_betas expects 2 values, got 3"),
+    ("adamw_betas", "0.9,x", r"adamw_betas\[1\] expects a number, got 'x'"),
+    ("sample_prompts", "Hello", r"sample_prompts expects a list such as \[a, b\], got 'Hello'"),
+    ("muon_lr", "null", r"muon_lr: a value is required"),
+    ("adamw_lr", "-1e-3", r"adamw_lr must be a finite number >= 0, got -0.001"),
+    ("adamw_betas", "[0.9, 1.5]", r"adamw_betas must be two numbers in \[0, 1\)"),
+])  # fmt: skip
+def test_a_value_that_cannot_be_read_as_its_type_is_an_error_naming_the_field(tmp_path, setting, written, named):
+    with pytest.raises(ValueError, match=named):
+        train_hf.load_config(None, [f"--{setting}", written])
+    path = tmp_path / "run.yaml"
+    path.write_text(f"{setting}: {written}\n")
+    with pytest.raises(ValueError, match=named.replace(f"{setting}", f"(run.yaml: )?{setting}", 1)):
+        train_hf.load_config(str(path))
+
+
 def test_presets_load():
     for path in sorted((REPO_ROOT / "configuration" / "train").glob("*.yaml")):
         cfg = train_hf.load_config(str(path))
@@ -176,8 +227,8 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(sample_data, model_json
     assert sorted(resumed["losses"]) == list(range(1, 13))
     for step in range(1, 13):
         assert resumed["losses"][step] == full["losses"][step], step  # bitwise: same data, state and RNG
-    a = torch.load(tmp_path / "full/checkpoints/step_00000012/state.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "resumed/checkpoints/step_00000012/state.pt", weights_only=False)["model"]
+    a = train_hf.load_checkpoint(tmp_path / "full/checkpoints/step_00000012")["model"]
+    b = train_hf.load_checkpoint(tmp_path / "resumed/checkpoints/step_00000012")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

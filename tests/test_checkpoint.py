@@ -1,0 +1,441 @@
+"""The checkpoint folder and the optimizer step, on CPU: no load path runs pickled code, a run owns its out_dir
+(a lock, a run id in every checkpoint, rotation within the run, no mixing with another run's checkpoints), save
+failures say what happened and keep the previous checkpoint, resumes apply or refuse changed settings, and fp16
+loss-scale overflows are skipped by the GradScaler and counted rather than stopping training."""
+
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import torch_threads
+from test_train import _cfg, model_json, sample_data  # noqa: F401  (session fixtures)
+
+import finetune_chat
+import train_hf
+from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+class _Loader:
+    """A data loader stand-in: only its resumable position matters to checkpoints."""
+
+    def __init__(self, position=0):
+        self.position = position
+
+    def state_dict(self):
+        return {"position": self.position, "world_size": 1, "seed": 3}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
+def _parts(model_json, settings, seed=0):  # noqa: F811
+    torch.manual_seed(seed)
+    model = LlamaThinkForCausalLM(LlamaThinkConfig.from_json_file(str(model_json)))
+    optimizer = train_hf.build_optimizer(model, settings)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: train_hf.lr_factor(k, settings))
+    return model, optimizer, scheduler, _Loader()
+
+
+def _settings(**overrides):
+    values = dict(max_steps=12, warmup_steps=2, micro_batch_size=8, grad_accum=2, wandb_mode="disabled")
+    values.update(overrides)
+    return train_hf.RunConfig(**values)
+
+
+def _save(out, step, parts, settings, run_id="run-a", keep_last=3):
+    model, optimizer, scheduler, loader = parts
+    extra = {"config": train_hf.dataclasses.asdict(settings), "history": {"losses": {step: 1.0}}}
+    return train_hf.save_checkpoint(out, step, model, optimizer, scheduler, loader, extra, keep_last, run_id=run_id)
+
+
+def _names(paths):
+    return [p.name for p in paths]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# no load path runs pickled code
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Payload:
+    """Unpickling this creates `marker`: what a hostile checkpoint would do instead (run any code)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_checkpoint_with_pickled_code_is_refused_and_never_run(sample_data, model_json, tmp_path):  # noqa: F811
+    out = tmp_path / "shared"
+    marker = tmp_path / "pwned"
+    folder = train_hf.checkpoint_dir(out) / "step_00000002"
+    folder.mkdir(parents=True)
+    torch.save({"step": 2, "model": {}, "optimizer": {}, "scheduler": {}, "loader": {}, "rng": _Payload(marker)},
+               folder / "state.pt")  # fmt: skip
+    with pytest.raises(train_hf.CheckpointError, match=r"refusing to load .*state.pt: it is not a weights-only"):
+        train_hf.load_checkpoint(folder)
+    assert not marker.exists()
+    # the same folder resumed by a run (resume: auto finds it) and through finetune_chat's import
+    with pytest.raises(train_hf.CheckpointError, match="refusing to load"):
+        train_hf.train(_cfg(sample_data, model_json, out, max_steps=2))
+    with pytest.raises(train_hf.CheckpointError, match="refusing to load"):
+        finetune_chat.load_checkpoint(folder)
+    assert not marker.exists()
+
+
+def test_checkpoints_are_weights_only_and_old_numpy_rng_checkpoints_still_load(model_json, tmp_path):  # noqa: F811
+    settings = _settings()
+    parts = _parts(model_json, settings)
+    path = _save(tmp_path / "run", 2, parts, settings)
+    state = torch.load(path / "state.pt", weights_only=True)  # no allow-list needed for what we write now
+    assert state["step"] == 2 and isinstance(state["rng"]["numpy"][1], torch.Tensor)
+    meta = train_hf.checkpoint_meta(path)
+    assert meta["run_id"] == "run-a" and meta["step"] == 2 and meta["config"]["max_steps"] == 12
+
+    # format 1 (before run ids): the RNG state held NumPy's ndarray; it loads weights-only through the allow-list
+    np.random.seed(5)
+    legacy_rng = {"python": train_hf.random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    expected = np.random.rand(3)
+    legacy = tmp_path / "old" / "checkpoints" / "step_00000004"
+    legacy.mkdir(parents=True)
+    state.update(step=4, rng=legacy_rng, history={"losses": {4: np.float64(2.5)}})
+    torch.save(state, legacy / "state.pt")
+    loaded = train_hf.restore_checkpoint(legacy, *_parts(model_json, settings))
+    assert loaded["step"] == 4 and loaded["history"]["losses"][4] == 2.5 and loaded["run_id"] is None
+    assert np.array_equal(np.random.rand(3), expected)  # the NumPy generator continues where it was saved
+
+
+def test_a_corrupt_checkpoint_or_meta_is_named(model_json, tmp_path):  # noqa: F811
+    settings = _settings()
+    path = _save(tmp_path / "run", 2, _parts(model_json, settings), settings)
+    (path / "meta.json").write_text('{"run_id": 3, "step": "x"}')
+    with pytest.raises(train_hf.CheckpointError, match="meta.json is not a checkpoint's meta.json"):
+        train_hf.checkpoint_meta(path)
+    (path / "state.pt").write_bytes((path / "state.pt").read_bytes()[:1000])
+    with pytest.raises(train_hf.CheckpointError, match="cannot load checkpoint .*state.pt"):
+        train_hf.load_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a run owns its out_dir
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_a_second_run_on_a_locked_out_dir_fails_at_start_naming_the_holder(sample_data, model_json, tmp_path):  # noqa: F811
+    out = tmp_path / "busy"
+    with train_hf.own_out_dir(out):
+        with pytest.raises(train_hf.OutDirInUse, match=rf"in use by another run \(pid {os.getpid()} on host "):
+            train_hf.train(_cfg(sample_data, model_json, out, max_steps=2))
+        with pytest.raises(train_hf.OutDirInUse, match=f"pid {os.getpid()}"):
+            with train_hf.own_out_dir(out):
+                pass
+    assert not (out / "train_config.json").exists()  # the refused run wrote nothing
+    with train_hf.own_out_dir(out):  # released at the end of the block
+        pass
+
+
+def test_leftover_temporary_checkpoints_are_removed_by_the_lock_owner(tmp_path):
+    root = train_hf.checkpoint_dir(tmp_path / "run")
+    leftover = root / ".tmp-step_00000004-12345"
+    leftover.mkdir(parents=True)
+    (leftover / "state.pt").write_bytes(b"x" * 1000)
+    (root / "step_00000002").mkdir()
+    with train_hf.own_out_dir(tmp_path / "run", is_main=False):  # only the main process cleans
+        assert leftover.exists()
+    with train_hf.own_out_dir(tmp_path / "run"):
+        assert not leftover.exists() and (root / "step_00000002").exists()
+
+
+def test_rotation_keeps_other_runs_checkpoints_and_auto_resumes_the_newest_run(model_json, tmp_path):  # noqa: F811
+    out = tmp_path / "reused"
+    settings = _settings()
+    parts = _parts(model_json, settings)
+    for step in (10, 12):
+        _save(out, step, parts, settings, run_id="old", keep_last=2)
+    for step in (2, 4, 6):  # a newer run, lower step numbers
+        _save(out, step, parts, settings, run_id="new", keep_last=2)
+        assert (train_hf.checkpoint_dir(out) / f"step_{step:08d}").exists()  # never deletes its own newest
+    assert _names(train_hf.list_checkpoints(out)) == ["step_00000004", "step_00000006", "step_00000010",
+                                                      "step_00000012"]  # fmt: skip
+    assert train_hf.latest_checkpoint(out).name == "step_00000006"  # newest by save time, not by step number
+    assert train_hf.resolve_resume(_settings(out_dir=str(out))).name == "step_00000006"
+
+
+def test_a_fresh_run_refuses_an_out_dir_with_another_runs_checkpoints(sample_data, model_json, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    first = train_hf.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=2))
+    assert sorted(first["losses"]) == [1, 2]
+    old_id = train_hf.checkpoint_meta(train_hf.list_checkpoints(out)[0])["run_id"]
+    with pytest.raises(train_hf.OutDirInUse, match=r"holds checkpoints of another run \(step_00000002\).*overwrite"):
+        train_hf.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, resume="none"))
+    assert train_hf.checkpoint_meta(train_hf.list_checkpoints(out)[0])["run_id"] == old_id  # untouched
+    # resume: auto continues the run and its id; overwrite: true starts a new run and deletes the old checkpoints
+    train_hf.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=3))
+    ids = {train_hf.checkpoint_meta(p)["run_id"] for p in train_hf.list_checkpoints(out)}
+    assert ids == {old_id}
+    fresh = train_hf.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=1, resume="none",
+                                overwrite=True))  # fmt: skip
+    assert sorted(fresh["losses"]) == [1, 2]
+    found = train_hf.list_checkpoints(out)
+    assert _names(found) == ["step_00000001", "step_00000002"]
+    assert len({train_hf.checkpoint_meta(p)["run_id"] for p in found} | {old_id}) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# save failures
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failure, message", [
+    (OSError(errno.ENOSPC, "No space left on device"), r"disk full while writing checkpoint step 4 to .*step_00000004 "
+     r"\([\d,]+ bytes free, about [\d,]+ needed\); the previous checkpoint .*step_00000002 is intact"),
+    (RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 2752 vs 2648"),
+     r"disk full while writing checkpoint step 4 .*\(1,000 bytes free"),
+    (PermissionError(errno.EACCES, "Permission denied", "/x/state.pt"),
+     r"permission denied while writing checkpoint step 4 to .*step_00000004 \(/x/state.pt\); the previous"),
+])  # fmt: skip
+def test_a_failed_save_says_why_and_keeps_the_previous_checkpoint(model_json, tmp_path, monkeypatch, failure,
+                                                                  message):  # noqa: F811
+    out = tmp_path / "full"
+    settings = _settings()
+    parts = _parts(model_json, settings)
+    _save(out, 2, parts, settings)
+    real_save, real_usage = torch.save, train_hf.shutil.disk_usage
+
+    def failing_save(obj, f, *args, **kwargs):
+        real_save({"partial": torch.zeros(100)}, f)  # something was written before the failure
+        raise failure
+
+    monkeypatch.setattr(train_hf.torch, "save", failing_save)
+    if isinstance(failure, RuntimeError):  # torch's own words do not say "disk full": the free space does
+        monkeypatch.setattr(train_hf.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1000))
+    with pytest.raises(train_hf.CheckpointError, match=message):
+        _save(out, 4, parts, settings)
+    monkeypatch.setattr(train_hf.torch, "save", real_save)
+    root = train_hf.checkpoint_dir(out)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002"]  # no partial or temporary folder left
+    assert train_hf.load_checkpoint(root / "step_00000002")["step"] == 2
+
+
+def test_resaving_a_step_replaces_it_and_a_failure_then_keeps_the_old_one(model_json, tmp_path, monkeypatch):  # noqa: F811
+    out = tmp_path / "again"
+    settings = _settings()
+    parts = _parts(model_json, settings)
+    _save(out, 2, parts, settings)
+    monkeypatch.setattr(train_hf.os, "replace", _fail_on_tmp_rename(train_hf.os.replace))
+    with pytest.raises(train_hf.CheckpointError, match="could not write checkpoint step 2"):
+        _save(out, 2, parts, settings)
+    monkeypatch.undo()
+    root = train_hf.checkpoint_dir(out)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002"]
+    assert train_hf.load_checkpoint(root / "step_00000002")["step"] == 2
+
+
+def _fail_on_tmp_rename(real):
+    def replace(src, dst):
+        if Path(src).name.startswith(".tmp-step_"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(src, dst)
+
+    return replace
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resuming with changed settings
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_resume_applies_changed_learning_rates_and_schedule_from_the_first_step(model_json, tmp_path):  # noqa: F811
+    before = _settings(optimizer="muon", muon_lr=0.02, adamw_lr=0.002, weight_decay=0.01, max_steps=12)
+    parts = _parts(model_json, before)
+    model, optimizer, scheduler, _ = parts
+    for _ in range(6):
+        optimizer.step()  # no gradients: nothing changes, but the scheduler sees the usual order
+        scheduler.step()
+    saved_lrs = [g["lr"] for g in optimizer.param_groups]
+    path = _save(tmp_path / "run", 6, parts, before)
+
+    same = _parts(model_json, before, seed=1)
+    train_hf.restore_checkpoint(path, *same, before)
+    assert [g["lr"] for g in same[1].param_groups] == saved_lrs  # unchanged settings: bit-for-bit the saved lrs
+
+    after = _settings(optimizer="muon", muon_lr=0.01, adamw_lr=0.001, weight_decay=0.05, max_steps=20)
+    logged = []
+    resumed = _parts(model_json, after, seed=1)
+    state = train_hf.restore_checkpoint(path, *resumed, after, log=logged.append)
+    assert state["settings_changed"] == ["max_steps: 12 -> 20", "muon_lr: 0.02 -> 0.01", "adamw_lr: 0.002 -> 0.001",
+                                         "weight_decay: 0.01 -> 0.05"]  # fmt: skip
+    assert "changed settings" in logged[0] and "adamw_lr: 0.002 -> 0.001" in logged[0]
+    optimizer, scheduler = resumed[1], resumed[2]
+    factor = train_hf.lr_factor(6, after)  # the new schedule at the saved step (max_steps 20, not 12)
+    assert factor != train_hf.lr_factor(6, before)
+    for group in optimizer.param_groups:
+        peak = 0.01 if group["use_muon"] else 0.001
+        assert group["initial_lr"] == peak and group["lr"] == pytest.approx(peak * factor, rel=1e-12)
+        assert group["weight_decay"] in (0.0, 0.05)
+    assert any(g["weight_decay"] == 0.05 for g in optimizer.param_groups)
+    optimizer.step()
+    scheduler.step()  # and the schedule goes on from the new peaks
+    for group in optimizer.param_groups:
+        peak = 0.01 if group["use_muon"] else 0.001
+        assert group["lr"] == pytest.approx(peak * train_hf.lr_factor(7, after), rel=1e-12)
+
+
+def test_a_resumed_training_run_steps_with_the_changed_learning_rate(sample_data, model_json, tmp_path,
+                                                                     monkeypatch):  # noqa: F811
+    out = tmp_path / "run"
+    train_hf.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=2, adamw_lr=0.004))
+    seen = []
+    real_step = train_hf.optimizer_step
+
+    def recording_step(cfg, step, loss_value, grad_norm, optimizer, *args, **kwargs):
+        seen.append((step, [(g["use_muon"], g["lr"]) for g in optimizer.param_groups]))
+        return real_step(cfg, step, loss_value, grad_norm, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(train_hf, "optimizer_step", recording_step)
+    cfg = _cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=3, adamw_lr=0.001)
+    train_hf.train(cfg)
+    step, lrs = seen[0]
+    assert step == 2
+    for use_muon, lr in lrs:
+        peak = cfg.muon_lr if use_muon else 0.001
+        assert lr == pytest.approx(peak * train_hf.lr_factor(2, cfg), rel=1e-12)
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(optimizer="adamw"), r"optimizer: 'muon' -> 'adamw'"),
+    (dict(grad_accum=4), r"global batch \(micro_batch_size x grad_accum x processes\): 8 x 2 x 1 = 16 -> 8 x 4 x 1 = 32"),
+    (dict(seed=4, seq_len=128), r"seed: 1337 -> 4"),
+])  # fmt: skip
+def test_resume_refuses_a_changed_fixed_setting_naming_it(model_json, tmp_path, change, named):  # noqa: F811
+    before = _settings()
+    path = _save(tmp_path / "run", 6, _parts(model_json, before), before)
+    after = _settings(**{k: v for k, v in change.items() if k != "seq_len"})
+    model, optimizer, scheduler, loader = _parts(model_json, after, seed=1)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(train_hf.ResumeSettingsError, match=rf"cannot resume from .*step_00000006: .*{named}"):
+        train_hf.restore_checkpoint(path, model, optimizer, scheduler, loader, after)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())  # nothing was loaded
+    # the same global batch from other factors (e.g. 2 processes x 4 sequences x 2) is accepted
+    assert train_hf.compare_resume_settings(train_hf.dataclasses.asdict(before), _settings(micro_batch_size=4), 1,
+                                            2) == ["micro_batch_size: 8 -> 4"]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fp16: loss-scale overflows are the GradScaler's business
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Printer:
+    def __init__(self):
+        self.lines = []
+
+    def print(self, *args):
+        self.lines.append(" ".join(map(str, args)))
+
+
+def test_an_overflow_step_is_skipped_by_the_scaler_counted_and_training_goes_on():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    cfg, counters, printer = _settings(nonfinite="stop"), train_hf.StepCounters(), _Printer()
+
+    def backward(inject_inf: bool) -> tuple[float, float]:
+        loss = layer(torch.ones(2, 4)).pow(2).mean()
+        scaler.scale(loss).backward()
+        if inject_inf:
+            layer.weight.grad[0, 0] = float("inf")
+        scaler.unscale_(optimizer)  # what accelerator.clip_grad_norm_ does first
+        return loss.item(), torch.nn.utils.clip_grad_norm_(layer.parameters(), 1.0)
+
+    weight = layer.weight.detach().clone()
+    loss, norm = backward(inject_inf=True)
+    assert not torch.isfinite(norm)
+    took = train_hf.optimizer_step(cfg, 0, loss, norm, optimizer, printer, counters, scaler)  # no NonFiniteLoss
+    assert not took and torch.equal(layer.weight, weight)  # skipped
+    assert scaler.get_scale() == 512.0 and counters.overflows == 1 and counters.skips == 0
+    assert "loss-scale overflow at step 0" in printer.lines[0] and "scale 1024 -> 512" in printer.lines[0]
+    loss, norm = backward(inject_inf=False)  # the next step unscales again without "unscale_() has already been called"
+    assert train_hf.optimizer_step(cfg, 0, loss, norm, optimizer, printer, counters, scaler)
+    assert not torch.equal(layer.weight, weight) and scaler.get_scale() == 512.0 and counters.overflows == 1
+
+    # a non-finite loss is still a non-finite step (here: stop), judged by the loss value alone
+    loss, norm = backward(inject_inf=False)
+    with pytest.raises(train_hf.NonFiniteLoss, match="non-finite loss"):
+        train_hf.optimizer_step(cfg, 1, float("nan"), norm, optimizer, printer, counters, scaler)
+    # with nonfinite: skip the scaler's step is ended, so the following step runs normally
+    skip_cfg = _settings(nonfinite="skip")
+    backward(inject_inf=False)
+    assert not train_hf.optimizer_step(skip_cfg, 1, float("inf"), norm, optimizer, printer, counters, scaler)
+    loss, norm = backward(inject_inf=False)
+    assert train_hf.optimizer_step(skip_cfg, 1, loss, norm, optimizer, printer, counters, scaler)
+
+    # gradients that overflow even at a scale below 1 are non-finite gradients after all
+    scaler.update(new_scale=1.0)
+    loss, norm = backward(inject_inf=True)
+    with pytest.raises(train_hf.NonFiniteLoss, match="non-finite loss or gradient at step 2"):
+        train_hf.optimizer_step(cfg, 2, loss, norm, optimizer, printer, counters, scaler)
+
+
+def _fp16_cpu_accelerator(monkeypatch, init_scale):
+    """accelerate's fp16 setup as on CUDA (its GradScaler: scaled backward, unscale in clip_grad_norm_, step and
+    update in the prepared optimizer), with a CPU GradScaler and fp32 compute: a scale near the float32 limit makes
+    the first steps overflow like fp16 ones."""
+    from accelerate import Accelerator
+
+    def make(cfg):
+        accelerator = Accelerator(cpu=True, mixed_precision="no")
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        accelerator.native_amp = True
+        made.append(accelerator)
+        return accelerator
+
+    made = []
+    monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))  # unscale_gradients' check
+    monkeypatch.setattr(train_hf, "make_accelerator", make)
+    monkeypatch.setattr(finetune_chat, "make_accelerator", make)
+    return made
+
+
+def test_fp16_overflow_steps_do_not_stop_pretraining(sample_data, model_json, tmp_path, monkeypatch):  # noqa: F811
+    made = _fp16_cpu_accelerator(monkeypatch, init_scale=2.0**127)
+    history = train_hf.train(_cfg(sample_data, model_json, tmp_path / "fp16", max_steps=4, save_every=4,
+                                  eval_every=100, nonfinite="stop"))  # fmt: skip
+    overflows = history["overflow_steps"]
+    assert overflows >= 1 and sorted(history["losses"]) == [1, 2, 3, 4]
+    assert made[0].scaler.get_scale() == 2.0**127 / 2**overflows  # halved once per overflow, never grown
+    state = train_hf.load_checkpoint(train_hf.list_checkpoints(tmp_path / "fp16")[-1])
+    assert state["overflow_steps"] == overflows
+
+
+def test_fp16_overflow_steps_do_not_stop_finetuning(tmp_path, monkeypatch):
+    from llamathink.chat import set_chat_template
+    from llamathink.tokenizer_utils import builtin_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaThinkConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, linear_num_key_heads=1,
+                              linear_num_value_heads=1, linear_key_head_dim=16, linear_value_head_dim=16,
+                              max_position_embeddings=160, csa_window=16, gdn_chunk_size=16, pad_token_id=0)  # fmt: skip
+    LlamaThinkForCausalLM(config).save_pretrained(tmp_path / "base")
+    set_chat_template(builtin_tokenizer()).save_pretrained(tmp_path / "base")
+    made = _fp16_cpu_accelerator(monkeypatch, init_scale=2.0**127)
+    cfg = finetune_chat.FinetuneConfig(init_from=str(tmp_path / "base"), out_dir=str(tmp_path / "chat"), max_len=96,
+                                       max_conversations=40, micro_batch_size=4, max_steps=3, warmup_steps=1,
+                                       eval_at_start=False, eval_every=100, save_every=3, sample_every=100,
+                                       wandb_mode="disabled", progress_bar=False, mixed_precision="no")  # fmt: skip
+    history = finetune_chat.finetune(cfg)
+    assert history["overflow_steps"] >= 1 and sorted(history["losses"]) == [1, 2, 3]
+    assert made[0].scaler.get_scale() == 2.0**127 / 2 ** history["overflow_steps"]
