@@ -24,12 +24,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import warnings
 import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput, logging
@@ -1430,6 +1432,66 @@ def chunked_causal_lm_loss(
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, divisor, chunk_rows)
 
 
+def is_plain_linear_head(head: nn.Module) -> bool:
+    """True when `head(x)` is exactly `x @ head.weight.T`, so that `chunked_causal_lm_loss` may read `head.weight`
+    instead of calling the module: an `nn.Linear` (the exact class, not a subclass such as a PEFT LoRA layer, a
+    quantised or a parametrised Linear, or an FSDP2-sharded one), without bias, with no `forward` replaced on the
+    instance (accelerate's device-map and offload hooks work that way), and with no forward or backward hook on it
+    or registered globally (a user's hook must see, and may change, the logits)."""
+    if type(head) is not nn.Linear or head.bias is not None or "forward" in vars(head):
+        return False
+    if head._forward_hooks or head._forward_pre_hooks or head._backward_hooks or head._backward_pre_hooks:
+        return False
+    registry = torch.nn.modules.module
+    return not any(
+        getattr(registry, name, None)
+        for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                     "_global_backward_pre_hooks")
+    )  # fmt: skip
+
+
+def _head_cross_entropy_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # hidden [B, n, H], targets [B, n] (-100 = ignored) -> summed token cross-entropy, softmax in fp32 (or fp64)
+    logits = head(hidden)
+    logits = logits.to(_acc_dtype(logits.dtype))
+    logits = logits.reshape(-1, logits.shape[-1])
+    return F.cross_entropy(logits, targets.reshape(-1), ignore_index=-100, reduction="sum")
+
+
+def chunked_causal_lm_loss_through_module(
+    hidden_states: torch.Tensor,
+    head: nn.Module,
+    labels: torch.Tensor,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Next-token cross-entropy of `head(hidden_states)` against `labels` (shifted inside, -100 ignored) for any
+    output module: a PEFT LoRA layer, a quantised Linear, a Linear with hooks. `head` is called on [B, n, H] slices
+    of the time axis (about `chunk_rows` rows each), so its parameters, adapters and hooks stay in the autograd
+    path. When there is more than one slice, each is wrapped in non-reentrant activation checkpointing
+    (`torch.utils.checkpoint`): only one slice's logits exist at a time, in the forward and in the backward (where
+    the slice is recomputed, calling `head` a second time with the same RNG state). Returns the same value as
+    `chunked_causal_lm_loss` for a plain Linear (the mean over kept targets, or the sum / `num_items_in_batch`)."""
+    B, T, H = hidden_states.shape
+    targets = F.pad(labels, (0, 1), value=-100)[:, 1:].to(hidden_states.device)  # [B, T]; position t -> t + 1
+    if num_items_in_batch is None:
+        divisor = (targets != -100).sum()
+    else:
+        divisor = torch.as_tensor(num_items_in_batch, device=hidden_states.device)
+    if chunk_rows is None:  # ~256 MiB of fp32 logits per slice (a head without `out_features`: assume 32000)
+        chunk_rows = max(1, (64 * 2**20) // int(getattr(head, "out_features", None) or 32000))
+    step = max(1, chunk_rows // B)
+    total = None
+    for start in range(0, T, step):
+        h, t = hidden_states[:, start : start + step], targets[:, start : start + step]
+        if step >= T or not torch.is_grad_enabled():
+            part = _head_cross_entropy_sum(head, h, t)
+        else:
+            part = checkpoint(_head_cross_entropy_sum, head, h, t, use_reentrant=False)
+        total = part if total is None else total + part
+    return total / divisor.to(total.dtype)
+
+
 class LlamaThinkPreTrainedModel(PreTrainedModel):
     config_class = LlamaThinkConfig
     config: LlamaThinkConfig
@@ -1717,13 +1779,89 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         # generate() must not build a DynamicCache: this model creates its own LlamaThinkCache (see below)
         return False
 
-    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, **kwargs):
+        """Inputs of one generate() step. `inputs_embeds` [B, T, hidden_size] (soft prompts, PEFT prompt tuning)
+        feed the first step only; later steps feed the generated ids with the cache. As in transformers, with
+        `inputs_embeds` alone the returned sequences hold only the new tokens."""
         other_key = "past_key_values" if _GENERATE_CACHE_KEY == "cache" else "cache"
         if kwargs.get(_GENERATE_CACHE_KEY) is None and kwargs.get(other_key) is not None:
             kwargs[_GENERATE_CACHE_KEY] = kwargs.pop(other_key)
-        if kwargs.get(_GENERATE_CACHE_KEY) is None and kwargs.get("use_cache", True):
-            kwargs[_GENERATE_CACHE_KEY] = LlamaThinkCache(self.config)
-        return super().prepare_inputs_for_generation(input_ids, **kwargs)
+        # No cache is made here for the first step: the forward makes a LlamaThinkCache (generate passes use_cache)
+        # and generate() takes it from the outputs. Wrappers that decide on "is this the first step" by the absence
+        # of `past_key_values` (PEFT prompt tuning injects its virtual tokens then) see the truth that way.
+        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        if model_inputs.get(_GENERATE_CACHE_KEY) is not None:  # both spellings (5.24 names it `cache`, PEFT reads
+            model_inputs["past_key_values"] = model_inputs[_GENERATE_CACHE_KEY]  # `past_key_values`)
+        return model_inputs
+
+    def _prepare_generated_length(
+        self, generation_config, has_default_max_length, has_default_min_length, model_input_name, input_ids_length,
+        inputs_tensor,
+    ):  # fmt: skip
+        # generate()'s length set-up (same signature in transformers 5.17 to 5.24). The prompt is checked here,
+        # before transformers' own length checks and before any forward; the length is capped once the cache is
+        # known (`_prepare_cache_for_generation`), because a continued cache can add positions.
+        generation_config = super()._prepare_generated_length(
+            generation_config=generation_config, has_default_max_length=has_default_max_length,
+            has_default_min_length=has_default_min_length, model_input_name=model_input_name,
+            input_ids_length=input_ids_length, inputs_tensor=inputs_tensor,
+        )  # fmt: skip
+        # positions taken by inputs_embeds beyond the ids that the returned sequences start with (all of them when
+        # only inputs_embeds are given)
+        hidden = inputs_tensor.shape[1] - input_ids_length if model_input_name == "inputs_embeds" else 0
+        self._check_prompt_fits(input_ids_length + hidden)
+        generation_config._llamathink_prompt = (input_ids_length, hidden)
+        return generation_config
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        out = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        prompt = getattr(generation_config, "_llamathink_prompt", None)
+        if prompt is not None:
+            self._bound_generation_length(generation_config, model_kwargs, *prompt)
+        return out
+
+    def _check_prompt_fits(self, prompt: int):
+        limit = self.config.max_position_embeddings
+        if prompt >= limit:
+            raise ValueError(
+                f"the prompt takes {prompt} positions and max_position_embeddings={limit}: no room to generate a "
+                "token; shorten the prompt"
+            )
+
+    def _bound_generation_length(self, generation_config, model_kwargs: dict, input_ids_length: int, hidden: int):
+        """Bound generate() by `max_position_embeddings`, before any forward pass.
+
+        A prompt that leaves no position for a new token raises a ValueError naming both numbers. A requested
+        length (`max_new_tokens` or `max_length`) beyond the limit is cut to it with one warning, so greedy,
+        sampling and beam search stop at the limit and return what they generated (as the C runner does), instead
+        of failing when the position runs out. Positions are counted as the cache counts them: the padded width of
+        a left-padded batch (its longest row), `inputs_embeds` positions that the returned sequences do not hold,
+        and a continued cache's positions when only the new ids are passed (the attention mask is then longer than
+        the ids; transformers feeds them after the cache)."""
+        cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if isinstance(cache, LlamaThinkCache) else 0
+        if past and model_kwargs.get("inputs_embeds") is None:
+            mask = model_kwargs.get("attention_mask")
+            # (transformers 5.24 drops an all-ones mask and keeps its width as `_mask_length`)
+            width = getattr(generation_config, "_mask_length", None)
+            if isinstance(mask, torch.Tensor):
+                width = mask.shape[-1]
+            if width is not None and width != input_ids_length:
+                hidden += past
+        limit = self.config.max_position_embeddings
+        prompt = input_ids_length + hidden
+        self._check_prompt_fits(prompt)
+        if generation_config.max_length + hidden > limit:
+            requested = generation_config.max_length + hidden - prompt
+            warnings.warn(
+                f"generation stops at max_position_embeddings={limit}: the prompt takes {prompt} positions and "
+                f"{requested} new tokens were asked for, so at most {limit - prompt} are generated",
+                UserWarning,
+                stacklevel=5,
+            )
+            generation_config.max_length = limit - hidden
+            if generation_config.min_length is not None:
+                generation_config.min_length = min(generation_config.min_length, generation_config.max_length)
 
     # --- one-token decode on static buffers (CUDA graphs) -----------------------------------------------------
     def _static_decoder(self, batch_size: int) -> _StaticDecoder:
@@ -1807,7 +1945,10 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         -100 is ignored. `logits_to_keep=n` computes logits for the last n positions only (generate uses 1).
 
         `skip_logits` (default: True in training mode when `labels` are given) computes the loss chunk by chunk
-        without ever holding the [B, T, vocab] logits (`chunked_causal_lm_loss`) and returns `logits=None`."""
+        without ever holding the [B, T, vocab] logits and returns `logits=None`: `chunked_causal_lm_loss` on the
+        head's weight when `lm_head` is a plain Linear (`is_plain_linear_head`), else
+        `chunked_causal_lm_loss_through_module`, which calls the wrapped head (LoRA, quantised, hooked) so that it
+        stays in the path and the loss equals the eval-mode one."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         cache = cache if cache is not None else past_key_values
         extra = (inputs_embeds is not None, labels is not None, bool(output_hidden_states))
@@ -1835,9 +1976,11 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         if skip_logits:
             if labels is None:
                 raise ValueError("skip_logits=True needs labels: without logits the loss is the only output")
-            loss = chunked_causal_lm_loss(
-                hidden_states, self.lm_head.weight, labels, num_items_in_batch=kwargs.get("num_items_in_batch")
-            )
+            num_items = kwargs.get("num_items_in_batch")
+            if is_plain_linear_head(self.lm_head):
+                loss = chunked_causal_lm_loss(hidden_states, self.lm_head.weight, labels, num_items_in_batch=num_items)
+            else:  # a wrapped head (LoRA, quantised, hooked) must be called, never bypassed through its weight
+                loss = chunked_causal_lm_loss_through_module(hidden_states, self.lm_head, labels, num_items)
             if not return_dict:
                 return tuple(x for x in (loss, outputs.cache, outputs.hidden_states) if x is not None)
             return LlamaThinkCausalLMOutput(
@@ -1865,6 +2008,8 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
 __all__ = [
     "LlamaThinkCache",
     "chunked_causal_lm_loss",
+    "chunked_causal_lm_loss_through_module",
+    "is_plain_linear_head",
     "LlamaThinkForCausalLM",
     "LlamaThinkModel",
     "LlamaThinkPreTrainedModel",

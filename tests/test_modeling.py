@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import types
+import warnings
 
 import pytest
 import torch
@@ -656,6 +657,165 @@ def test_sampling_is_reproducible_with_seed(model):
     assert torch.equal(outs[0], outs[1])
 
 
+def _generate_warnings(model, *args, **kwargs):
+    """generate(), and the messages of the warnings it raised (each one recorded, none filtered)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            out = model.generate(*args, **kwargs)
+    return out, [str(w.message) for w in caught if "max_position_embeddings" in str(w.message)]
+
+
+@pytest.fixture(scope="module")
+def short_model():
+    return tiny_model(max_position_embeddings=32)
+
+
+@pytest.mark.parametrize(
+    "search",
+    [dict(do_sample=False), dict(do_sample=True, top_k=20), dict(do_sample=False, num_beams=3, num_return_sequences=2)],
+    ids=["greedy", "sample", "beam"],
+)
+def test_generate_stops_at_max_position_embeddings_with_one_warning(short_model, search):
+    """Prompt 20 + 50 new tokens with a 32-position model: 32 tokens come back (the first 12 new ones equal to an
+    uncapped run asking for 12), with one warning naming the numbers, instead of an error after the work."""
+    prompt = torch.randint(3, 96, (2, 20), generator=torch.Generator().manual_seed(11))
+    kwargs = dict(pad_token_id=0, eos_token_id=None, **search)
+    torch.manual_seed(5)
+    capped, messages = _generate_warnings(short_model, prompt, max_new_tokens=50, **kwargs)
+    torch.manual_seed(5)
+    reference, none = _generate_warnings(short_model, prompt, max_new_tokens=12, **kwargs)
+    rows = 2 * search.get("num_return_sequences", 1)
+    assert capped.shape == reference.shape == (rows, 32)
+    assert torch.equal(capped, reference)
+    assert none == []
+    assert len(messages) == 1
+    assert all(n in messages[0] for n in ("max_position_embeddings=32", "20 positions", "50 new tokens", "at most 12"))
+
+
+def test_generate_with_max_length_beyond_the_limit_is_capped(short_model):
+    prompt = torch.randint(3, 96, (1, 25), generator=torch.Generator().manual_seed(12))
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    out, messages = _generate_warnings(short_model, prompt, max_length=100, min_length=90, **kwargs)
+    reference, _ = _generate_warnings(short_model, prompt, max_new_tokens=7, **kwargs)
+    assert out.shape == (1, 32) and torch.equal(out, reference)
+    assert len(messages) == 1 and "at most 7" in messages[0]
+
+
+def test_generate_caps_a_left_padded_batch_by_its_longest_row(short_model):
+    """The cache counts padded positions, so the limit is the batch's width (its longest row): rows of 20 and 14
+    tokens stop after 12 new tokens each, and each row still equals its own uncapped generation."""
+    gen = torch.Generator().manual_seed(13)
+    rows = [torch.randint(3, 96, (n,), generator=gen) for n in (20, 14)]
+    ids = torch.zeros(2, 20, dtype=torch.long)
+    mask = torch.zeros(2, 20, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, 20 - len(r) :], mask[i, 20 - len(r) :] = r, 1
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    out, messages = _generate_warnings(short_model, ids, attention_mask=mask, max_new_tokens=40, **kwargs)
+    assert out.shape == (2, 32) and len(messages) == 1
+    for i, r in enumerate(rows):
+        alone, _ = _generate_warnings(short_model, r[None], max_new_tokens=12, **kwargs)
+        assert torch.equal(out[i, 20:], alone[0, len(r) :])
+
+
+@pytest.mark.parametrize("full_sequence", [True, False], ids=["full_ids", "new_ids_only"])
+def test_generate_continuing_a_cache_is_capped_by_the_positions_it_holds(short_model, full_sequence):
+    """A continued cache counts: passing only the new ids (with the full-width attention mask, transformers'
+    convention) must stop at the limit just as passing the whole sequence does."""
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    prompt = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(16))
+    with torch.no_grad():
+        first = short_model.generate(prompt, max_new_tokens=8, return_dict_in_generate=True, **kwargs)
+    cache = first.cache if hasattr(first, "cache") else first.past_key_values
+    extra = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(17))
+    ids = torch.cat((first.sequences, extra), 1)  # 20 tokens, 13 of them in the cache
+    assert cache.get_seq_length() == 13
+    mask = torch.ones_like(ids)
+    fed = ids if full_sequence else ids[:, cache.get_seq_length() :]
+    out, messages = _generate_warnings(short_model, fed, attention_mask=mask, past_key_values=cache,
+                                       max_new_tokens=30, **kwargs)  # fmt: skip
+    reference, _ = _generate_warnings(short_model, ids, max_new_tokens=12, **kwargs)
+    assert torch.equal(out[:, -12:], reference[:, 20:]) and out.shape[1] == fed.shape[1] + 12
+    assert len(messages) == 1 and "20 positions" in messages[0] and "at most 12" in messages[0]
+
+
+@pytest.mark.parametrize("prompt_len", [32, 40])
+def test_generate_with_a_prompt_at_or_past_the_limit_raises_before_any_forward(short_model, prompt_len):
+    calls = []
+    handle = short_model.model.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=rf"prompt takes {prompt_len} positions and max_position_embeddings=32"):
+            short_model.generate(torch.ones(1, prompt_len, dtype=torch.long), max_new_tokens=5, pad_token_id=0)
+        with pytest.raises(ValueError, match=rf"prompt takes {prompt_len} positions"):  # inputs_embeds count too
+            embeds = short_model.get_input_embeddings()(torch.ones(1, prompt_len, dtype=torch.long))
+            short_model.generate(inputs_embeds=embeds, max_new_tokens=5, pad_token_id=0)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+@pytest.mark.parametrize("layout", ["no_mask", "mask", "left_padded"])
+def test_generate_from_inputs_embeds_equals_generate_from_ids(layout):
+    """generate(inputs_embeds=embed(ids)) returns only the new tokens (transformers' convention), and they are
+    the new tokens of generate(ids): greedy and beam search, without and with an attention mask, left padding."""
+    model = tiny_model(csa_window=8)
+    gen = torch.Generator().manual_seed(14)
+    ids = torch.randint(3, 96, (2, 11), generator=gen)
+    mask = None
+    if layout != "no_mask":
+        mask = torch.ones_like(ids)
+    if layout == "left_padded":
+        ids[1, :5], mask[1, :5] = 0, 0
+    embeds = model.get_input_embeddings()(ids).detach()
+    for search in (dict(), dict(num_beams=3)):
+        kwargs = dict(max_new_tokens=14, do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=mask)
+        kwargs.update(search)
+        with torch.no_grad():
+            from_ids = model.generate(ids, **kwargs)
+            from_embeds = model.generate(inputs_embeds=embeds, **kwargs)
+        assert from_embeds.shape == (2, 14)
+        assert torch.equal(from_embeds, from_ids[:, 11:]), search
+
+
+def test_peft_prompt_tuning_generate_equals_generate_from_the_prompted_embeddings():
+    """PEFT prompt tuning feeds its virtual tokens as inputs_embeds on the first step only (it looks for
+    `past_key_values` to tell): its generate() must equal generate(inputs_embeds=[prompt; embed(ids)]), greedy and
+    beam search, and differ from generating without the prompt."""
+    import peft  # setup.py's dev extra: a missing peft fails this test rather than skipping it
+
+    model = tiny_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's notes on deprecated names
+        tuned = peft.get_peft_model(model, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with torch.no_grad():
+        for p in tuned.prompt_encoder.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(18), dtype=p.dtype))
+    ids = torch.randint(3, 96, (2, 8), generator=torch.Generator().manual_seed(19))
+    mask = torch.ones_like(ids)
+    for search in (dict(), dict(num_beams=3)):
+        kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None, **search)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = tuned.generate(input_ids=ids, attention_mask=mask, **kwargs)
+            embeds = torch.cat((tuned.get_prompt(batch_size=2), model.get_input_embeddings()(ids)), 1)
+            reference = model.generate(inputs_embeds=embeds, **kwargs)
+            unprompted = model.generate(ids, **kwargs)
+        assert out.shape == (2, 18) and torch.equal(out[:, :8], ids)
+        assert torch.equal(out[:, 8:], reference), search
+        assert not torch.equal(out, unprompted)
+
+
+def test_generate_from_inputs_embeds_counts_their_positions_against_the_limit(short_model):
+    ids = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(15))
+    embeds = short_model.get_input_embeddings()(ids).detach()
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    out, messages = _generate_warnings(short_model, inputs_embeds=embeds, max_new_tokens=50, **kwargs)
+    reference, _ = _generate_warnings(short_model, ids, max_new_tokens=12, **kwargs)
+    assert out.shape == (1, 12) and torch.equal(out, reference[:, 20:])
+    assert len(messages) == 1 and "20 positions" in messages[0]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training features
 # ---------------------------------------------------------------------------------------------------------------
@@ -722,6 +882,140 @@ def test_chunked_loss_under_bf16_autocast_matches_fp32():
     assert model.lm_head.weight.grad.dtype == torch.float32 and torch.isfinite(model.lm_head.weight.grad).all()
     with pytest.raises(ValueError, match="skip_logits=True needs labels"):
         model(ids, skip_logits=True)
+
+
+def _train_and_eval_loss(model, ids, labels):
+    """Train-mode loss (chunked, no logits) and eval-mode loss (full logits) on the same batch, each with the
+    gradients it gives: ((loss, {name: grad}), (loss, {name: grad}))."""
+    results = []
+    for training in (True, False):
+        model.train(training)
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=labels)
+        assert (out.logits is None) == training  # train mode took the chunked path
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.loss.detach(), grads))
+    model.zero_grad(set_to_none=True)
+    return results
+
+
+def _assert_same_loss_and_gradients(train, evaluated):
+    # eval mode's loss is transformers' ForCausalLMLoss, which upcasts the logits to fp32 (also from fp64)
+    torch.testing.assert_close(train[0].float(), evaluated[0].float(), rtol=1e-6, atol=1e-6)
+    assert train[1].keys() == evaluated[1].keys() and train[1]
+    for name in train[1]:
+        torch.testing.assert_close(train[1][name], evaluated[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _loss_batch(seed=4):
+    ids = torch.randint(1, 96, (3, 19), generator=torch.Generator().manual_seed(seed))
+    labels = ids.clone()
+    labels[0, :6] = -100
+    return ids, labels
+
+
+def test_train_mode_loss_equals_eval_mode_loss():
+    ids, labels = _loss_batch()
+    _assert_same_loss_and_gradients(*_train_and_eval_loss(tiny_model(), ids, labels))
+
+
+class _ScaledHead(torch.nn.Linear):  # a user's Linear subclass (e.g. a quantised layer) whose forward differs
+    def forward(self, x):
+        return 0.5 * super().forward(x) + 0.1
+
+
+@pytest.mark.parametrize("wrap", ["forward_hook", "forward_pre_hook", "subclass", "global_hook", "instance_forward"])
+def test_wrapped_or_hooked_head_stays_in_the_training_loss(wrap):
+    """Whatever changes lm_head's output changes the train-mode loss exactly as the eval-mode one, and its
+    gradient reaches the head weight through the module (no read of lm_head.weight behind its back)."""
+    ids, labels = _loss_batch()
+    model = tiny_model()
+    (plain_loss, _), _ = _train_and_eval_loss(model, ids, labels)
+    handle = None
+    if wrap == "forward_hook":
+        handle = model.lm_head.register_forward_hook(lambda mod, args, out: 0.5 * out + 0.1)
+    elif wrap == "forward_pre_hook":
+        handle = model.lm_head.register_forward_pre_hook(lambda mod, args: (2.0 * args[0],))
+    elif wrap == "global_hook":
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda mod, args, out: 0.5 * out + 0.1 if mod is model.lm_head else None
+        )
+    elif wrap == "instance_forward":  # how accelerate's hooks (device maps, offloading) wrap a module
+        plain_forward = model.lm_head.forward
+        model.lm_head.forward = lambda x: 0.5 * plain_forward(x) + 0.1
+    else:
+        head = _ScaledHead(48, 96, bias=False).to(torch.float64)
+        head.weight = model.lm_head.weight  # still tied
+        model.lm_head = head
+    try:
+        assert not modeling.is_plain_linear_head(model.lm_head)
+        train, evaluated = _train_and_eval_loss(model, ids, labels)
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert abs(train[0].item() - plain_loss.item()) > 1e-3  # the wrapper was applied...
+    _assert_same_loss_and_gradients(train, evaluated)  # ...in train mode as in eval mode, gradients included
+
+
+@pytest.mark.parametrize("chunk_rows, num_items", [(None, None), (7, None), (1, 40)])
+def test_loss_through_the_head_module_equals_the_fused_loss_and_gradients(chunk_rows, num_items):
+    """`chunked_causal_lm_loss_through_module` (several checkpointed slices, ragged last one) gives the fused
+    loss's value and every gradient, the tied embedding included."""
+    ids, labels = _loss_batch(seed=6)
+    results = []
+    for through_module in (False, True):
+        model = tiny_model()
+        model.train()
+        hidden = model.model(ids).last_hidden_state
+        if through_module:
+            loss = modeling.chunked_causal_lm_loss_through_module(hidden, model.lm_head, labels, num_items, chunk_rows)
+        else:
+            loss = chunked_causal_lm_loss(hidden, model.lm_head.weight, labels, num_items)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_ref, grads_ref), (loss_mod, grads_mod) = results
+    torch.testing.assert_close(loss_mod, loss_ref, rtol=1e-12, atol=1e-12)
+    for name in grads_ref:
+        torch.testing.assert_close(grads_mod[name], grads_ref[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_peft_lora_on_lm_head_and_q_proj_trains_through_the_chunked_loss():
+    """PEFT LoRA on lm_head (and q_proj): one training step has a finite loss equal to the eval-mode loss, and the
+    head's LoRA matrices get nonzero gradients (the old weight read skipped them)."""
+    import peft  # setup.py's dev extra: a missing peft fails this test rather than skipping it
+
+    ids, labels = _loss_batch(seed=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's notes on tied weights and deprecated names
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"])
+        model = peft.get_peft_model(tiny_model(), lora)
+    with torch.no_grad():  # LoRA starts with B = 0 (no change); make the adapters change the logits
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    with model.disable_adapter():
+        model.eval()
+        with torch.no_grad():
+            base_loss = model(input_ids=ids, labels=labels).loss
+    train, evaluated = _train_and_eval_loss(model, ids, labels)
+    assert torch.isfinite(train[0])
+    assert abs(train[0].item() - base_loss.item()) > 1e-3  # the adapters are in the path
+    _assert_same_loss_and_gradients(train, evaluated)
+    grads = train[1]
+    head_lora = {n: g for n, g in grads.items() if "lm_head.lora_" in n}
+    assert len(head_lora) == 2 and all(g.abs().sum() > 0 for g in head_lora.values())
+    assert any("q_proj.lora_" in n and g.abs().sum() > 0 for n, g in grads.items())
+    assert all("lora_" in n for n in grads)  # the base stays frozen
+    # the step itself: the head's adapters move, its base weight does not
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lm_head" in n or "embed_tokens" in n}
+    assert len(before) == 3  # the tied head/embedding weight and the head's two LoRA matrices
+    model.train()
+    model(input_ids=ids, labels=labels).loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    after = dict(model.named_parameters())
+    for name, value in before.items():
+        assert torch.equal(after[name], value) != ("lora_" in name), name
 
 
 def _explain_without_graph_breaks(fn, *args):
