@@ -365,6 +365,36 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, check: bool = True):
     return tok
 
 
+# Keys transformers records in ``init_kwargs`` about how a tokenizer was *loaded* (``from_pretrained`` sets them
+# again on every load); saved, they would describe the saving machine, not the tokenizer.
+_LOAD_ONLY_KWARGS = ("is_local", "local_files_only")
+
+
+def save_tokenizer_for_model(tok, save_dir: str | os.PathLike, model_max_length: int):
+    """Save a copy of ``tok`` next to a model with the defaults that model needs; returns the saved copy.
+
+    * ``padding_side="left"``: batched generation with LlamaThink must be left-padded (its recurrent and conv
+      state and the CSA blocks follow each row's own positions; a cache built from right-padded input refuses to
+      continue). Training code pads explicitly and does not read this default.
+    * ``model_max_length``: the model's context (``config.max_position_embeddings``), so tokenizer warnings and
+      ``truncation=True`` use the real limit instead of transformers' "very large" placeholder.
+
+    ``tok`` itself is not changed. Raises ``ValueError`` if ``model_max_length`` is not a positive integer.
+    """
+    if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) or model_max_length <= 0:
+        raise ValueError(f"model_max_length must be a positive integer, got {model_max_length!r}")
+    out = copy.deepcopy(tok)
+    out.padding_side = "left"
+    out.model_max_length = model_max_length
+    # save_pretrained writes the attributes whose names are in init_kwargs (plus model_max_length)
+    out.init_kwargs["padding_side"] = "left"
+    out.init_kwargs["model_max_length"] = model_max_length
+    for key in _LOAD_ONLY_KWARGS:
+        out.init_kwargs.pop(key, None)
+    out.save_pretrained(os.fspath(save_dir))
+    return out
+
+
 # ---------------------------------------------------------------------------
 # llama2.c-style view: pieces, scores and a reference greedy encoder
 # ---------------------------------------------------------------------------

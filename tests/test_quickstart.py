@@ -1,4 +1,5 @@
-"""The README's quickstart runs end to end (in its --fast form: a few steps of each stage)."""
+"""The README top to bottom, offline: its quickstart command (in the --fast form: a few steps of each stage), then
+its "Use a model" block on the quickstart's output (test_readme.py checks the install commands)."""
 
 import json
 import os
@@ -7,20 +8,32 @@ import sys
 from pathlib import Path
 
 from conftest import REPO_ROOT
+from test_readme import check_use_a_model_output, readme_section, run_use_a_model
 
 
-def test_quickstart_fast_runs_every_stage(tmp_path):
-    out = tmp_path / "qs"
-    proc = subprocess.run([sys.executable, "-m", "llamathink.quickstart", "--out", str(out), "--fast"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=900,
+def test_quickstart_fast_runs_every_stage_and_the_readme_block_uses_its_model(tmp_path):
+    command = "python -m llamathink.quickstart"
+    assert command in readme_section("Quickstart")
+    # the README's command, run where a newcomer would (its output goes to ./runs/quickstart)
+    proc = subprocess.run([sys.executable, "-m", "llamathink.quickstart", "--fast"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL,
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for stage in ("1/5", "2/5", "3/5", "4/5", "5/5"):
         assert f"=== {stage}" in proc.stdout
     # stage 4 loaded the saved model's own code, not this package
     assert "loaded transformers_modules." in proc.stdout and "LlamaThinkForCausalLM" in proc.stdout
+    out = tmp_path / "runs" / "quickstart"
     summary = json.loads((out / "quickstart.json").read_text())
     for key in ("pretrain", "chat"):
-        assert (Path(summary[key]) / "model.safetensors").exists(), summary[key]
+        final = Path(summary[key])
+        assert (final / "model.safetensors").exists(), summary[key]
+        # every saved model has a model card and a tokenizer set up for generation
+        assert "trust_remote_code=True" in (final / "README.md").read_text(encoding="utf-8")
+        tokenizer_config = json.loads((final / "tokenizer_config.json").read_text())
+        context = json.loads((final / "config.json").read_text())["max_position_embeddings"]
+        assert tokenizer_config["padding_side"] == "left" and tokenizer_config["model_max_length"] == context
     assert (out / "c" / "model.bin").stat().st_size > 1_000_000 and (out / "c" / "run").exists()
     assert (out / "chat" / "final" / "chat_template.jinja").exists()
+
+    check_use_a_model_output(run_use_a_model(tmp_path))
