@@ -227,7 +227,7 @@ def train_run(run: dict, args, val: np.ndarray, test: np.ndarray, device: torch.
     step_model = torch.compile(model) if run["compile"] else model
     loader = TokenBatchLoader(args.data, args.seq, args.batch, seed=args.data_seed)
     tokens_per_step = args.batch * args.seq
-    record = {**{k: v for k, v in run.items()}, "params": n_params, "seed": seed,
+    record = {**run, "params": n_params, "seed": seed,
               "muon_lr": settings.muon_lr, "adamw_lr": settings.adamw_lr, "weight_decay": settings.weight_decay,
               "curve": [], "train_loss": []}  # fmt: skip
     print(f"[{run['name']}] {run['model']} {n_params / 1e6:.1f}M params, {settings.optimizer}", flush=True)
