@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import struct
 import sys
@@ -51,6 +52,13 @@ INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
               "num_key_value_heads", "head_dim", "max_position_embeddings", "linear_num_key_heads",
               "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
               "linear_conv_kernel_dim", "csa_stride", "csa_window")
+
+
+# config fields written as float64 header fields, with the ranges run.c accepts (partial_rotary_factor 0: no
+# rotary dimensions)
+FLOAT_FIELDS = {"rope_theta": (lambda v: 0 < v < 1e12, "in (0, 1e12)"),
+                "partial_rotary_factor": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+                "rms_norm_eps": (lambda v: 0 < v < 1, "in (0, 1)")}
 
 
 class ExportError(Exception):
@@ -96,6 +104,10 @@ def load_config(d: str) -> dict:
         v = cfg[k]
         if isinstance(v, bool) or not isinstance(v, int) or not -2**31 <= v < 2**31:
             raise ExportError(f"config field {k} must be an integer that fits int32, got {v!r}")
+    for k, (in_range, text) in FLOAT_FIELDS.items():  # NaN, a string or a bool would give an unusable file
+        v = cfg[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not in_range(v):
+            raise ExportError(f"config field {k} must be a finite number {text}, got {v!r}")
     if cfg["bos_token_id"] is not None and (isinstance(cfg["bos_token_id"], bool)
                                             or not isinstance(cfg["bos_token_id"], int)):
         raise ExportError(f"bos_token_id must be one token id or null, got {cfg['bos_token_id']!r}")
@@ -392,15 +404,37 @@ def header_bytes(cfg: dict, dtype: str, group: int, n_tensors: int, file_size: i
 
 
 def export(src: str, out_path: str, dtype: str = "fp32", group_size="auto", verbose=True) -> dict:
+    """Export checkpoint ``src`` (directory or hub id) to the run.c model file ``out_path`` (written to
+    ``out_path + ".tmp"`` and renamed, so a failure leaves no partial file). Returns the config, int8 group size,
+    tensor count, file size in bytes and source directory. Raises ExportError for a config or tensors the
+    format cannot hold (missing / misshapen tensors, out-of-range or non-finite fields, NaN / inf weights)."""
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype}")
     d = resolve_source(src)
     cfg = load_config(d)
     tensors = load_tensors(d)
     check_tensors(cfg, tensors)
+    for name, t in tensors.items():  # NaN / inf weights would make every logit NaN in run.c
+        if not np.isfinite(t).all():
+            raise ExportError(f"tensor {name} holds {int((~np.isfinite(t)).sum())} NaN or infinite values")
     group = pick_group_size(cfg, group_size) if dtype == "int8" else 0
     entries = layout(cfg)
     tmp = out_path + ".tmp"
+    try:
+        size = _write_model(tmp, cfg, tensors, dtype, group, entries)
+    except BaseException:  # no half-written .tmp left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, out_path)
+    if verbose:
+        print(f"wrote {out_path}: {dtype}, group {group}, {len(entries)} tensors, {size} bytes",
+              file=sys.stderr)
+    return dict(config=cfg, group_size=group, n_tensors=len(entries), size=size, dir=d)
+
+
+def _write_model(tmp: str, cfg: dict, tensors: dict, dtype: str, group: int, entries: list) -> int:
+    """Write the model file to ``tmp``; returns its size in bytes."""
     with open(tmp, "wb") as f:
         f.write(b"\0" * HEADER_SIZE)
 
@@ -428,11 +462,7 @@ def export(src: str, out_path: str, dtype: str = "fp32", group_size="auto", verb
         size = f.tell()
         f.seek(0)
         f.write(header_bytes(cfg, dtype, group, len(entries), size))
-    os.replace(tmp, out_path)
-    if verbose:
-        print(f"wrote {out_path}: {dtype}, group {group}, {len(entries)} tensors, {size} bytes",
-              file=sys.stderr)
-    return dict(config=cfg, group_size=group, n_tensors=len(entries), size=size, dir=d)
+    return size
 
 
 def main(argv=None) -> int:

@@ -367,8 +367,11 @@ static int model_init(Model *m, const uint8_t *data, size_t size, char *err, siz
     if (m->rope_dim % 2) { set_err(err, errn, "%s: rope_dim %lld is odd", "model", m->rope_dim); return -1; }
     if (m->n_heads % m->n_kv) { set_err(err, errn, "%s: heads %lld not a multiple of kv heads", "model", m->n_heads); return -1; }
     if (m->lv_heads % m->lk_heads) { set_err(err, errn, "%s: linear value heads %lld not a multiple of key heads", "model", m->lv_heads); return -1; }
-    if (!(m->eps > 0 && m->eps < 1)) { set_err(err, errn, "%s: bad rms_norm_eps (%lld)", "model", 0); return -1; }
-    if (!(m->rope_theta > 0 && m->rope_theta < 1e12)) { set_err(err, errn, "%s: bad rope_theta (%lld)", "model", 0); return -1; }
+    if (!(m->eps > 0 && m->eps < 1)) { snprintf(err, errn, "model: bad rms_norm_eps %g (not in (0, 1))", m->eps); return -1; }
+    if (!(m->rope_theta > 0 && m->rope_theta < 1e12)) {
+        snprintf(err, errn, "model: bad rope_theta %g (not in (0, 1e12))", m->rope_theta);
+        return -1;
+    }
     m->lin_c = 2 * m->lk_heads * m->lk_dim + m->lv_heads * m->lv_dim;
     m->q_dim = m->n_heads * m->head_dim;
     m->kv_dim = m->n_kv * m->head_dim;
@@ -2006,6 +2009,28 @@ static inline int is_text_guard(const char *s, size_t i, size_t n) {
 }
 static int has_text_guard(const char *s, size_t n) { return memmem(s, n, "\xef\xb7\x90", 3) != NULL; }
 
+/* Offset of the first byte that is not well-formed UTF-8 (Unicode 15, table 3-7: no overlong forms, no
+ * surrogates, nothing above U+10FFFF), or -1 when all of s[0..n) is. Python decodes such bytes to lone
+ * surrogates (surrogateescape), which llamathink.chat refuses; chat messages are refused here alike. */
+static long long utf8_invalid_at(const char *str, size_t n) {
+    const uint8_t *s = (const uint8_t *)str;
+    for (size_t i = 0; i < n;) {
+        const uint8_t c = s[i];
+        size_t k;
+        uint8_t lo = 0x80, hi = 0xBF; /* allowed range of the second byte */
+        if (c < 0x80) { i++; continue; }
+        if (c >= 0xC2 && c <= 0xDF) k = 1;
+        else if (c >= 0xE0 && c <= 0xEF) { k = 2; if (c == 0xE0) lo = 0xA0; else if (c == 0xED) hi = 0x9F; }
+        else if (c >= 0xF0 && c <= 0xF4) { k = 3; if (c == 0xF0) lo = 0x90; else if (c == 0xF4) hi = 0x8F; }
+        else return (long long)i;
+        if (i + k >= n) return (long long)i; /* cut short at the end */
+        if (s[i + 1] < lo || s[i + 1] > hi) return (long long)i;
+        for (size_t j = 2; j <= k; j++) if ((s[i + j] & 0xC0) != 0x80) return (long long)i;
+        i += k + 1;
+    }
+    return -1;
+}
+
 /* BPE merge queue entry: adjacent symbols l, r (indices of their first character) whose
  * concatenation is piece id with score sc; vl, vr: the symbols' versions when it was queued.
  * A merge changes its left symbol (version + 1) and removes its right one, so an entry whose
@@ -2166,6 +2191,7 @@ static uint32_t rng_u32(void) {
 static float rng_f32(void) { return (rng_u32() >> 8) / 16777216.0f; }
 
 typedef struct { float p; int i; } ProbIdx;
+#define NONFINITE_MSG "the model produced a NaN or infinite logit (non-finite weights in model.bin?)"
 static int cmp_prob(const void *a, const void *b) {
     float x = ((const ProbIdx *)a)->p, y = ((const ProbIdx *)b)->p;
     return (x < y) - (x > y);
@@ -2177,7 +2203,10 @@ static int argmax(const float *x, int n) {
     return b;
 }
 
+/* The next token id, or -1 when a logit is NaN or infinite (NaN / inf weights in model.bin: any
+ * choice would be a silent wrong answer). */
 static int sample(float *logits, int n, float temp, int top_k, float top_p, ProbIdx *pi) {
+    for (int i = 0; i < n; i++) if (!isfinite(logits[i])) return -1;
     if (temp <= 0.0f) return argmax(logits, n);
     float mx = -INFINITY;
     for (int i = 0; i < n; i++) if (logits[i] > mx) mx = logits[i];
@@ -2185,10 +2214,12 @@ static int sample(float *logits, int n, float temp, int top_k, float top_p, Prob
     for (int i = 0; i < n; i++) { logits[i] = expf((logits[i] - mx) / temp); sum += logits[i]; }
     int m = 0;
     for (int i = 0; i < n; i++) { pi[m].p = (float)(logits[i] / sum); pi[m].i = i; m++; }
-    if ((top_k > 0 && top_k < n) || (top_p > 0.0f && top_p < 1.0f)) {
+    /* top-p keeps at least the most probable token (as transformers' TopPLogitsWarper), so -p 0 is the
+     * limit of small p (greedy-like), not "off"; only p = 1 turns it off */
+    if ((top_k > 0 && top_k < n) || top_p < 1.0f) {
         qsort(pi, (size_t)m, sizeof(ProbIdx), cmp_prob);
         if (top_k > 0 && top_k < m) m = top_k;
-        if (top_p > 0.0f && top_p < 1.0f) {
+        if (top_p < 1.0f) {
             double c = 0;
             int k = 0;
             for (; k < m; k++) { c += pi[k].p; if (c >= top_p) { k++; break; } }
@@ -2215,7 +2246,7 @@ static void usage(void) {
         "  -n N             tokens to generate (default 256)\n"
         "  -t T             temperature (default 1.0; 0 = greedy)\n"
         "  -k K             top-k (default 0 = off)\n"
-        "  -p P             top-p (default 0.9; 1 = off)\n"
+        "  -p P             top-p (default 0.9; 1 = off; 0 = the most likely token only)\n"
         "  -s SEED          random seed (default: time)\n"
         "  -T THREADS       OpenMP threads (default: OMP_NUM_THREADS or all cores)\n"
         "  --chunk N        prefill chunk size (default 256; 1 = token by token)\n"
@@ -2262,7 +2293,8 @@ static int parse_float_opt(const char *opt, const char *v, double lo, double hi,
     errno = 0;
     double x = strtod(v, &e);
     while (e != v && (*e == ' ' || *e == '\t' || *e == '\n')) e++;
-    if (e == v || *e || errno == ERANGE || !(x >= lo && x <= hi)) { /* !(..) also refuses NaN */
+    /* ERANGE on underflow (1e-400) leaves a number that is still in range: only overflow is refused */
+    if (e == v || *e || (errno == ERANGE && fabs(x) == HUGE_VAL) || !(x >= lo && x <= hi)) { /* !(..): NaN */
         fprintf(stderr, "error: %s must be a number between %g and %g (got '%s')\n", opt, lo, hi, v);
         return -1;
     }
@@ -2293,9 +2325,14 @@ static int *parse_ids(const char *s, int *n) {
     return v;
 }
 
+/* A regular file's bytes (+ one spare byte); NULL with errno set otherwise (EISDIR for a directory,
+ * EINVAL for a pipe or device, whose size is not known in advance). */
 static uint8_t *read_file(const char *path, size_t *size) {
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0) { int e = errno; fclose(f); errno = e; return NULL; }
+    if (!S_ISREG(st.st_mode)) { fclose(f); errno = S_ISDIR(st.st_mode) ? EISDIR : EINVAL; return NULL; }
     if (fseek(f, 0, SEEK_END) != 0) { fclose(f); return NULL; }
     long n = ftell(f);
     if (n < 0) { fclose(f); return NULL; }
@@ -2308,6 +2345,22 @@ static uint8_t *read_file(const char *path, size_t *size) {
 }
 
 #ifndef LT_NO_MAIN
+/* 1 when everything written to stdout reached it; else a message (a full disk or a closed stdout
+ * must not pass for a finished run) and 0 */
+static int stdout_ok(void) {
+    errno = 0;
+    if (fflush(stdout) == 0 && !ferror(stdout)) return 1;
+    fprintf(stderr, "error: writing the output failed: %s\n", errno ? strerror(errno) : "stream error");
+    return 0;
+}
+
+/* delete a half-written output file (no truncated file left that looks like a result); only a regular
+ * file: --logits-out may name a device */
+static void remove_regular(const char *path) {
+    struct stat st;
+    if (stat(path, &st) == 0 && S_ISREG(st.st_mode)) remove(path);
+}
+
 static int check_ids(const Model *m, const int *ids, int n) {
     for (int i = 0; i < n; i++)
         if (ids[i] < 0 || ids[i] >= m->vocab) { fprintf(stderr, "error: token id %d out of range [0, %d)\n", ids[i], m->vocab); return -1; }
@@ -2541,6 +2594,12 @@ static int chat_turn(Chat *c, const char *text, char *err, size_t errn) {
                  "content from forming special tokens); remove it");
         return 1;
     }
+    const long long bad = utf8_invalid_at(text, strlen(text));
+    if (bad >= 0) { /* as llamathink.chat refuses the lone surrogates Python decodes such bytes to */
+        snprintf(err, errn, "message is not valid UTF-8 (byte 0x%02X at offset %lld); nothing was kept",
+                 (unsigned)(uint8_t)text[bad], bad);
+        return 1;
+    }
     int *new_ids = chat_encode(c, 0, text, &n_new), *first_ids = NULL;
     if (!new_ids) { fprintf(stderr, "error: out of memory\n"); return -1; }
     /* room kept for the reply: -n, at most half the window (llamathink.chat.ChatSession.reserve) */
@@ -2613,6 +2672,7 @@ static int chat_turn(Chat *c, const char *text, char *err, size_t errn) {
     if (!reply || !pb) { fprintf(stderr, "error: out of memory\n"); return -1; }
     for (int g = 0; g < max_new && !g_stop_reply && !g_quit; g++) {
         int next = sample(s->logits, m->vocab, c->temp, c->top_k, c->top_p, c->pi);
+        if (next < 0) { fprintf(stderr, "\nerror: " NONFINITE_MSG "\n"); return -1; }
         if (!c->ignore_eos && ((has_eos && next == c->eos) || is_eos(m, next))) break;
         reply[nr++] = next;
         if (c->print_ids) {
@@ -2654,7 +2714,8 @@ static int chat_turn(Chat *c, const char *text, char *err, size_t errn) {
     return 0;
 }
 
-static char *read_all(FILE *f) {
+/* all of f, NUL-terminated; *len: its length (a NUL inside makes it longer than strlen) */
+static char *read_all(FILE *f, size_t *len) {
     size_t n = 0, cap = 4096;
     char *b = (char *)malloc(cap);
     if (!b) return NULL;
@@ -2669,6 +2730,7 @@ static char *read_all(FILE *f) {
         n += k;
     }
     b[n] = 0;
+    *len = n;
     return b;
 }
 
@@ -2704,13 +2766,25 @@ static int chat_main(const Model *m, State *s, const Tokenizer *tk, ProbIdx *pi,
                 "to keep content from forming special tokens); remove it\n");
         return 1;
     }
+    if (system && utf8_invalid_at(system, strlen(system)) >= 0) {
+        fprintf(stderr, "error: -y system prompt is not valid UTF-8 (byte offset %lld)\n",
+                utf8_invalid_at(system, strlen(system)));
+        return 1;
+    }
     if (system && *system) c.system = strip_dup(system); /* llamathink-chat: an empty --system is none */
     c.ctx = (int *)malloc(sizeof(int) * ((size_t)m->max_pos + 2));
     if (!c.ctx || (system && *system && !c.system)) { fprintf(stderr, "error: out of memory\n"); return 1; }
     char err[256];
     int rc = 0;
     if (prompt) {
-        char *raw = !strcmp(prompt, "-") ? read_all(stdin) : strdup(prompt);
+        size_t rlen = 0;
+        char *raw = !strcmp(prompt, "-") ? read_all(stdin, &rlen) : strdup(prompt);
+        if (raw && rlen > strlen(raw)) { /* the rest would be silently cut off */
+            fprintf(stderr, "error: the message contains a NUL byte (at offset %zu)\n", strlen(raw));
+            free(raw);
+            chat_free(&c);
+            return 1;
+        }
         if (raw && strlen(raw) > LT_MAX_TEXT) {
             fprintf(stderr, "error: the message is too long (%zu bytes; at most %u)\n", strlen(raw), LT_MAX_TEXT);
             free(raw);
@@ -2761,6 +2835,10 @@ static int chat_main(const Model *m, State *s, const Tokenizer *tk, ProbIdx *pi,
             continue;
         }
         if (g_quit) { fprintf(stderr, "\n"); break; }
+        if (memchr(line, 0, (size_t)got)) { /* the rest of the line would be silently cut off */
+            fprintf(stderr, "[the message contains a NUL byte (at offset %zu); nothing was kept]\n", strlen(line));
+            continue;
+        }
         char *text = strip_dup(line);
         if (!text) { fprintf(stderr, "error: out of memory\n"); rc = 1; break; }
         if (!*text) { free(text); continue; }
@@ -2826,7 +2904,16 @@ int main(int argc, char **argv) {
         else { fprintf(stderr, "error: unknown option %s\n", a); usage(); return 1; }
 #undef NEEDV
     }
-    if (getenv("LT_PAR_MIN")) g_par_min = atof(getenv("LT_PAR_MIN"));
+    if (strcmp(mode, "generate") && strcmp(mode, "chat") && strcmp(mode, "encode") && strcmp(mode, "decode") &&
+        strcmp(mode, "logits")) {
+        fprintf(stderr, "error: unknown mode %s (-m generate | chat | encode | decode | logits)\n", mode);
+        return 1;
+    }
+    if (getenv("LT_PAR_MIN")) { /* work (multiply-adds) below which a matmul runs on one thread */
+        float pm;
+        if (parse_float_opt("LT_PAR_MIN (environment)", getenv("LT_PAR_MIN"), 0.0, 1e18, &pm)) return 1;
+        g_par_min = pm;
+    }
     g_rng = seed * 0x9E3779B97F4A7C15ULL + 1;
 #ifdef _OPENMP
     if (threads > 0) omp_set_num_threads(threads);
@@ -2859,17 +2946,23 @@ int main(int argc, char **argv) {
         } else {
             int n = 0, *ids = parse_ids(ids_str ? ids_str : "", &n), first = 1;
             if (!ids) { fprintf(stderr, "error: bad --ids\n"); return 1; }
+            for (int i = 0; i < n; i++)
+                if (ids[i] < 0 || ids[i] >= tk.n) {
+                    fprintf(stderr, "error: token id %d out of range [0, %d) of the tokenizer\n", ids[i], tk.n);
+                    return 1;
+                }
             for (int i = 0; i < n; i++) decode_piece(&tk, ids[i], &first, stdout);
             free(ids);
         }
         free_tokenizer(&tk);
-        return 0;
+        return stdout_ok() ? 0 : 1;
     }
 
     int fd = open(model_path, O_RDONLY);
     if (fd < 0) { fprintf(stderr, "error: cannot open %s: %s\n", model_path, strerror(errno)); return 1; }
     struct stat st;
     if (fstat(fd, &st) != 0 || st.st_size <= 0) { fprintf(stderr, "error: cannot stat %s or empty file\n", model_path); close(fd); return 1; }
+    if (!S_ISREG(st.st_mode)) { fprintf(stderr, "error: %s is not a regular file\n", model_path); close(fd); return 1; }
     size_t fsize = (size_t)st.st_size;
 #ifdef MAP_POPULATE /* fault the weights in now (page-cache reads), not during the first forward pass */
     void *map = mmap(NULL, fsize, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
@@ -2896,9 +2989,18 @@ int main(int argc, char **argv) {
         for (int i = 0; i < n; i += s.chunk) {
             int T = n - i < s.chunk ? n - i : s.chunk;
             forward(&m, &s, ids + i, T, 1);
-            if (fwrite(s.logits, sizeof(float), (size_t)T * m.vocab, f) != (size_t)T * m.vocab) { fprintf(stderr, "error: write failed\n"); return 1; }
+            if (fwrite(s.logits, sizeof(float), (size_t)T * m.vocab, f) != (size_t)T * m.vocab) {
+                fprintf(stderr, "error: cannot write %s: %s\n", logits_out, strerror(errno));
+                fclose(f);
+                remove_regular(logits_out);
+                return 1;
+            }
         }
-        fclose(f);
+        if (fclose(f) != 0) { /* buffered data is written here: a full disk shows up now */
+            fprintf(stderr, "error: cannot write %s: %s\n", logits_out, strerror(errno));
+            remove_regular(logits_out);
+            return 1;
+        }
         free(ids);
         return 0;
     }
@@ -2946,6 +3048,7 @@ int main(int argc, char **argv) {
         int gen = 0;
         for (; gen < steps; gen++) {
             int next = sample(s.logits, m.vocab, temp, top_k, top_p, pi);
+            if (next < 0) { fprintf(stderr, "\nerror: " NONFINITE_MSG "\n"); return 1; }
             seq[n + gen] = next;
             if (print_ids) printf(gen ? " %d" : "%d", next);
             else if (have_tok) decode_piece(&tk, next, &first, stdout);
@@ -2966,14 +3069,14 @@ int main(int argc, char **argv) {
 #ifdef LT_PROFILE
         prof_print();
 #endif
-        return 0;
+        return stdout_ok() ? 0 : 1;
     }
     if (!strcmp(mode, "chat")) {
         if (!have_tok) { fprintf(stderr, "error: chat mode needs -z tokenizer.bin\n"); return 1; }
         int rc = chat_main(&m, &s, &tk, pi, prompt, system, steps, temp, top_k, top_p, print_ids, print_prompt_ids,
                            ignore_eos);
         free(pi); free(seq); free_tokenizer(&tk); state_free(&s, &m); free_model(&m); munmap(map, fsize);
-        return rc;
+        return stdout_ok() ? rc : 1;
     }
     fprintf(stderr, "error: unknown mode %s\n", mode);
     return 1;

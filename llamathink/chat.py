@@ -41,10 +41,11 @@ For ``tokenizer.apply_chat_template(..., tokenize=True)``, which tokenizes the r
 every special-token string in it as the token, the Jinja template follows every ``<`` in a content with
 :data:`TEXT_GUARD` (U+FDD0) and :func:`set_chat_template` puts a normalizer step in front of the tokenizer that
 deletes it: special tokens are matched before normalization, so content cannot form them, and the model then
-reads the content unchanged. Both give the same ids (tests/test_chat.py); a content that contains U+FDD0 itself
-is refused (``ValueError``). Neither tokenizer has a piece that joins a newline to another character, so the
-token boundary after ``### Assistant:\\n`` always falls where the assistant content begins: the prompt tokens for
-generation are a prefix of the training tokens.
+reads the content unchanged. Both give the same ids (tests/test_chat.py); a content that contains U+FDD0 itself,
+or a lone surrogate (invalid UTF-8 input read with ``surrogateescape``), is refused (``ValueError``). Neither
+tokenizer has a piece that joins a newline to another character, so the token boundary after ``### Assistant:\\n``
+always falls where the assistant content begins: the prompt tokens for generation are a prefix of the training
+tokens.
 
 The role markers are plain text and are not escaped: a user can type ``### Assistant:`` and the model may follow
 it. What content cannot do is forge the BOS/EOS ids (end a turn for ``generate()`` or the C runner) or move the
@@ -105,6 +106,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -264,10 +266,19 @@ def _content_text(content: Any) -> str:
     raise TypeError(f"message content must be a string or a list of text parts, got {type(content).__name__}")
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _check_content(i: int, content: str) -> None:
     if TEXT_GUARD in content:
         raise ValueError(f"message {i} contains U+FDD0, a Unicode noncharacter the chat template reserves to keep "
                          "content from forming special tokens; remove it")  # fmt: skip
+    # a lone surrogate is not text (Python decodes invalid UTF-8 input to them with surrogateescape): the
+    # tokenizer cannot encode it, and run.c refuses the same bytes
+    bad = _LONE_SURROGATE.search(content)
+    if bad:
+        raise ValueError(f"message {i} is not valid text: lone surrogate U+{ord(bad.group()):04X} at character "
+                         f"{bad.start()} (invalid UTF-8 input?)")  # fmt: skip
 
 
 def render_chat(messages: Sequence[dict], *, bos_token: str = "<s>", eos_token: str = "</s>",
@@ -277,7 +288,7 @@ def render_chat(messages: Sequence[dict], *, bos_token: str = "<s>", eos_token: 
 
     ``guard=False`` gives the text the model reads (content verbatim); ``guard=True`` the text :data:`CHAT_TEMPLATE`
     renders (every ``<`` in a content followed by :data:`TEXT_GUARD`). Content is ``str.strip``-ped. Raises
-    ``ValueError`` for an unknown role or a content that contains :data:`TEXT_GUARD`."""
+    ``ValueError`` for an unknown role or a content that contains :data:`TEXT_GUARD` or a lone surrogate."""
     parts, pos = [bos_token], len(bos_token)
     message_spans, label_spans, special_spans = [], [], [(0, len(bos_token), "bos")]
     for i, message in enumerate(messages):
@@ -896,6 +907,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.max_new_tokens < 1:
         ap.error("--max-new-tokens must be at least 1")
+    # float() takes "nan" and "inf": a NaN temperature would silently mean greedy decoding
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        ap.error(f"--temperature must be a finite number >= 0 (got {args.temperature})")
+    if not 0 <= args.top_p <= 1:  # also refuses NaN
+        ap.error(f"--top-p must be in [0, 1] (got {args.top_p})")
+    if args.top_k < 0:
+        ap.error(f"--top-k must be >= 0 (got {args.top_k})")
+    if args.max_context is not None and args.max_context < 2:  # 0 would silently mean the model's window
+        ap.error(f"--max-context must be at least 2 (got {args.max_context})")
+    if hasattr(sys.stdin, "reconfigure"):  # invalid UTF-8 in: a clear refusal per message, not a traceback
+        sys.stdin.reconfigure(errors="surrogateescape")
 
     import torch
 

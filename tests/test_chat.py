@@ -633,3 +633,40 @@ def test_tokenizers_whose_added_tokens_cannot_be_guarded_are_refused():
             set_chat_template(t)
         with pytest.raises(ValueError, match="added token"):
             build_example(t, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], 100)
+
+
+def test_invalid_text_and_bad_cli_numbers_are_refused(tok, tmp_path, capsys):
+    """A lone surrogate (what invalid UTF-8 input decodes to with surrogateescape) is refused with a message naming
+    it in every path (it used to reach the tokenizer as a TypeError traceback); the chat loop reports it and answers
+    the next line. The chat CLI refuses NaN / inf / negative sampling numbers and a --max-context below 2 (NaN
+    temperature used to mean greedy, --max-context 0 the model's window) before loading anything."""
+    bad = [{"role": "user", "content": "hi \udcff there"}]
+    with pytest.raises(ValueError, match="message 0 is not valid text: lone surrogate U\\+DCFF at character 3"):
+        prompt_ids(tok, bad)
+    with pytest.raises(ValueError, match="lone surrogate U\\+D800"):
+        build_example(tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b\ud800"}], 100)
+    path = tmp_path / "rows.jsonl"  # JSON "\udcff" escapes decode to a lone surrogate: an invalid row, counted
+    path.write_text('{"messages": [{"role": "user", "content": "hi \\udcff"}, {"role": "assistant", "content": "y"}]}\n'
+                    '{"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "fine"}]}\n')
+    stats = Counter()
+    assert len(load_conversations(str(path), stats=stats)) == 1 and stats["invalid"] == 1
+    session = ChatSession(tiny_chat_model(max_positions=64), tok, settings=GenerationSettings(2, 0.0))
+    stdout, stderr = io.StringIO(), io.StringIO()
+    assert run_interactive(session, io.StringIO("a\udcffb\nhello\n"), stdout, stderr) == 0
+    assert "lone surrogate U+DCFF" in stderr.getvalue()
+    assert [m["content"] for m in session.messages][:1] == ["hello"]
+    for opt, val in (("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "-1"), ("--top-p", "-0.1"),
+                     ("--top-p", "nan"), ("--top-p", "1.5"), ("--top-k", "-1"), ("--max-context", "0"),
+                     ("--max-context", "-5")):  # fmt: skip
+        with pytest.raises(SystemExit) as exc:
+            chat_main(["/nonexistent/model", "-p", "hi", opt, val])
+        assert exc.value.code == 2
+        assert f"{opt} must be" in capsys.readouterr().err, (opt, val)
+    # the command line (strict stdin decoding): invalid UTF-8 on stdin gives the message, not a UnicodeDecodeError
+    r = subprocess.run([sys.executable, "-c", "import sys, llamathink.chat as c, test_chat as t; "
+                        "c.load_chat_model = lambda *a, **k: (t.tiny_chat_model(64), t.set_chat_template("
+                        "t.builtin_tokenizer())); sys.exit(c.main(['m', '-p', '-', '--max-new-tokens', '2']))"],
+                       input=b"a\xffb", capture_output=True, timeout=120, cwd=REPO_ROOT / "tests",
+                       env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), LC_ALL="C.UTF-8", PYTHONIOENCODING="utf-8"))
+    assert r.returncode == 1 and r.stdout == b"", r.stderr[-2000:]
+    assert b"error: message 0 is not valid text: lone surrogate U+DCFF at character 1" in r.stderr, r.stderr[-2000:]

@@ -1359,3 +1359,172 @@ def test_text_guard_fdd0_refused_in_chat_and_deleted_by_guarded_encode(run_bin, 
                        prompt_ids(tok, [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": ""},
                                         {"role": "user", "content": "And then?"}])]
     assert len(r.stdout.splitlines()) == 2
+
+
+def test_hostile_command_lines_get_clear_errors(asan_bin, mini_files, tmp_path):
+    """Decode mode names an out-of-range id (it used to drop it silently); an unknown mode is refused before any
+    file is read; LT_PAR_MIN is parsed strictly like an option; a directory or device given as a file is named
+    as such; an underflowing number (-p 1e-400) is a number in range, not an error."""
+    f, tok = str(mini_files["fp32"]), str(mini_files["tok"])
+
+    def run(*args, env=SAN_ENV):
+        r = subprocess.run([str(asan_bin), *args], capture_output=True, text=True, env=env, timeout=60)
+        return r, _clean_exit(r, args)
+
+    for ids, bad in (("1 259 264", 264), ("1 -5", -5), ("2147483647", 2147483647)):
+        r, err = run("-", "-m", "decode", "-z", tok, "--ids", ids)
+        assert r.returncode == 1 and r.stdout == "", (ids, err)
+        assert f"error: token id {bad} out of range [0, 264) of the tokenizer" in err, err
+    r, _ = run("-", "-m", "decode", "-z", tok, "--ids", "260 261 262")
+    assert r.returncode == 0 and r.stdout == "abab"  # a, b, ab
+    r, err = run("-", "-m", "bogus", "-z", tok)
+    assert r.returncode == 1 and "error: unknown mode bogus" in err
+    base = [f, "--ids", "1 5 6", "-n", "3", "-t", "0", "--print-ids"]
+    want, _ = run(*base)
+    assert want.returncode == 0 and len(want.stdout.split()) == 3
+    for val in ("abc", "12x", "", "nan", "-1", "inf", "1e999"):
+        r, err = run(*base, env=dict(SAN_ENV, LT_PAR_MIN=val))
+        assert r.returncode == 1 and "error: LT_PAR_MIN (environment) must be a number" in err, (val, err)
+    for val in ("0", "1e3", " 65536 "):
+        r, _ = run(*base, env=dict(SAN_ENV, LT_PAR_MIN=val))
+        assert r.returncode == 0 and r.stdout == want.stdout, val
+    r, err = run(*base, "-p", "1e-400")
+    assert r.returncode == 0 and r.stdout == want.stdout, err
+    r, err = run(*base, "-z", str(tmp_path))
+    assert r.returncode == 1 and f"error: cannot read {tmp_path}: Is a directory" in err, err
+    r, err = run(*base, "-z", "/dev/null")
+    assert r.returncode == 1 and "error: cannot read /dev/null" in err, err
+    r, err = run(str(tmp_path), "--ids", "1")
+    assert r.returncode == 1 and f"error: {tmp_path} is not a regular file" in err, err
+
+
+def test_nan_weights_are_an_error_not_an_answer(asan_bin, mini_files, tmp_path):
+    """A model.bin whose weights hold NaN gives NaN logits: run.c stops with a message (it used to print id 0
+    as if chosen); the exporter refuses a checkpoint with NaN / inf weights, naming the tensor."""
+    data = bytearray(mini_files["fp32"].read_bytes())
+    for off in range(len(data) - 4096, len(data), 4):  # the last tensors (final norm, head)
+        struct.pack_into("<f", data, off, float("nan"))
+    p = tmp_path / "nan.bin"
+    p.write_bytes(bytes(data))
+    for t in ("0", "0.8"):
+        r = subprocess.run([str(asan_bin), str(p), "--ids", "1 5", "-n", "3", "-t", t, "--print-ids"],
+                           capture_output=True, text=True, env=SAN_ENV, timeout=60)
+        err = _clean_exit(r)
+        assert r.returncode == 1 and "error: the model produced a NaN or infinite logit" in err, err
+        assert r.stdout.strip() == "", r.stdout
+    from safetensors.numpy import load_file, save_file
+
+    ck = tmp_path / "ck"
+    reference.make_random_checkpoint(str(ck), MINI, seed=1)
+    for bad in (np.nan, np.inf):
+        w = load_file(str(ck / "model.safetensors"))
+        name = sorted(w)[3]
+        w[name].reshape(-1)[5] = bad
+        save_file(w, str(ck / "model.safetensors"))
+        with pytest.raises(ex.ExportError, match=f"tensor {name} holds 1 NaN or infinite values"):
+            ex.export(str(ck), str(tmp_path / "out.bin"), "fp32", verbose=False)
+        assert not (tmp_path / "out.bin").exists()
+
+
+def test_chat_refuses_invalid_utf8_and_nul_bytes(asan_bin, chat_ctx96, chat_tok):
+    """Chat messages that are not UTF-8 text (bytes Python would decode to lone surrogates, which llamathink.chat
+    refuses) or that hold a NUL byte (everything after it used to be dropped silently) are refused: a notice
+    in the loop (nothing kept, the next line answered), an error exit one-shot and for -y."""
+    from llamathink.chat import prompt_ids
+
+    base = [str(asan_bin), str(chat_ctx96["bin"]), "-z", str(chat_ctx96["tokbin"]), "-m", "chat", "-T", "1",
+            "-n", "0", "--print-prompt-ids"]
+    lines = [b"hi \xff there", b"a\xed\xa0\x80b", b"a\xc0\xafb", b"cut \xe4\xb8", b"x\xf4\x90\x80\x80",
+             b"hi\0</s> there", "caf\u00e9 \u4e2d \U0001F600 \U0010FFFF".encode()]
+    r = subprocess.run(base, input=b"\n".join(lines) + b"\n", capture_output=True, env=SAN_ENV, timeout=120)
+    err = _clean_exit(r)
+    assert r.returncode == 0 and err.count("[message is not valid UTF-8 (byte 0x") == 5, err
+    assert "[message is not valid UTF-8 (byte 0xFF at offset 3); nothing was kept]" in err
+    assert "[the message contains a NUL byte (at offset 2); nothing was kept]" in err
+    prompts = [[int(x) for x in ln.split("prompt ids:")[1].split()] for ln in err.splitlines() if "prompt ids:" in ln]
+    assert prompts == [prompt_ids(chat_tok, [{"role": "user", "content": lines[-1].decode()}])]
+    for extra, stdin, msg in ((["-i", "-"], b"hi\0</s>", "error: the message contains a NUL byte (at offset 2)"),
+                              (["-i", "-"], b"a\xffb", "error: message is not valid UTF-8 (byte 0xFF at offset 1)"),
+                              (["-i", b"a\xf5\x80\x80\x80"], b"", "error: message is not valid UTF-8 (byte 0xF5"),
+                              (["-i", "hi", "-y", b"be \xc3"], b"", "error: -y system prompt is not valid UTF-8")):
+        r = subprocess.run(base + extra, input=stdin, capture_output=True, env=SAN_ENV, timeout=60)
+        err = _clean_exit(r)
+        assert r.returncode == 1 and msg in err and r.stdout == b"", (extra, err)
+
+
+def test_output_write_failures_are_errors(asan_bin, mini_files, chat_ctx96):
+    """A full disk (/dev/full) or a closed stdout is an error exit with a message, for the --logits-out file (the
+    buffered data fails at fclose, which used to go unchecked) and for stdout in every mode (it used to exit 0);
+    a device named as --logits-out is not deleted."""
+    full = Path("/dev/full")
+    if not full.is_char_device():
+        pytest.skip("no /dev/full")
+    f, tok = str(mini_files["fp32"]), str(mini_files["tok"])
+    r = subprocess.run([str(asan_bin), f, "--logits-for", "1 2 3", "--logits-out", str(full)], capture_output=True,
+                       text=True, env=SAN_ENV, timeout=60)
+    assert r.returncode == 1 and "error: cannot write /dev/full: No space left on device" in _clean_exit(r)
+    assert full.is_char_device()
+    chat = [str(asan_bin), str(chat_ctx96["bin"]), "-z", str(chat_ctx96["tokbin"]), "-m", "chat", "-n", "3", "-t", "0"]
+    for cmd, stdin in (([f, "--ids", "1 5", "-n", "4"], b""), (["-", "-m", "encode", "-z", tok, "-i", "a"], b""),
+                       (["-", "-m", "decode", "-z", tok, "--ids", "260 261"], b""), (chat[1:] + ["-i", "Hi"], b""),
+                       (chat[1:], b"Hi\n")):  # fmt: skip
+        for closed in (False, True):
+            with open(full, "wb") as o:  # closed: fd 1 closed in the child instead
+                r = subprocess.run([str(asan_bin), *cmd], input=stdin, stdout=o, stderr=subprocess.PIPE, env=SAN_ENV,
+                                   timeout=60, preexec_fn=(lambda: os.close(1)) if closed else None)
+            err = _clean_exit(r, cmd)
+            assert r.returncode == 1 and "error: writing the output failed" in err, (cmd, closed, err)
+
+
+def test_exporter_checks_float_fields_and_leaves_no_partial_file(mini_files, run_bin, tmp_path, monkeypatch):
+    """rope_theta / partial_rotary_factor / rms_norm_eps that are NaN, strings, bools or out of run.c's range are
+    refused naming the field (they used to give a file run.c refuses, or a bare 'could not convert' message with
+    the .tmp file left behind); a failure while writing removes the .tmp file; run.c's message shows the value."""
+    import json
+
+    ck = tmp_path / "ck"
+    reference.make_random_checkpoint(str(ck), MINI, seed=1)
+    cfg0 = json.loads((ck / "config.json").read_text())
+    out = tmp_path / "m.bin"
+    for k, v in (("rope_theta", float("nan")), ("rope_theta", "1e4"), ("rope_theta", True), ("rope_theta", 0),
+                 ("rope_theta", float("inf")), ("rms_norm_eps", -1e-6), ("rms_norm_eps", 1.0),
+                 ("partial_rotary_factor", 3.0), ("partial_rotary_factor", -0.5)):  # fmt: skip
+        (ck / "config.json").write_text(json.dumps(dict(cfg0, **{k: v})))
+        with pytest.raises(ex.ExportError, match=f"config field {k} must be a finite number in"):
+            ex.export(str(ck), str(out), "fp32", verbose=False)
+        assert not out.exists() and not Path(str(out) + ".tmp").exists()
+    (ck / "config.json").write_text(json.dumps(dict(cfg0, rope_theta=10000, partial_rotary_factor=0.0)))
+    ex.export(str(ck), str(out), "fp32", verbose=False)
+    assert out.exists()
+    out.unlink()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ex, "header_bytes", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ex.export(str(ck), str(out), "fp32", verbose=False)
+    assert not out.exists() and not Path(str(out) + ".tmp").exists()
+    for off, name, text in ((120, "rope_theta", "nan"), (136, "rms_norm_eps", "-0.5")):
+        p = tmp_path / f"bad_{name}.bin"
+        p.write_bytes(_patched(mini_files["fp32"].read_bytes(), off, "<d", float(text)))
+        r = subprocess.run([str(run_bin), str(p), "--ids", "1"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and f"error: model: bad {name} {text} (not in" in r.stderr, r.stderr
+
+
+def test_top_p_zero_keeps_the_most_likely_token(run_bin, mini_files):
+    """-p 0 (and an underflowing -p 1e-400) is the limit of small top-p: only the most likely token is kept, as in
+    transformers' TopPLogitsWarper, so at a high temperature it still equals greedy decoding (it used to turn
+    top-p off and sample from the whole distribution)."""
+    base = [str(run_bin), str(mini_files["fp32"]), "--ids", "1 5 6", "-n", "12", "--print-ids", "--ignore-eos",
+            "-T", "1"]  # fmt: skip
+
+    def gen(*args):
+        r = subprocess.run(base + list(args), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split()
+
+    greedy = gen("-t", "0")
+    for p in ("0", "1e-400", "1e-30"):
+        assert gen("-t", "50", "-p", p, "-s", "3") == greedy, p
+    assert gen("-t", "50", "-p", "1", "-s", "3") != greedy  # p = 1: off
