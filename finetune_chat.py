@@ -226,7 +226,11 @@ class ChatBatchLoader:
             if state.get(key) != mine[key]:
                 raise ValueError(f"cannot resume the data position: {key} was {state.get(key)!r} in the checkpoint "
                                  f"and is {mine[key]!r} now (the data or batch settings changed)")  # fmt: skip
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or position < 0:  # a negative position would index the epoch's batches from the end
+            raise ValueError(f"cannot resume the data position: epoch {epoch}, position {position} in the "
+                             "checkpoint are not valid counts")  # fmt: skip
+        self.epoch, self.position = epoch, position
 
 
 def trained_tokens(labels: torch.Tensor) -> int:
@@ -320,9 +324,6 @@ def _finetune(cfg: FinetuneConfig, accelerator) -> dict:
     resume_from = resolve_resume(cfg)
     saved_run_id = checkpoint_meta(resume_from)["run_id"] if resume_from is not None else None
     run_id = claim_checkpoints(cfg, resume_from, saved_run_id, is_main)
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "finetune_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
     # --- tokenizer, model, data -----------------------------------------------------------------------------
     tokenizer = load_chat_tokenizer(cfg)
@@ -355,6 +356,8 @@ def _finetune(cfg: FinetuneConfig, accelerator) -> dict:
         accelerator.print(f"resumed from {resume_from} at step {start_step}")
     else:
         torch.manual_seed(cfg.seed)
+    if is_main:  # only once a resume is accepted: a refused one must not replace the run's record of its settings
+        (out_dir / "finetune_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     history["data"] = data_stats
 
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -36,7 +36,7 @@ import torch
 
 from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
 from llamathink.data import TokenBatchLoader, check_vocab, find_shards, load_meta, val_batches
-from llamathink.muon import Muon, muon_param_groups, summarize_param_groups
+from llamathink.muon import ADJUST_LR_FNS, Muon, muon_param_groups, summarize_param_groups
 
 # ----------------------------------------------------------------------------------------------------------------
 # Run settings
@@ -108,12 +108,16 @@ class RunConfig:
             raise ValueError(f"adamw_betas must be two numbers in [0, 1), got {self.adamw_betas!r}")
         if self.optimizer not in ("muon", "adamw"):
             raise ValueError(f"optimizer must be 'muon' or 'adamw', got {self.optimizer!r}")
+        if self.muon_adjust_lr not in ADJUST_LR_FNS:
+            raise ValueError(f"muon_adjust_lr must be one of {', '.join(ADJUST_LR_FNS)}, got {self.muon_adjust_lr!r}")
         if self.nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         if self.wandb_mode not in ("online", "offline", "disabled"):
             raise ValueError(f"wandb_mode must be 'online', 'offline' or 'disabled', got {self.wandb_mode!r}")
+        if not 0 <= self.seed < 2**32:  # the range every generator seeded from it accepts (NumPy's, torch's)
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ValueError(f"warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
         self.adamw_betas = tuple(float(b) for b in betas)
@@ -251,6 +255,38 @@ def parse_setting(raw: str, annotation, name: str):
     return coerce_setting(value, annotation, name, where="--")
 
 
+def _read_settings_yaml(path) -> Any:
+    """The YAML document in `path` (an empty file reads as {}), read with yaml.safe_load's constructors (no Python
+    objects). A key written twice in one mapping is an error naming both lines (YAML keeps the last silently), as
+    is a syntax error (e.g. a tab used for indentation) or several documents: ValueError naming the file."""
+    import yaml
+
+    class _UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: keys written next to it win
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, typing.Hashable) and key in seen:
+                    raise ValueError(f"{path}: key {key!r} is given twice (lines {seen[key]} and {line}); "
+                                     "keep one")  # fmt: skip
+                if isinstance(key, typing.Hashable):
+                    seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a UTF-8 text (YAML) file: {err}") from None
+    try:
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from None
+    return {} if loaded is None else loaded
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None, cls: type = None):
     """A `TrainConfig` (or another settings dataclass `cls`, e.g. finetune_chat's) from a YAML file (`path`) and
     `--key value` / `--key=value` overrides. Unknown keys are an error naming the key and the file."""
@@ -261,8 +297,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, cls
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
+        loaded = _read_settings_yaml(path)
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
         for key, value in loaded.items():
@@ -380,14 +415,21 @@ def evaluate(model, cfg: TrainConfig, accelerator) -> float:
 
 @torch.no_grad()
 def generate_samples(model, tokenizer, cfg: TrainConfig, device) -> list[str]:
-    """Greedy continuations of the sample prompts (greedy: comparable from one evaluation to the next)."""
+    """Greedy continuations of the sample prompts (greedy: comparable from one evaluation to the next). A prompt
+    that fills the model's context is skipped (with a printed note) rather than stopping the training run; the
+    continuation is cut where the context ends."""
     if tokenizer is None or not cfg.sample_prompts:
         return []
     model.eval()
     texts = []
     for prompt in cfg.sample_prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-        out = model.generate(ids, max_new_tokens=cfg.sample_tokens, do_sample=False,
+        room = model.config.max_position_embeddings - ids.shape[1]
+        if room <= 0:
+            print(f"sample prompt skipped: its {ids.shape[1]} tokens fill the model's context "
+                  f"(max_position_embeddings={model.config.max_position_embeddings}): {prompt[:40]!r}...")  # fmt: skip
+            continue
+        out = model.generate(ids, max_new_tokens=min(cfg.sample_tokens, room), do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
         texts.append(tokenizer.decode(out[0], skip_special_tokens=True))
     model.train()
@@ -427,11 +469,12 @@ def checkpoint_dir(out_dir: str | Path) -> Path:
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
     """Complete checkpoints of every run in out_dir, by step (lowest first). Temporary directories of interrupted
-    writes are ignored."""
+    writes are ignored, and so are symbolic links: a link may point anywhere, and rotation must never delete (nor
+    `resume: auto` pick) a folder outside out_dir."""
     root = checkpoint_dir(out_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+    found = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p.name.startswith(CHECKPOINT_PREFIX)
              and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / STATE_FILE).exists()]  # fmt: skip
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
@@ -451,8 +494,12 @@ def checkpoint_meta(path: str | Path) -> dict:
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot read {file}: {err}") from err
     types = {"run_id": (str, type(None)), "step": int, "saved_at": (int, float), "config": (dict, type(None))}
-    if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) for k, t in types.items()):
+    if (not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) for k, t in types.items())
+            or isinstance(meta["step"], bool) or not math.isfinite(meta["saved_at"])):  # fmt: skip
         raise CheckpointError(f"{file} is not a checkpoint's meta.json (expected run_id, step, saved_at, config)")
+    if step is not None and meta["step"] != step:
+        raise CheckpointError(f"{file} says step {meta['step']} but the folder is {path.name}: the checkpoint was "
+                              "renamed or edited, so it is not trusted")  # fmt: skip
     return meta
 
 
@@ -469,16 +516,23 @@ def own_out_dir(out_dir: str | Path, is_main: bool = True):
     """Hold an exclusive lock on `out_dir` (fcntl.flock on <out_dir>/.lock, released when the block ends or the
     process dies) and remove temporary checkpoint folders that an interrupted save left behind. Only the main
     process locks (it alone writes). Raises OutDirInUse naming the holder (pid, host, start time) when another
-    process holds the lock. flock is advisory and per host: runs on different machines sharing out_dir over a
-    network file system may not see each other's lock."""
+    process holds the lock, ValueError when out_dir cannot be created or written (a file in the way, no
+    permission). flock is advisory and per host: runs on different machines sharing out_dir over a network file
+    system may not see each other's lock."""
     if not is_main:
         yield
         return
     import fcntl
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint_dir(out_dir).mkdir(exist_ok=True)  # now, not at the first save after hours of training
+        fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:  # a file in the way, no write permission, a read-only file system
+        in_the_way = next((p for p in (out_dir, checkpoint_dir(out_dir)) if p.exists() and not p.is_dir()), None)
+        problem = f"{in_the_way} is a file, not a folder" if in_the_way else err.strerror
+        raise ValueError(f"out_dir {out_dir} cannot hold this run's checkpoints: {problem} ({err})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
@@ -523,7 +577,7 @@ def claim_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str | No
         raise OutDirInUse(f"out_dir {cfg.out_dir} holds checkpoints of another run ({names}); resume it with "
                           "resume: auto, use another out_dir, or set overwrite: true to delete them")  # fmt: skip
     for path in foreign:
-        shutil.rmtree(path)
+        remove_checkpoint(path)
     print(f"overwrite: deleted the earlier run's checkpoints in {checkpoint_dir(cfg.out_dir)} ({names})")
     return run_id
 
@@ -660,8 +714,23 @@ def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, loader, ext
         os.close(dir_fd)
     mine = sorted(mine + [final], key=lambda p: (checkpoint_meta(p)["saved_at"], int(p.name[len(CHECKPOINT_PREFIX):])))
     for stale in mine[:-keep_last]:
-        shutil.rmtree(stale, ignore_errors=True)
+        try:
+            remove_checkpoint(stale)
+        except OSError as err:  # the new checkpoint is saved; an old one left behind must not stop the run
+            print(f"could not remove the old checkpoint {stale} (keep_last={keep_last}): {err}")
     return final
+
+
+def remove_checkpoint(path: Path):
+    """Delete a checkpoint folder: first renamed to a temporary name (atomic), then removed. A deletion stopped
+    half-way (Ctrl-C, a kill) thus never leaves a partial checkpoint under its final name, where `resume: auto`
+    could pick it (e.g. state.pt left without meta.json reads as a checkpoint saved just now); the temporary
+    folder is removed by the next run's `own_out_dir`."""
+    path = Path(path)
+    doomed = path.parent / f"{TMP_PREFIX}removing-{path.name}-{os.getpid()}"
+    shutil.rmtree(doomed, ignore_errors=True)  # left by an earlier removal stopped half-way
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _legacy_numpy_globals() -> list:
@@ -697,6 +766,12 @@ def load_checkpoint(path: str | Path) -> dict:
     required = ("step", "model", "optimizer", "scheduler", "loader", "rng")
     if not isinstance(state, dict) or any(k not in state for k in required):
         raise CheckpointError(f"{file} is not a training checkpoint (expected the keys {', '.join(required)})")
+    step = state["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{file} is not a training checkpoint: its step is {step!r}, not a count of steps")
+    wrong = [k for k in required[1:] if not isinstance(state[k], dict)]
+    if wrong:
+        raise CheckpointError(f"{file} is not a training checkpoint: {', '.join(wrong)} should be dictionaries")
     return state
 
 
@@ -707,6 +782,15 @@ def load_checkpoint(path: str | Path) -> dict:
 RESUME_FIXED = ("optimizer", "model_config", "init_from", "tokenizer", "seq_len", "data_dir", "seed", "data",
                 "data_split", "data_config", "data_format", "max_conversations", "system_prompt", "max_len",
                 "eval_fraction", "group_by_length")  # fmt: skip
+# Settings applied from the current run when resuming (through the rebuilt optimizer's groups, the schedule, or
+# read where used). A setting in neither tuple (a field added without deciding) is treated as fixed.
+RESUME_APPLIED = ("micro_batch_size", "grad_accum", "max_steps", "muon_lr", "adamw_lr", "adamw_betas",
+                  "weight_decay", "muon_adjust_lr", "grad_clip", "warmup_steps", "min_lr_ratio", "mixed_precision",
+                  "nonfinite", "max_consecutive_skips", "eval_every", "sample_every", "sample_prompts",
+                  "sample_tokens", "log_every", "wandb_project", "wandb_run_name", "wandb_mode", "progress_bar",
+                  "out_dir", "save_every", "keep_last", "stop_at_step", "push_to_hub", "hub_model_id", "compile",
+                  "eval_batches", "peak_tflops", "eval_data", "eval_split", "max_eval_conversations",
+                  "eval_at_start")  # fmt: skip
 _NOT_COMPARED = ("resume", "overwrite")
 
 
@@ -718,8 +802,9 @@ def compare_resume_settings(saved: dict | None, cfg: RunConfig, saved_world: int
                             where: str = "the checkpoint") -> list[str]:  # fmt: skip
     """The differences between the settings saved in a checkpoint (`saved`, dataclasses.asdict of the run's
     config; `saved_world` processes) and `cfg` (`world_size` processes), as "name: old -> new" lines for the
-    settings that may change (the caller applies them). Raises ResumeSettingsError listing every difference in a
-    RESUME_FIXED setting or in the global batch. Fields missing from `saved` (an older version) are not compared."""
+    settings that may change (RESUME_APPLIED; the caller applies them). Raises ResumeSettingsError listing every
+    difference in any other setting (RESUME_FIXED, or one classified in neither) or in the global batch. Fields
+    missing from `saved` (an older version) are not compared."""
     if saved is None:
         return []
     current = dataclasses.asdict(cfg)
@@ -728,9 +813,14 @@ def compare_resume_settings(saved: dict | None, cfg: RunConfig, saved_world: int
         if name in _NOT_COMPARED or name not in saved or _json_value(saved[name]) == _json_value(value):
             continue
         line = f"{name}: {saved[name]!r} -> {value!r}"
-        (fixed if name in RESUME_FIXED else changed).append(line)
+        (changed if name in RESUME_APPLIED else fixed).append(line)
     if saved_world is not None and all(k in saved for k in ("micro_batch_size", "grad_accum")):
-        old = int(saved["micro_batch_size"]) * int(saved["grad_accum"]) * saved_world
+        factors = (saved["micro_batch_size"], saved["grad_accum"], saved_world)
+        if not all(isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in factors):
+            raise ResumeSettingsError(f"cannot resume from {where}: its saved batch (micro_batch_size x grad_accum "
+                                      f"x processes = {' x '.join(map(repr, factors))}) is not made of positive "
+                                      "integers; the checkpoint was edited or damaged")  # fmt: skip
+        old = saved["micro_batch_size"] * saved["grad_accum"] * saved_world
         new = cfg.micro_batch_size * cfg.grad_accum * world_size
         if old != new:
             fixed.append(f"global batch (micro_batch_size x grad_accum x processes): {saved['micro_batch_size']} x "
@@ -744,13 +834,16 @@ def compare_resume_settings(saved: dict | None, cfg: RunConfig, saved_world: int
 
 
 def _saved_world_size(state: dict, meta: dict) -> int | None:
-    if isinstance(meta.get("world_size"), int):
+    if isinstance(meta.get("world_size"), int) and not isinstance(meta["world_size"], bool):
         return meta["world_size"]
     loader, config = state.get("loader") or {}, state.get("config") or {}
-    if "world_size" in loader:  # TokenBatchLoader
-        return int(loader["world_size"])
-    if "global_batch" in loader and config.get("micro_batch_size"):  # ChatBatchLoader
-        return int(loader["global_batch"]) // int(config["micro_batch_size"])
+    try:
+        if "world_size" in loader:  # TokenBatchLoader
+            return int(loader["world_size"])
+        if "global_batch" in loader and config.get("micro_batch_size"):  # ChatBatchLoader
+            return int(loader["global_batch"]) // int(config["micro_batch_size"])
+    except (TypeError, ValueError, ZeroDivisionError):
+        return 0  # not a count: compare_resume_settings refuses it
     return None
 
 
@@ -768,16 +861,31 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, loader, cfg: Run
     path = Path(path)
     state = load_checkpoint(path)
     meta = checkpoint_meta(path)
+    if meta.get("format") != 1 and state["step"] != meta["step"]:
+        raise CheckpointError(f"{path}: state.pt is at step {state['step']} but meta.json says step {meta['step']}: "
+                              "the files do not belong together, so the checkpoint is not trusted")  # fmt: skip
     changes = []
+    if cfg is not None and state["step"] > cfg.max_steps:
+        raise ResumeSettingsError(f"cannot resume from {path}: it is at step {state['step']}, beyond max_steps="
+                                  f"{cfg.max_steps}; set max_steps to at least {state['step']}")  # fmt: skip
     if cfg is not None:
         saved = meta.get("config") or state.get("config")
         changes = compare_resume_settings(saved, cfg, _saved_world_size(state, meta), world_size, where=str(path))
     fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    loader.load_state_dict(state["loader"])
-    _set_rng_state(state["rng"])
+    part = "model"
+    try:  # a checkpoint of another model shape, optimizer recipe or data must say so, naming the part and folder
+        model.load_state_dict(state["model"])
+        part = "optimizer"
+        optimizer.load_state_dict(state["optimizer"])
+        part = "scheduler"
+        scheduler.load_state_dict(state["scheduler"])
+        part = "data loader"
+        loader.load_state_dict(state["loader"])
+        part = "RNG"
+        _set_rng_state(state["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+        raise CheckpointError(f"cannot resume from {path}: its {part} state does not fit this run "
+                              f"({type(err).__name__}: {err})") from err  # fmt: skip
     if cfg is not None:
         for group, built in zip(optimizer.param_groups, fresh, strict=True):
             group.update({k: v for k, v in built.items() if k not in ("lr", "initial_lr")})
@@ -948,9 +1056,6 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     resume_from = resolve_resume(cfg)
     saved_run_id = checkpoint_meta(resume_from)["run_id"] if resume_from is not None else None
     run_id = claim_checkpoints(cfg, resume_from, saved_run_id, is_main)
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
     # --- data and tokenizer ---------------------------------------------------------------------------------
     meta = load_meta(cfg.data_dir)
@@ -991,6 +1096,8 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
         accelerator.print(f"resumed from {resume_from} at step {start_step} (run {run_id})")
     else:
         torch.manual_seed(cfg.seed)
+    if is_main:  # only once a resume is accepted: a refused one must not replace the run's record of its settings
+        (out_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
     # The optimizer is prepared so accelerate can handle mixed precision; the LR schedule is stepped by us once
     # per optimizer step (accelerate would step a prepared scheduler once per process).

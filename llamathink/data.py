@@ -195,12 +195,22 @@ def find_shards(data_dir: str | os.PathLike, split: str = "train") -> list[Path]
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict:
-    """The ``meta.json`` written by :func:`prepare`."""
+    """The ``meta.json`` written by :func:`prepare`: a JSON object with an integer ``vocab_size``.
+    Raises ``FileNotFoundError`` when it is missing and ``ValueError`` naming the file when it is not valid
+    JSON / UTF-8, not an object, or has no such ``vocab_size``."""
     p = Path(data_dir) / META_FILE
     if not p.is_file():
         raise FileNotFoundError(f"{p} not found; is {data_dir} a finished `prepare` output directory?")
-    with open(p, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(p, encoding="utf-8") as f:
+            meta = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{p} is not a valid meta.json ({e}); prepare {data_dir} again") from None
+    vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab <= 0:
+        raise ValueError(f"{p} is not a meta.json written by prepare (expected an object with a positive integer "
+                         f"vocab_size, got {type(meta).__name__}{f' with vocab_size {vocab!r}' if vocab else ''})")
+    return meta
 
 
 def check_vocab(tokenizer_vocab_size: int, model_vocab_size: int) -> None:
@@ -225,7 +235,10 @@ _BLANK_LINE_RE = re.compile(r"[ \t]*\n?")
 
 # Kinds of bad record, as counted in meta.json's "bad_records".
 BAD_RECORD_KINDS = ("invalid_utf8", "lone_surrogate", "invalid_json", "missing_field", "not_a_string", "nul_only",
-                    "corrupt_file", "unreadable_file")
+                    "corrupt_file", "unreadable_file", "line_too_long")
+# A JSON Lines record is parsed whole, so a line is read whole: this bounds the memory of one (a binary or
+# one-line file named .jsonl would otherwise be read into memory entirely). Far above any real document line.
+MAX_JSONL_LINE_BYTES = 1 << 30
 
 
 def _has_suffix(p: Path) -> bool:
@@ -243,9 +256,10 @@ class BadRecords:
     ``not_a_string`` (the field is null, a number, a list...), ``nul_only``
     (text made only of NUL characters and whitespace: a zero-filled or binary
     file), ``corrupt_file`` (truncated or corrupt gzip / parquet data: the rest
-    of that file is skipped) and ``unreadable_file`` (the file cannot be opened
-    or read).  ``where`` names the file and line (``path:line``) or the dataset
-    row.
+    of that file is skipped), ``unreadable_file`` (the file cannot be opened
+    or read) and ``line_too_long`` (a JSON Lines line over
+    :data:`MAX_JSONL_LINE_BYTES`, skipped without being held in memory).
+    ``where`` names the file and line (``path:line``) or the dataset row.
     """
 
     max_examples = 10
@@ -577,8 +591,16 @@ class LocalSource:
         lineno = 0
         try:
             with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
-                for lineno, raw in enumerate(f, 1):
+                limit = MAX_JSONL_LINE_BYTES
+                while raw := f.readline(limit + 1):
+                    lineno += 1
                     where = f"{path}:{lineno}"
+                    if len(raw) > limit:  # read on to the end of the line in bounded pieces, keeping none
+                        while not raw.endswith(b"\n") and (raw := f.readline(_READ_CHUNK_BYTES)):
+                            pass
+                        bad("line_too_long", where, f"line longer than {limit:,} bytes (JSON Lines holds one "
+                                                    "record per line; is this a JSON Lines file?)")
+                        continue
                     try:
                         line = raw.decode("utf-8")
                     except UnicodeDecodeError as e:
@@ -1257,7 +1279,9 @@ class TokenBatchLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at the saved position. The world size and per-rank batch size may change as long as the global
-        batch (world_size x batch_size windows) stays the same: global batch n then holds the same windows."""
+        batch (world_size x batch_size windows) stays the same: global batch n then holds the same windows.
+        Raises ValueError when the saved seed, seq_len or data size differ, or a saved count is negative (or a
+        size is zero)."""
         mine = {"seed": self.seed, "seq_len": self.seq_len, "num_windows": self.dataset.num_windows}
         for k, v in mine.items():
             if k in state and int(state[k]) != v:
@@ -1265,6 +1289,10 @@ class TokenBatchLoader:
         epoch, position = int(state["epoch"]), int(state["position"])
         saved_ws = int(state.get("world_size", self.world_size))
         saved_bs = int(state.get("batch_size", self.batch_size))
+        # a negative position would index the permutation from its end: other data, silently
+        if min(epoch, position) < 0 or min(saved_ws, saved_bs) < 1:
+            raise ValueError(f"cannot resume data loader: saved epoch={epoch}, position={position}, "
+                             f"world_size={saved_ws}, batch_size={saved_bs} are not valid counts")
         if (saved_ws, saved_bs) != (self.world_size, self.batch_size):
             consumed = position * saved_ws * saved_bs  # windows of this epoch already used by all ranks
             per_round = self.world_size * self.batch_size

@@ -50,6 +50,12 @@ def _last_eval(history: dict | None) -> tuple[int, float] | None:
     return int(step), float(evals[step])
 
 
+def _field(container: Any, key: str, kind: type) -> Any:
+    """`container[key]` when `container` is a dict and the value is a `kind` (not a bool), else None."""
+    value = container.get(key) if isinstance(container, dict) else None
+    return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+
 def _pretraining_data(cfg) -> tuple[str, list[str]]:
     """A sentence on the pretraining data (from the prepared folder's meta.json) and its Hub dataset ids."""
     meta_path = Path(cfg.data_dir) / "meta.json"
@@ -57,23 +63,26 @@ def _pretraining_data(cfg) -> tuple[str, list[str]]:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return f"token shards in `{cfg.data_dir}`", []
-    source = meta.get("source") or {}
+    # an edited or foreign meta.json must not break the end of a training run: fields of other types are left out
+    source = _field(meta, "source", dict) or {}
     datasets: list[str] = []
-    if source.get("type") == "hf" and source.get("name"):
-        what = f"the Hub dataset `{source['name']}`" + (f" ({source['config']})" if source.get("config") else "")
+    paths = _field(source, "paths", list) or []
+    if source.get("type") == "hf" and _field(source, "name", str):
+        config = _field(source, "config", str)
+        what = f"the Hub dataset `{source['name']}`" + (f" ({config})" if config else "")
         if _hub_id(source["name"]):
             datasets.append(source["name"])
-    elif source.get("type") == "local" and source.get("paths"):
-        what = "local files (" + ", ".join(f"`{Path(p).name}`" for p in source["paths"][:5]) + (
-            ", ..." if len(source["paths"]) > 5 else "") + ")"
+    elif source.get("type") == "local" and paths and all(isinstance(p, str) for p in paths):
+        what = "local files (" + ", ".join(f"`{Path(p).name}`" for p in paths[:5]) + (
+            ", ..." if len(paths) > 5 else "") + ")"
     else:
         what = "a prepared document collection"
-    train = meta.get("train") or {}
+    train = _field(meta, "train", dict) or {}
     counts = []
-    if train.get("num_tokens"):
-        counts.append(f"{int(train['num_tokens']):,} training tokens")
-    if train.get("num_docs"):
-        counts.append(f"{int(train['num_docs']):,} documents")
+    if _field(train, "num_tokens", int):
+        counts.append(f"{train['num_tokens']:,} training tokens")
+    if _field(train, "num_docs", int):
+        counts.append(f"{train['num_docs']:,} documents")
     detail = f" ({', '.join(counts)})" if counts else ""
     return f"{what}, tokenized whole documents in `{cfg.data_dir}`{detail}", datasets
 

@@ -439,3 +439,238 @@ def test_fp16_overflow_steps_do_not_stop_finetuning(tmp_path, monkeypatch):
     history = finetune_chat.finetune(cfg)
     assert history["overflow_steps"] >= 1 and sorted(history["losses"]) == [1, 2, 3]
     assert made[0].scaler.get_scale() == 2.0**127 / 2 ** history["overflow_steps"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hostile or careless checkpoint folders and out_dirs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_an_out_dir_that_cannot_hold_checkpoints_is_named(tmp_path, monkeypatch):
+    in_the_way = tmp_path / "notes.txt"
+    in_the_way.write_text("keep me")
+    with pytest.raises(ValueError, match=r"out_dir .*notes.txt cannot hold this run's checkpoints: .*notes.txt is a "
+                                         r"file, not a folder"):
+        with train_hf.own_out_dir(in_the_way):
+            pass
+    with pytest.raises(ValueError, match=r"out_dir .*notes.txt/run cannot hold .*: Not a directory"):
+        with train_hf.own_out_dir(in_the_way / "run"):
+            pass
+    assert in_the_way.read_text() == "keep me"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("a file where the checkpoints go")  # found at start, not at a save
+    with pytest.raises(ValueError, match=r"out_dir .*run cannot hold .*run/checkpoints is a file, not a folder"):
+        with train_hf.own_out_dir(tmp_path / "run"):
+            pass
+
+    def denied(path, *args):  # a read-only out_dir (tests may run as root, which chmod does not stop)
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(train_hf.os, "open", denied)
+    with pytest.raises(ValueError, match=r"out_dir .*readonly cannot hold this run's checkpoints: Permission denied"):
+        with train_hf.own_out_dir(tmp_path / "readonly"):
+            pass
+
+
+def test_symlinked_checkpoint_folders_are_never_listed_resumed_or_deleted(model_json, tmp_path):  # noqa: F811
+    settings = _settings()
+    parts = _parts(model_json, settings)
+    elsewhere = _save(tmp_path / "elsewhere", 9, parts, settings, run_id="run-a")  # the same run id, outside
+    out = tmp_path / "run"
+    _save(out, 2, parts, settings, run_id="run-a")
+    root = train_hf.checkpoint_dir(out)
+    (root / "step_00000001").symlink_to(elsewhere, target_is_directory=True)
+    (root / ".tmp-step_00000003-1").symlink_to(elsewhere, target_is_directory=True)
+    assert _names(train_hf.list_checkpoints(out)) == ["step_00000002"]
+    assert train_hf.latest_checkpoint(out).name == "step_00000002"
+    for step in (4, 6):
+        _save(out, step, parts, settings, run_id="run-a", keep_last=1)
+    with train_hf.own_out_dir(out):  # removes leftover temporary names, never what a link points to
+        pass
+    assert _names(train_hf.list_checkpoints(out)) == ["step_00000006"]
+    assert train_hf.load_checkpoint(elsewhere)["step"] == 9  # the linked folder is untouched
+
+
+def test_a_checkpoint_whose_step_does_not_match_is_not_trusted(model_json, tmp_path):  # noqa: F811
+    settings = _settings()
+    path = _save(tmp_path / "run", 4, _parts(model_json, settings), settings)
+    meta = train_hf.json.loads((path / "meta.json").read_text())
+    for bad, named in [(dict(step=7), r"says step 7 but the folder is step_00000004"),
+                       (dict(step=True), r"is not a checkpoint's meta.json"),
+                       (dict(saved_at=float("nan")), r"is not a checkpoint's meta.json"),
+                       (dict(run_id=["run-a"]), r"is not a checkpoint's meta.json")]:  # fmt: skip
+        (path / "meta.json").write_text(train_hf.json.dumps({**meta, **bad}))
+        with pytest.raises(train_hf.CheckpointError, match=named):
+            train_hf.checkpoint_meta(path)
+    # the folder copied under another name: meta.json is consistent, but state.pt is another step's
+    copy = tmp_path / "copy"
+    train_hf.shutil.copytree(path, copy)
+    (copy / "meta.json").write_text(train_hf.json.dumps({**meta, "step": 8}))
+    with pytest.raises(train_hf.CheckpointError, match=r"state.pt is at step 4 but meta.json says step 8"):
+        train_hf.restore_checkpoint(copy, *_parts(model_json, settings), settings)
+
+
+def test_a_rotation_stopped_half_way_leaves_no_partial_checkpoint_to_resume(model_json, tmp_path,
+                                                                           monkeypatch):  # noqa: F811
+    out = tmp_path / "run"
+    settings = _settings()
+    parts = _parts(model_json, settings)
+    for step in (2, 4):
+        _save(out, step, parts, settings, keep_last=2)
+    real_rmtree = train_hf.shutil.rmtree
+
+    def interrupted(path, *args, **kwargs):  # Ctrl-C after the first file of the stale checkpoint went
+        if (Path(path) / "meta.json").exists():
+            (Path(path) / "meta.json").unlink()
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(train_hf.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _save(out, 6, parts, settings, keep_last=2)
+    monkeypatch.undo()
+    # step 2 (the stale one) without meta.json would read as saved just now and be resumed by resume: auto
+    assert _names(train_hf.list_checkpoints(out)) == ["step_00000004", "step_00000006"]
+    assert train_hf.latest_checkpoint(out).name == "step_00000006"
+    with train_hf.own_out_dir(out):  # the next run removes the rest
+        pass
+    assert sorted(p.name for p in train_hf.checkpoint_dir(out).iterdir()) == ["step_00000004", "step_00000006"]
+
+
+def test_every_setting_is_either_applied_or_refused_when_resuming():
+    fields = {f.name for cls in (train_hf.TrainConfig, finetune_chat.FinetuneConfig)
+              for f in train_hf.dataclasses.fields(cls)}  # fmt: skip
+    classified = set(train_hf.RESUME_FIXED) | set(train_hf.RESUME_APPLIED) | set(train_hf._NOT_COMPARED)
+    assert fields - classified == set()
+    assert set(train_hf.RESUME_FIXED) & set(train_hf.RESUME_APPLIED) == set()
+    # a setting added later without a decision is refused, not silently taken over
+    saved = {**train_hf.dataclasses.asdict(_settings()), "grad_clip": 0.5, "new_knob": 1}
+    current = train_hf.dataclasses.make_dataclass("Later", [("new_knob", int, 2)], bases=(train_hf.RunConfig,))(
+        max_steps=12, warmup_steps=2, micro_batch_size=8, grad_accum=2, wandb_mode="disabled")  # fmt: skip
+    with pytest.raises(train_hf.ResumeSettingsError, match=r"differ: new_knob: 1 -> 2\. "):
+        train_hf.compare_resume_settings(saved, current, 1, 1)
+    saved["new_knob"] = 2
+    assert train_hf.compare_resume_settings(saved, current, 1, 1) == ["grad_clip: 0.5 -> 1.0"]
+
+
+def test_ctrl_c_in_the_middle_of_a_save_keeps_the_previous_checkpoint_and_no_partial_one(model_json, tmp_path,
+                                                                                         monkeypatch):  # noqa: F811
+    out = tmp_path / "run"
+    settings = _settings()
+    parts = _parts(model_json, settings)
+    _save(out, 2, parts, settings)
+    real_save = torch.save
+
+    def interrupted(obj, f, *args, **kwargs):
+        real_save({"partial": torch.zeros(10)}, f)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_hf.torch, "save", interrupted)
+    for step in (4, 2):  # a new step, and re-saving the existing one (which is first moved aside)
+        with pytest.raises(KeyboardInterrupt):
+            _save(out, step, parts, settings)
+        assert sorted(p.name for p in train_hf.checkpoint_dir(out).iterdir()) == ["step_00000002"]
+    monkeypatch.undo()
+    assert train_hf.load_checkpoint(train_hf.checkpoint_dir(out) / "step_00000002")["step"] == 2
+
+
+def test_resuming_a_checkpoint_beyond_max_steps_is_refused(model_json, tmp_path):  # noqa: F811
+    before = _settings(max_steps=12)
+    path = _save(tmp_path / "run", 8, _parts(model_json, before), before)
+    after = _settings(max_steps=6)
+    with pytest.raises(train_hf.ResumeSettingsError, match=r"at step 8, beyond max_steps=6; set max_steps to at "
+                                                           r"least 8"):  # fmt: skip
+        train_hf.restore_checkpoint(path, *_parts(model_json, after), after)
+    assert train_hf.restore_checkpoint(path, *_parts(model_json, _settings(max_steps=8)), _settings(max_steps=8))[
+        "step"] == 8  # fmt: skip
+
+
+def test_a_checkpoint_of_wrong_shapes_or_types_is_named_not_a_deep_traceback(model_json, tmp_path):  # noqa: F811
+    settings = _settings()
+    path = _save(tmp_path / "run", 4, _parts(model_json, settings), settings)
+    state = torch.load(path / "state.pt", weights_only=True)
+    # another model's weights (here: one hidden size larger), as after editing the model's config.json
+    other = LlamaThinkConfig.from_json_file(str(model_json))
+    other.intermediate_size += 16
+    torch.manual_seed(0)
+    bigger = LlamaThinkForCausalLM(other)
+    parts = (bigger, train_hf.build_optimizer(bigger, settings), *_parts(model_json, settings)[2:])
+    named = r"(?s)cannot resume from .*step_00000004: its model state does not fit this run \(RuntimeError: .*size m"
+    with pytest.raises(train_hf.CheckpointError, match=named):
+        train_hf.restore_checkpoint(path, *parts, settings)
+    for bad, named in [(dict(step="4"), r"its step is '4', not a count of steps"),
+                       (dict(step=-1), r"its step is -1"),
+                       (dict(model=[1], loader="x"), r"model, loader should be dictionaries")]:  # fmt: skip
+        torch.save({**state, **bad}, path / "state.pt")
+        with pytest.raises(train_hf.CheckpointError, match=rf"state.pt is not a training checkpoint: {named}"):
+            train_hf.load_checkpoint(path)
+    torch.save({**state, "loader": {"position": 1}}, path / "state.pt")  # a loader state without its keys
+    with pytest.raises(train_hf.CheckpointError, match=r"its data loader state does not fit this run \(KeyError"):
+        train_hf.restore_checkpoint(path, *_parts(model_json, settings)[:3], _StrictLoader(), settings)
+
+
+class _StrictLoader(_Loader):
+    def load_state_dict(self, state):
+        self.position = state["epoch"], state["position"]
+
+
+def test_a_stale_checkpoint_that_cannot_be_removed_does_not_fail_the_save(model_json, tmp_path, monkeypatch,
+                                                                          capsys):  # noqa: F811
+    out = tmp_path / "run"
+    settings = _settings()
+    parts = _parts(model_json, settings)
+    _save(out, 2, parts, settings, keep_last=1)
+    real_replace = train_hf.os.replace
+
+    def no_rename(src, dst):
+        if ".tmp-removing-" in str(dst):
+            raise PermissionError(errno.EACCES, "Permission denied", str(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(train_hf.os, "replace", no_rename)
+    assert _save(out, 4, parts, settings, keep_last=1).name == "step_00000004"
+    assert _names(train_hf.list_checkpoints(out)) == ["step_00000002", "step_00000004"]
+    assert "could not remove the old checkpoint " in capsys.readouterr().out
+
+
+def test_the_chat_loader_refuses_a_negative_saved_position():
+    loader = finetune_chat.ChatBatchLoader(list(range(8)), 2, seed=1, group_by_length=False)
+    good = loader.state_dict()
+    for bad in (dict(position=-1), dict(epoch=-2)):
+        with pytest.raises(ValueError, match=r"cannot resume the data position: epoch -?\d+, position -?\d+ in the "
+                                             r"checkpoint are not valid counts"):  # fmt: skip
+            loader.load_state_dict({**good, **bad})
+        assert (loader.epoch, loader.position) == (0, 0)
+    loader.load_state_dict({**good, "epoch": 1, "position": 3})
+    assert (loader.epoch, loader.position) == (1, 3)
+
+
+@pytest.mark.parametrize("edit, shown", [
+    (dict(config={"micro_batch_size": "x"}), r"'x' x 2 x 1"),
+    (dict(config={"grad_accum": None}), r"8 x None x 1"),
+    (dict(world_size=0), r"8 x 2 x 0"),
+    (dict(world_size=True, loader={"world_size": "many"}), r"8 x 2 x 0"),
+])  # fmt: skip
+def test_a_damaged_saved_batch_is_refused_by_name(model_json, tmp_path, edit, shown):  # noqa: F811
+    settings = _settings()
+    path = _save(tmp_path / "run", 4, _parts(model_json, settings), settings)
+    meta = train_hf.json.loads((path / "meta.json").read_text())
+    meta["config"].update(edit.get("config", {}))
+    meta.update({k: v for k, v in edit.items() if k not in ("config", "loader")})
+    (path / "meta.json").write_text(train_hf.json.dumps(meta))
+    if "loader" in edit:
+        state = torch.load(path / "state.pt", weights_only=True)
+        torch.save({**state, "loader": edit["loader"]}, path / "state.pt")
+    named = rf"its saved batch \(micro_batch_size x grad_accum x processes = {shown}\) is not made of positive integers"
+    with pytest.raises(train_hf.ResumeSettingsError, match=named):
+        train_hf.restore_checkpoint(path, *_parts(model_json, settings), settings)
+
+
+def test_a_refused_resume_keeps_the_runs_record_of_its_settings(sample_data, model_json, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    train_hf.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=2))
+    recorded = (out / "train_config.json").read_text()
+    assert train_hf.json.loads(recorded)["seed"] == 3
+    with pytest.raises(train_hf.ResumeSettingsError, match=r"seed: 3 -> 4"):
+        train_hf.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, seed=4))
+    assert (out / "train_config.json").read_text() == recorded

@@ -834,3 +834,63 @@ def test_piece_context_fallback():
     out = [a.tolist() for a in D._encode_with(enc, pieces)]
     assert out == [[1, ord("x"), ord("a")], [ord("b"), ord("c")], [ord(" "), ord("d"), 2]]
     assert [a.tolist() for a in D._encode_with(enc, ["ab c"])] == [[1, 99, ord(" "), ord("c"), 2]]
+
+
+def test_an_overlong_jsonl_line_is_named_and_skipped_without_holding_it(tmp_path, small_tok, monkeypatch):
+    """A JSON Lines line over MAX_JSONL_LINE_BYTES (e.g. a binary or one-line file named .jsonl) is a bad record
+    named by file and line; it is read past in bounded pieces, and the lines after it keep their numbers."""
+    monkeypatch.setattr(D, "MAX_JSONL_LINE_BYTES", 64)
+    monkeypatch.setattr(D, "_READ_CHUNK_BYTES", 7)
+    lines = [json.dumps({"text": GOOD[0]}), json.dumps({"text": "x" * 500}), json.dumps({"text": GOOD[1]}),
+             json.dumps({"text": None})]  # fmt: skip
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    reads = []
+    real_open = open
+
+    class Recording:  # the file object, recording the longest single read
+        def __init__(self, f):
+            self.f = f
+
+        def readline(self, size=-1):
+            line = self.f.readline(size)
+            reads.append(len(line))
+            return line
+
+        def __iter__(self):
+            return iter(self.readline, b"")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr("builtins.open", lambda p, mode="r", *a, **k: Recording(real_open(p, mode, *a, **k))
+                        if str(p).endswith("d.jsonl") and "b" in mode else real_open(p, mode, *a, **k))  # fmt: skip
+    kw = dict(shard_tokens=10_000, val_docs=0, num_workers=1, progress=False)
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: line longer than 64 bytes .*\[bad record: line_too_long\]"):
+        prepare(LocalSource([str(tmp_path / "d.jsonl")]), tmp_path / "out", small_tok, **kw)
+    reads.clear()
+    meta = prepare(LocalSource([str(tmp_path / "d.jsonl")]), tmp_path / "out", small_tok, skip_bad_records=True,
+                   **kw)  # fmt: skip
+    assert meta["bad_records"]["by_kind"] == {"line_too_long": 1, "not_a_string": 1}
+    assert re.search(r"d\.jsonl:4: ", meta["bad_records"]["examples"][1])  # numbering goes on after the long line
+    assert max(reads) <= 65  # never more than the limit (+1 to see that it is over) in memory at once
+    expected = []
+    for t in GOOD[:2]:
+        expected += [1] + small_tok.encode(t, add_special_tokens=False) + [2]
+    assert all_train_tokens(tmp_path / "out").tolist() == expected
+
+
+def test_loader_resume_refuses_negative_or_zero_counts(tmp_path):
+    make_shards(tmp_path, [700, 300])
+    L = TokenBatchLoader(tmp_path, 10, 4, seed=11)
+    next(L)
+    good = L.state_dict()
+    for key, value in [("position", -5), ("epoch", -1), ("world_size", 0), ("batch_size", -4)]:
+        again = TokenBatchLoader(tmp_path, 10, 4, seed=11)
+        with pytest.raises(ValueError, match=rf"cannot resume data loader: saved .*{key}={value}.* not valid counts"):
+            again.load_state_dict({**good, key: value})
+        assert (again.epoch, again.position) == (0, 0)  # unchanged
+    again.load_state_dict(good)
+    assert torch.equal(next(again)[0], next(L)[0])

@@ -339,3 +339,94 @@ def test_wandb_offline_logging(sample_data, model_json, tmp_path, monkeypatch):
     # the run id is kept in the checkpoint so a resumed run continues the same W&B run
     state = train_hf.load_checkpoint(train_hf.list_checkpoints(out)[-1])
     assert state["wandb_run_id"] and state["wandb_run_id"] in runs[0].name
+
+
+@pytest.mark.parametrize("text, named", [
+    ("max_steps: 5\nwarmup_steps: 1\nmax_steps: 7\n", r"run.yaml: key 'max_steps' is given twice \(lines 1 and 3\)"),
+    ("max_steps:\t5\n", r"(?s)run.yaml is not valid YAML: .*found character '\\t'.*line 1, column 11"),
+    ("max_steps: 5\n---\nmax_steps: 6\n", r"run.yaml is not valid YAML: expected a single document"),
+    ("!!python/object/apply:os.system ['echo hi']\n", r"run.yaml is not valid YAML: could not determine a constructor"),
+    ("- max_steps: 5\n", r"run.yaml: expected a mapping of settings, got list"),
+    ("0\n", r"run.yaml: expected a mapping of settings, got int"),
+])  # fmt: skip
+def test_a_settings_file_that_is_not_one_mapping_of_distinct_settings_is_named(tmp_path, text, named):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=named):
+        train_hf.load_config(str(path))
+    path.write_bytes(b"max_steps: \xff\xfe\n")
+    with pytest.raises(ValueError, match=r"run.yaml is not a UTF-8 text \(YAML\) file"):
+        train_hf.load_config(str(path))
+    path.write_text("<<: {max_steps: 5, warmup_steps: 1}\nmax_steps: 6\n")  # a merge is no repeat: max_steps wins
+    assert train_hf.load_config(str(path)).max_steps == 6
+    path.write_text("# only a comment\n")  # an empty file: the defaults
+    assert train_hf.load_config(str(path)).max_steps == train_hf.TrainConfig().max_steps
+
+
+@pytest.mark.parametrize("setting, written, named", [
+    ("seed", "-5", r"seed must be an integer in \[0, 2\*\*32\), got -5"),
+    ("seed", "1e30", r"seed must be an integer in \[0, 2\*\*32\), got 1000000000000000019884624838656"),
+    ("muon_adjust_lr", "moonlight", r"muon_adjust_lr must be one of original, match_rms_adamw, got 'moonlight'"),
+])  # fmt: skip
+def test_a_seed_or_lr_rule_no_generator_or_optimizer_accepts_is_refused_at_parse_time(setting, written, named):
+    with pytest.raises(ValueError, match=named):
+        train_hf.load_config(None, [f"--{setting}", written])
+    assert train_hf.load_config(None, ["--seed", str(2**32 - 1)]).seed == 2**32 - 1
+
+
+@pytest.mark.parametrize("text, named", [
+    ("{not json", r"meta.json is not a valid meta.json \(Expecting property name"),
+    ("[1, 2]", r"meta.json is not a meta.json written by prepare \(expected an object .*got list\)"),
+    ('{"vocab_size": "1024"}', r"got dict with vocab_size '1024'"),
+    ('{"tokenizer": "builtin"}', r"meta.json is not a meta.json written by prepare .*got dict\)"),
+])  # fmt: skip
+def test_a_broken_data_meta_json_is_named_before_training(model_json, tmp_path, text, named):
+    from llamathink.data import load_meta
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "meta.json").write_text(text)
+    with pytest.raises(ValueError, match=named):
+        load_meta(data)
+    with pytest.raises(ValueError, match=named):
+        train_hf.train(_cfg(data, model_json, tmp_path / "out", max_steps=2))
+    assert not train_hf.list_checkpoints(tmp_path / "out")
+
+
+def test_the_model_card_survives_a_meta_json_of_unexpected_types(sample_data, model_json, tmp_path):
+    from llamathink.model_card import model_card_text
+
+    data = tmp_path / "data"
+    data.mkdir()
+    model = LlamaThinkForCausalLM(LlamaThinkConfig.from_json_file(str(model_json)))
+    for meta in ({"vocab_size": 1024, "source": "fineweb", "train": [1]},
+                 {"vocab_size": 1024, "source": {"type": "local", "paths": "a.txt"}, "train": {"num_tokens": "many"}},
+                 {"vocab_size": 1024, "source": {"type": "hf", "name": ["x"], "config": 3},
+                  "train": {"num_docs": True}},
+                 {"vocab_size": 1024, "source": {"type": "local", "paths": [1, 2]}}):  # fmt: skip
+        (data / "meta.json").write_text(train_hf.json.dumps(meta))
+        card = model_card_text(model, _cfg(data, model_json, tmp_path / "out"))
+        assert f"a prepared document collection, tokenized whole documents in `{data}`" in card
+    (data / "meta.json").write_text(train_hf.json.dumps({"vocab_size": 1024, "train": {"num_tokens": 12345},
+                                                         "source": {"type": "local", "paths": ["/x/a.txt"]}}))
+    card = model_card_text(model, _cfg(data, model_json, tmp_path / "out"))
+    assert f"local files (`a.txt`), tokenized whole documents in `{data}` (12,345 training tokens)" in card
+
+
+def test_a_sample_prompt_longer_than_the_context_is_skipped_not_fatal(sample_data, model_json, tmp_path, capsys):
+    import warnings
+
+    from llamathink.tokenizer_utils import load_tokenizer
+
+    tokenizer = load_tokenizer("builtin")
+    torch.manual_seed(0)
+    model = LlamaThinkForCausalLM(LlamaThinkConfig.from_json_file(str(model_json)))  # 128 positions
+    long_prompt = "the history of " * 100
+    assert len(tokenizer(long_prompt).input_ids) > 128
+    cfg = _cfg(sample_data, model_json, tmp_path, sample_prompts=[long_prompt, "Once upon"], sample_tokens=500)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor a warning about capping: the length fits the context
+        texts = train_hf.generate_samples(model, tokenizer, cfg, torch.device("cpu"))
+    assert len(texts) == 1 and texts[0].startswith("Once upon")
+    assert "sample prompt skipped: its " in capsys.readouterr().out
+    assert model.training
