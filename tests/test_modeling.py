@@ -836,6 +836,13 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-10, atol=1e-12, msg=name)
 
 
+def _assert_same_loss_and_grads(reference, other):
+    """`reference` and `other` are (loss, {parameter name: grad}) of the same float64 model and batch."""
+    torch.testing.assert_close(other[0], reference[0], rtol=1e-12, atol=1e-12)
+    for name, grad in reference[1].items():
+        torch.testing.assert_close(other[1][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
 @pytest.mark.parametrize("chunk_rows", [None, 5])
 @pytest.mark.parametrize("num_items", [None, 40])
 def test_chunked_loss_equals_full_logits_loss_and_gradients(chunk_rows, num_items):
@@ -863,10 +870,7 @@ def test_chunked_loss_equals_full_logits_loss_and_gradients(chunk_rows, num_item
             loss = loss / (num_items if num_items is not None else (target != -100).sum())
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (loss_ref, grads_ref), (loss_fused, grads_fused) = results
-    torch.testing.assert_close(loss_fused, loss_ref, rtol=1e-12, atol=1e-12)
-    for name in grads_ref:
-        torch.testing.assert_close(grads_fused[name], grads_ref[name], rtol=1e-10, atol=1e-12, msg=name)
+    _assert_same_loss_and_grads(*results)
 
 
 def test_chunked_loss_under_bf16_autocast_matches_fp32():
@@ -974,10 +978,7 @@ def test_loss_through_the_head_module_equals_the_fused_loss_and_gradients(chunk_
             loss = chunked_causal_lm_loss(hidden, model.lm_head.weight, labels, num_items)
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (loss_ref, grads_ref), (loss_mod, grads_mod) = results
-    torch.testing.assert_close(loss_mod, loss_ref, rtol=1e-12, atol=1e-12)
-    for name in grads_ref:
-        torch.testing.assert_close(grads_mod[name], grads_ref[name], rtol=1e-10, atol=1e-12, msg=name)
+    _assert_same_loss_and_grads(*results)
 
 
 def test_peft_lora_on_lm_head_and_q_proj_trains_through_the_chunked_loss():
