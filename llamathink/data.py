@@ -52,6 +52,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import sys
 import warnings
 from dataclasses import dataclass
@@ -708,6 +709,9 @@ _W: dict = {}
 
 
 def _init_worker(kind: str, payload: Any, bos_id: int, eos_id: int) -> None:
+    # Ctrl-C reaches the whole process group: the parent alone handles it (stops feeding, lets the running batches
+    # finish, keeps the shards written); a worker interrupted mid-task would die holding the task queue.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _W.clear()
     _W.update(_make_encoder(kind, payload, bos_id, eos_id))
@@ -831,16 +835,15 @@ def _limit_docs(pieces: Iterable[Piece], n: int | None) -> Iterator[Piece]:
 
 
 def _ordered_imap(pool, fn, batches: Iterable, max_in_flight: int) -> Iterator:
-    """Like ``pool.imap(fn, batches)`` (ordered results) but reads at most
-    ``max_in_flight`` batches ahead, so an endless streaming source is not
-    pulled into memory by the task feeder."""
+    """Like ``pool.map(fn, batches)`` of a ``concurrent.futures`` executor (ordered results) but reads at most
+    ``max_in_flight`` batches ahead, so an endless streaming source is not pulled into memory."""
     pending: collections.deque = collections.deque()
     for b in batches:
-        pending.append(pool.apply_async(fn, (b,)))
+        pending.append(pool.submit(fn, b))
         while len(pending) >= max_in_flight:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()
 
 
 # ---------------------------------------------------------------------------
@@ -994,8 +997,12 @@ def prepare(source: LocalSource | HFSource | Iterable[str], out_dir: str | os.Pa
 
         if mp_context is None:
             mp_context = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        ctx = mp.get_context(mp_context)
-        pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=(kind, payload, bos_id, eos_id))
+        from concurrent.futures import ProcessPoolExecutor
+
+        # concurrent.futures rather than multiprocessing.Pool: Pool.terminate() after an interrupt can wait forever on
+        # a queue lock held by a worker; an executor's shutdown cancels what has not started and survives dead workers
+        pool = ProcessPoolExecutor(num_workers, mp_context=mp.get_context(mp_context), initializer=_init_worker,
+                                   initargs=(kind, payload, bos_id, eos_id))  # fmt: skip
         results = _ordered_imap(pool, _encode_docs, batches, max_in_flight=2 * num_workers)
     else:
         enc = _make_encoder(kind, payload, bos_id, eos_id)
@@ -1072,12 +1079,8 @@ def prepare(source: LocalSource | HFSource | Iterable[str], out_dir: str | os.Pa
         finished = not stopped
     finally:
         bar.close()
-        if pool is not None:
-            if finished:
-                pool.close()
-            else:
-                pool.terminate()
-            pool.join()
+        if pool is not None:  # after an error or a stop, only the few batches already running finish
+            pool.shutdown(wait=True, cancel_futures=not finished)
 
     _report_bad(bad)
     if stopped:
@@ -1408,6 +1411,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         # Bad input is the user's to fix: one line, not a traceback.  Shards already written stay in --out.
         raise SystemExit(f"prepare: error: {e}") from None
+    except KeyboardInterrupt:
+        print(f"prepare: interrupted; the shards written so far stay in {args.out}: rerun the same command to "
+              "continue", file=sys.stderr)
+        return 130
     if meta.get("complete") is False:
         print(f"stopped after {len(meta['train_shards'])} train shards; rerun the same command to continue")
     else:

@@ -894,3 +894,39 @@ def test_loader_resume_refuses_negative_or_zero_counts(tmp_path):
         assert (again.epoch, again.position) == (0, 0)  # unchanged
     again.load_state_dict(good)
     assert torch.equal(next(again)[0], next(L)[0])
+
+
+def test_ctrl_c_during_a_multi_worker_prepare_exits_promptly_and_resumes(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, workers included) while two workers tokenize: the CLI exits
+    within seconds with status 130 and a one-line message (multiprocessing.Pool.terminate() could wait forever on
+    a queue lock here), keeps the shards written, and the same command then completes the preparation."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    texts = list(iter_sample_texts())
+    src = write_jsonl(tmp_path / "big.jsonl", [texts[i % len(texts)] + f" ({i})" for i in range(8_000)])
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "llamathink.data", "prepare", "--input", str(src), "--tokenizer", "builtin",
+           "--out", str(out), "--val-docs", "10", "--workers", "2", "--batch-docs", "16", "--shard-tokens", "10000",
+           "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    deadline = time.time() + 120
+    while not (out / "train_000001.bin").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the preparation ended before it could be interrupted: give it more data"
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("prepare did not exit within 30 s of Ctrl-C") from None
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "rerun the same command" in err and "Traceback" not in err
+    assert not json.loads((out / "progress.json").read_text())["complete"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["num_docs"] == 8_000 and meta["train"]["num_docs"] == 8_000 - 10
