@@ -477,6 +477,16 @@ def test_static_decode_generate_greedy_and_beam_equal_the_general_path(static_mo
     assert "_static_decoders" in model.__dict__ and "_static_decoders" not in clone.__dict__
 
 
+def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D id tensors -> (ids, attention_mask), both [len(rows), longest], padded on the left with id 0."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+    return ids, mask
+
+
 def test_static_decode_of_a_left_padded_batch_equals_each_row_alone(static_model):
     """Rows at different positions (left padding) decode on the static buffers exactly as each row alone: blocks
     follow each row's positions, padding stays out of the window and the K/V slots."""
@@ -484,11 +494,8 @@ def test_static_decode_of_a_left_padded_batch_equals_each_row_alone(static_model
     gen = torch.Generator().manual_seed(21)
     lengths = (70, 9, 3)
     rows = [torch.randint(3, 96, (n,), generator=gen) for n in lengths]
-    width = max(lengths)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+    ids, mask = left_pad(rows)
+    width = ids.shape[1]
     steps = _count_static_steps(model)
     kwargs = dict(max_new_tokens=70, do_sample=False, pad_token_id=0, eos_token_id=None, output_scores=True,
                   return_dict_in_generate=True)  # fmt: skip
@@ -543,12 +550,8 @@ def test_left_padded_batch_equals_each_row_alone():
     model = tiny_model(csa_window=8)
     gen = torch.Generator().manual_seed(11)
     rows = [torch.randint(1, 96, (n,), generator=gen) for n in (21, 14, 3)]
-    T = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r) :] = r
-        mask[i, T - len(r) :] = 1
+    ids, mask = left_pad(rows)
+    T = ids.shape[1]
     with torch.no_grad():
         batched = model(ids, attention_mask=mask).logits
         for i, r in enumerate(rows):
@@ -636,10 +639,7 @@ def test_left_padded_generate_equals_each_row_alone():
     model = tiny_model(csa_window=8)
     gen = torch.Generator().manual_seed(6)
     rows = [torch.randint(3, 96, (n,), generator=gen) for n in (13, 6)]
-    ids = torch.zeros(2, 13, dtype=torch.long)
-    mask = torch.zeros(2, 13, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, 13 - len(r) :], mask[i, 13 - len(r) :] = r, 1
+    ids, mask = left_pad(rows)
     kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
         batched = model.generate(ids, attention_mask=mask, **kwargs)
@@ -707,10 +707,7 @@ def test_generate_caps_a_left_padded_batch_by_its_longest_row(short_model):
     tokens stop after 12 new tokens each, and each row still equals its own uncapped generation."""
     gen = torch.Generator().manual_seed(13)
     rows = [torch.randint(3, 96, (n,), generator=gen) for n in (20, 14)]
-    ids = torch.zeros(2, 20, dtype=torch.long)
-    mask = torch.zeros(2, 20, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, 20 - len(r) :], mask[i, 20 - len(r) :] = r, 1
+    ids, mask = left_pad(rows)
     kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     out, messages = _generate_warnings(short_model, ids, attention_mask=mask, max_new_tokens=40, **kwargs)
     assert out.shape == (2, 32) and len(messages) == 1
