@@ -1406,6 +1406,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return (grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype), None, None, None)
 
 
+def _next_token_targets(labels: torch.Tensor, num_items_in_batch, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """labels [B, T] -> (targets [B, T] on `device`, where position t predicts labels[t + 1] and the last position
+    predicts nothing (-100), and the loss divisor: `num_items_in_batch`, else the number of kept targets)."""
+    targets = F.pad(labels, (0, 1), value=-100)[:, 1:].to(device)
+    if num_items_in_batch is None:
+        return targets, (targets != -100).sum()
+    return targets, torch.as_tensor(num_items_in_batch, device=device)
+
+
 def chunked_causal_lm_loss(
     hidden_states: torch.Tensor,
     weight: torch.Tensor,
@@ -1417,15 +1426,11 @@ def chunked_causal_lm_loss(
     transformers' `ForCausalLMLoss` on the full logits, without materialising them (see `_ChunkedLinearCrossEntropy`).
     Under autocast the head matmuls run in the autocast dtype and the softmax in fp32, like the unfused path."""
     B, T, H = hidden_states.shape
-    # position t predicts labels[t + 1]; the last position predicts nothing
-    targets = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1).to(hidden_states.device)
+    targets, divisor = _next_token_targets(labels, num_items_in_batch, hidden_states.device)
+    targets = targets.reshape(-1)
     hidden = hidden_states.reshape(B * T, H)
     if torch.is_autocast_enabled(hidden.device.type):
         hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
-    if num_items_in_batch is None:
-        divisor = (targets != -100).sum()
-    else:
-        divisor = torch.as_tensor(num_items_in_batch, device=hidden.device)
     if chunk_rows is None:  # ~256 MiB of fp32 logits per chunk
         chunk_rows = max(1, (64 * 2**20) // weight.shape[0])
     with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen explicitly above
@@ -1473,11 +1478,7 @@ def chunked_causal_lm_loss_through_module(
     the slice is recomputed, calling `head` a second time with the same RNG state). Returns the same value as
     `chunked_causal_lm_loss` for a plain Linear (the mean over kept targets, or the sum / `num_items_in_batch`)."""
     B, T, H = hidden_states.shape
-    targets = F.pad(labels, (0, 1), value=-100)[:, 1:].to(hidden_states.device)  # [B, T]; position t -> t + 1
-    if num_items_in_batch is None:
-        divisor = (targets != -100).sum()
-    else:
-        divisor = torch.as_tensor(num_items_in_batch, device=hidden_states.device)
+    targets, divisor = _next_token_targets(labels, num_items_in_batch, hidden_states.device)
     if chunk_rows is None:  # ~256 MiB of fp32 logits per slice (a head without `out_features`: assume 32000)
         chunk_rows = max(1, (64 * 2**20) // int(getattr(head, "out_features", None) or 32000))
     step = max(1, chunk_rows // B)
