@@ -5,6 +5,7 @@
 #   python -m llamathink.data prepare --input english-docs.jsonl.gz --tokenizer llama2-tokenizer.model \
 #       --out runs/english200 --val-docs 200
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh ablate  # init ablations + lr sweeps, eager
+#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh ablate2 # the same at the new default
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh final   # 800 steps: ours vs HF Qwen3.5 vs
 #                                                                           # HF Llama on GPU 0; rest of the sweep
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh long    # the three models at 1600 steps
@@ -38,6 +39,12 @@ if [ "$PART" = ablate ]; then
     q 1 560 sweep_adamw --run adamw-0.001:optimizer=adamw,adamw_lr=0.001,$A1 \
         --run adamw-0.002:optimizer=adamw,adamw_lr=0.002,$A1 --run adamw-0.004:optimizer=adamw,adamw_lr=0.004,$A1 &
     wait
+elif [ "$PART" = ablate2 ]; then  # the init ablations at the new default, one eager process per GPU
+    q 0 540 ablate2_a --run "dt-0.001-0.1:dt_init_range=[0.001,0.1]" --run embed-0.05:init.embed=0.05 \
+        --run rescale-residual:rescale_prenorm_residual=true &
+    q 1 540 ablate2_b --run no-hc:hyper_connections=false --run compress-identity:init.compress=identity \
+        --run default-seed1:seed=1 &
+    wait
 elif [ "$PART" = final ]; then  # the new defaults against the peers (timed), and the rest of the sweep
     q 0 560 final_800 --steps 800 &
     q 1 560 sweep_rest --run adamw-0.002:optimizer=adamw,adamw_lr=0.002,$A1 \
@@ -49,7 +56,7 @@ elif [ "$PART" = long ]; then  # 1600 steps; two GPUs, one process each
     q 1 560 final_1600_qwen --steps 1600 --eval-every 200 --run hf-qwen3.5:model=hf-qwen3.5 &
     wait
 else
-    echo "unknown part $PART (ablate, final or long)"; exit 2
+    echo "unknown part $PART (ablate, ablate2, final or long)"; exit 2
 fi
 for f in "$OUT"/*.log; do echo "== $f"; grep -E "final|failed|Error|error|stopped" "$f" | tail -8; done
 for d in "$OUT"/*/; do [ -f "$d/quality.json" ] && python benchmarks/bench_quality.py --plot "$d/quality.json"; done
