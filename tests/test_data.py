@@ -2,6 +2,7 @@
 and the training/validation readers."""
 
 import gzip
+import importlib
 import json
 import os
 import re
@@ -15,6 +16,8 @@ from conftest import llama2_model_path
 from llamathink import data as D
 from llamathink.data import (
     HEADER_BYTES,
+    LEGACY_SHARD_MAGIC,
+    SHARD_MAGIC,
     HFSource,
     LocalSource,
     ShardedTokenDataset,
@@ -22,14 +25,17 @@ from llamathink.data import (
     check_vocab,
     find_shards,
     load_meta,
-    main,
     open_shard,
     prepare,
     read_shard_header,
     val_batches,
     write_shard,
 )
+from llamathink.data.__main__ import main
 from llamathink.tokenizer_utils import builtin_tokenizer, iter_sample_texts, load_tokenizer
+
+# The module of prepare and its private helpers.
+P = importlib.import_module("llamathink.data.preparation")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +73,7 @@ def test_shard_round_trip(tmp_path):
     write_shard(p, toks, 32000, bos_id=1, eos_id=2)
     assert p.stat().st_size == HEADER_BYTES + 2 * len(toks)
     raw = np.fromfile(p, dtype="<i4", count=8)
-    assert raw[0] == 0x4B48544C and bytes(raw[:1].tobytes()) == b"LTHK"
+    assert raw[0] == SHARD_MAGIC == 0x4853544C and bytes(raw[:1].tobytes()) == b"LTSH"
     assert list(raw[1:4]) == [1, 2, 32000]
     assert read_shard_header(p) == {"version": 1, "token_bytes": 2, "vocab_size": 32000, "num_tokens": 6,
                                     "bos_id": 1, "eos_id": 2}
@@ -83,6 +89,66 @@ def test_shard_round_trip(tmp_path):
     # Full uint16 range.
     write_shard(p, [0, 65535], 65536)
     assert open_shard(p).tolist() == [0, 65535]
+
+
+def _legacy_shard_bytes(tokens, vocab_size, bos_id=-1, eos_id=-1):
+    """A shard as written before shards had their own magic, built by hand: b"LTHK", version 1, 2-byte tokens."""
+    header = np.zeros(256, dtype="<i4")
+    header[:4] = [0x4B48544C, 1, 2, vocab_size]
+    header[4:6] = np.array([len(tokens)], dtype="<i8").view("<i4")
+    header[6:8] = [bos_id, eos_id]
+    return header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes()
+
+
+def test_shards_have_their_own_magic_and_old_shards_still_read(tmp_path):
+    """Shards are written with SHARD_MAGIC (b"LTSH"), no longer with b"LTHK", which they shared with the C model
+    file; a shard with the old magic reads exactly like the same shard written now."""
+    assert SHARD_MAGIC.to_bytes(4, "little") == b"LTSH" and LEGACY_SHARD_MAGIC.to_bytes(4, "little") == b"LTHK"
+    toks = [1, 15043, 3186, 2, 0, 31999]
+    new, old = tmp_path / "new.bin", tmp_path / "old.bin"
+    write_shard(new, toks, 32000, bos_id=1, eos_id=2)
+    old.write_bytes(_legacy_shard_bytes(toks, 32000, bos_id=1, eos_id=2))
+    assert new.read_bytes()[:4] == b"LTSH" and new.read_bytes()[4:] == old.read_bytes()[4:]
+    assert read_shard_header(old) == read_shard_header(new)
+    assert open_shard(old).tolist() == open_shard(new).tolist() == toks
+    # An old prepared folder (train and val shards with the old magic) feeds the loaders as before.
+    for d, write in (("new_dir", lambda p, t: write_shard(p, t, 1000)),
+                     ("old_dir", lambda p, t: p.write_bytes(_legacy_shard_bytes(t, 1000)))):  # fmt: skip
+        (tmp_path / d).mkdir()
+        write(tmp_path / d / "train_000000.bin", np.arange(700) % 1000)
+        write(tmp_path / d / "val_000000.bin", np.arange(300, 0, -1))
+    a, b = TokenBatchLoader(tmp_path / "new_dir", 10, 4, seed=3), TokenBatchLoader(tmp_path / "old_dir", 10, 4, seed=3)
+    for _ in range(5):
+        assert torch.equal(next(a)[0], next(b)[0])
+    va = [x for x, _ in val_batches(tmp_path / "new_dir", 10, 4)]
+    vb = [x for x, _ in val_batches(tmp_path / "old_dir", 10, 4)]
+    assert len(va) == len(vb) == 8 and all(torch.equal(x, y) for x, y in zip(va, vb, strict=True))
+
+
+def test_other_files_are_refused_as_shards(tmp_path):
+    """A C model file (it has the old shards' magic, but a model header), a C tokenizer file and garbage are
+    refused with a ValueError naming the file."""
+    import struct
+
+    model = bytearray(2048)  # export_c's model.bin header: magic, version, header size, dtype, group, alignment
+    struct.pack_into("<6I", model, 0, 0x4B48544C, 1, 1024, 0, 64, 64)
+    (tmp_path / "model.bin").write_bytes(bytes(model))
+    with pytest.raises(ValueError, match=r"model\.bin: not a LlamaThink token shard .*C model file"):
+        open_shard(tmp_path / "model.bin")
+    tok = bytearray(1024 + 64)  # export_c's tokenizer.bin header: b"LTTK", version, header size, ...
+    struct.pack_into("<3I", tok, 0, 0x4B54544C, 1, 64)
+    (tmp_path / "tokenizer.bin").write_bytes(bytes(tok))
+    with pytest.raises(ValueError, match=r"tokenizer\.bin: not a LlamaThink token shard \(bad magic .*C tokenizer"):
+        read_shard_header(tmp_path / "tokenizer.bin")
+    (tmp_path / "garbage.bin").write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(ValueError, match=r"garbage\.bin: not a LlamaThink token shard \(bad magic number "
+                                         r"0x03020100 .*expected 0x4853544C b'LTSH'\)"):
+        open_shard(tmp_path / "garbage.bin")
+    # In a prepared folder too: the loaders name the file.
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train_000000.bin").write_bytes(bytes(model))
+    with pytest.raises(ValueError, match=r"train_000000\.bin: not a LlamaThink token shard"):
+        TokenBatchLoader(tmp_path / "d", 10, 4)
 
 
 def test_write_shard_errors(tmp_path):
@@ -281,7 +347,7 @@ def test_prepare_restart_after_crash(tmp_path, small_tok, docs, monkeypatch):
     kw = dict(shard_tokens=700, val_docs=5, num_workers=2, batch_docs=4, progress=False)
     prepare(src, tmp_path / "ref", small_tok, **kw)
 
-    real_write = D.write_shard
+    real_write = P.write_shard
     calls = {"n": 0}
 
     def flaky(path, *a, **k):
@@ -291,10 +357,10 @@ def test_prepare_restart_after_crash(tmp_path, small_tok, docs, monkeypatch):
             raise KeyboardInterrupt("simulated crash")
         return real_write(path, *a, **k)
 
-    monkeypatch.setattr(D, "write_shard", flaky)
+    monkeypatch.setattr(P, "write_shard", flaky)
     with pytest.raises(KeyboardInterrupt):
         prepare(src, tmp_path / "out", small_tok, **kw)
-    monkeypatch.setattr(D, "write_shard", real_write)
+    monkeypatch.setattr(P, "write_shard", real_write)
     (tmp_path / "out" / "train_000003.bin.tmp.12345").write_bytes(b"left by a killed process")
     progress = json.loads((tmp_path / "out" / "progress.json").read_text())
     assert len(progress["train_shards"]) == 2 and not progress["complete"]
@@ -344,6 +410,34 @@ def test_cli_prepare_and_inspect(tmp_path, capsys):
                  "--shard-tokens", "100000", "--val-docs", "8", "--workers", "2", "--no-progress"]) == 0
     meta = load_meta(tmp_path / "s")
     assert meta["train"]["num_tokens"] > 50_000  # the sample corpus is big enough for a demo run
+
+
+def test_prepare_script_takes_the_options_without_the_subcommand(tmp_path, capsys):
+    """The ``llamathink-prepare`` console script (``llamathink.data.preparation:main``) takes the options of
+    ``python -m llamathink.data prepare`` without the subcommand and writes the same folder; each parser names the
+    way it was invoked."""
+    from importlib.metadata import EntryPoint
+
+    script = EntryPoint("llamathink-prepare", "llamathink.data.preparation:main", "console_scripts").load()
+    assert script is P.main
+    src = write_jsonl(tmp_path / "d.jsonl", list(iter_sample_texts(include_conversations=False))[:40])
+    opts = ["--input", str(src), "--tokenizer", "builtin", "--shard-tokens", "2000", "--val-docs", "4",
+            "--workers", "1", "--no-progress"]  # fmt: skip
+    assert script([*opts, "--out", str(tmp_path / "a")]) == 0
+    assert "train shards" in capsys.readouterr().out
+    assert main(["prepare", *opts, "--out", str(tmp_path / "b")]) == 0
+    assert "train shards" in capsys.readouterr().out
+    assert read_dir(tmp_path / "a") == read_dir(tmp_path / "b")
+    for call, usage in ((lambda: script(["--help"]), "usage: llamathink-prepare "),
+                        (lambda: main(["prepare", "--help"]), "usage: python -m llamathink.data prepare "),
+                        (lambda: main(["--help"]), "usage: python -m llamathink.data ")):  # fmt: skip
+        with pytest.raises(SystemExit) as exc:
+            call()
+        assert exc.value.code == 0 and capsys.readouterr().out.startswith(usage)
+    with pytest.raises(SystemExit) as exc:  # the subcommand form is the module's, not the script's
+        script(["prepare", *opts, "--out", str(tmp_path / "c")])
+    assert exc.value.code == 2
+    assert "llamathink-prepare: error: unrecognized arguments: prepare" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- reader
@@ -560,7 +654,7 @@ BAD_CASES = {"invalid_utf8": "invalid_utf8", "lone_surrogate": "lone_surrogate",
 def test_bad_record_named_or_skipped(tmp_path, small_tok, case, monkeypatch):
     """Every kind of bad record stops prepare with a ValueError naming file and line (or row) and the kind;
     skip_bad_records=True skips exactly that record, counts it in meta.json and keeps every good document."""
-    monkeypatch.setattr(D, "_READ_CHUNK_BYTES", 7)  # .txt files: line counting across read chunks
+    monkeypatch.setattr(P, "_READ_CHUNK_BYTES", 7)  # .txt files: line counting across read chunks
     (tmp_path / "src").mkdir()
     spec, where, problem = _bad_input(tmp_path / "src", case)
     kind = BAD_CASES[case]
@@ -664,7 +758,7 @@ def _long_doc(docs, n):
 
 def test_splitter_cuts_at_boundaries(docs):
     text = _long_doc(docs, 30)
-    pieces = list(D._document_pieces(text, "doc", D.BadRecords(), 500))
+    pieces = list(P._document_pieces(text, "doc", D.BadRecords(), 500))
     assert "".join(p.text for p in pieces) == text
     assert all(0 < len(p.text) <= 500 for p in pieces) and len(pieces) > len(text) // 500
     assert [p.first for p in pieces] == [True] + [False] * (len(pieces) - 1)
@@ -677,9 +771,9 @@ def test_splitter_cuts_at_boundaries(docs):
     assert sum(text[e - 2:e] == "\n\n" for e in ends) >= len(ends) // 2
     # No whitespace at all: hard cuts of exactly max_chars.
     solid = "x" * 1234
-    assert [len(p.text) for p in D._document_pieces(solid, "doc", D.BadRecords(), 500)] == [500, 500, 234]
-    assert [p.text for p in D._document_pieces("short", "d", D.BadRecords(), 500)] == ["short"]
-    assert list(D._document_pieces(" \n\t", "d", D.BadRecords(), 500)) == []  # whitespace-only: no document
+    assert [len(p.text) for p in P._document_pieces(solid, "doc", D.BadRecords(), 500)] == [500, 500, 234]
+    assert [p.text for p in P._document_pieces("short", "d", D.BadRecords(), 500)] == ["short"]
+    assert list(P._document_pieces(" \n\t", "d", D.BadRecords(), 500)) == []  # whitespace-only: no document
 
 
 @pytest.mark.parametrize("fmt", ["txt", "jsonl", "paragraph"])
@@ -719,9 +813,9 @@ def test_long_documents_llama2_pieces(tmp_path, docs):
     """The context trick also reproduces the Llama 2 tokenizer's whole-document tokens at line and space cuts."""
     tok = load_tokenizer(llama2_model_path())
     text = _long_doc(docs, 8)
-    enc = D._make_encoder(*D._tokenizer_payload(tok), 1, 2)
+    enc = P._make_encoder(*P._tokenizer_payload(tok), 1, 2)
     for max_chars in (300, 97):
-        arrays = D._encode_with(enc, list(D._document_pieces(text, "d", D.BadRecords(), max_chars)))
+        arrays = P._encode_with(enc, list(P._document_pieces(text, "d", D.BadRecords(), max_chars)))
         assert np.concatenate(arrays).tolist() == [1] + tok.encode(text, add_special_tokens=False) + [2]
 
 
@@ -755,14 +849,18 @@ def test_max_doc_chars_validation(tmp_path, small_tok):
 
 
 _MEMORY_PROBE = r"""
-import importlib.util, json, re, sys
+import importlib, json, os, re, sys, types
 from tokenizers import Tokenizer
 def peak_rss_kib():  # VmHWM: this process's own peak (ru_maxrss would carry the forking parent's peak over exec)
     with open("/proc/self/status") as f:
         return int(re.search(r"VmHWM:\s*(\d+) kB", f.read()).group(1))
-spec = importlib.util.spec_from_file_location("ltdata", sys.argv[1])
-D = sys.modules["ltdata"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(D)
+# llamathink.data.preparation without running the packages' __init__ (llamathink's imports torch and transformers):
+# empty stand-ins for the two packages, pointing at their folders (sys.argv[1] is llamathink/data).
+for name, folder in (("llamathink", os.path.dirname(sys.argv[1])), ("llamathink.data", sys.argv[1])):
+    sys.modules[name] = types.ModuleType(name)
+    sys.modules[name].__path__ = [folder]
+D = importlib.import_module("llamathink.data.preparation")
+assert "torch" not in sys.modules and "transformers" not in sys.modules
 D._READ_CHUNK_BYTES = int(sys.argv[6])
 import tqdm.auto  # imported by prepare: not part of the growth
 class Tok:  # the builtin tokenizer without importing transformers (keeps the subprocess small and quick)
@@ -791,7 +889,7 @@ def test_long_txt_memory_is_bounded(tmp_path, small_tok, docs):
     (tmp_path / "big.txt").write_text(text, encoding="utf-8")
     small_tok.backend_tokenizer.save(str(tmp_path / "tok.json"))
     size = (tmp_path / "big.txt").stat().st_size
-    res = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, D.__file__, str(tmp_path / "tok.json"),
+    res = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, os.path.dirname(P.__file__), str(tmp_path / "tok.json"),
                           str(tmp_path / "big.txt"), str(tmp_path / "out"), "20000", "65536"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -829,18 +927,18 @@ def test_piece_context_fallback():
         def __call__(self, texts, **kw):
             return {"input_ids": [[99 if t == "ab" else ord(t) for t in re.findall("ab|.", s, re.S)] for s in texts]}
 
-    enc = D._make_encoder("python", MergeAB(), 1, 2)
+    enc = P._make_encoder("python", MergeAB(), 1, 2)
     pieces = [D.Piece("xa", True, False), D.Piece("bc", False, False, "a"), D.Piece(" d", False, True, "c")]
-    out = [a.tolist() for a in D._encode_with(enc, pieces)]
+    out = [a.tolist() for a in P._encode_with(enc, pieces)]
     assert out == [[1, ord("x"), ord("a")], [ord("b"), ord("c")], [ord(" "), ord("d"), 2]]
-    assert [a.tolist() for a in D._encode_with(enc, ["ab c"])] == [[1, 99, ord(" "), ord("c"), 2]]
+    assert [a.tolist() for a in P._encode_with(enc, ["ab c"])] == [[1, 99, ord(" "), ord("c"), 2]]
 
 
 def test_an_overlong_jsonl_line_is_named_and_skipped_without_holding_it(tmp_path, small_tok, monkeypatch):
     """A JSON Lines line over MAX_JSONL_LINE_BYTES (e.g. a binary or one-line file named .jsonl) is a bad record
     named by file and line; it is read past in bounded pieces, and the lines after it keep their numbers."""
-    monkeypatch.setattr(D, "MAX_JSONL_LINE_BYTES", 64)
-    monkeypatch.setattr(D, "_READ_CHUNK_BYTES", 7)
+    monkeypatch.setattr(P, "MAX_JSONL_LINE_BYTES", 64)
+    monkeypatch.setattr(P, "_READ_CHUNK_BYTES", 7)
     lines = [json.dumps({"text": GOOD[0]}), json.dumps({"text": "x" * 500}), json.dumps({"text": GOOD[1]}),
              json.dumps({"text": None})]  # fmt: skip
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")

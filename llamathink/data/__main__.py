@@ -1,0 +1,56 @@
+"""``python -m llamathink.data``: the command line of the data tools.
+
+    python -m llamathink.data prepare --input PATH... --tokenizer TOK --out DIR [options]
+    python -m llamathink.data inspect DIR_OR_SHARD
+
+``prepare`` takes the options of the ``llamathink-prepare`` script (:func:`llamathink.data.preparation.main`);
+``inspect`` validates shards (:func:`~llamathink.data.shards.read_shard_header`) and prints their headers and
+the folder's meta.json as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .preparation import _PREPARE_DESCRIPTION, _add_prepare_arguments, _run_cli
+from .shards import _SHARD_RE, META_FILE, load_meta, read_shard_header
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m llamathink.data", description="LlamaThink pretraining data tools")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="tokenize documents into uint16 shards", description=_PREPARE_DESCRIPTION)
+    _add_prepare_arguments(p)
+    ins = sub.add_parser("inspect", help="validate shards and print a summary")
+    ins.add_argument("path", help="a prepare output directory or a .bin shard")
+    return ap
+
+
+def _inspect(path: str) -> int:
+    """Print the headers of the shards at ``path`` (a folder's ``train_*``/``val_*`` shards, or one file) and the
+    folder's meta.json as JSON; raises ``FileNotFoundError`` when there are none, ``ValueError`` for a bad shard."""
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(q for q in p.glob("*.bin") if _SHARD_RE.match(q.name))
+    if not files:
+        raise FileNotFoundError(f"no shards at {p}")
+    summary = {"shards": {str(f.name): read_shard_header(f) for f in files}}
+    if p.is_dir() and (p / META_FILE).exists():
+        summary["meta"] = load_meta(p)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``python -m llamathink.data SUBCOMMAND ...`` (``argv`` without the program name); return the exit status."""
+    args = _build_parser().parse_args(argv)
+    if args.cmd == "inspect":
+        return _inspect(args.path)
+    return _run_cli(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""Chat finetuning data: conversations from files or ``datasets`` sources, tokenized examples with an
+assistant-only label mask, and the batches chat finetuning (:mod:`llamathink.train.finetune`) trains on.
+
+The conversation format itself (markers, template, tokenization with content kept as text) is
+:mod:`llamathink.chat_format`; every example here is token for token that format's ``apply_chat_template``.
+
+Labels, truncation, skipping
+----------------------------
+
+:func:`build_example` tokenizes a conversation exactly as ``apply_chat_template`` does (same ids) and sets the
+labels to -100 everywhere except the tokens of each assistant content and its EOS. Positions are not shifted
+(``labels[i]`` is ``input_ids[i]`` or -100; the model shifts inside, as Hugging Face causal LMs do).
+
+* Nothing to learn: a conversation without an assistant message is skipped (counted as ``no_assistant``).
+* Too long (``max_len`` tokens): the conversation is cut at a message boundary, keeping the longest run of whole
+  messages from the start that ends with an assistant message and fits (counted as ``truncated``); if even the
+  first assistant message ends past ``max_len`` the conversation is dropped (``too_long``). Messages after the last
+  assistant message are never kept (they would carry no labels). A truncated example is token for token
+  ``apply_chat_template`` of the kept messages.
+
+Data formats
+------------
+
+:func:`load_conversations` reads JSONL (or any ``datasets`` source: a Hub id, a ``save_to_disk`` directory,
+JSON/Parquet/CSV files) in these row formats, detected per row:
+
+* ``{"messages": [{"role": "user", "content": "..."}, ...]}`` - the common chat format (``content`` may also be a
+  list of ``{"type": "text", "text": ...}`` parts); roles ``system``/``user``/``assistant`` (``human``, ``gpt``,
+  ``bot``, ``model`` are accepted as aliases);
+* ``{"conversations": [{"from": "human", "value": "..."}, ...]}`` - ShareGPT;
+* ``{"conversation": "<person1> ... <person2> ..."}`` - the original project's format: ``<person1>`` is the user,
+  ``<person2>`` the assistant, and whoever speaks first stays first. Turns may be separated by blank lines,
+  single newlines or nothing at all (run on in one line).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, NamedTuple, Sequence
+
+import numpy as np
+
+from ..chat_format import (
+    RenderedChat,
+    _check_content,
+    normalize_messages,
+    check_chat_tokenizer,
+    encode_rendered,
+    render_chat,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conversations: formats and loading
+# ---------------------------------------------------------------------------------------------------------------
+
+PERSON_ROLES = {"1": "user", "2": "assistant"}
+_PERSON_TAG = re.compile(r"<person([12])>")
+
+
+def parse_person_conversation(text: str) -> list[dict]:
+    """``"<person1> hi <person2> hello"`` -> ``[{"role": "user", ...}, {"role": "assistant", ...}]``.
+
+    person1 is the user, person2 the assistant; the order of turns (whoever speaks first) is kept. Turns may be
+    separated by blank lines, newlines or only spaces. Text before the first tag is an error."""
+    if not isinstance(text, str):
+        raise ValueError(f"conversation must be a string, got {type(text).__name__}")
+    pieces = _PERSON_TAG.split(text)
+    if len(pieces) < 3:
+        raise ValueError("no <person1>/<person2> tags in the conversation")
+    if pieces[0].strip():
+        raise ValueError(f"text before the first <personN> tag: {pieces[0].strip()[:40]!r}")
+    messages = [{"role": PERSON_ROLES[pieces[i]], "content": pieces[i + 1].strip()} for i in range(1, len(pieces), 2)]
+    for i, message in enumerate(messages):
+        _check_content(i, message["content"])
+    return messages
+
+
+def row_to_messages(row: dict, data_format: str = "auto") -> list[dict]:
+    """One dataset row as a list of messages. ``data_format``: ``auto`` (by the row's keys), ``messages``,
+    ``sharegpt`` or ``person``."""
+    if data_format == "auto":
+        if "messages" in row:
+            data_format = "messages"
+        elif "conversations" in row:
+            data_format = "sharegpt"
+        elif "conversation" in row:
+            data_format = "person"
+        else:
+            raise ValueError(f"row has none of the keys messages, conversations, conversation: {sorted(row)}")
+    if data_format == "messages":
+        return normalize_messages(row["messages"])
+    if data_format == "sharegpt":
+        return normalize_messages(row["conversations"])
+    if data_format == "person":
+        return parse_person_conversation(row["conversation"])
+    raise ValueError(f"unknown data_format {data_format!r}; use auto, messages, sharegpt or person")
+
+
+def sample_conversations_path() -> Path:
+    """The bundled sample conversations (``llamathink/sample_data/conversations.jsonl``; ``source="sample"``)."""
+    from llamathink.tokenizer_utils import sample_data_path
+
+    return sample_data_path("conversations.jsonl")
+
+
+def _iter_rows(source: str, split: str, config_name: str | None) -> Iterable[dict]:
+    path = Path(source).expanduser()
+    if source == "sample":
+        path = sample_conversations_path()
+    if path.is_file() and path.name.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from None
+        return
+    import datasets
+
+    if path.is_file():
+        kind = {".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
+        if kind is None:
+            raise ValueError(f"{path}: unsupported file type (use .jsonl, .json, .parquet or .csv)")
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{path}: no split {split!r} (splits: {', '.join(ds)})")
+            ds = ds[split]
+    else:  # a dataset directory with data files, or a Hub id
+        ds = datasets.load_dataset(source, config_name, split=split)
+    yield from ds
+
+
+def load_conversations(source: str, *, split: str = "train", data_format: str = "auto", config_name: str | None = None,
+                       limit: int | None = None, stats: Counter | None = None) -> list[list[dict]]:  # fmt: skip
+    """Conversations (lists of messages) from ``source``: ``"sample"`` (the bundled conversations), a ``.jsonl``
+    file, or anything ``datasets`` loads (file, ``save_to_disk`` directory, Hub id with ``split``/``config_name``).
+    Rows that cannot be read as a conversation are skipped and counted in ``stats["invalid"]``."""
+    stats = stats if stats is not None else Counter()
+    conversations = []
+    for row in _iter_rows(source, split, config_name):
+        if limit is not None and len(conversations) >= limit:
+            break
+        try:
+            conversations.append(row_to_messages(row, data_format))
+        except (ValueError, KeyError, TypeError):
+            stats["invalid"] += 1
+    return conversations
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Examples: token ids and labels
+# ---------------------------------------------------------------------------------------------------------------
+
+IGNORE_INDEX = -100
+
+
+class Example(NamedTuple):
+    """One tokenized conversation: ``input_ids`` and ``labels`` of the same length, labels -100 where not trained."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def _finish(ids: list[int], offsets: list[tuple[int, int]], rendered: RenderedChat, messages: list[dict],
+            max_len: int, stats: Counter) -> tuple[np.ndarray, np.ndarray] | None:  # fmt: skip
+    """Cut one tokenized conversation by the truncation rule; (ids, trained flags) or None when dropped."""
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    starts, stops = off[:, 0], off[:, 1]
+    if len(starts) > 1 and bool((np.diff(starts) < 0).any()):
+        raise ValueError("the tokenizer's offsets are not in order; it cannot be used with this chat format")
+    spans = np.asarray(rendered.label_spans, dtype=np.int64).reshape(-1, 2)
+    # a trained span must start and end on token boundaries (no token reaches across "\n" or "</s>")
+    for edge in spans.reshape(-1):
+        t = int(np.searchsorted(starts, edge, side="right")) - 1
+        if t >= 0 and starts[t] < edge < stops[t]:
+            raise ValueError(f"the tokenizer makes a token across the edge of an assistant turn (characters "
+                             f"{starts[t]}..{stops[t]}, edge {edge}); it cannot be used with this chat "
+                             "format")  # fmt: skip
+    # token index where each message ends = the first token that starts at or after its last character
+    ends = np.searchsorted(starts, np.asarray([e for _, e in rendered.message_spans], dtype=np.int64), side="left")
+    keep = None
+    for k in range(len(messages), 0, -1):  # the longest prefix of whole messages ending with an assistant turn
+        if messages[k - 1]["role"] == "assistant" and ends[k - 1] <= max_len:
+            keep = k
+            break
+    if keep is None:
+        stats["too_long"] += 1
+        return None
+    if any(m["role"] == "assistant" for m in messages[keep:]):
+        stats["truncated"] += 1
+    cut = int(ends[keep - 1])
+    trained = np.zeros(len(starts), dtype=bool)
+    first, after = np.searchsorted(starts, spans[:, 0], side="left"), np.searchsorted(starts, spans[:, 1], side="left")
+    for a, b in zip(first, after):
+        trained[a:b] = True  # the tokens that start inside the span
+    stats["kept"] += 1
+    return np.asarray(ids[:cut], dtype=np.int32), trained[:cut]
+
+
+def build_example(tokenizer, messages: Sequence[dict], max_len: int, stats: Counter | None = None) -> Example | None:
+    """``(input_ids, labels)`` for one conversation, or ``None`` when it is skipped (no assistant message) or dropped
+    (too long even when cut after its first assistant message); ``stats`` (a ``Counter``) counts ``kept``,
+    ``truncated``, ``too_long`` and ``no_assistant``. ``input_ids`` equal ``tokenizer.apply_chat_template`` of the
+    kept messages; see the module docstring for the labels and the truncation rule."""
+    out = build_examples(tokenizer, [messages], max_len, stats=stats)
+    return out[0] if len(out) else None
+
+
+class ChatDataset:
+    """Tokenized examples stored compactly (one flat int32 array of ids and one of label flags), for datasets of
+    any size. ``dataset[i]`` is an :class:`Example`; ``lengths`` holds every example's length."""
+
+    def __init__(self, ids: np.ndarray, trained: np.ndarray, offsets: np.ndarray):
+        self.ids, self.trained, self.offsets = ids, trained, offsets
+
+    @classmethod
+    def from_arrays(cls, rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> "ChatDataset":
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(ids) for ids, _ in rows])
+        ids = np.concatenate([r[0] for r in rows]) if rows else np.zeros(0, dtype=np.int32)
+        trained = np.concatenate([r[1] for r in rows]) if rows else np.zeros(0, dtype=bool)
+        return cls(ids.astype(np.int32, copy=False), trained.astype(bool, copy=False), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def num_trained_tokens(self) -> int:
+        return int(self.trained.sum())
+
+    def __getitem__(self, i: int) -> Example:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i = i % len(self)
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        ids = self.ids[a:b]
+        return Example(ids.tolist(), np.where(self.trained[a:b], ids, IGNORE_INDEX).tolist())
+
+
+def build_examples(tokenizer, conversations: Iterable[Sequence[dict]], max_len: int, *,
+                   system_prompt: str | None = None, stats: Counter | None = None,
+                   chunk_size: int = 256) -> ChatDataset:  # fmt: skip
+    """:func:`build_example` over many conversations (tokenized in batches), as a :class:`ChatDataset`.
+    ``system_prompt``, if given, is put first in every conversation that has no system message."""
+    stats = stats if stats is not None else Counter()
+    if max_len < 2:
+        raise ValueError(f"max_len must be at least 2, got {max_len}")
+    check_chat_tokenizer(tokenizer)
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    rows: list[tuple[np.ndarray, np.ndarray]] = []
+    chunk: list[tuple[list[dict], RenderedChat]] = []
+
+    def flush():
+        if chunk:
+            encoded = encode_rendered(tokenizer, [r for _, r in chunk])
+            for (messages, rendered), (ids, offsets) in zip(chunk, encoded):
+                row = _finish(ids, offsets, rendered, messages, max_len, stats)
+                if row is not None:
+                    rows.append(row)
+            chunk.clear()
+
+    for messages in conversations:
+        messages = normalize_messages(messages)
+        if system_prompt and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": system_prompt}] + messages
+        if not any(m["role"] == "assistant" for m in messages):
+            stats["no_assistant"] += 1
+            continue
+        chunk.append((messages, render_chat(messages, bos_token=bos, eos_token=eos)))
+        if len(chunk) >= chunk_size:
+            flush()
+    flush()
+    return ChatDataset.from_arrays(rows)
+
+
+class ChatCollator:
+    """Pads a list of examples (:class:`Example`, or dicts with ``input_ids``/``labels``) on the right: ids with
+    ``pad_token_id``, labels with -100, ``attention_mask`` 0 on padding. Returns a dict of [B, T] tensors."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = int(pad_token_id)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: Sequence[Example | dict]) -> dict:
+        import torch
+
+        rows = [(e["input_ids"], e["labels"]) if isinstance(e, dict) else (e[0], e[1]) for e in examples]
+        T = max(len(ids) for ids, _ in rows)
+        if self.pad_to_multiple_of:
+            T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(rows), T), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for i, (ids, lab) in enumerate(rows):
+            n = len(ids)
+            input_ids[i, :n] = torch.as_tensor(list(ids), dtype=torch.long)
+            labels[i, :n] = torch.as_tensor(list(lab), dtype=torch.long)
+            attention_mask[i, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training: held-out split and batches
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def split_held_out(conversations: list, fraction: float, seed: int, max_eval: int | None = None) -> tuple[list, list]:
+    """(train, held-out): a random `fraction` of the conversations (at least one when fraction > 0 and there are two
+    or more, at most `max_eval`), chosen by `seed`; both keep the original order."""
+    n = len(conversations)
+    n_eval = 0
+    if fraction > 0 and n >= 2:
+        n_eval = min(max(1, round(n * fraction)), n - 1, max_eval or n)
+    held = set(np.random.default_rng(seed).permutation(n)[:n_eval].tolist())
+    return ([c for i, c in enumerate(conversations) if i not in held],
+            [c for i, c in enumerate(conversations) if i in held])  # fmt: skip
+
+
+class ChatBatchLoader:
+    """Endless right-padded batches of a `ChatDataset`, epoch after epoch, in an order fixed by (seed, epoch).
+
+    Each optimizer micro-step takes one global batch of micro_batch_size x world_size examples (the last partial
+    one of an epoch is skipped; the next epoch reshuffles); process `rank` gets its slice. With `group_by_length`,
+    examples are sorted by length within windows of 32 global batches before batching, and the batches are then
+    shuffled. `state_dict()` / `load_state_dict()` make the sequence resumable exactly."""
+
+    def __init__(self, dataset: ChatDataset, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 pad_token_id: int = 0, group_by_length: bool = True):  # fmt: skip
+        self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
+        self.seed, self.group_by_length = seed, group_by_length
+        self.global_batch = batch_size * world_size
+        if len(dataset) < self.global_batch:
+            raise ValueError(f"{len(dataset)} training examples are fewer than one global batch "
+                             f"({batch_size} x {world_size} processes); lower micro_batch_size")  # fmt: skip
+        self.collate = ChatCollator(pad_token_id)
+        self.epoch, self.position = 0, 0
+        self._plan: tuple[int, list[np.ndarray]] | None = None
+
+    def _batches(self, epoch: int) -> list[np.ndarray]:
+        if self._plan is None or self._plan[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            n, gb = len(self.dataset), self.global_batch
+            order = rng.permutation(n)
+            nb = n // gb
+            if self.group_by_length:
+                lengths = self.dataset.lengths
+                window = gb * 32
+                order = np.concatenate([chunk[np.argsort(-lengths[chunk], kind="stable")]
+                                        for chunk in np.array_split(order, range(window, n, window))])  # fmt: skip
+                batches = [order[i * gb : (i + 1) * gb] for i in range(nb)]
+                batches = [batches[i] for i in rng.permutation(nb)]
+            else:
+                batches = [order[i * gb : (i + 1) * gb] for i in range(nb)]
+            self._plan = (epoch, batches)
+        return self._plan[1]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batches = self._batches(self.epoch)
+        if self.position >= len(batches):
+            self.epoch, self.position = self.epoch + 1, 0
+            batches = self._batches(self.epoch)
+        rows = batches[self.position][self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        self.position += 1
+        return self.collate([self.dataset[int(i)] for i in rows])
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "size": len(self.dataset),
+                "global_batch": self.global_batch, "group_by_length": self.group_by_length}  # fmt: skip
+
+    def load_state_dict(self, state: dict):
+        mine = self.state_dict()
+        for key in ("seed", "size", "global_batch", "group_by_length"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"cannot resume the data position: {key} was {state.get(key)!r} in the checkpoint "
+                                 f"and is {mine[key]!r} now (the data or batch settings changed)")  # fmt: skip
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or position < 0:  # a negative position would index the epoch's batches from the end
+            raise ValueError(f"cannot resume the data position: epoch {epoch}, position {position} in the "
+                             "checkpoint are not valid counts")  # fmt: skip
+        self.epoch, self.position = epoch, position
+
+
+def trained_tokens(labels: torch.Tensor) -> int:
+    """Tokens the loss counts: labels after the causal shift that are not -100."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())

@@ -1,0 +1,425 @@
+"""Token shards: the file format, writing one, and reading shards for training and evaluation.
+
+Shard format (``*.bin``, little-endian)::
+
+    header   256 x int32 (1024 bytes)
+             [0] magic 0x4853544C (the bytes b"LTSH", "LlamaThink shard"); shards written before it had their own
+                 magic carry 0x4B48544C (b"LTHK", shared with the C model file of export_c) and are still read
+             [1] format version (1)
+             [2] bytes per token (2)
+             [3] vocabulary size of the tokenizer that produced the tokens
+             [4:6] number of tokens, as one int64
+             [6] BOS id, [7] EOS id (-1 if unknown); the rest is zero
+    tokens   uint16 x number of tokens
+
+A prepared folder (see :mod:`llamathink.data.preparation`) holds ``train_000000.bin``, ``train_000001.bin``, ...,
+optionally ``val_000000.bin``, and ``meta.json`` (:func:`load_meta`).
+
+Loading for training (:class:`TokenBatchLoader`) memory-maps the shards and
+cuts their concatenation into non-overlapping windows of ``seq_len`` tokens.
+Each epoch visits the windows in a permutation seeded by ``(seed, epoch)``;
+consecutive groups of ``batch_size`` windows form global batches and rank ``r``
+of ``world_size`` takes global batches ``r, r + world_size, ...``, so ranks
+never share a window and nothing is sampled with replacement (windows that do
+not fill a whole round of batches are skipped for that epoch; a different
+permutation the next epoch includes them).  Batches are ``(input_ids,
+labels)``, both ``torch.int64`` of shape ``[batch_size, seq_len]`` with
+``labels`` equal to ``input_ids``: the model shifts labels internally, the
+Hugging Face way.  ``state_dict()``/``load_state_dict()`` resume exactly.
+:func:`val_batches` gives the deterministic evaluation batches.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+# Shards and the C model file (export_c/export.py) used to share b"LTHK"; shards now have their own magic.  The C
+# tokenizer file (export_c/tokenizer_export.py) uses b"LTTK", so that one is not free either.
+SHARD_MAGIC = 0x4853544C  # b"LTSH" ("LlamaThink shard") read as a little-endian int32
+LEGACY_SHARD_MAGIC = 0x4B48544C  # b"LTHK": shards written before SHARD_MAGIC; read, never written
+FORMAT_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TOKEN_DTYPE = np.dtype("<u2")
+MAX_VOCAB = 65536  # token ids must fit in uint16 (0..65535)
+
+META_FILE = "meta.json"
+_SHARD_RE = re.compile(r"^(train|val)_\d{6}\.bin$")
+
+# Other LlamaThink binary files, named in the error when one is passed as a shard.
+_OTHER_MAGICS = {0x4B54544C: "a LlamaThink C tokenizer file (export_c/tokenizer_export.py)"}
+
+
+def _magic_bytes(magic: int) -> bytes:
+    return (magic & 0xFFFFFFFF).to_bytes(4, "little")
+
+
+# ---------------------------------------------------------------------------
+# shard files
+# ---------------------------------------------------------------------------
+
+def _atomic_write_bytes(path: str | os.PathLike, chunks: Iterable[bytes]) -> None:
+    """Write ``chunks`` to ``path`` through ``{path}.tmp.{pid}`` + fsync + ``os.replace``, so a reader (or a run
+    killed mid-write) never sees a partial file; the temporary file is removed on any error."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """``obj`` as indented, key-sorted JSON (plus a newline), written atomically (see :func:`_atomic_write_bytes`)."""
+    _atomic_write_bytes(path, [(json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")])
+
+
+def _shard_name(split: str, i: int) -> str:
+    """File name of shard ``i`` of ``split`` ("train" or "val"): ``train_000000.bin``, ..."""
+    return f"{split}_{i:06d}.bin"
+
+
+def write_shard(path: str | os.PathLike, tokens, vocab_size: int, *, bos_id: int = -1, eos_id: int = -1) -> None:
+    """Write ``tokens`` (any integer array-like) as a shard with :data:`SHARD_MAGIC`, atomically
+    (temporary file + ``os.replace``).  Raises ``ValueError`` if the vocabulary
+    does not fit uint16 or a token is outside ``[0, vocab_size)``."""
+    vocab_size = int(vocab_size)
+    if vocab_size > MAX_VOCAB:
+        raise ValueError(f"vocabulary of {vocab_size} tokens is too large for uint16 shards "
+                         f"(token ids must be <= 65535, so at most {MAX_VOCAB} tokens)")
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        arr = arr.reshape(-1)
+    if arr.size:
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{path}: token ids must be in [0, {vocab_size}), got range [{lo}, {hi}]")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0] = SHARD_MAGIC
+    header[1] = FORMAT_VERSION
+    header[2] = TOKEN_DTYPE.itemsize
+    header[3] = vocab_size
+    header[4:6] = np.array([arr.size], dtype="<i8").view("<i4")
+    header[6] = bos_id
+    header[7] = eos_id
+    _atomic_write_bytes(path, [header.tobytes(), arr.astype(TOKEN_DTYPE, copy=False).tobytes()])
+
+
+def read_shard_header(path: str | os.PathLike) -> dict:
+    """Validate a shard's header and size; return its fields.
+
+    Both :data:`SHARD_MAGIC` and :data:`LEGACY_SHARD_MAGIC` are accepted.  Raises ``FileNotFoundError`` for a
+    missing file and ``ValueError`` (naming the file and the problem) for a bad magic number (a C model file, which
+    shares the legacy magic, is recognised by its header and refused too), an unsupported version or token size,
+    or a file whose length does not match the token count.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"shard file not found: {path}")
+    size = os.path.getsize(path)
+    if size < HEADER_BYTES:
+        raise ValueError(f"{path}: truncated shard: {size} bytes is smaller than the {HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    magic = int(header[0]) & 0xFFFFFFFF
+    version = int(header[1])
+    token_bytes = int(header[2])
+    if magic not in (SHARD_MAGIC, LEGACY_SHARD_MAGIC):
+        other = _OTHER_MAGICS.get(magic)
+        raise ValueError(f"{path}: not a LlamaThink token shard (bad magic number 0x{magic:08X} "
+                         f"{_magic_bytes(magic)!r}, expected 0x{SHARD_MAGIC:08X} {_magic_bytes(SHARD_MAGIC)!r}"
+                         f"{f'; it looks like {other}' if other else ''})")
+    if magic == LEGACY_SHARD_MAGIC and (version, token_bytes) != (FORMAT_VERSION, TOKEN_DTYPE.itemsize):
+        # Every shard with the legacy magic is version 1 with 2-byte tokens; a C model file has its header size
+        # (1024) where a shard has its token size.
+        raise ValueError(f"{path}: not a LlamaThink token shard (bad magic number 0x{magic:08X} "
+                         f"{_magic_bytes(magic)!r}: the C model file's magic, which old shards shared, but the "
+                         f"header is not a shard's: version {version}, token size {token_bytes}; a model.bin "
+                         "written by export_c?)")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported shard format version {version} "
+                         f"(this code reads version {FORMAT_VERSION})")
+    if token_bytes != TOKEN_DTYPE.itemsize:
+        raise ValueError(f"{path}: unsupported token size of {token_bytes} bytes (expected {TOKEN_DTYPE.itemsize})")
+    num_tokens = int(header[4:6].view("<i8")[0])
+    if num_tokens < 0:
+        raise ValueError(f"{path}: corrupt header: negative token count {num_tokens}")
+    expected = HEADER_BYTES + num_tokens * token_bytes
+    if size < expected:
+        raise ValueError(f"{path}: truncated shard: header says {num_tokens} tokens ({expected} bytes) "
+                         f"but the file has only {size} bytes")
+    if size > expected:
+        raise ValueError(f"{path}: corrupt shard: header says {num_tokens} tokens ({expected} bytes) "
+                         f"but the file has {size} bytes")
+    return {"version": version, "token_bytes": token_bytes, "vocab_size": int(header[3]),
+            "num_tokens": num_tokens, "bos_id": int(header[6]), "eos_id": int(header[7])}
+
+
+def open_shard(path: str | os.PathLike) -> np.ndarray:
+    """Validate a shard (see :func:`read_shard_header`) and return its tokens as a
+    read-only ``np.memmap`` of dtype uint16 (an empty read-only array for an
+    empty shard)."""
+    info = read_shard_header(path)
+    n = info["num_tokens"]
+    if n == 0:
+        arr = np.zeros(0, dtype=TOKEN_DTYPE)
+        arr.flags.writeable = False
+        return arr
+    return np.memmap(os.fspath(path), dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+def find_shards(data_dir: str | os.PathLike, split: str = "train") -> list[Path]:
+    """Sorted ``{split}_*.bin`` files in ``data_dir``; ``FileNotFoundError`` with
+    a clear message if the directory is missing or holds no such shards."""
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"shard directory {d} does not exist (run `python -m llamathink.data prepare` first)")
+    shards = sorted(p for p in d.glob(f"{split}_*.bin") if _SHARD_RE.match(p.name))
+    if not shards:
+        raise FileNotFoundError(f"no {split}_*.bin shards in {d} (run `python -m llamathink.data prepare` first)")
+    return shards
+
+
+def load_meta(data_dir: str | os.PathLike) -> dict:
+    """The ``meta.json`` written by :func:`~llamathink.data.prepare`: a JSON object with an integer
+    ``vocab_size``.  Raises ``FileNotFoundError`` when it is missing and ``ValueError`` naming the file when it is
+    not valid JSON / UTF-8, not an object, or has no such ``vocab_size``."""
+    p = Path(data_dir) / META_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found; is {data_dir} a finished `prepare` output directory?")
+    try:
+        with open(p, encoding="utf-8") as f:
+            meta = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{p} is not a valid meta.json ({e}); prepare {data_dir} again") from None
+    vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab <= 0:
+        raise ValueError(f"{p} is not a meta.json written by prepare (expected an object with a positive integer "
+                         f"vocab_size, got {type(meta).__name__}{f' with vocab_size {vocab!r}' if vocab else ''})")
+    return meta
+
+
+def check_vocab(tokenizer_vocab_size: int, model_vocab_size: int) -> None:
+    """Raise ``ValueError`` if the tokenizer (or data) vocabulary is larger than
+    the model's embedding table."""
+    if int(tokenizer_vocab_size) > int(model_vocab_size):
+        raise ValueError(
+            f"tokenizer vocabulary size {tokenizer_vocab_size} is larger than the model vocab_size "
+            f"{model_vocab_size}: token ids up to {int(tokenizer_vocab_size) - 1} would index past the "
+            "embedding table; raise the model's vocab_size or use a smaller tokenizer")
+
+
+# ---------------------------------------------------------------------------
+# training-side reading
+# ---------------------------------------------------------------------------
+
+def _resolve_paths(shards: str | os.PathLike | Sequence[str | os.PathLike], split: str) -> list[Path]:
+    """Shard files from a directory (its ``{split}_*.bin``, see :func:`find_shards`), one file, or a list of
+    files; ``FileNotFoundError`` for an empty list."""
+    if isinstance(shards, (str, os.PathLike)):
+        p = Path(shards)
+        if p.is_dir() or not p.suffix:
+            return find_shards(p, split)
+        return [p]
+    paths = [Path(s) for s in shards]
+    if not paths:
+        raise FileNotFoundError(f"no {split} shard paths given")
+    return paths
+
+
+class ShardedTokenDataset:
+    """Random access to non-overlapping ``seq_len``-token windows of the
+    concatenation of some shards (memory-mapped; windows may span shards).
+
+    ``shards`` is a list of shard files or a directory (then its
+    ``{split}_*.bin`` files are used).  If ``model_vocab_size`` is given, every
+    shard's vocabulary size is checked against it with :func:`check_vocab`.
+    """
+
+    def __init__(self, shards, seq_len: int, *, split: str = "train", model_vocab_size: int | None = None):
+        if int(seq_len) < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        self.seq_len = int(seq_len)
+        self.paths = _resolve_paths(shards, split)
+        self.headers = [read_shard_header(p) for p in self.paths]
+        if model_vocab_size is not None:
+            for p, h in zip(self.paths, self.headers, strict=True):
+                try:
+                    check_vocab(h["vocab_size"], model_vocab_size)
+                except ValueError as e:
+                    raise ValueError(f"{p}: {e}") from None
+        self.arrays = [open_shard(p) for p in self.paths]
+        lengths = [len(a) for a in self.arrays]
+        self.starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.total_tokens = int(self.starts[-1])
+        if self.total_tokens < self.seq_len:
+            where = self.paths[0] if len(self.paths) == 1 else f"{len(self.paths)} shards in {self.paths[0].parent}"
+            raise ValueError(f"seq_len {self.seq_len} is longer than the data: {where} hold(s) only "
+                             f"{self.total_tokens} tokens")
+        self.num_windows = self.total_tokens // self.seq_len
+        self.vocab_size = max(h["vocab_size"] for h in self.headers)
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def _read(self, start: int, n: int, out: np.ndarray) -> None:
+        k = bisect.bisect_right(self.starts, start) - 1
+        done = 0
+        while done < n:
+            a = self.arrays[k]
+            lo = start + done - int(self.starts[k])
+            take = min(n - done, len(a) - lo)
+            out[done:done + take] = a[lo:lo + take]
+            done += take
+            k += 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < self.num_windows:
+            raise IndexError(f"window {i} out of range [0, {self.num_windows})")
+        out = np.empty(self.seq_len, dtype=np.int64)
+        self._read(i * self.seq_len, self.seq_len, out)
+        return out
+
+    def windows(self, indices: Sequence[int]) -> np.ndarray:
+        """The windows ``indices`` as one int64 array ``[len(indices), seq_len]``."""
+        out = np.empty((len(indices), self.seq_len), dtype=np.int64)
+        for r, i in enumerate(indices):
+            self._read(int(i) * self.seq_len, self.seq_len, out[r])
+        return out
+
+
+def _to_batch(arr: np.ndarray):
+    """``(input_ids, labels)`` from an int64 ``[batch, seq_len]`` array: a tensor sharing its memory and a copy."""
+    import torch  # only the loaders need torch: preparing data does not import it
+
+    x = torch.from_numpy(arr)
+    return x, x.clone()
+
+
+class TokenBatchLoader:
+    """Endless, deterministic, resumable batches for one rank (see module docstring).
+
+    ``next(loader)`` returns ``(input_ids, labels)``, both ``torch.int64``
+    ``[batch_size, seq_len]``, ``labels == input_ids``.  One epoch is
+    ``len(loader)`` batches per rank; after that the next epoch starts with a new
+    permutation.  ``state_dict()`` / ``load_state_dict()`` hold ``epoch`` and
+    ``position`` (batches of the current epoch already returned by this rank);
+    since ranks move in lockstep, every rank may load rank 0's state.
+    """
+
+    def __init__(self, shard_paths, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, *, model_vocab_size: int | None = None):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.dataset = ShardedTokenDataset(shard_paths, seq_len, split="train", model_vocab_size=model_vocab_size)
+        self.seq_len, self.batch_size = int(seq_len), int(batch_size)
+        self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
+        self.batches_per_epoch = self.dataset.num_windows // self.batch_size // self.world_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"not enough data: {self.dataset.num_windows} windows of {self.seq_len} tokens "
+                f"({self.dataset.total_tokens} tokens) cannot fill one batch of {self.batch_size} on each of "
+                f"{self.world_size} rank(s)")
+        self.epoch = 0
+        self.position = 0
+        self._perm_epoch = None
+        self._perm = None
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self):
+        return self
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The window order of ``epoch`` (shared by all ranks)."""
+        if self._perm_epoch != epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.dataset.num_windows)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def batch_windows(self, epoch: int, position: int) -> np.ndarray:
+        """Window indices of this rank's batch number ``position`` in ``epoch``."""
+        g = position * self.world_size + self.rank
+        return self.permutation(epoch)[g * self.batch_size:(g + 1) * self.batch_size]
+
+    def __next__(self):
+        if self.position >= self.batches_per_epoch:
+            self.epoch += 1
+            self.position = 0
+        idx = self.batch_windows(self.epoch, self.position)
+        self.position += 1
+        return _to_batch(self.dataset.windows(idx))
+
+    def state_dict(self) -> dict:
+        """Position (``epoch``, ``position``) plus the settings :meth:`load_state_dict` checks or converts."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "seq_len": self.seq_len,
+                "batch_size": self.batch_size, "world_size": self.world_size, "rank": self.rank,
+                "num_windows": self.dataset.num_windows}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at the saved position. The world size and per-rank batch size may change as long as the global
+        batch (world_size x batch_size windows) stays the same: global batch n then holds the same windows.
+        Raises ValueError when the saved seed, seq_len or data size differ, or a saved count is negative (or a
+        size is zero)."""
+        mine = {"seed": self.seed, "seq_len": self.seq_len, "num_windows": self.dataset.num_windows}
+        for k, v in mine.items():
+            if k in state and int(state[k]) != v:
+                raise ValueError(f"cannot resume data loader: saved {k}={state[k]} but this loader has {k}={v}")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        saved_ws = int(state.get("world_size", self.world_size))
+        saved_bs = int(state.get("batch_size", self.batch_size))
+        # a negative position would index the permutation from its end: other data, silently
+        if min(epoch, position) < 0 or min(saved_ws, saved_bs) < 1:
+            raise ValueError(f"cannot resume data loader: saved epoch={epoch}, position={position}, "
+                             f"world_size={saved_ws}, batch_size={saved_bs} are not valid counts")
+        if (saved_ws, saved_bs) != (self.world_size, self.batch_size):
+            consumed = position * saved_ws * saved_bs  # windows of this epoch already used by all ranks
+            per_round = self.world_size * self.batch_size
+            if saved_ws * saved_bs != per_round or consumed % per_round:
+                warnings.warn(
+                    f"data loader resumed with world_size x batch_size = {self.world_size} x {self.batch_size} "
+                    f"instead of {saved_ws} x {saved_bs}; continuing after window {consumed} of epoch {epoch} "
+                    "(exact only when the global batch is unchanged)")
+            position = -(-consumed // per_round)
+        self.epoch, self.position = epoch, position
+
+
+def val_batches(shards, seq_len: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                max_batches: int | None = None, model_vocab_size: int | None = None):
+    """Deterministic evaluation batches (same every call): consecutive
+    ``seq_len`` windows of the validation shard(s) in order, grouped into
+    batches of ``batch_size`` (the last one may be smaller); rank ``r`` takes
+    batches ``r, r + world_size, ...``; at most ``max_batches`` per rank.
+    ``shards`` is a directory (its ``val_*.bin`` files) or a list of files.
+    Yields ``(input_ids, labels)`` like :class:`TokenBatchLoader`."""
+    ds = ShardedTokenDataset(shards, seq_len, split="val", model_vocab_size=model_vocab_size)
+    n_batches = -(-ds.num_windows // batch_size)
+    count = 0
+    for b in range(rank, n_batches, world_size):
+        if max_batches is not None and count >= max_batches:
+            return
+        idx = range(b * batch_size, min((b + 1) * batch_size, ds.num_windows))
+        yield _to_batch(ds.windows(idx))
+        count += 1
+
