@@ -16,13 +16,14 @@ unless the text already starts with a space (HF Metaspace prepend_scheme="first"
 transformers' LlamaTokenizer does); --sentencepiece always prepends (SentencePiece, and the
 project's own tokenizer_utils, whose tokenizer.json is detected as such automatically).
 
-Text guard: a tokenizer that went through llamathink.chat.set_chat_template has Replace(U+FDD0, "")
+Text guard: a tokenizer that went through llamathink.chat_format.set_chat_template has Replace(U+FDD0, "")
 as the first step of its normalizer (tokenizer.json), so it deletes U+FDD0 from every text it encodes;
 flag 8 in tokenizer.bin tells run.c to do the same (also for a tokenizer.model whose directory holds
 such a tokenizer.json, which is what transformers loads from that directory).
 
-Chat markers: by default tokenizer.bin stores llamathink.chat.CHAT_MARKERS (the strings of the
-chat template that run.c's chat mode rebuilds); --chat-marker KEY=VALUE overrides or adds one key
+Chat markers: by default tokenizer.bin stores llamathink.chat_format.CHAT_MARKERS (the strings of
+the chat template that run.c's chat mode rebuilds; it ignores assistant_suffix, since an assistant
+turn ends with the EOS token); --chat-marker KEY=VALUE overrides or adds one key
 (backslash escapes such as \\n are decoded), --no-chat-markers stores only the --chat-marker ones.
 """
 from __future__ import annotations
@@ -40,14 +41,10 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 FLAG_DUMMY_PREFIX = 1
 FLAG_BYTE_FALLBACK = 2
 FLAG_NO_PREFIX_IF_SPACE = 4
-FLAG_DROP_TEXT_GUARD = 8  # delete U+FDD0 before anything else (llamathink.chat.set_chat_template)
-# llamathink.chat.TEXT_GUARD (a copy: the exporter also runs without the package)
+FLAG_DROP_TEXT_GUARD = 8  # delete U+FDD0 before anything else (llamathink.chat_format.set_chat_template)
+# llamathink.chat_format.TEXT_GUARD (a copy: the exporter also runs without the package)
 TEXT_GUARD = "\ufdd0"
 NO_MERGE = -1e30
-# Keys the chat mode of run.c looks up (default values: llamathink.chat.CHAT_MARKERS; run.c ignores
-# assistant_suffix, since an assistant turn ends with the EOS token).
-CHAT_MARKER_KEYS = ("system_prefix", "system_suffix", "user_prefix", "user_suffix",
-                    "assistant_prefix", "assistant_suffix")
 
 
 class TokenizerExportError(Exception):
@@ -137,7 +134,7 @@ def _is_text_guard(step: dict) -> bool:
 
 def text_guard_flag(j: dict, path: str) -> int:
     """FLAG_DROP_TEXT_GUARD when the tokenizer.json state ``j`` deletes U+FDD0 first thing, as
-    ``llamathink.chat.set_chat_template`` installs it (``Replace(U+FDD0, "")`` as the first normalizer
+    ``llamathink.chat_format.set_chat_template`` installs it (``Replace(U+FDD0, "")`` as the first normalizer
     step, or the whole normalizer); else 0. Raises TokenizerExportError for any other step that
     replaces U+FDD0: run.c only knows the deletion before every other rule."""
     steps = _normalizer_steps(j)
@@ -147,7 +144,7 @@ def text_guard_flag(j: dict, path: str) -> int:
         pattern = step.get("pattern") if step.get("type") == "Replace" else None
         if isinstance(pattern, dict) and TEXT_GUARD in str(pattern.get("String", pattern.get("Regex", ""))):
             raise TokenizerExportError(f"{path}: a normalizer step replaces U+FDD0 but is not the text guard "
-                                       "(Replace(U+FDD0, '') as the first step, as llamathink.chat."
+                                       "(Replace(U+FDD0, '') as the first step, as llamathink.chat_format."
                                        "set_chat_template installs it); run.c cannot encode it exactly")
     return 0
 
@@ -291,12 +288,12 @@ def parse_markers(items) -> dict:
 
 
 def default_chat_markers() -> dict:
-    """llamathink.chat.CHAT_MARKERS (imported here, so that the exporter also runs without the
+    """llamathink.chat_format.CHAT_MARKERS (imported here, so that the exporter also runs without the
     package: then no markers are stored and run.c falls back to its copy of LlamaThink's)."""
     try:
-        from llamathink.chat import CHAT_MARKERS
+        from llamathink.chat_format import CHAT_MARKERS
     except ImportError as e:
-        print(f"warning: llamathink.chat is not importable ({e}); tokenizer.bin gets no chat "
+        print(f"warning: llamathink.chat_format is not importable ({e}); tokenizer.bin gets no chat "
               "markers (run.c's chat mode then uses its built-in copy of LlamaThink's)", file=sys.stderr)
         return {}
     return dict(CHAT_MARKERS)
@@ -344,7 +341,7 @@ def main(argv=None) -> int:
     ap.add_argument("src", help="directory with tokenizer.model or tokenizer.json (or the file)")
     ap.add_argument("out")
     ap.add_argument("--chat-marker", action="append", default=[], metavar="KEY=VALUE",
-                    help="set one chat-template marker (repeatable; default: llamathink.chat.CHAT_MARKERS)")
+                    help="set one chat-template marker (repeatable; default: llamathink.chat_format.CHAT_MARKERS)")
     ap.add_argument("--no-chat-markers", action="store_true",
                     help="store no default chat markers (only --chat-marker ones)")
     ap.add_argument("--sentencepiece", action="store_true",

@@ -1,0 +1,400 @@
+"""The LlamaThink chat format: role markers, the Jinja chat template and its text guard, rendering and
+tokenizing conversations, and fitting a history into the context window.
+
+Used by the finetuning data (:mod:`llamathink.data.chat`), the ``llamathink-chat`` command
+(:mod:`llamathink.chat`), chat finetuning (:mod:`llamathink.train.finetune`) and the C exporter (``export_c``).
+
+The conversation template
+=========================
+
+LlamaThink chats in a plain-text format with the tokenizer's own BOS/EOS tokens, so it needs no new tokens (no
+embedding resize), works unchanged with the built-in demo tokenizer and the Llama 2 tokenizer, and can be rebuilt
+by the C runner from a handful of strings::
+
+    <s>                                       BOS, once at the start
+    ### System:\\n{content}\\n\\n               a system message (optional; any role may come first)
+    ### User:\\n{content}\\n\\n                 a user message
+    ### Assistant:\\n{content}</s>              an assistant message; EOS (id 2) ends the turn
+    ### Assistant:\\n                           the generation prompt (add_generation_prompt=True)
+
+``{content}`` is the message text with leading and trailing whitespace removed (``str.strip``, Jinja's
+``trim``). Messages are rendered in the order given, so a conversation may open with the assistant (as in the
+original's data where person2 speaks first) or hold two messages of one role in a row. Other roles are an error.
+The end-of-turn marker is the EOS token ``</s>``: generation stops there by itself, in ``generate()`` as in the C
+runner. The ``### ...:`` markers are ordinary text: 4 to 6 tokens each with Llama 2 (``###`` is ``▁###`` at the
+start of a segment, ``##`` ``#`` after a newline), about 10 with the small built-in tokenizer; no sample
+conversation contains ``###``.
+
+:data:`CHAT_TEMPLATE` is this format as a Jinja template for ``tokenizer.chat_template``
+(:func:`set_chat_template`); :func:`render_chat` is the same format in Python, and :func:`apply_template` (its
+guarded text) is the reference the tests check the Jinja template against, character for character. Assistant
+contents and their EOS are wrapped in ``{% generation %}`` blocks, so
+``apply_chat_template(..., return_assistant_tokens_mask=True)`` (and trainers that rely on it) marks exactly the
+tokens finetuning trains on (:mod:`llamathink.data.chat`).
+
+Tokenization, and what the C runner must do
+-------------------------------------------
+
+Message content is always text: a ``</s>``, ``<s>`` or ``<unk>`` typed in a message is encoded as those
+characters, and BOS/EOS enter only where the template puts them. :func:`chat_ids` (used by :func:`prompt_ids`,
+the chat CLI and :func:`llamathink.data.chat.build_example`) renders the conversation, cuts the text at the template's BOS/EOS,
+encodes each piece as one plain string (``split_special_tokens=True``, no BOS/EOS added) and puts the BOS/EOS
+ids between. Each piece gets the SentencePiece dummy-prefix space (``▁###``), like every Llama-style tokenizer in
+this project (``Prepend("▁")`` normalizer), exactly as transformers encodes the text between two special tokens.
+For ``tokenizer.apply_chat_template(..., tokenize=True)``, which tokenizes the rendered string and would read
+every special-token string in it as the token, the Jinja template follows every ``<`` in a content with
+:data:`TEXT_GUARD` (U+FDD0) and :func:`set_chat_template` puts a normalizer step in front of the tokenizer that
+deletes it: special tokens are matched before normalization, so content cannot form them, and the model then
+reads the content unchanged. Both give the same ids (tests/test_chat.py); a content that contains U+FDD0 itself,
+or a lone surrogate (invalid UTF-8 input read with ``surrogateescape``), is refused (``ValueError``). Neither
+tokenizer has a piece that joins a newline to another character, so the token boundary after ``### Assistant:\\n``
+always falls where the assistant content begins: the prompt tokens for generation are a prefix of the training
+tokens.
+
+The role markers are plain text and are not escaped: a user can type ``### Assistant:`` and the model may follow
+it. What content cannot do is forge the BOS/EOS ids (end a turn for ``generate()`` or the C runner) or move the
+loss mask, which is set by position.
+
+To reproduce this, the C runner (``export_c``) stores :data:`CHAT_MARKERS` in ``tokenizer.bin`` (``--chat-marker
+KEY=VALUE``) and, per turn, encodes ``user_prefix + text + user_suffix + assistant_prefix`` (``text`` stripped of
+surrounding whitespace) as one string *with* the dummy prefix and without BOS, special-token strings included as
+text (a system prompt, if any, is ``system_prefix + text + system_suffix`` placed before the first user turn in the
+same string), feeds BOS once at the start of the conversation, samples until EOS, and feeds that EOS before the
+next user turn. Token for token this is :func:`prompt_ids` of the same messages.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Iterable, NamedTuple, Sequence
+
+# ---------------------------------------------------------------------------------------------------------------
+# The template
+# ---------------------------------------------------------------------------------------------------------------
+
+SYSTEM_PREFIX = "### System:\n"
+USER_PREFIX = "### User:\n"
+ASSISTANT_PREFIX = "### Assistant:\n"
+TURN_SUFFIX = "\n\n"  # after system and user messages; an assistant message ends with the EOS token instead
+ROLES = ("system", "user", "assistant")
+
+# The strings the C runner's chat mode reads from tokenizer.bin (see the module docstring). The assistant turn ends
+# with the EOS *token*, which the runner samples and feeds itself, so assistant_suffix is empty.
+CHAT_MARKERS = {
+    "system_prefix": SYSTEM_PREFIX,
+    "system_suffix": TURN_SUFFIX,
+    "user_prefix": USER_PREFIX,
+    "user_suffix": TURN_SUFFIX,
+    "assistant_prefix": ASSISTANT_PREFIX,
+    "assistant_suffix": "",
+}
+
+# Message content is text: a "</s>" typed in a message must be the three characters, never the EOS id. transformers
+# tokenizes the rendered template as one string and turns every special-token string in it into its id, so the
+# template breaks each control-token string in a content with TEXT_GUARD (after every "<"; all control tokens of
+# the tokenizers this format accepts start with "<"), and set_chat_template puts a normalizer step in front of the
+# tokenizer that deletes TEXT_GUARD. Special tokens are matched on the raw text before normalization, so a guarded
+# "<\ufdd0/s>" is not matched, and the model then reads "</s>" as plain text: the same ids as encoding the content
+# as text. TEXT_GUARD is a Unicode noncharacter (reserved for internal use, never interchanged), so content that
+# contains it is refused rather than silently changed.
+TEXT_GUARD = "\ufdd0"
+CONTROL_TOKEN_START = "<"
+
+CHAT_TEMPLATE = r"""{#- LlamaThink chat format (llamathink/chat.py): text role markers, EOS ends an assistant turn -#}
+{#- Content is text: every "<" in it is followed by U+FDD0, which the tokenizer's normalizer deletes, so a typed
+    "</s>" is never the EOS token (llamathink.chat.TEXT_GUARD) -#}
+{{- bos_token -}}
+{%- for message in messages -%}
+    {%- if message['content'] is string -%}
+        {%- set content = message['content'] | trim -%}
+    {%- elif message['content'] is iterable and message['content'] is not mapping -%}
+        {%- set content = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') | trim -%}
+    {%- else -%}
+        {%- set content = '' -%}
+    {%- endif -%}
+    {%- if '\uFDD0' in content -%}
+        {{- raise_exception('LlamaThink chat template: message ' ~ loop.index0 ~
+                            ' contains U+FDD0, a Unicode noncharacter the template reserves') -}}
+    {%- endif -%}
+    {%- set content = content | replace('<', '<\uFDD0') -%}
+    {%- if message['role'] == 'system' -%}
+        {{- '### System:\n' + content + '\n\n' -}}
+    {%- elif message['role'] == 'user' -%}
+        {{- '### User:\n' + content + '\n\n' -}}
+    {%- elif message['role'] == 'assistant' -%}
+        {{- '### Assistant:\n' -}}
+        {%- generation -%}
+            {{- content + eos_token -}}
+        {%- endgeneration -%}
+    {%- else -%}
+        {{- raise_exception('LlamaThink chat template: unknown role ' ~ message['role'] ~ '; use system, user or assistant') -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '### Assistant:\n' -}}
+{%- endif -%}
+"""
+# The template's comments name llamathink/chat.py (and llamathink.chat.TEXT_GUARD), where the format lived before
+# it moved to this module. They stay so on purpose: saved tokenizers carry the template text, and
+# is_llamathink_template recognises them (and earlier versions) by this first line, so the text above must not change.
+_TEMPLATE_SIGNATURE = "{#- LlamaThink chat format (llamathink/chat.py)"
+
+
+def is_llamathink_template(template: str | None) -> bool:
+    """True for :data:`CHAT_TEMPLATE` and for the LlamaThink templates of earlier versions (saved with older
+    checkpoints; recognised by their first comment)."""
+    return isinstance(template, str) and template.lstrip().startswith(_TEMPLATE_SIGNATURE)
+
+
+def check_chat_tokenizer(tokenizer) -> None:
+    """Raise ``ValueError`` unless ``tokenizer`` can carry the LlamaThink format with message content kept as text:
+    it has BOS and EOS tokens, and every added token (special or not) is a special token that starts with ``<``,
+    is at least two characters long, does not contain :data:`TEXT_GUARD` and is matched on the raw text
+    (``normalized=False``). The Llama 2 tokenizer and the built-in ones qualify (``<unk>``, ``<s>``, ``</s>``)."""
+    if tokenizer.bos_token is None or tokenizer.eos_token is None:
+        raise ValueError("the LlamaThink chat template needs a tokenizer with BOS and EOS tokens")
+    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        content = str(token.content if hasattr(token, "content") else token)
+        problem = None
+        if not getattr(token, "special", True):
+            problem = "is not a special token (split_special_tokens cannot make it text)"
+        elif len(content) < 2 or not content.startswith(CONTROL_TOKEN_START):
+            problem = f"does not start with {CONTROL_TOKEN_START!r} or is a single character"
+        elif TEXT_GUARD in content:
+            problem = "contains U+FDD0"
+        elif getattr(token, "normalized", False):
+            problem = "is matched after normalization (normalized=True)"
+        if problem:
+            raise ValueError(f"added token {content!r} {problem}; the LlamaThink chat format cannot keep message "
+                             "content from being read as this token")  # fmt: skip
+
+
+def _install_text_guard(tokenizer) -> None:
+    """Put ``Replace(TEXT_GUARD, "")`` first in the tokenizer's normalizer (once; saved in tokenizer.json)."""
+    from tokenizers import normalizers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"the LlamaThink chat template needs a fast (tokenizers-backed) tokenizer, got "
+                         f"{type(tokenizer).__name__}")  # fmt: skip
+    state = json.loads(backend.to_str()).get("normalizer") or {}
+    steps = state.get("normalizers", []) if state.get("type") == "Sequence" else [state]
+    first = steps[0] if steps else {}
+    if first.get("type") == "Replace" and first.get("pattern") == {"String": TEXT_GUARD} and first.get("content") == "":
+        return
+    guard = normalizers.Replace(TEXT_GUARD, "")
+    current = backend.normalizer
+    backend.normalizer = guard if current is None else normalizers.Sequence([guard, current])
+
+
+def set_chat_template(tokenizer, template: str = CHAT_TEMPLATE):
+    """Store the LlamaThink chat template in ``tokenizer`` (in place; also returned). ``save_pretrained`` then
+    writes it (``chat_template.jinja``) and ``AutoTokenizer.from_pretrained`` brings it back.
+
+    Also puts the :data:`TEXT_GUARD` deletion first in the tokenizer's normalizer, so that
+    ``tokenizer.apply_chat_template(..., tokenize=True)`` encodes message content as text (a typed ``</s>`` is
+    not EOS); this changes nothing for text without U+FDD0. Raises ``ValueError`` for tokenizers that cannot be
+    guarded this way (:func:`check_chat_tokenizer`)."""
+    check_chat_tokenizer(tokenizer)
+    _install_text_guard(tokenizer)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+class RenderedChat(NamedTuple):
+    """A conversation in the chat format. Character spans are ``(start, stop)`` offsets into ``text``."""
+
+    text: str
+    message_spans: list[tuple[int, int]]  # character span of each message's block (markers included)
+    label_spans: list[tuple[int, int]]  # character span of each assistant content + EOS (what is trained on)
+    special_spans: list[tuple[int, int, str]]  # (start, stop, "bos" | "eos"): the tokens the template writes
+
+
+def _content_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text")
+    raise TypeError(f"message content must be a string or a list of text parts, got {type(content).__name__}")
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_content(i: int, content: str) -> None:
+    if TEXT_GUARD in content:
+        raise ValueError(f"message {i} contains U+FDD0, a Unicode noncharacter the chat template reserves to keep "
+                         "content from forming special tokens; remove it")  # fmt: skip
+    # a lone surrogate is not text (Python decodes invalid UTF-8 input to them with surrogateescape): the
+    # tokenizer cannot encode it, and run.c refuses the same bytes
+    bad = _LONE_SURROGATE.search(content)
+    if bad:
+        raise ValueError(f"message {i} is not valid text: lone surrogate U+{ord(bad.group()):04X} at character "
+                         f"{bad.start()} (invalid UTF-8 input?)")  # fmt: skip
+
+
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant",
+                "person1": "user", "person2": "assistant"}  # fmt: skip
+
+
+def normalize_messages(messages: Iterable[dict]) -> list[dict]:
+    """Plain ``{"role", "content"}`` dicts: role aliases resolved (``human``/``gpt``/ShareGPT ``from``/``value``),
+    content as text (text parts joined). Unknown roles and malformed messages raise ``ValueError``."""
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {i} is a {type(message).__name__}, not a dict")
+        role = message.get("role", message.get("from"))
+        content = message.get("content", message.get("value"))
+        role = ROLE_ALIASES.get(str(role).lower(), str(role).lower()) if role is not None else None
+        if role not in ROLES:
+            raise ValueError(f"message {i}: unknown role {message.get('role', message.get('from'))!r}")
+        try:
+            text = _content_text(content)
+        except TypeError as err:
+            raise ValueError(f"message {i}: {err}") from None
+        _check_content(i, text)
+        out.append({"role": role, "content": text})
+    return out
+
+
+def render_chat(messages: Sequence[dict], *, bos_token: str = "<s>", eos_token: str = "</s>",
+                add_generation_prompt: bool = False, guard: bool = False) -> RenderedChat:  # fmt: skip
+    """The chat format in Python: the rendered text, where each message and each trained span (assistant content
+    and its EOS) lie in it, and where the template's own BOS/EOS tokens are (``special_spans``).
+
+    ``guard=False`` gives the text the model reads (content verbatim); ``guard=True`` the text :data:`CHAT_TEMPLATE`
+    renders (every ``<`` in a content followed by :data:`TEXT_GUARD`). Content is ``str.strip``-ped. Raises
+    ``ValueError`` for an unknown role or a content that contains :data:`TEXT_GUARD` or a lone surrogate."""
+    parts, pos = [bos_token], len(bos_token)
+    message_spans, label_spans, special_spans = [], [], [(0, len(bos_token), "bos")]
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        content = _content_text(message.get("content")).strip()
+        _check_content(i, content)
+        if guard:
+            content = content.replace(CONTROL_TOKEN_START, CONTROL_TOKEN_START + TEXT_GUARD)
+        if role == "system":
+            block = SYSTEM_PREFIX + content + TURN_SUFFIX
+        elif role == "user":
+            block = USER_PREFIX + content + TURN_SUFFIX
+        elif role == "assistant":
+            block = ASSISTANT_PREFIX + content + eos_token
+            label_spans.append((pos + len(ASSISTANT_PREFIX), pos + len(block)))
+            special_spans.append((pos + len(block) - len(eos_token), pos + len(block), "eos"))
+        else:
+            raise ValueError(f"message {i}: unknown role {role!r}; use system, user or assistant")
+        parts.append(block)
+        message_spans.append((pos, pos + len(block)))
+        pos += len(block)
+    if add_generation_prompt:
+        parts.append(ASSISTANT_PREFIX)
+    return RenderedChat("".join(parts), message_spans, label_spans, special_spans)
+
+
+def apply_template(messages: Sequence[dict], *, bos_token: str = "<s>", eos_token: str = "</s>",
+                   add_generation_prompt: bool = False) -> str:  # fmt: skip
+    """The rendered text of ``messages``, guarded (what ``tokenizer.apply_chat_template(..., tokenize=False)``
+    returns with :data:`CHAT_TEMPLATE`; for content without ``<`` the plain text)."""
+    return render_chat(messages, bos_token=bos_token, eos_token=eos_token,
+                       add_generation_prompt=add_generation_prompt, guard=True).text  # fmt: skip
+
+
+def encode_rendered(tokenizer, rendered: Sequence[RenderedChat]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Token ids and character offsets (into ``r.text``) of rendered conversations, content as text.
+
+    The text between two template tokens (BOS, EOS) is encoded as one plain string (``split_special_tokens=True``,
+    no BOS/EOS added: a ``"</s>"`` in it becomes the pieces of the text "</s>"), with the tokenizer's dummy prefix,
+    and the template's BOS/EOS are put between by id. This is how transformers encodes a rendered template whose
+    only special-token strings are the template's own, and how the C runner builds a prompt. Raises ``ValueError``
+    if the tokenizer cannot keep content as text (:func:`check_chat_tokenizer`)."""
+    check_chat_tokenizer(tokenizer)
+    special_id = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
+    segments: list[tuple[int, str]] = []  # (offset of the text in its conversation, text)
+    layout: list[list[tuple[str, Any]]] = []
+    for r in rendered:
+        items, pos = [], 0
+        for start, stop, kind in list(r.special_spans) + [(len(r.text), len(r.text), None)]:
+            if start > pos:
+                items.append(("text", len(segments)))
+                segments.append((pos, r.text[pos:start]))
+            if kind is not None:
+                items.append(("special", (special_id[kind], start, stop)))
+            pos = stop
+        layout.append(items)
+    enc = tokenizer([t for _, t in segments], add_special_tokens=False, split_special_tokens=True,
+                    return_offsets_mapping=True) if segments else {"input_ids": [], "offset_mapping": []}  # fmt: skip
+    out = []
+    for items in layout:
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        for kind, value in items:
+            if kind == "special":
+                token_id, start, stop = value
+                ids.append(int(token_id))
+                offsets.append((start, stop))
+            else:
+                base = segments[value][0]
+                ids.extend(enc["input_ids"][value])
+                offsets.extend((base + a, base + b) for a, b in enc["offset_mapping"][value])
+        out.append((ids, offsets))
+    return out
+
+
+def chat_ids(tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of ``messages`` in the LlamaThink format, content as text (:func:`encode_rendered`): equal to
+    ``tokenizer.apply_chat_template(messages, add_generation_prompt=..., tokenize=True)`` once
+    :func:`set_chat_template` has been applied, and to what the C runner feeds. ``messages`` may use the aliases
+    and keys :func:`llamathink.data.chat.normalize_messages` accepts (``human``/``gpt``, ShareGPT
+    ``from``/``value``)."""
+    # imported here: llamathink.data.chat builds on this module, so a module-level import would be circular
+
+    rendered = render_chat(normalize_messages(messages), bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
+                           add_generation_prompt=add_generation_prompt)  # fmt: skip
+    return encode_rendered(tokenizer, [rendered])[0][0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chatting: history within the context window
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ContextOverflow(ValueError):
+    """The newest message alone (with the system prompt) does not fit the context window."""
+
+
+def prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
+    """Token ids of ``messages`` followed by the generation prompt.
+
+    With the LlamaThink template (any version, or none set) these are :func:`chat_ids`: message content is
+    encoded as text, BOS/EOS only where the template puts them. A tokenizer with another chat template gets that
+    template's ``apply_chat_template`` ids."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template is None or is_llamathink_template(template):
+        return chat_ids(tokenizer, messages, add_generation_prompt=True)
+    out = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(out["input_ids"])
+
+
+def trim_history(tokenizer, messages: Sequence[dict], budget: int) -> tuple[list[dict], int]:
+    """Drop the oldest messages (leading system messages stay, and the kept history never starts with an
+    assistant reply whose question was dropped) until the prompt is at most ``budget`` tokens.
+    Returns ``(messages, number dropped)``; raises :class:`ContextOverflow` if the newest message cannot fit."""
+    msgs = list(messages)
+    n_system = 0
+    while n_system < len(msgs) and msgs[n_system]["role"] == "system":
+        n_system += 1
+    dropped = 0
+    while len(prompt_ids(tokenizer, msgs)) > budget:
+        if len(msgs) - n_system <= 1:
+            raise ContextOverflow(f"the message is too long for the context window ({len(prompt_ids(tokenizer, msgs))} "
+                                  f"tokens with the template; at most {budget} leave room for the reply)")  # fmt: skip
+        del msgs[n_system]
+        dropped += 1
+        while len(msgs) - n_system > 1 and msgs[n_system]["role"] == "assistant":
+            del msgs[n_system]
+            dropped += 1
+    return msgs, dropped
