@@ -6,8 +6,8 @@ Models at the 95M shape with tied embeddings: LlamaThink with each available Gat
 transformers' LlamaForCausalLM (all full attention) and transformers' Qwen3.5 text model with the pattern
 linear, linear, full, full (the closest HF peer). Every model trains with bf16 autocast and fused AdamW on random
 tokens; we report tokens/s, MFU against `--peak-tflops` (6 x (non-embedding params + head) + attention terms per
-token, `train_hf.flops_per_token` for LlamaThink, the same 6N rule for the peers) and peak memory, then greedy
-`generate()` tokens/s at batch 1 and 32.
+token, `llamathink.modeling_llamathink.flops_per_token` for LlamaThink, the same 6N rule for the peers) and peak
+memory, then greedy `generate()` tokens/s at batch 1 and 32.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def build(name: str):
 
 def flops_per_token(name: str, model, seq: int) -> float:
     if name.startswith("llamathink"):
-        from train_hf import flops_per_token as ours
+        from llamathink.modeling_llamathink import flops_per_token as ours
 
         return ours(model.config, seq)
     cfg = model.config

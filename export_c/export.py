@@ -363,16 +363,6 @@ def pack_blocks(a: np.ndarray, kc: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts))
 
 
-def unpack_blocks(flat: np.ndarray, rows: int, cols: int, kc: int) -> np.ndarray:
-    out = np.empty((rows, cols), dtype=flat.dtype)
-    nb, nr = rows // 4, rows % 4
-    if nb:
-        out[:nb * 4] = flat[:nb * 4 * cols].reshape(nb, cols // kc, 4, kc).transpose(0, 2, 1, 3).reshape(nb * 4, cols)
-    if nr:
-        out[nb * 4:] = flat[nb * 4 * cols:].reshape(1, cols // kc, nr, kc).transpose(0, 2, 1, 3).reshape(nr, cols)
-    return out
-
-
 def header_bytes(cfg: dict, dtype: str, group: int, n_tensors: int, file_size: int) -> bytes:
     """The 1024-byte header (layout: export_c/README.md "File format").  Version 1 unless the
     model has several EOS ids: version 2 adds the EOS list at EOS_OFFSET, so files of models
@@ -476,7 +466,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer-src", help="tokenizer directory (default: the checkpoint dir)")
     ap.add_argument("--chat-marker", action="append", default=[], metavar="KEY=VALUE",
                     help="chat-template marker stored in tokenizer.bin (repeatable; overrides one "
-                    "key of the default llamathink.chat.CHAT_MARKERS)")
+                    "key of the default llamathink.chat_format.CHAT_MARKERS)")
     ap.add_argument("--no-chat-markers", action="store_true",
                     help="store no default chat markers in tokenizer.bin (only --chat-marker ones)")
     ap.add_argument("--tokenizer-sentencepiece", action="store_true",

@@ -57,7 +57,8 @@ def _softmax_attend(q, k, v, mask):
 
 
 def forward(cfg: dict, W: dict, ids) -> np.ndarray:
-    """Logits [T, V] (float64) for token ids at positions 0..T-1."""
+    """Logits [T, V] (float64) for token ids at positions 0..T-1.  Raises ValueError for a mixer
+    type it does not know (each known type has its own branch below)."""
     c = dict(DEFAULTS)
     c.update(cfg)
     d = derived(c)
@@ -103,7 +104,7 @@ def forward(cfg: dict, W: dict, ids) -> np.ndarray:
                     o[t, hh] = S.T @ q[t, kh]
             o = o / np.sqrt((o * o).mean(-1, keepdims=True) + eps) * W[m + "norm.weight"] * _silu(z)
             y = o.reshape(T, Hv * Dv) @ W[m + "out_proj.weight"].T
-        else:
+        elif kind in ("full", "csa"):
             qg = (x @ W[m + "q_proj.weight"].T).reshape(T, Hq, 2 * D)
             q, gate = qg[..., :D], qg[..., D:]
             q = _rms(q, 1 + W[m + "q_norm.weight"], eps)
@@ -140,6 +141,8 @@ def forward(cfg: dict, W: dict, ids) -> np.ndarray:
                 o = blend * comp + (1 - blend) * loc
             o = o * _sigmoid(gate)
             y = o.reshape(T, Hq * D) @ W[m + "o_proj.weight"].T
+        else:
+            raise ValueError(f"mixer_types[{i}]={kind!r}: the numpy reference has no branch for this mixer type")
         if c["hyper_connections"]:
             h = (1 + W[p + "mixer_residual_scale"]) * h + (1 + W[p + "mixer_sublayer_scale"]) * y
         else:

@@ -56,10 +56,12 @@ class LlamaThinkConfig(PretrainedConfig):
         gdn_backend (`str`, defaults to `"auto"`): Gated DeltaNet kernels: `"auto"` (fla's Triton kernels on CUDA
             where installed and trustworthy, else PyTorch), `"fla"` (the same, warning when it must fall back) or
             `"torch"` (always the PyTorch reference).
-        decode_cuda_graphs (`bool`, defaults to True): on CUDA, run each one-token decode step (left-padded
-            batches included) as one replay of a captured CUDA graph (static-shape state buffers; see
-            `LlamaThinkCache`).
-            False runs every step eagerly.
+        decode_cuda_graphs (`bool` or `"always"`, defaults to True): on CUDA, run each one-token decode step
+            (left-padded batches included) as one replay of a captured CUDA graph (static-shape state buffers; see
+            `LlamaThinkCache`). False runs every step eagerly on the cache's own tensors. `"always"` also takes the
+            static-buffer step off CUDA, run eagerly there (no graph): it exercises the captured step's code on a
+            machine without a GPU (the tests use it) and keeps the decode state in buffers allocated once for
+            `max_position_embeddings` positions; on CPU it is usually no faster, as every step attends over all slots.
     """
 
     model_type = "llamathink"
@@ -94,7 +96,7 @@ class LlamaThinkConfig(PretrainedConfig):
         hyper_connections: bool = True,
         gdn_chunk_size: int = 64,
         gdn_backend: str = "auto",
-        decode_cuda_graphs: bool = True,
+        decode_cuda_graphs: bool | str = True,
         use_cache: bool = True,
         bos_token_id: int = 1,
         eos_token_id: int = 2,
@@ -194,6 +196,8 @@ class LlamaThinkConfig(PretrainedConfig):
             raise ValueError(f"csa_window must be at least 2 (the query's own token and one more), got {self.csa_window}")
         if self.gdn_backend not in GDN_BACKENDS:
             raise ValueError(f"gdn_backend={self.gdn_backend!r} is not one of the allowed values {list(GDN_BACKENDS)}")
+        if not (isinstance(self.decode_cuda_graphs, bool) or self.decode_cuda_graphs == "always"):
+            raise ValueError(f"decode_cuda_graphs must be true, false or \"always\", got {self.decode_cuda_graphs!r}")
         for name in ("hyper_connections", "rescale_prenorm_residual"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -10,18 +10,22 @@ Every layer is a pre-norm block `mixer -> SwiGLU MLP`, the mixer being one of
 with partial RoPE, (1 + w) RMSNorms and optional hyper-connections `h = (1 + r) * h + (1 + s) * f(norm(h))`.
 
 Everything here is plain PyTorch and runs on CPU. The hot spots have one dispatch point each
-(`GDN_KERNELS`, `LlamaThinkAttention._attend`, `LlamaThinkCompressedSparseAttention._local_attention` /
-`_compressed_attention`) so faster GPU kernels can be slotted in without touching the model. One-token decode
-steps (left-padded batches included) have a second, static-shape form (`decode_static` of each mixer, driven by `_StaticDecoder`)
-that is replayed from a CUDA graph on GPU; the tests hold both forms to the uncached forward.
+(`LlamaThinkGatedDeltaNet._delta_rule` over `GDN_KERNELS` or fla's `FLA_GDN_KERNELS`, `LlamaThinkAttention._attend`,
+`LlamaThinkCompressedSparseAttention._local_attention` / `_compressed_attention`) so faster GPU kernels can be slotted
+in without touching the model; the optional fla adapter lives in the sibling `kernels_llamathink.py`. One-token
+decode steps (left-padded batches included) have a second, static-shape form (`decode_static` of each mixer, driven
+by `_StaticDecoder`) that is replayed from a CUDA graph on GPU; the tests hold both forms to the uncached forward.
 
-Only sibling relative imports are allowed in this file: `save_pretrained` copies it (and the configuration
-file) next to the weights for `trust_remote_code=True` loading where the `llamathink` package is absent.
+A mixer type maps to its class in one place, `MIXER_CLASSES` (`mixer_class`); each mixer class owns what depends on
+its type: its decode state (`state_class`, `allocate_static_state`, `load_static_state`, `store_static_state`) and
+its FLOP term (`flops_per_token`, summed by the module-level `flops_per_token`).
+
+Only sibling relative imports are allowed in this file: `save_pretrained` copies it (and the configuration and
+kernels files) next to the weights for `trust_remote_code=True` loading where the `llamathink` package is absent.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import warnings
@@ -37,6 +41,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput, logging
 
 from .configuration_llamathink import LlamaThinkConfig
+from .kernels_llamathink import FLA_GDN_KERNELS, probe_fla, select_gdn_backend
 
 try:  # transformers >= 5: init functions that respect the "already loaded" flags of from_pretrained
     from transformers import initialization as init
@@ -257,257 +262,6 @@ GDN_KERNELS = {"chunk": torch_chunk_gated_delta_rule, "recurrent": torch_recurre
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Optional fla (flash-linear-attention) kernels, never imported at module load
-# ----------------------------------------------------------------------------------------------------------------
-
-_fla_state: dict = {}
-
-
-def _warn_once(key: str, message: str):
-    if key not in _fla_state:
-        _fla_state[key] = True
-        logger.warning(message)
-
-
-def _fla_ops():
-    """fla's (chunk, fused_recurrent) gated delta rule functions, or None when fla is missing or broken."""
-    if "ops" not in _fla_state:
-        try:
-            from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
-
-            _fla_state["ops"] = (chunk_gated_delta_rule, fused_recurrent_gated_delta_rule)
-        except Exception as err:  # ImportError, or a broken triton/fla install
-            _fla_state["ops"] = None
-            _fla_state["import_error"] = f"{type(err).__name__}: {err}"
-    return _fla_state["ops"]
-
-
-def fla_backward_problem(device: torch.device) -> str | None:
-    """Why fla's gated-delta-rule backward cannot be trusted on `device`, or None.
-
-    fla 0.6 refuses the backward pass on Hopper (sm_90) with Triton >= 3.4 and < 3.7.1 (wrong gradients, fla issue
-    #640) unless tilelang is installed, in which case it uses tilelang for that kernel. We detect the case up front:
-    an exception raised inside autograd's backward would otherwise end a training run.
-    """
-    if device.type != "cuda":
-        return "fla kernels need a CUDA device"
-    # Memoised per device: the checks below (importlib's find_spec in particular) cannot be traced by dynamo, and a
-    # compiled training step asks again in every Gated DeltaNet layer.
-    key = ("backward-problem", device.index if device.index is not None else torch.cuda.current_device())
-    if key not in _fla_state:
-        _fla_state[key] = _fla_backward_problem_uncached(device)
-    return _fla_state[key]
-
-
-def _fla_backward_problem_uncached(device: torch.device) -> str | None:
-    import importlib.util
-
-    try:
-        import triton
-
-        triton_version = tuple(int(x) for x in triton.__version__.split("+")[0].split(".")[:3])
-    except Exception:  # pragma: no cover - fla imports triton, so this only happens on broken installs
-        return "triton is not importable"
-    major, _ = torch.cuda.get_device_capability(device)
-    if major == 9 and (3, 4, 0) <= triton_version < (3, 7, 1) and importlib.util.find_spec("tilelang") is None:
-        return (
-            f"fla's backward pass is wrong on Hopper with Triton {triton.__version__} (fla issue #640) and "
-            "tilelang is not installed (pip install tilelang, or Triton >= 3.7.1)"
-        )
-    return None
-
-
-def select_gdn_backend(requested: str, device: torch.device, needs_grad: bool, dtype: torch.dtype | None = None) -> str:
-    """Resolve `config.gdn_backend` ("auto", "fla" or "torch") to the backend that will run: fla only where it is
-    installed, on CUDA, and (when gradients are needed) where its backward is trustworthy and the inputs are 16-bit;
-    otherwise the PyTorch reference, with one warning saying why. `dtype`: the dtype of the values (v)."""
-    if requested == "torch" or device.type != "cuda":
-        if requested == "fla" and device.type != "cuda":
-            _warn_once("fla-cpu", "gdn_backend='fla' needs a CUDA device; using the PyTorch Gated DeltaNet kernels")
-        return "torch"
-    if _fla_ops() is None:
-        _warn_once(
-            "fla-missing",
-            "flash-linear-attention (fla-core) is not available "
-            f"({_fla_state.get('import_error', 'not installed')}); using the slower PyTorch Gated DeltaNet kernels. "
-            "Install it with `pip install llamathink[gpu]`.",
-        )
-        return "torch"
-    if needs_grad:
-        problem = fla_backward_problem(device)
-        if problem is not None:
-            _warn_once("fla-backward", f"{problem}; training uses the PyTorch Gated DeltaNet kernels instead.")
-            return "torch"
-        if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
-            # fla computes fp32 inputs through TF32 matmuls, and our fp32 gradient check against the CPU reference
-            # has not passed on the H100 (BENCHMARKS.md): fp32 training stays on the exact PyTorch kernels.
-            _warn_once(
-                "fla-fp32",
-                f"fla is used for 16-bit (bf16 autocast) training; training in {dtype} uses the PyTorch Gated DeltaNet "
-                "kernels instead.",
-            )
-            return "torch"
-    return "fla"
-
-
-def _fla_dtype(v: torch.Tensor) -> torch.dtype:
-    """The dtype fla computes in: 16-bit inputs as they are, anything else in fp32."""
-    return v.dtype if v.dtype in (torch.float16, torch.bfloat16) else torch.float32
-
-
-def _fla_chunk_internals():
-    """fla's chunked forward and backward functions (the pieces its autograd function calls), or None where this
-    fla lacks them in the form used here (fla-core 0.6); then compiled training takes the graph-break path."""
-    if "internals" not in _fla_state:
-        _fla_state["internals"] = None
-        try:
-            from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_bwd, chunk_gated_delta_rule_fwd
-
-            need_fwd = {"q", "k", "v", "g", "beta", "scale", "initial_state", "output_final_state"}
-            need_bwd = {"q", "k", "v", "g", "beta", "A", "scale", "initial_state", "do", "dht"}
-            if need_fwd <= set(inspect.signature(chunk_gated_delta_rule_fwd).parameters) and need_bwd <= set(
-                inspect.signature(chunk_gated_delta_rule_bwd).parameters
-            ):
-                _fla_state["internals"] = (chunk_gated_delta_rule_fwd, chunk_gated_delta_rule_bwd)
-        except Exception:  # fla missing, broken, or reorganised
-            pass
-    return _fla_state["internals"]
-
-
-# Eager: fla's own autograd function. Under torch.compile the same kernels run behind two opaque custom ops
-# (forward, backward) that dynamo records as single nodes: dynamo cannot trace fla's Triton/tilelang launch code,
-# and `torch.compiler.disable` alone cuts the graph at every Gated DeltaNet layer (BENCHMARKS.md section 1: the
-# compiled step then waits ~39 ms of 109 on the host).
-@torch.compiler.disable
-def _fla_chunk_eager(q, k, v, g, beta, scale, initial_state, output_final_state):
-    chunk, _ = _fla_ops()
-    dtype = _fla_dtype(v)
-    return chunk(
-        q.to(dtype), k.to(dtype), v.to(dtype), g.float(), beta.to(dtype), scale=scale,
-        initial_state=None if initial_state is None else initial_state.float(),
-        output_final_state=output_final_state,
-    )  # fmt: skip
-
-
-def _empty_f32(like: torch.Tensor) -> torch.Tensor:  # custom ops return tensors, never None
-    return like.new_empty(0, dtype=torch.float32)
-
-
-def _device_of(t: torch.Tensor):
-    """Make `t`'s GPU the current one while fla launches (its kernels run on the current device's stream)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _define_fla_chunk_op():
-    """Define `llamathink::fla_chunk_gdn` (+ its backward op and autograd formula) once per process: a copy of this
-    file loaded through `trust_remote_code` next to the installed package reuses the first definition rather than
-    registering the op a second time."""
-    try:
-        return torch.ops.llamathink.fla_chunk_gdn
-    except (AttributeError, RuntimeError):
-        pass
-
-    @torch.library.custom_op("llamathink::fla_chunk_gdn", mutates_args=())
-    def fla_chunk_gdn(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, scale: float,
-        initial_state: torch.Tensor | None, output_final_state: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-        """q, k, v, beta [B, T, H, D] / [B, T, H] in one 16-bit or fp32 dtype, g fp32, all contiguous ->
-        o [B, T, H, Dv], final state [B, H, Dk, Dv] fp32 (or empty), and what the backward needs: fla's per-chunk
-        cumulative gates [B, T, H] fp32 and inverted WY matrices A [B, T, H, 64] (k's dtype)."""
-        fwd, _ = _fla_chunk_internals()
-        with _device_of(q):
-            g_cum, o, A, state = fwd(q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=initial_state,
-                                     output_final_state=output_final_state)[:4]  # fmt: skip
-        if A.shape != (*v.shape[:3], 64) or A.dtype != k.dtype or g_cum.dtype != torch.float32:
-            raise RuntimeError(
-                f"fla's chunk_gated_delta_rule_fwd returned A {tuple(A.shape)} {A.dtype}, gates {g_cum.dtype}: not "
-                "the layout this version of LlamaThink was written for (fla-core 0.6); train without torch.compile"
-            )
-        return o.to(q.dtype).contiguous(), state if state is not None else _empty_f32(q), g_cum, A
-
-    @fla_chunk_gdn.register_fake
-    def _(q, k, v, g, beta, scale, initial_state, output_final_state):
-        B, T, H, V = v.shape  # H: value heads (fla also takes fewer q/k heads; we pass them repeated)
-        state = v.new_empty((B, H, k.shape[3], V), dtype=torch.float32) if output_final_state else _empty_f32(q)
-        return torch.empty_like(v, dtype=q.dtype), state, torch.empty_like(g), k.new_empty(B, T, H, 64)
-
-    @torch.library.custom_op("llamathink::fla_chunk_gdn_backward", mutates_args=())
-    def fla_chunk_gdn_backward(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cum: torch.Tensor, beta: torch.Tensor, A: torch.Tensor,
-        scale: float, initial_state: torch.Tensor | None, grad_o: torch.Tensor, grad_state: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Gradients w.r.t. q, k, v, g, beta and the initial state (empty when there is none), by fla's backward."""
-        _, bwd = _fla_chunk_internals()
-        with _device_of(q):
-            dq, dk, dv, dbeta, dg, dh0 = bwd(q=q, k=k, v=v, g=g_cum, beta=beta, A=A, scale=scale,
-                                             initial_state=initial_state, do=grad_o.to(q.dtype).contiguous(),
-                                             dht=grad_state)[:6]  # fmt: skip
-        grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.float(), dbeta.to(beta.dtype),
-                 dh0.float() if dh0 is not None and initial_state is not None else _empty_f32(q))  # fmt: skip
-        return tuple(t.contiguous() for t in grads)
-
-    @fla_chunk_gdn_backward.register_fake
-    def _(q, k, v, g_cum, beta, A, scale, initial_state, grad_o, grad_state):
-        dh0 = torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None else _empty_f32(q)
-        return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g_cum),
-                torch.empty_like(beta), dh0)  # fmt: skip
-
-    def setup_context(ctx, inputs, output):
-        q, k, v, _, beta, scale, initial_state, _ = inputs
-        _, _, g_cum, A = output
-        ctx.save_for_backward(q, k, v, g_cum, beta, A, initial_state)
-        ctx.scale = scale
-
-    def backward(ctx, grad_o, grad_state, _grad_g_cum, _grad_A):
-        q, k, v, g_cum, beta, A, initial_state = ctx.saved_tensors
-        if grad_state is not None and grad_state.numel() == 0:
-            grad_state = None
-        dq, dk, dv, dg, dbeta, dh0 = fla_chunk_gdn_backward(
-            q, k, v, g_cum, beta, A, ctx.scale, initial_state, grad_o, grad_state
-        )
-        return dq, dk, dv, dg, dbeta, None, dh0 if initial_state is not None else None, None
-
-    fla_chunk_gdn.register_autograd(backward, setup_context=setup_context)
-    return torch.ops.llamathink.fla_chunk_gdn
-
-
-_fla_chunk_op = _define_fla_chunk_op()
-
-
-def fla_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False, chunk_size=64):
-    """fla's chunked kernel behind our contract (q, k already L2-normalised; [B, T, H, D]; fp32 g)."""
-    if not torch.compiler.is_compiling() or _fla_chunk_internals() is None:
-        o, state = _fla_chunk_eager(q, k, v, g, beta, scale, initial_state, output_final_state)
-        return o.to(v.dtype), state
-    # Traced: the casts and copies to fla's dtypes and layout happen here, where inductor fuses them into the
-    # kernels that produce q, k, v, g and beta (behind a graph break they were 13 ms of separate copies per step).
-    dtype = _fla_dtype(v)
-    o, state, _, _ = _fla_chunk_op(
-        q.to(dtype).contiguous(), k.to(dtype).contiguous(), v.to(dtype).contiguous(), g.float().contiguous(),
-        beta.to(dtype).contiguous(), scale, None if initial_state is None else initial_state.float().contiguous(),
-        output_final_state,
-    )  # fmt: skip
-    return o.to(v.dtype), state if output_final_state else None
-
-
-@torch.compiler.disable
-def fla_recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False):
-    """fla's fused recurrent kernel (decode; it has no backward) behind our contract."""
-    _, recurrent = _fla_ops()
-    dtype = _fla_dtype(v)
-    o, state = recurrent(
-        q.to(dtype), k.to(dtype), v.to(dtype), g=g.float(), beta=beta.to(dtype), scale=scale,
-        initial_state=None if initial_state is None else initial_state.float(),
-        output_final_state=output_final_state,
-    )  # fmt: skip
-    return o.to(v.dtype), state
-
-
-FLA_GDN_KERNELS = {"chunk": fla_chunk_gated_delta_rule, "recurrent": fla_recurrent_gated_delta_rule}
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Cache
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -585,12 +339,8 @@ class LlamaThinkCache:
     is_croppable = False
 
     def __init__(self, config: LlamaThinkConfig):
-        self.config = config
-        self.mixer_types = list(config.mixer_types)
-        self._layers: list[_LayerState] = [
-            GatedDeltaNetState() if t == "linear" else CompressedAttentionState() if t == "csa" else AttentionState()
-            for t in self.mixer_types
-        ]
+        # each mixer class names its state class; an unknown mixer type raises a ValueError naming it
+        self._layers: list[_LayerState] = [mixer_class(kind).state_class() for kind in config.mixer_types]
         self._static: _StaticDecoder | None = None  # set while the state lives in a _StaticDecoder's buffers
         self.seq_length = 0  # positions processed, padding included (index space)
         self.real_lengths: torch.Tensor | None = None  # [B] long: real tokens seen per row = next position
@@ -691,39 +441,22 @@ class _StaticDecoder:
     writes the token id and position into fixed tensors and replays the graph (embedding -> every layer's
     `decode_static` -> head), so a step costs one launch instead of hundreds of Python-dispatched kernels. The state
     goes back into the cache's own tensors (`store`) as soon as anything else touches the cache: a multi-token
-    forward, `reorder_cache`, reading `cache.layers`, or another cache taking over these buffers. On CPU (tests) the
-    same step runs eagerly on the same buffers.
+    forward, `reorder_cache`, reading `cache.layers`, or another cache taking over these buffers. Off CUDA
+    (`decode_cuda_graphs="always"`, how the tests reach this path on CPU) the same step runs eagerly on the same
+    buffers. Each mixer allocates, loads and stores its own buffers (`allocate_static_state`, `load_static_state`,
+    `store_static_state`), so this class knows no mixer type.
     """
 
     def __init__(self, model: LlamaThinkForCausalLM, batch_size: int, use_graph: bool):
         cfg = model.config
         weight = model.lm_head.weight
-        kw = dict(device=weight.device, dtype=weight.dtype)
+        device = weight.device
         B, L = batch_size, cfg.max_position_embeddings
         self.model, self.batch_size, self.use_graph = model, batch_size, use_graph
-        self.layers: list[_LayerState] = []
-        for layer in model.model.layers:
-            mixer = layer.mixer
-            if layer.mixer_type == "linear":
-                state = GatedDeltaNetState()
-                state.conv = torch.zeros(B, mixer.conv_dim, mixer.conv_kernel_size - 1, **kw)
-                state.recurrent = torch.zeros(
-                    B, mixer.num_v_heads, mixer.head_k_dim, mixer.head_v_dim, device=weight.device,
-                    dtype=_acc_dtype(weight.dtype),
-                )  # fmt: skip
-            elif layer.mixer_type == "full":
-                state = AttentionState()
-                state.keys = torch.zeros(B, mixer.num_kv_heads, L, mixer.head_dim, **kw)
-                state.values = torch.zeros_like(state.keys)
-            else:
-                state = CompressedAttentionState()
-                state.window_k = torch.zeros(B, mixer.num_kv_heads, mixer.window, mixer.head_dim, **kw)
-                state.window_v = torch.zeros_like(state.window_k)
-                state.blocks_k = torch.zeros(B, mixer.num_kv_heads, L // mixer.stride, mixer.head_dim, **kw)
-                state.blocks_v = torch.zeros_like(state.blocks_k)
-                state.partial = torch.zeros(B, mixer.stride, 2 * mixer.num_kv_heads * mixer.head_dim, **kw)
-            self.layers.append(state)
-        device = weight.device
+        self.mixers = [layer.mixer for layer in model.model.layers]
+        self.layers: list[_LayerState] = [
+            mixer.allocate_static_state(B, L, device=device, dtype=weight.dtype) for mixer in self.mixers
+        ]
         self.index = torch.zeros(1, dtype=torch.long, device=device)  # cache index (padding included) of the new token
         self.positions = torch.zeros(B, dtype=torch.long, device=device)  # each row's position of the new token
         self.key_valid = torch.ones(B, L, dtype=torch.bool, device=device)  # which cache indices are real tokens
@@ -742,45 +475,15 @@ class _StaticDecoder:
         self.key_valid.fill_(True)
         if self.padded:
             self.key_valid[:, :L] = cache.key_valid
-        for state, src in zip(self.layers, cache._layers):
-            if isinstance(state, GatedDeltaNetState):
-                state.conv.copy_(src.conv)
-                state.recurrent.copy_(src.recurrent)
-            elif isinstance(state, AttentionState):
-                state.keys[:, :, :L].copy_(src.keys)
-                state.values[:, :, :L].copy_(src.values)
-            else:
-                W = state.window_k.shape[2]
-                idx = torch.arange(L - (W - 1), L, device=self.slots.device)  # cache indices of src.window_k
-                have = idx >= 0  # (their padding is marked in key_valid)
-                state.window_k[:, :, idx[have] % W] = src.window_k[:, :, have].to(state.window_k.dtype)
-                state.window_v[:, :, idx[have] % W] = src.window_v[:, :, have].to(state.window_v.dtype)
-                if src.blocks_k is not None:
-                    n = src.blocks_k.shape[2]
-                    state.blocks_k[:, :, :n].copy_(src.blocks_k)
-                    state.blocks_v[:, :, :n].copy_(src.blocks_v)
-                state.partial.copy_(src.partial)
+        for mixer, state, src in zip(self.mixers, self.layers, cache._layers):
+            mixer.load_static_state(state, src, L)
 
     def store(self, cache: LlamaThinkCache):
         """Write the buffers back as the cache's own state tensors (the inverse of `load`)."""
         L = cache.seq_length
         max_real_length = L if not self.padded else int(self.positions.max())  # (a host sync, once per hand-back)
-        for state, dst in zip(self.layers, cache._layers):
-            if isinstance(state, GatedDeltaNetState):
-                dst.conv, dst.recurrent = state.conv.clone(), state.recurrent.clone()
-            elif isinstance(state, AttentionState):
-                dst.keys, dst.values = state.keys[:, :, :L].clone(), state.values[:, :, :L].clone()
-            else:
-                W, S = state.window_k.shape[2], state.partial.shape[1]
-                idx = torch.arange(L - (W - 1), L, device=self.slots.device)
-                have = (idx >= 0) & self.key_valid[:, idx.clamp(min=0)]  # [B, W - 1]
-                dst.window_k = state.window_k[:, :, idx % W] * have[:, None, :, None].to(state.window_k.dtype)
-                dst.window_v = state.window_v[:, :, idx % W] * have[:, None, :, None].to(state.window_v.dtype)
-                dst.window_valid = have
-                n = max_real_length // S  # slots of the row that has completed the most blocks
-                dst.blocks_k = state.blocks_k[:, :, :n].clone() if n else None
-                dst.blocks_v = state.blocks_v[:, :, :n].clone() if n else None
-                dst.partial = state.partial.clone()
+        for mixer, state, dst in zip(self.mixers, self.layers, cache._layers):
+            mixer.store_static_state(state, dst, L, self.key_valid, max_real_length)
         cache.real_lengths = self.positions.clone()
         cache.max_real_length = max_real_length
         cache.key_valid = self.key_valid[:, :L].clone() if self.padded else None
@@ -841,7 +544,6 @@ class ForwardContext:
     sin: torch.Tensor
     valid: torch.Tensor | None  # [B, T] bool: real tokens of this chunk; None when all are real
     key_valid: torch.Tensor | None  # [B, past + T] bool over all attended positions; None when all are real
-    past_length: int  # positions already in the cache (index space)
     real_lengths: torch.Tensor | None  # [B] real tokens before this chunk; None without a cache
     new_real_lengths: torch.Tensor | None  # [B] real tokens after this chunk; None without a cache
     cache: LlamaThinkCache | None
@@ -883,13 +585,8 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(gdn_dt_bias_init(self.num_v_heads, config.dt_init_range, device=None))
         self.norm = LlamaThinkGatedRMSNorm(self.head_v_dim, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, config.hidden_size, bias=False)
-        if self.backend != "torch" and torch.cuda.is_available():
-            # look fla up now, not on the first forward: under torch.compile that lookup would import fla (and ask
-            # importlib whether tilelang is there) while dynamo traces the step
-            if _fla_ops() is not None:
-                _fla_chunk_internals()
-                for index in range(torch.cuda.device_count()):  # the model may move to any of them later
-                    fla_backward_problem(torch.device("cuda", index))
+        if self.backend != "torch":
+            probe_fla()  # now, not on the first forward, where torch.compile would trace the lookup
 
     def _causal_conv(self, qkv: torch.Tensor, state: GatedDeltaNetState | None) -> torch.Tensor:
         """Depthwise causal conv + SiLU over qkv [B, C, T]; reads and updates the conv state when caching."""
@@ -980,6 +677,40 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         state.recurrent.copy_(final_state)
         return self._output(o, hidden_states)
 
+    # --- decode state of this mixer (`LlamaThinkCache`, `_StaticDecoder`) and its cost ---------------------------
+    state_class = GatedDeltaNetState
+
+    def allocate_static_state(
+        self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> GatedDeltaNetState:
+        """Zeroed fixed buffers of `decode_static`: conv [B, conv_dim, K-1] in `dtype` and the delta-rule state
+        [B, Hv, Dk, Dv] in the accumulation dtype (fp32; fp64 for fp64 models). `max_len` is unused: the state
+        does not grow with the sequence."""
+        state = GatedDeltaNetState()
+        state.conv = torch.zeros(batch_size, self.conv_dim, self.conv_kernel_size - 1, device=device, dtype=dtype)
+        state.recurrent = torch.zeros(
+            batch_size, self.num_v_heads, self.head_k_dim, self.head_v_dim, device=device, dtype=_acc_dtype(dtype)
+        )
+        return state
+
+    def load_static_state(self, static_state: GatedDeltaNetState, cache_state: GatedDeltaNetState, seq_length: int):
+        """Copy a cache's state into the buffers of `allocate_static_state` (`seq_length` is unused here)."""
+        static_state.conv.copy_(cache_state.conv)
+        static_state.recurrent.copy_(cache_state.recurrent)
+
+    def store_static_state(
+        self, static_state: GatedDeltaNetState, cache_state: GatedDeltaNetState, seq_length: int,
+        key_valid: torch.Tensor, max_real_length: int,
+    ):  # fmt: skip
+        """The inverse of `load_static_state`: copies of the buffers become the cache's own tensors."""
+        cache_state.conv, cache_state.recurrent = static_state.conv.clone(), static_state.recurrent.clone()
+
+    @staticmethod
+    def flops_per_token(config: LlamaThinkConfig, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token of one layer's sequence mixing, beyond its weight matmuls:
+        12 * Hv * Dk * Dv, the delta-rule state read and write (2 products x 2 FLOPs/MAC x 3), whatever `seq_len`."""
+        return 12.0 * config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim
+
 
 class LlamaThinkAttention(nn.Module):
     """Gated full softmax attention: q_proj gives a query and a sigmoid output gate per head (interleaved per head,
@@ -1067,6 +798,38 @@ class LlamaThinkAttention(nn.Module):
         mask = (static.slots[: state.keys.shape[2]] <= index) & static.key_valid  # [B, max_len]
         out = self._grouped_sdpa(q, state.keys, state.values, mask[:, None, None])  # [B, Hq, 1, D]
         return self.o_proj(out.reshape(B, 1, -1) * torch.sigmoid(gate))
+
+    # --- decode state of this mixer (`LlamaThinkCache`, `_StaticDecoder`) and its cost ---------------------------
+    state_class = AttentionState
+
+    def allocate_static_state(
+        self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> AttentionState:
+        """Zeroed fixed buffers of `decode_static`: keys and values [B, Hkv, max_len, D], slot i = cache index i."""
+        state = AttentionState()
+        state.keys = torch.zeros(batch_size, self.num_kv_heads, max_len, self.head_dim, device=device, dtype=dtype)
+        state.values = torch.zeros_like(state.keys)
+        return state
+
+    def load_static_state(self, static_state: AttentionState, cache_state: AttentionState, seq_length: int):
+        """Copy a cache's `seq_length` keys and values into the first slots of the buffers."""
+        static_state.keys[:, :, :seq_length].copy_(cache_state.keys)
+        static_state.values[:, :, :seq_length].copy_(cache_state.values)
+
+    def store_static_state(
+        self, static_state: AttentionState, cache_state: AttentionState, seq_length: int, key_valid: torch.Tensor,
+        max_real_length: int,
+    ):  # fmt: skip
+        """The inverse of `load_static_state`: copies of the first `seq_length` slots become the cache's tensors."""
+        cache_state.keys = static_state.keys[:, :, :seq_length].clone()
+        cache_state.values = static_state.values[:, :, :seq_length].clone()
+
+    @staticmethod
+    def flops_per_token(config: LlamaThinkConfig, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token of one layer's attention scores and weighted sum, beyond
+        its weight matmuls: 6 * Hq * D * seq_len (QK^T and AV over seq_len / 2 keys on average (causal), 2 FLOPs per
+        multiply-add, x3 for forward + backward)."""
+        return 6.0 * config.num_attention_heads * config.head_dim * seq_len
 
 
 class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
@@ -1274,12 +1037,85 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         comp = comp * any_visible[:, :, None, None].to(comp.dtype)
         return self._combine(local, comp, hidden_states, gate)
 
+    # --- decode state of this mixer (`LlamaThinkCache`, `_StaticDecoder`) and its cost ---------------------------
+    state_class = CompressedAttentionState
 
+    def allocate_static_state(
+        self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> CompressedAttentionState:
+        """Zeroed fixed buffers of `decode_static`: a ring of W window slots [B, Hkv, W, D] for keys and values,
+        `max_len // stride` compressed block slots [B, Hkv, N, D], and the open block's ring [B, stride, 2 Hkv D]
+        (`window_valid` stays None: the decoder's `key_valid` says which window slots hold real tokens)."""
+        kw = dict(device=device, dtype=dtype)
+        B, Hkv, D = batch_size, self.num_kv_heads, self.head_dim
+        state = CompressedAttentionState()
+        state.window_k = torch.zeros(B, Hkv, self.window, D, **kw)
+        state.window_v = torch.zeros_like(state.window_k)
+        state.blocks_k = torch.zeros(B, Hkv, max_len // self.stride, D, **kw)
+        state.blocks_v = torch.zeros_like(state.blocks_k)
+        state.partial = torch.zeros(B, self.stride, 2 * Hkv * D, **kw)
+        return state
+
+    def load_static_state(
+        self, static_state: CompressedAttentionState, cache_state: CompressedAttentionState, seq_length: int
+    ):
+        """Copy a cache's state (after `seq_length` cache indices) into the buffers: its last W - 1 window positions
+        into their ring slots (cache index i in slot i % W), its completed blocks into their absolute slots."""
+        state, src, L = static_state, cache_state, seq_length
+        W = state.window_k.shape[2]
+        idx = torch.arange(L - (W - 1), L, device=state.window_k.device)  # cache indices of src.window_k
+        have = idx >= 0  # (their padding is marked in the decoder's key_valid)
+        state.window_k[:, :, idx[have] % W] = src.window_k[:, :, have].to(state.window_k.dtype)
+        state.window_v[:, :, idx[have] % W] = src.window_v[:, :, have].to(state.window_v.dtype)
+        if src.blocks_k is not None:
+            n = src.blocks_k.shape[2]
+            state.blocks_k[:, :, :n].copy_(src.blocks_k)
+            state.blocks_v[:, :, :n].copy_(src.blocks_v)
+        state.partial.copy_(src.partial)
+
+    def store_static_state(
+        self, static_state: CompressedAttentionState, cache_state: CompressedAttentionState, seq_length: int,
+        key_valid: torch.Tensor, max_real_length: int,
+    ):  # fmt: skip
+        """The inverse of `load_static_state`. `key_valid` [B, max_len]: the decoder's real-token flags per cache
+        index; `max_real_length`: the most real tokens of any row (how many block slots the cache keeps)."""
+        state, dst, L = static_state, cache_state, seq_length
+        W, S = state.window_k.shape[2], state.partial.shape[1]
+        idx = torch.arange(L - (W - 1), L, device=state.window_k.device)
+        have = (idx >= 0) & key_valid[:, idx.clamp(min=0)]  # [B, W - 1]
+        dst.window_k = state.window_k[:, :, idx % W] * have[:, None, :, None].to(state.window_k.dtype)
+        dst.window_v = state.window_v[:, :, idx % W] * have[:, None, :, None].to(state.window_v.dtype)
+        dst.window_valid = have
+        n = max_real_length // S  # slots of the row that has completed the most blocks
+        dst.blocks_k = state.blocks_k[:, :, :n].clone() if n else None
+        dst.blocks_v = state.blocks_v[:, :, :n].clone() if n else None
+        dst.partial = state.partial.clone()
+
+    @staticmethod
+    def flops_per_token(config: LlamaThinkConfig, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token of one layer's two attentions, beyond its weight matmuls:
+        12 * Hq * D * (min(W, seq_len) + seq_len / (2 * stride)): scores and weighted sum (2 products x 2 FLOPs per
+        multiply-add x 3) over the window's keys and over the compressed blocks seen on average."""
+        return 12.0 * config.num_attention_heads * config.head_dim * (
+            min(config.csa_window, seq_len) + seq_len / (2 * config.csa_stride)
+        )
+
+
+# The one dispatch point from a mixer type (`LlamaThinkConfig.mixer_types`) to its class; the class also names the
+# decode state (`state_class`), builds and moves its static decode buffers and gives its FLOP term.
 MIXER_CLASSES = {
     "linear": LlamaThinkGatedDeltaNet,
     "csa": LlamaThinkCompressedSparseAttention,
     "full": LlamaThinkAttention,
 }
+
+
+def mixer_class(kind: str) -> type[nn.Module]:
+    """The mixer class of a mixer type. Raises `ValueError` naming an unknown type (never another mixer's code)."""
+    try:
+        return MIXER_CLASSES[kind]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown mixer type {kind!r}; the known types are {list(MIXER_CLASSES)}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1293,7 +1129,7 @@ class LlamaThinkDecoderLayer(GradientCheckpointingLayer):
         self.mixer_type = config.mixer_types[layer_idx]
         self.hyper_connections = config.hyper_connections
         self.input_layernorm = LlamaThinkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mixer = MIXER_CLASSES[self.mixer_type](config, layer_idx)
+        self.mixer = mixer_class(self.mixer_type)(config, layer_idx)
         self.post_attention_layernorm = LlamaThinkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = LlamaThinkMLP(config)
         if self.hyper_connections:  # zero init: training starts as a plain residual network
@@ -1728,7 +1564,7 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
 
         cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
         ctx = ForwardContext(
-            position_ids=position_ids, cos=cos, sin=sin, valid=valid, key_valid=key_valid, past_length=past,
+            position_ids=position_ids, cos=cos, sin=sin, valid=valid, key_valid=key_valid,
             real_lengths=real_lengths, new_real_lengths=new_real_lengths, max_new_real_length=max_new_real_length,
             cache=cache, rotary=self.rotary_emb,
         )  # fmt: skip
@@ -1893,7 +1729,8 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
     def _can_decode_static(self, input_ids, cache, attention_mask, position_ids, extra) -> bool:
         if cache is None or input_ids is None or input_ids.shape[1] != 1 or any(extra):
             return False
-        on = input_ids.is_cuda and self.config.decode_cuda_graphs or getattr(self, "_static_decode_on_cpu", False)
+        mode = self.config.decode_cuda_graphs  # True: on CUDA; "always": on every device (eager off CUDA); False: off
+        on = mode == "always" or (input_ids.is_cuda and bool(mode))
         if not on or torch.is_grad_enabled() or torch.is_autocast_enabled(input_ids.device.type):
             return False
         B, L = input_ids.shape[0], cache.seq_length
@@ -1919,7 +1756,7 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         position_ids = static.positions[:, None]  # [B, 1]
         cos, sin = self.model.rotary_emb(position_ids, hidden_states.dtype)
         ctx = ForwardContext(
-            position_ids=position_ids, cos=cos, sin=sin, valid=None, key_valid=None, past_length=0, real_lengths=None,
+            position_ids=position_ids, cos=cos, sin=sin, valid=None, key_valid=None, real_lengths=None,
             new_real_lengths=None, cache=None, rotary=self.model.rotary_emb, static=static,
         )  # fmt: skip
         for layer in self.model.layers:
@@ -2006,8 +1843,32 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         )
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Cost
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def flops_per_token(config: LlamaThinkConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward) of a model of `config` on sequences of `seq_len`
+    tokens, the count used for MFU: 6 x (non-embedding parameters + the output head; the embedding lookup costs no
+    FLOPs, the head does), plus each layer's sequence-mixing term, its mixer class's `flops_per_token` (full
+    attention 6 * Hq * D * T, CSA 12 * Hq * D * (min(W, T) + T / (2 * stride)), Gated DeltaNet 12 * Hv * Dk * Dv).
+    The parameters are counted on a model built on the meta device (no memory, no initialisation).
+    Raises `ValueError` for an unknown mixer type."""
+    with torch.device("meta"):
+        model = LlamaThinkForCausalLM(config)
+    body = sum(
+        p.numel() for n, p in model.named_parameters() if not n.endswith(("embed_tokens.weight", "lm_head.weight"))
+    )
+    flops = 6.0 * (body + config.vocab_size * config.hidden_size)
+    for kind in config.mixer_types:
+        flops += mixer_class(kind).flops_per_token(config, seq_len)
+    return flops
+
+
 __all__ = [
     "LlamaThinkCache",
+    "flops_per_token",
     "chunked_causal_lm_loss",
     "chunked_causal_lm_loss_through_module",
     "is_plain_linear_head",

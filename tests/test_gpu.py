@@ -5,15 +5,13 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from llamathink.modeling_llamathink import (
+from llamathink.kernels_llamathink import (
     _fla_ops,
     fla_backward_problem,
     fla_chunk_gated_delta_rule,
     fla_recurrent_gated_delta_rule,
-    l2norm,
-    torch_chunk_gated_delta_rule,
-    torch_recurrent_gated_delta_rule,
 )
+from llamathink.modeling_llamathink import l2norm, torch_chunk_gated_delta_rule, torch_recurrent_gated_delta_rule
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 needs_fla = pytest.mark.skipif(not torch.cuda.is_available() or _fla_ops() is None, reason="fla is not installed")

@@ -19,6 +19,7 @@ from conftest import REPO_ROOT, randomize_, tiny_config, tiny_model
 from safetensors import safe_open
 
 from llamathink import LlamaThinkCache, LlamaThinkConfig, LlamaThinkForCausalLM, LlamaThinkModel
+from llamathink import kernels_llamathink as kernels
 from llamathink import modeling_llamathink as modeling
 from llamathink.modeling_llamathink import (
     LlamaThinkAttention,
@@ -63,6 +64,8 @@ def test_default_config_is_the_95m_model():
         (dict(partial_rotary_factor=1.5), "partial_rotary_factor"),
         (dict(rms_norm_eps=0.0), "rms_norm_eps"),
         (dict(eos_token_id=500), "eos_token_id"),
+        (dict(decode_cuda_graphs="cpu"), "decode_cuda_graphs"),
+        (dict(decode_cuda_graphs=1), "decode_cuda_graphs"),
     ],
 )
 def test_config_rejects_inconsistent_values(overrides, field):
@@ -206,7 +209,7 @@ def test_full_attention_matches_transformers_qwen3_5_attention():
 
     ctx = ForwardContext(
         position_ids=torch.arange(29)[None].expand(2, 29), cos=cos, sin=sin, valid=None, key_valid=None,
-        past_length=0, real_lengths=None, new_real_lengths=None, cache=None, rotary=None,
+        real_lengths=None, new_real_lengths=None, cache=None, rotary=None,
     )  # fmt: skip
     expected, _ = theirs(x, position_embeddings=(cos, sin), attention_mask=None)
     torch.testing.assert_close(ours(x, ctx), expected, rtol=1e-5, atol=1e-5)
@@ -282,8 +285,8 @@ def test_csa_matches_naive_definition(T):
 
     cos, sin = rotary(torch.arange(T)[None], x.dtype)
     ctx = ForwardContext(
-        position_ids=torch.arange(T)[None], cos=cos, sin=sin, valid=None, key_valid=None, past_length=0,
-        real_lengths=None, new_real_lengths=None, cache=None, rotary=rotary,
+        position_ids=torch.arange(T)[None], cos=cos, sin=sin, valid=None, key_valid=None, real_lengths=None,
+        new_real_lengths=None, cache=None, rotary=rotary,
     )  # fmt: skip
     torch.testing.assert_close(mod(x, ctx), _naive_csa(mod, x, rotary), rtol=1e-10, atol=1e-10)
 
@@ -411,9 +414,12 @@ def _count_static_steps(model) -> list:
 
 @pytest.fixture()
 def static_model():
-    """The window-64 mixer set with the static decode path on (on CPU it runs the CUDA-graph step eagerly)."""
-    model = tiny_model(csa_window=64, mixer_types=["csa", "linear", "full", "csa"], max_position_embeddings=200)
-    model._static_decode_on_cpu = True
+    """The window-64 mixer set with the static decode path on (`decode_cuda_graphs="always"`: on CPU it runs the
+    CUDA-graph step eagerly)."""
+    model = tiny_model(
+        csa_window=64, mixer_types=["csa", "linear", "full", "csa"], max_position_embeddings=200,
+        decode_cuda_graphs="always",
+    )  # fmt: skip
     return model
 
 
@@ -462,14 +468,14 @@ def test_static_decode_generate_greedy_and_beam_equal_the_general_path(static_mo
         fast = model.generate(prompt, output_scores=True, return_dict_in_generate=True, **kwargs)
         assert len(steps) == 79  # every step after the prompt's took the static path
         fast_beams = model.generate(prompt, **beams)
-        model._static_decode_on_cpu = False
+        model.config.decode_cuda_graphs = False
         slow = model.generate(prompt, output_scores=True, return_dict_in_generate=True, **kwargs)
         slow_beams = model.generate(prompt, **beams)
     assert torch.equal(fast.sequences, slow.sequences)
     torch.testing.assert_close(torch.stack(fast.scores), torch.stack(slow.scores), rtol=1e-10, atol=1e-10)
     assert torch.equal(fast_beams, slow_beams)
     for batch in range(1, 7):  # at most four batch sizes keep their buffers (least recently used goes first)
-        model._static_decode_on_cpu = True
+        model.config.decode_cuda_graphs = "always"
         with torch.no_grad():
             model.generate(prompt[:1].expand(batch, -1), max_new_tokens=2, do_sample=False, pad_token_id=0)
     assert [key[0] for key in model.__dict__["_static_decoders"]] == [3, 4, 5, 6]
@@ -1060,7 +1066,8 @@ def _reference_fla_internals():
 def fla_as_reference(monkeypatch):
     """fla's kernels replaced by the PyTorch reference, and the fla backend used (also on CPU) unless "torch" is
     asked for."""
-    monkeypatch.setitem(modeling._fla_state, "internals", _reference_fla_internals())
+    monkeypatch.setitem(kernels._fla_state, "internals", _reference_fla_internals())
+    # the Gated DeltaNet layers ask the name the modeling file imported from kernels_llamathink
     monkeypatch.setattr(modeling, "select_gdn_backend", lambda asked, *_: "torch" if asked == "torch" else "fla")
 
 
@@ -1077,7 +1084,7 @@ def test_fla_custom_op_registration(fla_as_reference):
     for initial_state, final in ((None, False), (h0, True)):
         args = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
         h = None if initial_state is None else initial_state.clone().requires_grad_()
-        torch.library.opcheck(modeling._fla_chunk_op, (*args, K**-0.5, h, final))
+        torch.library.opcheck(kernels._fla_chunk_op, (*args, K**-0.5, h, final))
 
 
 def test_compiled_fla_path_is_one_graph_with_exact_gradients(fla_as_reference):
@@ -1174,7 +1181,8 @@ def test_save_pretrained_writes_safetensors_tied_and_auto_map(tmp_path, model):
         "AutoModel": "modeling_llamathink.LlamaThinkModel",
         "AutoModelForCausalLM": "modeling_llamathink.LlamaThinkForCausalLM",
     }
-    assert (tmp_path / "modeling_llamathink.py").exists() and (tmp_path / "configuration_llamathink.py").exists()
+    for name in ("configuration_llamathink.py", "modeling_llamathink.py", "kernels_llamathink.py"):
+        assert (tmp_path / name).exists(), name  # the kernels file: copied as a relative import of the modeling file
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         keys = set(f.keys())
     assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys  # tied: stored once
@@ -1212,6 +1220,7 @@ def test_remote_code_round_trip_in_a_fresh_process_without_the_package(tmp_path,
         from transformers import AutoModel, AutoModelForCausalLM
         m = AutoModelForCausalLM.from_pretrained({str(ckpt)!r}, trust_remote_code=True, dtype=torch.float64)
         assert type(m).__name__ == "LlamaThinkForCausalLM" and "transformers_modules" in type(m).__module__
+        assert any(name.endswith(".kernels_llamathink") and "transformers_modules" in name for name in sys.modules)
         e = torch.load({str(tmp_path / "expected.pt")!r})
         got = m(e["ids"]).logits.float()
         assert torch.allclose(got, e["logits"], atol=1e-6), (got - e["logits"]).abs().max()
@@ -1236,7 +1245,7 @@ def test_a_second_copy_of_the_modeling_file_loads_in_the_same_process(tmp_path, 
     import shutil
 
     (tmp_path / "llamathink_copy").mkdir()
-    for name in ("__init__.py", "configuration_llamathink.py", "modeling_llamathink.py"):
+    for name in ("__init__.py", "configuration_llamathink.py", "kernels_llamathink.py", "modeling_llamathink.py"):
         source = REPO_ROOT / "llamathink" / name
         target = tmp_path / "llamathink_copy" / name
         if name == "__init__.py":
@@ -1245,7 +1254,9 @@ def test_a_second_copy_of_the_modeling_file_loads_in_the_same_process(tmp_path, 
             shutil.copy(source, target)
     monkeypatch.syspath_prepend(str(tmp_path))
     copy_module = importlib.import_module("llamathink_copy.modeling_llamathink")
-    assert copy_module is not modeling and copy_module._fla_chunk_op is modeling._fla_chunk_op
+    copy_kernels = importlib.import_module("llamathink_copy.kernels_llamathink")
+    assert copy_module is not modeling and copy_kernels is not kernels
+    assert copy_kernels._fla_chunk_op is kernels._fla_chunk_op
     ids = torch.randint(1, 96, (1, 9), generator=torch.Generator().manual_seed(0))
     config = copy_module.LlamaThinkConfig(**tiny_config().to_dict())
     assert copy_module.LlamaThinkForCausalLM(config)(ids).logits.shape == (1, 9, 96)
@@ -1267,7 +1278,7 @@ def test_text_generation_pipeline(tmp_path):
 
 
 def test_gdn_backend_selection_falls_back_on_cpu(caplog):
-    from llamathink.modeling_llamathink import select_gdn_backend
+    from llamathink.kernels_llamathink import select_gdn_backend
 
     assert select_gdn_backend("auto", torch.device("cpu"), needs_grad=True) == "torch"
     assert select_gdn_backend("fla", torch.device("cpu"), needs_grad=False) == "torch"
@@ -1277,7 +1288,7 @@ def test_gdn_backend_selection_falls_back_on_cpu(caplog):
 
 def test_gdn_backend_selection_keeps_fp32_training_off_fla(monkeypatch):
     """Where fla works (stubbed here), bf16/fp16 training and any inference use it; fp32 training does not."""
-    from llamathink import modeling_llamathink as m
+    from llamathink import kernels_llamathink as m
 
     monkeypatch.setattr(m, "_fla_ops", lambda: ("chunk", "recurrent"))
     monkeypatch.setattr(m, "fla_backward_problem", lambda device: None)
@@ -1298,7 +1309,7 @@ def test_fla_backend_choice_is_probed_once_and_traces_without_graph_breaks(monke
 
     from torch._dynamo.backends import debugging  # noqa: F401  (explain's imports need the real, here missing, triton)
 
-    from llamathink import modeling_llamathink as m
+    from llamathink import kernels_llamathink as m
 
     probes = []
     real_find_spec = importlib.util.find_spec

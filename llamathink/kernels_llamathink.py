@@ -1,0 +1,288 @@
+"""Optional fla (flash-linear-attention) Gated DeltaNet kernels behind the contract of LlamaThink's PyTorch
+reference kernels (`torch_chunk_gated_delta_rule` / `torch_recurrent_gated_delta_rule` in `modeling_llamathink.py`).
+
+fla is never imported at module load: `_fla_ops` imports it on first use and remembers a failure, so the model runs
+on its pure-PyTorch kernels wherever fla (or triton) is missing or broken. `select_gdn_backend` is the one place that
+decides between the two; `FLA_GDN_KERNELS` mirrors the modeling file's `GDN_KERNELS` table.
+
+Like the configuration and modeling files, this file only imports from torch, transformers and the standard library:
+the modeling file imports it with a single-dot relative import, so `save_pretrained` copies it next to the weights and
+`trust_remote_code=True` loading finds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+_fla_state: dict = {}
+
+
+def _warn_once(key: str, message: str):
+    if key not in _fla_state:
+        _fla_state[key] = True
+        logger.warning(message)
+
+
+def _fla_ops():
+    """fla's (chunk, fused_recurrent) gated delta rule functions, or None when fla is missing or broken."""
+    if "ops" not in _fla_state:
+        try:
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+            _fla_state["ops"] = (chunk_gated_delta_rule, fused_recurrent_gated_delta_rule)
+        except Exception as err:  # ImportError, or a broken triton/fla install
+            _fla_state["ops"] = None
+            _fla_state["import_error"] = f"{type(err).__name__}: {err}"
+    return _fla_state["ops"]
+
+
+def fla_backward_problem(device: torch.device) -> str | None:
+    """Why fla's gated-delta-rule backward cannot be trusted on `device`, or None.
+
+    fla 0.6 refuses the backward pass on Hopper (sm_90) with Triton >= 3.4 and < 3.7.1 (wrong gradients, fla issue
+    #640) unless tilelang is installed, in which case it uses tilelang for that kernel. We detect the case up front:
+    an exception raised inside autograd's backward would otherwise end a training run.
+    """
+    if device.type != "cuda":
+        return "fla kernels need a CUDA device"
+    # Memoised per device: the checks below (importlib's find_spec in particular) cannot be traced by dynamo, and a
+    # compiled training step asks again in every Gated DeltaNet layer.
+    key = ("backward-problem", device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _fla_state:
+        _fla_state[key] = _fla_backward_problem_uncached(device)
+    return _fla_state[key]
+
+
+def _fla_backward_problem_uncached(device: torch.device) -> str | None:
+    import importlib.util
+
+    try:
+        import triton
+
+        triton_version = tuple(int(x) for x in triton.__version__.split("+")[0].split(".")[:3])
+    except Exception:  # pragma: no cover - fla imports triton, so this only happens on broken installs
+        return "triton is not importable"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major == 9 and (3, 4, 0) <= triton_version < (3, 7, 1) and importlib.util.find_spec("tilelang") is None:
+        return (
+            f"fla's backward pass is wrong on Hopper with Triton {triton.__version__} (fla issue #640) and "
+            "tilelang is not installed (pip install tilelang, or Triton >= 3.7.1)"
+        )
+    return None
+
+
+def select_gdn_backend(requested: str, device: torch.device, needs_grad: bool, dtype: torch.dtype | None = None) -> str:
+    """Resolve `config.gdn_backend` ("auto", "fla" or "torch") to the backend that will run: fla only where it is
+    installed, on CUDA, and (when gradients are needed) where its backward is trustworthy and the inputs are 16-bit;
+    otherwise the PyTorch reference, with one warning saying why. `dtype`: the dtype of the values (v)."""
+    if requested == "torch" or device.type != "cuda":
+        if requested == "fla" and device.type != "cuda":
+            _warn_once("fla-cpu", "gdn_backend='fla' needs a CUDA device; using the PyTorch Gated DeltaNet kernels")
+        return "torch"
+    if _fla_ops() is None:
+        _warn_once(
+            "fla-missing",
+            "flash-linear-attention (fla-core) is not available "
+            f"({_fla_state.get('import_error', 'not installed')}); using the slower PyTorch Gated DeltaNet kernels. "
+            "Install it with `pip install llamathink[gpu]`.",
+        )
+        return "torch"
+    if needs_grad:
+        problem = fla_backward_problem(device)
+        if problem is not None:
+            _warn_once("fla-backward", f"{problem}; training uses the PyTorch Gated DeltaNet kernels instead.")
+            return "torch"
+        if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+            # fla computes fp32 inputs through TF32 matmuls, and our fp32 gradient check against the CPU reference
+            # has not passed on the H100 (BENCHMARKS.md): fp32 training stays on the exact PyTorch kernels.
+            _warn_once(
+                "fla-fp32",
+                f"fla is used for 16-bit (bf16 autocast) training; training in {dtype} uses the PyTorch Gated DeltaNet "
+                "kernels instead.",
+            )
+            return "torch"
+    return "fla"
+
+
+def _fla_dtype(v: torch.Tensor) -> torch.dtype:
+    """The dtype fla computes in: 16-bit inputs as they are, anything else in fp32."""
+    return v.dtype if v.dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def _fla_chunk_internals():
+    """fla's chunked forward and backward functions (the pieces its autograd function calls), or None where this
+    fla lacks them in the form used here (fla-core 0.6); then compiled training takes the graph-break path."""
+    if "internals" not in _fla_state:
+        _fla_state["internals"] = None
+        try:
+            from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_bwd, chunk_gated_delta_rule_fwd
+
+            need_fwd = {"q", "k", "v", "g", "beta", "scale", "initial_state", "output_final_state"}
+            need_bwd = {"q", "k", "v", "g", "beta", "A", "scale", "initial_state", "do", "dht"}
+            if need_fwd <= set(inspect.signature(chunk_gated_delta_rule_fwd).parameters) and need_bwd <= set(
+                inspect.signature(chunk_gated_delta_rule_bwd).parameters
+            ):
+                _fla_state["internals"] = (chunk_gated_delta_rule_fwd, chunk_gated_delta_rule_bwd)
+        except Exception:  # fla missing, broken, or reorganised
+            pass
+    return _fla_state["internals"]
+
+
+# Eager: fla's own autograd function. Under torch.compile the same kernels run behind two opaque custom ops
+# (forward, backward) that dynamo records as single nodes: dynamo cannot trace fla's Triton/tilelang launch code,
+# and `torch.compiler.disable` alone cuts the graph at every Gated DeltaNet layer (BENCHMARKS.md section 1: the
+# compiled step then waits ~39 ms of 109 on the host).
+@torch.compiler.disable
+def _fla_chunk_eager(q, k, v, g, beta, scale, initial_state, output_final_state):
+    chunk, _ = _fla_ops()
+    dtype = _fla_dtype(v)
+    return chunk(
+        q.to(dtype), k.to(dtype), v.to(dtype), g.float(), beta.to(dtype), scale=scale,
+        initial_state=None if initial_state is None else initial_state.float(),
+        output_final_state=output_final_state,
+    )  # fmt: skip
+
+
+def _empty_f32(like: torch.Tensor) -> torch.Tensor:  # custom ops return tensors, never None
+    return like.new_empty(0, dtype=torch.float32)
+
+
+def _device_of(t: torch.Tensor):
+    """Make `t`'s GPU the current one while fla launches (its kernels run on the current device's stream)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _define_fla_chunk_op():
+    """Define `llamathink::fla_chunk_gdn` (+ its backward op and autograd formula) once per process: a copy of this
+    file loaded through `trust_remote_code` next to the installed package reuses the first definition rather than
+    registering the op a second time."""
+    try:
+        return torch.ops.llamathink.fla_chunk_gdn
+    except (AttributeError, RuntimeError):
+        pass
+
+    @torch.library.custom_op("llamathink::fla_chunk_gdn", mutates_args=())
+    def fla_chunk_gdn(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, scale: float,
+        initial_state: torch.Tensor | None, output_final_state: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """q, k, v, beta [B, T, H, D] / [B, T, H] in one 16-bit or fp32 dtype, g fp32, all contiguous ->
+        o [B, T, H, Dv], final state [B, H, Dk, Dv] fp32 (or empty), and what the backward needs: fla's per-chunk
+        cumulative gates [B, T, H] fp32 and inverted WY matrices A [B, T, H, 64] (k's dtype)."""
+        fwd, _ = _fla_chunk_internals()
+        with _device_of(q):
+            g_cum, o, A, state = fwd(q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=initial_state,
+                                     output_final_state=output_final_state)[:4]  # fmt: skip
+        if A.shape != (*v.shape[:3], 64) or A.dtype != k.dtype or g_cum.dtype != torch.float32:
+            raise RuntimeError(
+                f"fla's chunk_gated_delta_rule_fwd returned A {tuple(A.shape)} {A.dtype}, gates {g_cum.dtype}: not "
+                "the layout this version of LlamaThink was written for (fla-core 0.6); train without torch.compile"
+            )
+        return o.to(q.dtype).contiguous(), state if state is not None else _empty_f32(q), g_cum, A
+
+    @fla_chunk_gdn.register_fake
+    def _(q, k, v, g, beta, scale, initial_state, output_final_state):
+        B, T, H, V = v.shape  # H: value heads (fla also takes fewer q/k heads; we pass them repeated)
+        state = v.new_empty((B, H, k.shape[3], V), dtype=torch.float32) if output_final_state else _empty_f32(q)
+        return torch.empty_like(v, dtype=q.dtype), state, torch.empty_like(g), k.new_empty(B, T, H, 64)
+
+    @torch.library.custom_op("llamathink::fla_chunk_gdn_backward", mutates_args=())
+    def fla_chunk_gdn_backward(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cum: torch.Tensor, beta: torch.Tensor, A: torch.Tensor,
+        scale: float, initial_state: torch.Tensor | None, grad_o: torch.Tensor, grad_state: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Gradients w.r.t. q, k, v, g, beta and the initial state (empty when there is none), by fla's backward."""
+        _, bwd = _fla_chunk_internals()
+        with _device_of(q):
+            dq, dk, dv, dbeta, dg, dh0 = bwd(q=q, k=k, v=v, g=g_cum, beta=beta, A=A, scale=scale,
+                                             initial_state=initial_state, do=grad_o.to(q.dtype).contiguous(),
+                                             dht=grad_state)[:6]  # fmt: skip
+        grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.float(), dbeta.to(beta.dtype),
+                 dh0.float() if dh0 is not None and initial_state is not None else _empty_f32(q))  # fmt: skip
+        return tuple(t.contiguous() for t in grads)
+
+    @fla_chunk_gdn_backward.register_fake
+    def _(q, k, v, g_cum, beta, A, scale, initial_state, grad_o, grad_state):
+        dh0 = torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None else _empty_f32(q)
+        return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g_cum),
+                torch.empty_like(beta), dh0)  # fmt: skip
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, _, beta, scale, initial_state, _ = inputs
+        _, _, g_cum, A = output
+        ctx.save_for_backward(q, k, v, g_cum, beta, A, initial_state)
+        ctx.scale = scale
+
+    def backward(ctx, grad_o, grad_state, _grad_g_cum, _grad_A):
+        q, k, v, g_cum, beta, A, initial_state = ctx.saved_tensors
+        if grad_state is not None and grad_state.numel() == 0:
+            grad_state = None
+        dq, dk, dv, dg, dbeta, dh0 = fla_chunk_gdn_backward(
+            q, k, v, g_cum, beta, A, ctx.scale, initial_state, grad_o, grad_state
+        )
+        return dq, dk, dv, dg, dbeta, None, dh0 if initial_state is not None else None, None
+
+    fla_chunk_gdn.register_autograd(backward, setup_context=setup_context)
+    return torch.ops.llamathink.fla_chunk_gdn
+
+
+_fla_chunk_op = _define_fla_chunk_op()
+
+
+def fla_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False, chunk_size=64):
+    """fla's chunked kernel behind our contract (q, k already L2-normalised; [B, T, H, D]; fp32 g)."""
+    if not torch.compiler.is_compiling() or _fla_chunk_internals() is None:
+        o, state = _fla_chunk_eager(q, k, v, g, beta, scale, initial_state, output_final_state)
+        return o.to(v.dtype), state
+    # Traced: the casts and copies to fla's dtypes and layout happen here, where inductor fuses them into the
+    # kernels that produce q, k, v, g and beta (behind a graph break they were 13 ms of separate copies per step).
+    dtype = _fla_dtype(v)
+    o, state, _, _ = _fla_chunk_op(
+        q.to(dtype).contiguous(), k.to(dtype).contiguous(), v.to(dtype).contiguous(), g.float().contiguous(),
+        beta.to(dtype).contiguous(), scale, None if initial_state is None else initial_state.float().contiguous(),
+        output_final_state,
+    )  # fmt: skip
+    return o.to(v.dtype), state if output_final_state else None
+
+
+@torch.compiler.disable
+def fla_recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False):
+    """fla's fused recurrent kernel (decode; it has no backward) behind our contract."""
+    _, recurrent = _fla_ops()
+    dtype = _fla_dtype(v)
+    o, state = recurrent(
+        q.to(dtype), k.to(dtype), v.to(dtype), g=g.float(), beta=beta.to(dtype), scale=scale,
+        initial_state=None if initial_state is None else initial_state.float(),
+        output_final_state=output_final_state,
+    )  # fmt: skip
+    return o.to(v.dtype), state
+
+
+FLA_GDN_KERNELS = {"chunk": fla_chunk_gated_delta_rule, "recurrent": fla_recurrent_gated_delta_rule}
+
+
+def probe_fla():
+    """Look fla up now (import, chunk internals, the backward check of every visible GPU) rather than on the first
+    forward: under torch.compile that lookup would import fla (and ask importlib whether tilelang is there) while
+    dynamo traces the step. A no-op without CUDA or without fla; the answers are memoised in `_fla_state`."""
+    if not torch.cuda.is_available() or _fla_ops() is None:
+        return
+    _fla_chunk_internals()
+    for index in range(torch.cuda.device_count()):  # the model may move to any of them later
+        fla_backward_problem(torch.device("cuda", index))
+
+
+__all__ = [
+    "FLA_GDN_KERNELS",
+    "fla_backward_problem",
+    "fla_chunk_gated_delta_rule",
+    "fla_recurrent_gated_delta_rule",
+    "probe_fla",
+    "select_gdn_backend",
+]
