@@ -18,7 +18,6 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["llamathink", "llamathink.*", "export_c", "export_c.*"]),
-    py_modules=["train_hf", "finetune_chat"],
     package_data={
         "llamathink": ["sample_data/*.jsonl"],
         "export_c": ["run.c", "Makefile", "*.h"],
@@ -49,6 +48,9 @@ setup(
     entry_points={
         "console_scripts": [
             "llamathink-quickstart=llamathink.quickstart:main",
+            "llamathink-prepare=llamathink.data.preparation:main",
+            "llamathink-pretrain=llamathink.train.pretrain:main",
+            "llamathink-finetune=llamathink.train.finetune:main",
             "llamathink-chat=llamathink.chat:main",
             "llamathink-export-c=export_c.export:main",
         ]

@@ -1,4 +1,7 @@
-"""Muon + AdamW in a single ``torch.optim.Optimizer``, plus LlamaThink parameter routing.
+"""Muon + AdamW in a single ``torch.optim.Optimizer``.
+
+Which parameters of a model go to Muon is the caller's choice (param groups flagged ``use_muon``);
+LlamaThink's routing by parameter name is in ``llamathink.train.optim``.
 
 Why one optimizer object?
     Muon is only defined for 2-D weight matrices of hidden layers; embeddings, the
@@ -42,21 +45,17 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 __all__ = [
     "Muon",
     "zeropower_via_newtonschulz",
     "adjusted_muon_lr",
-    "muon_param_groups",
-    "summarize_param_groups",
-    "classify_parameter",
 ]
 
 logger = logging.getLogger(__name__)
@@ -489,145 +488,3 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_addcdiv_(
                 params, exp_avgs, denom, [-lr / (1.0 - beta1**s) for s in steps]
             )
-
-
-# --------------------------------------------------------------------------------------
-# Parameter routing for LlamaThink (works for any model using these names)
-# --------------------------------------------------------------------------------------
-MUON = "muon"
-ADAMW_DECAY = "adamw_decay"
-ADAMW_NO_DECAY = "adamw_no_decay"
-
-# Hidden matrices live inside the decoder stack: "...layers.<i>....".
-_IN_DECODER_LAYER = re.compile(r"(?:^|\.)layers\.\d+\.")
-# 2-D matrices inside decoder layers that must NOT use Muon.  in_proj_a / in_proj_b of
-# the Gated DeltaNet produce one scalar per head ([num_heads=9, 576]): they feed the
-# decay / beta gates, not a hidden representation.  Orthogonalisation makes every one of
-# their 9 singular values ~1 and the "original" shape scale then gives them an update
-# as large as a 576x576 matrix's - a far too big step for a 9-row gate (known defect of
-# the original LlamaThink training setup).  AdamW's per-entry step suits them.
-ADAMW_MATRIX_SUFFIXES: tuple[str, ...] = ("in_proj_a.weight", "in_proj_b.weight")
-_SCALE_LEAVES = ("A_log", "dt_bias")
-
-
-def classify_parameter(
-    name: str, param: Tensor, extra_adamw_suffixes: Sequence[str] = ()
-) -> tuple[str, str]:
-    """Return ``(group, reason)`` for one named parameter.
-
-    ``group`` is ``"muon"``, ``"adamw_decay"`` or ``"adamw_no_decay"``.  Rules, in order:
-
-    1. Norm gains (``*norm.weight``/``*norm.bias``: input/post-attention layernorms,
-       final norm, GDN output norm, ``q_norm``/``k_norm``), hyper-connection scales
-       (``*_residual_scale``, ``*_sublayer_scale``), ``A_log``, ``dt_bias``, biases and
-       any other tensor with < 2 dims -> AdamW **without** weight decay: their natural
-       value is not 0 (gains ~1, ``A_log`` sets the decay rates), so decaying them
-       towards 0 only biases the model; they are also tiny.
-    2. ``embed_tokens`` / ``lm_head`` -> AdamW with decay: embeddings are lookup tables
-       (only the rows of seen tokens get gradient), the head is the output layer; the
-       Muon authors recommend AdamW for both.
-    3. Tensors with > 2 dims (``conv1d.weight`` [C, 1, K], depthwise filters, not a
-       linear map between hidden spaces) -> AdamW with decay.
-    4. The tiny gate projections ``in_proj_a/in_proj_b`` (+ ``extra_adamw_suffixes``)
-       -> AdamW with decay (see ``ADAMW_MATRIX_SUFFIXES``).
-    5. Other 2-D weights inside decoder layers (``layers.<i>.``): attention, GDN and
-       MLP projections -> Muon (with decay).
-    6. Any other 2-D tensor (outside the decoder stack) -> AdamW with decay, to be safe.
-    """
-    parts = name.split(".")
-    leaf = parts[-1]
-    module = parts[-2] if len(parts) > 1 else ""
-    if module.endswith("norm") and leaf in ("weight", "bias"):
-        return ADAMW_NO_DECAY, "norm gain"
-    if leaf.endswith("_residual_scale") or leaf.endswith("_sublayer_scale"):
-        return ADAMW_NO_DECAY, "hyper-connection scale"
-    if leaf in _SCALE_LEAVES:
-        return ADAMW_NO_DECAY, "GDN decay parameter"
-    if leaf == "bias":
-        return ADAMW_NO_DECAY, "bias"
-    if param.ndim < 2:
-        return ADAMW_NO_DECAY, "non-matrix (<2-D)"
-    if "embed_tokens" in parts or "lm_head" in parts:
-        return ADAMW_DECAY, "embedding / lm_head"
-    if param.ndim > 2:
-        return ADAMW_DECAY, "conv / >2-D"
-    if any(name.endswith(s) for s in (*ADAMW_MATRIX_SUFFIXES, *extra_adamw_suffixes)):
-        return ADAMW_DECAY, "tiny gate projection"
-    if _IN_DECODER_LAYER.search(name):
-        return MUON, "hidden matrix"
-    return ADAMW_DECAY, "2-D outside decoder layers"
-
-
-def muon_param_groups(
-    model: nn.Module,
-    muon_lr: float = 0.02,
-    adamw_lr: float = 0.002,
-    weight_decay: float = 0.01,
-    *,
-    muon_weight_decay: float | None = None,
-    extra_adamw_suffixes: Sequence[str] = (),
-    log: bool = True,
-) -> list[dict[str, Any]]:
-    """Route the trainable parameters of ``model`` into param groups for :class:`Muon`.
-
-    Returns up to three groups (empty ones are dropped), each with keys ``params``,
-    ``param_names``, ``name`` (``"muon"``, ``"adamw_decay"``, ``"adamw_no_decay"``),
-    ``use_muon``, ``lr`` and ``weight_decay``; see :func:`classify_parameter` for the
-    rules.  Weight decay (``weight_decay``, or ``muon_weight_decay`` for the Muon
-    group) is applied to matrices and embeddings; 1-D params (norms, scales,
-    ``A_log``, ``dt_bias``, biases) get none.  Params with ``requires_grad=False`` are
-    ignored, and a tied tensor (``lm_head.weight`` is ``model.embed_tokens.weight``)
-    appears exactly once.  Logs a summary (see :func:`summarize_param_groups`) at INFO.
-    """
-    buckets: dict[str, tuple[list[Tensor], list[str]]] = {
-        MUON: ([], []),
-        ADAMW_DECAY: ([], []),
-        ADAMW_NO_DECAY: ([], []),
-    }
-    seen: set[int] = set()
-    # named_parameters() already drops duplicates (tied weights keep the first name);
-    # the id check makes that explicit and independent of remove_duplicate defaults.
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        kind, _ = classify_parameter(name, p, extra_adamw_suffixes)
-        buckets[kind][0].append(p)
-        buckets[kind][1].append(name)
-
-    settings = {
-        MUON: (True, muon_lr, weight_decay if muon_weight_decay is None else muon_weight_decay),
-        ADAMW_DECAY: (False, adamw_lr, weight_decay),
-        ADAMW_NO_DECAY: (False, adamw_lr, 0.0),
-    }
-    groups = []
-    for kind, (params, names) in buckets.items():
-        if not params:
-            continue
-        use_muon, lr, wd = settings[kind]
-        groups.append(
-            {
-                "params": params,
-                "param_names": names,
-                "name": kind,
-                "use_muon": use_muon,
-                "lr": lr,
-                "weight_decay": wd,
-            }
-        )
-    if log:
-        summary = summarize_param_groups(groups)
-        logger.info(
-            "Muon param groups: %s",
-            ", ".join(f"{k}: {v['tensors']} tensors / {v['params']:,} params" for k, v in summary.items()),
-        )
-    return groups
-
-
-def summarize_param_groups(groups: Iterable[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    """``{group name: {"tensors": count, "params": numel}}`` for param-group dicts."""
-    out: dict[str, dict[str, int]] = {}
-    for i, g in enumerate(groups):
-        key = g.get("name", f"group{i}")
-        out[key] = {"tensors": len(g["params"]), "params": sum(p.numel() for p in g["params"])}
-    return out

@@ -3,8 +3,8 @@
     python -m llamathink.quickstart [--out runs/quickstart] [--fast]
 
 1. tokenize the bundled sample corpus with the built-in tokenizer (`llamathink.data prepare`),
-2. pretrain a tiny LlamaThink with Muon (`train_hf.py`, configuration/train/tiny_cpu.yaml),
-3. chat-finetune it on the bundled conversations (`finetune_chat.py`, configuration/finetune/tiny_cpu.yaml),
+2. pretrain a tiny LlamaThink with Muon (`llamathink.train.pretrain`, configuration/train/tiny_cpu.yaml),
+3. chat-finetune it on the bundled conversations (`llamathink.train.finetune`, configuration/finetune/tiny_cpu.yaml),
 4. reload the result through `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)` and chat,
 5. export it to C (`export_c`), build `run.c` and chat with the same model natively.
 
@@ -38,12 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     presets = REPO_ROOT / "configuration"
     if not (presets / "train" / "tiny_cpu.yaml").exists():
         raise SystemExit(f"the presets are missing under {presets}: run the quickstart from a repository checkout")
-    sys.path.insert(0, str(REPO_ROOT))  # train_hf.py and finetune_chat.py live at the repository root
-    import finetune_chat
-    import train_hf
-
-    from llamathink.data import LocalSource, prepare
-    from llamathink.tokenizer_utils import sample_data_path
+    from .data import LocalSource, prepare
+    from .tokenizer_utils import sample_data_path
+    from .train import finetune, pretrain
 
     out = Path(args.out).resolve()
     started = time.time()
@@ -59,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fast:
         overrides += ["--max_steps", "6", "--warmup_steps", "1", "--eval_every", "3", "--save_every", "6",
                       "--sample_every", "6"]  # fmt: skip
-    history = train_hf.train(train_hf.load_config(str(presets / "train" / "tiny_cpu.yaml"), overrides))
+    history = pretrain.train(pretrain.load_config(str(presets / "train" / "tiny_cpu.yaml"), overrides))
     losses = history["losses"]
     print(f"training loss {losses[min(losses)]:.2f} -> {losses[max(losses)]:.2f}; validation "
           + " -> ".join(f"{v:.2f}" for v in history["eval"].values()))  # fmt: skip
@@ -70,9 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fast:
         overrides += ["--max_steps", "4", "--warmup_steps", "1", "--eval_every", "2", "--save_every", "4",
                       "--sample_every", "4"]  # fmt: skip
-    chat_history = finetune_chat.finetune(
-        finetune_chat.load_config(str(presets / "finetune" / "tiny_cpu.yaml"), overrides)
-    )
+    chat_history = finetune.finetune(finetune.load_config(str(presets / "finetune" / "tiny_cpu.yaml"), overrides))
     final = Path(chat_history["final_dir"])
 
     _step("4/5 reload through trust_remote_code (in a process where llamathink is not importable) and chat")

@@ -15,25 +15,25 @@ import pytest
 import torch
 from conftest import LLAMA2_TOKENIZER, REPO_ROOT, torch_threads
 
-import finetune_chat
+from llamathink.train import checkpoint as ckpt, finetune
 from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
-from llamathink.chat import (
+from llamathink.chat import ChatSession, GenerationSettings, main as chat_main, run_interactive
+from llamathink.chat_format import (
     CHAT_MARKERS,
     CHAT_TEMPLATE,
-    ChatCollator,
-    ChatSession,
     ContextOverflow,
-    GenerationSettings,
     apply_template,
+    prompt_ids,
+    set_chat_template,
+    trim_history,
+)
+from llamathink.data.chat import (
+    ChatBatchLoader,
+    ChatCollator,
     build_example,
     build_examples,
     load_conversations,
-    main as chat_main,
     parse_person_conversation,
-    prompt_ids,
-    run_interactive,
-    set_chat_template,
-    trim_history,
 )
 from llamathink.tokenizer_utils import builtin_tokenizer, load_tokenizer
 
@@ -310,13 +310,13 @@ def _ft_cfg(base_model, out_dir, **overrides):
                     mixed_precision="no", eval_every=FT_STEPS, save_every=FT_SAVE, keep_last=3,
                     sample_every=10_000, log_every=8, wandb_mode="disabled", progress_bar=False, seed=7)  # fmt: skip
     settings.update(overrides)
-    return finetune_chat.FinetuneConfig(**settings)
+    return finetune.FinetuneConfig(**settings)
 
 
 @pytest.fixture(scope="module")
 def finetuned(base_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("chat")
-    return finetune_chat.finetune(_ft_cfg(base_model, out)), out
+    return finetune.finetune(_ft_cfg(base_model, out)), out
 
 
 def test_finetune_lowers_the_held_out_assistant_loss(finetuned):
@@ -332,7 +332,7 @@ def test_finetune_lowers_the_held_out_assistant_loss(finetuned):
 def test_resume_reproduces_the_run(finetuned, base_model, tmp_path):
     history, out = finetuned
     ckpt = out / "checkpoints" / f"step_{FT_SAVE:08d}"
-    resumed = finetune_chat.finetune(_ft_cfg(base_model, tmp_path / "resumed", resume=str(ckpt)))
+    resumed = finetune.finetune(_ft_cfg(base_model, tmp_path / "resumed", resume=str(ckpt)))
     for step in range(1, FT_STEPS + 1):
         assert resumed["losses"][step] == history["losses"][step], step  # bitwise: same data order, state, RNG
     assert resumed["eval"][FT_STEPS] == pytest.approx(history["eval"][FT_STEPS], abs=1e-6)
@@ -361,14 +361,14 @@ def test_two_process_ddp_matches_one_process(base_model, tmp_path):
     """Same global batch (1 x 8 vs 2 x 4): every trained token weighs the same across processes, so the losses of
     each step and the held-out loss agree up to reduction order."""
     settings = dict(max_steps=3, warmup_steps=1, eval_every=3, save_every=3, eval_at_start=False)
-    one = finetune_chat.finetune(_ft_cfg(base_model, tmp_path / "one", **settings))
+    one = finetune.finetune(_ft_cfg(base_model, tmp_path / "one", **settings))
     args = _cli_args(_ft_cfg(base_model, tmp_path / "two", micro_batch_size=4, **settings))
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO_ROOT / "finetune_chat.py"), *args]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    two = finetune_chat.load_checkpoint(tmp_path / "two" / "checkpoints" / "step_00000003")["history"]
+    two = ckpt.load_checkpoint(tmp_path / "two" / "checkpoints" / "step_00000003")["history"]
     for step in (1, 2, 3):
         assert two["losses"][step] == pytest.approx(one["losses"][step], rel=1e-4), step
     assert two["eval"][3] == pytest.approx(one["eval"][3], rel=1e-4)
@@ -383,33 +383,33 @@ def _cli_args(cfg) -> list[str]:
 def test_config_files_overrides_and_unknown_keys(tmp_path):
     path = tmp_path / "ft.yaml"
     path.write_text("max_steps: 30\nwarmup_steps: 3\noptimizer: adamw\nsample_prompts: [a, b]\n")
-    cfg = finetune_chat.load_config(str(path), ["--max_steps", "40", "--muon_lr=0.01", "--system_prompt", "Be kind."])
+    cfg = finetune.load_config(str(path), ["--max_steps", "40", "--muon_lr=0.01", "--system_prompt", "Be kind."])
     assert (cfg.max_steps, cfg.optimizer, cfg.muon_lr, cfg.system_prompt) == (40, "adamw", 0.01, "Be kind.")
     path.write_text("max_step: 30\n")
     with pytest.raises(ValueError, match="ft.yaml: unknown setting 'max_step'"):
-        finetune_chat.load_config(str(path))
+        finetune.load_config(str(path))
     with pytest.raises(ValueError, match="unknown setting --lr"):
-        finetune_chat.load_config(None, ["--lr", "0.1"])
+        finetune.load_config(None, ["--lr", "0.1"])
     for preset in sorted((REPO_ROOT / "configuration" / "finetune").glob("*.yaml")):
-        finetune_chat.load_config(str(preset))
+        finetune.load_config(str(preset))
 
 
 def test_loader_is_resumable_and_shards_by_rank(tok, sample):
     data = build_examples(tok, sample[:100], 128)
-    a = finetune_chat.ChatBatchLoader(data, 4, seed=1)
+    a = ChatBatchLoader(data, 4, seed=1)
     for _ in range(30):  # crosses an epoch boundary (25 batches per epoch)
         next(a)
-    b = finetune_chat.ChatBatchLoader(data, 4, seed=1)
+    b = ChatBatchLoader(data, 4, seed=1)
     b.load_state_dict(a.state_dict())
     for _ in range(5):
         assert torch.equal(next(a)["input_ids"], next(b)["input_ids"])
-    r0 = finetune_chat.ChatBatchLoader(data, 2, rank=0, world_size=2, seed=1)
-    r1 = finetune_chat.ChatBatchLoader(data, 2, rank=1, world_size=2, seed=1)
-    one = finetune_chat.ChatBatchLoader(data, 4, seed=1)
+    r0 = ChatBatchLoader(data, 2, rank=0, world_size=2, seed=1)
+    r1 = ChatBatchLoader(data, 2, rank=1, world_size=2, seed=1)
+    one = ChatBatchLoader(data, 4, seed=1)
     x0, x1, x = next(r0)["input_ids"], next(r1)["input_ids"], next(one)["input_ids"]
     assert [r[r != 0].tolist() for r in x] == [r[r != 0].tolist() for r in [*x0, *x1]]
     with pytest.raises(ValueError, match="size"):
-        finetune_chat.ChatBatchLoader(build_examples(tok, sample[:50], 128), 4, seed=1).load_state_dict(a.state_dict())
+        ChatBatchLoader(build_examples(tok, sample[:50], 128), 4, seed=1).load_state_dict(a.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -534,7 +534,7 @@ def test_typed_control_tokens_stay_text_in_every_path(any_tok):
     """For each tricky content (in a system, user and assistant message): apply_chat_template(tokenize=True),
     prompt_ids and build_example give the ids of BOS + the rendered text encoded as plain text + EOS exactly where
     the template closes an assistant turn; labels hold exactly one EOS per assistant turn."""
-    from llamathink.chat import chat_ids
+    from llamathink.chat_format import chat_ids
 
     bos, eos = any_tok.bos_token_id, any_tok.eos_token_id
     for c in TRICKY:
@@ -603,7 +603,7 @@ def test_the_guard_character_is_refused_everywhere(tok, tmp_path):
 
 
 def test_the_guard_is_saved_and_changes_nothing_else(tok, tmp_path):
-    import llamathink.chat as chat
+    import llamathink.chat_format as chat_format
     from transformers import AutoTokenizer
 
     plain = builtin_tokenizer()  # no chat template, no guard
@@ -617,11 +617,11 @@ def test_the_guard_is_saved_and_changes_nothing_else(tok, tmp_path):
     msgs = [{"role": "user", "content": TRICKY[0]}, {"role": "assistant", "content": "A</s>B"},
             {"role": "user", "content": "<s><unk>"}]  # fmt: skip
     assert again.apply_chat_template(msgs, add_generation_prompt=True)["input_ids"] == prompt_ids(tok, msgs)
-    assert load_tokenizer(str(tmp_path)).apply_chat_template(msgs)["input_ids"] == chat.chat_ids(tok, msgs)
+    assert load_tokenizer(str(tmp_path)).apply_chat_template(msgs)["input_ids"] == chat_format.chat_ids(tok, msgs)
     # an older checkpoint's LlamaThink template (no guard): prompt_ids still encodes content as text
     old = builtin_tokenizer()
     old.chat_template = CHAT_TEMPLATE.replace("| replace('<', '<\\uFDD0')", "")
-    assert old.chat_template != CHAT_TEMPLATE and chat.is_llamathink_template(old.chat_template)
+    assert old.chat_template != CHAT_TEMPLATE and chat_format.is_llamathink_template(old.chat_template)
     assert prompt_ids(old, msgs) == prompt_ids(tok, msgs)
 
 

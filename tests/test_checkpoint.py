@@ -3,6 +3,10 @@
 failures say what happened and keep the previous checkpoint, resumes apply or refuse changed settings, and fp16
 loss-scale overflows are skipped by the GradScaler and counted rather than stopping training."""
 
+import shutil
+import random
+import json
+import dataclasses
 import errno
 import os
 from pathlib import Path
@@ -13,8 +17,8 @@ import torch
 from conftest import torch_threads
 from test_train import _cfg, model_json, sample_data  # noqa: F401  (session fixtures)
 
-import finetune_chat
-import train_hf
+from llamathink.train import checkpoint as ckpt, config as run_config, finetune, loop, optim, pretrain
+from llamathink.data import chat as data_chat
 from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
 
 
@@ -40,21 +44,21 @@ class _Loader:
 def _parts(model_json, settings, seed=0):  # noqa: F811
     torch.manual_seed(seed)
     model = LlamaThinkForCausalLM(LlamaThinkConfig.from_json_file(str(model_json)))
-    optimizer = train_hf.build_optimizer(model, settings)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: train_hf.lr_factor(k, settings))
+    optimizer = optim.build_optimizer(model, settings)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: optim.lr_factor(k, settings))
     return model, optimizer, scheduler, _Loader()
 
 
 def _settings(**overrides):
     values = dict(max_steps=12, warmup_steps=2, micro_batch_size=8, grad_accum=2, wandb_mode="disabled")
     values.update(overrides)
-    return train_hf.RunConfig(**values)
+    return run_config.RunConfig(**values)
 
 
 def _save(out, step, parts, settings, run_id="run-a", keep_last=3):
     model, optimizer, scheduler, loader = parts
-    extra = {"config": train_hf.dataclasses.asdict(settings), "history": {"losses": {step: 1.0}}}
-    return train_hf.save_checkpoint(out, step, model, optimizer, scheduler, loader, extra, keep_last, run_id=run_id)
+    extra = {"config": dataclasses.asdict(settings), "history": {"losses": {step: 1.0}}}
+    return ckpt.save_checkpoint(out, step, model, optimizer, scheduler, loader, extra, keep_last, run_id=run_id)
 
 
 def _names(paths):
@@ -79,18 +83,16 @@ class _Payload:
 def test_a_checkpoint_with_pickled_code_is_refused_and_never_run(sample_data, model_json, tmp_path):  # noqa: F811
     out = tmp_path / "shared"
     marker = tmp_path / "pwned"
-    folder = train_hf.checkpoint_dir(out) / "step_00000002"
+    folder = ckpt.checkpoint_dir(out) / "step_00000002"
     folder.mkdir(parents=True)
     torch.save({"step": 2, "model": {}, "optimizer": {}, "scheduler": {}, "loader": {}, "rng": _Payload(marker)},
                folder / "state.pt")  # fmt: skip
-    with pytest.raises(train_hf.CheckpointError, match=r"refusing to load .*state.pt: it is not a weights-only"):
-        train_hf.load_checkpoint(folder)
+    with pytest.raises(ckpt.CheckpointError, match=r"refusing to load .*state.pt: it is not a weights-only"):
+        ckpt.load_checkpoint(folder)
     assert not marker.exists()
-    # the same folder resumed by a run (resume: auto finds it) and through finetune_chat's import
-    with pytest.raises(train_hf.CheckpointError, match="refusing to load"):
-        train_hf.train(_cfg(sample_data, model_json, out, max_steps=2))
-    with pytest.raises(train_hf.CheckpointError, match="refusing to load"):
-        finetune_chat.load_checkpoint(folder)
+    # the same folder resumed by a run (resume: auto finds it)
+    with pytest.raises(ckpt.CheckpointError, match="refusing to load"):
+        pretrain.train(_cfg(sample_data, model_json, out, max_steps=2))
     assert not marker.exists()
 
 
@@ -100,18 +102,18 @@ def test_checkpoints_are_weights_only_and_old_numpy_rng_checkpoints_still_load(m
     path = _save(tmp_path / "run", 2, parts, settings)
     state = torch.load(path / "state.pt", weights_only=True)  # no allow-list needed for what we write now
     assert state["step"] == 2 and isinstance(state["rng"]["numpy"][1], torch.Tensor)
-    meta = train_hf.checkpoint_meta(path)
+    meta = ckpt.checkpoint_meta(path)
     assert meta["run_id"] == "run-a" and meta["step"] == 2 and meta["config"]["max_steps"] == 12
 
     # format 1 (before run ids): the RNG state held NumPy's ndarray; it loads weights-only through the allow-list
     np.random.seed(5)
-    legacy_rng = {"python": train_hf.random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    legacy_rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     expected = np.random.rand(3)
     legacy = tmp_path / "old" / "checkpoints" / "step_00000004"
     legacy.mkdir(parents=True)
     state.update(step=4, rng=legacy_rng, history={"losses": {4: np.float64(2.5)}})
     torch.save(state, legacy / "state.pt")
-    loaded = train_hf.restore_checkpoint(legacy, *_parts(model_json, settings))
+    loaded = ckpt.restore_checkpoint(legacy, *_parts(model_json, settings))
     assert loaded["step"] == 4 and loaded["history"]["losses"][4] == 2.5 and loaded["run_id"] is None
     assert np.array_equal(np.random.rand(3), expected)  # the NumPy generator continues where it was saved
 
@@ -120,11 +122,11 @@ def test_a_corrupt_checkpoint_or_meta_is_named(model_json, tmp_path):  # noqa: F
     settings = _settings()
     path = _save(tmp_path / "run", 2, _parts(model_json, settings), settings)
     (path / "meta.json").write_text('{"run_id": 3, "step": "x"}')
-    with pytest.raises(train_hf.CheckpointError, match="meta.json is not a checkpoint's meta.json"):
-        train_hf.checkpoint_meta(path)
+    with pytest.raises(ckpt.CheckpointError, match="meta.json is not a checkpoint's meta.json"):
+        ckpt.checkpoint_meta(path)
     (path / "state.pt").write_bytes((path / "state.pt").read_bytes()[:1000])
-    with pytest.raises(train_hf.CheckpointError, match="cannot load checkpoint .*state.pt"):
-        train_hf.load_checkpoint(path)
+    with pytest.raises(ckpt.CheckpointError, match="cannot load checkpoint .*state.pt"):
+        ckpt.load_checkpoint(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -134,26 +136,26 @@ def test_a_corrupt_checkpoint_or_meta_is_named(model_json, tmp_path):  # noqa: F
 
 def test_a_second_run_on_a_locked_out_dir_fails_at_start_naming_the_holder(sample_data, model_json, tmp_path):  # noqa: F811
     out = tmp_path / "busy"
-    with train_hf.own_out_dir(out):
-        with pytest.raises(train_hf.OutDirInUse, match=rf"in use by another run \(pid {os.getpid()} on host "):
-            train_hf.train(_cfg(sample_data, model_json, out, max_steps=2))
-        with pytest.raises(train_hf.OutDirInUse, match=f"pid {os.getpid()}"):
-            with train_hf.own_out_dir(out):
+    with ckpt.own_out_dir(out):
+        with pytest.raises(ckpt.OutDirInUse, match=rf"in use by another run \(pid {os.getpid()} on host "):
+            pretrain.train(_cfg(sample_data, model_json, out, max_steps=2))
+        with pytest.raises(ckpt.OutDirInUse, match=f"pid {os.getpid()}"):
+            with ckpt.own_out_dir(out):
                 pass
     assert not (out / "train_config.json").exists()  # the refused run wrote nothing
-    with train_hf.own_out_dir(out):  # released at the end of the block
+    with ckpt.own_out_dir(out):  # released at the end of the block
         pass
 
 
 def test_leftover_temporary_checkpoints_are_removed_by_the_lock_owner(tmp_path):
-    root = train_hf.checkpoint_dir(tmp_path / "run")
+    root = ckpt.checkpoint_dir(tmp_path / "run")
     leftover = root / ".tmp-step_00000004-12345"
     leftover.mkdir(parents=True)
     (leftover / "state.pt").write_bytes(b"x" * 1000)
     (root / "step_00000002").mkdir()
-    with train_hf.own_out_dir(tmp_path / "run", is_main=False):  # only the main process cleans
+    with ckpt.own_out_dir(tmp_path / "run", is_main=False):  # only the main process cleans
         assert leftover.exists()
-    with train_hf.own_out_dir(tmp_path / "run"):
+    with ckpt.own_out_dir(tmp_path / "run"):
         assert not leftover.exists() and (root / "step_00000002").exists()
 
 
@@ -165,31 +167,31 @@ def test_rotation_keeps_other_runs_checkpoints_and_auto_resumes_the_newest_run(m
         _save(out, step, parts, settings, run_id="old", keep_last=2)
     for step in (2, 4, 6):  # a newer run, lower step numbers
         _save(out, step, parts, settings, run_id="new", keep_last=2)
-        assert (train_hf.checkpoint_dir(out) / f"step_{step:08d}").exists()  # never deletes its own newest
-    assert _names(train_hf.list_checkpoints(out)) == ["step_00000004", "step_00000006", "step_00000010",
+        assert (ckpt.checkpoint_dir(out) / f"step_{step:08d}").exists()  # never deletes its own newest
+    assert _names(ckpt.list_checkpoints(out)) == ["step_00000004", "step_00000006", "step_00000010",
                                                       "step_00000012"]  # fmt: skip
-    assert train_hf.latest_checkpoint(out).name == "step_00000006"  # newest by save time, not by step number
-    assert train_hf.resolve_resume(_settings(out_dir=str(out))).name == "step_00000006"
+    assert ckpt.latest_checkpoint(out).name == "step_00000006"  # newest by save time, not by step number
+    assert ckpt.resolve_resume(_settings(out_dir=str(out))).name == "step_00000006"
 
 
 def test_a_fresh_run_refuses_an_out_dir_with_another_runs_checkpoints(sample_data, model_json, tmp_path):  # noqa: F811
     out = tmp_path / "run"
-    first = train_hf.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=2))
+    first = pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=2))
     assert sorted(first["losses"]) == [1, 2]
-    old_id = train_hf.checkpoint_meta(train_hf.list_checkpoints(out)[0])["run_id"]
-    with pytest.raises(train_hf.OutDirInUse, match=r"holds checkpoints of another run \(step_00000002\).*overwrite"):
-        train_hf.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, resume="none"))
-    assert train_hf.checkpoint_meta(train_hf.list_checkpoints(out)[0])["run_id"] == old_id  # untouched
+    old_id = ckpt.checkpoint_meta(ckpt.list_checkpoints(out)[0])["run_id"]
+    with pytest.raises(ckpt.OutDirInUse, match=r"holds checkpoints of another run \(step_00000002\).*overwrite"):
+        pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, resume="none"))
+    assert ckpt.checkpoint_meta(ckpt.list_checkpoints(out)[0])["run_id"] == old_id  # untouched
     # resume: auto continues the run and its id; overwrite: true starts a new run and deletes the old checkpoints
-    train_hf.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=3))
-    ids = {train_hf.checkpoint_meta(p)["run_id"] for p in train_hf.list_checkpoints(out)}
+    pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=3))
+    ids = {ckpt.checkpoint_meta(p)["run_id"] for p in ckpt.list_checkpoints(out)}
     assert ids == {old_id}
-    fresh = train_hf.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=1, resume="none",
+    fresh = pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=1, resume="none",
                                 overwrite=True))  # fmt: skip
     assert sorted(fresh["losses"]) == [1, 2]
-    found = train_hf.list_checkpoints(out)
+    found = ckpt.list_checkpoints(out)
     assert _names(found) == ["step_00000001", "step_00000002"]
-    assert len({train_hf.checkpoint_meta(p)["run_id"] for p in found} | {old_id}) == 2
+    assert len({ckpt.checkpoint_meta(p)["run_id"] for p in found} | {old_id}) == 2
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,21 +213,21 @@ def test_a_failed_save_says_why_and_keeps_the_previous_checkpoint(model_json, tm
     settings = _settings()
     parts = _parts(model_json, settings)
     _save(out, 2, parts, settings)
-    real_save, real_usage = torch.save, train_hf.shutil.disk_usage
+    real_save, real_usage = torch.save, shutil.disk_usage
 
     def failing_save(obj, f, *args, **kwargs):
         real_save({"partial": torch.zeros(100)}, f)  # something was written before the failure
         raise failure
 
-    monkeypatch.setattr(train_hf.torch, "save", failing_save)
+    monkeypatch.setattr(torch, "save", failing_save)
     if isinstance(failure, RuntimeError):  # torch's own words do not say "disk full": the free space does
-        monkeypatch.setattr(train_hf.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1000))
-    with pytest.raises(train_hf.CheckpointError, match=message):
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1000))
+    with pytest.raises(ckpt.CheckpointError, match=message):
         _save(out, 4, parts, settings)
-    monkeypatch.setattr(train_hf.torch, "save", real_save)
-    root = train_hf.checkpoint_dir(out)
+    monkeypatch.setattr(torch, "save", real_save)
+    root = ckpt.checkpoint_dir(out)
     assert sorted(p.name for p in root.iterdir()) == ["step_00000002"]  # no partial or temporary folder left
-    assert train_hf.load_checkpoint(root / "step_00000002")["step"] == 2
+    assert ckpt.load_checkpoint(root / "step_00000002")["step"] == 2
 
 
 def test_resaving_a_step_replaces_it_and_a_failure_then_keeps_the_old_one(model_json, tmp_path, monkeypatch):  # noqa: F811
@@ -233,13 +235,13 @@ def test_resaving_a_step_replaces_it_and_a_failure_then_keeps_the_old_one(model_
     settings = _settings()
     parts = _parts(model_json, settings)
     _save(out, 2, parts, settings)
-    monkeypatch.setattr(train_hf.os, "replace", _fail_on_tmp_rename(train_hf.os.replace))
-    with pytest.raises(train_hf.CheckpointError, match="could not write checkpoint step 2"):
+    monkeypatch.setattr(os, "replace", _fail_on_tmp_rename(os.replace))
+    with pytest.raises(ckpt.CheckpointError, match="could not write checkpoint step 2"):
         _save(out, 2, parts, settings)
     monkeypatch.undo()
-    root = train_hf.checkpoint_dir(out)
+    root = ckpt.checkpoint_dir(out)
     assert sorted(p.name for p in root.iterdir()) == ["step_00000002"]
-    assert train_hf.load_checkpoint(root / "step_00000002")["step"] == 2
+    assert ckpt.load_checkpoint(root / "step_00000002")["step"] == 2
 
 
 def _fail_on_tmp_rename(real):
@@ -267,19 +269,19 @@ def test_resume_applies_changed_learning_rates_and_schedule_from_the_first_step(
     path = _save(tmp_path / "run", 6, parts, before)
 
     same = _parts(model_json, before, seed=1)
-    train_hf.restore_checkpoint(path, *same, before)
+    ckpt.restore_checkpoint(path, *same, before)
     assert [g["lr"] for g in same[1].param_groups] == saved_lrs  # unchanged settings: bit-for-bit the saved lrs
 
     after = _settings(optimizer="muon", muon_lr=0.01, adamw_lr=0.001, weight_decay=0.05, max_steps=20)
     logged = []
     resumed = _parts(model_json, after, seed=1)
-    state = train_hf.restore_checkpoint(path, *resumed, after, log=logged.append)
+    state = ckpt.restore_checkpoint(path, *resumed, after, log=logged.append)
     assert state["settings_changed"] == ["max_steps: 12 -> 20", "muon_lr: 0.02 -> 0.01", "adamw_lr: 0.002 -> 0.001",
                                          "weight_decay: 0.01 -> 0.05"]  # fmt: skip
     assert "changed settings" in logged[0] and "adamw_lr: 0.002 -> 0.001" in logged[0]
     optimizer, scheduler = resumed[1], resumed[2]
-    factor = train_hf.lr_factor(6, after)  # the new schedule at the saved step (max_steps 20, not 12)
-    assert factor != train_hf.lr_factor(6, before)
+    factor = optim.lr_factor(6, after)  # the new schedule at the saved step (max_steps 20, not 12)
+    assert factor != optim.lr_factor(6, before)
     for group in optimizer.param_groups:
         peak = 0.01 if group["use_muon"] else 0.001
         assert group["initial_lr"] == peak and group["lr"] == pytest.approx(peak * factor, rel=1e-12)
@@ -289,28 +291,28 @@ def test_resume_applies_changed_learning_rates_and_schedule_from_the_first_step(
     scheduler.step()  # and the schedule goes on from the new peaks
     for group in optimizer.param_groups:
         peak = 0.01 if group["use_muon"] else 0.001
-        assert group["lr"] == pytest.approx(peak * train_hf.lr_factor(7, after), rel=1e-12)
+        assert group["lr"] == pytest.approx(peak * optim.lr_factor(7, after), rel=1e-12)
 
 
 def test_a_resumed_training_run_steps_with_the_changed_learning_rate(sample_data, model_json, tmp_path,
                                                                      monkeypatch):  # noqa: F811
     out = tmp_path / "run"
-    train_hf.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=2, adamw_lr=0.004))
+    pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=2, adamw_lr=0.004))
     seen = []
-    real_step = train_hf.optimizer_step
+    real_step = loop.optimizer_step
 
     def recording_step(cfg, step, loss_value, grad_norm, optimizer, *args, **kwargs):
         seen.append((step, [(g["use_muon"], g["lr"]) for g in optimizer.param_groups]))
         return real_step(cfg, step, loss_value, grad_norm, optimizer, *args, **kwargs)
 
-    monkeypatch.setattr(train_hf, "optimizer_step", recording_step)
+    monkeypatch.setattr(loop, "optimizer_step", recording_step)
     cfg = _cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=3, adamw_lr=0.001)
-    train_hf.train(cfg)
+    pretrain.train(cfg)
     step, lrs = seen[0]
     assert step == 2
     for use_muon, lr in lrs:
         peak = cfg.muon_lr if use_muon else 0.001
-        assert lr == pytest.approx(peak * train_hf.lr_factor(2, cfg), rel=1e-12)
+        assert lr == pytest.approx(peak * optim.lr_factor(2, cfg), rel=1e-12)
 
 
 @pytest.mark.parametrize("change, named", [
@@ -324,11 +326,11 @@ def test_resume_refuses_a_changed_fixed_setting_naming_it(model_json, tmp_path, 
     after = _settings(**{k: v for k, v in change.items() if k != "seq_len"})
     model, optimizer, scheduler, loader = _parts(model_json, after, seed=1)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(train_hf.ResumeSettingsError, match=rf"cannot resume from .*step_00000006: .*{named}"):
-        train_hf.restore_checkpoint(path, model, optimizer, scheduler, loader, after)
+    with pytest.raises(ckpt.ResumeSettingsError, match=rf"cannot resume from .*step_00000006: .*{named}"):
+        ckpt.restore_checkpoint(path, model, optimizer, scheduler, loader, after)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())  # nothing was loaded
     # the same global batch from other factors (e.g. 2 processes x 4 sequences x 2) is accepted
-    assert train_hf.compare_resume_settings(train_hf.dataclasses.asdict(before), _settings(micro_batch_size=4), 1,
+    assert ckpt.compare_resume_settings(dataclasses.asdict(before), _settings(micro_batch_size=4), 1,
                                             2) == ["micro_batch_size: 8 -> 4"]  # fmt: skip
 
 
@@ -350,7 +352,7 @@ def test_an_overflow_step_is_skipped_by_the_scaler_counted_and_training_goes_on(
     layer = torch.nn.Linear(4, 1)
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    cfg, counters, printer = _settings(nonfinite="stop"), train_hf.StepCounters(), _Printer()
+    cfg, counters, printer = _settings(nonfinite="stop"), loop.StepCounters(), _Printer()
 
     def backward(inject_inf: bool) -> tuple[float, float]:
         loss = layer(torch.ones(2, 4)).pow(2).mean()
@@ -363,30 +365,30 @@ def test_an_overflow_step_is_skipped_by_the_scaler_counted_and_training_goes_on(
     weight = layer.weight.detach().clone()
     loss, norm = backward(inject_inf=True)
     assert not torch.isfinite(norm)
-    took = train_hf.optimizer_step(cfg, 0, loss, norm, optimizer, printer, counters, scaler)  # no NonFiniteLoss
+    took = loop.optimizer_step(cfg, 0, loss, norm, optimizer, printer, counters, scaler)  # no NonFiniteLoss
     assert not took and torch.equal(layer.weight, weight)  # skipped
     assert scaler.get_scale() == 512.0 and counters.overflows == 1 and counters.skips == 0
     assert "loss-scale overflow at step 0" in printer.lines[0] and "scale 1024 -> 512" in printer.lines[0]
     loss, norm = backward(inject_inf=False)  # the next step unscales again without "unscale_() has already been called"
-    assert train_hf.optimizer_step(cfg, 0, loss, norm, optimizer, printer, counters, scaler)
+    assert loop.optimizer_step(cfg, 0, loss, norm, optimizer, printer, counters, scaler)
     assert not torch.equal(layer.weight, weight) and scaler.get_scale() == 512.0 and counters.overflows == 1
 
     # a non-finite loss is still a non-finite step (here: stop), judged by the loss value alone
     loss, norm = backward(inject_inf=False)
-    with pytest.raises(train_hf.NonFiniteLoss, match="non-finite loss"):
-        train_hf.optimizer_step(cfg, 1, float("nan"), norm, optimizer, printer, counters, scaler)
+    with pytest.raises(loop.NonFiniteLoss, match="non-finite loss"):
+        loop.optimizer_step(cfg, 1, float("nan"), norm, optimizer, printer, counters, scaler)
     # with nonfinite: skip the scaler's step is ended, so the following step runs normally
     skip_cfg = _settings(nonfinite="skip")
     backward(inject_inf=False)
-    assert not train_hf.optimizer_step(skip_cfg, 1, float("inf"), norm, optimizer, printer, counters, scaler)
+    assert not loop.optimizer_step(skip_cfg, 1, float("inf"), norm, optimizer, printer, counters, scaler)
     loss, norm = backward(inject_inf=False)
-    assert train_hf.optimizer_step(skip_cfg, 1, loss, norm, optimizer, printer, counters, scaler)
+    assert loop.optimizer_step(skip_cfg, 1, loss, norm, optimizer, printer, counters, scaler)
 
     # gradients that overflow even at a scale below 1 are non-finite gradients after all
     scaler.update(new_scale=1.0)
     loss, norm = backward(inject_inf=True)
-    with pytest.raises(train_hf.NonFiniteLoss, match="non-finite loss or gradient at step 2"):
-        train_hf.optimizer_step(cfg, 2, loss, norm, optimizer, printer, counters, scaler)
+    with pytest.raises(loop.NonFiniteLoss, match="non-finite loss or gradient at step 2"):
+        loop.optimizer_step(cfg, 2, loss, norm, optimizer, printer, counters, scaler)
 
 
 def _fp16_cpu_accelerator(monkeypatch, init_scale):
@@ -404,24 +406,24 @@ def _fp16_cpu_accelerator(monkeypatch, init_scale):
 
     made = []
     monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))  # unscale_gradients' check
-    monkeypatch.setattr(train_hf, "make_accelerator", make)
-    monkeypatch.setattr(finetune_chat, "make_accelerator", make)
+    monkeypatch.setattr(pretrain, "make_accelerator", make)
+    monkeypatch.setattr(finetune, "make_accelerator", make)
     return made
 
 
 def test_fp16_overflow_steps_do_not_stop_pretraining(sample_data, model_json, tmp_path, monkeypatch):  # noqa: F811
     made = _fp16_cpu_accelerator(monkeypatch, init_scale=2.0**127)
-    history = train_hf.train(_cfg(sample_data, model_json, tmp_path / "fp16", max_steps=4, save_every=4,
+    history = pretrain.train(_cfg(sample_data, model_json, tmp_path / "fp16", max_steps=4, save_every=4,
                                   eval_every=100, nonfinite="stop"))  # fmt: skip
     overflows = history["overflow_steps"]
     assert overflows >= 1 and sorted(history["losses"]) == [1, 2, 3, 4]
     assert made[0].scaler.get_scale() == 2.0**127 / 2**overflows  # halved once per overflow, never grown
-    state = train_hf.load_checkpoint(train_hf.list_checkpoints(tmp_path / "fp16")[-1])
+    state = ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path / "fp16")[-1])
     assert state["overflow_steps"] == overflows
 
 
 def test_fp16_overflow_steps_do_not_stop_finetuning(tmp_path, monkeypatch):
-    from llamathink.chat import set_chat_template
+    from llamathink.chat_format import set_chat_template
     from llamathink.tokenizer_utils import builtin_tokenizer
 
     torch.manual_seed(0)
@@ -432,13 +434,53 @@ def test_fp16_overflow_steps_do_not_stop_finetuning(tmp_path, monkeypatch):
     LlamaThinkForCausalLM(config).save_pretrained(tmp_path / "base")
     set_chat_template(builtin_tokenizer()).save_pretrained(tmp_path / "base")
     made = _fp16_cpu_accelerator(monkeypatch, init_scale=2.0**127)
-    cfg = finetune_chat.FinetuneConfig(init_from=str(tmp_path / "base"), out_dir=str(tmp_path / "chat"), max_len=96,
+    cfg = finetune.FinetuneConfig(init_from=str(tmp_path / "base"), out_dir=str(tmp_path / "chat"), max_len=96,
                                        max_conversations=40, micro_batch_size=4, max_steps=3, warmup_steps=1,
                                        eval_at_start=False, eval_every=100, save_every=3, sample_every=100,
                                        wandb_mode="disabled", progress_bar=False, mixed_precision="no")  # fmt: skip
-    history = finetune_chat.finetune(cfg)
+    history = finetune.finetune(cfg)
     assert history["overflow_steps"] >= 1 and sorted(history["losses"]) == [1, 2, 3]
     assert made[0].scaler.get_scale() == 2.0**127 / 2 ** history["overflow_steps"]
+
+
+def test_pretraining_and_finetuning_keep_the_same_records(sample_data, model_json, tmp_path):  # noqa: F811
+    """One loop for both: history.json with the same sections and metrics, checkpoints with the same contents, and
+    the counts of tokens seen and trained on kept across a resume (the model card of a resumed run has them)."""
+    steps = dict(max_steps=4, warmup_steps=1, save_every=2, log_every=2, eval_every=2, micro_batch_size=4,
+                 grad_accum=2)  # fmt: skip
+    pre = pretrain.train(_cfg(sample_data, model_json, tmp_path / "pre", **steps))
+
+    def chat_cfg(out, **overrides):
+        return finetune.FinetuneConfig(init_from=pre["final_dir"], out_dir=str(tmp_path / out), max_len=96,
+                                       max_conversations=40, eval_at_start=False, sample_every=100,
+                                       wandb_mode="disabled", progress_bar=False, mixed_precision="no", **steps,
+                                       **overrides)  # fmt: skip
+
+    chat = finetune.finetune(chat_cfg("chat"))
+    finetune.finetune(chat_cfg("resumed", stop_at_step=2))
+    resumed = finetune.finetune(chat_cfg("resumed"))
+    records = {}
+    for name in ("pre", "chat", "resumed"):
+        out = tmp_path / name
+        history = json.loads((out / "history.json").read_text())
+        assert sorted(map(int, history["losses"])) == [1, 2, 3, 4] and sorted(map(int, history["eval"])) == [2, 4]
+        assert sorted(map(int, history["perf"])) == [2, 4]
+        last = ckpt.list_checkpoints(out)[-1]
+        state, meta = ckpt.load_checkpoint(last), ckpt.checkpoint_meta(last)
+        records[name] = (set(history), set(history["perf"]["4"]), set(state), set(meta), state)
+    pre_rec, chat_rec = records["pre"], records["chat"]
+    assert pre_rec[0] | {"data"} == chat_rec[0]  # finetuning also records what it read
+    assert pre_rec[1] - {"perf/mfu"} == chat_rec[1] - {"train/epoch"}
+    assert pre_rec[2] == chat_rec[2] and pre_rec[3] == chat_rec[3]
+    assert {"tokens_seen", "trained_tokens", "history", "run_id", "overflow_steps"} <= pre_rec[2]
+    # pretraining: every position is an input, every position after the first a loss term
+    assert pre_rec[4]["tokens_seen"] == pre["tokens_seen"] == 4 * 4 * 2 * 64
+    assert pre_rec[4]["trained_tokens"] == pre["trained_tokens"] == 4 * 4 * 2 * 63
+    # finetuning: the assistant tokens only; the same after a resume, and written into the resumed run's card
+    assert 0 < chat["trained_tokens"] < chat["tokens_seen"]
+    assert resumed["trained_tokens"] == chat["trained_tokens"] and resumed["losses"] == chat["losses"]
+    card = (Path(resumed["final_dir"]) / "README.md").read_text()
+    assert f"{chat['trained_tokens']:,}" in card
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -451,24 +493,24 @@ def test_an_out_dir_that_cannot_hold_checkpoints_is_named(tmp_path, monkeypatch)
     in_the_way.write_text("keep me")
     with pytest.raises(ValueError, match=r"out_dir .*notes.txt cannot hold this run's checkpoints: .*notes.txt is a "
                                          r"file, not a folder"):
-        with train_hf.own_out_dir(in_the_way):
+        with ckpt.own_out_dir(in_the_way):
             pass
     with pytest.raises(ValueError, match=r"out_dir .*notes.txt/run cannot hold .*: Not a directory"):
-        with train_hf.own_out_dir(in_the_way / "run"):
+        with ckpt.own_out_dir(in_the_way / "run"):
             pass
     assert in_the_way.read_text() == "keep me"
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoints").write_text("a file where the checkpoints go")  # found at start, not at a save
     with pytest.raises(ValueError, match=r"out_dir .*run cannot hold .*run/checkpoints is a file, not a folder"):
-        with train_hf.own_out_dir(tmp_path / "run"):
+        with ckpt.own_out_dir(tmp_path / "run"):
             pass
 
     def denied(path, *args):  # a read-only out_dir (tests may run as root, which chmod does not stop)
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(train_hf.os, "open", denied)
+    monkeypatch.setattr(os, "open", denied)
     with pytest.raises(ValueError, match=r"out_dir .*readonly cannot hold this run's checkpoints: Permission denied"):
-        with train_hf.own_out_dir(tmp_path / "readonly"):
+        with ckpt.own_out_dir(tmp_path / "readonly"):
             pass
 
 
@@ -478,36 +520,36 @@ def test_symlinked_checkpoint_folders_are_never_listed_resumed_or_deleted(model_
     elsewhere = _save(tmp_path / "elsewhere", 9, parts, settings, run_id="run-a")  # the same run id, outside
     out = tmp_path / "run"
     _save(out, 2, parts, settings, run_id="run-a")
-    root = train_hf.checkpoint_dir(out)
+    root = ckpt.checkpoint_dir(out)
     (root / "step_00000001").symlink_to(elsewhere, target_is_directory=True)
     (root / ".tmp-step_00000003-1").symlink_to(elsewhere, target_is_directory=True)
-    assert _names(train_hf.list_checkpoints(out)) == ["step_00000002"]
-    assert train_hf.latest_checkpoint(out).name == "step_00000002"
+    assert _names(ckpt.list_checkpoints(out)) == ["step_00000002"]
+    assert ckpt.latest_checkpoint(out).name == "step_00000002"
     for step in (4, 6):
         _save(out, step, parts, settings, run_id="run-a", keep_last=1)
-    with train_hf.own_out_dir(out):  # removes leftover temporary names, never what a link points to
+    with ckpt.own_out_dir(out):  # removes leftover temporary names, never what a link points to
         pass
-    assert _names(train_hf.list_checkpoints(out)) == ["step_00000006"]
-    assert train_hf.load_checkpoint(elsewhere)["step"] == 9  # the linked folder is untouched
+    assert _names(ckpt.list_checkpoints(out)) == ["step_00000006"]
+    assert ckpt.load_checkpoint(elsewhere)["step"] == 9  # the linked folder is untouched
 
 
 def test_a_checkpoint_whose_step_does_not_match_is_not_trusted(model_json, tmp_path):  # noqa: F811
     settings = _settings()
     path = _save(tmp_path / "run", 4, _parts(model_json, settings), settings)
-    meta = train_hf.json.loads((path / "meta.json").read_text())
+    meta = json.loads((path / "meta.json").read_text())
     for bad, named in [(dict(step=7), r"says step 7 but the folder is step_00000004"),
                        (dict(step=True), r"is not a checkpoint's meta.json"),
                        (dict(saved_at=float("nan")), r"is not a checkpoint's meta.json"),
                        (dict(run_id=["run-a"]), r"is not a checkpoint's meta.json")]:  # fmt: skip
-        (path / "meta.json").write_text(train_hf.json.dumps({**meta, **bad}))
-        with pytest.raises(train_hf.CheckpointError, match=named):
-            train_hf.checkpoint_meta(path)
+        (path / "meta.json").write_text(json.dumps({**meta, **bad}))
+        with pytest.raises(ckpt.CheckpointError, match=named):
+            ckpt.checkpoint_meta(path)
     # the folder copied under another name: meta.json is consistent, but state.pt is another step's
     copy = tmp_path / "copy"
-    train_hf.shutil.copytree(path, copy)
-    (copy / "meta.json").write_text(train_hf.json.dumps({**meta, "step": 8}))
-    with pytest.raises(train_hf.CheckpointError, match=r"state.pt is at step 4 but meta.json says step 8"):
-        train_hf.restore_checkpoint(copy, *_parts(model_json, settings), settings)
+    shutil.copytree(path, copy)
+    (copy / "meta.json").write_text(json.dumps({**meta, "step": 8}))
+    with pytest.raises(ckpt.CheckpointError, match=r"state.pt is at step 4 but meta.json says step 8"):
+        ckpt.restore_checkpoint(copy, *_parts(model_json, settings), settings)
 
 
 def test_a_rotation_stopped_half_way_leaves_no_partial_checkpoint_to_resume(model_json, tmp_path,
@@ -517,7 +559,7 @@ def test_a_rotation_stopped_half_way_leaves_no_partial_checkpoint_to_resume(mode
     parts = _parts(model_json, settings)
     for step in (2, 4):
         _save(out, step, parts, settings, keep_last=2)
-    real_rmtree = train_hf.shutil.rmtree
+    real_rmtree = shutil.rmtree
 
     def interrupted(path, *args, **kwargs):  # Ctrl-C after the first file of the stale checkpoint went
         if (Path(path) / "meta.json").exists():
@@ -525,32 +567,32 @@ def test_a_rotation_stopped_half_way_leaves_no_partial_checkpoint_to_resume(mode
             raise KeyboardInterrupt
         return real_rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(train_hf.shutil, "rmtree", interrupted)
+    monkeypatch.setattr(shutil, "rmtree", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _save(out, 6, parts, settings, keep_last=2)
     monkeypatch.undo()
     # step 2 (the stale one) without meta.json would read as saved just now and be resumed by resume: auto
-    assert _names(train_hf.list_checkpoints(out)) == ["step_00000004", "step_00000006"]
-    assert train_hf.latest_checkpoint(out).name == "step_00000006"
-    with train_hf.own_out_dir(out):  # the next run removes the rest
+    assert _names(ckpt.list_checkpoints(out)) == ["step_00000004", "step_00000006"]
+    assert ckpt.latest_checkpoint(out).name == "step_00000006"
+    with ckpt.own_out_dir(out):  # the next run removes the rest
         pass
-    assert sorted(p.name for p in train_hf.checkpoint_dir(out).iterdir()) == ["step_00000004", "step_00000006"]
+    assert sorted(p.name for p in ckpt.checkpoint_dir(out).iterdir()) == ["step_00000004", "step_00000006"]
 
 
 def test_every_setting_is_either_applied_or_refused_when_resuming():
-    fields = {f.name for cls in (train_hf.TrainConfig, finetune_chat.FinetuneConfig)
-              for f in train_hf.dataclasses.fields(cls)}  # fmt: skip
-    classified = set(train_hf.RESUME_FIXED) | set(train_hf.RESUME_APPLIED) | set(train_hf._NOT_COMPARED)
+    fields = {f.name for cls in (pretrain.TrainConfig, finetune.FinetuneConfig)
+              for f in dataclasses.fields(cls)}  # fmt: skip
+    classified = set(ckpt.RESUME_FIXED) | set(ckpt.RESUME_APPLIED) | set(ckpt._NOT_COMPARED)
     assert fields - classified == set()
-    assert set(train_hf.RESUME_FIXED) & set(train_hf.RESUME_APPLIED) == set()
+    assert set(ckpt.RESUME_FIXED) & set(ckpt.RESUME_APPLIED) == set()
     # a setting added later without a decision is refused, not silently taken over
-    saved = {**train_hf.dataclasses.asdict(_settings()), "grad_clip": 0.5, "new_knob": 1}
-    current = train_hf.dataclasses.make_dataclass("Later", [("new_knob", int, 2)], bases=(train_hf.RunConfig,))(
+    saved = {**dataclasses.asdict(_settings()), "grad_clip": 0.5, "new_knob": 1}
+    current = dataclasses.make_dataclass("Later", [("new_knob", int, 2)], bases=(run_config.RunConfig,))(
         max_steps=12, warmup_steps=2, micro_batch_size=8, grad_accum=2, wandb_mode="disabled")  # fmt: skip
-    with pytest.raises(train_hf.ResumeSettingsError, match=r"differ: new_knob: 1 -> 2\. "):
-        train_hf.compare_resume_settings(saved, current, 1, 1)
+    with pytest.raises(ckpt.ResumeSettingsError, match=r"differ: new_knob: 1 -> 2\. "):
+        ckpt.compare_resume_settings(saved, current, 1, 1)
     saved["new_knob"] = 2
-    assert train_hf.compare_resume_settings(saved, current, 1, 1) == ["grad_clip: 0.5 -> 1.0"]
+    assert ckpt.compare_resume_settings(saved, current, 1, 1) == ["grad_clip: 0.5 -> 1.0"]
 
 
 def test_ctrl_c_in_the_middle_of_a_save_keeps_the_previous_checkpoint_and_no_partial_one(model_json, tmp_path,
@@ -565,23 +607,23 @@ def test_ctrl_c_in_the_middle_of_a_save_keeps_the_previous_checkpoint_and_no_par
         real_save({"partial": torch.zeros(10)}, f)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_hf.torch, "save", interrupted)
+    monkeypatch.setattr(torch, "save", interrupted)
     for step in (4, 2):  # a new step, and re-saving the existing one (which is first moved aside)
         with pytest.raises(KeyboardInterrupt):
             _save(out, step, parts, settings)
-        assert sorted(p.name for p in train_hf.checkpoint_dir(out).iterdir()) == ["step_00000002"]
+        assert sorted(p.name for p in ckpt.checkpoint_dir(out).iterdir()) == ["step_00000002"]
     monkeypatch.undo()
-    assert train_hf.load_checkpoint(train_hf.checkpoint_dir(out) / "step_00000002")["step"] == 2
+    assert ckpt.load_checkpoint(ckpt.checkpoint_dir(out) / "step_00000002")["step"] == 2
 
 
 def test_resuming_a_checkpoint_beyond_max_steps_is_refused(model_json, tmp_path):  # noqa: F811
     before = _settings(max_steps=12)
     path = _save(tmp_path / "run", 8, _parts(model_json, before), before)
     after = _settings(max_steps=6)
-    with pytest.raises(train_hf.ResumeSettingsError, match=r"at step 8, beyond max_steps=6; set max_steps to at "
+    with pytest.raises(ckpt.ResumeSettingsError, match=r"at step 8, beyond max_steps=6; set max_steps to at "
                                                            r"least 8"):  # fmt: skip
-        train_hf.restore_checkpoint(path, *_parts(model_json, after), after)
-    assert train_hf.restore_checkpoint(path, *_parts(model_json, _settings(max_steps=8)), _settings(max_steps=8))[
+        ckpt.restore_checkpoint(path, *_parts(model_json, after), after)
+    assert ckpt.restore_checkpoint(path, *_parts(model_json, _settings(max_steps=8)), _settings(max_steps=8))[
         "step"] == 8  # fmt: skip
 
 
@@ -594,19 +636,19 @@ def test_a_checkpoint_of_wrong_shapes_or_types_is_named_not_a_deep_traceback(mod
     other.intermediate_size += 16
     torch.manual_seed(0)
     bigger = LlamaThinkForCausalLM(other)
-    parts = (bigger, train_hf.build_optimizer(bigger, settings), *_parts(model_json, settings)[2:])
+    parts = (bigger, optim.build_optimizer(bigger, settings), *_parts(model_json, settings)[2:])
     named = r"(?s)cannot resume from .*step_00000004: its model state does not fit this run \(RuntimeError: .*size m"
-    with pytest.raises(train_hf.CheckpointError, match=named):
-        train_hf.restore_checkpoint(path, *parts, settings)
+    with pytest.raises(ckpt.CheckpointError, match=named):
+        ckpt.restore_checkpoint(path, *parts, settings)
     for bad, named in [(dict(step="4"), r"its step is '4', not a count of steps"),
                        (dict(step=-1), r"its step is -1"),
                        (dict(model=[1], loader="x"), r"model, loader should be dictionaries")]:  # fmt: skip
         torch.save({**state, **bad}, path / "state.pt")
-        with pytest.raises(train_hf.CheckpointError, match=rf"state.pt is not a training checkpoint: {named}"):
-            train_hf.load_checkpoint(path)
+        with pytest.raises(ckpt.CheckpointError, match=rf"state.pt is not a training checkpoint: {named}"):
+            ckpt.load_checkpoint(path)
     torch.save({**state, "loader": {"position": 1}}, path / "state.pt")  # a loader state without its keys
-    with pytest.raises(train_hf.CheckpointError, match=r"its data loader state does not fit this run \(KeyError"):
-        train_hf.restore_checkpoint(path, *_parts(model_json, settings)[:3], _StrictLoader(), settings)
+    with pytest.raises(ckpt.CheckpointError, match=r"its data loader state does not fit this run \(KeyError"):
+        ckpt.restore_checkpoint(path, *_parts(model_json, settings)[:3], _StrictLoader(), settings)
 
 
 class _StrictLoader(_Loader):
@@ -620,21 +662,21 @@ def test_a_stale_checkpoint_that_cannot_be_removed_does_not_fail_the_save(model_
     settings = _settings()
     parts = _parts(model_json, settings)
     _save(out, 2, parts, settings, keep_last=1)
-    real_replace = train_hf.os.replace
+    real_replace = os.replace
 
     def no_rename(src, dst):
         if ".tmp-removing-" in str(dst):
             raise PermissionError(errno.EACCES, "Permission denied", str(src))
         return real_replace(src, dst)
 
-    monkeypatch.setattr(train_hf.os, "replace", no_rename)
+    monkeypatch.setattr(os, "replace", no_rename)
     assert _save(out, 4, parts, settings, keep_last=1).name == "step_00000004"
-    assert _names(train_hf.list_checkpoints(out)) == ["step_00000002", "step_00000004"]
+    assert _names(ckpt.list_checkpoints(out)) == ["step_00000002", "step_00000004"]
     assert "could not remove the old checkpoint " in capsys.readouterr().out
 
 
 def test_the_chat_loader_refuses_a_negative_saved_position():
-    loader = finetune_chat.ChatBatchLoader(list(range(8)), 2, seed=1, group_by_length=False)
+    loader = data_chat.ChatBatchLoader(list(range(8)), 2, seed=1, group_by_length=False)
     good = loader.state_dict()
     for bad in (dict(position=-1), dict(epoch=-2)):
         with pytest.raises(ValueError, match=r"cannot resume the data position: epoch -?\d+, position -?\d+ in the "
@@ -654,23 +696,23 @@ def test_the_chat_loader_refuses_a_negative_saved_position():
 def test_a_damaged_saved_batch_is_refused_by_name(model_json, tmp_path, edit, shown):  # noqa: F811
     settings = _settings()
     path = _save(tmp_path / "run", 4, _parts(model_json, settings), settings)
-    meta = train_hf.json.loads((path / "meta.json").read_text())
+    meta = json.loads((path / "meta.json").read_text())
     meta["config"].update(edit.get("config", {}))
     meta.update({k: v for k, v in edit.items() if k not in ("config", "loader")})
-    (path / "meta.json").write_text(train_hf.json.dumps(meta))
+    (path / "meta.json").write_text(json.dumps(meta))
     if "loader" in edit:
         state = torch.load(path / "state.pt", weights_only=True)
         torch.save({**state, "loader": edit["loader"]}, path / "state.pt")
     named = rf"its saved batch \(micro_batch_size x grad_accum x processes = {shown}\) is not made of positive integers"
-    with pytest.raises(train_hf.ResumeSettingsError, match=named):
-        train_hf.restore_checkpoint(path, *_parts(model_json, settings), settings)
+    with pytest.raises(ckpt.ResumeSettingsError, match=named):
+        ckpt.restore_checkpoint(path, *_parts(model_json, settings), settings)
 
 
 def test_a_refused_resume_keeps_the_runs_record_of_its_settings(sample_data, model_json, tmp_path):  # noqa: F811
     out = tmp_path / "run"
-    train_hf.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=2))
+    pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=2))
     recorded = (out / "train_config.json").read_text()
-    assert train_hf.json.loads(recorded)["seed"] == 3
-    with pytest.raises(train_hf.ResumeSettingsError, match=r"seed: 3 -> 4"):
-        train_hf.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, seed=4))
+    assert json.loads(recorded)["seed"] == 3
+    with pytest.raises(ckpt.ResumeSettingsError, match=r"seed: 3 -> 4"):
+        pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, seed=4))
     assert (out / "train_config.json").read_text() == recorded

@@ -9,7 +9,7 @@ import sys
 from conftest import REPO_ROOT
 from test_train import model_json, sample_data  # noqa: F401  (session fixtures)
 
-import train_hf
+from llamathink.train import checkpoint as ckpt
 
 
 def _run(nproc, model_json, data, out, micro_batch, **overrides):
@@ -26,8 +26,8 @@ def _run(nproc, model_json, data, out, micro_batch, **overrides):
                str(REPO_ROOT / "train_hf.py"), *args]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    last = train_hf.list_checkpoints(out)[-1]
-    return train_hf.load_checkpoint(last)
+    last = ckpt.list_checkpoints(out)[-1]
+    return ckpt.load_checkpoint(last)
 
 
 def test_two_process_ddp_matches_one_process_and_checkpoints_move_between_them(sample_data, model_json, tmp_path):

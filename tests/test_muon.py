@@ -22,14 +22,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from llamathink.muon import (  # noqa: E402
-    Muon,
-    adjusted_muon_lr,
-    classify_parameter,
-    muon_param_groups,
-    summarize_param_groups,
-    zeropower_via_newtonschulz,
-)
+from llamathink.muon import Muon, adjusted_muon_lr, zeropower_via_newtonschulz  # noqa: E402
+from llamathink.train.optim import classify_parameter, muon_param_groups, summarize_param_groups  # noqa: E402
 
 # Loaded by path so the test does not depend on pytest's sys.path / import mode.
 _spec = importlib.util.spec_from_file_location(

@@ -1,6 +1,6 @@
 """The newcomer path: the README's install and test commands agree with setup.py, its "Use a model" block runs as
 written on a saved model (offline, no prompt), and saved models carry a model card and a generation-ready
-tokenizer (train_hf.save_final, which finetune_chat.py also calls)."""
+tokenizer (llamathink.train.loop.save_final, which pretraining and finetuning call)."""
 
 import ast
 import importlib.metadata
@@ -15,10 +15,9 @@ import pytest
 import torch
 from conftest import REPO_ROOT, tiny_config
 
-import finetune_chat
-import train_hf
+from llamathink.train import finetune, loop, pretrain
 from llamathink import LlamaThinkForCausalLM
-from llamathink.chat import set_chat_template
+from llamathink.chat_format import set_chat_template
 from llamathink.tokenizer_utils import builtin_tokenizer, save_tokenizer_for_model
 
 README = REPO_ROOT / "README.md"
@@ -80,8 +79,8 @@ def tiny_chat_model(seed: int = 0):
     return model, set_chat_template(builtin_tokenizer())
 
 
-def finetune_cfg(tmp_path: Path, **overrides) -> finetune_chat.FinetuneConfig:
-    return finetune_chat.FinetuneConfig(init_from=str(tmp_path / "pretrained"), out_dir=str(tmp_path / "chat-run"),
+def finetune_cfg(tmp_path: Path, **overrides) -> finetune.FinetuneConfig:
+    return finetune.FinetuneConfig(init_from=str(tmp_path / "pretrained"), out_dir=str(tmp_path / "chat-run"),
                                         max_steps=2, warmup_steps=1, wandb_mode="disabled", **overrides)  # fmt: skip
 
 
@@ -91,12 +90,12 @@ def finetune_cfg(tmp_path: Path, **overrides) -> finetune_chat.FinetuneConfig:
 
 
 def test_use_a_model_block_runs_as_written_on_a_saved_chat_model(tmp_path):
-    # the folder the quickstart's chat stage writes, made by the same helper (train_hf.save_final); the full
+    # the folder the quickstart's chat stage writes, made by the same helper (loop.save_final); the full
     # quickstart followed by this block runs in test_quickstart.py
     model, tokenizer = tiny_chat_model()
     final = tmp_path / "runs" / "quickstart" / "chat" / "final"
     history = {"losses": {1: 4.0, 2: 3.5}, "eval": {0: 5.0, 2: 3.6}}
-    train_hf.save_final(model, tokenizer, final, finetune_cfg(tmp_path), history, tokens_seen=1000)
+    loop.save_final(model, tokenizer, final, finetune_cfg(tmp_path), history, tokens_seen=1000)
     check_use_a_model_output(run_use_a_model(tmp_path))
 
 
@@ -204,7 +203,7 @@ def test_save_final_writes_a_model_card_and_a_left_padding_tokenizer(tmp_path):
     final = tmp_path / "final"
     history = {"losses": {"1": 4.0, "2": 3.5}, "eval": {"0": 5.25, "2": 3.6125},  # keys as JSON strings too
                "data": {"train_conversations": 1234, "eval_conversations": 56}}
-    train_hf.save_final(model, tokenizer, final, finetune_cfg(tmp_path), history, tokens_seen=4096)
+    loop.save_final(model, tokenizer, final, finetune_cfg(tmp_path), history, tokens_seen=4096)
 
     card = (final / "README.md").read_text(encoding="utf-8")
     assert card.startswith("---\n") and "license: mit" in card and "pipeline_tag: text-generation" in card
@@ -236,10 +235,10 @@ def test_pretraining_card_states_the_data_steps_and_tokens(tmp_path):
     (data / "meta.json").write_text(json.dumps({"source": {"type": "hf", "name": "HuggingFaceFW/fineweb",
                                                            "config": "sample-10BT"},
                                                 "train": {"num_tokens": 123456, "num_docs": 789}}))  # fmt: skip
-    cfg = train_hf.TrainConfig(data_dir=str(data), out_dir=str(tmp_path / "llamathink-tiny"), max_steps=3,
+    cfg = pretrain.TrainConfig(data_dir=str(data), out_dir=str(tmp_path / "llamathink-tiny"), max_steps=3,
                                warmup_steps=1, micro_batch_size=2, grad_accum=1, seq_len=64)  # fmt: skip
     history = {"losses": {1: 7.0, 2: 6.5, 3: 6.0}, "eval": {3: 6.125}}
-    train_hf.save_final(model, None, tmp_path / "final", cfg, history, tokens_seen=384)
+    loop.save_final(model, None, tmp_path / "final", cfg, history, tokens_seen=384)
     card = (tmp_path / "final" / "README.md").read_text(encoding="utf-8")
     assert card.split("\n---\n", 1)[1].lstrip().startswith("# llamathink-tiny\n")
     assert "datasets:\n- HuggingFaceFW/fineweb" in card
@@ -254,7 +253,7 @@ def test_card_without_history_says_so_and_names_a_hub_base_model(tmp_path):
     from llamathink.model_card import model_card_text
 
     model, tokenizer = tiny_chat_model()
-    cfg = finetune_chat.FinetuneConfig(init_from="someone/llamathink-95m", out_dir=str(tmp_path / "x"),
+    cfg = finetune.FinetuneConfig(init_from="someone/llamathink-95m", out_dir=str(tmp_path / "x"),
                                        hub_model_id="someone/llamathink-95m-chat", wandb_mode="disabled")  # fmt: skip
     card = model_card_text(model, cfg, tokenizer=tokenizer)
     assert "base_model: someone/llamathink-95m\n" in card and "# someone/llamathink-95m-chat\n" in card
@@ -272,7 +271,7 @@ def test_push_to_hub_uploads_the_saved_folder_with_its_card(tmp_path, monkeypatc
     model, tokenizer = tiny_chat_model()
     monkeypatch.setattr(model, "push_to_hub", lambda *a, **k: pytest.fail("model.push_to_hub writes a generic card"))
     cfg = finetune_cfg(tmp_path, push_to_hub=True, hub_model_id="me/tiny-chat")
-    train_hf.save_final(model, tokenizer, tmp_path / "final", cfg)
+    loop.save_final(model, tokenizer, tmp_path / "final", cfg)
     assert calls[0] == ("create", "me/tiny-chat") and calls[1][:2] == ("upload", "me/tiny-chat")
     assert {"README.md", "model.safetensors", "tokenizer_config.json", "modeling_llamathink.py"} <= set(calls[1][2])
 

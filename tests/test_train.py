@@ -1,6 +1,7 @@
 """Pretraining loop tests on CPU: settings, schedule, a short run whose loss falls, exact resume, atomic
 checkpoints under SIGKILL, non-finite losses, vocabulary checks, and a 2-process DDP (gloo) run."""
 
+import json
 import math
 import os
 import signal
@@ -12,8 +13,9 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-import train_hf
+from llamathink.train import checkpoint as ckpt, config as run_config, loop, optim, pretrain
 from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
+from llamathink.modeling_llamathink import flops_per_token
 from llamathink.data import TokenBatchLoader, prepare, val_batches
 from llamathink.tokenizer_utils import sample_data_path
 from llamathink.data import LocalSource
@@ -45,7 +47,7 @@ def _cfg(sample_data, model_json, out_dir, **overrides):
         wandb_mode="disabled", progress_bar=False, seed=3,
     )  # fmt: skip
     settings.update(overrides)
-    return train_hf.TrainConfig(**settings)
+    return pretrain.TrainConfig(**settings)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -56,7 +58,7 @@ def _cfg(sample_data, model_json, out_dir, **overrides):
 def test_yaml_and_cli_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("max_steps: 30\nwarmup_steps: 3\noptimizer: adamw\nsample_prompts: [a, b]\n")
-    cfg = train_hf.load_config(str(path), ["--max_steps", "40", "--muon_lr=0.01", "--compile", "true",
+    cfg = pretrain.load_config(str(path), ["--max_steps", "40", "--muon_lr=0.01", "--compile", "true",
                                            "--wandb_run_name", "123"])  # fmt: skip
     assert (cfg.max_steps, cfg.warmup_steps, cfg.optimizer, cfg.muon_lr, cfg.compile) == (40, 3, "adamw", 0.01, True)
     assert cfg.sample_prompts == ["a", "b"] and cfg.wandb_run_name == "123"
@@ -66,15 +68,15 @@ def test_unknown_and_bad_settings_are_named(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("max_step: 30\n")
     with pytest.raises(ValueError, match=r"run.yaml: unknown setting 'max_step'"):
-        train_hf.load_config(str(path))
+        pretrain.load_config(str(path))
     with pytest.raises(ValueError, match="unknown setting --lr"):
-        train_hf.load_config(None, ["--lr", "0.1"])
+        pretrain.load_config(None, ["--lr", "0.1"])
     with pytest.raises(ValueError, match="optimizer must be 'muon' or 'adamw'"):
-        train_hf.load_config(None, ["--optimizer", "sgd"])
+        pretrain.load_config(None, ["--optimizer", "sgd"])
     with pytest.raises(ValueError, match="expects true or false"):
-        train_hf.load_config(None, ["--compile", "maybe"])
+        pretrain.load_config(None, ["--compile", "maybe"])
     with pytest.raises(ValueError, match="warmup_steps"):
-        train_hf.load_config(None, ["--max_steps", "10", "--warmup_steps", "20"])
+        pretrain.load_config(None, ["--max_steps", "10", "--warmup_steps", "20"])
 
 
 @pytest.mark.parametrize("written, value", [("1e-3", 0.001), ("3e-4", 3e-4), (".5", 0.5), ("1E-3", 0.001), ("2", 2.0),
@@ -82,7 +84,7 @@ def test_unknown_and_bad_settings_are_named(tmp_path):
 def test_every_way_to_write_a_float_reads_as_that_float(tmp_path, written, value):
     path = tmp_path / "run.yaml"
     path.write_text(f"adamw_lr: {written}\nweight_decay: {written}\n")  # PyYAML reads 1e-3 as a string
-    for cfg in (train_hf.load_config(str(path)), train_hf.load_config(None, [f"--adamw_lr={written}",
+    for cfg in (pretrain.load_config(str(path)), pretrain.load_config(None, [f"--adamw_lr={written}",
                                                                              "--weight_decay", written])):  # fmt: skip
         assert type(cfg.adamw_lr) is float and cfg.adamw_lr == value and cfg.weight_decay == value
 
@@ -92,17 +94,17 @@ def test_settings_of_every_type_parse_from_yaml_and_the_command_line(tmp_path):
     path.write_text("max_steps: 1e4\nwarmup_steps: 10_000\ncompile: yes\nprogress_bar: 0\nwandb_project: null\n"
                     "adamw_betas: [0.9, 0.95]\npeak_tflops: 312\nstop_at_step: none\nwandb_run_name: 123\n"
                     "resume: none\n")  # fmt: skip
-    cfg = train_hf.load_config(str(path))
+    cfg = pretrain.load_config(str(path))
     assert (cfg.max_steps, cfg.warmup_steps, cfg.compile, cfg.progress_bar) == (10_000, 10_000, True, False)
     assert cfg.wandb_project is None and cfg.stop_at_step is None and cfg.resume == "none"
     assert cfg.adamw_betas == (0.9, 0.95) and cfg.peak_tflops == 312.0 and type(cfg.peak_tflops) is float
     assert cfg.wandb_run_name == "123"
-    cli = train_hf.load_config(None, ["--adamw_betas", "0.8,0.9", "--compile=FALSE", "--peak_tflops", "null",
+    cli = pretrain.load_config(None, ["--adamw_betas", "0.8,0.9", "--compile=FALSE", "--peak_tflops", "null",
                                       "--wandb_project", "none", "--sample_prompts", "[Hello, 'a, b']",
                                       "--max_steps", "2e3", "--warmup_steps", "10"])  # fmt: skip
     assert cli.adamw_betas == (0.8, 0.9) and cli.compile is False and cli.peak_tflops is None
     assert cli.wandb_project is None and cli.sample_prompts == ["Hello", "a, b"] and cli.max_steps == 2000
-    assert train_hf.load_config(None, ["--adamw_betas", "(0.5, 0.6)"]).adamw_betas == (0.5, 0.6)
+    assert pretrain.load_config(None, ["--adamw_betas", "(0.5, 0.6)"]).adamw_betas == (0.5, 0.6)
 
 
 @pytest.mark.parametrize("setting, written, named", [
@@ -121,30 +123,30 @@ def test_settings_of_every_type_parse_from_yaml_and_the_command_line(tmp_path):
 ])  # fmt: skip
 def test_a_value_that_cannot_be_read_as_its_type_is_an_error_naming_the_field(tmp_path, setting, written, named):
     with pytest.raises(ValueError, match=named):
-        train_hf.load_config(None, [f"--{setting}", written])
+        pretrain.load_config(None, [f"--{setting}", written])
     path = tmp_path / "run.yaml"
     path.write_text(f"{setting}: {written}\n")
     with pytest.raises(ValueError, match=named.replace(f"{setting}", f"(run.yaml: )?{setting}", 1)):
-        train_hf.load_config(str(path))
+        pretrain.load_config(str(path))
 
 
 def test_presets_load():
     for path in sorted((REPO_ROOT / "configuration" / "train").glob("*.yaml")):
-        cfg = train_hf.load_config(str(path))
+        cfg = pretrain.load_config(str(path))
         config = LlamaThinkConfig.from_json_file(str(REPO_ROOT / cfg.model_config))
         assert cfg.seq_len <= config.max_position_embeddings, path
-    original = train_hf.load_config(str(REPO_ROOT / "configuration/train/fineweb_95m_4gpu.yaml"))
+    original = pretrain.load_config(str(REPO_ROOT / "configuration/train/fineweb_95m_4gpu.yaml"))
     # the original recipe: 64 x 1024 x 8 accumulation x 4 GPUs = 2,097,152 tokens per step
     assert original.micro_batch_size * original.seq_len * original.grad_accum * 4 == 2_097_152
     assert (original.max_steps, original.warmup_steps, original.muon_lr, original.adamw_lr) == (10_000, 500, 0.02, 0.002)
 
 
 def test_warmup_then_cosine_to_zero():
-    cfg = train_hf.TrainConfig(max_steps=100, warmup_steps=10)
-    factors = [train_hf.lr_factor(s, cfg) for s in range(100)]
+    cfg = pretrain.TrainConfig(max_steps=100, warmup_steps=10)
+    factors = [optim.lr_factor(s, cfg) for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(1.0) and factors[55] == pytest.approx(0.5)
-    assert train_hf.lr_factor(100, cfg) == pytest.approx(0.0, abs=1e-12)
+    assert optim.lr_factor(100, cfg) == pytest.approx(0.0, abs=1e-12)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
 
 
@@ -155,7 +157,7 @@ def test_flops_per_token_counts_params_and_mixers():
     attention = 4 * 6 * 9 * 64 * T  # 4 full layers
     attention += 4 * 12 * 9 * 64 * (64 + T / 8)  # 4 CSA layers: window + compressed blocks
     attention += 8 * 12 * 9 * 112 * 112  # 8 Gated DeltaNet layers
-    assert train_hf.flops_per_token(config, T) == pytest.approx(6 * n + attention)
+    assert flops_per_token(config, T) == pytest.approx(6 * n + attention)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,9 +178,9 @@ def _tiny_run_val_loss(sample_data, model_json, old_init: bool, steps: int = 60)
             for name, module in model.named_modules():
                 if name.endswith("conv1d"):
                     module.weight.uniform_(-0.5, 0.5)  # 1 / sqrt(kernel 4)
-    settings = train_hf.RunConfig(max_steps=steps, warmup_steps=5, micro_batch_size=16, grad_accum=1)
-    optimizer = train_hf.build_optimizer(model, settings)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: train_hf.lr_factor(k, settings))
+    settings = run_config.RunConfig(max_steps=steps, warmup_steps=5, micro_batch_size=16, grad_accum=1)
+    optimizer = optim.build_optimizer(model, settings)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: optim.lr_factor(k, settings))
     loader = TokenBatchLoader(sample_data, 64, 16, seed=0)
     for _ in range(steps):
         input_ids, labels = next(loader)
@@ -205,7 +207,7 @@ def test_default_init_learns_more_per_token_than_the_old_init(sample_data, model
 def test_short_run_lowers_the_loss_and_saves_a_loadable_model(sample_data, model_json, tmp_path):
     cfg = _cfg(sample_data, model_json, tmp_path / "run", max_steps=30, eval_every=15, save_every=30,
                adamw_lr=0.004)  # fmt: skip
-    history = train_hf.train(cfg)
+    history = pretrain.train(cfg)
     losses = history["losses"]
     assert len(losses) == 30
     first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (28, 29, 30)) / 3
@@ -220,49 +222,49 @@ def test_short_run_lowers_the_loss_and_saves_a_loadable_model(sample_data, model
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(sample_data, model_json, tmp_path):
-    full = train_hf.train(_cfg(sample_data, model_json, tmp_path / "full"))
-    interrupted = train_hf.train(_cfg(sample_data, model_json, tmp_path / "resumed", stop_at_step=6))
+    full = pretrain.train(_cfg(sample_data, model_json, tmp_path / "full"))
+    interrupted = pretrain.train(_cfg(sample_data, model_json, tmp_path / "resumed", stop_at_step=6))
     assert interrupted["final_dir"] is None and sorted(interrupted["losses"]) == list(range(1, 7))
-    resumed = train_hf.train(_cfg(sample_data, model_json, tmp_path / "resumed"))
+    resumed = pretrain.train(_cfg(sample_data, model_json, tmp_path / "resumed"))
     assert sorted(resumed["losses"]) == list(range(1, 13))
     for step in range(1, 13):
         assert resumed["losses"][step] == full["losses"][step], step  # bitwise: same data, state and RNG
-    a = train_hf.load_checkpoint(tmp_path / "full/checkpoints/step_00000012")["model"]
-    b = train_hf.load_checkpoint(tmp_path / "resumed/checkpoints/step_00000012")["model"]
+    a = ckpt.load_checkpoint(tmp_path / "full/checkpoints/step_00000012")["model"]
+    b = ckpt.load_checkpoint(tmp_path / "resumed/checkpoints/step_00000012")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_adamw_only_run(sample_data, model_json, tmp_path):
-    history = train_hf.train(_cfg(sample_data, model_json, tmp_path / "adamw", optimizer="adamw", max_steps=6,
+    history = pretrain.train(_cfg(sample_data, model_json, tmp_path / "adamw", optimizer="adamw", max_steps=6,
                                   eval_every=100))  # fmt: skip
     assert len(history["losses"]) == 6 and all(math.isfinite(v) for v in history["losses"].values())
 
 
 def test_keep_last_checkpoints(sample_data, model_json, tmp_path):
-    train_hf.train(_cfg(sample_data, model_json, tmp_path / "k", max_steps=8, save_every=2, keep_last=2))
-    names = [p.name for p in train_hf.list_checkpoints(tmp_path / "k")]
+    pretrain.train(_cfg(sample_data, model_json, tmp_path / "k", max_steps=8, save_every=2, keep_last=2))
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path / "k")]
     assert names == ["step_00000006", "step_00000008"]
 
 
 def test_nonfinite_loss_stops_or_skips_and_keeps_checkpoints(sample_data, model_json, tmp_path, monkeypatch):
     out = tmp_path / "nan"
-    train_hf.train(_cfg(sample_data, model_json, out, max_steps=12, stop_at_step=2, save_every=2))
-    real_build = train_hf.build_model
+    pretrain.train(_cfg(sample_data, model_json, out, max_steps=12, stop_at_step=2, save_every=2))
+    real_build = pretrain.build_model
 
     def poisoned(cfg):
         model = real_build(cfg)
         model.model.norm.weight.data.fill_(float("nan"))
         return model
 
-    monkeypatch.setattr(train_hf, "build_model", poisoned)
-    with pytest.raises(train_hf.NonFiniteLoss, match="non-finite loss"):
-        train_hf.train(_cfg(sample_data, model_json, tmp_path / "nan2", max_steps=12))
+    monkeypatch.setattr(pretrain, "build_model", poisoned)
+    with pytest.raises(loop.NonFiniteLoss, match="non-finite loss"):
+        pretrain.train(_cfg(sample_data, model_json, tmp_path / "nan2", max_steps=12))
     # resuming loads the good checkpoint weights over the poisoned init, so this run is healthy
-    history = train_hf.train(_cfg(sample_data, model_json, out, max_steps=12, stop_at_step=3))
+    history = pretrain.train(_cfg(sample_data, model_json, out, max_steps=12, stop_at_step=3))
     assert 3 in history["losses"] and math.isfinite(history["losses"][3])
-    with pytest.raises(train_hf.NonFiniteLoss, match="3 consecutive non-finite steps"):
-        train_hf.train(_cfg(sample_data, model_json, tmp_path / "nan3", nonfinite="skip", max_consecutive_skips=3))
-    assert [p.name for p in train_hf.list_checkpoints(out)] == ["step_00000002", "step_00000003"]
+    with pytest.raises(loop.NonFiniteLoss, match="3 consecutive non-finite steps"):
+        pretrain.train(_cfg(sample_data, model_json, tmp_path / "nan3", nonfinite="skip", max_consecutive_skips=3))
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_00000002", "step_00000003"]
 
 
 def test_vocabulary_mismatch_is_named(sample_data, tmp_path):
@@ -271,7 +273,7 @@ def test_vocabulary_mismatch_is_named(sample_data, tmp_path):
                      num_key_value_heads=1, head_dim=16, linear_num_key_heads=1, linear_num_value_heads=1,
                      linear_key_head_dim=16, linear_value_head_dim=16, max_position_embeddings=128).to_json_file(small)
     with pytest.raises(ValueError, match="1024.*512|512.*1024"):
-        train_hf.train(_cfg(sample_data, small, tmp_path / "v"))
+        pretrain.train(_cfg(sample_data, small, tmp_path / "v"))
 
 
 def test_corrupt_shard_is_named(sample_data, model_json, tmp_path):
@@ -282,12 +284,27 @@ def test_corrupt_shard_is_named(sample_data, model_json, tmp_path):
     shard = sorted(data.glob("train_*.bin"))[0]
     shard.write_bytes(shard.read_bytes()[:-100])  # truncated
     with pytest.raises(ValueError, match=shard.name):
-        train_hf.train(_cfg(data, model_json, tmp_path / "c"))
+        pretrain.train(_cfg(data, model_json, tmp_path / "c"))
+
+
+# Pretraining whose checkpoint saves wait 60 s between writing the temporary folder and renaming it into place,
+# so that a test can kill the process in the middle of a save.
+_SLOW_SAVE = """
+import os, sys, time
+real_replace = os.replace
+def slow_replace(src, dst, *args, **kwargs):
+    if os.path.basename(str(src)).startswith(".tmp-step_"):
+        time.sleep(60)
+    return real_replace(src, dst, *args, **kwargs)
+os.replace = slow_replace
+from llamathink.train.pretrain import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def _kill_during_checkpoint(args, env, root, step: int):
     """Start training in a subprocess, wait until checkpoint `step` is being written (its temporary directory
-    exists; LLAMATHINK_TEST_SLOW_CHECKPOINT holds it there), then SIGKILL the process."""
+    exists; `_SLOW_SAVE` holds it there), then SIGKILL the process."""
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 240
@@ -305,25 +322,25 @@ def _kill_during_checkpoint(args, env, root, step: int):
 
 def test_sigkill_during_checkpoint_write_leaves_the_previous_checkpoint_loadable(sample_data, model_json, tmp_path):
     out = tmp_path / "killed"
-    args = [sys.executable, str(REPO_ROOT / "train_hf.py"), "--model_config", str(model_json), "--data_dir",
+    args = [sys.executable, "-c", _SLOW_SAVE, "--model_config", str(model_json), "--data_dir",
             str(sample_data), "--out_dir", str(out), "--seq_len", "64", "--micro_batch_size", "4", "--grad_accum",
             "1", "--max_steps", "20", "--warmup_steps", "1", "--mixed_precision", "no", "--eval_every", "100",
             "--save_every", "2", "--peak_tflops", "null", "--wandb_mode", "disabled", "--progress_bar", "false",
             "--seed", "3"]
-    env = dict(os.environ, LLAMATHINK_TEST_SLOW_CHECKPOINT="60", PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     root = out / "checkpoints"
     # the first save (step 2) sleeps before its rename: kill the process while it waits
     _kill_during_checkpoint(args, env, root, step=2)
-    assert train_hf.list_checkpoints(out) == []  # the half-written one is not listed
+    assert ckpt.list_checkpoints(out) == []  # the half-written one is not listed
     # a second run: its first checkpoint completes; kill during the second one (step 4)
-    train_hf.train(_cfg(sample_data, model_json, out, micro_batch_size=4, grad_accum=1, max_steps=20, save_every=2,
+    pretrain.train(_cfg(sample_data, model_json, out, micro_batch_size=4, grad_accum=1, max_steps=20, save_every=2,
                         stop_at_step=2, eval_every=100))  # fmt: skip
     _kill_during_checkpoint(args, env, root, step=4)
-    found = train_hf.list_checkpoints(out)
+    found = ckpt.list_checkpoints(out)
     assert [p.name for p in found] == ["step_00000002"]
-    state = train_hf.load_checkpoint(found[0])
+    state = ckpt.load_checkpoint(found[0])
     assert state["step"] == 2 and "model" in state and "optimizer" in state
-    history = train_hf.train(_cfg(sample_data, model_json, out, micro_batch_size=4, grad_accum=1, max_steps=20,
+    history = pretrain.train(_cfg(sample_data, model_json, out, micro_batch_size=4, grad_accum=1, max_steps=20,
                                   save_every=2, stop_at_step=4, eval_every=100))  # fmt: skip
     assert sorted(history["losses"]) == [1, 2, 3, 4]
 
@@ -332,12 +349,12 @@ def test_wandb_offline_logging(sample_data, model_json, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "wb"
-    train_hf.train(_cfg(sample_data, model_json, out, max_steps=3, log_every=1, eval_every=3, save_every=3,
+    pretrain.train(_cfg(sample_data, model_json, out, max_steps=3, log_every=1, eval_every=3, save_every=3,
                         wandb_mode="offline", wandb_project="llamathink-test"))  # fmt: skip
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
     # the run id is kept in the checkpoint so a resumed run continues the same W&B run
-    state = train_hf.load_checkpoint(train_hf.list_checkpoints(out)[-1])
+    state = ckpt.load_checkpoint(ckpt.list_checkpoints(out)[-1])
     assert state["wandb_run_id"] and state["wandb_run_id"] in runs[0].name
 
 
@@ -353,14 +370,14 @@ def test_a_settings_file_that_is_not_one_mapping_of_distinct_settings_is_named(t
     path = tmp_path / "run.yaml"
     path.write_text(text)
     with pytest.raises(ValueError, match=named):
-        train_hf.load_config(str(path))
+        pretrain.load_config(str(path))
     path.write_bytes(b"max_steps: \xff\xfe\n")
     with pytest.raises(ValueError, match=r"run.yaml is not a UTF-8 text \(YAML\) file"):
-        train_hf.load_config(str(path))
+        pretrain.load_config(str(path))
     path.write_text("<<: {max_steps: 5, warmup_steps: 1}\nmax_steps: 6\n")  # a merge is no repeat: max_steps wins
-    assert train_hf.load_config(str(path)).max_steps == 6
+    assert pretrain.load_config(str(path)).max_steps == 6
     path.write_text("# only a comment\n")  # an empty file: the defaults
-    assert train_hf.load_config(str(path)).max_steps == train_hf.TrainConfig().max_steps
+    assert pretrain.load_config(str(path)).max_steps == pretrain.TrainConfig().max_steps
 
 
 @pytest.mark.parametrize("setting, written, named", [
@@ -370,8 +387,8 @@ def test_a_settings_file_that_is_not_one_mapping_of_distinct_settings_is_named(t
 ])  # fmt: skip
 def test_a_seed_or_lr_rule_no_generator_or_optimizer_accepts_is_refused_at_parse_time(setting, written, named):
     with pytest.raises(ValueError, match=named):
-        train_hf.load_config(None, [f"--{setting}", written])
-    assert train_hf.load_config(None, ["--seed", str(2**32 - 1)]).seed == 2**32 - 1
+        pretrain.load_config(None, [f"--{setting}", written])
+    assert pretrain.load_config(None, ["--seed", str(2**32 - 1)]).seed == 2**32 - 1
 
 
 @pytest.mark.parametrize("text, named", [
@@ -389,8 +406,8 @@ def test_a_broken_data_meta_json_is_named_before_training(model_json, tmp_path, 
     with pytest.raises(ValueError, match=named):
         load_meta(data)
     with pytest.raises(ValueError, match=named):
-        train_hf.train(_cfg(data, model_json, tmp_path / "out", max_steps=2))
-    assert not train_hf.list_checkpoints(tmp_path / "out")
+        pretrain.train(_cfg(data, model_json, tmp_path / "out", max_steps=2))
+    assert not ckpt.list_checkpoints(tmp_path / "out")
 
 
 def test_the_model_card_survives_a_meta_json_of_unexpected_types(sample_data, model_json, tmp_path):
@@ -404,10 +421,10 @@ def test_the_model_card_survives_a_meta_json_of_unexpected_types(sample_data, mo
                  {"vocab_size": 1024, "source": {"type": "hf", "name": ["x"], "config": 3},
                   "train": {"num_docs": True}},
                  {"vocab_size": 1024, "source": {"type": "local", "paths": [1, 2]}}):  # fmt: skip
-        (data / "meta.json").write_text(train_hf.json.dumps(meta))
+        (data / "meta.json").write_text(json.dumps(meta))
         card = model_card_text(model, _cfg(data, model_json, tmp_path / "out"))
         assert f"a prepared document collection, tokenized whole documents in `{data}`" in card
-    (data / "meta.json").write_text(train_hf.json.dumps({"vocab_size": 1024, "train": {"num_tokens": 12345},
+    (data / "meta.json").write_text(json.dumps({"vocab_size": 1024, "train": {"num_tokens": 12345},
                                                          "source": {"type": "local", "paths": ["/x/a.txt"]}}))
     card = model_card_text(model, _cfg(data, model_json, tmp_path / "out"))
     assert f"local files (`a.txt`), tokenized whole documents in `{data}` (12,345 training tokens)" in card
@@ -426,7 +443,7 @@ def test_a_sample_prompt_longer_than_the_context_is_skipped_not_fatal(sample_dat
     cfg = _cfg(sample_data, model_json, tmp_path, sample_prompts=[long_prompt, "Once upon"], sample_tokens=500)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nor a warning about capping: the length fits the context
-        texts = train_hf.generate_samples(model, tokenizer, cfg, torch.device("cpu"))
+        texts = pretrain.generate_samples(model, tokenizer, cfg, torch.device("cpu"))
     assert len(texts) == 1 and texts[0].startswith("Once upon")
     assert "sample prompt skipped: its " in capsys.readouterr().out
     assert model.training

@@ -1,13 +1,14 @@
 """Generate the LlamaThink sample corpus (prose.jsonl and conversations.jsonl).
 
 All text is original to this project: a mix of the hand-written documents in
-``_handwritten.py`` and documents assembled from the templates and word lists
+``handwritten.py`` and documents assembled from the templates and word lists
 below.  The output is deterministic for a given seed, so the committed files can
 be regenerated with::
 
-    python llamathink/sample_data/_generate_corpus.py
+    python tools/sample_corpus/generate.py
 
-This script is only needed to rebuild the data; nothing imports it at run time.
+This script is only needed to rebuild the data (it writes into ``llamathink/sample_data/``); it is not part of
+the installed package.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _handwritten import ESSAYS, FABLES, HOWTOS  # noqa: E402
+from handwritten import ESSAYS, FABLES, HOWTOS  # noqa: E402
 
 SEED = 20260107
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "llamathink", "sample_data")
 
 # ---------------------------------------------------------------------------
 # word lists

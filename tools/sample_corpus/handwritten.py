@@ -1,7 +1,7 @@
 """Hand-written documents for the LlamaThink sample corpus.
 
 Everything in this file was written for this project.  The generator in
-``_generate_corpus.py`` mixes these documents with templated ones.
+``generate.py`` mixes these documents with templated ones.
 """
 
 ESSAYS = [

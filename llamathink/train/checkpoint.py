@@ -1,0 +1,506 @@
+"""Training checkpoints: atomic, weights-only, owned by one run, exactly resumable.
+
+A run in `out_dir` writes `out_dir/checkpoints/step_XXXXXXXX/` folders (state.pt: model, optimizer, scheduler, data
+loader position, RNG states and the run's history; meta.json: run id, step, save time, world size, settings),
+each to a temporary name first and renamed when complete. The run holds an exclusive lock on the folder for its
+whole life, rotates (keep_last) only its own checkpoints, and on resume compares the saved settings with the
+current ones: settings that cannot change within a run are refused, the others applied and reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import RunConfig
+from .optim import lr_factor
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: step_XXXXXXXX/ directories written to a temporary name and renamed when complete
+#
+# A run owns its out_dir: it holds an exclusive lock on <out_dir>/.lock for its whole life, writes its run id into
+# every checkpoint's meta.json, and rotates (keep_last) only its own checkpoints. state.pt holds only tensors and
+# plain containers, so it is read with torch.load(weights_only=True): a shared checkpoint folder cannot run code.
+# ----------------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_PREFIX = "step_"
+TMP_PREFIX = ".tmp-"  # checkpoints being written (and replaced ones being removed); never listed as complete
+STATE_FILE, META_FILE, LOCK_FILE = "state.pt", "meta.json", ".lock"
+CHECKPOINT_FORMAT = 2  # 1: no meta.json, numpy arrays in the RNG state; 2: meta.json, weights-only state.pt
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read, or must not be trusted; the message says which and why."""
+
+
+class OutDirInUse(RuntimeError):
+    """The out_dir belongs to another run: one running now (its lock), or earlier runs' checkpoints."""
+
+
+class ResumeSettingsError(ValueError):
+    """Settings that must not change within a run differ between the checkpoint and this run."""
+
+
+def checkpoint_dir(out_dir: str | Path) -> Path:
+    """Where a run in `out_dir` writes its step_XXXXXXXX checkpoint folders."""
+    return Path(out_dir) / "checkpoints"
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of every run in out_dir, by step (lowest first). Temporary directories of interrupted
+    writes are ignored, and so are symbolic links: a link may point anywhere, and rotation must never delete (nor
+    `resume: auto` pick) a folder outside out_dir."""
+    root = checkpoint_dir(out_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / STATE_FILE).exists()]  # fmt: skip
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def checkpoint_meta(path: str | Path) -> dict:
+    """A checkpoint's meta.json: {"format", "run_id", "step", "saved_at" (Unix time), "world_size", "config"}.
+    Checkpoints written before run ids (no meta.json) read as run_id None, saved at the folder's mtime.
+    Raises CheckpointError when meta.json is not valid JSON or its fields have the wrong types."""
+    path = Path(path)
+    file = path / META_FILE
+    step = int(path.name[len(CHECKPOINT_PREFIX) :]) if path.name[len(CHECKPOINT_PREFIX) :].isdigit() else None
+    if not file.exists():
+        return {"format": 1, "run_id": None, "step": step, "saved_at": path.stat().st_mtime, "world_size": None,
+                "config": None}  # fmt: skip
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {file}: {err}") from err
+    types = {"run_id": (str, type(None)), "step": int, "saved_at": (int, float), "config": (dict, type(None))}
+    if (not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) for k, t in types.items())
+            or isinstance(meta["step"], bool) or not math.isfinite(meta["saved_at"])):  # fmt: skip
+        raise CheckpointError(f"{file} is not a checkpoint's meta.json (expected run_id, step, saved_at, config)")
+    if step is not None and meta["step"] != step:
+        raise CheckpointError(f"{file} says step {meta['step']} but the folder is {path.name}: the checkpoint was "
+                              "renamed or edited, so it is not trusted")  # fmt: skip
+    return meta
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The most recently saved complete checkpoint in out_dir (by its save time, then step), whatever its run."""
+    found = list_checkpoints(out_dir)
+    if not found:
+        return None
+    return max(found, key=lambda p: (checkpoint_meta(p)["saved_at"], int(p.name[len(CHECKPOINT_PREFIX) :])))
+
+
+@contextlib.contextmanager
+def own_out_dir(out_dir: str | Path, is_main: bool = True):
+    """Hold an exclusive lock on `out_dir` (fcntl.flock on <out_dir>/.lock, released when the block ends or the
+    process dies) and remove temporary checkpoint folders that an interrupted save left behind. Only the main
+    process locks (it alone writes). Raises OutDirInUse naming the holder (pid, host, start time) when another
+    process holds the lock, ValueError when out_dir cannot be created or written (a file in the way, no
+    permission). flock is advisory and per host: runs on different machines sharing out_dir over a network file
+    system may not see each other's lock."""
+    if not is_main:
+        yield
+        return
+    import fcntl
+
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint_dir(out_dir).mkdir(exist_ok=True)  # now, not at the first save after hours of training
+        fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:  # a file in the way, no write permission, a read-only file system
+        in_the_way = next((p for p in (out_dir, checkpoint_dir(out_dir)) if p.exists() and not p.is_dir()), None)
+        problem = f"{in_the_way} is a file, not a folder" if in_the_way else err.strerror
+        raise ValueError(f"out_dir {out_dir} cannot hold this run's checkpoints: {problem} ({err})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = os.read(fd, 4096).decode(errors="replace").strip() or "a process that has not written its name yet"
+        os.close(fd)
+        raise OutDirInUse(f"out_dir {out_dir} is in use by another run ({holder}); wait for it to finish, stop it, "
+                          f"or use another out_dir") from err  # fmt: skip
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, started "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())  # fmt: skip
+        root = checkpoint_dir(out_dir)
+        leftovers = [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX)] if root.is_dir() else []
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if leftovers:
+            print(f"removed {len(leftovers)} temporary checkpoint folder(s) left by an interrupted save in {root}")
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race with a waiting run)
+
+
+def claim_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str | None, is_main: bool = True) -> str:
+    """This run's id (the resumed checkpoint's run id, else a new uuid4 hex) after checking that out_dir's
+    checkpoints may be mixed with this run's.
+
+    A fresh run (`resume: none`, or `resume: auto` with nothing to resume), or a run resumed from a checkpoint
+    outside this out_dir, must not share out_dir with another run's checkpoints: later rotation and `resume: auto`
+    would mix the runs. It raises OutDirInUse listing them, unless `overwrite: true`, which deletes them. A run
+    resumed from this out_dir's own checkpoints leaves other runs' checkpoints untouched."""
+    run_id = run_id or uuid.uuid4().hex
+    if not is_main:
+        return run_id
+    inside = resume_from is not None and Path(resume_from).resolve().parent == checkpoint_dir(cfg.out_dir).resolve()
+    if inside:
+        return run_id
+    foreign = [p for p in list_checkpoints(cfg.out_dir) if _run_id_or_none(p) != run_id]
+    if not foreign:
+        return run_id
+    names = ", ".join(p.name for p in foreign)
+    if not cfg.overwrite:
+        raise OutDirInUse(f"out_dir {cfg.out_dir} holds checkpoints of another run ({names}); resume it with "
+                          "resume: auto, use another out_dir, or set overwrite: true to delete them")  # fmt: skip
+    for path in foreign:
+        remove_checkpoint(path)
+    print(f"overwrite: deleted the earlier run's checkpoints in {checkpoint_dir(cfg.out_dir)} ({names})")
+    return run_id
+
+
+def _run_id_or_none(path: Path) -> str | None:
+    try:
+        return checkpoint_meta(path)["run_id"]
+    except CheckpointError:
+        return None  # an unreadable meta.json is nobody's: never deleted by rotation, counted as foreign
+
+
+def _rng_state() -> dict:
+    """Python, NumPy, torch (and CUDA) generator states as tensors, ints and tuples (weights-only loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict):
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)  # format 1 stored an ndarray
+    np.random.set_state((kind, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _plain(obj):
+    """`obj` with NumPy scalars and arrays turned into Python numbers and tensors (weights-only loadable)."""
+    if isinstance(obj, dict):
+        return {_plain(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    return obj
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _save_error_message(err: BaseException, step: int, final: Path, needed: int, previous: Path | None) -> str:
+    """What went wrong while writing a checkpoint, in words (torch reports a full disk as e.g.
+    'inline_container.cc ... unexpected pos'), and what is still safe."""
+    try:
+        free = shutil.disk_usage(final.parent).free
+    except OSError:
+        free = None
+    code = getattr(err, "errno", None)
+    where = f"checkpoint step {step} to {final}"
+    if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and free is not None and free < needed):
+        what = f"disk full while writing {where} ({free:,} bytes free, about {needed:,} needed)"
+    elif code in (errno.EACCES, errno.EPERM):
+        what = f"permission denied while writing {where} ({getattr(err, 'filename', None) or final.parent})"
+    elif code == errno.EROFS:
+        what = f"read-only file system: cannot write {where}"
+    else:
+        what = f"could not write {where}: {type(err).__name__}: {err}"
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint of this run exists"
+    return f"{what}; {kept} and the partial checkpoint was removed"
+
+
+def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, loader, extra: dict, keep_last: int,
+                    run_id: str | None = None, world_size: int = 1) -> Path:  # fmt: skip
+    """Write `checkpoints/step_<step>/` (state.pt: model, optimizer, scheduler, loader, RNG and `extra`; meta.json:
+    run id, step, save time, world size, `extra["config"]`) atomically (temporary directory + rename), then delete
+    this run's (`run_id`'s) checkpoints beyond the newest `keep_last`; other runs' checkpoints are never touched.
+
+    A process killed at any moment leaves either the previous set of checkpoints or the previous set plus the
+    new one; never a half-written checkpoint under a final name. A failed write (full disk, permissions) removes
+    the partial folder and raises CheckpointError saying what happened; earlier checkpoints are intact.
+    """
+    root = checkpoint_dir(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
+    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    old = root / f"{TMP_PREFIX}replaced-{final.name}-{os.getpid()}"
+    mine = [p for p in list_checkpoints(out_dir) if _run_id_or_none(p) == run_id and p != final]
+    previous = max(mine, key=lambda p: checkpoint_meta(p)["saved_at"]) if mine else None
+    state = {
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "loader": _plain(loader.state_dict()),
+        "rng": _rng_state(),
+        **_plain(extra),
+    }
+    meta = {"format": CHECKPOINT_FORMAT, "run_id": run_id, "step": step, "saved_at": time.time(),
+            "world_size": world_size, "config": json.loads(json.dumps(extra.get("config"), default=str))}  # fmt: skip
+    try:
+        for path in (tmp, old):
+            if path.exists():
+                shutil.rmtree(path)
+        tmp.mkdir()
+        with open(tmp / STATE_FILE, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(tmp / META_FILE, "w") as f:
+            f.write(json.dumps(meta, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # re-saving the same step after a resume: replace it
+            os.replace(final, old)
+        os.replace(tmp, final)
+    except BaseException as err:  # also Ctrl-C: never leave a partial folder or a moved-away checkpoint behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            os.replace(old, final)
+        if isinstance(err, (OSError, RuntimeError)):
+            raise CheckpointError(_save_error_message(err, step, final, _nbytes(state), previous)) from err
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    dir_fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    mine = sorted(mine + [final], key=lambda p: (checkpoint_meta(p)["saved_at"], int(p.name[len(CHECKPOINT_PREFIX):])))
+    for stale in mine[:-keep_last]:
+        try:
+            remove_checkpoint(stale)
+        except OSError as err:  # the new checkpoint is saved; an old one left behind must not stop the run
+            print(f"could not remove the old checkpoint {stale} (keep_last={keep_last}): {err}")
+    return final
+
+
+def remove_checkpoint(path: Path):
+    """Delete a checkpoint folder: first renamed to a temporary name (atomic), then removed. A deletion stopped
+    half-way (Ctrl-C, a kill) thus never leaves a partial checkpoint under its final name, where `resume: auto`
+    could pick it (e.g. state.pt left without meta.json reads as a checkpoint saved just now); the temporary
+    folder is removed by the next run's `own_out_dir`."""
+    path = Path(path)
+    doomed = path.parent / f"{TMP_PREFIX}removing-{path.name}-{os.getpid()}"
+    shutil.rmtree(doomed, ignore_errors=True)  # left by an earlier removal stopped half-way
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _legacy_numpy_globals() -> list:
+    """What format-1 checkpoints need beyond weights-only defaults: NumPy's ndarray and scalar reconstruction for
+    plain numeric dtypes (the RNG key array, NumPy numbers). None of these can call arbitrary code."""
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # NumPy 1.x
+        from numpy.core.multiarray import _reconstruct, scalar
+
+    dtypes = [type(np.dtype(t)) for t in ("uint32", "int64", "int32", "float64", "float32", "bool")]
+    return [_reconstruct, scalar, np.ndarray, np.dtype, *dtypes]
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """The contents of `<path>/state.pt`, loaded with torch.load(weights_only=True): tensors, numbers, strings and
+    containers only (plus NumPy arrays of plain dtypes, for checkpoints of format 1). A file that holds any other
+    Python object (which could run code when unpickled) is refused with CheckpointError, as is a corrupt one."""
+    import pickle
+
+    file = Path(path) / STATE_FILE
+    try:
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line
+                       or "Unsupported operand" in line), "objects other than tensors and plain containers")  # fmt: skip
+        raise CheckpointError(f"refusing to load {file}: it is not a weights-only checkpoint ({detail}); loading it "
+                              "could run code stored in it. Only checkpoints written by this trainer are loaded."
+                              ) from None  # fmt: skip
+    except Exception as err:  # a corrupt file must say which one
+        raise CheckpointError(f"cannot load checkpoint {file}: {type(err).__name__}: {err}") from err
+    required = ("step", "model", "optimizer", "scheduler", "loader", "rng")
+    if not isinstance(state, dict) or any(k not in state for k in required):
+        raise CheckpointError(f"{file} is not a training checkpoint (expected the keys {', '.join(required)})")
+    step = state["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{file} is not a training checkpoint: its step is {step!r}, not a count of steps")
+    wrong = [k for k in required[1:] if not isinstance(state[k], dict)]
+    if wrong:
+        raise CheckpointError(f"{file} is not a training checkpoint: {', '.join(wrong)} should be dictionaries")
+    return state
+
+
+# Settings that cannot change within a run: the optimizer's kind and state, the model, the data and its order.
+# Everything else (learning rates, weight decay, betas, schedule length, clipping, cadences, logging, ...) is
+# applied from the current settings when resuming, and each change is printed. The global batch
+# (micro_batch_size x grad_accum x processes) is checked separately: its factors may change, its product not.
+RESUME_FIXED = ("optimizer", "model_config", "init_from", "tokenizer", "seq_len", "data_dir", "seed", "data",
+                "data_split", "data_config", "data_format", "max_conversations", "system_prompt", "max_len",
+                "eval_fraction", "group_by_length")  # fmt: skip
+# Settings applied from the current run when resuming (through the rebuilt optimizer's groups, the schedule, or
+# read where used). A setting in neither tuple (a field added without deciding) is treated as fixed.
+RESUME_APPLIED = ("micro_batch_size", "grad_accum", "max_steps", "muon_lr", "adamw_lr", "adamw_betas",
+                  "weight_decay", "muon_adjust_lr", "grad_clip", "warmup_steps", "min_lr_ratio", "mixed_precision",
+                  "nonfinite", "max_consecutive_skips", "eval_every", "sample_every", "sample_prompts",
+                  "sample_tokens", "log_every", "wandb_project", "wandb_run_name", "wandb_mode", "progress_bar",
+                  "out_dir", "save_every", "keep_last", "stop_at_step", "push_to_hub", "hub_model_id", "compile",
+                  "eval_batches", "peak_tflops", "eval_data", "eval_split", "max_eval_conversations",
+                  "eval_at_start")  # fmt: skip
+_NOT_COMPARED = ("resume", "overwrite")
+
+
+def _json_value(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def compare_resume_settings(saved: dict | None, cfg: RunConfig, saved_world: int | None, world_size: int,
+                            where: str = "the checkpoint") -> list[str]:  # fmt: skip
+    """The differences between the settings saved in a checkpoint (`saved`, dataclasses.asdict of the run's
+    config; `saved_world` processes) and `cfg` (`world_size` processes), as "name: old -> new" lines for the
+    settings that may change (RESUME_APPLIED; the caller applies them). Raises ResumeSettingsError listing every
+    difference in any other setting (RESUME_FIXED, or one classified in neither) or in the global batch. Fields
+    missing from `saved` (an older version) are not compared."""
+    if saved is None:
+        return []
+    current = dataclasses.asdict(cfg)
+    fixed, changed = [], []
+    for name, value in current.items():
+        if name in _NOT_COMPARED or name not in saved or _json_value(saved[name]) == _json_value(value):
+            continue
+        line = f"{name}: {saved[name]!r} -> {value!r}"
+        (changed if name in RESUME_APPLIED else fixed).append(line)
+    if saved_world is not None and all(k in saved for k in ("micro_batch_size", "grad_accum")):
+        factors = (saved["micro_batch_size"], saved["grad_accum"], saved_world)
+        if not all(isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in factors):
+            raise ResumeSettingsError(f"cannot resume from {where}: its saved batch (micro_batch_size x grad_accum "
+                                      f"x processes = {' x '.join(map(repr, factors))}) is not made of positive "
+                                      "integers; the checkpoint was edited or damaged")  # fmt: skip
+        old = saved["micro_batch_size"] * saved["grad_accum"] * saved_world
+        new = cfg.micro_batch_size * cfg.grad_accum * world_size
+        if old != new:
+            fixed.append(f"global batch (micro_batch_size x grad_accum x processes): {saved['micro_batch_size']} x "
+                         f"{saved['grad_accum']} x {saved_world} = {old} -> {cfg.micro_batch_size} x "
+                         f"{cfg.grad_accum} x {world_size} = {new}")  # fmt: skip
+    if fixed:
+        raise ResumeSettingsError(f"cannot resume from {where}: settings that must stay the same within a run "
+                                  f"differ: {'; '.join(fixed)}. Restore them, or start a new run (another out_dir, "
+                                  "or resume: none with overwrite: true).")  # fmt: skip
+    return changed
+
+
+def _saved_world_size(state: dict, meta: dict) -> int | None:
+    if isinstance(meta.get("world_size"), int) and not isinstance(meta["world_size"], bool):
+        return meta["world_size"]
+    loader, config = state.get("loader") or {}, state.get("config") or {}
+    try:
+        if "world_size" in loader:  # TokenBatchLoader
+            return int(loader["world_size"])
+        if "global_batch" in loader and config.get("micro_batch_size"):  # ChatBatchLoader
+            return int(loader["global_batch"]) // int(config["micro_batch_size"])
+    except (TypeError, ValueError, ZeroDivisionError):
+        return 0  # not a count: compare_resume_settings refuses it
+    return None
+
+
+def restore_checkpoint(path: Path, model, optimizer, scheduler, loader, cfg: RunConfig | None = None,
+                       world_size: int = 1, log=print) -> dict:  # fmt: skip
+    """Load the checkpoint at `path` into the model, optimizer, scheduler and data loader and restore the RNG state
+    (an exact resume); returns the checkpoint's contents for the rest (step, history, run_id, wandb_run_id, ...).
+
+    With `cfg` (the current settings; `world_size` processes), the saved settings are compared first
+    (`compare_resume_settings`: a changed fixed setting raises ResumeSettingsError before anything is loaded).
+    The optimizer's hyperparameters (peak learning rates, weight decay, betas, ...) are then taken from the
+    optimizer as built from `cfg` rather than from the checkpoint, and the current learning rates recomputed from
+    the schedule of `cfg` at the saved step, so a changed setting applies from the first resumed step; each
+    change is reported through `log`. `optimizer` and `scheduler` must be freshly built from `cfg`."""
+    path = Path(path)
+    state = load_checkpoint(path)
+    meta = checkpoint_meta(path)
+    if meta.get("format") != 1 and state["step"] != meta["step"]:
+        raise CheckpointError(f"{path}: state.pt is at step {state['step']} but meta.json says step {meta['step']}: "
+                              "the files do not belong together, so the checkpoint is not trusted")  # fmt: skip
+    changes = []
+    if cfg is not None and state["step"] > cfg.max_steps:
+        raise ResumeSettingsError(f"cannot resume from {path}: it is at step {state['step']}, beyond max_steps="
+                                  f"{cfg.max_steps}; set max_steps to at least {state['step']}")  # fmt: skip
+    if cfg is not None:
+        saved = meta.get("config") or state.get("config")
+        changes = compare_resume_settings(saved, cfg, _saved_world_size(state, meta), world_size, where=str(path))
+    fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    part = "model"
+    try:  # a checkpoint of another model shape, optimizer recipe or data must say so, naming the part and folder
+        model.load_state_dict(state["model"])
+        part = "optimizer"
+        optimizer.load_state_dict(state["optimizer"])
+        part = "scheduler"
+        scheduler.load_state_dict(state["scheduler"])
+        part = "data loader"
+        loader.load_state_dict(state["loader"])
+        part = "RNG"
+        _set_rng_state(state["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+        raise CheckpointError(f"cannot resume from {path}: its {part} state does not fit this run "
+                              f"({type(err).__name__}: {err})") from err  # fmt: skip
+    if cfg is not None:
+        for group, built in zip(optimizer.param_groups, fresh, strict=True):
+            group.update({k: v for k, v in built.items() if k not in ("lr", "initial_lr")})
+            group["initial_lr"] = built["initial_lr"]
+        scheduler.base_lrs = [built["initial_lr"] for built in fresh]
+        factor = lr_factor(scheduler.last_epoch, cfg)
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * factor  # what LambdaLR computes: base_lr * lr_lambda(last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        if changes:
+            log(f"resuming {path} with changed settings (applied from this step on): {'; '.join(changes)}")
+    state["run_id"] = meta.get("run_id")
+    state["settings_changed"] = changes
+    return state
+
+
+def resolve_resume(cfg: RunConfig) -> Path | None:
+    """The checkpoint to resume: none for `resume: none`; for `resume: auto` the most recently saved checkpoint
+    in out_dir, if any; else the named checkpoint folder (FileNotFoundError when it holds no state.pt)."""
+    if cfg.resume == "none":
+        return None
+    if cfg.resume == "auto":
+        return latest_checkpoint(cfg.out_dir)
+    path = Path(cfg.resume)
+    if not (path / STATE_FILE).exists():
+        raise FileNotFoundError(f"resume={cfg.resume}: no checkpoint (state.pt) there")
+    return path
+

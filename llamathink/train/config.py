@@ -1,0 +1,276 @@
+"""Run settings of pretraining and finetuning: the shared `RunConfig` and the YAML / command-line parser.
+
+A run's settings are a dataclass (`llamathink.train.pretrain.TrainConfig`, `llamathink.train.finetune.FinetuneConfig`,
+both subclasses of `RunConfig`) filled from a YAML file and `--key value` overrides by `load_config`. Every field is
+checked when the dataclass is built (`__post_init__`), so a wrong value fails before any work starts, naming the
+setting and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..muon import ADJUST_LR_FNS
+
+@dataclass
+class RunConfig:
+    """The settings pretraining (`TrainConfig`) and chat finetuning (`FinetuneConfig`) share:
+    batch, optimizer, schedule, numerics, evaluation and logging, checkpoints, the Hub. The defaults are the
+    pretraining ones; `FinetuneConfig` redeclares the fields whose defaults differ."""
+
+    # batch: micro_batch_size x grad_accum x number of processes sequences (finetuning: conversations) per step
+    micro_batch_size: int = 64
+    grad_accum: int = 8
+    max_steps: int = 10_000
+    # optimizer: "muon" (Muon for hidden matrices + AdamW for the rest) or "adamw" (AdamW for everything)
+    optimizer: str = "muon"
+    muon_lr: float = 0.02
+    adamw_lr: float = 0.002
+    adamw_betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.01
+    muon_adjust_lr: str = "original"
+    grad_clip: float = 1.0
+    warmup_steps: int = 500
+    min_lr_ratio: float = 0.0  # cosine decays to this fraction of the peak
+    # numerics
+    mixed_precision: str = "bf16"  # "no", "bf16" or "fp16" (passed to accelerate)
+    seed: int = 1337
+    nonfinite: str = "stop"  # "stop" or "skip" when the loss is NaN/inf
+    max_consecutive_skips: int = 10
+    # evaluation, samples, logging
+    eval_every: int = 250
+    eval_at_start: bool = False  # evaluate the starting model too (step 0)
+    sample_every: int = 1000
+    sample_prompts: list[str] = field(default_factory=lambda: ["The history of", "Once upon a time"])
+    sample_tokens: int = 48
+    log_every: int = 10
+    wandb_project: str | None = "llamathink"
+    wandb_run_name: str | None = None
+    wandb_mode: str = "offline"  # "online", "offline" or "disabled"
+    progress_bar: bool = True
+    # checkpoints and output
+    out_dir: str = "runs/llamathink-95m"
+    save_every: int = 1000
+    keep_last: int = 3
+    resume: str = "auto"  # "auto" (latest checkpoint in out_dir, if any), "none", or a checkpoint path
+    stop_at_step: int | None = None  # stop (with a checkpoint) at this step, as if interrupted; the schedule
+    #                                  still runs to max_steps. For time-boxed jobs and resume tests.
+    # a fresh run (resume: none, or resuming another folder's checkpoint) in an out_dir that holds checkpoints of
+    # another run is refused unless overwrite: true, which deletes those checkpoints first
+    overwrite: bool = False
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+
+    def __post_init__(self):
+        self.check_positive("micro_batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "save_every",
+                            "keep_last", "sample_every", "sample_tokens", "max_consecutive_skips")  # fmt: skip
+        self.check_positive("stop_at_step", or_null=True)
+        for name in ("muon_lr", "adamw_lr", "weight_decay"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):  # inf: no clipping
+            raise ValueError(f"grad_clip must be a number > 0 (inf for no clipping), got {self.grad_clip!r}")
+        if not (isinstance(self.min_lr_ratio, (int, float)) and 0 <= self.min_lr_ratio <= 1):
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        betas = tuple(self.adamw_betas) if isinstance(self.adamw_betas, (list, tuple)) else ()
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"adamw_betas must be two numbers in [0, 1), got {self.adamw_betas!r}")
+        if self.optimizer not in ("muon", "adamw"):
+            raise ValueError(f"optimizer must be 'muon' or 'adamw', got {self.optimizer!r}")
+        if self.muon_adjust_lr not in ADJUST_LR_FNS:
+            raise ValueError(f"muon_adjust_lr must be one of {', '.join(ADJUST_LR_FNS)}, got {self.muon_adjust_lr!r}")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.wandb_mode not in ("online", "offline", "disabled"):
+            raise ValueError(f"wandb_mode must be 'online', 'offline' or 'disabled', got {self.wandb_mode!r}")
+        if not 0 <= self.seed < 2**32:  # the range every generator seeded from it accepts (NumPy's, torch's)
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise ValueError(f"warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
+        self.adamw_betas = tuple(float(b) for b in betas)
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("push_to_hub needs hub_model_id")
+
+    def check_positive(self, *names: str, or_null: bool = False):
+        """Each named setting must be > 0 (or, with or_null, None: no limit)."""
+        for name in names:
+            value = getattr(self, name)
+            if or_null and value is None:
+                continue
+            if value <= 0:
+                raise ValueError(f"{name} must be positive{' or null' if or_null else ''}, got {value!r}")
+
+
+
+_NULL_WORDS = ("null", "none", "~", "")
+_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def coerce_setting(value, annotation, name: str, where: str = ""):
+    """`value` (from YAML, or a command-line string) as the settings field `name` of type `annotation` needs it.
+
+    Accepted, by type: float - any number YAML or Python reads (`1e-3`, `3E-4`, `.5`, `2`, `0.002`, `inf`; PyYAML
+    reads `1e-3` as a string, so strings go through `float()`), never a bool or NaN; int - an integer, or a float or
+    numeric string with an integral value (`1e4`, `10_000`); bool - true/false, yes/no, on/off, 1/0 (any case);
+    optional fields - null, none or ~ for None; str - text (a YAML number becomes its text); list[str] - a list;
+    tuple[float, float] - a list `[0.9, 0.99]` or a comma-separated string `0.9,0.99` with exactly as many items.
+    `where` prefixes errors (the YAML file, or `--` for the command line). Raises ValueError naming the field and
+    the value when the value cannot be read as the type."""
+    label = f"{where}{name}"
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    if optional:
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NULL_WORDS):
+            return None
+        rest = [a for a in args if a is not type(None)]
+        annotation = rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
+    elif value is None:
+        raise ValueError(f"{label}: a value is required (null is not allowed for this setting)")
+    origin = typing.get_origin(annotation) or annotation
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        word = str(value).strip().lower() if isinstance(value, str) else None
+        if word in _TRUE_WORDS or word in _FALSE_WORDS:
+            return word in _TRUE_WORDS
+        raise ValueError(f"{label} expects true or false, got {value!r}")
+    if origin is float:
+        return _as_float(value, label)
+    if origin is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        number = _as_float(value, label, kind="an integer")
+        if not number.is_integer():
+            raise ValueError(f"{label} expects an integer, got {value!r}")
+        return int(number)
+    if origin is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"{label} expects text, got {value!r} (quote it if it is meant as text)")
+    if origin in (list, tuple):
+        items = value
+        item_types = typing.get_args(annotation)
+        if isinstance(value, str) and str not in item_types:  # numbers, comma-separated: 0.9,0.99 or (0.9, 0.99)
+            text = value.strip()
+            if text[:1] in "[(" and text[-1:] in "])":
+                text = text[1:-1]
+            items = [part.strip() for part in text.split(",")] if text.strip() else []
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(f"{label} expects a list such as [a, b], got {value!r}")
+        if origin is tuple and item_types and item_types[-1] is not Ellipsis:
+            if len(items) != len(item_types):
+                raise ValueError(f"{label} expects {len(item_types)} values, got {len(items)}: {value!r}")
+            return tuple(coerce_setting(v, t, f"{name}[{i}]", where) for i, (v, t) in enumerate(zip(items, item_types)))
+        item_type = item_types[0] if item_types else None
+        parsed = [coerce_setting(v, item_type, f"{name}[{i}]", where) if item_type else v for i, v in enumerate(items)]
+        return origin(parsed)
+    return value
+
+
+def _as_float(value, label: str, kind: str = "a number") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{label} expects {kind}, got {value!r}")
+    try:
+        number = float(value.strip().replace("_", "") if isinstance(value, str) else value)
+    except ValueError:
+        raise ValueError(f"{label} expects {kind}, got {value!r}") from None
+    if math.isnan(number):
+        raise ValueError(f"{label} expects {kind}, got NaN")
+    return number
+
+
+def parse_setting(raw: str, annotation, name: str):
+    """A `--name value` command-line override as the dataclass field's type (`coerce_setting`). The string is read
+    as YAML first (lists, null, booleans); a text field keeps the string exactly as written. Raises ValueError
+    naming the field and the value."""
+    import yaml
+
+    args = typing.get_args(annotation)
+    is_text = annotation is str or (type(None) in args and [a for a in args if a is not type(None)] == [str])
+    if is_text and raw.strip().lower() not in _NULL_WORDS:
+        return raw
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw  # e.g. `[0.9, 0.99` : coerce_setting says what was expected
+    return coerce_setting(value, annotation, name, where="--")
+
+
+def _read_settings_yaml(path) -> Any:
+    """The YAML document in `path` (an empty file reads as {}), read with yaml.safe_load's constructors (no Python
+    objects). A key written twice in one mapping is an error naming both lines (YAML keeps the last silently), as
+    is a syntax error (e.g. a tab used for indentation) or several documents: ValueError naming the file."""
+    import yaml
+
+    class _UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: keys written next to it win
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, typing.Hashable) and key in seen:
+                    raise ValueError(f"{path}: key {key!r} is given twice (lines {seen[key]} and {line}); "
+                                     "keep one")  # fmt: skip
+                if isinstance(key, typing.Hashable):
+                    seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a UTF-8 text (YAML) file: {err}") from None
+    try:
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from None
+    return {} if loaded is None else loaded
+
+
+
+
+def load_config(cls: type, path: str | None = None, overrides: list[str] | None = None):
+    """A settings dataclass `cls` (`TrainConfig`, `FinetuneConfig`) from a YAML file (`path`) and `--key value` /
+    `--key=value` overrides. Unknown keys are an error naming the key and the file."""
+
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    if path is not None:
+        loaded = _read_settings_yaml(path)
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
+        for key, value in loaded.items():
+            if key not in known:
+                raise ValueError(f"{path}: unknown setting {key!r}; known settings: {', '.join(sorted(known))}")
+            values[key] = coerce_setting(value, hints[key], key, where=f"{path}: ")
+    overrides = list(overrides or [])
+    i = 0
+    while i < len(overrides):
+        arg = overrides[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}; overrides look like --key value or --key=value")
+        key, eq, raw = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if i + 1 >= len(overrides):
+                raise ValueError(f"--{key} needs a value")
+            raw, i = overrides[i + 1], i + 1
+        if key not in known:
+            raise ValueError(f"unknown setting --{key}; known settings: {', '.join(sorted(known))}")
+        values[key] = parse_setting(raw, hints[key], key)
+        i += 1
+    return cls(**values)

@@ -1,0 +1,405 @@
+"""The training loop shared by pretraining and chat finetuning, with accelerate (one to many processes).
+
+`run_training` is the loop: one optimizer step = `grad_accum` micro-batches per process, the loss of the step the
+mean over every trained token of the step (each token weighs the same, whatever its micro-batch or process),
+gradient clipping, the optimizer step (non-finite losses and fp16 loss-scale overflows handled by
+`optimizer_step`), the learning-rate schedule, logging (progress bar, Weights & Biases, `history.json`),
+evaluation, samples, checkpoints (`llamathink.train.checkpoint`) and the final `save_pretrained` folder. What
+differs between pretraining and finetuning comes in as plain callables and values: how many loss terms a batch
+has, how to evaluate, what samples to print, extra metrics, and how to write the final folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import (
+    checkpoint_dir,
+    checkpoint_meta,
+    claim_checkpoints,
+    resolve_resume,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from .config import RunConfig
+from .optim import build_optimizer, lr_factor, summarize_param_groups
+
+# ----------------------------------------------------------------------------------------------------------------
+# The optimizer step, non-finite losses, the accelerator, history and the final folder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_history(out_dir: Path, history: dict):
+    """`history.json`: per-step training loss, evaluation loss and performance metrics (for plots and reports)."""
+    tmp = Path(out_dir) / "history.json.tmp"
+    tmp.write_text(json.dumps(history, indent=1, default=float))
+    os.replace(tmp, Path(out_dir) / "history.json")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class StepCounters:
+    """What `optimizer_step` counts: non-finite steps in a row (reset by an update) and loss-scale overflow steps
+    (fp16 with a GradScaler) over the run."""
+
+    skips: int = 0
+    overflows: int = 0
+
+
+def optimizer_step(cfg: RunConfig, step: int, loss_value: float, grad_norm, optimizer, accelerator,
+                   counters: StepCounters, scaler=None) -> bool:  # fmt: skip
+    """Update the weights with the accumulated gradients, or skip the update; True when the weights changed.
+
+    Call once per optimizer step after the gradients were unscaled and clipped (accelerator.clip_grad_norm_ does
+    both). Without a loss scaler, a non-finite loss or gradient norm goes to `skip_nonfinite_step` (stop, or skip
+    with nonfinite: skip). With one (`scaler`, e.g. accelerate's GradScaler for fp16), only the loss value decides
+    that: non-finite gradients with a finite loss are a loss-scale overflow, which the scaler handles (its step
+    skips the update and its update halves the scale); the overflow is counted in `counters.overflows` and
+    printed. Only when the scale has fallen below 1, so the gradients overflow without any scaling, is the step
+    treated as non-finite. Every path ends the scaler's step (`update`), so the next step may unscale again.
+    `optimizer` may be accelerate's AcceleratedOptimizer built with `scaler` (its step calls scaler.step and
+    scaler.update) or a plain optimizer (then they are called here)."""
+    if scaler is not None and not math.isfinite(loss_value):
+        scaler.update()  # ends this step (the gradients were unscaled), so the next unscale_ is allowed
+    if not math.isfinite(loss_value) or (scaler is None and not bool(torch.isfinite(torch.as_tensor(grad_norm)))):
+        counters.skips = skip_nonfinite_step(cfg, step, loss_value, grad_norm, counters.skips, optimizer, accelerator)
+        return False
+    if scaler is None:
+        optimizer.step()
+    else:
+        scale = scaler.get_scale()
+        if getattr(optimizer, "scaler", None) is scaler:
+            optimizer.step()
+            skipped = bool(optimizer.step_was_skipped)
+        else:  # a plain optimizer: the scaler backs off exactly when it found inf/NaN gradients and skipped
+            scaler.step(optimizer)
+            scaler.update()
+            skipped = scaler.get_scale() < scale
+        new_scale = scaler.get_scale()
+        if skipped:  # the scaler found inf/NaN gradients: it skipped the update and backed off
+            optimizer.zero_grad(set_to_none=True)
+            counters.overflows += 1
+            accelerator.print(f"loss-scale overflow at step {step} (grad norm {float(grad_norm)}): update skipped, "
+                              f"scale {scale:g} -> {new_scale:g} ({counters.overflows} overflow steps so far)")  # fmt: skip
+            if new_scale < 1.0:
+                counters.skips = skip_nonfinite_step(cfg, step, loss_value, grad_norm, counters.skips, optimizer,
+                                                     accelerator)  # fmt: skip
+            return False
+    optimizer.zero_grad(set_to_none=True)
+    counters.skips = 0
+    return True
+
+
+def make_accelerator(cfg: RunConfig):
+    """The accelerate Accelerator of a run (mixed precision from `cfg`; on CUDA with fp16 it owns a GradScaler)."""
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+
+
+def skip_nonfinite_step(cfg: RunConfig, step: int, loss_value: float, grad_norm, skips: int, optimizer,
+                        accelerator) -> int:  # fmt: skip
+    """A non-finite loss or gradient at `step`: drop the gradients, then stop (NonFiniteLoss) with nonfinite: stop
+    or after max_consecutive_skips such steps in a row; else say so and return the new count of skips in a row."""
+    optimizer.zero_grad(set_to_none=True)
+    message = f"non-finite loss or gradient at step {step} (loss {loss_value}, grad norm {float(grad_norm)})"
+    if cfg.nonfinite == "stop":
+        raise NonFiniteLoss(message + "; stopping (set nonfinite: skip to skip such steps). The last "
+                            f"checkpoint in {checkpoint_dir(cfg.out_dir)} is intact.")  # fmt: skip
+    skips += 1
+    accelerator.print(message + f"; step skipped ({skips} in a row)")
+    if skips >= cfg.max_consecutive_skips:
+        raise NonFiniteLoss(f"{skips} consecutive non-finite steps; stopping")
+    return skips
+
+
+def save_final(model, tokenizer, final_dir: Path, cfg: RunConfig, history: dict | None = None,
+               tokens_seen: int | None = None):
+    """The finished model as a save_pretrained directory: weights, config and model code, the tokenizer (if any)
+    with generation defaults (left padding, `model_max_length` = the model's context; see
+    `llamathink.tokenizer_utils.save_tokenizer_for_model`) and a model card `README.md` built from `cfg`, the run
+    `history` ({"losses": {step: loss}, "eval": {step: loss}}) and `tokens_seen` (`llamathink.model_card`).
+    With `cfg.push_to_hub` the folder, card included, is uploaded as it is to `cfg.hub_model_id`."""
+    from ..model_card import write_model_card
+    from ..tokenizer_utils import save_tokenizer_for_model
+
+    final_dir = Path(final_dir)
+    model.save_pretrained(final_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer = save_tokenizer_for_model(tokenizer, final_dir, model.config.max_position_embeddings)
+    write_model_card(final_dir, model, cfg, history=history, tokens_seen=tokens_seen, tokenizer=tokenizer)
+    if cfg.push_to_hub:
+        # push_to_hub of the model would write transformers' generic card over ours; upload the folder instead
+        from huggingface_hub import create_repo, upload_folder
+
+        create_repo(cfg.hub_model_id, exist_ok=True)
+        upload_folder(repo_id=cfg.hub_model_id, folder_path=str(final_dir), commit_message="Upload LlamaThink model")
+
+
+def _init_wandb(cfg: RunConfig, run_id: str | None):
+    if cfg.wandb_mode == "disabled" or cfg.wandb_project is None:
+        return None
+    try:
+        import wandb
+    except ImportError as err:
+        raise ImportError("wandb is not installed: pip install wandb, or set wandb_mode: disabled") from err
+    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, mode=cfg.wandb_mode, id=run_id,
+                      resume="allow" if run_id else None, config=dataclasses.asdict(cfg),
+                      dir=str(Path(cfg.out_dir)))  # fmt: skip
+
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def begin_run(cfg: RunConfig, is_main: bool = True) -> tuple[Path | None, str]:
+    """(the checkpoint to resume or None, this run's id), checked before any data or model is loaded: a resume that
+    cannot work, or an out_dir holding another run's checkpoints, fails in seconds rather than after the data is
+    read (`resolve_resume`, `claim_checkpoints`)."""
+    resume_from = resolve_resume(cfg)
+    saved_run_id = checkpoint_meta(resume_from)["run_id"] if resume_from is not None else None
+    return resume_from, claim_checkpoints(cfg, resume_from, saved_run_id, is_main)
+
+
+def loss_tokens(batch: dict) -> int:
+    """The loss terms of a causal-LM batch: labels after the one-position shift that are not -100."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+# Batch keys the loop passes to the model (a loader may add others, e.g. the attention_mask of right padding, which
+# causal mixers do not need: padding after the last real token never reaches it).
+MODEL_INPUTS = ("input_ids", "labels")
+
+
+@dataclass
+class TrainingHooks:
+    """What differs between pretraining and finetuning, as plain callables and values (see `run_training`).
+
+    * `evaluate(model) -> float`: the held-out loss (`model` as prepared by accelerate, maybe compiled); None: no
+      evaluation. `eval_name` labels it in the printed line.
+    * `samples(raw_model) -> list[str]`: lines to print every `sample_every` steps (main process only).
+    * `extra_metrics() -> dict`: metrics logged beside the loop's own (e.g. the epoch).
+    * `save_final(raw_model, final_dir, history)`: writes the finished model's folder (main process only).
+    * `summary`: values recorded once in the W&B run summary of a fresh run (e.g. data counts).
+    * `flops_per_token`: training FLOPs per input token and `peak_flops`: the peak FLOP/s of one device, for MFU;
+      either None: no MFU.
+    """
+
+    save_final: Callable[[torch.nn.Module, Path, dict], None]
+    evaluate: Callable[[torch.nn.Module], float] | None = None
+    eval_name: str = "val loss"
+    samples: Callable[[torch.nn.Module], list[str]] | None = None
+    extra_metrics: Callable[[], dict] | None = None
+    summary: dict | None = None
+    flops_per_token: float | None = None
+    peak_flops: float | None = None
+
+
+def run_training(cfg: RunConfig, accelerator, model: torch.nn.Module, loader, batches: Iterator[dict],
+                 hooks: TrainingHooks, *, resume_from: Path | None, run_id: str, settings_file: str,
+                 history: dict | None = None, compile: bool = False, desc: str = "train") -> dict:  # fmt: skip
+    """Train `model` for `cfg.max_steps` optimizer steps (or to `cfg.stop_at_step`), resuming from `resume_from`.
+
+    `batches` yields dicts with `input_ids` and `labels` [B, T] (long, CPU; -100 = no loss) and draws from
+    `loader`, whose `state_dict()` / `load_state_dict()` make the data position part of the checkpoints. Each
+    process takes `cfg.grad_accum` batches per step; a batch's loss is weighted by its number of loss terms
+    (`loss_tokens`) over the step's total on all processes, so the step's loss is the mean over every trained
+    token. `history` starts the record (e.g. data counts); the loop adds {"losses": {step: loss}, "eval": {step:
+    loss}, "perf": {step: metrics}}, writes it to `<out_dir>/history.json` at every checkpoint and at the end, and
+    keeps it in the checkpoints with the tokens seen. `settings_file` (in out_dir) receives the settings once a
+    resume is accepted. `compile` wraps the prepared model in torch.compile.
+
+    Returns the history plus "tokens_seen" (input positions processed), "trained_tokens" (loss terms),
+    "overflow_steps" (fp16 loss-scale overflows) and "final_dir" (`<out_dir>/final`, or None when the run stopped
+    before max_steps). Raises NonFiniteLoss (see `optimizer_step`), CheckpointError, ResumeSettingsError.
+    """
+    is_main = accelerator.is_main_process
+    world = accelerator.num_processes
+    out_dir = Path(cfg.out_dir)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+    own = dict(history or {})  # this run's own records (e.g. the data counts): kept over a checkpoint's
+    history = {"losses": {}, "eval": {}, **own}
+    start_step, wandb_id, tokens_seen, trained_tokens = 0, None, 0, 0
+    counters = StepCounters()
+    if resume_from is not None:
+        state = restore_checkpoint(resume_from, model, optimizer, scheduler, loader, cfg, world_size=world,
+                                   log=accelerator.print)  # fmt: skip
+        start_step, wandb_id = state["step"], state.get("wandb_run_id")
+        tokens_seen = int(state.get("tokens_seen", 0))
+        # checkpoints written before the count was kept: unknown (the model card then leaves it out)
+        trained_tokens = int(state["trained_tokens"]) if "trained_tokens" in state else None
+        history = {**history, **state.get("history", {}), **own}
+        counters.overflows = int(state.get("overflow_steps", 0))
+        accelerator.print(f"resumed from {resume_from} at step {start_step} (run {run_id})")
+    else:
+        torch.manual_seed(cfg.seed)
+    if is_main:  # only once a resume is accepted: a refused one must not replace the run's record of its settings
+        (out_dir / settings_file).write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    # The optimizer is prepared so accelerate can handle mixed precision; the LR schedule is stepped by us once
+    # per optimizer step (accelerate would step a prepared scheduler once per process).
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+    if compile:
+        model = torch.compile(model)
+
+    run = _init_wandb(cfg, wandb_id) if is_main else None
+    if run is not None and resume_from is None and hooks.summary:
+        run.summary.update({k: v for k, v in hooks.summary.items() if not isinstance(v, dict)})
+    peak = hooks.peak_flops * world if hooks.flops_per_token and hooks.peak_flops else None
+    accelerator.print(
+        f"{sum(p.numel() for p in raw_model.parameters()):,} parameters; "
+        f"{cfg.micro_batch_size} x {cfg.grad_accum} x {world} sequences per step; optimizer {cfg.optimizer}: "
+        + ", ".join(f"{k} {v['params']:,}" for k, v in summarize_param_groups(optimizer.param_groups).items())
+    )
+
+    def evaluate(step: int):
+        val = hooks.evaluate(model)
+        history["eval"][step] = val
+        accelerator.print(f"step {step}: train loss {history['losses'].get(step, float('nan')):.4f}, "
+                          f"{hooks.eval_name} {val:.4f}")  # fmt: skip
+        if run is not None:
+            run.log({"eval/loss": val}, step=step)
+
+    if hooks.evaluate is not None and cfg.eval_at_start and resume_from is None:
+        evaluate(0)
+
+    progress = None
+    if is_main and cfg.progress_bar:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=cfg.max_steps, initial=start_step, desc=desc, dynamic_ncols=True)
+
+    model.train()
+    t_last, tokens_last = time.perf_counter(), tokens_seen
+    optimizer_share = None
+    step = start_step
+    end_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
+    while step < end_step:
+        # --- one optimizer step: grad_accum micro-batches, every trained token weighted alike --------------------
+        # On logging steps the step and the optimizer are timed with device syncs (the optimizer's share of a step).
+        measure = (step + 1) % cfg.log_every == 0
+        if measure:
+            _sync(accelerator.device)
+            t_step = time.perf_counter()
+        micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
+        counts = [loss_tokens(b) for b in micro_batches]
+        # one reduction gives the step's loss terms and input positions over all processes
+        totals = torch.tensor([float(sum(counts)), float(sum(b["input_ids"].numel() for b in micro_batches))],
+                              device=accelerator.device)  # fmt: skip
+        n_step, positions = (int(v) for v in accelerator.reduce(totals, "sum").tolist())
+        if n_step == 0:
+            raise ValueError(f"step {step + 1}: no token of the step's batches has a label; nothing to train on")
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for micro, (batch, n) in enumerate(zip(micro_batches, counts)):
+            inputs = {k: batch[k].to(accelerator.device) for k in MODEL_INPUTS}
+            sync = micro == cfg.grad_accum - 1
+            ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
+            with ctx, accelerator.autocast():
+                if n > 0:
+                    loss = model(**inputs, use_cache=False).loss
+                else:  # nothing to learn in this slice; every process must still run backward for DDP
+                    loss = sum(p.sum() for p in model.parameters()) * 0.0
+                accelerator.backward(loss * (n * world / n_step))  # DDP averages gradients over processes
+            loss_sum += loss.detach().float() * n
+        loss_value = float(accelerator.reduce(loss_sum, "sum") / n_step)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # unscales fp16 gradients
+        if measure:
+            _sync(accelerator.device)
+            t_opt = time.perf_counter()
+        if not optimizer_step(cfg, step, loss_value, grad_norm, optimizer, accelerator, counters, accelerator.scaler):
+            continue  # the data position advanced; the step counter did not
+        if measure:
+            _sync(accelerator.device)
+            now = time.perf_counter()
+            optimizer_share = (now - t_opt) / (now - t_step)
+        scheduler.step()
+        step += 1
+        tokens_seen += positions
+        if trained_tokens is not None:
+            trained_tokens += n_step
+        history["losses"][step] = loss_value
+
+        # --- logging ----------------------------------------------------------------------------------------------
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            now = time.perf_counter()
+            tok_s = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
+            metrics = {"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0],
+                       "train/grad_norm": float(grad_norm), "perf/tokens_per_s": tok_s,
+                       "train/tokens_seen": tokens_seen, "train/overflow_steps": counters.overflows}  # fmt: skip
+            if trained_tokens is not None:
+                metrics["train/trained_tokens"] = trained_tokens
+            if peak:
+                metrics["perf/mfu"] = tok_s * hooks.flops_per_token / peak
+            if optimizer_share is not None:
+                metrics["perf/optimizer_share"] = optimizer_share
+            if hooks.extra_metrics is not None:
+                metrics.update(hooks.extra_metrics())
+            history.setdefault("perf", {})[step] = metrics
+            if run is not None:
+                run.log(metrics, step=step)
+            if progress is not None:
+                mfu = metrics.get("perf/mfu")
+                progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}",
+                                     **({"mfu": f"{100 * mfu:.1f}%"} if mfu is not None else {}))  # fmt: skip
+            else:
+                accelerator.print(f"step {step}: loss {loss_value:.4f}, lr {metrics['train/lr']:.2e}, "
+                                  f"{tok_s:,.0f} tokens/s")  # fmt: skip
+            t_last, tokens_last = now, tokens_seen
+        if progress is not None:
+            progress.update(1)
+
+        paused = False  # evaluation, samples and checkpoints do not count towards tokens/s
+        if hooks.evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            paused = True
+            evaluate(step)
+        if is_main and hooks.samples is not None and step % cfg.sample_every == 0:
+            paused = True
+            for line in hooks.samples(raw_model):
+                accelerator.print(f"[sample] {line}")
+        if step % cfg.save_every == 0 or step == end_step:
+            paused = True
+            accelerator.wait_for_everyone()
+            if is_main:
+                extra = {"tokens_seen": tokens_seen, "history": history, "config": dataclasses.asdict(cfg),
+                         "wandb_run_id": run.id if run is not None else wandb_id, "run_id": run_id,
+                         "overflow_steps": counters.overflows}  # fmt: skip
+                if trained_tokens is not None:
+                    extra["trained_tokens"] = trained_tokens
+                save_checkpoint(cfg.out_dir, step, raw_model, optimizer, scheduler, loader, extra, cfg.keep_last,
+                                run_id=run_id, world_size=world)  # fmt: skip
+                write_history(out_dir, history)
+            accelerator.wait_for_everyone()
+        if paused:
+            t_last, tokens_last = time.perf_counter(), tokens_seen
+
+    if progress is not None:
+        progress.close()
+    final_dir = out_dir / "final"
+    if is_main:
+        write_history(out_dir, history)
+    if is_main and step == cfg.max_steps:
+        hooks.save_final(raw_model, final_dir, {**history, "tokens_seen": tokens_seen,
+                                                 "trained_tokens": trained_tokens})  # fmt: skip
+    if run is not None:
+        run.finish()
+    accelerator.wait_for_everyone()
+    return {**history, "tokens_seen": tokens_seen, "trained_tokens": trained_tokens,
+            "final_dir": str(final_dir) if step == cfg.max_steps else None, "overflow_steps": counters.overflows}

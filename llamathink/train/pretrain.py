@@ -1,0 +1,178 @@
+"""Pretraining of LlamaThink on token shards (`llamathink.data`), with accelerate and Muon.
+
+    llamathink-pretrain --config configuration/train/<preset>.yaml [--key value ...]
+    accelerate launch [--config_file accelerate_configs/...] train_hf.py --config ... [--key value ...]
+
+`TrainConfig` (a YAML file plus `--key value` overrides of any field) names the model (a config.json for a fresh
+model, or a pretrained folder), the prepared data and the run; `train` builds the model, tokenizer and data loader
+and hands them to the shared loop (`llamathink.train.loop.run_training`) with pretraining's evaluation (mean loss
+over the first `eval_batches` validation batches), samples (greedy continuations) and final folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..configuration_llamathink import LlamaThinkConfig
+from ..data import TokenBatchLoader, check_vocab, find_shards, load_meta, val_batches
+from ..modeling_llamathink import LlamaThinkForCausalLM, flops_per_token
+from .checkpoint import own_out_dir
+from .config import RunConfig
+from .config import load_config as _load_settings
+from .loop import TrainingHooks, begin_run, make_accelerator, run_training, save_final
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Pretraining: the model and the token data, plus the shared settings of `RunConfig`."""
+
+    # model: a config.json (as save_pretrained writes it) for a fresh model, or a save_pretrained directory / Hub id
+    model_config: str | None = "configuration/models/llamathink-95m.json"
+    init_from: str | None = None
+    tokenizer: str | None = None  # defaults to the tokenizer recorded in the data's meta.json
+    # data: the output directory of `python -m llamathink.data prepare`
+    data_dir: str = "data/fineweb"
+    seq_len: int = 1024
+    # pretraining only: torch.compile, the size of an evaluation, the peak for MFU
+    compile: bool = False
+    eval_batches: int = 20
+    peak_tflops: float | None = 989.0  # per device, for MFU (H100 SXM dense bf16); null to skip MFU
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_positive("seq_len", "eval_batches")
+        if (self.model_config is None) == (self.init_from is None):
+            raise ValueError("set exactly one of model_config (a fresh model) and init_from (a pretrained one)")
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """A `TrainConfig` from a YAML file (`path`) and `--key value` / `--key=value` overrides
+    (`llamathink.train.config.load_config`: unknown keys and unreadable values are errors naming them)."""
+    return _load_settings(TrainConfig, path, overrides)
+
+
+def build_model(cfg: TrainConfig) -> LlamaThinkForCausalLM:
+    if cfg.init_from is not None:
+        return LlamaThinkForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
+    path = Path(cfg.model_config)
+    if not path.exists():
+        raise FileNotFoundError(f"model_config {path} does not exist")
+    config = LlamaThinkConfig.from_json_file(str(path)) if path.is_file() else LlamaThinkConfig.from_pretrained(path)
+    if cfg.seq_len > config.max_position_embeddings:
+        raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings="
+                         f"{config.max_position_embeddings}")  # fmt: skip
+    torch.manual_seed(cfg.seed)
+    return LlamaThinkForCausalLM(config)
+
+
+
+@torch.no_grad()
+def evaluate(model, cfg: TrainConfig, accelerator) -> float:
+    """Mean loss over the first `eval_batches` validation batches of every rank (the same every call)."""
+    model.eval()
+    total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    batches = val_batches(cfg.data_dir, cfg.seq_len, cfg.micro_batch_size, rank=accelerator.process_index,
+                          world_size=accelerator.num_processes, max_batches=cfg.eval_batches)  # fmt: skip
+    for input_ids, labels in batches:
+        with accelerator.autocast():
+            loss = model(input_ids=input_ids.to(accelerator.device), labels=labels.to(accelerator.device),
+                         use_cache=False).loss  # eval mode would otherwise build a decode cache
+        total += loss.float() * input_ids.shape[0]
+        count += input_ids.shape[0]
+    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
+    model.train()
+    return float(total / count) if count > 0 else float("nan")
+
+
+@torch.no_grad()
+def generate_samples(model, tokenizer, cfg: TrainConfig, device) -> list[str]:
+    """Greedy continuations of the sample prompts (greedy: comparable from one evaluation to the next). A prompt
+    that fills the model's context is skipped (with a printed note) rather than stopping the training run; the
+    continuation is cut where the context ends."""
+    if tokenizer is None or not cfg.sample_prompts:
+        return []
+    model.eval()
+    texts = []
+    for prompt in cfg.sample_prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        room = model.config.max_position_embeddings - ids.shape[1]
+        if room <= 0:
+            print(f"sample prompt skipped: its {ids.shape[1]} tokens fill the model's context "
+                  f"(max_position_embeddings={model.config.max_position_embeddings}): {prompt[:40]!r}...")  # fmt: skip
+            continue
+        out = model.generate(ids, max_new_tokens=min(cfg.sample_tokens, room), do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+        texts.append(tokenizer.decode(out[0], skip_special_tokens=True))
+    model.train()
+    return texts
+
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) a pretraining run. Returns {"losses": {step: loss}, "eval": {step: loss}, "perf": {step:
+    metrics}, "tokens_seen": n, "overflow_steps": n, "final_dir": <out_dir>/final or None when stopped early}. The run
+    holds out_dir's lock throughout (`own_out_dir`: OutDirInUse if another run does)."""
+    accelerator = make_accelerator(cfg)
+    with own_out_dir(cfg.out_dir, accelerator.is_main_process):
+        return _train(cfg, accelerator)
+
+
+def _train(cfg: TrainConfig, accelerator) -> dict:
+    resume_from, run_id = begin_run(cfg, accelerator.is_main_process)
+    meta = load_meta(cfg.data_dir)
+    try:
+        has_val = bool(find_shards(cfg.data_dir, "val"))
+    except FileNotFoundError:
+        has_val = False
+    if not has_val:
+        accelerator.print(f"no validation shard in {cfg.data_dir}: evaluation is skipped")
+    tokenizer = None
+    tokenizer_name = cfg.tokenizer or meta.get("tokenizer")
+    if tokenizer_name:
+        from ..tokenizer_utils import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_name)
+
+    model = build_model(cfg)
+    check_vocab(int(meta["vocab_size"]), model.config.vocab_size)
+    if tokenizer is not None:
+        check_vocab(len(tokenizer), model.config.vocab_size)
+    loader = TokenBatchLoader(cfg.data_dir, cfg.seq_len, cfg.micro_batch_size, rank=accelerator.process_index,
+                              world_size=accelerator.num_processes, seed=cfg.seed,
+                              model_vocab_size=model.config.vocab_size)  # fmt: skip
+    batches = ({"input_ids": input_ids, "labels": labels} for input_ids, labels in loader)
+
+    def final(raw_model, final_dir: Path, history: dict):
+        save_final(raw_model, tokenizer, final_dir, cfg, history, tokens_seen=history["tokens_seen"])
+
+    hooks = TrainingHooks(
+        save_final=final,
+        evaluate=(lambda m: evaluate(m, cfg, accelerator)) if has_val else None,
+        samples=lambda m: [repr(text) for text in generate_samples(m, tokenizer, cfg, accelerator.device)],
+        flops_per_token=flops_per_token(model.config, cfg.seq_len),
+        peak_flops=cfg.peak_tflops * 1e12 if cfg.peak_tflops else None,
+    )
+    return run_training(cfg, accelerator, model, loader, batches, hooks, resume_from=resume_from, run_id=run_id,
+                        settings_file="train_config.json", compile=cfg.compile, desc="train")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`llamathink-pretrain` / `train_hf.py`: --config YAML plus --key value overrides of any TrainConfig field."""
+    parser = argparse.ArgumentParser(
+        description="Pretrain LlamaThink. Settings come from --config (YAML) and --key value overrides of any "
+        "TrainConfig field, e.g. --max_steps 100 --optimizer adamw.",
+    )
+    parser.add_argument("--config", help="YAML file of TrainConfig settings (configuration/train/*.yaml)")
+    args, overrides = parser.parse_known_args(argv)
+    cfg = load_config(args.config, overrides)
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
