@@ -57,7 +57,7 @@
 #define TK_VERSION 1u
 #define TK_HEADER_SIZE 64u
 /* tokenizer flags: 1 add a U+2581 prefix, 2 byte fallback, 4 no prefix when the text starts with a
- * space, 8 delete U+FDD0 first (the normalizer step llamathink.chat.set_chat_template installs) */
+ * space, 8 delete U+FDD0 first (the normalizer step llamathink.chat_format.set_chat_template installs) */
 #define TK_FLAG_DROP_TEXT_GUARD 8
 #define TK_FLAGS_ALL 15
 
@@ -2002,7 +2002,7 @@ static const char *tok_marker(const Tokenizer *t, const char *key, int *len) {
     return NULL;
 }
 
-/* U+FDD0 (UTF-8 EF B7 90), the noncharacter llamathink.chat.TEXT_GUARD: the chat template writes it
+/* U+FDD0 (UTF-8 EF B7 90), the noncharacter llamathink.chat_format.TEXT_GUARD: the chat template writes it
  * after every "<" of message content and the guarded tokenizer's normalizer deletes it */
 static inline int is_text_guard(const char *s, size_t i, size_t n) {
     return i + 3 <= n && (uint8_t)s[i] == 0xEF && (uint8_t)s[i + 1] == 0xB7 && (uint8_t)s[i + 2] == 0x90;
@@ -2011,7 +2011,7 @@ static int has_text_guard(const char *s, size_t n) { return memmem(s, n, "\xef\x
 
 /* Offset of the first byte that is not well-formed UTF-8 (Unicode 15, table 3-7: no overlong forms, no
  * surrogates, nothing above U+10FFFF), or -1 when all of s[0..n) is. Python decodes such bytes to lone
- * surrogates (surrogateescape), which llamathink.chat refuses; chat messages are refused here alike. */
+ * surrogates (surrogateescape), which llamathink.chat_format refuses; chat messages are refused here alike. */
 static long long utf8_invalid_at(const char *str, size_t n) {
     const uint8_t *s = (const uint8_t *)str;
     for (size_t i = 0; i < n;) {
@@ -2389,7 +2389,7 @@ static void maybe_reexec_passive(char **argv) {
 #endif
 
 /* ------------------------------------------------------------------------------------------ */
-/* chat mode: the LlamaThink chat template (llamathink/chat.py, see export_c/README.md)        */
+/* chat mode: the LlamaThink chat template (llamathink/chat_format.py, see export_c/README.md)        */
 /* ------------------------------------------------------------------------------------------ */
 /* The conversation is rendered exactly as tokenizer.apply_chat_template(messages,
  * add_generation_prompt=True) does it:
@@ -2399,7 +2399,7 @@ static void maybe_reexec_passive(char **argv) {
  * Contents are stripped like Python's str.strip(). The reply tokens are kept as sampled. When
  * the history no longer fits the context window minus the room kept for the reply, the oldest
  * exchanges are dropped (the system prompt stays) and the kept ones are fed again from BOS.
- * Markers come from tokenizer.bin; a file with none gets LlamaThink's (llamathink.chat.CHAT_MARKERS). */
+ * Markers come from tokenizer.bin; a file with none gets LlamaThink's (llamathink.chat_format.CHAT_MARKERS). */
 enum { MK_SYS_PRE, MK_SYS_SUF, MK_USER_PRE, MK_USER_SUF, MK_ASST_PRE, MK_COUNT };
 static const char *const CHAT_KEYS[MK_COUNT] = {"system_prefix", "system_suffix", "user_prefix",
                                                  "user_suffix", "assistant_prefix"};

@@ -224,7 +224,9 @@ def _content_text(content: Any) -> str:
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _check_content(i: int, content: str) -> None:
+def check_content(i: int, content: str) -> None:
+    """Refuse the content of message `i` (ValueError naming it) when it holds U+FDD0 (`TEXT_GUARD`) or a lone
+    surrogate (text that was not valid UTF-8)."""
     if TEXT_GUARD in content:
         raise ValueError(f"message {i} contains U+FDD0, a Unicode noncharacter the chat template reserves to keep "
                          "content from forming special tokens; remove it")  # fmt: skip
@@ -256,7 +258,7 @@ def normalize_messages(messages: Iterable[dict]) -> list[dict]:
             text = _content_text(content)
         except TypeError as err:
             raise ValueError(f"message {i}: {err}") from None
-        _check_content(i, text)
+        check_content(i, text)
         out.append({"role": role, "content": text})
     return out
 
@@ -274,7 +276,7 @@ def render_chat(messages: Sequence[dict], *, bos_token: str = "<s>", eos_token: 
     for i, message in enumerate(messages):
         role = message.get("role")
         content = _content_text(message.get("content")).strip()
-        _check_content(i, content)
+        check_content(i, content)
         if guard:
             content = content.replace(CONTROL_TOKEN_START, CONTROL_TOKEN_START + TEXT_GUARD)
         if role == "system":

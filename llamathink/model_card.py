@@ -213,9 +213,9 @@ full attention with hyper-connections, {params:,} parameters. {origin}, LlamaThi
 
 ## Use
 
-The folder carries the model's code (`configuration_llamathink.py`, `modeling_llamathink.py`); transformers runs it
-only with `trust_remote_code=True` (read it first). With the `llamathink` package installed, `import llamathink`
-registers the classes and `trust_remote_code` is not needed.
+The folder carries the model's code (`configuration_llamathink.py`, `modeling_llamathink.py`,
+`kernels_llamathink.py`); transformers runs it only with `trust_remote_code=True` (read it first). With the
+`llamathink` package installed, `import llamathink` registers the classes and `trust_remote_code` is not needed.
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer

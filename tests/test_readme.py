@@ -281,3 +281,19 @@ def test_save_tokenizer_for_model_rejects_a_bad_context(tmp_path, bad):
     with pytest.raises(ValueError, match="model_max_length must be a positive integer"):
         save_tokenizer_for_model(builtin_tokenizer(), tmp_path, bad)
     assert not any(tmp_path.iterdir())
+
+
+def test_every_console_script_loads_and_answers_help(capsys):
+    """Each `console_scripts` entry of setup.py names a function that exists (a module moved without updating
+    setup.py would only fail on a user's machine) and prints its usage for --help."""
+    from importlib.metadata import EntryPoint
+
+    scripts = re.findall(r'"(llamathink-[\w-]+)=([\w.]+:\w+)"', (REPO_ROOT / "setup.py").read_text())
+    assert {name for name, _ in scripts} >= {"llamathink-prepare", "llamathink-pretrain", "llamathink-finetune",
+                                             "llamathink-chat", "llamathink-export-c", "llamathink-quickstart"}
+    for name, target in scripts:
+        main = EntryPoint(name, target, "console_scripts").load()
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--help"])
+        assert exit_info.value.code == 0, name
+        assert "usage:" in capsys.readouterr().out, name

@@ -45,7 +45,7 @@ import numpy as np
 
 from ..chat_format import (
     RenderedChat,
-    _check_content,
+    check_content,
     normalize_messages,
     check_chat_tokenizer,
     encode_rendered,
@@ -77,7 +77,7 @@ def parse_person_conversation(text: str) -> list[dict]:
         raise ValueError(f"text before the first <personN> tag: {pieces[0].strip()[:40]!r}")
     messages = [{"role": PERSON_ROLES[pieces[i]], "content": pieces[i + 1].strip()} for i in range(1, len(pieces), 2)]
     for i, message in enumerate(messages):
-        _check_content(i, message["content"])
+        check_content(i, message["content"])
     return messages
 
 
