@@ -19,6 +19,7 @@ tokenizer.bin of 32000 dummy pieces, and times greedy decode of --decode tokens 
 OMP_NUM_THREADS threads (its own "achieved tok/s" line).  Bytes per token: its whole file (every
 weight, the classifier = the embedding, is read once per token).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,7 @@ def bandwidth(cc: str, wd: str, threads: int) -> float:
     return float(subprocess.run([exe, str(threads)], capture_output=True, text=True, check=True).stdout)
 
 
-LLAMA2C_110M = dict(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, n_kv_heads=12, vocab_size=32000,
-                    seq_len=1024)
+LLAMA2C_110M = dict(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, n_kv_heads=12, vocab_size=32000, seq_len=1024)
 
 
 def write_llama2c_checkpoint(path: str, cfg: dict, seed: int = 0) -> None:
@@ -129,8 +129,13 @@ def write_llama2c_tokenizer(path: str, vocab: int) -> None:
 
 def llama2c_decode(binary, model, tok, steps, threads):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    r = subprocess.run([binary, model, "-z", tok, "-n", str(steps), "-t", "0", "-s", "1"], capture_output=True,
-                       text=True, check=True, env=env)
+    r = subprocess.run(
+        [binary, model, "-z", tok, "-n", str(steps), "-t", "0", "-s", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
     m = re.search(r"achieved tok/s: ([\d.]+)", r.stderr)
     n = len(r.stdout.split())
     if not m or n < steps - 2:
@@ -139,8 +144,21 @@ def llama2c_decode(binary, model, tok, steps, threads):
 
 
 def run_stats(binary, model, ids, steps, threads):
-    cmd = [binary, model, "--ids", " ".join(map(str, ids)), "-n", str(steps), "-t", "0",
-           "--ignore-eos", "--print-ids", "--stats", "-T", str(threads)]
+    cmd = [
+        binary,
+        model,
+        "--ids",
+        " ".join(map(str, ids)),
+        "-n",
+        str(steps),
+        "-t",
+        "0",
+        "--ignore-eos",
+        "--print-ids",
+        "--stats",
+        "-T",
+        str(threads),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, check=True)
     pre = re.search(r"prefill: (\d+) tokens in ([\d.]+) s", r.stderr)
     dec = re.search(r"decode: (\d+) tokens in ([\d.]+) s \(([\d.]+) tok/s\)", r.stderr)
@@ -186,17 +204,31 @@ def main(argv=None) -> int:
                 cpu = ln.split(":", 1)[1].strip()
                 break
     print(f"{cpu}, {os.cpu_count()} CPUs; {cc_ver}; -O3 -march=native -fopenmp")
-    print(f"decode={a.decode} tokens, prompt={a.prompt} tokens, best of {a.repeat}; "
-          f"load average at start {load} (other processes share the cores: rerun when quiet)")
+    print(
+        f"decode={a.decode} tokens, prompt={a.prompt} tokens, best of {a.repeat}; "
+        f"load average at start {load} (other processes share the cores: rerun when quiet)"
+    )
     threads = [int(x) for x in str(a.threads).split(",")]
     bw = {th: bandwidth(a.cc, wd, th) for th in threads}
-    print("streaming read bandwidth measured now: " +
-          ", ".join(f"{th} thread(s) {bw[th]:.1f} GB/s" for th in threads) +
-          " (DESIGN.md: ~16 / ~32 GB/s); 'now-ceil' = that bandwidth / bytes per token")
-    print(f"{'model':16} {'thr':>3} {'MB/tok':>7} {'decode tok/s':>13} {'ceiling':>8} {'ratio':>6} "
-          f"{'now-ceil':>8} {'ratio':>6} {'target':>7} {'prefill tok/s':>14}  wait-policy")
-    results = dict(cpu=cpu, cc=cc_ver, load_at_start=float(load), decode_tokens=a.decode, prompt_tokens=a.prompt,
-                   repeat=a.repeat, bandwidth_gbs={str(k): v for k, v in bw.items()}, runs=[])
+    print(
+        "streaming read bandwidth measured now: "
+        + ", ".join(f"{th} thread(s) {bw[th]:.1f} GB/s" for th in threads)
+        + " (DESIGN.md: ~16 / ~32 GB/s); 'now-ceil' = that bandwidth / bytes per token"
+    )
+    print(
+        f"{'model':16} {'thr':>3} {'MB/tok':>7} {'decode tok/s':>13} {'ceiling':>8} {'ratio':>6} "
+        f"{'now-ceil':>8} {'ratio':>6} {'target':>7} {'prefill tok/s':>14}  wait-policy"
+    )
+    results = dict(
+        cpu=cpu,
+        cc=cc_ver,
+        load_at_start=float(load),
+        decode_tokens=a.decode,
+        prompt_tokens=a.prompt,
+        repeat=a.repeat,
+        bandwidth_gbs={str(k): v for k, v in bw.items()},
+        runs=[],
+    )
     for dt in a.dtypes.split(","):
         model = os.path.join(wd, f"model_{dt}.bin")
         if not os.path.exists(model):
@@ -206,11 +238,22 @@ def main(argv=None) -> int:
             dec = max(run_stats(binary, model, short, a.decode, th)[1] for _ in range(a.repeat))
             pre = max(run_stats(binary, model, prompt, 1, th)[0] for _ in range(a.repeat))
             now = bw[th] * 1e3 / mb
-            print(f"{'llamathink-' + dt:16} {th:3d} {mb:7.1f} {dec:13.1f} {CEILING[dt]:8.0f} {dec / CEILING[dt]:6.2f} "
-                  f"{now:8.0f} {dec / now:6.2f} {TARGET[dt]:7.0f} {pre:14.1f}  {run_stats.policy}",
-                  flush=True)
-            results["runs"].append(dict(model=f"llamathink-{dt}", threads=th, mb_per_token=mb, decode_tok_s=dec,
-                                        prefill_tok_s=pre, bandwidth_share=dec / now, wait_policy=run_stats.policy))
+            print(
+                f"{'llamathink-' + dt:16} {th:3d} {mb:7.1f} {dec:13.1f} {CEILING[dt]:8.0f} {dec / CEILING[dt]:6.2f} "
+                f"{now:8.0f} {dec / now:6.2f} {TARGET[dt]:7.0f} {pre:14.1f}  {run_stats.policy}",
+                flush=True,
+            )
+            results["runs"].append(
+                dict(
+                    model=f"llamathink-{dt}",
+                    threads=th,
+                    mb_per_token=mb,
+                    decode_tok_s=dec,
+                    prefill_tok_s=pre,
+                    bandwidth_share=dec / now,
+                    wait_policy=run_stats.policy,
+                )
+            )
     if a.llama2c:
         ck2 = os.path.join(wd, "llama2c_110M.bin")
         tok2 = os.path.join(wd, "llama2c_tokenizer.bin")
@@ -226,10 +269,20 @@ def main(argv=None) -> int:
             for th in threads:
                 dec = max(llama2c_decode(exe, ck2, tok2, a.decode, th) for _ in range(a.repeat))
                 now = bw[th] * 1e3 / mb
-                print(f"{name:16} {th:3d} {mb:7.1f} {dec:13.1f} {'':>8} {'':>6} {now:8.0f} {dec / now:6.2f} "
-                      f"{'':>7} {'(none)':>14}", flush=True)
-                results["runs"].append(dict(model=name + " 110M fp32", threads=th, mb_per_token=mb,
-                                            decode_tok_s=dec, bandwidth_share=dec / now))
+                print(
+                    f"{name:16} {th:3d} {mb:7.1f} {dec:13.1f} {'':>8} {'':>6} {now:8.0f} {dec / now:6.2f} "
+                    f"{'':>7} {'(none)':>14}",
+                    flush=True,
+                )
+                results["runs"].append(
+                    dict(
+                        model=name + " 110M fp32",
+                        threads=th,
+                        mb_per_token=mb,
+                        decode_tok_s=dec,
+                        bandwidth_share=dec / now,
+                    )
+                )
     if a.json:
         import json
 

@@ -55,11 +55,22 @@ def build(name: str):
     if name.startswith("llamathink"):
         # llamathink:<backend>[:eager-decode]  (eager-decode: one-token steps without CUDA graphs)
         parts = name.split(":")
-        return LlamaThinkForCausalLM(LlamaThinkConfig(gdn_backend=parts[1], decode_cuda_graphs="eager-decode" not in parts))
+        return LlamaThinkForCausalLM(
+            LlamaThinkConfig(gdn_backend=parts[1], decode_cuda_graphs="eager-decode" not in parts)
+        )
     if name == "hf-llama":
-        cfg = LlamaConfig(vocab_size=32000, hidden_size=576, intermediate_size=1536, num_hidden_layers=16,
-                          num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=1024,
-                          tie_word_embeddings=True, rope_theta=20000.0)  # fmt: skip
+        cfg = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=16,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            rope_theta=20000.0,
+        )
         cfg._attn_implementation = "sdpa"
         return LlamaForCausalLM(cfg)
     if name == "hf-qwen3.5":
@@ -67,13 +78,22 @@ def build(name: str):
         from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5ForCausalLM
 
         cfg = Qwen3_5TextConfig(
-            vocab_size=32000, hidden_size=576, intermediate_size=1536, num_hidden_layers=16,
+            vocab_size=32000,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=16,
             layer_types=["linear_attention", "linear_attention", "full_attention", "full_attention"] * 4,
-            num_attention_heads=9, num_key_value_heads=3, head_dim=64, linear_num_key_heads=9,
-            linear_num_value_heads=9, linear_key_head_dim=112, linear_value_head_dim=112, max_position_embeddings=1024,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            linear_num_key_heads=9,
+            linear_num_value_heads=9,
+            linear_key_head_dim=112,
+            linear_value_head_dim=112,
+            max_position_embeddings=1024,
             tie_word_embeddings=True,
             rope_parameters={"rope_type": "default", "rope_theta": 20000.0, "partial_rotary_factor": 0.5},
-        )  # fmt: skip
+        )
         cfg._attn_implementation = "sdpa"
         return Qwen3_5ForCausalLM(cfg)
     raise ValueError(name)
@@ -85,7 +105,10 @@ def flops_per_token(name: str, model, seq: int) -> float:
 
         return ours(model.config, seq)
     cfg = model.config
-    n = sum(p.numel() for n_, p in model.named_parameters() if "embed_tokens" not in n_) + cfg.vocab_size * cfg.hidden_size
+    n = (
+        sum(p.numel() for n_, p in model.named_parameters() if "embed_tokens" not in n_)
+        + cfg.vocab_size * cfg.hidden_size
+    )
     layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
     attn = 0.0
     for t in layer_types:
@@ -129,10 +152,20 @@ def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False) -> d
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     tok_s = batch * seq / dt
-    result = {"model": name, "params": n_params, "batch": batch, "seq": seq, "compiled": compile_model,
-              "step_s": dt, "tokens_per_s": tok_s, "mfu": tok_s * fpt / peak, "flops_per_token": fpt,
-              "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss),
-              "first_step_s": first_step_s}  # fmt: skip
+    result = {
+        "model": name,
+        "params": n_params,
+        "batch": batch,
+        "seq": seq,
+        "compiled": compile_model,
+        "step_s": dt,
+        "tokens_per_s": tok_s,
+        "mfu": tok_s * fpt / peak,
+        "flops_per_token": fpt,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "loss": float(loss),
+        "first_step_s": first_step_s,
+    }
     del model, opt, step_model
     gc.collect()
     torch.cuda.empty_cache()
@@ -152,8 +185,14 @@ def bench_generate(name, batch, prompt_len=32, new_tokens=128) -> dict:
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     assert out.shape[1] == prompt_len + new_tokens
-    result = {"model": name, "batch": batch, "new_tokens": new_tokens, "seconds": dt,
-              "tokens_per_s_per_sequence": new_tokens / dt, "tokens_per_s_total": batch * new_tokens / dt}  # fmt: skip
+    result = {
+        "model": name,
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "seconds": dt,
+        "tokens_per_s_per_sequence": new_tokens / dt,
+        "tokens_per_s_total": batch * new_tokens / dt,
+    }
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -188,7 +227,12 @@ def main(argv=None) -> int:
                 try:
                     r = bench_train(name, batch, args.seq, args.steps, args.warmup, peak, compiled)
                 except Exception as err:  # one failing peer (or an out-of-memory batch) must not hide the others
-                    r = {"model": name, "batch": batch, "compiled": compiled, "error": f"{type(err).__name__}: {err}"[:500]}
+                    r = {
+                        "model": name,
+                        "batch": batch,
+                        "compiled": compiled,
+                        "error": f"{type(err).__name__}: {err}"[:500],
+                    }
                     gc.collect()
                     torch.cuda.empty_cache()
                 results["train"].append(r)

@@ -172,8 +172,10 @@ def heldout_windows(data_dir: str | Path, seq_len: int, val_docs: int) -> tuple[
     tokens = np.concatenate([np.asarray(open_shard(p), dtype=np.int64) for p in find_shards(data_dir, "val")])
     starts = np.flatnonzero(tokens == meta["bos_token_id"])
     if len(starts) <= val_docs:
-        raise ValueError(f"{data_dir} holds {len(starts)} held-out documents; the test set needs more than "
-                         f"--val-docs={val_docs} (prepare with a larger --val-docs)")  # fmt: skip
+        raise ValueError(
+            f"{data_dir} holds {len(starts)} held-out documents; the test set needs more than "
+            f"--val-docs={val_docs} (prepare with a larger --val-docs)"
+        )
     cut = int(starts[val_docs])
 
     def windows(part: np.ndarray) -> np.ndarray:
@@ -211,11 +213,17 @@ def train_run(run: dict, args, val: np.ndarray, test: np.ndarray, device: torch.
     from train_hf import RunConfig, build_optimizer, lr_factor
 
     seed = int(run.get("seed", args.seed))
-    settings = RunConfig(optimizer=run["optimizer"], muon_lr=float(run.get("muon_lr", args.muon_lr)),
-                         adamw_lr=float(run.get("adamw_lr", args.adamw_lr)),
-                         weight_decay=float(run.get("weight_decay", args.weight_decay)), max_steps=args.steps,
-                         warmup_steps=args.warmup, grad_clip=args.grad_clip, micro_batch_size=args.batch,
-                         grad_accum=1)  # fmt: skip
+    settings = RunConfig(
+        optimizer=run["optimizer"],
+        muon_lr=float(run.get("muon_lr", args.muon_lr)),
+        adamw_lr=float(run.get("adamw_lr", args.adamw_lr)),
+        weight_decay=float(run.get("weight_decay", args.weight_decay)),
+        max_steps=args.steps,
+        warmup_steps=args.warmup,
+        grad_clip=args.grad_clip,
+        micro_batch_size=args.batch,
+        grad_accum=1,
+    )
     torch.manual_seed(seed)
     if run["compile"]:
         torch._dynamo.reset()  # no guards or automatic-dynamic shapes left by the previous run
@@ -227,16 +235,26 @@ def train_run(run: dict, args, val: np.ndarray, test: np.ndarray, device: torch.
     step_model = torch.compile(model) if run["compile"] else model
     loader = TokenBatchLoader(args.data, args.seq, args.batch, seed=args.data_seed)
     tokens_per_step = args.batch * args.seq
-    record = {**run, "params": n_params, "seed": seed,
-              "muon_lr": settings.muon_lr, "adamw_lr": settings.adamw_lr, "weight_decay": settings.weight_decay,
-              "curve": [], "train_loss": []}  # fmt: skip
+    record = {
+        **run,
+        "params": n_params,
+        "seed": seed,
+        "muon_lr": settings.muon_lr,
+        "adamw_lr": settings.adamw_lr,
+        "weight_decay": settings.weight_decay,
+        "curve": [],
+        "train_loss": [],
+    }
     print(f"[{run['name']}] {run['model']} {n_params / 1e6:.1f}M params, {settings.optimizer}", flush=True)
 
     def point(step: int, seconds: float):
         loss = evaluate(model, val, args.eval_batch, device)
         record["curve"].append({"step": step, "tokens": step * tokens_per_step, "seconds": seconds, "val_loss": loss})
-        print(f"[{run['name']}] step {step} tokens {step * tokens_per_step / 1e6:.1f}M train {seconds:.0f}s "
-              f"val {loss:.4f}", flush=True)  # fmt: skip
+        print(
+            f"[{run['name']}] step {step} tokens {step * tokens_per_step / 1e6:.1f}M train {seconds:.0f}s "
+            f"val {loss:.4f}",
+            flush=True,
+        )
 
     train_s, warm_s, window_loss = 0.0, None, []  # training seconds exclude evaluation
     t0 = time.perf_counter()
@@ -283,8 +301,11 @@ def train_run(run: dict, args, val: np.ndarray, test: np.ndarray, device: torch.
     if record["curve"]:
         record["val_loss"] = record["curve"][-1]["val_loss"]
         record["test_loss"] = evaluate(model, test, args.eval_batch, device)
-        print(f"[{run['name']}] final val {record['val_loss']:.4f} test {record['test_loss']:.4f} "
-              f"{record.get('tokens_per_s', float('nan')):,.0f} tok/s", flush=True)  # fmt: skip
+        print(
+            f"[{run['name']}] final val {record['val_loss']:.4f} test {record['test_loss']:.4f} "
+            f"{record.get('tokens_per_s', float('nan')):,.0f} tok/s",
+            flush=True,
+        )
     if device.type == "cuda":
         record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
@@ -355,8 +376,10 @@ def summary(results: dict) -> str:
     runs = [r for r in results["runs"] if r.get("curve")]
     lines = [f"{'run':<28} {'val':>7} {'test':>7} {'tok/s':>9} {'train s':>8} {'first s':>8}"]
     for r in runs:
-        lines.append(f"{r['name']:<28} {r['val_loss']:7.4f} {r['test_loss']:7.4f} {r.get('tokens_per_s', 0):9,.0f} "
-                     f"{r.get('train_seconds', 0):8.0f} {r.get('first_step_s', 0):8.1f}")  # fmt: skip
+        lines.append(
+            f"{r['name']:<28} {r['val_loss']:7.4f} {r['test_loss']:7.4f} {r.get('tokens_per_s', 0):9,.0f} "
+            f"{r.get('train_seconds', 0):8.0f} {r.get('first_step_s', 0):8.1f}"
+        )
     llama = next((r for r in runs if r["model"] == "hf-llama"), None)
     if llama:
         target = llama["val_loss"]
@@ -370,8 +393,12 @@ def summary(results: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="a `llamathink.data prepare` folder with more than --val-docs held out")
-    parser.add_argument("--run", action="append", default=None, help="NAME:key=value,... (repeat; default: "
-                        "LlamaThink compiled, HF Qwen3.5 eager, HF Llama compiled)")  # fmt: skip
+    parser.add_argument(
+        "--run",
+        action="append",
+        default=None,
+        help="NAME:key=value,... (repeat; default: LlamaThink compiled, HF Qwen3.5 eager, HF Llama compiled)",
+    )
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=1024)
@@ -408,8 +435,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("run", "plot")}
-    results = {"settings": {**settings, "val_windows": len(val), "test_windows": len(test)},
-               "versions": versions() if device.type == "cuda" else {"torch": torch.__version__}, "runs": []}  # fmt: skip
+    results = {
+        "settings": {**settings, "val_windows": len(val), "test_windows": len(test)},
+        "versions": versions() if device.type == "cuda" else {"torch": torch.__version__},
+        "runs": [],
+    }
     print(json.dumps(results["versions"]), f"val {len(val)} windows, test {len(test)} windows", flush=True)
     for run in runs:
         try:

@@ -1,6 +1,6 @@
 """Plot training/validation loss curves from train_hf.py's history.json files.
 
-    python benchmarks/plot_history.py OUT.png LABEL=history.json [LABEL=history.json ...] [--title T]
+python benchmarks/plot_history.py OUT.png LABEL=history.json [LABEL=history.json ...] [--title T]
 """
 
 import argparse
@@ -27,7 +27,9 @@ def main(argv=None) -> int:
         steps = sorted(int(s) for s in history["losses"])
         losses = [history["losses"][str(s)] for s in steps]
         w = max(1, args.smooth)
-        smooth = [sum(losses[max(0, j - w + 1) : j + 1]) / len(losses[max(0, j - w + 1) : j + 1]) for j in range(len(losses))]
+        smooth = [
+            sum(losses[max(0, j - w + 1) : j + 1]) / len(losses[max(0, j - w + 1) : j + 1]) for j in range(len(losses))
+        ]
         color = f"C{i}"
         ax.plot(steps, smooth, color=color, alpha=0.8, label=f"{label} train (avg of {w})")
         ev = sorted((int(s), v) for s, v in history["eval"].items())

@@ -131,7 +131,9 @@ def decode_profile(model, tokens: int) -> str:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         model.generate(ids, **kwargs)
         torch.cuda.synchronize()
-    launches = sum(e.count for e in prof.key_averages() if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+    launches = sum(
+        e.count for e in prof.key_averages() if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")
+    )
     gpu_us = sum(e.device_time_total for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
     syncs = collections.Counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -165,7 +167,9 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model = LlamaThinkForCausalLM(LlamaThinkConfig(gdn_backend=args.backend)).cuda()
     ids = torch.randint(0, 32000, (args.batch, args.seq), device="cuda")
-    report = [f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, backend {args.backend}, batch {args.batch}"]
+    report = [
+        f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, backend {args.backend}, batch {args.batch}"
+    ]
     report.append("## GPU ms per training step, by layer kind (forward, backward; summed over layers)")
     for name, ms in sorted(layer_times(model, ids).items()):
         report.append(f"  {name:24s} {ms:8.2f}")

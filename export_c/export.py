@@ -11,6 +11,7 @@ is built.  Every tensor in the checkpoint must be used and every expected tensor
 (anything else is an error naming the tensors).  The format is described in export_c/README.md
 and mirrored by model_init() in run.c.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,8 @@ import sys
 import numpy as np
 
 MAGIC = 0x4B48544C  # b"LTHK" little-endian
-VERSION = 2       # newest format (run.c LT_VERSION); written only when a model needs it
-VERSION_MIN = 1   # run.c LT_VERSION_MIN: one EOS id, no list
+VERSION = 2  # newest format (run.c LT_VERSION); written only when a model needs it
+VERSION_MIN = 1  # run.c LT_VERSION_MIN: one EOS id, no list
 EOS_OFFSET = 144  # version 2: i32 count, then MAX_EOS i32 ids (run.c LT_EOS_OFFSET)
 MAX_EOS = 16
 HEADER_SIZE = 1024
@@ -37,28 +38,59 @@ MIXER_CODES = {"linear": 0, "csa": 1, "full": 2}
 GROUP_CANDIDATES = (64, 48, 32, 16)
 
 DEFAULTS = dict(
-    vocab_size=32000, hidden_size=576, intermediate_size=1536, num_hidden_layers=16,
-    num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=1024,
-    rope_theta=20000.0, partial_rotary_factor=0.5, rms_norm_eps=1e-6, tie_word_embeddings=True,
-    bos_token_id=1, eos_token_id=2, mixer_types=["linear", "linear", "csa", "full"] * 4,
-    linear_num_key_heads=9, linear_num_value_heads=9, linear_key_head_dim=112,
-    linear_value_head_dim=112, linear_conv_kernel_dim=4, csa_stride=4, csa_window=64,
+    vocab_size=32000,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=16,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    max_position_embeddings=1024,
+    rope_theta=20000.0,
+    partial_rotary_factor=0.5,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    mixer_types=["linear", "linear", "csa", "full"] * 4,
+    linear_num_key_heads=9,
+    linear_num_value_heads=9,
+    linear_key_head_dim=112,
+    linear_value_head_dim=112,
+    linear_conv_kernel_dim=4,
+    csa_stride=4,
+    csa_window=64,
     hyper_connections=True,
 )
 
 
 # config fields written as int32 header fields
-INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim", "max_position_embeddings", "linear_num_key_heads",
-              "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
-              "linear_conv_kernel_dim", "csa_stride", "csa_window")
+INT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "linear_num_key_heads",
+    "linear_num_value_heads",
+    "linear_key_head_dim",
+    "linear_value_head_dim",
+    "linear_conv_kernel_dim",
+    "csa_stride",
+    "csa_window",
+)
 
 
 # config fields written as float64 header fields, with the ranges run.c accepts (partial_rotary_factor 0: no
 # rotary dimensions)
-FLOAT_FIELDS = {"rope_theta": (lambda v: 0 < v < 1e12, "in (0, 1e12)"),
-                "partial_rotary_factor": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-                "rms_norm_eps": (lambda v: 0 < v < 1, "in (0, 1)")}
+FLOAT_FIELDS = {
+    "rope_theta": (lambda v: 0 < v < 1e12, "in (0, 1e12)"),
+    "partial_rotary_factor": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "rms_norm_eps": (lambda v: 0 < v < 1, "in (0, 1)"),
+}
 
 
 class ExportError(Exception):
@@ -93,8 +125,7 @@ def load_config(d: str) -> dict:
         cfg["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
     cfg["mixer_types"] = list(cfg["mixer_types"])
     if len(cfg["mixer_types"]) != cfg["num_hidden_layers"]:
-        raise ExportError(f"mixer_types has {len(cfg['mixer_types'])} entries for "
-                          f"{cfg['num_hidden_layers']} layers")
+        raise ExportError(f"mixer_types has {len(cfg['mixer_types'])} entries for {cfg['num_hidden_layers']} layers")
     bad = [t for t in cfg["mixer_types"] if t not in MIXER_CODES]
     if bad:
         raise ExportError(f"unknown mixer types {bad}")
@@ -102,14 +133,15 @@ def load_config(d: str) -> dict:
         raise ExportError(f"too many layers for the format (at most {MAX_LAYERS})")
     for k in INT_FIELDS:
         v = cfg[k]
-        if isinstance(v, bool) or not isinstance(v, int) or not -2**31 <= v < 2**31:
+        if isinstance(v, bool) or not isinstance(v, int) or not -(2**31) <= v < 2**31:
             raise ExportError(f"config field {k} must be an integer that fits int32, got {v!r}")
     for k, (in_range, text) in FLOAT_FIELDS.items():  # NaN, a string or a bool would give an unusable file
         v = cfg[k]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not in_range(v):
             raise ExportError(f"config field {k} must be a finite number {text}, got {v!r}")
-    if cfg["bos_token_id"] is not None and (isinstance(cfg["bos_token_id"], bool)
-                                            or not isinstance(cfg["bos_token_id"], int)):
+    if cfg["bos_token_id"] is not None and (
+        isinstance(cfg["bos_token_id"], bool) or not isinstance(cfg["bos_token_id"], int)
+    ):
         raise ExportError(f"bos_token_id must be one token id or null, got {cfg['bos_token_id']!r}")
     eos_ids(cfg)  # validates the EOS id(s) now, before any tensor is read
     return cfg
@@ -150,6 +182,7 @@ def load_tensors(d: str) -> dict[str, np.ndarray]:
 
     try:
         import torch  # noqa: F401
+
         framework = "pt"
     except ImportError:  # pragma: no cover
         framework = "numpy"
@@ -194,17 +227,22 @@ def layout(cfg: dict) -> list[tuple]:
         out.append(("mat", ["lm_head.weight"], V, H))
     for i, t in enumerate(cfg["mixer_types"]):
         p = f"model.layers.{i}."
-        out += [("vec", [p + "input_layernorm.weight"], H, None),
-                ("vec", [p + "post_attention_layernorm.weight"], H, None)]
+        out += [
+            ("vec", [p + "input_layernorm.weight"], H, None),
+            ("vec", [p + "post_attention_layernorm.weight"], H, None),
+        ]
         if cfg["hyper_connections"]:
-            for n in ("mixer_residual_scale", "mixer_sublayer_scale", "mlp_residual_scale",
-                      "mlp_sublayer_scale"):
+            for n in ("mixer_residual_scale", "mixer_sublayer_scale", "mlp_residual_scale", "mlp_sublayer_scale"):
                 out.append(("vec", [p + n], H, None))
         m = p + "mixer."
         if t == "linear":
             out += [
-                ("mat", [m + "in_proj_qkv.weight", m + "in_proj_z.weight", m + "in_proj_b.weight",
-                         m + "in_proj_a.weight"], d["C"] + d["VD"] + 2 * Hv, H),
+                (
+                    "mat",
+                    [m + "in_proj_qkv.weight", m + "in_proj_z.weight", m + "in_proj_b.weight", m + "in_proj_a.weight"],
+                    d["C"] + d["VD"] + 2 * Hv,
+                    H,
+                ),
                 ("vec", [m + "conv1d.weight"], d["C"] * K, None),
                 ("vec", [m + "A_log"], Hv, None),
                 ("vec", [m + "dt_bias"], Hv, None),
@@ -217,14 +255,21 @@ def layout(cfg: dict) -> list[tuple]:
             if t == "csa":
                 names.append(m + "blend_proj.weight")
                 rows += d["QD"]
-            out += [("mat", names, rows, H), ("vec", [m + "q_norm.weight"], D, None),
-                    ("vec", [m + "k_norm.weight"], D, None)]
+            out += [
+                ("mat", names, rows, H),
+                ("vec", [m + "q_norm.weight"], D, None),
+                ("vec", [m + "k_norm.weight"], D, None),
+            ]
             if t == "csa":
-                out += [("mat", [m + "compress_k.weight"], d["KV"], d["KV"]),
-                        ("mat", [m + "compress_v.weight"], d["KV"], d["KV"])]
+                out += [
+                    ("mat", [m + "compress_k.weight"], d["KV"], d["KV"]),
+                    ("mat", [m + "compress_v.weight"], d["KV"], d["KV"]),
+                ]
             out.append(("mat", [m + "o_proj.weight"], H, d["QD"]))
-        out += [("mat", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], 2 * I, H),
-                ("mat", [p + "mlp.down_proj.weight"], H, I)]
+        out += [
+            ("mat", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], 2 * I, H),
+            ("mat", [p + "mlp.down_proj.weight"], H, I),
+        ]
     return out
 
 
@@ -240,27 +285,45 @@ def expected_shapes(cfg: dict) -> dict[str, tuple]:
         s[p + "input_layernorm.weight"] = (H,)
         s[p + "post_attention_layernorm.weight"] = (H,)
         if cfg["hyper_connections"]:
-            for n in ("mixer_residual_scale", "mixer_sublayer_scale", "mlp_residual_scale",
-                      "mlp_sublayer_scale"):
+            for n in ("mixer_residual_scale", "mixer_sublayer_scale", "mlp_residual_scale", "mlp_sublayer_scale"):
                 s[p + n] = (H,)
         s[p + "mlp.gate_proj.weight"] = (I, H)
         s[p + "mlp.up_proj.weight"] = (I, H)
         s[p + "mlp.down_proj.weight"] = (H, I)
         m = p + "mixer."
         if t == "linear":
-            s.update({m + "in_proj_qkv.weight": (d["C"], H), m + "in_proj_z.weight": (d["VD"], H),
-                      m + "in_proj_b.weight": (Hv, H), m + "in_proj_a.weight": (Hv, H),
-                      m + "conv1d.weight": (d["C"], 1, K), m + "A_log": (Hv,),
-                      m + "dt_bias": (Hv,), m + "norm.weight": (cfg["linear_value_head_dim"],),
-                      m + "out_proj.weight": (H, d["VD"])})
+            s.update(
+                {
+                    m + "in_proj_qkv.weight": (d["C"], H),
+                    m + "in_proj_z.weight": (d["VD"], H),
+                    m + "in_proj_b.weight": (Hv, H),
+                    m + "in_proj_a.weight": (Hv, H),
+                    m + "conv1d.weight": (d["C"], 1, K),
+                    m + "A_log": (Hv,),
+                    m + "dt_bias": (Hv,),
+                    m + "norm.weight": (cfg["linear_value_head_dim"],),
+                    m + "out_proj.weight": (H, d["VD"]),
+                }
+            )
         else:
-            s.update({m + "q_proj.weight": (2 * d["QD"], H), m + "k_proj.weight": (d["KV"], H),
-                      m + "v_proj.weight": (d["KV"], H), m + "o_proj.weight": (H, d["QD"]),
-                      m + "q_norm.weight": (D,), m + "k_norm.weight": (D,)})
+            s.update(
+                {
+                    m + "q_proj.weight": (2 * d["QD"], H),
+                    m + "k_proj.weight": (d["KV"], H),
+                    m + "v_proj.weight": (d["KV"], H),
+                    m + "o_proj.weight": (H, d["QD"]),
+                    m + "q_norm.weight": (D,),
+                    m + "k_norm.weight": (D,),
+                }
+            )
             if t == "csa":
-                s.update({m + "compress_k.weight": (d["KV"], d["KV"]),
-                          m + "compress_v.weight": (d["KV"], d["KV"]),
-                          m + "blend_proj.weight": (d["QD"], H)})
+                s.update(
+                    {
+                        m + "compress_k.weight": (d["KV"], d["KV"]),
+                        m + "compress_v.weight": (d["KV"], d["KV"]),
+                        m + "blend_proj.weight": (d["QD"], H),
+                    }
+                )
     return s
 
 
@@ -272,8 +335,7 @@ def check_tensors(cfg: dict, tensors: dict[str, np.ndarray]) -> None:
         if np.array_equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")):
             unknown.remove("lm_head.weight")  # a tied copy saved explicitly: harmless
         else:
-            raise ExportError("tie_word_embeddings is true but lm_head.weight differs from "
-                              "model.embed_tokens.weight")
+            raise ExportError("tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight")
     if missing or unknown:
         msg = []
         if missing:
@@ -281,8 +343,7 @@ def check_tensors(cfg: dict, tensors: dict[str, np.ndarray]) -> None:
         if unknown:
             msg.append("unknown tensors: " + ", ".join(unknown))
         raise ExportError("; ".join(msg))
-    bad = [f"{n}: {tuple(tensors[n].shape)} != {shp}" for n, shp in exp.items()
-           if tuple(tensors[n].shape) != shp]
+    bad = [f"{n}: {tuple(tensors[n].shape)} != {shp}" for n, shp in exp.items() if tuple(tensors[n].shape) != shp]
     if bad:
         raise ExportError("shape mismatch: " + "; ".join(bad))
 
@@ -334,8 +395,7 @@ def quantize_int8(w: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray]:
 
 def dequantize_int8(q: np.ndarray, scale: np.ndarray, g: int) -> np.ndarray:
     rows, cols = q.shape
-    return (q.reshape(rows, cols // g, g).astype(np.float32)
-            * scale.reshape(rows, cols // g, 1)).reshape(rows, cols)
+    return (q.reshape(rows, cols // g, g).astype(np.float32) * scale.reshape(rows, cols // g, 1)).reshape(rows, cols)
 
 
 def mat_kc(dtype: str, cols: int, group: int) -> int:
@@ -357,9 +417,9 @@ def pack_blocks(a: np.ndarray, kc: int) -> np.ndarray:
     nb, nr = rows // 4, rows % 4
     parts = []
     if nb:
-        parts.append(a[:nb * 4].reshape(nb, 4, cols // kc, kc).transpose(0, 2, 1, 3).reshape(-1))
+        parts.append(a[: nb * 4].reshape(nb, 4, cols // kc, kc).transpose(0, 2, 1, 3).reshape(-1))
     if nr:
-        parts.append(a[nb * 4:].reshape(1, nr, cols // kc, kc).transpose(0, 2, 1, 3).reshape(-1))
+        parts.append(a[nb * 4 :].reshape(1, nr, cols // kc, kc).transpose(0, 2, 1, 3).reshape(-1))
     return np.ascontiguousarray(np.concatenate(parts))
 
 
@@ -373,21 +433,35 @@ def header_bytes(cfg: dict, dtype: str, group: int, n_tensors: int, file_size: i
     h = bytearray(HEADER_SIZE)
     struct.pack_into("<6I", h, 0, MAGIC, version, HEADER_SIZE, DTYPES[dtype], group, ALIGN)
     struct.pack_into("<Q", h, 24, file_size)
-    ints = [cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"],
-            cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
-            cfg["head_dim"], cfg["max_position_embeddings"], d["R"], cfg["linear_num_key_heads"],
-            cfg["linear_num_value_heads"], cfg["linear_key_head_dim"],
-            cfg["linear_value_head_dim"], cfg["linear_conv_kernel_dim"], cfg["csa_stride"],
-            cfg["csa_window"], int(bool(cfg["hyper_connections"])),
-            int(bool(cfg["tie_word_embeddings"])),
-            -1 if cfg["bos_token_id"] is None else cfg["bos_token_id"],
-            eos[0] if eos else -1]
+    ints = [
+        cfg["vocab_size"],
+        cfg["hidden_size"],
+        cfg["intermediate_size"],
+        cfg["num_hidden_layers"],
+        cfg["num_attention_heads"],
+        cfg["num_key_value_heads"],
+        cfg["head_dim"],
+        cfg["max_position_embeddings"],
+        d["R"],
+        cfg["linear_num_key_heads"],
+        cfg["linear_num_value_heads"],
+        cfg["linear_key_head_dim"],
+        cfg["linear_value_head_dim"],
+        cfg["linear_conv_kernel_dim"],
+        cfg["csa_stride"],
+        cfg["csa_window"],
+        int(bool(cfg["hyper_connections"])),
+        int(bool(cfg["tie_word_embeddings"])),
+        -1 if cfg["bos_token_id"] is None else cfg["bos_token_id"],
+        eos[0] if eos else -1,
+    ]
     struct.pack_into("<20i", h, 32, *ints)
     if version >= 2:
         struct.pack_into(f"<{1 + len(eos)}i", h, EOS_OFFSET, len(eos), *eos)
     struct.pack_into("<I", h, 112, n_tensors)
-    struct.pack_into("<3d", h, 120, float(cfg["rope_theta"]), float(cfg["partial_rotary_factor"]),
-                     float(cfg["rms_norm_eps"]))
+    struct.pack_into(
+        "<3d", h, 120, float(cfg["rope_theta"]), float(cfg["partial_rotary_factor"]), float(cfg["rms_norm_eps"])
+    )
     for i, t in enumerate(cfg["mixer_types"]):
         h[TYPES_OFFSET + i] = MIXER_CODES[t]
     return bytes(h)
@@ -418,8 +492,7 @@ def export(src: str, out_path: str, dtype: str = "fp32", group_size="auto", verb
         raise
     os.replace(tmp, out_path)
     if verbose:
-        print(f"wrote {out_path}: {dtype}, group {group}, {len(entries)} tensors, {size} bytes",
-              file=sys.stderr)
+        print(f"wrote {out_path}: {dtype}, group {group}, {len(entries)} tensors, {size} bytes", file=sys.stderr)
     return dict(config=cfg, group_size=group, n_tensors=len(entries), size=size, dir=d)
 
 
@@ -460,29 +533,46 @@ def main(argv=None) -> int:
     ap.add_argument("src", help="checkpoint directory (config.json + *.safetensors) or hub id")
     ap.add_argument("out", help="output model .bin")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    ap.add_argument("--group-size", default="auto", help="int8 group size (auto: largest of "
-                    f"{GROUP_CANDIDATES} dividing every row length)")
+    ap.add_argument(
+        "--group-size",
+        default="auto",
+        help=f"int8 group size (auto: largest of {GROUP_CANDIDATES} dividing every row length)",
+    )
     ap.add_argument("--tokenizer-out", help="also write tokenizer.bin here")
     ap.add_argument("--tokenizer-src", help="tokenizer directory (default: the checkpoint dir)")
-    ap.add_argument("--chat-marker", action="append", default=[], metavar="KEY=VALUE",
-                    help="chat-template marker stored in tokenizer.bin (repeatable; overrides one "
-                    "key of the default llamathink.chat_format.CHAT_MARKERS)")
-    ap.add_argument("--no-chat-markers", action="store_true",
-                    help="store no default chat markers in tokenizer.bin (only --chat-marker ones)")
-    ap.add_argument("--tokenizer-sentencepiece", action="store_true",
-                    help="tokenizer.model source: SentencePiece's own rules instead of "
-                    "transformers' LlamaTokenizer's (see export_c/README.md)")
+    ap.add_argument(
+        "--chat-marker",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="chat-template marker stored in tokenizer.bin (repeatable; overrides one "
+        "key of the default llamathink.chat_format.CHAT_MARKERS)",
+    )
+    ap.add_argument(
+        "--no-chat-markers",
+        action="store_true",
+        help="store no default chat markers in tokenizer.bin (only --chat-marker ones)",
+    )
+    ap.add_argument(
+        "--tokenizer-sentencepiece",
+        action="store_true",
+        help="tokenizer.model source: SentencePiece's own rules instead of "
+        "transformers' LlamaTokenizer's (see export_c/README.md)",
+    )
     a = ap.parse_args(argv)
     try:
         info = export(a.src, a.out, a.dtype, a.group_size)
         if a.tokenizer_out:
             from .tokenizer_export import chat_markers, export_tokenizer
-            export_tokenizer(a.tokenizer_src or info["dir"], a.tokenizer_out,
-                             chat_markers(a.chat_marker, not a.no_chat_markers),
-                             a.tokenizer_sentencepiece)
+
+            export_tokenizer(
+                a.tokenizer_src or info["dir"],
+                a.tokenizer_out,
+                chat_markers(a.chat_marker, not a.no_chat_markers),
+                a.tokenizer_sentencepiece,
+            )
     except Exception as e:  # ExportError, TokenizerExportError, I/O errors
-        if not isinstance(e, (ExportError, OSError, ValueError)) and \
-                type(e).__name__ != "TokenizerExportError":
+        if not isinstance(e, (ExportError, OSError, ValueError)) and type(e).__name__ != "TokenizerExportError":
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -2,6 +2,7 @@
 semantics in export_c/README.md.  Used by tests to check run.c independently of the PyTorch
 model, and to build small random checkpoints (make_random_checkpoint) when no model is around.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,11 +82,11 @@ def forward(cfg: dict, W: dict, ids) -> np.ndarray:
             pad = np.concatenate([np.zeros((K - 1, qkv.shape[1])), qkv], 0)
             u = np.zeros_like(qkv)
             for j in range(K):
-                u += cw[:, j] * pad[j:j + T]
+                u += cw[:, j] * pad[j : j + T]
             u = _silu(u)
-            q = u[:, :Hk * Dk].reshape(T, Hk, Dk)
-            k = u[:, Hk * Dk:2 * Hk * Dk].reshape(T, Hk, Dk)
-            v = u[:, 2 * Hk * Dk:].reshape(T, Hv, Dv)
+            q = u[:, : Hk * Dk].reshape(T, Hk, Dk)
+            k = u[:, Hk * Dk : 2 * Hk * Dk].reshape(T, Hk, Dk)
+            v = u[:, 2 * Hk * Dk :].reshape(T, Hv, Dv)
             q = q / np.sqrt((q * q).sum(-1, keepdims=True) + 1e-6) / np.sqrt(Dk)
             k = k / np.sqrt((k * k).sum(-1, keepdims=True) + 1e-6)
             rep = Hv // Hk
@@ -128,8 +129,8 @@ def forward(cfg: dict, W: dict, ids) -> np.ndarray:
                 nb = T // S_
                 comp = np.zeros((T, Hq, D))
                 if nb > 0:
-                    km = kr[:nb * S_].reshape(nb, S_, Hkv * D).mean(1)
-                    vm = v[:nb * S_].reshape(nb, S_, Hkv * D).mean(1)
+                    km = kr[: nb * S_].reshape(nb, S_, Hkv * D).mean(1)
+                    vm = v[: nb * S_].reshape(nb, S_, Hkv * D).mean(1)
                     kc = (km @ W[m + "compress_k.weight"].T).reshape(nb, Hkv, D)
                     vc = (vm @ W[m + "compress_v.weight"].T).reshape(nb, Hkv, D)
                     kc = _rope(kc, np.arange(nb) * S_ + S_ // 2, R, theta)
@@ -148,7 +149,9 @@ def forward(cfg: dict, W: dict, ids) -> np.ndarray:
         else:
             h = h + y
         x = _rms(h, 1 + W[p + "post_attention_layernorm.weight"], eps)
-        y = (_silu(x @ W[p + "mlp.gate_proj.weight"].T) * (x @ W[p + "mlp.up_proj.weight"].T)) @ W[p + "mlp.down_proj.weight"].T
+        y = (_silu(x @ W[p + "mlp.gate_proj.weight"].T) * (x @ W[p + "mlp.up_proj.weight"].T)) @ W[
+            p + "mlp.down_proj.weight"
+        ].T
         if c["hyper_connections"]:
             h = (1 + W[p + "mlp_residual_scale"]) * h + (1 + W[p + "mlp_sublayer_scale"]) * y
         else:

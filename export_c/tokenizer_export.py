@@ -26,6 +26,7 @@ the chat template that run.c's chat mode rebuilds; it ignores assistant_suffix, 
 turn ends with the EOS token); --chat-marker KEY=VALUE overrides or adds one key
 (backslash escapes such as \\n are decoded), --no-chat-markers stores only the --chat-marker ones.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,12 +74,12 @@ def _fields(b: bytes):
         if wt == 0:
             v, i = _varint(b, i)
         elif wt == 1:
-            v, i = b[i:i + 8], i + 8
+            v, i = b[i : i + 8], i + 8
         elif wt == 2:
             n, i = _varint(b, i)
-            v, i = b[i:i + n], i + n
+            v, i = b[i : i + n], i + n
         elif wt == 5:
-            v, i = b[i:i + 4], i + 4
+            v, i = b[i : i + 4], i + 4
         else:
             raise TokenizerExportError(f"unsupported protobuf wire type {wt}")
         yield fn, wt, v
@@ -113,10 +114,16 @@ def read_sentencepiece(path: str) -> dict:
         v = trainer.get(field, default)
         return v - (1 << 64) if isinstance(v, int) and v >= 1 << 63 else v
 
-    return dict(pieces=pieces, scores=scores, types=types,
-                unk=sid(40, 0), bos=sid(41, 1), eos=sid(42, 2),
-                byte_fallback=bool(trainer.get(35, 0)),
-                add_dummy_prefix=bool(normalizer.get(3, 1)))
+    return dict(
+        pieces=pieces,
+        scores=scores,
+        types=types,
+        unk=sid(40, 0),
+        bos=sid(41, 1),
+        eos=sid(42, 2),
+        byte_fallback=bool(trainer.get(35, 0)),
+        add_dummy_prefix=bool(normalizer.get(3, 1)),
+    )
 
 
 def _normalizer_steps(j: dict) -> list:
@@ -128,8 +135,7 @@ def _normalizer_steps(j: dict) -> list:
 
 
 def _is_text_guard(step: dict) -> bool:
-    return (step.get("type") == "Replace" and step.get("pattern") == {"String": TEXT_GUARD}
-            and step.get("content") == "")
+    return step.get("type") == "Replace" and step.get("pattern") == {"String": TEXT_GUARD} and step.get("content") == ""
 
 
 def text_guard_flag(j: dict, path: str) -> int:
@@ -143,9 +149,11 @@ def text_guard_flag(j: dict, path: str) -> int:
     for step in steps:
         pattern = step.get("pattern") if step.get("type") == "Replace" else None
         if isinstance(pattern, dict) and TEXT_GUARD in str(pattern.get("String", pattern.get("Regex", ""))):
-            raise TokenizerExportError(f"{path}: a normalizer step replaces U+FDD0 but is not the text guard "
-                                       "(Replace(U+FDD0, '') as the first step, as llamathink.chat_format."
-                                       "set_chat_template installs it); run.c cannot encode it exactly")
+            raise TokenizerExportError(
+                f"{path}: a normalizer step replaces U+FDD0 but is not the text guard "
+                "(Replace(U+FDD0, '') as the first step, as llamathink.chat_format."
+                "set_chat_template installs it); run.c cannot encode it exactly"
+            )
     return 0
 
 
@@ -169,8 +177,7 @@ def read_hf_json(path: str) -> dict:
         j = json.load(f)
     model = j.get("model", {})
     if model.get("type") != "BPE":
-        raise TokenizerExportError(f"{path}: only BPE tokenizers are supported "
-                                   f"(got {model.get('type')})")
+        raise TokenizerExportError(f"{path}: only BPE tokenizers are supported (got {model.get('type')})")
     vocab = model["vocab"]
     n = max(vocab.values()) + 1
     for t in j.get("added_tokens", []):
@@ -232,8 +239,16 @@ def read_hf_json(path: str) -> dict:
         bos = next((i for i, p in enumerate(pieces) if p == b"<s>"), -1)
     if eos is None:
         eos = next((i for i, p in enumerate(pieces) if p == b"</s>"), -1)
-    return dict(pieces=pieces, scores=scores, types=types, unk=unk, bos=bos, eos=eos,
-                byte_fallback=bool(model.get("byte_fallback")), flags=flags)
+    return dict(
+        pieces=pieces,
+        scores=scores,
+        types=types,
+        unk=unk,
+        bos=bos,
+        eos=eos,
+        byte_fallback=bool(model.get("byte_fallback")),
+        flags=flags,
+    )
 
 
 def load_tokenizer(src: str, sentencepiece_rules: bool = False) -> dict:
@@ -244,8 +259,7 @@ def load_tokenizer(src: str, sentencepiece_rules: bool = False) -> dict:
             # transformers' LlamaTokenizer (v5) converts a SentencePiece BPE model into merges
             # ranked by the merged piece's id, not by its score (they differ for e.g.
             # "\u2581\u2581": score -1e9, id 259); rank by id so that encodings match it exactly.
-            t["scores"] = [-float(i) if ty in (NORMAL, USER_DEFINED) else 0.0
-                           for i, ty in enumerate(t["types"])]
+            t["scores"] = [-float(i) if ty in (NORMAL, USER_DEFINED) else 0.0 for i, ty in enumerate(t["types"])]
         flags = 0
         if t["add_dummy_prefix"]:
             flags |= FLAG_DUMMY_PREFIX
@@ -293,8 +307,11 @@ def default_chat_markers() -> dict:
     try:
         from llamathink.chat_format import CHAT_MARKERS
     except ImportError as e:
-        print(f"warning: llamathink.chat_format is not importable ({e}); tokenizer.bin gets no chat "
-              "markers (run.c's chat mode then uses its built-in copy of LlamaThink's)", file=sys.stderr)
+        print(
+            f"warning: llamathink.chat_format is not importable ({e}); tokenizer.bin gets no chat "
+            "markers (run.c's chat mode then uses its built-in copy of LlamaThink's)",
+            file=sys.stderr,
+        )
         return {}
     return dict(CHAT_MARKERS)
 
@@ -311,8 +328,22 @@ def write_tokenizer_bin(t: dict, out_path: str, markers: dict | None = None) -> 
     n = len(t["pieces"])
     max_len = max(1, max(len(p) for p in t["pieces"]))
     hdr = bytearray(TK_HEADER_SIZE)
-    struct.pack_into("<3I8i", hdr, 0, TK_MAGIC, TK_VERSION, TK_HEADER_SIZE, n, max_len,
-                     t["bos"], t["eos"], t["unk"], t["byte0"], t["flags"], len(markers))
+    struct.pack_into(
+        "<3I8i",
+        hdr,
+        0,
+        TK_MAGIC,
+        TK_VERSION,
+        TK_HEADER_SIZE,
+        n,
+        max_len,
+        t["bos"],
+        t["eos"],
+        t["unk"],
+        t["byte0"],
+        t["flags"],
+        len(markers),
+    )
     body = bytearray()
     for p, s, ty in zip(t["pieces"], t["scores"], t["types"]):
         body += struct.pack("<fIB", s, len(p), ty) + p
@@ -323,16 +354,17 @@ def write_tokenizer_bin(t: dict, out_path: str, markers: dict | None = None) -> 
         f.write(bytes(hdr) + bytes(body))
 
 
-def export_tokenizer(src: str, out_path: str, markers: dict | None = None,
-                     sentencepiece_rules: bool = False) -> dict:
+def export_tokenizer(src: str, out_path: str, markers: dict | None = None, sentencepiece_rules: bool = False) -> dict:
     """Write tokenizer.bin; markers=None stores the default chat markers (CHAT_MARKERS), a dict
     stores exactly those ({} for none)."""
     t = load_tokenizer(src, sentencepiece_rules)
     if markers is None:
         markers = default_chat_markers()
     write_tokenizer_bin(t, out_path, markers)
-    print(f"wrote {out_path}: {len(t['pieces'])} pieces, bos {t['bos']} eos {t['eos']}, "
-          f"{len(markers)} chat markers", file=sys.stderr)
+    print(
+        f"wrote {out_path}: {len(t['pieces'])} pieces, bos {t['bos']} eos {t['eos']}, {len(markers)} chat markers",
+        file=sys.stderr,
+    )
     return t
 
 
@@ -340,19 +372,27 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m export_c.tokenizer_export")
     ap.add_argument("src", help="directory with tokenizer.model or tokenizer.json (or the file)")
     ap.add_argument("out")
-    ap.add_argument("--chat-marker", action="append", default=[], metavar="KEY=VALUE",
-                    help="set one chat-template marker (repeatable; default: llamathink.chat_format.CHAT_MARKERS)")
-    ap.add_argument("--no-chat-markers", action="store_true",
-                    help="store no default chat markers (only --chat-marker ones)")
-    ap.add_argument("--sentencepiece", action="store_true",
-                    help="tokenizer.model only: encode like SentencePiece itself (and like "
-                    "llamathink.tokenizer_utils): merges by piece score, dummy prefix always; "
-                    "default: like transformers' LlamaTokenizer (merges by piece id, no prefix "
-                    "when the text starts with a space)")
+    ap.add_argument(
+        "--chat-marker",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set one chat-template marker (repeatable; default: llamathink.chat_format.CHAT_MARKERS)",
+    )
+    ap.add_argument(
+        "--no-chat-markers", action="store_true", help="store no default chat markers (only --chat-marker ones)"
+    )
+    ap.add_argument(
+        "--sentencepiece",
+        action="store_true",
+        help="tokenizer.model only: encode like SentencePiece itself (and like "
+        "llamathink.tokenizer_utils): merges by piece score, dummy prefix always; "
+        "default: like transformers' LlamaTokenizer (merges by piece id, no prefix "
+        "when the text starts with a space)",
+    )
     a = ap.parse_args(argv)
     try:
-        export_tokenizer(a.src, a.out, chat_markers(a.chat_marker, not a.no_chat_markers),
-                         a.sentencepiece)
+        export_tokenizer(a.src, a.out, chat_markers(a.chat_marker, not a.no_chat_markers), a.sentencepiece)
     except TokenizerExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

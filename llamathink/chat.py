@@ -84,8 +84,16 @@ class ChatSession:
     generates (streaming to ``stream`` if given) and records the reply. On any interruption (Ctrl-C included) the
     history is left as it was before the call."""
 
-    def __init__(self, model, tokenizer, *, system: str | None = None, settings: GenerationSettings | None = None,
-                 max_context: int | None = None, notices: TextIO | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        system: str | None = None,
+        settings: GenerationSettings | None = None,
+        max_context: int | None = None,
+        notices: TextIO | None = None,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.system = system
         self.settings = settings or GenerationSettings()
@@ -107,23 +115,33 @@ class ChatSession:
 
         before = list(self.messages)
         try:
-            msgs, dropped = trim_history(self.tokenizer, before + [{"role": "user", "content": text}],
-                                         self.max_context - self.reserve)  # fmt: skip
+            msgs, dropped = trim_history(
+                self.tokenizer, before + [{"role": "user", "content": text}], self.max_context - self.reserve
+            )
             if dropped and self.notices is not None:
-                self.notices.write(f"[dropped the {dropped} oldest message{'s' if dropped > 1 else ''} to fit the "
-                                   f"{self.max_context}-token context window]\n")  # fmt: skip
+                self.notices.write(
+                    f"[dropped the {dropped} oldest message{'s' if dropped > 1 else ''} to fit the "
+                    f"{self.max_context}-token context window]\n"
+                )
                 self.notices.flush()
             ids = prompt_ids(self.tokenizer, msgs)
             max_new = min(self.settings.max_new_tokens, self.max_context - len(ids))
             device = next(self.model.parameters()).device
             input_ids = torch.tensor([ids], dtype=torch.long, device=device)
             s = self.settings
-            kwargs: dict[str, Any] = dict(max_new_tokens=max_new, eos_token_id=self.tokenizer.eos_token_id,
-                                          pad_token_id=self.tokenizer.pad_token_id,
-                                          attention_mask=torch.ones_like(input_ids))  # fmt: skip
+            kwargs: dict[str, Any] = dict(
+                max_new_tokens=max_new,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                attention_mask=torch.ones_like(input_ids),
+            )
             if s.temperature > 0:
-                kwargs.update(do_sample=True, temperature=s.temperature, top_k=max(0, int(s.top_k)),
-                              top_p=min(1.0, float(s.top_p)))  # fmt: skip
+                kwargs.update(
+                    do_sample=True,
+                    temperature=s.temperature,
+                    top_k=max(0, int(s.top_k)),
+                    top_p=min(1.0, float(s.top_p)),
+                )
             else:
                 kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
             if stream is not None:
@@ -161,8 +179,9 @@ def _read_line(stdin: TextIO, prompt: str) -> str | None:
     return None if line == "" else line
 
 
-def run_interactive(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None = None,
-                    stderr: TextIO | None = None) -> int:  # fmt: skip
+def run_interactive(
+    session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None
+) -> int:
     """The interactive loop: read a line, stream the reply, repeat until EOF, ``/exit`` or Ctrl-C at the prompt."""
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     tty = stdin is sys.stdin and stdin.isatty()
@@ -202,8 +221,14 @@ def run_interactive(session: ChatSession, stdin: TextIO | None = None, stdout: T
         stderr.flush()
 
 
-def load_chat_model(path: str, *, tokenizer: str | None = None, device: str = "auto", dtype: str = "auto",
-                    trust_remote_code: bool = False):  # fmt: skip
+def load_chat_model(
+    path: str,
+    *,
+    tokenizer: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+):
     """Model (eval mode) and tokenizer for chatting. A tokenizer without a chat template gets LlamaThink's."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -232,11 +257,15 @@ def load_chat_model(path: str, *, tokenizer: str | None = None, device: str = "a
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``llamathink-chat`` command (``argv`` defaults to ``sys.argv[1:]``); returns the exit status: 0, 1 when
     the message is refused or too long for the context window, 130 on Ctrl-C during a one-shot reply."""
-    ap = argparse.ArgumentParser(prog="llamathink-chat", description="Chat with a (finetuned) LlamaThink model in "
-                                 "the terminal; replies stream as they are generated. " + HELP + ".")  # fmt: skip
+    ap = argparse.ArgumentParser(
+        prog="llamathink-chat",
+        description="Chat with a (finetuned) LlamaThink model in "
+        "the terminal; replies stream as they are generated. " + HELP + ".",
+    )
     ap.add_argument("model", help="a save_pretrained directory (e.g. runs/quickstart/chat/final) or a Hub id")
-    ap.add_argument("-p", "--prompt", help="one-shot: send this message ('-' reads it from stdin), print the reply "
-                    "and exit")  # fmt: skip
+    ap.add_argument(
+        "-p", "--prompt", help="one-shot: send this message ('-' reads it from stdin), print the reply and exit"
+    )
     ap.add_argument("--system", help="system prompt")
     ap.add_argument("--tokenizer", help="tokenizer (default: the model's)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
@@ -249,8 +278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-stream", action="store_true", help="print each reply when complete")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    ap.add_argument("--trust-remote-code", action="store_true",
-                    help="load the model code stored with the checkpoint (needed only without this package)")
+    ap.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="load the model code stored with the checkpoint (needed only without this package)",
+    )
     args = ap.parse_args(argv)
     if args.max_new_tokens < 1:
         ap.error("--max-new-tokens must be at least 1")
@@ -270,12 +302,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    model, tokenizer = load_chat_model(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
-                                       trust_remote_code=args.trust_remote_code)  # fmt: skip
-    settings = GenerationSettings(args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_k,
-                                  args.top_p)  # fmt: skip
-    session = ChatSession(model, tokenizer, system=args.system, settings=settings, max_context=args.max_context,
-                          notices=sys.stderr)  # fmt: skip
+    model, tokenizer = load_chat_model(
+        args.model,
+        tokenizer=args.tokenizer,
+        device=args.device,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+    )
+    settings = GenerationSettings(args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_k, args.top_p)
+    session = ChatSession(
+        model, tokenizer, system=args.system, settings=settings, max_context=args.max_context, notices=sys.stderr
+    )
     if args.prompt is None:
         return run_interactive(session)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt

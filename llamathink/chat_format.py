@@ -166,8 +166,10 @@ def check_chat_tokenizer(tokenizer) -> None:
         elif getattr(token, "normalized", False):
             problem = "is matched after normalization (normalized=True)"
         if problem:
-            raise ValueError(f"added token {content!r} {problem}; the LlamaThink chat format cannot keep message "
-                             "content from being read as this token")  # fmt: skip
+            raise ValueError(
+                f"added token {content!r} {problem}; the LlamaThink chat format cannot keep message "
+                "content from being read as this token"
+            )
 
 
 def _install_text_guard(tokenizer) -> None:
@@ -176,8 +178,9 @@ def _install_text_guard(tokenizer) -> None:
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ValueError(f"the LlamaThink chat template needs a fast (tokenizers-backed) tokenizer, got "
-                         f"{type(tokenizer).__name__}")  # fmt: skip
+        raise ValueError(
+            f"the LlamaThink chat template needs a fast (tokenizers-backed) tokenizer, got {type(tokenizer).__name__}"
+        )
     state = json.loads(backend.to_str()).get("normalizer") or {}
     steps = state.get("normalizers", []) if state.get("type") == "Sequence" else [state]
     first = steps[0] if steps else {}
@@ -228,18 +231,28 @@ def check_content(i: int, content: str) -> None:
     """Refuse the content of message `i` (ValueError naming it) when it holds U+FDD0 (`TEXT_GUARD`) or a lone
     surrogate (text that was not valid UTF-8)."""
     if TEXT_GUARD in content:
-        raise ValueError(f"message {i} contains U+FDD0, a Unicode noncharacter the chat template reserves to keep "
-                         "content from forming special tokens; remove it")  # fmt: skip
+        raise ValueError(
+            f"message {i} contains U+FDD0, a Unicode noncharacter the chat template reserves to keep "
+            "content from forming special tokens; remove it"
+        )
     # a lone surrogate is not text (Python decodes invalid UTF-8 input to them with surrogateescape): the
     # tokenizer cannot encode it, and run.c refuses the same bytes
     bad = _LONE_SURROGATE.search(content)
     if bad:
-        raise ValueError(f"message {i} is not valid text: lone surrogate U+{ord(bad.group()):04X} at character "
-                         f"{bad.start()} (invalid UTF-8 input?)")  # fmt: skip
+        raise ValueError(
+            f"message {i} is not valid text: lone surrogate U+{ord(bad.group()):04X} at character "
+            f"{bad.start()} (invalid UTF-8 input?)"
+        )
 
 
-ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant",
-                "person1": "user", "person2": "assistant"}  # fmt: skip
+ROLE_ALIASES = {
+    "human": "user",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "person1": "user",
+    "person2": "assistant",
+}
 
 
 def normalize_messages(messages: Iterable[dict]) -> list[dict]:
@@ -263,8 +276,14 @@ def normalize_messages(messages: Iterable[dict]) -> list[dict]:
     return out
 
 
-def render_chat(messages: Sequence[dict], *, bos_token: str = "<s>", eos_token: str = "</s>",
-                add_generation_prompt: bool = False, guard: bool = False) -> RenderedChat:  # fmt: skip
+def render_chat(
+    messages: Sequence[dict],
+    *,
+    bos_token: str = "<s>",
+    eos_token: str = "</s>",
+    add_generation_prompt: bool = False,
+    guard: bool = False,
+) -> RenderedChat:
     """The chat format in Python: the rendered text, where each message and each trained span (assistant content
     and its EOS) lie in it, and where the template's own BOS/EOS tokens are (``special_spans``).
 
@@ -297,12 +316,14 @@ def render_chat(messages: Sequence[dict], *, bos_token: str = "<s>", eos_token: 
     return RenderedChat("".join(parts), message_spans, label_spans, special_spans)
 
 
-def apply_template(messages: Sequence[dict], *, bos_token: str = "<s>", eos_token: str = "</s>",
-                   add_generation_prompt: bool = False) -> str:  # fmt: skip
+def apply_template(
+    messages: Sequence[dict], *, bos_token: str = "<s>", eos_token: str = "</s>", add_generation_prompt: bool = False
+) -> str:
     """The rendered text of ``messages``, guarded (what ``tokenizer.apply_chat_template(..., tokenize=False)``
     returns with :data:`CHAT_TEMPLATE`; for content without ``<`` the plain text)."""
-    return render_chat(messages, bos_token=bos_token, eos_token=eos_token,
-                       add_generation_prompt=add_generation_prompt, guard=True).text  # fmt: skip
+    return render_chat(
+        messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt, guard=True
+    ).text
 
 
 def encode_rendered(tokenizer, rendered: Sequence[RenderedChat]) -> list[tuple[list[int], list[tuple[int, int]]]]:
@@ -327,8 +348,13 @@ def encode_rendered(tokenizer, rendered: Sequence[RenderedChat]) -> list[tuple[l
                 items.append(("special", (special_id[kind], start, stop)))
             pos = stop
         layout.append(items)
-    enc = tokenizer([t for _, t in segments], add_special_tokens=False, split_special_tokens=True,
-                    return_offsets_mapping=True) if segments else {"input_ids": [], "offset_mapping": []}  # fmt: skip
+    enc = (
+        tokenizer(
+            [t for _, t in segments], add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
+        )
+        if segments
+        else {"input_ids": [], "offset_mapping": []}
+    )
     out = []
     for items in layout:
         ids: list[int] = []
@@ -354,8 +380,12 @@ def chat_ids(tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool
     ``from``/``value``)."""
     # imported here: llamathink.data.chat builds on this module, so a module-level import would be circular
 
-    rendered = render_chat(normalize_messages(messages), bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
-                           add_generation_prompt=add_generation_prompt)  # fmt: skip
+    rendered = render_chat(
+        normalize_messages(messages),
+        bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token,
+        add_generation_prompt=add_generation_prompt,
+    )
     return encode_rendered(tokenizer, [rendered])[0][0]
 
 
@@ -392,8 +422,10 @@ def trim_history(tokenizer, messages: Sequence[dict], budget: int) -> tuple[list
     dropped = 0
     while len(prompt_ids(tokenizer, msgs)) > budget:
         if len(msgs) - n_system <= 1:
-            raise ContextOverflow(f"the message is too long for the context window ({len(prompt_ids(tokenizer, msgs))} "
-                                  f"tokens with the template; at most {budget} leave room for the reply)")  # fmt: skip
+            raise ContextOverflow(
+                f"the message is too long for the context window ({len(prompt_ids(tokenizer, msgs))} "
+                f"tokens with the template; at most {budget} leave room for the reply)"
+            )
         del msgs[n_system]
         dropped += 1
         while len(msgs) - n_system > 1 and msgs[n_system]["role"] == "assistant":

@@ -153,11 +153,23 @@ class LlamaThinkConfig(PretrainedConfig):
     def validate_llamathink(self):
         """Raise `ValueError` naming the field when the configuration cannot describe a working model."""
         positive_ints = (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "max_position_embeddings", "linear_num_key_heads",
-            "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim",
-            "csa_stride", "csa_window", "gdn_chunk_size",
-        )  # fmt: skip
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+            "linear_num_key_heads",
+            "linear_num_value_heads",
+            "linear_key_head_dim",
+            "linear_value_head_dim",
+            "linear_conv_kernel_dim",
+            "csa_stride",
+            "csa_window",
+            "gdn_chunk_size",
+        )
         for name in positive_ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -193,11 +205,13 @@ class LlamaThinkConfig(PretrainedConfig):
                 f"number of rotary dims >= 2, got {rotary_dim}"
             )
         if self.csa_window < 2:
-            raise ValueError(f"csa_window must be at least 2 (the query's own token and one more), got {self.csa_window}")
+            raise ValueError(
+                f"csa_window must be at least 2 (the query's own token and one more), got {self.csa_window}"
+            )
         if self.gdn_backend not in GDN_BACKENDS:
             raise ValueError(f"gdn_backend={self.gdn_backend!r} is not one of the allowed values {list(GDN_BACKENDS)}")
         if not (isinstance(self.decode_cuda_graphs, bool) or self.decode_cuda_graphs == "always"):
-            raise ValueError(f"decode_cuda_graphs must be true, false or \"always\", got {self.decode_cuda_graphs!r}")
+            raise ValueError(f'decode_cuda_graphs must be true, false or "always", got {self.decode_cuda_graphs!r}')
         for name in ("hyper_connections", "rescale_prenorm_residual"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

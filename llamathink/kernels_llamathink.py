@@ -143,10 +143,15 @@ def _fla_chunk_eager(q, k, v, g, beta, scale, initial_state, output_final_state)
     chunk, _ = _fla_ops()
     dtype = _fla_dtype(v)
     return chunk(
-        q.to(dtype), k.to(dtype), v.to(dtype), g.float(), beta.to(dtype), scale=scale,
+        q.to(dtype),
+        k.to(dtype),
+        v.to(dtype),
+        g.float(),
+        beta.to(dtype),
+        scale=scale,
         initial_state=None if initial_state is None else initial_state.float(),
         output_final_state=output_final_state,
-    )  # fmt: skip
+    )
 
 
 def _empty_f32(like: torch.Tensor) -> torch.Tensor:  # custom ops return tensors, never None
@@ -169,16 +174,30 @@ def _define_fla_chunk_op():
 
     @torch.library.custom_op("llamathink::fla_chunk_gdn", mutates_args=())
     def fla_chunk_gdn(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, scale: float,
-        initial_state: torch.Tensor | None, output_final_state: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        g: torch.Tensor,
+        beta: torch.Tensor,
+        scale: float,
+        initial_state: torch.Tensor | None,
+        output_final_state: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v, beta [B, T, H, D] / [B, T, H] in one 16-bit or fp32 dtype, g fp32, all contiguous ->
         o [B, T, H, Dv], final state [B, H, Dk, Dv] fp32 (or empty), and what the backward needs: fla's per-chunk
         cumulative gates [B, T, H] fp32 and inverted WY matrices A [B, T, H, 64] (k's dtype)."""
         fwd, _ = _fla_chunk_internals()
         with _device_of(q):
-            g_cum, o, A, state = fwd(q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=initial_state,
-                                     output_final_state=output_final_state)[:4]  # fmt: skip
+            g_cum, o, A, state = fwd(
+                q=q,
+                k=k,
+                v=v,
+                g=g,
+                beta=beta,
+                scale=scale,
+                initial_state=initial_state,
+                output_final_state=output_final_state,
+            )[:4]
         if A.shape != (*v.shape[:3], 64) or A.dtype != k.dtype or g_cum.dtype != torch.float32:
             raise RuntimeError(
                 f"fla's chunk_gated_delta_rule_fwd returned A {tuple(A.shape)} {A.dtype}, gates {g_cum.dtype}: not "
@@ -194,24 +213,53 @@ def _define_fla_chunk_op():
 
     @torch.library.custom_op("llamathink::fla_chunk_gdn_backward", mutates_args=())
     def fla_chunk_gdn_backward(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cum: torch.Tensor, beta: torch.Tensor, A: torch.Tensor,
-        scale: float, initial_state: torch.Tensor | None, grad_o: torch.Tensor, grad_state: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        g_cum: torch.Tensor,
+        beta: torch.Tensor,
+        A: torch.Tensor,
+        scale: float,
+        initial_state: torch.Tensor | None,
+        grad_o: torch.Tensor,
+        grad_state: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gradients w.r.t. q, k, v, g, beta and the initial state (empty when there is none), by fla's backward."""
         _, bwd = _fla_chunk_internals()
         with _device_of(q):
-            dq, dk, dv, dbeta, dg, dh0 = bwd(q=q, k=k, v=v, g=g_cum, beta=beta, A=A, scale=scale,
-                                             initial_state=initial_state, do=grad_o.to(q.dtype).contiguous(),
-                                             dht=grad_state)[:6]  # fmt: skip
-        grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.float(), dbeta.to(beta.dtype),
-                 dh0.float() if dh0 is not None and initial_state is not None else _empty_f32(q))  # fmt: skip
+            dq, dk, dv, dbeta, dg, dh0 = bwd(
+                q=q,
+                k=k,
+                v=v,
+                g=g_cum,
+                beta=beta,
+                A=A,
+                scale=scale,
+                initial_state=initial_state,
+                do=grad_o.to(q.dtype).contiguous(),
+                dht=grad_state,
+            )[:6]
+        grads = (
+            dq.to(q.dtype),
+            dk.to(k.dtype),
+            dv.to(v.dtype),
+            dg.float(),
+            dbeta.to(beta.dtype),
+            dh0.float() if dh0 is not None and initial_state is not None else _empty_f32(q),
+        )
         return tuple(t.contiguous() for t in grads)
 
     @fla_chunk_gdn_backward.register_fake
     def _(q, k, v, g_cum, beta, A, scale, initial_state, grad_o, grad_state):
         dh0 = torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None else _empty_f32(q)
-        return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g_cum),
-                torch.empty_like(beta), dh0)  # fmt: skip
+        return (
+            torch.empty_like(q),
+            torch.empty_like(k),
+            torch.empty_like(v),
+            torch.empty_like(g_cum),
+            torch.empty_like(beta),
+            dh0,
+        )
 
     def setup_context(ctx, inputs, output):
         q, k, v, _, beta, scale, initial_state, _ = inputs
@@ -244,10 +292,15 @@ def fla_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, outp
     # kernels that produce q, k, v, g and beta (behind a graph break they were 13 ms of separate copies per step).
     dtype = _fla_dtype(v)
     o, state, _, _ = _fla_chunk_op(
-        q.to(dtype).contiguous(), k.to(dtype).contiguous(), v.to(dtype).contiguous(), g.float().contiguous(),
-        beta.to(dtype).contiguous(), scale, None if initial_state is None else initial_state.float().contiguous(),
+        q.to(dtype).contiguous(),
+        k.to(dtype).contiguous(),
+        v.to(dtype).contiguous(),
+        g.float().contiguous(),
+        beta.to(dtype).contiguous(),
+        scale,
+        None if initial_state is None else initial_state.float().contiguous(),
         output_final_state,
-    )  # fmt: skip
+    )
     return o.to(v.dtype), state if output_final_state else None
 
 
@@ -257,10 +310,15 @@ def fla_recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, 
     _, recurrent = _fla_ops()
     dtype = _fla_dtype(v)
     o, state = recurrent(
-        q.to(dtype), k.to(dtype), v.to(dtype), g=g.float(), beta=beta.to(dtype), scale=scale,
+        q.to(dtype),
+        k.to(dtype),
+        v.to(dtype),
+        g=g.float(),
+        beta=beta.to(dtype),
+        scale=scale,
         initial_state=None if initial_state is None else initial_state.float(),
         output_final_state=output_final_state,
-    )  # fmt: skip
+    )
     return o.to(v.dtype), state
 
 

@@ -73,8 +73,12 @@ def _pretraining_data(cfg) -> tuple[str, list[str]]:
         if _hub_id(source["name"]):
             datasets.append(source["name"])
     elif source.get("type") == "local" and paths and all(isinstance(p, str) for p in paths):
-        what = "local files (" + ", ".join(f"`{Path(p).name}`" for p in paths[:5]) + (
-            ", ..." if len(paths) > 5 else "") + ")"
+        what = (
+            "local files ("
+            + ", ".join(f"`{Path(p).name}`" for p in paths[:5])
+            + (", ..." if len(paths) > 5 else "")
+            + ")"
+        )
     else:
         what = "a prepared document collection"
     train = _field(meta, "train", dict) or {}
@@ -87,8 +91,9 @@ def _pretraining_data(cfg) -> tuple[str, list[str]]:
     return f"{what}, tokenized whole documents in `{cfg.data_dir}`{detail}", datasets
 
 
-def model_card_text(model, cfg, *, history: dict | None = None, tokens_seen: int | None = None,
-                    tokenizer=None, name: str | None = None) -> str:
+def model_card_text(
+    model, cfg, *, history: dict | None = None, tokens_seen: int | None = None, tokenizer=None, name: str | None = None
+) -> str:
     """The model card (Markdown with a YAML metadata header) for a finished LlamaThink run.
 
     Args:
@@ -125,12 +130,16 @@ def model_card_text(model, cfg, *, history: dict | None = None, tokens_seen: int
     if finetune:
         base_model = _hub_id(cfg.init_from)
         datasets = [d for d in [_hub_id(cfg.data), _hub_id(getattr(cfg, "eval_data", None))] if d]
-        data = ("the conversations bundled with LlamaThink (`llamathink/sample_data/conversations.jsonl`)"
-                if cfg.data == "sample" else f"conversations from `{cfg.data}`")
+        data = (
+            "the conversations bundled with LlamaThink (`llamathink/sample_data/conversations.jsonl`)"
+            if cfg.data == "sample"
+            else f"conversations from `{cfg.data}`"
+        )
         counts = (history or {}).get("data") or {}  # finetune_chat.prepare_data's counts
         if "train_conversations" in counts and "eval_conversations" in counts:
-            data += (f": {int(counts['train_conversations']):,} for training, "
-                     f"{int(counts['eval_conversations']):,} held out")
+            data += (
+                f": {int(counts['train_conversations']):,} for training, {int(counts['eval_conversations']):,} held out"
+            )
         origin = f"Chat-finetuned from `{cfg.init_from}` with `finetune_chat.py` (loss on assistant tokens only)"
         batch = f"{_count(cfg.micro_batch_size, 'conversation')} x {_count(cfg.grad_accum, 'micro-batch')}"
         eval_what = "held-out assistant loss (cross-entropy, nats per token)"
@@ -140,8 +149,10 @@ def model_card_text(model, cfg, *, history: dict | None = None, tokens_seen: int
         data, datasets = _pretraining_data(cfg)
         origin = "Pretrained" + (f" from `{cfg.init_from}`" if getattr(cfg, "init_from", None) else " from scratch")
         origin += " with `train_hf.py` (next-token prediction)"
-        batch = (f"{_count(cfg.micro_batch_size, 'sequence')} of {cfg.seq_len} tokens x "
-                 f"{_count(cfg.grad_accum, 'micro-batch')}")
+        batch = (
+            f"{_count(cfg.micro_batch_size, 'sequence')} of {cfg.seq_len} tokens x "
+            f"{_count(cfg.grad_accum, 'micro-batch')}"
+        )
         eval_what = "validation loss on the held-out shard (cross-entropy, nats per token)"
         tokens_what = "training tokens seen"
 
@@ -154,17 +165,23 @@ def model_card_text(model, cfg, *, history: dict | None = None, tokens_seen: int
         datasets=datasets or None,
     )
     if cfg.optimizer == "muon":
-        optimizer = (f"Muon (lr {cfg.muon_lr}) for hidden weight matrices, AdamW (lr {cfg.adamw_lr}, betas "
-                     f"{tuple(cfg.adamw_betas)}) for embeddings, norms, gates, conv and scalars")
+        optimizer = (
+            f"Muon (lr {cfg.muon_lr}) for hidden weight matrices, AdamW (lr {cfg.adamw_lr}, betas "
+            f"{tuple(cfg.adamw_betas)}) for embeddings, norms, gates, conv and scalars"
+        )
     else:
         optimizer = f"AdamW (lr {cfg.adamw_lr}, betas {tuple(cfg.adamw_betas)})"
     rows = [
         ("parameters", f"{params:,}" + (" (input and output embeddings tied)" if config.tie_word_embeddings else "")),
-        ("hidden size / layers", f"{config.hidden_size} / {config.num_hidden_layers}, mixers "
-                                 f"{_mixer_layout(config.mixer_types)}"),
+        (
+            "hidden size / layers",
+            f"{config.hidden_size} / {config.num_hidden_layers}, mixers {_mixer_layout(config.mixer_types)}",
+        ),
         ("mixers", "`linear`: Gated DeltaNet; `csa`: compressed sparse attention; `full`: gated full attention"),
-        ("attention heads", f"{config.num_attention_heads} query, {config.num_key_value_heads} key/value, "
-                            f"head_dim {config.head_dim}"),
+        (
+            "attention heads",
+            f"{config.num_attention_heads} query, {config.num_key_value_heads} key/value, head_dim {config.head_dim}",
+        ),
         ("MLP", f"SwiGLU, {config.intermediate_size}"),
         ("vocabulary / context", f"{config.vocab_size} / {config.max_position_embeddings} tokens"),
     ]
@@ -175,8 +192,11 @@ def model_card_text(model, cfg, *, history: dict | None = None, tokens_seen: int
         (tokens_what, f"{int(tokens_seen):,}" if tokens_seen is not None else "not recorded"),
         ("final " + eval_what, f"{last_eval[1]:.4f} at step {last_eval[0]:,}" if last_eval else "not measured"),
         ("optimizer", optimizer),
-        ("schedule", f"linear warmup over {_count(cfg.warmup_steps, 'step')}, cosine decay to {cfg.min_lr_ratio:g} "
-                     f"x the peak learning rate; weight decay {cfg.weight_decay:g}; gradient clip {cfg.grad_clip:g}"),
+        (
+            "schedule",
+            f"linear warmup over {_count(cfg.warmup_steps, 'step')}, cosine decay to {cfg.min_lr_ratio:g} "
+            f"x the peak learning rate; weight decay {cfg.weight_decay:g}; gradient clip {cfg.grad_clip:g}",
+        ),
         ("precision / seed", f"{cfg.mixed_precision} / {cfg.seed}"),
     ]
 
@@ -186,7 +206,7 @@ def model_card_text(model, cfg, *, history: dict | None = None, tokens_seen: int
     if chat:
         example = (
             'messages = [{"role": "user", "content": "Why is the sky blue?"}]\n'
-            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",\n"
+            'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",\n'
             "                                       return_dict=True)\n"
             "out = model.generate(**inputs, max_new_tokens=64, do_sample=True, temperature=0.7, top_p=0.9)\n"
             'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))'

@@ -57,9 +57,10 @@ logger = logging.get_logger(__name__)
 
 # transformers 5.24 renamed generate()'s cache argument from `past_key_values` to `cache`; accept both.
 _GENERATE_CACHE_KEY = (
-    "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    "cache"
+    if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
     else "past_key_values"
-)  # fmt: skip
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -673,7 +674,9 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         q, k, v, g, beta = self._heads_and_gates(qkv.transpose(1, 2).to(hidden_states.dtype), hidden_states, None)
         # The PyTorch step, also where fla is installed: inside a CUDA graph its handful of small kernels cost no
         # launch overhead, and it is the path whose capture is tested (fla's Triton launcher is not needed here).
-        o, final_state = torch_recurrent_gated_delta_rule(q, k, v, g, beta, self.head_k_dim**-0.5, state.recurrent, True)
+        o, final_state = torch_recurrent_gated_delta_rule(
+            q, k, v, g, beta, self.head_k_dim**-0.5, state.recurrent, True
+        )
         state.recurrent.copy_(final_state)
         return self._output(o, hidden_states)
 
@@ -699,9 +702,13 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         static_state.recurrent.copy_(cache_state.recurrent)
 
     def store_static_state(
-        self, static_state: GatedDeltaNetState, cache_state: GatedDeltaNetState, seq_length: int,
-        key_valid: torch.Tensor, max_real_length: int,
-    ):  # fmt: skip
+        self,
+        static_state: GatedDeltaNetState,
+        cache_state: GatedDeltaNetState,
+        seq_length: int,
+        key_valid: torch.Tensor,
+        max_real_length: int,
+    ):
         """The inverse of `load_static_state`: copies of the buffers become the cache's own tensors."""
         cache_state.conv, cache_state.recurrent = static_state.conv.clone(), static_state.recurrent.clone()
 
@@ -817,9 +824,13 @@ class LlamaThinkAttention(nn.Module):
         static_state.values[:, :, :seq_length].copy_(cache_state.values)
 
     def store_static_state(
-        self, static_state: AttentionState, cache_state: AttentionState, seq_length: int, key_valid: torch.Tensor,
+        self,
+        static_state: AttentionState,
+        cache_state: AttentionState,
+        seq_length: int,
+        key_valid: torch.Tensor,
         max_real_length: int,
-    ):  # fmt: skip
+    ):
         """The inverse of `load_static_state`: copies of the first `seq_length` slots become the cache's tensors."""
         cache_state.keys = static_state.keys[:, :, :seq_length].clone()
         cache_state.values = static_state.values[:, :, :seq_length].clone()
@@ -941,7 +952,9 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         out = out * any_visible[:, None].to(out.dtype)
 
         if state is not None:
-            self._update_blocks(state, new_k, new_v, kv, pos, valid, base, ctx.new_real_lengths, ctx.max_new_real_length)
+            self._update_blocks(
+                state, new_k, new_v, kv, pos, valid, base, ctx.new_real_lengths, ctx.max_new_real_length
+            )
         return out
 
     @torch.no_grad()
@@ -1074,9 +1087,13 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         state.partial.copy_(src.partial)
 
     def store_static_state(
-        self, static_state: CompressedAttentionState, cache_state: CompressedAttentionState, seq_length: int,
-        key_valid: torch.Tensor, max_real_length: int,
-    ):  # fmt: skip
+        self,
+        static_state: CompressedAttentionState,
+        cache_state: CompressedAttentionState,
+        seq_length: int,
+        key_valid: torch.Tensor,
+        max_real_length: int,
+    ):
         """The inverse of `load_static_state`. `key_valid` [B, max_len]: the decoder's real-token flags per cache
         index; `max_real_length`: the most real tokens of any row (how many block slots the cache keeps)."""
         state, dst, L = static_state, cache_state, seq_length
@@ -1096,8 +1113,11 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         """Training FLOPs (forward + backward) per token of one layer's two attentions, beyond its weight matmuls:
         12 * Hq * D * (min(W, seq_len) + seq_len / (2 * stride)): scores and weighted sum (2 products x 2 FLOPs per
         multiply-add x 3) over the window's keys and over the compressed blocks seen on average."""
-        return 12.0 * config.num_attention_heads * config.head_dim * (
-            min(config.csa_window, seq_len) + seq_len / (2 * config.csa_stride)
+        return (
+            12.0
+            * config.num_attention_heads
+            * config.head_dim
+            * (min(config.csa_window, seq_len) + seq_len / (2 * config.csa_stride))
         )
 
 
@@ -1286,9 +1306,13 @@ def is_plain_linear_head(head: nn.Module) -> bool:
     registry = torch.nn.modules.module
     return not any(
         getattr(registry, name, None)
-        for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                     "_global_backward_pre_hooks")
-    )  # fmt: skip
+        for name in (
+            "_global_forward_hooks",
+            "_global_forward_pre_hooks",
+            "_global_backward_hooks",
+            "_global_backward_pre_hooks",
+        )
+    )
 
 
 def _head_cross_entropy_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -1389,8 +1413,12 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
             init.copy_(module.A_log, gdn_A_log_init(module.num_v_heads, config.A_init_range))
             init.copy_(module.dt_bias, gdn_dt_bias_init(module.num_v_heads, config.dt_init_range))
         elif isinstance(module, LlamaThinkDecoderLayer) and module.hyper_connections:
-            for p in (module.mixer_residual_scale, module.mixer_sublayer_scale,
-                      module.mlp_residual_scale, module.mlp_sublayer_scale):  # fmt: skip
+            for p in (
+                module.mixer_residual_scale,
+                module.mixer_sublayer_scale,
+                module.mlp_residual_scale,
+                module.mlp_sublayer_scale,
+            ):
                 init.zeros_(p)
 
 
@@ -1461,14 +1489,20 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
             lo, hi = torch.stack((input_ids.min(), input_ids.max())).tolist()  # one host sync, not two
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = lo if lo < 0 else hi
-                raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
+                raise ValueError(
+                    f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size})"
+                )
         if past + T > self.config.max_position_embeddings:
             raise ValueError(
                 f"sequence of {past + T} positions ({past} cached + {T} new) is longer than "
                 f"max_position_embeddings={self.config.max_position_embeddings}"
             )
         if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in (T, past + T):
+            if (
+                attention_mask.dim() != 2
+                or attention_mask.shape[0] != B
+                or attention_mask.shape[1] not in (T, past + T)
+            ):
                 expected = f"[{B}, {past + T}]" + (f" or [{B}, {T}]" if past else "")
                 raise ValueError(
                     f"attention_mask has shape {tuple(attention_mask.shape)}; expected {expected} for input of shape "
@@ -1498,7 +1532,9 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         defaults to True in eval mode and False in training.
         """
         if kwargs.get("output_attentions"):
-            raise ValueError("output_attentions is not supported: linear and compressed mixers have no attention matrix")
+            raise ValueError(
+                "output_attentions is not supported: linear and compressed mixers have no attention matrix"
+            )
         cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, LlamaThinkCache):
             raise ValueError(f"the cache must be a LlamaThinkCache, got {type(cache).__name__}")
@@ -1564,10 +1600,17 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
 
         cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
         ctx = ForwardContext(
-            position_ids=position_ids, cos=cos, sin=sin, valid=valid, key_valid=key_valid,
-            real_lengths=real_lengths, new_real_lengths=new_real_lengths, max_new_real_length=max_new_real_length,
-            cache=cache, rotary=self.rotary_emb,
-        )  # fmt: skip
+            position_ids=position_ids,
+            cos=cos,
+            sin=sin,
+            valid=valid,
+            key_valid=key_valid,
+            real_lengths=real_lengths,
+            new_real_lengths=new_real_lengths,
+            max_new_real_length=max_new_real_length,
+            cache=cache,
+            rotary=self.rotary_emb,
+        )
 
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
@@ -1632,17 +1675,25 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         return model_inputs
 
     def _prepare_generated_length(
-        self, generation_config, has_default_max_length, has_default_min_length, model_input_name, input_ids_length,
+        self,
+        generation_config,
+        has_default_max_length,
+        has_default_min_length,
+        model_input_name,
+        input_ids_length,
         inputs_tensor,
-    ):  # fmt: skip
+    ):
         # generate()'s length set-up (same signature in transformers 5.17 to 5.24). The prompt is checked here,
         # before transformers' own length checks and before any forward; the length is capped once the cache is
         # known (`_prepare_cache_for_generation`), because a continued cache can add positions.
         generation_config = super()._prepare_generated_length(
-            generation_config=generation_config, has_default_max_length=has_default_max_length,
-            has_default_min_length=has_default_min_length, model_input_name=model_input_name,
-            input_ids_length=input_ids_length, inputs_tensor=inputs_tensor,
-        )  # fmt: skip
+            generation_config=generation_config,
+            has_default_max_length=has_default_max_length,
+            has_default_min_length=has_default_min_length,
+            model_input_name=model_input_name,
+            input_ids_length=input_ids_length,
+            inputs_tensor=inputs_tensor,
+        )
         # positions taken by inputs_embeds beyond the ids that the returned sequences start with (all of them when
         # only inputs_embeds are given)
         hidden = inputs_tensor.shape[1] - input_ids_length if model_input_name == "inputs_embeds" else 0
@@ -1736,7 +1787,9 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         B, L = input_ids.shape[0], cache.seq_length
         if not (0 < L < self.config.max_position_embeddings and cache.continuable and cache.real_lengths is not None):
             return False  # empty or full caches take the general path (which also reports errors)
-        if cache.batch_size != B or (attention_mask is not None and tuple(attention_mask.shape) not in ((B, L + 1), (B, 1))):
+        if cache.batch_size != B or (
+            attention_mask is not None and tuple(attention_mask.shape) not in ((B, L + 1), (B, 1))
+        ):
             return False
         if position_ids is not None and position_ids.shape[-1] < 1:
             return False
@@ -1744,7 +1797,11 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         # generate() passes) are each row's next position, the one the static step writes.
         last = attention_mask[:, -1] if attention_mask is not None else input_ids.new_ones(1)
         expected = cache._static.positions if cache._static is not None else cache.real_lengths
-        wrong = (position_ids[..., -1].reshape(-1) != expected).sum() if position_ids is not None else expected.new_zeros(())
+        wrong = (
+            (position_ids[..., -1].reshape(-1) != expected).sum()
+            if position_ids is not None
+            else expected.new_zeros(())
+        )
         stats = (input_ids.min(), input_ids.max(), last.min(), wrong)
         lo, hi, real, n_wrong = torch.stack([x.to(torch.long) for x in stats]).tolist()
         return 0 <= lo and hi < self.config.vocab_size and real == 1 and n_wrong == 0
@@ -1756,9 +1813,17 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         position_ids = static.positions[:, None]  # [B, 1]
         cos, sin = self.model.rotary_emb(position_ids, hidden_states.dtype)
         ctx = ForwardContext(
-            position_ids=position_ids, cos=cos, sin=sin, valid=None, key_valid=None, real_lengths=None,
-            new_real_lengths=None, cache=None, rotary=self.model.rotary_emb, static=static,
-        )  # fmt: skip
+            position_ids=position_ids,
+            cos=cos,
+            sin=sin,
+            valid=None,
+            key_valid=None,
+            real_lengths=None,
+            new_real_lengths=None,
+            cache=None,
+            rotary=self.model.rotary_emb,
+            static=static,
+        )
         for layer in self.model.layers:
             hidden_states = layer(hidden_states, ctx=ctx)
         return self.lm_head(self.model.norm(hidden_states))[:, 0]  # [B, vocab]
@@ -1831,9 +1896,11 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
             if logits.shape[1] != labels.shape[1]:
                 raise ValueError("labels need logits for every position: do not combine labels with logits_to_keep")
             loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                logits=logits,
+                labels=labels,
+                vocab_size=self.config.vocab_size,
                 num_items_in_batch=kwargs.get("num_items_in_batch"),
-            )  # fmt: skip
+            )
         if not return_dict:
             out = (logits, outputs.cache, outputs.hidden_states)
             out = tuple(x for x in out if x is not None)

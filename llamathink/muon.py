@@ -100,9 +100,7 @@ def zeropower_via_newtonschulz(
     * The input is never modified.
     """
     if update.ndim not in (2, 3):
-        raise ValueError(
-            f"Newton-Schulz expects a matrix or a batch of matrices, got shape {tuple(update.shape)}"
-        )
+        raise ValueError(f"Newton-Schulz expects a matrix or a batch of matrices, got shape {tuple(update.shape)}")
     if len(coefficients) != 3:
         raise ValueError(f"need exactly 3 Newton-Schulz coefficients, got {coefficients}")
     a, b, c = (float(x) for x in coefficients)
@@ -145,9 +143,7 @@ def adjusted_muon_lr(lr: float, adjust_lr_fn: str | None, shape: Sequence[int]) 
 
 
 # torch >= 2.13 deprecates all_gather_into_tensor in favour of all_gather_single.
-_all_gather_flat = getattr(dist, "all_gather_single", None) or getattr(
-    dist, "all_gather_into_tensor", None
-)
+_all_gather_flat = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 
 
 # --------------------------------------------------------------------------------------
@@ -260,9 +256,7 @@ class Muon(torch.optim.Optimizer):
             if not 0.0 <= group["momentum"] < 1.0:
                 raise ValueError(f"invalid momentum {group['momentum']}")
             if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
-                raise ValueError(
-                    f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}"
-                )
+                raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}")
             if len(group["ns_coefficients"]) != 3 or int(group["ns_steps"]) < 0:
                 raise ValueError("ns_coefficients must have 3 values and ns_steps must be >= 0")
             names = group.get("param_names")
@@ -355,9 +349,7 @@ class Muon(torch.optim.Optimizer):
         pg = self._process_group
         return dist.get_world_size(pg), dist.get_rank(pg), pg
 
-    def _muon_orthogonalise_and_apply(
-        self, work: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]
-    ) -> None:
+    def _muon_orthogonalise_and_apply(self, work: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]) -> None:
         world, rank, pg = self._world()
 
         # Bucket matrices that can share one batched Newton-Schulz: same shape, dtype,
@@ -373,9 +365,7 @@ class Muon(torch.optim.Optimizer):
         if world == 1:
             for key, items in buckets.items():
                 steps, coeffs, eps = key[3]
-                ortho = zeropower_via_newtonschulz(
-                    torch.stack([u for _, u, _ in items]), steps, coeffs, eps
-                )
+                ortho = zeropower_via_newtonschulz(torch.stack([u for _, u, _ in items]), steps, coeffs, eps)
                 # One cast for the whole bucket; contiguous so that the foreach kernels
                 # in _apply_bucket take their fast (multi-tensor) path.
                 ortho = ortho.to(dtype=key[1], memory_format=torch.contiguous_format)
@@ -420,9 +410,7 @@ class Muon(torch.optim.Optimizer):
             self._apply_bucket(items, ordered)
 
     @staticmethod
-    def _apply_bucket(
-        items: list[tuple[Tensor, Tensor, dict[str, Any]]], ortho: Sequence[Tensor]
-    ) -> None:
+    def _apply_bucket(items: list[tuple[Tensor, Tensor, dict[str, Any]]], ortho: Sequence[Tensor]) -> None:
         """p <- p * (1 - lr * wd) - adjusted_lr * O for one shape bucket (foreach ops).
 
         All matrices of a bucket share a shape, so each param group present in the
@@ -485,6 +473,4 @@ class Muon(torch.optim.Optimizer):
         else:  # some params skipped steps (grad None) -> per-param bias correction
             torch._foreach_div_(denom, [(1.0 - beta2**s) ** 0.5 for s in steps])
             torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(
-                params, exp_avgs, denom, [-lr / (1.0 - beta1**s) for s in steps]
-            )
+            torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1.0 - beta1**s) for s in steps])

@@ -50,23 +50,66 @@ def main(argv: list[str] | None = None) -> int:
     prepare(LocalSource([str(sample_data_path("prose.jsonl"))]), data, "builtin", val_docs=20, progress=False)
 
     _step("2/5 pretrain a tiny model (Muon)")
-    overrides = ["--data_dir", str(data), "--out_dir", str(out / "pretrain"), "--model_config",
-                 str(presets / "models" / "llamathink-tiny.json"), "--resume", "none", "--overwrite", "true",
-                 "--progress_bar", "false"]  # a rerun starts over: overwrite replaces the last run's checkpoints
+    overrides = [
+        "--data_dir",
+        str(data),
+        "--out_dir",
+        str(out / "pretrain"),
+        "--model_config",
+        str(presets / "models" / "llamathink-tiny.json"),
+        "--resume",
+        "none",
+        "--overwrite",
+        "true",
+        "--progress_bar",
+        "false",
+    ]  # a rerun starts over: overwrite replaces the last run's checkpoints
     if args.fast:
-        overrides += ["--max_steps", "6", "--warmup_steps", "1", "--eval_every", "3", "--save_every", "6",
-                      "--sample_every", "6"]  # fmt: skip
+        overrides += [
+            "--max_steps",
+            "6",
+            "--warmup_steps",
+            "1",
+            "--eval_every",
+            "3",
+            "--save_every",
+            "6",
+            "--sample_every",
+            "6",
+        ]
     history = pretrain.train(pretrain.load_config(str(presets / "train" / "tiny_cpu.yaml"), overrides))
     losses = history["losses"]
-    print(f"training loss {losses[min(losses)]:.2f} -> {losses[max(losses)]:.2f}; validation "
-          + " -> ".join(f"{v:.2f}" for v in history["eval"].values()))  # fmt: skip
+    print(
+        f"training loss {losses[min(losses)]:.2f} -> {losses[max(losses)]:.2f}; validation "
+        + " -> ".join(f"{v:.2f}" for v in history["eval"].values())
+    )
 
     _step("3/5 chat-finetune on the bundled conversations")
-    overrides = ["--init_from", history["final_dir"], "--out_dir", str(out / "chat"), "--resume", "none",
-                 "--overwrite", "true", "--progress_bar", "false"]  # fmt: skip
+    overrides = [
+        "--init_from",
+        history["final_dir"],
+        "--out_dir",
+        str(out / "chat"),
+        "--resume",
+        "none",
+        "--overwrite",
+        "true",
+        "--progress_bar",
+        "false",
+    ]
     if args.fast:
-        overrides += ["--max_steps", "4", "--warmup_steps", "1", "--eval_every", "2", "--save_every", "4",
-                      "--sample_every", "4"]  # fmt: skip
+        overrides += [
+            "--max_steps",
+            "4",
+            "--warmup_steps",
+            "1",
+            "--eval_every",
+            "2",
+            "--save_every",
+            "4",
+            "--sample_every",
+            "4",
+        ]
     chat_history = finetune.finetune(finetune.load_config(str(presets / "finetune" / "tiny_cpu.yaml"), overrides))
     final = Path(chat_history["final_dir"])
 
@@ -94,20 +137,37 @@ def main(argv: list[str] | None = None) -> int:
 
     c_dir = out / "c"
     c_dir.mkdir(parents=True, exist_ok=True)
-    export_main([str(final), str(c_dir / "model.bin"), "--dtype", "fp32", "--tokenizer-out", str(c_dir / "tokenizer.bin")])
+    export_main(
+        [str(final), str(c_dir / "model.bin"), "--dtype", "fp32", "--tokenizer-out", str(c_dir / "tokenizer.bin")]
+    )
     source = REPO_ROOT / "export_c" / "run.c"
     binary = c_dir / "run"
     compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         raise SystemExit("no C compiler (cc, gcc or clang) found to build export_c/run.c")
     subprocess.run([compiler, "-O3", "-march=native", "-o", str(binary), str(source), "-lm"], check=True)
-    cmd = [str(binary), str(c_dir / "model.bin"), "-z", str(c_dir / "tokenizer.bin"), "-m", "chat", "-i", args.prompt,
-           "-n", "48", "-t", "0"]  # fmt: skip
+    cmd = [
+        str(binary),
+        str(c_dir / "model.bin"),
+        "-z",
+        str(c_dir / "tokenizer.bin"),
+        "-m",
+        "chat",
+        "-i",
+        args.prompt,
+        "-n",
+        "48",
+        "-t",
+        "0",
+    ]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL)
     print(f"\ndone in {time.time() - started:.0f} s; everything is under {out}")
-    (out / "quickstart.json").write_text(json.dumps({"pretrain": history["final_dir"], "chat": str(final),
-                                                     "c_model": str(c_dir / "model.bin")}, indent=2))  # fmt: skip
+    (out / "quickstart.json").write_text(
+        json.dumps(
+            {"pretrain": history["final_dir"], "chat": str(final), "c_model": str(c_dir / "model.bin")}, indent=2
+        )
+    )
     return 0
 
 

@@ -80,7 +80,7 @@ _PROBE_TEXTS = [
     "Hello world",
     " leading space",
     "multiple   spaces\nnew line\ttab",
-    "accents: caf\u00e9 na\u00efve, emoji \U0001F600, CJK \u4e2d\u6587",
+    "accents: caf\u00e9 na\u00efve, emoji \U0001f600, CJK \u4e2d\u6587",
     "trailing space ",
 ]
 
@@ -88,6 +88,7 @@ _PROBE_TEXTS = [
 # ---------------------------------------------------------------------------
 # building the Llama-style tokenizer
 # ---------------------------------------------------------------------------
+
 
 def _complete_merges(pieces: Sequence[str], ordinary: Sequence[bool]) -> list[tuple[str, str]]:
     """All (left, right) splits of each ordinary piece whose halves are ordinary
@@ -105,9 +106,16 @@ def _complete_merges(pieces: Sequence[str], ordinary: Sequence[bool]) -> list[tu
     return merges
 
 
-def _llama_style_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], *, name: str,
-                           bos: str = BOS, eos: str = EOS, unk: str = UNK,
-                           extra_special: Sequence[str] = ()):
+def _llama_style_tokenizer(
+    vocab: dict[str, int],
+    merges: list[tuple[str, str]],
+    *,
+    name: str,
+    bos: str = BOS,
+    eos: str = EOS,
+    unk: str = UNK,
+    extra_special: Sequence[str] = (),
+):
     """Wrap a vocabulary and merges into a ``PreTrainedTokenizerFast`` with the
     Llama 2 structure described in the module docstring."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -116,12 +124,14 @@ def _llama_style_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]],
     tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
     tk.normalizer = normalizers.Prepend(SPACE)
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=False)
-    tk.decoder = decoders.Sequence([
-        decoders.Replace(SPACE, " "),
-        decoders.ByteFallback(),
-        decoders.Fuse(),
-        decoders.Strip(content=" ", left=1, right=0),
-    ])
+    tk.decoder = decoders.Sequence(
+        [
+            decoders.Replace(SPACE, " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(content=" ", left=1, right=0),
+        ]
+    )
     specials = [unk, bos, eos] + [s for s in extra_special if s not in (unk, bos, eos)]
     tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     tok = PreTrainedTokenizerFast(
@@ -177,8 +187,9 @@ def tokenizer_from_sentencepiece(model_file: str | os.PathLike):
     unk = name_of(sp.unk_id(), UNK)
     bos = name_of(sp.bos_id(), BOS)
     eos = name_of(sp.eos_id(), EOS)
-    tok = _llama_style_tokenizer(vocab, merges, name=model_file, bos=bos, eos=eos, unk=unk,
-                                 extra_special=[pieces[i] for i in special_ids])
+    tok = _llama_style_tokenizer(
+        vocab, merges, name=model_file, bos=bos, eos=eos, unk=unk, extra_special=[pieces[i] for i in special_ids]
+    )
     for text in _PROBE_TEXTS:
         ours = tok.encode(text, add_special_tokens=False, split_special_tokens=True)
         ref = sp.encode(text)
@@ -186,12 +197,19 @@ def tokenizer_from_sentencepiece(model_file: str | os.PathLike):
             raise ValueError(
                 f"{model_file}: converted tokenizer disagrees with SentencePiece on {text!r} "
                 f"({ours} vs {ref}); only byte-fallback BPE models without text normalization "
-                "(like Llama 2's) can be converted; use a Hugging Face tokenizer directory instead")
+                "(like Llama 2's) can be converted; use a Hugging Face tokenizer directory instead"
+            )
     return tok
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, *, min_frequency: int = 2,
-                    max_alphabet: int | None = None, name: str = "llamathink-bpe"):
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = 1024,
+    *,
+    min_frequency: int = 2,
+    max_alphabet: int | None = None,
+    name: str = "llamathink-bpe",
+):
     """Train a small Llama-2-style byte-fallback BPE tokenizer.
 
     ``texts`` is any iterable of documents.  The result has at most
@@ -209,18 +227,22 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, *, min_frequen
         raise ValueError(f"vocab_size {vocab_size} is too large (max 65536, ids must fit in uint16)")
     min_size = NUM_RESERVED + len(_BASE_ALPHABET) + 1
     if vocab_size < min_size:
-        raise ValueError(f"vocab_size {vocab_size} is too small; need at least {min_size} "
-                         f"({NUM_RESERVED} special and byte pieces plus a {len(_BASE_ALPHABET)}-character alphabet)")
+        raise ValueError(
+            f"vocab_size {vocab_size} is too small; need at least {min_size} "
+            f"({NUM_RESERVED} special and byte pieces plus a {len(_BASE_ALPHABET)}-character alphabet)"
+        )
     if max_alphabet is None:
         max_alphabet = min(256, (vocab_size - NUM_RESERVED) // 2)
     max_alphabet = max(max_alphabet, len(_BASE_ALPHABET))
 
     trainer_tk = Tokenizer(models.BPE())
     trainer_tk.normalizer = normalizers.Prepend(SPACE)
-    trainer_tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never", split=False),
-        pre_tokenizers.Split(Regex(_TRAIN_SPLIT_PATTERN), behavior="isolated"),
-    ])
+    trainer_tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never", split=False),
+            pre_tokenizers.Split(Regex(_TRAIN_SPLIT_PATTERN), behavior="isolated"),
+        ]
+    )
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - NUM_RESERVED,
         min_frequency=min_frequency,
@@ -246,6 +268,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, *, min_frequen
 # ---------------------------------------------------------------------------
 # built-in demo tokenizer and sample data
 # ---------------------------------------------------------------------------
+
 
 def sample_data_path(name: str = "prose.jsonl") -> Path:
     """Path of a file in the bundled ``llamathink/sample_data`` folder."""
@@ -285,6 +308,7 @@ def builtin_tokenizer(vocab_size: int = DEFAULT_BUILTIN_VOCAB):
 # loading
 # ---------------------------------------------------------------------------
 
+
 def check_tokenizer(tok, source: str = "") -> None:
     """Raise ``ValueError`` unless ``tok`` has a real vocabulary (more than 3
     tokens) and encodes a probe string to a non-empty list of valid ids."""
@@ -294,7 +318,8 @@ def check_tokenizer(tok, source: str = "") -> None:
         raise ValueError(
             f"tokenizer{where} has only {n} tokens; the vocabulary was not loaded.  (With transformers 5, "
             "LlamaTokenizer(vocab_file='tokenizer.model') builds such an empty tokenizer; use "
-            "load_tokenizer('path/to/tokenizer.model') instead.)")
+            "load_tokenizer('path/to/tokenizer.model') instead.)"
+        )
     ids = tok.encode("Hello world", add_special_tokens=False)
     if not ids:
         raise ValueError(f"tokenizer{where} encodes 'Hello world' to an empty list; the vocabulary is unusable")
@@ -346,15 +371,18 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, check: bool = True):
             tok = AutoTokenizer.from_pretrained(str(path))
         else:
             raise FileNotFoundError(
-                f"{path}: directory has no tokenizer.json, tokenizer_config.json or tokenizer.model")
+                f"{path}: directory has no tokenizer.json, tokenizer_config.json or tokenizer.model"
+            )
     elif path.exists():
         raise ValueError(f"{path}: unsupported tokenizer file (expected a .model or .json file or a directory)")
     else:
         try:
             tok = AutoTokenizer.from_pretrained(spec)
         except Exception as e:
-            raise ValueError(f"could not load tokenizer {spec!r}: not a local path, not 'builtin', and the "
-                             f"Hub/cache lookup failed ({type(e).__name__}: {e})") from e
+            raise ValueError(
+                f"could not load tokenizer {spec!r}: not a local path, not 'builtin', and the "
+                f"Hub/cache lookup failed ({type(e).__name__}: {e})"
+            ) from e
     if tok.pad_token is None:
         if tok.unk_token is not None:
             tok.pad_token = tok.unk_token
@@ -427,7 +455,7 @@ def vocab_and_scores(tok) -> tuple[list[str], list[float]]:
     scores = [NO_MERGE_SCORE] * n
     seen = set()
     for rank, m in enumerate(model["merges"]):
-        left, right = (m.split(" ", 1) if isinstance(m, str) else m)
+        left, right = m.split(" ", 1) if isinstance(m, str) else m
         merged = left + right
         if merged not in seen:
             seen.add(merged)
@@ -475,6 +503,7 @@ def greedy_encode(text: str, pieces: Sequence[str], scores: Sequence[float]) -> 
 # command line
 # ---------------------------------------------------------------------------
 
+
 def _read_texts(paths: Sequence[str], text_field: str) -> Iterator[str]:
     for p in paths:
         if p.endswith(".jsonl"):
@@ -492,8 +521,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llamathink.tokenizer_utils", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("train", help="train a small Llama-style tokenizer and save it with save_pretrained")
-    tr.add_argument("--input", nargs="*", default=[], help=".txt (one document per file) or .jsonl files; "
-                    "default: the bundled sample corpus")
+    tr.add_argument(
+        "--input",
+        nargs="*",
+        default=[],
+        help=".txt (one document per file) or .jsonl files; default: the bundled sample corpus",
+    )
     tr.add_argument("--text-field", default="text")
     tr.add_argument("--vocab-size", type=int, default=DEFAULT_BUILTIN_VOCAB)
     tr.add_argument("--out", required=True, help="output directory")
@@ -509,10 +542,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         tok = load_tokenizer(args.name_or_path)
         ids = tok.encode(args.text, add_special_tokens=False)
-        print(json.dumps({"name": tok.name_or_path, "vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
-                          "eos_token_id": tok.eos_token_id, "unk_token_id": tok.unk_token_id,
-                          "pad_token_id": tok.pad_token_id, "text": args.text, "ids": ids,
-                          "pieces": tok.convert_ids_to_tokens(ids)}, ensure_ascii=False, indent=2))
+        print(
+            json.dumps(
+                {
+                    "name": tok.name_or_path,
+                    "vocab_size": len(tok),
+                    "bos_token_id": tok.bos_token_id,
+                    "eos_token_id": tok.eos_token_id,
+                    "unk_token_id": tok.unk_token_id,
+                    "pad_token_id": tok.pad_token_id,
+                    "text": args.text,
+                    "ids": ids,
+                    "pieces": tok.convert_ids_to_tokens(ids),
+                },
+                ensure_ascii=False,
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -33,9 +33,7 @@ def build_problem(seed: int = 0):
     muon = [torch.randn(s, generator=gen).requires_grad_() for s in MUON_SHAPES]
     no_grad = torch.randn(10, 10, generator=gen).requires_grad_()  # grad stays None
     adamw = [torch.randn(s, generator=gen).requires_grad_() for s in ADAMW_SHAPES]
-    grads = [
-        [torch.randn(p.shape, generator=gen) for p in muon + adamw] for _ in range(STEPS)
-    ]
+    grads = [[torch.randn(p.shape, generator=gen) for p in muon + adamw] for _ in range(STEPS)]
     return muon, no_grad, adamw, grads
 
 

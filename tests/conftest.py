@@ -29,6 +29,7 @@ def torch_threads(n: int):
     finally:
         torch.set_num_threads(before)
 
+
 LLAMA2_TOKENIZER = Path(
     os.environ.get("LLAMATHINK_LLAMA2_TOKENIZER", REPO_ROOT.parent / "shared" / "tokenizer" / "llama2-tokenizer.model")
 )

@@ -3,12 +3,12 @@
 failures say what happened and keep the previous checkpoint, resumes apply or refuse changed settings, and fp16
 loss-scale overflows are skipped by the GradScaler and counted rather than stopping training."""
 
-import shutil
-import random
-import json
 import dataclasses
 import errno
+import json
 import os
+import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +17,11 @@ import torch
 from conftest import torch_threads
 from test_train import _cfg, model_json, sample_data  # noqa: F401  (session fixtures)
 
-from llamathink.train import checkpoint as ckpt, config as run_config, finetune, loop, optim, pretrain
-from llamathink.data import chat as data_chat
 from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
+from llamathink.data import chat as data_chat
+from llamathink.train import checkpoint as ckpt
+from llamathink.train import config as run_config
+from llamathink.train import finetune, loop, optim, pretrain
 
 
 @pytest.fixture(autouse=True)
@@ -85,8 +87,10 @@ def test_a_checkpoint_with_pickled_code_is_refused_and_never_run(sample_data, mo
     marker = tmp_path / "pwned"
     folder = ckpt.checkpoint_dir(out) / "step_00000002"
     folder.mkdir(parents=True)
-    torch.save({"step": 2, "model": {}, "optimizer": {}, "scheduler": {}, "loader": {}, "rng": _Payload(marker)},
-               folder / "state.pt")  # fmt: skip
+    torch.save(
+        {"step": 2, "model": {}, "optimizer": {}, "scheduler": {}, "loader": {}, "rng": _Payload(marker)},
+        folder / "state.pt",
+    )
     with pytest.raises(ckpt.CheckpointError, match=r"refusing to load .*state.pt: it is not a weights-only"):
         ckpt.load_checkpoint(folder)
     assert not marker.exists()
@@ -168,8 +172,7 @@ def test_rotation_keeps_other_runs_checkpoints_and_auto_resumes_the_newest_run(m
     for step in (2, 4, 6):  # a newer run, lower step numbers
         _save(out, step, parts, settings, run_id="new", keep_last=2)
         assert (ckpt.checkpoint_dir(out) / f"step_{step:08d}").exists()  # never deletes its own newest
-    assert _names(ckpt.list_checkpoints(out)) == ["step_00000004", "step_00000006", "step_00000010",
-                                                      "step_00000012"]  # fmt: skip
+    assert _names(ckpt.list_checkpoints(out)) == ["step_00000004", "step_00000006", "step_00000010", "step_00000012"]
     assert ckpt.latest_checkpoint(out).name == "step_00000006"  # newest by save time, not by step number
     assert ckpt.resolve_resume(_settings(out_dir=str(out))).name == "step_00000006"
 
@@ -186,8 +189,7 @@ def test_a_fresh_run_refuses_an_out_dir_with_another_runs_checkpoints(sample_dat
     pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=3))
     ids = {ckpt.checkpoint_meta(p)["run_id"] for p in ckpt.list_checkpoints(out)}
     assert ids == {old_id}
-    fresh = pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=1, resume="none",
-                                overwrite=True))  # fmt: skip
+    fresh = pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=1, resume="none", overwrite=True))
     assert sorted(fresh["losses"]) == [1, 2]
     found = ckpt.list_checkpoints(out)
     assert _names(found) == ["step_00000001", "step_00000002"]
@@ -199,16 +201,25 @@ def test_a_fresh_run_refuses_an_out_dir_with_another_runs_checkpoints(sample_dat
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("failure, message", [
-    (OSError(errno.ENOSPC, "No space left on device"), r"disk full while writing checkpoint step 4 to .*step_00000004 "
-     r"\([\d,]+ bytes free, about [\d,]+ needed\); the previous checkpoint .*step_00000002 is intact"),
-    (RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 2752 vs 2648"),
-     r"disk full while writing checkpoint step 4 .*\(1,000 bytes free"),
-    (PermissionError(errno.EACCES, "Permission denied", "/x/state.pt"),
-     r"permission denied while writing checkpoint step 4 to .*step_00000004 \(/x/state.pt\); the previous"),
-])  # fmt: skip
-def test_a_failed_save_says_why_and_keeps_the_previous_checkpoint(model_json, tmp_path, monkeypatch, failure,
-                                                                  message):  # noqa: F811
+@pytest.mark.parametrize(
+    "failure, message",
+    [
+        (
+            OSError(errno.ENOSPC, "No space left on device"),
+            r"disk full while writing checkpoint step 4 to .*step_00000004 "
+            r"\([\d,]+ bytes free, about [\d,]+ needed\); the previous checkpoint .*step_00000002 is intact",
+        ),
+        (
+            RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 2752 vs 2648"),
+            r"disk full while writing checkpoint step 4 .*\(1,000 bytes free",
+        ),
+        (
+            PermissionError(errno.EACCES, "Permission denied", "/x/state.pt"),
+            r"permission denied while writing checkpoint step 4 to .*step_00000004 \(/x/state.pt\); the previous",
+        ),
+    ],
+)
+def test_a_failed_save_says_why_and_keeps_the_previous_checkpoint(model_json, tmp_path, monkeypatch, failure, message):  # noqa: F811
     out = tmp_path / "full"
     settings = _settings()
     parts = _parts(model_json, settings)
@@ -276,8 +287,12 @@ def test_resume_applies_changed_learning_rates_and_schedule_from_the_first_step(
     logged = []
     resumed = _parts(model_json, after, seed=1)
     state = ckpt.restore_checkpoint(path, *resumed, after, log=logged.append)
-    assert state["settings_changed"] == ["max_steps: 12 -> 20", "muon_lr: 0.02 -> 0.01", "adamw_lr: 0.002 -> 0.001",
-                                         "weight_decay: 0.01 -> 0.05"]  # fmt: skip
+    assert state["settings_changed"] == [
+        "max_steps: 12 -> 20",
+        "muon_lr: 0.02 -> 0.01",
+        "adamw_lr: 0.002 -> 0.001",
+        "weight_decay: 0.01 -> 0.05",
+    ]
     assert "changed settings" in logged[0] and "adamw_lr: 0.002 -> 0.001" in logged[0]
     optimizer, scheduler = resumed[1], resumed[2]
     factor = optim.lr_factor(6, after)  # the new schedule at the saved step (max_steps 20, not 12)
@@ -294,8 +309,7 @@ def test_resume_applies_changed_learning_rates_and_schedule_from_the_first_step(
         assert group["lr"] == pytest.approx(peak * optim.lr_factor(7, after), rel=1e-12)
 
 
-def test_a_resumed_training_run_steps_with_the_changed_learning_rate(sample_data, model_json, tmp_path,
-                                                                     monkeypatch):  # noqa: F811
+def test_a_resumed_training_run_steps_with_the_changed_learning_rate(sample_data, model_json, tmp_path, monkeypatch):  # noqa: F811
     out = tmp_path / "run"
     pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=2, adamw_lr=0.004))
     seen = []
@@ -315,11 +329,17 @@ def test_a_resumed_training_run_steps_with_the_changed_learning_rate(sample_data
         assert lr == pytest.approx(peak * optim.lr_factor(2, cfg), rel=1e-12)
 
 
-@pytest.mark.parametrize("change, named", [
-    (dict(optimizer="adamw"), r"optimizer: 'muon' -> 'adamw'"),
-    (dict(grad_accum=4), r"global batch \(micro_batch_size x grad_accum x processes\): 8 x 2 x 1 = 16 -> 8 x 4 x 1 = 32"),
-    (dict(seed=4, seq_len=128), r"seed: 1337 -> 4"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (dict(optimizer="adamw"), r"optimizer: 'muon' -> 'adamw'"),
+        (
+            dict(grad_accum=4),
+            r"global batch \(micro_batch_size x grad_accum x processes\): 8 x 2 x 1 = 16 -> 8 x 4 x 1 = 32",
+        ),
+        (dict(seed=4, seq_len=128), r"seed: 1337 -> 4"),
+    ],
+)
 def test_resume_refuses_a_changed_fixed_setting_naming_it(model_json, tmp_path, change, named):  # noqa: F811
     before = _settings()
     path = _save(tmp_path / "run", 6, _parts(model_json, before), before)
@@ -330,8 +350,9 @@ def test_resume_refuses_a_changed_fixed_setting_naming_it(model_json, tmp_path, 
         ckpt.restore_checkpoint(path, model, optimizer, scheduler, loader, after)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())  # nothing was loaded
     # the same global batch from other factors (e.g. 2 processes x 4 sequences x 2) is accepted
-    assert ckpt.compare_resume_settings(dataclasses.asdict(before), _settings(micro_batch_size=4), 1,
-                                            2) == ["micro_batch_size: 8 -> 4"]  # fmt: skip
+    assert ckpt.compare_resume_settings(dataclasses.asdict(before), _settings(micro_batch_size=4), 1, 2) == [
+        "micro_batch_size: 8 -> 4"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -413,8 +434,9 @@ def _fp16_cpu_accelerator(monkeypatch, init_scale):
 
 def test_fp16_overflow_steps_do_not_stop_pretraining(sample_data, model_json, tmp_path, monkeypatch):  # noqa: F811
     made = _fp16_cpu_accelerator(monkeypatch, init_scale=2.0**127)
-    history = pretrain.train(_cfg(sample_data, model_json, tmp_path / "fp16", max_steps=4, save_every=4,
-                                  eval_every=100, nonfinite="stop"))  # fmt: skip
+    history = pretrain.train(
+        _cfg(sample_data, model_json, tmp_path / "fp16", max_steps=4, save_every=4, eval_every=100, nonfinite="stop")
+    )
     overflows = history["overflow_steps"]
     assert overflows >= 1 and sorted(history["losses"]) == [1, 2, 3, 4]
     assert made[0].scaler.get_scale() == 2.0**127 / 2**overflows  # halved once per overflow, never grown
@@ -427,17 +449,42 @@ def test_fp16_overflow_steps_do_not_stop_finetuning(tmp_path, monkeypatch):
     from llamathink.tokenizer_utils import builtin_tokenizer
 
     torch.manual_seed(0)
-    config = LlamaThinkConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, linear_num_key_heads=1,
-                              linear_num_value_heads=1, linear_key_head_dim=16, linear_value_head_dim=16,
-                              max_position_embeddings=160, csa_window=16, gdn_chunk_size=16, pad_token_id=0)  # fmt: skip
+    config = LlamaThinkConfig(
+        vocab_size=1024,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        linear_num_key_heads=1,
+        linear_num_value_heads=1,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        max_position_embeddings=160,
+        csa_window=16,
+        gdn_chunk_size=16,
+        pad_token_id=0,
+    )
     LlamaThinkForCausalLM(config).save_pretrained(tmp_path / "base")
     set_chat_template(builtin_tokenizer()).save_pretrained(tmp_path / "base")
     made = _fp16_cpu_accelerator(monkeypatch, init_scale=2.0**127)
-    cfg = finetune.FinetuneConfig(init_from=str(tmp_path / "base"), out_dir=str(tmp_path / "chat"), max_len=96,
-                                       max_conversations=40, micro_batch_size=4, max_steps=3, warmup_steps=1,
-                                       eval_at_start=False, eval_every=100, save_every=3, sample_every=100,
-                                       wandb_mode="disabled", progress_bar=False, mixed_precision="no")  # fmt: skip
+    cfg = finetune.FinetuneConfig(
+        init_from=str(tmp_path / "base"),
+        out_dir=str(tmp_path / "chat"),
+        max_len=96,
+        max_conversations=40,
+        micro_batch_size=4,
+        max_steps=3,
+        warmup_steps=1,
+        eval_at_start=False,
+        eval_every=100,
+        save_every=3,
+        sample_every=100,
+        wandb_mode="disabled",
+        progress_bar=False,
+        mixed_precision="no",
+    )
     history = finetune.finetune(cfg)
     assert history["overflow_steps"] >= 1 and sorted(history["losses"]) == [1, 2, 3]
     assert made[0].scaler.get_scale() == 2.0**127 / 2 ** history["overflow_steps"]
@@ -446,15 +493,23 @@ def test_fp16_overflow_steps_do_not_stop_finetuning(tmp_path, monkeypatch):
 def test_pretraining_and_finetuning_keep_the_same_records(sample_data, model_json, tmp_path):  # noqa: F811
     """One loop for both: history.json with the same sections and metrics, checkpoints with the same contents, and
     the counts of tokens seen and trained on kept across a resume (the model card of a resumed run has them)."""
-    steps = dict(max_steps=4, warmup_steps=1, save_every=2, log_every=2, eval_every=2, micro_batch_size=4,
-                 grad_accum=2)  # fmt: skip
+    steps = dict(max_steps=4, warmup_steps=1, save_every=2, log_every=2, eval_every=2, micro_batch_size=4, grad_accum=2)
     pre = pretrain.train(_cfg(sample_data, model_json, tmp_path / "pre", **steps))
 
     def chat_cfg(out, **overrides):
-        return finetune.FinetuneConfig(init_from=pre["final_dir"], out_dir=str(tmp_path / out), max_len=96,
-                                       max_conversations=40, eval_at_start=False, sample_every=100,
-                                       wandb_mode="disabled", progress_bar=False, mixed_precision="no", **steps,
-                                       **overrides)  # fmt: skip
+        return finetune.FinetuneConfig(
+            init_from=pre["final_dir"],
+            out_dir=str(tmp_path / out),
+            max_len=96,
+            max_conversations=40,
+            eval_at_start=False,
+            sample_every=100,
+            wandb_mode="disabled",
+            progress_bar=False,
+            mixed_precision="no",
+            **steps,
+            **overrides,
+        )
 
     chat = finetune.finetune(chat_cfg("chat"))
     finetune.finetune(chat_cfg("resumed", stop_at_step=2))
@@ -491,8 +546,11 @@ def test_pretraining_and_finetuning_keep_the_same_records(sample_data, model_jso
 def test_an_out_dir_that_cannot_hold_checkpoints_is_named(tmp_path, monkeypatch):
     in_the_way = tmp_path / "notes.txt"
     in_the_way.write_text("keep me")
-    with pytest.raises(ValueError, match=r"out_dir .*notes.txt cannot hold this run's checkpoints: .*notes.txt is a "
-                                         r"file, not a folder"):
+    with pytest.raises(
+        ValueError,
+        match=r"out_dir .*notes.txt cannot hold this run's checkpoints: .*notes.txt is a "
+        r"file, not a folder",
+    ):
         with ckpt.own_out_dir(in_the_way):
             pass
     with pytest.raises(ValueError, match=r"out_dir .*notes.txt/run cannot hold .*: Not a directory"):
@@ -537,10 +595,12 @@ def test_a_checkpoint_whose_step_does_not_match_is_not_trusted(model_json, tmp_p
     settings = _settings()
     path = _save(tmp_path / "run", 4, _parts(model_json, settings), settings)
     meta = json.loads((path / "meta.json").read_text())
-    for bad, named in [(dict(step=7), r"says step 7 but the folder is step_00000004"),
-                       (dict(step=True), r"is not a checkpoint's meta.json"),
-                       (dict(saved_at=float("nan")), r"is not a checkpoint's meta.json"),
-                       (dict(run_id=["run-a"]), r"is not a checkpoint's meta.json")]:  # fmt: skip
+    for bad, named in [
+        (dict(step=7), r"says step 7 but the folder is step_00000004"),
+        (dict(step=True), r"is not a checkpoint's meta.json"),
+        (dict(saved_at=float("nan")), r"is not a checkpoint's meta.json"),
+        (dict(run_id=["run-a"]), r"is not a checkpoint's meta.json"),
+    ]:
         (path / "meta.json").write_text(json.dumps({**meta, **bad}))
         with pytest.raises(ckpt.CheckpointError, match=named):
             ckpt.checkpoint_meta(path)
@@ -552,8 +612,7 @@ def test_a_checkpoint_whose_step_does_not_match_is_not_trusted(model_json, tmp_p
         ckpt.restore_checkpoint(copy, *_parts(model_json, settings), settings)
 
 
-def test_a_rotation_stopped_half_way_leaves_no_partial_checkpoint_to_resume(model_json, tmp_path,
-                                                                           monkeypatch):  # noqa: F811
+def test_a_rotation_stopped_half_way_leaves_no_partial_checkpoint_to_resume(model_json, tmp_path, monkeypatch):  # noqa: F811
     out = tmp_path / "run"
     settings = _settings()
     parts = _parts(model_json, settings)
@@ -580,23 +639,24 @@ def test_a_rotation_stopped_half_way_leaves_no_partial_checkpoint_to_resume(mode
 
 
 def test_every_setting_is_either_applied_or_refused_when_resuming():
-    fields = {f.name for cls in (pretrain.TrainConfig, finetune.FinetuneConfig)
-              for f in dataclasses.fields(cls)}  # fmt: skip
+    fields = {f.name for cls in (pretrain.TrainConfig, finetune.FinetuneConfig) for f in dataclasses.fields(cls)}
     classified = set(ckpt.RESUME_FIXED) | set(ckpt.RESUME_APPLIED) | set(ckpt._NOT_COMPARED)
     assert fields - classified == set()
     assert set(ckpt.RESUME_FIXED) & set(ckpt.RESUME_APPLIED) == set()
     # a setting added later without a decision is refused, not silently taken over
     saved = {**dataclasses.asdict(_settings()), "grad_clip": 0.5, "new_knob": 1}
     current = dataclasses.make_dataclass("Later", [("new_knob", int, 2)], bases=(run_config.RunConfig,))(
-        max_steps=12, warmup_steps=2, micro_batch_size=8, grad_accum=2, wandb_mode="disabled")  # fmt: skip
+        max_steps=12, warmup_steps=2, micro_batch_size=8, grad_accum=2, wandb_mode="disabled"
+    )
     with pytest.raises(ckpt.ResumeSettingsError, match=r"differ: new_knob: 1 -> 2\. "):
         ckpt.compare_resume_settings(saved, current, 1, 1)
     saved["new_knob"] = 2
     assert ckpt.compare_resume_settings(saved, current, 1, 1) == ["grad_clip: 0.5 -> 1.0"]
 
 
-def test_ctrl_c_in_the_middle_of_a_save_keeps_the_previous_checkpoint_and_no_partial_one(model_json, tmp_path,
-                                                                                         monkeypatch):  # noqa: F811
+def test_ctrl_c_in_the_middle_of_a_save_keeps_the_previous_checkpoint_and_no_partial_one(
+    model_json, tmp_path, monkeypatch
+):  # noqa: F811
     out = tmp_path / "run"
     settings = _settings()
     parts = _parts(model_json, settings)
@@ -620,11 +680,15 @@ def test_resuming_a_checkpoint_beyond_max_steps_is_refused(model_json, tmp_path)
     before = _settings(max_steps=12)
     path = _save(tmp_path / "run", 8, _parts(model_json, before), before)
     after = _settings(max_steps=6)
-    with pytest.raises(ckpt.ResumeSettingsError, match=r"at step 8, beyond max_steps=6; set max_steps to at "
-                                                           r"least 8"):  # fmt: skip
+    with pytest.raises(
+        ckpt.ResumeSettingsError,
+        match=r"at step 8, beyond max_steps=6; set max_steps to at "
+        r"least 8",
+    ):
         ckpt.restore_checkpoint(path, *_parts(model_json, after), after)
-    assert ckpt.restore_checkpoint(path, *_parts(model_json, _settings(max_steps=8)), _settings(max_steps=8))[
-        "step"] == 8  # fmt: skip
+    assert (
+        ckpt.restore_checkpoint(path, *_parts(model_json, _settings(max_steps=8)), _settings(max_steps=8))["step"] == 8
+    )
 
 
 def test_a_checkpoint_of_wrong_shapes_or_types_is_named_not_a_deep_traceback(model_json, tmp_path):  # noqa: F811
@@ -640,9 +704,11 @@ def test_a_checkpoint_of_wrong_shapes_or_types_is_named_not_a_deep_traceback(mod
     named = r"(?s)cannot resume from .*step_00000004: its model state does not fit this run \(RuntimeError: .*size m"
     with pytest.raises(ckpt.CheckpointError, match=named):
         ckpt.restore_checkpoint(path, *parts, settings)
-    for bad, named in [(dict(step="4"), r"its step is '4', not a count of steps"),
-                       (dict(step=-1), r"its step is -1"),
-                       (dict(model=[1], loader="x"), r"model, loader should be dictionaries")]:  # fmt: skip
+    for bad, named in [
+        (dict(step="4"), r"its step is '4', not a count of steps"),
+        (dict(step=-1), r"its step is -1"),
+        (dict(model=[1], loader="x"), r"model, loader should be dictionaries"),
+    ]:
         torch.save({**state, **bad}, path / "state.pt")
         with pytest.raises(ckpt.CheckpointError, match=rf"state.pt is not a training checkpoint: {named}"):
             ckpt.load_checkpoint(path)
@@ -656,8 +722,7 @@ class _StrictLoader(_Loader):
         self.position = state["epoch"], state["position"]
 
 
-def test_a_stale_checkpoint_that_cannot_be_removed_does_not_fail_the_save(model_json, tmp_path, monkeypatch,
-                                                                          capsys):  # noqa: F811
+def test_a_stale_checkpoint_that_cannot_be_removed_does_not_fail_the_save(model_json, tmp_path, monkeypatch, capsys):  # noqa: F811
     out = tmp_path / "run"
     settings = _settings()
     parts = _parts(model_json, settings)
@@ -679,20 +744,26 @@ def test_the_chat_loader_refuses_a_negative_saved_position():
     loader = data_chat.ChatBatchLoader(list(range(8)), 2, seed=1, group_by_length=False)
     good = loader.state_dict()
     for bad in (dict(position=-1), dict(epoch=-2)):
-        with pytest.raises(ValueError, match=r"cannot resume the data position: epoch -?\d+, position -?\d+ in the "
-                                             r"checkpoint are not valid counts"):  # fmt: skip
+        with pytest.raises(
+            ValueError,
+            match=r"cannot resume the data position: epoch -?\d+, position -?\d+ in the "
+            r"checkpoint are not valid counts",
+        ):
             loader.load_state_dict({**good, **bad})
         assert (loader.epoch, loader.position) == (0, 0)
     loader.load_state_dict({**good, "epoch": 1, "position": 3})
     assert (loader.epoch, loader.position) == (1, 3)
 
 
-@pytest.mark.parametrize("edit, shown", [
-    (dict(config={"micro_batch_size": "x"}), r"'x' x 2 x 1"),
-    (dict(config={"grad_accum": None}), r"8 x None x 1"),
-    (dict(world_size=0), r"8 x 2 x 0"),
-    (dict(world_size=True, loader={"world_size": "many"}), r"8 x 2 x 0"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "edit, shown",
+    [
+        (dict(config={"micro_batch_size": "x"}), r"'x' x 2 x 1"),
+        (dict(config={"grad_accum": None}), r"8 x None x 1"),
+        (dict(world_size=0), r"8 x 2 x 0"),
+        (dict(world_size=True, loader={"world_size": "many"}), r"8 x 2 x 0"),
+    ],
+)
 def test_a_damaged_saved_batch_is_refused_by_name(model_json, tmp_path, edit, shown):  # noqa: F811
     settings = _settings()
     path = _save(tmp_path / "run", 4, _parts(model_json, settings), settings)

@@ -67,6 +67,7 @@ def all_train_tokens(out):
 
 # ---------------------------------------------------------------- shard format
 
+
 def test_shard_round_trip(tmp_path):
     toks = np.array([1, 15043, 3186, 2, 0, 31999], dtype=np.int64)
     p = tmp_path / "s.bin"
@@ -75,8 +76,14 @@ def test_shard_round_trip(tmp_path):
     raw = np.fromfile(p, dtype="<i4", count=8)
     assert raw[0] == SHARD_MAGIC == 0x4853544C and bytes(raw[:1].tobytes()) == b"LTSH"
     assert list(raw[1:4]) == [1, 2, 32000]
-    assert read_shard_header(p) == {"version": 1, "token_bytes": 2, "vocab_size": 32000, "num_tokens": 6,
-                                    "bos_id": 1, "eos_id": 2}
+    assert read_shard_header(p) == {
+        "version": 1,
+        "token_bytes": 2,
+        "vocab_size": 32000,
+        "num_tokens": 6,
+        "bos_id": 1,
+        "eos_id": 2,
+    }
     arr = open_shard(p)
     assert isinstance(arr, np.memmap) and arr.dtype == np.uint16
     assert arr.tolist() == toks.tolist()
@@ -112,8 +119,10 @@ def test_shards_have_their_own_magic_and_old_shards_still_read(tmp_path):
     assert read_shard_header(old) == read_shard_header(new)
     assert open_shard(old).tolist() == open_shard(new).tolist() == toks
     # An old prepared folder (train and val shards with the old magic) feeds the loaders as before.
-    for d, write in (("new_dir", lambda p, t: write_shard(p, t, 1000)),
-                     ("old_dir", lambda p, t: p.write_bytes(_legacy_shard_bytes(t, 1000)))):  # fmt: skip
+    for d, write in (
+        ("new_dir", lambda p, t: write_shard(p, t, 1000)),
+        ("old_dir", lambda p, t: p.write_bytes(_legacy_shard_bytes(t, 1000))),
+    ):
         (tmp_path / d).mkdir()
         write(tmp_path / d / "train_000000.bin", np.arange(700) % 1000)
         write(tmp_path / d / "val_000000.bin", np.arange(300, 0, -1))
@@ -141,8 +150,11 @@ def test_other_files_are_refused_as_shards(tmp_path):
     with pytest.raises(ValueError, match=r"tokenizer\.bin: not a LlamaThink token shard \(bad magic .*C tokenizer"):
         read_shard_header(tmp_path / "tokenizer.bin")
     (tmp_path / "garbage.bin").write_bytes(bytes(range(256)) * 8)
-    with pytest.raises(ValueError, match=r"garbage\.bin: not a LlamaThink token shard \(bad magic number "
-                                         r"0x03020100 .*expected 0x4853544C b'LTSH'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"garbage\.bin: not a LlamaThink token shard \(bad magic number "
+        r"0x03020100 .*expected 0x4853544C b'LTSH'\)",
+    ):
         open_shard(tmp_path / "garbage.bin")
     # In a prepared folder too: the loaders name the file.
     (tmp_path / "d").mkdir()
@@ -214,12 +226,20 @@ def test_find_shards_and_check_vocab(tmp_path):
 
 # ---------------------------------------------------------------- prepare
 
+
 def test_llama2_bos_eos_and_newlines(tmp_path):
     model = llama2_model_path()
     texts = ["Hello world", "First line\nsecond line\n\nNew paragraph.\n", "  indented\tand </s> literal"]
     src = write_jsonl(tmp_path / "d.jsonl", texts)
-    meta = prepare(LocalSource([str(src)]), tmp_path / "out", str(model), shard_tokens=1000, val_docs=0,
-                   num_workers=1, progress=False)
+    meta = prepare(
+        LocalSource([str(src)]),
+        tmp_path / "out",
+        str(model),
+        shard_tokens=1000,
+        val_docs=0,
+        num_workers=1,
+        progress=False,
+    )
     assert meta["vocab_size"] == 32000 and (meta["bos_token_id"], meta["eos_token_id"]) == (1, 2)
     toks = all_train_tokens(tmp_path / "out").tolist()
     assert toks[:4] == [1, 15043, 3186, 2]
@@ -272,8 +292,16 @@ def test_sources_agree(tmp_path, small_tok, docs):
         prepare(src, out, small_tok, shard_tokens=500, val_docs=3, num_workers=1, progress=False)
         streams[name] = (all_train_tokens(out).tolist(), np.asarray(open_shard(out / "val_000000.bin")).tolist())
     out = tmp_path / "out_list"
-    prepare(texts, out, small_tok, shard_tokens=500, val_docs=3, num_workers=1, progress=False,
-            source_description={"type": "list"})
+    prepare(
+        texts,
+        out,
+        small_tok,
+        shard_tokens=500,
+        val_docs=3,
+        num_workers=1,
+        progress=False,
+        source_description={"type": "list"},
+    )
     streams["list"] = (all_train_tokens(out).tolist(), np.asarray(open_shard(out / "val_000000.bin")).tolist())
     assert load_meta(out)["source"] == {"type": "list"}
     ref = streams["jsonl"]
@@ -300,10 +328,12 @@ def test_txt_paragraph_split_and_field_errors(tmp_path, small_tok):
 
 def test_prepare_layout_and_parallel_determinism(tmp_path, small_tok, docs):
     src = LocalSource([str(write_jsonl(tmp_path / "d.jsonl", docs))])
-    m1 = prepare(src, tmp_path / "one", small_tok, shard_tokens=3000, val_docs=10, num_workers=1,
-                 batch_docs=7, progress=False)
-    m2 = prepare(src, tmp_path / "two", small_tok, shard_tokens=3000, val_docs=10, num_workers=2,
-                 batch_docs=5, progress=False)
+    m1 = prepare(
+        src, tmp_path / "one", small_tok, shard_tokens=3000, val_docs=10, num_workers=1, batch_docs=7, progress=False
+    )
+    m2 = prepare(
+        src, tmp_path / "two", small_tok, shard_tokens=3000, val_docs=10, num_workers=2, batch_docs=5, progress=False
+    )
     assert read_dir(tmp_path / "one") == read_dir(tmp_path / "two")
     assert m1 == m2 == load_meta(tmp_path / "one")
     shards = m1["train"]["shards"]
@@ -316,8 +346,19 @@ def test_prepare_layout_and_parallel_determinism(tmp_path, small_tok, docs):
     train = all_train_tokens(tmp_path / "one")
     assert (train == 1).sum() == len(docs) - 10 and train[0] == 1 and train[-1] == 2
     # Rerunning a finished preparation is a no-op that returns the same meta.
-    assert prepare(src, tmp_path / "one", small_tok, shard_tokens=3000, val_docs=10, num_workers=1,
-                   batch_docs=3, progress=False) == m1
+    assert (
+        prepare(
+            src,
+            tmp_path / "one",
+            small_tok,
+            shard_tokens=3000,
+            val_docs=10,
+            num_workers=1,
+            batch_docs=3,
+            progress=False,
+        )
+        == m1
+    )
 
 
 @pytest.mark.parametrize("shard_tokens", [50, 997])
@@ -373,8 +414,9 @@ def test_prepare_errors(tmp_path, small_tok, docs):
     prepare(src, tmp_path / "out", small_tok, shard_tokens=500, val_docs=2, num_workers=1, progress=False)
     with pytest.raises(ValueError, match="different preparation.*shard_tokens"):
         prepare(src, tmp_path / "out", small_tok, shard_tokens=600, val_docs=2, num_workers=1, progress=False)
-    meta = prepare(src, tmp_path / "out", small_tok, shard_tokens=600, val_docs=2, num_workers=1,
-                   progress=False, overwrite=True)
+    meta = prepare(
+        src, tmp_path / "out", small_tok, shard_tokens=600, val_docs=2, num_workers=1, progress=False, overwrite=True
+    )
     assert meta["shard_tokens"] == 600
     with pytest.raises(ValueError, match="all of them went to the validation split"):
         prepare(src, tmp_path / "v", small_tok, val_docs=50, num_workers=1, progress=False)
@@ -382,6 +424,7 @@ def test_prepare_errors(tmp_path, small_tok, docs):
     write_shard(tmp_path / "stale" / "train_000000.bin", [1, 2], 10)
     with pytest.raises(ValueError, match="already contains shards"):
         prepare(src, tmp_path / "stale", small_tok, num_workers=1, progress=False)
+
     class NoBos:
         bos_token_id = None
         eos_token_id = 2
@@ -396,8 +439,22 @@ def test_prepare_errors(tmp_path, small_tok, docs):
 
 def test_cli_prepare_and_inspect(tmp_path, capsys):
     src = write_jsonl(tmp_path / "d.jsonl", list(iter_sample_texts(include_conversations=False))[:40])
-    argv = ["prepare", "--input", str(src), "--tokenizer", "builtin", "--out", str(tmp_path / "out"),
-            "--shard-tokens", "2000", "--val-docs", "4", "--workers", "1", "--no-progress"]
+    argv = [
+        "prepare",
+        "--input",
+        str(src),
+        "--tokenizer",
+        "builtin",
+        "--out",
+        str(tmp_path / "out"),
+        "--shard-tokens",
+        "2000",
+        "--val-docs",
+        "4",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
     assert main(argv + ["--stop-after-shards", "1"]) == 0
     assert "rerun the same command" in capsys.readouterr().out
     assert main(argv) == 0
@@ -406,8 +463,26 @@ def test_cli_prepare_and_inspect(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["meta"]["tokenizer"] == "builtin"
     assert summary["shards"]["train_000000.bin"]["num_tokens"] == 2000
-    assert main(["prepare", "--sample", "--tokenizer", "builtin", "--out", str(tmp_path / "s"),
-                 "--shard-tokens", "100000", "--val-docs", "8", "--workers", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--sample",
+                "--tokenizer",
+                "builtin",
+                "--out",
+                str(tmp_path / "s"),
+                "--shard-tokens",
+                "100000",
+                "--val-docs",
+                "8",
+                "--workers",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     meta = load_meta(tmp_path / "s")
     assert meta["train"]["num_tokens"] > 50_000  # the sample corpus is big enough for a demo run
 
@@ -421,16 +496,29 @@ def test_prepare_script_takes_the_options_without_the_subcommand(tmp_path, capsy
     script = EntryPoint("llamathink-prepare", "llamathink.data.preparation:main", "console_scripts").load()
     assert script is P.main
     src = write_jsonl(tmp_path / "d.jsonl", list(iter_sample_texts(include_conversations=False))[:40])
-    opts = ["--input", str(src), "--tokenizer", "builtin", "--shard-tokens", "2000", "--val-docs", "4",
-            "--workers", "1", "--no-progress"]  # fmt: skip
+    opts = [
+        "--input",
+        str(src),
+        "--tokenizer",
+        "builtin",
+        "--shard-tokens",
+        "2000",
+        "--val-docs",
+        "4",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
     assert script([*opts, "--out", str(tmp_path / "a")]) == 0
     assert "train shards" in capsys.readouterr().out
     assert main(["prepare", *opts, "--out", str(tmp_path / "b")]) == 0
     assert "train shards" in capsys.readouterr().out
     assert read_dir(tmp_path / "a") == read_dir(tmp_path / "b")
-    for call, usage in ((lambda: script(["--help"]), "usage: llamathink-prepare "),
-                        (lambda: main(["prepare", "--help"]), "usage: python -m llamathink.data prepare "),
-                        (lambda: main(["--help"]), "usage: python -m llamathink.data ")):  # fmt: skip
+    for call, usage in (
+        (lambda: script(["--help"]), "usage: llamathink-prepare "),
+        (lambda: main(["prepare", "--help"]), "usage: python -m llamathink.data prepare "),
+        (lambda: main(["--help"]), "usage: python -m llamathink.data "),
+    ):
         with pytest.raises(SystemExit) as exc:
             call()
         assert exc.value.code == 0 and capsys.readouterr().out.startswith(usage)
@@ -441,6 +529,7 @@ def test_prepare_script_takes_the_options_without_the_subcommand(tmp_path, capsy
 
 
 # ---------------------------------------------------------------- reader
+
 
 def make_shards(d, sizes, vocab=60000):
     """Shards whose concatenation is 0, 1, 2, ... so a window identifies itself."""
@@ -489,7 +578,7 @@ def test_loader_batches_epochs_and_determinism(tmp_path):
         epoch1 += window_ids(next(L)[0], 16)
     assert sorted(epoch1) == list(range(126)) and epoch1 != seen and L.epoch == 1
     again = TokenBatchLoader(tmp_path, seq_len=16, batch_size=6, seed=3)
-    assert [window_ids(next(again)[0], 16) for _ in range(21)] == [seen[i:i + 6] for i in range(0, 126, 6)]
+    assert [window_ids(next(again)[0], 16) for _ in range(21)] == [seen[i : i + 6] for i in range(0, 126, 6)]
     other = TokenBatchLoader(tmp_path, seq_len=16, batch_size=6, seed=4)
     assert window_ids(next(other)[0], 16) != seen[:6]
 
@@ -554,8 +643,15 @@ def test_val_batches(tmp_path):
 
 
 def test_end_to_end_with_prepared_sample(tmp_path, small_tok):
-    prepare(LocalSource([str(REPO / "llamathink" / "sample_data" / "prose.jsonl")]), tmp_path / "s", small_tok,
-            shard_tokens=30000, val_docs=8, num_workers=1, progress=False)
+    prepare(
+        LocalSource([str(REPO / "llamathink" / "sample_data" / "prose.jsonl")]),
+        tmp_path / "s",
+        small_tok,
+        shard_tokens=30000,
+        val_docs=8,
+        num_workers=1,
+        progress=False,
+    )
     L = TokenBatchLoader(tmp_path / "s", seq_len=128, batch_size=8, seed=0, model_vocab_size=1024)
     x, y = next(L)
     assert x.shape == (8, 128) and int(x.max()) < 1024
@@ -643,11 +739,21 @@ def _bad_input(tmp_path, case):
     raise AssertionError(case)
 
 
-BAD_CASES = {"invalid_utf8": "invalid_utf8", "lone_surrogate": "lone_surrogate", "invalid_json": "invalid_json",
-             "missing_field": "missing_field", "not_a_string": "not_a_string", "nul_only": "nul_only",
-             "nul_only_txt": "nul_only", "invalid_utf8_txt": "invalid_utf8", "corrupt_gzip": "corrupt_file",
-             "not_gzip": "corrupt_file", "corrupt_parquet": "corrupt_file", "unreadable_dir": "unreadable_file",
-             "unreadable_link": "unreadable_file"}
+BAD_CASES = {
+    "invalid_utf8": "invalid_utf8",
+    "lone_surrogate": "lone_surrogate",
+    "invalid_json": "invalid_json",
+    "missing_field": "missing_field",
+    "not_a_string": "not_a_string",
+    "nul_only": "nul_only",
+    "nul_only_txt": "nul_only",
+    "invalid_utf8_txt": "invalid_utf8",
+    "corrupt_gzip": "corrupt_file",
+    "not_gzip": "corrupt_file",
+    "corrupt_parquet": "corrupt_file",
+    "unreadable_dir": "unreadable_file",
+    "unreadable_link": "unreadable_file",
+}
 
 
 @pytest.mark.parametrize("case", list(BAD_CASES))
@@ -698,8 +804,22 @@ def test_bad_records_hf_and_iterable_rows(tmp_path, small_tok):
 def test_cli_bad_record_exits_with_message(tmp_path, capsys):
     src = tmp_path / "d.jsonl"
     src.write_bytes(_jsonl_bytes(GOOD[:2]) + b'{"text": "bad \xff"}\n' + _jsonl_bytes(GOOD[2:]))
-    argv = ["prepare", "--input", str(src), "--tokenizer", "builtin", "--out", str(tmp_path / "out"),
-            "--shard-tokens", "1000", "--val-docs", "0", "--workers", "1", "--no-progress"]
+    argv = [
+        "prepare",
+        "--input",
+        str(src),
+        "--tokenizer",
+        "builtin",
+        "--out",
+        str(tmp_path / "out"),
+        "--shard-tokens",
+        "1000",
+        "--val-docs",
+        "0",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert re.match(rf"prepare: error: {re.escape(str(src))}:3: invalid UTF-8.*--skip-bad-records", str(exc.value))
@@ -751,6 +871,7 @@ def test_stop_at_bad_record_keeps_shards_and_resumes(tmp_path, small_tok, docs):
 
 # ---------------------------------------------------------------- overlong documents
 
+
 def _long_doc(docs, n):
     """One long document: n sample paragraphs separated by blank lines."""
     return "\n\n".join(docs[i % len(docs)] for i in range(n))
@@ -763,12 +884,12 @@ def test_splitter_cuts_at_boundaries(docs):
     assert all(0 < len(p.text) <= 500 for p in pieces) and len(pieces) > len(text) // 500
     assert [p.first for p in pieces] == [True] + [False] * (len(pieces) - 1)
     assert [p.last for p in pieces] == [False] * (len(pieces) - 1) + [True]
-    ends = [len("".join(q.text for q in pieces[:k + 1])) for k in range(len(pieces) - 1)]
+    ends = [len("".join(q.text for q in pieces[: k + 1])) for k in range(len(pieces) - 1)]
     assert [p.context for p in pieces[1:]] == [text[e - 1] for e in ends]
     # Cuts fall at a paragraph start where the window has one, else at a line start or before a space.
     for e in ends:
-        assert text[e - 2:e] == "\n\n" or text[e - 1] == "\n" or text[e] in " \t"
-    assert sum(text[e - 2:e] == "\n\n" for e in ends) >= len(ends) // 2
+        assert text[e - 2 : e] == "\n\n" or text[e - 1] == "\n" or text[e] in " \t"
+    assert sum(text[e - 2 : e] == "\n\n" for e in ends) >= len(ends) // 2
     # No whitespace at all: hard cuts of exactly max_chars.
     solid = "x" * 1234
     assert [len(p.text) for p in P._document_pieces(solid, "doc", D.BadRecords(), 500)] == [500, 500, 234]
@@ -825,8 +946,7 @@ def test_restart_with_split_documents(tmp_path, small_tok, docs, num_workers):
     uninterrupted output."""
     long_docs = [_long_doc(docs[k:], 3 + k % 4) for k in range(12)]
     src = LocalSource([str(write_jsonl(tmp_path / "d.jsonl", long_docs))])
-    kw = dict(shard_tokens=333, val_docs=2, num_workers=num_workers, batch_docs=2, progress=False,
-              max_doc_chars=400)
+    kw = dict(shard_tokens=333, val_docs=2, num_workers=num_workers, batch_docs=2, progress=False, max_doc_chars=400)
     prepare(src, tmp_path / "ref", small_tok, **kw)
     ref = read_dir(tmp_path / "ref")
     n_shards = len([n for n in ref if n.startswith("train_")])
@@ -889,9 +1009,22 @@ def test_long_txt_memory_is_bounded(tmp_path, small_tok, docs):
     (tmp_path / "big.txt").write_text(text, encoding="utf-8")
     small_tok.backend_tokenizer.save(str(tmp_path / "tok.json"))
     size = (tmp_path / "big.txt").stat().st_size
-    res = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, os.path.dirname(P.__file__), str(tmp_path / "tok.json"),
-                          str(tmp_path / "big.txt"), str(tmp_path / "out"), "20000", "65536"],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _MEMORY_PROBE,
+            os.path.dirname(P.__file__),
+            str(tmp_path / "tok.json"),
+            str(tmp_path / "big.txt"),
+            str(tmp_path / "out"),
+            "20000",
+            "65536",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     probe = json.loads(res.stdout.strip().splitlines()[-1])
     growth = probe["growth_kib"] * 1024
@@ -923,6 +1056,7 @@ def test_progress_from_before_max_doc_chars(tmp_path, small_tok, docs):
 def test_piece_context_fallback():
     """Where the context character merges with the piece's first characters (its tokens are not a prefix), the
     piece is tokenized alone; BOS/EOS go only at the document's real start and end."""
+
     class MergeAB:  # characters as ids, except that "ab" is one token (99)
         def __call__(self, texts, **kw):
             return {"input_ids": [[99 if t == "ab" else ord(t) for t in re.findall("ab|.", s, re.S)] for s in texts]}
@@ -939,8 +1073,12 @@ def test_an_overlong_jsonl_line_is_named_and_skipped_without_holding_it(tmp_path
     named by file and line; it is read past in bounded pieces, and the lines after it keep their numbers."""
     monkeypatch.setattr(P, "MAX_JSONL_LINE_BYTES", 64)
     monkeypatch.setattr(P, "_READ_CHUNK_BYTES", 7)
-    lines = [json.dumps({"text": GOOD[0]}), json.dumps({"text": "x" * 500}), json.dumps({"text": GOOD[1]}),
-             json.dumps({"text": None})]  # fmt: skip
+    lines = [
+        json.dumps({"text": GOOD[0]}),
+        json.dumps({"text": "x" * 500}),
+        json.dumps({"text": GOOD[1]}),
+        json.dumps({"text": None}),
+    ]
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
     reads = []
     real_open = open
@@ -963,14 +1101,19 @@ def test_an_overlong_jsonl_line_is_named_and_skipped_without_holding_it(tmp_path
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr("builtins.open", lambda p, mode="r", *a, **k: Recording(real_open(p, mode, *a, **k))
-                        if str(p).endswith("d.jsonl") and "b" in mode else real_open(p, mode, *a, **k))  # fmt: skip
+    monkeypatch.setattr(
+        "builtins.open",
+        lambda p, mode="r", *a, **k: (
+            Recording(real_open(p, mode, *a, **k))
+            if str(p).endswith("d.jsonl") and "b" in mode
+            else real_open(p, mode, *a, **k)
+        ),
+    )
     kw = dict(shard_tokens=10_000, val_docs=0, num_workers=1, progress=False)
     with pytest.raises(ValueError, match=r"d\.jsonl:2: line longer than 64 bytes .*\[bad record: line_too_long\]"):
         prepare(LocalSource([str(tmp_path / "d.jsonl")]), tmp_path / "out", small_tok, **kw)
     reads.clear()
-    meta = prepare(LocalSource([str(tmp_path / "d.jsonl")]), tmp_path / "out", small_tok, skip_bad_records=True,
-                   **kw)  # fmt: skip
+    meta = prepare(LocalSource([str(tmp_path / "d.jsonl")]), tmp_path / "out", small_tok, skip_bad_records=True, **kw)
     assert meta["bad_records"]["by_kind"] == {"line_too_long": 1, "not_a_string": 1}
     assert re.search(r"d\.jsonl:4: ", meta["bad_records"]["examples"][1])  # numbering goes on after the long line
     assert max(reads) <= 65  # never more than the limit (+1 to see that it is over) in memory at once
@@ -1006,11 +1149,35 @@ def test_ctrl_c_during_a_multi_worker_prepare_exits_promptly_and_resumes(tmp_pat
     texts = list(iter_sample_texts())
     src = write_jsonl(tmp_path / "big.jsonl", [texts[i % len(texts)] + f" ({i})" for i in range(8_000)])
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "llamathink.data", "prepare", "--input", str(src), "--tokenizer", "builtin",
-           "--out", str(out), "--val-docs", "10", "--workers", "2", "--batch-docs", "16", "--shard-tokens", "10000",
-           "--no-progress"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "llamathink.data",
+        "prepare",
+        "--input",
+        str(src),
+        "--tokenizer",
+        "builtin",
+        "--out",
+        str(out),
+        "--val-docs",
+        "10",
+        "--workers",
+        "2",
+        "--batch-docs",
+        "16",
+        "--shard-tokens",
+        "10000",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     while not (out / "train_000001.bin").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

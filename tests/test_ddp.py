@@ -13,17 +13,38 @@ from llamathink.train import checkpoint as ckpt
 
 
 def _run(nproc, model_json, data, out, micro_batch, **overrides):
-    settings = dict(model_config=model_json, data_dir=data, out_dir=out, seq_len=64, micro_batch_size=micro_batch,
-                    grad_accum=2, max_steps=8, warmup_steps=1, mixed_precision="no", eval_every=100, save_every=4,
-                    peak_tflops="null", wandb_mode="disabled", progress_bar="false", seed=5)  # fmt: skip
+    settings = dict(
+        model_config=model_json,
+        data_dir=data,
+        out_dir=out,
+        seq_len=64,
+        micro_batch_size=micro_batch,
+        grad_accum=2,
+        max_steps=8,
+        warmup_steps=1,
+        mixed_precision="no",
+        eval_every=100,
+        save_every=4,
+        peak_tflops="null",
+        wandb_mode="disabled",
+        progress_bar="false",
+        seed=5,
+    )
     settings.update(overrides)
     args = [f"--{k}={v}" for k, v in settings.items()]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
     if nproc == 1:
         cmd = [sys.executable, str(REPO_ROOT / "train_hf.py"), *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(REPO_ROOT / "train_hf.py"), *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(REPO_ROOT / "train_hf.py"),
+            *args,
+        ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     last = ckpt.list_checkpoints(out)[-1]

@@ -113,7 +113,9 @@ def test_compiled_fla_training_is_one_graph_and_matches_the_reference():
         pytest.skip(fla_backward_problem(torch.device("cuda")))
     dims = GDN_DIMS["dims16x32"]
     ids = torch.randint(1, 96, (2, 150), generator=torch.Generator().manual_seed(0))
-    loss_ref, grads_ref = _loss_and_grads(tiny_model(dtype=torch.float32, gdn_backend="torch", **dims).train(), ids, False)
+    loss_ref, grads_ref = _loss_and_grads(
+        tiny_model(dtype=torch.float32, gdn_backend="torch", **dims).train(), ids, False
+    )
     model = tiny_model(dtype=torch.float32, gdn_backend="fla", **dims).cuda().train()
     loss_eager, grads_eager = _loss_and_grads(model, ids.cuda(), autocast=True)
     torch._dynamo.reset()
@@ -144,8 +146,14 @@ def test_cuda_graph_decode_equals_eager_decode():
     the graph is reused by a second generate() call."""
     model = tiny_model(dtype=torch.float32, csa_window=64, mixer_types=["csa", "linear", "full", "csa"]).cuda().eval()
     prompt = torch.randint(3, 96, (2, 11), generator=torch.Generator().manual_seed(2)).cuda()
-    kwargs = dict(max_new_tokens=90, do_sample=False, pad_token_id=0, eos_token_id=None, output_scores=True,
-                  return_dict_in_generate=True)  # fmt: skip
+    kwargs = dict(
+        max_new_tokens=90,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     with torch.no_grad():
         fast = [model.generate(prompt, **kwargs) for _ in range(2)]
         assert any(d.graph is not None for d in model.__dict__["_static_decoders"].values())

@@ -139,7 +139,10 @@ def test_chunked_equals_recurrent_forward_and_gradients(T, chunk, with_state):
     torch.testing.assert_close(o1, o2, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(s1, s2, rtol=1e-10, atol=1e-10)
     gen = torch.Generator().manual_seed(1)
-    w_o, w_s = torch.randn(o1.shape, generator=gen, dtype=o1.dtype), torch.randn(s1.shape, generator=gen, dtype=s1.dtype)
+    w_o, w_s = (
+        torch.randn(o1.shape, generator=gen, dtype=o1.dtype),
+        torch.randn(s1.shape, generator=gen, dtype=s1.dtype),
+    )
     grads1 = torch.autograd.grad((o1 * w_o).sum() + (s1 * w_s).sum(), inputs, allow_unused=True)
     grads2 = torch.autograd.grad((o2 * w_o).sum() + (s2 * w_s).sum(), inputs, allow_unused=True)
     for name, a, b in zip("q k v g beta s0".split(), grads1, grads2):
@@ -177,16 +180,28 @@ def _qwen35_text_config(config):
     from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5TextConfig
 
     qcfg = Qwen3_5TextConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
-        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
-        head_dim=config.head_dim, linear_num_key_heads=config.linear_num_key_heads,
-        linear_num_value_heads=config.linear_num_value_heads, linear_key_head_dim=config.linear_key_head_dim,
-        linear_value_head_dim=config.linear_value_head_dim, linear_conv_kernel_dim=config.linear_conv_kernel_dim,
-        rms_norm_eps=config.rms_norm_eps, hidden_act="silu", attention_bias=False,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta,
-                         "partial_rotary_factor": config.partial_rotary_factor},
-    )  # fmt: skip
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=2,
+        layer_types=["linear_attention", "full_attention"],
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        linear_num_key_heads=config.linear_num_key_heads,
+        linear_num_value_heads=config.linear_num_value_heads,
+        linear_key_head_dim=config.linear_key_head_dim,
+        linear_value_head_dim=config.linear_value_head_dim,
+        linear_conv_kernel_dim=config.linear_conv_kernel_dim,
+        rms_norm_eps=config.rms_norm_eps,
+        hidden_act="silu",
+        attention_bias=False,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": config.rope_theta,
+            "partial_rotary_factor": config.partial_rotary_factor,
+        },
+    )
     qcfg._attn_implementation = "sdpa"
     return qcfg
 
@@ -208,9 +223,16 @@ def test_full_attention_matches_transformers_qwen3_5_attention():
     from llamathink.modeling_llamathink import ForwardContext
 
     ctx = ForwardContext(
-        position_ids=torch.arange(29)[None].expand(2, 29), cos=cos, sin=sin, valid=None, key_valid=None,
-        real_lengths=None, new_real_lengths=None, cache=None, rotary=None,
-    )  # fmt: skip
+        position_ids=torch.arange(29)[None].expand(2, 29),
+        cos=cos,
+        sin=sin,
+        valid=None,
+        key_valid=None,
+        real_lengths=None,
+        new_real_lengths=None,
+        cache=None,
+        rotary=None,
+    )
     expected, _ = theirs(x, position_embeddings=(cos, sin), attention_mask=None)
     torch.testing.assert_close(ours(x, ctx), expected, rtol=1e-5, atol=1e-5)
 
@@ -285,9 +307,16 @@ def test_csa_matches_naive_definition(T):
 
     cos, sin = rotary(torch.arange(T)[None], x.dtype)
     ctx = ForwardContext(
-        position_ids=torch.arange(T)[None], cos=cos, sin=sin, valid=None, key_valid=None, real_lengths=None,
-        new_real_lengths=None, cache=None, rotary=rotary,
-    )  # fmt: skip
+        position_ids=torch.arange(T)[None],
+        cos=cos,
+        sin=sin,
+        valid=None,
+        key_valid=None,
+        real_lengths=None,
+        new_real_lengths=None,
+        cache=None,
+        rotary=rotary,
+    )
     torch.testing.assert_close(mod(x, ctx), _naive_csa(mod, x, rotary), rtol=1e-10, atol=1e-10)
 
 
@@ -417,9 +446,11 @@ def static_model():
     """The window-64 mixer set with the static decode path on (`decode_cuda_graphs="always"`: on CPU it runs the
     CUDA-graph step eagerly)."""
     model = tiny_model(
-        csa_window=64, mixer_types=["csa", "linear", "full", "csa"], max_position_embeddings=200,
+        csa_window=64,
+        mixer_types=["csa", "linear", "full", "csa"],
+        max_position_embeddings=200,
         decode_cuda_graphs="always",
-    )  # fmt: skip
+    )
     return model
 
 
@@ -461,8 +492,9 @@ def test_static_decode_generate_greedy_and_beam_equal_the_general_path(static_mo
     model = static_model
     prompt = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(3))
     kwargs = dict(max_new_tokens=80, do_sample=False, pad_token_id=0, eos_token_id=None)
-    beams = dict(max_new_tokens=12, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0,
-                 eos_token_id=None)  # fmt: skip
+    beams = dict(
+        max_new_tokens=12, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
     steps = _count_static_steps(model)
     with torch.no_grad():
         fast = model.generate(prompt, output_scores=True, return_dict_in_generate=True, **kwargs)
@@ -503,8 +535,14 @@ def test_static_decode_of_a_left_padded_batch_equals_each_row_alone(static_model
     ids, mask = left_pad(rows)
     width = ids.shape[1]
     steps = _count_static_steps(model)
-    kwargs = dict(max_new_tokens=70, do_sample=False, pad_token_id=0, eos_token_id=None, output_scores=True,
-                  return_dict_in_generate=True)  # fmt: skip
+    kwargs = dict(
+        max_new_tokens=70,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     with torch.no_grad():
         batched = model.generate(ids, attention_mask=mask, **kwargs)
         assert len(steps) == 69  # every step after the prompt took the static path
@@ -736,8 +774,9 @@ def test_generate_continuing_a_cache_is_capped_by_the_positions_it_holds(short_m
     assert cache.get_seq_length() == 13
     mask = torch.ones_like(ids)
     fed = ids if full_sequence else ids[:, cache.get_seq_length() :]
-    out, messages = _generate_warnings(short_model, fed, attention_mask=mask, past_key_values=cache,
-                                       max_new_tokens=30, **kwargs)  # fmt: skip
+    out, messages = _generate_warnings(
+        short_model, fed, attention_mask=mask, past_key_values=cache, max_new_tokens=30, **kwargs
+    )
     reference, _ = _generate_warnings(short_model, ids, max_new_tokens=12, **kwargs)
     assert torch.equal(out[:, -12:], reference[:, 20:]) and out.shape[1] == fed.shape[1] + 12
     assert len(messages) == 1 and "20 positions" in messages[0] and "at most 12" in messages[0]
@@ -1138,20 +1177,30 @@ def test_fresh_init_values():
 
 def test_init_options():
     torch.manual_seed(0)
-    cfg = dict(num_hidden_layers=8, mixer_types=["linear", "csa", "full", "linear"] * 2, hidden_size=96,
-               intermediate_size=384)  # fmt: skip
-    model = LlamaThinkForCausalLM(tiny_config(rescale_prenorm_residual=True, A_init_range=[2, 3],
-                                              dt_init_range=[0.001, 0.1], **cfg))  # fmt: skip
+    cfg = dict(
+        num_hidden_layers=8, mixer_types=["linear", "csa", "full", "linear"] * 2, hidden_size=96, intermediate_size=384
+    )
+    model = LlamaThinkForCausalLM(
+        tiny_config(rescale_prenorm_residual=True, A_init_range=[2, 3], dt_init_range=[0.001, 0.1], **cfg)
+    )
     std = model.config.initializer_range
     layer = model.model.layers[0]
     assert abs(layer.mlp.down_proj.weight.std().item() - std / 4) < 0.1 * std / 4  # / sqrt(2 * 8)
     assert abs(layer.mlp.up_proj.weight.std().item() - std) < 0.1 * std
     a = torch.cat([m.mixer.A_log for m in model.model.layers if m.mixer_type == "linear"]).exp()
     assert a.min() >= 2 and a.max() <= 3
-    dt = torch.nn.functional.softplus(torch.cat([m.mixer.dt_bias for m in model.model.layers if m.mixer_type == "linear"]))
+    dt = torch.nn.functional.softplus(
+        torch.cat([m.mixer.dt_bias for m in model.model.layers if m.mixer_type == "linear"])
+    )
     assert dt.min() >= 0.001 * 0.999 and dt.max() <= 0.1 * 1.001 and len(set(dt.tolist())) == len(dt)
-    for bad in ({"A_init_range": [0, 16]}, {"A_init_range": [16, 1]}, {"A_init_range": [1]},
-                {"dt_init_range": [0.1, 0.001]}, {"dt_init_range": "0.1"}, {"rescale_prenorm_residual": "yes"}):
+    for bad in (
+        {"A_init_range": [0, 16]},
+        {"A_init_range": [16, 1]},
+        {"A_init_range": [1]},
+        {"dt_init_range": [0.1, 0.001]},
+        {"dt_init_range": "0.1"},
+        {"rescale_prenorm_residual": "yes"},
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             tiny_config(**bad)
 

@@ -435,7 +435,10 @@ def test_routing_mock_model():
     no_decay = {"model.norm.weight", f"{L}.0.mixer.A_log", f"{L}.0.mixer.dt_bias", f"{L}.0.mixer.norm.weight"}
     for i in range(3):
         no_decay |= {f"{L}.{i}.input_layernorm.weight", f"{L}.{i}.post_attention_layernorm.weight"}
-        no_decay |= {f"{L}.{i}.{s}" for s in ("mixer_residual_scale", "mixer_sublayer_scale", "mlp_residual_scale", "mlp_sublayer_scale")}
+        no_decay |= {
+            f"{L}.{i}.{s}"
+            for s in ("mixer_residual_scale", "mixer_sublayer_scale", "mlp_residual_scale", "mlp_sublayer_scale")
+        }
     no_decay |= {f"{L}.{i}.mixer.{n}.weight" for i in (1, 2) for n in ("q_norm", "k_norm")}
     assert by["adamw_no_decay"] == no_decay
 
@@ -464,10 +467,7 @@ def test_classify_parameter_reasons():
     w = torch.empty(9, 576)
     assert classify_parameter("model.layers.3.mixer.in_proj_a.weight", w)[0] == "adamw_decay"
     assert classify_parameter("model.layers.3.mixer.other_proj.weight", w)[0] == "muon"
-    assert (
-        classify_parameter("model.layers.3.mixer.other_proj.weight", w, ["other_proj.weight"])[0]
-        == "adamw_decay"
-    )
+    assert classify_parameter("model.layers.3.mixer.other_proj.weight", w, ["other_proj.weight"])[0] == "adamw_decay"
     assert classify_parameter("model.some_projector.weight", w)[0] == "adamw_decay"  # outside layers
     assert classify_parameter("lm_head.weight", torch.empty(100, 576))[0] == "adamw_decay"  # untied head
     assert classify_parameter("model.layers.1.mixer.conv1d.weight", torch.empty(8, 1, 4))[0] == "adamw_decay"

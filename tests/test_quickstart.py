@@ -15,9 +15,15 @@ def test_quickstart_fast_runs_every_stage_and_the_readme_block_uses_its_model(tm
     command = "python -m llamathink.quickstart"
     assert command in readme_section("Quickstart")
     # the README's command, run where a newcomer would (its output goes to ./runs/quickstart)
-    proc = subprocess.run([sys.executable, "-m", "llamathink.quickstart", "--fast"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "llamathink.quickstart", "--fast"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for stage in ("1/5", "2/5", "3/5", "4/5", "5/5"):
         assert f"=== {stage}" in proc.stdout

@@ -15,10 +15,10 @@ import pytest
 import torch
 from conftest import REPO_ROOT, tiny_config
 
-from llamathink.train import finetune, loop, pretrain
 from llamathink import LlamaThinkForCausalLM
 from llamathink.chat_format import set_chat_template
 from llamathink.tokenizer_utils import builtin_tokenizer, save_tokenizer_for_model
+from llamathink.train import finetune, loop, pretrain
 
 README = REPO_ROOT / "README.md"
 PROMPT_TEXT = "Do you wish to run the custom code"
@@ -55,12 +55,19 @@ def run_use_a_model(cwd: Path) -> list:
     with stdin closed, so that a y/N prompt ends the read at once instead of waiting; returns what it printed (one
     item per print call)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run([sys.executable, "-c", _RUNNER, use_a_model_code()], cwd=cwd, env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUNNER, use_a_model_code()],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert PROMPT_TEXT not in proc.stdout + proc.stderr, "the README block stops at the trust_remote_code prompt"
     line = next(x for x in proc.stdout.splitlines() if x.startswith("README-PRINTED "))
-    return json.loads(line[len("README-PRINTED "):])
+    return json.loads(line[len("README-PRINTED ") :])
 
 
 def check_use_a_model_output(printed: list):
@@ -80,8 +87,14 @@ def tiny_chat_model(seed: int = 0):
 
 
 def finetune_cfg(tmp_path: Path, **overrides) -> finetune.FinetuneConfig:
-    return finetune.FinetuneConfig(init_from=str(tmp_path / "pretrained"), out_dir=str(tmp_path / "chat-run"),
-                                        max_steps=2, warmup_steps=1, wandb_mode="disabled", **overrides)  # fmt: skip
+    return finetune.FinetuneConfig(
+        init_from=str(tmp_path / "pretrained"),
+        out_dir=str(tmp_path / "chat-run"),
+        max_steps=2,
+        warmup_steps=1,
+        wandb_mode="disabled",
+        **overrides,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,8 +154,10 @@ def _installed_closure(names: set[str]) -> set[str]:
 
 def _readme_pip_extras(text: str) -> list[list[str]]:
     """The extras of each `pip install -e ".[a,b]"` command in `text` ([] for `pip install -e .`)."""
-    return [[e.strip() for e in m.group(1).split(",")] if m.group(1) else []
-            for m in re.finditer(r'pip install -e "?\.(?:\[([^\]]*)\])?"?', text)]  # fmt: skip
+    return [
+        [e.strip() for e in m.group(1).split(",")] if m.group(1) else []
+        for m in re.finditer(r'pip install -e "?\.(?:\[([^\]]*)\])?"?', text)
+    ]
 
 
 def test_readme_install_and_test_commands_match_setup_extras():
@@ -168,8 +183,11 @@ def test_every_module_the_tests_import_is_installed_by_the_readme_commands():
     install_requires, extras = _setup_requirements()
     declared = {_dist_name(r) for r in install_requires + extras["dev"]}
     allowed = _installed_closure(declared) | {_dist_name(r) for r in extras["gpu"] + extras["hopper"]}
-    local = {p.stem for p in (REPO_ROOT / "tests").glob("*.py")} | {p.stem for p in REPO_ROOT.glob("*.py")} | {
-        p.parent.name for p in REPO_ROOT.glob("*/__init__.py")}  # fmt: skip
+    local = (
+        {p.stem for p in (REPO_ROOT / "tests").glob("*.py")}
+        | {p.stem for p in REPO_ROOT.glob("*.py")}
+        | {p.parent.name for p in REPO_ROOT.glob("*/__init__.py")}
+    )
     providers = importlib.metadata.packages_distributions()
     missing = {}
     for path in sorted((REPO_ROOT / "tests").glob("*.py")):
@@ -187,7 +205,7 @@ def test_every_module_the_tests_import_is_installed_by_the_readme_commands():
                 dists = {re.sub(r"[-_.]+", "-", d).lower() for d in providers.get(top, [top])}
                 if not dists & allowed:
                     missing.setdefault(top, set()).add(path.name)
-    assert not missing, f"tests import modules that `pip install -e \".[dev]\"` does not install: {missing}"
+    assert not missing, f'tests import modules that `pip install -e ".[dev]"` does not install: {missing}'
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,8 +219,11 @@ def test_save_final_writes_a_model_card_and_a_left_padding_tokenizer(tmp_path):
     model, tokenizer = tiny_chat_model()
     params = sum(p.numel() for p in model.parameters())
     final = tmp_path / "final"
-    history = {"losses": {"1": 4.0, "2": 3.5}, "eval": {"0": 5.25, "2": 3.6125},  # keys as JSON strings too
-               "data": {"train_conversations": 1234, "eval_conversations": 56}}
+    history = {
+        "losses": {"1": 4.0, "2": 3.5},
+        "eval": {"0": 5.25, "2": 3.6125},  # keys as JSON strings too
+        "data": {"train_conversations": 1234, "eval_conversations": 56},
+    }
     loop.save_final(model, tokenizer, final, finetune_cfg(tmp_path), history, tokens_seen=4096)
 
     card = (final / "README.md").read_text(encoding="utf-8")
@@ -224,7 +245,7 @@ def test_save_final_writes_a_model_card_and_a_left_padding_tokenizer(tmp_path):
     assert reloaded.padding_side == "left" and reloaded.model_max_length == model.config.max_position_embeddings
     batch = reloaded(["The river runs", "Hi"], padding=True).input_ids
     short = reloaded("Hi").input_ids
-    assert batch[1][-len(short):] == short and batch[1][0] == reloaded.pad_token_id  # padded on the left
+    assert batch[1][-len(short) :] == short and batch[1][0] == reloaded.pad_token_id  # padded on the left
     assert reloaded.chat_template == tokenizer.chat_template
 
 
@@ -232,11 +253,23 @@ def test_pretraining_card_states_the_data_steps_and_tokens(tmp_path):
     model, tokenizer = tiny_chat_model()
     data = tmp_path / "data"
     data.mkdir()
-    (data / "meta.json").write_text(json.dumps({"source": {"type": "hf", "name": "HuggingFaceFW/fineweb",
-                                                           "config": "sample-10BT"},
-                                                "train": {"num_tokens": 123456, "num_docs": 789}}))  # fmt: skip
-    cfg = pretrain.TrainConfig(data_dir=str(data), out_dir=str(tmp_path / "llamathink-tiny"), max_steps=3,
-                               warmup_steps=1, micro_batch_size=2, grad_accum=1, seq_len=64)  # fmt: skip
+    (data / "meta.json").write_text(
+        json.dumps(
+            {
+                "source": {"type": "hf", "name": "HuggingFaceFW/fineweb", "config": "sample-10BT"},
+                "train": {"num_tokens": 123456, "num_docs": 789},
+            }
+        )
+    )
+    cfg = pretrain.TrainConfig(
+        data_dir=str(data),
+        out_dir=str(tmp_path / "llamathink-tiny"),
+        max_steps=3,
+        warmup_steps=1,
+        micro_batch_size=2,
+        grad_accum=1,
+        seq_len=64,
+    )
     history = {"losses": {1: 7.0, 2: 6.5, 3: 6.0}, "eval": {3: 6.125}}
     loop.save_final(model, None, tmp_path / "final", cfg, history, tokens_seen=384)
     card = (tmp_path / "final" / "README.md").read_text(encoding="utf-8")
@@ -253,8 +286,12 @@ def test_card_without_history_says_so_and_names_a_hub_base_model(tmp_path):
     from llamathink.model_card import model_card_text
 
     model, tokenizer = tiny_chat_model()
-    cfg = finetune.FinetuneConfig(init_from="someone/llamathink-95m", out_dir=str(tmp_path / "x"),
-                                       hub_model_id="someone/llamathink-95m-chat", wandb_mode="disabled")  # fmt: skip
+    cfg = finetune.FinetuneConfig(
+        init_from="someone/llamathink-95m",
+        out_dir=str(tmp_path / "x"),
+        hub_model_id="someone/llamathink-95m-chat",
+        wandb_mode="disabled",
+    )
     card = model_card_text(model, cfg, tokenizer=tokenizer)
     assert "base_model: someone/llamathink-95m\n" in card and "# someone/llamathink-95m-chat\n" in card
     assert "| assistant tokens trained on | not recorded |" in card and "| not measured |" in card
@@ -266,8 +303,11 @@ def test_push_to_hub_uploads_the_saved_folder_with_its_card(tmp_path, monkeypatc
 
     calls = []
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: calls.append(("create", repo_id)))
-    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(
-        ("upload", kw["repo_id"], sorted(os.listdir(kw["folder_path"])))))  # fmt: skip
+    monkeypatch.setattr(
+        huggingface_hub,
+        "upload_folder",
+        lambda **kw: calls.append(("upload", kw["repo_id"], sorted(os.listdir(kw["folder_path"])))),
+    )
     model, tokenizer = tiny_chat_model()
     monkeypatch.setattr(model, "push_to_hub", lambda *a, **k: pytest.fail("model.push_to_hub writes a generic card"))
     cfg = finetune_cfg(tmp_path, push_to_hub=True, hub_model_id="me/tiny-chat")
@@ -289,8 +329,14 @@ def test_every_console_script_loads_and_answers_help(capsys):
     from importlib.metadata import EntryPoint
 
     scripts = re.findall(r'"(llamathink-[\w-]+)=([\w.]+:\w+)"', (REPO_ROOT / "setup.py").read_text())
-    assert {name for name, _ in scripts} >= {"llamathink-prepare", "llamathink-pretrain", "llamathink-finetune",
-                                             "llamathink-chat", "llamathink-export-c", "llamathink-quickstart"}
+    assert {name for name, _ in scripts} >= {
+        "llamathink-prepare",
+        "llamathink-pretrain",
+        "llamathink-finetune",
+        "llamathink-chat",
+        "llamathink-export-c",
+        "llamathink-quickstart",
+    }
     for name, target in scripts:
         main = EntryPoint(name, target, "console_scripts").load()
         with pytest.raises(SystemExit) as exit_info:

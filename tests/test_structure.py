@@ -70,11 +70,23 @@ def c_header_reads() -> dict[str, tuple[str, int]]:
 
 def _one_layer_config(kind: str) -> dict:
     return dict(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
-        linear_value_head_dim=6, mixer_types=[kind], csa_stride=4, csa_window=6, max_position_embeddings=64,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=6,
+        mixer_types=[kind],
+        csa_stride=4,
+        csa_window=6,
+        max_position_embeddings=64,
         pad_token_id=0,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("kind", configuration.MIXER_TYPES)
@@ -96,7 +108,9 @@ def test_every_mixer_type_has_a_class_state_flops_export_code_reference_and_c_co
     # the exporter and the C runner: the same code for the type
     assert kind in ex.MIXER_CODES
     c_codes = c_enum("MIX_")
-    assert c_codes.get(kind.upper()) == ex.MIXER_CODES[kind], f"run.c has no MIX_{kind.upper()} = {ex.MIXER_CODES[kind]}"
+    assert c_codes.get(kind.upper()) == ex.MIXER_CODES[kind], (
+        f"run.c has no MIX_{kind.upper()} = {ex.MIXER_CODES[kind]}"
+    )
     uses = re.findall(rf"\bMIX_{kind.upper()}\b", _c_source())
     assert len(uses) > 1, f"run.c defines MIX_{kind.upper()} but never dispatches on it"
 
@@ -173,8 +187,17 @@ def test_flops_per_token_equals_the_formula_exactly(name, seq_len):
 
 def test_run_c_format_constants_equal_the_exporters():
     defines = c_defines("LT_")
-    for name in ("MAGIC", "VERSION", "VERSION_MIN", "HEADER_SIZE", "ALIGN", "MAX_LAYERS", "TYPES_OFFSET",
-                 "EOS_OFFSET", "MAX_EOS"):  # fmt: skip
+    for name in (
+        "MAGIC",
+        "VERSION",
+        "VERSION_MIN",
+        "HEADER_SIZE",
+        "ALIGN",
+        "MAX_LAYERS",
+        "TYPES_OFFSET",
+        "EOS_OFFSET",
+        "MAX_EOS",
+    ):
         assert name in defines, f"run.c has no #define LT_{name}"
         assert defines[name] == getattr(ex, name), f"run.c LT_{name}={defines[name]}, export.py {getattr(ex, name)}"
     dtypes = c_enum("DT_")
@@ -190,22 +213,65 @@ def test_run_c_reads_every_header_field_where_the_exporter_writes_it():
     types that run.c's model_init() uses: each field must come back as the value the exporter wrote for it."""
     cfg = dict(ex.DEFAULTS)
     cfg.update(
-        vocab_size=3001, hidden_size=1002, intermediate_size=1003, num_hidden_layers=5, num_attention_heads=16,
-        num_key_value_heads=4, head_dim=32, max_position_embeddings=1007, linear_num_key_heads=11,
-        linear_num_value_heads=22, linear_key_head_dim=13, linear_value_head_dim=14, linear_conv_kernel_dim=3,
-        csa_stride=6, csa_window=17, hyper_connections=True, tie_word_embeddings=False, bos_token_id=19,
-        eos_token_id=[20, 21, 22], rope_theta=12345.5, partial_rotary_factor=0.25, rms_norm_eps=3e-5,
+        vocab_size=3001,
+        hidden_size=1002,
+        intermediate_size=1003,
+        num_hidden_layers=5,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=32,
+        max_position_embeddings=1007,
+        linear_num_key_heads=11,
+        linear_num_value_heads=22,
+        linear_key_head_dim=13,
+        linear_value_head_dim=14,
+        linear_conv_kernel_dim=3,
+        csa_stride=6,
+        csa_window=17,
+        hyper_connections=True,
+        tie_word_embeddings=False,
+        bos_token_id=19,
+        eos_token_id=[20, 21, 22],
+        rope_theta=12345.5,
+        partial_rotary_factor=0.25,
+        rms_norm_eps=3e-5,
         mixer_types=["full", "linear", "csa", "linear", "full"],
-    )  # fmt: skip
+    )
     header = ex.header_bytes(cfg, "int8", 64, n_tensors=123, file_size=987654)
     assert len(header) == ex.HEADER_SIZE
     expected = {
-        "LT_MAGIC": ex.MAGIC, "version": ex.VERSION, "LT_HEADER_SIZE": ex.HEADER_SIZE, "dtype": ex.DTYPES["int8"],
-        "gs": 64, "LT_ALIGN": ex.ALIGN, "size": 987654, "vocab": 3001, "dim": 1002, "inter": 1003, "n_layers": 5,
-        "n_heads": 16, "n_kv": 4, "head_dim": 32, "max_pos": 1007, "rope_dim": 8, "lk_heads": 11, "lv_heads": 22,
-        "lk_dim": 13, "lv_dim": 14, "conv_k": 3, "csa_stride": 6, "csa_window": 17, "hyper": 1, "tied": 0,
-        "bos": 19, "eos": 20, "n_tensors": 123, "rope_theta": 12345.5, "rope_frac": 0.25, "eps": 3e-5,
-    }  # fmt: skip
+        "LT_MAGIC": ex.MAGIC,
+        "version": ex.VERSION,
+        "LT_HEADER_SIZE": ex.HEADER_SIZE,
+        "dtype": ex.DTYPES["int8"],
+        "gs": 64,
+        "LT_ALIGN": ex.ALIGN,
+        "size": 987654,
+        "vocab": 3001,
+        "dim": 1002,
+        "inter": 1003,
+        "n_layers": 5,
+        "n_heads": 16,
+        "n_kv": 4,
+        "head_dim": 32,
+        "max_pos": 1007,
+        "rope_dim": 8,
+        "lk_heads": 11,
+        "lv_heads": 22,
+        "lk_dim": 13,
+        "lv_dim": 14,
+        "conv_k": 3,
+        "csa_stride": 6,
+        "csa_window": 17,
+        "hyper": 1,
+        "tied": 0,
+        "bos": 19,
+        "eos": 20,
+        "n_tensors": 123,
+        "rope_theta": 12345.5,
+        "rope_frac": 0.25,
+        "eps": 3e-5,
+    }
     reads = c_header_reads()
     assert set(reads) == set(expected), "model_init() reads header fields this test does not know (or no longer reads)"
     formats = {"u32": "<I", "i32": "<i", "u64": "<Q", "f64": "<d"}

@@ -35,7 +35,7 @@ TRICKY = [
     "line one\nline two\n\n\nafter blank lines\n",
     "\n starts with a newline",
     "tabs\tand\t\tmore tabs\t",
-    "emoji \U0001F600\U0001F389 and a flag \U0001F1EB\U0001F1F7",
+    "emoji \U0001f600\U0001f389 and a flag \U0001f1eb\U0001f1f7",
     "CJK \u4e2d\u6587\u5b57\u7b26 \u65e5\u672c\u8a9e \ud55c\uad6d\uc5b4",
     "accents: caf\u00e9, na\u00efve, \u00fcber, ma\u00f1ana, \u00c5ngstr\u00f6m, e\u0301 (combining)",
     "windows\r\nnewlines\r\n",
@@ -57,6 +57,7 @@ def small():
 
 
 # ---------------------------------------------------------------- Llama 2
+
 
 def test_llama2_from_model_file(llama2):
     assert len(llama2) == 32000
@@ -96,8 +97,9 @@ def test_llama2_greedy_reference(llama2):
     assert len(pieces) == 32000 and pieces[15043] == "\u2581Hello"
     assert scores[0] == scores[1] == scores[3] == NO_MERGE_SCORE
     for text in TRICKY + ["Hello world", "The quick brown fox jumps over the lazy dog."]:
-        assert greedy_encode(text, pieces, scores) == llama2.encode(text, add_special_tokens=False,
-                                                                    split_special_tokens=True), text
+        assert greedy_encode(text, pieces, scores) == llama2.encode(
+            text, add_special_tokens=False, split_special_tokens=True
+        ), text
 
 
 def test_three_token_pitfall_is_rejected():
@@ -110,6 +112,7 @@ def test_three_token_pitfall_is_rejected():
 
 
 # ---------------------------------------------------------------- errors
+
 
 def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
@@ -129,6 +132,7 @@ def test_load_errors(tmp_path):
 
 
 # ---------------------------------------------------------------- trained tokenizer
+
 
 def test_trained_structure(small):
     assert len(small) == 1024
@@ -169,7 +173,7 @@ def test_trained_compresses_and_falls_back_to_bytes(small):
     text = "\n\n".join(list(iter_sample_texts(include_conversations=False))[:50])
     ids = small.encode(text, add_special_tokens=False)
     assert len(ids) < len(text) / 2.4  # it learned real merges (about 2.7 characters per token)
-    emoji = small.encode("\U0001F600", add_special_tokens=False)
+    emoji = small.encode("\U0001f600", add_special_tokens=False)
     assert small.convert_ids_to_tokens(emoji) == ["\u2581", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
 
 
@@ -182,8 +186,11 @@ def test_trained_deterministic_and_save_load(tmp_path):
     assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
     assert len(a) <= 600
     a.save_pretrained(tmp_path / "t")
-    for loaded in (AutoTokenizer.from_pretrained(tmp_path / "t"), load_tokenizer(tmp_path / "t"),
-                   load_tokenizer(tmp_path / "t" / "tokenizer.json")):
+    for loaded in (
+        AutoTokenizer.from_pretrained(tmp_path / "t"),
+        load_tokenizer(tmp_path / "t"),
+        load_tokenizer(tmp_path / "t" / "tokenizer.json"),
+    ):
         assert (loaded.bos_token_id, loaded.eos_token_id, loaded.unk_token_id, loaded.pad_token_id) == (1, 2, 0, 0)
         for text in TRICKY:
             assert loaded.encode(text) == a.encode(text)
@@ -213,5 +220,5 @@ def test_cli_train_and_info(tmp_path, capsys):
     assert main(["train", "--input", str(src), "--vocab-size", "512", "--out", str(tmp_path / "t")]) == 0
     assert main(["info", str(tmp_path / "t"), "--text", "Hello world"]) == 0
     out = capsys.readouterr().out
-    info = json.loads(out[out.index("{"):])
+    info = json.loads(out[out.index("{") :])
     assert info["vocab_size"] == 512 and info["bos_token_id"] == 1 and info["ids"]

@@ -13,39 +13,74 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from llamathink.train import checkpoint as ckpt, config as run_config, loop, optim, pretrain
 from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
+from llamathink.data import LocalSource, TokenBatchLoader, prepare, val_batches
 from llamathink.modeling_llamathink import flops_per_token
-from llamathink.data import TokenBatchLoader, prepare, val_batches
 from llamathink.tokenizer_utils import sample_data_path
-from llamathink.data import LocalSource
+from llamathink.train import checkpoint as ckpt
+from llamathink.train import config as run_config
+from llamathink.train import loop, optim, pretrain
 
 
 @pytest.fixture(scope="session")
 def sample_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
-    prepare(LocalSource([str(sample_data_path("prose.jsonl"))]), out, "builtin", shard_tokens=40_000, val_docs=20,
-            num_workers=1, progress=False)  # fmt: skip
+    prepare(
+        LocalSource([str(sample_data_path("prose.jsonl"))]),
+        out,
+        "builtin",
+        shard_tokens=40_000,
+        val_docs=20,
+        num_workers=1,
+        progress=False,
+    )
     return out
 
 
 @pytest.fixture(scope="session")
 def model_json(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "config.json"
-    LlamaThinkConfig(vocab_size=1024, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
-                     linear_num_value_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
-                     max_position_embeddings=128, csa_window=16, gdn_chunk_size=16).to_json_file(path)  # fmt: skip
+    LlamaThinkConfig(
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=2,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        max_position_embeddings=128,
+        csa_window=16,
+        gdn_chunk_size=16,
+    ).to_json_file(path)
     return path
 
 
 def _cfg(sample_data, model_json, out_dir, **overrides):
     settings = dict(
-        model_config=str(model_json), data_dir=str(sample_data), out_dir=str(out_dir), seq_len=64,
-        micro_batch_size=8, grad_accum=2, max_steps=12, warmup_steps=2, mixed_precision="no", eval_every=6,
-        eval_batches=2, sample_every=10_000, log_every=3, save_every=6, keep_last=2, peak_tflops=None,
-        wandb_mode="disabled", progress_bar=False, seed=3,
-    )  # fmt: skip
+        model_config=str(model_json),
+        data_dir=str(sample_data),
+        out_dir=str(out_dir),
+        seq_len=64,
+        micro_batch_size=8,
+        grad_accum=2,
+        max_steps=12,
+        warmup_steps=2,
+        mixed_precision="no",
+        eval_every=6,
+        eval_batches=2,
+        sample_every=10_000,
+        log_every=3,
+        save_every=6,
+        keep_last=2,
+        peak_tflops=None,
+        wandb_mode="disabled",
+        progress_bar=False,
+        seed=3,
+    )
     settings.update(overrides)
     return pretrain.TrainConfig(**settings)
 
@@ -58,8 +93,9 @@ def _cfg(sample_data, model_json, out_dir, **overrides):
 def test_yaml_and_cli_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("max_steps: 30\nwarmup_steps: 3\noptimizer: adamw\nsample_prompts: [a, b]\n")
-    cfg = pretrain.load_config(str(path), ["--max_steps", "40", "--muon_lr=0.01", "--compile", "true",
-                                           "--wandb_run_name", "123"])  # fmt: skip
+    cfg = pretrain.load_config(
+        str(path), ["--max_steps", "40", "--muon_lr=0.01", "--compile", "true", "--wandb_run_name", "123"]
+    )
     assert (cfg.max_steps, cfg.warmup_steps, cfg.optimizer, cfg.muon_lr, cfg.compile) == (40, 3, "adamw", 0.01, True)
     assert cfg.sample_prompts == ["a", "b"] and cfg.wandb_run_name == "123"
 
@@ -79,48 +115,81 @@ def test_unknown_and_bad_settings_are_named(tmp_path):
         pretrain.load_config(None, ["--max_steps", "10", "--warmup_steps", "20"])
 
 
-@pytest.mark.parametrize("written, value", [("1e-3", 0.001), ("3e-4", 3e-4), (".5", 0.5), ("1E-3", 0.001), ("2", 2.0),
-                                            ("0.002", 0.002), ("2.5e+1", 25.0), ("-0", 0.0)])  # fmt: skip
+@pytest.mark.parametrize(
+    "written, value",
+    [
+        ("1e-3", 0.001),
+        ("3e-4", 3e-4),
+        (".5", 0.5),
+        ("1E-3", 0.001),
+        ("2", 2.0),
+        ("0.002", 0.002),
+        ("2.5e+1", 25.0),
+        ("-0", 0.0),
+    ],
+)
 def test_every_way_to_write_a_float_reads_as_that_float(tmp_path, written, value):
     path = tmp_path / "run.yaml"
     path.write_text(f"adamw_lr: {written}\nweight_decay: {written}\n")  # PyYAML reads 1e-3 as a string
-    for cfg in (pretrain.load_config(str(path)), pretrain.load_config(None, [f"--adamw_lr={written}",
-                                                                             "--weight_decay", written])):  # fmt: skip
+    for cfg in (
+        pretrain.load_config(str(path)),
+        pretrain.load_config(None, [f"--adamw_lr={written}", "--weight_decay", written]),
+    ):
         assert type(cfg.adamw_lr) is float and cfg.adamw_lr == value and cfg.weight_decay == value
 
 
 def test_settings_of_every_type_parse_from_yaml_and_the_command_line(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("max_steps: 1e4\nwarmup_steps: 10_000\ncompile: yes\nprogress_bar: 0\nwandb_project: null\n"
-                    "adamw_betas: [0.9, 0.95]\npeak_tflops: 312\nstop_at_step: none\nwandb_run_name: 123\n"
-                    "resume: none\n")  # fmt: skip
+    path.write_text(
+        "max_steps: 1e4\nwarmup_steps: 10_000\ncompile: yes\nprogress_bar: 0\nwandb_project: null\n"
+        "adamw_betas: [0.9, 0.95]\npeak_tflops: 312\nstop_at_step: none\nwandb_run_name: 123\n"
+        "resume: none\n"
+    )
     cfg = pretrain.load_config(str(path))
     assert (cfg.max_steps, cfg.warmup_steps, cfg.compile, cfg.progress_bar) == (10_000, 10_000, True, False)
     assert cfg.wandb_project is None and cfg.stop_at_step is None and cfg.resume == "none"
     assert cfg.adamw_betas == (0.9, 0.95) and cfg.peak_tflops == 312.0 and type(cfg.peak_tflops) is float
     assert cfg.wandb_run_name == "123"
-    cli = pretrain.load_config(None, ["--adamw_betas", "0.8,0.9", "--compile=FALSE", "--peak_tflops", "null",
-                                      "--wandb_project", "none", "--sample_prompts", "[Hello, 'a, b']",
-                                      "--max_steps", "2e3", "--warmup_steps", "10"])  # fmt: skip
+    cli = pretrain.load_config(
+        None,
+        [
+            "--adamw_betas",
+            "0.8,0.9",
+            "--compile=FALSE",
+            "--peak_tflops",
+            "null",
+            "--wandb_project",
+            "none",
+            "--sample_prompts",
+            "[Hello, 'a, b']",
+            "--max_steps",
+            "2e3",
+            "--warmup_steps",
+            "10",
+        ],
+    )
     assert cli.adamw_betas == (0.8, 0.9) and cli.compile is False and cli.peak_tflops is None
     assert cli.wandb_project is None and cli.sample_prompts == ["Hello", "a, b"] and cli.max_steps == 2000
     assert pretrain.load_config(None, ["--adamw_betas", "(0.5, 0.6)"]).adamw_betas == (0.5, 0.6)
 
 
-@pytest.mark.parametrize("setting, written, named", [
-    ("adamw_lr", "fast", r"adamw_lr expects a number, got 'fast'"),
-    ("adamw_lr", "nan", r"adamw_lr expects a number, got NaN"),
-    ("adamw_lr", "true", r"adamw_lr expects a number, got True"),
-    ("max_steps", "1.5", r"max_steps expects an integer, got 1.5"),
-    ("max_steps", "ten", r"max_steps expects an integer, got 'ten'"),
-    ("compile", "maybe", r"compile expects true or false, got 'maybe'"),
-    ("adamw_betas", "0.9,0.95,0.99", r"adamw_betas expects 2 values, got 3"),
-    ("adamw_betas", "0.9,x", r"adamw_betas\[1\] expects a number, got 'x'"),
-    ("sample_prompts", "Hello", r"sample_prompts expects a list such as \[a, b\], got 'Hello'"),
-    ("muon_lr", "null", r"muon_lr: a value is required"),
-    ("adamw_lr", "-1e-3", r"adamw_lr must be a finite number >= 0, got -0.001"),
-    ("adamw_betas", "[0.9, 1.5]", r"adamw_betas must be two numbers in \[0, 1\)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "setting, written, named",
+    [
+        ("adamw_lr", "fast", r"adamw_lr expects a number, got 'fast'"),
+        ("adamw_lr", "nan", r"adamw_lr expects a number, got NaN"),
+        ("adamw_lr", "true", r"adamw_lr expects a number, got True"),
+        ("max_steps", "1.5", r"max_steps expects an integer, got 1.5"),
+        ("max_steps", "ten", r"max_steps expects an integer, got 'ten'"),
+        ("compile", "maybe", r"compile expects true or false, got 'maybe'"),
+        ("adamw_betas", "0.9,0.95,0.99", r"adamw_betas expects 2 values, got 3"),
+        ("adamw_betas", "0.9,x", r"adamw_betas\[1\] expects a number, got 'x'"),
+        ("sample_prompts", "Hello", r"sample_prompts expects a list such as \[a, b\], got 'Hello'"),
+        ("muon_lr", "null", r"muon_lr: a value is required"),
+        ("adamw_lr", "-1e-3", r"adamw_lr must be a finite number >= 0, got -0.001"),
+        ("adamw_betas", "[0.9, 1.5]", r"adamw_betas must be two numbers in \[0, 1\)"),
+    ],
+)
 def test_a_value_that_cannot_be_read_as_its_type_is_an_error_naming_the_field(tmp_path, setting, written, named):
     with pytest.raises(ValueError, match=named):
         pretrain.load_config(None, [f"--{setting}", written])
@@ -138,7 +207,12 @@ def test_presets_load():
     original = pretrain.load_config(str(REPO_ROOT / "configuration/train/fineweb_95m_4gpu.yaml"))
     # the original recipe: 64 x 1024 x 8 accumulation x 4 GPUs = 2,097,152 tokens per step
     assert original.micro_batch_size * original.seq_len * original.grad_accum * 4 == 2_097_152
-    assert (original.max_steps, original.warmup_steps, original.muon_lr, original.adamw_lr) == (10_000, 500, 0.02, 0.002)
+    assert (original.max_steps, original.warmup_steps, original.muon_lr, original.adamw_lr) == (
+        10_000,
+        500,
+        0.02,
+        0.002,
+    )
 
 
 def test_warmup_then_cosine_to_zero():
@@ -191,8 +265,10 @@ def _tiny_run_val_loss(sample_data, model_json, old_init: bool, steps: int = 60)
         optimizer.zero_grad()
     model.eval()
     with torch.no_grad():
-        losses = [model(input_ids=x, labels=y, use_cache=False).loss.item()
-                  for x, y in val_batches(sample_data, 64, 16, max_batches=4)]  # fmt: skip
+        losses = [
+            model(input_ids=x, labels=y, use_cache=False).loss.item()
+            for x, y in val_batches(sample_data, 64, 16, max_batches=4)
+        ]
     return sum(losses) / len(losses)
 
 
@@ -205,8 +281,7 @@ def test_default_init_learns_more_per_token_than_the_old_init(sample_data, model
 
 
 def test_short_run_lowers_the_loss_and_saves_a_loadable_model(sample_data, model_json, tmp_path):
-    cfg = _cfg(sample_data, model_json, tmp_path / "run", max_steps=30, eval_every=15, save_every=30,
-               adamw_lr=0.004)  # fmt: skip
+    cfg = _cfg(sample_data, model_json, tmp_path / "run", max_steps=30, eval_every=15, save_every=30, adamw_lr=0.004)
     history = pretrain.train(cfg)
     losses = history["losses"]
     assert len(losses) == 30
@@ -235,8 +310,9 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(sample_data, model_json
 
 
 def test_adamw_only_run(sample_data, model_json, tmp_path):
-    history = pretrain.train(_cfg(sample_data, model_json, tmp_path / "adamw", optimizer="adamw", max_steps=6,
-                                  eval_every=100))  # fmt: skip
+    history = pretrain.train(
+        _cfg(sample_data, model_json, tmp_path / "adamw", optimizer="adamw", max_steps=6, eval_every=100)
+    )
     assert len(history["losses"]) == 6 and all(math.isfinite(v) for v in history["losses"].values())
 
 
@@ -269,9 +345,20 @@ def test_nonfinite_loss_stops_or_skips_and_keeps_checkpoints(sample_data, model_
 
 def test_vocabulary_mismatch_is_named(sample_data, tmp_path):
     small = tmp_path / "small.json"
-    LlamaThinkConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
-                     num_key_value_heads=1, head_dim=16, linear_num_key_heads=1, linear_num_value_heads=1,
-                     linear_key_head_dim=16, linear_value_head_dim=16, max_position_embeddings=128).to_json_file(small)
+    LlamaThinkConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        linear_num_key_heads=1,
+        linear_num_value_heads=1,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        max_position_embeddings=128,
+    ).to_json_file(small)
     with pytest.raises(ValueError, match="1024.*512|512.*1024"):
         pretrain.train(_cfg(sample_data, small, tmp_path / "v"))
 
@@ -309,8 +396,9 @@ def _kill_during_checkpoint(args, env, root, step: int):
     try:
         deadline = time.time() + 240
         prefix = f".tmp-step_{step:08d}"
-        while time.time() < deadline and not any(p.name.startswith(prefix) for p in
-                                                 (root.iterdir() if root.exists() else [])):  # fmt: skip
+        while time.time() < deadline and not any(
+            p.name.startswith(prefix) for p in (root.iterdir() if root.exists() else [])
+        ):
             assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
             time.sleep(0.2)
         os.kill(proc.pid, signal.SIGKILL)
@@ -322,26 +410,78 @@ def _kill_during_checkpoint(args, env, root, step: int):
 
 def test_sigkill_during_checkpoint_write_leaves_the_previous_checkpoint_loadable(sample_data, model_json, tmp_path):
     out = tmp_path / "killed"
-    args = [sys.executable, "-c", _SLOW_SAVE, "--model_config", str(model_json), "--data_dir",
-            str(sample_data), "--out_dir", str(out), "--seq_len", "64", "--micro_batch_size", "4", "--grad_accum",
-            "1", "--max_steps", "20", "--warmup_steps", "1", "--mixed_precision", "no", "--eval_every", "100",
-            "--save_every", "2", "--peak_tflops", "null", "--wandb_mode", "disabled", "--progress_bar", "false",
-            "--seed", "3"]
+    args = [
+        sys.executable,
+        "-c",
+        _SLOW_SAVE,
+        "--model_config",
+        str(model_json),
+        "--data_dir",
+        str(sample_data),
+        "--out_dir",
+        str(out),
+        "--seq_len",
+        "64",
+        "--micro_batch_size",
+        "4",
+        "--grad_accum",
+        "1",
+        "--max_steps",
+        "20",
+        "--warmup_steps",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--eval_every",
+        "100",
+        "--save_every",
+        "2",
+        "--peak_tflops",
+        "null",
+        "--wandb_mode",
+        "disabled",
+        "--progress_bar",
+        "false",
+        "--seed",
+        "3",
+    ]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     root = out / "checkpoints"
     # the first save (step 2) sleeps before its rename: kill the process while it waits
     _kill_during_checkpoint(args, env, root, step=2)
     assert ckpt.list_checkpoints(out) == []  # the half-written one is not listed
     # a second run: its first checkpoint completes; kill during the second one (step 4)
-    pretrain.train(_cfg(sample_data, model_json, out, micro_batch_size=4, grad_accum=1, max_steps=20, save_every=2,
-                        stop_at_step=2, eval_every=100))  # fmt: skip
+    pretrain.train(
+        _cfg(
+            sample_data,
+            model_json,
+            out,
+            micro_batch_size=4,
+            grad_accum=1,
+            max_steps=20,
+            save_every=2,
+            stop_at_step=2,
+            eval_every=100,
+        )
+    )
     _kill_during_checkpoint(args, env, root, step=4)
     found = ckpt.list_checkpoints(out)
     assert [p.name for p in found] == ["step_00000002"]
     state = ckpt.load_checkpoint(found[0])
     assert state["step"] == 2 and "model" in state and "optimizer" in state
-    history = pretrain.train(_cfg(sample_data, model_json, out, micro_batch_size=4, grad_accum=1, max_steps=20,
-                                  save_every=2, stop_at_step=4, eval_every=100))  # fmt: skip
+    history = pretrain.train(
+        _cfg(
+            sample_data,
+            model_json,
+            out,
+            micro_batch_size=4,
+            grad_accum=1,
+            max_steps=20,
+            save_every=2,
+            stop_at_step=4,
+            eval_every=100,
+        )
+    )
     assert sorted(history["losses"]) == [1, 2, 3, 4]
 
 
@@ -349,8 +489,19 @@ def test_wandb_offline_logging(sample_data, model_json, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "wb"
-    pretrain.train(_cfg(sample_data, model_json, out, max_steps=3, log_every=1, eval_every=3, save_every=3,
-                        wandb_mode="offline", wandb_project="llamathink-test"))  # fmt: skip
+    pretrain.train(
+        _cfg(
+            sample_data,
+            model_json,
+            out,
+            max_steps=3,
+            log_every=1,
+            eval_every=3,
+            save_every=3,
+            wandb_mode="offline",
+            wandb_project="llamathink-test",
+        )
+    )
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
     # the run id is kept in the checkpoint so a resumed run continues the same W&B run
@@ -358,14 +509,23 @@ def test_wandb_offline_logging(sample_data, model_json, tmp_path, monkeypatch):
     assert state["wandb_run_id"] and state["wandb_run_id"] in runs[0].name
 
 
-@pytest.mark.parametrize("text, named", [
-    ("max_steps: 5\nwarmup_steps: 1\nmax_steps: 7\n", r"run.yaml: key 'max_steps' is given twice \(lines 1 and 3\)"),
-    ("max_steps:\t5\n", r"(?s)run.yaml is not valid YAML: .*found character '\\t'.*line 1, column 11"),
-    ("max_steps: 5\n---\nmax_steps: 6\n", r"run.yaml is not valid YAML: expected a single document"),
-    ("!!python/object/apply:os.system ['echo hi']\n", r"run.yaml is not valid YAML: could not determine a constructor"),
-    ("- max_steps: 5\n", r"run.yaml: expected a mapping of settings, got list"),
-    ("0\n", r"run.yaml: expected a mapping of settings, got int"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        (
+            "max_steps: 5\nwarmup_steps: 1\nmax_steps: 7\n",
+            r"run.yaml: key 'max_steps' is given twice \(lines 1 and 3\)",
+        ),
+        ("max_steps:\t5\n", r"(?s)run.yaml is not valid YAML: .*found character '\\t'.*line 1, column 11"),
+        ("max_steps: 5\n---\nmax_steps: 6\n", r"run.yaml is not valid YAML: expected a single document"),
+        (
+            "!!python/object/apply:os.system ['echo hi']\n",
+            r"run.yaml is not valid YAML: could not determine a constructor",
+        ),
+        ("- max_steps: 5\n", r"run.yaml: expected a mapping of settings, got list"),
+        ("0\n", r"run.yaml: expected a mapping of settings, got int"),
+    ],
+)
 def test_a_settings_file_that_is_not_one_mapping_of_distinct_settings_is_named(tmp_path, text, named):
     path = tmp_path / "run.yaml"
     path.write_text(text)
@@ -380,23 +540,29 @@ def test_a_settings_file_that_is_not_one_mapping_of_distinct_settings_is_named(t
     assert pretrain.load_config(str(path)).max_steps == pretrain.TrainConfig().max_steps
 
 
-@pytest.mark.parametrize("setting, written, named", [
-    ("seed", "-5", r"seed must be an integer in \[0, 2\*\*32\), got -5"),
-    ("seed", "1e30", r"seed must be an integer in \[0, 2\*\*32\), got 1000000000000000019884624838656"),
-    ("muon_adjust_lr", "moonlight", r"muon_adjust_lr must be one of original, match_rms_adamw, got 'moonlight'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "setting, written, named",
+    [
+        ("seed", "-5", r"seed must be an integer in \[0, 2\*\*32\), got -5"),
+        ("seed", "1e30", r"seed must be an integer in \[0, 2\*\*32\), got 1000000000000000019884624838656"),
+        ("muon_adjust_lr", "moonlight", r"muon_adjust_lr must be one of original, match_rms_adamw, got 'moonlight'"),
+    ],
+)
 def test_a_seed_or_lr_rule_no_generator_or_optimizer_accepts_is_refused_at_parse_time(setting, written, named):
     with pytest.raises(ValueError, match=named):
         pretrain.load_config(None, [f"--{setting}", written])
     assert pretrain.load_config(None, ["--seed", str(2**32 - 1)]).seed == 2**32 - 1
 
 
-@pytest.mark.parametrize("text, named", [
-    ("{not json", r"meta.json is not a valid meta.json \(Expecting property name"),
-    ("[1, 2]", r"meta.json is not a meta.json written by prepare \(expected an object .*got list\)"),
-    ('{"vocab_size": "1024"}', r"got dict with vocab_size '1024'"),
-    ('{"tokenizer": "builtin"}', r"meta.json is not a meta.json written by prepare .*got dict\)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("{not json", r"meta.json is not a valid meta.json \(Expecting property name"),
+        ("[1, 2]", r"meta.json is not a meta.json written by prepare \(expected an object .*got list\)"),
+        ('{"vocab_size": "1024"}', r"got dict with vocab_size '1024'"),
+        ('{"tokenizer": "builtin"}', r"meta.json is not a meta.json written by prepare .*got dict\)"),
+    ],
+)
 def test_a_broken_data_meta_json_is_named_before_training(model_json, tmp_path, text, named):
     from llamathink.data import load_meta
 
@@ -416,16 +582,20 @@ def test_the_model_card_survives_a_meta_json_of_unexpected_types(sample_data, mo
     data = tmp_path / "data"
     data.mkdir()
     model = LlamaThinkForCausalLM(LlamaThinkConfig.from_json_file(str(model_json)))
-    for meta in ({"vocab_size": 1024, "source": "fineweb", "train": [1]},
-                 {"vocab_size": 1024, "source": {"type": "local", "paths": "a.txt"}, "train": {"num_tokens": "many"}},
-                 {"vocab_size": 1024, "source": {"type": "hf", "name": ["x"], "config": 3},
-                  "train": {"num_docs": True}},
-                 {"vocab_size": 1024, "source": {"type": "local", "paths": [1, 2]}}):  # fmt: skip
+    for meta in (
+        {"vocab_size": 1024, "source": "fineweb", "train": [1]},
+        {"vocab_size": 1024, "source": {"type": "local", "paths": "a.txt"}, "train": {"num_tokens": "many"}},
+        {"vocab_size": 1024, "source": {"type": "hf", "name": ["x"], "config": 3}, "train": {"num_docs": True}},
+        {"vocab_size": 1024, "source": {"type": "local", "paths": [1, 2]}},
+    ):
         (data / "meta.json").write_text(json.dumps(meta))
         card = model_card_text(model, _cfg(data, model_json, tmp_path / "out"))
         assert f"a prepared document collection, tokenized whole documents in `{data}`" in card
-    (data / "meta.json").write_text(json.dumps({"vocab_size": 1024, "train": {"num_tokens": 12345},
-                                                         "source": {"type": "local", "paths": ["/x/a.txt"]}}))
+    (data / "meta.json").write_text(
+        json.dumps(
+            {"vocab_size": 1024, "train": {"num_tokens": 12345}, "source": {"type": "local", "paths": ["/x/a.txt"]}}
+        )
+    )
     card = model_card_text(model, _cfg(data, model_json, tmp_path / "out"))
     assert f"local files (`a.txt`), tokenized whole documents in `{data}` (12,345 training tokens)" in card
 

@@ -140,8 +140,15 @@ def _iter_rows(source: str, split: str, config_name: str | None) -> Iterable[dic
     yield from ds
 
 
-def load_conversations(source: str, *, split: str = "train", data_format: str = "auto", config_name: str | None = None,
-                       limit: int | None = None, stats: Counter | None = None) -> list[list[dict]]:  # fmt: skip
+def load_conversations(
+    source: str,
+    *,
+    split: str = "train",
+    data_format: str = "auto",
+    config_name: str | None = None,
+    limit: int | None = None,
+    stats: Counter | None = None,
+) -> list[list[dict]]:
     """Conversations (lists of messages) from ``source``: ``"sample"`` (the bundled conversations), a ``.jsonl``
     file, or anything ``datasets`` loads (file, ``save_to_disk`` directory, Hub id with ``split``/``config_name``).
     Rows that cannot be read as a conversation are skipped and counted in ``stats["invalid"]``."""
@@ -171,8 +178,14 @@ class Example(NamedTuple):
     labels: list[int]
 
 
-def _finish(ids: list[int], offsets: list[tuple[int, int]], rendered: RenderedChat, messages: list[dict],
-            max_len: int, stats: Counter) -> tuple[np.ndarray, np.ndarray] | None:  # fmt: skip
+def _finish(
+    ids: list[int],
+    offsets: list[tuple[int, int]],
+    rendered: RenderedChat,
+    messages: list[dict],
+    max_len: int,
+    stats: Counter,
+) -> tuple[np.ndarray, np.ndarray] | None:
     """Cut one tokenized conversation by the truncation rule; (ids, trained flags) or None when dropped."""
     off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     starts, stops = off[:, 0], off[:, 1]
@@ -183,9 +196,11 @@ def _finish(ids: list[int], offsets: list[tuple[int, int]], rendered: RenderedCh
     for edge in spans.reshape(-1):
         t = int(np.searchsorted(starts, edge, side="right")) - 1
         if t >= 0 and starts[t] < edge < stops[t]:
-            raise ValueError(f"the tokenizer makes a token across the edge of an assistant turn (characters "
-                             f"{starts[t]}..{stops[t]}, edge {edge}); it cannot be used with this chat "
-                             "format")  # fmt: skip
+            raise ValueError(
+                f"the tokenizer makes a token across the edge of an assistant turn (characters "
+                f"{starts[t]}..{stops[t]}, edge {edge}); it cannot be used with this chat "
+                "format"
+            )
     # token index where each message ends = the first token that starts at or after its last character
     ends = np.searchsorted(starts, np.asarray([e for _, e in rendered.message_spans], dtype=np.int64), side="left")
     keep = None
@@ -250,9 +265,15 @@ class ChatDataset:
         return Example(ids.tolist(), np.where(self.trained[a:b], ids, IGNORE_INDEX).tolist())
 
 
-def build_examples(tokenizer, conversations: Iterable[Sequence[dict]], max_len: int, *,
-                   system_prompt: str | None = None, stats: Counter | None = None,
-                   chunk_size: int = 256) -> ChatDataset:  # fmt: skip
+def build_examples(
+    tokenizer,
+    conversations: Iterable[Sequence[dict]],
+    max_len: int,
+    *,
+    system_prompt: str | None = None,
+    stats: Counter | None = None,
+    chunk_size: int = 256,
+) -> ChatDataset:
     """:func:`build_example` over many conversations (tokenized in batches), as a :class:`ChatDataset`.
     ``system_prompt``, if given, is put first in every conversation that has no system message."""
     stats = stats if stats is not None else Counter()
@@ -325,8 +346,10 @@ def split_held_out(conversations: list, fraction: float, seed: int, max_eval: in
     if fraction > 0 and n >= 2:
         n_eval = min(max(1, round(n * fraction)), n - 1, max_eval or n)
     held = set(np.random.default_rng(seed).permutation(n)[:n_eval].tolist())
-    return ([c for i, c in enumerate(conversations) if i not in held],
-            [c for i, c in enumerate(conversations) if i in held])  # fmt: skip
+    return (
+        [c for i, c in enumerate(conversations) if i not in held],
+        [c for i, c in enumerate(conversations) if i in held],
+    )
 
 
 class ChatBatchLoader:
@@ -337,14 +360,25 @@ class ChatBatchLoader:
     examples are sorted by length within windows of 32 global batches before batching, and the batches are then
     shuffled. `state_dict()` / `load_state_dict()` make the sequence resumable exactly."""
 
-    def __init__(self, dataset: ChatDataset, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 pad_token_id: int = 0, group_by_length: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        dataset: ChatDataset,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        pad_token_id: int = 0,
+        group_by_length: bool = True,
+    ):
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
         self.seed, self.group_by_length = seed, group_by_length
         self.global_batch = batch_size * world_size
         if len(dataset) < self.global_batch:
-            raise ValueError(f"{len(dataset)} training examples are fewer than one global batch "
-                             f"({batch_size} x {world_size} processes); lower micro_batch_size")  # fmt: skip
+            raise ValueError(
+                f"{len(dataset)} training examples are fewer than one global batch "
+                f"({batch_size} x {world_size} processes); lower micro_batch_size"
+            )
         self.collate = ChatCollator(pad_token_id)
         self.epoch, self.position = 0, 0
         self._plan: tuple[int, list[np.ndarray]] | None = None
@@ -358,8 +392,12 @@ class ChatBatchLoader:
             if self.group_by_length:
                 lengths = self.dataset.lengths
                 window = gb * 32
-                order = np.concatenate([chunk[np.argsort(-lengths[chunk], kind="stable")]
-                                        for chunk in np.array_split(order, range(window, n, window))])  # fmt: skip
+                order = np.concatenate(
+                    [
+                        chunk[np.argsort(-lengths[chunk], kind="stable")]
+                        for chunk in np.array_split(order, range(window, n, window))
+                    ]
+                )
                 batches = [order[i * gb : (i + 1) * gb] for i in range(nb)]
                 batches = [batches[i] for i in rng.permutation(nb)]
             else:
@@ -380,19 +418,29 @@ class ChatBatchLoader:
         return self.collate([self.dataset[int(i)] for i in rows])
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "size": len(self.dataset),
-                "global_batch": self.global_batch, "group_by_length": self.group_by_length}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "size": len(self.dataset),
+            "global_batch": self.global_batch,
+            "group_by_length": self.group_by_length,
+        }
 
     def load_state_dict(self, state: dict):
         mine = self.state_dict()
         for key in ("seed", "size", "global_batch", "group_by_length"):
             if state.get(key) != mine[key]:
-                raise ValueError(f"cannot resume the data position: {key} was {state.get(key)!r} in the checkpoint "
-                                 f"and is {mine[key]!r} now (the data or batch settings changed)")  # fmt: skip
+                raise ValueError(
+                    f"cannot resume the data position: {key} was {state.get(key)!r} in the checkpoint "
+                    f"and is {mine[key]!r} now (the data or batch settings changed)"
+                )
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or position < 0:  # a negative position would index the epoch's batches from the end
-            raise ValueError(f"cannot resume the data position: epoch {epoch}, position {position} in the "
-                             "checkpoint are not valid counts")  # fmt: skip
+            raise ValueError(
+                f"cannot resume the data position: epoch {epoch}, position {position} in the "
+                "checkpoint are not valid counts"
+            )
         self.epoch, self.position = epoch, position
 
 

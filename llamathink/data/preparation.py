@@ -69,8 +69,17 @@ _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 _BLANK_LINE_RE = re.compile(r"[ \t]*\n?")
 
 # Kinds of bad record, as counted in meta.json's "bad_records".
-BAD_RECORD_KINDS = ("invalid_utf8", "lone_surrogate", "invalid_json", "missing_field", "not_a_string", "nul_only",
-                    "corrupt_file", "unreadable_file", "line_too_long")
+BAD_RECORD_KINDS = (
+    "invalid_utf8",
+    "lone_surrogate",
+    "invalid_json",
+    "missing_field",
+    "not_a_string",
+    "nul_only",
+    "corrupt_file",
+    "unreadable_file",
+    "line_too_long",
+)
 # A JSON Lines record is parsed whole, so a line is read whole: this bounds the memory of one (a binary or
 # one-line file named .jsonl would otherwise be read into memory entirely). Far above any real document line.
 MAX_JSONL_LINE_BYTES = 1 << 30
@@ -109,8 +118,10 @@ class BadRecords:
         assert kind in BAD_RECORD_KINDS, kind
         msg = f"{where}: {problem}"
         if not self.skip:
-            raise ValueError(f"{msg} [bad record: {kind}]; fix the input, or pass --skip-bad-records "
-                             "(prepare(skip_bad_records=True)) to skip such records and count them")
+            raise ValueError(
+                f"{msg} [bad record: {kind}]; fix the input, or pass --skip-bad-records "
+                "(prepare(skip_bad_records=True)) to skip such records and count them"
+            )
         self.counts[kind] = self.counts.get(kind, 0) + 1
         if len(self.examples) < self.max_examples:
             self.examples.append(msg)
@@ -176,7 +187,7 @@ class _Splitter:
 
     def feed(self, text: str) -> Iterator[Piece]:
         if self.pos:
-            self.buf = self.buf[self.pos:] + text
+            self.buf = self.buf[self.pos :] + text
             self.pos = 0
         else:
             self.buf += text  # "" + text is text itself: a whole document is not copied
@@ -184,11 +195,11 @@ class _Splitter:
             return
         while len(self.buf) - self.pos > self.max:
             cut = _cut_point(self.buf, self.pos, self.pos + self.max)
-            yield Piece(self.buf[self.pos:cut], self.first, False, self.context)
+            yield Piece(self.buf[self.pos : cut], self.first, False, self.context)
             self.first, self.context, self.pos = False, self.buf[cut - 1], cut
 
     def finish(self) -> Iterator[Piece]:
-        yield Piece(self.buf[self.pos:], self.first, True, self.context)
+        yield Piece(self.buf[self.pos :], self.first, True, self.context)
         self.buf, self.pos, self.first, self.context = "", 0, True, ""
 
 
@@ -196,15 +207,18 @@ def _text_problem(text: str) -> tuple[str, str] | None:
     """``(kind, problem)`` if ``text`` is a bad record, else None."""
     m = _SURROGATE_RE.search(text)
     if m:
-        return "lone_surrogate", (f"text contains a lone surrogate U+{ord(m.group()):04X} at character {m.start()} "
-                                  "(not valid Unicode, cannot be tokenized)")
+        return "lone_surrogate", (
+            f"text contains a lone surrogate U+{ord(m.group()):04X} at character {m.start()} "
+            "(not valid Unicode, cannot be tokenized)"
+        )
     if "\0" in text and not text.replace("\0", "").strip():
         return "nul_only", "text is only NUL characters (a zero-filled or binary file?)"
     return None
 
 
-def _document_pieces(text: Any, where: Any, bad: BadRecords, max_chars: int | None,
-                     field_name: str | None = None) -> Iterator[Piece]:
+def _document_pieces(
+    text: Any, where: Any, bad: BadRecords, max_chars: int | None, field_name: str | None = None
+) -> Iterator[Piece]:
     """Check one in-memory document and cut it into pieces; empty or
     whitespace-only documents give nothing."""
     if not isinstance(text, str):
@@ -258,18 +272,21 @@ def _scan_txt(path: Path) -> tuple[str, str, str] | None:
                 text, pending = data.decode("utf-8"), b""
             except UnicodeDecodeError as e:
                 if not final and e.reason == "unexpected end of data" and len(data) - e.start < 4:
-                    text, pending = data[:e.start].decode("utf-8"), data[e.start:]  # a character cut by the chunk
+                    text, pending = data[: e.start].decode("utf-8"), data[e.start :]  # a character cut by the chunk
                 else:
-                    head = data[:e.start]
+                    head = data[: e.start]
                     nl = head.rfind(b"\n")
                     col = e.start - nl if nl >= 0 else offset + e.start - line_start + 1
                     line = lines + head.count(b"\n") + 1
-                    return ("invalid_utf8", f"{path}:{line}",
-                            f"invalid UTF-8: byte(s) {data[e.start:e.end].hex(' ')} at column {col} "
-                            f"(byte offset {offset + e.start} of the file): {e.reason}")
+                    return (
+                        "invalid_utf8",
+                        f"{path}:{line}",
+                        f"invalid UTF-8: byte(s) {data[e.start : e.end].hex(' ')} at column {col} "
+                        f"(byte offset {offset + e.start} of the file): {e.reason}",
+                    )
             has_text = has_text or bool(text.strip())
             has_real = has_real or bool(text.replace("\0", "").strip())
-            used = data[:len(data) - len(pending)]
+            used = data[: len(data) - len(pending)]
             nl = used.rfind(b"\n")
             if nl >= 0:
                 line_start = offset + nl + 1
@@ -345,14 +362,19 @@ class LocalSource:
         return out
 
     def describe(self) -> dict:
-        return {"type": "local", "paths": [str(p) for p in self.paths], "text_field": self.text_field,
-                "txt_split": self.txt_split}
+        return {
+            "type": "local",
+            "paths": [str(p) for p in self.paths],
+            "text_field": self.text_field,
+            "txt_split": self.txt_split,
+        }
 
     def __iter__(self) -> Iterator[str]:
         return _join_pieces(self.pieces(None))
 
-    def pieces(self, max_doc_chars: int | None = DEFAULT_MAX_DOC_CHARS,
-               bad: BadRecords | None = None) -> Iterator[Piece]:
+    def pieces(
+        self, max_doc_chars: int | None = DEFAULT_MAX_DOC_CHARS, bad: BadRecords | None = None
+    ) -> Iterator[Piece]:
         """The documents as :class:`Piece` s of at most ``max_doc_chars``
         characters (``None``: one piece per document), reporting bad records to
         ``bad`` (default: raise on the first one)."""
@@ -425,7 +447,7 @@ class LocalSource:
         gz = path.name.endswith(".gz")
         lineno = 0
         try:
-            with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            with gzip.open(path, "rb") if gz else open(path, "rb") as f:
                 limit = MAX_JSONL_LINE_BYTES
                 while raw := f.readline(limit + 1):
                     lineno += 1
@@ -433,14 +455,22 @@ class LocalSource:
                     if len(raw) > limit:  # read on to the end of the line in bounded pieces, keeping none
                         while not raw.endswith(b"\n") and (raw := f.readline(_READ_CHUNK_BYTES)):
                             pass
-                        bad("line_too_long", where, f"line longer than {limit:,} bytes (JSON Lines holds one "
-                                                    "record per line; is this a JSON Lines file?)")
+                        bad(
+                            "line_too_long",
+                            where,
+                            f"line longer than {limit:,} bytes (JSON Lines holds one "
+                            "record per line; is this a JSON Lines file?)",
+                        )
                         continue
                     try:
                         line = raw.decode("utf-8")
                     except UnicodeDecodeError as e:
-                        bad("invalid_utf8", where, f"invalid UTF-8: byte(s) {raw[e.start:e.end].hex(' ')} at "
-                                                   f"byte {e.start + 1} of the line: {e.reason}")
+                        bad(
+                            "invalid_utf8",
+                            where,
+                            f"invalid UTF-8: byte(s) {raw[e.start : e.end].hex(' ')} at "
+                            f"byte {e.start + 1} of the line: {e.reason}",
+                        )
                         continue
                     if not line.strip():
                         continue
@@ -451,9 +481,12 @@ class LocalSource:
                         continue
                     yield from _row_pieces(row, self.text_field, where, bad, max_chars)
         except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            bad("corrupt_file", f"{path}:{lineno + 1}",
+            bad(
+                "corrupt_file",
+                f"{path}:{lineno + 1}",
                 f"corrupt or truncated {'gzip ' if gz else ''}data after line {lineno} ({e}); "
-                "the rest of the file is lost")
+                "the rest of the file is lost",
+            )
 
     def _parquet_pieces(self, path: Path, max_chars: int | None, bad: BadRecords) -> Iterator[Piece]:
         import pyarrow as pa
@@ -463,8 +496,9 @@ class LocalSource:
         try:
             pf = pq.ParquetFile(path)
             if self.text_field not in pf.schema_arrow.names:
-                raise ValueError(f"{path}: no column {self.text_field!r} (columns: {pf.schema_arrow.names}); "
-                                 "use --text-field")
+                raise ValueError(
+                    f"{path}: no column {self.text_field!r} (columns: {pf.schema_arrow.names}); use --text-field"
+                )
             for batch in pf.iter_batches(columns=[self.text_field], batch_size=1024):
                 for text in batch.column(0).to_pylist():
                     yield from _document_pieces(text, f"{path} row {row}", bad, max_chars, self.text_field)
@@ -502,16 +536,24 @@ class HFSource:
             self.config = DEFAULT_HF_CONFIG
 
     def describe(self) -> dict:
-        return {"type": "hf", "name": self.name, "config": self.config, "split": self.split,
-                "streaming": self.streaming, "text_field": self.text_field,
-                "data_files": self.data_files if isinstance(self.data_files, (str, list, dict, type(None)))
-                else str(self.data_files)}
+        return {
+            "type": "hf",
+            "name": self.name,
+            "config": self.config,
+            "split": self.split,
+            "streaming": self.streaming,
+            "text_field": self.text_field,
+            "data_files": self.data_files
+            if isinstance(self.data_files, (str, list, dict, type(None)))
+            else str(self.data_files),
+        }
 
     def __iter__(self) -> Iterator[str]:
         return _join_pieces(self.pieces(None))
 
-    def pieces(self, max_doc_chars: int | None = DEFAULT_MAX_DOC_CHARS,
-               bad: BadRecords | None = None) -> Iterator[Piece]:
+    def pieces(
+        self, max_doc_chars: int | None = DEFAULT_MAX_DOC_CHARS, bad: BadRecords | None = None
+    ) -> Iterator[Piece]:
         """Like :meth:`LocalSource.pieces`."""
         import datasets
 
@@ -519,8 +561,11 @@ class HFSource:
         kwargs = {"split": self.split, "streaming": self.streaming}
         if self.data_files is not None:
             kwargs["data_files"] = self.data_files
-        ds = datasets.load_dataset(self.name, self.config, **kwargs) if self.config else \
-            datasets.load_dataset(self.name, **kwargs)
+        ds = (
+            datasets.load_dataset(self.name, self.config, **kwargs)
+            if self.config
+            else datasets.load_dataset(self.name, **kwargs)
+        )
         for i, row in enumerate(ds):
             yield from _row_pieces(row, self.text_field, f"{self.name} row {i}", bad, max_doc_chars)
 
@@ -600,14 +645,14 @@ def _encode_with(enc: dict, pieces: list[Piece]) -> list[np.ndarray]:
             ctx = ctx_cache.get(p.context)
             if ctx is None:
                 ctx = ctx_cache[p.context] = list(_encode_texts(enc, [p.context])[0])
-            if list(ids[:len(ctx)]) == ctx:
-                ids = ids[len(ctx):]
+            if list(ids[: len(ctx)]) == ctx:
+                ids = ids[len(ctx) :]
             else:
                 ids = _encode_texts(enc, [p.text])[0]
         a = np.empty(len(ids) + p.first + p.last, dtype=TOKEN_DTYPE)
         if p.first:
             a[0] = enc["bos"]
-        a[int(p.first):len(a) - int(p.last)] = ids
+        a[int(p.first) : len(a) - int(p.last)] = ids
         if p.last:
             a[-1] = enc["eos"]
         out.append(a)
@@ -684,6 +729,7 @@ def _ordered_imap(pool, fn, batches: Iterable, max_in_flight: int) -> Iterator:
 # prepare
 # ---------------------------------------------------------------------------
 
+
 def _tokenizer_fingerprint(kind: str, payload: Any) -> str | None:
     if kind == "backend":
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
@@ -752,24 +798,36 @@ def _start_or_resume(out: Path, config: dict, val_docs: int, overwrite: bool) ->
             return state
         if not overwrite:
             diff = sorted(k for k in set(config) | set(saved) if config.get(k) != saved.get(k))
-            raise ValueError(f"{out} holds a different preparation (differs in: {', '.join(diff)}); "
-                             "use another output directory or overwrite=True / --overwrite")
+            raise ValueError(
+                f"{out} holds a different preparation (differs in: {', '.join(diff)}); "
+                "use another output directory or overwrite=True / --overwrite"
+            )
     existing = [p for p in out.iterdir() if _SHARD_RE.match(p.name)] + [p for p in (meta_path,) if p.exists()]
     if existing and not overwrite:
-        raise ValueError(f"{out} already contains shards but no matching {PROGRESS_FILE}; "
-                         "use another output directory or overwrite=True / --overwrite")
+        raise ValueError(
+            f"{out} already contains shards but no matching {PROGRESS_FILE}; "
+            "use another output directory or overwrite=True / --overwrite"
+        )
     for p in existing:
         p.unlink()
     if prog_path.exists():
         prog_path.unlink()
-    state = {"config": config, "complete": False, "val_done": val_docs == 0, "val": None,
-             "docs_done": 0, "skip_tokens": 0, "train_shards": []}
+    state = {
+        "config": config,
+        "complete": False,
+        "val_done": val_docs == 0,
+        "val": None,
+        "docs_done": 0,
+        "skip_tokens": 0,
+        "train_shards": [],
+    }
     _atomic_write_json(prog_path, state)
     return state
 
 
-def _remaining_pieces(source, done: int, max_docs: int | None, max_doc_chars: int | None,
-                      bad: BadRecords) -> Iterator[Piece]:
+def _remaining_pieces(
+    source, done: int, max_docs: int | None, max_doc_chars: int | None, bad: BadRecords
+) -> Iterator[Piece]:
     """The pieces of the documents of ``source`` after its first ``done`` ones (which earlier runs wrote), up to
     ``max_docs`` documents counted from the source's start.  The ``done`` documents are read past now: raises
     ``ValueError`` when the source no longer has that many."""
@@ -777,15 +835,23 @@ def _remaining_pieces(source, done: int, max_docs: int | None, max_doc_chars: in
     if done:
         skipped = _skip_docs(pieces, done)
         if skipped < done:
-            raise ValueError(f"source now has only {skipped} documents but {done} were already processed; "
-                             "has the input changed?")
+            raise ValueError(
+                f"source now has only {skipped} documents but {done} were already processed; has the input changed?"
+            )
     limit = None if max_docs is None else max(0, max_docs - done)
     return _limit_docs(pieces, limit)
 
 
 @contextlib.contextmanager
-def _tokenized(batches: Iterable[list[Piece]], kind: str, payload: Any, bos_id: int, eos_id: int,
-               num_workers: int, mp_context: str | None) -> Iterator[Iterator[list[tuple[np.ndarray, bool]]]]:
+def _tokenized(
+    batches: Iterable[list[Piece]],
+    kind: str,
+    payload: Any,
+    bos_id: int,
+    eos_id: int,
+    num_workers: int,
+    mp_context: str | None,
+) -> Iterator[Iterator[list[tuple[np.ndarray, bool]]]]:
     """Context giving the batches tokenized in order (see :func:`_encode_flagged`): by ``num_workers`` worker
     processes when that is more than one, else in this process.  Leaving it shuts the workers down; after an
     error or a stop only the few batches already running finish."""
@@ -801,8 +867,12 @@ def _tokenized(batches: Iterable[list[Piece]], kind: str, payload: Any, bos_id: 
 
     # concurrent.futures rather than multiprocessing.Pool: Pool.terminate() after an interrupt can wait forever on
     # a queue lock held by a worker; an executor's shutdown cancels what has not started and survives dead workers
-    pool = ProcessPoolExecutor(num_workers, mp_context=mp.get_context(mp_context), initializer=_init_worker,
-                               initargs=(kind, payload, bos_id, eos_id))  # fmt: skip
+    pool = ProcessPoolExecutor(
+        num_workers,
+        mp_context=mp.get_context(mp_context),
+        initializer=_init_worker,
+        initargs=(kind, payload, bos_id, eos_id),
+    )
     try:
         yield _ordered_imap(pool, _encode_docs, batches, max_in_flight=2 * num_workers)
     finally:
@@ -826,8 +896,18 @@ class ShardWriter:
     ``max_new_shards``: :meth:`add` reports a stop once this many new train shards are written (None: never).
     """
 
-    def __init__(self, out: Path, state: dict, *, shard_tokens: int, val_docs: int, vocab_size: int, bos_id: int,
-                 eos_id: int, max_new_shards: int | None = None):
+    def __init__(
+        self,
+        out: Path,
+        state: dict,
+        *,
+        shard_tokens: int,
+        val_docs: int,
+        vocab_size: int,
+        bos_id: int,
+        eos_id: int,
+        max_new_shards: int | None = None,
+    ):
         self.out, self.state = out, state
         self.shard_tokens, self.val_docs, self.max_new_shards = shard_tokens, val_docs, max_new_shards
         self.vocab_size, self.bos_id, self.eos_id = vocab_size, bos_id, eos_id
@@ -913,14 +993,18 @@ class ShardWriter:
         if not self.state["val_done"]:
             if self.val_parts or self.doc_index > self.start:
                 self.write_val()
-            raise ValueError(f"the source has only {self.doc_index} documents and all of them went to the validation "
-                             f"split (val_docs={self.val_docs}); lower --val-docs or add data")
+            raise ValueError(
+                f"the source has only {self.doc_index} documents and all of them went to the validation "
+                f"split (val_docs={self.val_docs}); lower --val-docs or add data"
+            )
         if self.buffered:
             self._write_train(self.buffered)
         self.state["docs_done"], self.state["skip_tokens"] = self.doc_index, 0
         if not self.state["train_shards"]:
-            raise ValueError(f"no training documents: the source produced {self.doc_index} documents "
-                             f"and val_docs={self.val_docs} of them are held out")
+            raise ValueError(
+                f"no training documents: the source produced {self.doc_index} documents "
+                f"and val_docs={self.val_docs} of them are held out"
+            )
 
     def complete(self, meta: dict) -> None:
         """Write ``meta.json`` (atomically), then mark the progress complete."""
@@ -943,30 +1027,67 @@ def _write_all(writer: ShardWriter, results: Iterable[list[tuple[np.ndarray, boo
     return False
 
 
-def _meta(config: dict, state: dict, *, num_docs: int, train_tokens: int, val_docs: int, skip_bad_records: bool,
-          bad: BadRecords) -> dict:
+def _meta(
+    config: dict,
+    state: dict,
+    *,
+    num_docs: int,
+    train_tokens: int,
+    val_docs: int,
+    skip_bad_records: bool,
+    bad: BadRecords,
+) -> dict:
     """The ``meta.json`` of a finished preparation (see :func:`~llamathink.data.shards.load_meta`)."""
     val = state["val"] or {"file": None, "tokens": 0, "docs": 0}
     return {
-        **{k: config[k] for k in ("format_version", "tokenizer", "tokenizer_sha256", "vocab_size", "bos_token_id",
-                                  "eos_token_id", "source", "shard_tokens", "max_docs", "max_doc_chars")},
-        "dtype": "uint16", "header_bytes": HEADER_BYTES,
-        "skip_bad_records": bool(skip_bad_records), "bad_records": bad.summary(),
+        **{
+            k: config[k]
+            for k in (
+                "format_version",
+                "tokenizer",
+                "tokenizer_sha256",
+                "vocab_size",
+                "bos_token_id",
+                "eos_token_id",
+                "source",
+                "shard_tokens",
+                "max_docs",
+                "max_doc_chars",
+            )
+        },
+        "dtype": "uint16",
+        "header_bytes": HEADER_BYTES,
+        "skip_bad_records": bool(skip_bad_records),
+        "bad_records": bad.summary(),
         "val_docs_requested": val_docs,
         "num_docs": num_docs,
-        "train": {"num_docs": num_docs - val["docs"], "num_tokens": int(train_tokens),
-                  "shards": state["train_shards"]},
-        "val": {"num_docs": val["docs"], "num_tokens": val["tokens"],
-                "shards": [{"file": val["file"], "tokens": val["tokens"]}] if val["file"] else []},
+        "train": {"num_docs": num_docs - val["docs"], "num_tokens": int(train_tokens), "shards": state["train_shards"]},
+        "val": {
+            "num_docs": val["docs"],
+            "num_tokens": val["tokens"],
+            "shards": [{"file": val["file"], "tokens": val["tokens"]}] if val["file"] else [],
+        },
     }
 
 
-def prepare(source: LocalSource | HFSource | Iterable[str], out_dir: str | os.PathLike, tokenizer,
-            *, shard_tokens: int = DEFAULT_SHARD_TOKENS, val_docs: int = DEFAULT_VAL_DOCS,
-            num_workers: int | None = None, batch_docs: int = 64, max_docs: int | None = None,
-            overwrite: bool = False, progress: bool = True, stop_after_shards: int | None = None,
-            mp_context: str | None = None, source_description: dict | None = None,
-            skip_bad_records: bool = False, max_doc_chars: int | None = DEFAULT_MAX_DOC_CHARS) -> dict:
+def prepare(
+    source: LocalSource | HFSource | Iterable[str],
+    out_dir: str | os.PathLike,
+    tokenizer,
+    *,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    val_docs: int = DEFAULT_VAL_DOCS,
+    num_workers: int | None = None,
+    batch_docs: int = 64,
+    max_docs: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    stop_after_shards: int | None = None,
+    mp_context: str | None = None,
+    source_description: dict | None = None,
+    skip_bad_records: bool = False,
+    max_doc_chars: int | None = DEFAULT_MAX_DOC_CHARS,
+) -> dict:
     """Tokenize a document source into shards in ``out_dir`` (see module docstring).
 
     ``tokenizer`` is a tokenizer object or anything :func:`~llamathink.tokenizer_utils.load_tokenizer`
@@ -1015,10 +1136,16 @@ def prepare(source: LocalSource | HFSource | Iterable[str], out_dir: str | os.Pa
         src_desc = source_description or {"type": "iterable"}
     # A rerun with the same config continues the preparation in out_dir; one with another config is refused.
     config = {
-        "format_version": FORMAT_VERSION, "tokenizer": tok_name,
+        "format_version": FORMAT_VERSION,
+        "tokenizer": tok_name,
         "tokenizer_sha256": _tokenizer_fingerprint(kind, payload),
-        "vocab_size": vocab_size, "bos_token_id": bos_id, "eos_token_id": eos_id, "source": src_desc,
-        "shard_tokens": int(shard_tokens), "val_docs": int(val_docs), "max_docs": max_docs,
+        "vocab_size": vocab_size,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "source": src_desc,
+        "shard_tokens": int(shard_tokens),
+        "val_docs": int(val_docs),
+        "max_docs": max_docs,
         "max_doc_chars": max_doc_chars,
     }
     out = Path(out_dir)
@@ -1029,25 +1156,52 @@ def prepare(source: LocalSource | HFSource | Iterable[str], out_dir: str | os.Pa
 
     num_workers = (os.cpu_count() or 1) if num_workers is None else int(num_workers)
     bad = BadRecords(skip_bad_records)
-    batches = _batched(_remaining_pieces(source, state["docs_done"], max_docs, max_doc_chars, bad), batch_docs,
-                       max_doc_chars)
-    writer = ShardWriter(out, state, shard_tokens=shard_tokens, val_docs=val_docs, vocab_size=vocab_size,
-                         bos_id=bos_id, eos_id=eos_id, max_new_shards=stop_after_shards)
+    batches = _batched(
+        _remaining_pieces(source, state["docs_done"], max_docs, max_doc_chars, bad), batch_docs, max_doc_chars
+    )
+    writer = ShardWriter(
+        out,
+        state,
+        shard_tokens=shard_tokens,
+        val_docs=val_docs,
+        vocab_size=vocab_size,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        max_new_shards=stop_after_shards,
+    )
     from tqdm.auto import tqdm
 
     # The bar closes before the workers are shut down (contexts are left in reverse order).
-    with _tokenized(batches, kind, payload, bos_id, eos_id, num_workers, mp_context) as results, \
-            tqdm(total=max_docs, initial=writer.start, unit="doc", desc="tokenizing", disable=not progress,
-                 dynamic_ncols=True) as bar:
+    with (
+        _tokenized(batches, kind, payload, bos_id, eos_id, num_workers, mp_context) as results,
+        tqdm(
+            total=max_docs,
+            initial=writer.start,
+            unit="doc",
+            desc="tokenizing",
+            disable=not progress,
+            dynamic_ncols=True,
+        ) as bar,
+    ):
         stopped = _write_all(writer, results, bar)
 
     _report_bad(bad)
     if stopped:
-        return {"complete": False, **{k: state[k] for k in ("docs_done", "skip_tokens", "train_shards")},
-                "bad_records": bad.summary()}
+        return {
+            "complete": False,
+            **{k: state[k] for k in ("docs_done", "skip_tokens", "train_shards")},
+            "bad_records": bad.summary(),
+        }
     writer.finish()
-    meta = _meta(config, state, num_docs=writer.doc_index, train_tokens=writer.train_tokens, val_docs=val_docs,
-                 skip_bad_records=skip_bad_records, bad=bad)
+    meta = _meta(
+        config,
+        state,
+        num_docs=writer.doc_index,
+        train_tokens=writer.train_tokens,
+        val_docs=val_docs,
+        skip_bad_records=skip_bad_records,
+        bad=bad,
+    )
     writer.complete(meta)
     return meta
 
@@ -1062,51 +1216,92 @@ def _report_bad(bad: BadRecords) -> None:
 # command line
 # ---------------------------------------------------------------------------
 
-_PREPARE_DESCRIPTION = ("Tokenize whole documents ([BOS] doc [EOS]) into train_*.bin shards, a val_000000.bin "
-                        "shard (the first --val-docs documents) and meta.json.  Rerunning the same command after an "
-                        "interruption continues where it stopped.")
+_PREPARE_DESCRIPTION = (
+    "Tokenize whole documents ([BOS] doc [EOS]) into train_*.bin shards, a val_000000.bin "
+    "shard (the first --val-docs documents) and meta.json.  Rerunning the same command after an "
+    "interruption continues where it stopped."
+)
 
 
 def _add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     """The options of the prepare command, shared by ``llamathink-prepare`` (:func:`main`) and
     ``python -m llamathink.data prepare`` (:mod:`llamathink.data.__main__`)."""
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input", nargs="+", metavar="PATH",
-                     help="local .txt/.jsonl/.jsonl.gz/.parquet files, directories, globs, or a save_to_disk dataset")
-    src.add_argument("--hf-dataset", nargs="?", const=DEFAULT_HF_DATASET, metavar="NAME",
-                     help=f"Hugging Face dataset (network); without NAME: {DEFAULT_HF_DATASET} "
-                          f"(config {DEFAULT_HF_CONFIG})")
-    src.add_argument("--sample", action="store_true",
-                     help="the bundled sample corpus (llamathink/sample_data/prose.jsonl)")
+    src.add_argument(
+        "--input",
+        nargs="+",
+        metavar="PATH",
+        help="local .txt/.jsonl/.jsonl.gz/.parquet files, directories, globs, or a save_to_disk dataset",
+    )
+    src.add_argument(
+        "--hf-dataset",
+        nargs="?",
+        const=DEFAULT_HF_DATASET,
+        metavar="NAME",
+        help=f"Hugging Face dataset (network); without NAME: {DEFAULT_HF_DATASET} (config {DEFAULT_HF_CONFIG})",
+    )
+    src.add_argument(
+        "--sample", action="store_true", help="the bundled sample corpus (llamathink/sample_data/prose.jsonl)"
+    )
     p.add_argument("--hf-config", default=None, help="dataset config (default for FineWeb: sample-10BT)")
     p.add_argument("--hf-split", default="train")
     p.add_argument("--hf-data-files", nargs="+", default=None, help="data_files for builders such as json/parquet")
-    p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=True,
-                   help="stream the HF dataset instead of downloading it first (default: on)")
+    p.add_argument(
+        "--streaming",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stream the HF dataset instead of downloading it first (default: on)",
+    )
     p.add_argument("--text-field", default="text", help="JSON field / column holding the text (default: text)")
-    p.add_argument("--txt-split", choices=["file", "paragraph"], default="file",
-                   help=".txt files: one document per file (default) or per blank-line-separated paragraph")
-    p.add_argument("--tokenizer", required=True,
-                   help="'builtin', a tokenizer.model file, a tokenizer directory / tokenizer.json, or a Hub id")
+    p.add_argument(
+        "--txt-split",
+        choices=["file", "paragraph"],
+        default="file",
+        help=".txt files: one document per file (default) or per blank-line-separated paragraph",
+    )
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        help="'builtin', a tokenizer.model file, a tokenizer directory / tokenizer.json, or a Hub id",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per train shard")
-    p.add_argument("--val-docs", type=int, default=DEFAULT_VAL_DOCS,
-                   help="number of leading documents held out in val_000000.bin (0: none)")
+    p.add_argument(
+        "--val-docs",
+        type=int,
+        default=DEFAULT_VAL_DOCS,
+        help="number of leading documents held out in val_000000.bin (0: none)",
+    )
     p.add_argument("--max-docs", type=int, default=None, help="read at most this many documents (val included)")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPU count)")
     p.add_argument("--batch-docs", type=int, default=64, help="documents per worker task")
-    p.add_argument("--mp-context", default=None, choices=["spawn", "forkserver", "fork"],
-                   help="multiprocessing start method (default: fork where available)")
-    p.add_argument("--stop-after-shards", type=int, default=None,
-                   help="stop after writing this many new train shards (rerun to continue)")
+    p.add_argument(
+        "--mp-context",
+        default=None,
+        choices=["spawn", "forkserver", "fork"],
+        help="multiprocessing start method (default: fork where available)",
+    )
+    p.add_argument(
+        "--stop-after-shards",
+        type=int,
+        default=None,
+        help="stop after writing this many new train shards (rerun to continue)",
+    )
     p.add_argument("--overwrite", action="store_true", help="delete an existing different preparation in --out")
-    p.add_argument("--skip-bad-records", action="store_true",
-                   help="skip bad records (invalid UTF-8 or JSON, lone surrogates, a missing or non-string text "
-                        "field, NUL-only text, corrupt gzip/parquet data, unreadable files) and count them in "
-                        "meta.json, instead of stopping at the first one")
-    p.add_argument("--max-doc-chars", type=int, default=DEFAULT_MAX_DOC_CHARS,
-                   help="tokenize longer documents in pieces of at most this many characters, cut at a paragraph, "
-                        f"line or space, as one document (bounds memory; default {DEFAULT_MAX_DOC_CHARS}; 0: no limit)")
+    p.add_argument(
+        "--skip-bad-records",
+        action="store_true",
+        help="skip bad records (invalid UTF-8 or JSON, lone surrogates, a missing or non-string text "
+        "field, NUL-only text, corrupt gzip/parquet data, unreadable files) and count them in "
+        "meta.json, instead of stopping at the first one",
+    )
+    p.add_argument(
+        "--max-doc-chars",
+        type=int,
+        default=DEFAULT_MAX_DOC_CHARS,
+        help="tokenize longer documents in pieces of at most this many characters, cut at a paragraph, "
+        f"line or space, as one document (bounds memory; default {DEFAULT_MAX_DOC_CHARS}; 0: no limit)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -1128,27 +1323,43 @@ def _run_cli(args: argparse.Namespace) -> int:
     elif args.input:
         source = LocalSource(args.input, text_field=args.text_field, txt_split=args.txt_split)
     else:
-        source = HFSource(args.hf_dataset, args.hf_config, args.hf_split, args.streaming, args.text_field,
-                          args.hf_data_files)
+        source = HFSource(
+            args.hf_dataset, args.hf_config, args.hf_split, args.streaming, args.text_field, args.hf_data_files
+        )
     try:
-        meta = prepare(source, args.out, args.tokenizer, shard_tokens=args.shard_tokens, val_docs=args.val_docs,
-                       num_workers=args.workers, batch_docs=args.batch_docs, max_docs=args.max_docs,
-                       overwrite=args.overwrite, progress=not args.no_progress,
-                       stop_after_shards=args.stop_after_shards, mp_context=args.mp_context,
-                       skip_bad_records=args.skip_bad_records, max_doc_chars=args.max_doc_chars or None)
+        meta = prepare(
+            source,
+            args.out,
+            args.tokenizer,
+            shard_tokens=args.shard_tokens,
+            val_docs=args.val_docs,
+            num_workers=args.workers,
+            batch_docs=args.batch_docs,
+            max_docs=args.max_docs,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            stop_after_shards=args.stop_after_shards,
+            mp_context=args.mp_context,
+            skip_bad_records=args.skip_bad_records,
+            max_doc_chars=args.max_doc_chars or None,
+        )
     except (ValueError, OSError) as e:
         # Bad input is the user's to fix: one line, not a traceback.  Shards already written stay in --out.
         raise SystemExit(f"prepare: error: {e}") from None
     except KeyboardInterrupt:
-        print(f"prepare: interrupted; the shards written so far stay in {args.out}: rerun the same command to "
-              "continue", file=sys.stderr)
+        print(
+            f"prepare: interrupted; the shards written so far stay in {args.out}: rerun the same command to continue",
+            file=sys.stderr,
+        )
         return 130
     if meta.get("complete") is False:
         print(f"stopped after {len(meta['train_shards'])} train shards; rerun the same command to continue")
     else:
-        print(f"wrote {len(meta['train']['shards'])} train shards ({meta['train']['num_tokens']} tokens, "
-              f"{meta['train']['num_docs']} docs) and {meta['val']['num_tokens']} val tokens "
-              f"({meta['val']['num_docs']} docs) to {args.out}")
+        print(
+            f"wrote {len(meta['train']['shards'])} train shards ({meta['train']['num_tokens']} tokens, "
+            f"{meta['train']['num_docs']} docs) and {meta['val']['num_tokens']} val tokens "
+            f"({meta['val']['num_docs']} docs) to {args.out}"
+        )
     return 0
 
 

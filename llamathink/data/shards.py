@@ -66,6 +66,7 @@ def _magic_bytes(magic: int) -> bytes:
 # shard files
 # ---------------------------------------------------------------------------
 
+
 def _atomic_write_bytes(path: str | os.PathLike, chunks: Iterable[bytes]) -> None:
     """Write ``chunks`` to ``path`` through ``{path}.tmp.{pid}`` + fsync + ``os.replace``, so a reader (or a run
     killed mid-write) never sees a partial file; the temporary file is removed on any error."""
@@ -100,8 +101,10 @@ def write_shard(path: str | os.PathLike, tokens, vocab_size: int, *, bos_id: int
     does not fit uint16 or a token is outside ``[0, vocab_size)``."""
     vocab_size = int(vocab_size)
     if vocab_size > MAX_VOCAB:
-        raise ValueError(f"vocabulary of {vocab_size} tokens is too large for uint16 shards "
-                         f"(token ids must be <= 65535, so at most {MAX_VOCAB} tokens)")
+        raise ValueError(
+            f"vocabulary of {vocab_size} tokens is too large for uint16 shards "
+            f"(token ids must be <= 65535, so at most {MAX_VOCAB} tokens)"
+        )
     if vocab_size <= 0:
         raise ValueError(f"vocab_size must be positive, got {vocab_size}")
     arr = np.asarray(tokens)
@@ -144,19 +147,24 @@ def read_shard_header(path: str | os.PathLike) -> dict:
     token_bytes = int(header[2])
     if magic not in (SHARD_MAGIC, LEGACY_SHARD_MAGIC):
         other = _OTHER_MAGICS.get(magic)
-        raise ValueError(f"{path}: not a LlamaThink token shard (bad magic number 0x{magic:08X} "
-                         f"{_magic_bytes(magic)!r}, expected 0x{SHARD_MAGIC:08X} {_magic_bytes(SHARD_MAGIC)!r}"
-                         f"{f'; it looks like {other}' if other else ''})")
+        raise ValueError(
+            f"{path}: not a LlamaThink token shard (bad magic number 0x{magic:08X} "
+            f"{_magic_bytes(magic)!r}, expected 0x{SHARD_MAGIC:08X} {_magic_bytes(SHARD_MAGIC)!r}"
+            f"{f'; it looks like {other}' if other else ''})"
+        )
     if magic == LEGACY_SHARD_MAGIC and (version, token_bytes) != (FORMAT_VERSION, TOKEN_DTYPE.itemsize):
         # Every shard with the legacy magic is version 1 with 2-byte tokens; a C model file has its header size
         # (1024) where a shard has its token size.
-        raise ValueError(f"{path}: not a LlamaThink token shard (bad magic number 0x{magic:08X} "
-                         f"{_magic_bytes(magic)!r}: the C model file's magic, which old shards shared, but the "
-                         f"header is not a shard's: version {version}, token size {token_bytes}; a model.bin "
-                         "written by export_c?)")
+        raise ValueError(
+            f"{path}: not a LlamaThink token shard (bad magic number 0x{magic:08X} "
+            f"{_magic_bytes(magic)!r}: the C model file's magic, which old shards shared, but the "
+            f"header is not a shard's: version {version}, token size {token_bytes}; a model.bin "
+            "written by export_c?)"
+        )
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported shard format version {version} "
-                         f"(this code reads version {FORMAT_VERSION})")
+        raise ValueError(
+            f"{path}: unsupported shard format version {version} (this code reads version {FORMAT_VERSION})"
+        )
     if token_bytes != TOKEN_DTYPE.itemsize:
         raise ValueError(f"{path}: unsupported token size of {token_bytes} bytes (expected {TOKEN_DTYPE.itemsize})")
     num_tokens = int(header[4:6].view("<i8")[0])
@@ -164,13 +172,22 @@ def read_shard_header(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: corrupt header: negative token count {num_tokens}")
     expected = HEADER_BYTES + num_tokens * token_bytes
     if size < expected:
-        raise ValueError(f"{path}: truncated shard: header says {num_tokens} tokens ({expected} bytes) "
-                         f"but the file has only {size} bytes")
+        raise ValueError(
+            f"{path}: truncated shard: header says {num_tokens} tokens ({expected} bytes) "
+            f"but the file has only {size} bytes"
+        )
     if size > expected:
-        raise ValueError(f"{path}: corrupt shard: header says {num_tokens} tokens ({expected} bytes) "
-                         f"but the file has {size} bytes")
-    return {"version": version, "token_bytes": token_bytes, "vocab_size": int(header[3]),
-            "num_tokens": num_tokens, "bos_id": int(header[6]), "eos_id": int(header[7])}
+        raise ValueError(
+            f"{path}: corrupt shard: header says {num_tokens} tokens ({expected} bytes) but the file has {size} bytes"
+        )
+    return {
+        "version": version,
+        "token_bytes": token_bytes,
+        "vocab_size": int(header[3]),
+        "num_tokens": num_tokens,
+        "bos_id": int(header[6]),
+        "eos_id": int(header[7]),
+    }
 
 
 def open_shard(path: str | os.PathLike) -> np.ndarray:
@@ -212,8 +229,10 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
         raise ValueError(f"{p} is not a valid meta.json ({e}); prepare {data_dir} again") from None
     vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
     if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab <= 0:
-        raise ValueError(f"{p} is not a meta.json written by prepare (expected an object with a positive integer "
-                         f"vocab_size, got {type(meta).__name__}{f' with vocab_size {vocab!r}' if vocab else ''})")
+        raise ValueError(
+            f"{p} is not a meta.json written by prepare (expected an object with a positive integer "
+            f"vocab_size, got {type(meta).__name__}{f' with vocab_size {vocab!r}' if vocab else ''})"
+        )
     return meta
 
 
@@ -224,12 +243,14 @@ def check_vocab(tokenizer_vocab_size: int, model_vocab_size: int) -> None:
         raise ValueError(
             f"tokenizer vocabulary size {tokenizer_vocab_size} is larger than the model vocab_size "
             f"{model_vocab_size}: token ids up to {int(tokenizer_vocab_size) - 1} would index past the "
-            "embedding table; raise the model's vocab_size or use a smaller tokenizer")
+            "embedding table; raise the model's vocab_size or use a smaller tokenizer"
+        )
 
 
 # ---------------------------------------------------------------------------
 # training-side reading
 # ---------------------------------------------------------------------------
+
 
 def _resolve_paths(shards: str | os.PathLike | Sequence[str | os.PathLike], split: str) -> list[Path]:
     """Shard files from a directory (its ``{split}_*.bin``, see :func:`find_shards`), one file, or a list of
@@ -272,8 +293,9 @@ class ShardedTokenDataset:
         self.total_tokens = int(self.starts[-1])
         if self.total_tokens < self.seq_len:
             where = self.paths[0] if len(self.paths) == 1 else f"{len(self.paths)} shards in {self.paths[0].parent}"
-            raise ValueError(f"seq_len {self.seq_len} is longer than the data: {where} hold(s) only "
-                             f"{self.total_tokens} tokens")
+            raise ValueError(
+                f"seq_len {self.seq_len} is longer than the data: {where} hold(s) only {self.total_tokens} tokens"
+            )
         self.num_windows = self.total_tokens // self.seq_len
         self.vocab_size = max(h["vocab_size"] for h in self.headers)
 
@@ -287,7 +309,7 @@ class ShardedTokenDataset:
             a = self.arrays[k]
             lo = start + done - int(self.starts[k])
             take = min(n - done, len(a) - lo)
-            out[done:done + take] = a[lo:lo + take]
+            out[done : done + take] = a[lo : lo + take]
             done += take
             k += 1
 
@@ -325,8 +347,17 @@ class TokenBatchLoader:
     since ranks move in lockstep, every rank may load rank 0's state.
     """
 
-    def __init__(self, shard_paths, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, *, model_vocab_size: int | None = None):
+    def __init__(
+        self,
+        shard_paths,
+        seq_len: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        *,
+        model_vocab_size: int | None = None,
+    ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if batch_size < 1:
@@ -339,7 +370,8 @@ class TokenBatchLoader:
             raise ValueError(
                 f"not enough data: {self.dataset.num_windows} windows of {self.seq_len} tokens "
                 f"({self.dataset.total_tokens} tokens) cannot fill one batch of {self.batch_size} on each of "
-                f"{self.world_size} rank(s)")
+                f"{self.world_size} rank(s)"
+            )
         self.epoch = 0
         self.position = 0
         self._perm_epoch = None
@@ -361,7 +393,7 @@ class TokenBatchLoader:
     def batch_windows(self, epoch: int, position: int) -> np.ndarray:
         """Window indices of this rank's batch number ``position`` in ``epoch``."""
         g = position * self.world_size + self.rank
-        return self.permutation(epoch)[g * self.batch_size:(g + 1) * self.batch_size]
+        return self.permutation(epoch)[g * self.batch_size : (g + 1) * self.batch_size]
 
     def __next__(self):
         if self.position >= self.batches_per_epoch:
@@ -373,9 +405,16 @@ class TokenBatchLoader:
 
     def state_dict(self) -> dict:
         """Position (``epoch``, ``position``) plus the settings :meth:`load_state_dict` checks or converts."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "seq_len": self.seq_len,
-                "batch_size": self.batch_size, "world_size": self.world_size, "rank": self.rank,
-                "num_windows": self.dataset.num_windows}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "num_windows": self.dataset.num_windows,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at the saved position. The world size and per-rank batch size may change as long as the global
@@ -391,8 +430,10 @@ class TokenBatchLoader:
         saved_bs = int(state.get("batch_size", self.batch_size))
         # a negative position would index the permutation from its end: other data, silently
         if min(epoch, position) < 0 or min(saved_ws, saved_bs) < 1:
-            raise ValueError(f"cannot resume data loader: saved epoch={epoch}, position={position}, "
-                             f"world_size={saved_ws}, batch_size={saved_bs} are not valid counts")
+            raise ValueError(
+                f"cannot resume data loader: saved epoch={epoch}, position={position}, "
+                f"world_size={saved_ws}, batch_size={saved_bs} are not valid counts"
+            )
         if (saved_ws, saved_bs) != (self.world_size, self.batch_size):
             consumed = position * saved_ws * saved_bs  # windows of this epoch already used by all ranks
             per_round = self.world_size * self.batch_size
@@ -400,13 +441,22 @@ class TokenBatchLoader:
                 warnings.warn(
                     f"data loader resumed with world_size x batch_size = {self.world_size} x {self.batch_size} "
                     f"instead of {saved_ws} x {saved_bs}; continuing after window {consumed} of epoch {epoch} "
-                    "(exact only when the global batch is unchanged)")
+                    "(exact only when the global batch is unchanged)"
+                )
             position = -(-consumed // per_round)
         self.epoch, self.position = epoch, position
 
 
-def val_batches(shards, seq_len: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                max_batches: int | None = None, model_vocab_size: int | None = None):
+def val_batches(
+    shards,
+    seq_len: int,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    max_batches: int | None = None,
+    model_vocab_size: int | None = None,
+):
     """Deterministic evaluation batches (same every call): consecutive
     ``seq_len`` windows of the validation shard(s) in order, grouped into
     batches of ``batch_size`` (the last one may be smaller); rank ``r`` takes
@@ -422,4 +472,3 @@ def val_batches(shards, seq_len: int, batch_size: int, *, rank: int = 0, world_s
         idx = range(b * batch_size, min((b + 1) * batch_size, ds.num_windows))
         yield _to_batch(ds.windows(idx))
         count += 1
-

@@ -66,8 +66,15 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     root = checkpoint_dir(out_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p.name.startswith(CHECKPOINT_PREFIX)
-             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / STATE_FILE).exists()]  # fmt: skip
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir()
+        and not p.is_symlink()
+        and p.name.startswith(CHECKPOINT_PREFIX)
+        and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+        and (p / STATE_FILE).exists()
+    ]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
@@ -79,19 +86,31 @@ def checkpoint_meta(path: str | Path) -> dict:
     file = path / META_FILE
     step = int(path.name[len(CHECKPOINT_PREFIX) :]) if path.name[len(CHECKPOINT_PREFIX) :].isdigit() else None
     if not file.exists():
-        return {"format": 1, "run_id": None, "step": step, "saved_at": path.stat().st_mtime, "world_size": None,
-                "config": None}  # fmt: skip
+        return {
+            "format": 1,
+            "run_id": None,
+            "step": step,
+            "saved_at": path.stat().st_mtime,
+            "world_size": None,
+            "config": None,
+        }
     try:
         meta = json.loads(file.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot read {file}: {err}") from err
     types = {"run_id": (str, type(None)), "step": int, "saved_at": (int, float), "config": (dict, type(None))}
-    if (not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) for k, t in types.items())
-            or isinstance(meta["step"], bool) or not math.isfinite(meta["saved_at"])):  # fmt: skip
+    if (
+        not isinstance(meta, dict)
+        or any(not isinstance(meta.get(k), t) for k, t in types.items())
+        or isinstance(meta["step"], bool)
+        or not math.isfinite(meta["saved_at"])
+    ):
         raise CheckpointError(f"{file} is not a checkpoint's meta.json (expected run_id, step, saved_at, config)")
     if step is not None and meta["step"] != step:
-        raise CheckpointError(f"{file} says step {meta['step']} but the folder is {path.name}: the checkpoint was "
-                              "renamed or edited, so it is not trusted")  # fmt: skip
+        raise CheckpointError(
+            f"{file} says step {meta['step']} but the folder is {path.name}: the checkpoint was "
+            "renamed or edited, so it is not trusted"
+        )
     return meta
 
 
@@ -130,12 +149,17 @@ def own_out_dir(out_dir: str | Path, is_main: bool = True):
     except OSError as err:
         holder = os.read(fd, 4096).decode(errors="replace").strip() or "a process that has not written its name yet"
         os.close(fd)
-        raise OutDirInUse(f"out_dir {out_dir} is in use by another run ({holder}); wait for it to finish, stop it, "
-                          f"or use another out_dir") from err  # fmt: skip
+        raise OutDirInUse(
+            f"out_dir {out_dir} is in use by another run ({holder}); wait for it to finish, stop it, "
+            f"or use another out_dir"
+        ) from err
     try:
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, started "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())  # fmt: skip
+        os.write(
+            fd,
+            f"pid {os.getpid()} on host {socket.gethostname()}, started "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode(),
+        )
         root = checkpoint_dir(out_dir)
         leftovers = [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX)] if root.is_dir() else []
         for path in leftovers:
@@ -166,8 +190,10 @@ def claim_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str | No
         return run_id
     names = ", ".join(p.name for p in foreign)
     if not cfg.overwrite:
-        raise OutDirInUse(f"out_dir {cfg.out_dir} holds checkpoints of another run ({names}); resume it with "
-                          "resume: auto, use another out_dir, or set overwrite: true to delete them")  # fmt: skip
+        raise OutDirInUse(
+            f"out_dir {cfg.out_dir} holds checkpoints of another run ({names}); resume it with "
+            "resume: auto, use another out_dir, or set overwrite: true to delete them"
+        )
     for path in foreign:
         remove_checkpoint(path)
     print(f"overwrite: deleted the earlier run's checkpoints in {checkpoint_dir(cfg.out_dir)} ({names})")
@@ -184,8 +210,11 @@ def _run_id_or_none(path: Path) -> str | None:
 def _rng_state() -> dict:
     """Python, NumPy, torch (and CUDA) generator states as tensors, ints and tuples (weights-only loadable)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}  # fmt: skip
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -245,8 +274,18 @@ def _save_error_message(err: BaseException, step: int, final: Path, needed: int,
     return f"{what}; {kept} and the partial checkpoint was removed"
 
 
-def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, loader, extra: dict, keep_last: int,
-                    run_id: str | None = None, world_size: int = 1) -> Path:  # fmt: skip
+def save_checkpoint(
+    out_dir,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    loader,
+    extra: dict,
+    keep_last: int,
+    run_id: str | None = None,
+    world_size: int = 1,
+) -> Path:
     """Write `checkpoints/step_<step>/` (state.pt: model, optimizer, scheduler, loader, RNG and `extra`; meta.json:
     run id, step, save time, world size, `extra["config"]`) atomically (temporary directory + rename), then delete
     this run's (`run_id`'s) checkpoints beyond the newest `keep_last`; other runs' checkpoints are never touched.
@@ -271,8 +310,14 @@ def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, loader, ext
         "rng": _rng_state(),
         **_plain(extra),
     }
-    meta = {"format": CHECKPOINT_FORMAT, "run_id": run_id, "step": step, "saved_at": time.time(),
-            "world_size": world_size, "config": json.loads(json.dumps(extra.get("config"), default=str))}  # fmt: skip
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "run_id": run_id,
+        "step": step,
+        "saved_at": time.time(),
+        "world_size": world_size,
+        "config": json.loads(json.dumps(extra.get("config"), default=str)),
+    }
     try:
         for path in (tmp, old):
             if path.exists():
@@ -302,7 +347,7 @@ def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, loader, ext
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    mine = sorted(mine + [final], key=lambda p: (checkpoint_meta(p)["saved_at"], int(p.name[len(CHECKPOINT_PREFIX):])))
+    mine = sorted(mine + [final], key=lambda p: (checkpoint_meta(p)["saved_at"], int(p.name[len(CHECKPOINT_PREFIX) :])))
     for stale in mine[:-keep_last]:
         try:
             remove_checkpoint(stale)
@@ -346,11 +391,18 @@ def load_checkpoint(path: str | Path) -> dict:
         with torch.serialization.safe_globals(_legacy_numpy_globals()):
             state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        detail = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line
-                       or "Unsupported operand" in line), "objects other than tensors and plain containers")  # fmt: skip
-        raise CheckpointError(f"refusing to load {file}: it is not a weights-only checkpoint ({detail}); loading it "
-                              "could run code stored in it. Only checkpoints written by this trainer are loaded."
-                              ) from None  # fmt: skip
+        detail = next(
+            (
+                line.strip()
+                for line in str(err).splitlines()
+                if "Unsupported global" in line or "Unsupported operand" in line
+            ),
+            "objects other than tensors and plain containers",
+        )
+        raise CheckpointError(
+            f"refusing to load {file}: it is not a weights-only checkpoint ({detail}); loading it "
+            "could run code stored in it. Only checkpoints written by this trainer are loaded."
+        ) from None
     except Exception as err:  # a corrupt file must say which one
         raise CheckpointError(f"cannot load checkpoint {file}: {type(err).__name__}: {err}") from err
     required = ("step", "model", "optimizer", "scheduler", "loader", "rng")
@@ -369,18 +421,64 @@ def load_checkpoint(path: str | Path) -> dict:
 # Everything else (learning rates, weight decay, betas, schedule length, clipping, cadences, logging, ...) is
 # applied from the current settings when resuming, and each change is printed. The global batch
 # (micro_batch_size x grad_accum x processes) is checked separately: its factors may change, its product not.
-RESUME_FIXED = ("optimizer", "model_config", "init_from", "tokenizer", "seq_len", "data_dir", "seed", "data",
-                "data_split", "data_config", "data_format", "max_conversations", "system_prompt", "max_len",
-                "eval_fraction", "group_by_length")  # fmt: skip
+RESUME_FIXED = (
+    "optimizer",
+    "model_config",
+    "init_from",
+    "tokenizer",
+    "seq_len",
+    "data_dir",
+    "seed",
+    "data",
+    "data_split",
+    "data_config",
+    "data_format",
+    "max_conversations",
+    "system_prompt",
+    "max_len",
+    "eval_fraction",
+    "group_by_length",
+)
 # Settings applied from the current run when resuming (through the rebuilt optimizer's groups, the schedule, or
 # read where used). A setting in neither tuple (a field added without deciding) is treated as fixed.
-RESUME_APPLIED = ("micro_batch_size", "grad_accum", "max_steps", "muon_lr", "adamw_lr", "adamw_betas",
-                  "weight_decay", "muon_adjust_lr", "grad_clip", "warmup_steps", "min_lr_ratio", "mixed_precision",
-                  "nonfinite", "max_consecutive_skips", "eval_every", "sample_every", "sample_prompts",
-                  "sample_tokens", "log_every", "wandb_project", "wandb_run_name", "wandb_mode", "progress_bar",
-                  "out_dir", "save_every", "keep_last", "stop_at_step", "push_to_hub", "hub_model_id", "compile",
-                  "eval_batches", "peak_tflops", "eval_data", "eval_split", "max_eval_conversations",
-                  "eval_at_start")  # fmt: skip
+RESUME_APPLIED = (
+    "micro_batch_size",
+    "grad_accum",
+    "max_steps",
+    "muon_lr",
+    "adamw_lr",
+    "adamw_betas",
+    "weight_decay",
+    "muon_adjust_lr",
+    "grad_clip",
+    "warmup_steps",
+    "min_lr_ratio",
+    "mixed_precision",
+    "nonfinite",
+    "max_consecutive_skips",
+    "eval_every",
+    "sample_every",
+    "sample_prompts",
+    "sample_tokens",
+    "log_every",
+    "wandb_project",
+    "wandb_run_name",
+    "wandb_mode",
+    "progress_bar",
+    "out_dir",
+    "save_every",
+    "keep_last",
+    "stop_at_step",
+    "push_to_hub",
+    "hub_model_id",
+    "compile",
+    "eval_batches",
+    "peak_tflops",
+    "eval_data",
+    "eval_split",
+    "max_eval_conversations",
+    "eval_at_start",
+)
 _NOT_COMPARED = ("resume", "overwrite")
 
 
@@ -388,8 +486,9 @@ def _json_value(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def compare_resume_settings(saved: dict | None, cfg: RunConfig, saved_world: int | None, world_size: int,
-                            where: str = "the checkpoint") -> list[str]:  # fmt: skip
+def compare_resume_settings(
+    saved: dict | None, cfg: RunConfig, saved_world: int | None, world_size: int, where: str = "the checkpoint"
+) -> list[str]:
     """The differences between the settings saved in a checkpoint (`saved`, dataclasses.asdict of the run's
     config; `saved_world` processes) and `cfg` (`world_size` processes), as "name: old -> new" lines for the
     settings that may change (RESUME_APPLIED; the caller applies them). Raises ResumeSettingsError listing every
@@ -407,19 +506,25 @@ def compare_resume_settings(saved: dict | None, cfg: RunConfig, saved_world: int
     if saved_world is not None and all(k in saved for k in ("micro_batch_size", "grad_accum")):
         factors = (saved["micro_batch_size"], saved["grad_accum"], saved_world)
         if not all(isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in factors):
-            raise ResumeSettingsError(f"cannot resume from {where}: its saved batch (micro_batch_size x grad_accum "
-                                      f"x processes = {' x '.join(map(repr, factors))}) is not made of positive "
-                                      "integers; the checkpoint was edited or damaged")  # fmt: skip
+            raise ResumeSettingsError(
+                f"cannot resume from {where}: its saved batch (micro_batch_size x grad_accum "
+                f"x processes = {' x '.join(map(repr, factors))}) is not made of positive "
+                "integers; the checkpoint was edited or damaged"
+            )
         old = saved["micro_batch_size"] * saved["grad_accum"] * saved_world
         new = cfg.micro_batch_size * cfg.grad_accum * world_size
         if old != new:
-            fixed.append(f"global batch (micro_batch_size x grad_accum x processes): {saved['micro_batch_size']} x "
-                         f"{saved['grad_accum']} x {saved_world} = {old} -> {cfg.micro_batch_size} x "
-                         f"{cfg.grad_accum} x {world_size} = {new}")  # fmt: skip
+            fixed.append(
+                f"global batch (micro_batch_size x grad_accum x processes): {saved['micro_batch_size']} x "
+                f"{saved['grad_accum']} x {saved_world} = {old} -> {cfg.micro_batch_size} x "
+                f"{cfg.grad_accum} x {world_size} = {new}"
+            )
     if fixed:
-        raise ResumeSettingsError(f"cannot resume from {where}: settings that must stay the same within a run "
-                                  f"differ: {'; '.join(fixed)}. Restore them, or start a new run (another out_dir, "
-                                  "or resume: none with overwrite: true).")  # fmt: skip
+        raise ResumeSettingsError(
+            f"cannot resume from {where}: settings that must stay the same within a run "
+            f"differ: {'; '.join(fixed)}. Restore them, or start a new run (another out_dir, "
+            "or resume: none with overwrite: true)."
+        )
     return changed
 
 
@@ -437,8 +542,9 @@ def _saved_world_size(state: dict, meta: dict) -> int | None:
     return None
 
 
-def restore_checkpoint(path: Path, model, optimizer, scheduler, loader, cfg: RunConfig | None = None,
-                       world_size: int = 1, log=print) -> dict:  # fmt: skip
+def restore_checkpoint(
+    path: Path, model, optimizer, scheduler, loader, cfg: RunConfig | None = None, world_size: int = 1, log=print
+) -> dict:
     """Load the checkpoint at `path` into the model, optimizer, scheduler and data loader and restore the RNG state
     (an exact resume); returns the checkpoint's contents for the rest (step, history, run_id, wandb_run_id, ...).
 
@@ -452,12 +558,16 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, loader, cfg: Run
     state = load_checkpoint(path)
     meta = checkpoint_meta(path)
     if meta.get("format") != 1 and state["step"] != meta["step"]:
-        raise CheckpointError(f"{path}: state.pt is at step {state['step']} but meta.json says step {meta['step']}: "
-                              "the files do not belong together, so the checkpoint is not trusted")  # fmt: skip
+        raise CheckpointError(
+            f"{path}: state.pt is at step {state['step']} but meta.json says step {meta['step']}: "
+            "the files do not belong together, so the checkpoint is not trusted"
+        )
     changes = []
     if cfg is not None and state["step"] > cfg.max_steps:
-        raise ResumeSettingsError(f"cannot resume from {path}: it is at step {state['step']}, beyond max_steps="
-                                  f"{cfg.max_steps}; set max_steps to at least {state['step']}")  # fmt: skip
+        raise ResumeSettingsError(
+            f"cannot resume from {path}: it is at step {state['step']}, beyond max_steps="
+            f"{cfg.max_steps}; set max_steps to at least {state['step']}"
+        )
     if cfg is not None:
         saved = meta.get("config") or state.get("config")
         changes = compare_resume_settings(saved, cfg, _saved_world_size(state, meta), world_size, where=str(path))
@@ -474,8 +584,9 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, loader, cfg: Run
         part = "RNG"
         _set_rng_state(state["rng"])
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
-        raise CheckpointError(f"cannot resume from {path}: its {part} state does not fit this run "
-                              f"({type(err).__name__}: {err})") from err  # fmt: skip
+        raise CheckpointError(
+            f"cannot resume from {path}: its {part} state does not fit this run ({type(err).__name__}: {err})"
+        ) from err
     if cfg is not None:
         for group, built in zip(optimizer.param_groups, fresh, strict=True):
             group.update({k: v for k, v in built.items() if k not in ("lr", "initial_lr")})
@@ -503,4 +614,3 @@ def resolve_resume(cfg: RunConfig) -> Path | None:
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"resume={cfg.resume}: no checkpoint (state.pt) there")
     return path
-

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..muon import ADJUST_LR_FNS
 
+
 @dataclass
 class RunConfig:
     """The settings pretraining (`TrainConfig`) and chat finetuning (`FinetuneConfig`) share:
@@ -67,8 +68,18 @@ class RunConfig:
     hub_model_id: str | None = None
 
     def __post_init__(self):
-        self.check_positive("micro_batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "save_every",
-                            "keep_last", "sample_every", "sample_tokens", "max_consecutive_skips")  # fmt: skip
+        self.check_positive(
+            "micro_batch_size",
+            "grad_accum",
+            "max_steps",
+            "eval_every",
+            "log_every",
+            "save_every",
+            "keep_last",
+            "sample_every",
+            "sample_tokens",
+            "max_consecutive_skips",
+        )
         self.check_positive("stop_at_step", or_null=True)
         for name in ("muon_lr", "adamw_lr", "weight_decay"):
             value = getattr(self, name)
@@ -107,7 +118,6 @@ class RunConfig:
                 continue
             if value <= 0:
                 raise ValueError(f"{name} must be positive{' or null' if or_null else ''}, got {value!r}")
-
 
 
 _NULL_WORDS = ("null", "none", "~", "")
@@ -223,8 +233,7 @@ def _read_settings_yaml(path) -> Any:
                 key = self.construct_object(key_node, deep=True)
                 line = key_node.start_mark.line + 1
                 if isinstance(key, typing.Hashable) and key in seen:
-                    raise ValueError(f"{path}: key {key!r} is given twice (lines {seen[key]} and {line}); "
-                                     "keep one")  # fmt: skip
+                    raise ValueError(f"{path}: key {key!r} is given twice (lines {seen[key]} and {line}); keep one")
                 if isinstance(key, typing.Hashable):
                     seen[key] = line
             return super().construct_mapping(node, deep=deep)
@@ -238,8 +247,6 @@ def _read_settings_yaml(path) -> Any:
     except yaml.YAMLError as err:
         raise ValueError(f"{path} is not valid YAML: {err}") from None
     return {} if loaded is None else loaded
-
-
 
 
 def load_config(cls: type, path: str | None = None, overrides: list[str] | None = None):

@@ -83,8 +83,9 @@ class FinetuneConfig(RunConfig):
     warmup_steps: int = 50
     eval_every: int = 100
     sample_every: int = 500
-    sample_prompts: list[str] = field(default_factory=lambda: ["Hi! Can you recommend something to read?",
-                                                               "Why is the sky blue?"])  # fmt: skip
+    sample_prompts: list[str] = field(
+        default_factory=lambda: ["Hi! Can you recommend something to read?", "Why is the sky blue?"]
+    )
     sample_tokens: int = 64
     wandb_project: str | None = "llamathink-chat"
     out_dir: str = "runs/llamathink-95m-chat"
@@ -113,37 +114,54 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-
 def prepare_data(cfg: FinetuneConfig, tokenizer, max_len: int) -> tuple[ChatDataset, ChatDataset, dict]:
     """Training and held-out examples, and counts of what was read, kept, truncated and skipped."""
     read = Counter()
-    conversations = load_conversations(cfg.data, split=cfg.data_split, data_format=cfg.data_format,
-                                       config_name=cfg.data_config, limit=cfg.max_conversations,
-                                       stats=read)  # fmt: skip
+    conversations = load_conversations(
+        cfg.data,
+        split=cfg.data_split,
+        data_format=cfg.data_format,
+        config_name=cfg.data_config,
+        limit=cfg.max_conversations,
+        stats=read,
+    )
     if cfg.eval_data:
         train_convs = conversations
-        eval_convs = load_conversations(cfg.eval_data, split=cfg.eval_split, data_format=cfg.data_format,
-                                        config_name=cfg.data_config, limit=cfg.max_eval_conversations,
-                                        stats=read)  # fmt: skip
+        eval_convs = load_conversations(
+            cfg.eval_data,
+            split=cfg.eval_split,
+            data_format=cfg.data_format,
+            config_name=cfg.data_config,
+            limit=cfg.max_eval_conversations,
+            stats=read,
+        )
     else:
         train_convs, eval_convs = split_held_out(conversations, cfg.eval_fraction, cfg.seed, cfg.max_eval_conversations)
     train_stats, eval_stats = Counter(), Counter()
     train = build_examples(tokenizer, train_convs, max_len, system_prompt=cfg.system_prompt, stats=train_stats)
     held = build_examples(tokenizer, eval_convs, max_len, system_prompt=cfg.system_prompt, stats=eval_stats)
-    stats = {"invalid_rows": read["invalid"], "train_conversations": len(train_convs),
-             "eval_conversations": len(eval_convs), "train": dict(train_stats), "eval": dict(eval_stats),
-             "train_trained_tokens": train.num_trained_tokens(), "train_tokens": int(train.lengths.sum())}  # fmt: skip
+    stats = {
+        "invalid_rows": read["invalid"],
+        "train_conversations": len(train_convs),
+        "eval_conversations": len(eval_convs),
+        "train": dict(train_stats),
+        "eval": dict(eval_stats),
+        "train_trained_tokens": train.num_trained_tokens(),
+        "train_tokens": int(train.lengths.sum()),
+    }
     return train, held, stats
 
 
 def _describe(stats: dict) -> str:
     t, e = stats["train"], stats["eval"]
-    return (f"conversations: {stats['train_conversations']} train, {stats['eval_conversations']} held out, "
-            f"{stats['invalid_rows']} invalid rows skipped; train examples: {t.get('kept', 0)} kept "
-            f"({t.get('truncated', 0)} truncated at a turn), {t.get('too_long', 0)} dropped as too long, "
-            f"{t.get('no_assistant', 0)} skipped with nothing to learn; held-out examples: {e.get('kept', 0)}; "
-            f"{stats['train_trained_tokens']:,} of {stats['train_tokens']:,} training tokens are "
-            "trained on")  # fmt: skip
+    return (
+        f"conversations: {stats['train_conversations']} train, {stats['eval_conversations']} held out, "
+        f"{stats['invalid_rows']} invalid rows skipped; train examples: {t.get('kept', 0)} kept "
+        f"({t.get('truncated', 0)} truncated at a turn), {t.get('too_long', 0)} dropped as too long, "
+        f"{t.get('no_assistant', 0)} skipped with nothing to learn; held-out examples: {e.get('kept', 0)}; "
+        f"{stats['train_trained_tokens']:,} of {stats['train_tokens']:,} training tokens are "
+        "trained on"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,14 +202,19 @@ def generate_samples(model, tokenizer, cfg: FinetuneConfig, device) -> list[tupl
     model.eval()
     out = []
     for prompt in cfg.sample_prompts:
-        messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else [])
+        messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
         ids = prompt_ids(tokenizer, messages + [{"role": "user", "content": prompt}])
         room = model.config.max_position_embeddings - len(ids)
         if room <= 0:
             continue
         x = torch.tensor([ids], device=device)
-        y = model.generate(x, max_new_tokens=min(cfg.sample_tokens, room), do_sample=False,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        y = model.generate(
+            x,
+            max_new_tokens=min(cfg.sample_tokens, room),
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         out.append((prompt, tokenizer.decode(y[0, len(ids) :], skip_special_tokens=True).strip()))
     model.train(was_training)
     return out
@@ -212,8 +235,10 @@ def load_chat_tokenizer(cfg: FinetuneConfig):
     except (OSError, ValueError) as err:
         if cfg.tokenizer:
             raise
-        raise ValueError(f"no usable tokenizer saved with init_from={cfg.init_from!r} ({err}); set tokenizer: "
-                         "(e.g. builtin, or /path/to/llama2-tokenizer.model)") from err  # fmt: skip
+        raise ValueError(
+            f"no usable tokenizer saved with init_from={cfg.init_from!r} ({err}); set tokenizer: "
+            "(e.g. builtin, or /path/to/llama2-tokenizer.model)"
+        ) from err
     return set_chat_template(tokenizer)
 
 
@@ -241,9 +266,15 @@ def _finetune(cfg: FinetuneConfig, accelerator) -> dict:
     if len(train_set) == 0:
         raise ValueError(f"no training examples in {cfg.data!r} ({data_stats})")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    loader = ChatBatchLoader(train_set, cfg.micro_batch_size, rank=accelerator.process_index,
-                             world_size=accelerator.num_processes, seed=cfg.seed, pad_token_id=pad_id,
-                             group_by_length=cfg.group_by_length)  # fmt: skip
+    loader = ChatBatchLoader(
+        train_set,
+        cfg.micro_batch_size,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        seed=cfg.seed,
+        pad_token_id=pad_id,
+        group_by_length=cfg.group_by_length,
+    )
 
     def final(raw_model, final_dir: Path, history: dict):
         raw_model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -259,15 +290,27 @@ def _finetune(cfg: FinetuneConfig, accelerator) -> dict:
     hooks = TrainingHooks(
         save_final=final,
         # the unwrapped model: each process runs its own number of held-out batches (no DDP collectives)
-        evaluate=(lambda m: evaluate(accelerator.unwrap_model(m), eval_set, cfg.micro_batch_size, accelerator,
-                                     pad_id)) if len(eval_set) else None,  # fmt: skip
+        evaluate=(lambda m: evaluate(accelerator.unwrap_model(m), eval_set, cfg.micro_batch_size, accelerator, pad_id))
+        if len(eval_set)
+        else None,
         eval_name="held-out assistant loss",
         samples=samples,
         extra_metrics=lambda: {"train/epoch": loader.epoch},
         summary={f"data/{k}": v for k, v in data_stats.items()},
     )
-    return run_training(cfg, accelerator, model, loader, loader, hooks, resume_from=resume_from, run_id=run_id,
-                        history={"data": data_stats}, settings_file="finetune_config.json", desc="finetune")
+    return run_training(
+        cfg,
+        accelerator,
+        model,
+        loader,
+        loader,
+        hooks,
+        resume_from=resume_from,
+        run_id=run_id,
+        history={"data": data_stats},
+        settings_file="finetune_config.json",
+        desc="finetune",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

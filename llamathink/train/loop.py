@@ -59,8 +59,9 @@ class StepCounters:
     overflows: int = 0
 
 
-def optimizer_step(cfg: RunConfig, step: int, loss_value: float, grad_norm, optimizer, accelerator,
-                   counters: StepCounters, scaler=None) -> bool:  # fmt: skip
+def optimizer_step(
+    cfg: RunConfig, step: int, loss_value: float, grad_norm, optimizer, accelerator, counters: StepCounters, scaler=None
+) -> bool:
     """Update the weights with the accumulated gradients, or skip the update; True when the weights changed.
 
     Call once per optimizer step after the gradients were unscaled and clipped (accelerator.clip_grad_norm_ does
@@ -92,11 +93,14 @@ def optimizer_step(cfg: RunConfig, step: int, loss_value: float, grad_norm, opti
         if skipped:  # the scaler found inf/NaN gradients: it skipped the update and backed off
             optimizer.zero_grad(set_to_none=True)
             counters.overflows += 1
-            accelerator.print(f"loss-scale overflow at step {step} (grad norm {float(grad_norm)}): update skipped, "
-                              f"scale {scale:g} -> {new_scale:g} ({counters.overflows} overflow steps so far)")  # fmt: skip
+            accelerator.print(
+                f"loss-scale overflow at step {step} (grad norm {float(grad_norm)}): update skipped, "
+                f"scale {scale:g} -> {new_scale:g} ({counters.overflows} overflow steps so far)"
+            )
             if new_scale < 1.0:
-                counters.skips = skip_nonfinite_step(cfg, step, loss_value, grad_norm, counters.skips, optimizer,
-                                                     accelerator)  # fmt: skip
+                counters.skips = skip_nonfinite_step(
+                    cfg, step, loss_value, grad_norm, counters.skips, optimizer, accelerator
+                )
             return False
     optimizer.zero_grad(set_to_none=True)
     counters.skips = 0
@@ -110,15 +114,18 @@ def make_accelerator(cfg: RunConfig):
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
 
 
-def skip_nonfinite_step(cfg: RunConfig, step: int, loss_value: float, grad_norm, skips: int, optimizer,
-                        accelerator) -> int:  # fmt: skip
+def skip_nonfinite_step(
+    cfg: RunConfig, step: int, loss_value: float, grad_norm, skips: int, optimizer, accelerator
+) -> int:
     """A non-finite loss or gradient at `step`: drop the gradients, then stop (NonFiniteLoss) with nonfinite: stop
     or after max_consecutive_skips such steps in a row; else say so and return the new count of skips in a row."""
     optimizer.zero_grad(set_to_none=True)
     message = f"non-finite loss or gradient at step {step} (loss {loss_value}, grad norm {float(grad_norm)})"
     if cfg.nonfinite == "stop":
-        raise NonFiniteLoss(message + "; stopping (set nonfinite: skip to skip such steps). The last "
-                            f"checkpoint in {checkpoint_dir(cfg.out_dir)} is intact.")  # fmt: skip
+        raise NonFiniteLoss(
+            message + "; stopping (set nonfinite: skip to skip such steps). The last "
+            f"checkpoint in {checkpoint_dir(cfg.out_dir)} is intact."
+        )
     skips += 1
     accelerator.print(message + f"; step skipped ({skips} in a row)")
     if skips >= cfg.max_consecutive_skips:
@@ -126,8 +133,9 @@ def skip_nonfinite_step(cfg: RunConfig, step: int, loss_value: float, grad_norm,
     return skips
 
 
-def save_final(model, tokenizer, final_dir: Path, cfg: RunConfig, history: dict | None = None,
-               tokens_seen: int | None = None):
+def save_final(
+    model, tokenizer, final_dir: Path, cfg: RunConfig, history: dict | None = None, tokens_seen: int | None = None
+):
     """The finished model as a save_pretrained directory: weights, config and model code, the tokenizer (if any)
     with generation defaults (left padding, `model_max_length` = the model's context; see
     `llamathink.tokenizer_utils.save_tokenizer_for_model`) and a model card `README.md` built from `cfg`, the run
@@ -156,10 +164,15 @@ def _init_wandb(cfg: RunConfig, run_id: str | None):
         import wandb
     except ImportError as err:
         raise ImportError("wandb is not installed: pip install wandb, or set wandb_mode: disabled") from err
-    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, mode=cfg.wandb_mode, id=run_id,
-                      resume="allow" if run_id else None, config=dataclasses.asdict(cfg),
-                      dir=str(Path(cfg.out_dir)))  # fmt: skip
-
+    return wandb.init(
+        project=cfg.wandb_project,
+        name=cfg.wandb_run_name,
+        mode=cfg.wandb_mode,
+        id=run_id,
+        resume="allow" if run_id else None,
+        config=dataclasses.asdict(cfg),
+        dir=str(Path(cfg.out_dir)),
+    )
 
 
 def _sync(device):
@@ -210,9 +223,21 @@ class TrainingHooks:
     peak_flops: float | None = None
 
 
-def run_training(cfg: RunConfig, accelerator, model: torch.nn.Module, loader, batches: Iterator[dict],
-                 hooks: TrainingHooks, *, resume_from: Path | None, run_id: str, settings_file: str,
-                 history: dict | None = None, compile: bool = False, desc: str = "train") -> dict:  # fmt: skip
+def run_training(
+    cfg: RunConfig,
+    accelerator,
+    model: torch.nn.Module,
+    loader,
+    batches: Iterator[dict],
+    hooks: TrainingHooks,
+    *,
+    resume_from: Path | None,
+    run_id: str,
+    settings_file: str,
+    history: dict | None = None,
+    compile: bool = False,
+    desc: str = "train",
+) -> dict:
     """Train `model` for `cfg.max_steps` optimizer steps (or to `cfg.stop_at_step`), resuming from `resume_from`.
 
     `batches` yields dicts with `input_ids` and `labels` [B, T] (long, CPU; -100 = no loss) and draws from
@@ -239,8 +264,9 @@ def run_training(cfg: RunConfig, accelerator, model: torch.nn.Module, loader, ba
     start_step, wandb_id, tokens_seen, trained_tokens = 0, None, 0, 0
     counters = StepCounters()
     if resume_from is not None:
-        state = restore_checkpoint(resume_from, model, optimizer, scheduler, loader, cfg, world_size=world,
-                                   log=accelerator.print)  # fmt: skip
+        state = restore_checkpoint(
+            resume_from, model, optimizer, scheduler, loader, cfg, world_size=world, log=accelerator.print
+        )
         start_step, wandb_id = state["step"], state.get("wandb_run_id")
         tokens_seen = int(state.get("tokens_seen", 0))
         # checkpoints written before the count was kept: unknown (the model card then leaves it out)
@@ -273,8 +299,9 @@ def run_training(cfg: RunConfig, accelerator, model: torch.nn.Module, loader, ba
     def evaluate(step: int):
         val = hooks.evaluate(model)
         history["eval"][step] = val
-        accelerator.print(f"step {step}: train loss {history['losses'].get(step, float('nan')):.4f}, "
-                          f"{hooks.eval_name} {val:.4f}")  # fmt: skip
+        accelerator.print(
+            f"step {step}: train loss {history['losses'].get(step, float('nan')):.4f}, {hooks.eval_name} {val:.4f}"
+        )
         if run is not None:
             run.log({"eval/loss": val}, step=step)
 
@@ -302,8 +329,9 @@ def run_training(cfg: RunConfig, accelerator, model: torch.nn.Module, loader, ba
         micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
         counts = [loss_tokens(b) for b in micro_batches]
         # one reduction gives the step's loss terms and input positions over all processes
-        totals = torch.tensor([float(sum(counts)), float(sum(b["input_ids"].numel() for b in micro_batches))],
-                              device=accelerator.device)  # fmt: skip
+        totals = torch.tensor(
+            [float(sum(counts)), float(sum(b["input_ids"].numel() for b in micro_batches))], device=accelerator.device
+        )
         n_step, positions = (int(v) for v in accelerator.reduce(totals, "sum").tolist())
         if n_step == 0:
             raise ValueError(f"step {step + 1}: no token of the step's batches has a label; nothing to train on")
@@ -341,9 +369,14 @@ def run_training(cfg: RunConfig, accelerator, model: torch.nn.Module, loader, ba
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             now = time.perf_counter()
             tok_s = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
-            metrics = {"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0],
-                       "train/grad_norm": float(grad_norm), "perf/tokens_per_s": tok_s,
-                       "train/tokens_seen": tokens_seen, "train/overflow_steps": counters.overflows}  # fmt: skip
+            metrics = {
+                "train/loss": loss_value,
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/grad_norm": float(grad_norm),
+                "perf/tokens_per_s": tok_s,
+                "train/tokens_seen": tokens_seen,
+                "train/overflow_steps": counters.overflows,
+            }
             if trained_tokens is not None:
                 metrics["train/trained_tokens"] = trained_tokens
             if peak:
@@ -357,11 +390,15 @@ def run_training(cfg: RunConfig, accelerator, model: torch.nn.Module, loader, ba
                 run.log(metrics, step=step)
             if progress is not None:
                 mfu = metrics.get("perf/mfu")
-                progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}",
-                                     **({"mfu": f"{100 * mfu:.1f}%"} if mfu is not None else {}))  # fmt: skip
+                progress.set_postfix(
+                    loss=f"{loss_value:.3f}",
+                    tok_s=f"{tok_s:,.0f}",
+                    **({"mfu": f"{100 * mfu:.1f}%"} if mfu is not None else {}),
+                )
             else:
-                accelerator.print(f"step {step}: loss {loss_value:.4f}, lr {metrics['train/lr']:.2e}, "
-                                  f"{tok_s:,.0f} tokens/s")  # fmt: skip
+                accelerator.print(
+                    f"step {step}: loss {loss_value:.4f}, lr {metrics['train/lr']:.2e}, {tok_s:,.0f} tokens/s"
+                )
             t_last, tokens_last = now, tokens_seen
         if progress is not None:
             progress.update(1)
@@ -378,13 +415,28 @@ def run_training(cfg: RunConfig, accelerator, model: torch.nn.Module, loader, ba
             paused = True
             accelerator.wait_for_everyone()
             if is_main:
-                extra = {"tokens_seen": tokens_seen, "history": history, "config": dataclasses.asdict(cfg),
-                         "wandb_run_id": run.id if run is not None else wandb_id, "run_id": run_id,
-                         "overflow_steps": counters.overflows}  # fmt: skip
+                extra = {
+                    "tokens_seen": tokens_seen,
+                    "history": history,
+                    "config": dataclasses.asdict(cfg),
+                    "wandb_run_id": run.id if run is not None else wandb_id,
+                    "run_id": run_id,
+                    "overflow_steps": counters.overflows,
+                }
                 if trained_tokens is not None:
                     extra["trained_tokens"] = trained_tokens
-                save_checkpoint(cfg.out_dir, step, raw_model, optimizer, scheduler, loader, extra, cfg.keep_last,
-                                run_id=run_id, world_size=world)  # fmt: skip
+                save_checkpoint(
+                    cfg.out_dir,
+                    step,
+                    raw_model,
+                    optimizer,
+                    scheduler,
+                    loader,
+                    extra,
+                    cfg.keep_last,
+                    run_id=run_id,
+                    world_size=world,
+                )
                 write_history(out_dir, history)
             accelerator.wait_for_everyone()
         if paused:
@@ -396,10 +448,16 @@ def run_training(cfg: RunConfig, accelerator, model: torch.nn.Module, loader, ba
     if is_main:
         write_history(out_dir, history)
     if is_main and step == cfg.max_steps:
-        hooks.save_final(raw_model, final_dir, {**history, "tokens_seen": tokens_seen,
-                                                 "trained_tokens": trained_tokens})  # fmt: skip
+        hooks.save_final(
+            raw_model, final_dir, {**history, "tokens_seen": tokens_seen, "trained_tokens": trained_tokens}
+        )
     if run is not None:
         run.finish()
     accelerator.wait_for_everyone()
-    return {**history, "tokens_seen": tokens_seen, "trained_tokens": trained_tokens,
-            "final_dir": str(final_dir) if step == cfg.max_steps else None, "overflow_steps": counters.overflows}
+    return {
+        **history,
+        "tokens_seen": tokens_seen,
+        "trained_tokens": trained_tokens,
+        "final_dir": str(final_dir) if step == cfg.max_steps else None,
+        "overflow_steps": counters.overflows,
+    }

@@ -39,9 +39,7 @@ ADAMW_MATRIX_SUFFIXES: tuple[str, ...] = ("in_proj_a.weight", "in_proj_b.weight"
 _SCALE_LEAVES = ("A_log", "dt_bias")
 
 
-def classify_parameter(
-    name: str, param: Tensor, extra_adamw_suffixes: Sequence[str] = ()
-) -> tuple[str, str]:
+def classify_parameter(name: str, param: Tensor, extra_adamw_suffixes: Sequence[str] = ()) -> tuple[str, str]:
     """Return ``(group, reason)`` for one named parameter.
 
     ``group`` is ``"muon"``, ``"adamw_decay"`` or ``"adamw_no_decay"``.  Rules, in order:
@@ -175,8 +173,14 @@ def build_optimizer(model: nn.Module, cfg: RunConfig) -> Muon:
         groups = muon_param_groups(model, cfg.adamw_lr, cfg.adamw_lr, cfg.weight_decay, log=False)
         for group in groups:
             group["use_muon"] = False
-    return Muon(groups, lr=cfg.muon_lr, adjust_lr_fn=cfg.muon_adjust_lr, weight_decay=cfg.weight_decay,
-                adamw_lr=cfg.adamw_lr, adamw_betas=cfg.adamw_betas)  # fmt: skip
+    return Muon(
+        groups,
+        lr=cfg.muon_lr,
+        adjust_lr_fn=cfg.muon_adjust_lr,
+        weight_decay=cfg.weight_decay,
+        adamw_lr=cfg.adamw_lr,
+        adamw_betas=cfg.adamw_betas,
+    )
 
 
 def lr_factor(step: int, cfg: RunConfig) -> float:
@@ -185,4 +189,3 @@ def lr_factor(step: int, cfg: RunConfig) -> float:
         return (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-

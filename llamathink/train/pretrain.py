@@ -64,11 +64,11 @@ def build_model(cfg: TrainConfig) -> LlamaThinkForCausalLM:
         raise FileNotFoundError(f"model_config {path} does not exist")
     config = LlamaThinkConfig.from_json_file(str(path)) if path.is_file() else LlamaThinkConfig.from_pretrained(path)
     if cfg.seq_len > config.max_position_embeddings:
-        raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings="
-                         f"{config.max_position_embeddings}")  # fmt: skip
+        raise ValueError(
+            f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings={config.max_position_embeddings}"
+        )
     torch.manual_seed(cfg.seed)
     return LlamaThinkForCausalLM(config)
-
 
 
 @torch.no_grad()
@@ -76,12 +76,19 @@ def evaluate(model, cfg: TrainConfig, accelerator) -> float:
     """Mean loss over the first `eval_batches` validation batches of every rank (the same every call)."""
     model.eval()
     total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
-    batches = val_batches(cfg.data_dir, cfg.seq_len, cfg.micro_batch_size, rank=accelerator.process_index,
-                          world_size=accelerator.num_processes, max_batches=cfg.eval_batches)  # fmt: skip
+    batches = val_batches(
+        cfg.data_dir,
+        cfg.seq_len,
+        cfg.micro_batch_size,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        max_batches=cfg.eval_batches,
+    )
     for input_ids, labels in batches:
         with accelerator.autocast():
-            loss = model(input_ids=input_ids.to(accelerator.device), labels=labels.to(accelerator.device),
-                         use_cache=False).loss  # eval mode would otherwise build a decode cache
+            loss = model(
+                input_ids=input_ids.to(accelerator.device), labels=labels.to(accelerator.device), use_cache=False
+            ).loss  # eval mode would otherwise build a decode cache
         total += loss.float() * input_ids.shape[0]
         count += input_ids.shape[0]
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
@@ -102,15 +109,21 @@ def generate_samples(model, tokenizer, cfg: TrainConfig, device) -> list[str]:
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
         room = model.config.max_position_embeddings - ids.shape[1]
         if room <= 0:
-            print(f"sample prompt skipped: its {ids.shape[1]} tokens fill the model's context "
-                  f"(max_position_embeddings={model.config.max_position_embeddings}): {prompt[:40]!r}...")  # fmt: skip
+            print(
+                f"sample prompt skipped: its {ids.shape[1]} tokens fill the model's context "
+                f"(max_position_embeddings={model.config.max_position_embeddings}): {prompt[:40]!r}..."
+            )
             continue
-        out = model.generate(ids, max_new_tokens=min(cfg.sample_tokens, room), do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+        out = model.generate(
+            ids,
+            max_new_tokens=min(cfg.sample_tokens, room),
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         texts.append(tokenizer.decode(out[0], skip_special_tokens=True))
     model.train()
     return texts
-
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -142,9 +155,15 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     check_vocab(int(meta["vocab_size"]), model.config.vocab_size)
     if tokenizer is not None:
         check_vocab(len(tokenizer), model.config.vocab_size)
-    loader = TokenBatchLoader(cfg.data_dir, cfg.seq_len, cfg.micro_batch_size, rank=accelerator.process_index,
-                              world_size=accelerator.num_processes, seed=cfg.seed,
-                              model_vocab_size=model.config.vocab_size)  # fmt: skip
+    loader = TokenBatchLoader(
+        cfg.data_dir,
+        cfg.seq_len,
+        cfg.micro_batch_size,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        seed=cfg.seed,
+        model_vocab_size=model.config.vocab_size,
+    )
     batches = ({"input_ids": input_ids, "labels": labels} for input_ids, labels in loader)
 
     def final(raw_model, final_dir: Path, history: dict):
@@ -157,8 +176,19 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
         flops_per_token=flops_per_token(model.config, cfg.seq_len),
         peak_flops=cfg.peak_tflops * 1e12 if cfg.peak_tflops else None,
     )
-    return run_training(cfg, accelerator, model, loader, batches, hooks, resume_from=resume_from, run_id=run_id,
-                        settings_file="train_config.json", compile=cfg.compile, desc="train")  # fmt: skip
+    return run_training(
+        cfg,
+        accelerator,
+        model,
+        loader,
+        batches,
+        hooks,
+        resume_from=resume_from,
+        run_id=run_id,
+        settings_file="train_config.json",
+        compile=cfg.compile,
+        desc="train",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
