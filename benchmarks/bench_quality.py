@@ -6,8 +6,8 @@
     python benchmarks/bench_quality.py --plot runs/quality/quality.json   # redraw the PNG from a JSON
 
 Every run trains one freshly initialised model at the 95M shape with this project's optimizer routing
-(`train_hf.build_optimizer`: Muon for hidden matrices, AdamW for the rest, or AdamW alone) and schedule
-(`train_hf.lr_factor`: linear warmup, cosine to 0), bf16 autocast, gradient clipping, on the same batches in the
+(`llamathink.train.optim.build_optimizer`: Muon for hidden matrices, AdamW for the rest, or AdamW alone) and schedule
+(`llamathink.train.optim.lr_factor`: linear warmup, cosine to 0), bf16 autocast, gradient clipping, on the same batches in the
 same order (`llamathink.data.TokenBatchLoader`, one seed), and is validated every `--eval-every` steps on the
 same windows. Peers: HF Qwen3.5 (its text model, pattern linear, linear, full, full, fla when importable) and
 HF Llama (all full attention), built as in `bench_gpu.py`.
@@ -50,10 +50,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_gpu import build as build_peer, versions  # noqa: E402
 
 from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM  # noqa: E402
-from llamathink.data import TokenBatchLoader, find_shards, load_meta, open_shard  # noqa: E402
+from llamathink.data import TokenBatchLoader, document_position_ids, find_shards, load_meta, open_shard  # noqa: E402
 
 DEFAULT_RUNS = ("llamathink:compile=1", "hf-qwen3.5:model=hf-qwen3.5", "hf-llama:model=hf-llama,compile=1")
-RUN_KEYS = {"model", "compile", "optimizer", "muon_lr", "adamw_lr", "weight_decay", "seed"}
+RUN_KEYS = {"model", "compile", "optimizer", "muon_lr", "adamw_lr", "weight_decay", "seed", "document_masking"}
 INIT_KEYS = {"init.conv", "init.embed", "init.compress"}
 
 
@@ -92,7 +92,7 @@ def parse_run(spec: str) -> dict:
         if not eq:
             raise ValueError(f"run {name!r}: {part!r} is not key=value")
         value = _value(raw)
-        if key == "compile":
+        if key in ("compile", "document_masking"):
             run[key] = bool(value)
         elif key in RUN_KEYS:
             run[key] = value
@@ -104,7 +104,7 @@ def parse_run(spec: str) -> dict:
             run["config"][key] = value
     if run["model"] not in ("llamathink", "hf-qwen3.5", "hf-llama"):
         raise ValueError(f"run {name!r}: model must be llamathink, hf-qwen3.5 or hf-llama, got {run['model']!r}")
-    if run["model"] != "llamathink" and (run["config"] or run["init"]):
+    if run["model"] != "llamathink" and (run["config"] or run["init"] or run.get("document_masking")):
         raise ValueError(f"run {name!r}: config and init overrides apply to llamathink only")
     known = set(inspect.signature(LlamaThinkConfig.__init__).parameters) - {"self", "kwargs"}
     unknown = sorted(set(run["config"]) - known - {"mixer_pattern"})
@@ -195,14 +195,16 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model, windows: np.ndarray, batch: int, device: torch.device) -> float:
-    """Mean next-token loss over the windows (every window has seq_len - 1 targets, so this is the token mean)."""
+def evaluate(model, windows: np.ndarray, batch: int, device: torch.device, bos_id: int | None = None) -> float:
+    """Mean next-token loss over the windows (every window has seq_len - 1 targets, so this is the token mean).
+    With `bos_id`, each document of a window is read alone (position ids restart at every BOS), as it was trained."""
     model.eval()
     total = torch.zeros((), device=device, dtype=torch.float64)
     for i in range(0, len(windows), batch):
         ids = torch.from_numpy(windows[i : i + batch]).to(device)
+        extra = {"position_ids": document_position_ids(ids, bos_id)} if bos_id is not None else {}
         with _autocast(device):
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss = model(input_ids=ids, labels=ids, use_cache=False, **extra).loss
         total += loss.double() * len(ids)
     model.train()
     return float(total) / len(windows)
@@ -210,7 +212,8 @@ def evaluate(model, windows: np.ndarray, batch: int, device: torch.device) -> fl
 
 def train_run(run: dict, args, val: np.ndarray, test: np.ndarray, device: torch.device) -> dict:
     """Train one run for `args.steps` steps and return its record (curves, final losses, speed)."""
-    from train_hf import RunConfig, build_optimizer, lr_factor
+    from llamathink.train.config import RunConfig
+    from llamathink.train.optim import build_optimizer, lr_factor
 
     seed = int(run.get("seed", args.seed))
     settings = RunConfig(
@@ -247,8 +250,10 @@ def train_run(run: dict, args, val: np.ndarray, test: np.ndarray, device: torch.
     }
     print(f"[{run['name']}] {run['model']} {n_params / 1e6:.1f}M params, {settings.optimizer}", flush=True)
 
+    bos_id = load_meta(args.data)["bos_token_id"] if run.get("document_masking") else None
+
     def point(step: int, seconds: float):
-        loss = evaluate(model, val, args.eval_batch, device)
+        loss = evaluate(model, val, args.eval_batch, device, bos_id)
         record["curve"].append({"step": step, "tokens": step * tokens_per_step, "seconds": seconds, "val_loss": loss})
         print(
             f"[{run['name']}] step {step} tokens {step * tokens_per_step / 1e6:.1f}M train {seconds:.0f}s "
@@ -260,9 +265,11 @@ def train_run(run: dict, args, val: np.ndarray, test: np.ndarray, device: torch.
     t0 = time.perf_counter()
     for step in range(args.steps):
         input_ids, labels = next(loader)
+        extra = {"position_ids": document_position_ids(input_ids, bos_id)} if bos_id is not None else {}
         input_ids, labels = input_ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        extra = {k: v.to(device, non_blocking=True) for k, v in extra.items()}
         with _autocast(device):
-            loss = step_model(input_ids=input_ids, labels=labels, use_cache=False).loss
+            loss = step_model(input_ids=input_ids, labels=labels, use_cache=False, **extra).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
@@ -300,7 +307,7 @@ def train_run(run: dict, args, val: np.ndarray, test: np.ndarray, device: torch.
     record["steps_done"] = record["curve"][-1]["step"] if record["curve"] else 0
     if record["curve"]:
         record["val_loss"] = record["curve"][-1]["val_loss"]
-        record["test_loss"] = evaluate(model, test, args.eval_batch, device)
+        record["test_loss"] = evaluate(model, test, args.eval_batch, device, bos_id)
         print(
             f"[{run['name']}] final val {record['val_loss']:.4f} test {record['test_loss']:.4f} "
             f"{record.get('tokens_per_s', float('nan')):,.0f} tok/s",

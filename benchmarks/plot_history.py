@@ -1,4 +1,4 @@
-"""Plot training/validation loss curves from train_hf.py's history.json files.
+"""Plot training/validation loss curves from history.json files of pretraining and finetuning runs.
 
 python benchmarks/plot_history.py OUT.png LABEL=history.json [LABEL=history.json ...] [--title T]
 """

@@ -139,9 +139,10 @@ def _fla_chunk_internals():
 # and `torch.compiler.disable` alone cuts the graph at every Gated DeltaNet layer (BENCHMARKS.md section 1: the
 # compiled step then waits ~39 ms of 109 on the host).
 @torch.compiler.disable
-def _fla_chunk_eager(q, k, v, g, beta, scale, initial_state, output_final_state):
+def _fla_chunk_eager(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens=None):
     chunk, _ = _fla_ops()
     dtype = _fla_dtype(v)
+    extra = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
     return chunk(
         q.to(dtype),
         k.to(dtype),
@@ -151,7 +152,18 @@ def _fla_chunk_eager(q, k, v, g, beta, scale, initial_state, output_final_state)
         scale=scale,
         initial_state=None if initial_state is None else initial_state.float(),
         output_final_state=output_final_state,
+        **extra,
     )
+
+
+def _chunk_indices(cu_seqlens: torch.Tensor | None) -> dict:
+    """fla's variable-length arguments for `cu_seqlens` [N + 1] (None: equal-length rows): the chunk index table
+    its forward and backward both need, computed once here."""
+    if cu_seqlens is None:
+        return {}
+    from fla.ops.utils.index import prepare_chunk_indices
+
+    return {"cu_seqlens": cu_seqlens, "chunk_indices": prepare_chunk_indices(cu_seqlens, 64)}
 
 
 def _empty_f32(like: torch.Tensor) -> torch.Tensor:  # custom ops return tensors, never None
@@ -182,10 +194,12 @@ def _define_fla_chunk_op():
         scale: float,
         initial_state: torch.Tensor | None,
         output_final_state: bool,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v, beta [B, T, H, D] / [B, T, H] in one 16-bit or fp32 dtype, g fp32, all contiguous ->
         o [B, T, H, Dv], final state [B, H, Dk, Dv] fp32 (or empty), and what the backward needs: fla's per-chunk
-        cumulative gates [B, T, H] fp32 and inverted WY matrices A [B, T, H, 64] (k's dtype)."""
+        cumulative gates [B, T, H] fp32 and inverted WY matrices A [B, T, H, 64] (k's dtype). `cu_seqlens`
+        [N + 1] (B = 1): N packed sequences, each starting from a zero state."""
         fwd, _ = _fla_chunk_internals()
         with _device_of(q):
             g_cum, o, A, state = fwd(
@@ -197,6 +211,7 @@ def _define_fla_chunk_op():
                 scale=scale,
                 initial_state=initial_state,
                 output_final_state=output_final_state,
+                **_chunk_indices(cu_seqlens),
             )[:4]
         if A.shape != (*v.shape[:3], 64) or A.dtype != k.dtype or g_cum.dtype != torch.float32:
             raise RuntimeError(
@@ -206,7 +221,7 @@ def _define_fla_chunk_op():
         return o.to(q.dtype).contiguous(), state if state is not None else _empty_f32(q), g_cum, A
 
     @fla_chunk_gdn.register_fake
-    def _(q, k, v, g, beta, scale, initial_state, output_final_state):
+    def _(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens=None):
         B, T, H, V = v.shape  # H: value heads (fla also takes fewer q/k heads; we pass them repeated)
         state = v.new_empty((B, H, k.shape[3], V), dtype=torch.float32) if output_final_state else _empty_f32(q)
         return torch.empty_like(v, dtype=q.dtype), state, torch.empty_like(g), k.new_empty(B, T, H, 64)
@@ -223,6 +238,7 @@ def _define_fla_chunk_op():
         initial_state: torch.Tensor | None,
         grad_o: torch.Tensor,
         grad_state: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gradients w.r.t. q, k, v, g, beta and the initial state (empty when there is none), by fla's backward."""
         _, bwd = _fla_chunk_internals()
@@ -238,6 +254,7 @@ def _define_fla_chunk_op():
                 initial_state=initial_state,
                 do=grad_o.to(q.dtype).contiguous(),
                 dht=grad_state,
+                **_chunk_indices(cu_seqlens),
             )[:6]
         grads = (
             dq.to(q.dtype),
@@ -250,7 +267,7 @@ def _define_fla_chunk_op():
         return tuple(t.contiguous() for t in grads)
 
     @fla_chunk_gdn_backward.register_fake
-    def _(q, k, v, g_cum, beta, A, scale, initial_state, grad_o, grad_state):
+    def _(q, k, v, g_cum, beta, A, scale, initial_state, grad_o, grad_state, cu_seqlens=None):
         dh0 = torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None else _empty_f32(q)
         return (
             torch.empty_like(q),
@@ -262,19 +279,19 @@ def _define_fla_chunk_op():
         )
 
     def setup_context(ctx, inputs, output):
-        q, k, v, _, beta, scale, initial_state, _ = inputs
+        q, k, v, _, beta, scale, initial_state, _, cu_seqlens = inputs
         _, _, g_cum, A = output
-        ctx.save_for_backward(q, k, v, g_cum, beta, A, initial_state)
+        ctx.save_for_backward(q, k, v, g_cum, beta, A, initial_state, cu_seqlens)
         ctx.scale = scale
 
     def backward(ctx, grad_o, grad_state, _grad_g_cum, _grad_A):
-        q, k, v, g_cum, beta, A, initial_state = ctx.saved_tensors
+        q, k, v, g_cum, beta, A, initial_state, cu_seqlens = ctx.saved_tensors
         if grad_state is not None and grad_state.numel() == 0:
             grad_state = None
         dq, dk, dv, dg, dbeta, dh0 = fla_chunk_gdn_backward(
-            q, k, v, g_cum, beta, A, ctx.scale, initial_state, grad_o, grad_state
+            q, k, v, g_cum, beta, A, ctx.scale, initial_state, grad_o, grad_state, cu_seqlens
         )
-        return dq, dk, dv, dg, dbeta, None, dh0 if initial_state is not None else None, None
+        return dq, dk, dv, dg, dbeta, None, dh0 if initial_state is not None else None, None, None
 
     fla_chunk_gdn.register_autograd(backward, setup_context=setup_context)
     return torch.ops.llamathink.fla_chunk_gdn
@@ -283,10 +300,13 @@ def _define_fla_chunk_op():
 _fla_chunk_op = _define_fla_chunk_op()
 
 
-def fla_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False, chunk_size=64):
-    """fla's chunked kernel behind our contract (q, k already L2-normalised; [B, T, H, D]; fp32 g)."""
+def fla_chunk_gated_delta_rule(
+    q, k, v, g, beta, scale, initial_state=None, output_final_state=False, chunk_size=64, cu_seqlens=None
+):
+    """fla's chunked kernel behind our contract (q, k already L2-normalised; [B, T, H, D]; fp32 g). `cu_seqlens`
+    [N + 1] (B = 1): the row holds N sequences, each starting from a zero state (fla's variable-length mode)."""
     if not torch.compiler.is_compiling() or _fla_chunk_internals() is None:
-        o, state = _fla_chunk_eager(q, k, v, g, beta, scale, initial_state, output_final_state)
+        o, state = _fla_chunk_eager(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
         return o.to(v.dtype), state
     # Traced: the casts and copies to fla's dtypes and layout happen here, where inductor fuses them into the
     # kernels that produce q, k, v, g and beta (behind a graph break they were 13 ms of separate copies per step).
@@ -300,6 +320,7 @@ def fla_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, outp
         scale,
         None if initial_state is None else initial_state.float().contiguous(),
         output_final_state,
+        cu_seqlens,
     )
     return o.to(v.dtype), state if output_final_state else None
 

@@ -536,6 +536,103 @@ class _StaticDecoder:
         self.load(cache)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Packed sequences: several documents in one row, each seeing only itself
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PackedSegments:
+    """The documents (segments) packed into the rows of a batch; every mixer keeps them apart.
+
+    Built by `packed_segments` from the inputs transformers uses for padding-free batches: `position_ids` that
+    restart at 0 at each document (`DataCollatorWithFlattening`, TRL's `padding_free` / `packing`), `seq_idx`
+    (document index per token), or `cu_seq_lens_q` (flash-attention's cumulative lengths, batch of one row).
+    Within a segment, a mixer computes exactly what it computes for that document alone; across segments nothing
+    flows (the Gated DeltaNet state and conv window restart, attention and CSA blocks stay inside the segment).
+
+    * `ids` [B, T] long: the segment of each token, counted from 0 in each row;
+    * `lengths` [B, T] long: the length of each token's segment;
+    * `row_lengths`: per row, the segment lengths in order (host ints, for the per-segment reference paths);
+    * `cu_seqlens` [N + 1] long: cumulative lengths over the flattened batch (B * T tokens, N segments), the
+      layout of fla's variable-length kernels.
+    """
+
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    row_lengths: list[list[int]]
+    cu_seqlens: torch.Tensor
+    _block_mask: object = None  # FlexAttention's document-causal block mask, built once per forward when needed
+
+
+def packed_segments(
+    position_ids: torch.Tensor | None, seq_idx: torch.Tensor | None, cu_seqlens: torch.Tensor | None, B: int, T: int
+) -> tuple[PackedSegments | None, torch.Tensor | None]:
+    """The packed segments of a [B, T] batch, and the position ids within them; (None, position_ids) when the batch
+    holds one sequence per row.
+
+    Sources, in the order used: `cu_seqlens` [N + 1] (flash-attention's `cu_seq_lens_q`; B must be 1), `seq_idx`
+    [B, T] (a new segment wherever the value changes), `position_ids` [B, T] (a new segment wherever the position
+    does not follow the previous one). Positions must count 0, 1, 2, ... in every segment of a packed batch; given
+    together, the sources must agree. Raises ValueError naming the row and token where they do not (a restart to
+    anything but 0, positions that skip or go back, a batch of several rows with `cu_seqlens`, lengths that do
+    not add up to T): such inputs cannot be honoured, and would otherwise mix documents silently.
+    """
+    device = (position_ids if position_ids is not None else seq_idx if seq_idx is not None else cu_seqlens).device
+    if cu_seqlens is not None:
+        cu = cu_seqlens.reshape(-1).long()
+        if B != 1:
+            raise ValueError(f"cu_seq_lens_q describes one flattened row, but the batch has {B} rows")
+        bounds = cu.tolist()
+        if bounds[0] != 0 or bounds[-1] != T or any(b >= a for a, b in zip(bounds[1:], bounds[:-1])):
+            raise ValueError(f"cu_seq_lens_q must rise from 0 to the sequence length {T}, got {bounds}")
+        starts = torch.zeros(B, T, dtype=torch.bool, device=device)
+        starts[0, cu[:-1].to(device)] = True
+    elif seq_idx is not None:
+        if seq_idx.shape != (B, T):
+            raise ValueError(f"seq_idx has shape {tuple(seq_idx.shape)}; expected [{B}, {T}]")
+        starts = F.pad(seq_idx.diff(dim=1) != 0, (1, 0), value=True)
+    elif position_ids is not None:
+        starts = F.pad(position_ids.diff(dim=1) != 1, (1, 0), value=True)
+    else:
+        return None, position_ids
+    n_starts = starts.sum(1)  # [B]
+    if not bool((n_starts > 1).any()):
+        if position_ids is not None or cu_seqlens is None and seq_idx is None:
+            return None, position_ids
+    ids = starts.long().cumsum(1) - 1  # [B, T]
+    index = torch.arange(T, device=device).expand(B, T)
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(1).values  # index of each token's start
+    within = index - first
+    if position_ids is not None and not torch.equal(position_ids.to(within.dtype), within):
+        bad = (position_ids != within).nonzero()[0].tolist()
+        raise ValueError(
+            f"position_ids of a packed batch must count 0, 1, 2, ... in each packed sequence; row {bad[0]}, token "
+            f"{bad[1]} has position {int(position_ids[bad[0], bad[1]])} where {int(within[bad[0], bad[1]])} was "
+            "expected (a restart to a value other than 0, or positions that skip or go back)"
+        )
+    row_lengths = []
+    for b, row in enumerate(starts.tolist()):
+        where = [t for t, s in enumerate(row) if s] + [T]
+        row_lengths.append([e - s for s, e in zip(where[:-1], where[1:])])
+    flat = [0]
+    for lengths in row_lengths:
+        for n in lengths:
+            flat.append(flat[-1] + n)
+    lengths = torch.tensor([n for row in row_lengths for n in row for _ in range(n)], device=device).view(B, T)
+    cu = torch.tensor(flat, dtype=torch.long, device=device)
+    return PackedSegments(ids=ids, lengths=lengths, row_lengths=row_lengths, cu_seqlens=cu), within
+
+
+def segment_slices(segments: PackedSegments):
+    """(row, start, end) of every segment, in order."""
+    for b, lengths in enumerate(segments.row_lengths):
+        start = 0
+        for n in lengths:
+            yield b, start, start + n
+            start += n
+
+
 @dataclass
 class ForwardContext:
     """Per-forward inputs shared by every layer."""
@@ -551,6 +648,39 @@ class ForwardContext:
     rotary: LlamaThinkRotaryEmbedding
     max_new_real_length: int | None = None  # host copy of new_real_lengths.max(), computed once per forward
     static: _StaticDecoder | None = None  # one-token decode on fixed buffers (`static.index`, `static.positions`)
+    segments: PackedSegments | None = None  # documents packed into rows (positions then restart in each)
+
+
+def packed_sdpa(q, k, v, segments: PackedSegments, scale: float) -> torch.Tensor:
+    """Causal GQA attention of q [B, Hq, T, D] over k, v [B, Hkv, T, D] inside each packed sequence -> [B, Hq, T, D]:
+    causal SDPA on each sequence alone (the reference of `packed_flex_attention`; no mask tensor at all)."""
+    rows = []
+    for b, lengths in enumerate(segments.row_lengths):
+        parts, start = [], 0
+        for n in lengths:
+            qs, ks, vs = (x[b : b + 1, :, start : start + n] for x in (q, k, v))
+            parts.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=n > 1, scale=scale, enable_gqa=True))
+            start += n
+        rows.append(torch.cat(parts, dim=2))
+    return torch.cat(rows, dim=0)
+
+
+def packed_flex_attention(q, k, v, segments: PackedSegments, scale: float) -> torch.Tensor:
+    """`packed_sdpa` through FlexAttention (PyTorch's `torch.nn.attention.flex_attention`) with a document-causal
+    block mask: key blocks of other documents or of the future are skipped, not masked element by element. Fast
+    only under torch.compile (eagerly PyTorch runs an unfused reference). The block mask is built once per forward
+    and shared by the layers."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if segments._block_mask is None:
+        ids = segments.ids
+        B, T = ids.shape
+
+        def document_causal(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (ids[b, q_idx] == ids[b, kv_idx])
+
+        segments._block_mask = create_block_mask(document_causal, B, None, T, T, device=q.device)
+    return flex_attention(q, k, v, block_mask=segments._block_mask, scale=scale, enable_gqa=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -589,10 +719,22 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         if self.backend != "torch":
             probe_fla()  # now, not on the first forward, where torch.compile would trace the lookup
 
-    def _causal_conv(self, qkv: torch.Tensor, state: GatedDeltaNetState | None) -> torch.Tensor:
-        """Depthwise causal conv + SiLU over qkv [B, C, T]; reads and updates the conv state when caching."""
+    def _causal_conv(
+        self, qkv: torch.Tensor, state: GatedDeltaNetState | None, segment_pos: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Depthwise causal conv + SiLU over qkv [B, C, T]; reads and updates the conv state when caching. With
+        `segment_pos` [B, T] (each token's position in its packed sequence) a token sees no input from before the
+        start of its sequence, as at the start of a row."""
         K = self.conv_kernel_size
         T = qkv.shape[-1]
+        if segment_pos is not None:
+            x = F.pad(qkv, (K - 1, 0))
+            weight = self.conv1d.weight.to(x.dtype)  # [C, 1, K]
+            out = x[:, :, K - 1 :] * weight[:, :, K - 1]  # the token itself
+            for lag in range(1, K):  # the input `lag` steps back counts only inside the same sequence
+                seen = (segment_pos >= lag)[:, None, :].to(x.dtype)  # [B, 1, T]
+                out = out + x[:, :, K - 1 - lag : K - 1 - lag + T] * weight[:, :, K - 1 - lag] * seen
+            return F.silu(out)
         if state is not None and state.conv is not None:
             x = torch.cat((state.conv.to(qkv.dtype), qkv), dim=-1)  # [B, C, K-1+T]
         else:
@@ -611,11 +753,24 @@ class LlamaThinkGatedDeltaNet(nn.Module):
             out = F.conv1d(x, weight, groups=self.conv_dim)[:, :, -T:]  # [B, C, T]
         return F.silu(out)
 
-    def _delta_rule(self, q, k, v, g, beta, initial_state, output_final_state):
-        """The dispatch point of the delta-rule kernel: fla or the PyTorch reference, chunked or recurrent."""
+    def _delta_rule(self, q, k, v, g, beta, initial_state, output_final_state, segments=None):
+        """The dispatch point of the delta-rule kernel: fla or the PyTorch reference, chunked or recurrent. With
+        packed `segments` the state starts from zero at each sequence: fla's variable-length kernel over the
+        flattened batch (`cu_seqlens`), or the PyTorch reference run on each sequence alone."""
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta))
         backend = select_gdn_backend(self.backend, q.device, needs_grad, v.dtype)
         kernels = FLA_GDN_KERNELS if backend == "fla" else GDN_KERNELS
+        if segments is not None:
+            scale, B, T = self.head_k_dim**-0.5, q.shape[0], q.shape[1]
+            if backend == "fla":
+                flat = [x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, g, beta)]  # [1, B*T, ...]
+                o, _ = kernels["chunk"](*flat, scale, None, False, cu_seqlens=segments.cu_seqlens)
+                return o.reshape(B, T, *o.shape[2:]), None
+            outs = [[] for _ in range(B)]
+            for b, start, end in segment_slices(segments):
+                part = [x[b : b + 1, start:end] for x in (q, k, v, g, beta)]
+                outs[b].append(kernels["chunk"](*part, scale, None, False, chunk_size=self.chunk_size)[0])
+            return torch.cat([torch.cat(row, dim=1) for row in outs], dim=0), None
         if q.shape[1] == 1 and initial_state is not None and not needs_grad:
             return kernels["recurrent"](q, k, v, g, beta, self.head_k_dim**-0.5, initial_state, output_final_state)
         return kernels["chunk"](
@@ -627,14 +782,16 @@ class LlamaThinkGatedDeltaNet(nn.Module):
             return self.decode_static(hidden_states, ctx)
         valid = ctx.valid if ctx is not None else None
         state = ctx.cache.layers[self.layer_idx] if ctx is not None and ctx.cache is not None else None
+        segments = ctx.segments if ctx is not None else None
 
         qkv = self.in_proj_qkv(hidden_states)  # [B, T, conv_dim]
         if valid is not None:  # padding must not enter the conv state
             qkv = qkv * valid[..., None].to(qkv.dtype)
-        qkv = self._causal_conv(qkv.transpose(1, 2), state).transpose(1, 2)  # [B, T, conv_dim]
+        segment_pos = ctx.position_ids if segments is not None else None
+        qkv = self._causal_conv(qkv.transpose(1, 2), state, segment_pos).transpose(1, 2)  # [B, T, conv_dim]
         q, k, v, g, beta = self._heads_and_gates(qkv, hidden_states, valid)
         initial_state = state.recurrent if state is not None else None
-        o, final_state = self._delta_rule(q, k, v, g, beta, initial_state, state is not None)
+        o, final_state = self._delta_rule(q, k, v, g, beta, initial_state, state is not None, segments)
         if state is not None:
             state.recurrent = final_state.detach()
         return self._output(o, hidden_states)
@@ -762,8 +919,17 @@ class LlamaThinkAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
         return out.reshape(*lead, Hq, L, D)
 
+    def _attend_packed(self, q, k, v, segments: PackedSegments) -> torch.Tensor:
+        """Causal attention inside each packed sequence -> [B, Hq, T, D], with no T x T mask: FlexAttention under
+        torch.compile (which fuses it), causal SDPA on each sequence eagerly."""
+        if torch.compiler.is_compiling():
+            return packed_flex_attention(q, k, v, segments, self.scaling)
+        return packed_sdpa(q, k, v, segments, self.scaling)
+
     def _attend(self, q, k, v, ctx: ForwardContext | None) -> torch.Tensor:
         """Causal GQA softmax attention of the T new queries over all S = past + T keys -> [B, Hq, T, D]."""
+        if ctx is not None and ctx.segments is not None:  # (packed sequences come without cache and padding)
+            return self._attend_packed(q, k, v, ctx.segments)
         T, S = q.shape[2], k.shape[2]
         key_valid = ctx.key_valid if ctx is not None else None
         if key_valid is None and S == T:
@@ -866,12 +1032,15 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         self.compress_v = nn.Linear(kv_width, kv_width, bias=False)
         self.blend_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
 
-    def _local_attention(self, q, k, v, valid, state: CompressedAttentionState | None) -> torch.Tensor:
+    def _local_attention(
+        self, q, k, v, valid, state: CompressedAttentionState | None, segment_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Sliding-window causal attention -> [B, Hq, T, D]; updates the state's window when caching.
 
         Queries go in chunks of C = min(T, W); chunk c attends the band of C + W keys that starts W positions before
         it (one more than the W - 1 earlier positions a query may see, so the band is a round 128 for W = 64), one
-        SDPA call over all chunks with a [C, C + W] band mask: no T x T mask, no copies of kv heads."""
+        SDPA call over all chunks with a [C, C + W] band mask: no T x T mask, no copies of kv heads. With packed
+        `segment_ids` [B, T] a query also sees only keys of its own sequence."""
         B, Hkv, T, D = k.shape
         W = self.window
         if state is not None and state.window_k is not None:  # the W - 1 cached positions, one invalid slot before
@@ -902,7 +1071,12 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         r = torch.arange(C, device=q.device)[:, None]
         o = torch.arange(C + W, device=q.device)[None, :]
         band = (o > r) & (o <= r + W)  # [C, C + W]: query r sees band offsets r+1..r+W (itself at r + W)
-        mask = (band & key_valid[:, :, None, :]) | (o == r + W)  # [B, n, C, C + W]; own key always allowed
+        allowed = band & key_valid[:, :, None, :]  # [B, n, C, C + W]
+        if segment_ids is not None:  # (packed sequences come without cache: the W slots before the row are empty)
+            key_ids = F.pad(segment_ids, (W, pad), value=-1).unfold(1, C + W, C)  # [B, n, C + W]
+            query_ids = F.pad(segment_ids, (0, pad), value=-1).view(B, n, C)
+            allowed = allowed & (key_ids[:, :, None, :] == query_ids[..., None])
+        mask = allowed | (o == r + W)  # own key always allowed
         out = self._grouped_sdpa(q, keys, values, mask[:, :, None])  # [B, n, Hq, C, D]
         return out.transpose(1, 2).reshape(B, self.num_heads, n * C, D)[:, :, :T]
 
@@ -957,6 +1131,40 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
             )
         return out
 
+    def _compressed_attention_packed(self, q, k_raw, v, ctx: ForwardContext) -> torch.Tensor:
+        """`_compressed_attention` for packed sequences -> [B, Hq, T, D]: each sequence pools its own blocks, aligned
+        to its own start (block j = its positions S*j .. S*j + S - 1), and a query attends only its own sequence's
+        completed blocks. Only complete blocks are ever attended, so each row needs at most T // S block slots: the
+        complete blocks of its sequences, in order; the tokens of a sequence's unfinished last block go to a dump
+        slot."""
+        B, Hkv, T, D = k_raw.shape
+        S, E = self.stride, Hkv * D
+        pos, ids, lengths = ctx.position_ids, ctx.segments.ids, ctx.segments.lengths  # [B, T] each
+        nb = T // S
+        per_sequence = lengths // S  # [B, T]: complete blocks of each token's sequence
+        # blocks of the earlier sequences of the row: a running sum of each sequence's count, added at its start
+        before = torch.where(pos == 0, per_sequence, torch.zeros_like(per_sequence)).cumsum(1) - per_sequence
+        local_block = pos // S  # [B, T]
+        slot = torch.where(local_block < per_sequence, before + local_block, torch.full_like(pos, nb))
+        kv = torch.cat((k_raw, v), dim=1).transpose(1, 2).reshape(B, T, 2 * E)  # [B, T, 2E]: k heads | v heads
+        sums = kv.new_zeros(B, nb + 1, 2 * E).scatter_add(1, slot[..., None].expand(B, T, 2 * E), kv)
+        mean = sums[:, :nb] / S
+        new_k = self.compress_k(mean[..., :E]).view(B, nb, Hkv, D).transpose(1, 2)  # [B, Hkv, nb, D]
+        new_v = self.compress_v(mean[..., E:]).view(B, nb, Hkv, D).transpose(1, 2)
+        # which sequence and which of its blocks each slot holds (every member writes the same values); -1: empty
+        slot_ids = torch.full((B, nb + 1), -1, dtype=ids.dtype, device=ids.device).scatter(1, slot, ids)[:, :nb]
+        slot_block = torch.zeros(B, nb + 1, dtype=pos.dtype, device=pos.device).scatter(1, slot, local_block)[:, :nb]
+        cos, sin = ctx.rotary(slot_block * S + S // 2, new_k.dtype)  # RoPE at the block centre, as for one sequence
+        new_k = apply_rotary(new_k, cos, sin)
+        # block j visible to query t iff it is of t's sequence and lies wholly before t: S * (block + 1) <= pos
+        visible = (slot_ids[:, None, :] == ids[:, :, None]) & (slot_block[:, None, :] < local_block[:, :, None])
+        any_visible = visible.any(-1, keepdim=True)  # [B, T, 1]; none: output 0, as in _compressed_attention
+        if nb == 0:
+            return q.new_zeros(q.shape)
+        visible[..., :1] |= ~any_visible
+        out = self._grouped_sdpa(q, new_k, new_v, visible[:, None])  # [B, Hq, T, D]
+        return out * any_visible[:, None].to(out.dtype)
+
     @torch.no_grad()
     def _update_blocks(self, state, new_k, new_v, kv, pos, valid, base, new_lengths, max_new_length: int):
         """Store completed blocks in absolute slots and keep the raw members of the block being filled."""
@@ -993,6 +1201,10 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
             return self.decode_static(hidden_states, ctx)
         B, T, _ = hidden_states.shape
         q, k, k_raw, v, gate = self.project(hidden_states, ctx.cos, ctx.sin)
+        if ctx.segments is not None:  # packed sequences (no cache, no padding)
+            local = self._local_attention(q, k, v, None, None, ctx.segments.ids)
+            comp = self._compressed_attention_packed(q, k_raw, v, ctx)
+            return self._combine(local, comp, hidden_states, gate)
         state = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
         local = self._local_attention(q, k, v, ctx.valid, state)
         comp = self._compressed_attention(q, k_raw, v, ctx)
@@ -1492,11 +1704,6 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
                 raise ValueError(
                     f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size})"
                 )
-        if past + T > self.config.max_position_embeddings:
-            raise ValueError(
-                f"sequence of {past + T} positions ({past} cached + {T} new) is longer than "
-                f"max_position_embeddings={self.config.max_position_embeddings}"
-            )
         if attention_mask is not None:
             if (
                 attention_mask.dim() != 2
@@ -1530,12 +1737,20 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         (what `generate` passes too); CSA cuts its blocks by these positions, so custom ones must stay consecutive
         over each row's real tokens. `cache` (or `past_key_values`) continues a `LlamaThinkCache`; `use_cache`
         defaults to True in eval mode and False in training.
+
+        Packed sequences (several documents per row, padding-free training): `position_ids` that restart at 0 at
+        each document, or `seq_idx` [B, T], or `cu_seq_lens_q` [N + 1] for one flattened row (the keyword
+        arguments of transformers' `DataCollatorWithFlattening`). Each document then sees only itself, in every
+        mixer (`PackedSegments`); such a batch takes no padding and no cache. Positions that neither follow on nor
+        restart at 0 raise a ValueError.
         """
         if kwargs.get("output_attentions"):
             raise ValueError(
                 "output_attentions is not supported: linear and compressed mixers have no attention matrix"
             )
         cache = cache if cache is not None else past_key_values
+        explicit_cache = cache is not None or use_cache is True
+        seq_idx, cu_seqlens = kwargs.get("seq_idx"), kwargs.get("cu_seq_lens_q", kwargs.get("cu_seqlens"))
         if cache is not None and not isinstance(cache, LlamaThinkCache):
             raise ValueError(f"the cache must be a LlamaThinkCache, got {type(cache).__name__}")
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
@@ -1579,6 +1794,39 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
                     "attention_mask has padding between real tokens; only left or right padding is supported"
                 )
 
+        segments = None
+        if position_ids is not None and position_ids.shape != (B, T):
+            position_ids = position_ids[..., -T:].expand(B, T)
+        if T > 1 and (position_ids is not None or seq_idx is not None or cu_seqlens is not None):
+            if valid is None:
+                segments, position_ids = packed_segments(position_ids, seq_idx, cu_seqlens, B, T)
+            elif seq_idx is not None or cu_seqlens is not None:
+                raise ValueError("packed sequences (seq_idx / cu_seq_lens_q) take no padding: drop attention_mask")
+            elif bool(((position_ids.diff(dim=1) != 1) & valid[:, 1:] & valid[:, :-1]).any()):
+                raise ValueError(
+                    "position_ids restart or jump between real tokens of a row that also has padding "
+                    "(attention_mask); packed sequences take no padding, and a padded row's positions must follow on"
+                )
+        if segments is not None:  # the context limit applies to each packed sequence, not to the row
+            longest = max(max(row) for row in segments.row_lengths)
+            if longest > self.config.max_position_embeddings:
+                raise ValueError(
+                    f"a packed sequence of {longest} tokens is longer than max_position_embeddings="
+                    f"{self.config.max_position_embeddings}"
+                )
+        elif past + T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {past + T} positions ({past} cached + {T} new) is longer than "
+                f"max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        if segments is not None and cache is not None:
+            if explicit_cache:
+                raise ValueError(
+                    "packed sequences (position_ids that restart, seq_idx, cu_seq_lens_q) cannot be cached or "
+                    "continued from a cache; pass use_cache=False, or one sequence per row to generate"
+                )
+            cache = None  # the default use_cache of eval mode: nothing to continue
+            past = 0
         real_lengths = cache.real_lengths if cache is not None and cache.real_lengths is not None else None
         if cache is not None and real_lengths is None:
             real_lengths = torch.zeros(B, dtype=torch.long, device=device)
@@ -1588,8 +1836,6 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
                 position_ids = start + torch.arange(T, device=device)[None, :].expand(B, T)
             else:
                 position_ids = (start + valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
-        elif position_ids.shape != (B, T):
-            position_ids = position_ids[..., -T:].expand(B, T)
         new_real_lengths, max_new_real_length = None, None
         if real_lengths is not None:
             new_real_lengths = real_lengths + (valid.sum(-1) if valid is not None else T)
@@ -1610,6 +1856,7 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
             max_new_real_length=max_new_real_length,
             cache=cache,
             rotary=self.rotary_emb,
+            segments=segments,
         )
 
         hidden_states = inputs_embeds

@@ -50,6 +50,7 @@ from .shards import (
     open_shard,
     read_shard_header,
     val_batches,
+    document_position_ids,
     write_shard,
 )
 
@@ -84,5 +85,6 @@ __all__ = [
     "prepare",
     "read_shard_header",
     "val_batches",
+    "document_position_ids",
     "write_shard",
 ]

@@ -37,9 +37,12 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 # Shards and the C model file (export_c/export.py) used to share b"LTHK"; shards now have their own magic.  The C
 # tokenizer file (export_c/tokenizer_export.py) uses b"LTTK", so that one is not free either.
@@ -472,3 +475,17 @@ def val_batches(
         idx = range(b * batch_size, min((b + 1) * batch_size, ds.num_windows))
         yield _to_batch(ds.windows(idx))
         count += 1
+
+
+def document_position_ids(input_ids: "torch.Tensor", bos_id: int) -> "torch.Tensor":
+    """Position ids [B, T] that restart at 0 at every `bos_id` token of `input_ids` [B, T] (and at the start of each
+    row): the packed-documents form the model reads as separate sequences (`LlamaThinkModel.forward`), so that a
+    window holding the end of one document and the start of others trains each only on itself. Shards hold
+    `[BOS] doc [EOS]` documents back to back, so each BOS starts a document."""
+    import torch
+
+    T = input_ids.shape[1]
+    starts = input_ids == bos_id
+    starts[:, 0] = True
+    index = torch.arange(T, device=input_ids.device).expand_as(input_ids)
+    return index - torch.where(starts, index, torch.zeros_like(index)).cummax(1).values

@@ -473,6 +473,7 @@ RESUME_APPLIED = (
     "hub_model_id",
     "compile",
     "eval_batches",
+    "document_masking",
     "peak_tflops",
     "eval_data",
     "eval_split",

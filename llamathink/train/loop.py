@@ -194,9 +194,10 @@ def loss_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-# Batch keys the loop passes to the model (a loader may add others, e.g. the attention_mask of right padding, which
-# causal mixers do not need: padding after the last real token never reaches it).
-MODEL_INPUTS = ("input_ids", "labels")
+# Batch keys the loop passes to the model when a batch has them (a loader may add others, e.g. the attention_mask of
+# right padding, which causal mixers do not need: padding after the last real token never reaches it).
+# position_ids that restart at 0 mark packed documents, which the model keeps apart.
+MODEL_INPUTS = ("input_ids", "labels", "position_ids")
 
 
 @dataclass
@@ -337,7 +338,7 @@ def run_training(
             raise ValueError(f"step {step + 1}: no token of the step's batches has a label; nothing to train on")
         loss_sum = torch.zeros((), device=accelerator.device)
         for micro, (batch, n) in enumerate(zip(micro_batches, counts)):
-            inputs = {k: batch[k].to(accelerator.device) for k in MODEL_INPUTS}
+            inputs = {k: batch[k].to(accelerator.device) for k in MODEL_INPUTS if k in batch}
             sync = micro == cfg.grad_accum - 1
             ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
             with ctx, accelerator.autocast():

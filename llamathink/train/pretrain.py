@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..configuration_llamathink import LlamaThinkConfig
-from ..data import TokenBatchLoader, check_vocab, find_shards, load_meta, val_batches
+from ..data import TokenBatchLoader, check_vocab, document_position_ids, find_shards, load_meta, val_batches
 from ..modeling_llamathink import LlamaThinkForCausalLM, flops_per_token
 from .checkpoint import own_out_dir
 from .config import RunConfig
@@ -40,6 +40,9 @@ class TrainConfig(RunConfig):
     seq_len: int = 1024
     # pretraining only: torch.compile, the size of an evaluation, the peak for MFU
     compile: bool = False
+    # each document of a window sees only itself (position ids restart at every BOS); false: a window is one
+    # stream, each document starting with the state the previous one left (the seed's recipe)
+    document_masking: bool = True
     eval_batches: int = 20
     peak_tflops: float | None = 989.0  # per device, for MFU (H100 SXM dense bf16); null to skip MFU
 
@@ -72,8 +75,9 @@ def build_model(cfg: TrainConfig) -> LlamaThinkForCausalLM:
 
 
 @torch.no_grad()
-def evaluate(model, cfg: TrainConfig, accelerator) -> float:
-    """Mean loss over the first `eval_batches` validation batches of every rank (the same every call)."""
+def evaluate(model, cfg: TrainConfig, accelerator, bos_id: int | None = None) -> float:
+    """Mean loss over the first `eval_batches` validation batches of every rank (the same every call), with the
+    documents kept apart as in training (`document_masking`, `bos_id`)."""
     model.eval()
     total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
     batches = val_batches(
@@ -85,10 +89,10 @@ def evaluate(model, cfg: TrainConfig, accelerator) -> float:
         max_batches=cfg.eval_batches,
     )
     for input_ids, labels in batches:
+        inputs = model_inputs(input_ids, labels, cfg, bos_id)
         with accelerator.autocast():
-            loss = model(
-                input_ids=input_ids.to(accelerator.device), labels=labels.to(accelerator.device), use_cache=False
-            ).loss  # eval mode would otherwise build a decode cache
+            # use_cache=False: eval mode would otherwise build a decode cache
+            loss = model(**{k: v.to(accelerator.device) for k, v in inputs.items()}, use_cache=False).loss
         total += loss.float() * input_ids.shape[0]
         count += input_ids.shape[0]
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
@@ -124,6 +128,15 @@ def generate_samples(model, tokenizer, cfg: TrainConfig, device) -> list[str]:
         texts.append(tokenizer.decode(out[0], skip_special_tokens=True))
     model.train()
     return texts
+
+
+def model_inputs(input_ids: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, bos_id: int | None) -> dict:
+    """The model's inputs for a window batch: with `document_masking` (and a BOS id in the data) also position ids
+    that restart at each document (`llamathink.data.document_position_ids`)."""
+    inputs = {"input_ids": input_ids, "labels": labels}
+    if cfg.document_masking and bos_id is not None:
+        inputs["position_ids"] = document_position_ids(input_ids, bos_id)
+    return inputs
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -164,14 +177,18 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
         seed=cfg.seed,
         model_vocab_size=model.config.vocab_size,
     )
-    batches = ({"input_ids": input_ids, "labels": labels} for input_ids, labels in loader)
+    bos_id = meta.get("bos_token_id")
+    if cfg.document_masking and bos_id is None:
+        accelerator.print(f"{cfg.data_dir} records no BOS token id: documents cannot be told apart, so "
+                          "document_masking is off")  # fmt: skip
+    batches = (model_inputs(input_ids, labels, cfg, bos_id) for input_ids, labels in loader)
 
     def final(raw_model, final_dir: Path, history: dict):
         save_final(raw_model, tokenizer, final_dir, cfg, history, tokens_seen=history["tokens_seen"])
 
     hooks = TrainingHooks(
         save_final=final,
-        evaluate=(lambda m: evaluate(m, cfg, accelerator)) if has_val else None,
+        evaluate=(lambda m: evaluate(m, cfg, accelerator, bos_id)) if has_val else None,
         samples=lambda m: [repr(text) for text in generate_samples(m, tokenizer, cfg, accelerator.device)],
         flops_per_token=flops_per_token(model.config, cfg.seq_len),
         peak_flops=cfg.peak_tflops * 1e12 if cfg.peak_tflops else None,
