@@ -6,6 +6,7 @@
 #       --out runs/english200 --val-docs 200
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh ablate  # init ablations + lr sweeps, eager
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh ablate2 # the same at the new default
+#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh packed  # document masking on vs off
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh final   # 800 steps: ours vs HF Qwen3.5 vs
 #                                                                           # HF Llama on GPU 0; rest of the sweep
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh long    # the three models at 1600 steps
@@ -45,6 +46,13 @@ elif [ "$PART" = ablate2 ]; then  # the init ablations at the new default, one e
     q 1 540 ablate2_b --run no-hc:hyper_connections=false --run compress-identity:init.compress=identity \
         --run default-seed1:seed=1 &
     wait
+elif [ "$PART" = packed ]; then  # document masking (issue 16): quality eager on GPU 0; GPU tests, then compiled speed
+    q 0 545 packed_eager --run masked:document_masking=1 --run unmasked &
+    (CUDA_VISIBLE_DEVICES=1 timeout 240 python -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/test_gpu.log" 2>&1
+     q 1 300 packed_compiled --steps 200 --eval-every 200 --eval-windows 64 \
+        --run c-masked:compile=1,document_masking=1 --run c-unmasked:compile=1) &
+    wait
+    tail -5 "$OUT/test_gpu.log"
 elif [ "$PART" = final ]; then  # the new defaults against the peers (timed), and the rest of the sweep
     q 0 560 final_800 --steps 800 &
     q 1 560 sweep_rest --run adamw-0.002:optimizer=adamw,adamw_lr=0.002,$A1 \
@@ -56,7 +64,7 @@ elif [ "$PART" = long ]; then  # 1600 steps; two GPUs, one process each
     q 1 560 final_1600_qwen --steps 1600 --eval-every 200 --run hf-qwen3.5:model=hf-qwen3.5 &
     wait
 else
-    echo "unknown part $PART (ablate, ablate2, final or long)"; exit 2
+    echo "unknown part $PART (ablate, ablate2, packed, final or long)"; exit 2
 fi
 for f in "$OUT"/*.log; do echo "== $f"; grep -E "final|failed|Error|error|stopped" "$f" | tail -8; done
 for d in "$OUT"/*/; do [ -f "$d/quality.json" ] && python benchmarks/bench_quality.py --plot "$d/quality.json"; done
