@@ -566,7 +566,12 @@ class PackedSegments:
 
 
 def packed_segments(
-    position_ids: torch.Tensor | None, seq_idx: torch.Tensor | None, cu_seqlens: torch.Tensor | None, B: int, T: int
+    position_ids: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    B: int,
+    T: int,
+    max_length: int | None = None,
 ) -> tuple[PackedSegments | None, torch.Tensor | None]:
     """The packed segments of a [B, T] batch, and the position ids within them; (None, position_ids) when the batch
     holds one sequence per row.
@@ -576,7 +581,11 @@ def packed_segments(
     does not follow the previous one). Positions must count 0, 1, 2, ... in every segment of a packed batch; given
     together, the sources must agree. Raises ValueError naming the row and token where they do not (a restart to
     anything but 0, positions that skip or go back, a batch of several rows with `cu_seqlens`, lengths that do
-    not add up to T): such inputs cannot be honoured, and would otherwise mix documents silently.
+    not add up to T): such inputs cannot be honoured, and would otherwise mix documents silently; and when a
+    sequence is longer than `max_length` (the model's context).
+
+    It reads the batch on the host (a device sync): under torch.compile the graph breaks here, once per forward,
+    and nothing after it depends on the segment lengths as Python values (so no recompilation per batch).
     """
     device = (position_ids if position_ids is not None else seq_idx if seq_idx is not None else cu_seqlens).device
     if cu_seqlens is not None:
@@ -615,6 +624,9 @@ def packed_segments(
     for b, row in enumerate(starts.tolist()):
         where = [t for t, s in enumerate(row) if s] + [T]
         row_lengths.append([e - s for s, e in zip(where[:-1], where[1:])])
+    longest = max(max(row) for row in row_lengths)
+    if max_length is not None and longest > max_length:
+        raise ValueError(f"a packed sequence of {longest} tokens is longer than max_position_embeddings={max_length}")
     flat = [0]
     for lengths in row_lengths:
         for n in lengths:
@@ -651,15 +663,25 @@ class ForwardContext:
     segments: PackedSegments | None = None  # documents packed into rows (positions then restart in each)
 
 
-def packed_sdpa(q, k, v, segments: PackedSegments, scale: float) -> torch.Tensor:
+def packed_sdpa(q, k, v, segments: PackedSegments, scale: float, bucket: int = 128) -> torch.Tensor:
     """Causal GQA attention of q [B, Hq, T, D] over k, v [B, Hkv, T, D] inside each packed sequence -> [B, Hq, T, D]:
-    causal SDPA on each sequence alone (the reference of `packed_flex_attention`; no mask tensor at all)."""
+    causal SDPA on each sequence alone (the reference of `packed_flex_attention`; no mask tensor at all).
+
+    Each call covers the sequence and whatever follows it up to a multiple of `bucket` tokens (zeros past the row's
+    end): under the causal mask no query of the sequence sees those later keys, and their outputs are dropped, so
+    the result is the sequence alone while SDPA sees at most T / bucket distinct shapes (GPU attention kernels
+    plan and tune per shape)."""
+    T = q.shape[2]
     rows = []
     for b, lengths in enumerate(segments.row_lengths):
         parts, start = [], 0
         for n in lengths:
-            qs, ks, vs = (x[b : b + 1, :, start : start + n] for x in (q, k, v))
-            parts.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=n > 1, scale=scale, enable_gqa=True))
+            span = min(-(-n // bucket) * bucket, -(-T // bucket) * bucket)
+            qs, ks, vs = (x[b : b + 1, :, start : start + span] for x in (q, k, v))
+            if qs.shape[2] < span:  # the row ends first: pad it (the padding is in every query's future)
+                qs, ks, vs = (F.pad(x, (0, 0, 0, span - x.shape[2])) for x in (qs, ks, vs))
+            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=span > 1, scale=scale, enable_gqa=True)
+            parts.append(out[:, :, :n])
             start += n
         rows.append(torch.cat(parts, dim=2))
     return torch.cat(rows, dim=0)
@@ -1799,7 +1821,9 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
             position_ids = position_ids[..., -T:].expand(B, T)
         if T > 1 and (position_ids is not None or seq_idx is not None or cu_seqlens is not None):
             if valid is None:
-                segments, position_ids = packed_segments(position_ids, seq_idx, cu_seqlens, B, T)
+                segments, position_ids = packed_segments(
+                    position_ids, seq_idx, cu_seqlens, B, T, self.config.max_position_embeddings
+                )
             elif seq_idx is not None or cu_seqlens is not None:
                 raise ValueError("packed sequences (seq_idx / cu_seq_lens_q) take no padding: drop attention_mask")
             elif bool(((position_ids.diff(dim=1) != 1) & valid[:, 1:] & valid[:, :-1]).any()):
@@ -1807,14 +1831,7 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
                     "position_ids restart or jump between real tokens of a row that also has padding "
                     "(attention_mask); packed sequences take no padding, and a padded row's positions must follow on"
                 )
-        if segments is not None:  # the context limit applies to each packed sequence, not to the row
-            longest = max(max(row) for row in segments.row_lengths)
-            if longest > self.config.max_position_embeddings:
-                raise ValueError(
-                    f"a packed sequence of {longest} tokens is longer than max_position_embeddings="
-                    f"{self.config.max_position_embeddings}"
-                )
-        elif past + T > self.config.max_position_embeddings:
+        if segments is None and past + T > self.config.max_position_embeddings:  # (packed: checked per sequence)
             raise ValueError(
                 f"sequence of {past + T} positions ({past} cached + {T} new) is longer than "
                 f"max_position_embeddings={self.config.max_position_embeddings}"

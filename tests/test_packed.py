@@ -179,5 +179,17 @@ def test_flex_attention_and_the_per_sequence_reference_agree():
     segments, _ = packed_segments(pos, None, None, *ids.shape)
     q = torch.randn(3, 4, T, 16, generator=g)
     k, v = torch.randn(3, 2, T, 16, generator=g), torch.randn(3, 2, T, 16, generator=g)
-    ref = packed_sdpa(q, k, v, segments, 0.25)
+    ref = packed_sdpa(q, k, v, segments, 0.25, bucket=1)  # each sequence exactly, no neighbours in the call
+    for bucket in (5, 16, 128):  # calls that also cover later tokens (and padding past the row's end)
+        torch.testing.assert_close(packed_sdpa(q, k, v, segments, 0.25, bucket=bucket), ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(packed_flex_attention(q, k, v, segments, 0.25), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_the_context_limit_applies_to_each_packed_sequence():
+    """A flattened row may be longer than the context (TRL's padding-free batches are); each sequence may not."""
+    model = _model()
+    ok = torch.cat([torch.arange(60), torch.arange(60)])[None]
+    model(input_ids=torch.randint(0, 97, (1, 120)), position_ids=ok, use_cache=False)
+    too_long = torch.cat([torch.arange(70), torch.arange(50)])[None]
+    with pytest.raises(ValueError, match="a packed sequence of 70 tokens is longer than max_position_embeddings=64"):
+        model(input_ids=torch.randint(0, 97, (1, 120)), position_ids=too_long, use_cache=False)
