@@ -53,6 +53,12 @@ elif [ "$PART" = packed ]; then  # document masking (issue 16): quality eager on
         --run c-masked:compile=1,document_masking=1 --run c-unmasked:compile=1) &
     wait
     tail -5 "$OUT/test_gpu.log"
+elif [ "$PART" = packed2 ]; then  # the same, shorter (400 steps), unmasked first; only the GPU tests of packing
+    q 0 275 packed_400 --steps 400 --eval-every 400 --time-limit 150 --run unmasked --run masked:document_masking=1 &
+    (CUDA_VISIBLE_DEVICES=1 timeout 270 python -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+        -k "variable_length or packed_training" > "$OUT/test_gpu.log" 2>&1) &
+    wait
+    tail -5 "$OUT/test_gpu.log"
 elif [ "$PART" = final ]; then  # the new defaults against the peers (timed), and the rest of the sweep
     q 0 560 final_800 --steps 800 &
     q 1 560 sweep_rest --run adamw-0.002:optimizer=adamw,adamw_lr=0.002,$A1 \
@@ -64,7 +70,7 @@ elif [ "$PART" = long ]; then  # 1600 steps; two GPUs, one process each
     q 1 560 final_1600_qwen --steps 1600 --eval-every 200 --run hf-qwen3.5:model=hf-qwen3.5 &
     wait
 else
-    echo "unknown part $PART (ablate, ablate2, packed, final or long)"; exit 2
+    echo "unknown part $PART (ablate, ablate2, packed, packed2, final or long)"; exit 2
 fi
 for f in "$OUT"/*.log; do echo "== $f"; grep -E "final|failed|Error|error|stopped" "$f" | tail -8; done
 for d in "$OUT"/*/; do [ -f "$d/quality.json" ] && python benchmarks/bench_quality.py --plot "$d/quality.json"; done
