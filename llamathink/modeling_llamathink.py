@@ -943,8 +943,9 @@ class LlamaThinkAttention(nn.Module):
 
     def _attend_packed(self, q, k, v, segments: PackedSegments) -> torch.Tensor:
         """Causal attention inside each packed sequence -> [B, Hq, T, D], with no T x T mask: FlexAttention under
-        torch.compile (which fuses it), causal SDPA on each sequence eagerly."""
-        if torch.compiler.is_compiling():
+        torch.compile (which fuses it), causal SDPA on each sequence eagerly (and for heads narrower than 16, which
+        inductor's FlexAttention kernels do not take)."""
+        if torch.compiler.is_compiling() and self.head_dim >= 16:  # (inductor's FlexAttention needs >= 16)
             return packed_flex_attention(q, k, v, segments, self.scaling)
         return packed_sdpa(q, k, v, segments, self.scaling)
 

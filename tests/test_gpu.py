@@ -192,11 +192,12 @@ def test_fla_variable_length_kernel_matches_the_reference_on_each_sequence():
 @pytest.mark.parametrize("compiled", [False, True])
 def test_packed_training_on_gpu_matches_the_cpu_reference(compiled):
     """Packed documents (position_ids restarting at 0) in bf16 training on the GPU - fla's cu_seqlens kernel,
-    per-sequence attention eagerly or FlexAttention under torch.compile - against the fp32 CPU reference of the
-    same packed batch: loss and gradients within bf16 tolerance, and the packing changes the loss."""
+    per-sequence SDPA eagerly or FlexAttention under torch.compile - against the fp32 CPU reference of the same
+    packed batch: loss and every gradient as close as our own kernels' under the same autocast on the GPU (bf16
+    rounding alone moves some norm-weight gradients by several percent), and the packing changes the loss."""
     if fla_backward_problem(torch.device("cuda")) is not None:
         pytest.skip(fla_backward_problem(torch.device("cuda")))
-    dims = GDN_DIMS["dims16x32"]
+    dims = dict(GDN_DIMS["dims16x32"], head_dim=16, hidden_size=64)  # FlexAttention's kernels need head_dim >= 16
     ids = torch.randint(1, 96, (2, 150), generator=torch.Generator().manual_seed(0))
     pos = torch.cat([torch.arange(40), torch.arange(70), torch.arange(40)])[None].repeat(2, 1)
     pos[1] = torch.cat([torch.arange(100), torch.arange(50)])
@@ -208,10 +209,13 @@ def test_packed_training_on_gpu_matches_the_cpu_reference(compiled):
     loss_ref, grads_ref = _loss_and_grads(cpu, ids, False, forward=forward(cpu))
     loss_stream, _ = _loss_and_grads(cpu, ids, False)
     assert abs(loss_stream - loss_ref) > 1e-4  # the packing matters in this batch
+    ours = tiny_model(dtype=torch.float32, gdn_backend="torch", **dims).cuda().train()
+    loss_ours, grads_ours = _loss_and_grads(ours, ids.cuda(), True, forward=forward(ours))
     model = tiny_model(dtype=torch.float32, gdn_backend="fla", **dims).cuda().train()
     torch._dynamo.reset()
     step = torch.compile(model) if compiled else model
     loss, grads = _loss_and_grads(model, ids.cuda(), True, forward=forward(step))
-    errors = _relative_errors(grads, grads_ref)
-    assert abs(loss - loss_ref) < 2e-2 * abs(loss_ref), (loss, loss_ref)
-    assert max(errors.values()) < 5e-2, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+    errors, reference = _relative_errors(grads, grads_ref), _relative_errors(grads_ours, grads_ref)
+    worst = sorted(((errors[n], reference[n], n) for n in errors), reverse=True)[:5]
+    assert all(errors[n] < 2 * reference[n] + 1e-2 for n in errors), ("fla packed vs ours", worst)
+    assert abs(loss - loss_ref) < 2 * abs(loss_ours - loss_ref) + 2e-3 * abs(loss_ref), (loss, loss_ours, loss_ref)
