@@ -387,6 +387,35 @@ def test_resume_reproduces_the_run(finetuned, base_model, tmp_path):
     assert resumed["eval"][FT_STEPS] == pytest.approx(history["eval"][FT_STEPS], abs=1e-6)
 
 
+def test_packed_rows_train_each_conversation_as_alone(tok, sample, base_model, tmp_path):
+    """packing: conversations packed into rows (each exactly once, no row over max_len, fewer rows than
+    conversations); a packed batch's loss is the loss of its conversations one by one, token-weighted (the model
+    keeps them apart), padding included; and a packed finetuning run trains and resumes exactly."""
+    from llamathink.data.chat import PackedChatDataset
+
+    dataset = build_examples(tok, sample[:60], 96)
+    packed = PackedChatDataset(dataset, 256)
+    assert sorted(i for row in packed.rows for i in row) == list(range(len(dataset)))
+    assert packed.lengths.max() <= 256 and len(packed) < len(dataset) / 2
+    model = tiny_chat_model().double()
+    batch = ChatCollator(0)([packed[0], packed[len(packed) - 1]])  # the fullest and an emptier row: padding
+    loss = model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"]).loss
+    total, count = 0.0, 0
+    for i in packed.rows[0] + packed.rows[len(packed) - 1]:
+        ids, labels = (torch.tensor([x]) for x in dataset[i])
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
+        total += torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum")
+        count += int((labels[0, 1:] != -100).sum())
+    torch.testing.assert_close(loss.double(), total / count, rtol=1e-6, atol=1e-6)
+
+    run = finetune.finetune(_ft_cfg(base_model, tmp_path / "packed", packing=True, max_len=256, save_every=2,
+                                    max_steps=4, eval_every=4))  # fmt: skip
+    assert run["data"]["packed_rows"] < 0.7 * run["data"]["train_conversations"]
+    resumed = finetune.finetune(_ft_cfg(base_model, tmp_path / "again", packing=True, max_len=256, max_steps=4,
+                                        eval_every=4, resume=str(tmp_path / "packed" / "checkpoints" / "step_00000002")))  # fmt: skip
+    assert resumed["losses"] == run["losses"]
+
+
 def test_finetuned_checkpoint_reloads_with_remote_code_and_chats(finetuned, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

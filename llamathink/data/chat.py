@@ -307,9 +307,69 @@ def build_examples(
     return ChatDataset.from_arrays(rows)
 
 
+def pack_examples(lengths: np.ndarray, max_len: int) -> list[list[int]]:
+    """Rows of example indices whose lengths add up to at most ``max_len`` each: best-fit decreasing bin packing
+    (longest example first, into the fullest row it still fits), deterministic. Every example is in one row; rows
+    keep their examples in the order they were placed. Raises ``ValueError`` for an example longer than
+    ``max_len``."""
+    import bisect
+
+    lengths = np.asarray(lengths)
+    if len(lengths) and int(lengths.max()) > max_len:
+        raise ValueError(f"an example of {int(lengths.max())} tokens does not fit a packed row of {max_len}")
+    rows: list[list[int]] = []
+    rooms: list[tuple[int, int]] = []  # (room left, row index), sorted
+    for i in np.argsort(-lengths, kind="stable").tolist():
+        n = int(lengths[i])
+        at = bisect.bisect_left(rooms, (n, -1))
+        if at < len(rooms):
+            room, row = rooms.pop(at)
+        else:
+            room, row = max_len, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        bisect.insort(rooms, (room - n, row))
+    return rows
+
+
+class PackedChatDataset:
+    """The examples of a :class:`ChatDataset` packed into rows of at most ``max_len`` tokens (:func:`pack_examples`).
+
+    ``dataset[i]`` is a dict of ``input_ids``, ``labels`` and ``position_ids`` (restarting at 0 for each example): the
+    packed-sequence input of ``LlamaThinkForCausalLM``, which keeps the examples of a row apart, so a packed row
+    trains exactly as its examples would one by one, with less padding. ``lengths`` holds the rows' lengths."""
+
+    def __init__(self, dataset: ChatDataset, max_len: int):
+        self.dataset, self.max_len = dataset, max_len
+        self.rows = pack_examples(dataset.lengths, max_len)
+        member_lengths = dataset.lengths
+        self._lengths = np.array([int(member_lengths[r].sum()) for r in self.rows], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self._lengths
+
+    def num_trained_tokens(self) -> int:
+        return self.dataset.num_trained_tokens()
+
+    def __getitem__(self, i: int) -> dict:
+        ids, labels, positions = [], [], []
+        for j in self.rows[i]:
+            example = self.dataset[j]
+            ids += example.input_ids
+            labels += example.labels
+            positions += range(len(example.input_ids))
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
 class ChatCollator:
     """Pads a list of examples (:class:`Example`, or dicts with ``input_ids``/``labels``) on the right: ids with
-    ``pad_token_id``, labels with -100, ``attention_mask`` 0 on padding. Returns a dict of [B, T] tensors."""
+    ``pad_token_id``, labels with -100, ``attention_mask`` 0 on padding. Returns a dict of [B, T] tensors. Packed
+    rows (dicts with ``position_ids``, :class:`PackedChatDataset`) also get ``position_ids``; a row's padding
+    counts as one more sequence (positions from 0), so it never touches the row's examples."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
         self.pad_token_id = int(pad_token_id)
@@ -325,12 +385,20 @@ class ChatCollator:
         input_ids = torch.full((len(rows), T), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+        packed = all(isinstance(e, dict) and "position_ids" in e for e in examples)
+        position_ids = torch.arange(T).repeat(len(rows), 1) if packed else None
         for i, (ids, lab) in enumerate(rows):
             n = len(ids)
             input_ids[i, :n] = torch.as_tensor(list(ids), dtype=torch.long)
             labels[i, :n] = torch.as_tensor(list(lab), dtype=torch.long)
             attention_mask[i, :n] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+            if packed:
+                position_ids[i, :n] = torch.as_tensor(list(examples[i]["position_ids"]), dtype=torch.long)
+                position_ids[i, n:] = torch.arange(T - n)
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if packed:
+            batch["position_ids"] = position_ids
+        return batch
 
 
 # ---------------------------------------------------------------------------------------------------------------

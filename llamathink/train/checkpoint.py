@@ -438,6 +438,7 @@ RESUME_FIXED = (
     "max_len",
     "eval_fraction",
     "group_by_length",
+    "packing",
 )
 # Settings applied from the current run when resuming (through the rebuilt optimizer's groups, the schedule, or
 # read where used). A setting in neither tuple (a field added without deciding) is treated as fixed.

@@ -32,6 +32,7 @@ from ..data.chat import (
     ChatBatchLoader,
     ChatCollator,
     ChatDataset,
+    PackedChatDataset,
     build_examples,
     load_conversations,
     split_held_out,
@@ -72,6 +73,10 @@ class FinetuneConfig(RunConfig):
     max_eval_conversations: int | None = 1000
     eval_at_start: bool = True  # evaluate the starting model too (step 0)
     group_by_length: bool = True  # batch conversations of similar length together (less padding)
+    # pack several conversations into each row of up to max_len tokens (position ids restart at each, so the model
+    # keeps them apart: the loss is that of the conversations one by one, with less padding); a micro batch is then
+    # micro_batch_size packed rows
+    packing: bool = False
     # RunConfig settings with finetuning defaults: smaller batches (of conversations), fewer steps, lower learning
     # rates, no weight decay, more frequent evaluation and checkpoints
     micro_batch_size: int = 16
@@ -266,6 +271,11 @@ def _finetune(cfg: FinetuneConfig, accelerator) -> dict:
     if len(train_set) == 0:
         raise ValueError(f"no training examples in {cfg.data!r} ({data_stats})")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if cfg.packing:
+        train_set = PackedChatDataset(train_set, max_len)
+        data_stats["packed_rows"] = len(train_set)
+        fill = train_set.lengths.sum() / (len(train_set) * max_len)
+        accelerator.print(f"packed into {len(train_set)} rows of up to {max_len} tokens ({100 * fill:.0f}% filled)")
     loader = ChatBatchLoader(
         train_set,
         cfg.micro_batch_size,
