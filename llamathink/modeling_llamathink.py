@@ -620,19 +620,18 @@ def packed_segments(
             f"{bad[1]} has position {int(position_ids[bad[0], bad[1]])} where {int(within[bad[0], bad[1]])} was "
             "expected (a restart to a value other than 0, or positions that skip or go back)"
         )
-    row_lengths = []
-    for b, row in enumerate(starts.tolist()):
-        where = [t for t, s in enumerate(row) if s] + [T]
-        row_lengths.append([e - s for s, e in zip(where[:-1], where[1:])])
+    # the host needs only the N segment starts (row, token), not the B x T flags
+    where = starts.nonzero().tolist()  # row-major: the segments in order
+    row_lengths: list[list[int]] = [[] for _ in range(B)]
+    for (b, t), (b_next, t_next) in zip(where, where[1:] + [[B, 0]]):
+        row_lengths[b].append((t_next if b_next == b else T) - t)
     longest = max(max(row) for row in row_lengths)
     if max_length is not None and longest > max_length:
         raise ValueError(f"a packed sequence of {longest} tokens is longer than max_position_embeddings={max_length}")
-    flat = [0]
-    for lengths in row_lengths:
-        for n in lengths:
-            flat.append(flat[-1] + n)
-    lengths = torch.tensor([n for row in row_lengths for n in row for _ in range(n)], device=device).view(B, T)
-    cu = torch.tensor(flat, dtype=torch.long, device=device)
+    sizes = torch.tensor([n for row in row_lengths for n in row], dtype=torch.long, device=device)  # [N]
+    before = F.pad(n_starts.cumsum(0)[:-1], (1, 0))  # [B]: segments in the earlier rows
+    lengths = sizes[ids + before[:, None]]  # [B, T]: each token's segment length
+    cu = F.pad(sizes.cumsum(0), (1, 0))
     return PackedSegments(ids=ids, lengths=lengths, row_lengths=row_lengths, cu_seqlens=cu), within
 
 
