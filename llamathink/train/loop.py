@@ -300,9 +300,8 @@ def run_training(
     def evaluate(step: int):
         val = hooks.evaluate(model)
         history["eval"][step] = val
-        accelerator.print(
-            f"step {step}: train loss {history['losses'].get(step, float('nan')):.4f}, {hooks.eval_name} {val:.4f}"
-        )
+        train = f"train loss {history['losses'][step]:.4f}, " if step in history["losses"] else ""
+        accelerator.print(f"step {step}: {train}{hooks.eval_name} {val:.4f}")
         if run is not None:
             run.log({"eval/loss": val}, step=step)
 
