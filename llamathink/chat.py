@@ -241,6 +241,9 @@ def load_chat_model(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    from llamathink.train.checkpoint import check_saved_model_path
+
+    check_saved_model_path(path, "model")
     hf_logging.disable_progress_bar()  # no "Loading weights" bar in front of the chat
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     model.to(device).eval()
@@ -302,13 +305,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    model, tokenizer = load_chat_model(
-        args.model,
-        tokenizer=args.tokenizer,
-        device=args.device,
-        dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code,
-    )
+    try:
+        model, tokenizer = load_chat_model(
+            args.model,
+            tokenizer=args.tokenizer,
+            device=args.device,
+            dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code,
+        )
+    except (OSError, ValueError) as err:  # not a saved model, no such folder, offline Hub lookups, ...
+        print(f"llamathink-chat: error: cannot load {args.model}: {err}", file=sys.stderr)
+        return 2
     settings = GenerationSettings(args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_k, args.top_p)
     session = ChatSession(
         model, tokenizer, system=args.system, settings=settings, max_context=args.max_context, notices=sys.stderr

@@ -1,7 +1,7 @@
-"""The model card (``README.md``) written next to a finished model by ``train_hf.save_final``.
+"""The model card (``README.md``) written next to a finished model by ``llamathink.train.loop.save_final``.
 
 The card states only what the run knows: the architecture and parameter count from the model, the training
-settings from the run's config (``train_hf.TrainConfig`` or ``finetune_chat.FinetuneConfig``), the tokens seen
+settings from the run's config (``llamathink.train.pretrain.TrainConfig`` or ``llamathink.train.finetune.FinetuneConfig``), the tokens seen
 and the last evaluation loss from the run's history, and how to load the folder. Its YAML header is Hugging
 Face Hub model-card metadata (``huggingface_hub.ModelCardData``: license, library, pipeline tag, base model,
 datasets), so the same file serves a local folder and a Hub repository. Nothing here needs the network.
@@ -99,8 +99,8 @@ def model_card_text(
     Args:
         model: the trained ``LlamaThinkForCausalLM``; its config gives the architecture, its parameters the count
             (shared tensors, e.g. tied embeddings, counted once).
-        cfg: the run's settings: a ``train_hf.TrainConfig`` (pretraining: has ``data_dir``) or a
-            ``finetune_chat.FinetuneConfig`` (chat finetuning: has ``data`` and ``init_from``).
+        cfg: the run's settings: a ``llamathink.train.pretrain.TrainConfig`` (pretraining: has ``data_dir``) or a
+            ``llamathink.train.finetune.FinetuneConfig`` (chat finetuning: has ``data`` and ``init_from``).
         history: the run history, ``{"losses": {step: loss}, "eval": {step: loss}}`` (finetuning adds ``"data"``,
             the conversation counts); the last step trained and the last evaluation loss come from it. None: the
             card says they are not known.
@@ -135,7 +135,7 @@ def model_card_text(
             if cfg.data == "sample"
             else f"conversations from `{cfg.data}`"
         )
-        counts = (history or {}).get("data") or {}  # finetune_chat.prepare_data's counts
+        counts = (history or {}).get("data") or {}  # llamathink.train.finetune.prepare_data's counts
         if "train_conversations" in counts and "eval_conversations" in counts:
             data += (
                 f": {int(counts['train_conversations']):,} for training, {int(counts['eval_conversations']):,} held out"

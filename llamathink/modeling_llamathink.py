@@ -1818,7 +1818,18 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
 
         segments = None
         if position_ids is not None and position_ids.shape != (B, T):
+            if (
+                position_ids.dim() != 2
+                or position_ids.shape[0] not in (1, B)
+                or position_ids.shape[1] not in (T, past + T)
+            ):
+                raise ValueError(
+                    f"position_ids has shape {tuple(position_ids.shape)}; expected [{B}, {T}] (or [1, {T}], or "
+                    f"[{B}, {past + T}] covering the cached positions too) for input of shape [{B}, {T}]"
+                )
             position_ids = position_ids[..., -T:].expand(B, T)
+        if position_ids is not None and (position_ids.is_floating_point() or position_ids.is_complex()):
+            raise ValueError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
         if T > 1 and (position_ids is not None or seq_idx is not None or cu_seqlens is not None):
             if valid is None:
                 segments, position_ids = packed_segments(

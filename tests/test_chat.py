@@ -408,11 +408,21 @@ def test_packed_rows_train_each_conversation_as_alone(tok, sample, base_model, t
         count += int((labels[0, 1:] != -100).sum())
     torch.testing.assert_close(loss.double(), total / count, rtol=1e-6, atol=1e-6)
 
-    run = finetune.finetune(_ft_cfg(base_model, tmp_path / "packed", packing=True, max_len=256, save_every=2,
-                                    max_steps=4, eval_every=4))  # fmt: skip
+    run = finetune.finetune(
+        _ft_cfg(base_model, tmp_path / "packed", packing=True, max_len=256, save_every=2, max_steps=4, eval_every=4)
+    )
     assert run["data"]["packed_rows"] < 0.7 * run["data"]["train_conversations"]
-    resumed = finetune.finetune(_ft_cfg(base_model, tmp_path / "again", packing=True, max_len=256, max_steps=4,
-                                        eval_every=4, resume=str(tmp_path / "packed" / "checkpoints" / "step_00000002")))  # fmt: skip
+    resumed = finetune.finetune(
+        _ft_cfg(
+            base_model,
+            tmp_path / "again",
+            packing=True,
+            max_len=256,
+            max_steps=4,
+            eval_every=4,
+            resume=str(tmp_path / "packed" / "checkpoints" / "step_00000002"),
+        )
+    )
     assert resumed["losses"] == run["losses"]
 
 

@@ -182,8 +182,11 @@ def test_fla_variable_length_kernel_matches_the_reference_on_each_sequence():
     if fla_backward_problem(q.device) is not None:
         pytest.skip(fla_backward_problem(q.device))
     w = torch.randn_like(o_ref)
-    for name, a, b in zip("q k v g beta".split(), torch.autograd.grad((o_fla.float() * w).sum(), fla_in),
-                          torch.autograd.grad((o_ref * w).sum(), ref_in)):  # fmt: skip
+    for name, a, b in zip(
+        "q k v g beta".split(),
+        torch.autograd.grad((o_fla.float() * w).sum(), fla_in),
+        torch.autograd.grad((o_ref * w).sum(), ref_in),
+    ):
         err = (a.float() - b).norm() / b.norm()
         assert err < 3e-2, (name, err.item())
 

@@ -16,10 +16,24 @@ T = 24
 
 def _config(mixers=("linear", "csa", "full", "csa"), **overrides):
     # small chunk, window and stride so that every document crosses GDN chunks, CSA windows and CSA blocks
-    values = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=len(mixers),
-                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, linear_num_key_heads=1,
-                  linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, max_position_embeddings=64,
-                  csa_window=8, csa_stride=4, gdn_chunk_size=8, mixer_types=list(mixers))  # fmt: skip
+    values = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=len(mixers),
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        linear_num_key_heads=1,
+        linear_num_value_heads=2,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        max_position_embeddings=64,
+        csa_window=8,
+        csa_stride=4,
+        gdn_chunk_size=8,
+        mixer_types=list(mixers),
+    )
     values.update(overrides)
     return LlamaThinkConfig(**values)
 

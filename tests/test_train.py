@@ -3,6 +3,7 @@ checkpoints under SIGKILL, non-finite losses, vocabulary checks, and a 2-process
 
 import json
 import math
+import re
 import os
 import signal
 import subprocess
@@ -627,11 +628,110 @@ def test_document_masking_restarts_positions_at_every_bos(sample_data, model_jso
     ids = torch.tensor([[5, 6, 1, 7, 8, 2, 1, 9], [1, 3, 4, 2, 1, 1, 5, 6]])
     assert document_position_ids(ids, 1).tolist() == [[0, 1, 0, 1, 2, 3, 0, 1], [0, 1, 2, 3, 0, 0, 1, 2]]
     on = _cfg(sample_data, model_json, tmp_path / "on", max_steps=2, save_every=2, eval_every=2, document_masking=True)
-    off = _cfg(sample_data, model_json, tmp_path / "off", max_steps=2, save_every=2, eval_every=2,
-               document_masking=False)  # fmt: skip
+    off = _cfg(
+        sample_data, model_json, tmp_path / "off", max_steps=2, save_every=2, eval_every=2, document_masking=False
+    )
     assert not pretrain.TrainConfig().document_masking  # off by default (its GPU cost, BENCHMARKS.md)
     assert "position_ids" in pretrain.model_inputs(ids, ids, on, 1)
     assert "position_ids" not in pretrain.model_inputs(ids, ids, off, 1)
     assert "position_ids" not in pretrain.model_inputs(ids, ids, on, None)  # data without a BOS id
     losses_on, losses_off = pretrain.train(on)["losses"], pretrain.train(off)["losses"]
     assert losses_on[1] != losses_off[1] and all(map(math.isfinite, [*losses_on.values(), *losses_off.values()]))
+
+
+def test_commands_report_bad_input_in_one_line(sample_data, model_json, tmp_path, capsys):  # noqa: F811
+    """llamathink-pretrain / -finetune (train_hf.py, finetune_chat.py): a wrong setting, a missing file or folder,
+    a checkpoint given as a model, a resume of the other kind of run: exit status 2 and one line
+    `prog: error: ...` naming the problem, no traceback; a run that fails before writing leaves no empty out_dir."""
+    from llamathink.train import finetune
+
+    base = [
+        "--model_config",
+        str(model_json),
+        "--data_dir",
+        str(sample_data),
+        "--seq_len",
+        "64",
+        "--micro_batch_size",
+        "4",
+        "--grad_accum",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--progress_bar",
+        "false",
+        "--wandb_mode",
+        "disabled",
+        "--peak_tflops",
+        "null",
+    ]
+    out = tmp_path / "run"
+    cases = [
+        (pretrain.main, ["--max_steps", "6", "--warmup_steps", "15"], "llamathink-pretrain: error: warmup_steps"),
+        (pretrain.main, ["--config", str(tmp_path / "nope.yaml")], "settings file .*nope.yaml \\(--config\\) does"),
+        (pretrain.main, ["--max_stepz", "3"], "unknown setting --max_stepz"),
+        (pretrain.main, ["--data_dir", str(tmp_path / "missing"), "--out_dir", str(tmp_path / "fresh")], "missing"),
+    ]
+    for main, args, message in cases:
+        assert main([*base, "--out_dir", str(out), *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(message, err), (args, err)
+    assert not (tmp_path / "fresh").exists()  # the failed run left no empty folder behind
+    assert (
+        pretrain.main([*base, "--out_dir", str(out), "--max_steps", "2", "--warmup_steps", "1", "--save_every", "2"])
+        == 0
+    )
+    capsys.readouterr()
+    checkpoint = out / "checkpoints" / "step_00000002"
+    chat = [
+        "--out_dir",
+        str(tmp_path / "chat"),
+        "--wandb_mode",
+        "disabled",
+        "--progress_bar",
+        "false",
+        "--mixed_precision",
+        "no",
+    ]
+    for init_from, message in (
+        (checkpoint, "is a training checkpoint"),
+        (out, "is a training run's folder, not a saved model: use "),
+    ):
+        assert finetune.main(["--init_from", str(init_from), *chat]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    # a finetuning run in a pretraining run's folder: named as such, not as a changed init_from
+    args = [
+        "--init_from",
+        str(out / "final"),
+        "--out_dir",
+        str(out),
+        "--wandb_mode",
+        "disabled",
+        "--progress_bar",
+        "false",
+        "--tokenizer",
+        "builtin",
+        "--max_steps",
+        "4",
+        "--warmup_steps",
+        "1",
+        "--mixed_precision",
+        "no",
+    ]
+    assert finetune.main(args) == 2
+    assert "it is a pretraining checkpoint and this is a finetuning run" in capsys.readouterr().err
+
+
+def test_wrong_position_ids_are_named(model_json):  # noqa: F811
+    model = LlamaThinkForCausalLM(LlamaThinkConfig.from_json_file(str(model_json)))
+    ids = torch.randint(0, 100, (2, 6))
+    for bad in (
+        torch.tensor([[0, 1, 2, 0]]),
+        torch.zeros(3, 1, 6, dtype=torch.long),
+        torch.zeros(3, 6, dtype=torch.long),
+    ):
+        with pytest.raises(ValueError, match=r"position_ids has shape"):
+            model(input_ids=ids, position_ids=bad, use_cache=False)
+    with pytest.raises(ValueError, match="position_ids must be an integer tensor"):
+        model(input_ids=ids, position_ids=torch.arange(6.0)[None], use_cache=False)

@@ -1,4 +1,4 @@
-"""Pretraining data pipeline for LlamaThink: token shards, preparation and loading.
+"""Data for LlamaThink: token shards, their preparation and loading (pretraining), and chat data (finetuning).
 
 What lives where:
 
@@ -10,6 +10,8 @@ What lives where:
   :class:`HFSource`, bad-record handling with :class:`BadRecords`, long documents cut into :class:`Piece` s),
   tokenization in worker processes, :func:`prepare` with its :class:`ShardWriter` (shards and the resumable
   ``progress.json``), and the ``llamathink-prepare`` command (:func:`llamathink.data.preparation.main`).
+* :mod:`llamathink.data.chat`: conversations (formats, loading), tokenized finetuning examples with their label
+  mask, packing, the collator and the resumable batch loader (imported from there, not re-exported here).
 * :mod:`llamathink.data.__main__`: ``python -m llamathink.data prepare ...`` / ``... inspect PATH``.
 
 The public names of both modules are re-exported here (``from llamathink.data import TokenBatchLoader, prepare``).
@@ -45,12 +47,12 @@ from .shards import (
     ShardedTokenDataset,
     TokenBatchLoader,
     check_vocab,
+    document_position_ids,
     find_shards,
     load_meta,
     open_shard,
     read_shard_header,
     val_batches,
-    document_position_ids,
     write_shard,
 )
 
@@ -79,12 +81,12 @@ __all__ = [
     "ShardedTokenDataset",
     "TokenBatchLoader",
     "check_vocab",
+    "document_position_ids",
     "find_shards",
     "load_meta",
     "open_shard",
     "prepare",
     "read_shard_header",
     "val_batches",
-    "document_position_ids",
     "write_shard",
 ]

@@ -240,6 +240,7 @@ class ChatDataset:
 
     @classmethod
     def from_arrays(cls, rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> "ChatDataset":
+        """A dataset of (token ids, trained flags) pairs, one per example."""
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum([len(ids) for ids, _ in rows])
         ids = np.concatenate([r[0] for r in rows]) if rows else np.zeros(0, dtype=np.int32)
@@ -251,9 +252,11 @@ class ChatDataset:
 
     @property
     def lengths(self) -> np.ndarray:
+        """[N] int64: every example's length in tokens."""
         return np.diff(self.offsets)
 
     def num_trained_tokens(self) -> int:
+        """Tokens with a label (assistant content and its EOS), over all examples."""
         return int(self.trained.sum())
 
     def __getitem__(self, i: int) -> Example:
@@ -350,9 +353,11 @@ class PackedChatDataset:
 
     @property
     def lengths(self) -> np.ndarray:
+        """[rows] int64: every packed row's length in tokens."""
         return self._lengths
 
     def num_trained_tokens(self) -> int:
+        """Tokens with a label, over all rows (those of the packed dataset)."""
         return self.dataset.num_trained_tokens()
 
     def __getitem__(self, i: int) -> dict:
@@ -486,6 +491,7 @@ class ChatBatchLoader:
         return self.collate([self.dataset[int(i)] for i in rows])
 
     def state_dict(self) -> dict:
+        """The data position (epoch, batch) and what it depends on (seed, data size, batch, grouping)."""
         return {
             "epoch": self.epoch,
             "position": self.position,
@@ -496,6 +502,8 @@ class ChatBatchLoader:
         }
 
     def load_state_dict(self, state: dict):
+        """Continue from a `state_dict`; ValueError naming the setting when the data or batch settings changed, or
+        the saved position is not a valid count."""
         mine = self.state_dict()
         for key in ("seed", "size", "global_batch", "group_by_length"):
             if state.get(key) != mine[key]:

@@ -128,6 +128,7 @@ class BadRecords:
 
     @property
     def total(self) -> int:
+        """Bad records of every kind."""
         return sum(self.counts.values())
 
     def summary(self) -> dict:
@@ -339,6 +340,8 @@ class LocalSource:
             raise ValueError(f"txt_split must be 'file' or 'paragraph', got {self.txt_split!r}")
 
     def files(self) -> list[Path]:
+        """The input files the paths, folders and globs name, in order: FileNotFoundError for one that matches no
+        file, ValueError for a file of an unsupported type."""
         out: list[Path] = []
         for spec in self.paths:
             p = Path(spec)
@@ -362,6 +365,7 @@ class LocalSource:
         return out
 
     def describe(self) -> dict:
+        """What the source is, for meta.json (``source``) and the model card."""
         return {
             "type": "local",
             "paths": [str(p) for p in self.paths],
@@ -536,6 +540,7 @@ class HFSource:
             self.config = DEFAULT_HF_CONFIG
 
     def describe(self) -> dict:
+        """What the source is, for meta.json (``source``) and the model card."""
         return {
             "type": "hf",
             "name": self.name,

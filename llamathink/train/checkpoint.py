@@ -54,6 +54,30 @@ class ResumeSettingsError(ValueError):
     """Settings that must not change within a run differ between the checkpoint and this run."""
 
 
+def check_saved_model_path(path: str, setting: str) -> None:
+    """Refuse, with a ValueError naming `setting`, a `path` given where a saved model (a `save_pretrained` folder or
+    a Hub id) belongs but which is a training checkpoint (`<out_dir>/checkpoints/step_*`), a run's out_dir, a folder
+    or file that is not a saved model; and, with FileNotFoundError, a local path (starting with `/`, `.` or `~`,
+    or with more than one `/`) that does not exist, which transformers would otherwise look up on the Hub."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if (p / STATE_FILE).exists():
+            raise ValueError(
+                f"{setting}={path} is a training checkpoint (it holds {STATE_FILE}), not a saved model: use the run's "
+                f"final folder (<out_dir>/final), or resume: {path} to continue that run"
+            )
+        if checkpoint_dir(p).is_dir() or (p / "final").is_dir():
+            final = p / "final"
+            hint = str(final) if (final / "config.json").exists() else "<out_dir>/final, written when the run finishes"
+            raise ValueError(f"{setting}={path} is a training run's folder, not a saved model: use {hint}")
+        if not (p / "config.json").exists():
+            raise ValueError(f"{setting}={path} is a folder without config.json, not a saved model")
+    elif p.exists():
+        raise ValueError(f"{setting}={path} is a file; expected a save_pretrained folder or a Hub model id")
+    elif path.startswith(("/", ".", "~")) or path.count("/") > 1:
+        raise FileNotFoundError(f"{setting}={path}: no such folder")
+
+
 def checkpoint_dir(out_dir: str | Path) -> Path:
     """Where a run in `out_dir` writes its step_XXXXXXXX checkpoint folders."""
     return Path(out_dir) / "checkpoints"
@@ -136,6 +160,7 @@ def own_out_dir(out_dir: str | Path, is_main: bool = True):
     import fcntl
 
     out_dir = Path(out_dir)
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint_dir(out_dir).mkdir(exist_ok=True)  # now, not at the first save after hours of training
@@ -167,6 +192,13 @@ def own_out_dir(out_dir: str | Path, is_main: bool = True):
         if leftovers:
             print(f"removed {len(leftovers)} temporary checkpoint folder(s) left by an interrupted save in {root}")
         yield
+    except BaseException:
+        if created:  # a run that failed before writing anything (bad data path, ...) leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                checkpoint_dir(out_dir).rmdir()  # only if empty
+                (out_dir / LOCK_FILE).unlink()
+                out_dir.rmdir()  # only if empty
+        raise
     finally:
         os.close(fd)  # releases the lock; the file stays (removing it would race with a waiting run)
 
@@ -488,6 +520,11 @@ def _json_value(value):
     return json.loads(json.dumps(value, default=str))
 
 
+def _run_kind(settings: dict) -> str | None:
+    """ "pretraining" or "finetuning" from the fields of saved settings (None for plain RunConfig settings)."""
+    return "finetuning" if "data_format" in settings else "pretraining" if "data_dir" in settings else None
+
+
 def compare_resume_settings(
     saved: dict | None, cfg: RunConfig, saved_world: int | None, world_size: int, where: str = "the checkpoint"
 ) -> list[str]:
@@ -498,6 +535,12 @@ def compare_resume_settings(
     missing from `saved` (an older version) are not compared."""
     if saved is None:
         return []
+    saved_kind, current_kind = _run_kind(saved), _run_kind(dataclasses.asdict(cfg))
+    if saved_kind and current_kind and saved_kind != current_kind:
+        raise ResumeSettingsError(
+            f"cannot resume from {where}: it is a {saved_kind} checkpoint and this is a {current_kind} run; use "
+            "another out_dir (or resume: none with overwrite: true to replace that run)"
+        )
     current = dataclasses.asdict(cfg)
     fixed, changed = [], []
     for name, value in current.items():

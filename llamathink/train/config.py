@@ -224,6 +224,9 @@ def _read_settings_yaml(path) -> Any:
     is a syntax error (e.g. a tab used for indentation) or several documents: ValueError naming the file."""
     import yaml
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"settings file {path} (--config) does not exist or is not a file")
+
     class _UniqueKeyLoader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
             seen = {}

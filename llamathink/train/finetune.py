@@ -17,7 +17,6 @@ same whatever the length of its conversation, over micro-batches and processes.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -39,10 +38,10 @@ from ..data.chat import (
     trained_tokens,
 )
 from ..modeling_llamathink import LlamaThinkForCausalLM
-from .checkpoint import own_out_dir
+from .checkpoint import check_saved_model_path, own_out_dir
 from .config import RunConfig
 from .config import load_config as _load_settings
-from .loop import TrainingHooks, begin_run, make_accelerator, run_training, save_final
+from .loop import TrainingHooks, begin_run, command_main, make_accelerator, run_training, save_final
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,6 +258,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 def _finetune(cfg: FinetuneConfig, accelerator) -> dict:
     resume_from, run_id = begin_run(cfg, accelerator.is_main_process)
+    check_saved_model_path(cfg.init_from, "init_from")
     tokenizer = load_chat_tokenizer(cfg)
     model = LlamaThinkForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
     check_vocab(len(tokenizer), model.config.vocab_size)
@@ -325,16 +325,15 @@ def _finetune(cfg: FinetuneConfig, accelerator) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """`llamathink-finetune` / `finetune_chat.py`: --config YAML plus --key value overrides of any FinetuneConfig
-    field."""
-    parser = argparse.ArgumentParser(
-        description="Chat-finetune LlamaThink (assistant-only loss). Settings come from --config (YAML) and --key "
-        "value overrides of any FinetuneConfig field, e.g. --max_steps 100 --optimizer adamw.",
+    field (`llamathink.train.loop.command_main`: one-line errors, exit status 2 for bad settings)."""
+    return command_main(
+        argv,
+        prog="llamathink-finetune",
+        settings=FinetuneConfig,
+        run=finetune,
+        description="Chat-finetune LlamaThink (assistant-only loss). Settings come from --config (YAML, e.g. "
+        "configuration/finetune/*.yaml) and --key value overrides of any FinetuneConfig field, e.g. --max_steps 100.",
     )
-    parser.add_argument("--config", help="YAML file of FinetuneConfig settings (configuration/finetune/*.yaml)")
-    args, overrides = parser.parse_known_args(argv)
-    cfg = load_config(args.config, overrides)
-    finetune(cfg)
-    return 0
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (
+    CheckpointError,
+    OutDirInUse,
+    ResumeSettingsError,
     checkpoint_dir,
     checkpoint_meta,
     claim_checkpoints,
@@ -31,7 +34,7 @@ from .checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from .config import RunConfig
+from .config import RunConfig, load_config
 from .optim import build_optimizer, lr_factor, summarize_param_groups
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -47,7 +50,7 @@ def write_history(out_dir: Path, history: dict):
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A non-finite loss or gradient stopped the run (`nonfinite: stop`, or too many such steps in a row)."""
 
 
 @dataclass
@@ -269,8 +272,9 @@ def run_training(
             resume_from, model, optimizer, scheduler, loader, cfg, world_size=world, log=accelerator.print
         )
         start_step, wandb_id = state["step"], state.get("wandb_run_id")
-        tokens_seen = int(state.get("tokens_seen", 0))
-        # checkpoints written before the count was kept: unknown (the model card then leaves it out)
+        # counts a checkpoint of an older version did not keep are unknown (None), not restarted from 0: the
+        # model card then leaves them out rather than understate them
+        tokens_seen = int(state["tokens_seen"]) if "tokens_seen" in state else None
         trained_tokens = int(state["trained_tokens"]) if "trained_tokens" in state else None
         history = {**history, **state.get("history", {}), **own}
         counters.overflows = int(state.get("overflow_steps", 0))
@@ -315,7 +319,8 @@ def run_training(
         progress = tqdm(total=cfg.max_steps, initial=start_step, desc=desc, dynamic_ncols=True)
 
     model.train()
-    t_last, tokens_last = time.perf_counter(), tokens_seen
+    processed = 0  # input positions of this process's run (for tokens/s, whatever the saved counts)
+    t_last, tokens_last = time.perf_counter(), processed
     optimizer_share = None
     step = start_step
     end_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
@@ -360,7 +365,9 @@ def run_training(
             optimizer_share = (now - t_opt) / (now - t_step)
         scheduler.step()
         step += 1
-        tokens_seen += positions
+        processed += positions
+        if tokens_seen is not None:
+            tokens_seen += positions
         if trained_tokens is not None:
             trained_tokens += n_step
         history["losses"][step] = loss_value
@@ -368,15 +375,16 @@ def run_training(
         # --- logging ----------------------------------------------------------------------------------------------
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             now = time.perf_counter()
-            tok_s = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
+            tok_s = (processed - tokens_last) / max(now - t_last, 1e-9)
             metrics = {
                 "train/loss": loss_value,
                 "train/lr": scheduler.get_last_lr()[0],
                 "train/grad_norm": float(grad_norm),
                 "perf/tokens_per_s": tok_s,
-                "train/tokens_seen": tokens_seen,
                 "train/overflow_steps": counters.overflows,
             }
+            if tokens_seen is not None:
+                metrics["train/tokens_seen"] = tokens_seen
             if trained_tokens is not None:
                 metrics["train/trained_tokens"] = trained_tokens
             if peak:
@@ -399,7 +407,7 @@ def run_training(
                 accelerator.print(
                     f"step {step}: loss {loss_value:.4f}, lr {metrics['train/lr']:.2e}, {tok_s:,.0f} tokens/s"
                 )
-            t_last, tokens_last = now, tokens_seen
+            t_last, tokens_last = now, processed
         if progress is not None:
             progress.update(1)
 
@@ -416,15 +424,15 @@ def run_training(
             accelerator.wait_for_everyone()
             if is_main:
                 extra = {
-                    "tokens_seen": tokens_seen,
                     "history": history,
                     "config": dataclasses.asdict(cfg),
                     "wandb_run_id": run.id if run is not None else wandb_id,
                     "run_id": run_id,
                     "overflow_steps": counters.overflows,
                 }
-                if trained_tokens is not None:
-                    extra["trained_tokens"] = trained_tokens
+                for name, count in (("tokens_seen", tokens_seen), ("trained_tokens", trained_tokens)):
+                    if count is not None:  # an unknown count stays unknown in later checkpoints too
+                        extra[name] = count
                 save_checkpoint(
                     cfg.out_dir,
                     step,
@@ -440,7 +448,7 @@ def run_training(
                 write_history(out_dir, history)
             accelerator.wait_for_everyone()
         if paused:
-            t_last, tokens_last = time.perf_counter(), tokens_seen
+            t_last, tokens_last = time.perf_counter(), processed
 
     if progress is not None:
         progress.close()
@@ -461,3 +469,37 @@ def run_training(
         "final_dir": str(final_dir) if step == cfg.max_steps else None,
         "overflow_steps": counters.overflows,
     }
+
+
+# What a command reports in one line (`prog: error: ...`): wrong settings, missing or unusable files and folders,
+# refused resumes, an out_dir in use, a run stopped by non-finite losses. Anything else is a bug: its traceback stays.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError, OutDirInUse, ResumeSettingsError)
+
+
+def command_main(argv: list[str] | None, *, prog: str, settings: type, run: Callable, description: str) -> int:
+    """The command line of a training command (`llamathink-pretrain`, `llamathink-finetune`): `--config` YAML plus
+    `--key value` overrides of any field of the `settings` dataclass, then `run(settings)`. Returns the exit status:
+    0 when done; 2 with a one-line `prog: error: ...` on stderr for bad settings or inputs (`USER_ERRORS`), 1 for a
+    run stopped by non-finite losses, 130 for Ctrl-C (the last checkpoint is intact either way)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help=f"YAML file of {settings.__name__} settings")
+    args, overrides = parser.parse_known_args(argv)
+    out_dir = None
+    try:
+        cfg = load_config(settings, args.config, overrides)
+        out_dir = cfg.out_dir
+        run(cfg)
+    except NonFiniteLoss as err:
+        print(f"{prog}: stopped: {err}", file=sys.stderr)
+        return 1
+    except USER_ERRORS as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        where = f"; the last checkpoint in {checkpoint_dir(out_dir)} is intact" if out_dir else ""
+        print(f"{prog}: interrupted{where}", file=sys.stderr)
+        return 130
+    return 0

@@ -11,7 +11,6 @@ over the first `eval_batches` validation batches), samples (greedy continuations
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +20,10 @@ import torch
 from ..configuration_llamathink import LlamaThinkConfig
 from ..data import TokenBatchLoader, check_vocab, document_position_ids, find_shards, load_meta, val_batches
 from ..modeling_llamathink import LlamaThinkForCausalLM, flops_per_token
-from .checkpoint import own_out_dir
+from .checkpoint import check_saved_model_path, own_out_dir
 from .config import RunConfig
 from .config import load_config as _load_settings
-from .loop import TrainingHooks, begin_run, make_accelerator, run_training, save_final
+from .loop import TrainingHooks, begin_run, command_main, make_accelerator, run_training, save_final
 
 
 @dataclass
@@ -61,7 +60,11 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
 
 def build_model(cfg: TrainConfig) -> LlamaThinkForCausalLM:
+    """The model of a run: `init_from` (a saved model; `check_saved_model_path`), else a fresh one of the
+    `model_config` JSON (or folder), initialised from `seed`. Raises FileNotFoundError / ValueError naming the
+    setting when the path is missing or not a model, or `seq_len` is beyond the model's context."""
     if cfg.init_from is not None:
+        check_saved_model_path(cfg.init_from, "init_from")
         return LlamaThinkForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
     path = Path(cfg.model_config)
     if not path.exists():
@@ -186,6 +189,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
 
     def final(raw_model, final_dir: Path, history: dict):
         save_final(raw_model, tokenizer, final_dir, cfg, history, tokens_seen=history["tokens_seen"])
+        accelerator.print(f"saved {final_dir}")
 
     hooks = TrainingHooks(
         save_final=final,
@@ -210,16 +214,16 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`llamathink-pretrain` / `train_hf.py`: --config YAML plus --key value overrides of any TrainConfig field."""
-    parser = argparse.ArgumentParser(
-        description="Pretrain LlamaThink. Settings come from --config (YAML) and --key value overrides of any "
-        "TrainConfig field, e.g. --max_steps 100 --optimizer adamw.",
+    """`llamathink-pretrain` / `train_hf.py`: --config YAML plus --key value overrides of any TrainConfig field
+    (`llamathink.train.loop.command_main`: one-line errors, exit status 2 for bad settings)."""
+    return command_main(
+        argv,
+        prog="llamathink-pretrain",
+        settings=TrainConfig,
+        run=train,
+        description="Pretrain LlamaThink. Settings come from --config (YAML, e.g. configuration/train/*.yaml) and "
+        "--key value overrides of any TrainConfig field, e.g. --max_steps 100 --optimizer adamw.",
     )
-    parser.add_argument("--config", help="YAML file of TrainConfig settings (configuration/train/*.yaml)")
-    args, overrides = parser.parse_known_args(argv)
-    cfg = load_config(args.config, overrides)
-    train(cfg)
-    return 0
 
 
 if __name__ == "__main__":
