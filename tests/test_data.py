@@ -1195,3 +1195,15 @@ def test_ctrl_c_during_a_multi_worker_prepare_exits_promptly_and_resumes(tmp_pat
     assert done.returncode == 0, done.stderr[-2000:]
     meta = json.loads((out / "meta.json").read_text())
     assert meta["num_docs"] == 8_000 and meta["train"]["num_docs"] == 8_000 - 10
+
+
+def test_inspect_names_a_missing_or_foreign_file_in_one_line(tmp_path, capsys):
+    from llamathink.data.__main__ import main as data_main
+
+    foreign = tmp_path / "notes.bin"
+    foreign.write_bytes(b"# not a shard" * 100)
+    for path, message in ((tmp_path / "missing", "no shards at"), (foreign, "not a LlamaThink token shard")):
+        with pytest.raises(SystemExit) as exit_info:
+            data_main(["inspect", str(path)])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err

@@ -46,9 +46,13 @@ def _inspect(path: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``python -m llamathink.data SUBCOMMAND ...`` (``argv`` without the program name); return the exit status."""
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
     if args.cmd == "inspect":
-        return _inspect(args.path)
+        try:
+            return _inspect(args.path)
+        except (OSError, ValueError) as err:  # no shards there, not a shard, unreadable
+            parser.exit(2, f"{parser.prog} inspect: error: {err}\n")
     return _run_cli(args)
 
 
