@@ -183,8 +183,9 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     )
     bos_id = meta.get("bos_token_id")
     if cfg.document_masking and bos_id is None:
-        accelerator.print(f"{cfg.data_dir} records no BOS token id: documents cannot be told apart, so "
-                          "document_masking is off")  # fmt: skip
+        accelerator.print(
+            f"{cfg.data_dir} records no BOS token id: documents cannot be told apart, so document_masking is off"
+        )
     batches = (model_inputs(input_ids, labels, cfg, bos_id) for input_ids, labels in loader)
 
     def final(raw_model, final_dir: Path, history: dict):
