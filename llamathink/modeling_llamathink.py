@@ -605,20 +605,24 @@ def packed_segments(
         starts = F.pad(position_ids.diff(dim=1) != 1, (1, 0), value=True)
     else:
         return None, position_ids
+    if seq_idx is not None and cu_seqlens is not None:  # both given: they must cut the row alike
+        if seq_idx.shape != (B, T) or not torch.equal(F.pad(seq_idx.diff(dim=1) != 0, (1, 0), value=True), starts):
+            raise ValueError("seq_idx and cu_seq_lens_q describe different packed sequences; pass one of them")
     n_starts = starts.sum(1)  # [B]
-    if not bool((n_starts > 1).any()):
-        if position_ids is not None or cu_seqlens is None and seq_idx is None:
-            return None, position_ids
+    if not bool((n_starts > 1).any()):  # one sequence per row (its positions are checked by the caller)
+        return None, position_ids
     ids = starts.long().cumsum(1) - 1  # [B, T]
     index = torch.arange(T, device=device).expand(B, T)
     first = torch.where(starts, index, torch.zeros_like(index)).cummax(1).values  # index of each token's start
     within = index - first
     if position_ids is not None and not torch.equal(position_ids.to(within.dtype), within):
         bad = (position_ids != within).nonzero()[0].tolist()
+        source = "seq_idx" if seq_idx is not None else "cu_seq_lens_q" if cu_seqlens is not None else None
+        rule = f"disagree with {source}, which makes" if source else "of a packed batch must count"
         raise ValueError(
-            f"position_ids of a packed batch must count 0, 1, 2, ... in each packed sequence; row {bad[0]}, token "
-            f"{bad[1]} has position {int(position_ids[bad[0], bad[1]])} where {int(within[bad[0], bad[1]])} was "
-            "expected (a restart to a value other than 0, or positions that skip or go back)"
+            f"position_ids {rule} 0, 1, 2, ... in each packed sequence; row {bad[0]}, token {bad[1]} has position "
+            f"{int(position_ids[bad[0], bad[1]])} where {int(within[bad[0], bad[1]])} was expected (a restart to a "
+            "value other than 0, or positions that skip or go back)"
         )
     # the host needs only the N segment starts (row, token), not the B x T flags
     where = starts.nonzero().tolist()  # row-major: the segments in order
@@ -1817,6 +1821,13 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
                 )
 
         segments = None
+        seq_idx, cu_seqlens = (
+            torch.as_tensor(x, device=device) if x is not None else None for x in (seq_idx, cu_seqlens)
+        )
+        if position_ids is not None:
+            position_ids = torch.as_tensor(position_ids, device=device)
+            if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
+                raise ValueError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
         if position_ids is not None and position_ids.shape != (B, T):
             if (
                 position_ids.dim() != 2
@@ -1828,20 +1839,18 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
                     f"[{B}, {past + T}] covering the cached positions too) for input of shape [{B}, {T}]"
                 )
             position_ids = position_ids[..., -T:].expand(B, T)
-        if position_ids is not None and (position_ids.is_floating_point() or position_ids.is_complex()):
-            raise ValueError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
-        if T > 1 and (position_ids is not None or seq_idx is not None or cu_seqlens is not None):
-            if valid is None:
-                segments, position_ids = packed_segments(
-                    position_ids, seq_idx, cu_seqlens, B, T, self.config.max_position_embeddings
-                )
-            elif seq_idx is not None or cu_seqlens is not None:
-                raise ValueError("packed sequences (seq_idx / cu_seq_lens_q) take no padding: drop attention_mask")
-            elif bool(((position_ids.diff(dim=1) != 1) & valid[:, 1:] & valid[:, :-1]).any()):
-                raise ValueError(
-                    "position_ids restart or jump between real tokens of a row that also has padding "
-                    "(attention_mask); packed sequences take no padding, and a padded row's positions must follow on"
-                )
+        packing_given = seq_idx is not None or cu_seqlens is not None
+        if packing_given and (past > 0 or (cache is not None and explicit_cache)):
+            raise ValueError(
+                "packed sequences (seq_idx / cu_seq_lens_q) cannot be cached or continued from a cache; pass "
+                "use_cache=False, or one sequence per row to generate"
+            )
+        if packing_given and valid is not None:
+            raise ValueError("packed sequences (seq_idx / cu_seq_lens_q) take no padding: drop attention_mask")
+        if packing_given or (position_ids is not None and T > 1 and valid is None and past == 0):
+            segments, position_ids = packed_segments(
+                position_ids, seq_idx, cu_seqlens, B, T, self.config.max_position_embeddings
+            )
         if segments is None and past + T > self.config.max_position_embeddings:  # (packed: checked per sequence)
             raise ValueError(
                 f"sequence of {past + T} positions ({past} cached + {T} new) is longer than "
@@ -1858,12 +1867,28 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         real_lengths = cache.real_lengths if cache is not None and cache.real_lengths is not None else None
         if cache is not None and real_lengths is None:
             real_lengths = torch.zeros(B, dtype=torch.long, device=device)
+        # Each row's real tokens are numbered from its cached length on: the only positions CSA can cut its blocks
+        # by, and what generate() passes (its padding positions are ignored).
+        start = real_lengths[:, None] if real_lengths is not None else 0
+        if valid is None:
+            expected = start + torch.arange(T, device=device)[None, :].expand(B, T)
+        else:
+            expected = (start + valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
         if position_ids is None:
-            start = real_lengths[:, None] if real_lengths is not None else 0
-            if valid is None:
-                position_ids = start + torch.arange(T, device=device)[None, :].expand(B, T)
-            else:
-                position_ids = (start + valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
+            position_ids = expected
+        elif segments is None and not torch.compiler.is_compiling():  # (the check syncs with the device)
+            wrong = position_ids != expected
+            if valid is not None:
+                wrong &= valid
+            if bool(wrong.any()):
+                b, t = wrong.nonzero()[0].tolist()
+                raise ValueError(
+                    f"position_ids must number each row's tokens 0, 1, 2, ... from its cached length ({past} cached "
+                    f"positions); row {b}, token {t} has position {int(position_ids[b, t])} where "
+                    f"{int(expected[b, t])} was expected. Other positions are not supported (compressed sparse "
+                    "attention cuts its blocks by position); packed documents restart at 0 and take no cache or "
+                    "padding"
+                )
         new_real_lengths, max_new_real_length = None, None
         if real_lengths is not None:
             new_real_lengths = real_lengths + (valid.sum(-1) if valid is not None else T)

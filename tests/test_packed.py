@@ -166,7 +166,7 @@ def test_packed_inputs_that_cannot_be_honoured_are_refused():
     assert out.past_key_values is None
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[0, :2] = 0
-    with pytest.raises(ValueError, match="packed sequences take no padding"):
+    with pytest.raises(ValueError, match="packed documents restart at 0 and take no cache or padding"):
         model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
     with pytest.raises(ValueError, match="one flattened row, but the batch has 2 rows"):
         model(input_ids=ids, cu_seq_lens_q=torch.tensor([0, 3, 8]), use_cache=False)
@@ -207,3 +207,48 @@ def test_the_context_limit_applies_to_each_packed_sequence():
     too_long = torch.cat([torch.arange(70), torch.arange(50)])[None]
     with pytest.raises(ValueError, match="a packed sequence of 70 tokens is longer than max_position_embeddings=64"):
         model(input_ids=torch.randint(0, 97, (1, 120)), position_ids=too_long, use_cache=False)
+
+
+@pytest.mark.parametrize("mixers", [("full",), ("linear",), ("csa",)])
+def test_positions_that_do_not_continue_the_cache_or_start_elsewhere_are_refused(mixers):
+    """Found by a break-it review: a document restarting at 0 right after a cached one (no T x T check sees it),
+    or positions that start somewhere else without a cache, were accepted silently (full, linear) or crashed deep
+    in CSA's block indexing. Each row's tokens must be numbered from its cached length."""
+    model = _model(mixers).eval()
+    ids = torch.randint(0, 97, (1, 14))
+    out = model(input_ids=ids[:, :8], use_cache=True)
+    for positions in (torch.arange(6)[None], torch.cat([torch.arange(8), torch.arange(6)])[None]):
+        with pytest.raises(ValueError, match=r"row 0, token 0 has position 0 where 8 was expected"):
+            model(input_ids=ids[:, 8:], past_key_values=out.past_key_values, position_ids=positions, use_cache=True)
+    with pytest.raises(ValueError, match=r"where 8 was expected"):
+        model(input_ids=ids[:, 8:9], past_key_values=out.past_key_values, position_ids=torch.tensor([[0]]))
+    for start in (20, -3, 100):
+        with pytest.raises(ValueError, match=rf"row 0, token 0 has position {start} where 0 was expected"):
+            model(input_ids=ids[:, :6], position_ids=torch.arange(start, start + 6)[None], use_cache=False)
+
+
+def test_packing_sources_that_disagree_are_refused():
+    model = _model()
+    ids = torch.randint(0, 97, (1, 20))
+    restart = torch.cat([torch.arange(10), torch.arange(10)])[None]
+    with pytest.raises(ValueError, match="where 10 was expected"):  # seq_idx says one document, positions two
+        model(input_ids=ids, position_ids=restart, seq_idx=torch.zeros(1, 20, dtype=torch.long), use_cache=False)
+    with pytest.raises(ValueError, match="where 10 was expected"):
+        model(input_ids=ids, position_ids=restart, cu_seq_lens_q=torch.tensor([0, 20]), use_cache=False)
+    seq_idx = torch.tensor([[0] * 10 + [1] * 10])
+    with pytest.raises(ValueError, match="seq_idx and cu_seq_lens_q describe different packed sequences"):
+        model(input_ids=ids, seq_idx=seq_idx, cu_seq_lens_q=torch.tensor([0, 4, 20]), use_cache=False)
+    # given as plain lists (as some collators leave them), they are read like tensors
+    alone = model(input_ids=ids, seq_idx=seq_idx, use_cache=False).logits
+    listed = model(input_ids=ids, cu_seq_lens_q=[0, 10, 20], use_cache=False).logits
+    torch.testing.assert_close(listed, alone)
+    with pytest.raises(ValueError, match="cannot be cached"):  # generate() with packing inputs
+        model.eval().generate(ids, seq_idx=seq_idx, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
+def test_the_collator_refuses_a_mix_of_packed_rows_and_plain_examples():
+    from llamathink.data.chat import ChatCollator, Example
+
+    packed = {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [0, 0, 1]}
+    with pytest.raises(ValueError, match="mixes packed rows"):
+        ChatCollator(0)([packed, Example([5, 6], [-100, 6])])

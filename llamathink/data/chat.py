@@ -390,7 +390,10 @@ class ChatCollator:
         input_ids = torch.full((len(rows), T), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
-        packed = all(isinstance(e, dict) and "position_ids" in e for e in examples)
+        kinds = {isinstance(e, dict) and "position_ids" in e for e in examples}
+        if len(kinds) > 1:  # without position_ids the packed rows would train as one stream each
+            raise ValueError("a batch mixes packed rows (with position_ids) and plain examples; collate them apart")
+        packed = kinds == {True}
         position_ids = torch.arange(T).repeat(len(rows), 1) if packed else None
         for i, (ids, lab) in enumerate(rows):
             n = len(ids)
