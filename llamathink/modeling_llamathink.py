@@ -1761,8 +1761,8 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         `attention_mask` [B, past + T] (or [B, T]) marks real tokens; padding may be on the left (generation) or the
         right (training), never between real tokens. `position_ids` default to each row's count of real tokens
         (what `generate` passes too); CSA cuts its blocks by these positions, so given ones must be exactly these
-        (a ValueError names the first that is not), or a packing (below). `cache` (or `past_key_values`) continues a `LlamaThinkCache`; `use_cache`
-        defaults to True in eval mode and False in training.
+        (a ValueError names the first that is not), or a packing (below). `cache` (or `past_key_values`) continues
+        a `LlamaThinkCache`; `use_cache` defaults to True in eval mode and False in training.
 
         Packed sequences (several documents per row, padding-free training): `position_ids` that restart at 0 at
         each document, or `seq_idx` [B, T], or `cu_seq_lens_q` [N + 1] for one flattened row (the keyword
