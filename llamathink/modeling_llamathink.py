@@ -752,14 +752,6 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         start of its sequence, as at the start of a row."""
         K = self.conv_kernel_size
         T = qkv.shape[-1]
-        if segment_pos is not None:
-            x = F.pad(qkv, (K - 1, 0))
-            weight = self.conv1d.weight.to(x.dtype)  # [C, 1, K]
-            out = x[:, :, K - 1 :] * weight[:, :, K - 1]  # the token itself
-            for lag in range(1, K):  # the input `lag` steps back counts only inside the same sequence
-                seen = (segment_pos >= lag)[:, None, :].to(x.dtype)  # [B, 1, T]
-                out = out + x[:, :, K - 1 - lag : K - 1 - lag + T] * weight[:, :, K - 1 - lag] * seen
-            return F.silu(out)
         if state is not None and state.conv is not None:
             x = torch.cat((state.conv.to(qkv.dtype), qkv), dim=-1)  # [B, C, K-1+T]
         else:
@@ -767,13 +759,17 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         if state is not None:
             state.conv = x[:, :, x.shape[-1] - (K - 1) :].detach().clone()
         weight = self.conv1d.weight.to(x.dtype)  # [C, 1, K]
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or segment_pos is not None:
             # K shifted products, which inductor fuses with the SiLU into one kernel each way; cuDNN's depthwise
             # conv kernels took 10 ms of a 70 ms compiled step (BENCHMARKS.md section 1). Eager keeps cuDNN's
-            # single kernel over K separate element-wise passes.
-            out = x[:, :, :T] * weight[:, :, 0]
-            for i in range(1, K):
-                out = out + x[:, :, i : i + T] * weight[:, :, i]  # [B, C, T]
+            # single kernel over K separate element-wise passes, except for packed sequences, where each earlier
+            # input counts only inside the token's own sequence (packed batches come without a state).
+            out = None
+            for i in range(K):
+                term = x[:, :, i : i + T] * weight[:, :, i]  # [B, C, T]: the input K - 1 - i steps back
+                if segment_pos is not None and i < K - 1:
+                    term = term * (segment_pos >= K - 1 - i)[:, None, :].to(x.dtype)
+                out = term if out is None else out + term
         else:
             out = F.conv1d(x, weight, groups=self.conv_dim)[:, :, -T:]  # [B, C, T]
         return F.silu(out)
@@ -1144,12 +1140,7 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         else:
             blocks_k, blocks_v, block_abs = new_k, new_v, new_abs
         visible = block_abs[:, None, :] < (pos // S)[:, :, None]  # [B, T, N]: block j visible iff S(j+1) <= t
-        # A query that sees no block (t < S, or padding) outputs 0. SDPA would give NaN for an all-masked row, so
-        # such rows look at block 0 and are zeroed afterwards (no gradient flows through them either).
-        any_visible = visible.any(-1, keepdim=True)  # [B, T, 1]
-        visible[..., :1] |= ~any_visible
-        out = self._grouped_sdpa(q, blocks_k, blocks_v, visible[:, None])  # [B, Hq, T, D]
-        out = out * any_visible[:, None].to(out.dtype)
+        out = self._attend_blocks(q, blocks_k, blocks_v, visible)
 
         if state is not None:
             self._update_blocks(
@@ -1184,11 +1175,17 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         new_k = apply_rotary(new_k, cos, sin)
         # block j visible to query t iff it is of t's sequence and lies wholly before t: S * (block + 1) <= pos
         visible = (slot_ids[:, None, :] == ids[:, :, None]) & (slot_block[:, None, :] < local_block[:, :, None])
-        any_visible = visible.any(-1, keepdim=True)  # [B, T, 1]; none: output 0, as in _compressed_attention
-        if nb == 0:
+        if nb == 0:  # no complete block anywhere: every query outputs 0
             return q.new_zeros(q.shape)
+        return self._attend_blocks(q, new_k, new_v, visible)
+
+    def _attend_blocks(self, q, blocks_k, blocks_v, visible: torch.Tensor) -> torch.Tensor:
+        """q [B, Hq, T, D] over compressed blocks [B, Hkv, N, D] where `visible` [B, T, N] -> [B, Hq, T, D]. A query
+        that sees no block (t < S, padding) outputs 0: SDPA would give NaN for an all-masked row, so such rows look
+        at block 0 and are zeroed afterwards (no gradient flows through them either); `visible` is changed so."""
+        any_visible = visible.any(-1, keepdim=True)  # [B, T, 1]
         visible[..., :1] |= ~any_visible
-        out = self._grouped_sdpa(q, new_k, new_v, visible[:, None])  # [B, Hq, T, D]
+        out = self._grouped_sdpa(q, blocks_k, blocks_v, visible[:, None])  # [B, Hq, T, D]
         return out * any_visible[:, None].to(out.dtype)
 
     @torch.no_grad()

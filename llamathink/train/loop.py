@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.chat import trained_tokens as count_trained_tokens
 from .checkpoint import (
     CheckpointError,
     OutDirInUse,
@@ -192,11 +193,6 @@ def begin_run(cfg: RunConfig, is_main: bool = True) -> tuple[Path | None, str]:
     return resume_from, claim_checkpoints(cfg, resume_from, saved_run_id, is_main)
 
 
-def loss_tokens(batch: dict) -> int:
-    """The loss terms of a causal-LM batch: labels after the one-position shift that are not -100."""
-    return int((batch["labels"][:, 1:] != -100).sum())
-
-
 # Batch keys the loop passes to the model when a batch has them (a loader may add others, e.g. the attention_mask of
 # right padding, which causal mixers do not need: padding after the last real token never reaches it).
 # position_ids that restart at 0 mark packed documents, which the model keeps apart.
@@ -247,7 +243,7 @@ def run_training(
     `batches` yields dicts with `input_ids` and `labels` [B, T] (long, CPU; -100 = no loss) and draws from
     `loader`, whose `state_dict()` / `load_state_dict()` make the data position part of the checkpoints. Each
     process takes `cfg.grad_accum` batches per step; a batch's loss is weighted by its number of loss terms
-    (`loss_tokens`) over the step's total on all processes, so the step's loss is the mean over every trained
+    (`llamathink.data.chat.trained_tokens`) over the step's total on all processes, so the step's loss is the mean over every trained
     token. `history` starts the record (e.g. data counts); the loop adds {"losses": {step: loss}, "eval": {step:
     loss}, "perf": {step: metrics}}, writes it to `<out_dir>/history.json` at every checkpoint and at the end, and
     keeps it in the checkpoints with the tokens seen. `settings_file` (in out_dir) receives the settings once a
@@ -332,7 +328,7 @@ def run_training(
             _sync(accelerator.device)
             t_step = time.perf_counter()
         micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
-        counts = [loss_tokens(b) for b in micro_batches]
+        counts = [count_trained_tokens(b["labels"]) for b in micro_batches]
         # one reduction gives the step's loss terms and input positions over all processes
         totals = torch.tensor(
             [float(sum(counts)), float(sum(b["input_ids"].numel() for b in micro_batches))], device=accelerator.device
