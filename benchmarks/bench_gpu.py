@@ -1,13 +1,21 @@
-"""Training and generation throughput on one GPU, LlamaThink beside its Hugging Face peers, in ONE process.
+"""Training and generation throughput on one GPU, LlamaThink beside its Hugging Face peers.
 
-    python benchmarks/bench_gpu.py [--batch 16] [--seq 1024] [--steps 10] [--out results.json]
+    python benchmarks/bench_gpu.py [--batch 16] [--seq 1024] [--steps 10] [--compile] [--budget-s 240] [--out results.json]
 
-Models at the 95M shape with tied embeddings: LlamaThink with each available Gated DeltaNet backend (fla, torch),
-transformers' LlamaForCausalLM (all full attention) and transformers' Qwen3.5 text model with the pattern
-linear, linear, full, full (the closest HF peer). Every model trains with bf16 autocast and fused AdamW on random
-tokens; we report tokens/s, MFU against `--peak-tflops` (6 x (non-embedding params + head) + attention terms per
-token, `llamathink.modeling_llamathink.flops_per_token` for LlamaThink, the same 6N rule for the peers) and peak
-memory, then greedy `generate()` tokens/s at batch 1 and 32.
+Models at the 95M shape with tied embeddings: LlamaThink with a Gated DeltaNet backend (fla, torch), transformers'
+LlamaForCausalLM (all full attention) and transformers' Qwen3.5 text model with the pattern linear, linear, full,
+full (the closest HF peer). Every model trains with bf16 autocast and fused AdamW on random tokens; we report
+tokens/s, MFU against `--peak-tflops` (6 x (non-embedding params + head) + attention terms per token,
+`llamathink.modeling_llamathink.flops_per_token` for LlamaThink, the same 6N rule for the peers), peak memory and
+the first step's seconds (with --compile: the compilation), then greedy `generate()` tokens/s at batch 1 and 32.
+
+Each model runs in its own process with its own time limit (`--budget-s`), one after the other, so that one slow
+compilation cannot take the others' time; a model listed twice measures a warm restart (the second process finds
+the first one's compiler caches). Compiled LlamaThink is compiled layer by layer (`compile_layers`, what
+`compile: true` trains with); `llamathink:<backend>:whole` compiles the whole model as one graph instead; the
+peers are compiled whole (`torch.compile(model)`). Variants of LlamaThink: `:no-hc` (hyper-connections off),
+`:packed` (documents of 64-700 tokens per row, position ids restarting: the document-masked training path),
+`:eager-decode` (one-token steps without CUDA graphs).
 """
 
 from __future__ import annotations
@@ -15,8 +23,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,10 +64,14 @@ def build(name: str):
     from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
 
     if name.startswith("llamathink"):
-        # llamathink:<backend>[:eager-decode]  (eager-decode: one-token steps without CUDA graphs)
+        # llamathink:<backend>[:no-hc][:eager-decode][:whole][:packed]  (see the module docstring)
         parts = name.split(":")
         return LlamaThinkForCausalLM(
-            LlamaThinkConfig(gdn_backend=parts[1], decode_cuda_graphs="eager-decode" not in parts)
+            LlamaThinkConfig(
+                gdn_backend=parts[1],
+                decode_cuda_graphs="eager-decode" not in parts,
+                hyper_connections="no-hc" not in parts,
+            )
         )
     if name == "hf-llama":
         cfg = LlamaConfig(
@@ -119,21 +134,44 @@ def flops_per_token(name: str, model, seq: int) -> float:
     return 6.0 * n + attn
 
 
+def packed_positions(batch: int, seq: int, seed: int) -> torch.Tensor:
+    """position_ids [batch, seq] of rows packed with documents of 64-700 tokens (restarting at 0 at each)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        lengths, total = [], 0
+        while total < seq:
+            n = min(int(torch.randint(64, 700, (), generator=gen)), seq - total)
+            lengths.append(n)
+            total += n
+        rows.append(torch.cat([torch.arange(n) for n in lengths]))
+    return torch.stack(rows)
+
+
 def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False) -> dict:
     torch.manual_seed(0)
-    if compile_model:  # a fresh start per model: no guards or automatic-dynamic shapes left by the previous one
-        torch._dynamo.reset()
     model = build(name).cuda()
     n_params = sum(p.numel() for p in model.parameters())
     fpt = flops_per_token(name, model, seq)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    step_model = torch.compile(model) if compile_model else model
+    scope = None
+    if compile_model:
+        regional = name.startswith("llamathink") and ":whole" not in name
+        scope = "layers" if regional else "model"
+        step_model = model.compile_layers() if regional else torch.compile(model)
+    else:
+        step_model = model
     ids = torch.randint(0, 32000, (batch, seq), device="cuda")
+    # packed rows: a new packing every step (as real data), from a few precomputed ones
+    packings = [packed_positions(batch, seq, i).cuda() for i in range(4)] if ":packed" in name else None
     torch.cuda.reset_peak_memory_stats()
+    count = [0]
 
     def step():
+        extra = {"position_ids": packings[count[0] % len(packings)]} if packings else {}
+        count[0] += 1
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = step_model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss = step_model(input_ids=ids, labels=ids, use_cache=False, **extra).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -157,7 +195,7 @@ def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False) -> d
         "params": n_params,
         "batch": batch,
         "seq": seq,
-        "compiled": compile_model,
+        "compiled": scope or False,
         "step_s": dt,
         "tokens_per_s": tok_s,
         "mfu": tok_s * fpt / peak,
@@ -199,6 +237,31 @@ def bench_generate(name, batch, prompt_len=32, new_tokens=128) -> dict:
     return result
 
 
+def run_one(name: str, args, peak: float) -> dict:
+    """Every measurement of one model (this process): training rows, then generation rows."""
+    results = {"train": [], "generate": []}
+    train_batches = [int(x) for x in (args.train_batches or str(args.batch)).split(",")]
+    for compiled in [True] if args.compiled_only else [False, True] if args.compile else [False]:
+        for batch in [] if args.no_train else train_batches:
+            try:
+                r = bench_train(name, batch, args.seq, args.steps, args.warmup, peak, compiled)
+            except Exception as err:  # an out-of-memory batch must not hide the others
+                r = {"model": name, "batch": batch, "compiled": compiled, "error": f"{type(err).__name__}: {err}"[:500]}
+                gc.collect()
+                torch.cuda.empty_cache()
+            results["train"].append(r)
+            print(json.dumps(r), flush=True)
+    for b in [] if args.no_generate or ":packed" in name else (int(x) for x in args.generate_batches.split(",") if x):
+        try:
+            r = bench_generate(name, b)
+        except Exception as err:
+            r = {"model": name, "batch": b, "error": f"{type(err).__name__}: {err}"[:500]}
+            torch.cuda.empty_cache()
+        results["generate"].append(r)
+        print(json.dumps(r), flush=True)
+    return results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16)
@@ -207,47 +270,55 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--models", default="llamathink:fla,llamathink:torch,hf-llama,hf-qwen3.5")
-    parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd training")
-    parser.add_argument("--compiled-only", action="store_true", help="measure only torch.compile'd training")
+    parser.add_argument("--compile", action="store_true", help="also measure compiled training")
+    parser.add_argument("--compiled-only", action="store_true", help="measure only compiled training")
     parser.add_argument("--generate-batches", default="1,32")
     parser.add_argument("--train-batches", default=None, help="comma list of batch sizes (default: --batch)")
     parser.add_argument("--no-train", action="store_true")
     parser.add_argument("--no-generate", action="store_true")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="time limit of each model's process")
+    parser.add_argument("--in-process", action="store_true", help="measure every model in this process")
     parser.add_argument("--out", default=None, help="write results as JSON here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA GPU")
     results = {"versions": versions(), "train": [], "generate": []}
-    print(json.dumps(results["versions"]))
+    print(json.dumps(results["versions"]), flush=True)
     peak = args.peak_tflops * 1e12
-    train_batches = [int(x) for x in (args.train_batches or str(args.batch)).split(",")]
-    for name in args.models.split(","):
-        for compiled in [True] if args.compiled_only else [False, True] if args.compile else [False]:
-            for batch in [] if args.no_train else train_batches:
-                try:
-                    r = bench_train(name, batch, args.seq, args.steps, args.warmup, peak, compiled)
-                except Exception as err:  # one failing peer (or an out-of-memory batch) must not hide the others
-                    r = {
-                        "model": name,
-                        "batch": batch,
-                        "compiled": compiled,
-                        "error": f"{type(err).__name__}: {err}"[:500],
-                    }
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                results["train"].append(r)
-                print(json.dumps(r), flush=True)
-        for b in [] if args.no_generate else (int(x) for x in args.generate_batches.split(",") if x):
-            try:
-                r = bench_generate(name, b)
-            except Exception as err:
-                r = {"model": name, "batch": b, "error": f"{type(err).__name__}: {err}"[:500]}
-                torch.cuda.empty_cache()
-            results["generate"].append(r)
-            print(json.dumps(r), flush=True)
+    names = args.models.split(",")
+    for index, name in enumerate(names):
+        if args.in_process or len(names) == 1:
+            part = run_one(name, args, peak)
+        else:  # its own process and time limit; a model listed twice finds the compiler caches warm
+            part = _run_in_subprocess(name, index, argv if argv is not None else sys.argv[1:], args.budget_s)
+        for key in ("train", "generate"):
+            results[key] += part[key]
         if args.out:  # after every model, so a run cut short keeps what it measured
             Path(args.out).write_text(json.dumps(results, indent=2))
     return 0
+
+
+def _run_in_subprocess(name: str, index: int, argv: list[str], budget_s: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "one.json"
+        rest = [a for i, a in enumerate(argv) if not _is_option_of(argv, i, ("--models", "--out"))]
+        cmd = [sys.executable, os.path.abspath(__file__), *rest, "--models", name, "--out", str(out)]
+        try:
+            subprocess.run(cmd, timeout=budget_s, check=False, stdout=sys.stdout, stderr=sys.stderr)
+        except subprocess.TimeoutExpired:
+            print(json.dumps({"model": name, "index": index, "error": f"time limit of {budget_s:.0f} s"}), flush=True)
+        if out.exists():
+            part = json.loads(out.read_text())
+            return {"train": part.get("train", []), "generate": part.get("generate", [])}
+    return {"train": [{"model": name, "error": f"no result within {budget_s:.0f} s"}], "generate": []}
+
+
+def _is_option_of(argv: list[str], i: int, options: tuple[str, ...]) -> bool:
+    """Whether argv[i] is one of `options` (as `--x v` or `--x=v`) or the value following one."""
+    a = argv[i]
+    if a in options or a.split("=", 1)[0] in options:
+        return True
+    return i > 0 and argv[i - 1] in options
 
 
 if __name__ == "__main__":

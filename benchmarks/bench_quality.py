@@ -235,7 +235,9 @@ def train_run(run: dict, args, val: np.ndarray, test: np.ndarray, device: torch.
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, settings))
-    step_model = torch.compile(model) if run["compile"] else model
+    step_model = model
+    if run["compile"]:  # LlamaThink as `compile: true` trains (layer by layer); the peers as one graph
+        step_model = model.compile_layers() if hasattr(model, "compile_layers") else torch.compile(model)
     loader = TokenBatchLoader(args.data, args.seq, args.batch, seed=args.data_seed)
     tokens_per_step = args.batch * args.seq
     record = {

@@ -7,6 +7,9 @@
 #   OUT=results_dir bash benchmarks/gpu_suite.sh fla     # with fla-core + tilelang (../shared/gpu/stage-wheels.sh):
 #                                                        # training compiled (ours, then the peers) and eager (ours
 #                                                        # beside the peers in one process); GPU tests
+#   OUT=results_dir bash benchmarks/gpu_suite.sh speed   # training throughput (issue 17): compiled beside HF Llama
+#                                                        # compiled, eager beside HF Qwen3.5; GPU tests
+#   OUT=results_dir bash benchmarks/gpu_suite.sh speed2  # profile of the compiled step; batch 64 compiled
 #   OUT=results_dir bash benchmarks/gpu_suite.sh profile # torch.profiler view of the eager and compiled steps,
 #                                                        # generate() with fla, HF Qwen3.5 compiled (slow to compile)
 # Every benchmark has its own time limit so that a slow one cannot eat the others' time, and writes what it
@@ -39,6 +42,20 @@ elif [ "$PART" = fla ]; then
     half1() {
         gpu_tests 300 fla  # fla's Triton and tilelang kernels compile for every new head size: minutes on a fresh machine
         bench 250 train_eager --models llamathink:fla,llamathink:torch,hf-qwen3.5,hf-llama --train-batches 16,64 --no-generate; }
+elif [ "$PART" = speed ]; then  # issue 17: compiled (layer by layer) beside HF Llama compiled, a warm restart, the
+    # hyper-connection cost, packed rows; eager beside HF Qwen3.5 eager; the GPU tests
+    half0() {
+        bench 570 compiled --compiled-only --no-generate --budget-s 200 \
+            --models llamathink:fla,llamathink:fla,hf-llama,llamathink:fla:no-hc,llamathink:fla:packed; }
+    half1() {
+        gpu_tests 300 speed
+        bench 270 eager --no-generate --budget-s 85 --models llamathink:fla,hf-qwen3.5,llamathink:fla:packed; }
+elif [ "$PART" = speed2 ]; then  # the profile of the compiled step; batch 64 compiled, ours and HF Llama
+    half0() {
+        timeout 300 python benchmarks/profile_gpu.py --backend auto --compile --no-decode --out "$OUT" > "$OUT/profile.log" 2>&1
+        tail -3 "$OUT/profile.log"; }
+    half1() {
+        bench 560 compiled64 --compiled-only --no-generate --budget-s 270 --train-batches 64 --models llamathink:fla,hf-llama; }
 else  # profile
     half0() {
         timeout 300 python benchmarks/profile_gpu.py --backend auto --compile --out "$OUT" > "$OUT/profile.log" 2>&1

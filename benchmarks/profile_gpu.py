@@ -4,7 +4,7 @@
                                      [--out DIR]
 
 Prints (and with --out writes as text) the kernels that take the most GPU time in a bf16 training step (with
---compile also those of the torch.compile'd step), the GPU time per layer kind (forward + backward, measured with
+--compile also those of the step with each decoder layer compiled), the GPU time per layer kind (forward + backward, measured with
 CUDA events around each decoder layer and the loss), and for
 greedy decoding at batch 1: host time per token, kernel launches per token and the host<->device syncs per token,
 with the Python lines that cause them (`torch.cuda.set_sync_debug_mode`).
@@ -87,19 +87,27 @@ def forward_backward(model, ids):
     model.zero_grad(set_to_none=True)
 
 
-def kernel_table(model, ids, rows=30) -> str:
+def kernel_table(model, ids, rows=30, host_stacks: bool = False) -> str:
+    """The kernels taking the most GPU time in one training step; with `host_stacks` also the Python call sites
+    taking the most host time (where a step that waits on the host spends it)."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(2):  # warm-up (and, for a compiled model, compilation)
         forward_backward(model, ids)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=host_stacks) as prof:
         forward_backward(model, ids)
         torch.cuda.synchronize()
     averages = prof.key_averages()
     busy_ms = sum(e.self_device_time_total for e in averages if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
     table = averages.table(sort_by="device_time_total", row_limit=rows, max_name_column_width=70)
-    return f"{table}\nGPU kernel time of the step (forward + backward): {busy_ms:.1f} ms"
+    text = f"{table}\nGPU kernel time of the step (forward + backward): {busy_ms:.1f} ms"
+    if host_stacks:
+        stacks = prof.key_averages(group_by_stack_n=8).table(
+            sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60, max_src_column_width=110
+        )
+        text += "\n## host time by call site (self CPU time, grouped by the innermost 8 Python frames)\n" + stacks
+    return text
 
 
 def step_wall_ms(model, ids, steps=5) -> str:
@@ -163,6 +171,8 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--compile", action="store_true", help="also profile the torch.compile'd training step")
     parser.add_argument("--out", default=None, help="also write the report to DIR/profile_<backend>.txt")
+    parser.add_argument("--no-decode", action="store_true", help="skip the decoding profile")
+    parser.add_argument("--host-stacks", action="store_true", help="also where the compiled step spends host time")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = LlamaThinkForCausalLM(LlamaThinkConfig(gdn_backend=args.backend)).cuda()
@@ -179,15 +189,16 @@ def main(argv=None) -> int:
     if args.compile:
         from torch._dynamo.utils import counters
 
-        compiled = torch.compile(model)
-        report.append("## top kernels of one torch.compile'd training step")
-        report.append(kernel_table(compiled, ids))
+        compiled = model.compile_layers()  # regional compilation, as `compile: true` trains
+        report.append("## top kernels of one compiled training step (each decoder layer compiled)")
+        report.append(kernel_table(compiled, ids, host_stacks=args.host_stacks))
         breaks = dict(counters["graph_break"])
         report.append(f"graph breaks: {sum(breaks.values())} ({len(counters['stats'])} dynamo stats); reasons:")
         report += [f"  {n:4d}  {reason[:200]}" for reason, n in sorted(breaks.items(), key=lambda kv: -kv[1])[:10]]
         report.append(step_wall_ms(compiled, ids))
-    report.append("## cached greedy decode, batch 1 (bf16 weights)")
-    report.append(decode_profile(model.to(torch.bfloat16), args.decode_tokens))
+    if not args.no_decode:
+        report.append("## cached greedy decode, batch 1 (bf16 weights)")
+        report.append(decode_profile(model.to(torch.bfloat16), args.decode_tokens))
     text = "\n".join(report)
     print(text)
     if args.out:

@@ -346,6 +346,119 @@ def fla_recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, 
 FLA_GDN_KERNELS = {"chunk": fla_chunk_gated_delta_rule, "recurrent": fla_recurrent_gated_delta_rule}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Short causal convolution (the Gated DeltaNet conv): fla's fused Triton conv + SiLU, channels-last
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fla_conv_internals():
+    """fla's causal-conv forward and backward functions (`fla.modules.causal_conv1d`, fla-core 0.6), or None where
+    fla is missing or lacks them in the form used here; the model then keeps its PyTorch conv."""
+    if "conv" not in _fla_state:
+        _fla_state["conv"] = None
+        try:
+            from fla.modules.causal_conv1d import causal_conv1d_bwd, causal_conv1d_fwd
+
+            need_fwd = {"x", "weight", "bias", "residual", "initial_state", "activation", "cu_seqlens"}
+            need_bwd = {"x", "dy", "dht", "weight", "bias", "residual", "initial_state", "activation", "cu_seqlens"}
+            if need_fwd <= set(inspect.signature(causal_conv1d_fwd).parameters) and need_bwd <= set(
+                inspect.signature(causal_conv1d_bwd).parameters
+            ):
+                _fla_state["conv"] = (causal_conv1d_fwd, causal_conv1d_bwd)
+        except Exception:  # fla missing, broken, or reorganised
+            pass
+    return _fla_state["conv"]
+
+
+def _define_fla_conv_op():
+    """Define `llamathink::fla_causal_conv1d_silu` (+ its backward op and autograd formula) once per process (see
+    `_define_fla_chunk_op`). One op serves eager and compiled training: dynamo records it as a single node."""
+    try:
+        return torch.ops.llamathink.fla_causal_conv1d_silu
+    except (AttributeError, RuntimeError):
+        pass
+
+    @torch.library.custom_op("llamathink::fla_causal_conv1d_silu", mutates_args=())
+    def fla_causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        """x [B, T, C] 16-bit, contiguous; weight [C, K] (fp32); `cu_seqlens` [N + 1] (B = 1): N packed sequences,
+        each starting from zeros -> silu(causal depthwise conv) [B, T, C] in x's dtype."""
+        fwd, _ = _fla_conv_internals()
+        with _device_of(x):
+            y, _ = fwd(
+                x=x,
+                weight=weight,
+                bias=None,
+                residual=None,
+                initial_state=None,
+                output_final_state=False,
+                activation="silu",
+                cu_seqlens=cu_seqlens,
+            )
+        return y.contiguous()
+
+    @fla_causal_conv1d_silu.register_fake
+    def _(x, weight, cu_seqlens):
+        return torch.empty_like(x)
+
+    @torch.library.custom_op("llamathink::fla_causal_conv1d_silu_backward", mutates_args=())
+    def fla_causal_conv1d_silu_backward(
+        x: torch.Tensor, weight: torch.Tensor, grad_y: torch.Tensor, cu_seqlens: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients w.r.t. x (x's dtype) and weight (weight's dtype), by fla's fused backward (which recomputes the
+        pre-activation rather than storing it)."""
+        _, bwd = _fla_conv_internals()
+        with _device_of(x):
+            dx, dw = bwd(
+                x=x,
+                dy=grad_y.to(x.dtype).contiguous(),
+                dht=None,
+                weight=weight,
+                bias=None,
+                residual=None,
+                initial_state=None,
+                activation="silu",
+                cu_seqlens=cu_seqlens,
+            )[:2]
+        return dx.to(x.dtype).contiguous(), dw.to(weight.dtype).contiguous()
+
+    @fla_causal_conv1d_silu_backward.register_fake
+    def _(x, weight, grad_y, cu_seqlens):
+        return torch.empty_like(x), torch.empty_like(weight)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, cu_seqlens = inputs
+        ctx.save_for_backward(x, weight, cu_seqlens)
+
+    def backward(ctx, grad_y):
+        x, weight, cu_seqlens = ctx.saved_tensors
+        dx, dw = fla_causal_conv1d_silu_backward(x, weight, grad_y, cu_seqlens)
+        return dx, dw, None
+
+    fla_causal_conv1d_silu.register_autograd(backward, setup_context=setup_context)
+    return torch.ops.llamathink.fla_causal_conv1d_silu
+
+
+_fla_conv_op = _define_fla_conv_op()
+
+
+def fla_causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
+    """`silu(causal depthwise conv1d(x))` by fla's fused Triton kernels (forward and backward), in the channels-last
+    layout: x [B, T, C] (16-bit), weight [C, K] (the `nn.Conv1d` weight [C, 1, K] without its middle axis; kept in
+    its own dtype, gradients too) -> [B, T, C] in x's dtype. Output t sees inputs t - K + 1 .. t, zeros before the
+    start of each sequence: the row, or with `cu_seqlens` [N + 1] (B = 1) each of the N packed sequences.
+
+    The reference is `LlamaThinkGatedDeltaNet._causal_conv`'s PyTorch form (tests/test_gpu.py compares both, forward
+    and gradients). Raises RuntimeError where fla's conv is not available (check `fla_conv_available` first)."""
+    if _fla_conv_internals() is None:
+        raise RuntimeError("fla's causal conv (fla.modules.causal_conv1d) is not available")
+    return _fla_conv_op(x.contiguous(), weight.contiguous(), cu_seqlens)
+
+
+def fla_conv_available() -> bool:
+    """True when fla's fused causal conv can be used (fla-core importable, with the functions used here)."""
+    return _fla_ops() is not None and _fla_conv_internals() is not None
+
+
 def probe_fla():
     """Look fla up now (import, chunk internals, the backward check of every visible GPU) rather than on the first
     forward: under torch.compile that lookup would import fla (and ask importlib whether tilelang is there) while
@@ -353,6 +466,7 @@ def probe_fla():
     if not torch.cuda.is_available() or _fla_ops() is None:
         return
     _fla_chunk_internals()
+    _fla_conv_internals()
     for index in range(torch.cuda.device_count()):  # the model may move to any of them later
         fla_backward_problem(torch.device("cuda", index))
 
@@ -360,7 +474,9 @@ def probe_fla():
 __all__ = [
     "FLA_GDN_KERNELS",
     "fla_backward_problem",
+    "fla_causal_conv1d_silu",
     "fla_chunk_gated_delta_rule",
+    "fla_conv_available",
     "fla_recurrent_gated_delta_rule",
     "probe_fla",
     "select_gdn_backend",

@@ -41,7 +41,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput, logging
 
 from .configuration_llamathink import LlamaThinkConfig
-from .kernels_llamathink import FLA_GDN_KERNELS, probe_fla, select_gdn_backend
+from .kernels_llamathink import FLA_GDN_KERNELS, fla_causal_conv1d_silu, probe_fla, select_gdn_backend
 
 try:  # transformers >= 5: init functions that respect the "already loaded" flags of from_pretrained
     from transformers import initialization as init
@@ -690,22 +690,35 @@ def packed_sdpa(q, k, v, segments: PackedSegments, scale: float, bucket: int = 1
     return torch.cat(rows, dim=0)
 
 
+def _document_causal(ids: torch.Tensor, b, h, q_idx, kv_idx):
+    # FlexAttention mask_mod over segment ids [B, T]: the key is not in the future and in the query's segment. A
+    # module-level function bound with functools.partial (not a closure made per forward): a compiled layer that
+    # receives the block mask then guards on this function, not on a new object every step.
+    return (kv_idx <= q_idx) & (ids[b, q_idx] == ids[b, kv_idx])
+
+
+def document_block_mask(segments: PackedSegments, device: torch.device):
+    """FlexAttention's document-causal `BlockMask` for the packed batch of `segments` (B x T queries and keys),
+    stored on `segments` and shared by every full-attention layer of the forward."""
+    import functools
+
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if segments._block_mask is None:
+        B, T = segments.ids.shape
+        mask_mod = functools.partial(_document_causal, segments.ids)
+        segments._block_mask = create_block_mask(mask_mod, B, None, T, T, device=device)
+    return segments._block_mask
+
+
 def packed_flex_attention(q, k, v, segments: PackedSegments, scale: float) -> torch.Tensor:
     """`packed_sdpa` through FlexAttention (PyTorch's `torch.nn.attention.flex_attention`) with a document-causal
     block mask: key blocks of other documents or of the future are skipped, not masked element by element. Fast
     only under torch.compile (eagerly PyTorch runs an unfused reference). The block mask is built once per forward
-    and shared by the layers."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    (`document_block_mask`: before the layers when they are compiled one by one) and shared by the layers."""
+    from torch.nn.attention.flex_attention import flex_attention
 
-    if segments._block_mask is None:
-        ids = segments.ids
-        B, T = ids.shape
-
-        def document_causal(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) & (ids[b, q_idx] == ids[b, kv_idx])
-
-        segments._block_mask = create_block_mask(document_causal, B, None, T, T, device=q.device)
-    return flex_attention(q, k, v, block_mask=segments._block_mask, scale=scale, enable_gqa=True)
+    return flex_attention(q, k, v, block_mask=document_block_mask(segments, q.device), scale=scale, enable_gqa=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -745,41 +758,53 @@ class LlamaThinkGatedDeltaNet(nn.Module):
             probe_fla()  # now, not on the first forward, where torch.compile would trace the lookup
 
     def _causal_conv(
-        self, qkv: torch.Tensor, state: GatedDeltaNetState | None, segment_pos: torch.Tensor | None = None
+        self,
+        qkv: torch.Tensor,
+        state: GatedDeltaNetState | None,
+        backend: str,
+        segments: PackedSegments | None = None,
+        segment_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Depthwise causal conv + SiLU over qkv [B, C, T]; reads and updates the conv state when caching. With
-        `segment_pos` [B, T] (each token's position in its packed sequence) a token sees no input from before the
-        start of its sequence, as at the start of a row."""
+        """Depthwise causal conv + SiLU over qkv [B, T, C] (channels-last) -> [B, T, C]; reads and updates the conv
+        state [B, C, K-1] when caching. With packed `segments` (`segment_pos` [B, T]: each token's position in its
+        sequence) a token sees no input from before the start of its sequence, as at the start of a row.
+
+        Three forms of one function: fla's fused Triton conv + SiLU (`backend == "fla"`, 16-bit, no cache; packed
+        sequences through its `cu_seqlens`), K shifted products (under torch.compile, where inductor fuses them with
+        the SiLU, and for packed sequences without fla), and cuDNN's depthwise conv (eager, the CPU path)."""
+        B, T, C = qkv.shape
         K = self.conv_kernel_size
-        T = qkv.shape[-1]
+        if backend == "fla" and state is None and qkv.dtype in (torch.float16, torch.bfloat16):
+            weight = self.conv1d.weight[:, 0]  # [C, K]
+            if segments is None:
+                return fla_causal_conv1d_silu(qkv, weight)
+            flat = fla_causal_conv1d_silu(qkv.reshape(1, B * T, C), weight, segments.cu_seqlens)  # [1, B*T, C]
+            return flat.reshape(B, T, C)
         if state is not None and state.conv is not None:
-            x = torch.cat((state.conv.to(qkv.dtype), qkv), dim=-1)  # [B, C, K-1+T]
+            x = torch.cat((state.conv.transpose(1, 2).to(qkv.dtype), qkv), dim=1)  # [B, K-1+T, C]
         else:
-            x = F.pad(qkv, (K - 1, 0))  # a fresh sequence sees zeros before position 0
+            x = F.pad(qkv, (0, 0, K - 1, 0))  # a fresh sequence sees zeros before position 0
         if state is not None:
-            state.conv = x[:, :, x.shape[-1] - (K - 1) :].detach().clone()
-        weight = self.conv1d.weight.to(x.dtype)  # [C, 1, K]
+            state.conv = x[:, x.shape[1] - (K - 1) :].transpose(1, 2).detach().clone()  # [B, C, K-1]
+        weight = self.conv1d.weight[:, 0].to(x.dtype)  # [C, K]
         if torch.compiler.is_compiling() or segment_pos is not None:
-            # K shifted products, which inductor fuses with the SiLU into one kernel each way; cuDNN's depthwise
-            # conv kernels took 10 ms of a 70 ms compiled step (BENCHMARKS.md section 1). Eager keeps cuDNN's
-            # single kernel over K separate element-wise passes, except for packed sequences, where each earlier
-            # input counts only inside the token's own sequence (packed batches come without a state).
+            # Each packed token counts an earlier input only inside its own sequence (packed batches have no state).
             out = None
             for i in range(K):
-                term = x[:, :, i : i + T] * weight[:, :, i]  # [B, C, T]: the input K - 1 - i steps back
+                term = x[:, i : i + T] * weight[:, i]  # [B, T, C]: the input K - 1 - i steps back
                 if segment_pos is not None and i < K - 1:
-                    term = term * (segment_pos >= K - 1 - i)[:, None, :].to(x.dtype)
+                    term = term * (segment_pos >= K - 1 - i)[..., None].to(x.dtype)
                 out = term if out is None else out + term
         else:
-            out = F.conv1d(x, weight, groups=self.conv_dim)[:, :, -T:]  # [B, C, T]
+            out = F.conv1d(x.transpose(1, 2), weight[:, None], groups=C)[:, :, -T:].transpose(1, 2)  # [B, T, C]
         return F.silu(out)
 
-    def _delta_rule(self, q, k, v, g, beta, initial_state, output_final_state, segments=None):
-        """The dispatch point of the delta-rule kernel: fla or the PyTorch reference, chunked or recurrent. With
-        packed `segments` the state starts from zero at each sequence: fla's variable-length kernel over the
-        flattened batch (`cu_seqlens`), or the PyTorch reference run on each sequence alone."""
+    def _delta_rule(self, q, k, v, g, beta, initial_state, output_final_state, backend: str, segments=None):
+        """The dispatch point of the delta-rule kernel: fla or the PyTorch reference (`backend`, from
+        `select_gdn_backend`), chunked or recurrent. With packed `segments` the state starts from zero at each
+        sequence: fla's variable-length kernel over the flattened batch (`cu_seqlens`), or the PyTorch reference run
+        on each sequence alone."""
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta))
-        backend = select_gdn_backend(self.backend, q.device, needs_grad, v.dtype)
         kernels = FLA_GDN_KERNELS if backend == "fla" else GDN_KERNELS
         if segments is not None:
             scale, B, T = self.head_k_dim**-0.5, q.shape[0], q.shape[1]
@@ -808,11 +833,15 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         qkv = self.in_proj_qkv(hidden_states)  # [B, T, conv_dim]
         if valid is not None:  # padding must not enter the conv state
             qkv = qkv * valid[..., None].to(qkv.dtype)
+        needs_grad = torch.is_grad_enabled() and (
+            hidden_states.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        backend = select_gdn_backend(self.backend, qkv.device, needs_grad, qkv.dtype)  # one choice for the layer
         segment_pos = ctx.position_ids if segments is not None else None
-        qkv = self._causal_conv(qkv.transpose(1, 2), state, segment_pos).transpose(1, 2)  # [B, T, conv_dim]
+        qkv = self._causal_conv(qkv, state, backend, segments, segment_pos)  # [B, T, conv_dim]
         q, k, v, g, beta = self._heads_and_gates(qkv, hidden_states, valid)
         initial_state = state.recurrent if state is not None else None
-        o, final_state = self._delta_rule(q, k, v, g, beta, initial_state, state is not None, segments)
+        o, final_state = self._delta_rule(q, k, v, g, beta, initial_state, state is not None, backend, segments)
         if state is not None:
             state.recurrent = final_state.detach()
         return self._output(o, hidden_states)
@@ -940,11 +969,16 @@ class LlamaThinkAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
         return out.reshape(*lead, Hq, L, D)
 
+    def uses_flex_attention(self, device: torch.device) -> bool:
+        """Whether packed batches go through FlexAttention when this layer runs compiled: on CUDA (PyTorch has no
+        FlexAttention backward on CPU) with heads of at least 16 (the narrowest inductor's kernels take)."""
+        return device.type == "cuda" and self.head_dim >= 16
+
     def _attend_packed(self, q, k, v, segments: PackedSegments) -> torch.Tensor:
         """Causal attention inside each packed sequence -> [B, Hq, T, D], with no T x T mask: FlexAttention under
         torch.compile (which fuses it), causal SDPA on each sequence eagerly (and for heads narrower than 16, which
         inductor's FlexAttention kernels do not take)."""
-        if torch.compiler.is_compiling() and self.head_dim >= 16:  # (inductor's FlexAttention needs >= 16)
+        if torch.compiler.is_compiling() and self.uses_flex_attention(q.device):
             return packed_flex_attention(q, k, v, segments, self.scaling)
         return packed_sdpa(q, k, v, segments, self.scaling)
 
@@ -1053,6 +1087,11 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         self.compress_k = nn.Linear(kv_width, kv_width, bias=False)
         self.compress_v = nn.Linear(kv_width, kv_width, bias=False)
         self.blend_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+
+    def uses_flex_attention(self, device: torch.device) -> bool:
+        """Never: packed CSA cuts its window and blocks per sequence itself (`_local_attention`,
+        `_compressed_attention_packed`)."""
+        return False
 
     def _local_attention(
         self, q, k, v, valid, state: CompressedAttentionState | None, segment_ids: torch.Tensor | None = None
@@ -1612,6 +1651,23 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
             auto_map.setdefault(auto_class, reference)
         config.auto_map = auto_map
 
+    def compile_layers(self, **compile_kwargs):
+        """Regional compilation: `torch.compile` each decoder layer in place (`nn.Module.compile`) rather than the
+        whole model, and return the model. Layers of one mixer type share one compiled graph (one compilation per
+        mixer type, not per layer), so the first step compiles in a fraction of the whole-model time and a warm
+        cache restarts fast; the embedding, the final norm and the chunked loss stay eager (matrix products and
+        a loop over chunks: nothing for inductor to fuse). Parameter names and state dicts are unchanged (no
+        `_orig_mod.` wrapper), so checkpoints, `save_pretrained` and DDP see the plain model.
+
+        Method: PyTorch's regional compilation recipe (pytorch.org/tutorials/recipes/regional_compilation.html);
+        `compile_kwargs` go to `torch.compile` (for example `mode`, `dynamic`, `backend`)."""
+        for module in self.modules():
+            if isinstance(module, LlamaThinkDecoderLayer):
+                module.compile(**compile_kwargs)
+            elif isinstance(module, LlamaThinkModel):
+                module.compiled_layers = True
+        return self
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
         """Fresh-model init (never applied to loaded weights). Each choice was measured at equal tokens against
@@ -1688,6 +1744,7 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
 
     def __init__(self, config: LlamaThinkConfig):
         super().__init__(config)
+        self.compiled_layers = False  # set by `compile_layers`: packed batches then use FlexAttention
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([LlamaThinkDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = LlamaThinkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -1894,6 +1951,11 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
             else:
                 max_new_real_length = int(new_real_lengths.max())
 
+        flex_layers = [
+            layer for layer in self.layers if getattr(layer.mixer, "uses_flex_attention", lambda _: False)(device)
+        ]
+        if segments is not None and self.compiled_layers and flex_layers and not torch.compiler.is_compiling():
+            document_block_mask(segments, device)  # eagerly, once: the compiled layers take it as an input
         cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
         ctx = ForwardContext(
             position_ids=position_ids,
@@ -1911,8 +1973,11 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
 
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
+        # Layers compiled by `compile_layers` serve training and evaluation batches; cached steps (generation) call
+        # the eager forward: each prompt length and cache state would otherwise be traced again.
+        eager = self.compiled_layers and cache is not None
         for layer in self.layers:
-            hidden_states = layer(hidden_states, ctx=ctx)
+            hidden_states = (layer.forward if eager else layer)(hidden_states, ctx=ctx)
             if output_hidden_states and layer is not self.layers[-1]:
                 all_hidden_states += (hidden_states,)
         hidden_states = self.norm(hidden_states)
@@ -2122,7 +2187,8 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
             static=static,
         )
         for layer in self.model.layers:
-            hidden_states = layer(hidden_states, ctx=ctx)
+            run = layer.forward if self.model.compiled_layers else layer  # (compiled layers: see LlamaThinkModel)
+            hidden_states = run(hidden_states, ctx=ctx)
         return self.lm_head(self.model.norm(hidden_states))[:, 0]  # [B, vocab]
 
     def forward(

@@ -8,6 +8,8 @@ from conftest import tiny_model
 from llamathink.kernels_llamathink import (
     _fla_ops,
     fla_backward_problem,
+    fla_causal_conv1d_silu,
+    fla_conv_available,
     fla_chunk_gated_delta_rule,
     fla_recurrent_gated_delta_rule,
 )
@@ -191,8 +193,45 @@ def test_fla_variable_length_kernel_matches_the_reference_on_each_sequence():
         assert err < 3e-2, (name, err.item())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or not fla_conv_available(), reason="fla is not installed")
+@pytest.mark.parametrize("channels", [96, 100])
+def test_fla_causal_conv_matches_the_reference(channels):
+    """fla's fused conv + SiLU (channels-last, bf16) against PyTorch's depthwise conv in fp32, forward and gradients
+    (input and weight), for one sequence per row and for packed sequences (cu_seqlens), each of which must start
+    from zeros as if alone. 100 channels: not a multiple of fla's channel tiles (its masked path)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2, 300, channels, device="cuda", generator=gen).bfloat16()
+    weight = torch.randn(channels, 4, device="cuda", generator=gen) * 0.5
+
+    def reference(x, weight):  # [B, T, C] -> [B, T, C], fp32
+        out = torch.nn.functional.conv1d(
+            torch.nn.functional.pad(x.transpose(1, 2), (3, 0)), weight[:, None], groups=x.shape[-1]
+        )
+        return torch.nn.functional.silu(out).transpose(1, 2)
+
+    cu = torch.tensor([0, 37, 38, 170, 300, 600], device="cuda")
+    for packed in (False, True):
+        xs, ws = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        xr, wr = x.float().requires_grad_(), weight.clone().requires_grad_()
+        if packed:
+            out = fla_causal_conv1d_silu(xs.reshape(1, 600, channels), ws, cu).reshape(2, 300, channels)
+            flat, bounds = xr.reshape(1, 600, channels), cu.tolist()
+            ref = torch.cat([reference(flat[:, a:b], wr) for a, b in zip(bounds, bounds[1:])], 1).reshape(x.shape)
+        else:
+            out, ref = fla_causal_conv1d_silu(xs, ws), reference(xr, wr)
+        assert out.dtype == torch.bfloat16 and out.shape == x.shape
+        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+        grad = torch.randn_like(ref)
+        (out.float() * grad).sum().backward()
+        (ref * grad).sum().backward()
+        assert ws.grad.dtype == torch.float32
+        for name, a, b in (("x", xs.grad, xr.grad), ("weight", ws.grad, wr.grad)):
+            err = (a.float() - b).norm() / b.norm()
+            assert err < 2e-2, (packed, name, err.item())
+
+
 @needs_fla
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", ["eager", "model", "layers"])
 def test_packed_training_on_gpu_matches_the_cpu_reference(compiled):
     """Packed documents (position_ids restarting at 0) in bf16 training on the GPU - fla's cu_seqlens kernel,
     per-sequence SDPA eagerly or FlexAttention under torch.compile - against the fp32 CPU reference of the same
@@ -216,9 +255,45 @@ def test_packed_training_on_gpu_matches_the_cpu_reference(compiled):
     loss_ours, grads_ours = _loss_and_grads(ours, ids.cuda(), True, forward=forward(ours))
     model = tiny_model(dtype=torch.float32, gdn_backend="fla", **dims).cuda().train()
     torch._dynamo.reset()
-    step = torch.compile(model) if compiled else model
+    step = torch.compile(model) if compiled == "model" else model
+    if compiled == "layers":
+        model.compile_layers()
     loss, grads = _loss_and_grads(model, ids.cuda(), True, forward=forward(step))
     errors, reference = _relative_errors(grads, grads_ref), _relative_errors(grads_ours, grads_ref)
     worst = sorted(((errors[n], reference[n], n) for n in errors), reverse=True)[:5]
     assert all(errors[n] < 2 * reference[n] + 1e-2 for n in errors), ("fla packed vs ours", worst)
     assert abs(loss - loss_ref) < 2 * abs(loss_ours - loss_ref) + 2e-3 * abs(loss_ref), (loss, loss_ours, loss_ref)
+
+
+@needs_fla
+def test_compiled_layers_train_like_eager_and_compile_once_per_mixer_type():
+    """Regional compilation with inductor on the GPU (bf16, fla): loss and gradients as close to the fp32 CPU
+    reference as eager fla's; one graph per mixer type for plain batches; packed batches of new packings (a new
+    number of documents, new lengths) compile nothing more once shapes are dynamic (no recompilation per batch)."""
+    if fla_backward_problem(torch.device("cuda")) is not None:
+        pytest.skip(fla_backward_problem(torch.device("cuda")))
+    dims = dict(GDN_DIMS["dims16x32"], head_dim=16, hidden_size=64)
+    ids = torch.randint(1, 96, (2, 150), generator=torch.Generator().manual_seed(0))
+    loss_ref, grads_ref = _loss_and_grads(
+        tiny_model(dtype=torch.float32, gdn_backend="torch", **dims).train(), ids, False
+    )
+    model = tiny_model(dtype=torch.float32, gdn_backend="fla", **dims).cuda().train()
+    loss_eager, grads_eager = _loss_and_grads(model, ids.cuda(), autocast=True)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model.compile_layers()
+    loss, grads = _loss_and_grads(model, ids.cuda(), autocast=True)
+    eager, comp = _relative_errors(grads_eager, grads_ref), _relative_errors(grads, grads_ref)
+    worst = sorted(((comp[n], eager[n], n) for n in comp), reverse=True)[:5]
+    assert all(comp[n] < 2 * eager[n] + 1e-2 for n in comp), ("compiled layers vs eager", worst)
+    assert abs(loss - loss_ref) < 2 * abs(loss_eager - loss_ref) + 2e-3 * abs(loss_ref)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == len(set(model.config.mixer_types))
+    graphs = []
+    for cuts in ([40, 110], [10, 60, 120], [30, 31, 90, 149], [75]):
+        bounds = [0, *cuts, 150]
+        pos = torch.cat([torch.arange(b - a) for a, b in zip(bounds, bounds[1:])])[None].repeat(2, 1).cuda()
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(ids.cuda(), labels=ids.cuda(), position_ids=pos, use_cache=False).loss.backward()
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[-1] == graphs[-2], graphs

@@ -505,6 +505,7 @@ RESUME_APPLIED = (
     "push_to_hub",
     "hub_model_id",
     "compile",
+    "regional_compile",
     "eval_batches",
     "document_masking",
     "peak_tflops",

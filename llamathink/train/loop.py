@@ -235,7 +235,7 @@ def run_training(
     run_id: str,
     settings_file: str,
     history: dict | None = None,
-    compile: bool = False,
+    compile: str | None = None,
     desc: str = "train",
 ) -> dict:
     """Train `model` for `cfg.max_steps` optimizer steps (or to `cfg.stop_at_step`), resuming from `resume_from`.
@@ -247,7 +247,8 @@ def run_training(
     token. `history` starts the record (e.g. data counts); the loop adds {"losses": {step: loss}, "eval": {step:
     loss}, "perf": {step: metrics}}, writes it to `<out_dir>/history.json` at every checkpoint and at the end, and
     keeps it in the checkpoints with the tokens seen. `settings_file` (in out_dir) receives the settings once a
-    resume is accepted. `compile` wraps the prepared model in torch.compile.
+    resume is accepted. `compile`: None (eager), "layers" (each decoder layer compiled in place, the model's
+    `compile_layers`) or "model" (the prepared model wrapped in one torch.compile).
 
     Returns the history plus "tokens_seen" (input positions processed), "trained_tokens" (loss terms),
     "overflow_steps" (fp16 loss-scale overflows) and "final_dir" (`<out_dir>/final`, or None when the run stopped
@@ -284,8 +285,12 @@ def run_training(
     # per optimizer step (accelerate would step a prepared scheduler once per process).
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
-    if compile:
+    if compile == "layers":
+        raw_model.compile_layers()  # in place: the prepared (maybe DDP) wrapper stays as it is
+    elif compile == "model":
         model = torch.compile(model)
+    elif compile is not None:
+        raise ValueError(f"compile must be None, 'layers' or 'model', got {compile!r}")
 
     run = _init_wandb(cfg, wandb_id) if is_main else None
     if run is not None and resume_from is None and hooks.summary:

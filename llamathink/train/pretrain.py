@@ -39,6 +39,9 @@ class TrainConfig(RunConfig):
     seq_len: int = 1024
     # pretraining only: torch.compile, the size of an evaluation, the peak for MFU
     compile: bool = False
+    # with compile: true compiles each decoder layer (one graph per mixer type: a short first step, fast warm
+    # restarts; `LlamaThinkForCausalLM.compile_layers`); false compiles the whole model as one graph
+    regional_compile: bool = True
     # true: each document of a window sees only itself (position ids restart at every BOS). Off by default: on
     # the H200 it cost more than the 5% of throughput that would make it the default (BENCHMARKS.md). false: a
     # window is one stream, each document starting with the state the previous one left (the seed's recipe).
@@ -209,7 +212,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
         resume_from=resume_from,
         run_id=run_id,
         settings_file="train_config.json",
-        compile=cfg.compile,
+        compile=("layers" if cfg.regional_compile else "model") if cfg.compile else None,
         desc="train",
     )
 
