@@ -103,7 +103,11 @@ def test_gpu_backends_match_cpu_reference_forward_and_gradients(dims):
     ours = _relative_errors(results["torch"][1], grads_ref)
     fla = _relative_errors(results["fla"][1], grads_ref)
     worst = sorted(((fla[n], ours[n], n) for n in fla), reverse=True)[:5]
-    assert all(fla[n] < 2 * ours[n] + 1e-2 for n in fla), ("fla vs ours (relative gradient errors)", worst)
+    # fla's bf16 kernels at the odd 8 / 10 head dims (masked tiles) put the decay-gate gradients (dt_bias, A_log,
+    # in_proj_a) 2.5-3.2x further from the fp32 reference than our bf16 kernels (0.046-0.083 against 0.018-0.035
+    # relative, H200, docs/results/h200_s7_speed/gdn_dims8x10_diagnostic_call5.log, with fla's conv or ours alike):
+    # hence 3x + 0.02. A wrong gradient is off by ~1.
+    assert all(fla[n] < 3 * ours[n] + 2e-2 for n in fla), ("fla vs ours (relative gradient errors)", worst)
     assert abs(results["fla"][0] - loss_ref) < 2 * abs(results["torch"][0] - loss_ref) + 2e-3 * abs(loss_ref)
 
 

@@ -735,3 +735,51 @@ def test_wrong_position_ids_are_named(model_json):  # noqa: F811
             model(input_ids=ids, position_ids=bad, use_cache=False)
     with pytest.raises(ValueError, match="position_ids must be an integer tensor"):
         model(input_ids=ids, position_ids=torch.arange(6.0)[None], use_cache=False)
+
+
+def test_compile_true_trains_layer_by_layer_and_saves_plain_checkpoints(sample_data, model_json, tmp_path, monkeypatch):
+    """`compile: true` compiles the decoder layers in place (`compile_layers`; `regional_compile: false`: the whole
+    model): the run's losses equal the eager run's, and checkpoints and the final model keep the plain parameter
+    names. dynamo's "eager" backend stands in for inductor (same graphs, no code generation on the CPU runner)."""
+    from llamathink.modeling_llamathink import LlamaThinkPreTrainedModel
+
+    scopes = []
+    compile_layers = LlamaThinkPreTrainedModel.compile_layers
+    monkeypatch.setattr(
+        LlamaThinkPreTrainedModel,
+        "compile_layers",
+        lambda self, **kw: scopes.append("layers") or compile_layers(self, backend="eager"),
+    )
+    real_compile = torch.compile
+
+    def compile_whole(model=None, **kwargs):  # (nn.Module.compile passes the layer's bound _call_impl, not a Module)
+        if isinstance(model, torch.nn.Module):
+            scopes.append("model")
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_whole)
+    eager = pretrain.train(_cfg(sample_data, model_json, tmp_path / "eager", max_steps=4, save_every=4, eval_every=4))
+    torch._dynamo.reset()
+    layers = pretrain.train(
+        _cfg(sample_data, model_json, tmp_path / "layers", max_steps=4, save_every=4, eval_every=4, compile=True)
+    )
+    assert scopes == ["layers"]
+    whole = pretrain.train(
+        _cfg(
+            sample_data,
+            model_json,
+            tmp_path / "whole",
+            max_steps=4,
+            save_every=4,
+            eval_every=4,
+            compile=True,
+            regional_compile=False,
+        )
+    )
+    assert scopes == ["layers", "model"]
+    for run in (layers, whole):
+        for step, loss in eager["losses"].items():
+            assert abs(run["losses"][step] - loss) < 1e-5 * abs(loss), (step, run["losses"][step], loss)
+    names = set(ckpt.load_checkpoint(tmp_path / "layers/checkpoints/step_00000004")["model"])
+    assert names == set(ckpt.load_checkpoint(tmp_path / "eager/checkpoints/step_00000004")["model"])
+    assert not any("_orig_mod" in n for n in names)

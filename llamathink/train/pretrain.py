@@ -42,9 +42,9 @@ class TrainConfig(RunConfig):
     # with compile: true compiles each decoder layer (one graph per mixer type: a short first step, fast warm
     # restarts; `LlamaThinkForCausalLM.compile_layers`); false compiles the whole model as one graph
     regional_compile: bool = True
-    # true: each document of a window sees only itself (position ids restart at every BOS). Off by default: on
-    # the H200 it cost more than the 5% of throughput that would make it the default (BENCHMARKS.md). false: a
-    # window is one stream, each document starting with the state the previous one left (the seed's recipe).
+    # true: each document of a window sees only itself (position ids restart at every BOS). Off by default: on the
+    # H200 it costs 3% of the tokens/s compiled but runs at 0.36x eagerly (BENCHMARKS.md 1a, 2b); use it with
+    # compile. false: a window is one stream, each document starting with the state the previous one left.
     document_masking: bool = False
     eval_batches: int = 20
     peak_tflops: float | None = 989.0  # per device, for MFU (H100 SXM dense bf16); null to skip MFU
