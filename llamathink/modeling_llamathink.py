@@ -707,7 +707,10 @@ def document_block_mask(segments: PackedSegments, device: torch.device):
     if segments._block_mask is None:
         B, T = segments.ids.shape
         mask_mod = functools.partial(_document_causal, segments.ids)
-        segments._block_mask = create_block_mask(mask_mod, B, None, T, T, device=device)
+        # Eagerly (before compiled layers) PyTorch builds the B x T x T mask at once; past a few thousand tokens a
+        # compiled builder works block by block instead.
+        long = T > 4096 and not torch.compiler.is_compiling()
+        segments._block_mask = create_block_mask(mask_mod, B, None, T, T, device=device, _compile=long)
     return segments._block_mask
 
 
@@ -833,7 +836,9 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         qkv = self.in_proj_qkv(hidden_states)  # [B, T, conv_dim]
         if valid is not None:  # padding must not enter the conv state
             qkv = qkv * valid[..., None].to(qkv.dtype)
-        needs_grad = torch.is_grad_enabled() and (
+        # In training mode the answer does not depend on grad mode, so that the no-grad first pass of reentrant
+        # gradient checkpointing chooses the same kernels as its recomputation.
+        needs_grad = (torch.is_grad_enabled() or self.training) and (
             hidden_states.requires_grad or any(p.requires_grad for p in self.parameters())
         )
         backend = select_gdn_backend(self.backend, qkv.device, needs_grad, qkv.dtype)  # one choice for the layer
