@@ -15,7 +15,9 @@ the first one's compiler caches). Compiled LlamaThink is compiled layer by layer
 `compile: true` trains with); `llamathink:<backend>:whole` compiles the whole model as one graph instead; the
 peers are compiled whole (`torch.compile(model)`). Variants of LlamaThink: `:no-hc` (hyper-connections off),
 `:packed` (documents of 64-700 tokens per row, position ids restarting: the document-masked training path),
-`:eager-decode` (one-token steps without CUDA graphs).
+`:eager-decode` (one-token steps without CUDA graphs), `:head128` (8 Gated DeltaNet heads of 128 instead of 9 of
+112: what fla's padding of 112 to 128-wide tiles costs). `:cudagraphs`, on any model, compiles with
+`mode="reduce-overhead"` (the compiled kernels replayed as CUDA graphs: no per-kernel launch cost on the host).
 """
 
 from __future__ import annotations
@@ -64,15 +66,19 @@ def build(name: str):
     from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
 
     if name.startswith("llamathink"):
-        # llamathink:<backend>[:no-hc][:eager-decode][:whole][:packed]  (see the module docstring)
+        # llamathink:<backend>[:no-hc][:eager-decode][:whole][:packed][:head128][:cudagraphs]  (module docstring)
         parts = name.split(":")
+        heads = {"linear_num_key_heads": 8, "linear_num_value_heads": 8}
+        heads.update(linear_key_head_dim=128, linear_value_head_dim=128)
         return LlamaThinkForCausalLM(
             LlamaThinkConfig(
                 gdn_backend=parts[1],
                 decode_cuda_graphs="eager-decode" not in parts,
                 hyper_connections="no-hc" not in parts,
+                **(heads if "head128" in parts else {}),
             )
         )
+    name = name.split(":")[0]  # a peer's variants (`:cudagraphs`) only change how it is compiled
     if name == "hf-llama":
         cfg = LlamaConfig(
             vocab_size=32000,
@@ -155,10 +161,12 @@ def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False) -> d
     fpt = flops_per_token(name, model, seq)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     scope = None
+    cudagraphs = ":cudagraphs" in name
     if compile_model:
         regional = name.startswith("llamathink") and ":whole" not in name
         scope = "layers" if regional else "model"
-        step_model = model.compile_layers() if regional else torch.compile(model)
+        kwargs = {"mode": "reduce-overhead"} if cudagraphs else {}
+        step_model = model.compile_layers(**kwargs) if regional else torch.compile(model, **kwargs)
     else:
         step_model = model
     ids = torch.randint(0, 32000, (batch, seq), device="cuda")
@@ -170,6 +178,8 @@ def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False) -> d
     def step():
         extra = {"position_ids": packings[count[0] % len(packings)]} if packings else {}
         count[0] += 1
+        if cudagraphs and compile_model:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be overwritten
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = step_model(input_ids=ids, labels=ids, use_cache=False, **extra).loss
         loss.backward()

@@ -10,6 +10,8 @@
 #   OUT=results_dir bash benchmarks/gpu_suite.sh speed   # training throughput (issue 17): compiled beside HF Llama
 #                                                        # compiled, eager beside HF Qwen3.5; GPU tests
 #   OUT=results_dir bash benchmarks/gpu_suite.sh speed2  # profile of the compiled step; batch 64 compiled
+#   OUT=results_dir bash benchmarks/gpu_suite.sh speed3  # CUDA graphs (mode reduce-overhead) for ours and HF Llama
+#                                                        # at batch 16; fla heads of 128; batch 64
 #   OUT=results_dir bash benchmarks/gpu_suite.sh profile # torch.profiler view of the eager and compiled steps,
 #                                                        # generate() with fla, HF Qwen3.5 compiled (slow to compile)
 # Every benchmark has its own time limit so that a slow one cannot eat the others' time, and writes what it
@@ -56,6 +58,15 @@ elif [ "$PART" = speed2 ]; then  # the profile of the compiled step; batch 64 co
         tail -3 "$OUT/profile.log"; }
     half1() {
         bench 560 compiled64 --compiled-only --no-generate --budget-s 270 --train-batches 64 --models llamathink:fla,hf-llama; }
+elif [ "$PART" = speed3 ]; then  # issue 17: compiled loss chunk + CUDA graph replay, each beside HF Llama's
+    half0() {
+        bench 570 compiled_graphs --compiled-only --no-generate --budget-s 180 \
+            --models llamathink:fla,llamathink:fla:cudagraphs,hf-llama,hf-llama:cudagraphs,llamathink:fla:head128; }
+    half1() {
+        timeout 200 python -m pytest -q -p no:cacheprovider --tb=short tests/test_gpu.py -k cuda_graph_replay \
+            > "$OUT/test_gpu_graphs.log" 2>&1; tail -3 "$OUT/test_gpu_graphs.log"
+        bench 380 compiled64 --compiled-only --no-generate --budget-s 180 --train-batches 64 \
+            --models llamathink:fla:cudagraphs,hf-llama,llamathink:fla; }
 else  # profile
     half0() {
         timeout 300 python benchmarks/profile_gpu.py --backend auto --compile --out "$OUT" > "$OUT/profile.log" 2>&1

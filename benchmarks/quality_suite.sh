@@ -10,6 +10,9 @@
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh final   # 800 steps: ours vs HF Qwen3.5 vs
 #                                                                           # HF Llama on GPU 0; rest of the sweep
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh long    # the three models at 1600 steps
+#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh seeds   # 800 steps, model seeds 0-2 of each
+#                                                                           # model (ours + HF Llama on GPU 0)
+#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh seeds_long  # 1600 steps, seeds 1-2
 # `ablate` ran two eager processes per GPU: together they were no faster than one, so its seconds and tokens/s are
 # not throughput figures. `final` times the three models one after the other in one process on GPU 0 (the
 # time-to-loss comparison); `long` runs ours + HF Llama and HF Qwen3.5 in one process per GPU.
@@ -69,8 +72,20 @@ elif [ "$PART" = long ]; then  # 1600 steps; two GPUs, one process each
     q 0 560 final_1600 --steps 1600 --eval-every 200 --run llamathink:compile=1 --run hf-llama:model=hf-llama,compile=1 &
     q 1 560 final_1600_qwen --steps 1600 --eval-every 200 --run hf-qwen3.5:model=hf-qwen3.5 &
     wait
+elif [ "$PART" = seeds ]; then  # the seed noise of the three-model comparison: each model at seeds 0, 1, 2
+    q 0 590 seeds_800 --steps 800 --run lt-s0:compile=1 --run llama-s0:model=hf-llama,compile=1 \
+        --run lt-s1:compile=1,seed=1 --run llama-s1:model=hf-llama,compile=1,seed=1 \
+        --run lt-s2:compile=1,seed=2 --run llama-s2:model=hf-llama,compile=1,seed=2 &
+    q 1 590 seeds_800_qwen --steps 800 --run qwen-s0:model=hf-qwen3.5 --run qwen-s1:model=hf-qwen3.5,seed=1 \
+        --run qwen-s2:model=hf-qwen3.5,seed=2 &
+    wait
+elif [ "$PART" = seeds_long ]; then  # 1600 steps at seeds 1 and 2 (seed 0: `long`)
+    q 0 590 seeds_1600 --steps 1600 --eval-every 200 --run lt-s1:compile=1,seed=1 \
+        --run llama-s1:model=hf-llama,compile=1,seed=1 --run lt-s2:compile=1,seed=2 &
+    q 1 590 seeds_1600_qwen --steps 1600 --eval-every 200 --run qwen-s1:model=hf-qwen3.5,seed=1 &
+    wait
 else
-    echo "unknown part $PART (ablate, ablate2, packed, packed2, final or long)"; exit 2
+    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds or seeds_long)"; exit 2
 fi
 for f in "$OUT"/*.log; do echo "== $f"; grep -E "final|failed|Error|error|stopped" "$f" | tail -8; done
 for d in "$OUT"/*/; do [ -f "$d/quality.json" ] && python benchmarks/bench_quality.py --plot "$d/quality.json"; done

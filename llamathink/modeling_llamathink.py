@@ -26,6 +26,7 @@ kernels files) next to the weights for `trust_remote_code=True` loading where th
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
@@ -1499,17 +1500,55 @@ else:  # pragma: no cover - exercised on transformers < 5.24
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def cross_entropy_chunk(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss and gradients of one chunk of rows of the head: the body of `_ChunkedLinearCrossEntropy`.
+
+    hidden [n, H] and weight [V, H] in the compute dtype, targets [n] (-100 = ignored). Returns the summed
+    cross-entropy of `hidden @ weight.T` (a 0-d tensor in the accumulation dtype, fp32 for 16-bit inputs), its
+    gradient w.r.t. `hidden` [n, H] (compute dtype) and w.r.t. `weight` [V, H] (accumulation dtype), with the
+    softmax in the accumulation dtype. Plain PyTorch, so that `torch.compile` can fuse the cast, the logsumexp
+    and the softmax - onehot into one or two passes over the [n, V] logits (`chunked_causal_lm_loss(...,
+    compile_backend=...)`); eagerly it is the reference."""
+    acc = _acc_dtype(hidden.dtype)
+    logits = (hidden @ weight.T).to(acc)  # [n, V]
+    keep = targets != -100
+    safe = targets.masked_fill(~keep, 0)
+    lse = torch.logsumexp(logits, dim=-1)  # [n]
+    loss = ((lse - logits.gather(1, safe[:, None])[:, 0]) * keep).sum()
+    # d(sum of losses)/d(logits) = softmax - onehot on kept rows; the logits buffer is reused for it
+    grad = logits.sub_(lse[:, None]).exp_()
+    grad[torch.arange(len(safe), device=safe.device), safe] -= 1.0
+    grad = (grad * keep[:, None]).to(hidden.dtype)
+    return loss, grad @ weight, (grad.T @ hidden).to(acc)
+
+
+# torch.compile modes that replay the compiled kernels as CUDA graphs
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+
+
+@functools.cache
+def _compiled_cross_entropy_chunk(backend):
+    """`cross_entropy_chunk` through `torch.compile(backend=backend)`, one compiled function per backend (a module
+    attribute would make the model unpicklable). Dynamic shapes are left to dynamo: `chunked_causal_lm_loss`
+    splits a batch into equal chunks, so a fixed batch shape compiles once."""
+    return torch.compile(cross_entropy_chunk, backend=backend)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Sum of token cross-entropies of `hidden @ weight.T`, computed `chunk_rows` rows at a time.
 
     The logits of the whole batch (16 x 1024 x 32000 in fp32 is 2 GiB, plus as much again for their gradient) never
     exist at once: each chunk's logits are made, turned into the loss and into the gradients w.r.t. `hidden` and
-    `weight` right away (softmax - onehot), then dropped. The backward only scales the stored gradients, so the head
-    matmuls are done exactly once each, as in the unfused forward + backward.
+    `weight` right away (`chunk_fn`, `cross_entropy_chunk` or its compiled form), then dropped. The backward only
+    scales the stored gradients, so the head matmuls are done exactly once each, as in the unfused forward +
+    backward. Method: the chunked "fused linear cross-entropy" of Liger-Kernel and Apple's Cut Cross-Entropy
+    (Wijmans et al. 2024), here in PyTorch.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, divisor, chunk_rows: int):
+    def forward(ctx, hidden, weight, targets, divisor, chunk_rows: int, chunk_fn):
         # hidden [N, H] (already in the compute dtype), weight [V, H], targets [N] (-100 = ignored), divisor: scalar
         acc = _acc_dtype(hidden.dtype)
         grad_hidden = torch.empty_like(hidden)
@@ -1517,18 +1556,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         w = weight.to(hidden.dtype)
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
-            h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
-            logits = (h @ w.T).to(acc)  # [n, V]
-            keep = t != -100
-            t_safe = t.masked_fill(~keep, 0)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, t_safe[:, None])[:, 0]) * keep).sum()
-            # d(sum of losses)/d(logits) = softmax - onehot on kept rows; reuse the logits buffer for it
-            grad = logits.sub_(lse[:, None]).exp_()
-            grad[torch.arange(len(t), device=t.device), t_safe] -= 1.0
-            grad = (grad * keep[:, None]).to(hidden.dtype)
-            grad_hidden[start : start + chunk_rows] = grad @ w
-            grad_weight += (grad.T @ h).to(acc)
+            rows = slice(start, start + chunk_rows)
+            loss, grad_h, grad_w = chunk_fn(hidden[rows], w, targets[rows])
+            total += loss
+            grad_hidden[rows] = grad_h
+            grad_weight += grad_w
         divisor = divisor.to(acc)
         ctx.save_for_backward(grad_hidden, grad_weight, divisor)
         ctx.weight_dtype = weight.dtype
@@ -1538,7 +1570,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_hidden, grad_weight, divisor = ctx.saved_tensors
         scale = grad_out / divisor
-        return (grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype), None, None, None)
+        grad_weight = (grad_weight * scale).to(ctx.weight_dtype)
+        return grad_hidden * scale.to(grad_hidden.dtype), grad_weight, None, None, None, None
 
 
 def _next_token_targets(labels: torch.Tensor, num_items_in_batch, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1556,20 +1589,30 @@ def chunked_causal_lm_loss(
     labels: torch.Tensor,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_rows: int | None = None,
+    compile_backend=None,
 ) -> torch.Tensor:
     """Next-token cross-entropy of `lm_head(hidden_states)` against `labels` (shifted inside, -100 ignored), equal to
     transformers' `ForCausalLMLoss` on the full logits, without materialising them (see `_ChunkedLinearCrossEntropy`).
-    Under autocast the head matmuls run in the autocast dtype and the softmax in fp32, like the unfused path."""
+    Under autocast the head matmuls run in the autocast dtype and the softmax in fp32, like the unfused path.
+
+    hidden_states [B, T, H], weight [V, H], labels [B, T]. Returns a 0-d tensor: the sum of token losses over
+    `num_items_in_batch`, else their mean over kept targets. `chunk_rows` (default: ~256 MiB of fp32 logits) is
+    the most rows per chunk; the B*T rows are split into equal chunks so that one batch shape gives one chunk
+    shape. `compile_backend` (a `torch.compile` backend, e.g. "inductor"; what `compile_layers` sets) runs each
+    chunk through the compiled `cross_entropy_chunk`; None runs it eagerly."""
     B, T, H = hidden_states.shape
     targets, divisor = _next_token_targets(labels, num_items_in_batch, hidden_states.device)
     targets = targets.reshape(-1)
     hidden = hidden_states.reshape(B * T, H)
     if torch.is_autocast_enabled(hidden.device.type):
         hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
-    if chunk_rows is None:  # ~256 MiB of fp32 logits per chunk
-        chunk_rows = max(1, (64 * 2**20) // weight.shape[0])
+    if chunk_rows is None:  # equal chunks of at most ~256 MiB of fp32 logits each
+        rows, cap = hidden.shape[0], max(1, (64 * 2**20) // weight.shape[0])
+        n_chunks = max(1, math.ceil(rows / cap))
+        chunk_rows = max(1, math.ceil(rows / n_chunks))
+    chunk_fn = cross_entropy_chunk if compile_backend is None else _compiled_cross_entropy_chunk(compile_backend)
     with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen explicitly above
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, divisor, chunk_rows)
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, divisor, chunk_rows, chunk_fn)
 
 
 def is_plain_linear_head(head: nn.Module) -> bool:
@@ -1660,17 +1703,26 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         """Regional compilation: `torch.compile` each decoder layer in place (`nn.Module.compile`) rather than the
         whole model, and return the model. Layers of one mixer type share one compiled graph (one compilation per
         mixer type, not per layer), so the first step compiles in a fraction of the whole-model time and a warm
-        cache restarts fast; the embedding, the final norm and the chunked loss stay eager (matrix products and
-        a loop over chunks: nothing for inductor to fuse). Parameter names and state dicts are unchanged (no
-        `_orig_mod.` wrapper), so checkpoints, `save_pretrained` and DDP see the plain model.
+        cache restarts fast. The chunked training loss compiles too (one graph per chunk shape, with the same
+        `backend` but never CUDA graphs: `chunked_causal_lm_loss`), which fuses its logsumexp and softmax passes;
+        the embedding and the final norm stay eager. Parameter names and state dicts are unchanged (no `_orig_mod.`
+        wrapper), so checkpoints, `save_pretrained` and DDP see the plain model.
 
         Method: PyTorch's regional compilation recipe (pytorch.org/tutorials/recipes/regional_compilation.html);
-        `compile_kwargs` go to `torch.compile` (for example `mode`, `dynamic`, `backend`)."""
+        `compile_kwargs` go to `torch.compile` (for example `mode`, `dynamic`, `backend`). `mode="reduce-overhead"`
+        replays each layer's forward and backward kernels as CUDA graphs (cudagraph trees), which removes the
+        host's per-kernel launch cost; call `torch.compiler.cudagraph_mark_step_begin()` before each training
+        forward, and accumulate gradients into existing `.grad` tensors (`zero_grad(set_to_none=False)`) rather
+        than keeping a graph's output as `.grad` across replays (what `run_training` does). Forwards without
+        autograd (evaluation) then run the eager layers."""
         for module in self.modules():
             if isinstance(module, LlamaThinkDecoderLayer):
                 module.compile(**compile_kwargs)
             elif isinstance(module, LlamaThinkModel):
                 module.compiled_layers = True
+                module.compiled_layers_cuda_graphs = compile_kwargs.get("mode") in CUDA_GRAPH_COMPILE_MODES
+            elif isinstance(module, LlamaThinkForCausalLM):
+                module.loss_compile_backend = compile_kwargs.get("backend", "inductor")
         return self
 
     @torch.no_grad()
@@ -1750,6 +1802,7 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
     def __init__(self, config: LlamaThinkConfig):
         super().__init__(config)
         self.compiled_layers = False  # set by `compile_layers`: packed batches then use FlexAttention
+        self.compiled_layers_cuda_graphs = False  # set by `compile_layers(mode=...)` with a CUDA-graph mode
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([LlamaThinkDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = LlamaThinkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -1979,8 +2032,12 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         # Layers compiled by `compile_layers` serve training and evaluation batches; cached steps (generation) call
-        # the eager forward: each prompt length and cache state would otherwise be traced again.
-        eager = self.compiled_layers and cache is not None
+        # the eager forward: each prompt length and cache state would otherwise be traced again. With CUDA graphs,
+        # forwards without autograd run eagerly too: cudagraph trees keep one generation of graph outputs alive
+        # only while a backward is pending, so each compiled layer call would free the previous layer's output.
+        eager = self.compiled_layers and (
+            cache is not None or (self.compiled_layers_cuda_graphs and not torch.is_grad_enabled())
+        )
         for layer in self.layers:
             hidden_states = (layer.forward if eager else layer)(hidden_states, ctx=ctx)
             if output_hidden_states and layer is not self.layers[-1]:
@@ -2007,6 +2064,7 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         self.model = LlamaThinkModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.loss_compile_backend = None  # set by `compile_layers`: the chunked loss then runs compiled
         self.post_init()
 
     def get_input_embeddings(self):
@@ -2249,7 +2307,13 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
                 raise ValueError("skip_logits=True needs labels: without logits the loss is the only output")
             num_items = kwargs.get("num_items_in_batch")
             if is_plain_linear_head(self.lm_head):
-                loss = chunked_causal_lm_loss(hidden_states, self.lm_head.weight, labels, num_items_in_batch=num_items)
+                loss = chunked_causal_lm_loss(
+                    hidden_states,
+                    self.lm_head.weight,
+                    labels,
+                    num_items_in_batch=num_items,
+                    compile_backend=self.loss_compile_backend,
+                )
             else:  # a wrapped head (LoRA, quantised, hooked) must be called, never bypassed through its weight
                 loss = chunked_causal_lm_loss_through_module(hidden_states, self.lm_head, labels, num_items)
             if not return_dict:
@@ -2304,8 +2368,10 @@ def flops_per_token(config: LlamaThinkConfig, seq_len: int) -> float:
 __all__ = [
     "LlamaThinkCache",
     "flops_per_token",
+    "CUDA_GRAPH_COMPILE_MODES",
     "chunked_causal_lm_loss",
     "chunked_causal_lm_loss_through_module",
+    "cross_entropy_chunk",
     "is_plain_linear_head",
     "LlamaThinkForCausalLM",
     "LlamaThinkModel",

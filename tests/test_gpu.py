@@ -291,7 +291,8 @@ def test_compiled_layers_train_like_eager_and_compile_once_per_mixer_type():
     worst = sorted(((comp[n], eager[n], n) for n in comp), reverse=True)[:5]
     assert all(comp[n] < 2 * eager[n] + 1e-2 for n in comp), ("compiled layers vs eager", worst)
     assert abs(loss - loss_ref) < 2 * abs(loss_eager - loss_ref) + 2e-3 * abs(loss_ref)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == len(set(model.config.mixer_types))
+    # one graph per mixer type, and one for the chunked loss (`compile_layers` compiles it too)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == len(set(model.config.mixer_types)) + 1
     graphs = []
     for cuts in ([40, 110], [10, 60, 120], [30, 31, 90, 149], [75]):
         bounds = [0, *cuts, 150]
@@ -301,3 +302,79 @@ def test_compiled_layers_train_like_eager_and_compile_once_per_mixer_type():
             model(ids.cuda(), labels=ids.cuda(), position_ids=pos, use_cache=False).loss.backward()
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert graphs[-1] == graphs[-2], graphs
+
+
+@needs_fla
+def test_cuda_graph_replay_trains_like_compiled_layers():
+    """`compile_layers(mode="reduce-overhead")` replays each layer's kernels as CUDA graphs (fla's kernels inside
+    them): three optimizer steps give the losses and the weights of the same compiled layers without CUDA graphs
+    (the same kernels, so equal to float rounding), and both follow eager training."""
+    if fla_backward_problem(torch.device("cuda")) is not None:
+        pytest.skip(fla_backward_problem(torch.device("cuda")))
+    dims = dict(GDN_DIMS["dims16x32"], head_dim=16, hidden_size=64)
+    batches = [torch.randint(1, 96, (2, 128), generator=torch.Generator().manual_seed(s)).cuda() for s in (0, 1, 0)]
+
+    def train(mode):
+        torch._dynamo.reset()
+        model = tiny_model(dtype=torch.float32, gdn_backend="fla", **dims).cuda().train()
+        if mode != "eager":
+            model.compile_layers(mode=mode)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses = []
+        for ids in batches:
+            torch.compiler.cudagraph_mark_step_begin()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    (eager, _), (plain, w_plain), (graphs, w_graphs) = train("eager"), train("default"), train("reduce-overhead")
+    torch.testing.assert_close(graphs, plain, rtol=1e-5, atol=1e-5)
+    for name, w in w_plain.items():
+        torch.testing.assert_close(w_graphs[name], w, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(plain, eager, rtol=2e-2, atol=2e-2)
+    assert eager[2] < eager[0] - 0.02  # the steps trained: the first batch again, after two updates
+
+
+@needs_fla
+def test_cuda_graph_training_accumulates_and_evaluates_like_compiled_layers():
+    """What `run_training` does with `compile_mode: reduce-overhead`: gradients accumulated over two micro-batches
+    into `.grad` tensors kept for the run (a cudagraph-trees step begun before each micro-batch), and an evaluation
+    forward without autograd between steps (eager layers): the same losses, evaluation losses and weights as the
+    compiled layers without CUDA graphs."""
+    if fla_backward_problem(torch.device("cuda")) is not None:
+        pytest.skip(fla_backward_problem(torch.device("cuda")))
+    dims = dict(GDN_DIMS["dims16x32"], head_dim=16, hidden_size=64)
+    batches = [torch.randint(1, 96, (2, 128), generator=torch.Generator().manual_seed(s)).cuda() for s in range(6)]
+
+    def train(mode):
+        torch._dynamo.reset()
+        model = tiny_model(dtype=torch.float32, gdn_backend="fla", **dims).cuda().train().compile_layers(mode=mode)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses, evals = [], []
+        for micro_batches in (batches[0:2], batches[2:4], batches[4:6]):
+            for ids in micro_batches:
+                torch.compiler.cudagraph_mark_step_begin()
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(ids, labels=ids, use_cache=False).loss
+                (loss / 2).backward()
+                losses.append(loss.item())
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+            model.eval()
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                evals.append(model(batches[0], labels=batches[0], use_cache=False).loss.item())
+            model.train()
+        return losses, evals, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    (loss_plain, eval_plain, w_plain), (loss_graphs, eval_graphs, w_graphs) = train("default"), train("reduce-overhead")
+    torch.testing.assert_close(loss_graphs, loss_plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eval_graphs, eval_plain, rtol=3e-3, atol=3e-3)  # eager vs inductor kernels in bf16
+    for name, w in w_plain.items():
+        torch.testing.assert_close(w_graphs[name], w, rtol=1e-4, atol=1e-5, msg=name)
+    assert eval_plain[-1] < eval_plain[0] - 0.02  # the steps trained

@@ -1391,6 +1391,29 @@ def test_fla_backend_choice_is_probed_once_and_traces_without_graph_breaks(monke
     assert probes == ["tilelang"]
 
 
+def test_compiled_loss_chunk_matches_eager_through_inductor():
+    """The chunked loss through inductor (what `compile_layers` turns on) gives the eager loss and gradients in
+    float64, with ignored targets, a ragged last chunk and the `num_items_in_batch` divisor; the default chunking
+    splits rows into equal chunks (one compiled shape per batch shape)."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 40, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(96, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 96, (2, 40), generator=gen)
+    labels[0, :5] = -100
+    results = []
+    for backend in (None, "inductor"):
+        for num_items in (None, 123):
+            loss = chunked_causal_lm_loss(hidden, weight, labels, num_items, chunk_rows=30, compile_backend=backend)
+            results.append((loss, *torch.autograd.grad(loss, (hidden, weight))))
+    for eager, compiled in zip(results[:2], results[2:]):
+        for a, b in zip(eager, compiled):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(results[0][1], results[1][1])  # the divisor reached the gradients
+    reference = F.cross_entropy((hidden[:, :-1] @ weight.T).reshape(-1, 96), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(results[2][0], reference, rtol=1e-12, atol=1e-12)
+
+
 def test_compile_layers_compiles_once_per_mixer_type_and_matches_eager():
     """Regional compilation (`compile_layers`): one graph per mixer type however many layers share it, the same
     loss and gradients as the eager model (float64), packed batches included, and cached generation through the
@@ -1420,7 +1443,9 @@ def test_compile_layers_compiles_once_per_mixer_type_and_matches_eager():
         torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=1e-12)
         for name, grad in grads_ref.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-9, atol=1e-12, msg=name)
-    assert len(graphs) == 3, f"{len(graphs)} graphs for 3 mixer types"
+    loss_graphs = [gm for gm in graphs if "logsumexp" in gm.code]
+    assert len(graphs) - len(loss_graphs) == 3, f"{len(graphs) - len(loss_graphs)} layer graphs for 3 mixer types"
+    assert len(loss_graphs) == 1  # the chunked loss, compiled once for the one chunk shape
     positions = torch.cat([torch.arange(15), torch.arange(25)])[None].expand(2, 40)
     (loss_ref, grads_ref), (loss, grads) = (
         step(ref, ids, position_ids=positions),
@@ -1432,6 +1457,13 @@ def test_compile_layers_compiles_once_per_mixer_type_and_matches_eager():
     )
     ref.eval(), compiled.eval()
     n_graphs = len(graphs)
+    # with CUDA graphs (what compile_layers(mode="reduce-overhead") sets), forwards without autograd run eagerly
+    compiled.model.compiled_layers_cuda_graphs = True
+    with torch.no_grad():
+        out, out_ref = compiled(ids, use_cache=False), ref(ids, use_cache=False)
+        torch.testing.assert_close(out.logits, out_ref.logits, rtol=1e-12, atol=1e-12)
+    assert len(graphs) == n_graphs
+    compiled.model.compiled_layers_cuda_graphs = False
     with torch.no_grad():
         out_ref = ref.generate(ids[:, :8], max_new_tokens=6, do_sample=False)
         out = compiled.generate(ids[:, :8], max_new_tokens=6, do_sample=False)

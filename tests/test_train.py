@@ -737,6 +737,55 @@ def test_wrong_position_ids_are_named(model_json):  # noqa: F811
         model(input_ids=ids, position_ids=torch.arange(6.0)[None], use_cache=False)
 
 
+def test_cuda_graph_compile_mode_accumulates_into_kept_gradients(sample_data, model_json, tmp_path, monkeypatch):
+    """`compile_mode: reduce-overhead` reaches `compile_layers`, begins a cudagraph-trees step before every
+    micro-batch, and accumulates gradients into `.grad` tensors kept for the whole run (zeroed in place, never a
+    graph output that a replay overwrites): with grad_accum 2 the losses equal the eager run's. dynamo's "eager"
+    backend stands in for inductor, which has no CUDA graphs on the CPU (the replay itself: tests/test_gpu.py)."""
+    from llamathink.modeling_llamathink import LlamaThinkPreTrainedModel
+
+    modes, models, marks = [], [], []
+    compile_layers = LlamaThinkPreTrainedModel.compile_layers
+
+    def fake_compile_layers(self, **kw):
+        modes.append(kw.get("mode"))
+        models.append(self)
+        return compile_layers(self, backend="eager")
+
+    monkeypatch.setattr(LlamaThinkPreTrainedModel, "compile_layers", fake_compile_layers)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    zero_grad_calls = []
+    real_zero_grad = torch.optim.Optimizer.zero_grad
+    monkeypatch.setattr(
+        torch.optim.Optimizer,
+        "zero_grad",
+        lambda self, set_to_none=True: zero_grad_calls.append(set_to_none) or real_zero_grad(self, set_to_none),
+    )
+    eager = pretrain.train(_cfg(sample_data, model_json, tmp_path / "eager", max_steps=4, save_every=4, eval_every=4))
+    assert marks == [] and set(zero_grad_calls) == {True}
+    zero_grad_calls.clear()
+    torch._dynamo.reset()
+    cfg = _cfg(
+        sample_data,
+        model_json,
+        tmp_path / "graphs",
+        max_steps=4,
+        save_every=4,
+        eval_every=4,
+        compile=True,
+        compile_mode="reduce-overhead",
+    )
+    graphs = pretrain.train(cfg)
+    assert modes == ["reduce-overhead"] and len(marks) == 4 * cfg.grad_accum
+    assert set(zero_grad_calls) == {False}
+    assert all(p.grad is not None for p in models[0].parameters())  # kept, zeroed after the last step
+    assert all(not p.grad.any() for p in models[0].parameters())
+    for step, loss in eager["losses"].items():
+        assert abs(graphs["losses"][step] - loss) < 1e-5 * abs(loss), (step, graphs["losses"][step], loss)
+    with pytest.raises(ValueError, match="compile_mode must be one of default, reduce-overhead"):
+        _cfg(sample_data, model_json, tmp_path / "bad", compile=True, compile_mode="fast")
+
+
 def test_compile_true_trains_layer_by_layer_and_saves_plain_checkpoints(sample_data, model_json, tmp_path, monkeypatch):
     """`compile: true` compiles the decoder layers in place (`compile_layers`; `regional_compile: false`: the whole
     model): the run's losses equal the eager run's, and checkpoints and the final model keep the plain parameter

@@ -506,6 +506,7 @@ RESUME_APPLIED = (
     "hub_model_id",
     "compile",
     "regional_compile",
+    "compile_mode",
     "eval_batches",
     "document_masking",
     "peak_tflops",

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..data.chat import trained_tokens as count_trained_tokens
+from ..modeling_llamathink import CUDA_GRAPH_COMPILE_MODES
 from .checkpoint import (
     CheckpointError,
     OutDirInUse,
@@ -64,7 +65,15 @@ class StepCounters:
 
 
 def optimizer_step(
-    cfg: RunConfig, step: int, loss_value: float, grad_norm, optimizer, accelerator, counters: StepCounters, scaler=None
+    cfg: RunConfig,
+    step: int,
+    loss_value: float,
+    grad_norm,
+    optimizer,
+    accelerator,
+    counters: StepCounters,
+    scaler=None,
+    set_to_none: bool = True,
 ) -> bool:
     """Update the weights with the accumulated gradients, or skip the update; True when the weights changed.
 
@@ -76,11 +85,14 @@ def optimizer_step(
     printed. Only when the scale has fallen below 1, so the gradients overflow without any scaling, is the step
     treated as non-finite. Every path ends the scaler's step (`update`), so the next step may unscale again.
     `optimizer` may be accelerate's AcceleratedOptimizer built with `scaler` (its step calls scaler.step and
-    scaler.update) or a plain optimizer (then they are called here)."""
+    scaler.update) or a plain optimizer (then they are called here). `set_to_none`: how the gradients are cleared
+    afterwards (`zero_grad`); False keeps the `.grad` tensors (CUDA-graph training accumulates into them)."""
     if scaler is not None and not math.isfinite(loss_value):
         scaler.update()  # ends this step (the gradients were unscaled), so the next unscale_ is allowed
     if not math.isfinite(loss_value) or (scaler is None and not bool(torch.isfinite(torch.as_tensor(grad_norm)))):
-        counters.skips = skip_nonfinite_step(cfg, step, loss_value, grad_norm, counters.skips, optimizer, accelerator)
+        counters.skips = skip_nonfinite_step(
+            cfg, step, loss_value, grad_norm, counters.skips, optimizer, accelerator, set_to_none
+        )
         return False
     if scaler is None:
         optimizer.step()
@@ -95,7 +107,7 @@ def optimizer_step(
             skipped = scaler.get_scale() < scale
         new_scale = scaler.get_scale()
         if skipped:  # the scaler found inf/NaN gradients: it skipped the update and backed off
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=set_to_none)
             counters.overflows += 1
             accelerator.print(
                 f"loss-scale overflow at step {step} (grad norm {float(grad_norm)}): update skipped, "
@@ -103,10 +115,10 @@ def optimizer_step(
             )
             if new_scale < 1.0:
                 counters.skips = skip_nonfinite_step(
-                    cfg, step, loss_value, grad_norm, counters.skips, optimizer, accelerator
+                    cfg, step, loss_value, grad_norm, counters.skips, optimizer, accelerator, set_to_none
                 )
             return False
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=set_to_none)
     counters.skips = 0
     return True
 
@@ -119,11 +131,18 @@ def make_accelerator(cfg: RunConfig):
 
 
 def skip_nonfinite_step(
-    cfg: RunConfig, step: int, loss_value: float, grad_norm, skips: int, optimizer, accelerator
+    cfg: RunConfig,
+    step: int,
+    loss_value: float,
+    grad_norm,
+    skips: int,
+    optimizer,
+    accelerator,
+    set_to_none: bool = True,
 ) -> int:
     """A non-finite loss or gradient at `step`: drop the gradients, then stop (NonFiniteLoss) with nonfinite: stop
     or after max_consecutive_skips such steps in a row; else say so and return the new count of skips in a row."""
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=set_to_none)
     message = f"non-finite loss or gradient at step {step} (loss {loss_value}, grad norm {float(grad_norm)})"
     if cfg.nonfinite == "stop":
         raise NonFiniteLoss(
@@ -236,6 +255,7 @@ def run_training(
     settings_file: str,
     history: dict | None = None,
     compile: str | None = None,
+    compile_mode: str = "default",
     desc: str = "train",
 ) -> dict:
     """Train `model` for `cfg.max_steps` optimizer steps (or to `cfg.stop_at_step`), resuming from `resume_from`.
@@ -248,7 +268,10 @@ def run_training(
     loss}, "perf": {step: metrics}}, writes it to `<out_dir>/history.json` at every checkpoint and at the end, and
     keeps it in the checkpoints with the tokens seen. `settings_file` (in out_dir) receives the settings once a
     resume is accepted. `compile`: None (eager), "layers" (each decoder layer compiled in place, the model's
-    `compile_layers`) or "model" (the prepared model wrapped in one torch.compile).
+    `compile_layers`) or "model" (the prepared model wrapped in one torch.compile); `compile_mode` is torch.compile's
+    `mode`. With a CUDA-graph mode ("reduce-overhead", "max-autotune") each micro-batch begins a new cudagraph-trees
+    step, and gradients accumulate into `.grad` tensors that live for the whole run (zeroed, never set to None), so
+    that no `.grad` is a graph output that the next replay overwrites.
 
     Returns the history plus "tokens_seen" (input positions processed), "trained_tokens" (loss terms),
     "overflow_steps" (fp16 loss-scale overflows) and "final_dir" (`<out_dir>/final`, or None when the run stopped
@@ -286,11 +309,16 @@ def run_training(
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     if compile == "layers":
-        raw_model.compile_layers()  # in place: the prepared (maybe DDP) wrapper stays as it is
+        raw_model.compile_layers(mode=compile_mode)  # in place: the prepared (maybe DDP) wrapper stays as it is
     elif compile == "model":
-        model = torch.compile(model)
+        model = torch.compile(model, mode=compile_mode)
     elif compile is not None:
         raise ValueError(f"compile must be None, 'layers' or 'model', got {compile!r}")
+    cuda_graphs = compile is not None and compile_mode in CUDA_GRAPH_COMPILE_MODES
+    if cuda_graphs:  # gradients accumulate into tensors of their own (see the docstring)
+        for p in raw_model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     run = _init_wandb(cfg, wandb_id) if is_main else None
     if run is not None and resume_from is None and hooks.summary:
@@ -346,6 +374,8 @@ def run_training(
             inputs = {k: batch[k].to(accelerator.device) for k in MODEL_INPUTS if k in batch}
             sync = micro == cfg.grad_accum - 1
             ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with ctx, accelerator.autocast():
                 if n > 0:
                     loss = model(**inputs, use_cache=False).loss
@@ -358,7 +388,9 @@ def run_training(
         if measure:
             _sync(accelerator.device)
             t_opt = time.perf_counter()
-        if not optimizer_step(cfg, step, loss_value, grad_norm, optimizer, accelerator, counters, accelerator.scaler):
+        if not optimizer_step(
+            cfg, step, loss_value, grad_norm, optimizer, accelerator, counters, accelerator.scaler, not cuda_graphs
+        ):
             continue  # the data position advanced; the step counter did not
         if measure:
             _sync(accelerator.device)

@@ -25,6 +25,9 @@ from .config import RunConfig
 from .config import load_config as _load_settings
 from .loop import TrainingHooks, begin_run, command_main, make_accelerator, run_training, save_final
 
+# torch.compile's modes (`compile_mode`)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 @dataclass
 class TrainConfig(RunConfig):
@@ -42,8 +45,12 @@ class TrainConfig(RunConfig):
     # with compile: true compiles each decoder layer (one graph per mixer type: a short first step, fast warm
     # restarts; `LlamaThinkForCausalLM.compile_layers`); false compiles the whole model as one graph
     regional_compile: bool = True
+    # torch.compile's mode: "reduce-overhead" replays the compiled kernels as CUDA graphs (the step no longer waits
+    # on the host launching them: 1.7x the tokens/s of "default" at batch 16 on the H200, BENCHMARKS.md 1a);
+    # "default", "max-autotune", "max-autotune-no-cudagraphs"
+    compile_mode: str = "default"
     # true: each document of a window sees only itself (position ids restart at every BOS). Off by default: on the
-    # H200 it costs 3% of the tokens/s compiled but runs at 0.36x eagerly (BENCHMARKS.md 1a, 2b); use it with
+    # H200 it costs 3% of the tokens/s compiled but runs at 0.36x eagerly (BENCHMARKS.md 1b, 2b); use it with
     # compile. false: a window is one stream, each document starting with the state the previous one left.
     document_masking: bool = False
     eval_batches: int = 20
@@ -52,6 +59,8 @@ class TrainConfig(RunConfig):
     def __post_init__(self):
         super().__post_init__()
         self.check_positive("seq_len", "eval_batches")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if (self.model_config is None) == (self.init_from is None):
             raise ValueError("set exactly one of model_config (a fresh model) and init_from (a pretrained one)")
 
@@ -213,6 +222,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
         run_id=run_id,
         settings_file="train_config.json",
         compile=("layers" if cfg.regional_compile else "model") if cfg.compile else None,
+        compile_mode=cfg.compile_mode,
         desc="train",
     )
 
