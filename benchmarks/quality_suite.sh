@@ -12,7 +12,8 @@
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh long    # the three models at 1600 steps
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh seeds   # 800 steps, model seeds 0-2 of each
 #                                                                           # model (ours + HF Llama on GPU 0)
-#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh seeds_long  # 1600 steps, seeds 1-2
+#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh seeds_long  # 1600 steps: ours at seeds
+#                                                                           # 1 and 2, the peers at seed 1
 # `ablate` ran two eager processes per GPU: together they were no faster than one, so its seconds and tokens/s are
 # not throughput figures. `final` times the three models one after the other in one process on GPU 0 (the
 # time-to-loss comparison); `long` runs ours + HF Llama and HF Qwen3.5 in one process per GPU.
@@ -79,7 +80,7 @@ elif [ "$PART" = seeds ]; then  # the seed noise of the three-model comparison: 
     q 1 590 seeds_800_qwen --steps 800 --run qwen-s0:model=hf-qwen3.5 --run qwen-s1:model=hf-qwen3.5,seed=1 \
         --run qwen-s2:model=hf-qwen3.5,seed=2 &
     wait
-elif [ "$PART" = seeds_long ]; then  # 1600 steps at seeds 1 and 2 (seed 0: `long`)
+elif [ "$PART" = seeds_long ]; then  # 1600 steps, ours at seeds 1 and 2, the peers at seed 1 (seed 0: `long`)
     q 0 590 seeds_1600 --steps 1600 --eval-every 200 --run lt-s1:compile=1,seed=1 \
         --run llama-s1:model=hf-llama,compile=1,seed=1 --run lt-s2:compile=1,seed=2 &
     q 1 590 seeds_1600_qwen --steps 1600 --eval-every 200 --run qwen-s1:model=hf-qwen3.5,seed=1 &

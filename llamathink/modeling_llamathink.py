@@ -1528,11 +1528,22 @@ def cross_entropy_chunk(
 CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
+def uses_cuda_graphs(compile_kwargs: dict) -> bool:
+    """Whether `torch.compile(**compile_kwargs)` replays its kernels as CUDA graphs: a CUDA-graph `mode`, inductor's
+    `options={"triton.cudagraphs": True}`, or the "cudagraphs" backend."""
+    options = compile_kwargs.get("options") or {}
+    return (
+        compile_kwargs.get("mode") in CUDA_GRAPH_COMPILE_MODES
+        or bool(options.get("triton.cudagraphs"))
+        or compile_kwargs.get("backend") == "cudagraphs"
+    )
+
+
 @functools.cache
 def _compiled_cross_entropy_chunk(backend):
     """`cross_entropy_chunk` through `torch.compile(backend=backend)`, one compiled function per backend (a module
     attribute would make the model unpicklable). Dynamic shapes are left to dynamo: `chunked_causal_lm_loss`
-    splits a batch into equal chunks, so a fixed batch shape compiles once."""
+    splits a batch into chunks of near-equal size, so a fixed batch shape compiles once or twice."""
     return torch.compile(cross_entropy_chunk, backend=backend)
 
 
@@ -1597,8 +1608,9 @@ def chunked_causal_lm_loss(
 
     hidden_states [B, T, H], weight [V, H], labels [B, T]. Returns a 0-d tensor: the sum of token losses over
     `num_items_in_batch`, else their mean over kept targets. `chunk_rows` (default: ~256 MiB of fp32 logits) is
-    the most rows per chunk; the B*T rows are split into equal chunks so that one batch shape gives one chunk
-    shape. `compile_backend` (a `torch.compile` backend, e.g. "inductor"; what `compile_layers` sets) runs each
+    the most rows per chunk; by default the B*T rows are split into chunks of near-equal size (all equal when
+    their number divides B*T, as for 16 x 1024; else the last is shorter), so that one batch shape compiles at
+    most two chunk shapes. `compile_backend` (a `torch.compile` backend, e.g. "inductor"; what `compile_layers` sets) runs each
     chunk through the compiled `cross_entropy_chunk`; None runs it eagerly."""
     B, T, H = hidden_states.shape
     targets, divisor = _next_token_targets(labels, num_items_in_batch, hidden_states.device)
@@ -1713,16 +1725,19 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         replays each layer's forward and backward kernels as CUDA graphs (cudagraph trees), which removes the
         host's per-kernel launch cost; call `torch.compiler.cudagraph_mark_step_begin()` before each training
         forward, and accumulate gradients into existing `.grad` tensors (`zero_grad(set_to_none=False)`) rather
-        than keeping a graph's output as `.grad` across replays (what `run_training` does). Forwards without
-        autograd (evaluation) then run the eager layers."""
+        than keeping a graph's output as `.grad` across replays (what `run_training` does). Evaluation forwards
+        (eval mode without autograd; with CUDA graphs any forward without autograd) and cached generation run
+        the eager layers."""
+        cuda_graphs = uses_cuda_graphs(compile_kwargs)
         for module in self.modules():
             if isinstance(module, LlamaThinkDecoderLayer):
                 module.compile(**compile_kwargs)
             elif isinstance(module, LlamaThinkModel):
                 module.compiled_layers = True
-                module.compiled_layers_cuda_graphs = compile_kwargs.get("mode") in CUDA_GRAPH_COMPILE_MODES
+                module.compiled_layers_cuda_graphs = cuda_graphs
             elif isinstance(module, LlamaThinkForCausalLM):
-                module.loss_compile_backend = compile_kwargs.get("backend", "inductor")
+                backend = compile_kwargs.get("backend", "inductor")
+                module.loss_compile_backend = "inductor" if backend == "cudagraphs" else backend
         return self
 
     @torch.no_grad()
@@ -2031,12 +2046,17 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
 
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
-        # Layers compiled by `compile_layers` serve training and evaluation batches; cached steps (generation) call
-        # the eager forward: each prompt length and cache state would otherwise be traced again. With CUDA graphs,
-        # forwards without autograd run eagerly too: cudagraph trees keep one generation of graph outputs alive
-        # only while a backward is pending, so each compiled layer call would free the previous layer's output.
+        # Layers compiled by `compile_layers` serve the training forwards. Cached steps (generation) call the eager
+        # forward: each prompt length and cache state would otherwise be traced again. So do evaluation forwards
+        # (eval mode, no autograd): their graphs (and a short last batch's) would add to the training graphs in
+        # dynamo's per-function recompile limit, past which a layer silently runs eagerly, training included.
+        # With CUDA graphs every forward without autograd is eager: cudagraph trees keep one generation of graph
+        # outputs alive only while a backward is pending, so each compiled layer call would free the previous
+        # layer's output. (In training mode without CUDA graphs, a no-grad forward, such as reentrant
+        # checkpointing's first pass, keeps the compiled layers that its recomputation will use.)
+        no_grad = not torch.is_grad_enabled()
         eager = self.compiled_layers and (
-            cache is not None or (self.compiled_layers_cuda_graphs and not torch.is_grad_enabled())
+            cache is not None or (no_grad and (not self.training or self.compiled_layers_cuda_graphs))
         )
         for layer in self.layers:
             hidden_states = (layer.forward if eager else layer)(hidden_states, ctx=ctx)
@@ -2369,6 +2389,7 @@ __all__ = [
     "LlamaThinkCache",
     "flops_per_token",
     "CUDA_GRAPH_COMPILE_MODES",
+    "uses_cuda_graphs",
     "chunked_causal_lm_loss",
     "chunked_causal_lm_loss_through_module",
     "cross_entropy_chunk",

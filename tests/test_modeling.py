@@ -1455,15 +1455,25 @@ def test_compile_layers_compiles_once_per_mixer_type_and_matches_eager():
     torch.testing.assert_close(
         grads["model.layers.0.mixer.conv1d.weight"], grads_ref["model.layers.0.mixer.conv1d.weight"]
     )
-    ref.eval(), compiled.eval()
     n_graphs = len(graphs)
-    # with CUDA graphs (what compile_layers(mode="reduce-overhead") sets), forwards without autograd run eagerly
+    # training-mode forwards without autograd (reentrant checkpointing's first pass) keep the compiled layers...
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, labels=ids).loss, ref(ids, labels=ids).loss, rtol=1e-12, atol=0)
+    assert len(graphs) > n_graphs
+    n_graphs = len(graphs)
+    # ...except with CUDA graphs (what compile_layers(mode="reduce-overhead") sets), where they run eagerly
     compiled.model.compiled_layers_cuda_graphs = True
     with torch.no_grad():
-        out, out_ref = compiled(ids, use_cache=False), ref(ids, use_cache=False)
-        torch.testing.assert_close(out.logits, out_ref.logits, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(compiled(ids, labels=ids).loss, ref(ids, labels=ids).loss, rtol=1e-12, atol=0)
     assert len(graphs) == n_graphs
     compiled.model.compiled_layers_cuda_graphs = False
+    # evaluation forwards (eval mode, no autograd) run the eager layers: no graphs for them or a short last batch
+    ref.eval(), compiled.eval()
+    with torch.no_grad():
+        for batch in (ids, ids[:1]):
+            out, out_ref = compiled(batch, use_cache=False), ref(batch, use_cache=False)
+            torch.testing.assert_close(out.logits, out_ref.logits, rtol=1e-12, atol=1e-12)
+    assert len(graphs) == n_graphs
     with torch.no_grad():
         out_ref = ref.generate(ids[:, :8], max_new_tokens=6, do_sample=False)
         out = compiled.generate(ids[:, :8], max_new_tokens=6, do_sample=False)

@@ -784,6 +784,8 @@ def test_cuda_graph_compile_mode_accumulates_into_kept_gradients(sample_data, mo
         assert abs(graphs["losses"][step] - loss) < 1e-5 * abs(loss), (step, graphs["losses"][step], loss)
     with pytest.raises(ValueError, match="compile_mode must be one of default, reduce-overhead"):
         _cfg(sample_data, model_json, tmp_path / "bad", compile=True, compile_mode="fast")
+    with pytest.raises(ValueError, match="compile_mode: reduce-overhead has no effect without compile: true"):
+        _cfg(sample_data, model_json, tmp_path / "bad", compile_mode="reduce-overhead")
 
 
 def test_compile_true_trains_layer_by_layer_and_saves_plain_checkpoints(sample_data, model_json, tmp_path, monkeypatch):

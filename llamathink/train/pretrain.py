@@ -45,9 +45,10 @@ class TrainConfig(RunConfig):
     # with compile: true compiles each decoder layer (one graph per mixer type: a short first step, fast warm
     # restarts; `LlamaThinkForCausalLM.compile_layers`); false compiles the whole model as one graph
     regional_compile: bool = True
-    # torch.compile's mode: "reduce-overhead" replays the compiled kernels as CUDA graphs (the step no longer waits
-    # on the host launching them: 1.7x the tokens/s of "default" at batch 16 on the H200, BENCHMARKS.md 1a);
-    # "default", "max-autotune", "max-autotune-no-cudagraphs"
+    # torch.compile's mode (with compile: true): "reduce-overhead" replays the compiled kernels as CUDA graphs, so
+    # the step no longer waits on the host launching them (bench_gpu on the H200: 1.72x the tokens/s of "default"
+    # at batch 16, about the same at batch 64; BENCHMARKS.md 1a); "default", "max-autotune",
+    # "max-autotune-no-cudagraphs"
     compile_mode: str = "default"
     # true: each document of a window sees only itself (position ids restart at every BOS). Off by default: on the
     # H200 it costs 3% of the tokens/s compiled but runs at 0.36x eagerly (BENCHMARKS.md 1b, 2b); use it with
@@ -61,6 +62,8 @@ class TrainConfig(RunConfig):
         self.check_positive("seq_len", "eval_batches")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"compile_mode: {self.compile_mode} has no effect without compile: true; set both")
         if (self.model_config is None) == (self.init_from is None):
             raise ValueError("set exactly one of model_config (a fresh model) and init_from (a pretrained one)")
 
