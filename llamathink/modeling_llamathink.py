@@ -1610,15 +1610,15 @@ def chunked_causal_lm_loss(
     `num_items_in_batch`, else their mean over kept targets. `chunk_rows` (default: ~256 MiB of fp32 logits) is
     the most rows per chunk; by default the B*T rows are split into chunks of near-equal size (all equal when
     their number divides B*T, as for 16 x 1024; else the last is shorter), so that one batch shape compiles at
-    most two chunk shapes. `compile_backend` (a `torch.compile` backend, e.g. "inductor"; what `compile_layers` sets) runs each
-    chunk through the compiled `cross_entropy_chunk`; None runs it eagerly."""
+    most two chunk shapes. `compile_backend` (a `torch.compile` backend, e.g. "inductor"; what `compile_layers`
+    sets) runs each chunk through the compiled `cross_entropy_chunk`; None runs it eagerly."""
     B, T, H = hidden_states.shape
     targets, divisor = _next_token_targets(labels, num_items_in_batch, hidden_states.device)
     targets = targets.reshape(-1)
     hidden = hidden_states.reshape(B * T, H)
     if torch.is_autocast_enabled(hidden.device.type):
         hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
-    if chunk_rows is None:  # equal chunks of at most ~256 MiB of fp32 logits each
+    if chunk_rows is None:  # near-equal chunks of at most ~256 MiB of fp32 logits each
         rows, cap = hidden.shape[0], max(1, (64 * 2**20) // weight.shape[0])
         n_chunks = max(1, math.ceil(rows / cap))
         chunk_rows = max(1, math.ceil(rows / n_chunks))
