@@ -68,14 +68,18 @@ def build(name: str):
     if name.startswith("llamathink"):
         # llamathink:<backend>[:no-hc][:eager-decode][:whole][:packed][:head128][:cudagraphs]  (module docstring)
         parts = name.split(":")
-        heads = {"linear_num_key_heads": 8, "linear_num_value_heads": 8}
-        heads.update(linear_key_head_dim=128, linear_value_head_dim=128)
+        head128 = {
+            "linear_num_key_heads": 8,
+            "linear_num_value_heads": 8,
+            "linear_key_head_dim": 128,
+            "linear_value_head_dim": 128,
+        }
         return LlamaThinkForCausalLM(
             LlamaThinkConfig(
                 gdn_backend=parts[1],
                 decode_cuda_graphs="eager-decode" not in parts,
                 hyper_connections="no-hc" not in parts,
-                **(heads if "head128" in parts else {}),
+                **(head128 if "head128" in parts else {}),
             )
         )
     name = name.split(":")[0]  # a peer's variants (`:cudagraphs`) only change how it is compiled

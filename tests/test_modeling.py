@@ -1393,8 +1393,8 @@ def test_fla_backend_choice_is_probed_once_and_traces_without_graph_breaks(monke
 
 def test_compiled_loss_chunk_matches_eager_through_inductor():
     """The chunked loss through inductor (what `compile_layers` turns on) gives the eager loss and gradients in
-    float64, with ignored targets, a ragged last chunk and the `num_items_in_batch` divisor; the default chunking
-    splits rows into equal chunks (one compiled shape per batch shape)."""
+    float64, with ignored targets, a ragged last chunk and the `num_items_in_batch` divisor, and equals
+    `F.cross_entropy` on the full logits."""
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 40, 16, dtype=torch.float64, generator=gen, requires_grad=True)

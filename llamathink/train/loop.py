@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..data.chat import trained_tokens as count_trained_tokens
-from ..modeling_llamathink import CUDA_GRAPH_COMPILE_MODES
+from ..modeling_llamathink import uses_cuda_graphs
 from .checkpoint import (
     CheckpointError,
     OutDirInUse,
@@ -314,7 +314,7 @@ def run_training(
         model = torch.compile(model, mode=compile_mode)
     elif compile is not None:
         raise ValueError(f"compile must be None, 'layers' or 'model', got {compile!r}")
-    cuda_graphs = compile is not None and compile_mode in CUDA_GRAPH_COMPILE_MODES
+    cuda_graphs = compile is not None and uses_cuda_graphs({"mode": compile_mode})
     if cuda_graphs:  # gradients accumulate into tensors of their own (see the docstring)
         for p in raw_model.parameters():
             if p.requires_grad and p.grad is None:
