@@ -17,7 +17,10 @@ in two at a document boundary: the first `--val-docs` documents are the validati
 rest the test set, read once at the end of each run for the figure that is reported.
 
 A run is `NAME:key=value,key=value`. Keys: `model` (llamathink, hf-qwen3.5, hf-llama), `compile` (0/1),
-`optimizer` (muon, adamw), `muon_lr`, `adamw_lr`, `weight_decay`, `seed`; for llamathink also any
+`compile_mode` (`torch.compile`'s mode; `reduce-overhead` replays CUDA graphs, as `compile_mode` in training),
+`optimizer` (muon, adamw), `muon_lr`, `adamw_lr`, `weight_decay`, `seed`, `adamw_suffixes` (parameter-name
+suffixes, `/`-separated, routed to AdamW instead of Muon: `classify_parameter`'s `extra_adamw_suffixes`); for
+llamathink also any
 `LlamaThinkConfig` field (`hyper_connections=false`, `rescale_prenorm_residual=true`, `A_init_range=[0.01,16]`,
 `pattern=linear/linear/full/full`, repeated to the depth) and re-initialisations of the default init applied
 after construction: `init.conv=uniform|STD` (depthwise conv: PyTorch's uniform(+-1/sqrt(k)) or N(0, STD)),
@@ -50,10 +53,23 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_gpu import build as build_peer, versions  # noqa: E402
 
 from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM  # noqa: E402
+from llamathink.modeling_llamathink import uses_cuda_graphs  # noqa: E402
+from llamathink.train.pretrain import COMPILE_MODES  # noqa: E402
 from llamathink.data import TokenBatchLoader, document_position_ids, find_shards, load_meta, open_shard  # noqa: E402
 
 DEFAULT_RUNS = ("llamathink:compile=1", "hf-qwen3.5:model=hf-qwen3.5", "hf-llama:model=hf-llama,compile=1")
-RUN_KEYS = {"model", "compile", "optimizer", "muon_lr", "adamw_lr", "weight_decay", "seed", "document_masking"}
+RUN_KEYS = {
+    "model",
+    "compile",
+    "compile_mode",
+    "optimizer",
+    "muon_lr",
+    "adamw_lr",
+    "weight_decay",
+    "seed",
+    "document_masking",
+    "adamw_suffixes",
+}
 INIT_KEYS = {"init.conv", "init.embed", "init.compress"}
 
 
@@ -94,6 +110,8 @@ def parse_run(spec: str) -> dict:
         value = _value(raw)
         if key in ("compile", "document_masking"):
             run[key] = bool(value)
+        elif key == "adamw_suffixes":
+            run[key] = str(value).split("/")
         elif key in RUN_KEYS:
             run[key] = value
         elif key in INIT_KEYS:
@@ -112,6 +130,10 @@ def parse_run(spec: str) -> dict:
         raise ValueError(f"run {name!r}: {unknown} are not run keys, init choices or LlamaThinkConfig fields")
     if run["optimizer"] not in ("muon", "adamw"):
         raise ValueError(f"run {name!r}: optimizer must be muon or adamw, got {run['optimizer']!r}")
+    if run.get("compile_mode", "default") not in COMPILE_MODES:
+        raise ValueError(f"run {name!r}: compile_mode must be one of {COMPILE_MODES}, got {run['compile_mode']!r}")
+    if run.get("compile_mode", "default") != "default" and not run["compile"]:
+        raise ValueError(f"run {name!r}: compile_mode needs compile=1")
     return run
 
 
@@ -233,11 +255,19 @@ def train_run(run: dict, args, val: np.ndarray, test: np.ndarray, device: torch.
     model = build_model(run).to(device)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    optimizer = build_optimizer(model, settings)
+    optimizer = build_optimizer(model, settings, extra_adamw_suffixes=run.get("adamw_suffixes", ()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, settings))
     step_model = model
+    compile_kwargs = {"mode": run.get("compile_mode", "default")}
+    cuda_graphs = run["compile"] and uses_cuda_graphs(compile_kwargs)
     if run["compile"]:  # LlamaThink as `compile: true` trains (layer by layer); the peers as one graph
-        step_model = model.compile_layers() if hasattr(model, "compile_layers") else torch.compile(model)
+        if hasattr(model, "compile_layers"):
+            step_model = model.compile_layers(**compile_kwargs)
+        else:
+            step_model = torch.compile(model, **compile_kwargs)
+    if cuda_graphs:  # as `run_training`: gradients accumulate into tensors kept for the run, never graph outputs
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
     loader = TokenBatchLoader(args.data, args.seq, args.batch, seed=args.data_seed)
     tokens_per_step = args.batch * args.seq
     record = {
@@ -270,14 +300,16 @@ def train_run(run: dict, args, val: np.ndarray, test: np.ndarray, device: torch.
         extra = {"position_ids": document_position_ids(input_ids, bos_id)} if bos_id is not None else {}
         input_ids, labels = input_ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         extra = {k: v.to(device, non_blocking=True) for k, v in extra.items()}
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with _autocast(device):
             loss = step_model(input_ids=input_ids, labels=labels, use_cache=False, **extra).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        window_loss.append(loss.detach())
+        optimizer.zero_grad(set_to_none=not cuda_graphs)
+        window_loss.append(loss.detach().clone() if cuda_graphs else loss.detach())
         if step == 0 or step + 1 == args.speed_from:
             _sync(device)
             now = train_s + time.perf_counter() - t0

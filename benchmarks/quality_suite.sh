@@ -14,6 +14,9 @@
 #                                                                           # model (ours + HF Llama on GPU 0)
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh seeds_long  # 1600 steps: ours at seeds
 #                                                                           # 1 and 2, the peers at seed 1
+#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa     # the CSA layers over seeds: their
+#                                                                           # compressors' init and optimizer, the
+#                                                                           # pattern; CUDA-graph GPU tests first
 # `ablate` ran two eager processes per GPU: together they were no faster than one, so its seconds and tokens/s are
 # not throughput figures. `final` times the three models one after the other in one process on GPU 0 (the
 # time-to-loss comparison); `long` runs ours + HF Llama and HF Qwen3.5 in one process per GPU.
@@ -22,6 +25,7 @@ set -u
 DATA=${DATA:?set DATA to a prepared folder}
 OUT=${OUT:-results}
 PART=${1:-ablate}
+SECONDS_LEFT=${SECONDS_LEFT:-560}  # the wall-clock budget of a part's longest process
 mkdir -p "$OUT" /tmp/kcache
 export TRITON_CACHE_DIR=/tmp/kcache/triton TILELANG_CACHE_DIR=/tmp/kcache/tilelang PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor
@@ -85,8 +89,21 @@ elif [ "$PART" = seeds_long ]; then  # 1600 steps, ours at seeds 1 and 2, the pe
         --run llama-s1:model=hf-llama,compile=1,seed=1 --run lt-s2:compile=1,seed=2 &
     q 1 590 seeds_1600_qwen --steps 1600 --eval-every 200 --run qwen-s1:model=hf-qwen3.5,seed=1 &
     wait
+elif [ "$PART" = csa ]; then  # 800 steps, CUDA graphs (the same function as compile=1, faster), eval every 200
+    CG=compile=1,compile_mode=reduce-overhead
+    CSA_ADAMW=adamw_suffixes=compress_k.weight/compress_v.weight/blend_proj.weight
+    (CUDA_VISIBLE_DEVICES=0 timeout 260 python -m pytest -q -p no:cacheprovider tests/test_gpu.py -k cuda_graph \
+        > "$OUT/test_gpu_cuda_graph.log" 2>&1
+     q 0 $((SECONDS_LEFT - 270)) csa_a --steps 800 --eval-every 200 --run adamw-s0:$CG,$CSA_ADAMW \
+        --run adamw-s1:$CG,$CSA_ADAMW,seed=1 --run qwenpattern-s0:$CG,pattern=linear/linear/full/full) &
+    q 1 "$SECONDS_LEFT" csa_b --steps 800 --eval-every 200 --run identity-s0:$CG,init.compress=identity \
+        --run identity-s1:$CG,init.compress=identity,seed=1 --run identity-s2:$CG,init.compress=identity,seed=2 \
+        --run adamw-s2:$CG,$CSA_ADAMW,seed=2 --run qwenpattern-s1:$CG,pattern=linear/linear/full/full,seed=1 \
+        --run default-s0:$CG &
+    wait
+    tail -5 "$OUT/test_gpu_cuda_graph.log"
 else
-    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds or seeds_long)"; exit 2
+    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long or csa)"; exit 2
 fi
 for f in "$OUT"/*.log; do echo "== $f"; grep -E "final|failed|Error|error|stopped" "$f" | tail -8; done
 for d in "$OUT"/*/; do [ -f "$d/quality.json" ] && python benchmarks/bench_quality.py --plot "$d/quality.json"; done
