@@ -12,6 +12,10 @@
 #   OUT=results_dir bash benchmarks/gpu_suite.sh speed2  # profile of the compiled step; batch 64 compiled
 #   OUT=results_dir bash benchmarks/gpu_suite.sh speed3  # CUDA graphs (mode reduce-overhead) for ours and HF Llama
 #                                                        # at batch 16; fla heads of 128; batch 64
+#   DATA=runs/english200 OUT=results_dir bash benchmarks/gpu_suite.sh loop  # the CUDA-graph GPU tests; the
+#                                                        # training loop (train_hf.py, Muon) compiled with and
+#                                                        # without CUDA graphs, HF Llama compiled in
+#                                                        # bench_quality's loop beside it (half 0 only)
 #   OUT=results_dir bash benchmarks/gpu_suite.sh profile # torch.profiler view of the eager and compiled steps,
 #                                                        # generate() with fla, HF Qwen3.5 compiled (slow to compile)
 # Every benchmark has its own time limit so that a slow one cannot eat the others' time, and writes what it
@@ -67,6 +71,20 @@ elif [ "$PART" = speed3 ]; then  # issue 17: compiled loss chunk + CUDA graph re
             > "$OUT/test_gpu_graphs.log" 2>&1; tail -3 "$OUT/test_gpu_graphs.log"
         bench 380 compiled64 --compiled-only --no-generate --budget-s 180 --train-batches 64 \
             --models llamathink:fla:cudagraphs,hf-llama,llamathink:fla; }
+elif [ "$PART" = loop ]; then  # issue 17: `compile_mode: reduce-overhead` in the real training loop
+    half0() {
+        timeout 260 python -m pytest -q -p no:cacheprovider --tb=short tests/test_gpu.py -k cuda_graph \
+            > "$OUT/test_gpu_graphs.log" 2>&1; tail -3 "$OUT/test_gpu_graphs.log"
+        for mode in reduce-overhead default; do
+            timeout 150 python train_hf.py --config configuration/train/english_docs_1gpu.yaml --data_dir "$DATA" \
+                --out_dir "/tmp/loop_$mode" --compile true --compile_mode "$mode" --max_steps 300 --eval_every 300 \
+                --eval_batches 4 --sample_every 100000 --wandb_mode disabled --log_every 50 > "$OUT/loop_$mode.log" 2>&1
+            grep -iE "tok|error" "$OUT/loop_$mode.log" | tail -4
+        done
+        timeout 120 python benchmarks/bench_quality.py --data "$DATA" --steps 300 --eval-every 300 --eval-windows 16 \
+            --speed-from 50 --out "$OUT/loop_llama" --run hf-llama:model=hf-llama,compile=1 > "$OUT/loop_llama.log" 2>&1
+        grep final "$OUT/loop_llama.log"; }
+    half1() { echo "part loop has one half (half0)"; }
 else  # profile
     half0() {
         timeout 300 python benchmarks/profile_gpu.py --backend auto --compile --out "$OUT" > "$OUT/profile.log" 2>&1

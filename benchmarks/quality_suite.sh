@@ -17,6 +17,9 @@
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa     # the CSA layers over seeds: their
 #                                                                           # compressors' init and optimizer, the
 #                                                                           # pattern; CUDA-graph GPU tests first
+#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa2    # GPU 1 only: the CSA layer with its
+#                                                                           # window over the whole sequence, and
+#                                                                           # without compressed blocks
 # `ablate` ran two eager processes per GPU: together they were no faster than one, so its seconds and tokens/s are
 # not throughput figures. `final` times the three models one after the other in one process on GPU 0 (the
 # time-to-loss comparison); `long` runs ours + HF Llama and HF Qwen3.5 in one process per GPU.
@@ -102,8 +105,15 @@ elif [ "$PART" = csa ]; then  # 800 steps, CUDA graphs (the same function as com
         --run default-s0:$CG &
     wait
     tail -5 "$OUT/test_gpu_cuda_graph.log"
+elif [ "$PART" = csa2 ]; then  # which half of a CSA layer costs: csa_window=1024 makes the local path full causal
+    # attention (the compressed path still blended in); csa_stride=1024 completes no block in a 1024 window (the
+    # compressed path outputs 0, the local window alone, scaled by 1 - blend)
+    CG=compile=1,compile_mode=reduce-overhead
+    q 1 "$SECONDS_LEFT" csa_c --steps 800 --eval-every 200 --run w1024-s2:$CG,csa_window=1024,seed=2 \
+        --run nocomp-s2:$CG,csa_stride=1024,seed=2 --run w1024-s1:$CG,csa_window=1024,seed=1 \
+        --run nocomp-s1:$CG,csa_stride=1024,seed=1 --run w1024-s0:$CG,csa_window=1024 --run nocomp-s0:$CG,csa_stride=1024
 else
-    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long or csa)"; exit 2
+    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa or csa2)"; exit 2
 fi
 for f in "$OUT"/*.log; do echo "== $f"; grep -E "final|failed|Error|error|stopped" "$f" | tail -8; done
 for d in "$OUT"/*/; do [ -f "$d/quality.json" ] && python benchmarks/bench_quality.py --plot "$d/quality.json"; done
