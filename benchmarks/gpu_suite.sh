@@ -12,7 +12,7 @@
 #   OUT=results_dir bash benchmarks/gpu_suite.sh speed2  # profile of the compiled step; batch 64 compiled
 #   OUT=results_dir bash benchmarks/gpu_suite.sh speed3  # CUDA graphs (mode reduce-overhead) for ours and HF Llama
 #                                                        # at batch 16; fla heads of 128; batch 64
-#   DATA=runs/english200 OUT=results_dir bash benchmarks/gpu_suite.sh loop  # the CUDA-graph GPU tests; the
+#   DATA=runs/english200 [TOKENIZER=llama2-tokenizer.model] OUT=results_dir bash benchmarks/gpu_suite.sh loop  # the CUDA-graph GPU tests; the
 #                                                        # training loop (train_hf.py, Muon) compiled with and
 #                                                        # without CUDA graphs, HF Llama compiled in
 #                                                        # bench_quality's loop beside it (half 0 only)
@@ -73,12 +73,13 @@ elif [ "$PART" = speed3 ]; then  # issue 17: compiled loss chunk + CUDA graph re
             --models llamathink:fla:cudagraphs,hf-llama,llamathink:fla; }
 elif [ "$PART" = loop ]; then  # issue 17: `compile_mode: reduce-overhead` in the real training loop
     half0() {
-        timeout 260 python -m pytest -q -p no:cacheprovider --tb=short tests/test_gpu.py -k cuda_graph \
+        timeout 260 python -m pytest -q -p no:cacheprovider --tb=short tests/test_gpu.py -k "cuda_graph_replay or cuda_graph_training" \
             > "$OUT/test_gpu_graphs.log" 2>&1; tail -3 "$OUT/test_gpu_graphs.log"
         for mode in reduce-overhead default; do
             timeout 150 python train_hf.py --config configuration/train/english_docs_1gpu.yaml --data_dir "$DATA" \
                 --out_dir "/tmp/loop_$mode" --compile true --compile_mode "$mode" --max_steps 300 --eval_every 300 \
-                --eval_batches 4 --sample_every 100000 --wandb_mode disabled --log_every 50 > "$OUT/loop_$mode.log" 2>&1
+                --eval_batches 4 --sample_every 100000 --wandb_mode disabled --log_every 50 ${TOKENIZER:+--tokenizer "$TOKENIZER"} \
+                > "$OUT/loop_$mode.log" 2>&1
             grep -iE "tok|error" "$OUT/loop_$mode.log" | tail -4
         done
         timeout 120 python benchmarks/bench_quality.py --data "$DATA" --steps 300 --eval-every 300 --eval-windows 16 \

@@ -304,22 +304,33 @@ def test_compiled_layers_train_like_eager_and_compile_once_per_mixer_type():
     assert graphs[-1] == graphs[-2], graphs
 
 
+def assert_same_training(w_a: dict, w_b: dict, w_init: dict, share: float = 5e-2):
+    """Two runs from the same `w_init` moved every tensor alike: |w_a - w_b| is under `share` of |w_a - w_init|
+    (kernels of different fusion or autotuning round bf16 differently, so equality would be too strict; a stale or
+    overwritten buffer, a lost micro-batch gradient, moves a tensor by a share of its whole update)."""
+    for name, w in w_a.items():
+        moved = (w - w_init[name]).norm()
+        assert moved > 0, f"{name} did not train"
+        assert (w_b[name] - w).norm() <= share * moved, (name, float((w_b[name] - w).norm()), float(moved))
+
+
 @needs_fla
 def test_cuda_graph_replay_trains_like_compiled_layers():
     """`compile_layers(mode="reduce-overhead")` replays each layer's kernels as CUDA graphs (fla's kernels inside
-    them): three optimizer steps give the losses and the weights of the same compiled layers without CUDA graphs
-    (the same kernels, so equal to float rounding), and both follow eager training."""
+    them): three SGD steps (an update linear in the gradient, so rounding stays rounding) give the losses and the
+    weights of the same compiled layers without CUDA graphs, and both follow eager training."""
     if fla_backward_problem(torch.device("cuda")) is not None:
         pytest.skip(fla_backward_problem(torch.device("cuda")))
     dims = dict(GDN_DIMS["dims16x32"], head_dim=16, hidden_size=64)
     batches = [torch.randint(1, 96, (2, 128), generator=torch.Generator().manual_seed(s)).cuda() for s in (0, 1, 0)]
+    w_init = {n: p.detach().cuda().float() for n, p in tiny_model(dtype=torch.float32, **dims).named_parameters()}
 
     def train(mode):
         torch._dynamo.reset()
         model = tiny_model(dtype=torch.float32, gdn_backend="fla", **dims).cuda().train()
         if mode != "eager":
             model.compile_layers(mode=mode)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
         losses = []
         for ids in batches:
             torch.compiler.cudagraph_mark_step_begin()
@@ -332,9 +343,8 @@ def test_cuda_graph_replay_trains_like_compiled_layers():
         return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
     (eager, _), (plain, w_plain), (graphs, w_graphs) = train("eager"), train("default"), train("reduce-overhead")
-    torch.testing.assert_close(graphs, plain, rtol=1e-5, atol=1e-5)
-    for name, w in w_plain.items():
-        torch.testing.assert_close(w_graphs[name], w, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(graphs, plain, rtol=1e-3, atol=1e-3)  # bf16 autocast: kernels may round apart
+    assert_same_training(w_plain, w_graphs, w_init)
     torch.testing.assert_close(plain, eager, rtol=2e-2, atol=2e-2)
     assert eager[2] < eager[0] - 0.02  # the steps trained: the first batch again, after two updates
 
@@ -344,19 +354,20 @@ def test_cuda_graph_training_accumulates_and_evaluates_like_compiled_layers():
     """What `run_training` does with `compile_mode: reduce-overhead`: gradients accumulated over two micro-batches
     into `.grad` tensors kept for the run (a cudagraph-trees step begun before each micro-batch), and an evaluation
     forward without autograd between steps (eager layers): the same losses, evaluation losses and weights as the
-    compiled layers without CUDA graphs."""
+    compiled layers without CUDA graphs (SGD steps, as in the test above)."""
     if fla_backward_problem(torch.device("cuda")) is not None:
         pytest.skip(fla_backward_problem(torch.device("cuda")))
     dims = dict(GDN_DIMS["dims16x32"], head_dim=16, hidden_size=64)
     # two batches, each step accumulating both: the evaluated batch is trained on, so its loss must fall
     batches = [torch.randint(1, 96, (2, 128), generator=torch.Generator().manual_seed(s)).cuda() for s in (0, 1) * 3]
+    w_init = {n: p.detach().cuda().float() for n, p in tiny_model(dtype=torch.float32, **dims).named_parameters()}
 
     def train(mode):
         torch._dynamo.reset()
         model = tiny_model(dtype=torch.float32, gdn_backend="fla", **dims).cuda().train().compile_layers(mode=mode)
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
         losses, evals = [], []
         for micro_batches in (batches[0:2], batches[2:4], batches[4:6]):
             for ids in micro_batches:
@@ -374,8 +385,7 @@ def test_cuda_graph_training_accumulates_and_evaluates_like_compiled_layers():
         return losses, evals, {n: p.detach().clone() for n, p in model.named_parameters()}
 
     (loss_plain, eval_plain, w_plain), (loss_graphs, eval_graphs, w_graphs) = train("default"), train("reduce-overhead")
-    torch.testing.assert_close(loss_graphs, loss_plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_graphs, loss_plain, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(eval_graphs, eval_plain, rtol=3e-3, atol=3e-3)  # eager vs inductor kernels in bf16
-    for name, w in w_plain.items():
-        torch.testing.assert_close(w_graphs[name], w, rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_training(w_plain, w_graphs, w_init)
     assert eval_plain[-1] < eval_plain[0] - 0.02  # the steps trained
