@@ -316,6 +316,12 @@ def run_training(
         raise ValueError(f"compile must be None, 'layers' or 'model', got {compile!r}")
     cuda_graphs = compile is not None and uses_cuda_graphs({"mode": compile_mode})
     if cuda_graphs:  # gradients accumulate into tensors of their own (see the docstring)
+        accelerator.print(
+            f"warning: compile_mode: {compile_mode} (CUDA graphs) is experimental: on the H200 its GPU tests find the "
+            "weights after three SGD steps further from the default mode's than bf16 rounding explains (the "
+            "embedding, 13-14% of its update; README, 'What compile: true costs'); use compile_mode: default for "
+            "runs whose result matters"
+        )
         for p in raw_model.parameters():
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
