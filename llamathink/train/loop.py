@@ -541,4 +541,9 @@ def command_main(argv: list[str] | None, *, prog: str, settings: type, run: Call
         where = f"; the last checkpoint in {checkpoint_dir(out_dir)} is intact" if out_dir else ""
         print(f"{prog}: interrupted{where}", file=sys.stderr)
         return 130
+    finally:
+        # Before the interpreter exits: a gloo or NCCL process group left to be torn down at exit can abort the
+        # process ("terminate called without an active exception") after a run that went well.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
