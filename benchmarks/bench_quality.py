@@ -24,8 +24,10 @@ llamathink also any
 `LlamaThinkConfig` field (`hyper_connections=false`, `rescale_prenorm_residual=true`, `A_init_range=[0.01,16]`,
 `pattern=linear/linear/full/full`, repeated to the depth) and re-initialisations of the default init applied
 after construction: `init.conv=uniform|STD` (depthwise conv: PyTorch's uniform(+-1/sqrt(k)) or N(0, STD)),
-`init.embed=STD`, `init.compress=identity|STD` (CSA's compress_k/compress_v). Values are read as JSON where
-they parse, otherwise as text.
+`init.embed=STD`, `init.compress=identity|STD` (CSA's compress_k/compress_v), `init.shared_from_default=1` (every
+tensor the default pattern also has starts as the default model's at the same seed: a paired pattern ablation);
+`csa_blend=local` (CSA layers output their local window alone: no compressed path, no blend gate). Values are
+read as JSON where they parse, otherwise as text.
 
 Output: `quality.json` (settings, versions, per-run curves of validation loss against steps, tokens and
 training seconds, final validation and test loss, tokens/s) and `quality.png` (validation loss against tokens
@@ -41,6 +43,7 @@ import json
 import math
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +56,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_gpu import build as build_peer, versions  # noqa: E402
 
 from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM  # noqa: E402
-from llamathink.modeling_llamathink import uses_cuda_graphs  # noqa: E402
+from llamathink.modeling_llamathink import LlamaThinkCompressedSparseAttention, uses_cuda_graphs  # noqa: E402
 from llamathink.train.pretrain import COMPILE_MODES  # noqa: E402
 from llamathink.data import TokenBatchLoader, document_position_ids, find_shards, load_meta, open_shard  # noqa: E402
 
@@ -69,8 +72,9 @@ RUN_KEYS = {
     "seed",
     "document_masking",
     "adamw_suffixes",
+    "csa_blend",
 }
-INIT_KEYS = {"init.conv", "init.embed", "init.compress"}
+INIT_KEYS = {"init.conv", "init.embed", "init.compress", "init.shared_from_default"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -112,6 +116,10 @@ def parse_run(spec: str) -> dict:
             run[key] = bool(value)
         elif key == "adamw_suffixes":
             run[key] = str(value).split("/")
+            if not all(run[key]):
+                raise ValueError(
+                    f"run {name!r}: adamw_suffixes={raw!r} has an empty suffix (it would match every name)"
+                )
         elif key in RUN_KEYS:
             run[key] = value
         elif key in INIT_KEYS:
@@ -122,7 +130,11 @@ def parse_run(spec: str) -> dict:
             run["config"][key] = value
     if run["model"] not in ("llamathink", "hf-qwen3.5", "hf-llama"):
         raise ValueError(f"run {name!r}: model must be llamathink, hf-qwen3.5 or hf-llama, got {run['model']!r}")
-    if run["model"] != "llamathink" and (run["config"] or run["init"] or run.get("document_masking")):
+    if run.get("csa_blend", "learned") not in ("learned", "local"):
+        raise ValueError(f"run {name!r}: csa_blend must be learned or local, got {run['csa_blend']!r}")
+    if run["model"] != "llamathink" and (
+        run["config"] or run["init"] or run.get("document_masking") or "csa_blend" in run
+    ):
         raise ValueError(f"run {name!r}: config and init overrides apply to llamathink only")
     known = set(inspect.signature(LlamaThinkConfig.__init__).parameters) - {"self", "kwargs"}
     unknown = sorted(set(run["config"]) - known - {"mixer_pattern"})
@@ -137,8 +149,8 @@ def parse_run(spec: str) -> dict:
     return run
 
 
-def build_model(run: dict) -> torch.nn.Module:
-    """A fresh model for one run (seeded by the caller)."""
+def build_model(run: dict, seed: int = 0) -> torch.nn.Module:
+    """A fresh model for one run (seeded by the caller with `seed`, which `init.shared_from_default` uses again)."""
     if run["model"] != "llamathink":
         return build_peer(run["model"])
     overrides = dict(run["config"])
@@ -153,8 +165,38 @@ def build_model(run: dict) -> torch.nn.Module:
     except (TypeError, ValueError) as err:
         raise ValueError(f"run {run['name']!r}: {err}") from None
     model = LlamaThinkForCausalLM(config)
-    reinit(model, run["init"])
+    choices = dict(run["init"])
+    if choices.pop("shared_from_default", False):
+        copy_shared_from_default(model, overrides, seed)
+    reinit(model, choices)
+    if run.get("csa_blend", "learned") == "local":
+        for module in model.modules():
+            if isinstance(module, LlamaThinkCompressedSparseAttention):
+                module._combine = types.MethodType(_combine_local_only, module)
     return model
+
+
+@torch.no_grad()
+def copy_shared_from_default(model: torch.nn.Module, overrides: dict, seed: int) -> None:
+    """Give `model` the weights that the default mixer pattern builds at model seed `seed` (with the run's other
+    config overrides) for every tensor of the same name and shape. A pattern change otherwise changes the random
+    draws of every later layer as well, so two patterns at one seed would differ by more than the pattern."""
+    rng = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    reference = LlamaThinkForCausalLM(LlamaThinkConfig(**{k: v for k, v in overrides.items() if k != "mixer_types"}))
+    torch.random.set_rng_state(rng)
+    mine = dict(model.named_parameters())
+    for name, p in reference.named_parameters():
+        if name in mine and mine[name].shape == p.shape:
+            mine[name].copy_(p)
+
+
+def _combine_local_only(self, local, comp, hidden_states, gate):
+    """`LlamaThinkCompressedSparseAttention._combine` without the compressed path and the blend gate: the layer is
+    then sliding-window attention (full causal attention with `csa_window` >= the sequence), in CSA's own code."""
+    B, T, _ = hidden_states.shape
+    local = local.transpose(1, 2).reshape(B, T, -1)  # [B, T, Hq*D]
+    return self.o_proj(local * torch.sigmoid(gate))
 
 
 @torch.no_grad()
@@ -252,7 +294,7 @@ def train_run(run: dict, args, val: np.ndarray, test: np.ndarray, device: torch.
     torch.manual_seed(seed)
     if run["compile"]:
         torch._dynamo.reset()  # no guards or automatic-dynamic shapes left by the previous run
-    model = build_model(run).to(device)
+    model = build_model(run, seed).to(device)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, settings, extra_adamw_suffixes=run.get("adamw_suffixes", ()))

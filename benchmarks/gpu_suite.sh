@@ -71,18 +71,19 @@ elif [ "$PART" = speed3 ]; then  # issue 17: compiled loss chunk + CUDA graph re
             > "$OUT/test_gpu_graphs.log" 2>&1; tail -3 "$OUT/test_gpu_graphs.log"
         bench 380 compiled64 --compiled-only --no-generate --budget-s 180 --train-batches 64 \
             --models llamathink:fla:cudagraphs,hf-llama,llamathink:fla; }
-elif [ "$PART" = loop ]; then  # issue 17: `compile_mode: reduce-overhead` in the real training loop
+elif [ "$PART" = loop ]; then  # issue 17: `compile_mode: reduce-overhead` in the real training loop (~540 s)
+    DATA=${DATA:?set DATA to a prepared folder (python -m llamathink.data prepare)}
     half0() {
-        timeout 260 python -m pytest -q -p no:cacheprovider --tb=short tests/test_gpu.py -k "cuda_graph_replay or cuda_graph_training" \
+        timeout 200 python -m pytest -q -p no:cacheprovider --tb=short tests/test_gpu.py -k "cuda_graph_replay or cuda_graph_training" \
             > "$OUT/test_gpu_graphs.log" 2>&1; tail -3 "$OUT/test_gpu_graphs.log"
         for mode in reduce-overhead default; do
-            timeout 150 python train_hf.py --config configuration/train/english_docs_1gpu.yaml --data_dir "$DATA" \
+            timeout 120 python train_hf.py --config configuration/train/english_docs_1gpu.yaml --data_dir "$DATA" \
                 --out_dir "/tmp/loop_$mode" --compile true --compile_mode "$mode" --max_steps 300 --eval_every 300 \
                 --eval_batches 4 --sample_every 100000 --wandb_mode disabled --log_every 50 ${TOKENIZER:+--tokenizer "$TOKENIZER"} \
                 > "$OUT/loop_$mode.log" 2>&1
             grep -iE "tok|error" "$OUT/loop_$mode.log" | tail -4
         done
-        timeout 120 python benchmarks/bench_quality.py --data "$DATA" --steps 300 --eval-every 300 --eval-windows 16 \
+        timeout 100 python benchmarks/bench_quality.py --data "$DATA" --steps 300 --eval-every 300 --eval-windows 16 \
             --speed-from 50 --out "$OUT/loop_llama" --run hf-llama:model=hf-llama,compile=1 > "$OUT/loop_llama.log" 2>&1
         grep final "$OUT/loop_llama.log"; }
     half1() { echo "part loop has one half (half0)"; }

@@ -17,6 +17,9 @@
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa     # the CSA layers over seeds: their
 #                                                                           # compressors' init and optimizer, the
 #                                                                           # pattern; CUDA-graph GPU tests first
+#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa3    # paired controls: Qwen3.5's pattern
+#                                                                           # from the default's own weights, CSA's
+#                                                                           # window alone; HF Qwen3.5 seeds beside
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa2    # GPU 1 only: the CSA layer with its
 #                                                                           # window over the whole sequence, and
 #                                                                           # without compressed blocks
@@ -33,6 +36,8 @@ mkdir -p "$OUT" /tmp/kcache
 export TRITON_CACHE_DIR=/tmp/kcache/triton TILELANG_CACHE_DIR=/tmp/kcache/tilelang PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor
 nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+# Every part measures with fla's kernels: without them the runs would silently take the PyTorch GDN fallback.
+python -c "import fla" 2>/dev/null || { echo "fla is not importable: install fla-core + tilelang first"; exit 2; }
 q() {  # q GPU LIMIT NAME [bench_quality.py args...]
     local gpu=$1 limit=$2 name=$3; shift 3
     CUDA_VISIBLE_DEVICES=$gpu timeout "$limit" python benchmarks/bench_quality.py --data "$DATA" \
@@ -112,8 +117,19 @@ elif [ "$PART" = csa2 ]; then  # which half of a CSA layer costs: csa_window=102
     q 1 "$SECONDS_LEFT" csa_c --steps 800 --eval-every 200 --run w1024-s2:$CG,csa_window=1024,seed=2 \
         --run nocomp-s2:$CG,csa_stride=1024,seed=2 --run w1024-s1:$CG,csa_window=1024,seed=1 \
         --run nocomp-s1:$CG,csa_stride=1024,seed=1 --run w1024-s0:$CG,csa_window=1024 --run nocomp-s0:$CG,csa_stride=1024
+elif [ "$PART" = csa3 ]; then  # default compile mode (CUDA-graph training is experimental: BENCHMARKS 1a+)
+    # `init.shared_from_default`: the Qwen3.5-pattern model starts from the default model's weights for every
+    # tensor they share, so at one seed the two differ only in the mixers of layers 2, 6, 10, 14 (and equals, exactly,
+    # a CSA layer with csa_blend=local and csa_window=1024). `csa_blend=local`: the CSA window without the blend.
+    SHARED=compile=1,pattern=linear/linear/full/full,init.shared_from_default=1
+    q 0 "$SECONDS_LEFT" csa_d --steps 800 --eval-every 200 --run qwen-shared-s2:$SHARED,seed=2 \
+        --run qwen-shared-s1:$SHARED,seed=1 --run qwen-shared-s0:$SHARED --run window-only-s2:compile=1,csa_blend=local,seed=2 \
+        --run window-only-s1:compile=1,csa_blend=local,seed=1 &
+    q 1 "$SECONDS_LEFT" csa_d_peers --steps 800 --eval-every 200 --run qwen-s1:model=hf-qwen3.5,seed=1 \
+        --run qwen-s2:model=hf-qwen3.5,seed=2 --run default-s2:compile=1,seed=2 &
+    wait
 else
-    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa or csa2)"; exit 2
+    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa, csa2 or csa3)"; exit 2
 fi
 for f in "$OUT"/*.log; do echo "== $f"; grep -E "final|failed|Error|error|stopped" "$f" | tail -8; done
 for d in "$OUT"/*/; do [ -f "$d/quality.json" ] && python benchmarks/bench_quality.py --plot "$d/quality.json"; done

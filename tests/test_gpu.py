@@ -304,25 +304,66 @@ def test_compiled_layers_train_like_eager_and_compile_once_per_mixer_type():
     assert graphs[-1] == graphs[-2], graphs
 
 
-def assert_same_training(w_a: dict, w_b: dict, w_init: dict, share: float = 5e-2):
-    """Two runs from the same `w_init` moved every tensor alike: |w_a - w_b| is under `share` of |w_a - w_init|
-    (kernels of different fusion or autotuning round bf16 differently, so equality would be too strict; a stale or
-    overwritten buffer, a lost micro-batch gradient, moves a tensor by a share of its whole update)."""
+def weight_gaps(w_a: dict, w_b: dict, w_init: dict) -> dict:
+    """{name: |w_b - w_a| / |w_a - w_init|} for two runs from the same `w_init`: how far apart they ended, as a share
+    of how far the tensor trained (asserted > 0). Kernels of other fusion or autotuning round bf16 apart, so equality
+    would be too strict; a stale or overwritten buffer, or a lost micro-batch gradient, moves a tensor by a large
+    share of its update."""
+    gaps = {}
     for name, w in w_a.items():
         moved = (w - w_init[name]).norm()
         assert moved > 0, f"{name} did not train"
-        assert (w_b[name] - w).norm() <= share * moved, (name, float((w_b[name] - w).norm()), float(moved))
+        gaps[name] = float((w_b[name] - w).norm() / moved)
+    return gaps
 
 
-CUDA_GRAPH_TRAINING_GAP = pytest.mark.xfail(
-    strict=True,
-    reason="on the H200 (torch 2.11) the embedding weights end 13-14% of their update apart with and without CUDA "
-    "graphs, against <= 3% from bf16-sized gradient noise (session 9: docs/results/h200_s9/); cause not yet found",
-)
+EMBEDDING = "model.embed_tokens.weight"
+
+
+def check_cuda_graph_weights(gaps: dict, control: dict | None = None, share: float = 5e-2):
+    """Every tensor but the (tied) embedding within `share` of its update; the embedding's known gap (session 9, on
+    the H200 with torch 2.11: 13-14% after three SGD steps, docs/results/h200_s9/) is an expected failure, provided
+    the `control` (eager against compiled layers: other kernels, the same function) keeps the embedding within
+    `share`, so that the criterion itself is fair."""
+    others = {name: gap for name, gap in gaps.items() if name != EMBEDDING and gap > share}
+    assert not others, others
+    if gaps[EMBEDDING] > share:
+        if control is not None:
+            assert control[EMBEDDING] <= share, ("the eager control is as far apart", control[EMBEDDING])
+        pytest.xfail(f"embedding {gaps[EMBEDDING]:.1%} of its update apart with CUDA graphs (known, cause not found)")
 
 
 @needs_fla
-@CUDA_GRAPH_TRAINING_GAP
+def test_cuda_graph_gradients_equal_default_mode_gradients():
+    """One backward, no optimizer step (no update to amplify rounding): each parameter's gradient with the layers
+    replayed as CUDA graphs equals the default-mode compiled layers' to 1% of its norm, and both the eager model's
+    to 5% (other kernels in bf16). The decisive check of the CUDA-graph path's gradients, tensor by tensor."""
+    if fla_backward_problem(torch.device("cuda")) is not None:
+        pytest.skip(fla_backward_problem(torch.device("cuda")))
+    dims = dict(GDN_DIMS["dims16x32"], head_dim=16, hidden_size=64)
+    ids = torch.randint(1, 96, (2, 128), generator=torch.Generator().manual_seed(0)).cuda()
+
+    def grads(mode):
+        torch._dynamo.reset()
+        model = tiny_model(dtype=torch.float32, gdn_backend="fla", **dims).cuda().train()
+        if mode != "eager":
+            model.compile_layers(mode=mode)
+        for _ in range(2):  # the second call replays (cudagraph trees record on the first)
+            model.zero_grad(set_to_none=True)
+            torch.compiler.cudagraph_mark_step_begin()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                model(ids, labels=ids, use_cache=False).loss.backward()
+        return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+    eager, plain, graphs = grads("eager"), grads("default"), grads("reduce-overhead")
+    for name, g in plain.items():
+        scale = g.norm()
+        assert scale > 0, f"{name} has no gradient"
+        assert (graphs[name] - g).norm() <= 1e-2 * scale, (name, float((graphs[name] - g).norm() / scale))
+        assert (eager[name] - g).norm() <= 5e-2 * scale, (name, float((eager[name] - g).norm() / scale))
+
+
+@needs_fla
 def test_cuda_graph_replay_trains_like_compiled_layers():
     """`compile_layers(mode="reduce-overhead")` replays each layer's kernels as CUDA graphs (fla's kernels inside
     them): three SGD steps (an update linear in the gradient, so rounding stays rounding) give the losses and the
@@ -350,15 +391,14 @@ def test_cuda_graph_replay_trains_like_compiled_layers():
             losses.append(loss.item())
         return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    (eager, _), (plain, w_plain), (graphs, w_graphs) = train("eager"), train("default"), train("reduce-overhead")
+    (eager, w_eager), (plain, w_plain), (graphs, w_graphs) = train("eager"), train("default"), train("reduce-overhead")
     torch.testing.assert_close(graphs, plain, rtol=1e-3, atol=1e-3)  # bf16 autocast: kernels may round apart
-    assert_same_training(w_plain, w_graphs, w_init)
     torch.testing.assert_close(plain, eager, rtol=2e-2, atol=2e-2)
     assert eager[2] < eager[0] - 0.02  # the steps trained: the first batch again, after two updates
+    check_cuda_graph_weights(weight_gaps(w_plain, w_graphs, w_init), control=weight_gaps(w_plain, w_eager, w_init))
 
 
 @needs_fla
-@CUDA_GRAPH_TRAINING_GAP
 def test_cuda_graph_training_accumulates_and_evaluates_like_compiled_layers():
     """What `run_training` does with `compile_mode: reduce-overhead`: gradients accumulated over two micro-batches
     into `.grad` tensors kept for the run (a cudagraph-trees step begun before each micro-batch), and an evaluation
@@ -396,5 +436,5 @@ def test_cuda_graph_training_accumulates_and_evaluates_like_compiled_layers():
     (loss_plain, eval_plain, w_plain), (loss_graphs, eval_graphs, w_graphs) = train("default"), train("reduce-overhead")
     torch.testing.assert_close(loss_graphs, loss_plain, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(eval_graphs, eval_plain, rtol=3e-3, atol=3e-3)  # eager vs inductor kernels in bf16
-    assert_same_training(w_plain, w_graphs, w_init)
     assert eval_plain[-1] < eval_plain[0] - 0.02  # the steps trained
+    check_cuda_graph_weights(weight_gaps(w_plain, w_graphs, w_init))

@@ -528,8 +528,8 @@ def test_routing_real_tiny_model():
 
 def test_build_optimizer_routes_extra_suffixes_to_adamw():
     """`build_optimizer(..., extra_adamw_suffixes)` moves exactly the named matrices (here CSA's compressors and
-    blend gate) from Muon to AdamW with decay; a bare string (whose characters would each match as a suffix) is
-    refused."""
+    blend gate) from Muon to AdamW with decay; a bare string (whose characters would each match as a suffix), an
+    empty suffix and one that matches nothing are refused."""
     from llamathink.train import optim
     from llamathink.train.config import RunConfig
 
@@ -558,6 +558,10 @@ def test_build_optimizer_routes_extra_suffixes_to_adamw():
     assert moved["adamw_no_decay"] == plain["adamw_no_decay"]
     with pytest.raises(TypeError, match="sequence of name suffixes"):
         optim.build_optimizer(model, RunConfig(), extra_adamw_suffixes="blend_proj.weight")
+    with pytest.raises(ValueError, match="non-empty"):  # "" ends every name: all of Muon's matrices would move
+        optim.build_optimizer(model, RunConfig(), extra_adamw_suffixes=("",))
+    with pytest.raises(ValueError, match=r"\['compress_k'\] match no 2-D parameter"):  # a typo: no silent no-op
+        optim.build_optimizer(model, RunConfig(), extra_adamw_suffixes=("compress_k",))
 
 
 # --------------------------------------------------------------------------------------

@@ -318,9 +318,8 @@ def run_training(
     if cuda_graphs:  # gradients accumulate into tensors of their own (see the docstring)
         accelerator.print(
             f"warning: compile_mode: {compile_mode} (CUDA graphs) is experimental: on the H200 its GPU tests find the "
-            "weights after three SGD steps further from the default mode's than bf16 rounding explains (the "
-            "embedding, 13-14% of its update; README, 'What compile: true costs'); use compile_mode: default for "
-            "runs whose result matters"
+            "embedding 13-14% of its update away from the default mode's after three SGD steps, a gap not yet "
+            "explained (README, 'What compile: true costs'); use compile_mode: default for runs whose result matters"
         )
         for p in raw_model.parameters():
             if p.requires_grad and p.grad is None:

@@ -105,7 +105,18 @@ def muon_param_groups(
     ``A_log``, ``dt_bias``, biases) get none.  Params with ``requires_grad=False`` are
     ignored, and a tied tensor (``lm_head.weight`` is ``model.embed_tokens.weight``)
     appears exactly once.  Logs a summary (see :func:`summarize_param_groups`) at INFO.
+
+    Raises TypeError when ``extra_adamw_suffixes`` is a bare string, ValueError when one of them is empty or
+    matches no 2-D parameter (a typo would otherwise leave the routing silently unchanged).
     """
+    if isinstance(extra_adamw_suffixes, str):  # one suffix, not its characters
+        raise TypeError(
+            f"extra_adamw_suffixes must be a sequence of name suffixes, got the string {extra_adamw_suffixes!r}"
+        )
+    if any(not isinstance(s, str) or not s for s in extra_adamw_suffixes):  # "" would match every name
+        raise ValueError(
+            f"extra_adamw_suffixes must be non-empty parameter-name suffixes, got {list(extra_adamw_suffixes)!r}"
+        )
     buckets: dict[str, tuple[list[Tensor], list[str]]] = {
         MUON: ([], []),
         ADAMW_DECAY: ([], []),
@@ -122,6 +133,9 @@ def muon_param_groups(
         buckets[kind][0].append(p)
         buckets[kind][1].append(name)
 
+    unmatched = [s for s in extra_adamw_suffixes if not any(name.endswith(s) for name in buckets[ADAMW_DECAY][1])]
+    if unmatched:
+        raise ValueError(f"extra_adamw_suffixes {unmatched} match no 2-D parameter of the model")
     settings = {
         MUON: (True, muon_lr, weight_decay if muon_weight_decay is None else muon_weight_decay),
         ADAMW_DECAY: (False, adamw_lr, weight_decay),
