@@ -87,6 +87,19 @@ def tiny_model(dtype=torch.float64, seed: int = 0, **overrides) -> LlamaThinkFor
     return randomize_(model, seed=seed).eval()
 
 
+def weight_gaps(w_a: dict, w_b: dict, w_init: dict) -> dict:
+    """{name: |w_b - w_a| / |w_a - w_init|} for two runs from the same `w_init`: how far apart they ended, as a share
+    of how far the tensor trained (asserted > 0). Kernels of other fusion or autotuning round bf16 apart, so equality
+    would be too strict; a stale or overwritten buffer, or a lost micro-batch gradient, moves a tensor by a large
+    share of its update."""
+    gaps = {}
+    for name, w in w_a.items():
+        moved = (w - w_init[name]).norm()
+        assert moved > 0, f"{name} did not train"
+        gaps[name] = float((w_b[name] - w).norm() / moved)
+    return gaps
+
+
 @pytest.fixture
 def model():
     return tiny_model()

@@ -3,7 +3,7 @@ gradients, and cached decoding against the uncached forward on the GPU."""
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, weight_gaps
 
 from llamathink.kernels_llamathink import (
     _fla_ops,
@@ -304,24 +304,12 @@ def test_compiled_layers_train_like_eager_and_compile_once_per_mixer_type():
     assert graphs[-1] == graphs[-2], graphs
 
 
-def weight_gaps(w_a: dict, w_b: dict, w_init: dict) -> dict:
-    """{name: |w_b - w_a| / |w_a - w_init|} for two runs from the same `w_init`: how far apart they ended, as a share
-    of how far the tensor trained (asserted > 0). Kernels of other fusion or autotuning round bf16 apart, so equality
-    would be too strict; a stale or overwritten buffer, or a lost micro-batch gradient, moves a tensor by a large
-    share of its update."""
-    gaps = {}
-    for name, w in w_a.items():
-        moved = (w - w_init[name]).norm()
-        assert moved > 0, f"{name} did not train"
-        gaps[name] = float((w_b[name] - w).norm() / moved)
-    return gaps
-
-
 EMBEDDING = "model.embed_tokens.weight"
 
 
-def check_cuda_graph_weights(gaps: dict, control: dict | None = None, share: float = 5e-2):
-    """Every tensor but the (tied) embedding within `share` of its update; the embedding's known gap (session 9, on
+def check_cuda_graph_weights(gaps: dict, control: dict | None = None, share: float = 0.1):
+    """Every tensor but the (tied) embedding within `share` of its update (bf16-sized gradient noise stays well
+    under it: `test_weight_gap_criterion_tolerates_rounding_and_catches_a_lost_micro_batch`); the embedding's known gap (session 9, on
     the H200 with torch 2.11: 13-14% after three SGD steps, docs/results/h200_s9/) is an expected failure, provided
     the `control` (eager against compiled layers: other kernels, the same function) keeps the embedding within
     `share`, so that the criterion itself is fair."""
