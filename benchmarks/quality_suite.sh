@@ -123,10 +123,10 @@ elif [ "$PART" = csa3 ]; then  # default compile mode (CUDA-graph training is ex
     # a CSA layer with csa_blend=local and csa_window=1024). `csa_blend=local`: the CSA window without the blend.
     SHARED=compile=1,pattern=linear/linear/full/full,init.shared_from_default=1
     q 0 "$SECONDS_LEFT" csa_d --steps 800 --eval-every 200 --run qwen-shared-s2:$SHARED,seed=2 \
-        --run qwen-shared-s1:$SHARED,seed=1 --run qwen-shared-s0:$SHARED --run window-only-s2:compile=1,csa_blend=local,seed=2 \
-        --run window-only-s1:compile=1,csa_blend=local,seed=1 &
+        --run qwen-shared-s1:$SHARED,seed=1 --run qwen-shared-s0:$SHARED \
+        --run window-only-s2:compile=1,csa_blend=local,seed=2 &
     q 1 "$SECONDS_LEFT" csa_d_peers --steps 800 --eval-every 200 --run qwen-s1:model=hf-qwen3.5,seed=1 \
-        --run qwen-s2:model=hf-qwen3.5,seed=2 --run default-s2:compile=1,seed=2 &
+        --run qwen-s2:model=hf-qwen3.5,seed=2 --run window-only-s1:compile=1,csa_blend=local,seed=1 &
     wait
 else
     echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa, csa2 or csa3)"; exit 2
