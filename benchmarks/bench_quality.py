@@ -182,10 +182,10 @@ def copy_shared_from_default(model: torch.nn.Module, overrides: dict, seed: int)
     """Give `model` the weights that the default mixer pattern builds at model seed `seed` (with the run's other
     config overrides) for every tensor of the same name and shape. A pattern change otherwise changes the random
     draws of every later layer as well, so two patterns at one seed would differ by more than the pattern."""
-    rng = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    reference = LlamaThinkForCausalLM(LlamaThinkConfig(**{k: v for k, v in overrides.items() if k != "mixer_types"}))
-    torch.random.set_rng_state(rng)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        config = LlamaThinkConfig(**{k: v for k, v in overrides.items() if k != "mixer_types"})
+        reference = LlamaThinkForCausalLM(config)
     mine = dict(model.named_parameters())
     for name, p in reference.named_parameters():
         if name in mine and mine[name].shape == p.shape:

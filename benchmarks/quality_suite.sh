@@ -37,7 +37,16 @@ export TRITON_CACHE_DIR=/tmp/kcache/triton TILELANG_CACHE_DIR=/tmp/kcache/tilela
 export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor
 nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 # Every part measures with fla's kernels: without them the runs would silently take the PyTorch GDN fallback.
-python -c "import fla" 2>/dev/null || { echo "fla is not importable: install fla-core + tilelang first"; exit 2; }
+python - <<'PY' || exit 2
+import sys, torch
+from llamathink.kernels_llamathink import _fla_ops, fla_backward_problem
+if not torch.cuda.is_available():
+    sys.exit("fla cannot train here: no CUDA device")
+if _fla_ops() is None:
+    sys.exit("fla cannot train here: it is not importable (install fla-core + tilelang)")
+if fla_backward_problem(torch.device("cuda")):
+    sys.exit(f"fla cannot train here: {fla_backward_problem(torch.device('cuda'))}")
+PY
 q() {  # q GPU LIMIT NAME [bench_quality.py args...]
     local gpu=$1 limit=$2 name=$3; shift 3
     CUDA_VISIBLE_DEVICES=$gpu timeout "$limit" python benchmarks/bench_quality.py --data "$DATA" \

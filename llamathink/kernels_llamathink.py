@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 
 import torch
 from transformers.utils import logging
@@ -46,7 +47,8 @@ def fla_backward_problem(device: torch.device) -> str | None:
     """Why fla's gated-delta-rule backward cannot be trusted on `device`, or None.
 
     fla 0.6 refuses the backward pass on Hopper (sm_90) with Triton >= 3.4 and < 3.7.1 (wrong gradients, fla issue
-    #640) unless tilelang is installed, in which case it uses tilelang for that kernel. We detect the case up front:
+    #640) unless tilelang is installed (and not turned off by fla's `FLA_TILELANG=0`, read when first asked), in which
+    case it uses tilelang for that kernel. We detect the case up front:
     an exception raised inside autograd's backward would otherwise end a training run.
     """
     if device.type != "cuda":
@@ -69,11 +71,17 @@ def _fla_backward_problem_uncached(device: torch.device) -> str | None:
     except Exception:  # pragma: no cover - fla imports triton, so this only happens on broken installs
         return "triton is not importable"
     major, _ = torch.cuda.get_device_capability(device)
-    if major == 9 and (3, 4, 0) <= triton_version < (3, 7, 1) and importlib.util.find_spec("tilelang") is None:
-        return (
-            f"fla's backward pass is wrong on Hopper with Triton {triton.__version__} (fla issue #640) and "
-            "tilelang is not installed (pip install tilelang, or Triton >= 3.7.1)"
-        )
+    if major == 9 and (3, 4, 0) <= triton_version < (3, 7, 1):
+        if os.environ.get("FLA_TILELANG", "1") == "0":  # fla's own switch: its Triton kernel would then raise
+            return (
+                f"fla's backward pass is wrong on Hopper with Triton {triton.__version__} (fla issue #640) and "
+                "FLA_TILELANG=0 turns off the tilelang kernel that replaces it (unset it, or Triton >= 3.7.1)"
+            )
+        if importlib.util.find_spec("tilelang") is None:
+            return (
+                f"fla's backward pass is wrong on Hopper with Triton {triton.__version__} (fla issue #640) and "
+                "tilelang is not installed (pip install tilelang, or Triton >= 3.7.1)"
+            )
     return None
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import tiny_model, weight_gaps
 
+from llamathink import kernels_llamathink
 from llamathink.kernels_llamathink import (
     _fla_ops,
     fla_backward_problem,
@@ -310,12 +311,13 @@ EMBEDDING = "model.embed_tokens.weight"
 def check_cuda_graph_weights(gaps: dict, control: dict | None = None, share: float = 0.1):
     """Every tensor but the (tied) embedding within `share` of its update (bf16-sized gradient noise stays well
     under it: `test_weight_gap_criterion_tolerates_rounding_and_catches_a_lost_micro_batch`); the embedding's known gap (session 9, on
-    the H200 with torch 2.11: 13-14% after three SGD steps, docs/results/h200_s9/) is an expected failure, provided
-    the `control` (eager against compiled layers: other kernels, the same function) keeps the embedding within
-    `share`, so that the criterion itself is fair."""
+    the H200 with torch 2.11: 13-14% after three SGD steps, docs/results/h200_s9/) is an expected failure up to 30%,
+    provided the `control` (eager against compiled layers: other kernels, the same function) keeps the embedding
+    within `share`, so that the criterion itself is fair."""
     others = {name: gap for name, gap in gaps.items() if name != EMBEDDING and gap > share}
     assert not others, others
     if gaps[EMBEDDING] > share:
+        assert gaps[EMBEDDING] <= 0.3, ("the embedding further apart than the known gap", gaps[EMBEDDING])
         if control is not None:
             assert control[EMBEDDING] <= share, ("the eager control is as far apart", control[EMBEDDING])
         pytest.xfail(f"embedding {gaps[EMBEDDING]:.1%} of its update apart with CUDA graphs (known, cause not found)")
@@ -328,7 +330,7 @@ def test_cuda_graph_gradients_equal_default_mode_gradients(gdn_backend, monkeypa
     """One batch, no optimizer step (no update to amplify rounding), each parameter's gradient tensor by tensor.
     Cudagraph trees run a compiled function eagerly on its first call (warm-up), record and replay it on the second,
     and only replay from the third: calls 2-4 with the layers as CUDA graphs must give call 1's gradients (the same
-    compiled kernels: to 0.1% of each norm), and call 4 the default-mode compiled layers' to 3% and the eager model's
+    compiled kernels: to 0.1% of each norm), and call 4 the default-mode compiled layers' to 1% and the eager model's
     to 10% (other kernels in bf16; a lost or doubled contribution moves a gradient by far more). With fla's kernels
     (custom ops inside the graphs) and without them (our PyTorch GDN, all inductor), which tells the two apart. "fla-triton" turns off
     fla's TileLang kernels (`FLA_TILELANG=0`, which fla reads at each call; on Hopper fla otherwise runs the GDN
@@ -337,6 +339,11 @@ def test_cuda_graph_gradients_equal_default_mode_gradients(gdn_backend, monkeypa
         pytest.skip(fla_backward_problem(torch.device("cuda")))
     if gdn_backend == "fla-triton":
         monkeypatch.setenv("FLA_TILELANG", "0")
+        problem = kernels_llamathink._fla_backward_problem_uncached(
+            torch.device("cuda")
+        )  # (the cached answer predates it)
+        if problem is not None:  # Hopper with Triton in fla's bad range: no usable Triton backward to compare
+            pytest.skip(problem)
         gdn_backend = "fla"
     dims = dict(GDN_DIMS["dims16x32"], head_dim=16, hidden_size=64)
     ids = torch.randint(1, 96, (2, 128), generator=torch.Generator().manual_seed(0)).cuda()
@@ -366,7 +373,7 @@ def test_cuda_graph_gradients_equal_default_mode_gradients(gdn_backend, monkeypa
     replay = {(call, name): gap(graphs[call], graphs[0], name) for call in (1, 2, 3) for name in plain}
     assert max(replay.values()) <= 1e-3, max(replay.items(), key=lambda kv: kv[1])
     for name in plain:
-        assert gap(graphs[3], plain, name) <= 3e-2, (name, gap(graphs[3], plain, name))
+        assert gap(graphs[3], plain, name) <= 1e-2, (name, gap(graphs[3], plain, name))
         assert gap(eager, plain, name) <= 0.1, (name, gap(eager, plain, name))
 
 

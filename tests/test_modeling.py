@@ -1391,6 +1391,27 @@ def test_fla_backend_choice_is_probed_once_and_traces_without_graph_breaks(monke
     assert probes == ["tilelang"]
 
 
+def test_fla_backward_problem_names_fla_tilelang_switched_off(monkeypatch):
+    """On Hopper with Triton in fla's bad range, tilelang installed but turned off by fla's own `FLA_TILELANG=0` is a
+    problem named up front (fla's Triton backward would raise inside autograd), not a crash in the first backward."""
+    import importlib.util
+    import types
+
+    from llamathink import kernels_llamathink as m
+
+    monkeypatch.setattr(m, "_fla_state", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # a Hopper card
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # tilelang "installed"
+    fake_triton = types.ModuleType("triton")
+    fake_triton.__version__ = "3.6.0"
+    monkeypatch.setitem(sys.modules, "triton", fake_triton)
+    cuda = torch.device("cuda", 0)
+    assert m.fla_backward_problem(cuda) is None
+    monkeypatch.setattr(m, "_fla_state", {})
+    monkeypatch.setenv("FLA_TILELANG", "0")
+    assert "FLA_TILELANG=0" in m.fla_backward_problem(cuda)
+
+
 def test_compiled_loss_chunk_matches_eager_through_inductor():
     """The chunked loss through inductor (what `compile_layers` turns on) gives the eager loss and gradients in
     float64, with ignored targets, a ragged last chunk and the `num_items_in_batch` divisor, and equals

@@ -525,11 +525,12 @@ def command_main(argv: list[str] | None, *, prog: str, settings: type, run: Call
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", help=f"YAML file of {settings.__name__} settings")
     args, overrides = parser.parse_known_args(argv)
-    out_dir = None
+    out_dir, finished = None, False
     try:
         cfg = load_config(settings, args.config, overrides)
         out_dir = cfg.out_dir
         run(cfg)
+        finished = True
     except NonFiniteLoss as err:
         print(f"{prog}: stopped: {err}", file=sys.stderr)
         return 1
@@ -541,8 +542,10 @@ def command_main(argv: list[str] | None, *, prog: str, settings: type, run: Call
         print(f"{prog}: interrupted{where}", file=sys.stderr)
         return 130
     finally:
-        # Before the interpreter exits: a gloo or NCCL process group left to be torn down at exit can abort the
-        # process ("terminate called without an active exception") after a run that went well.
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        # After a run that went well, before the interpreter exits: a gloo or NCCL process group left to be torn
+        # down at exit can abort the process ("terminate called without an active exception"). Not after an error:
+        # peers may still wait in a collective, and the launcher ends them.
+        if finished and torch.distributed.is_available() and torch.distributed.is_initialized():
+            with contextlib.suppress(Exception):
+                torch.distributed.destroy_process_group()
     return 0

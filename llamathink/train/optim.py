@@ -113,6 +113,7 @@ def muon_param_groups(
         raise TypeError(
             f"extra_adamw_suffixes must be a sequence of name suffixes, got the string {extra_adamw_suffixes!r}"
         )
+    extra_adamw_suffixes = tuple(extra_adamw_suffixes)  # (a generator would be used up by the first check)
     if any(not isinstance(s, str) or not s for s in extra_adamw_suffixes):  # "" would match every name
         raise ValueError(
             f"extra_adamw_suffixes must be non-empty parameter-name suffixes, got {list(extra_adamw_suffixes)!r}"
