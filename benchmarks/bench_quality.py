@@ -57,8 +57,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_gpu import build as build_peer, versions  # noqa: E402
 
 from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM  # noqa: E402
-from llamathink.modeling_llamathink import LlamaThinkCompressedSparseAttention, uses_cuda_graphs  # noqa: E402
-from llamathink.train.pretrain import COMPILE_MODES  # noqa: E402
+from llamathink.modeling_llamathink import LlamaThinkCompressedSparseAttention, uses_cuda_graphs
+from llamathink.train.pretrain import COMPILE_MODES
 from llamathink.data import TokenBatchLoader, document_position_ids, find_shards, load_meta, open_shard  # noqa: E402
 
 DEFAULT_RUNS = ("llamathink:compile=1", "hf-qwen3.5:model=hf-qwen3.5", "hf-llama:model=hf-llama,compile=1")

@@ -842,7 +842,7 @@ def test_weight_gap_criterion_tolerates_rounding_and_catches_a_lost_micro_batch(
     (about bf16's rounding) keeps every tensor well under it (the few-entry `dt_bias` moves most, about 4%);
     dropping one micro-batch's gradient moves the embedding by most of its update."""
 
-    dims = dict(linear_key_head_dim=16, linear_value_head_dim=32, head_dim=16, hidden_size=64)
+    dims = {"linear_key_head_dim": 16, "linear_value_head_dim": 32, "head_dim": 16, "hidden_size": 64}
     batches = [torch.randint(1, 96, (2, 128), generator=torch.Generator().manual_seed(s)) for s in (0, 1) * 3]
     w_init = {n: p.detach().clone() for n, p in tiny_model(dtype=torch.float32, **dims).named_parameters()}
 

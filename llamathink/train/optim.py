@@ -187,7 +187,7 @@ def build_optimizer(model: nn.Module, cfg: RunConfig, extra_adamw_suffixes: Sequ
         raise TypeError(
             f"extra_adamw_suffixes must be a sequence of name suffixes, got the string {extra_adamw_suffixes!r}"
         )
-    route = dict(extra_adamw_suffixes=tuple(extra_adamw_suffixes), log=False)
+    route = {"extra_adamw_suffixes": tuple(extra_adamw_suffixes), "log": False}
     if cfg.optimizer == "muon":
         groups = muon_param_groups(model, cfg.muon_lr, cfg.adamw_lr, cfg.weight_decay, **route)
     else:  # the AdamW baseline: the same routing of decay / no-decay, no Muon group
