@@ -865,3 +865,23 @@ def test_weight_gap_criterion_tolerates_rounding_and_catches_a_lost_micro_batch(
         exact, noisy, lost = train(), train(noise=4e-3), train(drop_second=True)
     assert max(weight_gaps(exact, noisy, w_init).values()) < 0.06
     assert weight_gaps(exact, lost, w_init)["model.embed_tokens.weight"] > 0.5
+
+
+def test_a_data_folder_whose_recorded_tokenizer_is_not_here_names_meta_json_and_the_fix(
+    sample_data, model_json, tmp_path
+):
+    """A data folder moved to another machine keeps meta.json's tokenizer path from the machine that prepared it:
+    the run stops before training with an error naming meta.json and `--tokenizer`; given `--tokenizer`, it trains."""
+    import json
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(sample_data, moved)
+    meta = json.loads((moved / "meta.json").read_text())
+    meta["tokenizer"] = str(tmp_path / "elsewhere" / "tokenizer.model")
+    (moved / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"meta.json names the tokenizer .*elsewhere.*pass --tokenizer"):
+        pretrain.train(_cfg(moved, model_json, tmp_path / "out", max_steps=2))
+    assert not ckpt.list_checkpoints(tmp_path / "out")
+    history = pretrain.train(_cfg(moved, model_json, tmp_path / "out2", max_steps=2, tokenizer="builtin"))
+    assert len(history["losses"]) == 2

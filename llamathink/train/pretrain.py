@@ -181,7 +181,16 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     if tokenizer_name:
         from ..tokenizer_utils import load_tokenizer
 
-        tokenizer = load_tokenizer(tokenizer_name)
+        try:
+            tokenizer = load_tokenizer(tokenizer_name)
+        except ValueError as err:
+            if cfg.tokenizer:
+                raise
+            # a data folder moved to another machine keeps the tokenizer path of the machine that prepared it
+            raise ValueError(
+                f"{Path(cfg.data_dir) / 'meta.json'} names the tokenizer {tokenizer_name!r}, which cannot be "
+                f"loaded here ({err}); pass --tokenizer with the same tokenizer (the shards hold its token ids)"
+            ) from None
 
     model = build_model(cfg)
     check_vocab(int(meta["vocab_size"]), model.config.vocab_size)
