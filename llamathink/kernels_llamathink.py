@@ -48,8 +48,8 @@ def fla_backward_problem(device: torch.device) -> str | None:
 
     fla 0.6 refuses the backward pass on Hopper (sm_90) with Triton >= 3.4 and < 3.7.1 (wrong gradients, fla issue
     #640) unless tilelang is installed (and not turned off by fla's `FLA_TILELANG=0`, read when first asked), in which
-    case it uses tilelang for that kernel. We detect the case up front:
-    an exception raised inside autograd's backward would otherwise end a training run.
+    case it uses tilelang for that kernel. We detect the case up front: an exception raised inside autograd's
+    backward would otherwise end a training run.
     """
     if device.type != "cuda":
         return "fla kernels need a CUDA device"

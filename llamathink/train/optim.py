@@ -183,11 +183,7 @@ def summarize_param_groups(groups: Iterable[dict[str, Any]]) -> dict[str, dict[s
 def build_optimizer(model: nn.Module, cfg: RunConfig, extra_adamw_suffixes: Sequence[str] = ()) -> Muon:
     """One optimizer object either way, so checkpoints and schedules treat both recipes alike.
     `extra_adamw_suffixes`: more 2-D parameters (by name suffix) for AdamW instead of Muon (`classify_parameter`)."""
-    if isinstance(extra_adamw_suffixes, str):  # one suffix, not its characters
-        raise TypeError(
-            f"extra_adamw_suffixes must be a sequence of name suffixes, got the string {extra_adamw_suffixes!r}"
-        )
-    route = {"extra_adamw_suffixes": tuple(extra_adamw_suffixes), "log": False}
+    route = {"extra_adamw_suffixes": extra_adamw_suffixes, "log": False}  # (checked by muon_param_groups)
     if cfg.optimizer == "muon":
         groups = muon_param_groups(model, cfg.muon_lr, cfg.adamw_lr, cfg.weight_decay, **route)
     else:  # the AdamW baseline: the same routing of decay / no-decay, no Muon group
