@@ -1349,6 +1349,16 @@ def test_gdn_backend_selection_keeps_fp32_training_off_fla(monkeypatch):
     assert m.select_gdn_backend("torch", cuda, needs_grad=True, dtype=torch.bfloat16) == "torch"
 
 
+def _pretend_hopper_with_triton_in_flas_bad_range(monkeypatch, kernels):
+    """A Hopper card and Triton 3.6 (fla's backward is wrong there unless tilelang replaces it), with
+    `kernels_llamathink`'s memoised answers cleared."""
+    monkeypatch.setattr(kernels, "_fla_state", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    fake_triton = types.ModuleType("triton")
+    fake_triton.__version__ = "3.6.0"
+    monkeypatch.setitem(sys.modules, "triton", fake_triton)
+
+
 def test_fla_backend_choice_is_probed_once_and_traces_without_graph_breaks(monkeypatch):
     """Under torch.compile every Gated DeltaNet layer asks `select_gdn_backend` again. The probe behind it (triton's
     version, importlib's find_spec for tilelang: dynamo cannot trace find_spec in torch 2.11, which cut the compiled
@@ -1369,13 +1379,9 @@ def test_fla_backend_choice_is_probed_once_and_traces_without_graph_breaks(monke
             return real_find_spec("json")  # "installed"
         return real_find_spec(name, *args)
 
-    monkeypatch.setattr(m, "_fla_state", {})
+    _pretend_hopper_with_triton_in_flas_bad_range(monkeypatch, m)
     monkeypatch.setattr(m, "_fla_ops", lambda: ("chunk", "recurrent"))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # a Hopper card
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    fake_triton = types.ModuleType("triton")
-    fake_triton.__version__ = "3.6.0"  # in fla's bad range: only tilelang makes its backward usable
-    monkeypatch.setitem(sys.modules, "triton", fake_triton)
     cuda = torch.device("cuda", 0)
     assert m.fla_backward_problem(cuda) is None  # what the layer's constructor does
     for _ in range(8):
@@ -1395,16 +1401,11 @@ def test_fla_backward_problem_names_fla_tilelang_switched_off(monkeypatch):
     """On Hopper with Triton in fla's bad range, tilelang installed but turned off by fla's own `FLA_TILELANG=0` is a
     problem named up front (fla's Triton backward would raise inside autograd), not a crash in the first backward."""
     import importlib.util
-    import types
 
     from llamathink import kernels_llamathink as m
 
-    monkeypatch.setattr(m, "_fla_state", {})
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # a Hopper card
+    _pretend_hopper_with_triton_in_flas_bad_range(monkeypatch, m)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # tilelang "installed"
-    fake_triton = types.ModuleType("triton")
-    fake_triton.__version__ = "3.6.0"
-    monkeypatch.setitem(sys.modules, "triton", fake_triton)
     cuda = torch.device("cuda", 0)
     assert m.fla_backward_problem(cuda) is None
     monkeypatch.setattr(m, "_fla_state", {})

@@ -530,29 +530,17 @@ def test_build_optimizer_routes_extra_suffixes_to_adamw():
     """`build_optimizer(..., extra_adamw_suffixes)` moves exactly the named matrices (here CSA's compressors and
     blend gate) from Muon to AdamW with decay; a bare string (whose characters would each match as a suffix), an
     empty suffix and one that matches nothing are refused."""
+    from conftest import tiny_model
+
     from llamathink.train import optim
     from llamathink.train.config import RunConfig
 
-    LlamaThinkConfig, LlamaThinkForCausalLM = _try_import_real_model()
-    cfg = LlamaThinkConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        linear_num_key_heads=2,
-        linear_num_value_heads=2,
-        linear_key_head_dim=16,
-        linear_value_head_dim=16,
-        vocab_size=256,
-    )
-    model = LlamaThinkForCausalLM(cfg)
+    model = tiny_model(dtype=torch.float32)
     suffixes = ("compress_k.weight", "compress_v.weight", "blend_proj.weight")
     plain = _names_by_group(optim.build_optimizer(model, RunConfig()).param_groups)
     moved = _names_by_group(optim.build_optimizer(model, RunConfig(), extra_adamw_suffixes=suffixes).param_groups)
     csa = {n for n in plain["muon"] if n.endswith(suffixes)}
-    assert len(csa) == 3  # one CSA layer in the pattern linear, linear, csa, full
+    assert len(csa) == 3  # the one CSA layer of the tiny pattern linear, csa, full, linear
     assert set(moved["muon"]) == set(plain["muon"]) - csa
     assert set(moved["adamw_decay"]) == set(plain["adamw_decay"]) | csa
     assert moved["adamw_no_decay"] == plain["adamw_no_decay"]
