@@ -27,8 +27,10 @@ llamathink also any
 after construction: `init.conv=uniform|STD` (depthwise conv: PyTorch's uniform(+-1/sqrt(k)) or N(0, STD)),
 `init.embed=STD`, `init.compress=identity|STD` (CSA's compress_k/compress_v), `init.shared_from_default=1` (every
 tensor the default pattern also has starts as the default model's at the same seed: a paired pattern ablation);
-`csa_blend=local` (CSA layers output their local window alone: no compressed path, no blend gate). Values are
-read as JSON where they parse, otherwise as text.
+`csa_blend=local` (CSA layers output their local window alone: no compressed path, no blend gate), `csa_blend=joint`
+(one softmax over the local window's keys and the visible compressed blocks together, as DeepSeek-V4's compressed
+attention shares one softmax with its sliding window, instead of two softmaxes mixed by the blend gate; training
+forward only, a dense [T, T + T / stride] mask). Values are read as JSON where they parse, otherwise as text.
 
 Output: `quality.json` (settings, versions, per-run curves of validation loss against steps, tokens and
 training seconds, final validation and test loss, tokens/s) and `quality.png` (validation loss against tokens
@@ -57,7 +59,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_gpu import build as build_peer, versions  # noqa: E402
 
 from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM  # noqa: E402
-from llamathink.modeling_llamathink import LlamaThinkCompressedSparseAttention, uses_cuda_graphs
+from llamathink.modeling_llamathink import LlamaThinkCompressedSparseAttention, apply_rotary, uses_cuda_graphs
 from llamathink.train.pretrain import COMPILE_MODES
 from llamathink.data import TokenBatchLoader, document_position_ids, find_shards, load_meta, open_shard  # noqa: E402
 
@@ -75,6 +77,7 @@ RUN_KEYS = {
     "adamw_suffixes",
     "csa_blend",
 }
+CSA_BLENDS = ("learned", "local", "joint")
 INIT_KEYS = {"init.conv", "init.embed", "init.compress", "init.shared_from_default"}
 
 
@@ -131,8 +134,8 @@ def parse_run(spec: str) -> dict:
             run["config"][key] = value
     if run["model"] not in ("llamathink", "hf-qwen3.5", "hf-llama"):
         raise ValueError(f"run {name!r}: model must be llamathink, hf-qwen3.5 or hf-llama, got {run['model']!r}")
-    if run.get("csa_blend", "learned") not in ("learned", "local"):
-        raise ValueError(f"run {name!r}: csa_blend must be learned or local, got {run['csa_blend']!r}")
+    if run.get("csa_blend", "learned") not in CSA_BLENDS:
+        raise ValueError(f"run {name!r}: csa_blend must be one of {CSA_BLENDS}, got {run['csa_blend']!r}")
     if run["model"] != "llamathink" and (
         run["config"] or run["init"] or run.get("document_masking") or "csa_blend" in run
     ):
@@ -170,10 +173,12 @@ def build_model(run: dict, seed: int = 0) -> torch.nn.Module:
     if choices.pop("shared_from_default", False):
         copy_shared_from_default(model, overrides, seed)
     reinit(model, choices)
-    if run.get("csa_blend", "learned") == "local":
-        for module in model.modules():
-            if isinstance(module, LlamaThinkCompressedSparseAttention):
-                module._combine = types.MethodType(_combine_local_only, module)
+    blend = run.get("csa_blend", "learned")
+    for module in model.modules():
+        if isinstance(module, LlamaThinkCompressedSparseAttention) and blend == "local":
+            module._combine = types.MethodType(_combine_local_only, module)
+        if isinstance(module, LlamaThinkCompressedSparseAttention) and blend == "joint":
+            module.forward = types.MethodType(_forward_joint_softmax, module)
     return model
 
 
@@ -198,6 +203,34 @@ def _combine_local_only(self, local, comp, hidden_states, gate):
     B, T, _ = hidden_states.shape
     local = local.transpose(1, 2).reshape(B, T, -1)  # [B, T, Hq*D]
     return self.o_proj(local * torch.sigmoid(gate))
+
+
+def _forward_joint_softmax(self, hidden_states, ctx):
+    """A CSA layer whose queries attend their local window and the completed compressed blocks in ONE softmax
+    (keys [T window positions | T / stride blocks], a dense [T, T + T / stride] mask), then the output gate and
+    projection; `blend_proj` is unused. Blocks are pooled and compressed as in `_compressed_attention`. Training
+    forward only: one unpadded, unpacked batch without cache."""
+    if ctx.cache is not None or ctx.static is not None or ctx.segments is not None or ctx.valid is not None:
+        raise NotImplementedError("csa_blend=joint is a training ablation: no cache, padding or packing")
+    B, T, _ = hidden_states.shape
+    q, k, k_raw, v, gate = self.project(hidden_states, ctx.cos, ctx.sin)
+    S, W = self.stride, self.window
+    Hkv, D = self.num_kv_heads, self.head_dim
+    N, E = T // S, Hkv * D
+    kv = torch.cat((k_raw[:, :, : N * S], v[:, :, : N * S]), dim=1)  # [B, 2 Hkv, N S, D]
+    mean = kv.view(B, 2 * Hkv, N, S, D).mean(3).transpose(1, 2).reshape(B, N, 2 * E)  # [B, N, 2E]: k heads | v heads
+    blocks_k = self.compress_k(mean[..., :E]).view(B, N, Hkv, D).transpose(1, 2)  # [B, Hkv, N, D]
+    blocks_v = self.compress_v(mean[..., E:]).view(B, N, Hkv, D).transpose(1, 2)
+    centres = (torch.arange(N, device=q.device) * S + S // 2)[None].expand(B, N)
+    cos, sin = ctx.rotary(centres, blocks_k.dtype)
+    blocks_k = apply_rotary(blocks_k, cos, sin)
+    t = torch.arange(T, device=q.device)[:, None]
+    window = (torch.arange(T, device=q.device)[None, :] <= t) & (torch.arange(T, device=q.device)[None, :] > t - W)
+    blocks = torch.arange(N, device=q.device)[None, :] < t // S  # block j visible iff S (j + 1) <= t
+    mask = torch.cat((window, blocks), dim=1)[None, None]  # [1, 1, T, T + N]
+    out = self._grouped_sdpa(q, torch.cat((k, blocks_k), 2), torch.cat((v, blocks_v), 2), mask)  # [B, Hq, T, D]
+    out = out.transpose(1, 2).reshape(B, T, -1)  # [B, T, Hq*D]
+    return self.o_proj(out * torch.sigmoid(gate))
 
 
 @torch.no_grad()

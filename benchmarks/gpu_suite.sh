@@ -12,10 +12,10 @@
 #   OUT=results_dir bash benchmarks/gpu_suite.sh speed2  # profile of the compiled step; batch 64 compiled
 #   OUT=results_dir bash benchmarks/gpu_suite.sh speed3  # CUDA graphs (mode reduce-overhead) for ours and HF Llama
 #                                                        # at batch 16; fla heads of 128; batch 64
-#   DATA=runs/english200 [TOKENIZER=llama2-tokenizer.model] OUT=results_dir bash benchmarks/gpu_suite.sh loop  # the CUDA-graph GPU tests; the
-#                                                        # training loop (train_hf.py, Muon) compiled with and
-#                                                        # without CUDA graphs, HF Llama compiled in
-#                                                        # bench_quality's loop beside it (half 0 only)
+#   DATA=runs/english200 [TOKENIZER=llama2-tokenizer.model] OUT=results_dir bash benchmarks/gpu_suite.sh loop  # the CUDA-graph GPU tests
+#                                                        # (half 0); the training loop (train_hf.py, Muon) compiled
+#                                                        # with and without CUDA graphs, HF Llama compiled in
+#                                                        # bench_quality's loop after it (half 1)
 #   OUT=results_dir bash benchmarks/gpu_suite.sh profile # torch.profiler view of the eager and compiled steps,
 #                                                        # generate() with fla, HF Qwen3.5 compiled (slow to compile)
 # Every benchmark has its own time limit so that a slow one cannot eat the others' time, and writes what it
@@ -73,20 +73,21 @@ elif [ "$PART" = speed3 ]; then  # issue 17: compiled loss chunk + CUDA graph re
             --models llamathink:fla:cudagraphs,hf-llama,llamathink:fla; }
 elif [ "$PART" = loop ]; then  # issue 17: `compile_mode: reduce-overhead` in the real training loop (~540 s)
     DATA=${DATA:?set DATA to a prepared folder (python -m llamathink.data prepare)}
-    half0() {
-        timeout 200 python -m pytest -q -p no:cacheprovider --tb=short tests/test_gpu.py -k "cuda_graph_replay or cuda_graph_training" \
-            > "$OUT/test_gpu_graphs.log" 2>&1; tail -3 "$OUT/test_gpu_graphs.log"
+    half0() {  # the CUDA-graph training GPU tests (gradients per call, SGD steps against the default mode)
+        timeout 540 python -m pytest -q -p no:cacheprovider --tb=short -rfEsx tests/test_gpu.py \
+            -k "cuda_graph_gradients or cuda_graph_replay or cuda_graph_training" > "$OUT/test_gpu_graphs.log" 2>&1
+        grep -v Warn "$OUT/test_gpu_graphs.log" | tail -30; }
+    half1() {  # train_hf.py timed with and without CUDA graphs, HF Llama compiled in bench_quality's loop
         for mode in reduce-overhead default; do
-            timeout 120 python train_hf.py --config configuration/train/english_docs_1gpu.yaml --data_dir "$DATA" \
+            timeout 150 python train_hf.py --config configuration/train/english_docs_1gpu.yaml --data_dir "$DATA" \
                 --out_dir "/tmp/loop_$mode" --compile true --compile_mode "$mode" --max_steps 300 --eval_every 300 \
                 --eval_batches 4 --sample_every 100000 --wandb_mode disabled --log_every 50 ${TOKENIZER:+--tokenizer "$TOKENIZER"} \
                 > "$OUT/loop_$mode.log" 2>&1
             grep -iE "tok|error" "$OUT/loop_$mode.log" | tail -4
         done
-        timeout 100 python benchmarks/bench_quality.py --data "$DATA" --steps 300 --eval-every 300 --eval-windows 16 \
+        timeout 120 python benchmarks/bench_quality.py --data "$DATA" --steps 300 --eval-every 300 --eval-windows 16 \
             --speed-from 50 --out "$OUT/loop_llama" --run hf-llama:model=hf-llama,compile=1 > "$OUT/loop_llama.log" 2>&1
         grep final "$OUT/loop_llama.log"; }
-    half1() { echo "part loop has one half (half0)"; }
 else  # profile
     half0() {
         timeout 300 python benchmarks/profile_gpu.py --backend auto --compile --out "$OUT" > "$OUT/profile.log" 2>&1

@@ -19,7 +19,8 @@
 #                                                                           # pattern; CUDA-graph GPU tests first
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa3    # paired controls: Qwen3.5's pattern
 #                                                                           # from the default's own weights, CSA's
-#                                                                           # window alone; HF Qwen3.5 seeds beside
+#                                                                           # window alone, window + blocks in one
+#                                                                           # softmax (csa_blend=joint)
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa2    # GPU 1 only: the CSA layer with its
 #                                                                           # window over the whole sequence, and
 #                                                                           # without compressed blocks
@@ -129,13 +130,15 @@ elif [ "$PART" = csa2 ]; then  # which half of a CSA layer costs: csa_window=102
 elif [ "$PART" = csa3 ]; then  # default compile mode (CUDA-graph training is experimental: BENCHMARKS 1a+)
     # `init.shared_from_default`: the Qwen3.5-pattern model starts from the default model's weights for every
     # tensor they share, so at one seed the two differ only in the mixers of layers 2, 6, 10, 14 (and equals, exactly,
-    # a CSA layer with csa_blend=local and csa_window=1024). `csa_blend=local`: the CSA window without the blend.
+    # a CSA layer with csa_blend=local and csa_window=1024). `csa_blend=local`: the CSA window without the blend;
+    # `csa_blend=joint`: the window's keys and the compressed blocks in one softmax (no blend gate).
     SHARED=compile=1,pattern=linear/linear/full/full,init.shared_from_default=1
     q 0 "$SECONDS_LEFT" csa_d --steps 800 --eval-every 200 --run qwen-shared-s2:$SHARED,seed=2 \
         --run qwen-shared-s1:$SHARED,seed=1 --run qwen-shared-s0:$SHARED \
         --run window-only-s2:compile=1,csa_blend=local,seed=2 &
-    q 1 "$SECONDS_LEFT" csa_d_peers --steps 800 --eval-every 200 --run qwen-s1:model=hf-qwen3.5,seed=1 \
-        --run qwen-s2:model=hf-qwen3.5,seed=2 --run window-only-s1:compile=1,csa_blend=local,seed=1 &
+    q 1 "$SECONDS_LEFT" csa_d_joint --steps 800 --eval-every 200 --run joint-s2:compile=1,csa_blend=joint,seed=2 \
+        --run joint-s1:compile=1,csa_blend=joint,seed=1 --run joint-s0:compile=1,csa_blend=joint \
+        --run window-only-s1:compile=1,csa_blend=local,seed=1 &
     wait
 else
     echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa, csa2 or csa3)"; exit 2
