@@ -25,7 +25,8 @@ llamathink also any
 `LlamaThinkConfig` field (`hyper_connections=false`, `rescale_prenorm_residual=true`, `A_init_range=[0.01,16]`,
 `pattern=linear/linear/full/full`, repeated to the depth) and re-initialisations of the default init applied
 after construction: `init.conv=uniform|STD` (depthwise conv: PyTorch's uniform(+-1/sqrt(k)) or N(0, STD)),
-`init.embed=STD`, `init.compress=identity|STD` (CSA's compress_k/compress_v), `init.shared_from_default=1` (every
+`init.embed=STD`, `init.compress=identity|STD` (CSA's compress_k/compress_v), `init.blend_bias=B` (CSA's blend
+gate gets a learned bias starting at B, the weights unchanged: B = -4 starts the layer at 2% compressed path), `init.shared_from_default=1` (every
 tensor the default pattern also has starts as the default model's at the same seed: a paired pattern ablation);
 `csa_blend=local` (CSA layers output their local window alone: no compressed path, no blend gate), `csa_blend=joint`
 (one softmax over the local window's keys and the visible compressed blocks together, as DeepSeek-V4's compressed
@@ -78,7 +79,7 @@ RUN_KEYS = {
     "csa_blend",
 }
 CSA_BLENDS = ("learned", "local", "joint")
-INIT_KEYS = {"init.conv", "init.embed", "init.compress", "init.shared_from_default"}
+INIT_KEYS = {"init.conv", "init.embed", "init.compress", "init.shared_from_default", "init.blend_bias"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -246,6 +247,12 @@ def reinit(model: torch.nn.Module, choices: dict) -> None:
                 module.weight.normal_(0.0, float(choices["conv"]))
         if "embed" in choices and leaf == "embed_tokens":
             module.weight.normal_(0.0, float(choices["embed"]))
+        if "blend_bias" in choices and isinstance(module, LlamaThinkCompressedSparseAttention):
+            # the same weight draws plus a learned bias (AdamW, 1-D): blend = sigmoid(W x + b), b = BIAS at start
+            old = module.blend_proj
+            module.blend_proj = torch.nn.Linear(old.in_features, old.out_features, bias=True).to(old.weight)
+            module.blend_proj.weight.copy_(old.weight)
+            module.blend_proj.bias.fill_(float(choices["blend_bias"]))
         if "compress" in choices and leaf in ("compress_k", "compress_v"):
             if choices["compress"] == "identity":
                 module.weight.copy_(torch.eye(*module.weight.shape))

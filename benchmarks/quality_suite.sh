@@ -21,6 +21,8 @@
 #                                                                           # from the default's own weights, CSA's
 #                                                                           # window alone, window + blocks in one
 #                                                                           # softmax (csa_blend=joint)
+#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa4    # the blend gate started closed (a
+#                                                                           # learned bias at -4 / -2), seeds 0-2
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa2    # GPU 1 only: the CSA layer with its
 #                                                                           # window over the whole sequence, and
 #                                                                           # without compressed blocks
@@ -140,8 +142,16 @@ elif [ "$PART" = csa3 ]; then  # default compile mode (CUDA-graph training is ex
         --run joint-s1:compile=1,csa_blend=joint,seed=1 --run joint-s0:compile=1,csa_blend=joint \
         --run window-only-s1:compile=1,csa_blend=local,seed=1 &
     wait
+elif [ "$PART" = csa4 ]; then  # the CSA blend gate started closed: a learned bias at -4 or -2 (default weights,
+    # paired with the default at each seed), beside the CSA window alone at seed 0
+    q 0 "$SECONDS_LEFT" csa_e --steps 800 --eval-every 200 --run bias4-s2:compile=1,init.blend_bias=-4,seed=2 \
+        --run bias4-s1:compile=1,init.blend_bias=-4,seed=1 --run bias4-s0:compile=1,init.blend_bias=-4 \
+        --run window-only-s0:compile=1,csa_blend=local &
+    q 1 "$SECONDS_LEFT" csa_e2 --steps 800 --eval-every 200 --run bias2-s2:compile=1,init.blend_bias=-2,seed=2 \
+        --run bias2-s1:compile=1,init.blend_bias=-2,seed=1 --run bias2-s0:compile=1,init.blend_bias=-2 &
+    wait
 else
-    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa, csa2 or csa3)"; exit 2
+    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa, csa2, csa3 or csa4)"; exit 2
 fi
 for f in "$OUT"/*.log; do echo "== $f"; grep -E "final|failed|Error|error|stopped" "$f" | tail -8; done
 for d in "$OUT"/*/; do [ -f "$d/quality.json" ] && python benchmarks/bench_quality.py --plot "$d/quality.json"; done
