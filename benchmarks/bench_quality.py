@@ -18,7 +18,7 @@ rest the test set, read once at the end of each run for the figure that is repor
 
 A run is `NAME:key=value,key=value`. Keys: `model` (llamathink, hf-qwen3.5, hf-llama), `compile` (0/1),
 `compile_mode` (`torch.compile`'s mode; `reduce-overhead` replays CUDA graphs, as `compile_mode` in training,
-experimental: BENCHMARKS.md section 1a+),
+opt-in: BENCHMARKS.md sections 1a+ and 1a++),
 `optimizer` (muon, adamw), `muon_lr`, `adamw_lr`, `weight_decay`, `seed`, `adamw_suffixes` (parameter-name
 suffixes, `/`-separated, routed to AdamW instead of Muon: `classify_parameter`'s `extra_adamw_suffixes`); for
 llamathink also any
