@@ -1,0 +1,106 @@
+"""The architecture ablations of `benchmarks/bench_quality.py` (BENCHMARKS.md section 2 publishes their losses):
+each one is the model it claims to be, checked against an independent reference on the CPU in float64."""
+
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import bench_quality as bq
+
+from llamathink.modeling_llamathink import LlamaThinkCompressedSparseAttention, apply_rotary
+
+TINY = (
+    "hidden_size=64,num_hidden_layers=4,num_attention_heads=4,num_key_value_heads=2,head_dim=16,intermediate_size=128"
+)
+
+
+def build(spec: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return bq.build_model(bq.parse_run(f"r:{spec},{TINY}" if spec else f"r:{TINY}"), seed).double().eval()
+
+
+def csa_layer_call(model, ids):
+    """(hidden_states, ctx, output) of the first CSA layer's mixer during `model(ids)`."""
+    layer = next(m for m in model.modules() if isinstance(m, LlamaThinkCompressedSparseAttention))
+    seen = {}
+    handle = layer.register_forward_hook(lambda m, args, out: seen.update(args=args, out=out))
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    handle.remove()
+    return layer, *seen["args"], seen["out"]
+
+
+def test_joint_softmax_ablation_equals_a_per_query_reference():
+    """`csa_blend=joint`: each query's one softmax over its window (the last W positions, itself included) and the
+    compressed blocks that end at or before it, blocks pooled, compressed and RoPE'd as the CSA layer does; written
+    here query by query with explicit key lists."""
+    model = build("csa_blend=joint,csa_window=8")
+    ids = torch.randint(0, 100, (2, 37), generator=torch.Generator().manual_seed(1))
+    layer, x, ctx, got = csa_layer_call(model, ids)
+    with torch.no_grad():
+        q, k, k_raw, v, gate = layer.project(x, ctx.cos, ctx.sin)
+        B, T = ids.shape
+        S, W, G = layer.stride, layer.window, layer.num_groups
+        N, E = T // S, layer.num_kv_heads * layer.head_dim
+        blocks_k = torch.stack(
+            [layer.compress_k(k_raw[:, :, j * S : (j + 1) * S].mean(2).reshape(B, E)) for j in range(N)]
+        )
+        blocks_v = torch.stack([layer.compress_v(v[:, :, j * S : (j + 1) * S].mean(2).reshape(B, E)) for j in range(N)])
+        blocks_k = blocks_k.view(N, B, layer.num_kv_heads, layer.head_dim).permute(1, 2, 0, 3)  # [B, Hkv, N, D]
+        blocks_v = blocks_v.view(N, B, layer.num_kv_heads, layer.head_dim).permute(1, 2, 0, 3)
+        cos, sin = ctx.rotary((torch.arange(N) * S + S // 2)[None].expand(B, N), blocks_k.dtype)
+        blocks_k = apply_rotary(blocks_k, cos, sin)
+        out = torch.zeros_like(q)
+        for b in range(B):
+            for h in range(layer.num_heads):
+                for t in range(T):
+                    window = range(max(0, t - W + 1), t + 1)
+                    done = [j for j in range(N) if S * (j + 1) <= t]
+                    keys = torch.stack([k[b, h // G, s] for s in window] + [blocks_k[b, h // G, j] for j in done])
+                    values = torch.stack([v[b, h // G, s] for s in window] + [blocks_v[b, h // G, j] for j in done])
+                    out[b, h, t] = torch.softmax(keys @ q[b, h, t] * layer.scaling, 0) @ values
+        want = layer.o_proj(out.transpose(1, 2).reshape(B, T, -1) * torch.sigmoid(gate))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_shared_init_full_attention_equals_csa_window_alone_over_the_whole_sequence():
+    """The paired pattern ablation: Qwen3.5's pattern started from the default's weights (`init.shared_from_default`)
+    computes what the default model computes with its CSA layers cut to their local window (`csa_blend=local`) over
+    the whole sequence (`csa_window` >= T): the two differ only in those layers' mixers, and in nothing else."""
+    ids = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(2))
+    for seed in (0, 3):
+        full = build("pattern=linear/linear/full/full,init.shared_from_default=1", seed)
+        window = build("csa_blend=local,csa_window=64", seed)
+        with torch.no_grad():
+            torch.testing.assert_close(full(ids).logits, window(ids).logits, rtol=1e-9, atol=1e-9)
+    default = build("", 0)
+    with torch.no_grad():  # and the default itself (compressed path blended in) is a different function
+        assert (default(ids).logits - full(ids).logits).abs().max() > 1e-3
+
+
+def test_blend_bias_keeps_the_default_weights_and_starts_the_gate_at_sigmoid_of_the_bias():
+    default, biased = build("", 5), build("init.blend_bias=-4", 5)
+    want, got = default.state_dict(), biased.state_dict()
+    extra = sorted(set(got) - set(want))
+    assert extra == ["model.layers.2.mixer.blend_proj.bias"], extra
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+    assert torch.all(got[extra[0]] == -4.0)
+    ids = torch.randint(0, 100, (1, 16), generator=torch.Generator().manual_seed(3))
+    layer, x, *_ = csa_layer_call(biased, ids)
+    with torch.no_grad():
+        blend = torch.sigmoid(layer.blend_proj(x))
+    assert torch.allclose(
+        blend, torch.sigmoid(layer.blend_proj.weight.new_tensor(-4.0) + x @ layer.blend_proj.weight.T)
+    )
+
+
+@pytest.mark.parametrize(
+    "spec", ["csa_blend=mixed", "model=hf-llama,csa_blend=local", "init.blend_bias=-4,model=hf-llama"]
+)
+def test_bad_ablation_specs_are_refused_by_name(spec):
+    with pytest.raises(ValueError, match="csa_blend|llamathink only"):
+        bq.parse_run(f"r:{spec}")
