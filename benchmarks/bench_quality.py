@@ -31,7 +31,9 @@ tensor the default pattern also has starts as the default model's at the same se
 `csa_blend=local` (CSA layers output their local window alone: no compressed path, no blend gate), `csa_blend=joint`
 (one softmax over the local window's keys and the visible compressed blocks together, as DeepSeek-V4's compressed
 attention shares one softmax with its sliding window, instead of two softmaxes mixed by the blend gate; training
-forward only, a dense [T, T + T / stride] mask). Values are read as JSON where they parse, otherwise as text.
+forward only, a dense [T, T + T / stride] mask), `csa_blend=select` (the same softmax also over the raw tokens of
+`csa_select` compressed blocks outside the window, default 16, chosen per kv head by compressed-attention
+probability as in Native Sparse Attention). Values are read as JSON where they parse, otherwise as text.
 
 Output: `quality.json` (settings, versions, per-run curves of validation loss against steps, tokens and
 training seconds, final validation and test loss, tokens/s) and `quality.png` (validation loss against tokens
@@ -52,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -77,8 +80,9 @@ RUN_KEYS = {
     "document_masking",
     "adamw_suffixes",
     "csa_blend",
+    "csa_select",
 }
-CSA_BLENDS = ("learned", "local", "joint")
+CSA_BLENDS = ("learned", "local", "joint", "select")
 INIT_KEYS = {"init.conv", "init.embed", "init.compress", "init.shared_from_default", "init.blend_bias"}
 
 
@@ -137,6 +141,15 @@ def parse_run(spec: str) -> dict:
         raise ValueError(f"run {name!r}: model must be llamathink, hf-qwen3.5 or hf-llama, got {run['model']!r}")
     if run.get("csa_blend", "learned") not in CSA_BLENDS:
         raise ValueError(f"run {name!r}: csa_blend must be one of {CSA_BLENDS}, got {run['csa_blend']!r}")
+    if "csa_select" in run and (
+        run.get("csa_blend") != "select"
+        or isinstance(run["csa_select"], bool)
+        or not isinstance(run["csa_select"], int)
+        or run["csa_select"] < 1
+    ):
+        raise ValueError(f"run {name!r}: csa_select must be a positive integer with csa_blend=select")
+    if "blend_bias" in run["init"] and run.get("csa_blend", "learned") != "learned":
+        raise ValueError(f"run {name!r}: init.blend_bias needs the learned blend (csa_blend=learned)")
     if run["model"] != "llamathink" and (
         run["config"] or run["init"] or run.get("document_masking") or "csa_blend" in run
     ):
@@ -173,13 +186,18 @@ def build_model(run: dict, seed: int = 0) -> torch.nn.Module:
     choices = dict(run["init"])
     if choices.pop("shared_from_default", False):
         copy_shared_from_default(model, overrides, seed)
+    if "blend_bias" in choices and "csa" not in config.mixer_types:
+        raise ValueError(f"run {run['name']!r}: init.blend_bias needs CSA layers; the pattern has none")
     reinit(model, choices)
     blend = run.get("csa_blend", "learned")
     for module in model.modules():
         if isinstance(module, LlamaThinkCompressedSparseAttention) and blend == "local":
             module._combine = types.MethodType(_combine_local_only, module)
-        if isinstance(module, LlamaThinkCompressedSparseAttention) and blend == "joint":
-            module.forward = types.MethodType(_forward_joint_softmax, module)
+        if isinstance(module, LlamaThinkCompressedSparseAttention) and blend in ("joint", "select"):
+            select = int(run.get("csa_select", 16)) if blend == "select" else 0
+            module.forward = types.MethodType(
+                lambda self, hidden_states, ctx, n=select: _forward_one_softmax(self, hidden_states, ctx, n), module
+            )
     return model
 
 
@@ -206,30 +224,55 @@ def _combine_local_only(self, local, comp, hidden_states, gate):
     return self.o_proj(local * torch.sigmoid(gate))
 
 
-def _forward_joint_softmax(self, hidden_states, ctx):
+def _forward_one_softmax(self, hidden_states, ctx, select: int = 0):
     """A CSA layer whose queries attend their local window and the completed compressed blocks in ONE softmax
-    (keys [T window positions | T / stride blocks], a dense [T, T + T / stride] mask), then the output gate and
-    projection; `blend_proj` is unused. Blocks are pooled and compressed as in `_compressed_attention`. Training
-    forward only: one unpadded, unpacked batch without cache."""
+    (keys [T raw positions | T / stride blocks], a dense mask), then the output gate and projection; `blend_proj`
+    is unused. Blocks are pooled and compressed as in `_compressed_attention`.
+
+    With `select` = n > 0, each query also attends the raw tokens of n compressed blocks outside its window, chosen
+    per kv head as Native Sparse Attention chooses (Yuan et al. 2025, arXiv:2502.11089, section 3.3.2): the blocks
+    with the largest compressed-attention probability summed over the kv head's query group. The choice is a top-k
+    (no gradient of its own); the scores learn through the compressed blocks in the same softmax.
+
+    Training forward only: one unpadded, unpacked batch without cache (NotImplementedError otherwise)."""
     if ctx.cache is not None or ctx.static is not None or ctx.segments is not None or ctx.valid is not None:
-        raise NotImplementedError("csa_blend=joint is a training ablation: no cache, padding or packing")
+        raise NotImplementedError("csa_blend=joint|select is a training ablation: no cache, padding or packing")
     B, T, _ = hidden_states.shape
     q, k, k_raw, v, gate = self.project(hidden_states, ctx.cos, ctx.sin)
     S, W = self.stride, self.window
-    Hkv, D = self.num_kv_heads, self.head_dim
+    Hkv, G, D = self.num_kv_heads, self.num_groups, self.head_dim
     N, E = T // S, Hkv * D
     kv = torch.cat((k_raw[:, :, : N * S], v[:, :, : N * S]), dim=1)  # [B, 2 Hkv, N S, D]
     mean = kv.view(B, 2 * Hkv, N, S, D).mean(3).transpose(1, 2).reshape(B, N, 2 * E)  # [B, N, 2E]: k heads | v heads
     blocks_k = self.compress_k(mean[..., :E]).view(B, N, Hkv, D).transpose(1, 2)  # [B, Hkv, N, D]
     blocks_v = self.compress_v(mean[..., E:]).view(B, N, Hkv, D).transpose(1, 2)
-    centres = (torch.arange(N, device=q.device) * S + S // 2)[None].expand(B, N)
+    centres = ctx.position_ids[:, : N * S : S] + S // 2  # [B, N]: each row's positions run on (no packing)
     cos, sin = ctx.rotary(centres, blocks_k.dtype)
     blocks_k = apply_rotary(blocks_k, cos, sin)
     t = torch.arange(T, device=q.device)[:, None]
-    window = (torch.arange(T, device=q.device)[None, :] <= t) & (torch.arange(T, device=q.device)[None, :] > t - W)
-    blocks = torch.arange(N, device=q.device)[None, :] < t // S  # block j visible iff S (j + 1) <= t
-    mask = torch.cat((window, blocks), dim=1)[None, None]  # [1, 1, T, T + N]
-    out = self._grouped_sdpa(q, torch.cat((k, blocks_k), 2), torch.cat((v, blocks_v), 2), mask)  # [B, Hq, T, D]
+    s = torch.arange(T, device=q.device)[None, :]
+    j = torch.arange(N, device=q.device)[None, :]
+    window = (s <= t) & (s > t - W)  # [T, T]: the query's own position and the W - 1 before it
+    blocks = j < t // S  # [T, N]: block j visible iff S (j + 1) <= t
+    keys, values = torch.cat((k, blocks_k), 2), torch.cat((v, blocks_v), 2)  # [B, Hkv, T + N, D]
+    if select <= 0:
+        mask = torch.cat((window, blocks), dim=1)[None, None]  # [1, 1, T, T + N]
+        out = self._grouped_sdpa(q, keys, values, mask)  # [B, Hq, T, D]
+    else:
+        with torch.no_grad():
+            grouped = q.view(B, Hkv, G, T, D)  # query head h = kv head h // G, member h % G
+            logits = torch.einsum("bhgtd,bhnd->bhgtn", grouped, blocks_k) * self.scaling
+            probs = torch.softmax(logits.masked_fill(~blocks, float("-inf")), -1).nan_to_num(0.0)  # no block: 0
+            eligible = blocks & (j * S <= t - W)  # [T, N]: visible, and not wholly inside the window
+            importance = probs.sum(2).masked_fill(~eligible, float("-inf"))  # [B, Hkv, T, N]
+            top = importance.topk(min(select, N), dim=-1).indices
+            chosen = torch.zeros_like(importance, dtype=torch.bool).scatter_(-1, top, True) & eligible
+            tokens = F.pad(chosen.repeat_interleave(S, dim=-1), (0, T - N * S), value=False)  # [B, Hkv, T, T]
+        mask = torch.cat((window | tokens, blocks.expand(B, Hkv, T, N)), dim=-1)  # [B, Hkv, T, T + N]
+        mask = mask[:, :, None].expand(B, Hkv, G, T, T + N).reshape(B, Hkv, G * T, T + N)
+        out = F.scaled_dot_product_attention(
+            q.reshape(B, Hkv, G * T, D), keys, values, attn_mask=mask, scale=self.scaling
+        ).view(B, self.num_heads, T, D)  # [B, Hkv, G T, D] -> [B, Hq, T, D]
     out = out.transpose(1, 2).reshape(B, T, -1)  # [B, T, Hq*D]
     return self.o_proj(out * torch.sigmoid(gate))
 
@@ -250,7 +293,8 @@ def reinit(model: torch.nn.Module, choices: dict) -> None:
         if "blend_bias" in choices and isinstance(module, LlamaThinkCompressedSparseAttention):
             # the same weight draws plus a learned bias (AdamW, 1-D): blend = sigmoid(W x + b), b = BIAS at start
             old = module.blend_proj
-            module.blend_proj = torch.nn.Linear(old.in_features, old.out_features, bias=True).to(old.weight)
+            with torch.random.fork_rng(devices=[]):  # its own init draws must not shift the later `init.*` draws
+                module.blend_proj = torch.nn.Linear(old.in_features, old.out_features, bias=True).to(old.weight)
             module.blend_proj.weight.copy_(old.weight)
             module.blend_proj.bias.fill_(float(choices["blend_bias"]))
         if "compress" in choices and leaf in ("compress_k", "compress_v"):

@@ -74,7 +74,7 @@ elif [ "$PART" = speed3 ]; then  # issue 17: compiled loss chunk + CUDA graph re
 elif [ "$PART" = loop ]; then  # issue 17: `compile_mode: reduce-overhead` in the real training loop (~540 s)
     DATA=${DATA:?set DATA to a prepared folder (python -m llamathink.data prepare)}
     half0() {  # the CUDA-graph training GPU tests (gradients per call, SGD steps against the default mode)
-        timeout 540 python -m pytest -q -p no:cacheprovider --tb=short -rfEsx tests/test_gpu.py \
+        timeout 400 python -m pytest -q -p no:cacheprovider --tb=short -rfEsx tests/test_gpu.py \
             -k "cuda_graph_gradients or cuda_graph_replay or cuda_graph_training" > "$OUT/test_gpu_graphs.log" 2>&1
         grep -v Warn "$OUT/test_gpu_graphs.log" | tail -30; }
     half1() {  # train_hf.py timed with and without CUDA graphs, HF Llama compiled in bench_quality's loop

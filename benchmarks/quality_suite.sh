@@ -23,6 +23,8 @@
 #                                                                           # softmax (csa_blend=joint)
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa4    # the blend gate started closed (a
 #                                                                           # learned bias at -4 / -2), seeds 0-2
+#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa5    # CSA with NSA's top-k block selection
+#                                                                           # (csa_blend=select), seeds 0-2
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa2    # GPU 1 only: the CSA layer with its
 #                                                                           # window over the whole sequence, and
 #                                                                           # without compressed blocks
@@ -129,7 +131,7 @@ elif [ "$PART" = csa2 ]; then  # which half of a CSA layer costs: csa_window=102
     q 1 "$SECONDS_LEFT" csa_c --steps 800 --eval-every 200 --run w1024-s2:$CG,csa_window=1024,seed=2 \
         --run nocomp-s2:$CG,csa_stride=1024,seed=2 --run w1024-s1:$CG,csa_window=1024,seed=1 \
         --run nocomp-s1:$CG,csa_stride=1024,seed=1 --run w1024-s0:$CG,csa_window=1024 --run nocomp-s0:$CG,csa_stride=1024
-elif [ "$PART" = csa3 ]; then  # default compile mode (CUDA-graph training is experimental: BENCHMARKS 1a+)
+elif [ "$PART" = csa3 ]; then  # default compile mode (CUDA-graph training is opt-in: BENCHMARKS 1a+, 1a++)
     # `init.shared_from_default`: the Qwen3.5-pattern model starts from the default model's weights for every
     # tensor they share, so at one seed the two differ only in the mixers of layers 2, 6, 10, 14 (and equals, exactly,
     # a CSA layer with csa_blend=local and csa_window=1024). `csa_blend=local`: the CSA window without the blend;
@@ -150,8 +152,18 @@ elif [ "$PART" = csa4 ]; then  # the CSA blend gate started closed: a learned bi
     q 1 "$SECONDS_LEFT" csa_e2 --steps 800 --eval-every 200 --run bias2-s2:compile=1,init.blend_bias=-2,seed=2 \
         --run bias2-s1:compile=1,init.blend_bias=-2,seed=1 --run bias2-s0:compile=1,init.blend_bias=-2 &
     wait
+elif [ "$PART" = csa5 ]; then  # CSA with Native Sparse Attention's block selection: each query also attends the raw
+    # tokens of 16 (64 tokens) or 64 (256 tokens) compressed blocks outside its window, in one softmax with the window
+    # and the blocks; paired with the default, the window alone and full attention at each seed (BENCHMARKS 2)
+    q 0 "$SECONDS_LEFT" csa_f --steps 800 --eval-every 200 --run select16-s2:compile=1,csa_blend=select,seed=2 \
+        --run select16-s1:compile=1,csa_blend=select,seed=1 --run select16-s0:compile=1,csa_blend=select &
+    q 1 "$SECONDS_LEFT" csa_f2 --steps 800 --eval-every 200 \
+        --run select64-s2:compile=1,csa_blend=select,csa_select=64,seed=2 \
+        --run select64-s1:compile=1,csa_blend=select,csa_select=64,seed=1 \
+        --run select64-s0:compile=1,csa_blend=select,csa_select=64 &
+    wait
 else
-    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa, csa2, csa3 or csa4)"; exit 2
+    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa, csa2, csa3, csa4 or csa5)"; exit 2
 fi
 for f in "$OUT"/*.log; do echo "== $f"; grep -E "final|failed|Error|error|stopped" "$f" | tail -8; done
 for d in "$OUT"/*/; do [ -f "$d/quality.json" ] && python benchmarks/bench_quality.py --plot "$d/quality.json"; done

@@ -33,6 +33,24 @@ def csa_layer_call(model, ids):
     return layer, *seen["args"], seen["out"]
 
 
+def reference_blocks(layer, ctx, k_raw, v):
+    """The compressed blocks, one at a time: keys and values of block j mean-pooled over its `stride` positions,
+    through compress_k / compress_v, keys RoPE'd at the block centre -> [B, Hkv, N, D] each."""
+    B, Hkv, T, D = k_raw.shape
+    S = layer.stride
+    N = T // S
+    blocks_k = torch.stack(
+        [layer.compress_k(k_raw[:, :, j * S : (j + 1) * S].mean(2).reshape(B, Hkv * D)) for j in range(N)]
+    )
+    blocks_v = torch.stack(
+        [layer.compress_v(v[:, :, j * S : (j + 1) * S].mean(2).reshape(B, Hkv * D)) for j in range(N)]
+    )
+    blocks_k = blocks_k.view(N, B, Hkv, D).permute(1, 2, 0, 3)  # [N, B, E] -> [B, Hkv, N, D]
+    blocks_v = blocks_v.view(N, B, Hkv, D).permute(1, 2, 0, 3)
+    cos, sin = ctx.rotary((torch.arange(N) * S + S // 2)[None].expand(B, N), blocks_k.dtype)
+    return apply_rotary(blocks_k, cos, sin), blocks_v
+
+
 def test_joint_softmax_ablation_equals_a_per_query_reference():
     """`csa_blend=joint`: each query's one softmax over its window (the last W positions, itself included) and the
     compressed blocks that end at or before it, blocks pooled, compressed and RoPE'd as the CSA layer does; written
@@ -42,17 +60,9 @@ def test_joint_softmax_ablation_equals_a_per_query_reference():
     layer, x, ctx, got = csa_layer_call(model, ids)
     with torch.no_grad():
         q, k, k_raw, v, gate = layer.project(x, ctx.cos, ctx.sin)
+        blocks_k, blocks_v = reference_blocks(layer, ctx, k_raw, v)
         B, T = ids.shape
-        S, W, G = layer.stride, layer.window, layer.num_groups
-        N, E = T // S, layer.num_kv_heads * layer.head_dim
-        blocks_k = torch.stack(
-            [layer.compress_k(k_raw[:, :, j * S : (j + 1) * S].mean(2).reshape(B, E)) for j in range(N)]
-        )
-        blocks_v = torch.stack([layer.compress_v(v[:, :, j * S : (j + 1) * S].mean(2).reshape(B, E)) for j in range(N)])
-        blocks_k = blocks_k.view(N, B, layer.num_kv_heads, layer.head_dim).permute(1, 2, 0, 3)  # [B, Hkv, N, D]
-        blocks_v = blocks_v.view(N, B, layer.num_kv_heads, layer.head_dim).permute(1, 2, 0, 3)
-        cos, sin = ctx.rotary((torch.arange(N) * S + S // 2)[None].expand(B, N), blocks_k.dtype)
-        blocks_k = apply_rotary(blocks_k, cos, sin)
+        S, W, G, N = layer.stride, layer.window, layer.num_groups, blocks_k.shape[2]
         out = torch.zeros_like(q)
         for b in range(B):
             for h in range(layer.num_heads):
@@ -74,11 +84,11 @@ def test_shared_init_full_attention_equals_csa_window_alone_over_the_whole_seque
     for seed in (0, 3):
         full = build("pattern=linear/linear/full/full,init.shared_from_default=1", seed)
         window = build("csa_blend=local,csa_window=64", seed)
+        default = build("", seed)
         with torch.no_grad():
             torch.testing.assert_close(full(ids).logits, window(ids).logits, rtol=1e-9, atol=1e-9)
-    default = build("", 0)
-    with torch.no_grad():  # and the default itself (compressed path blended in) is a different function
-        assert (default(ids).logits - full(ids).logits).abs().max() > 1e-3
+            # and the default (compressed path blended in) is another function of the same weights
+            assert (default(ids).logits - full(ids).logits).abs().max() > 1e-3
 
 
 def test_blend_bias_keeps_the_default_weights_and_starts_the_gate_at_sigmoid_of_the_bias():
@@ -89,18 +99,74 @@ def test_blend_bias_keeps_the_default_weights_and_starts_the_gate_at_sigmoid_of_
     for name, tensor in want.items():
         assert torch.equal(got[name], tensor), name
     assert torch.all(got[extra[0]] == -4.0)
-    ids = torch.randint(0, 100, (1, 16), generator=torch.Generator().manual_seed(3))
-    layer, x, *_ = csa_layer_call(biased, ids)
+    # the bias trains: the run's optimizer (built after the model, as in `train_run`) holds it, without decay
+    from llamathink.train.optim import build_optimizer
+    from llamathink.train.pretrain import RunConfig
+
+    optimizer = build_optimizer(biased, RunConfig())
+    bias = dict(biased.named_parameters())[extra[0]]
+    (group,) = [g for g in optimizer.param_groups if any(p is bias for p in g["params"])]
+    assert not group["use_muon"] and group["weight_decay"] == 0
+
+
+def test_selection_ablation_equals_a_per_query_reference():
+    """`csa_blend=select`: each query's one softmax over its window, the raw tokens of the `csa_select` blocks
+    outside its window with the largest compressed-attention probability summed over its kv head's query group
+    (Native Sparse Attention's choice), and the compressed blocks; written here query by query."""
+    model = build("csa_blend=select,csa_select=3,csa_window=8")
+    ids = torch.randint(0, 100, (2, 37), generator=torch.Generator().manual_seed(4))
+    layer, x, ctx, got = csa_layer_call(model, ids)
     with torch.no_grad():
-        blend = torch.sigmoid(layer.blend_proj(x))
-    assert torch.allclose(
-        blend, torch.sigmoid(layer.blend_proj.weight.new_tensor(-4.0) + x @ layer.blend_proj.weight.T)
-    )
+        q, k, k_raw, v, gate = layer.project(x, ctx.cos, ctx.sin)
+        blocks_k, blocks_v = reference_blocks(layer, ctx, k_raw, v)
+        B, T = ids.shape
+        S, W, G, N = layer.stride, layer.window, layer.num_groups, blocks_k.shape[2]
+        out = torch.zeros_like(q)
+        n_selected = []
+        for b in range(B):
+            for kv in range(layer.num_kv_heads):
+                for t in range(T):
+                    done = [j for j in range(N) if S * (j + 1) <= t]
+                    importance = {j: 0.0 for j in done}
+                    for h in range(kv * G, (kv + 1) * G):
+                        p = (
+                            torch.softmax(
+                                torch.stack([blocks_k[b, kv, j] @ q[b, h, t] for j in done]) * layer.scaling, 0
+                            )
+                            if done
+                            else []
+                        )
+                        for j, pj in zip(done, p):
+                            importance[j] += float(pj)
+                    outside = sorted((j for j in done if j * S <= t - W), key=lambda j: -importance[j])[:3]
+                    n_selected.append(len(outside))
+                    raw = sorted(set(range(max(0, t - W + 1), t + 1)) | {j * S + i for j in outside for i in range(S)})
+                    keys = torch.stack([k[b, kv, s] for s in raw] + [blocks_k[b, kv, j] for j in done])
+                    values = torch.stack([v[b, kv, s] for s in raw] + [blocks_v[b, kv, j] for j in done])
+                    for h in range(kv * G, (kv + 1) * G):
+                        out[b, h, t] = torch.softmax(keys @ q[b, h, t] * layer.scaling, 0) @ values
+        want = layer.o_proj(out.transpose(1, 2).reshape(B, T, -1) * torch.sigmoid(gate))
+    assert max(n_selected) == 3 and min(n_selected) == 0  # late queries choose 3 of many blocks, early ones none
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize(
-    "spec", ["csa_blend=mixed", "model=hf-llama,csa_blend=local", "init.blend_bias=-4,model=hf-llama"]
+    "spec",
+    [
+        "csa_blend=mixed",
+        "model=hf-llama,csa_blend=local",
+        "init.blend_bias=-4,model=hf-llama",
+        "csa_select=4",
+        "csa_blend=select,csa_select=0",
+        "csa_blend=select,csa_select=2.5",
+        "csa_blend=local,init.blend_bias=-4",
+    ],
 )
 def test_bad_ablation_specs_are_refused_by_name(spec):
-    with pytest.raises(ValueError, match="csa_blend|llamathink only"):
+    with pytest.raises(ValueError, match="csa_blend|csa_select|llamathink only"):
         bq.parse_run(f"r:{spec}")
+
+
+def test_blend_bias_without_csa_layers_is_refused():
+    with pytest.raises(ValueError, match="needs CSA layers"):
+        build("pattern=linear/full,init.blend_bias=-4")
