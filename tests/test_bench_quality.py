@@ -51,18 +51,24 @@ def reference_blocks(layer, ctx, k_raw, v):
     return apply_rotary(blocks_k, cos, sin), blocks_v
 
 
+def ablation_call(spec: str, data_seed: int):
+    """One forward of a tiny model built by `spec` on [2, 37] random tokens -> (first CSA layer, its output, and
+    from its own projections q, k (RoPE'd), v, gate and the reference blocks)."""
+    ids = torch.randint(0, 100, (2, 37), generator=torch.Generator().manual_seed(data_seed))
+    layer, x, ctx, got = csa_layer_call(build(spec), ids)
+    with torch.no_grad():
+        q, k, k_raw, v, gate = layer.project(x, ctx.cos, ctx.sin)
+        return (layer, got, q, k, v, gate, *reference_blocks(layer, ctx, k_raw, v))
+
+
 def test_joint_softmax_ablation_equals_a_per_query_reference():
     """`csa_blend=joint`: each query's one softmax over its window (the last W positions, itself included) and the
     compressed blocks that end at or before it, blocks pooled, compressed and RoPE'd as the CSA layer does; written
     here query by query with explicit key lists."""
-    model = build("csa_blend=joint,csa_window=8")
-    ids = torch.randint(0, 100, (2, 37), generator=torch.Generator().manual_seed(1))
-    layer, x, ctx, got = csa_layer_call(model, ids)
+    layer, got, q, k, v, gate, blocks_k, blocks_v = ablation_call("csa_blend=joint,csa_window=8", data_seed=1)
+    B, _, T, _ = q.shape
+    S, W, G, N = layer.stride, layer.window, layer.num_groups, blocks_k.shape[2]
     with torch.no_grad():
-        q, k, k_raw, v, gate = layer.project(x, ctx.cos, ctx.sin)
-        blocks_k, blocks_v = reference_blocks(layer, ctx, k_raw, v)
-        B, T = ids.shape
-        S, W, G, N = layer.stride, layer.window, layer.num_groups, blocks_k.shape[2]
         out = torch.zeros_like(q)
         for b in range(B):
             for h in range(layer.num_heads):
@@ -113,14 +119,11 @@ def test_selection_ablation_equals_a_per_query_reference():
     """`csa_blend=select`: each query's one softmax over its window, the raw tokens of the `csa_select` blocks
     outside its window with the largest compressed-attention probability summed over its kv head's query group
     (Native Sparse Attention's choice), and the compressed blocks; written here query by query."""
-    model = build("csa_blend=select,csa_select=3,csa_window=8")
-    ids = torch.randint(0, 100, (2, 37), generator=torch.Generator().manual_seed(4))
-    layer, x, ctx, got = csa_layer_call(model, ids)
+    spec = "csa_blend=select,csa_select=3,csa_window=8"
+    layer, got, q, k, v, gate, blocks_k, blocks_v = ablation_call(spec, data_seed=4)
+    B, _, T, _ = q.shape
+    S, W, G, N = layer.stride, layer.window, layer.num_groups, blocks_k.shape[2]
     with torch.no_grad():
-        q, k, k_raw, v, gate = layer.project(x, ctx.cos, ctx.sin)
-        blocks_k, blocks_v = reference_blocks(layer, ctx, k_raw, v)
-        B, T = ids.shape
-        S, W, G, N = layer.stride, layer.window, layer.num_groups, blocks_k.shape[2]
         out = torch.zeros_like(q)
         n_selected = []
         for b in range(B):
