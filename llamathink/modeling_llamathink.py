@@ -26,6 +26,7 @@ kernels files) next to the weights for `trust_remote_code=True` loading where th
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import math
@@ -363,6 +364,38 @@ class LlamaThinkCache:
         static, self._static = self._static, None
         if static is not None and static.owner is not None and static.owner() is self:
             static.store(self)
+
+    def check_compatible(self, config: LlamaThinkConfig):
+        """Raise a ValueError unless this cache holds one state per layer of a model with `config.mixer_types` (a
+        cache from another layer pattern would otherwise fail deep inside a mixer, or decode wrongly)."""
+        if not isinstance(self, LlamaThinkCache):  # (called unbound on whatever the caller passed)
+            raise ValueError(f"the cache must be a LlamaThinkCache, got {type(self).__name__}")  # noqa: TRY004
+        expected = [mixer_class(kind).state_class for kind in config.mixer_types]
+        if [type(state) for state in self._layers] != expected:
+            raise ValueError(
+                f"the cache was built for another layer pattern: {[type(s).__name__ for s in self._layers]}, "
+                f"where this model has mixer_types {list(config.mixer_types)}; start a new cache"
+            )
+
+    # --- copies: the state comes back from the CUDA-graph decoder's buffers first --------------------------------
+    def __deepcopy__(self, memo):
+        """A copy owns its state: state still in a `_StaticDecoder`'s buffers is brought back first (`materialize`),
+        so neither the decoder (nor its model) nor its weak reference to this cache is copied."""
+        self.materialize()
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+    def __copy__(self):  # shares the per-layer states, as any shallow copy does, but not the decoder's buffers
+        self.materialize()
+        new = self.__class__.__new__(self.__class__)
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __getstate__(self):  # pickle / torch.save
+        self.materialize()
+        return dict(self.__dict__)
 
     # --- what transformers' generate() asks of a cache ---------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -1904,8 +1937,8 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         cache = cache if cache is not None else past_key_values
         explicit_cache = cache is not None or use_cache is True
         seq_idx, cu_seqlens = kwargs.get("seq_idx"), kwargs.get("cu_seq_lens_q", kwargs.get("cu_seqlens"))
-        if cache is not None and not isinstance(cache, LlamaThinkCache):
-            raise ValueError(f"the cache must be a LlamaThinkCache, got {type(cache).__name__}")
+        if cache is not None:
+            LlamaThinkCache.check_compatible(cache, self.config)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if self.gradient_checkpointing and self.training and (use_cache or cache is not None):
             logger.warning_once("use_cache=True is incompatible with gradient checkpointing; not caching.")
@@ -1946,6 +1979,9 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
                 raise ValueError(
                     "attention_mask has padding between real tokens; only left or right padding is supported"
                 )
+            if cache is not None and not bool(key_valid.any(1).all()):  # generation would continue from nothing
+                empty = key_valid.any(1).logical_not().nonzero().flatten().tolist()
+                raise ValueError(f"attention_mask rows {empty} hold no real token: nothing to continue from")
 
         segments = None
         seq_idx, cu_seqlens = (
@@ -2300,6 +2336,8 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         stays in the path and the loss equals the eval-mode one."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         cache = cache if cache is not None else past_key_values
+        if cache is not None:
+            LlamaThinkCache.check_compatible(cache, self.config)
         extra = (inputs_embeds is not None, labels is not None, bool(output_hidden_states))
         if self._can_decode_static(input_ids, cache, attention_mask, position_ids, extra):
             logits = self._static_decoder(input_ids.shape[0]).step(cache, input_ids)[:, None]  # [B, 1, vocab]

@@ -488,6 +488,49 @@ def test_static_decode_state_moves_back_for_continuation_and_between_caches(stat
         torch.testing.assert_close(la, full[:, 119:120], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copied_cache_continues_exactly_while_its_state_sits_in_the_static_buffers(static_model, how):
+    """Branching a conversation: a cache copied (or saved) right after static one-token steps holds the state itself,
+    not a link to the decoder's buffers, and both it and the original continue exactly; the copy does not drag the
+    model along."""
+    import io
+
+    model = static_model
+    ids = torch.randint(1, 96, (2, 40), generator=torch.Generator().manual_seed(21))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model(ids[:, :10], use_cache=True).cache
+        for t in range(10, 20):
+            model(ids[:, t : t + 1], cache=cache)
+        assert cache._static is not None  # the state lives in the decoder's buffers now
+        if how == "torch.save":
+            buffer = io.BytesIO()
+            torch.save(cache, buffer)
+            branch = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+        else:
+            branch = copy.deepcopy(cache)
+        assert branch._static is None and "model" not in vars(branch)
+        for state in (branch, cache):  # the copy first: the original's next step must not have moved it
+            got = torch.cat([model(ids[:, t : t + 1], cache=state).logits for t in range(20, 30)], 1)
+            torch.testing.assert_close(got, full[:, 20:30], rtol=1e-10, atol=1e-10)
+        got = model(ids[:, 30:40], cache=branch).logits  # and a multi-token chunk after the copy's own steps
+        torch.testing.assert_close(got, full[:, 30:40], rtol=1e-10, atol=1e-10)
+
+
+def test_a_cache_of_another_layer_pattern_or_with_an_empty_row_is_refused_by_name(static_model):
+    other = tiny_model(mixer_types=["linear", "linear", "full", "full"], max_position_embeddings=200)
+    ids = torch.randint(1, 96, (2, 8), generator=torch.Generator().manual_seed(22))
+    with torch.no_grad():
+        foreign = other(ids, use_cache=True).cache
+        for n in (1, 3):  # the static one-token path and the general one
+            with pytest.raises(ValueError, match="another layer pattern"):
+                static_model(ids[:, :n], cache=foreign)
+        mask = torch.ones_like(ids)
+        mask[1] = 0
+        with pytest.raises(ValueError, match=r"rows \[1\] hold no real token"):
+            static_model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
 def test_static_decode_generate_greedy_and_beam_equal_the_general_path(static_model):
     model = static_model
     prompt = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(3))
