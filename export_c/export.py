@@ -100,6 +100,22 @@ class ExportError(Exception):
 # ---------------------------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------------------------
+def check_output(path: str, magic: int, what: str) -> None:
+    """Refuse (ExportError) to write a `what` file at `path` over anything but an earlier file of the same kind
+    (`magic`, its first four bytes) or an empty file: a wrong argument must not replace a trained model's
+    weights, config or tokenizer, or any other file, with an export."""
+    if os.path.isdir(path):
+        raise ExportError(f"{path} is a folder; give the path of the {what} file to write")
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if len(head) < 4 or struct.unpack("<I", head)[0] != magic:
+            raise ExportError(
+                f"{path} exists and is not a {what} written by this exporter; refusing to overwrite it "
+                "(choose another path, or remove the file)"
+            )
+
+
 def resolve_source(src: str) -> str:
     """A local directory, or a Hugging Face hub id downloaded with huggingface_hub."""
     if os.path.isdir(src):
@@ -474,6 +490,7 @@ def export(src: str, out_path: str, dtype: str = "fp32", group_size="auto", verb
     format cannot hold (missing / misshapen tensors, out-of-range or non-finite fields, NaN / inf weights)."""
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype}")
+    check_output(out_path, MAGIC, "run.c model")
     d = resolve_source(src)
     cfg = load_config(d)
     tensors = load_tensors(d)
@@ -561,6 +578,12 @@ def main(argv=None) -> int:
     )
     a = ap.parse_args(argv)
     try:
+        if a.tokenizer_out:  # checked before anything is written
+            from .tokenizer_export import TK_MAGIC
+
+            if os.path.abspath(a.tokenizer_out) == os.path.abspath(a.out):
+                raise ExportError(f"--tokenizer-out {a.tokenizer_out} is the model's output path too")
+            check_output(a.tokenizer_out, TK_MAGIC, "run.c tokenizer")
         info = export(a.src, a.out, a.dtype, a.group_size)
         if a.tokenizer_out:
             from .tokenizer_export import chat_markers, export_tokenizer

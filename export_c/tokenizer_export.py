@@ -350,13 +350,23 @@ def write_tokenizer_bin(t: dict, out_path: str, markers: dict | None = None) -> 
     for k, v in markers.items():
         kb, vb = k.encode("utf-8"), v.encode("utf-8")
         body += struct.pack("<I", len(kb)) + kb + struct.pack("<I", len(vb)) + vb
-    with open(out_path, "wb") as f:
-        f.write(bytes(hdr) + bytes(body))
+    tmp = out_path + ".tmp"  # written whole, then renamed: a failure leaves no partial tokenizer
+    try:
+        with open(tmp, "wb") as f:
+            f.write(bytes(hdr) + bytes(body))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, out_path)
 
 
 def export_tokenizer(src: str, out_path: str, markers: dict | None = None, sentencepiece_rules: bool = False) -> dict:
     """Write tokenizer.bin; markers=None stores the default chat markers (CHAT_MARKERS), a dict
     stores exactly those ({} for none)."""
+    from .export import check_output
+
+    check_output(out_path, TK_MAGIC, "run.c tokenizer")
     t = load_tokenizer(src, sentencepiece_rules)
     if markers is None:
         markers = default_chat_markers()
@@ -391,9 +401,11 @@ def main(argv=None) -> int:
         "when the text starts with a space)",
     )
     a = ap.parse_args(argv)
+    from .export import ExportError
+
     try:
         export_tokenizer(a.src, a.out, chat_markers(a.chat_marker, not a.no_chat_markers), a.sentencepiece)
-    except TokenizerExportError as e:
+    except (TokenizerExportError, ExportError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

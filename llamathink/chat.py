@@ -231,7 +231,6 @@ def load_chat_model(
 ):
     """Model (eval mode) and tokenizer for chatting. A tokenizer without a chat template gets LlamaThink's."""
     import torch
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     import llamathink  # noqa: F401  (registers LlamaThink with the Auto classes)
@@ -241,11 +240,10 @@ def load_chat_model(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    from llamathink.train.checkpoint import check_saved_model_path
+    from llamathink.train.checkpoint import load_saved_model
 
-    check_saved_model_path(path, "model")
     hf_logging.disable_progress_bar()  # no "Loading weights" bar in front of the chat
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    model = load_saved_model(path, "model", getattr(torch, dtype), auto=True, trust_remote_code=trust_remote_code)
     model.to(device).eval()
     tok = load_tokenizer(tokenizer or path)
     template = getattr(tok, "chat_template", None)

@@ -1958,3 +1958,34 @@ def test_top_p_zero_keeps_the_most_likely_token(run_bin, mini_files):
     for p in ("0", "1e-400", "1e-30"):
         assert gen("-t", "50", "-p", p, "-s", "3") == greedy, p
     assert gen("-t", "50", "-p", "1", "-s", "3") != greedy  # p = 1: off
+
+
+def test_the_exporter_never_overwrites_what_it_did_not_write(chat_model, tmp_path, capsys):
+    """A wrong output argument (the model folder's weights, config or tokenizer, any other file, a folder) is refused
+    before anything is written; an earlier export of the same kind, or an empty file, is replaced as before."""
+    d = chat_model["bin"].parent
+    before = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+    model_bin, tok_bin = str(chat_model["bin"]), str(chat_model["tokbin"])
+    for out, tok_out in (
+        ("model.safetensors", None),
+        ("config.json", None),
+        (None, "tokenizer.json"),
+        (None, "model.safetensors"),
+        (None, "model.bin"),  # a model export is not a tokenizer export
+        ("tok.bin", None),  # nor the other way round
+    ):
+        args = [str(d), str(d / out) if out else str(tmp_path / "new.bin")]
+        args += ["--tokenizer-out", str(d / tok_out)] if tok_out else []
+        assert ex.main(args) == 1
+        err = capsys.readouterr().err
+        assert f"{d / (out or tok_out)} exists and is not a run.c" in err and "refusing to overwrite" in err, err
+        assert not (tmp_path / "new.bin").exists()  # nothing written: the tokenizer path is checked first
+    assert ex.main([str(d), str(tmp_path)]) == 1 and "is a folder" in capsys.readouterr().err
+    assert ex.main([str(d), str(tmp_path / "x.bin"), "--tokenizer-out", str(tmp_path / "x.bin")]) == 1
+    assert {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()} == before  # every file as it was
+    with pytest.raises(ex.ExportError, match="refusing to overwrite"):
+        tkx.export_tokenizer(str(d), str(d / "config.json"))
+    (tmp_path / "empty.bin").touch()
+    assert ex.main([str(d), model_bin, "--tokenizer-out", tok_bin]) == 0  # re-export over earlier exports
+    assert ex.main([str(d), str(tmp_path / "empty.bin")]) == 0
+    assert (tmp_path / "empty.bin").read_bytes() == Path(model_bin).read_bytes()

@@ -723,6 +723,46 @@ def test_commands_report_bad_input_in_one_line(sample_data, model_json, tmp_path
     assert "it is a pretraining checkpoint and this is a finetuning run" in capsys.readouterr().err
 
 
+def test_a_saved_model_whose_weights_do_not_fit_is_refused_by_name(tmp_path, capsys):
+    """`load_saved_model` (what pretraining's and finetuning's init_from and the chat command load with): a folder
+    loads bit for bit; a missing, an unknown or a misshapen tensor, or a truncated weights file, is a ValueError
+    naming the setting and the tensor, where transformers alone would fill in random values and go on."""
+    from safetensors.torch import load_file, save_file
+
+    from llamathink import chat
+
+    good = tmp_path / "good"
+    tiny_model(dtype=torch.float32).save_pretrained(good)
+    loaded = ckpt.load_saved_model(str(good), "init_from")
+    for name, tensor in load_file(good / "model.safetensors").items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    weights = load_file(good / "model.safetensors")
+    missing, extra, shape = (dict(weights) for _ in range(3))
+    del missing["model.layers.0.mlp.down_proj.weight"]
+    extra["model.layers.0.mlp.extra.weight"] = torch.zeros(3)
+    shape["model.layers.1.mlp.up_proj.weight"] = shape["model.layers.1.mlp.up_proj.weight"][:-1]
+    cases = {
+        "missing": (missing, r"missing \['model.layers.0.mlp.down_proj.weight'\]"),
+        "extra": (extra, r"unexpected \['model.layers.0.mlp.extra.weight'\]"),
+        "shape": (shape, "do not fit its config.json"),
+    }
+    for case, (tensors, message) in cases.items():
+        folder = tmp_path / case
+        folder.mkdir()
+        (folder / "config.json").write_bytes((good / "config.json").read_bytes())
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=f"init_from={folder}: .*{message}"):
+            ckpt.load_saved_model(str(folder), "init_from")
+    truncated = tmp_path / "missing" / "model.safetensors"
+    truncated.write_bytes((good / "model.safetensors").read_bytes()[:5000])
+    with pytest.raises(ValueError, match="a weights file cannot be read .* truncated or corrupt"):
+        ckpt.load_saved_model(str(truncated.parent), "init_from")
+    capsys.readouterr()
+    assert chat.main([str(tmp_path / "extra"), "-p", "hi", "--tokenizer", "builtin"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load" in err and "unexpected ['model.layers.0.mlp.extra.weight']" in err, err
+
+
 def test_wrong_position_ids_are_named(model_json):  # noqa: F811
     model = LlamaThinkForCausalLM(LlamaThinkConfig.from_json_file(str(model_json)))
     ids = torch.randint(0, 100, (2, 6))

@@ -78,6 +78,47 @@ def check_saved_model_path(path: str, setting: str) -> None:
         raise FileNotFoundError(f"{setting}={path}: no such folder")
 
 
+def load_saved_model(path: str, setting: str, dtype: torch.dtype = torch.float32, auto: bool = False, **kwargs):
+    """The saved model at `path` (`from_pretrained`; with `auto`, through `AutoModelForCausalLM`, which takes
+    `trust_remote_code` in `kwargs`), strictly: transformers fills a tensor missing from the weights with fresh random
+    values and skips an unknown one, reporting both only in a log line; a training or chat command would then go on
+    with a partly random model. Raises, naming `setting` and `path`: what `check_saved_model_path` raises; ValueError
+    for missing, unexpected or misshapen tensors (against the model its config.json describes) and for an unreadable
+    (truncated, corrupt) weights file."""
+    from safetensors import SafetensorError
+
+    check_saved_model_path(path, setting)
+    if auto:
+        from transformers import AutoModelForCausalLM as loader
+    else:
+        from ..modeling_llamathink import LlamaThinkForCausalLM as loader
+    try:
+        model, info = loader.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
+    except SafetensorError as err:
+        raise ValueError(
+            f"{setting}={path}: a weights file cannot be read ({err}); is it truncated or corrupt?"
+        ) from None
+    except RuntimeError as err:  # transformers' report of tensors whose shapes differ from config.json's model
+        if "mismatch" not in str(err).lower():
+            raise
+        raise ValueError(f"{setting}={path}: its weights do not fit its config.json:\n{err}") from None
+    problems = [
+        f"{what} {sorted(info[key])}"
+        for key, what in (
+            ("missing_keys", "missing"),
+            ("unexpected_keys", "unexpected"),
+            ("mismatched_keys", "misshapen"),
+        )
+        if info.get(key)
+    ]
+    if problems:
+        raise ValueError(
+            f"{setting}={path}: its weights do not match the model its config.json describes ({'; '.join(problems)}); "
+            "refusing to go on with those tensors random or dropped"
+        )
+    return model
+
+
 def checkpoint_dir(out_dir: str | Path) -> Path:
     """Where a run in `out_dir` writes its step_XXXXXXXX checkpoint folders."""
     return Path(out_dir) / "checkpoints"

@@ -37,8 +37,7 @@ from ..data.chat import (
     split_held_out,
     trained_tokens,
 )
-from ..modeling_llamathink import LlamaThinkForCausalLM
-from .checkpoint import check_saved_model_path, own_out_dir
+from .checkpoint import check_saved_model_path, load_saved_model, own_out_dir
 from .config import RunConfig
 from .config import load_config as _load_settings
 from .loop import TrainingHooks, begin_run, command_main, make_accelerator, run_training, save_final
@@ -260,7 +259,7 @@ def _finetune(cfg: FinetuneConfig, accelerator) -> dict:
     resume_from, run_id = begin_run(cfg, accelerator.is_main_process)
     check_saved_model_path(cfg.init_from, "init_from")
     tokenizer = load_chat_tokenizer(cfg)
-    model = LlamaThinkForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
+    model = load_saved_model(cfg.init_from, "init_from")
     check_vocab(len(tokenizer), model.config.vocab_size)
     context = model.config.max_position_embeddings
     max_len = cfg.max_len or context

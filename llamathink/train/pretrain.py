@@ -20,7 +20,7 @@ import torch
 from ..configuration_llamathink import LlamaThinkConfig
 from ..data import TokenBatchLoader, check_vocab, document_position_ids, find_shards, load_meta, val_batches
 from ..modeling_llamathink import LlamaThinkForCausalLM, flops_per_token
-from .checkpoint import check_saved_model_path, own_out_dir
+from .checkpoint import load_saved_model, own_out_dir
 from .config import RunConfig
 from .config import load_config as _load_settings
 from .loop import TrainingHooks, begin_run, command_main, make_accelerator, run_training, save_final
@@ -75,12 +75,11 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
 
 def build_model(cfg: TrainConfig) -> LlamaThinkForCausalLM:
-    """The model of a run: `init_from` (a saved model; `check_saved_model_path`), else a fresh one of the
+    """The model of a run: `init_from` (a saved model; `load_saved_model`), else a fresh one of the
     `model_config` JSON (or folder), initialised from `seed`. Raises FileNotFoundError / ValueError naming the
     setting when the path is missing or not a model, or `seq_len` is beyond the model's context."""
     if cfg.init_from is not None:
-        check_saved_model_path(cfg.init_from, "init_from")
-        return LlamaThinkForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
+        return load_saved_model(cfg.init_from, "init_from")
     path = Path(cfg.model_config)
     if not path.exists():
         raise FileNotFoundError(f"model_config {path} does not exist")
