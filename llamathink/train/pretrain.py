@@ -11,6 +11,7 @@ over the first `eval_batches` validation batches), samples (greedy continuations
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,7 @@ def build_model(cfg: TrainConfig) -> LlamaThinkForCausalLM:
     path = Path(cfg.model_config)
     if not path.exists():
         raise FileNotFoundError(f"model_config {path} does not exist")
+    check_config_keys(path / "config.json" if path.is_dir() else path)
     config = LlamaThinkConfig.from_json_file(str(path)) if path.is_file() else LlamaThinkConfig.from_pretrained(path)
     if cfg.seq_len > config.max_position_embeddings:
         raise ValueError(
@@ -90,6 +92,37 @@ def build_model(cfg: TrainConfig) -> LlamaThinkForCausalLM:
         )
     torch.manual_seed(cfg.seed)
     return LlamaThinkForCausalLM(config)
+
+
+def check_config_keys(path: Path) -> None:
+    """Refuse (ValueError naming them) keys of a model config JSON that are no `LlamaThinkConfig` field: transformers
+    keeps any key as a plain attribute, so a typo (`num_hidden_layer`) would train the default instead, silently."""
+    try:
+        keys = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"model_config {path} is not a readable JSON file ({err})") from None
+    if not isinstance(keys, dict):  # (a bad file, like the JSON errors above: the CLI reports ValueErrors)
+        raise ValueError(  # noqa: TRY004
+            f"model_config {path} holds a JSON {type(keys).__name__}, not an object of config fields"
+        )
+    known = set(LlamaThinkConfig().to_dict()) | {"torch_dtype"}  # (the older name of `dtype`)
+    unknown = sorted(set(keys) - known)
+    if unknown:
+        raise ValueError(f"model_config {path}: {unknown} are not LlamaThinkConfig fields (a typo?)")
+
+
+def check_special_tokens(meta: dict, config, data_dir: str) -> None:
+    """The model's BOS / EOS ids must be the data's (`meta.json`, written by `prepare` from the tokenizer): a model
+    that starts or ends documents with other ids would generate past the end of every reply. ValueError names both."""
+    for key in ("bos_token_id", "eos_token_id"):
+        data_id = meta.get(key)
+        model_ids = getattr(config, key, None)
+        model_ids = model_ids if isinstance(model_ids, (list, tuple)) else [model_ids]
+        if data_id is not None and data_id not in model_ids:
+            raise ValueError(
+                f"the model's {key} is {getattr(config, key, None)!r} but the data's ({Path(data_dir) / 'meta.json'}) "
+                f"is {data_id}: set {key} to {data_id} in the model config"
+            )
 
 
 @torch.no_grad()
@@ -193,6 +226,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
 
     model = build_model(cfg)
     check_vocab(int(meta["vocab_size"]), model.config.vocab_size)
+    check_special_tokens(meta, model.config, cfg.data_dir)
     if tokenizer is not None:
         check_vocab(len(tokenizer), model.config.vocab_size)
     loader = TokenBatchLoader(
