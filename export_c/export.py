@@ -133,8 +133,13 @@ def load_config(d: str) -> dict:
     path = os.path.join(d, "config.json")
     if not os.path.exists(path):
         raise ExportError(f"no config.json in {d}")
-    with open(path) as f:
-        raw = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ExportError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ExportError(f"{path} holds a JSON {type(raw).__name__}, not a config object")
     cfg = dict(DEFAULTS)
     cfg.update({k: v for k, v in raw.items() if k in DEFAULTS and v is not None})
     if raw.get("head_dim") is None and "hidden_size" in raw and "num_attention_heads" in raw:

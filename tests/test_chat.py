@@ -319,6 +319,13 @@ def test_messages_sharegpt_and_person_rows_from_jsonl_and_datasets(tmp_path):
 
     datasets.Dataset.from_list(rows[:1] * 3).save_to_disk(str(tmp_path / "ds"))
     assert load_conversations(str(tmp_path / "ds")) == convs[:1] * 3
+    # a bad byte or bad JSON is named with its file and line
+    path.write_bytes(path.read_bytes() + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"chats.jsonl:6: not UTF-8 text"):
+        load_conversations(str(path))
+    path.write_text(json.dumps(rows[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"chats.jsonl:2: not valid JSON"):
+        load_conversations(str(path))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1985,6 +1985,12 @@ def test_the_exporter_never_overwrites_what_it_did_not_write(chat_model, tmp_pat
     assert {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()} == before  # every file as it was
     with pytest.raises(ex.ExportError, match="refusing to overwrite"):
         tkx.export_tokenizer(str(d), str(d / "config.json"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for text, message in (("{oops", "is not valid JSON"), ("[1]", "holds a JSON list, not a config object")):
+        (broken / "config.json").write_text(text)
+        with pytest.raises(ex.ExportError, match=f"config.json {message}"):
+            ex.export(str(broken), str(tmp_path / "b.bin"), verbose=False)
     (tmp_path / "empty.bin").touch()
     assert ex.main([str(d), model_bin, "--tokenizer-out", tok_bin]) == 0  # re-export over earlier exports
     assert ex.main([str(d), str(tmp_path / "empty.bin")]) == 0

@@ -114,8 +114,12 @@ def _iter_rows(source: str, split: str, config_name: str | None) -> Iterable[dic
     if source == "sample":
         path = sample_conversations_path()
     if path.is_file() and path.name.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:  # decoded line by line, so that a bad byte is reported with its line
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{path}:{lineno}: not UTF-8 text ({err})") from None
                 if line.strip():
                     try:
                         yield json.loads(line)
