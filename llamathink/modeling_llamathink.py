@@ -1997,9 +1997,11 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
                 or position_ids.shape[0] not in (1, B)
                 or position_ids.shape[1] not in (T, past + T)
             ):
+                shapes = list(dict.fromkeys(f"[{rows}, {cols}]" for rows in (B, 1) for cols in (T, past + T)))
+                covering = f" ([.., {past + T}]: the cached positions too)" if past else ""
                 raise ValueError(
-                    f"position_ids has shape {tuple(position_ids.shape)}; expected [{B}, {T}] (or [1, {T}], or "
-                    f"[{B}, {past + T}] covering the cached positions too) for input of shape [{B}, {T}]"
+                    f"position_ids has shape {tuple(position_ids.shape)}; expected {' or '.join(shapes)}{covering} "
+                    f"for input of shape [{B}, {T}]"
                 )
             position_ids = position_ids[..., -T:].expand(B, T)
         packing_given = seq_idx is not None or cu_seqlens is not None
