@@ -129,6 +129,11 @@ def test_load_errors(tmp_path):
         load_tokenizer("builtin:lots")
     with pytest.raises(FileNotFoundError):
         tokenizer_from_sentencepiece(tmp_path / "missing.model")
+    saved = tmp_path / "saved"  # a saved tokenizer whose vocabulary file went missing
+    load_tokenizer("builtin").save_pretrained(saved)
+    (saved / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="neither tokenizer.json nor tokenizer.model"):
+        load_tokenizer(saved)
 
 
 # ---------------------------------------------------------------- trained tokenizer
