@@ -418,8 +418,11 @@ def test_prepare_errors(tmp_path, small_tok, docs):
         src, tmp_path / "out", small_tok, shard_tokens=600, val_docs=2, num_workers=1, progress=False, overwrite=True
     )
     assert meta["shard_tokens"] == 600
-    with pytest.raises(ValueError, match="all of them went to the validation split"):
+    with pytest.raises(ValueError, match="all of them went to the validation split.*add --overwrite"):
         prepare(src, tmp_path / "v", small_tok, val_docs=50, num_workers=1, progress=False)
+    with pytest.raises(ValueError, match="different preparation"):  # the corrected rerun: as the error says,
+        prepare(src, tmp_path / "v", small_tok, val_docs=2, num_workers=1, progress=False)
+    assert prepare(src, tmp_path / "v", small_tok, val_docs=2, num_workers=1, progress=False, overwrite=True)
     (tmp_path / "stale").mkdir()
     write_shard(tmp_path / "stale" / "train_000000.bin", [1, 2], 10)
     with pytest.raises(ValueError, match="already contains shards"):

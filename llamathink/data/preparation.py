@@ -1000,7 +1000,8 @@ class ShardWriter:
                 self.write_val()
             raise ValueError(
                 f"the source has only {self.doc_index} documents and all of them went to the validation "
-                f"split (val_docs={self.val_docs}); lower --val-docs or add data"
+                f"split (val_docs={self.val_docs}); lower --val-docs or add data, and add --overwrite to replace "
+                "this unfinishable preparation"
             )
         if self.buffered:
             self._write_train(self.buffered)
@@ -1008,7 +1009,8 @@ class ShardWriter:
         if not self.state["train_shards"]:
             raise ValueError(
                 f"no training documents: the source produced {self.doc_index} documents "
-                f"and val_docs={self.val_docs} of them are held out"
+                f"and val_docs={self.val_docs} of them are held out (lower --val-docs or add data, and add "
+                "--overwrite to replace this unfinishable preparation)"
             )
 
     def complete(self, meta: dict) -> None:
