@@ -440,6 +440,13 @@ def test_prepare_errors(tmp_path, small_tok, docs):
         prepare(src, tmp_path / "nb", NoBos(), num_workers=1, progress=False)
 
 
+def poke_last_token(path: Path, token: int) -> None:
+    """Overwrite a shard's last token in place (write_shard refuses ids outside the vocabulary)."""
+    raw = bytearray(path.read_bytes())
+    raw[-2:] = np.uint16(token).tobytes()
+    path.write_bytes(bytes(raw))
+
+
 def test_cli_prepare_and_inspect(tmp_path, capsys):
     src = write_jsonl(tmp_path / "d.jsonl", list(iter_sample_texts(include_conversations=False))[:40])
     argv = [
@@ -466,6 +473,24 @@ def test_cli_prepare_and_inspect(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["meta"]["tokenizer"] == "builtin"
     assert summary["shards"]["train_000000.bin"]["num_tokens"] == 2000
+    # the shards are checked against meta.json: a listed shard gone, another vocabulary, an id outside it
+    out, vocab = tmp_path / "out", summary["meta"]["vocab_size"]
+    header = summary["shards"]["train_000000.bin"]
+    tokens = np.array(D.open_shard(out / "train_000000.bin"))
+    val = (out / "val_000000.bin").read_bytes()
+    for breakage, message in (
+        (lambda: (out / "val_000000.bin").unlink(), r"val_000000.bin: listed in meta.json \(val\) but missing"),
+        (lambda: write_shard(out / "train_000000.bin", tokens, vocab + 1), f"vocabulary {vocab + 1}, meta.json says"),
+        (lambda: poke_last_token(out / "train_000000.bin", vocab), f"token id {vocab} is outside"),
+    ):
+        breakage()
+        with pytest.raises(SystemExit) as stop:
+            main(["inspect", str(out)])
+        assert stop.value.code == 2 and re.search(message, capsys.readouterr().err)
+        (out / "val_000000.bin").write_bytes(val)
+        write_shard(out / "train_000000.bin", tokens, vocab, bos_id=header["bos_id"], eos_id=header["eos_id"])
+    assert main(["inspect", str(out)]) == 0
+    capsys.readouterr()
     assert (
         main(
             [

@@ -4,7 +4,8 @@
     python -m llamathink.data inspect DIR_OR_SHARD
 
 ``prepare`` takes the options of the ``llamathink-prepare`` script (:func:`llamathink.data.preparation.main`);
-``inspect`` validates shards (:func:`~llamathink.data.shards.read_shard_header`) and prints their headers and
+``inspect`` validates shards (:func:`~llamathink.data.shards.read_shard_header`; a folder's against its meta.json,
+every token id included) and prints their headers and
 the folder's meta.json as JSON.
 """
 
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .preparation import _PREPARE_DESCRIPTION, _add_prepare_arguments, _run_cli
-from .shards import _SHARD_RE, META_FILE, load_meta, read_shard_header
+from .shards import _SHARD_RE, META_FILE, load_meta, open_shard, read_shard_header
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -32,7 +33,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _inspect(path: str) -> int:
     """Print the headers of the shards at ``path`` (a folder's ``train_*``/``val_*`` shards, or one file) and the
-    folder's meta.json as JSON; raises ``FileNotFoundError`` when there are none, ``ValueError`` for a bad shard."""
+    folder's meta.json as JSON; raises ``FileNotFoundError`` when there are none, ``ValueError`` for a bad shard.
+    A folder's shards are also checked against its meta.json (`_check_against_meta`)."""
     p = Path(path)
     files = [p] if p.is_file() else sorted(q for q in p.glob("*.bin") if _SHARD_RE.match(q.name))
     if not files:
@@ -40,8 +42,32 @@ def _inspect(path: str) -> int:
     summary = {"shards": {str(f.name): read_shard_header(f) for f in files}}
     if p.is_dir() and (p / META_FILE).exists():
         summary["meta"] = load_meta(p)
+        _check_against_meta(p, summary["meta"], summary["shards"])
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _check_against_meta(folder: Path, meta: dict, headers: dict) -> None:
+    """ValueError naming the shard when one that meta.json lists is missing or holds another token count, or when a
+    shard's header vocabulary differs from meta.json's or a token id is outside it (every token is read)."""
+    vocab = meta["vocab_size"]
+    for split in ("train", "val"):
+        for entry in (meta.get(split) or {}).get("shards", []):
+            name = entry.get("file")
+            if name not in headers:
+                raise FileNotFoundError(f"{folder / str(name)}: listed in {META_FILE} ({split}) but missing")
+            if headers[name]["num_tokens"] != entry.get("tokens"):
+                raise ValueError(
+                    f"{folder / name}: {headers[name]['num_tokens']} tokens, {META_FILE} says {entry.get('tokens')}"
+                )
+    for name, header in headers.items():
+        if header["vocab_size"] != vocab:
+            raise ValueError(f"{folder / name}: vocabulary {header['vocab_size']}, {META_FILE} says {vocab}")
+        tokens = open_shard(folder / name)
+        for start in range(0, len(tokens), 1 << 26):  # 128 MiB at a time
+            top = int(tokens[start : start + (1 << 26)].max())
+            if top >= vocab:
+                raise ValueError(f"{folder / name}: token id {top} is outside the vocabulary of {vocab}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
