@@ -176,11 +176,13 @@ def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False) -> d
     ids = torch.randint(0, 32000, (batch, seq), device="cuda")
     # packed rows: a new packing every step (as real data), from a few precomputed ones
     packings = [packed_positions(batch, seq, i).cuda() for i in range(4)] if ":packed" in name else None
+    ours = {"skip_logits": True} if name.startswith("llamathink") else {}  # peers: transformers' own loss
     torch.cuda.reset_peak_memory_stats()
     count = [0]
 
     def step():
         extra = {"position_ids": packings[count[0] % len(packings)]} if packings else {}
+        extra.update(ours)  # LlamaThink's chunked loss, as in training
         count[0] += 1
         if cudagraphs and compile_model:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be overwritten

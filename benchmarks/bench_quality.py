@@ -427,6 +427,8 @@ def train_run(run: dict, args, val: np.ndarray, test: np.ndarray, device: torch.
         extra = {"position_ids": document_position_ids(input_ids, bos_id)} if bos_id is not None else {}
         input_ids, labels = input_ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         extra = {k: v.to(device, non_blocking=True) for k, v in extra.items()}
+        if run["model"] == "llamathink":
+            extra["skip_logits"] = True  # the chunked loss, as in training (the peers: transformers' own loss)
         if cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with _autocast(device):

@@ -65,7 +65,7 @@ def _timed_steps(model, ids, steps, events, totals):
         t0, t1, t2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
         with torch.autocast("cuda", dtype=torch.bfloat16):
             t0.record()
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss = model(input_ids=ids, labels=ids, use_cache=False, skip_logits=True).loss
             t1.record()
         loss.backward()
         t2.record()
@@ -82,7 +82,7 @@ def _timed_steps(model, ids, steps, events, totals):
 def forward_backward(model, ids):
     """One bf16 training step without the optimizer; `model` may be the torch.compile'd module."""
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss = model(input_ids=ids, labels=ids, use_cache=False, skip_logits=True).loss
     loss.backward()
     model.zero_grad(set_to_none=True)
 

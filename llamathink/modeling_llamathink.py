@@ -2325,17 +2325,18 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache: LlamaThinkCache | None = None,
-        skip_logits: bool | None = None,
+        skip_logits: bool = False,
         **kwargs,
     ) -> LlamaThinkCausalLMOutput | tuple:
         """Causal LM forward. `labels` [B, T] gives the mean next-token cross-entropy: positions are shifted inside,
         -100 is ignored. `logits_to_keep=n` computes logits for the last n positions only (generate uses 1).
 
-        `skip_logits` (default: True in training mode when `labels` are given) computes the loss chunk by chunk
-        without ever holding the [B, T, vocab] logits and returns `logits=None`: `chunked_causal_lm_loss` on the
-        head's weight when `lm_head` is a plain Linear (`is_plain_linear_head`), else
+        `skip_logits=True` (what this project's training loops pass; it needs `labels`) computes the loss chunk by
+        chunk without ever holding the [B, T, vocab] logits and returns `logits=None`: `chunked_causal_lm_loss` on
+        the head's weight when `lm_head` is a plain Linear (`is_plain_linear_head`), else
         `chunked_causal_lm_loss_through_module`, which calls the wrapped head (LoRA, quantised, hooked) so that it
-        stays in the path and the loss equals the eval-mode one."""
+        stays in the path and the loss equals the eval-mode one. By default the logits come back with the loss, as
+        from transformers' own models: trainers such as TRL's `SFTTrainer` read them (entropy, token accuracy)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         cache = cache if cache is not None else past_key_values
         if cache is not None:
@@ -2360,8 +2361,6 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         if labels is not None and labels.shape != hidden_states.shape[:2]:
             raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(hidden_states.shape[:2])}")
-        if skip_logits is None:
-            skip_logits = self.training and labels is not None
         if skip_logits:
             if labels is None:
                 raise ValueError("skip_logits=True needs labels: without logits the loss is the only output")

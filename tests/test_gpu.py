@@ -68,7 +68,7 @@ GDN_DIMS = {"dims8x10": {}, "dims16x32": dict(linear_key_head_dim=16, linear_val
 def _loss_and_grads(model, ids, autocast: bool, forward=None):
     model.zero_grad(set_to_none=True)
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-        loss = (model if forward is None else forward)(ids, labels=ids, use_cache=False).loss
+        loss = (model if forward is None else forward)(ids, labels=ids, use_cache=False, skip_logits=True).loss
     loss.backward()
     return loss.item(), {name: p.grad.detach().float().cpu() for name, p in model.named_parameters()}
 
@@ -250,7 +250,7 @@ def test_packed_training_on_gpu_matches_the_cpu_reference(compiled):
     pos[1] = torch.cat([torch.arange(100), torch.arange(50)])
 
     def forward(model):
-        return lambda x, labels, use_cache: model(x, labels=labels, position_ids=pos.to(x.device), use_cache=False)
+        return lambda x, labels, **kw: model(x, labels=labels, position_ids=pos.to(x.device), **kw)
 
     cpu = tiny_model(dtype=torch.float32, gdn_backend="torch", **dims).train()
     loss_ref, grads_ref = _loss_and_grads(cpu, ids, False, forward=forward(cpu))
@@ -300,7 +300,7 @@ def test_compiled_layers_train_like_eager_and_compile_once_per_mixer_type():
         pos = torch.cat([torch.arange(b - a) for a, b in zip(bounds, bounds[1:])])[None].repeat(2, 1).cuda()
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            model(ids.cuda(), labels=ids.cuda(), position_ids=pos, use_cache=False).loss.backward()
+            model(ids.cuda(), labels=ids.cuda(), position_ids=pos, use_cache=False, skip_logits=True).loss.backward()
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert graphs[-1] == graphs[-2], graphs
 
@@ -359,7 +359,7 @@ def test_cuda_graph_gradients_equal_default_mode_gradients(gdn_backend, monkeypa
             model.zero_grad(set_to_none=True)
             torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                model(ids, labels=ids, use_cache=False).loss.backward()
+                model(ids, labels=ids, use_cache=False, skip_logits=True).loss.backward()
             out.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
         return out
 
@@ -399,7 +399,7 @@ def test_cuda_graph_replay_trains_like_compiled_layers():
         for ids in batches:
             torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(ids, labels=ids, use_cache=False).loss
+                loss = model(ids, labels=ids, use_cache=False, skip_logits=True).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -437,7 +437,7 @@ def test_cuda_graph_training_accumulates_and_evaluates_like_compiled_layers():
             for ids in micro_batches:
                 torch.compiler.cudagraph_mark_step_begin()
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = model(ids, labels=ids, use_cache=False).loss
+                    loss = model(ids, labels=ids, use_cache=False, skip_logits=True).loss
                 (loss / 2).backward()
                 losses.append(loss.item())
             opt.step()

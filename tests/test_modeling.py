@@ -942,7 +942,7 @@ def test_chunked_loss_equals_full_logits_loss_and_gradients(chunk_rows, num_item
         model = tiny_model()
         model.train()
         if fused:
-            out = model(ids, labels=labels, num_items_in_batch=num_items)
+            out = model(ids, labels=labels, num_items_in_batch=num_items, skip_logits=True)
             assert out.logits is None
             loss = out.loss
             if chunk_rows is not None:  # also exercise several chunks with a ragged last one
@@ -958,13 +958,31 @@ def test_chunked_loss_equals_full_logits_loss_and_gradients(chunk_rows, num_item
     _assert_same_loss_and_grads(*results)
 
 
+def test_training_forward_returns_the_logits_unless_asked_to_skip_them():
+    """transformers' convention, which trainers rely on (TRL's SFTTrainer computes entropy and token accuracy from
+    `outputs.logits` in training): logits come back with the loss by default; `skip_logits=True` (this project's
+    loops) gives the same loss and gradients without them."""
+    ids, labels = _loss_batch(seed=8)
+    results = []
+    for skip in (False, True):
+        model = tiny_model()
+        model.train()
+        out = model(ids, labels=labels, skip_logits=skip)
+        assert (out.logits is None) == skip
+        if not skip:
+            assert out.logits.shape == (*ids.shape, 96)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    _assert_same_loss_and_gradients(results[1], results[0])  # (transformers' loss upcasts only to fp32)
+
+
 def test_chunked_loss_under_bf16_autocast_matches_fp32():
     model = tiny_model(dtype=torch.float32)
     model.train()
     ids = torch.randint(1, 96, (2, 40), generator=torch.Generator().manual_seed(5))
     ref = model(ids, labels=ids, skip_logits=False).loss
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(ids, labels=ids).loss
+        loss = model(ids, labels=ids, skip_logits=True).loss
     assert loss.dtype == torch.float32
     assert abs(loss.item() - ref.item()) < 2e-2 * ref.item()
     loss.backward()
@@ -974,13 +992,13 @@ def test_chunked_loss_under_bf16_autocast_matches_fp32():
 
 
 def _train_and_eval_loss(model, ids, labels):
-    """Train-mode loss (chunked, no logits) and eval-mode loss (full logits) on the same batch, each with the
-    gradients it gives: ((loss, {name: grad}), (loss, {name: grad}))."""
+    """Train-mode loss (chunked, `skip_logits=True`, as the training loops ask) and eval-mode loss (full logits) on
+    the same batch, each with the gradients it gives: ((loss, {name: grad}), (loss, {name: grad}))."""
     results = []
     for training in (True, False):
         model.train(training)
         model.zero_grad(set_to_none=True)
-        out = model(input_ids=ids, labels=labels)
+        out = model(input_ids=ids, labels=labels, skip_logits=training)
         assert (out.logits is None) == training  # train mode took the chunked path
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -1097,7 +1115,7 @@ def test_peft_lora_on_lm_head_and_q_proj_trains_through_the_chunked_loss():
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lm_head" in n or "embed_tokens" in n}
     assert len(before) == 3  # the tied head/embedding weight and the head's two LoRA matrices
     model.train()
-    model(input_ids=ids, labels=labels).loss.backward()
+    model(input_ids=ids, labels=labels, skip_logits=True).loss.backward()
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
     after = dict(model.named_parameters())
     for name, value in before.items():
@@ -1117,7 +1135,7 @@ def test_training_step_traces_into_one_graph_for_torch_compile():
     model = tiny_model(dtype=torch.float32, mixer_types=["linear", "csa", "full", "linear"])
     model.train()
     ids = torch.randint(1, 96, (2, 64), generator=torch.Generator().manual_seed(0))
-    explanation = _explain_without_graph_breaks(lambda x: model(input_ids=x, labels=x).loss, ids)
+    explanation = _explain_without_graph_breaks(lambda x: model(input_ids=x, labels=x, skip_logits=True).loss, ids)
     assert explanation.graph_count == 1
 
 
@@ -1178,10 +1196,14 @@ def test_compiled_fla_path_is_one_graph_with_exact_gradients(fla_as_reference):
     compiled = tiny_model(dtype=torch.float32, mixer_types=mixers, gdn_backend="fla").train()
     loss_ref = reference(input_ids=ids, labels=ids).loss
     loss_ref.backward()
-    explanation = _explain_without_graph_breaks(lambda x: compiled(input_ids=x, labels=x).loss, ids)
+
+    def train_loss(x):
+        return compiled(input_ids=x, labels=x, skip_logits=True).loss
+
+    explanation = _explain_without_graph_breaks(train_loss, ids)
     assert "llamathink.fla_chunk_gdn" in str(explanation.graphs[0].graph)
     torch._dynamo.reset()
-    loss = torch.compile(lambda x: compiled(input_ids=x, labels=x).loss, backend="aot_eager", fullgraph=True)(ids)
+    loss = torch.compile(train_loss, backend="aot_eager", fullgraph=True)(ids)
     loss.backward()
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
     for (name, p_ref), (_, p) in zip(reference.named_parameters(), compiled.named_parameters()):
@@ -1498,7 +1520,7 @@ def test_compile_layers_compiles_once_per_mixer_type_and_matches_eager():
 
     def step(model, ids, **kwargs):
         model.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids, use_cache=False, **kwargs).loss
+        loss = model(input_ids=ids, labels=ids, use_cache=False, skip_logits=True, **kwargs).loss
         loss.backward()
         return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 

@@ -383,7 +383,7 @@ def run_training(
                 torch.compiler.cudagraph_mark_step_begin()
             with ctx, accelerator.autocast():
                 if n > 0:
-                    loss = model(**inputs, use_cache=False).loss
+                    loss = model(**inputs, use_cache=False, skip_logits=True).loss  # chunked loss, no logits
                 else:  # nothing to learn in this slice; every process must still run backward for DDP
                     loss = sum(p.sum() for p in model.parameters()) * 0.0
                 accelerator.backward(loss * (n * world / n_step))  # DDP averages gradients over processes
