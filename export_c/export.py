@@ -106,6 +106,8 @@ def check_output(path: str, magic: int, what: str) -> None:
     weights, config or tokenizer, or any other file, with an export."""
     if os.path.isdir(path):
         raise ExportError(f"{path} is a folder; give the path of the {what} file to write")
+    if os.path.exists(path) and not os.path.isfile(path):  # a device such as /dev/null: it would be renamed over
+        raise ExportError(f"{path} is not a regular file; give the path of the {what} file to write")
     if os.path.exists(path) and os.path.getsize(path) > 0:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -586,7 +588,9 @@ def main(argv=None) -> int:
         if a.tokenizer_out:  # checked before anything is written
             from .tokenizer_export import TK_MAGIC
 
-            if os.path.abspath(a.tokenizer_out) == os.path.abspath(a.out):
+            if os.path.realpath(a.tokenizer_out) == os.path.realpath(a.out) or (
+                os.path.exists(a.out) and os.path.exists(a.tokenizer_out) and os.path.samefile(a.out, a.tokenizer_out)
+            ):
                 raise ExportError(f"--tokenizer-out {a.tokenizer_out} is the model's output path too")
             check_output(a.tokenizer_out, TK_MAGIC, "run.c tokenizer")
         info = export(a.src, a.out, a.dtype, a.group_size)

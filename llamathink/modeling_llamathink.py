@@ -320,6 +320,24 @@ class CompressedAttentionState(_LayerState):
         self.partial = None
 
 
+_CACHE_SHAPE_FIELDS = (
+    "num_key_value_heads",
+    "head_dim",
+    "linear_num_key_heads",
+    "linear_num_value_heads",
+    "linear_key_head_dim",
+    "linear_value_head_dim",
+    "linear_conv_kernel_dim",
+    "csa_stride",
+    "csa_window",
+)
+
+
+def _cache_signature(config: LlamaThinkConfig) -> dict:
+    """The config fields that fix the shapes of a cache's per-layer states."""
+    return {name: getattr(config, name, None) for name in _CACHE_SHAPE_FIELDS}
+
+
 class LlamaThinkCache:
     """Decode state of the hybrid stack, usable with `generate()` (transformers 5.17 to 5.24).
 
@@ -334,8 +352,9 @@ class LlamaThinkCache:
     token positions (block j = positions 4j..4j+3 of that row), so a left-padded row decodes exactly as it would
     alone. A cache built from right-padded input cannot be continued (a clear error says so).
     The recurrent state cannot be rolled back, so the cache is not croppable (no assisted decoding).
-    During CUDA-graph decoding the state lives in the model's `_StaticDecoder` buffers; `layers` and every
-    multi-token forward bring it back first (`materialize`).
+    During CUDA-graph decoding the state lives in the model's `_StaticDecoder` buffers; `layers`, every multi-token
+    forward, `copy.deepcopy` and pickling bring it back first (`materialize`). A cache is refused (ValueError) by a
+    model of another layer pattern or other state shapes (`check_compatible`).
     """
 
     is_compileable = False
@@ -344,6 +363,7 @@ class LlamaThinkCache:
     def __init__(self, config: LlamaThinkConfig):
         # each mixer class names its state class; an unknown mixer type raises a ValueError naming it
         self._layers: list[_LayerState] = [mixer_class(kind).state_class() for kind in config.mixer_types]
+        self.signature = _cache_signature(config)  # the shapes its states take (`check_compatible`)
         self._static: _StaticDecoder | None = None  # set while the state lives in a _StaticDecoder's buffers
         self.seq_length = 0  # positions processed, padding included (index space)
         self.real_lengths: torch.Tensor | None = None  # [B] long: real tokens seen per row = next position
@@ -375,6 +395,12 @@ class LlamaThinkCache:
             raise ValueError(
                 f"the cache was built for another layer pattern: {[type(s).__name__ for s in self._layers]}, "
                 f"where this model has mixer_types {list(config.mixer_types)}; start a new cache"
+            )
+        mine, theirs = getattr(self, "signature", None), _cache_signature(config)
+        if mine is not None and mine != theirs:
+            differ = {k: (mine.get(k), theirs[k]) for k in theirs if mine.get(k) != theirs[k]}
+            raise ValueError(
+                f"the cache was built for a model of other shapes ({differ}: cache, model); start a new cache"
             )
 
     # --- copies: the state comes back from the CUDA-graph decoder's buffers first --------------------------------
@@ -476,7 +502,8 @@ class _StaticDecoder:
     writes the token id and position into fixed tensors and replays the graph (embedding -> every layer's
     `decode_static` -> head), so a step costs one launch instead of hundreds of Python-dispatched kernels. The state
     goes back into the cache's own tensors (`store`) as soon as anything else touches the cache: a multi-token
-    forward, `reorder_cache`, reading `cache.layers`, or another cache taking over these buffers. Off CUDA
+    forward, `reorder_cache`, reading `cache.layers`, a copy or pickle of the cache, or another cache taking over
+    these buffers. Off CUDA
     (`decode_cuda_graphs="always"`, how the tests reach this path on CPU) the same step runs eagerly on the same
     buffers. Each mixer allocates, loads and stores its own buffers (`allocate_static_state`, `load_static_state`,
     `store_static_state`), so this class knows no mixer type.
@@ -1979,7 +2006,7 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
                 raise ValueError(
                     "attention_mask has padding between real tokens; only left or right padding is supported"
                 )
-            if cache is not None and not bool(key_valid.any(1).all()):  # generation would continue from nothing
+            if (explicit_cache or past > 0) and not bool(key_valid.any(1).all()):  # nothing to continue from
                 empty = key_valid.any(1).logical_not().nonzero().flatten().tolist()
                 raise ValueError(f"attention_mask rows {empty} hold no real token: nothing to continue from")
 

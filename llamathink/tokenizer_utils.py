@@ -365,16 +365,18 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, check: bool = True):
         tok.name_or_path = str(path)
     elif path.is_dir():
         has_hf = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-        has_vocab = (path / "tokenizer.json").exists() or (path / "tokenizer.model").is_file()
-        if has_hf and not has_vocab:  # transformers would ask for sentencepiece or tiktoken instead
-            raise FileNotFoundError(
-                f"{path}: directory has tokenizer_config.json but neither tokenizer.json nor tokenizer.model (the "
-                "vocabulary itself)"
-            )
         if not has_hf and (path / "tokenizer.model").is_file():
             tok = tokenizer_from_sentencepiece(path / "tokenizer.model")
         elif has_hf:
-            tok = AutoTokenizer.from_pretrained(str(path))
+            try:
+                tok = AutoTokenizer.from_pretrained(str(path))
+            except (OSError, ValueError, ImportError) as err:  # e.g. "install sentencepiece or tiktoken"
+                if (path / "tokenizer.json").exists() or (path / "tokenizer.model").exists():
+                    raise
+                raise ValueError(
+                    f"{path}: transformers cannot load the tokenizer of this folder ({err}); note that it holds "
+                    "tokenizer_config.json but neither tokenizer.json nor tokenizer.model: was the vocabulary lost?"
+                ) from None
         else:
             raise FileNotFoundError(
                 f"{path}: directory has no tokenizer.json, tokenizer_config.json or tokenizer.model"

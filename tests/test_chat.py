@@ -319,7 +319,10 @@ def test_messages_sharegpt_and_person_rows_from_jsonl_and_datasets(tmp_path):
 
     datasets.Dataset.from_list(rows[:1] * 3).save_to_disk(str(tmp_path / "ds"))
     assert load_conversations(str(tmp_path / "ds")) == convs[:1] * 3
+    path.write_bytes("".join(json.dumps(r) + "\r" for r in rows).encode())  # old Mac line ends read alike
+    assert load_conversations(str(path)) == convs
     # a bad byte or bad JSON is named with its file and line
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     path.write_bytes(path.read_bytes() + b'{"text": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=r"chats.jsonl:6: not UTF-8 text"):
         load_conversations(str(path))

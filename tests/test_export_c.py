@@ -1981,6 +1981,10 @@ def test_the_exporter_never_overwrites_what_it_did_not_write(chat_model, tmp_pat
         assert f"{d / (out or tok_out)} exists and is not a run.c" in err and "refusing to overwrite" in err, err
         assert not (tmp_path / "new.bin").exists()  # nothing written: the tokenizer path is checked first
     assert ex.main([str(d), str(tmp_path)]) == 1 and "is a folder" in capsys.readouterr().err
+    assert ex.main([str(d), os.devnull]) == 1 and "is not a regular file" in capsys.readouterr().err
+    os.symlink(model_bin, tmp_path / "link.bin")  # the model's file under another name
+    assert ex.main([str(d), model_bin, "--tokenizer-out", str(tmp_path / "link.bin")]) == 1
+    assert "is the model's output path too" in capsys.readouterr().err
     assert ex.main([str(d), str(tmp_path / "x.bin"), "--tokenizer-out", str(tmp_path / "x.bin")]) == 1
     assert {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()} == before  # every file as it was
     with pytest.raises(ex.ExportError, match="refusing to overwrite"):

@@ -513,6 +513,7 @@ def test_a_copied_cache_continues_exactly_while_its_state_sits_in_the_static_buf
         for state in (branch, cache):  # the copy first: the original's next step must not have moved it
             got = torch.cat([model(ids[:, t : t + 1], cache=state).logits for t in range(20, 30)], 1)
             torch.testing.assert_close(got, full[:, 20:30], rtol=1e-10, atol=1e-10)
+            assert state._static is not None  # each decodes on the static path again
         got = model(ids[:, 30:40], cache=branch).logits  # and a multi-token chunk after the copy's own steps
         torch.testing.assert_close(got, full[:, 30:40], rtol=1e-10, atol=1e-10)
 
@@ -525,8 +526,16 @@ def test_a_cache_of_another_layer_pattern_or_with_an_empty_row_is_refused_by_nam
         for n in (1, 3):  # the static one-token path and the general one
             with pytest.raises(ValueError, match="another layer pattern"):
                 static_model(ids[:, :n], cache=foreign)
+        same_pattern = tiny_model(
+            csa_window=64, mixer_types=static_model.config.mixer_types, max_position_embeddings=200, head_dim=16
+        )
+        with pytest.raises(ValueError, match=r"other shapes \({'head_dim': \(16, 12\)}"):
+            static_model(ids[:, :1], cache=same_pattern(ids, use_cache=True).cache)
+        # without a cache (evaluation), a row of padding only is no error: its outputs are simply unused
+        model_eval = static_model.eval()
         mask = torch.ones_like(ids)
         mask[1] = 0
+        assert torch.isfinite(model_eval(ids, attention_mask=mask, labels=ids).logits[0]).all()
         with pytest.raises(ValueError, match=r"rows \[1\] hold no real token"):
             static_model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
 

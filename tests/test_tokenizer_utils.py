@@ -132,7 +132,7 @@ def test_load_errors(tmp_path):
     saved = tmp_path / "saved"  # a saved tokenizer whose vocabulary file went missing
     load_tokenizer("builtin").save_pretrained(saved)
     (saved / "tokenizer.json").unlink()
-    with pytest.raises(FileNotFoundError, match="neither tokenizer.json nor tokenizer.model"):
+    with pytest.raises(ValueError, match="neither tokenizer.json nor tokenizer.model: was the vocabulary lost"):
         load_tokenizer(saved)
 
 

@@ -114,12 +114,16 @@ def _iter_rows(source: str, split: str, config_name: str | None) -> Iterable[dic
     if source == "sample":
         path = sample_conversations_path()
     if path.is_file() and path.name.endswith(".jsonl"):
-        with open(path, "rb") as f:  # decoded line by line, so that a bad byte is reported with its line
-            for lineno, raw in enumerate(f, 1):
+        # bad bytes become lone surrogates, found line by line so that the error names the line (universal newlines)
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            for lineno, line in enumerate(f, 1):
                 try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: not UTF-8 text ({err})") from None
+                    line.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    bad = line[err.start].encode("utf-8", "surrogateescape")
+                    raise ValueError(
+                        f"{path}:{lineno}: not UTF-8 text (byte {bad!r} at column {err.start + 1})"
+                    ) from None
                 if line.strip():
                     try:
                         yield json.loads(line)

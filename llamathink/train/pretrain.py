@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import PretrainedConfig
 
 from ..configuration_llamathink import LlamaThinkConfig
 from ..data import TokenBatchLoader, check_vocab, document_position_ids, find_shards, load_meta, val_batches
@@ -94,6 +95,21 @@ def build_model(cfg: TrainConfig) -> LlamaThinkForCausalLM:
     return LlamaThinkForCausalLM(config)
 
 
+# keys that transformers' configs carry or carried (saved by save_pretrained, older versions, generation settings)
+_BASE_KEYS = {
+    "auto_map",
+    "torch_dtype",
+    "rope_scaling",
+    "attn_implementation",
+    "_attn_implementation_autoset",
+    "use_cache",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "tie_word_embeddings",
+}
+
+
 def check_config_keys(path: Path) -> None:
     """Refuse (ValueError naming them) keys of a model config JSON that are no `LlamaThinkConfig` field: transformers
     keeps any key as a plain attribute, so a typo (`num_hidden_layer`) would train the default instead, silently."""
@@ -105,8 +121,7 @@ def check_config_keys(path: Path) -> None:
         raise ValueError(  # noqa: TRY004
             f"model_config {path} holds a JSON {type(keys).__name__}, not an object of config fields"
         )
-    known = set(LlamaThinkConfig().to_dict()) | {"torch_dtype"}  # (the older name of `dtype`)
-    unknown = sorted(set(keys) - known)
+    unknown = sorted(set(keys) - set(LlamaThinkConfig().to_dict()) - set(PretrainedConfig().to_dict()) - _BASE_KEYS)
     if unknown:
         raise ValueError(f"model_config {path}: {unknown} are not LlamaThinkConfig fields (a typo?)")
 
@@ -121,7 +136,8 @@ def check_special_tokens(meta: dict, config, data_dir: str) -> None:
         if data_id is not None and data_id not in model_ids:
             raise ValueError(
                 f"the model's {key} is {getattr(config, key, None)!r} but the data's ({Path(data_dir) / 'meta.json'}) "
-                f"is {data_id}: set {key} to {data_id} in the model config"
+                f"is {data_id}: set {key} to {data_id} in the model's config, or prepare the data with the model's "
+                "tokenizer"
             )
 
 
