@@ -386,8 +386,9 @@ class LlamaThinkCache:
             static.store(self)
 
     def check_compatible(self, config: LlamaThinkConfig):
-        """Raise a ValueError unless this cache holds one state per layer of a model with `config.mixer_types` (a
-        cache from another layer pattern would otherwise fail deep inside a mixer, or decode wrongly)."""
+        """Raise a ValueError unless this cache holds one state per layer of a model with `config.mixer_types`, of
+        the shapes `config` gives (`_CACHE_SHAPE_FIELDS`): a cache of another model would otherwise fail deep inside
+        a mixer, or decode wrongly. Also refuses what is not a LlamaThinkCache (called unbound for that)."""
         if not isinstance(self, LlamaThinkCache):  # (called unbound on whatever the caller passed)
             raise ValueError(f"the cache must be a LlamaThinkCache, got {type(self).__name__}")  # noqa: TRY004
         expected = [mixer_class(kind).state_class for kind in config.mixer_types]
