@@ -513,6 +513,9 @@ def test_cli_prepare_and_inspect(tmp_path, capsys):
     )
     meta = load_meta(tmp_path / "s")
     assert meta["train"]["num_tokens"] > 50_000  # the sample corpus is big enough for a demo run
+    with pytest.raises(SystemExit, match="--text-field and --txt-split do not apply"):
+        main(["prepare", "--sample", "--text-field", "body", "--tokenizer", "builtin", "--out", str(tmp_path / "t")])
+    assert not (tmp_path / "t").exists()
 
 
 def test_prepare_script_takes_the_options_without_the_subcommand(tmp_path, capsys):

@@ -1323,6 +1323,8 @@ def _run_cli(args: argparse.Namespace) -> int:
     """Run the prepare command for parsed options (see :func:`_add_prepare_arguments`); return the exit status:
     0, or 130 after Ctrl-C (the shards written so far stay).  Bad input (``ValueError`` / ``OSError``) exits
     through ``SystemExit`` with one line, ``prepare: error: ...``, rather than a traceback."""
+    if args.sample and (args.text_field != "text" or args.txt_split != "file"):  # the sample's own layout is fixed
+        raise SystemExit("prepare: error: --sample reads the bundled sample; --text-field and --txt-split do not apply")
     if args.sample:
         from ..tokenizer_utils import sample_data_path
 
