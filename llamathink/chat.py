@@ -97,7 +97,10 @@ class ChatSession:
         self.model, self.tokenizer = model, tokenizer
         self.system = system
         self.settings = settings or GenerationSettings()
-        self.max_context = int(max_context or getattr(model.config, "max_position_embeddings", 2048))
+        window = getattr(model.config, "max_position_embeddings", None)
+        if max_context is not None and window is not None and max_context > window:  # history would never be cut
+            raise ValueError(f"max_context={max_context} exceeds the model's context window ({window} positions)")
+        self.max_context = int(max_context or window or 2048)
         self.notices = notices
         self.messages: list[dict] = []
         self.reset()
@@ -296,6 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"--top-k must be >= 0 (got {args.top_k})")
     if args.max_context is not None and args.max_context < 2:  # 0 would silently mean the model's window
         ap.error(f"--max-context must be at least 2 (got {args.max_context})")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error(f"--device {args.device}: this machine has no CUDA device (use --device cpu or auto)")
     if hasattr(sys.stdin, "reconfigure"):  # invalid UTF-8 in: a clear refusal per message, not a traceback
         sys.stdin.reconfigure(errors="surrogateescape")
 
@@ -315,12 +323,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"llamathink-chat: error: cannot load {args.model}: {err}", file=sys.stderr)
         return 2
     settings = GenerationSettings(args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_k, args.top_p)
-    session = ChatSession(
-        model, tokenizer, system=args.system, settings=settings, max_context=args.max_context, notices=sys.stderr
-    )
+    try:
+        session = ChatSession(
+            model, tokenizer, system=args.system, settings=settings, max_context=args.max_context, notices=sys.stderr
+        )
+    except ValueError as err:  # --max-context beyond the model's window
+        print(f"llamathink-chat: error: --max-context: {err}", file=sys.stderr)
+        return 2
     if args.prompt is None:
         return run_interactive(session)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not text.strip():  # (interactive mode skips empty lines the same way)
+        print("error: the message is empty", file=sys.stderr)
+        return 1
     try:
         if args.no_stream:
             print(session.reply(text))

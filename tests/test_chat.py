@@ -618,6 +618,10 @@ def test_chat_main_interactive_reads_stdin_until_eof(finetuned, monkeypatch, cap
     monkeypatch.setattr("sys.stdin", io.StringIO("Why is the sky blue?"))
     assert chat_main([str(final), "-p", "-", "--max-new-tokens", "6", "--no-stream", "--greedy"]) == 0
     assert capsys.readouterr().out.endswith("\n")
+    assert chat_main([str(final), "-p", "  "]) == 1 and "the message is empty" in capsys.readouterr().err
+    # a window beyond the model's would keep history the model cannot read: refused, not accepted
+    assert chat_main([str(final), "-p", "hi", "--max-context", "100000"]) == 2
+    assert "--max-context: max_context=100000 exceeds the model's context window" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -803,6 +807,10 @@ def test_invalid_text_and_bad_cli_numbers_are_refused(tok, tmp_path, capsys):
             chat_main(["/nonexistent/model", "-p", "hi", opt, val])
         assert exc.value.code == 2
         assert f"{opt} must be" in capsys.readouterr().err, (opt, val)
+    if not torch.cuda.is_available():  # a device this machine lacks: named before any loading
+        with pytest.raises(SystemExit) as exc:
+            chat_main(["/nonexistent/model", "-p", "hi", "--device", "cuda"])
+        assert exc.value.code == 2 and "this machine has no CUDA device" in capsys.readouterr().err
     # the command line (strict stdin decoding): invalid UTF-8 on stdin gives the message, not a UnicodeDecodeError
     r = subprocess.run(
         [

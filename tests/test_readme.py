@@ -317,6 +317,32 @@ def test_push_to_hub_uploads_the_saved_folder_with_its_card(tmp_path, monkeypatc
     assert {"README.md", "model.safetensors", "tokenizer_config.json", "modeling_llamathink.py"} <= set(calls[1][2])
 
 
+def test_push_to_hub_checks_the_hub_before_training_and_keeps_the_model_when_the_upload_fails(tmp_path, monkeypatch):
+    """No token, or a Hub that does not answer: the run stops before training (`begin_run`), naming the setting; an
+    upload that fails after training leaves the saved folder and says where it is and how to retry."""
+    import huggingface_hub
+
+    cfg = finetune_cfg(tmp_path, push_to_hub=True, hub_model_id="me/tiny-chat")
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(ValueError, match="push_to_hub needs a Hugging Face token"):
+        loop.begin_run(cfg)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_dummy")
+
+    def offline(self, *args, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", offline)
+    with pytest.raises(ValueError, match="the Hub cannot be reached or refuses the token .*Name or service"):
+        loop.begin_run(cfg)
+    assert not (tmp_path / "chat-run").exists()  # stopped before anything of the run was written
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: None)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: offline(None))
+    model, tokenizer = tiny_chat_model()
+    with pytest.raises(loop.HubUploadError, match=f"the model is saved in {tmp_path / 'final'}, but uploading"):
+        loop.save_final(model, tokenizer, tmp_path / "final", cfg)
+    assert (tmp_path / "final" / "model.safetensors").exists() and (tmp_path / "final" / "README.md").exists()
+
+
 @pytest.mark.parametrize("bad", [0, -5, 1.5, None, True])
 def test_save_tokenizer_for_model_rejects_a_bad_context(tmp_path, bad):
     with pytest.raises(ValueError, match="model_max_length must be a positive integer"):

@@ -731,7 +731,19 @@ def test_commands_report_bad_input_in_one_line(sample_data, model_json, tmp_path
     assert "it is a pretraining checkpoint and this is a finetuning run" in capsys.readouterr().err
 
 
-def test_a_saved_model_whose_weights_do_not_fit_is_refused_by_name(tmp_path, capsys):
+def test_wandb_that_cannot_start_stops_the_run_with_one_named_error(tmp_path, monkeypatch):
+    import wandb
+
+    def no_key(**kwargs):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", no_key)
+    cfg = run_config.RunConfig(out_dir=str(tmp_path), wandb_mode="online", wandb_project="p")
+    with pytest.raises(ValueError, match=r"wandb_mode=online: W&B could not start the run \(UsageError: No API key"):
+        loop._init_wandb(cfg, None)
+
+
+def test_a_saved_model_whose_weights_do_not_fit_is_refused_by_name(tmp_path, capsys, monkeypatch):
     """`load_saved_model` (what pretraining's and finetuning's init_from and the chat command load with): a folder
     loads bit for bit; a missing, an unknown or a misshapen tensor, or a truncated weights file, is a ValueError
     naming the setting and the tensor, where transformers alone would fill in random values and go on."""
@@ -766,6 +778,14 @@ def test_a_saved_model_whose_weights_do_not_fit_is_refused_by_name(tmp_path, cap
     truncated.write_bytes((good / "model.safetensors").read_bytes()[:5000])
     with pytest.raises(ValueError, match="a weights file cannot be read .* truncated or corrupt"):
         ckpt.load_saved_model(str(truncated.parent), "init_from")
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(LlamaThinkForCausalLM, "from_pretrained", offline)
+    with pytest.raises(ValueError, match="init_from=someone/model: cannot be loaded \\(OSError: We couldn't connect"):
+        ckpt.load_saved_model("someone/model", "init_from")
+    monkeypatch.undo()
     capsys.readouterr()
     assert chat.main([str(tmp_path / "extra"), "-p", "hi", "--tokenizer", "builtin"]) == 2
     err = capsys.readouterr().err

@@ -100,6 +100,8 @@ def load_saved_model(path: str, setting: str, dtype: torch.dtype = torch.float32
         raise ValueError(
             f"{setting}={path}: a weights file cannot be read ({err}); is it truncated or corrupt?"
         ) from None
+    except OSError as err:  # a Hub id without network or access, an unreadable file
+        raise ValueError(f"{setting}={path}: cannot be loaded ({type(err).__name__}: {err})") from err
     problems = [
         f"{what} {sorted(info[key])}"
         for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"))

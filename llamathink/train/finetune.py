@@ -37,7 +37,7 @@ from ..data.chat import (
     split_held_out,
     trained_tokens,
 )
-from .checkpoint import check_saved_model_path, load_saved_model, own_out_dir
+from .checkpoint import load_saved_model, own_out_dir
 from .config import RunConfig
 from .config import load_config as _load_settings
 from .loop import TrainingHooks, begin_run, command_main, make_accelerator, run_training, save_final
@@ -257,9 +257,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 def _finetune(cfg: FinetuneConfig, accelerator) -> dict:
     resume_from, run_id = begin_run(cfg, accelerator.is_main_process)
-    check_saved_model_path(cfg.init_from, "init_from")
+    model = load_saved_model(cfg.init_from, "init_from")  # first: a model that cannot be had is the error to see
     tokenizer = load_chat_tokenizer(cfg)
-    model = load_saved_model(cfg.init_from, "init_from")
     check_vocab(len(tokenizer), model.config.vocab_size)
     context = model.config.max_position_embeddings
     max_len = cfg.max_len or context

@@ -174,10 +174,43 @@ def save_final(
     write_model_card(final_dir, model, cfg, history=history, tokens_seen=tokens_seen, tokenizer=tokenizer)
     if cfg.push_to_hub:
         # push_to_hub of the model would write transformers' generic card over ours; upload the folder instead
-        from huggingface_hub import create_repo, upload_folder
+        import huggingface_hub
 
-        create_repo(cfg.hub_model_id, exist_ok=True)
-        upload_folder(repo_id=cfg.hub_model_id, folder_path=str(final_dir), commit_message="Upload LlamaThink model")
+        try:
+            huggingface_hub.create_repo(cfg.hub_model_id, exist_ok=True)
+            huggingface_hub.upload_folder(
+                repo_id=cfg.hub_model_id, folder_path=str(final_dir), commit_message="Upload LlamaThink model"
+            )
+        except Exception as err:  # network, token, permissions: the trained model is safe on disk either way
+            raise HubUploadError(
+                f"the model is saved in {final_dir}, but uploading it to the Hub as {cfg.hub_model_id} failed "
+                f"({type(err).__name__}: {err}); rerun the same command to retry the upload"
+            ) from err
+
+
+class HubUploadError(ValueError):
+    """`push_to_hub` failed after the finished model was saved locally (the message names the folder)."""
+
+
+def check_hub_access(cfg: RunConfig) -> None:
+    """With `push_to_hub`, ask the Hub who the token belongs to before any training: a missing token, a refused one
+    or no network then stops the run in seconds (ValueError), not after it has trained for hours."""
+    if not cfg.push_to_hub:
+        return
+    import huggingface_hub
+
+    if huggingface_hub.get_token() is None:
+        raise ValueError(
+            "push_to_hub needs a Hugging Face token (`hf auth login` or `huggingface-cli login`, or the HF_TOKEN environment variable); or set "
+            "push_to_hub: false and upload the final folder later"
+        )
+    try:
+        huggingface_hub.HfApi().whoami()
+    except Exception as err:  # offline mode, no network, an invalid token
+        raise ValueError(
+            f"push_to_hub: the Hub cannot be reached or refuses the token ({type(err).__name__}: {err}); or set "
+            "push_to_hub: false and upload the final folder later"
+        ) from err
 
 
 def _init_wandb(cfg: RunConfig, run_id: str | None):
@@ -187,15 +220,21 @@ def _init_wandb(cfg: RunConfig, run_id: str | None):
         import wandb
     except ImportError as err:
         raise ImportError("wandb is not installed: pip install wandb, or set wandb_mode: disabled") from err
-    return wandb.init(
-        project=cfg.wandb_project,
-        name=cfg.wandb_run_name,
-        mode=cfg.wandb_mode,
-        id=run_id,
-        resume="allow" if run_id else None,
-        config=dataclasses.asdict(cfg),
-        dir=str(Path(cfg.out_dir)),
-    )
+    try:
+        return wandb.init(
+            project=cfg.wandb_project,
+            name=cfg.wandb_run_name,
+            mode=cfg.wandb_mode,
+            id=run_id,
+            resume="allow" if run_id else None,
+            config=dataclasses.asdict(cfg),
+            dir=str(Path(cfg.out_dir)),
+        )
+    except Exception as err:  # no API key, no network (before the first step: nothing is lost)
+        raise ValueError(
+            f"wandb_mode={cfg.wandb_mode}: W&B could not start the run ({type(err).__name__}: {err}); log in "
+            "(`wandb login`), or set wandb_mode: offline (sync later) or disabled"
+        ) from err
 
 
 def _sync(device):
@@ -205,8 +244,11 @@ def _sync(device):
 
 def begin_run(cfg: RunConfig, is_main: bool = True) -> tuple[Path | None, str]:
     """(the checkpoint to resume or None, this run's id), checked before any data or model is loaded: a resume that
-    cannot work, or an out_dir holding another run's checkpoints, fails in seconds rather than after the data is
-    read (`resolve_resume`, `claim_checkpoints`)."""
+    cannot work, an out_dir holding another run's checkpoints, or a `push_to_hub` the Hub will not take, fails in
+    seconds rather than after the data is read or the model trained (`resolve_resume`, `claim_checkpoints`,
+    `check_hub_access`)."""
+    if is_main:
+        check_hub_access(cfg)
     resume_from = resolve_resume(cfg)
     saved_run_id = checkpoint_meta(resume_from)["run_id"] if resume_from is not None else None
     return resume_from, claim_checkpoints(cfg, resume_from, saved_run_id, is_main)
