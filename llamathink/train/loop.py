@@ -201,8 +201,8 @@ def check_hub_access(cfg: RunConfig) -> None:
 
     if huggingface_hub.get_token() is None:
         raise ValueError(
-            "push_to_hub needs a Hugging Face token (`hf auth login` or `huggingface-cli login`, or the HF_TOKEN environment variable); or set "
-            "push_to_hub: false and upload the final folder later"
+            "push_to_hub needs a Hugging Face token (`hf auth login` or `huggingface-cli login`, or the HF_TOKEN "
+            "environment variable); or set push_to_hub: false and upload the final folder later"
         )
     try:
         huggingface_hub.HfApi().whoami()
