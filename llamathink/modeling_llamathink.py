@@ -504,9 +504,8 @@ class _StaticDecoder:
     `decode_static` -> head), so a step costs one launch instead of hundreds of Python-dispatched kernels. The state
     goes back into the cache's own tensors (`store`) as soon as anything else touches the cache: a multi-token
     forward, `reorder_cache`, reading `cache.layers`, a copy or pickle of the cache, or another cache taking over
-    these buffers. Off CUDA
-    (`decode_cuda_graphs="always"`, how the tests reach this path on CPU) the same step runs eagerly on the same
-    buffers. Each mixer allocates, loads and stores its own buffers (`allocate_static_state`, `load_static_state`,
+    these buffers. Off CUDA (`decode_cuda_graphs="always"`, how the tests reach this path on CPU) the same step runs
+    eagerly on the same buffers. Each mixer allocates, loads and stores its own buffers (`allocate_static_state`, `load_static_state`,
     `store_static_state`), so this class knows no mixer type.
     """
 
