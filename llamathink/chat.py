@@ -304,6 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if not torch.cuda.is_available():
             ap.error(f"--device {args.device}: this machine has no CUDA device (use --device cpu or auto)")
+        index = args.device.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            ap.error(f"--device {args.device}: this machine has CUDA devices 0 to {torch.cuda.device_count() - 1}")
     if hasattr(sys.stdin, "reconfigure"):  # invalid UTF-8 in: a clear refusal per message, not a traceback
         sys.stdin.reconfigure(errors="surrogateescape")
 

@@ -505,8 +505,8 @@ class _StaticDecoder:
     goes back into the cache's own tensors (`store`) as soon as anything else touches the cache: a multi-token
     forward, `reorder_cache`, reading `cache.layers`, a copy or pickle of the cache, or another cache taking over
     these buffers. Off CUDA (`decode_cuda_graphs="always"`, how the tests reach this path on CPU) the same step runs
-    eagerly on the same buffers. Each mixer allocates, loads and stores its own buffers (`allocate_static_state`, `load_static_state`,
-    `store_static_state`), so this class knows no mixer type.
+    eagerly on the same buffers. Each mixer allocates, loads and stores its own buffers (`allocate_static_state`,
+    `load_static_state`, `store_static_state`), so this class knows no mixer type.
     """
 
     def __init__(self, model: LlamaThinkForCausalLM, batch_size: int, use_graph: bool):

@@ -940,8 +940,8 @@ def _assert_same_loss_and_grads(reference, other):
 @pytest.mark.parametrize("chunk_rows", [None, 5])
 @pytest.mark.parametrize("num_items", [None, 40])
 def test_chunked_loss_equals_full_logits_loss_and_gradients(chunk_rows, num_items):
-    """Training mode computes the loss without the logits tensor; value and every gradient (tied head included) must
-    equal transformers' loss on full logits."""
+    """`skip_logits=True` (the training loops' path) computes the loss without the logits tensor; value and every
+    gradient (tied head included) must equal transformers' loss on full logits."""
     ids = torch.randint(1, 96, (3, 19), generator=torch.Generator().manual_seed(4))
     labels = ids.clone()
     labels[0, :6] = -100

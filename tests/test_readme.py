@@ -335,10 +335,20 @@ def test_push_to_hub_checks_the_hub_before_training_and_keeps_the_model_when_the
     with pytest.raises(ValueError, match="the Hub cannot be reached or refuses the token .*Name or service"):
         loop.begin_run(cfg)
     assert not (tmp_path / "chat-run").exists()  # stopped before anything of the run was written
+    for role, refused in (("read", True), ("write", False)):
+        me = {"name": "me", "auth": {"accessToken": {"role": role}}}
+        monkeypatch.setattr(huggingface_hub.HfApi, "whoami", lambda self, *a, _me=me, **k: _me)
+        if refused:
+            with pytest.raises(ValueError, match="the Hugging Face token is read-only"):
+                loop.check_hub_access(cfg)
+        else:
+            loop.check_hub_access(cfg)
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: None)
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: offline(None))
     model, tokenizer = tiny_chat_model()
-    with pytest.raises(loop.HubUploadError, match=f"the model is saved in {tmp_path / 'final'}, but uploading"):
+    with pytest.raises(
+        loop.HubUploadError, match=f"the model is saved in {tmp_path / 'final'}, but uploading.*hf upload"
+    ):
         loop.save_final(model, tokenizer, tmp_path / "final", cfg)
     assert (tmp_path / "final" / "model.safetensors").exists() and (tmp_path / "final" / "README.md").exists()
 

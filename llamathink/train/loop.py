@@ -184,7 +184,8 @@ def save_final(
         except Exception as err:  # network, token, permissions: the trained model is safe on disk either way
             raise HubUploadError(
                 f"the model is saved in {final_dir}, but uploading it to the Hub as {cfg.hub_model_id} failed "
-                f"({type(err).__name__}: {err}); rerun the same command to retry the upload"
+                f"({type(err).__name__}: {err}); upload it with `hf upload {cfg.hub_model_id} {final_dir}`, or rerun "
+                "the same command (with resume: auto it goes straight to the upload)"
             ) from err
 
 
@@ -205,12 +206,18 @@ def check_hub_access(cfg: RunConfig) -> None:
             "environment variable); or set push_to_hub: false and upload the final folder later"
         )
     try:
-        huggingface_hub.HfApi().whoami()
+        me = huggingface_hub.HfApi().whoami()
     except Exception as err:  # offline mode, no network, an invalid token
         raise ValueError(
             f"push_to_hub: the Hub cannot be reached or refuses the token ({type(err).__name__}: {err}); or set "
             "push_to_hub: false and upload the final folder later"
         ) from err
+    role = ((me.get("auth") or {}).get("accessToken") or {}).get("role") if isinstance(me, dict) else None
+    if role == "read":
+        raise ValueError(
+            "push_to_hub: the Hugging Face token is read-only; log in with a token that can write, or set "
+            "push_to_hub: false and upload the final folder later"
+        )
 
 
 def _init_wandb(cfg: RunConfig, run_id: str | None):
@@ -535,12 +542,14 @@ def run_training(
     final_dir = out_dir / "final"
     if is_main:
         write_history(out_dir, history)
-    if is_main and step == cfg.max_steps:
-        hooks.save_final(
-            raw_model, final_dir, {**history, "tokens_seen": tokens_seen, "trained_tokens": trained_tokens}
-        )
-    if run is not None:
-        run.finish()
+    try:
+        if is_main and step == cfg.max_steps:
+            hooks.save_final(
+                raw_model, final_dir, {**history, "tokens_seen": tokens_seen, "trained_tokens": trained_tokens}
+            )
+    finally:  # (a failed Hub upload still ends the W&B run as finished: the training did)
+        if run is not None:
+            run.finish()
     accelerator.wait_for_everyone()
     return {
         **history,
