@@ -299,9 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"--top-k must be >= 0 (got {args.top_k})")
     if args.max_context is not None and args.max_context < 2:  # 0 would silently mean the model's window
         ap.error(f"--max-context must be at least 2 (got {args.max_context})")
-    if args.device.startswith("cuda"):
-        import torch
+    import torch
 
+    if args.device.startswith("cuda"):
         if not torch.cuda.is_available():
             ap.error(f"--device {args.device}: this machine has no CUDA device (use --device cpu or auto)")
         index = args.device.partition(":")[2]
@@ -309,9 +309,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error(f"--device {args.device}: this machine has CUDA devices 0 to {torch.cuda.device_count() - 1}")
     if hasattr(sys.stdin, "reconfigure"):  # invalid UTF-8 in: a clear refusal per message, not a traceback
         sys.stdin.reconfigure(errors="surrogateescape")
-
-    import torch
-
     if args.seed is not None:
         torch.manual_seed(args.seed)
     try:

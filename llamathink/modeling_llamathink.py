@@ -338,6 +338,13 @@ def _cache_signature(config: LlamaThinkConfig) -> dict:
     return {name: getattr(config, name, None) for name in _CACHE_SHAPE_FIELDS}
 
 
+def _check_cache(cache, config: LlamaThinkConfig) -> None:
+    """What a forward was given as its cache: a LlamaThinkCache that fits `config` (ValueError naming the problem)."""
+    if not isinstance(cache, LlamaThinkCache):
+        raise ValueError(f"the cache must be a LlamaThinkCache, got {type(cache).__name__}")  # noqa: TRY004
+    cache.check_compatible(config)
+
+
 class LlamaThinkCache:
     """Decode state of the hybrid stack, usable with `generate()` (transformers 5.17 to 5.24).
 
@@ -388,9 +395,7 @@ class LlamaThinkCache:
     def check_compatible(self, config: LlamaThinkConfig):
         """Raise a ValueError unless this cache holds one state per layer of a model with `config.mixer_types`, of
         the shapes `config` gives (`_CACHE_SHAPE_FIELDS`): a cache of another model would otherwise fail deep inside
-        a mixer, or decode wrongly. Also refuses what is not a LlamaThinkCache (called unbound for that)."""
-        if not isinstance(self, LlamaThinkCache):  # (called unbound on whatever the caller passed)
-            raise ValueError(f"the cache must be a LlamaThinkCache, got {type(self).__name__}")  # noqa: TRY004
+        a mixer, or decode wrongly."""
         expected = [mixer_class(kind).state_class for kind in config.mixer_types]
         if [type(state) for state in self._layers] != expected:
             raise ValueError(
@@ -1965,7 +1970,7 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         explicit_cache = cache is not None or use_cache is True
         seq_idx, cu_seqlens = kwargs.get("seq_idx"), kwargs.get("cu_seq_lens_q", kwargs.get("cu_seqlens"))
         if cache is not None:
-            LlamaThinkCache.check_compatible(cache, self.config)
+            _check_cache(cache, self.config)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if self.gradient_checkpointing and self.training and (use_cache or cache is not None):
             logger.warning_once("use_cache=True is incompatible with gradient checkpointing; not caching.")
@@ -2367,7 +2372,7 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         cache = cache if cache is not None else past_key_values
         if cache is not None:
-            LlamaThinkCache.check_compatible(cache, self.config)
+            _check_cache(cache, self.config)
         extra = (inputs_embeds is not None, labels is not None, bool(output_hidden_states))
         if self._can_decode_static(input_ids, cache, attention_mask, position_ids, extra):
             logits = self._static_decoder(input_ids.shape[0]).step(cache, input_ids)[:, None]  # [B, 1, vocab]
