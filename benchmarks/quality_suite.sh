@@ -25,6 +25,9 @@
 #                                                                           # learned bias at -4 / -2), seeds 0-2
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa5    # CSA with NSA's top-k block selection
 #                                                                           # (csa_blend=select), seeds 0-2
+#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa6    # GPU 1 only: CSA with a 256-token window
+#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa7    # GPU 1 only: that window alone
+#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa8    # that window, the blend gate started closed
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa2    # GPU 1 only: the CSA layer with its
 #                                                                           # window over the whole sequence, and
 #                                                                           # without compressed blocks
@@ -162,8 +165,27 @@ elif [ "$PART" = csa5 ]; then  # CSA with Native Sparse Attention's block select
         --run select64-s1:compile=1,csa_blend=select,csa_select=64,seed=1 \
         --run select64-s0:compile=1,csa_blend=select,csa_select=64 &
     wait
+elif [ "$PART" = csa6 ]; then  # GPU 1 only: the default CSA layer (learned blend, compressed blocks) with a 256-token
+    # window instead of 64, paired with the default, the window alone and full attention at each seed (BENCHMARKS 2)
+    q 1 "$SECONDS_LEFT" csa_w256 --steps 800 --eval-every 200 --run window256-s2:compile=1,csa_window=256,seed=2 \
+        --run window256-s1:compile=1,csa_window=256,seed=1 --run window256-s0:compile=1,csa_window=256
+elif [ "$PART" = csa7 ]; then  # GPU 1 only: the 256-token window alone (no compressed path), against csa6
+    q 1 "$SECONDS_LEFT" csa_l256 --steps 800 --eval-every 200 \
+        --run local256-s2:compile=1,csa_blend=local,csa_window=256,seed=2 \
+        --run local256-s1:compile=1,csa_blend=local,csa_window=256,seed=1 \
+        --run local256-s0:compile=1,csa_blend=local,csa_window=256
+elif [ "$PART" = csa8 ]; then  # the 256-token window with the blend gate started closed (its learned bias at -4)
+    # at seeds 0-2 (GPU 0); the window alone at seed 0 and the gate started at -2 at seed 2 (GPU 1)
+    q 0 "$SECONDS_LEFT" csa_w256c --steps 800 --eval-every 200 \
+        --run window256-closed-s2:compile=1,csa_window=256,init.blend_bias=-4,seed=2 \
+        --run window256-closed-s1:compile=1,csa_window=256,init.blend_bias=-4,seed=1 \
+        --run window256-closed-s0:compile=1,csa_window=256,init.blend_bias=-4 &
+    q 1 "$SECONDS_LEFT" csa_l256b --steps 800 --eval-every 200 \
+        --run local256-s0:compile=1,csa_blend=local,csa_window=256 \
+        --run window256-bias2-s2:compile=1,csa_window=256,init.blend_bias=-2,seed=2 &
+    wait
 else
-    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa, csa2, csa3, csa4 or csa5)"; exit 2
+    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa, csa2, csa3, csa4, csa5, csa6, csa7 or csa8)"; exit 2
 fi
 for f in "$OUT"/*.log; do echo "== $f"; grep -E "final|failed|Error|error|stopped" "$f" | tail -8; done
 for d in "$OUT"/*/; do [ -f "$d/quality.json" ] && python benchmarks/bench_quality.py --plot "$d/quality.json"; done

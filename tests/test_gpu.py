@@ -312,7 +312,8 @@ def check_cuda_graph_weights(gaps: dict, control: dict | None = None, share: flo
     """Every tensor but the (tied) embedding within `share` of its update (bf16-sized gradient noise stays well
     under it: `test_weight_gap_criterion_tolerates_rounding_and_catches_a_lost_micro_batch`); the embedding's gap seen
     once (session 9, on the H200 with torch 2.11: 13-14% after three SGD steps, docs/results/h200_s9/; the same code
-    passed within `share` in session 10, docs/results/h200_s10/) is an expected failure up to 30%, provided the
+    passed within `share` in session 10, docs/results/h200_s10/; session 11's machine A found many tensors 10-19% apart,
+    docs/results/h200_s11/graphs/, which fails here) is an expected failure up to 30%, provided the
     `control` (eager against compiled layers: other kernels, the same function) keeps the embedding within `share`,
     so that the criterion itself is fair."""
     others = {name: gap for name, gap in gaps.items() if name != EMBEDDING and gap > share}
@@ -376,6 +377,52 @@ def test_cuda_graph_gradients_equal_default_mode_gradients(gdn_backend, monkeypa
     for name in plain:
         assert gap(graphs[3], plain, name) <= 1e-2, (name, gap(graphs[3], plain, name))
         assert gap(eager, plain, name) <= 0.1, (name, gap(eager, plain, name))
+
+
+@pytest.mark.parametrize("gdn_backend", [pytest.param("fla", marks=needs_fla), "torch"])
+def test_cuda_graph_gradients_equal_default_mode_gradients_in_float32(gdn_backend):
+    """The test above without autocast and with TF32 off, where kernels that sum in another order agree to about
+    1e-6 rather than bf16's 1e-2: a CUDA-graph call must give the default mode's gradients to 1e-4 of each norm
+    (fla's kernels use TF32 dots internally whatever the setting: 1e-3 against eager). A gap above that is not
+    rounding: the graphs read or write memory they should not."""
+    if gdn_backend == "fla" and fla_backward_problem(torch.device("cuda")) is not None:
+        pytest.skip(fla_backward_problem(torch.device("cuda")))
+    dims = dict(GDN_DIMS["dims16x32"], head_dim=16, hidden_size=64)
+    ids = torch.randint(1, 96, (2, 128), generator=torch.Generator().manual_seed(0)).cuda()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+
+        def grads(mode, calls):
+            torch._dynamo.reset()
+            model = tiny_model(dtype=torch.float32, gdn_backend=gdn_backend, **dims).cuda().train()
+            if mode != "eager":
+                model.compile_layers(mode=mode)
+            out = []
+            for _ in range(calls):
+                model.zero_grad(set_to_none=True)
+                torch.compiler.cudagraph_mark_step_begin()
+                model(ids, labels=ids, use_cache=False, skip_logits=True).loss.backward()
+                out.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+            return out
+
+        (eager,), (plain,) = grads("eager", 1), grads("default", 1)
+        graphs = grads("reduce-overhead", 4)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+    def gap(a, b, name):
+        return float((a[name] - b[name]).norm() / b[name].norm())
+
+    gaps = {
+        "replay": max((gap(graphs[c], graphs[0], n), c, n) for c in (1, 2, 3) for n in plain),
+        "graphs-default": max((gap(graphs[c], plain, n), c, n) for c in range(4) for n in plain),
+        "eager-default": max((gap(eager, plain, n), 0, n) for n in plain),
+    }
+    print(gdn_backend, gaps)
+    assert gaps["replay"][0] <= 1e-4, gaps
+    assert gaps["graphs-default"][0] <= 1e-4, gaps
+    assert gaps["eager-default"][0] <= (1e-3 if gdn_backend == "fla" else 1e-4), gaps
 
 
 @needs_fla
