@@ -25,8 +25,9 @@ llamathink also any
 `LlamaThinkConfig` field (`hyper_connections=false`, `rescale_prenorm_residual=true`, `A_init_range=[0.01,16]`,
 `pattern=linear/linear/full/full`, repeated to the depth) and re-initialisations of the default init applied
 after construction: `init.conv=uniform|STD` (depthwise conv: PyTorch's uniform(+-1/sqrt(k)) or N(0, STD)),
-`init.embed=STD`, `init.compress=identity|STD` (CSA's compress_k/compress_v), `init.blend_bias=B` (CSA's blend
-gate gets a learned bias starting at B, the weights unchanged: B = -4 starts the layer at 2% compressed path), `init.shared_from_default=1` (every
+`init.embed=STD`, `init.compress=identity|STD` (CSA's compress_k/compress_v), `init.blend_bias=B` (the model's
+`csa_blend_bias=B`: CSA's blend gate gets a learned bias starting at B, every other tensor as without it at the same
+seed: B = -4 starts the layer at 2% compressed path), `init.shared_from_default=1` (every
 tensor the default pattern also has starts as the default model's at the same seed: a paired pattern ablation);
 `csa_blend=local` (CSA layers output their local window alone: no compressed path, no blend gate), `csa_blend=joint`
 (one softmax over the local window's keys and the visible compressed blocks together, as DeepSeek-V4's compressed
@@ -148,8 +149,11 @@ def parse_run(spec: str) -> dict:
         or run["csa_select"] < 1
     ):
         raise ValueError(f"run {name!r}: csa_select must be a positive integer with csa_blend=select")
-    if "blend_bias" in run["init"] and run.get("csa_blend", "learned") != "learned":
-        raise ValueError(f"run {name!r}: init.blend_bias needs the learned blend (csa_blend=learned)")
+    if "blend_bias" in run["init"] and "csa_blend_bias" in run["config"]:
+        raise ValueError(f"run {name!r}: init.blend_bias and csa_blend_bias are one setting; give one")
+    biased = "blend_bias" in run["init"] or run["config"].get("csa_blend_bias") is not None
+    if biased and run.get("csa_blend", "learned") != "learned":
+        raise ValueError(f"run {name!r}: init.blend_bias (csa_blend_bias) needs the learned blend (csa_blend=learned)")
     if run["model"] != "llamathink" and (
         run["config"] or run["init"] or run.get("document_masking") or "csa_blend" in run
     ):
@@ -172,6 +176,8 @@ def build_model(run: dict, seed: int = 0) -> torch.nn.Module:
     if run["model"] != "llamathink":
         return build_peer(run["model"])
     overrides = dict(run["config"])
+    if "blend_bias" in run["init"]:  # the name the session-10 runs used for the config field
+        overrides["csa_blend_bias"] = run["init"]["blend_bias"]
     pattern = overrides.pop("mixer_pattern", None)
     if pattern is not None:
         layers = overrides.get("num_hidden_layers", LlamaThinkConfig().num_hidden_layers)
@@ -183,11 +189,14 @@ def build_model(run: dict, seed: int = 0) -> torch.nn.Module:
     except (TypeError, ValueError) as err:
         raise ValueError(f"run {run['name']!r}: {err}") from None
     model = LlamaThinkForCausalLM(config)
+    if config.csa_blend_bias is not None and "csa" not in config.mixer_types:
+        raise ValueError(
+            f"run {run['name']!r}: init.blend_bias (csa_blend_bias) needs CSA layers; the pattern has none"
+        )
     choices = dict(run["init"])
+    choices.pop("blend_bias", None)  # a config field (above)
     if choices.pop("shared_from_default", False):
         copy_shared_from_default(model, overrides, seed)
-    if "blend_bias" in choices and "csa" not in config.mixer_types:
-        raise ValueError(f"run {run['name']!r}: init.blend_bias needs CSA layers; the pattern has none")
     reinit(model, choices)
     blend = run.get("csa_blend", "learned")
     for module in model.modules():
@@ -290,13 +299,6 @@ def reinit(model: torch.nn.Module, choices: dict) -> None:
                 module.weight.normal_(0.0, float(choices["conv"]))
         if "embed" in choices and leaf == "embed_tokens":
             module.weight.normal_(0.0, float(choices["embed"]))
-        if "blend_bias" in choices and isinstance(module, LlamaThinkCompressedSparseAttention):
-            # the same weight draws plus a learned bias (AdamW, 1-D): blend = sigmoid(W x + b), b = BIAS at start
-            old = module.blend_proj
-            with torch.random.fork_rng(devices=[]):  # its own init draws must not shift the later `init.*` draws
-                module.blend_proj = torch.nn.Linear(old.in_features, old.out_features, bias=True).to(old.weight)
-            module.blend_proj.weight.copy_(old.weight)
-            module.blend_proj.bias.fill_(float(choices["blend_bias"]))
         if "compress" in choices and leaf in ("compress_k", "compress_v"):
             if choices["compress"] == "identity":
                 module.weight.copy_(torch.eye(*module.weight.shape))

@@ -25,9 +25,11 @@ import sys
 import numpy as np
 
 MAGIC = 0x4B48544C  # b"LTHK" little-endian
-VERSION = 2  # newest format (run.c LT_VERSION); written only when a model needs it
+VERSION = 3  # newest format (run.c LT_VERSION); each version written only when a model needs it
 VERSION_MIN = 1  # run.c LT_VERSION_MIN: one EOS id, no list
-EOS_OFFSET = 144  # version 2: i32 count, then MAX_EOS i32 ids (run.c LT_EOS_OFFSET)
+EOS_OFFSET = 144  # version >= 2: i32 count, then MAX_EOS i32 ids (run.c LT_EOS_OFFSET)
+FLAGS_OFFSET = 212  # version 3: u32 flags (run.c LT_FLAGS_OFFSET)
+FLAG_CSA_BLEND_BIAS = 1  # CSA layers carry blend_proj.bias (config csa_blend_bias set)
 MAX_EOS = 16
 HEADER_SIZE = 1024
 ALIGN = 64
@@ -60,6 +62,7 @@ DEFAULTS = dict(
     linear_conv_kernel_dim=4,
     csa_stride=4,
     csa_window=64,
+    csa_blend_bias=None,
     hyper_connections=True,
 )
 
@@ -144,6 +147,9 @@ def load_config(d: str) -> dict:
         raise ExportError(f"{path} holds a JSON {type(raw).__name__}, not a config object")
     cfg = dict(DEFAULTS)
     cfg.update({k: v for k, v in raw.items() if k in DEFAULTS and v is not None})
+    bias = cfg["csa_blend_bias"]  # only its presence matters here: the bias values are tensors
+    if bias is not None and (isinstance(bias, bool) or not isinstance(bias, (int, float))):
+        raise ExportError(f"config field csa_blend_bias must be null or a number, got {bias!r}")
     if raw.get("head_dim") is None and "hidden_size" in raw and "num_attention_heads" in raw:
         cfg["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
     cfg["mixer_types"] = list(cfg["mixer_types"])
@@ -283,6 +289,8 @@ def layout(cfg: dict) -> list[tuple]:
                 ("vec", [m + "q_norm.weight"], D, None),
                 ("vec", [m + "k_norm.weight"], D, None),
             ]
+            if t == "csa" and cfg["csa_blend_bias"] is not None:
+                out.append(("vec", [m + "blend_proj.bias"], d["QD"], None))
             if t == "csa":
                 out += [
                     ("mat", [m + "compress_k.weight"], d["KV"], d["KV"]),
@@ -347,6 +355,8 @@ def expected_shapes(cfg: dict) -> dict[str, tuple]:
                         m + "blend_proj.weight": (d["QD"], H),
                     }
                 )
+                if cfg["csa_blend_bias"] is not None:
+                    s[m + "blend_proj.bias"] = (d["QD"],)
     return s
 
 
@@ -447,12 +457,14 @@ def pack_blocks(a: np.ndarray, kc: int) -> np.ndarray:
 
 
 def header_bytes(cfg: dict, dtype: str, group: int, n_tensors: int, file_size: int) -> bytes:
-    """The 1024-byte header (layout: export_c/README.md "File format").  Version 1 unless the
-    model has several EOS ids: version 2 adds the EOS list at EOS_OFFSET, so files of models
-    with one EOS id stay readable by older runners."""
+    """The 1024-byte header (layout: export_c/README.md "File format").  The lowest version that
+    holds the model, so files stay readable by older runners: 1; 2 when it has several EOS ids
+    (the EOS list at EOS_OFFSET); 3 when its CSA layers have a blend bias (flags at FLAGS_OFFSET,
+    the EOS list as in version 2)."""
     d = derived(cfg)
     eos = eos_ids(cfg)
-    version = VERSION if len(eos) > 1 else VERSION_MIN
+    flags = FLAG_CSA_BLEND_BIAS if cfg["csa_blend_bias"] is not None and "csa" in cfg["mixer_types"] else 0
+    version = 3 if flags else 2 if len(eos) > 1 else VERSION_MIN
     h = bytearray(HEADER_SIZE)
     struct.pack_into("<6I", h, 0, MAGIC, version, HEADER_SIZE, DTYPES[dtype], group, ALIGN)
     struct.pack_into("<Q", h, 24, file_size)
@@ -481,6 +493,8 @@ def header_bytes(cfg: dict, dtype: str, group: int, n_tensors: int, file_size: i
     struct.pack_into("<20i", h, 32, *ints)
     if version >= 2:
         struct.pack_into(f"<{1 + len(eos)}i", h, EOS_OFFSET, len(eos), *eos)
+    if version >= 3:
+        struct.pack_into("<I", h, FLAGS_OFFSET, flags)
     struct.pack_into("<I", h, 112, n_tensors)
     struct.pack_into(
         "<3d", h, 120, float(cfg["rope_theta"]), float(cfg["partial_rotary_factor"]), float(cfg["rms_norm_eps"])

@@ -138,7 +138,8 @@ def forward(cfg: dict, W: dict, ids) -> np.ndarray:
                     cmask = (jj[None, :] + 1) * S_ <= pos[:, None]
                     for hh in range(Hq):
                         comp[:, hh] = _softmax_attend(q[:, hh], kc[:, hh // rep], vc[:, hh // rep], cmask)
-                blend = _sigmoid(x @ W[m + "blend_proj.weight"].T).reshape(T, Hq, D)
+                blend_logit = x @ W[m + "blend_proj.weight"].T + W.get(m + "blend_proj.bias", 0.0)
+                blend = _sigmoid(blend_logit).reshape(T, Hq, D)
                 o = blend * comp + (1 - blend) * loc
             o = o * _sigmoid(gate)
             y = o.reshape(T, Hq * D) @ W[m + "o_proj.weight"].T

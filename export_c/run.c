@@ -42,14 +42,16 @@
 /* File format constants (keep in sync with export_c/export.py)                               */
 /* ------------------------------------------------------------------------------------------ */
 #define LT_MAGIC 0x4B48544Cu /* bytes "LTHK" */
-#define LT_VERSION 2u     /* newest version written / read */
+#define LT_VERSION 3u     /* newest version written / read */
 #define LT_VERSION_MIN 1u /* oldest version still read (version 1 has one EOS id, no list) */
 #define LT_HEADER_SIZE 1024u
 #define LT_ALIGN 64u
 #define LT_MAX_LAYERS 512
 #define LT_TYPES_OFFSET 256
-#define LT_EOS_OFFSET 144 /* version 2: i32 count, then LT_MAX_EOS i32 EOS ids */
+#define LT_EOS_OFFSET 144 /* version >= 2: i32 count, then LT_MAX_EOS i32 EOS ids */
 #define LT_MAX_EOS 16
+#define LT_FLAGS_OFFSET 212        /* version 3: u32 flags */
+#define LT_FLAG_CSA_BLEND_BIAS 1u  /* CSA layers carry blend_proj.bias */
 
 #define LT_MAX_TEXT (16u << 20) /* bytes of one prompt, chat message or system prompt */
 
@@ -87,6 +89,7 @@ typedef struct {
     /* attention */
     float *q_norm1, *k_norm1;             /* 1 + w, [D] */
     Mat w_ck, w_cv;                       /* CSA compress_k / compress_v */
+    const float *blend_b;                 /* CSA blend_proj.bias [Hq D], or NULL (the seed's gate: no bias) */
 } Layer;
 
 typedef struct {
@@ -95,6 +98,7 @@ typedef struct {
     int lk_heads, lv_heads, lk_dim, lv_dim, conv_k, csa_stride, csa_window, hyper, tied, bos, eos;
     double rope_theta, rope_frac, eps;
     int n_eos, eos_ids[LT_MAX_EOS]; /* every EOS id (eos is the first, or -1 when there is none) */
+    uint32_t flags;                 /* LT_FLAG_* (version 3), 0 before */
     uint8_t types[LT_MAX_LAYERS];
     /* derived sizes */
     int lin_c;     /* 2*Hk*Dk + Hv*Dv */
@@ -364,6 +368,11 @@ static int model_init(Model *m, const uint8_t *data, size_t size, char *err, siz
         m->n_eos = m->eos >= 0;
         m->eos_ids[0] = m->eos;
     }
+    m->flags = version >= 3 ? rd_u32(data + LT_FLAGS_OFFSET) : 0;
+    if (m->flags & ~LT_FLAG_CSA_BLEND_BIAS) {
+        set_err(err, errn, "%s: unknown flags 0x%llx in the header", "model", (long long)m->flags);
+        return -1;
+    }
     if (m->rope_dim % 2) { set_err(err, errn, "%s: rope_dim %lld is odd", "model", m->rope_dim); return -1; }
     if (m->n_heads % m->n_kv) { set_err(err, errn, "%s: heads %lld not a multiple of kv heads", "model", m->n_heads); return -1; }
     if (m->lv_heads % m->lk_heads) { set_err(err, errn, "%s: linear value heads %lld not a multiple of key heads", "model", m->lv_heads); return -1; }
@@ -446,6 +455,8 @@ static int model_init(Model *m, const uint8_t *data, size_t size, char *err, siz
             if (!(L->q_norm1 = ones_plus(v, m->head_dim))) goto oom;
             if (take_vec(&c, &v, m->head_dim, "mixer.k_norm.weight")) goto fail;
             if (!(L->k_norm1 = ones_plus(v, m->head_dim))) goto oom;
+            if (L->type == MIX_CSA && (m->flags & LT_FLAG_CSA_BLEND_BIAS))
+                if (take_vec(&c, &L->blend_b, m->q_dim, "mixer.blend_proj.bias")) goto fail;
             if (L->type == MIX_CSA) {
                 if (take_mat(&c, m, &L->w_ck, m->kv_dim, m->kv_dim, "mixer.compress_k.weight")) goto fail;
                 if (take_mat(&c, m, &L->w_cv, m->kv_dim, m->kv_dim, "mixer.compress_v.weight")) goto fail;
@@ -1833,6 +1844,11 @@ static void forward(const Model *m, State *s, const int *tok, int T, int all_log
         }
         const int P = L->w_in.rows;
         PROF(PF_MM_IN, matmul(&L->w_in, s->xn, H, T, s->proj, P));
+        if (L->blend_b) /* the blend rows follow q (2 QD), k and v (2 KV) */
+            for (int t = 0; t < T; t++) {
+                float *bl = s->proj + (size_t)t * P + 2 * m->q_dim + 2 * m->kv_dim;
+                for (int i = 0; i < m->q_dim; i++) bl[i] += L->blend_b[i];
+            }
         int O;
         if (L->type == MIX_LINEAR) { mixer_linear(m, L, ls, s, T); O = m->lv_heads * m->lv_dim; }
         else if (L->type == MIX_FULL) { PROF(PF_FULL, mixer_full(m, L, ls, s, T, pos0)); O = m->q_dim; }

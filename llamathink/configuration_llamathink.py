@@ -50,6 +50,10 @@ class LlamaThinkConfig(PretrainedConfig):
         linear_conv_kernel_dim (`int`, defaults to 4): causal depthwise convolution width.
         csa_stride (`int`, defaults to 4): tokens pooled into one compressed key/value block.
         csa_window (`int`, defaults to 64): local causal window of the CSA layers (the query's own token included).
+        csa_blend_bias (`float` or `None`, defaults to `None`): `None` mixes the CSA layers' two paths with
+            `sigmoid(blend_proj(x))` (the seed's gate, no bias: it starts half open). A number gives `blend_proj` a
+            learned bias starting there, so the gate starts at `sigmoid(csa_blend_bias)` (-4: 0.018, the layer
+            starts as its window). BENCHMARKS.md section 2 measures both.
         hyper_connections (`bool`, defaults to True): learned per-dimension residual scaling,
             `h = (1 + r) * h + (1 + s) * sublayer(norm(h))`, with `r`, `s` initialised to zero.
         gdn_chunk_size (`int`, defaults to 64): chunk length of the chunked Gated DeltaNet (training/prefill).
@@ -93,6 +97,7 @@ class LlamaThinkConfig(PretrainedConfig):
         linear_conv_kernel_dim: int = 4,
         csa_stride: int = 4,
         csa_window: int = 64,
+        csa_blend_bias: float | None = None,
         hyper_connections: bool = True,
         gdn_chunk_size: int = 64,
         gdn_backend: str = "auto",
@@ -134,6 +139,7 @@ class LlamaThinkConfig(PretrainedConfig):
         self.linear_conv_kernel_dim = linear_conv_kernel_dim
         self.csa_stride = csa_stride
         self.csa_window = csa_window
+        self.csa_blend_bias = csa_blend_bias
         self.hyper_connections = hyper_connections
         self.gdn_chunk_size = gdn_chunk_size
         self.gdn_backend = gdn_backend
@@ -207,6 +213,11 @@ class LlamaThinkConfig(PretrainedConfig):
         if self.csa_window < 2:
             raise ValueError(
                 f"csa_window must be at least 2 (the query's own token and one more), got {self.csa_window}"
+            )
+        bias = self.csa_blend_bias
+        if bias is not None and (isinstance(bias, bool) or not isinstance(bias, (int, float)) or not abs(bias) < 1e4):
+            raise ValueError(
+                f"csa_blend_bias must be null or a finite number (the gate's starting logit), got {bias!r}"
             )
         if self.gdn_backend not in GDN_BACKENDS:
             raise ValueError(f"gdn_backend={self.gdn_backend!r} is not one of the allowed values {list(GDN_BACKENDS)}")

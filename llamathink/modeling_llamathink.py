@@ -1143,7 +1143,8 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
     * compressed path: k-normed keys and values are mean-pooled over blocks of `csa_stride` positions, refined by
       `compress_k` / `compress_v`, keys RoPE'd at the block centre `stride * j + stride // 2`; a query at position
       t attends block j only when the block lies wholly before it, `stride * (j + 1) <= t` (no block: output 0);
-    * `blend = sigmoid(blend_proj(x))` per token and channel mixes the two, then the output gate and projection.
+    * `blend = sigmoid(blend_proj(x))` per token and channel mixes the two, then the output gate and projection
+      (`blend_proj` has a bias, starting at `config.csa_blend_bias`, when that is set).
 
     Blocks are cut by each row's token positions, so left padding does not shift them. Neither path builds a
     T x T mask: the window runs over query chunks against a (chunk + window) key band, and the compressed path
@@ -1158,6 +1159,10 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         self.compress_k = nn.Linear(kv_width, kv_width, bias=False)
         self.compress_v = nn.Linear(kv_width, kv_width, bias=False)
         self.blend_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        if config.csa_blend_bias is not None:  # filled by `_init_weights`; allocated without drawing random numbers,
+            # so a model with the bias gets every other tensor of the model without it at the same seed
+            self.blend_proj.bias = nn.Parameter(torch.empty(self.num_heads * self.head_dim))
+            self.blend_proj._bias_init = float(config.csa_blend_bias)
 
     def uses_flex_attention(self, device: torch.device) -> bool:
         """Never: packed CSA cuts its window and blocks per sequence itself (`_local_attention`,
@@ -1819,6 +1824,7 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         - RMSNorm gains zero (applied as 1 + w), the gated output norm's ones, hyper-connection scales zero: the
           network starts as a plain pre-norm residual stack, the identity-preserving start of hyper-connections.
         - `A_log = log(U(A_init_range))`, `dt_bias` from `dt_init_range` (see `LlamaThinkConfig`).
+        - CSA's blend bias, where `csa_blend_bias` is set, at that value (the gate starts at its sigmoid).
         """
         config = self.config
         std = config.initializer_range
@@ -1826,8 +1832,8 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
             if config.rescale_prenorm_residual and getattr(module, "_is_residual_out", False):
                 std = std / math.sqrt(2 * config.num_hidden_layers)
             init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
+            if module.bias is not None:  # CSA's blend_proj carries its start (`csa_blend_bias`); others start at 0
+                init.constant_(module.bias, getattr(module, "_bias_init", 0.0))
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, LlamaThinkRMSNorm):

@@ -163,10 +163,12 @@ def test_selection_ablation_equals_a_per_query_reference():
         "csa_blend=select,csa_select=0",
         "csa_blend=select,csa_select=2.5",
         "csa_blend=local,init.blend_bias=-4",
+        "csa_blend=joint,csa_blend_bias=-4",
+        "init.blend_bias=-4,csa_blend_bias=-2",
     ],
 )
 def test_bad_ablation_specs_are_refused_by_name(spec):
-    with pytest.raises(ValueError, match="csa_blend|csa_select|llamathink only"):
+    with pytest.raises(ValueError, match="csa_blend|csa_select|llamathink only|one setting"):
         bq.parse_run(f"r:{spec}")
 
 

@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -1459,7 +1460,7 @@ def test_eos_list_export_and_stop(run_bin, work, tmp_path):
     out = tmp_path / "eos.bin"
     ex.export(str(ck), str(out), "fp32", verbose=False)
     b = out.read_bytes()
-    assert struct.unpack_from("<I", b, 4)[0] == 2 == ex.VERSION
+    assert struct.unpack_from("<I", b, 4)[0] == 2
     assert struct.unpack_from("<i", b, 108)[0] == 2
     assert struct.unpack_from("<3i", b, ex.EOS_OFFSET) == (2, 2, 5)
     # version 1 is still what a single EOS id gives (and old files load)
@@ -1483,6 +1484,41 @@ def test_eos_list_export_and_stop(run_bin, work, tmp_path):
         reference.make_random_checkpoint(str(cfgd), dict(MINI, eos_token_id=bad), seed=1)
         with pytest.raises(ex.ExportError, match="eos_token_id"):
             ex.export(str(cfgd), str(tmp_path / "bad.bin"), "fp32", verbose=False)
+
+
+def test_csa_blend_bias_exports_as_version_3_and_runs_like_pytorch(run_bin, work, tmp_path):
+    """A model with `csa_blend_bias` (CSA's blend_proj has a bias): version 3, flag bit 0, the bias after k_norm;
+    run.c's logits equal PyTorch's (chunked and token by token), and so do the numpy reference's. A header whose
+    flags say otherwise than the tensors is refused with a message, unknown flag bits by name."""
+    model = _torch_model(dict(TINY, mixer_types=["csa", "linear", "csa", "full"], csa_blend_bias=-4.0), seed=3)
+    assert model.model.layers[0].mixer.blend_proj.bias.abs().max() > 0  # perturbed: the test sees every channel
+    ck = work / "blend_bias_ckpt"
+    model.save_pretrained(ck)
+    out = tmp_path / "bias.bin"
+    ex.export(str(ck), str(out), "fp32", verbose=False)
+    b = out.read_bytes()
+    assert struct.unpack_from("<I", b, 4)[0] == 3 == ex.VERSION
+    assert struct.unpack_from("<I", b, ex.FLAGS_OFFSET)[0] == ex.FLAG_CSA_BLEND_BIAS
+    assert struct.unpack_from("<i", b, ex.EOS_OFFSET)[0] == 1  # the EOS list, as in version 2
+    ref = _logits_torch(model, PROMPT)
+    for chunk in (1, 64):
+        got = _logits_c(run_bin, out, PROMPT, chunk)
+        assert np.abs(got - ref).max() < 1e-4, (chunk, np.abs(got - ref).max())
+    mine = reference.forward(ex.load_config(str(ck)), ex.load_tensors(str(ck)), PROMPT)
+    assert np.abs(mine - ref).max() < 1e-4
+    # without the bias, the logits differ: the test can tell
+    torch = pytest.importorskip("torch")
+    without = _rounded_copy(model, lambda w: w)
+    with torch.no_grad():
+        for layer in (0, 2):
+            without.model.layers[layer].mixer.blend_proj.bias.zero_()
+    assert np.abs(_logits_torch(without, PROMPT) - ref).max() > 1e-2
+    for flags, message in ((0, "tensor count mismatch|trailing bytes"), (2, "unknown flags 0x2")):
+        bad = tmp_path / f"flags{flags}.bin"
+        bad.write_bytes(_patched(b, ex.FLAGS_OFFSET, "<I", flags))
+        cmd = [str(run_bin), str(bad), "--ids", "1 2 3", "-n", "2"]
+        r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        assert r.returncode == 1 and re.search(message, r.stderr), r.stderr
 
 
 MODEL_INT_FIELDS = [4, 8, 12, 16, 20] + list(range(32, 116, 4))

@@ -66,6 +66,10 @@ def test_default_config_is_the_95m_model():
         (dict(eos_token_id=500), "eos_token_id"),
         (dict(decode_cuda_graphs="cpu"), "decode_cuda_graphs"),
         (dict(decode_cuda_graphs=1), "decode_cuda_graphs"),
+        ({"csa_blend_bias": "closed"}, "csa_blend_bias"),
+        ({"csa_blend_bias": True}, "csa_blend_bias"),
+        ({"csa_blend_bias": float("inf")}, "csa_blend_bias"),
+        ({"csa_blend_bias": float("nan")}, "csa_blend_bias"),
     ],
 )
 def test_config_rejects_inconsistent_values(overrides, field):
@@ -278,7 +282,8 @@ def _naive_csa(mod: LlamaThinkCompressedSparseAttention, x, rotary):
         kc.append(apply_rotary(kj[None], c, s)[0, :, 0])
         vc.append(mod.compress_v(mean_v).view(-1, D))
     out = torch.zeros(T, mod.num_heads * D, dtype=x.dtype)
-    blend = torch.sigmoid(mod.blend_proj(x[0]))
+    bias = mod.blend_proj.bias
+    blend = torch.sigmoid(x[0] @ mod.blend_proj.weight.T + (0 if bias is None else bias))  # [T, Hq * D]
     for t in range(T):
         for h in range(mod.num_heads):
             kv = h // G
@@ -297,9 +302,11 @@ def _naive_csa(mod: LlamaThinkCompressedSparseAttention, x, rotary):
     return mod.o_proj(out * torch.sigmoid(gate[0]))[None]
 
 
-@pytest.mark.parametrize("T", [1, 3, 4, 5, 23, 40])
-def test_csa_matches_naive_definition(T):
-    config = tiny_config(csa_window=8)
+@pytest.mark.parametrize(
+    "T, blend_bias", [(1, None), (3, None), (4, None), (5, None), (23, None), (40, None), (23, -4.0)]
+)
+def test_csa_matches_naive_definition(T, blend_bias):
+    config = tiny_config(csa_window=8, csa_blend_bias=blend_bias)
     mod = randomize_(LlamaThinkCompressedSparseAttention(config, layer_idx=0).double(), scale=1.0, seed=5)
     rotary = LlamaThinkRotaryEmbedding(config)
     x = torch.randn(1, T, config.hidden_size, dtype=torch.float64)
@@ -452,6 +459,32 @@ def static_model():
         decode_cuda_graphs="always",
     )
     return model
+
+
+def test_csa_blend_bias_starts_the_gate_closed_and_leaves_every_other_tensor_as_without_it(tmp_path):
+    """`csa_blend_bias=-4`: each CSA layer's blend_proj gets a bias filled with -4 and nothing else changes at the
+    same seed (a paired comparison with the seed's gate); the bias saves and loads bit for bit, and cached decoding,
+    the static-buffer step included, equals the uncached forward with it."""
+    kw = {"mixer_types": ["csa", "linear", "full", "csa"], "max_position_embeddings": 96}
+    torch.manual_seed(4)
+    plain = LlamaThinkForCausalLM(tiny_config(**kw))
+    torch.manual_seed(4)
+    biased = LlamaThinkForCausalLM(tiny_config(csa_blend_bias=-4, **kw))
+    want, got = plain.state_dict(), biased.state_dict()
+    extra = sorted(set(got) - set(want))
+    assert extra == [f"model.layers.{i}.mixer.blend_proj.bias" for i in (0, 3)], extra
+    assert all(torch.equal(got[name], tensor) for name, tensor in want.items())
+    assert all(torch.all(got[name] == -4.0) for name in extra)
+    randomize_(biased, seed=2)
+    biased.save_pretrained(tmp_path)
+    loaded = LlamaThinkForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.csa_blend_bias == -4
+    for name, tensor in biased.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    model = biased.double().eval()
+    _check_stepwise_decoding(model, 5, total=40)
+    model.config.decode_cuda_graphs = "always"
+    _check_stepwise_decoding(model, 21, total=96, static=True)
 
 
 @pytest.mark.parametrize("prompt_len", [1, 5, 66])
