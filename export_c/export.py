@@ -28,8 +28,8 @@ MAGIC = 0x4B48544C  # b"LTHK" little-endian
 VERSION = 3  # newest format (run.c LT_VERSION); each version written only when a model needs it
 VERSION_MIN = 1  # run.c LT_VERSION_MIN: one EOS id, no list
 EOS_OFFSET = 144  # version >= 2: i32 count, then MAX_EOS i32 ids (run.c LT_EOS_OFFSET)
-FLAGS_OFFSET = 212  # version 3: u32 flags (run.c LT_FLAGS_OFFSET)
-FLAG_CSA_BLEND_BIAS = 1  # CSA layers carry blend_proj.bias (config csa_blend_bias set)
+FLAGS_OFFSET = 212  # version 3: u32 flags (run.c model_init)
+FLAG_CSA_BLEND_BIAS = 1  # CSA layers carry blend_proj.bias (config csa_blend_bias set; run.c LT_FLAG_CSA_BLEND_BIAS)
 MAX_EOS = 16
 HEADER_SIZE = 1024
 ALIGN = 64

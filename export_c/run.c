@@ -50,8 +50,7 @@
 #define LT_TYPES_OFFSET 256
 #define LT_EOS_OFFSET 144 /* version >= 2: i32 count, then LT_MAX_EOS i32 EOS ids */
 #define LT_MAX_EOS 16
-#define LT_FLAGS_OFFSET 212        /* version 3: u32 flags */
-#define LT_FLAG_CSA_BLEND_BIAS 1u  /* CSA layers carry blend_proj.bias */
+#define LT_FLAG_CSA_BLEND_BIAS 1u /* version 3 header flag (u32 at 212): CSA layers carry blend_proj.bias */
 
 #define LT_MAX_TEXT (16u << 20) /* bytes of one prompt, chat message or system prompt */
 
@@ -368,7 +367,8 @@ static int model_init(Model *m, const uint8_t *data, size_t size, char *err, siz
         m->n_eos = m->eos >= 0;
         m->eos_ids[0] = m->eos;
     }
-    m->flags = version >= 3 ? rd_u32(data + LT_FLAGS_OFFSET) : 0;
+    m->flags = 0;
+    if (version >= 3) m->flags = rd_u32(data + 212);
     if (m->flags & ~LT_FLAG_CSA_BLEND_BIAS) {
         set_err(err, errn, "%s: unknown flags 0x%llx in the header", "model", (long long)m->flags);
         return -1;

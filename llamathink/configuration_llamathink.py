@@ -9,6 +9,8 @@ to the weights so `AutoConfig.from_pretrained(..., trust_remote_code=True)` work
 package is not installed.
 """
 
+import math
+
 from transformers import PretrainedConfig
 
 MIXER_TYPES = ("linear", "csa", "full")
@@ -121,9 +123,11 @@ class LlamaThinkConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.rescale_prenorm_residual = rescale_prenorm_residual
-        self.A_init_range = list(A_init_range)
-        self.dt_init_range = None if dt_init_range is None else list(dt_init_range)
+        # lists as JSON keeps them; anything else is kept as given for `validate_llamathink` to name
+        self.A_init_range = list(A_init_range) if isinstance(A_init_range, (list, tuple)) else A_init_range
+        self.dt_init_range = list(dt_init_range) if isinstance(dt_init_range, (list, tuple)) else dt_init_range
         if mixer_types is None:
+            _check_positive_int("num_hidden_layers", num_hidden_layers)
             if num_hidden_layers % len(DEFAULT_MIXER_PATTERN) != 0:
                 raise ValueError(
                     f"mixer_types is not given and num_hidden_layers={num_hidden_layers} is not a multiple of "
@@ -131,7 +135,7 @@ class LlamaThinkConfig(PretrainedConfig):
                     "pass mixer_types explicitly"
                 )
             mixer_types = list(DEFAULT_MIXER_PATTERN) * (num_hidden_layers // len(DEFAULT_MIXER_PATTERN))
-        self.mixer_types = list(mixer_types)
+        self.mixer_types = list(mixer_types) if isinstance(mixer_types, (list, tuple)) else mixer_types
         self.linear_num_key_heads = linear_num_key_heads
         self.linear_num_value_heads = linear_num_value_heads
         self.linear_key_head_dim = linear_key_head_dim
@@ -145,6 +149,9 @@ class LlamaThinkConfig(PretrainedConfig):
         self.gdn_backend = gdn_backend
         self.decode_cuda_graphs = decode_cuda_graphs
         self.use_cache = use_cache
+        # transformers' own validators (run by `super().__init__`) compare token ids with the vocabulary size and
+        # would fail on a wrong type with an error that does not name it
+        _check_positive_int("vocab_size", vocab_size)
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
@@ -177,13 +184,15 @@ class LlamaThinkConfig(PretrainedConfig):
             "gdn_chunk_size",
         )
         for name in positive_ints:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            _check_positive_int(name, getattr(self, name))
         for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+        if not isinstance(self.mixer_types, list):  # (a config error, ValueError like every other here)
+            raise ValueError(  # noqa: TRY004
+                f"mixer_types must be a list of mixer names, one per layer, got {self.mixer_types!r}"
+            )
         if len(self.mixer_types) != self.num_hidden_layers:
             raise ValueError(
                 f"mixer_types has {len(self.mixer_types)} entries but num_hidden_layers={self.num_hidden_layers}; "
@@ -230,19 +239,36 @@ class LlamaThinkConfig(PretrainedConfig):
             value = getattr(self, name)
             if value is None and name == "dt_init_range":
                 continue
-            numbers = len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            numbers = (
+                isinstance(value, list)
+                and len(value) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            )
             if not numbers or not 0 < value[0] <= value[1] < float("inf"):
                 raise ValueError(f"{name} must be two numbers [low, high] with 0 < low <= high, got {value!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name, None)
             ids = value if isinstance(value, (list, tuple)) else [value]
             for token_id in ids:
+                if token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int)):
+                    raise ValueError(f"{name} must be a token id (an integer), a list of them or null, got {value!r}")
                 if token_id is not None and not 0 <= token_id < self.vocab_size:
                     raise ValueError(f"{name}={value!r} is outside the vocabulary [0, {self.vocab_size})")
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """transformers' `save_pretrained`, refusing (ValueError naming the field) a configuration edited since it
+        was built into one that cannot describe a working model: such a file would not load again."""
+        self.validate_llamathink()
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 __all__ = ["LlamaThinkConfig"]

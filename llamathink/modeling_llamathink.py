@@ -120,6 +120,14 @@ class LlamaThinkRotaryEmbedding(nn.Module):
         exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=device) / self.rotary_dim
         return 1.0 / (self.base**exponents)
 
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` would round the frequencies to bf16 (0.3% off: about a radian at position
+        # 1000); they are rebuilt in fp32 on the new device, as `from_pretrained(dtype=...)` leaves them
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self.compute_inv_freq(device=self.inv_freq.device)
+        return self
+
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B, T] -> cos, sin [B, T, rotary_dim] (fp32 math, returned in `dtype`)."""
@@ -1775,6 +1783,9 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
     }
 
     def __init__(self, config: LlamaThinkConfig, *args, **kwargs):
+        # a config edited after it was built (`config.num_hidden_layers = 2`) is checked again here: the layers
+        # would otherwise be built from inconsistent fields and fail deep inside, or save a model that cannot load
+        config.validate_llamathink()
         super().__init__(config, *args, **kwargs)
         auto_map = dict(getattr(config, "auto_map", None) or {})
         for auto_class, reference in self._auto_map.items():
@@ -1919,6 +1930,8 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         B, T = shape
         if T == 0:
             raise ValueError("the input sequence is empty")
+        if B == 0:
+            raise ValueError("the batch is empty (0 rows)")
         if input_ids is not None and not torch.compiler.is_compiling():  # (the range check syncs with the device)
             if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
                 raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
@@ -2226,8 +2239,28 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         out = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         prompt = getattr(generation_config, "_llamathink_prompt", None)
         if prompt is not None:
+            self._check_generation_mask(generation_config, model_kwargs, *prompt)
             self._bound_generation_length(generation_config, model_kwargs, *prompt)
         return out
+
+    def _check_generation_mask(self, generation_config, model_kwargs: dict, input_ids_length: int, hidden: int):
+        """The attention mask given to generate() must cover the prompt's positions, or the cached positions and
+        the prompt's (a continued cache): ValueError naming the widths. (transformers may drop an all-ones mask
+        and build `position_ids` from its width, so a wrong width would otherwise surface as a `position_ids`
+        error the caller never passed.)"""
+        mask = model_kwargs.get("attention_mask")
+        width = mask.shape[-1] if isinstance(mask, torch.Tensor) else getattr(generation_config, "_mask_length", None)
+        if width is None:
+            return
+        cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if isinstance(cache, LlamaThinkCache) else 0
+        prompt = input_ids_length + hidden
+        if width not in (prompt, past + prompt):
+            held = f" after the {past} cached positions" if past else ""
+            raise ValueError(
+                f"attention_mask has {width} columns but the prompt takes {prompt} positions{held}; give one mask "
+                "column per prompt position" + (" (and per cached position)" if past else "")
+            )
 
     def _check_prompt_fits(self, prompt: int):
         limit = self.config.max_position_embeddings

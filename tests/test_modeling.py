@@ -66,6 +66,13 @@ def test_default_config_is_the_95m_model():
         (dict(eos_token_id=500), "eos_token_id"),
         (dict(decode_cuda_graphs="cpu"), "decode_cuda_graphs"),
         (dict(decode_cuda_graphs=1), "decode_cuda_graphs"),
+        ({"A_init_range": 5}, "A_init_range"),
+        ({"initializer_range": float("inf")}, "initializer_range"),
+        ({"rms_norm_eps": float("inf")}, "rms_norm_eps"),
+        ({"eos_token_id": 1.5}, "eos_token_id"),
+        ({"mixer_types": "linear"}, "mixer_types"),
+        ({"vocab_size": "96"}, "vocab_size"),
+        ({"num_hidden_layers": "4", "mixer_types": None}, "num_hidden_layers"),
         ({"csa_blend_bias": "closed"}, "csa_blend_bias"),
         ({"csa_blend_bias": True}, "csa_blend_bias"),
         ({"csa_blend_bias": float("inf")}, "csa_blend_bias"),
@@ -75,6 +82,25 @@ def test_default_config_is_the_95m_model():
 def test_config_rejects_inconsistent_values(overrides, field):
     with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):
         tiny_config(**overrides)
+
+
+def test_a_config_edited_after_it_was_built_is_checked_by_the_model_and_by_save(tmp_path):
+    """transformers configs are often edited in place; a LlamaThink config edited into an inconsistent one is
+    refused by name when a model is built from it (not 16 frames deep in a layer) and when it is saved (the file
+    would not load again), and nothing is written."""
+    config = tiny_config()
+    config.num_hidden_layers = 2
+    with pytest.raises(ValueError, match="mixer_types has 4 entries but num_hidden_layers=2"):
+        LlamaThinkForCausalLM(config)
+    config = tiny_config()
+    config.num_key_value_heads = 3
+    with pytest.raises(ValueError, match="num_key_value_heads=3"):
+        LlamaThinkForCausalLM(config)
+    model = LlamaThinkForCausalLM(tiny_config())
+    model.config.num_hidden_layers = 8
+    with pytest.raises(ValueError, match="mixer_types has 4 entries but num_hidden_layers=8"):
+        model.save_pretrained(tmp_path / "edited")
+    assert not (tmp_path / "edited" / "config.json").exists()
 
 
 def test_config_names_allowed_mixer_values():
@@ -393,6 +419,25 @@ def test_bad_inputs_raise_clear_errors(model):
         model(torch.ones(1, 5, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 0, 1, 1]]))
     with pytest.raises(ValueError, match="labels has shape"):
         model(torch.ones(1, 5, dtype=torch.long), labels=torch.ones(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"the batch is empty \(0 rows\)"):
+        model(torch.zeros(0, 5, dtype=torch.long))
+    for width in (4, 6):  # generate() may drop an all-ones mask: its width is still checked, by name
+        with pytest.raises(ValueError, match=f"attention_mask has {width} columns but the prompt takes 5 positions"):
+            model.generate(torch.ones(2, 5, dtype=torch.long), attention_mask=torch.ones(2, width), max_new_tokens=2)
+
+
+def test_a_bfloat16_cast_keeps_the_rotary_frequencies_in_float32(tmp_path):
+    """`model.to(torch.bfloat16)` and `from_pretrained(..., dtype=torch.bfloat16)` give the same model: the
+    rotary frequencies stay fp32 (rounded to bf16 they are 0.3% off, about a radian at position 1000)."""
+    model = tiny_model(dtype=torch.float32, max_position_embeddings=1100)
+    model.save_pretrained(tmp_path)
+    cast = model.to(torch.bfloat16)
+    loaded = LlamaThinkForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert cast.model.rotary_emb.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(cast.model.rotary_emb.inv_freq, loaded.model.rotary_emb.inv_freq, rtol=0, atol=0)
+    ids = torch.randint(1, 96, (1, 1050), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(cast(ids).logits, loaded(ids).logits, rtol=0, atol=0)
 
 
 def test_too_long_continuation_raises(model):

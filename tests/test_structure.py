@@ -139,10 +139,11 @@ def test_mixer_type_lists_agree_and_an_unknown_type_is_a_clear_error():
     # a config that skipped validation (edited after construction) still never runs another mixer's code
     config = tiny_config(num_hidden_layers=2, mixer_types=["linear", "full"])
     config.mixer_types = ["linear", "mamba"]
-    for build in (modeling.LlamaThinkCache, LlamaThinkForCausalLM):
-        with pytest.raises(ValueError, match="unknown mixer type 'mamba'"):
-            build(config)
     with pytest.raises(ValueError, match="unknown mixer type 'mamba'"):
+        modeling.LlamaThinkCache(config)
+    with pytest.raises(ValueError, match=r"mixer_types\[1\]='mamba' is not one of"):  # the model checks its config
+        LlamaThinkForCausalLM(config)
+    with pytest.raises(ValueError, match="'mamba'"):
         modeling.flops_per_token(config, 16)
     weights = reference.random_tensors(dict(_one_layer_config("full")))
     with pytest.raises(ValueError, match="'mamba'"):
@@ -236,6 +237,7 @@ def test_run_c_reads_every_header_field_where_the_exporter_writes_it():
         partial_rotary_factor=0.25,
         rms_norm_eps=3e-5,
         mixer_types=["full", "linear", "csa", "linear", "full"],
+        csa_blend_bias=-4.0,
     )
     header = ex.header_bytes(cfg, "int8", 64, n_tensors=123, file_size=987654)
     assert len(header) == ex.HEADER_SIZE
@@ -271,6 +273,7 @@ def test_run_c_reads_every_header_field_where_the_exporter_writes_it():
         "rope_theta": 12345.5,
         "rope_frac": 0.25,
         "eps": 3e-5,
+        "flags": ex.FLAG_CSA_BLEND_BIAS,
     }
     reads = c_header_reads()
     assert set(reads) == set(expected), "model_init() reads header fields this test does not know (or no longer reads)"
@@ -278,7 +281,9 @@ def test_run_c_reads_every_header_field_where_the_exporter_writes_it():
     for field, (reader, offset) in reads.items():
         (value,) = struct.unpack_from(formats[reader], header, offset)
         assert value == expected[field], f"run.c reads {field} as rd_{reader} at offset {offset}: got {value}"
-    # version 2: the EOS list at LT_EOS_OFFSET (count, then ids); the mixer codes at LT_TYPES_OFFSET
+    (flag,) = re.findall(r"#define LT_FLAG_CSA_BLEND_BIAS (\d+)u", _c_source())
+    assert int(flag) == ex.FLAG_CSA_BLEND_BIAS
+    # version >= 2: the EOS list at LT_EOS_OFFSET (count, then ids); the mixer codes at LT_TYPES_OFFSET
     assert struct.unpack_from("<4i", header, ex.EOS_OFFSET) == (3, 20, 21, 22)
     assert list(header[ex.TYPES_OFFSET : ex.TYPES_OFFSET + 5]) == [ex.MIXER_CODES[t] for t in cfg["mixer_types"]]
 
