@@ -2810,6 +2810,12 @@ static int chat_main(const Model *m, State *s, const Tokenizer *tk, ProbIdx *pi,
         char *text = raw ? strip_dup(raw) : NULL;
         free(raw);
         if (!text) { fprintf(stderr, "error: out of memory\n"); chat_free(&c); return 1; }
+        if (!*text) { /* as llamathink-chat: an empty pipe must not get a made-up answer */
+            fprintf(stderr, "error: the message is empty\n");
+            free(text);
+            chat_free(&c);
+            return 1;
+        }
         int r = chat_turn(&c, text, err, sizeof err);
         if (r == 1) fprintf(stderr, "error: %s\n", err);
         rc = r ? 1 : 0;

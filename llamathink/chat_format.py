@@ -215,12 +215,23 @@ class RenderedChat(NamedTuple):
 
 
 def _content_text(content: Any) -> str:
-    if content is None:
-        return ""
+    """A message's content as text: a string, or a list of `{"type": "text", "text": str}` parts (joined).
+    TypeError for anything else, a missing (None) content included: a message without text, or with parts this
+    text-only model cannot read, would otherwise train on an empty or made-up ("None") reply."""
     if isinstance(content, str):
         return content
+    if content is None:
+        raise TypeError("it has no content (missing or null)")
     if isinstance(content, (list, tuple)):
-        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text")
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise TypeError(
+                    f'content part {j} is not a text part {{"type": "text", "text": "..."}} (got {part!r:.80}); '
+                    "this model reads text only"
+                )
+            texts.append(part["text"])
+        return "".join(texts)
     raise TypeError(f"message content must be a string or a list of text parts, got {type(content).__name__}")
 
 
@@ -294,7 +305,10 @@ def render_chat(
     message_spans, label_spans, special_spans = [], [], [(0, len(bos_token), "bos")]
     for i, message in enumerate(messages):
         role = message.get("role")
-        content = _content_text(message.get("content")).strip()
+        try:
+            content = _content_text(message.get("content")).strip()
+        except TypeError as err:
+            raise ValueError(f"message {i}: {err}") from None
         check_content(i, content)
         if guard:
             content = content.replace(CONTROL_TOKEN_START, CONTROL_TOKEN_START + TEXT_GUARD)

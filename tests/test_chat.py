@@ -297,6 +297,42 @@ def test_sample_set_keeps_who_speaks_first(sample):
         assert len(messages) == row["conversation"].count("<person")
 
 
+def test_messages_without_text_content_are_invalid_rows_not_empty_replies(tmp_path):
+    good = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "a"}]},
+            {"role": "assistant", "content": "b"},
+        ]
+    }
+    rows = [
+        good,
+        # a reply with no text would train the model to stop at once; one made of non-text parts (or a
+        # null text part, which once became the word "None") on text it was never given
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ["Hello there!"]}]},
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": [{"type": "text", "text": None}]},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image", "url": "x"}]},
+                {"role": "assistant", "content": "b"},
+            ]
+        },
+    ]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = Counter()
+    assert load_conversations(str(path), stats=stats) == [
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    ]
+    assert stats["invalid"] == 5
+
+
 def test_messages_sharegpt_and_person_rows_from_jsonl_and_datasets(tmp_path):
     rows = [
         {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},

@@ -787,3 +787,90 @@ def test_a_refused_resume_keeps_the_runs_record_of_its_settings(sample_data, mod
     with pytest.raises(ckpt.ResumeSettingsError, match=r"seed: 3 -> 4"):
         pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, seed=4))
     assert (out / "train_config.json").read_text() == recorded
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a resumed run reads, and what a fresh run would replace
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_resume_refuses_a_model_config_or_data_edited_in_place(sample_data, model_json, tmp_path):  # noqa: F811
+    """The same path with other contents is another run: an edited model config would change the architecture
+    (a csa_window keeps every weight's shape, so the weights would load), edited data other examples. Both are
+    refused by name before anything is loaded; the restored file resumes exactly as before."""
+    config = tmp_path / "model.json"
+    shutil.copy(model_json, config)
+    data = tmp_path / "data"
+    shutil.copytree(sample_data, data)
+    out = tmp_path / "run"
+    pretrain.train(_cfg(data, config, out, max_steps=4, save_every=2, stop_at_step=2))
+    original = config.read_text()
+    edited = json.loads(original)
+    edited["csa_window"] = 8
+    config.write_text(json.dumps(edited))
+    with pytest.raises(ckpt.ResumeSettingsError, match=rf"the contents of model_config {config} changed"):
+        pretrain.train(_cfg(data, config, out, max_steps=4, save_every=2))
+    config.write_text(original)
+    meta = (data / "meta.json").read_text()
+    (data / "meta.json").write_text(meta.replace('"num_docs"', '"num_docs" ', 1))  # same values, other bytes
+    with pytest.raises(ckpt.ResumeSettingsError, match=rf"the contents of data_dir {data} changed"):
+        pretrain.train(_cfg(data, config, out, max_steps=4, save_every=2))
+    (data / "meta.json").write_text(meta)
+    resumed = pretrain.train(_cfg(data, config, out, max_steps=4, save_every=2))
+    assert sorted(resumed["losses"]) == [1, 2, 3, 4]
+
+
+def test_a_fresh_run_refuses_to_replace_another_runs_finished_model(sample_data, model_json, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=2))
+    weights = (out / "final" / "model.safetensors").read_bytes()
+    shutil.rmtree(out / "checkpoints")  # "keep the model, drop the checkpoints", then a new run in the same place
+    with pytest.raises(ckpt.OutDirInUse, match=r"holds another run's final and history\.json.*overwrite: true"):
+        pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=2, resume="none", seed=4))
+    assert (out / "final" / "model.safetensors").read_bytes() == weights
+    pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=2, resume="none", seed=4, overwrite=True))
+    assert (out / "final" / "model.safetensors").read_bytes() != weights
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".final")) == []
+
+
+def test_a_failed_final_save_leaves_the_earlier_final_folder_whole(sample_data, model_json, tmp_path, monkeypatch):  # noqa: F811
+    final, cfg = tmp_path / "final", _cfg(sample_data, model_json, tmp_path)
+    model = LlamaThinkForCausalLM(LlamaThinkConfig.from_json_file(str(model_json)))
+    loop.save_final(model, None, final, cfg)
+    before = {p.name: p.read_bytes() for p in final.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("llamathink.model_card.write_model_card", disk_full)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    with pytest.raises(OSError, match="No space left"):
+        loop.save_final(model, None, final, cfg)
+    assert {p.name: p.read_bytes() for p in final.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # no temporary folder left
+
+
+def test_a_checkpoint_with_a_damaged_tensor_is_refused(model_json, tmp_path):  # noqa: F811
+    """torch.load does not check the archive's CRCs: bytes overwritten inside a tensor (same length) would load
+    as weights and train on; the CRC check names the damaged member."""
+    settings = _settings()
+    path = _save(tmp_path / "run", 2, _parts(model_json, settings), settings)
+    state = path / ckpt.STATE_FILE
+    data = bytearray(state.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 400] = bytes(400)
+    state.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match=r"damaged \(.* fails its CRC check\)"):
+        ckpt.load_checkpoint(path)
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_none_was_written(tmp_path, capsys):
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    status = loop.command_main(
+        ["--out_dir", str(tmp_path / "run")], prog="p", settings=run_config.RunConfig, run=interrupted, description=""
+    )
+    assert status == 130
+    assert "no checkpoint had been written yet" in capsys.readouterr().err

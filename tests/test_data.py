@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -1238,3 +1239,40 @@ def test_inspect_names_a_missing_or_foreign_file_in_one_line(tmp_path, capsys):
             data_main(["inspect", str(path)])
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_training_and_a_continued_preparation_refuse_shards_changed_since_prepare(tmp_path, small_tok, docs):
+    """A shard that meta.json lists but is gone, truncated, or one it does not list: training would read other
+    data than the folder says (a missing shard was silently skipped); a stopped preparation continued over a
+    missing or truncated shard would report every shard written."""
+    from llamathink.data import check_shards_against_meta, load_meta
+
+    src = tmp_path / "d.jsonl"
+    src.write_bytes(_jsonl_bytes(docs[:40]))
+    kw = {"shard_tokens": 300, "val_docs": 3, "num_workers": 1, "batch_docs": 2, "progress": False}
+    out = tmp_path / "out"
+    prepare(LocalSource([str(src)]), out, small_tok, **kw)
+    meta = load_meta(out)
+    assert len(check_shards_against_meta(out, meta)) == len(meta["train"]["shards"]) + 1
+    second = out / meta["train"]["shards"][1]["file"]
+    data = second.read_bytes()
+    second.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{second.name}: listed in meta.json \(train\) but missing"):
+        check_shards_against_meta(out, meta)
+    second.write_bytes(data)
+    extra = out / "train_000999.bin"
+    shutil.copy(second, extra)
+    with pytest.raises(ValueError, match="train_000999.bin not listed in meta.json"):
+        check_shards_against_meta(out, meta)
+    extra.unlink()
+    # a stopped preparation: its second shard deleted, or cut, before the rerun
+    for damage in ("delete", "truncate"):
+        part = tmp_path / f"part_{damage}"
+        prepare(LocalSource([str(src)]), part, small_tok, stop_after_shards=3, **kw)
+        shard = part / "train_000001.bin"
+        if damage == "delete":
+            shard.unlink()
+        else:
+            shard.write_bytes(shard.read_bytes()[: len(data) // 2])
+        with pytest.raises(ValueError, match=r"train_000001\.bin: .*cannot be continued: rerun with --overwrite"):
+            prepare(LocalSource([str(src)]), part, small_tok, **kw)

@@ -882,6 +882,11 @@ def test_chat_one_shot_greedy_matches_chat_session(run_bin, chat_model, one_thre
     session = ChatSession(model, tok, settings=GenerationSettings(max_new_tokens=24, temperature=0.0))
     reply = session.reply(text)
     assert reply and r.stdout.decode("utf-8", errors="replace") == reply + "\n"
+    # an empty or blank message (an empty pipe upstream) is refused, as llamathink-chat refuses it
+    base = [str(run_bin), str(chat_model["bin"]), "-z", str(chat_model["tokbin"]), "-m", "chat", "-n", "4"]
+    for message, stdin in (("", b""), (" \n", b""), ("-", b""), ("-", b"  \n\n")):
+        r = subprocess.run([*base, "-i", message], input=stdin, capture_output=True, timeout=60, check=False)
+        assert r.returncode == 1 and b"the message is empty" in r.stderr and not r.stdout, (message, r)
 
 
 def test_chat_interactive_loop_ends_at_eof(run_bin, chat_model):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .preparation import _PREPARE_DESCRIPTION, _add_prepare_arguments, _run_cli
-from .shards import _SHARD_RE, META_FILE, load_meta, open_shard, read_shard_header
+from .shards import _SHARD_RE, META_FILE, check_shards_against_meta, load_meta, open_shard, read_shard_header
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -51,15 +51,7 @@ def _check_against_meta(folder: Path, meta: dict, headers: dict) -> None:
     """ValueError naming the shard when one that meta.json lists is missing or holds another token count, or when a
     shard's header vocabulary differs from meta.json's or a token id is outside it (every token is read)."""
     vocab = meta["vocab_size"]
-    for split in ("train", "val"):
-        for entry in (meta.get(split) or {}).get("shards", []):
-            name = entry.get("file")
-            if name not in headers:
-                raise FileNotFoundError(f"{folder / str(name)}: listed in {META_FILE} ({split}) but missing")
-            if headers[name]["num_tokens"] != entry.get("tokens"):
-                raise ValueError(
-                    f"{folder / name}: {headers[name]['num_tokens']} tokens, {META_FILE} says {entry.get('tokens')}"
-                )
+    check_shards_against_meta(folder, meta)
     for name, header in headers.items():
         if header["vocab_size"] != vocab:
             raise ValueError(f"{folder / name}: vocabulary {header['vocab_size']}, {META_FILE} says {vocab}")

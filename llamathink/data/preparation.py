@@ -46,6 +46,7 @@ from .shards import (
     TOKEN_DTYPE,
     _atomic_write_json,
     _shard_name,
+    read_shard_header,
     write_shard,
 )
 
@@ -779,6 +780,28 @@ def _shard_token_ids(tok, tok_name: str) -> tuple[int, int, int]:
     return vocab_size, bos_id, eos_id
 
 
+def _check_resumable(out: Path, state: dict) -> None:
+    """Refuse (ValueError naming the shard and saying --overwrite) to continue a preparation that is not complete
+    when a shard it wrote is missing or altered: the continued output would silently lack or mangle its tokens."""
+    if state.get("complete"):
+        return
+    written = list(state.get("train_shards") or []) + ([state["val"]] if state.get("val") else [])
+    for entry in written:
+        path = out / entry["file"]
+        try:
+            tokens = read_shard_header(path)["num_tokens"]
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"{path}: written by the interrupted preparation, now unreadable ({err}); it cannot be continued: "
+                "rerun with --overwrite"
+            ) from None
+        if tokens != entry["tokens"]:
+            raise ValueError(
+                f"{path}: holds {tokens} tokens, the interrupted preparation wrote {entry['tokens']}; it cannot be "
+                "continued: rerun with --overwrite"
+            )
+
+
 def _start_or_resume(out: Path, config: dict, val_docs: int, overwrite: bool) -> dict:
     """The progress state (``progress.json``) of a preparation ``config`` in ``out``.
 
@@ -800,6 +823,7 @@ def _start_or_resume(out: Path, config: dict, val_docs: int, overwrite: bool) ->
         if "max_doc_chars" not in saved:  # written before long documents were cut: they were tokenized whole
             saved["max_doc_chars"] = config["max_doc_chars"] if state.get("complete") else None
         if not overwrite and saved == config:
+            _check_resumable(out, state)
             return state
         if not overwrite:
             diff = sorted(k for k in set(config) | set(saved) if config.get(k) != saved.get(k))

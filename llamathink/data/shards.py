@@ -218,6 +218,35 @@ def find_shards(data_dir: str | os.PathLike, split: str = "train") -> list[Path]
     return shards
 
 
+def check_shards_against_meta(data_dir: str | os.PathLike, meta: dict) -> dict[str, dict]:
+    """The headers ({file name: read_shard_header}) of the shards in ``data_dir``, after checking them against its
+    ``meta`` (:func:`load_meta`): every shard meta.json lists exists with the token count it lists, and no shard
+    is there that it does not list. ``FileNotFoundError`` / ``ValueError`` naming the shard otherwise (a folder
+    whose shards were deleted, truncated or added by hand would train on other data than it says). Reads headers
+    only; ``python -m llamathink.data inspect`` also reads every token."""
+    folder = Path(data_dir)
+    headers = {p.name: read_shard_header(p) for p in sorted(folder.glob("*.bin")) if _SHARD_RE.match(p.name)}
+    listed = set()
+    for split in ("train", "val"):
+        for entry in (meta.get(split) or {}).get("shards", []):
+            name = entry.get("file") if isinstance(entry, dict) else None
+            listed.add(name)
+            if name not in headers:
+                raise FileNotFoundError(f"{folder / str(name)}: listed in {META_FILE} ({split}) but missing")
+            if headers[name]["num_tokens"] != entry.get("tokens"):
+                raise ValueError(
+                    f"{folder / name}: {headers[name]['num_tokens']} tokens, {META_FILE} says {entry.get('tokens')}"
+                )
+    if any(isinstance(meta.get(split), dict) and "shards" in meta[split] for split in ("train", "val")):
+        unlisted = sorted(set(headers) - listed)
+        if unlisted:
+            raise ValueError(
+                f"{folder}: {', '.join(unlisted)} not listed in {META_FILE}: the folder holds shards of another "
+                "preparation (prepare it again with --overwrite, or remove them)"
+            )
+    return headers
+
+
 def load_meta(data_dir: str | os.PathLike) -> dict:
     """The ``meta.json`` written by :func:`~llamathink.data.prepare`: a JSON object with an integer
     ``vocab_size``.  Raises ``FileNotFoundError`` when it is missing and ``ValueError`` naming the file when it is

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import shutil
 import socket
 import time
 import uuid
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -245,14 +247,20 @@ def own_out_dir(out_dir: str | Path, is_main: bool = True):
         os.close(fd)  # releases the lock; the file stays (removing it would race with a waiting run)
 
 
+# what a finished run leaves in out_dir besides its checkpoints (the settings files are rewritten by every start)
+RUN_OUTPUTS = ("final", "history.json")
+
+
 def claim_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str | None, is_main: bool = True) -> str:
     """This run's id (the resumed checkpoint's run id, else a new uuid4 hex) after checking that out_dir's
     checkpoints may be mixed with this run's.
 
     A fresh run (`resume: none`, or `resume: auto` with nothing to resume), or a run resumed from a checkpoint
     outside this out_dir, must not share out_dir with another run's checkpoints: later rotation and `resume: auto`
-    would mix the runs. It raises OutDirInUse listing them, unless `overwrite: true`, which deletes them. A run
-    resumed from this out_dir's own checkpoints leaves other runs' checkpoints untouched."""
+    would mix the runs. It raises OutDirInUse listing them, unless `overwrite: true`, which deletes them. Such a
+    run also must not replace another run's finished model (`final/`) or `history.json` (RUN_OUTPUTS): OutDirInUse
+    unless `overwrite: true` (they are then replaced when this run writes its own). A run resumed from this
+    out_dir's own checkpoints leaves other runs' checkpoints untouched."""
     run_id = run_id or uuid.uuid4().hex
     if not is_main:
         return run_id
@@ -260,14 +268,20 @@ def claim_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str | No
     if inside:
         return run_id
     foreign = [p for p in list_checkpoints(cfg.out_dir) if _run_id_or_none(p) != run_id]
-    if not foreign:
-        return run_id
     names = ", ".join(p.name for p in foreign)
-    if not cfg.overwrite:
+    if foreign and not cfg.overwrite:
         raise OutDirInUse(
             f"out_dir {cfg.out_dir} holds checkpoints of another run ({names}); resume it with "
             "resume: auto, use another out_dir, or set overwrite: true to delete them"
         )
+    finished = [name for name in RUN_OUTPUTS if (Path(cfg.out_dir) / name).exists()]
+    if finished and not cfg.overwrite:  # a finished model and its record are replaced only when asked
+        raise OutDirInUse(
+            f"out_dir {cfg.out_dir} holds another run's {' and '.join(finished)}, which this run would replace; use "
+            "another out_dir, or set overwrite: true to replace them when this run writes its own"
+        )
+    if not foreign:
+        return run_id
     for path in foreign:
         remove_checkpoint(path)
     print(f"overwrite: deleted the earlier run's checkpoints in {checkpoint_dir(cfg.out_dir)} ({names})")
@@ -457,10 +471,21 @@ def _legacy_numpy_globals() -> list:
 def load_checkpoint(path: str | Path) -> dict:
     """The contents of `<path>/state.pt`, loaded with torch.load(weights_only=True): tensors, numbers, strings and
     containers only (plus NumPy arrays of plain dtypes, for checkpoints of format 1). A file that holds any other
-    Python object (which could run code when unpickled) is refused with CheckpointError, as is a corrupt one."""
+    Python object (which could run code when unpickled) is refused with CheckpointError, as is a corrupt one (the
+    archive's CRCs are checked first)."""
     import pickle
 
     file = Path(path) / STATE_FILE
+    try:  # torch.load does not check the archive's CRCs: a flipped byte inside a tensor would load as a weight
+        with zipfile.ZipFile(file) as archive:
+            damaged = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError):
+        damaged = None  # not a readable zip archive: torch.load below says what it is
+    if damaged is not None:
+        raise CheckpointError(
+            f"cannot load checkpoint {file}: it is damaged ({damaged} inside it fails its CRC check); resume from "
+            "an earlier checkpoint (resume: <its folder>) or delete this one"
+        )
     try:
         with torch.serialization.safe_globals(_legacy_numpy_globals()):
             state = torch.load(file, map_location="cpu", weights_only=True)
@@ -558,6 +583,54 @@ RESUME_APPLIED = (
     "eval_at_start",
 )
 _NOT_COMPARED = ("resume", "overwrite")
+
+# Settings that name files or folders: a resumed run must find their contents as the run found them at its start
+# (the names alone are compared by `compare_resume_settings`; an edited model config would change the architecture,
+# an edited data file the examples, silently).
+INPUT_SETTINGS = ("model_config", "init_from", "tokenizer", "data_dir", "data", "eval_data")
+_CONTENT_LIMIT = 1 << 20  # files of a folder up to this size are read; larger ones (data shards, weights) go by size
+
+
+def input_fingerprints(cfg) -> dict[str, str]:
+    """{setting: sha256 hex} for each of INPUT_SETTINGS that names a local file or folder (Hub ids and built-in
+    names are left out). A file: its bytes. A folder: every file's relative name and size, and the bytes of those
+    up to 1 MiB (config.json, meta.json, tokenizer files), so a folder of GBs of shards is stat-ed, not read."""
+    out = {}
+    for name in INPUT_SETTINGS:
+        value = getattr(cfg, name, None)
+        if isinstance(value, str) and value and os.path.exists(value):
+            out[name] = _fingerprint(Path(value))
+    return out
+
+
+def _fingerprint(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path) if file != path else ''}\0{size}\0".encode("utf-8", "surrogateescape"))
+        if file == path or size <= _CONTENT_LIMIT:
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def check_inputs_unchanged(saved: dict | None, cfg, where: str) -> None:
+    """Raise ResumeSettingsError naming each of `saved`'s inputs ({setting: fingerprint}, from the run's start)
+    whose file or folder now holds other contents."""
+    if not saved:
+        return
+    current = input_fingerprints(cfg)
+    changed = [
+        f"{name} {getattr(cfg, name)}" for name, value in saved.items() if name in current and current[name] != value
+    ]
+    if changed:
+        raise ResumeSettingsError(
+            f"cannot resume from {where}: the contents of {', '.join(changed)} changed since the run started (a "
+            "resumed run must read the same model config, tokenizer and data). Restore them, or start a new run "
+            "(another out_dir, or resume: none with overwrite: true)."
+        )
 
 
 def _json_value(value):
@@ -660,6 +733,7 @@ def restore_checkpoint(
     if cfg is not None:
         saved = meta.get("config") or state.get("config")
         changes = compare_resume_settings(saved, cfg, _saved_world_size(state, meta), world_size, where=str(path))
+        check_inputs_unchanged(state.get("input_fingerprints"), cfg, where=str(path))
     fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     part = "model"
     try:  # a checkpoint of another model shape, optimizer recipe or data must say so, naming the part and folder

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from .checkpoint import (
     checkpoint_dir,
     checkpoint_meta,
     claim_checkpoints,
+    input_fingerprints,
+    list_checkpoints,
     resolve_resume,
     restore_checkpoint,
     save_checkpoint,
@@ -168,10 +171,24 @@ def save_final(
     from ..tokenizer_utils import save_tokenizer_for_model
 
     final_dir = Path(final_dir)
-    model.save_pretrained(final_dir, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer = save_tokenizer_for_model(tokenizer, final_dir, model.config.max_position_embeddings)
-    write_model_card(final_dir, model, cfg, history=history, tokens_seen=tokens_seen, tokenizer=tokenizer)
+    # written next to its place and renamed: a failure (full disk, Ctrl-C) leaves the earlier folder, if any, whole
+    tmp, old = final_dir.with_name(f".{final_dir.name}.tmp"), final_dir.with_name(f".{final_dir.name}.old")
+    for path in (tmp, old):
+        shutil.rmtree(path, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer = save_tokenizer_for_model(tokenizer, tmp, model.config.max_position_embeddings)
+        write_model_card(tmp, model, cfg, history=history, tokens_seen=tokens_seen, tokenizer=tokenizer)
+        if final_dir.exists():
+            os.replace(final_dir, old)
+        os.replace(tmp, final_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final_dir.exists():
+            os.replace(old, final_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     if cfg.push_to_hub:
         # push_to_hub of the model would write transformers' generic card over ours; upload the folder instead
         import huggingface_hub
@@ -350,6 +367,8 @@ def run_training(
         accelerator.print(f"resumed from {resume_from} at step {start_step} (run {run_id})")
     else:
         torch.manual_seed(cfg.seed)
+    # what the run's input files held at its start, kept in every checkpoint (`check_inputs_unchanged`)
+    fingerprints = (state.get("input_fingerprints") if resume_from is not None else None) or input_fingerprints(cfg)
     if is_main:  # only once a resume is accepted: a refused one must not replace the run's record of its settings
         (out_dir / settings_file).write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
@@ -516,6 +535,7 @@ def run_training(
                     "wandb_run_id": run.id if run is not None else wandb_id,
                     "run_id": run_id,
                     "overflow_steps": counters.overflows,
+                    "input_fingerprints": fingerprints,
                 }
                 for name, count in (("tokens_seen", tokens_seen), ("trained_tokens", trained_tokens)):
                     if count is not None:  # an unknown count stays unknown in later checkpoints too
@@ -589,7 +609,14 @@ def command_main(argv: list[str] | None, *, prog: str, settings: type, run: Call
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        where = f"; the last checkpoint in {checkpoint_dir(out_dir)} is intact" if out_dir else ""
+        where = ""
+        if out_dir:
+            saved = list_checkpoints(out_dir)
+            where = (
+                f"; the last checkpoint in {checkpoint_dir(out_dir)} is intact"
+                if saved
+                else "; no checkpoint had been written yet"
+            )
         print(f"{prog}: interrupted{where}", file=sys.stderr)
         return 130
     finally:

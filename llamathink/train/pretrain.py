@@ -20,7 +20,15 @@ import torch
 from transformers import PretrainedConfig
 
 from ..configuration_llamathink import LlamaThinkConfig
-from ..data import TokenBatchLoader, check_vocab, document_position_ids, find_shards, load_meta, val_batches
+from ..data import (
+    TokenBatchLoader,
+    check_shards_against_meta,
+    check_vocab,
+    document_position_ids,
+    find_shards,
+    load_meta,
+    val_batches,
+)
 from ..modeling_llamathink import LlamaThinkForCausalLM, flops_per_token
 from .checkpoint import load_saved_model, own_out_dir
 from .config import RunConfig
@@ -218,6 +226,7 @@ def train(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, accelerator) -> dict:
     resume_from, run_id = begin_run(cfg, accelerator.is_main_process)
     meta = load_meta(cfg.data_dir)
+    check_shards_against_meta(cfg.data_dir, meta)  # a shard deleted, truncated or added since `prepare`
     try:
         has_val = bool(find_shards(cfg.data_dir, "val"))
     except FileNotFoundError:
