@@ -831,6 +831,14 @@ def test_a_fresh_run_refuses_to_replace_another_runs_finished_model(sample_data,
     pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=2, resume="none", seed=4, overwrite=True))
     assert (out / "final" / "model.safetensors").read_bytes() != weights
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".final")) == []
+    # the same run resumed from a copy of one of its checkpoints kept elsewhere is its own: not refused
+    pretrain.train(
+        _cfg(sample_data, model_json, out, max_steps=4, save_every=2, seed=4, overwrite=True, stop_at_step=2)
+    )
+    backup = tmp_path / "backup" / "step_00000002"
+    shutil.copytree(out / "checkpoints" / "step_00000002", backup)
+    resumed = pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, seed=4, resume=str(backup)))
+    assert sorted(resumed["losses"]) == [1, 2, 3, 4]
 
 
 def test_a_failed_final_save_leaves_the_earlier_final_folder_whole(sample_data, model_json, tmp_path, monkeypatch):  # noqa: F811
@@ -849,6 +857,11 @@ def test_a_failed_final_save_leaves_the_earlier_final_folder_whole(sample_data, 
         loop.save_final(model, None, final, cfg)
     assert {p.name: p.read_bytes() for p in final.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # no temporary folder left
+    # killed between moving the earlier folder aside and renaming the new one in: the next save puts it back first
+    final.rename(tmp_path / ".final.old")
+    with pytest.raises(OSError, match="No space left"):
+        loop.save_final(model, None, final, cfg)
+    assert {p.name: p.read_bytes() for p in final.iterdir()} == before
 
 
 def test_a_checkpoint_with_a_damaged_tensor_is_refused(model_json, tmp_path):  # noqa: F811
@@ -874,3 +887,23 @@ def test_ctrl_c_before_the_first_checkpoint_says_none_was_written(tmp_path, caps
     )
     assert status == 130
     assert "no checkpoint had been written yet" in capsys.readouterr().err
+
+
+def test_input_fingerprints_cover_the_fixed_inputs_by_content_and_leave_renames_to_the_settings_check(tmp_path):
+    from types import SimpleNamespace
+
+    config, evals = tmp_path / "model.json", tmp_path / "eval.jsonl"
+    config.write_text('{"hidden_size": 64}')
+    evals.write_text("{}\n")
+    cfg = SimpleNamespace(model_config=str(config), tokenizer="builtin", data="sample", eval_data=str(evals))
+    saved = ckpt.input_fingerprints(cfg)
+    assert set(saved) == {"model_config"}  # eval_data may change on resume; names that are no local path skipped
+    settings = {"model_config": str(config)}
+    ckpt.check_inputs_unchanged(saved, cfg, "ck", settings)
+    config.write_text('{"hidden_size": 65}')
+    with pytest.raises(ckpt.ResumeSettingsError, match=rf"the contents of model_config {config} changed"):
+        ckpt.check_inputs_unchanged(saved, cfg, "ck", settings)
+    other = tmp_path / "other.json"
+    other.write_text("{}")
+    cfg.model_config = str(other)  # another name: compare_resume_settings names that change, not this check
+    ckpt.check_inputs_unchanged(saved, cfg, "ck", settings)

@@ -1265,6 +1265,9 @@ def test_training_and_a_continued_preparation_refuse_shards_changed_since_prepar
     with pytest.raises(ValueError, match="train_000999.bin not listed in meta.json"):
         check_shards_against_meta(out, meta)
     extra.unlink()
+    for broken in ({**meta, "train": [1]}, {**meta, "train": {"shards": None}}, {**meta, "val": {"shards": ["x"]}}):
+        with pytest.raises(ValueError, match=r"meta.json: its '(train|val)' entry is not"):
+            check_shards_against_meta(out, broken)
     # a stopped preparation: its second shard deleted, or cut, before the rerun
     for damage in ("delete", "truncate"):
         part = tmp_path / f"part_{damage}"

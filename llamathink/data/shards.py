@@ -228,8 +228,15 @@ def check_shards_against_meta(data_dir: str | os.PathLike, meta: dict) -> dict[s
     headers = {p.name: read_shard_header(p) for p in sorted(folder.glob("*.bin")) if _SHARD_RE.match(p.name)}
     listed = set()
     for split in ("train", "val"):
-        for entry in (meta.get(split) or {}).get("shards", []):
-            name = entry.get("file") if isinstance(entry, dict) else None
+        part = meta.get(split) or {}
+        entries = part.get("shards", []) if isinstance(part, dict) else None
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ValueError(
+                f'{folder / META_FILE}: its {split!r} entry is not {{"shards": [{{"file", "tokens"}}, ...]}}; '
+                f"prepare {folder} again"
+            )
+        for entry in entries:
+            name = entry.get("file")
             listed.add(name)
             if name not in headers:
                 raise FileNotFoundError(f"{folder / str(name)}: listed in {META_FILE} ({split}) but missing")
@@ -237,7 +244,7 @@ def check_shards_against_meta(data_dir: str | os.PathLike, meta: dict) -> dict[s
                 raise ValueError(
                     f"{folder / name}: {headers[name]['num_tokens']} tokens, {META_FILE} says {entry.get('tokens')}"
                 )
-    if any(isinstance(meta.get(split), dict) and "shards" in meta[split] for split in ("train", "val")):
+    if any(meta.get(split) for split in ("train", "val")):
         unlisted = sorted(set(headers) - listed)
         if unlisted:
             raise ValueError(

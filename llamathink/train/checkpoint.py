@@ -275,6 +275,8 @@ def claim_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str | No
             "resume: auto, use another out_dir, or set overwrite: true to delete them"
         )
     finished = [name for name in RUN_OUTPUTS if (Path(cfg.out_dir) / name).exists()]
+    if finished and _history_run_id(cfg.out_dir) == run_id:
+        finished = []  # this run's own (resumed from a copy of one of its checkpoints kept elsewhere)
     if finished and not cfg.overwrite:  # a finished model and its record are replaced only when asked
         raise OutDirInUse(
             f"out_dir {cfg.out_dir} holds another run's {' and '.join(finished)}, which this run would replace; use "
@@ -286,6 +288,16 @@ def claim_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str | No
         remove_checkpoint(path)
     print(f"overwrite: deleted the earlier run's checkpoints in {checkpoint_dir(cfg.out_dir)} ({names})")
     return run_id
+
+
+def _history_run_id(out_dir) -> str | None:
+    """The run id in out_dir's history.json (written by `run_training` since the ids were recorded), else None."""
+    try:
+        with open(Path(out_dir) / "history.json", encoding="utf-8") as f:
+            history = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return history.get("run_id") if isinstance(history, dict) else None
 
 
 def _run_id_or_none(path: Path) -> str | None:
@@ -405,6 +417,7 @@ def save_checkpoint(
         "saved_at": time.time(),
         "world_size": world_size,
         "config": json.loads(json.dumps(extra.get("config"), default=str)),
+        "input_fingerprints": extra.get("input_fingerprints"),
     }
     try:
         for path in (tmp, old):
@@ -587,14 +600,16 @@ _NOT_COMPARED = ("resume", "overwrite")
 # Settings that name files or folders: a resumed run must find their contents as the run found them at its start
 # (the names alone are compared by `compare_resume_settings`; an edited model config would change the architecture,
 # an edited data file the examples, silently).
-INPUT_SETTINGS = ("model_config", "init_from", "tokenizer", "data_dir", "data", "eval_data")
-_CONTENT_LIMIT = 1 << 20  # files of a folder up to this size are read; larger ones (data shards, weights) go by size
+# (Settings that may change on resume, such as eval_data, are not fingerprinted.)
+INPUT_SETTINGS = ("model_config", "init_from", "tokenizer", "data_dir", "data")
+# files of a folder up to this size are read (configs, tokenizers); larger ones (data shards, weights) go by size
+_CONTENT_LIMIT = 64 << 20
 
 
 def input_fingerprints(cfg) -> dict[str, str]:
     """{setting: sha256 hex} for each of INPUT_SETTINGS that names a local file or folder (Hub ids and built-in
     names are left out). A file: its bytes. A folder: every file's relative name and size, and the bytes of those
-    up to 1 MiB (config.json, meta.json, tokenizer files), so a folder of GBs of shards is stat-ed, not read."""
+    up to 64 MiB (config.json, meta.json, tokenizer files), so a folder of GBs of shards is stat-ed, not read."""
     out = {}
     for name in INPUT_SETTINGS:
         value = getattr(cfg, name, None)
@@ -616,14 +631,18 @@ def _fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_inputs_unchanged(saved: dict | None, cfg, where: str) -> None:
+def check_inputs_unchanged(saved: dict | None, cfg, where: str, saved_settings: dict | None = None) -> None:
     """Raise ResumeSettingsError naming each of `saved`'s inputs ({setting: fingerprint}, from the run's start)
-    whose file or folder now holds other contents."""
-    if not saved:
+    whose file or folder, under the name it had in `saved_settings` (the run's saved settings), now holds other
+    contents (a renamed input is `compare_resume_settings`' business)."""
+    if not isinstance(saved, dict) or not saved:
         return
+    same = {name for name in saved if saved_settings is None or saved_settings.get(name) == getattr(cfg, name, None)}
     current = input_fingerprints(cfg)
     changed = [
-        f"{name} {getattr(cfg, name)}" for name, value in saved.items() if name in current and current[name] != value
+        f"{name} {getattr(cfg, name)}"
+        for name, value in saved.items()
+        if name in same and name in current and current[name] != value
     ]
     if changed:
         raise ResumeSettingsError(
@@ -733,7 +752,6 @@ def restore_checkpoint(
     if cfg is not None:
         saved = meta.get("config") or state.get("config")
         changes = compare_resume_settings(saved, cfg, _saved_world_size(state, meta), world_size, where=str(path))
-        check_inputs_unchanged(state.get("input_fingerprints"), cfg, where=str(path))
     fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     part = "model"
     try:  # a checkpoint of another model shape, optimizer recipe or data must say so, naming the part and folder

@@ -30,6 +30,7 @@ from .checkpoint import (
     CheckpointError,
     OutDirInUse,
     ResumeSettingsError,
+    check_inputs_unchanged,
     checkpoint_dir,
     checkpoint_meta,
     claim_checkpoints,
@@ -170,9 +171,11 @@ def save_final(
     from ..model_card import write_model_card
     from ..tokenizer_utils import save_tokenizer_for_model
 
-    final_dir = Path(final_dir)
+    final_dir = Path(final_dir).resolve()
     # written next to its place and renamed: a failure (full disk, Ctrl-C) leaves the earlier folder, if any, whole
     tmp, old = final_dir.with_name(f".{final_dir.name}.tmp"), final_dir.with_name(f".{final_dir.name}.old")
+    if old.exists() and not final_dir.exists():  # killed between the two renames below: the earlier folder back
+        os.replace(old, final_dir)
     for path in (tmp, old):
         shutil.rmtree(path, ignore_errors=True)
     try:
@@ -270,12 +273,14 @@ def begin_run(cfg: RunConfig, is_main: bool = True) -> tuple[Path | None, str]:
     """(the checkpoint to resume or None, this run's id), checked before any data or model is loaded: a resume that
     cannot work, an out_dir holding another run's checkpoints, or a `push_to_hub` the Hub will not take, fails in
     seconds rather than after the data is read or the model trained (`resolve_resume`, `claim_checkpoints`,
-    `check_hub_access`)."""
+    `check_hub_access`, `check_inputs_unchanged`)."""
     if is_main:
         check_hub_access(cfg)
     resume_from = resolve_resume(cfg)
-    saved_run_id = checkpoint_meta(resume_from)["run_id"] if resume_from is not None else None
-    return resume_from, claim_checkpoints(cfg, resume_from, saved_run_id, is_main)
+    meta = checkpoint_meta(resume_from) if resume_from is not None else {}
+    if is_main and resume_from is not None:  # inputs edited in place since the run started
+        check_inputs_unchanged(meta.get("input_fingerprints"), cfg, str(resume_from), meta.get("config"))
+    return resume_from, claim_checkpoints(cfg, resume_from, meta.get("run_id"), is_main)
 
 
 # Batch keys the loop passes to the model when a batch has them (a loader may add others, e.g. the attention_mask of
@@ -367,8 +372,14 @@ def run_training(
         accelerator.print(f"resumed from {resume_from} at step {start_step} (run {run_id})")
     else:
         torch.manual_seed(cfg.seed)
-    # what the run's input files held at its start, kept in every checkpoint (`check_inputs_unchanged`)
-    fingerprints = (state.get("input_fingerprints") if resume_from is not None else None) or input_fingerprints(cfg)
+    # what the run's input files held at its start, kept in every checkpoint (`check_inputs_unchanged`); the main
+    # process alone reads them (it alone saves)
+    fingerprints = None
+    if is_main and resume_from is not None:
+        fingerprints = state.get("input_fingerprints")
+    if is_main and fingerprints is None:
+        fingerprints = input_fingerprints(cfg)
+    history["run_id"] = run_id  # history.json says whose it is (`claim_checkpoints`)
     if is_main:  # only once a resume is accepted: a refused one must not replace the run's record of its settings
         (out_dir / settings_file).write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
