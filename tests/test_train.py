@@ -3,12 +3,14 @@ checkpoints under SIGKILL, non-finite losses, vocabulary checks, and a 2-process
 
 import json
 import math
-import re
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -954,3 +956,19 @@ def test_a_data_folder_whose_recorded_tokenizer_is_not_here_names_meta_json_and_
     assert not ckpt.list_checkpoints(tmp_path / "out")
     history = pretrain.train(_cfg(moved, model_json, tmp_path / "out2", max_steps=2, tokenizer="builtin"))
     assert len(history["losses"]) == 2
+
+
+def test_a_tokenizer_other_than_the_datas_is_named_in_a_warning(sample_data, model_json, tmp_path, capsys):  # noqa: F811
+    """meta.json records the fingerprint of the tokenizer that made the shards; training with another one (an
+    edited local tokenizer, say) would sample and save a tokenizer that does not match the data: a warning says so."""
+    meta = json.loads((Path(sample_data) / "meta.json").read_text())
+    assert meta["tokenizer_sha256"]
+    pretrain.train(
+        _cfg(sample_data, model_json, tmp_path / "a", max_steps=1, save_every=1, eval_every=1, warmup_steps=0)
+    )
+    assert "is not the one" not in capsys.readouterr().out
+    data = tmp_path / "data"
+    shutil.copytree(sample_data, data)
+    (data / "meta.json").write_text(json.dumps({**meta, "tokenizer_sha256": "0" * 64}))
+    pretrain.train(_cfg(data, model_json, tmp_path / "b", max_steps=1, save_every=1, eval_every=1, warmup_steps=0))
+    assert "is not the one" in capsys.readouterr().out

@@ -11,6 +11,7 @@ over the first `eval_batches` validation batches), samples (greedy continuations
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -249,6 +250,15 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
                 f"loaded here ({err}); pass --tokenizer with the same tokenizer (the shards hold its token ids)"
             ) from None
 
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    recorded = meta.get("tokenizer_sha256")
+    if backend is not None and recorded and hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest() != recorded:
+        # (a warning, not an error: another `tokenizers` version may serialise the same tokenizer otherwise)
+        accelerator.print(
+            f"warning: the tokenizer {tokenizer_name!r} is not the one {Path(cfg.data_dir) / 'meta.json'} says "
+            "the shards were made with (its fingerprint differs): if it was edited or replaced, the samples and "
+            "the tokenizer saved with the model will not match the data"
+        )
     model = build_model(cfg)
     check_vocab(int(meta["vocab_size"]), model.config.vocab_size)
     check_special_tokens(meta, model.config, cfg.data_dir)
