@@ -1279,3 +1279,25 @@ def test_training_and_a_continued_preparation_refuse_shards_changed_since_prepar
             shard.write_bytes(shard.read_bytes()[: len(data) // 2])
         with pytest.raises(ValueError, match=r"train_000001\.bin: .*cannot be continued: rerun with --overwrite"):
             prepare(LocalSource([str(src)]), part, small_tok, **kw)
+
+
+def test_a_continued_preparation_refuses_an_input_edited_before_the_documents_it_wrote(tmp_path, small_tok, docs):
+    """Lines added at the front of the input would shift every document: the continued shards would repeat some
+    and lose others. The documents already written are checked by digest while they are read past; an input
+    extended at the end continues, exactly as a run over the extended input from the start."""
+    kw = {"shard_tokens": 300, "val_docs": 3, "num_workers": 1, "batch_docs": 2, "progress": False}
+    src = tmp_path / "d.jsonl"
+    src.write_bytes(_jsonl_bytes(docs[:40]))
+    prepare(LocalSource([str(src)]), tmp_path / "out", small_tok, stop_after_shards=3, **kw)
+    assert json.loads((tmp_path / "out" / "progress.json").read_text())["docs_sha256"]
+    src.write_bytes(_jsonl_bytes(docs[40:45] + docs[:40]))
+    with pytest.raises(ValueError, match=r"the first \d+ documents of the input are not those .* --overwrite"):
+        prepare(LocalSource([str(src)]), tmp_path / "out", small_tok, **kw)
+    src.write_bytes(_jsonl_bytes(docs[:45]))  # extended at the end: continues
+    prepare(LocalSource([str(src)]), tmp_path / "out", small_tok, **kw)
+    ref = tmp_path / "ref.jsonl"
+    ref.write_bytes(_jsonl_bytes(docs[:45]))
+    prepare(LocalSource([str(ref)]), tmp_path / "ref", small_tok, **kw)
+    got, want = read_dir(tmp_path / "out"), read_dir(tmp_path / "ref")
+    shards = sorted(n for n in want if n.endswith(".bin"))
+    assert sorted(n for n in got if n.endswith(".bin")) == shards and all(got[n] == want[n] for n in shards)

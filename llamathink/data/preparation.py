@@ -689,6 +689,34 @@ def _batched(pieces: Iterable[Piece], n: int, max_chars: int | None) -> Iterator
         yield group
 
 
+class DocumentDigests:
+    """Running SHA-256 of the source's documents in order: `at[n]` is the digest of the first n documents' text.
+    A preparation records the digest of the documents its written shards hold (`progress.json` "docs_sha256"); a
+    rerun that continues it recomputes the digest while it reads past them, and refuses an input whose first
+    documents changed (lines added at the front would otherwise shift every document: duplicates and losses). An
+    edit after those documents, such as fixing the bad record that stopped a run, continues as before."""
+
+    def __init__(self):
+        self.hash = hashlib.sha256()
+        self.count = 0
+        self.at = {0: self.hash.hexdigest()}
+
+    def wrap(self, pieces: Iterable[Piece]) -> Iterator[Piece]:
+        for piece in pieces:
+            self.hash.update(piece.text.encode("utf-8", "surrogatepass"))
+            if piece.last:
+                self.hash.update(b"\0")  # document boundaries count
+                self.count += 1
+                self.at[self.count] = self.hash.hexdigest()
+            yield piece
+
+    def take(self, n: int) -> str | None:
+        """The digest of the first `n` documents, forgetting those of fewer (the writer only moves forward)."""
+        for k in [k for k in list(self.at) if k < n]:  # (a snapshot: the reader may run ahead in another thread)
+            self.at.pop(k, None)
+        return self.at.get(n)
+
+
 def _skip_docs(pieces: Iterator[Piece], n: int) -> int:
     """Consume the pieces of the next ``n`` documents; return how many documents
     were there."""
@@ -855,17 +883,31 @@ def _start_or_resume(out: Path, config: dict, val_docs: int, overwrite: bool) ->
 
 
 def _remaining_pieces(
-    source, done: int, max_docs: int | None, max_doc_chars: int | None, bad: BadRecords
+    source,
+    done: int,
+    max_docs: int | None,
+    max_doc_chars: int | None,
+    bad: BadRecords,
+    digests: DocumentDigests | None = None,
+    expected: str | None = None,
 ) -> Iterator[Piece]:
     """The pieces of the documents of ``source`` after its first ``done`` ones (which earlier runs wrote), up to
-    ``max_docs`` documents counted from the source's start.  The ``done`` documents are read past now: raises
-    ``ValueError`` when the source no longer has that many."""
+    ``max_docs`` documents counted from the source's start, each seen by ``digests``.  The ``done`` documents are
+    read past now: raises ``ValueError`` when the source no longer has that many, or when their digest is not
+    ``expected`` (the earlier run's; None: not recorded)."""
     pieces = iter(_source_pieces(source, max_doc_chars, bad))
+    if digests is not None:
+        pieces = digests.wrap(pieces)
     if done:
         skipped = _skip_docs(pieces, done)
         if skipped < done:
             raise ValueError(
                 f"source now has only {skipped} documents but {done} were already processed; has the input changed?"
+            )
+        if digests is not None and expected is not None and digests.take(done) != expected:
+            raise ValueError(
+                f"the first {done} documents of the input are not those the interrupted preparation wrote (was the "
+                "input edited before them?); continuing would mix two versions of it: rerun with --overwrite"
             )
     limit = None if max_docs is None else max(0, max_docs - done)
     return _limit_docs(pieces, limit)
@@ -936,8 +978,9 @@ class ShardWriter:
         bos_id: int,
         eos_id: int,
         max_new_shards: int | None = None,
+        digests: DocumentDigests | None = None,
     ):
-        self.out, self.state = out, state
+        self.out, self.state, self.digests = out, state, digests
         self.shard_tokens, self.val_docs, self.max_new_shards = shard_tokens, val_docs, max_new_shards
         self.vocab_size, self.bos_id, self.eos_id = vocab_size, bos_id, eos_id
         self.start = self.doc_index = state["docs_done"]  # documents of the source before the current one
@@ -950,7 +993,9 @@ class ShardWriter:
         self.train_tokens = sum(s["tokens"] for s in state["train_shards"])  # tokens in the written train shards
 
     def save(self) -> None:
-        """Write ``progress.json`` (the state) atomically."""
+        """Write ``progress.json`` (the state) atomically, with the digest of the documents it counts as done."""
+        if self.digests is not None:
+            self.state["docs_sha256"] = self.digests.take(self.state["docs_done"])
         _atomic_write_json(self.out / PROGRESS_FILE, self.state)
 
     def add(self, toks: np.ndarray, doc_last: bool) -> bool:
@@ -1187,12 +1232,16 @@ def prepare(
 
     num_workers = (os.cpu_count() or 1) if num_workers is None else int(num_workers)
     bad = BadRecords(skip_bad_records)
+    digests = DocumentDigests()
     batches = _batched(
-        _remaining_pieces(source, state["docs_done"], max_docs, max_doc_chars, bad), batch_docs, max_doc_chars
+        _remaining_pieces(source, state["docs_done"], max_docs, max_doc_chars, bad, digests, state.get("docs_sha256")),
+        batch_docs,
+        max_doc_chars,
     )
     writer = ShardWriter(
         out,
         state,
+        digests=digests,
         shard_tokens=shard_tokens,
         val_docs=val_docs,
         vocab_size=vocab_size,
