@@ -99,9 +99,19 @@ class ChatSession:
         self.settings = settings or GenerationSettings()
         window = getattr(model.config, "max_position_embeddings", None)
         if max_context is not None and window is not None and max_context > window:  # history would never be cut
-            raise ValueError(f"max_context={max_context} exceeds the model's context window ({window} positions)")
+            raise ValueError(
+                f"--max-context: max_context={max_context} exceeds the model's context window ({window} positions)"
+            )
         self.max_context = int(max_context or window or 2048)
         self.notices = notices
+        if system:  # refused once here, not as "the message is too long" at every turn
+            taken = len(prompt_ids(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": ""}]))
+            if taken > self.max_context - self.reserve:
+                raise ValueError(
+                    f"the system prompt takes {taken} tokens with the chat template; the context window holds "
+                    f"{self.max_context}, {self.reserve} of them kept for the reply: shorten it (or lower "
+                    "--max-new-tokens)"
+                )
         self.messages: list[dict] = []
         self.reset()
 
@@ -327,8 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         session = ChatSession(
             model, tokenizer, system=args.system, settings=settings, max_context=args.max_context, notices=sys.stderr
         )
-    except ValueError as err:  # --max-context beyond the model's window
-        print(f"llamathink-chat: error: --max-context: {err}", file=sys.stderr)
+    except ValueError as err:  # --max-context beyond the model's window, a --system prompt that cannot fit
+        print(f"llamathink-chat: error: {err}", file=sys.stderr)
         return 2
     if args.prompt is None:
         return run_interactive(session)

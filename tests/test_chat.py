@@ -658,6 +658,12 @@ def test_chat_main_interactive_reads_stdin_until_eof(finetuned, monkeypatch, cap
     # a window beyond the model's would keep history the model cannot read: refused, not accepted
     assert chat_main([str(final), "-p", "hi", "--max-context", "100000"]) == 2
     assert "--max-context: max_context=100000 exceeds the model's context window" in capsys.readouterr().err
+    # a system prompt that cannot fit is refused once, at the start, as itself (not "the message is too long")
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi!\nHi again!\n"))
+    long_system = " ".join(["word"] * 400)
+    assert chat_main([str(final), "--system", long_system, "--max-context", "128", "--max-new-tokens", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error") == 1 and "the system prompt takes" in err and "context window holds 128" in err, err
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -319,6 +319,12 @@ def test_txt_paragraph_split_and_field_errors(tmp_path, small_tok):
     src = LocalSource([str(tmp_path / "a.txt")], txt_split="paragraph")
     assert list(src) == ["Para one\nstill one.", "Para two.", "Para three."]
     assert list(LocalSource([str(tmp_path / "a.txt")])) == ["Para one\nstill one.\n\n\nPara two.\n  \nPara three.\n"]
+    # a byte-order mark (as Windows editors save UTF-8) is not part of the first document; one alone is no document
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfPara one\n\nPara two.\n")
+    assert list(LocalSource([str(tmp_path / "bom.txt")], txt_split="paragraph")) == ["Para one", "Para two."]
+    assert list(LocalSource([str(tmp_path / "bom.txt")])) == ["Para one\n\nPara two.\n"]
+    (tmp_path / "only_bom.txt").write_bytes(b"\xef\xbb\xbf\n")
+    assert list(LocalSource([str(tmp_path / "only_bom.txt")])) == []
     write_jsonl(tmp_path / "b.jsonl", ["x"], field="content")
     with pytest.raises(ValueError, match=r"b\.jsonl:1.*no field 'text'"):
         list(LocalSource([str(tmp_path / "b.jsonl")]))

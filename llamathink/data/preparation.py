@@ -286,6 +286,8 @@ def _scan_txt(path: Path) -> tuple[str, str, str] | None:
                         f"invalid UTF-8: byte(s) {data[e.start : e.end].hex(' ')} at column {col} "
                         f"(byte offset {offset + e.start} of the file): {e.reason}",
                     )
+            if offset == 0 and text.startswith("\ufeff"):  # a byte-order mark is not text (read as utf-8-sig)
+                text = text[1:]
             has_text = has_text or bool(text.strip())
             has_real = has_real or bool(text.replace("\0", "").strip())
             used = data[: len(data) - len(pending)]
@@ -419,8 +421,8 @@ class LocalSource:
             if found[0] != "empty":
                 bad(*found)
             return
-        try:
-            with open(path, encoding="utf-8", errors="strict") as f:
+        try:  # utf-8-sig: a leading byte-order mark (Windows editors write one) is dropped, not tokenized
+            with open(path, encoding="utf-8-sig", errors="strict") as f:
                 if self.txt_split == "file":
                     sp = _Splitter(max_chars)
                     while chunk := f.read(_READ_CHUNK_BYTES):
