@@ -1307,3 +1307,10 @@ def test_a_continued_preparation_refuses_an_input_edited_before_the_documents_it
     got, want = read_dir(tmp_path / "out"), read_dir(tmp_path / "ref")
     shards = sorted(n for n in want if n.endswith(".bin"))
     assert sorted(n for n in got if n.endswith(".bin")) == shards and all(got[n] == want[n] for n in shards)
+
+
+def test_a_missing_input_fails_before_the_output_folder_is_made(tmp_path, small_tok):
+    """A typo in --input must not leave a progress.json behind that makes the corrected command refuse the folder."""
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        prepare(LocalSource([str(tmp_path / "typo.jsonl")]), tmp_path / "out", small_tok, progress=False)
+    assert not (tmp_path / "out").exists()

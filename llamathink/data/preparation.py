@@ -1226,6 +1226,8 @@ def prepare(
         "max_docs": max_docs,
         "max_doc_chars": max_doc_chars,
     }
+    if isinstance(source, LocalSource):  # an input that is not there fails before out_dir is claimed or written
+        source.files()
     out = Path(out_dir)
     state = _start_or_resume(out, config, val_docs, overwrite)
     if state.get("complete") and (out / META_FILE).exists():  # finished by an earlier run
