@@ -1141,6 +1141,10 @@ def mini_files(work):
     for dt in ("fp32", "int8", "bf16"):
         out[dt] = work / f"mini_{dt}.bin"
         ex.export(str(ck), str(out[dt]), dt, verbose=False)
+    ck3 = work / "mini_v3"  # format version 3: the CSA blend bias, its flags word
+    reference.make_random_checkpoint(str(ck3), dict(MINI, csa_blend_bias=-4.0), seed=1)
+    out["v3"] = work / "mini_v3.bin"
+    ex.export(str(ck3), str(out["v3"]), "fp32", verbose=False)
     pieces = (
         [b"<unk>", b"<s>", b"</s>"]
         + [f"<0x{i:02X}>".encode() for i in range(256)]
@@ -1535,9 +1539,12 @@ def test_every_header_field_at_extreme_values_under_asan(asan_bin, mini_files, t
     file-size-relative values: the runner exits 0 or 1 with a message, never a signal or a
     sanitizer report; INT_MAX / INT_MIN are never accepted."""
     jobs = []
-    for kind in ("fp32", "int8", "tok"):
+    for kind in ("fp32", "int8", "tok", "v3"):
         data = mini_files[kind].read_bytes()
         fields = TOK_INT_FIELDS if kind == "tok" else MODEL_INT_FIELDS
+        if kind == "v3":  # also the EOS count and the flags word that version 3 reads
+            assert struct.unpack_from("<I", data, 4)[0] == 3
+            fields = [4, 112, ex.EOS_OFFSET, ex.FLAGS_OFFSET]
         values = [0, -1, 2**31 - 1, -(2**31), len(data), len(data) // 9, 2**31 - 256]
         if kind == "int8":
             values = [0, -1, 2**31 - 1, -(2**31)]
