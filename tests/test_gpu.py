@@ -325,6 +325,25 @@ def check_cuda_graph_weights(gaps: dict, control: dict | None = None, share: flo
         pytest.xfail(f"embedding {gaps[EMBEDDING]:.1%} of its update apart with CUDA graphs (known, cause not found)")
 
 
+def _graph_test_grads(gdn_backend: str, mode: str, calls: int, autocast: bool = True) -> list[dict]:
+    """Per-parameter gradients of `calls` forward/backward calls of one fixed batch, each on zeroed gradients,
+    by a tiny model (the dims16x32 GDN shape) compiled layer by layer in `mode` ("eager": not compiled)."""
+    dims = dict(GDN_DIMS["dims16x32"], head_dim=16, hidden_size=64)
+    ids = torch.randint(1, 96, (2, 128), generator=torch.Generator().manual_seed(0)).cuda()
+    torch._dynamo.reset()
+    model = tiny_model(dtype=torch.float32, gdn_backend=gdn_backend, **dims).cuda().train()
+    if mode != "eager":
+        model.compile_layers(mode=mode)
+    out = []
+    for _ in range(calls):
+        model.zero_grad(set_to_none=True)
+        torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            model(ids, labels=ids, use_cache=False, skip_logits=True).loss.backward()
+        out.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+    return out
+
+
 @pytest.mark.parametrize(
     "gdn_backend", [pytest.param("fla", marks=needs_fla), pytest.param("fla-triton", marks=needs_fla), "torch"]
 )
@@ -347,25 +366,8 @@ def test_cuda_graph_gradients_equal_default_mode_gradients(gdn_backend, monkeypa
         if problem is not None:  # Hopper with Triton in fla's bad range: no usable Triton backward to compare
             pytest.skip(problem)
         gdn_backend = "fla"
-    dims = dict(GDN_DIMS["dims16x32"], head_dim=16, hidden_size=64)
-    ids = torch.randint(1, 96, (2, 128), generator=torch.Generator().manual_seed(0)).cuda()
-
-    def grads(mode, calls):
-        torch._dynamo.reset()
-        model = tiny_model(dtype=torch.float32, gdn_backend=gdn_backend, **dims).cuda().train()
-        if mode != "eager":
-            model.compile_layers(mode=mode)
-        out = []
-        for _ in range(calls):
-            model.zero_grad(set_to_none=True)
-            torch.compiler.cudagraph_mark_step_begin()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                model(ids, labels=ids, use_cache=False, skip_logits=True).loss.backward()
-            out.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
-        return out
-
-    (eager,), (plain,) = grads("eager", 1), grads("default", 1)
-    graphs = grads("reduce-overhead", 4)
+    (eager,), (plain,) = _graph_test_grads(gdn_backend, "eager", 1), _graph_test_grads(gdn_backend, "default", 1)
+    graphs = _graph_test_grads(gdn_backend, "reduce-overhead", 4)
 
     def gap(a, b, name):
         return float((a[name] - b[name]).norm() / b[name].norm())
@@ -387,27 +389,12 @@ def test_cuda_graph_gradients_equal_default_mode_gradients_in_float32(gdn_backen
     rounding: the graphs read or write memory they should not."""
     if gdn_backend == "fla" and fla_backward_problem(torch.device("cuda")) is not None:
         pytest.skip(fla_backward_problem(torch.device("cuda")))
-    dims = dict(GDN_DIMS["dims16x32"], head_dim=16, hidden_size=64)
-    ids = torch.randint(1, 96, (2, 128), generator=torch.Generator().manual_seed(0)).cuda()
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-
-        def grads(mode, calls):
-            torch._dynamo.reset()
-            model = tiny_model(dtype=torch.float32, gdn_backend=gdn_backend, **dims).cuda().train()
-            if mode != "eager":
-                model.compile_layers(mode=mode)
-            out = []
-            for _ in range(calls):
-                model.zero_grad(set_to_none=True)
-                torch.compiler.cudagraph_mark_step_begin()
-                model(ids, labels=ids, use_cache=False, skip_logits=True).loss.backward()
-                out.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
-            return out
-
-        (eager,), (plain,) = grads("eager", 1), grads("default", 1)
-        graphs = grads("reduce-overhead", 4)
+        (eager,) = _graph_test_grads(gdn_backend, "eager", 1, autocast=False)
+        (plain,) = _graph_test_grads(gdn_backend, "default", 1, autocast=False)
+        graphs = _graph_test_grads(gdn_backend, "reduce-overhead", 4, autocast=False)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
