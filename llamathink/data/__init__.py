@@ -34,6 +34,7 @@ from .preparation import (
     Piece,
     ShardWriter,
     prepare,
+    tokenizer_fingerprint,
 )
 from .shards import (
     FORMAT_VERSION,
@@ -89,6 +90,7 @@ __all__ = [
     "open_shard",
     "prepare",
     "read_shard_header",
+    "tokenizer_fingerprint",
     "val_batches",
     "write_shard",
 ]

@@ -42,17 +42,16 @@ def _inspect(path: str) -> int:
     summary = {"shards": {str(f.name): read_shard_header(f) for f in files}}
     if p.is_dir() and (p / META_FILE).exists():
         summary["meta"] = load_meta(p)
-        _check_against_meta(p, summary["meta"], summary["shards"])
+        _check_against_meta(p, summary["meta"])
     print(json.dumps(summary, indent=2))
     return 0
 
 
-def _check_against_meta(folder: Path, meta: dict, headers: dict) -> None:
+def _check_against_meta(folder: Path, meta: dict) -> None:
     """ValueError naming the shard when one that meta.json lists is missing or holds another token count, or when a
     shard's header vocabulary differs from meta.json's or a token id is outside it (every token is read)."""
     vocab = meta["vocab_size"]
-    check_shards_against_meta(folder, meta)
-    for name, header in headers.items():
+    for name, header in check_shards_against_meta(folder, meta).items():
         if header["vocab_size"] != vocab:
             raise ValueError(f"{folder / name}: vocabulary {header['vocab_size']}, {META_FILE} says {vocab}")
         tokens = open_shard(folder / name)

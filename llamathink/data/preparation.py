@@ -772,6 +772,12 @@ def _tokenizer_fingerprint(kind: str, payload: Any) -> str | None:
     return None
 
 
+def tokenizer_fingerprint(tok) -> str | None:
+    """SHA-256 of a tokenizer's serialisation (`backend_tokenizer.to_str()`), as meta.json's ``tokenizer_sha256``
+    records it; None for a tokenizer without a `tokenizers` backend."""
+    return _tokenizer_fingerprint(*_tokenizer_payload(tok))
+
+
 def _check_settings(shard_tokens: int, val_docs: int, max_doc_chars: int | None, batch_docs: int) -> None:
     """Raise ``ValueError`` naming the first setting of :func:`prepare` that is out of range."""
     if shard_tokens < 1:

@@ -11,7 +11,6 @@ over the first `eval_batches` validation batches), samples (greedy continuations
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from ..data import (
     document_position_ids,
     find_shards,
     load_meta,
+    tokenizer_fingerprint,
     val_batches,
 )
 from ..modeling_llamathink import LlamaThinkForCausalLM, flops_per_token
@@ -250,9 +250,8 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
                 f"loaded here ({err}); pass --tokenizer with the same tokenizer (the shards hold its token ids)"
             ) from None
 
-    backend = getattr(tokenizer, "backend_tokenizer", None)
     recorded = meta.get("tokenizer_sha256")
-    if backend is not None and recorded and hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest() != recorded:
+    if tokenizer is not None and recorded and tokenizer_fingerprint(tokenizer) not in (None, recorded):
         # (a warning, not an error: another `tokenizers` version may serialise the same tokenizer otherwise)
         accelerator.print(
             f"warning: the tokenizer {tokenizer_name!r} is not the one {Path(cfg.data_dir) / 'meta.json'} says "
