@@ -2239,28 +2239,8 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         out = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         prompt = getattr(generation_config, "_llamathink_prompt", None)
         if prompt is not None:
-            self._check_generation_mask(generation_config, model_kwargs, *prompt)
             self._bound_generation_length(generation_config, model_kwargs, *prompt)
         return out
-
-    def _check_generation_mask(self, generation_config, model_kwargs: dict, input_ids_length: int, hidden: int):
-        """The attention mask given to generate() must cover the prompt's positions, or the cached positions and
-        the prompt's (a continued cache): ValueError naming the widths. (transformers may drop an all-ones mask
-        and build `position_ids` from its width, so a wrong width would otherwise surface as a `position_ids`
-        error the caller never passed.)"""
-        mask = model_kwargs.get("attention_mask")
-        width = mask.shape[-1] if isinstance(mask, torch.Tensor) else getattr(generation_config, "_mask_length", None)
-        if width is None:
-            return
-        cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
-        past = cache.get_seq_length() if isinstance(cache, LlamaThinkCache) else 0
-        prompt = input_ids_length + hidden
-        if width not in (prompt, past + prompt):
-            held = f" after the {past} cached positions" if past else ""
-            raise ValueError(
-                f"attention_mask has {width} columns but the prompt takes {prompt} positions{held}; give one mask "
-                "column per prompt position" + (" (and per cached position)" if past else "")
-            )
 
     def _check_prompt_fits(self, prompt: int):
         limit = self.config.max_position_embeddings
@@ -2279,17 +2259,25 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         of failing when the position runs out. Positions are counted as the cache counts them: the padded width of
         a left-padded batch (its longest row), `inputs_embeds` positions that the returned sequences do not hold,
         and a continued cache's positions when only the new ids are passed (the attention mask is then longer than
-        the ids; transformers feeds them after the cache)."""
+        the ids; transformers feeds them after the cache).
+
+        The attention mask must cover the prompt's positions, or the cached positions and the prompt's: a
+        ValueError names the widths (transformers may drop an all-ones mask and build `position_ids` from its
+        width, so a wrong width would otherwise surface as a `position_ids` error the caller never passed)."""
         cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
         past = cache.get_seq_length() if isinstance(cache, LlamaThinkCache) else 0
-        if past and model_kwargs.get("inputs_embeds") is None:
-            mask = model_kwargs.get("attention_mask")
-            # (transformers 5.24 drops an all-ones mask and keeps its width as `_mask_length`)
-            width = getattr(generation_config, "_mask_length", None)
-            if isinstance(mask, torch.Tensor):
-                width = mask.shape[-1]
-            if width is not None and width != input_ids_length:
-                hidden += past
+        mask = model_kwargs.get("attention_mask")
+        # (transformers 5.24 drops an all-ones mask and keeps its width as `_mask_length`)
+        width = mask.shape[-1] if isinstance(mask, torch.Tensor) else getattr(generation_config, "_mask_length", None)
+        given = input_ids_length + hidden
+        if width is not None and width not in (given, past + given):
+            held = f" after the {past} cached positions" if past else ""
+            raise ValueError(
+                f"attention_mask has {width} columns but the prompt takes {given} positions{held}; give one mask "
+                "column per prompt position" + (" (and per cached position)" if past else "")
+            )
+        if past and model_kwargs.get("inputs_embeds") is None and width is not None and width != input_ids_length:
+            hidden += past
         limit = self.config.max_position_embeddings
         prompt = input_ids_length + hidden
         self._check_prompt_fits(prompt)
