@@ -2792,6 +2792,21 @@ static int chat_main(const Model *m, State *s, const Tokenizer *tk, ProbIdx *pi,
     if (!c.ctx || (system && *system && !c.system)) { fprintf(stderr, "error: out of memory\n"); return 1; }
     char err[256];
     int rc = 0;
+    if (c.system) { /* as llamathink-chat: a system prompt that cannot fit is refused once, here */
+        int n_first = 0;
+        int *first_ids = chat_encode(&c, 1, "", &n_first);
+        if (!first_ids) { fprintf(stderr, "error: out of memory\n"); chat_free(&c); return 1; }
+        free(first_ids);
+        int reserve = c.steps < m->max_pos / 2 ? c.steps : m->max_pos / 2; /* as chat_turn keeps */
+        if (reserve < 1) reserve = 1;
+        const long taken = (c.bos >= 0) + n_first, budget = (long)m->max_pos - reserve;
+        if (taken > budget) {
+            fprintf(stderr, "error: the system prompt takes %ld tokens with the chat template; the context window "
+                    "holds %d, %d of them kept for the reply: shorten it (or lower -n)\n", taken, m->max_pos, reserve);
+            chat_free(&c);
+            return 1;
+        }
+    }
     if (prompt) {
         size_t rlen = 0;
         char *raw = !strcmp(prompt, "-") ? read_all(stdin, &rlen) : strdup(prompt);

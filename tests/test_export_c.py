@@ -887,6 +887,13 @@ def test_chat_one_shot_greedy_matches_chat_session(run_bin, chat_model, one_thre
     for message, stdin in (("", b""), (" \n", b""), ("-", b""), ("-", b"  \n\n")):
         r = subprocess.run([*base, "-i", message], input=stdin, capture_output=True, timeout=60, check=False)
         assert r.returncode == 1 and b"the message is empty" in r.stderr and not r.stdout, (message, r)
+    # a system prompt that cannot fit is refused once, at the start, one-shot and interactive alike (as
+    # llamathink-chat does), rather than as "the message is too long" at every turn
+    long_system = " ".join(["word"] * 2000)
+    for args, stdin in ((["-i", "Hi"], b""), ([], b"Hi\nHello again\n")):
+        r = subprocess.run([*base, "-y", long_system, *args], input=stdin, capture_output=True, timeout=60, check=False)
+        assert r.returncode == 1 and r.stderr.count(b"error") == 1 and not r.stdout, r
+        assert b"the system prompt takes" in r.stderr and b"too long" not in r.stderr, r.stderr
 
 
 def test_chat_interactive_loop_ends_at_eof(run_bin, chat_model):
