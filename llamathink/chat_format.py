@@ -108,10 +108,19 @@ CHAT_TEMPLATE = r"""{#- LlamaThink chat format (llamathink/chat.py): text role m
 {%- for message in messages -%}
     {%- if message['content'] is string -%}
         {%- set content = message['content'] | trim -%}
-    {%- elif message['content'] is iterable and message['content'] is not mapping -%}
-        {%- set content = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') | trim -%}
+    {%- elif message['content'] is defined and message['content'] is not none and message['content'] is iterable
+            and message['content'] is not mapping -%}
+        {%- set i = loop.index0 -%}
+        {%- for part in message['content'] -%}
+            {%- if part is not mapping or part['type'] != 'text' or part['text'] is not string -%}
+                {{- raise_exception('LlamaThink chat template: message ' ~ i ~ ' part ' ~ loop.index0 ~
+                                    ' is not a text part {"type": "text", "text": "..."}; this model reads text only') -}}
+            {%- endif -%}
+        {%- endfor -%}
+        {%- set content = message['content'] | map(attribute='text') | join('') | trim -%}
     {%- else -%}
-        {%- set content = '' -%}
+        {{- raise_exception('LlamaThink chat template: message ' ~ loop.index0 ~
+                            ' has no text content (missing, null, or not a string or a list of text parts)') -}}
     {%- endif -%}
     {%- if '\uFDD0' in content -%}
         {{- raise_exception('LlamaThink chat template: message ' ~ loop.index0 ~

@@ -24,6 +24,7 @@ from llamathink.chat_format import (
     ContextOverflow,
     apply_template,
     prompt_ids,
+    render_chat,
     set_chat_template,
     trim_history,
 )
@@ -331,6 +332,22 @@ def test_messages_without_text_content_are_invalid_rows_not_empty_replies(tmp_pa
         [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     ]
     assert stats["invalid"] == 5
+
+
+@pytest.mark.parametrize(
+    "content", [None, "MISSING", ["Hello"], [{"type": "text", "text": None}], [{"type": "image", "url": "x"}]]
+)
+def test_content_without_text_is_refused_by_the_jinja_template_as_by_python(tok, content):
+    """transformers' apply_chat_template (what TRL and pipelines call) refuses the contents the Python renderer
+    refuses, naming the message, instead of rendering an empty reply or the word "None"."""
+    reply = {"role": "assistant"} if content == "MISSING" else {"role": "assistant", "content": content}
+    messages = [{"role": "user", "content": "hi"}, reply]
+    with pytest.raises(ValueError, match="message 1"):
+        render_chat(messages)
+    with pytest.raises(Exception, match="message 1 (has no text content|part 0 is not a text part)"):
+        tok.apply_chat_template(messages, tokenize=False)
+    ok = [{"role": "user", "content": [{"type": "text", "text": " a"}, {"type": "text", "text": "b "}]}]
+    assert tok.apply_chat_template(ok, tokenize=False) == render_chat(ok, guard=True).text
 
 
 def test_messages_sharegpt_and_person_rows_from_jsonl_and_datasets(tmp_path):
