@@ -28,6 +28,10 @@
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa6    # GPU 1 only: CSA with a 256-token window
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa7    # GPU 1 only: that window alone
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa8    # that window, the blend gate started closed
+#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh cand    # the candidate default (window 256,
+#                                                                           # gate started closed), HF Qwen3.5 and
+#                                                                           # HF Llama, seeds 0-2, 800 steps
+#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh cand_long  # the same at 1600 steps
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa2    # GPU 1 only: the CSA layer with its
 #                                                                           # window over the whole sequence, and
 #                                                                           # without compressed blocks
@@ -184,8 +188,26 @@ elif [ "$PART" = csa8 ]; then  # the 256-token window with the blend gate starte
         --run local256-s0:compile=1,csa_blend=local,csa_window=256 \
         --run window256-bias2-s2:compile=1,csa_window=256,init.blend_bias=-2,seed=2 &
     wait
+elif [ "$PART" = cand ]; then  # the candidate default (a 256-token CSA window, the blend gate started closed) at
+    # seeds 0-2 on GPU 0, HF Qwen3.5 at seeds 0-2 on GPU 1, HF Llama on either after them: one call, peers beside it
+    CAND=compile=1,csa_window=256,init.blend_bias=-4
+    q 0 "$SECONDS_LEFT" cand_800 --steps 800 --eval-every 200 \
+        --run cand-s2:$CAND,seed=2 --run cand-s1:$CAND,seed=1 --run cand-s0:$CAND \
+        --run llama-s0:model=hf-llama,compile=1 &
+    q 1 "$SECONDS_LEFT" cand_800_qwen --steps 800 --eval-every 200 \
+        --run qwen-s2:model=hf-qwen3.5,seed=2 --run qwen-s1:model=hf-qwen3.5,seed=1 --run qwen-s0:model=hf-qwen3.5 \
+        --run llama-s1:model=hf-llama,compile=1,seed=1 &
+    wait
+elif [ "$PART" = cand_long ]; then  # the same at 1600 steps: ours at seeds 0 and 1 and HF Llama (GPU 0), HF Qwen3.5
+    # at seeds 0 and 1 (GPU 1)
+    CAND=compile=1,csa_window=256,init.blend_bias=-4
+    q 0 "$SECONDS_LEFT" cand_1600 --steps 1600 --eval-every 400 \
+        --run cand-s0:$CAND --run llama-s0:model=hf-llama,compile=1 --run cand-s1:$CAND,seed=1 &
+    q 1 "$SECONDS_LEFT" cand_1600_qwen --steps 1600 --eval-every 400 \
+        --run qwen-s0:model=hf-qwen3.5 --run qwen-s1:model=hf-qwen3.5,seed=1 &
+    wait
 else
-    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa, csa2, csa3, csa4, csa5, csa6, csa7 or csa8)"; exit 2
+    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa, csa2, csa3, csa4, csa5, csa6, csa7, csa8, cand or cand_long)"; exit 2
 fi
 for f in "$OUT"/*.log; do echo "== $f"; grep -E "final|failed|Error|error|stopped" "$f" | tail -8; done
 for d in "$OUT"/*/; do [ -f "$d/quality.json" ] && python benchmarks/bench_quality.py --plot "$d/quality.json"; done
