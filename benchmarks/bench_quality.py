@@ -178,6 +178,9 @@ def build_model(run: dict, seed: int = 0) -> torch.nn.Module:
     overrides = dict(run["config"])
     if "blend_bias" in run["init"]:  # the name the session-10 runs used for the config field
         overrides["csa_blend_bias"] = run["init"]["blend_bias"]
+    explicit_bias = overrides.get("csa_blend_bias") is not None
+    if run.get("csa_blend", "learned") != "learned":  # these layers have no blend gate: no bias left untrained
+        overrides["csa_blend_bias"] = None
     pattern = overrides.pop("mixer_pattern", None)
     if pattern is not None:
         layers = overrides.get("num_hidden_layers", LlamaThinkConfig().num_hidden_layers)
@@ -189,7 +192,7 @@ def build_model(run: dict, seed: int = 0) -> torch.nn.Module:
     except (TypeError, ValueError) as err:
         raise ValueError(f"run {run['name']!r}: {err}") from None
     model = LlamaThinkForCausalLM(config)
-    if config.csa_blend_bias is not None and "csa" not in config.mixer_types:
+    if explicit_bias and "csa" not in config.mixer_types:
         raise ValueError(
             f"run {run['name']!r}: init.blend_bias (csa_blend_bias) needs CSA layers; the pattern has none"
         )

@@ -61,8 +61,8 @@ DEFAULTS = dict(
     linear_value_head_dim=112,
     linear_conv_kernel_dim=4,
     csa_stride=4,
-    csa_window=64,
-    csa_blend_bias=None,
+    csa_window=256,
+    csa_blend_bias=-4.0,  # a saved config.json without it predates the field: no bias (load_config)
     hyper_connections=True,
 )
 
@@ -147,7 +147,14 @@ def load_config(d: str) -> dict:
         raise ExportError(f"{path} holds a JSON {type(raw).__name__}, not a config object")
     cfg = dict(DEFAULTS)
     cfg.update({k: v for k, v in raw.items() if k in DEFAULTS and v is not None})
-    bias = cfg["csa_blend_bias"]  # only its presence matters here: the bias values are tensors
+    # null is the seed's bias-free gate, and so is a saved config without the key (it records transformers_version:
+    # written before the field existed; LlamaThinkConfig reads it the same way). Only its presence matters here:
+    # the bias values are tensors
+    if "csa_blend_bias" not in raw and "transformers_version" in raw:
+        cfg["csa_blend_bias"] = None
+    elif "csa_blend_bias" in raw:
+        cfg["csa_blend_bias"] = raw["csa_blend_bias"]
+    bias = cfg["csa_blend_bias"]
     if bias is not None and (isinstance(bias, bool) or not isinstance(bias, (int, float))):
         raise ExportError(f"config field csa_blend_bias must be null or a number, got {bias!r}")
     if raw.get("head_dim") is None and "hidden_size" in raw and "num_attention_heads" in raw:

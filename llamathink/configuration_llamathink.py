@@ -2,7 +2,8 @@
 
 The defaults ARE the original 95.7M-parameter "Llama Think" model: 16 layers in the repeating pattern
 linear (Gated DeltaNet), linear, csa (compressed sparse attention), full (gated softmax attention),
-hidden size 576, tied embeddings, Llama 2 vocabulary.
+hidden size 576, tied embeddings, Llama 2 vocabulary; with the initialisation, CSA window and CSA gate start
+chosen by measurement (BENCHMARKS.md section 2), each field's docstring says where it differs from the seed.
 
 This file must only import from `transformers` and the standard library: `save_pretrained` copies it next
 to the weights so `AutoConfig.from_pretrained(..., trust_remote_code=True)` works where the `llamathink`
@@ -16,6 +17,17 @@ from transformers import PretrainedConfig
 MIXER_TYPES = ("linear", "csa", "full")
 DEFAULT_MIXER_PATTERN = ("linear", "linear", "csa", "full")
 GDN_BACKENDS = ("auto", "fla", "torch")
+
+
+def _without_csa_blend_bias(config_dict):
+    """A saved config (`save_pretrained` records `transformers_version` and every field) without `csa_blend_bias`
+    was written before the field existed, when every CSA layer mixed its two paths with a bias-free gate: give it
+    `csa_blend_bias=None`. The class default (-4) would give its model a blend bias its weights lack, which
+    `from_pretrained` would fill at -4, shifting every CSA layer. Other dicts (hand-written, or built in Python)
+    keep the class default."""
+    if isinstance(config_dict, dict) and "transformers_version" in config_dict and "csa_blend_bias" not in config_dict:
+        return {**config_dict, "csa_blend_bias": None}
+    return config_dict
 
 
 class LlamaThinkConfig(PretrainedConfig):
@@ -51,11 +63,16 @@ class LlamaThinkConfig(PretrainedConfig):
         linear_key_head_dim / linear_value_head_dim (`int`, defaults to 112 / 112): Gated DeltaNet head widths.
         linear_conv_kernel_dim (`int`, defaults to 4): causal depthwise convolution width.
         csa_stride (`int`, defaults to 4): tokens pooled into one compressed key/value block.
-        csa_window (`int`, defaults to 64): local causal window of the CSA layers (the query's own token included).
-        csa_blend_bias (`float` or `None`, defaults to `None`): `None` mixes the CSA layers' two paths with
+        csa_window (`int`, defaults to 256): local causal window of the CSA layers (the query's own token included).
+            The seed used 64; at 800 steps of the equal-token benchmark a 64-token window cost 0.03-0.04 nats
+            against 256, and 256 alone is level with full attention in those layers (BENCHMARKS.md section 2).
+        csa_blend_bias (`float` or `None`, defaults to -4.0): `None` mixes the CSA layers' two paths with
             `sigmoid(blend_proj(x))` (the seed's gate, no bias: it starts half open). A number gives `blend_proj` a
             learned bias starting there, so the gate starts at `sigmoid(csa_blend_bias)` (-4: 0.018, the layer
-            starts as its window). BENCHMARKS.md section 2 measures both.
+            starts as its window and learns how much of the compressed path to take). The half-open start cost
+            0.05-0.09 nats at 800 steps (BENCHMARKS.md section 2). A saved config without this key (it records
+            `transformers_version`) was written before the field existed and describes a model without the bias:
+            it loads as `None` (`_without_csa_blend_bias`).
         hyper_connections (`bool`, defaults to True): learned per-dimension residual scaling,
             `h = (1 + r) * h + (1 + s) * sublayer(norm(h))`, with `r`, `s` initialised to zero.
         gdn_chunk_size (`int`, defaults to 64): chunk length of the chunked Gated DeltaNet (training/prefill).
@@ -98,8 +115,8 @@ class LlamaThinkConfig(PretrainedConfig):
         linear_value_head_dim: int = 112,
         linear_conv_kernel_dim: int = 4,
         csa_stride: int = 4,
-        csa_window: int = 64,
-        csa_blend_bias: float | None = None,
+        csa_window: int = 256,
+        csa_blend_bias: float | None = -4.0,
         hyper_connections: bool = True,
         gdn_chunk_size: int = 64,
         gdn_backend: str = "auto",
@@ -162,6 +179,17 @@ class LlamaThinkConfig(PretrainedConfig):
         # transformers 5.x reads `tie_word_embeddings` from the config; older versions from kwargs. Set it on both.
         self.tie_word_embeddings = tie_word_embeddings
         self.validate_llamathink()
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """`PretrainedConfig.from_dict` (the path of `from_pretrained` and `AutoConfig`), reading a config saved
+        before `csa_blend_bias` existed as the model it describes: see `_without_csa_blend_bias`."""
+        return super().from_dict(_without_csa_blend_bias(config_dict), **kwargs)
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file):
+        """The same for `from_json_file`, which builds the config from the file's dict without `from_dict`."""
+        return _without_csa_blend_bias(super()._dict_from_json_file(json_file))
 
     def validate_llamathink(self):
         """Raise `ValueError` naming the field when the configuration cannot describe a working model."""

@@ -3,8 +3,8 @@
 Every layer is a pre-norm block `mixer -> SwiGLU MLP`, the mixer being one of
 
 * ``linear``: Gated DeltaNet (Qwen3-Next / Qwen3.5 style linear attention with a causal depthwise conv),
-* ``csa``:    compressed sparse attention (a 64-token causal window blended with attention over mean-pooled,
-              learned-compressed blocks of 4 tokens),
+* ``csa``:    compressed sparse attention (a causal window, 256 tokens by default, blended with attention over
+              mean-pooled, learned-compressed blocks of 4 tokens by a learned gate started closed),
 * ``full``:   gated full softmax attention (Qwen3.5 style: sigmoid output gate, per-head QK RMSNorm, GQA),
 
 with partial RoPE, (1 + w) RMSNorms and optional hyper-connections `h = (1 + r) * h + (1 + s) * f(norm(h))`.
@@ -1835,7 +1835,9 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         - RMSNorm gains zero (applied as 1 + w), the gated output norm's ones, hyper-connection scales zero: the
           network starts as a plain pre-norm residual stack, the identity-preserving start of hyper-connections.
         - `A_log = log(U(A_init_range))`, `dt_bias` from `dt_init_range` (see `LlamaThinkConfig`).
-        - CSA's blend bias, where `csa_blend_bias` is set, at that value (the gate starts at its sigmoid).
+        - CSA's blend bias at `csa_blend_bias` (default -4: the gate starts at 0.018, each CSA layer starts as its
+          local window). The seed's bias-free gate starts half open, adding the compressed path's output at full
+          weight before it has learned anything; that cost 0.05-0.09 nats on two seeds of three at 800 steps.
         """
         config = self.config
         std = config.initializer_range

@@ -97,9 +97,13 @@ def test_shared_init_full_attention_equals_csa_window_alone_over_the_whole_seque
             assert (default(ids).logits - full(ids).logits).abs().max() > 1e-3
 
 
-def test_blend_bias_keeps_the_default_weights_and_starts_the_gate_at_sigmoid_of_the_bias():
-    default, biased = build("", 5), build("init.blend_bias=-4", 5)
-    want, got = default.state_dict(), biased.state_dict()
+def test_blend_bias_keeps_the_seed_gate_weights_and_starts_the_gate_at_sigmoid_of_the_bias():
+    """The default (`csa_blend_bias=-4`) and the seed's bias-free gate (`csa_blend_bias=null`) differ at one seed
+    by the bias alone (paired runs); `init.blend_bias` is the same field under its session-10 name."""
+    seed_gate, biased = build("csa_blend_bias=null", 5), build("", 5)
+    same, renamed = biased.state_dict(), build("init.blend_bias=-4", 5).state_dict()
+    assert same.keys() == renamed.keys() and all(torch.equal(same[k], renamed[k]) for k in same)
+    want, got = seed_gate.state_dict(), biased.state_dict()
     extra = sorted(set(got) - set(want))
     assert extra == ["model.layers.2.mixer.blend_proj.bias"], extra
     for name, tensor in want.items():

@@ -47,8 +47,13 @@ def test_default_config_is_the_95m_model():
     assert config.rotary_dim == 32 and config.rope_theta == 20000.0 and config.tie_word_embeddings
     with torch.device("meta"):
         model = LlamaThinkForCausalLM(config)
-    assert sum(p.numel() for p in model.parameters()) == 95_715_408  # tied embeddings counted once
+    # tied embeddings counted once; the CSA layers' blend bias (4 x 576) is the measured default's only addition
+    assert sum(p.numel() for p in model.parameters()) == 95_717_712
     assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert (config.csa_window, config.csa_blend_bias) == (256, -4.0)
+    with torch.device("meta"):
+        seed_gate = LlamaThinkForCausalLM(LlamaThinkConfig(csa_blend_bias=None))
+    assert sum(p.numel() for p in seed_gate.parameters()) == 95_715_408  # the seed's count
 
 
 @pytest.mark.parametrize(
@@ -461,7 +466,8 @@ def _state_tensors(cache: LlamaThinkCache):
 
 @pytest.fixture(scope="module")
 def window64_model():
-    """Every mixer type with the real CSA window (64) and stride (4)."""
+    """Every mixer type with the seed's CSA window (64; the default is 256) and the real stride (4): the prompts
+    below cross the window without the cost of 256-token ones."""
     return tiny_model(csa_window=64, mixer_types=["csa", "linear", "full", "csa"])
 
 
@@ -512,7 +518,7 @@ def test_csa_blend_bias_starts_the_gate_closed_and_leaves_every_other_tensor_as_
     the static-buffer step included, equals the uncached forward with it."""
     kw = {"mixer_types": ["csa", "linear", "full", "csa"], "max_position_embeddings": 96}
     torch.manual_seed(4)
-    plain = LlamaThinkForCausalLM(tiny_config(**kw))
+    plain = LlamaThinkForCausalLM(tiny_config(csa_blend_bias=None, **kw))
     torch.manual_seed(4)
     biased = LlamaThinkForCausalLM(tiny_config(csa_blend_bias=-4, **kw))
     want, got = plain.state_dict(), biased.state_dict()
@@ -1369,6 +1375,36 @@ def test_from_pretrained_keeps_saved_tensors_bit_for_bit(tmp_path):
         assert torch.equal(expected[key], got[key]), key
 
 
+def test_a_config_file_without_csa_blend_bias_is_the_seed_gate(tmp_path):
+    """A model saved before `csa_blend_bias` existed has no such key in config.json (which records
+    transformers_version) and no blend bias in its weights: every loader reads it as `None` (no bias), where the
+    class default (-4) would add a bias the weights lack, filled at -4, and shift every CSA layer. A config without
+    transformers_version (hand-written, or built in Python) gets the class default."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    old = tiny_model(csa_blend_bias=None)
+    old.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    raw = json.loads(path.read_text())
+    assert raw.pop("csa_blend_bias") is None
+    path.write_text(json.dumps(raw))
+    assert LlamaThinkConfig.from_json_file(str(path)).csa_blend_bias is None
+    assert LlamaThinkConfig.from_pretrained(tmp_path).csa_blend_bias is None
+    assert AutoConfig.from_pretrained(tmp_path, trust_remote_code=True).csa_blend_bias is None
+    assert LlamaThinkConfig.from_pretrained(tmp_path, csa_blend_bias=-2.0).csa_blend_bias == -2.0  # kwargs win
+    ids = torch.randint(1, 96, (2, 20))
+    for loaded in (
+        LlamaThinkForCausalLM.from_pretrained(tmp_path, dtype=torch.float64),
+        AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, trust_remote_code=True),
+    ):
+        assert loaded.config.csa_blend_bias is None
+        assert not any(name.endswith("blend_proj.bias") for name in loaded.state_dict())
+        torch.testing.assert_close(loaded(ids).logits, old(ids).logits, rtol=0, atol=1e-12)
+    assert LlamaThinkConfig.from_dict(raw).csa_blend_bias is None  # the same dict, however it is read
+    raw.pop("transformers_version")  # hand-written, or built in Python: the class default
+    assert LlamaThinkConfig.from_dict(raw).csa_blend_bias == LlamaThinkConfig(**raw).csa_blend_bias == -4.0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Saving, loading, remote code
 # ---------------------------------------------------------------------------------------------------------------
@@ -1389,8 +1425,11 @@ def test_save_pretrained_writes_safetensors_tied_and_auto_map(tmp_path, model):
     assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys  # tied: stored once
     again = LlamaThinkForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)
     assert again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()
+    assert model.state_dict().keys() == again.state_dict().keys()
+    assert all(torch.equal(t, again.state_dict()[k]) for k, t in model.state_dict().items())
     ids = torch.randint(1, 96, (1, 30))
-    torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+    # float64 rounding only: the loaded tensors sit at other memory alignments, where BLAS may take another path
+    torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=1e-12)
     torch.testing.assert_close(again.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq.float())
 
 
