@@ -396,7 +396,7 @@ def run_training(
     cuda_graphs = compile is not None and uses_cuda_graphs({"mode": compile_mode})
     if cuda_graphs:  # gradients accumulate into tensors of their own (see the docstring)
         accelerator.print(
-            f"warning: compile_mode: {compile_mode} (CUDA graphs) is opt-in: two of five GPU runs of its tests found "
+            f"warning: compile_mode: {compile_mode} (CUDA graphs) is opt-in: three of six GPU runs of its tests found "
             "gradients 1-4% away from the default mode's, and weights up to 19% of their update after three SGD "
             "steps (README, 'What compile: true costs'); use compile_mode: default for runs whose result matters"
         )
