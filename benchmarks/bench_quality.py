@@ -151,7 +151,7 @@ def parse_run(spec: str) -> dict:
         raise ValueError(f"run {name!r}: csa_select must be a positive integer with csa_blend=select")
     if "blend_bias" in run["init"] and "csa_blend_bias" in run["config"]:
         raise ValueError(f"run {name!r}: init.blend_bias and csa_blend_bias are one setting; give one")
-    biased = "blend_bias" in run["init"] or run["config"].get("csa_blend_bias") is not None
+    biased = run["init"].get("blend_bias") is not None or run["config"].get("csa_blend_bias") is not None
     if biased and run.get("csa_blend", "learned") != "learned":
         raise ValueError(f"run {name!r}: init.blend_bias (csa_blend_bias) needs the learned blend (csa_blend=learned)")
     if run["model"] != "llamathink" and (

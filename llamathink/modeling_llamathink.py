@@ -1792,6 +1792,29 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
             auto_map.setdefault(auto_class, reference)
         config.auto_map = auto_map
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing weights without the CSA blend bias their config asks for.
+
+        transformers fills a missing weight with its init and only logs it; for `blend_proj.bias` that is a model
+        from before `csa_blend_bias` existed (or saved with it null) read with the default -4 (a hand-written
+        config.json without the key), whose every CSA layer would then compute something else.
+
+        Raises:
+            ValueError: naming the missing biases and the fix (`"csa_blend_bias": null` in config.json).
+        """
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = sorted(k for k in info.get("missing_keys") or () if k.endswith("blend_proj.bias"))
+        if missing:
+            raise ValueError(
+                f"{args[0] if args else kwargs.get('pretrained_model_name_or_path')}: its weights have no "
+                f"{', '.join(missing)}, but its config asks for a CSA blend bias (csa_blend_bias="
+                f"{model.config.csa_blend_bias}, the default where config.json leaves it out); a model saved "
+                'without one needs "csa_blend_bias": null in its config.json'
+            )
+        return (model, info) if wants_info else model
+
     def compile_layers(self, **compile_kwargs):
         """Regional compilation: `torch.compile` each decoder layer in place (`nn.Module.compile`) rather than the
         whole model, and return the model. Layers of one mixer type share one compiled graph (one compilation per

@@ -176,6 +176,14 @@ def test_bad_ablation_specs_are_refused_by_name(spec):
         bq.parse_run(f"r:{spec}")
 
 
+def test_a_null_blend_bias_is_the_seed_gate_under_either_name():
+    """`init.blend_bias=null` and `csa_blend_bias=null` are the seed's gate: no bias, and allowed beside
+    `csa_blend=local` (which has no gate), as a number is not."""
+    for spec in ("init.blend_bias=null", "csa_blend_bias=null"):
+        assert not any(name.endswith("blend_proj.bias") for name in build(spec).state_dict())
+        bq.parse_run(f"r:{spec},csa_blend=local")
+
+
 def test_blend_bias_without_csa_layers_is_refused():
     with pytest.raises(ValueError, match="needs CSA layers"):
         build("pattern=linear/full,init.blend_bias=-4")

@@ -701,6 +701,9 @@ def test_a_checkpoint_of_wrong_shapes_or_types_is_named_not_a_deep_traceback(mod
     torch.manual_seed(0)
     bigger = LlamaThinkForCausalLM(other)
     parts = (bigger, optim.build_optimizer(bigger, settings), *_parts(model_json, settings)[2:])
+    with pytest.raises(ckpt.ResumeSettingsError, match=r"differs from the one the checkpoint trained .*160 -> 176"):
+        ckpt.restore_checkpoint(path, *parts, settings)  # named from the architecture the checkpoint keeps
+    torch.save({k: v for k, v in state.items() if k != "model_architecture"}, path / "state.pt")  # an older one
     named = r"(?s)cannot resume from .*step_00000004: its model state does not fit this run \(RuntimeError: .*size m"
     with pytest.raises(ckpt.CheckpointError, match=named):
         ckpt.restore_checkpoint(path, *parts, settings)
@@ -808,7 +811,7 @@ def test_resume_refuses_a_model_config_or_data_edited_in_place(sample_data, mode
     edited = json.loads(original)
     edited["csa_window"] = 8
     config.write_text(json.dumps(edited))
-    with pytest.raises(ckpt.ResumeSettingsError, match=rf"the contents of model_config {config} changed"):
+    with pytest.raises(ckpt.ResumeSettingsError, match=r"the model built now differs .*csa_window: 16 -> 8"):
         pretrain.train(_cfg(data, config, out, max_steps=4, save_every=2))
     config.write_text(original)
     meta = (data / "meta.json").read_text()
@@ -817,6 +820,67 @@ def test_resume_refuses_a_model_config_or_data_edited_in_place(sample_data, mode
         pretrain.train(_cfg(data, config, out, max_steps=4, save_every=2))
     (data / "meta.json").write_text(meta)
     resumed = pretrain.train(_cfg(data, config, out, max_steps=4, save_every=2))
+    assert sorted(resumed["losses"]) == [1, 2, 3, 4]
+
+
+def _rewrite_checkpoint(path, edit):
+    """Apply `edit(state, meta)` to a checkpoint's state.pt and meta.json (as another LlamaThink version wrote it)."""
+    state = torch.load(path / "state.pt", weights_only=True)
+    meta = json.loads((path / "meta.json").read_text())
+    edit(state, meta)
+    torch.save(state, path / "state.pt")
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+def test_resume_refuses_a_model_changed_by_a_default_the_config_file_leaves_out(sample_data, model_json, tmp_path):  # noqa: F811
+    """A hand-written model config without csa_window builds the version's default window. A checkpoint keeps the
+    model it trained (`model_architecture`); resumed by a version whose default differs, the model built is
+    compared with it and refused by name (the window has no weights: it would load and train another model).
+    Writing the trained value into the file then resumes (its bytes are not compared, its model is)."""
+    config = tmp_path / "model.json"
+    raw = json.loads(model_json.read_text())
+    for key in ("csa_window", "transformers_version"):
+        raw.pop(key)
+    config.write_text(json.dumps(raw))
+    out = tmp_path / "run"
+    pretrain.train(_cfg(sample_data, config, out, max_steps=4, save_every=2, stop_at_step=2))
+    step = out / "checkpoints" / "step_00000002"
+    assert json.loads((step / "meta.json").read_text())["model_architecture"]["csa_window"] == 256
+
+    def trained_with_window_64(state, meta):  # as a version whose default was 64 wrote it
+        state["model_architecture"]["csa_window"] = meta["model_architecture"]["csa_window"] = 64
+
+    _rewrite_checkpoint(step, trained_with_window_64)
+    with pytest.raises(
+        ckpt.ResumeSettingsError, match=r"differs from the one the checkpoint trained \(csa_window: 64 -> 256\)"
+    ):
+        pretrain.train(_cfg(sample_data, config, out, max_steps=4, save_every=2))
+    config.write_text(json.dumps(dict(raw, csa_window=64)))
+    resumed = pretrain.train(_cfg(sample_data, config, out, max_steps=4, save_every=2))
+    assert sorted(resumed["losses"]) == [1, 2, 3, 4]
+    assert json.loads((out / "final" / "config.json").read_text())["csa_window"] == 64
+
+
+def test_an_older_checkpoint_with_a_config_without_a_changed_default_is_refused(sample_data, model_json, tmp_path):  # noqa: F811
+    """A checkpoint of a version that kept no model architecture, whose hand-written model config leaves out
+    csa_window (then 64 by default, now 256): refused by name; a saved config (every field, transformers_version)
+    resumes."""
+    config = tmp_path / "model.json"
+    raw = json.loads(model_json.read_text())
+    config.write_text(json.dumps({k: v for k, v in raw.items() if k not in ("csa_window", "transformers_version")}))
+    out = tmp_path / "run"
+    pretrain.train(_cfg(sample_data, config, out, max_steps=4, save_every=2, stop_at_step=2))
+
+    def older_version(state, meta):
+        del state["model_architecture"], meta["model_architecture"]
+
+    _rewrite_checkpoint(out / "checkpoints" / "step_00000002", older_version)
+    with pytest.raises(ckpt.ResumeSettingsError, match=r"older LlamaThink.*csa_window: 64 \(the default then\) -> 256"):
+        pretrain.train(_cfg(sample_data, config, out, max_steps=4, save_every=2))
+    saved_style = tmp_path / "saved"
+    pretrain.train(_cfg(sample_data, model_json, saved_style, max_steps=4, save_every=2, stop_at_step=2))
+    _rewrite_checkpoint(saved_style / "checkpoints" / "step_00000002", older_version)
+    resumed = pretrain.train(_cfg(sample_data, model_json, saved_style, max_steps=4, save_every=2))
     assert sorted(resumed["losses"]) == [1, 2, 3, 4]
 
 

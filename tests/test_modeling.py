@@ -1403,6 +1403,13 @@ def test_a_config_file_without_csa_blend_bias_is_the_seed_gate(tmp_path):
     assert LlamaThinkConfig.from_dict(raw).csa_blend_bias is None  # the same dict, however it is read
     raw.pop("transformers_version")  # hand-written, or built in Python: the class default
     assert LlamaThinkConfig.from_dict(raw).csa_blend_bias == LlamaThinkConfig(**raw).csa_blend_bias == -4.0
+    # such a config.json beside weights without the bias: refused by name (transformers would fill it at -4)
+    path.write_text(json.dumps(raw))
+    for load in (LlamaThinkForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(
+            ValueError, match=r'weights have no model\.layers\.\d\.mixer\.blend_proj\.bias.*"csa_blend_bias": null'
+        ):
+            load(tmp_path, trust_remote_code=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -386,8 +387,9 @@ def save_checkpoint(
     run_id: str | None = None,
     world_size: int = 1,
 ) -> Path:
-    """Write `checkpoints/step_<step>/` (state.pt: model, optimizer, scheduler, loader, RNG and `extra`; meta.json:
-    run id, step, save time, world size, `extra["config"]`) atomically (temporary directory + rename), then delete
+    """Write `checkpoints/step_<step>/` (state.pt: model, optimizer, scheduler, loader, RNG, the model's
+    `model_architecture` and `extra`; meta.json: run id, step, save time, world size, `extra["config"]`, the input
+    fingerprints and the model's architecture) atomically (temporary directory + rename), then delete
     this run's (`run_id`'s) checkpoints beyond the newest `keep_last`; other runs' checkpoints are never touched.
 
     A process killed at any moment leaves either the previous set of checkpoints or the previous set plus the
@@ -408,6 +410,7 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict(),
         "loader": _plain(loader.state_dict()),
         "rng": _rng_state(),
+        "model_architecture": model_architecture(model),
         **_plain(extra),
     }
     meta = {
@@ -418,6 +421,7 @@ def save_checkpoint(
         "world_size": world_size,
         "config": json.loads(json.dumps(extra.get("config"), default=str)),
         "input_fingerprints": extra.get("input_fingerprints"),
+        "model_architecture": model_architecture(model),
     }
     try:
         for path in (tmp, old):
@@ -709,6 +713,81 @@ def compare_resume_settings(
     return changed
 
 
+# config fields that leave what the weights compute unchanged: runtime switches, and fresh-model init (a resumed
+# model's weights come from the checkpoint)
+_NOT_ARCHITECTURE = (
+    "gdn_backend",
+    "gdn_chunk_size",
+    "decode_cuda_graphs",
+    "use_cache",
+    "initializer_range",
+    "rescale_prenorm_residual",
+    "A_init_range",
+    "dt_init_range",
+)
+# defaults of config fields without weights of their own, as they were before checkpoints kept the model's config
+# (a checkpoint without it, resumed with a model_config file that does not set them, would change them unseen)
+_DEFAULTS_BEFORE_MODEL_IN_CHECKPOINT = {"csa_window": 64, "csa_blend_bias": None}
+
+
+def model_architecture(model) -> dict | None:
+    """{field: value} of the model's config that define its function (every `__init__` field of its config class
+    but `_NOT_ARCHITECTURE`), JSON values; None for a model without a transformers config. Kept in each
+    checkpoint so that a resume builds the model the run trained (`check_model_unchanged`)."""
+    while hasattr(model, "module"):  # DDP / accelerate wrappers
+        model = model.module
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return None
+    names = set(inspect.signature(type(config).__init__).parameters) - {"self", "kwargs"} - set(_NOT_ARCHITECTURE)
+    return {name: _json_value(getattr(config, name, None)) for name in sorted(names)}
+
+
+def check_model_unchanged(saved: dict | None, model, cfg, where: str) -> None:
+    """Raise ResumeSettingsError when the model built for a resume differs from the one the checkpoint trained:
+    `saved` is the checkpoint's `model_architecture`. This is what matters of the model config file (its bytes are
+    then not compared: an edit that restores the trained model resumes), and it also catches what the file cannot
+    show: a default of this version that differs from the version that wrote the checkpoint, for a field the file
+    leaves out. For a checkpoint without `saved` (an older version, whose model_config is fingerprinted instead)
+    the fields whose default changed since are looked up in a hand-written model_config file."""
+    current = model_architecture(model)
+    if current is None:
+        return
+    if isinstance(saved, dict):
+        changed = [
+            f"{name}: {saved[name]!r} -> {current[name]!r}"
+            for name in sorted(set(saved) & set(current))
+            if saved[name] != current[name]
+        ]
+    else:
+        path = getattr(cfg, "model_config", None)
+        try:
+            written = json.loads(Path(path).read_text()) if path and Path(path).is_file() else None
+        except (OSError, ValueError):
+            written = None
+        if not isinstance(written, dict) or "transformers_version" in written:
+            return  # a saved config lists every field; a folder is read by from_pretrained the same way
+        changed = [
+            f"{name}: {old!r} (the default then) -> {current[name]!r} (the default now)"
+            for name, old in _DEFAULTS_BEFORE_MODEL_IN_CHECKPOINT.items()
+            if name not in written and name in current and current[name] != old
+        ]
+        if changed:
+            raise ResumeSettingsError(
+                f"cannot resume from {where}: it was written by an older LlamaThink, and model_config {path} "
+                f"leaves out fields whose default has changed since ({'; '.join(changed)}), so the model built "
+                "now is not the one the checkpoint trained. Start a new run with those fields set, or resume with "
+                "the LlamaThink version that started the run."
+            )
+        return
+    if changed:
+        raise ResumeSettingsError(
+            f"cannot resume from {where}: the model built now differs from the one the checkpoint trained "
+            f"({'; '.join(changed)}). Restore those values in the model config (a field it leaves out takes "
+            "this LlamaThink version's default), or start a new run."
+        )
+
+
 def _saved_world_size(state: dict, meta: dict) -> int | None:
     if isinstance(meta.get("world_size"), int) and not isinstance(meta["world_size"], bool):
         return meta["world_size"]
@@ -752,6 +831,7 @@ def restore_checkpoint(
     if cfg is not None:
         saved = meta.get("config") or state.get("config")
         changes = compare_resume_settings(saved, cfg, _saved_world_size(state, meta), world_size, where=str(path))
+        check_model_unchanged(state.get("model_architecture"), model, cfg, where=str(path))
     fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     part = "model"
     try:  # a checkpoint of another model shape, optimizer recipe or data must say so, naming the part and folder

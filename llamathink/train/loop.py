@@ -279,7 +279,10 @@ def begin_run(cfg: RunConfig, is_main: bool = True) -> tuple[Path | None, str]:
     resume_from = resolve_resume(cfg)
     meta = checkpoint_meta(resume_from) if resume_from is not None else {}
     if is_main and resume_from is not None:  # inputs edited in place since the run started
-        check_inputs_unchanged(meta.get("input_fingerprints"), cfg, str(resume_from), meta.get("config"))
+        fingerprints = dict(meta.get("input_fingerprints") or {})
+        if meta.get("model_architecture") is not None:  # the model it builds is compared instead, as built
+            fingerprints.pop("model_config", None)  # (`check_model_unchanged`): an edit that restores it resumes
+        check_inputs_unchanged(fingerprints, cfg, str(resume_from), meta.get("config"))
     return resume_from, claim_checkpoints(cfg, resume_from, meta.get("run_id"), is_main)
 
 
