@@ -43,6 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     from .train import finetune, pretrain
 
     out = Path(args.out).resolve()
+    marker = out / "quickstart.json"
+    # a rerun starts its runs over (overwrite), so the folder must be an earlier quickstart's: another run's
+    # checkpoints and final model there would be deleted
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not marker.is_file())):
+        raise SystemExit(
+            f"--out {out} is not empty and is not an earlier quickstart's folder (no quickstart.json): the "
+            "quickstart replaces its runs; give an empty or new folder"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    if not marker.is_file():  # written first, so a rerun after a stop is recognised as this quickstart's
+        marker.write_text(json.dumps({"status": "started"}, indent=2))
     started = time.time()
 
     _step("1/5 tokenize the bundled sample corpus")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO_ROOT
 from test_readme import check_use_a_model_output, readme_section, run_use_a_model
 
@@ -43,3 +45,20 @@ def test_quickstart_fast_runs_every_stage_and_the_readme_block_uses_its_model(tm
     assert (out / "chat" / "final" / "chat_template.jinja").exists()
 
     check_use_a_model_output(run_use_a_model(tmp_path))
+
+
+def test_quickstart_refuses_a_folder_that_is_not_an_earlier_quickstarts(tmp_path):
+    """Its runs start over (overwrite): in a folder holding another run, that run's checkpoints and final model
+    would be deleted. Refused before anything is written; a file is refused too."""
+    from llamathink import quickstart
+
+    other = tmp_path / "mine"
+    (other / "pretrain" / "checkpoints").mkdir(parents=True)
+    (other / "pretrain" / "history.json").write_text("{}")
+    before = sorted(str(p) for p in other.rglob("*"))
+    with pytest.raises(SystemExit, match="not an earlier quickstart's folder"):
+        quickstart.main(["--out", str(other), "--fast"])
+    assert sorted(str(p) for p in other.rglob("*")) == before
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="not an earlier quickstart's folder"):
+        quickstart.main(["--out", str(tmp_path / "file"), "--fast"])
