@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT
 from test_readme import check_use_a_model_output, readme_section, run_use_a_model
 
