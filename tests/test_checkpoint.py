@@ -823,6 +823,22 @@ def test_resume_refuses_a_model_config_or_data_edited_in_place(sample_data, mode
     assert sorted(resumed["losses"]) == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("where", ["inside", "same"])
+def test_a_run_writing_into_its_data_folder_resumes(sample_data, model_json, tmp_path, where):  # noqa: F811
+    """An out_dir in the data folder (or the data folder itself): the run's own checkpoints, lock and records are
+    left out of the data's fingerprint, so they do not make the data look edited; an edit to the data still does."""
+    data = tmp_path / "data"
+    shutil.copytree(sample_data, data)
+    out = data / "run" if where == "inside" else data
+    pretrain.train(_cfg(data, model_json, out, max_steps=4, save_every=2, stop_at_step=2))
+    resumed = pretrain.train(_cfg(data, model_json, out, max_steps=4, save_every=2, stop_at_step=3))
+    assert sorted(resumed["losses"]) == [1, 2, 3]
+    meta = (data / "meta.json").read_text()
+    (data / "meta.json").write_text(meta.replace('"num_docs"', '"num_docs" ', 1))
+    with pytest.raises(ckpt.ResumeSettingsError, match=rf"the contents of data_dir {data} changed"):
+        pretrain.train(_cfg(data, model_json, out, max_steps=4, save_every=2))
+
+
 def _rewrite_checkpoint(path, edit):
     """Apply `edit(state, meta)` to a checkpoint's state.pt and meta.json (as another LlamaThink version wrote it)."""
     state = torch.load(path / "state.pt", weights_only=True)

@@ -615,16 +615,42 @@ def input_fingerprints(cfg) -> dict[str, str]:
     names are left out). A file: its bytes. A folder: every file's relative name and size, and the bytes of those
     up to 64 MiB (config.json, meta.json, tokenizer files), so a folder of GBs of shards is stat-ed, not read."""
     out = {}
+    own = _own_outputs(getattr(cfg, "out_dir", None))
     for name in INPUT_SETTINGS:
         value = getattr(cfg, name, None)
         if isinstance(value, str) and value and os.path.exists(value):
-            out[name] = _fingerprint(Path(value))
+            out[name] = _fingerprint(Path(value), own)
     return out
 
 
-def _fingerprint(path: Path) -> str:
+# what a run writes in its out_dir: left out of an input folder's fingerprint when out_dir lies in that folder (or
+# is it), or every checkpoint would make the input look edited
+_OUT_DIR_ENTRIES = (
+    "checkpoints",
+    "final",
+    ".final.tmp",
+    ".final.old",
+    "history.json",
+    "history.json.tmp",
+    "train_config.json",
+    "finetune_config.json",
+    LOCK_FILE,
+    "wandb",
+)
+
+
+def _own_outputs(out_dir) -> tuple[Path, ...]:
+    if not out_dir:
+        return ()
+    root = Path(out_dir).resolve()
+    return tuple(root / entry for entry in _OUT_DIR_ENTRIES)
+
+
+def _fingerprint(path: Path, exclude: tuple[Path, ...] = ()) -> str:
     digest = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    if exclude and not path.is_file():
+        files = [f for f in files if not any(f.resolve().is_relative_to(e) for e in exclude)]
     for file in files:
         size = file.stat().st_size
         digest.update(f"{file.relative_to(path) if file != path else ''}\0{size}\0".encode("utf-8", "surrogateescape"))
