@@ -450,6 +450,16 @@ def test_resume_reproduces_the_run(finetuned, base_model, tmp_path):
     assert resumed["eval"][FT_STEPS] == pytest.approx(history["eval"][FT_STEPS], abs=1e-6)
 
 
+def test_a_sample_prompt_that_cannot_be_a_message_is_refused_before_training(base_model, tmp_path):
+    """A sample prompt the chat format refuses (here one holding U+FDD0) used to stop the run at its first sample
+    step, after training and before the checkpoint of that step: refused at the start, naming the setting."""
+    out = tmp_path / "run"
+    cfg = _ft_cfg(base_model, out, sample_prompts=["ok", "bad \ufdd0 x"], max_steps=4, save_every=4)
+    with pytest.raises(ValueError, match=r"sample_prompts\[1\] cannot be a chat message: .*U\+FDD0"):
+        finetune.finetune(cfg)
+    assert not (out / "checkpoints").exists()
+
+
 def test_packed_rows_train_each_conversation_as_alone(tok, sample, base_model, tmp_path):
     """packing: conversations packed into rows (each exactly once, no row over max_len, fewer rows than
     conversations); a packed batch's loss is the loss of its conversations one by one, token-weighted (the model

@@ -260,6 +260,12 @@ def _finetune(cfg: FinetuneConfig, accelerator) -> dict:
     model = load_saved_model(cfg.init_from, "init_from")  # first: a model that cannot be had is the error to see
     tokenizer = load_chat_tokenizer(cfg)
     check_vocab(len(tokenizer), model.config.vocab_size)
+    for i, prompt in enumerate(cfg.sample_prompts):  # rendered now, not first at the sample step after training
+        messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+        try:
+            prompt_ids(tokenizer, messages + [{"role": "user", "content": prompt}])
+        except ValueError as err:
+            raise ValueError(f"sample_prompts[{i}] cannot be a chat message: {err}") from None
     context = model.config.max_position_embeddings
     max_len = cfg.max_len or context
     if max_len > context:
