@@ -861,10 +861,13 @@ def test_invalid_text_and_bad_cli_numbers_are_refused(tok, tmp_path, capsys):
     assert run_interactive(session, io.StringIO("a\udcffb\nhello\n"), stdout, stderr) == 0
     assert "lone surrogate U+DCFF" in stderr.getvalue()
     assert [m["content"] for m in session.messages][:1] == ["hello"]
+    with pytest.raises(ValueError, match="temperature must be 0"):
+        GenerationSettings(4, 1e-300)
     for opt, val in (
         ("--temperature", "nan"),
         ("--temperature", "inf"),
         ("--temperature", "-1"),
+        ("--temperature", "1e-40"),  # logits / t overflow float32: NaN probabilities deep inside sampling
         ("--top-p", "-0.1"),
         ("--top-p", "nan"),
         ("--top-p", "1.5"),
