@@ -213,8 +213,9 @@ def _safetensor_files(d: str) -> list[str]:
 
 
 def load_tensors(d: str) -> dict[str, np.ndarray]:
-    """All tensors as float32 numpy arrays, by name (bf16 is converted exactly)."""
-    from safetensors import safe_open
+    """All tensors as float32 numpy arrays, by name (bf16 is converted exactly). Raises ExportError naming a
+    weights file that cannot be read (truncated, corrupt header) or a tensor in two shards."""
+    from safetensors import SafetensorError, safe_open
 
     try:
         import torch  # noqa: F401
@@ -224,14 +225,17 @@ def load_tensors(d: str) -> dict[str, np.ndarray]:
         framework = "numpy"
     out: dict[str, np.ndarray] = {}
     for fn in _safetensor_files(d):
-        with safe_open(fn, framework=framework) as f:
-            for name in f.keys():
-                if name in out:
-                    raise ExportError(f"tensor {name} appears in more than one shard")
-                t = f.get_tensor(name)
-                if framework == "pt":
-                    t = t.float().numpy()
-                out[name] = np.ascontiguousarray(np.asarray(t, dtype=np.float32))
+        try:
+            with safe_open(fn, framework=framework) as f:
+                for name in f.keys():
+                    if name in out:
+                        raise ExportError(f"tensor {name} appears in more than one shard")
+                    t = f.get_tensor(name)
+                    if framework == "pt":
+                        t = t.float().numpy()
+                    out[name] = np.ascontiguousarray(np.asarray(t, dtype=np.float32))
+        except (SafetensorError, OSError) as e:  # truncated, corrupt header, unreadable
+            raise ExportError(f"{fn} cannot be read as safetensors ({e}); is it truncated or corrupt?") from None
     return out
 
 

@@ -1543,6 +1543,18 @@ def test_csa_blend_bias_exports_as_version_3_and_runs_like_pytorch(run_bin, work
         assert r.returncode == 1 and re.search(message, r.stderr), r.stderr
 
 
+def test_a_truncated_or_corrupt_weights_file_is_named(tiny, tmp_path):
+    """A truncated safetensors file, or one whose header length is garbage: an ExportError naming the file."""
+    _, ck, _ = tiny
+    for name, damage in (("trunc", lambda b: b[: len(b) // 2]), ("header", lambda b: b"\xff" * 8 + b[8:])):
+        bad = tmp_path / name
+        shutil.copytree(ck, bad)
+        weights = bad / "model.safetensors"
+        weights.write_bytes(damage(weights.read_bytes()))
+        with pytest.raises(ex.ExportError, match=rf"{re.escape(str(weights))} cannot be read as safetensors"):
+            ex.export(str(bad), str(tmp_path / f"{name}.bin"), "fp32", verbose=False)
+
+
 def test_a_config_saved_before_csa_blend_bias_exports_the_seed_gate(run_bin, work, tmp_path):
     """A checkpoint saved before `csa_blend_bias` existed (config.json records transformers_version and has no
     such key; no bias tensor) exports as version 1, the seed's bias-free gate, as `from_pretrained` reads it; the
