@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -374,6 +375,14 @@ def test_messages_sharegpt_and_person_rows_from_jsonl_and_datasets(tmp_path):
     assert load_conversations(str(tmp_path / "ds")) == convs[:1] * 3
     path.write_bytes("".join(json.dumps(r) + "\r" for r in rows).encode())  # old Mac line ends read alike
     assert load_conversations(str(path)) == convs
+    # a missing local file is "no such file", not a Hub lookup; a broken .json file is named with the parser's word
+    for missing in ("data/convs.jsonl", "mydir/convs.json", str(tmp_path / "nope.json")):
+        with pytest.raises(ValueError, match=r"no such file"):
+            load_conversations(missing)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"messages": [')
+    with pytest.raises(ValueError, match=rf"{re.escape(str(broken))}: cannot be read as json"):
+        load_conversations(str(broken))
     # a bad byte or bad JSON is named with its file and line
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     path.write_bytes(path.read_bytes() + b'{"text": "caf\xe9"}\n')

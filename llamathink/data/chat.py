@@ -136,7 +136,11 @@ def _iter_rows(source: str, split: str, config_name: str | None) -> Iterable[dic
         kind = {".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
         if kind is None:
             raise ValueError(f"{path}: unsupported file type (use .jsonl, .json, .parquet or .csv)")
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        try:
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        except Exception as err:  # datasets wraps a parse error in DatasetGenerationError, with its cause
+            cause = err.__cause__ or err
+            raise ValueError(f"{path}: cannot be read as {kind} ({type(cause).__name__}: {cause})") from None
     elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
@@ -144,6 +148,10 @@ def _iter_rows(source: str, split: str, config_name: str | None) -> Iterable[dic
                 raise ValueError(f"{path}: no split {split!r} (splits: {', '.join(ds)})")
             ds = ds[split]
     else:  # a dataset directory with data files, or a Hub id
+        if not path.exists() and (
+            path.suffix in (".jsonl", ".json", ".parquet", ".csv") or source.startswith((".", "/", "~"))
+        ):
+            raise ValueError(f"{source}: no such file (a local path; a Hub dataset id has no file extension)")
         ds = datasets.load_dataset(source, config_name, split=split)
     yield from ds
 
