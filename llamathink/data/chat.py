@@ -138,7 +138,7 @@ def _iter_rows(source: str, split: str, config_name: str | None) -> Iterable[dic
             raise ValueError(f"{path}: unsupported file type (use .jsonl, .json, .parquet or .csv)")
         try:
             ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-        except Exception as err:  # datasets wraps a parse error in DatasetGenerationError, with its cause
+        except (datasets.exceptions.DatasetGenerationError, ValueError, OSError) as err:  # a parse error, wrapped
             cause = err.__cause__ or err
             raise ValueError(f"{path}: cannot be read as {kind} ({type(cause).__name__}: {cause})") from None
     elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
