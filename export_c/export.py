@@ -150,11 +150,8 @@ def load_config(d: str) -> dict:
     # null is the seed's bias-free gate, and so is a saved config without the key (it records transformers_version:
     # written before the field existed; LlamaThinkConfig reads it the same way). Only its presence matters here:
     # the bias values are tensors
-    if "csa_blend_bias" not in raw and "transformers_version" in raw:
-        cfg["csa_blend_bias"] = None
-    elif "csa_blend_bias" in raw:
-        cfg["csa_blend_bias"] = raw["csa_blend_bias"]
-    bias = cfg["csa_blend_bias"]
+    missing = None if "transformers_version" in raw else DEFAULTS["csa_blend_bias"]
+    cfg["csa_blend_bias"] = bias = raw.get("csa_blend_bias", missing)
     if bias is not None and (isinstance(bias, bool) or not isinstance(bias, (int, float))):
         raise ExportError(f"config field csa_blend_bias must be null or a number, got {bias!r}")
     if raw.get("head_dim") is None and "hidden_size" in raw and "num_attention_heads" in raw:

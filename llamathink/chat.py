@@ -71,6 +71,12 @@ class _StreamPrinter:
 MIN_TEMPERATURE = 1e-3  # below it sampling is greedy in all but name, and float32 logits / t overflow
 
 
+def temperature_is_valid(t) -> bool:
+    """0 (greedy) or a finite number >= MIN_TEMPERATURE: logits / t overflows float32 for tiny temperatures (inf,
+    then NaN probabilities deep inside sampling)."""
+    return isinstance(t, (int, float)) and math.isfinite(t) and (t == 0 or t >= MIN_TEMPERATURE)
+
+
 @dataclass
 class GenerationSettings:
     """How a :class:`ChatSession` samples its replies (the command's ``--max-new-tokens``, ``--temperature``,
@@ -82,10 +88,10 @@ class GenerationSettings:
     top_p: float = 0.9  # 1.0: off
 
     def __post_init__(self):
-        # logits / temperature overflows float32 for tiny temperatures (inf, then NaN probabilities)
-        t = self.temperature
-        if not (isinstance(t, (int, float)) and math.isfinite(t) and (t == 0 or t >= MIN_TEMPERATURE)):
-            raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {t!r}")
+        if not temperature_is_valid(self.temperature):
+            raise ValueError(
+                f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {self.temperature!r}"
+            )
 
 
 class ChatSession:
@@ -310,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_new_tokens < 1:
         ap.error("--max-new-tokens must be at least 1")
     # float() takes "nan" and "inf": a NaN temperature would silently mean greedy decoding
-    if not math.isfinite(args.temperature) or not (args.temperature == 0 or args.temperature >= MIN_TEMPERATURE):
+    if not temperature_is_valid(args.temperature):
         ap.error(f"--temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE} (got {args.temperature})")
     if not 0 <= args.top_p <= 1:  # also refuses NaN
         ap.error(f"--top-p must be in [0, 1] (got {args.top_p})")

@@ -198,6 +198,12 @@ def evaluate(model, dataset: ChatDataset, batch_size: int, accelerator, pad_toke
     return float(total / count) if count > 0 else float("nan")
 
 
+def sample_conversation(cfg: FinetuneConfig, prompt: str) -> list[dict]:
+    """The conversation a sample prompt is asked as: the system prompt if set, then the prompt as a user message."""
+    messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    return messages + [{"role": "user", "content": prompt}]
+
+
 @torch.no_grad()
 def generate_samples(model, tokenizer, cfg: FinetuneConfig, device) -> list[tuple[str, str]]:
     """Greedy replies to the sample prompts (each a one-message conversation, plus the system prompt if set)."""
@@ -205,8 +211,7 @@ def generate_samples(model, tokenizer, cfg: FinetuneConfig, device) -> list[tupl
     model.eval()
     out = []
     for prompt in cfg.sample_prompts:
-        messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-        ids = prompt_ids(tokenizer, messages + [{"role": "user", "content": prompt}])
+        ids = prompt_ids(tokenizer, sample_conversation(cfg, prompt))
         room = model.config.max_position_embeddings - len(ids)
         if room <= 0:
             continue
@@ -261,9 +266,8 @@ def _finetune(cfg: FinetuneConfig, accelerator) -> dict:
     tokenizer = load_chat_tokenizer(cfg)
     check_vocab(len(tokenizer), model.config.vocab_size)
     for i, prompt in enumerate(cfg.sample_prompts):  # rendered now, not first at the sample step after training
-        messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
         try:
-            prompt_ids(tokenizer, messages + [{"role": "user", "content": prompt}])
+            prompt_ids(tokenizer, sample_conversation(cfg, prompt))
         except ValueError as err:
             raise ValueError(f"sample_prompts[{i}] cannot be a chat message: {err}") from None
     context = model.config.max_position_embeddings
