@@ -1,13 +1,14 @@
 """Where the time goes: a torch.profiler view of one LlamaThink training step and of cached decoding on one GPU.
 
     python benchmarks/profile_gpu.py [--backend auto] [--batch 16] [--seq 1024] [--decode-tokens 32] [--compile]
-                                     [--out DIR]
+                                     [--optimizer] [--out DIR]
 
 Prints (and with --out writes as text) the kernels that take the most GPU time in a bf16 training step (with
 --compile also those of the step with each decoder layer compiled), the GPU time per layer kind (forward + backward, measured with
 CUDA events around each decoder layer and the loss), and for
 greedy decoding at batch 1: host time per token, kernel launches per token and the host<->device syncs per token,
-with the Python lines that cause them (`torch.cuda.set_sync_debug_mode`).
+with the Python lines that cause them (`torch.cuda.set_sync_debug_mode`); with --optimizer also the host and GPU
+time of gradient clipping + the optimizer step (Muon + AdamW).
 """
 
 from __future__ import annotations
@@ -123,6 +124,51 @@ def step_wall_ms(model, ids, steps=5) -> str:
     return f"wall time of a training step (forward + backward, no optimizer): {wall:.1f} ms"
 
 
+def optimizer_ms(model, steps: int = 10) -> str:
+    """The training loop's work between backward and the next forward, alone: gradient clipping and the project's
+    optimizer (Muon for hidden matrices, AdamW for the rest; `llamathink.train.optim.build_optimizer` with the
+    default settings) on random gradients. Host time is the time to launch it (no sync); wall time waits for the
+    GPU. When the host time is above the GPU time, the GPU idles for the difference on every step (the loop reads
+    the loss and the gradient norm before the update)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from llamathink.train.config import RunConfig
+    from llamathink.train.optim import build_optimizer
+
+    optimizer = build_optimizer(model, RunConfig())
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+
+    def step():
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    host = wall = 0.0
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        host += (t1 - t0) * 1e3 / steps
+        wall += (time.perf_counter() - t0) * 1e3 / steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    launches = sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+    model.zero_grad(set_to_none=True)
+    table = averages.table(sort_by="device_time_total", row_limit=20, max_name_column_width=70)
+    return (
+        f"clip + optimizer step: host (launch) {host:.1f} ms, wall {wall:.1f} ms, {launches} kernel launches; its "
+        f"kernels' GPU time is the table's 'Self CUDA time total' (the optimizer's own annotation row counts the "
+        f"span, not kernels)\n{table}"
+    )
+
+
 @torch.no_grad()
 def decode_profile(model, tokens: int) -> str:
     from torch.profiler import ProfilerActivity, profile
@@ -173,6 +219,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="also write the report to DIR/profile_<backend>.txt")
     parser.add_argument("--no-decode", action="store_true", help="skip the decoding profile")
     parser.add_argument("--host-stacks", action="store_true", help="also where the compiled step spends host time")
+    parser.add_argument("--optimizer", action="store_true", help="also time gradient clipping + the optimizer step")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = LlamaThinkForCausalLM(LlamaThinkConfig(gdn_backend=args.backend)).cuda()
@@ -196,6 +243,9 @@ def main(argv=None) -> int:
         report.append(f"graph breaks: {sum(breaks.values())} ({len(counters['stats'])} dynamo stats); reasons:")
         report += [f"  {n:4d}  {reason[:200]}" for reason, n in sorted(breaks.items(), key=lambda kv: -kv[1])[:10]]
         report.append(step_wall_ms(compiled, ids))
+    if args.optimizer:
+        report.append("## the optimizer step (Muon + AdamW, default settings) and gradient clipping")
+        report.append(optimizer_ms(model))
     if not args.no_decode:
         report.append("## cached greedy decode, batch 1 (bf16 weights)")
         report.append(decode_profile(model.to(torch.bfloat16), args.decode_tokens))

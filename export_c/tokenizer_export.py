@@ -173,6 +173,17 @@ def read_text_guard_flag(path: str) -> int:
 
 
 def read_hf_json(path: str) -> dict:
+    """The run.c tokenizer of an HF tokenizer.json (BPE) at `path`, with bos/eos from the tokenizer_config.json
+    beside it. Raises TokenizerExportError naming the file when either is not valid JSON of the expected shape."""
+    try:
+        return _read_hf_json(path)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # (JSONDecodeError is a ValueError)
+        raise TokenizerExportError(
+            f"{path} (or the tokenizer_config.json beside it): not a readable tokenizer file ({type(e).__name__}: {e})"
+        ) from e
+
+
+def _read_hf_json(path: str) -> dict:
     with open(path, encoding="utf-8") as f:
         j = json.load(f)
     model = j.get("model", {})

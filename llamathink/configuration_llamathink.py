@@ -260,7 +260,7 @@ class LlamaThinkConfig(PretrainedConfig):
             raise ValueError(f"gdn_backend={self.gdn_backend!r} is not one of the allowed values {list(GDN_BACKENDS)}")
         if not (isinstance(self.decode_cuda_graphs, bool) or self.decode_cuda_graphs == "always"):
             raise ValueError(f'decode_cuda_graphs must be true, false or "always", got {self.decode_cuda_graphs!r}')
-        for name in ("hyper_connections", "rescale_prenorm_residual"):
+        for name in ("hyper_connections", "rescale_prenorm_residual", "tie_word_embeddings", "use_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("A_init_range", "dt_init_range"):
@@ -277,6 +277,8 @@ class LlamaThinkConfig(PretrainedConfig):
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name, None)
             ids = value if isinstance(value, (list, tuple)) else [value]
+            if isinstance(value, (list, tuple)) and (not value or None in value):  # generate() would stop on nothing
+                raise ValueError(f"{name} must be a token id (an integer), a list of them or null, got {value!r}")
             for token_id in ids:
                 if token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int)):
                     raise ValueError(f"{name} must be a token id (an integer), a list of them or null, got {value!r}")

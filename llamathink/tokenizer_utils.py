@@ -46,6 +46,7 @@ mask padding in the labels never mask a real end-of-sequence token.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -327,6 +328,19 @@ def check_tokenizer(tok, source: str = "") -> None:
         raise ValueError(f"tokenizer{where} produced ids {ids} outside its vocabulary of {n}")
 
 
+@contextlib.contextmanager
+def _names_unreadable_tokenizer(path: Path):
+    """A tokenizer file that cannot be parsed (truncated, edited, not a tokenizer) as a ValueError naming `path`:
+    the tokenizers library raises a bare Exception ("EOF while parsing ..."), transformers a JSONDecodeError or a
+    KeyError, none of which says which file."""
+    try:
+        yield
+    except ImportError:  # a missing optional package: its own message says what to install
+        raise
+    except Exception as err:  # whatever the parser raised, re-raised with the file's name
+        raise ValueError(f"{path}: cannot read this tokenizer ({type(err).__name__}: {err})") from err
+
+
 def load_tokenizer(name_or_path: str | os.PathLike, *, check: bool = True):
     """Load a tokenizer and check it (see :func:`check_tokenizer`).
 
@@ -357,7 +371,8 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, check: bool = True):
     elif path.is_file() and path.suffix == ".model":
         tok = tokenizer_from_sentencepiece(path)
     elif path.is_file() and path.suffix == ".json":
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(path), clean_up_tokenization_spaces=False)
+        with _names_unreadable_tokenizer(path):
+            tok = PreTrainedTokenizerFast(tokenizer_file=str(path), clean_up_tokenization_spaces=False)
         vocab = tok.get_vocab()
         for attr, tokname in (("unk_token", UNK), ("bos_token", BOS), ("eos_token", EOS)):
             if getattr(tok, attr) is None and tokname in vocab:
@@ -368,15 +383,18 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, check: bool = True):
         if not has_hf and (path / "tokenizer.model").is_file():
             tok = tokenizer_from_sentencepiece(path / "tokenizer.model")
         elif has_hf:
-            try:
-                tok = AutoTokenizer.from_pretrained(str(path))
-            except (OSError, ValueError, ImportError) as err:  # e.g. "install sentencepiece or tiktoken"
-                if (path / "tokenizer.json").exists() or (path / "tokenizer.model").exists():
-                    raise
-                raise ValueError(
-                    f"{path}: transformers cannot load the tokenizer of this folder ({err}); note that it holds "
-                    "tokenizer_config.json but neither tokenizer.json nor tokenizer.model: was the vocabulary lost?"
-                ) from None
+            if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
+                try:
+                    tok = AutoTokenizer.from_pretrained(str(path))
+                except (OSError, ValueError, ImportError) as err:  # e.g. "install sentencepiece or tiktoken"
+                    raise ValueError(
+                        f"{path}: transformers cannot load the tokenizer of this folder ({err}); note that it holds "
+                        "tokenizer_config.json but neither tokenizer.json nor tokenizer.model: was the vocabulary "
+                        "lost?"
+                    ) from None
+            else:
+                with _names_unreadable_tokenizer(path):
+                    tok = AutoTokenizer.from_pretrained(str(path))
         else:
             raise FileNotFoundError(
                 f"{path}: directory has no tokenizer.json, tokenizer_config.json or tokenizer.model"

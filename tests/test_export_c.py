@@ -2099,3 +2099,22 @@ def test_the_exporter_never_overwrites_what_it_did_not_write(chat_model, tmp_pat
     assert ex.main([str(d), model_bin, "--tokenizer-out", tok_bin]) == 0  # re-export over earlier exports
     assert ex.main([str(d), str(tmp_path / "empty.bin")]) == 0
     assert (tmp_path / "empty.bin").read_bytes() == Path(model_bin).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"version": "1.0", "model": {',
+        '{"model": {"type": "BPE", "vocab": [1, 2]}}',
+        '{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "added_tokens": [{"id": "x"}]}',
+    ],
+    ids=["truncated", "vocab-not-a-map", "added-token-id-not-a-number"],
+)
+def test_tokenizer_export_names_an_unreadable_tokenizer_json(tmp_path, capsys, text):
+    """A truncated or edited tokenizer.json: exit status 1 with one line naming the file, nothing written."""
+    (tmp_path / "tokenizer.json").write_text(text)
+    out = tmp_path / "tokenizer.bin"
+    assert tkx.main([str(tmp_path), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'tokenizer.json'} (or the tokenizer_config.json beside it): not a readable tokenizer" in err
+    assert "Traceback" not in err and not out.exists()

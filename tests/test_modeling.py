@@ -82,6 +82,10 @@ def test_default_config_is_the_95m_model():
         ({"csa_blend_bias": True}, "csa_blend_bias"),
         ({"csa_blend_bias": float("inf")}, "csa_blend_bias"),
         ({"csa_blend_bias": float("nan")}, "csa_blend_bias"),
+        ({"tie_word_embeddings": "no"}, "tie_word_embeddings"),
+        ({"use_cache": 0}, "use_cache"),
+        ({"eos_token_id": []}, "eos_token_id"),
+        ({"eos_token_id": [2, None]}, "eos_token_id"),
     ],
 )
 def test_config_rejects_inconsistent_values(overrides, field):

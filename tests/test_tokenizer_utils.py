@@ -227,3 +227,19 @@ def test_cli_train_and_info(tmp_path, capsys):
     out = capsys.readouterr().out
     info = json.loads(out[out.index("{") :])
     assert info["vocab_size"] == 512 and info["bos_token_id"] == 1 and info["ids"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"version": "1.0", "model": {', "not json at all", '{"model": {"type": "BPE", "vocab": [1, 2]}}'],
+    ids=["truncated", "not-json", "wrong-shape"],
+)
+def test_an_unreadable_tokenizer_json_is_named(tmp_path, text):
+    """A truncated or edited tokenizer.json, given as the file or as its folder: a ValueError naming it (the
+    tokenizers library raises a bare Exception, transformers a JSONDecodeError, neither naming the file)."""
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(text)
+    for spec in (folder / "tokenizer.json", folder):
+        with pytest.raises(ValueError, match=f"{spec}: cannot read this tokenizer"):
+            load_tokenizer(spec)

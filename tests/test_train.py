@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_model, torch_threads, weight_gaps
+from conftest import REPO_ROOT, tiny_model
 
 from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
 from llamathink.data import LocalSource, TokenBatchLoader, prepare, val_batches
@@ -336,8 +336,18 @@ def test_nonfinite_loss_stops_or_skips_and_keeps_checkpoints(sample_data, model_
         return model
 
     monkeypatch.setattr(pretrain, "build_model", poisoned)
-    with pytest.raises(loop.NonFiniteLoss, match="non-finite loss"):
+    with pytest.raises(loop.NonFiniteLoss, match="non-finite loss.*No checkpoint had been written yet"):
         pretrain.train(_cfg(sample_data, model_json, tmp_path / "nan2", max_steps=12))
+    with pytest.raises(loop.NonFiniteLoss, match=r"The last checkpoint, .*step_00000002, is intact"):
+        loop.skip_nonfinite_step(
+            _cfg(sample_data, model_json, out),
+            3,
+            float("nan"),
+            1.0,
+            0,
+            torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1),
+            None,
+        )
     # resuming loads the good checkpoint weights over the poisoned init, so this run is healthy
     history = pretrain.train(_cfg(sample_data, model_json, out, max_steps=12, stop_at_step=3))
     assert 3 in history["losses"] and math.isfinite(history["losses"][3])
@@ -905,37 +915,6 @@ def test_compile_true_trains_layer_by_layer_and_saves_plain_checkpoints(sample_d
     names = set(ckpt.load_checkpoint(tmp_path / "layers/checkpoints/step_00000004")["model"])
     assert names == set(ckpt.load_checkpoint(tmp_path / "eager/checkpoints/step_00000004")["model"])
     assert not any("_orig_mod" in n for n in names)
-
-
-def test_weight_gap_criterion_tolerates_rounding_and_catches_a_lost_micro_batch():
-    """The criterion of the CUDA-graph GPU tests (`weight_gaps` under 10% of each tensor's update after three SGD
-    steps of lr 0.5 on two accumulated micro-batches), calibrated on the CPU: 4e-3 relative noise on every gradient
-    (about bf16's rounding) keeps every tensor well under it (the few-entry `dt_bias` moves most, about 4%);
-    dropping one micro-batch's gradient moves the embedding by most of its update."""
-
-    dims = {"linear_key_head_dim": 16, "linear_value_head_dim": 32, "head_dim": 16, "hidden_size": 64}
-    batches = [torch.randint(1, 96, (2, 128), generator=torch.Generator().manual_seed(s)) for s in (0, 1) * 3]
-    w_init = {n: p.detach().clone() for n, p in tiny_model(dtype=torch.float32, **dims).named_parameters()}
-
-    def train(noise: float = 0.0, drop_second: bool = False):
-        generator = torch.Generator().manual_seed(1)
-        model = tiny_model(dtype=torch.float32, gdn_backend="torch", **dims).train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        for micro_batches in (batches[0:2], batches[2:4], batches[4:6]):
-            for i, ids in enumerate(micro_batches):
-                loss = model(ids, labels=ids, use_cache=False, skip_logits=True).loss / 2  # as on the GPU
-                if not (drop_second and i == 1):
-                    loss.backward()
-            for p in model.parameters():
-                p.grad.mul_(1 + noise * torch.randn(p.grad.shape, generator=generator))
-            opt.step()
-            opt.zero_grad()
-        return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-    with torch_threads(2):
-        exact, noisy, lost = train(), train(noise=4e-3), train(drop_second=True)
-    assert max(weight_gaps(exact, noisy, w_init).values()) < 0.06
-    assert weight_gaps(exact, lost, w_init)["model.embed_tokens.weight"] > 0.5
 
 
 def test_a_data_folder_whose_recorded_tokenizer_is_not_here_names_meta_json_and_the_fix(

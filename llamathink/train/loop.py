@@ -149,10 +149,9 @@ def skip_nonfinite_step(
     optimizer.zero_grad(set_to_none=set_to_none)
     message = f"non-finite loss or gradient at step {step} (loss {loss_value}, grad norm {float(grad_norm)})"
     if cfg.nonfinite == "stop":
-        raise NonFiniteLoss(
-            message + "; stopping (set nonfinite: skip to skip such steps). The last "
-            f"checkpoint in {checkpoint_dir(cfg.out_dir)} is intact."
-        )
+        saved = list_checkpoints(cfg.out_dir)
+        kept = f"The last checkpoint, {saved[-1]}, is intact." if saved else "No checkpoint had been written yet."
+        raise NonFiniteLoss(message + f"; stopping (set nonfinite: skip to skip such steps). {kept}")
     skips += 1
     accelerator.print(message + f"; step skipped ({skips} in a row)")
     if skips >= cfg.max_consecutive_skips:
@@ -399,9 +398,9 @@ def run_training(
     cuda_graphs = compile is not None and uses_cuda_graphs({"mode": compile_mode})
     if cuda_graphs:  # gradients accumulate into tensors of their own (see the docstring)
         accelerator.print(
-            f"warning: compile_mode: {compile_mode} (CUDA graphs) is opt-in: three of six GPU runs of its tests found "
-            "gradients 1-4% away from the default mode's, and weights up to 19% of their update after three SGD "
-            "steps (README, 'What compile: true costs'); use compile_mode: default for runs whose result matters"
+            f"note: compile_mode: {compile_mode} (CUDA graphs) is opt-in: its tests give the default mode's gradients "
+            "with deterministic algorithms, but older tests found bf16 gradients 1-4% apart on three GPU machines of "
+            "six, not yet explained (README, 'What compile: true costs'); compile_mode: default is the reference"
         )
         for p in raw_model.parameters():
             if p.requires_grad and p.grad is None:
@@ -449,11 +448,10 @@ def run_training(
             t_step = time.perf_counter()
         micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
         counts = [count_trained_tokens(b["labels"]) for b in micro_batches]
-        # one reduction gives the step's loss terms and input positions over all processes
-        totals = torch.tensor(
-            [float(sum(counts)), float(sum(b["input_ids"].numel() for b in micro_batches))], device=accelerator.device
-        )
-        n_step, positions = (int(v) for v in accelerator.reduce(totals, "sum").tolist())
+        n_step, positions = sum(counts), sum(b["input_ids"].numel() for b in micro_batches)
+        if world > 1:  # one reduction gives the step's loss terms and input positions over all processes
+            totals = torch.tensor([float(n_step), float(positions)], device=accelerator.device)
+            n_step, positions = (int(v) for v in accelerator.reduce(totals, "sum").tolist())
         if n_step == 0:
             raise ValueError(f"step {step + 1}: no token of the step's batches has a label; nothing to train on")
         loss_sum = torch.zeros((), device=accelerator.device)
@@ -470,8 +468,11 @@ def run_training(
                     loss = sum(p.sum() for p in model.parameters()) * 0.0
                 accelerator.backward(loss * (n * world / n_step))  # DDP averages gradients over processes
             loss_sum += loss.detach().float() * n
-        loss_value = float(accelerator.reduce(loss_sum, "sum") / n_step)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # unscales fp16 gradients
+        # the step's one wait for the device (the update below depends on both values being finite): read together
+        loss_value, grad_norm = torch.stack(
+            [accelerator.reduce(loss_sum, "sum") / n_step, torch.as_tensor(grad_norm, device=loss_sum.device).float()]
+        ).tolist()
         if measure:
             _sync(accelerator.device)
             t_opt = time.perf_counter()
