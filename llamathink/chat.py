@@ -22,6 +22,7 @@ leaves when pressed at the prompt.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -246,7 +247,22 @@ def run_interactive(
             stderr.write("[interrupted; this exchange is not kept]\n")
         except ValueError as err:  # ContextOverflow, or a message the template refuses (U+FDD0)
             stderr.write(f"[{err}]\n")
+        except OSError as err:  # the reader went away (a closed pipe), or the disk under a redirected stdout is full
+            return _output_failed(err, stdout, stderr)
         stderr.flush()
+
+
+def _output_failed(err: OSError, stdout: TextIO, stderr: TextIO) -> int:
+    """The exit status when the reply cannot be written: 0 for a closed pipe (e.g. piped into `head`: stop
+    quietly, as other command-line tools do), 1 with a one-line error for anything else (a full disk)."""
+    if stdout is sys.stdout:  # the interpreter's final flush would raise again at exit
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if isinstance(err, BrokenPipeError):
+        return 0
+    stderr.write(f"llamathink-chat: error: cannot write the reply: {err}\n")
+    stderr.flush()
+    return 1
 
 
 def load_chat_model(
@@ -257,7 +273,9 @@ def load_chat_model(
     dtype: str = "auto",
     trust_remote_code: bool = False,
 ):
-    """Model (eval mode) and tokenizer for chatting. A tokenizer without a chat template gets LlamaThink's."""
+    """Model (eval mode) and tokenizer for chatting. A tokenizer without a chat template gets LlamaThink's.
+    Raises ValueError for weights with NaN or infinite values (in `dtype`), and what `load_saved_model` and
+    `load_tokenizer` raise."""
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -272,6 +290,13 @@ def load_chat_model(
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bar in front of the chat
     model = load_saved_model(path, "model", getattr(torch, dtype), auto=True, trust_remote_code=trust_remote_code)
+    broken = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if broken:  # sampling would fail deep inside torch.multinomial, greedy decoding would print nothing
+        listed = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+        raise ValueError(
+            f"its weights hold NaN or infinite values ({listed}) in {dtype}: the model cannot generate text (saved "
+            "from a run that diverged, or values beyond the range of the dtype)"
+        )
     model.to(device).eval()
     tok = load_tokenizer(tokenizer or path)
     template = getattr(tok, "chat_template", None)
@@ -280,6 +305,15 @@ def load_chat_model(
         set_chat_template(tok)
     elif is_llamathink_template(template):
         set_chat_template(tok)  # an older checkpoint's copy of the format: the current one, content guarded
+    else:  # another template: render a probe now rather than fail at the first message
+        probe = [{"role": "user", "content": "Hello"}]
+        try:
+            tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+        except Exception as err:  # jinja2's syntax and undefined-variable errors, a template that raises
+            raise ValueError(
+                f"its tokenizer's chat template (chat_template.jinja or tokenizer_config.json) cannot render a "
+                f"conversation ({type(err).__name__}: {err})"
+            ) from err
     return model, tok
 
 
@@ -373,8 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:  # ContextOverflow, or a message the template refuses (U+FDD0)
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # e.g. piped into `head`: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError as err:  # a closed pipe (e.g. piped into `head`), a full disk under a redirected stdout
+        return _output_failed(err, sys.stdout, sys.stderr)
     return 0
 
 

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -662,6 +663,25 @@ def test_interactive_loop_with_a_fake_stdin(tok):
     assert not any(m["content"] == lines[2] for m in session.messages)  # before /reset
 
 
+@pytest.mark.parametrize(
+    "error, status", [(BrokenPipeError(32, "Broken pipe"), 0), (OSError(28, "No space left on device"), 1)]
+)
+def test_interactive_chat_stops_cleanly_when_the_reply_cannot_be_written(tok, error, status):
+    """stdout closed by its reader (piped into `head`): stop quietly with status 0; a full disk under a redirected
+    stdout: one line saying so, status 1. Not a traceback either way, and no second message is read."""
+    model = tiny_chat_model(max_positions=96)
+    session = ChatSession(model, tok, settings=GenerationSettings(max_new_tokens=4, temperature=0))
+
+    class Unwritable(io.StringIO):
+        def write(self, text):
+            raise error
+
+    stdin, stderr = io.StringIO("hello\nagain\n"), io.StringIO()
+    assert run_interactive(session, stdin, Unwritable(), stderr) == status
+    assert stdin.readline() == "again\n"  # stopped after the first message
+    assert ("No space left on device" in stderr.getvalue()) == (status == 1)
+
+
 def test_ctrl_c_stops_a_reply_and_leaves_at_the_prompt(tok, monkeypatch):
     model = tiny_chat_model(max_positions=96)
     session = ChatSession(model, tok, settings=GenerationSettings(max_new_tokens=4, temperature=0))
@@ -909,3 +929,36 @@ def test_invalid_text_and_bad_cli_numbers_are_refused(tok, tmp_path, capsys):
     )
     assert r.returncode == 1 and r.stdout == b"", r.stderr[-2000:]
     assert b"error: message 0 is not valid text: lone surrogate U+DCFF at character 1" in r.stderr, r.stderr[-2000:]
+
+
+def test_chat_refuses_weights_with_nan_by_name(finetuned, tmp_path, capsys):
+    """A saved model whose weights hold NaN (a run that diverged, then saved): refused at load naming the tensor
+    (sampling failed deep in torch.multinomial, greedy decoding printed an empty reply)."""
+    from safetensors.torch import load_file, save_file
+
+    final = tmp_path / "final"
+    shutil.copytree(finetuned[1] / "final", final)
+    weights = load_file(final / "model.safetensors")
+    weights["model.norm.weight"][3] = float("nan")
+    save_file(weights, final / "model.safetensors", metadata={"format": "pt"})
+    for mode in (["--greedy"], ["--temperature", "0.7"]):
+        assert chat_main([str(final), "-p", "Hi!", "--max-new-tokens", "4", *mode]) == 2
+        err = capsys.readouterr().err
+        assert "NaN or infinite values (model.norm.weight)" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["{% for m in messages %}{{ m.content }", "{{ raise_exception('no chat here') }}"],
+    ids=["syntax", "raises"],
+)
+def test_chat_refuses_a_broken_chat_template_at_load(finetuned, tmp_path, capsys, template):
+    """A chat template that cannot render a conversation (a syntax error, a template that raises): refused when
+    the model loads, naming the template, rather than with jinja's traceback at the first message."""
+    final = tmp_path / "final"
+    shutil.copytree(finetuned[1] / "final", final)
+    (final / "chat_template.jinja").write_text(template)
+    assert chat_main([str(final), "-p", "Hi!", "--max-new-tokens", "4", "--greedy"]) == 2
+    err = capsys.readouterr().err
+    assert "chat template (chat_template.jinja or tokenizer_config.json) cannot render" in err
+    assert "Traceback" not in err

@@ -951,3 +951,18 @@ def test_a_tokenizer_other_than_the_datas_is_named_in_a_warning(sample_data, mod
     (data / "meta.json").write_text(json.dumps({**meta, "tokenizer_sha256": "0" * 64}))
     pretrain.train(_cfg(data, model_json, tmp_path / "b", max_steps=1, save_every=1, eval_every=1, warmup_steps=0))
     assert "is not the one" in capsys.readouterr().out
+
+
+def test_resume_takes_the_same_inputs_spelled_another_way(sample_data, model_json, tmp_path, monkeypatch):
+    """A run started with relative paths resumes with the absolute names of the same files (and back); the
+    contents are still checked under the new spelling, and another folder is still refused."""
+    monkeypatch.chdir(sample_data.parent)
+    out = tmp_path / "run"
+    relative = _cfg(sample_data.name, os.path.relpath(model_json), out, max_steps=4, stop_at_step=2, save_every=2)
+    pretrain.train(relative)
+    history = pretrain.train(_cfg(sample_data.resolve(), model_json.resolve(), out, max_steps=4, save_every=2))
+    assert sorted(history["losses"]) == [1, 2, 3, 4]
+    other = tmp_path / "other_data"
+    shutil.copytree(sample_data, other)
+    with pytest.raises(ckpt.ResumeSettingsError, match="data_dir"):
+        pretrain.train(_cfg(other, model_json, out, max_steps=6, save_every=2))

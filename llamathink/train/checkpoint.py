@@ -661,13 +661,30 @@ def _fingerprint(path: Path, exclude: tuple[Path, ...] = ()) -> str:
     return digest.hexdigest()
 
 
+def same_setting(saved, value) -> bool:
+    """Whether a saved setting and the current one are the same: equal as JSON values, or two names of one existing
+    file or folder (`runs/data` and `/home/me/runs/data` from the same working directory)."""
+    if _json_value(saved) == _json_value(value):
+        return True
+    if not (isinstance(saved, str) and isinstance(value, str) and saved and value):
+        return False
+    try:
+        return os.path.samefile(os.path.expanduser(saved), os.path.expanduser(value))
+    except OSError:  # either is missing or unreadable: not known to be the same
+        return False
+
+
 def check_inputs_unchanged(saved: dict | None, cfg, where: str, saved_settings: dict | None = None) -> None:
     """Raise ResumeSettingsError naming each of `saved`'s inputs ({setting: fingerprint}, from the run's start)
     whose file or folder, under the name it had in `saved_settings` (the run's saved settings), now holds other
     contents (a renamed input is `compare_resume_settings`' business)."""
     if not isinstance(saved, dict) or not saved:
         return
-    same = {name for name in saved if saved_settings is None or saved_settings.get(name) == getattr(cfg, name, None)}
+    same = {
+        name
+        for name in saved
+        if saved_settings is None or same_setting(saved_settings.get(name), getattr(cfg, name, None))
+    }
     current = input_fingerprints(cfg)
     changed = [
         f"{name} {getattr(cfg, name)}"
@@ -710,7 +727,7 @@ def compare_resume_settings(
     current = dataclasses.asdict(cfg)
     fixed, changed = [], []
     for name, value in current.items():
-        if name in _NOT_COMPARED or name not in saved or _json_value(saved[name]) == _json_value(value):
+        if name in _NOT_COMPARED or name not in saved or same_setting(saved[name], value):
             continue
         line = f"{name}: {saved[name]!r} -> {value!r}"
         (changed if name in RESUME_APPLIED else fixed).append(line)
