@@ -606,6 +606,18 @@ def main(argv=None) -> int:
         "transformers' LlamaTokenizer's (see export_c/README.md)",
     )
     a = ap.parse_args(argv)
+    tokenizer_only = [
+        name
+        for name, given in (
+            ("--tokenizer-src", a.tokenizer_src),
+            ("--chat-marker", a.chat_marker),
+            ("--no-chat-markers", a.no_chat_markers),
+            ("--tokenizer-sentencepiece", a.tokenizer_sentencepiece),
+        )
+        if given
+    ]
+    if tokenizer_only and not a.tokenizer_out:  # they would be ignored: say so rather than write a model alone
+        ap.error(f"{', '.join(tokenizer_only)} only apply to tokenizer.bin: add --tokenizer-out PATH")
     try:
         if a.tokenizer_out:  # checked before anything is written
             from .tokenizer_export import TK_MAGIC

@@ -2086,6 +2086,11 @@ def test_the_exporter_never_overwrites_what_it_did_not_write(chat_model, tmp_pat
     assert ex.main([str(d), model_bin, "--tokenizer-out", str(tmp_path / "link.bin")]) == 1
     assert "is the model's output path too" in capsys.readouterr().err
     assert ex.main([str(d), str(tmp_path / "x.bin"), "--tokenizer-out", str(tmp_path / "x.bin")]) == 1
+    for flags in (["--chat-marker", "user_start=<u>"], ["--no-chat-markers"], ["--tokenizer-src", str(d)]):
+        with pytest.raises(SystemExit) as stop:  # tokenizer settings without a tokenizer to write: not ignored
+            ex.main([str(d), str(tmp_path / "y.bin"), *flags])
+        assert stop.value.code == 2 and "only apply to tokenizer.bin: add --tokenizer-out" in capsys.readouterr().err
+        assert not (tmp_path / "y.bin").exists()
     assert {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()} == before  # every file as it was
     with pytest.raises(ex.ExportError, match="refusing to overwrite"):
         tkx.export_tokenizer(str(d), str(d / "config.json"))
