@@ -329,11 +329,14 @@ def test_messages_without_text_content_are_invalid_rows_not_empty_replies(tmp_pa
     ]
     path = tmp_path / "chats.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    stats = Counter()
-    assert load_conversations(str(path), stats=stats) == [
+    stats, skipped = Counter(), []
+    assert load_conversations(str(path), stats=stats, skipped=skipped) == [
         [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     ]
     assert stats["invalid"] == 5
+    # the first three are described, by row and reason
+    assert [why.split(":")[0] for why in skipped] == [f"{path} row {n}" for n in (2, 3, 4)], skipped
+    assert all(len(why.split(": ", 1)[1]) > 5 for why in skipped), skipped
 
 
 @pytest.mark.parametrize(

@@ -156,6 +156,10 @@ def _iter_rows(source: str, split: str, config_name: str | None) -> Iterable[dic
     yield from ds
 
 
+# how many skipped rows `load_conversations` describes
+SKIPPED_EXAMPLES = 3
+
+
 def load_conversations(
     source: str,
     *,
@@ -164,20 +168,26 @@ def load_conversations(
     config_name: str | None = None,
     limit: int | None = None,
     stats: Counter | None = None,
+    skipped: list[str] | None = None,
 ) -> list[list[dict]]:
     """Conversations (lists of messages) from ``source``: ``"sample"`` (the bundled conversations), a ``.jsonl``
     file, or anything ``datasets`` loads (file, ``save_to_disk`` directory, Hub id with ``split``/``config_name``).
-    Rows that cannot be read as a conversation are skipped and counted in ``stats["invalid"]``."""
+    Rows that cannot be read as a conversation are skipped and counted in ``stats["invalid"]``; the first few are
+    described in ``skipped`` ("<source> row N: why"; rows numbered from 1, blank lines of a .jsonl not counted)."""
     stats = stats if stats is not None else Counter()
     conversations = []
-    for row in _iter_rows(source, split, config_name):
+    for number, row in enumerate(_iter_rows(source, split, config_name), 1):
         if limit is not None and len(conversations) >= limit:
             break
         try:
             conversations.append(row_to_messages(row, data_format))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError) as err:
             stats["invalid"] += 1
+            if skipped is not None and len(skipped) < SKIPPED_EXAMPLES:
+                why = f"no field {err}" if isinstance(err, KeyError) else str(err)
+                skipped.append(f"{source} row {number}: {why}"[:300])
     return conversations
+
 
 
 # ---------------------------------------------------------------------------------------------------------------

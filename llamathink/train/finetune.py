@@ -119,7 +119,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
 def prepare_data(cfg: FinetuneConfig, tokenizer, max_len: int) -> tuple[ChatDataset, ChatDataset, dict]:
     """Training and held-out examples, and counts of what was read, kept, truncated and skipped."""
-    read = Counter()
+    read, skipped = Counter(), []
     conversations = load_conversations(
         cfg.data,
         split=cfg.data_split,
@@ -127,6 +127,7 @@ def prepare_data(cfg: FinetuneConfig, tokenizer, max_len: int) -> tuple[ChatData
         config_name=cfg.data_config,
         limit=cfg.max_conversations,
         stats=read,
+        skipped=skipped,
     )
     if cfg.eval_data:
         train_convs = conversations
@@ -137,6 +138,7 @@ def prepare_data(cfg: FinetuneConfig, tokenizer, max_len: int) -> tuple[ChatData
             config_name=cfg.data_config,
             limit=cfg.max_eval_conversations,
             stats=read,
+            skipped=skipped,
         )
     else:
         train_convs, eval_convs = split_held_out(conversations, cfg.eval_fraction, cfg.seed, cfg.max_eval_conversations)
@@ -145,6 +147,7 @@ def prepare_data(cfg: FinetuneConfig, tokenizer, max_len: int) -> tuple[ChatData
     held = build_examples(tokenizer, eval_convs, max_len, system_prompt=cfg.system_prompt, stats=eval_stats)
     stats = {
         "invalid_rows": read["invalid"],
+        "invalid_row_examples": skipped,
         "train_conversations": len(train_convs),
         "eval_conversations": len(eval_convs),
         "train": dict(train_stats),
@@ -163,7 +166,7 @@ def _describe(stats: dict) -> str:
         f"({t.get('truncated', 0)} truncated at a turn), {t.get('too_long', 0)} dropped as too long, "
         f"{t.get('no_assistant', 0)} skipped with nothing to learn; held-out examples: {e.get('kept', 0)}; "
         f"{stats['train_trained_tokens']:,} of {stats['train_tokens']:,} training tokens are "
-        "trained on"
+        "trained on" + "".join(f"\n  skipped: {why}" for why in stats.get("invalid_row_examples", ()))
     )
 
 
