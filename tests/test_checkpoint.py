@@ -900,7 +900,7 @@ def test_an_older_checkpoint_with_a_config_without_a_changed_default_is_refused(
     assert sorted(resumed["losses"]) == [1, 2, 3, 4]
 
 
-def test_a_fresh_run_refuses_to_replace_another_runs_finished_model(sample_data, model_json, tmp_path):  # noqa: F811
+def test_a_fresh_run_refuses_to_replace_another_runs_finished_model(sample_data, model_json, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "run"
     pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=2))
     weights = (out / "final" / "model.safetensors").read_bytes()
@@ -908,7 +908,9 @@ def test_a_fresh_run_refuses_to_replace_another_runs_finished_model(sample_data,
     with pytest.raises(ckpt.OutDirInUse, match=r"holds another run's final and history\.json.*overwrite: true"):
         pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=2, resume="none", seed=4))
     assert (out / "final" / "model.safetensors").read_bytes() == weights
+    capsys.readouterr()
     pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=2, resume="none", seed=4, overwrite=True))
+    assert "final and history.json in" in capsys.readouterr().out  # said to stay until this run writes its own
     assert (out / "final" / "model.safetensors").read_bytes() != weights
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".final")) == []
     # the same run resumed from a copy of one of its checkpoints kept elsewhere is its own: not refused

@@ -283,6 +283,11 @@ def claim_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str | No
             f"out_dir {cfg.out_dir} holds another run's {' and '.join(finished)}, which this run would replace; use "
             "another out_dir, or set overwrite: true to replace them when this run writes its own"
         )
+    if finished:  # overwrite: true; say what stays until this run writes its own
+        print(
+            f"overwrite: the earlier run's {' and '.join(finished)} in {cfg.out_dir} stay until this run writes its "
+            "own at its end; should it stop before, they are still the earlier run's"
+        )
     if not foreign:
         return run_id
     for path in foreign:
