@@ -27,35 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import tiny_model
-
-
-def grads_per_call(backend: str, mode: str, calls: int, autocast: bool) -> list[dict[str, torch.Tensor]]:
-    """The tiny CUDA-graph test model (GDN heads 16 x 32, hidden 64): `calls` gradients of one batch."""
-    ids = torch.randint(1, 96, (2, 128), generator=torch.Generator().manual_seed(0)).cuda()
-    torch._dynamo.reset()
-    model = (
-        tiny_model(
-            dtype=torch.float32,
-            gdn_backend=backend,
-            linear_key_head_dim=16,
-            linear_value_head_dim=32,
-            head_dim=16,
-            hidden_size=64,
-        )
-        .cuda()
-        .train()
-    )
-    if mode != "eager":
-        model.compile_layers(mode=mode)
-    out = []
-    for _ in range(calls):
-        model.zero_grad(set_to_none=True)
-        torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            model(ids, labels=ids, use_cache=False, skip_logits=True).loss.backward()
-        out.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
-    return out
+from conftest import graph_test_grads
 
 
 def largest_gap(a: dict, b: dict) -> tuple[float, str]:
@@ -78,7 +50,7 @@ def main(argv=None):
                 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
                 try:
                     runs = {
-                        m: grads_per_call(backend, m, args.calls, autocast)
+                        m: graph_test_grads(backend, m, args.calls, autocast)
                         for m in ("eager", "default", "reduce-overhead")
                     }
                     row = {"backend": backend}

@@ -90,6 +90,32 @@ def tiny_model(dtype=torch.float64, seed: int = 0, **overrides) -> LlamaThinkFor
     return randomize_(model, seed=seed).eval()
 
 
+def graph_test_model(gdn_backend: str, mode: str) -> LlamaThinkForCausalLM:
+    """The tiny model of the CUDA-graph GPU tests (and of benchmarks/graph_gradient_spread.py): GDN heads of 16 x 32,
+    hidden 64, float32 weights on the GPU, compiled layer by layer in `mode` ("eager": not compiled), from the same
+    weights every time."""
+    torch._dynamo.reset()
+    dims = {"linear_key_head_dim": 16, "linear_value_head_dim": 32, "head_dim": 16, "hidden_size": 64}
+    model = tiny_model(dtype=torch.float32, gdn_backend=gdn_backend, **dims).cuda().train()
+    return model if mode == "eager" else model.compile_layers(mode=mode)
+
+
+def graph_test_grads(gdn_backend: str, mode: str, calls: int, autocast: bool = True) -> list[dict]:
+    """Per-parameter gradients {name: tensor} of `calls` forward/backward calls of one fixed batch [2, 128] by
+    `graph_test_model`, each on zeroed gradients (a cudagraph-trees step begun before each), with bf16 autocast or
+    in float32."""
+    ids = torch.randint(1, 96, (2, 128), generator=torch.Generator().manual_seed(0)).cuda()
+    model = graph_test_model(gdn_backend, mode)
+    out = []
+    for _ in range(calls):
+        model.zero_grad(set_to_none=True)
+        torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            model(ids, labels=ids, use_cache=False, skip_logits=True).loss.backward()
+        out.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+    return out
+
+
 @pytest.fixture
 def model():
     return tiny_model()

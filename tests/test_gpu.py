@@ -3,7 +3,7 @@ gradients, and cached decoding against the uncached forward on the GPU."""
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import graph_test_grads, graph_test_model, tiny_model
 
 from llamathink.kernels_llamathink import (
     _fla_ops,
@@ -330,29 +330,6 @@ def _largest(gaps: dict) -> tuple[float, str]:
     return max((gap, name) for name, gap in gaps.items())
 
 
-def _graph_test_model(gdn_backend: str, mode: str):
-    """The tiny model of the CUDA-graph tests (the dims16x32 GDN shape, hidden 64), float32 weights on the GPU,
-    compiled layer by layer in `mode` ("eager": not compiled), from the same weights every time."""
-    torch._dynamo.reset()
-    dims = dict(GDN_DIMS["dims16x32"], head_dim=16, hidden_size=64)
-    model = tiny_model(dtype=torch.float32, gdn_backend=gdn_backend, **dims).cuda().train()
-    return model if mode == "eager" else model.compile_layers(mode=mode)
-
-
-def _graph_test_grads(gdn_backend: str, mode: str, calls: int, autocast: bool = True) -> list[dict]:
-    """Per-parameter gradients of `calls` forward/backward calls of one fixed batch, each on zeroed gradients."""
-    ids = torch.randint(1, 96, (2, 128), generator=torch.Generator().manual_seed(0)).cuda()
-    model = _graph_test_model(gdn_backend, mode)
-    out = []
-    for _ in range(calls):
-        model.zero_grad(set_to_none=True)
-        torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            model(ids, labels=ids, use_cache=False, skip_logits=True).loss.backward()
-        out.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
-    return out
-
-
 def _skip_without_fla_backward(gdn_backend: str):
     if gdn_backend == "fla" and fla_backward_problem(torch.device("cuda")) is not None:
         pytest.skip(fla_backward_problem(torch.device("cuda")))
@@ -382,9 +359,9 @@ def test_cuda_graph_gradients_equal_default_mode_gradients(gdn_backend, autocast
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        (eager,) = _graph_test_grads(gdn_backend, "eager", 1, autocast)
-        plain = _graph_test_grads(gdn_backend, "default", 2, autocast)
-        graphs = _graph_test_grads(gdn_backend, "reduce-overhead", 4, autocast)
+        (eager,) = graph_test_grads(gdn_backend, "eager", 1, autocast)
+        plain = graph_test_grads(gdn_backend, "default", 2, autocast)
+        graphs = graph_test_grads(gdn_backend, "reduce-overhead", 4, autocast)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     assert _largest(_relative_gaps(plain[1], plain[0]))[0] <= SAME_KERNELS  # the control: deterministic here
@@ -403,7 +380,7 @@ def _sgd_training(mode: str, batches: list, micro_batches: int, evaluate: bool):
     `micro_batches` accumulated into `.grad` tensors kept for the run (a cudagraph-trees step begun before each),
     and with `evaluate` an evaluation forward without autograd after each step (eager layers) on batch 0.
     -> (training losses, evaluation losses, weights)."""
-    model = _graph_test_model("fla", mode)
+    model = graph_test_model("fla", mode)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
