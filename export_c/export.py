@@ -619,24 +619,21 @@ def main(argv=None) -> int:
     if tokenizer_only and not a.tokenizer_out:  # they would be ignored: say so rather than write a model alone
         ap.error(f"{', '.join(tokenizer_only)} only apply to tokenizer.bin: add --tokenizer-out PATH")
     try:
-        if a.tokenizer_out:  # checked before anything is written
-            from .tokenizer_export import TK_MAGIC
+        tokenizer = None
+        if a.tokenizer_out:  # checked, and the tokenizer read, before anything is written
+            from .tokenizer_export import TK_MAGIC, chat_markers, load_tokenizer, write_tokenizer
 
             if os.path.realpath(a.tokenizer_out) == os.path.realpath(a.out) or (
                 os.path.exists(a.out) and os.path.exists(a.tokenizer_out) and os.path.samefile(a.out, a.tokenizer_out)
             ):
                 raise ExportError(f"--tokenizer-out {a.tokenizer_out} is the model's output path too")
             check_output(a.tokenizer_out, TK_MAGIC, "run.c tokenizer")
-        info = export(a.src, a.out, a.dtype, a.group_size)
-        if a.tokenizer_out:
-            from .tokenizer_export import chat_markers, export_tokenizer
-
-            export_tokenizer(
-                a.tokenizer_src or info["dir"],
-                a.tokenizer_out,
-                chat_markers(a.chat_marker, not a.no_chat_markers),
-                a.tokenizer_sentencepiece,
-            )
+            source = resolve_source(a.src)
+            markers = chat_markers(a.chat_marker, not a.no_chat_markers)
+            tokenizer = load_tokenizer(a.tokenizer_src or source, a.tokenizer_sentencepiece)
+        export(a.src if tokenizer is None else source, a.out, a.dtype, a.group_size)
+        if tokenizer is not None:
+            write_tokenizer(tokenizer, a.tokenizer_out, markers)
     except Exception as e:  # ExportError, TokenizerExportError, I/O errors
         if not isinstance(e, (ExportError, OSError, ValueError)) and type(e).__name__ != "TokenizerExportError":
             raise

@@ -190,9 +190,17 @@ def _read_hf_json(path: str) -> dict:
     if model.get("type") != "BPE":
         raise TokenizerExportError(f"{path}: only BPE tokenizers are supported (got {model.get('type')})")
     vocab = model["vocab"]
+    if not vocab or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in vocab.values()):
+        raise TokenizerExportError(f"{path}: model.vocab must map pieces to ids >= 0")
     n = max(vocab.values()) + 1
     for t in j.get("added_tokens", []):
         n = max(n, t["id"] + 1)
+    added = {t["id"] for t in j.get("added_tokens", [])}
+    if len(set(vocab.values())) < len(vocab):
+        raise TokenizerExportError(f"{path}: model.vocab gives one id to several pieces")
+    missing = sorted(set(range(n)) - set(vocab.values()) - added)
+    if missing:  # run.c would hold empty pieces there
+        raise TokenizerExportError(f"{path}: ids {missing[:5]} of 0..{n - 1} have no piece (the ids have gaps)")
     pieces = [b""] * n
     types = [UNUSED] * n
     for p, i in vocab.items():
@@ -204,6 +212,8 @@ def _read_hf_json(path: str) -> dict:
             scores[i] = 0.0
     for rank, m in enumerate(model.get("merges", [])):
         a, b = m.split(" ", 1) if isinstance(m, str) else m
+        if a not in vocab or b not in vocab or a + b not in vocab:
+            raise TokenizerExportError(f"{path}: merge {rank} ({a!r} + {b!r}) names a piece not in model.vocab")
         i = vocab.get(a + b)
         if i is not None and scores[i] == NO_MERGE:
             scores[i] = -float(rank)
@@ -250,6 +260,11 @@ def _read_hf_json(path: str) -> dict:
         bos = next((i for i, p in enumerate(pieces) if p == b"<s>"), -1)
     if eos is None:
         eos = next((i for i, p in enumerate(pieces) if p == b"</s>"), -1)
+    if eos < 0:
+        raise TokenizerExportError(
+            f"{path}: no end-of-sequence token (tokenizer_config.json's eos_token, or a piece '</s>'): run.c would "
+            "never end a reply"
+        )
     return dict(
         pieces=pieces,
         scores=scores,
@@ -379,6 +394,13 @@ def export_tokenizer(src: str, out_path: str, markers: dict | None = None, sente
 
     check_output(out_path, TK_MAGIC, "run.c tokenizer")
     t = load_tokenizer(src, sentencepiece_rules)
+    write_tokenizer(t, out_path, markers)
+    return t
+
+
+def write_tokenizer(t: dict, out_path: str, markers: dict | None = None) -> None:
+    """Write the tokenizer `t` (from `load_tokenizer`) as tokenizer.bin and say so on stderr; markers as in
+    `export_tokenizer`."""
     if markers is None:
         markers = default_chat_markers()
     write_tokenizer_bin(t, out_path, markers)
@@ -386,7 +408,6 @@ def export_tokenizer(src: str, out_path: str, markers: dict | None = None, sente
         f"wrote {out_path}: {len(t['pieces'])} pieces, bos {t['bos']} eos {t['eos']}, {len(markers)} chat markers",
         file=sys.stderr,
     )
-    return t
 
 
 def main(argv=None) -> int:

@@ -274,12 +274,14 @@ def load_chat_model(
     trust_remote_code: bool = False,
 ):
     """Model (eval mode) and tokenizer for chatting. A tokenizer without a chat template gets LlamaThink's.
-    Raises ValueError for weights with NaN or infinite values (in `dtype`), and what `load_saved_model` and
-    `load_tokenizer` raise."""
+    Raises ValueError for weights with NaN or infinite values (in `dtype`), a tokenizer larger than the model's
+    vocabulary or with another end-of-sequence id, a chat template that cannot render a message, and what
+    `load_saved_model` and `load_tokenizer` raise."""
     import torch
     from transformers.utils import logging as hf_logging
 
     import llamathink  # noqa: F401  (registers LlamaThink with the Auto classes)
+    from llamathink.data import check_vocab
     from llamathink.tokenizer_utils import load_tokenizer
 
     if device == "auto":
@@ -299,6 +301,15 @@ def load_chat_model(
         )
     model.to(device).eval()
     tok = load_tokenizer(tokenizer or path)
+    check_vocab(len(tok), model.config.vocab_size)
+    model_eos = model.config.eos_token_id
+    model_eos = set(model_eos) if isinstance(model_eos, (list, tuple)) else {model_eos} - {None}
+    if tok.eos_token_id is None or (model_eos and tok.eos_token_id not in model_eos):
+        raise ValueError(
+            f"the tokenizer's end-of-sequence token is {tok.eos_token!r} (id {tok.eos_token_id}), the model's is id "
+            f"{', '.join(map(str, sorted(model_eos))) or 'unset'}: replies would not stop where the model ends them "
+            "(is this the model's own tokenizer?)"
+        )
     template = getattr(tok, "chat_template", None)
     if not template:
         print(f"[{tokenizer or path}: the tokenizer has no chat template; using LlamaThink's]", file=sys.stderr)

@@ -426,11 +426,17 @@ def prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
 
     With the LlamaThink template (any version, or none set) these are :func:`chat_ids`: message content is
     encoded as text, BOS/EOS only where the template puts them. A tokenizer with another chat template gets that
-    template's ``apply_chat_template`` ids."""
+    template's ``apply_chat_template`` ids; what that template raises (a role it does not take, a turn order) is a
+    ValueError naming the template's own message."""
     template = getattr(tokenizer, "chat_template", None)
     if template is None or is_llamathink_template(template):
         return chat_ids(tokenizer, messages, add_generation_prompt=True)
-    out = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=True)
+    try:
+        out = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=True)
+    except Exception as err:  # jinja2's TemplateError (a template's raise_exception, e.g. "System role not supported")
+        raise ValueError(
+            f"the tokenizer's chat template refuses this conversation ({type(err).__name__}: {err})"
+        ) from err
     return list(out["input_ids"])
 
 

@@ -239,7 +239,8 @@ class LlamaThinkConfig(PretrainedConfig):
                 f"linear_num_value_heads={self.linear_num_value_heads} must be divisible by "
                 f"linear_num_key_heads={self.linear_num_key_heads}"
             )
-        if not 0.0 < self.partial_rotary_factor <= 1.0:
+        factor = self.partial_rotary_factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0.0 < factor <= 1.0:
             raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor!r}")
         rotary_dim = int(self.head_dim * self.partial_rotary_factor)
         if rotary_dim < 2 or rotary_dim % 2 != 0:
@@ -277,8 +278,10 @@ class LlamaThinkConfig(PretrainedConfig):
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name, None)
             ids = value if isinstance(value, (list, tuple)) else [value]
-            if isinstance(value, (list, tuple)) and (not value or None in value):  # generate() would stop on nothing
-                raise ValueError(f"{name} must be a token id (an integer), a list of them or null, got {value!r}")
+            if isinstance(value, (list, tuple)) and (name != "eos_token_id" or not value or None in value):
+                # generation stops at any of several eos ids; it takes one bos and one pad id
+                kinds = "a list of them " if name == "eos_token_id" else ""
+                raise ValueError(f"{name} must be a token id (an integer), {kinds}or null, got {value!r}")
             for token_id in ids:
                 if token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int)):
                     raise ValueError(f"{name} must be a token id (an integer), a list of them or null, got {value!r}")

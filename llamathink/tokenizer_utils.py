@@ -311,8 +311,10 @@ def builtin_tokenizer(vocab_size: int = DEFAULT_BUILTIN_VOCAB):
 
 
 def check_tokenizer(tok, source: str = "") -> None:
-    """Raise ``ValueError`` unless ``tok`` has a real vocabulary (more than 3
-    tokens) and encodes a probe string to a non-empty list of valid ids."""
+    """Raise ``ValueError`` unless ``tok`` has a real vocabulary (more than 3 tokens, one id per token), a
+    ``model_max_length`` that is a positive integer, encodes a probe string to a non-empty list of valid ids, and
+    survives a copy (what saving it next to a model does first: a tokenizer.json whose merges name a token
+    that another token's id shadows loads, but cannot be rebuilt)."""
     where = f" loaded from {source}" if source else ""
     n = len(tok)
     if n <= 3:
@@ -321,7 +323,22 @@ def check_tokenizer(tok, source: str = "") -> None:
             "LlamaTokenizer(vocab_file='tokenizer.model') builds such an empty tokenizer; use "
             "load_tokenizer('path/to/tokenizer.model') instead.)"
         )
-    ids = tok.encode("Hello world", add_special_tokens=False)
+    limit = getattr(tok, "model_max_length", None)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+        raise ValueError(f"tokenizer{where}: model_max_length must be a positive integer, got {limit!r}")
+    vocab = tok.get_vocab()
+    if len(set(vocab.values())) < len(vocab):
+        seen, shared = {}, []
+        for token, index in sorted(vocab.items(), key=lambda kv: kv[1]):
+            if index in seen:
+                shared.append(f"{seen[index]!r} and {token!r} (id {index})")
+            seen.setdefault(index, token)
+        raise ValueError(f"tokenizer{where} gives one id to several tokens: {', '.join(shared[:3])}")
+    try:
+        ids = tok.encode("Hello world", add_special_tokens=False)
+        copy.deepcopy(tok)
+    except Exception as err:  # the tokenizers library raises bare Exceptions for an inconsistent vocabulary
+        raise ValueError(f"tokenizer{where} is not usable ({type(err).__name__}: {err})") from err
     if not ids:
         raise ValueError(f"tokenizer{where} encodes 'Hello world' to an empty list; the vocabulary is unusable")
     if max(ids) >= n or min(ids) < 0:

@@ -3,6 +3,7 @@ by token against apply_chat_template, data formats, truncation and skip counts, 
 held-out assistant loss, exact resume, reload through AutoModelForCausalLM (trust_remote_code) and the chat CLI;
 message content is text (typed "</s>", "<s>", "<unk>" never become special ids in any path)."""
 
+import copy
 import dataclasses
 import io
 import json
@@ -965,3 +966,37 @@ def test_chat_refuses_a_broken_chat_template_at_load(finetuned, tmp_path, capsys
     err = capsys.readouterr().err
     assert "chat template (chat_template.jinja or tokenizer_config.json) cannot render" in err
     assert "Traceback" not in err
+
+
+def test_a_template_that_refuses_a_role_or_a_turn_is_a_one_line_error(tok):
+    """Templates of other models refuse some conversations with jinja's raise_exception (a system role, a third
+    message): a ValueError naming the template's message (a traceback before), refused when the session starts for
+    the system prompt, and for a later turn the interactive chat says so and goes on with the history it had."""
+    strict = copy.deepcopy(tok)
+    strict.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% if messages | length > 2 %}{{ raise_exception('one exchange only') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    )
+    model = tiny_chat_model(max_positions=96)
+    with pytest.raises(ValueError, match="chat template refuses this conversation.*System role not supported"):
+        ChatSession(model, strict, system="Be brief.", settings=GenerationSettings(max_new_tokens=4))
+    session = ChatSession(model, strict, settings=GenerationSettings(max_new_tokens=4, temperature=0))
+    stdout, stderr = io.StringIO(), io.StringIO()
+    assert run_interactive(session, io.StringIO("hello\nand then?\n"), stdout, stderr) == 0
+    assert "one exchange only" in stderr.getvalue() and len(session.messages) == 2  # the first exchange kept
+
+
+def test_chat_refuses_a_tokenizer_that_is_not_the_models(finetuned, tmp_path, capsys):
+    """A tokenizer whose end-of-sequence id differs from the model's (replies never stopped) or that is larger than
+    the model's vocabulary: refused at load, naming the ids."""
+    final = tmp_path / "final"
+    shutil.copytree(finetuned[1] / "final", final)
+    config = json.loads((final / "tokenizer_config.json").read_text())
+    config["eos_token"] = "<unk>"
+    (final / "tokenizer_config.json").write_text(json.dumps(config))
+    assert chat_main([str(final), "-p", "Hi!", "--max-new-tokens", "4", "--greedy"]) == 2
+    err = capsys.readouterr().err
+    assert "end-of-sequence token is '<unk>' (id 0), the model's is id 2" in err and "Traceback" not in err
+    assert chat_main([str(finetuned[1] / "final"), "--tokenizer", "builtin:2048", "-p", "Hi!", "--greedy"]) == 2
+    assert "tokenizer vocabulary size 2048 is larger than the model vocab_size 1024" in capsys.readouterr().err

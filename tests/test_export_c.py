@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -2123,3 +2124,60 @@ def test_tokenizer_export_names_an_unreadable_tokenizer_json(tmp_path, capsys, t
     err = capsys.readouterr().err
     assert f"{tmp_path / 'tokenizer.json'} (or the tokenizer_config.json beside it): not a readable tokenizer" in err
     assert "Traceback" not in err and not out.exists()
+
+
+def _edited_tokenizer_json(folder, edit):
+    """The built-in tokenizer saved in `folder`, its tokenizer.json (and tokenizer_config.json) changed by `edit`."""
+    from llamathink.tokenizer_utils import builtin_tokenizer
+
+    builtin_tokenizer(1024).save_pretrained(folder)
+    spec, config = (json.loads((folder / name).read_text()) for name in ("tokenizer.json", "tokenizer_config.json"))
+    edit(spec, config)
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def _shared_id(spec, config):
+    vocab = spec["model"]["vocab"]
+    tokens = list(vocab)
+    vocab[tokens[600]] = vocab[tokens[601]]
+
+
+def _gap(spec, config):
+    vocab = spec["model"]["vocab"]
+    vocab[list(vocab)[700]] = 5000
+
+
+def _unknown_merge(spec, config):
+    spec["model"]["merges"].insert(0, ["zzq", "qzz"])
+
+
+def _no_eos(spec, config):
+    config["eos_token"] = None
+    for token in spec["added_tokens"]:
+        if token["content"] == "</s>":
+            token["content"] = "<end>"
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_shared_id, "gives one id to several pieces"),
+        (_gap, r"ids \[700, .*\] of 0..5000 have no piece"),
+        (_unknown_merge, r"merge 0 \('zzq' \+ 'qzz'\) names a piece not in model.vocab"),
+        (_no_eos, "no end-of-sequence token"),
+    ],
+    ids=["shared-id", "id-gap", "unknown-merge", "no-eos"],
+)
+def test_an_inconsistent_tokenizer_json_is_refused_before_anything_is_written(tiny, tmp_path, capsys, edit, message):
+    """Tokenizers that load but would make a wrong tokenizer.bin (empty pieces, a merge of nothing, a C chat that
+    never stops): refused naming the problem, and with a model export neither file is written."""
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    _edited_tokenizer_json(folder, edit)
+    with pytest.raises(tkx.TokenizerExportError, match=message):
+        tkx.load_tokenizer(str(folder))
+    model_bin, tok_bin = tmp_path / "m.bin", tmp_path / "t.bin"
+    args = [str(tiny[1]), str(model_bin), "--tokenizer-out", str(tok_bin), "--tokenizer-src", str(folder)]
+    assert ex.main(args) == 1
+    assert re.search(message, capsys.readouterr().err) and not model_bin.exists() and not tok_bin.exists()

@@ -86,6 +86,11 @@ def test_default_config_is_the_95m_model():
         ({"use_cache": 0}, "use_cache"),
         ({"eos_token_id": []}, "eos_token_id"),
         ({"eos_token_id": [2, None]}, "eos_token_id"),
+        ({"pad_token_id": [1]}, "pad_token_id"),
+        ({"bos_token_id": [1, 3]}, "bos_token_id"),
+        ({"partial_rotary_factor": "0.5"}, "partial_rotary_factor"),
+        ({"partial_rotary_factor": True}, "partial_rotary_factor"),
+        ({"partial_rotary_factor": None}, "partial_rotary_factor"),
     ],
 )
 def test_config_rejects_inconsistent_values(overrides, field):

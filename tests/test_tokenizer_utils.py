@@ -243,3 +243,24 @@ def test_an_unreadable_tokenizer_json_is_named(tmp_path, text):
     for spec in (folder / "tokenizer.json", folder):
         with pytest.raises(ValueError, match=f"{spec}: cannot read this tokenizer"):
             load_tokenizer(spec)
+
+
+def test_a_tokenizer_with_shared_ids_or_a_bad_model_max_length_is_refused_at_load(tmp_path):
+    """Two tokens given one id (it loaded, trained a whole run, then failed to save next to the model) and a
+    model_max_length that is not a positive integer (a TypeError at the first encode): refused by name at load."""
+    good = tmp_path / "good"
+    builtin_tokenizer(1024).save_pretrained(good)
+    spec = json.loads((good / "tokenizer.json").read_text())
+    tokens = list(spec["model"]["vocab"])
+    spec["model"]["vocab"][tokens[600]] = spec["model"]["vocab"][tokens[601]]
+    (tmp_path / "shared.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"gives one id to several tokens: .* \(id 601\)"):
+        load_tokenizer(tmp_path / "shared.json")
+    for bad in ("abc", -1, 0):  # (null: transformers takes its default)
+        folder = tmp_path / f"limit_{bad}"
+        shutil.copytree(good, folder)
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config["model_max_length"] = bad
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match="model_max_length must be a positive integer"):
+            load_tokenizer(folder)

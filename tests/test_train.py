@@ -966,3 +966,22 @@ def test_resume_takes_the_same_inputs_spelled_another_way(sample_data, model_jso
     shutil.copytree(sample_data, other)
     with pytest.raises(ckpt.ResumeSettingsError, match="data_dir"):
         pretrain.train(_cfg(other, model_json, out, max_steps=6, save_every=2))
+
+
+def test_a_leading_tilde_in_a_path_setting_is_the_home_folder(tmp_path, monkeypatch):
+    """`out_dir: ~/runs/x` in a YAML file (or a quoted argument) made a folder named "~" in the working directory;
+    every setting holding a path takes ~ as the home folder, as a shell does."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "run.yaml"
+    path.write_text("out_dir: ~/runs/x\ndata_dir: ~/data\nmodel_config: ~/m.json\n")  # (a bare ~ is YAML's null)
+    cfg = pretrain.load_config(str(path), ["--tokenizer", "~/tok.model"])
+    assert (cfg.out_dir, cfg.data_dir, cfg.model_config, cfg.tokenizer) == (
+        f"{tmp_path}/runs/x",
+        f"{tmp_path}/data",
+        f"{tmp_path}/m.json",
+        f"{tmp_path}/tok.model",
+    )
+    from llamathink.train.finetune import FinetuneConfig
+
+    tuned = FinetuneConfig(data="~/chats.jsonl", init_from="~")
+    assert (tuned.data, tuned.init_from) == (f"{tmp_path}/chats.jsonl", str(tmp_path))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,12 @@ class RunConfig:
     hub_model_id: str | None = None
 
     def __post_init__(self):
+        # a leading ~ is the home folder, as in a shell: a YAML file or a quoted argument keeps it as text, and the
+        # run would make a folder named "~" (and read files under it)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, str) and (value == "~" or value.startswith("~/")):
+                setattr(self, f.name, os.path.expanduser(value))
         self.check_positive(
             "micro_batch_size",
             "grad_accum",

@@ -396,12 +396,13 @@ def run_training(
     elif compile is not None:
         raise ValueError(f"compile must be None, 'layers' or 'model', got {compile!r}")
     cuda_graphs = compile is not None and uses_cuda_graphs({"mode": compile_mode})
-    if cuda_graphs:  # gradients accumulate into tensors of their own (see the docstring)
+    if cuda_graphs and accelerator.device.type == "cuda":  # (on a CPU the mode replays no graphs)
         accelerator.print(
             f"note: compile_mode: {compile_mode} (CUDA graphs) is opt-in: its tests give the default mode's gradients "
             "with deterministic algorithms, but older tests found bf16 gradients 1-4% apart on three GPU machines of "
             "six, not yet explained (README, 'What compile: true costs'); compile_mode: default is the reference"
         )
+    if cuda_graphs:  # gradients accumulate into tensors of their own (see the docstring)
         for p in raw_model.parameters():
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
