@@ -399,8 +399,9 @@ def run_training(
     if cuda_graphs and accelerator.device.type == "cuda":  # (on a CPU the mode replays no graphs)
         accelerator.print(
             f"note: compile_mode: {compile_mode} (CUDA graphs) is opt-in: its tests give the default mode's gradients "
-            "with deterministic algorithms, but older tests found bf16 gradients 1-4% apart on three GPU machines of "
-            "six, not yet explained (README, 'What compile: true costs'); compile_mode: default is the reference"
+            "with deterministic algorithms; earlier, non-deterministic runs of them found bf16 gradients 1-4% apart on "
+            "three GPU machines of six, the size of bf16 kernels' own call-to-call rounding, not seen since (README, "
+            "'What compile: true costs'); compile_mode: default is the reference"
         )
     if cuda_graphs:  # gradients accumulate into tensors of their own (see the docstring)
         for p in raw_model.parameters():
