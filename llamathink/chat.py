@@ -317,14 +317,14 @@ def load_chat_model(
     elif is_llamathink_template(template):
         set_chat_template(tok)  # an older checkpoint's copy of the format: the current one, content guarded
     else:  # another template: render a probe now rather than fail at the first message
-        probe = [{"role": "user", "content": "Hello"}]
         try:
-            tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
-        except Exception as err:  # jinja2's syntax and undefined-variable errors, a template that raises
+            prompt_ids(tok, [{"role": "user", "content": "Hello"}])
+        except ValueError as err:  # (prompt_ids turns what the template raises into a ValueError)
+            cause = err.__cause__ or err  # jinja2's syntax and undefined-variable errors, a template that raises
             raise ValueError(
                 f"its tokenizer's chat template (chat_template.jinja or tokenizer_config.json) cannot render a "
-                f"conversation ({type(err).__name__}: {err})"
-            ) from err
+                f"conversation ({type(cause).__name__}: {cause})"
+            ) from cause
     return model, tok
 
 

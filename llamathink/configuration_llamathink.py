@@ -278,13 +278,17 @@ class LlamaThinkConfig(PretrainedConfig):
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name, None)
             ids = value if isinstance(value, (list, tuple)) else [value]
+            # generation stops at any of several eos ids; it takes one bos and one pad id
+            allowed = (
+                "a token id (an integer), a list of them or null"
+                if name == "eos_token_id"
+                else "a token id (an integer) or null"
+            )
             if isinstance(value, (list, tuple)) and (name != "eos_token_id" or not value or None in value):
-                # generation stops at any of several eos ids; it takes one bos and one pad id
-                kinds = "a list of them " if name == "eos_token_id" else ""
-                raise ValueError(f"{name} must be a token id (an integer), {kinds}or null, got {value!r}")
+                raise ValueError(f"{name} must be {allowed}, got {value!r}")
             for token_id in ids:
                 if token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int)):
-                    raise ValueError(f"{name} must be a token id (an integer), a list of them or null, got {value!r}")
+                    raise ValueError(f"{name} must be {allowed}, got {value!r}")
                 if token_id is not None and not 0 <= token_id < self.vocab_size:
                     raise ValueError(f"{name}={value!r} is outside the vocabulary [0, {self.vocab_size})")
 
