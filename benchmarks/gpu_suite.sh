@@ -16,6 +16,11 @@
 #                                                        # (half 0); the training loop (train_hf.py, Muon) compiled
 #                                                        # with and without CUDA graphs, HF Llama compiled in
 #                                                        # bench_quality's loop after it (half 1)
+#   DATA=runs/english200 [TOKENIZER=...] OUT=results_dir bash benchmarks/gpu_suite.sh optim  # Muon's Newton-Schulz
+#                                                        # step eager and as a CUDA graph: its GPU test and the
+#                                                        # optimizer alone, ours and HF Llama's (half 0); the loop with
+#                                                        # CUDA graphs for the layers, Muon eager and recorded, HF
+#                                                        # Llama compiled in bench_quality's loop after it (half 1)
 #   OUT=results_dir bash benchmarks/gpu_suite.sh profile # torch.profiler view of the eager and compiled steps,
 #                                                        # generate() with fla, HF Qwen3.5 compiled (slow to compile)
 # Every benchmark has its own time limit so that a slow one cannot eat the others' time, and writes what it
@@ -86,6 +91,24 @@ elif [ "$PART" = loop ]; then  # issue 17: `compile_mode: reduce-overhead` in th
             grep -iE "tok|error" "$OUT/loop_$mode.log" | tail -4
         done
         timeout 120 python benchmarks/bench_quality.py --data "$DATA" --steps 300 --eval-every 300 --eval-windows 16 \
+            --speed-from 50 --out "$OUT/loop_llama" --run hf-llama:model=hf-llama,compile=1 > "$OUT/loop_llama.log" 2>&1
+        grep final "$OUT/loop_llama.log"; }
+elif [ "$PART" = optim ]; then  # issue 17: the optimizer's host launches (~560 s)
+    DATA=${DATA:?set DATA to a prepared folder (python -m llamathink.data prepare)}
+    half0() {
+        timeout 150 python -m pytest -q -p no:cacheprovider --tb=short -rfEs tests/test_muon.py -m gpu \
+            > "$OUT/test_muon_gpu.log" 2>&1; tail -3 "$OUT/test_muon_gpu.log"
+        timeout 300 python benchmarks/profile_gpu.py --optimizer-only > "$OUT/optimizer.txt" 2>&1
+        grep -E "^#|clip \+" "$OUT/optimizer.txt"; }
+    half1() {
+        for graph in true false; do
+            timeout 170 python train_hf.py --config configuration/train/english_docs_1gpu.yaml --data_dir "$DATA" \
+                --out_dir "/tmp/loop_$graph" --compile true --compile_mode reduce-overhead --muon_cuda_graph $graph \
+                --max_steps 200 --eval_every 200 --eval_batches 4 --sample_every 100000 --wandb_mode disabled \
+                --log_every 25 ${TOKENIZER:+--tokenizer "$TOKENIZER"} > "$OUT/loop_muon_graph_$graph.log" 2>&1
+            grep -iE "tok|error|memory" "$OUT/loop_muon_graph_$graph.log" | tail -5
+        done
+        timeout 120 python benchmarks/bench_quality.py --data "$DATA" --steps 200 --eval-every 200 --eval-windows 16 \
             --speed-from 50 --out "$OUT/loop_llama" --run hf-llama:model=hf-llama,compile=1 > "$OUT/loop_llama.log" 2>&1
         grep final "$OUT/loop_llama.log"; }
 else  # profile

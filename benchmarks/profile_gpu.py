@@ -1,14 +1,16 @@
 """Where the time goes: a torch.profiler view of one LlamaThink training step and of cached decoding on one GPU.
 
     python benchmarks/profile_gpu.py [--backend auto] [--batch 16] [--seq 1024] [--decode-tokens 32] [--compile]
-                                     [--optimizer] [--out DIR]
+                                     [--optimizer | --optimizer-only] [--out DIR]
 
 Prints (and with --out writes as text) the kernels that take the most GPU time in a bf16 training step (with
 --compile also those of the step with each decoder layer compiled), the GPU time per layer kind (forward + backward, measured with
 CUDA events around each decoder layer and the loss), and for
 greedy decoding at batch 1: host time per token, kernel launches per token and the host<->device syncs per token,
 with the Python lines that cause them (`torch.cuda.set_sync_debug_mode`); with --optimizer also the host and GPU
-time of gradient clipping + the optimizer step (Muon + AdamW).
+time of gradient clipping + the optimizer step (Muon + AdamW), with Muon's Newton-Schulz step eager and recorded as
+a CUDA graph (`muon_cuda_graph`); --optimizer-only times only that, for LlamaThink and for HF Llama (the peer of
+`bench_gpu.py`, same optimizer code) in one process.
 """
 
 from __future__ import annotations
@@ -124,21 +126,25 @@ def step_wall_ms(model, ids, steps=5) -> str:
     return f"wall time of a training step (forward + backward, no optimizer): {wall:.1f} ms"
 
 
-def optimizer_ms(model, steps: int = 10) -> str:
+def optimizer_ms(model, steps: int = 10, cuda_graph: bool = True) -> str:
     """The training loop's work between backward and the next forward, alone: gradient clipping and the project's
     optimizer (Muon for hidden matrices, AdamW for the rest; `llamathink.train.optim.build_optimizer` with the
     default settings) on random gradients. Host time is the time to launch it (no sync); wall time waits for the
     GPU. When the host time is above the GPU time, the GPU idles for the difference on every step (the loop reads
-    the loss and the gradient norm before the update)."""
+    the loss and the gradient norm before the update). `cuda_graph`: the run setting `muon_cuda_graph` (Muon's
+    Newton-Schulz step recorded as a CUDA graph, or eager)."""
     from torch.profiler import ProfilerActivity, profile
 
     from llamathink.train.config import RunConfig
     from llamathink.train.optim import build_optimizer
 
-    optimizer = build_optimizer(model, RunConfig())
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    allocated0, reserved0 = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    optimizer = build_optimizer(model, RunConfig(muon_cuda_graph=cuda_graph))
 
     def step():
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -147,6 +153,12 @@ def optimizer_ms(model, steps: int = 10) -> str:
     for _ in range(2):
         step()
     torch.cuda.synchronize()
+    gib = 2**-30
+    memory = (
+        f"memory: {(torch.cuda.memory_allocated() - allocated0) * gib:.2f} GiB allocated and "
+        f"{(torch.cuda.memory_reserved() - reserved0) * gib:.2f} GiB reserved after the first steps (optimizer state "
+        f"and buffers), peak {(torch.cuda.max_memory_allocated() - allocated0) * gib:.2f} GiB above the gradients"
+    )
     host = wall = 0.0
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -163,9 +175,9 @@ def optimizer_ms(model, steps: int = 10) -> str:
     model.zero_grad(set_to_none=True)
     table = averages.table(sort_by="device_time_total", row_limit=20, max_name_column_width=70)
     return (
-        f"clip + optimizer step: host (launch) {host:.1f} ms, wall {wall:.1f} ms, {launches} kernel launches; its "
+        f"clip + optimizer step (muon_cuda_graph: {str(cuda_graph).lower()}): host (launch) {host:.1f} ms, wall {wall:.1f} ms, {launches} kernel launches; its "
         f"kernels' GPU time is the table's 'Self CUDA time total' (the optimizer's own annotation row counts the "
-        f"span, not kernels)\n{table}"
+        f"span, not kernels); {memory}\n{table}"
     )
 
 
@@ -220,8 +232,21 @@ def main(argv=None) -> int:
     parser.add_argument("--no-decode", action="store_true", help="skip the decoding profile")
     parser.add_argument("--host-stacks", action="store_true", help="also where the compiled step spends host time")
     parser.add_argument("--optimizer", action="store_true", help="also time gradient clipping + the optimizer step")
+    parser.add_argument("--optimizer-only", action="store_true", help="only that, for LlamaThink and HF Llama")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    if args.optimizer_only:
+        from bench_gpu import build  # the peer exactly as bench_gpu.py builds it
+
+        report = [f"# {torch.cuda.get_device_name()}, torch {torch.__version__}: clipping + optimizer step"]
+        for name in ("llamathink:auto", "hf-llama"):
+            model = build(name).cuda()
+            report.append(f"## {name}, {sum(p.numel() for p in model.parameters()):,} parameters")
+            report += [optimizer_ms(model, cuda_graph=False), optimizer_ms(model, cuda_graph=True)]
+            del model
+            torch.cuda.empty_cache()
+        print("\n".join(report))
+        return 0
     model = LlamaThinkForCausalLM(LlamaThinkConfig(gdn_backend=args.backend)).cuda()
     ids = torch.randint(0, 32000, (args.batch, args.seq), device="cuda")
     report = [
@@ -245,7 +270,8 @@ def main(argv=None) -> int:
         report.append(step_wall_ms(compiled, ids))
     if args.optimizer:
         report.append("## the optimizer step (Muon + AdamW, default settings) and gradient clipping")
-        report.append(optimizer_ms(model))
+        report.append(optimizer_ms(model, cuda_graph=False))
+        report.append(optimizer_ms(model, cuda_graph=True))
     if not args.no_decode:
         report.append("## cached greedy decode, batch 1 (bf16 weights)")
         report.append(decode_profile(model.to(torch.bfloat16), args.decode_tokens))

@@ -39,12 +39,23 @@ Distributed data parallel (``torch.distributed`` initialised, world size > 1):
     updates.  Works with gloo (CPU) and NCCL (GPU).  Requirement: every rank must
     have the same set of Muon params with a non-None ``.grad`` (true under DDP).
     Not meant for FSDP/ZeRO (parameters must be full, unsharded tensors).
+
+CUDA graphs (one process, every Muon matrix on one CUDA device; ``cuda_graph=None`` or ``True``):
+    eagerly, the orthogonalisation is about twenty kernel launches per shape bucket (the normalisation, five
+    iterations of three batched matrix products, casts), and their host time exceeds their GPU time: a small
+    model's step waits on the host.  So the first step records every bucket's Newton-Schulz chain as one CUDA graph
+    (``torch.cuda.CUDAGraph``) over static input and output buffers; each step copies the look-ahead updates into
+    the inputs (two ``foreach`` launches), replays the graph once and applies the outputs (two ``foreach`` launches
+    per group).  The graph is recorded again when the set of matrices with a gradient changes.  The eager path
+    above is the reference, used on CPUs, with several ranks and with ``cuda_graph=False``.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -147,6 +158,76 @@ _all_gather_flat = getattr(dist, "all_gather_single", None) or getattr(dist, "al
 
 
 # --------------------------------------------------------------------------------------
+# Newton-Schulz for every shape bucket, recorded as one CUDA graph
+# --------------------------------------------------------------------------------------
+class _NewtonSchulzGraph:
+    """Every shape bucket's orthogonalisation of one optimizer step as one recorded CUDA graph.
+
+    ``buckets`` is a list of ``(key, items)`` as :meth:`Muon._buckets` makes them: ``key = (shape, dtype, device,
+    (ns_steps, coefficients, eps))``, ``items`` the ``(param, index, group)`` triples of that bucket, ``index`` the
+    parameter's position among its group's parameters with a gradient.  Per bucket the graph reads a static input ``[n, rows,
+    cols]`` (the parameters' dtype) and writes a static output of the same shape and dtype:
+    ``zeropower_via_newtonschulz(input) * factor``, where ``factor`` is each matrix's
+    :func:`adjusted_muon_lr` at ``lr = 1`` (so the caller's update is ``p -= lr * output``).  Callers fill the inputs
+    through :attr:`inputs` (one view per parameter of each group, ``[rows, cols]``), call :meth:`replay`, then read
+    :attr:`outputs` (views laid out the same way).
+
+    ``signature`` identifies the plan (the parameters, their shapes, dtypes, device and settings): a step whose
+    plan differs needs a new graph.
+
+    Raises the ``RuntimeError`` of ``torch.cuda.graph`` when recording fails (the optimizer then warns and stays
+    eager).
+    """
+
+    def __init__(self, buckets: list[tuple[tuple, list[tuple[Tensor, Any, dict[str, Any]]]]], signature: tuple) -> None:
+        self.signature = signature
+        self._work: list[tuple[Tensor, Tensor, Tensor, tuple]] = []  # (input, output, factors, ns settings)
+        # id(group) -> one view per parameter (in the group's order) of its slot in the inputs / outputs
+        self.inputs: dict[int, list[Tensor]] = {}
+        self.outputs: dict[int, list[Tensor]] = {}
+        sizes = collections.Counter(id(group) for _, items in buckets for _, _, group in items)
+        device = buckets[0][0][2]
+        for (shape, dtype, _, ns_settings), items in buckets:
+            inputs = torch.zeros((len(items), *shape), dtype=dtype, device=device)
+            outputs = torch.zeros_like(inputs)
+            # [n, 1, 1]: each matrix's own shape factor (groups in one bucket may use different adjust_lr_fn)
+            factors = torch.tensor(
+                [adjusted_muon_lr(1.0, group["adjust_lr_fn"], shape) for _, _, group in items],
+                dtype=torch.float32,
+                device=device,
+            ).view(-1, 1, 1)
+            self._work.append((inputs, outputs, factors, ns_settings))
+            for i, (_, index, group) in enumerate(items):
+                self.inputs.setdefault(id(group), [inputs[0]] * sizes[id(group)])[index] = inputs[i]
+                self.outputs.setdefault(id(group), [outputs[0]] * sizes[id(group)])[index] = outputs[i]
+        self._graph: torch.cuda.CUDAGraph | None = None
+        if device.type != "cuda":
+            return  # static buffers without a recording (the layout's CPU test): replay() runs eagerly
+        # Warm up on a side stream first: cuBLAS creates its handles and workspaces outside the recording.
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            self._orthogonalise()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        # thread_local: a data loader's pinned-memory thread may call CUDA while this thread records.
+        with torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
+            self._orthogonalise()
+
+    def _orthogonalise(self) -> None:
+        for inputs, outputs, factors, (steps, coefficients, eps) in self._work:
+            ortho = zeropower_via_newtonschulz(inputs, steps, coefficients, eps)
+            torch.mul(ortho, factors, out=outputs)  # product in fp32, one rounding to the parameters' dtype
+
+    def replay(self) -> None:
+        """Run the recorded orthogonalisation on the current contents of the inputs."""
+        if self._graph is None:
+            self._orthogonalise()
+        else:
+            self._graph.replay()
+
+
+# --------------------------------------------------------------------------------------
 # The optimizer
 # --------------------------------------------------------------------------------------
 class Muon(torch.optim.Optimizer):
@@ -181,6 +262,11 @@ class Muon(torch.optim.Optimizer):
             ``torch.distributed`` is initialised with world size > 1; ``False`` =
             never; ``True`` = require it.
         process_group: process group for the sharding (default: the world).
+        cuda_graph: ``None`` (default) = record the Newton-Schulz step as a CUDA graph when
+            the run has one process and every Muon matrix is on one CUDA device (see the
+            module docstring); ``True`` = the same, and ``ValueError`` at the first step when
+            that does not hold; ``False`` = always eager.  A recording that fails warns
+            once and leaves the optimizer eager.
     """
 
     def __init__(
@@ -201,6 +287,7 @@ class Muon(torch.optim.Optimizer):
         *,
         distributed: bool | None = None,
         process_group: Any = None,
+        cuda_graph: bool | None = None,
     ) -> None:
         # Kind-specific defaults must exist before super().__init__ calls add_param_group.
         self._muon_defaults = {
@@ -221,6 +308,10 @@ class Muon(torch.optim.Optimizer):
         }
         self._distributed = distributed
         self._process_group = process_group
+        if cuda_graph not in (None, True, False):
+            raise TypeError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
+        self._cuda_graph = cuda_graph
+        self._ns_graph: _NewtonSchulzGraph | None = None
         # ``defaults`` only holds keys common to both kinds: Optimizer.add_param_group
         # setdefault()s every key of ``defaults`` into every group, and e.g. a
         # "momentum" key on an AdamW group would be misleading.  (The complete,
@@ -279,10 +370,13 @@ class Muon(torch.optim.Optimizer):
         state["_muon_defaults"] = self._muon_defaults
         state["_adamw_defaults"] = self._adamw_defaults
         state["_distributed"] = self._distributed
+        state["_cuda_graph"] = self._cuda_graph
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("_process_group", None)
+        state.setdefault("_cuda_graph", None)
+        state["_ns_graph"] = None  # recorded graphs and their buffers belong to one object
         super().__setstate__(state)
 
     # ---- step -------------------------------------------------------------------------
@@ -293,20 +387,22 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        muon_work: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]] = []
+        muon_work: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[Tensor]]] = []
         for group in self.param_groups:
             if group["use_muon"]:
-                params, updates = self._muon_momentum(group)
+                params, grads, bufs = self._muon_momentum(group)
                 if params:
-                    muon_work.append((group, params, updates))
+                    muon_work.append((group, params, grads, bufs))
             else:
                 self._adamw_step(group)
-        if muon_work:
-            self._muon_orthogonalise_and_apply(muon_work)
+        if muon_work and not self._graph_step(muon_work):
+            self._muon_orthogonalise_and_apply(
+                [(group, params, self._look_ahead(group, grads, bufs)) for group, params, grads, bufs in muon_work]
+            )
         return loss
 
-    def _muon_momentum(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
-        """Update momentum buffers of one Muon group; return (params, pre-NS updates).
+    def _muon_momentum(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Update the momentum buffers of one Muon group; return its (params, grads, buffers) with a gradient.
 
         Runs on every rank for every param (element-wise, cheap) so that all ranks
         keep the complete, identical optimizer state.
@@ -328,15 +424,86 @@ class Muon(torch.optim.Optimizer):
             params.append(p)
             grads.append(g)
             bufs.append(state["momentum_buffer"])
-        if not params:
-            return params, []
-        m = group["momentum"]
-        torch._foreach_lerp_(bufs, grads, 1.0 - m)  # B = m*B + (1-m)*G
+        if params:
+            torch._foreach_lerp_(bufs, grads, 1.0 - group["momentum"])  # B = m*B + (1-m)*G
+        return params, grads, bufs
+
+    @staticmethod
+    def _look_ahead(group: dict[str, Any], grads: list[Tensor], bufs: list[Tensor]) -> list[Tensor]:
+        """The matrices to orthogonalise: ``(1-m)*G + m*B`` with Nesterov (new tensors), else the buffers."""
         if group["nesterov"]:
-            updates = torch._foreach_lerp(grads, bufs, m)  # (1-m)*G + m*B, new tensors
-        else:
-            updates = bufs  # NS never modifies its input, so handing out the buffers is safe
-        return params, updates
+            return torch._foreach_lerp(grads, bufs, group["momentum"])
+        return bufs  # NS never modifies its input, so handing out the buffers is safe
+
+    def _graph_step(self, work: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[Tensor]]]) -> bool:
+        """Orthogonalise and apply through the recorded CUDA graph; False when this step must run eagerly."""
+        if self._cuda_graph is False:
+            return False
+        reason = self._graph_unavailable(work)
+        if reason is not None:
+            if self._cuda_graph:
+                raise ValueError(f"Muon(cuda_graph=True) cannot record its step: {reason}")
+            return False
+        buckets, signature = self._buckets([(group, params, range(len(params))) for group, params, _, _ in work])
+        if self._ns_graph is None or self._ns_graph.signature != signature:
+            self._ns_graph = None  # free the old graph's buffers before recording a new one
+            try:
+                self._ns_graph = _NewtonSchulzGraph(list(buckets.items()), signature)
+            except RuntimeError as err:  # CUDA's refusal to record leaves the optimizer eager
+                warnings.warn(
+                    f"Muon: recording the Newton-Schulz step as a CUDA graph failed ({type(err).__name__}: {err}); "
+                    "the optimizer stays eager (Muon(cuda_graph=False) skips the attempt)",
+                    stacklevel=3,
+                )
+                self._cuda_graph = False
+                return False
+        graph = self._ns_graph
+        for group, _, grads, bufs in work:
+            inputs = graph.inputs[id(group)]
+            if group["nesterov"]:
+                torch._foreach_copy_(inputs, grads)
+                torch._foreach_lerp_(inputs, bufs, group["momentum"])  # (1-m)*G + m*B
+            else:
+                torch._foreach_copy_(inputs, bufs)
+        graph.replay()
+        for group, params, _, _ in work:
+            lr, wd = group["lr"], group["weight_decay"]
+            if wd != 0:
+                # Decoupled weight decay uses the *unadjusted* lr (as torch.optim.Muon).
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+            torch._foreach_add_(params, graph.outputs[id(group)], alpha=-lr)  # outputs carry the shape factor
+        return True
+
+    def _graph_unavailable(
+        self, work: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[Tensor]]]
+    ) -> str | None:
+        """Why this step cannot be recorded as a CUDA graph, or None when it can."""
+        if self._world()[0] != 1:
+            return "the run has several processes (Newton-Schulz is sharded across them eagerly)"
+        devices = {p.device for _, params, _, _ in work for p in params}
+        if len(devices) != 1 or next(iter(devices)).type != "cuda":
+            return f"the Muon matrices are on {', '.join(sorted(str(d) for d in devices))}, not on one CUDA device"
+        return None
+
+    @staticmethod
+    def _buckets(work: list[tuple[dict[str, Any], list[Tensor], list[Any]]]) -> tuple[dict[tuple, list], tuple]:
+        """Group matrices that can share one batched Newton-Schulz: same shape, dtype, device and NS settings.
+
+        ``work`` holds ``(group, params, payloads)``; each bucket lists ``(param, payload, group)`` in
+        ``param_groups`` order, which is identical on all ranks, so the bucket/ownership plan is deterministic.
+        Also returns a signature of the plan (which parameters, in which buckets, with which lr adjustment).
+        """
+        buckets: dict[tuple, list[tuple[Tensor, Any, dict[str, Any]]]] = {}
+        for group, params, payloads in work:
+            ns_key = (int(group["ns_steps"]), tuple(group["ns_coefficients"]), float(group["eps"]))
+            for p, payload in zip(params, payloads):
+                key = (tuple(p.shape), p.dtype, p.device, ns_key)
+                buckets.setdefault(key, []).append((p, payload, group))
+        signature = tuple(
+            (key, tuple((id(p), id(group), group["adjust_lr_fn"]) for p, _, group in items))
+            for key, items in buckets.items()
+        )
+        return buckets, signature
 
     def _world(self) -> tuple[int, int, Any]:
         """(world_size, rank, group) used for sharding Newton-Schulz."""
@@ -352,15 +519,7 @@ class Muon(torch.optim.Optimizer):
     def _muon_orthogonalise_and_apply(self, work: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]) -> None:
         world, rank, pg = self._world()
 
-        # Bucket matrices that can share one batched Newton-Schulz: same shape, dtype,
-        # device and NS settings.  Dict insertion order = param_groups order, which is
-        # identical on all ranks, so the bucket/ownership plan is deterministic.
-        buckets: dict[tuple, list[tuple[Tensor, Tensor, dict[str, Any]]]] = {}
-        for group, params, updates in work:
-            ns_key = (int(group["ns_steps"]), tuple(group["ns_coefficients"]), float(group["eps"]))
-            for p, u in zip(params, updates):
-                key = (tuple(p.shape), p.dtype, p.device, ns_key)
-                buckets.setdefault(key, []).append((p, u, group))
+        buckets, _ = self._buckets(work)
 
         if world == 1:
             for key, items in buckets.items():

@@ -354,6 +354,100 @@ def test_params_without_grad_are_skipped():
 
 
 # --------------------------------------------------------------------------------------
+# The recorded (CUDA-graph) step: its static buffers checked on the CPU, the recording on the GPU
+# --------------------------------------------------------------------------------------
+def _graph_setup(seed=0, dtype=torch.float32, device="cpu"):
+    """Two Muon groups sharing a shape bucket with different settings, tall and wide matrices, AdamW beside."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(16, 24), (24, 16), (16, 24), (8, 8), (16, 24), (24, 16)]
+    params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
+    bias = torch.randn(10, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    groups = [
+        {"params": params[:4], "use_muon": True},
+        {"params": params[4:5], "use_muon": True, "adjust_lr_fn": "match_rms_adamw", "lr": 0.01, "nesterov": False},
+        {"params": params[5:], "use_muon": True, "momentum": 0.8, "weight_decay": 0.0},
+        {"params": [bias], "use_muon": False},
+    ]
+    return [*params, bias], groups
+
+
+def graph_step_matches_eager(monkeypatch_or_none, device="cpu", dtype=torch.float32, steps=5):
+    """Train the same tensors with the eager and the recorded step (a LambdaLR schedule, one matrix without a
+    gradient at step 2, which needs a new plan); return (eager params, graph params, optimizer with the graph)."""
+    lam = lambda step: 1.0 / (1 + step)  # noqa: E731
+    results = []
+    for cuda_graph in (False, None):
+        params, groups = _graph_setup(dtype=dtype, device=device)
+        opt = Muon(groups, cuda_graph=cuda_graph)
+        if monkeypatch_or_none is not None and cuda_graph is None:
+            # On the CPU the graph's buffers, views and factors run without a recording.
+            monkeypatch_or_none.setattr(opt, "_graph_unavailable", lambda work: None)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+        for step in range(steps):
+            for i, (p, g) in enumerate(zip(params, _grads(step, params))):
+                p.grad = None if (step == 2 and i == 1) else g.to(device=device, dtype=dtype)
+            opt.step()
+            sched.step()
+        results.append((params, opt))
+    return results[0][0], results[1][0], results[1][1]
+
+
+def test_graph_step_buffers_match_eager_step(monkeypatch):
+    eager, graphed, opt = graph_step_matches_eager(monkeypatch)
+    assert opt._ns_graph is not None and opt._ns_graph._graph is None  # the static-buffer path ran, unrecorded
+    for a, b in zip(eager, graphed):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-6, atol=1e-7)
+    # The matrix without a gradient at step 2 was left alone then, and replanned for: the others still moved.
+    assert len(opt._ns_graph.inputs[id(opt.param_groups[0])]) == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_recorded_graph_step_matches_eager_step_on_gpu():
+    torch.use_deterministic_algorithms(
+        True
+    )  # the same kernels in and out of the graph (CUBLAS_WORKSPACE_CONFIG: conftest)
+    try:
+        start = [p.detach().clone() for p in _graph_setup(device="cuda")[0]]
+        eager, graphed, opt = graph_step_matches_eager(None, device="cuda")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert opt._ns_graph is not None and opt._ns_graph._graph is not None  # recorded, and replayed from step 2
+    for i, (p0, a, b) in enumerate(zip(start, eager, graphed)):
+        moved = (a.detach().float() - p0.float()).norm()
+        gap = (b.detach().float() - a.detach().float()).norm()
+        assert gap <= 1e-5 * moved, (i, gap.item(), moved.item())
+
+
+def test_graph_step_refuses_what_it_cannot_record():
+    params, groups = _graph_setup()
+    with pytest.raises(TypeError, match="cuda_graph must be None, True or False"):
+        Muon(groups, cuda_graph="yes")
+    opt = Muon(groups, cuda_graph=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="cuda_graph=True.*on cpu, not on one CUDA device"):
+        opt.step()
+    opt = Muon(_graph_setup()[1])  # the default: eager where no graph can be recorded, no warning
+    opt.step()
+    assert opt._ns_graph is None
+
+
+def test_graph_step_optimizer_copies_and_pickles_without_its_graph(monkeypatch):
+    _, _, opt = graph_step_matches_eager(monkeypatch, steps=1)
+    assert opt._ns_graph is not None
+    for clone in (copy.deepcopy(opt), torch.load(_pickled(opt), weights_only=False)):
+        assert clone._ns_graph is None and clone._cuda_graph is None
+
+
+def _pickled(obj) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+# --------------------------------------------------------------------------------------
 # Routing
 # --------------------------------------------------------------------------------------
 H = 576

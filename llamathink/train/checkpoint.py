@@ -572,6 +572,7 @@ RESUME_APPLIED = (
     "adamw_betas",
     "weight_decay",
     "muon_adjust_lr",
+    "muon_cuda_graph",
     "grad_clip",
     "warmup_steps",
     "min_lr_ratio",

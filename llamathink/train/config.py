@@ -36,6 +36,9 @@ class RunConfig:
     adamw_betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.01
     muon_adjust_lr: str = "original"
+    # record Muon's Newton-Schulz step as one CUDA graph when the run has one GPU (fewer host launches; the eager
+    # step is the reference: `llamathink.muon`)
+    muon_cuda_graph: bool = True
     grad_clip: float = 1.0
     warmup_steps: int = 500
     min_lr_ratio: float = 0.0  # cosine decays to this fraction of the peak
@@ -103,6 +106,8 @@ class RunConfig:
             raise ValueError(f"optimizer must be 'muon' or 'adamw', got {self.optimizer!r}")
         if self.muon_adjust_lr not in ADJUST_LR_FNS:
             raise ValueError(f"muon_adjust_lr must be one of {', '.join(ADJUST_LR_FNS)}, got {self.muon_adjust_lr!r}")
+        if not isinstance(self.muon_cuda_graph, bool):
+            raise ValueError(f"muon_cuda_graph must be true or false, got {self.muon_cuda_graph!r}")
         if self.nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):

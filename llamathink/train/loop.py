@@ -514,6 +514,8 @@ def run_training(
                 metrics["perf/mfu"] = tok_s * hooks.flops_per_token / peak
             if optimizer_share is not None:
                 metrics["perf/optimizer_share"] = optimizer_share
+            if accelerator.device.type == "cuda":  # this process's high-water mark so far (allocated, not reserved)
+                metrics["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
             if hooks.extra_metrics is not None:
                 metrics.update(hooks.extra_metrics())
             history.setdefault("perf", {})[step] = metrics
@@ -527,8 +529,10 @@ def run_training(
                     **({"mfu": f"{100 * mfu:.1f}%"} if mfu is not None else {}),
                 )
             else:
+                memory = metrics.get("perf/peak_memory_gib")
                 accelerator.print(
                     f"step {step}: loss {loss_value:.4f}, lr {metrics['train/lr']:.2e}, {tok_s:,.0f} tokens/s"
+                    + (f", peak memory {memory:.1f} GiB" if memory is not None else "")
                 )
             t_last, tokens_last = now, processed
         if progress is not None:

@@ -182,7 +182,8 @@ def summarize_param_groups(groups: Iterable[dict[str, Any]]) -> dict[str, dict[s
 
 def build_optimizer(model: nn.Module, cfg: RunConfig, extra_adamw_suffixes: Sequence[str] = ()) -> Muon:
     """One optimizer object either way, so checkpoints and schedules treat both recipes alike.
-    `extra_adamw_suffixes`: more 2-D parameters (by name suffix) for AdamW instead of Muon (`classify_parameter`)."""
+    `extra_adamw_suffixes`: more 2-D parameters (by name suffix) for AdamW instead of Muon (`classify_parameter`).
+    `cfg.muon_cuda_graph` false keeps Muon's step eager (true: recorded as a CUDA graph where it can be)."""
     route = {"extra_adamw_suffixes": extra_adamw_suffixes, "log": False}  # (checked by muon_param_groups)
     if cfg.optimizer == "muon":
         groups = muon_param_groups(model, cfg.muon_lr, cfg.adamw_lr, cfg.weight_decay, **route)
@@ -197,6 +198,7 @@ def build_optimizer(model: nn.Module, cfg: RunConfig, extra_adamw_suffixes: Sequ
         weight_decay=cfg.weight_decay,
         adamw_lr=cfg.adamw_lr,
         adamw_betas=cfg.adamw_betas,
+        cuda_graph=None if cfg.muon_cuda_graph else False,
     )
 
 
