@@ -73,42 +73,53 @@ def _fields(b: bytes):
         fn, wt = key >> 3, key & 7
         if wt == 0:
             v, i = _varint(b, i)
-        elif wt == 1:
-            v, i = b[i : i + 8], i + 8
-        elif wt == 2:
+            yield fn, wt, v
+            continue
+        if wt == 2:
             n, i = _varint(b, i)
-            v, i = b[i : i + n], i + n
-        elif wt == 5:
-            v, i = b[i : i + 4], i + 4
+        elif wt in (1, 5):
+            n = 8 if wt == 1 else 4
         else:
-            raise TokenizerExportError(f"unsupported protobuf wire type {wt}")
-        yield fn, wt, v
+            raise TokenizerExportError(f"unsupported protobuf wire type {wt} at byte {i}")
+        if i + n > len(b):
+            raise TokenizerExportError(f"truncated protobuf field {fn} ({n} bytes at byte {i} of {len(b)})")
+        yield fn, wt, b[i : i + n]
+        i += n
 
 
 def read_sentencepiece(path: str) -> dict:
+    """Pieces, scores, types and special ids of a SentencePiece ``.model`` file (its protobuf read directly).
+    Raises TokenizerExportError naming the file when it is not a readable SentencePiece model."""
     with open(path, "rb") as f:
         data = f.read()
+    try:
+        return _parse_sentencepiece(data)
+    except TokenizerExportError as err:
+        raise TokenizerExportError(f"{path}: not a readable SentencePiece model ({err})") from None
+
+
+def _parse_sentencepiece(data: bytes) -> dict:
     pieces, scores, types = [], [], []
     trainer, normalizer = {}, {}
     for fn, wt, v in _fields(data):
         if fn == 1 and wt == 2:
             piece, score, typ = b"", 0.0, NORMAL
-            for f2, w2, v2 in _fields(v):
-                if f2 == 1:
+            for f2, w2, v2 in _fields(v):  # (a field of another wire type than the schema's is ignored)
+                if f2 == 1 and w2 == 2:
                     piece = bytes(v2)
                 elif f2 == 2 and w2 == 5:
                     score = struct.unpack("<f", v2)[0]
-                elif f2 == 3:
+                elif f2 == 3 and w2 == 0:
                     typ = v2
             pieces.append(piece)
             scores.append(score)
             types.append(typ)
-        elif fn == 2 and wt == 2:
-            trainer = {f2: v2 for f2, _, v2 in _fields(v)}
+        elif fn == 2 and wt == 2:  # the integer settings only (special ids, byte_fallback)
+            trainer = {f2: v2 for f2, w2, v2 in _fields(v) if w2 == 0}
         elif fn == 3 and wt == 2:
-            normalizer = {f2: v2 for f2, _, v2 in _fields(v)}
+            normalizer = {f2: v2 for f2, w2, v2 in _fields(v) if w2 == 0}
     if not pieces:
-        raise TokenizerExportError(f"{path}: no pieces (not a SentencePiece model?)")
+        raise TokenizerExportError("no pieces")
 
     def sid(field, default):
         v = trainer.get(field, default)

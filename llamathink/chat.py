@@ -29,7 +29,13 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Sequence, TextIO
 
-from llamathink.chat_format import is_llamathink_template, prompt_ids, set_chat_template, trim_history
+from llamathink.chat_format import (
+    is_llamathink_template,
+    looks_like_llamathink_template,
+    prompt_ids,
+    set_chat_template,
+    trim_history,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Chatting: streaming generation, the session
@@ -274,9 +280,9 @@ def load_chat_model(
     trust_remote_code: bool = False,
 ):
     """Model (eval mode) and tokenizer for chatting. A tokenizer without a chat template gets LlamaThink's.
-    Raises ValueError for weights with NaN or infinite values (in `dtype`), a tokenizer larger than the model's
-    vocabulary or with another end-of-sequence id, a chat template that cannot render a message, and what
-    `load_saved_model` and `load_tokenizer` raise."""
+    Raises ValueError for weights with NaN or infinite values (in `dtype`) or that give non-finite logits, a
+    tokenizer larger than the model's vocabulary or with another end-of-sequence id, a chat template that cannot
+    render a message or leaves it out, and what `load_saved_model` and `load_tokenizer` raise."""
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -316,16 +322,47 @@ def load_chat_model(
         set_chat_template(tok)
     elif is_llamathink_template(template):
         set_chat_template(tok)  # an older checkpoint's copy of the format: the current one, content guarded
-    else:  # another template: render a probe now rather than fail at the first message
+    else:  # another template (or an edited copy of ours): render a probe now rather than fail at the first message
+        if looks_like_llamathink_template(template):
+            print(
+                f"[{tokenizer or path}: the chat template is an edited copy of LlamaThink's; it is used as written]",
+                file=sys.stderr,
+            )
+        probe = [{"role": "user", "content": "Hello, how are you?"}]
         try:
-            prompt_ids(tok, [{"role": "user", "content": "Hello"}])
+            prompt_ids(tok, probe)
+            rendered = tok.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
         except ValueError as err:  # (prompt_ids turns what the template raises into a ValueError)
             cause = err.__cause__ or err  # jinja2's syntax and undefined-variable errors, a template that raises
             raise ValueError(
                 f"its tokenizer's chat template (chat_template.jinja or tokenizer_config.json) cannot render a "
                 f"conversation ({type(cause).__name__}: {cause})"
             ) from cause
+        if probe[0]["content"] not in rendered:  # e.g. it prints an undefined variable: jinja2 renders ""
+            raise ValueError(
+                f"its tokenizer's chat template leaves the message out of the prompt: {probe[0]['content']!r} "
+                f"renders as {rendered[:200]!r} (does it print a variable that transformers does not pass?)"
+            )
+    _check_forward_is_finite(model, tok, dtype)
     return model, tok
+
+
+def _check_forward_is_finite(model, tokenizer, dtype: str) -> None:
+    """Raise ValueError when a short probe gives NaN or infinite logits: finite weights too large for `dtype`'s
+    arithmetic (they overflow inside a layer) would otherwise print garbage or nothing."""
+    import torch
+
+    ids = [tokenizer.bos_token_id or 0, *tokenizer("Hello", add_special_tokens=False)["input_ids"]]
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(torch.tensor([ids], device=device)).logits
+    if bool(torch.isfinite(logits).all()):
+        return
+    name, largest = max(((n, p.detach().abs().max().item()) for n, p in model.named_parameters()), key=lambda x: x[1])
+    raise ValueError(
+        f"its forward pass gives NaN or infinite logits in {dtype} (largest weight: {name}, |w| = {largest:.3g}): "
+        "the weights are out of the range this model can compute with (saved from a run that diverged?)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -358,6 +395,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="load the model code stored with the checkpoint (needed only without this package)",
     )
     args = ap.parse_args(argv)
+    if sys.stdout is None:  # started with standard output closed (`>&-`): replies would vanish, status 0
+        print(
+            "llamathink-chat: error: standard output is closed: there is nowhere to write the replies", file=sys.stderr
+        )
+        return 2
     if args.max_new_tokens < 1:
         ap.error("--max-new-tokens must be at least 1")
     # float() takes "nan" and "inf": a NaN temperature would silently mean greedy decoding

@@ -65,6 +65,7 @@ next user turn. Token for token this is :func:`prompt_ids` of the same messages.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from typing import Any, Iterable, NamedTuple, Sequence
@@ -145,14 +146,26 @@ CHAT_TEMPLATE = r"""{#- LlamaThink chat format (llamathink/chat.py): text role m
 {%- endif -%}
 """
 # The template's comments name llamathink/chat.py (and llamathink.chat.TEXT_GUARD), where the format lived before
-# it moved to this module. They stay so on purpose: saved tokenizers carry the template text, and
-# is_llamathink_template recognises them (and earlier versions) by this first line, so the text above must not change.
+# it moved to this module; the text must stay as it is (saved tokenizers carry it, and is_llamathink_template
+# recognises it by its SHA-256 below).
+# SHA-256 of every CHAT_TEMPLATE text this project has shipped (oldest first; the last is the current one). A saved
+# tokenizer holding one of them gets the current format; an edited copy is another template, used as written.
+SHIPPED_TEMPLATE_SHA256 = (
+    "d30019e42758276418491af1923db8714ce2eee1d7bc6f3762165bf4074dd0a3",
+    "9dc3ebbe9ad554408fc2e43e01ca78f0b98ba15f334b6dcd3ced64d4dcb385af",
+    "557ae0a20b6f3e9232277097bf34dec6b4567f2e27afcd5e34497dc28ec13886",
+)
 _TEMPLATE_SIGNATURE = "{#- LlamaThink chat format (llamathink/chat.py)"
 
 
 def is_llamathink_template(template: str | None) -> bool:
-    """True for :data:`CHAT_TEMPLATE` and for the LlamaThink templates of earlier versions (saved with older
-    checkpoints; recognised by their first comment)."""
+    """True for :data:`CHAT_TEMPLATE` and for the LlamaThink templates of earlier versions, saved with older
+    checkpoints (exactly as shipped: :data:`SHIPPED_TEMPLATE_SHA256`). An edited copy is not one of them."""
+    return isinstance(template, str) and hashlib.sha256(template.encode()).hexdigest() in SHIPPED_TEMPLATE_SHA256
+
+
+def looks_like_llamathink_template(template: str | None) -> bool:
+    """True for a template that starts with the LlamaThink format's first comment, shipped or edited."""
     return isinstance(template, str) and template.lstrip().startswith(_TEMPLATE_SIGNATURE)
 
 

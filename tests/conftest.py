@@ -116,6 +116,16 @@ def graph_test_grads(gdn_backend: str, mode: str, calls: int, autocast: bool = T
     return out
 
 
+def largest_gap(a: dict, b: dict, *, nonzero_reference: bool = True) -> tuple[float, str]:
+    """The largest per-tensor gap |a[n] - b[n]| / |b[n]| over the tensors of `b` ({name: tensor} dicts), with the
+    name; `nonzero_reference` asserts that no reference tensor is zero (its gap would not be relative)."""
+    gaps = []
+    for name, ref in b.items():
+        assert not nonzero_reference or ref.norm() > 0, f"{name} is zero"
+        gaps.append((float((a[name] - ref).norm() / ref.norm()), name))
+    return max(gaps)
+
+
 @pytest.fixture
 def model():
     return tiny_model()

@@ -5,10 +5,12 @@ message content is text (typed "</s>", "<s>", "<unk>" never become special ids i
 
 import copy
 import dataclasses
+import hashlib
 import io
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import torch
 from conftest import LLAMA2_TOKENIZER, REPO_ROOT, torch_threads
 
 from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
-from llamathink.chat import ChatSession, GenerationSettings, run_interactive
+from llamathink.chat import ChatSession, GenerationSettings, load_chat_model, run_interactive
 from llamathink.chat import main as chat_main
 from llamathink.chat_format import (
     CHAT_MARKERS,
@@ -855,11 +857,12 @@ def test_the_guard_is_saved_and_changes_nothing_else(tok, tmp_path):
     ]
     assert again.apply_chat_template(msgs, add_generation_prompt=True)["input_ids"] == prompt_ids(tok, msgs)
     assert load_tokenizer(str(tmp_path)).apply_chat_template(msgs)["input_ids"] == chat_format.chat_ids(tok, msgs)
-    # an older checkpoint's LlamaThink template (no guard): prompt_ids still encodes content as text
-    old = builtin_tokenizer()
-    old.chat_template = CHAT_TEMPLATE.replace("| replace('<', '<\\uFDD0')", "")
-    assert old.chat_template != CHAT_TEMPLATE and chat_format.is_llamathink_template(old.chat_template)
-    assert prompt_ids(old, msgs) == prompt_ids(tok, msgs)
+    # older checkpoints' LlamaThink templates (as shipped; no guard): prompt_ids still encodes content as text
+    for version in (1, 2):
+        old = builtin_tokenizer()
+        old.chat_template = (REPO_ROOT / "tests" / "data" / f"chat_template_shipped_{version}.jinja").read_text()
+        assert old.chat_template != CHAT_TEMPLATE and chat_format.is_llamathink_template(old.chat_template)
+        assert prompt_ids(old, msgs) == prompt_ids(tok, msgs)
 
 
 def test_tokenizers_whose_added_tokens_cannot_be_guarded_are_refused():
@@ -949,6 +952,62 @@ def test_chat_refuses_weights_with_nan_by_name(finetuned, tmp_path, capsys):
         assert chat_main([str(final), "-p", "Hi!", "--max-new-tokens", "4", *mode]) == 2
         err = capsys.readouterr().err
         assert "NaN or infinite values (model.norm.weight)" in err and "Traceback" not in err
+
+
+def test_chat_refuses_finite_weights_too_large_to_compute_with(finetuned, tmp_path, capsys):
+    """Finite weights scaled by 1e30 overflow inside the layers: refused at load naming the largest tensor (they
+    printed garbage with status 0)."""
+    from safetensors.torch import load_file, save_file
+
+    final = tmp_path / "final"
+    shutil.copytree(finetuned[1] / "final", final)
+    weights = load_file(final / "model.safetensors")
+    for tensor in weights.values():
+        tensor.mul_(1e30)
+    weights["model.layers.0.mlp.down_proj.weight"].fill_(3e31)  # the largest
+    save_file(weights, final / "model.safetensors", metadata={"format": "pt"})
+    assert chat_main([str(final), "-p", "Hi!", "--max-new-tokens", "4", "--greedy"]) == 2
+    err = capsys.readouterr().err
+    assert "forward pass gives NaN or infinite logits in float32" in err, err
+    assert "model.layers.0.mlp.down_proj.weight, |w| = 3e+31" in err and "Traceback" not in err
+
+
+def test_chat_template_that_drops_the_message_or_edits_ours(finetuned, tmp_path, capsys):
+    """A template that prints an undefined variable instead of the content (jinja2 renders it as "") is refused at
+    load (it gave empty replies); an edited copy of LlamaThink's template is used as written, with a notice (it was
+    silently replaced by the built-in one); the shipped versions are recognised exactly."""
+    from llamathink.chat_format import CHAT_TEMPLATE, SHIPPED_TEMPLATE_SHA256, is_llamathink_template
+
+    assert hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest() == SHIPPED_TEMPLATE_SHA256[-1]  # a new text: add it
+    final = tmp_path / "final"
+    shutil.copytree(finetuned[1] / "final", final)
+    (final / "chat_template.jinja").write_text("{% for m in messages %}### {{ m.role }}: {{ m.text }}\n{% endfor %}")
+    assert chat_main([str(final), "-p", "Hi!", "--max-new-tokens", "4", "--greedy"]) == 2
+    err = capsys.readouterr().err
+    assert "chat template leaves the message out of the prompt: 'Hello, how are you?' renders as" in err, err
+    edited = CHAT_TEMPLATE.replace("### User:", "### Human:")
+    assert edited != CHAT_TEMPLATE and not is_llamathink_template(edited)
+    (final / "chat_template.jinja").write_text(edited)
+    assert chat_main([str(final), "-p", "Hi!", "--max-new-tokens", "4", "--greedy"]) == 0
+    assert "edited copy of LlamaThink's; it is used as written" in capsys.readouterr().err
+    _, tok = load_chat_model(str(final))
+    assert tok.chat_template == edited and "### Human:" in tok.decode(
+        prompt_ids(tok, [{"role": "user", "content": "a"}])
+    )
+
+
+def test_chat_refuses_to_start_with_standard_output_closed(finetuned):
+    """`llamathink-chat ... >&-`: Python starts with sys.stdout None and print() writes nowhere; the replies were
+    lost with status 0."""
+    r = subprocess.run(
+        f"{shlex.quote(sys.executable)} -m llamathink.chat {shlex.quote(str(finetuned[1] / 'final'))} -p Hi >&-",
+        shell=True,
+        capture_output=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+        check=False,
+    )
+    assert r.returncode == 2 and b"standard output is closed" in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize(

@@ -610,6 +610,38 @@ def test_tokenizer_project_llama2_json(run_bin, llama2_dir, work):
     _check_tokenizer(run_bin, hf, legacy)
 
 
+def _sentencepiece_bytes(pieces: list[bytes]) -> bytes:
+    """A minimal SentencePiece ModelProto: field 1 = one SentencePiece {1: piece, 2: score (float32), 3: type}."""
+
+    def field(number: int, wire: int, payload: bytes) -> bytes:
+        return bytes([number << 3 | wire]) + (bytes([len(payload)]) if wire == 2 else b"") + payload
+
+    body = b""
+    for i, piece in enumerate(pieces):
+        typ = 2 if i == 0 else (3 if i < 3 else 1)  # unk, then control <s> </s>, then normal pieces
+        entry = field(1, 2, piece) + field(2, 5, struct.pack("<f", -float(i))) + field(3, 0, bytes([typ]))
+        body += field(1, 2, entry)
+    return body
+
+
+def test_corrupt_sentencepiece_model_is_named(tmp_path, capsys):
+    """A truncated or garbage tokenizer.model: one line naming the file and what is wrong (the error did not name
+    the file; a truncated float score failed inside struct.unpack), and no output file written."""
+    pieces = [b"<unk>", b"<s>", b"</s>", b"\xe2\x96\x81a", b"b"]
+    good = _sentencepiece_bytes(pieces)
+    (tmp_path / "good.model").write_bytes(good)
+    assert tkx.read_sentencepiece(str(tmp_path / "good.model"))["pieces"] == pieces
+    for name, data in (("truncated", good[:-4]), ("garbage", b"\x0f" * 64), ("empty", b"")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "tokenizer.model").write_bytes(data)
+        out = tmp_path / f"{name}.bin"
+        assert tkx.main([str(folder), str(out), "--sentencepiece"]) == 1
+        err = capsys.readouterr().err
+        assert f"{folder / 'tokenizer.model'}: not a readable SentencePiece model" in err, err
+        assert "Traceback" not in err and not out.exists()
+
+
 def test_tokenizer_builtin_json(run_bin, work):
     try:
         from llamathink.tokenizer_utils import builtin_tokenizer

@@ -3,7 +3,7 @@ gradients, and cached decoding against the uncached forward on the GPU."""
 
 import pytest
 import torch
-from conftest import graph_test_grads, graph_test_model, tiny_model
+from conftest import graph_test_grads, graph_test_model, largest_gap, tiny_model
 
 from llamathink.kernels_llamathink import (
     _fla_ops,
@@ -317,19 +317,6 @@ def deterministic():
         torch.use_deterministic_algorithms(False)
 
 
-def _relative_gaps(a: dict, b: dict) -> dict:
-    """{name: |a - b| / |b|} per parameter (b's norm asserted > 0)."""
-    gaps = {}
-    for name, ref in b.items():
-        assert ref.norm() > 0, f"{name} is zero"
-        gaps[name] = float((a[name] - ref).norm() / ref.norm())
-    return gaps
-
-
-def _largest(gaps: dict) -> tuple[float, str]:
-    return max((gap, name) for name, gap in gaps.items())
-
-
 def _skip_without_fla_backward(gdn_backend: str):
     if gdn_backend == "fla" and fla_backward_problem(torch.device("cuda")) is not None:
         pytest.skip(fla_backward_problem(torch.device("cuda")))
@@ -364,14 +351,14 @@ def test_cuda_graph_gradients_equal_default_mode_gradients(gdn_backend, autocast
         graphs = graph_test_grads(gdn_backend, "reduce-overhead", 4, autocast)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    assert _largest(_relative_gaps(plain[1], plain[0]))[0] <= SAME_KERNELS  # the control: deterministic here
+    assert largest_gap(plain[1], plain[0])[0] <= SAME_KERNELS  # the control: deterministic here
     for call, grads in enumerate(graphs, 1):
-        gap = _largest(_relative_gaps(grads, plain[0]))
+        gap = largest_gap(grads, plain[0])
         assert gap[0] <= SAME_KERNELS, (f"CUDA-graph call {call} against the default mode", gap)
     # other kernels (eager PyTorch against inductor's fusions): rounding apart, in bf16 up to a few % of a norm on
     # the few-number gate parameters; fla computes with TF32 dots whatever the setting
     bound = 0.1 if autocast else (1e-3 if gdn_backend == "fla" else 1e-4)
-    gap = _largest(_relative_gaps(eager, plain[0]))
+    gap = largest_gap(eager, plain[0])
     assert gap[0] <= bound, ("eager against the default mode", gap)
 
 
@@ -406,7 +393,7 @@ def _assert_same_training(graphs, plain):
     """Losses, evaluation losses and every weight of two trainings equal to SAME_KERNELS."""
     torch.testing.assert_close(graphs[0], plain[0], rtol=SAME_KERNELS, atol=0)
     torch.testing.assert_close(graphs[1], plain[1], rtol=SAME_KERNELS, atol=0)
-    gap = _largest(_relative_gaps(graphs[2], plain[2]))
+    gap = largest_gap(graphs[2], plain[2])
     assert gap[0] <= SAME_KERNELS, ("weights after training with CUDA graphs against the default mode", gap)
 
 

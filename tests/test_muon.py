@@ -374,7 +374,10 @@ def _graph_setup(seed=0, dtype=torch.float32, device="cpu"):
 def graph_step_matches_eager(monkeypatch_or_none, device="cpu", dtype=torch.float32, steps=5):
     """Train the same tensors with the eager and the recorded step (a LambdaLR schedule, one matrix without a
     gradient at step 2, which needs a new plan); return (eager params, graph params, optimizer with the graph)."""
-    lam = lambda step: 1.0 / (1 + step)  # noqa: E731
+
+    def lam(step):
+        return 1.0 / (1 + step)
+
     results = []
     for cuda_graph in (False, None):
         params, groups = _graph_setup(dtype=dtype, device=device)

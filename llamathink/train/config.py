@@ -107,7 +107,7 @@ class RunConfig:
         if self.muon_adjust_lr not in ADJUST_LR_FNS:
             raise ValueError(f"muon_adjust_lr must be one of {', '.join(ADJUST_LR_FNS)}, got {self.muon_adjust_lr!r}")
         if not isinstance(self.muon_cuda_graph, bool):
-            raise ValueError(f"muon_cuda_graph must be true or false, got {self.muon_cuda_graph!r}")
+            raise TypeError(f"muon_cuda_graph must be true or false, got {self.muon_cuda_graph!r}")
         if self.nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
