@@ -105,7 +105,7 @@ def zeropower_via_newtonschulz(
 
     * Each slice is first divided by its Frobenius norm (+ eps): the Frobenius norm
       bounds the spectral norm, so all singular values start in [0, 1], inside the
-      region where the polynomial iteration behaves.  The norm is accumulated in fp32.
+      region where the polynomial iteration behaves.  The norm is accumulated in fp32 (fp64 for fp64 input).
     * Tall slices (rows > cols) are transposed so that the Gram matrix ``X X^T`` is
       the small ``[min, min]`` one - same result, fewer FLOPs.
     * The input is never modified.
@@ -120,7 +120,7 @@ def zeropower_via_newtonschulz(
     transposed = x.size(-2) > x.size(-1)
     if transposed:
         x = x.mT
-    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=torch.float32)
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
     # fp32 divide then a single rounding to the iteration dtype (out of place: never touch the input). bf16 on GPUs
     # (tensor cores); fp32 on CPUs, where bf16 matmuls are emulated and several times slower without AMX.
     x = (x / (norm + eps)).to(dtype or ns_output_dtype(x.device))
@@ -337,6 +337,9 @@ class Muon(torch.optim.Optimizer):
 
     @staticmethod
     def _validate_group(group: dict[str, Any]) -> None:
+        for key in ("lr", "weight_decay", "eps"):
+            if isinstance(group[key], bool) or not isinstance(group[key], (int, float)):
+                raise TypeError(f"Muon takes {key} as a Python number, got {type(group[key]).__name__} {group[key]!r}")
         if not 0.0 <= group["lr"]:
             raise ValueError(f"invalid learning rate {group['lr']}")
         if not 0.0 <= group["weight_decay"]:
@@ -374,10 +377,35 @@ class Muon(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("_process_group", None)
-        state.setdefault("_cuda_graph", None)
-        state["_ns_graph"] = None  # recorded graphs and their buffers belong to one object
+        # Unpickling fills a fresh object; load_state_dict also calls this, with only "state" and "param_groups":
+        # the settings this object was built with must stay. (A recorded graph refers to its groups by identity,
+        # and load_state_dict makes new group dicts, so the next step records a new one.)
+        for key in ("_process_group", "_cuda_graph", "_ns_graph"):
+            if key not in state and not hasattr(self, key):
+                state[key] = None  # process groups and recorded graphs are not pickled
         super().__setstate__(state)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, then a check that every loaded state fits its parameter
+        (momentum and AdamW moments of the parameter's shape, a non-negative integer AdamW step): a damaged or
+        edited state fails here, naming the parameter, not inside the next step. Raises ValueError."""
+        super().load_state_dict(state_dict)
+        for g, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                state = self.state.get(p, {})
+                name = repr(names[i]) if names is not None else f"{i} of group {g}"
+                for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+                    value = state.get(key)
+                    if value is not None and (not torch.is_tensor(value) or value.shape != p.shape):
+                        shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                        raise ValueError(
+                            f"optimizer state {key!r} of parameter {name} has shape {shape}, the parameter "
+                            f"{tuple(p.shape)}: the state is not this model's"
+                        )
+                step = state.get("step")
+                if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+                    raise ValueError(f"optimizer state 'step' of parameter {name} is {step!r}, not an integer >= 0")
 
     # ---- step -------------------------------------------------------------------------
     @torch.no_grad()

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -612,6 +613,75 @@ def test_a_checkpoint_whose_step_does_not_match_is_not_trusted(model_json, tmp_p
         ckpt.restore_checkpoint(copy, *_parts(model_json, settings), settings)
 
 
+def test_save_times_in_the_future_or_lost_do_not_make_a_run_delete_its_new_checkpoints(model_json, tmp_path, capsys):  # noqa: F811
+    """A checkpoint whose meta.json says it was saved in the future (a clock that moved back, an edit) made
+    `resume: auto` rewind to it and keep_last delete every checkpoint written after it, the new one included; a
+    meta.json deleted from an old checkpoint made it read as saved just now (the folder's mtime). Now the
+    just-written checkpoint is always kept, a future save time orders by step with a note, and a checkpoint
+    without meta.json is as old as its state.pt."""
+    out = tmp_path / "run"
+    settings = _settings()
+    parts = _parts(model_json, settings)
+    for step in (2, 4):
+        _save(out, step, parts, settings, keep_last=2)
+    meta_file = ckpt.checkpoint_dir(out) / "step_00000002" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "saved_at": time.time() + 3600}))
+    assert ckpt.latest_checkpoint(out).name == "step_00000004"
+    assert "step_00000002 in" in capsys.readouterr().out
+    assert _save(out, 6, parts, settings, keep_last=1).exists()
+    assert _names(ckpt.list_checkpoints(out)) == ["step_00000006"]
+    for step in (8, 10):
+        _save(out, step, parts, settings, keep_last=3)
+    os.utime(ckpt.checkpoint_dir(out) / "step_00000006" / "state.pt", (time.time() - 60, time.time() - 60))
+    (ckpt.checkpoint_dir(out) / "step_00000006" / "meta.json").unlink()  # the folder's mtime is now
+    assert ckpt.latest_checkpoint(out).name == "step_00000010"
+
+
+def test_unwritable_out_dir_and_undeletable_checkpoints_are_reported(model_json, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """An out_dir made read-only after a first run (its .lock still opens) is refused at start, not after training
+    when history.json cannot be written; a stale checkpoint that cannot be deleted (read-only files) is reported
+    with where its space went, and the next run's cleanup says what it could not remove (it said "removed")."""
+    out = tmp_path / "run"
+    with ckpt.own_out_dir(out):
+        pass
+    real_touch = Path.touch
+
+    def read_only(self, *args, **kwargs):
+        if self.name.startswith(".write-test") and self.parent == out:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_touch(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "touch", read_only)
+    with pytest.raises(ValueError, match=r"out_dir .*run cannot hold this run's checkpoints: Permission denied"):
+        with ckpt.own_out_dir(out):
+            pass
+    monkeypatch.undo()
+    settings = _settings()
+    parts = _parts(model_json, settings)
+    _save(out, 2, parts, settings, keep_last=1)
+    real_rmtree = shutil.rmtree
+
+    def refuse(path, *args, **kwargs):
+        if not kwargs.get("ignore_errors"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", refuse)
+    _save(out, 4, parts, settings, keep_last=1)
+    printed = capsys.readouterr().out
+    assert "could not remove the old checkpoint" in printed and "what is left of it is in" in printed
+    with ckpt.own_out_dir(out):
+        pass
+    printed = capsys.readouterr().out
+    assert "could not remove .tmp-removing-step_00000002" in printed and "removed" not in printed.split("could")[0]
+    monkeypatch.undo()
+    with ckpt.own_out_dir(out):
+        pass
+    assert "removed 1 temporary" in capsys.readouterr().out
+    assert sorted(p.name for p in ckpt.checkpoint_dir(out).iterdir()) == ["step_00000004"]
+
+
 def test_a_rotation_stopped_half_way_leaves_no_partial_checkpoint_to_resume(model_json, tmp_path, monkeypatch):  # noqa: F811
     out = tmp_path / "run"
     settings = _settings()
@@ -935,15 +1005,24 @@ def test_a_failed_final_save_leaves_the_earlier_final_folder_whole(sample_data, 
     monkeypatch.setattr("llamathink.model_card.write_model_card", disk_full)
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
-    with pytest.raises(OSError, match="No space left"):
+    message = "cannot write the finished model to .*No space left on device.*last checkpoint is intact"
+    with pytest.raises(loop.OutputWriteError, match=message):  # a one-line error of the command (was a traceback)
         loop.save_final(model, None, final, cfg)
     assert {p.name: p.read_bytes() for p in final.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # no temporary folder left
     # killed between moving the earlier folder aside and renaming the new one in: the next save puts it back first
     final.rename(tmp_path / ".final.old")
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(loop.OutputWriteError, match=message):
         loop.save_final(model, None, final, cfg)
     assert {p.name: p.read_bytes() for p in final.iterdir()} == before
+    # history.json the same way: the earlier one whole, no temporary file left
+    loop.write_history(tmp_path, {"losses": {1: 2.0}})
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(loop.OutputWriteError, match=r"cannot write .*history.json \(No space left on device\)"):
+        loop.write_history(tmp_path, {"losses": {1: 2.0, 2: 1.0}})
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "history.json").read_text()) == {"losses": {"1": 2.0}}
+    assert not (tmp_path / "history.json.tmp").exists()
 
 
 def test_a_checkpoint_with_a_damaged_tensor_is_refused(model_json, tmp_path):  # noqa: F811

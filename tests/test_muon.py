@@ -443,6 +443,41 @@ def test_graph_step_optimizer_copies_and_pickles_without_its_graph(monkeypatch):
         assert clone._ns_graph is None and clone._cuda_graph is None
 
 
+def test_load_state_dict_keeps_settings_and_refuses_a_state_of_another_model():
+    """load_state_dict calls __setstate__ with only the state and the groups: the optimizer's own settings
+    (cuda_graph, process_group) stay (they were reset to None). A state whose tensors do not fit the parameters,
+    or a negative AdamW step, is refused at load naming the parameter (it failed inside the next step)."""
+    params, groups = _graph_setup()
+    opt = Muon(groups, cuda_graph=False, process_group="a group", distributed=False)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    saved = opt.state_dict()
+    opt.load_state_dict(saved)
+    assert opt._cuda_graph is False and opt._process_group == "a group"
+    broken = copy.deepcopy(saved)
+    broken["state"][0]["momentum_buffer"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=r"'momentum_buffer' of parameter 0 of group 0 has shape \(3, 3\)"):
+        opt.load_state_dict(broken)
+    broken = copy.deepcopy(saved)
+    broken["state"][len(params) - 1]["step"] = -5
+    with pytest.raises(ValueError, match="'step' of parameter 0 of group 3 is -5"):
+        opt.load_state_dict(broken)
+
+
+def test_float64_parameters_and_tensor_learning_rates():
+    """Float64 matrices train (the Frobenius norm was forced to float32, which torch refuses for float64 input);
+    a tensor learning rate is refused when the group is added, not inside the first step."""
+    layer = nn.Linear(8, 6, bias=False).double()
+    opt = Muon(layer.parameters())
+    layer.weight.grad = torch.randn(6, 8, dtype=torch.float64)
+    before = layer.weight.detach().clone()
+    opt.step()
+    assert layer.weight.dtype == torch.float64 and not torch.equal(layer.weight.detach(), before)
+    with pytest.raises(TypeError, match="Muon takes lr as a Python number, got Tensor"):
+        Muon(layer.parameters(), lr=torch.tensor(0.02))
+
+
 def _pickled(obj) -> io.BytesIO:
     buf = io.BytesIO()
     torch.save(obj, buf)

@@ -149,7 +149,8 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
 
 def checkpoint_meta(path: str | Path) -> dict:
     """A checkpoint's meta.json: {"format", "run_id", "step", "saved_at" (Unix time), "world_size", "config"}.
-    Checkpoints written before run ids (no meta.json) read as run_id None, saved at the folder's mtime.
+    Checkpoints written before run ids (no meta.json) read as run_id None, saved when their state.pt was written
+    (its mtime; the folder's changes whenever a file in it is added or removed).
     Raises CheckpointError when meta.json is not valid JSON or its fields have the wrong types."""
     path = Path(path)
     file = path / META_FILE
@@ -159,7 +160,7 @@ def checkpoint_meta(path: str | Path) -> dict:
             "format": 1,
             "run_id": None,
             "step": step,
-            "saved_at": path.stat().st_mtime,
+            "saved_at": (path / STATE_FILE).stat().st_mtime if (path / STATE_FILE).exists() else path.stat().st_mtime,
             "world_size": None,
             "config": None,
         }
@@ -183,12 +184,34 @@ def checkpoint_meta(path: str | Path) -> dict:
     return meta
 
 
+# A checkpoint saved more than this many seconds after the present has a save time that cannot be trusted.
+FUTURE_TOLERANCE_S = 300.0
+
+
+def save_order(paths: list[Path], log=print) -> list[Path]:
+    """Checkpoint folders oldest first, by save time then step: a run resumed from an earlier checkpoint continues
+    from there, so its newest checkpoint is the last one saved, not the highest step. When one says it was saved
+    in the future (a clock that moved back, an edited meta.json), save times are not trusted and the order is by
+    step, with a note through `log`."""
+
+    def step(p: Path) -> int:
+        return int(p.name[len(CHECKPOINT_PREFIX) :])
+
+    saved_at = {p: checkpoint_meta(p)["saved_at"] for p in paths}
+    future = [p.name for p, t in saved_at.items() if t > time.time() + FUTURE_TOLERANCE_S]
+    if future:
+        log(
+            f"note: {', '.join(future)} in {paths[0].parent} say{'s' if len(future) == 1 else ''} it was saved "
+            "after the present (a clock moved back, or an edited meta.json): checkpoints are ordered by step"
+        )
+        return sorted(paths, key=step)
+    return sorted(paths, key=lambda p: (saved_at[p], step(p)))
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The most recently saved complete checkpoint in out_dir (by its save time, then step), whatever its run."""
+    """The most recently saved complete checkpoint in out_dir (`save_order`), whatever its run."""
     found = list_checkpoints(out_dir)
-    if not found:
-        return None
-    return max(found, key=lambda p: (checkpoint_meta(p)["saved_at"], int(p.name[len(CHECKPOINT_PREFIX) :])))
+    return save_order(found)[-1] if found else None
 
 
 @contextlib.contextmanager
@@ -210,6 +233,10 @@ def own_out_dir(out_dir: str | Path, is_main: bool = True):
         out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint_dir(out_dir).mkdir(exist_ok=True)  # now, not at the first save after hours of training
         fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        for folder in (out_dir, checkpoint_dir(out_dir)):  # an existing .lock opens in a folder made read-only
+            probe = folder / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
     except OSError as err:  # a file in the way, no write permission, a read-only file system
         in_the_way = next((p for p in (out_dir, checkpoint_dir(out_dir)) if p.exists() and not p.is_dir()), None)
         problem = f"{in_the_way} is a file, not a folder" if in_the_way else err.strerror
@@ -233,9 +260,18 @@ def own_out_dir(out_dir: str | Path, is_main: bool = True):
         root = checkpoint_dir(out_dir)
         leftovers = [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX)] if root.is_dir() else []
         for path in leftovers:
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        if leftovers:
-            print(f"removed {len(leftovers)} temporary checkpoint folder(s) left by an interrupted save in {root}")
+            with contextlib.suppress(OSError):
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        stuck = [p.name for p in leftovers if p.exists()]
+        if len(leftovers) > len(stuck):
+            print(
+                f"removed {len(leftovers) - len(stuck)} temporary checkpoint folder(s) left by an interrupted save "
+                f"or removal in {root}"
+            )
+        if stuck:
+            print(
+                f"could not remove {', '.join(stuck)} in {root} (permissions?): delete them by hand to free the space"
+            )
         yield
     except BaseException:
         if created:  # a run that failed before writing anything (bad data path, ...) leaves no empty folder behind
@@ -291,7 +327,10 @@ def claim_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str | No
     if not foreign:
         return run_id
     for path in foreign:
-        remove_checkpoint(path)
+        try:
+            remove_checkpoint(path)
+        except OSError as err:
+            raise ValueError(f"overwrite: cannot delete the earlier run's checkpoint {path}: {err}") from err
     print(f"overwrite: deleted the earlier run's checkpoints in {checkpoint_dir(cfg.out_dir)} ({names})")
     return run_id
 
@@ -407,7 +446,8 @@ def save_checkpoint(
     tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     old = root / f"{TMP_PREFIX}replaced-{final.name}-{os.getpid()}"
     mine = [p for p in list_checkpoints(out_dir) if _run_id_or_none(p) == run_id and p != final]
-    previous = max(mine, key=lambda p: checkpoint_meta(p)["saved_at"]) if mine else None
+    mine = save_order(mine)
+    previous = mine[-1] if mine else None
     state = {
         "step": step,
         "model": model.state_dict(),
@@ -457,8 +497,8 @@ def save_checkpoint(
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    mine = sorted(mine + [final], key=lambda p: (checkpoint_meta(p)["saved_at"], int(p.name[len(CHECKPOINT_PREFIX) :])))
-    for stale in mine[:-keep_last]:
+    # the checkpoint just written is always kept; of the run's others, the newest keep_last - 1
+    for stale in mine[: max(0, len(mine) - (keep_last - 1))]:
         try:
             remove_checkpoint(stale)
         except OSError as err:  # the new checkpoint is saved; an old one left behind must not stop the run
@@ -475,7 +515,10 @@ def remove_checkpoint(path: Path):
     doomed = path.parent / f"{TMP_PREFIX}removing-{path.name}-{os.getpid()}"
     shutil.rmtree(doomed, ignore_errors=True)  # left by an earlier removal stopped half-way
     os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    try:
+        shutil.rmtree(doomed)
+    except OSError as err:  # e.g. read-only files: say where the space went (the next run tries again)
+        raise OSError(err.errno, f"{err.strerror}; what is left of it is in {doomed}") from err
 
 
 def _legacy_numpy_globals() -> list:

@@ -48,11 +48,26 @@ from .optim import build_optimizer, lr_factor, summarize_param_groups
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class OutputWriteError(ValueError):
+    """The run's history or finished model could not be written (full disk, permissions); the message says what
+    is intact and how to go on."""
+
+
 def write_history(out_dir: Path, history: dict):
-    """`history.json`: per-step training loss, evaluation loss and performance metrics (for plots and reports)."""
+    """`history.json`: per-step training loss, evaluation loss and performance metrics (for plots and reports).
+    Raises OutputWriteError when it cannot be written (the earlier history.json stays whole)."""
     tmp = Path(out_dir) / "history.json.tmp"
-    tmp.write_text(json.dumps(history, indent=1, default=float))
-    os.replace(tmp, Path(out_dir) / "history.json")
+    try:
+        tmp.write_text(json.dumps(history, indent=1, default=float))
+        os.replace(tmp, Path(out_dir) / "history.json")
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OutputWriteError(
+            f"cannot write {Path(out_dir) / 'history.json'} ({err.strerror or err}); the checkpoints in "
+            f"{checkpoint_dir(out_dir)} are intact: free space or fix the permissions, then rerun the same command "
+            "(resume: auto goes on from the last one)"
+        ) from err
 
 
 class NonFiniteLoss(RuntimeError):
@@ -185,10 +200,18 @@ def save_final(
         if final_dir.exists():
             os.replace(final_dir, old)
         os.replace(tmp, final_dir)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not final_dir.exists():
             os.replace(old, final_dir)
+        from safetensors import SafetensorError
+
+        if isinstance(err, (OSError, RuntimeError, SafetensorError)):  # a full disk, permissions
+            raise OutputWriteError(
+                f"cannot write the finished model to {final_dir} ({type(err).__name__}: {err}); the run's last "
+                "checkpoint is intact: free space or fix the permissions, then rerun the same command (resume: auto "
+                "saves the finished model again)"
+            ) from err
         raise
     shutil.rmtree(old, ignore_errors=True)
     if cfg.push_to_hub:
