@@ -653,9 +653,9 @@ def test_unwritable_out_dir_and_undeletable_checkpoints_are_reported(model_json,
         return real_touch(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "touch", read_only)
-    with pytest.raises(ValueError, match=r"out_dir .*run cannot hold this run's checkpoints: Permission denied"):
-        with ckpt.own_out_dir(out):
-            pass
+    refused = pytest.raises(ValueError, match=r"out_dir .*run cannot hold this run's checkpoints: Permission denied")
+    with refused, ckpt.own_out_dir(out):
+        pass
     monkeypatch.undo()
     settings = _settings()
     parts = _parts(model_json, settings)
