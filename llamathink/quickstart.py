@@ -58,7 +58,15 @@ def main(argv: list[str] | None = None) -> int:
 
     _step("1/5 tokenize the bundled sample corpus")
     data = out / "data"
-    prepare(LocalSource([str(sample_data_path("prose.jsonl"))]), data, "builtin", val_docs=20, progress=False)
+    # overwrite: this folder is the quickstart's (above), and an earlier run's data may come from another checkout
+    prepare(
+        LocalSource([str(sample_data_path("prose.jsonl"))]),
+        data,
+        "builtin",
+        val_docs=20,
+        progress=False,
+        overwrite=True,
+    )
 
     _step("2/5 pretrain a tiny model (Muon)")
     overrides = [

@@ -486,6 +486,10 @@ def test_packed_rows_train_each_conversation_as_alone(tok, sample, base_model, t
     packed = PackedChatDataset(dataset, 256)
     assert sorted(i for row in packed.rows for i in row) == list(range(len(dataset)))
     assert packed.lengths.max() <= 256 and len(packed) < len(dataset) / 2
+    with pytest.raises(
+        ValueError, match=rf"{len(packed)} packed rows \(of 60 conversations\) are fewer .*packing: false"
+    ):
+        ChatBatchLoader(packed, len(packed) + 1)  # (the message said "training examples" and counted rows)
     model = tiny_chat_model().double()
     batch = ChatCollator(0)([packed[0], packed[len(packed) - 1]])  # the fullest and an emptier row: padding
     loss = model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"]).loss

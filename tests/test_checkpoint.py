@@ -638,6 +638,24 @@ def test_save_times_in_the_future_or_lost_do_not_make_a_run_delete_its_new_check
     assert ckpt.latest_checkpoint(out).name == "step_00000010"
 
 
+def test_resume_auto_says_which_checkpoint_folder_it_passes_over(model_json, tmp_path, capsys):  # noqa: F811
+    """The newest checkpoint folder without its state.pt is not a checkpoint: `resume: auto` goes on from the one
+    before and says so (it did silently); a truncated state.pt names the file and how to go on."""
+    out = tmp_path / "run"
+    settings = _settings()
+    parts = _parts(model_json, settings)
+    for step in (2, 4):
+        _save(out, step, parts, settings)
+    state = ckpt.checkpoint_dir(out) / "step_00000004" / ckpt.STATE_FILE
+    data = state.read_bytes()
+    state.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match=r"cannot load checkpoint .*state.pt: .*resume from an earlier"):
+        ckpt.load_checkpoint(state.parent)
+    state.unlink()
+    assert ckpt.resolve_resume(_settings(out_dir=str(out))).name == "step_00000002"
+    assert "note: step_00000004 in" in capsys.readouterr().out
+
+
 def test_unwritable_out_dir_and_undeletable_checkpoints_are_reported(model_json, tmp_path, monkeypatch, capsys):  # noqa: F811
     """An out_dir made read-only after a first run (its .lock still opens) is refused at start, not after training
     when history.json cannot be written; a stale checkpoint that cannot be deleted (read-only files) is reported

@@ -61,3 +61,35 @@ def test_quickstart_refuses_a_folder_that_is_not_an_earlier_quickstarts(tmp_path
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit, match="not an earlier quickstart's folder"):
         quickstart.main(["--out", str(tmp_path / "file"), "--fast"])
+
+
+def test_quickstart_rerun_over_data_prepared_by_another_checkout(tmp_path, monkeypatch):
+    """A rerun into an earlier quickstart's folder whose data came from another checkout (another path of the
+    sample corpus) prepares the data again: it stopped with prepare's "different preparation ... --overwrite",
+    an option the quickstart does not have."""
+    import shutil
+
+    from llamathink import quickstart
+    from llamathink.data import LocalSource, prepare
+    from llamathink.tokenizer_utils import sample_data_path
+    from llamathink.train import pretrain
+
+    out = tmp_path / "qs"
+    out.mkdir()
+    (out / "quickstart.json").write_text('{"status": "done"}')
+    elsewhere = tmp_path / "other-checkout" / "prose.jsonl"
+    elsewhere.parent.mkdir()
+    shutil.copy(sample_data_path("prose.jsonl"), elsewhere)
+    prepare(LocalSource([str(elsewhere)]), out / "data", "builtin", val_docs=20, progress=False)
+
+    class Prepared(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Prepared
+
+    monkeypatch.setattr(pretrain, "train", stop)
+    with pytest.raises(Prepared):
+        quickstart.main(["--out", str(out), "--fast"])
+    meta = json.loads((out / "data" / "meta.json").read_text())
+    assert str(sample_data_path("prose.jsonl")) in json.dumps(meta) and str(elsewhere) not in json.dumps(meta)

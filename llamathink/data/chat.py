@@ -476,9 +476,15 @@ class ChatBatchLoader:
         self.seed, self.group_by_length = seed, group_by_length
         self.global_batch = batch_size * world_size
         if len(dataset) < self.global_batch:
+            packed = isinstance(dataset, PackedChatDataset)
+            what = (
+                f"{len(dataset)} packed rows (of {len(dataset.dataset)} conversations)"
+                if packed
+                else f"{len(dataset)} training examples"
+            )
             raise ValueError(
-                f"{len(dataset)} training examples are fewer than one global batch "
-                f"({batch_size} x {world_size} processes); lower micro_batch_size"
+                f"{what} are fewer than one global batch ({batch_size} x {world_size} processes); lower "
+                "micro_batch_size" + (" or max_len, or set packing: false" if packed else "")
             )
         self.collate = ChatCollator(pad_token_id)
         self.epoch, self.position = 0, 0

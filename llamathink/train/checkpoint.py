@@ -568,7 +568,10 @@ def load_checkpoint(path: str | Path) -> dict:
             "could run code stored in it. Only checkpoints written by this trainer are loaded."
         ) from None
     except Exception as err:  # a corrupt file must say which one
-        raise CheckpointError(f"cannot load checkpoint {file}: {type(err).__name__}: {err}") from err
+        raise CheckpointError(
+            f"cannot load checkpoint {file}: {type(err).__name__}: {err}; resume from an earlier checkpoint "
+            "(resume: <its folder>) or delete this one"
+        ) from err
     required = ("step", "model", "optimizer", "scheduler", "loader", "rng")
     if not isinstance(state, dict) or any(k not in state for k in required):
         raise CheckpointError(f"{file} is not a training checkpoint (expected the keys {', '.join(required)})")
@@ -962,7 +965,29 @@ def resolve_resume(cfg: RunConfig) -> Path | None:
     if cfg.resume == "none":
         return None
     if cfg.resume == "auto":
-        return latest_checkpoint(cfg.out_dir)
+        latest = latest_checkpoint(cfg.out_dir)
+        root = checkpoint_dir(cfg.out_dir)
+        newest = int(latest.name[len(CHECKPOINT_PREFIX) :]) if latest else -1
+        incomplete = (
+            sorted(
+                p.name
+                for p in root.iterdir()
+                if p.is_dir()
+                and p.name.startswith(CHECKPOINT_PREFIX)
+                and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+                and int(p.name[len(CHECKPOINT_PREFIX) :]) > newest
+                and not (p / STATE_FILE).exists()
+            )
+            if root.is_dir()
+            else []
+        )
+        if incomplete:  # a checkpoint folder that lost its state.pt: say that it is passed over
+            print(
+                f"note: {', '.join(incomplete)} in {root} hold{'s' if len(incomplete) == 1 else ''} no {STATE_FILE} "
+                f"and {'is' if len(incomplete) == 1 else 'are'} not a checkpoint; "
+                + (f"resuming {latest.name}" if latest else "starting from scratch")
+            )
+        return latest
     path = Path(cfg.resume)
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"resume={cfg.resume}: no checkpoint (state.pt) there")
