@@ -125,13 +125,20 @@ def _parse_sentencepiece(data: bytes) -> dict:
         v = trainer.get(field, default)
         return v - (1 << 64) if isinstance(v, int) and v >= 1 << 63 else v
 
+    bad_type = next((i for i, t in enumerate(types) if not NORMAL <= t <= BYTE), None)
+    if bad_type is not None:
+        raise TokenizerExportError(f"piece {bad_type} has type {types[bad_type]}, not a SentencePiece piece type (1-6)")
+    ids = {"unk_id": sid(40, 0), "bos_id": sid(41, 1), "eos_id": sid(42, 2)}
+    for name, value in ids.items():  # -1: the model has no such token
+        if not -1 <= value < len(pieces):
+            raise TokenizerExportError(f"{name} {value} is not -1 or the id of one of its {len(pieces)} pieces")
     return dict(
         pieces=pieces,
         scores=scores,
         types=types,
-        unk=sid(40, 0),
-        bos=sid(41, 1),
-        eos=sid(42, 2),
+        unk=ids["unk_id"],
+        bos=ids["bos_id"],
+        eos=ids["eos_id"],
         byte_fallback=bool(trainer.get(35, 0)),
         add_dummy_prefix=bool(normalizer.get(3, 1)),
     )

@@ -348,15 +348,19 @@ def load_chat_model(
 
 
 def _check_forward_is_finite(model, tokenizer, dtype: str) -> None:
-    """Raise ValueError when a short probe gives NaN or infinite logits: finite weights too large for `dtype`'s
-    arithmetic (they overflow inside a layer) would otherwise print garbage or nothing."""
+    """Raise ValueError when a short probe gives NaN or +inf logits, or a position without a finite logit: finite
+    weights too large for `dtype`'s arithmetic (they overflow inside a layer) would otherwise print garbage or
+    nothing. A -inf logit alone (a masked vocabulary id) is fine."""
     import torch
 
     ids = [tokenizer.bos_token_id or 0, *tokenizer("Hello", add_special_tokens=False)["input_ids"]]
     device = next(model.parameters()).device
     with torch.no_grad():
         logits = model(torch.tensor([ids], device=device)).logits
-    if bool(torch.isfinite(logits).all()):
+    # -inf is a masked token (some models mask unused vocabulary ids); NaN, +inf or no finite logit at all is not
+    if not (bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any())) and bool(
+        torch.isfinite(logits).any(dim=-1).all()
+    ):
         return
     name, largest = max(((n, p.detach().abs().max().item()) for n, p in model.named_parameters()), key=lambda x: x[1])
     raise ValueError(

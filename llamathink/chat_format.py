@@ -148,20 +148,29 @@ CHAT_TEMPLATE = r"""{#- LlamaThink chat format (llamathink/chat.py): text role m
 # The template's comments name llamathink/chat.py (and llamathink.chat.TEXT_GUARD), where the format lived before
 # it moved to this module; the text must stay as it is (saved tokenizers carry it, and is_llamathink_template
 # recognises it by its SHA-256 below).
-# SHA-256 of every CHAT_TEMPLATE text this project has shipped (oldest first; the last is the current one). A saved
-# tokenizer holding one of them gets the current format; an edited copy is another template, used as written.
+# SHA-256 of every CHAT_TEMPLATE text this project has shipped (oldest first; the last is the current one), each
+# taken of `_template_key(text)`, so that an editor's trailing-whitespace clean-up does not make it another template.
+# A saved tokenizer holding one of them gets the current format; an edited copy is another template, used as written.
 SHIPPED_TEMPLATE_SHA256 = (
-    "d30019e42758276418491af1923db8714ce2eee1d7bc6f3762165bf4074dd0a3",
-    "9dc3ebbe9ad554408fc2e43e01ca78f0b98ba15f334b6dcd3ced64d4dcb385af",
-    "557ae0a20b6f3e9232277097bf34dec6b4567f2e27afcd5e34497dc28ec13886",
+    "a2dc9548da322eb2f86bbf53c7d8a9204fe0b02659d3f67663def73c041dc654",
+    "d67d7a053f08de259b6640594a16e0cb4c4edd2db4660c685f7183d61fa56e5e",
+    "5677f5de333253751341b837ef9d26a8e00a34229d823973fa469e9629ea8ee8",
 )
 _TEMPLATE_SIGNATURE = "{#- LlamaThink chat format (llamathink/chat.py)"
 
 
+def template_key(template: str) -> str:
+    """SHA-256 of a template's text without trailing whitespace on its lines and at its ends (what editors and
+    pre-commit hooks change): the key of :data:`SHIPPED_TEMPLATE_SHA256`."""
+    text = "\n".join(line.rstrip() for line in template.strip().splitlines())
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def is_llamathink_template(template: str | None) -> bool:
     """True for :data:`CHAT_TEMPLATE` and for the LlamaThink templates of earlier versions, saved with older
-    checkpoints (exactly as shipped: :data:`SHIPPED_TEMPLATE_SHA256`). An edited copy is not one of them."""
-    return isinstance(template, str) and hashlib.sha256(template.encode()).hexdigest() in SHIPPED_TEMPLATE_SHA256
+    checkpoints (as shipped, up to trailing whitespace: :data:`SHIPPED_TEMPLATE_SHA256`). An edited copy is not
+    one of them."""
+    return isinstance(template, str) and template_key(template) in SHIPPED_TEMPLATE_SHA256
 
 
 def looks_like_llamathink_template(template: str | None) -> bool:

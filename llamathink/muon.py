@@ -55,6 +55,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import numbers
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -78,6 +79,9 @@ NS_STEPS = 5
 # Same default as torch.optim.Muon; only guards the division for an all-zero update.
 NS_EPS = 1e-7
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
+# How many times the Newton-Schulz CUDA graph may be recorded (once per change of the matrices with a gradient)
+# before the optimizer stays eager: recording costs more than a few eager steps.
+MAX_GRAPH_RECORDINGS = 8
 
 
 # --------------------------------------------------------------------------------------
@@ -312,6 +316,7 @@ class Muon(torch.optim.Optimizer):
             raise TypeError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
         self._cuda_graph = cuda_graph
         self._ns_graph: _NewtonSchulzGraph | None = None
+        self._graph_recordings = 0
         # ``defaults`` only holds keys common to both kinds: Optimizer.add_param_group
         # setdefault()s every key of ``defaults`` into every group, and e.g. a
         # "momentum" key on an AdamW group would be misleading.  (The complete,
@@ -337,9 +342,10 @@ class Muon(torch.optim.Optimizer):
 
     @staticmethod
     def _validate_group(group: dict[str, Any]) -> None:
-        for key in ("lr", "weight_decay", "eps"):
-            if isinstance(group[key], bool) or not isinstance(group[key], (int, float)):
-                raise TypeError(f"Muon takes {key} as a Python number, got {type(group[key]).__name__} {group[key]!r}")
+        for key in ("lr", "weight_decay", "eps"):  # a tensor would fail inside the foreach kernels of the step
+            if isinstance(group[key], bool) or not isinstance(group[key], numbers.Real):
+                raise TypeError(f"Muon takes {key} as a number, got {type(group[key]).__name__} {group[key]!r}")
+            group[key] = float(group[key])
         if not 0.0 <= group["lr"]:
             raise ValueError(f"invalid learning rate {group['lr']}")
         if not 0.0 <= group["weight_decay"]:
@@ -474,6 +480,15 @@ class Muon(torch.optim.Optimizer):
             return False
         buckets, signature = self._buckets([(group, params, range(len(params))) for group, params, _, _ in work])
         if self._ns_graph is None or self._ns_graph.signature != signature:
+            self._graph_recordings = getattr(self, "_graph_recordings", 0) + 1  # (absent on an unpickled copy)
+            if self._graph_recordings > MAX_GRAPH_RECORDINGS:  # e.g. layers that get a gradient only on some steps
+                warnings.warn(
+                    f"Muon: the set of matrices with a gradient changed {MAX_GRAPH_RECORDINGS} times, and each "
+                    "change records a new CUDA graph; the optimizer goes on eagerly",
+                    stacklevel=3,
+                )
+                self._cuda_graph, self._ns_graph = False, None
+                return False
             self._ns_graph = None  # free the old graph's buffers before recording a new one
             try:
                 self._ns_graph = _NewtonSchulzGraph(list(buckets.items()), signature)

@@ -5,7 +5,6 @@ message content is text (typed "</s>", "<s>", "<unk>" never become special ids i
 
 import copy
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -976,13 +975,37 @@ def test_chat_refuses_finite_weights_too_large_to_compute_with(finetuned, tmp_pa
     assert "model.layers.0.mlp.down_proj.weight, |w| = 3e+31" in err and "Traceback" not in err
 
 
+def test_forward_probe_takes_masked_vocabulary_and_refuses_nan(tok):
+    """-inf logits are masked ids (some models mask unused vocabulary): accepted; NaN, +inf, or a position without
+    any finite logit: refused."""
+    import types
+
+    from llamathink.chat import _check_forward_is_finite
+
+    class Stub(torch.nn.Module):
+        def __init__(self, fill, column=-1):
+            super().__init__()
+            self.weight, self.fill, self.column = torch.nn.Parameter(torch.ones(2)), fill, column
+
+        def forward(self, ids):
+            logits = torch.zeros(*ids.shape, 8)
+            logits[..., self.column] = self.fill
+            return types.SimpleNamespace(logits=logits)
+
+    _check_forward_is_finite(Stub(float("-inf")), tok, "float32")
+    for model in (Stub(float("nan")), Stub(float("inf")), Stub(float("-inf"), column=slice(None))):
+        with pytest.raises(ValueError, match="forward pass gives NaN or infinite logits"):
+            _check_forward_is_finite(model, tok, "float32")
+
+
 def test_chat_template_that_drops_the_message_or_edits_ours(finetuned, tmp_path, capsys):
     """A template that prints an undefined variable instead of the content (jinja2 renders it as "") is refused at
     load (it gave empty replies); an edited copy of LlamaThink's template is used as written, with a notice (it was
     silently replaced by the built-in one); the shipped versions are recognised exactly."""
-    from llamathink.chat_format import CHAT_TEMPLATE, SHIPPED_TEMPLATE_SHA256, is_llamathink_template
+    from llamathink.chat_format import CHAT_TEMPLATE, SHIPPED_TEMPLATE_SHA256, is_llamathink_template, template_key
 
-    assert hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest() == SHIPPED_TEMPLATE_SHA256[-1]  # a new text: add it
+    assert template_key(CHAT_TEMPLATE) == SHIPPED_TEMPLATE_SHA256[-1]  # a new text: add its key
+    assert is_llamathink_template(CHAT_TEMPLATE.rstrip("\n")) and is_llamathink_template(CHAT_TEMPLATE + "  \n")
     final = tmp_path / "final"
     shutil.copytree(finetuned[1] / "final", final)
     (final / "chat_template.jinja").write_text("{% for m in messages %}### {{ m.role }}: {{ m.text }}\n{% endfor %}")

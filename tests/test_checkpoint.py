@@ -614,28 +614,40 @@ def test_a_checkpoint_whose_step_does_not_match_is_not_trusted(model_json, tmp_p
 
 
 def test_save_times_in_the_future_or_lost_do_not_make_a_run_delete_its_new_checkpoints(model_json, tmp_path, capsys):  # noqa: F811
-    """A checkpoint whose meta.json says it was saved in the future (a clock that moved back, an edit) made
-    `resume: auto` rewind to it and keep_last delete every checkpoint written after it, the new one included; a
-    meta.json deleted from an old checkpoint made it read as saved just now (the folder's mtime). Now the
-    just-written checkpoint is always kept, a future save time orders by step with a note, and a checkpoint
+    """A checkpoint whose meta.json says it was saved in the future (a clock that moved back, even by seconds, or
+    an edit) made `resume: auto` rewind to it and keep_last delete every checkpoint written after it, the new one
+    included; a meta.json deleted from an old checkpoint made it read as saved just now (the folder's mtime). Now a
+    run's checkpoints are ordered by their save count, the just-written one is always kept, checkpoints without
+    the count (earlier versions) with a save time in the future are ordered by step with a note, and a checkpoint
     without meta.json is as old as its state.pt."""
     out = tmp_path / "run"
     settings = _settings()
     parts = _parts(model_json, settings)
-    for step in (2, 4):
-        _save(out, step, parts, settings, keep_last=2)
-    meta_file = ckpt.checkpoint_dir(out) / "step_00000002" / "meta.json"
-    meta = json.loads(meta_file.read_text())
-    meta_file.write_text(json.dumps({**meta, "saved_at": time.time() + 3600}))
-    assert ckpt.latest_checkpoint(out).name == "step_00000004"
-    assert "step_00000002 in" in capsys.readouterr().out
-    assert _save(out, 6, parts, settings, keep_last=1).exists()
-    assert _names(ckpt.list_checkpoints(out)) == ["step_00000006"]
-    for step in (8, 10):
+    root = ckpt.checkpoint_dir(out)
+
+    def edit_meta(step, **changes):
+        file = root / f"step_{step:08d}" / "meta.json"
+        meta = {**json.loads(file.read_text()), **changes}
+        file.write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
+
+    for step in (2, 4, 6):
         _save(out, step, parts, settings, keep_last=3)
-    os.utime(ckpt.checkpoint_dir(out) / "step_00000006" / "state.pt", (time.time() - 60, time.time() - 60))
-    (ckpt.checkpoint_dir(out) / "step_00000006" / "meta.json").unlink()  # the folder's mtime is now
-    assert ckpt.latest_checkpoint(out).name == "step_00000010"
+    edit_meta(2, saved_at=time.time() + 250)
+    assert ckpt.latest_checkpoint(out).name == "step_00000006"
+    _save(out, 8, parts, settings, keep_last=2)
+    assert _names(ckpt.list_checkpoints(out)) == ["step_00000006", "step_00000008"]
+    for step in (6, 8):  # as checkpoints of earlier versions (no save count)
+        edit_meta(step, save_index=None)
+    edit_meta(6, saved_at=time.time() + 3600)
+    assert ckpt.latest_checkpoint(out).name == "step_00000008"
+    assert "note: step_00000006 in" in capsys.readouterr().out
+    assert _save(out, 10, parts, settings, keep_last=1).exists()
+    assert _names(ckpt.list_checkpoints(out)) == ["step_00000010"]
+    for step in (12, 14):
+        _save(out, step, parts, settings, keep_last=3)
+    os.utime(root / "step_00000012" / "state.pt", (time.time() - 60, time.time() - 60))
+    (root / "step_00000012" / "meta.json").unlink()  # the folder's mtime is now
+    assert ckpt.latest_checkpoint(out).name == "step_00000014"
 
 
 def test_resume_auto_says_which_checkpoint_folder_it_passes_over(model_json, tmp_path, capsys):  # noqa: F811

@@ -610,16 +610,24 @@ def test_tokenizer_project_llama2_json(run_bin, llama2_dir, work):
     _check_tokenizer(run_bin, hf, legacy)
 
 
-def _sentencepiece_bytes(pieces: list[bytes]) -> bytes:
+def _sentencepiece_bytes(pieces: list[bytes], types: list[int] | None = None) -> bytes:
     """A minimal SentencePiece ModelProto: field 1 = one SentencePiece {1: piece, 2: score (float32), 3: type}."""
 
-    def field(number: int, wire: int, payload: bytes) -> bytes:
-        return bytes([number << 3 | wire]) + (bytes([len(payload)]) if wire == 2 else b"") + payload
+    def varint(n: int) -> bytes:
+        out = b""
+        while True:
+            out += bytes([n & 0x7F | (0x80 if n > 0x7F else 0)])
+            n >>= 7
+            if not n:
+                return out
 
+    def field(number: int, wire: int, payload: bytes) -> bytes:
+        return varint(number << 3 | wire) + (varint(len(payload)) if wire == 2 else b"") + payload
+
+    types = types or [2, 3, 3] + [1] * (len(pieces) - 3)  # unk, control <s> </s>, then normal pieces
     body = b""
-    for i, piece in enumerate(pieces):
-        typ = 2 if i == 0 else (3 if i < 3 else 1)  # unk, then control <s> </s>, then normal pieces
-        entry = field(1, 2, piece) + field(2, 5, struct.pack("<f", -float(i))) + field(3, 0, bytes([typ]))
+    for i, (piece, typ) in enumerate(zip(pieces, types)):
+        entry = field(1, 2, piece) + field(2, 5, struct.pack("<f", -float(i))) + field(3, 0, varint(typ))
         body += field(1, 2, entry)
     return body
 
@@ -631,7 +639,11 @@ def test_corrupt_sentencepiece_model_is_named(tmp_path, capsys):
     good = _sentencepiece_bytes(pieces)
     (tmp_path / "good.model").write_bytes(good)
     assert tkx.read_sentencepiece(str(tmp_path / "good.model"))["pieces"] == pieces
-    for name, data in (("truncated", good[:-4]), ("garbage", b"\x0f" * 64), ("empty", b"")):
+    bad_type = _sentencepiece_bytes(pieces, [2, 3, 300, 1, 1])  # struct.error when written, before
+    trainer = bytes([41 << 3 & 0x7F | 0x80, 41 >> 4, 99])  # a trainer spec (field 2) whose bos_id (field 41) is 99
+    bad_bos = good + bytes([2 << 3 | 2, len(trainer)]) + trainer
+    cases = (("truncated", good[:-4]), ("garbage", b"\x0f" * 64), ("empty", b""), ("type", bad_type), ("bos", bad_bos))
+    for name, data in cases:
         folder = tmp_path / name
         folder.mkdir()
         (folder / "tokenizer.model").write_bytes(data)
@@ -639,6 +651,7 @@ def test_corrupt_sentencepiece_model_is_named(tmp_path, capsys):
         assert tkx.main([str(folder), str(out), "--sentencepiece"]) == 1
         err = capsys.readouterr().err
         assert f"{folder / 'tokenizer.model'}: not a readable SentencePiece model" in err, err
+        assert {"type": "piece 2 has type 300", "bos": "bos_id 99 is not -1"}.get(name, "") in err, err
         assert "Traceback" not in err and not out.exists()
 
 

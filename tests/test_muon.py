@@ -12,8 +12,10 @@ import io
 import os
 import subprocess
 import sys
+import warnings
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -422,6 +424,25 @@ def test_recorded_graph_step_matches_eager_step_on_gpu():
         assert gap <= 1e-5 * moved, (i, gap.item(), moved.item())
 
 
+def test_graph_step_goes_eager_when_the_matrices_with_a_gradient_keep_changing(monkeypatch):
+    """Each change of the set of matrices with a gradient records a new graph; past MAX_GRAPH_RECORDINGS the
+    optimizer warns once and stays eager (the same numbers)."""
+    import llamathink.muon as muon_module
+
+    params, groups = _graph_setup()
+    opt = Muon(groups)
+    monkeypatch.setattr(opt, "_graph_unavailable", lambda work: None)
+    for step in range(muon_module.MAX_GRAPH_RECORDINGS + 2):
+        for i, p in enumerate(params):
+            p.grad = None if i == step % 3 else torch.ones_like(p)
+        if step == muon_module.MAX_GRAPH_RECORDINGS:
+            with pytest.warns(UserWarning, match="goes on eagerly"):
+                opt.step()
+        else:
+            opt.step()
+    assert opt._cuda_graph is False and opt._ns_graph is None
+
+
 def test_graph_step_refuses_what_it_cannot_record():
     params, groups = _graph_setup()
     with pytest.raises(TypeError, match="cuda_graph must be None, True or False"):
@@ -431,9 +452,15 @@ def test_graph_step_refuses_what_it_cannot_record():
         p.grad = torch.ones_like(p)
     with pytest.raises(ValueError, match="cuda_graph=True.*on cpu, not on one CUDA device"):
         opt.step()
-    opt = Muon(_graph_setup()[1])  # the default: eager where no graph can be recorded, no warning
-    opt.step()
-    assert opt._ns_graph is None
+    params, groups = _graph_setup()
+    opt = Muon(groups)  # the default: eager where no graph can be recorded, without a warning
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in params]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert opt._ns_graph is None and all(not torch.equal(a, p.detach()) for a, p in zip(before, params))
 
 
 def test_graph_step_optimizer_copies_and_pickles_without_its_graph(monkeypatch):
@@ -474,8 +501,9 @@ def test_float64_parameters_and_tensor_learning_rates():
     before = layer.weight.detach().clone()
     opt.step()
     assert layer.weight.dtype == torch.float64 and not torch.equal(layer.weight.detach(), before)
-    with pytest.raises(TypeError, match="Muon takes lr as a Python number, got Tensor"):
+    with pytest.raises(TypeError, match="Muon takes lr as a number, got Tensor"):
         Muon(layer.parameters(), lr=torch.tensor(0.02))
+    assert Muon(layer.parameters(), lr=np.float32(0.02)).param_groups[0]["lr"] == pytest.approx(0.02)
 
 
 def _pickled(obj) -> io.BytesIO:

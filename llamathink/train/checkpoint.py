@@ -148,7 +148,8 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
 
 
 def checkpoint_meta(path: str | Path) -> dict:
-    """A checkpoint's meta.json: {"format", "run_id", "step", "saved_at" (Unix time), "world_size", "config"}.
+    """A checkpoint's meta.json: {"format", "run_id", "step", "saved_at" (Unix time), "save_index" (the run's saves
+    counted; absent before this version), "world_size", "config"}.
     Checkpoints written before run ids (no meta.json) read as run_id None, saved when their state.pt was written
     (its mtime; the folder's changes whenever a file in it is added or removed).
     Raises CheckpointError when meta.json is not valid JSON or its fields have the wrong types."""
@@ -184,28 +185,30 @@ def checkpoint_meta(path: str | Path) -> dict:
     return meta
 
 
-# A checkpoint saved more than this many seconds after the present has a save time that cannot be trusted.
-FUTURE_TOLERANCE_S = 300.0
-
-
 def save_order(paths: list[Path], log=print) -> list[Path]:
-    """Checkpoint folders oldest first, by save time then step: a run resumed from an earlier checkpoint continues
-    from there, so its newest checkpoint is the last one saved, not the highest step. When one says it was saved
-    in the future (a clock that moved back, an edited meta.json), save times are not trusted and the order is by
-    step, with a note through `log`."""
+    """Checkpoint folders oldest first. A run resumed from one of its earlier checkpoints continues from there, so
+    its newest checkpoint is the last one saved, not the highest step: checkpoints of one run are ordered by the
+    save count in their meta.json (`save_index`, a counter of the run's saves, which no clock can reorder). Others
+    (several runs, checkpoints of earlier versions without the count) go by save time then step, unless one says it
+    was saved after the present (a clock that moved back, an edited meta.json): then by step, with a note through
+    `log`."""
 
     def step(p: Path) -> int:
         return int(p.name[len(CHECKPOINT_PREFIX) :])
 
-    saved_at = {p: checkpoint_meta(p)["saved_at"] for p in paths}
-    future = [p.name for p, t in saved_at.items() if t > time.time() + FUTURE_TOLERANCE_S]
+    metas = {p: checkpoint_meta(p) for p in paths}
+    if len({m["run_id"] for m in metas.values()}) == 1 and all(
+        isinstance(m.get("save_index"), int) for m in metas.values()
+    ):
+        return sorted(paths, key=lambda p: (metas[p]["save_index"], step(p)))
+    future = [p.name for p, m in metas.items() if m["saved_at"] > time.time()]
     if future:
         log(
-            f"note: {', '.join(future)} in {paths[0].parent} say{'s' if len(future) == 1 else ''} it was saved "
-            "after the present (a clock moved back, or an edited meta.json): checkpoints are ordered by step"
+            f"note: {', '.join(future)} in {paths[0].parent} {'says it was' if len(future) == 1 else 'say they were'} "
+            "saved after the present (a clock that moved back, or an edited meta.json): checkpoints are ordered by step"
         )
         return sorted(paths, key=step)
-    return sorted(paths, key=lambda p: (saved_at[p], step(p)))
+    return sorted(paths, key=lambda p: (metas[p]["saved_at"], step(p)))
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -330,7 +333,9 @@ def claim_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str | No
         try:
             remove_checkpoint(path)
         except OSError as err:
-            raise ValueError(f"overwrite: cannot delete the earlier run's checkpoint {path}: {err}") from err
+            if path.exists():  # not even moved aside: it would still count as the earlier run's
+                raise ValueError(f"overwrite: cannot delete the earlier run's checkpoint {path}: {err}") from err
+            print(f"overwrite: could not free all the space of the earlier run's {path.name}: {err}")
     print(f"overwrite: deleted the earlier run's checkpoints in {checkpoint_dir(cfg.out_dir)} ({names})")
     return run_id
 
@@ -448,6 +453,8 @@ def save_checkpoint(
     mine = [p for p in list_checkpoints(out_dir) if _run_id_or_none(p) == run_id and p != final]
     mine = save_order(mine)
     previous = mine[-1] if mine else None
+    counts = [checkpoint_meta(p).get("save_index") for p in mine]
+    save_index = 1 + max((c for c in counts if isinstance(c, int)), default=0)
     state = {
         "step": step,
         "model": model.state_dict(),
@@ -463,6 +470,7 @@ def save_checkpoint(
         "run_id": run_id,
         "step": step,
         "saved_at": time.time(),
+        "save_index": save_index,  # this run's saves counted: the order of its checkpoints whatever the clock says
         "world_size": world_size,
         "config": json.loads(json.dumps(extra.get("config"), default=str)),
         "input_fingerprints": extra.get("input_fingerprints"),

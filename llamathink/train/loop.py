@@ -65,8 +65,8 @@ def write_history(out_dir: Path, history: dict):
             tmp.unlink()
         raise OutputWriteError(
             f"cannot write {Path(out_dir) / 'history.json'} ({err.strerror or err}); the checkpoints in "
-            f"{checkpoint_dir(out_dir)} are intact: free space or fix the permissions, then rerun the same command "
-            "(resume: auto goes on from the last one)"
+            f"{checkpoint_dir(out_dir)} are intact: free space or fix the permissions, then go on from the last one "
+            "with --resume auto --overwrite false"
         ) from err
 
 
@@ -206,11 +206,11 @@ def save_final(
             os.replace(old, final_dir)
         from safetensors import SafetensorError
 
-        if isinstance(err, (OSError, RuntimeError, SafetensorError)):  # a full disk, permissions
+        if isinstance(err, (OSError, SafetensorError)):  # a full disk, permissions (not other failures: bugs)
             raise OutputWriteError(
                 f"cannot write the finished model to {final_dir} ({type(err).__name__}: {err}); the run's last "
-                "checkpoint is intact: free space or fix the permissions, then rerun the same command (resume: auto "
-                "saves the finished model again)"
+                "checkpoint is intact: free space or fix the permissions, then rerun with --resume auto --overwrite "
+                "false, which saves the finished model again"
             ) from err
         raise
     shutil.rmtree(old, ignore_errors=True)
