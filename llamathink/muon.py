@@ -46,7 +46,8 @@ CUDA graphs (one process, every Muon matrix on one CUDA device; ``cuda_graph=Non
     model's step waits on the host.  So the first step records every bucket's Newton-Schulz chain as one CUDA graph
     (``torch.cuda.CUDAGraph``) over static input and output buffers; each step copies the look-ahead updates into
     the inputs (two ``foreach`` launches), replays the graph once and applies the outputs (two ``foreach`` launches
-    per group).  The graph is recorded again when the set of matrices with a gradient changes.  The eager path
+    per group).  The graph is recorded again when the set of matrices with a gradient changes (after
+    ``MAX_GRAPH_RECORDINGS`` recordings the optimizer stays eager, with a warning).  The eager path
     above is the reference, used on CPUs, with several ranks and with ``cuda_graph=False``.
 """
 
