@@ -967,13 +967,15 @@ def restore_checkpoint(
     return state
 
 
-def resolve_resume(cfg: RunConfig) -> Path | None:
+def resolve_resume(cfg: RunConfig, log=print) -> Path | None:
     """The checkpoint to resume: none for `resume: none`; for `resume: auto` the most recently saved checkpoint
-    in out_dir, if any; else the named checkpoint folder (FileNotFoundError when it holds no state.pt)."""
+    in out_dir (`save_order`), if any; else the named checkpoint folder (FileNotFoundError when it holds no
+    state.pt). Notes (a save time in the future, a newer folder without state.pt) go through `log`."""
     if cfg.resume == "none":
         return None
     if cfg.resume == "auto":
-        latest = latest_checkpoint(cfg.out_dir)
+        found = list_checkpoints(cfg.out_dir)
+        latest = save_order(found, log)[-1] if found else None
         root = checkpoint_dir(cfg.out_dir)
         newest = int(latest.name[len(CHECKPOINT_PREFIX) :]) if latest else -1
         incomplete = (
@@ -990,7 +992,7 @@ def resolve_resume(cfg: RunConfig) -> Path | None:
             else []
         )
         if incomplete:  # a checkpoint folder that lost its state.pt: say that it is passed over
-            print(
+            log(
                 f"note: {', '.join(incomplete)} in {root} hold{'s' if len(incomplete) == 1 else ''} no {STATE_FILE} "
                 f"and {'is' if len(incomplete) == 1 else 'are'} not a checkpoint; "
                 + (f"resuming {latest.name}" if latest else "starting from scratch")

@@ -298,7 +298,7 @@ def begin_run(cfg: RunConfig, is_main: bool = True) -> tuple[Path | None, str]:
     `check_hub_access`, `check_inputs_unchanged`)."""
     if is_main:
         check_hub_access(cfg)
-    resume_from = resolve_resume(cfg)
+    resume_from = resolve_resume(cfg, log=print if is_main else lambda message: None)  # its notes once, not per rank
     meta = checkpoint_meta(resume_from) if resume_from is not None else {}
     if is_main and resume_from is not None:  # inputs edited in place since the run started
         fingerprints = dict(meta.get("input_fingerprints") or {})
