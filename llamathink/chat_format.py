@@ -149,7 +149,7 @@ CHAT_TEMPLATE = r"""{#- LlamaThink chat format (llamathink/chat.py): text role m
 # it moved to this module; the text must stay as it is (saved tokenizers carry it, and is_llamathink_template
 # recognises it by its SHA-256 below).
 # SHA-256 of every CHAT_TEMPLATE text this project has shipped (oldest first; the last is the current one), each
-# taken of `_template_key(text)`, so that an editor's trailing-whitespace clean-up does not make it another template.
+# taken of `template_key(text)`, so that an editor's trailing-whitespace clean-up does not make it another template.
 # A saved tokenizer holding one of them gets the current format; an edited copy is another template, used as written.
 SHIPPED_TEMPLATE_SHA256 = (
     "a2dc9548da322eb2f86bbf53c7d8a9204fe0b02659d3f67663def73c041dc654",

@@ -170,8 +170,8 @@ class _NewtonSchulzGraph:
 
     ``buckets`` is a list of ``(key, items)`` as :meth:`Muon._buckets` makes them: ``key = (shape, dtype, device,
     (ns_steps, coefficients, eps))``, ``items`` the ``(param, index, group)`` triples of that bucket, ``index`` the
-    parameter's position among its group's parameters with a gradient.  Per bucket the graph reads a static input ``[n, rows,
-    cols]`` (the parameters' dtype) and writes a static output of the same shape and dtype:
+    parameter's position among its group's parameters with a gradient.  Per bucket the graph reads a static input
+    ``[n, rows, cols]`` (the parameters' dtype) and writes a static output of the same shape and dtype:
     ``zeropower_via_newtonschulz(input) * factor``, where ``factor`` is each matrix's
     :func:`adjusted_muon_lr` at ``lr = 1`` (so the caller's update is ``p -= lr * output``).  Callers fill the inputs
     through :attr:`inputs` (one view per parameter of each group, ``[rows, cols]``), call :meth:`replay`, then read
