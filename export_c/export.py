@@ -629,7 +629,7 @@ def main(argv=None) -> int:
                 raise ExportError(f"--tokenizer-out {a.tokenizer_out} is the model's output path too")
             check_output(a.tokenizer_out, TK_MAGIC, "run.c tokenizer")
             source = resolve_source(a.src)
-            markers = chat_markers(a.chat_marker, not a.no_chat_markers)
+            markers = chat_markers(a.chat_marker, not a.no_chat_markers, a.tokenizer_src or source)
             tokenizer = load_tokenizer(a.tokenizer_src or source, a.tokenizer_sentencepiece)
         export(a.src if tokenizer is None else source, a.out, a.dtype, a.group_size)
         if tokenizer is not None:

@@ -360,11 +360,44 @@ def default_chat_markers() -> dict:
     return dict(CHAT_MARKERS)
 
 
-def chat_markers(overrides=(), defaults: bool = True) -> dict:
-    """The markers to store: CHAT_MARKERS (unless defaults=False) updated by KEY=VALUE items."""
+def chat_markers(overrides=(), defaults: bool = True, src: str | None = None) -> dict:
+    """The markers to store: CHAT_MARKERS (unless defaults=False) updated by KEY=VALUE items. With `src` (the
+    tokenizer's folder or file), LlamaThink's markers stored for a tokenizer whose chat template is another one (an
+    edited copy, another model's) come with a note on stderr: run.c would chat in LlamaThink's format while
+    llamathink-chat uses the template as written."""
     out = default_chat_markers() if defaults else {}
     out.update(parse_markers(overrides))
+    if src is not None and defaults and not overrides:
+        template = _chat_template_text(src)
+        try:
+            from llamathink.chat_format import is_llamathink_template
+        except ImportError:
+            template = None  # (default_chat_markers has said so)
+        if template and not is_llamathink_template(template):
+            print(
+                f"note: the chat template with {src} is not LlamaThink's (an edited copy or another model's); "
+                "tokenizer.bin gets LlamaThink's chat markers, so run.c's chat mode would not follow it: set them "
+                "with --chat-marker KEY=VALUE, or store none with --no-chat-markers",
+                file=sys.stderr,
+            )
     return out
+
+
+def _chat_template_text(src: str) -> str | None:
+    """The chat template saved with a tokenizer (chat_template.jinja, else tokenizer_config.json's
+    "chat_template" text), or None."""
+    folder = src if os.path.isdir(src) else os.path.dirname(src) or "."
+    try:
+        with open(os.path.join(folder, "chat_template.jinja"), encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        pass
+    try:
+        with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as f:
+            value = json.load(f).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def write_tokenizer_bin(t: dict, out_path: str, markers: dict | None = None) -> None:
@@ -454,7 +487,7 @@ def main(argv=None) -> int:
     from .export import ExportError
 
     try:
-        export_tokenizer(a.src, a.out, chat_markers(a.chat_marker, not a.no_chat_markers), a.sentencepiece)
+        export_tokenizer(a.src, a.out, chat_markers(a.chat_marker, not a.no_chat_markers, a.src), a.sentencepiece)
     except (TokenizerExportError, ExportError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -655,6 +655,23 @@ def test_corrupt_sentencepiece_model_is_named(tmp_path, capsys):
         assert "Traceback" not in err and not out.exists()
 
 
+def test_tokenizer_export_notes_a_chat_template_run_c_would_not_follow(tmp_path, capsys):
+    """LlamaThink's markers stored for a tokenizer whose template is an edited copy: a note (run.c's chat and
+    llamathink-chat would differ silently); none for the shipped template or with markers given."""
+    from llamathink.chat_format import CHAT_TEMPLATE, set_chat_template
+    from llamathink.tokenizer_utils import builtin_tokenizer
+
+    folder = tmp_path / "tok"
+    set_chat_template(builtin_tokenizer()).save_pretrained(str(folder))
+    assert tkx.main([str(folder), str(tmp_path / "a.bin")]) == 0
+    assert "note: the chat template" not in capsys.readouterr().err
+    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE.replace("### User:", "### Human:"))
+    assert tkx.main([str(folder), str(tmp_path / "b.bin")]) == 0
+    assert "is not LlamaThink's (an edited copy or another model's)" in capsys.readouterr().err
+    assert tkx.main([str(folder), str(tmp_path / "c.bin"), "--chat-marker", "user_prefix=### Human:\\n"]) == 0
+    assert "note: the chat template" not in capsys.readouterr().err
+
+
 def test_tokenizer_builtin_json(run_bin, work):
     try:
         from llamathink.tokenizer_utils import builtin_tokenizer
