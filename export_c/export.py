@@ -134,9 +134,15 @@ def resolve_source(src: str) -> str:
     return snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
 
 
+# (also in llamathink.train.checkpoint: this module runs without the package)
+ADAPTER_HINT = "load it on its base model with peft, then save_pretrained the model that merge_and_unload() returns"
+
+
 def load_config(d: str) -> dict:
     path = os.path.join(d, "config.json")
     if not os.path.exists(path):
+        if os.path.exists(os.path.join(d, "adapter_config.json")):
+            raise ExportError(f"{d} is a PEFT adapter (adapter_config.json), not a whole model: {ADAPTER_HINT}")
         raise ExportError(f"no config.json in {d}")
     try:
         with open(path, encoding="utf-8") as f:

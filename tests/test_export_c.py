@@ -655,6 +655,18 @@ def test_corrupt_sentencepiece_model_is_named(tmp_path, capsys):
         assert "Traceback" not in err and not out.exists()
 
 
+def test_a_peft_adapter_folder_is_named_as_one(tmp_path):
+    """A LoRA adapter folder (adapter_config.json, no config.json) given as the model: the error says what it is
+    and how to make a whole model of it (exporter, and every command that loads a saved model)."""
+    from llamathink.train.checkpoint import check_saved_model_path
+
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    with pytest.raises(ex.ExportError, match="is a PEFT adapter .adapter_config.json.*merge_and_unload"):
+        ex.load_config(str(tmp_path))
+    with pytest.raises(ValueError, match="init_from=.* is a PEFT adapter .adapter_config.json.*merge_and_unload"):
+        check_saved_model_path(str(tmp_path), "init_from")
+
+
 def test_tokenizer_export_notes_a_chat_template_run_c_would_not_follow(tmp_path, capsys):
     """LlamaThink's markers stored for a tokenizer whose template is an edited copy: a note (run.c's chat and
     llamathink-chat would differ silently); none for the shipped template or with markers given."""

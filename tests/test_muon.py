@@ -708,8 +708,33 @@ def test_build_optimizer_routes_extra_suffixes_to_adamw():
         optim.build_optimizer(model, RunConfig(), extra_adamw_suffixes="blend_proj.weight")
     with pytest.raises(ValueError, match="non-empty"):  # "" ends every name: all of Muon's matrices would move
         optim.build_optimizer(model, RunConfig(), extra_adamw_suffixes=("",))
-    with pytest.raises(ValueError, match=r"\['compress_k'\] match no 2-D parameter"):  # a typo: no silent no-op
+    with pytest.raises(ValueError, match=r"\['compress_k'\] match no trainable 2-D parameter"):  # a typo: no no-op
         optim.build_optimizer(model, RunConfig(), extra_adamw_suffixes=("compress_k",))
+
+
+def test_routing_looks_through_peft_lora_names():
+    """With PEFT's LoRA on the GDN gate projections, their LoRA matrices (``...in_proj_a.lora_B.default.weight``,
+    [heads, r]) go to AdamW like the projections themselves (they went to Muon: the suffix rule missed PEFT's
+    names); frozen base weights are in no group; a suffix that matches only frozen weights says so."""
+    import peft  # setup.py's dev extra
+    from conftest import tiny_model
+
+    from llamathink.train import optim
+
+    model = peft.get_peft_model(
+        tiny_model(dtype=torch.float32),
+        peft.LoraConfig(r=4, target_modules=["in_proj_a", "in_proj_b", "q_proj"]),
+    )
+    groups = _names_by_group(optim.muon_param_groups(model))
+    gates = [n for n in groups["adamw_decay"] if ".lora_" in n and ("in_proj_a" in n or "in_proj_b" in n)]
+    assert len(gates) == 4 * model.config.mixer_types.count("linear")  # A and B of both projections per GDN layer
+    assert groups["muon"] and all("q_proj.lora_" in n for n in groups["muon"])
+    assert not any("base_layer" in n for names in groups.values() for n in names)
+    assert optim.module_weight_name("m.layers.0.linear_attn.in_proj_a.lora_B.default.weight").endswith(
+        "linear_attn.in_proj_a.weight"
+    )
+    with pytest.raises(ValueError, match=r"\['up_proj.weight'\] match only frozen ones"):
+        optim.muon_param_groups(model, extra_adamw_suffixes=("up_proj.weight",))
 
 
 # --------------------------------------------------------------------------------------

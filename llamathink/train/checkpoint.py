@@ -73,6 +73,11 @@ def check_saved_model_path(path: str, setting: str) -> None:
             final = p / "final"
             hint = str(final) if (final / "config.json").exists() else "<out_dir>/final, written when the run finishes"
             raise ValueError(f"{setting}={path} is a training run's folder, not a saved model: use {hint}")
+        if not (p / "config.json").exists() and (p / "adapter_config.json").exists():
+            raise ValueError(
+                f"{setting}={path} is a PEFT adapter (adapter_config.json), not a whole model: load it on its base "
+                "model with peft, then save_pretrained the model that merge_and_unload() returns"
+            )
         if not (p / "config.json").exists():
             raise ValueError(f"{setting}={path} is a folder without config.json, not a saved model")
     elif p.exists():

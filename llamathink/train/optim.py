@@ -37,6 +37,22 @@ _IN_DECODER_LAYER = re.compile(r"(?:^|\.)layers\.\d+\.")
 # the original LlamaThink training setup).  AdamW's per-entry step suits them.
 ADAMW_MATRIX_SUFFIXES: tuple[str, ...] = ("in_proj_a.weight", "in_proj_b.weight")
 _SCALE_LEAVES = ("A_log", "dt_bias")
+# Name parts PEFT puts between a wrapped module and its tensors ("...in_proj_a.lora_B.default.weight",
+# "...q_proj.base_layer.weight"): the routing by module name looks through them.
+_PEFT_PARTS = frozenset(
+    ("base_layer", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    + ("modules_to_save", "original_module")
+)
+
+
+def module_weight_name(name: str) -> str:
+    """The name a parameter's module weight has without PEFT's wrapping: ``"...in_proj_a.lora_B.default.weight"``
+    -> ``"...in_proj_a.weight"``; other names are returned as they are."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in _PEFT_PARTS:
+            return ".".join([*parts[:i], "weight"])
+    return name
 
 
 def classify_parameter(name: str, param: Tensor, extra_adamw_suffixes: Sequence[str] = ()) -> tuple[str, str]:
@@ -56,7 +72,8 @@ def classify_parameter(name: str, param: Tensor, extra_adamw_suffixes: Sequence[
     3. Tensors with > 2 dims (``conv1d.weight`` [C, 1, K], depthwise filters, not a
        linear map between hidden spaces) -> AdamW with decay.
     4. The tiny gate projections ``in_proj_a/in_proj_b`` (+ ``extra_adamw_suffixes``)
-       -> AdamW with decay (see ``ADAMW_MATRIX_SUFFIXES``).
+       -> AdamW with decay (see ``ADAMW_MATRIX_SUFFIXES``); with PEFT, their LoRA matrices too
+       (suffixes are matched on :func:`module_weight_name`).
     5. Other 2-D weights inside decoder layers (``layers.<i>.``): attention, GDN and
        MLP projections -> Muon (with decay).
     6. Any other 2-D tensor (outside the decoder stack) -> AdamW with decay, to be safe.
@@ -78,7 +95,7 @@ def classify_parameter(name: str, param: Tensor, extra_adamw_suffixes: Sequence[
         return ADAMW_DECAY, "embedding / lm_head"
     if param.ndim > 2:
         return ADAMW_DECAY, "conv / >2-D"
-    if any(name.endswith(s) for s in (*ADAMW_MATRIX_SUFFIXES, *extra_adamw_suffixes)):
+    if any(module_weight_name(name).endswith(s) for s in (*ADAMW_MATRIX_SUFFIXES, *extra_adamw_suffixes)):
         return ADAMW_DECAY, "tiny gate projection"
     if _IN_DECODER_LAYER.search(name):
         return MUON, "hidden matrix"
@@ -107,7 +124,7 @@ def muon_param_groups(
     appears exactly once.  Logs a summary (see :func:`summarize_param_groups`) at INFO.
 
     Raises TypeError when ``extra_adamw_suffixes`` is a bare string, ValueError when one of them is empty or
-    matches no 2-D parameter (a typo would otherwise leave the routing silently unchanged).
+    matches no trainable 2-D parameter (a typo would otherwise leave the routing silently unchanged).
     """
     if isinstance(extra_adamw_suffixes, str):  # one suffix, not its characters
         raise TypeError(
@@ -134,9 +151,18 @@ def muon_param_groups(
         buckets[kind][0].append(p)
         buckets[kind][1].append(name)
 
-    unmatched = [s for s in extra_adamw_suffixes if not any(name.endswith(s) for name in buckets[ADAMW_DECAY][1])]
+    routed = [module_weight_name(name) for name in buckets[ADAMW_DECAY][1]]
+    unmatched = [s for s in extra_adamw_suffixes if not any(name.endswith(s) for name in routed)]
     if unmatched:
-        raise ValueError(f"extra_adamw_suffixes {unmatched} match no 2-D parameter of the model")
+        frozen = [
+            s
+            for s in unmatched
+            if any(module_weight_name(n).endswith(s) and not p.requires_grad for n, p in model.named_parameters())
+        ]
+        raise ValueError(
+            f"extra_adamw_suffixes {unmatched} match no trainable 2-D parameter of the model"
+            + (f" ({frozen} match only frozen ones)" if frozen else "")
+        )
     settings = {
         MUON: (True, muon_lr, weight_decay if muon_weight_decay is None else muon_weight_decay),
         ADAMW_DECAY: (False, adamw_lr, weight_decay),
