@@ -394,9 +394,18 @@ class Muon(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``, then a check that every loaded state fits its parameter
-        (momentum and AdamW moments of the parameter's shape, a non-negative integer AdamW step): a damaged or
-        edited state fails here, naming the parameter, not inside the next step. Raises ValueError."""
+        (momentum and AdamW moments: tensors of the parameter's shape; the AdamW step: an integer >= 0). A damaged
+        or edited state fails here, naming the parameter, not inside the next step: ValueError, and the optimizer
+        keeps the state it had."""
+        before = {"state": self.state, "param_groups": self.param_groups}  # (torch's load replaces both objects)
         super().load_state_dict(state_dict)
+        try:
+            self._check_loaded_state()
+        except ValueError:
+            self.__setstate__(before)
+            raise
+
+    def _check_loaded_state(self) -> None:
         for g, group in enumerate(self.param_groups):
             names = group.get("param_names")
             for i, p in enumerate(group["params"]):
@@ -404,11 +413,12 @@ class Muon(torch.optim.Optimizer):
                 name = repr(names[i]) if names is not None else f"{i} of group {g}"
                 for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
                     value = state.get(key)
-                    if value is not None and (not torch.is_tensor(value) or value.shape != p.shape):
-                        shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                    if value is not None and not torch.is_tensor(value):
+                        raise ValueError(f"optimizer state {key!r} of parameter {name} is a {type(value).__name__}")
+                    if value is not None and value.shape != p.shape:
                         raise ValueError(
-                            f"optimizer state {key!r} of parameter {name} has shape {shape}, the parameter "
-                            f"{tuple(p.shape)}: the state is not this model's"
+                            f"optimizer state {key!r} of parameter {name} has shape {tuple(value.shape)}, the "
+                            f"parameter {tuple(p.shape)}: the state is not this model's"
                         )
                 step = state.get("step")
                 if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):

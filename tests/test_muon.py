@@ -490,6 +490,7 @@ def test_load_state_dict_keeps_settings_and_refuses_a_state_of_another_model():
     broken["state"][len(params) - 1]["step"] = -5
     with pytest.raises(ValueError, match="'step' of parameter 0 of group 3 is -5"):
         opt.load_state_dict(broken)
+    assert opt.state[params[-1]]["step"] == 1  # the refused state was not kept
 
 
 def test_float64_parameters_and_tensor_learning_rates():
