@@ -387,9 +387,11 @@ class Muon(torch.optim.Optimizer):
         # Unpickling fills a fresh object; load_state_dict also calls this, with only "state" and "param_groups":
         # the settings this object was built with must stay. (A recorded graph refers to its groups by identity,
         # and load_state_dict makes new group dicts, so the next step records a new one.)
-        for key in ("_process_group", "_cuda_graph", "_ns_graph"):
+        # process groups and recorded graphs are not pickled
+        defaults = {"_process_group": None, "_cuda_graph": None, "_ns_graph": None, "_graph_recordings": 0}
+        for key, value in defaults.items():
             if key not in state and not hasattr(self, key):
-                state[key] = None  # process groups and recorded graphs are not pickled
+                state[key] = value
         super().__setstate__(state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -491,7 +493,7 @@ class Muon(torch.optim.Optimizer):
             return False
         buckets, signature = self._buckets([(group, params, range(len(params))) for group, params, _, _ in work])
         if self._ns_graph is None or self._ns_graph.signature != signature:
-            self._graph_recordings = getattr(self, "_graph_recordings", 0) + 1  # (absent on an unpickled copy)
+            self._graph_recordings += 1
             if self._graph_recordings > MAX_GRAPH_RECORDINGS:  # e.g. layers that get a gradient only on some steps
                 warnings.warn(
                     f"Muon: the set of matrices with a gradient changed {MAX_GRAPH_RECORDINGS} times, and each "

@@ -133,23 +133,26 @@ def checkpoint_dir(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step a checkpoint folder's name says (``step_00000042`` -> 42), or None for another name."""
+    digits = Path(path).name[len(CHECKPOINT_PREFIX) :]
+    return int(digits) if Path(path).name.startswith(CHECKPOINT_PREFIX) and digits.isdigit() else None
+
+
+def _checkpoint_folders(out_dir: str | Path) -> list[Path]:
+    """Folders in out_dir's checkpoints/ named like a checkpoint, complete or not (symbolic links included)."""
+    root = checkpoint_dir(out_dir)
+    if not root.is_dir():
+        return []
+    return [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+
+
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
     """Complete checkpoints of every run in out_dir, by step (lowest first). Temporary directories of interrupted
     writes are ignored, and so are symbolic links: a link may point anywhere, and rotation must never delete (nor
     `resume: auto` pick) a folder outside out_dir."""
-    root = checkpoint_dir(out_dir)
-    if not root.is_dir():
-        return []
-    found = [
-        p
-        for p in root.iterdir()
-        if p.is_dir()
-        and not p.is_symlink()
-        and p.name.startswith(CHECKPOINT_PREFIX)
-        and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
-        and (p / STATE_FILE).exists()
-    ]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+    found = [p for p in _checkpoint_folders(out_dir) if not p.is_symlink() and (p / STATE_FILE).exists()]
+    return sorted(found, key=checkpoint_step)
 
 
 def checkpoint_meta(path: str | Path) -> dict:
@@ -160,7 +163,7 @@ def checkpoint_meta(path: str | Path) -> dict:
     Raises CheckpointError when meta.json is not valid JSON or its fields have the wrong types."""
     path = Path(path)
     file = path / META_FILE
-    step = int(path.name[len(CHECKPOINT_PREFIX) :]) if path.name[len(CHECKPOINT_PREFIX) :].isdigit() else None
+    step = checkpoint_step(path)
     if not file.exists():
         return {
             "format": 1,
@@ -198,9 +201,7 @@ def save_order(paths: list[Path], log=print) -> list[Path]:
     was saved after the present (a clock that moved back, an edited meta.json): then by step, with a note through
     `log`."""
 
-    def step(p: Path) -> int:
-        return int(p.name[len(CHECKPOINT_PREFIX) :])
-
+    step = checkpoint_step
     metas = {p: checkpoint_meta(p) for p in paths}
     if len({m["run_id"] for m in metas.values()}) == 1 and all(
         isinstance(m.get("save_index"), int) for m in metas.values()
@@ -981,24 +982,15 @@ def resolve_resume(cfg: RunConfig, log=print) -> Path | None:
     if cfg.resume == "auto":
         found = list_checkpoints(cfg.out_dir)
         latest = save_order(found, log)[-1] if found else None
-        root = checkpoint_dir(cfg.out_dir)
-        newest = int(latest.name[len(CHECKPOINT_PREFIX) :]) if latest else -1
-        incomplete = (
-            sorted(
-                p.name
-                for p in root.iterdir()
-                if p.is_dir()
-                and p.name.startswith(CHECKPOINT_PREFIX)
-                and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
-                and int(p.name[len(CHECKPOINT_PREFIX) :]) > newest
-                and not (p / STATE_FILE).exists()
-            )
-            if root.is_dir()
-            else []
+        newest = checkpoint_step(latest) if latest else -1
+        incomplete = sorted(
+            p.name
+            for p in _checkpoint_folders(cfg.out_dir)
+            if checkpoint_step(p) > newest and not (p / STATE_FILE).exists()
         )
         if incomplete:  # a checkpoint folder that lost its state.pt: say that it is passed over
             log(
-                f"note: {', '.join(incomplete)} in {root} hold{'s' if len(incomplete) == 1 else ''} no {STATE_FILE} "
+                f"note: {', '.join(incomplete)} in {checkpoint_dir(cfg.out_dir)} hold{'s' if len(incomplete) == 1 else ''} no {STATE_FILE} "
                 f"and {'is' if len(incomplete) == 1 else 'are'} not a checkpoint; "
                 + (f"resuming {latest.name}" if latest else "starting from scratch")
             )
