@@ -32,6 +32,10 @@
 #                                                                           # gate started closed), HF Qwen3.5 and
 #                                                                           # HF Llama, seeds 0-2, 800 steps
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh cand_long  # the same at 1600 steps
+#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh long5   # 1600 steps: the default and HF
+#                                                                           # Qwen3.5 at seeds 3-4, a 512 window
+#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh w512    # the 512 window at more seeds, full
+#                                                                           # attention in the CSA layers (1600)
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa2    # GPU 1 only: the CSA layer with its
 #                                                                           # window over the whole sequence, and
 #                                                                           # without compressed blocks
@@ -208,8 +212,22 @@ elif [ "$PART" = cand_long ]; then  # the same at 1600 steps: ours at seeds 0 an
     q 1 "$SECONDS_LEFT" cand_1600_qwen --steps 1600 --eval-every 400 \
         --run qwen-s0:model=hf-qwen3.5 --run qwen-s1:model=hf-qwen3.5,seed=1 &
     wait
+elif [ "$PART" = long5 ]; then  # 1600 steps, model seeds 3 and 4 of the default (GPU 0) and of HF Qwen3.5 (GPU 1):
+    # five seeds each with cand_long's; then the CSA layer with a 512-token window at seed 0
+    q 0 "$SECONDS_LEFT" long5 --steps 1600 --eval-every 400 \
+        --run default-s3:compile=1,seed=3 --run default-s4:compile=1,seed=4 --run w512-s0:compile=1,csa_window=512 &
+    q 1 "$SECONDS_LEFT" long5_qwen --steps 1600 --eval-every 400 \
+        --run qwen-s3:model=hf-qwen3.5,seed=3 --run qwen-s4:model=hf-qwen3.5,seed=4 &
+    wait
+elif [ "$PART" = w512 ]; then  # the 512-token CSA window at seeds 1-2 (1600 steps) and 0-2 (800 steps), and full
+    # attention in the CSA layers from the default's weights at 1600 steps (is the CSA layer the 1600-step gap?)
+    W=compile=1,csa_window=512
+    FULL=compile=1,pattern=linear/linear/full/full,init.shared_from_default=1
+    q 0 "$SECONDS_LEFT" w512_a --eval-every 400 --steps 1600 --run w512-s1:$W,seed=1 --run full-s0:$FULL &
+    q 1 "$SECONDS_LEFT" w512_b --eval-every 400 --steps 1600 --run w512-s2:$W,seed=2 --run full-s1:$FULL,seed=1 &
+    wait
 else
-    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa, csa2, csa3, csa4, csa5, csa6, csa7, csa8, cand or cand_long)"; exit 2
+    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa, csa2, csa3, csa4, csa5, csa6, csa7, csa8, cand, cand_long, long5 or w512)"; exit 2
 fi
 for f in "$OUT"/*.log; do echo "== $f"; grep -E "final|failed|Error|error|stopped" "$f" | tail -8; done
 for d in "$OUT"/*/; do [ -f "$d/quality.json" ] && python benchmarks/bench_quality.py --plot "$d/quality.json"; done
