@@ -226,8 +226,13 @@ elif [ "$PART" = w512 ]; then  # the 512-token CSA window at seeds 1-2 (1600 ste
     q 0 "$SECONDS_LEFT" w512_a --eval-every 400 --steps 1600 --run w512-s1:$W,seed=1 --run full-s0:$FULL &
     q 1 "$SECONDS_LEFT" w512_b --eval-every 400 --steps 1600 --run w512-s2:$W,seed=2 --run full-s1:$FULL,seed=1 &
     wait
+elif [ "$PART" = w512_1gpu ]; then  # w512's 1600-step runs on a one-GPU machine: the window at seeds 1-2, then full
+    # attention in the CSA layers at seed 0
+    q 0 "$SECONDS_LEFT" w512_1gpu --eval-every 400 --steps 1600 --run w512-s1:compile=1,csa_window=512,seed=1 \
+        --run w512-s2:compile=1,csa_window=512,seed=2 \
+        --run full-s0:compile=1,pattern=linear/linear/full/full,init.shared_from_default=1
 else
-    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa, csa2, csa3, csa4, csa5, csa6, csa7, csa8, cand, cand_long, long5 or w512)"; exit 2
+    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa, csa2, csa3, csa4, csa5, csa6, csa7, csa8, cand, cand_long, long5, w512 or w512_1gpu)"; exit 2
 fi
 for f in "$OUT"/*.log; do echo "== $f"; grep -E "final|failed|Error|error|stopped" "$f" | tail -8; done
 for d in "$OUT"/*/; do [ -f "$d/quality.json" ] && python benchmarks/bench_quality.py --plot "$d/quality.json"; done
