@@ -34,8 +34,10 @@
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh cand_long  # the same at 1600 steps
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh long5   # 1600 steps: the default and HF
 #                                                                           # Qwen3.5 at seeds 3-4, a 512 window
-#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh w512    # the 512 window at more seeds, full
+#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh w512    # the 512 window at seeds 1-2, full
 #                                                                           # attention in the CSA layers (1600)
+#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh w512_1gpu  # w512's runs on one GPU
+#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh w512_800   # the 512 window, 800 steps, seeds 0-2
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa2    # GPU 1 only: the CSA layer with its
 #                                                                           # window over the whole sequence, and
 #                                                                           # without compressed blocks
@@ -71,6 +73,8 @@ q() {  # q GPU LIMIT NAME [bench_quality.py args...]
         --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
 }
 A1='A_init_range=[1,16]'  # the lr sweep and the old init keep the seed's decay range, as in the first ablations
+W512=compile=1,csa_window=512  # the 512-token CSA window (long5, w512*)
+FULL=compile=1,pattern=linear/linear/full/full,init.shared_from_default=1  # full attention in the CSA layers, paired
 if [ "$PART" = ablate ]; then
     # Four processes, two per GPU, about 300 s per run: only the FIRST run of each process finished inside the
     # call (2026-11-30); the others are the ablations still to measure, one process per GPU next time.
@@ -215,24 +219,23 @@ elif [ "$PART" = cand_long ]; then  # the same at 1600 steps: ours at seeds 0 an
 elif [ "$PART" = long5 ]; then  # 1600 steps, model seeds 3 and 4 of the default (GPU 0) and of HF Qwen3.5 (GPU 1):
     # five seeds each with cand_long's; then the CSA layer with a 512-token window at seed 0
     q 0 "$SECONDS_LEFT" long5 --steps 1600 --eval-every 400 \
-        --run default-s3:compile=1,seed=3 --run default-s4:compile=1,seed=4 --run w512-s0:compile=1,csa_window=512 &
+        --run default-s3:compile=1,seed=3 --run default-s4:compile=1,seed=4 --run w512-s0:$W512 &
     q 1 "$SECONDS_LEFT" long5_qwen --steps 1600 --eval-every 400 \
         --run qwen-s3:model=hf-qwen3.5,seed=3 --run qwen-s4:model=hf-qwen3.5,seed=4 &
     wait
-elif [ "$PART" = w512 ]; then  # the 512-token CSA window at seeds 1-2 (1600 steps) and 0-2 (800 steps), and full
-    # attention in the CSA layers from the default's weights at 1600 steps (is the CSA layer the 1600-step gap?)
-    W=compile=1,csa_window=512
-    FULL=compile=1,pattern=linear/linear/full/full,init.shared_from_default=1
-    q 0 "$SECONDS_LEFT" w512_a --eval-every 400 --steps 1600 --run w512-s1:$W,seed=1 --run full-s0:$FULL &
-    q 1 "$SECONDS_LEFT" w512_b --eval-every 400 --steps 1600 --run w512-s2:$W,seed=2 --run full-s1:$FULL,seed=1 &
+elif [ "$PART" = w512 ]; then  # the 512-token CSA window at seeds 1-2, and full attention in the CSA layers from
+    # the default's weights (is the CSA layer the 1600-step gap?), 1600 steps
+    q 0 "$SECONDS_LEFT" w512_a --eval-every 400 --steps 1600 --run w512-s1:$W512,seed=1 --run full-s0:$FULL &
+    q 1 "$SECONDS_LEFT" w512_b --eval-every 400 --steps 1600 --run w512-s2:$W512,seed=2 --run full-s1:$FULL,seed=1 &
     wait
-elif [ "$PART" = w512_1gpu ]; then  # w512's 1600-step runs on a one-GPU machine: the window at seeds 1-2, then full
-    # attention in the CSA layers at seed 0
-    q 0 "$SECONDS_LEFT" w512_1gpu --eval-every 400 --steps 1600 --run w512-s1:compile=1,csa_window=512,seed=1 \
-        --run w512-s2:compile=1,csa_window=512,seed=2 \
-        --run full-s0:compile=1,pattern=linear/linear/full/full,init.shared_from_default=1
+elif [ "$PART" = w512_1gpu ]; then  # w512's runs on a one-GPU machine: the window at seeds 1-2, full attention seed 0
+    q 0 "$SECONDS_LEFT" w512_1gpu --eval-every 400 --steps 1600 --run w512-s1:$W512,seed=1 \
+        --run w512-s2:$W512,seed=2 --run full-s0:$FULL
+elif [ "$PART" = w512_800 ]; then  # one GPU: the 512-token window at 800 steps, seeds 0-2
+    q 0 "$SECONDS_LEFT" w512_800 --steps 800 --eval-every 200 --run w512-s0:$W512 --run w512-s1:$W512,seed=1 \
+        --run w512-s2:$W512,seed=2
 else
-    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa, csa2, csa3, csa4, csa5, csa6, csa7, csa8, cand, cand_long, long5, w512 or w512_1gpu)"; exit 2
+    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa, csa2, csa3, csa4, csa5, csa6, csa7, csa8, cand, cand_long, long5, w512, w512_1gpu or w512_800)"; exit 2
 fi
 for f in "$OUT"/*.log; do echo "== $f"; grep -E "final|failed|Error|error|stopped" "$f" | tail -8; done
 for d in "$OUT"/*/; do [ -f "$d/quality.json" ] && python benchmarks/bench_quality.py --plot "$d/quality.json"; done
