@@ -38,11 +38,14 @@
 #                                                                           # attention in the CSA layers (1600)
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh w512_1gpu  # w512's runs on one GPU
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh w512_800   # the 512 window, 800 steps, seeds 0-2
+#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh w512_long5 # the 512 window, 1600 steps, seeds 3-4
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa2    # GPU 1 only: the CSA layer with its
 #                                                                           # window over the whole sequence, and
 #                                                                           # without compressed blocks
 # The parts before `cand` ran when the default CSA layer was the seed's (csa_window 64, no blend bias): their
-# "default" rows mean that model; rerun them as they ran at commit 14ef0ad.
+# "default" rows mean that model; rerun them as they ran at commit 14ef0ad. The parts from `cand` to `w512_long5`
+# ran when the default window was 256 tokens (512 since session 16): their "default" rows mean csa_window=256
+# (commit 3f9e9db), and W512 is today's default.
 # `ablate` ran two eager processes per GPU: together they were no faster than one, so its seconds and tokens/s are
 # not throughput figures. `final` times the three models one after the other in one process on GPU 0 (the
 # time-to-loss comparison); `long` runs ours + HF Llama and HF Qwen3.5 in one process per GPU.
@@ -234,8 +237,10 @@ elif [ "$PART" = w512_1gpu ]; then  # w512's runs on a one-GPU machine: the wind
 elif [ "$PART" = w512_800 ]; then  # one GPU: the 512-token window at 800 steps, seeds 0-2
     q 0 "$SECONDS_LEFT" w512_800 --steps 800 --eval-every 200 --run w512-s0:$W512 --run w512-s1:$W512,seed=1 \
         --run w512-s2:$W512,seed=2
+elif [ "$PART" = w512_long5 ]; then  # one GPU: the 512-token window at 1600 steps, seeds 3-4 (long5 ran the others)
+    q 0 "$SECONDS_LEFT" w512_long5 --eval-every 400 --steps 1600 --run w512-s3:$W512,seed=3 --run w512-s4:$W512,seed=4
 else
-    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa, csa2, csa3, csa4, csa5, csa6, csa7, csa8, cand, cand_long, long5, w512, w512_1gpu or w512_800)"; exit 2
+    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa, csa2, csa3, csa4, csa5, csa6, csa7, csa8, cand, cand_long, long5, w512, w512_1gpu, w512_800 or w512_long5)"; exit 2
 fi
 for f in "$OUT"/*.log; do echo "== $f"; grep -E "final|failed|Error|error|stopped" "$f" | tail -8; done
 for d in "$OUT"/*/; do [ -f "$d/quality.json" ] && python benchmarks/bench_quality.py --plot "$d/quality.json"; done

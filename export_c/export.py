@@ -61,7 +61,7 @@ DEFAULTS = dict(
     linear_value_head_dim=112,
     linear_conv_kernel_dim=4,
     csa_stride=4,
-    csa_window=256,
+    csa_window=512,
     csa_blend_bias=-4.0,  # a saved config.json without it predates the field: no bias (load_config)
     hyper_connections=True,
 )

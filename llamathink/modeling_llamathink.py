@@ -3,7 +3,7 @@
 Every layer is a pre-norm block `mixer -> SwiGLU MLP`, the mixer being one of
 
 * ``linear``: Gated DeltaNet (Qwen3-Next / Qwen3.5 style linear attention with a causal depthwise conv),
-* ``csa``:    compressed sparse attention (a causal window, 256 tokens by default, blended with attention over
+* ``csa``:    compressed sparse attention (a causal window, 512 tokens by default, blended with attention over
               mean-pooled, learned-compressed blocks of 4 tokens by a learned gate started closed),
 * ``full``:   gated full softmax attention (Qwen3.5 style: sigmoid output gate, per-head QK RMSNorm, GQA),
 

@@ -50,7 +50,7 @@ def test_default_config_is_the_95m_model():
     # tied embeddings counted once; the CSA layers' blend bias (4 x 576) is the measured default's only addition
     assert sum(p.numel() for p in model.parameters()) == 95_717_712
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert (config.csa_window, config.csa_blend_bias) == (256, -4.0)
+    assert (config.csa_window, config.csa_blend_bias) == (512, -4.0)
     with torch.device("meta"):
         seed_gate = LlamaThinkForCausalLM(LlamaThinkConfig(csa_blend_bias=None))
     assert sum(p.numel() for p in seed_gate.parameters()) == 95_715_408  # the seed's count

@@ -232,7 +232,7 @@ def test_flops_per_token_counts_params_and_mixers():
     n = 95_717_712  # tied: the embedding matrix is counted once, as the output head
     T = 1024
     attention = 4 * 6 * 9 * 64 * T  # 4 full layers
-    attention += 4 * 12 * 9 * 64 * (256 + T / 8)  # 4 CSA layers: window + compressed blocks
+    attention += 4 * 12 * 9 * 64 * (512 + T / 8)  # 4 CSA layers: window + compressed blocks
     attention += 8 * 12 * 9 * 112 * 112  # 8 Gated DeltaNet layers
     assert flops_per_token(config, T) == pytest.approx(6 * n + attention)
 
