@@ -1,7 +1,7 @@
 """Where the time goes: a torch.profiler view of one LlamaThink training step and of cached decoding on one GPU.
 
     python benchmarks/profile_gpu.py [--backend auto] [--batch 16] [--seq 1024] [--decode-tokens 32] [--compile]
-                                     [--optimizer | --optimizer-only] [--out DIR]
+                                     [--no-eager] [--peers hf-llama] [--optimizer | --optimizer-only] [--out DIR]
 
 Prints (and with --out writes as text) the kernels that take the most GPU time in a bf16 training step (with
 --compile also those of the step with each decoder layer compiled), the GPU time per layer kind (forward + backward, measured with
@@ -10,7 +10,9 @@ greedy decoding at batch 1: host time per token, kernel launches per token and t
 with the Python lines that cause them (`torch.cuda.set_sync_debug_mode`); with --optimizer also the host and GPU
 time of gradient clipping + the optimizer step (Muon + AdamW), with Muon's Newton-Schulz step eager and recorded as
 a CUDA graph (`muon_cuda_graph`); --optimizer-only times only that, for LlamaThink and for HF Llama (the peer of
-`bench_gpu.py`, same optimizer code) in one process.
+`bench_gpu.py`, same optimizer code) in one process. Every kernel table ends with the step's GPU time by kind of
+kernel (matrix products, attention, fla, inductor's fused kernels, ...); `--peers hf-llama` profiles that peer's
+compiled step the same way in the same process, so the kinds can be compared model against model.
 """
 
 from __future__ import annotations
@@ -83,16 +85,66 @@ def _timed_steps(model, ids, steps, events, totals):
 
 
 def forward_backward(model, ids):
-    """One bf16 training step without the optimizer; `model` may be the torch.compile'd module."""
+    """One bf16 training step without the optimizer; `model` may be the torch.compile'd module or a peer from
+    `bench_gpu.build` (no `skip_logits`: it computes its logits)."""
+    kwargs = {"skip_logits": True} if isinstance(getattr(model, "_orig_mod", model), LlamaThinkForCausalLM) else {}
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model(input_ids=ids, labels=ids, use_cache=False, skip_logits=True).loss
+        loss = model(input_ids=ids, labels=ids, use_cache=False, **kwargs).loss
     loss.backward()
     model.zero_grad(set_to_none=True)
 
 
-def kernel_table(model, ids, rows=30, host_stacks: bool = False) -> str:
+# Kernel-name patterns of each kind of GPU work, first match wins (names as CUDA, cuBLAS/cuDNN, fla, tilelang and
+# inductor give them).
+KERNEL_KINDS = (
+    ("matrix products (cuBLAS/CUTLASS)", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "splitkreduce")),
+    ("attention (SDPA: cuDNN/flash/efficient)", ("sdpa", "flash", "fmha", "attention", "cudnn")),
+    ("FlexAttention (inductor)", ("triton_tem_fused", "flex")),
+    ("inductor fused (triton_*)", ("triton_",)),
+    ("fla causal conv", ("causal_conv1d",)),
+    (
+        "fla Gated DeltaNet (Triton, tilelang)",
+        (
+            "chunk_",
+            "gated_delta",
+            "kernel_kernel",
+            "solve_tril",
+            "wy_",
+            "merge_16x16",
+            "recompute_w_u",
+            "l2norm",
+            "prepare_",
+            "cumsum",
+        ),
+    ),
+    ("copies and fills", ("copy", "memcpy", "memset", "fill")),
+    ("aten elementwise / reductions", ("elementwise", "reduce", "at::native")),
+)
+
+
+def kernel_kinds(averages) -> str:
+    """GPU milliseconds of one profiled step by kind of kernel (`KERNEL_KINDS`), from `prof.key_averages()`: where
+    the step's GPU time goes, comparable between models and between compile modes."""
+    totals: dict[str, float] = collections.defaultdict(float)
+    counts: dict[str, int] = collections.defaultdict(int)
+    for e in averages:
+        if e.device_type != torch.autograd.DeviceType.CUDA or e.self_device_time_total <= 0:
+            continue
+        name = e.key.lower()
+        kind = next((k for k, pats in KERNEL_KINDS if any(p in name for p in pats)), "other")
+        totals[kind] += e.self_device_time_total / 1e3
+        counts[kind] += e.count
+    total = sum(totals.values())
+    lines = ["GPU ms by kind of kernel:"]
+    for kind, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {kind:42s} {ms:8.2f} ms  {100 * ms / total:5.1f}%  {counts[kind]:5d} launches")
+    return "\n".join(lines)
+
+
+def kernel_table(model, ids, rows=30, host_stacks: bool = False, top_kernels: int = 0) -> str:
     """The kernels taking the most GPU time in one training step; with `host_stacks` also the Python call sites
-    taking the most host time (where a step that waits on the host spends it)."""
+    taking the most host time (where a step that waits on the host spends it); with `top_kernels` also that many
+    GPU kernels by their own time (inductor's fused kernels one by one)."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(2):  # warm-up (and, for a compiled model, compilation)
@@ -104,7 +156,13 @@ def kernel_table(model, ids, rows=30, host_stacks: bool = False) -> str:
     averages = prof.key_averages()
     busy_ms = sum(e.self_device_time_total for e in averages if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
     table = averages.table(sort_by="device_time_total", row_limit=rows, max_name_column_width=70)
-    text = f"{table}\nGPU kernel time of the step (forward + backward): {busy_ms:.1f} ms"
+    text = f"{table}\nGPU kernel time of the step (forward + backward): {busy_ms:.1f} ms\n{kernel_kinds(averages)}"
+    if top_kernels:
+        kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels.sort(key=lambda e: -e.self_device_time_total)
+        text += f"\n## the {top_kernels} GPU kernels with the most time (ms, launches, name)\n" + "\n".join(
+            f"  {e.self_device_time_total / 1e3:8.3f} {e.count:5d}  {e.key[:150]}" for e in kernels[:top_kernels]
+        )
     if host_stacks:
         stacks = prof.key_averages(group_by_stack_n=8).table(
             sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60, max_src_column_width=110
@@ -233,6 +291,12 @@ def main(argv=None) -> int:
     parser.add_argument("--host-stacks", action="store_true", help="also where the compiled step spends host time")
     parser.add_argument("--optimizer", action="store_true", help="also time gradient clipping + the optimizer step")
     parser.add_argument("--optimizer-only", action="store_true", help="only that, for LlamaThink and HF Llama")
+    parser.add_argument("--no-eager", action="store_true", help="skip the eager step (layer times and kernels)")
+    parser.add_argument("--top-kernels", type=int, default=0, help="list this many kernels of the compiled step")
+    parser.add_argument("--conv", choices=("fla", "inductor"), default=None, help="the compiled layers' GDN conv")
+    parser.add_argument(
+        "--peers", default="", help="comma list of bench_gpu.py peers (e.g. hf-llama) to profile compiled whole"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.optimizer_only:
@@ -248,26 +312,39 @@ def main(argv=None) -> int:
         print("\n".join(report))
         return 0
     model = LlamaThinkForCausalLM(LlamaThinkConfig(gdn_backend=args.backend)).cuda()
+    for module in model.modules():
+        if args.conv and hasattr(module, "compiled_conv"):
+            module.compiled_conv = args.conv
     ids = torch.randint(0, 32000, (args.batch, args.seq), device="cuda")
     report = [
         f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, backend {args.backend}, batch {args.batch}"
     ]
-    report.append("## GPU ms per training step, by layer kind (forward, backward; summed over layers)")
-    for name, ms in sorted(layer_times(model, ids).items()):
-        report.append(f"  {name:24s} {ms:8.2f}")
-    report.append("## top kernels of one training step")
-    report.append(kernel_table(model, ids))
-    report.append(step_wall_ms(model, ids))
+    if not args.no_eager:
+        report.append("## GPU ms per training step, by layer kind (forward, backward; summed over layers)")
+        for name, ms in sorted(layer_times(model, ids).items()):
+            report.append(f"  {name:24s} {ms:8.2f}")
+        report.append("## top kernels of one training step")
+        report.append(kernel_table(model, ids))
+        report.append(step_wall_ms(model, ids))
     if args.compile:
         from torch._dynamo.utils import counters
 
         compiled = model.compile_layers()  # regional compilation, as `compile: true` trains
         report.append("## top kernels of one compiled training step (each decoder layer compiled)")
-        report.append(kernel_table(compiled, ids, host_stacks=args.host_stacks))
+        report.append(kernel_table(compiled, ids, host_stacks=args.host_stacks, top_kernels=args.top_kernels))
         breaks = dict(counters["graph_break"])
         report.append(f"graph breaks: {sum(breaks.values())} ({len(counters['stats'])} dynamo stats); reasons:")
         report += [f"  {n:4d}  {reason[:200]}" for reason, n in sorted(breaks.items(), key=lambda kv: -kv[1])[:10]]
         report.append(step_wall_ms(compiled, ids))
+    for name in filter(None, args.peers.split(",")):
+        from bench_gpu import build  # the peer exactly as bench_gpu.py builds it
+
+        peer = torch.compile(build(name).cuda())  # compiled whole, as bench_gpu.py compiles the peers
+        report.append(f"## top kernels of one compiled training step of {name} (compiled whole)")
+        report.append(kernel_table(peer, ids))
+        report.append(step_wall_ms(peer, ids))
+        del peer
+        torch.cuda.empty_cache()
     if args.optimizer:
         report.append("## the optimizer step (Muon + AdamW, default settings) and gradient clipping")
         report.append(optimizer_ms(model, cuda_graph=False))
