@@ -74,7 +74,7 @@ def build(name: str):
             "linear_key_head_dim": 128,
             "linear_value_head_dim": 128,
         }
-        model = LlamaThinkForCausalLM(
+        return LlamaThinkForCausalLM(
             LlamaThinkConfig(
                 gdn_backend=parts[1],
                 decode_cuda_graphs="eager-decode" not in parts,
@@ -82,12 +82,6 @@ def build(name: str):
                 **(head128 if "head128" in parts else {}),
             )
         )
-        for conv in ("fla", "inductor"):
-            if f"{conv}-conv" in parts:
-                for module in model.modules():
-                    if hasattr(module, "compiled_conv"):
-                        module.compiled_conv = conv
-        return model
     name = name.split(":")[0]  # a peer's variants (`:cudagraphs`) only change how it is compiled
     if name == "hf-llama":
         cfg = LlamaConfig(

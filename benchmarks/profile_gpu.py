@@ -293,7 +293,6 @@ def main(argv=None) -> int:
     parser.add_argument("--optimizer-only", action="store_true", help="only that, for LlamaThink and HF Llama")
     parser.add_argument("--no-eager", action="store_true", help="skip the eager step (layer times and kernels)")
     parser.add_argument("--top-kernels", type=int, default=0, help="list this many kernels of the compiled step")
-    parser.add_argument("--conv", choices=("fla", "inductor"), default=None, help="the compiled layers' GDN conv")
     parser.add_argument(
         "--peers", default="", help="comma list of bench_gpu.py peers (e.g. hf-llama) to profile compiled whole"
     )
@@ -312,9 +311,6 @@ def main(argv=None) -> int:
         print("\n".join(report))
         return 0
     model = LlamaThinkForCausalLM(LlamaThinkConfig(gdn_backend=args.backend)).cuda()
-    for module in model.modules():
-        if args.conv and hasattr(module, "compiled_conv"):
-            module.compiled_conv = args.conv
     ids = torch.randint(0, 32000, (args.batch, args.seq), device="cuda")
     report = [
         f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, backend {args.backend}, batch {args.batch}"

@@ -819,10 +819,6 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         self.conv_kernel_size = config.linear_conv_kernel_dim
         self.chunk_size = config.gdn_chunk_size
         self.backend = config.gdn_backend
-        # The conv under torch.compile: "fla" (fla's fused conv + SiLU, one opaque op) or "inductor" (the K shifted
-        # products, which inductor fuses with the SiLU and the split, norms and casts around them). A kernel choice,
-        # not part of the model: the two give the same function (tests/test_gpu.py compares them).
-        self.compiled_conv = "fla"
 
         self.in_proj_qkv = nn.Linear(config.hidden_size, self.conv_dim, bias=False)
         self.in_proj_z = nn.Linear(config.hidden_size, self.value_dim, bias=False)
@@ -855,8 +851,7 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         the SiLU, and for packed sequences without fla), and cuDNN's depthwise conv (eager, the CPU path)."""
         B, T, C = qkv.shape
         K = self.conv_kernel_size
-        inductor_conv = self.compiled_conv == "inductor" and torch.compiler.is_compiling()
-        if backend == "fla" and state is None and qkv.dtype in (torch.float16, torch.bfloat16) and not inductor_conv:
+        if backend == "fla" and state is None and qkv.dtype in (torch.float16, torch.bfloat16):
             weight = self.conv1d.weight[:, 0]  # [C, K]
             if segments is None:
                 return fla_causal_conv1d_silu(qkv, weight)
