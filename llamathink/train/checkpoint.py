@@ -193,16 +193,16 @@ def checkpoint_meta(path: str | Path) -> dict:
     return meta
 
 
-def save_order(paths: list[Path], log=print) -> list[Path]:
+def save_order(paths: list[Path], log=print, metas: dict[Path, dict] | None = None) -> list[Path]:
     """Checkpoint folders oldest first. A run resumed from one of its earlier checkpoints continues from there, so
     its newest checkpoint is the last one saved, not the highest step: checkpoints of one run are ordered by the
     save count in their meta.json (`save_index`, a counter of the run's saves, which no clock can reorder). Others
     (several runs, checkpoints of earlier versions without the count) go by save time then step, unless one says it
     was saved after the present (a clock that moved back, an edited meta.json): then by step, with a note through
-    `log`."""
+    `log`. `metas`: the folders' `checkpoint_meta`, where the caller has read them already."""
 
     step = checkpoint_step
-    metas = {p: checkpoint_meta(p) for p in paths}
+    metas = {p: metas[p] if metas is not None and p in metas else checkpoint_meta(p) for p in paths}
     if len({m["run_id"] for m in metas.values()}) == 1 and all(
         isinstance(m.get("save_index"), int) for m in metas.values()
     ):
@@ -456,10 +456,13 @@ def save_checkpoint(
     final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
     tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     old = root / f"{TMP_PREFIX}replaced-{final.name}-{os.getpid()}"
-    mine = [p for p in list_checkpoints(out_dir) if _run_id_or_none(p) == run_id and p != final]
-    mine = save_order(mine)
+    metas = {}  # each meta.json read once; an unreadable one is nobody's (never rotated away, never counted)
+    for path in list_checkpoints(out_dir):
+        with contextlib.suppress(CheckpointError):
+            metas[path] = checkpoint_meta(path)
+    mine = save_order([p for p, m in metas.items() if m["run_id"] == run_id and p != final], metas=metas)
     previous = mine[-1] if mine else None
-    counts = [checkpoint_meta(p).get("save_index") for p in mine]
+    counts = [metas[p].get("save_index") for p in mine]
     save_index = 1 + max((c for c in counts if isinstance(c, int)), default=0)
     state = {
         "step": step,

@@ -53,6 +53,15 @@ class OutputWriteError(ValueError):
     is intact and how to go on."""
 
 
+def _output_write_error(target, err: BaseException, intact: str, then: str) -> OutputWriteError:
+    """The error for an output the run could not write (a full disk, permissions): what failed, what is still
+    safe, and how to go on."""
+    detail = getattr(err, "strerror", None) or f"{type(err).__name__}: {err}"
+    return OutputWriteError(
+        f"cannot write {target} ({detail}); {intact} intact: free space or fix the permissions, then {then}"
+    )
+
+
 def write_history(out_dir: Path, history: dict):
     """`history.json`: per-step training loss, evaluation loss and performance metrics (for plots and reports).
     Raises OutputWriteError when it cannot be written (the earlier history.json stays whole)."""
@@ -63,10 +72,11 @@ def write_history(out_dir: Path, history: dict):
     except OSError as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise OutputWriteError(
-            f"cannot write {Path(out_dir) / 'history.json'} ({err.strerror or err}); the checkpoints in "
-            f"{checkpoint_dir(out_dir)} are intact: free space or fix the permissions, then go on from the last one "
-            "with --resume auto --overwrite false"
+        raise _output_write_error(
+            Path(out_dir) / "history.json",
+            err,
+            f"the checkpoints in {checkpoint_dir(out_dir)} are",
+            "go on from the last one with --resume auto --overwrite false",
         ) from err
 
 
@@ -207,10 +217,11 @@ def save_final(
         from safetensors import SafetensorError
 
         if isinstance(err, (OSError, SafetensorError)):  # a full disk, permissions (not other failures: bugs)
-            raise OutputWriteError(
-                f"cannot write the finished model to {final_dir} ({type(err).__name__}: {err}); the run's last "
-                "checkpoint is intact: free space or fix the permissions, then rerun with --resume auto --overwrite "
-                "false, which saves the finished model again"
+            raise _output_write_error(
+                f"the finished model to {final_dir}",
+                err,
+                "the run's last checkpoint is",
+                "rerun with --resume auto --overwrite false, which saves the finished model again",
             ) from err
         raise
     shutil.rmtree(old, ignore_errors=True)
