@@ -650,6 +650,21 @@ def test_save_times_in_the_future_or_lost_do_not_make_a_run_delete_its_new_check
     assert ckpt.latest_checkpoint(out).name == "step_00000014"
 
 
+@pytest.mark.parametrize("run_id", ["run-a", None])
+def test_a_save_passes_over_a_checkpoint_whose_meta_json_is_unreadable(model_json, tmp_path, run_id):  # noqa: F811
+    """A checkpoint folder whose meta.json does not parse belongs to no run: a later save (whatever its run id,
+    None included) neither fails on it nor rotates it away, and counts its own saves without it."""
+    out = tmp_path / "run"
+    settings = _settings()
+    parts = _parts(model_json, settings)
+    _save(out, 2, parts, settings, run_id=run_id)
+    (ckpt.checkpoint_dir(out) / "step_00000002" / ckpt.META_FILE).write_text("{not json")
+    for step in (4, 6):
+        _save(out, step, parts, settings, run_id=run_id, keep_last=1)
+    assert _names(ckpt.list_checkpoints(out)) == ["step_00000002", "step_00000006"]
+    assert ckpt.checkpoint_meta(ckpt.checkpoint_dir(out) / "step_00000006")["save_index"] == 2
+
+
 def test_resume_auto_says_which_checkpoint_folder_it_passes_over(model_json, tmp_path, capsys):  # noqa: F811
     """The newest checkpoint folder without its state.pt is not a checkpoint: `resume: auto` goes on from the one
     before and says so (it did silently); a truncated state.pt names the file and how to go on."""
