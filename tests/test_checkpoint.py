@@ -665,6 +665,25 @@ def test_a_save_passes_over_a_checkpoint_whose_meta_json_is_unreadable(model_jso
     assert ckpt.checkpoint_meta(ckpt.checkpoint_dir(out) / "step_00000006")["save_index"] == 2
 
 
+def test_resume_auto_passes_over_an_older_unreadable_meta_json_and_stops_at_the_highest(model_json, tmp_path):  # noqa: F811
+    """`resume: auto` with a checkpoint whose meta.json cannot be read: an older one is passed over with a note
+    naming it; at the highest step it may be where the run stopped, so the run stops with a message saying how to
+    go on (it stopped on any unreadable folder, old ones included, without saying what to do)."""
+    out = tmp_path / "run"
+    settings = _settings()
+    parts = _parts(model_json, settings)
+    for step in (2, 4):
+        _save(out, step, parts, settings)
+    root = ckpt.checkpoint_dir(out)
+    (root / "step_00000002" / ckpt.META_FILE).write_text("{not json")
+    notes = []
+    assert ckpt.resolve_resume(_settings(out_dir=str(out)), notes.append).name == "step_00000004"
+    assert notes and "passing over step_00000002" in notes[0] and "resuming step_00000004" in notes[0], notes
+    (root / "step_00000004" / ckpt.META_FILE).write_text("[]")
+    with pytest.raises(ckpt.CheckpointError, match=r"step_00000004.*highest step.*move step_00000004 out.*--resume"):
+        ckpt.resolve_resume(_settings(out_dir=str(out)), notes.append)
+
+
 def test_resume_auto_says_which_checkpoint_folder_it_passes_over(model_json, tmp_path, capsys):  # noqa: F811
     """The newest checkpoint folder without its state.pt is not a checkpoint: `resume: auto` goes on from the one
     before and says so (it did silently); a truncated state.pt names the file and how to go on."""
@@ -1068,6 +1087,30 @@ def test_a_failed_final_save_leaves_the_earlier_final_folder_whole(sample_data, 
     monkeypatch.undo()
     assert json.loads((tmp_path / "history.json").read_text()) == {"losses": {"1": 2.0}}
     assert not (tmp_path / "history.json.tmp").exists()
+
+
+def test_a_run_stopped_by_a_write_error_closes_its_progress_bar(sample_data, model_json, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """history.json cannot be written at the first save: the command stops with its one-line error (naming the
+    file it could not write), the checkpoint of that step saved, and the progress bar closed before the error is
+    printed, so the error starts on a line of its own (it was printed after the bar's unfinished line)."""
+    real_write_text = Path.write_text
+
+    def history_disk_full(self, *args, **kwargs):
+        if self.name == "history.json.tmp":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", history_disk_full)
+    out = tmp_path / "run"
+    argv = ["--model_config", str(model_json), "--data_dir", str(sample_data), "--out_dir", str(out)]
+    argv += ["--seq_len", "64", "--micro_batch_size", "4", "--max_steps", "4", "--warmup_steps", "1"]
+    argv += ["--save_every", "2", "--eval_every", "100", "--sample_every", "100", "--wandb_mode", "disabled"]
+    argv += ["--mixed_precision", "no"]  # as every in-process run of these tests (accelerate keeps one state)
+    assert pretrain.main([*argv, "--progress_bar", "true"]) == 2
+    err = capsys.readouterr().err
+    error = "llamathink-pretrain: error: cannot write"
+    assert f"\n{error} {out}/history.json (No space left on device: {out}/history.json.tmp)" in err, err[-500:]
+    assert _names(ckpt.list_checkpoints(out)) == ["step_00000002"]
 
 
 def test_a_checkpoint_with_a_damaged_tensor_is_refused(model_json, tmp_path):  # noqa: F811

@@ -475,8 +475,8 @@ def _state_tensors(cache: LlamaThinkCache):
 
 @pytest.fixture(scope="module")
 def window64_model():
-    """Every mixer type with the seed's CSA window (64; the default is 256) and the real stride (4): the prompts
-    below cross the window without the cost of 256-token ones."""
+    """Every mixer type with the seed's CSA window (64; the default is 512) and the real stride (4): the prompts
+    below cross the window without the cost of 512-token ones."""
     return tiny_model(csa_window=64, mixer_types=["csa", "linear", "full", "csa"])
 
 

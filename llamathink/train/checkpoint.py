@@ -499,6 +499,7 @@ def save_checkpoint(
             f.flush()
             os.fsync(f.fileno())
         if final.exists():  # re-saving the same step after a resume: replace it
+            print(f"note: replacing the checkpoint {final.name} saved before (the run went on from an earlier step)")
             os.replace(final, old)
         os.replace(tmp, final)
     except BaseException as err:  # also Ctrl-C: never leave a partial folder or a moved-away checkpoint behind
@@ -979,12 +980,34 @@ def restore_checkpoint(
 def resolve_resume(cfg: RunConfig, log=print) -> Path | None:
     """The checkpoint to resume: none for `resume: none`; for `resume: auto` the most recently saved checkpoint
     in out_dir (`save_order`), if any; else the named checkpoint folder (FileNotFoundError when it holds no
-    state.pt). Notes (a save time in the future, a newer folder without state.pt) go through `log`."""
+    state.pt). Notes (a save time in the future, a newer folder without state.pt, an older folder whose meta.json
+    cannot be read, passed over) go through `log`. Raises CheckpointError when a folder whose meta.json cannot be
+    read is at the highest step of out_dir's checkpoints: it may be where the run stopped, so `resume: auto` does
+    not guess (the message says how to go on)."""
     if cfg.resume == "none":
         return None
     if cfg.resume == "auto":
-        found = list_checkpoints(cfg.out_dir)
-        latest = save_order(found, log)[-1] if found else None
+        metas, unreadable = {}, {}
+        for path in list_checkpoints(cfg.out_dir):
+            try:
+                metas[path] = checkpoint_meta(path)
+            except CheckpointError as err:
+                unreadable[path] = err
+        latest = save_order(list(metas), log, metas=metas)[-1] if metas else None
+        highest = max(map(checkpoint_step, metas), default=-1)
+        top = max(unreadable, key=checkpoint_step, default=None)
+        if top is not None and checkpoint_step(top) >= highest:
+            raise CheckpointError(
+                f"{unreadable[top]}; it is the checkpoint of the highest step in {checkpoint_dir(cfg.out_dir)}, so "
+                f"resume: auto cannot tell where the run stopped: repair its meta.json or move {top.name} out of the "
+                "folder, or name the checkpoint to go on from (--resume PATH)"
+            )
+        if unreadable:
+            names = ", ".join(p.name for p in unreadable)
+            log(
+                f"note: passing over {names} in {checkpoint_dir(cfg.out_dir)} (meta.json cannot be read: "
+                f"{next(iter(unreadable.values()))}); resuming {latest.name}"
+            )
         newest = checkpoint_step(latest) if latest else -1
         incomplete = sorted(
             p.name

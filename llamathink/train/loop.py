@@ -56,9 +56,13 @@ class OutputWriteError(ValueError):
 def _output_write_error(target, err: BaseException, intact: str, then: str) -> OutputWriteError:
     """The error for an output the run could not write (a full disk, permissions): what failed, what is still
     safe, and how to go on."""
-    detail = getattr(err, "strerror", None) or f"{type(err).__name__}: {err}"
+    if isinstance(err, OSError) and err.strerror:
+        detail = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    else:
+        detail = f"{type(err).__name__}: {err}"
     return OutputWriteError(
-        f"cannot write {target} ({detail}); {intact} intact: free space or fix the permissions, then {then}"
+        f"cannot write {target} ({detail}); {intact} intact: free space, fix the permissions or move what is in "
+        f"the way, then {then}"
     )
 
 
@@ -469,151 +473,156 @@ def run_training(
 
         progress = tqdm(total=cfg.max_steps, initial=start_step, desc=desc, dynamic_ncols=True)
 
-    model.train()
-    processed = 0  # input positions of this process's run (for tokens/s, whatever the saved counts)
-    t_last, tokens_last = time.perf_counter(), processed
-    optimizer_share = None
-    step = start_step
-    end_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
-    while step < end_step:
-        # --- one optimizer step: grad_accum micro-batches, every trained token weighted alike --------------------
-        # On logging steps the step and the optimizer are timed with device syncs (the optimizer's share of a step).
-        measure = (step + 1) % cfg.log_every == 0
-        if measure:
-            _sync(accelerator.device)
-            t_step = time.perf_counter()
-        micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
-        counts = [count_trained_tokens(b["labels"]) for b in micro_batches]
-        n_step, positions = sum(counts), sum(b["input_ids"].numel() for b in micro_batches)
-        if world > 1:  # one reduction gives the step's loss terms and input positions over all processes
-            totals = torch.tensor([float(n_step), float(positions)], device=accelerator.device)
-            n_step, positions = (int(v) for v in accelerator.reduce(totals, "sum").tolist())
-        if n_step == 0:
-            raise ValueError(f"step {step + 1}: no token of the step's batches has a label; nothing to train on")
-        loss_sum = torch.zeros((), device=accelerator.device)
-        for micro, (batch, n) in enumerate(zip(micro_batches, counts)):
-            inputs = {k: batch[k].to(accelerator.device) for k in MODEL_INPUTS if k in batch}
-            sync = micro == cfg.grad_accum - 1
-            ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
-            if cuda_graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            with ctx, accelerator.autocast():
-                if n > 0:
-                    loss = model(**inputs, use_cache=False, skip_logits=True).loss  # chunked loss, no logits
-                else:  # nothing to learn in this slice; every process must still run backward for DDP
-                    loss = sum(p.sum() for p in model.parameters()) * 0.0
-                accelerator.backward(loss * (n * world / n_step))  # DDP averages gradients over processes
-            loss_sum += loss.detach().float() * n
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # unscales fp16 gradients
-        # the step's one wait for the device (the update below depends on both values being finite): read together
-        loss_value, grad_norm = torch.stack(
-            [accelerator.reduce(loss_sum, "sum") / n_step, torch.as_tensor(grad_norm, device=loss_sum.device).float()]
-        ).tolist()
-        if measure:
-            _sync(accelerator.device)
-            t_opt = time.perf_counter()
-        if not optimizer_step(
-            cfg, step, loss_value, grad_norm, optimizer, accelerator, counters, accelerator.scaler, not cuda_graphs
-        ):
-            continue  # the data position advanced; the step counter did not
-        if measure:
-            _sync(accelerator.device)
-            now = time.perf_counter()
-            optimizer_share = (now - t_opt) / (now - t_step)
-        scheduler.step()
-        step += 1
-        processed += positions
-        if tokens_seen is not None:
-            tokens_seen += positions
-        if trained_tokens is not None:
-            trained_tokens += n_step
-        history["losses"][step] = loss_value
-
-        # --- logging ----------------------------------------------------------------------------------------------
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            now = time.perf_counter()
-            tok_s = (processed - tokens_last) / max(now - t_last, 1e-9)
-            metrics = {
-                "train/loss": loss_value,
-                "train/lr": scheduler.get_last_lr()[0],
-                "train/grad_norm": float(grad_norm),
-                "perf/tokens_per_s": tok_s,
-                "train/overflow_steps": counters.overflows,
-            }
+    try:
+        model.train()
+        processed = 0  # input positions of this process's run (for tokens/s, whatever the saved counts)
+        t_last, tokens_last = time.perf_counter(), processed
+        optimizer_share = None
+        step = start_step
+        end_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
+        while step < end_step:
+            # --- one optimizer step: grad_accum micro-batches, every trained token weighted alike --------------------
+            # On logging steps the step and the optimizer are timed with device syncs (the optimizer's share of a step).
+            measure = (step + 1) % cfg.log_every == 0
+            if measure:
+                _sync(accelerator.device)
+                t_step = time.perf_counter()
+            micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
+            counts = [count_trained_tokens(b["labels"]) for b in micro_batches]
+            n_step, positions = sum(counts), sum(b["input_ids"].numel() for b in micro_batches)
+            if world > 1:  # one reduction gives the step's loss terms and input positions over all processes
+                totals = torch.tensor([float(n_step), float(positions)], device=accelerator.device)
+                n_step, positions = (int(v) for v in accelerator.reduce(totals, "sum").tolist())
+            if n_step == 0:
+                raise ValueError(f"step {step + 1}: no token of the step's batches has a label; nothing to train on")
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for micro, (batch, n) in enumerate(zip(micro_batches, counts)):
+                inputs = {k: batch[k].to(accelerator.device) for k in MODEL_INPUTS if k in batch}
+                sync = micro == cfg.grad_accum - 1
+                ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
+                if cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                with ctx, accelerator.autocast():
+                    if n > 0:
+                        loss = model(**inputs, use_cache=False, skip_logits=True).loss  # chunked loss, no logits
+                    else:  # nothing to learn in this slice; every process must still run backward for DDP
+                        loss = sum(p.sum() for p in model.parameters()) * 0.0
+                    accelerator.backward(loss * (n * world / n_step))  # DDP averages gradients over processes
+                loss_sum += loss.detach().float() * n
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # unscales fp16 gradients
+            # the step's one wait for the device (the update below depends on both values being finite): read together
+            loss_value, grad_norm = torch.stack(
+                [
+                    accelerator.reduce(loss_sum, "sum") / n_step,
+                    torch.as_tensor(grad_norm, device=loss_sum.device).float(),
+                ]
+            ).tolist()
+            if measure:
+                _sync(accelerator.device)
+                t_opt = time.perf_counter()
+            if not optimizer_step(
+                cfg, step, loss_value, grad_norm, optimizer, accelerator, counters, accelerator.scaler, not cuda_graphs
+            ):
+                continue  # the data position advanced; the step counter did not
+            if measure:
+                _sync(accelerator.device)
+                now = time.perf_counter()
+                optimizer_share = (now - t_opt) / (now - t_step)
+            scheduler.step()
+            step += 1
+            processed += positions
             if tokens_seen is not None:
-                metrics["train/tokens_seen"] = tokens_seen
+                tokens_seen += positions
             if trained_tokens is not None:
-                metrics["train/trained_tokens"] = trained_tokens
-            if peak:
-                metrics["perf/mfu"] = tok_s * hooks.flops_per_token / peak
-            if optimizer_share is not None:
-                metrics["perf/optimizer_share"] = optimizer_share
-            if accelerator.device.type == "cuda":  # this process's high-water mark so far (allocated, not reserved)
-                metrics["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
-            if hooks.extra_metrics is not None:
-                metrics.update(hooks.extra_metrics())
-            history.setdefault("perf", {})[step] = metrics
-            if run is not None:
-                run.log(metrics, step=step)
-            if progress is not None:
-                mfu = metrics.get("perf/mfu")
-                progress.set_postfix(
-                    loss=f"{loss_value:.3f}",
-                    tok_s=f"{tok_s:,.0f}",
-                    **({"mfu": f"{100 * mfu:.1f}%"} if mfu is not None else {}),
-                )
-            else:
-                memory = metrics.get("perf/peak_memory_gib")
-                accelerator.print(
-                    f"step {step}: loss {loss_value:.4f}, lr {metrics['train/lr']:.2e}, {tok_s:,.0f} tokens/s"
-                    + (f", peak memory {memory:.1f} GiB" if memory is not None else "")
-                )
-            t_last, tokens_last = now, processed
-        if progress is not None:
-            progress.update(1)
+                trained_tokens += n_step
+            history["losses"][step] = loss_value
 
-        paused = False  # evaluation, samples and checkpoints do not count towards tokens/s
-        if hooks.evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            paused = True
-            evaluate(step)
-        if is_main and hooks.samples is not None and step % cfg.sample_every == 0:
-            paused = True
-            for line in hooks.samples(raw_model):
-                accelerator.print(f"[sample] {line}")
-        if step % cfg.save_every == 0 or step == end_step:
-            paused = True
-            accelerator.wait_for_everyone()
-            if is_main:
-                extra = {
-                    "history": history,
-                    "config": dataclasses.asdict(cfg),
-                    "wandb_run_id": run.id if run is not None else wandb_id,
-                    "run_id": run_id,
-                    "overflow_steps": counters.overflows,
-                    "input_fingerprints": fingerprints,
+            # --- logging ----------------------------------------------------------------------------------------------
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                now = time.perf_counter()
+                tok_s = (processed - tokens_last) / max(now - t_last, 1e-9)
+                metrics = {
+                    "train/loss": loss_value,
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/grad_norm": float(grad_norm),
+                    "perf/tokens_per_s": tok_s,
+                    "train/overflow_steps": counters.overflows,
                 }
-                for name, count in (("tokens_seen", tokens_seen), ("trained_tokens", trained_tokens)):
-                    if count is not None:  # an unknown count stays unknown in later checkpoints too
-                        extra[name] = count
-                save_checkpoint(
-                    cfg.out_dir,
-                    step,
-                    raw_model,
-                    optimizer,
-                    scheduler,
-                    loader,
-                    extra,
-                    cfg.keep_last,
-                    run_id=run_id,
-                    world_size=world,
-                )
-                write_history(out_dir, history)
-            accelerator.wait_for_everyone()
-        if paused:
-            t_last, tokens_last = time.perf_counter(), processed
+                if tokens_seen is not None:
+                    metrics["train/tokens_seen"] = tokens_seen
+                if trained_tokens is not None:
+                    metrics["train/trained_tokens"] = trained_tokens
+                if peak:
+                    metrics["perf/mfu"] = tok_s * hooks.flops_per_token / peak
+                if optimizer_share is not None:
+                    metrics["perf/optimizer_share"] = optimizer_share
+                if accelerator.device.type == "cuda":  # this process's high-water mark so far (allocated, not reserved)
+                    metrics["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+                if hooks.extra_metrics is not None:
+                    metrics.update(hooks.extra_metrics())
+                history.setdefault("perf", {})[step] = metrics
+                if run is not None:
+                    run.log(metrics, step=step)
+                if progress is not None:
+                    mfu = metrics.get("perf/mfu")
+                    progress.set_postfix(
+                        loss=f"{loss_value:.3f}",
+                        tok_s=f"{tok_s:,.0f}",
+                        **({"mfu": f"{100 * mfu:.1f}%"} if mfu is not None else {}),
+                    )
+                else:
+                    memory = metrics.get("perf/peak_memory_gib")
+                    accelerator.print(
+                        f"step {step}: loss {loss_value:.4f}, lr {metrics['train/lr']:.2e}, {tok_s:,.0f} tokens/s"
+                        + (f", peak memory {memory:.1f} GiB" if memory is not None else "")
+                    )
+                t_last, tokens_last = now, processed
+            if progress is not None:
+                progress.update(1)
 
-    if progress is not None:
-        progress.close()
+            paused = False  # evaluation, samples and checkpoints do not count towards tokens/s
+            if hooks.evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                paused = True
+                evaluate(step)
+            if is_main and hooks.samples is not None and step % cfg.sample_every == 0:
+                paused = True
+                for line in hooks.samples(raw_model):
+                    accelerator.print(f"[sample] {line}")
+            if step % cfg.save_every == 0 or step == end_step:
+                paused = True
+                accelerator.wait_for_everyone()
+                if is_main:
+                    extra = {
+                        "history": history,
+                        "config": dataclasses.asdict(cfg),
+                        "wandb_run_id": run.id if run is not None else wandb_id,
+                        "run_id": run_id,
+                        "overflow_steps": counters.overflows,
+                        "input_fingerprints": fingerprints,
+                    }
+                    for name, count in (("tokens_seen", tokens_seen), ("trained_tokens", trained_tokens)):
+                        if count is not None:  # an unknown count stays unknown in later checkpoints too
+                            extra[name] = count
+                    save_checkpoint(
+                        cfg.out_dir,
+                        step,
+                        raw_model,
+                        optimizer,
+                        scheduler,
+                        loader,
+                        extra,
+                        cfg.keep_last,
+                        run_id=run_id,
+                        world_size=world,
+                    )
+                    write_history(out_dir, history)
+                accelerator.wait_for_everyone()
+            if paused:
+                t_last, tokens_last = time.perf_counter(), processed
+    finally:  # also when the loop stops on an error: its one-line message then starts on a line of its own
+        if progress is not None:
+            progress.close()
+
     final_dir = out_dir / "final"
     if is_main:
         write_history(out_dir, history)
