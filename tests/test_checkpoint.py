@@ -1013,7 +1013,7 @@ def test_resume_refuses_a_model_changed_by_a_default_the_config_file_leaves_out(
 
 def test_an_older_checkpoint_with_a_config_without_a_changed_default_is_refused(sample_data, model_json, tmp_path):  # noqa: F811
     """A checkpoint of a version that kept no model architecture, whose hand-written model config leaves out
-    csa_window (then 64 by default, now 512): refused by name; a saved config (every field, transformers_version)
+    csa_window (then 64 or 256 by default, by version; now 512): refused by name; a saved config (every field, transformers_version)
     resumes."""
     config = tmp_path / "model.json"
     raw = json.loads(model_json.read_text())
@@ -1025,7 +1025,10 @@ def test_an_older_checkpoint_with_a_config_without_a_changed_default_is_refused(
         del state["model_architecture"], meta["model_architecture"]
 
     _rewrite_checkpoint(out / "checkpoints" / "step_00000002", older_version)
-    with pytest.raises(ckpt.ResumeSettingsError, match=r"older LlamaThink.*csa_window: 64 \(the default then\) -> 512"):
+    with pytest.raises(
+        ckpt.ResumeSettingsError,
+        match=r"older LlamaThink.*csa_window: 64 or 256 \(the default then, by version\) -> 512",
+    ):
         pretrain.train(_cfg(sample_data, config, out, max_steps=4, save_every=2))
     saved_style = tmp_path / "saved"
     pretrain.train(_cfg(sample_data, model_json, saved_style, max_steps=4, save_every=2, stop_at_step=2))

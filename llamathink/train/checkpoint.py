@@ -839,8 +839,10 @@ _NOT_ARCHITECTURE = (
     "dt_init_range",
 )
 # defaults of config fields without weights of their own, as they were before checkpoints kept the model's config
-# (a checkpoint without it, resumed with a model_config file that does not set them, would change them unseen)
-_DEFAULTS_BEFORE_MODEL_IN_CHECKPOINT = {"csa_window": 64, "csa_blend_bias": None}
+# (a checkpoint without it, resumed with a model_config file that does not set them, would change them unseen):
+# every value the default took in those versions (the seed's, then session 12's), since the checkpoint does not say
+# which version wrote it
+_DEFAULTS_BEFORE_MODEL_IN_CHECKPOINT = {"csa_window": (64, 256), "csa_blend_bias": (None, -4.0)}
 
 
 def model_architecture(model) -> dict | None:
@@ -881,9 +883,10 @@ def check_model_unchanged(saved: dict | None, model, cfg, where: str) -> None:
         if not isinstance(written, dict) or "transformers_version" in written:
             return  # a saved config lists every field; a folder is read by from_pretrained the same way
         changed = [
-            f"{name}: {old!r} (the default then) -> {current[name]!r} (the default now)"
-            for name, old in _DEFAULTS_BEFORE_MODEL_IN_CHECKPOINT.items()
-            if name not in written and name in current and current[name] != old
+            f"{name}: {' or '.join(map(repr, olds))} (the default then, by version) -> {current[name]!r} "
+            "(the default now)"
+            for name, olds in _DEFAULTS_BEFORE_MODEL_IN_CHECKPOINT.items()
+            if name not in written and name in current and any(current[name] != old for old in olds)
         ]
         if changed:
             raise ResumeSettingsError(
