@@ -1013,8 +1013,8 @@ def test_resume_refuses_a_model_changed_by_a_default_the_config_file_leaves_out(
 
 def test_an_older_checkpoint_with_a_config_without_a_changed_default_is_refused(sample_data, model_json, tmp_path):  # noqa: F811
     """A checkpoint of a version that kept no model architecture, whose hand-written model config leaves out
-    csa_window (then 64 or 256 by default, by version; now 512): refused by name; a saved config (every field, transformers_version)
-    resumes."""
+    csa_window (then 64 or 256 by default, by version; now 512): refused by name; a saved config (every field,
+    transformers_version) resumes."""
     config = tmp_path / "model.json"
     raw = json.loads(model_json.read_text())
     config.write_text(json.dumps({k: v for k, v in raw.items() if k not in ("csa_window", "transformers_version")}))
