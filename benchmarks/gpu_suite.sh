@@ -21,6 +21,9 @@
 #                                                        # optimizer alone, ours and HF Llama's (half 0); the loop with
 #                                                        # CUDA graphs for the layers, Muon eager and recorded, HF
 #                                                        # Llama compiled in bench_quality's loop after it (half 1)
+#   OUT=results_dir bash benchmarks/gpu_suite.sh kinds   # the compiled step's GPU time by kind of kernel and its
+#                                                        # top kernels, ours beside HF Llama compiled whole in one
+#                                                        # process: batch 16 (half 0), batch 64 (half 1)
 #   OUT=results_dir bash benchmarks/gpu_suite.sh profile # torch.profiler view of the eager and compiled steps,
 #                                                        # generate() with fla, HF Qwen3.5 compiled (slow to compile)
 # Every benchmark has its own time limit so that a slow one cannot eat the others' time, and writes what it
@@ -111,6 +114,11 @@ elif [ "$PART" = optim ]; then  # issue 17: the optimizer's host launches (~560 
         timeout 120 python benchmarks/bench_quality.py --data "$DATA" --steps 200 --eval-every 200 --eval-windows 16 \
             --speed-from 50 --out "$OUT/loop_llama" --run hf-llama:model=hf-llama,compile=1 > "$OUT/loop_llama.log" 2>&1
         grep final "$OUT/loop_llama.log"; }
+elif [ "$PART" = kinds ]; then  # issue 17: where the compiled step's GPU time goes beside HF Llama's (~240 s cold)
+    kinds() { timeout 330 python benchmarks/profile_gpu.py --compile --no-eager --no-decode --peers hf-llama \
+        --top-kernels 60 --batch "$1" > "$OUT/kinds_b$1.txt" 2>&1; grep -A9 "by kind" "$OUT/kinds_b$1.txt"; }
+    half0() { kinds 16; }
+    half1() { kinds 64; }
 else  # profile
     half0() {
         timeout 300 python benchmarks/profile_gpu.py --backend auto --compile --out "$OUT" > "$OUT/profile.log" 2>&1
