@@ -292,7 +292,7 @@ def main(argv=None) -> int:
     parser.add_argument("--optimizer", action="store_true", help="also time gradient clipping + the optimizer step")
     parser.add_argument("--optimizer-only", action="store_true", help="only that, for LlamaThink and HF Llama")
     parser.add_argument("--no-eager", action="store_true", help="skip the eager step (layer times and kernels)")
-    parser.add_argument("--top-kernels", type=int, default=0, help="list this many kernels of the compiled step")
+    parser.add_argument("--top-kernels", type=int, default=0, help="list this many kernels of each compiled step")
     parser.add_argument(
         "--peers", default="", help="comma list of bench_gpu.py peers (e.g. hf-llama) to profile compiled whole"
     )
@@ -337,7 +337,7 @@ def main(argv=None) -> int:
 
         peer = torch.compile(build(name).cuda())  # compiled whole, as bench_gpu.py compiles the peers
         report.append(f"## top kernels of one compiled training step of {name} (compiled whole)")
-        report.append(kernel_table(peer, ids))
+        report.append(kernel_table(peer, ids, top_kernels=args.top_kernels))
         report.append(step_wall_ms(peer, ids))
         del peer
         torch.cuda.empty_cache()

@@ -187,3 +187,40 @@ def test_a_null_blend_bias_is_the_seed_gate_under_either_name():
 def test_blend_bias_without_csa_layers_is_refused():
     with pytest.raises(ValueError, match="needs CSA layers"):
         build("pattern=linear/full,init.blend_bias=-4")
+
+
+def test_profile_kernel_kinds_sorts_kernels_by_kind():
+    """`profile_gpu.kernel_kinds`, behind BENCHMARKS.md section 1's table of GPU time by kind: kernel names as
+    cuBLAS, cuDNN, inductor, fla and tilelang give them land in their kind (inductor's fused kernels before fla's
+    name patterns, which inductor's names can contain), CPU events are left out, and the shares add up."""
+    from types import SimpleNamespace
+
+    import profile_gpu
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [
+        ("nvjet_sm90_tst_192x192_64x3_1x2_h_bz_coopB_NNN", 4000.0, cuda),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", 2000.0, cuda),
+        ("triton_poi_fused__to_copy_chunk_mul_silu_0", 1000.0, cuda),  # inductor, though it names a chunk
+        ("chunk_gated_delta_rule_fwd_kernel_h_blockdim64", 1500.0, cuda),
+        ("kernel_kernel", 500.0, cuda),  # tilelang's
+        ("causal_conv1d_bwd_kernel", 500.0, cuda),
+        ("void at::native::vectorized_elementwise_kernel<4>", 250.0, cuda),
+        ("mystery", 250.0, cuda),
+        ("aten::mm", 9999.0, cpu),
+    ]
+    averages = [SimpleNamespace(key=k, self_device_time_total=us, count=2, device_type=d) for k, us, d in events]
+    rows = {
+        line[:44].strip(): float(line[44:].split("ms")[0])
+        for line in profile_gpu.kernel_kinds(averages).splitlines()[1:]
+    }
+    assert rows == {
+        "matrix products (cuBLAS/CUTLASS)": 4.0,
+        "attention (SDPA: cuDNN/flash/efficient)": 2.0,
+        "inductor fused (triton_*)": 1.0,
+        "fla Gated DeltaNet (Triton, tilelang)": 2.0,
+        "fla causal conv": 0.5,
+        "aten elementwise / reductions": 0.25,
+        "other": 0.25,
+    }
+    assert "40.0%" in profile_gpu.kernel_kinds(averages).splitlines()[1]
