@@ -190,6 +190,20 @@ def test_a_fresh_run_refuses_an_out_dir_with_another_runs_checkpoints(sample_dat
     pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=3))
     ids = {ckpt.checkpoint_meta(p)["run_id"] for p in ckpt.list_checkpoints(out)}
     assert ids == {old_id}
+    # a run with overwrite: true that stops on a file or setting error deletes nothing (it deleted them before
+    # loading its inputs): a data_dir typo, a refused resume of another run's checkpoint
+    earlier = _names(ckpt.list_checkpoints(out))
+    with pytest.raises(FileNotFoundError, match=r"typo"):
+        pretrain.train(
+            _cfg(sample_data, model_json, out, data_dir=str(tmp_path / "typo"), resume="none", overwrite=True)
+        )
+    other = pretrain.train(_cfg(sample_data, model_json, tmp_path / "other", max_steps=4, save_every=2, stop_at_step=2))
+    assert sorted(other["losses"]) == [1, 2]
+    elsewhere = str(ckpt.list_checkpoints(tmp_path / "other")[-1])
+    with pytest.raises(ckpt.ResumeSettingsError, match=r"seed: 3 -> 4"):
+        pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, seed=4, resume=elsewhere, overwrite=True))
+    assert _names(ckpt.list_checkpoints(out)) == earlier
+    assert {ckpt.checkpoint_meta(p)["run_id"] for p in ckpt.list_checkpoints(out)} == {old_id}
     fresh = pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=1, resume="none", overwrite=True))
     assert sorted(fresh["losses"]) == [1, 2]
     found = ckpt.list_checkpoints(out)

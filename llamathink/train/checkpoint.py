@@ -303,22 +303,27 @@ def claim_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str | No
 
     A fresh run (`resume: none`, or `resume: auto` with nothing to resume), or a run resumed from a checkpoint
     outside this out_dir, must not share out_dir with another run's checkpoints: later rotation and `resume: auto`
-    would mix the runs. It raises OutDirInUse listing them, unless `overwrite: true`, which deletes them. Such a
-    run also must not replace another run's finished model (`final/`) or `history.json` (RUN_OUTPUTS): OutDirInUse
-    unless `overwrite: true` (they are then replaced when this run writes its own). A run resumed from this
-    out_dir's own checkpoints leaves other runs' checkpoints untouched."""
+    would mix the runs. It raises OutDirInUse listing them, unless `overwrite: true`: they are then deleted by
+    `delete_earlier_checkpoints` once the run's inputs are loaded and its resume accepted, never by a run that stops
+    on a setting or file error. Such a run also must not replace another run's finished model (`final/`) or
+    `history.json` (RUN_OUTPUTS): OutDirInUse unless `overwrite: true` (they are then replaced when this run writes
+    its own). A run resumed from this out_dir's own checkpoints leaves other runs' checkpoints untouched."""
     run_id = run_id or uuid.uuid4().hex
     if not is_main:
         return run_id
-    inside = resume_from is not None and Path(resume_from).resolve().parent == checkpoint_dir(cfg.out_dir).resolve()
-    if inside:
+    foreign = _earlier_checkpoints(cfg, resume_from, run_id)
+    if foreign is None:
         return run_id
-    foreign = [p for p in list_checkpoints(cfg.out_dir) if _run_id_or_none(p) != run_id]
     names = ", ".join(p.name for p in foreign)
     if foreign and not cfg.overwrite:
         raise OutDirInUse(
             f"out_dir {cfg.out_dir} holds checkpoints of another run ({names}); resume it with "
             "resume: auto, use another out_dir, or set overwrite: true to delete them"
+        )
+    if foreign:
+        print(
+            f"overwrite: the earlier run's checkpoints in {checkpoint_dir(cfg.out_dir)} ({names}) are deleted once "
+            "this run's data, model and settings are accepted"
         )
     finished = [name for name in RUN_OUTPUTS if (Path(cfg.out_dir) / name).exists()]
     if finished and _history_run_id(cfg.out_dir) == run_id:
@@ -331,10 +336,30 @@ def claim_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str | No
     if finished:  # overwrite: true; say what stays until this run writes its own
         print(
             f"overwrite: the earlier run's {' and '.join(finished)} in {cfg.out_dir} stay until this run writes its "
-            "own at its end; should it stop before, they are still the earlier run's"
+            "own (history.json at its first checkpoint, final at its end); should it stop before, they are still the "
+            "earlier run's"
         )
-    if not foreign:
-        return run_id
+    return run_id
+
+
+def _earlier_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str) -> list[Path] | None:
+    """out_dir's checkpoints of other runs than `run_id`; None for a run resumed from out_dir's own checkpoints
+    (which leaves other runs' checkpoints alone)."""
+    inside = resume_from is not None and Path(resume_from).resolve().parent == checkpoint_dir(cfg.out_dir).resolve()
+    if inside:
+        return None
+    return [p for p in list_checkpoints(cfg.out_dir) if _run_id_or_none(p) != run_id]
+
+
+def delete_earlier_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str) -> None:
+    """With `overwrite: true`, delete out_dir's checkpoints of other runs (`claim_checkpoints` allowed them), called
+    by the main process once the run's inputs are loaded and its resume accepted: a run refused for a setting or a
+    missing file leaves them as they were. Raises ValueError when one cannot be deleted (it would still count as
+    the earlier run's)."""
+    foreign = _earlier_checkpoints(cfg, resume_from, run_id)
+    if not cfg.overwrite or not foreign:
+        return
+    names = ", ".join(p.name for p in foreign)
     for path in foreign:
         try:
             remove_checkpoint(path)
@@ -343,7 +368,6 @@ def claim_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str | No
                 raise ValueError(f"overwrite: cannot delete the earlier run's checkpoint {path}: {err}") from err
             print(f"overwrite: could not free all the space of the earlier run's {path.name}: {err}")
     print(f"overwrite: deleted the earlier run's checkpoints in {checkpoint_dir(cfg.out_dir)} ({names})")
-    return run_id
 
 
 def _history_run_id(out_dir) -> str | None:

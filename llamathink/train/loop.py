@@ -34,6 +34,7 @@ from .checkpoint import (
     checkpoint_dir,
     checkpoint_meta,
     claim_checkpoints,
+    delete_earlier_checkpoints,
     input_fingerprints,
     list_checkpoints,
     resolve_resume,
@@ -420,7 +421,9 @@ def run_training(
     if is_main and fingerprints is None:
         fingerprints = input_fingerprints(cfg)
     history["run_id"] = run_id  # history.json says whose it is (`claim_checkpoints`)
-    if is_main:  # only once a resume is accepted: a refused one must not replace the run's record of its settings
+    if is_main:  # only once a resume is accepted: a refused one must not replace the run's record of its settings,
+        # nor delete an earlier run's checkpoints (overwrite: true)
+        delete_earlier_checkpoints(cfg, resume_from, run_id)
         (out_dir / settings_file).write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
     # The optimizer is prepared so accelerate can handle mixed precision; the LR schedule is stepped by us once
