@@ -612,9 +612,13 @@ def test_a_checkpoint_whose_step_does_not_match_is_not_trusted(model_json, tmp_p
     meta = json.loads((path / "meta.json").read_text())
     for bad, named in [
         (dict(step=7), r"says step 7 but the folder is step_00000004"),
-        (dict(step=True), r"is not a checkpoint's meta.json"),
-        (dict(saved_at=float("nan")), r"is not a checkpoint's meta.json"),
-        (dict(run_id=["run-a"]), r"is not a checkpoint's meta.json"),
+        (dict(step=True), r"is not a checkpoint's meta.json: wrong or missing step True"),
+        (dict(saved_at=float("nan")), r"is not a checkpoint's meta.json: wrong or missing saved_at nan"),
+        (dict(run_id=["run-a"]), r"is not a checkpoint's meta.json: wrong or missing run_id \['run-a'\]"),
+        # optional fields read later (a traceback from deep inside the resume before)
+        (dict(input_fingerprints=[1, 2]), r"wrong or missing input_fingerprints \[1, 2\]"),
+        (dict(input_fingerprints="abc", save_index="2"), r"wrong or missing save_index '2', input_fingerprints 'abc'"),
+        (dict(model_architecture=[]), r"wrong or missing model_architecture \[\]"),
     ]:
         (path / "meta.json").write_text(json.dumps({**meta, **bad}))
         with pytest.raises(ckpt.CheckpointError, match=named):
@@ -625,6 +629,13 @@ def test_a_checkpoint_whose_step_does_not_match_is_not_trusted(model_json, tmp_p
     (copy / "meta.json").write_text(json.dumps({**meta, "step": 8}))
     with pytest.raises(ckpt.CheckpointError, match=r"state.pt is at step 4 but meta.json says step 8"):
         ckpt.restore_checkpoint(copy, *_parts(model_json, settings), settings)
+    # a checkpoint of the format without meta.json, under another step's name: the folder name is what it says
+    # (it resumed step 4's state as step 6 silently)
+    renamed = tmp_path / "run" / "checkpoints" / "step_00000006"
+    shutil.copytree(path, renamed)
+    (renamed / "meta.json").unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"state.pt is at step 4 but the folder is step_00000006"):
+        ckpt.restore_checkpoint(renamed, *_parts(model_json, settings), settings)
 
 
 def test_save_times_in_the_future_or_lost_do_not_make_a_run_delete_its_new_checkpoints(model_json, tmp_path, capsys):  # noqa: F811
@@ -1128,6 +1139,19 @@ def test_a_run_stopped_by_a_write_error_closes_its_progress_bar(sample_data, mod
     error = "llamathink-pretrain: error: cannot write"
     assert f"\n{error} {out}/history.json (No space left on device: {out}/history.json.tmp)" in err, err[-500:]
     assert _names(ckpt.list_checkpoints(out)) == ["step_00000002"]
+
+
+def test_a_resume_refuses_to_write_over_another_runs_later_checkpoints(sample_data, model_json, tmp_path):  # noqa: F811
+    """Another run's checkpoint put into out_dir and resumed by path: that run's saves would replace the first
+    run's checkpoints of the same steps (a re-save replaces a folder), which no run may touch: refused at start."""
+    out, other = tmp_path / "run", tmp_path / "other"
+    pretrain.train(_cfg(sample_data, model_json, out, max_steps=6, save_every=2, keep_last=3, stop_at_step=6))
+    pretrain.train(_cfg(sample_data, model_json, other, max_steps=6, save_every=1, keep_last=3, stop_at_step=1))
+    moved = ckpt.checkpoint_dir(out) / "step_00000001"
+    shutil.copytree(ckpt.list_checkpoints(other)[0], moved)
+    with pytest.raises(ckpt.OutDirInUse, match=r"another run's checkpoints after step 1 \(step_00000002, step_0"):
+        pretrain.train(_cfg(sample_data, model_json, out, max_steps=6, save_every=1, resume=str(moved)))
+    assert _names(ckpt.list_checkpoints(out)) == ["step_00000001", "step_00000002", "step_00000004", "step_00000006"]
 
 
 def test_a_checkpoint_with_a_damaged_tensor_is_refused(model_json, tmp_path):  # noqa: F811

@@ -177,14 +177,23 @@ def checkpoint_meta(path: str | Path) -> dict:
         meta = json.loads(file.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot read {file}: {err}") from err
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{file} is not a checkpoint's meta.json (a JSON object of run_id, step, saved_at, ...)")
+    # the fields read later (the optional ones may be missing): a wrong type is named here, not met deep inside
     types = {"run_id": (str, type(None)), "step": int, "saved_at": (int, float), "config": (dict, type(None))}
-    if (
-        not isinstance(meta, dict)
-        or any(not isinstance(meta.get(k), t) for k, t in types.items())
-        or isinstance(meta["step"], bool)
-        or not math.isfinite(meta["saved_at"])
-    ):
-        raise CheckpointError(f"{file} is not a checkpoint's meta.json (expected run_id, step, saved_at, config)")
+    optional = {
+        "save_index": int,
+        "world_size": int,
+        "input_fingerprints": dict,
+        "model_architecture": dict,
+    }
+    bad = [k for k, t in types.items() if not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool)]
+    bad += [k for k, t in optional.items() if meta.get(k) is not None and not isinstance(meta[k], t)]
+    if "saved_at" not in bad and not math.isfinite(meta["saved_at"]):
+        bad.append("saved_at")
+    if bad:
+        shown = ", ".join(f"{k} {meta.get(k)!r}"[:80] for k in bad)
+        raise CheckpointError(f"{file} is not a checkpoint's meta.json: wrong or missing {shown}")
     if step is not None and meta["step"] != step:
         raise CheckpointError(
             f"{file} says step {meta['step']} but the folder is {path.name}: the checkpoint was "
@@ -312,7 +321,15 @@ def claim_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str | No
     if not is_main:
         return run_id
     foreign = _earlier_checkpoints(cfg, resume_from, run_id)
-    if foreign is None:
+    if foreign is None:  # resumed from out_dir's own checkpoints: other runs' stay, so none may be written over
+        step = checkpoint_step(resume_from) or 0
+        ahead = [p.name for p in list_checkpoints(cfg.out_dir) if checkpoint_step(p) > step]
+        ahead = [name for name in ahead if _run_id_or_none(checkpoint_dir(cfg.out_dir) / name) not in (None, run_id)]
+        if ahead:
+            raise OutDirInUse(
+                f"out_dir {cfg.out_dir} holds another run's checkpoints after step {step} ({', '.join(ahead)}), which "
+                "this run's saves would replace: move them out of the folder, or resume in another out_dir"
+            )
         return run_id
     names = ", ".join(p.name for p in foreign)
     if foreign and not cfg.overwrite:
@@ -960,7 +977,14 @@ def restore_checkpoint(
     if meta.get("format") != 1 and state["step"] != meta["step"]:
         raise CheckpointError(
             f"{path}: state.pt is at step {state['step']} but meta.json says step {meta['step']}: "
-            "the files do not belong together, so the checkpoint is not trusted"
+            "the files do not belong together, so the checkpoint is not trusted; resume an earlier checkpoint, or "
+            "delete this one"
+        )
+    if meta.get("format") == 1 and checkpoint_step(path) not in (None, state["step"]):  # no meta.json to compare
+        raise CheckpointError(
+            f"{path}: state.pt is at step {state['step']} but the folder is {path.name}: it was renamed or another "
+            "checkpoint's state.pt was put there, so the checkpoint is not trusted; resume an earlier checkpoint, or "
+            "delete this one"
         )
     changes = []
     if cfg is not None and state["step"] > cfg.max_steps:
