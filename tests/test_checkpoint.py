@@ -1154,6 +1154,36 @@ def test_a_resume_refuses_to_write_over_another_runs_later_checkpoints(sample_da
     assert _names(ckpt.list_checkpoints(out)) == ["step_00000001", "step_00000002", "step_00000004", "step_00000006"]
 
 
+def test_resume_naming_something_other_than_a_checkpoint_says_what_to_name(model_json, tmp_path):  # noqa: F811
+    """resume: given the run's out_dir, its checkpoints/ folder, a state.pt file or a word: the error says what
+    resume takes there (it said only "no checkpoint (state.pt) there")."""
+    out = tmp_path / "run"
+    settings = _settings()
+    path = _save(out, 2, _parts(model_json, settings), settings)
+    for given, named in [
+        (
+            out,
+            rf"that is a run's folder: name one of its step_\* checkpoints, or use resume: auto with out_dir: {out}$",
+        ),
+        (out / "checkpoints", rf"that is a run's folder: .* with out_dir: {out}$"),
+        (path / "state.pt", rf"name its folder: resume: {path}$"),
+        ("latest", r"resume takes auto, none or a checkpoint folder \(step_\*\) holding state.pt$"),
+    ]:
+        with pytest.raises(FileNotFoundError, match=rf"resume={given}: no checkpoint \(state.pt\) there; {named}"):
+            ckpt.resolve_resume(_settings(out_dir=str(out), resume=str(given)))
+
+
+def test_a_resume_with_stop_at_step_not_after_it_says_there_is_nothing_to_train(
+    sample_data, model_json, tmp_path, capsys
+):  # noqa: F811
+    out = tmp_path / "run"
+    pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=2))
+    capsys.readouterr()
+    again = pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=2))
+    assert sorted(again["losses"]) == [1, 2]  # the run's history, no step more
+    assert "note: stop_at_step 2 is not after the resumed step 2: no step to train" in capsys.readouterr().out
+
+
 def test_a_checkpoint_with_a_damaged_tensor_is_refused(model_json, tmp_path):  # noqa: F811
     """torch.load does not check the archive's CRCs: bytes overwritten inside a tensor (same length) would load
     as weights and train on; the CRC check names the damaged member."""

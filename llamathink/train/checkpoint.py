@@ -1074,5 +1074,15 @@ def resolve_resume(cfg: RunConfig, log=print) -> Path | None:
         return latest
     path = Path(cfg.resume)
     if not (path / STATE_FILE).exists():
-        raise FileNotFoundError(f"resume={cfg.resume}: no checkpoint (state.pt) there")
+        run = path.parent if path.name == checkpoint_dir(path.parent).name else path  # out_dir or its checkpoints/
+        if path.name == STATE_FILE and path.is_file():
+            hint = f"name its folder: resume: {path.parent}"
+        elif path.is_dir() and list_checkpoints(run):
+            hint = (
+                f"that is a run's folder: name one of its {CHECKPOINT_PREFIX}* checkpoints, or use resume: auto "
+                f"with out_dir: {run}"
+            )
+        else:
+            hint = f"resume takes auto, none or a checkpoint folder ({CHECKPOINT_PREFIX}*) holding {STATE_FILE}"
+        raise FileNotFoundError(f"resume={cfg.resume}: no checkpoint ({STATE_FILE}) there; {hint}")
     return path

@@ -483,6 +483,10 @@ def run_training(
         optimizer_share = None
         step = start_step
         end_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
+        if step >= end_step and step < cfg.max_steps:  # (a finished run resumed just saves its final model again)
+            accelerator.print(
+                f"note: stop_at_step {cfg.stop_at_step} is not after the resumed step {step}: no step to train"
+            )
         while step < end_step:
             # --- one optimizer step: grad_accum micro-batches, every trained token weighted alike --------------------
             # On logging steps the step and the optimizer are timed with device syncs (the optimizer's share of a step).
