@@ -629,6 +629,14 @@ def test_a_checkpoint_whose_step_does_not_match_is_not_trusted(model_json, tmp_p
     (copy / "meta.json").write_text(json.dumps({**meta, "step": 8}))
     with pytest.raises(ckpt.CheckpointError, match=r"state.pt is at step 4 but meta.json says step 8"):
         ckpt.restore_checkpoint(copy, *_parts(model_json, settings), settings)
+    # another run's state.pt of the same step put in the folder: the run ids differ (it was accepted silently)
+    swapped = tmp_path / "swapped"
+    shutil.copytree(path, swapped)
+    state = torch.load(swapped / "state.pt", weights_only=True)
+    torch.save({**state, "run_id": "run-b"}, swapped / "state.pt")
+    (swapped / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ckpt.CheckpointError, match=r"state.pt is run run-b's but meta.json says run run-a"):
+        ckpt.restore_checkpoint(swapped, *_parts(model_json, settings), settings)
     # a checkpoint of the format without meta.json, under another step's name: the folder name is what it says
     # (it resumed step 4's state as step 6 silently)
     renamed = tmp_path / "run" / "checkpoints" / "step_00000006"

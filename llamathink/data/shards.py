@@ -480,7 +480,8 @@ class TokenBatchLoader:
                 warnings.warn(
                     f"data loader resumed with world_size x batch_size = {self.world_size} x {self.batch_size} "
                     f"instead of {saved_ws} x {saved_bs}; continuing after window {consumed} of epoch {epoch} "
-                    "(exact only when the global batch is unchanged)"
+                    "(each optimizer step still gets the windows it would have had when micro_batch_size x "
+                    "grad_accum x processes is unchanged)"
                 )
             position = -(-consumed // per_round)
         self.epoch, self.position = epoch, position

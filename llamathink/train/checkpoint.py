@@ -980,6 +980,13 @@ def restore_checkpoint(
             "the files do not belong together, so the checkpoint is not trusted; resume an earlier checkpoint, or "
             "delete this one"
         )
+    saved_run = state.get("run_id")
+    if isinstance(saved_run, str) and meta.get("run_id") is not None and saved_run != meta["run_id"]:
+        raise CheckpointError(
+            f"{path}: state.pt is run {saved_run}'s but meta.json says run {meta['run_id']}: the files do not belong "
+            "together (another checkpoint's state.pt was put there), so the checkpoint is not trusted; resume an "
+            "earlier checkpoint, or delete this one"
+        )
     if meta.get("format") == 1 and checkpoint_step(path) not in (None, state["step"]):  # no meta.json to compare
         raise CheckpointError(
             f"{path}: state.pt is at step {state['step']} but the folder is {path.name}: it was renamed or another "
