@@ -1123,6 +1123,11 @@ def test_a_failed_final_save_leaves_the_earlier_final_folder_whole(sample_data, 
     monkeypatch.undo()
     assert json.loads((tmp_path / "history.json").read_text()) == {"losses": {"1": 2.0}}
     assert not (tmp_path / "history.json.tmp").exists()
+    # a folder in the way: the failed rename names both of its paths (it named only the temporary file)
+    in_the_way = tmp_path / "blocked"
+    (in_the_way / "history.json").mkdir(parents=True)
+    with pytest.raises(loop.OutputWriteError, match=r"history.json.tmp -> .*blocked/history.json\); .*move what is"):
+        loop.write_history(in_the_way, {"losses": {1: 2.0}})
 
 
 def test_a_run_stopped_by_a_write_error_closes_its_progress_bar(sample_data, model_json, tmp_path, monkeypatch, capsys):  # noqa: F811

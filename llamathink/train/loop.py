@@ -57,8 +57,9 @@ class OutputWriteError(ValueError):
 def _output_write_error(target, err: BaseException, intact: str, then: str) -> OutputWriteError:
     """The error for an output the run could not write (a full disk, permissions): what failed, what is still
     safe, and how to go on."""
-    if isinstance(err, OSError) and err.strerror:
-        detail = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    if isinstance(err, OSError) and err.strerror:  # (a failed rename names both of its paths)
+        paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p)
+        detail = f"{err.strerror}: {paths}" if paths else err.strerror
     else:
         detail = f"{type(err).__name__}: {err}"
     return OutputWriteError(
