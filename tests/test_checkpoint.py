@@ -616,9 +616,12 @@ def test_a_checkpoint_whose_step_does_not_match_is_not_trusted(model_json, tmp_p
         (dict(saved_at=float("nan")), r"is not a checkpoint's meta.json: wrong or missing saved_at nan"),
         (dict(run_id=["run-a"]), r"is not a checkpoint's meta.json: wrong or missing run_id \['run-a'\]"),
         # optional fields read later (a traceback from deep inside the resume before)
-        (dict(input_fingerprints=[1, 2]), r"wrong or missing input_fingerprints \[1, 2\]"),
-        (dict(input_fingerprints="abc", save_index="2"), r"wrong or missing save_index '2', input_fingerprints 'abc'"),
-        (dict(model_architecture=[]), r"wrong or missing model_architecture \[\]"),
+        ({"input_fingerprints": [1, 2]}, r"wrong or missing input_fingerprints \[1, 2\]"),
+        (
+            {"input_fingerprints": "abc", "save_index": "2"},
+            r"wrong or missing save_index '2', input_fingerprints 'abc'",
+        ),
+        ({"model_architecture": []}, r"wrong or missing model_architecture \[\]"),
     ]:
         (path / "meta.json").write_text(json.dumps({**meta, **bad}))
         with pytest.raises(ckpt.CheckpointError, match=named):
@@ -1186,9 +1189,7 @@ def test_resume_naming_something_other_than_a_checkpoint_says_what_to_name(model
             ckpt.resolve_resume(_settings(out_dir=str(out), resume=str(given)))
 
 
-def test_a_resume_with_stop_at_step_not_after_it_says_there_is_nothing_to_train(
-    sample_data, model_json, tmp_path, capsys
-):  # noqa: F811
+def test_resume_with_stop_at_step_not_after_it_trains_nothing_and_says_so(sample_data, model_json, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "run"
     pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=2))
     capsys.readouterr()
