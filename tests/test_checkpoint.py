@@ -1198,6 +1198,21 @@ def test_resume_with_stop_at_step_not_after_it_trains_nothing_and_says_so(sample
     assert "note: stop_at_step 2 is not after the resumed step 2: no step to train" in capsys.readouterr().out
 
 
+def test_checkpoints_that_share_a_save_count_are_ordered_by_save_time(model_json, tmp_path):  # noqa: F811
+    """Two checkpoints of one run with the same save count (an edited or copied meta.json): the count cannot order
+    them, so the save times do, with a note (the count was trusted: resume: auto went back to step 4)."""
+    out = tmp_path / "run"
+    settings = _settings()
+    parts = _parts(model_json, settings)
+    for step in (2, 4, 6):
+        _save(out, step, parts, settings)
+    file = ckpt.checkpoint_dir(out) / "step_00000006" / ckpt.META_FILE
+    file.write_text(json.dumps({**json.loads(file.read_text()), "save_index": 1}))  # step 2's count
+    notes = []
+    assert ckpt.resolve_resume(_settings(out_dir=str(out)), notes.append).name == "step_00000006"
+    assert any("share a save count" in note for note in notes), notes
+
+
 def test_a_checkpoint_with_a_damaged_tensor_is_refused(model_json, tmp_path):  # noqa: F811
     """torch.load does not check the archive's CRCs: bytes overwritten inside a tensor (same length) would load
     as weights and train on; the CRC check names the damaged member."""

@@ -212,10 +212,15 @@ def save_order(paths: list[Path], log=print, metas: dict[Path, dict] | None = No
 
     step = checkpoint_step
     metas = {p: metas[p] if metas is not None and p in metas else checkpoint_meta(p) for p in paths}
-    if len({m["run_id"] for m in metas.values()}) == 1 and all(
-        isinstance(m.get("save_index"), int) for m in metas.values()
-    ):
-        return sorted(paths, key=lambda p: (metas[p]["save_index"], step(p)))
+    counts = [m.get("save_index") for m in metas.values()]
+    if len({m["run_id"] for m in metas.values()}) == 1 and all(isinstance(c, int) for c in counts):
+        if len(set(counts)) == len(counts):
+            return sorted(paths, key=lambda p: (metas[p]["save_index"], step(p)))
+        # two saves cannot share a count: an edited or copied meta.json; the save times decide, as for other runs
+        log(
+            f"note: checkpoints in {paths[0].parent} share a save count (an edited or copied meta.json): they are "
+            "ordered by save time"
+        )
     future = [p.name for p, m in metas.items() if m["saved_at"] > time.time()]
     if future:
         log(
