@@ -231,6 +231,17 @@ def save_order(paths: list[Path], log=print, metas: dict[Path, dict] | None = No
     return sorted(paths, key=lambda p: (metas[p]["saved_at"], step(p)))
 
 
+def _read_metas(out_dir: str | Path) -> tuple[dict[Path, dict], dict[Path, CheckpointError]]:
+    """out_dir's checkpoints read once: ({folder: checkpoint_meta}, {folder whose meta.json cannot be read: why})."""
+    metas, unreadable = {}, {}
+    for path in list_checkpoints(out_dir):
+        try:
+            metas[path] = checkpoint_meta(path)
+        except CheckpointError as err:
+            unreadable[path] = err
+    return metas, unreadable
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     """The most recently saved complete checkpoint in out_dir (`save_order`), whatever its run."""
     found = list_checkpoints(out_dir)
@@ -328,8 +339,11 @@ def claim_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str | No
     foreign = _earlier_checkpoints(cfg, resume_from, run_id)
     if foreign is None:  # resumed from out_dir's own checkpoints: other runs' stay, so none may be written over
         step = checkpoint_step(resume_from) or 0
-        ahead = [p.name for p in list_checkpoints(cfg.out_dir) if checkpoint_step(p) > step]
-        ahead = [name for name in ahead if _run_id_or_none(checkpoint_dir(cfg.out_dir) / name) not in (None, run_id)]
+        ahead = [
+            p.name
+            for p in list_checkpoints(cfg.out_dir)
+            if checkpoint_step(p) > step and _run_id_or_none(p) not in (None, run_id)
+        ]
         if ahead:
             raise OutDirInUse(
                 f"out_dir {cfg.out_dir} holds another run's checkpoints after step {step} ({', '.join(ahead)}), which "
@@ -502,10 +516,7 @@ def save_checkpoint(
     final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
     tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     old = root / f"{TMP_PREFIX}replaced-{final.name}-{os.getpid()}"
-    metas = {}  # each meta.json read once; an unreadable one is nobody's (never rotated away, never counted)
-    for path in list_checkpoints(out_dir):
-        with contextlib.suppress(CheckpointError):
-            metas[path] = checkpoint_meta(path)
+    metas, _ = _read_metas(out_dir)  # an unreadable meta.json is nobody's: never rotated away, never counted
     mine = save_order([p for p, m in metas.items() if m["run_id"] == run_id and p != final], metas=metas)
     previous = mine[-1] if mine else None
     counts = [metas[p].get("save_index") for p in mine]
@@ -1050,12 +1061,7 @@ def resolve_resume(cfg: RunConfig, log=print) -> Path | None:
     if cfg.resume == "none":
         return None
     if cfg.resume == "auto":
-        metas, unreadable = {}, {}
-        for path in list_checkpoints(cfg.out_dir):
-            try:
-                metas[path] = checkpoint_meta(path)
-            except CheckpointError as err:
-                unreadable[path] = err
+        metas, unreadable = _read_metas(cfg.out_dir)
         latest = save_order(list(metas), log, metas=metas)[-1] if metas else None
         highest = max(map(checkpoint_step, metas), default=-1)
         top = max(unreadable, key=checkpoint_step, default=None)
