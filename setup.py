@@ -19,7 +19,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["llamathink", "llamathink.*", "export_c", "export_c.*"]),
     package_data={
-        "llamathink": ["sample_data/*.jsonl"],
+        "llamathink": ["sample_data/*.jsonl", "fla_configs/*.json"],
         "export_c": ["run.c", "Makefile", "*.h"],
     },
     include_package_data=True,

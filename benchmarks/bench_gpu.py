@@ -16,8 +16,11 @@ the first one's compiler caches). Compiled LlamaThink is compiled layer by layer
 peers are compiled whole (`torch.compile(model)`). Variants of LlamaThink: `:no-hc` (hyper-connections off),
 `:packed` (documents of 64-700 tokens per row, position ids restarting: the document-masked training path),
 `:eager-decode` (one-token steps without CUDA graphs), `:head128` (8 Gated DeltaNet heads of 128 instead of 9 of
-112: what fla's padding of 112 to 128-wide tiles costs). `:cudagraphs`, on any model, compiles with
-`mode="reduce-overhead"` (the compiled kernels replayed as CUDA graphs: no per-kernel launch cost on the host).
+112: what fla's padding of 112 to 128-wide tiles costs), `:untuned-fla` (fla's kernels autotuned in the process
+instead of taking the package's recorded choices, `LLAMATHINK_FLA_TUNED_CONFIGS=0`). On any model, `:cudagraphs`
+compiles with `mode="reduce-overhead"` (the compiled kernels replayed as CUDA graphs: no per-kernel launch cost on
+the host) and `:cold` runs the process with new, empty compiler caches (Triton's, inductor's, tilelang's), so that
+its first step is what a fresh machine pays, however warm this one is.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def build(name: str):
     from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
 
     if name.startswith("llamathink"):
-        # llamathink:<backend>[:no-hc][:eager-decode][:whole][:packed][:head128][:cudagraphs]  (module docstring)
+        # llamathink:<backend>[:no-hc][:eager-decode][:whole][:packed][:head128][:cudagraphs][:cold][:untuned-fla]
         parts = name.split(":")
         head128 = {
             "linear_num_key_heads": 8,
@@ -302,8 +305,12 @@ def main(argv=None) -> int:
     print(json.dumps(results["versions"]), flush=True)
     peak = args.peak_tflops * 1e12
     names = args.models.split(",")
+    own_env = [n for n in names if {"cold", "untuned-fla"} & set(n.split(":")[1:])]
+    if args.in_process and own_env:
+        raise SystemExit(f"--in-process cannot give {', '.join(own_env)} its own environment: leave it out")
     for index, name in enumerate(names):
-        if args.in_process or len(names) == 1:
+        child = os.environ.get("BENCH_GPU_CHILD") == "1"  # the measuring process of one model (subprocess_env)
+        if child or args.in_process or (len(names) == 1 and name not in own_env):
             part = run_one(name, args, peak)
         else:  # its own process and time limit; a model listed twice finds the compiler caches warm
             part = _run_in_subprocess(name, index, argv if argv is not None else sys.argv[1:], args.budget_s)
@@ -314,13 +321,28 @@ def main(argv=None) -> int:
     return 0
 
 
+def subprocess_env(name: str, tmp: str) -> dict:
+    """The environment of the process that measures model `name`: `:cold` gives it empty compiler caches (folders
+    under `tmp`), `:untuned-fla` turns the package's recorded fla autotune choices off."""
+    env = {**os.environ, "BENCH_GPU_CHILD": "1"}
+    parts = name.split(":")[1:]
+    if "cold" in parts:
+        for var in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "TILELANG_CACHE_DIR"):
+            env[var] = os.path.join(tmp, "cold-cache", var.lower())
+    if "untuned-fla" in parts:
+        env["LLAMATHINK_FLA_TUNED_CONFIGS"] = "0"
+    return env
+
+
 def _run_in_subprocess(name: str, index: int, argv: list[str], budget_s: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "one.json"
         rest = [a for i, a in enumerate(argv) if not _is_option_of(argv, i, ("--models", "--out"))]
         cmd = [sys.executable, os.path.abspath(__file__), *rest, "--models", name, "--out", str(out)]
         try:
-            subprocess.run(cmd, timeout=budget_s, check=False, stdout=sys.stdout, stderr=sys.stderr)
+            subprocess.run(
+                cmd, timeout=budget_s, check=False, stdout=sys.stdout, stderr=sys.stderr, env=subprocess_env(name, tmp)
+            )
         except subprocess.TimeoutExpired:
             print(json.dumps({"model": name, "index": index, "error": f"time limit of {budget_s:.0f} s"}), flush=True)
         if out.exists():

@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import os
+import re
+import sys
+from pathlib import Path
 
 import torch
 from transformers.utils import logging
@@ -470,22 +474,257 @@ def fla_conv_available() -> bool:
 def probe_fla():
     """Look fla up now (import, chunk internals, the backward check of every visible GPU) rather than on the first
     forward: under torch.compile that lookup would import fla (and ask importlib whether tilelang is there) while
-    dynamo traces the step. A no-op without CUDA or without fla; the answers are memoised in `_fla_state`."""
+    dynamo traces the step; and hand fla's autotuners the package's measured choices for this GPU
+    (`load_fla_tuned_configs`). A no-op without CUDA or without fla; the answers are memoised in `_fla_state`."""
     if not torch.cuda.is_available() or _fla_ops() is None:
         return
     _fla_chunk_internals()
     _fla_conv_internals()
     for index in range(torch.cuda.device_count()):  # the model may move to any of them later
         fla_backward_problem(torch.device("cuda", index))
+    if "tuned" not in _fla_state:
+        _fla_state["tuned"] = load_fla_tuned_configs()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fla's autotuned kernel configurations, measured once per GPU kind and shipped with the package
+# ----------------------------------------------------------------------------------------------------------------
+# fla's Triton kernels are `triton.autotune`d: the first call with a new key compiles and times every candidate
+# configuration (about a dozen per kernel), which is most of a cold machine's first training step. The choices
+# depend only on the GPU kind, the Triton and fla versions and the autotune key (head counts and sizes, chunk size,
+# dtypes; batch for a few), so `benchmarks/tune_fla_configs.py` records them once per GPU kind and
+# `load_fla_tuned_configs` gives them back to the autotuners' in-memory caches, exactly as an autotuning call would
+# have left them: a key without a recorded choice is still autotuned, and outputs do not depend on the choice.
+# (fla's own `FLA_CONFIG_DIR` / `FLA_CACHE_MODE` does the same for its `fla_cache_autotune` kernels only, and is
+# read when fla is first imported; several kernels on the Gated DeltaNet path use plain `triton.autotune`.)
+
+FLA_TUNED_CONFIGS_ENV = "LLAMATHINK_FLA_TUNED_CONFIGS"  # "0": autotune as fla does; a path: read that file
+FLA_TUNED_CONFIGS_DIR = Path(__file__).resolve().parent / "fla_configs"
+_TUNED_FORMAT = 1
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def fla_tuned_configs_path(gpu_name: str) -> Path:
+    """The package's file of fla autotune choices for GPUs named `gpu_name` (`torch.cuda.get_device_name()`):
+    `fla_configs/<name>.json` beside this file, the name with every run of other characters than letters and digits
+    made one `_` (as fla names its own per-GPU config folders), e.g. `NVIDIA_H200.json`."""
+    return FLA_TUNED_CONFIGS_DIR / f"{re.sub(r'[^0-9A-Za-z]+', '_', gpu_name).strip('_') or 'unknown_gpu'}.json"
+
+
+def _library_versions() -> dict:
+    """{"fla": ..., "triton": ...}: the versions a tuned-configs file must match (None where not importable)."""
+    versions = {}
+    for name in ("fla", "triton"):
+        module = sys.modules.get(name)
+        if module is None:
+            try:
+                module = __import__(name)
+            except ImportError:
+                module = None
+        versions[name] = getattr(module, "__version__", None)
+    return versions
+
+
+def _fla_autotuners() -> dict[str, object]:
+    """fla's Triton autotuners, by `module:function` of the kernel they tune: every attribute of an imported `fla.*`
+    module that is one, or wraps one (`triton.heuristics`). Recognised by what is used of them (a `cache` dict from
+    autotune key to config, `configs`, `keys`, the kernel function under `.fn`), so that no private Triton class is
+    named."""
+    found: dict[str, object] = {}
+    for module_name, module in list(sys.modules.items()):
+        if module is None or not (module_name == "fla" or module_name.startswith("fla.")):
+            continue
+        for value in list(vars(module).values()):
+            obj = value
+            for _ in range(4):  # heuristics -> autotuner -> jit function -> python function
+                if obj is None:
+                    break
+                cache = getattr(obj, "cache", None) if not isinstance(obj, type) else None
+                if isinstance(cache, dict) and hasattr(obj, "configs") and hasattr(obj, "keys"):
+                    fn = obj
+                    while hasattr(fn, "fn") and not inspect.isfunction(fn):
+                        fn = fn.fn
+                    if inspect.isfunction(fn):
+                        found[f"{fn.__module__}:{fn.__qualname__}"] = obj
+                    break
+                obj = getattr(obj, "fn", None)
+    return found
+
+
+def fla_autotune_choices() -> dict[str, list[dict]]:
+    """The configurations fla's autotuners have chosen in this process: {"module:function": [{"key": [...],
+    "config": {"kwargs": {...}, "num_warps", "num_stages", "num_ctas", "maxnreg"}}]}, keys and kernels sorted."""
+    choices: dict[str, list[dict]] = {}
+    for name, tuner in sorted(_fla_autotuners().items()):
+        entries = []
+        for key, config in tuner.cache.items():
+            key = list(key) if isinstance(key, tuple) else [key]
+            record = {
+                "kwargs": dict(getattr(config, "kwargs", {})),
+                "num_warps": getattr(config, "num_warps", None),
+                "num_stages": getattr(config, "num_stages", None),
+                "num_ctas": getattr(config, "num_ctas", 1),
+                "maxnreg": getattr(config, "maxnreg", None),
+            }
+            if all(isinstance(x, _SCALARS) for x in [*key, *record["kwargs"].values()]):
+                entries.append({"key": key, "config": record})
+        if entries:
+            choices[name] = sorted(entries, key=lambda e: json.dumps(e["key"]))
+    return choices
+
+
+def write_fla_tuned_configs(path: str | Path, gpu_name: str, extra: dict | None = None) -> dict:
+    """Write this process's fla autotune choices (`fla_autotune_choices`) to `path` as a tuned-configs file for GPUs
+    named `gpu_name`, merged over the entries already there when that file is for the same GPU and versions (this
+    process's choice wins for a key both have). `extra`: fields recorded beside them (how they were measured).
+    Returns the written document. Raises OSError where the file cannot be written (a temporary file is renamed into
+    place, so an earlier file is never left half written)."""
+    path = Path(path)
+    versions = _library_versions()
+    kernels: dict[str, dict[str, dict]] = {}
+    if path.exists():
+        try:
+            earlier = _validated_tuned_configs(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, UnicodeDecodeError):
+            earlier = None  # unreadable: replaced
+        if earlier is not None and earlier["gpu"] == gpu_name and earlier["versions"] == versions:
+            for name, entries in earlier["kernels"].items():
+                kernels[name] = {json.dumps(e["key"]): e for e in entries}
+    for name, entries in fla_autotune_choices().items():
+        kernels.setdefault(name, {}).update({json.dumps(e["key"]): e for e in entries})
+    doc = {
+        "format": _TUNED_FORMAT,
+        "gpu": gpu_name,
+        "versions": versions,
+        **(extra or {}),
+        "kernels": {name: [by_key[k] for k in sorted(by_key)] for name, by_key in sorted(kernels.items())},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return doc
+
+
+def _validated_tuned_configs(doc) -> dict:
+    """`doc` (a parsed tuned-configs file) when well formed; raises ValueError naming the first fault."""
+
+    def _fault(message: str):
+        raise ValueError(message)
+
+    if not isinstance(doc, dict):
+        _fault(f"the file holds a {type(doc).__name__}, not an object")
+    if doc.get("format") != _TUNED_FORMAT:
+        _fault(f"format {doc.get('format')!r} is not {_TUNED_FORMAT}")
+    if not isinstance(doc.get("gpu"), str):
+        _fault("'gpu' is not a string")
+    versions = doc.get("versions")
+    if not isinstance(versions, dict) or not all(
+        isinstance(versions.get(k), (str, type(None))) for k in ("fla", "triton")
+    ):
+        _fault("'versions' is not an object with string 'fla' and 'triton'")
+    kernels = doc.get("kernels")
+    if not isinstance(kernels, dict):
+        _fault("'kernels' is not an object")
+    for name, entries in kernels.items():
+        if not isinstance(entries, list):
+            _fault(f"kernels[{name!r}] is not a list")
+        for i, entry in enumerate(entries):
+            where = f"kernels[{name!r}][{i}]"
+            if not isinstance(entry, dict) or not isinstance(entry.get("key"), list):
+                _fault(f"{where} has no 'key' list")
+            if not all(isinstance(x, _SCALARS) for x in entry["key"]):
+                _fault(f"{where}.key holds a value that is not a number, string, boolean or null")
+            config = entry.get("config")
+            if not isinstance(config, dict) or not isinstance(config.get("kwargs"), dict):
+                _fault(f"{where} has no 'config' with a 'kwargs' object")
+            if not all(isinstance(k, str) and isinstance(v, _SCALARS) for k, v in config["kwargs"].items()):
+                _fault(f"{where}.config.kwargs holds a value that is not a number, string or boolean")
+            for field, low in (("num_warps", 1), ("num_stages", 0), ("num_ctas", 1)):
+                value = config.get(field)
+                if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 64:
+                    _fault(f"{where}.config.{field} is {value!r}, not an integer in [{low}, 64]")
+            maxnreg = config.get("maxnreg")
+            if maxnreg is not None and (isinstance(maxnreg, bool) or not isinstance(maxnreg, int) or maxnreg <= 0):
+                _fault(f"{where}.config.maxnreg is {maxnreg!r}, not a positive integer or null")
+    return doc
+
+
+def load_fla_tuned_configs(path: str | Path | None = None, make_config=None) -> int:
+    """Give fla's autotuners the choices recorded in a tuned-configs file (`write_fla_tuned_configs`) for every
+    autotune key they have not met yet in this process, so that a kernel's first call compiles one configuration
+    instead of timing each candidate. Returns how many keys were given.
+
+    `path`: the file; default the `LLAMATHINK_FLA_TUNED_CONFIGS` environment variable when it names one, else the
+    package's file for the current CUDA device (`fla_tuned_configs_path`). `LLAMATHINK_FLA_TUNED_CONFIGS=0` turns
+    this off. Nothing is given when the file is missing, was measured with another fla or Triton version (its
+    choices may not fit the kernels) or on another kind of GPU (with a warning), nor for kernels this fla does not
+    have. A malformed file is ignored with a warning that names it and its first fault; never raises.
+    `make_config(kwargs, num_warps, num_stages, num_ctas, maxnreg)` builds a config (default `triton.Config`)."""
+    setting = os.environ.get(FLA_TUNED_CONFIGS_ENV, "")
+    if setting == "0":
+        return 0
+    if path is None:
+        if setting:
+            path = setting
+        elif torch.cuda.is_available():
+            path = fla_tuned_configs_path(torch.cuda.get_device_name(torch.cuda.current_device()))
+        else:
+            return 0
+    path = Path(path)
+    if not path.is_file():
+        if setting and str(path) == setting:
+            _warn_once(
+                f"tuned-missing:{path}", f"{FLA_TUNED_CONFIGS_ENV}={setting}: no such file; fla autotunes as usual"
+            )
+        return 0
+    try:
+        doc = _validated_tuned_configs(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+        _warn_once(f"tuned-bad:{path}", f"ignoring fla's tuned kernel configs in {path}: {err}; fla autotunes as usual")
+        return 0
+    versions = _library_versions()
+    if any(doc["versions"].get(k) != versions[k] for k in ("fla", "triton")):
+        logger.info(f"fla tuned configs in {path} are for {doc['versions']}, not {versions}: not used")
+        return 0
+    gpu = torch.cuda.get_device_name(torch.cuda.current_device()) if torch.cuda.is_available() else None
+    if gpu is not None and doc["gpu"] != gpu:  # another GPU kind's choices may not fit this one (shared memory)
+        _warn_once(f"tuned-gpu:{path}", f"fla tuned configs in {path} are for {doc['gpu']}, not {gpu}: not used")
+        return 0
+    if make_config is None:
+        import triton
+
+        def make_config(kwargs, num_warps, num_stages, num_ctas, maxnreg):
+            return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages, num_ctas=num_ctas, maxnreg=maxnreg)
+
+    given = 0
+    tuners = _fla_autotuners()
+    for name, entries in doc["kernels"].items():
+        tuner = tuners.get(name)
+        if tuner is None:
+            continue
+        for entry in entries:
+            key, c = tuple(entry["key"]), entry["config"]
+            if key not in tuner.cache:
+                tuner.cache[key] = make_config(
+                    c["kwargs"], c["num_warps"], c["num_stages"], c["num_ctas"], c.get("maxnreg")
+                )
+                given += 1
+    return given
 
 
 __all__ = [
     "FLA_GDN_KERNELS",
+    "FLA_TUNED_CONFIGS_ENV",
+    "fla_autotune_choices",
     "fla_backward_problem",
     "fla_causal_conv1d_silu",
     "fla_chunk_gated_delta_rule",
     "fla_conv_available",
     "fla_recurrent_gated_delta_rule",
+    "fla_tuned_configs_path",
+    "load_fla_tuned_configs",
     "probe_fla",
     "select_gdn_backend",
+    "write_fla_tuned_configs",
 ]
