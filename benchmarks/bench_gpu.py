@@ -63,6 +63,30 @@ def versions() -> dict:
     return info
 
 
+LLAMATHINK_BACKENDS = ("auto", "fla", "torch")
+LLAMATHINK_VARIANTS = ("no-hc", "eager-decode", "whole", "packed", "head128", "cudagraphs", "cold", "untuned-fla")
+PEERS = ("hf-llama", "hf-qwen3.5")
+PEER_VARIANTS = ("cudagraphs", "cold")
+
+
+def check_model_name(name: str) -> None:
+    """Raise SystemExit naming what is wrong with a `--models` entry: an unknown model, LlamaThink without a
+    backend, or a variant the model does not have (a misspelt variant would otherwise be measured as the plain
+    model)."""
+    model, *parts = name.split(":")
+    if model == "llamathink":
+        if not parts or parts[0] not in LLAMATHINK_BACKENDS:
+            raise SystemExit(f"{name!r}: llamathink needs a backend first ({', '.join(LLAMATHINK_BACKENDS)})")
+        parts, known = parts[1:], LLAMATHINK_VARIANTS
+    elif model in PEERS:
+        known = PEER_VARIANTS
+    else:
+        raise SystemExit(f"{name!r}: unknown model (llamathink:<backend>, {', '.join(PEERS)})")
+    unknown = [part for part in parts if part not in known]
+    if unknown:
+        raise SystemExit(f"{name!r}: unknown variant {unknown[0]!r} of {model} ({', '.join(known)})")
+
+
 def build(name: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -298,7 +322,10 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=300.0, help="time limit of each model's process")
     parser.add_argument("--in-process", action="store_true", help="measure every model in this process")
     parser.add_argument("--out", default=None, help="write results as JSON here")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the process measuring one model
     args = parser.parse_args(argv)
+    for name in args.models.split(","):
+        check_model_name(name)
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA GPU")
     results = {"versions": versions(), "train": [], "generate": []}
@@ -309,8 +336,7 @@ def main(argv=None) -> int:
     if args.in_process and own_env:
         raise SystemExit(f"--in-process cannot give {', '.join(own_env)} its own environment: leave it out")
     for index, name in enumerate(names):
-        child = os.environ.get("BENCH_GPU_CHILD") == "1"  # the measuring process of one model (subprocess_env)
-        if child or args.in_process or (len(names) == 1 and name not in own_env):
+        if args.child or args.in_process or (len(names) == 1 and name not in own_env):
             part = run_one(name, args, peak)
         else:  # its own process and time limit; a model listed twice finds the compiler caches warm
             part = _run_in_subprocess(name, index, argv if argv is not None else sys.argv[1:], args.budget_s)
@@ -324,7 +350,7 @@ def main(argv=None) -> int:
 def subprocess_env(name: str, tmp: str) -> dict:
     """The environment of the process that measures model `name`: `:cold` gives it empty compiler caches (folders
     under `tmp`), `:untuned-fla` turns the package's recorded fla autotune choices off."""
-    env = {**os.environ, "BENCH_GPU_CHILD": "1"}
+    env = dict(os.environ)
     parts = name.split(":")[1:]
     if "cold" in parts:
         for var in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "TILELANG_CACHE_DIR"):
@@ -338,7 +364,7 @@ def _run_in_subprocess(name: str, index: int, argv: list[str], budget_s: float) 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "one.json"
         rest = [a for i, a in enumerate(argv) if not _is_option_of(argv, i, ("--models", "--out"))]
-        cmd = [sys.executable, os.path.abspath(__file__), *rest, "--models", name, "--out", str(out)]
+        cmd = [sys.executable, os.path.abspath(__file__), *rest, "--models", name, "--out", str(out), "--child"]
         try:
             subprocess.run(
                 cmd, timeout=budget_s, check=False, stdout=sys.stdout, stderr=sys.stderr, env=subprocess_env(name, tmp)

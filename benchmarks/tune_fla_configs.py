@@ -37,8 +37,27 @@ def main(argv=None) -> int:
     os.environ["LLAMATHINK_FLA_TUNED_CONFIGS"] = "0"  # before the model probes fla: tune from scratch
 
     from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
-    from llamathink.kernels_llamathink import fla_autotune_choices, fla_tuned_configs_path, write_fla_tuned_configs
+    from llamathink.kernels_llamathink import (
+        fla_autotune_choices,
+        fla_conv_available,
+        fla_tuned_configs_path,
+        write_fla_tuned_configs,
+    )
 
+    if not fla_conv_available():
+        raise SystemExit(
+            "fla-core is not importable here: there are no fla kernels to tune (pip install llamathink[hopper])"
+        )
+
+    gpu = torch.cuda.get_device_name()
+    out = Path(args.out) if args.out else fla_tuned_configs_path(gpu)
+    try:  # before minutes of tuning, not after
+        out.resolve().parent.mkdir(parents=True, exist_ok=True)
+        probe = out.resolve().with_name(out.resolve().name + ".tmp")
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise SystemExit(f"cannot write {out}: {err}; name another file with --out") from None
     config = LlamaThinkConfig.from_json_file(args.model_config) if args.model_config else LlamaThinkConfig()
     config.gdn_backend = "fla"
     torch.manual_seed(0)
@@ -48,9 +67,9 @@ def main(argv=None) -> int:
     def step(ids, position_ids=None, grad=True):
         t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
-            out = model(input_ids=ids, labels=ids, position_ids=position_ids, use_cache=False, skip_logits=True)
+            result = model(input_ids=ids, labels=ids, position_ids=position_ids, use_cache=False, skip_logits=True)
             if grad:
-                out.loss.backward()
+                result.loss.backward()
         torch.cuda.synchronize()
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
@@ -71,14 +90,15 @@ def main(argv=None) -> int:
         f"no-grad forward, batch 16: {step(torch.randint(3, vocab, (16, args.seq), device='cuda'), grad=False):6.1f} s"
     )
 
-    gpu = torch.cuda.get_device_name()
-    out = Path(args.out) if args.out else fla_tuned_configs_path(gpu)
     choices = fla_autotune_choices()
-    doc = write_fla_tuned_configs(
-        out,
-        gpu,
-        extra={"measured_with": f"benchmarks/tune_fla_configs.py --batches {args.batches} --seq {args.seq}"},
-    )
+    try:
+        doc = write_fla_tuned_configs(
+            out,
+            gpu,
+            extra={"measured_with": f"benchmarks/tune_fla_configs.py --batches {args.batches} --seq {args.seq}"},
+        )
+    except (RuntimeError, OSError) as err:  # fla did not run (not installed?), or the disk filled up meanwhile
+        raise SystemExit(f"nothing written to {out}: {err}") from None
     print(f"{sum(len(v) for v in choices.values())} choices of {len(choices)} kernels this run; ", end="")
     print(f"{sum(len(v) for v in doc['kernels'].values())} in {out} (fla {doc['versions']['fla']}, ", end="")
     print(f"Triton {doc['versions']['triton']}, {gpu})")

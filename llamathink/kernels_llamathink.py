@@ -576,33 +576,52 @@ def fla_autotune_choices() -> dict[str, list[dict]]:
 def write_fla_tuned_configs(path: str | Path, gpu_name: str, extra: dict | None = None) -> dict:
     """Write this process's fla autotune choices (`fla_autotune_choices`) to `path` as a tuned-configs file for GPUs
     named `gpu_name`, merged over the entries already there when that file is for the same GPU and versions (this
-    process's choice wins for a key both have). `extra`: fields recorded beside them (how they were measured).
-    Returns the written document. Raises OSError where the file cannot be written (a temporary file is renamed into
-    place, so an earlier file is never left half written)."""
-    path = Path(path)
+    process's choice wins for a key both have; keys are compared as the autotuners compare them, so `1` and `true`
+    are one key). An earlier file for another GPU or other versions is replaced, with a warning. `extra`: fields
+    recorded beside the choices (how they were measured); it cannot change the format, GPU, versions or kernels.
+    Returns the written document.
+
+    Raises RuntimeError when this process has made no choices (fla not installed or not used: nothing to record, and
+    an earlier file is kept), OSError where the file cannot be written. A temporary file is renamed into place (the
+    target of a symbolic link is what is written), so an earlier file is never left half written."""
+    choices = fla_autotune_choices()
+    if not choices:
+        raise RuntimeError(
+            "no fla autotune choices in this process (fla not installed, or no fla kernel ran): nothing to record"
+        )
+    path = Path(path).resolve()
     versions = _library_versions()
-    kernels: dict[str, dict[str, dict]] = {}
+    kernels: dict[str, dict[tuple, dict]] = {}
     if path.exists():
         try:
             earlier = _validated_tuned_configs(json.loads(path.read_text(encoding="utf-8")))
-        except (ValueError, UnicodeDecodeError):
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
             earlier = None  # unreadable: replaced
         if earlier is not None and earlier["gpu"] == gpu_name and earlier["versions"] == versions:
             for name, entries in earlier["kernels"].items():
-                kernels[name] = {json.dumps(e["key"]): e for e in entries}
-    for name, entries in fla_autotune_choices().items():
-        kernels.setdefault(name, {}).update({json.dumps(e["key"]): e for e in entries})
+                kernels[name] = {tuple(e["key"]): e for e in entries}
+        else:
+            what = "unreadable" if earlier is None else f"for {earlier['gpu']}, {earlier['versions']}"
+            logger.warning(f"replacing {path} ({what}) with choices for {gpu_name}, {versions}")
+    for name, entries in choices.items():
+        kernels.setdefault(name, {}).update({tuple(e["key"]): e for e in entries})
     doc = {
+        **(extra or {}),
         "format": _TUNED_FORMAT,
         "gpu": gpu_name,
         "versions": versions,
-        **(extra or {}),
-        "kernels": {name: [by_key[k] for k in sorted(by_key)] for name, by_key in sorted(kernels.items())},
+        "kernels": {
+            name: sorted(by_key.values(), key=lambda e: json.dumps(e["key"]))
+            for name, by_key in sorted(kernels.items())
+        },
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return doc
 
 
@@ -650,20 +669,57 @@ def _validated_tuned_configs(doc) -> dict:
     return doc
 
 
-def load_fla_tuned_configs(path: str | Path | None = None, make_config=None) -> int:
+def _config_signature(config) -> tuple:
+    """What identifies a Triton config: its kwargs and launch settings (compared by value)."""
+    kwargs = getattr(config, "kwargs", None)
+    if not isinstance(kwargs, dict):
+        return ()
+    return (
+        tuple(sorted(kwargs.items())),
+        getattr(config, "num_warps", None),
+        getattr(config, "num_stages", None),
+        getattr(config, "num_ctas", 1),
+        getattr(config, "maxnreg", None),
+    )
+
+
+def _is_autotune_key(key: tuple, tuner) -> bool:
+    """Whether `key` has the shape of `tuner`'s keys: one value per key argument, then the dtypes of the tensor
+    arguments (`torch.*` strings), as Triton's `Autotuner.run` builds them."""
+    n = len(getattr(tuner, "keys", ()))
+    return len(key) >= n and all(isinstance(x, str) and x.startswith("torch.") for x in key[n:])
+
+
+def load_fla_tuned_configs(path: str | Path | None = None) -> int:
     """Give fla's autotuners the choices recorded in a tuned-configs file (`write_fla_tuned_configs`) for every
     autotune key they have not met yet in this process, so that a kernel's first call compiles one configuration
     instead of timing each candidate. Returns how many keys were given.
 
+    What is given is always one of the kernel's own candidate configurations (the object in the autotuner's
+    `configs`, exactly what autotuning could have chosen): a recorded choice that equals none of them, or a key not
+    shaped like the kernel's autotune keys, is skipped with a warning. Outputs are the same up to floating-point
+    rounding order whichever candidate runs.
+
     `path`: the file; default the `LLAMATHINK_FLA_TUNED_CONFIGS` environment variable when it names one, else the
     package's file for the current CUDA device (`fla_tuned_configs_path`). `LLAMATHINK_FLA_TUNED_CONFIGS=0` turns
-    this off. Nothing is given when the file is missing, was measured with another fla or Triton version (its
-    choices may not fit the kernels) or on another kind of GPU (with a warning), nor for kernels this fla does not
-    have. A malformed file is ignored with a warning that names it and its first fault; never raises.
-    `make_config(kwargs, num_warps, num_stages, num_ctas, maxnreg)` builds a config (default `triton.Config`)."""
+    this off. Nothing is given when the file is missing, was measured with other fla or Triton versions (its choices
+    may not fit these kernels) or on another kind of GPU, nor for kernels this fla does not have; a file named by the
+    variable or the argument that cannot be used, and any malformed file, gives a warning that names it and the
+    reason. Never raises: this only saves compilation time."""
     setting = os.environ.get(FLA_TUNED_CONFIGS_ENV, "")
     if setting == "0":
         return 0
+    named = path is not None or bool(setting)  # a file the user asked for: say why it is not used
+    try:
+        return _load_fla_tuned_configs(path, setting, named)
+    except Exception as err:  # noqa: BLE001 - an optimisation must never stop a model from being built
+        _warn_once(
+            f"tuned-error:{path or setting}", f"fla's tuned kernel configs not used: {type(err).__name__}: {err}"
+        )
+        return 0
+
+
+def _load_fla_tuned_configs(path, setting: str, named: bool) -> int:
     if path is None:
         if setting:
             path = setting
@@ -672,44 +728,59 @@ def load_fla_tuned_configs(path: str | Path | None = None, make_config=None) -> 
         else:
             return 0
     path = Path(path)
-    if not path.is_file():
-        if setting and str(path) == setting:
-            _warn_once(
-                f"tuned-missing:{path}", f"{FLA_TUNED_CONFIGS_ENV}={setting}: no such file; fla autotunes as usual"
-            )
+
+    def not_used(reason: str) -> int:
+        message = f"fla's tuned kernel configs in {path} not used: {reason}; fla autotunes as usual"
+        if named:
+            _warn_once(f"tuned:{path}:{reason}", message)
+        else:
+            logger.info(message)
         return 0
+
+    if not path.exists():
+        return not_used("no such file") if named else 0
+    if not path.is_file():
+        return not_used("not a file")
     try:
         doc = _validated_tuned_configs(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
         _warn_once(f"tuned-bad:{path}", f"ignoring fla's tuned kernel configs in {path}: {err}; fla autotunes as usual")
         return 0
     versions = _library_versions()
     if any(doc["versions"].get(k) != versions[k] for k in ("fla", "triton")):
-        logger.info(f"fla tuned configs in {path} are for {doc['versions']}, not {versions}: not used")
-        return 0
+        return not_used(f"measured with {doc['versions']}, this process has {versions}")
     gpu = torch.cuda.get_device_name(torch.cuda.current_device()) if torch.cuda.is_available() else None
     if gpu is not None and doc["gpu"] != gpu:  # another GPU kind's choices may not fit this one (shared memory)
         _warn_once(f"tuned-gpu:{path}", f"fla tuned configs in {path} are for {doc['gpu']}, not {gpu}: not used")
         return 0
-    if make_config is None:
-        import triton
-
-        def make_config(kwargs, num_warps, num_stages, num_ctas, maxnreg):
-            return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages, num_ctas=num_ctas, maxnreg=maxnreg)
-
-    given = 0
+    given, skipped = 0, []
     tuners = _fla_autotuners()
     for name, entries in doc["kernels"].items():
         tuner = tuners.get(name)
         if tuner is None:
             continue
+        offered = {_config_signature(c): c for c in getattr(tuner, "configs", ())}
         for entry in entries:
             key, c = tuple(entry["key"]), entry["config"]
-            if key not in tuner.cache:
-                tuner.cache[key] = make_config(
-                    c["kwargs"], c["num_warps"], c["num_stages"], c["num_ctas"], c.get("maxnreg")
-                )
+            wanted = (
+                tuple(sorted(c["kwargs"].items())),
+                c["num_warps"],
+                c["num_stages"],
+                c["num_ctas"],
+                c.get("maxnreg"),
+            )
+            config = offered.get(wanted)
+            if config is None or not _is_autotune_key(key, tuner):
+                skipped.append(name)
+            elif key not in tuner.cache:
+                tuner.cache[key] = config
                 given += 1
+    if skipped:
+        _warn_once(
+            f"tuned-skipped:{path}",
+            f"{len(skipped)} choices in {path} were skipped (not one of their kernel's candidate configurations, or "
+            f"a key not shaped like its autotune keys), first in {skipped[0]}; those keys are autotuned as usual",
+        )
     return given
 
 

@@ -467,8 +467,9 @@ def test_shipped_fla_configs_are_taken_without_autotuning_and_train_like_the_ref
         assert all(tuner.cache[key] is config for key, config in given[name].items()), name
     # bf16 moves gradients by several percent whichever kernels run: fla's distance from the float32 reference is
     # held to that of our PyTorch kernels under the same autocast. The per-head decay parameters (A_log, dt_bias) at
-    # initialisation get sums of many small terms of both signs, which bf16 leaves 10-45% off for either kernel
-    # (session 17, H200): for them only a bound that a wrong or missing gradient (error >= 1) fails.
+    # initialisation get sums of many small terms of both signs: there fla's bf16 gradients were 2-3x further from
+    # the reference than ours (A_log of layer 0: 0.46 against 0.16, H200, session 17);
+    # for them only a bound that a wrong or missing gradient (error >= 1) fails.
     loss_ref, grads_ref = loss_and_grads("torch", bf16=False)
     loss_ours, grads_ours = loss_and_grads("torch")
     errors, reference = _relative_errors(grads_fla, grads_ref), _relative_errors(grads_ours, grads_ref)

@@ -1,0 +1,44 @@
+"""`benchmarks/bench_gpu.py`'s model names: every variant is checked before anything runs (a misspelt one would be
+measured as the plain model), and the measuring process's environment for `:cold` and `:untuned-fla`."""
+
+import sys
+
+import pytest
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import bench_gpu as bg  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "name", ["llamathink:fla", "llamathink:torch:no-hc:packed", "llamathink:fla:cold:untuned-fla", "hf-llama:cold"]
+)
+def test_known_model_names_pass(name):
+    bg.check_model_name(name)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("llamathink:cold", "llamathink needs a backend first"),
+        ("llamathink", "llamathink needs a backend first"),
+        ("llamathink:fla:COLD", "unknown variant 'COLD' of llamathink"),
+        ("llamathink:fla:cold ", "unknown variant 'cold ' of llamathink"),
+        ("hf-llama:untuned-fla", "unknown variant 'untuned-fla' of hf-llama"),
+        ("hf-mistral", "unknown model"),
+    ],
+)
+def test_wrong_model_names_stop_with_the_fault_named(name, message):
+    with pytest.raises(SystemExit, match=message):
+        bg.check_model_name(name)
+
+
+def test_cold_and_untuned_processes_get_their_own_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/warm/triton")
+    monkeypatch.delenv("LLAMATHINK_FLA_TUNED_CONFIGS", raising=False)
+    env = bg.subprocess_env("llamathink:fla:cold:untuned-fla", str(tmp_path))
+    for var in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "TILELANG_CACHE_DIR"):
+        assert env[var].startswith(str(tmp_path)), var
+    assert env["LLAMATHINK_FLA_TUNED_CONFIGS"] == "0"
+    plain = bg.subprocess_env("llamathink:fla", str(tmp_path))
+    assert plain["TRITON_CACHE_DIR"] == "/warm/triton" and "LLAMATHINK_FLA_TUNED_CONFIGS" not in plain
