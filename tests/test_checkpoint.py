@@ -1256,3 +1256,33 @@ def test_input_fingerprints_cover_the_fixed_inputs_by_content_and_leave_renames_
     other.write_text("{}")
     cfg.model_config = str(other)  # another name: compare_resume_settings names that change, not this check
     ckpt.check_inputs_unchanged(saved, cfg, "ck", settings)
+
+
+def test_resume_accepts_a_moved_input_with_the_same_contents_and_refuses_a_changed_one(
+    sample_data,  # noqa: F811
+    model_json,  # noqa: F811
+    tmp_path,
+    capsys,
+):
+    """An input folder or file moved or copied to another name (data to a faster disk, a config next to the run)
+    resumes, with the change named: its fingerprint is the run's start's. Renamed and edited, it is refused by name
+    (before: any other name was refused, and "restore them" was the only advice)."""
+    out = tmp_path / "out"
+    with torch_threads(1):
+        pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=2, eval_every=100))
+    data, config = tmp_path / "fast_disk" / "data", tmp_path / "model.json"
+    shutil.copytree(sample_data, data)
+    shutil.copy(model_json, config)
+    capsys.readouterr()
+    edited = tmp_path / "edited"
+    shutil.copytree(sample_data, edited)
+    meta = json.loads((edited / "meta.json").read_text())
+    (edited / "meta.json").write_text(json.dumps({**meta, "note": "edited"}))
+    with pytest.raises(ckpt.ResumeSettingsError, match=rf"differ: data_dir: '{sample_data}' -> '{edited}'"):
+        pretrain.train(_cfg(edited, config, out, max_steps=3, save_every=3, eval_every=100, resume="auto"))
+    with torch_threads(1):
+        history = pretrain.train(_cfg(data, config, out, max_steps=4, save_every=4, eval_every=100, resume="auto"))
+    printed = capsys.readouterr().out
+    assert f"data_dir: '{sample_data}' -> '{data}' (moved: same contents)" in printed
+    assert f"model_config: '{model_json}' -> '{config}' (moved: same contents)" in printed
+    assert "resumed from" in printed and sorted(map(int, history["losses"])) == [1, 2, 3, 4]

@@ -955,7 +955,8 @@ def test_a_tokenizer_other_than_the_datas_is_named_in_a_warning(sample_data, mod
 
 def test_resume_takes_the_same_inputs_spelled_another_way(sample_data, model_json, tmp_path, monkeypatch):
     """A run started with relative paths resumes with the absolute names of the same files (and back); the
-    contents are still checked under the new spelling, and another folder is still refused."""
+    contents are still checked under the new spelling, and another folder with other contents is still refused (one
+    with the same contents is a moved input: test_checkpoint's test_resume_accepts_a_moved_input...)."""
     monkeypatch.chdir(sample_data.parent)
     out = tmp_path / "run"
     relative = _cfg(sample_data.name, os.path.relpath(model_json), out, max_steps=4, stop_at_step=2, save_every=2)
@@ -964,6 +965,8 @@ def test_resume_takes_the_same_inputs_spelled_another_way(sample_data, model_jso
     assert sorted(history["losses"]) == [1, 2, 3, 4]
     other = tmp_path / "other_data"
     shutil.copytree(sample_data, other)
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({**meta, "note": "other contents"}))
     with pytest.raises(ckpt.ResumeSettingsError, match="data_dir"):
         pretrain.train(_cfg(other, model_json, out, max_steps=6, save_every=2))
 

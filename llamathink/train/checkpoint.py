@@ -836,13 +836,20 @@ def _run_kind(settings: dict) -> str | None:
 
 
 def compare_resume_settings(
-    saved: dict | None, cfg: RunConfig, saved_world: int | None, world_size: int, where: str = "the checkpoint"
+    saved: dict | None,
+    cfg: RunConfig,
+    saved_world: int | None,
+    world_size: int,
+    where: str = "the checkpoint",
+    saved_fingerprints: dict | None = None,
 ) -> list[str]:
     """The differences between the settings saved in a checkpoint (`saved`, dataclasses.asdict of the run's
     config; `saved_world` processes) and `cfg` (`world_size` processes), as "name: old -> new" lines for the
-    settings that may change (RESUME_APPLIED; the caller applies them). Raises ResumeSettingsError listing every
-    difference in any other setting (RESUME_FIXED, or one classified in neither) or in the global batch. Fields
-    missing from `saved` (an older version) are not compared."""
+    settings that may change (RESUME_APPLIED; the caller applies them). An input file or folder (INPUT_SETTINGS)
+    under another name whose fingerprint equals the run's start (`saved_fingerprints`, `input_fingerprints`) was
+    moved or copied, not changed: it is such a line too, marked "(moved: same contents)". Raises ResumeSettingsError
+    listing every difference in any other setting (RESUME_FIXED, or one classified in neither) or in the global
+    batch. Fields missing from `saved` (an older version) are not compared."""
     if saved is None:
         return []
     saved_kind, current_kind = _run_kind(saved), _run_kind(dataclasses.asdict(cfg))
@@ -853,10 +860,17 @@ def compare_resume_settings(
         )
     current = dataclasses.asdict(cfg)
     fixed, changed = [], []
+    prints = saved_fingerprints if isinstance(saved_fingerprints, dict) else {}
+    now = None  # the current inputs' fingerprints, computed once, only where an input has another name
     for name, value in current.items():
         if name in _NOT_COMPARED or name not in saved or same_setting(saved[name], value):
             continue
         line = f"{name}: {saved[name]!r} -> {value!r}"
+        if name in INPUT_SETTINGS and isinstance(prints.get(name), str):
+            now = input_fingerprints(cfg) if now is None else now
+            if now.get(name) == prints[name]:
+                changed.append(f"{line} (moved: same contents)")
+                continue
         (changed if name in RESUME_APPLIED else fixed).append(line)
     if saved_world is not None and all(k in saved for k in ("micro_batch_size", "grad_accum")):
         factors = (saved["micro_batch_size"], saved["grad_accum"], saved_world)
@@ -1017,7 +1031,10 @@ def restore_checkpoint(
         )
     if cfg is not None:
         saved = meta.get("config") or state.get("config")
-        changes = compare_resume_settings(saved, cfg, _saved_world_size(state, meta), world_size, where=str(path))
+        fingerprints = meta.get("input_fingerprints") or state.get("input_fingerprints")
+        changes = compare_resume_settings(
+            saved, cfg, _saved_world_size(state, meta), world_size, where=str(path), saved_fingerprints=fingerprints
+        )
         check_model_unchanged(state.get("model_architecture"), model, cfg, where=str(path))
     fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     part = "model"
