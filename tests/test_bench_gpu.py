@@ -42,3 +42,8 @@ def test_cold_and_untuned_processes_get_their_own_environment(tmp_path, monkeypa
     assert env["LLAMATHINK_FLA_TUNED_CONFIGS"] == "0"
     plain = bg.subprocess_env("llamathink:fla", str(tmp_path))
     assert plain["TRITON_CACHE_DIR"] == "/warm/triton" and "LLAMATHINK_FLA_TUNED_CONFIGS" not in plain
+
+
+def test_a_wrong_name_stops_the_command_before_anything_runs():
+    with pytest.raises(SystemExit, match="unknown variant 'COLD'"):
+        bg.main(["--models", "hf-llama,llamathink:fla:COLD"])  # on any machine, before the GPU is asked for
