@@ -494,7 +494,8 @@ def probe_fla():
 # depend only on the GPU kind, the Triton and fla versions and the autotune key (head counts and sizes, chunk size,
 # dtypes; batch for a few), so `benchmarks/tune_fla_configs.py` records them once per GPU kind and
 # `load_fla_tuned_configs` gives them back to the autotuners' in-memory caches, exactly as an autotuning call would
-# have left them: a key without a recorded choice is still autotuned, and outputs do not depend on the choice.
+# have left them: a key without a recorded choice is still autotuned, and outputs are the same up to rounding order
+# whichever candidate runs.
 # (fla's own `FLA_CONFIG_DIR` / `FLA_CACHE_MODE` does the same for its `fla_cache_autotune` kernels only, and is
 # read when fla is first imported; several kernels on the Gated DeltaNet path use plain `triton.autotune`.)
 
@@ -551,6 +552,23 @@ def _fla_autotuners() -> dict[str, object]:
     return found
 
 
+def _config_record(config) -> dict:
+    """A Triton config as a tuned-configs file records it: its kwargs and launch settings."""
+    return {
+        "kwargs": dict(getattr(config, "kwargs", {})),
+        "num_warps": getattr(config, "num_warps", None),
+        "num_stages": getattr(config, "num_stages", None),
+        "num_ctas": getattr(config, "num_ctas", 1),
+        "maxnreg": getattr(config, "maxnreg", None),
+    }
+
+
+def _record_signature(record: dict) -> tuple:
+    """What identifies a config's record (`_config_record`, or a file's entry), compared by value."""
+    fields = (record["num_warps"], record["num_stages"], record["num_ctas"], record.get("maxnreg"))
+    return (tuple(sorted(record["kwargs"].items())), *fields)
+
+
 def fla_autotune_choices() -> dict[str, list[dict]]:
     """The configurations fla's autotuners have chosen in this process: {"module:function": [{"key": [...],
     "config": {"kwargs": {...}, "num_warps", "num_stages", "num_ctas", "maxnreg"}}]}, keys and kernels sorted."""
@@ -559,13 +577,7 @@ def fla_autotune_choices() -> dict[str, list[dict]]:
         entries = []
         for key, config in tuner.cache.items():
             key = list(key) if isinstance(key, tuple) else [key]
-            record = {
-                "kwargs": dict(getattr(config, "kwargs", {})),
-                "num_warps": getattr(config, "num_warps", None),
-                "num_stages": getattr(config, "num_stages", None),
-                "num_ctas": getattr(config, "num_ctas", 1),
-                "maxnreg": getattr(config, "maxnreg", None),
-            }
+            record = _config_record(config)
             if all(isinstance(x, _SCALARS) for x in [*key, *record["kwargs"].values()]):
                 entries.append({"key": key, "config": record})
         if entries:
@@ -669,20 +681,6 @@ def _validated_tuned_configs(doc) -> dict:
     return doc
 
 
-def _config_signature(config) -> tuple:
-    """What identifies a Triton config: its kwargs and launch settings (compared by value)."""
-    kwargs = getattr(config, "kwargs", None)
-    if not isinstance(kwargs, dict):
-        return ()
-    return (
-        tuple(sorted(kwargs.items())),
-        getattr(config, "num_warps", None),
-        getattr(config, "num_stages", None),
-        getattr(config, "num_ctas", 1),
-        getattr(config, "maxnreg", None),
-    )
-
-
 def _is_autotune_key(key: tuple, tuner) -> bool:
     """Whether `key` has the shape of `tuner`'s keys: one value per key argument, then the dtypes of the tensor
     arguments (`torch.*` strings), as Triton's `Autotuner.run` builds them."""
@@ -720,11 +718,12 @@ def load_fla_tuned_configs(path: str | Path | None = None) -> int:
 
 
 def _load_fla_tuned_configs(path, setting: str, named: bool) -> int:
+    gpu = torch.cuda.get_device_name(torch.cuda.current_device()) if torch.cuda.is_available() else None
     if path is None:
         if setting:
             path = setting
-        elif torch.cuda.is_available():
-            path = fla_tuned_configs_path(torch.cuda.get_device_name(torch.cuda.current_device()))
+        elif gpu is not None:
+            path = fla_tuned_configs_path(gpu)
         else:
             return 0
     path = Path(path)
@@ -749,7 +748,6 @@ def _load_fla_tuned_configs(path, setting: str, named: bool) -> int:
     versions = _library_versions()
     if any(doc["versions"].get(k) != versions[k] for k in ("fla", "triton")):
         return not_used(f"measured with {doc['versions']}, this process has {versions}")
-    gpu = torch.cuda.get_device_name(torch.cuda.current_device()) if torch.cuda.is_available() else None
     if gpu is not None and doc["gpu"] != gpu:  # another GPU kind's choices may not fit this one (shared memory)
         _warn_once(f"tuned-gpu:{path}", f"fla tuned configs in {path} are for {doc['gpu']}, not {gpu}: not used")
         return 0
@@ -759,17 +757,10 @@ def _load_fla_tuned_configs(path, setting: str, named: bool) -> int:
         tuner = tuners.get(name)
         if tuner is None:
             continue
-        offered = {_config_signature(c): c for c in getattr(tuner, "configs", ())}
+        offered = {_record_signature(_config_record(c)): c for c in getattr(tuner, "configs", ())}
         for entry in entries:
-            key, c = tuple(entry["key"]), entry["config"]
-            wanted = (
-                tuple(sorted(c["kwargs"].items())),
-                c["num_warps"],
-                c["num_stages"],
-                c["num_ctas"],
-                c.get("maxnreg"),
-            )
-            config = offered.get(wanted)
+            key = tuple(entry["key"])
+            config = offered.get(_record_signature(entry["config"]))
             if config is None or not _is_autotune_key(key, tuner):
                 skipped.append(name)
             elif key not in tuner.cache:
