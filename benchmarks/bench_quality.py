@@ -25,7 +25,10 @@ llamathink also any
 `LlamaThinkConfig` field (`hyper_connections=false`, `rescale_prenorm_residual=true`, `A_init_range=[0.01,16]`,
 `pattern=linear/linear/full/full`, repeated to the depth) and re-initialisations of the default init applied
 after construction: `init.conv=uniform|STD` (depthwise conv: PyTorch's uniform(+-1/sqrt(k)) or N(0, STD)),
-`init.embed=STD`, `init.compress=identity|STD` (CSA's compress_k/compress_v), `init.blend_bias=B` (the model's
+`init.embed=STD`, `init.compress=identity|STD` (CSA's compress_k/compress_v), `init.residual_out=STD` (every
+projection that writes into the residual stream, `o_proj`/`out_proj`/`down_proj`: N(0, STD), 0 = zeros, as
+modded-nanogpt starts its output projections; Muon's orthogonalised update moves a zero matrix from the first
+step), `init.blend_bias=B` (the model's
 `csa_blend_bias=B`: CSA's blend gate gets a learned bias starting at B, every other tensor as without it at the same
 seed: B = -4 starts the layer at 2% compressed path), `init.shared_from_default=1` (every
 tensor the default pattern also has starts as the default model's at the same seed: a paired pattern ablation);
@@ -84,7 +87,14 @@ RUN_KEYS = {
     "csa_select",
 }
 CSA_BLENDS = ("learned", "local", "joint", "select")
-INIT_KEYS = {"init.conv", "init.embed", "init.compress", "init.shared_from_default", "init.blend_bias"}
+INIT_KEYS = {
+    "init.conv",
+    "init.embed",
+    "init.compress",
+    "init.residual_out",
+    "init.shared_from_default",
+    "init.blend_bias",
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,6 +312,8 @@ def reinit(model: torch.nn.Module, choices: dict) -> None:
                 module.weight.normal_(0.0, float(choices["conv"]))
         if "embed" in choices and leaf == "embed_tokens":
             module.weight.normal_(0.0, float(choices["embed"]))
+        if "residual_out" in choices and getattr(module, "_is_residual_out", False):
+            module.weight.normal_(0.0, float(choices["residual_out"]))  # std 0: zeros
         if "compress" in choices and leaf in ("compress_k", "compress_v"):
             if choices["compress"] == "identity":
                 module.weight.copy_(torch.eye(*module.weight.shape))

@@ -39,6 +39,9 @@
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh w512_1gpu  # w512's runs on one GPU
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh w512_800   # the 512 window, 800 steps, seeds 0-2
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh w512_long5 # the 512 window, 1600 steps, seeds 3-4
+#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh sweep512   # today's default: Muon and AdamW
+#                                                                           # lr sweeps, time to loss beside HF
+#                                                                           # Llama, zero residual outputs s0-2
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa2    # GPU 1 only: the CSA layer with its
 #                                                                           # window over the whole sequence, and
 #                                                                           # without compressed blocks
@@ -239,8 +242,19 @@ elif [ "$PART" = w512_800 ]; then  # one GPU: the 512-token window at 800 steps,
         --run w512-s2:$W512,seed=2
 elif [ "$PART" = w512_long5 ]; then  # one GPU: the 512-token window at 1600 steps, seeds 3-4 (long5 ran the others)
     q 0 "$SECONDS_LEFT" w512_long5 --eval-every 400 --steps 1600 --run w512-s3:$W512,seed=3 --run w512-s4:$W512,seed=4
+elif [ "$PART" = sweep512 ]; then  # today's default (512 window, gate started closed), 800 steps, compiled:
+    # GPU 0 times the default beside HF Llama (time to loss; seed 0) then sweeps the optimizers' rates; GPU 1 runs
+    # the residual output projections started at zero (init.residual_out=0) at seeds 0-2 and the rest of the sweep
+    q 0 "$SECONDS_LEFT" sweep512_a --steps 800 --eval-every 100 --run default-s0:compile=1 \
+        --run llama-s0:model=hf-llama,compile=1 --run muon-0.01:compile=1,muon_lr=0.01 \
+        --run muon-0.04:compile=1,muon_lr=0.04 --run adamw-0.004:compile=1,optimizer=adamw,adamw_lr=0.004 &
+    q 1 "$SECONDS_LEFT" sweep512_b --steps 800 --eval-every 200 --run zero-out-s0:compile=1,init.residual_out=0 \
+        --run zero-out-s1:compile=1,init.residual_out=0,seed=1 --run zero-out-s2:compile=1,init.residual_out=0,seed=2 \
+        --run adamw-0.002:compile=1,optimizer=adamw,adamw_lr=0.002 \
+        --run adamw-0.008:compile=1,optimizer=adamw,adamw_lr=0.008 &
+    wait
 else
-    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa, csa2, csa3, csa4, csa5, csa6, csa7, csa8, cand, cand_long, long5, w512, w512_1gpu, w512_800 or w512_long5)"; exit 2
+    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa, csa2, csa3, csa4, csa5, csa6, csa7, csa8, cand, cand_long, long5, w512, w512_1gpu, w512_800, w512_long5 or sweep512)"; exit 2
 fi
 for f in "$OUT"/*.log; do echo "== $f"; grep -E "final|failed|Error|error|stopped" "$f" | tail -8; done
 for d in "$OUT"/*/; do [ -f "$d/quality.json" ] && python benchmarks/bench_quality.py --plot "$d/quality.json"; done

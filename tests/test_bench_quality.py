@@ -224,3 +224,29 @@ def test_profile_kernel_kinds_sorts_kernels_by_kind():
         "other": 0.25,
     }
     assert "40.0%" in profile_gpu.kernel_kinds(averages).splitlines()[1]
+
+
+def test_zero_residual_outputs_start_every_layer_as_the_identity():
+    """`init.residual_out=0` zeroes exactly the projections that write into the residual stream (o_proj, out_proj,
+    down_proj, 4 layers x 2), every other tensor as the default's at the same seed; each decoder layer then returns
+    its input, so the final hidden state is the final norm of the embedding."""
+    default, zeroed = build(""), build("init.residual_out=0")
+    outs = [n for n in zeroed.state_dict() if n.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight"))]
+    assert len(outs) == 8
+    for name, tensor in zeroed.state_dict().items():
+        if name in outs:
+            assert not tensor.any(), name
+        else:
+            assert torch.equal(tensor, default.state_dict()[name]), name
+    ids = torch.randint(0, 100, (2, 37), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = zeroed.model(ids, use_cache=False).last_hidden_state
+        expected = zeroed.model.norm(zeroed.model.embed_tokens(ids))
+        assert not torch.allclose(default.model(ids, use_cache=False).last_hidden_state, expected)
+    torch.testing.assert_close(hidden, expected, rtol=0, atol=1e-12)
+
+
+def test_residual_out_std_is_the_drawn_std():
+    model = build("init.residual_out=0.05,intermediate_size=512,hidden_size=256")
+    std = torch.cat([m.weight.flatten() for m in model.modules() if getattr(m, "_is_residual_out", False)]).std()
+    assert abs(std.item() - 0.05) < 0.002
