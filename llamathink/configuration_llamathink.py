@@ -46,9 +46,18 @@ class LlamaThinkConfig(PretrainedConfig):
         rms_norm_eps (`float`, defaults to 1e-6): RMSNorm epsilon.
         initializer_range (`float`, defaults to 0.02): std of the normal init of every linear, embedding and
             depthwise-conv weight (transformers' `PreTrainedModel` rule, which HF Qwen3.5 and HF Llama use).
-        rescale_prenorm_residual (`bool`, defaults to False): divide the init std of the residual output projections
-            (`o_proj`, `out_proj`, `down_proj`) by sqrt(2 * num_hidden_layers), as GPT-2 and llama2.c do. Off by
-            default: measured on 13M tokens with Muon it learns less per token (BENCHMARKS.md section 2).
+        zero_init_residual (`bool` or `None`, defaults to `None`): start every projection that writes into the
+            residual stream (`o_proj`, `out_proj`, `down_proj`) at zero, so that each decoder layer starts as the
+            identity (Fixup, Zhang et al. 2019; SkipInit, De & Smith 2020; torchvision ResNet's `zero_init_residual`;
+            modded-nanogpt's output projections). Muon's orthogonalised update moves a zero matrix from the first
+            step, and the layer's inner weights from the second. `None` means True unless `rescale_prenorm_residual`
+            is set. Measured against N(0, initializer_range) at equal tokens: 0.020 nats lower at 800 steps (five
+            seeds, paired) and 0.007 at 1600 (four seeds) (BENCHMARKS.md section 2). Fresh-model init only: weights
+            loaded from a checkpoint are never re-initialised.
+        rescale_prenorm_residual (`bool`, defaults to False): start the residual output projections at
+            N(0, initializer_range / sqrt(2 * num_hidden_layers)), as GPT-2 and llama2.c do, instead of zero
+            (`zero_init_residual` must then be false or unset). Measured on 13M tokens with Muon it learns less per
+            token than N(0, initializer_range), which learns less than zeros (BENCHMARKS.md section 2).
         A_init_range (`list[float]`, defaults to `[0.01, 16]`): Gated DeltaNet decay rates `A = exp(A_log)` start
             uniform in this range (Mamba-2's `A_init_range`; Qwen3.5's range, which measured better than the seed's
             `[1, 16]`: slow-decaying heads from the start).
@@ -105,6 +114,7 @@ class LlamaThinkConfig(PretrainedConfig):
         partial_rotary_factor: float = 0.5,
         rms_norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
+        zero_init_residual: bool | None = None,
         rescale_prenorm_residual: bool = False,
         A_init_range: list[float] | tuple[float, float] = (0.01, 16.0),
         dt_init_range: list[float] | tuple[float, float] | None = None,
@@ -141,6 +151,11 @@ class LlamaThinkConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.rescale_prenorm_residual = rescale_prenorm_residual
+        # None: zeros unless the GPT-2 scaling is asked for (a config written before this field, or by hand, that sets
+        # rescale_prenorm_residual keeps meaning what it said)
+        if zero_init_residual is None:
+            zero_init_residual = rescale_prenorm_residual is not True
+        self.zero_init_residual = zero_init_residual
         # lists as JSON keeps them; anything else is kept as given for `validate_llamathink` to name
         self.A_init_range = list(A_init_range) if isinstance(A_init_range, (list, tuple)) else A_init_range
         self.dt_init_range = list(dt_init_range) if isinstance(dt_init_range, (list, tuple)) else dt_init_range
@@ -262,9 +277,15 @@ class LlamaThinkConfig(PretrainedConfig):
             raise ValueError(f"gdn_backend={self.gdn_backend!r} is not one of the allowed values {list(GDN_BACKENDS)}")
         if not (isinstance(self.decode_cuda_graphs, bool) or self.decode_cuda_graphs == "always"):
             raise ValueError(f'decode_cuda_graphs must be true, false or "always", got {self.decode_cuda_graphs!r}')
-        for name in ("hyper_connections", "rescale_prenorm_residual", "tie_word_embeddings", "use_cache"):
+        bools = ("hyper_connections", "zero_init_residual", "rescale_prenorm_residual", "tie_word_embeddings")
+        for name in (*bools, "use_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.zero_init_residual and self.rescale_prenorm_residual:
+            raise ValueError(
+                "zero_init_residual=true starts the residual output projections at zero, and rescale_prenorm_residual="
+                "true scales their normal start: give one (set zero_init_residual to false for the GPT-2 scaling)"
+            )
         for name in ("A_init_range", "dt_init_range"):
             value = getattr(self, name)
             if value is None and name == "dt_init_range":

@@ -1852,9 +1852,12 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         - every Linear, the embedding and the depthwise conv: N(0, initializer_range). PyTorch's default conv init
           (uniform +-1/sqrt(kernel), std 0.29) makes the conv output ~15x larger than its input's projections
           and the Gated DeltaNet layers learn far less per token.
-        - no extra scaling of the residual output projections (`rescale_prenorm_residual`): with Muon every hidden
-          matrix gets updates of a fixed spectral size from the first step, so a 1/sqrt(2L) smaller start only
-          delays those layers.
+        - the residual output projections (`o_proj`, `out_proj`, `down_proj`) start at zero (`zero_init_residual`):
+          each layer starts as the identity and adds only what training has put there, rather than noise of the
+          stream's own size from 16 random layers. With Muon every hidden matrix gets updates of a fixed spectral
+          size from the first step, so a zero (or 1/sqrt(2L) smaller, `rescale_prenorm_residual`) start does not
+          delay those layers as it would under SGD; a smaller normal start measured worse than a full one, and
+          zero better (0.020 nats at 800 steps, five seeds).
         - RMSNorm gains zero (applied as 1 + w), the gated output norm's ones, hyper-connection scales zero: the
           network starts as a plain pre-norm residual stack, the identity-preserving start of hyper-connections.
         - `A_log = log(U(A_init_range))`, `dt_bias` from `dt_init_range` (see `LlamaThinkConfig`).
@@ -1865,9 +1868,13 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         config = self.config
         std = config.initializer_range
         if isinstance(module, (nn.Linear, nn.Conv1d)):
-            if config.rescale_prenorm_residual and getattr(module, "_is_residual_out", False):
+            residual_out = getattr(module, "_is_residual_out", False)
+            if residual_out and config.rescale_prenorm_residual:
                 std = std / math.sqrt(2 * config.num_hidden_layers)
-            init.normal_(module.weight, mean=0.0, std=std)
+            if residual_out and config.zero_init_residual:
+                init.zeros_(module.weight)
+            else:
+                init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:  # CSA's blend_proj carries its start (`csa_blend_bias`); others start at 0
                 init.constant_(module.bias, getattr(module, "_bias_init", 0.0))
         elif isinstance(module, nn.Embedding):

@@ -12,8 +12,10 @@ import bench_quality as bq
 
 from llamathink.modeling_llamathink import LlamaThinkCompressedSparseAttention, apply_rotary
 
+# the residual projections start N(0, 0.02), not at zero (the default): every layer's mixer then reaches the logits
 TINY = (
-    "hidden_size=64,num_hidden_layers=4,num_attention_heads=4,num_key_value_heads=2,head_dim=16,intermediate_size=128"
+    "hidden_size=64,num_hidden_layers=4,num_attention_heads=4,num_key_value_heads=2,head_dim=16,intermediate_size=128,"
+    "zero_init_residual=false"
 )
 
 
@@ -228,7 +230,7 @@ def test_profile_kernel_kinds_sorts_kernels_by_kind():
 
 def test_zero_residual_outputs_start_every_layer_as_the_identity():
     """`init.residual_out=0` zeroes exactly the projections that write into the residual stream (o_proj, out_proj,
-    down_proj, 4 layers x 2), every other tensor as the default's at the same seed; each decoder layer then returns
+    down_proj, 4 layers x 2), every other tensor as without it at the same seed (TINY: a normal start); each decoder layer then returns
     its input, so the final hidden state is the final norm of the embedding."""
     default, zeroed = build(""), build("init.residual_out=0")
     outs = [n for n in zeroed.state_dict() if n.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight"))]

@@ -1321,18 +1321,23 @@ def test_every_parameter_gets_a_gradient(model):
 
 
 def test_fresh_init_values():
-    """Every weight matrix, the embedding and the depthwise conv start N(0, initializer_range) (the old init gave the
-    conv std 0.29 and the residual output projections 0.02 / sqrt(2L)); gains, scales and GDN decays as documented."""
+    """Every weight matrix, the embedding and the depthwise conv start N(0, initializer_range), but the projections
+    into the residual stream, which start at zero (the first init gave the conv std 0.29 and those projections
+    0.02 / sqrt(2L); session 18's N(0, 0.02)); gains, scales and GDN decays as documented."""
     torch.manual_seed(0)
     model = LlamaThinkForCausalLM(LlamaThinkConfig())  # the default 95M shape: large tensors, tight std estimates
     std = model.config.initializer_range
-    checked = 0
+    normal, zeros = 0, []
     for name, p in model.named_parameters():
-        if p.dim() >= 2:  # Linear weights, the embedding, conv1d [C, 1, K]
+        if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
+            assert not p.any(), name
+            zeros.append(name)
+        elif p.dim() >= 2:  # Linear weights, the embedding, conv1d [C, 1, K]
             assert abs(p.std().item() - std) < 0.1 * std, (name, p.std().item())
             assert abs(p.mean().item()) < 0.1 * std, name
-            checked += 1
-    assert checked == 1 + 16 * 3 + 8 * 6 + 4 * 4 + 4 * 7  # embedding, MLPs, GDN (conv included), full, CSA
+            normal += 1
+    assert len(zeros) == 16 * 2  # each layer's mixer output and MLP down projection
+    assert normal == 1 + 16 * 2 + 8 * 5 + 4 * 3 + 4 * 6  # embedding, MLPs, GDN (conv included), full, CSA
     layer = model.model.layers[0]
     assert torch.all(layer.input_layernorm.weight == 0) and torch.all(layer.mixer_residual_scale == 0)
     assert torch.all(layer.mlp_sublayer_scale == 0) and torch.all(layer.mixer.norm.weight == 1)
@@ -1367,9 +1372,42 @@ def test_init_options():
         {"dt_init_range": [0.1, 0.001]},
         {"dt_init_range": "0.1"},
         {"rescale_prenorm_residual": "yes"},
+        {"zero_init_residual": "yes"},
+        {"zero_init_residual": 1},
+        {"zero_init_residual": True, "rescale_prenorm_residual": True},
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             tiny_config(**bad)
+
+
+def test_zero_init_residual_setting():
+    """Unset, `zero_init_residual` is on unless `rescale_prenorm_residual` asks for the GPT-2 start (a file that sets
+    only that keeps its meaning); off gives the residual projections N(0, initializer_range). Either way a fresh
+    model trains every weight: the zero projections get gradients at once, the weights behind them one step later."""
+    assert tiny_config().zero_init_residual is True
+    assert tiny_config(rescale_prenorm_residual=True).zero_init_residual is False
+    assert LlamaThinkConfig.from_dict({"rescale_prenorm_residual": True}).zero_init_residual is False
+    torch.manual_seed(0)
+    off = LlamaThinkForCausalLM(tiny_config(zero_init_residual=False, hidden_size=256, intermediate_size=512))
+    down = off.model.layers[0].mlp.down_proj.weight
+    assert abs(down.std().item() - 0.02) < 0.002
+    torch.manual_seed(0)
+    model = LlamaThinkForCausalLM(tiny_config()).double()
+    params = dict(model.named_parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    ids = torch.randint(3, 96, (2, 40), generator=torch.Generator().manual_seed(0))
+    first_grads = {}
+    for step in range(2):
+        optimizer.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        if step == 0:
+            first_grads = {n: p.grad.clone() for n, p in params.items()}
+        optimizer.step()
+    residual = [n for n in params if n.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight"))]
+    assert len(residual) == 8 and all(first_grads[n].abs().sum() > 0 for n in residual)
+    assert first_grads["model.layers.0.mlp.up_proj.weight"].abs().sum() == 0  # behind a zero down_proj
+    untrained = [n for n, p in params.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert untrained == []
 
 
 def test_from_pretrained_keeps_saved_tensors_bit_for_bit(tmp_path):

@@ -245,7 +245,7 @@ def test_flops_per_token_counts_params_and_mixers():
 def _tiny_run_val_loss(sample_data, model_json, old_init: bool, steps: int = 60) -> float:
     """Train the tiny model `steps` Muon steps and return its validation loss; `old_init` rebuilds the init used
     before the equal-token benchmark (residual projections / sqrt(2L), PyTorch's uniform conv, A in [1, 16])."""
-    overrides = dict(rescale_prenorm_residual=True, A_init_range=[1, 16]) if old_init else {}
+    overrides = dict(zero_init_residual=False, rescale_prenorm_residual=True, A_init_range=[1, 16]) if old_init else {}
     config = LlamaThinkConfig.from_json_file(str(model_json))
     config.update(overrides)
     torch.manual_seed(0)
@@ -276,8 +276,10 @@ def _tiny_run_val_loss(sample_data, model_json, old_init: bool, steps: int = 60)
 
 
 def test_default_init_learns_more_per_token_than_the_old_init(sample_data, model_json):
-    """The init chosen by the equal-token benchmark beats the previous one on the same batches (by 0.074 to 0.082
-    over seeds 0-2 when written; seed noise is about 0.03)."""
+    """The init chosen by the equal-token benchmark beats the previous one on the same batches (by 0.066 to 0.088
+    over seeds 0-2 with the zero residual start; seed noise is about 0.03). The zero start's own gain over
+    N(0, 0.02) (0.020 nats on the 95M model at 800 steps) is within this tiny model's seed noise (-0.020 to +0.016
+    over seeds 0-2 at 60 steps), so it has no threshold test here; `test_fresh_init_values` checks the start."""
     new = _tiny_run_val_loss(sample_data, model_json, old_init=False)
     old = _tiny_run_val_loss(sample_data, model_json, old_init=True)
     assert new < old - 0.04, (new, old)
@@ -648,7 +650,9 @@ def test_document_masking_restarts_positions_at_every_bos(sample_data, model_jso
     assert "position_ids" not in pretrain.model_inputs(ids, ids, off, 1)
     assert "position_ids" not in pretrain.model_inputs(ids, ids, on, None)  # data without a BOS id
     losses_on, losses_off = pretrain.train(on)["losses"], pretrain.train(off)["losses"]
-    assert losses_on[1] != losses_off[1] and all(map(math.isfinite, [*losses_on.values(), *losses_off.values()]))
+    # step 1 is the embedding's loss alone (every layer starts as the identity: zero residual projections), the
+    # same either way; from step 2 the attention layers, which see the positions, reach the loss
+    assert losses_on[2] != losses_off[2] and all(map(math.isfinite, [*losses_on.values(), *losses_off.values()]))
 
 
 def test_commands_report_bad_input_in_one_line(sample_data, model_json, tmp_path, capsys):  # noqa: F811

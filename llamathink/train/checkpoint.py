@@ -905,6 +905,7 @@ _NOT_ARCHITECTURE = (
     "decode_cuda_graphs",
     "use_cache",
     "initializer_range",
+    "zero_init_residual",
     "rescale_prenorm_residual",
     "A_init_range",
     "dt_init_range",
