@@ -4,6 +4,8 @@
     python benchmarks/bench_quality.py --data ... --run "lt:compile=1" --run "no-hc:hyper_connections=false" \
         --run "adamw:optimizer=adamw,adamw_lr=0.002" --run "llama:model=hf-llama,compile=1"
     python benchmarks/bench_quality.py --plot runs/quality/quality.json   # redraw the PNG from a JSON
+    python benchmarks/bench_quality.py --plot a/quality.json b/quality.json --plot-runs "lt-s\\d,qwen-s\\d" \\
+        --plot-mean-seeds --plot-out seeds.png      # several JSONs in one plot, seeds averaged
 
 Every run trains one freshly initialised model at the 95M shape with this project's optimizer routing
 (`llamathink.train.optim.build_optimizer`: Muon for hidden matrices, AdamW for the rest, or AdamW alone) and schedule
@@ -51,6 +53,7 @@ import gc
 import inspect
 import json
 import math
+import re
 import sys
 import time
 import types
@@ -527,6 +530,56 @@ def time_to_loss(record: dict, target: float) -> float | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def merge_results(paths: list[str | Path]) -> dict:
+    """The runs of several `quality.json` files as one results dict (settings and versions of the first), for one
+    plot. Raises ValueError naming the file whose steps, batch or sequence length differ from the first's (their
+    curves would not share an axis). A run name met again is suffixed `@<folder of its file>`."""
+    docs = [(Path(p), json.loads(Path(p).read_text())) for p in paths]
+    first_path, merged = docs[0][0], {**docs[0][1], "runs": []}
+    seen = set()
+    for path, doc in docs:
+        for key in ("steps", "batch", "seq"):
+            if doc["settings"].get(key) != merged["settings"].get(key):
+                raise ValueError(
+                    f"{path}: {key}={doc['settings'].get(key)} but {first_path} has {merged['settings'].get(key)}"
+                )
+        for run in doc["runs"]:
+            name = run["name"] if run["name"] not in seen else f"{run['name']}@{path.parent.name}"
+            seen.add(name)
+            merged["runs"].append({**run, "name": name})
+    return merged
+
+
+def mean_over_seeds(results: dict) -> dict:
+    """Runs named `<label>-s<seed>` (any `@folder` suffix dropped) averaged into one run per label: the mean
+    validation curve over the evaluation steps every seed has, the mean final losses, tokens/s and seconds, and
+    `seeds`."""
+    groups: dict[str, list[dict]] = {}
+    for run in results["runs"]:
+        if run.get("curve"):
+            label = re.sub(r"-s\d+$", "", run["name"].split("@")[0])
+            groups.setdefault(label, []).append(run)
+    runs = []
+    for label, members in groups.items():
+        steps = set.intersection(*({p["step"] for p in r["curve"]} for r in members))
+        curve = []
+        for step in sorted(steps):
+            points = [next(p for p in r["curve"] if p["step"] == step) for r in members]
+            curve.append({k: float(np.mean([p[k] for p in points])) for k in ("step", "tokens", "seconds", "val_loss")})
+        measured = ("val_loss", "test_loss", "tokens_per_s", "train_seconds", "first_step_s")
+        finals = {k: float(np.mean([r[k] for r in members])) for k in measured if all(k in r for r in members)}
+        runs.append(
+            {
+                **members[0],
+                **finals,
+                "name": f"{label} ({len(members)} seed{'s' if len(members) > 1 else ''})",
+                "curve": curve,
+                "seeds": len(members),
+            }
+        )
+    return {**results, "runs": runs}
+
+
 def plot(results: dict, path: str | Path) -> None:
     """Validation loss against tokens and against training seconds, one line per run."""
     import matplotlib
@@ -604,11 +657,45 @@ def main(argv=None) -> int:
     parser.add_argument("--time-limit", type=float, default=None, help="stop a run after this many training s")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="runs/quality", help="folder for quality.json and quality.png")
-    parser.add_argument("--plot", metavar="JSON", help="only redraw the PNG (and print the summary) of a JSON")
+    parser.add_argument(
+        "--plot",
+        metavar="JSON",
+        nargs="+",
+        help="only draw the PNG (and print the summary) of one JSON, or of several merged (--plot-out names the PNG)",
+    )
+    parser.add_argument("--plot-out", help="the PNG of --plot (default: the first JSON's name with .png)")
+    parser.add_argument("--plot-runs", help="comma-separated run names: plot only these (regular expressions)")
+    parser.add_argument(
+        "--plot-label",
+        action="append",
+        default=[],
+        metavar="PATTERN=LABEL",
+        help="rename the plotted runs whose name matches PATTERN (a regular expression) to LABEL (re.sub: \\1 works)",
+    )
+    parser.add_argument(
+        "--plot-mean-seeds", action="store_true", help="one line per run name without its -s<seed> suffix: the mean"
+    )
     args = parser.parse_args(argv)
     if args.plot:
-        results = json.loads(Path(args.plot).read_text())
-        plot(results, Path(args.plot).with_suffix(".png"))
+        try:
+            results = merge_results(args.plot)
+        except (OSError, ValueError, KeyError) as err:
+            parser.error(f"--plot: {err}")
+        if args.plot_runs:
+            wanted = [re.compile(f"(?:{pattern})$") for pattern in args.plot_runs.split(",")]
+            results["runs"] = [r for r in results["runs"] if any(w.match(r["name"]) for w in wanted)]
+            if not results["runs"]:
+                parser.error(f"--plot-runs {args.plot_runs!r} matches no run")
+        for rule in args.plot_label:
+            pattern, eq, label = rule.partition("=")
+            if not eq:
+                parser.error(f"--plot-label {rule!r} is not PATTERN=LABEL")
+            for run in results["runs"]:
+                if re.fullmatch(pattern, run["name"]):
+                    run["name"] = re.sub(f"^(?:{pattern})$", label, run["name"])
+        if args.plot_mean_seeds:
+            results = mean_over_seeds(results)
+        plot(results, args.plot_out or Path(args.plot[0]).with_suffix(".png"))
         print(summary(results))
         return 0
     if not args.data:

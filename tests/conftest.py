@@ -46,7 +46,11 @@ def llama2_model_path() -> Path:
 
 
 def tiny_config(**overrides) -> LlamaThinkConfig:
+    """The tiny test model's config. Its residual projections start N(0, initializer_range), not at zero (the
+    default): a test model's every mixer must reach the logits, or comparisons of two paths through it would hold
+    whatever those paths compute."""
     kwargs = dict(
+        zero_init_residual=False,
         vocab_size=96,
         hidden_size=48,
         intermediate_size=96,

@@ -1,6 +1,7 @@
 """The architecture ablations of `benchmarks/bench_quality.py` (BENCHMARKS.md section 2 publishes their losses):
 each one is the model it claims to be, checked against an independent reference on the CPU in float64."""
 
+import json
 import sys
 
 import pytest
@@ -252,3 +253,46 @@ def test_residual_out_std_is_the_drawn_std():
     model = build("init.residual_out=0.05,intermediate_size=512,hidden_size=256")
     std = torch.cat([m.weight.flatten() for m in model.modules() if getattr(m, "_is_residual_out", False)]).std()
     assert abs(std.item() - 0.05) < 0.002
+
+
+def _quality_json(path, runs, steps=4):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"settings": {"steps": steps, "batch": 2, "seq": 8}, "versions": {"gpu": "test"}, "runs": runs}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _run(name, losses, step=2, seconds=1.0):
+    curve = [
+        {"step": step * (i + 1), "tokens": 16 * step * (i + 1), "seconds": seconds * (i + 1), "val_loss": v}
+        for i, v in enumerate(losses)
+    ]
+    return {"name": name, "model": "llamathink", "curve": curve, "val_loss": losses[-1], "test_loss": losses[-1] + 1}
+
+
+def test_plots_merge_files_rename_runs_and_average_seeds(tmp_path, capsys):
+    """`--plot A B`: the runs of both files in one plot (a name met twice gets its folder), `--plot-label` renames by
+    regular expression, `--plot-mean-seeds` averages `-s<seed>` runs over the steps they share; files of another
+    length are refused by name."""
+    a = _quality_json(tmp_path / "a" / "quality.json", [_run("lt-s0", [4.0, 3.0]), _run("x", [5.0, 4.0])])
+    b = _quality_json(tmp_path / "b" / "quality.json", [_run("old-s1", [3.0, 2.0, 1.0], step=1), _run("x", [6.0])])
+    merged = bq.merge_results([a, b])
+    assert [r["name"] for r in merged["runs"]] == ["lt-s0", "x", "old-s1", "x@b"]
+    out = tmp_path / "plot.png"
+    argv = ["--plot", str(a), str(b), "--plot-runs", r"lt-s\d,old-s\d", "--plot-label", r"old-(s\d)=lt-\1"]
+    assert bq.main([*argv, "--plot-mean-seeds", "--plot-out", str(out)]) == 0
+    assert out.stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "lt (2 seeds)" in printed and "x" not in printed.split("\n", 1)[1]
+    mean = bq.mean_over_seeds(
+        {"runs": [_run("lt-s0", [4.0, 3.0]), {**_run("lt-s1", [3.0, 2.0, 1.0], step=1), "name": "lt-s1"}]}
+    )["runs"]
+    assert len(mean) == 1 and mean[0]["seeds"] == 2
+    assert [(p["step"], p["val_loss"]) for p in mean[0]["curve"]] == [(2, 3.0)]  # steps 2 (and 4, seed 0 only)
+    assert mean[0]["val_loss"] == 2.0 and mean[0]["test_loss"] == 3.0
+    c = _quality_json(tmp_path / "c" / "quality.json", [_run("y", [1.0])], steps=8)
+    with pytest.raises(ValueError, match=r"c/quality.json: steps=8 but .*a/quality.json has 4"):
+        bq.merge_results([a, c])
+    with pytest.raises(SystemExit):
+        bq.main(["--plot", str(a), "--plot-runs", "nothing"])
+    assert "matches no run" in capsys.readouterr().err

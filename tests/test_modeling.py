@@ -1384,15 +1384,16 @@ def test_zero_init_residual_setting():
     """Unset, `zero_init_residual` is on unless `rescale_prenorm_residual` asks for the GPT-2 start (a file that sets
     only that keeps its meaning); off gives the residual projections N(0, initializer_range). Either way a fresh
     model trains every weight: the zero projections get gradients at once, the weights behind them one step later."""
-    assert tiny_config().zero_init_residual is True
-    assert tiny_config(rescale_prenorm_residual=True).zero_init_residual is False
+    assert LlamaThinkConfig().zero_init_residual is True
+    assert LlamaThinkConfig(rescale_prenorm_residual=True).zero_init_residual is False
     assert LlamaThinkConfig.from_dict({"rescale_prenorm_residual": True}).zero_init_residual is False
+    assert tiny_config(zero_init_residual=None).zero_init_residual is True
     torch.manual_seed(0)
     off = LlamaThinkForCausalLM(tiny_config(zero_init_residual=False, hidden_size=256, intermediate_size=512))
     down = off.model.layers[0].mlp.down_proj.weight
     assert abs(down.std().item() - 0.02) < 0.002
     torch.manual_seed(0)
-    model = LlamaThinkForCausalLM(tiny_config()).double()
+    model = LlamaThinkForCausalLM(tiny_config(zero_init_residual=True)).double()
     params = dict(model.named_parameters())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     ids = torch.randint(3, 96, (2, 40), generator=torch.Generator().manual_seed(0))
