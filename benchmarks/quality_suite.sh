@@ -42,6 +42,10 @@
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh sweep512   # today's default: Muon and AdamW
 #                                                                           # lr sweeps, time to loss beside HF
 #                                                                           # Llama, zero residual outputs s0-2
+#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh more800    # seeds 3-4 of the default, the
+#                                                                           # zero start and HF Qwen3.5; AdamW 0.001;
+#                                                                           # the shipped fla configs' GPU test first
+#   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh zero1600   # the zero start, 1600 steps, s0-4
 #   DATA=runs/english200 OUT=results bash benchmarks/quality_suite.sh csa2    # GPU 1 only: the CSA layer with its
 #                                                                           # window over the whole sequence, and
 #                                                                           # without compressed blocks
@@ -49,6 +53,8 @@
 # "default" rows mean that model; rerun them as they ran at commit 14ef0ad. The parts from `cand` to `w512_long5`
 # ran when the default window was 256 tokens (512 since session 16): their "default" rows mean csa_window=256
 # (commit 3f9e9db), and W512 is today's default.
+# The parts from `sweep512` on ran when the residual projections started N(0, 0.02) (commit 8ff6a41): their
+# `default` rows mean that start, and `init.residual_out=0` is today's default (`zero_init_residual`).
 # `ablate` ran two eager processes per GPU: together they were no faster than one, so its seconds and tokens/s are
 # not throughput figures. `final` times the three models one after the other in one process on GPU 0 (the
 # time-to-loss comparison); `long` runs ours + HF Llama and HF Qwen3.5 in one process per GPU.
@@ -253,8 +259,26 @@ elif [ "$PART" = sweep512 ]; then  # today's default (512 window, gate started c
         --run adamw-0.002:compile=1,optimizer=adamw,adamw_lr=0.002 \
         --run adamw-0.008:compile=1,optimizer=adamw,adamw_lr=0.008 &
     wait
+elif [ "$PART" = more800 ]; then  # (session 18, call 3) five seeds of each at 800 steps: seeds 3-4 of the
+    # N(0, 0.02) residual start (the default when it ran), of the zero start and of HF Qwen3.5; AdamW at 0.001
+    (CUDA_VISIBLE_DEVICES=0 timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+        -k shipped_fla_configs > "$OUT/test_gpu.log" 2>&1
+     q 0 380 more_a --steps 800 --eval-every 200 --run adamw-0.001:compile=1,optimizer=adamw,adamw_lr=0.001 \
+        --run zero-out-s3:compile=1,init.residual_out=0,seed=3 --run default-s3:compile=1,seed=3) &
+    q 1 570 more_b --steps 800 --eval-every 200 --run qwen-s3:model=hf-qwen3.5,seed=3 \
+        --run zero-out-s4:compile=1,init.residual_out=0,seed=4 --run default-s4:compile=1,seed=4 \
+        --run qwen-s4:model=hf-qwen3.5,seed=4 &
+    wait
+    tail -3 "$OUT/test_gpu.log"
+elif [ "$PART" = zero1600 ]; then  # (session 18, call 4) the zero residual start at 1600 steps, seeds 0-4 (seed 2
+    # did not finish inside the call)
+    q 0 530 zero_1600_a --steps 1600 --eval-every 400 --run zero-out-s0:compile=1,init.residual_out=0 \
+        --run zero-out-s1:compile=1,init.residual_out=0,seed=1 --run zero-out-s2:compile=1,init.residual_out=0,seed=2 &
+    q 1 530 zero_1600_b --steps 1600 --eval-every 400 --run zero-out-s3:compile=1,init.residual_out=0,seed=3 \
+        --run zero-out-s4:compile=1,init.residual_out=0,seed=4 &
+    wait
 else
-    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa, csa2, csa3, csa4, csa5, csa6, csa7, csa8, cand, cand_long, long5, w512, w512_1gpu, w512_800, w512_long5 or sweep512)"; exit 2
+    echo "unknown part $PART (ablate, ablate2, packed, packed2, final, long, seeds, seeds_long, csa, csa2, csa3, csa4, csa5, csa6, csa7, csa8, cand, cand_long, long5, w512, w512_1gpu, w512_800, w512_long5, sweep512, more800 or zero1600)"; exit 2
 fi
 for f in "$OUT"/*.log; do echo "== $f"; grep -E "final|failed|Error|error|stopped" "$f" | tail -8; done
 for d in "$OUT"/*/; do [ -f "$d/quality.json" ] && python benchmarks/bench_quality.py --plot "$d/quality.json"; done

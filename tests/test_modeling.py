@@ -1323,7 +1323,7 @@ def test_every_parameter_gets_a_gradient(model):
 def test_fresh_init_values():
     """Every weight matrix, the embedding and the depthwise conv start N(0, initializer_range), but the projections
     into the residual stream, which start at zero (the first init gave the conv std 0.29 and those projections
-    0.02 / sqrt(2L); session 18's N(0, 0.02)); gains, scales and GDN decays as documented."""
+    0.02 / sqrt(2L), later N(0, 0.02) until session 18); gains, scales and GDN decays as documented."""
     torch.manual_seed(0)
     model = LlamaThinkForCausalLM(LlamaThinkConfig())  # the default 95M shape: large tensors, tight std estimates
     std = model.config.initializer_range
