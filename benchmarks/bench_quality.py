@@ -4,7 +4,7 @@
     python benchmarks/bench_quality.py --data ... --run "lt:compile=1" --run "no-hc:hyper_connections=false" \
         --run "adamw:optimizer=adamw,adamw_lr=0.002" --run "llama:model=hf-llama,compile=1"
     python benchmarks/bench_quality.py --plot runs/quality/quality.json   # redraw the PNG from a JSON
-    python benchmarks/bench_quality.py --plot a/quality.json b/quality.json --plot-runs "lt-s\\d,qwen-s\\d" \\
+    python benchmarks/bench_quality.py --plot a/quality.json b/quality.json --plot-runs "(lt|qwen)-s\\d" \\
         --plot-mean-seeds --plot-out seeds.png      # several JSONs in one plot, seeds averaged
 
 Every run trains one freshly initialised model at the 95M shape with this project's optimizer routing
@@ -532,51 +532,85 @@ def time_to_loss(record: dict, target: float) -> float | None:
 
 def merge_results(paths: list[str | Path]) -> dict:
     """The runs of several `quality.json` files as one results dict (settings and versions of the first), for one
-    plot. Raises ValueError naming the file whose steps, batch or sequence length differ from the first's (their
-    curves would not share an axis). A run name met again is suffixed `@<folder of its file>`."""
-    docs = [(Path(p), json.loads(Path(p).read_text())) for p in paths]
-    first_path, merged = docs[0][0], {**docs[0][1], "runs": []}
-    seen = set()
-    for path, doc in docs:
+    plot; each run records its `file` and `file_index` (1-based, in the order given). Raises ValueError naming the
+    file that cannot be read as a results file, or whose steps, batch or sequence length differ from the first's
+    (their curves would not share an axis)."""
+    merged = None
+    for index, path in enumerate(map(Path, paths), start=1):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: cannot be read as a quality.json ({err})") from None
+        if not (isinstance(doc, dict) and isinstance(doc.get("settings"), dict) and isinstance(doc.get("runs"), list)):
+            raise ValueError(  # noqa: TRY004 (a bad file, reported as every other bad input here)
+                f"{path}: not a quality.json (an object with 'settings' and a list of 'runs')"
+            )
+        if not all(isinstance(run, dict) and isinstance(run.get("name"), str) for run in doc["runs"]):
+            raise ValueError(f"{path}: every run must be an object with a 'name'")
+        if merged is None:
+            first, merged = path, {**doc, "runs": []}
         for key in ("steps", "batch", "seq"):
             if doc["settings"].get(key) != merged["settings"].get(key):
                 raise ValueError(
-                    f"{path}: {key}={doc['settings'].get(key)} but {first_path} has {merged['settings'].get(key)}"
+                    f"{path}: {key}={doc['settings'].get(key)} but {first} has {merged['settings'].get(key)}"
                 )
-        for run in doc["runs"]:
-            name = run["name"] if run["name"] not in seen else f"{run['name']}@{path.parent.name}"
-            seen.add(name)
-            merged["runs"].append({**run, "name": name})
+        merged["runs"] += [{**run, "file": str(path), "file_index": index} for run in doc["runs"]]
     return merged
 
 
+def select_runs(results: dict, pattern: str | None = None, labels: list[str] = ()) -> dict:
+    """The runs whose name matches `pattern` (a regular expression, whole name; None: all), renamed by each
+    `PATTERN=LABEL` of `labels` in turn (`re.sub` on the whole name: `\\1` refers to a group). Raises ValueError
+    naming a pattern or label that is not valid, or a pattern that matches no run."""
+    try:
+        wanted = re.compile(pattern) if pattern is not None else None
+    except re.error as err:
+        raise ValueError(f"--plot-runs {pattern!r} is not a regular expression: {err}") from None
+    runs = [dict(r) for r in results["runs"] if wanted is None or wanted.fullmatch(r["name"])]
+    if not runs:
+        raise ValueError(f"--plot-runs {pattern!r} matches no run")
+    for rule in labels:
+        old, eq, label = rule.partition("=")
+        if not eq:
+            raise ValueError(f"--plot-label {rule!r} is not PATTERN=LABEL")
+        try:
+            for run in runs:
+                if re.fullmatch(old, run["name"]):
+                    run["name"] = re.sub(f"^(?:{old})$", label, run["name"])
+        except re.error as err:
+            raise ValueError(f"--plot-label {rule!r}: {err}") from None
+    return {**results, "runs": runs}
+
+
 def mean_over_seeds(results: dict) -> dict:
-    """Runs named `<label>-s<seed>` (any `@folder` suffix dropped) averaged into one run per label: the mean
-    validation curve over the evaluation steps every seed has, the mean final losses, tokens/s and seconds, and
-    `seeds`."""
-    groups: dict[str, list[dict]] = {}
+    """Runs named `<label>-s<seed>` averaged into one run per label: the mean validation curve over the
+    evaluation steps every seed has, and the means of what every seed reports of the final losses, tokens/s and
+    seconds; `seeds` counts them. Raises ValueError naming a seed given twice (the same run in two files, say) or a
+    run that did not train all `settings["steps"]` (stopped or failed), whose last loss is not comparable."""
+    groups: dict[str, dict[str, dict]] = {}
+    steps = results["settings"].get("steps")
     for run in results["runs"]:
-        if run.get("curve"):
-            label = re.sub(r"-s\d+$", "", run["name"].split("@")[0])
-            groups.setdefault(label, []).append(run)
+        where = f"{run['name']!r} ({run.get('file', 'results')})"
+        if run.get("error") or not run.get("curve") or (steps is not None and run.get("steps_done", steps) < steps):
+            raise ValueError(f"{where} did not train {steps} steps: leave it out with --plot-runs")
+        match = re.fullmatch(r"(.*)-(s\d+)", run["name"])
+        label, seed = match.groups() if match else (run["name"], "")
+        if seed in groups.setdefault(label, {}):
+            raise ValueError(f"{where}: {label} {seed or 'without a seed'} is given twice")
+        groups[label][seed] = run
     runs = []
-    for label, members in groups.items():
-        steps = set.intersection(*({p["step"] for p in r["curve"]} for r in members))
+    for label, by_seed in groups.items():
+        members = list(by_seed.values())
+        shared = set.intersection(*({p["step"] for p in r["curve"]} for r in members))
         curve = []
-        for step in sorted(steps):
+        for step in sorted(shared):
             points = [next(p for p in r["curve"] if p["step"] == step) for r in members]
             curve.append({k: float(np.mean([p[k] for p in points])) for k in ("step", "tokens", "seconds", "val_loss")})
         measured = ("val_loss", "test_loss", "tokens_per_s", "train_seconds", "first_step_s")
         finals = {k: float(np.mean([r[k] for r in members])) for k in measured if all(k in r for r in members)}
-        runs.append(
-            {
-                **members[0],
-                **finals,
-                "name": f"{label} ({len(members)} seed{'s' if len(members) > 1 else ''})",
-                "curve": curve,
-                "seeds": len(members),
-            }
-        )
+        n = len(members)
+        name = f"{label} ({n} seed{'s' if n > 1 else ''})"
+        runs.append({"name": name, "model": members[0].get("model"), "curve": curve, "seeds": n, **finals})
     return {**results, "runs": runs}
 
 
@@ -664,7 +698,7 @@ def main(argv=None) -> int:
         help="only draw the PNG (and print the summary) of one JSON, or of several merged (--plot-out names the PNG)",
     )
     parser.add_argument("--plot-out", help="the PNG of --plot (default: the first JSON's name with .png)")
-    parser.add_argument("--plot-runs", help="comma-separated run names: plot only these (regular expressions)")
+    parser.add_argument("--plot-runs", help="plot only the runs whose whole name matches this regular expression")
     parser.add_argument(
         "--plot-label",
         action="append",
@@ -678,23 +712,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.plot:
         try:
-            results = merge_results(args.plot)
-        except (OSError, ValueError, KeyError) as err:
-            parser.error(f"--plot: {err}")
-        if args.plot_runs:
-            wanted = [re.compile(f"(?:{pattern})$") for pattern in args.plot_runs.split(",")]
-            results["runs"] = [r for r in results["runs"] if any(w.match(r["name"]) for w in wanted)]
-            if not results["runs"]:
-                parser.error(f"--plot-runs {args.plot_runs!r} matches no run")
-        for rule in args.plot_label:
-            pattern, eq, label = rule.partition("=")
-            if not eq:
-                parser.error(f"--plot-label {rule!r} is not PATTERN=LABEL")
-            for run in results["runs"]:
-                if re.fullmatch(pattern, run["name"]):
-                    run["name"] = re.sub(f"^(?:{pattern})$", label, run["name"])
-        if args.plot_mean_seeds:
-            results = mean_over_seeds(results)
+            results = select_runs(merge_results(args.plot), args.plot_runs, args.plot_label)
+            if args.plot_mean_seeds:
+                results = mean_over_seeds(results)
+        except ValueError as err:
+            parser.error(str(err))
+        names = [r["name"] for r in results["runs"]]
+        for run in results["runs"]:  # one name from two files: say which file each line is from
+            if names.count(run["name"]) > 1:
+                run["name"] += f" [file {run['file_index']}]"
         plot(results, args.plot_out or Path(args.plot[0]).with_suffix(".png"))
         print(summary(results))
         return 0

@@ -53,8 +53,8 @@
 # "default" rows mean that model; rerun them as they ran at commit 14ef0ad. The parts from `cand` to `w512_long5`
 # ran when the default window was 256 tokens (512 since session 16): their "default" rows mean csa_window=256
 # (commit 3f9e9db), and W512 is today's default.
-# The parts from `sweep512` on ran when the residual projections started N(0, 0.02) (commit 8ff6a41): their
-# `default` rows mean that start, and `init.residual_out=0` is today's default (`zero_init_residual`).
+# The parts from `sweep512` on ran when the residual projections started N(0, 0.02) (commit 3a9dff0): their
+# `default` rows mean that start (today `zero_init_residual=false`), and `init.residual_out=0` is today's default.
 # `ablate` ran two eager processes per GPU: together they were no faster than one, so its seconds and tokens/s are
 # not throughput figures. `final` times the three models one after the other in one process on GPU 0 (the
 # time-to-loss comparison); `long` runs ours + HF Llama and HF Qwen3.5 in one process per GPU.

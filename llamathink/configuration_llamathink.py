@@ -50,8 +50,8 @@ class LlamaThinkConfig(PretrainedConfig):
             residual stream (`o_proj`, `out_proj`, `down_proj`) at zero, so that each decoder layer starts as the
             identity (Fixup, Zhang et al. 2019; SkipInit, De & Smith 2020; torchvision ResNet's `zero_init_residual`;
             modded-nanogpt's output projections). Muon's orthogonalised update moves a zero matrix from the first
-            step, and the layer's inner weights from the second. `None` means True unless `rescale_prenorm_residual`
-            is set. Measured against N(0, initializer_range) at equal tokens: 0.020 nats lower at 800 steps (five
+            step, and the layer's inner weights from the second. `None` (kept as such, resolved when a model is
+            built: `residual_starts_at_zero`) means True unless `rescale_prenorm_residual` is set. Measured against N(0, initializer_range) at equal tokens: 0.020 nats lower at 800 steps (five
             seeds, paired) and 0.007 at 1600 (four seeds) (BENCHMARKS.md section 2). Fresh-model init only: weights
             loaded from a checkpoint are never re-initialised.
         rescale_prenorm_residual (`bool`, defaults to False): start the residual output projections at
@@ -151,11 +151,7 @@ class LlamaThinkConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.rescale_prenorm_residual = rescale_prenorm_residual
-        # None: zeros unless the GPT-2 scaling is asked for (a config written before this field, or by hand, that sets
-        # rescale_prenorm_residual keeps meaning what it said)
-        if zero_init_residual is None:
-            zero_init_residual = rescale_prenorm_residual is not True
-        self.zero_init_residual = zero_init_residual
+        self.zero_init_residual = zero_init_residual  # None: see `residual_starts_at_zero`
         # lists as JSON keeps them; anything else is kept as given for `validate_llamathink` to name
         self.A_init_range = list(A_init_range) if isinstance(A_init_range, (list, tuple)) else A_init_range
         self.dt_init_range = list(dt_init_range) if isinstance(dt_init_range, (list, tuple)) else dt_init_range
@@ -277,10 +273,11 @@ class LlamaThinkConfig(PretrainedConfig):
             raise ValueError(f"gdn_backend={self.gdn_backend!r} is not one of the allowed values {list(GDN_BACKENDS)}")
         if not (isinstance(self.decode_cuda_graphs, bool) or self.decode_cuda_graphs == "always"):
             raise ValueError(f'decode_cuda_graphs must be true, false or "always", got {self.decode_cuda_graphs!r}')
-        bools = ("hyper_connections", "zero_init_residual", "rescale_prenorm_residual", "tie_word_embeddings")
-        for name in (*bools, "use_cache"):
+        for name in ("hyper_connections", "rescale_prenorm_residual", "tie_word_embeddings", "use_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.zero_init_residual is not None and not isinstance(self.zero_init_residual, bool):
+            raise ValueError(f"zero_init_residual must be true, false or null, got {self.zero_init_residual!r}")
         if self.zero_init_residual and self.rescale_prenorm_residual:
             raise ValueError(
                 "zero_init_residual=true starts the residual output projections at zero, and rescale_prenorm_residual="
@@ -319,6 +316,15 @@ class LlamaThinkConfig(PretrainedConfig):
         was built into one that cannot describe a working model: such a file would not load again."""
         self.validate_llamathink()
         return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    @property
+    def residual_starts_at_zero(self) -> bool:
+        """Whether a fresh model's residual output projections start at zero: `zero_init_residual`, or when that is
+        `None`, unless `rescale_prenorm_residual` asks for the GPT-2 start (so a config written before the field,
+        or one that sets only that, keeps meaning what it said)."""
+        if self.zero_init_residual is None:
+            return not self.rescale_prenorm_residual
+        return self.zero_init_residual
 
     @property
     def rotary_dim(self) -> int:

@@ -1871,10 +1871,11 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
             residual_out = getattr(module, "_is_residual_out", False)
             if residual_out and config.rescale_prenorm_residual:
                 std = std / math.sqrt(2 * config.num_hidden_layers)
-            if residual_out and config.zero_init_residual:
+            # drawn even when zeroed next: every other tensor then gets the same draws at one seed as with a normal
+            # start (the paired comparison of BENCHMARKS.md section 2)
+            init.normal_(module.weight, mean=0.0, std=std)
+            if residual_out and config.residual_starts_at_zero:
                 init.zeros_(module.weight)
-            else:
-                init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:  # CSA's blend_proj carries its start (`csa_blend_bias`); others start at 0
                 init.constant_(module.bias, getattr(module, "_bias_init", 0.0))
         elif isinstance(module, nn.Embedding):

@@ -2,6 +2,7 @@
 each one is the model it claims to be, checked against an independent reference on the CPU in float64."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -22,7 +23,7 @@ TINY = (
 
 def build(spec: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return bq.build_model(bq.parse_run(f"r:{spec},{TINY}" if spec else f"r:{TINY}"), seed).double().eval()
+    return bq.build_model(bq.parse_run(f"r:{TINY},{spec}" if spec else f"r:{TINY}"), seed).double().eval()
 
 
 def csa_layer_call(model, ids):
@@ -249,6 +250,16 @@ def test_zero_residual_outputs_start_every_layer_as_the_identity():
     torch.testing.assert_close(hidden, expected, rtol=0, atol=1e-12)
 
 
+def test_the_default_zero_start_is_the_measured_init_residual_out_zero():
+    """Session 18 measured the zero start as `init.residual_out=0` on the normal start; the default built from the
+    config field (`zero_init_residual` unset) is that model, tensor for tensor, at each seed."""
+    for seed in (0, 1):
+        measured, default = build("init.residual_out=0", seed).state_dict(), build("zero_init_residual=null", seed)
+        assert measured.keys() == default.state_dict().keys()
+        for name, tensor in default.state_dict().items():
+            assert torch.equal(tensor, measured[name]), (seed, name)
+
+
 def test_residual_out_std_is_the_drawn_std():
     model = build("init.residual_out=0.05,intermediate_size=512,hidden_size=256")
     std = torch.cat([m.weight.flatten() for m in model.modules() if getattr(m, "_is_residual_out", False)]).std()
@@ -271,28 +282,52 @@ def _run(name, losses, step=2, seconds=1.0):
 
 
 def test_plots_merge_files_rename_runs_and_average_seeds(tmp_path, capsys):
-    """`--plot A B`: the runs of both files in one plot (a name met twice gets its folder), `--plot-label` renames by
-    regular expression, `--plot-mean-seeds` averages `-s<seed>` runs over the steps they share; files of another
-    length are refused by name."""
+    """`--plot A B`: the runs of both files in one plot (each knows its file), `--plot-runs` keeps the whole names
+    its regular expression matches, `--plot-label` renames by regular expression, `--plot-mean-seeds` averages
+    `-s<seed>` runs over the steps they share; one name from two files is told apart in the legend."""
     a = _quality_json(tmp_path / "a" / "quality.json", [_run("lt-s0", [4.0, 3.0]), _run("x", [5.0, 4.0])])
-    b = _quality_json(tmp_path / "b" / "quality.json", [_run("old-s1", [3.0, 2.0, 1.0], step=1), _run("x", [6.0])])
+    b = _quality_json(tmp_path / "b" / "quality.json", [_run("old-s1", [3.0, 2.0, 1.0], step=1), _run("x", [6.0, 5.0])])
     merged = bq.merge_results([a, b])
-    assert [r["name"] for r in merged["runs"]] == ["lt-s0", "x", "old-s1", "x@b"]
+    assert [(r["name"], r["file_index"]) for r in merged["runs"]] == [("lt-s0", 1), ("x", 1), ("old-s1", 2), ("x", 2)]
     out = tmp_path / "plot.png"
-    argv = ["--plot", str(a), str(b), "--plot-runs", r"lt-s\d,old-s\d", "--plot-label", r"old-(s\d)=lt-\1"]
+    argv = ["--plot", str(a), str(b), "--plot-runs", r"(lt|old)-s\d{1,2}", "--plot-label", r"old-(s\d)=lt-\1"]
     assert bq.main([*argv, "--plot-mean-seeds", "--plot-out", str(out)]) == 0
     assert out.stat().st_size > 0
     printed = capsys.readouterr().out
-    assert "lt (2 seeds)" in printed and "x" not in printed.split("\n", 1)[1]
+    assert "lt (2 seeds)" in printed and "\nx" not in printed
+    assert bq.main(["--plot", str(a), str(b), "--plot-runs", "x", "--plot-out", str(out)]) == 0
+    assert "x [file 1]" in capsys.readouterr().out
     mean = bq.mean_over_seeds(
-        {"runs": [_run("lt-s0", [4.0, 3.0]), {**_run("lt-s1", [3.0, 2.0, 1.0], step=1), "name": "lt-s1"}]}
+        {"settings": {"steps": 4}, "runs": [_run("lt-s0", [4.0, 3.0]), _run("lt-s1", [3.0, 2.0, 1.0, 1.0], step=1)]}
     )["runs"]
     assert len(mean) == 1 and mean[0]["seeds"] == 2
-    assert [(p["step"], p["val_loss"]) for p in mean[0]["curve"]] == [(2, 3.0)]  # steps 2 (and 4, seed 0 only)
+    assert [(p["step"], p["val_loss"]) for p in mean[0]["curve"]] == [(2, 3.0), (4, 2.0)]
     assert mean[0]["val_loss"] == 2.0 and mean[0]["test_loss"] == 3.0
+
+
+def test_plots_refuse_what_would_draw_a_wrong_line(tmp_path, capsys):
+    """A file that is not a results file, another run length, a bad regular expression or label, a seed given twice
+    (the same file twice) and a run that stopped early are each refused by name, never averaged or drawn."""
+    a = _quality_json(tmp_path / "a" / "quality.json", [_run("lt-s0", [4.0, 3.0])])
+    stopped = {**_run("lt-s1", [4.0]), "steps_done": 2}
+    b = _quality_json(tmp_path / "b" / "quality.json", [stopped])
     c = _quality_json(tmp_path / "c" / "quality.json", [_run("y", [1.0])], steps=8)
-    with pytest.raises(ValueError, match=r"c/quality.json: steps=8 but .*a/quality.json has 4"):
-        bq.merge_results([a, c])
-    with pytest.raises(SystemExit):
-        bq.main(["--plot", str(a), "--plot-runs", "nothing"])
-    assert "matches no run" in capsys.readouterr().err
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "empty.json").write_text("")
+    cases = [
+        ([str(a), str(c)], [], r"c/quality.json: steps=8 but .*a/quality.json has 4"),
+        ([str(a), str(tmp_path / "list.json")], [], r"list.json: not a quality.json"),
+        ([str(tmp_path / "empty.json")], [], r"empty.json: cannot be read as a quality.json"),
+        ([str(tmp_path / "missing.json")], [], r"missing.json: cannot be read"),
+        ([str(a)], ["--plot-runs", "lt-s("], r"--plot-runs 'lt-s\(' is not a regular expression"),
+        ([str(a)], ["--plot-runs", "nothing"], "matches no run"),
+        ([str(a)], ["--plot-label", "lt-s0"], "is not PATTERN=LABEL"),
+        ([str(a)], ["--plot-label", r"lt-(s\d)=\2"], r"--plot-label .*invalid group reference"),
+        ([str(a), str(a)], ["--plot-mean-seeds"], r"lt s0 is given twice"),
+        ([str(a), str(b)], ["--plot-mean-seeds"], r"'lt-s1' .*b/quality.json\) did not train 4 steps"),
+    ]
+    for files, extra, message in cases:
+        with pytest.raises(SystemExit):
+            bq.main(["--plot", *files, *extra, "--plot-out", str(tmp_path / "x.png")])
+        assert re.search(message, capsys.readouterr().err), (files, extra, message)
+    assert not (tmp_path / "x.png").exists()
