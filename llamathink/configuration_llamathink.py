@@ -51,13 +51,15 @@ class LlamaThinkConfig(PretrainedConfig):
             identity (Fixup, Zhang et al. 2019; SkipInit, De & Smith 2020; torchvision ResNet's `zero_init_residual`;
             modded-nanogpt's output projections). Muon's orthogonalised update moves a zero matrix from the first
             step, and the layer's inner weights from the second. `None` (kept as such, resolved when a model is
-            built: `residual_starts_at_zero`) means True unless `rescale_prenorm_residual` is set. Measured against N(0, initializer_range) at equal tokens: 0.020 nats lower at 800 steps (five
-            seeds, paired) and 0.007 at 1600 (four seeds) (BENCHMARKS.md section 2). Fresh-model init only: weights
-            loaded from a checkpoint are never re-initialised.
+            built: `residual_starts_at_zero`) means True unless `rescale_prenorm_residual` is set. Measured against
+            N(0, initializer_range) at equal tokens: 0.020 nats lower at 800 steps (five seeds, paired) and 0.007
+            at 1600 (four seeds) (BENCHMARKS.md section 2). Fresh-model init only: weights loaded from a checkpoint
+            are never re-initialised.
         rescale_prenorm_residual (`bool`, defaults to False): start the residual output projections at
             N(0, initializer_range / sqrt(2 * num_hidden_layers)), as GPT-2 and llama2.c do, instead of zero
-            (`zero_init_residual` must then be false or unset). Measured on 13M tokens with Muon it learns less per
-            token than N(0, initializer_range), which learns less than zeros (BENCHMARKS.md section 2).
+            (`zero_init_residual` must then be false or unset). Measured on 13M tokens with Muon it learned less
+            per token than N(0, initializer_range) (one seed each, within the seed noise), which learns less than
+            zeros (BENCHMARKS.md section 2).
         A_init_range (`list[float]`, defaults to `[0.01, 16]`): Gated DeltaNet decay rates `A = exp(A_log)` start
             uniform in this range (Mamba-2's `A_init_range`; Qwen3.5's range, which measured better than the seed's
             `[1, 16]`: slow-decaying heads from the start).

@@ -232,8 +232,8 @@ def test_profile_kernel_kinds_sorts_kernels_by_kind():
 
 def test_zero_residual_outputs_start_every_layer_as_the_identity():
     """`init.residual_out=0` zeroes exactly the projections that write into the residual stream (o_proj, out_proj,
-    down_proj, 4 layers x 2), every other tensor as without it at the same seed (TINY: a normal start); each decoder layer then returns
-    its input, so the final hidden state is the final norm of the embedding."""
+    down_proj, 4 layers x 2), every other tensor as without it at the same seed (TINY: a normal start); each decoder
+    layer then returns its input, so the final hidden state is the final norm of the embedding."""
     default, zeroed = build(""), build("init.residual_out=0")
     outs = [n for n in zeroed.state_dict() if n.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight"))]
     assert len(outs) == 8

@@ -1390,7 +1390,7 @@ def test_zero_init_residual_setting():
     assert LlamaThinkConfig.from_dict({"rescale_prenorm_residual": True}).residual_starts_at_zero is False
     assert tiny_config(zero_init_residual=None).residual_starts_at_zero is True
     edited = LlamaThinkConfig()
-    edited.rescale_prenorm_residual = True  # set after construction (or by a from_pretrained keyword): still one setting
+    edited.rescale_prenorm_residual = True  # set after construction (or by a loading keyword): still one setting
     assert edited.residual_starts_at_zero is False
     edited.validate_llamathink()
     torch.manual_seed(0)
