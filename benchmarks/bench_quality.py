@@ -642,6 +642,7 @@ def plot(results: dict, path: str | Path) -> None:
     card = results["versions"].get("gpu", "CPU")
     fig.suptitle(f"{s['steps']} steps x {s['batch']} x {s['seq']} tokens, same batches; {card}", fontsize=10)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

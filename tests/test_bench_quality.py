@@ -295,8 +295,9 @@ def test_plots_merge_files_rename_runs_and_average_seeds(tmp_path, capsys):
     assert out.stat().st_size > 0
     printed = capsys.readouterr().out
     assert "lt (2 seeds)" in printed and "\nx" not in printed
-    assert bq.main(["--plot", str(a), str(b), "--plot-runs", "x", "--plot-out", str(out)]) == 0
-    assert "x [file 1]" in capsys.readouterr().out
+    nested = tmp_path / "new" / "folder" / "x.png"  # a folder that does not exist yet is made
+    assert bq.main(["--plot", str(a), str(b), "--plot-runs", "x", "--plot-out", str(nested)]) == 0
+    assert "x [file 1]" in capsys.readouterr().out and nested.stat().st_size > 0
     mean = bq.mean_over_seeds(
         {"settings": {"steps": 4}, "runs": [_run("lt-s0", [4.0, 3.0]), _run("lt-s1", [3.0, 2.0, 1.0, 1.0], step=1)]}
     )["runs"]
