@@ -101,7 +101,7 @@ KERNEL_KINDS = (
     ("attention (SDPA: cuDNN/flash/efficient)", ("sdpa", "flash", "fmha", "attention", "cudnn")),
     ("FlexAttention (inductor)", ("triton_tem_fused", "flex")),
     ("inductor fused (triton_*)", ("triton_",)),
-    ("fla causal conv", ("causal_conv1d",)),
+    ("causal conv + SiLU (ours or fla's)", ("causal_conv1d",)),  # ours: _causal_conv1d_silu_*_kernel
     (
         "fla Gated DeltaNet (Triton, tilelang)",
         (
@@ -279,9 +279,17 @@ def decode_profile(model, tokens: int) -> str:
     return "\n".join(lines)
 
 
+MODEL_VARIANTS = ("no-hc", "head128", "eager-decode")  # bench_gpu's variants that change the model, not its running
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default="auto")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="the LlamaThink model as bench_gpu.py names it (default llamathink:BACKEND; e.g. llamathink:auto:no-hc)",
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--decode-tokens", type=int, default=32)
@@ -297,10 +305,19 @@ def main(argv=None) -> int:
         "--peers", default="", help="comma list of bench_gpu.py peers (e.g. hf-llama) to profile compiled whole"
     )
     args = parser.parse_args(argv)
+    from bench_gpu import build, check_model_name  # the models exactly as bench_gpu.py builds them
+
+    name = args.model or f"llamathink:{args.backend}"
+    check_model_name(name)  # before any GPU work: a misspelt variant would profile the plain model
+    if not name.startswith("llamathink:"):
+        parser.error(f"--model {name}: profile_gpu profiles a LlamaThink model (peers go in --peers)")
+    if set(name.split(":")[2:]) - set(MODEL_VARIANTS):
+        parser.error(f"--model {name}: of bench_gpu's variants only those of the model itself profile here "
+                     f"({', '.join(MODEL_VARIANTS)})")
+    for peer in filter(None, args.peers.split(",")):
+        check_model_name(peer)
     torch.manual_seed(0)
     if args.optimizer_only:
-        from bench_gpu import build  # the peer exactly as bench_gpu.py builds it
-
         report = [f"# {torch.cuda.get_device_name()}, torch {torch.__version__}: clipping + optimizer step"]
         for name in ("llamathink:auto", "hf-llama"):
             model = build(name).cuda()
@@ -310,11 +327,9 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         print("\n".join(report))
         return 0
-    model = LlamaThinkForCausalLM(LlamaThinkConfig(gdn_backend=args.backend)).cuda()
+    model = build(name).cuda()
     ids = torch.randint(0, 32000, (args.batch, args.seq), device="cuda")
-    report = [
-        f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, backend {args.backend}, batch {args.batch}"
-    ]
+    report = [f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {name}, batch {args.batch}"]
     if not args.no_eager:
         report.append("## GPU ms per training step, by layer kind (forward, backward; summed over layers)")
         for name, ms in sorted(layer_times(model, ids).items()):
@@ -332,11 +347,9 @@ def main(argv=None) -> int:
         report.append(f"graph breaks: {sum(breaks.values())} ({len(counters['stats'])} dynamo stats); reasons:")
         report += [f"  {n:4d}  {reason[:200]}" for reason, n in sorted(breaks.items(), key=lambda kv: -kv[1])[:10]]
         report.append(step_wall_ms(compiled, ids))
-    for name in filter(None, args.peers.split(",")):
-        from bench_gpu import build  # the peer exactly as bench_gpu.py builds it
-
-        peer = torch.compile(build(name).cuda())  # compiled whole, as bench_gpu.py compiles the peers
-        report.append(f"## top kernels of one compiled training step of {name} (compiled whole)")
+    for peer_name in filter(None, args.peers.split(",")):
+        peer = torch.compile(build(peer_name).cuda())  # compiled whole, as bench_gpu.py compiles the peers
+        report.append(f"## top kernels of one compiled training step of {peer_name} (compiled whole)")
         report.append(kernel_table(peer, ids, top_kernels=args.top_kernels))
         report.append(step_wall_ms(peer, ids))
         del peer

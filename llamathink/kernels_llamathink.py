@@ -471,6 +471,233 @@ def fla_conv_available() -> bool:
     return _fla_ops() is not None and _fla_conv_internals() is not None
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Short causal convolution: LlamaThink's own fused Triton conv + SiLU, forward and backward
+# ----------------------------------------------------------------------------------------------------------------
+# fla's conv backward first writes the whole pre-activation to memory (its forward kernel run again) and then reads it
+# and the output gradient at K shifts each, with the weight gradient summed from one fp32 partial per 64 tokens:
+# measured on the H200 at 5x the bytes the backward needs (BENCHMARKS.md section 1, session 17). These kernels read
+# x and dy once from HBM (the K shifted reads hit the cache), recompute the pre-activation in registers, and sum the
+# weight gradient over 256 tokens per partial. Packed documents are masked by each token's position in its document
+# (`pos`), the rule of the PyTorch reference (`LlamaThinkGatedDeltaNet._causal_conv`).
+
+try:  # optional: without triton (CPU machines, or a broken install) the model runs on its PyTorch conv
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - ImportError, or a triton that fails on import
+    triton = tl = None
+
+# Tile sizes (time steps x channels) and warps of the forward and the backward's dx kernel (fwd_*) and of the
+# backward's dpre kernel (bwd_*), whose programs each take bwd_tiles tiles in turn (a weight-gradient partial sums
+# bwd_tiles x bwd_bt tokens). Fixed rather than autotuned (no timing on a first call); benchmarks/bench_conv.py
+# measures alternatives.
+CONV_TILES = {"fwd_bt": 64, "fwd_bc": 64, "fwd_warps": 4, "bwd_bt": 32, "bwd_bc": 64, "bwd_tiles": 2, "bwd_warps": 4}
+
+if triton is not None:
+
+    @triton.jit
+    def _causal_conv1d_silu_fwd_kernel(x, w, pos, y, T, C, K: tl.constexpr, HAS_POS: tl.constexpr, BT: tl.constexpr,
+                                       BC: tl.constexpr):
+        # program (time tile, channel tile, row): y[t, c] = silu(sum_i w[c, i] * x[t - (K-1) + i, c])
+        i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
+        o_c = i_c * BC + tl.arange(0, BC)
+        m_c = o_c < C
+        row = i_b.to(tl.int64) * T
+        if HAS_POS:  # a token sees inputs of its own document only: back to (its position) steps
+            b_pos = tl.load(pos + row + o_t, mask=o_t < T, other=0)
+        acc = tl.zeros((BT, BC), dtype=tl.float32)
+        for i in tl.static_range(K):
+            src = o_t - (K - 1) + i
+            m_t = (src >= 0) & (src < T)
+            if HAS_POS:
+                m_t = m_t & (b_pos >= K - 1 - i)
+            b_x = tl.load(x + (row + src)[:, None] * C + o_c[None, :], mask=m_t[:, None] & m_c[None, :], other=0.0)
+            b_w = tl.load(w + o_c * K + i, mask=m_c, other=0.0).to(tl.float32)
+            acc += b_x.to(tl.float32) * b_w[None, :]
+        out = acc * tl.sigmoid(acc)
+        m_out = (o_t < T)[:, None] & m_c[None, :]
+        tl.store(y + (row + o_t)[:, None] * C + o_c[None, :], out.to(y.dtype.element_ty), mask=m_out)
+
+    @triton.jit
+    def _causal_conv1d_silu_bwd_pre_kernel(x, w, pos, dy, dpre, dw_part, T, C, K: tl.constexpr, KP: tl.constexpr,
+                                           HAS_POS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                                           TILES: tl.constexpr):
+        # program (channel tile, row, group of TILES time tiles): the pre-activation recomputed from x,
+        #   dpre[t] = dy[t] * silu'(pre[t])   (stored, fp32)      dw[c, i] += sum_t dpre[t] * x[t - (K-1) + i]
+        i_c, i_b, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        o_c = i_c * BC + tl.arange(0, BC)
+        m_c = o_c < C
+        o_k = tl.arange(0, KP)
+        row = i_b.to(tl.int64) * T
+        b_dw = tl.zeros((BC, KP), dtype=tl.float32)
+        for tile in range(TILES):
+            o_t = (i_g * TILES + tile).to(tl.int64) * BT + tl.arange(0, BT)
+            if HAS_POS:
+                b_pos = tl.load(pos + row + o_t, mask=o_t < T, other=0)
+            pre = tl.zeros((BT, BC), dtype=tl.float32)
+            for i in tl.static_range(K):
+                src = o_t - (K - 1) + i
+                m_t = (src >= 0) & (src < T)
+                if HAS_POS:
+                    m_t = m_t & (b_pos >= K - 1 - i)
+                b_x = tl.load(x + (row + src)[:, None] * C + o_c[None, :], mask=m_t[:, None] & m_c[None, :], other=0.0)
+                b_w = tl.load(w + o_c * K + i, mask=m_c, other=0.0).to(tl.float32)
+                pre += b_x.to(tl.float32) * b_w[None, :]
+            m_out = (o_t < T)[:, None] & m_c[None, :]
+            b_dy = tl.load(dy + (row + o_t)[:, None] * C + o_c[None, :], mask=m_out, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(pre)
+            b_dpre = b_dy * sig * (1.0 + pre * (1.0 - sig))
+            tl.store(dpre + (row + o_t)[:, None] * C + o_c[None, :], b_dpre, mask=m_out)
+            for i in tl.static_range(K):  # the same shifted reads as above, now from the cache
+                src = o_t - (K - 1) + i
+                m_t = (src >= 0) & (src < T)
+                if HAS_POS:
+                    m_t = m_t & (b_pos >= K - 1 - i)
+                b_x = tl.load(x + (row + src)[:, None] * C + o_c[None, :], mask=m_t[:, None] & m_c[None, :], other=0.0)
+                part = tl.sum(b_dpre * b_x.to(tl.float32), 0)  # [BC]
+                b_dw += part[:, None] * (o_k == i).to(tl.float32)[None, :]
+        part_row = (i_b * tl.num_programs(2) + i_g).to(tl.int64) * C * K
+        tl.store(dw_part + part_row + o_c[:, None] * K + o_k[None, :], b_dw, mask=m_c[:, None] & (o_k < K)[None, :])
+
+    @triton.jit
+    def _causal_conv1d_silu_bwd_x_kernel(dpre, w, pos, dx, T, C, K: tl.constexpr, HAS_POS: tl.constexpr,
+                                         BT: tl.constexpr, BC: tl.constexpr):
+        # program (time tile, channel tile, row): dx[t] = sum_j w[c, K-1-j] * dpre[t + j], where output t + j reads
+        # input t (inside one document: pos[t + j] >= j)
+        i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
+        o_c = i_c * BC + tl.arange(0, BC)
+        m_c = o_c < C
+        row = i_b.to(tl.int64) * T
+        acc = tl.zeros((BT, BC), dtype=tl.float32)
+        for j in tl.static_range(K):
+            t_j = o_t + j
+            m_t = t_j < T
+            if HAS_POS:
+                m_t = m_t & (tl.load(pos + row + t_j, mask=m_t, other=0) >= j)
+            b_g = tl.load(dpre + (row + t_j)[:, None] * C + o_c[None, :], mask=m_t[:, None] & m_c[None, :], other=0.0)
+            b_w = tl.load(w + o_c * K + (K - 1 - j), mask=m_c, other=0.0).to(tl.float32)
+            acc += b_g * b_w[None, :]
+        m_out = (o_t < T)[:, None] & m_c[None, :]
+        tl.store(dx + (row + o_t)[:, None] * C + o_c[None, :], acc.to(dx.dtype.element_ty), mask=m_out)
+
+
+def _conv_pos(pos: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    # custom ops take tensors, so "no positions" is an empty tensor; positions go in as int32 (any int dtype accepted)
+    return x.new_empty(0, dtype=torch.int32) if pos is None else pos.to(torch.int32).contiguous()
+
+
+def triton_causal_conv1d_silu_forward(x: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The forward kernel's launch: x [B, T, C] contiguous, weight [C, K] contiguous, pos [B, T] int32 or empty."""
+    B, T, C = x.shape
+    y = torch.empty_like(x)
+    tiles = CONV_TILES
+    grid = (triton.cdiv(T, tiles["fwd_bt"]), triton.cdiv(C, tiles["fwd_bc"]), B)
+    with _device_of(x):
+        _causal_conv1d_silu_fwd_kernel[grid](
+            x, weight, pos, y, T, C, K=weight.shape[1], HAS_POS=pos.numel() > 0, BT=tiles["fwd_bt"],
+            BC=tiles["fwd_bc"], num_warps=tiles["fwd_warps"],
+        )
+    return y
+
+
+def triton_causal_conv1d_silu_backward(
+    x: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor, grad_y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward kernels' launches -> (dx [B, T, C] in x's dtype, dweight [C, K] in weight's dtype): the first
+    recomputes the pre-activation and writes dpre (fp32) and one weight-gradient partial per program, summed here in
+    a fixed order (deterministic); the second reads dpre at K shifts for dx."""
+    B, T, C = x.shape
+    K = weight.shape[1]
+    grad_y = grad_y.to(x.dtype).contiguous()
+    has_pos = pos.numel() > 0
+    dpre = torch.empty(B, T, C, device=x.device, dtype=torch.float32)
+    dx = torch.empty_like(x)
+    tiles = CONV_TILES
+    groups = triton.cdiv(T, tiles["bwd_bt"] * tiles["bwd_tiles"])
+    dw_part = torch.empty(B * groups, C, K, device=x.device, dtype=torch.float32)
+    with _device_of(x):
+        _causal_conv1d_silu_bwd_pre_kernel[(triton.cdiv(C, tiles["bwd_bc"]), B, groups)](
+            x, weight, pos, grad_y, dpre, dw_part, T, C, K=K, KP=triton.next_power_of_2(K), HAS_POS=has_pos,
+            BT=tiles["bwd_bt"], BC=tiles["bwd_bc"], TILES=tiles["bwd_tiles"], num_warps=tiles["bwd_warps"],
+        )
+        _causal_conv1d_silu_bwd_x_kernel[(triton.cdiv(T, tiles["fwd_bt"]), triton.cdiv(C, tiles["fwd_bc"]), B)](
+            dpre, weight, pos, dx, T, C, K=K, HAS_POS=has_pos, BT=tiles["fwd_bt"], BC=tiles["fwd_bc"],
+            num_warps=tiles["fwd_warps"],
+        )
+    return dx, dw_part.sum(0).to(weight.dtype)
+
+
+def _define_triton_conv_op():
+    """Define `llamathink::causal_conv1d_silu` (+ its backward op and autograd formula) once per process (see
+    `_define_fla_chunk_op`): one opaque node for dynamo, eager and compiled alike."""
+    try:
+        return torch.ops.llamathink.causal_conv1d_silu
+    except (AttributeError, RuntimeError):
+        pass
+
+    @torch.library.custom_op("llamathink::causal_conv1d_silu", mutates_args=())
+    def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return triton_causal_conv1d_silu_forward(x, weight, pos)
+
+    @causal_conv1d_silu.register_fake
+    def _(x, weight, pos):
+        return torch.empty_like(x)
+
+    @torch.library.custom_op("llamathink::causal_conv1d_silu_backward", mutates_args=())
+    def causal_conv1d_silu_backward(
+        x: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor, grad_y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return triton_causal_conv1d_silu_backward(x, weight, pos, grad_y)
+
+    @causal_conv1d_silu_backward.register_fake
+    def _(x, weight, pos, grad_y):
+        return torch.empty_like(x), torch.empty_like(weight)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, pos = inputs
+        ctx.save_for_backward(x, weight, pos)
+
+    def backward(ctx, grad_y):
+        x, weight, pos = ctx.saved_tensors
+        dx, dw = causal_conv1d_silu_backward(x, weight, pos, grad_y)
+        return dx, dw, None
+
+    causal_conv1d_silu.register_autograd(backward, setup_context=setup_context)
+    return torch.ops.llamathink.causal_conv1d_silu
+
+
+_triton_conv_op = _define_triton_conv_op() if triton is not None else None
+# Read once: the model asks in every Gated DeltaNet layer, also while dynamo traces it.
+_TRITON_CONV_ON = os.environ.get("LLAMATHINK_TRITON_CONV", "1") != "0"
+
+
+def triton_conv_available() -> bool:
+    """True where LlamaThink's Triton conv can run on CUDA tensors: triton importable and not turned off by
+    `LLAMATHINK_TRITON_CONV=0` when this file was imported (which selects fla's conv instead, for comparisons)."""
+    return _triton_conv_op is not None and _TRITON_CONV_ON
+
+
+def triton_causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+    """`silu(causal depthwise conv1d(x))` by LlamaThink's fused Triton kernels, forward and backward, channels-last:
+    x [B, T, C] (any float dtype; computed in fp32), weight [C, K] (the `nn.Conv1d` weight [C, 1, K] without its
+    middle axis; its gradient in its own dtype) -> [B, T, C] in x's dtype. Output t sees inputs t - K + 1 .. t, zeros
+    before the start of the row; with `pos` [B, T] (each token's position in its packed document, as `position_ids`
+    restarting at 0) only inputs of its own document: those at most `pos[t]` steps back.
+
+    Method: Mamba's short causal conv (Gu & Dao 2023; the `causal-conv1d` package), as Gated DeltaNet uses it (Yang
+    et al. 2024). The reference is `LlamaThinkGatedDeltaNet._causal_conv`'s PyTorch form (tests compare both, forward
+    and gradients, under Triton's interpreter on CPU and on the GPU). Raises RuntimeError without triton."""
+    if _triton_conv_op is None:
+        raise RuntimeError("triton is not importable: LlamaThink's Triton conv is not available")
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"x must be [B, T, C] and weight [C, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if pos is not None and pos.shape != x.shape[:2]:
+        raise ValueError(f"pos must be [B, T] = {tuple(x.shape[:2])}, got {tuple(pos.shape)}")
+    return _triton_conv_op(x.contiguous(), weight.contiguous(), _conv_pos(pos, x))
+
+
 def probe_fla():
     """Look fla up now (import, chunk internals, the backward check of every visible GPU) rather than on the first
     forward: under torch.compile that lookup would import fla (and ask importlib whether tilelang is there) while

@@ -43,7 +43,14 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput, logging
 
 from .configuration_llamathink import LlamaThinkConfig
-from .kernels_llamathink import FLA_GDN_KERNELS, fla_causal_conv1d_silu, probe_fla, select_gdn_backend
+from .kernels_llamathink import (
+    FLA_GDN_KERNELS,
+    fla_causal_conv1d_silu,
+    probe_fla,
+    select_gdn_backend,
+    triton_causal_conv1d_silu,
+    triton_conv_available,
+)
 
 try:  # transformers >= 5: init functions that respect the "already loaded" flags of from_pretrained
     from transformers import initialization as init
@@ -846,13 +853,16 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         state [B, C, K-1] when caching. With packed `segments` (`segment_pos` [B, T]: each token's position in its
         sequence) a token sees no input from before the start of its sequence, as at the start of a row.
 
-        Three forms of one function: fla's fused Triton conv + SiLU (`backend == "fla"`, 16-bit, no cache; packed
-        sequences through its `cu_seqlens`), K shifted products (under torch.compile, where inductor fuses them with
+        Four forms of one function: LlamaThink's fused Triton conv + SiLU (`backend == "fla"`, 16-bit, no cache;
+        `triton_causal_conv1d_silu`), fla's (the same where `LLAMATHINK_TRITON_CONV=0`; packed sequences through its
+        `cu_seqlens`), K shifted products (under torch.compile, where inductor fuses them with
         the SiLU, and for packed sequences without fla), and cuDNN's depthwise conv (eager, the CPU path)."""
         B, T, C = qkv.shape
         K = self.conv_kernel_size
         if backend == "fla" and state is None and qkv.dtype in (torch.float16, torch.bfloat16):
             weight = self.conv1d.weight[:, 0]  # [C, K]
+            if triton_conv_available():  # packed documents masked by their positions, as below
+                return triton_causal_conv1d_silu(qkv, weight, segment_pos if segments is not None else None)
             if segments is None:
                 return fla_causal_conv1d_silu(qkv, weight)
             flat = fla_causal_conv1d_silu(qkv.reshape(1, B * T, C), weight, segments.cu_seqlens)  # [1, B*T, C]
@@ -918,16 +928,38 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         backend = select_gdn_backend(self.backend, qkv.device, needs_grad, qkv.dtype)  # one choice for the layer
         segment_pos = ctx.position_ids if segments is not None else None
         qkv = self._causal_conv(qkv, state, backend, segments, segment_pos)  # [B, T, conv_dim]
-        q, k, v, g, beta = self._heads_and_gates(qkv, hidden_states, valid)
+        z, b, a = self._gate_projections(hidden_states)
+        q, k, v, g, beta = self._heads_and_gates(qkv, b, a, valid)
         initial_state = state.recurrent if state is not None else None
         o, final_state = self._delta_rule(q, k, v, g, beta, initial_state, state is not None, backend, segments)
         if state is not None:
             state.recurrent = final_state.detach()
-        return self._output(o, hidden_states)
+        return self._output(o, z, hidden_states.dtype)
 
-    def _heads_and_gates(self, qkv: torch.Tensor, hidden_states: torch.Tensor, valid: torch.Tensor | None):
-        """conv output [B, T, conv_dim] -> q, k (L2-normed, fp32), v [B, T, H, D]; log-decay g and beta [B, T, Hv]."""
-        B, T, _ = hidden_states.shape
+    def _gate_projections(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`in_proj_z`, `in_proj_b` and `in_proj_a` of hidden_states [B, T, hidden] -> z [B, T, value_dim] and the
+        beta and decay pre-activations b, a [B, T, Hv].
+
+        Where all three are plain `nn.Linear` (not, say, PEFT's LoRA wrappers), one matrix product with their
+        weights stacked, its rows padded with zeros to a multiple of 8: reads the input once, and keeps cuBLAS off
+        its slow kernels for rows of 2 x Hv = 18 bf16 values (not a multiple of 16 bytes). The parameters and the
+        state dict stay the three projections (Qwen3.5's layout); their gradients are slices of the stacked one."""
+        projections = (self.in_proj_z, self.in_proj_b, self.in_proj_a)
+        if not all(type(m) is nn.Linear and m.bias is None for m in projections):
+            return tuple(m(hidden_states) for m in projections)
+        rows = self.value_dim + 2 * self.num_v_heads
+        pad = -rows % 8
+        weights = [m.weight for m in projections]
+        if pad:
+            weights.append(self.in_proj_z.weight.new_zeros(pad, self.in_proj_z.in_features))
+        zba = F.linear(hidden_states, torch.cat(weights))  # [B, T, rows + pad]
+        z, b, a, _ = zba.split((self.value_dim, self.num_v_heads, self.num_v_heads, pad), dim=-1)
+        return z, b, a
+
+    def _heads_and_gates(self, qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor, valid: torch.Tensor | None):
+        """conv output [B, T, conv_dim] and the gate projections b, a [B, T, Hv] (`_gate_projections`) -> q, k
+        (L2-normed, fp32), v [B, T, H, D]; log-decay g and beta [B, T, Hv]."""
+        B, T, _ = qkv.shape
         q, k, v = qkv.split((self.key_dim, self.key_dim, self.value_dim), dim=-1)
         q = q.reshape(B, T, self.num_k_heads, self.head_k_dim)
         k = k.reshape(B, T, self.num_k_heads, self.head_k_dim)
@@ -935,19 +967,20 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         if self.num_v_heads > self.num_k_heads:  # each key head serves a group of consecutive value heads
             q = q.repeat_interleave(self.num_v_heads // self.num_k_heads, dim=2)
             k = k.repeat_interleave(self.num_v_heads // self.num_k_heads, dim=2)
-        acc = _acc_dtype(hidden_states.dtype)  # q/k normalisation, gates and the state are kept in fp32
+        acc = _acc_dtype(qkv.dtype)  # q/k normalisation, gates and the state are kept in fp32
         q, k = l2norm(q.to(acc)), l2norm(k.to(acc))
-        beta = torch.sigmoid(self.in_proj_b(hidden_states).to(acc))  # [B, T, Hv]
-        g = -self.A_log.to(acc).exp() * F.softplus(self.in_proj_a(hidden_states).to(acc) + self.dt_bias.to(acc))
+        beta = torch.sigmoid(b.to(acc))  # [B, T, Hv]
+        g = -self.A_log.to(acc).exp() * F.softplus(a.to(acc) + self.dt_bias.to(acc))
         if valid is not None:  # padded steps: decay 1, no write -> the recurrent state passes through unchanged
             beta = beta * valid[..., None]
             g = g * valid[..., None]
         return q, k, v, g, beta
 
-    def _output(self, o: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        B, T, _ = hidden_states.shape
-        z = self.in_proj_z(hidden_states).reshape(B, T, self.num_v_heads, self.head_v_dim)
-        o = self.norm(o.to(hidden_states.dtype), z)  # [B, T, Hv, Dv]
+    def _output(self, o: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Delta-rule output o [B, T, Hv, Dv] and the output gate's projection z [B, T, value_dim] -> [B, T, hidden];
+        o enters the gated norm in `dtype` (the mixer input's)."""
+        B, T, _ = z.shape
+        o = self.norm(o.to(dtype), z.reshape(B, T, self.num_v_heads, self.head_v_dim))  # [B, T, Hv, Dv]
         return self.out_proj(o.reshape(B, T, self.value_dim))
 
     def decode_static(self, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -957,14 +990,15 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         window = torch.cat((state.conv, qkv.transpose(1, 2).to(state.conv.dtype)), dim=-1)  # [B, conv_dim, K]
         state.conv.copy_(window[:, :, 1:])
         qkv = F.silu((window * self.conv1d.weight[:, 0].to(window.dtype)).sum(-1, keepdim=True))  # [B, conv_dim, 1]
-        q, k, v, g, beta = self._heads_and_gates(qkv.transpose(1, 2).to(hidden_states.dtype), hidden_states, None)
+        z, b, a = self._gate_projections(hidden_states)
+        q, k, v, g, beta = self._heads_and_gates(qkv.transpose(1, 2).to(hidden_states.dtype), b, a, None)
         # The PyTorch step, also where fla is installed: inside a CUDA graph its handful of small kernels cost no
         # launch overhead, and it is the path whose capture is tested (fla's Triton launcher is not needed here).
         o, final_state = torch_recurrent_gated_delta_rule(
             q, k, v, g, beta, self.head_k_dim**-0.5, state.recurrent, True
         )
         state.recurrent.copy_(final_state)
-        return self._output(o, hidden_states)
+        return self._output(o, z, hidden_states.dtype)
 
     # --- decode state of this mixer (`LlamaThinkCache`, `_StaticDecoder`) and its cost ---------------------------
     state_class = GatedDeltaNetState

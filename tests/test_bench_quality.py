@@ -208,7 +208,8 @@ def test_profile_kernel_kinds_sorts_kernels_by_kind():
         ("triton_poi_fused__to_copy_chunk_mul_silu_0", 1000.0, cuda),  # inductor, though it names a chunk
         ("chunk_gated_delta_rule_fwd_kernel_h_blockdim64", 1500.0, cuda),
         ("kernel_kernel", 500.0, cuda),  # tilelang's
-        ("causal_conv1d_bwd_kernel", 500.0, cuda),
+        ("causal_conv1d_bwd_kernel", 300.0, cuda),  # fla's
+        ("_causal_conv1d_silu_bwd_kernel", 200.0, cuda),  # ours
         ("void at::native::vectorized_elementwise_kernel<4>", 250.0, cuda),
         ("mystery", 250.0, cuda),
         ("aten::mm", 9999.0, cpu),
@@ -223,11 +224,27 @@ def test_profile_kernel_kinds_sorts_kernels_by_kind():
         "attention (SDPA: cuDNN/flash/efficient)": 2.0,
         "inductor fused (triton_*)": 1.0,
         "fla Gated DeltaNet (Triton, tilelang)": 2.0,
-        "fla causal conv": 0.5,
+        "causal conv + SiLU (ours or fla's)": 0.5,
         "aten elementwise / reductions": 0.25,
         "other": 0.25,
     }
     assert "40.0%" in profile_gpu.kernel_kinds(averages).splitlines()[1]
+
+
+def test_profile_gpu_refuses_a_model_it_would_not_profile_as_named(capsys):
+    """`profile_gpu.py --model`: a misspelt variant, a peer, or a variant that changes how bench_gpu runs a model
+    rather than the model (`:cold`) stops before any GPU work, naming the problem."""
+    import profile_gpu
+
+    for argv, expected in (
+        (["--model", "llamathink:auto:no-hx"], "unknown variant 'no-hx'"),
+        (["--model", "hf-llama"], "profiles a LlamaThink model"),
+        (["--model", "llamathink:auto:cold"], "only those of the model itself"),
+        (["--peers", "hf-lama"], "unknown model"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            profile_gpu.main(argv)
+        assert expected in str(exit_info.value.code) + capsys.readouterr().err
 
 
 def test_zero_residual_outputs_start_every_layer_as_the_identity():

@@ -292,6 +292,43 @@ def test_gated_deltanet_matches_transformers_qwen3_5_gated_deltanet():
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
 
 
+def test_gate_projections_are_one_product_equal_to_the_three_and_lora_wrappers_are_called(monkeypatch):
+    """`_gate_projections` stacks in_proj_z, in_proj_b and in_proj_a into one matrix product (padded rows) whose
+    outputs and weight gradients equal the three projections'; a projection wrapped by another module (PEFT's LoRA)
+    is called as a module, so its extra path counts."""
+    config = tiny_config(linear_num_value_heads=3, linear_num_key_heads=3)  # 3 x 10 + 2 x 3 = 36 rows: 4 padded
+    layer = randomize_(LlamaThinkGatedDeltaNet(config, layer_idx=0), seed=2).double()
+    x = torch.randn(2, 5, config.hidden_size, dtype=torch.float64)
+    calls = []
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda *a, **k: calls.append(1) or linear(*a, **k))
+    outs = layer._gate_projections(x)
+    assert len(calls) == 1 and [o.shape[-1] for o in outs] == [layer.value_dim, 3, 3]
+    projections = (layer.in_proj_z, layer.in_proj_b, layer.in_proj_a)
+    refs = [m(x) for m in projections]
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    weights = [torch.randn_like(r) for r in refs]
+    grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights)), [m.weight for m in projections])
+    ref_grads = torch.autograd.grad(sum((r * w).sum() for r, w in zip(refs, weights)), [m.weight for m in projections])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+    class LoRALike(torch.nn.Module):  # what PEFT puts in a projection's place: the base layer plus a delta
+        def __init__(self, base):
+            super().__init__()
+            self.base_layer, self.delta = base, torch.nn.Linear(base.in_features, base.out_features, bias=False)
+
+        def forward(self, x):
+            return self.base_layer(x) + self.delta(x)
+
+    layer.in_proj_b = LoRALike(layer.in_proj_b).double()
+    z, b, a = layer._gate_projections(x)
+    torch.testing.assert_close(b, layer.in_proj_b(x))
+    torch.testing.assert_close(z, refs[0])
+    assert (b - refs[1]).abs().max() > 1e-3
+
+
 def test_rotary_matches_transformers_qwen3_5_rotary_for_text_positions():
     from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5TextRotaryEmbedding
 
