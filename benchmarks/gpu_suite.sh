@@ -24,10 +24,9 @@
 #   OUT=results_dir bash benchmarks/gpu_suite.sh kinds   # the compiled step's GPU time by kind of kernel and its
 #                                                        # top kernels, ours beside HF Llama compiled whole in one
 #                                                        # process: batch 16 (half 0), batch 64 (half 1)
-#   OUT=/abs/dir bash benchmarks/gpu_suite.sh conv       # our Triton conv and the stacked gate projections: GPU
-#   OLD=/abs/old_tree OUT=/abs/dir bash ... conv2         # tests; kernels by kind at batch 16 and 64 against the
-#   DATA=runs/english200 OUT=/abs/dir bash ... conv3      # tree before them (OLD), fla's conv, no hyper-connections;
-#                                                        # tokens/s beside HF Llama; 800 steps of bench_quality
+#   OLD=/abs/old_tree OUT=/abs/dir bash benchmarks/gpu_suite.sh fold  # the stacked gate projections: GPU tests;
+#                                                        # kernels by kind at batch 16 and 64 against the tree
+#                                                        # before them (OLD); without hyper-connections
 #   OUT=results_dir bash benchmarks/gpu_suite.sh profile # torch.profiler view of the eager and compiled steps,
 #                                                        # generate() with fla, HF Qwen3.5 compiled (slow to compile)
 # Every benchmark has its own time limit so that a slow one cannot eat the others' time, and writes what it
@@ -123,38 +122,25 @@ elif [ "$PART" = kinds ]; then  # issue 17: where the compiled step's GPU time g
         --top-kernels 60 --batch "$1" > "$OUT/kinds_b$1.txt" 2>&1; grep -A9 "by kind" "$OUT/kinds_b$1.txt"; }
     half0() { kinds 16; }
     half1() { kinds 64; }
-elif [ "$PART" = conv ] || [ "$PART" = conv2 ] || [ "$PART" = conv3 ]; then  # issue 17: LlamaThink's Triton
-    # conv + SiLU and the stacked gate projections. conv: the GPU tests, then the compiled step's kernels by kind at
-    # batch 16 beside HF Llama compiled whole. conv2: the same for the tree before both changes (OLD, e.g. `git
-    # archive 1a84cf3`) at batch 16 and both trees at 64; this tree with fla's conv (LLAMATHINK_TRITON_CONV=0) and
-    # without hyper-connections. conv3: tokens/s beside HF Llama (bench_gpu), and 800 steps of bench_quality.
-    # About 450 s each on one warm H200 (its halves run one after the other there).
+elif [ "$PART" = fold ]; then  # issue 17: the stacked gate projections (one matrix product for in_proj_z/b/a): the
+    # GPU tests that train through them; the compiled step's kernels by kind at batch 16 (beside HF Llama compiled
+    # whole) and 64, this tree against the tree before (OLD, e.g. `git archive 1a84cf3`); this tree without
+    # hyper-connections (their share of the step). About 500 s on one fresh H200.
     export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor
     prof() { local limit=$1 name=$2 batch=$3; shift 3; timeout "$limit" python benchmarks/profile_gpu.py --compile \
         --no-eager --no-decode --top-kernels 40 --batch "$batch" "$@" > "$OUT/kinds_$name.txt" 2>&1
         echo "== $name"; grep -E "^  [a-zA-Z].* ms .*%|wall time" "$OUT/kinds_$name.txt"; }
     old() { (cd "${OLD:?set OLD to a checkout of the code before the change}" && PYTHONPATH="$OLD:$PYTHONPATH" "$@"); }
+    half0() {
+        timeout 170 python -m pytest -x -v -p no:cacheprovider --tb=short tests/test_gpu.py \
+            -k "packed_training_on_gpu or shipped_fla" > "$OUT/test_gpu_fold.log" 2>&1
+        grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/test_gpu_fold.log" | tail -8
+        prof 120 b16 16 --peers hf-llama
+        old prof 70 b16_old 16
+        prof 60 b16_no_hc 16 --model llamathink:auto:no-hc
+        prof 70 b64 64
+        old prof 70 b64_old 64; }
     half1() { :; }
-    if [ "$PART" = conv ]; then
-        half0() {
-            gpu_tests 330 conv
-            prof 200 b16 16 --peers hf-llama; }
-    elif [ "$PART" = conv2 ]; then
-        half0() {
-            old prof 110 b16_old 16
-            prof 110 b64 64 --peers hf-llama
-            old prof 90 b64_old 64
-            LLAMATHINK_TRITON_CONV=0 prof 80 b16_fla_conv 16
-            prof 80 b16_no_hc 16 --model llamathink:auto:no-hc; }
-    else
-        DATA=${DATA:?set DATA to a prepared folder (python -m llamathink.data prepare)}
-        half0() {
-            bench 250 compiled --compiled-only --no-generate --budget-s 80 --train-batches 16,64 \
-                --models llamathink:fla,llamathink:fla:cudagraphs,hf-llama
-            timeout 200 python benchmarks/bench_quality.py --data "$DATA" --steps 800 --eval-every 200 \
-                --out "$OUT/quality" --run default-s0:compile=1 > "$OUT/quality.log" 2>&1
-            grep -E "final|rror" "$OUT/quality.log" | tail -3; }
-    fi
 else  # profile
     half0() {
         timeout 300 python benchmarks/profile_gpu.py --backend auto --compile --out "$OUT" > "$OUT/profile.log" 2>&1

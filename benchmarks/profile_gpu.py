@@ -101,7 +101,7 @@ KERNEL_KINDS = (
     ("attention (SDPA: cuDNN/flash/efficient)", ("sdpa", "flash", "fmha", "attention", "cudnn")),
     ("FlexAttention (inductor)", ("triton_tem_fused", "flex")),
     ("inductor fused (triton_*)", ("triton_",)),
-    ("causal conv + SiLU (ours or fla's)", ("causal_conv1d",)),  # ours: _causal_conv1d_silu_*_kernel
+    ("fla causal conv", ("causal_conv1d",)),
     (
         "fla Gated DeltaNet (Triton, tilelang)",
         (

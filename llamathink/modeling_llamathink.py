@@ -43,14 +43,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput, logging
 
 from .configuration_llamathink import LlamaThinkConfig
-from .kernels_llamathink import (
-    FLA_GDN_KERNELS,
-    fla_causal_conv1d_silu,
-    probe_fla,
-    select_gdn_backend,
-    triton_causal_conv1d_silu,
-    triton_conv_available,
-)
+from .kernels_llamathink import FLA_GDN_KERNELS, fla_causal_conv1d_silu, probe_fla, select_gdn_backend
 
 try:  # transformers >= 5: init functions that respect the "already loaded" flags of from_pretrained
     from transformers import initialization as init
@@ -853,16 +846,13 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         state [B, C, K-1] when caching. With packed `segments` (`segment_pos` [B, T]: each token's position in its
         sequence) a token sees no input from before the start of its sequence, as at the start of a row.
 
-        Four forms of one function: LlamaThink's fused Triton conv + SiLU (`backend == "fla"`, 16-bit, no cache;
-        `triton_causal_conv1d_silu`), fla's (the same where `LLAMATHINK_TRITON_CONV=0`; packed sequences through its
-        `cu_seqlens`), K shifted products (under torch.compile, where inductor fuses them with
+        Three forms of one function: fla's fused Triton conv + SiLU (`backend == "fla"`, 16-bit, no cache; packed
+        sequences through its `cu_seqlens`), K shifted products (under torch.compile, where inductor fuses them with
         the SiLU, and for packed sequences without fla), and cuDNN's depthwise conv (eager, the CPU path)."""
         B, T, C = qkv.shape
         K = self.conv_kernel_size
         if backend == "fla" and state is None and qkv.dtype in (torch.float16, torch.bfloat16):
             weight = self.conv1d.weight[:, 0]  # [C, K]
-            if triton_conv_available():  # packed documents masked by their positions, as below
-                return triton_causal_conv1d_silu(qkv, weight, segment_pos if segments is not None else None)
             if segments is None:
                 return fla_causal_conv1d_silu(qkv, weight)
             flat = fla_causal_conv1d_silu(qkv.reshape(1, B * T, C), weight, segments.cu_seqlens)  # [1, B*T, C]

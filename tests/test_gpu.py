@@ -12,8 +12,6 @@ from llamathink.kernels_llamathink import (
     fla_chunk_gated_delta_rule,
     fla_conv_available,
     fla_recurrent_gated_delta_rule,
-    triton_causal_conv1d_silu,
-    triton_conv_available,
 )
 from llamathink.modeling_llamathink import l2norm, torch_chunk_gated_delta_rule, torch_recurrent_gated_delta_rule
 
@@ -234,42 +232,6 @@ def test_fla_causal_conv_matches_the_reference(channels):
         for name, a, b in (("x", xs.grad, xr.grad), ("weight", ws.grad, wr.grad)):
             err = (a.float() - b).norm() / b.norm()
             assert err < 2e-2, (packed, name, err.item())
-
-
-@pytest.mark.skipif(not triton_conv_available(), reason="triton is not installed")
-@pytest.mark.parametrize("channels", [96, 3024])
-def test_triton_causal_conv_matches_the_reference(channels):
-    """LlamaThink's Triton conv + SiLU (bf16 input, fp32 weight) against the model's PyTorch conv in fp32, forward
-    and gradients, for rows of one sequence and for packed documents (positions restarting at 0), at the test size and
-    the 95M model's 3024 channels; a bf16 weight too (its gradient comes back in bf16)."""
-    from llamathink.modeling_llamathink import LlamaThinkGatedDeltaNet
-
-    layer = LlamaThinkGatedDeltaNet(tiny_config(), layer_idx=0).cuda()
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(2, 700, channels, device="cuda", generator=gen).bfloat16()
-    weight = torch.randn(channels, 4, device="cuda", generator=gen) * 0.5
-    layer.conv_dim = channels
-    layer.conv1d = torch.nn.Conv1d(channels, channels, 4, groups=channels, bias=False).cuda()
-    pos = torch.cat([torch.arange(n) for n in (37, 1, 132, 300, 230)])[None].repeat(2, 1).cuda()
-    pos[1] = torch.arange(700)
-    for packed, weight_dtype in ((False, torch.float32), (True, torch.float32), (False, torch.bfloat16)):
-        with torch.no_grad():
-            layer.conv1d.weight.copy_(weight[:, None])
-        layer.zero_grad()
-        xs, ws = x.clone().requires_grad_(), weight.to(weight_dtype).requires_grad_()
-        xr = x.float().requires_grad_()
-        out = triton_causal_conv1d_silu(xs, ws, pos if packed else None)
-        ref = layer._causal_conv(xr, None, "torch", None, pos if packed else None)
-        assert out.dtype == torch.bfloat16 and out.shape == x.shape
-        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
-        grad = torch.randn_like(ref)
-        (out.float() * grad).sum().backward()
-        (ref * grad).sum().backward()
-        assert ws.grad.dtype == weight_dtype
-        wr = layer.conv1d.weight.grad[:, 0]
-        for name, a, b in (("x", xs.grad, xr.grad), ("weight", ws.grad, wr)):
-            err = (a.float() - b).norm() / b.norm()
-            assert err < 2e-2, (packed, weight_dtype, name, err.item())
 
 
 @needs_fla
