@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM  # noqa: E402
+from llamathink import LlamaThinkForCausalLM  # noqa: E402
 
 
 def layer_times(model, ids, steps=3) -> dict[str, float]:
@@ -312,8 +312,10 @@ def main(argv=None) -> int:
     if not name.startswith("llamathink:"):
         parser.error(f"--model {name}: profile_gpu profiles a LlamaThink model (peers go in --peers)")
     if set(name.split(":")[2:]) - set(MODEL_VARIANTS):
-        parser.error(f"--model {name}: of bench_gpu's variants only those of the model itself profile here "
-                     f"({', '.join(MODEL_VARIANTS)})")
+        parser.error(
+            f"--model {name}: of bench_gpu's variants only those of the model itself profile here "
+            f"({', '.join(MODEL_VARIANTS)})"
+        )
     for peer in filter(None, args.peers.split(",")):
         check_model_name(peer)
     torch.manual_seed(0)

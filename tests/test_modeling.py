@@ -323,7 +323,7 @@ def test_gate_projections_are_one_product_equal_to_the_three_and_lora_wrappers_a
             return self.base_layer(x) + self.delta(x)
 
     layer.in_proj_b = LoRALike(layer.in_proj_b).double()
-    z, b, a = layer._gate_projections(x)
+    z, b, _ = layer._gate_projections(x)
     torch.testing.assert_close(b, layer.in_proj_b(x))
     torch.testing.assert_close(z, refs[0])
     assert (b - refs[1]).abs().max() > 1e-3
