@@ -930,12 +930,14 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         """`in_proj_z`, `in_proj_b` and `in_proj_a` of hidden_states [B, T, hidden] -> z [B, T, value_dim] and the
         beta and decay pre-activations b, a [B, T, Hv].
 
-        Where all three are plain `nn.Linear` (not, say, PEFT's LoRA wrappers), one matrix product with their
-        weights stacked, its rows padded with zeros to a multiple of 8: reads the input once, and keeps cuBLAS off
-        its slow kernels for rows of 2 x Hv = 18 bf16 values (not a multiple of 16 bytes). The parameters and the
-        state dict stay the three projections (Qwen3.5's layout); their gradients are slices of the stacked one."""
+        Where all three are plain Linears of one dtype (`is_plain_linear`: not PEFT's LoRA wrappers, not hooked or
+        offloaded), one matrix product with their weights stacked, its rows padded with zeros to a multiple of 8:
+        reads the input once, and keeps cuBLAS off its slow kernels for b and a alone (Hv = 9 outputs in the 95M
+        model: 18 bf16 bytes a row, not a multiple of 16). Otherwise each projection is called as a module. The
+        parameters and the state dict stay the three projections (Qwen3.5's layout); their gradients are slices of
+        the stacked one's."""
         projections = (self.in_proj_z, self.in_proj_b, self.in_proj_a)
-        if not all(type(m) is nn.Linear and m.bias is None for m in projections):
+        if not all(is_plain_linear(m) for m in projections) or len({m.weight.dtype for m in projections}) > 1:
             return tuple(m(hidden_states) for m in projections)
         rows = self.value_dim + 2 * self.num_v_heads
         pad = -rows % 8
@@ -1729,15 +1731,16 @@ def chunked_causal_lm_loss(
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, divisor, chunk_rows, chunk_fn)
 
 
-def is_plain_linear_head(head: nn.Module) -> bool:
-    """True when `head(x)` is exactly `x @ head.weight.T`, so that `chunked_causal_lm_loss` may read `head.weight`
-    instead of calling the module: an `nn.Linear` (the exact class, not a subclass such as a PEFT LoRA layer, a
-    quantised or a parametrised Linear, or an FSDP2-sharded one), without bias, with no `forward` replaced on the
-    instance (accelerate's device-map and offload hooks work that way), and with no forward or backward hook on it
-    or registered globally (a user's hook must see, and may change, the logits)."""
-    if type(head) is not nn.Linear or head.bias is not None or "forward" in vars(head):
+def is_plain_linear(module: nn.Module) -> bool:
+    """True when `module(x)` is exactly `x @ module.weight.T`, so that its weight may be read instead of calling
+    the module (`chunked_causal_lm_loss` with the head, `LlamaThinkGatedDeltaNet._gate_projections`): an
+    `nn.Linear` (the exact class, not a subclass such as a PEFT LoRA layer, a quantised or a parametrised Linear,
+    or an FSDP2-sharded one), without bias, with no `forward` replaced on the instance (accelerate's device-map
+    and offload hooks work that way), and with no forward or backward hook on it or registered globally (a user's
+    hook, or an old-style `weight_norm` or pruning pre-hook, must see, and may change, its input and output)."""
+    if type(module) is not nn.Linear or module.bias is not None or "forward" in vars(module):
         return False
-    if head._forward_hooks or head._forward_pre_hooks or head._backward_hooks or head._backward_pre_hooks:
+    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
         return False
     registry = torch.nn.modules.module
     return not any(
@@ -2450,7 +2453,7 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
 
         `skip_logits=True` (what this project's training loops pass; it needs `labels`) computes the loss chunk by
         chunk without ever holding the [B, T, vocab] logits and returns `logits=None`: `chunked_causal_lm_loss` on
-        the head's weight when `lm_head` is a plain Linear (`is_plain_linear_head`), else
+        the head's weight when `lm_head` is a plain Linear (`is_plain_linear`), else
         `chunked_causal_lm_loss_through_module`, which calls the wrapped head (LoRA, quantised, hooked) so that it
         stays in the path and the loss equals the eval-mode one. By default the logits come back with the loss, as
         from transformers' own models: trainers such as TRL's `SFTTrainer` read them (entropy, token accuracy)."""
@@ -2482,7 +2485,7 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
             if labels is None:
                 raise ValueError("skip_logits=True needs labels: without logits the loss is the only output")
             num_items = kwargs.get("num_items_in_batch")
-            if is_plain_linear_head(self.lm_head):
+            if is_plain_linear(self.lm_head):
                 loss = chunked_causal_lm_loss(
                     hidden_states,
                     self.lm_head.weight,
@@ -2549,7 +2552,7 @@ __all__ = [
     "chunked_causal_lm_loss",
     "chunked_causal_lm_loss_through_module",
     "cross_entropy_chunk",
-    "is_plain_linear_head",
+    "is_plain_linear",
     "LlamaThinkForCausalLM",
     "LlamaThinkModel",
     "LlamaThinkPreTrainedModel",

@@ -328,6 +328,24 @@ def test_gate_projections_are_one_product_equal_to_the_three_and_lora_wrappers_a
     torch.testing.assert_close(z, refs[0])
     assert (b - refs[1]).abs().max() > 1e-3
 
+    # a hook on a plain projection (a user's, or old-style weight_norm's and pruning's pre-hooks) runs
+    layer = randomize_(LlamaThinkGatedDeltaNet(config, layer_idx=0), seed=2).double()
+    handle = layer.in_proj_a.register_forward_hook(lambda module, args, out: out * 0)
+    assert layer._gate_projections(x)[2].abs().max() == 0
+    handle.remove()
+    assert layer._gate_projections(x)[2].abs().max() > 0
+
+
+def test_gate_projections_without_padding():
+    """Stacked rows that already fill a multiple of 8 (4 value heads of 12: 48 + 2 x 4 = 56 rows, no zero rows)
+    slice into the three projections' outputs just the same."""
+    config = tiny_config(linear_num_value_heads=4, linear_num_key_heads=4, linear_value_head_dim=12)  # 48 + 8 = 56
+    layer = randomize_(LlamaThinkGatedDeltaNet(config, layer_idx=0), seed=3).double()
+    assert (layer.value_dim + 2 * layer.num_v_heads) % 8 == 0
+    x = torch.randn(2, 5, config.hidden_size, dtype=torch.float64)
+    for out, m in zip(layer._gate_projections(x), (layer.in_proj_z, layer.in_proj_b, layer.in_proj_a)):
+        torch.testing.assert_close(out, m(x), rtol=1e-12, atol=1e-12)
+
 
 def test_rotary_matches_transformers_qwen3_5_rotary_for_text_positions():
     from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5TextRotaryEmbedding
@@ -1195,7 +1213,7 @@ def test_wrapped_or_hooked_head_stays_in_the_training_loss(wrap):
         head.weight = model.lm_head.weight  # still tied
         model.lm_head = head
     try:
-        assert not modeling.is_plain_linear_head(model.lm_head)
+        assert not modeling.is_plain_linear(model.lm_head)
         train, evaluated = _train_and_eval_loss(model, ids, labels)
     finally:
         if handle is not None:
