@@ -933,11 +933,13 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         Where all three are plain Linears of one dtype (`is_plain_linear`: not PEFT's LoRA wrappers, not hooked or
         offloaded), one matrix product with their weights stacked, its rows padded with zeros to a multiple of 8:
         reads the input once, and keeps cuBLAS off its slow kernels for b and a alone (Hv = 9 outputs in the 95M
-        model: 18 bf16 bytes a row, not a multiple of 16). Otherwise each projection is called as a module. The
+        model: 18 bf16 bytes a row, not a multiple of 16). Otherwise, and for one token per row (decoding, where
+        stacking would copy the weights every step to save nothing), each projection is called as a module. The
         parameters and the state dict stay the three projections (Qwen3.5's layout); their gradients are slices of
         the stacked one's."""
         projections = (self.in_proj_z, self.in_proj_b, self.in_proj_a)
-        if not all(is_plain_linear(m) for m in projections) or len({m.weight.dtype for m in projections}) > 1:
+        plain = all(is_plain_linear(m) for m in projections) and len({m.weight.dtype for m in projections}) == 1
+        if not plain or hidden_states.shape[1] == 1:
             return tuple(m(hidden_states) for m in projections)
         rows = self.value_dim + 2 * self.num_v_heads
         pad = -rows % 8

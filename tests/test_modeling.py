@@ -313,6 +313,10 @@ def test_gate_projections_are_one_product_equal_to_the_three_and_lora_wrappers_a
     ref_grads = torch.autograd.grad(sum((r * w).sum() for r, w in zip(refs, weights)), [m.weight for m in projections])
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+    calls.clear()  # one token per row (decoding): the three products, no weight copy each step
+    for out, m in zip(layer._gate_projections(x[:, :1]), projections):
+        torch.testing.assert_close(out, m(x[:, :1]), rtol=1e-12, atol=1e-12)
+    assert len(calls) == 6
 
     class LoRALike(torch.nn.Module):  # what PEFT puts in a projection's place: the base layer plus a delta
         def __init__(self, base):
