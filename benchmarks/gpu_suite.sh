@@ -24,9 +24,9 @@
 #   OUT=results_dir bash benchmarks/gpu_suite.sh kinds   # the compiled step's GPU time by kind of kernel and its
 #                                                        # top kernels, ours beside HF Llama compiled whole in one
 #                                                        # process: batch 16 (half 0), batch 64 (half 1)
-#   OLD=/abs/old_tree OUT=/abs/dir bash benchmarks/gpu_suite.sh fold  # the stacked gate projections: GPU tests;
-#                                                        # kernels by kind at batch 16 and 64 against the tree
-#                                                        # before them (OLD); without hyper-connections
+#   OLD=/abs/old_tree [TESTS=pytest-k] [CODE=1] OUT=/abs/dir bash benchmarks/gpu_suite.sh ab  # a change: GPU
+#                                                        # tests; kernels by kind at batch 16 and 64 against the
+#                                                        # tree before it (OLD); without hyper-connections
 #   OUT=results_dir bash benchmarks/gpu_suite.sh profile # torch.profiler view of the eager and compiled steps,
 #                                                        # generate() with fla, HF Qwen3.5 compiled (slow to compile)
 # Every benchmark has its own time limit so that a slow one cannot eat the others' time, and writes what it
@@ -122,24 +122,30 @@ elif [ "$PART" = kinds ]; then  # issue 17: where the compiled step's GPU time g
         --top-kernels 60 --batch "$1" > "$OUT/kinds_b$1.txt" 2>&1; grep -A9 "by kind" "$OUT/kinds_b$1.txt"; }
     half0() { kinds 16; }
     half1() { kinds 64; }
-elif [ "$PART" = fold ]; then  # issue 17: the stacked gate projections (one matrix product for in_proj_z/b/a): the
-    # GPU tests that train through them; the compiled step's kernels by kind at batch 16 (beside HF Llama compiled
-    # whole) and 64, this tree against the tree before (OLD, e.g. `git archive 1a84cf3`); this tree without
-    # hyper-connections (their share of the step). About 500 s on one fresh H200.
+elif [ "$PART" = ab ] || [ "$PART" = fold ]; then  # issue 17: a change against the tree before it (OLD, e.g.
+    # `git archive REV`): the GPU tests TESTS names (pytest -k; default: those training through the fla ops); the
+    # compiled step's kernels by kind at batch 16 (beside HF Llama compiled whole, with the eager aten ops by shape)
+    # and 64, each tree in its own process; this tree without hyper-connections (their share); CODE=1 also keeps
+    # inductor's generated code of this tree's batch-16 step (output_code_b16.log). About 600 s on a fresh H200.
+    # (`fold`, session 19's name for it.)
     export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor
     prof() { local limit=$1 name=$2 batch=$3; shift 3; timeout "$limit" python benchmarks/profile_gpu.py --compile \
         --no-eager --no-decode --top-kernels 40 --batch "$batch" "$@" > "$OUT/kinds_$name.txt" 2>&1
         echo "== $name"; grep -E "^  [a-zA-Z].* ms .*%|wall time" "$OUT/kinds_$name.txt"; }
     old() { (cd "${OLD:?set OLD to a checkout of the code before the change}" && PYTHONPATH="$OLD:$PYTHONPATH" "$@"); }
     half0() {
-        timeout 170 python -m pytest -x -v -p no:cacheprovider --tb=short tests/test_gpu.py \
-            -k "packed_training_on_gpu or shipped_fla" > "$OUT/test_gpu_fold.log" 2>&1
-        grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/test_gpu_fold.log" | tail -8
-        prof 120 b16 16 --peers hf-llama
-        old prof 70 b16_old 16
+        timeout "${TEST_S:-200}" python -m pytest -x -v -p no:cacheprovider --tb=short tests/test_gpu.py \
+            -k "${TESTS:-packed_training_on_gpu or shipped_fla or fla_causal_conv}" > "$OUT/test_gpu_ab.log" 2>&1
+        grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/test_gpu_ab.log" | tail -12
+        if [ "${CODE:-0}" = 1 ]; then
+            TORCH_LOGS=output_code TORCH_LOGS_OUT="$OUT/output_code_b16.log" prof 150 b16 16 --peers hf-llama --eager-ops
+        else
+            prof 150 b16 16 --peers hf-llama --eager-ops
+        fi
+        old prof 80 b16_old 16
         prof 60 b16_no_hc 16 --model llamathink:auto:no-hc
-        prof 70 b64 64
-        old prof 70 b64_old 64; }
+        prof 90 b64 64
+        old prof 90 b64_old 64; }
     half1() { :; }
 else  # profile
     half0() {

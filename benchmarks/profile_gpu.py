@@ -141,16 +141,19 @@ def kernel_kinds(averages) -> str:
     return "\n".join(lines)
 
 
-def kernel_table(model, ids, rows=30, host_stacks: bool = False, top_kernels: int = 0) -> str:
+def kernel_table(model, ids, rows=30, host_stacks: bool = False, top_kernels: int = 0, eager_ops: bool = False) -> str:
     """The kernels taking the most GPU time in one training step; with `host_stacks` also the Python call sites
     taking the most host time (where a step that waits on the host spends it); with `top_kernels` also that many
-    GPU kernels by their own time (inductor's fused kernels one by one)."""
+    GPU kernels by their own time (inductor's fused kernels one by one); with `eager_ops` also the aten ops that
+    launch GPU work outside inductor's kernels (inside custom ops, or between compiled regions), by input shapes,
+    which tell where they come from."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(2):  # warm-up (and, for a compiled model, compilation)
         forward_backward(model, ids)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=host_stacks) as prof:
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with profile(activities=activities, with_stack=host_stacks, record_shapes=eager_ops) as prof:
         forward_backward(model, ids)
         torch.cuda.synchronize()
     averages = prof.key_averages()
@@ -162,6 +165,17 @@ def kernel_table(model, ids, rows=30, host_stacks: bool = False, top_kernels: in
         kernels.sort(key=lambda e: -e.self_device_time_total)
         text += f"\n## the {top_kernels} GPU kernels with the most time (ms, launches, name)\n" + "\n".join(
             f"  {e.self_device_time_total / 1e3:8.3f} {e.count:5d}  {e.key[:150]}" for e in kernels[:top_kernels]
+        )
+    if eager_ops:
+        ops = [
+            e
+            for e in prof.key_averages(group_by_input_shape=True)
+            if e.key.startswith("aten::") and e.self_device_time_total > 0
+        ]
+        ops.sort(key=lambda e: -e.self_device_time_total)
+        text += "\n## aten ops with their own GPU kernels (ms, calls, op, input shapes)\n" + "\n".join(
+            f"  {e.self_device_time_total / 1e3:8.3f} {e.count:5d}  {e.key}  {str(e.input_shapes)[:160]}"
+            for e in ops[:40]
         )
     if host_stacks:
         stacks = prof.key_averages(group_by_stack_n=8).table(
@@ -175,13 +189,15 @@ def step_wall_ms(model, ids, steps=5) -> str:
     """Wall time of a synchronised training step (forward + backward): compared with the GPU kernel time above, the
     difference is time the GPU waits on the host (launch overhead, graph breaks, syncs)."""
     wall = 0.0
+    torch.cuda.reset_peak_memory_stats()
     for _ in range(steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         forward_backward(model, ids)
         torch.cuda.synchronize()
         wall += (time.perf_counter() - t0) * 1e3 / steps
-    return f"wall time of a training step (forward + backward, no optimizer): {wall:.1f} ms"
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    return f"wall time of a training step (forward + backward, no optimizer): {wall:.1f} ms; peak memory {peak:.2f} GiB"
 
 
 def optimizer_ms(model, steps: int = 10, cuda_graph: bool = True) -> str:
@@ -302,6 +318,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-eager", action="store_true", help="skip the eager step (layer times and kernels)")
     parser.add_argument("--top-kernels", type=int, default=0, help="list this many kernels of each compiled step")
     parser.add_argument(
+        "--eager-ops", action="store_true", help="also the compiled step's aten ops launching kernels, by input shape"
+    )
+    parser.add_argument(
         "--peers", default="", help="comma list of bench_gpu.py peers (e.g. hf-llama) to profile compiled whole"
     )
     args = parser.parse_args(argv)
@@ -344,7 +363,11 @@ def main(argv=None) -> int:
 
         compiled = model.compile_layers()  # regional compilation, as `compile: true` trains
         report.append("## top kernels of one compiled training step (each decoder layer compiled)")
-        report.append(kernel_table(compiled, ids, host_stacks=args.host_stacks, top_kernels=args.top_kernels))
+        report.append(
+            kernel_table(
+                compiled, ids, host_stacks=args.host_stacks, top_kernels=args.top_kernels, eager_ops=args.eager_ops
+            )
+        )
         breaks = dict(counters["graph_break"])
         report.append(f"graph breaks: {sum(breaks.values())} ({len(counters['stats'])} dynamo stats); reasons:")
         report += [f"  {n:4d}  {reason[:200]}" for reason, n in sorted(breaks.items(), key=lambda kv: -kv[1])[:10]]
