@@ -24,7 +24,7 @@
 #   OUT=results_dir bash benchmarks/gpu_suite.sh kinds   # the compiled step's GPU time by kind of kernel and its
 #                                                        # top kernels, ours beside HF Llama compiled whole in one
 #                                                        # process: batch 16 (half 0), batch 64 (half 1)
-#   OLD=/abs/old_tree [TESTS=pytest-k] [CODE=1] OUT=/abs/dir bash benchmarks/gpu_suite.sh ab  # a change: GPU
+#   OLD=/abs/old_tree [TESTS=pytest-k|skip] [CODE=1] [HC=1] OUT=/abs/dir bash benchmarks/gpu_suite.sh ab  # a change: GPU
 #                                                        # tests; kernels by kind at batch 16 and 64 against the
 #                                                        # tree before it (OLD); without hyper-connections
 #   OUT=results_dir bash benchmarks/gpu_suite.sh profile # torch.profiler view of the eager and compiled steps,
@@ -125,7 +125,7 @@ elif [ "$PART" = kinds ]; then  # issue 17: where the compiled step's GPU time g
 elif [ "$PART" = ab ] || [ "$PART" = fold ]; then  # issue 17: a change against the tree before it (OLD, e.g.
     # `git archive REV`): the GPU tests TESTS names (pytest -k; default: those training through the fla ops); the
     # compiled step's kernels by kind at batch 16 (beside HF Llama compiled whole, with the eager aten ops by shape)
-    # and 64, each tree in its own process; this tree without hyper-connections (their share); CODE=1 also keeps
+    # and 64, each tree in its own process; HC=1: this tree without hyper-connections (their share); CODE=1 keeps
     # inductor's generated code of this tree's batch-16 step (output_code_b16.log). About 600 s on a fresh H200.
     # (`fold`, session 19's name for it.)
     export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor
@@ -134,16 +134,18 @@ elif [ "$PART" = ab ] || [ "$PART" = fold ]; then  # issue 17: a change against 
         echo "== $name"; grep -E "^  [a-zA-Z].* ms .*%|wall time" "$OUT/kinds_$name.txt"; }
     old() { (cd "${OLD:?set OLD to a checkout of the code before the change}" && PYTHONPATH="$OLD:$PYTHONPATH" "$@"); }
     half0() {
-        timeout "${TEST_S:-200}" python -m pytest -x -v -p no:cacheprovider --tb=short tests/test_gpu.py \
-            -k "${TESTS:-packed_training_on_gpu or shipped_fla or fla_causal_conv}" > "$OUT/test_gpu_ab.log" 2>&1
-        grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/test_gpu_ab.log" | tail -12
+        if [ "${TESTS:-}" != skip ]; then
+            timeout "${TEST_S:-200}" python -m pytest -x -v -p no:cacheprovider --tb=short tests/test_gpu.py \
+                -k "${TESTS:-packed_training_on_gpu or shipped_fla or fla_causal_conv}" > "$OUT/test_gpu_ab.log" 2>&1
+            grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/test_gpu_ab.log" | tail -12
+        fi
         if [ "${CODE:-0}" = 1 ]; then
             TORCH_LOGS=output_code TORCH_LOGS_OUT="$OUT/output_code_b16.log" prof 150 b16 16 --peers hf-llama --eager-ops
         else
             prof 150 b16 16 --peers hf-llama --eager-ops
         fi
         old prof 80 b16_old 16
-        prof 60 b16_no_hc 16 --model llamathink:auto:no-hc
+        [ "${HC:-0}" = 1 ] && prof 60 b16_no_hc 16 --model llamathink:auto:no-hc
         prof 90 b64 64
         old prof 90 b64_old 64; }
     half1() { :; }
