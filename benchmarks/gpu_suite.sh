@@ -27,6 +27,8 @@
 #   OLD=/abs/old_tree [TESTS=pytest-k|skip] [CODE=1] [HC=1] OUT=/abs/dir bash benchmarks/gpu_suite.sh ab  # a change: GPU
 #                                                        # tests; kernels by kind at batch 16 and 64 against the
 #                                                        # tree before it (OLD); without hyper-connections
+#   SETS="name=KEY=VALUE[+...] ..." OUT=results_dir bash benchmarks/gpu_suite.sh inductor  # inductor options
+#                                                        # for the compiled layers against the defaults, by kind
 #   OUT=results_dir bash benchmarks/gpu_suite.sh profile # torch.profiler view of the eager and compiled steps,
 #                                                        # generate() with fla, HF Qwen3.5 compiled (slow to compile)
 # Every benchmark has its own time limit so that a slow one cannot eat the others' time, and writes what it
@@ -148,6 +150,23 @@ elif [ "$PART" = ab ] || [ "$PART" = fold ]; then  # issue 17: a change against 
         [ "${HC:-0}" = 1 ] && prof 60 b16_no_hc 16 --model llamathink:auto:no-hc
         prof 90 b64 64
         old prof 90 b64_old 64; }
+    half1() { :; }
+elif [ "$PART" = inductor ]; then  # issue 17: inductor options for the compiled layers against its defaults, each
+    # set in its own process (profile_gpu --inductor-option). SETS="name=KEY=VALUE[+KEY=VALUE...] ...", e.g.
+    # SETS="cat1=max_complex_pointwise_cat_inputs=1"; BATCHES (default "16 64").
+    export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor
+    prof() { local limit=$1 name=$2 batch=$3; shift 3; timeout "$limit" python benchmarks/profile_gpu.py --compile \
+        --no-eager --no-decode --top-kernels 40 --batch "$batch" "$@" > "$OUT/kinds_$name.txt" 2>&1
+        echo "== $name"; grep -E "^  [a-zA-Z].* ms .*%|wall time" "$OUT/kinds_$name.txt"; }
+    half0() {
+        for batch in ${BATCHES:-16 64}; do
+            prof "${LIMIT:-110}" "b${batch}_default" "$batch"
+            for item in ${SETS:?set SETS, e.g. cat1=max_complex_pointwise_cat_inputs=1}; do
+                args=(); IFS=+ read -ra opts <<< "${item#*=}"
+                for o in "${opts[@]}"; do args+=(--inductor-option "$o"); done
+                prof "${LIMIT:-110}" "b${batch}_${item%%=*}" "$batch" "${args[@]}"
+            done
+        done; }
     half1() { :; }
 else  # profile
     half0() {

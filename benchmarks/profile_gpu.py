@@ -122,13 +122,23 @@ KERNEL_KINDS = (
 )
 
 
+def is_gpu_kernel(event) -> bool:
+    """A GPU kernel (or copy) of `prof.key_averages()`, not a range: with `record_shapes` the profiler also puts
+    inductor's "## Call CompiledFxGraph ... ##" annotations on the GPU timeline, spanning the kernels they call."""
+    return (
+        event.device_type == torch.autograd.DeviceType.CUDA
+        and event.self_device_time_total > 0
+        and not event.key.startswith("## ")
+    )
+
+
 def kernel_kinds(averages) -> str:
     """GPU milliseconds of one profiled step by kind of kernel (`KERNEL_KINDS`), from `prof.key_averages()`: where
     the step's GPU time goes, comparable between models and between compile modes."""
     totals: dict[str, float] = collections.defaultdict(float)
     counts: dict[str, int] = collections.defaultdict(int)
     for e in averages:
-        if e.device_type != torch.autograd.DeviceType.CUDA or e.self_device_time_total <= 0:
+        if not is_gpu_kernel(e):
             continue
         name = e.key.lower()
         kind = next((k for k, pats in KERNEL_KINDS if any(p in name for p in pats)), "other")
@@ -157,11 +167,11 @@ def kernel_table(model, ids, rows=30, host_stacks: bool = False, top_kernels: in
         forward_backward(model, ids)
         torch.cuda.synchronize()
     averages = prof.key_averages()
-    busy_ms = sum(e.self_device_time_total for e in averages if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
+    busy_ms = sum(e.self_device_time_total for e in averages if is_gpu_kernel(e)) / 1e3
     table = averages.table(sort_by="device_time_total", row_limit=rows, max_name_column_width=70)
     text = f"{table}\nGPU kernel time of the step (forward + backward): {busy_ms:.1f} ms\n{kernel_kinds(averages)}"
     if top_kernels:
-        kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels = [e for e in averages if is_gpu_kernel(e)]
         kernels.sort(key=lambda e: -e.self_device_time_total)
         text += f"\n## the {top_kernels} GPU kernels with the most time (ms, launches, name)\n" + "\n".join(
             f"  {e.self_device_time_total / 1e3:8.3f} {e.count:5d}  {e.key[:150]}" for e in kernels[:top_kernels]
@@ -295,6 +305,22 @@ def decode_profile(model, tokens: int) -> str:
     return "\n".join(lines)
 
 
+def inductor_option(text: str) -> tuple[str, object]:
+    """ "KEY=VALUE" -> (KEY, the Python literal VALUE, or the string where it is none). Raises SystemExit naming an
+    option inductor does not have."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    key, sep, value = text.partition("=")
+    if not sep or not hasattr(inductor_config, key):
+        raise SystemExit(f"--inductor-option {text!r}: not KEY=VALUE with KEY one of torch._inductor.config's options")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 MODEL_VARIANTS = ("no-hc", "head128", "eager-decode")  # bench_gpu's variants that change the model, not its running
 
 
@@ -317,6 +343,14 @@ def main(argv=None) -> int:
     parser.add_argument("--optimizer-only", action="store_true", help="only that, for LlamaThink and HF Llama")
     parser.add_argument("--no-eager", action="store_true", help="skip the eager step (layer times and kernels)")
     parser.add_argument("--top-kernels", type=int, default=0, help="list this many kernels of each compiled step")
+    parser.add_argument(
+        "--inductor-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an inductor option for the compiled layers (torch.compile's options; repeatable), e.g. "
+        "max_complex_pointwise_cat_inputs=1; VALUE is read as a Python literal",
+    )
     parser.add_argument(
         "--eager-ops", action="store_true", help="also the compiled step's aten ops launching kernels, by input shape"
     )
@@ -361,7 +395,9 @@ def main(argv=None) -> int:
     if args.compile:
         from torch._dynamo.utils import counters
 
-        compiled = model.compile_layers()  # regional compilation, as `compile: true` trains
+        options = dict(inductor_option(text) for text in args.inductor_option)
+        # regional compilation, as `compile: true` trains
+        compiled = model.compile_layers(options=options) if options else model.compile_layers()
         report.append("## top kernels of one compiled training step (each decoder layer compiled)")
         report.append(
             kernel_table(

@@ -200,7 +200,7 @@ def test_fla_variable_length_kernel_matches_the_reference_on_each_sequence():
 @pytest.mark.skipif(not torch.cuda.is_available() or not fla_conv_available(), reason="fla is not installed")
 @pytest.mark.parametrize("channels", [96, 100])
 def test_fla_causal_conv_matches_the_reference(channels):
-    """fla's conv + SiLU (channels-last, bf16) against PyTorch's depthwise conv in fp32, forward and gradients
+    """fla's fused conv + SiLU (channels-last, bf16) against PyTorch's depthwise conv in fp32, forward and gradients
     (input and weight), for one sequence per row and for packed sequences (cu_seqlens), each of which must start
     from zeros as if alone. 100 channels: not a multiple of fla's channel tiles (its masked path)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
