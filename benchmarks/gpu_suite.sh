@@ -153,14 +153,14 @@ elif [ "$PART" = ab ] || [ "$PART" = fold ]; then  # issue 17: a change against 
     half1() { :; }
 elif [ "$PART" = inductor ]; then  # issue 17: inductor options for the compiled layers against its defaults, each
     # set in its own process (profile_gpu --inductor-option). SETS="name=KEY=VALUE[+KEY=VALUE...] ...", e.g.
-    # SETS="cdt=coordinate_descent_tuning=True"; BATCHES (default "16 64"); DEFAULTS=0: no row with the defaults.
+    # SETS="cat1=max_complex_pointwise_cat_inputs=1"; BATCHES (default "16 64").
     export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor
     prof() { local limit=$1 name=$2 batch=$3; shift 3; timeout "$limit" python benchmarks/profile_gpu.py --compile \
         --no-eager --no-decode --top-kernels 40 --batch "$batch" "$@" > "$OUT/kinds_$name.txt" 2>&1
         echo "== $name"; grep -E "^  [a-zA-Z].* ms .*%|wall time" "$OUT/kinds_$name.txt"; }
     half0() {
         for batch in ${BATCHES:-16 64}; do
-            [ "${DEFAULTS:-1}" = 1 ] && prof "${LIMIT:-110}" "b${batch}_default" "$batch"
+            prof "${LIMIT:-110}" "b${batch}_default" "$batch"
             for item in ${SETS:?set SETS, e.g. cat1=max_complex_pointwise_cat_inputs=1}; do
                 args=(); IFS=+ read -ra opts <<< "${item#*=}"
                 for o in "${opts[@]}"; do args+=(--inductor-option "$o"); done

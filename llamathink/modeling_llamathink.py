@@ -1621,15 +1621,10 @@ def cross_entropy_chunk(
     logits = (hidden @ weight.T).to(acc)  # [n, V]
     keep = targets != -100
     safe = targets.masked_fill(~keep, 0)
-    # The softmax written as max, shift, exp and sum (not `torch.logsumexp`, whose guard against infinite maxima
-    # hides the pattern): inductor's pattern matcher turns it into one online-softmax pass over the logits for the
-    # max and the sum (`prepare_softmax_online`), where the logsumexp took two. The logits buffer holds the shift.
-    shifted = logits.sub_(logits.amax(dim=-1, keepdim=True))  # [n, V]
-    probs = shifted.exp()
-    sum_exp = probs.sum(dim=-1, keepdim=True)  # [n, 1]
-    loss = ((sum_exp[:, 0].log() - shifted.gather(1, safe[:, None])[:, 0]) * keep).sum()
-    # d(sum of losses)/d(logits) = softmax - onehot on kept rows
-    grad = probs.div_(sum_exp)
+    lse = torch.logsumexp(logits, dim=-1)  # [n]
+    loss = ((lse - logits.gather(1, safe[:, None])[:, 0]) * keep).sum()
+    # d(sum of losses)/d(logits) = softmax - onehot on kept rows; the logits buffer is reused for it
+    grad = logits.sub_(lse[:, None]).exp_()
     grad[torch.arange(len(safe), device=safe.device), safe] -= 1.0
     grad = (grad * keep[:, None]).to(hidden.dtype)
     return loss, grad @ weight, (grad.T @ hidden).to(acc)
