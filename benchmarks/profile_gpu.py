@@ -371,6 +371,7 @@ def main(argv=None) -> int:
         )
     for peer in filter(None, args.peers.split(",")):
         check_model_name(peer)
+    options = dict(inductor_option(text) for text in args.inductor_option)  # refused before any GPU work
     torch.manual_seed(0)
     if args.optimizer_only:
         report = [f"# {torch.cuda.get_device_name()}, torch {torch.__version__}: clipping + optimizer step"]
@@ -395,7 +396,6 @@ def main(argv=None) -> int:
     if args.compile:
         from torch._dynamo.utils import counters
 
-        options = dict(inductor_option(text) for text in args.inductor_option)
         # regional compilation, as `compile: true` trains
         compiled = model.compile_layers(options=options) if options else model.compile_layers()
         report.append("## top kernels of one compiled training step (each decoder layer compiled)")

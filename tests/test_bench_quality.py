@@ -196,7 +196,8 @@ def test_blend_bias_without_csa_layers_is_refused():
 def test_profile_kernel_kinds_sorts_kernels_by_kind():
     """`profile_gpu.kernel_kinds`, behind BENCHMARKS.md section 1's table of GPU time by kind: kernel names as
     cuBLAS, cuDNN, inductor, fla and tilelang give them land in their kind (inductor's fused kernels before fla's
-    name patterns, which inductor's names can contain), CPU events are left out, and the shares add up."""
+    name patterns, which inductor's names can contain), CPU events and inductor's graph ranges are left out, and the
+    shares add up."""
     from types import SimpleNamespace
 
     import profile_gpu
@@ -212,6 +213,7 @@ def test_profile_kernel_kinds_sorts_kernels_by_kind():
         ("void at::native::vectorized_elementwise_kernel<4>", 250.0, cuda),
         ("mystery", 250.0, cuda),
         ("aten::mm", 9999.0, cpu),
+        ("## Call CompiledFxGraph fzzgkwwz2l4q ##", 9999.0, cuda),  # a range record_shapes puts on the GPU
     ]
     averages = [SimpleNamespace(key=k, self_device_time_total=us, count=2, device_type=d) for k, us, d in events]
     rows = {
@@ -240,10 +242,22 @@ def test_profile_gpu_refuses_a_model_it_would_not_profile_as_named(capsys):
         (["--model", "hf-llama"], "profiles a LlamaThink model"),
         (["--model", "llamathink:auto:cold"], "only those of the model itself"),
         (["--peers", "hf-lama"], "unknown model"),
+        (["--inductor-option", "max_complex_cat=1"], "not KEY=VALUE with KEY one of torch._inductor.config"),
+        (["--inductor-option", "coordinate_descent_tuning"], "not KEY=VALUE"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             profile_gpu.main(argv)
         assert expected in str(exit_info.value.code) + capsys.readouterr().err
+
+
+def test_profile_gpu_inductor_options_are_read_as_python_literals():
+    """`profile_gpu.py --inductor-option KEY=VALUE`: the value as a Python literal where it is one (a bool, a number),
+    else as the string, for an option torch._inductor.config has."""
+    import profile_gpu
+
+    assert profile_gpu.inductor_option("coordinate_descent_tuning=True") == ("coordinate_descent_tuning", True)
+    assert profile_gpu.inductor_option("max_pointwise_cat_inputs=4") == ("max_pointwise_cat_inputs", 4)
+    assert profile_gpu.inductor_option("cuda_backend=triton") == ("cuda_backend", "triton")
 
 
 def test_zero_residual_outputs_start_every_layer_as_the_identity():
