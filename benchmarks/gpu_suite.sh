@@ -26,7 +26,7 @@
 #                                                        # process: batch 16 (half 0), batch 64 (half 1)
 #   OLD=/abs/old_tree [TESTS=pytest-k|skip] [CODE=1] [HC=1] OUT=/abs/dir bash benchmarks/gpu_suite.sh ab  # a change: GPU
 #                                                        # tests; kernels by kind at batch 16 and 64 against the
-#                                                        # tree before it (OLD); without hyper-connections
+#                                                        # tree before it (OLD); HC=1: without hyper-connections
 #   SETS="name=KEY=VALUE[+...] ..." OUT=results_dir bash benchmarks/gpu_suite.sh inductor  # inductor options
 #                                                        # for the compiled layers against the defaults, by kind
 #   OUT=results_dir bash benchmarks/gpu_suite.sh profile # torch.profiler view of the eager and compiled steps,
@@ -161,7 +161,7 @@ elif [ "$PART" = inductor ]; then  # issue 17: inductor options for the compiled
     half0() {
         for batch in ${BATCHES:-16 64}; do
             prof "${LIMIT:-110}" "b${batch}_default" "$batch"
-            for item in ${SETS:?set SETS, e.g. cat1=max_complex_pointwise_cat_inputs=1}; do
+            for item in ${SETS:?set SETS, e.g. cdt=coordinate_descent_tuning=True}; do
                 args=(); IFS=+ read -ra opts <<< "${item#*=}"
                 for o in "${opts[@]}"; do args+=(--inductor-option "$o"); done
                 prof "${LIMIT:-110}" "b${batch}_${item%%=*}" "$batch" "${args[@]}"

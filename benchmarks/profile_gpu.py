@@ -2,6 +2,7 @@
 
     python benchmarks/profile_gpu.py [--backend auto] [--batch 16] [--seq 1024] [--decode-tokens 32] [--compile]
                                      [--no-eager] [--peers hf-llama] [--optimizer | --optimizer-only] [--out DIR]
+                                     [--top-kernels N] [--eager-ops] [--inductor-option KEY=VALUE ...]
 
 Prints (and with --out writes as text) the kernels that take the most GPU time in a bf16 training step (with
 --compile also those of the step with each decoder layer compiled), the GPU time per layer kind (forward + backward, measured with
@@ -197,7 +198,8 @@ def kernel_table(model, ids, rows=30, host_stacks: bool = False, top_kernels: in
 
 def step_wall_ms(model, ids, steps=5) -> str:
     """Wall time of a synchronised training step (forward + backward): compared with the GPU kernel time above, the
-    difference is time the GPU waits on the host (launch overhead, graph breaks, syncs)."""
+    difference is time the GPU waits on the host (launch overhead, graph breaks, syncs); and the peak memory
+    allocated during these steps (GiB)."""
     wall = 0.0
     torch.cuda.reset_peak_memory_stats()
     for _ in range(steps):
@@ -349,10 +351,12 @@ def main(argv=None) -> int:
         default=[],
         metavar="KEY=VALUE",
         help="an inductor option for the compiled layers (torch.compile's options; repeatable), e.g. "
-        "max_complex_pointwise_cat_inputs=1; VALUE is read as a Python literal",
+        "coordinate_descent_tuning=True; VALUE is read as a Python literal (needs --compile)",
     )
     parser.add_argument(
-        "--eager-ops", action="store_true", help="also the compiled step's aten ops launching kernels, by input shape"
+        "--eager-ops",
+        action="store_true",
+        help="also the compiled step's aten ops launching kernels, by input shape (needs --compile)",
     )
     parser.add_argument(
         "--peers", default="", help="comma list of bench_gpu.py peers (e.g. hf-llama) to profile compiled whole"
@@ -372,6 +376,8 @@ def main(argv=None) -> int:
     for peer in filter(None, args.peers.split(",")):
         check_model_name(peer)
     options = dict(inductor_option(text) for text in args.inductor_option)  # refused before any GPU work
+    if (options or args.eager_ops) and not args.compile:
+        parser.error("--inductor-option and --eager-ops apply to the compiled step: add --compile")
     torch.manual_seed(0)
     if args.optimizer_only:
         report = [f"# {torch.cuda.get_device_name()}, torch {torch.__version__}: clipping + optimizer step"]

@@ -244,6 +244,8 @@ def test_profile_gpu_refuses_a_model_it_would_not_profile_as_named(capsys):
         (["--peers", "hf-lama"], "unknown model"),
         (["--inductor-option", "max_complex_cat=1"], "not KEY=VALUE with KEY one of torch._inductor.config"),
         (["--inductor-option", "coordinate_descent_tuning"], "not KEY=VALUE"),
+        (["--inductor-option", "coordinate_descent_tuning=True"], "add --compile"),
+        (["--eager-ops"], "add --compile"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             profile_gpu.main(argv)
