@@ -47,6 +47,10 @@ nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader | tee "$O
 SECOND=$(( $(nvidia-smi -L | wc -l) > 1 ? 1 : 0 ))
 bench() { local limit=$1 name=$2; shift 2; timeout "$limit" python benchmarks/bench_gpu.py --steps 8 --warmup 3 \
     --out "$OUT/bench_$name.json" "$@" > "$OUT/bench_$name.log" 2>&1; grep '^{' "$OUT/bench_$name.log"; }
+# the compiled step's GPU time by kind of kernel and its top 40 kernels: prof LIMIT_S NAME BATCH [profile_gpu args]
+prof() { local limit=$1 name=$2 batch=$3; shift 3; timeout "$limit" python benchmarks/profile_gpu.py --compile \
+    --no-eager --no-decode --top-kernels 40 --batch "$batch" "$@" > "$OUT/kinds_$name.txt" 2>&1
+    echo "== $name"; grep -E "^  [a-zA-Z].* ms .*%|wall time" "$OUT/kinds_$name.txt"; }
 gpu_tests() { timeout "$1" python -m pytest -q -p no:cacheprovider --tb=short -rfEs tests/test_gpu.py \
     > "$OUT/test_gpu_$2.log" 2>&1; grep -v Warn "$OUT/test_gpu_$2.log" | tail -30; }
 if [ "$PART" = nofla ]; then  # before fla is installed
@@ -131,9 +135,6 @@ elif [ "$PART" = ab ] || [ "$PART" = fold ]; then  # issue 17: a change against 
     # inductor's generated code of this tree's batch-16 step (output_code_b16.log). About 600 s on a fresh H200.
     # (`fold`, session 19's name for it.)
     export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor
-    prof() { local limit=$1 name=$2 batch=$3; shift 3; timeout "$limit" python benchmarks/profile_gpu.py --compile \
-        --no-eager --no-decode --top-kernels 40 --batch "$batch" "$@" > "$OUT/kinds_$name.txt" 2>&1
-        echo "== $name"; grep -E "^  [a-zA-Z].* ms .*%|wall time" "$OUT/kinds_$name.txt"; }
     old() { (cd "${OLD:?set OLD to a checkout of the code before the change}" && PYTHONPATH="$OLD:$PYTHONPATH" "$@"); }
     half0() {
         if [ "${TESTS:-}" != skip ]; then
@@ -155,9 +156,6 @@ elif [ "$PART" = inductor ]; then  # issue 17: inductor options for the compiled
     # set in its own process (profile_gpu --inductor-option). SETS="name=KEY=VALUE[+KEY=VALUE...] ...", e.g.
     # SETS="cat1=max_complex_pointwise_cat_inputs=1"; BATCHES (default "16 64").
     export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor
-    prof() { local limit=$1 name=$2 batch=$3; shift 3; timeout "$limit" python benchmarks/profile_gpu.py --compile \
-        --no-eager --no-decode --top-kernels 40 --batch "$batch" "$@" > "$OUT/kinds_$name.txt" 2>&1
-        echo "== $name"; grep -E "^  [a-zA-Z].* ms .*%|wall time" "$OUT/kinds_$name.txt"; }
     half0() {
         for batch in ${BATCHES:-16 64}; do
             prof "${LIMIT:-110}" "b${batch}_default" "$batch"
