@@ -50,7 +50,7 @@ bench() { local limit=$1 name=$2; shift 2; timeout "$limit" python benchmarks/be
 # the compiled step's GPU time by kind of kernel and its top 40 kernels: prof LIMIT_S NAME BATCH [profile_gpu args]
 prof() { local limit=$1 name=$2 batch=$3; shift 3; timeout "$limit" python benchmarks/profile_gpu.py --compile \
     --no-eager --no-decode --top-kernels 40 --batch "$batch" "$@" > "$OUT/kinds_$name.txt" 2>&1
-    echo "== $name"; grep -E "^  [a-zA-Z].* ms .*%|wall time" "$OUT/kinds_$name.txt"; }
+    echo "== $name"; grep -E "^  [a-zA-Z].* ms .*%|wall time" "$OUT/kinds_$name.txt" || tail -3 "$OUT/kinds_$name.txt"; }
 gpu_tests() { timeout "$1" python -m pytest -q -p no:cacheprovider --tb=short -rfEs tests/test_gpu.py \
     > "$OUT/test_gpu_$2.log" 2>&1; grep -v Warn "$OUT/test_gpu_$2.log" | tail -30; }
 if [ "$PART" = nofla ]; then  # before fla is installed
@@ -154,12 +154,18 @@ elif [ "$PART" = ab ] || [ "$PART" = fold ]; then  # issue 17: a change against 
     half1() { :; }
 elif [ "$PART" = inductor ]; then  # issue 17: inductor options for the compiled layers against its defaults, each
     # set in its own process (profile_gpu --inductor-option). SETS="name=KEY=VALUE[+KEY=VALUE...] ...", e.g.
-    # SETS="cat1=max_complex_pointwise_cat_inputs=1"; BATCHES (default "16 64").
+    # SETS="cdt=coordinate_descent_tuning=True"; BATCHES (default "16 64"); DEFAULTS=0: no row with the defaults.
     export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor
+    for item in ${SETS:?set SETS, e.g. cdt=coordinate_descent_tuning=True}; do  # refused before any GPU work
+        case "$item" in
+            [A-Za-z0-9_]*=[A-Za-z_]*=*) ;;
+            *) echo "gpu_suite.sh inductor: SETS item '$item' is not name=KEY=VALUE[+KEY=VALUE...]" >&2; exit 2 ;;
+        esac
+    done
     half0() {
         for batch in ${BATCHES:-16 64}; do
-            prof "${LIMIT:-110}" "b${batch}_default" "$batch"
-            for item in ${SETS:?set SETS, e.g. cdt=coordinate_descent_tuning=True}; do
+            [ "${DEFAULTS:-1}" = 1 ] && prof "${LIMIT:-110}" "b${batch}_default" "$batch"
+            for item in $SETS; do
                 args=(); IFS=+ read -ra opts <<< "${item#*=}"
                 for o in "${opts[@]}"; do args+=(--inductor-option "$o"); done
                 prof "${LIMIT:-110}" "b${batch}_${item%%=*}" "$batch" "${args[@]}"

@@ -156,8 +156,8 @@ def kernel_table(model, ids, rows=30, host_stacks: bool = False, top_kernels: in
     """The kernels taking the most GPU time in one training step; with `host_stacks` also the Python call sites
     taking the most host time (where a step that waits on the host spends it); with `top_kernels` also that many
     GPU kernels by their own time (inductor's fused kernels one by one); with `eager_ops` also the aten ops that
-    launch GPU work outside inductor's kernels (inside custom ops, or between compiled regions), by input shapes,
-    which tell where they come from."""
+    launch kernels of their own (inductor's calls to matrix products and attention, and the ops inside custom ops
+    or between compiled regions), by input shapes, which tell where they come from."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(2):  # warm-up (and, for a compiled model, compilation)
@@ -199,8 +199,10 @@ def kernel_table(model, ids, rows=30, host_stacks: bool = False, top_kernels: in
 def step_wall_ms(model, ids, steps=5) -> str:
     """Wall time of a synchronised training step (forward + backward): compared with the GPU kernel time above, the
     difference is time the GPU waits on the host (launch overhead, graph breaks, syncs); and the peak memory
-    allocated during these steps (GiB)."""
+    allocated during these steps (GiB) with what was allocated before them (a peer profiled after LlamaThink in one
+    process finds LlamaThink's model still there)."""
     wall = 0.0
+    held = torch.cuda.memory_allocated() / 2**30  # weights and whatever else the process keeps on the GPU
     torch.cuda.reset_peak_memory_stats()
     for _ in range(steps):
         torch.cuda.synchronize()
@@ -209,7 +211,10 @@ def step_wall_ms(model, ids, steps=5) -> str:
         torch.cuda.synchronize()
         wall += (time.perf_counter() - t0) * 1e3 / steps
     peak = torch.cuda.max_memory_allocated() / 2**30
-    return f"wall time of a training step (forward + backward, no optimizer): {wall:.1f} ms; peak memory {peak:.2f} GiB"
+    return (
+        f"wall time of a training step (forward + backward, no optimizer): {wall:.1f} ms; peak memory {peak:.2f} GiB, "
+        f"{held:.2f} GiB of it held before the step"
+    )
 
 
 def optimizer_ms(model, steps: int = 10, cuda_graph: bool = True) -> str:
@@ -308,19 +313,31 @@ def decode_profile(model, tokens: int) -> str:
 
 
 def inductor_option(text: str) -> tuple[str, object]:
-    """ "KEY=VALUE" -> (KEY, the Python literal VALUE, or the string where it is none). Raises SystemExit naming an
-    option inductor does not have."""
+    """ "KEY=VALUE" -> (KEY, VALUE read as a Python literal, or as the string where it is none), for an option of
+    torch._inductor.config whose default has VALUE's type (a bool option takes True or False, an int one an int).
+    Raises SystemExit naming an option inductor does not have or a value of the wrong type, so that a typo stops
+    before any GPU work rather than at the first compiled call."""
     import ast
 
     import torch._inductor.config as inductor_config
 
     key, sep, value = text.partition("=")
-    if not sep or not hasattr(inductor_config, key):
+    options = inductor_config.get_config_copy()
+    if not sep or key not in options:
         raise SystemExit(f"--inductor-option {text!r}: not KEY=VALUE with KEY one of torch._inductor.config's options")
     try:
-        return key, ast.literal_eval(value)
+        value = ast.literal_eval(value)
     except (ValueError, SyntaxError):
-        return key, value
+        pass  # a string
+    default = options[key]
+    if default is not None:
+        wanted = (int, float) if type(default) is float else type(default)
+        if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, wanted):
+            raise SystemExit(
+                f"--inductor-option {text!r}: {key} wants a value of type {type(default).__name__} (default {default!r}), "
+                f"not {value!r}"
+            )
+    return key, value
 
 
 MODEL_VARIANTS = ("no-hc", "head128", "eager-decode")  # bench_gpu's variants that change the model, not its running
@@ -356,7 +373,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--eager-ops",
         action="store_true",
-        help="also the compiled step's aten ops launching kernels, by input shape (needs --compile)",
+        help="also the compiled step's aten ops that launch kernels of their own, by input shape: inductor's calls "
+        "to matrix products and attention, and the ops inside custom ops and between compiled regions (needs --compile)",
     )
     parser.add_argument(
         "--peers", default="", help="comma list of bench_gpu.py peers (e.g. hf-llama) to profile compiled whole"
@@ -376,8 +394,10 @@ def main(argv=None) -> int:
     for peer in filter(None, args.peers.split(",")):
         check_model_name(peer)
     options = dict(inductor_option(text) for text in args.inductor_option)  # refused before any GPU work
-    if (options or args.eager_ops) and not args.compile:
-        parser.error("--inductor-option and --eager-ops apply to the compiled step: add --compile")
+    if (options or args.eager_ops) and (not args.compile or args.optimizer_only):
+        parser.error(
+            "--inductor-option and --eager-ops apply to the compiled step: add --compile (not --optimizer-only)"
+        )
     torch.manual_seed(0)
     if args.optimizer_only:
         report = [f"# {torch.cuda.get_device_name()}, torch {torch.__version__}: clipping + optimizer step"]

@@ -246,6 +246,11 @@ def test_profile_gpu_refuses_a_model_it_would_not_profile_as_named(capsys):
         (["--inductor-option", "coordinate_descent_tuning"], "not KEY=VALUE"),
         (["--inductor-option", "coordinate_descent_tuning=True"], "add --compile"),
         (["--eager-ops"], "add --compile"),
+        (["--inductor-option", "os=1"], "not KEY=VALUE with KEY one of"),
+        (["--inductor-option", "max_autotune=1"], "max_autotune wants a value of type bool"),
+        (["--inductor-option", "coordinate_descent_tuning=true"], "of type bool"),
+        (["--inductor-option", "max_pointwise_cat_inputs=True"], "of type int"),
+        (["--optimizer-only", "--compile", "--eager-ops"], "not --optimizer-only"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             profile_gpu.main(argv)
