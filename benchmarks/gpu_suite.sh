@@ -124,10 +124,8 @@ elif [ "$PART" = optim ]; then  # issue 17: the optimizer's host launches (~560 
             --speed-from 50 --out "$OUT/loop_llama" --run hf-llama:model=hf-llama,compile=1 > "$OUT/loop_llama.log" 2>&1
         grep final "$OUT/loop_llama.log"; }
 elif [ "$PART" = kinds ]; then  # issue 17: where the compiled step's GPU time goes beside HF Llama's (~240 s cold)
-    kinds() { timeout 330 python benchmarks/profile_gpu.py --compile --no-eager --no-decode --peers hf-llama \
-        --top-kernels 60 --batch "$1" > "$OUT/kinds_b$1.txt" 2>&1; grep -A9 "by kind" "$OUT/kinds_b$1.txt"; }
-    half0() { kinds 16; }
-    half1() { kinds 64; }
+    half0() { prof 330 b16 16 --peers hf-llama --top-kernels 60; }
+    half1() { prof 330 b64 64 --peers hf-llama --top-kernels 60; }
 elif [ "$PART" = ab ] || [ "$PART" = fold ]; then  # issue 17: a change against the tree before it (OLD, e.g.
     # `git archive REV`): the GPU tests TESTS names (pytest -k; default: those training through the fla ops); the
     # compiled step's kernels by kind at batch 16 (beside HF Llama compiled whole, with the eager aten ops by shape)
