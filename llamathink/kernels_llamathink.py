@@ -390,9 +390,11 @@ def _define_fla_conv_op():
     kernel again to recompute the pre-activation; with the SiLU outside, the pre-activation is this op's output,
     which autograd (or inductor's partitioner) keeps for the SiLU's own backward anyway, so nothing is recomputed.
     The Gated DeltaNet applies the SiLU to q, k and v apart, after the split: under torch.compile the gradient of
-    this op's output is then a concatenation whose consumer is this op's backward, not a pointwise op, so inductor
-    writes each part's SiLU (and L2-norm) backward into its slice in a kernel of its own, rather than one pointwise
-    "cat" kernel that evaluates every part's arithmetic for every element (BENCHMARKS.md section 1, session 20)."""
+    this op's output is then a concatenation whose consumer is this op's backward, not a pointwise op, where
+    inductor (torch 2.11's cat lowering) is expected to write each part's SiLU (and L2-norm) backward into its slice
+    in a kernel of its own, rather than one pointwise "cat" kernel that evaluates every part's arithmetic for every
+    element, as it did with one SiLU over the whole output (BENCHMARKS.md section 1, session 20). Not yet measured;
+    that first form also held more memory (one more [B, T, C] tensor per layer)."""
     try:
         return torch.ops.llamathink.fla_causal_conv1d
     except (AttributeError, RuntimeError):

@@ -843,8 +843,9 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         segment_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Depthwise causal conv over qkv [B, T, C] (channels-last) -> [B, T, C], without its SiLU (applied to q, k
-        and v apart by `_heads_and_gates`); reads and updates the conv state [B, C, K-1] when caching. With packed `segments` (`segment_pos` [B, T]: each token's position in its
-        sequence) a token sees no input from before the start of its sequence, as at the start of a row.
+        and v apart by `_heads_and_gates`); reads and updates the conv state [B, C, K-1] when caching. With packed
+        `segments` (`segment_pos` [B, T]: each token's position in its sequence) a token sees no input from before
+        the start of its sequence, as at the start of a row.
 
         Three forms of one function: fla's Triton conv (`backend == "fla"`, 16-bit, no cache; packed sequences
         through its `cu_seqlens`), K shifted products (under torch.compile, where inductor fuses them with the SiLU,
