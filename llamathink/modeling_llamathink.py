@@ -803,6 +803,55 @@ def packed_flex_attention(q, k, v, segments: PackedSegments, scale: float) -> to
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _padded_rows(weights: list[torch.Tensor]) -> torch.Tensor:
+    """[rows_i, H] weights -> their rows stacked and zero rows added up to a multiple of 8 (16-byte rows of 16-bit
+    outputs, which keep cuBLAS on its aligned kernels)."""
+    pad = -sum(w.shape[0] for w in weights) % 8
+    return torch.cat(weights + ([weights[0].new_zeros(pad, weights[0].shape[1])] if pad else []))
+
+
+class _StackedGateProjections(torch.autograd.Function):
+    """`in_proj_z`, `in_proj_b`, `in_proj_a` of hidden [..., H] (weights w_z [Dv, H], w_b and w_a [Hv, H]) -> z
+    [..., Dv], b and a [..., Hv], as one matrix product of the stacked weights (`_padded_rows`).
+
+    The backward takes z's gradient and (b, a)'s apart: dx = dz w_z + d(b, a) w_(b, a) and the weight gradients
+    dz^T x and d(b, a)^T x. The autograd of one product followed by a split would first concatenate dz, db and da
+    into the stacked gradient, which inductor makes one pointwise kernel that evaluates the gated norm's,
+    sigmoid's and softplus's backward for every element of every part (BENCHMARKS.md section 1, session 20); here
+    only the 2 Hv + padding columns of (b, a) are concatenated. Under autocast the products run in the dtype the
+    forward's product ran in (gradients in it, cast to each input's own dtype), as autocast's matrix products do."""
+
+    @staticmethod
+    def forward(ctx, hidden, w_z, w_b, w_a):
+        zba = F.linear(hidden, _padded_rows([w_z, w_b, w_a]))  # [..., Dv + 2 Hv + pad]
+        ctx.save_for_backward(hidden, w_z, w_b, w_a)
+        ctx.compute_dtype = zba.dtype
+        dv, hv = w_z.shape[0], w_b.shape[0]
+        return zba[..., :dv], zba[..., dv : dv + hv], zba[..., dv + hv : dv + 2 * hv]
+
+    @staticmethod
+    def backward(ctx, dz, db, da):
+        hidden, w_z, w_b, w_a = ctx.saved_tensors
+        dtype, lead = ctx.compute_dtype, hidden.shape[:-1]
+        x = hidden.reshape(-1, hidden.shape[-1]).to(dtype)  # [N, H]
+        dz, db, da = (
+            (g if g is not None else hidden.new_zeros(*lead, w.shape[0], dtype=dtype)).reshape(-1, w.shape[0]).to(dtype)
+            for g, w in ((dz, w_z), (db, w_b), (da, w_a))
+        )
+        d_ba = _padded_rows([db.T, da.T]).T  # [N, 2 Hv + pad]: the stacked gradient of b and a only
+        w_ba = _padded_rows([w_b, w_a]).to(dtype)  # [2 Hv + pad, H]
+        dx = dz @ w_z.to(dtype) + d_ba @ w_ba  # [N, H]
+        dw_z = dz.T @ x
+        dw_ba = d_ba.T @ x  # [2 Hv + pad, H]
+        hv = w_b.shape[0]
+        return (
+            dx.reshape(hidden.shape).to(hidden.dtype),
+            dw_z.to(w_z.dtype),
+            dw_ba[:hv].to(w_b.dtype),
+            dw_ba[hv : 2 * hv].to(w_a.dtype),
+        )
+
+
 class LlamaThinkGatedDeltaNet(nn.Module):
     """Gated DeltaNet (linear attention with a delta-rule state), parameter-compatible with Qwen3.5's."""
 
@@ -942,14 +991,7 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         plain = all(is_plain_linear(m) for m in projections) and len({m.weight.dtype for m in projections}) == 1
         if not plain or hidden_states.shape[1] == 1:
             return tuple(m(hidden_states) for m in projections)
-        rows = self.value_dim + 2 * self.num_v_heads
-        pad = -rows % 8
-        weights = [m.weight for m in projections]
-        if pad:
-            weights.append(self.in_proj_z.weight.new_zeros(pad, self.in_proj_z.in_features))
-        zba = F.linear(hidden_states, torch.cat(weights))  # [B, T, rows + pad]
-        z, b, a, _ = zba.split((self.value_dim, self.num_v_heads, self.num_v_heads, pad), dim=-1)
-        return z, b, a
+        return _StackedGateProjections.apply(hidden_states, *(m.weight for m in projections))
 
     def _heads_and_gates(self, qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor, valid: torch.Tensor | None):
         """conv output before its SiLU [B, T, conv_dim] and the gate projections b, a [B, T, Hv]

@@ -340,6 +340,38 @@ def test_gate_projections_are_one_product_equal_to_the_three_and_lora_wrappers_a
     assert layer._gate_projections(x)[2].abs().max() > 0
 
 
+def test_gate_projections_backward_under_autocast_and_with_unused_outputs():
+    """The stacked projections' own backward (`_StackedGateProjections`): under bf16 autocast its outputs and
+    gradients have the dtypes and values (to bf16 rounding) of the three Linears' autograd, the input's gradient in
+    the input's dtype and the weights' in theirs; an output the loss does not use (its gradient None) counts as
+    zero."""
+    config = tiny_config(linear_num_value_heads=3, linear_num_key_heads=3)
+    layer = randomize_(LlamaThinkGatedDeltaNet(config, layer_idx=0), seed=4)
+    projections = (layer.in_proj_z, layer.in_proj_b, layer.in_proj_a)
+    params = [m.weight for m in projections]
+    x = torch.randn(2, 7, config.hidden_size, requires_grad=True)
+    weights = [torch.randn(2, 7, n) for n in (layer.value_dim, 3, 3)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs, refs = layer._gate_projections(x), [m(x) for m in projections]
+    assert [o.dtype for o in outs] == [r.dtype for r in refs] == [torch.bfloat16] * 3
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    grads = torch.autograd.grad(sum((o.float() * w).sum() for o, w in zip(outs, weights)), [x, *params])
+    ref_grads = torch.autograd.grad(sum((r.float() * w).sum() for r, w in zip(refs, weights)), [x, *params])
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == r.dtype == torch.float32
+        assert ((g - r).norm() / r.norm()).item() < 1e-2
+
+    layer = layer.double()  # only z in the loss: b's and a's gradients are None in the backward
+    x = x.detach().double().requires_grad_()
+    z, _, _ = layer._gate_projections(x)
+    grads = torch.autograd.grad(z.sum(), [x, layer.in_proj_z.weight, layer.in_proj_b.weight])
+    ref_grads = torch.autograd.grad(layer.in_proj_z(x).sum(), [x, layer.in_proj_z.weight])
+    torch.testing.assert_close(grads[0], ref_grads[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[1], ref_grads[1], rtol=1e-12, atol=1e-12)
+    assert grads[2].abs().max() == 0
+
+
 def test_gate_projections_without_padding():
     """Stacked rows that already fill a multiple of 8 (4 value heads of 12: 48 + 2 x 4 = 56 rows, no zero rows)
     slice into the three projections' outputs just the same."""
