@@ -383,27 +383,17 @@ def _fla_conv_internals():
 
 
 def _define_fla_conv_op():
-    """Define `llamathink::fla_causal_conv1d` (+ its backward op and autograd formula) once per process (see
-    `_define_fla_chunk_op`). One op serves eager and compiled training: dynamo records it as a single node.
-
-    The op is the convolution alone; its SiLU is the caller's. fla's fused conv + SiLU backward launches its forward
-    kernel again to recompute the pre-activation; with the SiLU outside, the pre-activation is this op's output,
-    which autograd (or inductor's partitioner) keeps for the SiLU's own backward anyway, so nothing is recomputed.
-    The Gated DeltaNet applies the SiLU to q, k and v apart, after the split: under torch.compile the gradient of
-    this op's output is then a concatenation whose consumer is this op's backward, not a pointwise op, where
-    inductor (torch 2.11's cat lowering) is expected to write each part's SiLU (and L2-norm) backward into its slice
-    in a kernel of its own, rather than one pointwise "cat" kernel that evaluates every part's arithmetic for every
-    element, as it did with one SiLU over the whole output (BENCHMARKS.md section 1, session 20). Not yet measured;
-    that first form also held more memory (one more [B, T, C] tensor per layer)."""
+    """Define `llamathink::fla_causal_conv1d_silu` (+ its backward op and autograd formula) once per process (see
+    `_define_fla_chunk_op`). One op serves eager and compiled training: dynamo records it as a single node."""
     try:
-        return torch.ops.llamathink.fla_causal_conv1d
+        return torch.ops.llamathink.fla_causal_conv1d_silu
     except (AttributeError, RuntimeError):
         pass
 
-    @torch.library.custom_op("llamathink::fla_causal_conv1d", mutates_args=())
-    def fla_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    @torch.library.custom_op("llamathink::fla_causal_conv1d_silu", mutates_args=())
+    def fla_causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         """x [B, T, C] 16-bit, contiguous; weight [C, K] (fp32); `cu_seqlens` [N + 1] (B = 1): N packed sequences,
-        each starting from zeros -> causal depthwise conv [B, T, C] in x's dtype (no activation)."""
+        each starting from zeros -> silu(causal depthwise conv) [B, T, C] in x's dtype."""
         fwd, _ = _fla_conv_internals()
         with _device_of(x):
             y, _ = fwd(
@@ -413,20 +403,21 @@ def _define_fla_conv_op():
                 residual=None,
                 initial_state=None,
                 output_final_state=False,
-                activation=None,
+                activation="silu",
                 cu_seqlens=cu_seqlens,
             )
         return y.contiguous()
 
-    @fla_causal_conv1d.register_fake
+    @fla_causal_conv1d_silu.register_fake
     def _(x, weight, cu_seqlens):
         return torch.empty_like(x)
 
-    @torch.library.custom_op("llamathink::fla_causal_conv1d_backward", mutates_args=())
-    def fla_causal_conv1d_backward(
+    @torch.library.custom_op("llamathink::fla_causal_conv1d_silu_backward", mutates_args=())
+    def fla_causal_conv1d_silu_backward(
         x: torch.Tensor, weight: torch.Tensor, grad_y: torch.Tensor, cu_seqlens: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradients w.r.t. x (x's dtype) and weight (weight's dtype), by fla's conv backward."""
+        """Gradients w.r.t. x (x's dtype) and weight (weight's dtype), by fla's fused backward (which recomputes the
+        pre-activation rather than storing it)."""
         _, bwd = _fla_conv_internals()
         with _device_of(x):
             dx, dw = bwd(
@@ -437,12 +428,12 @@ def _define_fla_conv_op():
                 bias=None,
                 residual=None,
                 initial_state=None,
-                activation=None,
+                activation="silu",
                 cu_seqlens=cu_seqlens,
             )[:2]
         return dx.to(x.dtype).contiguous(), dw.to(weight.dtype).contiguous()
 
-    @fla_causal_conv1d_backward.register_fake
+    @fla_causal_conv1d_silu_backward.register_fake
     def _(x, weight, grad_y, cu_seqlens):
         return torch.empty_like(x), torch.empty_like(weight)
 
@@ -452,22 +443,21 @@ def _define_fla_conv_op():
 
     def backward(ctx, grad_y):
         x, weight, cu_seqlens = ctx.saved_tensors
-        dx, dw = fla_causal_conv1d_backward(x, weight, grad_y, cu_seqlens)
+        dx, dw = fla_causal_conv1d_silu_backward(x, weight, grad_y, cu_seqlens)
         return dx, dw, None
 
-    fla_causal_conv1d.register_autograd(backward, setup_context=setup_context)
-    return torch.ops.llamathink.fla_causal_conv1d
+    fla_causal_conv1d_silu.register_autograd(backward, setup_context=setup_context)
+    return torch.ops.llamathink.fla_causal_conv1d_silu
 
 
 _fla_conv_op = _define_fla_conv_op()
 
 
-def fla_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
-    """Causal depthwise conv1d (no activation) by fla's Triton kernels (forward and backward) in the channels-last
+def fla_causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
+    """`silu(causal depthwise conv1d(x))` by fla's fused Triton kernels (forward and backward), in the channels-last
     layout: x [B, T, C] (16-bit), weight [C, K] (the `nn.Conv1d` weight [C, 1, K] without its middle axis; kept in
     its own dtype, gradients too) -> [B, T, C] in x's dtype. Output t sees inputs t - K + 1 .. t, zeros before the
-    start of each sequence: the row, or with `cu_seqlens` [N + 1] (B = 1) each of the N packed sequences. The
-    Gated DeltaNet applies its SiLU after this, to q, k and v apart (`_define_fla_conv_op` says why).
+    start of each sequence: the row, or with `cu_seqlens` [N + 1] (B = 1) each of the N packed sequences.
 
     The reference is `LlamaThinkGatedDeltaNet._causal_conv`'s PyTorch form (tests/test_gpu.py compares both, forward
     and gradients). Raises RuntimeError where fla's conv is not available (check `fla_conv_available` first)."""
@@ -790,7 +780,7 @@ __all__ = [
     "FLA_TUNED_CONFIGS_ENV",
     "fla_autotune_choices",
     "fla_backward_problem",
-    "fla_causal_conv1d",
+    "fla_causal_conv1d_silu",
     "fla_chunk_gated_delta_rule",
     "fla_conv_available",
     "fla_recurrent_gated_delta_rule",

@@ -43,7 +43,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput, logging
 
 from .configuration_llamathink import LlamaThinkConfig
-from .kernels_llamathink import FLA_GDN_KERNELS, fla_causal_conv1d, probe_fla, select_gdn_backend
+from .kernels_llamathink import FLA_GDN_KERNELS, fla_causal_conv1d_silu, probe_fla, select_gdn_backend
 
 try:  # transformers >= 5: init functions that respect the "already loaded" flags of from_pretrained
     from transformers import initialization as init
@@ -891,21 +891,20 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         segments: PackedSegments | None = None,
         segment_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Depthwise causal conv over qkv [B, T, C] (channels-last) -> [B, T, C], without its SiLU (applied to q, k
-        and v apart by `_heads_and_gates`); reads and updates the conv state [B, C, K-1] when caching. With packed
-        `segments` (`segment_pos` [B, T]: each token's position in its sequence) a token sees no input from before
-        the start of its sequence, as at the start of a row.
+        """Depthwise causal conv + SiLU over qkv [B, T, C] (channels-last) -> [B, T, C]; reads and updates the conv
+        state [B, C, K-1] when caching. With packed `segments` (`segment_pos` [B, T]: each token's position in its
+        sequence) a token sees no input from before the start of its sequence, as at the start of a row.
 
-        Three forms of one function: fla's Triton conv (`backend == "fla"`, 16-bit, no cache; packed sequences
-        through its `cu_seqlens`), K shifted products (under torch.compile, where inductor fuses them with the SiLU,
-        and for packed sequences without fla), and cuDNN's depthwise conv (eager, the CPU path)."""
+        Three forms of one function: fla's fused Triton conv + SiLU (`backend == "fla"`, 16-bit, no cache; packed
+        sequences through its `cu_seqlens`), K shifted products (under torch.compile, where inductor fuses them with
+        the SiLU, and for packed sequences without fla), and cuDNN's depthwise conv (eager, the CPU path)."""
         B, T, C = qkv.shape
         K = self.conv_kernel_size
         if backend == "fla" and state is None and qkv.dtype in (torch.float16, torch.bfloat16):
             weight = self.conv1d.weight[:, 0]  # [C, K]
             if segments is None:
-                return fla_causal_conv1d(qkv, weight)
-            flat = fla_causal_conv1d(qkv.reshape(1, B * T, C), weight, segments.cu_seqlens)  # [1, B*T, C]
+                return fla_causal_conv1d_silu(qkv, weight)
+            flat = fla_causal_conv1d_silu(qkv.reshape(1, B * T, C), weight, segments.cu_seqlens)  # [1, B*T, C]
             return flat.reshape(B, T, C)
         if state is not None and state.conv is not None:
             x = torch.cat((state.conv.transpose(1, 2).to(qkv.dtype), qkv), dim=1)  # [B, K-1+T, C]
@@ -924,7 +923,7 @@ class LlamaThinkGatedDeltaNet(nn.Module):
                 out = term if out is None else out + term
         else:
             out = F.conv1d(x.transpose(1, 2), weight[:, None], groups=C)[:, :, -T:].transpose(1, 2)  # [B, T, C]
-        return out
+        return F.silu(out)
 
     def _delta_rule(self, q, k, v, g, beta, initial_state, output_final_state, backend: str, segments=None):
         """The dispatch point of the delta-rule kernel: fla or the PyTorch reference (`backend`, from
@@ -994,13 +993,10 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         return _StackedGateProjections.apply(hidden_states, *(m.weight for m in projections))
 
     def _heads_and_gates(self, qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor, valid: torch.Tensor | None):
-        """conv output before its SiLU [B, T, conv_dim] and the gate projections b, a [B, T, Hv]
-        (`_gate_projections`) -> q, k (L2-normed, fp32), v [B, T, H, D]; log-decay g and beta [B, T, Hv]."""
+        """conv output [B, T, conv_dim] and the gate projections b, a [B, T, Hv] (`_gate_projections`) -> q, k
+        (L2-normed, fp32), v [B, T, H, D]; log-decay g and beta [B, T, Hv]."""
         B, T, _ = qkv.shape
-        # the SiLU after the split: elementwise, so the same values as before it, and under torch.compile the conv's
-        # gradient is then assembled part by part rather than in one pointwise kernel over all parts
-        # (`_define_fla_conv_op` in kernels_llamathink.py)
-        q, k, v = (F.silu(t) for t in qkv.split((self.key_dim, self.key_dim, self.value_dim), dim=-1))
+        q, k, v = qkv.split((self.key_dim, self.key_dim, self.value_dim), dim=-1)
         q = q.reshape(B, T, self.num_k_heads, self.head_k_dim)
         k = k.reshape(B, T, self.num_k_heads, self.head_k_dim)
         v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
@@ -1029,7 +1025,7 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         qkv = self.in_proj_qkv(hidden_states)  # [B, 1, conv_dim]
         window = torch.cat((state.conv, qkv.transpose(1, 2).to(state.conv.dtype)), dim=-1)  # [B, conv_dim, K]
         state.conv.copy_(window[:, :, 1:])
-        qkv = (window * self.conv1d.weight[:, 0].to(window.dtype)).sum(-1, keepdim=True)  # [B, conv_dim, 1]
+        qkv = F.silu((window * self.conv1d.weight[:, 0].to(window.dtype)).sum(-1, keepdim=True))  # [B, conv_dim, 1]
         z, b, a = self._gate_projections(hidden_states)
         q, k, v, g, beta = self._heads_and_gates(qkv.transpose(1, 2).to(hidden_states.dtype), b, a, None)
         # The PyTorch step, also where fla is installed: inside a CUDA graph its handful of small kernels cost no

@@ -8,7 +8,7 @@ from conftest import graph_test_grads, graph_test_model, largest_gap, tiny_model
 from llamathink.kernels_llamathink import (
     _fla_ops,
     fla_backward_problem,
-    fla_causal_conv1d,
+    fla_causal_conv1d_silu,
     fla_chunk_gated_delta_rule,
     fla_conv_available,
     fla_recurrent_gated_delta_rule,
@@ -218,13 +218,11 @@ def test_fla_causal_conv_matches_the_reference(channels):
         xs, ws = x.clone().requires_grad_(), weight.clone().requires_grad_()
         xr, wr = x.float().requires_grad_(), weight.clone().requires_grad_()
         if packed:
-            out = torch.nn.functional.silu(fla_causal_conv1d(xs.reshape(1, 600, channels), ws, cu)).reshape(
-                2, 300, channels
-            )
+            out = fla_causal_conv1d_silu(xs.reshape(1, 600, channels), ws, cu).reshape(2, 300, channels)
             flat, bounds = xr.reshape(1, 600, channels), cu.tolist()
             ref = torch.cat([reference(flat[:, a:b], wr) for a, b in zip(bounds, bounds[1:])], 1).reshape(x.shape)
         else:
-            out, ref = torch.nn.functional.silu(fla_causal_conv1d(xs, ws)), reference(xr, wr)
+            out, ref = fla_causal_conv1d_silu(xs, ws), reference(xr, wr)
         assert out.dtype == torch.bfloat16 and out.shape == x.shape
         torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
         grad = torch.randn_like(ref)
