@@ -834,8 +834,14 @@ class _StackedGateProjections(torch.autograd.Function):
         hidden, w_z, w_b, w_a = ctx.saved_tensors
         dtype, lead = ctx.compute_dtype, hidden.shape[:-1]
         x = hidden.reshape(-1, hidden.shape[-1]).to(dtype)  # [N, H]
+        # Each incoming gradient as a contiguous [N, n] copy: a traced backward (AOTAutograd) records `reshape` as
+        # a view wherever the trace's strides allowed one, and an op's strides at run time can differ from the
+        # trace's (softplus's backward under dynamo's aot_eager backend), which makes that view fail. inductor
+        # computes the gradient straight into the copy.
         dz, db, da = (
-            (g if g is not None else hidden.new_zeros(*lead, w.shape[0], dtype=dtype)).reshape(-1, w.shape[0]).to(dtype)
+            hidden.new_zeros(lead.numel(), w.shape[0], dtype=dtype)
+            if g is None
+            else g.to(dtype).clone(memory_format=torch.contiguous_format).view(-1, w.shape[0])
             for g, w in ((dz, w_z), (db, w_b), (da, w_a))
         )
         d_ba = _padded_rows([db.T, da.T]).T  # [N, 2 Hv + pad]: the stacked gradient of b and a only

@@ -1795,6 +1795,39 @@ def test_compiled_loss_chunk_matches_eager_through_inductor():
     torch.testing.assert_close(results[2][0], reference, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bf16-autocast"])
+def test_compile_layers_through_aot_autograd_match_eager(dtype):
+    """The compiled layers as AOTAutograd runs them (dynamo's "aot_eager" backend: the traced forward and backward
+    graphs, op by op, with the strides the trace assumed): the loss and every gradient of the eager model, in
+    float64 to rounding and under bf16 autocast to bf16 rounding, plain and packed. The layers' own autograd
+    Functions (the stacked gate projections' backward) must not assume strides a traced graph does not keep."""
+    torch._dynamo.reset()
+    kwargs = {"mixer_types": ["linear", "csa", "full"], "num_hidden_layers": 3}
+    kwargs |= {"linear_num_value_heads": 3, "linear_num_key_heads": 3}  # 3 x 2 gate columns: padded rows
+    ref = tiny_model(**kwargs).train()
+    compiled = tiny_model(**kwargs).train().compile_layers(backend="aot_eager")
+    if dtype == torch.float64:
+        ref, compiled = ref.double(), compiled.double()
+    ids = torch.randint(3, 96, (2, 40), generator=torch.Generator().manual_seed(0))
+    positions = torch.cat([torch.arange(15), torch.arange(25)])[None].expand(2, 40)
+    for extra in ({}, {"position_ids": positions}):
+        results = []
+        for model in (ref, compiled):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids, use_cache=False, skip_logits=True, **extra).loss
+            loss.backward()
+            results.append((loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters()}))
+        (loss_ref, grads_ref), (loss, grads) = results
+        tol = 1e-12 if dtype == torch.float64 else 2e-2
+        torch.testing.assert_close(loss, loss_ref, rtol=tol, atol=tol)
+        for name, grad in grads_ref.items():
+            if dtype == torch.float64:
+                torch.testing.assert_close(grads[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+            else:  # bf16 kernels fused differently: relative to the tensor's norm
+                assert (grads[name] - grad).norm() <= 2e-2 * grad.norm() + 1e-6, name
+
+
 def test_compile_layers_compiles_once_per_mixer_type_and_matches_eager():
     """Regional compilation (`compile_layers`): one graph per mixer type however many layers share it, the same
     loss and gradients as the eager model (float64), packed batches included, and cached generation through the

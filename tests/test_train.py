@@ -1,6 +1,7 @@
 """Pretraining loop tests on CPU: settings, schedule, a short run whose loss falls, exact resume, atomic
 checkpoints under SIGKILL, non-finite losses, vocabulary checks, and a 2-process DDP (gloo) run."""
 
+import dataclasses
 import json
 import math
 import os
@@ -919,6 +920,35 @@ def test_compile_true_trains_layer_by_layer_and_saves_plain_checkpoints(sample_d
     names = set(ckpt.load_checkpoint(tmp_path / "layers/checkpoints/step_00000004")["model"])
     assert names == set(ckpt.load_checkpoint(tmp_path / "eager/checkpoints/step_00000004")["model"])
     assert not any("_orig_mod" in n for n in names)
+
+
+def test_two_process_ddp_with_compiled_layers_matches_one_process(sample_data, model_json, tmp_path, monkeypatch):
+    """`compile: true` under DDP (what the FineWeb recipes run): two processes of 4 rows each, with gradient
+    accumulation (DDP's `no_sync` on the first micro-batch), give the one-process run's losses for the same global
+    batch, and each process trains its compiled layers (one graph per mixer type and the loss: no eager fallback).
+    dynamo's "aot_eager" backend stands in for inductor in both runs (tests/_compiled_pretrain_worker.py)."""
+    from llamathink.modeling_llamathink import LlamaThinkPreTrainedModel
+
+    compile_layers = LlamaThinkPreTrainedModel.compile_layers
+    monkeypatch.setattr(
+        LlamaThinkPreTrainedModel, "compile_layers", lambda self, **kw: compile_layers(self, backend="aot_eager")
+    )
+    settings = {"max_steps": 3, "warmup_steps": 1, "eval_every": 3, "save_every": 3, "log_every": 1, "compile": True}
+    torch._dynamo.reset()
+    one = pretrain.train(_cfg(sample_data, model_json, tmp_path / "one", **settings))
+    two_cfg = _cfg(sample_data, model_json, tmp_path / "two", micro_batch_size=4, **settings)
+    args = [f"--{k}={v}" for k, v in dataclasses.asdict(two_cfg).items() if v is not None]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(REPO_ROOT / "tests" / "_compiled_pretrain_worker.py"), *args]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    mixer_types = len(set(LlamaThinkConfig.from_json_file(str(model_json)).mixer_types))
+    assert re.findall(r"^graphs (\d+)$", proc.stdout, re.MULTILINE) == [str(mixer_types + 1)] * 2, proc.stdout[-2000:]
+    two = json.loads((tmp_path / "two" / "history.json").read_text())
+    for step, loss in one["losses"].items():
+        assert two["losses"][str(step)] == pytest.approx(loss, rel=1e-5), step
+    assert two["eval"]["3"] == pytest.approx(one["eval"][3], rel=1e-5)
 
 
 def test_a_data_folder_whose_recorded_tokenizer_is_not_here_names_meta_json_and_the_fix(
