@@ -120,6 +120,23 @@ def graph_test_grads(gdn_backend: str, mode: str, calls: int, autocast: bool = T
     return out
 
 
+def loss_and_grads(model, ids, autocast: bool, forward=None) -> tuple[float, dict]:
+    """One forward/backward of the language-model loss on `ids` [B, T] (as labels too) from zeroed gradients,
+    with bf16 autocast or without; `forward` replaces `model` as the callable (a compiled model). Returns the loss
+    and {name: gradient} in float32 on the CPU."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = (model if forward is None else forward)(ids, labels=ids, use_cache=False, skip_logits=True).loss
+    loss.backward()
+    return loss.item(), {name: p.grad.detach().float().cpu() for name, p in model.named_parameters()}
+
+
+def relative_errors(grads: dict, reference: dict) -> dict:
+    """{name: |g - g_ref| / |g_ref|} for each tensor of `grads` ({name: tensor} dicts; a zero reference counts as
+    1e-8)."""
+    return {n: ((g - reference[n]).norm() / reference[n].norm().clamp_min(1e-8)).item() for n, g in grads.items()}
+
+
 def largest_gap(a: dict, b: dict, *, nonzero_reference: bool = True) -> tuple[float, str]:
     """The largest per-tensor gap |a[n] - b[n]| / |b[n]| over the tensors of `b` ({name: tensor} dicts), with the
     name; `nonzero_reference` asserts that no reference tensor is zero (its gap would not be relative)."""

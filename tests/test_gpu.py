@@ -3,7 +3,7 @@ gradients, and cached decoding against the uncached forward on the GPU."""
 
 import pytest
 import torch
-from conftest import graph_test_grads, graph_test_model, largest_gap, tiny_model
+from conftest import graph_test_grads, graph_test_model, largest_gap, loss_and_grads, relative_errors, tiny_model
 
 from llamathink.kernels_llamathink import (
     _fla_ops,
@@ -64,18 +64,6 @@ def test_fla_recurrent_matches_reference():
 GDN_DIMS = {"dims8x10": {}, "dims16x32": dict(linear_key_head_dim=16, linear_value_head_dim=32)}
 
 
-def _loss_and_grads(model, ids, autocast: bool, forward=None):
-    model.zero_grad(set_to_none=True)
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-        loss = (model if forward is None else forward)(ids, labels=ids, use_cache=False, skip_logits=True).loss
-    loss.backward()
-    return loss.item(), {name: p.grad.detach().float().cpu() for name, p in model.named_parameters()}
-
-
-def _relative_errors(grads, reference):
-    return {n: ((g - reference[n]).norm() / reference[n].norm().clamp_min(1e-8)).item() for n, g in grads.items()}
-
-
 @pytest.mark.parametrize("dims", sorted(GDN_DIMS))
 def test_gpu_backends_match_cpu_reference_forward_and_gradients(dims):
     """Against fp32 on the CPU: fp32 training on the GPU (our kernels; fla is not used for fp32 training) within
@@ -84,24 +72,24 @@ def test_gpu_backends_match_cpu_reference_forward_and_gradients(dims):
     same autocast (a wrong fla gradient is many times further off)."""
     ids = torch.randint(1, 96, (2, 150), generator=torch.Generator().manual_seed(0))
     cpu = tiny_model(dtype=torch.float32, gdn_backend="torch", **GDN_DIMS[dims]).train()
-    loss_ref, grads_ref = _loss_and_grads(cpu, ids, autocast=False)
+    loss_ref, grads_ref = loss_and_grads(cpu, ids, autocast=False)
 
     gpu = {b: tiny_model(dtype=torch.float32, gdn_backend=b, **GDN_DIMS[dims]).cuda().train() for b in ("torch", "fla")}
     for backend, model in gpu.items():  # fp32: "fla" falls back to our kernels (a warning), so both must be exact
-        loss, grads = _loss_and_grads(model, ids.cuda(), autocast=False)
+        loss, grads = loss_and_grads(model, ids.cuda(), autocast=False)
         # cuDNN's conv uses TF32 inside, hence 1e-3 rather than 1e-6
         assert abs(loss - loss_ref) < 1e-3 * abs(loss_ref), (backend, loss, loss_ref)
-        errors = _relative_errors(grads, grads_ref)
+        errors = relative_errors(grads, grads_ref)
         assert max(errors.values()) < 2e-2, (backend, sorted(errors.items(), key=lambda kv: -kv[1])[:5])
 
-    results = {b: _loss_and_grads(m, ids.cuda(), autocast=True) for b, m in gpu.items()}
+    results = {b: loss_and_grads(m, ids.cuda(), autocast=True) for b, m in gpu.items()}
     for backend, (loss, grads) in results.items():
         assert abs(loss - loss_ref) < 2e-2 * abs(loss_ref), (backend, loss, loss_ref)
         assert all(torch.isfinite(g).all() for g in grads.values()), backend
     if _fla_ops() is None or fla_backward_problem(torch.device("cuda")) is not None:
         pytest.skip("fla is not installed or its backward is unusable here: only our kernels were checked")
-    ours = _relative_errors(results["torch"][1], grads_ref)
-    fla = _relative_errors(results["fla"][1], grads_ref)
+    ours = relative_errors(results["torch"][1], grads_ref)
+    fla = relative_errors(results["fla"][1], grads_ref)
     worst = sorted(((fla[n], ours[n], n) for n in fla), reverse=True)[:5]
     # fla's bf16 kernels at the odd 8 / 10 head dims (masked tiles) put the decay-gate gradients (dt_bias, A_log,
     # in_proj_a) 2.5-3.2x further from the fp32 reference than our bf16 kernels (0.046-0.083 against 0.018-0.035
@@ -119,15 +107,15 @@ def test_compiled_fla_training_is_one_graph_and_matches_the_reference():
         pytest.skip(fla_backward_problem(torch.device("cuda")))
     dims = GDN_DIMS["dims16x32"]
     ids = torch.randint(1, 96, (2, 150), generator=torch.Generator().manual_seed(0))
-    loss_ref, grads_ref = _loss_and_grads(
+    loss_ref, grads_ref = loss_and_grads(
         tiny_model(dtype=torch.float32, gdn_backend="torch", **dims).train(), ids, False
     )
     model = tiny_model(dtype=torch.float32, gdn_backend="fla", **dims).cuda().train()
-    loss_eager, grads_eager = _loss_and_grads(model, ids.cuda(), autocast=True)
+    loss_eager, grads_eager = loss_and_grads(model, ids.cuda(), autocast=True)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
-    loss_compiled, grads_compiled = _loss_and_grads(model, ids.cuda(), autocast=True, forward=compiled)
-    eager, comp = _relative_errors(grads_eager, grads_ref), _relative_errors(grads_compiled, grads_ref)
+    loss_compiled, grads_compiled = loss_and_grads(model, ids.cuda(), autocast=True, forward=compiled)
+    eager, comp = relative_errors(grads_eager, grads_ref), relative_errors(grads_compiled, grads_ref)
     worst = sorted(((comp[n], eager[n], n) for n in comp), reverse=True)[:5]
     assert all(comp[n] < 2 * eager[n] + 1e-2 for n in comp), ("compiled vs eager (relative gradient errors)", worst)
     assert abs(loss_compiled - loss_ref) < 2 * abs(loss_eager - loss_ref) + 2e-3 * abs(loss_ref)
@@ -252,18 +240,18 @@ def test_packed_training_on_gpu_matches_the_cpu_reference(compiled):
         return lambda x, labels, **kw: model(x, labels=labels, position_ids=pos.to(x.device), **kw)
 
     cpu = tiny_model(dtype=torch.float32, gdn_backend="torch", **dims).train()
-    loss_ref, grads_ref = _loss_and_grads(cpu, ids, False, forward=forward(cpu))
-    loss_stream, _ = _loss_and_grads(cpu, ids, False)
+    loss_ref, grads_ref = loss_and_grads(cpu, ids, False, forward=forward(cpu))
+    loss_stream, _ = loss_and_grads(cpu, ids, False)
     assert abs(loss_stream - loss_ref) > 1e-4  # the packing matters in this batch
     ours = tiny_model(dtype=torch.float32, gdn_backend="torch", **dims).cuda().train()
-    loss_ours, grads_ours = _loss_and_grads(ours, ids.cuda(), True, forward=forward(ours))
+    loss_ours, grads_ours = loss_and_grads(ours, ids.cuda(), True, forward=forward(ours))
     model = tiny_model(dtype=torch.float32, gdn_backend="fla", **dims).cuda().train()
     torch._dynamo.reset()
     step = torch.compile(model) if compiled == "model" else model
     if compiled == "layers":
         model.compile_layers()
-    loss, grads = _loss_and_grads(model, ids.cuda(), True, forward=forward(step))
-    errors, reference = _relative_errors(grads, grads_ref), _relative_errors(grads_ours, grads_ref)
+    loss, grads = loss_and_grads(model, ids.cuda(), True, forward=forward(step))
+    errors, reference = relative_errors(grads, grads_ref), relative_errors(grads_ours, grads_ref)
     worst = sorted(((errors[n], reference[n], n) for n in errors), reverse=True)[:5]
     assert all(errors[n] < 2 * reference[n] + 1e-2 for n in errors), ("fla packed vs ours", worst)
     assert abs(loss - loss_ref) < 2 * abs(loss_ours - loss_ref) + 2e-3 * abs(loss_ref), (loss, loss_ours, loss_ref)
@@ -278,16 +266,16 @@ def test_compiled_layers_train_like_eager_and_compile_once_per_mixer_type():
         pytest.skip(fla_backward_problem(torch.device("cuda")))
     dims = dict(GDN_DIMS["dims16x32"], head_dim=16, hidden_size=64)
     ids = torch.randint(1, 96, (2, 150), generator=torch.Generator().manual_seed(0))
-    loss_ref, grads_ref = _loss_and_grads(
+    loss_ref, grads_ref = loss_and_grads(
         tiny_model(dtype=torch.float32, gdn_backend="torch", **dims).train(), ids, False
     )
     model = tiny_model(dtype=torch.float32, gdn_backend="fla", **dims).cuda().train()
-    loss_eager, grads_eager = _loss_and_grads(model, ids.cuda(), autocast=True)
+    loss_eager, grads_eager = loss_and_grads(model, ids.cuda(), autocast=True)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model.compile_layers()
-    loss, grads = _loss_and_grads(model, ids.cuda(), autocast=True)
-    eager, comp = _relative_errors(grads_eager, grads_ref), _relative_errors(grads, grads_ref)
+    loss, grads = loss_and_grads(model, ids.cuda(), autocast=True)
+    eager, comp = relative_errors(grads_eager, grads_ref), relative_errors(grads, grads_ref)
     worst = sorted(((comp[n], eager[n], n) for n in comp), reverse=True)[:5]
     assert all(comp[n] < 2 * eager[n] + 1e-2 for n in comp), ("compiled layers vs eager", worst)
     assert abs(loss - loss_ref) < 2 * abs(loss_eager - loss_ref) + 2e-3 * abs(loss_ref)
@@ -474,7 +462,7 @@ def test_shipped_fla_configs_are_taken_without_autotuning_and_train_like_the_ref
     # for them only a bound that a wrong or missing gradient (error >= 1) fails.
     loss_ref, grads_ref = loss_and_grads("torch", bf16=False)
     loss_ours, grads_ours = loss_and_grads("torch")
-    errors, reference = _relative_errors(grads_fla, grads_ref), _relative_errors(grads_ours, grads_ref)
+    errors, reference = relative_errors(grads_fla, grads_ref), relative_errors(grads_ours, grads_ref)
     decay = {n for n in errors if n.endswith(("A_log", "dt_bias"))}
     worst = sorted(((errors[n], reference[n], n) for n in errors if n not in decay), reverse=True)[:5]
     assert all(errors[n] < 2 * reference[n] + 1e-2 for n in errors if n not in decay), ("fla vs ours", worst)
