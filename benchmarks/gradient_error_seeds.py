@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import loss_and_grads, relative_errors, tiny_model  # noqa: E402
+from conftest import loss_and_grads, relative_errors, tiny_model
 
 # the model and batch of tests/test_gpu.py's compiled-layers test (heads of 16 and 32: fla's unmasked tiles)
 DIMS = {"linear_key_head_dim": 16, "linear_value_head_dim": 32, "head_dim": 16, "hidden_size": 64}
