@@ -832,17 +832,17 @@ class _StackedGateProjections(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dz, db, da):
         hidden, w_z, w_b, w_a = ctx.saved_tensors
-        dtype, lead = ctx.compute_dtype, hidden.shape[:-1]
+        dtype = ctx.compute_dtype
         x = hidden.reshape(-1, hidden.shape[-1]).to(dtype)  # [N, H]
-        # Each incoming gradient as a contiguous [N, n] copy: a traced backward (AOTAutograd) records `reshape` as
-        # a view wherever the trace's strides allowed one, and an op's strides at run time can differ from the
-        # trace's (softplus's backward under dynamo's aot_eager backend), which makes that view fail. inductor
-        # computes the gradient straight into the copy.
+        # Each incoming gradient (autograd passes zeros for an output the loss does not use) as [N, n] rows. Traced
+        # (torch.compile), a contiguous copy: AOTAutograd records a `reshape` as a view wherever the trace's strides
+        # allowed one, and an op's strides at run time can differ from the trace's (softplus's backward under
+        # dynamo's aot_eager backend), which makes that view fail; inductor computes the gradient straight into
+        # the copy. Eagerly the strides are the real ones, and `reshape` copies only where it must.
+        traced = torch.compiler.is_compiling()
         dz, db, da = (
-            hidden.new_zeros(lead.numel(), w.shape[0], dtype=dtype)
-            if g is None
-            else g.to(dtype).clone(memory_format=torch.contiguous_format).view(-1, w.shape[0])
-            for g, w in ((dz, w_z), (db, w_b), (da, w_a))
+            (g.to(dtype).clone(memory_format=torch.contiguous_format) if traced else g.to(dtype)).reshape(-1, n)
+            for g, n in ((dz, w_z.shape[0]), (db, w_b.shape[0]), (da, w_a.shape[0]))
         )
         d_ba = _padded_rows([db.T, da.T]).T  # [N, 2 Hv + pad]: the stacked gradient of b and a only
         w_ba = _padded_rows([w_b, w_a]).to(dtype)  # [2 Hv + pad, H]
@@ -990,8 +990,8 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         reads the input once, and keeps cuBLAS off its slow kernels for b and a alone (Hv = 9 outputs in the 95M
         model: 18 bf16 bytes a row, not a multiple of 16). Otherwise, and for one token per row (decoding, where
         stacking would copy the weights every step to save nothing), each projection is called as a module. The
-        parameters and the state dict stay the three projections (Qwen3.5's layout); their gradients are slices of
-        the stacked one's."""
+        parameters and the state dict stay the three projections (Qwen3.5's layout). The stacked product's
+        backward takes z's gradient and (b, a)'s apart (`_StackedGateProjections`)."""
         projections = (self.in_proj_z, self.in_proj_b, self.in_proj_a)
         plain = all(is_plain_linear(m) for m in projections) and len({m.weight.dtype for m in projections}) == 1
         if not plain or hidden_states.shape[1] == 1:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO_ROOT, randomize_, tiny_config, tiny_model
 from safetensors import safe_open
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from llamathink import LlamaThinkCache, LlamaThinkConfig, LlamaThinkForCausalLM, LlamaThinkModel
 from llamathink import kernels_llamathink as kernels
@@ -343,8 +344,8 @@ def test_gate_projections_are_one_product_equal_to_the_three_and_lora_wrappers_a
 def test_gate_projections_backward_under_autocast_and_with_unused_outputs():
     """The stacked projections' own backward (`_StackedGateProjections`): under bf16 autocast its outputs and
     gradients have the dtypes and values (to bf16 rounding) of the three Linears' autograd, the input's gradient in
-    the input's dtype and the weights' in theirs; an output the loss does not use (its gradient None) counts as
-    zero."""
+    the input's dtype and the weights' in theirs; an output the loss does not use (autograd hands the backward
+    zeros for it) adds nothing, and its weight's gradient is zero."""
     config = tiny_config(linear_num_value_heads=3, linear_num_key_heads=3)
     layer = randomize_(LlamaThinkGatedDeltaNet(config, layer_idx=0), seed=4)
     projections = (layer.in_proj_z, layer.in_proj_b, layer.in_proj_a)
@@ -362,7 +363,7 @@ def test_gate_projections_backward_under_autocast_and_with_unused_outputs():
         assert g.dtype == r.dtype == torch.float32
         assert ((g - r).norm() / r.norm()).item() < 1e-2
 
-    layer = layer.double()  # only z in the loss: b's and a's gradients are None in the backward
+    layer = layer.double()  # only z in the loss: b's and a's incoming gradients are zeros
     x = x.detach().double().requires_grad_()
     z, _, _ = layer._gate_projections(x)
     grads = torch.autograd.grad(z.sum(), [x, layer.in_proj_z.weight, layer.in_proj_b.weight])
@@ -1671,8 +1672,8 @@ def test_a_second_copy_of_the_modeling_file_loads_in_the_same_process(tmp_path, 
 
 
 def test_text_generation_pipeline(tmp_path):
-    from transformers import PreTrainedTokenizerFast, pipeline
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, pipeline
 
     words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(93)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
@@ -1805,12 +1806,13 @@ def test_compile_layers_through_aot_autograd_match_eager(dtype):
     kwargs = {"mixer_types": ["linear", "csa", "full"], "num_hidden_layers": 3}
     kwargs |= {"linear_num_value_heads": 3, "linear_num_key_heads": 3}  # 3 x 2 gate columns: padded rows
     ref = tiny_model(**kwargs).train()
-    compiled = tiny_model(**kwargs).train().compile_layers(backend="aot_eager")
+    counter = CompileCounterWithBackend("aot_eager")  # counts the graphs dynamo hands to AOTAutograd
+    compiled = tiny_model(**kwargs).train().compile_layers(backend=counter)
     if dtype == torch.float64:
         ref, compiled = ref.double(), compiled.double()
     ids = torch.randint(3, 96, (2, 40), generator=torch.Generator().manual_seed(0))
     positions = torch.cat([torch.arange(15), torch.arange(25)])[None].expand(2, 40)
-    for extra in ({}, {"position_ids": positions}):
+    for extra, graphs in (({}, 4), ({"position_ids": positions}, 7)):
         results = []
         for model in (ref, compiled):
             model.zero_grad(set_to_none=True)
@@ -1819,6 +1821,8 @@ def test_compile_layers_through_aot_autograd_match_eager(dtype):
             loss.backward()
             results.append((loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters()}))
         (loss_ref, grads_ref), (loss, grads) = results
+        # one graph per mixer type and the loss's; packed rows add one per mixer type (no eager fallback)
+        assert counter.frame_count == graphs, counter.frame_count
         tol = 1e-12 if dtype == torch.float64 else 2e-2
         torch.testing.assert_close(loss, loss_ref, rtol=tol, atol=tol)
         for name, grad in grads_ref.items():
