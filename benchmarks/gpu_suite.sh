@@ -27,6 +27,8 @@
 #   OLD=/abs/old_tree [TESTS=pytest-k|skip] [CODE=1] [HC=1] OUT=/abs/dir bash benchmarks/gpu_suite.sh ab  # a change: GPU
 #                                                        # tests; kernels by kind at batch 16 and 64 against the
 #                                                        # tree before it (OLD); HC=1: without hyper-connections
+#   OLD=/abs/old_tree [SEEDS=8] OUT=/abs/dir bash benchmarks/gpu_suite.sh seeds  # a change's bf16 gradient errors
+#                                                        # against the float32 reference over seeds, both trees
 #   SETS="name=KEY=VALUE[+...] ..." OUT=results_dir bash benchmarks/gpu_suite.sh inductor  # inductor options
 #                                                        # for the compiled layers against the defaults, by kind
 #   OUT=results_dir bash benchmarks/gpu_suite.sh profile # torch.profiler view of the eager and compiled steps,
@@ -149,6 +151,17 @@ elif [ "$PART" = ab ] || [ "$PART" = fold ]; then  # issue 17: a change against 
         [ "${HC:-0}" = 1 ] && prof 60 b16_no_hc 16 --model llamathink:auto:no-hc
         prof 90 b64 64
         old prof 90 b64_old 64; }
+    half1() { :; }
+elif [ "$PART" = seeds ]; then  # issue 17: a change's bf16 gradient errors against the float32 reference over
+    # seeds (benchmarks/gradient_error_seeds.py), this tree and the tree before it (OLD): whether a tensor past a GPU
+    # test's tolerance is past it on every seed. SEEDS (default 8), LIMIT (s per tree, default 240).
+    export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor
+    seeds() { timeout "${LIMIT:-240}" python benchmarks/gradient_error_seeds.py --seeds "${SEEDS:-8}" ${2:+--code "$2"} \
+        --out "$OUT/seeds_$1.jsonl" > "$OUT/seeds_$1.log" 2>&1; echo "== $1"; grep '^{' "$OUT/seeds_$1.log" \
+        | python -c 'import json,sys; [print(r["seed"], r["over_tolerance"], {k.split("model.")[-1]: v for k, v in r["watched_eager_compiled"].items() if "dt_bias" in k}) for r in map(json.loads, sys.stdin)]'; }
+    half0() {
+        seeds new
+        seeds old "${OLD:?set OLD to a checkout of the code before the change}"; }  # this tree's script, OLD's model
     half1() { :; }
 elif [ "$PART" = inductor ]; then  # issue 17: inductor options for the compiled layers against its defaults, each
     # set in its own process (profile_gpu --inductor-option). SETS="name=KEY=VALUE[+KEY=VALUE...] ...", e.g.

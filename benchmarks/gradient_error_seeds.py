@@ -1,6 +1,6 @@
 """How far the bf16 GPU training paths' gradients are from the float32 CPU reference, tensor by tensor, over seeds.
 
-    python benchmarks/gradient_error_seeds.py [--seeds 8] [--backend fla] [--out errors.jsonl]
+    python benchmarks/gradient_error_seeds.py [--seeds 8] [--backend fla] [--out errors.jsonl] [--code OTHER_CHECKOUT]
 
 The question it answers: when a change moves one tensor's error past a GPU test's tolerance (for example
 `test_compiled_layers_train_like_eager_and_compile_once_per_mixer_type`, which holds the compiled layers' error of
@@ -10,7 +10,7 @@ tiny model of that test, computes the loss and gradients in float32 on the CPU (
 reference), then with bf16 autocast on the GPU eagerly and with the decoder layers compiled (`compile_layers`,
 inductor), and prints one JSON line per seed: the relative error |g - g_ref| / |g_ref| of the eager and compiled
 gradients for the decay parameters (`A_log`, `dt_bias`) and the conv weights of each Gated DeltaNet layer, the
-largest error of any tensor, and the tensors over the test's tolerance. Run it in the trees to compare; GPU only.
+largest error of any tensor, and the tensors over the test's tolerance. Run it on two trees (`--code`, or `gpu_suite.sh seeds`) to compare; GPU only.
 """
 
 from __future__ import annotations
@@ -23,9 +23,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+# --code DIR: the model code (the `llamathink` package) from another checkout, this tree's test helpers
+CODE = Path(sys.argv[sys.argv.index("--code") + 1]).resolve() if "--code" in sys.argv[:-1] else ROOT
+sys.path.insert(0, str(CODE))
+import llamathink  # imported before the test helpers, which put this tree first on sys.path
 
+sys.path.insert(0, str(ROOT / "tests"))
 from conftest import loss_and_grads, relative_errors, tiny_model
 
 # the model and batch of tests/test_gpu.py's compiled-layers test (heads of 16 and 32: fla's unmasked tiles)
@@ -60,10 +63,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--backend", default="fla", help="the GPU path's Gated DeltaNet kernels: fla or torch")
     parser.add_argument("--out", default=None, help="append the JSON lines here too")
+    parser.add_argument(
+        "--code", default=None, help="a checkout whose llamathink package to measure (default: this tree)"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gradient_error_seeds.py needs a CUDA GPU", file=sys.stderr)
         return 2
+    print(f"llamathink from {Path(llamathink.__file__).parent}", flush=True)
     for seed in range(args.seeds):
         line = json.dumps(errors_for_seed(seed, args.backend))
         print(line, flush=True)
