@@ -441,7 +441,7 @@ def test_shipped_fla_configs_are_taken_without_autotuning_and_train_like_the_ref
     assert all(len(given[name]) >= len(doc["kernels"][name]) for name in tuners)
     ids = torch.randint(3, 32000, (4, 256), device="cuda")
 
-    def loss_and_grads(backend, bf16=True):
+    def mixer_loss_and_grads(backend, bf16=True):  # the mixers' gradients of one step
         for layer in model.model.layers:
             if hasattr(layer.mixer, "backend"):
                 layer.mixer.backend = backend
@@ -451,7 +451,7 @@ def test_shipped_fla_configs_are_taken_without_autotuning_and_train_like_the_ref
         loss.backward()
         return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if "mixer" in n}
 
-    loss_fla, grads_fla = loss_and_grads("fla")
+    loss_fla, grads_fla = mixer_loss_and_grads("fla")
     for name, tuner in tuners.items():
         assert tuner.cache.keys() == given[name].keys(), name  # no key of these kernels was tuned anew
         assert all(tuner.cache[key] is config for key, config in given[name].items()), name
@@ -460,8 +460,8 @@ def test_shipped_fla_configs_are_taken_without_autotuning_and_train_like_the_ref
     # initialisation get sums of many small terms of both signs: there fla's bf16 gradients were 2-3x further from
     # the reference than ours (A_log of layer 0: 0.46 against 0.16, H200, session 17);
     # for them only a bound that a wrong or missing gradient (error >= 1) fails.
-    loss_ref, grads_ref = loss_and_grads("torch", bf16=False)
-    loss_ours, grads_ours = loss_and_grads("torch")
+    loss_ref, grads_ref = mixer_loss_and_grads("torch", bf16=False)
+    loss_ours, grads_ours = mixer_loss_and_grads("torch")
     errors, reference = relative_errors(grads_fla, grads_ref), relative_errors(grads_ours, grads_ref)
     decay = {n for n in errors if n.endswith(("A_log", "dt_bias"))}
     worst = sorted(((errors[n], reference[n], n) for n in errors if n not in decay), reverse=True)[:5]

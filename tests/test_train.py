@@ -927,12 +927,11 @@ def test_two_process_ddp_with_compiled_layers_matches_one_process(sample_data, m
     accumulation (DDP's `no_sync` on the first micro-batch), give the one-process run's losses for the same global
     batch, and each process trains its compiled layers (one graph per mixer type and the loss: no eager fallback).
     dynamo's "aot_eager" backend stands in for inductor in both runs (tests/_compiled_pretrain_worker.py)."""
+    import _compiled_pretrain_worker as worker
+
     from llamathink.modeling_llamathink import LlamaThinkPreTrainedModel
 
-    compile_layers = LlamaThinkPreTrainedModel.compile_layers
-    monkeypatch.setattr(
-        LlamaThinkPreTrainedModel, "compile_layers", lambda self, **kw: compile_layers(self, backend="aot_eager")
-    )
+    monkeypatch.setattr(LlamaThinkPreTrainedModel, "compile_layers", worker.compile_layers)  # as the workers run
     settings = {"max_steps": 3, "warmup_steps": 1, "eval_every": 3, "save_every": 3, "log_every": 1, "compile": True}
     torch._dynamo.reset()
     one = pretrain.train(_cfg(sample_data, model_json, tmp_path / "one", **settings))
