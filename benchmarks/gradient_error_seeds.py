@@ -23,13 +23,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# --code DIR: the model code (the `llamathink` package) from another checkout, this tree's test helpers
-CODE = Path(sys.argv[sys.argv.index("--code") + 1]).resolve() if "--code" in sys.argv[:-1] else ROOT
-sys.path.insert(0, str(CODE))
-import llamathink  # imported before the test helpers, which put this tree first on sys.path
-
-sys.path.insert(0, str(ROOT / "tests"))
-from conftest import loss_and_grads, relative_errors, tiny_model
 
 # the model and batch of tests/test_gpu.py's compiled-layers test (heads of 16 and 32: fla's unmasked tiles)
 DIMS = {"linear_key_head_dim": 16, "linear_value_head_dim": 32, "head_dim": 16, "hidden_size": 64}
@@ -37,7 +30,10 @@ WATCHED = ("A_log", "dt_bias", "conv1d.weight")
 
 
 def errors_for_seed(seed: int, backend: str) -> dict:
-    """The eager and compiled bf16 gradients' errors against the float32 CPU reference for one seed."""
+    """The eager and compiled bf16 gradients' errors against the float32 CPU reference for one seed (after
+    `import_model_code`)."""
+    from conftest import loss_and_grads, relative_errors, tiny_model
+
     ids = torch.randint(1, 96, (2, 150), generator=torch.Generator().manual_seed(seed))
     reference = tiny_model(dtype=torch.float32, seed=seed, gdn_backend="torch", **DIMS).train()
     loss_ref, grads_ref = loss_and_grads(reference, ids, autocast=False)
@@ -58,6 +54,18 @@ def errors_for_seed(seed: int, backend: str) -> dict:
     }
 
 
+def import_model_code(code: Path):
+    """Import the `llamathink` package from the checkout `code`, then this tree's test helpers (tests/conftest.py),
+    which would otherwise put this tree first on sys.path. Returns the package."""
+    sys.path.insert(0, str(code))
+    import llamathink
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import conftest  # noqa: F401
+
+    return llamathink
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=8)
@@ -70,6 +78,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("gradient_error_seeds.py needs a CUDA GPU", file=sys.stderr)
         return 2
+    llamathink = import_model_code(Path(args.code).resolve() if args.code else ROOT)
     print(f"llamathink from {Path(llamathink.__file__).parent}", flush=True)
     for seed in range(args.seeds):
         line = json.dumps(errors_for_seed(seed, args.backend))
