@@ -185,6 +185,28 @@ def packed_positions(batch: int, seq: int, seed: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
+# dynamo's timers (torch._dynamo.utils.compilation_time_metrics, seconds summed over calls) that split a compiled
+# first step; they nest: tracing and the forward's compile run inside compile_inner, the backward's compile runs
+# lazily at the first backward, inductor's codegen and its wait for the Triton compile workers inside both
+COMPILE_PHASES = {
+    "dynamo_total": "_compile.compile_inner",  # dynamo + AOTAutograd + the forward graphs' inductor compile
+    "dynamo_bytecode_tracing": "bytecode_tracing",
+    "forward_compile": "compile_fx.<locals>.fw_compiler_base",
+    "backward_compile": "compile_fx.<locals>.bw_compiler",
+    "inductor_codegen": "GraphLowering.codegen",
+    "triton_compile_wait": "async_compile.wait",
+}
+
+
+def compile_phases(first_step_s: float) -> dict:
+    """Where a first step's seconds went, from dynamo's timers (`COMPILE_PHASES`): `outside_torch_compile` is the
+    rest (running the step, and the kernels built on their first call: fla's Triton kernels, tilelang's)."""
+    metrics = torch._dynamo.utils.compilation_time_metrics
+    phases = {name: round(sum(metrics.get(key, [])), 2) for name, key in COMPILE_PHASES.items()}
+    phases["outside_torch_compile"] = round(first_step_s - phases["dynamo_total"] - phases["backward_compile"], 2)
+    return phases
+
+
 def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False) -> dict:
     torch.manual_seed(0)
     model = build(name).cuda()
@@ -220,10 +242,12 @@ def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False) -> d
         opt.zero_grad(set_to_none=True)
         return loss
 
+    torch._dynamo.utils.compilation_time_metrics.clear()
     t_first = time.perf_counter()
     step()  # the first step also compiles
     torch.cuda.synchronize()
     first_step_s = time.perf_counter() - t_first
+    first_step_phases = compile_phases(first_step_s)
     for _ in range(warmup - 1):
         step()
     torch.cuda.synchronize()
@@ -246,6 +270,7 @@ def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False) -> d
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
         "loss": float(loss),
         "first_step_s": first_step_s,
+        "first_step_phases_s": first_step_phases,
     }
     del model, opt, step_model
     gc.collect()

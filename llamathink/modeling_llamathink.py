@@ -1661,10 +1661,11 @@ def cross_entropy_chunk(
 
     hidden [n, H] and weight [V, H] in the compute dtype, targets [n] (-100 = ignored). Returns the summed
     cross-entropy of `hidden @ weight.T` (a 0-d tensor in the accumulation dtype, fp32 for 16-bit inputs), its
-    gradient w.r.t. `hidden` [n, H] (compute dtype) and w.r.t. `weight` [V, H] (accumulation dtype), with the
-    softmax in the accumulation dtype. Plain PyTorch, so that `torch.compile` can fuse the cast, the logsumexp
-    and the softmax - onehot into one or two passes over the [n, V] logits (`chunked_causal_lm_loss(...,
-    compile_backend=...)`); eagerly it is the reference."""
+    gradient w.r.t. `hidden` [n, H] and w.r.t. the logits [n, V] (both in the compute dtype), with the softmax in
+    the accumulation dtype; the caller adds `grad_logits.T @ hidden` to its weight gradient (`accumulate_grad_weight`:
+    on CUDA one product straight into the float32 sum). Plain PyTorch, so that `torch.compile` can fuse the cast,
+    the logsumexp and the softmax - onehot into one or two passes over the [n, V] logits
+    (`chunked_causal_lm_loss(..., compile_backend=...)`); eagerly it is the reference."""
     acc = _acc_dtype(hidden.dtype)
     logits = (hidden @ weight.T).to(acc)  # [n, V]
     keep = targets != -100
@@ -1675,7 +1676,28 @@ def cross_entropy_chunk(
     grad = logits.sub_(lse[:, None]).exp_()
     grad[torch.arange(len(safe), device=safe.device), safe] -= 1.0
     grad = (grad * keep[:, None]).to(hidden.dtype)
-    return loss, grad @ weight, (grad.T @ hidden).to(acc)
+    return loss, grad @ weight, grad
+
+
+def accumulate_grad_weight(grad_weight: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """`grad_weight + grad_logits.T @ hidden`: one chunk's head-weight gradient added to the running sum.
+
+    grad_weight [V, H] in the accumulation dtype (fp32 for 16-bit inputs), grad_logits [n, V] and hidden [n, H] in
+    the compute dtype. On CUDA with 16-bit inputs (and not under tracing) the product is accumulated by cuBLAS
+    straight into a float32 output (`torch.addmm(..., out_dtype=torch.float32)`: C = A B + C with fp32 C), one
+    kernel and no bf16 rounding of the chunk's product; elsewhere the product is rounded to the compute dtype,
+    cast and added (what inductor fuses when traced, and the reference on the CPU, which lacks that form)."""
+    if grad_logits.dtype == grad_weight.dtype:
+        return grad_weight.addmm_(grad_logits.T, hidden)
+    if grad_logits.is_cuda and not torch.compiler.is_compiling() and _has_fp32_out_addmm():
+        return torch.addmm(grad_weight, grad_logits.T, hidden, out_dtype=grad_weight.dtype)
+    return grad_weight.add_((grad_logits.T @ hidden).to(grad_weight.dtype))
+
+
+@functools.cache
+def _has_fp32_out_addmm() -> bool:
+    """Whether this torch has `addmm(..., out_dtype=)` (16-bit inputs, float32 output on CUDA; torch >= 2.8)."""
+    return hasattr(torch.ops.aten.addmm, "dtype")
 
 
 # torch.compile modes that replay the compiled kernels as CUDA graphs
@@ -1722,10 +1744,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            loss, grad_h, grad_w = chunk_fn(hidden[rows], w, targets[rows])
+            loss, grad_h, grad_logits = chunk_fn(hidden[rows], w, targets[rows])
             total += loss
             grad_hidden[rows] = grad_h
-            grad_weight += grad_w
+            grad_weight = accumulate_grad_weight(grad_weight, grad_logits, hidden[rows])
         divisor = divisor.to(acc)
         ctx.save_for_backward(grad_hidden, grad_weight, divisor)
         ctx.weight_dtype = weight.dtype
@@ -2602,6 +2624,7 @@ __all__ = [
     "chunked_causal_lm_loss",
     "chunked_causal_lm_loss_through_module",
     "cross_entropy_chunk",
+    "accumulate_grad_weight",
     "is_plain_linear",
     "LlamaThinkForCausalLM",
     "LlamaThinkModel",

@@ -50,6 +50,56 @@ def test_fla_chunk_matches_reference_forward_and_backward():
         assert err < 3e-2, (name, err.item())
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
+def test_chunked_loss_accumulates_the_head_gradient_in_float32_on_gpu(compiled):
+    """bf16 hidden states and a float32 head on CUDA: the chunked loss adds each chunk's head-weight product straight into
+    its float32 sum (`accumulate_grad_weight`), so the weight gradient is the float64 sum of the chunks' bf16
+    softmax-gradient products to float32 rounding (rounding each chunk's product to bf16 first, as the CPU form
+    does, is ~1e-3 off), and the loss and hidden gradient match the float64 full-logits loss to bf16 rounding."""
+    from llamathink.modeling_llamathink import (
+        _compiled_cross_entropy_chunk,
+        chunked_causal_lm_loss,
+        cross_entropy_chunk,
+    )
+
+    torch._dynamo.reset()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(4, 300, 64, device="cuda", generator=gen).bfloat16().requires_grad_()
+    # a float32 head, as autocast training has it (its gradient stays float32); the loss multiplies its bf16 copy
+    weight = (torch.randn(1000, 64, device="cuda", generator=gen) / 8).requires_grad_()
+    labels = torch.randint(0, 1000, (4, 300), device="cuda", generator=gen)
+    labels[1, :50] = -100
+    chunk_rows = 256  # 1200 rows: 4 full chunks and a ragged one
+    loss = chunked_causal_lm_loss(
+        hidden, weight, labels, chunk_rows=chunk_rows, compile_backend="inductor" if compiled else None
+    )
+    loss.backward()
+    # the float64 sum of the same chunks' bf16 softmax gradients (the same chunk function: the same values) times
+    # the hidden rows
+    chunk_fn = _compiled_cross_entropy_chunk("inductor") if compiled else cross_entropy_chunk
+    flat, targets = (
+        hidden.detach().reshape(-1, 64),
+        torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1),
+    )
+    kept = (targets != -100).sum().double()
+    expected = torch.zeros(1000, 64, dtype=torch.float64, device="cuda")
+    for start in range(0, flat.shape[0], chunk_rows):
+        _, _, grad_logits = chunk_fn(
+            flat[start : start + chunk_rows], weight.detach().bfloat16(), targets[start : start + chunk_rows]
+        )
+        expected += grad_logits.double().T @ flat[start : start + chunk_rows].double()
+    expected /= kept
+    gap = ((weight.grad.double() - expected).norm() / expected.norm()).item()
+    assert gap < 1e-5, gap
+    # against the float64 definition on full logits
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().bfloat16().double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy((h64.reshape(-1, 64) @ w64.T), targets, ignore_index=-100)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-3 * ref.item()
+    assert ((hidden.grad.double() - h64.grad).norm() / h64.grad.norm()).item() < 1e-2
+    assert ((weight.grad.double() - w64.grad).norm() / w64.grad.norm()).item() < 1e-2
+
+
 @needs_fla
 def test_fla_recurrent_matches_reference():
     q, k, v, g, beta, s0 = _inputs(T=1)
