@@ -17,7 +17,9 @@ peers are compiled whole (`torch.compile(model)`). Variants of LlamaThink: `:no-
 `:packed` (documents of 64-700 tokens per row, position ids restarting: the document-masked training path),
 `:eager-decode` (one-token steps without CUDA graphs), `:head128` (8 Gated DeltaNet heads of 128 instead of 9 of
 112: what fla's padding of 112 to 128-wide tiles costs), `:untuned-fla` (fla's kernels autotuned in the process
-instead of taking the package's recorded choices, `LLAMATHINK_FLA_TUNED_CONFIGS=0`). On any model, `:cudagraphs`
+instead of taking the package's recorded choices, `LLAMATHINK_FLA_TUNED_CONFIGS=0`), `:prebuild` (compiled: fla's
+kernels built by a child process while the first step compiles, `start_fla_prebuild`, as the pretraining loop
+does). On any model, `:cudagraphs`
 compiles with `mode="reduce-overhead"` (the compiled kernels replayed as CUDA graphs: no per-kernel launch cost on
 the host) and `:cold` runs the process with new, empty compiler caches (Triton's, inductor's, tilelang's), so that
 its first step is what a fresh machine pays, however warm this one is.
@@ -64,7 +66,17 @@ def versions() -> dict:
 
 
 LLAMATHINK_BACKENDS = ("auto", "fla", "torch")
-LLAMATHINK_VARIANTS = ("no-hc", "eager-decode", "whole", "packed", "head128", "cudagraphs", "cold", "untuned-fla")
+LLAMATHINK_VARIANTS = (
+    "no-hc",
+    "eager-decode",
+    "whole",
+    "packed",
+    "head128",
+    "cudagraphs",
+    "cold",
+    "untuned-fla",
+    "prebuild",
+)
 PEERS = ("hf-llama", "hf-qwen3.5")
 PEER_VARIANTS = ("cudagraphs", "cold")
 
@@ -222,6 +234,8 @@ def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False) -> d
         step_model = model.compile_layers(**kwargs) if regional else torch.compile(model, **kwargs)
     else:
         step_model = model
+    if ":prebuild" in name and compile_model:  # fla's kernels built by a child process while the step compiles
+        model.start_fla_prebuild(batch, seq, packed=":packed" in name)
     ids = torch.randint(0, 32000, (batch, seq), device="cuda")
     # packed rows: a new packing every step (as real data), from a few precomputed ones
     packings = [packed_positions(batch, seq, i).cuda() for i in range(4)] if ":packed" in name else None

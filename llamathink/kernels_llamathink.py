@@ -487,6 +487,139 @@ def probe_fla():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# fla's kernels built beside the first compiled step
+# ----------------------------------------------------------------------------------------------------------------
+# Triton and tilelang compile each of fla's kernels on its first launch, one after the other, and a compiled training
+# step launches fla only after inductor has compiled the graph around it: on a cold machine the first step spends
+# about 30 s building fla's kernels (tilelang's backward kernel alone about 11 s) after about 35 s of inductor's own
+# compilation (BENCHMARKS.md section 1). A child process that runs fla's forward and backward once at the step's
+# shapes builds the same kernels into the same disk caches meanwhile, so that the step then loads them.
+
+FLA_PREBUILD_ENV = "LLAMATHINK_FLA_PREBUILD"  # "0": no child process (`start_fla_prebuild`)
+_prebuild_children: list = []
+
+
+def prebuild_fla_kernels(
+    batch_size: int,
+    seq_len: int,
+    num_heads: int,
+    head_k_dim: int,
+    head_v_dim: int,
+    conv_dim: int,
+    conv_kernel_size: int,
+    dtype: str = "bfloat16",
+    packed: bool = False,
+    device: int | None = None,
+) -> None:
+    """Run fla's causal conv and chunked Gated DeltaNet forward and backward once on random inputs of one training
+    step's shapes, through the same custom ops a compiled step calls (`llamathink::fla_causal_conv1d_silu`,
+    `llamathink::fla_chunk_gdn`, with the package's recorded autotune choices), so that Triton and tilelang build
+    and cache (TRITON_CACHE_DIR, TILELANG_CACHE_DIR) the kernels that step launches. The body of
+    `start_fla_prebuild`'s child process; also callable directly.
+
+    Shapes as the model passes them: the conv input [B, T, conv_dim] in `dtype` (a torch dtype's name, 16-bit) with
+    its weight [conv_dim, conv_kernel_size] in float32; q, k [B, T, num_heads, head_k_dim] (q and k heads already
+    repeated to the value heads), v [B, T, num_heads, head_v_dim], beta [B, T, num_heads] in `dtype`; log-decays g
+    [B, T, num_heads] in float32. `packed`: document-masked training, whose rows are joined into one
+    [1, batch_size * seq_len] row of several documents (fla's variable-length kernels). `device`: the CUDA device
+    index (default the current one). Raises RuntimeError where fla is not available."""
+    if _fla_ops() is None or _fla_chunk_internals() is None:
+        raise RuntimeError(f"fla is not available: {_fla_state.get('import_error', 'its chunk functions differ')}")
+    if device is not None:
+        torch.cuda.set_device(device)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    load_fla_tuned_configs()  # what building the model gives the autotuners: the same configurations get built
+    dt = getattr(torch, dtype)
+    B, T = (1, batch_size * seq_len) if packed else (batch_size, seq_len)
+    cu_seqlens = None
+    if packed:  # a few documents of uneven lengths, the last one cut by the row's end
+        cu_seqlens = torch.tensor([0, T // 5, T // 2 + 7, T], device=dev, dtype=torch.long)
+
+    def leaf(*shape, dtype=dt, fn=None):
+        x = torch.randn(*shape, device=dev)
+        return (fn(x) if fn is not None else x).to(dtype).contiguous().requires_grad_()
+
+    if _fla_conv_internals() is not None:
+        x, weight = leaf(B, T, conv_dim), leaf(conv_dim, conv_kernel_size, dtype=torch.float32)
+        y = _fla_conv_op(x, weight, cu_seqlens)
+        y.backward(torch.randn_like(y))
+    H = num_heads
+    q = leaf(B, T, H, head_k_dim, fn=lambda t: torch.nn.functional.normalize(t, dim=-1))
+    k = leaf(B, T, H, head_k_dim, fn=lambda t: torch.nn.functional.normalize(t, dim=-1))
+    v, beta = leaf(B, T, H, head_v_dim), leaf(B, T, H, fn=torch.sigmoid)
+    g = leaf(B, T, H, dtype=torch.float32, fn=lambda t: -torch.nn.functional.softplus(t))
+    o = _fla_chunk_op(q, k, v, g, beta, head_k_dim**-0.5, None, False, cu_seqlens)[0]
+    o.backward(torch.randn_like(o))
+    torch.cuda.synchronize(dev)
+
+
+def start_fla_prebuild(
+    batch_size: int,
+    seq_len: int,
+    num_heads: int,
+    head_k_dim: int,
+    head_v_dim: int,
+    conv_dim: int,
+    conv_kernel_size: int,
+    dtype: torch.dtype = torch.bfloat16,
+    packed: bool = False,
+    device: torch.device | int | None = None,
+):
+    """Start `prebuild_fla_kernels` (same arguments) in a child Python process and return it (a `subprocess.Popen`),
+    or None where there is nothing to build: fla or CUDA missing, a dtype fla does not train in, or
+    `LLAMATHINK_FLA_PREBUILD=0`. The caller goes on at once (it does not wait): meant to be called just before the
+    first compiled training step, which then finds in the disk caches what the child has built, and builds itself
+    whatever the child has not yet. The child inherits the environment (the same caches and visible GPUs), imports
+    this same package, and is stopped at this process's exit if still running; its output is discarded. Its cost:
+    one CUDA context and the step's fla inputs on the GPU (tens of MB at the 95M model's batch 64), and CPU time
+    beside inductor's compile workers while it runs. Method: a warm-up of the kernels' JIT caches, as
+    torch.compile's own parallel compile workers do for inductor's kernels."""
+    import atexit
+    import subprocess
+
+    if os.environ.get(FLA_PREBUILD_ENV, "1") == "0" or not torch.cuda.is_available() or _fla_ops() is None:
+        return None
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    index = torch.device(device).index if isinstance(device, (torch.device, str)) else device
+    args = {
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "num_heads": num_heads,
+        "head_k_dim": head_k_dim,
+        "head_v_dim": head_v_dim,
+        "conv_dim": conv_dim,
+        "conv_kernel_size": conv_kernel_size,
+        "dtype": str(dtype).removeprefix("torch."),
+        "packed": packed,
+        "device": index if index is not None else torch.cuda.current_device(),
+    }
+    # this module as the child can import it: `llamathink.kernels_llamathink` from the folder above the package (or
+    # the copy `trust_remote_code` loaded, from transformers' modules folder)
+    root = Path(__file__).resolve().parents[__name__.count(".")]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(root), env.get("PYTHONPATH"))))
+    code = f"import json, sys; from {__name__} import prebuild_fla_kernels; prebuild_fla_kernels(**json.loads(sys.argv[1]))"
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(args)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    if not _prebuild_children:
+        atexit.register(_stop_prebuild_children)
+    _prebuild_children.append(child)
+    return child
+
+
+def _stop_prebuild_children():
+    for child in _prebuild_children:
+        if child.poll() is None:
+            child.kill()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # fla's autotuned kernel configurations, measured once per GPU kind and shipped with the package
 # ----------------------------------------------------------------------------------------------------------------
 # fla's Triton kernels are `triton.autotune`d: the first call with a new key compiles and times every candidate
@@ -777,6 +910,7 @@ def _load_fla_tuned_configs(path, setting: str, named: bool) -> int:
 
 __all__ = [
     "FLA_GDN_KERNELS",
+    "FLA_PREBUILD_ENV",
     "FLA_TUNED_CONFIGS_ENV",
     "fla_autotune_choices",
     "fla_backward_problem",
@@ -786,7 +920,9 @@ __all__ = [
     "fla_recurrent_gated_delta_rule",
     "fla_tuned_configs_path",
     "load_fla_tuned_configs",
+    "prebuild_fla_kernels",
     "probe_fla",
     "select_gdn_backend",
+    "start_fla_prebuild",
     "write_fla_tuned_configs",
 ]

@@ -43,7 +43,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput, logging
 
 from .configuration_llamathink import LlamaThinkConfig
-from .kernels_llamathink import FLA_GDN_KERNELS, fla_causal_conv1d_silu, probe_fla, select_gdn_backend
+from .kernels_llamathink import (
+    FLA_GDN_KERNELS,
+    fla_causal_conv1d_silu,
+    probe_fla,
+    select_gdn_backend,
+    start_fla_prebuild,
+)
 
 try:  # transformers >= 5: init functions that respect the "already loaded" flags of from_pretrained
     from transformers import initialization as init
@@ -1942,6 +1948,33 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
                 backend = compile_kwargs.get("backend", "inductor")
                 module.loss_compile_backend = "inductor" if backend == "cudagraphs" else backend
         return self
+
+    def start_fla_prebuild(self, batch_size: int, seq_len: int, packed: bool = False, dtype=torch.bfloat16):
+        """Start building fla's kernels for a compiled training step of `batch_size` x `seq_len` tokens in `dtype`
+        (the autocast dtype; `packed`: document-masked rows) in a child process, while this one compiles the step
+        (`kernels_llamathink.start_fla_prebuild`), and return the child (a `subprocess.Popen`), or None when no
+        Gated DeltaNet layer of this model trains with fla there (fla missing, CPU, float32, or `gdn_backend`
+        "torch") or `LLAMATHINK_FLA_PREBUILD=0`. Call it after `compile_layers`, before the first step; the
+        training loop does for fixed-shape pretraining batches."""
+        mixers = [m for m in self.modules() if isinstance(m, LlamaThinkGatedDeltaNet)]
+        device = next(self.parameters()).device
+        if not mixers or device.type != "cuda":
+            return None
+        mixer = mixers[0]
+        if select_gdn_backend(mixer.backend, device, needs_grad=True, dtype=dtype) != "fla":
+            return None
+        return start_fla_prebuild(
+            batch_size,
+            seq_len,
+            num_heads=mixer.num_v_heads,  # q and k heads reach fla repeated to the value heads
+            head_k_dim=mixer.head_k_dim,
+            head_v_dim=mixer.head_v_dim,
+            conv_dim=mixer.conv_dim,
+            conv_kernel_size=mixer.conv_kernel_size,
+            dtype=dtype,
+            packed=packed,
+            device=device,
+        )
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):

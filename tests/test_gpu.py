@@ -522,3 +522,37 @@ def test_shipped_fla_configs_are_taken_without_autotuning_and_train_like_the_ref
         loss_ours,
         loss_ref,
     )
+
+
+@needs_fla
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+def test_fla_prebuild_child_builds_every_kernel_the_compiled_step_launches(packed, tmp_path, monkeypatch):
+    """`start_fla_prebuild`'s child process, given the step's shape, builds into Triton's disk cache every fla
+    kernel that the compiled training step then launches: with an empty cache of its own the child adds kernels
+    to it, and the step (this process, layers compiled through AOTAutograd, whose fla calls are the custom ops an
+    inductor step makes) adds none. Head sizes no other test uses, so that no kernel of this shape is already in
+    this process's memory (which would write nothing to the cache whichever way the keys fell)."""
+    if fla_backward_problem(torch.device("cuda")) is not None:
+        pytest.skip(fla_backward_problem(torch.device("cuda")))
+    import os
+
+    cache = tmp_path / "triton"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    monkeypatch.setenv("LLAMATHINK_FLA_PREBUILD", "1")
+    torch._dynamo.reset()
+    dims = {"linear_key_head_dim": 24, "linear_value_head_dim": 40, "head_dim": 16, "hidden_size": 64}
+    model = tiny_model(dtype=torch.float32, gdn_backend="fla", **dims).cuda().train()
+    model.compile_layers(backend="aot_eager")
+    child = model.start_fla_prebuild(2, 160, packed=packed, dtype=torch.bfloat16)
+    assert child is not None
+    assert child.wait(timeout=400) == 0
+    built = set(os.listdir(cache))
+    assert built, "the child built nothing into TRITON_CACHE_DIR"
+    ids = torch.randint(1, 96, (2, 160), generator=torch.Generator().manual_seed(0)).cuda()
+    extra = {}
+    if packed:  # documents of 50, 70 and 40 tokens in each row
+        extra["position_ids"] = torch.cat([torch.arange(n) for n in (50, 70, 40)])[None].repeat(2, 1).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(ids, labels=ids, use_cache=False, skip_logits=True, **extra).loss.backward()
+    torch.cuda.synchronize()
+    assert set(os.listdir(cache)) == built, sorted(set(os.listdir(cache)) - built)

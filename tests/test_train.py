@@ -922,6 +922,60 @@ def test_compile_true_trains_layer_by_layer_and_saves_plain_checkpoints(sample_d
     assert not any("_orig_mod" in n for n in names)
 
 
+@pytest.mark.parametrize("document_masking", [False, True])
+def test_compiled_pretraining_starts_the_fla_prebuild_at_its_batch_shape(
+    sample_data, model_json, tmp_path, monkeypatch, document_masking
+):
+    """Compiled 16-bit pretraining asks the model, once and before its first step, to build fla's kernels beside
+    that step (`start_fla_prebuild`) at its micro-batch shape, packed when documents are masked; eager or float32
+    runs, which do not use it, never ask. (On this CPU the model's answer is None: no fla; the child itself:
+    tests/test_gpu.py.) The compiled bf16 run stops where it asks."""
+    from accelerate.state import AcceleratorState
+
+    from llamathink.modeling_llamathink import LlamaThinkForCausalLM, LlamaThinkPreTrainedModel
+
+    class Asked(Exception):
+        pass
+
+    def asking(self, *args, **kwargs):
+        raise Asked(args, kwargs)
+
+    def first_step(*args, **kwargs):
+        raise AssertionError("a training step ran before the prebuild was asked for")
+
+    start = LlamaThinkPreTrainedModel.start_fla_prebuild
+    monkeypatch.setattr(LlamaThinkPreTrainedModel, "start_fla_prebuild", asking)
+    compile_layers = LlamaThinkPreTrainedModel.compile_layers
+    monkeypatch.setattr(
+        LlamaThinkPreTrainedModel, "compile_layers", lambda self, **kw: compile_layers(self, backend="eager")
+    )
+    settings = {"max_steps": 1, "warmup_steps": 1, "eval_every": 1, "save_every": 1}
+    if not document_masking:  # (packed runs of a step cost a minute on this CPU: the question is the same)
+        pretrain.train(_cfg(sample_data, model_json, tmp_path / "fp32", compile=True, **settings))
+    # accelerate keeps one mixed-precision setting per process: the bf16 runs get a state of their own
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        if not document_masking:
+            pretrain.train(_cfg(sample_data, model_json, tmp_path / "eager", mixed_precision="bf16", **settings))
+        torch._dynamo.reset()
+        monkeypatch.setattr(LlamaThinkForCausalLM, "forward", first_step)
+        cfg = _cfg(
+            sample_data,
+            model_json,
+            tmp_path / "bf16",
+            compile=True,
+            mixed_precision="bf16",
+            document_masking=document_masking,
+            **settings,
+        )
+        with pytest.raises(Asked) as asked:
+            pretrain.train(cfg)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert asked.value.args == ((8, 64, document_masking), {"dtype": torch.bfloat16})
+    assert start(pretrain.build_model(_cfg(sample_data, model_json, tmp_path / "x")), 8, 64) is None  # CPU
+
+
 def test_two_process_ddp_with_compiled_layers_matches_one_process(sample_data, model_json, tmp_path, monkeypatch):
     """`compile: true` under DDP (what the FineWeb recipes run): two processes of 4 rows each, with gradient
     accumulation (DDP's `no_sync` on the first micro-batch), give the one-process run's losses for the same global

@@ -369,6 +369,7 @@ def run_training(
     history: dict | None = None,
     compile: str | None = None,
     compile_mode: str = "default",
+    fla_prebuild: tuple[int, int, bool] | None = None,
     desc: str = "train",
 ) -> dict:
     """Train `model` for `cfg.max_steps` optimizer steps (or to `cfg.stop_at_step`), resuming from `resume_from`.
@@ -382,7 +383,9 @@ def run_training(
     keeps it in the checkpoints with the tokens seen. `settings_file` (in out_dir) receives the settings once a
     resume is accepted. `compile`: None (eager), "layers" (each decoder layer compiled in place, the model's
     `compile_layers`) or "model" (the prepared model wrapped in one torch.compile); `compile_mode` is torch.compile's
-    `mode`. With a CUDA-graph mode ("reduce-overhead", "max-autotune") each micro-batch begins a new cudagraph-trees
+    `mode`. `fla_prebuild` (batch size, sequence length, packed), for batches of that one shape: when compiling, a
+    child process on each machine builds fla's kernels for them while the first step compiles
+    (`start_fla_prebuild`). With a CUDA-graph mode ("reduce-overhead", "max-autotune") each micro-batch begins a new cudagraph-trees
     step, and gradients accumulate into `.grad` tensors that live for the whole run (zeroed, never set to None), so
     that no `.grad` is a graph output that the next replay overwrites.
 
@@ -437,6 +440,10 @@ def run_training(
         model = torch.compile(model, mode=compile_mode)
     elif compile is not None:
         raise ValueError(f"compile must be None, 'layers' or 'model', got {compile!r}")
+    prebuild_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    if compile is not None and fla_prebuild is not None and prebuild_dtype is not None:
+        if accelerator.is_local_main_process and hasattr(raw_model, "start_fla_prebuild"):
+            raw_model.start_fla_prebuild(*fla_prebuild, dtype=prebuild_dtype)  # one per machine: a shared cache
     cuda_graphs = compile is not None and uses_cuda_graphs({"mode": compile_mode})
     if cuda_graphs and accelerator.device.type == "cuda":  # (on a CPU the mode replays no graphs)
         accelerator.print(

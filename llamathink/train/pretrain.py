@@ -302,6 +302,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
         settings_file="train_config.json",
         compile=("layers" if cfg.regional_compile else "model") if cfg.compile else None,
         compile_mode=cfg.compile_mode,
+        fla_prebuild=(cfg.micro_batch_size, cfg.seq_len, bool(cfg.document_masking and bos_id is not None)),
         desc="train",
     )
 
