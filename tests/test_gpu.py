@@ -12,6 +12,7 @@ from llamathink.kernels_llamathink import (
     fla_chunk_gated_delta_rule,
     fla_conv_available,
     fla_recurrent_gated_delta_rule,
+    prebuild_fla_kernels,
 )
 from llamathink.modeling_llamathink import l2norm, torch_chunk_gated_delta_rule, torch_recurrent_gated_delta_rule
 
@@ -531,7 +532,8 @@ def test_fla_prebuild_child_builds_every_kernel_the_compiled_step_launches(packe
     kernel that the compiled training step then launches: with an empty cache of its own the child adds kernels
     to it, and the step (this process, layers compiled through AOTAutograd, whose fla calls are the custom ops an
     inductor step makes) adds none. Head sizes no other test uses, so that no kernel of this shape is already in
-    this process's memory (which would write nothing to the cache whichever way the keys fell)."""
+    this process's memory (which would write nothing to the cache whichever way the keys fell); and a control:
+    kernels of other head sizes built in this process do land in that cache."""
     if fla_backward_problem(torch.device("cuda")) is not None:
         pytest.skip(fla_backward_problem(torch.device("cuda")))
     import os
@@ -556,3 +558,6 @@ def test_fla_prebuild_child_builds_every_kernel_the_compiled_step_launches(packe
         model(ids, labels=ids, use_cache=False, skip_logits=True, **extra).loss.backward()
     torch.cuda.synchronize()
     assert set(os.listdir(cache)) == built, sorted(set(os.listdir(cache)) - built)
+    # control: this process does write the kernels it builds to that cache (new head sizes: new kernels)
+    prebuild_fla_kernels(2, 160, 4, head_k_dim=40, head_v_dim=24, conv_dim=256, conv_kernel_size=4, packed=packed)
+    assert set(os.listdir(cache)) > built
