@@ -564,16 +564,18 @@ def start_fla_prebuild(
     dtype: torch.dtype = torch.bfloat16,
     packed: bool = False,
     device: torch.device | int | None = None,
+    log_path: str | Path | None = None,
 ):
     """Start `prebuild_fla_kernels` (same arguments) in a child Python process and return it (a `subprocess.Popen`),
-    or None where there is nothing to build: fla or CUDA missing, a dtype fla does not train in, or
-    `LLAMATHINK_FLA_PREBUILD=0`. The caller goes on at once (it does not wait): meant to be called just before the
-    first compiled training step, which then finds in the disk caches what the child has built, and builds itself
-    whatever the child has not yet. The child inherits the environment (the same caches and visible GPUs), imports
-    this same package, and is stopped at this process's exit if still running; its output is discarded. Its cost:
-    one CUDA context and the step's fla inputs on the GPU (tens of MB at the 95M model's batch 64), and CPU time
-    beside inductor's compile workers while it runs. Method: a warm-up of the kernels' JIT caches, as
-    torch.compile's own parallel compile workers do for inductor's kernels."""
+        or None where there is nothing to build: fla or CUDA missing, a dtype fla does not train in, or
+        `LLAMATHINK_FLA_PREBUILD=0`. The caller goes on at once (it does not wait): meant to be called just before the
+        first compiled training step, which then finds in the disk caches what the child has built, and builds itself
+        whatever the child has not yet. The child inherits the environment (the same caches and visible GPUs), imports
+        this same package, and is stopped at this process's exit if still running; its output is discarded, or written to
+    `log_path` (a file, replaced). Its cost:
+        one CUDA context and the step's fla inputs on the GPU (tens of MB at the 95M model's batch 64), and CPU time
+        beside inductor's compile workers while it runs. Method: a warm-up of the kernels' JIT caches, as
+        torch.compile's own parallel compile workers do for inductor's kernels."""
     import atexit
     import subprocess
 
@@ -600,13 +602,14 @@ def start_fla_prebuild(
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(root), env.get("PYTHONPATH"))))
     code = f"import json, sys; from {__name__} import prebuild_fla_kernels; prebuild_fla_kernels(**json.loads(sys.argv[1]))"
-    child = subprocess.Popen(
-        [sys.executable, "-c", code, json.dumps(args)],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with open(log_path, "w") if log_path is not None else contextlib.nullcontext(subprocess.DEVNULL) as out:
+        child = subprocess.Popen(
+            [sys.executable, "-c", code, json.dumps(args)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     if not _prebuild_children:
         atexit.register(_stop_prebuild_children)
     _prebuild_children.append(child)

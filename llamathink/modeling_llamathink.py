@@ -1949,13 +1949,15 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
                 module.loss_compile_backend = "inductor" if backend == "cudagraphs" else backend
         return self
 
-    def start_fla_prebuild(self, batch_size: int, seq_len: int, packed: bool = False, dtype=torch.bfloat16):
+    def start_fla_prebuild(
+        self, batch_size: int, seq_len: int, packed: bool = False, dtype=torch.bfloat16, log_path: str | None = None
+    ):
         """Start building fla's kernels for a compiled training step of `batch_size` x `seq_len` tokens in `dtype`
         (the autocast dtype; `packed`: document-masked rows) in a child process, while this one compiles the step
         (`kernels_llamathink.start_fla_prebuild`), and return the child (a `subprocess.Popen`), or None when no
         Gated DeltaNet layer of this model trains with fla there (fla missing, CPU, float32, or `gdn_backend`
-        "torch") or `LLAMATHINK_FLA_PREBUILD=0`. Call it after `compile_layers`, before the first step; the
-        training loop does for fixed-shape pretraining batches."""
+        "torch") or `LLAMATHINK_FLA_PREBUILD=0`; `log_path`: a file for the child's output. Call it after
+        `compile_layers`, before the first step; the training loop does for fixed-shape pretraining batches."""
         mixers = [m for m in self.modules() if isinstance(m, LlamaThinkGatedDeltaNet)]
         device = next(self.parameters()).device
         if not mixers or device.type != "cuda":
@@ -1974,6 +1976,7 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
             dtype=dtype,
             packed=packed,
             device=device,
+            log_path=log_path,
         )
 
     @torch.no_grad()

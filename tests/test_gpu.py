@@ -542,12 +542,13 @@ def test_fla_prebuild_child_builds_every_kernel_the_compiled_step_launches(packe
     monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
     monkeypatch.setenv("LLAMATHINK_FLA_PREBUILD", "1")
     torch._dynamo.reset()
-    dims = {"linear_key_head_dim": 24, "linear_value_head_dim": 40, "head_dim": 16, "hidden_size": 64}
+    dims = {"linear_key_head_dim": 32, "linear_value_head_dim": 48, "head_dim": 16, "hidden_size": 64}
     model = tiny_model(dtype=torch.float32, gdn_backend="fla", **dims).cuda().train()
     model.compile_layers(backend="aot_eager")
-    child = model.start_fla_prebuild(2, 160, packed=packed, dtype=torch.bfloat16)
+    log = tmp_path / "child.log"
+    child = model.start_fla_prebuild(2, 160, packed=packed, dtype=torch.bfloat16, log_path=log)
     assert child is not None
-    assert child.wait(timeout=400) == 0
+    assert child.wait(timeout=400) == 0, log.read_text()[-3000:]
     built = set(os.listdir(cache))
     assert built, "the child built nothing into TRITON_CACHE_DIR"
     ids = torch.randint(1, 96, (2, 160), generator=torch.Generator().manual_seed(0)).cuda()
@@ -559,5 +560,5 @@ def test_fla_prebuild_child_builds_every_kernel_the_compiled_step_launches(packe
     torch.cuda.synchronize()
     assert set(os.listdir(cache)) == built, sorted(set(os.listdir(cache)) - built)
     # control: this process does write the kernels it builds to that cache (new head sizes: new kernels)
-    prebuild_fla_kernels(2, 160, 4, head_k_dim=40, head_v_dim=24, conv_dim=256, conv_kernel_size=4, packed=packed)
+    prebuild_fla_kernels(2, 160, 4, head_k_dim=48, head_v_dim=32, conv_dim=320, conv_kernel_size=4, packed=packed)
     assert set(os.listdir(cache)) > built
