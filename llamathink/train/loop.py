@@ -383,11 +383,11 @@ def run_training(
     keeps it in the checkpoints with the tokens seen. `settings_file` (in out_dir) receives the settings once a
     resume is accepted. `compile`: None (eager), "layers" (each decoder layer compiled in place, the model's
     `compile_layers`) or "model" (the prepared model wrapped in one torch.compile); `compile_mode` is torch.compile's
-    `mode`. `fla_prebuild` (batch size, sequence length, packed), for batches of that one shape: when compiling, a
-    child process on each machine builds fla's kernels for them while the first step compiles
-    (`start_fla_prebuild`). With a CUDA-graph mode ("reduce-overhead", "max-autotune") each micro-batch begins a new cudagraph-trees
-    step, and gradients accumulate into `.grad` tensors that live for the whole run (zeroed, never set to None), so
-    that no `.grad` is a graph output that the next replay overwrites.
+    `mode`. `fla_prebuild` (batch size, sequence length, packed), for batches of that one shape: when compiling in
+    16-bit, a child process on each machine builds fla's kernels for them while the first step compiles
+    (`start_fla_prebuild`). With a CUDA-graph mode ("reduce-overhead", "max-autotune") each micro-batch begins a new
+    cudagraph-trees step, and gradients accumulate into `.grad` tensors that live for the whole run (zeroed, never
+    set to None), so that no `.grad` is a graph output that the next replay overwrites.
 
     Returns the history plus "tokens_seen" (input positions processed), "trained_tokens" (loss terms),
     "overflow_steps" (fp16 loss-scale overflows) and "final_dir" (`<out_dir>/final`, or None when the run stopped
@@ -440,10 +440,11 @@ def run_training(
         model = torch.compile(model, mode=compile_mode)
     elif compile is not None:
         raise ValueError(f"compile must be None, 'layers' or 'model', got {compile!r}")
+    # one child per machine: the processes of a machine share its Triton and tilelang caches
     prebuild_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
-    if compile is not None and fla_prebuild is not None and prebuild_dtype is not None:
-        if accelerator.is_local_main_process and hasattr(raw_model, "start_fla_prebuild"):
-            raw_model.start_fla_prebuild(*fla_prebuild, dtype=prebuild_dtype)  # one per machine: a shared cache
+    prebuild = compile is not None and fla_prebuild is not None and prebuild_dtype is not None
+    if prebuild and accelerator.is_local_main_process and hasattr(raw_model, "start_fla_prebuild"):
+        raw_model.start_fla_prebuild(*fla_prebuild, dtype=prebuild_dtype)
     cuda_graphs = compile is not None and uses_cuda_graphs({"mode": compile_mode})
     if cuda_graphs and accelerator.device.type == "cuda":  # (on a CPU the mode replays no graphs)
         accelerator.print(
