@@ -575,7 +575,7 @@ def start_fla_prebuild(
     this same module, and is killed at this process's exit if still running (it ends by itself once the kernels
     are built, about 30 s on an H200); its output is discarded, or written to `log_path` (a file, replaced). Its
     cost: one CUDA context and one step's fla inputs, outputs and gradients on the GPU while it runs (by their
-    sizes about 1.5 GB at the 95M model's batch 64 x 1024, a quarter of that at batch 16), and CPU time beside
+    sizes about 2 GB at the 95M model's batch 64 x 1024, a quarter of that at batch 16), and CPU time beside
     inductor's compile workers. Method: a warm-up of the kernels' JIT disk caches, as inductor's parallel compile
     workers build its own kernels beside the main process."""
     import atexit
