@@ -510,6 +510,7 @@ def prebuild_fla_kernels(
     dtype: str = "bfloat16",
     packed: bool = False,
     device: int | None = None,
+    conv_weight_dtype: str = "float32",
 ) -> None:
     """Run fla's causal conv and chunked Gated DeltaNet forward and backward once on random inputs of one training
     step's shapes, through the same custom ops a compiled step calls (`llamathink::fla_causal_conv1d_silu`,
@@ -518,15 +519,15 @@ def prebuild_fla_kernels(
     `start_fla_prebuild`'s child process; also callable directly.
 
     Shapes as the model passes them: the conv input [B, T, conv_dim] in `dtype` (a torch dtype's name, 16-bit) with
-    its weight [conv_dim, conv_kernel_size] in float32; q, k [B, T, num_heads, head_k_dim] (q and k heads already
+    its weight [conv_dim, conv_kernel_size] in `conv_weight_dtype` (the parameter's: float32 under autocast); q, k [B, T, num_heads, head_k_dim] (q and k heads already
     repeated to the value heads), v [B, T, num_heads, head_v_dim], beta [B, T, num_heads] in `dtype`; log-decays g
     [B, T, num_heads] in float32. `packed`: document-masked training, whose rows are joined into one
     [1, batch_size * seq_len] row of several documents (fla's variable-length kernels). `device`: the CUDA device
     index (default the current one). Raises RuntimeError where fla is not available."""
+    if device is not None:  # before fla's import, which may open a CUDA context on the current device
+        torch.cuda.set_device(device)
     if _fla_ops() is None or _fla_chunk_internals() is None:
         raise RuntimeError(f"fla is not available: {_fla_state.get('import_error', 'its chunk functions differ')}")
-    if device is not None:
-        torch.cuda.set_device(device)
     dev = torch.device("cuda", torch.cuda.current_device())
     load_fla_tuned_configs()  # what building the model gives the autotuners: the same configurations get built
     dt = getattr(torch, dtype)
@@ -540,7 +541,7 @@ def prebuild_fla_kernels(
         return (fn(x) if fn is not None else x).to(dtype).contiguous().requires_grad_()
 
     if _fla_conv_internals() is not None:
-        x, weight = leaf(B, T, conv_dim), leaf(conv_dim, conv_kernel_size, dtype=torch.float32)
+        x, weight = leaf(B, T, conv_dim), leaf(conv_dim, conv_kernel_size, dtype=getattr(torch, conv_weight_dtype))
         y = _fla_conv_op(x, weight, cu_seqlens)
         y.backward(torch.randn_like(y))
         del x, weight, y  # freed before the delta rule's tensors: the child's peak memory is the larger of the two
@@ -565,19 +566,27 @@ def start_fla_prebuild(
     dtype: torch.dtype = torch.bfloat16,
     packed: bool = False,
     device: torch.device | int | None = None,
+    conv_weight_dtype: torch.dtype = torch.float32,
     log_path: str | Path | None = None,
 ):
-    """Start `prebuild_fla_kernels` (same arguments) in a child Python process and return it (a `subprocess.Popen`),
-    or None where there is nothing to build: fla or CUDA missing, a dtype fla does not train in, or
-    `LLAMATHINK_FLA_PREBUILD=0`. The caller goes on at once (it does not wait): meant to be called just before the
-    first compiled training step, which then finds in the disk caches what the child has built, and builds itself
-    whatever the child has not yet. The child inherits the environment (the same caches and visible GPUs), imports
-    this same module, and is killed at this process's exit if still running (it ends by itself once the kernels
-    are built, about 30 s on an H200); its output is discarded, or written to `log_path` (a file, replaced). Its
-    cost: one CUDA context and one step's fla inputs, outputs and gradients on the GPU while it runs (by their
-    sizes about 2 GB at the 95M model's batch 64 x 1024, a quarter of that at batch 16), and CPU time beside
-    inductor's compile workers. Method: a warm-up of the kernels' JIT disk caches, as inductor's parallel compile
-    workers build its own kernels beside the main process."""
+    """Start `prebuild_fla_kernels` in a child Python process and return it (a `subprocess.Popen`), or None where
+    there is nothing to build: fla or CUDA missing, a dtype fla does not train in, or `LLAMATHINK_FLA_PREBUILD=0`.
+    Arguments as `prebuild_fla_kernels`'s, with torch dtypes and `device` a CUDA device or its index (default the
+    current one). The caller goes on at once (it does not wait): meant to be called just before the first compiled
+    training step of the process that trains on `device`, which then finds in the disk caches what the child has
+    built, and builds itself whatever the child has not yet.
+
+    One cache for both: where TRITON_CACHE_DIR is unset, inductor sets it in this process, at its first compiled
+    kernel, to its own per-device folder (`torch._inductor.runtime.cache_dir_utils.triton_cache_dir`, under
+    TORCHINDUCTOR_CACHE_DIR); this sets it to that same folder now, before fla's first launch here, and the child
+    inherits it (and TILELANG_CACHE_DIR, and the visible GPUs). The child imports this same module (also the copy
+    that `trust_remote_code` loaded), with this module's folder first on its path; it ends by itself once the
+    kernels are built (about 30 s on an H200), when this process ends (it watches its parent), or is killed at this
+    process's exit; its output is discarded, or written to `log_path` (a file, replaced). Its cost: one CUDA context
+    and one step's fla inputs, outputs and gradients on `device` while it runs (by their sizes about 2 GB at the 95M
+    model's batch 64 x 1024, a quarter of that at batch 16), and CPU time beside inductor's compile workers.
+    Raises OSError where the child cannot be started or `log_path` not written. Method: a warm-up of the kernels'
+    JIT disk caches, as inductor's parallel compile workers build its own kernels beside the main process."""
     import atexit
     import subprocess
 
@@ -586,6 +595,13 @@ def start_fla_prebuild(
     if dtype not in (torch.float16, torch.bfloat16):
         return None
     index = torch.device(device).index if isinstance(device, (torch.device, str)) else device
+    index = torch.cuda.current_device() if index is None else index
+    if os.environ.get("TRITON_CACHE_DIR") is None:
+        try:
+            from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
+        except ImportError:  # another torch layout: no way to know the folder inductor will pick
+            return None
+        os.environ["TRITON_CACHE_DIR"] = triton_cache_dir(index)
     args = {
         "batch_size": batch_size,
         "seq_len": seq_len,
@@ -596,29 +612,39 @@ def start_fla_prebuild(
         "conv_kernel_size": conv_kernel_size,
         "dtype": str(dtype).removeprefix("torch."),
         "packed": packed,
-        "device": index if index is not None else torch.cuda.current_device(),
+        "device": index,
+        "conv_weight_dtype": str(conv_weight_dtype).removeprefix("torch."),
     }
-    # this module as the child can import it: `llamathink.kernels_llamathink` from the folder above the package (or
-    # the copy `trust_remote_code` loaded, from transformers' modules folder)
+    # the folder this module is imported from (above `llamathink/`, or transformers' modules folder for the copy
+    # `trust_remote_code` loaded, whose name may hold parts that are not identifiers: imported by name, not by an
+    # import statement); it replaces the child's first path entry, the working directory, which could shadow it
     root = Path(__file__).resolve().parents[__name__.count(".")]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(root), env.get("PYTHONPATH"))))
     code = (
-        f"import json, sys; from {__name__} import prebuild_fla_kernels; "
-        "prebuild_fla_kernels(**json.loads(sys.argv[1]))"
+        "import importlib, sys; sys.path[0] = sys.argv[1]; "
+        "importlib.import_module(sys.argv[2])._prebuild_child_main(sys.argv[3], int(sys.argv[4]))"
     )
+    command = [sys.executable, "-c", code, str(root), __name__, json.dumps(args), str(os.getpid())]
     with open(log_path, "w") if log_path is not None else contextlib.nullcontext(subprocess.DEVNULL) as out:
-        child = subprocess.Popen(
-            [sys.executable, "-c", code, json.dumps(args)],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     if not _prebuild_children:
         atexit.register(_stop_prebuild_children)
     _prebuild_children.append(child)
     return child
+
+
+def _prebuild_child_main(args_json: str, parent_pid: int):
+    """The child process of `start_fla_prebuild`: `prebuild_fla_kernels(**args)`, ended early if the parent ends
+    (killed by a signal, its `atexit` kill never runs)."""
+    import threading
+    import time
+
+    def watch_parent():
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(3)
+
+    threading.Thread(target=watch_parent, daemon=True).start()
+    prebuild_fla_kernels(**json.loads(args_json))
 
 
 def _stop_prebuild_children():

@@ -1249,9 +1249,12 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         self.compress_k = nn.Linear(kv_width, kv_width, bias=False)
         self.compress_v = nn.Linear(kv_width, kv_width, bias=False)
         self.blend_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
-        if config.csa_blend_bias is not None:  # filled by `_init_weights`; allocated without drawing random numbers,
-            # so a model with the bias gets every other tensor of the model without it at the same seed
-            self.blend_proj.bias = nn.Parameter(torch.empty(self.num_heads * self.head_dim))
+        if config.csa_blend_bias is not None:  # at its start value (also set by `_init_weights`), drawing no random
+            # numbers, so a model with the bias gets every other tensor of the model without it at the same seed; a
+            # module built on its own (not through the model's init) never holds uninitialised memory
+            self.blend_proj.bias = nn.Parameter(
+                torch.full((self.num_heads * self.head_dim,), float(config.csa_blend_bias))
+            )
             self.blend_proj._bias_init = float(config.csa_blend_bias)
 
     def uses_flex_attention(self, device: torch.device) -> bool:
@@ -1692,18 +1695,35 @@ def accumulate_grad_weight(grad_weight: torch.Tensor, grad_logits: torch.Tensor,
     the compute dtype. On CUDA with 16-bit inputs (and not under tracing) the product is accumulated by cuBLAS
     straight into a float32 output (`torch.addmm(..., out_dtype=torch.float32)`: C = A B + C with fp32 C), one
     kernel and no bf16 rounding of the chunk's product; elsewhere the product is rounded to the compute dtype,
-    cast and added (what inductor fuses when traced, and the reference on the CPU, which lacks that form)."""
+    cast and added (what inductor fuses when traced, and the reference on the CPU, which lacks that form). Returns
+    the sum: `grad_weight` itself, added to in place, or (on CUDA) a new tensor; use the returned one."""
     if grad_logits.dtype == grad_weight.dtype:
         return grad_weight.addmm_(grad_logits.T, hidden)
-    if grad_logits.is_cuda and not torch.compiler.is_compiling() and _has_fp32_out_addmm():
+    if (
+        grad_logits.is_cuda
+        and not torch.compiler.is_compiling()
+        and _mixed_dtype_addmm_works(grad_logits.device, grad_logits.dtype, grad_weight.dtype)
+    ):
         return torch.addmm(grad_weight, grad_logits.T, hidden, out_dtype=grad_weight.dtype)
     return grad_weight.add_((grad_logits.T @ hidden).to(grad_weight.dtype))
 
 
-@functools.cache
-def _has_fp32_out_addmm() -> bool:
-    """Whether this torch has `addmm(..., out_dtype=)` (16-bit inputs, float32 output on CUDA; torch >= 2.8)."""
-    return hasattr(torch.ops.aten.addmm, "dtype")
+_MIXED_DTYPE_ADDMM: dict = {}
+
+
+def _mixed_dtype_addmm_works(device: torch.device, dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """Whether `torch.addmm(C, A, B, out_dtype=out_dtype)` with A, B in `dtype` and C in `out_dtype` runs on `device`
+    and gives C + A B: asked once per device and dtypes, on 2 x 2 ones. torch releases before 2.8 lack the
+    overload, and some that have it refuse a C of another dtype than A's; those take the cast-and-add form."""
+    key = (device.type, device.index, dtype, out_dtype)
+    if key not in _MIXED_DTYPE_ADDMM:
+        try:
+            ones = torch.ones(2, 2, device=device, dtype=dtype)
+            out = torch.addmm(torch.ones(2, 2, device=device, dtype=out_dtype), ones, ones, out_dtype=out_dtype)
+            _MIXED_DTYPE_ADDMM[key] = out.dtype == out_dtype and bool((out == 3).all())
+        except Exception:  # noqa: BLE001 - any refusal (TypeError, RuntimeError, NotImplementedError) means no
+            _MIXED_DTYPE_ADDMM[key] = False
+    return _MIXED_DTYPE_ADDMM[key]
 
 
 # torch.compile modes that replay the compiled kernels as CUDA graphs
@@ -1957,7 +1977,9 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         (`kernels_llamathink.start_fla_prebuild`), and return the child (a `subprocess.Popen`), or None when no
         Gated DeltaNet layer of this model trains with fla there (fla missing, CPU, float32, or `gdn_backend`
         "torch") or `LLAMATHINK_FLA_PREBUILD=0`; `log_path`: a file for the child's output. Call it after
-        `compile_layers`, before the first step; the training loop does for fixed-shape pretraining batches."""
+        `compile_layers`, before the first step, in each process that trains (the child builds for this model's
+        device); the training loop does for fixed-shape pretraining batches. Raises OSError where the child cannot
+        be started."""
         mixers = [m for m in self.modules() if isinstance(m, LlamaThinkGatedDeltaNet)]
         device = next(self.parameters()).device
         if not mixers or device.type != "cuda":
@@ -1976,6 +1998,7 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
             dtype=dtype,
             packed=packed,
             device=device,
+            conv_weight_dtype=mixer.conv1d.weight.dtype,
             log_path=log_path,
         )
 

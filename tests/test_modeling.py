@@ -439,7 +439,10 @@ def _naive_csa(mod: LlamaThinkCompressedSparseAttention, x, rotary):
 )
 def test_csa_matches_naive_definition(T, blend_bias):
     config = tiny_config(csa_window=8, csa_blend_bias=blend_bias)
-    mod = randomize_(LlamaThinkCompressedSparseAttention(config, layer_idx=0).double(), scale=1.0, seed=5)
+    mod = LlamaThinkCompressedSparseAttention(config, layer_idx=0).double()
+    if blend_bias is not None:  # built on its own (no model init), the blend bias still starts at its value
+        assert torch.equal(mod.blend_proj.bias, torch.full_like(mod.blend_proj.bias, blend_bias))
+    mod = randomize_(mod, scale=1.0, seed=5)
     rotary = LlamaThinkRotaryEmbedding(config)
     x = torch.randn(1, T, config.hidden_size, dtype=torch.float64)
     from llamathink.modeling_llamathink import ForwardContext
@@ -1755,6 +1758,72 @@ def test_fla_backend_choice_is_probed_once_and_traces_without_graph_breaks(monke
     torch._dynamo.reset()
     _explain_without_graph_breaks(step, torch.ones(3))
     assert probes == ["tilelang"]
+
+
+def _captured_prebuild_command(kernels_module, monkeypatch, **kwargs) -> list[str]:
+    """The command line `start_fla_prebuild` of `kernels_module` starts, as if CUDA and fla were there."""
+    started = []
+
+    class Child:
+        def poll(self):
+            return 0
+
+    with monkeypatch.context() as patch:
+        patch.setattr(kernels_module.torch.cuda, "is_available", lambda: True)
+        patch.setattr(kernels_module, "_fla_ops", lambda: object())
+        patch.setattr(subprocess, "Popen", lambda command, **kw: started.append(command) or Child())
+        defaults = {"num_heads": 4, "head_k_dim": 8, "head_v_dim": 10, "conv_dim": 72, "conv_kernel_size": 4}
+        child = kernels_module.start_fla_prebuild(2, 64, **{**defaults, "device": 0, **kwargs})
+    assert isinstance(child, Child) and len(started) == 1
+    return started[0]
+
+
+def test_fla_prebuild_child_imports_this_module_from_anywhere_with_inductors_triton_cache(tmp_path, monkeypatch):
+    """The child of `start_fla_prebuild` runs `prebuild_fla_kernels` of this very module, also the copy that
+    `trust_remote_code` loaded (a module name with hash parts that are not identifiers), from a working directory
+    whose own `llamathink/` would shadow it; and where TRITON_CACHE_DIR was unset, the parent now uses (and the child
+    inherits) inductor's per-device folder, the one inductor itself would set at its first kernel. On this CPU the
+    child gets as far as asking for the GPU (its traceback runs through `prebuild_fla_kernels`)."""
+    from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.delenv(kernels.FLA_PREBUILD_ENV, raising=False)
+    decoy = tmp_path / "cwd" / "llamathink"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise SystemExit('the decoy package was imported')\n")
+    tiny_model().save_pretrained(tmp_path / "saved")
+    remote = get_class_from_dynamic_module("modeling_llamathink.LlamaThinkForCausalLM", tmp_path / "saved")
+    remote_kernels = sys.modules[remote.__module__.rsplit(".", 1)[0] + ".kernels_llamathink"]
+    assert remote_kernels is not kernels and remote_kernels.__name__.startswith("transformers_modules.")
+    for module in (kernels, remote_kernels):
+        with monkeypatch.context() as patch:
+            patch.delenv("TRITON_CACHE_DIR", raising=False)
+            command = _captured_prebuild_command(module, patch)
+            assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "inductor" / "triton" / "0") == triton_cache_dir(0)
+        assert command[4] == module.__name__
+        run = subprocess.run(command, cwd=tmp_path / "cwd", capture_output=True, text=True, timeout=300)
+        assert run.returncode != 0 and "decoy" not in run.stderr, run.stderr[-2000:]
+        assert "in prebuild_fla_kernels" in run.stderr and "_prebuild_child_main" in run.stderr, run.stderr[-2000:]
+    # the dtypes reach the child by name; a set TRITON_CACHE_DIR is left as it is
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))
+    command = _captured_prebuild_command(kernels, monkeypatch, dtype=torch.float16, conv_weight_dtype=torch.bfloat16)
+    assert json.loads(command[5]) | {} == {
+        "batch_size": 2,
+        "seq_len": 64,
+        "num_heads": 4,
+        "head_k_dim": 8,
+        "head_v_dim": 10,
+        "conv_dim": 72,
+        "conv_kernel_size": 4,
+        "dtype": "float16",
+        "packed": False,
+        "device": 0,
+        "conv_weight_dtype": "bfloat16",
+    }
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine")
+    assert kernels.start_fla_prebuild(2, 64, 4, 8, 10, 72, 4, dtype=torch.float32) is None  # no float32 fla
 
 
 def test_fla_backward_problem_names_fla_tilelang_switched_off(monkeypatch):

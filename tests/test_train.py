@@ -924,17 +924,18 @@ def test_compile_true_trains_layer_by_layer_and_saves_plain_checkpoints(sample_d
 
 @pytest.mark.parametrize("document_masking", [False, True])
 def test_compiled_pretraining_starts_the_fla_prebuild_at_its_batch_shape(
-    sample_data, model_json, tmp_path, monkeypatch, document_masking
+    sample_data, model_json, tmp_path, monkeypatch, capsys, document_masking
 ):
     """Compiled 16-bit pretraining asks the model, once and before its first step, to build fla's kernels beside
     that step (`start_fla_prebuild`) at its micro-batch shape, packed when documents are masked; eager or float32
     runs, which do not use it, never ask. (On this CPU the model's answer is None: no fla; the child itself:
-    tests/test_gpu.py.) The compiled bf16 run stops where it asks."""
+    tests/test_gpu.py.) The compiled bf16 run stops where it asks; a child that cannot be started (OSError) is
+    reported and the run trains on."""
     from accelerate.state import AcceleratorState
 
     from llamathink.modeling_llamathink import LlamaThinkForCausalLM, LlamaThinkPreTrainedModel
 
-    class Asked(Exception):
+    class Asked(BaseException):  # not an Exception: the loop reports those and goes on
         pass
 
     def asking(self, *args, **kwargs):
@@ -942,6 +943,9 @@ def test_compiled_pretraining_starts_the_fla_prebuild_at_its_batch_shape(
 
     def first_step(*args, **kwargs):
         raise AssertionError("a training step ran before the prebuild was asked for")
+
+    def _raise(error):
+        raise error
 
     start = LlamaThinkPreTrainedModel.start_fla_prebuild
     monkeypatch.setattr(LlamaThinkPreTrainedModel, "start_fla_prebuild", asking)
@@ -957,6 +961,15 @@ def test_compiled_pretraining_starts_the_fla_prebuild_at_its_batch_shape(
     try:
         if not document_masking:
             pretrain.train(_cfg(sample_data, model_json, tmp_path / "eager", mixed_precision="bf16", **settings))
+            with monkeypatch.context() as patch:  # a child that cannot be started: reported, and the run trains
+                patch.setattr(LlamaThinkPreTrainedModel, "start_fla_prebuild", lambda *a, **k: _raise(OSError("fork")))
+                torch._dynamo.reset()
+                cfg = _cfg(sample_data, model_json, tmp_path / "oserror", compile=True, mixed_precision="bf16")
+                run = pretrain.train(dataclasses.replace(cfg, **settings))
+            assert (
+                run["final_dir"] is not None
+                and "fla's kernels are not prebuilt (OSError: fork)" in capsys.readouterr().out
+            )
         torch._dynamo.reset()
         monkeypatch.setattr(LlamaThinkForCausalLM, "forward", first_step)
         cfg = _cfg(
@@ -972,7 +985,8 @@ def test_compiled_pretraining_starts_the_fla_prebuild_at_its_batch_shape(
             pretrain.train(cfg)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
-    assert asked.value.args == ((8, 64, document_masking), {"dtype": torch.bfloat16})
+    log = tmp_path / "bf16" / "fla_prebuild.log"  # the main process keeps the child's output
+    assert asked.value.args == ((8, 64, document_masking), {"dtype": torch.bfloat16, "log_path": log})
     assert start(pretrain.build_model(_cfg(sample_data, model_json, tmp_path / "x")), 8, 64) is None  # CPU
 
 
