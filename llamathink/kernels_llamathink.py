@@ -617,10 +617,13 @@ def start_fla_prebuild(
     }
     # the folder this module is imported from (above `llamathink/`, or transformers' modules folder for the copy
     # `trust_remote_code` loaded, whose name may hold parts that are not identifiers: imported by name, not by an
-    # import statement); it replaces the child's first path entry, the working directory, which could shadow it
+    # import statement). The child's first path entry, the working directory, which could shadow it, is dropped;
+    # the folder goes first only where it is not on the path already (an installed package's site-packages stays
+    # behind the standard library)
     root = Path(__file__).resolve().parents[__name__.count(".")]
     code = (
-        "import importlib, sys; sys.path[0] = sys.argv[1]; "
+        "import importlib, os, sys; root, rest = sys.argv[1], sys.path[1:]; "
+        "sys.path[:] = rest if root in map(os.path.realpath, rest) else [root, *rest]; "
         "importlib.import_module(sys.argv[2])._prebuild_child_main(sys.argv[3], int(sys.argv[4]))"
     )
     command = [sys.executable, "-c", code, str(root), __name__, json.dumps(args), str(os.getpid())]
