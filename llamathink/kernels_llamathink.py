@@ -579,7 +579,8 @@ def start_fla_prebuild(
     One cache for both: where TRITON_CACHE_DIR is unset, inductor sets it in this process, at its first compiled
     kernel, to its own per-device folder (`torch._inductor.runtime.cache_dir_utils.triton_cache_dir`, under
     TORCHINDUCTOR_CACHE_DIR); this sets it to that same folder now, before fla's first launch here, and the child
-    inherits it (and TILELANG_CACHE_DIR, and the visible GPUs). The child imports this same module (also the copy
+    inherits it (and TILELANG_CACHE_DIR, and the visible GPUs); a process that compiles without inductor, or not at
+    all, then also keeps fla's kernels in that folder rather than Triton's default one. The child imports this same module (also the copy
     that `trust_remote_code` loaded), with this module's folder first on its path; it ends by itself once the
     kernels are built (about 30 s on an H200), when this process ends (it watches its parent), or is killed at this
     process's exit; its output is discarded, or written to `log_path` (a file, replaced). Its cost: one CUDA context
@@ -622,7 +623,8 @@ def start_fla_prebuild(
     # behind the standard library)
     root = Path(__file__).resolve().parents[__name__.count(".")]
     code = (
-        "import importlib, os, sys; root, rest = sys.argv[1], sys.path[1:]; "
+        "import importlib, os, sys; root = sys.argv[1]; "
+        "rest = sys.path if getattr(sys.flags, 'safe_path', False) else sys.path[1:]; "
         "sys.path[:] = rest if root in map(os.path.realpath, rest) else [root, *rest]; "
         "importlib.import_module(sys.argv[2])._prebuild_child_main(sys.argv[3], int(sys.argv[4]))"
     )

@@ -1787,7 +1787,8 @@ def test_fla_prebuild_child_imports_this_module_from_anywhere_with_inductors_tri
     from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", "x")  # recorded, so that teardown restores the variable's first state
+    monkeypatch.delenv("TRITON_CACHE_DIR")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     monkeypatch.delenv(kernels.FLA_PREBUILD_ENV, raising=False)
     decoy = tmp_path / "cwd" / "llamathink"
@@ -1799,7 +1800,8 @@ def test_fla_prebuild_child_imports_this_module_from_anywhere_with_inductors_tri
     assert remote_kernels is not kernels and remote_kernels.__name__.startswith("transformers_modules.")
     for module in (kernels, remote_kernels):
         with monkeypatch.context() as patch:
-            patch.delenv("TRITON_CACHE_DIR", raising=False)
+            patch.setenv("TRITON_CACHE_DIR", "x")  # (restored unset on leaving the context)
+            patch.delenv("TRITON_CACHE_DIR")
             command = _captured_prebuild_command(module, patch)
             assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "inductor" / "triton" / "0") == triton_cache_dir(0)
         assert command[4] == module.__name__

@@ -355,11 +355,17 @@ class TrainingHooks:
     peak_flops: float | None = None
 
 
-def _start_fla_prebuild(raw_model, shape: tuple[int, int, bool], dtype: torch.dtype, out_dir: Path, is_main: bool):
-    """Each process starts the child that builds fla's kernels for its own GPU (`start_fla_prebuild`: each GPU's
-    compiled kernels go to a cache folder of its own), the main process logging it to out_dir/fla_prebuild.log. Only
-    an optimisation: a child that cannot be started is reported and training goes on."""
+def _start_fla_prebuild(
+    raw_model, shape: tuple[int, int, bool], dtype: torch.dtype, out_dir: Path, is_main: bool, is_local_main: bool
+):
+    """Start the child that builds fla's kernels (`start_fla_prebuild`): beside each process, for its own GPU, where
+    each GPU's compiled kernels go to a Triton cache folder of their own (inductor's default), and beside the
+    machine's first process alone where TRITON_CACHE_DIR names one folder for all; the main process logs its child to
+    out_dir/fla_prebuild.log. Only an optimisation: a child that cannot be started is reported and training goes
+    on."""
     if not hasattr(raw_model, "start_fla_prebuild"):
+        return
+    if os.environ.get("TRITON_CACHE_DIR") is not None and not is_local_main:
         return
     try:
         raw_model.start_fla_prebuild(*shape, dtype=dtype, log_path=out_dir / "fla_prebuild.log" if is_main else None)
@@ -396,8 +402,7 @@ def run_training(
     resume is accepted. `compile`: None (eager), "layers" (each decoder layer compiled in place, the model's
     `compile_layers`) or "model" (the prepared model wrapped in one torch.compile); `compile_mode` is torch.compile's
     `mode`. `fla_prebuild` (batch size, sequence length, packed), for batches of that one shape: when compiling in
-    16-bit, a child process beside each process builds fla's kernels for them while the first step compiles
-    (`start_fla_prebuild`). With a CUDA-graph mode ("reduce-overhead", "max-autotune") each micro-batch begins a new
+    16-bit, a child process builds fla's kernels for them while the first step compiles (`_start_fla_prebuild`). With a CUDA-graph mode ("reduce-overhead", "max-autotune") each micro-batch begins a new
     cudagraph-trees step, and gradients accumulate into `.grad` tensors that live for the whole run (zeroed, never
     set to None), so that no `.grad` is a graph output that the next replay overwrites.
 
@@ -454,7 +459,9 @@ def run_training(
         raise ValueError(f"compile must be None, 'layers' or 'model', got {compile!r}")
     prebuild_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
     if compile is not None and fla_prebuild is not None and prebuild_dtype is not None:
-        _start_fla_prebuild(raw_model, fla_prebuild, prebuild_dtype, out_dir, is_main)
+        _start_fla_prebuild(
+            raw_model, fla_prebuild, prebuild_dtype, out_dir, is_main, accelerator.is_local_main_process
+        )
     cuda_graphs = compile is not None and uses_cuda_graphs({"mode": compile_mode})
     if cuda_graphs and accelerator.device.type == "cuda":  # (on a CPU the mode replays no graphs)
         accelerator.print(
