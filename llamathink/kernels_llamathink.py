@@ -579,15 +579,17 @@ def start_fla_prebuild(
     One cache for both: where TRITON_CACHE_DIR is unset, inductor sets it in this process, at its first compiled
     kernel, to its own per-device folder (`torch._inductor.runtime.cache_dir_utils.triton_cache_dir`, under
     TORCHINDUCTOR_CACHE_DIR); this sets it to that same folder now, before fla's first launch here, and the child
-    inherits it (and TILELANG_CACHE_DIR, and the visible GPUs); a process that compiles without inductor, or not at
-    all, then also keeps fla's kernels in that folder rather than Triton's default one. The child imports this same module (also the copy
-    that `trust_remote_code` loaded), with this module's folder first on its path; it ends by itself once the
-    kernels are built (about 30 s on an H200), when this process ends (it watches its parent), or is killed at this
-    process's exit; its output is discarded, or written to `log_path` (a file, replaced). Its cost: one CUDA context
-    and one step's fla inputs, outputs and gradients on `device` while it runs (by their sizes about 2 GB at the 95M
-    model's batch 64 x 1024, a quarter of that at batch 16), and CPU time beside inductor's compile workers.
-    Raises OSError where the child cannot be started or `log_path` not written. Method: a warm-up of the kernels'
-    JIT disk caches, as inductor's parallel compile workers build its own kernels beside the main process."""
+    inherits it (and TILELANG_CACHE_DIR, and the visible GPUs); a process that compiles without inductor, or not
+    at all, then also keeps fla's kernels in that folder rather than Triton's default one.
+
+    The child imports this same module (also the copy that `trust_remote_code` loaded), never a package of the
+    same name in the working directory; it ends by itself once the kernels are built (about 30 s on an H200), when
+    this process ends (it watches its parent), or is killed at this process's exit; its output is discarded, or
+    written to `log_path` (a file, replaced). Its cost: one CUDA context and one step's fla inputs, outputs and
+    gradients on `device` while it runs (by their sizes about 2 GB at the 95M model's batch 64 x 1024, a quarter
+    of that at batch 16), and CPU time beside inductor's compile workers. Raises OSError where the child cannot
+    be started or `log_path` not written. Method: a warm-up of the kernels' JIT disk caches, as inductor's
+    parallel compile workers build its own kernels beside the main process."""
     import atexit
     import subprocess
 

@@ -402,9 +402,10 @@ def run_training(
     resume is accepted. `compile`: None (eager), "layers" (each decoder layer compiled in place, the model's
     `compile_layers`) or "model" (the prepared model wrapped in one torch.compile); `compile_mode` is torch.compile's
     `mode`. `fla_prebuild` (batch size, sequence length, packed), for batches of that one shape: when compiling in
-    16-bit, a child process builds fla's kernels for them while the first step compiles (`_start_fla_prebuild`). With a CUDA-graph mode ("reduce-overhead", "max-autotune") each micro-batch begins a new
-    cudagraph-trees step, and gradients accumulate into `.grad` tensors that live for the whole run (zeroed, never
-    set to None), so that no `.grad` is a graph output that the next replay overwrites.
+    16-bit, a child process builds fla's kernels for them while the first step compiles (`_start_fla_prebuild`).
+    With a CUDA-graph mode ("reduce-overhead", "max-autotune") each micro-batch begins a new cudagraph-trees step,
+    and gradients accumulate into `.grad` tensors that live for the whole run (zeroed, never set to None), so that
+    no `.grad` is a graph output that the next replay overwrites.
 
     Returns the history plus "tokens_seen" (input positions processed), "trained_tokens" (loss terms),
     "overflow_steps" (fp16 loss-scale overflows) and "final_dir" (`<out_dir>/final`, or None when the run stopped
