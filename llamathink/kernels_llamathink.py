@@ -521,8 +521,9 @@ def prebuild_fla_kernels(
     Shapes as the model passes them: the conv input [B, T, conv_dim] in `dtype` (a torch dtype's name, 16-bit) with
     its weight [conv_dim, conv_kernel_size] in `conv_weight_dtype` (the parameter's: float32 under autocast); q, k
     [B, T, num_heads, head_k_dim] (q and k heads already repeated to the value heads), v [B, T, num_heads,
-    head_v_dim], beta [B, T, num_heads] in `dtype`; log-decays g [B, T, num_heads] in float32. `packed`: document-masked training, whose rows are joined into one
-    [1, batch_size * seq_len] row of several documents (fla's variable-length kernels). `device`: the CUDA device
+    head_v_dim], beta [B, T, num_heads] in `dtype`; log-decays g [B, T, num_heads] in float32. `packed`:
+    document-masked training, whose rows are joined into one [1, batch_size * seq_len] row of several documents
+    (fla's variable-length kernels). `device`: the CUDA device
     index (default the current one). Raises RuntimeError where fla is not available."""
     if device is not None:  # before fla's import, which may open a CUDA context on the current device
         torch.cuda.set_device(device)

@@ -1708,22 +1708,17 @@ def accumulate_grad_weight(grad_weight: torch.Tensor, grad_logits: torch.Tensor,
     return grad_weight.add_((grad_logits.T @ hidden).to(grad_weight.dtype))
 
 
-_MIXED_DTYPE_ADDMM: dict = {}
-
-
+@functools.cache
 def _mixed_dtype_addmm_works(device: torch.device, dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
     """Whether `torch.addmm(C, A, B, out_dtype=out_dtype)` with A, B in `dtype` and C in `out_dtype` runs on `device`
     and gives C + A B: asked once per device and dtypes, on 2 x 2 ones. torch releases before 2.8 lack the
     overload, and some that have it refuse a C of another dtype than A's; those take the cast-and-add form."""
-    key = (device.type, device.index, dtype, out_dtype)
-    if key not in _MIXED_DTYPE_ADDMM:
-        try:
-            ones = torch.ones(2, 2, device=device, dtype=dtype)
-            out = torch.addmm(torch.ones(2, 2, device=device, dtype=out_dtype), ones, ones, out_dtype=out_dtype)
-            _MIXED_DTYPE_ADDMM[key] = out.dtype == out_dtype and bool((out == 3).all())
-        except Exception:  # noqa: BLE001 - any refusal (TypeError, RuntimeError, NotImplementedError) means no
-            _MIXED_DTYPE_ADDMM[key] = False
-    return _MIXED_DTYPE_ADDMM[key]
+    try:
+        ones = torch.ones(2, 2, device=device, dtype=dtype)
+        out = torch.addmm(torch.ones(2, 2, device=device, dtype=out_dtype), ones, ones, out_dtype=out_dtype)
+    except Exception:  # noqa: BLE001 - any refusal (TypeError, RuntimeError, NotImplementedError) means no
+        return False
+    return out.dtype == out_dtype and bool((out == 3).all())
 
 
 # torch.compile modes that replay the compiled kernels as CUDA graphs
