@@ -5,7 +5,8 @@ Usage: python -m torch.distributed.run --standalone --nproc_per_node N tests/_co
 The arguments are `train_hf.py`'s. `compile_layers` runs on dynamo's "aot_eager" backend: each decoder layer is
 traced into a graph and runs as AOTAutograd's compiled autograd function, as it does under inductor on a GPU, so
 DDP's gradient hooks and `no_sync` meet the compiled layers' backward; inductor's C++ code generation would take
-minutes per process on a CPU. After training it prints "graphs N": dynamo's count of graphs it compiled.
+minutes per process on a CPU. After training it prints "rank R graphs N": dynamo's count of graphs it compiled, in
+one write (under the pipe's atomic size), so the two processes' lines cannot interleave on the shared stdout.
 """
 
 import os
@@ -28,5 +29,8 @@ def compile_layers(self, **kwargs):
 if __name__ == "__main__":
     LlamaThinkPreTrainedModel.compile_layers = compile_layers
     status = pretrain.main(sys.argv[1:])
-    print(f"graphs {torch._dynamo.utils.counters['stats']['unique_graphs']}", flush=True)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    # print() writes the text and its newline separately; the other process's line could land between them
+    sys.stdout.write(f"rank {os.environ.get('RANK', '0')} graphs {graphs}\n")
+    sys.stdout.flush()
     sys.exit(status)
