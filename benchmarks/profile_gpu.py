@@ -2,7 +2,8 @@
 
     python benchmarks/profile_gpu.py [--backend auto] [--batch 16] [--seq 1024] [--decode-tokens 32] [--compile]
                                      [--no-eager] [--peers hf-llama] [--optimizer | --optimizer-only] [--out DIR]
-                                     [--top-kernels N] [--eager-ops] [--inductor-option KEY=VALUE ...]
+                                     [--top-kernels N] [--eager-ops] [--host-python]
+                                     [--inductor-option KEY=VALUE ...]
 
 Prints (and with --out writes as text) the kernels that take the most GPU time in a bf16 training step (with
 --compile also those of the step with each decoder layer compiled), the GPU time per layer kind (forward + backward, measured with
@@ -217,6 +218,69 @@ def step_wall_ms(model, ids, steps=5) -> str:
     )
 
 
+# Where a host-bound step's Python time goes, by the package of the source file (first match wins): torch.profiler
+# charges a custom op's Python body (fla's launch code) to the op, so only a Python profiler splits it.
+HOST_PACKAGES = (
+    ("fla", ("/fla/",)),
+    ("tilelang / tvm_ffi", ("/tilelang/", "/tvm_ffi/")),
+    ("triton", ("/triton/",)),
+    ("inductor (compiled graphs' wrappers)", ("/torch/_inductor/", "torchinductor", "/inductor/")),
+    ("dynamo (guards, frames)", ("/torch/_dynamo/",)),
+    ("AOTAutograd", ("/torch/_functorch/",)),
+    ("torch.library / custom ops", ("/torch/_library/", "/torch/_ops.py")),
+    ("autograd", ("/torch/autograd/",)),
+    ("llamathink", ("/llamathink/",)),
+)
+
+
+def host_python_profile(model, ids, steps: int = 5, rows: int = 40) -> str:
+    """Where the host's time goes in `steps` training steps, by Python function (cProfile): the share of each
+    package (fla's launch code, tilelang's, Triton's launcher, inductor's graph wrappers, dynamo, autograd) and the
+    functions with the most time of their own. cProfile slows each Python call by about a microsecond, so the
+    shares are what to read, not the absolute milliseconds; the first line gives the wall time per step with and
+    without the profiler."""
+    import cProfile
+    import pstats
+
+    for _ in range(2):
+        forward_backward(model, ids)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        forward_backward(model, ids)
+    torch.cuda.synchronize()
+    plain_ms = (time.perf_counter() - t0) * 1e3 / steps
+    profiler = cProfile.Profile()
+    t0 = time.perf_counter()
+    profiler.enable()
+    for _ in range(steps):
+        forward_backward(model, ids)
+    torch.cuda.synchronize()
+    profiler.disable()
+    profiled_ms = (time.perf_counter() - t0) * 1e3 / steps
+    stats = pstats.Stats(profiler)
+    by_package = collections.Counter()
+    own = []
+    for (path, line, func), (_, calls, tottime, _, _) in stats.stats.items():
+        package = next(
+            (name for name, marks in HOST_PACKAGES if any(mark in path for mark in marks)),
+            "other Python and C calls",
+        )
+        by_package[package] += tottime * 1e3 / steps
+        own.append((tottime * 1e3 / steps, calls // steps, f"{path.split('site-packages/')[-1]}:{line}({func})"))
+    own.sort(reverse=True)
+    lines = [
+        (
+            f"wall time per step: {plain_ms:.1f} ms without the profiler, {profiled_ms:.1f} ms under cProfile; "
+            "host ms per step by package (cProfile's own time of each function, summed):"
+        )
+    ]
+    lines += [f"  {name:40s} {ms:8.2f}" for name, ms in by_package.most_common()]
+    lines.append(f"## the {rows} functions with the most time of their own (ms per step, calls per step, function)")
+    lines += [f"  {ms:8.3f} {calls:6d}  {where[:160]}" for ms, calls, where in own[:rows]]
+    return "\n".join(lines)
+
+
 def optimizer_ms(model, steps: int = 10, cuda_graph: bool = True) -> str:
     """The training loop's work between backward and the next forward, alone: gradient clipping and the project's
     optimizer (Muon for hidden matrices, AdamW for the rest; `llamathink.train.optim.build_optimizer` with the
@@ -358,6 +422,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="also write the report to DIR/profile_<backend>.txt")
     parser.add_argument("--no-decode", action="store_true", help="skip the decoding profile")
     parser.add_argument("--host-stacks", action="store_true", help="also where the compiled step spends host time")
+    parser.add_argument(
+        "--host-python",
+        action="store_true",
+        help="also the compiled step's host time by Python function and package (cProfile; needs --compile)",
+    )
     parser.add_argument("--optimizer", action="store_true", help="also time gradient clipping + the optimizer step")
     parser.add_argument("--optimizer-only", action="store_true", help="only that, for LlamaThink and HF Llama")
     parser.add_argument("--no-eager", action="store_true", help="skip the eager step (layer times and kernels)")
@@ -394,9 +463,10 @@ def main(argv=None) -> int:
     for peer in filter(None, args.peers.split(",")):
         check_model_name(peer)
     options = dict(inductor_option(text) for text in args.inductor_option)  # refused before any GPU work
-    if (options or args.eager_ops) and (not args.compile or args.optimizer_only):
+    if (options or args.eager_ops or args.host_python) and (not args.compile or args.optimizer_only):
         parser.error(
-            "--inductor-option and --eager-ops apply to the compiled step: add --compile (not --optimizer-only)"
+            "--inductor-option, --eager-ops and --host-python apply to the compiled step: add --compile (not "
+            "--optimizer-only)"
         )
     torch.manual_seed(0)
     if args.optimizer_only:
@@ -434,6 +504,9 @@ def main(argv=None) -> int:
         report.append(f"graph breaks: {sum(breaks.values())} ({len(counters['stats'])} dynamo stats); reasons:")
         report += [f"  {n:4d}  {reason[:200]}" for reason, n in sorted(breaks.items(), key=lambda kv: -kv[1])[:10]]
         report.append(step_wall_ms(compiled, ids))
+        if args.host_python:
+            report.append("## host time of the compiled step by Python package and function (cProfile)")
+            report.append(host_python_profile(compiled, ids))
     for peer_name in filter(None, args.peers.split(",")):
         peer = torch.compile(build(peer_name).cuda())  # compiled whole, as bench_gpu.py compiles the peers
         report.append(f"## top kernels of one compiled training step of {peer_name} (compiled whole)")
