@@ -1,6 +1,8 @@
 """GPU checks (skipped where there is no CUDA device): the fla backend against the PyTorch reference, forward and
 gradients, and cached decoding against the uncached forward on the GPU."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import graph_test_grads, graph_test_model, largest_gap, loss_and_grads, relative_errors, tiny_model
@@ -525,20 +527,33 @@ def test_shipped_fla_configs_are_taken_without_autotuning_and_train_like_the_ref
 
 
 @needs_fla
-@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
-def test_fla_prebuild_child_builds_every_kernel_the_compiled_step_launches(packed, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("packed", "cache_set"),
+    [(False, True), (True, True), (False, False)],
+    ids=["rows", "packed", "rows-inductors-folder"],
+)
+def test_fla_prebuild_child_builds_every_kernel_the_compiled_step_launches(packed, cache_set, tmp_path, monkeypatch):
     """`start_fla_prebuild`'s child process, given the step's shape, builds into Triton's disk cache every fla
     kernel that the compiled training step then launches: with an empty cache of its own the child adds kernels
     to it, and the step (this process, layers compiled through AOTAutograd, whose fla calls are the custom ops an
     inductor step makes) adds none. Head sizes no other test uses, so that no kernel of this shape is already in
     this process's memory (which would write nothing to the cache whichever way the keys fell); and a control:
-    a Triton kernel new to this process lands in that cache."""
+    a Triton kernel new to this process lands in that cache. `cache_set` False: TRITON_CACHE_DIR unset, where
+    the cache both use is the folder inductor would pick for this GPU under TORCHINDUCTOR_CACHE_DIR."""
     if fla_backward_problem(torch.device("cuda")) is not None:
         pytest.skip(fla_backward_problem(torch.device("cuda")))
     import os
 
-    cache = tmp_path / "triton"
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
+
+    if cache_set:
+        cache = tmp_path / "triton"
+        monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    else:
+        monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)  # start_fla_prebuild sets it; restored unset after
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+        cache = Path(triton_cache_dir(torch.cuda.current_device()))
+        assert cache.is_relative_to(tmp_path), cache
     monkeypatch.setenv("LLAMATHINK_FLA_PREBUILD", "1")
     torch._dynamo.reset()
     dims = {"linear_key_head_dim": 32, "linear_value_head_dim": 48, "head_dim": 16, "hidden_size": 64}
@@ -548,6 +563,7 @@ def test_fla_prebuild_child_builds_every_kernel_the_compiled_step_launches(packe
     child = model.start_fla_prebuild(2, 160, packed=packed, dtype=torch.bfloat16, log_path=log)
     assert child is not None
     assert child.wait(timeout=400) == 0, log.read_text()[-3000:]
+    assert os.environ["TRITON_CACHE_DIR"] == str(cache)  # this process's kernels go there too
     built = set(os.listdir(cache))
     assert built, "the child built nothing into TRITON_CACHE_DIR"
     ids = torch.randint(1, 96, (2, 160), generator=torch.Generator().manual_seed(0)).cuda()
