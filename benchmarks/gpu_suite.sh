@@ -130,8 +130,8 @@ elif [ "$PART" = kinds ]; then  # issue 17: where the compiled step's GPU time g
     half1() { prof 330 b64 64 --peers hf-llama --top-kernels 60; }
 elif [ "$PART" = ab ] || [ "$PART" = fold ]; then  # issue 17: a change against the tree before it (OLD, e.g.
     # `git archive REV`): the GPU tests TESTS names (pytest -k; default: those training through the fla ops); the
-    # compiled step's kernels by kind at batch 16 (beside HF Llama compiled whole, with the eager aten ops by shape)
-    # and 64, each tree in its own process; HC=1: this tree without hyper-connections (their share); CODE=1 keeps
+    # compiled step's kernels by kind at batch 16 (beside HF Llama compiled whole, with the eager aten ops by shape
+    # and the host's Python time by package) and 64, each tree in its own process; HC=1: this tree without hyper-connections (their share); CODE=1 keeps
     # inductor's generated code of this tree's batch-16 step (output_code_b16.log). About 600 s on a fresh H200.
     # (`fold`, session 19's name for it.)
     export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor
@@ -143,9 +143,10 @@ elif [ "$PART" = ab ] || [ "$PART" = fold ]; then  # issue 17: a change against 
             grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/test_gpu_ab.log" | tail -12
         fi
         if [ "${CODE:-0}" = 1 ]; then
-            TORCH_LOGS=output_code TORCH_LOGS_OUT="$OUT/output_code_b16.log" prof 150 b16 16 --peers hf-llama --eager-ops
+            TORCH_LOGS=output_code TORCH_LOGS_OUT="$OUT/output_code_b16.log" prof 150 b16 16 --peers hf-llama \
+                --eager-ops --host-python
         else
-            prof 150 b16 16 --peers hf-llama --eager-ops
+            prof 150 b16 16 --peers hf-llama --eager-ops --host-python
         fi
         old prof 80 b16_old 16
         [ "${HC:-0}" = 1 ] && prof 60 b16_no_hc 16 --model llamathink:auto:no-hc
