@@ -17,6 +17,8 @@ from transformers import PretrainedConfig
 MIXER_TYPES = ("linear", "csa", "full")
 DEFAULT_MIXER_PATTERN = ("linear", "linear", "csa", "full")
 GDN_BACKENDS = ("auto", "fla", "torch")
+MAX_CONTEXT = 1 << 20  # max_position_embeddings: export_c/run.c's limit too
+MAX_GDN_CHUNK = 4096
 
 
 def _without_csa_blend_bias(config_dict):
@@ -265,6 +267,28 @@ class LlamaThinkConfig(PretrainedConfig):
         if self.csa_window < 2:
             raise ValueError(
                 f"csa_window must be at least 2 (the query's own token and one more), got {self.csa_window}"
+            )
+        # spans of tokens: past the context they only cost memory (buffers and padding of their length in every
+        # forward), so an absurd value would fail deep inside the first forward rather than here
+        if self.max_position_embeddings > MAX_CONTEXT:
+            raise ValueError(
+                f"max_position_embeddings={self.max_position_embeddings} is past the {MAX_CONTEXT:,} positions this "
+                "model (and the C runner) supports"
+            )
+        spans = {
+            "csa_window": "a window as long as the context already sees every earlier token",
+            "csa_stride": "a compressed block longer than the context is never complete",
+        }
+        for name, why in spans.items():
+            if getattr(self, name) > self.max_position_embeddings:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} is longer than the context (max_position_embeddings="
+                    f"{self.max_position_embeddings}): give at most that ({why})"
+                )
+        if self.gdn_chunk_size > MAX_GDN_CHUNK:
+            raise ValueError(
+                f"gdn_chunk_size={self.gdn_chunk_size} is past {MAX_GDN_CHUNK}: the chunked delta rule keeps "
+                "[chunk, chunk] matrices per chunk and head, so longer chunks only cost memory (fla uses 64)"
             )
         bias = self.csa_blend_bias
         if bias is not None and (isinstance(bias, bool) or not isinstance(bias, (int, float)) or not abs(bias) < 1e4):

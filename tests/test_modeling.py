@@ -92,6 +92,11 @@ def test_default_config_is_the_95m_model():
         ({"partial_rotary_factor": "0.5"}, "partial_rotary_factor"),
         ({"partial_rotary_factor": True}, "partial_rotary_factor"),
         ({"partial_rotary_factor": None}, "partial_rotary_factor"),
+        # spans that would allocate their length in every forward (a window of 2^40 tokens: 140 TB)
+        ({"csa_window": 2**40}, "csa_window=1099511627776 is longer than the context"),
+        ({"csa_stride": 257}, "csa_stride=257 is longer than the context"),
+        ({"gdn_chunk_size": 10**9}, "gdn_chunk_size=1000000000 is past 4096"),
+        ({"max_position_embeddings": 2**21}, "max_position_embeddings=2097152 is past"),
     ],
 )
 def test_config_rejects_inconsistent_values(overrides, field):

@@ -762,8 +762,9 @@ def test_wandb_that_cannot_start_stops_the_run_with_one_named_error(tmp_path, mo
 
 def test_a_saved_model_whose_weights_do_not_fit_is_refused_by_name(tmp_path, capsys, monkeypatch):
     """`load_saved_model` (what pretraining's and finetuning's init_from and the chat command load with): a folder
-    loads bit for bit; a missing, an unknown or a misshapen tensor, or a truncated weights file, is a ValueError
-    naming the setting and the tensor, where transformers alone would fill in random values and go on."""
+    loads bit for bit; a missing, an unknown or a misshapen tensor, a truncated weights file, integer or bool
+    tensors, or a head that differs from the embeddings it is tied to, is a ValueError naming the setting and the
+    tensor, where transformers alone would fill in random values, cast, or untie, and go on."""
     from safetensors.torch import load_file, save_file
 
     from llamathink import chat
@@ -775,20 +776,37 @@ def test_a_saved_model_whose_weights_do_not_fit_is_refused_by_name(tmp_path, cap
     for name, tensor in load_file(good / "model.safetensors").items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     weights = load_file(good / "model.safetensors")
-    missing, extra, shape = (dict(weights) for _ in range(3))
+    missing, extra, shape, integer, head, same_head = (dict(weights) for _ in range(6))
     del missing["model.layers.0.mlp.down_proj.weight"]
     extra["model.layers.0.mlp.extra.weight"] = torch.zeros(3)
     shape["model.layers.1.mlp.up_proj.weight"] = shape["model.layers.1.mlp.up_proj.weight"][:-1]
+    integer["model.norm.weight"] = (integer["model.norm.weight"] * 1000).to(torch.int32)
+    integer["model.layers.0.mlp.up_proj.weight"] = integer["model.layers.0.mlp.up_proj.weight"] > 0
+    # the config ties the head to the embeddings: transformers unties them for a head of other values
+    head["lm_head.weight"] = torch.randn_like(weights["model.embed_tokens.weight"])
+    same_head["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
     cases = {
         "missing": (missing, r"missing \['model.layers.0.mlp.down_proj.weight'\]"),
         "extra": (extra, r"unexpected \['model.layers.0.mlp.extra.weight'\]"),
         "shape": (shape, r"misshapen model.layers.1.mlp.up_proj.weight \(95, 48\) for \(96, 48\)"),
+        "integer": (
+            integer,
+            r"weights must be floating point \(BF16, F16, F32, F64\); model.layers.0.mlp.up_proj.weight \(BOOL\), "
+            r"model.norm.weight \(I32\) would be cast",
+        ),
+        "head": (head, "tie_word_embeddings: true, but its weights hold an lm_head.weight that differs"),
+        "same_head": (same_head, None),  # one matrix twice: tied as the config says, and loaded
     }
     for case, (tensors, message) in cases.items():
         folder = tmp_path / case
         folder.mkdir()
         (folder / "config.json").write_bytes((good / "config.json").read_bytes())
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        if message is None:
+            model = ckpt.load_saved_model(str(folder), "init_from")
+            assert model.lm_head.weight is model.model.embed_tokens.weight
+            assert torch.equal(model.lm_head.weight, weights["model.embed_tokens.weight"])
+            continue
         with pytest.raises(ValueError, match=f"init_from={folder}: .*{message}"):
             ckpt.load_saved_model(str(folder), "init_from")
     truncated = tmp_path / "missing" / "model.safetensors"

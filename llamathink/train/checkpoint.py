@@ -92,7 +92,9 @@ def load_saved_model(path: str, setting: str, dtype: torch.dtype = torch.float32
     values and skips an unknown one, reporting both only in a log line; a training or chat command would then go on
     with a partly random model. Raises, naming `setting` and `path`: what `check_saved_model_path` raises; ValueError
     for missing, unexpected or misshapen tensors (against the model its config.json describes) and for an unreadable
-    (truncated, corrupt) weights file."""
+    (truncated, corrupt) weights file; for a tensor stored in a dtype that is not floating point (an integer or
+    bool tensor would be cast to floats without a word), and for an `lm_head.weight` that differs from the
+    embeddings where config.json says they are tied (transformers then unties them, with a log line)."""
     from safetensors import SafetensorError
 
     check_saved_model_path(path, setting)
@@ -125,7 +127,67 @@ def load_saved_model(path: str, setting: str, dtype: torch.dtype = torch.float32
             f"{setting}={path}: its weights do not match the model its config.json describes ({'; '.join(problems)}); "
             "refusing to go on with those tensors random or dropped"
         )
+    not_float = _non_float_tensors(_weights_files(path, kwargs))
+    if not_float:
+        listed = ", ".join(not_float[:3]) + (f" and {len(not_float) - 3} more" if len(not_float) > 3 else "")
+        raise ValueError(
+            f"{setting}={path}: weights must be floating point ({', '.join(sorted(FLOAT_DTYPES))}); {listed} "
+            "would be cast to floats as they are"
+        )
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if (
+        getattr(model.config, "tie_word_embeddings", False)
+        and head is not None
+        and head.weight is not embeddings.weight
+    ):
+        raise ValueError(
+            f"{setting}={path}: config.json says tie_word_embeddings: true, but its weights hold an lm_head.weight "
+            "that differs from the embeddings; set tie_word_embeddings to false if the head is trained apart, or "
+            "remove lm_head.weight from the weights"
+        )
     return model
+
+
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # safetensors' names of the dtypes weights may have
+
+
+def _weights_files(path: str, kwargs: dict) -> list[Path]:
+    """The safetensors files `from_pretrained(path, **kwargs)` has read: the folder's, or for a Hub id those of its
+    snapshot in the local cache (empty where it cannot be found there)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(
+                snapshot_download(
+                    path,
+                    revision=kwargs.get("revision"),
+                    cache_dir=kwargs.get("cache_dir"),
+                    local_files_only=True,
+                    allow_patterns=["*.safetensors", "*.json"],
+                )
+            )
+        except (OSError, ValueError):  # not in the local cache (LocalEntryNotFoundError), not a repo id
+            return []
+    if kwargs.get("subfolder"):
+        folder = folder / kwargs["subfolder"]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def _non_float_tensors(files: list[Path]) -> list[str]:
+    """'name (DTYPE)' for each tensor of `files` whose stored dtype is not in FLOAT_DTYPES (read from the files'
+    headers; no tensor data is read)."""
+    from safetensors import safe_open
+
+    found = []
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (a safetensors file, not a dict)
+                dtype = f.get_slice(name).get_dtype()
+                if dtype not in FLOAT_DTYPES:
+                    found.append(f"{name} ({dtype})")
+    return found
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
