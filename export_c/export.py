@@ -87,6 +87,28 @@ INT_FIELDS = (
 )
 
 
+# The ranges run.c's model_init accepts (its CHECK_RANGE lines; tests/test_export_c.py compares the two): a config
+# outside them would give a file the runner refuses. num_key_value_heads: at most num_attention_heads.
+INT_RANGES = {
+    "vocab_size": (1, 1 << 22),
+    "hidden_size": (1, 1 << 16),
+    "intermediate_size": (1, 1 << 18),
+    "num_hidden_layers": (1, MAX_LAYERS),
+    "num_attention_heads": (1, 4096),
+    "num_key_value_heads": (1, 4096),
+    "head_dim": (1, 4096),
+    "max_position_embeddings": (1, 1 << 20),
+    "linear_num_key_heads": (1, 4096),
+    "linear_num_value_heads": (1, 4096),
+    "linear_key_head_dim": (1, 4096),
+    "linear_value_head_dim": (1, 4096),
+    "linear_conv_kernel_dim": (1, 64),
+    "csa_stride": (1, 1 << 16),
+    "csa_window": (1, 1 << 20),
+}
+WIDTH_LIMIT = 1 << 20  # run.c's "linear width" and "query width"
+
+
 # config fields written as float64 header fields, with the ranges run.c accepts (partial_rotary_factor 0: no
 # rotary dimensions)
 FLOAT_FIELDS = {
@@ -94,6 +116,9 @@ FLOAT_FIELDS = {
     "partial_rotary_factor": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "rms_norm_eps": (lambda v: 0 < v < 1, "in (0, 1)"),
 }
+
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the dtypes weights may be stored in
 
 
 class ExportError(Exception):
@@ -160,30 +185,53 @@ def load_config(d: str) -> dict:
     cfg["csa_blend_bias"] = bias = raw.get("csa_blend_bias", missing)
     if bias is not None and (isinstance(bias, bool) or not isinstance(bias, (int, float))):
         raise ExportError(f"config field csa_blend_bias must be null or a number, got {bias!r}")
-    if raw.get("head_dim") is None and "hidden_size" in raw and "num_attention_heads" in raw:
-        cfg["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
-    cfg["mixer_types"] = list(cfg["mixer_types"])
-    if len(cfg["mixer_types"]) != cfg["num_hidden_layers"]:
-        raise ExportError(f"mixer_types has {len(cfg['mixer_types'])} entries for {cfg['num_hidden_layers']} layers")
-    bad = [t for t in cfg["mixer_types"] if t not in MIXER_CODES]
+    if raw.get("head_dim") is None and _is_int(raw.get("hidden_size")) and _is_int(raw.get("num_attention_heads")):
+        cfg["head_dim"] = raw["hidden_size"] // max(raw["num_attention_heads"], 1)
+    for k in INT_FIELDS:  # first: the checks below compute with them
+        v = cfg[k]
+        if not _is_int(v):
+            raise ExportError(f"config field {k} must be an integer, got {v!r}")
+        low, high = INT_RANGES[k]
+        if k == "num_key_value_heads":
+            high = min(high, cfg["num_attention_heads"])
+        if not low <= v <= high:
+            raise ExportError(f"config field {k}={v} is outside [{low}, {high}], what run.c accepts")
+    for k in ("tie_word_embeddings", "hyper_connections"):
+        if not isinstance(cfg[k], bool):
+            raise ExportError(f"config field {k} must be true or false, got {cfg[k]!r}")
+    types = cfg["mixer_types"]
+    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+        raise ExportError(f"config field mixer_types must be a list of mixer names, one per layer, got {types!r}")
+    if len(types) != cfg["num_hidden_layers"]:
+        raise ExportError(f"mixer_types has {len(types)} entries for {cfg['num_hidden_layers']} layers")
+    bad = [t for t in types if t not in MIXER_CODES]
     if bad:
         raise ExportError(f"unknown mixer types {bad}")
-    if cfg["num_hidden_layers"] > MAX_LAYERS:
-        raise ExportError(f"too many layers for the format (at most {MAX_LAYERS})")
-    for k in INT_FIELDS:
-        v = cfg[k]
-        if isinstance(v, bool) or not isinstance(v, int) or not -(2**31) <= v < 2**31:
-            raise ExportError(f"config field {k} must be an integer that fits int32, got {v!r}")
+    if cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
+        raise ExportError("num_attention_heads must be a multiple of num_key_value_heads")
+    if cfg["linear_num_value_heads"] % cfg["linear_num_key_heads"]:
+        raise ExportError("linear_num_value_heads must be a multiple of linear_num_key_heads")
     for k, (in_range, text) in FLOAT_FIELDS.items():  # NaN, a string or a bool would give an unusable file
         v = cfg[k]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not in_range(v):
             raise ExportError(f"config field {k} must be a finite number {text}, got {v!r}")
-    if cfg["bos_token_id"] is not None and (
-        isinstance(cfg["bos_token_id"], bool) or not isinstance(cfg["bos_token_id"], int)
-    ):
-        raise ExportError(f"bos_token_id must be one token id or null, got {cfg['bos_token_id']!r}")
+    bos = cfg["bos_token_id"]
+    if bos is not None and (not _is_int(bos) or not 0 <= bos < cfg["vocab_size"]):
+        raise ExportError(f"bos_token_id must be one token id in [0, {cfg['vocab_size']}) or null, got {bos!r}")
+    widths = derived(cfg)
+    if widths["R"] % 2:
+        raise ExportError(
+            f"head_dim * partial_rotary_factor gives {widths['R']} rotary dims; it must be even (pairs are rotated)"
+        )
+    for name, key in (("linear width", "C"), ("query width", "QD")):
+        if widths[key] > WIDTH_LIMIT:
+            raise ExportError(f"the model's {name} {widths[key]} is past {WIDTH_LIMIT}, what run.c accepts")
     eos_ids(cfg)  # validates the EOS id(s) now, before any tensor is read
     return cfg
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def eos_ids(cfg: dict) -> list[int]:
@@ -217,7 +265,8 @@ def _safetensor_files(d: str) -> list[str]:
 
 def load_tensors(d: str) -> dict[str, np.ndarray]:
     """All tensors as float32 numpy arrays, by name (bf16 is converted exactly). Raises ExportError naming a
-    weights file that cannot be read (truncated, corrupt header) or a tensor in two shards."""
+    weights file that cannot be read (truncated, corrupt header), a tensor in two shards, or one stored in a dtype
+    that is not floating point."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -233,6 +282,9 @@ def load_tensors(d: str) -> dict[str, np.ndarray]:
                 for name in f.keys():
                     if name in out:
                         raise ExportError(f"tensor {name} appears in more than one shard")
+                    stored = f.get_slice(name).get_dtype()
+                    if stored not in FLOAT_DTYPES:  # it would be cast to floats as it is
+                        raise ExportError(f"tensor {name} is stored as {stored}; weights must be floating point")
                     t = f.get_tensor(name)
                     if framework == "pt":
                         t = t.float().numpy()
@@ -402,7 +454,10 @@ def matmul_cols(cfg: dict) -> list[int]:
 def pick_group_size(cfg: dict, requested: str | int = "auto") -> int:
     cols = matmul_cols(cfg)
     if requested != "auto":
-        g = int(requested)
+        try:
+            g = int(requested)
+        except ValueError:
+            raise ExportError(f"--group-size {requested!r} is not auto or a whole number") from None
         if g <= 0 or g % 16:
             raise ExportError(f"group size {g} must be a positive multiple of 16")
         bad = [c for c in cols if c % g]

@@ -341,7 +341,12 @@ def parse_markers(items) -> dict:
         if "=" not in it:
             raise TokenizerExportError(f"chat marker {it!r} is not KEY=VALUE")
         k, v = it.split("=", 1)
-        out[k] = v.encode("utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8")
+        try:  # backslash escapes (\\n, \\t, \\xNN) as in a Python string; the rest as typed (UTF-8)
+            out[k] = v.encode("utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8")
+        except (UnicodeDecodeError, UnicodeEncodeError) as e:
+            raise TokenizerExportError(
+                f"chat marker {it!r}: a bad backslash escape or byte sequence in its value ({e.reason})"
+            ) from None
     return out
 
 

@@ -2117,6 +2117,79 @@ def test_exporter_checks_float_fields_and_leaves_no_partial_file(mini_files, run
         assert r.returncode == 1 and f"error: model: bad {name} {text} (not in" in r.stderr, r.stderr
 
 
+def test_exporter_int_ranges_are_run_cs():
+    """`export.INT_RANGES` against run.c's `model_init` CHECK_RANGE lines: a config the exporter accepts is one the
+    runner loads (num_key_value_heads: at most the attention heads, in both)."""
+    text = RUN_C.read_text()
+
+    def bound(c_text: str):  # 16, -1, 1 << 22, LT_MAX_LAYERS; another field's value (m->n_heads) stays text
+        if re.fullmatch(r"-?\d+", c_text):
+            return int(c_text)
+        if shift := re.fullmatch(r"(\d+) << (\d+)", c_text):
+            return int(shift[1]) << int(shift[2])
+        return ex.MAX_LAYERS if c_text == "LT_MAX_LAYERS" else c_text
+
+    found = {
+        name: (bound(low.strip()), bound(high.strip()))
+        for name, low, high in re.findall(r'CHECK_RANGE\("(\w+)", m->\w+, ([^,]+), ([^;]+)\);', text)
+    }
+    for name, bounds in ex.INT_RANGES.items():
+        if name == "num_key_value_heads":
+            assert found[name] == (1, "m->n_heads"), found[name]
+            continue
+        assert found[name] == bounds, (name, found[name], bounds)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"mixer_types": 5}, "config field mixer_types must be a list of mixer names, one per layer, got 5"),
+        ({"mixer_types": "linear"}, "config field mixer_types must be a list of mixer names"),
+        ({"num_hidden_layers": "4"}, "config field num_hidden_layers must be an integer, got '4'"),
+        ({"csa_stride": 1000000}, r"config field csa_stride=1000000 is outside \[1, 65536\], what run.c accepts"),
+        ({"num_key_value_heads": 5}, r"num_key_value_heads=5 is outside \[1, 4\]"),
+        ({"num_key_value_heads": 3}, "num_attention_heads must be a multiple of num_key_value_heads"),
+        ({"tie_word_embeddings": "false"}, "config field tie_word_embeddings must be true or false, got 'false'"),
+        ({"hyper_connections": "false"}, "config field hyper_connections must be true or false"),
+        ({"bos_token_id": 10**6}, r"bos_token_id must be one token id in \[0, 256\) or null"),
+        ({"partial_rotary_factor": 0.3125}, "gives 5 rotary dims; it must be even"),
+    ],
+)
+def test_exporter_refuses_configs_run_c_would_refuse_before_writing(tmp_path, edit, message):
+    """Config values of the wrong type or past run.c's ranges are refused naming the field, before any file is
+    written (they used to end in a traceback, a count of a string's letters, or a file run.c then refuses)."""
+    ck = tmp_path / "ck"
+    reference.make_random_checkpoint(str(ck), TINY)
+    raw = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps(dict(raw, **edit)))
+    out = tmp_path / "m.bin"
+    with pytest.raises(ex.ExportError, match=message):
+        ex.export(str(ck), str(out), "fp32", verbose=False)
+    assert not out.exists() and not Path(str(out) + ".tmp").exists()
+
+
+def test_exporter_refuses_integer_weights_and_names_bad_options(tmp_path, capsys):
+    """A tensor stored as integers or bools is refused by name rather than cast to floats; a --group-size that is
+    not a number and a --chat-marker with a bad escape are errors naming the option."""
+    from safetensors.numpy import load_file, save_file
+
+    ck = tmp_path / "ck"
+    reference.make_random_checkpoint(str(ck), TINY)
+    weights = load_file(str(ck / "model.safetensors"))
+    out = str(tmp_path / "m.bin")
+    assert ex.main([str(ck), out, "--dtype", "int8", "--group-size", "abc"]) == 1
+    assert "error: --group-size 'abc' is not auto or a whole number" in capsys.readouterr().err
+    assert ex.main([str(ck), out, "--tokenizer-out", str(tmp_path / "t.bin"), "--chat-marker", "user_prefix=\\x"]) == 1
+    assert "error: chat marker 'user_prefix=\\\\x': a bad backslash escape" in capsys.readouterr().err
+    save_file(
+        dict(weights, **{"model.norm.weight": (weights["model.norm.weight"] * 1000).astype(np.int32)}),
+        str(ck / "model.safetensors"),
+    )
+    assert ex.main([str(ck), out]) == 1
+    assert "error: tensor model.norm.weight is stored as I32; weights must be floating point" in capsys.readouterr().err
+    assert not Path(out).exists()
+
+
 def test_top_p_zero_keeps_the_most_likely_token(run_bin, mini_files):
     """-p 0 (and an underflowing -p 1e-400) is the limit of small top-p: only the most likely token is kept, as in
     transformers' TopPLogitsWarper, so at a high temperature it still equals greedy decoding (it used to turn
