@@ -415,8 +415,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"--top-k must be >= 0 (got {args.top_k})")
     if args.max_context is not None and args.max_context < 2:  # 0 would silently mean the model's window
         ap.error(f"--max-context must be at least 2 (got {args.max_context})")
+    if args.seed is not None and not -(2**63) <= args.seed < 2**64:  # what torch.manual_seed takes
+        ap.error(f"--seed must be in [-2^63, 2^64) (got {args.seed})")
     import torch
 
+    if args.device != "auto":
+        try:
+            device_type = torch.device(args.device).type
+        except RuntimeError:
+            ap.error(f"--device {args.device}: not a device name (auto, cpu, cuda, cuda:N, mps, ...)")
+        if device_type == "meta":
+            ap.error("--device meta: meta tensors hold no values, there is nothing to generate with")
+        backend = getattr(torch, device_type, None)
+        if device_type not in ("cpu", "cuda") and not (backend and getattr(backend, "is_available", bool)()):
+            ap.error(f"--device {args.device}: this machine has no {device_type} device (use --device cpu or auto)")
     if args.device.startswith("cuda"):
         if not torch.cuda.is_available():
             ap.error(f"--device {args.device}: this machine has no CUDA device (use --device cpu or auto)")

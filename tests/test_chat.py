@@ -914,6 +914,7 @@ def test_invalid_text_and_bad_cli_numbers_are_refused(tok, tmp_path, capsys):
         ("--top-k", "-1"),
         ("--max-context", "0"),
         ("--max-context", "-5"),
+        ("--seed", str(2**70)),  # torch.manual_seed's OverflowError, before
     ):
         with pytest.raises(SystemExit) as exc:
             chat_main(["/nonexistent/model", "-p", "hi", opt, val])
@@ -923,6 +924,14 @@ def test_invalid_text_and_bad_cli_numbers_are_refused(tok, tmp_path, capsys):
         with pytest.raises(SystemExit) as exc:
             chat_main(["/nonexistent/model", "-p", "hi", "--device", "cuda"])
         assert exc.value.code == 2 and "this machine has no CUDA device" in capsys.readouterr().err
+    for device, message in (  # before: torch's RuntimeError, or NotImplementedError at the first copy, as tracebacks
+        ("foo", "--device foo: not a device name"),
+        ("cuda:x", "--device cuda:x: not a device name"),
+        ("meta", "--device meta: meta tensors hold no values"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            chat_main(["/nonexistent/model", "-p", "hi", "--device", device])
+        assert exc.value.code == 2 and message in capsys.readouterr().err, device
     # the command line (strict stdin decoding): invalid UTF-8 on stdin gives the message, not a UnicodeDecodeError
     r = subprocess.run(
         [
