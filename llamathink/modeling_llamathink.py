@@ -2119,15 +2119,25 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
             raise ValueError("the input sequence is empty")
         if B == 0:
             raise ValueError("the batch is empty (0 rows)")
-        if input_ids is not None and not torch.compiler.is_compiling():  # (the range check syncs with the device)
+        # value checks, one host sync for all, none while compiling: token ids inside the vocabulary, and a mask of
+        # 0s and 1s (transformers counts positions as the mask's running sum, so a 2 would skip a position)
+        checks = {}
+        if input_ids is not None and not torch.compiler.is_compiling():
             if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
                 raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-            lo, hi = torch.stack((input_ids.min(), input_ids.max())).tolist()  # one host sync, not two
-            if lo < 0 or hi >= self.config.vocab_size:
-                bad = lo if lo < 0 else hi
+            checks["lo"], checks["hi"] = input_ids.min(), input_ids.max()
+        if attention_mask is not None and attention_mask.dtype != torch.bool and not torch.compiler.is_compiling():
+            checks["mask"] = ((attention_mask != 0) & (attention_mask != 1)).any()
+        if checks:
+            device = next(iter(checks.values())).device
+            values = dict(zip(checks, torch.stack([c.to(device, torch.int64) for c in checks.values()]).tolist()))
+            if values.get("lo", 0) < 0 or values.get("hi", 0) >= self.config.vocab_size:
+                bad = values["lo"] if values["lo"] < 0 else values["hi"]
                 raise ValueError(
                     f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size})"
                 )
+            if values.get("mask"):
+                raise ValueError("attention_mask must hold only 0 (padding) and 1 (a real token)")
         if attention_mask is not None:
             if (
                 attention_mask.dim() != 2
@@ -2463,6 +2473,13 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
                 f"attention_mask has {width} columns but the prompt takes {given} positions{held}; give one mask "
                 "column per prompt position" + (" (and per cached position)" if past else "")
             )
+        ids_hold_cache = width is None or width == input_ids_length  # transformers then feeds ids[:, past:]
+        if past and model_kwargs.get("inputs_embeds") is None and ids_hold_cache and input_ids_length <= past:
+            raise ValueError(
+                f"the cache holds {past} positions but input_ids only {input_ids_length}: pass the ids the cache has "
+                f"seen followed by at least one new token, or only the new ids with an attention mask of {past} + "
+                "their count columns"
+            )
         if past and model_kwargs.get("inputs_embeds") is None and width is not None and width != input_ids_length:
             hidden += past
         limit = self.config.max_position_embeddings
@@ -2607,6 +2624,13 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         if labels is not None and labels.shape != hidden_states.shape[:2]:
             raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(hidden_states.shape[:2])}")
+        if labels is not None and not torch.compiler.is_compiling():  # (a host sync; CUDA would assert inside)
+            outside = (labels != -100) & ((labels < 0) | (labels >= self.config.vocab_size))
+            if bool(outside.any()):
+                raise ValueError(
+                    f"labels contains {labels[outside][0].item()}: neither -100 (ignored) nor a token id in the "
+                    f"vocabulary [0, {self.config.vocab_size})"
+                )
         if skip_logits:
             if labels is None:
                 raise ValueError("skip_logits=True needs labels: without logits the loss is the only output")

@@ -533,6 +533,12 @@ def test_bad_inputs_raise_clear_errors(model):
         model(torch.ones(1, 5, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 0, 1, 1]]))
     with pytest.raises(ValueError, match="labels has shape"):
         model(torch.ones(1, 5, dtype=torch.long), labels=torch.ones(1, 4, dtype=torch.long))
+    for bad in (96, -1):  # torch's IndexError on the CPU, a device-side assert on CUDA
+        with pytest.raises(ValueError, match=rf"labels contains {bad}: neither -100 \(ignored\) nor a token id"):
+            model(torch.ones(1, 3, dtype=torch.long), labels=torch.tensor([[-100, bad, 2]]))
+    for mask in (torch.full((1, 3), 2), torch.tensor([[0.0, 0.5, 1.0]])):  # 2: transformers would skip a position
+        with pytest.raises(ValueError, match=r"attention_mask must hold only 0 \(padding\) and 1"):
+            model.generate(torch.ones(1, 3, dtype=torch.long), attention_mask=mask, max_new_tokens=2)
     with pytest.raises(ValueError, match=r"the batch is empty \(0 rows\)"):
         model(torch.zeros(0, 5, dtype=torch.long))
     for width in (4, 6):  # generate() may drop an all-ones mask: its width is still checked, by name
@@ -921,6 +927,10 @@ def test_continuing_from_returned_cache_equals_one_long_generate(model):
         ids = torch.cat((first.sequences, extra), 1)  # a user turn appended to the generated text
         continued = model.generate(ids, past_key_values=cache, max_new_tokens=10, **kwargs)
         one_shot = model.generate(ids, max_new_tokens=10, **kwargs)
+        # ids that do not reach past the cache's positions (the 23 ids and 9 of the 10 decoded tokens): named, not
+        # "the input sequence is empty"
+        with pytest.raises(ValueError, match="the cache holds 32 positions but input_ids only 10: pass the ids"):
+            model.generate(ids[:, :10], past_key_values=cache, max_new_tokens=2, **kwargs)
     assert torch.equal(continued, one_shot)
 
 
