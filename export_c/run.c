@@ -2466,6 +2466,16 @@ static char *strip_dup(const char *s) {
 /* Streams a reply the way llamathink-chat prints it: the decoded text without leading and
  * trailing whitespace, written as it grows (trailing whitespace and an incomplete UTF-8
  * character are held back until more text follows). */
+/* How many ids are sampled from where a tokenizer is loaded (-z): a model vocabulary larger than the tokenizer's
+ * (a padded embedding table) has ids without a piece, which would print as nothing; they are left out, with a
+ * note (llamathink-chat suppresses the same ids). */
+static int text_vocab(const Model *m, const Tokenizer *tk) {
+    if (tk->n >= m->vocab) return m->vocab;
+    fprintf(stderr, "note: the model's vocabulary has %d ids past the tokenizer's %d; they have no text and are "
+            "never sampled\n", m->vocab - tk->n, tk->n);
+    return tk->n;
+}
+
 typedef struct { char *buf; size_t n, cap, printed; } ReplyOut;
 
 static int reply_add(ReplyOut *r, const char *p, size_t k) {
@@ -2520,6 +2530,7 @@ typedef struct {
     int n_turns, cap_turns, first;   /* the history is turns[first..n_turns) */
     int *ctx, n_ctx;                 /* the conversation's tokens; s->pos of them are in the state */
     int bos, eos, steps, top_k, print_ids, print_prompt_ids, ignore_eos;
+    int n_sample;                    /* ids sampled from: those the tokenizer has text for (text_vocab) */
     float temp, top_p;
 } Chat;
 
@@ -2687,7 +2698,7 @@ static int chat_turn(Chat *c, const char *text, char *err, size_t errn) {
     ReplyOut ro = {0};
     if (!reply || !pb) { fprintf(stderr, "error: out of memory\n"); return -1; }
     for (int g = 0; g < max_new && !g_stop_reply && !g_quit; g++) {
-        int next = sample(s->logits, m->vocab, c->temp, c->top_k, c->top_p, c->pi);
+        int next = sample(s->logits, c->n_sample, c->temp, c->top_k, c->top_p, c->pi);
         if (next < 0) { fprintf(stderr, "\nerror: " NONFINITE_MSG "\n"); return -1; }
         if (!c->ignore_eos && ((has_eos && next == c->eos) || is_eos(m, next))) break;
         reply[nr++] = next;
@@ -2761,6 +2772,7 @@ static int chat_main(const Model *m, State *s, const Tokenizer *tk, ProbIdx *pi,
     c.m = m; c.s = s; c.tk = tk; c.pi = pi;
     c.steps = steps; c.temp = temp; c.top_k = top_k; c.top_p = top_p;
     c.print_ids = print_ids; c.print_prompt_ids = print_prompt_ids; c.ignore_eos = ignore_eos;
+    c.n_sample = text_vocab(m, tk);
     c.bos = tk->bos >= 0 ? tk->bos : m->bos;
     c.eos = tk->eos >= 0 ? tk->eos : m->eos;
     int any = 0;
@@ -3080,11 +3092,12 @@ int main(int argc, char **argv) {
         if (!print_ids && have_tok) for (int i = 0; i < n; i++) decode_piece(&tk, seq[i], &first, stdout);
         fflush(stdout);
         double t0 = now_s();
+        int n_sample = have_tok ? text_vocab(&m, &tk) : m.vocab;
         prefill(&m, &s, seq, n);
         double t1 = now_s();
         int gen = 0;
         for (; gen < steps; gen++) {
-            int next = sample(s.logits, m.vocab, temp, top_k, top_p, pi);
+            int next = sample(s.logits, n_sample, temp, top_k, top_p, pi);
             if (next < 0) { fprintf(stderr, "\nerror: " NONFINITE_MSG "\n"); return 1; }
             seq[n + gen] = next;
             if (print_ids) printf(gen ? " %d" : "%d", next);

@@ -134,6 +134,15 @@ class ChatSession:
                     f"{self.max_context}, {self.reserve} of them kept for the reply: shorten it (or lower "
                     "--max-new-tokens)"
                 )
+        # ids of a larger (padded) model vocabulary that the tokenizer has no text for: never sampled (an empty
+        # reply otherwise); run.c's chat leaves out the same ids
+        vocab = getattr(model.config, "vocab_size", None)
+        self.textless_ids = list(range(len(tokenizer), vocab)) if vocab and vocab > len(tokenizer) else []
+        if self.textless_ids and notices is not None:
+            notices.write(
+                f"[note: the model's vocabulary has {len(self.textless_ids)} ids past the tokenizer's {len(tokenizer)}; "
+                "they have no text and are never sampled]\n"
+            )
         self.messages: list[dict] = []
         self.reset()
 
@@ -179,6 +188,8 @@ class ChatSession:
                 )
             else:
                 kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+            if self.textless_ids:
+                kwargs["suppress_tokens"] = self.textless_ids
             if stream is not None:
                 kwargs["streamer"] = _StreamPrinter(self.tokenizer, stream)
             with torch.no_grad():

@@ -645,6 +645,42 @@ def test_streamed_text_is_the_stripped_reply(tok):
     assert out.getvalue() == reply.strip()
 
 
+def test_ids_the_tokenizer_has_no_text_for_are_never_sampled(monkeypatch):
+    """A model vocabulary larger than the tokenizer's (a padded embedding table, here 1024 ids for 960 pieces): the
+    extra ids have no text, so the chat leaves them out of sampling, with a note. Their logits are pushed up here,
+    so that without that every reply token is one of them (an empty reply); with it the reply's ids are the greedy
+    choices among the tokenizer's ids, step by step."""
+    from llamathink.chat import prompt_ids
+
+    small = set_chat_template(builtin_tokenizer(960))
+    model = tiny_chat_model(max_positions=96)
+    model.lm_head.register_forward_hook(lambda module, args, out: out + (torch.arange(1024) >= 960) * 100.0)
+    replies, generate = [], model.generate
+
+    def recorded(input_ids, **kwargs):
+        out = generate(input_ids, **kwargs)
+        replies.append(out[0, input_ids.shape[1] :].tolist())
+        return out
+
+    monkeypatch.setattr(model, "generate", recorded)
+    settings = GenerationSettings(max_new_tokens=6, temperature=0)
+    notices = io.StringIO()
+    ChatSession(model, small, settings=settings, notices=notices).reply("hello there")
+    assert "the model's vocabulary has 64 ids past the tokenizer's 960" in notices.getvalue()
+    ids = prompt_ids(small, [{"role": "user", "content": "hello there"}])
+    expected = []
+    with torch.no_grad():
+        for _ in range(6):
+            expected.append(int(model(torch.tensor([ids + expected])).logits[0, -1, :960].argmax()))
+            if expected[-1] == small.eos_token_id:
+                break
+    assert replies[0] == expected
+    unfixed = ChatSession(model, small, settings=settings)
+    monkeypatch.setattr(unfixed, "textless_ids", [])
+    unfixed.reply("hello there")
+    assert min(replies[1]) >= 960, replies[1]  # what the chat printed before: nothing
+
+
 def test_interactive_loop_with_a_fake_stdin(tok):
     model = tiny_chat_model(max_positions=96)
     notices = io.StringIO()

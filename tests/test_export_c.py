@@ -1593,6 +1593,30 @@ def test_eos_list_export_and_stop(run_bin, work, tmp_path):
             ex.export(str(cfgd), str(tmp_path / "bad.bin"), "fp32", verbose=False)
 
 
+def test_ids_without_a_tokenizer_piece_are_never_sampled_with_a_tokenizer(run_bin, mini_files, tmp_path):
+    """A model vocabulary (300) larger than its tokenizer's (264 pieces, a padded embedding table): with -z the
+    runner samples only ids that have text, with a note (llamathink-chat suppresses the same ids); without a
+    tokenizer every id stays. Head row 290 is made 3x the row of the prompt's best id, so it wins unrestricted."""
+    from safetensors.numpy import save_file
+
+    cfg = dict(MINI, vocab_size=300, tie_word_embeddings=False)
+    ck = tmp_path / "padded"
+    weights = reference.make_random_checkpoint(str(ck), cfg, seed=3)
+    logits = reference.forward(dict(ex.DEFAULTS, **cfg), weights, [1, 7, 9])[-1]
+    best = int(np.argmax(logits[:264]))
+    assert logits[best] > 0
+    weights["lm_head.weight"][290] = 3 * weights["lm_head.weight"][best]
+    save_file(weights, str(ck / "model.safetensors"))
+    out = tmp_path / "padded.bin"
+    ex.export(str(ck), str(out), "fp32", verbose=False)
+    base = [str(run_bin), str(out), "--ids", "1 7 9", "--print-ids", "-t", "0", "-n", "1"]
+    free = subprocess.run(base, capture_output=True, text=True, check=True)
+    assert free.stdout.split() == ["290"]
+    text = subprocess.run(base + ["-z", str(mini_files["tok"])], capture_output=True, text=True, check=True)
+    assert text.stdout.split() == [str(best)]
+    assert "note: the model's vocabulary has 36 ids past the tokenizer's 264" in text.stderr
+
+
 def test_csa_blend_bias_exports_as_version_3_and_runs_like_pytorch(run_bin, work, tmp_path):
     """A model with `csa_blend_bias` (CSA's blend_proj has a bias): version 3, flag bit 0, the bias after k_norm;
     run.c's logits equal PyTorch's (chunked and token by token), and so do the numpy reference's. A header whose
