@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence, TextIO
 
 from llamathink.chat_format import (
+    check_content,
     is_llamathink_template,
     looks_like_llamathink_template,
     prompt_ids,
@@ -126,7 +127,8 @@ class ChatSession:
             )
         self.max_context = int(max_context or window or 2048)
         self.notices = notices
-        if system:  # refused once here, not as "the message is too long" at every turn
+        if system:  # refused once here, not at every turn (as "message 0" or "the message is too long")
+            check_content(0, system, "the system prompt")
             taken = len(prompt_ids(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": ""}]))
             if taken > self.max_context - self.reserve:
                 raise ValueError(
@@ -157,6 +159,7 @@ class ChatSession:
     def reply(self, text: str, stream: TextIO | None = None) -> str:
         import torch
 
+        check_content(len(self.messages), text, "your message")  # named as the user knows it, not by index
         before = list(self.messages)
         try:
             msgs, dropped = trim_history(

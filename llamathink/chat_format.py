@@ -269,12 +269,13 @@ def _content_text(content: Any) -> str:
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def check_content(i: int, content: str) -> None:
-    """Refuse the content of message `i` (ValueError naming it) when it holds U+FDD0 (`TEXT_GUARD`) or a lone
-    surrogate (text that was not valid UTF-8)."""
+def check_content(i: int, content: str, name: str | None = None) -> None:
+    """Refuse the content of message `i` (ValueError naming it, as `name` where given: "your message") when it
+    holds U+FDD0 (`TEXT_GUARD`) or a lone surrogate (text that was not valid UTF-8)."""
+    name = name or f"message {i}"
     if TEXT_GUARD in content:
         raise ValueError(
-            f"message {i} contains U+FDD0, a Unicode noncharacter the chat template reserves to keep "
+            f"{name} contains U+FDD0, a Unicode noncharacter the chat template reserves to keep "
             "content from forming special tokens; remove it"
         )
     # a lone surrogate is not text (Python decodes invalid UTF-8 input to them with surrogateescape): the
@@ -282,7 +283,7 @@ def check_content(i: int, content: str) -> None:
     bad = _LONE_SURROGATE.search(content)
     if bad:
         raise ValueError(
-            f"message {i} is not valid text: lone surrogate U+{ord(bad.group()):04X} at character "
+            f"{name} is not valid text: lone surrogate U+{ord(bad.group()):04X} at character "
             f"{bad.start()} (invalid UTF-8 input?)"
         )
 

@@ -873,8 +873,12 @@ def test_the_guard_character_is_refused_everywhere(tok, tmp_path):
     # the chat loop reports it and goes on
     session = ChatSession(tiny_chat_model(max_positions=64), tok, settings=GenerationSettings(4, 0.0))
     stdout, stderr = io.StringIO(), io.StringIO()
-    assert run_interactive(session, io.StringIO("a\ufdd0b\nhello\n"), stdout, stderr) == 0
-    assert "U+FDD0" in stderr.getvalue() and [m["content"] for m in session.messages][:1] == ["hello"]
+    assert run_interactive(session, io.StringIO("hi\na\ufdd0b\nhello\n"), stdout, stderr) == 0
+    # the typed line is named as such, not by its index in the history (it was "message 2" here)
+    assert "your message contains U+FDD0" in stderr.getvalue(), stderr.getvalue()
+    assert [m["content"] for m in session.messages][::2] == ["hi", "hello"]
+    with pytest.raises(ValueError, match="the system prompt contains U\\+FDD0"):
+        ChatSession(tiny_chat_model(max_positions=64), tok, system="be \ufdd0 brief")
 
 
 def test_the_guard_is_saved_and_changes_nothing_else(tok, tmp_path):
@@ -984,7 +988,7 @@ def test_invalid_text_and_bad_cli_numbers_are_refused(tok, tmp_path, capsys):
         env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), LC_ALL="C.UTF-8", PYTHONIOENCODING="utf-8"),
     )
     assert r.returncode == 1 and r.stdout == b"", r.stderr[-2000:]
-    assert b"error: message 0 is not valid text: lone surrogate U+DCFF at character 1" in r.stderr, r.stderr[-2000:]
+    assert b"error: your message is not valid text: lone surrogate U+DCFF at character 1" in r.stderr, r.stderr[-2000:]
 
 
 def test_chat_refuses_weights_with_nan_by_name(finetuned, tmp_path, capsys):
