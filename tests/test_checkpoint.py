@@ -587,6 +587,49 @@ def test_an_out_dir_that_cannot_hold_checkpoints_is_named(tmp_path, monkeypatch)
             pass
 
 
+def test_a_run_that_fails_at_its_start_leaves_an_existing_folder_as_it_was(sample_data, model_json, tmp_path):  # noqa: F811
+    """A run that fails before training, in a folder that already held something (a saved model), removes the lock
+    file and the empty checkpoints/ it added: they made every loader take the model for a training run's folder.
+    An empty checkpoints/ left by an earlier version does not either. Training in place (out_dir = init_from) is
+    refused by name before anything is written."""
+    model = tmp_path / "model"
+    LlamaThinkForCausalLM(LlamaThinkConfig.from_json_file(str(model_json))).save_pretrained(model)
+    before = sorted(p.name for p in model.iterdir())
+    with pytest.raises(FileNotFoundError):
+        pretrain.train(_cfg(tmp_path / "no_data", model_json, model))
+    assert sorted(p.name for p in model.iterdir()) == before
+    assert isinstance(ckpt.load_saved_model(str(model), "init_from"), LlamaThinkForCausalLM)
+    ckpt.checkpoint_dir(model).mkdir()
+    assert isinstance(ckpt.load_saved_model(str(model), "init_from"), LlamaThinkForCausalLM)
+    ckpt.checkpoint_dir(model).rmdir()
+    for settings in (dict(model_config=None, init_from=str(model)), dict(out_dir=str(model))):
+        with pytest.raises(ValueError, match=r"out_dir .*model is the init_from model's folder: the run would write"):
+            if "out_dir" in settings:
+                finetune.FinetuneConfig(init_from=str(model) + "/", **settings)
+            else:
+                _cfg(sample_data, model_json, model, **settings)
+
+
+def test_run_settings_that_would_mislead_are_refused(sample_data, model_json, tmp_path, monkeypatch):  # noqa: F811
+    """An empty path from a YAML file (the working folder to the file system: a run wrote its checkpoints there),
+    fp16 without CUDA (accelerate trains in fp32 then, while the run records fp16), and a saved model of another
+    architecture given as init_from (named by each of its tensors as missing before) are refused by name."""
+    config = tmp_path / "run.yaml"
+    for key in ("out_dir", "data_dir", "init_from"):
+        config.write_text(f"{key}: ''\n")
+        loader = finetune.load_config if key == "init_from" else pretrain.load_config
+        with pytest.raises(ValueError, match=f"{key} is empty: give a path"):
+            loader(str(config))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="mixed_precision: fp16 needs a CUDA GPU"):
+            loop.make_accelerator(_cfg(sample_data, model_json, tmp_path / "fp16", mixed_precision="fp16"))
+    other = tmp_path / "llama"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(ValueError, match=r"init_from=.*llama is not a LlamaThink model: its config.json gives "):
+        ckpt.load_saved_model(str(other), "init_from")
+
+
 def test_symlinked_checkpoint_folders_are_never_listed_resumed_or_deleted(model_json, tmp_path):  # noqa: F811
     settings = _settings()
     parts = _parts(model_json, settings)

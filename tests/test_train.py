@@ -339,7 +339,8 @@ def test_nonfinite_loss_stops_or_skips_and_keeps_checkpoints(sample_data, model_
         return model
 
     monkeypatch.setattr(pretrain, "build_model", poisoned)
-    with pytest.raises(loop.NonFiniteLoss, match="non-finite loss.*No checkpoint had been written yet"):
+    # named by the step that failed, the first (it said "step 0", the count of steps done)
+    with pytest.raises(loop.NonFiniteLoss, match="non-finite loss or gradient at step 1 .*No checkpoint had been"):
         pretrain.train(_cfg(sample_data, model_json, tmp_path / "nan2", max_steps=12))
     with pytest.raises(loop.NonFiniteLoss, match=r"The last checkpoint, .*step_00000002, is intact"):
         loop.skip_nonfinite_step(
@@ -357,6 +358,33 @@ def test_nonfinite_loss_stops_or_skips_and_keeps_checkpoints(sample_data, model_
     with pytest.raises(loop.NonFiniteLoss, match="3 consecutive non-finite steps"):
         pretrain.train(_cfg(sample_data, model_json, tmp_path / "nan3", nonfinite="skip", max_consecutive_skips=3))
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_00000002", "step_00000003"]
+
+
+def test_validation_data_that_cannot_be_evaluated_is_refused_before_the_first_step(
+    sample_data, model_json, tmp_path, monkeypatch
+):
+    """A validation split shorter than one window, or holding a token id outside the vocabulary, used to fail at the
+    first evaluation, losing every step trained until then (250 by default); it is refused before training."""
+    from llamathink.data import HEADER_BYTES, open_shard, read_shard_header, write_shard
+
+    monkeypatch.setattr(pretrain, "run_training", lambda *args, **kwargs: pytest.fail("training started"))
+    short, bad_id = tmp_path / "short", tmp_path / "bad_id"
+    for data in (short, bad_id):
+        shutil.copytree(sample_data, data)
+    val = sorted(short.glob("val_*.bin"))[0]
+    header = read_shard_header(val)
+    write_shard(val, open_shard(val)[:40], header["vocab_size"], bos_id=header["bos_id"], eos_id=header["eos_id"])
+    meta = json.loads((short / "meta.json").read_text())
+    meta["val"]["shards"] = [dict(e, tokens=40) if e["file"] == val.name else e for e in meta["val"]["shards"]]
+    (short / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=rf"validation data: seq_len 64 is longer than the data: .*{val.name} hold"):
+        pretrain.train(_cfg(short, model_json, tmp_path / "out_short"))
+    val = sorted(bad_id.glob("val_*.bin"))[0]
+    raw = bytearray(val.read_bytes())
+    raw[HEADER_BYTES + 10 : HEADER_BYTES + 12] = (4000).to_bytes(2, "little")  # the shard's header says 1024 ids
+    val.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=rf"validation data: .*{val.name}: token id 4000 is outside the vocabulary"):
+        pretrain.train(_cfg(bad_id, model_json, tmp_path / "out_bad_id"))
 
 
 def test_vocabulary_mismatch_is_named(sample_data, tmp_path):

@@ -18,7 +18,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .preparation import _PREPARE_DESCRIPTION, _add_prepare_arguments, _run_cli
-from .shards import _SHARD_RE, META_FILE, check_shards_against_meta, load_meta, open_shard, read_shard_header
+from .shards import (
+    _SHARD_RE,
+    META_FILE,
+    check_shards_against_meta,
+    check_token_ids,
+    load_meta,
+    open_shard,
+    read_shard_header,
+)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -54,11 +62,7 @@ def _check_against_meta(folder: Path, meta: dict) -> None:
     for name, header in check_shards_against_meta(folder, meta).items():
         if header["vocab_size"] != vocab:
             raise ValueError(f"{folder / name}: vocabulary {header['vocab_size']}, {META_FILE} says {vocab}")
-        tokens = open_shard(folder / name)
-        for start in range(0, len(tokens), 1 << 26):  # 128 MiB at a time
-            top = int(tokens[start : start + (1 << 26)].max())
-            if top >= vocab:
-                raise ValueError(f"{folder / name}: token id {top} is outside the vocabulary of {vocab}")
+        check_token_ids(folder / name, open_shard(folder / name), vocab)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

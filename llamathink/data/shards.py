@@ -487,6 +487,15 @@ class TokenBatchLoader:
         self.epoch, self.position = epoch, position
 
 
+def check_token_ids(path, tokens: np.ndarray, vocab_size: int) -> None:
+    """Raise ValueError naming the shard `path` when a token id in `tokens` (its memory map) is `vocab_size` or
+    more; reads every token, 64 Mi at a time."""
+    for start in range(0, len(tokens), 1 << 26):
+        top = int(tokens[start : start + (1 << 26)].max())
+        if top >= vocab_size:
+            raise ValueError(f"{path}: token id {top} is outside the vocabulary of {vocab_size}")
+
+
 def val_batches(
     shards,
     seq_len: int,

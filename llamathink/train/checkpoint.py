@@ -69,7 +69,9 @@ def check_saved_model_path(path: str, setting: str) -> None:
                 f"{setting}={path} is a training checkpoint (it holds {STATE_FILE}), not a saved model: use the run's "
                 f"final folder (<out_dir>/final), or resume: {path} to continue that run"
             )
-        if checkpoint_dir(p).is_dir() or (p / "final").is_dir():
+        # (an empty checkpoints/ alone is what a run that failed at its start left in an existing folder)
+        checkpoints = checkpoint_dir(p)
+        if (p / "final").is_dir() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
             final = p / "final"
             hint = str(final) if (final / "config.json").exists() else "<out_dir>/final, written when the run finishes"
             raise ValueError(f"{setting}={path} is a training run's folder, not a saved model: use {hint}")
@@ -91,10 +93,11 @@ def load_saved_model(path: str, setting: str, dtype: torch.dtype = torch.float32
     `trust_remote_code` in `kwargs`), strictly: transformers fills a tensor missing from the weights with fresh random
     values and skips an unknown one, reporting both only in a log line; a training or chat command would then go on
     with a partly random model. Raises, naming `setting` and `path`: what `check_saved_model_path` raises; ValueError
-    for missing, unexpected or misshapen tensors (against the model its config.json describes) and for an unreadable
-    (truncated, corrupt) weights file; for a tensor stored in a dtype that is not floating point (an integer or
-    bool tensor would be cast to floats without a word), and for an `lm_head.weight` that differs from the
-    embeddings where config.json says they are tied (transformers then unties them, with a log line)."""
+    for missing, unexpected or misshapen tensors (against the model its config.json describes); for an unreadable
+    (truncated, corrupt) weights file; without `auto`, for a local folder whose config.json names another model
+    type; for a tensor stored in a dtype that is not floating point (an integer or bool tensor would be cast to
+    floats without a word); and for an `lm_head.weight` that differs from the embeddings where config.json says
+    they are tied (transformers then unties them, with a log line)."""
     from safetensors import SafetensorError
 
     check_saved_model_path(path, setting)
@@ -102,6 +105,19 @@ def load_saved_model(path: str, setting: str, dtype: torch.dtype = torch.float32
         from transformers import AutoModelForCausalLM as loader
     else:
         from ..modeling_llamathink import LlamaThinkForCausalLM as loader
+
+        config_file = Path(path).expanduser() / "config.json"
+        try:  # another architecture would otherwise be named by its every tensor, as "missing"
+            model_type = (
+                json.loads(config_file.read_text()).get("model_type", "none given") if config_file.is_file() else None
+            )
+        except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object: transformers names it
+            model_type = None
+        if model_type is not None and model_type != "llamathink":
+            raise ValueError(
+                f"{setting}={path} is not a LlamaThink model: its config.json gives model_type {model_type!r} "
+                "(a LlamaThink model's is 'llamathink')"
+            )
     try:  # (a misshapen tensor is loaded as a fresh one and listed, to be named below)
         model, info = loader.from_pretrained(
             path, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
@@ -324,7 +340,9 @@ def own_out_dir(out_dir: str | Path, is_main: bool = True):
     import fcntl
 
     out_dir = Path(out_dir)
-    created = not out_dir.exists()
+    # what this run adds, removed again if it fails before writing anything else (a bad data path, ...): an empty
+    # checkpoints/ left in a saved model's folder would make every loader take it for a training run's
+    created = [p for p in (out_dir, checkpoint_dir(out_dir), out_dir / LOCK_FILE) if not p.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint_dir(out_dir).mkdir(exist_ok=True)  # now, not at the first save after hours of training
@@ -370,11 +388,9 @@ def own_out_dir(out_dir: str | Path, is_main: bool = True):
             )
         yield
     except BaseException:
-        if created:  # a run that failed before writing anything (bad data path, ...) leaves no empty folder behind
+        for path in reversed(created):  # .lock, then checkpoints/ and out_dir where empty
             with contextlib.suppress(OSError):
-                checkpoint_dir(out_dir).rmdir()  # only if empty
-                (out_dir / LOCK_FILE).unlink()
-                out_dir.rmdir()  # only if empty
+                path.unlink() if path.name == LOCK_FILE else path.rmdir()
         raise
     finally:
         os.close(fd)  # releases the lock; the file stays (removing it would race with a waiting run)

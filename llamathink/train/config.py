@@ -78,6 +78,9 @@ class RunConfig:
             value = getattr(self, f.name)
             if isinstance(value, str) and (value == "~" or value.startswith("~/")):
                 setattr(self, f.name, os.path.expanduser(value))
+            # an empty path is the working folder to the file system: a run would write its checkpoints there
+            if f.name in PATH_SETTINGS and isinstance(value, str) and not value.strip():
+                raise ValueError(f"{f.name} is empty: give a path" + (" (or null)" if f.default is None else ""))
         self.check_positive(
             "micro_batch_size",
             "grad_accum",
@@ -122,6 +125,16 @@ class RunConfig:
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("push_to_hub needs hub_model_id")
 
+    def check_out_dir_apart_from(self, setting: str):
+        """Refuse (ValueError) an out_dir that is the folder of the model named by `setting` (init_from): the run
+        would put its checkpoints and final/ into the model it starts from."""
+        source = getattr(self, setting)
+        if source and Path(source).expanduser().resolve() == Path(self.out_dir).expanduser().resolve():
+            raise ValueError(
+                f"out_dir {self.out_dir} is the {setting} model's folder: the run would write its checkpoints and "
+                "final model into the model it starts from; choose another out_dir"
+            )
+
     def check_positive(self, *names: str, or_null: bool = False):
         """Each named setting must be > 0 (or, with or_null, None: no limit)."""
         for name in names:
@@ -132,6 +145,18 @@ class RunConfig:
                 raise ValueError(f"{name} must be positive{' or null' if or_null else ''}, got {value!r}")
 
 
+# settings that name a file, folder or model (refused when empty; each config class has some of them)
+PATH_SETTINGS = (
+    "out_dir",
+    "data_dir",
+    "data",
+    "eval_data",
+    "init_from",
+    "model_config",
+    "tokenizer",
+    "resume",
+    "hub_model_id",
+)
 _NULL_WORDS = ("null", "none", "~", "")
 _TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 

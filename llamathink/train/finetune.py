@@ -100,6 +100,7 @@ class FinetuneConfig(RunConfig):
         self.check_positive("max_len", "max_conversations", "max_eval_conversations", or_null=True)
         if not self.init_from:
             raise ValueError("init_from must name a pretrained model (a save_pretrained directory or a Hub id)")
+        self.check_out_dir_apart_from("init_from")
         if self.data_format not in ("auto", "messages", "sharegpt", "person"):
             raise ValueError(f"data_format must be auto, messages, sharegpt or person, got {self.data_format!r}")
         if not 0 <= self.eval_fraction < 1:

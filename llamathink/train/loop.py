@@ -111,6 +111,7 @@ def optimizer_step(
     set_to_none: bool = True,
 ) -> bool:
     """Update the weights with the accumulated gradients, or skip the update; True when the weights changed.
+    `step` names the step in messages: the one this update would complete (1 for the first).
 
     Call once per optimizer step after the gradients were unscaled and clipped (accelerator.clip_grad_norm_ does
     both). Without a loss scaler, a non-finite loss or gradient norm goes to `skip_nonfinite_step` (stop, or skip
@@ -159,9 +160,15 @@ def optimizer_step(
 
 
 def make_accelerator(cfg: RunConfig):
-    """The accelerate Accelerator of a run (mixed precision from `cfg`; on CUDA with fp16 it owns a GradScaler)."""
+    """The accelerate Accelerator of a run (mixed precision from `cfg`; on CUDA with fp16 it owns a GradScaler).
+    Raises ValueError for fp16 without CUDA: accelerate would train in fp32 there, and the run record fp16."""
     from accelerate import Accelerator
 
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError(
+            "mixed_precision: fp16 needs a CUDA GPU (on the CPU accelerate trains in fp32 without a word); use bf16 "
+            "or no"
+        )
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
 
 
@@ -554,8 +561,16 @@ def run_training(
             if measure:
                 _sync(accelerator.device)
                 t_opt = time.perf_counter()
-            if not optimizer_step(
-                cfg, step, loss_value, grad_norm, optimizer, accelerator, counters, accelerator.scaler, not cuda_graphs
+            if not optimizer_step(  # (named by the step it would complete, as the log names steps)
+                cfg,
+                step + 1,
+                loss_value,
+                grad_norm,
+                optimizer,
+                accelerator,
+                counters,
+                accelerator.scaler,
+                not cuda_graphs,
             ):
                 continue  # the data position advanced; the step counter did not
             if measure:

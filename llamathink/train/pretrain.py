@@ -21,8 +21,10 @@ from transformers import PretrainedConfig
 
 from ..configuration_llamathink import LlamaThinkConfig
 from ..data import (
+    ShardedTokenDataset,
     TokenBatchLoader,
     check_shards_against_meta,
+    check_token_ids,
     check_vocab,
     document_position_ids,
     find_shards,
@@ -77,6 +79,7 @@ class TrainConfig(RunConfig):
             raise ValueError(f"compile_mode: {self.compile_mode} has no effect without compile: true; set both")
         if (self.model_config is None) == (self.init_from is None):
             raise ValueError("set exactly one of model_config (a fresh model) and init_from (a pretrained one)")
+        self.check_out_dir_apart_from("init_from")
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -148,6 +151,18 @@ def check_special_tokens(meta: dict, config, data_dir: str) -> None:
                 f"is {data_id}: set {key} to {data_id} in the model's config, or prepare the data with the model's "
                 "tokenizer"
             )
+
+
+def check_validation_data(cfg: TrainConfig, vocab_size: int) -> None:
+    """Raise ValueError (naming the shard) when the validation shards of `cfg.data_dir` hold less than one
+    `seq_len` window, a vocabulary larger than the model's `vocab_size`, or a token id outside it (every token is
+    read; the split is small)."""
+    try:
+        val = ShardedTokenDataset(cfg.data_dir, cfg.seq_len, split="val", model_vocab_size=vocab_size)
+        for path, tokens in zip(val.paths, val.arrays, strict=True):
+            check_token_ids(path, tokens, vocab_size)
+    except ValueError as err:
+        raise ValueError(f"validation data: {err}") from None
 
 
 @torch.no_grad()
@@ -263,6 +278,8 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     check_special_tokens(meta, model.config, cfg.data_dir)
     if tokenizer is not None:
         check_vocab(len(tokenizer), model.config.vocab_size)
+    if has_val:  # now, not at the first evaluation: its error would lose the steps trained until then
+        check_validation_data(cfg, model.config.vocab_size)
     loader = TokenBatchLoader(
         cfg.data_dir,
         cfg.seq_len,
