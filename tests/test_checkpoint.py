@@ -611,8 +611,8 @@ def test_a_run_that_fails_at_its_start_leaves_an_existing_folder_as_it_was(sampl
 
 
 def test_run_settings_that_would_mislead_are_refused(sample_data, model_json, tmp_path, monkeypatch):  # noqa: F811
-    """An empty path from a YAML file (the working folder to the file system: a run wrote its checkpoints there),
-    fp16 without CUDA (accelerate trains in fp32 then, while the run records fp16), and a saved model of another
+    """An empty path from a YAML file (the working folder to the file system: a run wrote its checkpoints there), a
+    peak_tflops that is not a positive number, fp16 without CUDA (accelerate trains in fp32 then, while the run records fp16), and a saved model of another
     architecture given as init_from (named by each of its tensors as missing before) are refused by name."""
     config = tmp_path / "run.yaml"
     for key in ("out_dir", "data_dir", "init_from"):
@@ -620,6 +620,9 @@ def test_run_settings_that_would_mislead_are_refused(sample_data, model_json, tm
         loader = finetune.load_config if key == "init_from" else pretrain.load_config
         with pytest.raises(ValueError, match=f"{key} is empty: give a path"):
             loader(str(config))
+    for peak in (-5, 0, float("nan")):  # a negative MFU, or MFU silently off
+        with pytest.raises(ValueError, match="peak_tflops must be a device's peak TFLOP/s"):
+            _cfg(sample_data, model_json, tmp_path / "mfu", peak_tflops=peak)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="mixed_precision: fp16 needs a CUDA GPU"):
             loop.make_accelerator(_cfg(sample_data, model_json, tmp_path / "fp16", mixed_precision="fp16"))

@@ -325,6 +325,9 @@ def test_txt_paragraph_split_and_field_errors(tmp_path, small_tok):
     assert list(LocalSource([str(tmp_path / "bom.txt")])) == ["Para one\n\nPara two.\n"]
     (tmp_path / "only_bom.txt").write_bytes(b"\xef\xbb\xbf\n")
     assert list(LocalSource([str(tmp_path / "only_bom.txt")])) == []
+    # and before a JSON Lines file's first record (it was "invalid JSON"); later lines keep it as text
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "one"}\n{"text": "\xef\xbb\xbftwo"}\n')
+    assert list(LocalSource([str(tmp_path / "bom.jsonl")])) == ["one", "\ufefftwo"]
     write_jsonl(tmp_path / "b.jsonl", ["x"], field="content")
     with pytest.raises(ValueError, match=r"b\.jsonl:1.*no field 'text'"):
         list(LocalSource([str(tmp_path / "b.jsonl")]))
@@ -497,6 +500,13 @@ def test_cli_prepare_and_inspect(tmp_path, capsys):
         (out / "val_000000.bin").write_bytes(val)
         write_shard(out / "train_000000.bin", tokens, vocab, bos_id=header["bos_id"], eos_id=header["eos_id"])
     assert main(["inspect", str(out)]) == 0
+    # one shard alone is checked against its own header's vocabulary (it passed with any id)
+    poke_last_token(out / "train_000000.bin", vocab)
+    with pytest.raises(SystemExit) as stop:
+        main(["inspect", str(out / "train_000000.bin")])
+    assert stop.value.code == 2 and f"token id {vocab} is outside the vocabulary of {vocab}" in capsys.readouterr().err
+    write_shard(out / "train_000000.bin", tokens, vocab, bos_id=header["bos_id"], eos_id=header["eos_id"])
+    assert main(["inspect", str(out / "train_000000.bin")]) == 0
     capsys.readouterr()
     assert (
         main(

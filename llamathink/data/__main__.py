@@ -42,7 +42,8 @@ def _build_parser() -> argparse.ArgumentParser:
 def _inspect(path: str) -> int:
     """Print the headers of the shards at ``path`` (a folder's ``train_*``/``val_*`` shards, or one file) and the
     folder's meta.json as JSON; raises ``FileNotFoundError`` when there are none, ``ValueError`` for a bad shard.
-    A folder's shards are also checked against its meta.json (`_check_against_meta`)."""
+    A folder's shards are also checked against its meta.json (`_check_against_meta`), a shard without one against
+    its own header (every token id inside its vocabulary)."""
     p = Path(path)
     files = [p] if p.is_file() else sorted(q for q in p.glob("*.bin") if _SHARD_RE.match(q.name))
     if not files:
@@ -51,6 +52,9 @@ def _inspect(path: str) -> int:
     if p.is_dir() and (p / META_FILE).exists():
         summary["meta"] = load_meta(p)
         _check_against_meta(p, summary["meta"])
+    else:  # one shard, or a folder without meta.json: every token against the shard's own header
+        for f in files:
+            check_token_ids(f, open_shard(f), summary["shards"][f.name]["vocab_size"])
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -469,8 +469,8 @@ class LocalSource:
                             "record per line; is this a JSON Lines file?)",
                         )
                         continue
-                    try:
-                        line = raw.decode("utf-8")
+                    try:  # a byte-order mark before the first record (Windows editors write one) is not text
+                        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                     except UnicodeDecodeError as e:
                         bad(
                             "invalid_utf8",

@@ -12,6 +12,7 @@ over the first `eval_batches` validation batches), samples (greedy continuations
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,9 @@ class TrainConfig(RunConfig):
         if (self.model_config is None) == (self.init_from is None):
             raise ValueError("set exactly one of model_config (a fresh model) and init_from (a pretrained one)")
         self.check_out_dir_apart_from("init_from")
+        peak = self.peak_tflops
+        if peak is not None and not (isinstance(peak, (int, float)) and 0 < peak < math.inf):
+            raise ValueError(f"peak_tflops must be a device's peak TFLOP/s (> 0, for MFU) or null, got {peak!r}")
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
