@@ -2610,6 +2610,15 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
             if not return_dict:
                 return (logits, cache)
             return LlamaThinkCausalLMOutput(logits=logits, **{_OUTPUT_CACHE_FIELD: cache})
+        # before the forward: a host sync here waits only for the previous step's work, and the one for the ids
+        # just after it finds the GPU idle; after the forward it would hold the host until the forward ran
+        if labels is not None and not torch.compiler.is_compiling():  # (CUDA would assert inside the loss)
+            outside = (labels != -100) & ((labels < 0) | (labels >= self.config.vocab_size))
+            if bool(outside.any()):
+                raise ValueError(
+                    f"labels contains {labels[outside][0].item()}: neither -100 (ignored) nor a token id in the "
+                    f"vocabulary [0, {self.config.vocab_size})"
+                )
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -2624,13 +2633,6 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         if labels is not None and labels.shape != hidden_states.shape[:2]:
             raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(hidden_states.shape[:2])}")
-        if labels is not None and not torch.compiler.is_compiling():  # (a host sync; CUDA would assert inside)
-            outside = (labels != -100) & ((labels < 0) | (labels >= self.config.vocab_size))
-            if bool(outside.any()):
-                raise ValueError(
-                    f"labels contains {labels[outside][0].item()}: neither -100 (ignored) nor a token id in the "
-                    f"vocabulary [0, {self.config.vocab_size})"
-                )
         if skip_logits:
             if labels is None:
                 raise ValueError("skip_logits=True needs labels: without logits the loss is the only output")
