@@ -172,6 +172,13 @@ class LlamaThinkMLP(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def csa_window(config: LlamaThinkConfig) -> int:
+    """The CSA layers' window: `csa_window`, at most the context. Within `max_position_embeddings` positions a
+    window of the whole context already sees every earlier token, so a longer one sees the same tokens, with
+    buffers of its own length."""
+    return min(config.csa_window, config.max_position_embeddings)
+
+
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """`x / sqrt(sum(x^2) + eps)` over the last dim (the convention of fla and transformers' Qwen3.5)."""
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
@@ -542,7 +549,7 @@ class _StaticDecoder:
         self.positions = torch.zeros(B, dtype=torch.long, device=device)  # each row's position of the new token
         self.key_valid = torch.ones(B, L, dtype=torch.bool, device=device)  # which cache indices are real tokens
         self.padded = False  # whether the cache has seen padding (it then keeps `key_valid`)
-        self.slots = torch.arange(max(L, cfg.csa_window), device=device)
+        self.slots = torch.arange(max(L, csa_window(cfg)), device=device)
         self.input_ids = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.logits: torch.Tensor | None = None
         self.graph = None
@@ -1244,7 +1251,7 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
     def __init__(self, config: LlamaThinkConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.stride = config.csa_stride
-        self.window = config.csa_window
+        self.window = csa_window(config)
         kv_width = self.num_kv_heads * self.head_dim
         self.compress_k = nn.Linear(kv_width, kv_width, bias=False)
         self.compress_v = nn.Linear(kv_width, kv_width, bias=False)
@@ -1560,7 +1567,7 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
             12.0
             * config.num_attention_heads
             * config.head_dim
-            * (min(config.csa_window, seq_len) + seq_len / (2 * config.csa_stride))
+            * (min(csa_window(config), seq_len) + seq_len / (2 * config.csa_stride))
         )
 
 

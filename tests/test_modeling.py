@@ -92,8 +92,7 @@ def test_default_config_is_the_95m_model():
         ({"partial_rotary_factor": "0.5"}, "partial_rotary_factor"),
         ({"partial_rotary_factor": True}, "partial_rotary_factor"),
         ({"partial_rotary_factor": None}, "partial_rotary_factor"),
-        # spans that would allocate their length in every forward (a window of 2^40 tokens: 140 TB)
-        ({"csa_window": 2**40}, "csa_window=1099511627776 is longer than the context"),
+        # spans that would allocate their length in every forward
         ({"csa_stride": 257}, "csa_stride=257 is longer than the context"),
         ({"gdn_chunk_size": 10**9}, "gdn_chunk_size=1000000000 is past 4096"),
         ({"max_position_embeddings": 2**21}, "max_position_embeddings=2097152 is past"),
@@ -102,6 +101,20 @@ def test_default_config_is_the_95m_model():
 def test_config_rejects_inconsistent_values(overrides, field):
     with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):
         tiny_config(**overrides)
+
+
+def test_a_csa_window_past_the_context_is_the_context():
+    """A window longer than the context (the default 512 in a smaller model, or 2^40: 140 TB of padding in the first
+    forward before) sees what a window of the whole context sees: the same logits, cached and not, with buffers of
+    the context's length."""
+    ids = torch.randint(1, 96, (2, 40), generator=torch.Generator().manual_seed(3))
+    models = [tiny_model(csa_window=window, max_position_embeddings=64, seed=5).eval() for window in (64, 2**40)]
+    assert models[1].model.layers[1].mixer.window == 64
+    with torch.no_grad():
+        logits = [m(ids).logits for m in models]
+        generated = [m.generate(ids[:, :10], max_new_tokens=20, do_sample=False) for m in models]
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
+    assert torch.equal(generated[1], generated[0])
 
 
 def test_a_config_edited_after_it_was_built_is_checked_by_the_model_and_by_save(tmp_path):
