@@ -388,9 +388,11 @@ def own_out_dir(out_dir: str | Path, is_main: bool = True):
             )
         yield
     except BaseException:
-        for path in reversed(created):  # .lock, then checkpoints/ and out_dir where empty
-            with contextlib.suppress(OSError):
-                path.unlink() if path.name == LOCK_FILE else path.rmdir()
+        root = checkpoint_dir(out_dir)
+        if not (root.is_dir() and any(root.iterdir())):  # no checkpoint written: .lock, then the empty folders
+            for path in reversed(created):
+                with contextlib.suppress(OSError):
+                    path.unlink() if path.name == LOCK_FILE else path.rmdir()
         raise
     finally:
         os.close(fd)  # releases the lock; the file stays (removing it would race with a waiting run)
