@@ -161,7 +161,7 @@ def optimizer_step(
 
 def make_accelerator(cfg: RunConfig):
     """The accelerate Accelerator of a run (mixed precision from `cfg`; on CUDA with fp16 it owns a GradScaler).
-    Raises ValueError for fp16 without CUDA: accelerate would train in fp32 there, and the run record fp16."""
+    Raises ValueError for fp16 without CUDA: accelerate would train in fp32 there, while the run records fp16."""
     from accelerate import Accelerator
 
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
