@@ -2463,9 +2463,6 @@ static char *strip_dup(const char *s) {
     return o;
 }
 
-/* Streams a reply the way llamathink-chat prints it: the decoded text without leading and
- * trailing whitespace, written as it grows (trailing whitespace and an incomplete UTF-8
- * character are held back until more text follows). */
 /* How many ids are sampled from where a tokenizer is loaded (-z): a model vocabulary larger than the tokenizer's
  * (a padded embedding table) has ids without a piece, which would print as nothing; they are left out, with a
  * note (llamathink-chat suppresses the same ids). */
@@ -2476,6 +2473,9 @@ static int text_vocab(const Model *m, const Tokenizer *tk) {
     return tk->n;
 }
 
+/* Streams a reply the way llamathink-chat prints it: the decoded text without leading and
+ * trailing whitespace, written as it grows (trailing whitespace and an incomplete UTF-8
+ * character are held back until more text follows). */
 typedef struct { char *buf; size_t n, cap, printed; } ReplyOut;
 
 static int reply_add(ReplyOut *r, const char *p, size_t k) {
@@ -3088,11 +3088,11 @@ int main(int argc, char **argv) {
             steps = m.max_pos - n;
         }
         memcpy(seq, pr, sizeof(int) * (size_t)n);
+        int n_sample = have_tok ? text_vocab(&m, &tk) : m.vocab; /* its note before the prompt's echo */
         int first = 1;
         if (!print_ids && have_tok) for (int i = 0; i < n; i++) decode_piece(&tk, seq[i], &first, stdout);
         fflush(stdout);
         double t0 = now_s();
-        int n_sample = have_tok ? text_vocab(&m, &tk) : m.vocab;
         prefill(&m, &s, seq, n);
         double t1 = now_s();
         int gen = 0;

@@ -199,8 +199,12 @@ class LlamaThinkConfig(PretrainedConfig):
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
         """`PretrainedConfig.from_dict` (the path of `from_pretrained` and `AutoConfig`), reading a config saved
-        before `csa_blend_bias` existed as the model it describes: see `_without_csa_blend_bias`."""
-        return super().from_dict(_without_csa_blend_bias(config_dict), **kwargs)
+        before `csa_blend_bias` existed as the model it describes: see `_without_csa_blend_bias`. Keyword
+        overrides (`from_pretrained(path, gdn_chunk_size=...)`) are set after `__init__` has checked the file's
+        values, so the result is checked again (ValueError naming the field)."""
+        loaded = super().from_dict(_without_csa_blend_bias(config_dict), **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).validate_llamathink()
+        return loaded
 
     @classmethod
     def _dict_from_json_file(cls, json_file):

@@ -382,6 +382,8 @@ def test_messages_sharegpt_and_person_rows_from_jsonl_and_datasets(tmp_path):
     assert load_conversations(str(tmp_path / "ds")) == convs[:1] * 3
     path.write_bytes("".join(json.dumps(r) + "\r" for r in rows).encode())  # old Mac line ends read alike
     assert load_conversations(str(path)) == convs
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())  # a byte-order mark
+    assert load_conversations(str(path)) == convs  # (it was "not valid JSON" at line 1)
     # a missing local file is "no such file", not a Hub lookup; a broken .json file is named with the parser's word
     for missing in ("data/convs.jsonl", "mydir/convs.json", str(tmp_path / "nope.json")):
         with pytest.raises(ValueError, match=r"no such file"):

@@ -134,6 +134,15 @@ def test_a_config_edited_after_it_was_built_is_checked_by_the_model_and_by_save(
     with pytest.raises(ValueError, match="mixer_types has 4 entries but num_hidden_layers=8"):
         model.save_pretrained(tmp_path / "edited")
     assert not (tmp_path / "edited" / "config.json").exists()
+    # from_pretrained's keyword overrides are set after __init__'s checks: checked again
+    from transformers import AutoConfig
+
+    model.config.num_hidden_layers = 4
+    model.config.save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match="gdn_chunk_size=1048576 is past 4096"):
+        LlamaThinkConfig.from_pretrained(tmp_path / "saved", gdn_chunk_size=1 << 20)
+    with pytest.raises(ValueError, match="num_key_value_heads=3"):
+        AutoConfig.from_pretrained(tmp_path / "saved", num_key_value_heads=3)
 
 
 def test_config_names_allowed_mixer_values():

@@ -114,8 +114,9 @@ def _iter_rows(source: str, split: str, config_name: str | None) -> Iterable[dic
     if source == "sample":
         path = sample_conversations_path()
     if path.is_file() and path.name.endswith(".jsonl"):
-        # bad bytes become lone surrogates, found line by line so that the error names the line (universal newlines)
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        # bad bytes become lone surrogates, found line by line so that the error names the line (universal newlines);
+        # utf-8-sig: a byte-order mark before the first record (Windows editors write one) is dropped
+        with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
             for lineno, line in enumerate(f, 1):
                 try:
                     line.encode("utf-8")
