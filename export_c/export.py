@@ -118,7 +118,9 @@ FLOAT_FIELDS = {
 }
 
 
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the dtypes weights may be stored in
+# safetensors' names of the dtypes weights may be stored in (also in llamathink.train.checkpoint: this module runs
+# without the package)
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 class ExportError(Exception):
@@ -242,7 +244,7 @@ def eos_ids(cfg: dict) -> list[int]:
     ids = [] if raw is None else list(raw) if isinstance(raw, (list, tuple)) else [raw]
     out: list[int] = []
     for i in ids:
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < cfg["vocab_size"]:
+        if not _is_int(i) or not 0 <= i < cfg["vocab_size"]:
             raise ExportError(f"eos_token_id {raw!r}: {i!r} is not a token id in [0, {cfg['vocab_size']})")
         if i not in out:
             out.append(i)

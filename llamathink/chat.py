@@ -435,20 +435,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.device != "auto":
         try:
-            device_type = torch.device(args.device).type
+            device = torch.device(args.device)
         except RuntimeError:
             ap.error(f"--device {args.device}: not a device name (auto, cpu, cuda, cuda:N, mps, ...)")
-        if device_type == "meta":
+        backend = getattr(torch, device.type, None)
+        if device.type == "meta":
             ap.error("--device meta: meta tensors hold no values, there is nothing to generate with")
-        backend = getattr(torch, device_type, None)
-        if device_type not in ("cpu", "cuda") and not (backend and getattr(backend, "is_available", bool)()):
-            ap.error(f"--device {args.device}: this machine has no {device_type} device (use --device cpu or auto)")
-    if args.device.startswith("cuda"):
-        if not torch.cuda.is_available():
+        elif device.type == "cuda" and not torch.cuda.is_available():
             ap.error(f"--device {args.device}: this machine has no CUDA device (use --device cpu or auto)")
-        index = args.device.partition(":")[2]
-        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        elif device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
             ap.error(f"--device {args.device}: this machine has CUDA devices 0 to {torch.cuda.device_count() - 1}")
+        elif device.type != "cpu" and not (backend and getattr(backend, "is_available", bool)()):
+            ap.error(f"--device {args.device}: this machine has no {device.type} device (use --device cpu or auto)")
     if hasattr(sys.stdin, "reconfigure"):  # invalid UTF-8 in: a clear refusal per message, not a traceback
         sys.stdin.reconfigure(errors="surrogateescape")
     if args.seed is not None:
