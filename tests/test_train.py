@@ -920,6 +920,37 @@ def test_cuda_graph_compile_mode_accumulates_into_kept_gradients(sample_data, mo
         _cfg(sample_data, model_json, tmp_path / "bad", compile_mode="reduce-overhead")
 
 
+def test_combo_kernels_reach_torch_compile_as_inductor_options(sample_data, model_json, tmp_path, monkeypatch):
+    """`combo_kernels: true` compiles the layers with inductor's options for the run's `compile_mode` plus
+    `combo_kernels` (torch.compile takes a mode or options, not both): a CUDA-graph mode keeps its CUDA graphs; a
+    mode torch.compile lacks, or the setting without `compile: true`, is an error naming it. (Whether the kernels it
+    makes train like the default mode's: tests/test_gpu.py; inductor has no combo kernels on the CPU.)"""
+    from llamathink.modeling_llamathink import LlamaThinkPreTrainedModel, uses_cuda_graphs
+    from llamathink.train.loop import compile_kwargs
+
+    assert compile_kwargs("default") == {"mode": "default"}
+    assert compile_kwargs("default", combo_kernels=True) == {"options": {"combo_kernels": True}}
+    graphs = compile_kwargs("reduce-overhead", combo_kernels=True)
+    assert graphs == {"options": {"triton.cudagraphs": True, "combo_kernels": True}} and uses_cuda_graphs(graphs)
+    assert not uses_cuda_graphs(compile_kwargs("max-autotune-no-cudagraphs", combo_kernels=True))
+    with pytest.raises(ValueError, match="compile_mode 'fast'"):
+        compile_kwargs("fast", combo_kernels=True)
+
+    calls = []
+    compile_layers = LlamaThinkPreTrainedModel.compile_layers
+
+    def fake_compile_layers(self, **kw):
+        calls.append(kw)
+        return compile_layers(self, backend="eager")
+
+    monkeypatch.setattr(LlamaThinkPreTrainedModel, "compile_layers", fake_compile_layers)
+    cfg = _cfg(sample_data, model_json, tmp_path / "combo", max_steps=2, save_every=2, eval_every=2, compile=True)
+    pretrain.train(dataclasses.replace(cfg, combo_kernels=True))
+    assert calls == [{"options": {"combo_kernels": True}}]
+    with pytest.raises(ValueError, match="combo_kernels: true has no effect without compile: true"):
+        _cfg(sample_data, model_json, tmp_path / "bad", combo_kernels=True)
+
+
 def test_compile_true_trains_layer_by_layer_and_saves_plain_checkpoints(sample_data, model_json, tmp_path, monkeypatch):
     """`compile: true` compiles the decoder layers in place (`compile_layers`; `regional_compile: false`: the whole
     model): the run's losses equal the eager run's, and checkpoints and the final model keep the plain parameter

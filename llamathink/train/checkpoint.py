@@ -798,6 +798,7 @@ RESUME_APPLIED = (
     "compile",
     "regional_compile",
     "compile_mode",
+    "combo_kernels",
     "eval_batches",
     "document_masking",
     "peak_tflops",

@@ -380,6 +380,24 @@ def _start_fla_prebuild(
         print(f"warning: fla's kernels are not prebuilt ({type(err).__name__}: {err}); the first step builds them")
 
 
+def compile_kwargs(mode: str = "default", combo_kernels: bool = False) -> dict:
+    """torch.compile's keyword arguments for the run settings `compile_mode` and `combo_kernels`: {"mode": mode}, or
+    with `combo_kernels` inductor's options for that mode (`torch._inductor.list_mode_options`) plus
+    `combo_kernels=True` (torch.compile takes a mode or options, not both). Combo kernels are inductor's horizontal
+    fusion: independent element-wise and reduction kernels of one graph are emitted as one Triton kernel that
+    dispatches on its program id, so the same per-element code runs in fewer launches (what a host-bound step
+    waits on; BENCHMARKS.md section 1, session 24). Raises ValueError for a mode torch.compile does not have."""
+    if not combo_kernels:
+        return {"mode": mode}
+    from torch._inductor import list_mode_options
+
+    try:
+        options = dict(list_mode_options(mode))
+    except RuntimeError as err:  # torch names the modes it has
+        raise ValueError(f"compile_mode {mode!r}: {err}") from None
+    return {"options": {**options, "combo_kernels": True}}
+
+
 def run_training(
     cfg: RunConfig,
     accelerator,
@@ -394,6 +412,7 @@ def run_training(
     history: dict | None = None,
     compile: str | None = None,
     compile_mode: str = "default",
+    combo_kernels: bool = False,
     fla_prebuild: tuple[int, int, bool] | None = None,
     desc: str = "train",
 ) -> dict:
@@ -408,7 +427,7 @@ def run_training(
     keeps it in the checkpoints with the tokens seen. `settings_file` (in out_dir) receives the settings once a
     resume is accepted. `compile`: None (eager), "layers" (each decoder layer compiled in place, the model's
     `compile_layers`) or "model" (the prepared model wrapped in one torch.compile); `compile_mode` is torch.compile's
-    `mode`. `fla_prebuild` (batch size, sequence length, packed), for batches of that one shape: when compiling in
+    `mode`; `combo_kernels` turns on inductor's combo kernels (`compile_kwargs`). `fla_prebuild` (batch size, sequence length, packed), for batches of that one shape: when compiling in
     16-bit, a child process builds fla's kernels for them while the first step compiles (`_start_fla_prebuild`).
     With a CUDA-graph mode ("reduce-overhead", "max-autotune") each micro-batch begins a new cudagraph-trees step,
     and gradients accumulate into `.grad` tensors that live for the whole run (zeroed, never set to None), so that
@@ -459,10 +478,11 @@ def run_training(
     # per optimizer step (accelerate would step a prepared scheduler once per process).
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
+    how = compile_kwargs(compile_mode, combo_kernels)
     if compile == "layers":
-        raw_model.compile_layers(mode=compile_mode)  # in place: the prepared (maybe DDP) wrapper stays as it is
+        raw_model.compile_layers(**how)  # in place: the prepared (maybe DDP) wrapper stays as it is
     elif compile == "model":
-        model = torch.compile(model, mode=compile_mode)
+        model = torch.compile(model, **how)
     elif compile is not None:
         raise ValueError(f"compile must be None, 'layers' or 'model', got {compile!r}")
     prebuild_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
@@ -470,7 +490,7 @@ def run_training(
         _start_fla_prebuild(
             raw_model, fla_prebuild, prebuild_dtype, out_dir, is_main, accelerator.is_local_main_process
         )
-    cuda_graphs = compile is not None and uses_cuda_graphs({"mode": compile_mode})
+    cuda_graphs = compile is not None and uses_cuda_graphs(how)
     if cuda_graphs and accelerator.device.type == "cuda":  # (on a CPU the mode replays no graphs)
         accelerator.print(
             f"note: compile_mode: {compile_mode} (CUDA graphs) is opt-in: its tests give the default mode's gradients "

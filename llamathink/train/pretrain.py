@@ -64,6 +64,11 @@ class TrainConfig(RunConfig):
     # at batch 16, about the same at batch 64; BENCHMARKS.md 1a); "default", "max-autotune",
     # "max-autotune-no-cudagraphs"
     compile_mode: str = "default"
+    # true (with compile: true): inductor's combo kernels, independent element-wise kernels of a compiled layer
+    # launched as one (the same per-element code). On the H200 at batch 16 in the default mode: step wall time -28%
+    # (host-bound: half the inductor launches), GPU kernels -3%; opt-in until its GPU test, batch 64 and the cold
+    # first step are measured (BENCHMARKS.md section 1, session 24)
+    combo_kernels: bool = False
     # true: each document of a window sees only itself (position ids restart at every BOS). Off by default: on the
     # H200 it costs 3% of the tokens/s compiled but runs at 0.36x eagerly (BENCHMARKS.md 1b, 2b); use it with
     # compile. false: a window is one stream, each document starting with the state the previous one left.
@@ -78,6 +83,8 @@ class TrainConfig(RunConfig):
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if self.compile_mode != "default" and not self.compile:
             raise ValueError(f"compile_mode: {self.compile_mode} has no effect without compile: true; set both")
+        if self.combo_kernels and not self.compile:
+            raise ValueError("combo_kernels: true has no effect without compile: true; set both")
         if (self.model_config is None) == (self.init_from is None):
             raise ValueError("set exactly one of model_config (a fresh model) and init_from (a pretrained one)")
         self.check_out_dir_apart_from("init_from")
@@ -323,6 +330,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
         settings_file="train_config.json",
         compile=("layers" if cfg.regional_compile else "model") if cfg.compile else None,
         compile_mode=cfg.compile_mode,
+        combo_kernels=cfg.combo_kernels,
         fla_prebuild=(cfg.micro_batch_size, cfg.seq_len, bool(cfg.document_masking and bos_id is not None)),
         desc="train",
     )
