@@ -86,13 +86,17 @@ def _timed_steps(model, ids, steps, events, totals):
     model.zero_grad(set_to_none=True)
 
 
-def forward_backward(model, ids):
-    """One bf16 training step without the optimizer; `model` may be the torch.compile'd module or a peer from
+def training_loss(model, ids):
+    """The bf16 training forward of one step; `model` may be the torch.compile'd module or a peer from
     `bench_gpu.build` (no `skip_logits`: it computes its logits)."""
     kwargs = {"skip_logits": True} if isinstance(getattr(model, "_orig_mod", model), LlamaThinkForCausalLM) else {}
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model(input_ids=ids, labels=ids, use_cache=False, **kwargs).loss
-    loss.backward()
+        return model(input_ids=ids, labels=ids, use_cache=False, **kwargs).loss
+
+
+def forward_backward(model, ids):
+    """One bf16 training step without the optimizer (`training_loss`, then its backward)."""
+    training_loss(model, ids).backward()
     model.zero_grad(set_to_none=True)
 
 
@@ -234,11 +238,14 @@ HOST_PACKAGES = (
 
 
 def host_python_profile(model, ids, steps: int = 5, rows: int = 40) -> str:
-    """Where the host's time goes in `steps` training steps, by Python function (cProfile): the share of each
-    package (fla's launch code, tilelang's, Triton's launcher, inductor's graph wrappers, dynamo, autograd) and the
-    functions with the most time of their own. cProfile slows each Python call by about a microsecond, so the
-    shares are what to read, not the absolute milliseconds; the first line gives the wall time per step with and
-    without the profiler."""
+    """Where the host's time goes in the forwards of `steps` training steps, by Python function (cProfile): the
+    share of each package (fla's launch code, tilelang's, Triton's launcher, inductor's graph wrappers, dynamo,
+    autograd) and the functions with the most time of their own. Only the forward is profiled: the backward runs in
+    autograd's device thread, and Python 3.12's cProfile (built on sys.monitoring, which sees every thread) folds it
+    into the main thread's call stack, where its time lands on the wrong functions (session 24 found 155 ms of own
+    time in a 126 ms step). cProfile slows each Python call by about a microsecond, so the shares are what to read,
+    not the absolute milliseconds; the first line gives the wall time per step without the profiler and the host
+    time of the profiled forwards (`benchmarks/fla_host_time.py` times fla's calls one by one, backward too)."""
     import cProfile
     import pstats
 
@@ -251,13 +258,18 @@ def host_python_profile(model, ids, steps: int = 5, rows: int = 40) -> str:
     torch.cuda.synchronize()
     plain_ms = (time.perf_counter() - t0) * 1e3 / steps
     profiler = cProfile.Profile()
-    t0 = time.perf_counter()
-    profiler.enable()
+    forward_s = 0.0
     for _ in range(steps):
-        forward_backward(model, ids)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        profiler.enable()
+        loss = training_loss(model, ids)
+        profiler.disable()
+        forward_s += time.perf_counter() - t0
+        loss.backward()
+        model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
-    profiler.disable()
-    profiled_ms = (time.perf_counter() - t0) * 1e3 / steps
+    profiled_ms = forward_s * 1e3 / steps
     stats = pstats.Stats(profiler)
     by_package = collections.Counter()
     own = []
@@ -271,12 +283,14 @@ def host_python_profile(model, ids, steps: int = 5, rows: int = 40) -> str:
     own.sort(reverse=True)
     lines = [
         (
-            f"wall time per step: {plain_ms:.1f} ms without the profiler, {profiled_ms:.1f} ms under cProfile; "
-            "host ms per step by package (cProfile's own time of each function, summed):"
+            f"wall time per step: {plain_ms:.1f} ms without the profiler; host time of the forward under cProfile: "
+            f"{profiled_ms:.1f} ms; host ms per forward by package (cProfile's own time of each function, summed):"
         )
     ]
     lines += [f"  {name:40s} {ms:8.2f}" for name, ms in by_package.most_common()]
-    lines.append(f"## the {rows} functions with the most time of their own (ms per step, calls per step, function)")
+    lines.append(
+        f"## the {rows} functions with the most time of their own (ms per forward, calls per forward, function)"
+    )
     lines += [f"  {ms:8.3f} {calls:6d}  {where[:160]}" for ms, calls, where in own[:rows]]
     return "\n".join(lines)
 

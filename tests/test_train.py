@@ -185,6 +185,7 @@ def test_settings_of_every_type_parse_from_yaml_and_the_command_line(tmp_path):
         ("adamw_lr", "true", r"adamw_lr expects a number, got True"),
         ("max_steps", "1.5", r"max_steps expects an integer, got 1.5"),
         ("max_steps", "ten", r"max_steps expects an integer, got 'ten'"),
+        ("max_steps", "1e30", r"max_steps expects an integer written exactly, got '1e30'"),
         ("compile", "maybe", r"compile expects true or false, got 'maybe'"),
         ("adamw_betas", "0.9,0.95,0.99", r"adamw_betas expects 2 values, got 3"),
         ("adamw_betas", "0.9,x", r"adamw_betas\[1\] expects a number, got 'x'"),
