@@ -199,7 +199,7 @@ def coerce_setting(value, annotation, name: str, where: str = ""):
         number = _as_float(value, label, kind="an integer")
         if not number.is_integer():
             raise ValueError(f"{label} expects an integer, got {value!r}")
-        if abs(number) > 2**53:  # read through a float, it would be rounded: 1e30 became 1000000000000000019884624838656
+        if abs(number) > 2**53:  # through a float it would be rounded: 1e30 became 1000000000000000019884624838656
             raise ValueError(
                 f"{label} expects an integer written exactly, got {value!r}: past 2**53 this form is rounded; "
                 "write the integer's digits"

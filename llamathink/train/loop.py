@@ -427,8 +427,9 @@ def run_training(
     keeps it in the checkpoints with the tokens seen. `settings_file` (in out_dir) receives the settings once a
     resume is accepted. `compile`: None (eager), "layers" (each decoder layer compiled in place, the model's
     `compile_layers`) or "model" (the prepared model wrapped in one torch.compile); `compile_mode` is torch.compile's
-    `mode`; `combo_kernels` turns on inductor's combo kernels (`compile_kwargs`). `fla_prebuild` (batch size, sequence length, packed), for batches of that one shape: when compiling in
-    16-bit, a child process builds fla's kernels for them while the first step compiles (`_start_fla_prebuild`).
+    `mode`; `combo_kernels` turns on inductor's combo kernels (`compile_kwargs`). `fla_prebuild` (batch size,
+    sequence length, packed), for batches of that one shape: when compiling in 16-bit, a child process builds fla's
+    kernels for them while the first step compiles (`_start_fla_prebuild`).
     With a CUDA-graph mode ("reduce-overhead", "max-autotune") each micro-batch begins a new cudagraph-trees step,
     and gradients accumulate into `.grad` tensors that live for the whole run (zeroed, never set to None), so that
     no `.grad` is a graph output that the next replay overwrites.
