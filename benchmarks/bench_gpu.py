@@ -21,7 +21,7 @@ instead of taking the package's recorded choices, `LLAMATHINK_FLA_TUNED_CONFIGS=
 kernels built by a child process while the first step compiles, `start_fla_prebuild`, as the pretraining loop
 does). On any model, `:cudagraphs`
 compiles with `mode="reduce-overhead"` (the compiled kernels replayed as CUDA graphs: no per-kernel launch cost on
-the host) and `:cold` runs the process with new, empty compiler caches (Triton's, inductor's, tilelang's), so that
+the host), `:combo` with inductor's combo kernels (the run setting `combo_kernels`) and `:cold` runs the process with new, empty compiler caches (Triton's, inductor's, tilelang's), so that
 its first step is what a fresh machine pays, however warm this one is.
 """
 
@@ -76,9 +76,10 @@ LLAMATHINK_VARIANTS = (
     "cold",
     "untuned-fla",
     "prebuild",
+    "combo",
 )
 PEERS = ("hf-llama", "hf-qwen3.5")
-PEER_VARIANTS = ("cudagraphs", "cold")
+PEER_VARIANTS = ("cudagraphs", "cold", "combo")
 
 
 def check_model_name(name: str) -> None:
@@ -228,9 +229,12 @@ def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False) -> d
     scope = None
     cudagraphs = ":cudagraphs" in name
     if compile_model:
+        from llamathink.train.loop import compile_kwargs
+
         regional = name.startswith("llamathink") and ":whole" not in name
         scope = "layers" if regional else "model"
-        kwargs = {"mode": "reduce-overhead"} if cudagraphs else {}
+        # the run settings compile_mode and combo_kernels, as the training loop passes them to torch.compile
+        kwargs = compile_kwargs("reduce-overhead" if cudagraphs else "default", combo_kernels=":combo" in name)
         step_model = model.compile_layers(**kwargs) if regional else torch.compile(model, **kwargs)
     else:
         step_model = model

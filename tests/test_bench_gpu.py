@@ -11,7 +11,15 @@ import bench_gpu as bg  # noqa: E402
 
 
 @pytest.mark.parametrize(
-    "name", ["llamathink:fla", "llamathink:torch:no-hc:packed", "llamathink:fla:cold:untuned-fla", "hf-llama:cold"]
+    "name",
+    [
+        "llamathink:fla",
+        "llamathink:torch:no-hc:packed",
+        "llamathink:fla:cold:untuned-fla",
+        "hf-llama:cold",
+        "llamathink:fla:combo:cudagraphs",
+        "hf-llama:combo",
+    ],
 )
 def test_known_model_names_pass(name):
     bg.check_model_name(name)
