@@ -512,10 +512,19 @@ class LlamaThinkCache:
             self.key_valid = torch.cat((past, new_valid), dim=-1)
             if not bool(new_valid[:, -1].all()):
                 self.continuable = False
-                self._not_continuable_reason = (
-                    "it was built from right-padded input (a padding token after a real token); use left padding "
-                    "(tokenizer.padding_side = 'left') for generation"
-                )
+                ended_in_padding = new_valid[:, -1].logical_not()
+                if bool((ended_in_padding & self.key_valid.any(-1)).any()):
+                    self._not_continuable_reason = (
+                        "it was built from right-padded input (a padding token after a real token); use left "
+                        "padding (tokenizer.padding_side = 'left') for generation"
+                    )
+                else:  # left padding that the chunk ended inside
+                    rows = ended_in_padding.nonzero().flatten().tolist()
+                    self._not_continuable_reason = (
+                        f"its input ended inside the left padding of rows {rows}, which hold no real token yet; "
+                        "a chunk of a left-padded prompt must reach each row's first real token (prefill the "
+                        "prompt in one call, as generate() does)"
+                    )
         self.seq_length += num_new
 
 
@@ -902,6 +911,17 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         if self.backend != "torch":
             probe_fla()  # now, not on the first forward, where torch.compile would trace the lookup
 
+    def _conv_taps(self, like: torch.Tensor) -> torch.Tensor:
+        """The conv's taps [C, K] in `like`'s dtype, read through a call of the module where it is not plain
+        (`is_plain_module`: an offloaded weight is on the meta device until then): its response to a unit impulse
+        [1, C, 2K - 1] at position K - 1. Output j of a conv padded by P covers inputs j - P .. j - P + K - 1, so tap
+        i is output P + K - 1 - i. For packed sequences, whose per-tap masks need the taps apart."""
+        conv, K = self.conv1d, self.conv_kernel_size
+        impulse = like.new_zeros(1, self.conv_dim, 2 * K - 1)
+        impulse[..., K - 1] = 1
+        pad = conv.padding[0]
+        return conv(impulse)[0, :, pad : pad + K].flip(-1).to(like.dtype)  # [C, K]
+
     def _causal_conv(
         self,
         qkv: torch.Tensor,
@@ -919,7 +939,8 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         the SiLU, and for packed sequences without fla), and cuDNN's depthwise conv (eager, the CPU path)."""
         B, T, C = qkv.shape
         K = self.conv_kernel_size
-        if backend == "fla" and state is None and qkv.dtype in (torch.float16, torch.bfloat16):
+        plain = is_plain_module(self.conv1d, nn.Conv1d)
+        if backend == "fla" and state is None and qkv.dtype in (torch.float16, torch.bfloat16) and plain:
             weight = self.conv1d.weight[:, 0]  # [C, K]
             if segments is None:
                 return fla_causal_conv1d_silu(qkv, weight)
@@ -931,7 +952,13 @@ class LlamaThinkGatedDeltaNet(nn.Module):
             x = F.pad(qkv, (0, 0, K - 1, 0))  # a fresh sequence sees zeros before position 0
         if state is not None:
             state.conv = x[:, x.shape[1] - (K - 1) :].transpose(1, 2).detach().clone()  # [B, C, K-1]
-        weight = self.conv1d.weight[:, 0].to(x.dtype)  # [C, K]
+        if not plain and segment_pos is None:
+            # Hooked or offloaded (accelerate loads an offloaded weight only inside the call): called as a module.
+            # Output j of a conv padded by P on each side covers inputs j - P .. j - P + K - 1 of x, so the windows
+            # that end at x's last T positions are outputs P .. P + T - 1.
+            pad = self.conv1d.padding[0]
+            return F.silu(self.conv1d(x.transpose(1, 2))[:, :, pad : pad + T].transpose(1, 2))  # [B, T, C]
+        weight = self._conv_taps(x) if not plain else self.conv1d.weight[:, 0].to(x.dtype)  # [C, K]
         if torch.compiler.is_compiling() or segment_pos is not None:
             # Each packed token counts an earlier input only inside its own sequence (packed batches have no state).
             out = None
@@ -1831,14 +1858,26 @@ def chunked_causal_lm_loss(
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, divisor, chunk_rows, chunk_fn)
 
 
+def _as_index(input_ids: torch.Tensor) -> torch.Tensor:
+    """Token ids as the embedding's index dtype: int16 and uint8 ids (which the input checks accept) as int64."""
+    return input_ids.long() if input_ids.dtype in (torch.int16, torch.uint8) else input_ids
+
+
 def is_plain_linear(module: nn.Module) -> bool:
     """True when `module(x)` is exactly `x @ module.weight.T`, so that its weight may be read instead of calling
     the module (`chunked_causal_lm_loss` with the head, `LlamaThinkGatedDeltaNet._gate_projections`): an
-    `nn.Linear` (the exact class, not a subclass such as a PEFT LoRA layer, a quantised or a parametrised Linear,
-    or an FSDP2-sharded one), without bias, with no `forward` replaced on the instance (accelerate's device-map
-    and offload hooks work that way), and with no forward or backward hook on it or registered globally (a user's
-    hook, or an old-style `weight_norm` or pruning pre-hook, must see, and may change, its input and output)."""
-    if type(module) is not nn.Linear or module.bias is not None or "forward" in vars(module):
+    `nn.Linear` without bias that is `is_plain_module`."""
+    return is_plain_module(module, nn.Linear) and module.bias is None
+
+
+def is_plain_module(module: nn.Module, cls: type) -> bool:
+    """True when `module` is exactly of class `cls` (not a subclass such as a PEFT LoRA layer, a quantised or a
+    parametrised layer, or an FSDP2-sharded one), with no `forward` replaced on the instance (accelerate's
+    device-map and offload hooks work that way: an offloaded weight is on the meta device until the module is
+    called), and with no forward or backward hook on it or registered globally (a user's hook, or an old-style
+    `weight_norm` or pruning pre-hook, must see, and may change, its input and output): then its weights may be
+    read instead of calling it."""
+    if type(module) is not cls or "forward" in vars(module) or hasattr(module, "_hf_hook"):
         return False
     if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
         return False
@@ -2210,7 +2249,7 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         past = cache.get_seq_length() if cache is not None else 0
         B, T = self._check_inputs(input_ids, inputs_embeds, attention_mask, past)
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+            inputs_embeds = self.embed_tokens(_as_index(input_ids))
         device = inputs_embeds.device
         if cache is not None and cache.batch_size is not None and cache.batch_size != B:
             raise ValueError(f"the cache holds {cache.batch_size} rows but the input has batch size {B}")
@@ -2236,7 +2275,10 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
                 )
             if (explicit_cache or past > 0) and not bool(key_valid.any(1).all()):  # nothing to continue from
                 empty = key_valid.any(1).logical_not().nonzero().flatten().tolist()
-                raise ValueError(f"attention_mask rows {empty} hold no real token: nothing to continue from")
+                raise ValueError(
+                    f"attention_mask rows {empty} hold no real token: nothing to continue from (a chunk of a "
+                    "left-padded prompt must reach each row's first real token)"
+                )
 
         segments = None
         seq_idx, cu_seqlens = (
@@ -2540,6 +2582,8 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         B, L = input_ids.shape[0], cache.seq_length
         if not (0 < L < self.config.max_position_embeddings and cache.continuable and cache.real_lengths is not None):
             return False  # empty or full caches take the general path (which also reports errors)
+        if any(hasattr(m, "_hf_hook") for m in self.modules()):
+            return False  # accelerate's device-map or offload hooks move weights per call: no fixed buffers
         if cache.batch_size != B or (
             attention_mask is not None and tuple(attention_mask.shape) not in ((B, L + 1), (B, 1))
         ):
@@ -2612,6 +2656,8 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         if cache is not None:
             _check_cache(cache, self.config)
         extra = (inputs_embeds is not None, labels is not None, bool(output_hidden_states))
+        if input_ids is not None and input_ids.dtype in (torch.int16, torch.uint8):
+            input_ids = _as_index(input_ids)  # (the static decoder embeds them directly)
         if self._can_decode_static(input_ids, cache, attention_mask, position_ids, extra):
             logits = self._static_decoder(input_ids.shape[0]).step(cache, input_ids)[:, None]  # [B, 1, vocab]
             if not return_dict:
@@ -2619,6 +2665,10 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
             return LlamaThinkCausalLMOutput(logits=logits, **{_OUTPUT_CACHE_FIELD: cache})
         # before the forward: a host sync here waits only for the previous step's work, and the one for the ids
         # just after it finds the GPU idle; after the forward it would hold the host until the forward ran
+        if labels is not None:
+            if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+                raise ValueError(f"labels must be an integer tensor (token ids, -100 ignored), got {labels.dtype}")
+            labels = labels.long()  # cross-entropy takes int64 targets (a no-op for int64 labels)
         if labels is not None and not torch.compiler.is_compiling():  # (CUDA would assert inside the loss)
             outside = (labels != -100) & ((labels < 0) | (labels >= self.config.vocab_size))
             if bool(outside.any()):

@@ -558,6 +558,18 @@ def test_bad_inputs_raise_clear_errors(model):
     for bad in (96, -1):  # torch's IndexError on the CPU, a device-side assert on CUDA
         with pytest.raises(ValueError, match=rf"labels contains {bad}: neither -100 \(ignored\) nor a token id"):
             model(torch.ones(1, 3, dtype=torch.long), labels=torch.tensor([[-100, bad, 2]]))
+    for dtype in (torch.float32, torch.bool):
+        with pytest.raises(ValueError, match=f"labels must be an integer tensor .* got {dtype}"):
+            model(torch.ones(1, 3, dtype=torch.long), labels=torch.ones(1, 3, dtype=dtype))
+    # ids and labels of the narrower integer types the checks accept are read as int64 (the embedding and
+    # cross-entropy take no others): the same loss and logits
+    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(0))
+    ref = model(ids, labels=ids)
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        out = model(ids.to(dtype), labels=ids.to(dtype))
+        assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss), dtype
+    with torch.no_grad():
+        assert torch.equal(model.model(ids.to(torch.uint8)).last_hidden_state, model.model(ids).last_hidden_state)
     for mask in (torch.full((1, 3), 2), torch.tensor([[0.0, 0.5, 1.0]])):  # 2: transformers would skip a position
         with pytest.raises(ValueError, match=r"attention_mask must hold only 0 \(padding\) and 1"):
             model.generate(torch.ones(1, 3, dtype=torch.long), attention_mask=mask, max_new_tokens=2)
@@ -897,6 +909,15 @@ def test_right_padded_forward_is_exact_for_real_tokens_and_its_cache_refuses_to_
     torch.testing.assert_close(out.logits[1, :7], alone[0], rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="right-padded"):
         model(ids[:, :1], cache=out.cache)
+    # a chunk that ends inside a row's left padding is not right padding: the message says what it is
+    left = torch.ones(2, 12, dtype=torch.long)
+    left[0, :9] = 0
+    with torch.no_grad():
+        first = model(ids[:, :6], attention_mask=left[:, :6], use_cache=None)
+    with pytest.raises(ValueError, match=r"ended inside the left padding of rows \[0\].*reach each row's first real"):
+        model(ids[:, 6:], attention_mask=left, cache=first.cache)
+    with pytest.raises(ValueError, match=r"rows \[0\] hold no real token.*reach each row's first real token"):
+        model(ids[:, :6], attention_mask=left[:, :6], cache=LlamaThinkCache(model.config))
 
 
 def test_reorder_cache_permutes_every_state_kind(model):
@@ -1297,6 +1318,52 @@ def test_wrapped_or_hooked_head_stays_in_the_training_loss(wrap):
             handle.remove()
     assert abs(train[0].item() - plain_loss.item()) > 1e-3  # the wrapper was applied...
     _assert_same_loss_and_gradients(train, evaluated)  # ...in train mode as in eval mode, gradients included
+
+
+def test_offloaded_or_hooked_gated_deltanet_conv_is_called_as_a_module(tmp_path):
+    """accelerate's offloading (`cpu_offload`; `device_map` with a Gated DeltaNet layer on "disk") loads a weight
+    only inside its module's call: the conv must not read `conv1d.weight` behind it (it was the meta device's
+    uninitialised memory: NaN logits). Offloaded models give the resident model's logits, packed logits and greedy
+    tokens; a forward hook on the conv (here doubling its output) applies in the unpacked path (a call with the
+    real input) and in the packed path (taps read from the module's response to an impulse) alike."""
+    from accelerate import cpu_offload
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model()  # float64; mixer types linear, csa, full, linear
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    packed = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]] * 2)  # two documents per row
+    with torch.no_grad():
+        ref, ref_packed = model(ids).logits, model(ids, position_ids=packed).logits
+    ref_tokens = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+
+    offloaded = copy.deepcopy(model)
+    cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    assert not modeling.is_plain_module(offloaded.model.layers[0].mixer.conv1d, torch.nn.Conv1d)
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(ids).logits, ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(offloaded(ids, position_ids=packed).logits, ref_packed, rtol=1e-10, atol=1e-10)
+    assert torch.equal(offloaded.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0), ref_tokens)
+
+    model.save_pretrained(tmp_path / "saved")
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    device_map.update({f"model.layers.{i}": "disk" if i == 0 else "cpu" for i in range(4)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers notes the parameters left on the meta device
+        on_disk = AutoModelForCausalLM.from_pretrained(
+            tmp_path / "saved", device_map=device_map, offload_folder=tmp_path / "offload", dtype=torch.float64
+        )
+    with torch.no_grad():
+        torch.testing.assert_close(on_disk(ids).logits, ref, rtol=1e-10, atol=1e-10)
+
+    hooked = copy.deepcopy(model)
+    for layer in (0, 3):
+        hooked.model.layers[layer].mixer.conv1d.register_forward_hook(lambda mod, args, out: 2 * out)
+    with torch.no_grad():
+        rows = hooked(ids).logits
+        assert (rows - ref).abs().max() > 1e-3  # the hook was applied
+        # the packed rows' documents, each alone: what the packed forward must give with the same hook
+        alone = [hooked(ids[:, a:b]).logits for a, b in ((0, 5), (5, 12))]
+        torch.testing.assert_close(hooked(ids, position_ids=packed).logits, torch.cat(alone, 1), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("chunk_rows, num_items", [(None, None), (7, None), (1, 40)])
