@@ -106,7 +106,7 @@ def build(name: str):
     from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
 
     if name.startswith("llamathink"):
-        # llamathink:<backend>[:no-hc][:eager-decode][:whole][:packed][:head128][:cudagraphs][:cold][:untuned-fla]
+        # llamathink:<backend>[:no-hc][:eager-decode][:whole][:packed][:head128][:cudagraphs][:cold][:untuned-fla][:combo]
         parts = name.split(":")
         head128 = {
             "linear_num_key_heads": 8,

@@ -911,15 +911,31 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         if self.backend != "torch":
             probe_fla()  # now, not on the first forward, where torch.compile would trace the lookup
 
+    def _conv_left_padding(self) -> int:
+        """How many zeros the conv module pads before its input (an int padding, "valid" or "same")."""
+        padding = self.conv1d.padding
+        if padding == "valid":
+            return 0
+        return (self.conv_kernel_size - 1) // 2 if padding == "same" else padding[0]
+
     def _conv_taps(self, like: torch.Tensor) -> torch.Tensor:
-        """The conv's taps [C, K] in `like`'s dtype, read through a call of the module where it is not plain
-        (`is_plain_module`: an offloaded weight is on the meta device until then): its response to a unit impulse
-        [1, C, 2K - 1] at position K - 1. Output j of a conv padded by P covers inputs j - P .. j - P + K - 1, so tap
-        i is output P + K - 1 - i. For packed sequences, whose per-tap masks need the taps apart."""
+        """The conv's taps [C, K] in `like`'s dtype, read through a call of the module, for packed sequences (whose
+        per-tap masks need the taps apart) when the conv is offloaded by accelerate (an offloaded weight is on the
+        meta device until the module is called): its response to a unit impulse [1, C, 2K - 1] at position K - 1.
+        Output j of a conv left-padded by P covers inputs j - P .. j - P + K - 1, so tap i is output P + K - 1 - i.
+        Exact for a bias-free conv whose call only moves weights and tensors (accelerate's hook); any other hook or
+        wrapper would see an impulse instead of its input, so such a conv is refused with packed sequences
+        (ValueError)."""
         conv, K = self.conv1d, self.conv_kernel_size
+        if not _moves_weights_only(conv, nn.Conv1d):
+            raise ValueError(
+                "packed sequences (position_ids restarting inside a row) need the Gated DeltaNet conv's taps, which a "
+                f"hooked or wrapped conv1d ({type(conv).__name__} with forward hooks or a replaced forward) does not "
+                "give without changing what its hooks see; run the documents as separate rows, or remove the hook"
+            )
         impulse = like.new_zeros(1, self.conv_dim, 2 * K - 1)
         impulse[..., K - 1] = 1
-        pad = conv.padding[0]
+        pad = self._conv_left_padding()
         return conv(impulse)[0, :, pad : pad + K].flip(-1).to(like.dtype)  # [C, K]
 
     def _causal_conv(
@@ -954,9 +970,9 @@ class LlamaThinkGatedDeltaNet(nn.Module):
             state.conv = x[:, x.shape[1] - (K - 1) :].transpose(1, 2).detach().clone()  # [B, C, K-1]
         if not plain and segment_pos is None:
             # Hooked or offloaded (accelerate loads an offloaded weight only inside the call): called as a module.
-            # Output j of a conv padded by P on each side covers inputs j - P .. j - P + K - 1 of x, so the windows
-            # that end at x's last T positions are outputs P .. P + T - 1.
-            pad = self.conv1d.padding[0]
+            # Output j of a conv left-padded by P covers inputs j - P .. j - P + K - 1 of x, so the windows that
+            # end at x's last T positions are outputs P .. P + T - 1.
+            pad = self._conv_left_padding()
             return F.silu(self.conv1d(x.transpose(1, 2))[:, :, pad : pad + T].transpose(1, 2))  # [B, T, C]
         weight = self._conv_taps(x) if not plain else self.conv1d.weight[:, 0].to(x.dtype)  # [C, K]
         if torch.compiler.is_compiling() or segment_pos is not None:
@@ -1870,6 +1886,19 @@ def is_plain_linear(module: nn.Module) -> bool:
     return is_plain_module(module, nn.Linear) and module.bias is None
 
 
+def _moves_weights_only(module: nn.Module, cls: type) -> bool:
+    """True when `module` is exactly of class `cls`, bias-free, with no hook but accelerate's device-placement hook
+    (`AlignDevicesHook`: device maps and offloading load the weights for the call and move its tensors, nothing
+    else): its call computes what its weights, once loaded, would."""
+    hook = vars(module).get("_hf_hook")
+    if type(module) is not cls or hook is None or getattr(module, "bias", None) is not None:
+        return False
+    from accelerate.hooks import AlignDevicesHook, SequentialHook
+
+    hooks = hook.hooks if isinstance(hook, SequentialHook) else [hook]
+    return all(type(h) is AlignDevicesHook for h in hooks) and not _has_torch_hooks(module)
+
+
 def is_plain_module(module: nn.Module, cls: type) -> bool:
     """True when `module` is exactly of class `cls` (not a subclass such as a PEFT LoRA layer, a quantised or a
     parametrised layer, or an FSDP2-sharded one), with no `forward` replaced on the instance (accelerate's
@@ -1877,12 +1906,17 @@ def is_plain_module(module: nn.Module, cls: type) -> bool:
     called), and with no forward or backward hook on it or registered globally (a user's hook, or an old-style
     `weight_norm` or pruning pre-hook, must see, and may change, its input and output): then its weights may be
     read instead of calling it."""
-    if type(module) is not cls or "forward" in vars(module) or hasattr(module, "_hf_hook"):
+    if type(module) is not cls or "forward" in vars(module) or "_hf_hook" in vars(module):
         return False
+    return not _has_torch_hooks(module)
+
+
+def _has_torch_hooks(module: nn.Module) -> bool:
+    """A forward or backward hook on `module`, or one registered for every module."""
     if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
-        return False
+        return True
     registry = torch.nn.modules.module
-    return not any(
+    return any(
         getattr(registry, name, None)
         for name in (
             "_global_forward_hooks",
@@ -2572,6 +2606,17 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
             if decoder.owner is not None and decoder.owner() is not None:
                 decoder.owner().materialize()
 
+    def _static_decoding_safe(self) -> bool:
+        """False where the static step's fixed buffers or direct weight reads would bypass a module's call:
+        accelerate's device-map or offload hooks (they move weights per call), or a hooked or wrapped Gated DeltaNet
+        conv (`decode_static` reads its weight)."""
+        for m in self.modules():
+            if "_hf_hook" in vars(m):
+                return False
+            if isinstance(m, LlamaThinkGatedDeltaNet) and not is_plain_module(m.conv1d, nn.Conv1d):
+                return False
+        return True
+
     def _can_decode_static(self, input_ids, cache, attention_mask, position_ids, extra) -> bool:
         if cache is None or input_ids is None or input_ids.shape[1] != 1 or any(extra):
             return False
@@ -2582,8 +2627,8 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         B, L = input_ids.shape[0], cache.seq_length
         if not (0 < L < self.config.max_position_embeddings and cache.continuable and cache.real_lengths is not None):
             return False  # empty or full caches take the general path (which also reports errors)
-        if any(hasattr(m, "_hf_hook") for m in self.modules()):
-            return False  # accelerate's device-map or offload hooks move weights per call: no fixed buffers
+        if cache._static is None and not self._static_decoding_safe():  # once per cache entering the static path
+            return False
         if cache.batch_size != B or (
             attention_mask is not None and tuple(attention_mask.shape) not in ((B, L + 1), (B, 1))
         ):

@@ -1323,9 +1323,11 @@ def test_wrapped_or_hooked_head_stays_in_the_training_loss(wrap):
 def test_offloaded_or_hooked_gated_deltanet_conv_is_called_as_a_module(tmp_path):
     """accelerate's offloading (`cpu_offload`; `device_map` with a Gated DeltaNet layer on "disk") loads a weight
     only inside its module's call: the conv must not read `conv1d.weight` behind it (it was the meta device's
-    uninitialised memory: NaN logits). Offloaded models give the resident model's logits, packed logits and greedy
-    tokens; a forward hook on the conv (here doubling its output) applies in the unpacked path (a call with the
-    real input) and in the packed path (taps read from the module's response to an impulse) alike."""
+    uninitialised memory: NaN logits). Offloaded models give the resident model's logits, packed logits (taps read
+    from the module's response to an impulse) and greedy tokens. A forward hook on the conv (here adding to its
+    output) applies in the unpacked path, a call with the real input, and in cached decoding (the static decoder,
+    which reads the conv's weight, steps aside); with packed rows, where its taps are needed apart, such a conv is
+    refused by name rather than shown an impulse."""
     from accelerate import cpu_offload
     from transformers import AutoModelForCausalLM
 
@@ -1357,13 +1359,17 @@ def test_offloaded_or_hooked_gated_deltanet_conv_is_called_as_a_module(tmp_path)
 
     hooked = copy.deepcopy(model)
     for layer in (0, 3):
-        hooked.model.layers[layer].mixer.conv1d.register_forward_hook(lambda mod, args, out: 2 * out)
+        hooked.model.layers[layer].mixer.conv1d.register_forward_hook(lambda mod, args, out: out + 0.1)
     with torch.no_grad():
         rows = hooked(ids).logits
         assert (rows - ref).abs().max() > 1e-3  # the hook was applied
-        # the packed rows' documents, each alone: what the packed forward must give with the same hook
-        alone = [hooked(ids[:, a:b]).logits for a, b in ((0, 5), (5, 12))]
-        torch.testing.assert_close(hooked(ids, position_ids=packed).logits, torch.cat(alone, 1), rtol=1e-9, atol=1e-9)
+        # generation: the static one-token path (on for every device here) must not skip the hook
+        hooked.config.decode_cuda_graphs = "always"
+        fast = hooked.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        hooked.config.decode_cuda_graphs = False
+        assert torch.equal(fast, hooked.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
+        with pytest.raises(ValueError, match="packed sequences .* hooked or wrapped conv1d"):
+            hooked(ids, position_ids=packed)
 
 
 @pytest.mark.parametrize("chunk_rows, num_items", [(None, None), (7, None), (1, 40)])

@@ -175,6 +175,9 @@ def test_settings_of_every_type_parse_from_yaml_and_the_command_line(tmp_path):
     assert cli.adamw_betas == (0.8, 0.9) and cli.compile is False and cli.peak_tflops is None
     assert cli.wandb_project is None and cli.sample_prompts == ["Hello", "a, b"] and cli.max_steps == 2000
     assert pretrain.load_config(None, ["--adamw_betas", "(0.5, 0.6)"]).adamw_betas == (0.5, 0.6)
+    quoted = tmp_path / "quoted.yaml"
+    quoted.write_text('max_steps: "9007199254740993"\n')  # digits as text are read exactly, not through a float
+    assert pretrain.load_config(str(quoted)).max_steps == 2**53 + 1
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ setting and the value.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -196,10 +197,13 @@ def coerce_setting(value, annotation, name: str, where: str = ""):
     if origin is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, str):  # digits are read exactly, however many
+            with contextlib.suppress(ValueError):
+                return int(value.strip().replace("_", ""))
         number = _as_float(value, label, kind="an integer")
         if not number.is_integer():
             raise ValueError(f"{label} expects an integer, got {value!r}")
-        if abs(number) > 2**53:  # through a float it would be rounded: 1e30 became 1000000000000000019884624838656
+        if abs(number) >= 2**53:  # through a float it would be rounded: 1e30 became 1000000000000000019884624838656
             raise ValueError(
                 f"{label} expects an integer written exactly, got {value!r}: past 2**53 this form is rounded; "
                 "write the integer's digits"
