@@ -118,7 +118,7 @@ class ChatSession:
         notices: TextIO | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
-        self.system = system
+        self.system = system if system and system.strip() else None  # blank: no system block, as in training data
         self.settings = settings or GenerationSettings()
         window = getattr(model.config, "max_position_embeddings", None)
         if max_context is not None and window is not None and max_context > window:  # history would never be cut
@@ -127,9 +127,10 @@ class ChatSession:
             )
         self.max_context = int(max_context or window or 2048)
         self.notices = notices
-        if system:  # refused once here, not at every turn (as "message 0" or "the message is too long")
-            check_content(0, system, "the system prompt")
-            taken = len(prompt_ids(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": ""}]))
+        if self.system:  # refused once here, not at every turn (as "message 0" or "the message is too long")
+            check_content(0, self.system, "the system prompt")
+            first = [{"role": "system", "content": self.system}, {"role": "user", "content": ""}]
+            taken = len(prompt_ids(tokenizer, first))
             if taken > self.max_context - self.reserve:
                 raise ValueError(
                     f"the system prompt takes {taken} tokens with the chat template; the context window holds "

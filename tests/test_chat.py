@@ -330,13 +330,20 @@ def test_messages_without_text_content_are_invalid_rows_not_empty_replies(tmp_pa
             ]
         },
     ]
+    # a reply that is empty once the template strips it: the same stop-at-once reply, from text
+    blank = ("", "  \n ", [{"type": "text", "text": ""}])
+    rows += [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": c}]} for c in blank]
+    rows.append({"conversation": "<person1> hi <person2>   "})
+    # a blank system message says nothing: dropped, not rendered as an empty system block
+    rows.append({"messages": [{"role": "system", "content": " "}, *good["messages"]]})
     path = tmp_path / "chats.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     stats, skipped = Counter(), []
-    assert load_conversations(str(path), stats=stats, skipped=skipped) == [
-        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-    ]
-    assert stats["invalid"] == 5
+    assert (
+        load_conversations(str(path), stats=stats, skipped=skipped)
+        == [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]] * 2
+    )
+    assert stats["invalid"] == 9
     # the first three are described, by row and reason
     assert [why.split(":")[0] for why in skipped] == [f"{path} row {n}" for n in (2, 3, 4)], skipped
     assert all(len(why.split(": ", 1)[1]) > 5 for why in skipped), skipped
@@ -881,6 +888,12 @@ def test_the_guard_character_is_refused_everywhere(tok, tmp_path):
     assert [m["content"] for m in session.messages][::2] == ["hi", "hello"]
     with pytest.raises(ValueError, match="the system prompt contains U\\+FDD0"):
         ChatSession(tiny_chat_model(max_positions=64), tok, system="be \ufdd0 brief")
+    # a blank system prompt is none (training data drops blank system messages): no empty system block
+    for blank in ("", "  \t"):
+        assert ChatSession(tiny_chat_model(max_positions=64), tok, system=blank).messages == []
+    assert finetune.load_config(None, ["--init_from", "x", "--system_prompt", " "]).system_prompt is None
+    with pytest.raises(ValueError, match="system_prompt is blank"):  # set in code, where no settings file reads it
+        finetune.FinetuneConfig(init_from="x", out_dir=str(tmp_path / "ft"), system_prompt="\n ")
 
 
 def test_the_guard_is_saved_and_changes_nothing_else(tok, tmp_path):

@@ -1324,3 +1324,13 @@ def test_a_missing_input_fails_before_the_output_folder_is_made(tmp_path, small_
     with pytest.raises(FileNotFoundError, match="does not exist"):
         prepare(LocalSource([str(tmp_path / "typo.jsonl")]), tmp_path / "out", small_tok, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("max_docs", [0, -1])
+def test_a_document_limit_below_one_is_refused_before_anything_is_written(tmp_path, small_tok, max_docs):
+    """`--max-docs 0` or a negative limit would read nothing and then fail on the empty result, naming
+    --val-docs and leaving an unfinishable preparation behind: it is refused by name first."""
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=f"max_docs must be >= 1 or None \\(no limit\\), got {max_docs}"):
+        prepare(["one document", "another"], out, small_tok, max_docs=max_docs, num_workers=1, progress=False)
+    assert not out.exists()

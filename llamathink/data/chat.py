@@ -94,12 +94,19 @@ def row_to_messages(row: dict, data_format: str = "auto") -> list[dict]:
         else:
             raise ValueError(f"row has none of the keys messages, conversations, conversation: {sorted(row)}")
     if data_format == "messages":
-        return normalize_messages(row["messages"])
-    if data_format == "sharegpt":
-        return normalize_messages(row["conversations"])
-    if data_format == "person":
-        return parse_person_conversation(row["conversation"])
-    raise ValueError(f"unknown data_format {data_format!r}; use auto, messages, sharegpt or person")
+        messages = normalize_messages(row["messages"])
+    elif data_format == "sharegpt":
+        messages = normalize_messages(row["conversations"])
+    elif data_format == "person":
+        messages = parse_person_conversation(row["conversation"])
+    else:
+        raise ValueError(f"unknown data_format {data_format!r}; use auto, messages, sharegpt or person")
+    for i, message in enumerate(messages):
+        # the template strips content: a blank reply would train the model to end its turn at once
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise ValueError(f"message {i}: the assistant's reply is empty (or only whitespace)")
+    # a blank system message says nothing, and would render an empty system block that chat never writes
+    return [m for m in messages if m["role"] != "system" or m["content"].strip()]
 
 
 def sample_conversations_path() -> Path:

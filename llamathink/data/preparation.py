@@ -778,8 +778,12 @@ def tokenizer_fingerprint(tok) -> str | None:
     return _tokenizer_fingerprint(*_tokenizer_payload(tok))
 
 
-def _check_settings(shard_tokens: int, val_docs: int, max_doc_chars: int | None, batch_docs: int) -> None:
+def _check_settings(
+    shard_tokens: int, val_docs: int, max_doc_chars: int | None, batch_docs: int, max_docs: int | None = None
+) -> None:
     """Raise ``ValueError`` naming the first setting of :func:`prepare` that is out of range."""
+    if max_docs is not None and max_docs < 1:
+        raise ValueError(f"max_docs must be >= 1 or None (no limit), got {max_docs}")
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
     if val_docs < 0:
@@ -1209,7 +1213,7 @@ def prepare(
     Returns the meta dict (also written to ``meta.json``); when stopped early it
     returns ``{"complete": False, ...progress...}``.
     """
-    _check_settings(shard_tokens, val_docs, max_doc_chars, batch_docs)
+    _check_settings(shard_tokens, val_docs, max_doc_chars, batch_docs, max_docs)
     tok, tok_name = _resolve_tokenizer(tokenizer)
     vocab_size, bos_id, eos_id = _shard_token_ids(tok, tok_name)
     kind, payload = _tokenizer_payload(tok)
