@@ -894,6 +894,8 @@ def test_the_guard_character_is_refused_everywhere(tok, tmp_path):
     assert finetune.load_config(None, ["--init_from", "x", "--system_prompt", " "]).system_prompt is None
     with pytest.raises(ValueError, match="system_prompt is blank"):  # set in code, where no settings file reads it
         finetune.FinetuneConfig(init_from="x", out_dir=str(tmp_path / "ft"), system_prompt="\n ")
+    with pytest.raises(ValueError, match="system_prompt must be text or null, got 5"):
+        finetune.FinetuneConfig(init_from="x", out_dir=str(tmp_path / "ft"), system_prompt=5)
 
 
 def test_the_guard_is_saved_and_changes_nothing_else(tok, tmp_path):

@@ -105,6 +105,8 @@ class FinetuneConfig(RunConfig):
             raise ValueError(f"data_format must be auto, messages, sharegpt or person, got {self.data_format!r}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise ValueError(f"system_prompt must be text or null, got {self.system_prompt!r}")
         if self.system_prompt is not None and not self.system_prompt.strip():
             raise ValueError(
                 "system_prompt is blank: the template would render an empty system block; use null for none"
