@@ -2701,26 +2701,26 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         if cache is not None:
             _check_cache(cache, self.config)
         extra = (inputs_embeds is not None, labels is not None, bool(output_hidden_states))
-        if input_ids is not None and input_ids.dtype in (torch.int16, torch.uint8):
+        if input_ids is not None:
             input_ids = _as_index(input_ids)  # (the static decoder embeds them directly)
         if self._can_decode_static(input_ids, cache, attention_mask, position_ids, extra):
             logits = self._static_decoder(input_ids.shape[0]).step(cache, input_ids)[:, None]  # [B, 1, vocab]
             if not return_dict:
                 return (logits, cache)
             return LlamaThinkCausalLMOutput(logits=logits, **{_OUTPUT_CACHE_FIELD: cache})
-        # before the forward: a host sync here waits only for the previous step's work, and the one for the ids
-        # just after it finds the GPU idle; after the forward it would hold the host until the forward ran
         if labels is not None:
             if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
                 raise ValueError(f"labels must be an integer tensor (token ids, -100 ignored), got {labels.dtype}")
             labels = labels.long()  # cross-entropy takes int64 targets (a no-op for int64 labels)
-        if labels is not None and not torch.compiler.is_compiling():  # (CUDA would assert inside the loss)
-            outside = (labels != -100) & ((labels < 0) | (labels >= self.config.vocab_size))
-            if bool(outside.any()):
-                raise ValueError(
-                    f"labels contains {labels[outside][0].item()}: neither -100 (ignored) nor a token id in the "
-                    f"vocabulary [0, {self.config.vocab_size})"
-                )
+            # before the forward: a host sync here waits only for the previous step's work, and the one for the ids
+            # just after it finds the GPU idle; after the forward it would hold the host until the forward ran
+            if not torch.compiler.is_compiling():  # (CUDA would assert inside the loss)
+                outside = (labels != -100) & ((labels < 0) | (labels >= self.config.vocab_size))
+                if bool(outside.any()):
+                    raise ValueError(
+                        f"labels contains {labels[outside][0].item()}: neither -100 (ignored) nor a token id in the "
+                        f"vocabulary [0, {self.config.vocab_size})"
+                    )
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
