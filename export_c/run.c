@@ -2799,9 +2799,10 @@ static int chat_main(const Model *m, State *s, const Tokenizer *tk, ProbIdx *pi,
                 utf8_invalid_at(system, strlen(system)));
         return 1;
     }
-    if (system && *system) c.system = strip_dup(system); /* llamathink-chat: an empty --system is none */
+    if (system && !(c.system = strip_dup(system))) { fprintf(stderr, "error: out of memory\n"); return 1; }
+    if (c.system && !*c.system) { free(c.system); c.system = NULL; } /* llamathink-chat: a blank --system is none */
     c.ctx = (int *)malloc(sizeof(int) * ((size_t)m->max_pos + 2));
-    if (!c.ctx || (system && *system && !c.system)) { fprintf(stderr, "error: out of memory\n"); return 1; }
+    if (!c.ctx) { fprintf(stderr, "error: out of memory\n"); return 1; }
     char err[256];
     int rc = 0;
     if (c.system) { /* as llamathink-chat: a system prompt that cannot fit is refused once, here */

@@ -1823,6 +1823,11 @@ def test_chat_typed_control_tokens_give_the_same_ids_in_python_and_c(run_bin, wh
         assert prompts == [ours], msg
         assert ours == _template_ids(tok, messages), msg
         assert ours.count(bos) == 1 and ours[0] == bos and eos not in ours, msg
+    # a blank -y is no system prompt, as a blank --system is in llamathink-chat (tests/test_chat.py): no empty block
+    plain = prompt_ids(tok, [{"role": "user", "content": "Hi"}])
+    for blank in ("", " \t "):
+        _, prompts = _chat(run_bin, setup, "-i", "Hi", "-y", blank, "-n", "0", "--print-prompt-ids")
+        assert prompts == [plain], repr(blank)
     # two turns over stdin: the only EOS is the one that closes the (empty) reply
     lines = [m for m in CHAT_TRICKY if "\n" not in m.strip()]
     _, prompts = _chat(run_bin, setup, "-n", "0", "--print-prompt-ids", stdin="\n".join(lines).encode() + b"\n")
