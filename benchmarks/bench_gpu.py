@@ -21,8 +21,10 @@ instead of taking the package's recorded choices, `LLAMATHINK_FLA_TUNED_CONFIGS=
 kernels built by a child process while the first step compiles, `start_fla_prebuild`, as the pretraining loop
 does). On any model, `:cudagraphs`
 compiles with `mode="reduce-overhead"` (the compiled kernels replayed as CUDA graphs: no per-kernel launch cost on
-the host), `:combo` with inductor's combo kernels (the run setting `combo_kernels`) and `:cold` runs the process with new, empty compiler caches (Triton's, inductor's, tilelang's), so that
-its first step is what a fresh machine pays, however warm this one is.
+the host) and `:cold` runs the process with new, empty compiler caches (Triton's, inductor's, tilelang's), so that
+its first step is what a fresh machine pays, however warm this one is. Compiled LlamaThink uses inductor's combo
+kernels, as the run setting `combo_kernels` does by default (`:no-combo`: inductor's defaults); a peer uses them
+with `:combo`.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ LLAMATHINK_VARIANTS = (
     "cold",
     "untuned-fla",
     "prebuild",
-    "combo",
+    "no-combo",
 )
 PEERS = ("hf-llama", "hf-qwen3.5")
 PEER_VARIANTS = ("cudagraphs", "cold", "combo")
@@ -106,7 +108,7 @@ def build(name: str):
     from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
 
     if name.startswith("llamathink"):
-        # llamathink:<backend>[:no-hc][:eager-decode][:whole][:packed][:head128][:cudagraphs][:cold][:untuned-fla][:combo]
+        # llamathink:<backend>[:no-hc][:eager-decode][:whole][:packed][:head128][:cudagraphs][:cold][:untuned-fla][:no-combo]
         parts = name.split(":")
         head128 = {
             "linear_num_key_heads": 8,
@@ -233,8 +235,11 @@ def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False) -> d
 
         regional = name.startswith("llamathink") and ":whole" not in name
         scope = "layers" if regional else "model"
-        # the run settings compile_mode and combo_kernels, as the training loop passes them to torch.compile
-        kwargs = compile_kwargs("reduce-overhead" if cudagraphs else "default", combo_kernels=":combo" in name)
+        # the run settings compile_mode and combo_kernels, as the training loop passes them to torch.compile:
+        # LlamaThink with the setting's default (combo kernels; `:no-combo` inductor's defaults), peers as
+        # torch.compile compiles them (`:combo` with combo kernels)
+        combo = ":no-combo" not in name if name.startswith("llamathink") else ":combo" in name
+        kwargs = compile_kwargs("reduce-overhead" if cudagraphs else "default", combo_kernels=combo)
         step_model = model.compile_layers(**kwargs) if regional else torch.compile(model, **kwargs)
     else:
         step_model = model

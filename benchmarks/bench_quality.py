@@ -20,7 +20,8 @@ rest the test set, read once at the end of each run for the figure that is repor
 
 A run is `NAME:key=value,key=value`. Keys: `model` (llamathink, hf-qwen3.5, hf-llama), `compile` (0/1),
 `compile_mode` (`torch.compile`'s mode; `reduce-overhead` replays CUDA graphs, as `compile_mode` in training,
-opt-in: BENCHMARKS.md sections 1a+ and 1a++),
+opt-in: BENCHMARKS.md sections 1a+ and 1a++), `combo_kernels` (0/1: inductor's combo kernels, as the run setting;
+default 1 for llamathink, as training compiles it, 0 for the peers, as torch.compile compiles them),
 `optimizer` (muon, adamw), `muon_lr`, `adamw_lr`, `weight_decay`, `seed`, `adamw_suffixes` (parameter-name
 suffixes, `/`-separated, routed to AdamW instead of Muon: `classify_parameter`'s `extra_adamw_suffixes`); for
 llamathink also any
@@ -71,6 +72,7 @@ from bench_gpu import build as build_peer, versions  # noqa: E402
 
 from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM  # noqa: E402
 from llamathink.modeling_llamathink import LlamaThinkCompressedSparseAttention, apply_rotary, uses_cuda_graphs
+from llamathink.train.loop import compile_kwargs
 from llamathink.train.pretrain import COMPILE_MODES
 from llamathink.data import TokenBatchLoader, document_position_ids, find_shards, load_meta, open_shard  # noqa: E402
 
@@ -79,6 +81,7 @@ RUN_KEYS = {
     "model",
     "compile",
     "compile_mode",
+    "combo_kernels",
     "optimizer",
     "muon_lr",
     "adamw_lr",
@@ -135,7 +138,7 @@ def parse_run(spec: str) -> dict:
         if not eq:
             raise ValueError(f"run {name!r}: {part!r} is not key=value")
         value = _value(raw)
-        if key in ("compile", "document_masking"):
+        if key in ("compile", "document_masking", "combo_kernels"):
             run[key] = bool(value)
         elif key == "adamw_suffixes":
             run[key] = str(value).split("/")
@@ -181,6 +184,7 @@ def parse_run(spec: str) -> dict:
         raise ValueError(f"run {name!r}: compile_mode must be one of {COMPILE_MODES}, got {run['compile_mode']!r}")
     if run.get("compile_mode", "default") != "default" and not run["compile"]:
         raise ValueError(f"run {name!r}: compile_mode needs compile=1")
+    run.setdefault("combo_kernels", run["model"] == "llamathink")
     return run
 
 
@@ -405,13 +409,13 @@ def train_run(run: dict, args, val: np.ndarray, test: np.ndarray, device: torch.
     optimizer = build_optimizer(model, settings, extra_adamw_suffixes=run.get("adamw_suffixes", ()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, settings))
     step_model = model
-    compile_kwargs = {"mode": run.get("compile_mode", "default")}
-    cuda_graphs = run["compile"] and uses_cuda_graphs(compile_kwargs)
+    how = compile_kwargs(run.get("compile_mode", "default"), run["combo_kernels"])
+    cuda_graphs = run["compile"] and uses_cuda_graphs(how)
     if run["compile"]:  # LlamaThink as `compile: true` trains (layer by layer); the peers as one graph
         if hasattr(model, "compile_layers"):
-            step_model = model.compile_layers(**compile_kwargs)
+            step_model = model.compile_layers(**how)
         else:
-            step_model = torch.compile(model, **compile_kwargs)
+            step_model = torch.compile(model, **how)
     if cuda_graphs:  # as `run_training`: gradients accumulate into tensors kept for the run, never graph outputs
         for p in model.parameters():
             p.grad = torch.zeros_like(p)

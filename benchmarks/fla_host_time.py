@@ -88,7 +88,7 @@ def main() -> None:
     fwd, bwd = kl._fla_chunk_internals()
     cfwd, cbwd = kl._fla_conv_internals()
     ops = torch.ops.llamathink
-    g_cum, _, A, _ = ops.fla_chunk_gdn(q, k, v, g, beta, scale, None, False)
+    _, _, g_cum, A = ops.fla_chunk_gdn(q, k, v, g, beta, scale, None, False)  # (o, final state, gates, A)
     calls = {
         "gdn forward, fla direct": lambda: fwd(
             q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=None, output_final_state=False

@@ -29,11 +29,11 @@
 #                                                        # tree before it (OLD); HC=1: without hyper-connections
 #   OLD=/abs/old_tree [SEEDS=8] OUT=/abs/dir bash benchmarks/gpu_suite.sh seeds  # a change's bf16 gradient errors
 #                                                        # against the float32 reference over seeds, both trees
-#   OUT=results_dir bash benchmarks/gpu_suite.sh combo  # inductor's combo kernels (`combo_kernels: true`): its
-#                                                        # GPU test and cold first steps (half 0); batch 16 and 64
-#                                                        # with and without, ours and HF Llama's (half 1)
+#   OUT=results_dir bash benchmarks/gpu_suite.sh combo  # inductor's combo kernels (`combo_kernels`, on by default)
+#                                                        # against inductor's defaults: the GPU test and cold first
+#                                                        # steps (half 0); batch 16 and 64, ours and HF Llama's (half 1)
 #   SETS="name=KEY=VALUE[+...] ..." OUT=results_dir bash benchmarks/gpu_suite.sh inductor  # inductor options
-#                                                        # for the compiled layers against the defaults, by kind
+#                                                        # for the compiled layers against training's (combo kernels)
 #   OUT=results_dir bash benchmarks/gpu_suite.sh profile # torch.profiler view of the eager and compiled steps,
 #                                                        # generate() with fla, HF Qwen3.5 compiled (slow to compile)
 # Every benchmark has its own time limit so that a slow one cannot eat the others' time, and writes what it
@@ -167,18 +167,19 @@ elif [ "$PART" = seeds ]; then  # issue 17: a change's bf16 gradient errors agai
         seeds new
         seeds old "${OLD:?set OLD to a checkout of the code before the change}"; }  # this tree's script, OLD's model
     half1() { :; }
-elif [ "$PART" = combo ]; then  # issue 17: what `combo_kernels: true` must show before it becomes the default
+elif [ "$PART" = combo ]; then  # issue 17: `combo_kernels` (the default since session 25) against inductor's defaults
     half0() {
         timeout 200 python -m pytest -q -p no:cacheprovider --tb=short -rfEs tests/test_gpu.py -k combo_kernels \
             > "$OUT/test_gpu_combo.log" 2>&1; grep -v Warn "$OUT/test_gpu_combo.log" | tail -5
         bench 360 combo_cold --compiled-only --no-generate --budget-s 170 --train-batches 16 \
-            --models llamathink:fla:cold:prebuild,llamathink:fla:combo:cold:prebuild; }
+            --models llamathink:fla:no-combo:cold:prebuild,llamathink:fla:cold:prebuild; }
     half1() {
         bench 580 combo_warm --compiled-only --no-generate --budget-s 140 --train-batches 16,64 \
-            --models llamathink:fla,llamathink:fla:combo,hf-llama,hf-llama:combo; }
-elif [ "$PART" = inductor ]; then  # issue 17: inductor options for the compiled layers against its defaults, each
+            --models llamathink:fla:no-combo,llamathink:fla,hf-llama,hf-llama:combo; }
+elif [ "$PART" = inductor ]; then  # issue 17: inductor options for the compiled layers against training's, each
     # set in its own process (profile_gpu --inductor-option). SETS="name=KEY=VALUE[+KEY=VALUE...] ...", e.g.
-    # SETS="cdt=coordinate_descent_tuning=True"; BATCHES (default "16 64"); DEFAULTS=0: no row with the defaults.
+    # SETS="cdt=coordinate_descent_tuning=True" (combo_kernels=False: inductor's defaults); BATCHES (default "16 64");
+    # DEFAULTS=0: no row with training's options (combo kernels on).
     export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor
     for item in ${SETS:?set SETS, e.g. cdt=coordinate_descent_tuning=True}; do  # refused before any GPU work
         case "$item" in

@@ -451,7 +451,8 @@ def main(argv=None) -> int:
         default=[],
         metavar="KEY=VALUE",
         help="an inductor option for the compiled layers (torch.compile's options; repeatable), e.g. "
-        "coordinate_descent_tuning=True; VALUE is read as a Python literal (needs --compile)",
+        "coordinate_descent_tuning=True; VALUE is read as a Python literal (needs --compile). The layers compile "
+        "with combo_kernels=True, as training does by default; combo_kernels=False gives inductor's defaults",
     )
     parser.add_argument(
         "--eager-ops",
@@ -506,8 +507,8 @@ def main(argv=None) -> int:
     if args.compile:
         from torch._dynamo.utils import counters
 
-        # regional compilation, as `compile: true` trains
-        compiled = model.compile_layers(options=options) if options else model.compile_layers()
+        # regional compilation with the run setting combo_kernels' default, as `compile: true` trains
+        compiled = model.compile_layers(options={"combo_kernels": True, **options})
         report.append("## top kernels of one compiled training step (each decoder layer compiled)")
         report.append(
             kernel_table(

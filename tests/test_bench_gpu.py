@@ -17,7 +17,7 @@ import bench_gpu as bg  # noqa: E402
         "llamathink:torch:no-hc:packed",
         "llamathink:fla:cold:untuned-fla",
         "hf-llama:cold",
-        "llamathink:fla:combo:cudagraphs",
+        "llamathink:fla:no-combo:cudagraphs",
         "hf-llama:combo",
     ],
 )
@@ -33,6 +33,8 @@ def test_known_model_names_pass(name):
         ("llamathink:fla:COLD", "unknown variant 'COLD' of llamathink"),
         ("llamathink:fla:cold ", "unknown variant 'cold ' of llamathink"),
         ("hf-llama:untuned-fla", "unknown variant 'untuned-fla' of hf-llama"),
+        ("llamathink:fla:combo", "unknown variant 'combo' of llamathink"),  # its default: `:no-combo` turns it off
+        ("hf-llama:no-combo", "unknown variant 'no-combo' of hf-llama"),
         ("hf-mistral", "unknown model"),
     ],
 )

@@ -369,3 +369,12 @@ def test_plots_refuse_what_would_draw_a_wrong_line(tmp_path, capsys):
             bq.main(["--plot", *files, *extra, "--plot-out", str(tmp_path / "x.png")])
         assert re.search(message, capsys.readouterr().err), (files, extra, message)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_runs_compile_with_combo_kernels_as_training_does():
+    """A LlamaThink run compiles with combo kernels unless told not to (the run setting `combo_kernels`' default);
+    the peers as torch.compile compiles them, unless told to use them."""
+    assert bq.parse_run("r:compile=1")["combo_kernels"] is True
+    assert bq.parse_run("r:compile=1,combo_kernels=0")["combo_kernels"] is False
+    assert bq.parse_run("r:model=hf-llama,compile=1")["combo_kernels"] is False
+    assert bq.parse_run("r:model=hf-llama,compile=1,combo_kernels=1")["combo_kernels"] is True

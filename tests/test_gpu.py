@@ -473,15 +473,28 @@ def test_cuda_graph_training_accumulates_and_evaluates_like_compiled_layers(dete
 
 @needs_fla
 def test_combo_kernels_train_like_the_default_compiled_layers(deterministic):
-    """`combo_kernels: true` (inductor's combo kernels: independent kernels of a compiled layer launched as one)
-    runs the same per-element code as the default mode in fewer launches: three SGD steps with accumulation and an
-    evaluation give the default mode's losses, evaluation losses and weights (to SAME_KERNELS, deterministic
-    algorithms)."""
+    """`combo_kernels: true` (the run setting's default: independent kernels of a compiled layer launched as one)
+    against inductor's defaults, three SGD steps with accumulation and an evaluation, deterministic algorithms. The
+    first step's losses are the defaults' (forwards of the same per-element code, to SAME_KERNELS). Later ones may
+    round differently, since a combo kernel's reductions take their own block sizes, so every later loss,
+    evaluation loss and weight must be no further from the defaults' than eager training's are: bf16 kernels' own
+    rounding, where a wrong kernel would be far beyond (on the H200, session 25: 0.45x eager's loss gap, 0.43x its
+    weight gap)."""
     _skip_without_fla_backward("fla")
     batches = [torch.randint(1, 96, (2, 128), generator=torch.Generator().manual_seed(s)).cuda() for s in (0, 1) * 3]
     plain = _sgd_training("default", batches, 2, True)
     combo = _sgd_training("default", batches, 2, True, combo_kernels=True)
-    _assert_same_training(combo, plain)
+    eager = _sgd_training("eager", batches, 2, True)
+    torch.testing.assert_close(combo[0][:2], plain[0][:2], rtol=SAME_KERNELS, atol=0)
+
+    def gaps(run):  # (largest relative gap of a loss or evaluation loss, of a weight tensor) to the defaults'
+        losses = max(abs(a - b) / abs(b) for a, b in zip(run[0] + run[1], plain[0] + plain[1]))
+        return losses, largest_gap(run[2], plain[2])[0]
+
+    (combo_losses, combo_weights), (eager_losses, eager_weights) = gaps(combo), gaps(eager)
+    assert 0 < eager_losses and 0 < eager_weights  # the scale is rounding, not nothing
+    assert combo_losses <= eager_losses, ("losses", combo_losses, eager_losses)
+    assert combo_weights <= eager_weights, ("weights", combo_weights, eager_weights)
     assert plain[1][-1] < plain[1][0] - 0.02  # the steps trained
 
 

@@ -885,7 +885,7 @@ def test_cuda_graph_compile_mode_accumulates_into_kept_gradients(sample_data, mo
     compile_layers = LlamaThinkPreTrainedModel.compile_layers
 
     def fake_compile_layers(self, **kw):
-        modes.append(kw.get("mode"))
+        modes.append(kw)
         models.append(self)
         return compile_layers(self, backend="eager")
 
@@ -913,7 +913,10 @@ def test_cuda_graph_compile_mode_accumulates_into_kept_gradients(sample_data, mo
         compile_mode="reduce-overhead",
     )
     graphs = pretrain.train(cfg)
-    assert modes == ["reduce-overhead"] and len(marks) == 4 * cfg.grad_accum
+    # the mode's inductor options (CUDA graphs) plus the default combo kernels
+    assert (
+        modes == [{"options": {"triton.cudagraphs": True, "combo_kernels": True}}] and len(marks) == 4 * cfg.grad_accum
+    )
     assert set(zero_grad_calls) == {False}
     assert all(p.grad is not None for p in models[0].parameters())  # kept, zeroed after the last step
     assert all(not p.grad.any() for p in models[0].parameters())
@@ -926,10 +929,11 @@ def test_cuda_graph_compile_mode_accumulates_into_kept_gradients(sample_data, mo
 
 
 def test_combo_kernels_reach_torch_compile_as_inductor_options(sample_data, model_json, tmp_path, monkeypatch):
-    """`combo_kernels: true` compiles the layers with inductor's options for the run's `compile_mode` plus
-    `combo_kernels` (torch.compile takes a mode or options, not both): a CUDA-graph mode keeps its CUDA graphs; a
-    mode torch.compile lacks, or the setting without `compile: true`, is an error naming it. (Whether the kernels it
-    makes train like the default mode's: tests/test_gpu.py; inductor has no combo kernels on the CPU.)"""
+    """`combo_kernels: true` (the default) compiles the layers with inductor's options for the run's `compile_mode`
+    plus `combo_kernels` (torch.compile takes a mode or options, not both): a CUDA-graph mode keeps its CUDA graphs;
+    `combo_kernels: false` passes the mode alone (inductor's defaults); a mode torch.compile lacks is an error naming
+    it; without `compile: true` the setting is not used. (Whether the kernels it makes train like inductor's
+    defaults: tests/test_gpu.py; inductor has no combo kernels on the CPU.)"""
     from llamathink.modeling_llamathink import LlamaThinkPreTrainedModel, uses_cuda_graphs
     from llamathink.train.loop import compile_kwargs
 
@@ -950,10 +954,14 @@ def test_combo_kernels_reach_torch_compile_as_inductor_options(sample_data, mode
 
     monkeypatch.setattr(LlamaThinkPreTrainedModel, "compile_layers", fake_compile_layers)
     cfg = _cfg(sample_data, model_json, tmp_path / "combo", max_steps=2, save_every=2, eval_every=2, compile=True)
-    pretrain.train(dataclasses.replace(cfg, combo_kernels=True))
-    assert calls == [{"options": {"combo_kernels": True}}]
-    with pytest.raises(ValueError, match="combo_kernels: true has no effect without compile: true"):
-        _cfg(sample_data, model_json, tmp_path / "bad", combo_kernels=True)
+    assert cfg.combo_kernels is True  # the default
+    pretrain.train(cfg)
+    pretrain.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "plain"), combo_kernels=False))
+    assert calls == [{"options": {"combo_kernels": True}}, {"mode": "default"}]
+    eager = _cfg(sample_data, model_json, tmp_path / "eager", max_steps=1, warmup_steps=0, save_every=1, eval_every=1)
+    assert not eager.compile and eager.combo_kernels  # accepted, not used: nothing is compiled
+    pretrain.train(eager)
+    assert len(calls) == 2
 
 
 def test_compile_true_trains_layer_by_layer_and_saves_plain_checkpoints(sample_data, model_json, tmp_path, monkeypatch):

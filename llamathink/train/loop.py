@@ -412,7 +412,7 @@ def run_training(
     history: dict | None = None,
     compile: str | None = None,
     compile_mode: str = "default",
-    combo_kernels: bool = False,
+    combo_kernels: bool = True,
     fla_prebuild: tuple[int, int, bool] | None = None,
     desc: str = "train",
 ) -> dict:
