@@ -944,6 +944,10 @@ def test_combo_kernels_reach_torch_compile_as_inductor_options(sample_data, mode
     assert not uses_cuda_graphs(compile_kwargs("max-autotune-no-cudagraphs", combo_kernels=True))
     with pytest.raises(ValueError, match="compile_mode 'fast'"):
         compile_kwargs("fast", combo_kernels=True)
+    with monkeypatch.context() as patch:  # a torch whose inductor lacks the option: its defaults, with a warning
+        patch.setattr(loop, "inductor_has_combo_kernels", lambda: False)
+        with pytest.warns(UserWarning, match="no inductor option combo_kernels; the layers compile with inductor's"):
+            assert compile_kwargs("reduce-overhead", combo_kernels=True) == {"mode": "reduce-overhead"}
 
     calls = []
     compile_layers = LlamaThinkPreTrainedModel.compile_layers

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -380,13 +381,28 @@ def _start_fla_prebuild(
         print(f"warning: fla's kernels are not prebuilt ({type(err).__name__}: {err}); the first step builds them")
 
 
+def inductor_has_combo_kernels() -> bool:
+    """Whether this torch's inductor has the `combo_kernels` option (`torch._inductor.config`)."""
+    import torch._inductor.config as inductor_config
+
+    return hasattr(inductor_config, "combo_kernels")
+
+
 def compile_kwargs(mode: str = "default", combo_kernels: bool = False) -> dict:
     """torch.compile's keyword arguments for the run settings `compile_mode` and `combo_kernels`: {"mode": mode}, or
     with `combo_kernels` inductor's options for that mode (`torch._inductor.list_mode_options`) plus
     `combo_kernels=True` (torch.compile takes a mode or options, not both). Combo kernels are inductor's horizontal
     fusion: independent element-wise and reduction kernels of one graph are emitted as one Triton kernel that
     dispatches on its program id, so the same per-element code runs in fewer launches (what a host-bound step
-    waits on; BENCHMARKS.md section 1, session 24). Raises ValueError for a mode torch.compile does not have."""
+    waits on; BENCHMARKS.md section 1, sessions 24-25). Where this torch's inductor has no such option, warns and
+    gives the mode alone. Raises ValueError for a mode torch.compile does not have."""
+    if combo_kernels and not inductor_has_combo_kernels():
+        warnings.warn(
+            f"combo_kernels: this torch ({torch.__version__}) has no inductor option combo_kernels; the layers "
+            f"compile with inductor's defaults for compile_mode {mode!r}",
+            stacklevel=2,
+        )
+        combo_kernels = False
     if not combo_kernels:
         return {"mode": mode}
     from torch._inductor import list_mode_options
