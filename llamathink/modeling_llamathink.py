@@ -1723,17 +1723,25 @@ def cross_entropy_chunk(
     gradient w.r.t. `hidden` [n, H] and w.r.t. the logits [n, V] (both in the compute dtype), with the softmax in
     the accumulation dtype; the caller adds `grad_logits.T @ hidden` to its weight gradient (`accumulate_grad_weight`:
     on CUDA one product straight into the float32 sum). Plain PyTorch, so that `torch.compile` can fuse the cast,
-    the logsumexp and the softmax - onehot into one or two passes over the [n, V] logits
-    (`chunked_causal_lm_loss(..., compile_backend=...)`); eagerly it is the reference."""
+    the logsumexp and the softmax - onehot into passes over the [n, V] logits that write only the compute-dtype
+    gradient (`chunked_causal_lm_loss(..., compile_backend=...)`); eagerly it is the reference. Both forms compute
+    each element with the same operations in the same dtypes."""
     acc = _acc_dtype(hidden.dtype)
     logits = (hidden @ weight.T).to(acc)  # [n, V]
     keep = targets != -100
     safe = targets.masked_fill(~keep, 0)
     lse = torch.logsumexp(logits, dim=-1)  # [n]
     loss = ((lse - logits.gather(1, safe[:, None])[:, 0]) * keep).sum()
-    # d(sum of losses)/d(logits) = softmax - onehot on kept rows; the logits buffer is reused for it
-    grad = logits.sub_(lse[:, None]).exp_()
-    grad[torch.arange(len(safe), device=safe.device), safe] -= 1.0
+    # d(sum of losses)/d(logits) = softmax - onehot on kept rows
+    if torch.compiler.is_compiling():
+        # one element-wise expression, which inductor fuses with the cast: an in-place update at the targets would
+        # make it write the whole fp32 [n, V] softmax to memory and read it back
+        prob = (logits - lse[:, None]).exp()
+        at_target = torch.arange(logits.shape[1], device=logits.device)[None, :] == safe[:, None]  # [n, V]
+        grad = torch.where(at_target, prob - 1.0, prob)
+    else:  # in the logits' buffer: no second fp32 [n, V] tensor
+        grad = logits.sub_(lse[:, None]).exp_()
+        grad[torch.arange(len(safe), device=safe.device), safe] -= 1.0
     grad = (grad * keep[:, None]).to(hidden.dtype)
     return loss, grad @ weight, grad
 
