@@ -169,7 +169,7 @@ elif [ "$PART" = seeds ]; then  # issue 17: a change's bf16 gradient errors agai
     half1() { :; }
 elif [ "$PART" = combo ]; then  # issue 17: `combo_kernels` (the default since session 25) against inductor's defaults
     half0() {
-        timeout 200 python -m pytest -q -p no:cacheprovider --tb=short -rfEs tests/test_gpu.py -k combo_kernels \
+        timeout 320 python -m pytest -q -p no:cacheprovider --tb=short -rfEs tests/test_gpu.py -k combo_kernels \
             > "$OUT/test_gpu_combo.log" 2>&1; grep -v Warn "$OUT/test_gpu_combo.log" | tail -5
         bench 360 combo_cold --compiled-only --no-generate --budget-s 170 --train-batches 16 \
             --models llamathink:fla:no-combo:cold:prebuild,llamathink:fla:cold:prebuild; }

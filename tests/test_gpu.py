@@ -1,6 +1,7 @@
 """GPU checks (skipped where there is no CUDA device): the fla backend against the PyTorch reference, forward and
 gradients, and cached decoding against the uncached forward on the GPU."""
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from llamathink.kernels_llamathink import (
     fla_recurrent_gated_delta_rule,
 )
 from llamathink.modeling_llamathink import l2norm, torch_chunk_gated_delta_rule, torch_recurrent_gated_delta_rule
+from llamathink.train.loop import compile_kwargs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 needs_fla = pytest.mark.skipif(not torch.cuda.is_available() or _fla_ops() is None, reason="fla is not installed")
@@ -299,9 +301,10 @@ def test_packed_training_on_gpu_matches_the_cpu_reference(compiled):
     loss_ours, grads_ours = loss_and_grads(ours, ids.cuda(), True, forward=forward(ours))
     model = tiny_model(dtype=torch.float32, gdn_backend="fla", **dims).cuda().train()
     torch._dynamo.reset()
-    step = torch.compile(model) if compiled == "model" else model
+    how = compile_kwargs("default", combo_kernels=True)  # as `compile: true` trains by default
+    step = torch.compile(model, **how) if compiled == "model" else model
     if compiled == "layers":
-        model.compile_layers()
+        model.compile_layers(**how)
     loss, grads = loss_and_grads(model, ids.cuda(), True, forward=forward(step))
     errors, reference = relative_errors(grads, grads_ref), relative_errors(grads_ours, grads_ref)
     worst = sorted(((errors[n], reference[n], n) for n in errors), reverse=True)[:5]
@@ -325,7 +328,7 @@ def test_compiled_layers_train_like_eager_and_compile_once_per_mixer_type():
     loss_eager, grads_eager = loss_and_grads(model, ids.cuda(), autocast=True)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    model.compile_layers()
+    model.compile_layers(**compile_kwargs("default", combo_kernels=True))  # as `compile: true` trains by default
     loss, grads = loss_and_grads(model, ids.cuda(), autocast=True)
     eager, comp = relative_errors(grads_eager, grads_ref), relative_errors(grads, grads_ref)
     worst = sorted(((comp[n], eager[n], n) for n in comp), reverse=True)[:5]
@@ -407,8 +410,10 @@ def _sgd_training(mode: str, batches: list, micro_batches: int, evaluate: bool, 
     `micro_batches` accumulated into `.grad` tensors kept for the run (a cudagraph-trees step begun before each),
     and with `evaluate` an evaluation forward without autograd after each step (eager layers) on batch 0; the layers
     compiled as `run_training` compiles them for `compile_mode: mode` and `combo_kernels`.
-    -> (training losses, evaluation losses, weights)."""
-    from llamathink.train.loop import compile_kwargs
+    -> (training losses, evaluation losses, weights, inductor's kernel launches in the second micro-batch's forward
+    and backward: those of Triton kernels named triton_*, as torch.profiler sees them; None unless `mode` is
+    "default")."""
+    from torch.profiler import ProfilerActivity, profile
 
     if combo_kernels:
         model = graph_test_model("fla", "eager").compile_layers(**compile_kwargs(mode, combo_kernels=True))
@@ -417,13 +422,19 @@ def _sgd_training(mode: str, batches: list, micro_batches: int, evaluate: bool, 
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    losses, evals = [], []
+    losses, evals, launches = [], [], None
     for first in range(0, len(batches), micro_batches):
         for ids in batches[first : first + micro_batches]:
+            counted = len(losses) == 1 and mode == "default"  # the second micro-batch: compiled and tuned already
             torch.compiler.cudagraph_mark_step_begin()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(ids, labels=ids, use_cache=False, skip_logits=True).loss
-            (loss / micro_batches).backward()
+            with profile(activities=[ProfilerActivity.CUDA]) if counted else contextlib.nullcontext() as prof:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(ids, labels=ids, use_cache=False, skip_logits=True).loss
+                (loss / micro_batches).backward()
+                torch.cuda.synchronize()
+            if counted:
+                kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+                launches = sum(e.name.startswith("triton_") for e in kernels)
             losses.append(loss.item())
         opt.step()
         opt.zero_grad(set_to_none=False)
@@ -432,7 +443,7 @@ def _sgd_training(mode: str, batches: list, micro_batches: int, evaluate: bool, 
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                 evals.append(model(batches[0], labels=batches[0], use_cache=False).loss.item())
             model.train()
-    return losses, evals, {n: p.detach().clone() for n, p in model.named_parameters()}
+    return losses, evals, {n: p.detach().clone() for n, p in model.named_parameters()}, launches
 
 
 def _assert_same_training(graphs, plain):
@@ -458,15 +469,17 @@ def test_cuda_graph_replay_trains_like_compiled_layers(deterministic):
 
 
 @needs_fla
-def test_cuda_graph_training_accumulates_and_evaluates_like_compiled_layers(deterministic):
+@pytest.mark.parametrize("combo_kernels", [False, True], ids=["inductor-defaults", "combo-kernels"])
+def test_cuda_graph_training_accumulates_and_evaluates_like_compiled_layers(deterministic, combo_kernels):
     """What `run_training` does with `compile_mode: reduce-overhead`: gradients accumulated over two micro-batches
     into `.grad` tensors kept for the run, and an evaluation forward without autograd between steps (eager layers):
     the same losses, evaluation losses and weights as the compiled layers without CUDA graphs (to SAME_KERNELS,
-    deterministic algorithms)."""
+    deterministic algorithms), with inductor's defaults and with combo kernels (the run setting's default)."""
     _skip_without_fla_backward("fla")
     # two batches, each step accumulating both: the evaluated batch is trained on, so its loss must fall
     batches = [torch.randint(1, 96, (2, 128), generator=torch.Generator().manual_seed(s)).cuda() for s in (0, 1) * 3]
-    plain, graphs = _sgd_training("default", batches, 2, True), _sgd_training("reduce-overhead", batches, 2, True)
+    plain = _sgd_training("default", batches, 2, True, combo_kernels)
+    graphs = _sgd_training("reduce-overhead", batches, 2, True, combo_kernels)
     _assert_same_training(graphs, plain)
     assert plain[1][-1] < plain[1][0] - 0.02  # the steps trained
 
@@ -476,10 +489,10 @@ def test_combo_kernels_train_like_the_default_compiled_layers(deterministic):
     """`combo_kernels: true` (the run setting's default: independent kernels of a compiled layer launched as one)
     against inductor's defaults, three SGD steps with accumulation and an evaluation, deterministic algorithms. The
     first step's losses are the defaults' (forwards of the same per-element code, to SAME_KERNELS). Later ones may
-    round differently, since a combo kernel's reductions take their own block sizes, so every later loss,
-    evaluation loss and weight must be no further from the defaults' than eager training's are: bf16 kernels' own
-    rounding, where a wrong kernel would be far beyond (on the H200, session 25: 0.45x eager's loss gap, 0.43x its
-    weight gap)."""
+    round differently, since a combo kernel's reductions take their own block sizes, so the largest gap of a loss or
+    evaluation loss, and that of a weight tensor, must be no larger than eager training's: bf16 kernels' own
+    rounding, where a wrong kernel would be far beyond (on the H200, session 25: 0.45x eager's largest loss gap,
+    0.43x its weight gap). And the option must act: fewer inductor launches in a step than the defaults'."""
     _skip_without_fla_backward("fla")
     batches = [torch.randint(1, 96, (2, 128), generator=torch.Generator().manual_seed(s)).cuda() for s in (0, 1) * 3]
     plain = _sgd_training("default", batches, 2, True)
@@ -492,6 +505,7 @@ def test_combo_kernels_train_like_the_default_compiled_layers(deterministic):
         return losses, largest_gap(run[2], plain[2])[0]
 
     (combo_losses, combo_weights), (eager_losses, eager_weights) = gaps(combo), gaps(eager)
+    assert 0 < combo[3] < plain[3], ("inductor's launches with and without combo kernels", combo[3], plain[3])
     assert 0 < eager_losses and 0 < eager_weights  # the scale is rounding, not nothing
     assert combo_losses <= eager_losses, ("losses", combo_losses, eager_losses)
     assert combo_weights <= eager_weights, ("weights", combo_weights, eager_weights)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -964,8 +965,12 @@ def test_combo_kernels_reach_torch_compile_as_inductor_options(sample_data, mode
     assert calls == [{"options": {"combo_kernels": True}}, {"mode": "default"}]
     eager = _cfg(sample_data, model_json, tmp_path / "eager", max_steps=1, warmup_steps=0, save_every=1, eval_every=1)
     assert not eager.compile and eager.combo_kernels  # accepted, not used: nothing is compiled
-    pretrain.train(eager)
+    monkeypatch.setattr(loop, "inductor_has_combo_kernels", lambda: False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pretrain.train(eager)
     assert len(calls) == 2
+    assert not [w for w in caught if "combo_kernels" in str(w.message)]  # nothing compiled, nothing to warn about
 
 
 def test_compile_true_trains_layer_by_layer_and_saves_plain_checkpoints(sample_data, model_json, tmp_path, monkeypatch):
@@ -979,13 +984,13 @@ def test_compile_true_trains_layer_by_layer_and_saves_plain_checkpoints(sample_d
     monkeypatch.setattr(
         LlamaThinkPreTrainedModel,
         "compile_layers",
-        lambda self, **kw: scopes.append("layers") or compile_layers(self, backend="eager"),
+        lambda self, **kw: scopes.append(("layers", kw)) or compile_layers(self, backend="eager"),
     )
     real_compile = torch.compile
 
     def compile_whole(model=None, **kwargs):  # (nn.Module.compile passes the layer's bound _call_impl, not a Module)
         if isinstance(model, torch.nn.Module):
-            scopes.append("model")
+            scopes.append(("model", kwargs))
         return real_compile(model, backend="eager")
 
     monkeypatch.setattr(torch, "compile", compile_whole)
@@ -994,7 +999,8 @@ def test_compile_true_trains_layer_by_layer_and_saves_plain_checkpoints(sample_d
     layers = pretrain.train(
         _cfg(sample_data, model_json, tmp_path / "layers", max_steps=4, save_every=4, eval_every=4, compile=True)
     )
-    assert scopes == ["layers"]
+    combo = {"options": {"combo_kernels": True}}  # the run settings' defaults: compile_mode default, combo kernels
+    assert scopes == [("layers", combo)]
     whole = pretrain.train(
         _cfg(
             sample_data,
@@ -1007,7 +1013,7 @@ def test_compile_true_trains_layer_by_layer_and_saves_plain_checkpoints(sample_d
             regional_compile=False,
         )
     )
-    assert scopes == ["layers", "model"]
+    assert scopes == [("layers", combo), ("model", combo)]
     for run in (layers, whole):
         for step, loss in eager["losses"].items():
             assert abs(run["losses"][step] - loss) < 1e-5 * abs(loss), (step, run["losses"][step], loss)

@@ -495,13 +495,13 @@ def run_training(
     # per optimizer step (accelerate would step a prepared scheduler once per process).
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
-    how = compile_kwargs(compile_mode, combo_kernels)
+    if compile not in (None, "layers", "model"):
+        raise ValueError(f"compile must be None, 'layers' or 'model', got {compile!r}")
+    how = compile_kwargs(compile_mode, combo_kernels) if compile is not None else {}
     if compile == "layers":
         raw_model.compile_layers(**how)  # in place: the prepared (maybe DDP) wrapper stays as it is
     elif compile == "model":
         model = torch.compile(model, **how)
-    elif compile is not None:
-        raise ValueError(f"compile must be None, 'layers' or 'model', got {compile!r}")
     prebuild_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
     if compile is not None and fla_prebuild is not None and prebuild_dtype is not None:
         _start_fla_prebuild(

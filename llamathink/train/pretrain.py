@@ -60,13 +60,14 @@ class TrainConfig(RunConfig):
     # restarts; `LlamaThinkForCausalLM.compile_layers`); false compiles the whole model as one graph
     regional_compile: bool = True
     # torch.compile's mode (with compile: true): "reduce-overhead" replays the compiled kernels as CUDA graphs, so
-    # the step no longer waits on the host launching them (bench_gpu on the H200: 1.72x the tokens/s of "default"
-    # at batch 16, about the same at batch 64; BENCHMARKS.md 1a); "default", "max-autotune",
+    # the step no longer waits on the host launching them (on the H200 at batch 16: the training loop about 1.5x
+    # the tokens/s of "default", both with combo kernels, session 25; about the same at batch 64; BENCHMARKS.md 1);
+    # "default", "max-autotune",
     # "max-autotune-no-cudagraphs"
     compile_mode: str = "default"
     # with compile: true, inductor's combo kernels: independent element-wise and reduction kernels of a compiled
     # layer launched as one. On the H200 (BENCHMARKS.md section 1, sessions 24-25): half the inductor launches, so
-    # the host-bound batch-16 step in the default mode trains 8-15% faster (training loop) and batch 64 2% faster,
+    # the host-bound batch-16 step in the default mode trains about 10-14% faster (training loop) and batch 64 2% faster,
     # at the same peak memory and first-step time; its training is within bf16 kernels' rounding of the inductor
     # defaults' (tests/test_gpu.py). false: inductor's defaults. No effect without compile: true.
     combo_kernels: bool = True
