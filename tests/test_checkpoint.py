@@ -178,7 +178,7 @@ def test_rotation_keeps_other_runs_checkpoints_and_auto_resumes_the_newest_run(m
     assert ckpt.resolve_resume(_settings(out_dir=str(out))).name == "step_00000006"
 
 
-def test_a_fresh_run_refuses_an_out_dir_with_another_runs_checkpoints(sample_data, model_json, tmp_path):  # noqa: F811
+def test_a_fresh_run_refuses_an_out_dir_with_another_runs_checkpoints(sample_data, model_json, tmp_path, monkeypatch):  # noqa: F811
     out = tmp_path / "run"
     first = pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=2))
     assert sorted(first["losses"]) == [1, 2]
@@ -204,6 +204,26 @@ def test_a_fresh_run_refuses_an_out_dir_with_another_runs_checkpoints(sample_dat
         pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, seed=4, resume=elsewhere, overwrite=True))
     assert _names(ckpt.list_checkpoints(out)) == earlier
     assert {ckpt.checkpoint_meta(p)["run_id"] for p in ckpt.list_checkpoints(out)} == {old_id}
+    # nor does one that stops after its inputs are loaded but before it writes: W&B refusing, a first step failing
+    settings = (out / "train_config.json").read_text()
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "_init_wandb", lambda *a: (_ for _ in ()).throw(ValueError("W&B could not start")))
+        with pytest.raises(ValueError, match="W&B could not start"):
+            pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=1, resume="none", overwrite=True))
+    real_build = pretrain.build_model
+
+    def poisoned(cfg):  # a first step whose loss is NaN
+        model = real_build(cfg)
+        model.model.norm.weight.data.fill_(float("nan"))
+        return model
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pretrain, "build_model", poisoned)
+        with pytest.raises(loop.NonFiniteLoss, match="at step 1"):
+            pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=1, resume="none", overwrite=True))
+    assert _names(ckpt.list_checkpoints(out)) == earlier
+    assert {ckpt.checkpoint_meta(p)["run_id"] for p in ckpt.list_checkpoints(out)} == {old_id}
+    assert (out / "train_config.json").read_text() == settings  # the earlier run's record of its settings
     fresh = pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=1, resume="none", overwrite=True))
     assert sorted(fresh["losses"]) == [1, 2]
     found = ckpt.list_checkpoints(out)

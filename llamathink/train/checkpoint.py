@@ -409,8 +409,8 @@ def claim_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str | No
     A fresh run (`resume: none`, or `resume: auto` with nothing to resume), or a run resumed from a checkpoint
     outside this out_dir, must not share out_dir with another run's checkpoints: later rotation and `resume: auto`
     would mix the runs. It raises OutDirInUse listing them, unless `overwrite: true`: they are then deleted by
-    `delete_earlier_checkpoints` once the run's inputs are loaded and its resume accepted, never by a run that stops
-    on a setting or file error. Such a run also must not replace another run's finished model (`final/`) or
+    `delete_earlier_checkpoints` just before the run first writes to out_dir, never by a run that stops before
+    then (a setting or file error, W&B, its first steps). Such a run also must not replace another run's finished model (`final/`) or
     `history.json` (RUN_OUTPUTS): OutDirInUse unless `overwrite: true` (they are then replaced when this run writes
     its own). A run resumed from this out_dir's own checkpoints leaves other runs' checkpoints untouched."""
     run_id = run_id or uuid.uuid4().hex
@@ -469,8 +469,9 @@ def _earlier_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str) 
 
 def delete_earlier_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str) -> None:
     """With `overwrite: true`, delete out_dir's checkpoints of other runs (`claim_checkpoints` allowed them), called
-    by the main process once the run's inputs are loaded and its resume accepted: a run refused for a setting or a
-    missing file leaves them as they were. Raises ValueError when one cannot be deleted (it would still count as
+    by the main process just before the run first writes to out_dir (its first checkpoint, history.json or final
+    model; `run_training`): a run refused for a setting or a missing file, or stopped by W&B or its first steps,
+    leaves them as they were. Raises ValueError when one cannot be deleted (it would still count as
     the earlier run's)."""
     foreign = _earlier_checkpoints(cfg, resume_from, run_id)
     if not cfg.overwrite or not foreign:

@@ -486,10 +486,18 @@ def run_training(
     if is_main and fingerprints is None:
         fingerprints = input_fingerprints(cfg)
     history["run_id"] = run_id  # history.json says whose it is (`claim_checkpoints`)
-    if is_main:  # only once a resume is accepted: a refused one must not replace the run's record of its settings,
-        # nor delete an earlier run's checkpoints (overwrite: true)
-        delete_earlier_checkpoints(cfg, resume_from, run_id)
-        (out_dir / settings_file).write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    claimed = False
+
+    def claim_out_dir():
+        """(main process) Before this run first writes to out_dir (a checkpoint, history.json, the final model):
+        the earlier run's checkpoints deleted (overwrite: true) and this run's settings recorded. A run that stops
+        before then (a refused resume, W&B, the compilation, an evaluation, the first steps) leaves out_dir as it
+        was."""
+        nonlocal claimed
+        if not claimed:
+            delete_earlier_checkpoints(cfg, resume_from, run_id)
+            (out_dir / settings_file).write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+            claimed = True
 
     # The optimizer is prepared so accelerate can handle mixed precision; the LR schedule is stepped by us once
     # per optimizer step (accelerate would step a prepared scheduler once per process).
@@ -689,6 +697,7 @@ def run_training(
                     for name, count in (("tokens_seen", tokens_seen), ("trained_tokens", trained_tokens)):
                         if count is not None:  # an unknown count stays unknown in later checkpoints too
                             extra[name] = count
+                    claim_out_dir()
                     save_checkpoint(
                         cfg.out_dir,
                         step,
@@ -711,6 +720,7 @@ def run_training(
 
     final_dir = out_dir / "final"
     if is_main:
+        claim_out_dir()
         write_history(out_dir, history)
     try:
         if is_main and step == cfg.max_steps:
