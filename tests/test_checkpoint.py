@@ -164,6 +164,32 @@ def test_leftover_temporary_checkpoints_are_removed_by_the_lock_owner(tmp_path):
         assert not leftover.exists() and (root / "step_00000002").exists()
 
 
+def test_a_resave_killed_between_its_renames_keeps_the_step(model_json, tmp_path):  # noqa: F811
+    """`save_checkpoint` re-saving a step moves the earlier folder aside, then renames the new one into place. A kill
+    between the two leaves the step under no name; the next lock owner puts the new, complete checkpoint under it,
+    or the earlier one back when the new one is gone, rather than deleting both as leftovers."""
+    settings = _settings()
+    parts = _parts(model_json, settings)
+    out = tmp_path / "run"
+    _save(out, 4, parts, settings, run_id="r", keep_last=3)
+    _save(out, 6, parts, settings, run_id="r", keep_last=3)
+    root = ckpt.checkpoint_dir(out)
+    step6 = root / "step_00000006"
+    earlier = ckpt.checkpoint_meta(step6)["saved_at"]
+    # the re-save of step 6 after a resume from step 4, killed after its first rename
+    _save(tmp_path / "scratch", 6, parts, settings, run_id="r", keep_last=3)
+    os.replace(step6, root / ".tmp-replaced-step_00000006-4321")
+    os.replace(ckpt.checkpoint_dir(tmp_path / "scratch") / "step_00000006", root / ".tmp-step_00000006-4321")
+    with ckpt.own_out_dir(out):
+        assert ckpt.checkpoint_meta(step6)["saved_at"] > earlier  # the new one
+        assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
+    # killed the same way, with the new folder lost: the earlier one comes back
+    os.replace(step6, root / ".tmp-replaced-step_00000006-99")
+    with ckpt.own_out_dir(out):
+        assert ckpt.checkpoint_meta(step6)["step"] == 6
+        assert ckpt.resolve_resume(_settings(out_dir=str(out))) == step6
+
+
 def test_rotation_keeps_other_runs_checkpoints_and_auto_resumes_the_newest_run(model_json, tmp_path):  # noqa: F811
     out = tmp_path / "reused"
     settings = _settings()

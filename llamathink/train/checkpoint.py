@@ -372,6 +372,8 @@ def own_out_dir(out_dir: str | Path, is_main: bool = True):
             f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode(),
         )
         root = checkpoint_dir(out_dir)
+        for name in _finish_interrupted_replacements(root):
+            print(f"restored the checkpoint {name} in {root}: a save that replaced it was interrupted")
         leftovers = [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX)] if root.is_dir() else []
         for path in leftovers:
             with contextlib.suppress(OSError):
@@ -569,6 +571,28 @@ def _save_error_message(err: BaseException, step: int, final: Path, needed: int,
         what = f"could not write {where}: {type(err).__name__}: {err}"
     kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint of this run exists"
     return f"{what}; {kept} and the partial checkpoint was removed"
+
+
+def _finish_interrupted_replacements(root: Path) -> list[str]:
+    """Finish re-saves of a step that a kill stopped between `save_checkpoint`'s two renames, when the step has no
+    folder under its own name: the new checkpoint (`.tmp-step_N-PID`, complete: the earlier one is moved aside
+    only once the new one is written and synced) goes under the name, else the earlier one
+    (`.tmp-replaced-step_N-PID`) goes back. Returns the names restored; what cannot be renamed is left for the
+    removal of leftovers to report."""
+    restored = []
+    marker = f"{TMP_PREFIX}replaced-"
+    for old in sorted(root.glob(f"{marker}{CHECKPOINT_PREFIX}*")) if root.is_dir() else []:
+        name, _, pid = old.name[len(marker) :].rpartition("-")
+        final, new = root / name, root / f"{TMP_PREFIX}{name}-{pid}"
+        if final.exists() or not old.is_dir():
+            continue
+        source = new if (new / STATE_FILE).is_file() and (new / META_FILE).is_file() else old
+        try:
+            os.replace(source, final)
+        except OSError:
+            continue
+        restored.append(name)
+    return restored
 
 
 def save_checkpoint(
