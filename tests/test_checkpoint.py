@@ -250,6 +250,13 @@ def test_a_fresh_run_refuses_an_out_dir_with_another_runs_checkpoints(sample_dat
     assert _names(ckpt.list_checkpoints(out)) == earlier
     assert {ckpt.checkpoint_meta(p)["run_id"] for p in ckpt.list_checkpoints(out)} == {old_id}
     assert (out / "train_config.json").read_text() == settings  # the earlier run's record of its settings
+    # nor one that cannot write its record of the settings (a folder in the way): a one-line error naming it
+    (out / "train_config.json").unlink()
+    (out / "train_config.json").mkdir()
+    with pytest.raises(loop.OutputWriteError, match=r"cannot write .*train_config.json \(Is a directory"):
+        pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=1, resume="none", overwrite=True))
+    assert _names(ckpt.list_checkpoints(out)) == earlier
+    (out / "train_config.json").rmdir()
     fresh = pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=1, resume="none", overwrite=True))
     assert sorted(fresh["losses"]) == [1, 2]
     found = ckpt.list_checkpoints(out)
@@ -706,6 +713,7 @@ def test_a_checkpoint_whose_step_does_not_match_is_not_trusted(model_json, tmp_p
         (dict(step=7), r"says step 7 but the folder is step_00000004"),
         (dict(step=True), r"is not a checkpoint's meta.json: wrong or missing step True"),
         (dict(saved_at=float("nan")), r"is not a checkpoint's meta.json: wrong or missing saved_at nan"),
+        (dict(saved_at=10**400), r"is not a checkpoint's meta.json: wrong or missing saved_at 1000000"),  # > float
         (dict(run_id=["run-a"]), r"is not a checkpoint's meta.json: wrong or missing run_id \['run-a'\]"),
         # optional fields read later (a traceback from deep inside the resume before)
         ({"input_fingerprints": [1, 2]}, r"wrong or missing input_fingerprints \[1, 2\]"),

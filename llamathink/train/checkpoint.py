@@ -267,7 +267,7 @@ def checkpoint_meta(path: str | Path) -> dict:
     }
     bad = [k for k, t in types.items() if not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool)]
     bad += [k for k, t in optional.items() if meta.get(k) is not None and not isinstance(meta[k], t)]
-    if "saved_at" not in bad and not math.isfinite(meta["saved_at"]):
+    if "saved_at" not in bad and not _is_finite(meta["saved_at"]):
         bad.append("saved_at")
     if bad:
         shown = ", ".join(f"{k} {meta.get(k)!r}"[:80] for k in bad)
@@ -278,6 +278,14 @@ def checkpoint_meta(path: str | Path) -> dict:
             "renamed or edited, so it is not trusted"
         )
     return meta
+
+
+def _is_finite(number: int | float) -> bool:
+    """False for NaN, an infinity, or an integer beyond float's range (a JSON file can hold one)."""
+    try:
+        return math.isfinite(number)
+    except OverflowError:
+        return False
 
 
 def save_order(paths: list[Path], log=print, metas: dict[Path, dict] | None = None) -> list[Path]:
@@ -866,7 +874,9 @@ _OUT_DIR_ENTRIES = (
     "history.json",
     "history.json.tmp",
     "train_config.json",
+    "train_config.json.tmp",
     "finetune_config.json",
+    "finetune_config.json.tmp",
     LOCK_FILE,
     "wandb",
 )

@@ -87,6 +87,26 @@ def write_history(out_dir: Path, history: dict):
         ) from err
 
 
+def write_settings(path: Path, cfg) -> None:
+    """A run's settings (a dataclass) as JSON at `path` (its record in out_dir), through a temporary file and a
+    rename, so the earlier record stays whole if the write fails. Raises OutputWriteError naming the file (e.g. a
+    folder in the way, a full disk)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise _output_write_error(
+            path,
+            err,
+            f"the checkpoints in {checkpoint_dir(path.parent)} are",
+            "start the run again",
+        ) from err
+
+
 class NonFiniteLoss(RuntimeError):
     """A non-finite loss or gradient stopped the run (`nonfinite: stop`, or too many such steps in a row)."""
 
@@ -495,8 +515,8 @@ def run_training(
         was."""
         nonlocal claimed
         if not claimed:
+            write_settings(out_dir / settings_file, cfg)  # first: a failure to write it deletes nothing
             delete_earlier_checkpoints(cfg, resume_from, run_id)
-            (out_dir / settings_file).write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
             claimed = True
 
     # The optimizer is prepared so accelerate can handle mixed precision; the LR schedule is stepped by us once
