@@ -669,8 +669,40 @@ def test_loader_rank_split(tmp_path):
     assert single.state_dict()["position"] == 24 and single.epoch == 0
     with pytest.raises(ValueError, match="rank"):
         TokenBatchLoader(tmp_path, 8, 5, rank=2, world_size=2)
-    with pytest.raises(ValueError, match="cannot fill one batch"):
+    with pytest.raises(ValueError, match="cannot fill one optimizer step of 61 x 1"):
         TokenBatchLoader(tmp_path, 8, 61, world_size=2)
+
+
+def test_a_step_keeps_its_windows_when_its_global_batch_is_split_otherwise_across_epochs(tmp_path):
+    """An epoch holds whole optimizer steps (micro batch x processes x accumulation windows), so a resume that splits
+    the same global batch otherwise (6 x 1 -> 3 x 2, 1 process -> 2) gives every later step the windows the
+    uninterrupted run had, after the epoch's end too (83 windows: steps of 6 used to end an epoch after 78 windows
+    with micro batches of 6, after 81 with micro batches of 3)."""
+    write_shard(tmp_path / "train_000000.bin", np.arange(83 * 8 + 1), 1000)
+
+    def steps(loaders, accum, count):  # the sorted windows of each optimizer step, over all ranks
+        return [
+            sorted(w for _ in range(accum) for loader in loaders for w in window_ids(next(loader)[0], 8))
+            for _ in range(count)
+        ]
+
+    whole = TokenBatchLoader(tmp_path, 8, 6, seed=1)
+    reference = steps([whole], 1, 40)  # 13 steps per epoch: three epochs
+    for batch, world, accum in ((3, 1, 2), (1, 2, 3), (2, 3, 1)):
+        first = TokenBatchLoader(tmp_path, 8, 6, seed=1)
+        assert steps([first], 1, 5) == reference[:5]
+        state = first.state_dict()
+        split = [
+            TokenBatchLoader(tmp_path, 8, batch, rank=r, world_size=world, seed=1, grad_accum=accum)
+            for r in range(world)
+        ]
+        for loader in split:
+            if batch * world == 6:  # the same windows per round: nothing to say
+                loader.load_state_dict(state)
+                continue
+            with pytest.warns(UserWarning, match="each optimizer step still gets the windows"):
+                loader.load_state_dict(state)
+        assert steps(split, accum, 35) == reference[5:], (batch, world, accum)
 
 
 def test_val_batches(tmp_path):

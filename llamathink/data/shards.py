@@ -380,8 +380,11 @@ class TokenBatchLoader:
 
     ``next(loader)`` returns ``(input_ids, labels)``, both ``torch.int64``
     ``[batch_size, seq_len]``, ``labels == input_ids``.  One epoch is
-    ``len(loader)`` batches per rank; after that the next epoch starts with a new
-    permutation.  ``state_dict()`` / ``load_state_dict()`` hold ``epoch`` and
+    ``len(loader)`` batches per rank: the windows of as many whole optimizer steps
+    (``batch_size x world_size x grad_accum`` windows each) as the data holds, so
+    that the same global batch split otherwise (micro batch, accumulation,
+    processes) gives every step the same windows, across epochs too; after that
+    the next epoch starts with a new permutation.  ``state_dict()`` / ``load_state_dict()`` hold ``epoch`` and
     ``position`` (batches of the current epoch already returned by this rank);
     since ranks move in lockstep, every rank may load rank 0's state.
     """
@@ -396,20 +399,23 @@ class TokenBatchLoader:
         seed: int = 0,
         *,
         model_vocab_size: int | None = None,
+        grad_accum: int = 1,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size < 1 or grad_accum < 1:
+            raise ValueError(f"batch_size and grad_accum must be >= 1, got {batch_size} and {grad_accum}")
         self.dataset = ShardedTokenDataset(shard_paths, seq_len, split="train", model_vocab_size=model_vocab_size)
         self.seq_len, self.batch_size = int(seq_len), int(batch_size)
         self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
-        self.batches_per_epoch = self.dataset.num_windows // self.batch_size // self.world_size
+        self.grad_accum = int(grad_accum)
+        step_windows = self.batch_size * self.world_size * self.grad_accum
+        self.batches_per_epoch = self.dataset.num_windows // step_windows * self.grad_accum
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"not enough data: {self.dataset.num_windows} windows of {self.seq_len} tokens "
-                f"({self.dataset.total_tokens} tokens) cannot fill one batch of {self.batch_size} on each of "
-                f"{self.world_size} rank(s)"
+                f"({self.dataset.total_tokens} tokens) cannot fill one optimizer step of {self.batch_size} x "
+                f"{self.grad_accum} (micro batch x accumulation) on each of {self.world_size} rank(s)"
             )
         self.epoch = 0
         self.position = 0
@@ -451,13 +457,15 @@ class TokenBatchLoader:
             "seq_len": self.seq_len,
             "batch_size": self.batch_size,
             "world_size": self.world_size,
+            "grad_accum": self.grad_accum,
             "rank": self.rank,
             "num_windows": self.dataset.num_windows,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume at the saved position. The world size and per-rank batch size may change as long as the global
-        batch (world_size x batch_size windows) stays the same: global batch n then holds the same windows.
+        """Resume at the saved position. The world size, per-rank batch size and accumulation may change as long as
+        an optimizer step's windows (world_size x batch_size x grad_accum) stay as many: step n then holds the same
+        windows, in every epoch.
         Raises ValueError when the saved seed, seq_len or data size differ, or a saved count is negative (or a
         size is zero)."""
         mine = {"seed": self.seed, "seq_len": self.seq_len, "num_windows": self.dataset.num_windows}
@@ -481,7 +489,8 @@ class TokenBatchLoader:
                     f"data loader resumed with world_size x batch_size = {self.world_size} x {self.batch_size} "
                     f"instead of {saved_ws} x {saved_bs}; continuing after window {consumed} of epoch {epoch} "
                     "(each optimizer step still gets the windows it would have had when micro_batch_size x "
-                    "grad_accum x processes is unchanged)"
+                    "grad_accum x processes is unchanged; a checkpoint saved before epochs were whole steps may "
+                    "see its epochs end elsewhere)"
                 )
             position = -(-consumed // per_round)
         self.epoch, self.position = epoch, position

@@ -299,6 +299,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
         world_size=accelerator.num_processes,
         seed=cfg.seed,
         model_vocab_size=model.config.vocab_size,
+        grad_accum=cfg.grad_accum,
     )
     bos_id = meta.get("bos_token_id")
     if cfg.document_masking and bos_id is None:
