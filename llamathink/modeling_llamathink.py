@@ -2276,7 +2276,10 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         if cache is not None:
             _check_cache(cache, self.config)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if self.gradient_checkpointing and self.training and (use_cache or cache is not None):
+        # without gradients nothing is recomputed, so the layers run as they are, cache included (generate() from a
+        # model in training mode), as transformers' GradientCheckpointingLayer does
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if checkpointed and (use_cache or cache is not None):
             logger.warning_once("use_cache=True is incompatible with gradient checkpointing; not caching.")
             use_cache, cache = False, None
         output_hidden_states = (

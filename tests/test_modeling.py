@@ -1176,6 +1176,27 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-10, atol=1e-12, msg=name)
 
 
+def test_generate_from_a_checkpointed_model_in_training_mode_caches_as_in_eval_mode():
+    """A model with gradient checkpointing on, left in training mode, generating without gradients (a callback or
+    RL loop sampling mid-training): nothing is recomputed, so the cache is kept and the tokens are those of eval
+    mode, for a left-padded batch and a single prompt (the cache was dropped while generate() fed one token a step,
+    which failed on the mask's or positions' shape)."""
+    model = tiny_model(dtype=torch.float32)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [1, 8, 9, 10, 11]])
+    mask = (ids != 0).long()
+    kwargs = {"max_new_tokens": 4, "do_sample": False}
+    batch = model.eval().generate(input_ids=ids, attention_mask=mask, **kwargs)
+    single = model.generate(input_ids=ids[1:], **kwargs)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with torch.no_grad():
+        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **kwargs), batch)
+        assert torch.equal(model.generate(input_ids=ids[1:], **kwargs), single)
+    ids = torch.randint(1, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    out = model(ids, labels=ids, use_cache=True)  # with gradients: checkpointed, so no cache
+    assert out.past_key_values is None and out.loss.requires_grad
+
+
 def _assert_same_loss_and_grads(reference, other):
     """`reference` and `other` are (loss, {parameter name: grad}) of the same float64 model and batch."""
     torch.testing.assert_close(other[0], reference[0], rtol=1e-12, atol=1e-12)
