@@ -616,6 +616,9 @@ def test_loader_is_resumable_and_shards_by_rank(tok, sample):
     assert [r[r != 0].tolist() for r in x] == [r[r != 0].tolist() for r in [*x0, *x1]]
     with pytest.raises(ValueError, match="size"):
         ChatBatchLoader(build_examples(tok, sample[:50], 128), 4, seed=1).load_state_dict(a.state_dict())
+    # the same global batch split into micro batches of 2 accumulated twice: refused, naming what must stay
+    with pytest.raises(ValueError, match=r"global_batch was 4 .* is 2 now .*micro_batch_size x processes"):
+        ChatBatchLoader(data, 2, seed=1).load_state_dict(a.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------------------------

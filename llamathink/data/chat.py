@@ -549,9 +549,15 @@ class ChatBatchLoader:
         mine = self.state_dict()
         for key in ("seed", "size", "global_batch", "group_by_length"):
             if state.get(key) != mine[key]:
+                what = (
+                    " (this loader's batches are micro_batch_size x processes conversations, grouped by length "
+                    "and shuffled as such: keep that product as the checkpoint had it)"
+                    if key == "global_batch"
+                    else " (the data or batch settings changed)"
+                )
                 raise ValueError(
                     f"cannot resume the data position: {key} was {state.get(key)!r} in the checkpoint "
-                    f"and is {mine[key]!r} now (the data or batch settings changed)"
+                    f"and is {mine[key]!r} now{what}"
                 )
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or position < 0:  # a negative position would index the epoch's batches from the end
