@@ -703,6 +703,16 @@ def test_symlinked_checkpoint_folders_are_never_listed_resumed_or_deleted(model_
         pass
     assert _names(ckpt.list_checkpoints(out)) == ["step_00000006"]
     assert ckpt.load_checkpoint(elsewhere)["step"] == 9  # the linked folder is untouched
+    # resume: auto says it passes over a link (it did so silently), and a save of the link's step replaces the
+    # link alone, leaving no temporary name behind
+    (root / "step_00000008").symlink_to(elsewhere, target_is_directory=True)
+    notes = []
+    assert ckpt.resolve_resume(_settings(out_dir=str(out)), log=notes.append).name == "step_00000006"
+    assert any("step_00000008" in n and "symbolic link" in n and "--resume PATH" in n for n in notes), notes
+    _save(out, 8, parts, settings, run_id="run-a", keep_last=1)
+    assert not (root / "step_00000008").is_symlink() and ckpt.checkpoint_meta(root / "step_00000008")["step"] == 8
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".tmp-")]
+    assert ckpt.load_checkpoint(elsewhere)["step"] == 9
 
 
 def test_a_checkpoint_whose_step_does_not_match_is_not_trusted(model_json, tmp_path):  # noqa: F811

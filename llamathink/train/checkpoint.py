@@ -385,7 +385,7 @@ def own_out_dir(out_dir: str | Path, is_main: bool = True):
         leftovers = [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX)] if root.is_dir() else []
         for path in leftovers:
             with contextlib.suppress(OSError):
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
         stuck = [p.name for p in leftovers if p.exists()]
         if len(leftovers) > len(stuck):
             print(
@@ -679,7 +679,10 @@ def save_checkpoint(
         if isinstance(err, (OSError, RuntimeError)):
             raise CheckpointError(_save_error_message(err, step, final, _nbytes(state), previous)) from err
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_symlink():  # a linked-in folder replaced: the link goes, never what it points to
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
     dir_fd = os.open(root, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -1217,6 +1220,15 @@ def resolve_resume(cfg: RunConfig, log=print) -> Path | None:
             for p in _checkpoint_folders(cfg.out_dir)
             if checkpoint_step(p) > newest and not (p / STATE_FILE).exists()
         )
+        links = sorted(p.name for p in _checkpoint_folders(cfg.out_dir) if p.is_symlink())
+        if links:  # never resumed nor rotated (`list_checkpoints`): say so, or a linked-in checkpoint seems lost
+            log(
+                f"note: {', '.join(links)} in {checkpoint_dir(cfg.out_dir)} "
+                f"{'is a symbolic link' if len(links) == 1 else 'are symbolic links'}, which resume: auto passes over "
+                "(a link may point outside out_dir, where rotation must not delete); name the checkpoint "
+                "(--resume PATH) to go on from it; "
+                + (f"resuming {latest.name}" if latest else "starting from scratch")
+            )
         if incomplete:  # a checkpoint folder that lost its state.pt: say that it is passed over
             log(
                 f"note: {', '.join(incomplete)} in {checkpoint_dir(cfg.out_dir)} hold{'s' if len(incomplete) == 1 else ''} no {STATE_FILE} "
