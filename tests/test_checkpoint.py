@@ -723,7 +723,7 @@ def test_a_checkpoint_whose_step_does_not_match_is_not_trusted(model_json, tmp_p
         (dict(step=7), r"says step 7 but the folder is step_00000004"),
         (dict(step=True), r"is not a checkpoint's meta.json: wrong or missing step True"),
         (dict(saved_at=float("nan")), r"is not a checkpoint's meta.json: wrong or missing saved_at nan"),
-        (dict(saved_at=10**400), r"is not a checkpoint's meta.json: wrong or missing saved_at 1000000"),  # > float
+        ({"saved_at": 10**400}, r"is not a checkpoint's meta.json: wrong or missing saved_at 1000000"),  # > float
         (dict(run_id=["run-a"]), r"is not a checkpoint's meta.json: wrong or missing run_id \['run-a'\]"),
         # optional fields read later (a traceback from deep inside the resume before)
         ({"input_fingerprints": [1, 2]}, r"wrong or missing input_fingerprints \[1, 2\]"),

@@ -280,7 +280,7 @@ def checkpoint_meta(path: str | Path) -> dict:
     return meta
 
 
-def _is_finite(number: int | float) -> bool:
+def _is_finite(number: float) -> bool:
     """False for NaN, an infinity, or an integer beyond float's range (a JSON file can hold one)."""
     try:
         return math.isfinite(number)
