@@ -164,6 +164,22 @@ def test_leftover_temporary_checkpoints_are_removed_by_the_lock_owner(tmp_path):
         assert not leftover.exists() and (root / "step_00000002").exists()
 
 
+def test_a_checkpoint_that_lost_its_meta_json_resumes_its_own_run(sample_data, model_json, tmp_path, capsys):  # noqa: F811
+    """resume: auto of a checkpoint whose meta.json is gone goes on under the run id its state.pt keeps (it became
+    a new run, so keep_last never rotated the earlier checkpoints away). The folder without meta.json is nobody's
+    to rotation, which never deletes what it cannot attribute."""
+    out = tmp_path / "run"
+    pretrain.train(_cfg(sample_data, model_json, out, max_steps=12, save_every=2, keep_last=2, stop_at_step=6))
+    root = ckpt.checkpoint_dir(out)
+    old_id = ckpt.checkpoint_meta(root / "step_00000006")["run_id"]
+    (root / "step_00000006" / "meta.json").unlink()
+    pretrain.train(_cfg(sample_data, model_json, out, max_steps=12, save_every=2, keep_last=2))
+    assert "has no meta.json; going on with its run" in capsys.readouterr().out
+    found = ckpt.list_checkpoints(out)
+    assert _names(found) == ["step_00000006", "step_00000010", "step_00000012"]  # steps 4 and 8 rotated away
+    assert {ckpt.checkpoint_meta(p)["run_id"] for p in found[1:]} == {old_id}
+
+
 def test_a_resave_killed_between_its_renames_keeps_the_step(model_json, tmp_path):  # noqa: F811
     """`save_checkpoint` re-saving a step moves the earlier folder aside, then renames the new one into place. A kill
     between the two leaves the step under no name; the next lock owner puts the new, complete checkpoint under it,

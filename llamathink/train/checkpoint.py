@@ -448,8 +448,8 @@ def claim_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str | No
         )
     if foreign:
         print(
-            f"overwrite: the earlier run's checkpoints in {checkpoint_dir(cfg.out_dir)} ({names}) are deleted once "
-            "this run's data, model and settings are accepted"
+            f"overwrite: the earlier run's checkpoints in {checkpoint_dir(cfg.out_dir)} ({names}) are deleted just "
+            "before this run writes its first checkpoint"
         )
     finished = [name for name in RUN_OUTPUTS if (Path(cfg.out_dir) / name).exists()]
     if finished and _history_run_id(cfg.out_dir) == run_id:
@@ -1183,7 +1183,7 @@ def restore_checkpoint(
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         if changes:
             log(f"resuming {path} with changed settings (applied from this step on): {'; '.join(changes)}")
-    state["run_id"] = meta.get("run_id")
+    state["run_id"] = meta.get("run_id") or (saved_run if isinstance(saved_run, str) else None)  # meta.json lost
     state["settings_changed"] = changes
     return state
 

@@ -489,6 +489,12 @@ def run_training(
             resume_from, model, optimizer, scheduler, loader, cfg, world_size=world, log=accelerator.print
         )
         start_step, wandb_id = state["step"], state.get("wandb_run_id")
+        saved_id = state.get("run_id")
+        if isinstance(saved_id, str) and saved_id != run_id and checkpoint_meta(resume_from)["run_id"] is None:
+            # a checkpoint that lost its meta.json: its state.pt still says whose run it is, so the run goes on
+            # under that id (its checkpoints rotate as before) rather than as a new run
+            accelerator.print(f"note: {resume_from} has no meta.json; going on with its run {saved_id} (state.pt)")
+            run_id = saved_id
         # counts a checkpoint of an older version did not keep are unknown (None), not restarted from 0: the
         # model card then leaves them out rather than understate them
         tokens_seen = int(state["tokens_seen"]) if "tokens_seen" in state else None
