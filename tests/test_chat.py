@@ -1156,3 +1156,15 @@ def test_chat_refuses_a_tokenizer_that_is_not_the_models(finetuned, tmp_path, ca
     assert "end-of-sequence token is '<unk>' (id 0), the model's is id 2" in err and "Traceback" not in err
     assert chat_main([str(finetuned[1] / "final"), "--tokenizer", "builtin:2048", "-p", "Hi!", "--greedy"]) == 2
     assert "tokenizer vocabulary size 2048 is larger than the model vocab_size 1024" in capsys.readouterr().err
+
+
+def test_a_saved_tokenizer_without_its_config_is_named_when_finetuning(base_model, tmp_path):
+    """Finetuning from a saved model whose tokenizer_config.json (where BOS and EOS are named) was lost: the error
+    names init_from's tokenizer and the way out, not only the chat format's need."""
+    import shutil
+
+    damaged = tmp_path / "base"
+    shutil.copytree(base_model, damaged)
+    (damaged / "tokenizer_config.json").unlink()
+    with pytest.raises(ValueError, match=r"init_from=.*cannot carry the chat format: .*BOS and EOS.*set tokenizer:"):
+        finetune.load_chat_tokenizer(_ft_cfg(damaged, tmp_path / "ft"))

@@ -257,7 +257,16 @@ def load_chat_tokenizer(cfg: FinetuneConfig):
             f"no usable tokenizer saved with init_from={cfg.init_from!r} ({err}); set tokenizer: "
             "(e.g. builtin, or /path/to/llama2-tokenizer.model)"
         ) from err
-    return set_chat_template(tokenizer)
+    try:
+        return set_chat_template(tokenizer)
+    except ValueError as err:  # e.g. a folder whose tokenizer_config.json (which names BOS and EOS) was lost
+        where = (
+            f"tokenizer={cfg.tokenizer!r}" if cfg.tokenizer else f"the tokenizer saved with init_from={cfg.init_from!r}"
+        )
+        raise ValueError(
+            f"{where} cannot carry the chat format: {err} (is its tokenizer_config.json missing or edited?); set "
+            "tokenizer: (e.g. builtin, or /path/to/llama2-tokenizer.model)"
+        ) from err
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
