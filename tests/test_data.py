@@ -703,6 +703,11 @@ def test_a_step_keeps_its_windows_when_its_global_batch_is_split_otherwise_acros
             with pytest.warns(UserWarning, match="each optimizer step still gets the windows"):
                 loader.load_state_dict(state)
         assert steps(split, accum, 35) == reference[5:], (batch, world, accum)
+    # a checkpoint of the version whose epochs were whole rounds of micro batches (no grad_accum saved), resumed with
+    # accumulation: where the epochs now end elsewhere, a warning says from which epoch the windows differ
+    old_state = {k: v for k, v in TokenBatchLoader(tmp_path, 8, 3, seed=1).state_dict().items() if k != "grad_accum"}
+    with pytest.warns(UserWarning, match=r"epochs held 81 windows; they now hold 72 .*from epoch 1 on"):
+        TokenBatchLoader(tmp_path, 8, 3, seed=1, grad_accum=4).load_state_dict(old_state)
 
 
 def test_val_batches(tmp_path):

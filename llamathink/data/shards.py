@@ -21,8 +21,9 @@ Each epoch visits the windows in a permutation seeded by ``(seed, epoch)``;
 consecutive groups of ``batch_size`` windows form global batches and rank ``r``
 of ``world_size`` takes global batches ``r, r + world_size, ...``, so ranks
 never share a window and nothing is sampled with replacement (windows that do
-not fill a whole round of batches are skipped for that epoch; a different
-permutation the next epoch includes them).  Batches are ``(input_ids,
+not fill a whole optimizer step, ``batch_size x world_size x grad_accum``
+windows, are skipped for that epoch; a different permutation the next epoch
+includes them).  Batches are ``(input_ids,
 labels)``, both ``torch.int64`` of shape ``[batch_size, seq_len]`` with
 ``labels`` equal to ``input_ids``: the model shifts labels internally, the
 Hugging Face way.  ``state_dict()``/``load_state_dict()`` resume exactly.
@@ -489,10 +490,18 @@ class TokenBatchLoader:
                     f"data loader resumed with world_size x batch_size = {self.world_size} x {self.batch_size} "
                     f"instead of {saved_ws} x {saved_bs}; continuing after window {consumed} of epoch {epoch} "
                     "(each optimizer step still gets the windows it would have had when micro_batch_size x "
-                    "grad_accum x processes is unchanged; a checkpoint saved before epochs were whole steps may "
-                    "see its epochs end elsewhere)"
+                    "grad_accum x processes is unchanged)"
                 )
             position = -(-consumed // per_round)
+        if "grad_accum" not in state and self.grad_accum > 1:  # saved before epochs were whole optimizer steps
+            before = self.dataset.num_windows // (saved_ws * saved_bs) * saved_ws * saved_bs
+            now = self.batches_per_epoch * self.world_size * self.batch_size
+            if before != now:
+                warnings.warn(
+                    f"data loader: the checkpoint is of a version whose epochs held {before} windows; they now hold "
+                    f"{now} (whole optimizer steps of {self.world_size} x {self.batch_size} x {self.grad_accum}), "
+                    f"so from epoch {epoch + 1} on the windows differ from what that version would have given"
+                )
         self.epoch, self.position = epoch, position
 
 

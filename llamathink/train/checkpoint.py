@@ -337,7 +337,8 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 @contextlib.contextmanager
 def own_out_dir(out_dir: str | Path, is_main: bool = True):
     """Hold an exclusive lock on `out_dir` (fcntl.flock on <out_dir>/.lock, released when the block ends or the
-    process dies) and remove temporary checkpoint folders that an interrupted save left behind. Only the main
+    process dies), finish a re-save of a step that was killed between its renames (`_finish_interrupted_replacements`)
+    and remove temporary checkpoint folders that an interrupted save left behind. Only the main
     process locks (it alone writes). Raises OutDirInUse naming the holder (pid, host, start time) when another
     process holds the lock, ValueError when out_dir cannot be created or written (a file in the way, no
     permission). flock is advisory and per host: runs on different machines sharing out_dir over a network file
@@ -585,16 +586,19 @@ def _finish_interrupted_replacements(root: Path) -> list[str]:
     """Finish re-saves of a step that a kill stopped between `save_checkpoint`'s two renames, when the step has no
     folder under its own name: the new checkpoint (`.tmp-step_N-PID`, complete: the earlier one is moved aside
     only once the new one is written and synced) goes under the name, else the earlier one
-    (`.tmp-replaced-step_N-PID`) goes back. Returns the names restored; what cannot be renamed is left for the
-    removal of leftovers to report."""
+    (`.tmp-replaced-step_N-PID`) goes back. Returns the names restored (what cannot be renamed is then removed
+    with the other leftovers)."""
     restored = []
     marker = f"{TMP_PREFIX}replaced-"
     for old in sorted(root.glob(f"{marker}{CHECKPOINT_PREFIX}*")) if root.is_dir() else []:
         name, _, pid = old.name[len(marker) :].rpartition("-")
         final, new = root / name, root / f"{TMP_PREFIX}{name}-{pid}"
-        if final.exists() or not old.is_dir():
+        if final.exists() or final.is_symlink():
             continue
-        source = new if (new / STATE_FILE).is_file() and (new / META_FILE).is_file() else old
+        complete = not new.is_symlink() and (new / STATE_FILE).is_file() and (new / META_FILE).is_file()
+        source = new if complete else old
+        if not complete and (old.is_symlink() or not old.is_dir()):  # nothing whole to put back
+            continue
         try:
             os.replace(source, final)
         except OSError:
@@ -657,7 +661,9 @@ def save_checkpoint(
     }
     try:
         for path in (tmp, old):
-            if path.exists():
+            if path.is_symlink():
+                path.unlink()
+            elif path.exists():
                 shutil.rmtree(path)
         tmp.mkdir()
         with open(tmp / STATE_FILE, "wb") as f:
@@ -1107,6 +1113,20 @@ def _saved_world_size(state: dict, meta: dict) -> int | None:
     except (TypeError, ValueError, ZeroDivisionError):
         return 0  # not a count: compare_resume_settings refuses it
     return None
+
+
+def state_run_id(path: str | Path) -> str | None:
+    """The run id a checkpoint's state.pt keeps (for one whose meta.json was lost), read through a memory map (the
+    tensors are not read); None where there is none or the file cannot be read (its loading names the fault)."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile):
+        return None
+    run_id = state.get("run_id") if isinstance(state, dict) else None
+    return run_id if isinstance(run_id, str) else None
 
 
 def restore_checkpoint(

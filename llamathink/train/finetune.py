@@ -260,12 +260,12 @@ def load_chat_tokenizer(cfg: FinetuneConfig):
     try:
         return set_chat_template(tokenizer)
     except ValueError as err:  # e.g. a folder whose tokenizer_config.json (which names BOS and EOS) was lost
-        where = (
-            f"tokenizer={cfg.tokenizer!r}" if cfg.tokenizer else f"the tokenizer saved with init_from={cfg.init_from!r}"
-        )
+        if cfg.tokenizer:
+            raise ValueError(f"tokenizer={cfg.tokenizer!r} cannot carry the chat format: {err}") from err
         raise ValueError(
-            f"{where} cannot carry the chat format: {err} (is its tokenizer_config.json missing or edited?); set "
-            "tokenizer: (e.g. builtin, or /path/to/llama2-tokenizer.model)"
+            f"the tokenizer saved with init_from={cfg.init_from!r} cannot carry the chat format: {err} (is its "
+            "tokenizer_config.json missing or edited?); set tokenizer: (e.g. builtin, or "
+            "/path/to/llama2-tokenizer.model)"
         ) from err
 
 
@@ -276,6 +276,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
     holds out_dir's lock throughout (`own_out_dir`: OutDirInUse if another run does)."""
     accelerator = make_accelerator(cfg)
     with own_out_dir(cfg.out_dir, accelerator.is_main_process):
+        # the main process may have restored a checkpoint under its name (`own_out_dir`): every rank looks for the
+        # checkpoint to resume after that
+        accelerator.wait_for_everyone()
         return _finetune(cfg, accelerator)
 
 

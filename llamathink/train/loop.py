@@ -41,6 +41,7 @@ from .checkpoint import (
     resolve_resume,
     restore_checkpoint,
     save_checkpoint,
+    state_run_id,
 )
 from .config import RunConfig, load_config
 from .optim import build_optimizer, lr_factor, summarize_param_groups
@@ -345,6 +346,12 @@ def begin_run(cfg: RunConfig, is_main: bool = True) -> tuple[Path | None, str]:
         check_hub_access(cfg)
     resume_from = resolve_resume(cfg, log=print if is_main else lambda message: None)  # its notes once, not per rank
     meta = checkpoint_meta(resume_from) if resume_from is not None else {}
+    if resume_from is not None and meta.get("run_id") is None:  # meta.json lost (or an older format)
+        saved_id = state_run_id(resume_from)
+        if saved_id is not None:
+            if is_main:
+                print(f"note: {resume_from} has no meta.json; going on with its run {saved_id} (state.pt)")
+            meta = {**meta, "run_id": saved_id}
     if is_main and resume_from is not None:  # inputs edited in place since the run started
         fingerprints = dict(meta.get("input_fingerprints") or {})
         if meta.get("model_architecture") is not None:  # the model it builds is compared instead, as built
@@ -460,8 +467,8 @@ def run_training(
     (`llamathink.data.chat.trained_tokens`) over the step's total on all processes, so the step's loss is the mean over every trained
     token. `history` starts the record (e.g. data counts); the loop adds {"losses": {step: loss}, "eval": {step:
     loss}, "perf": {step: metrics}}, writes it to `<out_dir>/history.json` at every checkpoint and at the end, and
-    keeps it in the checkpoints with the tokens seen. `settings_file` (in out_dir) receives the settings once a
-    resume is accepted. `compile`: None (eager), "layers" (each decoder layer compiled in place, the model's
+    keeps it in the checkpoints with the tokens seen. `settings_file` (in out_dir) receives the settings just
+    before the run first writes to out_dir (with `overwrite: true`, when the earlier run's checkpoints go). `compile`: None (eager), "layers" (each decoder layer compiled in place, the model's
     `compile_layers`) or "model" (the prepared model wrapped in one torch.compile); `compile_mode` is torch.compile's
     `mode`; `combo_kernels` turns on inductor's combo kernels (`compile_kwargs`). `fla_prebuild` (batch size,
     sequence length, packed), for batches of that one shape: when compiling in 16-bit, a child process builds fla's
@@ -489,12 +496,6 @@ def run_training(
             resume_from, model, optimizer, scheduler, loader, cfg, world_size=world, log=accelerator.print
         )
         start_step, wandb_id = state["step"], state.get("wandb_run_id")
-        saved_id = state.get("run_id")
-        if isinstance(saved_id, str) and saved_id != run_id and checkpoint_meta(resume_from)["run_id"] is None:
-            # a checkpoint that lost its meta.json: its state.pt still says whose run it is, so the run goes on
-            # under that id (its checkpoints rotate as before) rather than as a new run
-            accelerator.print(f"note: {resume_from} has no meta.json; going on with its run {saved_id} (state.pt)")
-            run_id = saved_id
         # counts a checkpoint of an older version did not keep are unknown (None), not restarted from 0: the
         # model card then leaves them out rather than understate them
         tokens_seen = int(state["tokens_seen"]) if "tokens_seen" in state else None
@@ -512,6 +513,11 @@ def run_training(
     if is_main and fingerprints is None:
         fingerprints = input_fingerprints(cfg)
     history["run_id"] = run_id  # history.json says whose it is (`claim_checkpoints`)
+    settings_path = out_dir / settings_file
+    if is_main and (settings_path.is_symlink() or settings_path.exists()) and not settings_path.is_file():
+        raise ValueError(  # now, not at the first checkpoint: the steps until then would be lost
+            f"{settings_path}, where the run records its settings, is not a file: move it out of the way"
+        )
     claimed = False
 
     def claim_out_dir():

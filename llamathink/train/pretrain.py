@@ -247,6 +247,9 @@ def train(cfg: TrainConfig) -> dict:
     holds out_dir's lock throughout (`own_out_dir`: OutDirInUse if another run does)."""
     accelerator = make_accelerator(cfg)
     with own_out_dir(cfg.out_dir, accelerator.is_main_process):
+        # the main process may have restored a checkpoint under its name (`own_out_dir`): every rank looks for the
+        # checkpoint to resume after that
+        accelerator.wait_for_everyone()
         return _train(cfg, accelerator)
 
 
