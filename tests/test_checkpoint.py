@@ -1412,3 +1412,32 @@ def test_resume_accepts_a_moved_input_with_the_same_contents_and_refuses_a_chang
     assert f"data_dir: '{sample_data}' -> '{data}' (moved: same contents)" in printed
     assert f"model_config: '{model_json}' -> '{config}' (moved: same contents)" in printed
     assert "resumed from" in printed and sorted(map(int, history["losses"])) == [1, 2, 3, 4]
+
+
+def test_a_null_tokenizer_and_the_one_the_data_names_are_one_setting(sample_data, model_json, tmp_path):  # noqa: F811
+    """In pretraining, `tokenizer: null` loads the tokenizer the data's meta.json names: resuming with that name
+    given (or given before and left out now) is no change (it was refused as one); another tokenizer still is."""
+    assert json.loads((sample_data / "meta.json").read_text())["tokenizer"] == "builtin"
+    implied = dataclasses.asdict(_cfg(sample_data, model_json, tmp_path / "r"))
+    named = _cfg(sample_data, model_json, tmp_path / "r", tokenizer="builtin")
+    assert implied["tokenizer"] is None
+    assert ckpt.compare_resume_settings(implied, named, 1, 1) == []
+    assert (
+        ckpt.compare_resume_settings(dataclasses.asdict(named), _cfg(sample_data, model_json, tmp_path / "r"), 1, 1)
+        == []
+    )
+    other = _cfg(sample_data, model_json, tmp_path / "r", tokenizer=str(tmp_path / "other.model"))
+    with pytest.raises(ckpt.ResumeSettingsError, match=r"tokenizer: None -> '.*other.model'"):
+        ckpt.compare_resume_settings(implied, other, 1, 1)
+
+
+def test_a_resume_that_changes_the_validation_set_says_so(sample_data, model_json, tmp_path):  # noqa: F811
+    """Pretraining evaluates eval_batches x micro_batch_size x processes validation windows: a resume that splits the
+    global batch otherwise changes that set, which the resume's notes now say (only micro_batch_size was named)."""
+    saved = dataclasses.asdict(_cfg(sample_data, model_json, tmp_path / "r"))  # 8 x 2, 2 evaluation batches
+    same = _cfg(sample_data, model_json, tmp_path / "r", micro_batch_size=4, grad_accum=4, eval_batches=4)
+    assert not any(line.startswith("evaluation:") for line in ckpt.compare_resume_settings(saved, same, 1, 1))
+    halved = _cfg(sample_data, model_json, tmp_path / "r", micro_batch_size=4, grad_accum=4)
+    lines = ckpt.compare_resume_settings(saved, halved, 1, 1)
+    assert "micro_batch_size: 8 -> 4" in lines
+    assert any(line.startswith("evaluation: 16 -> 8 validation windows") for line in lines), lines

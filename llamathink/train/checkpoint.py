@@ -913,6 +913,18 @@ def _fingerprint(path: Path, exclude: tuple[Path, ...] = ()) -> str:
     return digest.hexdigest()
 
 
+def _data_tokenizer(data_dir) -> str | None:
+    """The tokenizer a prepared data folder's meta.json names (what a pretraining run's `tokenizer: null` loads),
+    or None where there is no such folder or name."""
+    if not isinstance(data_dir, str) or not data_dir:
+        return None
+    try:
+        name = json.loads((Path(data_dir) / "meta.json").read_text()).get("tokenizer")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name else None
+
+
 def same_setting(saved, value) -> bool:
     """Whether a saved setting and the current one are the same: equal as JSON values, or two names of one existing
     file or folder (`runs/data` and `/home/me/runs/data` from the same working directory)."""
@@ -987,9 +999,16 @@ def compare_resume_settings(
     fixed, changed = [], []
     prints = saved_fingerprints if isinstance(saved_fingerprints, dict) else {}
     now = None  # the current inputs' fingerprints, computed once, only where an input has another name
+    implied_tokenizer = _data_tokenizer(current.get("data_dir"))  # what `tokenizer: null` means in pretraining
     for name, value in current.items():
         if name in _NOT_COMPARED or name not in saved or same_setting(saved[name], value):
             continue
+        if (
+            name == "tokenizer"
+            and implied_tokenizer
+            and same_setting(saved[name] or implied_tokenizer, value or implied_tokenizer)
+        ):
+            continue  # null and the tokenizer the data's meta.json names are one tokenizer
         line = f"{name}: {saved[name]!r} -> {value!r}"
         if name in INPUT_SETTINGS and isinstance(prints.get(name), str):
             now = input_fingerprints(cfg) if now is None else now
@@ -1013,6 +1032,16 @@ def compare_resume_settings(
                 f"{saved['grad_accum']} x {saved_world} = {old} -> {cfg.micro_batch_size} x "
                 f"{cfg.grad_accum} x {world_size} = {new}"
             )
+        # pretraining evaluates the first eval_batches x micro_batch_size x processes validation windows
+        saved_evals = saved.get("eval_batches")
+        if _run_kind(saved) == "pretraining" and isinstance(saved_evals, int) and not fixed:
+            before = saved_evals * saved["micro_batch_size"] * saved_world
+            after = getattr(cfg, "eval_batches", saved_evals) * cfg.micro_batch_size * world_size
+            if before != after:
+                changed.append(
+                    f"evaluation: {before} -> {after} validation windows (eval_batches x micro_batch_size x "
+                    "processes): evaluation losses before and after this step are of different sets"
+                )
     if fixed:
         raise ResumeSettingsError(
             f"cannot resume from {where}: settings that must stay the same within a run "
