@@ -999,7 +999,8 @@ def compare_resume_settings(
     fixed, changed = [], []
     prints = saved_fingerprints if isinstance(saved_fingerprints, dict) else {}
     now = None  # the current inputs' fingerprints, computed once, only where an input has another name
-    implied_tokenizer = _data_tokenizer(current.get("data_dir"))  # what `tokenizer: null` means in pretraining
+    # what `tokenizer: null` means in pretraining (in finetuning it is init_from's tokenizer, compared by name)
+    implied_tokenizer = _data_tokenizer(current.get("data_dir")) if current_kind == "pretraining" else None
     for name, value in current.items():
         if name in _NOT_COMPARED or name not in saved or same_setting(saved[name], value):
             continue
