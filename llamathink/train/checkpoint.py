@@ -386,7 +386,7 @@ def own_out_dir(out_dir: str | Path, is_main: bool = True):
         leftovers = [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX)] if root.is_dir() else []
         for path in leftovers:
             with contextlib.suppress(OSError):
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+                _remove_folder_or_link(path) if path.is_dir() else path.unlink(missing_ok=True)
         stuck = [p.name for p in leftovers if p.exists()]
         if len(leftovers) > len(stuck):
             print(
@@ -582,6 +582,15 @@ def _save_error_message(err: BaseException, step: int, final: Path, needed: int,
     return f"{what}; {kept} and the partial checkpoint was removed"
 
 
+def _remove_folder_or_link(path: Path, ignore_errors: bool = False) -> None:
+    """Remove a checkpoint folder (shutil.rmtree, with its `ignore_errors`), or only the link where `path` is a
+    symbolic link, never what it points to."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
 def _finish_interrupted_replacements(root: Path) -> list[str]:
     """Finish re-saves of a step that a kill stopped between `save_checkpoint`'s two renames, when the step has no
     folder under its own name: the new checkpoint (`.tmp-step_N-PID`, complete: the earlier one is moved aside
@@ -661,10 +670,8 @@ def save_checkpoint(
     }
     try:
         for path in (tmp, old):
-            if path.is_symlink():
-                path.unlink()
-            elif path.exists():
-                shutil.rmtree(path)
+            if path.is_symlink() or path.exists():
+                _remove_folder_or_link(path)
         tmp.mkdir()
         with open(tmp / STATE_FILE, "wb") as f:
             torch.save(state, f)
@@ -685,10 +692,7 @@ def save_checkpoint(
         if isinstance(err, (OSError, RuntimeError)):
             raise CheckpointError(_save_error_message(err, step, final, _nbytes(state), previous)) from err
         raise
-    if old.is_symlink():  # a linked-in folder replaced: the link goes, never what it points to
-        old.unlink()
-    else:
-        shutil.rmtree(old, ignore_errors=True)
+    _remove_folder_or_link(old, ignore_errors=True)  # (a linked-in folder replaced: the link goes)
     dir_fd = os.open(root, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -916,11 +920,13 @@ def _fingerprint(path: Path, exclude: tuple[Path, ...] = ()) -> str:
 def _data_tokenizer(data_dir) -> str | None:
     """The tokenizer a prepared data folder's meta.json names (what a pretraining run's `tokenizer: null` loads),
     or None where there is no such folder or name."""
+    from ..data import load_meta
+
     if not isinstance(data_dir, str) or not data_dir:
         return None
     try:
-        name = json.loads((Path(data_dir) / "meta.json").read_text()).get("tokenizer")
-    except (OSError, ValueError, AttributeError):
+        name = load_meta(data_dir).get("tokenizer")
+    except (OSError, ValueError):  # missing or not prepare's: nothing implied
         return None
     return name if isinstance(name, str) and name else None
 

@@ -70,42 +70,30 @@ def _output_write_error(target, err: BaseException, intact: str, then: str) -> O
     )
 
 
-def write_history(out_dir: Path, history: dict):
-    """`history.json`: per-step training loss, evaluation loss and performance metrics (for plots and reports).
-    Raises OutputWriteError when it cannot be written (the earlier history.json stays whole)."""
-    tmp = Path(out_dir) / "history.json.tmp"
-    try:
-        tmp.write_text(json.dumps(history, indent=1, default=float))
-        os.replace(tmp, Path(out_dir) / "history.json")
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise _output_write_error(
-            Path(out_dir) / "history.json",
-            err,
-            f"the checkpoints in {checkpoint_dir(out_dir)} are",
-            "go on from the last one with --resume auto --overwrite false",
-        ) from err
-
-
-def write_settings(path: Path, cfg) -> None:
-    """A run's settings (a dataclass) as JSON at `path` (its record in out_dir), through a temporary file and a
-    rename, so the earlier record stays whole if the write fails. Raises OutputWriteError naming the file (e.g. a
-    folder in the way, a full disk)."""
-    path = Path(path)
+def _write_json(path: Path, text: str, then: str):
+    """`text` (JSON) at `path` in out_dir through `<path>.tmp` and a rename, so the earlier file stays whole if the
+    write fails; OutputWriteError naming it, with `then` (how to go on), when it cannot be written."""
     tmp = path.with_name(f"{path.name}.tmp")
     try:
-        tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+        tmp.write_text(text)
         os.replace(tmp, path)
     except OSError as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise _output_write_error(
-            path,
-            err,
-            f"the checkpoints in {checkpoint_dir(path.parent)} are",
-            "start the run again",
-        ) from err
+        raise _output_write_error(path, err, f"the checkpoints in {checkpoint_dir(path.parent)} are", then) from err
+
+
+def write_history(out_dir: Path, history: dict):
+    """`history.json`: per-step training loss, evaluation loss and performance metrics (for plots and reports).
+    Raises OutputWriteError when it cannot be written (the earlier history.json stays whole)."""
+    text = json.dumps(history, indent=1, default=float)
+    _write_json(Path(out_dir) / "history.json", text, "go on from the last one with --resume auto --overwrite false")
+
+
+def write_settings(path: Path, cfg) -> None:
+    """A run's settings (a dataclass) as JSON at `path` (its record in out_dir), written as `write_history` writes.
+    Raises OutputWriteError naming the file (e.g. a folder in the way, a full disk)."""
+    _write_json(Path(path), json.dumps(dataclasses.asdict(cfg), indent=2, default=str), "start the run again")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -527,7 +515,7 @@ def run_training(
         was."""
         nonlocal claimed
         if not claimed:
-            write_settings(out_dir / settings_file, cfg)  # first: a failure to write it deletes nothing
+            write_settings(settings_path, cfg)  # first: a failure to write it deletes nothing
             delete_earlier_checkpoints(cfg, resume_from, run_id)
             claimed = True
 
