@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import torch_threads
-from test_train import _cfg, model_json, sample_data  # noqa: F401  (session fixtures)
+from test_train import _cfg, model_json, poison_first_step, sample_data  # noqa: F401  (session fixtures)
 
 from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
 from llamathink.data import chat as data_chat
@@ -252,15 +252,8 @@ def test_a_fresh_run_refuses_an_out_dir_with_another_runs_checkpoints(sample_dat
         patch.setattr(loop, "_init_wandb", lambda *a: (_ for _ in ()).throw(ValueError("W&B could not start")))
         with pytest.raises(ValueError, match="W&B could not start"):
             pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=1, resume="none", overwrite=True))
-    real_build = pretrain.build_model
-
-    def poisoned(cfg):  # a first step whose loss is NaN
-        model = real_build(cfg)
-        model.model.norm.weight.data.fill_(float("nan"))
-        return model
-
     with monkeypatch.context() as patch:
-        patch.setattr(pretrain, "build_model", poisoned)
+        poison_first_step(patch)
         with pytest.raises(loop.NonFiniteLoss, match="at step 1"):
             pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=1, resume="none", overwrite=True))
     assert _names(ckpt.list_checkpoints(out)) == earlier

@@ -333,9 +333,9 @@ def test_keep_last_checkpoints(sample_data, model_json, tmp_path):
     assert names == ["step_00000006", "step_00000008"]
 
 
-def test_nonfinite_loss_stops_or_skips_and_keeps_checkpoints(sample_data, model_json, tmp_path, monkeypatch):
-    out = tmp_path / "nan"
-    pretrain.train(_cfg(sample_data, model_json, out, max_steps=12, stop_at_step=2, save_every=2))
+def poison_first_step(patch) -> None:
+    """Through `patch` (pytest's monkeypatch), pretraining builds models whose final norm weight is NaN: every
+    loss is NaN, from the first step on."""
     real_build = pretrain.build_model
 
     def poisoned(cfg):
@@ -343,7 +343,13 @@ def test_nonfinite_loss_stops_or_skips_and_keeps_checkpoints(sample_data, model_
         model.model.norm.weight.data.fill_(float("nan"))
         return model
 
-    monkeypatch.setattr(pretrain, "build_model", poisoned)
+    patch.setattr(pretrain, "build_model", poisoned)
+
+
+def test_nonfinite_loss_stops_or_skips_and_keeps_checkpoints(sample_data, model_json, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    pretrain.train(_cfg(sample_data, model_json, out, max_steps=12, stop_at_step=2, save_every=2))
+    poison_first_step(monkeypatch)
     # named by the step that failed, the first (it said "step 0", the count of steps done)
     with pytest.raises(loop.NonFiniteLoss, match="non-finite loss or gradient at step 1 .*No checkpoint had been"):
         pretrain.train(_cfg(sample_data, model_json, tmp_path / "nan2", max_steps=12))
