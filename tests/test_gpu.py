@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import graph_test_grads, graph_test_model, largest_gap, loss_and_grads, relative_errors, tiny_model
+from conftest import (
+    graph_test_grads,
+    graph_test_model,
+    largest_gap,
+    loss_and_grads,
+    relative_errors,
+    tiny_config,
+    tiny_model,
+)
 
 from llamathink.kernels_llamathink import (
     _fla_ops,
@@ -482,6 +490,81 @@ def test_cuda_graph_training_accumulates_and_evaluates_like_compiled_layers(dete
     graphs = _sgd_training("reduce-overhead", batches, 2, True, combo_kernels)
     _assert_same_training(graphs, plain)
     assert plain[1][-1] < plain[1][0] - 0.02  # the steps trained
+
+
+@needs_fla
+def test_default_compiled_pretraining_replays_cuda_graphs_and_resumes_exactly(tmp_path, capsys):
+    """What a one-GPU run with `compile: true` gets by default (`compile_mode: auto`: the layers as CUDA graphs),
+    through `pretrain.train` as a user runs it: bf16, Muon (its step recorded too), two accumulated micro-batches,
+    evaluations, samples generated and checkpoints saved between steps. Its losses, evaluation losses and final
+    weights equal those of `compile_mode: default` (the same kernels, deterministic algorithms, to SAME_KERNELS),
+    and a run stopped after step 2 and resumed in a fresh compilation gives the straight run's later losses and
+    final weights. (Deterministic algorithms as in the `deterministic` fixture, but only warned about where an op
+    has none: the samples' cached decoding, which no compared number depends on.)"""
+    from llamathink.data import LocalSource, prepare
+    from llamathink.tokenizer_utils import sample_data_path
+    from llamathink.train import pretrain
+
+    _skip_without_fla_backward("fla")
+    data = tmp_path / "data"
+    prepare(LocalSource([str(sample_data_path("prose.jsonl"))]), data, "builtin", val_docs=20, progress=False)
+    dims = {"linear_key_head_dim": 16, "linear_value_head_dim": 32, "head_dim": 16, "hidden_size": 64}
+    tiny_config(vocab_size=1024, zero_init_residual=True, **dims).to_json_file(tmp_path / "config.json")
+
+    def run(name, **overrides):
+        torch._dynamo.reset()  # each run compiles afresh, as a new process would
+        settings = dict(
+            model_config=str(tmp_path / "config.json"),
+            data_dir=str(data),
+            out_dir=str(tmp_path / name),
+            seq_len=128,
+            micro_batch_size=4,
+            grad_accum=2,
+            max_steps=4,
+            warmup_steps=1,
+            compile=True,
+            eval_every=2,
+            eval_batches=2,
+            sample_every=2,
+            sample_tokens=8,
+            log_every=1,
+            save_every=2,
+            peak_tflops=None,
+            wandb_mode="disabled",
+            progress_bar=False,
+        )
+        return pretrain.train(pretrain.TrainConfig(**{**settings, **overrides}))
+
+    capsys.readouterr()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        graphs = run("graphs")
+        assert "compile_mode auto: reduce-overhead" in capsys.readouterr().out
+        plain = run("plain", compile_mode="default")
+        run("resumed", stop_at_step=2)
+        resumed = run("resumed")
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+    def weights(result):
+        from safetensors.torch import load_file
+
+        return load_file(str(Path(result["final_dir"]) / "model.safetensors"))
+
+    for key in ("losses", "eval"):
+        steps = sorted(plain[key])
+        torch.testing.assert_close(
+            [graphs[key][s] for s in steps], [plain[key][s] for s in steps], rtol=SAME_KERNELS, atol=0
+        )
+        torch.testing.assert_close(
+            [resumed[key][s] for s in steps], [graphs[key][s] for s in steps], rtol=SAME_KERNELS, atol=0
+        )
+    assert len(plain["losses"]) == 4 and len(plain["eval"]) == 2
+    final = weights(graphs)
+    for other in (plain, resumed):
+        gap = largest_gap(weights(other), final)
+        assert gap[0] <= SAME_KERNELS, ("final weights", gap)
+    assert plain["losses"][4] < plain["losses"][1]  # it trained
 
 
 @needs_fla

@@ -929,10 +929,60 @@ def test_cuda_graph_compile_mode_accumulates_into_kept_gradients(sample_data, mo
     assert all(not p.grad.any() for p in models[0].parameters())
     for step, loss in eager["losses"].items():
         assert abs(graphs["losses"][step] - loss) < 1e-5 * abs(loss), (step, graphs["losses"][step], loss)
-    with pytest.raises(ValueError, match="compile_mode must be one of default, reduce-overhead"):
+    with pytest.raises(ValueError, match="compile_mode must be one of auto, default, reduce-overhead"):
         _cfg(sample_data, model_json, tmp_path / "bad", compile=True, compile_mode="fast")
     with pytest.raises(ValueError, match="compile_mode: reduce-overhead has no effect without compile: true"):
         _cfg(sample_data, model_json, tmp_path / "bad", compile_mode="reduce-overhead")
+
+
+def test_compile_mode_auto_gives_cuda_graphs_only_to_one_gpu_process_of_fixed_shapes(
+    sample_data, model_json, tmp_path, monkeypatch, capsys
+):
+    """`compile_mode: auto` (the default) resolves to "reduce-overhead" for compiled layers in one process on a GPU
+    with windows of one shape, and to "default" for each other case (a CPU, several processes, document-masked
+    batches, a whole-model graph, nothing compiled); a mode set by name is kept. The resolved mode is what the
+    layers compile with: the run below resolves as on a GPU (the device is the only thing faked) and its layers get
+    the CUDA-graph options, a cudagraph-trees step per micro-batch, and the eager run's losses."""
+    from llamathink.modeling_llamathink import LlamaThinkPreTrainedModel
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    cfg = _cfg(sample_data, model_json, tmp_path / "auto", max_steps=2, save_every=2, eval_every=2, compile=True)
+    assert cfg.compile_mode == "auto"
+    resolve = pretrain.resolve_compile_mode
+    assert resolve(cfg, cuda, 1, packed=False)[0] == "reduce-overhead"
+    for case, args, why in (
+        ("cpu", (cfg, cpu, 1, False), "no CUDA graphs on cpu"),
+        ("ddp", (cfg, cuda, 2, False), "2 processes"),
+        ("packed", (cfg, cuda, 1, True), "document-masked batches"),
+        ("whole", (dataclasses.replace(cfg, regional_compile=False), cuda, 1, False), "regional_compile: false"),
+        ("eager", (dataclasses.replace(cfg, compile=False), cuda, 1, False), "compile: false"),
+    ):
+        mode, reason = resolve(*args)
+        assert mode == "default" and why in reason, (case, mode, reason)
+    named = dataclasses.replace(cfg, compile_mode="default")
+    assert resolve(named, cuda, 1, False) == ("default", "set by compile_mode")
+    assert resolve(dataclasses.replace(cfg, compile_mode="max-autotune"), cpu, 4, True)[0] == "max-autotune"
+    # compile: false with the default mode is fine; a named mode other than default needs compile: true
+    assert _cfg(sample_data, model_json, tmp_path / "e").compile_mode == "auto"
+
+    modes, marks = [], []
+    compile_layers = LlamaThinkPreTrainedModel.compile_layers
+    monkeypatch.setattr(
+        LlamaThinkPreTrainedModel,
+        "compile_layers",
+        lambda self, **kw: modes.append(kw) or compile_layers(self, backend="eager"),
+    )
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    monkeypatch.setattr(pretrain, "resolve_compile_mode", lambda c, device, n, packed: resolve(c, cuda, n, packed))
+    eager = pretrain.train(_cfg(sample_data, model_json, tmp_path / "eager", max_steps=2, save_every=2, eval_every=2))
+    torch._dynamo.reset()
+    capsys.readouterr()
+    graphs = pretrain.train(cfg)
+    assert "compile_mode auto: reduce-overhead (one process on a GPU" in capsys.readouterr().out
+    assert modes == [{"options": {"triton.cudagraphs": True, "combo_kernels": True}}]
+    assert len(marks) == 2 * cfg.grad_accum
+    for step, loss in eager["losses"].items():
+        assert abs(graphs["losses"][step] - loss) < 1e-5 * abs(loss), (step, graphs["losses"][step], loss)
 
 
 def test_combo_kernels_reach_torch_compile_as_inductor_options(sample_data, model_json, tmp_path, monkeypatch):
@@ -1005,7 +1055,8 @@ def test_compile_true_trains_layer_by_layer_and_saves_plain_checkpoints(sample_d
     layers = pretrain.train(
         _cfg(sample_data, model_json, tmp_path / "layers", max_steps=4, save_every=4, eval_every=4, compile=True)
     )
-    combo = {"options": {"combo_kernels": True}}  # the run settings' defaults: compile_mode default, combo kernels
+    # the run settings' defaults: compile_mode auto (inductor's default mode on a CPU), combo kernels
+    combo = {"options": {"combo_kernels": True}}
     assert scopes == [("layers", combo)]
     whole = pretrain.train(
         _cfg(

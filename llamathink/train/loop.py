@@ -536,13 +536,6 @@ def run_training(
             raw_model, fla_prebuild, prebuild_dtype, out_dir, is_main, accelerator.is_local_main_process
         )
     cuda_graphs = compile is not None and uses_cuda_graphs(how)
-    if cuda_graphs and accelerator.device.type == "cuda":  # (on a CPU the mode replays no graphs)
-        accelerator.print(
-            f"note: compile_mode: {compile_mode} (CUDA graphs) is opt-in: its tests give the default mode's gradients "
-            "with deterministic algorithms; earlier, non-deterministic runs of them found bf16 gradients 1-4% apart on "
-            "three GPU machines of six, the size of bf16 kernels' own call-to-call rounding, not seen since (README, "
-            "'What compile: true costs'); compile_mode: default is the reference"
-        )
     if cuda_graphs:  # gradients accumulate into tensors of their own (see the docstring)
         for p in raw_model.parameters():
             if p.requires_grad and p.grad is None:

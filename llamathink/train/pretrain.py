@@ -39,8 +39,8 @@ from .config import RunConfig
 from .config import load_config as _load_settings
 from .loop import TrainingHooks, begin_run, command_main, make_accelerator, run_training, save_final
 
-# torch.compile's modes (`compile_mode`)
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# torch.compile's modes (`compile_mode`), after "auto" (`resolve_compile_mode`)
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -59,12 +59,12 @@ class TrainConfig(RunConfig):
     # with compile: true compiles each decoder layer (one graph per mixer type: a short first step, fast warm
     # restarts; `LlamaThinkForCausalLM.compile_layers`); false compiles the whole model as one graph
     regional_compile: bool = True
-    # torch.compile's mode (with compile: true): "reduce-overhead" replays the compiled kernels as CUDA graphs, so
-    # the step no longer waits on the host launching them (on the H200 at batch 16: the training loop about 1.5x
-    # the tokens/s of "default", both with combo kernels, session 25; about the same at batch 64; BENCHMARKS.md 1);
-    # "default", "max-autotune",
-    # "max-autotune-no-cudagraphs"
-    compile_mode: str = "default"
+    # torch.compile's mode (with compile: true). "auto": "reduce-overhead" where a run is known to train correctly
+    # with it, "default" elsewhere (`resolve_compile_mode`). "reduce-overhead" replays the compiled layers as CUDA
+    # graphs, so the step no longer waits on the host launching their kernels (on the H200 at batch 16 the training
+    # loop about 1.5x the tokens/s of "default", both with combo kernels, session 25; about the same at batch 64;
+    # BENCHMARKS.md 1). Also "default", "max-autotune", "max-autotune-no-cudagraphs"
+    compile_mode: str = "auto"
     # with compile: true, inductor's combo kernels: independent element-wise and reduction kernels of a compiled
     # layer launched as one. On the H200 (BENCHMARKS.md section 1, sessions 24-25): half the inductor launches, so
     # the host-bound batch-16 step in the default mode trains about 10-14% faster (training loop), batch 64 2%
@@ -83,7 +83,7 @@ class TrainConfig(RunConfig):
         self.check_positive("seq_len", "eval_batches")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
-        if self.compile_mode != "default" and not self.compile:
+        if self.compile_mode not in ("auto", "default") and not self.compile:
             raise ValueError(f"compile_mode: {self.compile_mode} has no effect without compile: true; set both")
         if (self.model_config is None) == (self.init_from is None):
             raise ValueError("set exactly one of model_config (a fresh model) and init_from (a pretrained one)")
@@ -241,6 +241,29 @@ def model_inputs(input_ids: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig
     return inputs
 
 
+def resolve_compile_mode(cfg: TrainConfig, device: torch.device, num_processes: int, packed: bool) -> tuple[str, str]:
+    """torch.compile's mode for a run: (mode, why). `compile_mode` other than "auto" is taken as given. "auto" gives
+    "reduce-overhead" (the compiled layers replayed as CUDA graphs) where that path is tested and its shapes are
+    fixed: compiled layer by layer (`regional_compile`), on a CUDA `device`, in one process, with windows of one
+    shape (`packed` false: document-masked batches give each new set of document lengths a shape of its own, and
+    CUDA graphs record a new graph for each). Everywhere else, "default": on a CPU CUDA graphs replay nothing; with
+    several processes DDP's gradient hooks have not been tested inside CUDA graphs here; a whole-model graph would
+    also serve evaluation and generation, whose shapes vary. The CUDA-graph GPU tests (`tests/test_gpu.py -k
+    cuda_graph`) hold that path to the default mode's gradients and weights."""
+    if cfg.compile_mode != "auto":
+        return cfg.compile_mode, "set by compile_mode"
+    for reason, holds in (
+        ("not compiled (compile: false)", not cfg.compile),
+        ("the whole model compiled as one graph (regional_compile: false)", not cfg.regional_compile),
+        (f"no CUDA graphs on {device.type}", device.type != "cuda"),
+        (f"{num_processes} processes (CUDA graphs are used by one-process runs)", num_processes > 1),
+        ("document-masked batches change shape from batch to batch", packed),
+    ):
+        if holds:
+            return "default", reason
+    return "reduce-overhead", "one process on a GPU, compiled layers, windows of one shape"
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a pretraining run. Returns {"losses": {step: loss}, "eval": {step: loss}, "perf": {step:
     metrics}, "tokens_seen": n, "overflow_steps": n, "final_dir": <out_dir>/final or None when stopped early}. The run
@@ -310,6 +333,10 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
             f"{cfg.data_dir} records no BOS token id: documents cannot be told apart, so document_masking is off"
         )
     batches = (model_inputs(input_ids, labels, cfg, bos_id) for input_ids, labels in loader)
+    packed = bool(cfg.document_masking and bos_id is not None)
+    compile_mode, why = resolve_compile_mode(cfg, accelerator.device, accelerator.num_processes, packed)
+    if cfg.compile and cfg.compile_mode == "auto":
+        accelerator.print(f"compile_mode auto: {compile_mode} ({why})")
 
     def final(raw_model, final_dir: Path, history: dict):
         save_final(raw_model, tokenizer, final_dir, cfg, history, tokens_seen=history["tokens_seen"])
@@ -333,9 +360,9 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
         run_id=run_id,
         settings_file="train_config.json",
         compile=("layers" if cfg.regional_compile else "model") if cfg.compile else None,
-        compile_mode=cfg.compile_mode,
+        compile_mode=compile_mode,
         combo_kernels=cfg.combo_kernels,
-        fla_prebuild=(cfg.micro_batch_size, cfg.seq_len, bool(cfg.document_masking and bos_id is not None)),
+        fla_prebuild=(cfg.micro_batch_size, cfg.seq_len, packed),
         desc="train",
     )
 
