@@ -19,8 +19,9 @@ in two at a document boundary: the first `--val-docs` documents are the validati
 rest the test set, read once at the end of each run for the figure that is reported.
 
 A run is `NAME:key=value,key=value`. Keys: `model` (llamathink, hf-qwen3.5, hf-llama), `compile` (0/1),
-`compile_mode` (`torch.compile`'s mode; `reduce-overhead` replays CUDA graphs, as `compile_mode` in training,
-opt-in: BENCHMARKS.md sections 1a+ and 1a++), `combo_kernels` (0/1: inductor's combo kernels, as the run setting;
+`compile_mode` (`torch.compile`'s mode, or `auto` as training resolves it, `resolve_compile_mode`: CUDA graphs
+for llamathink's compiled layers on a GPU without document masking; default `auto` for llamathink, as training
+compiles it, `default` for the peers, as torch.compile compiles them), `combo_kernels` (0/1: inductor's combo kernels, as the run setting;
 default 1 for llamathink, as training compiles it, 0 for the peers, as torch.compile compiles them),
 `optimizer` (muon, adamw), `muon_lr`, `adamw_lr`, `weight_decay`, `seed`, `adamw_suffixes` (parameter-name
 suffixes, `/`-separated, routed to AdamW instead of Muon: `classify_parameter`'s `extra_adamw_suffixes`); for
@@ -73,7 +74,7 @@ from bench_gpu import build as build_peer, versions  # noqa: E402
 from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM  # noqa: E402
 from llamathink.modeling_llamathink import LlamaThinkCompressedSparseAttention, apply_rotary, uses_cuda_graphs
 from llamathink.train.loop import compile_kwargs
-from llamathink.train.pretrain import COMPILE_MODES
+from llamathink.train.pretrain import COMPILE_MODES, resolve_compile_mode
 from llamathink.data import TokenBatchLoader, document_position_ids, find_shards, load_meta, open_shard  # noqa: E402
 
 DEFAULT_RUNS = ("llamathink:compile=1", "hf-qwen3.5:model=hf-qwen3.5", "hf-llama:model=hf-llama,compile=1")
@@ -180,9 +181,10 @@ def parse_run(spec: str) -> dict:
         raise ValueError(f"run {name!r}: {unknown} are not run keys, init choices or LlamaThinkConfig fields")
     if run["optimizer"] not in ("muon", "adamw"):
         raise ValueError(f"run {name!r}: optimizer must be muon or adamw, got {run['optimizer']!r}")
-    if run.get("compile_mode", "default") not in COMPILE_MODES:
+    run.setdefault("compile_mode", "auto" if run["model"] == "llamathink" else "default")
+    if run["compile_mode"] not in COMPILE_MODES:
         raise ValueError(f"run {name!r}: compile_mode must be one of {COMPILE_MODES}, got {run['compile_mode']!r}")
-    if run.get("compile_mode", "default") != "default" and not run["compile"]:
+    if run["compile_mode"] not in ("auto", "default") and not run["compile"]:
         raise ValueError(f"run {name!r}: compile_mode needs compile=1")
     run.setdefault("combo_kernels", run["model"] == "llamathink")
     return run
@@ -409,7 +411,13 @@ def train_run(run: dict, args, val: np.ndarray, test: np.ndarray, device: torch.
     optimizer = build_optimizer(model, settings, extra_adamw_suffixes=run.get("adamw_suffixes", ()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, settings))
     step_model = model
-    how = compile_kwargs(run.get("compile_mode", "default"), run["combo_kernels"])
+    mode, _ = resolve_compile_mode(
+        run["compile_mode"],
+        torch.device(device),
+        packed=bool(run.get("document_masking")),
+        whole_model=not hasattr(model, "compile_layers"),
+    )
+    how = compile_kwargs(mode, run["combo_kernels"])
     cuda_graphs = run["compile"] and uses_cuda_graphs(how)
     if run["compile"]:  # LlamaThink as `compile: true` trains (layer by layer); the peers as one graph
         if hasattr(model, "compile_layers"):
@@ -425,6 +433,7 @@ def train_run(run: dict, args, val: np.ndarray, test: np.ndarray, device: torch.
         **run,
         "params": n_params,
         "seed": seed,
+        "torch_compile_mode": mode if run["compile"] else None,  # what compile_mode "auto" resolved to
         "muon_lr": settings.muon_lr,
         "adamw_lr": settings.adamw_lr,
         "weight_decay": settings.weight_decay,

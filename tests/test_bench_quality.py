@@ -2,9 +2,12 @@
 each one is the model it claims to be, checked against an independent reference on the CPU in float64."""
 
 import json
+import math
 import re
 import sys
+import types
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT
@@ -371,10 +374,56 @@ def test_plots_refuse_what_would_draw_a_wrong_line(tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_runs_compile_with_combo_kernels_as_training_does():
-    """A LlamaThink run compiles with combo kernels unless told not to (the run setting `combo_kernels`' default);
-    the peers as torch.compile compiles them, unless told to use them."""
+def test_runs_compile_with_combo_kernels_and_the_compile_mode_training_uses():
+    """A LlamaThink run compiles with combo kernels unless told not to (the run setting `combo_kernels`' default)
+    and with `compile_mode` auto (training's default: CUDA graphs on a GPU); the peers as torch.compile compiles
+    them, unless told otherwise. A mode other than auto or default without compile=1 is an error."""
     assert bq.parse_run("r:compile=1")["combo_kernels"] is True
     assert bq.parse_run("r:compile=1,combo_kernels=0")["combo_kernels"] is False
     assert bq.parse_run("r:model=hf-llama,compile=1")["combo_kernels"] is False
     assert bq.parse_run("r:model=hf-llama,compile=1,combo_kernels=1")["combo_kernels"] is True
+    assert bq.parse_run("r:compile=1")["compile_mode"] == "auto"
+    assert bq.parse_run("r:compile=0")["compile_mode"] == "auto"  # accepted, not used
+    assert bq.parse_run("r:model=hf-llama,compile=1")["compile_mode"] == "default"
+    assert bq.parse_run("r:model=hf-llama,compile=1,compile_mode=reduce-overhead")["compile_mode"] == "reduce-overhead"
+    with pytest.raises(ValueError, match="compile_mode needs compile=1"):
+        bq.parse_run("r:compile_mode=reduce-overhead")
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        bq.parse_run("r:compile=1,compile_mode=fast")
+
+
+def test_a_compiled_run_takes_the_mode_training_resolves(tmp_path, monkeypatch):
+    """`train_run` compiles a LlamaThink run with the mode `compile_mode: auto` resolves to for it
+    (`resolve_compile_mode`: torch.compile's default mode on this CPU, CUDA graphs on a GPU, as the device is
+    faked below), and the record names it. dynamo's "eager" backend stands in for inductor."""
+    from llamathink.data import LocalSource, prepare
+    from llamathink.modeling_llamathink import LlamaThinkPreTrainedModel
+    from llamathink.tokenizer_utils import sample_data_path
+
+    data = tmp_path / "data"
+    prepare(LocalSource([str(sample_data_path("prose.jsonl"))]), data, "builtin", val_docs=4, progress=False)
+    val = np.random.default_rng(0).integers(0, 1000, (2, 33)).astype(np.int64)
+    args = types.SimpleNamespace(
+        data=str(data), seq=32, batch=2, data_seed=0, steps=2, warmup=1, eval_every=2, eval_batch=2, speed_from=1,
+        time_limit=None, seed=0, muon_lr=0.02, adamw_lr=0.002, weight_decay=0.0, grad_clip=1.0,
+    )  # fmt: skip
+    modes = []
+    compile_layers = LlamaThinkPreTrainedModel.compile_layers
+    monkeypatch.setattr(
+        LlamaThinkPreTrainedModel,
+        "compile_layers",
+        lambda self, **kw: modes.append(kw) or compile_layers(self, backend="eager"),
+    )
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+    small = "hidden_size=64,intermediate_size=128,num_hidden_layers=2,vocab_size=1024,pattern=linear/full"
+    run = bq.parse_run(f"r:compile=1,{small}")
+    record = bq.train_run(run, args, val, val, torch.device("cpu"))
+    assert modes == [{"options": {"combo_kernels": True}}] and record["torch_compile_mode"] == "default"
+    resolve = bq.resolve_compile_mode
+    monkeypatch.setattr(
+        bq, "resolve_compile_mode", lambda mode, device, **kw: resolve(mode, torch.device("cuda"), **kw)
+    )
+    torch._dynamo.reset()
+    record = bq.train_run(run, args, val, val, torch.device("cpu"))
+    assert modes[1] == {"options": {"triton.cudagraphs": True, "combo_kernels": True}}
+    assert record["torch_compile_mode"] == "reduce-overhead" and math.isfinite(record["val_loss"])

@@ -940,7 +940,7 @@ def test_compile_mode_auto_gives_cuda_graphs_only_to_one_gpu_process_of_fixed_sh
 ):
     """`compile_mode: auto` (the default) resolves to "reduce-overhead" for compiled layers in one process on a GPU
     with windows of one shape, and to "default" for each other case (a CPU, several processes, document-masked
-    batches, a whole-model graph, nothing compiled); a mode set by name is kept. The resolved mode is what the
+    batches, a whole-model graph); a mode set by name is kept. The resolved mode is what the
     layers compile with: the run below resolves as on a GPU (the device is the only thing faked) and its layers get
     the CUDA-graph options, a cudagraph-trees step per micro-batch, and the eager run's losses."""
     from llamathink.modeling_llamathink import LlamaThinkPreTrainedModel
@@ -949,20 +949,18 @@ def test_compile_mode_auto_gives_cuda_graphs_only_to_one_gpu_process_of_fixed_sh
     cfg = _cfg(sample_data, model_json, tmp_path / "auto", max_steps=2, save_every=2, eval_every=2, compile=True)
     assert cfg.compile_mode == "auto"
     resolve = pretrain.resolve_compile_mode
-    assert resolve(cfg, cuda, 1, packed=False)[0] == "reduce-overhead"
-    for case, args, why in (
-        ("cpu", (cfg, cpu, 1, False), "no CUDA graphs on cpu"),
-        ("ddp", (cfg, cuda, 2, False), "2 processes"),
-        ("packed", (cfg, cuda, 1, True), "document-masked batches"),
-        ("whole", (dataclasses.replace(cfg, regional_compile=False), cuda, 1, False), "regional_compile: false"),
-        ("eager", (dataclasses.replace(cfg, compile=False), cuda, 1, False), "compile: false"),
+    assert resolve("auto", cuda)[0] == "reduce-overhead"
+    for case, kwargs, why in (
+        ("cpu", {"device": cpu}, "no CUDA graphs on cpu"),
+        ("ddp", {"device": cuda, "num_processes": 2}, "2 processes"),
+        ("packed", {"device": cuda, "packed": True}, "document-masked batches"),
+        ("whole", {"device": cuda, "whole_model": True}, "regional_compile: false"),
     ):
-        mode, reason = resolve(*args)
+        mode, reason = resolve("auto", **kwargs)
         assert mode == "default" and why in reason, (case, mode, reason)
-    named = dataclasses.replace(cfg, compile_mode="default")
-    assert resolve(named, cuda, 1, False) == ("default", "set by compile_mode")
-    assert resolve(dataclasses.replace(cfg, compile_mode="max-autotune"), cpu, 4, True)[0] == "max-autotune"
-    # compile: false with the default mode is fine; a named mode other than default needs compile: true
+    assert resolve("default", cuda) == ("default", "set by compile_mode")
+    assert resolve("max-autotune", cpu, num_processes=4, packed=True)[0] == "max-autotune"
+    # compile: false keeps the default setting; a named mode other than default needs compile: true
     assert _cfg(sample_data, model_json, tmp_path / "e").compile_mode == "auto"
 
     modes, marks = [], []
@@ -973,7 +971,7 @@ def test_compile_mode_auto_gives_cuda_graphs_only_to_one_gpu_process_of_fixed_sh
         lambda self, **kw: modes.append(kw) or compile_layers(self, backend="eager"),
     )
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
-    monkeypatch.setattr(pretrain, "resolve_compile_mode", lambda c, device, n, packed: resolve(c, cuda, n, packed))
+    monkeypatch.setattr(pretrain, "resolve_compile_mode", lambda mode, device, **kw: resolve(mode, cuda, **kw))
     eager = pretrain.train(_cfg(sample_data, model_json, tmp_path / "eager", max_steps=2, save_every=2, eval_every=2))
     torch._dynamo.reset()
     capsys.readouterr()

@@ -241,20 +241,22 @@ def model_inputs(input_ids: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig
     return inputs
 
 
-def resolve_compile_mode(cfg: TrainConfig, device: torch.device, num_processes: int, packed: bool) -> tuple[str, str]:
-    """torch.compile's mode for a run: (mode, why). `compile_mode` other than "auto" is taken as given. "auto" gives
-    "reduce-overhead" (the compiled layers replayed as CUDA graphs) where that path is tested and its shapes are
-    fixed: compiled layer by layer (`regional_compile`), on a CUDA `device`, in one process, with windows of one
-    shape (`packed` false: document-masked batches give each new set of document lengths a shape of its own, and
-    CUDA graphs record a new graph for each). Everywhere else, "default": on a CPU CUDA graphs replay nothing; with
-    several processes DDP's gradient hooks have not been tested inside CUDA graphs here; a whole-model graph would
-    also serve evaluation and generation, whose shapes vary. The CUDA-graph GPU tests (`tests/test_gpu.py -k
-    cuda_graph`) hold that path to the default mode's gradients and weights."""
-    if cfg.compile_mode != "auto":
-        return cfg.compile_mode, "set by compile_mode"
+def resolve_compile_mode(
+    mode: str, device: torch.device, *, num_processes: int = 1, packed: bool = False, whole_model: bool = False
+) -> tuple[str, str]:
+    """torch.compile's mode for compiled training: (mode, why). A `mode` other than "auto" is taken as given. "auto"
+    gives "reduce-overhead" (the compiled layers replayed as CUDA graphs) where that path is tested and its shapes
+    are fixed: decoder layers compiled one by one (not `whole_model`), on a CUDA `device`, in one process, with
+    windows of one shape (not `packed`: document-masked batches give each new set of document lengths a shape of
+    its own, and CUDA graphs record a new graph for each). Elsewhere it gives "default": on a CPU CUDA graphs replay
+    nothing; with several processes DDP's gradient hooks have not been tested inside CUDA graphs here; a
+    whole-model graph would also serve evaluation and generation, whose shapes vary. The CUDA-graph GPU tests
+    (`tests/test_gpu.py -k "cuda_graph or default_compiled_pretraining"`) hold that path to the default mode's
+    gradients, losses and weights."""
+    if mode != "auto":
+        return mode, "set by compile_mode"
     for reason, holds in (
-        ("not compiled (compile: false)", not cfg.compile),
-        ("the whole model compiled as one graph (regional_compile: false)", not cfg.regional_compile),
+        ("the whole model compiled as one graph (regional_compile: false)", whole_model),
         (f"no CUDA graphs on {device.type}", device.type != "cuda"),
         (f"{num_processes} processes (CUDA graphs are used by one-process runs)", num_processes > 1),
         ("document-masked batches change shape from batch to batch", packed),
@@ -334,7 +336,13 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
         )
     batches = (model_inputs(input_ids, labels, cfg, bos_id) for input_ids, labels in loader)
     packed = bool(cfg.document_masking and bos_id is not None)
-    compile_mode, why = resolve_compile_mode(cfg, accelerator.device, accelerator.num_processes, packed)
+    compile_mode, why = resolve_compile_mode(
+        cfg.compile_mode,
+        accelerator.device,
+        num_processes=accelerator.num_processes,
+        packed=packed,
+        whole_model=not cfg.regional_compile,
+    )
     if cfg.compile and cfg.compile_mode == "auto":
         accelerator.print(f"compile_mode auto: {compile_mode} ({why})")
 
