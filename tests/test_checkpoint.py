@@ -1424,6 +1424,32 @@ def test_a_null_tokenizer_and_the_one_the_data_names_are_one_setting(sample_data
         ckpt.compare_resume_settings(implied, other, 1, 1)
 
 
+def test_a_null_finetuning_tokenizer_and_init_froms_are_one_setting(tmp_path):
+    """In finetuning, `tokenizer: null` loads the tokenizer saved with init_from: resuming with that folder named
+    (or named before and left out now, or under another name of the same folder) is no change; another tokenizer,
+    or null with another init_from, still is one."""
+    base, other = tmp_path / "base", tmp_path / "other"
+    base.mkdir()
+    other.mkdir()
+
+    def cfg(**kw):
+        return finetune.FinetuneConfig(**{"init_from": str(base), "out_dir": str(tmp_path / "chat"), **kw})
+
+    implied = dataclasses.asdict(cfg())
+    assert implied["tokenizer"] is None
+    assert ckpt.compare_resume_settings(implied, cfg(tokenizer=str(base)), 1, 1) == []
+    assert ckpt.compare_resume_settings(implied, cfg(tokenizer=str(base) + "/"), 1, 1) == []
+    assert ckpt.compare_resume_settings(dataclasses.asdict(cfg(tokenizer=str(base))), cfg(), 1, 1) == []
+    with pytest.raises(ckpt.ResumeSettingsError, match=r"tokenizer: None -> 'builtin'"):
+        ckpt.compare_resume_settings(implied, cfg(tokenizer="builtin"), 1, 1)
+    with pytest.raises(ckpt.ResumeSettingsError, match=r"tokenizer: None -> '.*other'"):
+        ckpt.compare_resume_settings(implied, cfg(tokenizer=str(other)), 1, 1)
+    # null with another init_from loads another tokenizer: the change is named (with init_from's)
+    with pytest.raises(ckpt.ResumeSettingsError, match=r"init_from: '.*base' -> '.*other'") as err:
+        ckpt.compare_resume_settings(dataclasses.asdict(cfg(tokenizer=str(base))), cfg(init_from=str(other)), 1, 1)
+    assert "tokenizer:" in str(err.value)
+
+
 def test_a_resume_that_changes_the_validation_set_says_so(sample_data, model_json, tmp_path):  # noqa: F811
     """Pretraining evaluates eval_batches x micro_batch_size x processes validation windows: a resume that splits the
     global batch otherwise changes that set, which the resume's notes now say (only micro_batch_size was named)."""

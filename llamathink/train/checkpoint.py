@@ -1005,17 +1005,22 @@ def compare_resume_settings(
     fixed, changed = [], []
     prints = saved_fingerprints if isinstance(saved_fingerprints, dict) else {}
     now = None  # the current inputs' fingerprints, computed once, only where an input has another name
-    # what `tokenizer: null` means in pretraining (in finetuning it is init_from's tokenizer, compared by name)
-    implied_tokenizer = _data_tokenizer(current.get("data_dir")) if current_kind == "pretraining" else None
+    # what `tokenizer: null` loads, on the saved side and now: in pretraining the tokenizer the data's meta.json
+    # names, in finetuning the one saved with init_from
+    if current_kind == "finetuning":
+        implied_saved, implied_now = saved.get("init_from"), current.get("init_from")
+    else:
+        implied_saved = implied_now = _data_tokenizer(current.get("data_dir"))
     for name, value in current.items():
         if name in _NOT_COMPARED or name not in saved or same_setting(saved[name], value):
             continue
         if (
             name == "tokenizer"
-            and implied_tokenizer
-            and same_setting(saved[name] or implied_tokenizer, value or implied_tokenizer)
+            and (saved[name] or implied_saved)
+            and (value or implied_now)
+            and same_setting(saved[name] or implied_saved, value or implied_now)
         ):
-            continue  # null and the tokenizer the data's meta.json names are one tokenizer
+            continue  # null and the tokenizer it loads are one tokenizer
         line = f"{name}: {saved[name]!r} -> {value!r}"
         if name in INPUT_SETTINGS and isinstance(prints.get(name), str):
             now = input_fingerprints(cfg) if now is None else now
