@@ -21,7 +21,9 @@ rest the test set, read once at the end of each run for the figure that is repor
 A run is `NAME:key=value,key=value`. Keys: `model` (llamathink, hf-qwen3.5, hf-llama), `compile` (0/1),
 `compile_mode` (`torch.compile`'s mode, or `auto` as training resolves it, `resolve_compile_mode`: CUDA graphs
 for llamathink's compiled layers on a GPU without document masking; default `auto` for llamathink, as training
-compiles it, `default` for the peers, as torch.compile compiles them), `combo_kernels` (0/1: inductor's combo kernels, as the run setting;
+compiles it, `default` for the peers, as torch.compile compiles them, so compiled tokens/s compare each model as
+its users get it: give a peer `compile_mode=reduce-overhead` for a like-for-like mode; each record's
+`torch_compile_mode` names the mode used), `combo_kernels` (0/1: inductor's combo kernels, as the run setting;
 default 1 for llamathink, as training compiles it, 0 for the peers, as torch.compile compiles them),
 `optimizer` (muon, adamw), `muon_lr`, `adamw_lr`, `weight_decay`, `seed`, `adamw_suffixes` (parameter-name
 suffixes, `/`-separated, routed to AdamW instead of Muon: `classify_parameter`'s `extra_adamw_suffixes`); for
@@ -414,8 +416,10 @@ def train_run(run: dict, args, val: np.ndarray, test: np.ndarray, device: torch.
     mode, _ = resolve_compile_mode(
         run["compile_mode"],
         torch.device(device),
+        num_processes=1,
         packed=bool(run.get("document_masking")),
         whole_model=not hasattr(model, "compile_layers"),
+        mixed_precision="bf16" if device.type == "cuda" else "no",  # `_autocast`
     )
     how = compile_kwargs(mode, run["combo_kernels"])
     cuda_graphs = run["compile"] and uses_cuda_graphs(how)

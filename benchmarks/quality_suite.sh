@@ -140,7 +140,7 @@ elif [ "$PART" = seeds_long ]; then  # 1600 steps, ours at seeds 1 and 2, the pe
         --run llama-s1:model=hf-llama,compile=1,seed=1 --run lt-s2:compile=1,seed=2 &
     q 1 590 seeds_1600_qwen --steps 1600 --eval-every 200 --run qwen-s1:model=hf-qwen3.5,seed=1 &
     wait
-elif [ "$PART" = csa ]; then  # 800 steps, CUDA graphs (the same function as compile=1, faster), eval every 200
+elif [ "$PART" = csa ]; then  # 800 steps, CUDA graphs (what compile=1 gives llamathink on a GPU now), eval every 200
     CG=compile=1,compile_mode=reduce-overhead
     CSA_ADAMW=adamw_suffixes=compress_k.weight/compress_v.weight/blend_proj.weight
     (CUDA_VISIBLE_DEVICES=0 timeout 260 python -m pytest -q -p no:cacheprovider tests/test_gpu.py -k cuda_graph \
@@ -160,18 +160,19 @@ elif [ "$PART" = csa2 ]; then  # which half of a CSA layer costs: csa_window=102
     q 1 "$SECONDS_LEFT" csa_c --steps 800 --eval-every 200 --run w1024-s2:$CG,csa_window=1024,seed=2 \
         --run nocomp-s2:$CG,csa_stride=1024,seed=2 --run w1024-s1:$CG,csa_window=1024,seed=1 \
         --run nocomp-s1:$CG,csa_stride=1024,seed=1 --run w1024-s0:$CG,csa_window=1024 --run nocomp-s0:$CG,csa_stride=1024
-elif [ "$PART" = csa3 ]; then  # default compile mode (CUDA-graph training is opt-in: BENCHMARKS 1a+, 1a++)
+elif [ "$PART" = csa3 ]; then  # torch.compile's default mode, as these runs were made (before compile_mode auto)
     # `init.shared_from_default`: the Qwen3.5-pattern model starts from the default model's weights for every
     # tensor they share, so at one seed the two differ only in the mixers of layers 2, 6, 10, 14 (and equals, exactly,
     # a CSA layer with csa_blend=local and csa_window=1024). `csa_blend=local`: the CSA window without the blend;
     # `csa_blend=joint`: the window's keys and the compressed blocks in one softmax (no blend gate).
-    SHARED=compile=1,pattern=linear/linear/full/full,init.shared_from_default=1
+    DM=compile=1,compile_mode=default
+    SHARED=$DM,pattern=linear/linear/full/full,init.shared_from_default=1
     q 0 "$SECONDS_LEFT" csa_d --steps 800 --eval-every 200 --run qwen-shared-s2:$SHARED,seed=2 \
         --run qwen-shared-s1:$SHARED,seed=1 --run qwen-shared-s0:$SHARED \
-        --run window-only-s2:compile=1,csa_blend=local,seed=2 &
-    q 1 "$SECONDS_LEFT" csa_d_joint --steps 800 --eval-every 200 --run joint-s2:compile=1,csa_blend=joint,seed=2 \
-        --run joint-s1:compile=1,csa_blend=joint,seed=1 --run joint-s0:compile=1,csa_blend=joint \
-        --run window-only-s1:compile=1,csa_blend=local,seed=1 &
+        --run window-only-s2:$DM,csa_blend=local,seed=2 &
+    q 1 "$SECONDS_LEFT" csa_d_joint --steps 800 --eval-every 200 --run joint-s2:$DM,csa_blend=joint,seed=2 \
+        --run joint-s1:$DM,csa_blend=joint,seed=1 --run joint-s0:$DM,csa_blend=joint \
+        --run window-only-s1:$DM,csa_blend=local,seed=1 &
     wait
 elif [ "$PART" = csa4 ]; then  # the CSA blend gate started closed: a learned bias at -4 or -2 (default weights,
     # paired with the default at each seed), beside the CSA window alone at seed 0

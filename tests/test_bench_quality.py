@@ -394,8 +394,8 @@ def test_runs_compile_with_combo_kernels_and_the_compile_mode_training_uses():
 
 def test_a_compiled_run_takes_the_mode_training_resolves(tmp_path, monkeypatch):
     """`train_run` compiles a LlamaThink run with the mode `compile_mode: auto` resolves to for it
-    (`resolve_compile_mode`: torch.compile's default mode on this CPU, CUDA graphs on a GPU, as the device is
-    faked below), and the record names it. dynamo's "eager" backend stands in for inductor."""
+    (`resolve_compile_mode`, given the run's facts: torch.compile's default mode on this CPU; CUDA graphs on a GPU,
+    as the device is faked below, unless rows are document-masked), and the record names it. dynamo's "eager" backend stands in for inductor."""
     from llamathink.data import LocalSource, prepare
     from llamathink.modeling_llamathink import LlamaThinkPreTrainedModel
     from llamathink.tokenizer_utils import sample_data_path
@@ -419,11 +419,19 @@ def test_a_compiled_run_takes_the_mode_training_resolves(tmp_path, monkeypatch):
     run = bq.parse_run(f"r:compile=1,{small}")
     record = bq.train_run(run, args, val, val, torch.device("cpu"))
     assert modes == [{"options": {"combo_kernels": True}}] and record["torch_compile_mode"] == "default"
-    resolve = bq.resolve_compile_mode
-    monkeypatch.setattr(
-        bq, "resolve_compile_mode", lambda mode, device, **kw: resolve(mode, torch.device("cuda"), **kw)
-    )
+    resolve, seen = bq.resolve_compile_mode, []
+
+    def on_a_gpu(mode, device, **kw):
+        seen.append(kw)
+        return resolve(mode, torch.device("cuda"), **kw)
+
+    monkeypatch.setattr(bq, "resolve_compile_mode", on_a_gpu)
     torch._dynamo.reset()
     record = bq.train_run(run, args, val, val, torch.device("cpu"))
+    assert seen == [{"num_processes": 1, "packed": False, "whole_model": False, "mixed_precision": "no"}]
     assert modes[1] == {"options": {"triton.cudagraphs": True, "combo_kernels": True}}
     assert record["torch_compile_mode"] == "reduce-overhead" and math.isfinite(record["val_loss"])
+    torch._dynamo.reset()  # document-masked rows change shape: the default mode, as in training
+    record = bq.train_run(bq.parse_run(f"m:compile=1,document_masking=1,{small}"), args, val, val, torch.device("cpu"))
+    assert seen[-1]["packed"] is True and record["torch_compile_mode"] == "default"
+    assert modes[2] == {"options": {"combo_kernels": True}}

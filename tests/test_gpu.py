@@ -509,6 +509,7 @@ def test_default_compiled_pretraining_replays_cuda_graphs_and_resumes_exactly(tm
     data = tmp_path / "data"
     prepare(LocalSource([str(sample_data_path("prose.jsonl"))]), data, "builtin", val_docs=20, progress=False)
     dims = {"linear_key_head_dim": 16, "linear_value_head_dim": 32, "head_dim": 16, "hidden_size": 64}
+    # the default init (residual projections at zero), as a user's run starts
     tiny_config(vocab_size=1024, zero_init_residual=True, **dims).to_json_file(tmp_path / "config.json")
 
     def run(name, **overrides):
@@ -542,7 +543,9 @@ def test_default_compiled_pretraining_replays_cuda_graphs_and_resumes_exactly(tm
         assert "compile_mode auto: reduce-overhead" in capsys.readouterr().out
         plain = run("plain", compile_mode="default")
         run("resumed", stop_at_step=2)
+        capsys.readouterr()
         resumed = run("resumed")
+        assert "resumed from" in capsys.readouterr().out  # (a fresh start would give the same numbers)
     finally:
         torch.use_deterministic_algorithms(False)
 

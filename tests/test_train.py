@@ -939,31 +939,46 @@ def test_compile_mode_auto_gives_cuda_graphs_only_to_one_gpu_process_of_fixed_sh
     sample_data, model_json, tmp_path, monkeypatch, capsys
 ):
     """`compile_mode: auto` (the default) resolves to "reduce-overhead" for compiled layers in one process on a GPU
-    with windows of one shape, and to "default" for each other case (a CPU, several processes, document-masked
-    batches, a whole-model graph); a mode set by name is kept. The resolved mode is what the
-    layers compile with: the run below resolves as on a GPU (the device is the only thing faked) and its layers get
-    the CUDA-graph options, a cudagraph-trees step per micro-batch, and the eager run's losses."""
+    with windows of one shape in bf16 or float32, and to "default" for each other case (a CPU, several processes,
+    document-masked batches, a whole-model graph, fp16); a mode set by name is kept. The run's facts reach the
+    resolution (each a required argument), and the resolved mode is what the layers compile with: the runs below
+    resolve as on a GPU (the device is the only thing faked); plain windows get the CUDA-graph options, a
+    cudagraph-trees step per micro-batch and the eager run's losses; document-masked windows and a whole-model
+    graph hand the loop the default mode. (The run's mixed_precision reaches it too, "no" here: a process cannot
+    switch accelerate's precision, and fp16 needs a GPU.)"""
     from llamathink.modeling_llamathink import LlamaThinkPreTrainedModel
+    from llamathink.train.loop import compile_kwargs
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     cfg = _cfg(sample_data, model_json, tmp_path / "auto", max_steps=2, save_every=2, eval_every=2, compile=True)
     assert cfg.compile_mode == "auto"
-    resolve = pretrain.resolve_compile_mode
+    real_resolve = pretrain.resolve_compile_mode
+    facts = {"num_processes": 1, "packed": False, "whole_model": False, "mixed_precision": "bf16"}
+
+    def resolve(mode, device, **kw):
+        return real_resolve(mode, device, **{**facts, **kw})
+
     assert resolve("auto", cuda)[0] == "reduce-overhead"
+    assert resolve("auto", cuda, mixed_precision="no")[0] == "reduce-overhead"
     for case, kwargs, why in (
         ("cpu", {"device": cpu}, "no CUDA graphs on cpu"),
         ("ddp", {"device": cuda, "num_processes": 2}, "2 processes"),
         ("packed", {"device": cuda, "packed": True}, "document-masked batches"),
         ("whole", {"device": cuda, "whole_model": True}, "regional_compile: false"),
+        ("fp16", {"device": cuda, "mixed_precision": "fp16"}, "mixed_precision fp16"),
     ):
         mode, reason = resolve("auto", **kwargs)
         assert mode == "default" and why in reason, (case, mode, reason)
     assert resolve("default", cuda) == ("default", "set by compile_mode")
     assert resolve("max-autotune", cpu, num_processes=4, packed=True)[0] == "max-autotune"
+    with pytest.raises(TypeError):  # no fact of the run has a default
+        real_resolve("auto", cuda, num_processes=1, packed=False, whole_model=False)
+    with pytest.raises(ValueError, match="compile_mode 'auto' is resolved by resolve_compile_mode"):
+        compile_kwargs("auto")
     # compile: false keeps the default setting; a named mode other than default needs compile: true
     assert _cfg(sample_data, model_json, tmp_path / "e").compile_mode == "auto"
 
-    modes, marks = [], []
+    modes, marks, seen = [], [], []
     compile_layers = LlamaThinkPreTrainedModel.compile_layers
     monkeypatch.setattr(
         LlamaThinkPreTrainedModel,
@@ -971,7 +986,9 @@ def test_compile_mode_auto_gives_cuda_graphs_only_to_one_gpu_process_of_fixed_sh
         lambda self, **kw: modes.append(kw) or compile_layers(self, backend="eager"),
     )
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
-    monkeypatch.setattr(pretrain, "resolve_compile_mode", lambda mode, device, **kw: resolve(mode, cuda, **kw))
+    monkeypatch.setattr(
+        pretrain, "resolve_compile_mode", lambda mode, device, **kw: seen.append(kw) or real_resolve(mode, cuda, **kw)
+    )
     eager = pretrain.train(_cfg(sample_data, model_json, tmp_path / "eager", max_steps=2, save_every=2, eval_every=2))
     torch._dynamo.reset()
     capsys.readouterr()
@@ -981,6 +998,20 @@ def test_compile_mode_auto_gives_cuda_graphs_only_to_one_gpu_process_of_fixed_sh
     assert len(marks) == 2 * cfg.grad_accum
     for step, loss in eager["losses"].items():
         assert abs(graphs["losses"][step] - loss) < 1e-5 * abs(loss), (step, graphs["losses"][step], loss)
+    plain_facts = {"num_processes": 1, "packed": False, "whole_model": False, "mixed_precision": "no"}
+    assert seen[-1] == plain_facts
+    # the other facts of a run reach the resolution, and its answer reaches the loop (which compiles with it, as
+    # above), without compiling again here
+    handed = []
+    monkeypatch.setattr(pretrain, "run_training", lambda *args, **kw: handed.append(kw) or {})
+    for name, change, facts_now, compiled, mode in (
+        ("masked", {"document_masking": True}, {"packed": True}, "layers", "default"),
+        ("whole", {"regional_compile": False}, {"whole_model": True}, "model", "default"),
+    ):
+        pretrain.train(dataclasses.replace(cfg, out_dir=str(tmp_path / name), **change))
+        assert seen[-1] == {**plain_facts, **facts_now}, name
+        assert (handed[-1]["compile"], handed[-1]["compile_mode"]) == (compiled, mode), name
+        assert f"compile_mode auto: {mode} (" in capsys.readouterr().out
 
 
 def test_combo_kernels_reach_torch_compile_as_inductor_options(sample_data, model_json, tmp_path, monkeypatch):

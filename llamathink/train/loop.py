@@ -410,7 +410,12 @@ def compile_kwargs(mode: str = "default", combo_kernels: bool = False) -> dict:
     fusion: independent element-wise and reduction kernels of one graph are emitted as one Triton kernel that
     dispatches on its program id, so the same per-element code runs in fewer launches (what a host-bound step
     waits on; BENCHMARKS.md section 1, sessions 24-25). Where this torch's inductor has no such option, warns and
-    gives the mode alone. Raises ValueError for a mode torch.compile does not have."""
+    gives the mode alone. Raises ValueError for a mode torch.compile does not have, and for the run setting's "auto"
+    (resolve it first: `llamathink.train.pretrain.resolve_compile_mode`)."""
+    if mode == "auto":  # a run setting, not a torch.compile mode
+        raise ValueError(
+            "compile_mode 'auto' is resolved by resolve_compile_mode (llamathink.train.pretrain) before compiling"
+        )
     if combo_kernels and not inductor_has_combo_kernels():
         warnings.warn(
             f"combo_kernels: this torch ({torch.__version__}) has no inductor option combo_kernels; the layers "

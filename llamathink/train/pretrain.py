@@ -59,10 +59,11 @@ class TrainConfig(RunConfig):
     # with compile: true compiles each decoder layer (one graph per mixer type: a short first step, fast warm
     # restarts; `LlamaThinkForCausalLM.compile_layers`); false compiles the whole model as one graph
     regional_compile: bool = True
-    # torch.compile's mode (with compile: true). "auto": "reduce-overhead" where a run is known to train correctly
-    # with it, "default" elsewhere (`resolve_compile_mode`). "reduce-overhead" replays the compiled layers as CUDA
+    # torch.compile's mode (with compile: true). "auto": "reduce-overhead" for compiled layers in one process on a
+    # GPU with windows of one shape, in bf16 or float32 (the path its GPU tests cover), "default" elsewhere
+    # (`resolve_compile_mode`; the run prints its choice). "reduce-overhead" replays the compiled layers as CUDA
     # graphs, so the step no longer waits on the host launching their kernels (on the H200 at batch 16 the training
-    # loop about 1.5x the tokens/s of "default", both with combo kernels, session 25; about the same at batch 64;
+    # loop 1.9x the tokens/s of "default", both with combo kernels, session 26; the same at batch 64, +0.5 GiB;
     # BENCHMARKS.md 1). Also "default", "max-autotune", "max-autotune-no-cudagraphs"
     compile_mode: str = "auto"
     # with compile: true, inductor's combo kernels: independent element-wise and reduction kernels of a compiled
@@ -242,17 +243,18 @@ def model_inputs(input_ids: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig
 
 
 def resolve_compile_mode(
-    mode: str, device: torch.device, *, num_processes: int = 1, packed: bool = False, whole_model: bool = False
+    mode: str, device: torch.device, *, num_processes: int, packed: bool, whole_model: bool, mixed_precision: str
 ) -> tuple[str, str]:
     """torch.compile's mode for compiled training: (mode, why). A `mode` other than "auto" is taken as given. "auto"
-    gives "reduce-overhead" (the compiled layers replayed as CUDA graphs) where that path is tested and its shapes
-    are fixed: decoder layers compiled one by one (not `whole_model`), on a CUDA `device`, in one process, with
-    windows of one shape (not `packed`: document-masked batches give each new set of document lengths a shape of
-    its own, and CUDA graphs record a new graph for each). Elsewhere it gives "default": on a CPU CUDA graphs replay
-    nothing; with several processes DDP's gradient hooks have not been tested inside CUDA graphs here; a
-    whole-model graph would also serve evaluation and generation, whose shapes vary. The CUDA-graph GPU tests
-    (`tests/test_gpu.py -k "cuda_graph or default_compiled_pretraining"`) hold that path to the default mode's
-    gradients, losses and weights."""
+    gives "reduce-overhead" (the compiled layers replayed as CUDA graphs) for the path the CUDA-graph GPU tests cover
+    (`tests/test_gpu.py -k "cuda_graph or default_compiled_pretraining"`: gradients, losses and weights equal to the
+    default mode's) with shapes that stay fixed: decoder layers compiled one by one (not `whole_model`), on a CUDA
+    `device`, in one process, bf16 autocast or float32 (`mixed_precision` "bf16" or "no"), windows of one shape (not
+    `packed`: document-masked batches give each new set of document lengths a shape of its own, and CUDA graphs
+    record a new graph for each). Elsewhere it gives "default": on a CPU CUDA graphs replay nothing; with several
+    processes DDP's gradient hooks, and with fp16 the loss scaler, have not been tested inside CUDA graphs here; a
+    whole-model graph would also serve evaluation and generation, whose shapes vary. Every argument is required, so
+    that a caller cannot leave a fact of its run out."""
     if mode != "auto":
         return mode, "set by compile_mode"
     for reason, holds in (
@@ -260,6 +262,10 @@ def resolve_compile_mode(
         (f"no CUDA graphs on {device.type}", device.type != "cuda"),
         (f"{num_processes} processes (CUDA graphs are used by one-process runs)", num_processes > 1),
         ("document-masked batches change shape from batch to batch", packed),
+        (
+            f"mixed_precision {mixed_precision} (CUDA graphs are used with bf16 or no)",
+            mixed_precision not in ("bf16", "no"),
+        ),
     ):
         if holds:
             return "default", reason
@@ -342,6 +348,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
         num_processes=accelerator.num_processes,
         packed=packed,
         whole_model=not cfg.regional_compile,
+        mixed_precision=cfg.mixed_precision,
     )
     if cfg.compile and cfg.compile_mode == "auto":
         accelerator.print(f"compile_mode auto: {compile_mode} ({why})")
