@@ -273,6 +273,64 @@ def test_a_fresh_run_refuses_an_out_dir_with_another_runs_checkpoints(sample_dat
     assert len({ckpt.checkpoint_meta(p)["run_id"] for p in found} | {old_id}) == 2
 
 
+def test_an_overwrite_whose_first_save_fails_or_is_killed_gives_the_earlier_checkpoints_back(
+    sample_data,  # noqa: F811
+    model_json,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    capsys,
+):
+    """`overwrite: true` moves the earlier run's checkpoints aside just before its own first checkpoint and deletes
+    them once that is whole. A first save that fails (a full disk) puts them back under their names, and so does the
+    next start after a kill mid-save (no whole checkpoint of the new run); a kill after the new run's first whole
+    checkpoint leaves them for the next start to delete. (They were deleted before the first save: a failure or a
+    kill there left neither run's checkpoints.)"""
+    out = tmp_path / "run"
+    pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=4))
+    root = ckpt.checkpoint_dir(out)
+    earlier = _names(ckpt.list_checkpoints(out))
+    assert earlier == ["step_00000002", "step_00000004"]
+    old_id = ckpt.checkpoint_meta(root / earlier[-1])["run_id"]
+
+    def unchanged():
+        assert _names(ckpt.list_checkpoints(out)) == earlier
+        assert {ckpt.checkpoint_meta(p)["run_id"] for p in ckpt.list_checkpoints(out)} == {old_id}
+        assert not [p.name for p in root.iterdir() if p.name.startswith(".")]
+
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    overwrite = _cfg(sample_data, model_json, out, max_steps=2, save_every=2, resume="none", overwrite=True)
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(ckpt.CheckpointError, match="disk full while writing checkpoint step 2"):
+        pretrain.train(overwrite)
+    monkeypatch.setattr(torch, "save", real_save)
+    unchanged()
+
+    # a kill during the first save: the earlier checkpoints moved aside, the new one half-written
+    for name in earlier:
+        os.replace(root / name, root / f"{ckpt.SET_ASIDE_PREFIX}{name}")
+    (root / ".tmp-step_00000002-99999").mkdir()
+    capsys.readouterr()
+    with ckpt.own_out_dir(out):
+        pass
+    assert "restored the earlier run's checkpoints step_00000002, step_00000004" in capsys.readouterr().out
+    unchanged()
+
+    # a kill after the new run's first whole checkpoint, before it deleted them: the next start does
+    fresh = pretrain.train(dataclasses.replace(overwrite, max_steps=1, save_every=1, warmup_steps=0))
+    assert sorted(fresh["losses"]) == [1]
+    new_id = ckpt.checkpoint_meta(root / "step_00000001")["run_id"]
+    assert _names(ckpt.list_checkpoints(out)) == ["step_00000001"] and new_id != old_id
+    shutil.copytree(root / "step_00000001", root / f"{ckpt.SET_ASIDE_PREFIX}step_00000004")  # (stands in)
+    with ckpt.own_out_dir(out):
+        pass
+    assert "overwrite: deleted the earlier run's checkpoints" in capsys.readouterr().out
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # save failures
 # ---------------------------------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ from .optim import lr_factor
 
 CHECKPOINT_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"  # checkpoints being written (and replaced ones being removed); never listed as complete
+# an earlier run's checkpoints that an `overwrite: true` run has moved aside until its own first checkpoint is whole
+SET_ASIDE_PREFIX = ".overwritten-"
 STATE_FILE, META_FILE, LOCK_FILE = "state.pt", "meta.json", ".lock"
 CHECKPOINT_FORMAT = 2  # 1: no meta.json, numpy arrays in the RNG state; 2: meta.json, weights-only state.pt
 
@@ -383,6 +385,13 @@ def own_out_dir(out_dir: str | Path, is_main: bool = True):
         root = checkpoint_dir(out_dir)
         for name in _finish_interrupted_replacements(root):
             print(f"restored the checkpoint {name} in {root}: a save that replaced it was interrupted")
+        restored, overwritten = _settle_set_aside(root)
+        if restored:
+            print(
+                f"restored the earlier run's checkpoints {', '.join(restored)} in {root}: the overwrite: true run that "
+                "moved them aside stopped before its first checkpoint was whole (its settings record stays)"
+            )
+        delete_set_aside(overwritten)  # an overwrite killed after its first whole checkpoint, before deleting them
         leftovers = [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX)] if root.is_dir() else []
         for path in leftovers:
             with contextlib.suppress(OSError):
@@ -419,9 +428,10 @@ def claim_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str | No
 
     A fresh run (`resume: none`, or `resume: auto` with nothing to resume), or a run resumed from a checkpoint
     outside this out_dir, must not share out_dir with another run's checkpoints: later rotation and `resume: auto`
-    would mix the runs. It raises OutDirInUse listing them, unless `overwrite: true`: they are then deleted by
-    `delete_earlier_checkpoints` just before the run first writes to out_dir, never by a run that stops before
-    then (a setting or file error, W&B, its first steps). Such a run also must not replace another run's finished model (`final/`) or
+    would mix the runs. It raises OutDirInUse listing them, unless `overwrite: true`: this run then moves them aside
+    just before it first writes to out_dir and deletes them once its own first checkpoint is whole
+    (`set_aside_earlier_checkpoints`); a run that stops before then (a setting or file error, W&B, its first steps,
+    the first save) leaves them. Such a run also must not replace another run's finished model (`final/`) or
     `history.json` (RUN_OUTPUTS): OutDirInUse unless `overwrite: true` (they are then replaced when this run writes
     its own). A run resumed from this out_dir's own checkpoints leaves other runs' checkpoints untouched."""
     run_id = run_id or uuid.uuid4().hex
@@ -478,24 +488,67 @@ def _earlier_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str) 
     return [p for p in list_checkpoints(cfg.out_dir) if _run_id_or_none(p) != run_id]
 
 
-def delete_earlier_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str) -> None:
-    """With `overwrite: true`, delete out_dir's checkpoints of other runs (`claim_checkpoints` allowed them), called
-    by the main process just before the run first writes to out_dir (its first checkpoint, history.json or final
-    model; `run_training`): a run refused for a setting or a missing file, or stopped by W&B or its first steps,
-    leaves them as they were. Raises ValueError when one cannot be deleted (it would still count as
-    the earlier run's)."""
+def set_aside_earlier_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str) -> list[Path]:
+    """With `overwrite: true`, move out_dir's checkpoints of other runs (`claim_checkpoints` allowed them) aside,
+    renamed `.overwritten-step_N` (no copy, no space), and return their new paths. The main process calls it just
+    before the run first writes to out_dir (`run_training`), so a run that stops before then (a setting or file
+    error, W&B, its first steps) leaves them as they were; `delete_set_aside` removes them once the run's own first
+    checkpoint is whole, `put_back_set_aside` returns them if that save fails, and a run killed in between gets them
+    back at the next start (`own_out_dir`). Raises ValueError, with every one put back, when one cannot be moved."""
     foreign = _earlier_checkpoints(cfg, resume_from, run_id)
     if not cfg.overwrite or not foreign:
-        return
-    names = ", ".join(p.name for p in foreign)
+        return []
+    moved = []
     for path in foreign:
+        aside = path.parent / f"{SET_ASIDE_PREFIX}{path.name}"
         try:
-            remove_checkpoint(path)
+            os.replace(path, aside)  # (refused where `aside` is a folder already: not overwritten)
         except OSError as err:
-            if path.exists():  # not even moved aside: it would still count as the earlier run's
-                raise ValueError(f"overwrite: cannot delete the earlier run's checkpoint {path}: {err}") from err
+            put_back_set_aside(moved)
+            raise ValueError(f"overwrite: cannot move the earlier run's checkpoint {path} aside: {err}") from err
+        moved.append(aside)
+    return moved
+
+
+def put_back_set_aside(aside: list[Path]) -> list[str]:
+    """Rename checkpoints that `set_aside_earlier_checkpoints` moved aside back to their names (each whose name is
+    free); returns the names put back."""
+    restored = []
+    for path in aside:
+        name = path.parent / path.name[len(SET_ASIDE_PREFIX) :]
+        if name.exists() or name.is_symlink():
+            continue
+        with contextlib.suppress(OSError):
+            os.replace(path, name)
+            restored.append(name.name)
+    return restored
+
+
+def delete_set_aside(aside: list[Path]) -> None:
+    """Delete the earlier run's checkpoints that `set_aside_earlier_checkpoints` moved aside, once this run's own
+    first checkpoint (or final model) is whole. A removal that fails says where the space went (the next run's
+    `own_out_dir` tries again)."""
+    if not aside:
+        return
+    for path in aside:
+        try:
+            _remove_folder_or_link(path)
+        except OSError as err:
             print(f"overwrite: could not free all the space of the earlier run's {path.name}: {err}")
-    print(f"overwrite: deleted the earlier run's checkpoints in {checkpoint_dir(cfg.out_dir)} ({names})")
+    names = ", ".join(p.name[len(SET_ASIDE_PREFIX) :] for p in aside)
+    print(f"overwrite: deleted the earlier run's checkpoints in {aside[0].parent} ({names})")
+
+
+def _settle_set_aside(root: Path) -> tuple[list[str], list[Path]]:
+    """At a run's start, the checkpoints an `overwrite: true` run moved aside and did not delete (it was killed):
+    where that run left no whole checkpoint of its own in `root` they go back under their names (the overwrite never
+    happened), else they are returned for deletion (it did). -> (names put back, paths to delete)."""
+    aside = sorted(root.glob(f"{SET_ASIDE_PREFIX}{CHECKPOINT_PREFIX}*")) if root.is_dir() else []
+    if not aside:
+        return [], []
+    if list_checkpoints(root.parent):
+        return [], aside
+    return put_back_set_aside(aside), []
 
 
 def _history_run_id(out_dir) -> str | None:

@@ -35,12 +35,14 @@ from .checkpoint import (
     checkpoint_dir,
     checkpoint_meta,
     claim_checkpoints,
-    delete_earlier_checkpoints,
+    delete_set_aside,
     input_fingerprints,
     list_checkpoints,
+    put_back_set_aside,
     resolve_resume,
     restore_checkpoint,
     save_checkpoint,
+    set_aside_earlier_checkpoints,
     state_run_id,
 )
 from .config import RunConfig, load_config
@@ -511,18 +513,27 @@ def run_training(
         raise ValueError(  # now, not at the first checkpoint: the steps until then would be lost
             f"{settings_path}, where the run records its settings, is not a file: move it out of the way"
         )
-    claimed = False
+    claimed, set_aside = False, []
 
     def claim_out_dir():
         """(main process) Before this run first writes to out_dir (a checkpoint, history.json, the final model):
-        the earlier run's checkpoints deleted (overwrite: true) and this run's settings recorded. A run that stops
-        before then (a refused resume, W&B, the compilation, an evaluation, the first steps) leaves out_dir as it
-        was."""
+        this run's settings recorded and the earlier run's checkpoints moved aside (overwrite: true), to be deleted
+        by `settle_overwrite` once this run's first checkpoint is whole. A run that stops before then (a refused
+        resume, W&B, the compilation, an evaluation, the first steps) leaves out_dir as it was."""
         nonlocal claimed
         if not claimed:
-            write_settings(settings_path, cfg)  # first: a failure to write it deletes nothing
-            delete_earlier_checkpoints(cfg, resume_from, run_id)
+            write_settings(settings_path, cfg)  # first: a failure to write it moves nothing
+            set_aside.extend(set_aside_earlier_checkpoints(cfg, resume_from, run_id))
             claimed = True
+
+    def settle_overwrite(whole: bool):
+        """(main process) After this run's first checkpoint (or final model) was written: the earlier run's
+        checkpoints it moved aside are deleted when it is `whole`, else put back under their names."""
+        if set_aside and whole:
+            delete_set_aside(set_aside)
+        elif set_aside:
+            put_back_set_aside(set_aside)
+        set_aside.clear()
 
     # The optimizer is prepared so accelerate can handle mixed precision; the LR schedule is stepped by us once
     # per optimizer step (accelerate would step a prepared scheduler once per process).
@@ -716,18 +727,23 @@ def run_training(
                         if count is not None:  # an unknown count stays unknown in later checkpoints too
                             extra[name] = count
                     claim_out_dir()
-                    save_checkpoint(
-                        cfg.out_dir,
-                        step,
-                        raw_model,
-                        optimizer,
-                        scheduler,
-                        loader,
-                        extra,
-                        cfg.keep_last,
-                        run_id=run_id,
-                        world_size=world,
-                    )
+                    try:
+                        save_checkpoint(
+                            cfg.out_dir,
+                            step,
+                            raw_model,
+                            optimizer,
+                            scheduler,
+                            loader,
+                            extra,
+                            cfg.keep_last,
+                            run_id=run_id,
+                            world_size=world,
+                        )
+                    except BaseException:  # (a full disk, Ctrl-C): the earlier run's checkpoints go back
+                        settle_overwrite(whole=False)
+                        raise
+                    settle_overwrite(whole=True)
                     write_history(out_dir, history)
                 accelerator.wait_for_everyone()
             if paused:
@@ -738,13 +754,21 @@ def run_training(
 
     final_dir = out_dir / "final"
     if is_main:
-        claim_out_dir()
-        write_history(out_dir, history)
+        claim_out_dir()  # (a run of no step that saved no checkpoint: the final model is its first output)
     try:
+        if is_main:
+            write_history(out_dir, history)
         if is_main and step == cfg.max_steps:
             hooks.save_final(
                 raw_model, final_dir, {**history, "tokens_seen": tokens_seen, "trained_tokens": trained_tokens}
             )
+    except BaseException:
+        if is_main:
+            settle_overwrite(whole=False)
+        raise
+    else:
+        if is_main:
+            settle_overwrite(whole=True)
     finally:  # (a failed Hub upload still ends the W&B run as finished: the training did)
         if run is not None:
             run.finish()
