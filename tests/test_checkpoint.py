@@ -280,11 +280,13 @@ def test_an_overwrite_whose_first_save_fails_or_is_killed_gives_the_earlier_chec
     monkeypatch,
     capsys,
 ):
-    """`overwrite: true` moves the earlier run's checkpoints aside just before its own first checkpoint and deletes
-    them once that is whole. A first save that fails (a full disk) puts them back under their names, and so does the
-    next start after a kill mid-save (no whole checkpoint of the new run); a kill after the new run's first whole
-    checkpoint leaves them for the next start to delete. (They were deleted before the first save: a failure or a
-    kill there left neither run's checkpoints.)"""
+    """`overwrite: true` moves the earlier run's checkpoints aside (named with the new run's id) just before its own
+    first checkpoint, and afterwards decides from the disk: deleted if a whole checkpoint of the new run is there,
+    else put back under their names. So a first save that fails (a full disk) puts them back; one interrupted after
+    its checkpoint is in place deletes them, and the two runs never share out_dir;
+    the next start after a kill puts them back when the new run left no whole checkpoint (mid-save, or between the
+    renames that move them aside) and deletes them when it did. (They were deleted before the first save: a failure
+    or a kill there left neither run's checkpoints.)"""
     out = tmp_path / "run"
     pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=4))
     root = ckpt.checkpoint_dir(out)
@@ -297,38 +299,64 @@ def test_an_overwrite_whose_first_save_fails_or_is_killed_gives_the_earlier_chec
         assert {ckpt.checkpoint_meta(p)["run_id"] for p in ckpt.list_checkpoints(out)} == {old_id}
         assert not [p.name for p in root.iterdir() if p.name.startswith(".")]
 
-    real_save = torch.save
-
     def full_disk(obj, f, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     overwrite = _cfg(sample_data, model_json, out, max_steps=2, save_every=2, resume="none", overwrite=True)
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(ckpt.CheckpointError, match="disk full while writing checkpoint step 2"):
-        pretrain.train(overwrite)
-    monkeypatch.setattr(torch, "save", real_save)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", full_disk)
+        with pytest.raises(ckpt.CheckpointError, match="disk full while writing checkpoint step 2"):
+            pretrain.train(overwrite)
     unchanged()
 
-    # a kill during the first save: the earlier checkpoints moved aside, the new one half-written
-    for name in earlier:
-        os.replace(root / name, root / f"{ckpt.SET_ASIDE_PREFIX}{name}")
-    (root / ".tmp-step_00000002-99999").mkdir()
+    # kills: the earlier checkpoints moved aside by a run (of id `new`) that left no whole checkpoint, all of them
+    # (the new one half-written) or one of two (killed between the renames): the next start puts them back
+    new = "f" * 32
+    for moved in (earlier, earlier[:1]):
+        for name in moved:
+            os.replace(root / name, root / f"{ckpt.SET_ASIDE_PREFIX}{new}-{name}")
+        (root / ".tmp-step_00000002-99999").mkdir()
+        capsys.readouterr()
+        with ckpt.own_out_dir(out):
+            pass
+        assert f"restored the earlier run's checkpoints {', '.join(moved)}" in capsys.readouterr().out
+        unchanged()
+
+    # a first save interrupted (Ctrl-C) after its checkpoint is in place, at the folder's fsync: the new run's
+    # checkpoint is whole, so the earlier ones go (put back, they would share out_dir with it, and step 2 of one run
+    # would hide the other's)
+    real_fsync = os.fsync
+
+    def on_folders(error):
+        def fsync(fd):
+            if os.path.isdir(f"/proc/self/fd/{fd}"):
+                raise error
+            return real_fsync(fd)
+
+        return fsync
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", on_folders(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            pretrain.train(overwrite)
+    found = ckpt.list_checkpoints(out)
+    new_ids = {ckpt.checkpoint_meta(p)["run_id"] for p in found}
+    assert _names(found) == ["step_00000002"] and old_id not in new_ids
+    assert not [p.name for p in root.iterdir() if p.name.startswith(ckpt.SET_ASIDE_PREFIX)]
+
+    # a kill after the new run's first whole checkpoint, before it deleted the earlier ones: the next start does
+    (new_id,) = new_ids
+    shutil.copytree(root / "step_00000002", root / f"{ckpt.SET_ASIDE_PREFIX}{new_id}-step_00000004")  # (stands in)
     capsys.readouterr()
     with ckpt.own_out_dir(out):
         pass
-    assert "restored the earlier run's checkpoints step_00000002, step_00000004" in capsys.readouterr().out
-    unchanged()
-
-    # a kill after the new run's first whole checkpoint, before it deleted them: the next start does
-    fresh = pretrain.train(dataclasses.replace(overwrite, max_steps=1, save_every=1, warmup_steps=0))
-    assert sorted(fresh["losses"]) == [1]
-    new_id = ckpt.checkpoint_meta(root / "step_00000001")["run_id"]
-    assert _names(ckpt.list_checkpoints(out)) == ["step_00000001"] and new_id != old_id
-    shutil.copytree(root / "step_00000001", root / f"{ckpt.SET_ASIDE_PREFIX}step_00000004")  # (stands in)
-    with ckpt.own_out_dir(out):
-        pass
     assert "overwrite: deleted the earlier run's checkpoints" in capsys.readouterr().out
-    assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002"]
+    # a file system that refuses a folder's fsync (EINVAL) still saves: the checkpoint is in place
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", on_folders(OSError(errno.EINVAL, "Invalid argument")))
+        again = pretrain.train(dataclasses.replace(overwrite, out_dir=str(tmp_path / "nfs")))
+    assert sorted(again["losses"]) == [1, 2] and _names(ckpt.list_checkpoints(tmp_path / "nfs")) == ["step_00000002"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -385,13 +385,12 @@ def own_out_dir(out_dir: str | Path, is_main: bool = True):
         root = checkpoint_dir(out_dir)
         for name in _finish_interrupted_replacements(root):
             print(f"restored the checkpoint {name} in {root}: a save that replaced it was interrupted")
-        restored, overwritten = _settle_set_aside(root)
+        restored = _settle_set_aside(root)
         if restored:
             print(
                 f"restored the earlier run's checkpoints {', '.join(restored)} in {root}: the overwrite: true run that "
                 "moved them aside stopped before its first checkpoint was whole (its settings record stays)"
             )
-        delete_set_aside(overwritten)  # an overwrite killed after its first whole checkpoint, before deleting them
         leftovers = [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX)] if root.is_dir() else []
         for path in leftovers:
             with contextlib.suppress(OSError):
@@ -459,8 +458,8 @@ def claim_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str | No
         )
     if foreign:
         print(
-            f"overwrite: the earlier run's checkpoints in {checkpoint_dir(cfg.out_dir)} ({names}) are deleted just "
-            "before this run writes its first checkpoint"
+            f"overwrite: the earlier run's checkpoints in {checkpoint_dir(cfg.out_dir)} ({names}) are moved "
+            "aside just before this run writes its first checkpoint, and deleted once that is whole"
         )
     finished = [name for name in RUN_OUTPUTS if (Path(cfg.out_dir) / name).exists()]
     if finished and _history_run_id(cfg.out_dir) == run_id:
@@ -490,33 +489,45 @@ def _earlier_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str) 
 
 def set_aside_earlier_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str) -> list[Path]:
     """With `overwrite: true`, move out_dir's checkpoints of other runs (`claim_checkpoints` allowed them) aside,
-    renamed `.overwritten-step_N` (no copy, no space), and return their new paths. The main process calls it just
-    before the run first writes to out_dir (`run_training`), so a run that stops before then (a setting or file
-    error, W&B, its first steps) leaves them as they were; `delete_set_aside` removes them once the run's own first
-    checkpoint is whole, `put_back_set_aside` returns them if that save fails, and a run killed in between gets them
-    back at the next start (`own_out_dir`). Raises ValueError, with every one put back, when one cannot be moved."""
+    renamed `.overwritten-<run_id>-step_N` (no copy, no space; `run_id`: this run's), and return their new paths.
+    The main process calls it just before the run first writes to out_dir (`run_training`), so a run that stops
+    before then (a setting or file error, W&B, its first steps) leaves them as they were. Once the run's first save
+    is over, `settle_set_aside` deletes them if a whole checkpoint of this run is in out_dir, else puts them back;
+    after a kill the next start does the same (`own_out_dir`). Raises ValueError, with every one put back, when one
+    cannot be moved (an interrupt also puts them back)."""
     foreign = _earlier_checkpoints(cfg, resume_from, run_id)
     if not cfg.overwrite or not foreign:
         return []
     moved = []
-    for path in foreign:
-        aside = path.parent / f"{SET_ASIDE_PREFIX}{path.name}"
-        try:
-            os.replace(path, aside)  # (refused where `aside` is a folder already: not overwritten)
-        except OSError as err:
-            put_back_set_aside(moved)
-            raise ValueError(f"overwrite: cannot move the earlier run's checkpoint {path} aside: {err}") from err
-        moved.append(aside)
+    try:
+        for path in foreign:
+            aside = path.parent / f"{SET_ASIDE_PREFIX}{run_id}-{path.name}"
+            try:
+                os.replace(path, aside)  # (refused where `aside` is a folder already: not overwritten)
+            except OSError as err:
+                raise ValueError(f"overwrite: cannot move the earlier run's checkpoint {path} aside: {err}") from err
+            moved.append(aside)
+    except BaseException:
+        _put_back(moved)
+        raise
     return moved
 
 
-def put_back_set_aside(aside: list[Path]) -> list[str]:
-    """Rename checkpoints that `set_aside_earlier_checkpoints` moved aside back to their names (each whose name is
-    free); returns the names put back."""
+def _set_aside_parts(path: Path) -> tuple[str, str] | None:
+    """(the overwriting run's id, the checkpoint's own name) of a folder `set_aside_earlier_checkpoints` named."""
+    if not path.name.startswith(SET_ASIDE_PREFIX):
+        return None
+    run_id, sep, step = path.name[len(SET_ASIDE_PREFIX) :].rpartition(f"-{CHECKPOINT_PREFIX}")
+    return (run_id, f"{CHECKPOINT_PREFIX}{step}") if sep and run_id else None
+
+
+def _put_back(aside: list[Path]) -> list[str]:
+    """Rename set-aside checkpoints back to their own names (each whose name is free); the names put back."""
     restored = []
     for path in aside:
-        name = path.parent / path.name[len(SET_ASIDE_PREFIX) :]
-        if name.exists() or name.is_symlink():
+        parts = _set_aside_parts(path)
+        name = path.parent / parts[1] if parts else None
+        if name is None or name.exists() or name.is_symlink():
             continue
         with contextlib.suppress(OSError):
             os.replace(path, name)
@@ -524,31 +535,50 @@ def put_back_set_aside(aside: list[Path]) -> list[str]:
     return restored
 
 
-def delete_set_aside(aside: list[Path]) -> None:
-    """Delete the earlier run's checkpoints that `set_aside_earlier_checkpoints` moved aside, once this run's own
-    first checkpoint (or final model) is whole. A removal that fails says where the space went (the next run's
-    `own_out_dir` tries again)."""
+def _holds_checkpoint_of(out_dir, run_id: str) -> bool:
+    """Whether out_dir holds a whole checkpoint of run `run_id`."""
+    return any(_run_id_or_none(p) == run_id for p in list_checkpoints(out_dir))
+
+
+def settle_set_aside(aside: list[Path], run_id: str, whole: bool | None = None) -> None:
+    """After an `overwrite: true` run's first save (a checkpoint, or a final model where the run saved none): the
+    earlier run's checkpoints it moved aside (`set_aside_earlier_checkpoints`) are deleted when the run's output is
+    `whole`, else put back under their names. `whole` None: whether out_dir now holds a whole checkpoint of run
+    `run_id` (what is on disk, not whether the save raised: it may raise after its checkpoint is in place). A
+    deletion that fails says where the space went (the next start tries again)."""
     if not aside:
+        return
+    root = aside[0].parent
+    if whole is None:
+        whole = _holds_checkpoint_of(root.parent, run_id)
+    if not whole:
+        _put_back(aside)
         return
     for path in aside:
         try:
             _remove_folder_or_link(path)
         except OSError as err:
             print(f"overwrite: could not free all the space of the earlier run's {path.name}: {err}")
-    names = ", ".join(p.name[len(SET_ASIDE_PREFIX) :] for p in aside)
-    print(f"overwrite: deleted the earlier run's checkpoints in {aside[0].parent} ({names})")
+    names = ", ".join(parts[1] for parts in map(_set_aside_parts, aside) if parts)
+    print(f"overwrite: deleted the earlier run's checkpoints in {root} ({names})")
 
 
-def _settle_set_aside(root: Path) -> tuple[list[str], list[Path]]:
-    """At a run's start, the checkpoints an `overwrite: true` run moved aside and did not delete (it was killed):
-    where that run left no whole checkpoint of its own in `root` they go back under their names (the overwrite never
-    happened), else they are returned for deletion (it did). -> (names put back, paths to delete)."""
-    aside = sorted(root.glob(f"{SET_ASIDE_PREFIX}{CHECKPOINT_PREFIX}*")) if root.is_dir() else []
-    if not aside:
-        return [], []
-    if list_checkpoints(root.parent):
-        return [], aside
-    return put_back_set_aside(aside), []
+def _settle_set_aside(root: Path) -> list[str]:
+    """At a run's start, the checkpoints an `overwrite: true` run moved aside and neither deleted nor put back (it
+    was killed): deleted where that run (the id in their names) left a whole checkpoint of its own in out_dir (the
+    overwrite took place), else put back under their names. Returns the names put back."""
+    by_run: dict[str, list[Path]] = {}
+    for path in sorted(root.glob(f"{SET_ASIDE_PREFIX}*")) if root.is_dir() else []:
+        parts = _set_aside_parts(path)
+        if parts is not None:
+            by_run.setdefault(parts[0], []).append(path)
+    restored = []
+    for run_id, aside in by_run.items():
+        if _holds_checkpoint_of(root.parent, run_id):
+            settle_set_aside(aside, run_id, whole=True)
+        else:
+            restored += _put_back(aside)
+    return restored
 
 
 def _history_run_id(out_dir) -> str | None:
@@ -746,11 +776,14 @@ def save_checkpoint(
             raise CheckpointError(_save_error_message(err, step, final, _nbytes(state), previous)) from err
         raise
     _remove_folder_or_link(old, ignore_errors=True)  # (a linked-in folder replaced: the link goes)
-    dir_fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    # the rename made durable where the file system can: some refuse a folder's fsync (EINVAL), and the checkpoint
+    # is in place either way
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     # the checkpoint just written is always kept; of the run's others, the newest keep_last - 1
     for stale in mine[: max(0, len(mine) - (keep_last - 1))]:
         try:

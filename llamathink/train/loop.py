@@ -35,14 +35,13 @@ from .checkpoint import (
     checkpoint_dir,
     checkpoint_meta,
     claim_checkpoints,
-    delete_set_aside,
     input_fingerprints,
     list_checkpoints,
-    put_back_set_aside,
     resolve_resume,
     restore_checkpoint,
     save_checkpoint,
     set_aside_earlier_checkpoints,
+    settle_set_aside,
     state_run_id,
 )
 from .config import RunConfig, load_config
@@ -526,13 +525,11 @@ def run_training(
             set_aside.extend(set_aside_earlier_checkpoints(cfg, resume_from, run_id))
             claimed = True
 
-    def settle_overwrite(whole: bool):
-        """(main process) After this run's first checkpoint (or final model) was written: the earlier run's
-        checkpoints it moved aside are deleted when it is `whole`, else put back under their names."""
-        if set_aside and whole:
-            delete_set_aside(set_aside)
-        elif set_aside:
-            put_back_set_aside(set_aside)
+    def settle_overwrite(whole: bool | None = None):
+        """(main process) After this run's first save: the earlier run's checkpoints it moved aside are deleted if
+        its output is whole (None: a whole checkpoint of this run is in out_dir), else put back
+        (`settle_set_aside`)."""
+        settle_set_aside(set_aside, run_id, whole)
         set_aside.clear()
 
     # The optimizer is prepared so accelerate can handle mixed precision; the LR schedule is stepped by us once
@@ -727,7 +724,7 @@ def run_training(
                         if count is not None:  # an unknown count stays unknown in later checkpoints too
                             extra[name] = count
                     claim_out_dir()
-                    try:
+                    try:  # (settled from what is on disk: the save may raise after its checkpoint is in place)
                         save_checkpoint(
                             cfg.out_dir,
                             step,
@@ -740,10 +737,8 @@ def run_training(
                             run_id=run_id,
                             world_size=world,
                         )
-                    except BaseException:  # (a full disk, Ctrl-C): the earlier run's checkpoints go back
-                        settle_overwrite(whole=False)
-                        raise
-                    settle_overwrite(whole=True)
+                    finally:
+                        settle_overwrite()
                     write_history(out_dir, history)
                 accelerator.wait_for_everyone()
             if paused:
@@ -754,23 +749,24 @@ def run_training(
 
     final_dir = out_dir / "final"
     if is_main:
-        claim_out_dir()  # (a run of no step that saved no checkpoint: the final model is its first output)
+        claim_out_dir()  # (a run of no step saved no checkpoint: its history and final model are its first output)
+    final_saved = False
     try:
         if is_main:
             write_history(out_dir, history)
         if is_main and step == cfg.max_steps:
-            hooks.save_final(
-                raw_model, final_dir, {**history, "tokens_seen": tokens_seen, "trained_tokens": trained_tokens}
-            )
-    except BaseException:
-        if is_main:
-            settle_overwrite(whole=False)
-        raise
-    else:
-        if is_main:
-            settle_overwrite(whole=True)
-    finally:  # (a failed Hub upload still ends the W&B run as finished: the training did)
-        if run is not None:
+            try:
+                hooks.save_final(
+                    raw_model, final_dir, {**history, "tokens_seen": tokens_seen, "trained_tokens": trained_tokens}
+                )
+            except HubUploadError:
+                final_saved = True  # saved locally; only the upload failed
+                raise
+            final_saved = True
+    finally:
+        if is_main:  # (a run that saved a checkpoint has settled already)
+            settle_overwrite(whole=final_saved)
+        if run is not None:  # (a failed Hub upload still ends the W&B run as finished: the training did)
             run.finish()
     accelerator.wait_for_everyone()
     return {
