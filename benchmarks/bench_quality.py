@@ -415,7 +415,7 @@ def train_run(run: dict, args, val: np.ndarray, test: np.ndarray, device: torch.
     step_model = model
     mode, _ = resolve_compile_mode(
         run["compile_mode"],
-        torch.device(device),
+        device,
         num_processes=1,
         packed=bool(run.get("document_masking")),
         whole_model=not hasattr(model, "compile_layers"),

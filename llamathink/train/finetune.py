@@ -248,15 +248,13 @@ def load_chat_tokenizer(cfg: FinetuneConfig):
     from ..tokenizer_utils import load_tokenizer
 
     source = cfg.tokenizer or cfg.init_from
+    choose = "set tokenizer: (e.g. builtin, or /path/to/llama2-tokenizer.model)"
     try:
         tokenizer = load_tokenizer(source)
     except (OSError, ValueError) as err:
         if cfg.tokenizer:
             raise
-        raise ValueError(
-            f"no usable tokenizer saved with init_from={cfg.init_from!r} ({err}); set tokenizer: "
-            "(e.g. builtin, or /path/to/llama2-tokenizer.model)"
-        ) from err
+        raise ValueError(f"no usable tokenizer saved with init_from={cfg.init_from!r} ({err}); {choose}") from err
     try:
         return set_chat_template(tokenizer)
     except ValueError as err:  # e.g. a folder whose tokenizer_config.json (which names BOS and EOS) was lost
@@ -264,8 +262,7 @@ def load_chat_tokenizer(cfg: FinetuneConfig):
             raise ValueError(f"tokenizer={cfg.tokenizer!r} cannot carry the chat format: {err}") from err
         raise ValueError(
             f"the tokenizer saved with init_from={cfg.init_from!r} cannot carry the chat format: {err} (is its "
-            "tokenizer_config.json missing or edited?); set tokenizer: (e.g. builtin, or "
-            "/path/to/llama2-tokenizer.model)"
+            f"tokenizer_config.json missing or edited?); {choose}"
         ) from err
 
 
