@@ -43,6 +43,8 @@ setup(
         # fla's Gated DeltaNet kernels; on Hopper with Triton < 3.7.1 its backward pass also needs tilelang
         "gpu": ["fla-core==0.6.0", "triton>=3.2"],
         "hopper": ["fla-core==0.6.0", "tilelang==0.1.15"],
+        # FlashQLA's fused TileLang delta-rule kernels for Hopper and Blackwell (`gdn_backend: flash_qla`)
+        "flash-qla": ["fla-core==0.6.0", "tilelang==0.1.15", "flash-qla==0.1.3"],
         "dev": ["pytest>=8", "matplotlib", "peft>=0.21"],
     },
     entry_points={

@@ -16,7 +16,7 @@ from transformers import PretrainedConfig
 
 MIXER_TYPES = ("linear", "csa", "full")
 DEFAULT_MIXER_PATTERN = ("linear", "linear", "csa", "full")
-GDN_BACKENDS = ("auto", "fla", "torch")
+GDN_BACKENDS = ("auto", "flash_qla", "fla", "torch")
 MAX_CONTEXT = 1 << 20  # max_position_embeddings: export_c/run.c's limit too
 MAX_GDN_CHUNK = 4096
 
@@ -91,8 +91,10 @@ class LlamaThinkConfig(PretrainedConfig):
             `h = (1 + r) * h + (1 + s) * sublayer(norm(h))`, with `r`, `s` initialised to zero.
         gdn_chunk_size (`int`, defaults to 64): chunk length of the chunked Gated DeltaNet (training/prefill).
         gdn_backend (`str`, defaults to `"auto"`): Gated DeltaNet kernels: `"auto"` (fla's Triton kernels on CUDA
-            where installed and trustworthy, else PyTorch), `"fla"` (the same, warning when it must fall back) or
-            `"torch"` (always the PyTorch reference).
+            where installed and trustworthy, else PyTorch), `"fla"` (the same, warning when it must fall back),
+            `"flash_qla"` (FlashQLA's fused delta-rule kernels, about 2.3x fla's at the 95M shape on an H200, with
+            fla's conv, where flash-qla is installed and the GPU (sm90/sm100/sm120), 16-bit dtype and heads of at
+            most 128 suit it; else as `"fla"`, warning once) or `"torch"` (always the PyTorch reference).
         decode_cuda_graphs (`bool` or `"always"`, defaults to True): on CUDA, run each one-token decode step
             (left-padded batches included) as one replay of a captured CUDA graph (static-shape state buffers; see
             `LlamaThinkCache`). False runs every step eagerly on the cache's own tensors. `"always"` also takes the

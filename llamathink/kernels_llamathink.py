@@ -89,10 +89,20 @@ def _fla_backward_problem_uncached(device: torch.device) -> str | None:
     return None
 
 
-def select_gdn_backend(requested: str, device: torch.device, needs_grad: bool, dtype: torch.dtype | None = None) -> str:
-    """Resolve `config.gdn_backend` ("auto", "fla" or "torch") to the backend that will run: fla only where it is
-    installed, on CUDA, and (when gradients are needed) where its backward is trustworthy and the inputs are 16-bit;
-    otherwise the PyTorch reference, with one warning saying why. `dtype`: the dtype of the values (v)."""
+def select_gdn_backend(
+    requested: str,
+    device: torch.device,
+    needs_grad: bool,
+    dtype: torch.dtype | None = None,
+    head_dims: tuple[int, int] | None = None,
+) -> str:
+    """Resolve `config.gdn_backend` ("auto", "flash_qla", "fla" or "torch") to the kernels that will run: "fla"
+    only where fla is installed, on CUDA, and (when gradients are needed) where its backward is trustworthy and the
+    inputs are 16-bit; otherwise "torch" (the PyTorch reference), with one warning saying why. Where fla runs,
+    "flash_qla" gives "flash_qla" (FlashQLA's delta-rule kernels, fla's conv and decode step) where
+    `flash_qla_problem` finds none for `head_dims` (Dk, Dv) and `dtype`, and warns once where it cannot. "auto"
+    stays on fla: FlashQLA's compiled and CUDA-graph training have not yet run on a GPU (BENCHMARKS.md section 1).
+    `dtype`: the dtype of the values (v)."""
     if requested == "torch" or device.type != "cuda":
         if requested == "fla" and device.type != "cuda":
             _warn_once("fla-cpu", "gdn_backend='fla' needs a CUDA device; using the PyTorch Gated DeltaNet kernels")
@@ -119,6 +129,11 @@ def select_gdn_backend(requested: str, device: torch.device, needs_grad: bool, d
                 "kernels instead.",
             )
             return "torch"
+    if requested == "flash_qla":
+        problem = flash_qla_problem(device, head_dims, dtype)
+        if problem is None:
+            return "flash_qla"
+        _warn_once("flash-qla", f"gdn_backend='flash_qla': {problem}; using fla's Gated DeltaNet kernels")
     return "fla"
 
 
@@ -359,6 +374,256 @@ FLA_GDN_KERNELS = {"chunk": fla_chunk_gated_delta_rule, "recurrent": fla_recurre
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# FlashQLA (flash-qla): fused TileLang Gated DeltaNet kernels for training on Hopper and Blackwell, heads of 128
+# ----------------------------------------------------------------------------------------------------------------
+# FlashQLA (the Qwen team's kernels, also fla's own backend for 128-wide heads) computes the chunked delta rule in a
+# few fused, warp-specialised kernels rather than fla's chain of Triton kernels: at the 95M model's shape its
+# forward + backward takes 0.43x fla's time on the H200 (`benchmarks/bench_gdn_kernels.py`, BENCHMARKS.md section
+# 1). Its kernels take heads of exactly 128; narrower heads are zero-padded to 128 and the output sliced back,
+# which is exact: a zero key column never writes the state's row, a zero value column keeps the state's column
+# zero, so the padded output and the gradients of the padded values are zero and the rest is unchanged.
+# The gates' chunk-local cumulative sums come from fla's kernel, not FlashQLA's own, which holds all heads of a
+# chunk in one TileLang fragment and finds no thread layout for 9 heads. The cached prefill (an initial or final
+# state) keeps fla's kernels; FlashQLA runs training and uncached forwards.
+
+FLASH_QLA_HEAD_DIM = 128
+_FLASH_QLA_ARCHES = {(9, 0), (10, 0), (10, 3), (12, 0), (12, 1)}  # what flash-qla 0.1.3 builds kernels for
+
+
+def _flash_qla_kernels():
+    """FlashQLA's kernel functions (kkt_solve, fused_gdr_fwd, fused_gdr_h, fused_gdr_bwd) and fla's
+    `chunk_local_cumsum`, or None where either package is missing or lacks them in the form used here (flash-qla
+    0.1.3, fla-core 0.6); the reason is kept in `_fla_state["flash_qla_error"]`. Imports FlashQLA, which picks its
+    kernels for the current CUDA device's architecture."""
+    if "flash_qla" not in _fla_state:
+        _fla_state["flash_qla"] = None
+        try:
+            from fla.ops.utils import chunk_local_cumsum
+            from flash_qla.ops.gated_delta_rule import chunk as fq
+
+            needs = {
+                "kkt_solve": {"k", "b", "chunk_size", "cu_seqlens"},
+                "fused_gdr_fwd": {
+                    "q",
+                    "k",
+                    "v",
+                    "a",
+                    "g",
+                    "b",
+                    "scale",
+                    "initial_state",
+                    "output_final_state",
+                    "output_h",
+                    "output_o",
+                    "cu_seqlens",
+                },
+                "fused_gdr_h": {
+                    "k",
+                    "v",
+                    "a",
+                    "g",
+                    "b",
+                    "initial_state",
+                    "output_final_state",
+                    "output_h",
+                    "cu_seqlens",
+                },
+                "fused_gdr_bwd": {"q", "k", "v", "a", "g", "b", "do", "dht", "h", "scale", "cu_seqlens"},
+            }
+            functions = []
+            for name, params in needs.items():
+                fn = getattr(fq, name, None)
+                if fn is None or not params <= set(inspect.signature(fn).parameters):
+                    raise ImportError(
+                        f"flash_qla's {name} is missing or takes other arguments (flash-qla 0.1.3 expected)"
+                    )
+                functions.append(fn)
+            if not {"chunk_size", "reverse", "cu_seqlens", "chunk_indices"} <= set(
+                inspect.signature(chunk_local_cumsum).parameters
+            ):
+                raise ImportError("fla's chunk_local_cumsum takes other arguments (fla-core 0.6 expected)")
+            _fla_state["flash_qla"] = (*functions, chunk_local_cumsum)
+        except Exception as exc:  # missing, broken, another version, or a GPU FlashQLA has no kernels for
+            _fla_state["flash_qla_error"] = f"{type(exc).__name__}: {exc}"
+    return _fla_state["flash_qla"]
+
+
+def flash_qla_problem(device: torch.device, head_dims: tuple[int, int] | None, dtype: torch.dtype | None) -> str | None:
+    """Why FlashQLA's kernels cannot run a Gated DeltaNet layer with key and value heads of `head_dims` (Dk, Dv)
+    on values of `dtype` on `device`, or None where they can: a CUDA GPU of an architecture FlashQLA builds for
+    (sm90, sm100/103, sm120/121), 16-bit values, heads at most 128 wide, and flash-qla (and fla) importable."""
+    if device.type != "cuda":
+        return "FlashQLA needs a CUDA GPU"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"FlashQLA computes in 16 bits, not in {dtype}"
+    if head_dims is None or max(head_dims) > FLASH_QLA_HEAD_DIM:
+        return f"FlashQLA takes heads of at most {FLASH_QLA_HEAD_DIM} (key and value heads {head_dims})"
+    key = ("flash_qla_arch", device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _fla_state:
+        arch = torch.cuda.get_device_capability(device)
+        _fla_state[key] = None if arch in _FLASH_QLA_ARCHES else f"FlashQLA has no kernels for sm{arch[0]}{arch[1]}"
+    if _fla_state[key] is not None:
+        return _fla_state[key]
+    if _flash_qla_kernels() is None:
+        return f"flash-qla is not available ({_fla_state.get('flash_qla_error')})"
+    return None
+
+
+def _define_flash_qla_ops():
+    """Define `llamathink::flash_qla_chunk_gdn` (+ its backward op and autograd formula) once per process (see
+    `_define_fla_chunk_op`): FlashQLA's forward and backward as two opaque ops that dynamo records as single nodes
+    and CUDA graphs capture (no host synchronisation on rows of equal length)."""
+    try:
+        return torch.ops.llamathink.flash_qla_chunk_gdn
+    except (AttributeError, RuntimeError):
+        pass
+
+    @torch.library.custom_op("llamathink::flash_qla_chunk_gdn", mutates_args=())
+    def flash_qla_chunk_gdn(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        g: torch.Tensor,
+        beta: torch.Tensor,
+        scale: float,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [B, T, H, 128] and beta [B, T, H] in one 16-bit dtype, g [B, T, H] fp32, all contiguous ->
+        o [B, T, H, 128] in v's dtype, and what the backward needs: the chunk-local cumulative gates [B, T, H] fp32
+        and the inverted WY matrices A [B, T, H, 64] (k's dtype). `cu_seqlens` [N + 1] (B = 1): N packed sequences,
+        each starting from a zero state."""
+        kkt_solve, fused_fwd, _, _, cumsum = _flash_qla_kernels()
+        with _device_of(q):
+            g_cum = cumsum(g, chunk_size=64, **_chunk_indices(cu_seqlens))
+            A = kkt_solve(k=k, b=beta, chunk_size=64, cu_seqlens=cu_seqlens)
+            o = fused_fwd(
+                q=q,
+                k=k,
+                v=v,
+                a=A,
+                g=g_cum,
+                b=beta,
+                scale=scale,
+                initial_state=None,
+                output_final_state=False,
+                output_h=False,
+                output_o=True,
+                cu_seqlens=cu_seqlens,
+            )[0]
+        return o.to(v.dtype).contiguous(), g_cum.float().contiguous(), A.contiguous()
+
+    @flash_qla_chunk_gdn.register_fake
+    def _(q, k, v, g, beta, scale, cu_seqlens=None):
+        B, T, H, _ = v.shape
+        return torch.empty_like(v), torch.empty_like(g, dtype=torch.float32), k.new_empty(B, T, H, 64)
+
+    @torch.library.custom_op("llamathink::flash_qla_chunk_gdn_backward", mutates_args=())
+    def flash_qla_chunk_gdn_backward(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        g_cum: torch.Tensor,
+        beta: torch.Tensor,
+        A: torch.Tensor,
+        scale: float,
+        grad_o: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gradients w.r.t. q, k, v, g (the raw log-decays: the chunk-local sums' gradient summed back) and beta,
+        by FlashQLA's backward (which recomputes the chunk states from the saved WY matrices)."""
+        _, _, fused_h, fused_bwd, cumsum = _flash_qla_kernels()
+        with _device_of(q):
+            h = fused_h(
+                k=k,
+                v=v,
+                a=A,
+                g=g_cum,
+                b=beta,
+                initial_state=None,
+                output_final_state=False,
+                output_h=True,
+                cu_seqlens=cu_seqlens,
+            )[0]
+            dq, dk, dv, dg, dbeta = fused_bwd(
+                q=q,
+                k=k,
+                v=v,
+                a=A,
+                g=g_cum,
+                b=beta,
+                do=grad_o.to(q.dtype).contiguous(),
+                dht=None,
+                h=h,
+                scale=scale,
+                cu_seqlens=cu_seqlens,
+            )[:5]
+            dg = cumsum(dg.float(), chunk_size=64, reverse=True, **_chunk_indices(cu_seqlens))
+        grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.float(), dbeta.to(beta.dtype))
+        return tuple(t.contiguous() for t in grads)
+
+    @flash_qla_chunk_gdn_backward.register_fake
+    def _(q, k, v, g_cum, beta, A, scale, grad_o, cu_seqlens=None):
+        return (
+            torch.empty_like(q),
+            torch.empty_like(k),
+            torch.empty_like(v),
+            torch.empty_like(g_cum),
+            torch.empty_like(beta),
+        )
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, _, beta, scale, cu_seqlens = inputs
+        _, g_cum, A = output
+        ctx.save_for_backward(q, k, v, g_cum, beta, A, cu_seqlens)
+        ctx.scale = scale
+
+    def backward(ctx, grad_o, _grad_g_cum, _grad_A):
+        q, k, v, g_cum, beta, A, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv, dg, dbeta = flash_qla_chunk_gdn_backward(q, k, v, g_cum, beta, A, ctx.scale, grad_o, cu_seqlens)
+        return dq, dk, dv, dg, dbeta, None, None
+
+    flash_qla_chunk_gdn.register_autograd(backward, setup_context=setup_context)
+    return torch.ops.llamathink.flash_qla_chunk_gdn
+
+
+_flash_qla_op = _define_flash_qla_ops()
+
+
+def pad_heads(x: torch.Tensor, width: int) -> torch.Tensor:
+    """x [..., D] -> [..., width] with zeros after the D values (x itself where D == width)."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[-1])) if x.shape[-1] != width else x
+
+
+def flash_qla_chunk_gated_delta_rule(
+    q, k, v, g, beta, scale, initial_state=None, output_final_state=False, chunk_size=64, cu_seqlens=None
+):
+    """FlashQLA's chunked kernels behind our contract (q, k already L2-normalised [B, T, H, Dk], v [B, T, H, Dv],
+    fp32 g, beta [B, T, H]; Dk, Dv <= 128, zero-padded to 128 here and the output sliced back). `cu_seqlens`
+    [N + 1] (B = 1): N packed sequences, each starting from a zero state. With an initial or a final state (the
+    cached prefill) this is fla's kernel (`fla_chunk_gated_delta_rule`). Returns o [B, T, H, Dv] in v's dtype and
+    the final state or None. Traced by torch.compile, the padding and the casts fuse into the kernels that
+    produce q, k, v and the slice into the output's consumer."""
+    if initial_state is not None or output_final_state:
+        return fla_chunk_gated_delta_rule(
+            q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size, cu_seqlens=cu_seqlens
+        )
+    dtype = _fla_dtype(v)
+    o, _, _ = _flash_qla_op(
+        pad_heads(q.to(dtype), FLASH_QLA_HEAD_DIM).contiguous(),
+        pad_heads(k.to(dtype), FLASH_QLA_HEAD_DIM).contiguous(),
+        pad_heads(v.to(dtype), FLASH_QLA_HEAD_DIM).contiguous(),
+        g.float().contiguous(),
+        beta.to(dtype).contiguous(),
+        scale,
+        cu_seqlens,
+    )
+    return o[..., : v.shape[-1]].to(v.dtype), None
+
+
+FLASH_QLA_GDN_KERNELS = {"chunk": flash_qla_chunk_gated_delta_rule, "recurrent": fla_recurrent_gated_delta_rule}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Short causal convolution (the Gated DeltaNet conv): fla's fused Triton conv + SiLU, channels-last
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -511,12 +776,16 @@ def prebuild_fla_kernels(
     packed: bool = False,
     device: int | None = None,
     conv_weight_dtype: str = "float32",
+    delta_rule: str = "fla",
+    part: str = "all",
 ) -> None:
-    """Run fla's causal conv and chunked Gated DeltaNet forward and backward once on random inputs of one training
-    step's shapes, through the same custom ops a compiled step calls (`llamathink::fla_causal_conv1d_silu`,
-    `llamathink::fla_chunk_gdn`, with the package's recorded autotune choices), so that Triton and tilelang build
-    and cache (TRITON_CACHE_DIR, TILELANG_CACHE_DIR) the kernels that step launches. The body of
-    `start_fla_prebuild`'s child process; also callable directly.
+    """Run fla's causal conv and the chunked Gated DeltaNet forward and backward once on random inputs of one
+    training step's shapes, through the same custom ops a compiled step calls (`llamathink::fla_causal_conv1d_silu`,
+    and `llamathink::fla_chunk_gdn` with the package's recorded autotune choices or, with `delta_rule`
+    "flash_qla", `llamathink::flash_qla_chunk_gdn`), so that Triton and tilelang build and cache
+    (TRITON_CACHE_DIR, TILELANG_CACHE_DIR) the kernels that step launches. The body of `start_fla_prebuild`'s child
+    process; also callable directly. `part`: "all", or "forward" (the conv and the delta rule's forward) and
+    "backward" (the delta rule's backward alone, on random saved tensors), which two processes build side by side.
 
     Shapes as the model passes them: the conv input [B, T, conv_dim] in `dtype` (a torch dtype's name, 16-bit) with
     its weight [conv_dim, conv_kernel_size] in `conv_weight_dtype` (the parameter's: float32 under autocast); q, k
@@ -525,10 +794,16 @@ def prebuild_fla_kernels(
     document-masked training, whose rows are joined into one [1, batch_size * seq_len] row of several documents
     (fla's variable-length kernels). `device`: the CUDA device
     index (default the current one). Raises RuntimeError where fla is not available."""
+    if delta_rule not in ("fla", "flash_qla") or part not in ("all", "forward", "backward"):
+        raise ValueError(
+            f"delta_rule={delta_rule!r}, part={part!r}: expected fla or flash_qla, all, forward or backward"
+        )
     if device is not None:  # before fla's import, which may open a CUDA context on the current device
         torch.cuda.set_device(device)
     if _fla_ops() is None or _fla_chunk_internals() is None:
         raise RuntimeError(f"fla is not available: {_fla_state.get('import_error', 'its chunk functions differ')}")
+    if delta_rule == "flash_qla" and _flash_qla_kernels() is None:
+        raise RuntimeError(f"flash-qla is not available: {_fla_state.get('flash_qla_error')}")
     dev = torch.device("cuda", torch.cuda.current_device())
     load_fla_tuned_configs()  # what building the model gives the autotuners: the same configurations get built
     dt = getattr(torch, dtype)
@@ -541,18 +816,34 @@ def prebuild_fla_kernels(
         x = torch.randn(*shape, device=dev)
         return (fn(x) if fn is not None else x).to(dtype).contiguous().requires_grad_()
 
-    if _fla_conv_internals() is not None:
+    if _fla_conv_internals() is not None and part != "backward":
         x, weight = leaf(B, T, conv_dim), leaf(conv_dim, conv_kernel_size, dtype=getattr(torch, conv_weight_dtype))
         y = _fla_conv_op(x, weight, cu_seqlens)
         y.backward(torch.randn_like(y))
         del x, weight, y  # freed before the delta rule's tensors: the child's peak memory is the larger of the two
-    H = num_heads
+    H, scale = num_heads, head_k_dim**-0.5
+    if delta_rule == "flash_qla":  # the padded heads the op takes (`flash_qla_chunk_gated_delta_rule`)
+        head_k_dim = head_v_dim = FLASH_QLA_HEAD_DIM
     q = leaf(B, T, H, head_k_dim, fn=lambda t: torch.nn.functional.normalize(t, dim=-1))
     k = leaf(B, T, H, head_k_dim, fn=lambda t: torch.nn.functional.normalize(t, dim=-1))
     v, beta = leaf(B, T, H, head_v_dim), leaf(B, T, H, fn=torch.sigmoid)
     g = leaf(B, T, H, dtype=torch.float32, fn=lambda t: -torch.nn.functional.softplus(t))
-    o = _fla_chunk_op(q, k, v, g, beta, head_k_dim**-0.5, None, False, cu_seqlens)[0]
-    o.backward(torch.randn_like(o))
+    if part == "backward":  # the saved tensors of a forward (random: the kernels' code depends on shapes alone)
+        with torch.no_grad():
+            g_cum = g.cumsum(1)
+            A = torch.randn(B, T, H, 64, device=dev).div(8).to(dt)
+            if delta_rule == "flash_qla":
+                torch.ops.llamathink.flash_qla_chunk_gdn_backward(q, k, v, g_cum, beta, A, scale, v, cu_seqlens)
+            else:
+                torch.ops.llamathink.fla_chunk_gdn_backward(q, k, v, g_cum, beta, A, scale, None, v, None, cu_seqlens)
+    elif delta_rule == "flash_qla":
+        o = _flash_qla_op(q, k, v, g, beta, scale, cu_seqlens)[0]
+        if part == "all":
+            o.backward(torch.randn_like(o))
+    else:
+        o = _fla_chunk_op(q, k, v, g, beta, scale, None, False, cu_seqlens)[0]
+        if part == "all":
+            o.backward(torch.randn_like(o))
     torch.cuda.synchronize(dev)
 
 
@@ -569,11 +860,14 @@ def start_fla_prebuild(
     device: torch.device | int | None = None,
     conv_weight_dtype: torch.dtype = torch.float32,
     log_path: str | Path | None = None,
+    delta_rule: str = "fla",
 ):
     """Start `prebuild_fla_kernels` in a child Python process and return it (a `subprocess.Popen`), or None where
     there is nothing to build: fla or CUDA missing, a dtype fla does not train in, or `LLAMATHINK_FLA_PREBUILD=0`.
     Arguments as `prebuild_fla_kernels`'s, with torch dtypes and `device` a CUDA device or its index (default the
-    current one). The caller goes on at once (it does not wait): meant to be called just before the first compiled
+    current one). With `delta_rule` "flash_qla" the child builds FlashQLA's backward kernels in a process of its
+    own beside it (tilelang builds a kernel in one thread, and FlashQLA's take most of a minute one after the
+    other) and ends when both are done. The caller goes on at once (it does not wait): meant to be called just before the first compiled
     training step of the process that trains on `device`, which then finds in the disk caches what the child has
     built, and builds itself whatever the child has not yet.
 
@@ -618,7 +912,20 @@ def start_fla_prebuild(
         "packed": packed,
         "device": index,
         "conv_weight_dtype": str(conv_weight_dtype).removeprefix("torch."),
+        "delta_rule": delta_rule,
     }
+    with open(log_path, "w") if log_path is not None else contextlib.nullcontext(subprocess.DEVNULL) as out:
+        child = subprocess.Popen(
+            _prebuild_command(args, os.getpid()), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
+    if not _prebuild_children:
+        atexit.register(_stop_prebuild_children)
+    _prebuild_children.append(child)
+    return child
+
+
+def _prebuild_command(args: dict, parent_pid: int) -> list[str]:
+    """The command line of a prebuild process: `_prebuild_child_main(args, parent_pid)` of this very module."""
     # the folder this module is imported from (above `llamathink/`, or transformers' modules folder for the copy
     # `trust_remote_code` loaded, whose name may hold parts that are not identifiers: imported by name, not by an
     # import statement). The child's first path entry, the working directory, which could shadow it, is dropped;
@@ -631,13 +938,7 @@ def start_fla_prebuild(
         "sys.path[:] = rest if root in map(os.path.realpath, rest) else [root, *rest]; "
         "importlib.import_module(sys.argv[2])._prebuild_child_main(sys.argv[3], int(sys.argv[4]))"
     )
-    command = [sys.executable, "-c", code, str(root), __name__, json.dumps(args), str(os.getpid())]
-    with open(log_path, "w") if log_path is not None else contextlib.nullcontext(subprocess.DEVNULL) as out:
-        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    if not _prebuild_children:
-        atexit.register(_stop_prebuild_children)
-    _prebuild_children.append(child)
-    return child
+    return [sys.executable, "-c", code, str(root), __name__, json.dumps(args), str(parent_pid)]
 
 
 def _prebuild_child_main(args_json: str, parent_pid: int):
@@ -652,7 +953,22 @@ def _prebuild_child_main(args_json: str, parent_pid: int):
         os._exit(3)
 
     threading.Thread(target=watch_parent, daemon=True).start()
-    prebuild_fla_kernels(**json.loads(args_json))
+    args = json.loads(args_json)
+    if args.get("delta_rule") == "flash_qla" and args.get("part", "all") == "all":
+        import subprocess
+
+        # the backward kernels in a second process (it watches this one), the conv and the forward here
+        backward = subprocess.Popen(
+            _prebuild_command({**args, "part": "backward"}, os.getpid()), stdin=subprocess.DEVNULL
+        )
+        try:
+            prebuild_fla_kernels(**{**args, "part": "forward"})
+        finally:
+            code = backward.wait()  # (an error here propagates after the second process has ended)
+        if code != 0:
+            raise RuntimeError(f"the backward prebuild process ended with code {code}")
+        return
+    prebuild_fla_kernels(**args)
 
 
 def _stop_prebuild_children():
@@ -951,6 +1267,7 @@ def _load_fla_tuned_configs(path, setting: str, named: bool) -> int:
 
 
 __all__ = [
+    "FLASH_QLA_GDN_KERNELS",
     "FLA_GDN_KERNELS",
     "FLA_PREBUILD_ENV",
     "FLA_TUNED_CONFIGS_ENV",
@@ -961,6 +1278,8 @@ __all__ = [
     "fla_conv_available",
     "fla_recurrent_gated_delta_rule",
     "fla_tuned_configs_path",
+    "flash_qla_chunk_gated_delta_rule",
+    "flash_qla_problem",
     "load_fla_tuned_configs",
     "prebuild_fla_kernels",
     "probe_fla",

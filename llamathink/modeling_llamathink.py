@@ -10,7 +10,7 @@ Every layer is a pre-norm block `mixer -> SwiGLU MLP`, the mixer being one of
 with partial RoPE, (1 + w) RMSNorms and optional hyper-connections `h = (1 + r) * h + (1 + s) * f(norm(h))`.
 
 Everything here is plain PyTorch and runs on CPU. The hot spots have one dispatch point each
-(`LlamaThinkGatedDeltaNet._delta_rule` over `GDN_KERNELS` or fla's `FLA_GDN_KERNELS`, `LlamaThinkAttention._attend`,
+(`LlamaThinkGatedDeltaNet._delta_rule` over `GDN_KERNELS`, fla's `FLA_GDN_KERNELS` or FlashQLA's `FLASH_QLA_GDN_KERNELS`, `LlamaThinkAttention._attend`,
 `LlamaThinkCompressedSparseAttention._local_attention` / `_compressed_attention`) so faster GPU kernels can be slotted
 in without touching the model; the optional fla adapter lives in the sibling `kernels_llamathink.py`. One-token
 decode steps (left-padded batches included) have a second, static-shape form (`decode_static` of each mixer, driven
@@ -45,6 +45,7 @@ from transformers.utils import ModelOutput, logging
 from .configuration_llamathink import LlamaThinkConfig
 from .kernels_llamathink import (
     FLA_GDN_KERNELS,
+    FLASH_QLA_GDN_KERNELS,
     fla_causal_conv1d_silu,
     probe_fla,
     select_gdn_backend,
@@ -894,6 +895,7 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         self.value_dim = self.num_v_heads * self.head_v_dim
         self.conv_dim = 2 * self.key_dim + self.value_dim
         self.conv_kernel_size = config.linear_conv_kernel_dim
+        self.head_dims = (self.head_k_dim, self.head_v_dim)
         self.chunk_size = config.gdn_chunk_size
         self.backend = config.gdn_backend
 
@@ -950,13 +952,13 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         state [B, C, K-1] when caching. With packed `segments` (`segment_pos` [B, T]: each token's position in its
         sequence) a token sees no input from before the start of its sequence, as at the start of a row.
 
-        Three forms of one function: fla's fused Triton conv + SiLU (`backend == "fla"`, 16-bit, no cache; packed
+        Three forms of one function: fla's fused Triton conv + SiLU (`backend` "fla" or "flash_qla", 16-bit, no cache; packed
         sequences through its `cu_seqlens`), K shifted products (under torch.compile, where inductor fuses them with
         the SiLU, and for packed sequences without fla), and cuDNN's depthwise conv (eager, the CPU path)."""
         B, T, C = qkv.shape
         K = self.conv_kernel_size
         plain = is_plain_module(self.conv1d, nn.Conv1d)
-        if backend == "fla" and state is None and qkv.dtype in (torch.float16, torch.bfloat16) and plain:
+        if backend != "torch" and state is None and qkv.dtype in (torch.float16, torch.bfloat16) and plain:
             weight = self.conv1d.weight[:, 0]  # [C, K]
             if segments is None:
                 return fla_causal_conv1d_silu(qkv, weight)
@@ -988,15 +990,15 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         return F.silu(out)
 
     def _delta_rule(self, q, k, v, g, beta, initial_state, output_final_state, backend: str, segments=None):
-        """The dispatch point of the delta-rule kernel: fla or the PyTorch reference (`backend`, from
+        """The dispatch point of the delta-rule kernel: FlashQLA's, fla's or the PyTorch reference (`backend`, from
         `select_gdn_backend`), chunked or recurrent. With packed `segments` the state starts from zero at each
-        sequence: fla's variable-length kernel over the flattened batch (`cu_seqlens`), or the PyTorch reference run
-        on each sequence alone."""
+        sequence: the GPU kernels' variable-length form over the flattened batch (`cu_seqlens`), or the PyTorch
+        reference run on each sequence alone."""
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta))
-        kernels = FLA_GDN_KERNELS if backend == "fla" else GDN_KERNELS
+        kernels = {"fla": FLA_GDN_KERNELS, "flash_qla": FLASH_QLA_GDN_KERNELS}.get(backend, GDN_KERNELS)
         if segments is not None:
             scale, B, T = self.head_k_dim**-0.5, q.shape[0], q.shape[1]
-            if backend == "fla":
+            if backend != "torch":
                 flat = [x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, g, beta)]  # [1, B*T, ...]
                 o, _ = kernels["chunk"](*flat, scale, None, False, cu_seqlens=segments.cu_seqlens)
                 return o.reshape(B, T, *o.shape[2:]), None
@@ -1026,7 +1028,8 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         needs_grad = (torch.is_grad_enabled() or self.training) and (
             hidden_states.requires_grad or any(p.requires_grad for p in self.parameters())
         )
-        backend = select_gdn_backend(self.backend, qkv.device, needs_grad, qkv.dtype)  # one choice for the layer
+        # one choice for the layer
+        backend = select_gdn_backend(self.backend, qkv.device, needs_grad, qkv.dtype, self.head_dims)
         segment_pos = ctx.position_ids if segments is not None else None
         qkv = self._causal_conv(qkv, state, backend, segments, segment_pos)  # [B, T, conv_dim]
         z, b, a = self._gate_projections(hidden_states)
@@ -2068,7 +2071,8 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         if not mixers or device.type != "cuda":
             return None
         mixer = mixers[0]
-        if select_gdn_backend(mixer.backend, device, needs_grad=True, dtype=dtype) != "fla":
+        backend = select_gdn_backend(mixer.backend, device, needs_grad=True, dtype=dtype, head_dims=mixer.head_dims)
+        if backend == "torch":
             return None
         return start_fla_prebuild(
             batch_size,
@@ -2083,6 +2087,7 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
             device=device,
             conv_weight_dtype=mixer.conv1d.weight.dtype,
             log_path=log_path,
+            delta_rule=backend,
         )
 
     @torch.no_grad()

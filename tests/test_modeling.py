@@ -1843,6 +1843,134 @@ def test_gdn_backend_selection_keeps_fp32_training_off_fla(monkeypatch):
     assert m.select_gdn_backend("torch", cuda, needs_grad=True, dtype=torch.bfloat16) == "torch"
 
 
+def test_flash_qla_is_chosen_where_it_can_run_and_the_reason_named_where_it_cannot(monkeypatch):
+    """Where fla runs (stubbed), "flash_qla" takes FlashQLA's kernels for 16-bit values, heads of at most 128 and a
+    GPU it builds for, and anywhere else fla's with the reason named; "auto" stays on fla's."""
+    from llamathink import kernels_llamathink as m
+
+    warnings_seen = []
+    monkeypatch.setattr(m, "_fla_state", {})
+    monkeypatch.setattr(m, "_warn_once", lambda key, message: warnings_seen.append(message))
+    monkeypatch.setattr(m, "_fla_ops", lambda: ("chunk", "recurrent"))
+    monkeypatch.setattr(m, "fla_backward_problem", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cuda, bf16, heads = torch.device("cuda", 0), torch.bfloat16, (112, 112)
+
+    monkeypatch.setattr(m, "_flash_qla_kernels", lambda: None)  # flash-qla not installed
+    m._fla_state["flash_qla_error"] = "ModuleNotFoundError: No module named 'flash_qla'"
+    assert m.select_gdn_backend("auto", cuda, True, bf16, heads) == "fla" and warnings_seen == []
+    assert m.select_gdn_backend("flash_qla", cuda, True, bf16, heads) == "fla"
+    assert "flash-qla is not available (ModuleNotFoundError" in warnings_seen.pop()
+
+    monkeypatch.setattr(m, "_flash_qla_kernels", lambda: ("its kernels",))
+    assert m.select_gdn_backend("flash_qla", cuda, True, bf16, heads) == "flash_qla"
+    assert m.select_gdn_backend("flash_qla", cuda, False, torch.float16, (128, 64)) == "flash_qla"
+    assert m.select_gdn_backend("auto", cuda, True, bf16, heads) == "fla"  # opt-in
+    assert m.select_gdn_backend("fla", cuda, True, bf16, heads) == "fla"  # fla when asked by name
+    assert m.select_gdn_backend("torch", cuda, True, bf16, heads) == "torch"
+    assert m.select_gdn_backend("flash_qla", cuda, True, torch.float32, heads) == "torch"  # fp32 training: PyTorch
+    assert len(warnings_seen) == 1 and "training in torch.float32 uses the PyTorch" in warnings_seen.pop()
+    assert m.select_gdn_backend("flash_qla", cuda, False, torch.float32, heads) == "fla"  # fp32 inference: fla
+    assert "FlashQLA computes in 16 bits, not in torch.float32" in warnings_seen.pop()
+    assert m.select_gdn_backend("flash_qla", cuda, True, bf16, (112, 192)) == "fla"
+    assert "heads of at most 128 (key and value heads (112, 192))" in warnings_seen.pop()
+    assert "needs a CUDA GPU" in m.flash_qla_problem(torch.device("cpu"), heads, bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    m._fla_state.pop(("flash_qla_arch", 0))
+    assert m.select_gdn_backend("flash_qla", cuda, True, bf16, heads) == "fla"
+    assert "FlashQLA has no kernels for sm80" in warnings_seen.pop()
+    assert m.flash_qla_problem(cuda, heads, bf16) == "FlashQLA has no kernels for sm80"
+
+
+def _reference_flash_qla_kernels():
+    """Stand-ins for FlashQLA's kernel functions and fla's `chunk_local_cumsum`, with their signatures and output
+    layouts, computed by our PyTorch reference: the forward takes the chunk-local cumulative gates (the raw gates
+    are their differences within each chunk) and the backward returns the gradient of those sums (whose reverse
+    chunk-local sums are the raw gates' gradient), as FlashQLA's do. Rows of equal length only (no `cu_seqlens`)."""
+
+    def cumsum(g, chunk_size, reverse=False, cu_seqlens=None, chunk_indices=None, **_):
+        assert cu_seqlens is None
+        B, T, H = g.shape
+        x = F.pad(g, (0, 0, 0, -T % chunk_size)).reshape(B, -1, chunk_size, H)
+        x = x.flip(2).cumsum(2).flip(2) if reverse else x.cumsum(2)
+        return x.reshape(B, -1, H)[:, :T]
+
+    def raw_gates(g_cum, chunk=64):
+        B, T, H = g_cum.shape
+        x = F.pad(g_cum, (0, 0, 0, -T % chunk)).reshape(B, -1, chunk, H)
+        return torch.cat((x[:, :, :1], x.diff(dim=2)), dim=2).reshape(B, -1, H)[:, :T]
+
+    def kkt_solve(k, b, chunk_size=64, cu_seqlens=None):
+        return k.new_zeros(*b.shape, chunk_size)
+
+    def fused_fwd(q, k, v, a, g, b, scale, initial_state, output_final_state, output_h, output_o, cu_seqlens):
+        return torch_chunk_gated_delta_rule(q, k, v, raw_gates(g), b, scale)[0], None, None
+
+    def fused_h(k, v, a, g, b, initial_state, output_final_state, output_h, cu_seqlens):
+        return k.new_zeros(1), None, None
+
+    def fused_bwd(q, k, v, a, g, b, do, dht, h, scale, cu_seqlens):
+        def grads():
+            inputs = [t.detach().requires_grad_() for t in (q, k, v, raw_gates(g), b)]
+            return torch.autograd.grad(torch_chunk_gated_delta_rule(*inputs, scale)[0], inputs, do)
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            dq, dk, dv, dg, db = pool.submit(grads).result()
+        B, T, H = dg.shape  # the gradient of the chunk-local sums: differences of dg within each chunk, backwards
+        x = F.pad(dg, (0, 0, 0, -T % 64)).reshape(B, -1, 64, H)
+        dg_cum = torch.cat((-x.diff(dim=2), x[:, :, -1:]), dim=2).reshape(B, -1, H)[:, :T]
+        return dq, dk, dv, dg_cum, db, None
+
+    return kkt_solve, fused_fwd, fused_h, fused_bwd, cumsum
+
+
+def test_flash_qla_op_pads_heads_to_128_exactly_and_traces_into_one_graph(monkeypatch):
+    """The FlashQLA path with its kernels replaced by the PyTorch reference (`_reference_flash_qla_kernels`): the
+    custom op's schema, fake outputs and autograd formula are consistent (opcheck); heads of 12 zero-padded to
+    128 give the unpadded kernel's output and gradients; and a compiled model with `gdn_backend: flash_qla` is one
+    graph holding the op, with the loss and every gradient of the PyTorch backend."""
+    monkeypatch.setitem(kernels._fla_state, "flash_qla", _reference_flash_qla_kernels())
+    gen = torch.Generator().manual_seed(0)
+    B, T, H, D = 2, 70, 3, 12
+    q, k = (l2norm(torch.randn(B, T, H, D, generator=gen, dtype=torch.float64)) for _ in range(2))
+    v = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64)
+    g = -F.softplus(torch.randn(B, T, H, generator=gen, dtype=torch.float64)) * 0.3
+    beta = torch.rand(B, T, H, generator=gen, dtype=torch.float64)
+    padded = [kernels.pad_heads(t, 128) for t in (q, k, v)]
+    torch.library.opcheck(kernels._flash_qla_op, (*padded, g.float(), beta, D**-0.5, None))
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
+    o_ref = torch_chunk_gated_delta_rule(*leaves, D**-0.5)[0]
+    o_ref.backward(o_ref.detach().cos())
+    ours = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
+    o, state = kernels.flash_qla_chunk_gated_delta_rule(*ours, D**-0.5)
+    assert state is None and o.shape == o_ref.shape and o.dtype == torch.float64
+    o.backward(o_ref.detach().cos())
+    torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-6)  # g passes through fp32 (the kernels' gate dtype)
+    for name, a, b in zip("q k v g beta".split(), ours, leaves):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+    monkeypatch.setattr(modeling, "select_gdn_backend", lambda asked, *_: "torch" if asked == "torch" else "flash_qla")
+    ids = torch.randint(1, 96, (2, 70), generator=torch.Generator().manual_seed(0))
+    mixers = ["linear", "csa", "full", "linear"]
+    reference = tiny_model(dtype=torch.float32, mixer_types=mixers, gdn_backend="torch").train()
+    model = tiny_model(dtype=torch.float32, mixer_types=mixers, gdn_backend="flash_qla").train()
+    loss_ref = reference(input_ids=ids, labels=ids).loss
+    loss_ref.backward()
+
+    def train_loss(x):
+        return model(input_ids=x, labels=x, skip_logits=True).loss
+
+    explanation = _explain_without_graph_breaks(train_loss, ids)
+    assert "llamathink.flash_qla_chunk_gdn" in str(explanation.graphs[0].graph)
+    torch._dynamo.reset()
+    loss = torch.compile(train_loss, backend="aot_eager", fullgraph=True)(ids)
+    loss.backward()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    for (name, p_ref), (_, p) in zip(reference.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def _pretend_hopper_with_triton_in_flas_bad_range(monkeypatch, kernels):
     """A Hopper card and Triton 3.6 (fla's backward is wrong there unless tilelang replaces it), with
     `kernels_llamathink`'s memoised answers cleared."""
@@ -1939,6 +2067,10 @@ def test_fla_prebuild_child_imports_this_module_from_anywhere_with_inductors_tri
         run = subprocess.run(command, cwd=tmp_path / "cwd", capture_output=True, text=True, timeout=300)
         assert run.returncode != 0 and "decoy" not in run.stderr, run.stderr[-2000:]
         assert "in prebuild_fla_kernels" in run.stderr and "_prebuild_child_main" in run.stderr, run.stderr[-2000:]
+    # FlashQLA's kernels: the child builds the backward ones in a second process beside it (here both fail alike)
+    command = _captured_prebuild_command(kernels, monkeypatch, delta_rule="flash_qla")
+    run = subprocess.run(command, cwd=tmp_path / "cwd", capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and run.stderr.count("in prebuild_fla_kernels") == 2, run.stderr[-3000:]
     # the dtypes reach the child by name; a set TRITON_CACHE_DIR is left as it is
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))
     command = _captured_prebuild_command(kernels, monkeypatch, dtype=torch.float16, conv_weight_dtype=torch.bfloat16)
@@ -1954,6 +2086,7 @@ def test_fla_prebuild_child_imports_this_module_from_anywhere_with_inductors_tri
         "packed": False,
         "device": 0,
         "conv_weight_dtype": "bfloat16",
+        "delta_rule": "fla",
     }
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine")
     assert kernels.start_fla_prebuild(2, 64, 4, 8, 10, 72, 4, dtype=torch.float32) is None  # no float32 fla
