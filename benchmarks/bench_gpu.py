@@ -67,7 +67,7 @@ def versions() -> dict:
     return info
 
 
-LLAMATHINK_BACKENDS = ("auto", "fla", "torch")
+LLAMATHINK_BACKENDS = ("auto", "flash_qla", "fla", "torch")
 LLAMATHINK_VARIANTS = (
     "no-hc",
     "eager-decode",

@@ -27,6 +27,9 @@
 #   OLD=/abs/old_tree [TESTS=pytest-k|skip] [CODE=1] [HC=1] OUT=/abs/dir bash benchmarks/gpu_suite.sh ab  # a change: GPU
 #                                                        # tests; kernels by kind at batch 16 and 64 against the
 #                                                        # tree before it (OLD); HC=1: without hyper-connections
+#   DATA=runs/english200 [TOKENIZER=...] OUT=/abs/dir bash benchmarks/gpu_suite.sh flashqla  # FlashQLA's kernels
+#                                                        # (gdn_backend: flash_qla) against fla's: GPU tests (half 0);
+#                                                        # kernels, step profiles, training loops beside HF Llama (1)
 #   OLD=/abs/old_tree [SEEDS=8] OUT=/abs/dir bash benchmarks/gpu_suite.sh seeds  # a change's bf16 gradient errors
 #                                                        # against the float32 reference over seeds, both trees
 #   OUT=results_dir bash benchmarks/gpu_suite.sh combo  # inductor's combo kernels (`combo_kernels`, on by default)
@@ -197,6 +200,36 @@ elif [ "$PART" = inductor ]; then  # issue 17: inductor options for the compiled
             done
         done; }
     half1() { :; }
+elif [ "$PART" = flashqla ]; then  # issue 17: FlashQLA's kernels (`gdn_backend: flash_qla`, opt-in since session
+    # 27) against fla's: the GPU tests that name flash_qla (half 0); the kernels alone, the batch-16 step profile of
+    # each (FlashQLA's beside HF Llama compiled whole) and the training loop of each, HF Llama's loop after them (half
+    # 1). TileLang builds FlashQLA's kernels once per head count and row layout (about 80 s a set on the H200, one
+    # after another) into TILELANG_CACHE_DIR: carry .gpu-kernel-cache/ from an earlier call's kernels.tgz.
+    export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor
+    half0() {
+        timeout "${LIMIT:-560}" python -m pytest -q -p no:cacheprovider --tb=short -rfEs tests/test_gpu.py -k flash_qla \
+            > "$OUT/test_gpu_flash_qla.log" 2>&1; grep -v Warn "$OUT/test_gpu_flash_qla.log" | tail -20; }
+    half1() {
+        timeout 200 python benchmarks/bench_gdn_kernels.py --kernels flash_qla,fla --out "$OUT/gdn_kernels_b16.json" \
+            > "$OUT/gdn_kernels_b16.log" 2>&1; grep '^{' "$OUT/gdn_kernels_b16.log" | cut -c1-200
+        prof 200 flash_qla_b16 16 --backend flash_qla --peers hf-llama
+        prof 120 fla_b16 16 --backend fla
+        python - "$OUT/model_flash_qla.json" <<'PY'
+import json, sys
+config = json.load(open("configuration/models/llamathink-95m.json"))
+json.dump({**config, "gdn_backend": "flash_qla"}, open(sys.argv[1], "w"), indent=2)
+PY
+        for name in flash_qla fla; do
+            model=configuration/models/llamathink-95m.json; [ $name = flash_qla ] && model="$OUT/model_flash_qla.json"
+            timeout 200 python train_hf.py --config configuration/train/english_docs_1gpu.yaml --model_config "$model" \
+                --data_dir "${DATA:?set DATA}" --out_dir "/tmp/loop_$name" --compile true --max_steps 200 \
+                --eval_every 200 --eval_batches 4 --sample_every 100000 --wandb_mode disabled --log_every 50 \
+                --progress_bar false ${TOKENIZER:+--tokenizer "$TOKENIZER"} > "$OUT/loop_$name.log" 2>&1
+            echo "== loop $name"; grep -E "Gated|compile_mode|tok|step 200|Error" "$OUT/loop_$name.log" | cut -c1-200 | tail -6
+        done
+        timeout 150 python benchmarks/bench_quality.py --data "$DATA" --steps 200 --eval-every 200 --eval-windows 16 \
+            --speed-from 50 --out "$OUT/llama" --run hf-llama:model=hf-llama,compile=1 > "$OUT/loop_llama.log" 2>&1
+        echo "== loop hf-llama"; grep -iE "tok|final" "$OUT/loop_llama.log" | tail -3; }
 else  # profile
     half0() {
         timeout 300 python benchmarks/profile_gpu.py --backend auto --compile --out "$OUT" > "$OUT/profile.log" 2>&1

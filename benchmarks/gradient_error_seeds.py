@@ -69,7 +69,9 @@ def import_model_code(code: Path):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=8)
-    parser.add_argument("--backend", default="fla", help="the GPU path's Gated DeltaNet kernels: fla or torch")
+    parser.add_argument(
+        "--backend", default="fla", help="the GPU path's Gated DeltaNet kernels: fla, flash_qla or torch"
+    )
     parser.add_argument("--out", default=None, help="append the JSON lines here too")
     parser.add_argument(
         "--code", default=None, help="a checkout whose llamathink package to measure (default: this tree)"

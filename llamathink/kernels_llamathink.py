@@ -1,9 +1,11 @@
-"""Optional fla (flash-linear-attention) Gated DeltaNet kernels behind the contract of LlamaThink's PyTorch
-reference kernels (`torch_chunk_gated_delta_rule` / `torch_recurrent_gated_delta_rule` in `modeling_llamathink.py`).
+"""Optional fla (flash-linear-attention) and FlashQLA Gated DeltaNet kernels behind the contract of LlamaThink's
+PyTorch reference kernels (`torch_chunk_gated_delta_rule` / `torch_recurrent_gated_delta_rule` in
+`modeling_llamathink.py`).
 
 fla is never imported at module load: `_fla_ops` imports it on first use and remembers a failure, so the model runs
-on its pure-PyTorch kernels wherever fla (or triton) is missing or broken. `select_gdn_backend` is the one place that
-decides between the two; `FLA_GDN_KERNELS` mirrors the modeling file's `GDN_KERNELS` table.
+on its pure-PyTorch kernels wherever fla (or triton) is missing or broken; FlashQLA likewise (`_flash_qla_kernels`).
+`select_gdn_backend` is the one place that decides between them; `FLA_GDN_KERNELS` and `FLASH_QLA_GDN_KERNELS`
+mirror the modeling file's `GDN_KERNELS` table.
 
 Like the configuration and modeling files, this file only imports from torch, transformers and the standard library:
 the modeling file imports it with a single-dot relative import, so `save_pretrained` copies it next to the weights and
@@ -35,12 +37,16 @@ def _warn_once(key: str, message: str):
 
 
 def _fla_ops():
-    """fla's (chunk, fused_recurrent) gated delta rule functions, or None when fla is missing or broken."""
+    """fla's (chunk, fused_recurrent) gated delta rule functions, or None when fla is missing or broken. The chunked
+    one without fla's backend dispatch (`fla.backends.dispatch`), which would hand 16-bit calls with heads of 128 to
+    FlashQLA's public function wherever flash-qla is installed (its own gate sums fail for 9 heads): "fla" runs
+    fla's kernels, FlashQLA runs only where asked for (`flash_qla_chunk_gated_delta_rule`)."""
     if "ops" not in _fla_state:
         try:
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
-            _fla_state["ops"] = (chunk_gated_delta_rule, fused_recurrent_gated_delta_rule)
+            chunk = inspect.unwrap(chunk_gated_delta_rule)  # through torch.compiler.disable and fla's dispatch
+            _fla_state["ops"] = (chunk, fused_recurrent_gated_delta_rule)
         except Exception as err:  # ImportError, or a broken triton/fla install
             _fla_state["ops"] = None
             _fla_state["import_error"] = f"{type(err).__name__}: {err}"
@@ -104,8 +110,10 @@ def select_gdn_backend(
     stays on fla: FlashQLA's compiled and CUDA-graph training have not yet run on a GPU (BENCHMARKS.md section 1).
     `dtype`: the dtype of the values (v)."""
     if requested == "torch" or device.type != "cuda":
-        if requested == "fla" and device.type != "cuda":
-            _warn_once("fla-cpu", "gdn_backend='fla' needs a CUDA device; using the PyTorch Gated DeltaNet kernels")
+        if requested in ("fla", "flash_qla") and device.type != "cuda":
+            _warn_once(
+                "fla-cpu", f"gdn_backend={requested!r} needs a CUDA device; using the PyTorch Gated DeltaNet kernels"
+            )
         return "torch"
     if _fla_ops() is None:
         _warn_once(
@@ -387,7 +395,8 @@ FLA_GDN_KERNELS = {"chunk": fla_chunk_gated_delta_rule, "recurrent": fla_recurre
 # state) keeps fla's kernels; FlashQLA runs training and uncached forwards.
 
 FLASH_QLA_HEAD_DIM = 128
-_FLASH_QLA_ARCHES = {(9, 0), (10, 0), (10, 3), (12, 0), (12, 1)}  # what flash-qla 0.1.3 builds kernels for
+# what flash-qla 0.1.3 trains on with chunks of 64 (its sm120/sm121 kernels take chunks of 32, forward-only in fla)
+_FLASH_QLA_ARCHES = {(9, 0), (10, 0), (10, 3)}
 
 
 def _flash_qla_kernels():
@@ -450,8 +459,9 @@ def _flash_qla_kernels():
 
 def flash_qla_problem(device: torch.device, head_dims: tuple[int, int] | None, dtype: torch.dtype | None) -> str | None:
     """Why FlashQLA's kernels cannot run a Gated DeltaNet layer with key and value heads of `head_dims` (Dk, Dv)
-    on values of `dtype` on `device`, or None where they can: a CUDA GPU of an architecture FlashQLA builds for
-    (sm90, sm100/103, sm120/121), 16-bit values, heads at most 128 wide, and flash-qla (and fla) importable."""
+    on values of `dtype` on `device`, or None where they can: a CUDA GPU of an architecture FlashQLA trains on
+    with chunks of 64 (sm90, sm100/103), 16-bit values, heads at most 128 wide, and flash-qla (and fla)
+    importable."""
     if device.type != "cuda":
         return "FlashQLA needs a CUDA GPU"
     if dtype not in (torch.float16, torch.bfloat16):
@@ -838,6 +848,14 @@ def prebuild_fla_kernels(
                 torch.ops.llamathink.fla_chunk_gdn_backward(q, k, v, g_cum, beta, A, scale, None, v, None, cu_seqlens)
     elif delta_rule == "flash_qla":
         o = _flash_qla_op(q, k, v, g, beta, scale, cu_seqlens)[0]
+        if packed:
+            # FlashQLA's forward kernel comes in variants by (number of sequences x heads) against the GPU's SM count
+            # (its values per CTA): one for each number of documents a packed batch may hold, 1 to 256 by doubling
+            with torch.no_grad():
+                for n in (2**i for i in range(9)):
+                    if n <= T // 2:
+                        cuts = torch.linspace(0, T, n + 1, device=dev).long()  # n documents of about equal lengths
+                        _flash_qla_op(*(t.detach() for t in (q, k, v, g, beta)), scale, cuts)
         if part == "all":
             o.backward(torch.randn_like(o))
     else:
@@ -878,11 +896,12 @@ def start_fla_prebuild(
     at all, then also keeps fla's kernels in that folder rather than Triton's default one.
 
     The child imports this same module (also the copy that `trust_remote_code` loaded), never a package of the
-    same name in the working directory; it ends by itself once the kernels are built (about 30 s on an H200), when
-    this process ends (it watches its parent), or is killed at this process's exit; its output is discarded, or
-    written to `log_path` (a file, replaced). Its cost: one CUDA context and one step's fla inputs, outputs and
-    gradients on `device` while it runs (by their sizes about 2 GB at the 95M model's batch 64 x 1024, a quarter
-    of that at batch 16), and CPU time beside inductor's compile workers. Raises OSError where the child cannot
+    same name in the working directory; it ends by itself once the kernels are built (about 30 s on an H200 for
+    fla's; FlashQLA's took about 80 s one after another in one process, session 27), when this process ends (it
+    watches its parent), or is killed at this process's exit; its output is discarded, or written to `log_path` (a
+    file, replaced). Its cost: one CUDA context and one step's fla inputs, outputs and gradients on `device` while
+    it runs (by their sizes about 2 GB at the 95M model's batch 64 x 1024, a quarter of that at batch 16), and CPU
+    time beside inductor's compile workers; with FlashQLA two contexts and two such sets (heads padded to 128). Raises OSError where the child cannot
     be started or `log_path` not written. Method: a warm-up of the kernels' JIT disk caches, as inductor's
     parallel compile workers build its own kernels beside the main process."""
     import atexit

@@ -419,7 +419,7 @@ def deterministic():
 
 
 def _skip_without_fla_backward(gdn_backend: str):
-    if gdn_backend == "fla" and fla_backward_problem(torch.device("cuda")) is not None:
+    if gdn_backend in ("fla", "flash_qla") and fla_backward_problem(torch.device("cuda")) is not None:
         pytest.skip(fla_backward_problem(torch.device("cuda")))
 
 
@@ -429,21 +429,23 @@ def _skip_without_fla_backward(gdn_backend: str):
 SAME_KERNELS = 1e-5
 
 
-@pytest.mark.parametrize("gdn_backend", [pytest.param("fla", marks=needs_fla), "torch"])
+@pytest.mark.parametrize("gdn_backend", [*FAST_BACKENDS, "torch"])
 @pytest.mark.parametrize("autocast", [True, False], ids=["bf16", "float32"])
 def test_cuda_graph_gradients_equal_default_mode_gradients(gdn_backend, autocast, deterministic):
     """One batch, no optimizer step, each parameter's gradient tensor by tensor, with deterministic algorithms.
     Cudagraph trees run a compiled function without a graph on its first call (warm-up), record it on the second
     and only replay it from the third: calls 1-4 with the layers as CUDA graphs must give the default-mode compiled
     layers' gradients (the same kernels) to SAME_KERNELS, and the eager model's within bf16 (or float32 with TF32
-    off) rounding. With fla's kernels (custom ops inside the graphs) and without them (our PyTorch GDN, all
-    inductor).
+    off) rounding. With fla's or FlashQLA's kernels (custom ops inside the graphs) and without them (our PyTorch
+    GDN, all inductor).
 
     Without deterministic algorithms the eager model's own calls differ by up to 2.4% of a norm on the H200 (the
     few-number `A_log` gradients: atomic-add backwards in bf16; benchmarks/graph_gradient_spread.py,
     docs/results/h200_s13/), the size of the CUDA-graph gaps that sessions 9-12 reported on three machines of six;
     with them every mode's calls agree bit for bit there."""
     _skip_without_fla_backward(gdn_backend)
+    if gdn_backend == "flash_qla" and not autocast:
+        pytest.skip("float32 training never runs FlashQLA's kernels: it is the torch case")
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:

@@ -1882,6 +1882,28 @@ def test_flash_qla_is_chosen_where_it_can_run_and_the_reason_named_where_it_cann
     assert m.flash_qla_problem(cuda, heads, bf16) == "FlashQLA has no kernels for sm80"
 
 
+def test_fla_backend_runs_flas_own_chunked_kernel_not_its_backend_dispatch(monkeypatch):
+    """fla's public chunked function is wrapped by its backend dispatch (which hands 16-bit heads of 128 to
+    FlashQLA's public function wherever flash-qla is installed) and by torch.compiler.disable; `_fla_ops` takes the
+    function under both wrappers, so that "fla" means fla's kernels (stand-in modules here)."""
+    import functools
+
+    def own(*args, **kwargs):
+        return "fla's kernels"
+
+    dispatched = functools.wraps(own)(lambda *args, **kwargs: "FlashQLA's public function")
+    public = functools.wraps(dispatched)(lambda *args, **kwargs: dispatched(*args, **kwargs))
+    ops = types.ModuleType("fla.ops.gated_delta_rule")
+    ops.chunk_gated_delta_rule, ops.fused_recurrent_gated_delta_rule = public, object()
+    for name, module in (("fla", types.ModuleType("fla")), ("fla.ops", types.ModuleType("fla.ops"))):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setitem(sys.modules, "fla.ops.gated_delta_rule", ops)
+    monkeypatch.setattr(kernels, "_fla_state", {})
+    assert public() == "FlashQLA's public function"
+    chunk, recurrent = kernels._fla_ops()
+    assert chunk() == "fla's kernels" and recurrent is ops.fused_recurrent_gated_delta_rule
+
+
 def _reference_flash_qla_kernels():
     """Stand-ins for FlashQLA's kernel functions and fla's `chunk_local_cumsum`, with their signatures and output
     layouts, computed by our PyTorch reference: the forward takes the chunk-local cumulative gates (the raw gates
