@@ -771,3 +771,49 @@ def test_fla_prebuild_child_builds_every_kernel_the_compiled_step_launches(packe
 
     fill[(1,)](torch.zeros(1, device="cuda"), value=float(torch.randint(1, 10**6, ()).item()) + 0.5)
     assert set(os.listdir(cache)) > built
+
+
+@needs_flash_qla
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+def test_flash_qla_prebuild_builds_every_kernel_the_compiled_step_launches(packed, tmp_path, monkeypatch):
+    """The prebuild for `gdn_backend: flash_qla` (the conv and the delta rule's forward in the child, FlashQLA's
+    backward kernels in a second process beside it) builds into TileLang's and Triton's disk caches every kernel
+    that the compiled training step then launches: the step (layers compiled through AOTAutograd, whose calls are
+    the custom ops an inductor step makes) adds no file to either cache. Heads (3 of 24 x 40) that no other test
+    uses, so that no kernel of this shape is already in this process's memory; packed rows hold 6 documents, a
+    number the child's forwards by document count (1 to 256) cover."""
+    if fla_backward_problem(torch.device("cuda")) is not None:
+        pytest.skip(fla_backward_problem(torch.device("cuda")))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path / "tilelang"))  # tilelang reads it at each lookup
+    monkeypatch.setenv("LLAMATHINK_FLA_PREBUILD", "1")
+    torch._dynamo.reset()
+    dims = {
+        "linear_num_key_heads": 3,
+        "linear_num_value_heads": 3,
+        "linear_key_head_dim": 24,
+        "linear_value_head_dim": 40,
+        "head_dim": 16,
+        "hidden_size": 64,
+    }
+    model = tiny_model(dtype=torch.float32, gdn_backend="flash_qla", **dims).cuda().train()
+    model.compile_layers(backend="aot_eager")
+    log = tmp_path / "child.log"
+    child = model.start_fla_prebuild(2, 160, packed=packed, dtype=torch.bfloat16, log_path=log)
+    assert child is not None
+    assert child.wait(timeout=500) == 0, log.read_text()[-3000:]
+
+    def cached() -> set[str]:
+        return {str(p.relative_to(tmp_path)) for p in tmp_path.glob("t*/**/*") if p.is_file()}
+
+    built = cached()
+    assert any(f.startswith("tilelang") for f in built), sorted(built)[:20]
+    assert any(f.startswith("triton") for f in built), sorted(built)[:20]
+    ids = torch.randint(1, 96, (2, 160), generator=torch.Generator().manual_seed(0)).cuda()
+    extra = {}
+    if packed:  # documents of 50, 70 and 40 tokens in each row
+        extra["position_ids"] = torch.cat([torch.arange(n) for n in (50, 70, 40)])[None].repeat(2, 1).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(ids, labels=ids, use_cache=False, skip_logits=True, **extra).loss.backward()
+    torch.cuda.synchronize()
+    assert cached() == built, sorted(cached() - built)
