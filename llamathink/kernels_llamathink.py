@@ -885,9 +885,9 @@ def start_fla_prebuild(
     Arguments as `prebuild_fla_kernels`'s, with torch dtypes and `device` a CUDA device or its index (default the
     current one). With `delta_rule` "flash_qla" the child builds FlashQLA's backward kernels in a process of its
     own beside it (tilelang builds a kernel in one thread, and FlashQLA's take most of a minute one after the
-    other) and ends when both are done. The caller goes on at once (it does not wait): meant to be called just before the first compiled
-    training step of the process that trains on `device`, which then finds in the disk caches what the child has
-    built, and builds itself whatever the child has not yet.
+    other) and ends when both are done. The caller goes on at once (it does not wait): meant to be called just
+    before the first compiled training step of the process that trains on `device`, which then finds in the disk
+    caches what the child has built, and builds itself whatever the child has not yet.
 
     One cache for both: where TRITON_CACHE_DIR is unset, inductor sets it in this process, at its first compiled
     kernel, to its own per-device folder (`torch._inductor.runtime.cache_dir_utils.triton_cache_dir`, under
@@ -901,9 +901,9 @@ def start_fla_prebuild(
     watches its parent), or is killed at this process's exit; its output is discarded, or written to `log_path` (a
     file, replaced). Its cost: one CUDA context and one step's fla inputs, outputs and gradients on `device` while
     it runs (by their sizes about 2 GB at the 95M model's batch 64 x 1024, a quarter of that at batch 16), and CPU
-    time beside inductor's compile workers; with FlashQLA two contexts and two such sets (heads padded to 128). Raises OSError where the child cannot
-    be started or `log_path` not written. Method: a warm-up of the kernels' JIT disk caches, as inductor's
-    parallel compile workers build its own kernels beside the main process."""
+    time beside inductor's compile workers; with FlashQLA two contexts and two such sets (heads padded to 128).
+    Raises OSError where the child cannot be started or `log_path` not written. Method: a warm-up of the kernels'
+    JIT disk caches, as inductor's parallel compile workers build its own kernels beside the main process."""
     import atexit
     import subprocess
 

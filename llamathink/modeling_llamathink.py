@@ -10,9 +10,10 @@ Every layer is a pre-norm block `mixer -> SwiGLU MLP`, the mixer being one of
 with partial RoPE, (1 + w) RMSNorms and optional hyper-connections `h = (1 + r) * h + (1 + s) * f(norm(h))`.
 
 Everything here is plain PyTorch and runs on CPU. The hot spots have one dispatch point each
-(`LlamaThinkGatedDeltaNet._delta_rule` over `GDN_KERNELS`, fla's `FLA_GDN_KERNELS` or FlashQLA's `FLASH_QLA_GDN_KERNELS`, `LlamaThinkAttention._attend`,
-`LlamaThinkCompressedSparseAttention._local_attention` / `_compressed_attention`) so faster GPU kernels can be slotted
-in without touching the model; the optional fla adapter lives in the sibling `kernels_llamathink.py`. One-token
+(`LlamaThinkGatedDeltaNet._delta_rule` over `GDN_KERNELS`, fla's `FLA_GDN_KERNELS` or FlashQLA's
+`FLASH_QLA_GDN_KERNELS`, `LlamaThinkAttention._attend`, `LlamaThinkCompressedSparseAttention._local_attention` /
+`_compressed_attention`) so faster GPU kernels can be slotted in without touching the model; the optional fla and
+FlashQLA adapters live in the sibling `kernels_llamathink.py`. One-token
 decode steps (left-padded batches included) have a second, static-shape form (`decode_static` of each mixer, driven
 by `_StaticDecoder`) that is replayed from a CUDA graph on GPU; the tests hold both forms to the uncached forward.
 
@@ -952,9 +953,10 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         state [B, C, K-1] when caching. With packed `segments` (`segment_pos` [B, T]: each token's position in its
         sequence) a token sees no input from before the start of its sequence, as at the start of a row.
 
-        Three forms of one function: fla's fused Triton conv + SiLU (`backend` "fla" or "flash_qla", 16-bit, no cache; packed
-        sequences through its `cu_seqlens`), K shifted products (under torch.compile, where inductor fuses them with
-        the SiLU, and for packed sequences without fla), and cuDNN's depthwise conv (eager, the CPU path)."""
+        Three forms of one function: fla's fused Triton conv + SiLU (`backend` "fla" or "flash_qla", 16-bit, no
+        cache; packed sequences through its `cu_seqlens`), K shifted products (under torch.compile, where inductor
+        fuses them with the SiLU, and for packed sequences without fla), and cuDNN's depthwise conv (eager, the CPU
+        path)."""
         B, T, C = qkv.shape
         K = self.conv_kernel_size
         plain = is_plain_module(self.conv1d, nn.Conv1d)
