@@ -468,15 +468,32 @@ def flash_qla_problem(device: torch.device, head_dims: tuple[int, int] | None, d
         return f"FlashQLA computes in 16 bits, not in {dtype}"
     if head_dims is None or max(head_dims) > FLASH_QLA_HEAD_DIM:
         return f"FlashQLA takes heads of at most {FLASH_QLA_HEAD_DIM} (key and value heads {head_dims})"
-    key = ("flash_qla_arch", device.index if device.index is not None else torch.cuda.current_device())
-    if key not in _fla_state:
-        arch = torch.cuda.get_device_capability(device)
-        _fla_state[key] = None if arch in _FLASH_QLA_ARCHES else f"FlashQLA has no kernels for sm{arch[0]}{arch[1]}"
-    if _fla_state[key] is not None:
-        return _fla_state[key]
+    arch_problem = _flash_qla_arch_problem(device.index if device.index is not None else torch.cuda.current_device())
+    if arch_problem is not None:
+        return arch_problem
     if _flash_qla_kernels() is None:
         return f"flash-qla is not available ({_fla_state.get('flash_qla_error')})"
     return None
+
+
+def _flash_qla_arch_problem(index: int) -> str | None:
+    """Why FlashQLA has no kernels for CUDA device `index`'s architecture, or None (memoised)."""
+    key = ("flash_qla_arch", index)
+    if key not in _fla_state:
+        arch = tuple(torch.cuda.get_device_capability(index))
+        _fla_state[key] = None if arch in _FLASH_QLA_ARCHES else f"FlashQLA has no kernels for sm{arch[0]}{arch[1]}"
+    return _fla_state[key]
+
+
+def probe_flash_qla():
+    """Look FlashQLA up now (its import, kernel functions, each visible GPU's architecture) rather than on the first
+    forward, as `probe_fla` does for fla: under torch.compile `flash_qla_problem` is then a lookup that traces into
+    the graph. A no-op without CUDA or without fla; the answers are memoised in `_fla_state`."""
+    if not torch.cuda.is_available() or _fla_ops() is None:
+        return
+    _flash_qla_kernels()
+    for index in range(torch.cuda.device_count()):  # the model may move to any of them later
+        _flash_qla_arch_problem(index)
 
 
 def _define_flash_qla_ops():
@@ -1302,6 +1319,7 @@ __all__ = [
     "load_fla_tuned_configs",
     "prebuild_fla_kernels",
     "probe_fla",
+    "probe_flash_qla",
     "select_gdn_backend",
     "start_fla_prebuild",
     "write_fla_tuned_configs",

@@ -49,6 +49,7 @@ from .kernels_llamathink import (
     FLASH_QLA_GDN_KERNELS,
     fla_causal_conv1d_silu,
     probe_fla,
+    probe_flash_qla,
     select_gdn_backend,
     start_fla_prebuild,
 )
@@ -913,6 +914,8 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         self.out_proj = nn.Linear(self.value_dim, config.hidden_size, bias=False)
         if self.backend != "torch":
             probe_fla()  # now, not on the first forward, where torch.compile would trace the lookup
+        if self.backend == "flash_qla":
+            probe_flash_qla()  # likewise
 
     def _conv_left_padding(self) -> int:
         """How many zeros the conv module pads before its input (an int padding, "valid" or "same")."""

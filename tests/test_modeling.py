@@ -2041,6 +2041,45 @@ def test_fla_backend_choice_is_probed_once_and_traces_without_graph_breaks(monke
     assert probes == ["tilelang"]
 
 
+def test_flash_qla_choice_is_probed_when_the_layer_is_built_and_traces_without_graph_breaks(monkeypatch):
+    """`gdn_backend: flash_qla` asks `flash_qla_problem` at every Gated DeltaNet forward, also inside the compiled
+    step: FlashQLA's import and each GPU's architecture are looked up once, when the layer is built
+    (`probe_flash_qla`), and the answers after that are lookups that dynamo traces into the graph."""
+    from torch._dynamo.backends import debugging  # noqa: F401  (explain's imports need the real, here missing, triton)
+
+    from llamathink import kernels_llamathink as m
+
+    probes = []
+    monkeypatch.setattr(m, "_fla_state", {})
+    monkeypatch.setattr(m, "_fla_ops", lambda: ("chunk", "recurrent"))
+    monkeypatch.setattr(m, "fla_backward_problem", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: probes.append(index) or (9, 0))
+
+    def kernels():
+        if "flash_qla" not in m._fla_state:
+            probes.append("import")
+            m._fla_state["flash_qla"] = ("its kernels",)
+        return m._fla_state["flash_qla"]
+
+    monkeypatch.setattr(m, "_flash_qla_kernels", kernels)
+    with monkeypatch.context() as gpus:  # two GPUs while the model is built (dynamo below must not believe it)
+        gpus.setattr(torch.cuda, "is_available", lambda: True)
+        gpus.setattr(torch.cuda, "device_count", lambda: 2)
+        tiny_model(gdn_backend="flash_qla", linear_key_head_dim=24)  # builds its layers: the probe
+    assert probes == ["import", 0, 1]
+    cuda = torch.device("cuda", 1)
+
+    def step(x):
+        x = x.sin()
+        chosen = m.select_gdn_backend("flash_qla", cuda, True, torch.bfloat16, (24, 10))
+        return x * 2 if chosen == "flash_qla" else x - 1
+
+    torch._dynamo.reset()
+    _explain_without_graph_breaks(step, torch.ones(3))
+    torch.testing.assert_close(torch.compile(step, backend="eager")(torch.ones(3)), torch.ones(3).sin() * 2)
+    assert probes == ["import", 0, 1]
+
+
 def _captured_prebuild_command(kernels_module, monkeypatch, **kwargs) -> list[str]:
     """The command line `start_fla_prebuild` of `kernels_module` starts, as if CUDA and fla were there."""
     started = []
