@@ -711,6 +711,18 @@ def test_shipped_fla_configs_are_taken_without_autotuning_and_train_like_the_ref
     )
 
 
+def _prebuilt_step(model, packed: bool):
+    """One bf16 training forward + backward of `model` on [2, 160] tokens, the shape the prebuild tests build for;
+    `packed`: documents of 50, 70 and 40 tokens in each row."""
+    ids = torch.randint(1, 96, (2, 160), generator=torch.Generator().manual_seed(0)).cuda()
+    extra = {}
+    if packed:
+        extra["position_ids"] = torch.cat([torch.arange(n) for n in (50, 70, 40)])[None].repeat(2, 1).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(ids, labels=ids, use_cache=False, skip_logits=True, **extra).loss.backward()
+    torch.cuda.synchronize()
+
+
 @needs_fla
 @pytest.mark.parametrize(
     ("packed", "cache_set"),
@@ -753,13 +765,7 @@ def test_fla_prebuild_child_builds_every_kernel_the_compiled_step_launches(packe
     assert os.environ["TRITON_CACHE_DIR"] == str(cache)  # this process's kernels go there too
     built = set(os.listdir(cache))
     assert built, "the child built nothing into TRITON_CACHE_DIR"
-    ids = torch.randint(1, 96, (2, 160), generator=torch.Generator().manual_seed(0)).cuda()
-    extra = {}
-    if packed:  # documents of 50, 70 and 40 tokens in each row
-        extra["position_ids"] = torch.cat([torch.arange(n) for n in (50, 70, 40)])[None].repeat(2, 1).cuda()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        model(ids, labels=ids, use_cache=False, skip_logits=True, **extra).loss.backward()
-    torch.cuda.synchronize()
+    _prebuilt_step(model, packed)
     assert set(os.listdir(cache)) == built, sorted(set(os.listdir(cache)) - built)
     # control: this process does write the Triton kernels it builds to that cache (a kernel new to it)
     import triton
@@ -809,11 +815,5 @@ def test_flash_qla_prebuild_builds_every_kernel_the_compiled_step_launches(packe
     built = cached()
     assert any(f.startswith("tilelang") for f in built), sorted(built)[:20]
     assert any(f.startswith("triton") for f in built), sorted(built)[:20]
-    ids = torch.randint(1, 96, (2, 160), generator=torch.Generator().manual_seed(0)).cuda()
-    extra = {}
-    if packed:  # documents of 50, 70 and 40 tokens in each row
-        extra["position_ids"] = torch.cat([torch.arange(n) for n in (50, 70, 40)])[None].repeat(2, 1).cuda()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        model(ids, labels=ids, use_cache=False, skip_logits=True, **extra).loss.backward()
-    torch.cuda.synchronize()
+    _prebuilt_step(model, packed)
     assert cached() == built, sorted(cached() - built)

@@ -1518,10 +1518,17 @@ def test_fla_custom_op_registration(fla_as_reference):
 def test_compiled_fla_path_is_one_graph_with_exact_gradients(fla_as_reference):
     """Under torch.compile the fla backend runs as one opaque op per layer: the training forward is one graph
     (no break per Gated DeltaNet layer), and loss and gradients equal the eager PyTorch path's."""
+    _assert_compiled_backend_is_one_graph_with_the_reference_gradients("fla", "llamathink.fla_chunk_gdn")
+
+
+def _assert_compiled_backend_is_one_graph_with_the_reference_gradients(gdn_backend: str, op_name: str):
+    """A tiny model with `gdn_backend` (its kernels stood in for by the PyTorch reference) traced by dynamo: the
+    training forward is one graph holding `op_name` (one opaque op per Gated DeltaNet layer), and compiled
+    (AOTAutograd) its loss and every gradient equal the PyTorch backend's eagerly."""
     ids = torch.randint(1, 96, (2, 70), generator=torch.Generator().manual_seed(0))
     mixers = ["linear", "csa", "full", "linear"]
     reference = tiny_model(dtype=torch.float32, mixer_types=mixers, gdn_backend="torch").train()
-    compiled = tiny_model(dtype=torch.float32, mixer_types=mixers, gdn_backend="fla").train()
+    compiled = tiny_model(dtype=torch.float32, mixer_types=mixers, gdn_backend=gdn_backend).train()
     loss_ref = reference(input_ids=ids, labels=ids).loss
     loss_ref.backward()
 
@@ -1529,7 +1536,7 @@ def test_compiled_fla_path_is_one_graph_with_exact_gradients(fla_as_reference):
         return compiled(input_ids=x, labels=x, skip_logits=True).loss
 
     explanation = _explain_without_graph_breaks(train_loss, ids)
-    assert "llamathink.fla_chunk_gdn" in str(explanation.graphs[0].graph)
+    assert op_name in str(explanation.graphs[0].graph)
     torch._dynamo.reset()
     loss = torch.compile(train_loss, backend="aot_eager", fullgraph=True)(ids)
     loss.backward()
@@ -1973,24 +1980,7 @@ def test_flash_qla_op_pads_heads_to_128_exactly_and_traces_into_one_graph(monkey
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
 
     monkeypatch.setattr(modeling, "select_gdn_backend", lambda asked, *_: "torch" if asked == "torch" else "flash_qla")
-    ids = torch.randint(1, 96, (2, 70), generator=torch.Generator().manual_seed(0))
-    mixers = ["linear", "csa", "full", "linear"]
-    reference = tiny_model(dtype=torch.float32, mixer_types=mixers, gdn_backend="torch").train()
-    model = tiny_model(dtype=torch.float32, mixer_types=mixers, gdn_backend="flash_qla").train()
-    loss_ref = reference(input_ids=ids, labels=ids).loss
-    loss_ref.backward()
-
-    def train_loss(x):
-        return model(input_ids=x, labels=x, skip_logits=True).loss
-
-    explanation = _explain_without_graph_breaks(train_loss, ids)
-    assert "llamathink.flash_qla_chunk_gdn" in str(explanation.graphs[0].graph)
-    torch._dynamo.reset()
-    loss = torch.compile(train_loss, backend="aot_eager", fullgraph=True)(ids)
-    loss.backward()
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
-    for (name, p_ref), (_, p) in zip(reference.named_parameters(), model.named_parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
+    _assert_compiled_backend_is_one_graph_with_the_reference_gradients("flash_qla", "llamathink.flash_qla_chunk_gdn")
 
 
 def _pretend_hopper_with_triton_in_flas_bad_range(monkeypatch, kernels):
