@@ -7,7 +7,8 @@ Compares the kernels the model can train with, each against the float32 PyTorch 
     which takes heads of 128 only: narrower heads are zero-padded to 128 (exact: zero key and value columns stay
     zero in the state and the output) and the output and gradients sliced back;
   - `fla128`: fla-core on the same zero-padded heads, which tells the padding's cost from the kernels' speed.
-Times are medians of `triton.testing.do_bench` (ms); "first call" is the first launch's wall time (JIT builds).
+Times are means of `triton.testing.do_bench` (its default `return_mode`; ms); "first call" is the first launch's
+wall time (JIT builds).
 With --packed the batch is one row of documents (`cu_seqlens`), as packed pretraining runs them.
 
     python benchmarks/bench_gdn_kernels.py --batch 16 --seq 1024 --heads 9 --head-dim 112 [--packed] [--out f.json]
