@@ -51,72 +51,36 @@ def pad_heads(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def fla_pair():
-    from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_bwd, chunk_gated_delta_rule_fwd
+    """fla's chunked kernels through the package's custom ops (`llamathink::fla_chunk_gdn` and its backward), as a
+    compiled training step calls them."""
+    from llamathink.kernels_llamathink import _fla_chunk_op
 
-    def fwd(q, k, v, g, beta, scale, cu_seqlens=None, chunk_indices=None):
-        extra = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens, "chunk_indices": chunk_indices}
-        g_cum, o, A, _ = chunk_gated_delta_rule_fwd(
-            q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=None, output_final_state=False, **extra
-        )[:4]
+    def fwd(q, k, v, g, beta, scale, cu_seqlens=None):
+        o, _, g_cum, A = _fla_chunk_op(q, k, v, g, beta, scale, None, False, cu_seqlens)
         return o, (g_cum, A)
 
-    def bwd(q, k, v, beta, saved, do, scale, cu_seqlens=None, chunk_indices=None):
+    def bwd(q, k, v, beta, saved, do, scale, cu_seqlens=None):
         g_cum, A = saved
-        extra = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens, "chunk_indices": chunk_indices}
-        dq, dk, dv, dbeta, dg = chunk_gated_delta_rule_bwd(
-            q=q, k=k, v=v, g=g_cum, beta=beta, A=A, scale=scale, initial_state=None, do=do, dht=None, **extra
-        )[:5]
+        backward = torch.ops.llamathink.fla_chunk_gdn_backward
+        dq, dk, dv, dg, dbeta, _ = backward(q, k, v, g_cum, beta, A, scale, None, do, None, cu_seqlens)
         return dq, dk, dv, dg, dbeta
 
     return fwd, bwd
 
 
 def flash_qla_pair():
-    """FlashQLA's kernels (`flash_qla.ops.gated_delta_rule.chunk`: kkt_solve, fused_gdr_fwd, fused_gdr_h,
-    fused_gdr_bwd), with the gates' chunk-local cumulative sums by fla's kernel: FlashQLA's own (a TileLang kernel
-    holding all heads of a chunk in one fragment) finds no thread layout for 9 heads."""
-    from fla.ops.utils import chunk_local_cumsum
-    from flash_qla.ops.gated_delta_rule import chunk as fq
+    """FlashQLA's kernels through the package's custom ops (`llamathink::flash_qla_chunk_gdn` and its backward:
+    FlashQLA's kkt_solve, fused_gdr_fwd, fused_gdr_h and fused_gdr_bwd, with fla's chunk-local gate sums), as the
+    model calls them."""
+    from llamathink.kernels_llamathink import _flash_qla_op
 
-    def cumsum(x, reverse, cu_seqlens, chunk_indices):
-        return chunk_local_cumsum(x, chunk_size=64, reverse=reverse, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
-
-    def fwd(q, k, v, g, beta, scale, cu_seqlens=None, chunk_indices=None):
-        g_cum = cumsum(g, False, cu_seqlens, chunk_indices)
-        A = fq.kkt_solve(k=k, b=beta, chunk_size=64, cu_seqlens=cu_seqlens)
-        o = fq.fused_gdr_fwd(
-            q=q,
-            k=k,
-            v=v,
-            a=A,
-            g=g_cum,
-            b=beta,
-            scale=scale,
-            initial_state=None,
-            output_final_state=False,
-            output_h=False,
-            output_o=True,
-            cu_seqlens=cu_seqlens,
-        )[0]
+    def fwd(q, k, v, g, beta, scale, cu_seqlens=None):
+        o, g_cum, A = _flash_qla_op(q, k, v, g, beta, scale, cu_seqlens)
         return o, (g_cum, A)
 
-    def bwd(q, k, v, beta, saved, do, scale, cu_seqlens=None, chunk_indices=None):
+    def bwd(q, k, v, beta, saved, do, scale, cu_seqlens=None):
         g_cum, A = saved
-        h = fq.fused_gdr_h(
-            k=k,
-            v=v,
-            a=A,
-            g=g_cum,
-            b=beta,
-            initial_state=None,
-            output_final_state=False,
-            output_h=True,
-            cu_seqlens=cu_seqlens,
-        )[0]
-        dq, dk, dv, dg, dbeta = fq.fused_gdr_bwd(
-            q=q, k=k, v=v, a=A, g=g_cum, b=beta, do=do, dht=None, h=h, scale=scale, cu_seqlens=cu_seqlens
-        )[:5]
-        return dq, dk, dv, cumsum(dg, True, cu_seqlens, chunk_indices), dbeta
+        return torch.ops.llamathink.flash_qla_chunk_gdn_backward(q, k, v, g_cum, beta, A, scale, do, cu_seqlens)
 
     return fwd, bwd
 
@@ -142,14 +106,14 @@ def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.float() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def run_kernel(name, pair, width, inputs16, g, do16, scale, cu_seqlens, chunk_indices, ref):
+def run_kernel(name, pair, width, inputs16, g, do16, scale, cu_seqlens, ref):
     import triton
 
     fwd, bwd = pair
     q, k, v, beta = inputs16
     D = v.shape[-1]
     qp, kp, vp, dop = (pad_heads(t, width).contiguous() for t in (q, k, v, do16))
-    args = {"cu_seqlens": cu_seqlens, "chunk_indices": chunk_indices}
+    args = {"cu_seqlens": cu_seqlens}
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     o, saved = fwd(qp, kp, vp, g, beta, scale, **args)
@@ -218,7 +182,7 @@ def main():
     load_fla_tuned_configs()  # fla's recorded autotune choices for this GPU, as building a model loads them
     q, k, v, g, beta, do = make_inputs(args.batch, args.seq, args.heads, args.head_dim, args.seed)
     scale = args.head_dim**-0.5
-    cu_seqlens = chunk_indices = lengths = None
+    cu_seqlens = lengths = None
     if args.packed:
         total = args.batch * args.seq
         gen = torch.Generator().manual_seed(args.seed)
@@ -227,9 +191,6 @@ def main():
         lengths = [b - a for a, b in itertools.pairwise(bounds)]
         q, k, v, g, beta, do = (t.reshape(1, total, *t.shape[2:]) for t in (q, k, v, g, beta, do))
         cu_seqlens = torch.tensor(bounds, device="cuda", dtype=torch.long)
-        from fla.ops.utils.index import prepare_chunk_indices
-
-        chunk_indices = prepare_chunk_indices(cu_seqlens, 64)
     ref = reference(q, k, v, g, beta, do, scale, lengths)
     inputs16 = tuple(t.to(torch.bfloat16).contiguous() for t in (q, k, v, beta))
     do16 = do.to(torch.bfloat16).contiguous()
@@ -255,7 +216,7 @@ def main():
     for name in args.kernels.split(","):
         make, width = pairs[name]
         try:
-            row = run_kernel(name, make(), width, inputs16, g, do16, scale, cu_seqlens, chunk_indices, ref)
+            row = run_kernel(name, make(), width, inputs16, g, do16, scale, cu_seqlens, ref)
             if args.graph and not args.packed:
                 row["graph_replay_max_diff"] = graph_replay_check(make(), width, inputs16, g, do16, scale)
         except Exception as exc:  # noqa: BLE001 - report and go on to the next kernel

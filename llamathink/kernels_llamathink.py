@@ -811,8 +811,9 @@ def prebuild_fla_kernels(
     and `llamathink::fla_chunk_gdn` with the package's recorded autotune choices or, with `delta_rule`
     "flash_qla", `llamathink::flash_qla_chunk_gdn`), so that Triton and tilelang build and cache
     (TRITON_CACHE_DIR, TILELANG_CACHE_DIR) the kernels that step launches. The body of `start_fla_prebuild`'s child
-    process; also callable directly. `part`: "all", or "forward" (the conv and the delta rule's forward) and
-    "backward" (the delta rule's backward alone, on random saved tensors), which two processes build side by side.
+    process; also callable directly. `part`: "all", or for FlashQLA "forward" (the conv and the delta rule's
+    forward) and "backward" (the delta rule's backward alone, on random saved tensors), which two processes build
+    side by side.
 
     Shapes as the model passes them: the conv input [B, T, conv_dim] in `dtype` (a torch dtype's name, 16-bit) with
     its weight [conv_dim, conv_kernel_size] in `conv_weight_dtype` (the parameter's: float32 under autocast); q, k
@@ -821,9 +822,14 @@ def prebuild_fla_kernels(
     document-masked training, whose rows are joined into one [1, batch_size * seq_len] row of several documents
     (fla's variable-length kernels). `device`: the CUDA device
     index (default the current one). Raises RuntimeError where fla is not available."""
-    if delta_rule not in ("fla", "flash_qla") or part not in ("all", "forward", "backward"):
+    if (delta_rule, part) not in (
+        ("fla", "all"),
+        ("flash_qla", "all"),
+        ("flash_qla", "forward"),
+        ("flash_qla", "backward"),
+    ):
         raise ValueError(
-            f"delta_rule={delta_rule!r}, part={part!r}: expected fla or flash_qla, all, forward or backward"
+            f"delta_rule={delta_rule!r}, part={part!r}: expected fla (all) or flash_qla (all, forward or backward)"
         )
     if device is not None:  # before fla's import, which may open a CUDA context on the current device
         torch.cuda.set_device(device)
@@ -859,10 +865,7 @@ def prebuild_fla_kernels(
         with torch.no_grad():
             g_cum = g.cumsum(1)
             A = torch.randn(B, T, H, 64, device=dev).div(8).to(dt)
-            if delta_rule == "flash_qla":
-                torch.ops.llamathink.flash_qla_chunk_gdn_backward(q, k, v, g_cum, beta, A, scale, v, cu_seqlens)
-            else:
-                torch.ops.llamathink.fla_chunk_gdn_backward(q, k, v, g_cum, beta, A, scale, None, v, None, cu_seqlens)
+            torch.ops.llamathink.flash_qla_chunk_gdn_backward(q, k, v, g_cum, beta, A, scale, v, cu_seqlens)
     elif delta_rule == "flash_qla":
         o = _flash_qla_op(q, k, v, g, beta, scale, cu_seqlens)[0]
         if packed:

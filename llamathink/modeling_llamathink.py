@@ -897,7 +897,6 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         self.value_dim = self.num_v_heads * self.head_v_dim
         self.conv_dim = 2 * self.key_dim + self.value_dim
         self.conv_kernel_size = config.linear_conv_kernel_dim
-        self.head_dims = (self.head_k_dim, self.head_v_dim)
         self.chunk_size = config.gdn_chunk_size
         self.backend = config.gdn_backend
 
@@ -916,6 +915,11 @@ class LlamaThinkGatedDeltaNet(nn.Module):
             probe_fla()  # now, not on the first forward, where torch.compile would trace the lookup
         if self.backend == "flash_qla":
             probe_flash_qla()  # likewise
+
+    @property
+    def head_dims(self) -> tuple[int, int]:
+        """(key head width, value head width): what FlashQLA's kernels are chosen by (`select_gdn_backend`)."""
+        return self.head_k_dim, self.head_v_dim
 
     def _conv_left_padding(self) -> int:
         """How many zeros the conv module pads before its input (an int padding, "valid" or "same")."""

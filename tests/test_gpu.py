@@ -711,6 +711,19 @@ def test_shipped_fla_configs_are_taken_without_autotuning_and_train_like_the_ref
     )
 
 
+def _model_after_its_prebuild(gdn_backend: str, dims: dict, packed: bool, tmp_path, timeout: float):
+    """A tiny model with `gdn_backend` and `dims` on the GPU, its layers compiled through AOTAutograd, once the
+    prebuild child for a [2, 160] bf16 step (`packed`: documents in each row) has ended without error (its output
+    in tmp_path/child.log)."""
+    model = tiny_model(dtype=torch.float32, gdn_backend=gdn_backend, **dims).cuda().train()
+    model.compile_layers(backend="aot_eager")
+    log = tmp_path / "child.log"
+    child = model.start_fla_prebuild(2, 160, packed=packed, dtype=torch.bfloat16, log_path=log)
+    assert child is not None
+    assert child.wait(timeout=timeout) == 0, log.read_text()[-3000:]
+    return model
+
+
 def _prebuilt_step(model, packed: bool):
     """One bf16 training forward + backward of `model` on [2, 160] tokens, the shape the prebuild tests build for;
     `packed`: documents of 50, 70 and 40 tokens in each row."""
@@ -756,12 +769,7 @@ def test_fla_prebuild_child_builds_every_kernel_the_compiled_step_launches(packe
     # each case its own value width: kernels an earlier case built are in this process's memory and never reach disk
     value_dim = 48 if cache_set else 40
     dims = {"linear_key_head_dim": 32, "linear_value_head_dim": value_dim, "head_dim": 16, "hidden_size": 64}
-    model = tiny_model(dtype=torch.float32, gdn_backend="fla", **dims).cuda().train()
-    model.compile_layers(backend="aot_eager")
-    log = tmp_path / "child.log"
-    child = model.start_fla_prebuild(2, 160, packed=packed, dtype=torch.bfloat16, log_path=log)
-    assert child is not None
-    assert child.wait(timeout=400) == 0, log.read_text()[-3000:]
+    model = _model_after_its_prebuild("fla", dims, packed, tmp_path, timeout=400)
     assert os.environ["TRITON_CACHE_DIR"] == str(cache)  # this process's kernels go there too
     built = set(os.listdir(cache))
     assert built, "the child built nothing into TRITON_CACHE_DIR"
@@ -802,12 +810,7 @@ def test_flash_qla_prebuild_builds_every_kernel_the_compiled_step_launches(packe
         "head_dim": 16,
         "hidden_size": 64,
     }
-    model = tiny_model(dtype=torch.float32, gdn_backend="flash_qla", **dims).cuda().train()
-    model.compile_layers(backend="aot_eager")
-    log = tmp_path / "child.log"
-    child = model.start_fla_prebuild(2, 160, packed=packed, dtype=torch.bfloat16, log_path=log)
-    assert child is not None
-    assert child.wait(timeout=500) == 0, log.read_text()[-3000:]
+    model = _model_after_its_prebuild("flash_qla", dims, packed, tmp_path, timeout=500)
 
     def cached() -> set[str]:
         return {str(p.relative_to(tmp_path)) for p in tmp_path.glob("t*/**/*") if p.is_file()}

@@ -2118,6 +2118,9 @@ def test_fla_prebuild_child_imports_this_module_from_anywhere_with_inductors_tri
         run = subprocess.run(command, cwd=tmp_path / "cwd", capture_output=True, text=True, timeout=300)
         assert run.returncode != 0 and "decoy" not in run.stderr, run.stderr[-2000:]
         assert "in prebuild_fla_kernels" in run.stderr and "_prebuild_child_main" in run.stderr, run.stderr[-2000:]
+    # the split into parts is FlashQLA's only; a part fla's kernels do not come in is named before any GPU work
+    with pytest.raises(ValueError, match=r"delta_rule='fla', part='backward': expected fla \(all\)"):
+        kernels.prebuild_fla_kernels(2, 64, 4, 8, 10, 72, 4, delta_rule="fla", part="backward")
     # FlashQLA's kernels: the child builds the backward ones in a second process beside it (here both fail alike)
     command = _captured_prebuild_command(kernels, monkeypatch, delta_rule="flash_qla")
     run = subprocess.run(command, cwd=tmp_path / "cwd", capture_output=True, text=True, timeout=300)
