@@ -107,7 +107,8 @@ def select_gdn_backend(
     inputs are 16-bit; otherwise "torch" (the PyTorch reference), with one warning saying why. Where fla runs,
     "flash_qla" gives "flash_qla" (FlashQLA's delta-rule kernels, fla's conv and decode step) where
     `flash_qla_problem` finds none for `head_dims` (Dk, Dv) and `dtype`, and warns once where it cannot. "auto"
-    stays on fla: FlashQLA's compiled and CUDA-graph training have not yet run on a GPU (BENCHMARKS.md section 1).
+    stays on fla: FlashQLA's first kernel builds make a cold first compiled step about 101 s on an H200 against
+    fla's 42 s (BENCHMARKS.md section 1, session 28).
     `dtype`: the dtype of the values (v)."""
     if requested == "torch" or device.type != "cuda":
         if requested in ("fla", "flash_qla") and device.type != "cuda":

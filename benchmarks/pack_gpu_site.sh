@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Pack the GPU machine's extra packages (the wheels that ../shared/gpu/stage-wheels.sh stages in .gpu-wheels-a and
+# .gpu-wheels-b: fla-core, tilelang and their needs, plus any other wheel put there, e.g. flash-qla) into ONE xz
+# archive of their unpacked files, small enough (~45 MB) to travel in one device call with the tokenizer:
+#   bash benchmarks/pack_gpu_site.sh                    # writes runs/gpu-site.tar.xz (a few minutes of xz)
+#   on the device (carry runs/gpu-site.tar.xz): mkdir -p /tmp/site && tar -xJf runs/gpu-site.tar.xz -C /tmp/site
+#   then PYTHONPATH=/tmp/site. A wheel is a zip of its site-packages files, so unpacking is what pip would install
+#   (console scripts aside); the wheels are pure Python or manylinux for CPython 3.12, as the device's Python.
+set -euo pipefail
+out=${1:-runs/gpu-site.tar.xz}
+site=$(mktemp -d)
+trap 'rm -rf "$site"' EXIT
+for wheel in .gpu-wheels-a/*.whl .gpu-wheels-b/*.whl; do python3 -m zipfile -e "$wheel" "$site"; done
+mkdir -p "$(dirname "$out")"
+tar -C "$site" -cf - . | xz -9 -T0 > "$out"
+du -h "$out"

@@ -1,0 +1,3 @@
+# call 3 (same machine, right after call 2): the compiled step at batch 16 again, each model's process finding the
+# caches of call 2 (warm restarts), default compile mode
+nvidia-smi --query-gpu=utilization.gpu,temperature.gpu,clocks.sm,clocks.max.sm,power.draw --format=csv; . gpu_s28/env.sh; mkdir -p $OUT/c3; timeout 330 python benchmarks/bench_gpu.py --steps 8 --warmup 3 --compiled-only --no-generate --train-batches 16 --budget-s 105 --models llamathink:flash_qla,llamathink:fla,hf-llama --out $OUT/c3/bench_b16.json > $OUT/c3/bench_b16.log 2>&1; grep '^{"model' $OUT/c3/bench_b16.log | cut -c1-330; nvidia-smi --query-gpu=temperature.gpu,clocks.sm,power.draw --format=csv; tar -czf $OUT/c3.tgz -C $OUT c3 && rm -rf $OUT/c3

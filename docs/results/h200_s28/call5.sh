@@ -1,0 +1,4 @@
+# call 5 (carry runs/site28.tar.xz, runs/tl_cache_s27_h9.tgz): the GPU kernel time of one compiled training step
+# (forward + backward, each decoder layer compiled, default mode) by kind of kernel, FlashQLA's beside HF Llama
+# compiled whole in one process, then fla's
+mkdir -p /tmp/site /tmp/kcache && tar -xJf runs/site28.tar.xz -C /tmp/site && tar -xzf runs/tl_cache_s27_h9.tgz -C /tmp/kcache; . gpu_s28/env.sh; python -c "import fla, flash_qla, tilelang; print('ok')"; for b in flash_qla fla; do timeout $([ $b = flash_qla ] && echo 150 || echo 75) python benchmarks/profile_gpu.py --compile --no-eager --no-decode --top-kernels 40 --batch 16 --backend $b $([ $b = flash_qla ] && echo --peers hf-llama) > $OUT/kinds_$b.txt 2>&1; echo "== $b"; grep -E "^# |^  [a-zA-Z].* ms .*%|wall time|GPU kernel time" $OUT/kinds_$b.txt | head -40; done
