@@ -30,6 +30,9 @@
 #   DATA=runs/english200 [TOKENIZER=...] OUT=/abs/dir bash benchmarks/gpu_suite.sh flashqla  # FlashQLA's kernels
 #                                                        # (gdn_backend: flash_qla) against fla's: GPU tests (half 0);
 #                                                        # kernels, step profiles, training loops beside HF Llama (1)
+#   DATA=... [TOKENIZER=...] OUT=/abs/dir bash benchmarks/gpu_suite.sh flashqla2  # FlashQLA's cold builds by kernel
+#                                                        # and the step with CUDA graphs beside fla and HF Llama
+#                                                        # (half 0); the training loops (half 1)
 #   OLD=/abs/old_tree [SEEDS=8] OUT=/abs/dir bash benchmarks/gpu_suite.sh seeds  # a change's bf16 gradient errors
 #                                                        # against the float32 reference over seeds, both trees
 #   OUT=results_dir bash benchmarks/gpu_suite.sh combo  # inductor's combo kernels (`combo_kernels`, on by default)
@@ -61,6 +64,25 @@ prof() { local limit=$1 name=$2 batch=$3; shift 3; timeout "$limit" python bench
     echo "== $name"; grep -E "^  [a-zA-Z].* ms .*%|wall time" "$OUT/kinds_$name.txt" || tail -3 "$OUT/kinds_$name.txt"; }
 gpu_tests() { timeout "$1" python -m pytest -q -p no:cacheprovider --tb=short -rfEs tests/test_gpu.py \
     > "$OUT/test_gpu_$2.log" 2>&1; grep -v Warn "$OUT/test_gpu_$2.log" | tail -30; }
+# the 200-step training loop (train_hf.py, compiled, Muon, real text in $DATA) with FlashQLA, then fla, then HF Llama's
+# (bench_quality's loop): the flashqla parts' second half
+flashqla_loops() {
+    python - "$OUT/model_flash_qla.json" <<'PY'
+import json, sys
+config = json.load(open("configuration/models/llamathink-95m.json"))
+json.dump({**config, "gdn_backend": "flash_qla"}, open(sys.argv[1], "w"), indent=2)
+PY
+    for name in flash_qla fla; do
+        model=configuration/models/llamathink-95m.json; [ $name = flash_qla ] && model="$OUT/model_flash_qla.json"
+        timeout 200 python train_hf.py --config configuration/train/english_docs_1gpu.yaml --model_config "$model" \
+            --data_dir "${DATA:?set DATA}" --out_dir "/tmp/loop_$name" --compile true --max_steps 200 \
+            --eval_every 200 --eval_batches 4 --sample_every 100000 --wandb_mode disabled --log_every 50 \
+            --progress_bar false ${TOKENIZER:+--tokenizer "$TOKENIZER"} > "$OUT/loop_$name.log" 2>&1
+        echo "== loop $name"; grep -E "Gated|compile_mode|tok|step 200|Error" "$OUT/loop_$name.log" | cut -c1-200 | tail -6
+    done
+    timeout 150 python benchmarks/bench_quality.py --data "$DATA" --steps 200 --eval-every 200 --eval-windows 16 \
+        --speed-from 50 --out "$OUT/llama" --run hf-llama:model=hf-llama,compile=1 > "$OUT/loop_llama.log" 2>&1
+    echo "== loop hf-llama"; grep -iE "tok|final" "$OUT/loop_llama.log" | tail -3; }
 if [ "$PART" = nofla ]; then  # before fla is installed
     half0() {
         gpu_tests 150 nofla
@@ -214,22 +236,18 @@ elif [ "$PART" = flashqla ]; then  # issue 17: FlashQLA's kernels (`gdn_backend:
             > "$OUT/gdn_kernels_b16.log" 2>&1; grep '^{' "$OUT/gdn_kernels_b16.log" | cut -c1-200
         prof 200 flash_qla_b16 16 --backend flash_qla --peers hf-llama
         prof 120 fla_b16 16 --backend fla
-        python - "$OUT/model_flash_qla.json" <<'PY'
-import json, sys
-config = json.load(open("configuration/models/llamathink-95m.json"))
-json.dump({**config, "gdn_backend": "flash_qla"}, open(sys.argv[1], "w"), indent=2)
-PY
-        for name in flash_qla fla; do
-            model=configuration/models/llamathink-95m.json; [ $name = flash_qla ] && model="$OUT/model_flash_qla.json"
-            timeout 200 python train_hf.py --config configuration/train/english_docs_1gpu.yaml --model_config "$model" \
-                --data_dir "${DATA:?set DATA}" --out_dir "/tmp/loop_$name" --compile true --max_steps 200 \
-                --eval_every 200 --eval_batches 4 --sample_every 100000 --wandb_mode disabled --log_every 50 \
-                --progress_bar false ${TOKENIZER:+--tokenizer "$TOKENIZER"} > "$OUT/loop_$name.log" 2>&1
-            echo "== loop $name"; grep -E "Gated|compile_mode|tok|step 200|Error" "$OUT/loop_$name.log" | cut -c1-200 | tail -6
-        done
-        timeout 150 python benchmarks/bench_quality.py --data "$DATA" --steps 200 --eval-every 200 --eval-windows 16 \
-            --speed-from 50 --out "$OUT/llama" --run hf-llama:model=hf-llama,compile=1 > "$OUT/loop_llama.log" 2>&1
-        echo "== loop hf-llama"; grep -iE "tok|final" "$OUT/loop_llama.log" | tail -3; }
+        flashqla_loops; }
+elif [ "$PART" = flashqla2 ]; then  # issue 17, after session 28: FlashQLA's cold build by kernel (each in a
+    # process of its own, then all four in one), and the compiled step with CUDA graphs (training's default) at batch
+    # 16: FlashQLA cold with the prebuild, then FlashQLA, fla and HF Llama warm (half 0); the training loop of each,
+    # HF Llama's after them (half 1, the flashqla part's)
+    export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor
+    half0() {
+        timeout 240 python benchmarks/bench_flash_qla_builds.py --together --out "$OUT/flash_qla_builds.json" \
+            > "$OUT/flash_qla_builds.log" 2>&1; grep '^{' "$OUT/flash_qla_builds.log" | cut -c1-300
+        bench 560 cudagraphs_b16 --compiled-only --no-generate --train-batches 16 --budget-s 135 --models \
+            llamathink:flash_qla:cudagraphs:prebuild:cold,llamathink:flash_qla:cudagraphs,llamathink:fla:cudagraphs,hf-llama:cudagraphs; }
+    half1() { flashqla_loops; }
 else  # profile
     half0() {
         timeout 300 python benchmarks/profile_gpu.py --backend auto --compile --out "$OUT" > "$OUT/profile.log" 2>&1
