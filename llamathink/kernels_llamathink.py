@@ -559,35 +559,9 @@ def _define_flash_qla_ops():
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gradients w.r.t. q, k, v, g (the raw log-decays: the chunk-local sums' gradient summed back) and beta,
         by FlashQLA's backward (which recomputes the chunk states from the saved WY matrices)."""
-        _, _, fused_h, fused_bwd, cumsum = _flash_qla_kernels()
         with _device_of(q):
-            h = fused_h(
-                k=k,
-                v=v,
-                a=A,
-                g=g_cum,
-                b=beta,
-                initial_state=None,
-                output_final_state=False,
-                output_h=True,
-                cu_seqlens=cu_seqlens,
-            )[0]
-            dq, dk, dv, dg, dbeta = fused_bwd(
-                q=q,
-                k=k,
-                v=v,
-                a=A,
-                g=g_cum,
-                b=beta,
-                do=grad_o.to(q.dtype).contiguous(),
-                dht=None,
-                h=h,
-                scale=scale,
-                cu_seqlens=cu_seqlens,
-            )[:5]
-            dg = cumsum(dg.float(), chunk_size=64, reverse=True, **_chunk_indices(cu_seqlens))
-        grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.float(), dbeta.to(beta.dtype))
-        return tuple(t.contiguous() for t in grads)
+            h = _flash_qla_chunk_states(k, v, g_cum, beta, A, cu_seqlens)
+            return _flash_qla_backward_from_states(q, k, v, g_cum, beta, A, h, scale, grad_o, cu_seqlens)
 
     @flash_qla_chunk_gdn_backward.register_fake
     def _(q, k, v, g_cum, beta, A, scale, grad_o, cu_seqlens=None):
@@ -615,6 +589,47 @@ def _define_flash_qla_ops():
 
 
 _flash_qla_op = _define_flash_qla_ops()
+
+
+def _flash_qla_chunk_states(k, v, g_cum, beta, A, cu_seqlens=None) -> torch.Tensor:
+    """The state at the start of each chunk, h [B, NT, H, 128, 128] in k's dtype (NT: the chunks of 64 of each row,
+    or of all `cu_seqlens`' sequences with B = 1), recomputed by FlashQLA's `fused_gdr_h` from what its forward
+    saved (arguments as `llamathink::flash_qla_chunk_gdn_backward`'s)."""
+    fused_h = _flash_qla_kernels()[2]
+    return fused_h(
+        k=k,
+        v=v,
+        a=A,
+        g=g_cum,
+        b=beta,
+        initial_state=None,
+        output_final_state=False,
+        output_h=True,
+        cu_seqlens=cu_seqlens,
+    )[0]
+
+
+def _flash_qla_backward_from_states(q, k, v, g_cum, beta, A, h, scale, grad_o, cu_seqlens=None) -> tuple:
+    """FlashQLA's `fused_gdr_bwd` given the chunk states h (`_flash_qla_chunk_states`), and fla's reverse
+    chunk-local sum of the gates' gradient: (dq, dk, dv, dg, dbeta) as `llamathink::flash_qla_chunk_gdn_backward`
+    returns them."""
+    _, _, _, fused_bwd, cumsum = _flash_qla_kernels()
+    dq, dk, dv, dg, dbeta = fused_bwd(
+        q=q,
+        k=k,
+        v=v,
+        a=A,
+        g=g_cum,
+        b=beta,
+        do=grad_o.to(q.dtype).contiguous(),
+        dht=None,
+        h=h,
+        scale=scale,
+        cu_seqlens=cu_seqlens,
+    )[:5]
+    dg = cumsum(dg.float(), chunk_size=64, reverse=True, **_chunk_indices(cu_seqlens))
+    grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.float(), dbeta.to(beta.dtype))
+    return tuple(t.contiguous() for t in grads)
 
 
 def pad_heads(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -788,6 +803,7 @@ def probe_fla():
 # compilation (BENCHMARKS.md section 1). A child process that runs fla's forward and backward once at the step's
 # shapes builds the same kernels into the same disk caches meanwhile, so that the step then loads them.
 
+FLASH_QLA_PARTS = ("all", "forward", "states", "backward")  # `prebuild_fla_kernels`' parts for FlashQLA
 FLA_PREBUILD_ENV = "LLAMATHINK_FLA_PREBUILD"  # "0": no child process (`start_fla_prebuild`)
 _prebuild_children: list = []
 
@@ -812,9 +828,9 @@ def prebuild_fla_kernels(
     and `llamathink::fla_chunk_gdn` with the package's recorded autotune choices or, with `delta_rule`
     "flash_qla", `llamathink::flash_qla_chunk_gdn`), so that Triton and tilelang build and cache
     (TRITON_CACHE_DIR, TILELANG_CACHE_DIR) the kernels that step launches. The body of `start_fla_prebuild`'s child
-    process; also callable directly. `part`: "all", or for FlashQLA "forward" (the conv and the delta rule's
-    forward) and "backward" (the delta rule's backward alone, on random saved tensors), which two processes build
-    side by side.
+    process; also callable directly. `part`: "all", or for FlashQLA one of the three that processes build side by
+    side: "forward" (the conv and the delta rule's forward), "states" (the backward's recomputation of the chunk
+    states, on random saved tensors) and "backward" (the backward given random chunk states).
 
     Shapes as the model passes them: the conv input [B, T, conv_dim] in `dtype` (a torch dtype's name, 16-bit) with
     its weight [conv_dim, conv_kernel_size] in `conv_weight_dtype` (the parameter's: float32 under autocast); q, k
@@ -823,14 +839,9 @@ def prebuild_fla_kernels(
     document-masked training, whose rows are joined into one [1, batch_size * seq_len] row of several documents
     (fla's variable-length kernels). `device`: the CUDA device
     index (default the current one). Raises RuntimeError where fla is not available."""
-    if (delta_rule, part) not in (
-        ("fla", "all"),
-        ("flash_qla", "all"),
-        ("flash_qla", "forward"),
-        ("flash_qla", "backward"),
-    ):
+    if part not in {"fla": ("all",), "flash_qla": FLASH_QLA_PARTS}.get(delta_rule, ()):
         raise ValueError(
-            f"delta_rule={delta_rule!r}, part={part!r}: expected fla (all) or flash_qla (all, forward or backward)"
+            f"delta_rule={delta_rule!r}, part={part!r}: expected fla (all) or flash_qla ({', '.join(FLASH_QLA_PARTS)})"
         )
     if device is not None:  # before fla's import, which may open a CUDA context on the current device
         torch.cuda.set_device(device)
@@ -850,7 +861,7 @@ def prebuild_fla_kernels(
         x = torch.randn(*shape, device=dev)
         return (fn(x) if fn is not None else x).to(dtype).contiguous().requires_grad_()
 
-    if _fla_conv_internals() is not None and part != "backward":
+    if _fla_conv_internals() is not None and part in ("all", "forward"):
         x, weight = leaf(B, T, conv_dim), leaf(conv_dim, conv_kernel_size, dtype=getattr(torch, conv_weight_dtype))
         y = _fla_conv_op(x, weight, cu_seqlens)
         y.backward(torch.randn_like(y))
@@ -862,11 +873,16 @@ def prebuild_fla_kernels(
     k = leaf(B, T, H, head_k_dim, fn=lambda t: torch.nn.functional.normalize(t, dim=-1))
     v, beta = leaf(B, T, H, head_v_dim), leaf(B, T, H, fn=torch.sigmoid)
     g = leaf(B, T, H, dtype=torch.float32, fn=lambda t: -torch.nn.functional.softplus(t))
-    if part == "backward":  # the saved tensors of a forward (random: the kernels' code depends on shapes alone)
+    if part in ("states", "backward"):  # a forward's saved tensors, random: the kernels' code depends on shapes alone
         with torch.no_grad():
             g_cum = g.cumsum(1)
-            A = torch.randn(B, T, H, 64, device=dev).div(8).to(dt)
-            torch.ops.llamathink.flash_qla_chunk_gdn_backward(q, k, v, g_cum, beta, A, scale, v, cu_seqlens)
+            A = torch.randn(B, T, H, 64, device=dev).div(8).to(dt)  # the WY matrices [B, T, H, chunk]
+            if part == "states":
+                _flash_qla_chunk_states(k, v, g_cum, beta, A, cu_seqlens)
+            else:  # given the chunk states [B, NT, H, K, V]: NT chunks of 64 in each row, or in all documents
+                chunks = (B, -(-T // 64)) if not packed else (1, int(((cu_seqlens.diff() + 63) // 64).sum()))
+                h = torch.randn(*chunks, H, head_k_dim, head_v_dim, device=dev).div(8).to(dt)
+                _flash_qla_backward_from_states(q, k, v, g_cum, beta, A, h, scale, v, cu_seqlens)
     elif delta_rule == "flash_qla":
         o = _flash_qla_op(q, k, v, g, beta, scale, cu_seqlens)[0]
         if packed:
@@ -904,9 +920,9 @@ def start_fla_prebuild(
     """Start `prebuild_fla_kernels` in a child Python process and return it (a `subprocess.Popen`), or None where
     there is nothing to build: fla or CUDA missing, a dtype fla does not train in, or `LLAMATHINK_FLA_PREBUILD=0`.
     Arguments as `prebuild_fla_kernels`'s, with torch dtypes and `device` a CUDA device or its index (default the
-    current one). With `delta_rule` "flash_qla" the child builds FlashQLA's backward kernels in a process of its
-    own beside it (tilelang builds a kernel in one thread, and FlashQLA's take most of a minute one after the
-    other) and ends when both are done. The caller goes on at once (it does not wait): meant to be called just
+    current one). With `delta_rule` "flash_qla" the child builds the kernels of FlashQLA's backward in two
+    processes of their own beside it, one for the chunk states and one for the gradients (TileLang builds a kernel
+    in one thread, and FlashQLA's took 80 s one after the other), and ends when all three are done. The caller goes on at once (it does not wait): meant to be called just
     before the first compiled training step of the process that trains on `device`, which then finds in the disk
     caches what the child has built, and builds itself whatever the child has not yet.
 
@@ -922,7 +938,7 @@ def start_fla_prebuild(
     watches its parent), or is killed at this process's exit; its output is discarded, or written to `log_path` (a
     file, replaced). Its cost: one CUDA context and one step's fla inputs, outputs and gradients on `device` while
     it runs (by their sizes about 2 GB at the 95M model's batch 64 x 1024, a quarter of that at batch 16), and CPU
-    time beside inductor's compile workers; with FlashQLA two contexts and two such sets (heads padded to 128).
+    time beside inductor's compile workers; with FlashQLA three contexts and three such sets (heads padded to 128).
     Raises OSError where the child cannot be started or `log_path` not written. Method: a warm-up of the kernels'
     JIT disk caches, as inductor's parallel compile workers build its own kernels beside the main process."""
     import atexit
@@ -997,16 +1013,19 @@ def _prebuild_child_main(args_json: str, parent_pid: int):
     if args.get("delta_rule") == "flash_qla" and args.get("part", "all") == "all":
         import subprocess
 
-        # the backward kernels in a second process (it watches this one), the conv and the forward here
-        backward = subprocess.Popen(
-            _prebuild_command({**args, "part": "backward"}, os.getpid()), stdin=subprocess.DEVNULL
-        )
+        # TileLang builds a kernel in one thread: the backward's two kernels each in a process of its own (they
+        # watch this one), the conv and the forward here
+        others = {
+            part: subprocess.Popen(_prebuild_command({**args, "part": part}, os.getpid()), stdin=subprocess.DEVNULL)
+            for part in ("states", "backward")
+        }
         try:
             prebuild_fla_kernels(**{**args, "part": "forward"})
         finally:
-            code = backward.wait()  # (an error here propagates after the second process has ended)
-        if code != 0:
-            raise RuntimeError(f"the backward prebuild process ended with code {code}")
+            codes = {part: child.wait() for part, child in others.items()}  # an error here propagates after them
+        failed = {part: code for part, code in codes.items() if code != 0}
+        if failed:
+            raise RuntimeError(f"FlashQLA's prebuild processes ended with codes {failed}")
         return
     prebuild_fla_kernels(**args)
 

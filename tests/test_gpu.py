@@ -790,8 +790,8 @@ def test_fla_prebuild_child_builds_every_kernel_the_compiled_step_launches(packe
 @needs_flash_qla
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
 def test_flash_qla_prebuild_builds_every_kernel_the_compiled_step_launches(packed, tmp_path, monkeypatch):
-    """The prebuild for `gdn_backend: flash_qla` (the conv and the delta rule's forward in the child, FlashQLA's
-    backward kernels in a second process beside it) builds into TileLang's and Triton's disk caches every kernel
+    """The prebuild for `gdn_backend: flash_qla` (the conv and the delta rule's forward in the child, the kernels
+    of FlashQLA's backward in two more processes beside it) builds into TileLang's and Triton's disk caches every kernel
     that the compiled training step then launches: the step (layers compiled through AOTAutograd, whose calls are
     the custom ops an inductor step makes) adds no file to either cache. Heads (3 of 24 x 40) that no other test
     uses, so that no kernel of this shape is already in this process's memory; packed rows hold 6 documents, a

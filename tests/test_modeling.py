@@ -2121,10 +2121,11 @@ def test_fla_prebuild_child_imports_this_module_from_anywhere_with_inductors_tri
     # the split into parts is FlashQLA's only; a part fla's kernels do not come in is named before any GPU work
     with pytest.raises(ValueError, match=r"delta_rule='fla', part='backward': expected fla \(all\)"):
         kernels.prebuild_fla_kernels(2, 64, 4, 8, 10, 72, 4, delta_rule="fla", part="backward")
-    # FlashQLA's kernels: the child builds the backward ones in a second process beside it (here both fail alike)
+    # FlashQLA's kernels: the child builds the backward's chunk states and gradients in two more processes beside
+    # it, each its own part (here all three fail alike: the child's own error is the one it ends with)
     command = _captured_prebuild_command(kernels, monkeypatch, delta_rule="flash_qla")
     run = subprocess.run(command, cwd=tmp_path / "cwd", capture_output=True, text=True, timeout=300)
-    assert run.returncode != 0 and run.stderr.count("in prebuild_fla_kernels") == 2, run.stderr[-3000:]
+    assert run.returncode != 0 and run.stderr.count("in prebuild_fla_kernels") == 3, run.stderr[-3000:]
     # the dtypes reach the child by name; a set TRITON_CACHE_DIR is left as it is
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))
     command = _captured_prebuild_command(kernels, monkeypatch, dtype=torch.float16, conv_weight_dtype=torch.bfloat16)
