@@ -473,6 +473,14 @@ def test_resume_reproduces_the_run(finetuned, base_model, tmp_path):
     for step in range(1, FT_STEPS + 1):
         assert resumed["losses"][step] == history["losses"][step], step  # bitwise: same data order, state, RNG
     assert resumed["eval"][FT_STEPS] == pytest.approx(history["eval"][FT_STEPS], abs=1e-6)
+    # the same 8 conversations a step split into micro batches of 4 accumulated twice: the same examples each step,
+    # each loss term weighted alike, so the same losses to float32 rounding (other padding, other sums)
+    resplit = finetune.finetune(
+        _ft_cfg(base_model, tmp_path / "resplit", resume=str(ckpt), micro_batch_size=4, grad_accum=2)
+    )
+    for step in range(FT_SAVE + 1, FT_STEPS + 1):
+        assert resplit["losses"][step] == pytest.approx(history["losses"][step], rel=1e-4), step
+    assert resplit["eval"][FT_STEPS] == pytest.approx(history["eval"][FT_STEPS], rel=1e-4)
 
 
 def test_a_sample_prompt_that_cannot_be_a_message_is_refused_before_training(base_model, tmp_path):
@@ -616,9 +624,64 @@ def test_loader_is_resumable_and_shards_by_rank(tok, sample):
     assert [r[r != 0].tolist() for r in x] == [r[r != 0].tolist() for r in [*x0, *x1]]
     with pytest.raises(ValueError, match="size"):
         ChatBatchLoader(build_examples(tok, sample[:50], 128), 4, seed=1).load_state_dict(a.state_dict())
-    # the same global batch split into micro batches of 2 accumulated twice: refused, naming what must stay
-    with pytest.raises(ValueError, match=r"global_batch was 4 .* is 2 now .*micro_batch_size x processes"):
+    with pytest.raises(ValueError, match=r"step_batch was 4 .* is 2 now"):  # another optimizer step's batch
         ChatBatchLoader(data, 2, seed=1).load_state_dict(a.state_dict())
+
+
+def _steps(loaders: list[ChatBatchLoader], n: int) -> list[list[tuple]]:
+    """The examples (token tuples, padding dropped) of the next `n` optimizer steps of one run's loaders (one per
+    process, `grad_accum` micro-steps each), each step's sorted."""
+    steps = []
+    for _ in range(n):
+        rows = [
+            r[r != 0].tolist() for _ in range(loaders[0].grad_accum) for ld in loaders for r in next(ld)["input_ids"]
+        ]
+        steps.append(sorted(map(tuple, rows)))
+    return steps
+
+
+def test_every_split_of_an_optimizer_steps_batch_takes_the_same_examples_and_resumes_the_others(tok, sample):
+    """The chat loader plans its order by optimizer step: micro batch x accumulation x processes splits of one step
+    batch (8 here) give every step the same examples, across epochs, each micro batch sorted by length within its
+    step (grouping); a position saved by one split resumes in another (at a step's end), and a state of a loader
+    that planned by micro-step (an earlier version's, without "step_batch") goes on in that plan."""
+    data = build_examples(tok, sample[:100], 128)  # 12 steps of 8 per epoch: 30 steps cross two epochs
+    reference = _steps([ChatBatchLoader(data, 4, seed=1, grad_accum=2)], 30)
+    assert len({example for step in reference[:12] for example in step}) == 96  # an epoch: each example once
+    for micro, world, accum in [(2, 1, 4), (8, 1, 1), (2, 2, 2), (1, 4, 2), (1, 2, 4)]:
+        ranks = [ChatBatchLoader(data, micro, rank=r, world_size=world, seed=1, grad_accum=accum) for r in range(world)]
+        assert _steps(ranks, 30) == reference, (micro, world, accum)
+    lengths = [len(r[r != 0]) for r in next(ChatBatchLoader(data, 8, seed=1))["input_ids"]]
+    assert lengths == sorted(lengths, reverse=True)  # longest first within the step: micro batches pad little
+
+    a = ChatBatchLoader(data, 4, seed=1, grad_accum=2)
+    _steps([a], 7)
+    for micro, accum in [(1, 8), (8, 1), (2, 4)]:
+        b = ChatBatchLoader(data, micro, seed=1, grad_accum=accum)
+        b.load_state_dict(a.state_dict())
+        assert _steps([b], 10) == reference[7:17], (micro, accum)
+    next(a)  # half an optimizer step: another split cannot continue it, the same one can
+    with pytest.raises(ValueError, match=r"micro-step 15 of its epoch is not at the end of an optimizer step of 2"):
+        ChatBatchLoader(data, 2, seed=1, grad_accum=4).load_state_dict(a.state_dict())
+    ChatBatchLoader(data, 4, seed=1, grad_accum=2).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match=r"loader state is damaged .*ValueError"):
+        ChatBatchLoader(data, 4, seed=1, grad_accum=2).load_state_dict({**a.state_dict(), "position": "x"})
+
+    # an earlier version's state: micro-steps of 4 planned alone, taken two per step; resumed with accumulation 2
+    old = ChatBatchLoader(data, 4, seed=1)
+    for _ in range(6):
+        next(old)
+    state = {k: v for k, v in old.state_dict().items() if k not in ("step_batch", "grad_accum", "planned_by")}
+    resumed = ChatBatchLoader(data, 4, seed=1, grad_accum=2)
+    resumed.load_state_dict(state)
+    for _ in range(40):  # across the epoch's end (25 micro-steps)
+        assert torch.equal(next(resumed)["input_ids"], next(old)["input_ids"])
+    assert resumed.state_dict()["planned_by"] == "micro-step"  # and its own checkpoints go on in that plan
+    again = ChatBatchLoader(data, 4, seed=1, grad_accum=2)
+    again.load_state_dict(resumed.state_dict())
+    assert torch.equal(next(again)["input_ids"], next(old)["input_ids"])
+    with pytest.raises(ValueError, match=r"global_batch was 4 .* is 2 now .*planned by micro-step"):
+        ChatBatchLoader(data, 2, seed=1, grad_accum=4).load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -464,10 +464,15 @@ def split_held_out(conversations: list, fraction: float, seed: int, max_eval: in
 class ChatBatchLoader:
     """Endless right-padded batches of a `ChatDataset`, epoch after epoch, in an order fixed by (seed, epoch).
 
-    Each optimizer micro-step takes one global batch of micro_batch_size x world_size examples (the last partial
-    one of an epoch is skipped; the next epoch reshuffles); process `rank` gets its slice. With `group_by_length`,
-    examples are sorted by length within windows of 32 global batches before batching, and the batches are then
-    shuffled. `state_dict()` / `load_state_dict()` make the sequence resumable exactly."""
+    The order is planned by optimizer step: each step takes `batch_size x world_size x grad_accum` examples (its
+    step batch; an epoch's last partial one is skipped and the next epoch reshuffles), split into `grad_accum`
+    micro-steps of `batch_size x world_size`, of which process `rank` gets its `batch_size` rows. With
+    `group_by_length`, examples are sorted by length (longest first) within windows of 32 step batches before they
+    are cut into step batches, and the step batches are then shuffled, so that each micro batch pads little. Every
+    split of the same step batch (micro batch, accumulation, processes) gives each optimizer step the same examples,
+    so a resume may change the split. `state_dict()` / `load_state_dict()` make the sequence resumable exactly.
+
+    Raises ValueError where the dataset holds fewer examples than one step batch, or a count is not positive."""
 
     def __init__(
         self,
@@ -479,11 +484,21 @@ class ChatBatchLoader:
         seed: int = 0,
         pad_token_id: int = 0,
         group_by_length: bool = True,
+        grad_accum: int = 1,
     ):
+        if min(batch_size, world_size, grad_accum) < 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"need batch_size, world_size and grad_accum >= 1 and 0 <= rank < world_size, got {batch_size}, "
+                f"{world_size}, {grad_accum} and rank {rank}"
+            )
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
-        self.seed, self.group_by_length = seed, group_by_length
-        self.global_batch = batch_size * world_size
-        if len(dataset) < self.global_batch:
+        self.seed, self.group_by_length, self.grad_accum = seed, group_by_length, grad_accum
+        self.global_batch = batch_size * world_size  # one micro-step's examples on all processes
+        self.step_batch = self.global_batch * grad_accum  # one optimizer step's
+        # micro-steps per planned batch: grad_accum, or 1 to continue a run whose order was planned by micro-step
+        # (`load_state_dict`)
+        self._plan_accum = grad_accum
+        if len(dataset) < self.step_batch:
             packed = isinstance(dataset, PackedChatDataset)
             what = (
                 f"{len(dataset)} packed rows (of {len(dataset.dataset)} conversations)"
@@ -491,80 +506,110 @@ class ChatBatchLoader:
                 else f"{len(dataset)} training examples"
             )
             raise ValueError(
-                f"{what} are fewer than one global batch ({batch_size} x {world_size} processes); lower "
-                "micro_batch_size" + (" or max_len, or set packing: false" if packed else "")
+                f"{what} are fewer than one optimizer step's batch ({batch_size} x {grad_accum} x {world_size}: "
+                "micro_batch_size x grad_accum x processes); lower micro_batch_size or grad_accum"
+                + (", or max_len, or set packing: false" if packed else "")
             )
         self.collate = ChatCollator(pad_token_id)
-        self.epoch, self.position = 0, 0
+        self.epoch, self.position = 0, 0  # position: micro-steps of the epoch already taken
         self._plan: tuple[int, list[np.ndarray]] | None = None
 
     def _batches(self, epoch: int) -> list[np.ndarray]:
+        """The planned batches of `epoch` (each of `_plan_accum` micro-steps), as example indices."""
         if self._plan is None or self._plan[0] != epoch:
             rng = np.random.default_rng([self.seed, epoch])
-            n, gb = len(self.dataset), self.global_batch
+            n, unit = len(self.dataset), self.global_batch * self._plan_accum
             order = rng.permutation(n)
-            nb = n // gb
+            nb = n // unit
             if self.group_by_length:
                 lengths = self.dataset.lengths
-                window = gb * 32
+                window = unit * 32
                 order = np.concatenate(
                     [
                         chunk[np.argsort(-lengths[chunk], kind="stable")]
                         for chunk in np.array_split(order, range(window, n, window))
                     ]
                 )
-                batches = [order[i * gb : (i + 1) * gb] for i in range(nb)]
+                batches = [order[i * unit : (i + 1) * unit] for i in range(nb)]
                 batches = [batches[i] for i in rng.permutation(nb)]
             else:
-                batches = [order[i * gb : (i + 1) * gb] for i in range(nb)]
+                batches = [order[i * unit : (i + 1) * unit] for i in range(nb)]
             self._plan = (epoch, batches)
         return self._plan[1]
+
+    def __len__(self) -> int:
+        """Micro-steps in an epoch."""
+        return len(self._batches(self.epoch)) * self._plan_accum
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
         batches = self._batches(self.epoch)
-        if self.position >= len(batches):
+        if self.position >= len(batches) * self._plan_accum:
             self.epoch, self.position = self.epoch + 1, 0
             batches = self._batches(self.epoch)
-        rows = batches[self.position][self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        planned, micro = divmod(self.position, self._plan_accum)
+        start = micro * self.global_batch + self.rank * self.batch_size
+        rows = batches[planned][start : start + self.batch_size]
         self.position += 1
         return self.collate([self.dataset[int(i)] for i in rows])
 
     def state_dict(self) -> dict:
-        """The data position (epoch, batch) and what it depends on (seed, data size, batch, grouping)."""
+        """The data position (epoch, micro-step) and what it depends on (seed, data size, batches, grouping)."""
         return {
             "epoch": self.epoch,
             "position": self.position,
             "seed": self.seed,
             "size": len(self.dataset),
             "global_batch": self.global_batch,
+            "step_batch": self.step_batch,
+            "grad_accum": self.grad_accum,
+            "planned_by": "step" if self._plan_accum == self.grad_accum else "micro-step",
             "group_by_length": self.group_by_length,
         }
 
     def load_state_dict(self, state: dict):
-        """Continue from a `state_dict`; ValueError naming the setting when the data or batch settings changed, or
-        the saved position is not a valid count."""
+        """Continue from a `state_dict`, also of another split of the same step batch (micro batch, accumulation,
+        processes): the position, taken at an optimizer step's end, is converted to this split's micro-steps.
+
+        A state planned by micro-step (written before the order was planned by optimizer step, or by a run resumed
+        from one) planned each micro-step's `global_batch` examples alone; the run goes on in that plan, which
+        needs the same micro batch x processes. Raises ValueError naming the setting when the data, seed,
+        grouping or batch changed, or the saved position is not a valid count or not at an optimizer step's end."""
         mine = self.state_dict()
-        for key in ("seed", "size", "global_batch", "group_by_length"):
+        by_micro_step = state.get("planned_by", "micro-step") == "micro-step"  # no key: an earlier version's
+        for key in ("seed", "size", "group_by_length", "global_batch" if by_micro_step else "step_batch"):
             if state.get(key) != mine[key]:
-                what = (
-                    " (this loader's batches are micro_batch_size x processes conversations, grouped by length "
-                    "and shuffled as such: keep that product as the checkpoint had it)"
-                    if key == "global_batch"
-                    else " (the data or batch settings changed)"
-                )
+                why = "the data or batch settings changed"
+                if key == "global_batch":
+                    why = (
+                        "its order was planned by micro-step, micro_batch_size x processes conversations grouped "
+                        "and shuffled as such, as earlier LlamaThink versions did: keep that product"
+                    )
                 raise ValueError(
                     f"cannot resume the data position: {key} was {state.get(key)!r} in the checkpoint "
-                    f"and is {mine[key]!r} now{what}"
+                    f"and is {mine[key]!r} now ({why})"
                 )
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or position < 0:  # a negative position would index the epoch's batches from the end
+        try:
+            epoch, position, saved_accum = int(state["epoch"]), int(state["position"]), int(state.get("grad_accum", 1))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"cannot resume the data position: the checkpoint's loader state is damaged ({err!r})")
+        if epoch < 0 or position < 0 or saved_accum < 1:  # a negative position would index the epoch from its end
             raise ValueError(
-                f"cannot resume the data position: epoch {epoch}, position {position} in the "
-                "checkpoint are not valid counts"
+                f"cannot resume the data position: epoch {epoch}, position {position} and grad_accum {saved_accum} "
+                "in the checkpoint are not all valid counts"
             )
+        if by_micro_step:
+            self._plan_accum, self._plan = 1, None
+        elif saved_accum != self.grad_accum:
+            steps, rest = divmod(position, saved_accum)
+            if rest:
+                raise ValueError(
+                    f"cannot resume the data position: micro-step {position} of its epoch is not at the end of an "
+                    f"optimizer step of {saved_accum} micro-steps, so another split of its batch cannot continue it"
+                )
+            position = steps * self.grad_accum
         self.epoch, self.position = epoch, position
 
 

@@ -311,6 +311,7 @@ def _finetune(cfg: FinetuneConfig, accelerator) -> dict:
         seed=cfg.seed,
         pad_token_id=pad_id,
         group_by_length=cfg.group_by_length,
+        grad_accum=cfg.grad_accum,
     )
 
     def final(raw_model, final_dir: Path, history: dict):
