@@ -22,6 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's llamathink, also run from elsewhere
 
 KERNELS = ("kkt_solve", "fused_gdr_fwd", "fused_gdr_h", "fused_gdr_bwd")
 
@@ -43,7 +46,7 @@ def build(kernels: list[str], batch: int, seq: int, heads: int) -> dict:
     beta = torch.rand(B, T, H, device="cuda", dtype=torch.bfloat16)
     g = -torch.rand(B, T, H, device="cuda").cumsum(1) / T  # chunk-local sums would be smaller; shapes are what count
     A = torch.randn(B, T, H, 64, device="cuda", dtype=torch.bfloat16) / 8  # the WY matrices [B, T, H, chunk]
-    h = torch.randn(B, T // 64, H, D, D, device="cuda", dtype=torch.bfloat16) / 8  # chunk states [B, NT, H, K, V]
+    h = torch.randn(B, -(-T // 64), H, D, D, device="cuda", dtype=torch.bfloat16) / 8  # chunk states [B, NT, H, K, V]
     calls = {
         "kkt_solve": lambda: kkt_solve(k=k, b=beta, chunk_size=64, cu_seqlens=None),
         "fused_gdr_fwd": lambda: fused_fwd(
@@ -72,32 +75,31 @@ def run_processes(groups: list[list[str]], args) -> list[dict]:
     """One process per group of kernels, all started at once, each with empty caches; their results in the order
     they end, with the wall seconds from the start of all (`ended_s`)."""
     t0 = time.perf_counter()
-    running = []
-    for group in groups:
-        folder = tempfile.mkdtemp(prefix="flash_qla_builds_")
-        env = dict(
-            os.environ,
-            TILELANG_CACHE_DIR=os.path.join(folder, "tilelang"),
-            TRITON_CACHE_DIR=os.path.join(folder, "triton"),
-        )
-        cmd = [sys.executable, __file__, "--child", ",".join(group)]
-        cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--heads", str(args.heads)]
-        log = open(os.path.join(folder, "child.log"), "w+")  # noqa: SIM115 (closed when read); TileLang's notes
-        running.append((group, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True), log))
-    results = []
-    while running:
-        time.sleep(0.2)
-        for item in [r for r in running if r[1].poll() is not None]:
-            running.remove(item)
-            group, proc, log = item
-            log.seek(0)
-            lines = log.read().splitlines()
-            log.close()
-            found = [s for s in lines if s.startswith("{")]
-            result = json.loads(found[-1]) if proc.returncode == 0 and found else {"error": lines[-5:]}
-            result.update(group=group, ended_s=round(time.perf_counter() - t0, 1))
-            print(json.dumps(result), flush=True)
-            results.append(result)
+    with tempfile.TemporaryDirectory(prefix="flash_qla_builds_") as tmp:
+        running = []
+        for i, group in enumerate(groups):
+            folder = Path(tmp, str(i))
+            env = dict(os.environ, TILELANG_CACHE_DIR=str(folder / "tilelang"), TRITON_CACHE_DIR=str(folder / "triton"))
+            cmd = [sys.executable, __file__, "--child", ",".join(group)]
+            cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--heads", str(args.heads)]
+            folder.mkdir()
+            log = open(folder / "child.log", "w+")  # noqa: SIM115 (closed when read); TileLang's notes go there too
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+            running.append((group, proc, log))
+        results = []
+        while running:
+            time.sleep(0.2)
+            for item in [r for r in running if r[1].poll() is not None]:
+                running.remove(item)
+                group, proc, log = item
+                log.seek(0)
+                lines = log.read().splitlines()
+                log.close()
+                found = [s for s in lines if s.startswith("{")]
+                result = json.loads(found[-1]) if found else {"error": lines[-5:]}
+                result.update(group=group, exit_code=proc.returncode, ended_s=round(time.perf_counter() - t0, 1))
+                print(json.dumps(result), flush=True)
+                results.append(result)
     return results
 
 

@@ -238,15 +238,17 @@ elif [ "$PART" = flashqla ]; then  # issue 17: FlashQLA's kernels (`gdn_backend:
         prof 120 fla_b16 16 --backend fla
         flashqla_loops; }
 elif [ "$PART" = flashqla2 ]; then  # issue 17, after session 28: FlashQLA's cold build by kernel (each in a
-    # process of its own, then all four in one), and the compiled step with CUDA graphs (training's default) at batch
-    # 16: FlashQLA cold with the prebuild, then FlashQLA, fla and HF Llama warm (half 0); the training loop of each,
-    # HF Llama's after them (half 1, the flashqla part's)
+    # process of its own, then all four in one; their own empty caches), then the compiled step with CUDA graphs
+    # (training's default) at batch 16 from emptied compiler caches: FlashQLA with the prebuild first (its first step
+    # is the cold one, and it leaves the caches warm), FlashQLA again, fla, HF Llama (half 0, about 6-9 min); the
+    # training loops, HF Llama's after them (half 1, the flashqla part's)
     export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor
     half0() {
-        timeout 240 python benchmarks/bench_flash_qla_builds.py --together --out "$OUT/flash_qla_builds.json" \
+        timeout 150 python benchmarks/bench_flash_qla_builds.py --together --out "$OUT/flash_qla_builds.json" \
             > "$OUT/flash_qla_builds.log" 2>&1; grep '^{' "$OUT/flash_qla_builds.log" | cut -c1-300
-        bench 560 cudagraphs_b16 --compiled-only --no-generate --train-batches 16 --budget-s 135 --models \
-            llamathink:flash_qla:cudagraphs:prebuild:cold,llamathink:flash_qla:cudagraphs,llamathink:fla:cudagraphs,hf-llama:cudagraphs; }
+        rm -rf /tmp/kcache/triton /tmp/kcache/tilelang /tmp/kcache/inductor
+        bench 430 cudagraphs_b16 --compiled-only --no-generate --train-batches 16 --budget-s 160 --models \
+            llamathink:flash_qla:cudagraphs:prebuild,llamathink:flash_qla:cudagraphs,llamathink:fla:cudagraphs,hf-llama:cudagraphs; }
     half1() { flashqla_loops; }
 else  # profile
     half0() {

@@ -107,8 +107,8 @@ def select_gdn_backend(
     inputs are 16-bit; otherwise "torch" (the PyTorch reference), with one warning saying why. Where fla runs,
     "flash_qla" gives "flash_qla" (FlashQLA's delta-rule kernels, fla's conv and decode step) where
     `flash_qla_problem` finds none for `head_dims` (Dk, Dv) and `dtype`, and warns once where it cannot. "auto"
-    stays on fla: FlashQLA's first kernel builds make a cold first compiled step about 101 s on an H200 against
-    fla's 42 s (BENCHMARKS.md section 1, session 28).
+    stays on fla: FlashQLA's first kernel builds made a cold first compiled step 101 s on an H200, against fla's
+    42-44 s (BENCHMARKS.md section 1, session 28).
     `dtype`: the dtype of the values (v)."""
     if requested == "torch" or device.type != "cuda":
         if requested in ("fla", "flash_qla") and device.type != "cuda":
@@ -922,9 +922,11 @@ def start_fla_prebuild(
     Arguments as `prebuild_fla_kernels`'s, with torch dtypes and `device` a CUDA device or its index (default the
     current one). With `delta_rule` "flash_qla" the child builds the kernels of FlashQLA's backward in two
     processes of their own beside it, one for the chunk states and one for the gradients (TileLang builds a kernel
-    in one thread, and FlashQLA's took 80 s one after the other), and ends when all three are done. The caller goes on at once (it does not wait): meant to be called just
-    before the first compiled training step of the process that trains on `device`, which then finds in the disk
-    caches what the child has built, and builds itself whatever the child has not yet.
+    in one thread, and FlashQLA's took 80 s one after the other), and ends when all three are done. The caller
+    goes on at once (it does not wait): meant to be called just before the first compiled training step of the
+    process that trains on `device`, which then finds in the disk caches what the child has built, and builds
+    itself whatever the child has not yet (neither Triton nor TileLang waits for a kernel another process is
+    building: FlashQLA's forward kernels, asked for within seconds, are the step's own to build).
 
     One cache for both: where TRITON_CACHE_DIR is unset, inductor sets it in this process, at its first compiled
     kernel, to its own per-device folder (`torch._inductor.runtime.cache_dir_utils.triton_cache_dir`, under
