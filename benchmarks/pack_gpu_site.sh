@@ -7,10 +7,13 @@
 #   then PYTHONPATH=/tmp/site. A wheel is a zip of its site-packages files, so unpacking is what pip would install
 #   (console scripts aside); the wheels are pure Python or manylinux for CPython 3.12, as the device's Python.
 set -euo pipefail
+shopt -s nullglob
 out=${1:-runs/gpu-site.tar.xz}
+wheels=(.gpu-wheels-a/*.whl .gpu-wheels-b/*.whl)
+[ ${#wheels[@]} -gt 0 ] || { echo "no wheels in .gpu-wheels-a or .gpu-wheels-b: run ../shared/gpu/stage-wheels.sh" >&2; exit 1; }
 site=$(mktemp -d)
 trap 'rm -rf "$site"' EXIT
-for wheel in .gpu-wheels-a/*.whl .gpu-wheels-b/*.whl; do python3 -m zipfile -e "$wheel" "$site"; done
+for wheel in "${wheels[@]}"; do python3 -m zipfile -e "$wheel" "$site"; done
 mkdir -p "$(dirname "$out")"
 tar -C "$site" -cf - . | xz -9 -T0 > "$out"
 du -h "$out"
