@@ -666,6 +666,8 @@ def test_every_split_of_an_optimizer_steps_batch_takes_the_same_examples_and_res
     ChatBatchLoader(data, 4, seed=1, grad_accum=2).load_state_dict(a.state_dict())
     with pytest.raises(ValueError, match=r"loader state is damaged .*ValueError"):
         ChatBatchLoader(data, 4, seed=1, grad_accum=2).load_state_dict({**a.state_dict(), "position": "x"})
+    with pytest.raises(ValueError, match=r"planned_by 'steps' in the checkpoint is neither"):
+        ChatBatchLoader(data, 4, seed=1, grad_accum=2).load_state_dict({**a.state_dict(), "planned_by": "steps"})
 
     # an earlier version's state: micro-steps of 4 planned alone, taken two per step; resumed with accumulation 2
     old = ChatBatchLoader(data, 4, seed=1)

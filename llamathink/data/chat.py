@@ -578,7 +578,13 @@ class ChatBatchLoader:
         needs the same micro batch x processes. Raises ValueError naming the setting when the data, seed,
         grouping or batch changed, or the saved position is not a valid count or not at an optimizer step's end."""
         mine = self.state_dict()
-        by_micro_step = state.get("planned_by", "micro-step") == "micro-step"  # no key: an earlier version's
+        planned_by = state.get("planned_by", "micro-step")  # no key: an earlier version's state
+        if planned_by not in ("step", "micro-step"):
+            raise ValueError(
+                f"cannot resume the data position: planned_by {planned_by!r} in the checkpoint is neither 'step' nor "
+                "'micro-step' (the checkpoint was edited or damaged)"
+            )
+        by_micro_step = planned_by == "micro-step"
         for key in ("seed", "size", "group_by_length", "global_batch" if by_micro_step else "step_batch"):
             if state.get(key) != mine[key]:
                 why = "the data or batch settings changed"
