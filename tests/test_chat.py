@@ -664,10 +664,29 @@ def test_every_split_of_an_optimizer_steps_batch_takes_the_same_examples_and_res
     with pytest.raises(ValueError, match=r"micro-step 15 of its epoch is not at the end of an optimizer step of 2"):
         ChatBatchLoader(data, 2, seed=1, grad_accum=4).load_state_dict(a.state_dict())
     ChatBatchLoader(data, 4, seed=1, grad_accum=2).load_state_dict(a.state_dict())
-    with pytest.raises(ValueError, match=r"loader state is damaged .*ValueError"):
-        ChatBatchLoader(data, 4, seed=1, grad_accum=2).load_state_dict({**a.state_dict(), "position": "x"})
-    with pytest.raises(ValueError, match=r"planned_by 'steps' in the checkpoint is neither"):
-        ChatBatchLoader(data, 4, seed=1, grad_accum=2).load_state_dict({**a.state_dict(), "planned_by": "steps"})
+    # a damaged state is named, never read as another position or plan (each of these resumed somewhere else, or
+    # failed deep inside, before)
+    state = ChatBatchLoader(data, 8, seed=1).state_dict() | {"epoch": 1, "position": 4}  # 12 steps an epoch
+    assert state["planned_by"] == "step" and state["grad_accum"] == 1 and state["step_batch"] == 8
+    for edit, named in [
+        ({"position": "x"}, r"position is 'x', not an integer >= 0"),
+        ({"position": 4.0}, r"position is 4.0, not an integer"),
+        ({"position": float("inf")}, r"position is inf, not an integer"),
+        ({"epoch": True}, r"epoch is True, not an integer"),
+        ({"size": torch.tensor([96, 96])}, r"size is tensor\(\[96, 96\]\), not an integer"),
+        ({"group_by_length": 1}, r"group_by_length is 1, not true or false"),
+        ({"planned_by": "steps"}, r"planned_by is 'steps', not 'step' or 'micro-step'"),
+        ({"planned_by": None}, r"planned_by is None"),  # new keys without it: not an earlier version's state
+        ({"grad_accum": None}, r"grad_accum is None, not an integer >= 1"),
+        ({"grad_accum": True}, r"grad_accum is True"),
+        ({"grad_accum": 2}, r"step_batch 8 is not global_batch 8 x grad_accum 2"),
+        ({"position": 13}, r"position 13 is past the end of an epoch of 12 micro-steps"),
+    ]:
+        damaged = {k: v for k, v in {**state, **edit}.items() if v is not None}
+        for micro, accum in [(8, 1), (2, 4)]:
+            with pytest.raises(ValueError, match=r"loader state is damaged \(" + named):
+                ChatBatchLoader(data, micro, seed=1, grad_accum=accum).load_state_dict(damaged)
+    ChatBatchLoader(data, 2, seed=1, grad_accum=4).load_state_dict({**state, "position": 12})  # an epoch's end
 
     # an earlier version's state: micro-steps of 4 planned alone, taken two per step; resumed with accumulation 2
     old = ChatBatchLoader(data, 4, seed=1)

@@ -1121,11 +1121,12 @@ def test_a_stale_checkpoint_that_cannot_be_removed_does_not_fail_the_save(model_
 def test_the_chat_loader_refuses_a_negative_saved_position():
     loader = data_chat.ChatBatchLoader(list(range(8)), 2, seed=1, group_by_length=False)
     good = loader.state_dict()
-    for bad in (dict(position=-1), dict(epoch=-2), dict(grad_accum=0)):
+    for bad in (dict(position=-1), dict(epoch=-2), dict(grad_accum=0, step_batch=0)):
+        key, value = next(iter(bad.items()))
         with pytest.raises(
             ValueError,
-            match=r"cannot resume the data position: epoch -?\d+, position -?\d+ and grad_accum -?\d+ in the "
-            r"checkpoint are not all valid counts",
+            match=rf"cannot resume the data position: the checkpoint's loader state is damaged \({key} is {value}, "
+            r"not an integer >= [01]\)",
         ):
             loader.load_state_dict({**good, **bad})
         assert (loader.epoch, loader.position) == (0, 0)

@@ -573,20 +573,42 @@ class ChatBatchLoader:
         """Continue from a `state_dict`, also of another split of the same step batch (micro batch, accumulation,
         processes): the position, taken at an optimizer step's end, is converted to this split's micro-steps.
 
-        A state planned by micro-step (written before the order was planned by optimizer step, or by a run resumed
-        from one) planned each micro-step's `global_batch` examples alone; the run goes on in that plan, which
-        needs the same micro batch x processes. Raises ValueError naming the setting when the data, seed,
-        grouping or batch changed, or the saved position is not a valid count or not at an optimizer step's end."""
-        mine = self.state_dict()
-        planned_by = state.get("planned_by", "micro-step")  # no key: an earlier version's state
+        A state planned by micro-step (written before the order was planned by optimizer step, without
+        "step_batch", "grad_accum" and "planned_by", or by a run resumed from one) planned each micro-step's
+        `global_batch` examples alone; the run goes on in that plan, which needs the same micro batch x processes.
+        Raises ValueError naming the setting when the data, seed, grouping or batch changed, and naming the entry
+        when the state is damaged: a count that is not a non-negative integer (a positive one for batches), a
+        step batch that is not its global batch x accumulation, a position past its epoch's end or, for another
+        split, not at an optimizer step's end."""
+
+        def damaged(why: str) -> ValueError:
+            return ValueError(f"cannot resume the data position: the checkpoint's loader state is damaged ({why})")
+
+        def count(key: str, least: int = 0) -> int:
+            value = state.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                raise damaged(f"{key} is {value!r}, not an integer >= {least}")
+            return int(value)
+
+        if not isinstance(state, dict):
+            raise damaged(f"a {type(state).__name__}, not a dict")
+        new_keys = [key for key in ("step_batch", "grad_accum", "planned_by") if key in state]
+        planned_by = state.get("planned_by", "micro-step" if not new_keys else None)  # none: an earlier version's
         if planned_by not in ("step", "micro-step"):
-            raise ValueError(
-                f"cannot resume the data position: planned_by {planned_by!r} in the checkpoint is neither 'step' nor "
-                "'micro-step' (the checkpoint was edited or damaged)"
-            )
+            raise damaged(f"planned_by is {planned_by!r}, not 'step' or 'micro-step'")
         by_micro_step = planned_by == "micro-step"
-        for key in ("seed", "size", "group_by_length", "global_batch" if by_micro_step else "step_batch"):
-            if state.get(key) != mine[key]:
+        seed, size, global_batch = count("seed"), count("size"), count("global_batch", 1)
+        if not isinstance(state.get("group_by_length"), bool):
+            raise damaged(f"group_by_length is {state.get('group_by_length')!r}, not true or false")
+        saved_accum = 1 if not new_keys else count("grad_accum", 1)
+        step_batch = global_batch if not new_keys else count("step_batch", 1)
+        if step_batch != global_batch * saved_accum:
+            raise damaged(f"step_batch {step_batch} is not global_batch {global_batch} x grad_accum {saved_accum}")
+        saved = {"seed": seed, "size": size, "group_by_length": state["group_by_length"]}
+        saved["global_batch" if by_micro_step else "step_batch"] = global_batch if by_micro_step else step_batch
+        mine = self.state_dict()
+        for key, value in saved.items():
+            if value != mine[key]:
                 why = "the data or batch settings changed"
                 if key == "global_batch":
                     why = (
@@ -594,18 +616,14 @@ class ChatBatchLoader:
                         "and shuffled as such, as earlier LlamaThink versions did: keep that product"
                     )
                 raise ValueError(
-                    f"cannot resume the data position: {key} was {state.get(key)!r} in the checkpoint "
-                    f"and is {mine[key]!r} now ({why})"
+                    f"cannot resume the data position: {key} was {value!r} in the checkpoint and is {mine[key]!r} "
+                    f"now ({why})"
                 )
-        try:
-            epoch, position, saved_accum = int(state["epoch"]), int(state["position"]), int(state.get("grad_accum", 1))
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"cannot resume the data position: the checkpoint's loader state is damaged ({err!r})")
-        if epoch < 0 or position < 0 or saved_accum < 1:  # a negative position would index the epoch from its end
-            raise ValueError(
-                f"cannot resume the data position: epoch {epoch}, position {position} and grad_accum {saved_accum} "
-                "in the checkpoint are not all valid counts"
-            )
+        epoch, position = count("epoch"), count("position")
+        # micro-steps in an epoch of the saved plan: its batches (each of micro-steps planned alone, or of steps)
+        per_epoch = size // global_batch if by_micro_step else size // step_batch * saved_accum
+        if position > per_epoch:
+            raise damaged(f"position {position} is past the end of an epoch of {per_epoch} micro-steps")
         if by_micro_step:
             self._plan_accum, self._plan = 1, None
         elif saved_accum != self.grad_accum:
