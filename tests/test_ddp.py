@@ -63,11 +63,13 @@ def test_two_process_ddp_matches_one_process_and_checkpoints_move_between_them(s
         rel = ((two["model"][name] - value).norm() / value.norm().clamp_min(1e-12)).item()
         assert rel < 2e-2, (name, rel)
 
-    # saved on 2 processes, resumed on 1 (and the reverse): the continuation follows the uninterrupted curve
-    _run(2, model_json, sample_data, tmp_path / "2to1", micro_batch=4, stop_at_step=4)
-    resumed = _run(1, model_json, sample_data, tmp_path / "2to1", micro_batch=8)
-    _run(1, model_json, sample_data, tmp_path / "1to2", micro_batch=8, stop_at_step=4)
-    resumed2 = _run(2, model_json, sample_data, tmp_path / "1to2", micro_batch=4)
+    # saved on 2 processes, resumed on 1 (and the reverse), each from the other run's checkpoint of step 4 (as a run
+    # stopped there leaves it): the continuation follows the uninterrupted curve
+    def step_4(out):
+        return next(c for c in ckpt.list_checkpoints(out) if c.name == "step_00000004")
+
+    resumed = _run(1, model_json, sample_data, tmp_path / "2to1", micro_batch=8, resume=step_4(tmp_path / "two"))
+    resumed2 = _run(2, model_json, sample_data, tmp_path / "1to2", micro_batch=4, resume=step_4(tmp_path / "one"))
     for history in (resumed["history"]["losses"], resumed2["history"]["losses"]):
         assert sorted(history) == list(range(1, 9))
         for step in range(5, 9):
