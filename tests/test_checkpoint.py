@@ -359,6 +359,43 @@ def test_an_overwrite_whose_first_save_fails_or_is_killed_gives_the_earlier_chec
     assert sorted(again["losses"]) == [1, 2] and _names(ckpt.list_checkpoints(tmp_path / "nfs")) == ["step_00000002"]
 
 
+def test_a_zero_step_overwrite_run_settles_on_its_final_model_before_its_hub_upload(
+    sample_data,  # noqa: F811
+    model_json,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    """An `overwrite: true` run with no step to train (resumed from another folder's checkpoint at max_steps) saves
+    no checkpoint: its final model is its first output. The earlier run's checkpoints go once that folder is in
+    place, before the Hub upload, so an upload that is interrupted or killed leaves this run's output alone in
+    out_dir, and the next start has nothing to put back (the settling used to come after the upload: a kill there
+    brought the earlier run's checkpoints back beside the new final model)."""
+    import huggingface_hub
+
+    out, other = tmp_path / "run", tmp_path / "other"
+    pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=2))  # the earlier run
+    pretrain.train(_cfg(sample_data, model_json, other, max_steps=4, save_every=2))
+    finished = str(ckpt.list_checkpoints(other)[-1])  # step 4 of 4: nothing left to train
+    root = ckpt.checkpoint_dir(out)
+    at_upload = []
+
+    def upload_folder(**kwargs):
+        at_upload.append(sorted(p.name for p in root.iterdir()))
+        raise KeyboardInterrupt  # stands in for a kill during the upload
+
+    monkeypatch.setattr(loop, "check_hub_access", lambda cfg: None)
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kwargs: None)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    cfg = _cfg(sample_data, model_json, out, max_steps=4, resume=finished, overwrite=True)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.train(dataclasses.replace(cfg, push_to_hub=True, hub_model_id="me/tiny"))
+    assert at_upload == [[]]  # the earlier checkpoints were already deleted, none set aside
+    assert (out / "final" / "model.safetensors").exists()
+    with ckpt.own_out_dir(out):  # the next start
+        pass
+    assert not ckpt.list_checkpoints(out) and not list(root.iterdir())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # save failures
 # ---------------------------------------------------------------------------------------------------------------

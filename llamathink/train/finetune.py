@@ -314,11 +314,13 @@ def _finetune(cfg: FinetuneConfig, accelerator) -> dict:
         grad_accum=cfg.grad_accum,
     )
 
-    def final(raw_model, final_dir: Path, history: dict):
+    def final(raw_model, final_dir: Path, history: dict, on_saved):
         raw_model.generation_config.eos_token_id = tokenizer.eos_token_id
         raw_model.generation_config.pad_token_id = pad_id
         # the tokenizer with the chat template (chat_template.jinja); the card counts the assistant tokens trained on
-        save_final(raw_model, tokenizer, final_dir, cfg, history, tokens_seen=history["trained_tokens"])
+        save_final(
+            raw_model, tokenizer, final_dir, cfg, history, tokens_seen=history["trained_tokens"], on_saved=on_saved
+        )
         accelerator.print(f"saved {final_dir}; chat with: llamathink-chat {final_dir}")
 
     def samples(raw_model) -> list[str]:

@@ -209,13 +209,20 @@ def skip_nonfinite_step(
 
 
 def save_final(
-    model, tokenizer, final_dir: Path, cfg: RunConfig, history: dict | None = None, tokens_seen: int | None = None
+    model,
+    tokenizer,
+    final_dir: Path,
+    cfg: RunConfig,
+    history: dict | None = None,
+    tokens_seen: int | None = None,
+    on_saved: Callable[[], None] | None = None,
 ):
     """The finished model as a save_pretrained directory: weights, config and model code, the tokenizer (if any)
     with generation defaults (left padding, `model_max_length` = the model's context; see
     `llamathink.tokenizer_utils.save_tokenizer_for_model`) and a model card `README.md` built from `cfg`, the run
     `history` ({"losses": {step: loss}, "eval": {step: loss}}) and `tokens_seen` (`llamathink.model_card`).
-    With `cfg.push_to_hub` the folder, card included, is uploaded as it is to `cfg.hub_model_id`."""
+    With `cfg.push_to_hub` the folder, card included, is uploaded as it is to `cfg.hub_model_id`, after
+    `on_saved()` (called once the folder is in place: what a kill during the upload must not undo)."""
     from ..model_card import write_model_card
     from ..tokenizer_utils import save_tokenizer_for_model
 
@@ -249,6 +256,8 @@ def save_final(
             ) from err
         raise
     shutil.rmtree(old, ignore_errors=True)
+    if on_saved is not None:
+        on_saved()
     if cfg.push_to_hub:
         # push_to_hub of the model would write transformers' generic card over ours; upload the folder instead
         import huggingface_hub
@@ -363,13 +372,14 @@ class TrainingHooks:
       evaluation. `eval_name` labels it in the printed line.
     * `samples(raw_model) -> list[str]`: lines to print every `sample_every` steps (main process only).
     * `extra_metrics() -> dict`: metrics logged beside the loop's own (e.g. the epoch).
-    * `save_final(raw_model, final_dir, history)`: writes the finished model's folder (main process only).
+    * `save_final(raw_model, final_dir, history, on_saved)`: writes the finished model's folder (main process
+      only), calling `on_saved()` once it is in place, before any upload (`save_final`).
     * `summary`: values recorded once in the W&B run summary of a fresh run (e.g. data counts).
     * `flops_per_token`: training FLOPs per input token and `peak_flops`: the peak FLOP/s of one device, for MFU;
       either None: no MFU.
     """
 
-    save_final: Callable[[torch.nn.Module, Path, dict], None]
+    save_final: Callable[[torch.nn.Module, Path, dict, Callable[[], None]], None]
     evaluate: Callable[[torch.nn.Module], float] | None = None
     eval_name: str = "val loss"
     samples: Callable[[torch.nn.Module], list[str]] | None = None
@@ -751,18 +761,24 @@ def run_training(
     if is_main:
         claim_out_dir()  # (a run of no step saved no checkpoint: its history and final model are its first output)
     final_saved = False
+
+    def final_in_place():
+        # the finished model is this run's output: an overwrite settles now, before a Hub upload that may be killed
+        # (a run of no step saved no checkpoint, so its earlier run's checkpoints would come back beside it)
+        nonlocal final_saved
+        final_saved = True
+        settle_overwrite(whole=True)
+
     try:
         if is_main:
             write_history(out_dir, history)
         if is_main and step == cfg.max_steps:
-            try:
-                hooks.save_final(
-                    raw_model, final_dir, {**history, "tokens_seen": tokens_seen, "trained_tokens": trained_tokens}
-                )
-            except HubUploadError:
-                final_saved = True  # saved locally; only the upload failed
-                raise
-            final_saved = True
+            hooks.save_final(
+                raw_model,
+                final_dir,
+                {**history, "tokens_seen": tokens_seen, "trained_tokens": trained_tokens},
+                final_in_place,
+            )
     finally:
         if is_main:  # (a run that saved a checkpoint has settled already)
             settle_overwrite(whole=final_saved)

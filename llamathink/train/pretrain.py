@@ -353,8 +353,8 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     if cfg.compile and cfg.compile_mode == "auto":
         accelerator.print(f"compile_mode auto: {compile_mode} ({why})")
 
-    def final(raw_model, final_dir: Path, history: dict):
-        save_final(raw_model, tokenizer, final_dir, cfg, history, tokens_seen=history["tokens_seen"])
+    def final(raw_model, final_dir: Path, history: dict, on_saved):
+        save_final(raw_model, tokenizer, final_dir, cfg, history, tokens_seen=history["tokens_seen"], on_saved=on_saved)
         accelerator.print(f"saved {final_dir}")
 
     hooks = TrainingHooks(
