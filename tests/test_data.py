@@ -1218,6 +1218,20 @@ def test_loader_resume_refuses_negative_or_zero_counts(tmp_path):
         with pytest.raises(ValueError, match=rf"cannot resume data loader: saved .*{key}={value}.* not valid counts"):
             again.load_state_dict({**good, key: value})
         assert (again.epoch, again.position) == (0, 0)  # unchanged
+    # a damaged entry is named, not read with int() as another position (a float, a bool) or failing deep inside
+    # (inf, a string), and a position past its epoch's end (25 batches of 4 windows here) is not taken for the next
+    for key, value, named in [
+        ("position", 1.0, r"position is 1\.0, not an integer\)"),
+        ("position", float("inf"), r"position is inf, not an integer\)"),
+        ("epoch", True, r"epoch is True, not an integer\)"),
+        ("world_size", "2", r"world_size is '2', not an integer\)"),
+        ("grad_accum", 0, r"grad_accum is 0, not an integer >= 1\)"),
+        ("seed", torch.tensor(11), r"seed is tensor\(11\), not an integer\)"),
+        ("position", 26, r"position 26 is past the end of an epoch of 25 batches of 1 x 4 windows"),
+    ]:
+        with pytest.raises(ValueError, match=r"the checkpoint's loader state is damaged \(" + named):
+            TokenBatchLoader(tmp_path, 10, 4, seed=11).load_state_dict({**good, key: value})
+    again.load_state_dict({**good, "position": 25})  # an epoch's end: the next batch starts the next epoch
     again.load_state_dict(good)
     assert torch.equal(next(again)[0], next(L)[0])
 

@@ -45,12 +45,13 @@ import numpy as np
 
 from ..chat_format import (
     RenderedChat,
-    check_content,
-    normalize_messages,
     check_chat_tokenizer,
+    check_content,
     encode_rendered,
+    normalize_messages,
     render_chat,
 )
+from .shards import saved_count
 
 if TYPE_CHECKING:
     import torch
@@ -584,12 +585,6 @@ class ChatBatchLoader:
         def damaged(why: str) -> ValueError:
             return ValueError(f"cannot resume the data position: the checkpoint's loader state is damaged ({why})")
 
-        def count(key: str, least: int = 0) -> int:
-            value = state.get(key)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-                raise damaged(f"{key} is {value!r}, not an integer >= {least}")
-            return int(value)
-
         if not isinstance(state, dict):
             raise damaged(f"a {type(state).__name__}, not a dict")
         new_keys = [key for key in ("step_batch", "grad_accum", "planned_by") if key in state]
@@ -597,11 +592,15 @@ class ChatBatchLoader:
         if planned_by not in ("step", "micro-step"):
             raise damaged(f"planned_by is {planned_by!r}, not 'step' or 'micro-step'")
         by_micro_step = planned_by == "micro-step"
-        seed, size, global_batch = count("seed"), count("size"), count("global_batch", 1)
+        seed, size, global_batch = (
+            saved_count(state, "seed"),
+            saved_count(state, "size"),
+            saved_count(state, "global_batch", 1),
+        )
         if not isinstance(state.get("group_by_length"), bool):
             raise damaged(f"group_by_length is {state.get('group_by_length')!r}, not true or false")
-        saved_accum = 1 if not new_keys else count("grad_accum", 1)
-        step_batch = global_batch if not new_keys else count("step_batch", 1)
+        saved_accum = 1 if not new_keys else saved_count(state, "grad_accum", 1)
+        step_batch = global_batch if not new_keys else saved_count(state, "step_batch", 1)
         if step_batch != global_batch * saved_accum:
             raise damaged(f"step_batch {step_batch} is not global_batch {global_batch} x grad_accum {saved_accum}")
         saved = {"seed": seed, "size": size, "group_by_length": state["group_by_length"]}
@@ -619,7 +618,7 @@ class ChatBatchLoader:
                     f"cannot resume the data position: {key} was {value!r} in the checkpoint and is {mine[key]!r} "
                     f"now ({why})"
                 )
-        epoch, position = count("epoch"), count("position")
+        epoch, position = saved_count(state, "epoch"), saved_count(state, "position")
         # micro-steps in an epoch of the saved plan: its batches (each of micro-steps planned alone, or of steps)
         per_epoch = size // global_batch if by_micro_step else size // step_batch * saved_accum
         if position > per_epoch:

@@ -368,6 +368,21 @@ class ShardedTokenDataset:
         return out
 
 
+def saved_count(state: dict, key: str, least: int | None = 0, default: int | None = None) -> int:
+    """`state[key]` of a data loader's saved state (`default` where it is missing and `default` is given) as an int.
+    Raises ValueError naming the entry as damaged where it is not an integer (a bool, a float, inf, a string, a
+    tensor: read with int() each would become another position, or fail deep inside) or is below `least` (None: no
+    bound here, the caller checks the range)."""
+    value = state.get(key, default) if isinstance(state, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (least is not None and value < least):
+        bound = f" >= {least}" if least is not None else ""
+        raise ValueError(
+            f"cannot resume the data position: the checkpoint's loader state is damaged ({key} is {value!r}, not an "
+            f"integer{bound})"
+        )
+    return int(value)
+
+
 def _to_batch(arr: np.ndarray):
     """``(input_ids, labels)`` from an int64 ``[batch, seq_len]`` array: a tensor sharing its memory and a copy."""
     import torch  # only the loaders need torch: preparing data does not import it
@@ -468,19 +483,27 @@ class TokenBatchLoader:
         an optimizer step's windows (world_size x batch_size x grad_accum) stay as many: step n then holds the same
         windows, in every epoch.
         Raises ValueError when the saved seed, seq_len or data size differ, or a saved count is negative (or a
-        size is zero)."""
+        size is zero), not an integer (`saved_count`) or a position past its epoch's end."""
         mine = {"seed": self.seed, "seq_len": self.seq_len, "num_windows": self.dataset.num_windows}
         for k, v in mine.items():
-            if k in state and int(state[k]) != v:
+            if k in state and saved_count(state, k, least=None) != v:
                 raise ValueError(f"cannot resume data loader: saved {k}={state[k]} but this loader has {k}={v}")
-        epoch, position = int(state["epoch"]), int(state["position"])
-        saved_ws = int(state.get("world_size", self.world_size))
-        saved_bs = int(state.get("batch_size", self.batch_size))
+        epoch, position = saved_count(state, "epoch", None), saved_count(state, "position", None)
+        saved_ws = saved_count(state, "world_size", None, default=self.world_size)
+        saved_bs = saved_count(state, "batch_size", None, default=self.batch_size)
+        saved_accum = saved_count(state, "grad_accum", 1, default=1)
         # a negative position would index the permutation from its end: other data, silently
         if min(epoch, position) < 0 or min(saved_ws, saved_bs) < 1:
             raise ValueError(
                 f"cannot resume data loader: saved epoch={epoch}, position={position}, "
                 f"world_size={saved_ws}, batch_size={saved_bs} are not valid counts"
+            )
+        # batches in an epoch of the saved layout (a state without grad_accum: epochs of whole micro-steps)
+        per_epoch = self.dataset.num_windows // (saved_ws * saved_bs * saved_accum) * saved_accum
+        if position > per_epoch:
+            raise ValueError(
+                f"cannot resume the data position: the checkpoint's loader state is damaged (position {position} is "
+                f"past the end of an epoch of {per_epoch} batches of {saved_ws} x {saved_bs} windows)"
             )
         if (saved_ws, saved_bs) != (self.world_size, self.batch_size):
             consumed = position * saved_ws * saved_bs  # windows of this epoch already used by all ranks
