@@ -15,11 +15,14 @@ the modeling file imports it with a single-dot relative import, so `save_pretrai
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -520,24 +523,12 @@ def _define_flash_qla_ops():
         o [B, T, H, 128] in v's dtype, and what the backward needs: the chunk-local cumulative gates [B, T, H] fp32
         and the inverted WY matrices A [B, T, H, 64] (k's dtype). `cu_seqlens` [N + 1] (B = 1): N packed sequences,
         each starting from a zero state."""
-        kkt_solve, fused_fwd, _, _, cumsum = _flash_qla_kernels()
+        cumsum = _flash_qla_kernels()[4]
+        wait_for_prebuild(("solve", "forward"))
         with _device_of(q):
             g_cum = cumsum(g, chunk_size=64, **_chunk_indices(cu_seqlens))
-            A = kkt_solve(k=k, b=beta, chunk_size=64, cu_seqlens=cu_seqlens)
-            o = fused_fwd(
-                q=q,
-                k=k,
-                v=v,
-                a=A,
-                g=g_cum,
-                b=beta,
-                scale=scale,
-                initial_state=None,
-                output_final_state=False,
-                output_h=False,
-                output_o=True,
-                cu_seqlens=cu_seqlens,
-            )[0]
+            A = _flash_qla_solve(k, beta, cu_seqlens)
+            o = _flash_qla_forward_given_solve(q, k, v, g_cum, beta, A, scale, cu_seqlens)
         return o.to(v.dtype).contiguous(), g_cum.float().contiguous(), A.contiguous()
 
     @flash_qla_chunk_gdn.register_fake
@@ -559,6 +550,7 @@ def _define_flash_qla_ops():
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gradients w.r.t. q, k, v, g (the raw log-decays: the chunk-local sums' gradient summed back) and beta,
         by FlashQLA's backward (which recomputes the chunk states from the saved WY matrices)."""
+        wait_for_prebuild(("states", "backward"))
         with _device_of(q):
             h = _flash_qla_chunk_states(k, v, g_cum, beta, A, cu_seqlens)
             return _flash_qla_backward_from_states(q, k, v, g_cum, beta, A, h, scale, grad_o, cu_seqlens)
@@ -589,6 +581,31 @@ def _define_flash_qla_ops():
 
 
 _flash_qla_op = _define_flash_qla_ops()
+
+
+def _flash_qla_solve(k, beta, cu_seqlens=None) -> torch.Tensor:
+    """FlashQLA's `kkt_solve`: the inverted WY matrices A [B, T, H, 64] (k's dtype) of each chunk of 64, from k
+    [B, T, H, 128] and beta [B, T, H] (arguments as `llamathink::flash_qla_chunk_gdn`'s)."""
+    return _flash_qla_kernels()[0](k=k, b=beta, chunk_size=64, cu_seqlens=cu_seqlens)
+
+
+def _flash_qla_forward_given_solve(q, k, v, g_cum, beta, A, scale, cu_seqlens=None) -> torch.Tensor:
+    """FlashQLA's `fused_gdr_fwd` given the WY matrices A (`_flash_qla_solve`) and the chunk-local gate sums g_cum
+    [B, T, H] fp32: the output o [B, T, H, 128] (arguments as `llamathink::flash_qla_chunk_gdn`'s)."""
+    return _flash_qla_kernels()[1](
+        q=q,
+        k=k,
+        v=v,
+        a=A,
+        g=g_cum,
+        b=beta,
+        scale=scale,
+        initial_state=None,
+        output_final_state=False,
+        output_h=False,
+        output_o=True,
+        cu_seqlens=cu_seqlens,
+    )[0]
 
 
 def _flash_qla_chunk_states(k, v, g_cum, beta, A, cu_seqlens=None) -> torch.Tensor:
@@ -803,9 +820,12 @@ def probe_fla():
 # compilation (BENCHMARKS.md section 1). A child process that runs fla's forward and backward once at the step's
 # shapes builds the same kernels into the same disk caches meanwhile, so that the step then loads them.
 
-FLASH_QLA_PARTS = ("all", "forward", "states", "backward")  # `prebuild_fla_kernels`' parts for FlashQLA
+# `prebuild_fla_kernels`' parts for FlashQLA: all, or one of its four TileLang kernels (with the `solve`, fla's conv)
+FLASH_QLA_PARTS = ("all", "solve", "forward", "states", "backward")
 FLA_PREBUILD_ENV = "LLAMATHINK_FLA_PREBUILD"  # "0": no child process (`start_fla_prebuild`)
+PREBUILD_WAIT_LIMIT_S = 300.0  # the longest a FlashQLA call waits for a prebuild process (`wait_for_prebuild`)
 _prebuild_children: list = []
+_prebuild_waits: list = []  # `_PrebuildWait`s of this process's FlashQLA prebuilds (their folders go at exit)
 
 
 def prebuild_fla_kernels(
@@ -828,9 +848,10 @@ def prebuild_fla_kernels(
     and `llamathink::fla_chunk_gdn` with the package's recorded autotune choices or, with `delta_rule`
     "flash_qla", `llamathink::flash_qla_chunk_gdn`), so that Triton and tilelang build and cache
     (TRITON_CACHE_DIR, TILELANG_CACHE_DIR) the kernels that step launches. The body of `start_fla_prebuild`'s child
-    process; also callable directly. `part`: "all", or for FlashQLA one of the three that processes build side by
-    side: "forward" (the conv and the delta rule's forward), "states" (the backward's recomputation of the chunk
-    states, on random saved tensors) and "backward" (the backward given random chunk states).
+    process; also callable directly. `part`: "all", or for FlashQLA one of its four TileLang kernels, which
+    processes build side by side, each on random inputs: "solve" (`kkt_solve`, the WY matrices; with fla's conv
+    and gate sums), "forward" (`fused_gdr_fwd`), "states" (`fused_gdr_h`, the backward's recomputation of the chunk
+    states) and "backward" (`fused_gdr_bwd`). Raises ValueError for a part `delta_rule` does not come in.
 
     Shapes as the model passes them: the conv input [B, T, conv_dim] in `dtype` (a torch dtype's name, 16-bit) with
     its weight [conv_dim, conv_kernel_size] in `conv_weight_dtype` (the parameter's: float32 under autocast); q, k
@@ -861,7 +882,7 @@ def prebuild_fla_kernels(
         x = torch.randn(*shape, device=dev)
         return (fn(x) if fn is not None else x).to(dtype).contiguous().requires_grad_()
 
-    if _fla_conv_internals() is not None and part in ("all", "forward"):
+    if _fla_conv_internals() is not None and part in ("all", "solve"):
         x, weight = leaf(B, T, conv_dim), leaf(conv_dim, conv_kernel_size, dtype=getattr(torch, conv_weight_dtype))
         y = _fla_conv_op(x, weight, cu_seqlens)
         y.backward(torch.randn_like(y))
@@ -873,11 +894,27 @@ def prebuild_fla_kernels(
     k = leaf(B, T, H, head_k_dim, fn=lambda t: torch.nn.functional.normalize(t, dim=-1))
     v, beta = leaf(B, T, H, head_v_dim), leaf(B, T, H, fn=torch.sigmoid)
     g = leaf(B, T, H, dtype=torch.float32, fn=lambda t: -torch.nn.functional.softplus(t))
-    if part in ("states", "backward"):  # a forward's saved tensors, random: the kernels' code depends on shapes alone
+    # FlashQLA's forward kernels come in variants by (number of sequences x heads) against the GPU's SM count (its
+    # values per CTA): packed, one for each number of documents a batch may hold, 1 to 256 by doubling, each cut
+    # into documents of about equal lengths
+    forward_cuts = [cu_seqlens]
+    if packed:
+        forward_cuts += [
+            torch.linspace(0, T, n + 1, device=dev).long() for n in (2**i for i in range(9)) if n <= T // 2
+        ]
+    if part != "all":  # one of FlashQLA's kernels, on random inputs (its code depends on the shapes alone)
         with torch.no_grad():
+            cumsum = _flash_qla_kernels()[4]
             g_cum = g.cumsum(1)
             A = torch.randn(B, T, H, 64, device=dev).div(8).to(dt)  # the WY matrices [B, T, H, chunk]
-            if part == "states":
+            if part == "solve":
+                for cuts in forward_cuts:
+                    cumsum(g, chunk_size=64, **_chunk_indices(cuts))
+                    _flash_qla_solve(k, beta, cuts)
+            elif part == "forward":
+                for cuts in forward_cuts:
+                    _flash_qla_forward_given_solve(q, k, v, g_cum, beta, A, scale, cuts)
+            elif part == "states":
                 _flash_qla_chunk_states(k, v, g_cum, beta, A, cu_seqlens)
             else:  # given the chunk states [B, NT, H, K, V]: NT chunks of 64 in each row, or in all documents
                 chunks = (B, -(-T // 64)) if not packed else (1, int(((cu_seqlens.diff() + 63) // 64).sum()))
@@ -885,20 +922,13 @@ def prebuild_fla_kernels(
                 _flash_qla_backward_from_states(q, k, v, g_cum, beta, A, h, scale, v, cu_seqlens)
     elif delta_rule == "flash_qla":
         o = _flash_qla_op(q, k, v, g, beta, scale, cu_seqlens)[0]
-        if packed:
-            # FlashQLA's forward kernel comes in variants by (number of sequences x heads) against the GPU's SM count
-            # (its values per CTA): one for each number of documents a packed batch may hold, 1 to 256 by doubling
-            with torch.no_grad():
-                for n in (2**i for i in range(9)):
-                    if n <= T // 2:
-                        cuts = torch.linspace(0, T, n + 1, device=dev).long()  # n documents of about equal lengths
-                        _flash_qla_op(*(t.detach() for t in (q, k, v, g, beta)), scale, cuts)
-        if part == "all":
-            o.backward(torch.randn_like(o))
+        with torch.no_grad():
+            for cuts in forward_cuts[1:]:
+                _flash_qla_op(*(t.detach() for t in (q, k, v, g, beta)), scale, cuts)
+        o.backward(torch.randn_like(o))
     else:
         o = _fla_chunk_op(q, k, v, g, beta, scale, None, False, cu_seqlens)[0]
-        if part == "all":
-            o.backward(torch.randn_like(o))
+        o.backward(torch.randn_like(o))
     torch.cuda.synchronize(dev)
 
 
@@ -920,13 +950,17 @@ def start_fla_prebuild(
     """Start `prebuild_fla_kernels` in a child Python process and return it (a `subprocess.Popen`), or None where
     there is nothing to build: fla or CUDA missing, a dtype fla does not train in, or `LLAMATHINK_FLA_PREBUILD=0`.
     Arguments as `prebuild_fla_kernels`'s, with torch dtypes and `device` a CUDA device or its index (default the
-    current one). With `delta_rule` "flash_qla" the child builds the kernels of FlashQLA's backward in two
-    processes of their own beside it, one for the chunk states and one for the gradients (TileLang builds a kernel
-    in one thread, and FlashQLA's took 80 s one after the other), and ends when all three are done. The caller
-    goes on at once (it does not wait): meant to be called just before the first compiled training step of the
-    process that trains on `device`, which then finds in the disk caches what the child has built, and builds
-    itself whatever the child has not yet (neither Triton nor TileLang waits for a kernel another process is
-    building: FlashQLA's forward kernels, asked for within seconds, are the step's own to build).
+    current one). The caller goes on at once: meant to be called just before the first compiled training step of
+    the process that trains on `device`, which then finds in the disk caches what the child has built, and builds
+    itself whatever the child has not yet: Triton does not wait for a kernel another process is building.
+
+    With `delta_rule` "flash_qla" each of FlashQLA's four TileLang kernels is built by a process of its own (the
+    child and three more beside it, `FLASH_QLA_PARTS`): TileLang builds a kernel in one thread, 9 to 31 s each on
+    an H200 host, 80 s one after another (session 27). TileLang does not wait for another process's build either,
+    so here this process's FlashQLA calls do (`wait_for_prebuild`): the forward for the `solve` and `forward`
+    parts, the backward for `states` and `backward`, each until its part's process has ended (it tells so by a
+    file in a folder of its own), at most `PREBUILD_WAIT_LIMIT_S`; then the kernels load from TileLang's disk cache
+    rather than being built a second time, one after another, beside the prebuild's.
 
     One cache for both: where TRITON_CACHE_DIR is unset, inductor sets it in this process, at its first compiled
     kernel, to its own per-device folder (`torch._inductor.runtime.cache_dir_utils.triton_cache_dir`, under
@@ -940,7 +974,7 @@ def start_fla_prebuild(
     watches its parent), or is killed at this process's exit; its output is discarded, or written to `log_path` (a
     file, replaced). Its cost: one CUDA context and one step's fla inputs, outputs and gradients on `device` while
     it runs (by their sizes about 2 GB at the 95M model's batch 64 x 1024, a quarter of that at batch 16), and CPU
-    time beside inductor's compile workers; with FlashQLA three contexts and three such sets (heads padded to 128).
+    time beside inductor's compile workers; with FlashQLA four contexts and four such sets (heads padded to 128).
     Raises OSError where the child cannot be started or `log_path` not written. Method: a warm-up of the kernels'
     JIT disk caches, as inductor's parallel compile workers build its own kernels beside the main process."""
     import atexit
@@ -972,13 +1006,24 @@ def start_fla_prebuild(
         "conv_weight_dtype": str(conv_weight_dtype).removeprefix("torch."),
         "delta_rule": delta_rule,
     }
-    with open(log_path, "w") if log_path is not None else contextlib.nullcontext(subprocess.DEVNULL) as out:
-        child = subprocess.Popen(
-            _prebuild_command(args, os.getpid()), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
-        )
+    ready = None
+    if delta_rule == "flash_qla":  # where its parts' processes tell that they have ended (`wait_for_prebuild`)
+        ready = Path(tempfile.mkdtemp(prefix="llamathink-prebuild-"))
+        args["ready_dir"] = str(ready)
+    try:
+        with open(log_path, "w") if log_path is not None else contextlib.nullcontext(subprocess.DEVNULL) as out:
+            child = subprocess.Popen(
+                _prebuild_command(args, os.getpid()), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
+    except BaseException:
+        if ready is not None:
+            shutil.rmtree(ready, ignore_errors=True)
+        raise
     if not _prebuild_children:
         atexit.register(_stop_prebuild_children)
     _prebuild_children.append(child)
+    if ready is not None:
+        _prebuild_waits.append(_PrebuildWait(child, ready, set(FLASH_QLA_PARTS[1:])))
     return child
 
 
@@ -1012,30 +1057,87 @@ def _prebuild_child_main(args_json: str, parent_pid: int):
 
     threading.Thread(target=watch_parent, daemon=True).start()
     args = json.loads(args_json)
+    ready = args.pop("ready_dir", None)
     if args.get("delta_rule") == "flash_qla" and args.get("part", "all") == "all":
         import subprocess
 
-        # TileLang builds a kernel in one thread: the backward's two kernels each in a process of its own (they
-        # watch this one), the conv and the forward here
+        # TileLang builds a kernel in one thread: each of FlashQLA's kernels in a process of its own (the others
+        # watch this one, and tell `ready` themselves), the `solve` here
         others = {
-            part: subprocess.Popen(_prebuild_command({**args, "part": part}, os.getpid()), stdin=subprocess.DEVNULL)
-            for part in ("states", "backward")
+            part: subprocess.Popen(
+                _prebuild_command({**args, "part": part, "ready_dir": ready}, os.getpid()), stdin=subprocess.DEVNULL
+            )
+            for part in FLASH_QLA_PARTS[2:]
         }
         try:
-            prebuild_fla_kernels(**{**args, "part": "forward"})
+            _prebuild_part(args | {"part": "solve"}, ready)
         finally:
             codes = {part: child.wait() for part, child in others.items()}  # an error here propagates after them
         failed = {part: code for part, code in codes.items() if code != 0}
         if failed:
             raise RuntimeError(f"FlashQLA's prebuild processes ended with codes {failed}")
         return
-    prebuild_fla_kernels(**args)
+    _prebuild_part(args, ready)
+
+
+def _prebuild_part(args: dict, ready: str | None):
+    """`prebuild_fla_kernels(**args)`, then, where `ready` is a folder, a file there named after the part and how it
+    ended (`<part>.done` or `<part>.failed`, written even when the build raised) for `wait_for_prebuild`."""
+    outcome = "failed"
+    try:
+        prebuild_fla_kernels(**args)
+        outcome = "done"
+    finally:
+        if ready is not None:
+            Path(ready, f"{args.get('part', 'all')}.{outcome}").touch()
+
+
+@dataclasses.dataclass
+class _PrebuildWait:
+    """A FlashQLA prebuild this process started: its child, the folder its parts tell their end in, and the parts
+    no FlashQLA call has waited for yet."""
+
+    child: object  # subprocess.Popen
+    ready: Path
+    pending: set
+
+
+def wait_for_prebuild(parts: tuple[str, ...]) -> None:
+    """Wait until the processes building FlashQLA's kernel `parts` (of `FLASH_QLA_PARTS`) for this process
+    (`start_fla_prebuild`) have ended, so that the calls that follow load those kernels from TileLang's disk cache
+    instead of building them again beside the prebuild. Waits once per part and prebuild, returns at once when
+    there is none, and ends its wait when a part's process has told its end (done or failed), the prebuild's child
+    has ended, or after `PREBUILD_WAIT_LIMIT_S` (with a warning); never inside a CUDA graph capture. Called by the
+    FlashQLA ops before their kernels."""
+    import time
+
+    if not any(entry.pending for entry in _prebuild_waits):
+        return
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return
+    for entry in _prebuild_waits:
+        wanted, entry.pending = entry.pending & set(parts), entry.pending - set(parts)
+        deadline = time.monotonic() + PREBUILD_WAIT_LIMIT_S
+        while wanted:
+            wanted = {p for p in wanted if not any(entry.ready.glob(f"{p}.*"))}
+            if not wanted or entry.child.poll() is not None:
+                break
+            if time.monotonic() > deadline:
+                _warn_once(
+                    "prebuild-wait",
+                    f"FlashQLA's prebuild of {', '.join(sorted(wanted))} has not ended after {PREBUILD_WAIT_LIMIT_S:.0f}"
+                    " s; this process builds those kernels itself",
+                )
+                break
+            time.sleep(0.05)
 
 
 def _stop_prebuild_children():
     for child in _prebuild_children:
         if child.poll() is None:
             child.kill()
+    for entry in _prebuild_waits:
+        shutil.rmtree(entry.ready, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

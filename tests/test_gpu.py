@@ -16,6 +16,7 @@ from conftest import (
     tiny_model,
 )
 
+from llamathink import kernels_llamathink as kernels
 from llamathink.kernels_llamathink import (
     _fla_ops,
     fla_backward_problem,
@@ -790,9 +791,9 @@ def test_fla_prebuild_child_builds_every_kernel_the_compiled_step_launches(packe
 @needs_flash_qla
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
 def test_flash_qla_prebuild_builds_every_kernel_the_compiled_step_launches(packed, tmp_path, monkeypatch):
-    """The prebuild for `gdn_backend: flash_qla` (the conv and the delta rule's forward in the child, the kernels
-    of FlashQLA's backward in two more processes beside it) builds into TileLang's and Triton's disk caches every kernel
-    that the compiled training step then launches: the step (layers compiled through AOTAutograd, whose calls are
+    """The prebuild for `gdn_backend: flash_qla` (each of FlashQLA's four kernels in a process of its own, fla's conv
+    with the first) builds into TileLang's and Triton's disk caches every kernel that the compiled training step
+    then launches, and each part tells its end as done: the step (layers compiled through AOTAutograd, whose calls are
     the custom ops an inductor step makes) adds no file to either cache. Heads (3 of 24 x 40) that no other test
     uses, so that no kernel of this shape is already in this process's memory; packed rows hold 6 documents, a
     number the child's forwards by document count (1 to 256) cover."""
@@ -811,6 +812,8 @@ def test_flash_qla_prebuild_builds_every_kernel_the_compiled_step_launches(packe
         "hidden_size": 64,
     }
     model = _model_after_its_prebuild("flash_qla", dims, packed, tmp_path, timeout=500)
+    told = {p.name for p in kernels._prebuild_waits[-1].ready.iterdir()}
+    assert told == {"solve.done", "forward.done", "states.done", "backward.done"}, told
 
     def cached() -> set[str]:
         return {str(p.relative_to(tmp_path)) for p in tmp_path.glob("t*/**/*") if p.is_file()}
@@ -820,3 +823,39 @@ def test_flash_qla_prebuild_builds_every_kernel_the_compiled_step_launches(packe
     assert any(f.startswith("triton") for f in built), sorted(built)[:20]
     _prebuilt_step(model, packed)
     assert cached() == built, sorted(cached() - built)
+
+
+@needs_flash_qla
+def test_flash_qla_step_waits_for_the_prebuild_parts_it_calls(tmp_path, monkeypatch):
+    """The FlashQLA prebuild started just before the first step, as pretraining starts it, and not waited for: the
+    step's FlashQLA forwards go on only once the processes building `solve` and `forward` have told that they are
+    done, its backwards once `states` and `backward` have (`wait_for_prebuild`), so that the step loads those
+    kernels rather than building them a second time beside the prebuild; the prebuild ends without error. Heads
+    (5 of 24 x 40) that no other test uses."""
+    if fla_backward_problem(torch.device("cuda")) is not None:
+        pytest.skip(fla_backward_problem(torch.device("cuda")))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path / "tilelang"))
+    monkeypatch.setenv("LLAMATHINK_FLA_PREBUILD", "1")
+    torch._dynamo.reset()
+    dims = {"linear_num_key_heads": 5, "linear_num_value_heads": 5, "linear_key_head_dim": 24}
+    dims |= {"linear_value_head_dim": 40, "head_dim": 16, "hidden_size": 64}
+    model = tiny_model(dtype=torch.float32, gdn_backend="flash_qla", **dims).cuda().train()
+    model.compile_layers(backend="aot_eager")
+    log = tmp_path / "child.log"
+    child = model.start_fla_prebuild(2, 160, dtype=torch.bfloat16, log_path=log)
+    (entry,) = [e for e in kernels._prebuild_waits if e.child is child]
+    wait, seen = kernels.wait_for_prebuild, []
+
+    def recorded(parts):
+        wait(parts)
+        seen.append((parts, {p.name for p in entry.ready.iterdir()}))
+
+    monkeypatch.setattr(kernels, "wait_for_prebuild", recorded)
+    _prebuilt_step(model, packed=False)
+    assert child.wait(timeout=500) == 0, log.read_text()[-3000:]
+    asked = {parts for parts, _ in seen}
+    assert asked == {("solve", "forward"), ("states", "backward")}, seen
+    for parts, told in seen:
+        assert {f"{p}.done" for p in parts} <= told, (parts, told, log.read_text()[-3000:])
+    assert entry.pending == set()

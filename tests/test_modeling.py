@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -2121,11 +2122,22 @@ def test_fla_prebuild_child_imports_this_module_from_anywhere_with_inductors_tri
     # the split into parts is FlashQLA's only; a part fla's kernels do not come in is named before any GPU work
     with pytest.raises(ValueError, match=r"delta_rule='fla', part='backward': expected fla \(all\)"):
         kernels.prebuild_fla_kernels(2, 64, 4, 8, 10, 72, 4, delta_rule="fla", part="backward")
-    # FlashQLA's kernels: the child builds the backward's chunk states and gradients in two more processes beside
-    # it, each its own part (here all three fail alike: the child's own error is the one it ends with)
+    # FlashQLA's kernels: each in a process of its own, the child's (`solve`) and three more beside it (here all
+    # four fail alike: the child's own error is the one it ends with), each telling its end in the folder that this
+    # process's FlashQLA calls wait on (`wait_for_prebuild`)
     command = _captured_prebuild_command(kernels, monkeypatch, delta_rule="flash_qla")
+    (entry,) = [e for e in kernels._prebuild_waits if str(e.ready) == json.loads(command[5])["ready_dir"]]
+    kernels._prebuild_waits.remove(entry)  # (this process has no GPU work to wait for it)
+    assert entry.pending == {"solve", "forward", "states", "backward"} and entry.ready.is_dir()
     run = subprocess.run(command, cwd=tmp_path / "cwd", capture_output=True, text=True, timeout=300)
-    assert run.returncode != 0 and run.stderr.count("in prebuild_fla_kernels") == 3, run.stderr[-3000:]
+    assert run.returncode != 0 and run.stderr.count("in prebuild_fla_kernels") == 4, run.stderr[-3000:]
+    assert sorted(p.name for p in entry.ready.iterdir()) == [
+        "backward.failed",
+        "forward.failed",
+        "solve.failed",
+        "states.failed",
+    ]
+    shutil.rmtree(entry.ready)
     # the dtypes reach the child by name; a set TRITON_CACHE_DIR is left as it is
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))
     command = _captured_prebuild_command(kernels, monkeypatch, dtype=torch.float16, conv_weight_dtype=torch.bfloat16)
@@ -2145,6 +2157,60 @@ def test_fla_prebuild_child_imports_this_module_from_anywhere_with_inductors_tri
     }
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine")
     assert kernels.start_fla_prebuild(2, 64, 4, 8, 10, 72, 4, dtype=torch.float32) is None  # no float32 fla
+
+
+def test_flash_qla_calls_wait_once_for_each_prebuild_part_until_its_process_tells_its_end(tmp_path, monkeypatch):
+    """`wait_for_prebuild`, which FlashQLA's ops call before their kernels: it waits until each asked-for part's
+    process has written its end (done or failed) into the prebuild's folder, once per part (a later call with a part
+    already asked for returns at once, also where that part never ended), stops waiting once the prebuild's child
+    has ended, or after `PREBUILD_WAIT_LIMIT_S` with a warning; without a prebuild it returns at once."""
+    import threading
+    import time
+
+    class Child:
+        ended = False
+
+        def poll(self):
+            return 0 if self.ended else None
+
+    monkeypatch.setattr(kernels, "_prebuild_waits", [])
+    kernels.wait_for_prebuild(("solve", "forward"))  # no prebuild: nothing to wait for
+    child = Child()
+    entry = kernels._PrebuildWait(child, tmp_path, {"solve", "forward", "states", "backward"})
+    kernels._prebuild_waits.append(entry)
+
+    def tell(name, after):
+        time.sleep(after)
+        (tmp_path / name).touch()
+
+    tellers = [threading.Thread(target=tell, args=a) for a in (("solve.done", 0.2), ("forward.failed", 0.5))]
+    for teller in tellers:
+        teller.start()
+    start = time.monotonic()
+    kernels.wait_for_prebuild(("solve", "forward"))
+    waited = time.monotonic() - start
+    assert 0.5 <= waited < 5, waited
+    assert {p.name for p in tmp_path.iterdir()} == {"solve.done", "forward.failed"}
+    assert entry.pending == {"states", "backward"}
+    start = time.monotonic()
+    kernels.wait_for_prebuild(("solve", "forward"))  # asked for already: no second wait
+    assert time.monotonic() - start < 0.1
+    # the limit: a part that never ends is waited for at most PREBUILD_WAIT_LIMIT_S, with a warning that names it
+    monkeypatch.setattr(kernels, "PREBUILD_WAIT_LIMIT_S", 0.3)
+    monkeypatch.delitem(kernels._fla_state, "prebuild-wait", raising=False)
+    warned = []
+    monkeypatch.setattr(kernels.logger, "warning", warned.append)
+    start = time.monotonic()
+    kernels.wait_for_prebuild(("states",))
+    assert 0.3 <= time.monotonic() - start < 5
+    assert len(warned) == 1 and "prebuild of states has not ended after 0 s" in warned[0], warned
+    assert entry.pending == {"backward"}
+    # the child has ended (killed, or failed before its parts could tell): no wait for the parts left
+    monkeypatch.setattr(kernels, "PREBUILD_WAIT_LIMIT_S", 60.0)
+    child.ended = True
+    start = time.monotonic()
+    kernels.wait_for_prebuild(("backward", "states"))
+    assert time.monotonic() - start < 1 and entry.pending == set()
 
 
 def test_fla_backward_problem_names_fla_tilelang_switched_off(monkeypatch):
