@@ -1,0 +1,4 @@
+# call 2 (the machine of call 1, still warm: /tmp/site installed, fla's Triton kernels in /tmp/kcache): the compiled
+# step with CUDA graphs at batch 16, HF Llama compiled whole first, then fla, then FlashQLA with its prebuild (then in
+# three processes, no waiting; inductor's cache warm from fla's run, TileLang's cold)
+. docs/results/h200_s29/env.sh; mkdir -p $OUT/c2; ls /tmp/site >/dev/null && python -c "import flash_qla" && timeout 420 python benchmarks/bench_gpu.py --steps 8 --warmup 3 --compiled-only --no-generate --train-batches 16 --budget-s 170 --models hf-llama:cudagraphs,llamathink:fla:cudagraphs,llamathink:flash_qla:cudagraphs:prebuild --out $OUT/c2/bench_b16.json > $OUT/c2/bench_b16.log 2>&1; echo rc=$?; grep '^{"model' $OUT/c2/bench_b16.log | cut -c1-420; tar -czf $OUT/c2.tgz -C $OUT c2 && rm -rf $OUT/c2
