@@ -1,9 +1,9 @@
 """How long TileLang takes to build each of FlashQLA's Gated DeltaNet kernels from an empty cache, on one GPU.
 
 The cold first training step with `gdn_backend: flash_qla` waits for these builds (BENCHMARKS.md section 1, session
-28: 100.9 s, 69.6 s of it waiting), and `start_fla_prebuild` runs them in processes beside the step's compilation.
-This measures what splitting them further would give: each kernel built in a process of its own, all at once, then
-(`--together`) all four one after another in one process, as one prebuild process would. Every process gets new,
+29: 102.4 s, 64.3 s of it outside torch.compile), which `start_fla_prebuild` runs in four processes, one per kernel,
+beside the step's compilation. This measures each kernel's build alone: each in a process of its own, all at once,
+then (`--together`) all four one after another in one process. Every process gets new,
 empty TileLang and Triton caches. Inputs are random at the 95M model's training shape (heads zero-padded to 128);
 the kernels' code depends on the shapes alone.
 
