@@ -23,6 +23,7 @@ import re
 import shutil
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import torch
@@ -825,7 +826,12 @@ FLASH_QLA_PARTS = ("all", "solve", "forward", "states", "backward")
 FLA_PREBUILD_ENV = "LLAMATHINK_FLA_PREBUILD"  # "0": no child process (`start_fla_prebuild`)
 PREBUILD_WAIT_LIMIT_S = 300.0  # the longest a FlashQLA call waits for a prebuild process (`wait_for_prebuild`)
 _prebuild_children: list = []
-_prebuild_waits: list = []  # `_PrebuildWait`s of this process's FlashQLA prebuilds (their folders go at exit)
+# `_PrebuildWait`s of this process's FlashQLA prebuilds (their folders go at exit): one list for the process, also
+# where `trust_remote_code` loaded a second copy of this module, since the custom ops (whose bodies wait on it) are
+# registered once per process, by whichever copy came first
+_prebuild_waits: list = sys.modules.setdefault(
+    "_llamathink_prebuild_waits", types.ModuleType("_llamathink_prebuild_waits")
+).__dict__.setdefault("waits", [])
 
 
 def prebuild_fla_kernels(
@@ -842,6 +848,7 @@ def prebuild_fla_kernels(
     conv_weight_dtype: str = "float32",
     delta_rule: str = "fla",
     part: str = "all",
+    on_built=None,
 ) -> None:
     """Run fla's causal conv and the chunked Gated DeltaNet forward and backward once on random inputs of one
     training step's shapes, through the same custom ops a compiled step calls (`llamathink::fla_causal_conv1d_silu`,
@@ -852,6 +859,8 @@ def prebuild_fla_kernels(
     processes build side by side, each on random inputs: "solve" (`kkt_solve`, the WY matrices; with fla's conv
     and gate sums), "forward" (`fused_gdr_fwd`), "states" (`fused_gdr_h`, the backward's recomputation of the chunk
     states) and "backward" (`fused_gdr_bwd`). Raises ValueError for a part `delta_rule` does not come in.
+    `on_built`: a function of no arguments, called once the kernels of the step's own shapes are built, before a
+    part's extras (`solve`'s conv, the forward variants by document count), and again at the end.
 
     Shapes as the model passes them: the conv input [B, T, conv_dim] in `dtype` (a torch dtype's name, 16-bit) with
     its weight [conv_dim, conv_kernel_size] in `conv_weight_dtype` (the parameter's: float32 under autocast); q, k
@@ -882,11 +891,20 @@ def prebuild_fla_kernels(
         x = torch.randn(*shape, device=dev)
         return (fn(x) if fn is not None else x).to(dtype).contiguous().requires_grad_()
 
-    if _fla_conv_internals() is not None and part in ("all", "solve"):
-        x, weight = leaf(B, T, conv_dim), leaf(conv_dim, conv_kernel_size, dtype=getattr(torch, conv_weight_dtype))
-        y = _fla_conv_op(x, weight, cu_seqlens)
-        y.backward(torch.randn_like(y))
-        del x, weight, y  # freed before the delta rule's tensors: the child's peak memory is the larger of the two
+    def conv():
+        if _fla_conv_internals() is not None:
+            x = leaf(B, T, conv_dim)
+            weight = leaf(conv_dim, conv_kernel_size, dtype=getattr(torch, conv_weight_dtype))
+            y = _fla_conv_op(x, weight, cu_seqlens)
+            y.backward(torch.randn_like(y))
+
+    def built():  # the kernels of the step's own shapes are in the caches
+        if on_built is not None:
+            torch.cuda.synchronize(dev)
+            on_built()
+
+    if part == "all":
+        conv()  # its tensors freed before the delta rule's: the child's peak memory is the larger of the two
     H, scale = num_heads, head_k_dim**-0.5
     if delta_rule == "flash_qla":  # the padded heads the op takes (`flash_qla_chunk_gated_delta_rule`)
         head_k_dim = head_v_dim = FLASH_QLA_HEAD_DIM
@@ -908,12 +926,18 @@ def prebuild_fla_kernels(
             g_cum = g.cumsum(1)
             A = torch.randn(B, T, H, 64, device=dev).div(8).to(dt)  # the WY matrices [B, T, H, chunk]
             if part == "solve":
-                for cuts in forward_cuts:
+                for i, cuts in enumerate(forward_cuts):
                     cumsum(g, chunk_size=64, **_chunk_indices(cuts))
                     _flash_qla_solve(k, beta, cuts)
+                    if i == 0:
+                        built()
+                        with torch.enable_grad():
+                            conv()  # the step has built its conv itself by its first FlashQLA call
             elif part == "forward":
-                for cuts in forward_cuts:
+                for i, cuts in enumerate(forward_cuts):
                     _flash_qla_forward_given_solve(q, k, v, g_cum, beta, A, scale, cuts)
+                    if i == 0:
+                        built()
             elif part == "states":
                 _flash_qla_chunk_states(k, v, g_cum, beta, A, cu_seqlens)
             else:  # given the chunk states [B, NT, H, K, V]: NT chunks of 64 in each row, or in all documents
@@ -930,6 +954,7 @@ def prebuild_fla_kernels(
         o = _fla_chunk_op(q, k, v, g, beta, scale, None, False, cu_seqlens)[0]
         o.backward(torch.randn_like(o))
     torch.cuda.synchronize(dev)
+    built()  # (again, for the parts that called it early: `on_built` is told every time)
 
 
 def start_fla_prebuild(
@@ -1046,18 +1071,23 @@ def _prebuild_command(args: dict, parent_pid: int) -> list[str]:
 
 def _prebuild_child_main(args_json: str, parent_pid: int):
     """The child process of `start_fla_prebuild`: `prebuild_fla_kernels(**args)`, ended early if the parent ends
-    (killed by a signal, its `atexit` kill never runs)."""
+    (killed by a signal, its `atexit` kill never runs; the child then removes the parent's `ready_dir`). For
+    FlashQLA, the parts of `FLASH_QLA_PARTS` in processes of their own, each telling its end in `ready_dir`
+    (`_prebuild_part`); a part process that ends without telling (killed, crashed) is told "failed" by this one."""
     import threading
     import time
+
+    args = json.loads(args_json)
+    ready = args.pop("ready_dir", None)
 
     def watch_parent():
         while os.getppid() == parent_pid:
             time.sleep(1.0)
+        if ready is not None and args.get("part", "all") == "all":  # the parent's atexit never ran
+            shutil.rmtree(ready, ignore_errors=True)
         os._exit(3)
 
     threading.Thread(target=watch_parent, daemon=True).start()
-    args = json.loads(args_json)
-    ready = args.pop("ready_dir", None)
     if args.get("delta_rule") == "flash_qla" and args.get("part", "all") == "all":
         import subprocess
 
@@ -1069,6 +1099,15 @@ def _prebuild_child_main(args_json: str, parent_pid: int):
             )
             for part in FLASH_QLA_PARTS[2:]
         }
+
+        def tell_if_silent(part: str, process):  # killed by a signal or crashed: its own `finally` never ran
+            process.wait()
+            if not any(Path(ready).glob(f"{part}.*")):
+                _tell(ready, part, "failed")
+
+        if ready is not None:
+            for part, process in others.items():
+                threading.Thread(target=tell_if_silent, args=(part, process), daemon=True).start()
         try:
             _prebuild_part(args | {"part": "solve"}, ready)
         finally:
@@ -1080,16 +1119,30 @@ def _prebuild_child_main(args_json: str, parent_pid: int):
     _prebuild_part(args, ready)
 
 
+def _tell(ready: str | None, part: str, outcome: str):
+    """Write `<ready>/<part>.<outcome>` for `wait_for_prebuild` (nothing where `ready` is None or is gone)."""
+    if ready is not None:
+        with contextlib.suppress(OSError):  # the folder removed at the parent's exit: nobody waits any more
+            Path(ready, f"{part}.{outcome}").touch()
+
+
 def _prebuild_part(args: dict, ready: str | None):
-    """`prebuild_fla_kernels(**args)`, then, where `ready` is a folder, a file there named after the part and how it
-    ended (`<part>.done` or `<part>.failed`, written even when the build raised) for `wait_for_prebuild`."""
-    outcome = "failed"
+    """`prebuild_fla_kernels(**args)`, telling `ready` (a folder, or None) `<part>.done` as soon as the kernels of
+    the step's own shapes are built (`on_built`), or `<part>.failed` where the build raised before that (an
+    exception, KeyboardInterrupt, SystemExit); a part killed by a signal is told by its parent
+    (`_prebuild_child_main`)."""
+    part, told = args.get("part", "all"), []
+
+    def on_built():
+        if not told:
+            _tell(ready, part, "done")
+            told.append(part)
+
     try:
-        prebuild_fla_kernels(**args)
-        outcome = "done"
+        prebuild_fla_kernels(**args, on_built=on_built)
     finally:
-        if ready is not None:
-            Path(ready, f"{args.get('part', 'all')}.{outcome}").touch()
+        if not told:
+            _tell(ready, part, "failed")
 
 
 @dataclasses.dataclass
@@ -1104,20 +1157,20 @@ class _PrebuildWait:
 
 def wait_for_prebuild(parts: tuple[str, ...]) -> None:
     """Wait until the processes building FlashQLA's kernel `parts` (of `FLASH_QLA_PARTS`) for this process
-    (`start_fla_prebuild`) have ended, so that the calls that follow load those kernels from TileLang's disk cache
-    instead of building them again beside the prebuild. Waits once per part and prebuild, returns at once when
-    there is none, and ends its wait when a part's process has told its end (done or failed), the prebuild's child
-    has ended, or after `PREBUILD_WAIT_LIMIT_S` (with a warning); never inside a CUDA graph capture. Called by the
-    FlashQLA ops before their kernels."""
+    (`start_fla_prebuild`) have built them, so that the calls that follow load those kernels from TileLang's disk
+    cache instead of building them again beside the prebuild. Waits once per part and prebuild, returns at once
+    when there is none, and ends its wait when each part's process has told that the kernels of the step's shapes
+    are built or that it failed, the prebuild's child has ended, or after `PREBUILD_WAIT_LIMIT_S` for the call as
+    a whole (with a warning); never inside a CUDA graph capture. Called by the FlashQLA ops before their kernels."""
     import time
 
     if not any(entry.pending for entry in _prebuild_waits):
         return
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return
-    for entry in _prebuild_waits:
+    deadline = time.monotonic() + PREBUILD_WAIT_LIMIT_S  # one limit for the call, however many prebuilds
+    for entry in list(_prebuild_waits):
         wanted, entry.pending = entry.pending & set(parts), entry.pending - set(parts)
-        deadline = time.monotonic() + PREBUILD_WAIT_LIMIT_S
         while wanted:
             wanted = {p for p in wanted if not any(entry.ready.glob(f"{p}.*"))}
             if not wanted or entry.child.poll() is not None:

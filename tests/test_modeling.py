@@ -12,6 +12,7 @@ import sys
 import textwrap
 import types
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -2109,6 +2110,8 @@ def test_fla_prebuild_child_imports_this_module_from_anywhere_with_inductors_tri
     remote = get_class_from_dynamic_module("modeling_llamathink.LlamaThinkForCausalLM", tmp_path / "saved")
     remote_kernels = sys.modules[remote.__module__.rsplit(".", 1)[0] + ".kernels_llamathink"]
     assert remote_kernels is not kernels and remote_kernels.__name__.startswith("transformers_modules.")
+    # one list of prebuilds to wait for in the process: the FlashQLA ops are registered by the first copy imported
+    assert remote_kernels._prebuild_waits is kernels._prebuild_waits
     for module in (kernels, remote_kernels):
         with monkeypatch.context() as patch:
             patch.setenv("TRITON_CACHE_DIR", "x")  # (restored unset on leaving the context)
@@ -2159,6 +2162,61 @@ def test_fla_prebuild_child_imports_this_module_from_anywhere_with_inductors_tri
     assert kernels.start_fla_prebuild(2, 64, 4, 8, 10, 72, 4, dtype=torch.float32) is None  # no float32 fla
 
 
+_FAKE_PREBUILD_SITE = """
+import json, os, signal, time
+if os.environ.get("FAKE_PREBUILD"):
+    from llamathink import kernels_llamathink
+
+    def fake(part="all", on_built=None, **_):
+        action = json.loads(os.environ["FAKE_PREBUILD"]).get(part, "done")
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if action == "interrupt":
+            raise KeyboardInterrupt
+        if action == "sleep":
+            time.sleep(120)
+        on_built()
+        if action == "late-error":
+            raise RuntimeError("after the kernels of the step's shapes")
+
+    kernels_llamathink.prebuild_fla_kernels = fake
+"""
+
+
+def test_flash_qla_prebuild_parts_tell_their_end_however_they_end(tmp_path, monkeypatch):
+    """Each FlashQLA prebuild part tells `ready_dir` how it ended, however it ends: done once the kernels of the
+    step's shapes are built (also where it fails after that), failed on an exception or KeyboardInterrupt in its
+    build, and a part killed by a signal (its own `finally` never runs) is told failed by the child that started it;
+    the child ends with an error naming the parts that failed. A child whose parent has gone removes the folder
+    and ends. The builds here are stand-ins (a sitecustomize in each process: no GPU)."""
+    import time
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_FAKE_PREBUILD_SITE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), str(REPO_ROOT)]))
+    command = _captured_prebuild_command(kernels, monkeypatch, delta_rule="flash_qla")
+    ready = Path(json.loads(command[5])["ready_dir"])
+    kernels._prebuild_waits[:] = [e for e in kernels._prebuild_waits if e.ready != ready]
+    plan = {"solve": "done", "forward": "kill", "states": "interrupt", "backward": "late-error"}
+    monkeypatch.setenv("FAKE_PREBUILD", json.dumps(plan))
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode != 0, run.stderr[-3000:]
+    assert "ended with codes" in run.stderr and "'forward': -9" in run.stderr, run.stderr[-3000:]
+    assert sorted(p.name for p in ready.iterdir()) == [
+        "backward.done",
+        "forward.failed",
+        "solve.done",
+        "states.failed",
+    ], run.stderr[-3000:]
+    # the parent gone (a parent pid that is not the child's parent): the child removes the folder and ends
+    monkeypatch.setenv("FAKE_PREBUILD", json.dumps(dict.fromkeys(plan, "sleep")))
+    start = time.monotonic()
+    run = subprocess.run([*command[:6], "1"], capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 3 and not ready.exists(), (run.returncode, run.stderr[-3000:])
+    assert time.monotonic() - start < 60
+
+
 def test_flash_qla_calls_wait_once_for_each_prebuild_part_until_its_process_tells_its_end(tmp_path, monkeypatch):
     """`wait_for_prebuild`, which FlashQLA's ops call before their kernels: it waits until each asked-for part's
     process has written its end (done or failed) into the prebuild's folder, once per part (a later call with a part
@@ -2200,11 +2258,13 @@ def test_flash_qla_calls_wait_once_for_each_prebuild_part_until_its_process_tell
     monkeypatch.delitem(kernels._fla_state, "prebuild-wait", raising=False)
     warned = []
     monkeypatch.setattr(kernels.logger, "warning", warned.append)
+    other = kernels._PrebuildWait(Child(), tmp_path / "other", {"states"})  # a second prebuild: one limit for both
+    kernels._prebuild_waits.append(other)
     start = time.monotonic()
     kernels.wait_for_prebuild(("states",))
-    assert 0.3 <= time.monotonic() - start < 5
+    assert 0.3 <= time.monotonic() - start < 0.55
     assert len(warned) == 1 and "prebuild of states has not ended after 0 s" in warned[0], warned
-    assert entry.pending == {"backward"}
+    assert entry.pending == {"backward"} and other.pending == set()
     # the child has ended (killed, or failed before its parts could tell): no wait for the parts left
     monkeypatch.setattr(kernels, "PREBUILD_WAIT_LIMIT_S", 60.0)
     child.ended = True
