@@ -396,6 +396,7 @@ class LlamaThinkCache:
         self._layers: list[_LayerState] = [mixer_class(kind).state_class() for kind in config.mixer_types]
         self.signature = _cache_signature(config)  # the shapes its states take (`check_compatible`)
         self._static: _StaticDecoder | None = None  # set while the state lives in a _StaticDecoder's buffers
+        self._decode_signature: int | None = None  # the model's `_decode_signature` when the cache entered that path
         self.seq_length = 0  # positions processed, padding included (index space)
         self.real_lengths: torch.Tensor | None = None  # [B] long: real tokens seen per row = next position
         self.max_real_length: int | None = None  # host copy of real_lengths.max() (saves a device sync per step)
@@ -532,6 +533,20 @@ class LlamaThinkCache:
 
 
 _MAX_STATIC_DECODERS = 4  # batch sizes whose decode graphs and buffers a model keeps
+# Python-level switches a captured decode step would freeze: PEFT's tuner layers' active adapters, their
+# `disable_adapter()` flag and which adapters are merged into the base weights (`BaseTunerLayer`)
+_ADAPTER_SWITCHES = ("_active_adapter", "_disable_adapters", "merged_adapters")
+
+
+def _frozen(value):
+    """`value` as something hashable (lists and sets of adapter names become tuples)."""
+    return (
+        tuple(sorted(value))
+        if isinstance(value, (set, frozenset))
+        else tuple(value)
+        if isinstance(value, list)
+        else value
+    )
 
 
 class _StaticDecoder:
@@ -922,8 +937,10 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         return self.head_k_dim, self.head_v_dim
 
     def _conv_left_padding(self) -> int:
-        """How many zeros the conv module pads before its input (an int padding, "valid" or "same")."""
-        padding = self.conv1d.padding
+        """How many zeros the conv module pads before its input (an int padding, "valid" or "same"); for a conv that
+        PEFT wraps (LoRA, LoHa, LoKr: the wrapper's `base_layer`), the wrapped conv's, which the adapter's own conv
+        matches (PEFT builds it with the base layer's padding)."""
+        padding = getattr(self.conv1d, "base_layer", self.conv1d).padding
         if padding == "valid":
             return 0
         return (self.conv_kernel_size - 1) // 2 if padding == "same" else padding[0]
@@ -2253,6 +2270,28 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
                 )
         return B, T
 
+    @staticmethod
+    def _check_flash_attention_kwargs(kwargs: dict, cu_seqlens: torch.Tensor | None):
+        """The key side and maximum lengths of flash-attention's packing arguments (`DataCollatorWithFlattening(
+        return_flash_attn_kwargs=True)`) must describe the documents `cu_seq_lens_q` does: a packed document
+        attends to itself only, so they carry nothing else, and a ValueError names one that differs rather than
+        ignoring it."""
+        cu_k = kwargs.get("cu_seq_lens_k")
+        if cu_k is not None:
+            cu_k = torch.as_tensor(cu_k, device=cu_seqlens.device if cu_seqlens is not None else None)
+            if cu_seqlens is None or not torch.equal(cu_k, cu_seqlens):
+                raise ValueError(
+                    f"cu_seq_lens_k ({cu_k.tolist()}) must equal cu_seq_lens_q "
+                    f"({cu_seqlens.tolist() if cu_seqlens is not None else 'not given'}): each packed sequence "
+                    "attends to itself only"
+                )
+        lengths = [kwargs.get(name) for name in ("max_length_q", "max_length_k")]
+        if cu_seqlens is not None and any(n is not None for n in lengths) and cu_seqlens.numel() > 1:
+            longest = int(cu_seqlens.diff().max())
+            for name, given in zip(("max_length_q", "max_length_k"), lengths):
+                if given is not None and int(given) != longest:
+                    raise ValueError(f"{name}={int(given)} is not the longest sequence of cu_seq_lens_q ({longest})")
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -2343,6 +2382,7 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         seq_idx, cu_seqlens = (
             torch.as_tensor(x, device=device) if x is not None else None for x in (seq_idx, cu_seqlens)
         )
+        self._check_flash_attention_kwargs(kwargs, cu_seqlens)
         if position_ids is not None:
             position_ids = torch.as_tensor(position_ids, device=device)
             if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
@@ -2542,6 +2582,14 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         out = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        # chunked prefill feeds the prompt to a cache chunk by chunk, and transformers asks for one up front (the
+        # first forward builds it otherwise), under the name its generate() uses (`cache` since transformers 5.24)
+        key = (
+            "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters else None
+        )
+        key = key or "past_key_values"
+        if generation_config.prefill_chunk_size is not None and model_kwargs.get(key) is None:
+            model_kwargs[key] = LlamaThinkCache(self.config)
         prompt = getattr(generation_config, "_llamathink_prompt", None)
         if prompt is not None:
             self._bound_generation_length(generation_config, model_kwargs, *prompt)
@@ -2606,19 +2654,35 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
                 generation_config.min_length = min(generation_config.min_length, generation_config.max_length)
 
     # --- one-token decode on static buffers (CUDA graphs) -----------------------------------------------------
-    def _static_decoder(self, batch_size: int) -> _StaticDecoder:
-        """The decoder for this batch size, rebuilt when the weights moved (new device/dtype = new addresses)."""
-        weight = self.lm_head.weight
-        key = (batch_size, weight.device, weight.dtype, weight.data_ptr())
+    def _static_decoder(self, batch_size: int, signature: int) -> _StaticDecoder:
+        """The decoder for this batch size and model state (`_decode_signature`), rebuilt when that changed."""
+        key = (batch_size, signature)
         decoders = self.__dict__.setdefault("_static_decoders", {})
         if key not in decoders:
-            for old in [k for k in decoders if k[1:] != key[1:]]:  # graphs that point at freed weights
+            for old in [k for k in decoders if k[1] != signature]:  # graphs of freed weights, or of other modules
                 del decoders[old]
             while len(decoders) >= _MAX_STATIC_DECODERS:  # least recently used batch size goes (a cache whose
                 del decoders[next(iter(decoders))]  # state is in it still holds it and can take the state back)
-            decoders[key] = _StaticDecoder(self, batch_size, use_graph=weight.device.type == "cuda")
+            use_graph = self.lm_head.weight.device.type == "cuda"
+            decoders[key] = _StaticDecoder(self, batch_size, use_graph=use_graph)
         decoders[key] = decoders.pop(key)  # most recently used last
         return decoders[key]
+
+    def _decode_signature(self) -> int:
+        """A hash of what a captured decode step depends on besides its buffers, so that a change rebuilds the
+        step instead of replaying a stale one: every module's identity (a swapped module, PEFT's
+        `merge_and_unload`), train/eval mode and hook ids, PEFT's adapter switches (`_ADAPTER_SWITCHES`:
+        `disable_adapter()`, `set_adapter`, `merge_adapter`), and every parameter's and buffer's address, dtype
+        and device (weights moved, cast, or replaced through `.data`). Computed once per cache entering the static
+        path (about a millisecond), not per token."""
+        parts = []
+        for module in self.modules():
+            state = vars(module)
+            hooks = tuple(state.get("_forward_hooks", ())) + tuple(state.get("_forward_pre_hooks", ()))
+            parts.append((id(module), module.training, hooks, *(_frozen(state.get(n)) for n in _ADAPTER_SWITCHES)))
+        for tensor in (*self.parameters(), *self.buffers()):
+            parts.append((tensor.data_ptr(), tensor.dtype, tensor.device))
+        return hash(tuple(parts))
 
     def __getstate__(self):
         # copy.deepcopy / pickle: CUDA graphs and weak references to caches cannot be copied; they are rebuilt
@@ -2652,8 +2716,10 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         B, L = input_ids.shape[0], cache.seq_length
         if not (0 < L < self.config.max_position_embeddings and cache.continuable and cache.real_lengths is not None):
             return False  # empty or full caches take the general path (which also reports errors)
-        if cache._static is None and not self._static_decoding_safe():  # once per cache entering the static path
-            return False
+        if cache._static is None:  # once per cache entering the static path
+            if not self._static_decoding_safe():
+                return False
+            cache._decode_signature = self._decode_signature()
         if cache.batch_size != B or (
             attention_mask is not None and tuple(attention_mask.shape) not in ((B, L + 1), (B, 1))
         ):
@@ -2729,7 +2795,8 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         if input_ids is not None:
             input_ids = _as_index(input_ids)  # (the static decoder embeds them directly)
         if self._can_decode_static(input_ids, cache, attention_mask, position_ids, extra):
-            logits = self._static_decoder(input_ids.shape[0]).step(cache, input_ids)[:, None]  # [B, 1, vocab]
+            decoder = self._static_decoder(input_ids.shape[0], cache._decode_signature)
+            logits = decoder.step(cache, input_ids)[:, None]  # [B, 1, vocab]
             if not return_dict:
                 return (logits, cache)
             return LlamaThinkCausalLMOutput(logits=logits, **{_OUTPUT_CACHE_FIELD: cache})

@@ -248,6 +248,54 @@ def test_cached_decode_equals_uncached_forward_on_gpu():
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=2e-3, atol=2e-3)
 
 
+def test_cuda_graph_decode_follows_peft_adapter_switches():
+    """A decode step captured in a CUDA graph records the LoRA branch as it ran: after `disable_adapter()`,
+    `set_adapter`, `merge_adapter` and `merge_and_unload` the graph decode must still equal eager decoding of the
+    model as it is now (a new graph, `_decode_signature`), token for token and within float32 rounding in scores."""
+    import copy
+    import warnings
+
+    import peft
+
+    model = tiny_model(dtype=torch.float32, csa_window=64, mixer_types=["csa", "linear", "full", "csa"]).cuda()
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "in_proj_qkv", "gate_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tuned = peft.get_peft_model(copy.deepcopy(model), config).eval()
+        tuned.add_adapter("other", config)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))).cuda() * 0.3)
+    prompt = torch.randint(3, 96, (2, 11), generator=torch.Generator().manual_seed(3)).cuda()
+    kwargs = {"max_new_tokens": 30, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    kwargs |= {"output_scores": True, "return_dict_in_generate": True}
+
+    def check(m, name):
+        base = m.get_base_model() if isinstance(m, peft.PeftModel) else m
+        with torch.no_grad():
+            base.config.decode_cuda_graphs = True
+            fast = m.generate(input_ids=prompt, **kwargs)
+            assert any(d.graph is not None for d in base.__dict__["_static_decoders"].values()), name
+            base.config.decode_cuda_graphs = False
+            slow = m.generate(input_ids=prompt, **kwargs)
+            base.config.decode_cuda_graphs = True
+        assert torch.equal(fast.sequences, slow.sequences), name
+        torch.testing.assert_close(torch.stack(fast.scores), torch.stack(slow.scores), rtol=1e-4, atol=1e-4)
+        return fast.sequences
+
+    adapted = check(tuned, "adapter")
+    with tuned.disable_adapter():
+        assert not torch.equal(check(tuned, "disable_adapter"), adapted)
+    tuned.set_adapter("other")
+    check(tuned, "set_adapter")
+    tuned.set_adapter("default")
+    tuned.merge_adapter()
+    check(tuned, "merge_adapter")
+    tuned.unmerge_adapter()
+    check(tuned.merge_and_unload(), "merge_and_unload")
+
+
 def test_cuda_graph_decode_equals_eager_decode():
     """generate() with one-token steps replayed from a CUDA graph == the eager path, token for token and in logits;
     the graph is reused by a second generate() call."""

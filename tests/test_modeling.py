@@ -1148,6 +1148,116 @@ def test_peft_prompt_tuning_generate_equals_generate_from_the_prompted_embedding
         assert not torch.equal(out, unprompted)
 
 
+@pytest.mark.parametrize("kind", ["LoHa", "LoKr"])
+def test_peft_adapters_on_the_gated_deltanet_conv_equal_their_merged_model(kind):
+    """PEFT adapters on the Gated DeltaNet `conv1d` (LoHa and LoKr at any rank; LoRA too at a rank that is a
+    multiple of the conv's channels, though PEFT cannot merge LoRA into a grouped conv) wrap the conv: the mixer
+    then calls the wrapper as a module, padded as its base conv is. Its logits equal those of the model with the
+    adapter merged (a plain conv again), and its cached decoding equals its full forward."""
+    import peft
+
+    model = tiny_model()
+    original = copy.deepcopy(model)
+    config = {"LoHa": peft.LoHaConfig, "LoKr": peft.LoKrConfig}[kind](r=4, target_modules=["conv1d"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tuned = peft.get_peft_model(model, config).eval()
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if p.requires_grad:  # the adapter's own (PEFT freezes the rest)
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name)), dtype=p.dtype) * 0.1)
+    ids = torch.randint(3, 96, (2, 14), generator=torch.Generator().manual_seed(21))
+    with torch.no_grad():
+        wrapped = tuned(input_ids=ids).logits
+        prefix = tuned(input_ids=ids[:, :9], use_cache=True)
+        steps = [tuned(input_ids=ids[:, t : t + 1], cache=prefix.cache).logits for t in range(9, 14)]
+        merged = tuned.merge_and_unload()
+        reference = merged(input_ids=ids).logits
+        plain = original(input_ids=ids).logits
+    assert not torch.allclose(reference, plain, atol=1e-3)  # the adapter changes the model
+    torch.testing.assert_close(wrapped, reference, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.cat(steps, 1), wrapped[:, 9:], rtol=1e-10, atol=1e-10)
+
+
+def test_static_decoder_is_rebuilt_when_peft_adapters_or_modules_change():
+    """The static decode step (a CUDA graph on GPUs) records the modules as they ran at capture, so a model whose
+    PEFT adapter is switched off, swapped, merged or unloaded, whose module is replaced or whose weight is replaced
+    through `.data`, gets a new decoder rather than a replay of the old step; an unchanged model reuses its decoder.
+    On CPU (`decode_cuda_graphs="always"`, the step run eagerly) each generation also equals the general path's."""
+    import peft
+
+    base = tiny_model(decode_cuda_graphs="always")
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "in_proj_qkv", "gate_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(base, config).eval()
+        model.add_adapter("other", config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(20))
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+
+    def generate(m):
+        """(tokens, the decoders the static path used) and the general path's tokens for the same model."""
+        with torch.no_grad():
+            out = m.generate(input_ids=ids, **kwargs)
+            used = set(base.__dict__["_static_decoders"].values())  # (held in `seen`: no id is reused)
+            base.config.decode_cuda_graphs = False
+            reference = m.generate(input_ids=ids, **kwargs)
+            base.config.decode_cuda_graphs = "always"
+        assert torch.equal(out, reference)
+        return out, used
+
+    seen = []
+
+    def new_decoder(m):
+        out, used = generate(m)
+        assert used and not used & {d for ds in seen for d in ds}, "a decoder of an earlier model state was reused"
+        seen.append(used)
+        return out
+
+    adapted = new_decoder(model)
+    assert torch.equal(generate(model)[0], adapted) and generate(model)[1] == seen[-1]  # unchanged: reused
+    with model.disable_adapter():
+        plain = new_decoder(model)
+    assert not torch.equal(plain, adapted)
+    model.set_adapter("other")
+    new_decoder(model)
+    model.set_adapter("default")
+    model.merge_adapter()
+    assert torch.equal(new_decoder(model), adapted)
+    model.unmerge_adapter()
+    merged = model.merge_and_unload()
+    assert torch.equal(new_decoder(merged), adapted)
+    layer = merged.model.layers[0].mlp
+    layer.down_proj = copy.deepcopy(layer.down_proj)  # a replaced module
+    new_decoder(merged)
+    weight = merged.model.layers[1].mlp.up_proj.weight
+    weight.data = weight.data.clone()  # a replaced tensor (new address)
+    new_decoder(merged)
+
+
+def test_generate_with_chunked_prefill_equals_generate():
+    """`generate(prefill_chunk_size=...)` (transformers feeds the prompt in chunks to a cache it needs up front,
+    which this model otherwise builds in its first forward): the same tokens and scores as one prefill, with the
+    prompt in chunks of 4 and 5 (the last chunk shorter) and a left-padded batch whose chunks all hold real tokens."""
+    model = tiny_model().eval()
+    ids = torch.randint(3, 96, (2, 13), generator=torch.Generator().manual_seed(22))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # row 1 left-padded by 2: every chunk of 4 or 5 still holds a real token of it
+    kwargs = {"max_new_tokens": 7, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    kwargs |= {"output_scores": True, "return_dict_in_generate": True}
+    with torch.no_grad():
+        for attention_mask in (None, mask):
+            whole = model.generate(ids, attention_mask=attention_mask, **kwargs)
+            for chunk in (4, 5):
+                chunked = model.generate(ids, attention_mask=attention_mask, prefill_chunk_size=chunk, **kwargs)
+                assert torch.equal(chunked.sequences, whole.sequences), chunk
+                torch.testing.assert_close(torch.stack(chunked.scores), torch.stack(whole.scores))
+
+
 def test_generate_from_inputs_embeds_counts_their_positions_against_the_limit(short_model):
     ids = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(15))
     embeds = short_model.get_input_embeddings()(ids).detach()

@@ -110,9 +110,10 @@ def test_transformers_flattening_collator_inputs_equal_separate_rows():
         for d in docs
     ]
     expected_loss = sum(terms) / sum(len(d) - 1 for d in docs)
-    for options in ({}, {"return_seq_idx": True}, {"return_flash_attn_kwargs": True}):
+    both = {"return_seq_idx": True, "return_flash_attn_kwargs": True}
+    for options in ({}, {"return_seq_idx": True}, {"return_flash_attn_kwargs": True}, both):
         batch = DataCollatorWithFlattening(return_tensors="pt", **options)(features)
-        inputs = {k: v for k, v in batch.items() if k != "labels" and not k.startswith("max_length")}
+        inputs = {k: v for k, v in batch.items() if k != "labels"}  # all of it: cu_seq_lens_k, max_length_q, ...
         if options:  # the positions are derived from seq_idx / cu_seq_lens_q alone
             inputs.pop("position_ids")
         logits = model(**inputs, use_cache=False).logits
@@ -172,6 +173,20 @@ def test_packed_inputs_that_cannot_be_honoured_are_refused():
         model(input_ids=ids, cu_seq_lens_q=torch.tensor([0, 3, 8]), use_cache=False)
     with pytest.raises(ValueError, match="must rise from 0 to the sequence length 8"):
         model(input_ids=ids[:1], cu_seq_lens_q=torch.tensor([0, 3, 7]), use_cache=False)
+    # flash-attention's other packing arguments must describe the same documents, never be ignored
+    cu = torch.tensor([0, 3, 8])
+    with pytest.raises(ValueError, match=r"cu_seq_lens_k \(\[0, 8\]\) must equal cu_seq_lens_q \(\[0, 3, 8\]\)"):
+        model(input_ids=ids[:1], cu_seq_lens_q=cu, cu_seq_lens_k=torch.tensor([0, 8]), use_cache=False)
+    with pytest.raises(ValueError, match="must equal cu_seq_lens_q \\(not given\\)"):
+        model(input_ids=ids[:1], cu_seq_lens_k=cu, use_cache=False)
+    for name in ("max_length_q", "max_length_k"):
+        with pytest.raises(ValueError, match=f"{name}=8 is not the longest sequence of cu_seq_lens_q \\(5\\)"):
+            model(input_ids=ids[:1], cu_seq_lens_q=cu, use_cache=False, **{name: 8})
+    consistent = {"cu_seq_lens_k": cu, "max_length_q": 5, "max_length_k": 5}
+    torch.testing.assert_close(
+        model(input_ids=ids[:1], cu_seq_lens_q=cu, use_cache=False, **consistent).logits,
+        model(input_ids=ids[:1], cu_seq_lens_q=cu, use_cache=False).logits,
+    )
 
 
 def test_generation_inputs_are_not_taken_for_packed_sequences():
