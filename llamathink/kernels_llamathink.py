@@ -859,8 +859,9 @@ def prebuild_fla_kernels(
     processes build side by side, each on random inputs: "solve" (`kkt_solve`, the WY matrices; with fla's conv
     and gate sums), "forward" (`fused_gdr_fwd`), "states" (`fused_gdr_h`, the backward's recomputation of the chunk
     states) and "backward" (`fused_gdr_bwd`). Raises ValueError for a part `delta_rule` does not come in.
-    `on_built`: a function of no arguments, called once the kernels of the step's own shapes are built, before a
-    part's extras (`solve`'s conv, the forward variants by document count), and again at the end.
+    `on_built`: a function of no arguments, called once the kernels the step may launch are built (packed: the
+    forward's variants for every document count, since the step's is not known here), before the `solve` part's
+    conv (the step builds its conv itself before its first FlashQLA call), and again at the end.
 
     Shapes as the model passes them: the conv input [B, T, conv_dim] in `dtype` (a torch dtype's name, 16-bit) with
     its weight [conv_dim, conv_kernel_size] in `conv_weight_dtype` (the parameter's: float32 under autocast); q, k
@@ -898,7 +899,7 @@ def prebuild_fla_kernels(
             y = _fla_conv_op(x, weight, cu_seqlens)
             y.backward(torch.randn_like(y))
 
-    def built():  # the kernels of the step's own shapes are in the caches
+    def built():  # the kernels the step may launch are in the caches
         if on_built is not None:
             torch.cuda.synchronize(dev)
             on_built()
@@ -926,18 +927,15 @@ def prebuild_fla_kernels(
             g_cum = g.cumsum(1)
             A = torch.randn(B, T, H, 64, device=dev).div(8).to(dt)  # the WY matrices [B, T, H, chunk]
             if part == "solve":
-                for i, cuts in enumerate(forward_cuts):
+                for cuts in forward_cuts:
                     cumsum(g, chunk_size=64, **_chunk_indices(cuts))
                     _flash_qla_solve(k, beta, cuts)
-                    if i == 0:
-                        built()
-                        with torch.enable_grad():
-                            conv()  # the step has built its conv itself by its first FlashQLA call
+                built()
+                with torch.enable_grad():
+                    conv()  # after: the step has built its conv itself by its first FlashQLA call
             elif part == "forward":
-                for i, cuts in enumerate(forward_cuts):
+                for cuts in forward_cuts:
                     _flash_qla_forward_given_solve(q, k, v, g_cum, beta, A, scale, cuts)
-                    if i == 0:
-                        built()
             elif part == "states":
                 _flash_qla_chunk_states(k, v, g_cum, beta, A, cu_seqlens)
             else:  # given the chunk states [B, NT, H, K, V]: NT chunks of 64 in each row, or in all documents
@@ -983,9 +981,9 @@ def start_fla_prebuild(
     child and three more beside it, `FLASH_QLA_PARTS`): TileLang builds a kernel in one thread, 9 to 31 s each on
     an H200 host, 80 s one after another (session 27). TileLang does not wait for another process's build either,
     so here this process's FlashQLA calls do (`wait_for_prebuild`): the forward for the `solve` and `forward`
-    parts, the backward for `states` and `backward`, each until its part's process has ended (it tells so by a
-    file in a folder of its own), at most `PREBUILD_WAIT_LIMIT_S`; then the kernels load from TileLang's disk cache
-    rather than being built a second time, one after another, beside the prebuild's.
+    parts, the backward for `states` and `backward`, each until its part's process has told that its kernels are
+    built or that it failed (a file in a folder of its own), at most `PREBUILD_WAIT_LIMIT_S` a call; then the
+    kernels load from TileLang's disk cache rather than being built a second time beside the prebuild's.
 
     One cache for both: where TRITON_CACHE_DIR is unset, inductor sets it in this process, at its first compiled
     kernel, to its own per-device folder (`torch._inductor.runtime.cache_dir_utils.triton_cache_dir`, under
@@ -1105,13 +1103,15 @@ def _prebuild_child_main(args_json: str, parent_pid: int):
             if not any(Path(ready).glob(f"{part}.*")):
                 _tell(ready, part, "failed")
 
-        if ready is not None:
-            for part, process in others.items():
-                threading.Thread(target=tell_if_silent, args=(part, process), daemon=True).start()
+        tellers = [threading.Thread(target=tell_if_silent, args=item, daemon=True) for item in others.items() if ready]
+        for teller in tellers:
+            teller.start()
         try:
             _prebuild_part(args | {"part": "solve"}, ready)
         finally:
             codes = {part: child.wait() for part, child in others.items()}  # an error here propagates after them
+            for teller in tellers:
+                teller.join()
         failed = {part: code for part, code in codes.items() if code != 0}
         if failed:
             raise RuntimeError(f"FlashQLA's prebuild processes ended with codes {failed}")
@@ -1127,8 +1127,8 @@ def _tell(ready: str | None, part: str, outcome: str):
 
 
 def _prebuild_part(args: dict, ready: str | None):
-    """`prebuild_fla_kernels(**args)`, telling `ready` (a folder, or None) `<part>.done` as soon as the kernels of
-    the step's own shapes are built (`on_built`), or `<part>.failed` where the build raised before that (an
+    """`prebuild_fla_kernels(**args)`, telling `ready` (a folder, or None) `<part>.done` as soon as the kernels
+    the step may launch are built (`on_built`), or `<part>.failed` where the build raised before that (an
     exception, KeyboardInterrupt, SystemExit); a part killed by a signal is told by its parent
     (`_prebuild_child_main`)."""
     part, told = args.get("part", "all"), []
@@ -1159,7 +1159,7 @@ def wait_for_prebuild(parts: tuple[str, ...]) -> None:
     """Wait until the processes building FlashQLA's kernel `parts` (of `FLASH_QLA_PARTS`) for this process
     (`start_fla_prebuild`) have built them, so that the calls that follow load those kernels from TileLang's disk
     cache instead of building them again beside the prebuild. Waits once per part and prebuild, returns at once
-    when there is none, and ends its wait when each part's process has told that the kernels of the step's shapes
+    when there is none, and ends its wait when each part's process has told that the kernels the step may launch
     are built or that it failed, the prebuild's child has ended, or after `PREBUILD_WAIT_LIMIT_S` for the call as
     a whole (with a warning); never inside a CUDA graph capture. Called by the FlashQLA ops before their kernels."""
     import time

@@ -534,19 +534,18 @@ class LlamaThinkCache:
 
 _MAX_STATIC_DECODERS = 4  # batch sizes whose decode graphs and buffers a model keeps
 # Python-level switches a captured decode step would freeze: PEFT's tuner layers' active adapters, their
-# `disable_adapter()` flag and which adapters are merged into the base weights (`BaseTunerLayer`)
-_ADAPTER_SWITCHES = ("_active_adapter", "_disable_adapters", "merged_adapters")
+# `disable_adapter()` flag, which adapters are merged into the base weights (`BaseTunerLayer`) and LoRA's scales
+# (`set_scale`, `rescale_adapter_scale`: a float per adapter, a constant in the captured step)
+_ADAPTER_SWITCHES = ("_active_adapter", "_disable_adapters", "merged_adapters", "scaling")
 
 
 def _frozen(value):
-    """`value` as something hashable (lists and sets of adapter names become tuples)."""
-    return (
-        tuple(sorted(value))
-        if isinstance(value, (set, frozenset))
-        else tuple(value)
-        if isinstance(value, list)
-        else value
-    )
+    """`value` as something hashable: lists and sets of adapter names become tuples, a dict of scales its items."""
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (set, frozenset)):
+        return tuple(sorted(value))
+    return tuple(value) if isinstance(value, list) else value
 
 
 class _StaticDecoder:
@@ -940,7 +939,8 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         """How many zeros the conv module pads before its input (an int padding, "valid" or "same"); for a conv that
         PEFT wraps (LoRA, LoHa, LoKr: the wrapper's `base_layer`), the wrapped conv's, which the adapter's own conv
         matches (PEFT builds it with the base layer's padding)."""
-        padding = getattr(self.conv1d, "base_layer", self.conv1d).padding
+        conv = self.conv1d.get_base_layer() if hasattr(self.conv1d, "get_base_layer") else self.conv1d
+        padding = conv.padding
         if padding == "valid":
             return 0
         return (self.conv_kernel_size - 1) // 2 if padding == "same" else padding[0]
@@ -2582,14 +2582,14 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         out = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        # chunked prefill feeds the prompt to a cache chunk by chunk, and transformers asks for one up front (the
-        # first forward builds it otherwise), under the name its generate() uses (`cache` since transformers 5.24)
-        key = (
-            "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters else None
-        )
-        key = key or "past_key_values"
-        if generation_config.prefill_chunk_size is not None and model_kwargs.get(key) is None:
-            model_kwargs[key] = LlamaThinkCache(self.config)
+        given = model_kwargs.get(_GENERATE_CACHE_KEY)
+        if isinstance(given, LlamaThinkCache):  # continued: the model may have changed since (adapters switched)
+            given._decode_signature = None
+        chunked = generation_config.prefill_chunk_size is not None and generation_config.use_cache is not False
+        if chunked and given is None:
+            # chunked prefill feeds the prompt to a cache chunk by chunk, and transformers asks for one up front
+            # (the first forward builds it otherwise)
+            model_kwargs[_GENERATE_CACHE_KEY] = LlamaThinkCache(self.config)
         prompt = getattr(generation_config, "_llamathink_prompt", None)
         if prompt is not None:
             self._bound_generation_length(generation_config, model_kwargs, *prompt)
@@ -2673,8 +2673,9 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         step instead of replaying a stale one: every module's identity (a swapped module, PEFT's
         `merge_and_unload`), train/eval mode and hook ids, PEFT's adapter switches (`_ADAPTER_SWITCHES`:
         `disable_adapter()`, `set_adapter`, `merge_adapter`), and every parameter's and buffer's address, dtype
-        and device (weights moved, cast, or replaced through `.data`). Computed once per cache entering the static
-        path (about a millisecond), not per token."""
+        and device (weights moved, cast, or replaced through `.data`). Computed once per cache and `generate()` call
+        (about a millisecond for the 95M model), not per token; a hand-written decode loop that switches adapters
+        between its steps calls `release_decode_graphs()` after the switch."""
         parts = []
         for module in self.modules():
             state = vars(module)
@@ -2716,9 +2717,9 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         B, L = input_ids.shape[0], cache.seq_length
         if not (0 < L < self.config.max_position_embeddings and cache.continuable and cache.real_lengths is not None):
             return False  # empty or full caches take the general path (which also reports errors)
-        if cache._static is None:  # once per cache entering the static path
-            if not self._static_decoding_safe():
-                return False
+        if cache._static is None and not self._static_decoding_safe():  # once per cache entering the static path
+            return False
+        if cache._decode_signature is None:  # once per cache and generate() call (`_prepare_cache_for_generation`)
             cache._decode_signature = self._decode_signature()
         if cache.batch_size != B or (
             attention_mask is not None and tuple(attention_mask.shape) not in ((B, L + 1), (B, 1))
