@@ -540,12 +540,19 @@ _ADAPTER_SWITCHES = ("_active_adapter", "_disable_adapters", "merged_adapters", 
 
 
 def _frozen(value):
-    """`value` as something hashable: lists and sets of adapter names become tuples, a dict of scales its items."""
+    """`value` as something hashable: a dict of scales its items, lists and sets of adapter names tuples, anything
+    else unhashable its identity."""
     if isinstance(value, dict):
         return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
     if isinstance(value, (set, frozenset)):
-        return tuple(sorted(value))
-    return tuple(value) if isinstance(value, list) else value
+        return tuple(sorted(map(str, value)))
+    try:
+        hash(value)
+    except TypeError:
+        return id(value)
+    return value
 
 
 class _StaticDecoder:
