@@ -2294,6 +2294,8 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
                 )
         lengths = [kwargs.get(name) for name in ("max_length_q", "max_length_k")]
         if cu_seqlens is not None and any(n is not None for n in lengths) and cu_seqlens.numel() > 1:
+            if bool((cu_seqlens.diff() < 0).any()) or int(cu_seqlens[0]) != 0:
+                return  # a malformed cu_seq_lens_q is named by `packed_segments`, before its lengths are
             longest = int(cu_seqlens.diff().max())
             for name, given in zip(("max_length_q", "max_length_k"), lengths):
                 if given is not None and int(given) != longest:

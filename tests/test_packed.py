@@ -182,6 +182,8 @@ def test_packed_inputs_that_cannot_be_honoured_are_refused():
     for name in ("max_length_q", "max_length_k"):
         with pytest.raises(ValueError, match=f"{name}=8 is not the longest sequence of cu_seq_lens_q \\(5\\)"):
             model(input_ids=ids[:1], cu_seq_lens_q=cu, use_cache=False, **{name: 8})
+    with pytest.raises(ValueError, match="must rise from 0 to the sequence length 8"):  # its own fault named first
+        model(input_ids=ids[:1], cu_seq_lens_q=torch.tensor([0, 5, 3, 8]), max_length_q=4, use_cache=False)
     consistent = {"cu_seq_lens_k": cu, "max_length_q": 5, "max_length_k": 5}
     torch.testing.assert_close(
         model(input_ids=ids[:1], cu_seq_lens_q=cu, use_cache=False, **consistent).logits,
