@@ -2253,6 +2253,15 @@ def test_fla_prebuild_child_imports_this_module_from_anywhere_with_inductors_tri
     assert remote_kernels is not kernels and remote_kernels.__name__.startswith("transformers_modules.")
     # one list of prebuilds to wait for in the process: the FlashQLA ops are registered by the first copy imported
     assert remote_kernels._prebuild_waits is kernels._prebuild_waits
+    # the child imports the kernels module alone: its package's __init__ (transformers' Auto classes, the model) is
+    # not run (a sitecustomize tells, at the child's exit, which of the package's modules it imported)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('IMPORTED', sorted(n.rsplit('.', 1)[-1] for n in sys.modules"
+        " if n.endswith('_llamathink')), file=sys.stderr))\n"
+    )
     for module in (kernels, remote_kernels):
         with monkeypatch.context() as patch:
             patch.setenv("TRITON_CACHE_DIR", "x")  # (restored unset on leaving the context)
@@ -2260,9 +2269,12 @@ def test_fla_prebuild_child_imports_this_module_from_anywhere_with_inductors_tri
             command = _captured_prebuild_command(module, patch)
             assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "inductor" / "triton" / "0") == triton_cache_dir(0)
         assert command[4] == module.__name__
-        run = subprocess.run(command, cwd=tmp_path / "cwd", capture_output=True, text=True, timeout=300)
+        paths = [str(site), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+        run = subprocess.run(command, cwd=tmp_path / "cwd", capture_output=True, text=True, timeout=300, env=env)
         assert run.returncode != 0 and "decoy" not in run.stderr, run.stderr[-2000:]
         assert "in prebuild_fla_kernels" in run.stderr and "_prebuild_child_main" in run.stderr, run.stderr[-2000:]
+        assert "IMPORTED ['kernels_llamathink']" in run.stderr, run.stderr[-2000:]
     # the split into parts is FlashQLA's only; a part fla's kernels do not come in is named before any GPU work
     with pytest.raises(ValueError, match=r"delta_rule='fla', part='backward': expected fla \(all\)"):
         kernels.prebuild_fla_kernels(2, 64, 4, 8, 10, 72, 4, delta_rule="fla", part="backward")
@@ -2304,9 +2316,12 @@ def test_fla_prebuild_child_imports_this_module_from_anywhere_with_inductors_tri
 
 
 _FAKE_PREBUILD_SITE = """
-import json, os, signal, time
+import importlib, json, os, signal, sys, time, types
 if os.environ.get("FAKE_PREBUILD"):
-    from llamathink import kernels_llamathink
+    # the package registered bare, as the prebuild's program does (`_PREBUILD_CHILD_PROGRAM`), which keeps it
+    bare = sys.modules["llamathink"] = types.ModuleType("llamathink")
+    bare.__path__ = [os.path.join(os.environ["FAKE_PREBUILD_ROOT"], "llamathink")]
+    kernels_llamathink = importlib.import_module("llamathink.kernels_llamathink")
 
     def fake(part="all", on_built=None, **_):
         action = json.loads(os.environ["FAKE_PREBUILD"]).get(part, "done")
@@ -2341,6 +2356,7 @@ def test_flash_qla_prebuild_parts_tell_their_end_however_they_end(tmp_path, monk
     kernels._prebuild_waits[:] = [e for e in kernels._prebuild_waits if e.ready != ready]
     plan = {"solve": "done", "forward": "kill", "states": "interrupt", "backward": "late-error"}
     monkeypatch.setenv("FAKE_PREBUILD", json.dumps(plan))
+    monkeypatch.setenv("FAKE_PREBUILD_ROOT", str(REPO_ROOT))
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode != 0, run.stderr[-3000:]
     assert "ended with codes" in run.stderr and "'forward': -9" in run.stderr, run.stderr[-3000:]
