@@ -1050,24 +1050,23 @@ def start_fla_prebuild(
     return child
 
 
-# The program of a prebuild process (`python -c`), given this module's folder root, its name, the arguments (JSON)
-# and the parent's pid. The working directory (the first path entry), which could shadow this module's package, is
-# dropped; root goes first only where it is not on the path already (an installed package's site-packages stays
-# behind the standard library). The packages above this module are registered bare, their `__init__` not run: the
-# package's imports transformers' Auto classes and the model, seconds of imports that the child does not use (a
-# package already imported, e.g. by a sitecustomize, is kept as it is). The module is imported by name, not by an
-# import statement: the copy that `trust_remote_code` loaded has name parts that are not identifiers.
+# The program of a prebuild process (`python -c`), given the folders of the packages above this module (JSON:
+# {package: its `__path__` in this process}), its name, the arguments (JSON) and the parent's pid. The working
+# directory (the first path entry), which could shadow torch or fla, is dropped. The packages are registered bare,
+# with the folders this process found them in, and their `__init__` not run: the package's imports transformers'
+# Auto classes and the model, seconds of imports that the child does not use (a package already imported, e.g. by a
+# sitecustomize, is kept as it is). So the child imports this very file, also through a symlinked or renamed
+# folder, or the copy that `trust_remote_code` loaded (imported by name, not by an import statement: its name has
+# parts that are not identifiers).
 _PREBUILD_CHILD_PROGRAM = """
-import importlib, os, sys, types
-root, name = sys.argv[1], sys.argv[2]
-rest = sys.path if getattr(sys.flags, "safe_path", False) else sys.path[1:]
-sys.path[:] = rest if root in map(os.path.realpath, rest) else [root, *rest]
-package = ""
-for part in name.split(".")[:-1]:
-    package = f"{package}.{part}" if package else part
+import importlib, json, sys, types
+packages, name = json.loads(sys.argv[1]), sys.argv[2]
+if not getattr(sys.flags, "safe_path", False):
+    del sys.path[0]
+for package, path in packages.items():
     if package not in sys.modules:
         bare = sys.modules[package] = types.ModuleType(package)
-        bare.__path__ = [os.path.join(root, *package.split("."))]
+        bare.__path__ = path
 importlib.import_module(name)._prebuild_child_main(sys.argv[3], int(sys.argv[4]))
 """
 
@@ -1075,10 +1074,15 @@ importlib.import_module(name)._prebuild_child_main(sys.argv[3], int(sys.argv[4])
 def _prebuild_command(args: dict, parent_pid: int) -> list[str]:
     """The command line of a prebuild process: `_prebuild_child_main(args, parent_pid)` of this very module, which
     it imports without its package's `__init__` (`_PREBUILD_CHILD_PROGRAM`)."""
-    # the folder this module is imported from: above `llamathink/`, or transformers' modules folder for the copy
-    # that `trust_remote_code` loaded
-    root = Path(__file__).resolve().parents[__name__.count(".")]
-    return [sys.executable, "-c", _PREBUILD_CHILD_PROGRAM, str(root), __name__, json.dumps(args), str(parent_pid)]
+    packages, parts = {}, __name__.split(".")[:-1]
+    for i in range(len(parts)):
+        package = ".".join(parts[: i + 1])
+        path = getattr(sys.modules.get(package), "__path__", None)
+        if path is None:  # (a module loaded outside its package) the folder of each level above this file
+            path = [str(Path(__file__).absolute().parents[len(parts) - i - 1])]
+        packages[package] = [os.path.abspath(p) for p in path]
+    code = _PREBUILD_CHILD_PROGRAM
+    return [sys.executable, "-c", code, json.dumps(packages), __name__, json.dumps(args), str(parent_pid)]
 
 
 def _prebuild_child_main(args_json: str, parent_pid: int):

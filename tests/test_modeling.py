@@ -2315,6 +2315,39 @@ def test_fla_prebuild_child_imports_this_module_from_anywhere_with_inductors_tri
     assert kernels.start_fla_prebuild(2, 64, 4, 8, 10, 72, 4, dtype=torch.float32) is None  # no float32 fla
 
 
+def test_fla_prebuild_child_imports_the_parents_file_through_a_symlinked_folder_of_another_name(tmp_path):
+    """The prebuild child imports the very file its parent imported, where the package's folder is a symlink to a
+    folder of another name (e.g. a versioned store) whose own folder holds a stale `llamathink/`: the child's
+    packages get the folders the parent found them in, not a folder worked out from the resolved file. On this CPU
+    the child gets as far as asking for the GPU, in `prebuild_fla_kernels` of the symlinked file."""
+    store, site = tmp_path / "store", tmp_path / "site"
+    shutil.copytree(REPO_ROOT / "llamathink", store / "llamathink-0.1.0", ignore=shutil.ignore_patterns("__pycache__"))
+    (store / "llamathink").mkdir()  # a stale copy beside it
+    (store / "llamathink" / "__init__.py").write_text("")
+    (store / "llamathink" / "kernels_llamathink.py").write_text("raise SystemExit('the stale copy was imported')\n")
+    site.mkdir()
+    (site / "llamathink").symlink_to(store / "llamathink-0.1.0", target_is_directory=True)
+    parent = (
+        "import os, subprocess, sys\n"
+        "import llamathink.kernels_llamathink as k\n"
+        "args = dict(batch_size=2, seq_len=64, num_heads=4, head_k_dim=8, head_v_dim=10, conv_dim=72,\n"
+        "            conv_kernel_size=4, dtype='bfloat16', packed=False, device=0, delta_rule='fla')\n"
+        "print(k.__file__)\n"
+        "run = subprocess.run(k._prebuild_command(args, os.getpid()), capture_output=True, text=True, timeout=300)\n"
+        "print(run.returncode, run.stderr)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_CACHE_DIR")}
+    env["PYTHONPATH"] = str(site)
+    run = subprocess.run(
+        [sys.executable, "-c", parent], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    parent_file, child = run.stdout.split("\n", 1)
+    assert parent_file == str(site / "llamathink" / "kernels_llamathink.py"), parent_file
+    assert not child.startswith("0 ") and "stale copy" not in child, child[-2000:]
+    assert f'File "{parent_file}"' in child and "in prebuild_fla_kernels" in child, child[-2000:]
+
+
 _FAKE_PREBUILD_SITE = """
 import importlib, json, os, signal, sys, time, types
 if os.environ.get("FAKE_PREBUILD"):
