@@ -38,6 +38,7 @@ def main(argv=None) -> int:
 
     from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
     from llamathink.kernels_llamathink import (
+        earlier_tuned_configs,
         fla_autotune_choices,
         fla_conv_available,
         fla_tuned_configs_path,
@@ -56,7 +57,9 @@ def main(argv=None) -> int:
         probe = out.resolve().with_name(out.resolve().name + ".tmp")
         probe.write_text("")
         probe.unlink()
-    except OSError as err:
+        if out.exists():
+            earlier_tuned_configs(out)  # a file that is not a tuned-configs file is refused now
+    except (OSError, ValueError) as err:
         raise SystemExit(f"cannot write {out}: {err}; name another file with --out") from None
     config = LlamaThinkConfig.from_json_file(args.model_config) if args.model_config else LlamaThinkConfig()
     config.gdn_backend = "fla"
@@ -97,7 +100,7 @@ def main(argv=None) -> int:
             gpu,
             extra={"measured_with": f"benchmarks/tune_fla_configs.py --batches {args.batches} --seq {args.seq}"},
         )
-    except (RuntimeError, OSError) as err:  # fla did not run (not installed?), or the disk filled up meanwhile
+    except (RuntimeError, ValueError, OSError) as err:  # fla did not run, --out names another kind of file, disk full
         raise SystemExit(f"nothing written to {out}: {err}") from None
     print(f"{sum(len(v) for v in choices.values())} choices of {len(choices)} kernels this run; ", end="")
     print(f"{sum(len(v) for v in doc['kernels'].values())} in {out} (fla {doc['versions']['fla']}, ", end="")

@@ -1314,13 +1314,16 @@ def write_fla_tuned_configs(path: str | Path, gpu_name: str, extra: dict | None 
     """Write this process's fla autotune choices (`fla_autotune_choices`) to `path` as a tuned-configs file for GPUs
     named `gpu_name`, merged over the entries already there when that file is for the same GPU and versions (this
     process's choice wins for a key both have; keys are compared as the autotuners compare them, so `1` and `true`
-    are one key). An earlier file for another GPU or other versions is replaced, with a warning. `extra`: fields
-    recorded beside the choices (how they were measured); it cannot change the format, GPU, versions or kernels.
-    Returns the written document.
+    are one key). An earlier tuned-configs file (a JSON object with "format", "gpu" and "kernels") for another GPU,
+    other versions or another format, or a damaged one, is replaced, with a warning that says why; any other file is
+    never replaced. `extra`: fields recorded beside the choices (how they were measured); it cannot change the
+    format, GPU, versions or kernels. Returns the written document.
 
     Raises RuntimeError when this process has made no choices (fla not installed or not used: nothing to record, and
-    an earlier file is kept), OSError where the file cannot be written. A temporary file is renamed into place (the
-    target of a symbolic link is what is written), so an earlier file is never left half written."""
+    an earlier file is kept), ValueError where `path` names something that is not a tuned-configs file (a folder, a
+    model config, an unreadable file: kept as it is), OSError where the file cannot be written. A temporary file is
+    renamed into place (the target of a symbolic link is what is written), so an earlier file is never left half
+    written."""
     choices = fla_autotune_choices()
     if not choices:
         raise RuntimeError(
@@ -1330,15 +1333,12 @@ def write_fla_tuned_configs(path: str | Path, gpu_name: str, extra: dict | None 
     versions = _library_versions()
     kernels: dict[str, dict[tuple, dict]] = {}
     if path.exists():
-        try:
-            earlier = _validated_tuned_configs(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
-            earlier = None  # unreadable: replaced
+        earlier, what = earlier_tuned_configs(path)
         if earlier is not None and earlier["gpu"] == gpu_name and earlier["versions"] == versions:
             for name, entries in earlier["kernels"].items():
                 kernels[name] = {tuple(e["key"]): e for e in entries}
         else:
-            what = "unreadable" if earlier is None else f"for {earlier['gpu']}, {earlier['versions']}"
+            what = what or f"for {earlier['gpu']}, {earlier['versions']}"
             logger.warning(f"replacing {path} ({what}) with choices for {gpu_name}, {versions}")
     for name, entries in choices.items():
         kernels.setdefault(name, {}).update({tuple(e["key"]): e for e in entries})
@@ -1360,6 +1360,27 @@ def write_fla_tuned_configs(path: str | Path, gpu_name: str, extra: dict | None 
     finally:
         tmp.unlink(missing_ok=True)
     return doc
+
+
+def earlier_tuned_configs(path: str | Path) -> tuple[dict | None, str | None]:
+    """What `write_fla_tuned_configs` finds at `path`, an existing file: (the tuned-configs document, None) when it
+    is a well-formed one, (None, why) for a tuned-configs file (a JSON object with "format", "gpu" and "kernels")
+    that is damaged or of another format. Raises ValueError, naming the file, for anything else (a folder, a model
+    config, a file that cannot be read): a file that `write_fla_tuned_configs` must not replace."""
+    path = Path(path)
+    not_ours = f"{path} is not a tuned-configs file, so it is not replaced: remove it or name another file"
+    if not path.is_file():
+        raise ValueError(f"{not_ours} (it is a folder or a device)")
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{not_ours} ({type(err).__name__}: {err})") from None
+    if not isinstance(found, dict) or not {"format", "gpu", "kernels"} <= found.keys():
+        raise ValueError(f'{not_ours} (not a JSON object with "format", "gpu" and "kernels")')
+    try:
+        return _validated_tuned_configs(found), None
+    except ValueError as err:
+        return None, f"damaged or of another format: {err}"
 
 
 def _validated_tuned_configs(doc) -> dict:
@@ -1505,6 +1526,7 @@ __all__ = [
     "FLA_GDN_KERNELS",
     "FLA_PREBUILD_ENV",
     "FLA_TUNED_CONFIGS_ENV",
+    "earlier_tuned_configs",
     "fla_autotune_choices",
     "fla_backward_problem",
     "fla_causal_conv1d_silu",

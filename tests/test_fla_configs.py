@@ -148,6 +148,30 @@ def test_write_keeps_the_earlier_file_when_there_is_nothing_to_record_or_the_wri
     assert path.read_text() == before and not list(tmp_path.glob("*.tmp"))
 
 
+def test_write_never_replaces_a_file_that_is_not_a_tuned_configs_file(fake_fla, tmp_path, caplog):
+    """A model config, a folder, an empty or unreadable file named by mistake is kept, with a ValueError that names
+    it; a tuned-configs file that is damaged or of another format is replaced, with a warning that says why."""
+    tuner_h, _ = fake_fla
+    tuner_h.cache[KEY_H] = H_CONFIGS[0]
+    config = tmp_path / "my_model.json"
+    config.write_text(json.dumps({"model_type": "llamathink", "hidden_size": 576}))
+    empty, binary, folder = tmp_path / "empty.json", tmp_path / "weights.json", tmp_path / "folder.json"
+    empty.write_text("")
+    binary.write_bytes(b"\x89\xff\x00 not text")
+    folder.mkdir()
+    for path in (config, empty, binary, folder):
+        before = path.read_bytes() if path.is_file() else None
+        with pytest.raises(ValueError, match=rf"{path.name} is not a tuned-configs file, so it is not replaced"):
+            k.write_fla_tuned_configs(path, "NVIDIA H200")
+        assert (path.read_bytes() if path.is_file() else None) == before and path.exists()
+    damaged = tmp_path / "old.json"
+    damaged.write_text(json.dumps({"format": 0, "gpu": "NVIDIA H200", "kernels": {}}))
+    doc = k.write_fla_tuned_configs(damaged, "NVIDIA H200")
+    assert json.loads(damaged.read_text()) == doc and doc["format"] == 1
+    assert "(damaged or of another format: format 0 is not 1)" in caplog.text
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_write_through_a_symbolic_link_writes_its_target(fake_fla, tmp_path):
     tuner_h, _ = fake_fla
     tuner_h.cache[KEY_H] = H_CONFIGS[0]
@@ -273,12 +297,14 @@ def test_hostile_files_are_ignored_with_a_warning_naming_the_fault(fake_fla, tmp
     assert fault in caplog.text
 
 
-def test_write_replaces_an_unreadable_earlier_file(fake_fla, tmp_path):
+def test_write_keeps_an_unparsable_earlier_file(fake_fla, tmp_path):
+    """A file that does not parse may be anyone's (a hand edit half done): kept, and named."""
     tuner_h, _ = fake_fla
     tuner_h.cache[KEY_H] = H_CONFIGS[0]
     path = _file(tmp_path, "{broken")
-    doc = k.write_fla_tuned_configs(path, "NVIDIA H200")
-    assert json.loads(path.read_text()) == doc and list(doc["kernels"]) == ["fla.ops.common.chunk_delta_h:kernel_h"]
+    with pytest.raises(ValueError, match=r"is not a tuned-configs file, so it is not replaced: .*JSONDecodeError"):
+        k.write_fla_tuned_configs(path, "NVIDIA H200")
+    assert path.read_text() == "{broken"
 
 
 def test_path_of_a_gpu_name():
