@@ -208,6 +208,35 @@ def test_a_value_that_cannot_be_read_as_its_type_is_an_error_naming_the_field(tm
         pretrain.load_config(str(path))
 
 
+@pytest.mark.parametrize(
+    "cls, values, named",
+    [
+        ("TrainConfig", {"document_masking": "false"}, r"document_masking must be true or false, got 'false'"),
+        ("TrainConfig", {"compile": "no"}, r"compile must be true or false, got 'no'"),
+        ("TrainConfig", {"grad_accum": 2.5}, r"grad_accum must be an integer, got 2.5"),
+        ("TrainConfig", {"micro_batch_size": "4"}, r"micro_batch_size must be an integer, got '4'"),
+        ("TrainConfig", {"seq_len": True}, r"seq_len must be an integer, got True"),
+        ("TrainConfig", {"muon_cuda_graph": "yes"}, r"muon_cuda_graph must be true or false, got 'yes'"),
+        ("TrainConfig", {"peak_tflops": "989"}, r"peak_tflops must be a number or null, got '989'"),
+        ("TrainConfig", {"sample_prompts": ["a", 3]}, r"sample_prompts must be a list of text, got \['a', 3\]"),
+        ("TrainConfig", {"adamw_betas": 0.9}, r"adamw_betas must be a list, got 0.9"),
+        ("TrainConfig", {"out_dir": Path("runs/x")}, r"out_dir must be text, got PosixPath"),
+        ("FinetuneConfig", {"packing": 1}, r"packing must be true or false, got 1"),
+        ("FinetuneConfig", {"max_len": 512.0}, r"max_len must be an integer or null, got 512.0"),
+    ],
+)
+def test_settings_built_in_python_are_checked_against_their_types(cls, values, named):
+    """A settings dataclass built in Python gets no coercion (`load_config` gives each value its field's type): a
+    value of another type is refused, naming the field, rather than read as something else ("false" as true)."""
+    from llamathink.train.finetune import FinetuneConfig
+
+    config_cls = {"TrainConfig": pretrain.TrainConfig, "FinetuneConfig": FinetuneConfig}[cls]
+    with pytest.raises(ValueError, match=named):
+        config_cls(**values)
+    # what the types allow: an int where a number is asked, a list or tuple of two for the betas, null where optional
+    assert pretrain.TrainConfig(muon_lr=1, adamw_betas=[0.9, 0.95], peak_tflops=None).adamw_betas == (0.9, 0.95)
+
+
 def test_presets_load():
     for path in sorted((REPO_ROOT / "configuration" / "train").glob("*.yaml")):
         cfg = pretrain.load_config(str(path))

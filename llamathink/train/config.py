@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import typing
@@ -73,6 +74,13 @@ class RunConfig:
     hub_model_id: str | None = None
 
     def __post_init__(self):
+        # each value of its field's type, as `load_config` reads them from YAML and the command line: a dataclass
+        # built in Python gets no coercion, and a "false" string would be a true bool, 2.5 steps an accumulation
+        hints = _type_hints(type(self))
+        for f in dataclasses.fields(self):
+            expected = _type_problem(getattr(self, f.name), hints[f.name])
+            if expected is not None:
+                raise ValueError(f"{f.name} must be {expected}, got {getattr(self, f.name)!r}")
         # a leading ~ is the home folder, as in a shell: a YAML file or a quoted argument keeps it as text, and the
         # run would make a folder named "~" (and read files under it)
         for f in dataclasses.fields(self):
@@ -110,8 +118,6 @@ class RunConfig:
             raise ValueError(f"optimizer must be 'muon' or 'adamw', got {self.optimizer!r}")
         if self.muon_adjust_lr not in ADJUST_LR_FNS:
             raise ValueError(f"muon_adjust_lr must be one of {', '.join(ADJUST_LR_FNS)}, got {self.muon_adjust_lr!r}")
-        if not isinstance(self.muon_cuda_graph, bool):
-            raise TypeError(f"muon_cuda_graph must be true or false, got {self.muon_cuda_graph!r}")
         if self.nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -160,6 +166,40 @@ PATH_SETTINGS = (
 )
 _NULL_WORDS = ("null", "none", "~", "")
 _TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _type_problem(value, annotation) -> str | None:
+    """None where `value` is of the settings type `annotation` (bool, int, float, str, list[str], tuple[...], or
+    one of them | None; an int is a float, a bool is neither), else what was expected, in words."""
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        if value is None:
+            return None
+        (annotation,) = [a for a in args if a is not type(None)]
+        expected = _type_problem(value, annotation)
+        return None if expected is None else f"{expected} or null"
+    origin = typing.get_origin(annotation) or annotation
+    if origin is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if origin is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if origin is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if origin is str:
+        return None if isinstance(value, str) else "text"
+    if origin in (list, tuple):
+        item_types = [t for t in typing.get_args(annotation) if t is not Ellipsis]
+        if not isinstance(value, (list, tuple)):
+            return "a list"
+        if origin is list and item_types and any(_type_problem(v, item_types[0]) for v in value):
+            return f"a list of {_type_problem(object(), item_types[0])}"
+        return None  # tuples: their items and length are checked by the field's own rule
+    return None
 
 
 def coerce_setting(value, annotation, name: str, where: str = ""):
