@@ -998,6 +998,12 @@ def test_compile_mode_auto_gives_cuda_graphs_only_to_one_gpu_process_of_fixed_sh
     ):
         mode, reason = resolve("auto", **kwargs)
         assert mode == "default" and why in reason, (case, mode, reason)
+        # a CUDA-graph mode set by name is taken, and its reason says that auto would not
+        for named in ("reduce-overhead", "max-autotune"):
+            mode, reason = resolve(named, **kwargs)
+            assert mode == named and reason.startswith("untested: set by compile_mode") and why in reason, reason
+        assert resolve("default", **kwargs) == ("default", "set by compile_mode")
+    assert resolve("reduce-overhead", cuda) == ("reduce-overhead", "set by compile_mode")
     assert resolve("default", cuda) == ("default", "set by compile_mode")
     assert resolve("max-autotune", cpu, num_processes=4, packed=True)[0] == "max-autotune"
     with pytest.raises(TypeError):  # no fact of the run has a default
@@ -1041,6 +1047,13 @@ def test_compile_mode_auto_gives_cuda_graphs_only_to_one_gpu_process_of_fixed_sh
         assert seen[-1] == {**plain_facts, **facts_now}, name
         assert (handed[-1]["compile"], handed[-1]["compile_mode"]) == (compiled, mode), name
         assert f"compile_mode auto: {mode} (" in capsys.readouterr().out
+    # CUDA graphs set by name where auto would not take them: taken, with a warning that names the case
+    named = {"out_dir": str(tmp_path / "named"), "compile_mode": "reduce-overhead", "document_masking": True}
+    pretrain.train(dataclasses.replace(cfg, **named))
+    assert handed[-1]["compile_mode"] == "reduce-overhead"
+    out = capsys.readouterr().out
+    assert "warning: compile_mode reduce-overhead: reduce-overhead (untested: set by compile_mode, where auto " in out
+    assert "document-masked batches" in out
 
 
 def test_combo_kernels_reach_torch_compile_as_inductor_options(sample_data, model_json, tmp_path, monkeypatch):

@@ -33,7 +33,7 @@ from ..data import (
     tokenizer_fingerprint,
     val_batches,
 )
-from ..modeling_llamathink import LlamaThinkForCausalLM, flops_per_token
+from ..modeling_llamathink import CUDA_GRAPH_COMPILE_MODES, LlamaThinkForCausalLM, flops_per_token
 from .checkpoint import load_saved_model, own_out_dir
 from .config import RunConfig
 from .config import load_config as _load_settings
@@ -253,22 +253,30 @@ def resolve_compile_mode(
     `packed`: document-masked batches give each new set of document lengths a shape of its own, and CUDA graphs
     record a new graph for each). Elsewhere it gives "default": on a CPU CUDA graphs replay nothing; with several
     processes DDP's gradient hooks, and with fp16 the loss scaler, have not been tested inside CUDA graphs here; a
-    whole-model graph would also serve evaluation and generation, whose shapes vary. Every argument is required, so
-    that a caller cannot leave a fact of its run out."""
+    whole-model graph would also serve evaluation and generation, whose shapes vary. A CUDA-graph mode set by name
+    ("reduce-overhead", "max-autotune") is taken in those cases too, its reason then beginning with "untested:" and
+    naming the case (the run prints it as a warning). Every argument is required, so that a caller cannot leave a
+    fact of its run out."""
+    cases = [
+        reason
+        for reason, holds in (
+            ("the whole model compiled as one graph (regional_compile: false)", whole_model),
+            (f"no CUDA graphs on {device.type}", device.type != "cuda"),
+            (f"{num_processes} processes (CUDA graphs are used by one-process runs)", num_processes > 1),
+            ("document-masked batches change shape from batch to batch", packed),
+            (
+                f"mixed_precision {mixed_precision} (CUDA graphs are used with bf16 or no)",
+                mixed_precision not in ("bf16", "no"),
+            ),
+        )
+        if holds
+    ]
     if mode != "auto":
+        if mode in CUDA_GRAPH_COMPILE_MODES and cases:
+            return mode, f"untested: set by compile_mode, where auto takes default: {cases[0]}"
         return mode, "set by compile_mode"
-    for reason, holds in (
-        ("the whole model compiled as one graph (regional_compile: false)", whole_model),
-        (f"no CUDA graphs on {device.type}", device.type != "cuda"),
-        (f"{num_processes} processes (CUDA graphs are used by one-process runs)", num_processes > 1),
-        ("document-masked batches change shape from batch to batch", packed),
-        (
-            f"mixed_precision {mixed_precision} (CUDA graphs are used with bf16 or no)",
-            mixed_precision not in ("bf16", "no"),
-        ),
-    ):
-        if holds:
-            return "default", reason
+    if cases:
+        return "default", cases[0]
     return "reduce-overhead", "one process on a GPU, compiled layers, windows of one shape"
 
 
@@ -350,8 +358,9 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
         whole_model=not cfg.regional_compile,
         mixed_precision=cfg.mixed_precision,
     )
-    if cfg.compile and cfg.compile_mode == "auto":
-        accelerator.print(f"compile_mode auto: {compile_mode} ({why})")
+    if cfg.compile:
+        warning = "warning: " if why.startswith("untested:") else ""
+        accelerator.print(f"{warning}compile_mode {cfg.compile_mode}: {compile_mode} ({why})")
 
     def final(raw_model, final_dir: Path, history: dict, on_saved):
         save_final(raw_model, tokenizer, final_dir, cfg, history, tokens_seen=history["tokens_seen"], on_saved=on_saved)
