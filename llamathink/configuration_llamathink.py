@@ -89,7 +89,10 @@ class LlamaThinkConfig(PretrainedConfig):
             it loads as `None` (`_without_csa_blend_bias`).
         hyper_connections (`bool`, defaults to True): learned per-dimension residual scaling,
             `h = (1 + r) * h + (1 + s) * sublayer(norm(h))`, with `r`, `s` initialised to zero.
-        gdn_chunk_size (`int`, defaults to 64): chunk length of the chunked Gated DeltaNet (training/prefill).
+        gdn_chunk_size (`int`, defaults to 64): chunk length of the chunked Gated DeltaNet (training/prefill) in
+            the PyTorch kernels; fla's and FlashQLA's kernels always use chunks of 64 (a model that names one of
+            them with another length is warned). The chunked form is exact, so the length changes speed and
+            rounding, not the function.
         gdn_backend (`str`, defaults to `"auto"`): Gated DeltaNet kernels: `"auto"` (fla's Triton kernels on CUDA
             where installed and trustworthy, else PyTorch), `"fla"` (the same, warning when it must fall back),
             `"flash_qla"` (FlashQLA's fused delta-rule kernels with fla's conv: at the 95M shape on an H200 the

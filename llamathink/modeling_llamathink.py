@@ -920,6 +920,11 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         self.conv_kernel_size = config.linear_conv_kernel_dim
         self.chunk_size = config.gdn_chunk_size
         self.backend = config.gdn_backend
+        if self.chunk_size != 64 and self.backend in ("fla", "flash_qla"):
+            logger.warning_once(
+                f"gdn_chunk_size={self.chunk_size} is the PyTorch kernels' chunk length: {self.backend}'s kernels "
+                "always use chunks of 64 (the layer computes the same function either way)"
+            )
 
         self.in_proj_qkv = nn.Linear(config.hidden_size, self.conv_dim, bias=False)
         self.in_proj_z = nn.Linear(config.hidden_size, self.value_dim, bias=False)

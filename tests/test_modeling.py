@@ -1979,6 +1979,20 @@ def test_gdn_backend_selection_falls_back_on_cpu(caplog):
         tiny_config(gdn_backend="triton")
 
 
+def test_a_chunk_length_the_gpu_kernels_do_not_take_is_named(monkeypatch):
+    """fla's and FlashQLA's kernels always use chunks of 64: a model that names one of them with another
+    `gdn_chunk_size` is warned that the length is the PyTorch kernels' (and computes the same function)."""
+    said = []
+    monkeypatch.setattr(modeling.logger, "warning_once", said.append)
+    for backend in ("fla", "flash_qla"):
+        LlamaThinkForCausalLM(tiny_config(gdn_backend=backend, gdn_chunk_size=16))
+        assert said and f"gdn_chunk_size=16 is the PyTorch kernels' chunk length: {backend}'s kernels" in said[-1]
+        said.clear()
+    for backend, chunk in (("fla", 64), ("auto", 16), ("torch", 16)):
+        LlamaThinkForCausalLM(tiny_config(gdn_backend=backend, gdn_chunk_size=chunk))
+        assert not said, (backend, chunk, said)
+
+
 def test_gdn_backend_selection_keeps_fp32_training_off_fla(monkeypatch):
     """Where fla works (stubbed here), bf16/fp16 training and any inference use it; fp32 training does not."""
     from llamathink import kernels_llamathink as m
