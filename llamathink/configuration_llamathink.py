@@ -293,6 +293,12 @@ class LlamaThinkConfig(PretrainedConfig):
                 f"{self.max_position_embeddings}): give at most that (a compressed block longer than the context is "
                 "never complete)"
             )
+        if self.linear_conv_kernel_dim > self.max_position_embeddings:
+            raise ValueError(
+                f"linear_conv_kernel_dim={self.linear_conv_kernel_dim} is longer than the context "
+                f"(max_position_embeddings={self.max_position_embeddings}): give at most that (taps past the context "
+                "only ever meet padding)"
+            )
         if self.gdn_chunk_size > MAX_GDN_CHUNK:
             raise ValueError(
                 f"gdn_chunk_size={self.gdn_chunk_size} is past {MAX_GDN_CHUNK}: the chunked delta rule keeps "

@@ -96,6 +96,7 @@ def test_default_config_is_the_95m_model():
         ({"partial_rotary_factor": None}, "partial_rotary_factor"),
         # spans that would allocate their length in every forward
         ({"csa_stride": 257}, "csa_stride=257 is longer than the context"),
+        ({"linear_conv_kernel_dim": 257}, "linear_conv_kernel_dim=257 is longer than the context"),
         ({"gdn_chunk_size": 10**9}, "gdn_chunk_size=1000000000 is past 4096"),
         ({"max_position_embeddings": 2**21}, "max_position_embeddings=2097152 is past"),
     ],

@@ -237,6 +237,17 @@ def test_settings_built_in_python_are_checked_against_their_types(cls, values, n
     assert pretrain.TrainConfig(muon_lr=1, adamw_betas=[0.9, 0.95], peak_tflops=None).adamw_betas == (0.9, 0.95)
 
 
+def test_a_model_config_past_what_the_machine_can_allocate_is_named_with_its_size(sample_data, model_json, tmp_path):
+    """A model JSON whose widths ask for more memory than the machine has (a head_dim of 10^8) is a ValueError naming
+    the file and the parameter count, not the allocator's error from inside a layer."""
+    config = json.loads(model_json.read_text())
+    huge = tmp_path / "huge.json"
+    huge.write_text(json.dumps({**config, "head_dim": 10**8}))
+    with pytest.raises(ValueError, match=rf"model_config {huge} describes a model of [\d,]+ parameters .* allocate"):
+        pretrain.build_model(_cfg(sample_data, huge, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_presets_load():
     for path in sorted((REPO_ROOT / "configuration" / "train").glob("*.yaml")):
         cfg = pretrain.load_config(str(path))

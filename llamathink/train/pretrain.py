@@ -103,7 +103,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 def build_model(cfg: TrainConfig) -> LlamaThinkForCausalLM:
     """The model of a run: `init_from` (a saved model; `load_saved_model`), else a fresh one of the
     `model_config` JSON (or folder), initialised from `seed`. Raises FileNotFoundError / ValueError naming the
-    setting when the path is missing or not a model, or `seq_len` is beyond the model's context."""
+    setting when the path is missing or not a model, `seq_len` is beyond the model's context, or the model it
+    describes is more than this machine can allocate (with its parameter count)."""
     if cfg.init_from is not None:
         return load_saved_model(cfg.init_from, "init_from")
     path = Path(cfg.model_config)
@@ -116,7 +117,18 @@ def build_model(cfg: TrainConfig) -> LlamaThinkForCausalLM:
             f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings={config.max_position_embeddings}"
         )
     torch.manual_seed(cfg.seed)
-    return LlamaThinkForCausalLM(config)
+    try:
+        return LlamaThinkForCausalLM(config)
+    except (MemoryError, RuntimeError) as err:
+        if not isinstance(err, MemoryError) and "allocate" not in str(err):
+            raise
+        with torch.device("meta"):  # the sizes alone, nothing allocated
+            count = sum(p.numel() for p in LlamaThinkForCausalLM(config).parameters())
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"model_config {path} describes a model of {count:,} parameters ({4 * count / 2**30:,.1f} GiB in float32), "
+            f"more than this machine can allocate ({reason})"
+        ) from None
 
 
 # keys that transformers' configs carry or carried (saved by save_pretrained, older versions, generation settings)
