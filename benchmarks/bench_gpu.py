@@ -102,6 +102,52 @@ def check_model_name(name: str) -> None:
         raise SystemExit(f"{name!r}: unknown variant {unknown[0]!r} of {model} ({', '.join(known)})")
 
 
+# variants that change only the compiled measurement: without --compile / --compiled-only they would measure the
+# plain eager model under their name
+COMPILED_VARIANTS = ("whole", "cudagraphs", "prebuild", "no-combo", "combo")
+
+
+def _batch_list(text: str, option: str) -> list[int]:
+    """A comma list of positive batch sizes (`--train-batches`, `--generate-batches`); SystemExit naming the
+    option and the entry otherwise."""
+    sizes = []
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        if not entry.isdigit() or int(entry) < 1:
+            raise SystemExit(f"{option}: {entry!r} is not a positive batch size (a comma list such as 1,32)")
+        sizes.append(int(entry))
+    return sizes
+
+
+def check_arguments(args) -> None:
+    """Raise SystemExit naming the option where the command's numbers or variants cannot give a measurement, before
+    any process starts: batch lists, counts and limits that must be positive, and compiled-only variants without a
+    compiled measurement."""
+    _batch_list(args.generate_batches, "--generate-batches")
+    if args.train_batches is not None and not _batch_list(args.train_batches, "--train-batches"):
+        raise SystemExit("--train-batches: no batch size given")
+    for option, value in (
+        ("--batch", args.batch),
+        ("--seq", args.seq),
+        ("--steps", args.steps),
+        ("--warmup", args.warmup),
+    ):
+        if value < 1:
+            raise SystemExit(f"{option} must be at least 1, got {value}")
+    for option, value in (("--peak-tflops", args.peak_tflops), ("--budget-s", args.budget_s)):
+        if not 0 < value < float("inf"):
+            raise SystemExit(f"{option} must be a positive number, got {value}")
+    if not (args.compile or args.compiled_only):
+        for name in args.models.split(","):
+            compiled_only = [p for p in name.split(":")[1:] if p in COMPILED_VARIANTS]
+            if compiled_only:
+                raise SystemExit(
+                    f"{name!r}: {compiled_only[0]!r} changes only the compiled measurement: add --compile or "
+                    "--compiled-only"
+                )
+
+
 def build(name: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -331,7 +377,7 @@ def bench_generate(name, batch, prompt_len=32, new_tokens=128) -> dict:
 def run_one(name: str, args, peak: float) -> dict:
     """Every measurement of one model (this process): training rows, then generation rows."""
     results = {"train": [], "generate": []}
-    train_batches = [int(x) for x in (args.train_batches or str(args.batch)).split(",")]
+    train_batches = _batch_list(args.train_batches or str(args.batch), "--train-batches")
     for compiled in [True] if args.compiled_only else [False, True] if args.compile else [False]:
         for batch in [] if args.no_train else train_batches:
             try:
@@ -342,7 +388,7 @@ def run_one(name: str, args, peak: float) -> dict:
                 torch.cuda.empty_cache()
             results["train"].append(r)
             print(json.dumps(r), flush=True)
-    for b in [] if args.no_generate or ":packed" in name else (int(x) for x in args.generate_batches.split(",") if x):
+    for b in [] if args.no_generate or ":packed" in name else _batch_list(args.generate_batches, "--generate-batches"):
         try:
             r = bench_generate(name, b)
         except Exception as err:
@@ -374,6 +420,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     for name in args.models.split(","):
         check_model_name(name)
+    check_arguments(args)
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA GPU")
     results = {"versions": versions(), "train": [], "generate": []}

@@ -1,5 +1,6 @@
-"""`benchmarks/bench_gpu.py`'s model names: every variant is checked before anything runs (a misspelt one would be
-measured as the plain model), and the measuring process's environment for `:cold` and `:untuned-fla`."""
+"""`benchmarks/bench_gpu.py`'s model names and numbers: every variant and number is checked before anything runs (a
+misspelt variant would be measured as the plain model, a wrong batch list would fail in every measuring process),
+and the measuring process's environment for `:cold` and `:untuned-fla`."""
 
 import sys
 
@@ -57,3 +58,29 @@ def test_cold_and_untuned_processes_get_their_own_environment(tmp_path, monkeypa
 def test_a_wrong_name_stops_the_command_before_anything_runs():
     with pytest.raises(SystemExit, match="unknown variant 'COLD'"):
         bg.main(["--models", "hf-llama,llamathink:fla:COLD"])  # on any machine, before the GPU is asked for
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--train-batches", "16,y"], r"--train-batches: 'y' is not a positive batch size"),
+        (["--train-batches", ","], r"--train-batches: no batch size given"),
+        (["--generate-batches", "1,0"], r"--generate-batches: '0' is not a positive batch size"),
+        (["--steps", "0"], r"--steps must be at least 1, got 0"),
+        (["--warmup", "-1"], r"--warmup must be at least 1, got -1"),
+        (["--peak-tflops", "0"], r"--peak-tflops must be a positive number, got 0.0"),
+        (["--budget-s", "inf"], r"--budget-s must be a positive number, got inf"),
+        (["--models", "llamathink:fla:cudagraphs"], r"'cudagraphs' changes only the compiled measurement"),
+        (["--models", "hf-llama:combo", "--no-train"], r"'combo' changes only the compiled measurement"),
+    ],
+)
+def test_numbers_and_compiled_variants_that_give_no_measurement_stop_the_command(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        bg.main(argv)  # on any machine, before the GPU is asked for
+
+
+def test_the_same_command_with_its_compiled_measurement_passes_the_checks(monkeypatch):
+    monkeypatch.setattr(bg.torch.cuda, "is_available", lambda: False)  # stops right after the checks
+    for argv in (["--models", "llamathink:fla:cudagraphs", "--compiled-only"], ["--train-batches", "16, 64"]):
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            bg.main(argv)
