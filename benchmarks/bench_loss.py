@@ -79,6 +79,11 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args(argv)
+    for option, value in (("--rows", args.rows), ("--hidden", args.hidden), ("--vocab", args.vocab)):
+        if value < 1:
+            raise SystemExit(f"{option} must be at least 1, got {value}")
+    if args.rows < 2:
+        raise SystemExit("--rows must be at least 2: the last row predicts nothing, so one row has no loss")
     if not torch.cuda.is_available():
         raise SystemExit("bench_loss.py needs a CUDA GPU")
     from triton.testing import do_bench
@@ -131,8 +136,8 @@ def main(argv=None) -> int:
         }
         results.append(row)
         print(json.dumps(results[-1]), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        if args.out:  # after every row, so a run cut short keeps what it measured
+            Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
 
 

@@ -823,7 +823,13 @@ def probe_fla():
 
 # `prebuild_fla_kernels`' parts for FlashQLA: all, or one of its four TileLang kernels (with the `solve`, fla's conv)
 FLASH_QLA_PARTS = ("all", "solve", "forward", "states", "backward")
-FLA_PREBUILD_ENV = "LLAMATHINK_FLA_PREBUILD"  # "0": no child process (`start_fla_prebuild`)
+FLA_PREBUILD_ENV = "LLAMATHINK_FLA_PREBUILD"  # "0" (or false, no, off): no child process (`start_fla_prebuild`)
+_OFF_WORDS = ("0", "false", "no", "off")  # the words that turn an environment switch off, in any case
+
+
+def _switched_off(variable: str) -> bool:
+    """Whether the environment variable `variable` is set to one of `_OFF_WORDS` (any case, spaces around)."""
+    return os.environ.get(variable, "").strip().lower() in _OFF_WORDS
 PREBUILD_WAIT_LIMIT_S = 300.0  # the longest a FlashQLA call waits for a prebuild process (`wait_for_prebuild`)
 _prebuild_children: list = []
 # `_PrebuildWait`s of this process's FlashQLA prebuilds (their folders go at exit): one list for the process, also
@@ -971,7 +977,8 @@ def start_fla_prebuild(
     delta_rule: str = "fla",
 ):
     """Start `prebuild_fla_kernels` in a child Python process and return it (a `subprocess.Popen`), or None where
-    there is nothing to build: fla or CUDA missing, a dtype fla does not train in, or `LLAMATHINK_FLA_PREBUILD=0`.
+    there is nothing to build: fla or CUDA missing, a dtype fla does not train in, or `LLAMATHINK_FLA_PREBUILD=0` (or
+    false, no, off).
     Arguments as `prebuild_fla_kernels`'s, with torch dtypes and `device` a CUDA device or its index (default the
     current one). The caller goes on at once: meant to be called just before the first compiled training step of
     the process that trains on `device`, which then finds in the disk caches what the child has built, and builds
@@ -1003,7 +1010,7 @@ def start_fla_prebuild(
     import atexit
     import subprocess
 
-    if os.environ.get(FLA_PREBUILD_ENV, "1") == "0" or not torch.cuda.is_available() or _fla_ops() is None:
+    if _switched_off(FLA_PREBUILD_ENV) or not torch.cuda.is_available() or _fla_ops() is None:
         return None
     if dtype not in (torch.float16, torch.bfloat16):
         return None
@@ -1224,7 +1231,8 @@ def _stop_prebuild_children():
 # (fla's own `FLA_CONFIG_DIR` / `FLA_CACHE_MODE` does the same for its `fla_cache_autotune` kernels only, and is
 # read when fla is first imported; several kernels on the Gated DeltaNet path use plain `triton.autotune`.)
 
-FLA_TUNED_CONFIGS_ENV = "LLAMATHINK_FLA_TUNED_CONFIGS"  # "0": autotune as fla does; a path: read that file
+FLA_TUNED_CONFIGS_ENV = "LLAMATHINK_FLA_TUNED_CONFIGS"  # "0" (or false, no, off): autotune as fla does; a path
+_TUNED_FILE_LIMIT = 16 * 2**20  # bytes: recorded choices take kilobytes; a larger file is something else
 FLA_TUNED_CONFIGS_DIR = Path(__file__).resolve().parent / "fla_configs"
 _TUNED_FORMAT = 1
 _SCALARS = (bool, int, float, str, type(None))
@@ -1445,13 +1453,13 @@ def load_fla_tuned_configs(path: str | Path | None = None) -> int:
     rounding order whichever candidate runs.
 
     `path`: the file; default the `LLAMATHINK_FLA_TUNED_CONFIGS` environment variable when it names one, else the
-    package's file for the current CUDA device (`fla_tuned_configs_path`). `LLAMATHINK_FLA_TUNED_CONFIGS=0` turns
-    this off. Nothing is given when the file is missing, was measured with other fla or Triton versions (its choices
+    package's file for the current CUDA device (`fla_tuned_configs_path`). `LLAMATHINK_FLA_TUNED_CONFIGS=0` (or
+    false, no, off) turns this off; a file over 16 MiB is not read. Nothing is given when the file is missing, was measured with other fla or Triton versions (its choices
     may not fit these kernels) or on another kind of GPU, nor for kernels this fla does not have; a file named by the
     variable or the argument that cannot be used, and any malformed file, gives a warning that names it and the
     reason. Never raises: this only saves compilation time."""
     setting = os.environ.get(FLA_TUNED_CONFIGS_ENV, "")
-    if setting == "0":
+    if _switched_off(FLA_TUNED_CONFIGS_ENV):
         return 0
     named = path is not None or bool(setting)  # a file the user asked for: say why it is not used
     try:
@@ -1483,9 +1491,11 @@ def _load_fla_tuned_configs(path, setting: str, named: bool) -> int:
         return 0
 
     if not path.exists():
-        return not_used("no such file") if named else 0
+        return not_used("no such file (or a symbolic link that leads nowhere)") if named else 0
     if not path.is_file():
         return not_used("not a file")
+    if path.stat().st_size > _TUNED_FILE_LIMIT:
+        return not_used(f"{path.stat().st_size:,} bytes, too large for recorded choices (kilobytes); not read")
     try:
         doc = _validated_tuned_configs(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError

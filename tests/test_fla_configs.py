@@ -214,8 +214,9 @@ def test_nothing_given_for_another_version_or_when_switched_off(fake_fla, tmp_pa
     assert k.load_fla_tuned_configs(_file(tmp_path, _doc(versions={"fla": "0.6.0", "triton": "3.7.1"}))) == 0
     assert tuner_h.cache == {}
     path = _file(tmp_path, _doc())
-    monkeypatch.setenv(k.FLA_TUNED_CONFIGS_ENV, "0")
-    assert k.load_fla_tuned_configs(path) == 0
+    for off in ("0", "false", "No", " OFF "):  # the words that turn a switch off, in any case
+        monkeypatch.setenv(k.FLA_TUNED_CONFIGS_ENV, off)
+        assert k.load_fla_tuned_configs(path) == 0
     monkeypatch.setenv(k.FLA_TUNED_CONFIGS_ENV, str(path))  # a path in the variable names the file
     assert k.load_fla_tuned_configs() == 1
     assert tuner_h.cache[KEY_H] is H_CONFIGS[2]
@@ -247,6 +248,15 @@ def test_missing_file_or_folder_named_by_the_variable_warns(fake_fla, tmp_path, 
     monkeypatch.setenv(k.FLA_TUNED_CONFIGS_ENV, str(tmp_path))
     assert k.load_fla_tuned_configs() == 0
     assert f"{tmp_path} not used: not a file" in caplog.text
+
+
+def test_a_file_too_large_for_recorded_choices_is_not_read(fake_fla, tmp_path, monkeypatch, caplog):
+    """Recorded choices take kilobytes: a file past the limit (a weights file named by mistake) is named, not read."""
+    path = _file(tmp_path, _doc())
+    monkeypatch.setattr(k, "_TUNED_FILE_LIMIT", path.stat().st_size - 1)
+    monkeypatch.setattr(k.Path, "read_text", lambda *a, **kw: pytest.fail("the file was read"))
+    assert k.load_fla_tuned_configs(path) == 0
+    assert f"{path} not used: {path.stat().st_size:,} bytes, too large for recorded choices" in caplog.text
 
 
 def test_an_error_while_loading_is_a_warning_never_an_exception(fake_fla, tmp_path, monkeypatch, caplog):

@@ -2328,6 +2328,13 @@ def test_fla_prebuild_child_imports_this_module_from_anywhere_with_inductors_tri
     }
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine")
     assert kernels.start_fla_prebuild(2, 64, 4, 8, 10, 72, 4, dtype=torch.float32) is None  # no float32 fla
+    for off in ("0", "false", "Off", " no "):  # switched off, in any of the words and cases
+        with monkeypatch.context() as patch:
+            patch.setenv(kernels.FLA_PREBUILD_ENV, off)
+            patch.setattr(kernels.torch.cuda, "is_available", lambda: True)
+            patch.setattr(kernels, "_fla_ops", lambda: object())
+            patch.setattr(subprocess, "Popen", lambda *a, **kw: pytest.fail(f"a child started with {off!r}"))
+            assert kernels.start_fla_prebuild(2, 64, 4, 8, 10, 72, 4) is None
 
 
 def test_fla_prebuild_child_imports_the_parents_file_through_a_symlinked_folder_of_another_name(tmp_path):
