@@ -201,8 +201,11 @@ def _chunk_indices(cu_seqlens: torch.Tensor | None) -> dict:
     its forward and backward both need, computed once here."""
     if cu_seqlens is None:
         return {}
-    from fla.ops.utils.index import prepare_chunk_indices
-
+    try:  # (fla's kernels are running: it imports. A try block, so that transformers' check of a Hub copy's imports
+        # does not count fla as required: `trust_remote_code` loading works without it, on the PyTorch kernels)
+        from fla.ops.utils.index import prepare_chunk_indices
+    except ImportError as err:
+        raise RuntimeError(f"fla's variable-length kernels need fla.ops.utils.index: {err}") from err
     return {"cu_seqlens": cu_seqlens, "chunk_indices": prepare_chunk_indices(cu_seqlens, 64)}
 
 

@@ -1942,8 +1942,10 @@ def _moves_weights_only(module: nn.Module, cls: type) -> bool:
     hook = vars(module).get("_hf_hook")
     if type(module) is not cls or hook is None or getattr(module, "bias", None) is not None:
         return False
-    from accelerate.hooks import AlignDevicesHook, SequentialHook
-
+    try:  # (a try block: transformers' check of a Hub copy's imports does not count accelerate as required)
+        from accelerate.hooks import AlignDevicesHook, SequentialHook
+    except ImportError:  # then the hook is not accelerate's
+        return False
     hooks = hook.hooks if isinstance(hook, SequentialHook) else [hook]
     return all(type(h) is AlignDevicesHook for h in hooks) and not _has_torch_hooks(module)
 

@@ -1896,6 +1896,17 @@ def test_auto_classes_load_the_saved_model(tmp_path, model):
     assert isinstance(AutoModel.from_pretrained(tmp_path), LlamaThinkModel)
 
 
+def test_the_model_files_require_only_torch_and_transformers_for_a_hub_copy():
+    """For a `trust_remote_code` model on the Hub, transformers refuses to load unless every package the files import
+    outside a try block is installed (`check_imports`): the files save_pretrained copies may ask only for torch and
+    transformers, so a machine without fla, FlashQLA or accelerate loads them (on the PyTorch kernels)."""
+    from transformers.dynamic_module_utils import get_imports
+
+    for name in ("configuration_llamathink.py", "modeling_llamathink.py", "kernels_llamathink.py"):
+        needed = {m for m in get_imports(str(REPO_ROOT / "llamathink" / name)) if m not in sys.stdlib_module_names}
+        assert needed <= {"torch", "transformers"}, (name, needed)
+
+
 def test_remote_code_round_trip_in_a_fresh_process_without_the_package(tmp_path, model):
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
