@@ -833,6 +833,8 @@ _OFF_WORDS = ("0", "false", "no", "off")  # the words that turn an environment s
 def _switched_off(variable: str) -> bool:
     """Whether the environment variable `variable` is set to one of `_OFF_WORDS` (any case, spaces around)."""
     return os.environ.get(variable, "").strip().lower() in _OFF_WORDS
+
+
 PREBUILD_WAIT_LIMIT_S = 300.0  # the longest a FlashQLA call waits for a prebuild process (`wait_for_prebuild`)
 _prebuild_children: list = []
 # `_PrebuildWait`s of this process's FlashQLA prebuilds (their folders go at exit): one list for the process, also
