@@ -138,13 +138,13 @@ def check_arguments(args) -> None:
     for option, value in (("--peak-tflops", args.peak_tflops), ("--budget-s", args.budget_s)):
         if not 0 < value < float("inf"):
             raise SystemExit(f"{option} must be a positive number, got {value}")
-    if not (args.compile or args.compiled_only):
+    if not (args.compile or args.compiled_only) or args.no_train:  # no compiled training measured
         for name in args.models.split(","):
             compiled_only = [p for p in name.split(":")[1:] if p in COMPILED_VARIANTS]
             if compiled_only:
                 raise SystemExit(
-                    f"{name!r}: {compiled_only[0]!r} changes only the compiled measurement: add --compile or "
-                    "--compiled-only"
+                    f"{name!r}: {compiled_only[0]!r} changes only the compiled training measurement: add --compile "
+                    "or --compiled-only, without --no-train"
                 )
 
 

@@ -70,8 +70,9 @@ def test_a_wrong_name_stops_the_command_before_anything_runs():
         (["--warmup", "-1"], r"--warmup must be at least 1, got -1"),
         (["--peak-tflops", "0"], r"--peak-tflops must be a positive number, got 0.0"),
         (["--budget-s", "inf"], r"--budget-s must be a positive number, got inf"),
-        (["--models", "llamathink:fla:cudagraphs"], r"'cudagraphs' changes only the compiled measurement"),
-        (["--models", "hf-llama:combo", "--no-train"], r"'combo' changes only the compiled measurement"),
+        (["--models", "llamathink:fla:cudagraphs"], r"'cudagraphs' changes only the compiled training measurement"),
+        (["--models", "hf-llama:combo", "--no-train"], r"'combo' changes only the compiled training measurement"),
+        (["--models", "llamathink:fla:whole", "--compiled-only", "--no-train"], r"'whole' changes only the compiled"),
     ],
 )
 def test_numbers_and_compiled_variants_that_give_no_measurement_stop_the_command(argv, message):

@@ -238,11 +238,12 @@ def test_settings_built_in_python_are_checked_against_their_types(cls, values, n
 
 
 def test_a_model_config_past_what_the_machine_can_allocate_is_named_with_its_size(sample_data, model_json, tmp_path):
-    """A model JSON whose widths ask for more memory than the machine has (a head_dim of 10^8) is a ValueError naming
-    the file and the parameter count, not the allocator's error from inside a layer."""
+    """A model JSON whose widths ask for more memory than the machine has is a ValueError naming the file and the
+    parameter count, not the allocator's error from inside a layer. (A vocabulary of 2^40: its embedding, the first
+    tensor allocated, is 2^48 bytes at width 64, past the 2^47 of an x86-64 process's address space on any machine.)"""
     config = json.loads(model_json.read_text())
     huge = tmp_path / "huge.json"
-    huge.write_text(json.dumps({**config, "head_dim": 10**8}))
+    huge.write_text(json.dumps({**config, "vocab_size": 2**40}))
     with pytest.raises(ValueError, match=rf"model_config {huge} describes a model of [\d,]+ parameters .* allocate"):
         pretrain.build_model(_cfg(sample_data, huge, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
