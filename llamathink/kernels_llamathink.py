@@ -1459,10 +1459,11 @@ def load_fla_tuned_configs(path: str | Path | None = None) -> int:
 
     `path`: the file; default the `LLAMATHINK_FLA_TUNED_CONFIGS` environment variable when it names one, else the
     package's file for the current CUDA device (`fla_tuned_configs_path`). `LLAMATHINK_FLA_TUNED_CONFIGS=0` (or
-    false, no, off) turns this off; a file over 16 MiB is not read. Nothing is given when the file is missing, was measured with other fla or Triton versions (its choices
-    may not fit these kernels) or on another kind of GPU, nor for kernels this fla does not have; a file named by the
-    variable or the argument that cannot be used, and any malformed file, gives a warning that names it and the
-    reason. Never raises: this only saves compilation time."""
+    false, no, off) turns this off; a file over 16 MiB is not read. Nothing is given when the file is missing, was
+    measured with other fla or Triton versions (its choices may not fit these kernels) or on another kind of GPU,
+    nor for kernels this fla does not have; a file named by the variable or the argument that cannot be used, and
+    any malformed file, gives a warning that names it and the reason. Never raises: this only saves compilation
+    time."""
     setting = os.environ.get(FLA_TUNED_CONFIGS_ENV, "")
     if _switched_off(FLA_TUNED_CONFIGS_ENV):
         return 0
