@@ -129,8 +129,12 @@ def test_a_corrupt_checkpoint_or_meta_is_named(model_json, tmp_path):  # noqa: F
     (path / "meta.json").write_text('{"run_id": 3, "step": "x"}')
     with pytest.raises(ckpt.CheckpointError, match="meta.json is not a checkpoint's meta.json"):
         ckpt.checkpoint_meta(path)
-    (path / "state.pt").write_bytes((path / "state.pt").read_bytes()[:1000])
-    with pytest.raises(ckpt.CheckpointError, match="cannot load checkpoint .*state.pt"):
+    whole = (path / "state.pt").read_bytes()
+    (path / "state.pt").write_bytes(whole[:1000])  # cut short, as a crash during the save leaves it
+    with pytest.raises(ckpt.CheckpointError, match=r"state.pt: it is cut short or damaged \(1,000 bytes, not a whole"):
+        ckpt.load_checkpoint(path)
+    (path / "state.pt").write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match=r"cannot load checkpoint .*state.pt: it is empty \(0 bytes\)"):
         ckpt.load_checkpoint(path)
 
 
@@ -1499,6 +1503,34 @@ def test_input_fingerprints_cover_the_fixed_inputs_by_content_and_leave_renames_
     other.write_text("{}")
     cfg.model_config = str(other)  # another name: compare_resume_settings names that change, not this check
     ckpt.check_inputs_unchanged(saved, cfg, "ck", settings)
+
+
+def test_another_runs_outputs_inside_an_input_folder_are_not_a_change_of_it(tmp_path):
+    """Two runs with their out_dirs in one data folder: each one's checkpoints, lock and records are no edit of the
+    data for the other (its own were already left out); a data file added or edited still is. (A breaking helper
+    found run A's resume refused once run B had written in the folder.)"""
+    from types import SimpleNamespace
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train_000.bin").write_bytes(b"tokens")
+    cfg = SimpleNamespace(data_dir=str(data), out_dir=str(data / "runA"))
+    saved = ckpt.input_fingerprints(cfg)
+    settings = {"data_dir": str(data)}
+    run_b = data / "runB"
+    (run_b / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (run_b / "checkpoints" / "step_00000002" / "state.pt").write_bytes(b"x" * 100)
+    (run_b / ckpt.LOCK_FILE).write_text("123")
+    for record in ("history.json", "train_config.json"):
+        (run_b / record).write_text("{}")
+    (run_b / "final").mkdir()
+    (run_b / "final" / "model.safetensors").write_bytes(b"w")
+    ckpt.check_inputs_unchanged(saved, cfg, "ck", settings)
+    (run_b / ckpt.LOCK_FILE).unlink()  # a finished run: its checkpoints folder still marks it
+    ckpt.check_inputs_unchanged(saved, cfg, "ck", settings)
+    (data / "train_001.bin").write_bytes(b"more tokens")
+    with pytest.raises(ckpt.ResumeSettingsError, match=rf"the contents of data_dir {data} changed"):
+        ckpt.check_inputs_unchanged(saved, cfg, "ck", settings)
 
 
 def test_resume_accepts_a_moved_input_with_the_same_contents_and_refuses_a_changed_one(

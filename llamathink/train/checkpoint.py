@@ -831,8 +831,16 @@ def load_checkpoint(path: str | Path) -> dict:
     try:  # torch.load does not check the archive's CRCs: a flipped byte inside a tensor would load as a weight
         with zipfile.ZipFile(file) as archive:
             damaged = archive.testzip()
-    except (OSError, zipfile.BadZipFile, EOFError):
-        damaged = None  # not a readable zip archive: torch.load below says what it is
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        damaged = None  # not a readable zip archive: an empty or cut-short file is named as such, else torch.load
+        #                 below says what it is
+        size = file.stat().st_size if file.is_file() else None
+        if size == 0 or (size is not None and isinstance(err, zipfile.BadZipFile)):
+            what = "empty (0 bytes)" if size == 0 else f"cut short or damaged ({size:,} bytes, not a whole archive)"
+            raise CheckpointError(
+                f"cannot load checkpoint {file}: it is {what}, as a crash or a full disk during its save leaves it; "
+                "resume from an earlier checkpoint (resume: <its folder>) or delete this one"
+            ) from None
     if damaged is not None:
         raise CheckpointError(
             f"cannot load checkpoint {file}: it is damaged ({damaged} inside it fails its CRC check); resume from "
@@ -953,7 +961,9 @@ _CONTENT_LIMIT = 64 << 20
 def input_fingerprints(cfg) -> dict[str, str]:
     """{setting: sha256 hex} for each of INPUT_SETTINGS that names a local file or folder (Hub ids and built-in
     names are left out). A file: its bytes. A folder: every file's relative name and size, and the bytes of those
-    up to 64 MiB (config.json, meta.json, tokenizer files), so a folder of GBs of shards is stat-ed, not read."""
+    up to 64 MiB (config.json, meta.json, tokenizer files), so a folder of GBs of shards is stat-ed, not read; the
+    outputs of a run folder inside it (this run's out_dir, or any folder holding a run's lock file or checkpoints)
+    are left out."""
     out = {}
     own = _own_outputs(getattr(cfg, "out_dir", None))
     for name in INPUT_SETTINGS:
@@ -990,9 +1000,17 @@ def _own_outputs(out_dir) -> tuple[Path, ...]:
 
 def _fingerprint(path: Path, exclude: tuple[Path, ...] = ()) -> str:
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    if exclude and not path.is_file():
-        files = [f for f in files if not any(f.resolve().is_relative_to(e) for e in exclude)]
+    if path.is_file():
+        files = [path]
+    else:
+        entries = sorted(path.rglob("*"))
+        # any run's out_dir inside the folder (one holding a run's lock file or checkpoints folder): its outputs are
+        # not input, or two runs writing in one data folder would each see the other's checkpoints as a data edit
+        runs = {e.parent for e in entries if e.name == LOCK_FILE or (e.name == "checkpoints" and e.is_dir())}
+        exclude = (*exclude, *(out for run in runs for out in _own_outputs(run)))
+        files = [e for e in entries if e.is_file()]
+        if exclude:
+            files = [f for f in files if not any(f.resolve().is_relative_to(e) for e in exclude)]
     for file in files:
         size = file.stat().st_size
         digest.update(f"{file.relative_to(path) if file != path else ''}\0{size}\0".encode("utf-8", "surrogateescape"))
