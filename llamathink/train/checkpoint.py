@@ -364,7 +364,13 @@ def own_out_dir(out_dir: str | Path, is_main: bool = True):
             probe.unlink()
     except OSError as err:  # a file in the way, no write permission, a read-only file system
         in_the_way = next((p for p in (out_dir, checkpoint_dir(out_dir)) if p.exists() and not p.is_dir()), None)
-        problem = f"{in_the_way} is a file, not a folder" if in_the_way else err.strerror
+        nowhere = next((p for p in (out_dir, checkpoint_dir(out_dir)) if p.is_symlink() and not p.exists()), None)
+        if in_the_way:
+            problem = f"{in_the_way} is a file, not a folder"
+        elif nowhere:
+            problem = f"{nowhere} is a symbolic link that leads nowhere (a loop, or a target that is gone)"
+        else:
+            problem = err.strerror
         raise ValueError(f"out_dir {out_dir} cannot hold this run's checkpoints: {problem} ({err})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
