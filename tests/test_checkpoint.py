@@ -770,9 +770,9 @@ def test_an_out_dir_that_cannot_hold_checkpoints_is_named(tmp_path, monkeypatch)
     (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
     (tmp_path / "gone").symlink_to(tmp_path / "removed-run")
     for link in ("loop1", "gone"):
-        with pytest.raises(ValueError, match=rf"{link} is a symbolic link that leads nowhere \(a loop, or a target"):
-            with ckpt.own_out_dir(tmp_path / link):
-                pass
+        nowhere = rf"{link} is a symbolic link that leads nowhere \(a loop, or a target"
+        with pytest.raises(ValueError, match=nowhere), ckpt.own_out_dir(tmp_path / link):
+            pass
 
     def denied(path, *args):  # a read-only out_dir (tests may run as root, which chmod does not stop)
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
