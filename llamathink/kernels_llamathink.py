@@ -830,9 +830,9 @@ FLA_PREBUILD_ENV = "LLAMATHINK_FLA_PREBUILD"  # "0" (or false, no, off): no chil
 _OFF_WORDS = ("0", "false", "no", "off")  # the words that turn an environment switch off, in any case
 
 
-def _switched_off(variable: str) -> bool:
-    """Whether the environment variable `variable` is set to one of `_OFF_WORDS` (any case, spaces around)."""
-    return os.environ.get(variable, "").strip().lower() in _OFF_WORDS
+def _switched_off(setting: str) -> bool:
+    """Whether an environment switch's value is one of `_OFF_WORDS` (any case, spaces around)."""
+    return setting.strip().lower() in _OFF_WORDS
 
 
 PREBUILD_WAIT_LIMIT_S = 300.0  # the longest a FlashQLA call waits for a prebuild process (`wait_for_prebuild`)
@@ -1015,7 +1015,7 @@ def start_fla_prebuild(
     import atexit
     import subprocess
 
-    if _switched_off(FLA_PREBUILD_ENV) or not torch.cuda.is_available() or _fla_ops() is None:
+    if _switched_off(os.environ.get(FLA_PREBUILD_ENV, "")) or not torch.cuda.is_available() or _fla_ops() is None:
         return None
     if dtype not in (torch.float16, torch.bfloat16):
         return None
@@ -1093,8 +1093,8 @@ def _prebuild_command(args: dict, parent_pid: int) -> list[str]:
         if path is None:  # (a module loaded outside its package) the folder of each level above this file
             path = [str(Path(__file__).absolute().parents[len(parts) - i - 1])]
         packages[package] = [os.path.abspath(p) for p in path]
-    code = _PREBUILD_CHILD_PROGRAM
-    return [sys.executable, "-c", code, json.dumps(packages), __name__, json.dumps(args), str(parent_pid)]
+    program = [sys.executable, "-c", _PREBUILD_CHILD_PROGRAM]
+    return [*program, json.dumps(packages), __name__, json.dumps(args), str(parent_pid)]
 
 
 def _prebuild_child_main(args_json: str, parent_pid: int):
@@ -1465,7 +1465,7 @@ def load_fla_tuned_configs(path: str | Path | None = None) -> int:
     any malformed file, gives a warning that names it and the reason. Never raises: this only saves compilation
     time."""
     setting = os.environ.get(FLA_TUNED_CONFIGS_ENV, "")
-    if _switched_off(FLA_TUNED_CONFIGS_ENV):
+    if _switched_off(setting):
         return 0
     named = path is not None or bool(setting)  # a file the user asked for: say why it is not used
     try:
@@ -1500,8 +1500,9 @@ def _load_fla_tuned_configs(path, setting: str, named: bool) -> int:
         return not_used("no such file (or a symbolic link that leads nowhere)") if named else 0
     if not path.is_file():
         return not_used("not a file")
-    if path.stat().st_size > _TUNED_FILE_LIMIT:
-        return not_used(f"{path.stat().st_size:,} bytes, too large for recorded choices (kilobytes); not read")
+    size = path.stat().st_size
+    if size > _TUNED_FILE_LIMIT:
+        return not_used(f"{size:,} bytes, too large for recorded choices (kilobytes); not read")
     try:
         doc = _validated_tuned_configs(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
