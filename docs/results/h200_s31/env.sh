@@ -1,0 +1,1 @@
+export PYTHONPATH=/tmp/site:$PWD:$PWD/tests TRITON_CACHE_DIR=/tmp/kcache/triton TILELANG_CACHE_DIR=/tmp/kcache/tilelang TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
