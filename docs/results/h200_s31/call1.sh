@@ -4,7 +4,7 @@
 # child program (FlashQLA prebuild rows / packed, the prebuild wait), side by side
 t0=$(date +%s)
 mkdir -p /tmp/site /tmp/kcache && tar -xJf runs/gpu-site.tar.xz -C /tmp/site
-. gpu_s31/env.sh
+. docs/results/h200_s31/env.sh
 nproc; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python -c "import torch, triton, fla, tilelang, flash_qla, transformers, peft; print(torch.__version__, triton.__version__, fla.__version__, tilelang.__version__, transformers.__version__, peft.__version__)"
 git log --oneline -1

@@ -1,11 +1,11 @@
 # call 3 (carry runs/gpu-site.tar.xz): the two changes of this session (fla's conv ops take inductor's padded rows;
-# l2norm as an rms_norm) against the code before them (gpu_s31/old: HEAD's two files), GPU kernels of one compiled
+# l2norm as an rms_norm) against the code before them (72ea121's two files in old/; the tree the call ran in held the branch's), GPU kernels of one compiled
 # training step at batch 16 (default options: combo kernels), each tree its own process, then HF Llama beside the
 # new tree; then the GPU tests of the changed paths (new tree), and the new no-copy test on the old tree (must fail)
 t0=$(date +%s)
 mkdir -p /tmp/site /tmp/kcache && tar -xJf runs/gpu-site.tar.xz -C /tmp/site
-. gpu_s31/env.sh
-rm -rf /tmp/old && mkdir -p /tmp/old && cp -r llamathink benchmarks tests setup.py /tmp/old/ && cp gpu_s31/old/llamathink/*.py /tmp/old/llamathink/
+. docs/results/h200_s31/env.sh
+rm -rf /tmp/old && mkdir -p /tmp/old && cp -r llamathink benchmarks tests setup.py /tmp/old/ && cp old/llamathink/*.py /tmp/old/llamathink/  # old/llamathink: git show 72ea121:llamathink/<modeling_llamathink.py, kernels_llamathink.py>
 python -c "import torch, triton, fla, transformers; print(torch.__version__, triton.__version__, fla.__version__, transformers.__version__)"
 mkdir -p $OUT/c3
 s=$(date +%s)
