@@ -160,10 +160,13 @@ elif [ "$PART" = ab ] || [ "$PART" = fold ]; then  # issue 17: a change against 
     # `git archive REV`): the GPU tests TESTS names (pytest -k; default: those training through the fla ops); the
     # compiled step's kernels by kind at batch 16 (beside HF Llama compiled whole, with the eager aten ops by shape
     # and the host's Python time by package) and 64, each tree in its own process; HC=1: this tree without hyper-connections (their share); CODE=1 keeps
-    # inductor's generated code of this tree's batch-16 step (output_code_b16.log). About 600 s on a fresh H200.
+    # inductor's generated code of this tree's batch-16 step (output_code_b16.log). Both trees' batch-16 kernel lists
+    # say which graph and model lines each inductor kernel comes from, where the tree's profile_gpu.py has
+    # --kernel-sources (the code itself in sources_b16*/). About 600 s on a fresh H200.
     # (`fold`, session 19's name for it.)
     export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor
     old() { (cd "${OLD:?set OLD to a checkout of the code before the change}" && PYTHONPATH="$OLD:$PYTHONPATH" "$@"); }
+    sources() { grep -q -e "--kernel-sources" benchmarks/profile_gpu.py && echo --kernel-sources --out "$OUT/sources_$1"; }
     half0() {
         if [ "${TESTS:-}" != skip ]; then
             timeout "${TEST_S:-200}" python -m pytest -x -v -p no:cacheprovider --tb=short tests/test_gpu.py \
@@ -172,11 +175,11 @@ elif [ "$PART" = ab ] || [ "$PART" = fold ]; then  # issue 17: a change against 
         fi
         if [ "${CODE:-0}" = 1 ]; then
             TORCH_LOGS=output_code TORCH_LOGS_OUT="$OUT/output_code_b16.log" prof 150 b16 16 --peers hf-llama \
-                --eager-ops --host-python
+                --eager-ops --host-python $(sources b16)
         else
-            prof 150 b16 16 --peers hf-llama --eager-ops --host-python
+            prof 150 b16 16 --peers hf-llama --eager-ops --host-python $(sources b16)
         fi
-        old prof 80 b16_old 16
+        old prof 80 b16_old 16 $(cd "$OLD" && sources b16_old)
         [ "${HC:-0}" = 1 ] && prof 60 b16_no_hc 16 --model llamathink:auto:no-hc
         prof 90 b64 64
         old prof 90 b64_old 64; }

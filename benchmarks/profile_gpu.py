@@ -2,7 +2,7 @@
 
     python benchmarks/profile_gpu.py [--backend auto] [--batch 16] [--seq 1024] [--decode-tokens 32] [--compile]
                                      [--no-eager] [--peers hf-llama] [--optimizer | --optimizer-only] [--out DIR]
-                                     [--top-kernels N] [--eager-ops] [--host-python]
+                                     [--top-kernels N] [--eager-ops] [--host-python] [--kernel-sources]
                                      [--inductor-option KEY=VALUE ...]
 
 Prints (and with --out writes as text) the kernels that take the most GPU time in a bf16 training step (with
@@ -15,12 +15,20 @@ a CUDA graph (`muon_cuda_graph`); --optimizer-only times only that, for LlamaThi
 `bench_gpu.py`, same optimizer code) in one process. Every kernel table ends with the step's GPU time by kind of
 kernel (matrix products, attention, fla, inductor's fused kernels, ...); `--peers hf-llama` profiles that peer's
 compiled step the same way in the same process, so the kinds can be compared model against model.
+
+With --kernel-sources (and --compile) inductor's generated code of the compiled step is kept (with --out, in
+DIR/kernel_sources_<backend>.py.gz): every inductor kernel of the top-kernel list is followed by the graph that
+defines it and the model's lines it fuses (inductor's "Source Nodes" comment: the variable names of the model's
+code), combo kernels included, and inductor's time is summed by compiled graph (`kernel_origins`,
+`inductor_ms_by_graph`).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import gzip
+import re
 import sys
 import time
 import warnings
@@ -157,14 +165,66 @@ def kernel_kinds(averages) -> str:
     return "\n".join(lines)
 
 
-def kernel_table(model, ids, rows=30, host_stacks: bool = False, top_kernels: int = 0, eager_ops: bool = False) -> str:
+_AOT_ID = re.compile(r"^# AOT ID: \['([^']*)'\]")
+_KERNEL_DEFINITION = re.compile(r"^(\w+) = async_compile\.(?:triton|cpp_pybinding|cpp)\(")
+
+
+def kernel_origins(sources: list[str]) -> dict[str, list[tuple[str, str]]]:
+    """Inductor kernel name -> [(graph, source nodes)], from the generated code of compiled graphs (the sources that
+    `torch._inductor.utils.run_and_get_code` collects). Each graph's code starts with its AOT ID ("0_forward",
+    "0_backward", "1_inference", ...: dynamo's compile order), and above each kernel's definition inductor writes
+    the FX nodes it fuses, named after the model's variables ("# Topologically Sorted Source Nodes: [qkv, silu],
+    Original ATen: [...]"; "" where there is no such comment). Inductor numbers kernels per graph, so one name can
+    be defined by several graphs: each definition is listed."""
+    origins: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
+    for code in sources:
+        graph, nodes = "?", ""
+        for line in code.splitlines():
+            if match := _AOT_ID.match(line):
+                graph = match.group(1)
+            elif "Source Nodes: [" in line:
+                nodes = line.split("Source Nodes: ", 1)[1].split("], Original ATen:", 1)[0].strip("[]")
+            elif match := _KERNEL_DEFINITION.match(line):
+                origins[match.group(1)].append((graph, nodes))
+                nodes = ""
+    return dict(origins)
+
+
+def inductor_ms_by_graph(kernels: list[tuple[str, float]], origins: dict[str, list[tuple[str, str]]]) -> dict:
+    """GPU ms of inductor's kernels by the compiled graph that defines them: `kernels` [(kernel name, ms)] (one
+    profiled step), `origins` from `kernel_origins`. A name several graphs define is split evenly between them
+    (the profiler sums launches by name); kernels of no graph in `origins` (not inductor's, or compiled before
+    the sources were collected) are left out."""
+    by_graph: dict[str, float] = collections.defaultdict(float)
+    for name, ms in kernels:
+        graphs = sorted({graph for graph, _ in origins.get(name, [])})
+        for graph in graphs:
+            by_graph[graph] += ms / len(graphs)
+    return dict(sorted(by_graph.items(), key=lambda kv: -kv[1]))
+
+
+def kernel_table(
+    model,
+    ids,
+    rows=30,
+    host_stacks: bool = False,
+    top_kernels: int = 0,
+    eager_ops: bool = False,
+    sources: list[str] | None = None,
+) -> str:
     """The kernels taking the most GPU time in one training step; with `host_stacks` also the Python call sites
     taking the most host time (where a step that waits on the host spends it); with `top_kernels` also that many
     GPU kernels by their own time (inductor's fused kernels one by one); with `eager_ops` also the aten ops that
     launch kernels of their own (inductor's calls to matrix products and attention, and the ops inside custom ops
-    or between compiled regions), by input shapes, which tell where they come from."""
+    or between compiled regions), by input shapes, which tell where they come from. With `sources` (a list, for a
+    model not yet compiled) the generated code of its compilation is appended to it, each top kernel is followed
+    by where it comes from (`kernel_origins`) and inductor's time is summed by compiled graph."""
     from torch.profiler import ProfilerActivity, profile
 
+    if sources is not None:  # the first call compiles: keep inductor's code (this resets dynamo first)
+        from torch._inductor.utils import run_and_get_code
+
+        sources += run_and_get_code(forward_backward, model, ids)[1]
     for _ in range(2):  # warm-up (and, for a compiled model, compilation)
         forward_backward(model, ids)
     torch.cuda.synchronize()
@@ -179,9 +239,19 @@ def kernel_table(model, ids, rows=30, host_stacks: bool = False, top_kernels: in
     if top_kernels:
         kernels = [e for e in averages if is_gpu_kernel(e)]
         kernels.sort(key=lambda e: -e.self_device_time_total)
-        text += f"\n## the {top_kernels} GPU kernels with the most time (ms, launches, name)\n" + "\n".join(
-            f"  {e.self_device_time_total / 1e3:8.3f} {e.count:5d}  {e.key[:150]}" for e in kernels[:top_kernels]
-        )
+        origins = kernel_origins(sources) if sources is not None else {}
+        lines = []
+        for e in kernels[:top_kernels]:
+            lines.append(f"  {e.self_device_time_total / 1e3:8.3f} {e.count:5d}  {e.key[:150]}")
+            lines += [f"      <- {graph}: [{nodes[:200]}]" for graph, nodes in origins.get(e.key, [])]
+        text += f"\n## the {top_kernels} GPU kernels with the most time (ms, launches, name)\n" + "\n".join(lines)
+        if sources is not None:
+            by_graph = inductor_ms_by_graph([(e.key, e.self_device_time_total / 1e3) for e in kernels], origins)
+            text += (
+                "\n## inductor's GPU ms by compiled graph (AOT IDs in dynamo's compile order; a kernel name that "
+                "several graphs define is split evenly)\n"
+                + "\n".join(f"  {graph:24s} {ms:8.2f}" for graph, ms in by_graph.items())
+            )
     if eager_ops:
         ops = [
             e
@@ -461,6 +531,13 @@ def main(argv=None) -> int:
         "to matrix products and attention, and the ops inside custom ops and between compiled regions (needs --compile)",
     )
     parser.add_argument(
+        "--kernel-sources",
+        action="store_true",
+        help="keep inductor's generated code of the compiled step (with --out, in DIR/kernel_sources_BACKEND.py.gz): "
+        "each of the top kernels (40 unless --top-kernels says) followed by its graph and the model lines it fuses, "
+        "and inductor's time by compiled graph (needs --compile)",
+    )
+    parser.add_argument(
         "--peers", default="", help="comma list of bench_gpu.py peers (e.g. hf-llama) to profile compiled whole"
     )
     args = parser.parse_args(argv)
@@ -478,10 +555,12 @@ def main(argv=None) -> int:
     for peer in filter(None, args.peers.split(",")):
         check_model_name(peer)
     options = dict(inductor_option(text) for text in args.inductor_option)  # refused before any GPU work
-    if (options or args.eager_ops or args.host_python) and (not args.compile or args.optimizer_only):
+    if (options or args.eager_ops or args.host_python or args.kernel_sources) and (
+        not args.compile or args.optimizer_only
+    ):
         parser.error(
-            "--inductor-option, --eager-ops and --host-python apply to the compiled step: add --compile (not "
-            "--optimizer-only)"
+            "--inductor-option, --eager-ops, --host-python and --kernel-sources apply to the compiled step: add "
+            "--compile (not --optimizer-only)"
         )
     torch.manual_seed(0)
     if args.optimizer_only:
@@ -510,11 +589,21 @@ def main(argv=None) -> int:
         # regional compilation with the run setting combo_kernels' default, as `compile: true` trains
         compiled = model.compile_layers(options={"combo_kernels": True, **options})
         report.append("## top kernels of one compiled training step (each decoder layer compiled)")
+        sources = [] if args.kernel_sources else None
         report.append(
             kernel_table(
-                compiled, ids, host_stacks=args.host_stacks, top_kernels=args.top_kernels, eager_ops=args.eager_ops
+                compiled,
+                ids,
+                host_stacks=args.host_stacks,
+                top_kernels=args.top_kernels or (40 if args.kernel_sources else 0),
+                eager_ops=args.eager_ops,
+                sources=sources,
             )
         )
+        if sources and args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            with gzip.open(Path(args.out) / f"kernel_sources_{args.backend}.py.gz", "wt") as f:
+                f.write("\n\n".join(sources))
         breaks = dict(counters["graph_break"])
         report.append(f"graph breaks: {sum(breaks.values())} ({len(counters['stats'])} dynamo stats); reasons:")
         report += [f"  {n:4d}  {reason[:200]}" for reason, n in sorted(breaks.items(), key=lambda kv: -kv[1])[:10]]

@@ -254,10 +254,75 @@ def test_profile_gpu_refuses_a_model_it_would_not_profile_as_named(capsys):
         (["--inductor-option", "coordinate_descent_tuning=true"], "of type bool"),
         (["--inductor-option", "max_pointwise_cat_inputs=True"], "of type int"),
         (["--optimizer-only", "--compile", "--eager-ops"], "not --optimizer-only"),
+        (["--kernel-sources"], "add --compile"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             profile_gpu.main(argv)
         assert expected in str(exit_info.value.code) + capsys.readouterr().err
+
+
+# Lines of inductor's generated code as an H200 run wrote them (docs/results/h200_s31/c1/code_b16.log.gz), cut short
+_GDN_FORWARD = """# AOT ID: ['0_forward']
+from ctypes import c_void_p, c_long, c_int
+# kernel path: /tmp/kcache/inductor/3d/c3dsypniyy7sgqmvqt3scu5nhgafixsdmu6rbryaq35r2yld4m3o.py
+# Topologically Sorted Source Nodes: [add, rms_norm, qkv], Original ATen: [aten.add, aten._fused_rms_norm, aten._to_copy]
+# Source node to ATen node mapping:
+#   add => add
+triton_per_fused__fused_rms_norm__to_copy_add_0 = async_compile.triton('triton_per_fused__fused_rms_norm__to_copy_add_0', '''
+'''
+# Topologically Sorted Source Nodes: [qkv, weight, qkv_1], Original ATen: [aten._unsafe_view, aten.select, llamathink.fla_causal_conv1d_silu]
+triton_poi_fused__unsafe_view_fla_causal_conv1d_silu_select_2 = async_compile.triton('triton_poi_fused__unsafe_view_fla_causal_conv1d_silu_select_2', '''
+'''
+triton_poi_fused_0 = async_compile.triton('triton_poi_fused_0', '''
+'''
+"""
+_CSA_FORWARD = """# AOT ID: ['1_forward']
+# Topologically Sorted Source Nodes: [add, rms_norm, linear], Original ATen: [aten.add, aten._fused_rms_norm, aten._to_copy]
+triton_per_fused__fused_rms_norm__to_copy_add_0 = async_compile.triton('triton_per_fused__fused_rms_norm__to_copy_add_0', '''
+'''
+"""
+
+
+def test_profile_gpu_traces_inductor_kernels_to_their_graph_and_model_lines():
+    """`profile_gpu.kernel_origins` reads inductor's generated code: each kernel's graph (AOT ID) and the model lines
+    it fuses, a name that two graphs define under both, a kernel without a source comment with none;
+    `inductor_ms_by_graph` splits such a shared name's time evenly and leaves out kernels of no graph."""
+    import profile_gpu
+
+    origins = profile_gpu.kernel_origins([_GDN_FORWARD, _CSA_FORWARD])
+    assert origins == {
+        "triton_per_fused__fused_rms_norm__to_copy_add_0": [
+            ("0_forward", "add, rms_norm, qkv"),
+            ("1_forward", "add, rms_norm, linear"),
+        ],
+        "triton_poi_fused__unsafe_view_fla_causal_conv1d_silu_select_2": [("0_forward", "qkv, weight, qkv_1")],
+        "triton_poi_fused_0": [("0_forward", "")],
+    }
+    kernels = [
+        ("triton_per_fused__fused_rms_norm__to_copy_add_0", 0.5),
+        ("triton_poi_fused__unsafe_view_fla_causal_conv1d_silu_select_2", 0.25),
+        ("triton_poi_fused_0", 1.0),
+        ("nvjet_sm90_tst_192x192_64x3_1x2_h_bz_coopB_NNN", 9.0),
+    ]
+    assert profile_gpu.inductor_ms_by_graph(kernels, origins) == {"0_forward": 1.5, "1_forward": 0.25}
+
+
+def test_profile_gpu_kernel_origins_read_this_torchs_generated_code():
+    """`kernel_origins` on code this torch's inductor generates (on the CPU: C++ kernels, no source comments): every
+    kernel of a compiled forward and backward is found, under its graph's AOT ID."""
+    import profile_gpu
+    from torch._inductor.utils import run_and_get_code
+
+    def loss(x, w):
+        return torch.sigmoid(torch.nn.functional.rms_norm(x, (x.shape[-1],)) * w).sum()
+
+    x, w = torch.randn(8, 64, requires_grad=True), torch.randn(64, requires_grad=True)
+    compiled = torch.compile(loss)
+    _, sources = run_and_get_code(lambda: compiled(x, w).backward())
+    origins = profile_gpu.kernel_origins(sources)
+    defined = [name for code in sources for name in re.findall(r"^(\w+) = async_compile\.", code, re.MULTILINE)]
+    assert defined and sorted(origins) == sorted(set(defined))
+    assert {graph for places in origins.values() for graph, _ in places} == {"0_forward", "0_backward"}
 
 
 def test_profile_gpu_inductor_options_are_read_as_python_literals():
