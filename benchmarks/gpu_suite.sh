@@ -166,7 +166,9 @@ elif [ "$PART" = ab ] || [ "$PART" = fold ]; then  # issue 17: a change against 
     # (`fold`, session 19's name for it.)
     export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor
     old() { (cd "${OLD:?set OLD to a checkout of the code before the change}" && PYTHONPATH="$OLD:$PYTHONPATH" "$@"); }
-    sources() { grep -q -e "--kernel-sources" benchmarks/profile_gpu.py && echo --kernel-sources --out "$OUT/sources_$1"; }
+    # prof, with --kernel-sources where the current tree's profile_gpu.py has it (the code in $OUT/sources_NAME/)
+    prof_src() { if grep -q -e "--kernel-sources" benchmarks/profile_gpu.py; then
+        prof "$@" --kernel-sources --out "$OUT/sources_$2"; else prof "$@"; fi; }
     half0() {
         if [ "${TESTS:-}" != skip ]; then
             timeout "${TEST_S:-200}" python -m pytest -x -v -p no:cacheprovider --tb=short tests/test_gpu.py \
@@ -174,12 +176,12 @@ elif [ "$PART" = ab ] || [ "$PART" = fold ]; then  # issue 17: a change against 
             grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/test_gpu_ab.log" | tail -12
         fi
         if [ "${CODE:-0}" = 1 ]; then
-            TORCH_LOGS=output_code TORCH_LOGS_OUT="$OUT/output_code_b16.log" prof 150 b16 16 --peers hf-llama \
-                --eager-ops --host-python $(sources b16)
+            TORCH_LOGS=output_code TORCH_LOGS_OUT="$OUT/output_code_b16.log" prof_src 150 b16 16 --peers hf-llama \
+                --eager-ops --host-python
         else
-            prof 150 b16 16 --peers hf-llama --eager-ops --host-python $(sources b16)
+            prof_src 150 b16 16 --peers hf-llama --eager-ops --host-python
         fi
-        old prof 80 b16_old 16 $(cd "$OLD" && sources b16_old)
+        old prof_src 80 b16_old 16
         [ "${HC:-0}" = 1 ] && prof 60 b16_no_hc 16 --model llamathink:auto:no-hc
         prof 90 b64 64
         old prof 90 b64_old 64; }

@@ -109,12 +109,15 @@ def forward_backward(model, ids):
 
 
 # Kernel-name patterns of each kind of GPU work, first match wins (names as CUDA, cuBLAS/cuDNN, fla, tilelang and
-# inductor give them).
+# inductor give them). Inductor's kernels first: their names list the ops they fuse, which can be the ops of another
+# kind (a pointwise kernel that feeds cuDNN attention's backward is named after it), FlexAttention's templates before
+# its other kernels.
 KERNEL_KINDS = (
+    ("FlexAttention (inductor)", ("triton_tem_fused",)),
+    ("inductor fused (triton_*)", ("triton_",)),
     ("matrix products (cuBLAS/CUTLASS)", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "splitkreduce")),
     ("attention (SDPA: cuDNN/flash/efficient)", ("sdpa", "flash", "fmha", "attention", "cudnn")),
-    ("FlexAttention (inductor)", ("triton_tem_fused", "flex")),
-    ("inductor fused (triton_*)", ("triton_",)),
+    ("FlexAttention (inductor)", ("flex",)),
     ("fla causal conv", ("causal_conv1d",)),
     (
         "fla Gated DeltaNet (Triton, tilelang)",
@@ -167,19 +170,22 @@ def kernel_kinds(averages) -> str:
 
 _AOT_ID = re.compile(r"^# AOT ID: \['([^']*)'\]")
 _KERNEL_DEFINITION = re.compile(r"^(\w+) = async_compile\.(?:triton|cpp_pybinding|cpp)\(")
+_LOG_PREFIX = re.compile(r"^.*?\[__output_code\] ")  # what TORCH_LOGS=output_code puts before each line
 
 
 def kernel_origins(sources: list[str]) -> dict[str, list[tuple[str, str]]]:
-    """Inductor kernel name -> [(graph, source nodes)], from the generated code of compiled graphs (the sources that
-    `torch._inductor.utils.run_and_get_code` collects). Each graph's code starts with its AOT ID ("0_forward",
-    "0_backward", "1_inference", ...: dynamo's compile order), and above each kernel's definition inductor writes
-    the FX nodes it fuses, named after the model's variables ("# Topologically Sorted Source Nodes: [qkv, silu],
-    Original ATen: [...]"; "" where there is no such comment). Inductor numbers kernels per graph, so one name can
-    be defined by several graphs: each definition is listed."""
+    """Inductor kernel name -> [(graph, source nodes)], from the generated code of compiled graphs: the sources that
+    `torch._inductor.utils.run_and_get_code` collects, or a `TORCH_LOGS=output_code` log (its line prefixes are
+    dropped). Each graph's code starts with its AOT ID ("0_forward", "0_backward", "1_inference", ...: dynamo's
+    compile order; "?" for code before any AOT ID), and above each kernel's definition inductor writes the FX nodes
+    it fuses, named after the model's variables ("# Topologically Sorted Source Nodes: [qkv, silu], Original ATen:
+    [...]"; "" where there is no such comment). Inductor numbers kernels per graph, so one name can be defined by
+    several graphs: each definition is listed."""
     origins: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
     for code in sources:
         graph, nodes = "?", ""
         for line in code.splitlines():
+            line = _LOG_PREFIX.sub("", line, count=1)
             if match := _AOT_ID.match(line):
                 graph = match.group(1)
             elif "Source Nodes: [" in line:
@@ -190,14 +196,24 @@ def kernel_origins(sources: list[str]) -> dict[str, list[tuple[str, str]]]:
     return dict(origins)
 
 
-def inductor_ms_by_graph(kernels: list[tuple[str, float]], origins: dict[str, list[tuple[str, str]]]) -> dict:
+def inductor_ms_by_graph(
+    kernels: list[tuple[str, float]], origins: dict[str, list[tuple[str, str]]], skip: tuple[str, ...] = ()
+) -> dict:
     """GPU ms of inductor's kernels by the compiled graph that defines them: `kernels` [(kernel name, ms)] (one
-    profiled step), `origins` from `kernel_origins`. A name several graphs define is split evenly between them
-    (the profiler sums launches by name); kernels of no graph in `origins` (not inductor's, or compiled before
-    the sources were collected) are left out."""
+    profiled step; a name of 150 characters or more may be cut short, as this script's tables cut names, and is
+    matched by its prefix), `origins`
+    from `kernel_origins`, `skip`: graphs (AOT IDs) whose definitions do not count, e.g. a peer's compiled in the
+    same process. A name several graphs define is split evenly between them (the profiler sums launches by name).
+    Inductor's kernels (named "triton_..." or "cpp_...") of no graph in `origins` are summed under "(no graph)";
+    other kernels (cuBLAS, fla, ...) are left out."""
     by_graph: dict[str, float] = collections.defaultdict(float)
     for name, ms in kernels:
-        graphs = sorted({graph for graph, _ in origins.get(name, [])})
+        places = origins.get(name, [])
+        if not places and len(name) >= 150:
+            places = [place for full, found in origins.items() if full.startswith(name) for place in found]
+        graphs = sorted({graph for graph, _ in places if graph not in skip})
+        if not graphs and name.startswith(("triton_", "cpp_")):
+            graphs = ["(no graph)"]
         for graph in graphs:
             by_graph[graph] += ms / len(graphs)
     return dict(sorted(by_graph.items(), key=lambda kv: -kv[1]))
@@ -216,9 +232,12 @@ def kernel_table(
     taking the most host time (where a step that waits on the host spends it); with `top_kernels` also that many
     GPU kernels by their own time (inductor's fused kernels one by one); with `eager_ops` also the aten ops that
     launch kernels of their own (inductor's calls to matrix products and attention, and the ops inside custom ops
-    or between compiled regions), by input shapes, which tell where they come from. With `sources` (a list, for a
-    model not yet compiled) the generated code of its compilation is appended to it, each top kernel is followed
-    by where it comes from (`kernel_origins`) and inductor's time is summed by compiled graph."""
+    or between compiled regions), by input shapes, which tell where they come from. With `sources` (a list) the
+    generated code of the model's compilation is appended to it, each top kernel is followed by where it comes
+    from (`kernel_origins`) and inductor's time is summed by compiled graph (`inductor_ms_by_graph`). The code is
+    caught by `torch._inductor.utils.run_and_get_code`, which first resets dynamo for the whole process
+    (`torch._dynamo.reset`: every compiled function recompiles at its next call): pass `sources` for the first
+    model this process compiles, before any other is profiled."""
     from torch.profiler import ProfilerActivity, profile
 
     if sources is not None:  # the first call compiles: keep inductor's code (this resets dynamo first)
@@ -249,7 +268,7 @@ def kernel_table(
             by_graph = inductor_ms_by_graph([(e.key, e.self_device_time_total / 1e3) for e in kernels], origins)
             text += (
                 "\n## inductor's GPU ms by compiled graph (AOT IDs in dynamo's compile order; a kernel name that "
-                "several graphs define is split evenly)\n"
+                "several graphs define is split evenly; (no graph): inductor's kernels found in no graph's code)\n"
                 + "\n".join(f"  {graph:24s} {ms:8.2f}" for graph, ms in by_graph.items())
             )
     if eager_ops:
@@ -534,8 +553,8 @@ def main(argv=None) -> int:
         "--kernel-sources",
         action="store_true",
         help="keep inductor's generated code of the compiled step (with --out, in DIR/kernel_sources_BACKEND.py.gz): "
-        "each of the top kernels (40 unless --top-kernels says) followed by its graph and the model lines it fuses, "
-        "and inductor's time by compiled graph (needs --compile)",
+        "each of the top kernels (40 where --top-kernels is not given; peers' lists too) followed by its graph and "
+        "the model lines it fuses, and inductor's time by compiled graph (needs --compile)",
     )
     parser.add_argument(
         "--peers", default="", help="comma list of bench_gpu.py peers (e.g. hf-llama) to profile compiled whole"
@@ -562,6 +581,7 @@ def main(argv=None) -> int:
             "--inductor-option, --eager-ops, --host-python and --kernel-sources apply to the compiled step: add "
             "--compile (not --optimizer-only)"
         )
+    top_kernels = args.top_kernels or (40 if args.kernel_sources else 0)
     torch.manual_seed(0)
     if args.optimizer_only:
         report = [f"# {torch.cuda.get_device_name()}, torch {torch.__version__}: clipping + optimizer step"]
@@ -595,7 +615,7 @@ def main(argv=None) -> int:
                 compiled,
                 ids,
                 host_stacks=args.host_stacks,
-                top_kernels=args.top_kernels or (40 if args.kernel_sources else 0),
+                top_kernels=top_kernels,
                 eager_ops=args.eager_ops,
                 sources=sources,
             )
@@ -614,7 +634,7 @@ def main(argv=None) -> int:
     for peer_name in filter(None, args.peers.split(",")):
         peer = torch.compile(build(peer_name).cuda())  # compiled whole, as bench_gpu.py compiles the peers
         report.append(f"## top kernels of one compiled training step of {peer_name} (compiled whole)")
-        report.append(kernel_table(peer, ids, top_kernels=args.top_kernels))
+        report.append(kernel_table(peer, ids, top_kernels=top_kernels))
         report.append(step_wall_ms(peer, ids))
         del peer
         torch.cuda.empty_cache()
