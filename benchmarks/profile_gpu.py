@@ -199,13 +199,14 @@ def kernel_origins(sources: list[str]) -> dict[str, list[tuple[str, str]]]:
 def inductor_ms_by_graph(
     kernels: list[tuple[str, float]], origins: dict[str, list[tuple[str, str]]], skip: tuple[str, ...] = ()
 ) -> dict:
-    """GPU ms of inductor's kernels by the compiled graph that defines them: `kernels` [(kernel name, ms)] (one
-    profiled step; a name of 150 characters or more may be cut short, as this script's tables cut names, and is
-    matched by its prefix), `origins`
-    from `kernel_origins`, `skip`: graphs (AOT IDs) whose definitions do not count, e.g. a peer's compiled in the
-    same process. A name several graphs define is split evenly between them (the profiler sums launches by name).
-    Inductor's kernels (named "triton_..." or "cpp_...") of no graph in `origins` are summed under "(no graph)";
-    other kernels (cuBLAS, fla, ...) are left out."""
+    """GPU ms of inductor's kernels by the compiled graph that defines them.
+
+    `kernels` [(kernel name, ms)]: one profiled step; a name of 150 characters or more may be cut short, as this
+    script's tables cut names, and is matched by its prefix. `origins`: from `kernel_origins`. `skip`: graphs (AOT
+    IDs) whose definitions do not count, e.g. a peer's compiled in the same process. A name several graphs define is
+    split evenly between them (the profiler sums launches by name). Inductor's kernels (named "triton_..." or
+    "cpp_...") of no graph in `origins` are summed under "(no graph)"; other kernels (cuBLAS, fla, ...) are left
+    out. Returns {graph: ms}, the largest first."""
     by_graph: dict[str, float] = collections.defaultdict(float)
     for name, ms in kernels:
         places = origins.get(name, [])
