@@ -1012,7 +1012,7 @@ def _fingerprint(path: Path, exclude: tuple[Path, ...] = ()) -> str:
         entries = sorted(path.rglob("*"))
         # any run's out_dir inside the folder (one holding a run's lock file or checkpoints folder): its outputs are
         # not input, or two runs writing in one data folder would each see the other's checkpoints as a data edit
-        runs = {e.parent for e in entries if e.name == LOCK_FILE or (e.name == "checkpoints" and e.is_dir())}
+        runs = {e.parent for e in entries if e.name == LOCK_FILE or (e == checkpoint_dir(e.parent) and e.is_dir())}
         exclude = (*exclude, *(out for run in runs for out in _own_outputs(run)))
         files = [e for e in entries if e.is_file()]
         if exclude:
