@@ -711,22 +711,53 @@ def _fla_conv_internals():
     return _fla_state["conv"]
 
 
+def _fla_conv_takes_strides() -> bool:
+    """Whether this fla's causal-conv kernels read x (forward and backward) and the output gradient (backward)
+    through their strides (fla-core 0.6: `stride_x_t`, `stride_dy_t` among the kernels' arguments); versions whose
+    kernels assume contiguous rows get contiguous copies (`_as_fla_conv_rows`)."""
+    if "conv-strides" not in _fla_state:
+        try:
+            from fla.modules.causal_conv1d.ops import causal_conv1d_bwd_kernel, causal_conv1d_fwd_kernel
+
+            forward, backward = (
+                set(getattr(kernel, "arg_names", ())) for kernel in (causal_conv1d_fwd_kernel, causal_conv1d_bwd_kernel)
+            )
+            _fla_state["conv-strides"] = "stride_x_t" in forward and {"stride_x_t", "stride_dy_t"} <= backward
+        except Exception:  # fla missing or reorganised: copy
+            _fla_state["conv-strides"] = False
+    return _fla_state["conv-strides"]
+
+
+def _as_fla_conv_rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` [B, T, C] itself where fla's conv kernels can read it: contiguous, or channels adjacent in memory (stride 1
+    along C) with kernels that take the time and batch strides (`_fla_conv_takes_strides`); else a contiguous copy."""
+    return t if t.is_contiguous() or (t.stride(-1) == 1 and _fla_conv_takes_strides()) else t.contiguous()
+
+
 def _define_fla_conv_op():
     """Define `llamathink::fla_causal_conv1d_silu` (+ its backward op and autograd formula) once per process (see
-    `_define_fla_chunk_op`). One op serves eager and compiled training: dynamo records it as a single node."""
+    `_define_fla_chunk_op`). One op serves eager and compiled training: dynamo records it as a single node.
+
+    Both ops are tagged `needs_fixed_stride_order`: inductor may hand them its padded layouts (it pads the rows of
+    the qkv projection's output, 3024 channels, to 3072) instead of copying them to the exact contiguous strides
+    of the trace, the default for custom ops; fla's kernels read x and the output gradient through their strides.
+    The outputs are always contiguous, as the fake functions say."""
     try:
         return torch.ops.llamathink.fla_causal_conv1d_silu
     except (AttributeError, RuntimeError):
         pass
 
-    @torch.library.custom_op("llamathink::fla_causal_conv1d_silu", mutates_args=())
+    layout = (torch.Tag.needs_fixed_stride_order,)
+
+    @torch.library.custom_op("llamathink::fla_causal_conv1d_silu", mutates_args=(), tags=layout)
     def fla_causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-        """x [B, T, C] 16-bit, contiguous; weight [C, K] (fp32); `cu_seqlens` [N + 1] (B = 1): N packed sequences,
-        each starting from zeros -> silu(causal depthwise conv) [B, T, C] in x's dtype."""
+        """x [B, T, C] 16-bit, any strides (copied where fla's kernels cannot read them: `_as_fla_conv_rows`);
+        weight [C, K] (fp32); `cu_seqlens` [N + 1] (B = 1): N packed sequences, each starting from zeros ->
+        silu(causal depthwise conv) [B, T, C] in x's dtype, contiguous."""
         fwd, _ = _fla_conv_internals()
         with _device_of(x):
             y, _ = fwd(
-                x=x,
+                x=_as_fla_conv_rows(x),
                 weight=weight,
                 bias=None,
                 residual=None,
@@ -739,19 +770,19 @@ def _define_fla_conv_op():
 
     @fla_causal_conv1d_silu.register_fake
     def _(x, weight, cu_seqlens):
-        return torch.empty_like(x)
+        return x.new_empty(x.shape)  # contiguous, whatever x's strides
 
-    @torch.library.custom_op("llamathink::fla_causal_conv1d_silu_backward", mutates_args=())
+    @torch.library.custom_op("llamathink::fla_causal_conv1d_silu_backward", mutates_args=(), tags=layout)
     def fla_causal_conv1d_silu_backward(
         x: torch.Tensor, weight: torch.Tensor, grad_y: torch.Tensor, cu_seqlens: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradients w.r.t. x (x's dtype) and weight (weight's dtype), by fla's fused backward (which recomputes the
-        pre-activation rather than storing it)."""
+        """Gradients w.r.t. x (x's dtype) and weight (weight's dtype), contiguous, by fla's fused backward (which
+        recomputes the pre-activation rather than storing it); x and grad_y may have any strides, as in the forward."""
         _, bwd = _fla_conv_internals()
         with _device_of(x):
             dx, dw = bwd(
-                x=x,
-                dy=grad_y.to(x.dtype).contiguous(),
+                x=_as_fla_conv_rows(x),
+                dy=_as_fla_conv_rows(grad_y.to(x.dtype)),
                 dht=None,
                 weight=weight,
                 bias=None,
@@ -764,7 +795,7 @@ def _define_fla_conv_op():
 
     @fla_causal_conv1d_silu_backward.register_fake
     def _(x, weight, grad_y, cu_seqlens):
-        return torch.empty_like(x), torch.empty_like(weight)
+        return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
     def setup_context(ctx, inputs, output):
         x, weight, cu_seqlens = inputs

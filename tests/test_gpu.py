@@ -382,6 +382,73 @@ def test_fla_causal_conv_matches_the_reference(channels):
             err = (a.float() - b).norm() / b.norm()
             assert err < 2e-2, (packed, name, err.item())
 
+        # The op as inductor calls it: x and the output gradient in rows padded to wider strides (inductor pads the
+        # qkv projection's output rows), each its own, give the contiguous call's values, in contiguous outputs.
+        def padded(t, extra):  # t [B, T, C] -> the same values in rows of C + extra elements
+            return torch.nn.functional.pad(t.detach(), (0, extra))[..., :channels]
+
+        def conv_call(x_in, dy, packed=packed):  # the forward and backward ops on x [2, 300, C] -> y, dx, dw
+            if packed:
+                x_in, dy = x_in.reshape(1, 600, channels), dy.reshape(1, 600, channels)
+            bounds = cu if packed else None
+            y = torch.ops.llamathink.fla_causal_conv1d_silu(x_in, weight, bounds)
+            dx, dw = torch.ops.llamathink.fla_causal_conv1d_silu_backward(x_in, weight, dy, bounds)
+            return y, dx, dw
+
+        dy = grad.bfloat16()
+        assert (padded(x, 28).stride(-2), padded(dy, 44).stride(-2)) == (channels + 28, channels + 44)
+        y_c, dx_c, dw_c = conv_call(x, dy)
+        y_p, dx_p, dw_p = conv_call(padded(x, 28), padded(dy, 44))
+        assert y_p.is_contiguous() and dx_p.is_contiguous()
+        torch.testing.assert_close(y_p, y_c, rtol=0, atol=0)
+        torch.testing.assert_close(dx_p, dx_c, rtol=0, atol=0)
+        torch.testing.assert_close(dw_p, dw_c, rtol=1e-6, atol=1e-6)
+
+
+@needs_fla
+def test_compiled_gated_deltanet_hands_its_padded_qkv_rows_to_fla_conv_uncopied():
+    """At the seed width (conv_dim 3024) inductor pads the rows of the qkv projection's output and of the conv's
+    output gradient (to 3072 elements). The conv's custom ops take those layouts as they are
+    (`needs_fixed_stride_order`): no inductor kernel copies an input of fla's conv, forward or backward (the
+    default constraint for custom ops, exact strides, made one copy forward and two backward, each a full pass over
+    [B, T, 3024]). Compiled with inductor's defaults, whose kernel names list the ops they fuse: such a copy is
+    named after the conv op."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from llamathink import LlamaThinkConfig
+    from llamathink.modeling_llamathink import LlamaThinkGatedDeltaNet
+
+    if fla_backward_problem(torch.device("cuda")) is not None:
+        pytest.skip(fla_backward_problem(torch.device("cuda")))
+    layer = LlamaThinkGatedDeltaNet(LlamaThinkConfig(gdn_backend="fla"), 0).cuda()
+    assert layer.conv_dim == 3024
+    x = torch.randn(2, 128, layer.in_proj_qkv.in_features, device="cuda", requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = compiled(x)
+        out.float().square().sum().backward()
+
+    _, sources = run_and_get_code(step)
+    code = "\n".join(sources)
+    assert "llamathink.fla_causal_conv1d_silu.default" in code and "fla_causal_conv1d_silu_backward.default" in code
+    # the qkv projection's output [B*T, 3024] allocated in rows of 3072
+    padded = re.search(r"(\w+) = empty_strided_cuda\(\(\d+, 3024\), \(3072, 1\)", code)
+    assert padded, "inductor no longer pads these rows: the test checks nothing"
+    conv_input = (
+        r"fla_causal_conv1d_silu\.default\(reinterpret_tensor\("
+        + padded.group(1)
+        + r", \(2, 128, 3024\), \(\d+, 3072, 1\)"
+    )
+    assert re.search(conv_input, code), "fla's conv is not handed the padded rows"
+    copies = re.findall(r"def (triton_\w*fla_causal_conv1d_silu\w*)\(", code)
+    assert not copies, copies
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("compiled", ["eager", "model", "layers"])
