@@ -402,7 +402,9 @@ def test_fla_causal_conv_matches_the_reference(channels):
         assert y_p.is_contiguous() and dx_p.is_contiguous()
         torch.testing.assert_close(y_p, y_c, rtol=0, atol=0)
         torch.testing.assert_close(dx_p, dx_c, rtol=0, atol=0)
-        torch.testing.assert_close(dw_p, dw_c, rtol=1e-6, atol=1e-6)
+        # dw: fla sums the weight gradient over time blocks in fp32, in an order that may change between calls
+        # (1e-5 of its largest value); a stride misread would be off by the values themselves.
+        torch.testing.assert_close(dw_p, dw_c, rtol=1e-5, atol=1e-5 * dw_c.abs().max().item())
 
 
 @needs_fla
