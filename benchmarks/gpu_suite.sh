@@ -165,7 +165,10 @@ elif [ "$PART" = ab ] || [ "$PART" = fold ]; then  # issue 17: a change against 
     # --kernel-sources (the code itself in sources_b16*/). About 600 s on a fresh H200.
     # (`fold`, session 19's name for it.)
     export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor
-    old() { (cd "${OLD:?set OLD to a checkout of the code before the change}" && PYTHONPATH="$OLD:$PYTHONPATH" "$@"); }
+    # OLD compiles into its own inductor cache: inductor's graph cache key does not see a custom op's tags or Python
+    # body, so a change to those alone would otherwise run the other tree's cached kernels (session 32)
+    old() { (cd "${OLD:?set OLD to a checkout of the code before the change}" && PYTHONPATH="$OLD:$PYTHONPATH" \
+        TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor_old "$@"); }
     # prof, with --kernel-sources where the current tree's profile_gpu.py has it (the code in $OUT/sources_NAME/)
     prof_src() { if grep -q -e "--kernel-sources" benchmarks/profile_gpu.py; then
         prof "$@" --kernel-sources --out "$OUT/sources_$2"; else prof "$@"; fi; }
@@ -195,7 +198,8 @@ elif [ "$PART" = seeds ]; then  # issue 17: a change's bf16 gradient errors agai
         | python -c 'import json,sys; [print(r["seed"], r["over_tolerance"], {k.split("model.")[-1]: v for k, v in r["watched_eager_compiled"].items() if "dt_bias" in k}) for r in map(json.loads, sys.stdin)]'; }
     half0() {
         seeds new
-        seeds old "${OLD:?set OLD to a checkout of the code before the change}"; }  # this tree's script, OLD's model
+        # this tree's script, OLD's model, in OLD's own inductor cache (see the ab part)
+        TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor_old seeds old "${OLD:?set OLD to the code before the change}"; }
     half1() { :; }
 elif [ "$PART" = combo ]; then  # issue 17: `combo_kernels` (the default since session 25) against inductor's defaults
     half0() {
