@@ -62,6 +62,10 @@ bench() { local limit=$1 name=$2; shift 2; timeout "$limit" python benchmarks/be
 prof() { local limit=$1 name=$2 batch=$3; shift 3; timeout "$limit" python benchmarks/profile_gpu.py --compile \
     --no-eager --no-decode --top-kernels 40 --batch "$batch" "$@" > "$OUT/kinds_$name.txt" 2>&1
     echo "== $name"; grep -E "^  [a-zA-Z].* ms .*%|wall time" "$OUT/kinds_$name.txt" || tail -3 "$OUT/kinds_$name.txt"; }
+# An inductor cache folder per version of a tree's package (a hash of its Python files): inductor's graph cache key
+# does not see a custom op's tags or Python body, so two trees (or one tree changed between calls on a warm machine)
+# sharing one folder could run each other's graphs (session 32)
+inductor_cache() { echo "/tmp/kcache/inductor_$(find "$1/llamathink" -name '*.py' | sort | xargs cat | md5sum | cut -c1-12)"; }
 gpu_tests() { timeout "$1" python -m pytest -q -p no:cacheprovider --tb=short -rfEs tests/test_gpu.py \
     > "$OUT/test_gpu_$2.log" 2>&1; grep -v Warn "$OUT/test_gpu_$2.log" | tail -30; }
 # the 200-step training loop (train_hf.py, compiled, Muon, real text in $DATA) with FlashQLA, then fla, then HF Llama's
@@ -164,11 +168,10 @@ elif [ "$PART" = ab ] || [ "$PART" = fold ]; then  # issue 17: a change against 
     # say which graph and model lines each inductor kernel comes from, where the tree's profile_gpu.py has
     # --kernel-sources (the code itself in sources_b16*/). About 600 s on a fresh H200.
     # (`fold`, session 19's name for it.)
-    export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor
-    # OLD compiles into its own inductor cache: inductor's graph cache key does not see a custom op's tags or Python
-    # body, so a change to those alone would otherwise run the other tree's cached kernels (session 32)
+    TORCHINDUCTOR_CACHE_DIR=$(inductor_cache .) && export TORCHINDUCTOR_CACHE_DIR
+    # OLD compiles into its own inductor cache (`inductor_cache`)
     old() { (cd "${OLD:?set OLD to a checkout of the code before the change}" && PYTHONPATH="$OLD:$PYTHONPATH" \
-        TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor_old "$@"); }
+        TORCHINDUCTOR_CACHE_DIR=$(inductor_cache "$OLD") "$@"); }
     # prof, with --kernel-sources where the current tree's profile_gpu.py has it (the code in $OUT/sources_NAME/)
     prof_src() { if grep -q -e "--kernel-sources" benchmarks/profile_gpu.py; then
         prof "$@" --kernel-sources --out "$OUT/sources_$2"; else prof "$@"; fi; }
@@ -192,14 +195,14 @@ elif [ "$PART" = ab ] || [ "$PART" = fold ]; then  # issue 17: a change against 
 elif [ "$PART" = seeds ]; then  # issue 17: a change's bf16 gradient errors against the float32 reference over
     # seeds (benchmarks/gradient_error_seeds.py), this tree and the tree before it (OLD): whether a tensor past a GPU
     # test's tolerance is past it on every seed. SEEDS (default 8), LIMIT (s per tree, default 240).
-    export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor
+    TORCHINDUCTOR_CACHE_DIR=$(inductor_cache .) && export TORCHINDUCTOR_CACHE_DIR
     seeds() { timeout "${LIMIT:-240}" python benchmarks/gradient_error_seeds.py --seeds "${SEEDS:-8}" ${2:+--code "$2"} \
         --out "$OUT/seeds_$1.jsonl" > "$OUT/seeds_$1.log" 2>&1; echo "== $1"; grep '^{' "$OUT/seeds_$1.log" \
         | python -c 'import json,sys; [print(r["seed"], r["over_tolerance"], {k.split("model.")[-1]: v for k, v in r["watched_eager_compiled"].items() if "dt_bias" in k}) for r in map(json.loads, sys.stdin)]'; }
     half0() {
         seeds new
-        # this tree's script, OLD's model, in OLD's own inductor cache (see the ab part)
-        TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor_old seeds old "${OLD:?set OLD to the code before the change}"; }
+        # this tree's script, OLD's model, in OLD's own inductor cache (`inductor_cache`)
+        TORCHINDUCTOR_CACHE_DIR=$(inductor_cache "${OLD:?set OLD to the code before the change}") seeds old "$OLD"; }
     half1() { :; }
 elif [ "$PART" = combo ]; then  # issue 17: `combo_kernels` (the default since session 25) against inductor's defaults
     half0() {
