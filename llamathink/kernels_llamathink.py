@@ -820,10 +820,12 @@ def fla_causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: to
     start of each sequence: the row, or with `cu_seqlens` [N + 1] (B = 1) each of the N packed sequences.
 
     The reference is `LlamaThinkGatedDeltaNet._causal_conv`'s PyTorch form (tests/test_gpu.py compares both, forward
-    and gradients). Raises RuntimeError where fla's conv is not available (check `fla_conv_available` first)."""
+    and gradients). x may have any strides: the op reads it where it lies, or copies it, as fla's kernels allow
+    (`_as_fla_conv_rows`). Raises RuntimeError where fla's conv is not available (check `fla_conv_available`
+    first)."""
     if _fla_conv_internals() is None:
         raise RuntimeError("fla's causal conv (fla.modules.causal_conv1d) is not available")
-    return _fla_conv_op(x.contiguous(), weight.contiguous(), cu_seqlens)
+    return _fla_conv_op(x, weight.contiguous(), cu_seqlens)
 
 
 def fla_conv_available() -> bool:
