@@ -2,7 +2,7 @@
 configuration each instead of timing every candidate.
 
     python benchmarks/tune_fla_configs.py [--model-config configuration/models/llamathink-95m.json]
-                                          [--batches 1,4,8,16,32,64] [--seq 1024] [--out PATH]
+                                          [--batches 1,4,8,16,32,64] [--seq 1024] [--out PATH] [--keep-recorded]
 
 Runs bf16 training steps (forward + backward) of the model at each batch size, a packed batch (documents of varied
 length: fla's variable-length kernels) and a no-grad forward, with autotuning from scratch
@@ -10,6 +10,10 @@ length: fla's variable-length kernels) and a no-grad forward, with autotuning fr
 for this GPU, `llamathink/fla_configs/<GPU name>.json`, merged over its entries for the same fla and Triton
 versions). `load_fla_tuned_configs` (called when a model with fla layers is built) gives them back. Run it on a
 machine whose Triton cache is empty (`TRITON_CACHE_DIR` pointing at a new folder) so that its timings are printed.
+
+`--keep-recorded`: the autotuners first get the choices already recorded in `--out` (as a model build gives them),
+so that only keys the file lacks are timed: what a change that adds kernel shapes (new channel counts, say) needs,
+in seconds rather than the minutes of a full tune. The recorded choices are written back unchanged.
 """
 
 from __future__ import annotations
@@ -31,10 +35,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default="1,4,8,16,32,64")
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--keep-recorded", action="store_true", help="keep --out's recorded choices; time only the keys it lacks"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("tune_fla_configs.py needs a CUDA GPU")
-    os.environ["LLAMATHINK_FLA_TUNED_CONFIGS"] = "0"  # before the model probes fla: tune from scratch
+    # before the model probes fla: tune from scratch (--keep-recorded names --out instead, below)
+    os.environ["LLAMATHINK_FLA_TUNED_CONFIGS"] = "0"
 
     from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
     from llamathink.kernels_llamathink import (
@@ -61,6 +69,13 @@ def main(argv=None) -> int:
             earlier_tuned_configs(out)  # a file that is not a tuned-configs file is refused now
     except (OSError, ValueError) as err:
         raise SystemExit(f"cannot write {out}: {err}; name another file with --out") from None
+    measured_with = f"benchmarks/tune_fla_configs.py --batches {args.batches} --seq {args.seq}"
+    if args.keep_recorded:
+        earlier = earlier_tuned_configs(out)[0] if out.is_file() else None
+        if earlier is None:
+            raise SystemExit(f"--keep-recorded: {out} holds no recorded choices to keep; tune without it")
+        os.environ["LLAMATHINK_FLA_TUNED_CONFIGS"] = str(out.resolve())
+        measured_with = f"{earlier.get('measured_with', 'an earlier tune')}; then {measured_with} --keep-recorded"
     config = LlamaThinkConfig.from_json_file(args.model_config) if args.model_config else LlamaThinkConfig()
     config.gdn_backend = "fla"
     torch.manual_seed(0)
@@ -98,7 +113,7 @@ def main(argv=None) -> int:
         doc = write_fla_tuned_configs(
             out,
             gpu,
-            extra={"measured_with": f"benchmarks/tune_fla_configs.py --batches {args.batches} --seq {args.seq}"},
+            extra={"measured_with": measured_with},
         )
     except (RuntimeError, ValueError, OSError) as err:  # fla did not run, --out names another kind of file, disk full
         raise SystemExit(f"nothing written to {out}: {err}") from None
