@@ -1792,32 +1792,47 @@ def accumulate_grad_weight(grad_weight: torch.Tensor, grad_logits: torch.Tensor,
 
     grad_weight [V, H] in the accumulation dtype (fp32 for 16-bit inputs), grad_logits [n, V] and hidden [n, H] in
     the compute dtype. On CUDA with 16-bit inputs (and not under tracing) the product is accumulated by cuBLAS
-    straight into a float32 output (`torch.addmm(..., out_dtype=torch.float32)`: C = A B + C with fp32 C), one
-    kernel and no bf16 rounding of the chunk's product; elsewhere the product is rounded to the compute dtype,
-    cast and added (what inductor fuses when traced, and the reference on the CPU, which lacks that form). Returns
-    the sum: `grad_weight` itself, added to in place, or (on CUDA) a new tensor; use the returned one."""
+    straight into the float32 sum (`torch.addmm(..., out_dtype=torch.float32)`: C = A B + C with fp32 C), one
+    kernel and no bf16 rounding of the chunk's product; written into `grad_weight` itself where torch takes it as
+    `out` (`_mixed_dtype_addmm_form`: else torch first copies the [V, H] sum into a new output, a full pass over it
+    per chunk). Elsewhere the product is rounded to the compute dtype, cast and added (what inductor fuses when
+    traced, and the reference on the CPU, which lacks that form). Returns the sum: `grad_weight` itself, added to in
+    place, or (where torch takes no `out`) a new tensor; use the returned one."""
     if grad_logits.dtype == grad_weight.dtype:
         return grad_weight.addmm_(grad_logits.T, hidden)
-    if (
-        grad_logits.is_cuda
-        and not torch.compiler.is_compiling()
-        and _mixed_dtype_addmm_works(grad_logits.device, grad_logits.dtype, grad_weight.dtype)
-    ):
+    form = None
+    if grad_logits.is_cuda and not torch.compiler.is_compiling():
+        form = _mixed_dtype_addmm_form(grad_logits.device, grad_logits.dtype, grad_weight.dtype)
+    if form == "in place":
+        return torch.addmm(grad_weight, grad_logits.T, hidden, out_dtype=grad_weight.dtype, out=grad_weight)
+    if form == "new tensor":
         return torch.addmm(grad_weight, grad_logits.T, hidden, out_dtype=grad_weight.dtype)
     return grad_weight.add_((grad_logits.T @ hidden).to(grad_weight.dtype))
 
 
 @functools.cache
-def _mixed_dtype_addmm_works(device: torch.device, dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
-    """Whether `torch.addmm(C, A, B, out_dtype=out_dtype)` with A, B in `dtype` and C in `out_dtype` runs on `device`
-    and gives C + A B: asked once per device and dtypes, on 2 x 2 ones. torch releases before 2.8 lack the
-    overload, and some that have it refuse a C of another dtype than A's; those take the cast-and-add form."""
-    try:
-        ones = torch.ones(2, 2, device=device, dtype=dtype)
-        out = torch.addmm(torch.ones(2, 2, device=device, dtype=out_dtype), ones, ones, out_dtype=out_dtype)
-    except Exception:  # noqa: BLE001 - any refusal (TypeError, RuntimeError, NotImplementedError) means no
-        return False
-    return out.dtype == out_dtype and bool((out == 3).all())
+def _mixed_dtype_addmm_form(device: torch.device, dtype: torch.dtype, out_dtype: torch.dtype) -> str | None:
+    """How `torch.addmm(C, A, B, out_dtype=out_dtype)` with A, B in `dtype` and C in `out_dtype` gives C + A B on
+    `device`: "in place" where it also takes C as `out` (C = A B + C into C's own memory), "new tensor" where only
+    the form that returns a new tensor works, None where neither does (torch releases before 2.8 lack the overload,
+    and some that have it refuse a C of another dtype than A's; those take the cast-and-add form). Asked once per
+    device and dtypes, on 2 x 2 ones."""
+    ones = torch.ones(2, 2, device=device, dtype=dtype)
+
+    def addmm_or_none(acc: torch.Tensor, **out) -> torch.Tensor | None:
+        try:
+            return torch.addmm(acc, ones, ones, out_dtype=out_dtype, **out)
+        except Exception:  # noqa: BLE001 - any refusal (TypeError, RuntimeError, NotImplementedError): not this form
+            return None
+
+    for form in ("in place", "new tensor"):
+        acc = torch.ones(2, 2, device=device, dtype=out_dtype)
+        out = addmm_or_none(acc, **({"out": acc} if form == "in place" else {}))
+        if out is None or out.dtype != out_dtype or not bool((out == 3).all()):
+            continue
+        if form == "new tensor" or out.data_ptr() == acc.data_ptr():
+            return form
+    return None
 
 
 # torch.compile modes that replay the compiled kernels as CUDA graphs

@@ -111,6 +111,33 @@ def test_flash_qla_chunk_matches_reference_forward_and_backward(heads, packed):
     assert all(errors["flash_qla"][n] < 1.5 * errors["fla"][n] + 2e-3 for n in errors["fla"]), errors
 
 
+def test_head_gradient_accumulates_into_its_float32_sum_in_place_on_gpu():
+    """`accumulate_grad_weight` on CUDA: one chunk's bf16 product added to the float32 head-weight sum with float32
+    accumulation (the float64 sum to float32 rounding); where torch takes the sum as addmm's `out`
+    (`_mixed_dtype_addmm_form` "in place") it is written in the sum's own memory, with no device-to-device copy of
+    the [V, H] sum first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from llamathink.modeling_llamathink import _mixed_dtype_addmm_form, accumulate_grad_weight
+
+    form = _mixed_dtype_addmm_form(torch.device("cuda"), torch.bfloat16, torch.float32)
+    assert form in ("in place", "new tensor"), form  # torch >= 2.8 has the out_dtype overload
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    grad_weight = torch.randn(1000, 64, device="cuda", generator=gen)
+    grad_logits = torch.randn(256, 1000, device="cuda", generator=gen).bfloat16()
+    hidden = torch.randn(256, 64, device="cuda", generator=gen).bfloat16()
+    expected = grad_weight.double() + grad_logits.double().T @ hidden.double()
+    before = grad_weight.data_ptr()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        total = accumulate_grad_weight(grad_weight, grad_logits, hidden)
+        torch.cuda.synchronize()
+    assert total.dtype == torch.float32
+    assert ((total.double() - expected).norm() / expected.norm()).item() < 1e-6
+    copies = [e.key for e in prof.key_averages() if "memcpy" in e.key.lower()]
+    if form == "in place":
+        assert total.data_ptr() == before and not copies, copies
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
 def test_chunked_loss_accumulates_the_head_gradient_in_float32_on_gpu(compiled):
     """bf16 hidden states and a float32 head on CUDA: the chunked loss adds each chunk's head-weight product straight into
