@@ -2639,3 +2639,43 @@ def test_compile_layers_compiles_once_per_mixer_type_and_matches_eager():
         out = compiled.generate(ids[:, :8], max_new_tokens=6, do_sample=False)
     assert torch.equal(out, out_ref)
     assert len(graphs) == n_graphs  # cached steps ran the eager forwards
+
+
+def test_mixed_dtype_addmm_probe_picks_the_form_torch_takes(monkeypatch):
+    """`_mixed_dtype_addmm_form` (which form of fp32-accumulating addmm `accumulate_grad_weight` uses on CUDA) with
+    torch.addmm stood in for by each behaviour a torch release may have: "in place" only where `out=` is taken and
+    written into the sum's own memory with the right values; "new tensor" where `out=` is refused or ignored (a new
+    tensor returned) but the plain form works; None where the overload is missing, refuses a float32 C, or gives
+    the wrong dtype or values (the cast-and-add form)."""
+    probe = modeling._mixed_dtype_addmm_form.__wrapped__  # uncached
+    real = torch.addmm
+
+    def exact(acc, a, b, out_dtype=None, out=None):  # C + A B in out_dtype, into `out` when given
+        result = acc.to(out_dtype) + (a.float() @ b.float()).to(out_dtype)
+        return out.copy_(result) if out is not None else result
+
+    def no_out(acc, a, b, out_dtype=None, out=None):
+        if out is not None:
+            raise RuntimeError("out= not supported with out_dtype")
+        return exact(acc, a, b, out_dtype)
+
+    def ignores_out(acc, a, b, out_dtype=None, out=None):
+        return exact(acc, a, b, out_dtype)  # a new tensor even when `out` is given
+
+    def missing(acc, a, b, **kwargs):
+        if "out_dtype" in kwargs:
+            raise TypeError("addmm() got an unexpected keyword argument 'out_dtype'")
+        return real(acc, a, b, **kwargs)
+
+    def wrong_dtype(acc, a, b, out_dtype=None, out=None):
+        return exact(acc, a, b, torch.bfloat16)
+
+    def wrong_values(acc, a, b, out_dtype=None, out=None):
+        result = (a.float() @ b.float()).to(out_dtype)  # C dropped
+        return out.copy_(result) if out is not None else result
+
+    cases = {exact: "in place", no_out: "new tensor", ignores_out: "new tensor", missing: None}
+    cases.update({wrong_dtype: None, wrong_values: None})
+    for addmm, want in cases.items():
+        monkeypatch.setattr(torch, "addmm", addmm)
+        assert probe(torch.device("cpu"), torch.bfloat16, torch.float32) == want, addmm.__name__
