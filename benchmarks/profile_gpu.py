@@ -20,7 +20,8 @@ With --kernel-sources (and --compile) inductor's generated code of the compiled 
 DIR/kernel_sources_<backend>.py.gz): every inductor kernel of the top-kernel list is followed by the graph that
 defines it and the model's lines it fuses (inductor's "Source Nodes" comment: the variable names of the model's
 code), combo kernels included, and inductor's time is summed by compiled graph (`kernel_origins`,
-`inductor_ms_by_graph`).
+`inductor_ms_by_graph`). Every list of top kernels says, under each inductor kernel, the configuration inductor's
+autotuner kept for it in this process (`inductor_autotune_picks`): the same code can keep another in another process.
 """
 
 from __future__ import annotations
@@ -196,6 +197,59 @@ def kernel_origins(sources: list[str]) -> dict[str, list[tuple[str, str]]]:
     return dict(origins)
 
 
+def inductor_autotune_picks(modules=None) -> dict[str, list[str]]:
+    """What inductor's autotuner kept for each of its Triton kernels loaded in this process: kernel name -> one
+    line per loaded definition ("0_forward: XBLOCK=8, num_warps=8, num_stages=1 (of 3 timed)", "... (cached pick)"
+    where inductor's on-disk autotune cache gave it, "... (only config)" where there was nothing to choose). Inductor
+    times 2-3 block sizes of a reduction on its first launch and keeps the fastest for the process; two processes
+    running the same generated code can keep different ones (BENCHMARKS.md section 1, session 33), which this
+    shows beside the kernel table.
+
+    `modules`: the generated modules to search (default: those torch's `PyCodeCache` loaded); a kernel is an
+    attribute named "triton_..." with `launchers` and `configs` (torch's `CachingAutotuner`), found once however
+    many modules hold it, and its graph is the AOT ID of the first module holding it that has one ("?" otherwise).
+    A kernel not launched yet has no pick and is left out. Never raises: a torch whose autotuner looks otherwise
+    gives {}."""
+    try:
+        if modules is None:
+            from torch._inductor.codecache import PyCodeCache
+
+            modules = [*PyCodeCache.modules, *PyCodeCache.modules_no_attr.values()]
+        found: dict[int, tuple[str, object, str]] = {}
+        for module in modules:
+            graph = "?"
+            try:
+                with open(module.__file__, encoding="utf-8") as f:
+                    if match := _AOT_ID.match(f.readline()):
+                        graph = match.group(1)
+            except (OSError, AttributeError, TypeError, UnicodeDecodeError):
+                pass
+            for name, kernel in list(vars(module).items()):
+                if not name.startswith("triton_") or not hasattr(kernel, "launchers") or not hasattr(kernel, "configs"):
+                    continue
+                if id(kernel) not in found or (found[id(kernel)][2] == "?" and graph != "?"):
+                    found[id(kernel)] = (name, kernel, graph)
+        picks: dict[str, list[str]] = collections.defaultdict(list)
+        for name, kernel, graph in sorted(found.values(), key=lambda entry: (entry[0], entry[2])):
+            launchers = list(kernel.launchers or ())
+            if len(launchers) != 1:  # not launched yet (or not reduced to one pick)
+                continue
+            config = launchers[0].config
+            settings = [f"{key}={value}" for key, value in sorted(getattr(config, "kwargs", {}).items())]
+            settings += [f"{key}={getattr(config, key)}" for key in ("num_warps", "num_stages") if hasattr(config, key)]
+            info = getattr(kernel, "autotune_cache_info", None) or {}
+            if info.get("autotune_cache_state") == "hit":
+                how = "cached pick"
+            elif int(info.get("num_configs", len(kernel.configs))) > 1:
+                how = f"of {info.get('num_configs', len(kernel.configs))} timed"
+            else:
+                how = "only config"
+            picks[name].append(f"{graph}: {', '.join(settings)} ({how})")
+        return dict(picks)
+    except Exception:  # noqa: BLE001 - a reading aid of a profile: never its failure
+        return {}
+
+
 def inductor_ms_by_graph(
     kernels: list[tuple[str, float]], origins: dict[str, list[tuple[str, str]]], skip: tuple[str, ...] = ()
 ) -> dict:
@@ -260,10 +314,12 @@ def kernel_table(
         kernels = [e for e in averages if is_gpu_kernel(e)]
         kernels.sort(key=lambda e: -e.self_device_time_total)
         origins = kernel_origins(sources) if sources is not None else {}
+        picks = inductor_autotune_picks()
         lines = []
         for e in kernels[:top_kernels]:
             lines.append(f"  {e.self_device_time_total / 1e3:8.3f} {e.count:5d}  {e.key[:150]}")
             lines += [f"      <- {graph}: [{nodes[:200]}]" for graph, nodes in origins.get(e.key, [])]
+            lines += [f"      kept {pick}" for pick in picks.get(e.key, [])]
         text += f"\n## the {top_kernels} GPU kernels with the most time (ms, launches, name)\n" + "\n".join(lines)
         if sources is not None:
             by_graph = inductor_ms_by_graph([(e.key, e.self_device_time_total / 1e3) for e in kernels], origins)

@@ -330,6 +330,58 @@ def test_profile_gpu_traces_inductor_kernels_to_their_graph_and_model_lines():
     assert profile_gpu.inductor_ms_by_graph([("triton_poi_fused_", 2.0)], origins) == {"(no graph)": 2.0}
 
 
+def test_profile_gpu_lists_the_configuration_inductor_kept_for_each_kernel(tmp_path):
+    """`profile_gpu.inductor_autotune_picks` on generated modules as torch loads them (a graph's module, whose file
+    starts with its AOT ID, and a kernel's own module holding the same autotuner object), with stand-ins of torch's
+    `CachingAutotuner`: the kept configuration and how it was chosen (timed among N, inductor's cached pick, the only
+    config), once per kernel object under its graph; one name defined by two graphs listed for both; a kernel not
+    launched yet (several launchers) left out; anything unreadable gives {} rather than an error."""
+    import types
+
+    import profile_gpu
+
+    def autotuner(launched, configs=3, state="miss", **kwargs):
+        config = types.SimpleNamespace(kwargs=kwargs, num_warps=8, num_stages=1)
+        launchers = [types.SimpleNamespace(config=config)] * (1 if launched else 2)
+        info = {"autotune_cache_state": state, "num_configs": configs}
+        return types.SimpleNamespace(launchers=launchers, configs=[None] * configs, autotune_cache_info=info)
+
+    def module(name, first_line, **kernels):
+        path = tmp_path / f"{name}.py"
+        path.write_text(first_line + "\n")
+        return types.SimpleNamespace(__file__=str(path), **kernels)
+
+    norm = autotuner(True, R0_BLOCK=128, XBLOCK=8)
+    picks = profile_gpu.inductor_autotune_picks(
+        [
+            module("kernel_file", "import triton", triton_per_fused_2=norm),  # the kernel's own module first
+            module(
+                "graph0",
+                "# AOT ID: ['0_forward']",
+                triton_per_fused_2=norm,
+                triton_poi_fused_0=autotuner(True, configs=1, state="only 1 config", XBLOCK=1024),
+                triton_red_fused_3=autotuner(False, XBLOCK=1),
+                aten=torch.ops.aten,
+            ),
+            module(
+                "graph2",
+                "# AOT ID: ['2_forward']",
+                triton_per_fused_2=autotuner(True, configs=2, state="hit", XBLOCK=32, R0_BLOCK=128),
+            ),
+        ]
+    )
+    assert picks == {
+        "triton_per_fused_2": [
+            "0_forward: R0_BLOCK=128, XBLOCK=8, num_warps=8, num_stages=1 (of 3 timed)",
+            "2_forward: R0_BLOCK=128, XBLOCK=32, num_warps=8, num_stages=1 (cached pick)",
+        ],
+        "triton_poi_fused_0": ["0_forward: XBLOCK=1024, num_warps=8, num_stages=1 (only config)"],
+    }
+    broken = autotuner(True, XBLOCK=8)
+    broken.launchers = [types.SimpleNamespace()]  # no config
+    assert profile_gpu.inductor_autotune_picks([module("graph9", "", triton_poi_fused_9=broken)]) == {}
+
+
 def test_profile_gpu_kernel_origins_read_this_torchs_generated_code():
     """`kernel_origins` on code this torch's inductor generates (on the CPU: C++ kernels, no source comments): every
     kernel of a compiled forward and backward is found, under its graph's AOT ID."""
