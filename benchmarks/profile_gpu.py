@@ -197,57 +197,75 @@ def kernel_origins(sources: list[str]) -> dict[str, list[tuple[str, str]]]:
     return dict(origins)
 
 
-def inductor_autotune_picks(modules=None) -> dict[str, list[str]]:
-    """What inductor's autotuner kept for each of its Triton kernels loaded in this process: kernel name -> one
-    line per loaded definition ("0_forward: XBLOCK=8, num_warps=8, num_stages=1 (of 3 timed)", "... (cached pick)"
-    where inductor's on-disk autotune cache gave it, "... (only config)" where there was nothing to choose). Inductor
-    times 2-3 block sizes of a reduction on its first launch and keeps the fastest for the process; two processes
-    running the same generated code can keep different ones (BENCHMARKS.md section 1, session 33), which this
-    shows beside the kernel table.
-
-    `modules`: the generated modules to search (default: those torch's `PyCodeCache` loaded); a kernel is an
-    attribute named "triton_..." with `launchers` and `configs` (torch's `CachingAutotuner`), found once however
-    many modules hold it, and its graph is the AOT ID of the first module holding it that has one ("?" otherwise).
-    A kernel not launched yet has no pick and is left out. Never raises: a torch whose autotuner looks otherwise
-    gives {}."""
+def loaded_inductor_modules() -> list:
+    """The generated modules torch's `PyCodeCache` has loaded in this process (compiled graphs' code and kernels'
+    own files), oldest first; [] where this torch keeps them otherwise."""
     try:
-        if modules is None:
-            from torch._inductor.codecache import PyCodeCache
+        from torch._inductor.codecache import PyCodeCache
 
-            modules = [*PyCodeCache.modules, *PyCodeCache.modules_no_attr.values()]
-        found: dict[int, tuple[str, object, str]] = {}
-        for module in modules:
-            graph = "?"
-            try:
-                with open(module.__file__, encoding="utf-8") as f:
-                    if match := _AOT_ID.match(f.readline()):
-                        graph = match.group(1)
-            except (OSError, AttributeError, TypeError, UnicodeDecodeError):
-                pass
-            for name, kernel in list(vars(module).items()):
-                if not name.startswith("triton_") or not hasattr(kernel, "launchers") or not hasattr(kernel, "configs"):
-                    continue
-                if id(kernel) not in found or (found[id(kernel)][2] == "?" and graph != "?"):
-                    found[id(kernel)] = (name, kernel, graph)
-        picks: dict[str, list[str]] = collections.defaultdict(list)
-        for name, kernel, graph in sorted(found.values(), key=lambda entry: (entry[0], entry[2])):
-            launchers = list(kernel.launchers or ())
-            if len(launchers) != 1:  # not launched yet (or not reduced to one pick)
-                continue
-            config = launchers[0].config
-            settings = [f"{key}={value}" for key, value in sorted(getattr(config, "kwargs", {}).items())]
-            settings += [f"{key}={getattr(config, key)}" for key in ("num_warps", "num_stages") if hasattr(config, key)]
-            info = getattr(kernel, "autotune_cache_info", None) or {}
-            if info.get("autotune_cache_state") == "hit":
-                how = "cached pick"
-            elif int(info.get("num_configs", len(kernel.configs))) > 1:
-                how = f"of {info.get('num_configs', len(kernel.configs))} timed"
-            else:
-                how = "only config"
-            picks[name].append(f"{graph}: {', '.join(settings)} ({how})")
-        return dict(picks)
+        return [*PyCodeCache.modules, *PyCodeCache.modules_no_attr.values()]
     except Exception:  # noqa: BLE001 - a reading aid of a profile: never its failure
-        return {}
+        return []
+
+
+def _kept_config(kernel) -> str | None:
+    """The configuration an inductor kernel (torch's `CachingAutotuner`) runs with and how it was chosen, or None
+    where it has not chosen yet or this torch describes it otherwise."""
+    try:
+        launchers = list(kernel.launchers or ())
+        if len(launchers) != 1:
+            return None
+        config = launchers[0].config
+        settings = [f"{key}={value}" for key, value in sorted(config.kwargs.items())]
+        settings += [f"{key}={getattr(config, key)}" for key in ("num_warps", "num_stages") if hasattr(config, key)]
+        info = getattr(kernel, "autotune_cache_info", None) or {}
+        # torch drops `configs` (sets it to None) once they are compiled: the count is in the cache info
+        candidates = info.get("num_configs")
+        if candidates is None:
+            candidates = len(getattr(kernel, "configs", None) or ())
+        if info.get("autotune_cache_state") == "hit":
+            how = "cached pick"
+        elif int(candidates) > 1:
+            how = f"of {candidates} timed"
+        else:
+            how = "only config"
+    except Exception:  # noqa: BLE001 - one kernel this torch describes otherwise: left out
+        return None
+    return f"{', '.join(settings)} ({how})"
+
+
+def inductor_autotune_picks(modules) -> dict[str, list[str]]:
+    """What inductor's autotuner kept for each of its Triton kernels in `modules` (generated modules, e.g. those of
+    `loaded_inductor_modules` that one model's compilation loaded): kernel name -> one line per definition
+    ("0_forward: XBLOCK=8, num_warps=8, num_stages=1 (of 3 timed)", "... (cached pick)" where inductor's on-disk
+    autotune cache gave it, "... (only config)" where there was nothing to choose). Inductor times 2-3 block sizes
+    of a reduction on its first launch and keeps the fastest for the process; two processes running the same
+    generated code can keep different ones (BENCHMARKS.md section 1, session 33), which this shows beside the kernel
+    table.
+
+    A kernel is an attribute named "triton_..." with `launchers` (torch's `CachingAutotuner`), found once however
+    many modules hold it; its graph is the AOT ID of the first module holding it that has one ("?" otherwise). A
+    kernel that has several candidates and has not run yet (no single launcher) is left out, as is one this torch
+    describes otherwise (no `config` on its launcher). Never raises."""
+    found: dict[int, tuple[str, object, str]] = {}
+    for module in modules:
+        graph = "?"
+        try:
+            with open(module.__file__, encoding="utf-8") as f:
+                if match := _AOT_ID.match(f.readline()):
+                    graph = match.group(1)
+        except (OSError, AttributeError, TypeError, ValueError):
+            pass
+        for name, kernel in list(getattr(module, "__dict__", {}).items()):
+            if not name.startswith("triton_") or not hasattr(kernel, "launchers"):
+                continue
+            if id(kernel) not in found or (found[id(kernel)][2] == "?" and graph != "?"):
+                found[id(kernel)] = (name, kernel, graph)
+    picks: dict[str, list[str]] = collections.defaultdict(list)
+    for name, kernel, graph in sorted(found.values(), key=lambda entry: (entry[0], entry[2])):
+        if (kept := _kept_config(kernel)) is not None:
+            picks[name].append(f"{graph}: {kept}")
+    return dict(picks)
 
 
 def inductor_ms_by_graph(
@@ -295,6 +313,7 @@ def kernel_table(
     model this process compiles, before any other is profiled."""
     from torch.profiler import ProfilerActivity, profile
 
+    earlier = {id(module) for module in loaded_inductor_modules()}  # other models' code: not this one's picks
     if sources is not None:  # the first call compiles: keep inductor's code (this resets dynamo first)
         from torch._inductor.utils import run_and_get_code
 
@@ -314,7 +333,7 @@ def kernel_table(
         kernels = [e for e in averages if is_gpu_kernel(e)]
         kernels.sort(key=lambda e: -e.self_device_time_total)
         origins = kernel_origins(sources) if sources is not None else {}
-        picks = inductor_autotune_picks()
+        picks = inductor_autotune_picks([m for m in loaded_inductor_modules() if id(m) not in earlier])
         lines = []
         for e in kernels[:top_kernels]:
             lines.append(f"  {e.self_device_time_total / 1e3:8.3f} {e.count:5d}  {e.key[:150]}")

@@ -13,7 +13,9 @@ machine whose Triton cache is empty (`TRITON_CACHE_DIR` pointing at a new folder
 
 `--keep-recorded`: the autotuners first get the choices already recorded in `--out` (as a model build gives them),
 so that only keys the file lacks are timed: what a change that adds kernel shapes (new channel counts, say) needs,
-in seconds rather than the minutes of a full tune. The recorded choices are written back unchanged.
+in seconds rather than the minutes of a full tune. The recorded choices are written back unchanged. Refused (before
+anything runs) where `--out` is missing, damaged, or measured on another GPU or with other fla or Triton versions,
+whose choices would not be taken.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def main(argv=None) -> int:
     os.environ["LLAMATHINK_FLA_TUNED_CONFIGS"] = "0"
 
     from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
+    from llamathink.kernels_llamathink import _library_versions as library_versions
     from llamathink.kernels_llamathink import (
         earlier_tuned_configs,
         fla_autotune_choices,
@@ -71,9 +74,18 @@ def main(argv=None) -> int:
         raise SystemExit(f"cannot write {out}: {err}; name another file with --out") from None
     measured_with = f"benchmarks/tune_fla_configs.py --batches {args.batches} --seq {args.seq}"
     if args.keep_recorded:
-        earlier = earlier_tuned_configs(out)[0] if out.is_file() else None
+        # only choices this process's loader will take can be kept: else every key would be timed again at these
+        # batches alone, and the file replaced by them
+        earlier, why = earlier_tuned_configs(out) if out.is_file() else (None, "no such file")
         if earlier is None:
-            raise SystemExit(f"--keep-recorded: {out} holds no recorded choices to keep; tune without it")
+            raise SystemExit(f"--keep-recorded: {out} holds no recorded choices to keep ({why}); tune without it")
+        here = {"gpu": gpu, "versions": library_versions()}
+        if {"gpu": earlier["gpu"], "versions": earlier["versions"]} != here:
+            raise SystemExit(
+                f"--keep-recorded: {out} was measured for {earlier['gpu']} with {earlier['versions']}; this process "
+                f"has {here['gpu']} with {here['versions']}: its choices would not be taken. Tune without "
+                "--keep-recorded (all batch sizes) or name another file with --out"
+            )
         os.environ["LLAMATHINK_FLA_TUNED_CONFIGS"] = str(out.resolve())
         measured_with = f"{earlier.get('measured_with', 'an earlier tune')}; then {measured_with} --keep-recorded"
     config = LlamaThinkConfig.from_json_file(args.model_config) if args.model_config else LlamaThinkConfig()

@@ -1797,7 +1797,9 @@ def accumulate_grad_weight(grad_weight: torch.Tensor, grad_logits: torch.Tensor,
     `out` (`_mixed_dtype_addmm_form`: else torch first copies the [V, H] sum into a new output, a full pass over it
     per chunk). Elsewhere the product is rounded to the compute dtype, cast and added (what inductor fuses when
     traced, and the reference on the CPU, which lacks that form). Returns the sum: `grad_weight` itself, added to in
-    place, or (where torch takes no `out`) a new tensor; use the returned one."""
+    place, or (where torch takes no `out`) a new tensor; use the returned one. `grad_weight` is a plain contiguous
+    buffer outside autograd (the loss's backward allocates it): `out=` records no gradient and raises where an
+    argument requires one."""
     if grad_logits.dtype == grad_weight.dtype:
         return grad_weight.addmm_(grad_logits.T, hidden)
     form = None

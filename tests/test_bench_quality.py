@@ -333,9 +333,10 @@ def test_profile_gpu_traces_inductor_kernels_to_their_graph_and_model_lines():
 def test_profile_gpu_lists_the_configuration_inductor_kept_for_each_kernel(tmp_path):
     """`profile_gpu.inductor_autotune_picks` on generated modules as torch loads them (a graph's module, whose file
     starts with its AOT ID, and a kernel's own module holding the same autotuner object), with stand-ins of torch's
-    `CachingAutotuner`: the kept configuration and how it was chosen (timed among N, inductor's cached pick, the only
-    config), once per kernel object under its graph; one name defined by two graphs listed for both; a kernel not
-    launched yet (several launchers) left out; anything unreadable gives {} rather than an error."""
+    `CachingAutotuner`, whose `configs` torch drops once compiled: the kept configuration and how it was chosen
+    (timed among N, inductor's cached pick, the only config), once per kernel object under its graph; one name
+    defined by two graphs listed for both; a kernel not launched yet (several launchers) left out; a kernel it
+    cannot read left out without losing the others; modules it cannot read give nothing rather than an error."""
     import types
 
     import profile_gpu
@@ -343,8 +344,13 @@ def test_profile_gpu_lists_the_configuration_inductor_kept_for_each_kernel(tmp_p
     def autotuner(launched, configs=3, state="miss", **kwargs):
         config = types.SimpleNamespace(kwargs=kwargs, num_warps=8, num_stages=1)
         launchers = [types.SimpleNamespace(config=config)] * (1 if launched else 2)
-        info = {"autotune_cache_state": state, "num_configs": configs}
-        return types.SimpleNamespace(launchers=launchers, configs=[None] * configs, autotune_cache_info=info)
+        info = (
+            {"autotune_cache_state": state, "num_configs": configs}
+            if state == "miss"
+            else {"autotune_cache_state": state}
+        )
+        # as torch leaves it: `configs` dropped (None) once compiled, the count in the cache info where timed
+        return types.SimpleNamespace(launchers=launchers, configs=None, autotune_cache_info=info)
 
     def module(name, first_line, **kernels):
         path = tmp_path / f"{name}.py"
@@ -378,8 +384,14 @@ def test_profile_gpu_lists_the_configuration_inductor_kept_for_each_kernel(tmp_p
         "triton_poi_fused_0": ["0_forward: XBLOCK=1024, num_warps=8, num_stages=1 (only config)"],
     }
     broken = autotuner(True, XBLOCK=8)
-    broken.launchers = [types.SimpleNamespace()]  # no config
-    assert profile_gpu.inductor_autotune_picks([module("graph9", "", triton_poi_fused_9=broken)]) == {}
+    broken.launchers = [types.SimpleNamespace()]  # no config: left out, the others still listed
+    uncounted = autotuner(True, XBLOCK=4)
+    uncounted.autotune_cache_info = None  # no cache info: only config (configs dropped)
+    mixed = module("graph9", "", triton_poi_fused_9=broken, triton_poi_fused_8=uncounted)
+    assert profile_gpu.inductor_autotune_picks([mixed]) == {
+        "triton_poi_fused_8": ["?: XBLOCK=4, num_warps=8, num_stages=1 (only config)"]
+    }
+    assert profile_gpu.inductor_autotune_picks([object(), types.SimpleNamespace(__file__=None)]) == {}
 
 
 def test_profile_gpu_kernel_origins_read_this_torchs_generated_code():
@@ -608,3 +620,62 @@ def test_a_compiled_run_takes_the_mode_training_resolves(tmp_path, monkeypatch):
     record = bq.train_run(bq.parse_run(f"m:compile=1,document_masking=1,{small}"), args, val, val, torch.device("cpu"))
     assert seen[-1]["packed"] is True and record["torch_compile_mode"] == "default"
     assert modes[2] == {"options": {"combo_kernels": True}}
+
+
+def test_tune_fla_configs_keeps_only_choices_this_process_would_take(tmp_path, monkeypatch):
+    """`tune_fla_configs.py --keep-recorded` (as on a GPU with fla: both stood in for) refuses, before building any
+    model, a `--out` that is missing, not a tuned-configs file, or measured on another GPU or with other fla or
+    Triton versions (its choices would not be taken, and the file would be replaced by a partial tune), naming
+    what differs; a matching file is handed to the loader (`LLAMATHINK_FLA_TUNED_CONFIGS`) before the model is
+    built."""
+    import json
+    import os
+
+    import tune_fla_configs
+
+    import llamathink
+    from llamathink import kernels_llamathink as kernels
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(kernels, "fla_conv_available", lambda: True)
+    monkeypatch.setattr(kernels, "_library_versions", lambda: {"fla": "0.6.0", "triton": "3.6.0"})
+    monkeypatch.delenv("LLAMATHINK_FLA_TUNED_CONFIGS", raising=False)
+
+    class Built(Exception):
+        pass
+
+    def no_model(*args, **kwargs):
+        raise Built(os.environ.get("LLAMATHINK_FLA_TUNED_CONFIGS"))
+
+    monkeypatch.setattr(llamathink, "LlamaThinkConfig", no_model)
+    config = {"kwargs": {"BD": 32}, "num_warps": 4, "num_stages": 3, "num_ctas": 1, "maxnreg": None}
+
+    def tuned(gpu="NVIDIA H200", fla="0.6.0", triton="3.6.0", num_warps=4):
+        path = tmp_path / f"{gpu}-{fla}-{triton}-{num_warps}.json".replace(" ", "_")
+        entry = {"key": [1008, 4, "torch.bfloat16"], "config": {**config, "num_warps": num_warps}}
+        doc = {"gpu": gpu, "versions": {"fla": fla, "triton": triton}, "kernels": {"m:k": [entry]}}
+        path.write_text(json.dumps({**doc, "format": kernels._TUNED_FORMAT}))
+        return path
+
+    def run(out):
+        return tune_fla_configs.main(["--keep-recorded", "--batches", "16", "--out", str(out)])
+
+    for out, message in (
+        (tmp_path / "none.json", "no such file"),
+        (tuned(gpu="NVIDIA H100 80GB HBM3"), "measured for NVIDIA H100 80GB HBM3 with"),
+        (tuned(triton="3.5.1"), "'triton': '3.5.1'"),
+        (tuned(fla="0.5.0"), "'fla': '0.5.0'"),
+        (tuned(num_warps=0), r"damaged .*num_warps is 0"),
+    ):
+        before = out.read_bytes() if out.exists() else None
+        with pytest.raises(SystemExit, match=message):
+            run(out)
+        assert (out.read_bytes() if out.exists() else None) == before  # nothing written
+    (tmp_path / "model.json").write_text('{"model_type": "llamathink"}')
+    with pytest.raises(SystemExit, match="is not a tuned-configs file"):
+        run(tmp_path / "model.json")
+    good = tuned()
+    with pytest.raises(Built) as built:
+        run(good)
+    assert str(built.value) == str(good.resolve())

@@ -128,6 +128,8 @@ def test_head_gradient_accumulates_into_its_float32_sum_in_place_on_gpu():
     # back to the host, which must happen here, not in the profiled call
     form = _mixed_dtype_addmm_form(grad_logits.device, torch.bfloat16, torch.float32)
     assert form in ("in place", "new tensor"), form  # torch >= 2.8 has the out_dtype overload
+    if torch.__version__ >= "2.11":  # where it was measured in place (H200, session 33): a change is a regression
+        assert form == "in place", form
     expected = grad_weight.double() + grad_logits.double().T @ hidden.double()
     before = grad_weight.data_ptr()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -139,6 +141,8 @@ def test_head_gradient_accumulates_into_its_float32_sum_in_place_on_gpu():
     copies = [e.key for e in prof.key_averages() if "Memcpy DtoD" in e.key or "copy_kernel" in e.key]
     if form == "in place":
         assert total.data_ptr() == before and not copies, copies
+    else:  # older torch: a new tensor, after torch's copy of the sum
+        assert total.data_ptr() != before
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
