@@ -79,8 +79,8 @@ def main(argv=None) -> int:
         earlier, why = earlier_tuned_configs(out) if out.is_file() else (None, "no such file")
         if earlier is None:
             raise SystemExit(f"--keep-recorded: {out} holds no recorded choices to keep ({why}); tune without it")
-        here = {"gpu": gpu, "versions": library_versions()}
-        if {"gpu": earlier["gpu"], "versions": earlier["versions"]} != here:
+        here = {"gpu": gpu, "versions": {k: library_versions()[k] for k in ("fla", "triton")}}  # what the loader checks
+        if {"gpu": earlier["gpu"], "versions": {k: earlier["versions"].get(k) for k in ("fla", "triton")}} != here:
             raise SystemExit(
                 f"--keep-recorded: {out} was measured for {earlier['gpu']} with {earlier['versions']}; this process "
                 f"has {here['gpu']} with {here['versions']}: its choices would not be taken. Tune without "
