@@ -22,9 +22,10 @@ kernels built by a child process while the first step compiles, `start_fla_prebu
 does). On any model, `:cudagraphs`
 compiles with `mode="reduce-overhead"` (the compiled kernels replayed as CUDA graphs: no per-kernel launch cost on
 the host) and `:cold` runs the process with new, empty compiler caches (Triton's, inductor's, tilelang's), so that
-its first step is what a fresh machine pays, however warm this one is. Compiled LlamaThink uses inductor's combo
-kernels, as the run setting `combo_kernels` does by default (`:no-combo`: inductor's defaults); a peer uses them
-with `:combo`.
+its first step is what a fresh machine pays, however warm this one is. Compiled LlamaThink takes the inductor
+options training takes (`llamathink.train.loop.compile_kwargs`): combo kernels, as the run setting `combo_kernels`
+does by default (`:no-combo`: without them), and `TRAINING_INDUCTOR_OPTIONS`; a peer compiles with torch.compile's
+defaults, or with `:combo` with training's options.
 """
 
 from __future__ import annotations
@@ -282,10 +283,13 @@ def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False) -> d
         regional = name.startswith("llamathink") and ":whole" not in name
         scope = "layers" if regional else "model"
         # the run settings compile_mode and combo_kernels, as the training loop passes them to torch.compile:
-        # LlamaThink with the setting's default (combo kernels; `:no-combo` inductor's defaults), peers as
-        # torch.compile compiles them (`:combo` with combo kernels)
-        combo = ":no-combo" not in name if name.startswith("llamathink") else ":combo" in name
-        kwargs = compile_kwargs("reduce-overhead" if cudagraphs else "default", combo_kernels=combo)
+        # LlamaThink with the setting's default (combo kernels; `:no-combo` without), peers as torch.compile
+        # compiles them (`:combo`: training's options, combo kernels included)
+        mode = "reduce-overhead" if cudagraphs else "default"
+        if name.startswith("llamathink") or ":combo" in name:
+            kwargs = compile_kwargs(mode, combo_kernels=":no-combo" not in name)
+        else:
+            kwargs = {"mode": mode}
         step_model = model.compile_layers(**kwargs) if regional else torch.compile(model, **kwargs)
     else:
         step_model = model

@@ -227,6 +227,14 @@ def _kept_config(kernel) -> str | None:
             how = "cached pick"
         elif int(candidates) > 1:
             how = f"of {candidates} timed"
+            # what the autotuner measured for each candidate on the kernel's first launch (ms, as torch's
+            # benchmarker returns them): close times make the pick a coin toss between processes
+            timed = getattr(getattr(kernel, "coordesc_tuner", None), "cached_benchmark_results", None) or {}
+            # keyed as torch's `triton_config_to_hashable` keys them: the kept one marked with a star
+            kept = (*sorted(config.kwargs.items()), ("num_warps", config.num_warps), ("num_stages", config.num_stages))
+            timings = sorted((float(ms), key == kept) for key, ms in timed.items())
+            if timings:
+                how += ": " + ", ".join(f"{ms * 1e3:.1f}{'*' * star}" for ms, star in timings) + " us"
         else:
             how = "only config"
     except Exception:  # noqa: BLE001 - one kernel this torch describes otherwise: left out
@@ -237,11 +245,12 @@ def _kept_config(kernel) -> str | None:
 def inductor_autotune_picks(modules) -> dict[str, list[str]]:
     """What inductor's autotuner kept for each of its Triton kernels in `modules` (generated modules, e.g. those of
     `loaded_inductor_modules` that one model's compilation loaded): kernel name -> one line per definition
-    ("0_forward: XBLOCK=8, num_warps=8, num_stages=1 (of 3 timed)", "... (cached pick)" where inductor's on-disk
-    autotune cache gave it, "... (only config)" where there was nothing to choose). Inductor times 2-3 block sizes
-    of a reduction on its first launch and keeps the fastest for the process; two processes running the same
-    generated code can keep different ones (BENCHMARKS.md section 1, session 33), which this shows beside the kernel
-    table.
+    ("0_forward: XBLOCK=8, num_warps=8, num_stages=1 (of 3 timed: 21.0*, 25.3, 90.1 us)", the candidates' times as
+    the autotuner measured them on the first launch, fastest first, the kept one starred; "... (cached pick)" where
+    inductor's on-disk autotune cache gave it, "... (only config)" where there was nothing to choose). Inductor
+    times 2-6 block sizes of a reduction on its first launch and keeps the fastest for the process; two processes
+    running the same generated code can keep different ones (BENCHMARKS.md section 1, sessions 33-34), which this
+    shows beside the kernel table.
 
     A kernel is an attribute named "triton_..." with `launchers` (torch's `CachingAutotuner`), found once however
     many modules hold it; its graph is the AOT ID of the first module holding it that has one ("?" otherwise). A
@@ -617,7 +626,8 @@ def main(argv=None) -> int:
         metavar="KEY=VALUE",
         help="an inductor option for the compiled layers (torch.compile's options; repeatable), e.g. "
         "coordinate_descent_tuning=True; VALUE is read as a Python literal (needs --compile). The layers compile "
-        "with combo_kernels=True, as training does by default; combo_kernels=False gives inductor's defaults",
+        "with training's options (llamathink.train.loop.compile_kwargs: combo_kernels=True, inplace_buffers=False); "
+        "these override them",
     )
     parser.add_argument(
         "--eager-ops",
@@ -682,8 +692,11 @@ def main(argv=None) -> int:
     if args.compile:
         from torch._dynamo.utils import counters
 
+        from llamathink.train.loop import compile_kwargs
+
         # regional compilation with the run setting combo_kernels' default, as `compile: true` trains
-        compiled = model.compile_layers(options={"combo_kernels": True, **options})
+        training = compile_kwargs("default", combo_kernels=True)["options"]
+        compiled = model.compile_layers(options={**training, **options})
         report.append("## top kernels of one compiled training step (each decoder layer compiled)")
         sources = [] if args.kernel_sources else None
         report.append(

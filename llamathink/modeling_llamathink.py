@@ -1332,6 +1332,9 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
     scores T queries against T / stride blocks; both through SDPA with the GQA groups folded into the query length.
     """
 
+    # the local path's query chunk (`_local_attention`): any size gives the same attention
+    local_chunk: int = 1 << 30
+
     def __init__(self, config: LlamaThinkConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.stride = config.csa_stride
@@ -1358,10 +1361,12 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
     ) -> torch.Tensor:
         """Sliding-window causal attention -> [B, Hq, T, D]; updates the state's window when caching.
 
-        Queries go in chunks of C = min(T, W); chunk c attends the band of C + W keys that starts W positions before
-        it (one more than the W - 1 earlier positions a query may see, so the band is a round 128 for W = 64), one
-        SDPA call over all chunks with a [C, C + W] band mask: no T x T mask, no copies of kv heads. With packed
-        `segment_ids` [B, T] a query also sees only keys of its own sequence."""
+        Queries go in chunks of C = min(T, W, `local_chunk`); chunk c attends the band of C + W keys that starts W
+        positions before it (one more than the W - 1 earlier positions a query may see, so the band is a round 128
+        for W = 64), one SDPA call over all chunks with a [C, C + W] band mask: no T x T mask, no copies of kv heads.
+        A query scores C + W keys of which it may see W, so shorter chunks waste less (W / (C + W) of the scores
+        count) for more, smaller chunks. With packed `segment_ids` [B, T] a query also sees only keys of its own
+        sequence."""
         B, Hkv, T, D = k.shape
         W = self.window
         if state is not None and state.window_k is not None:  # the W - 1 cached positions, one invalid slot before
@@ -1380,7 +1385,7 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
             state.window_v = values[:, :, T + 1 :].detach()
             state.window_valid = key_valid[:, T + 1 :]
 
-        C = min(T, W)  # query chunk; chunk c needs keys [c*C, c*C + C + W)
+        C = min(T, W, self.local_chunk)  # query chunk; chunk c needs keys [c*C, c*C + C + W)
         n = -(-T // C)
         pad = n * C - T
         q = F.pad(q, (0, 0, 0, pad)).view(B, self.num_heads, n, C, D).transpose(1, 2)  # [B, n, Hq, C, D]

@@ -334,7 +334,7 @@ def test_profile_gpu_lists_the_configuration_inductor_kept_for_each_kernel(tmp_p
     """`profile_gpu.inductor_autotune_picks` on generated modules as torch loads them (a graph's module, whose file
     starts with its AOT ID, and a kernel's own module holding the same autotuner object), with stand-ins of torch's
     `CachingAutotuner`, whose `configs` torch drops once compiled: the kept configuration and how it was chosen
-    (timed among N, inductor's cached pick, the only config), once per kernel object under its graph; one name
+    (timed among N, with the times measured, fastest first; inductor's cached pick; the only config), once per kernel object under its graph; one name
     defined by two graphs listed for both; a kernel not launched yet (several launchers) left out; a kernel it
     cannot read left out without losing the others; modules it cannot read give nothing rather than an error."""
     import types
@@ -358,6 +358,10 @@ def test_profile_gpu_lists_the_configuration_inductor_kept_for_each_kernel(tmp_p
         return types.SimpleNamespace(__file__=str(path), **kernels)
 
     norm = autotuner(True, R0_BLOCK=128, XBLOCK=8)
+    # torch's autotuner keeps the candidates' measured times (ms) on its coordinate-descent tuner
+    kept = (("R0_BLOCK", 128), ("XBLOCK", 8), ("num_warps", 8), ("num_stages", 1))  # `triton_config_to_hashable`
+    other = (("R0_BLOCK", 8), ("XBLOCK", 64), ("num_warps", 4), ("num_stages", 1))
+    norm.coordesc_tuner = types.SimpleNamespace(cached_benchmark_results={other: 0.0903, kept: 0.02534, "c": 0.021})
     picks = profile_gpu.inductor_autotune_picks(
         [
             module("kernel_file", "import triton", triton_per_fused_2=norm),  # the kernel's own module first
@@ -378,7 +382,7 @@ def test_profile_gpu_lists_the_configuration_inductor_kept_for_each_kernel(tmp_p
     )
     assert picks == {
         "triton_per_fused_2": [
-            "0_forward: R0_BLOCK=128, XBLOCK=8, num_warps=8, num_stages=1 (of 3 timed)",
+            "0_forward: R0_BLOCK=128, XBLOCK=8, num_warps=8, num_stages=1 (of 3 timed: 21.0, 25.3*, 90.3 us)",
             "2_forward: R0_BLOCK=128, XBLOCK=32, num_warps=8, num_stages=1 (cached pick)",
         ],
         "triton_poi_fused_0": ["0_forward: XBLOCK=1024, num_warps=8, num_stages=1 (only config)"],

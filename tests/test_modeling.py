@@ -492,6 +492,48 @@ def test_csa_matches_naive_definition(T, blend_bias):
     torch.testing.assert_close(mod(x, ctx), _naive_csa(mod, x, rotary), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 5, 8])
+def test_csa_local_chunk_changes_nothing(chunk):
+    """The CSA local path's query chunk (`local_chunk`, here below and at the window of 8) gives the same logits and
+    gradients as whole-window chunks on every path that runs it: plain rows, left padding, packed documents, and a
+    cached prefill continued by a multi-token chunk (float64)."""
+    model = tiny_model(csa_window=8, mixer_types=["csa", "linear", "csa"], num_hidden_layers=3)
+    gen = torch.Generator().manual_seed(chunk)
+    ids = torch.randint(1, 96, (2, 29), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0  # left padding
+    positions = torch.cat([torch.arange(11), torch.arange(18)])[None].expand(2, -1)  # two documents a row
+    weights = torch.randn(2, 29, 96, dtype=torch.float64, generator=gen)
+    csa = [m for m in model.modules() if isinstance(m, LlamaThinkCompressedSparseAttention)]
+
+    def run():
+        model.zero_grad()
+        outs = [
+            model(ids).logits,
+            model(ids, attention_mask=mask).logits,
+            model(ids, position_ids=positions, use_cache=False).logits,
+        ]
+        sum((out * weights).sum() for out in outs).backward()
+        with torch.no_grad():
+            cache = model(ids[:, :13], use_cache=True).cache
+            outs.append(model(ids[:, 13:], cache=cache).logits)
+        return outs, [p.grad.clone() for p in model.parameters()]
+
+    whole, whole_grads = run()
+    assert all(m.local_chunk >= m.window for m in csa)  # the default: whole windows
+    for m in csa:
+        m.local_chunk = chunk
+    try:
+        chunked, chunked_grads = run()
+    finally:
+        for m in csa:
+            del m.local_chunk
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for a, b in zip(chunked_grads, whole_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Whole model: causality, labels, embeddings, hidden states, errors
 # ---------------------------------------------------------------------------------------------------------------

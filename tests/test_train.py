@@ -1071,23 +1071,31 @@ def test_compile_mode_auto_gives_cuda_graphs_only_to_one_gpu_process_of_fixed_sh
 def test_combo_kernels_reach_torch_compile_as_inductor_options(sample_data, model_json, tmp_path, monkeypatch):
     """`combo_kernels: true` (the default) compiles the layers with inductor's options for the run's `compile_mode`
     plus `combo_kernels` (torch.compile takes a mode or options, not both): a CUDA-graph mode keeps its CUDA graphs;
-    `combo_kernels: false` passes the mode alone (inductor's defaults); a mode torch.compile lacks is an error naming
-    it; without `compile: true` the setting is not used. (Whether the kernels it makes train like inductor's
-    defaults: tests/test_gpu.py; inductor has no combo kernels on the CPU.)"""
+    `combo_kernels: false` leaves combo kernels out; every compiled run takes `TRAINING_INDUCTOR_OPTIONS` (in-place
+    buffers off, for the autotuner's timings); a mode torch.compile lacks is an error naming it; without
+    `compile: true` the setting is not used. (Whether the kernels they make train like inductor's defaults:
+    tests/test_gpu.py; inductor has no combo kernels on the CPU.)"""
     from llamathink.modeling_llamathink import LlamaThinkPreTrainedModel, uses_cuda_graphs
-    from llamathink.train.loop import compile_kwargs
+    from llamathink.train.loop import TRAINING_INDUCTOR_OPTIONS, compile_kwargs
 
-    assert compile_kwargs("default") == {"mode": "default"}
-    assert compile_kwargs("default", combo_kernels=True) == {"options": {"combo_kernels": True}}
+    assert TRAINING_INDUCTOR_OPTIONS == {"inplace_buffers": False}
+    assert compile_kwargs("default") == {"options": {"inplace_buffers": False}}
+    assert compile_kwargs("default", combo_kernels=True) == {"options": {"inplace_buffers": False, "combo_kernels": True}}
     graphs = compile_kwargs("reduce-overhead", combo_kernels=True)
-    assert graphs == {"options": {"triton.cudagraphs": True, "combo_kernels": True}} and uses_cuda_graphs(graphs)
+    assert graphs == {"options": {"triton.cudagraphs": True, "inplace_buffers": False, "combo_kernels": True}}
+    assert uses_cuda_graphs(graphs)
     assert not uses_cuda_graphs(compile_kwargs("max-autotune-no-cudagraphs", combo_kernels=True))
+    assert compile_kwargs("max-autotune-no-cudagraphs")["options"]["max_autotune"] is True  # the mode's own options
     with pytest.raises(ValueError, match="compile_mode 'fast'"):
         compile_kwargs("fast", combo_kernels=True)
-    with monkeypatch.context() as patch:  # a torch whose inductor lacks the option: its defaults, with a warning
+    with monkeypatch.context() as patch:  # a torch whose inductor lacks the option: left out, with a warning
         patch.setattr(loop, "inductor_has_combo_kernels", lambda: False)
-        with pytest.warns(UserWarning, match="no inductor option combo_kernels; the layers compile with inductor's"):
-            assert compile_kwargs("reduce-overhead", combo_kernels=True) == {"mode": "reduce-overhead"}
+        with pytest.warns(UserWarning, match="no inductor option combo_kernels; the layers compile without combo"):
+            assert compile_kwargs("reduce-overhead", combo_kernels=True) == {
+                "options": {"triton.cudagraphs": True, "inplace_buffers": False}
+            }
+    # every option compile_kwargs passes is one torch.compile accepts (it refuses unknown inductor options)
+    torch.compile(torch.nn.Linear(2, 2), **compile_kwargs("default", combo_kernels=True))(torch.ones(1, 2))
 
     calls = []
     compile_layers = LlamaThinkPreTrainedModel.compile_layers
@@ -1101,7 +1109,10 @@ def test_combo_kernels_reach_torch_compile_as_inductor_options(sample_data, mode
     assert cfg.combo_kernels is True  # the default
     pretrain.train(cfg)
     pretrain.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "plain"), combo_kernels=False))
-    assert calls == [{"options": {"combo_kernels": True}}, {"mode": "default"}]
+    assert calls == [
+        {"options": {"inplace_buffers": False, "combo_kernels": True}},
+        {"options": {"inplace_buffers": False}},
+    ]
     eager = _cfg(sample_data, model_json, tmp_path / "eager", max_steps=1, warmup_steps=0, save_every=1, eval_every=1)
     assert not eager.compile and eager.combo_kernels  # accepted, not used: nothing is compiled
     monkeypatch.setattr(loop, "inductor_has_combo_kernels", lambda: False)

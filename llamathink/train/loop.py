@@ -414,15 +414,30 @@ def inductor_has_combo_kernels() -> bool:
     return hasattr(inductor_config, "combo_kernels")
 
 
+# Inductor options every compiled training step takes (not run settings). `inplace_buffers=False`: inductor never
+# writes a kernel's output into the memory of one of its inputs. Its autotuner clones such an in-place argument
+# inside every timed launch of a candidate configuration (torch's `CachingAutotuner.bench`). With in-place buffers
+# the six candidates of the q/k L2 norms' reduction timed at 200-370 us each, often within 10% of one another, while
+# in the step they run at 33-213 us a launch; so processes compiling the same code kept different ones (one step's
+# kernels 49.7 against 48.4 ms), and inductor's on-disk cache keeps a bad pick for later runs. Without, the
+# candidates time 36-215 us, as they run, and every process keeps the fastest; peak memory is unchanged at batch 16
+# (BENCHMARKS.md section 1, session 34).
+TRAINING_INDUCTOR_OPTIONS = {"inplace_buffers": False}
+
+
 def compile_kwargs(mode: str = "default", combo_kernels: bool = False) -> dict:
-    """torch.compile's keyword arguments for the run settings `compile_mode` and `combo_kernels`: {"mode": mode}, or
-    with `combo_kernels` inductor's options for that mode (`torch._inductor.list_mode_options`) plus
-    `combo_kernels=True` (torch.compile takes a mode or options, not both). Combo kernels are inductor's horizontal
-    fusion: independent element-wise and reduction kernels of one graph are emitted as one Triton kernel that
-    dispatches on its program id, so the same per-element code runs in fewer launches (what a host-bound step
-    waits on; BENCHMARKS.md section 1, sessions 24-25). Where this torch's inductor has no such option, warns and
-    gives the mode alone. Raises ValueError for a mode torch.compile does not have, and for the run setting's "auto"
-    (resolve it first: `llamathink.train.pretrain.resolve_compile_mode`)."""
+    """torch.compile's keyword arguments for the run settings `compile_mode` and `combo_kernels`:
+    {"options": inductor's options for the mode (`torch._inductor.list_mode_options`) plus
+    `TRAINING_INDUCTOR_OPTIONS`, and `combo_kernels=True` with `combo_kernels`} (torch.compile takes a mode or
+    options, not both). Combo kernels are inductor's horizontal fusion: independent element-wise and reduction
+    kernels of one graph are emitted as one Triton kernel that dispatches on its program id, so the same per-element
+    code runs in fewer launches (what a host-bound step waits on; BENCHMARKS.md section 1, sessions 24-25). Where
+    this torch's inductor lacks an option, warns for `combo_kernels` and leaves it out. Raises ValueError for a mode
+    torch.compile does not have, and for the run setting's "auto" (resolve it first:
+    `llamathink.train.pretrain.resolve_compile_mode`)."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor import list_mode_options
+
     if mode == "auto":  # a run setting, not a torch.compile mode
         raise ValueError(
             "compile_mode 'auto' is resolved by resolve_compile_mode (llamathink.train.pretrain) before compiling"
@@ -430,19 +445,18 @@ def compile_kwargs(mode: str = "default", combo_kernels: bool = False) -> dict:
     if combo_kernels and not inductor_has_combo_kernels():
         warnings.warn(
             f"combo_kernels: this torch ({torch.__version__}) has no inductor option combo_kernels; the layers "
-            f"compile with inductor's defaults for compile_mode {mode!r}",
+            f"compile without combo kernels for compile_mode {mode!r}",
             stacklevel=2,
         )
         combo_kernels = False
-    if not combo_kernels:
-        return {"mode": mode}
-    from torch._inductor import list_mode_options
-
     try:
         options = dict(list_mode_options(mode))
     except RuntimeError as err:  # torch names the modes it has
         raise ValueError(f"compile_mode {mode!r}: {err}") from None
-    return {"options": {**options, "combo_kernels": True}}
+    options.update({key: value for key, value in TRAINING_INDUCTOR_OPTIONS.items() if hasattr(inductor_config, key)})
+    if combo_kernels:
+        options["combo_kernels"] = True
+    return {"options": options}
 
 
 def run_training(

@@ -70,7 +70,7 @@ class TrainConfig(RunConfig):
     # layer launched as one. On the H200 (BENCHMARKS.md section 1, sessions 24-25): half the inductor launches, so
     # the host-bound batch-16 step in the default mode trains about 10-14% faster (training loop), batch 64 2%
     # (bench_gpu), at the same peak memory and first-step time; its training is within bf16 kernels' rounding of
-    # the inductor defaults' (tests/test_gpu.py). false: inductor's defaults. No effect without compile: true.
+    # the inductor defaults' (tests/test_gpu.py). false: without them. No effect without compile: true.
     combo_kernels: bool = True
     # true: each document of a window sees only itself (position ids restart at every BOS). Off by default: on the
     # H200 it costs 3% of the tokens/s compiled but runs at 0.36x eagerly (BENCHMARKS.md 1b, 2b); use it with
