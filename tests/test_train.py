@@ -1080,7 +1080,9 @@ def test_combo_kernels_reach_torch_compile_as_inductor_options(sample_data, mode
 
     assert TRAINING_INDUCTOR_OPTIONS == {"inplace_buffers": False}
     assert compile_kwargs("default") == {"options": {"inplace_buffers": False}}
-    assert compile_kwargs("default", combo_kernels=True) == {"options": {"inplace_buffers": False, "combo_kernels": True}}
+    assert compile_kwargs("default", combo_kernels=True) == {
+        "options": {"inplace_buffers": False, "combo_kernels": True}
+    }
     graphs = compile_kwargs("reduce-overhead", combo_kernels=True)
     assert graphs == {"options": {"triton.cudagraphs": True, "inplace_buffers": False, "combo_kernels": True}}
     assert uses_cuda_graphs(graphs)
