@@ -607,7 +607,10 @@ def test_a_compiled_run_takes_the_mode_training_resolves(tmp_path, monkeypatch):
     small = "hidden_size=64,intermediate_size=128,num_hidden_layers=2,vocab_size=1024,pattern=linear/full"
     run = bq.parse_run(f"r:compile=1,{small}")
     record = bq.train_run(run, args, val, val, torch.device("cpu"))
-    assert modes == [{"options": {"combo_kernels": True}}] and record["torch_compile_mode"] == "default"
+    assert (
+        modes == [{"options": {"inplace_buffers": False, "combo_kernels": True}}]
+        and record["torch_compile_mode"] == "default"
+    )
     resolve, seen = bq.resolve_compile_mode, []
 
     def on_a_gpu(mode, device, **kw):
@@ -618,12 +621,12 @@ def test_a_compiled_run_takes_the_mode_training_resolves(tmp_path, monkeypatch):
     torch._dynamo.reset()
     record = bq.train_run(run, args, val, val, torch.device("cpu"))
     assert seen == [{"num_processes": 1, "packed": False, "whole_model": False, "mixed_precision": "no"}]
-    assert modes[1] == {"options": {"triton.cudagraphs": True, "combo_kernels": True}}
+    assert modes[1] == {"options": {"triton.cudagraphs": True, "inplace_buffers": False, "combo_kernels": True}}
     assert record["torch_compile_mode"] == "reduce-overhead" and math.isfinite(record["val_loss"])
     torch._dynamo.reset()  # document-masked rows change shape: the default mode, as in training
     record = bq.train_run(bq.parse_run(f"m:compile=1,document_masking=1,{small}"), args, val, val, torch.device("cpu"))
     assert seen[-1]["packed"] is True and record["torch_compile_mode"] == "default"
-    assert modes[2] == {"options": {"combo_kernels": True}}
+    assert modes[2] == {"options": {"inplace_buffers": False, "combo_kernels": True}}
 
 
 def test_tune_fla_configs_keeps_only_choices_this_process_would_take(tmp_path, monkeypatch):

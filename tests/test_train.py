@@ -963,7 +963,8 @@ def test_cuda_graph_compile_mode_accumulates_into_kept_gradients(sample_data, mo
     graphs = pretrain.train(cfg)
     # the mode's inductor options (CUDA graphs) plus the default combo kernels
     assert (
-        modes == [{"options": {"triton.cudagraphs": True, "combo_kernels": True}}] and len(marks) == 4 * cfg.grad_accum
+        modes == [{"options": {"triton.cudagraphs": True, "inplace_buffers": False, "combo_kernels": True}}]
+        and len(marks) == 4 * cfg.grad_accum
     )
     assert set(zero_grad_calls) == {False}
     assert all(p.grad is not None for p in models[0].parameters())  # kept, zeroed after the last step
@@ -1041,7 +1042,7 @@ def test_compile_mode_auto_gives_cuda_graphs_only_to_one_gpu_process_of_fixed_sh
     capsys.readouterr()
     graphs = pretrain.train(cfg)
     assert "compile_mode auto: reduce-overhead (one process on a GPU" in capsys.readouterr().out
-    assert modes == [{"options": {"triton.cudagraphs": True, "combo_kernels": True}}]
+    assert modes == [{"options": {"triton.cudagraphs": True, "inplace_buffers": False, "combo_kernels": True}}]
     assert len(marks) == 2 * cfg.grad_accum
     for step, loss in eager["losses"].items():
         assert abs(graphs["losses"][step] - loss) < 1e-5 * abs(loss), (step, graphs["losses"][step], loss)
@@ -1152,7 +1153,7 @@ def test_compile_true_trains_layer_by_layer_and_saves_plain_checkpoints(sample_d
         _cfg(sample_data, model_json, tmp_path / "layers", max_steps=4, save_every=4, eval_every=4, compile=True)
     )
     # the run settings' defaults: compile_mode auto (inductor's default mode on a CPU), combo kernels
-    combo = {"options": {"combo_kernels": True}}
+    combo = {"options": {"inplace_buffers": False, "combo_kernels": True}}
     assert scopes == [("layers", combo)]
     whole = pretrain.train(
         _cfg(
