@@ -24,7 +24,8 @@ for llamathink's compiled layers on a GPU without document masking; default `aut
 compiles it, `default` for the peers, as torch.compile compiles them, so compiled tokens/s compare each model as
 its users get it: give a peer `compile_mode=reduce-overhead` for a like-for-like mode; each record's
 `torch_compile_mode` names the mode used), `combo_kernels` (0/1: inductor's combo kernels, as the run setting;
-default 1 for llamathink, as training compiles it, 0 for the peers, as torch.compile compiles them),
+default 1 for llamathink, as training compiles it, 0 for the peers, as torch.compile compiles them; llamathink and a
+peer given 1 also take training's other inductor options, `compile_kwargs`),
 `optimizer` (muon, adamw), `muon_lr`, `adamw_lr`, `weight_decay`, `seed`, `adamw_suffixes` (parameter-name
 suffixes, `/`-separated, routed to AdamW instead of Muon: `classify_parameter`'s `extra_adamw_suffixes`); for
 llamathink also any
@@ -387,6 +388,15 @@ def evaluate(model, windows: np.ndarray, batch: int, device: torch.device, bos_i
     return float(total) / len(windows)
 
 
+def torch_compile_kwargs(run: dict, mode: str) -> dict:
+    """torch.compile's keyword arguments for a compiled run in `mode` (resolved): LlamaThink with training's inductor
+    options (`compile_kwargs`: combo kernels per the run's `combo_kernels`), a peer as torch.compile compiles it
+    ({"mode": mode}) unless given `combo_kernels=1` (then training's options)."""
+    if run["model"] == "llamathink" or run["combo_kernels"]:
+        return compile_kwargs(mode, bool(run["combo_kernels"]))
+    return {"mode": mode}
+
+
 def train_run(run: dict, args, val: np.ndarray, test: np.ndarray, device: torch.device) -> dict:
     """Train one run for `args.steps` steps and return its record (curves, final losses, speed)."""
     from llamathink.train.config import RunConfig
@@ -421,7 +431,7 @@ def train_run(run: dict, args, val: np.ndarray, test: np.ndarray, device: torch.
         whole_model=not hasattr(model, "compile_layers"),
         mixed_precision="bf16" if device.type == "cuda" else "no",  # `_autocast`
     )
-    how = compile_kwargs(mode, run["combo_kernels"])
+    how = torch_compile_kwargs(run, mode)
     cuda_graphs = run["compile"] and uses_cuda_graphs(how)
     if run["compile"]:  # LlamaThink as `compile: true` trains (layer by layer); the peers as one graph
         if hasattr(model, "compile_layers"):

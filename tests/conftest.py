@@ -96,12 +96,15 @@ def tiny_model(dtype=torch.float64, seed: int = 0, **overrides) -> LlamaThinkFor
 
 def graph_test_model(gdn_backend: str, mode: str) -> LlamaThinkForCausalLM:
     """The tiny model of the CUDA-graph GPU tests (and of benchmarks/graph_gradient_spread.py): GDN heads of 16 x 32,
-    hidden 64, float32 weights on the GPU, compiled layer by layer in `mode` ("eager": not compiled), from the same
-    weights every time."""
+    hidden 64, float32 weights on the GPU, compiled layer by layer in `mode` ("eager": not compiled) with training's
+    inductor options without combo kernels (`llamathink.train.loop.compile_kwargs`), from the same weights every
+    time."""
+    from llamathink.train.loop import compile_kwargs
+
     torch._dynamo.reset()
     dims = {"linear_key_head_dim": 16, "linear_value_head_dim": 32, "head_dim": 16, "hidden_size": 64}
     model = tiny_model(dtype=torch.float32, gdn_backend=gdn_backend, **dims).cuda().train()
-    return model if mode == "eager" else model.compile_layers(mode=mode)
+    return model if mode == "eager" else model.compile_layers(**compile_kwargs(mode))
 
 
 def graph_test_grads(gdn_backend: str, mode: str, calls: int, autocast: bool = True) -> list[dict]:

@@ -627,6 +627,13 @@ def test_a_compiled_run_takes_the_mode_training_resolves(tmp_path, monkeypatch):
     record = bq.train_run(bq.parse_run(f"m:compile=1,document_masking=1,{small}"), args, val, val, torch.device("cpu"))
     assert seen[-1]["packed"] is True and record["torch_compile_mode"] == "default"
     assert modes[2] == {"options": {"inplace_buffers": False, "combo_kernels": True}}
+    # the peers compile as torch.compile compiles them, unless given combo kernels (then training's options)
+    peer = bq.parse_run("p:model=hf-llama,compile=1")
+    assert peer["combo_kernels"] == 0 and bq.torch_compile_kwargs(peer, "default") == {"mode": "default"}
+    combo = bq.parse_run("p:model=hf-llama,compile=1,combo_kernels=1")
+    assert bq.torch_compile_kwargs(combo, "default") == {"options": {"inplace_buffers": False, "combo_kernels": True}}
+    plain = bq.parse_run("l:compile=1,combo_kernels=0")
+    assert bq.torch_compile_kwargs(plain, "default") == {"options": {"inplace_buffers": False}}
 
 
 def test_tune_fla_configs_keeps_only_choices_this_process_would_take(tmp_path, monkeypatch):

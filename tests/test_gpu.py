@@ -681,12 +681,12 @@ def test_cuda_graph_replay_trains_like_compiled_layers(deterministic):
 
 
 @needs_fla
-@pytest.mark.parametrize("combo_kernels", [False, True], ids=["inductor-defaults", "combo-kernels"])
+@pytest.mark.parametrize("combo_kernels", [False, True], ids=["no-combo", "combo-kernels"])
 def test_cuda_graph_training_accumulates_and_evaluates_like_compiled_layers(deterministic, combo_kernels):
     """What `run_training` does with `compile_mode: reduce-overhead`: gradients accumulated over two micro-batches
     into `.grad` tensors kept for the run, and an evaluation forward without autograd between steps (eager layers):
     the same losses, evaluation losses and weights as the compiled layers without CUDA graphs (to SAME_KERNELS,
-    deterministic algorithms), with inductor's defaults and with combo kernels (the run setting's default)."""
+    deterministic algorithms), without and with combo kernels (the run setting's default)."""
     _skip_without_fla_backward("fla")
     # two batches, each step accumulating both: the evaluated batch is trained on, so its loss must fall
     batches = [torch.randint(1, 96, (2, 128), generator=torch.Generator().manual_seed(s)).cuda() for s in (0, 1) * 3]
@@ -777,7 +777,7 @@ def test_default_compiled_pretraining_replays_cuda_graphs_and_resumes_exactly(tm
 @needs_fla
 def test_combo_kernels_train_like_the_default_compiled_layers(deterministic):
     """`combo_kernels: true` (the run setting's default: independent kernels of a compiled layer launched as one)
-    against inductor's defaults, three SGD steps with accumulation and an evaluation, deterministic algorithms. The
+    against `combo_kernels: false` (training's other inductor options in both), three SGD steps with accumulation and an evaluation, deterministic algorithms. The
     first step's losses are the defaults' (forwards of the same per-element code, to SAME_KERNELS). Later ones may
     round differently, since a combo kernel's reductions take their own block sizes, so the largest gap of a loss or
     evaluation loss, and that of a weight tensor, must be no larger than eager training's: bf16 kernels' own

@@ -492,11 +492,12 @@ def test_csa_matches_naive_definition(T, blend_bias):
     torch.testing.assert_close(mod(x, ctx), _naive_csa(mod, x, rotary), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 5, 8])
+@pytest.mark.parametrize("chunk", [1, 3, 5])
 def test_csa_local_chunk_changes_nothing(chunk):
-    """The CSA local path's query chunk (`local_chunk`, here below and at the window of 8) gives the same logits and
-    gradients as whole-window chunks on every path that runs it: plain rows, left padding, packed documents, and a
-    cached prefill continued by a multi-token chunk (float64)."""
+    """The CSA local path's query chunk (`local_chunk`, below the window of 8) gives the same logits and gradients as
+    whole-window chunks on every path that runs it: plain rows, left padding, packed documents, and a cached prefill
+    continued by a multi-token chunk (float64); and the chunk is the one asked for (every local SDPA call's query
+    length, each run's band of C + W keys)."""
     model = tiny_model(csa_window=8, mixer_types=["csa", "linear", "csa"], num_hidden_layers=3)
     gen = torch.Generator().manual_seed(chunk)
     ids = torch.randint(1, 96, (2, 29), generator=gen)
@@ -519,15 +520,30 @@ def test_csa_local_chunk_changes_nothing(chunk):
             outs.append(model(ids[:, 13:], cache=cache).logits)
         return outs, [p.grad.clone() for p in model.parameters()]
 
+    chunks = []  # the query length of each local-path SDPA call: a band of C + W keys for C queries
+
+    def recording(m):
+        def grouped_sdpa(q, k, v, mask):
+            if k.shape[-2] == q.shape[-2] + m.window:
+                chunks.append(q.shape[-2])
+            return type(m)._grouped_sdpa(m, q, k, v, mask)
+
+        return grouped_sdpa
+
+    for m in csa:
+        m._grouped_sdpa = recording(m)
     whole, whole_grads = run()
     assert all(m.local_chunk >= m.window for m in csa)  # the default: whole windows
+    assert len(chunks) >= 8 and set(chunks) == {8}  # two layers, four paths (every row longer than the window)
+    chunks.clear()
     for m in csa:
         m.local_chunk = chunk
     try:
         chunked, chunked_grads = run()
     finally:
         for m in csa:
-            del m.local_chunk
+            del m.local_chunk, m._grouped_sdpa
+    assert len(chunks) >= 8 and set(chunks) == {chunk}
     for a, b in zip(chunked, whole):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     for a, b in zip(chunked_grads, whole_grads):
