@@ -36,7 +36,7 @@
 #   OLD=/abs/old_tree [SEEDS=8] OUT=/abs/dir bash benchmarks/gpu_suite.sh seeds  # a change's bf16 gradient errors
 #                                                        # against the float32 reference over seeds, both trees
 #   OUT=results_dir bash benchmarks/gpu_suite.sh combo  # inductor's combo kernels (`combo_kernels`, on by default)
-#                                                        # against inductor's defaults: the GPU test and cold first
+#                                                        # against combo_kernels false: the GPU test and cold first
 #                                                        # steps (half 0); batch 16 and 64, ours and HF Llama's (half 1)
 #   SETS="name=KEY=VALUE[+...] ..." OUT=results_dir bash benchmarks/gpu_suite.sh inductor  # inductor options
 #                                                        # for the compiled layers against training's (combo kernels)
@@ -204,7 +204,7 @@ elif [ "$PART" = seeds ]; then  # issue 17: a change's bf16 gradient errors agai
         # this tree's script, OLD's model, in OLD's own inductor cache (`inductor_cache`)
         TORCHINDUCTOR_CACHE_DIR=$(inductor_cache "${OLD:?set OLD to the code before the change}") seeds old "$OLD"; }
     half1() { :; }
-elif [ "$PART" = combo ]; then  # issue 17: `combo_kernels` (the default since session 25) against inductor's defaults
+elif [ "$PART" = combo ]; then  # issue 17: `combo_kernels` (the default since session 25) against without them
     half0() {
         timeout 320 python -m pytest -q -p no:cacheprovider --tb=short -rfEs tests/test_gpu.py -k combo_kernels \
             > "$OUT/test_gpu_combo.log" 2>&1; grep -v Warn "$OUT/test_gpu_combo.log" | tail -5
@@ -215,8 +215,8 @@ elif [ "$PART" = combo ]; then  # issue 17: `combo_kernels` (the default since s
             --models llamathink:fla:no-combo,llamathink:fla,hf-llama,hf-llama:combo; }
 elif [ "$PART" = inductor ]; then  # issue 17: inductor options for the compiled layers against training's, each
     # set in its own process (profile_gpu --inductor-option). SETS="name=KEY=VALUE[+KEY=VALUE...] ...", e.g.
-    # SETS="cdt=coordinate_descent_tuning=True" (combo_kernels=False: inductor's defaults); BATCHES (default "16 64");
-    # DEFAULTS=0: no row with training's options (combo kernels on).
+    # SETS="cdt=coordinate_descent_tuning=True" (combo_kernels=False+inplace_buffers=True: inductor's defaults);
+    # BATCHES (default "16 64"); DEFAULTS=0: no row with training's options (combo kernels on, in-place buffers off).
     export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor
     for item in ${SETS:?set SETS, e.g. cdt=coordinate_descent_tuning=True}; do  # refused before any GPU work
         case "$item" in

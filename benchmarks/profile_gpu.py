@@ -226,20 +226,26 @@ def _kept_config(kernel) -> str | None:
         if info.get("autotune_cache_state") == "hit":
             how = "cached pick"
         elif int(candidates) > 1:
-            how = f"of {candidates} timed"
-            # what the autotuner measured for each candidate on the kernel's first launch (ms, as torch's
-            # benchmarker returns them): close times make the pick a coin toss between processes
-            timed = getattr(getattr(kernel, "coordesc_tuner", None), "cached_benchmark_results", None) or {}
-            # keyed as torch's `triton_config_to_hashable` keys them: the kept one marked with a star
-            kept = (*sorted(config.kwargs.items()), ("num_warps", config.num_warps), ("num_stages", config.num_stages))
-            timings = sorted((float(ms), key == kept) for key, ms in timed.items())
-            if timings:
-                how += ": " + ", ".join(f"{ms * 1e3:.1f}{'*' * star}" for ms, star in timings) + " us"
+            how = f"of {candidates} timed{_measured_times(kernel, config)}"
         else:
             how = "only config"
     except Exception:  # noqa: BLE001 - one kernel this torch describes otherwise: left out
         return None
     return f"{', '.join(settings)} ({how})"
+
+
+def _measured_times(kernel, config) -> str:
+    """ ": 21.0*, 25.3 us": what inductor's autotuner measured for each configuration it timed for `kernel` (torch
+    keeps the times on the kernel's coordinate-descent tuner, in ms, keyed as `triton_config_to_hashable` keys
+    them; combo kernels' block-size trials included), fastest first, `config` (the kept one) starred; "" where this
+    torch keeps them otherwise. Close times make the pick a coin toss between processes."""
+    try:
+        timed = getattr(getattr(kernel, "coordesc_tuner", None), "cached_benchmark_results", None) or {}
+        kept = (*sorted(config.kwargs.items()), ("num_warps", config.num_warps), ("num_stages", config.num_stages))
+        timings = sorted((float(ms), key == kept) for key, ms in timed.items())
+    except Exception:  # noqa: BLE001 - the kept configuration is still listed
+        return ""
+    return (": " + ", ".join(f"{ms * 1e3:.1f}{'*' * star}" for ms, star in timings) + " us") if timings else ""
 
 
 def inductor_autotune_picks(modules) -> dict[str, list[str]]:

@@ -1074,7 +1074,7 @@ def test_combo_kernels_reach_torch_compile_as_inductor_options(sample_data, mode
     plus `combo_kernels` (torch.compile takes a mode or options, not both): a CUDA-graph mode keeps its CUDA graphs;
     `combo_kernels: false` leaves combo kernels out; every compiled run takes `TRAINING_INDUCTOR_OPTIONS` (in-place
     buffers off, for the autotuner's timings); a mode torch.compile lacks is an error naming it; without
-    `compile: true` the setting is not used. (Whether the kernels they make train like inductor's defaults:
+    `compile: true` the setting is not used. (Whether combo kernels train like compiling without them:
     tests/test_gpu.py; inductor has no combo kernels on the CPU.)"""
     from llamathink.modeling_llamathink import LlamaThinkPreTrainedModel, uses_cuda_graphs
     from llamathink.train.loop import TRAINING_INDUCTOR_OPTIONS, compile_kwargs
