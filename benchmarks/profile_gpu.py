@@ -226,7 +226,8 @@ def _kept_config(kernel) -> str | None:
         if info.get("autotune_cache_state") == "hit":
             how = "cached pick"
         elif int(candidates) > 1:
-            how = f"of {candidates} timed{_measured_times(kernel, config)}"
+            times = _measured_times(kernel, config)
+            how = f"of {candidates} configs; timed {times}" if times else f"of {candidates} timed"
         else:
             how = "only config"
     except Exception:  # noqa: BLE001 - one kernel this torch describes otherwise: left out
@@ -235,23 +236,24 @@ def _kept_config(kernel) -> str | None:
 
 
 def _measured_times(kernel, config) -> str:
-    """ ": 21.0*, 25.3 us": what inductor's autotuner measured for each configuration it timed for `kernel` (torch
+    """ "21.0*, 25.3 us": what inductor's autotuner measured for each configuration it timed for `kernel` (torch
     keeps the times on the kernel's coordinate-descent tuner, in ms, keyed as `triton_config_to_hashable` keys
-    them; combo kernels' block-size trials included), fastest first, `config` (the kept one) starred; "" where this
-    torch keeps them otherwise. Close times make the pick a coin toss between processes."""
+    them; a combo kernel's block-size trials are there too, so there may be more times than configurations),
+    fastest first, `config` (the kept one) starred; "" where this torch keeps them otherwise. Close times make the
+    pick a coin toss between processes."""
     try:
         timed = getattr(getattr(kernel, "coordesc_tuner", None), "cached_benchmark_results", None) or {}
         kept = (*sorted(config.kwargs.items()), ("num_warps", config.num_warps), ("num_stages", config.num_stages))
         timings = sorted((float(ms), key == kept) for key, ms in timed.items())
     except Exception:  # noqa: BLE001 - the kept configuration is still listed
         return ""
-    return (": " + ", ".join(f"{ms * 1e3:.1f}{'*' * star}" for ms, star in timings) + " us") if timings else ""
+    return (", ".join(f"{ms * 1e3:.1f}{'*' * star}" for ms, star in timings) + " us") if timings else ""
 
 
 def inductor_autotune_picks(modules) -> dict[str, list[str]]:
     """What inductor's autotuner kept for each of its Triton kernels in `modules` (generated modules, e.g. those of
     `loaded_inductor_modules` that one model's compilation loaded): kernel name -> one line per definition
-    ("0_forward: XBLOCK=8, num_warps=8, num_stages=1 (of 3 timed: 21.0*, 25.3, 90.1 us)", the candidates' times as
+    ("0_forward: XBLOCK=8, num_warps=8, num_stages=1 (of 3 configs; timed 21.0*, 25.3, 90.1 us)", the times as
     the autotuner measured them on the first launch, fastest first, the kept one starred; "... (cached pick)" where
     inductor's on-disk autotune cache gave it, "... (only config)" where there was nothing to choose). Inductor
     times 2-6 block sizes of a reduction on its first launch and keeps the fastest for the process; two processes

@@ -382,7 +382,7 @@ def test_profile_gpu_lists_the_configuration_inductor_kept_for_each_kernel(tmp_p
     )
     assert picks == {
         "triton_per_fused_2": [
-            "0_forward: R0_BLOCK=128, XBLOCK=8, num_warps=8, num_stages=1 (of 3 timed: 21.0, 25.3*, 90.3 us)",
+            "0_forward: R0_BLOCK=128, XBLOCK=8, num_warps=8, num_stages=1 (of 3 configs; timed 21.0, 25.3*, 90.3 us)",
             "2_forward: R0_BLOCK=128, XBLOCK=32, num_warps=8, num_stages=1 (cached pick)",
         ],
         "triton_poi_fused_0": ["0_forward: XBLOCK=1024, num_warps=8, num_stages=1 (only config)"],
