@@ -420,10 +420,10 @@ def inductor_has_combo_kernels() -> bool:
 # (torch's `CachingAutotuner.bench`). With in-place buffers the six candidates of the q/k L2 norms' reduction
 # (which writes its 1/rms factors in place) timed at 200-370 us each, often within 10% of one another, while in the
 # step they run at 33-213 us a launch; so processes compiling the same code kept different ones (one step's kernels
-# 49.7 against 48.4 ms), and inductor's on-disk cache keeps a bad pick for later runs. Without, that kernel's candidates time 36-215 us, as they run, and two processes both
-# kept the fastest; kernels whose candidates run within a few percent of each other may still differ between
-# processes (a few hundredths of a millisecond). Peak memory unchanged at batch 16 (BENCHMARKS.md section 1,
-# session 34).
+# 49.7 against 48.4 ms), and inductor's on-disk cache keeps a bad pick for later runs. Without, that kernel's
+# candidates time 36-215 us, as they run, and two processes both kept the fastest; kernels whose candidates run
+# within a few percent of each other may still differ between processes (a few hundredths of a millisecond). Peak
+# memory unchanged at batch 16 (BENCHMARKS.md section 1, session 34).
 TRAINING_INDUCTOR_OPTIONS = {"inplace_buffers": False}
 
 
