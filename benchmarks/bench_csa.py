@@ -83,8 +83,8 @@ def run_layer(layer, hidden: torch.Tensor, ctx, grad: torch.Tensor):
     return out.detach(), x.grad
 
 
-def measure(layer, hidden, ctx, grad, compile_kwargs: dict) -> dict:
-    """Compile a copy of `layer` and time its forward + backward."""
+def measure(layer, hidden, ctx, grad, compile_kwargs: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Compile a copy of `layer` and time its forward + backward -> (times, output, input gradient)."""
     import triton
 
     torch._dynamo.reset()  # each configuration its own compilation, never past dynamo's recompile limit
@@ -94,7 +94,7 @@ def measure(layer, hidden, ctx, grad, compile_kwargs: dict) -> dict:
         out, dx = run_layer(layer, hidden, ctx, grad)
     kernels = gpu_kernel_ms(lambda: run_layer(layer, hidden, ctx, grad))
     wall = triton.testing.do_bench(lambda: run_layer(layer, hidden, ctx, grad), warmup=25, rep=200)
-    return {"gpu_kernel_ms": round(kernels, 4), "wall_ms": round(wall, 4), "_out": out, "_dx": dx}
+    return {"gpu_kernel_ms": round(kernels, 4), "wall_ms": round(wall, 4)}, out, dx
 
 
 def main(argv=None) -> int:
@@ -133,9 +133,8 @@ def main(argv=None) -> int:
     for chunk in chunks:
         layer = copy.deepcopy(csa_layer)
         layer.mixer.local_chunk = chunk
-        row = {"layer": "csa", "local_chunk": chunk, "effective_chunk": min(args.seq, window, chunk)}
-        row.update(measure(layer, hidden, ctx, grad, how))
-        out, dx = row.pop("_out"), row.pop("_dx")
+        times, out, dx = measure(layer, hidden, ctx, grad, how)
+        row = {"layer": "csa", "local_chunk": chunk, "effective_chunk": min(args.seq, window, chunk), **times}
         if first is None:
             first = (out, dx)
         # relative to the first row's largest value: bf16 rounding is about 1e-2 of it
@@ -144,9 +143,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     full_layer, hidden, ctx = inputs["full"]
-    row = {"layer": "full"}
-    row.update(measure(full_layer, hidden, ctx, grad, how))
-    row.pop("_out"), row.pop("_dx")
+    row = {"layer": "full", **measure(full_layer, hidden, ctx, grad, how)[0]}
     rows.append(row)
     print(json.dumps(row), flush=True)
 

@@ -242,8 +242,10 @@ def _measured_times(kernel, config) -> str:
     fastest first, `config` (the kept one) starred; "" where this torch keeps them otherwise. Close times make the
     pick a coin toss between processes."""
     try:
+        from torch._inductor.runtime.runtime_utils import triton_config_to_hashable
+
         timed = getattr(getattr(kernel, "coordesc_tuner", None), "cached_benchmark_results", None) or {}
-        kept = (*sorted(config.kwargs.items()), ("num_warps", config.num_warps), ("num_stages", config.num_stages))
+        kept = triton_config_to_hashable(config)
         timings = sorted((float(ms), key == kept) for key, ms in timed.items())
     except Exception:  # noqa: BLE001 - the kept configuration is still listed
         return ""

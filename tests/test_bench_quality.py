@@ -334,8 +334,8 @@ def test_profile_gpu_lists_the_configuration_inductor_kept_for_each_kernel(tmp_p
     """`profile_gpu.inductor_autotune_picks` on generated modules as torch loads them (a graph's module, whose file
     starts with its AOT ID, and a kernel's own module holding the same autotuner object), with stand-ins of torch's
     `CachingAutotuner`, whose `configs` torch drops once compiled: the kept configuration and how it was chosen
-    (timed among N, with the times measured, fastest first; inductor's cached pick; the only config), once per kernel object under its graph; one name
-    defined by two graphs listed for both; a kernel not launched yet (several launchers) left out; a kernel it
+    (timed among N, with the times measured, fastest first; inductor's cached pick; the only config), once per
+    kernel object under its graph; one name defined by two graphs listed for both; a kernel not launched yet (several launchers) left out; a kernel it
     cannot read left out without losing the others; modules it cannot read give nothing rather than an error."""
     import types
 
