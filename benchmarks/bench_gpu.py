@@ -19,8 +19,8 @@ peers are compiled whole (`torch.compile(model)`). Variants of LlamaThink: `:no-
 112: what fla's padding of 112 to 128-wide tiles costs), `:untuned-fla` (fla's kernels autotuned in the process
 instead of taking the package's recorded choices, `LLAMATHINK_FLA_TUNED_CONFIGS=0`), `:prebuild` (compiled: fla's
 kernels built by a child process while the first step compiles, `start_fla_prebuild`, as the pretraining loop
-does). On any model, `:cudagraphs`
-compiles with `mode="reduce-overhead"` (the compiled kernels replayed as CUDA graphs: no per-kernel launch cost on
+does), `:csa-chunk<N>` (the CSA window's local path in query chunks of N, `local_chunk`; the same numbers). On any
+model, `:cudagraphs` compiles with `mode="reduce-overhead"` (the compiled kernels replayed as CUDA graphs: no per-kernel launch cost on
 the host) and `:cold` runs the process with new, empty compiler caches (Triton's, inductor's, tilelang's), so that
 its first step is what a fresh machine pays, however warm this one is. Compiled LlamaThink takes the inductor
 options training takes (`llamathink.train.loop.compile_kwargs`): combo kernels, as the run setting `combo_kernels`
@@ -35,6 +35,7 @@ import gc
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -82,6 +83,15 @@ LLAMATHINK_VARIANTS = (
     "no-combo",
 )
 PEERS = ("hf-llama", "hf-qwen3.5")
+
+
+def csa_chunk(part: str) -> int | None:
+    """The query chunk of a `csa-chunk<N>` variant (N a positive number: the CSA window's local path in chunks of N
+    queries, `LlamaThinkCompressedSparseAttention.local_chunk`), or None where `part` is not one."""
+    match = re.fullmatch(r"csa-chunk([1-9][0-9]*)", part)
+    return int(match.group(1)) if match else None
+
+
 PEER_VARIANTS = ("cudagraphs", "cold", "combo")
 
 
@@ -98,7 +108,7 @@ def check_model_name(name: str) -> None:
         known = PEER_VARIANTS
     else:
         raise SystemExit(f"{name!r}: unknown model (llamathink:<backend>, {', '.join(PEERS)})")
-    unknown = [part for part in parts if part not in known]
+    unknown = [part for part in parts if part not in known and not (model == "llamathink" and csa_chunk(part))]
     if unknown:
         raise SystemExit(f"{name!r}: unknown variant {unknown[0]!r} of {model} ({', '.join(known)})")
 
@@ -155,7 +165,8 @@ def build(name: str):
     from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
 
     if name.startswith("llamathink"):
-        # llamathink:<backend>[:no-hc][:eager-decode][:whole][:packed][:head128][:cudagraphs][:cold][:untuned-fla][:no-combo]
+        # llamathink:<backend>[:no-hc][:eager-decode][:whole][:packed][:head128][:cudagraphs][:cold][:untuned-fla]
+        # [:no-combo][:csa-chunk<N>]
         parts = name.split(":")
         head128 = {
             "linear_num_key_heads": 8,
@@ -163,7 +174,7 @@ def build(name: str):
             "linear_key_head_dim": 128,
             "linear_value_head_dim": 128,
         }
-        return LlamaThinkForCausalLM(
+        model = LlamaThinkForCausalLM(
             LlamaThinkConfig(
                 gdn_backend=parts[1],
                 decode_cuda_graphs="eager-decode" not in parts,
@@ -171,6 +182,11 @@ def build(name: str):
                 **(head128 if "head128" in parts else {}),
             )
         )
+        for chunk in filter(None, map(csa_chunk, parts)):
+            for layer in model.model.layers:
+                if layer.mixer_type == "csa":
+                    layer.mixer.local_chunk = chunk
+        return model
     name = name.split(":")[0]  # a peer's variants (`:cudagraphs`) only change how it is compiled
     if name == "hf-llama":
         cfg = LlamaConfig(

@@ -20,6 +20,7 @@ import bench_gpu as bg  # noqa: E402
         "hf-llama:cold",
         "llamathink:fla:no-combo:cudagraphs",
         "hf-llama:combo",
+        "llamathink:fla:csa-chunk128",
     ],
 )
 def test_known_model_names_pass(name):
@@ -37,11 +38,24 @@ def test_known_model_names_pass(name):
         ("llamathink:fla:combo", "unknown variant 'combo' of llamathink"),  # its default: `:no-combo` turns it off
         ("hf-llama:no-combo", "unknown variant 'no-combo' of hf-llama"),
         ("hf-mistral", "unknown model"),
+        ("llamathink:fla:csa-chunk0", "unknown variant 'csa-chunk0' of llamathink"),
+        ("llamathink:fla:csa-chunk", "unknown variant 'csa-chunk' of llamathink"),
+        ("hf-llama:csa-chunk128", "unknown variant 'csa-chunk128' of hf-llama"),
     ],
 )
 def test_wrong_model_names_stop_with_the_fault_named(name, message):
     with pytest.raises(SystemExit, match=message):
         bg.check_model_name(name)
+
+
+def test_csa_chunk_variant_sets_the_local_chunk_of_every_csa_layer_only():
+    model = bg.build("llamathink:torch:csa-chunk128")
+    chunks = {layer.mixer_type: getattr(layer.mixer, "local_chunk", None) for layer in model.model.layers}
+    assert chunks["csa"] == 128 and chunks["full"] is None and chunks["linear"] is None
+    plain = bg.build("llamathink:torch")
+    assert all(
+        layer.mixer.local_chunk >= plain.config.csa_window for layer in plain.model.layers if layer.mixer_type == "csa"
+    )
 
 
 def test_cold_and_untuned_processes_get_their_own_environment(tmp_path, monkeypatch):
