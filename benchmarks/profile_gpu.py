@@ -656,16 +656,16 @@ def main(argv=None) -> int:
         "--peers", default="", help="comma list of bench_gpu.py peers (e.g. hf-llama) to profile compiled whole"
     )
     args = parser.parse_args(argv)
-    from bench_gpu import build, check_model_name  # the models exactly as bench_gpu.py builds them
+    from bench_gpu import build, check_model_name, csa_chunk  # the models exactly as bench_gpu.py builds them
 
     name = args.model or f"llamathink:{args.backend}"
     check_model_name(name)  # before any GPU work: a misspelt variant would profile the plain model
     if not name.startswith("llamathink:"):
         parser.error(f"--model {name}: profile_gpu profiles a LlamaThink model (peers go in --peers)")
-    if set(name.split(":")[2:]) - set(MODEL_VARIANTS):
+    if {part for part in name.split(":")[2:] if not csa_chunk(part)} - set(MODEL_VARIANTS):
         parser.error(
             f"--model {name}: of bench_gpu's variants only those of the model itself profile here "
-            f"({', '.join(MODEL_VARIANTS)})"
+            f"({', '.join(MODEL_VARIANTS)}, csa-chunk<N>)"
         )
     for peer in filter(None, args.peers.split(",")):
         check_model_name(peer)
