@@ -878,6 +878,15 @@ _prebuild_waits: list = sys.modules.setdefault(
 ).__dict__.setdefault("waits", [])
 
 
+def _conv_parts(conv_parts, conv_dim: int) -> tuple[int, ...]:
+    """The widths the prebuild runs the conv on (`prebuild_fla_kernels`): `conv_parts` as a tuple, or the whole
+    `conv_dim` where None. Raises ValueError unless they are positive integers that sum to conv_dim."""
+    parts = tuple(conv_parts) if conv_parts is not None else (conv_dim,)
+    if not parts or any(type(p) is not int or p < 1 for p in parts) or sum(parts) != conv_dim:
+        raise ValueError(f"conv_parts={conv_parts!r}: expected positive integer widths that sum to conv_dim={conv_dim}")
+    return parts
+
+
 def prebuild_fla_kernels(
     batch_size: int,
     seq_len: int,
@@ -893,6 +902,7 @@ def prebuild_fla_kernels(
     delta_rule: str = "fla",
     part: str = "all",
     on_built=None,
+    conv_parts: tuple[int, ...] | list[int] | None = None,
 ) -> None:
     """Run fla's causal conv and the chunked Gated DeltaNet forward and backward once on random inputs of one
     training step's shapes, through the same custom ops a compiled step calls (`llamathink::fla_causal_conv1d_silu`,
@@ -908,12 +918,16 @@ def prebuild_fla_kernels(
     conv (the step builds its conv itself before its first FlashQLA call), and again at the end.
 
     Shapes as the model passes them: the conv input [B, T, conv_dim] in `dtype` (a torch dtype's name, 16-bit) with
-    its weight [conv_dim, conv_kernel_size] in `conv_weight_dtype` (the parameter's: float32 under autocast); q, k
+    its weight [conv_dim, conv_kernel_size] in `conv_weight_dtype` (the parameter's: float32 under autocast), the
+    conv run on each of `conv_parts` (widths that sum to conv_dim, channels taken in order where they lie in the
+    input's rows, as `LlamaThinkGatedDeltaNet._causal_conv` runs it; default one part, the whole); q, k
     [B, T, num_heads, head_k_dim] (q and k heads already repeated to the value heads), v [B, T, num_heads,
     head_v_dim], beta [B, T, num_heads] in `dtype`; log-decays g [B, T, num_heads] in float32. `packed`:
     document-masked training, whose rows are joined into one [1, batch_size * seq_len] row of several documents
     (fla's variable-length kernels). `device`: the CUDA device
-    index (default the current one). Raises RuntimeError where fla is not available."""
+    index (default the current one). Raises RuntimeError where fla is not available, ValueError for `conv_parts`
+    that do not sum to conv_dim."""
+    conv_parts = _conv_parts(conv_parts, conv_dim)
     if part not in {"fla": ("all",), "flash_qla": FLASH_QLA_PARTS}.get(delta_rule, ()):
         raise ValueError(
             f"delta_rule={delta_rule!r}, part={part!r}: expected fla (all) or flash_qla ({', '.join(FLASH_QLA_PARTS)})"
@@ -940,8 +954,11 @@ def prebuild_fla_kernels(
         if _fla_conv_internals() is not None:
             x = leaf(B, T, conv_dim)
             weight = leaf(conv_dim, conv_kernel_size, dtype=getattr(torch, conv_weight_dtype))
-            y = _fla_conv_op(x, weight, cu_seqlens)
-            y.backward(torch.randn_like(y))
+            ys = [
+                _fla_conv_op(x_part, w_part, cu_seqlens)
+                for x_part, w_part in zip(x.split(conv_parts, dim=-1), weight.split(conv_parts))
+            ]
+            torch.autograd.backward(ys, [torch.randn_like(y) for y in ys])
 
     def built():  # the kernels the step may launch are in the caches
         if on_built is not None:
@@ -1013,6 +1030,7 @@ def start_fla_prebuild(
     conv_weight_dtype: torch.dtype = torch.float32,
     log_path: str | Path | None = None,
     delta_rule: str = "fla",
+    conv_parts: tuple[int, ...] | None = None,
 ):
     """Start `prebuild_fla_kernels` in a child Python process and return it (a `subprocess.Popen`), or None where
     there is nothing to build: fla or CUDA missing, a dtype fla does not train in, or `LLAMATHINK_FLA_PREBUILD=0` (or
@@ -1073,6 +1091,7 @@ def start_fla_prebuild(
         "device": index,
         "conv_weight_dtype": str(conv_weight_dtype).removeprefix("torch."),
         "delta_rule": delta_rule,
+        "conv_parts": list(_conv_parts(conv_parts, conv_dim)) if conv_parts is not None else None,
     }
     ready = None
     if delta_rule == "flash_qla":  # where its parts' processes tell that they have ended (`wait_for_prebuild`)

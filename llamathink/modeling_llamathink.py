@@ -917,6 +917,7 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         self.key_dim = self.num_k_heads * self.head_k_dim
         self.value_dim = self.num_v_heads * self.head_v_dim
         self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.conv_parts = (self.key_dim, self.key_dim, self.value_dim)  # q, k, v channels of the qkv projection
         self.conv_kernel_size = config.linear_conv_kernel_dim
         self.chunk_size = config.gdn_chunk_size
         self.backend = config.gdn_backend
@@ -984,24 +985,30 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         backend: str,
         segments: PackedSegments | None = None,
         segment_pos: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Depthwise causal conv + SiLU over qkv [B, T, C] (channels-last) -> [B, T, C]; reads and updates the conv
-        state [B, C, K-1] when caching. With packed `segments` (`segment_pos` [B, T]: each token's position in its
-        sequence) a token sees no input from before the start of its sequence, as at the start of a row.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Depthwise causal conv + SiLU over qkv [B, T, C] (channels-last) -> its q, k and v channels [B, T,
+        key_dim], [B, T, key_dim], [B, T, value_dim] (`conv_parts`); reads and updates the conv state [B, C, K-1]
+        when caching. With packed `segments` (`segment_pos` [B, T]: each token's position in its sequence) a token
+        sees no input from before the start of its sequence, as at the start of a row.
 
         Three forms of one function: fla's fused Triton conv + SiLU (`backend` "fla" or "flash_qla", 16-bit, no
         cache; packed sequences through its `cu_seqlens`), K shifted products (under torch.compile, where inductor
         fuses them with the SiLU, and for packed sequences without fla), and cuDNN's depthwise conv (eager, the CPU
-        path)."""
+        path). fla's runs once per part, on the part's channels where they lie in qkv's rows, so that q, k and v
+        each come out contiguous: inductor then normalises q and k in one pass (it loops a row reduction over a
+        slice of wider rows, BENCHMARKS.md section 1, session 32), and fla's delta rule takes v as it is."""
         B, T, C = qkv.shape
         K = self.conv_kernel_size
         plain = is_plain_module(self.conv1d, nn.Conv1d)
         if backend != "torch" and state is None and qkv.dtype in (torch.float16, torch.bfloat16) and plain:
-            weight = self.conv1d.weight[:, 0]  # [C, K]
+            weights = self.conv1d.weight[:, 0].split(self.conv_parts)  # [C_part, K] each
             if segments is None:
-                return fla_causal_conv1d_silu(qkv, weight)
-            flat = fla_causal_conv1d_silu(qkv.reshape(1, B * T, C), weight, segments.cu_seqlens)  # [1, B*T, C]
-            return flat.reshape(B, T, C)
+                parts = qkv.split(self.conv_parts, dim=-1)  # views of qkv's rows
+                return tuple(fla_causal_conv1d_silu(x, w) for x, w in zip(parts, weights))
+            parts = qkv.reshape(1, B * T, C).split(self.conv_parts, dim=-1)  # [1, B*T, C_part] views
+            return tuple(
+                fla_causal_conv1d_silu(x, w, segments.cu_seqlens).reshape(B, T, -1) for x, w in zip(parts, weights)
+            )
         if state is not None and state.conv is not None:
             x = torch.cat((state.conv.transpose(1, 2).to(qkv.dtype), qkv), dim=1)  # [B, K-1+T, C]
         else:
@@ -1013,7 +1020,8 @@ class LlamaThinkGatedDeltaNet(nn.Module):
             # Output j of a conv left-padded by P covers inputs j - P .. j - P + K - 1 of x, so the windows that
             # end at x's last T positions are outputs P .. P + T - 1.
             pad = self._conv_left_padding()
-            return F.silu(self.conv1d(x.transpose(1, 2))[:, :, pad : pad + T].transpose(1, 2))  # [B, T, C]
+            out = self.conv1d(x.transpose(1, 2))[:, :, pad : pad + T].transpose(1, 2)  # [B, T, C]
+            return F.silu(out).split(self.conv_parts, dim=-1)
         weight = self._conv_taps(x) if not plain else self.conv1d.weight[:, 0].to(x.dtype)  # [C, K]
         if torch.compiler.is_compiling() or segment_pos is not None:
             # Each packed token counts an earlier input only inside its own sequence (packed batches have no state).
@@ -1025,7 +1033,7 @@ class LlamaThinkGatedDeltaNet(nn.Module):
                 out = term if out is None else out + term
         else:
             out = F.conv1d(x.transpose(1, 2), weight[:, None], groups=C)[:, :, -T:].transpose(1, 2)  # [B, T, C]
-        return F.silu(out)
+        return F.silu(out).split(self.conv_parts, dim=-1)
 
     def _delta_rule(self, q, k, v, g, beta, initial_state, output_final_state, backend: str, segments=None):
         """The dispatch point of the delta-rule kernel: FlashQLA's, fla's or the PyTorch reference (`backend`, from
@@ -1069,9 +1077,9 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         # one choice for the layer
         backend = select_gdn_backend(self.backend, qkv.device, needs_grad, qkv.dtype, self.head_dims)
         segment_pos = ctx.position_ids if segments is not None else None
-        qkv = self._causal_conv(qkv, state, backend, segments, segment_pos)  # [B, T, conv_dim]
+        q, k, v = self._causal_conv(qkv, state, backend, segments, segment_pos)  # [B, T, key/key/value_dim]
         z, b, a = self._gate_projections(hidden_states)
-        q, k, v, g, beta = self._heads_and_gates(qkv, b, a, valid)
+        q, k, v, g, beta = self._heads_and_gates(q, k, v, b, a, valid)
         initial_state = state.recurrent if state is not None else None
         o, final_state = self._delta_rule(q, k, v, g, beta, initial_state, state is not None, backend, segments)
         if state is not None:
@@ -1095,18 +1103,26 @@ class LlamaThinkGatedDeltaNet(nn.Module):
             return tuple(m(hidden_states) for m in projections)
         return _StackedGateProjections.apply(hidden_states, *(m.weight for m in projections))
 
-    def _heads_and_gates(self, qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor, valid: torch.Tensor | None):
-        """conv output [B, T, conv_dim] and the gate projections b, a [B, T, Hv] (`_gate_projections`) -> q, k
-        (L2-normed, fp32), v [B, T, H, D]; log-decay g and beta [B, T, Hv]."""
-        B, T, _ = qkv.shape
-        q, k, v = qkv.split((self.key_dim, self.key_dim, self.value_dim), dim=-1)
+    def _heads_and_gates(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        b: torch.Tensor,
+        a: torch.Tensor,
+        valid: torch.Tensor | None,
+    ):
+        """The conv's q, k, v channels [B, T, key_dim / key_dim / value_dim] (`_causal_conv`) and the gate projections
+        b, a [B, T, Hv] (`_gate_projections`) -> q, k (L2-normed, fp32), v [B, T, H, D]; log-decay g and beta
+        [B, T, Hv]."""
+        B, T, _ = q.shape
         q = q.reshape(B, T, self.num_k_heads, self.head_k_dim)
         k = k.reshape(B, T, self.num_k_heads, self.head_k_dim)
         v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
         if self.num_v_heads > self.num_k_heads:  # each key head serves a group of consecutive value heads
             q = q.repeat_interleave(self.num_v_heads // self.num_k_heads, dim=2)
             k = k.repeat_interleave(self.num_v_heads // self.num_k_heads, dim=2)
-        acc = _acc_dtype(qkv.dtype)  # q/k normalisation, gates and the state are kept in fp32
+        acc = _acc_dtype(v.dtype)  # q/k normalisation, gates and the state are kept in fp32
         q, k = l2norm(q.to(acc)), l2norm(k.to(acc))
         beta = torch.sigmoid(b.to(acc))  # [B, T, Hv]
         g = -self.A_log.to(acc).exp() * F.softplus(a.to(acc) + self.dt_bias.to(acc))
@@ -1130,7 +1146,8 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         state.conv.copy_(window[:, :, 1:])
         qkv = F.silu((window * self.conv1d.weight[:, 0].to(window.dtype)).sum(-1, keepdim=True))  # [B, conv_dim, 1]
         z, b, a = self._gate_projections(hidden_states)
-        q, k, v, g, beta = self._heads_and_gates(qkv.transpose(1, 2).to(hidden_states.dtype), b, a, None)
+        parts = qkv.transpose(1, 2).to(hidden_states.dtype).split(self.conv_parts, dim=-1)  # [B, 1, C_part] each
+        q, k, v, g, beta = self._heads_and_gates(*parts, b, a, None)
         # The PyTorch step, also where fla is installed: inside a CUDA graph its handful of small kernels cost no
         # launch overhead, and it is the path whose capture is tested (fla's Triton launcher is not needed here).
         o, final_state = torch_recurrent_gated_delta_rule(
@@ -2143,6 +2160,7 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
             head_k_dim=mixer.head_k_dim,
             head_v_dim=mixer.head_v_dim,
             conv_dim=mixer.conv_dim,
+            conv_parts=mixer.conv_parts,
             conv_kernel_size=mixer.conv_kernel_size,
             dtype=dtype,
             packed=packed,

@@ -445,10 +445,14 @@ def test_fla_causal_conv_matches_the_reference(channels):
 def test_compiled_gated_deltanet_hands_its_padded_qkv_rows_to_fla_conv_uncopied():
     """At the seed width (conv_dim 3024) inductor pads the rows of the qkv projection's output and of the conv's
     output gradient (to 3072 elements). The conv's custom ops take those layouts as they are
-    (`needs_fixed_stride_order`): no inductor kernel copies an input of fla's conv, forward or backward (the
-    default constraint for custom ops, exact strides, made one copy forward and two backward, each a full pass over
-    [B, T, 3024]). Compiled with inductor's defaults, whose kernel names list the ops they fuse: such a copy is
-    named after the conv op."""
+    (`needs_fixed_stride_order`), and the layer runs the conv once on each of q's, k's and v's channels where they
+    lie in those rows: three calls on views of the padded buffer, at offsets 0, 1008 and 2016, and no inductor
+    kernel copies an input of fla's conv, forward or backward (the default constraint for custom ops, exact strides,
+    made one copy forward and two backward, each a full pass over [B, T, 3024]). q and k then reach their L2 norms
+    as contiguous tensors, which inductor normalises in one pass (a persistent reduction, `triton_per_`); on slices
+    of wider rows it looped them (`triton_red_`, two passes over the input: BENCHMARKS.md section 1, session 32).
+    Compiled with inductor's defaults, whose kernel names list the ops they fuse: such a copy is named after the
+    conv op, the norms after `rsqrt`."""
     import re
 
     from torch._inductor.utils import run_and_get_code
@@ -459,7 +463,7 @@ def test_compiled_gated_deltanet_hands_its_padded_qkv_rows_to_fla_conv_uncopied(
     if fla_backward_problem(torch.device("cuda")) is not None:
         pytest.skip(fla_backward_problem(torch.device("cuda")))
     layer = LlamaThinkGatedDeltaNet(LlamaThinkConfig(gdn_backend="fla"), 0).cuda()
-    assert layer.conv_dim == 3024
+    assert layer.conv_dim == 3024 and layer.conv_parts == (1008, 1008, 1008)
     x = torch.randn(2, 128, layer.in_proj_qkv.in_features, device="cuda", requires_grad=True)
     torch._dynamo.reset()
     compiled = torch.compile(layer)
@@ -475,14 +479,17 @@ def test_compiled_gated_deltanet_hands_its_padded_qkv_rows_to_fla_conv_uncopied(
     # the qkv projection's output [B*T, 3024] allocated in rows of 3072
     padded = re.search(r"(\w+) = empty_strided_cuda\(\(\d+, 3024\), \(3072, 1\)", code)
     assert padded, "inductor no longer pads these rows: the test checks nothing"
-    conv_input = (
-        r"fla_causal_conv1d_silu\.default\(reinterpret_tensor\("
-        + padded.group(1)
-        + r", \(2, 128, 3024\), \(\d+, 3072, 1\)"
+    calls = re.findall(
+        r"fla_causal_conv1d_silu\.default\(reinterpret_tensor\((\w+), \(2, 128, (\d+)\), \(\d+, (\d+), 1\)(?:, (\d+))?\)",
+        code,
     )
-    assert re.search(conv_input, code), "fla's conv is not handed the padded rows"
+    assert sorted((buf, int(width), int(row), int(offset or 0)) for buf, width, row, offset in calls) == [
+        (padded.group(1), 1008, 3072, offset) for offset in (0, 1008, 2016)
+    ], calls
     copies = re.findall(r"def (triton_\w*fla_causal_conv1d_silu\w*)\(", code)
     assert not copies, copies
+    norms = re.findall(r"def (triton_(?:per|red)_\w*rsqrt\w*)\(", code)
+    assert norms and all(name.startswith("triton_per_") for name in norms), norms
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 

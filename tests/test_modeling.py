@@ -2394,8 +2394,17 @@ def test_fla_prebuild_child_imports_this_module_from_anywhere_with_inductors_tri
         "device": 0,
         "conv_weight_dtype": "bfloat16",
         "delta_rule": "fla",
+        "conv_parts": None,
     }
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine")
+    # the conv's parts (q, k, v channels, as the layer runs it) reach the child as widths; wrong ones are named here
+    command = _captured_prebuild_command(kernels, monkeypatch, conv_parts=(24, 24, 24))
+    assert json.loads(command[5])["conv_parts"] == [24, 24, 24]
+    for bad in ((24, 24), (24, 0, 48), (24.0, 24, 24), ()):
+        with pytest.raises(ValueError, match=r"conv_parts=.*sum to conv_dim=72"):
+            _captured_prebuild_command(kernels, monkeypatch, conv_parts=bad)
+        with pytest.raises(ValueError, match=r"conv_parts=.*sum to conv_dim=72"):
+            kernels.prebuild_fla_kernels(2, 64, 4, 8, 10, 72, 4, conv_parts=bad)
     assert kernels.start_fla_prebuild(2, 64, 4, 8, 10, 72, 4, dtype=torch.float32) is None  # no float32 fla
     for off in ("0", "false", "Off", " no "):  # switched off, in any of the words and cases
         with monkeypatch.context() as patch:
