@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import operator
 import os
 import re
 import shutil
@@ -879,10 +880,18 @@ _prebuild_waits: list = sys.modules.setdefault(
 
 
 def _conv_parts(conv_parts, conv_dim: int) -> tuple[int, ...]:
-    """The widths the prebuild runs the conv on (`prebuild_fla_kernels`): `conv_parts` as a tuple, or the whole
-    `conv_dim` where None. Raises ValueError unless they are positive integers that sum to conv_dim."""
-    parts = tuple(conv_parts) if conv_parts is not None else (conv_dim,)
-    if not parts or any(type(p) is not int or p < 1 for p in parts) or sum(parts) != conv_dim:
+    """The widths the prebuild runs the conv on (`prebuild_fla_kernels`): `conv_parts` (a sequence of integers,
+    numpy's too) as a tuple of ints, or the whole `conv_dim` where None. Raises ValueError unless they are positive
+    integers (not bools) that sum to conv_dim."""
+    if conv_parts is None:
+        return (conv_dim,)
+    try:
+        if isinstance(conv_parts, (str, bytes)) or any(isinstance(p, bool) for p in conv_parts):
+            raise TypeError
+        parts = tuple(operator.index(p) for p in conv_parts)
+    except TypeError:
+        parts = ()
+    if not parts or min(parts) < 1 or sum(parts) != conv_dim:
         raise ValueError(f"conv_parts={conv_parts!r}: expected positive integer widths that sum to conv_dim={conv_dim}")
     return parts
 
@@ -1030,7 +1039,7 @@ def start_fla_prebuild(
     conv_weight_dtype: torch.dtype = torch.float32,
     log_path: str | Path | None = None,
     delta_rule: str = "fla",
-    conv_parts: tuple[int, ...] | None = None,
+    conv_parts: tuple[int, ...] | list[int] | None = None,
 ):
     """Start `prebuild_fla_kernels` in a child Python process and return it (a `subprocess.Popen`), or None where
     there is nothing to build: fla or CUDA missing, a dtype fla does not train in, or `LLAMATHINK_FLA_PREBUILD=0` (or
@@ -1061,10 +1070,13 @@ def start_fla_prebuild(
     file, replaced). Its cost: one CUDA context and one step's fla inputs, outputs and gradients on `device` while
     it runs (by their sizes about 2 GB at the 95M model's batch 64 x 1024, a quarter of that at batch 16), and CPU
     time beside inductor's compile workers; with FlashQLA four contexts and four such sets (heads padded to 128).
-    Raises OSError where the child cannot be started or `log_path` not written. Method: a warm-up of the kernels'
-    JIT disk caches, as inductor's parallel compile workers build its own kernels beside the main process."""
+    Raises OSError where the child cannot be started or `log_path` not written, ValueError for `conv_parts` that
+    do not sum to conv_dim (before anything is started or changed). Method: a warm-up of the kernels' JIT disk
+    caches, as inductor's parallel compile workers build its own kernels beside the main process."""
     import atexit
     import subprocess
+
+    conv_parts = _conv_parts(conv_parts, conv_dim) if conv_parts is not None else None
 
     if _switched_off(os.environ.get(FLA_PREBUILD_ENV, "")) or not torch.cuda.is_available() or _fla_ops() is None:
         return None
@@ -1091,7 +1103,7 @@ def start_fla_prebuild(
         "device": index,
         "conv_weight_dtype": str(conv_weight_dtype).removeprefix("torch."),
         "delta_rule": delta_rule,
-        "conv_parts": list(_conv_parts(conv_parts, conv_dim)) if conv_parts is not None else None,
+        "conv_parts": list(conv_parts) if conv_parts is not None else None,
     }
     ready = None
     if delta_rule == "flash_qla":  # where its parts' processes tell that they have ended (`wait_for_prebuild`)

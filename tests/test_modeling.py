@@ -14,6 +14,7 @@ import types
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -2040,6 +2041,49 @@ def test_text_generation_pipeline(tmp_path):
     assert text.startswith("w5 w6 w7") and len(text.split()) > 3
 
 
+def test_gated_deltanet_runs_fla_conv_per_part_on_views_of_the_qkv_rows(monkeypatch):
+    """fla's path of `_causal_conv` (fla's op stood in for by the PyTorch conv, on this CPU) runs the conv once per
+    part, q's, k's and v's channels (`conv_parts`), on views of qkv's rows at offsets 0, key_dim and 2 key_dim, not
+    on copies; its parts and the gradients of qkv and of the conv weight equal the PyTorch path's (float32), for one
+    sequence per row and for packed sequences (`cu_seqlens`: each starts from zeros)."""
+    from llamathink.modeling_llamathink import packed_segments
+
+    layer = modeling.LlamaThinkGatedDeltaNet(tiny_config(gdn_backend="fla"), 0)
+    randomize_(layer)
+    assert layer.conv_parts == (16, 16, 40) and layer.conv_dim == 72
+    seen = []
+
+    def reference_op(x, weight, cu_seqlens=None):  # fla's contract (16-bit x, [C, K] weight) on the PyTorch conv
+        seen.append((x.storage_offset(), x.stride(-2), x.shape[-1]))
+        bounds = [0, x.shape[1]] if cu_seqlens is None else cu_seqlens.tolist()
+        outs = []
+        for a, b in zip(bounds, bounds[1:]):  # each sequence from zeros
+            part = F.pad(x[:, a:b].float().transpose(1, 2), (weight.shape[1] - 1, 0))  # [B, C, K-1+len]
+            outs.append(F.silu(F.conv1d(part, weight.float()[:, None], groups=x.shape[-1])).transpose(1, 2))
+        return torch.cat(outs, 1).to(x.dtype)
+
+    monkeypatch.setattr(modeling, "fla_causal_conv1d_silu", reference_op)
+    qkv = torch.randn(2, 24, 72, generator=torch.Generator().manual_seed(0))
+    pos = torch.cat([torch.arange(10), torch.arange(14)])[None].repeat(2, 1)
+    for packed in (False, True):
+        segments, segment_pos = packed_segments(pos, None, None, 2, 24) if packed else (None, None)
+        results = {}
+        for backend, dtype in (("fla", torch.bfloat16), ("torch", torch.float32)):
+            x = qkv.to(dtype).detach().clone().requires_grad_()
+            layer.zero_grad()
+            seen.clear()
+            parts = layer._causal_conv(x, None, backend, segments, segment_pos)
+            assert [p.shape for p in parts] == [(2, 24, 16), (2, 24, 16), (2, 24, 40)]
+            grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(parts)]
+            torch.autograd.backward(parts, [g.to(dtype) for g in grads])
+            results[backend] = ([p.float() for p in parts], x.grad.float(), layer.conv1d.weight.grad.clone())
+            if backend == "fla":
+                assert seen == [(0, 72, 16), (16, 72, 16), (32, 72, 40)], seen  # views of the rows, not copies
+        (fla_parts, fla_dx, fla_dw), (ref_parts, ref_dx, ref_dw) = results["fla"], results["torch"]
+        for got, want in zip([*fla_parts, fla_dx, fla_dw], [*ref_parts, ref_dx, ref_dw]):
+            assert ((got - want).norm() / want.norm()).item() < 2e-2, packed  # bf16 rounding
+
+
 def test_gdn_backend_selection_falls_back_on_cpu(caplog):
     from llamathink.kernels_llamathink import select_gdn_backend
 
@@ -2398,9 +2442,10 @@ def test_fla_prebuild_child_imports_this_module_from_anywhere_with_inductors_tri
     }
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine")
     # the conv's parts (q, k, v channels, as the layer runs it) reach the child as widths; wrong ones are named here
-    command = _captured_prebuild_command(kernels, monkeypatch, conv_parts=(24, 24, 24))
-    assert json.loads(command[5])["conv_parts"] == [24, 24, 24]
-    for bad in ((24, 24), (24, 0, 48), (24.0, 24, 24), ()):
+    for parts in ((24, 24, 24), [24, 24, 24], np.array([24, 24, 24])):  # numpy's integers too
+        command = _captured_prebuild_command(kernels, monkeypatch, conv_parts=parts)
+        assert json.loads(command[5])["conv_parts"] == [24, 24, 24]
+    for bad in ((24, 24), (24, 0, 48), (24.0, 24, 24), (), 72, (True, 24, 47), "72"):
         with pytest.raises(ValueError, match=r"conv_parts=.*sum to conv_dim=72"):
             _captured_prebuild_command(kernels, monkeypatch, conv_parts=bad)
         with pytest.raises(ValueError, match=r"conv_parts=.*sum to conv_dim=72"):
