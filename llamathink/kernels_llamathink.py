@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import types
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -750,11 +751,7 @@ def _define_fla_conv_op():
 
     layout = (torch.Tag.needs_fixed_stride_order,)
 
-    @torch.library.custom_op("llamathink::fla_causal_conv1d_silu", mutates_args=(), tags=layout)
-    def fla_causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-        """x [B, T, C] 16-bit, any strides (copied where fla's kernels cannot read them: `_as_fla_conv_rows`);
-        weight [C, K] (fp32); `cu_seqlens` [N + 1] (B = 1): N packed sequences, each starting from zeros ->
-        silu(causal depthwise conv) [B, T, C] in x's dtype, contiguous."""
+    def forward(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         fwd, _ = _fla_conv_internals()
         with _device_of(x):
             y, _ = fwd(
@@ -768,6 +765,13 @@ def _define_fla_conv_op():
                 cu_seqlens=cu_seqlens,
             )
         return y.contiguous()
+
+    @torch.library.custom_op("llamathink::fla_causal_conv1d_silu", mutates_args=(), tags=layout)
+    def fla_causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        """x [B, T, C] 16-bit, any strides (copied where fla's kernels cannot read them: `_as_fla_conv_rows`);
+        weight [C, K] (fp32); `cu_seqlens` [N + 1] (B = 1): N packed sequences, each starting from zeros ->
+        silu(causal depthwise conv) [B, T, C] in x's dtype, contiguous."""
+        return forward(x, weight, cu_seqlens)
 
     @fla_causal_conv1d_silu.register_fake
     def _(x, weight, cu_seqlens):
@@ -808,6 +812,37 @@ def _define_fla_conv_op():
         return dx, dw, None
 
     fla_causal_conv1d_silu.register_autograd(backward, setup_context=setup_context)
+
+    @torch.library.custom_op("llamathink::fla_causal_conv1d_silu_split", mutates_args=(), tags=layout)
+    def fla_causal_conv1d_silu_split(
+        x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None, widths: list[int]
+    ) -> list[torch.Tensor]:
+        """`fla_causal_conv1d_silu` run once per group of consecutive channels (`widths`, summing to C), each on
+        the group's view of x's rows -> [B, T, w] for each width w, each contiguous."""
+        outs, start = [], 0
+        for width in widths:
+            outs.append(forward(x[..., start : start + width], weight[start : start + width], cu_seqlens))
+            start += width
+        return outs
+
+    @fla_causal_conv1d_silu_split.register_fake
+    def _(x, weight, cu_seqlens, widths):
+        return [x.new_empty((*x.shape[:-1], width)) for width in widths]
+
+    def setup_split_context(ctx, inputs, output):
+        x, weight, cu_seqlens, _ = inputs
+        ctx.save_for_backward(x, weight, cu_seqlens)
+
+    def split_backward(ctx, grads):
+        # One backward over all C channels: the groups' output gradients joined along the channels. Under
+        # torch.compile this cat is traced into the backward graph, where inductor writes each gradient into its
+        # slice as it computes it; a backward per group would instead need a cat of the input gradients after fla.
+        x, weight, cu_seqlens = ctx.saved_tensors
+        grad_y = torch.cat(grads, dim=-1) if len(grads) > 1 else grads[0]
+        dx, dw = fla_causal_conv1d_silu_backward(x, weight, grad_y, cu_seqlens)
+        return dx, dw, None, None
+
+    fla_causal_conv1d_silu_split.register_autograd(split_backward, setup_context=setup_split_context)
     return torch.ops.llamathink.fla_causal_conv1d_silu
 
 
@@ -827,6 +862,24 @@ def fla_causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: to
     if _fla_conv_internals() is None:
         raise RuntimeError("fla's causal conv (fla.modules.causal_conv1d) is not available")
     return _fla_conv_op(x, weight.contiguous(), cu_seqlens)
+
+
+def fla_causal_conv1d_silu_split(
+    x: torch.Tensor, weight: torch.Tensor, widths: Sequence[int], cu_seqlens: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
+    """`fla_causal_conv1d_silu(x, weight, cu_seqlens)` split along the channels into groups of `widths` (positive
+    integers summing to C) -> one contiguous [B, T, w] tensor per group: fla's forward runs once per group, on the
+    group's view of x's rows, so that no part of the output is a strided slice of a wider tensor (inductor loops a
+    row reduction over such slices, BENCHMARKS.md section 1, session 32); the backward runs once over all C
+    channels. The Gated DeltaNet's q, k and v channels (`LlamaThinkGatedDeltaNet.conv_parts`).
+
+    Values equal those of `fla_causal_conv1d_silu` split afterwards (the same kernels, per channel). Raises
+    ValueError for widths that are not positive integers summing to C, RuntimeError where fla's conv is not
+    available."""
+    if _fla_conv_internals() is None:
+        raise RuntimeError("fla's causal conv (fla.modules.causal_conv1d) is not available")
+    widths = _conv_parts(widths, x.shape[-1], name="widths")
+    return tuple(torch.ops.llamathink.fla_causal_conv1d_silu_split(x, weight.contiguous(), cu_seqlens, list(widths)))
 
 
 def fla_conv_available() -> bool:
@@ -879,10 +932,10 @@ _prebuild_waits: list = sys.modules.setdefault(
 ).__dict__.setdefault("waits", [])
 
 
-def _conv_parts(conv_parts, conv_dim: int) -> tuple[int, ...]:
-    """The widths the prebuild runs the conv on (`prebuild_fla_kernels`): `conv_parts` (a sequence of integers,
-    numpy's too) as a tuple of ints, or the whole `conv_dim` where None. Raises ValueError unless they are positive
-    integers (not bools) that sum to conv_dim."""
+def _conv_parts(conv_parts, conv_dim: int, name: str = "conv_parts") -> tuple[int, ...]:
+    """The channel groups the conv runs on (`fla_causal_conv1d_silu_split`, `prebuild_fla_kernels`): `conv_parts`
+    (a sequence of integers, numpy's too) as a tuple of ints, or the whole `conv_dim` where None. Raises ValueError,
+    naming the argument (`name`), unless they are positive integers (not bools) that sum to conv_dim."""
     if conv_parts is None:
         return (conv_dim,)
     try:
@@ -892,7 +945,7 @@ def _conv_parts(conv_parts, conv_dim: int) -> tuple[int, ...]:
     except TypeError:
         parts = ()
     if not parts or min(parts) < 1 or sum(parts) != conv_dim:
-        raise ValueError(f"conv_parts={conv_parts!r}: expected positive integer widths that sum to conv_dim={conv_dim}")
+        raise ValueError(f"{name}={conv_parts!r}: expected positive integer widths that sum to conv_dim={conv_dim}")
     return parts
 
 
@@ -963,10 +1016,7 @@ def prebuild_fla_kernels(
         if _fla_conv_internals() is not None:
             x = leaf(B, T, conv_dim)
             weight = leaf(conv_dim, conv_kernel_size, dtype=getattr(torch, conv_weight_dtype))
-            ys = [
-                _fla_conv_op(x_part, w_part, cu_seqlens)
-                for x_part, w_part in zip(x.split(conv_parts, dim=-1), weight.split(conv_parts))
-            ]
+            ys = torch.ops.llamathink.fla_causal_conv1d_silu_split(x, weight, cu_seqlens, list(conv_parts))
             torch.autograd.backward(ys, [torch.randn_like(y) for y in ys])
 
     def built():  # the kernels the step may launch are in the caches
@@ -1611,6 +1661,7 @@ __all__ = [
     "fla_autotune_choices",
     "fla_backward_problem",
     "fla_causal_conv1d_silu",
+    "fla_causal_conv1d_silu_split",
     "fla_chunk_gated_delta_rule",
     "fla_conv_available",
     "fla_recurrent_gated_delta_rule",

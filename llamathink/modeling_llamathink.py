@@ -47,7 +47,7 @@ from .configuration_llamathink import LlamaThinkConfig
 from .kernels_llamathink import (
     FLA_GDN_KERNELS,
     FLASH_QLA_GDN_KERNELS,
-    fla_causal_conv1d_silu,
+    fla_causal_conv1d_silu_split,
     probe_fla,
     probe_flash_qla,
     select_gdn_backend,
@@ -1001,14 +1001,12 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         K = self.conv_kernel_size
         plain = is_plain_module(self.conv1d, nn.Conv1d)
         if backend != "torch" and state is None and qkv.dtype in (torch.float16, torch.bfloat16) and plain:
-            weights = self.conv1d.weight[:, 0].split(self.conv_parts)  # [C_part, K] each
+            weight = self.conv1d.weight[:, 0]  # [C, K]
             if segments is None:
-                parts = qkv.split(self.conv_parts, dim=-1)  # views of qkv's rows
-                return tuple(fla_causal_conv1d_silu(x, w) for x, w in zip(parts, weights))
-            parts = qkv.reshape(1, B * T, C).split(self.conv_parts, dim=-1)  # [1, B*T, C_part] views
-            return tuple(
-                fla_causal_conv1d_silu(x, w, segments.cu_seqlens).reshape(B, T, -1) for x, w in zip(parts, weights)
-            )
+                return fla_causal_conv1d_silu_split(qkv, weight, self.conv_parts)
+            flat = qkv.reshape(1, B * T, C)  # one row of the packed sequences
+            parts = fla_causal_conv1d_silu_split(flat, weight, self.conv_parts, segments.cu_seqlens)
+            return tuple(part.reshape(B, T, -1) for part in parts)  # [1, B*T, C_part] -> [B, T, C_part]
         if state is not None and state.conv is not None:
             x = torch.cat((state.conv.transpose(1, 2).to(qkv.dtype), qkv), dim=1)  # [B, K-1+T, C]
         else:

@@ -21,6 +21,7 @@ from llamathink.kernels_llamathink import (
     _fla_ops,
     fla_backward_problem,
     fla_causal_conv1d_silu,
+    fla_causal_conv1d_silu_split,
     fla_chunk_gated_delta_rule,
     fla_conv_available,
     fla_recurrent_gated_delta_rule,
@@ -385,7 +386,8 @@ def test_fla_variable_length_kernel_matches_the_reference_on_each_sequence():
 def test_fla_causal_conv_matches_the_reference(channels):
     """fla's fused conv + SiLU (channels-last, bf16) against PyTorch's depthwise conv in fp32, forward and gradients
     (input and weight), for one sequence per row and for packed sequences (cu_seqlens), each of which must start
-    from zeros as if alone. 100 channels: not a multiple of fla's channel tiles (its masked path)."""
+    from zeros as if alone; strided inputs and the split into channel groups against the contiguous whole call.
+    100 channels: not a multiple of fla's channel tiles (its masked path)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(2, 300, channels, device="cuda", generator=gen).bfloat16()
     weight = torch.randn(channels, 4, device="cuda", generator=gen) * 0.5
@@ -445,19 +447,33 @@ def test_fla_causal_conv_matches_the_reference(channels):
             # (1e-5 of its largest value); a stride or offset misread would be off by the values themselves.
             torch.testing.assert_close(dw_p, dw_c, rtol=1e-5, atol=1e-5 * dw_c.abs().max().item())
 
+        # Split into channel groups (as the layer splits q, k, v): each group's conv runs on its view of x's rows,
+        # each output contiguous, with the values of the whole call split afterwards (the kernels work per
+        # channel); the backward joins the groups' gradients and runs once over all channels.
+        widths = [32, 32, channels - 64]
+        xs, ws = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        x_in = xs.reshape(1, 600, channels) if packed else xs
+        parts = fla_causal_conv1d_silu_split(x_in, ws, widths, cu if packed else None)
+        assert [p.shape[-1] for p in parts] == widths and all(p.is_contiguous() for p in parts)
+        torch.testing.assert_close(torch.cat(parts, -1).reshape(x.shape), y_c.reshape(x.shape), rtol=0, atol=0)
+        torch.autograd.backward(parts, list(dy.reshape(x_in.shape).split(widths, -1)))
+        torch.testing.assert_close(xs.grad, dx_c.reshape(x.shape), rtol=0, atol=0)
+        torch.testing.assert_close(ws.grad, dw_c, rtol=1e-5, atol=1e-5 * dw_c.abs().max().item())
+
 
 @needs_fla
 def test_compiled_gated_deltanet_hands_its_padded_qkv_rows_to_fla_conv_uncopied():
     """At the seed width (conv_dim 3024) inductor pads the rows of the qkv projection's output (to 3072 elements).
-    The conv's custom ops take that layout as it is (`needs_fixed_stride_order`), and the layer runs the conv once
-    on each of q's, k's and v's channels where they lie in those rows: three calls on views of the padded buffer, at
-    offsets 0, 1008 and 2016, and no inductor kernel copies an input of fla's conv (the default constraint for
-    custom ops, exact strides, made a full pass over [B, T, 3024] for each copy). q and k then reach their L2 norms
-    as contiguous tensors, which inductor normalises in one pass (a persistent reduction, `triton_per_`); on slices
-    of wider rows it looped them (`triton_red_`, two passes over the input: BENCHMARKS.md section 1, session 32).
-    That choice is made only for many rows (at least 64 per SM: 16 x 128 tokens x 9 heads here). Compiled with
-    inductor's defaults, whose kernel names list the ops they fuse: a copy is an element-wise kernel named after
-    the conv op, a norm's forward a reduction named after `rsqrt` and `sum`."""
+    The conv's custom ops take that layout as it is (`needs_fixed_stride_order`): the forward graph hands the padded
+    buffer itself to `fla_causal_conv1d_silu_split` (which runs fla's conv on each of q's, k's and v's channels where
+    they lie in those rows) and no inductor kernel of the forward copies it (the default constraint for custom ops,
+    exact strides, made a full pass over [B, T, 3024]). q and k then reach their L2 norms as contiguous tensors,
+    which inductor normalises in one pass (a persistent reduction, `triton_per_`); on slices of wider rows it looped
+    them (`triton_red_`, two passes over the input: BENCHMARKS.md section 1, session 32). That choice is made only
+    for many rows (at least 64 per SM: 16 x 128 tokens x 9 heads here). The backward runs fla's conv backward once,
+    over all channels. Compiled with inductor's defaults, whose kernel names list the ops they fuse: a copy of the
+    conv's input is an element-wise kernel named after the conv op, a norm's forward a reduction named after `rsqrt`
+    and `sum`."""
     import re
 
     from torch._inductor.utils import run_and_get_code
@@ -480,24 +496,26 @@ def test_compiled_gated_deltanet_hands_its_padded_qkv_rows_to_fla_conv_uncopied(
         out.float().square().sum().backward()
 
     _, sources = run_and_get_code(step)
-    code = "\n".join(sources)
-    assert "llamathink.fla_causal_conv1d_silu.default" in code and "fla_causal_conv1d_silu_backward.default" in code
-    # the qkv projection's output [B*T, 3024] allocated in rows of 3072
-    padded = re.search(r"(\w+) = empty_strided_cuda\(\(\d+, 3024\), \(3072, 1\)", code)
+    forward = [code for code in sources if "fla_causal_conv1d_silu_split.default(" in code]
+    backward = [code for code in sources if "fla_causal_conv1d_silu_backward.default(" in code]
+    assert len(forward) == 1 and len(backward) == 1, [len(forward), len(backward), len(sources)]
+    forward, backward = forward[0], backward[0]
+    # the qkv projection's output [B*T, 3024] allocated in rows of 3072, handed to the op as it lies
+    padded = re.search(r"(\w+) = empty_strided_cuda\(\(\d+, 3024\), \(3072, 1\)", forward)
     assert padded, "inductor no longer pads these rows: the test checks nothing"
     calls = re.findall(
-        r"fla_causal_conv1d_silu\.default\(reinterpret_tensor\("
-        r"(\w+), \(16, 128, (\d+)\), \(\d+, (\d+), 1\)(?:, (\d+))?\)",
-        code,
+        r"fla_causal_conv1d_silu_split\.default\(reinterpret_tensor\((\w+), \(16, 128, 3024\), \(\d+, 3072, 1\)"
+        r"(?:, 0)?\), [^\n]*\[1008, 1008, 1008\]\)",
+        forward,
     )
-    assert sorted((buf, int(width), int(row), int(offset or 0)) for buf, width, row, offset in calls) == [
-        (padded.group(1), 1008, 3072, offset) for offset in (0, 1008, 2016)
-    ], calls
-    # (the norms' backward kernels also carry the conv op's name, from the gradient buffer they fill: reductions)
-    copies = re.findall(r"def (triton_poi_\w*fla_causal_conv1d_silu\w*)\(", code)
+    assert calls == [padded.group(1)], re.findall(r"fla_causal_conv1d_silu_split\.default\([^\n]*", forward)
+    copies = re.findall(r"def (triton_poi_\w*fla_causal_conv1d_silu\w*)\(", forward)
     assert not copies, copies
-    norms = [n for n in re.findall(r"def (triton_(?:per|red)_\w*rsqrt\w*)\(", code) if "_sum" in n and "mean" not in n]
+    norms = [
+        n for n in re.findall(r"def (triton_(?:per|red)_\w*rsqrt\w*)\(", forward) if "_sum" in n and "mean" not in n
+    ]
     assert norms and all(name.startswith("triton_per_") for name in norms), norms
+    assert backward.count("fla_causal_conv1d_silu_backward.default(") == 1
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 

@@ -2042,10 +2042,14 @@ def test_text_generation_pipeline(tmp_path):
 
 
 def test_gated_deltanet_runs_fla_conv_per_part_on_views_of_the_qkv_rows(monkeypatch):
-    """fla's path of `_causal_conv` (fla's op stood in for by the PyTorch conv, on this CPU) runs the conv once per
-    part, q's, k's and v's channels (`conv_parts`), on views of qkv's rows at offsets 0, key_dim and 2 key_dim, not
-    on copies; its parts and the gradients of qkv and of the conv weight equal the PyTorch path's (float32), for one
-    sequence per row and for packed sequences (`cu_seqlens`: each starts from zeros)."""
+    """fla's path of `_causal_conv` through the real custom op (`llamathink::fla_causal_conv1d_silu_split`), with
+    fla's conv functions stood in for by PyTorch ones of the same signature (this CPU has no fla): the forward runs
+    once per part, q's, k's and v's channels (`conv_parts`), on views of qkv's rows at offsets 0, key_dim and
+    2 key_dim (not copies); the backward once over all channels, on the parts' gradients joined. The parts and the
+    gradients of qkv and of the conv weight equal the PyTorch path's (float32), for one sequence per row and for
+    packed sequences (`cu_seqlens`: each starts from zeros), eagerly and traced by AOTAutograd (the op's fake
+    outputs and its backward formula in the compiled graph)."""
+    from llamathink import kernels_llamathink as kernels
     from llamathink.modeling_llamathink import packed_segments
 
     layer = modeling.LlamaThinkGatedDeltaNet(tiny_config(gdn_backend="fla"), 0)
@@ -2053,35 +2057,82 @@ def test_gated_deltanet_runs_fla_conv_per_part_on_views_of_the_qkv_rows(monkeypa
     assert layer.conv_parts == (16, 16, 40) and layer.conv_dim == 72
     seen = []
 
-    def reference_op(x, weight, cu_seqlens=None):  # fla's contract (16-bit x, [C, K] weight) on the PyTorch conv
-        seen.append((x.storage_offset(), x.stride(-2), x.shape[-1]))
+    def segments_of(x, cu_seqlens):  # (start, end) of each sequence along T
         bounds = [0, x.shape[1]] if cu_seqlens is None else cu_seqlens.tolist()
-        outs = []
-        for a, b in zip(bounds, bounds[1:]):  # each sequence from zeros
-            part = F.pad(x[:, a:b].float().transpose(1, 2), (weight.shape[1] - 1, 0))  # [B, C, K-1+len]
-            outs.append(F.silu(F.conv1d(part, weight.float()[:, None], groups=x.shape[-1])).transpose(1, 2))
-        return torch.cat(outs, 1).to(x.dtype)
+        return list(zip(bounds, bounds[1:]))
 
-    monkeypatch.setattr(modeling, "fla_causal_conv1d_silu", reference_op)
+    def pre_activation(x, weight, a, b):  # u [B, L, C] of x[:, a:b] from zeros, float32; and x left-padded
+        K = weight.shape[1]
+        xp = F.pad(x[:, a:b].float(), (0, 0, K - 1, 0))  # [B, K-1+L, C]
+        return sum(weight[:, j].float() * xp[:, j : j + b - a] for j in range(K)), xp
+
+    def fwd(x, weight, bias, residual, initial_state, output_final_state, activation, cu_seqlens):
+        seen.append(("forward", x.storage_offset(), x.stride(-2), x.shape[-1]))
+        y = torch.cat([F.silu(pre_activation(x, weight, a, b)[0]) for a, b in segments_of(x, cu_seqlens)], 1)
+        return y.to(x.dtype), None
+
+    def bwd(x, dy, dht, weight, bias, residual, initial_state, activation, cu_seqlens):
+        # by hand (autograd does not record inside an op): du = dy silu'(u); dx[t] = sum_j w_j du[t + K-1-j];
+        # dw_j = sum_t du[t] x[t - (K-1) + j]
+        seen.append(("backward", x.storage_offset(), x.stride(-2), x.shape[-1], dy.shape[-1]))
+        K, dxs, dw = weight.shape[1], [], torch.zeros(weight.shape)
+        for a, b in segments_of(x, cu_seqlens):
+            u, xp = pre_activation(x, weight, a, b)
+            s = torch.sigmoid(u)
+            du = dy[:, a:b].float() * s * (1 + u * (1 - s))  # [B, L, C]
+            dup = F.pad(du, (0, 0, 0, K - 1))  # [B, L+K-1, C]
+            dxs.append(sum(weight[:, j].float() * dup[:, K - 1 - j : K - 1 - j + b - a] for j in range(K)))
+            dw += torch.stack([(du * xp[:, j : j + b - a]).sum((0, 1)) for j in range(K)], 1)
+        return torch.cat(dxs, 1).to(x.dtype), dw, None, None, None
+
+    monkeypatch.setitem(kernels._fla_state, "conv", (fwd, bwd))
+    monkeypatch.setitem(kernels._fla_state, "conv-strides", True)  # fla-core 0.6 reads x through its strides
     qkv = torch.randn(2, 24, 72, generator=torch.Generator().manual_seed(0))
     pos = torch.cat([torch.arange(10), torch.arange(14)])[None].repeat(2, 1)
     for packed in (False, True):
         segments, segment_pos = packed_segments(pos, None, None, 2, 24) if packed else (None, None)
+        grads = [torch.randn(2, 24, n, generator=torch.Generator().manual_seed(n)) for n in (16, 16, 40)]
         results = {}
-        for backend, dtype in (("fla", torch.bfloat16), ("torch", torch.float32)):
+        for run, backend, dtype in (
+            ("eager", "fla", torch.bfloat16),
+            ("aot", "fla", torch.bfloat16),
+            ("ref", "torch", torch.float32),
+        ):
             x = qkv.to(dtype).detach().clone().requires_grad_()
             layer.zero_grad()
             seen.clear()
-            parts = layer._causal_conv(x, None, backend, segments, segment_pos)
+
+            def conv(x, backend=backend, segments=segments, segment_pos=segment_pos):
+                return layer._causal_conv(x, None, backend, segments, segment_pos)
+
+            parts = torch.compile(conv, backend="aot_eager", fullgraph=True)(x) if run == "aot" else conv(x)
             assert [p.shape for p in parts] == [(2, 24, 16), (2, 24, 16), (2, 24, 40)]
-            grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(parts)]
+            assert backend == "torch" or all(p.is_contiguous() for p in parts)
             torch.autograd.backward(parts, [g.to(dtype) for g in grads])
-            results[backend] = ([p.float() for p in parts], x.grad.float(), layer.conv1d.weight.grad.clone())
-            if backend == "fla":
-                assert seen == [(0, 72, 16), (16, 72, 16), (32, 72, 40)], seen  # views of the rows, not copies
-        (fla_parts, fla_dx, fla_dw), (ref_parts, ref_dx, ref_dw) = results["fla"], results["torch"]
-        for got, want in zip([*fla_parts, fla_dx, fla_dw], [*ref_parts, ref_dx, ref_dw]):
-            assert ((got - want).norm() / want.norm()).item() < 2e-2, packed  # bf16 rounding
+            results[run] = ([p.float() for p in parts], x.grad.float(), layer.conv1d.weight.grad.clone())
+            if backend == "fla":  # the rows: [B, T, 72], or one packed row [1, B*T, 72]
+                assert seen == [
+                    ("forward", 0, 72, 16),
+                    ("forward", 16, 72, 16),
+                    ("forward", 32, 72, 40),
+                    ("backward", 0, 72, 72, 72),
+                ], (run, packed, seen)
+        want_parts, want_dx, want_dw = results["ref"]
+        for run in ("eager", "aot"):
+            got_parts, got_dx, got_dw = results[run]
+            for got, want in zip([*got_parts, got_dx, got_dw], [*want_parts, want_dx, want_dw]):
+                assert ((got - want).norm() / want.norm()).item() < 2e-2, (run, packed)  # bf16 rounding
+
+
+def test_fla_causal_conv1d_silu_split_names_widths_that_do_not_fit(monkeypatch):
+    """The public wrapper refuses channel groups that are not positive integers summing to C, naming them."""
+    from llamathink import kernels_llamathink as kernels
+
+    monkeypatch.setitem(kernels._fla_state, "conv", (None, None))  # "available": the widths are checked first
+    x, weight = torch.zeros(1, 4, 12, dtype=torch.bfloat16), torch.zeros(12, 4)
+    for bad in ((4, 4), (4, 0, 8), (4.0, 4, 4), (), 12, (True, 4, 7), "12"):
+        with pytest.raises(ValueError, match=r"widths=.*sum to conv_dim=12"):
+            kernels.fla_causal_conv1d_silu_split(x, weight, bad)
 
 
 def test_gdn_backend_selection_falls_back_on_cpu(caplog):
