@@ -1347,8 +1347,11 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
     scores T queries against T / stride blocks; both through SDPA with the GQA groups folded into the query length.
     """
 
-    # the local path's query chunk (`_local_attention`): any size gives the same attention
-    local_chunk: int = 1 << 30
+    # The local path's query chunk (`_local_attention`): any size gives the same attention. 128 rather than whole
+    # windows: at the seed's W = 512 a whole-window chunk scores 2W keys per query for the W it may see, and the
+    # step's attention kernels were 0.55 ms (10%) faster at 128 on an H200 (BENCHMARKS.md section 1, session 35);
+    # 64 was slower again (more, smaller chunks). Windows of 128 or less run whole, as before.
+    local_chunk: int = 128
 
     def __init__(self, config: LlamaThinkConfig, layer_idx: int):
         super().__init__(config, layer_idx)

@@ -10,6 +10,8 @@ from conftest import REPO_ROOT
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import bench_gpu as bg  # noqa: E402
 
+from llamathink.modeling_llamathink import LlamaThinkCompressedSparseAttention  # noqa: E402
+
 
 @pytest.mark.parametrize(
     "name",
@@ -49,13 +51,15 @@ def test_wrong_model_names_stop_with_the_fault_named(name, message):
 
 
 def test_csa_chunk_variant_sets_the_local_chunk_of_every_csa_layer_only():
-    model = bg.build("llamathink:torch:csa-chunk128")
+    """`:csa-chunk512` (whole windows of the seed's 512) on every CSA layer, no other layer touched; the plain model
+    keeps the class default."""
+    default = LlamaThinkCompressedSparseAttention.local_chunk
+    assert default != 512
+    model = bg.build("llamathink:torch:csa-chunk512")
     chunks = {layer.mixer_type: getattr(layer.mixer, "local_chunk", None) for layer in model.model.layers}
-    assert chunks["csa"] == 128 and chunks["full"] is None and chunks["linear"] is None
+    assert chunks["csa"] == 512 and chunks["full"] is None and chunks["linear"] is None
     plain = bg.build("llamathink:torch")
-    assert all(
-        layer.mixer.local_chunk >= plain.config.csa_window for layer in plain.model.layers if layer.mixer_type == "csa"
-    )
+    assert {layer.mixer.local_chunk for layer in plain.model.layers if layer.mixer_type == "csa"} == {default}
 
 
 def test_cold_and_untuned_processes_get_their_own_environment(tmp_path, monkeypatch):

@@ -534,7 +534,7 @@ def test_csa_local_chunk_changes_nothing(chunk):
     for m in csa:
         m._grouped_sdpa = recording(m)
     whole, whole_grads = run()
-    assert all(m.local_chunk >= m.window for m in csa)  # the default: whole windows
+    assert all(m.local_chunk >= m.window for m in csa)  # the default chunk (128) holds this window whole
     assert len(chunks) >= 8 and set(chunks) == {8}  # two layers, four paths (every row longer than the window)
     chunks.clear()
     for m in csa:
