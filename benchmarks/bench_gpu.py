@@ -108,7 +108,15 @@ def check_model_name(name: str) -> None:
         known = PEER_VARIANTS
     else:
         raise SystemExit(f"{name!r}: unknown model (llamathink:<backend>, {', '.join(PEERS)})")
-    unknown = [part for part in parts if part not in known and not (model == "llamathink" and csa_chunk(part))]
+    if model == "llamathink":
+        chunks = [part for part in parts if part.startswith("csa-chunk")]
+        bad = [part for part in chunks if csa_chunk(part) is None]
+        if bad:
+            raise SystemExit(f"{name!r}: {bad[0]!r}: csa-chunk<N> needs a positive integer N without leading zeros")
+        if len(chunks) > 1:
+            raise SystemExit(f"{name!r}: more than one csa-chunk<N> ({', '.join(chunks)}); name one")
+        parts, known = [part for part in parts if part not in chunks], (*known, "csa-chunk<N>")
+    unknown = [part for part in parts if part not in known]
     if unknown:
         raise SystemExit(f"{name!r}: unknown variant {unknown[0]!r} of {model} ({', '.join(known)})")
 

@@ -25,7 +25,7 @@ import shutil
 import sys
 import tempfile
 import types
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -737,10 +737,11 @@ def _as_fla_conv_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _define_fla_conv_op():
-    """Define `llamathink::fla_causal_conv1d_silu` (+ its backward op and autograd formula) once per process (see
+    """Define `llamathink::fla_causal_conv1d_silu`, its backward op and `llamathink::fla_causal_conv1d_silu_split`
+    (the same conv per channel group, the model's op), with their autograd formulas, once per process (see
     `_define_fla_chunk_op`). One op serves eager and compiled training: dynamo records it as a single node.
 
-    Both ops are tagged `needs_fixed_stride_order`: inductor may hand them its padded layouts (it pads the rows of
+    The ops are tagged `needs_fixed_stride_order`: inductor may hand them its padded layouts (it pads the rows of
     the qkv projection's output, 3024 channels, to 3072) instead of copying them to the exact contiguous strides
     of the trace, the default for custom ops; fla's kernels read x and the output gradient through their strides.
     The outputs are always contiguous, as the fake functions say."""
@@ -878,7 +879,7 @@ def fla_causal_conv1d_silu_split(
     available."""
     if _fla_conv_internals() is None:
         raise RuntimeError("fla's causal conv (fla.modules.causal_conv1d) is not available")
-    widths = _conv_parts(widths, x.shape[-1], name="widths")
+    widths = _conv_parts(widths, x.shape[-1], name="widths", total="x's channel count")
     return tuple(torch.ops.llamathink.fla_causal_conv1d_silu_split(x, weight.contiguous(), cu_seqlens, list(widths)))
 
 
@@ -932,20 +933,24 @@ _prebuild_waits: list = sys.modules.setdefault(
 ).__dict__.setdefault("waits", [])
 
 
-def _conv_parts(conv_parts, conv_dim: int, name: str = "conv_parts") -> tuple[int, ...]:
+def _conv_parts(conv_parts, conv_dim: int, name: str = "conv_parts", total: str = "conv_dim") -> tuple[int, ...]:
     """The channel groups the conv runs on (`fla_causal_conv1d_silu_split`, `prebuild_fla_kernels`): `conv_parts`
-    (a sequence of integers, numpy's too) as a tuple of ints, or the whole `conv_dim` where None. Raises ValueError,
-    naming the argument (`name`), unless they are positive integers (not bools) that sum to conv_dim."""
+    (a sequence or iterable of integers, numpy's and 0-d integer tensors too) as a tuple of ints, or the whole
+    `conv_dim` where None. Raises ValueError, naming the argument (`name`) and what the widths must sum to (`total`),
+    unless they are positive integers (not bools) that sum to conv_dim."""
     if conv_parts is None:
         return (conv_dim,)
     try:
-        if isinstance(conv_parts, (str, bytes)) or any(isinstance(p, bool) for p in conv_parts):
+        if isinstance(conv_parts, (str, bytes, Mapping)):
             raise TypeError
-        parts = tuple(operator.index(p) for p in conv_parts)
+        items = list(conv_parts)  # once: a generator is read here and nowhere else
+        if any(isinstance(p, bool) or (isinstance(p, torch.Tensor) and p.dtype == torch.bool) for p in items):
+            raise TypeError
+        parts = tuple(operator.index(p) for p in items)
     except TypeError:
         parts = ()
     if not parts or min(parts) < 1 or sum(parts) != conv_dim:
-        raise ValueError(f"{name}={conv_parts!r}: expected positive integer widths that sum to conv_dim={conv_dim}")
+        raise ValueError(f"{name}={conv_parts!r}: expected positive integer widths that sum to {total}={conv_dim}")
     return parts
 
 
@@ -967,10 +972,10 @@ def prebuild_fla_kernels(
     conv_parts: tuple[int, ...] | list[int] | None = None,
 ) -> None:
     """Run fla's causal conv and the chunked Gated DeltaNet forward and backward once on random inputs of one
-    training step's shapes, through the same custom ops a compiled step calls (`llamathink::fla_causal_conv1d_silu`,
-    and `llamathink::fla_chunk_gdn` with the package's recorded autotune choices or, with `delta_rule`
-    "flash_qla", `llamathink::flash_qla_chunk_gdn`), so that Triton and tilelang build and cache
-    (TRITON_CACHE_DIR, TILELANG_CACHE_DIR) the kernels that step launches. The body of `start_fla_prebuild`'s child
+    training step's shapes, through the same custom ops a compiled step calls
+    (`llamathink::fla_causal_conv1d_silu_split`, and `llamathink::fla_chunk_gdn` with the package's recorded
+    autotune choices or, with `delta_rule` "flash_qla", `llamathink::flash_qla_chunk_gdn`), so that Triton and
+    tilelang build and cache (TRITON_CACHE_DIR, TILELANG_CACHE_DIR) the kernels that step launches. The body of `start_fla_prebuild`'s child
     process; also callable directly. `part`: "all", or for FlashQLA one of its four TileLang kernels, which
     processes build side by side, each on random inputs: "solve" (`kkt_solve`, the WY matrices; with fla's conv
     and gate sums), "forward" (`fused_gdr_fwd`), "states" (`fused_gdr_h`, the backward's recomputation of the chunk

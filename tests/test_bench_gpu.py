@@ -40,8 +40,11 @@ def test_known_model_names_pass(name):
         ("llamathink:fla:combo", "unknown variant 'combo' of llamathink"),  # its default: `:no-combo` turns it off
         ("hf-llama:no-combo", "unknown variant 'no-combo' of hf-llama"),
         ("hf-mistral", "unknown model"),
-        ("llamathink:fla:csa-chunk0", "unknown variant 'csa-chunk0' of llamathink"),
-        ("llamathink:fla:csa-chunk", "unknown variant 'csa-chunk' of llamathink"),
+        ("llamathink:fla:csa-chunk0", "'csa-chunk0': csa-chunk<N> needs a positive integer N"),
+        ("llamathink:fla:csa-chunk", "'csa-chunk': csa-chunk<N> needs a positive integer N"),
+        ("llamathink:fla:csa-chunk064", "'csa-chunk064': csa-chunk<N> needs a positive integer N without leading"),
+        ("llamathink:fla:csa-chunk128:csa-chunk64", "more than one csa-chunk<N> \\(csa-chunk128, csa-chunk64\\)"),
+        ("llamathink:fla:chunk128", r"unknown variant 'chunk128' of llamathink \(.*csa-chunk<N>\)"),
         ("hf-llama:csa-chunk128", "unknown variant 'csa-chunk128' of hf-llama"),
     ],
 )

@@ -551,6 +551,43 @@ def test_csa_local_chunk_changes_nothing(chunk):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_csa_default_chunk_equals_whole_windows_past_128():
+    """The default local chunk (128) on a window wider than it (150, as the seed's 512 is): the same logits and
+    gradients as whole-window chunks for rows of 300 (chunks that do not divide T), left padding longer than a chunk,
+    packed documents, and a cached prefill continued by 140 tokens (float64)."""
+    model = tiny_model(csa_window=150, mixer_types=["csa", "linear"], num_hidden_layers=2, max_position_embeddings=512)
+    csa = [m for m in model.modules() if isinstance(m, LlamaThinkCompressedSparseAttention)]
+    assert csa and all(m.local_chunk == 128 < m.window for m in csa)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 96, (2, 300), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :140] = 0
+    positions = torch.cat([torch.arange(90), torch.arange(210)])[None].expand(2, -1)
+    weights = torch.randn(2, 300, 96, dtype=torch.float64, generator=gen)
+
+    def run():
+        model.zero_grad()
+        outs = [
+            model(ids).logits,
+            model(ids, attention_mask=mask).logits,
+            model(ids, position_ids=positions, use_cache=False).logits,
+        ]
+        sum((out * weights).sum() for out in outs).backward()
+        with torch.no_grad():
+            cache = model(ids[:, :160], attention_mask=mask[:, :160], use_cache=True).cache
+            outs.append(model(ids[:, 160:], attention_mask=mask, cache=cache).logits)
+        return outs, [p.grad.clone() for p in model.parameters()]
+
+    chunked, chunked_grads = run()
+    for m in csa:
+        m.local_chunk = 1 << 30
+    whole, whole_grads = run()
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for a, b in zip(chunked_grads, whole_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Whole model: causality, labels, embeddings, hidden states, errors
 # ---------------------------------------------------------------------------------------------------------------
@@ -2493,10 +2530,20 @@ def test_fla_prebuild_child_imports_this_module_from_anywhere_with_inductors_tri
     }
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine")
     # the conv's parts (q, k, v channels, as the layer runs it) reach the child as widths; wrong ones are named here
-    for parts in ((24, 24, 24), [24, 24, 24], np.array([24, 24, 24])):  # numpy's integers too
+    for parts in ((24, 24, 24), [24, 24, 24], np.array([24, 24, 24]), (p for p in (24, 24, 24))):  # numpy's too
         command = _captured_prebuild_command(kernels, monkeypatch, conv_parts=parts)
         assert json.loads(command[5])["conv_parts"] == [24, 24, 24]
-    for bad in ((24, 24), (24, 0, 48), (24.0, 24, 24), (), 72, (True, 24, 47), "72"):
+    for bad in (
+        (24, 24),
+        (24, 0, 48),
+        (24.0, 24, 24),
+        (),
+        72,
+        (True, 24, 47),
+        (torch.tensor(True), 24, 47),
+        "72",
+        {72: 1},
+    ):
         with pytest.raises(ValueError, match=r"conv_parts=.*sum to conv_dim=72"):
             _captured_prebuild_command(kernels, monkeypatch, conv_parts=bad)
         with pytest.raises(ValueError, match=r"conv_parts=.*sum to conv_dim=72"):
