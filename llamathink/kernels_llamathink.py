@@ -879,7 +879,7 @@ def fla_causal_conv1d_silu_split(
     available."""
     if _fla_conv_internals() is None:
         raise RuntimeError("fla's causal conv (fla.modules.causal_conv1d) is not available")
-    widths = _conv_parts(widths, x.shape[-1], name="widths", total="x's channel count")
+    widths = _conv_parts(widths, x.shape[-1], name="widths", total="x.shape[-1]")
     return tuple(torch.ops.llamathink.fla_causal_conv1d_silu_split(x, weight.contiguous(), cu_seqlens, list(widths)))
 
 

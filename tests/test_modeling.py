@@ -2167,8 +2167,8 @@ def test_fla_causal_conv1d_silu_split_names_widths_that_do_not_fit(monkeypatch):
 
     monkeypatch.setitem(kernels._fla_state, "conv", (None, None))  # "available": the widths are checked first
     x, weight = torch.zeros(1, 4, 12, dtype=torch.bfloat16), torch.zeros(12, 4)
-    for bad in ((4, 4), (4, 0, 8), (4.0, 4, 4), (), 12, (True, 4, 7), "12"):
-        with pytest.raises(ValueError, match=r"widths=.*sum to conv_dim=12"):
+    for bad in ((4, 4), (4, 0, 8), (4.0, 4, 4), (), 12, (True, 4, 7), "12", {12: 1}):
+        with pytest.raises(ValueError, match=r"widths=.*sum to x\.shape\[-1\]=12"):
             kernels.fla_causal_conv1d_silu_split(x, weight, bad)
 
 
