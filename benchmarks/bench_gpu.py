@@ -19,10 +19,11 @@ peers are compiled whole (`torch.compile(model)`). Variants of LlamaThink: `:no-
 112: what fla's padding of 112 to 128-wide tiles costs), `:untuned-fla` (fla's kernels autotuned in the process
 instead of taking the package's recorded choices, `LLAMATHINK_FLA_TUNED_CONFIGS=0`), `:prebuild` (compiled: fla's
 kernels built by a child process while the first step compiles, `start_fla_prebuild`, as the pretraining loop
-does), `:csa-chunk<N>` (the CSA window's local path in query chunks of N, `local_chunk`; the same numbers). On any
-model, `:cudagraphs` compiles with `mode="reduce-overhead"` (the compiled kernels replayed as CUDA graphs: no per-kernel launch cost on
-the host) and `:cold` runs the process with new, empty compiler caches (Triton's, inductor's, tilelang's), so that
-its first step is what a fresh machine pays, however warm this one is. Compiled LlamaThink takes the inductor
+does), `:csa-chunk<N>` (the CSA window's local path in query chunks of N, `local_chunk`: the same function, run
+in other kernels; the default is 128). On any model, `:cudagraphs` compiles with `mode="reduce-overhead"` (the
+compiled kernels replayed as CUDA graphs: no per-kernel launch cost on the host) and `:cold` runs the process
+with new, empty compiler caches (Triton's, inductor's, tilelang's), so that its first step is what a fresh machine
+pays, however warm this one is. Compiled LlamaThink takes the inductor
 options training takes (`llamathink.train.loop.compile_kwargs`): combo kernels, as the run setting `combo_kernels`
 does by default (`:no-combo`: without them), and `TRAINING_INDUCTOR_OPTIONS`; a peer compiles with torch.compile's
 defaults, or with `:combo` with training's options.
@@ -83,6 +84,7 @@ LLAMATHINK_VARIANTS = (
     "no-combo",
 )
 PEERS = ("hf-llama", "hf-qwen3.5")
+PEER_VARIANTS = ("cudagraphs", "cold", "combo")
 
 
 def csa_chunk(part: str) -> int | None:
@@ -90,9 +92,6 @@ def csa_chunk(part: str) -> int | None:
     queries, `LlamaThinkCompressedSparseAttention.local_chunk`), or None where `part` is not one."""
     match = re.fullmatch(r"csa-chunk([1-9][0-9]*)", part)
     return int(match.group(1)) if match else None
-
-
-PEER_VARIANTS = ("cudagraphs", "cold", "combo")
 
 
 def check_model_name(name: str) -> None:
