@@ -493,6 +493,33 @@ def test_csa_matches_naive_definition(T, blend_bias):
     torch.testing.assert_close(mod(x, ctx), _naive_csa(mod, x, rotary), rtol=1e-10, atol=1e-10)
 
 
+def _csa_local_paths(model, ids, mask, positions, weights, prefill: int, cache_mask=None):
+    """Every path that runs the CSA local attention, on ids [B, T] (float64 model): logits of plain rows, of left
+    padding (`mask` [B, T]), of packed documents (`positions` [B, T] restarting at 0), and of a cached prefill of
+    `prefill` tokens continued by the rest (with `cache_mask`, the whole rows' padding mask, or none) -> (the four
+    logits [B, *, V], the parameters' gradients of the first three's sum weighted by `weights` [B, T, V])."""
+    model.zero_grad()
+    outs = [
+        model(ids).logits,
+        model(ids, attention_mask=mask).logits,
+        model(ids, position_ids=positions, use_cache=False).logits,
+    ]
+    sum((out * weights).sum() for out in outs).backward()
+    with torch.no_grad():
+        head_mask = None if cache_mask is None else cache_mask[:, :prefill]
+        cache = model(ids[:, :prefill], attention_mask=head_mask, use_cache=True).cache
+        outs.append(model(ids[:, prefill:], attention_mask=cache_mask, cache=cache).logits)
+    return outs, [p.grad.clone() for p in model.parameters()]
+
+
+def _assert_same_logits_and_grads(got, want):
+    """Two `_csa_local_paths` results equal to float64 rounding of a reordered sum."""
+    for a, b in zip(got[0], want[0]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 5])
 def test_csa_local_chunk_changes_nothing(chunk):
     """The CSA local path's query chunk (`local_chunk`, below the window of 8) gives the same logits and gradients as
@@ -509,17 +536,7 @@ def test_csa_local_chunk_changes_nothing(chunk):
     csa = [m for m in model.modules() if isinstance(m, LlamaThinkCompressedSparseAttention)]
 
     def run():
-        model.zero_grad()
-        outs = [
-            model(ids).logits,
-            model(ids, attention_mask=mask).logits,
-            model(ids, position_ids=positions, use_cache=False).logits,
-        ]
-        sum((out * weights).sum() for out in outs).backward()
-        with torch.no_grad():
-            cache = model(ids[:, :13], use_cache=True).cache
-            outs.append(model(ids[:, 13:], cache=cache).logits)
-        return outs, [p.grad.clone() for p in model.parameters()]
+        return _csa_local_paths(model, ids, mask, positions, weights, prefill=13)
 
     chunks = []  # the query length of each local-path SDPA call: a band of C + W keys for C queries
 
@@ -545,10 +562,7 @@ def test_csa_local_chunk_changes_nothing(chunk):
         for m in csa:
             del m.local_chunk, m._grouped_sdpa
     assert len(chunks) >= 8 and set(chunks) == {chunk}
-    for a, b in zip(chunked, whole):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    for a, b in zip(chunked_grads, whole_grads):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    _assert_same_logits_and_grads((chunked, chunked_grads), (whole, whole_grads))
 
 
 def test_csa_default_chunk_equals_whole_windows_past_128():
@@ -566,26 +580,13 @@ def test_csa_default_chunk_equals_whole_windows_past_128():
     weights = torch.randn(2, 300, 96, dtype=torch.float64, generator=gen)
 
     def run():
-        model.zero_grad()
-        outs = [
-            model(ids).logits,
-            model(ids, attention_mask=mask).logits,
-            model(ids, position_ids=positions, use_cache=False).logits,
-        ]
-        sum((out * weights).sum() for out in outs).backward()
-        with torch.no_grad():
-            cache = model(ids[:, :160], attention_mask=mask[:, :160], use_cache=True).cache
-            outs.append(model(ids[:, 160:], attention_mask=mask, cache=cache).logits)
-        return outs, [p.grad.clone() for p in model.parameters()]
+        return _csa_local_paths(model, ids, mask, positions, weights, prefill=160, cache_mask=mask)
 
     chunked, chunked_grads = run()
     for m in csa:
         m.local_chunk = 1 << 30
     whole, whole_grads = run()
-    for a, b in zip(chunked, whole):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    for a, b in zip(chunked_grads, whole_grads):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    _assert_same_logits_and_grads((chunked, chunked_grads), (whole, whole_grads))
 
 
 # ---------------------------------------------------------------------------------------------------------------
