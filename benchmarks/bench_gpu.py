@@ -364,7 +364,7 @@ def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False) -> d
         "mfu": tok_s * fpt / peak,
         "flops_per_token": fpt,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "loss": float(loss),
+        "loss": float(loss.detach()),
         "first_step_s": first_step_s,
         "first_step_phases_s": first_step_phases,
     }

@@ -1,0 +1,3 @@
+# call 5 (same warm machine): session 32's widened persistent reductions (inner_strided.py) on main, then main, each
+# its own empty inductor cache folder, batch 16
+. gpu_s36/common.sh; W=/tmp/r/c5; mkdir -p $W; ( s=$(date +%s); PYTHONPATH=/tmp/site:$R:$R/tests TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/ind_IS timeout 150 python docs/results/h200_s32/inner_strided.py --compile --no-eager --no-decode --top-kernels 400 --batch 16 --backend fla > $W/kinds_IS16.txt 2>&1; echo "== prof IS16 rc=$? $(( $(date +%s) - s )) s"; grep -E "^  [a-zA-Z].* ms .*%|wall time|GPU kernel time|inner_strided" $W/kinds_IS16.txt ); tar -czf $OUT/c5.tgz -C /tmp/r c5; p M16b $R $(left 300) 16 /tmp/kcache/ind_M16b; tar -czf $OUT/c5.tgz -C /tmp/r c5; echo "total $(( $(date +%s) - t0 )) s"
