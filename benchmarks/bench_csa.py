@@ -10,9 +10,13 @@ against a full-attention layer (causal SDPA, no mask), the peer inside the model
 Each row: the GPU kernel time of one forward + backward of the decoder layer (torch.profiler, the mean of five, ms),
 the mean wall time of one (`triton.testing.do_bench`, ms), and the largest difference of its output and input
 gradient from the first CSA row's, relative to that row's largest value (the chunk does not change the function,
-only the rounding; list the whole window first).
+only the rounding; list the whole window first). With `--kernels N` each row is followed by its GPU time by kind of
+kernel and its N kernels with the most time, each inductor kernel with the FX nodes it fuses (the model's variable
+names): where a CSA layer's time goes beside a full-attention layer's. `--no-combo` compiles without inductor's combo
+kernels, whose names do not say what they fuse.
 
     python benchmarks/bench_csa.py [--batch 16] [--seq 1024] [--chunks 512,256,128,64] [--model JSON] [--out f.json]
+                                   [--kernels 30] [--no-combo]
 
 Needs a CUDA GPU. The layer compiles as `compile_layers` compiles it (inductor, combo kernels where this torch has
 them), under bf16 autocast, with the model's fp32 weights.
@@ -72,6 +76,32 @@ def gpu_kernel_ms(fn, calls: int = 5) -> float:
     return sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0) / 1e3 / calls
 
 
+def kernels_text(averages, top: int, origins: dict | None = None) -> str:
+    """One call's GPU kernels from `prof.key_averages()` (each event's time divided by `calls`, the profiled calls,
+    is left to the caller): GPU ms by kind (`profile_gpu.kernel_kinds`), then the `top` kernels by their own time
+    (ms, launches, name), each inductor kernel followed by the FX nodes it fuses where `origins`
+    (`profile_gpu.kernel_origins`) has its name."""
+    from profile_gpu import is_gpu_kernel, kernel_kinds
+
+    kernels = sorted((e for e in averages if is_gpu_kernel(e)), key=lambda e: -e.self_device_time_total)
+    lines = [kernel_kinds(averages), f"the {top} kernels with the most time (ms, launches, name):"]
+    for e in kernels[:top]:
+        lines.append(f"  {e.self_device_time_total / 1e3:8.3f} {e.count:5d}  {e.key[:150]}")
+        lines += [f"      <- {graph}: [{nodes[:200]}]" for graph, nodes in (origins or {}).get(e.key, [])]
+    return "\n".join(lines)
+
+
+def layer_kernels(fn, top: int, origins: dict | None = None) -> str:
+    """`kernels_text` of one call of `fn` (torch.profiler, GPU activity only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return kernels_text(prof.key_averages(), top, origins)
+
+
 def run_layer(layer, hidden: torch.Tensor, ctx, grad: torch.Tensor):
     """One forward + backward of a decoder layer under bf16 autocast -> (output, input gradient); the weights'
     gradients are dropped (not accumulated from call to call)."""
@@ -83,18 +113,29 @@ def run_layer(layer, hidden: torch.Tensor, ctx, grad: torch.Tensor):
     return out.detach(), x.grad
 
 
-def measure(layer, hidden, ctx, grad, compile_kwargs: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Compile a copy of `layer` and time its forward + backward -> (times, output, input gradient)."""
+def measure(
+    layer, hidden, ctx, grad, compile_kwargs: dict, top_kernels: int = 0
+) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Compile a copy of `layer` and time its forward + backward -> (times, output, input gradient); with
+    `top_kernels` the times also hold "kernels", `layer_kernels`'s text for one call, the kernels traced to the FX
+    nodes of the layer's generated code."""
     import triton
+    from profile_gpu import kernel_origins
+    from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()  # each configuration its own compilation, never past dynamo's recompile limit
     layer = copy.deepcopy(layer)
     layer.compile(**compile_kwargs)
-    for _ in range(3):  # compilation, autotuning, warm-up
+    (out, dx), sources = run_and_get_code(run_layer, layer, hidden, ctx, grad)  # compiles: keep inductor's code
+    for _ in range(2):  # autotuning, warm-up
         out, dx = run_layer(layer, hidden, ctx, grad)
     kernels = gpu_kernel_ms(lambda: run_layer(layer, hidden, ctx, grad))
     wall = triton.testing.do_bench(lambda: run_layer(layer, hidden, ctx, grad), warmup=25, rep=200)
-    return {"gpu_kernel_ms": round(kernels, 4), "wall_ms": round(wall, 4)}, out, dx
+    times = {"gpu_kernel_ms": round(kernels, 4), "wall_ms": round(wall, 4)}
+    if top_kernels:
+        origins = kernel_origins(sources)
+        times["kernels"] = layer_kernels(lambda: run_layer(layer, hidden, ctx, grad), top_kernels, origins)
+    return times, out, dx
 
 
 def main(argv=None) -> int:
@@ -104,7 +145,11 @@ def main(argv=None) -> int:
     parser.add_argument("--chunks", default="512,256,128,64", help="local query chunks C to time, comma-separated")
     parser.add_argument("--model", default=str(REPO / "configuration" / "models" / "llamathink-95m.json"))
     parser.add_argument("--out", help="also write the rows as JSON")
+    parser.add_argument("--kernels", type=int, default=0, help="print each row's N kernels with the most GPU time")
+    parser.add_argument("--no-combo", action="store_true", help="compile without inductor's combo kernels")
     args = parser.parse_args(argv)
+    if args.kernels < 0:
+        parser.error(f"--kernels: a count of kernels, 0 or more (got {args.kernels})")
     chunks = [int(c) for c in args.chunks.split(",") if c.strip()]
     if not chunks or min(chunks) < 1:
         parser.error(f"--chunks: positive integers, comma-separated (got {args.chunks!r})")
@@ -123,7 +168,7 @@ def main(argv=None) -> int:
             p.add_(torch.randn_like(p) * 0.02)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device="cuda")
     inputs = layer_inputs(model, ids)
-    how = compile_kwargs("default", combo_kernels=True)
+    how = compile_kwargs("default", combo_kernels=not args.no_combo)
     grad = torch.randn(args.batch, args.seq, config.hidden_size, device="cuda", dtype=torch.bfloat16)
 
     rows = []
@@ -133,7 +178,8 @@ def main(argv=None) -> int:
     for chunk in chunks:
         layer = copy.deepcopy(csa_layer)
         layer.mixer.local_chunk = chunk
-        times, out, dx = measure(layer, hidden, ctx, grad, how)
+        times, out, dx = measure(layer, hidden, ctx, grad, how, args.kernels)
+        kernels = times.pop("kernels", None)
         row = {"layer": "csa", "local_chunk": chunk, "effective_chunk": min(args.seq, window, chunk), **times}
         if first is None:
             first = (out, dx)
@@ -142,10 +188,16 @@ def main(argv=None) -> int:
         row["dx_diff_rel"] = float((dx.float() - first[1].float()).abs().max() / first[1].float().abs().max())
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if kernels:
+            print(kernels, flush=True)
     full_layer, hidden, ctx = inputs["full"]
-    row = {"layer": "full", **measure(full_layer, hidden, ctx, grad, how)[0]}
+    times = measure(full_layer, hidden, ctx, grad, how, args.kernels)[0]
+    kernels = times.pop("kernels", None)
+    row = {"layer": "full", **times}
     rows.append(row)
     print(json.dumps(row), flush=True)
+    if kernels:
+        print(kernels, flush=True)
 
     report = {
         "device": torch.cuda.get_device_name(),
@@ -153,6 +205,7 @@ def main(argv=None) -> int:
         "batch": args.batch,
         "seq": args.seq,
         "csa_window": window,
+        "combo_kernels": not args.no_combo,
         "rows": rows,
     }
     if args.out:

@@ -238,6 +238,44 @@ def test_profile_kernel_kinds_sorts_kernels_by_kind():
     assert "40.0%" in profile_gpu.kernel_kinds(averages).splitlines()[1]
 
 
+def test_bench_csa_lists_a_layers_kernels_by_kind_and_by_time_with_what_they_fuse(capsys):
+    """`bench_csa.py --kernels N`: one layer call's GPU kernels by kind, then the N with the most time, longest
+    first, each inductor kernel followed by every graph's FX nodes it fuses (a name two graphs define, both), CPU
+    events and inductor's graph ranges left out; a negative count is refused with the option named."""
+    from types import SimpleNamespace
+
+    import bench_csa
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [
+        ("triton_poi_fused_where_0", 300.0, cuda),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", 900.0, cuda),
+        ("nvjet_sm90_tst_192x192_64x3_1x2_h_bz_coopB_NNN", 500.0, cuda),
+        ("triton_red_fused_scatter_add_1", 200.0, cuda),
+        ("aten::mm", 9999.0, cpu),
+        ("## Call CompiledFxGraph fzzgkwwz2l4q ##", 9999.0, cuda),
+    ]
+    averages = [SimpleNamespace(key=k, self_device_time_total=us, count=3, device_type=d) for k, us, d in events]
+    origins = {
+        "triton_poi_fused_where_0": [("0_forward", "mask, allowed"), ("0_backward", "where")],
+        "triton_red_fused_scatter_add_1": [("0_forward", "sums")],
+    }
+    text = bench_csa.kernels_text(averages, 3, origins).splitlines()
+    assert text[0] == "GPU ms by kind of kernel:" and "attention (SDPA" in text[1] and "0.90 ms" in text[1]
+    top = text[text.index("the 3 kernels with the most time (ms, launches, name):") + 1 :]
+    assert [line.split()[-1] for line in top if not line.lstrip().startswith("<-")] == [
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop",
+        "nvjet_sm90_tst_192x192_64x3_1x2_h_bz_coopB_NNN",
+        "triton_poi_fused_where_0",
+    ]
+    assert top[0].split()[:2] == ["0.900", "3"]
+    assert top[-2:] == ["      <- 0_forward: [mask, allowed]", "      <- 0_backward: [where]"]
+    assert "scatter_add" not in "\n".join(top)  # fourth by time: past the three asked for
+    with pytest.raises(SystemExit):
+        bench_csa.main(["--kernels", "-1"])
+    assert "--kernels: a count of kernels, 0 or more (got -1)" in capsys.readouterr().err
+
+
 def test_profile_gpu_refuses_a_model_it_would_not_profile_as_named(capsys):
     """`profile_gpu.py --model`: a misspelt variant, a peer, or a variant that changes how bench_gpu runs a model
     rather than the model (`:cold`) stops before any GPU work, naming the problem."""
