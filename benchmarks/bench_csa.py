@@ -77,10 +77,10 @@ def gpu_kernel_ms(fn, calls: int = 5) -> float:
 
 
 def kernels_text(averages, top: int, origins: dict | None = None) -> str:
-    """One call's GPU kernels from `prof.key_averages()` (each event's time divided by `calls`, the profiled calls,
-    is left to the caller): GPU ms by kind (`profile_gpu.kernel_kinds`), then the `top` kernels by their own time
-    (ms, launches, name), each inductor kernel followed by the FX nodes it fuses where `origins`
-    (`profile_gpu.kernel_origins`) has its name."""
+    """The GPU kernels of one profiled call, from its `prof.key_averages()`: GPU ms by kind
+    (`profile_gpu.kernel_kinds`), then the `top` kernels by their own time (ms, launches, name), each inductor kernel
+    followed by the FX nodes it fuses, in every graph that defines its name, where `origins`
+    (`profile_gpu.kernel_origins`) has it."""
     from profile_gpu import is_gpu_kernel, kernel_kinds
 
     kernels = sorted((e for e in averages if is_gpu_kernel(e)), key=lambda e: -e.self_device_time_total)
