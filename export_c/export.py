@@ -694,6 +694,13 @@ def main(argv=None) -> int:
             source = resolve_source(a.src)
             markers = chat_markers(a.chat_marker, not a.no_chat_markers, a.tokenizer_src or source)
             tokenizer = load_tokenizer(a.tokenizer_src or source, a.tokenizer_sentencepiece)
+            vocab = load_config(source)["vocab_size"]
+            if len(tokenizer["pieces"]) > vocab:  # another model's tokenizer: run.c would refuse the pair
+                raise ExportError(
+                    f"the tokenizer of {a.tokenizer_src or source} has {len(tokenizer['pieces'])} pieces, more than "
+                    f"the model's {vocab} token ids (vocab_size): it is not this model's tokenizer; give the one the "
+                    "model was trained with (--tokenizer-src), nothing was written"
+                )
         export(a.src if tokenizer is None else source, a.out, a.dtype, a.group_size)
         if tokenizer is not None:
             write_tokenizer(tokenizer, a.tokenizer_out, markers)

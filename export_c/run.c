@@ -3027,6 +3027,17 @@ int main(int argc, char **argv) {
         munmap(map, fsize);
         return 1;
     }
+    /* a tokenizer with more pieces than the model has token ids is another model's: its ids would
+     * be out of range, or in range and meaning other tokens (a wrong answer with exit 0) */
+    if (have_tok && tk.n > m.vocab) {
+        fprintf(stderr, "error: the tokenizer %s has %d pieces, more than the model's %d token ids (vocab_size): "
+                "it is not this model's tokenizer; export the model's own with export.py --tokenizer-out\n",
+                tok_path, tk.n, m.vocab);
+        free_tokenizer(&tk);
+        free_model(&m);
+        munmap(map, fsize);
+        return 1;
+    }
     State s;
     if (!strcmp(mode, "logits")) {
         int n = 0, *ids = parse_ids(logits_for ? logits_for : "", &n);

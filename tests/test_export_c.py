@@ -559,33 +559,37 @@ def _llama2_hf(d):
     return hf
 
 
+def test_exporter_refuses_a_tokenizer_larger_than_the_models_vocabulary(tiny, tmp_path, capsys):
+    """`--tokenizer-out` with a tokenizer of more pieces than the model has token ids (the built-in tokenizer's 1024
+    for the tiny model's 256) is another model's tokenizer: refused naming both sizes, before either file is
+    written (run.c refuses such a pair too: test_generate_text_prompt)."""
+    from llamathink.tokenizer_utils import builtin_tokenizer
+
+    _, ck, _ = tiny
+    src = tmp_path / "builtin"
+    builtin_tokenizer().save_pretrained(str(src))
+    model_out, tok_out = tmp_path / "m.bin", tmp_path / "t.bin"
+    args = [str(ck), str(model_out), "--tokenizer-out", str(tok_out), "--tokenizer-src", str(src)]
+    assert ex.main(args) == 1
+    err = capsys.readouterr().err
+    assert f"the tokenizer of {src} has 1024 pieces, more than the model's 256 token ids" in err, err
+    assert not model_out.exists() and not tok_out.exists()
+
+
 def test_tokenizer_llama2_sentencepiece(run_bin, llama2_dir, work):
     hf = _llama2_hf(llama2_dir)
     tok_bin = work / "llama2_sp.bin"
     tkx.export_tokenizer(str(llama2_dir), str(tok_bin), {"user_prefix": "<user>", "assistant_prefix": "<bot>"})
     _check_tokenizer(run_bin, hf, tok_bin)
     assert _c_encode(run_bin, tok_bin, "\n")[-1] == 13  # <0x0A> byte piece
-    # the exporter CLI writes model + tokenizer (+ chat markers, with \n escapes) in one go
-    ck = work / "tiny_ckpt"
-    if ck.exists():
-        tb = work / "cli_tok.bin"
-        assert (
-            ex.main(
-                [
-                    str(ck),
-                    str(work / "cli.bin"),
-                    "--tokenizer-out",
-                    str(tb),
-                    "--tokenizer-src",
-                    str(llama2_dir),
-                    "--chat-marker",
-                    "user_prefix=## Me:\\n",
-                ]
-            )
-            == 0
-        )
-        mk = _read_markers(tb)
-        assert len(mk) == 6 and mk["user_prefix"] == "## Me:\n" and mk["assistant_prefix"] == "### Assistant:\n"
+    # the exporter CLI writes model + tokenizer (+ chat markers, with \n escapes) in one go, for a model of the
+    # tokenizer's 32000 token ids
+    ck, tb = work / "llama2_vocab_ckpt", work / "cli_tok.bin"
+    reference.make_random_checkpoint(str(ck), dict(MINI, vocab_size=32000), seed=4)
+    args = [str(ck), str(work / "cli.bin"), "--tokenizer-out", str(tb), "--tokenizer-src", str(llama2_dir)]
+    assert ex.main([*args, "--chat-marker", "user_prefix=## Me:\\n"]) == 0
+    mk = _read_markers(tb)
+    assert len(mk) == 6 and mk["user_prefix"] == "## Me:\n" and mk["assistant_prefix"] == "### Assistant:\n"
 
 
 def test_tokenizer_llama2_tokenizer_json(run_bin, llama2_dir, work):
@@ -708,43 +712,53 @@ def test_tokenizer_builtin_json(run_bin, work):
 
 
 def test_generate_text_prompt(run_bin, tiny, work):
-    """Text in, text out through tokenizer.bin (byte-level tokenizer for the 256-vocab model)."""
-    _, _, files = tiny
-    pieces = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(253)]
+    """Text in, text out through tokenizer.bin: a byte-level tokenizer (259 pieces) with a model of 259 token ids;
+    with the tiny model's 256 ids the same tokenizer is refused in every mode that runs the model, naming both
+    sizes (it is another model's tokenizer: its ids would be out of range, or in range and other tokens)."""
+    pieces = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
     t = dict(
         pieces=pieces,
-        scores=[0.0] * 256,
-        types=[2, 3, 3] + [6] * 253,
+        scores=[0.0] * 259,
+        types=[2, 3, 3] + [6] * 256,
         unk=0,
         bos=1,
         eos=2,
         byte0=3,
         flags=tkx.FLAG_BYTE_FALLBACK,
     )
-    # 256 pieces hold only 253 byte pieces: pad to a full byte table in a bigger vocabulary
-    t["pieces"] = pieces[:3] + [f"<0x{i:02X}>".encode() for i in range(256)]
-    t["scores"], t["types"] = [0.0] * 259, [2, 3, 3] + [6] * 256
     tok_bin = work / "bytes_tok.bin"
     tkx.write_tokenizer_bin(t, str(tok_bin))
     ids = _c_encode(run_bin, tok_bin, "ab", bos=True)
     assert ids == [1, 3 + ord("a"), 3 + ord("b")]
+    ck, model_bin = work / "bytes_ckpt", work / "bytes_fp32.bin"
+    _torch_model(dict(TINY, vocab_size=259)).save_pretrained(ck)
+    assert ex.main([str(ck), str(model_bin)]) == 0
     r = subprocess.run(
-        [str(run_bin), str(files["fp32"]), "-z", str(tok_bin), "-i", "ab", "-n", "5", "-t", "0", "--stats"],
+        [str(run_bin), str(model_bin), "-z", str(tok_bin), "-i", "ab", "-n", "5", "-t", "0", "--stats"],
         capture_output=True,
     )
-    # the model's 256-token vocabulary ends before the last byte pieces: ids must stay in range
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(b"ab") and b"decode:" in r.stderr
     # chat with a tokenizer.bin without markers (LlamaThink's template is used): one turn from
     # stdin, one reply line on stdout, the prompt "> " on stderr, ends cleanly at EOF
     r = subprocess.run(
-        [str(run_bin), str(files["fp32"]), "-m", "chat", "-z", str(tok_bin), "-n", "4", "-t", "0", "--print-ids"],
+        [str(run_bin), str(model_bin), "-m", "chat", "-z", str(tok_bin), "-n", "4", "-t", "0", "--print-ids"],
         input=b"ab\n",
         capture_output=True,
         timeout=60,
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count(b"\n") == 1 and r.stderr.count(b"> ") == 2 and b"no chat markers" in r.stderr
+    _, _, files = tiny
+    for args in (["-i", "ab"], ["--ids", "1 3"], ["-m", "chat", "-i", "ab"]):
+        r = subprocess.run(
+            [str(run_bin), str(files["fp32"]), "-z", str(tok_bin), "-n", "2", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert r.returncode == 1 and r.stdout == "", (args, r.stderr)
+        assert f"error: the tokenizer {tok_bin} has 259 pieces, more than the model's 256 token ids" in r.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1762,7 +1776,7 @@ def test_structural_fuzz_harness_standalone(work, mini_files):
     assert n_fields == 2 and "random: 1000 inputs" in r.stdout, r.stdout
 
 
-def test_long_line_encodes_fast_and_exactly(run_bin, llama2_dir, work, mini_files):
+def test_long_line_encodes_fast_and_exactly(run_bin, llama2_dir, work, chat_llama2):
     """A ~100 KB line (one chat message) encodes in well under a second with the heap-based BPE
     merge (the old rescan loop took ~20 s for 94 KB) and gives the reference tokenizer's ids; in
     chat the same line is refused as too long for the context at once."""
@@ -1783,7 +1797,7 @@ def test_long_line_encodes_fast_and_exactly(run_bin, llama2_dir, work, mini_file
     assert dt < 3.0, dt
     t0 = time.perf_counter()
     r = subprocess.run(
-        [str(run_bin), str(mini_files["fp32"]), "-z", str(tok_bin), "-m", "chat", "-n", "4"],
+        [str(run_bin), str(chat_llama2["bin"]), "-z", str(tok_bin), "-m", "chat", "-n", "4"],
         input=(text[:94_000] + "\n").encode(),
         capture_output=True,
         timeout=60,
