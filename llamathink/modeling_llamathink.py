@@ -2056,6 +2056,15 @@ def chunked_causal_lm_loss_through_module(
     return total / divisor.to(total.dtype)
 
 
+def _some(names: list[str], shown: int = 4) -> str:
+    """The first `shown` of `names`, and how many more: an error message that names the fault without listing
+    every tensor of a model."""
+    if not names:
+        return "(none)"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 class LlamaThinkPreTrainedModel(PreTrainedModel):
     config_class = LlamaThinkConfig
     config: LlamaThinkConfig
@@ -2092,17 +2101,26 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         config.json without the key), whose every CSA layer would then compute something else.
 
         Raises:
-            ValueError: naming the missing biases and the fix (`"csa_blend_bias": null` in config.json).
+            ValueError: naming the missing biases and the fix (`"csa_blend_bias": null` in config.json); where
+                other tensors are missing or unexpected too, naming those instead (the config's layers differ
+                from the weights', e.g. an edited `mixer_types`, and the bias is not the fault).
         """
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        missing = sorted(k for k in info.get("missing_keys") or () if k.endswith("blend_proj.bias"))
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        all_missing = sorted(info.get("missing_keys") or ())
+        missing = [k for k in all_missing if k.endswith("blend_proj.bias")]
+        others, unexpected = [k for k in all_missing if k not in missing], sorted(info.get("unexpected_keys") or ())
+        if missing and (others or unexpected):
+            raise ValueError(
+                f"{source}: its weights do not match its config.json (mixer_types, layer count or sizes edited?): "
+                f"missing tensors {_some(all_missing)}; unexpected tensors {_some(unexpected)}"
+            )
         if missing:
             raise ValueError(
-                f"{args[0] if args else kwargs.get('pretrained_model_name_or_path')}: its weights have no "
-                f"{', '.join(missing)}, but its config asks for a CSA blend bias (csa_blend_bias="
-                f"{model.config.csa_blend_bias}, the default where config.json leaves it out); a model saved "
-                'without one needs "csa_blend_bias": null in its config.json'
+                f"{source}: its weights have no {', '.join(missing)}, but its config asks for a CSA blend bias "
+                f"(csa_blend_bias={model.config.csa_blend_bias}, the default where config.json leaves it out); a "
+                'model saved without one needs "csa_blend_bias": null in its config.json'
             )
         return (model, info) if wants_info else model
 

@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1954,6 +1955,39 @@ def test_a_config_file_without_csa_blend_bias_is_the_seed_gate(tmp_path):
             ValueError, match=r'weights have no model\.layers\.\d\.mixer\.blend_proj\.bias.*"csa_blend_bias": null'
         ):
             load(tmp_path, trust_remote_code=True)
+
+
+def test_weights_of_other_layers_than_the_config_are_named_not_blamed_on_the_blend_bias(tmp_path):
+    """A saved model whose config.json was edited so that a CSA layer moved (mixer_types of the weights' CSA at
+    layer 1, the config's at layer 2) misses that layer's CSA tensors, blend bias included, and holds layer 1's as
+    unexpected: the error names both sets, a few of each and how many more, not the `"csa_blend_bias": null` fix
+    (which would only lead to this error). Only the blend bias missing still gets that fix."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_model(mixer_types=["linear", "csa", "full", "linear"]).save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    raw = json.loads(path.read_text())
+    csa_only = [f"mixer.{name}" for name in ("blend_proj.bias", "blend_proj.weight", "compress_k.weight")]
+    csa_only += ["mixer.compress_v.weight"]  # what a CSA layer has beyond a full-attention layer
+    cases = {  # edited mixer_types -> the message's ending: all four tensors of each side, or four and a count
+        ("linear", "full", "csa", "linear"): "missing tensors "
+        + ", ".join(f"model.layers.2.{n}" for n in csa_only)
+        + "; unexpected tensors "
+        + ", ".join(f"model.layers.1.{n}" for n in csa_only),
+        ("csa", "linear", "full", "linear"): re.compile(
+            r"missing tensors (model\.layers\.[01]\.\S+, ){3}model\.layers\.[01]\.\S+ and \d+ more; "
+            r"unexpected tensors (model\.layers\.[01]\.\S+, ){3}model\.layers\.[01]\.\S+ and \d+ more$"
+        ),
+    }
+    for mixer_types, ending in cases.items():
+        raw["mixer_types"] = list(mixer_types)
+        path.write_text(json.dumps(raw))
+        for load in (LlamaThinkForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained):
+            with pytest.raises(ValueError) as err:
+                load(tmp_path, trust_remote_code=True)
+            text = str(err.value)
+            assert "its weights do not match its config.json" in text and "csa_blend_bias" not in text, text
+            assert text.endswith(ending) if isinstance(ending, str) else ending.search(text), text
 
 
 # ---------------------------------------------------------------------------------------------------------------
