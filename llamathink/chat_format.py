@@ -395,8 +395,12 @@ def encode_rendered(tokenizer, rendered: Sequence[RenderedChat]) -> list[tuple[l
             pos = stop
         layout.append(items)
     enc = (
-        tokenizer(
-            [t for _, t in segments], add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
+        tokenizer(  # verbose=False: no "longer than the maximum" warning; callers check lengths and say what to do
+            [t for _, t in segments],
+            add_special_tokens=False,
+            split_special_tokens=True,
+            return_offsets_mapping=True,
+            verbose=False,
         )
         if segments
         else {"input_ids": [], "offset_mapping": []}

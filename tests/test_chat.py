@@ -27,6 +27,7 @@ from llamathink.chat_format import (
     CHAT_TEMPLATE,
     ContextOverflow,
     apply_template,
+    chat_ids,
     prompt_ids,
     render_chat,
     set_chat_template,
@@ -1252,3 +1253,32 @@ def test_a_saved_tokenizer_without_its_config_is_named_when_finetuning(base_mode
     (damaged / "tokenizer_config.json").unlink()
     with pytest.raises(ValueError, match=r"init_from=.*cannot carry the chat format: .*BOS and EOS.*set tokenizer:"):
         finetune.load_chat_tokenizer(_ft_cfg(damaged, tmp_path / "ft"))
+
+
+def test_encoding_a_conversation_longer_than_the_tokenizers_maximum_logs_no_transformers_warning():
+    """`chat_ids` (behind llamathink-chat, ChatSession and the finetune data) encodes a conversation longer than
+    the tokenizer's `model_max_length` without transformers' "Token indices sequence length is longer than the
+    specified maximum ... will result in indexing errors" warning: the callers check lengths themselves and say what
+    to do (the warning said the opposite of what then happened); the ids are the whole conversation's."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    tok = set_chat_template(builtin_tokenizer())
+    tok.model_max_length = 64
+    messages = [{"role": "user", "content": "word " * 300}]
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = hf_logging.get_logger("transformers")
+    logger.addHandler(handler)
+    try:
+        ids = chat_ids(tok, messages, add_generation_prompt=True)
+        control = builtin_tokenizer()  # a plain call still warns (once per tokenizer: another one)
+        control.model_max_length = 64
+        control("word " * 300)
+    finally:
+        logger.removeHandler(handler)
+    assert len(ids) > 300
+    warnings = [r.getMessage() for r in records if "longer than the specified maximum" in r.getMessage()]
+    assert len(warnings) == 1, warnings
