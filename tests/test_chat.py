@@ -1282,3 +1282,26 @@ def test_encoding_a_conversation_longer_than_the_tokenizers_maximum_logs_no_tran
     assert len(ids) > 300
     warnings = [r.getMessage() for r in records if "longer than the specified maximum" in r.getMessage()]
     assert len(warnings) == 1, warnings
+
+
+def test_a_finetune_without_held_out_examples_says_why_there_is_no_held_out_loss():
+    """The data summary a finetune prints at its start says when no held-out loss will come (eval_every then
+    schedules nothing) and why: nothing held out, or held-out conversations too long for max_len or without an
+    assistant turn; with held-out examples it says nothing of the kind."""
+    from llamathink.train.finetune import _describe
+
+    base = {"train_conversations": 9, "invalid_rows": 0, "train": {"kept": 9}}
+    base |= {"train_trained_tokens": 10, "train_tokens": 20}
+    cases = [  # held-out conversations, the counts of their examples, the reason given
+        (
+            2,
+            {"too_long": 1, "no_assistant": 1},
+            "of its 2 held-out conversations 1 are too long for max_len and 1 have no assistant turn to score",
+        ),
+        (0, {}, "no conversation is held out (eval_fraction, eval_data)"),
+    ]
+    for held, counts, why in cases:
+        text = _describe(dict(base, eval_conversations=held, eval=counts))
+        assert text.splitlines()[-1] == f"  no held-out loss in this run: {why}", text
+    text = _describe(dict(base, eval_conversations=2, eval={"kept": 1, "too_long": 1}))
+    assert "no held-out loss" not in text and "held-out examples: 1;" in text

@@ -118,6 +118,15 @@ def test_unknown_and_bad_settings_are_named(tmp_path):
         pretrain.load_config(None, ["--compile", "maybe"])
     with pytest.raises(ValueError, match="warmup_steps"):
         pretrain.load_config(None, ["--max_steps", "10", "--warmup_steps", "20"])
+    # an interval of 0, elsewhere often "off", is refused with how to get what it would mean
+    for name, hint in (
+        ("sample_every", r"\(no samples: sample_prompts: \[\]\)"),
+        ("eval_every", r"\(an evaluation at the last step only: an eval_every above max_steps\)"),
+        ("save_every", r"\(a checkpoint at the last step only: a save_every above max_steps\)"),
+    ):
+        with pytest.raises(ValueError, match=rf"^{name} must be positive, got 0 {hint}$"):
+            pretrain.load_config(None, [f"--{name}", "0"])
+    assert pretrain.load_config(None, ["--sample_prompts", "[]"]).sample_prompts == []
 
 
 @pytest.mark.parametrize(

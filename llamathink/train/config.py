@@ -143,13 +143,23 @@ class RunConfig:
             )
 
     def check_positive(self, *names: str, or_null: bool = False):
-        """Each named setting must be > 0 (or, with or_null, None: no limit)."""
+        """Each named setting must be > 0 (or, with or_null, None: no limit). Raises ValueError naming the setting,
+        and for an interval given as 0 (read elsewhere as "off") how to turn that off (`OFF_HINTS`)."""
         for name in names:
             value = getattr(self, name)
             if or_null and value is None:
                 continue
             if value <= 0:
-                raise ValueError(f"{name} must be positive{' or null' if or_null else ''}, got {value!r}")
+                hint = f" ({OFF_HINTS[name]})" if name in OFF_HINTS else ""
+                raise ValueError(f"{name} must be positive{' or null' if or_null else ''}, got {value!r}{hint}")
+
+
+# how to turn off what an interval setting schedules, for its error where it is given as 0
+OFF_HINTS = {
+    "sample_every": "no samples: sample_prompts: []",
+    "eval_every": "an evaluation at the last step only: an eval_every above max_steps",
+    "save_every": "a checkpoint at the last step only: a save_every above max_steps",
+}
 
 
 # settings that name a file, folder or model (refused when empty; each config class has some of them)

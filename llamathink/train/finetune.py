@@ -173,7 +173,20 @@ def _describe(stats: dict) -> str:
         f"({t.get('truncated', 0)} truncated at a turn), {t.get('too_long', 0)} dropped as too long, "
         f"{t.get('no_assistant', 0)} skipped with nothing to learn; held-out examples: {e.get('kept', 0)}; "
         f"{stats['train_trained_tokens']:,} of {stats['train_tokens']:,} training tokens are "
-        "trained on" + "".join(f"\n  skipped: {why}" for why in stats.get("invalid_row_examples", ()))
+        "trained on"
+        + "".join(f"\n  skipped: {why}" for why in stats.get("invalid_row_examples", ()))
+        + ("" if e.get("kept", 0) else f"\n  no held-out loss in this run: {_why_no_eval(stats)}")
+    )
+
+
+def _why_no_eval(stats: dict) -> str:
+    """Why no held-out example was kept, from `prepare_data`'s counts."""
+    e = stats["eval"]
+    if not stats["eval_conversations"]:
+        return "no conversation is held out (eval_fraction, eval_data)"
+    return (
+        f"of its {stats['eval_conversations']} held-out conversations {e.get('too_long', 0)} are too long for "
+        f"max_len and {e.get('no_assistant', 0)} have no assistant turn to score"
     )
 
 
