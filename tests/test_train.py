@@ -357,10 +357,13 @@ def test_short_run_lowers_the_loss_and_saves_a_loadable_model(sample_data, model
     assert model.generate(ids, max_new_tokens=5, do_sample=False).shape[1] == ids.shape[1] + 5
 
 
-def test_resume_reproduces_the_uninterrupted_run_exactly(sample_data, model_json, tmp_path):
+def test_resume_reproduces_the_uninterrupted_run_exactly(sample_data, model_json, tmp_path, capsys):
     full = pretrain.train(_cfg(sample_data, model_json, tmp_path / "full"))
+    assert "stopped at step" not in capsys.readouterr().out
     interrupted = pretrain.train(_cfg(sample_data, model_json, tmp_path / "resumed", stop_at_step=6))
     assert interrupted["final_dir"] is None and sorted(interrupted["losses"]) == list(range(1, 7))
+    said = capsys.readouterr().out
+    assert f"stopped at step 6 of 12 (stop_at_step), checkpoint in {tmp_path / 'resumed' / 'checkpoints'}:" in said
     resumed = pretrain.train(_cfg(sample_data, model_json, tmp_path / "resumed"))
     assert sorted(resumed["losses"]) == list(range(1, 13))
     for step in range(1, 13):

@@ -788,6 +788,11 @@ def run_training(
     try:
         if is_main:
             write_history(out_dir, history)
+        if step < cfg.max_steps:  # stop_at_step: the run is paused, not done; say so, and how it goes on
+            accelerator.print(
+                f"stopped at step {step} of {cfg.max_steps} (stop_at_step), checkpoint in {out_dir / 'checkpoints'}:"
+                " the same command without stop_at_step (or with a later one) resumes it"
+            )
         if is_main and step == cfg.max_steps:
             hooks.save_final(
                 raw_model,
