@@ -879,8 +879,8 @@ def test_a_saved_model_whose_weights_do_not_fit_is_refused_by_name(tmp_path, cap
     head["lm_head.weight"] = torch.randn_like(weights["model.embed_tokens.weight"])
     same_head["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
     cases = {
-        "missing": (missing, r"missing \['model.layers.0.mlp.down_proj.weight'\]"),
-        "extra": (extra, r"unexpected \['model.layers.0.mlp.extra.weight'\]"),
+        "missing": (missing, r"missing model.layers.0.mlp.down_proj.weight\)"),
+        "extra": (extra, r"unexpected model.layers.0.mlp.extra.weight\)"),
         "shape": (shape, r"misshapen model.layers.1.mlp.up_proj.weight \(95, 48\) for \(96, 48\)"),
         "integer": (
             integer,
@@ -917,7 +917,17 @@ def test_a_saved_model_whose_weights_do_not_fit_is_refused_by_name(tmp_path, cap
     capsys.readouterr()
     assert chat.main([str(tmp_path / "extra"), "-p", "hi", "--tokenizer", "builtin"]) == 2
     err = capsys.readouterr().err
-    assert "cannot load" in err and "unexpected ['model.layers.0.mlp.extra.weight']" in err, err
+    assert "cannot load" in err and "unexpected model.layers.0.mlp.extra.weight)" in err, err
+    # a config.json of twice the width: every tensor misshapen, four named and how many more (not a 5 KB line)
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    config = json.loads((good / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps(dict(config, hidden_size=2 * config["hidden_size"])))
+    (wide / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=r"\(misshapen model\.embed_tokens\.weight \(96, 48\) for \(96, 96\), ") as err:
+        ckpt.load_saved_model(str(wide), "init_from")
+    named = str(err.value).split("(misshapen ", 1)[1]
+    assert named.count(" for (") == 4 and re.search(r"\) and \d+ more\); refusing", named), named
 
 
 def test_wrong_position_ids_are_named(model_json):  # noqa: F811

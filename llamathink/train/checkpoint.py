@@ -130,16 +130,17 @@ def load_saved_model(path: str, setting: str, dtype: torch.dtype = torch.float32
         ) from None
     except OSError as err:  # a Hub id without network or access, an unreadable file
         raise ValueError(f"{setting}={path}: cannot be loaded ({type(err).__name__}: {err})") from err
+    from ..modeling_llamathink import _some  # a few names of each kind and how many more, not every tensor
+
     problems = [
-        f"{what} {sorted(info[key])}"
+        f"{what} {_some(sorted(info[key]))}"
         for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"))
         if info.get(key)
     ]
     misshapen = sorted(info.get("mismatched_keys") or [])  # (name, saved shape, shape config.json makes)
     if misshapen:
-        problems.append(
-            "misshapen " + ", ".join(f"{name} {tuple(saved)} for {tuple(wanted)}" for name, saved, wanted in misshapen)
-        )
+        shapes = [f"{name} {tuple(saved)} for {tuple(wanted)}" for name, saved, wanted in misshapen]
+        problems.append(f"misshapen {_some(shapes)}")
     if problems:
         raise ValueError(
             f"{setting}={path}: its weights do not match the model its config.json describes ({'; '.join(problems)}); "
@@ -147,7 +148,7 @@ def load_saved_model(path: str, setting: str, dtype: torch.dtype = torch.float32
         )
     not_float = _non_float_tensors(_weights_files(path, kwargs))
     if not_float:
-        listed = ", ".join(not_float[:3]) + (f" and {len(not_float) - 3} more" if len(not_float) > 3 else "")
+        listed = _some(not_float, shown=3)
         raise ValueError(
             f"{setting}={path}: weights must be floating point ({', '.join(sorted(FLOAT_DTYPES))}); {listed} "
             "would be cast to floats as they are"
