@@ -84,7 +84,7 @@ def kernels_text(averages, top: int, origins: dict | None = None) -> str:
     from profile_gpu import is_gpu_kernel, kernel_kinds
 
     kernels = sorted((e for e in averages if is_gpu_kernel(e)), key=lambda e: -e.self_device_time_total)
-    lines = [kernel_kinds(averages), f"the {top} kernels with the most time (ms, launches, name):"]
+    lines = [kernel_kinds(averages), f"the {min(top, len(kernels))} kernels with the most time (ms, launches, name):"]
     for e in kernels[:top]:
         lines.append(f"  {e.self_device_time_total / 1e3:8.3f} {e.count:5d}  {e.key[:150]}")
         lines += [f"      <- {graph}: [{nodes[:200]}]" for graph, nodes in (origins or {}).get(e.key, [])]

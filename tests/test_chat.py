@@ -1296,7 +1296,7 @@ def test_a_finetune_without_held_out_examples_says_why_there_is_no_held_out_loss
         (
             2,
             {"too_long": 1, "no_assistant": 1},
-            "of its 2 held-out conversations 1 are too long for max_len and 1 have no assistant turn to score",
+            "of its 2 held-out conversations, too long for max_len: 1, without an assistant turn to score: 1",
         ),
         (0, {}, "no conversation is held out (eval_fraction, eval_data)"),
     ]

@@ -121,7 +121,10 @@ def test_unknown_and_bad_settings_are_named(tmp_path):
     # an interval of 0, elsewhere often "off", is refused with how to get what it would mean
     for name, hint in (
         ("sample_every", r"\(no samples: sample_prompts: \[\]\)"),
-        ("eval_every", r"\(an evaluation at the last step only: an eval_every above max_steps\)"),
+        (
+            "eval_every",
+            r"\(evaluations at the last step only \(and at step 0 with eval_at_start\): an eval_every above max_steps\)",
+        ),
         ("save_every", r"\(a checkpoint at the last step only: a save_every above max_steps\)"),
     ):
         with pytest.raises(ValueError, match=rf"^{name} must be positive, got 0 {hint}$"):
@@ -364,6 +367,11 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(sample_data, model_json
     assert interrupted["final_dir"] is None and sorted(interrupted["losses"]) == list(range(1, 7))
     said = capsys.readouterr().out
     assert f"stopped at step 6 of 12 (stop_at_step), checkpoint in {tmp_path / 'resumed' / 'checkpoints'}:" in said
+    assert "rerun with resume: auto (the default) and a later stop_at_step or none" in said
+    again = pretrain.train(_cfg(sample_data, model_json, tmp_path / "resumed", stop_at_step=6))  # trains no step
+    said = capsys.readouterr().out
+    assert sorted(again["losses"]) == list(range(1, 7))
+    assert "stop_at_step 6 is not after the resumed step 6" in said and "stopped at step" not in said, said
     resumed = pretrain.train(_cfg(sample_data, model_json, tmp_path / "resumed"))
     assert sorted(resumed["losses"]) == list(range(1, 13))
     for step in range(1, 13):
@@ -928,6 +936,14 @@ def test_a_saved_model_whose_weights_do_not_fit_is_refused_by_name(tmp_path, cap
         ckpt.load_saved_model(str(wide), "init_from")
     named = str(err.value).split("(misshapen ", 1)[1]
     assert named.count(" for (") == 4 and re.search(r"\) and \d+ more\); refusing", named), named
+    # the model's own refusal (a CSA layer moved: from_pretrained names the tensors) is named by the setting too
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    assert config["mixer_types"] == ["linear", "csa", "full", "linear"]
+    (moved / "config.json").write_text(json.dumps(dict(config, mixer_types=["linear", "full", "csa", "linear"])))
+    (moved / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=rf"^init_from={re.escape(str(moved))}: its weights do not match its config"):
+        ckpt.load_saved_model(str(moved), "init_from")
 
 
 def test_wrong_position_ids_are_named(model_json):  # noqa: F811

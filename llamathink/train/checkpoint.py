@@ -130,6 +130,9 @@ def load_saved_model(path: str, setting: str, dtype: torch.dtype = torch.float32
         ) from None
     except OSError as err:  # a Hub id without network or access, an unreadable file
         raise ValueError(f"{setting}={path}: cannot be loaded ({type(err).__name__}: {err})") from err
+    except ValueError as err:  # the model's own refusals (its config, its weights): named by the setting too
+        text = str(err)
+        raise ValueError(f"{setting}={text}" if text.startswith(f"{path}:") else f"{setting}={path}: {text}") from err
     from ..modeling_llamathink import _some  # a few names of each kind and how many more, not every tensor
 
     problems = [

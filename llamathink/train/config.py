@@ -157,7 +157,7 @@ class RunConfig:
 # how to turn off what an interval setting schedules, for its error where it is given as 0
 OFF_HINTS = {
     "sample_every": "no samples: sample_prompts: []",
-    "eval_every": "an evaluation at the last step only: an eval_every above max_steps",
+    "eval_every": "evaluations at the last step only (and at step 0 with eval_at_start): an eval_every above max_steps",
     "save_every": "a checkpoint at the last step only: a save_every above max_steps",
 }
 

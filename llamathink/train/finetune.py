@@ -185,8 +185,8 @@ def _why_no_eval(stats: dict) -> str:
     if not stats["eval_conversations"]:
         return "no conversation is held out (eval_fraction, eval_data)"
     return (
-        f"of its {stats['eval_conversations']} held-out conversations {e.get('too_long', 0)} are too long for "
-        f"max_len and {e.get('no_assistant', 0)} have no assistant turn to score"
+        f"of its {stats['eval_conversations']} held-out conversations, too long for max_len: {e.get('too_long', 0)}, "
+        f"without an assistant turn to score: {e.get('no_assistant', 0)}"
     )
 
 

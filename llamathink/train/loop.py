@@ -788,10 +788,10 @@ def run_training(
     try:
         if is_main:
             write_history(out_dir, history)
-        if step < cfg.max_steps:  # stop_at_step: the run is paused, not done; say so, and how it goes on
+        if start_step < step < cfg.max_steps:  # stop_at_step: paused, not done (a run of no step said so above)
             accelerator.print(
                 f"stopped at step {step} of {cfg.max_steps} (stop_at_step), checkpoint in {out_dir / 'checkpoints'}:"
-                " the same command without stop_at_step (or with a later one) resumes it"
+                " to go on, rerun with resume: auto (the default) and a later stop_at_step or none"
             )
         if is_main and step == cfg.max_steps:
             hooks.save_final(
