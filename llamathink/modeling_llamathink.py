@@ -1435,7 +1435,10 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         base = p0 // S  # block holding this chunk's first position, per row
 
         # 1) Pool this chunk's keys/values into blocks base, base+1, ... (by position; padding to a dump slot).
-        nb = (T + 2 * S - 2) // S  # at most this many blocks are touched: the first may be partly cached
+        # at most this many blocks are touched: with a cache the first may be partly cached, one more; without one
+        # every row numbers its real tokens from 0 (the model's forward checks it), so ceil(T / S) blocks hold them
+        # all (SDPA then scores a round 256 blocks at the seed's T = 1024, S = 4, not 257)
+        nb = (T + 2 * S - 2) // S if ctx.real_lengths is not None else -(-T // S)
         rel = pos // S - base[:, None]  # [B, T]
         if valid is not None:
             rel = rel.masked_fill(~valid, nb)
