@@ -494,6 +494,32 @@ def test_csa_matches_naive_definition(T, blend_bias):
     torch.testing.assert_close(mod(x, ctx), _naive_csa(mod, x, rotary), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("T", [5, 8, 23, 24])
+def test_csa_pools_a_round_block_count_without_cache(T):
+    """Without a cache every row numbers its tokens from 0, so the compressed path pools into ceil(T / S) blocks
+    (256 at the seed's T = 1024, S = 4, a key count SDPA runs faster than 257: BENCHMARKS.md, session 37); left
+    padding does not change the count (padding goes to the dump slot). With a cache a chunk may start inside a block
+    and pools into (T + 2S - 2) // S. The cached prefill and its continuation give the uncached logits."""
+    model = randomize_(tiny_model(), seed=2).double().eval()
+    layer = next(m.mixer for m in model.model.layers if isinstance(m.mixer, LlamaThinkCompressedSparseAttention))
+    S = layer.stride
+    pooled = []
+    hook = layer.compress_k.register_forward_hook(lambda m, args, out: pooled.append(args[0].shape[1]))
+    ids = torch.randint(3, 90, (2, T), generator=torch.Generator().manual_seed(T))
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[1, :2] = 0
+    with torch.no_grad():
+        whole = model(ids, attention_mask=mask, use_cache=False).logits
+        assert pooled == [-(-T // S)], (pooled, T, S)
+        pooled.clear()
+        prefill = 3  # the continuation starts inside block 0
+        cache = model(ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True).cache
+        rest = model(ids[:, prefill:], attention_mask=mask, cache=cache).logits
+    hook.remove()
+    assert pooled == [(prefill + 2 * S - 2) // S, (T - prefill + 2 * S - 2) // S], pooled
+    torch.testing.assert_close(rest, whole[:, prefill:], rtol=1e-9, atol=1e-9)
+
+
 def _csa_local_paths(model, ids, mask, positions, weights, prefill: int, cache_mask=None):
     """Every path that runs the CSA local attention, on ids [B, T] (float64 model): logits of plain rows, of left
     padding (`mask` [B, T]), of packed documents (`positions` [B, T] restarting at 0), and of a cached prefill of
