@@ -921,6 +921,42 @@ def _prebuilt_step(model, packed: bool):
     torch.cuda.synchronize()
 
 
+def _kernel_build_differences(cache: Path, rebuilt: list[str], built: set[str]) -> str:
+    """For each Triton cache entry in `rebuilt` (folder names under `cache`): its kernel's name and the fields of its
+    metadata (compile options, cache-invalidating environment) that differ from those of every entry in `built` of
+    the same kernel ("no entry of that kernel" where the child built none)."""
+    import json
+
+    def metadata(entry: str) -> tuple[str, dict]:
+        files = [f for f in (cache / entry).glob("*.json") if not f.name.startswith("__grp__")]
+        if not files:
+            return entry, {}
+        meta = json.loads(files[0].read_text())
+        return meta.get("name", files[0].stem), meta
+
+    theirs: dict[str, list[dict]] = {}
+    for entry in built:
+        name, meta = metadata(entry)
+        theirs.setdefault(name, []).append(meta)
+    lines = []
+    for entry in rebuilt:
+        name, meta = metadata(entry)
+        if name not in theirs:
+            lines.append(f"{name}: no entry of that kernel")
+            continue
+        ignore = {"hash", "shared", "tmem_size", "global_scratch_size", "profile_scratch_size"}
+        diffs = [
+            sorted(
+                f"{k}: {meta.get(k)!r} (child {other.get(k)!r})"
+                for k in set(meta) | set(other)
+                if k not in ignore and meta.get(k) != other.get(k)
+            )
+            for other in theirs[name]
+        ]
+        lines.append(f"{name}: {len(theirs[name])} child entries; fewest differences {min(diffs, key=len)}")
+    return "\n".join(lines)
+
+
 @needs_fla
 @pytest.mark.parametrize(
     ("packed", "cache_set"),
@@ -959,9 +995,10 @@ def test_fla_prebuild_child_builds_every_kernel_the_compiled_step_launches(packe
     built = set(os.listdir(cache))
     assert built, "the child built nothing into TRITON_CACHE_DIR"
     _prebuilt_step(model, packed)
-    # a failure names the kernels the step built itself (each Triton cache entry holds its kernel's files)
-    rebuilt = {entry: sorted(p.name for p in (cache / entry).iterdir()) for entry in set(os.listdir(cache)) - built}
-    assert not rebuilt, rebuilt
+    # a failure names each kernel the step built itself, with how its compile options and environment differ from
+    # the child's builds of that kernel (Triton keys its cache by source, options and environment)
+    rebuilt = sorted(set(os.listdir(cache)) - built)
+    assert not rebuilt, _kernel_build_differences(cache, rebuilt, built)
     # control: this process does write the Triton kernels it builds to that cache (a kernel new to it)
     import triton
     import triton.language as tl
