@@ -32,6 +32,48 @@ def _without_csa_blend_bias(config_dict):
     return config_dict
 
 
+_ROPE_DEFAULTS = {"rope_theta": 20000.0, "partial_rotary_factor": 0.5}
+
+
+class _Unset:
+    """The default of a field that another argument may also give (`rope_theta` in `rope_parameters`): tells "not
+    given" from any value, None included (which the field's check then refuses)."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+_UNSET = _Unset()
+
+
+def _plain_rope(rope_theta, partial_rotary_factor, rope_parameters, rope_scaling) -> tuple:
+    """(rope_theta, partial_rotary_factor) from the config's own fields and transformers' `rope_parameters` /
+    `rope_scaling` dicts (5.x spells the RoPE settings there; a saved or hand-written config may carry them). The
+    model has the default RoPE only: a dict may say `rope_type` (or `type`) "default" and give `rope_theta` and
+    `partial_rotary_factor`, each equal to the field where both are given; anything else raises ValueError naming
+    it, so that a scaled RoPE is never accepted and then trained without its scaling."""
+    given = {"rope_theta": rope_theta, "partial_rotary_factor": partial_rotary_factor}
+    for name, value in (("rope_parameters", rope_parameters), ("rope_scaling", rope_scaling)):
+        if value is None or value == {}:
+            continue
+        if not isinstance(value, dict):  # (a config error, ValueError like every other here)
+            raise ValueError(f"{name} must be a dict of RoPE settings, got {value!r}")  # noqa: TRY004
+        rope_type = value.get("rope_type", value.get("type", "default"))
+        other = sorted(set(value) - {"rope_type", "type", *given})
+        if rope_type != "default" or other:
+            raise ValueError(
+                f"{name}={value!r}: LlamaThink has the default RoPE only (rope_theta, partial_rotary_factor), no "
+                "RoPE scaling (linear, dynamic, yarn, ...); to train a longer context, raise "
+                "max_position_embeddings (and rope_theta)"
+            )
+        for field, own in list(given.items()):
+            if field in value:
+                if own is not _UNSET and own != value[field]:
+                    raise ValueError(f"{field}={own!r} but {name}[{field!r}]={value[field]!r}: give one value")
+                given[field] = value[field]
+    return tuple(_ROPE_DEFAULTS[field] if value is _UNSET else value for field, value in given.items())
+
+
 class LlamaThinkConfig(PretrainedConfig):
     r"""
     Args:
@@ -43,7 +85,10 @@ class LlamaThinkConfig(PretrainedConfig):
         num_key_value_heads (`int`, defaults to 3): key/value heads (grouped-query attention).
         head_dim (`int`, defaults to 64): per-head width of the softmax-attention mixers.
         max_position_embeddings (`int`, defaults to 1024): longest sequence the model accepts.
-        rope_theta (`float`, defaults to 20000.0): RoPE base.
+        rope_theta (`float`, defaults to 20000.0): RoPE base. No RoPE scaling: transformers' `rope_parameters`
+            (and its older `rope_scaling`) are taken only as the default RoPE (`rope_type` "default"), their
+            `rope_theta` and `partial_rotary_factor` agreeing with these fields; any other RoPE type (linear,
+            dynamic, yarn, ...) is refused with a ValueError rather than trained and saved unapplied.
         partial_rotary_factor (`float`, defaults to 0.5): fraction of each head's dims that are rotated.
         rms_norm_eps (`float`, defaults to 1e-6): RMSNorm epsilon.
         initializer_range (`float`, defaults to 0.02): std of the normal init of every linear, embedding and
@@ -120,8 +165,8 @@ class LlamaThinkConfig(PretrainedConfig):
         num_key_value_heads: int = 3,
         head_dim: int = 64,
         max_position_embeddings: int = 1024,
-        rope_theta: float = 20000.0,
-        partial_rotary_factor: float = 0.5,
+        rope_theta: float = _UNSET,
+        partial_rotary_factor: float = _UNSET,
         rms_norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
         zero_init_residual: bool | None = None,
@@ -156,8 +201,9 @@ class LlamaThinkConfig(PretrainedConfig):
         self.num_key_value_heads = num_key_value_heads
         self.head_dim = head_dim
         self.max_position_embeddings = max_position_embeddings
-        self.rope_theta = rope_theta
-        self.partial_rotary_factor = partial_rotary_factor
+        self.rope_theta, self.partial_rotary_factor = _plain_rope(
+            rope_theta, partial_rotary_factor, kwargs.pop("rope_parameters", None), kwargs.pop("rope_scaling", None)
+        )
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.rescale_prenorm_residual = rescale_prenorm_residual
@@ -239,6 +285,13 @@ class LlamaThinkConfig(PretrainedConfig):
         )
         for name in positive_ints:
             _check_positive_int(name, getattr(self, name))
+        # (keyword overrides of `from_pretrained` arrive as attributes, after `__init__` has read the dicts)
+        _plain_rope(
+            self.rope_theta,
+            self.partial_rotary_factor,
+            getattr(self, "rope_parameters", None),
+            getattr(self, "rope_scaling", None),
+        )
         for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:

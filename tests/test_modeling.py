@@ -96,6 +96,14 @@ def test_default_config_is_the_95m_model():
         ({"partial_rotary_factor": "0.5"}, "partial_rotary_factor"),
         ({"partial_rotary_factor": True}, "partial_rotary_factor"),
         ({"partial_rotary_factor": None}, "partial_rotary_factor"),
+        # RoPE scaling (transformers' rope_parameters / rope_scaling) is refused, not trained unapplied
+        ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, "no RoPE scaling"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "no RoPE scaling"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, "no RoPE scaling"),
+        ({"rope_parameters": {"rope_type": "default", "factor": 2.0}}, "no RoPE scaling"),
+        ({"rope_parameters": "linear"}, "rope_parameters must be a dict"),
+        ({"rope_theta": 5.0, "rope_parameters": {"rope_theta": 100.0}}, r"rope_theta=5.0 but rope_parameters"),
+        ({"rope_parameters": {"rope_theta": -1.0}}, "rope_theta must be a finite positive number"),
         # spans that would allocate their length in every forward
         ({"csa_stride": 257}, "csa_stride=257 is longer than the context"),
         ({"linear_conv_kernel_dim": 257}, "linear_conv_kernel_dim=257 is longer than the context"),
@@ -106,6 +114,26 @@ def test_default_config_is_the_95m_model():
 def test_config_rejects_inconsistent_values(overrides, field):
     with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):
         tiny_config(**overrides)
+
+
+def test_config_takes_the_default_rope_from_transformers_rope_parameters(tmp_path):
+    """transformers 5.x spells RoPE settings in `rope_parameters` (older configs in `rope_scaling`): the default
+    RoPE given there is the model's `rope_theta` / `partial_rotary_factor` (the same logits as those fields), and the
+    saved config holds the fields alone, so it loads back as it was."""
+    ids = torch.randint(1, 96, (1, 24), generator=torch.Generator().manual_seed(0))
+    parameters = {"rope_type": "default", "rope_theta": 100.0, "partial_rotary_factor": 0.5}
+    config = tiny_config(rope_parameters=parameters)
+    assert (config.rope_theta, config.partial_rotary_factor) == (100.0, 0.5)
+    assert "rope_parameters" not in config.to_dict() and "rope_scaling" not in config.to_dict()
+    assert tiny_config(rope_scaling={"type": "default"}).rope_theta == 20000.0
+    with torch.no_grad():
+        got = tiny_model(seed=1, rope_parameters=parameters)(ids).logits
+        want = tiny_model(seed=1, rope_theta=100.0)(ids).logits
+        default = tiny_model(seed=1)(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.allclose(default, want)  # the base matters on these positions: the check can fail
+    config.save_pretrained(tmp_path)
+    assert LlamaThinkConfig.from_pretrained(tmp_path).rope_theta == 100.0
 
 
 def test_a_csa_window_past_the_context_is_the_context():

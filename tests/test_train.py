@@ -785,13 +785,15 @@ def test_commands_report_bad_input_in_one_line(sample_data, model_json, tmp_path
     ]
     out = tmp_path / "run"
     fields = json.loads(model_json.read_text())
-    typo, other_eos, listed = (tmp_path / f"{name}.json" for name in ("typo", "eos", "list"))
+    typo, other_eos, listed, scaled = (tmp_path / f"{name}.json" for name in ("typo", "eos", "list", "scaled"))
     typo.write_text(json.dumps({**fields, "num_hidden_layer": 2}))
+    scaled.write_text(json.dumps({**fields, "rope_scaling": {"rope_type": "linear", "factor": 4.0}}))
     other_eos.write_text(json.dumps({**fields, "eos_token_id": 3}))
     listed.write_text("[1, 2]")
     cases = [
         (pretrain.main, ["--model_config", str(typo)], r"\['num_hidden_layer'\] are not LlamaThinkConfig fields"),
         (pretrain.main, ["--model_config", str(listed)], "holds a JSON list, not an object"),
+        (pretrain.main, ["--model_config", str(scaled)], r"rope_scaling=.*'linear'.*no RoPE scaling"),
         (pretrain.main, ["--model_config", str(other_eos)], "the model's eos_token_id is 3 but the data's .* is 2"),
         (pretrain.main, ["--max_steps", "6", "--warmup_steps", "15"], "llamathink-pretrain: error: warmup_steps"),
         (pretrain.main, ["--config", str(tmp_path / "nope.yaml")], "settings file .*nope.yaml \\(--config\\) does"),

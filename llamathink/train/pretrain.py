@@ -136,6 +136,7 @@ _BASE_KEYS = {
     "auto_map",
     "torch_dtype",
     "rope_scaling",
+    "rope_parameters",
     "attn_implementation",
     "_attn_implementation_autoset",
     "use_cache",
