@@ -225,6 +225,31 @@ def test_find_shards_and_check_vocab(tmp_path):
         check_vocab(32001, 32000)
 
 
+def test_a_token_outside_the_models_vocabulary_is_named_by_shard_and_place(tmp_path):
+    """A shard whose header passes the vocabulary check but whose tokens do not (a damaged file, or one written by
+    another tokenizer and its header edited): the window that reads the token raises ValueError naming the shard,
+    the token's place in it and its value, for windows that span two shards too; other windows, and readers
+    without a model vocabulary, read as before."""
+    write_shard(tmp_path / "train_000000.bin", list(range(10, 30)), 500)
+    write_shard(tmp_path / "train_000001.bin", [5] * 20, 500)
+    open_shard(tmp_path / "train_000001.bin")  # a valid shard, then damaged in place
+    tokens = np.memmap(tmp_path / "train_000001.bin", dtype=np.uint16, mode="r+", offset=HEADER_BYTES)
+    tokens[7] = 999
+    tokens.flush()
+    del tokens
+    data = ShardedTokenDataset(tmp_path, 8, model_vocab_size=500)
+    assert data[0].tolist() == list(range(10, 18))
+    data.windows([2])  # shard 0's last 4 tokens and shard 1's first 4: in the vocabulary
+    with pytest.raises(ValueError, match=r"train_000001\.bin: token 7 \(0-based, after the header\) is 999, outside"):
+        data.windows([1, 3])  # window 3 holds shard 1's tokens 4..11
+    with pytest.raises(ValueError, match=r"train_000001\.bin: token 7 "):
+        data[3]
+    assert ShardedTokenDataset(tmp_path, 8).windows([3]).max() == 999  # no model vocabulary: nothing to check
+    loader = TokenBatchLoader(tmp_path, 8, 5, model_vocab_size=500)  # every window of the data in its one batch
+    with pytest.raises(ValueError, match="another tokenizer"):
+        next(loader)
+
+
 # ---------------------------------------------------------------- prepare
 
 

@@ -312,13 +312,18 @@ class ShardedTokenDataset:
 
     ``shards`` is a list of shard files or a directory (then its
     ``{split}_*.bin`` files are used).  If ``model_vocab_size`` is given, every
-    shard's vocabulary size is checked against it with :func:`check_vocab`.
+    shard's vocabulary size is checked against it with :func:`check_vocab`, and
+    every window read is checked to hold token ids below it: a ValueError names
+    the shard, the token's place in it and its value (a damaged shard, or one
+    written by another tokenizer), where the model would otherwise stop on its
+    labels mid-run without saying where they came from.
     """
 
     def __init__(self, shards, seq_len: int, *, split: str = "train", model_vocab_size: int | None = None):
         if int(seq_len) < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         self.seq_len = int(seq_len)
+        self.model_vocab_size = model_vocab_size
         self.paths = _resolve_paths(shards, split)
         self.headers = [read_shard_header(p) for p in self.paths]
         if model_vocab_size is not None:
@@ -356,15 +361,23 @@ class ShardedTokenDataset:
     def __getitem__(self, i: int) -> np.ndarray:
         if not 0 <= i < self.num_windows:
             raise IndexError(f"window {i} out of range [0, {self.num_windows})")
-        out = np.empty(self.seq_len, dtype=np.int64)
-        self._read(i * self.seq_len, self.seq_len, out)
-        return out
+        return self.windows([i])[0]
 
     def windows(self, indices: Sequence[int]) -> np.ndarray:
-        """The windows ``indices`` as one int64 array ``[len(indices), seq_len]``."""
+        """The windows ``indices`` as one int64 array ``[len(indices), seq_len]``. Raises ValueError where one holds
+        a token id outside the model's vocabulary (see the class docstring)."""
         out = np.empty((len(indices), self.seq_len), dtype=np.int64)
         for r, i in enumerate(indices):
             self._read(int(i) * self.seq_len, self.seq_len, out[r])
+        if self.model_vocab_size is not None and out.size and int(out.max()) >= self.model_vocab_size:
+            r, c = (int(x) for x in np.argwhere(out >= self.model_vocab_size)[0])
+            where = int(indices[r]) * self.seq_len + c  # in the concatenation of the shards
+            k = bisect.bisect_right(self.starts, where) - 1
+            raise ValueError(
+                f"{self.paths[k]}: token {where - int(self.starts[k]):,} (0-based, after the header) is {out[r, c]}, "
+                f"outside the model's vocabulary [0, {self.model_vocab_size}): the shard is damaged or was written "
+                "with another tokenizer; prepare the data again"
+            )
         return out
 
 
