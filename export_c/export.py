@@ -167,6 +167,8 @@ ADAPTER_HINT = "load it on its base model with peft, then save_pretrained the mo
 
 def load_config(d: str) -> dict:
     path = os.path.join(d, "config.json")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ExportError(f"{path} is a symbolic link that leads nowhere (a loop, or a target that is gone)")
     if not os.path.exists(path):
         if os.path.exists(os.path.join(d, "adapter_config.json")):
             raise ExportError(f"{d} is a PEFT adapter (adapter_config.json), not a whole model: {ADAPTER_HINT}")

@@ -1284,6 +1284,28 @@ def test_encoding_a_conversation_longer_than_the_tokenizers_maximum_logs_no_tran
     assert len(warnings) == 1, warnings
 
 
+def test_a_finetune_without_training_examples_says_why(tok, tmp_path):
+    """Data that yields no training example is refused with the reason in words, from the real data pipeline: an
+    empty file, a file of invalid rows (the first named), conversations all too long for max_len (the counts),
+    not the raw counts dict."""
+    from llamathink.train.finetune import FinetuneConfig, _why_no_training, prepare_data
+
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello " * 50}]
+    files = {"empty": "", "invalid": '{"nope": 1}\n[1, 2]\n', "long": json.dumps({"messages": turn}) + "\n"}
+    reasons = {
+        "empty": "it holds no conversations (an empty file",
+        "invalid": "all 2 rows are invalid, the first: ",
+        "long": "of its 1 training conversations, too long for max_len: 1, without an assistant turn to learn: 0",
+    }
+    for name, text in files.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(text)
+        cfg = FinetuneConfig(init_from="x", out_dir=str(tmp_path / "ft"), data=str(path), eval_fraction=0.0)
+        train, _, stats = prepare_data(cfg, tok, 16)
+        assert len(train) == 0
+        assert _why_no_training(stats).startswith(reasons[name]), (name, _why_no_training(stats))
+
+
 def test_a_finetune_without_held_out_examples_says_why_there_is_no_held_out_loss():
     """The data summary a finetune prints at its start says when no held-out loss will come (eval_every then
     schedules nothing) and why: nothing held out, or held-out conversations too long for max_len or without an

@@ -681,6 +681,20 @@ def test_a_peft_adapter_folder_is_named_as_one(tmp_path):
         check_saved_model_path(str(tmp_path), "init_from")
 
 
+@pytest.mark.parametrize("link", ["loop", "gone"])
+def test_a_config_json_that_is_a_dead_symbolic_link_is_named_as_one(tmp_path, link):
+    """config.json as a symbolic link to itself, or to a file that is gone: named as such by the exporter and by
+    every command that loads a saved model, not reported as a folder without config.json."""
+    from llamathink.train.checkpoint import check_saved_model_path
+
+    config = tmp_path / "config.json"
+    config.symlink_to(config if link == "loop" else tmp_path / "removed.json")
+    with pytest.raises(ex.ExportError, match="config.json is a symbolic link that leads nowhere"):
+        ex.load_config(str(tmp_path))
+    with pytest.raises(ValueError, match="init_from=.*: its config.json is a symbolic link that leads nowhere"):
+        check_saved_model_path(str(tmp_path), "init_from")
+
+
 def test_tokenizer_export_notes_a_chat_template_run_c_would_not_follow(tmp_path, capsys):
     """LlamaThink's markers stored for a tokenizer whose template is an edited copy: a note (run.c's chat and
     llamathink-chat would differ silently); none for the shipped template or with markers given."""

@@ -82,6 +82,10 @@ def check_saved_model_path(path: str, setting: str) -> None:
                 f"{setting}={path} is a PEFT adapter (adapter_config.json), not a whole model: load it on its base "
                 "model with peft, then save_pretrained the model that merge_and_unload() returns"
             )
+        if (p / "config.json").is_symlink() and not (p / "config.json").exists():
+            raise ValueError(
+                f"{setting}={path}: its config.json is a symbolic link that leads nowhere (a loop, or a target that is gone)"
+            )
         if not (p / "config.json").exists():
             raise ValueError(f"{setting}={path} is a folder without config.json, not a saved model")
     elif p.exists():

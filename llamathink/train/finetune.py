@@ -179,6 +179,20 @@ def _describe(stats: dict) -> str:
     )
 
 
+def _why_no_training(stats: dict) -> str:
+    """Why no training example was kept, from `prepare_data`'s counts."""
+    t, invalid = stats["train"], stats["invalid_rows"]
+    if not stats["train_conversations"]:
+        if not invalid:
+            return "it holds no conversations (an empty file, or every one held out: eval_fraction, eval_data)"
+        first = stats.get("invalid_row_examples") or ["?"]
+        return f"all {invalid} rows are invalid, the first: {first[0]}"
+    return (
+        f"of its {stats['train_conversations']} training conversations, too long for max_len: "
+        f"{t.get('too_long', 0)}, without an assistant turn to learn: {t.get('no_assistant', 0)}"
+    )
+
+
 def _why_no_eval(stats: dict) -> str:
     """Why no held-out example was kept, from `prepare_data`'s counts."""
     e = stats["eval"]
@@ -309,7 +323,7 @@ def _finetune(cfg: FinetuneConfig, accelerator) -> dict:
     train_set, eval_set, data_stats = prepare_data(cfg, tokenizer, max_len)
     accelerator.print(_describe(data_stats))
     if len(train_set) == 0:
-        raise ValueError(f"no training examples in {cfg.data!r} ({data_stats})")
+        raise ValueError(f"no training examples in {cfg.data!r}: {_why_no_training(data_stats)}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if cfg.packing:
         train_set = PackedChatDataset(train_set, max_len)
