@@ -165,10 +165,37 @@ def resolve_source(src: str) -> str:
 ADAPTER_HINT = "load it on its base model with peft, then save_pretrained the model that merge_and_unload() returns"
 
 
+def _rope_from_dicts(raw: dict, cfg: dict, path: str) -> None:
+    """transformers' `rope_parameters` / `rope_scaling` as LlamaThinkConfig reads them: a default-RoPE dict gives
+    `rope_theta` / `partial_rotary_factor` where config.json has no such field; a dict with RoPE scaling (or a value
+    that disagrees with the field) is one the model never applied: a saved config (it records transformers_version)
+    exports its plain RoPE with a note, as it loads; any other config is refused, as LlamaThinkConfig refuses it."""
+    for name in ("rope_parameters", "rope_scaling"):
+        value = raw.get(name)
+        if not value:
+            continue
+        plain = isinstance(value, dict) and value.get("rope_type", value.get("type", "default")) == "default"
+        plain = plain and set(value) <= {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+        fields = ("rope_theta", "partial_rotary_factor")
+        agree = plain and all(raw.get(k) in (None, value[k]) for k in fields if k in value)
+        if agree:
+            cfg.update({k: value[k] for k in fields if k in value and raw.get(k) is None})
+        elif "transformers_version" in raw:
+            print(
+                f"note: {path}: {name}={value!r} was never applied by the model; exported with its plain RoPE "
+                f"(rope_theta={cfg['rope_theta']})",
+                file=sys.stderr,
+            )
+        else:
+            raise ExportError(f"{path}: {name}={value!r}: LlamaThink has the default RoPE only, no RoPE scaling")
+
+
 def load_config(d: str) -> dict:
     path = os.path.join(d, "config.json")
     if os.path.islink(path) and not os.path.exists(path):
         raise ExportError(f"{path} is a symbolic link that leads nowhere (a loop, or a target that is gone)")
+    if os.path.isdir(path):
+        raise ExportError(f"{path} is a folder, not a config file")
     if not os.path.exists(path):
         if os.path.exists(os.path.join(d, "adapter_config.json")):
             raise ExportError(f"{d} is a PEFT adapter (adapter_config.json), not a whole model: {ADAPTER_HINT}")
@@ -182,6 +209,7 @@ def load_config(d: str) -> dict:
         raise ExportError(f"{path} holds a JSON {type(raw).__name__}, not a config object")
     cfg = dict(DEFAULTS)
     cfg.update({k: v for k, v in raw.items() if k in DEFAULTS and v is not None})
+    _rope_from_dicts(raw, cfg, path)
     # null is the seed's bias-free gate, and so is a saved config without the key (it records transformers_version:
     # written before the field existed; LlamaThinkConfig reads it the same way). Only its presence matters here:
     # the bias values are tensors

@@ -11,6 +11,7 @@ package is not installed.
 """
 
 import math
+import warnings
 
 from transformers import PretrainedConfig
 
@@ -19,6 +20,37 @@ DEFAULT_MIXER_PATTERN = ("linear", "linear", "csa", "full")
 GDN_BACKENDS = ("auto", "flash_qla", "fla", "torch")
 MAX_CONTEXT = 1 << 20  # max_position_embeddings: export_c/run.c's limit too
 MAX_GDN_CHUNK = 4096
+
+
+def _saved_config(config_dict):
+    """A config dict as `from_pretrained` / `from_json_file` read it from a file: `_without_csa_blend_bias`, then
+    `_without_unapplied_rope`."""
+    return _without_unapplied_rope(_without_csa_blend_bias(config_dict))
+
+
+def _without_unapplied_rope(config_dict):
+    """A saved config (it records `transformers_version`) whose `rope_parameters` / `rope_scaling` the model never
+    applied: LlamaThink before RoPE dicts were checked accepted any, trained with the default RoPE at its
+    `rope_theta` field, and `save_pretrained` wrote the dict out. Such a file describes a model of plain RoPE: the
+    dicts are dropped with a warning (delete them from the file to silence it), so that the model loads as it was
+    trained. Dicts this version takes (the default RoPE, agreeing with the fields) stay; other dicts (new,
+    hand-written or built in Python) reach `__init__`, which refuses them."""
+    if not isinstance(config_dict, dict) or "transformers_version" not in config_dict:
+        return config_dict
+    dicts = {k: config_dict[k] for k in ("rope_parameters", "rope_scaling") if k in config_dict}
+    fields = [config_dict.get(k, _UNSET) for k in ("rope_theta", "partial_rotary_factor")]
+    try:
+        _plain_rope(*fields, dicts.get("rope_parameters"), dicts.get("rope_scaling"))
+    except ValueError:
+        theta, factor = (_ROPE_DEFAULTS[k] if v is _UNSET else v for k, v in zip(_ROPE_DEFAULTS, fields))
+        warnings.warn(
+            f"this saved config holds {dicts}, which LlamaThink never applied: its model has the default RoPE at "
+            f"rope_theta={theta}, partial_rotary_factor={factor}, and loads as such; delete {sorted(dicts)} from its "
+            "config.json",
+            stacklevel=4,
+        )
+        return {k: v for k, v in config_dict.items() if k not in dicts}
+    return config_dict
 
 
 def _without_csa_blend_bias(config_dict):
@@ -251,17 +283,27 @@ class LlamaThinkConfig(PretrainedConfig):
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
         """`PretrainedConfig.from_dict` (the path of `from_pretrained` and `AutoConfig`), reading a config saved
-        before `csa_blend_bias` existed as the model it describes: see `_without_csa_blend_bias`. Keyword
-        overrides (`from_pretrained(path, gdn_chunk_size=...)`) are set after `__init__` has checked the file's
-        values, so the result is checked again (ValueError naming the field)."""
-        loaded = super().from_dict(_without_csa_blend_bias(config_dict), **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded).validate_llamathink()
+        before `csa_blend_bias` existed, or with a RoPE dict it never applied, as the model it describes (see
+        `_saved_config`). Keyword overrides (`from_pretrained(path, gdn_chunk_size=...)`) are set after `__init__`
+        has checked the file's values, so the result is checked again (ValueError naming the field);
+        `rope_parameters` / `rope_scaling` overrides, which transformers would drop unseen, are read as `__init__`
+        reads them (their `rope_theta` / `partial_rotary_factor` override the file's; any scaling is refused)."""
+        rope = {k: kwargs.pop(k) for k in ("rope_parameters", "rope_scaling") if k in kwargs}
+        loaded = super().from_dict(_saved_config(config_dict), **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if rope:
+            given = [kwargs.get(k, _UNSET) for k in ("rope_theta", "partial_rotary_factor")]
+            theta, factor = _plain_rope(*given, rope.get("rope_parameters"), rope.get("rope_scaling"))
+            named = {k for d in rope.values() if isinstance(d, dict) for k in d}
+            config.rope_theta = theta if "rope_theta" in named else config.rope_theta
+            config.partial_rotary_factor = factor if "partial_rotary_factor" in named else config.partial_rotary_factor
+        config.validate_llamathink()
         return loaded
 
     @classmethod
     def _dict_from_json_file(cls, json_file):
         """The same for `from_json_file`, which builds the config from the file's dict without `from_dict`."""
-        return _without_csa_blend_bias(super()._dict_from_json_file(json_file))
+        return _saved_config(super()._dict_from_json_file(json_file))
 
     def validate_llamathink(self):
         """Raise `ValueError` naming the field when the configuration cannot describe a working model."""
@@ -285,7 +327,7 @@ class LlamaThinkConfig(PretrainedConfig):
         )
         for name in positive_ints:
             _check_positive_int(name, getattr(self, name))
-        # (keyword overrides of `from_pretrained` arrive as attributes, after `__init__` has read the dicts)
+        # (a dict set on the config after it was built)
         _plain_rope(
             self.rope_theta,
             self.partial_rotary_factor,

@@ -1287,14 +1287,14 @@ def test_encoding_a_conversation_longer_than_the_tokenizers_maximum_logs_no_tran
 def test_a_finetune_without_training_examples_says_why(tok, tmp_path):
     """Data that yields no training example is refused with the reason in words, from the real data pipeline: an
     empty file, a file of invalid rows (the first named), conversations all too long for max_len (the counts),
-    not the raw counts dict."""
+    not the raw counts dict; an eval_data file's invalid rows are not the training file's."""
     from llamathink.train.finetune import FinetuneConfig, _why_no_training, prepare_data
 
     turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello " * 50}]
     files = {"empty": "", "invalid": '{"nope": 1}\n[1, 2]\n', "long": json.dumps({"messages": turn}) + "\n"}
     reasons = {
-        "empty": "it holds no conversations (an empty file",
-        "invalid": "all 2 rows are invalid, the first: ",
+        "empty": "it holds no conversations",
+        "invalid": "all 2 of its rows are invalid, the first: ",
         "long": "of its 1 training conversations, too long for max_len: 1, without an assistant turn to learn: 0",
     }
     for name, text in files.items():
@@ -1304,6 +1304,11 @@ def test_a_finetune_without_training_examples_says_why(tok, tmp_path):
         train, _, stats = prepare_data(cfg, tok, 16)
         assert len(train) == 0
         assert _why_no_training(stats).startswith(reasons[name]), (name, _why_no_training(stats))
+    held = tmp_path / "held.jsonl"
+    held.write_text('{"nope": 1}\n' + files["long"])
+    data = {"data": str(tmp_path / "empty.jsonl"), "eval_data": str(held)}
+    cfg = FinetuneConfig(init_from="x", out_dir=str(tmp_path / "ft"), **data)
+    assert _why_no_training(prepare_data(cfg, tok, 16)[2]) == "it holds no conversations"
 
 
 def test_a_finetune_without_held_out_examples_says_why_there_is_no_held_out_loss():

@@ -681,18 +681,50 @@ def test_a_peft_adapter_folder_is_named_as_one(tmp_path):
         check_saved_model_path(str(tmp_path), "init_from")
 
 
-@pytest.mark.parametrize("link", ["loop", "gone"])
-def test_a_config_json_that_is_a_dead_symbolic_link_is_named_as_one(tmp_path, link):
-    """config.json as a symbolic link to itself, or to a file that is gone: named as such by the exporter and by
-    every command that loads a saved model, not reported as a folder without config.json."""
+@pytest.mark.parametrize("kind", ["loop", "gone", "folder"])
+def test_a_config_json_that_is_no_file_is_named_as_such(tmp_path, kind):
+    """config.json as a symbolic link to itself, to a file that is gone, or a folder: named as such by the exporter
+    and by every command that loads a saved model (also beside an adapter_config.json), not reported as a folder
+    without config.json or a PEFT adapter."""
     from llamathink.train.checkpoint import check_saved_model_path
 
     config = tmp_path / "config.json"
-    config.symlink_to(config if link == "loop" else tmp_path / "removed.json")
-    with pytest.raises(ex.ExportError, match="config.json is a symbolic link that leads nowhere"):
+    if kind == "folder":
+        config.mkdir()
+    else:
+        config.symlink_to(config if kind == "loop" else tmp_path / "removed.json")
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    what = "is a folder, not a config file" if kind == "folder" else "is a symbolic link that leads nowhere"
+    with pytest.raises(ex.ExportError, match=f"config.json {what}"):
         ex.load_config(str(tmp_path))
-    with pytest.raises(ValueError, match="init_from=.*: its config.json is a symbolic link that leads nowhere"):
+    with pytest.raises(ValueError, match=f"init_from=.*: its config.json {what}"):
         check_saved_model_path(str(tmp_path), "init_from")
+
+
+def test_the_exporter_reads_rope_dicts_as_the_model_does(tiny, tmp_path, capsys):
+    """transformers' rope_parameters in config.json: a default-RoPE dict gives rope_theta where the file has no such
+    field (as LlamaThinkConfig takes it); a scaling dict in a saved config (which the model never applied) exports
+    the plain RoPE with a note; a hand-written config with one is refused, as LlamaThinkConfig refuses it."""
+    fields = json.loads((Path(tiny[1]) / "config.json").read_text())
+    cases = {
+        "default": (
+            {k: v for k, v in fields.items() if k != "rope_theta"},
+            {"rope_type": "default", "rope_theta": 77.0},
+        ),
+        "saved": (fields, {"rope_type": "linear", "factor": 4.0}),
+        "written": ({k: v for k, v in fields.items() if k != "transformers_version"}, {"rope_type": "yarn"}),
+    }
+    for name, (base, rope) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**base, "rope_parameters": rope}))
+        if name == "written":
+            with pytest.raises(ex.ExportError, match="rope_parameters=.*no RoPE scaling"):
+                ex.load_config(str(folder))
+            continue
+        cfg = ex.load_config(str(folder))
+        assert cfg["rope_theta"] == (77.0 if name == "default" else fields["rope_theta"]), (name, cfg["rope_theta"])
+        assert ("never applied" in capsys.readouterr().err) == (name == "saved")
 
 
 def test_tokenizer_export_notes_a_chat_template_run_c_would_not_follow(tmp_path, capsys):

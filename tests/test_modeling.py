@@ -136,6 +136,37 @@ def test_config_takes_the_default_rope_from_transformers_rope_parameters(tmp_pat
     assert LlamaThinkConfig.from_pretrained(tmp_path).rope_theta == 100.0
 
 
+def test_a_saved_config_with_a_rope_dict_it_never_applied_loads_as_trained(tmp_path):
+    """Earlier LlamaThink versions took any `rope_scaling` / `rope_parameters`, trained with the default RoPE at the
+    `rope_theta` field, and `save_pretrained` wrote the dict out. Such a saved folder loads as the model it is (the
+    same logits, with a warning that says to delete the key), for a scaling dict and for a default dict whose
+    rope_theta disagrees with the field; a fresh config with either is refused (the tests above), and so are
+    `from_pretrained` keyword overrides that ask for scaling, which transformers would otherwise drop unseen,
+    while a default override's rope_theta is taken."""
+    ids = torch.randint(1, 96, (1, 24), generator=torch.Generator().manual_seed(0))
+    model = tiny_model(seed=1, rope_theta=1000.0)
+    model.save_pretrained(tmp_path / "plain")
+    with torch.no_grad():
+        want = model(ids).logits
+    for extra in (
+        {"rope_parameters": {"rope_type": "linear", "factor": 4.0}},
+        {"rope_scaling": {"type": "dynamic", "factor": 2.0}, "rope_parameters": {"rope_theta": 20000.0}},
+    ):
+        folder = tmp_path / max(extra)
+        shutil.copytree(tmp_path / "plain", folder, dirs_exist_ok=True)
+        fields = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**fields, **extra}))
+        with pytest.warns(UserWarning, match=r"never applied: its model has the default RoPE at rope_theta=1000.0"):
+            loaded = LlamaThinkForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+        assert loaded.config.rope_theta == 1000.0 and "rope_parameters" not in loaded.config.to_dict()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no RoPE scaling"):
+        LlamaThinkConfig.from_pretrained(tmp_path / "plain", rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    override = {"rope_type": "default", "rope_theta": 500.0}
+    assert LlamaThinkConfig.from_pretrained(tmp_path / "plain", rope_parameters=override).rope_theta == 500.0
+
+
 def test_a_csa_window_past_the_context_is_the_context():
     """A window longer than the context (the default 512 in a smaller model, or 2^40: 140 TB of padding in the first
     forward before) sees what a window of the whole context sees: the same logits, cached and not, with buffers of

@@ -77,14 +77,16 @@ def check_saved_model_path(path: str, setting: str) -> None:
             final = p / "final"
             hint = str(final) if (final / "config.json").exists() else "<out_dir>/final, written when the run finishes"
             raise ValueError(f"{setting}={path} is a training run's folder, not a saved model: use {hint}")
+        if (p / "config.json").is_symlink() and not (p / "config.json").exists():
+            raise ValueError(
+                f"{setting}={path}: its config.json is a symbolic link that leads nowhere (a loop, or a target that is gone)"
+            )
+        if (p / "config.json").is_dir():
+            raise ValueError(f"{setting}={path}: its config.json is a folder, not a config file")
         if not (p / "config.json").exists() and (p / "adapter_config.json").exists():
             raise ValueError(
                 f"{setting}={path} is a PEFT adapter (adapter_config.json), not a whole model: load it on its base "
                 "model with peft, then save_pretrained the model that merge_and_unload() returns"
-            )
-        if (p / "config.json").is_symlink() and not (p / "config.json").exists():
-            raise ValueError(
-                f"{setting}={path}: its config.json is a symbolic link that leads nowhere (a loop, or a target that is gone)"
             )
         if not (p / "config.json").exists():
             raise ValueError(f"{setting}={path} is a folder without config.json, not a saved model")

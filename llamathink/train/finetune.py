@@ -136,6 +136,7 @@ def prepare_data(cfg: FinetuneConfig, tokenizer, max_len: int) -> tuple[ChatData
         stats=read,
         skipped=skipped,
     )
+    data_invalid, data_skipped = read["invalid"], list(skipped)  # the training file's alone (eval_data adds to both)
     if cfg.eval_data:
         train_convs = conversations
         eval_convs = load_conversations(
@@ -155,6 +156,8 @@ def prepare_data(cfg: FinetuneConfig, tokenizer, max_len: int) -> tuple[ChatData
     stats = {
         "invalid_rows": read["invalid"],
         "invalid_row_examples": skipped,
+        "data_invalid_rows": data_invalid,
+        "data_invalid_row_examples": data_skipped,
         "train_conversations": len(train_convs),
         "eval_conversations": len(eval_convs),
         "train": dict(train_stats),
@@ -180,13 +183,14 @@ def _describe(stats: dict) -> str:
 
 
 def _why_no_training(stats: dict) -> str:
-    """Why no training example was kept, from `prepare_data`'s counts."""
-    t, invalid = stats["train"], stats["invalid_rows"]
+    """Why no training example was kept, from `prepare_data`'s counts (of the `data` file's rows alone: every
+    conversation of it trains, but for a held-out share that always leaves one to train on)."""
+    t, invalid = stats["train"], stats["data_invalid_rows"]
     if not stats["train_conversations"]:
         if not invalid:
-            return "it holds no conversations (an empty file, or every one held out: eval_fraction, eval_data)"
-        first = stats.get("invalid_row_examples") or ["?"]
-        return f"all {invalid} rows are invalid, the first: {first[0]}"
+            return "it holds no conversations"
+        first = stats["data_invalid_row_examples"] or ["?"]
+        return f"all {invalid} of its rows are invalid, the first: {first[0]}"
     return (
         f"of its {stats['train_conversations']} training conversations, too long for max_len: "
         f"{t.get('too_long', 0)}, without an assistant turn to learn: {t.get('no_assistant', 0)}"

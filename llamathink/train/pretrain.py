@@ -161,6 +161,17 @@ def check_config_keys(path: Path) -> None:
     unknown = sorted(set(keys) - set(LlamaThinkConfig().to_dict()) - set(PretrainedConfig().to_dict()) - _BASE_KEYS)
     if unknown:
         raise ValueError(f"model_config {path}: {unknown} are not LlamaThinkConfig fields (a typo?)")
+    # a RoPE dict the model would not apply is refused here also where the file reads as a saved model (which loads
+    # with it dropped): a new model would train without what the file asks for
+    rope = ("rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor")
+    if "rope_parameters" in keys or "rope_scaling" in keys:
+        try:
+            LlamaThinkConfig(**{k: keys[k] for k in rope if k in keys})
+        except ValueError as err:
+            raise ValueError(
+                f"model_config {path}: {err} (earlier LlamaThink versions took such a dict and trained without it: "
+                "delete it from the file to go on with such a run)"
+            ) from None
 
 
 def check_special_tokens(meta: dict, config, data_dir: str) -> None:
