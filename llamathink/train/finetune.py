@@ -183,8 +183,8 @@ def _describe(stats: dict) -> str:
 
 
 def _why_no_training(stats: dict) -> str:
-    """Why no training example was kept, from `prepare_data`'s counts (of the `data` file's rows alone: every
-    conversation of it trains, but for a held-out share that always leaves one to train on)."""
+    """Why no training example was kept, from `prepare_data`'s counts of the `data` file alone (a held-out share
+    always leaves it one conversation to train on, so held-out settings are never the reason)."""
     t, invalid = stats["train"], stats["data_invalid_rows"]
     if not stats["train_conversations"]:
         if not invalid:
