@@ -605,16 +605,19 @@ def header_bytes(cfg: dict, dtype: str, group: int, n_tensors: int, file_size: i
     return bytes(h)
 
 
-def export(src: str, out_path: str, dtype: str = "fp32", group_size="auto", verbose=True) -> dict:
+def export(
+    src: str, out_path: str, dtype: str = "fp32", group_size="auto", verbose=True, config: dict | None = None
+) -> dict:
     """Export checkpoint ``src`` (directory or hub id) to the run.c model file ``out_path`` (written to
-    ``out_path + ".tmp"`` and renamed, so a failure leaves no partial file). Returns the config, int8 group size,
-    tensor count, file size in bytes and source directory. Raises ExportError for a config or tensors the
-    format cannot hold (missing / misshapen tensors, out-of-range or non-finite fields, NaN / inf weights)."""
+    ``out_path + ".tmp"`` and renamed, so a failure leaves no partial file). ``config``: the source's
+    ``load_config``, where the caller has read it already. Returns the config, int8 group size, tensor count, file
+    size in bytes and source directory. Raises ExportError for a config or tensors the format cannot hold
+    (missing / misshapen tensors, out-of-range or non-finite fields, NaN / inf weights)."""
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype}")
     check_output(out_path, MAGIC, "run.c model")
     d = resolve_source(src)
-    cfg = load_config(d)
+    cfg = load_config(d) if config is None else config
     tensors = load_tensors(d)
     check_tensors(cfg, tensors)
     for name, t in tensors.items():  # NaN / inf weights would make every logit NaN in run.c
@@ -712,7 +715,7 @@ def main(argv=None) -> int:
     if tokenizer_only and not a.tokenizer_out:  # they would be ignored: say so rather than write a model alone
         ap.error(f"{', '.join(tokenizer_only)} only apply to tokenizer.bin: add --tokenizer-out PATH")
     try:
-        tokenizer = None
+        tokenizer = config = None
         if a.tokenizer_out:  # checked, and the tokenizer read, before anything is written
             from .tokenizer_export import TK_MAGIC, chat_markers, load_tokenizer, write_tokenizer
 
@@ -724,14 +727,15 @@ def main(argv=None) -> int:
             source = resolve_source(a.src)
             markers = chat_markers(a.chat_marker, not a.no_chat_markers, a.tokenizer_src or source)
             tokenizer = load_tokenizer(a.tokenizer_src or source, a.tokenizer_sentencepiece)
-            vocab = load_config(source)["vocab_size"]
+            config = load_config(source)  # read once: export() takes it
+            vocab = config["vocab_size"]
             if len(tokenizer["pieces"]) > vocab:  # another model's tokenizer: run.c would refuse the pair
                 raise ExportError(
                     f"the tokenizer of {a.tokenizer_src or source} has {len(tokenizer['pieces'])} pieces, more than "
                     f"the model's {vocab} token ids (vocab_size): it is not this model's tokenizer; give the one the "
                     "model was trained with (--tokenizer-src), nothing was written"
                 )
-        export(a.src if tokenizer is None else source, a.out, a.dtype, a.group_size)
+        export(a.src if tokenizer is None else source, a.out, a.dtype, a.group_size, config=config)
         if tokenizer is not None:
             write_tokenizer(tokenizer, a.tokenizer_out, markers)
     except Exception as e:  # ExportError, TokenizerExportError, I/O errors

@@ -705,6 +705,9 @@ def test_the_exporter_reads_rope_dicts_as_the_model_does(tiny, tmp_path, capsys)
     """transformers' rope_parameters in config.json: a default-RoPE dict gives rope_theta where the file has no such
     field (as LlamaThinkConfig takes it); a scaling dict in a saved config (which the model never applied) exports
     the plain RoPE with a note; a hand-written config with one is refused, as LlamaThinkConfig refuses it."""
+    from llamathink.chat_format import set_chat_template
+    from llamathink.tokenizer_utils import builtin_tokenizer
+
     fields = json.loads((Path(tiny[1]) / "config.json").read_text())
     cases = {
         "default": (
@@ -725,6 +728,13 @@ def test_the_exporter_reads_rope_dicts_as_the_model_does(tiny, tmp_path, capsys)
         cfg = ex.load_config(str(folder))
         assert cfg["rope_theta"] == (77.0 if name == "default" else fields["rope_theta"]), (name, cfg["rope_theta"])
         assert ("never applied" in capsys.readouterr().err) == (name == "saved")
+    # the command with --tokenizer-out reads the config once: the note comes once
+    _chat_checkpoint(tmp_path / "chat", CHAT_CFG, set_chat_template(builtin_tokenizer()))
+    fields = json.loads((tmp_path / "chat" / "config.json").read_text())
+    (tmp_path / "chat" / "config.json").write_text(json.dumps({**fields, "rope_scaling": {"type": "linear"}}))
+    capsys.readouterr()
+    assert ex.main([str(tmp_path / "chat"), str(tmp_path / "m.bin"), "--tokenizer-out", str(tmp_path / "t.bin")]) == 0
+    assert capsys.readouterr().err.count("never applied") == 1
 
 
 def test_tokenizer_export_notes_a_chat_template_run_c_would_not_follow(tmp_path, capsys):
