@@ -1116,7 +1116,9 @@ def start_fla_prebuild(
     kernel, to its own per-device folder (`torch._inductor.runtime.cache_dir_utils.triton_cache_dir`, under
     TORCHINDUCTOR_CACHE_DIR); this sets it to that same folder now, before fla's first launch here, and the child
     inherits it (and TILELANG_CACHE_DIR, and the visible GPUs); a process that compiles without inductor, or not
-    at all, then also keeps fla's kernels in that folder rather than Triton's default one.
+    at all, then also keeps fla's kernels in that folder rather than Triton's default one. One key for both: the
+    child reads the ptxas whose version keys this process's kernels (`_ptxas_for_prebuild`), also where inductor
+    points Triton at torch's own ptxas.
 
     The child imports this same module (also the copy that `trust_remote_code` loaded), never a package of the
     same name in the working directory; it ends by itself once the kernels are built (about 30 s on an H200 for
@@ -1164,10 +1166,16 @@ def start_fla_prebuild(
     if delta_rule == "flash_qla":  # where its parts' processes tell that they have ended (`wait_for_prebuild`)
         ready = Path(tempfile.mkdtemp(prefix="llamathink-prebuild-"))
         args["ready_dir"] = str(ready)
+    ptxas = _ptxas_for_prebuild()  # (before the environment is read: it may set TRITON_PTXAS_PATH here)
+    env = {**os.environ, **ptxas}
     try:
         with open(log_path, "w") if log_path is not None else contextlib.nullcontext(subprocess.DEVNULL) as out:
             child = subprocess.Popen(
-                _prebuild_command(args, os.getpid()), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+                _prebuild_command(args, os.getpid()),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
             )
     except BaseException:
         if ready is not None:
@@ -1179,6 +1187,48 @@ def start_fla_prebuild(
     if ready is not None:
         _prebuild_waits.append(_PrebuildWait(child, ready, set(FLASH_QLA_PARTS[1:])))
     return child
+
+
+def _ptxas_for_prebuild() -> dict[str, str]:
+    """The environment a prebuild child needs beside this process's for both to key their Triton kernels alike:
+    {"TRITON_PTXAS_PATH": a ptxas}, or {} where the inherited environment does (or nothing can be told: another
+    Triton layout, no CUDA driver).
+
+    Triton keys every kernel by its backend's hash, which holds the version of the ptxas that the process read at
+    its first compile and keeps for its life (`get_ptxas_version` is cached), while the ptxas it runs follows
+    TRITON_PTXAS_PATH at each compile. Inductor points that variable at torch's own ptxas (`torch/bin/ptxas`, where
+    the build ships one) at its first compiled kernel, in its compile workers and in this process.
+    * This process has not compiled yet: the variable is set now as inductor would set it, so that this process,
+      inductor's workers and the child all read that ptxas (the child, started before inductor's first compile,
+      would otherwise key by Triton's own ptxas, and this process by torch's).
+    * It has (its version is fixed; e.g. fla ran before inductor's first compile): the child is pointed at the
+      ptxas of that version, the one the variable names now, or Triton's own."""
+    import subprocess
+
+    try:
+        from triton.backends.nvidia import compiler as nvidia
+        from triton.compiler.compiler import make_backend
+        from triton.runtime.driver import driver
+
+        if nvidia.get_ptxas_version.cache_info().currsize == 0:
+            from torch._inductor.runtime.compile_tasks import _set_triton_ptxas_path
+
+            _set_triton_ptxas_path()
+            return {}
+        target = driver.active.get_current_target()
+        keyed = make_backend(target).hash()  # f"{ptxas --version}-{arch}": the cached version, as its compiles use
+    except Exception:  # noqa: BLE001 - another Triton or torch layout, or no driver: the child inherits as it is
+        return {}
+    named = os.environ.get("TRITON_PTXAS_PATH")
+    for path in (named, str(Path(nvidia.__file__).parent / "bin" / "ptxas")):
+        if path and os.path.isfile(path):
+            try:
+                version = subprocess.run([path, "--version"], capture_output=True, timeout=60, check=True).stdout
+            except (OSError, subprocess.SubprocessError):
+                continue
+            if keyed == f"{version.decode()}-{target.arch}":
+                return {} if path == named else {"TRITON_PTXAS_PATH": path}
+    return {}
 
 
 # The program of a prebuild process (`python -c`), given the folders of the packages above this module (JSON:

@@ -784,6 +784,9 @@ class ForwardContext:
     max_new_real_length: int | None = None  # host copy of new_real_lengths.max(), computed once per forward
     static: _StaticDecoder | None = None  # one-token decode on fixed buffers (`static.index`, `static.positions`)
     segments: PackedSegments | None = None  # documents packed into rows (positions then restart in each)
+    # FlexAttention block masks of compressed sparse attention's two paths (`csa_block_masks`), set where layers
+    # compiled with CUDA graphs run on whole rows (no cache, padding or packing); None: its SDPA paths
+    csa_block_masks: tuple | None = None
 
 
 def packed_sdpa(q, k, v, segments: PackedSegments, scale: float, bucket: int = 128) -> torch.Tensor:
@@ -842,6 +845,44 @@ def packed_flex_attention(q, k, v, segments: PackedSegments, scale: float) -> to
     from torch.nn.attention.flex_attention import flex_attention
 
     return flex_attention(q, k, v, block_mask=document_block_mask(segments, q.device), scale=scale, enable_gqa=True)
+
+
+def _sliding_window_causal(window: int, b, h, q_idx, kv_idx):
+    # FlexAttention mask_mod of CSA's local path: the key is the query's own position or one of the window - 1
+    # before it (module level and bound with functools.partial: see `_document_causal`)
+    return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
+
+def _completed_blocks(stride: int, b, h, q_idx, kv_idx):
+    # FlexAttention mask_mod of CSA's compressed path: block kv_idx (positions stride * kv_idx ...) lies wholly
+    # before the query at position q_idx
+    return stride * (kv_idx + 1) <= q_idx
+
+
+@functools.lru_cache(maxsize=16)
+def csa_block_masks(seq_len: int, window: int, stride: int, device: torch.device) -> tuple:
+    """FlexAttention block masks of compressed sparse attention on whole rows of `seq_len` tokens at positions
+    0 .. seq_len - 1 (no cache, padding or packing) -> (local, compressed):
+
+    * local: `seq_len` queries over `seq_len` keys, key at most `window` - 1 positions before the query;
+    * compressed: `seq_len` queries over ceil(seq_len / stride) blocks, block j visible to the query at position
+      t when stride * (j + 1) <= t (a query before the first completed block sees none: FlexAttention outputs 0).
+
+    Both are broadcast over batch and heads and depend on the shape alone, so they are built once per shape and
+    device (cached here) and the compiled layers receive the same objects every step. FlexAttention skips the key
+    blocks a mask rules out entirely, and no band or mask tensor is built in the layer's graph. Method:
+    PyTorch's FlexAttention (`torch.nn.attention.flex_attention.create_block_mask`); the masks are those of
+    `LlamaThinkCompressedSparseAttention._local_attention` and `_compressed_attention` on such rows."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    blocks = -(-seq_len // stride)
+    local = create_block_mask(
+        functools.partial(_sliding_window_causal, window), None, None, seq_len, seq_len, device=device
+    )
+    compressed = create_block_mask(
+        functools.partial(_completed_blocks, stride), None, None, seq_len, blocks, device=device
+    )
+    return local, compressed
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1374,6 +1415,40 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         `_compressed_attention_packed`)."""
         return False
 
+    def uses_flex_window(self, device: torch.device) -> bool:
+        """Whether whole rows (no cache, padding or packing) go through FlexAttention when this layer runs compiled
+        with CUDA graphs (`_attend_flex`, with `csa_block_masks`; `LlamaThinkModel.forward` decides): on CUDA
+        (PyTorch has no FlexAttention backward on CPU) with heads of at least 16 (the narrowest inductor's kernels
+        take)."""
+        return device.type == "cuda" and self.head_dim >= 16
+
+    def _attend_flex(self, q, k, k_raw, v, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both paths on whole rows through FlexAttention -> (local, compressed), each [B, Hq, T, D]: q [B, Hq, T, D]
+        and k [B, Hkv, T, D] RoPE'd, k_raw (normed, not RoPE'd) and v [B, Hkv, T, D] of positions 0 .. T - 1, with
+        the masks of `csa_block_masks(T, window, stride, device)` in `ctx.csa_block_masks`. The same attention as
+        `_local_attention` and `_compressed_attention` on such rows (their SDPA forms are the reference); fast only
+        under torch.compile, which fuses the masks into FlexAttention's kernels (eagerly PyTorch runs an unfused
+        reference, and has no backward on CPU)."""
+        from torch.nn.attention.flex_attention import flex_attention
+
+        local_mask, blocks_mask = ctx.csa_block_masks
+        B, Hkv, T, D = k_raw.shape
+        S, nb = self.stride, -(-T // self.stride)
+        local = flex_attention(q, k, v, block_mask=local_mask, scale=self.scaling, enable_gqa=True)
+        # means over blocks of S positions, the last one zero-padded (attended only once complete, so dividing by
+        # S is exact): [B, Hkv, T, D] -> [B, nb, Hkv * D]
+        k_mean, v_mean = (
+            F.pad(x, (0, 0, 0, nb * S - T)).view(B, Hkv, nb, S, D).sum(3).div(S).transpose(1, 2).reshape(B, nb, -1)
+            for x in (k_raw, v)
+        )
+        blocks_k = self.compress_k(k_mean).view(B, nb, Hkv, D).transpose(1, 2)  # [B, Hkv, nb, D]
+        blocks_v = self.compress_v(v_mean).view(B, nb, Hkv, D).transpose(1, 2)
+        centre = (torch.arange(nb, device=q.device) * S + S // 2)[None]  # [1, nb]
+        cos, sin = ctx.rotary(centre, blocks_k.dtype)  # RoPE at the block centre
+        blocks_k = apply_rotary(blocks_k, cos, sin)
+        comp = flex_attention(q, blocks_k, blocks_v, block_mask=blocks_mask, scale=self.scaling, enable_gqa=True)
+        return local, comp
+
     def _local_attention(
         self, q, k, v, valid, state: CompressedAttentionState | None, segment_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -1552,6 +1627,9 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         if ctx.segments is not None:  # packed sequences (no cache, no padding)
             local = self._local_attention(q, k, v, None, None, ctx.segments.ids)
             comp = self._compressed_attention_packed(q, k_raw, v, ctx)
+            return self._combine(local, comp, hidden_states, gate)
+        if ctx.csa_block_masks is not None:  # whole rows, compiled with CUDA graphs (`LlamaThinkModel.forward`)
+            local, comp = self._attend_flex(q, k, k_raw, v, ctx)
             return self._combine(local, comp, hidden_states, gate)
         state = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
         local = self._local_attention(q, k, v, ctx.valid, state)
@@ -2541,6 +2619,30 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         ]
         if segments is not None and self.compiled_layers and flex_layers and not torch.compiler.is_compiling():
             document_block_mask(segments, device)  # eagerly, once: the compiled layers take it as an input
+        # Layers compiled by `compile_layers` serve the training forwards. Cached steps (generation) call the eager
+        # forward: each prompt length and cache state would otherwise be traced again. So do evaluation forwards
+        # (eval mode, no autograd): their graphs (and a short last batch's) would add to the training graphs in
+        # dynamo's per-function recompile limit, past which a layer silently runs eagerly, training included.
+        # With CUDA graphs every forward without autograd is eager: cudagraph trees keep one generation of graph
+        # outputs alive only while a backward is pending, so each compiled layer call would free the previous
+        # layer's output. (In training mode without CUDA graphs, a no-grad forward, such as reentrant
+        # checkpointing's first pass, keeps the compiled layers that its recomputation will use.)
+        no_grad = not torch.is_grad_enabled()
+        eager = self.compiled_layers and (
+            cache is not None or (no_grad and (not self.training or self.compiled_layers_cuda_graphs))
+        )
+        # Compressed sparse attention on whole rows in compiled layers replayed as CUDA graphs: FlexAttention with
+        # masks built here, once per shape (`csa_block_masks`), which the compiled layers take as inputs. Its
+        # kernels take less time and memory than the SDPA paths', but without CUDA graphs the masks' many tensors
+        # add host time to every layer call of a host-bound step, more than its kernels save (BENCHMARKS.md
+        # section 1, session 38). A whole-model compile traces this forward, and keeps the SDPA paths.
+        csa_masks = None
+        csa = next((layer.mixer for layer in self.layers if hasattr(layer.mixer, "uses_flex_window")), None)
+        whole_rows = segments is None and cache is None and valid is None
+        graphs = self.compiled_layers and self.compiled_layers_cuda_graphs
+        compiled = graphs and not eager and not torch.compiler.is_compiling()
+        if compiled and whole_rows and csa is not None and csa.uses_flex_window(device):
+            csa_masks = csa_block_masks(T, csa.window, csa.stride, device)
         cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
         ctx = ForwardContext(
             position_ids=position_ids,
@@ -2554,22 +2656,11 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
             cache=cache,
             rotary=self.rotary_emb,
             segments=segments,
+            csa_block_masks=csa_masks,
         )
 
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
-        # Layers compiled by `compile_layers` serve the training forwards. Cached steps (generation) call the eager
-        # forward: each prompt length and cache state would otherwise be traced again. So do evaluation forwards
-        # (eval mode, no autograd): their graphs (and a short last batch's) would add to the training graphs in
-        # dynamo's per-function recompile limit, past which a layer silently runs eagerly, training included.
-        # With CUDA graphs every forward without autograd is eager: cudagraph trees keep one generation of graph
-        # outputs alive only while a backward is pending, so each compiled layer call would free the previous
-        # layer's output. (In training mode without CUDA graphs, a no-grad forward, such as reentrant
-        # checkpointing's first pass, keeps the compiled layers that its recomputation will use.)
-        no_grad = not torch.is_grad_enabled()
-        eager = self.compiled_layers and (
-            cache is not None or (no_grad and (not self.training or self.compiled_layers_cuda_graphs))
-        )
         for layer in self.layers:
             hidden_states = (layer.forward if eager else layer)(hidden_states, ctx=ctx)
             if output_hidden_states and layer is not self.layers[-1]:

@@ -98,12 +98,16 @@ def graph_test_model(gdn_backend: str, mode: str) -> LlamaThinkForCausalLM:
     """The tiny model of the CUDA-graph GPU tests (and of benchmarks/graph_gradient_spread.py): GDN heads of 16 x 32,
     hidden 64, float32 weights on the GPU, compiled layer by layer in `mode` ("eager": not compiled) with training's
     inductor options without combo kernels (`llamathink.train.loop.compile_kwargs`), from the same weights every
-    time."""
+    time. Its CSA layer runs its SDPA paths in every mode, so that the modes run the same kernels (with CUDA graphs
+    it would take FlexAttention: `test_compiled_csa_layers_run_flex_attention_with_the_sdpa_paths_values`)."""
     from llamathink.train.loop import compile_kwargs
 
     torch._dynamo.reset()
     dims = {"linear_key_head_dim": 16, "linear_value_head_dim": 32, "head_dim": 16, "hidden_size": 64}
     model = tiny_model(dtype=torch.float32, gdn_backend=gdn_backend, **dims).cuda().train()
+    for layer in model.model.layers:
+        if hasattr(layer.mixer, "uses_flex_window"):
+            layer.mixer.uses_flex_window = lambda device: False
     return model if mode == "eager" else model.compile_layers(**compile_kwargs(mode))
 
 

@@ -590,6 +590,36 @@ def test_compiled_layers_train_like_eager_and_compile_once_per_mixer_type(backen
     assert graphs[-1] == graphs[-2], graphs
 
 
+def test_compiled_csa_layers_run_flex_attention_with_the_sdpa_paths_values():
+    """Layers compiled with CUDA graphs (training's default) on whole rows run compressed sparse attention's two
+    paths through FlexAttention (static masks from `csa_block_masks`, built once per shape): in float32 the loss and
+    every parameter's gradient equal the eager model's (its SDPA paths) to float32 rounding, over two steps (the
+    second a graph replay), for rows of 300 tokens (not a multiple of FlexAttention's 128-token blocks nor of the
+    window) with a window of 64 and blocks of 4, queries before the first complete block included (they output 0).
+    A window edge, block rule or pooling off by one position moves them by far more."""
+    from llamathink.modeling_llamathink import csa_block_masks
+
+    dims = {"head_dim": 16, "hidden_size": 64, "csa_window": 64, "csa_stride": 4, "mixer_types": ["csa", "full", "csa"]}
+    dims |= {"num_hidden_layers": 3, "max_position_embeddings": 512}
+    ids = torch.randint(1, 96, (2, 300), generator=torch.Generator().manual_seed(0)).cuda()
+    eager = tiny_model(dtype=torch.float32, **dims).cuda().train()
+    model = tiny_model(dtype=torch.float32, **dims).cuda().train()
+    assert all(layer.mixer.uses_flex_window(ids.device) for layer in model.model.layers[::2])
+    loss_ref, grads_ref = loss_and_grads(eager, ids, autocast=False)
+    torch._dynamo.reset()
+    model.compile_layers(**compile_kwargs("reduce-overhead"))
+    before = csa_block_masks.cache_info()
+    for _ in range(2):
+        torch.compiler.cudagraph_mark_step_begin()
+        loss, grads = loss_and_grads(model, ids, autocast=False)
+        assert abs(loss - loss_ref) < 1e-5 * abs(loss_ref), (loss, loss_ref)
+        errors = relative_errors(grads, grads_ref)
+        assert max(errors.values()) < 1e-4, sorted(((e, n) for n, e in errors.items()), reverse=True)[:5]
+    after = csa_block_masks.cache_info()
+    assert after.hits + after.misses >= before.hits + before.misses + 2, "the FlexAttention masks were not asked for"
+    assert any("blend_proj" in n for n in errors) and any("compress_k" in n for n in errors)
+
+
 @pytest.fixture
 def deterministic():
     """`torch.use_deterministic_algorithms(True)` for one test: PyTorch's atomic-add kernels (the eager embedding and
@@ -730,17 +760,22 @@ def test_cuda_graph_training_accumulates_and_evaluates_like_compiled_layers(dete
 
 
 @needs_fla
-def test_default_compiled_pretraining_replays_cuda_graphs_and_resumes_exactly(tmp_path, capsys):
+def test_default_compiled_pretraining_replays_cuda_graphs_and_resumes_exactly(tmp_path, capsys, monkeypatch):
     """What a one-GPU run with `compile: true` gets by default (`compile_mode: auto`: the layers as CUDA graphs),
     through `pretrain.train` as a user runs it: bf16, Muon (its step recorded too), two accumulated micro-batches,
     evaluations, samples generated and checkpoints saved between steps. Its losses, evaluation losses and final
     weights equal those of `compile_mode: default` (the same kernels, deterministic algorithms, to SAME_KERNELS),
     and a run stopped after step 2 and resumed in a fresh compilation gives the straight run's later losses and
     final weights. (Deterministic algorithms as in the `deterministic` fixture, but only warned about where an op
-    has none: the samples' cached decoding, which no compared number depends on.)"""
+    has none: the samples' cached decoding, which no compared number depends on.) CSA runs its SDPA paths in both
+    modes, so that they run the same kernels (with CUDA graphs it would take FlexAttention, compared with them in
+    `test_compiled_csa_layers_run_flex_attention_with_the_sdpa_paths_values`)."""
     from llamathink.data import LocalSource, prepare
+    from llamathink.modeling_llamathink import LlamaThinkCompressedSparseAttention
     from llamathink.tokenizer_utils import sample_data_path
     from llamathink.train import pretrain
+
+    monkeypatch.setattr(LlamaThinkCompressedSparseAttention, "uses_flex_window", lambda self, device: False)
 
     _skip_without_fla_backward("fla")
     data = tmp_path / "data"
@@ -922,39 +957,52 @@ def _prebuilt_step(model, packed: bool):
 
 
 def _kernel_build_differences(cache: Path, rebuilt: list[str], built: set[str]) -> str:
-    """For each Triton cache entry in `rebuilt` (folder names under `cache`): its kernel's name and the fields of its
-    metadata (compile options, cache-invalidating environment) that differ from those of every entry in `built` of
-    the same kernel ("no entry of that kernel" where the child built none)."""
+    """For each Triton cache entry in `rebuilt` (folder names under `cache`): its kernel's name, the fields of its
+    metadata (compile options) that differ from those of the child's entry of the same kernel closest to it
+    (entries in `built`; "no entry of that kernel" where the child built none), and how its first IR (the
+    `.source` file: the kernel's signature with its specialisations and constants) differs from that entry's: its
+    first differing lines, or "same IR" (then the key differs in what the files do not show: the cache-invalidating
+    environment or the backend's ptxas version)."""
+    import difflib
     import json
 
-    def metadata(entry: str) -> tuple[str, dict]:
+    def read(entry: str) -> tuple[str, dict, list[str]]:
         files = [f for f in (cache / entry).glob("*.json") if not f.name.startswith("__grp__")]
         if not files:
-            return entry, {}
+            return entry, {}, []
         meta = json.loads(files[0].read_text())
-        return meta.get("name", files[0].stem), meta
+        source = files[0].with_suffix(".source")
+        return meta.get("name", files[0].stem), meta, source.read_text().splitlines() if source.exists() else []
 
-    theirs: dict[str, list[dict]] = {}
-    for entry in built:
-        name, meta = metadata(entry)
-        theirs.setdefault(name, []).append(meta)
-    lines = []
-    for entry in rebuilt:
-        name, meta = metadata(entry)
-        if name not in theirs:
-            lines.append(f"{name}: no entry of that kernel")
-            continue
-        ignore = {"hash", "shared", "tmem_size", "global_scratch_size", "profile_scratch_size"}
-        diffs = [
-            sorted(
-                f"{k}: {meta.get(k)!r} (child {other.get(k)!r})"
-                for k in set(meta) | set(other)
-                if k not in ignore and meta.get(k) != other.get(k)
-            )
-            for other in theirs[name]
+    ignore = {"hash", "shared", "tmem_size", "global_scratch_size", "profile_scratch_size"}
+
+    def differences(mine: tuple, other: tuple) -> list[str]:
+        meta, theirs = mine[1], other[1]
+        fields = sorted(
+            f"{k}: {meta.get(k)!r} (child {theirs.get(k)!r})"
+            for k in set(meta) | set(theirs)
+            if k not in ignore and meta.get(k) != theirs.get(k)
+        )
+        lines = [
+            line[:300]
+            for line in difflib.unified_diff(other[2], mine[2], "child", "step", n=0, lineterm="")
+            if line[:1] in "+-" and not line.startswith(("+++", "---"))
         ]
-        lines.append(f"{name}: {len(theirs[name])} child entries; fewest differences {min(diffs, key=len)}")
-    return "\n".join(lines)
+        return fields + (lines[:6] if lines else ["same IR"] if mine[2] else ["no IR file"])
+
+    children: dict[str, list[tuple]] = {}
+    for entry in built:
+        read_entry = read(entry)
+        children.setdefault(read_entry[0], []).append(read_entry)
+    out = []
+    for entry in rebuilt:
+        mine = read(entry)
+        if mine[0] not in children:
+            out.append(f"{mine[0]}: no entry of that kernel")
+            continue
+        closest = min((differences(mine, other) for other in children[mine[0]]), key=len)
+        out.append(f"{mine[0]}: {len(children[mine[0]])} child entries; closest differs in {closest}")
+    return "\n".join(out)
 
 
 @needs_fla
@@ -1009,6 +1057,55 @@ def test_fla_prebuild_child_builds_every_kernel_the_compiled_step_launches(packe
 
     fill[(1,)](torch.zeros(1, device="cuda"), value=float(torch.randint(1, 10**6, ()).item()) + 0.5)
     assert set(os.listdir(cache)) > built
+
+
+@needs_fla
+def test_fla_prebuild_child_keys_kernels_as_this_process_after_the_ptxas_changed(tmp_path, monkeypatch):
+    """A process whose Triton has compiled before (its ptxas version fixed in its cache keys) and whose environment
+    then names another ptxas (as inductor's first compile does, `TRITON_PTXAS_PATH` to torch's own): the prebuild
+    child is pointed at the ptxas of this process's version (`_ptxas_for_prebuild`), and the step builds nothing
+    the child built (a child that read the ptxas named now would key every kernel apart). The other ptxas runs the
+    real one and reports its version with one more line. Heads (2 of 24 x 56) that no other test uses."""
+    if fla_backward_problem(torch.device("cuda")) is not None:
+        pytest.skip(fla_backward_problem(torch.device("cuda")))
+    import os
+    import stat
+
+    import triton
+    import triton.language as tl
+    from triton.backends.nvidia import compiler as nvidia
+
+    cache = tmp_path / "triton"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    monkeypatch.setenv("LLAMATHINK_FLA_PREBUILD", "1")
+
+    @triton.jit
+    def fill(out, value: tl.constexpr):
+        tl.store(out, value)
+
+    real = str(Path(nvidia.__file__).parent / "bin" / "ptxas")  # Triton's own
+    monkeypatch.setenv("TRITON_PTXAS_PATH", real)
+    nvidia.get_ptxas_version.cache_clear()
+    fill[(1,)](torch.zeros(1, device="cuda"), value=float(torch.randint(1, 10**6, ()).item()) + 0.25)  # a compile
+    assert nvidia.get_ptxas_version.cache_info().currsize > 0, "the compile did not fix the ptxas version"
+    wrapper = tmp_path / "ptxas"
+    wrapper.write_text(
+        f'#!/bin/sh\nif [ "$1" = "--version" ]; then "{real}" --version; echo "(wrapped)"; else exec "{real}" "$@"; fi\n'
+    )
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("TRITON_PTXAS_PATH", str(wrapper))
+    torch._dynamo.reset()
+    dims = {"linear_key_head_dim": 24, "linear_value_head_dim": 56, "head_dim": 16, "hidden_size": 64}
+    try:
+        model = _model_after_its_prebuild("fla", dims, False, tmp_path, timeout=400)
+        built = set(os.listdir(cache))
+        assert built, "the child built nothing into TRITON_CACHE_DIR"
+        _prebuilt_step(model, False)
+        rebuilt = sorted(set(os.listdir(cache)) - built)
+        assert not rebuilt, _kernel_build_differences(cache, rebuilt, built)
+    finally:
+        monkeypatch.undo()
+        nvidia.get_ptxas_version.cache_clear()  # later tests key by the real ptxas again
 
 
 @needs_flash_qla

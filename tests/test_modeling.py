@@ -579,6 +579,92 @@ def test_csa_pools_a_round_block_count_without_cache(T):
     torch.testing.assert_close(rest, whole[:, prefill:], rtol=1e-9, atol=1e-9)
 
 
+def _flex_csa_model(monkeypatch, **overrides):
+    """A float64 tiny model (CSA layers with head_dim 16) whose forwards build CSA's FlexAttention masks as layers
+    compiled with CUDA graphs would (`compiled_layers` and `compiled_layers_cuda_graphs` set, layers not compiled,
+    so FlexAttention runs its eager reference), `uses_flex_window` true on the CPU, and parameters that need no
+    gradient (PyTorch has no FlexAttention backward on CPU; the masks are built for forwards with autograd on);
+    and the list of the masks' shapes built per forward."""
+    from llamathink import modeling_llamathink
+
+    built = []
+    build = modeling_llamathink.csa_block_masks.__wrapped__  # uncached: every forward's request is seen
+
+    def recorded(T, window, stride, device):
+        built.append((T, window, stride))
+        return build(T, window, stride, device)
+
+    monkeypatch.setattr(modeling_llamathink, "csa_block_masks", recorded)
+    monkeypatch.setattr(LlamaThinkCompressedSparseAttention, "uses_flex_window", lambda self, device: True)
+    dims = {"head_dim": 16, "mixer_types": ["csa", "linear", "csa", "full"], "csa_window": 16, "csa_stride": 4}
+    model = randomize_(tiny_model(**(dims | overrides)), seed=3).double()
+    model.model.compiled_layers = model.model.compiled_layers_cuda_graphs = True
+    return model.requires_grad_(False), built
+
+
+@pytest.mark.parametrize("T", [1, 3, 4, 5, 16, 37, 70])
+def test_csa_flex_attention_matches_the_sdpa_paths(T, monkeypatch):
+    """Compiled layers on whole rows run both CSA paths through FlexAttention (`_attend_flex`, with the static masks
+    of `csa_block_masks`): the sliding window of W = 16 positions and the completed blocks of S = 4 positions give
+    the SDPA paths' logits to float64 rounding, for rows shorter than a block (no block visible: zeros), than the
+    window, and longer than both, not a multiple of S. A wrong window edge, block rule, pooling or block RoPE moves
+    the logits far more."""
+    from llamathink.modeling_llamathink import csa_block_masks
+
+    model, built = _flex_csa_model(monkeypatch)
+    ids = torch.randint(3, 90, (2, T), generator=torch.Generator().manual_seed(T))
+    flex = model.train()(ids, use_cache=False).logits
+    assert built == [(T, 16, 4)]
+    model.model.compiled_layers = False
+    sdpa = model(ids, use_cache=False).logits
+    assert built == [(T, 16, 4)]
+    torch.testing.assert_close(flex, sdpa, rtol=1e-10, atol=1e-10)
+    # the masks element by element: the window of the query's position and the 15 before it; block j once complete
+    from torch.nn.attention.flex_attention import create_mask
+
+    local, blocks = csa_block_masks.__wrapped__(T, 16, 4, torch.device("cpu"))
+    t, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    assert torch.equal(create_mask(local.mask_mod, 1, 1, T, T, "cpu")[0, 0], (j <= t) & (t - j < 16))
+    nb = -(-T // 4)
+    assert blocks.shape[-2:] == (T, nb)
+    assert torch.equal(create_mask(blocks.mask_mod, 1, 1, T, nb, "cpu")[0, 0], 4 * (j[:, :nb] + 1) <= t)
+
+
+def test_csa_flex_attention_only_for_compiled_layers_on_whole_rows(monkeypatch):
+    """The FlexAttention masks are built (and CSA takes its FlexAttention path) only for a forward of layers compiled
+    with CUDA graphs on whole rows: not with a cache, padding or packed documents, nor where the layers run eagerly
+    (forwards without autograd), are compiled without CUDA graphs or are not compiled; each of those forwards still
+    gives the SDPA model's logits. On a CPU, and for heads narrower than 16, the path is never taken (no
+    FlexAttention backward there; inductor's narrowest)."""
+    model, built = _flex_csa_model(monkeypatch)
+    ids = torch.randint(3, 90, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, :3] = 0
+    packed = torch.cat([torch.arange(10), torch.arange(14)])[None].repeat(2, 1)
+    model.train()
+    reference = copy.deepcopy(model)
+    reference.model.compiled_layers = False
+
+    def same_logits(**kwargs):
+        torch.testing.assert_close(model(ids, **kwargs).logits, reference(ids, **kwargs).logits, rtol=0, atol=0)
+
+    for kwargs in ({"use_cache": True}, {"attention_mask": mask, "use_cache": False}, {"position_ids": packed}):
+        same_logits(**kwargs)
+    with torch.no_grad():
+        same_logits(use_cache=False)
+    model.model.compiled_layers_cuda_graphs = False
+    same_logits(use_cache=False)
+    assert built == []
+    model.model.compiled_layers_cuda_graphs = True
+    model(ids, use_cache=False)
+    assert built == [(24, 16, 4)]
+    monkeypatch.undo()
+    for dims, device, taken in ((16, "cuda", True), (16, "cpu", False), (12, "cuda", False)):
+        config = tiny_config(head_dim=dims)
+        layer = LlamaThinkCompressedSparseAttention(config, layer_idx=1)
+        assert layer.uses_flex_window(torch.device(device)) is taken, (dims, device)
+
+
 def _csa_local_paths(model, ids, mask, positions, weights, prefill: int, cache_mask=None):
     """Every path that runs the CSA local attention, on ids [B, T] (float64 model): logits of plain rows, of left
     padding (`mask` [B, T]), of packed documents (`positions` [B, T] restarting at 0), and of a cached prefill of
@@ -2676,6 +2762,88 @@ def test_fla_prebuild_child_imports_this_module_from_anywhere_with_inductors_tri
             patch.setattr(kernels, "_fla_ops", lambda: object())
             patch.setattr(subprocess, "Popen", lambda *a, **kw: pytest.fail(f"a child started with {off!r}"))
             assert kernels.start_fla_prebuild(2, 64, 4, 8, 10, 72, 4) is None
+
+
+def test_fla_prebuild_child_reads_the_ptxas_whose_version_keys_its_parents_kernels(tmp_path, monkeypatch):
+    """Triton keys kernels by the ptxas version its process read at its first compile (cached), and inductor points
+    TRITON_PTXAS_PATH at torch's own ptxas at its first compile. The prebuild child gets the ptxas of its parent's
+    key (`_ptxas_for_prebuild`), with Triton faked on this CPU (Triton's ptxas 12.8, torch's 13.0):
+    * the parent has not compiled yet: TRITON_PTXAS_PATH is set now as inductor sets it (torch's), and the child's
+      environment holds it;
+    * the parent compiled with Triton's ptxas and the variable now names torch's: the child is pointed at Triton's;
+    * the parent compiled with the ptxas the variable names, or with one that neither is: the child inherits as is.
+    """
+    import stat
+
+    def ptxas(path: Path, release: str) -> str:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}'\n")
+        path.chmod(path.stat().st_mode | stat.S_IXUSR)
+        return str(path)
+
+    tritons = ptxas(tmp_path / "triton/backends/nvidia/bin/ptxas", "12.8")
+    torchs = ptxas(tmp_path / "torch/bin/ptxas", "13.0")
+    version = {p: f"Cuda compilation tools, release {r}\n" for p, r in ((tritons, "12.8"), (torchs, "13.0"))}
+    cached: list[str] = []  # the parent's cached ptxas version, once it has compiled
+
+    nvidia = types.ModuleType("triton.backends.nvidia.compiler")
+    nvidia.__file__ = str(tmp_path / "triton/backends/nvidia/compiler.py")
+    nvidia.get_ptxas_version = types.SimpleNamespace(cache_info=lambda: types.SimpleNamespace(currsize=len(cached)))
+    target = types.SimpleNamespace(backend="cuda", arch=90)
+    compiler = types.ModuleType("triton.compiler.compiler")
+    compiler.make_backend = lambda t: types.SimpleNamespace(hash=lambda: f"{cached[0]}-{t.arch}")
+    driver = types.ModuleType("triton.runtime.driver")
+    driver.driver = types.SimpleNamespace(active=types.SimpleNamespace(get_current_target=lambda: target))
+    for name in ("triton", "triton.backends", "triton.backends.nvidia", "triton.compiler", "triton.runtime"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setattr(sys.modules["triton.backends.nvidia"], "compiler", nvidia, raising=False)
+    monkeypatch.setattr(sys.modules["triton.compiler"], "compiler", compiler, raising=False)
+    monkeypatch.setattr(sys.modules["triton.runtime"], "driver", driver, raising=False)
+    for module in (nvidia, compiler, driver):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    from torch._inductor.runtime import compile_tasks
+
+    monkeypatch.setattr(
+        compile_tasks, "_set_triton_ptxas_path", lambda: os.environ.setdefault("TRITON_PTXAS_PATH", torchs)
+    )
+
+    class Child:
+        def poll(self):
+            return 0
+
+    monkeypatch.setenv("TRITON_PTXAS_PATH", "")  # (whatever the fake inductor sets is undone after the test)
+    real_popen = subprocess.Popen
+
+    def popen(command, started, **kw):  # the ptxas runs as it is; the child is recorded with its environment
+        if command[0] in version:
+            return real_popen(command, **kw)
+        started.append(kw.get("env"))
+        return Child()
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+
+    def child_ptxas(named: str | None, parent_version: str | None) -> str | None:
+        """TRITON_PTXAS_PATH in the environment the child starts with."""
+        cached[:] = [parent_version] if parent_version else []
+        started = []
+        with monkeypatch.context() as patch:
+            if named is None:
+                patch.delenv("TRITON_PTXAS_PATH", raising=False)
+            else:
+                patch.setenv("TRITON_PTXAS_PATH", named)
+            patch.setattr(kernels.torch.cuda, "is_available", lambda: True)
+            patch.setattr(kernels, "_fla_ops", lambda: object())
+            patch.setattr(subprocess, "Popen", lambda command, **kw: popen(command, started, **kw))
+            kernels.start_fla_prebuild(2, 64, 4, 8, 10, 72, 4, device=0)
+            (env,) = started
+            return (os.environ if env is None else env).get("TRITON_PTXAS_PATH")
+
+    assert child_ptxas(None, None) == torchs  # set as inductor will set it, before the child reads it
+    assert child_ptxas(torchs, version[tritons]) == tritons
+    assert child_ptxas(None, version[tritons]) == tritons
+    assert child_ptxas(tritons, version[tritons]) == tritons
+    assert child_ptxas(torchs, version[torchs]) == torchs
+    assert child_ptxas(torchs, "Cuda compilation tools, release 11.0\n") == torchs  # unknown: inherited
 
 
 def test_fla_prebuild_child_imports_the_parents_file_through_a_symlinked_folder_of_another_name(tmp_path):
