@@ -844,6 +844,9 @@ def packed_flex_attention(q, k, v, segments: PackedSegments, scale: float) -> to
     (`document_block_mask`: before the layers when they are compiled one by one) and shared by the layers."""
     from torch.nn.attention.flex_attention import flex_attention
 
+    # one dtype for FlexAttention (not an autocast op): under autocast the values' (bf16), as SDPA's autocast gives
+    # the reference; q and k come out of the norms and RoPE in float32
+    q, k = q.to(v.dtype), k.to(v.dtype)
     return flex_attention(q, k, v, block_mask=document_block_mask(segments, q.device), scale=scale, enable_gqa=True)
 
 
@@ -876,11 +879,14 @@ def csa_block_masks(seq_len: int, window: int, stride: int, device: torch.device
     from torch.nn.attention.flex_attention import create_block_mask
 
     blocks = -(-seq_len // stride)
+    # PyTorch builds the whole seq_len x seq_len mask at once (about 10 bytes a pair); past a few thousand tokens a
+    # compiled builder works block by block instead
+    long = seq_len > 4096
     local = create_block_mask(
-        functools.partial(_sliding_window_causal, window), None, None, seq_len, seq_len, device=device
+        functools.partial(_sliding_window_causal, window), None, None, seq_len, seq_len, device=device, _compile=long
     )
     compressed = create_block_mask(
-        functools.partial(_completed_blocks, stride), None, None, seq_len, blocks, device=device
+        functools.partial(_completed_blocks, stride), None, None, seq_len, blocks, device=device, _compile=long
     )
     return local, compressed
 
@@ -1417,9 +1423,9 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
 
     def uses_flex_window(self, device: torch.device) -> bool:
         """Whether whole rows (no cache, padding or packing) go through FlexAttention when this layer runs compiled
-        with CUDA graphs (`_attend_flex`, with `csa_block_masks`; `LlamaThinkModel.forward` decides): on CUDA
-        (PyTorch has no FlexAttention backward on CPU) with heads of at least 16 (the narrowest inductor's kernels
-        take)."""
+        by inductor with CUDA graphs (`_attend_flex`, with `csa_block_masks`; `LlamaThinkModel.forward` decides):
+        on CUDA (PyTorch has no FlexAttention backward on CPU) with heads of at least 16 (the narrowest inductor's
+        kernels take)."""
         return device.type == "cuda" and self.head_dim >= 16
 
     def _attend_flex(self, q, k, k_raw, v, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1434,6 +1440,9 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         local_mask, blocks_mask = ctx.csa_block_masks
         B, Hkv, T, D = k_raw.shape
         S, nb = self.stride, -(-T // self.stride)
+        # one dtype for FlexAttention (it is not an autocast op): under autocast the values' (bf16), which SDPA's
+        # autocast gives the SDPA paths too; q and k come out of the norms and RoPE in float32
+        q, k = q.to(v.dtype), k.to(v.dtype)
         local = flex_attention(q, k, v, block_mask=local_mask, scale=self.scaling, enable_gqa=True)
         # means over blocks of S positions, the last one zero-padded (attended only once complete, so dividing by
         # S is exact): [B, Hkv, T, D] -> [B, nb, Hkv * D]
@@ -1445,7 +1454,7 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         blocks_v = self.compress_v(v_mean).view(B, nb, Hkv, D).transpose(1, 2)
         centre = (torch.arange(nb, device=q.device) * S + S // 2)[None]  # [1, nb]
         cos, sin = ctx.rotary(centre, blocks_k.dtype)  # RoPE at the block centre
-        blocks_k = apply_rotary(blocks_k, cos, sin)
+        blocks_k = apply_rotary(blocks_k, cos, sin).to(blocks_v.dtype)
         comp = flex_attention(q, blocks_k, blocks_v, block_mask=blocks_mask, scale=self.scaling, enable_gqa=True)
         return local, comp
 
@@ -2229,6 +2238,7 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
             elif isinstance(module, LlamaThinkModel):
                 module.compiled_layers = True
                 module.compiled_layers_cuda_graphs = cuda_graphs
+                module.compiled_layers_inductor = compile_kwargs.get("backend", "inductor") == "inductor"
             elif isinstance(module, LlamaThinkForCausalLM):
                 backend = compile_kwargs.get("backend", "inductor")
                 module.loss_compile_backend = "inductor" if backend == "cudagraphs" else backend
@@ -2360,6 +2370,7 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         super().__init__(config)
         self.compiled_layers = False  # set by `compile_layers`: packed batches then use FlexAttention
         self.compiled_layers_cuda_graphs = False  # set by `compile_layers(mode=...)` with a CUDA-graph mode
+        self.compiled_layers_inductor = False  # set by `compile_layers` with inductor (which fuses FlexAttention)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([LlamaThinkDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = LlamaThinkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -2631,15 +2642,17 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         eager = self.compiled_layers and (
             cache is not None or (no_grad and (not self.training or self.compiled_layers_cuda_graphs))
         )
-        # Compressed sparse attention on whole rows in compiled layers replayed as CUDA graphs: FlexAttention with
-        # masks built here, once per shape (`csa_block_masks`), which the compiled layers take as inputs. Its
-        # kernels take less time and memory than the SDPA paths', but without CUDA graphs the masks' many tensors
-        # add host time to every layer call of a host-bound step, more than its kernels save (BENCHMARKS.md
-        # section 1, session 38). A whole-model compile traces this forward, and keeps the SDPA paths.
+        # Compressed sparse attention on whole rows in layers compiled by inductor and replayed as CUDA graphs:
+        # FlexAttention with masks built here, once per shape (`csa_block_masks`), which the compiled layers take
+        # as inputs. Its kernels take less time and memory than the SDPA paths', but without CUDA graphs the masks'
+        # many tensors add host time to every layer call of a host-bound step, more than its kernels save
+        # (BENCHMARKS.md section 1, session 38); other backends (e.g. "cudagraphs" alone) run FlexAttention's
+        # unfused reference, which scores every key. A whole-model compile traces this forward, and keeps the SDPA
+        # paths.
         csa_masks = None
         csa = next((layer.mixer for layer in self.layers if hasattr(layer.mixer, "uses_flex_window")), None)
         whole_rows = segments is None and cache is None and valid is None
-        graphs = self.compiled_layers and self.compiled_layers_cuda_graphs
+        graphs = self.compiled_layers and self.compiled_layers_cuda_graphs and self.compiled_layers_inductor
         compiled = graphs and not eager and not torch.compiler.is_compiling()
         if compiled and whole_rows and csa is not None and csa.uses_flex_window(device):
             csa_masks = csa_block_masks(T, csa.window, csa.stride, device)

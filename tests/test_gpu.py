@@ -590,14 +590,14 @@ def test_compiled_layers_train_like_eager_and_compile_once_per_mixer_type(backen
     assert graphs[-1] == graphs[-2], graphs
 
 
-def test_compiled_csa_layers_run_flex_attention_with_the_sdpa_paths_values():
+def test_compiled_csa_layers_run_flex_attention_with_the_sdpa_paths_values(monkeypatch):
     """Layers compiled with CUDA graphs (training's default) on whole rows run compressed sparse attention's two
     paths through FlexAttention (static masks from `csa_block_masks`, built once per shape): in float32 the loss and
     every parameter's gradient equal the eager model's (its SDPA paths) to float32 rounding, over two steps (the
     second a graph replay), for rows of 300 tokens (not a multiple of FlexAttention's 128-token blocks nor of the
     window) with a window of 64 and blocks of 4, queries before the first complete block included (they output 0).
     A window edge, block rule or pooling off by one position moves them by far more."""
-    from llamathink.modeling_llamathink import csa_block_masks
+    from llamathink.modeling_llamathink import LlamaThinkCompressedSparseAttention, csa_block_masks
 
     dims = {"head_dim": 16, "hidden_size": 64, "csa_window": 64, "csa_stride": 4, "mixer_types": ["csa", "full", "csa"]}
     dims |= {"num_hidden_layers": 3, "max_position_embeddings": 512}
@@ -608,6 +608,12 @@ def test_compiled_csa_layers_run_flex_attention_with_the_sdpa_paths_values():
     loss_ref, grads_ref = loss_and_grads(eager, ids, autocast=False)
     torch._dynamo.reset()
     model.compile_layers(**compile_kwargs("reduce-overhead"))
+
+    def sdpa_path(*args, **kwargs):  # the compiled steps must not trace (or run) the SDPA paths
+        raise AssertionError("CSA ran its SDPA path")
+
+    monkeypatch.setattr(LlamaThinkCompressedSparseAttention, "_local_attention", sdpa_path)
+    monkeypatch.setattr(LlamaThinkCompressedSparseAttention, "_compressed_attention", sdpa_path)
     before = csa_block_masks.cache_info()
     for _ in range(2):
         torch.compiler.cudagraph_mark_step_begin()
@@ -1090,7 +1096,8 @@ def test_fla_prebuild_child_keys_kernels_as_this_process_after_the_ptxas_changed
     assert nvidia.get_ptxas_version.cache_info().currsize > 0, "the compile did not fix the ptxas version"
     wrapper = tmp_path / "ptxas"
     wrapper.write_text(
-        f'#!/bin/sh\nif [ "$1" = "--version" ]; then "{real}" --version; echo "(wrapped)"; else exec "{real}" "$@"; fi\n'
+        f'#!/bin/sh\nif [ "$1" = "--version" ]; then "{real}" --version; echo "(wrapped)"\n'
+        f'else exec "{real}" "$@"; fi\n'
     )
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("TRITON_PTXAS_PATH", str(wrapper))

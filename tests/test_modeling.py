@@ -580,11 +580,12 @@ def test_csa_pools_a_round_block_count_without_cache(T):
 
 
 def _flex_csa_model(monkeypatch, **overrides):
-    """A float64 tiny model (CSA layers with head_dim 16) whose forwards build CSA's FlexAttention masks as layers
-    compiled with CUDA graphs would (`compiled_layers` and `compiled_layers_cuda_graphs` set, layers not compiled,
-    so FlexAttention runs its eager reference), `uses_flex_window` true on the CPU, and parameters that need no
-    gradient (PyTorch has no FlexAttention backward on CPU; the masks are built for forwards with autograd on);
-    and the list of the masks' shapes built per forward."""
+    """A float64 tiny model (two CSA layers with head_dim 16) whose forwards build CSA's FlexAttention masks as
+    layers compiled by inductor with CUDA graphs would (`compiled_layers`, `compiled_layers_cuda_graphs` and
+    `compiled_layers_inductor` set, layers not compiled, so FlexAttention runs its eager reference),
+    `uses_flex_window` true on the CPU, and parameters that need no gradient (PyTorch has no FlexAttention backward
+    on CPU; the masks are built for forwards with autograd on); and the list of what happened, in order: (T, window,
+    stride) for each mask pair built, ("attend", T, blocks) for each CSA layer that took `_attend_flex`."""
     from llamathink import modeling_llamathink
 
     built = []
@@ -594,11 +595,18 @@ def _flex_csa_model(monkeypatch, **overrides):
         built.append((T, window, stride))
         return build(T, window, stride, device)
 
+    attend = LlamaThinkCompressedSparseAttention._attend_flex
+
+    def attend_flex(self, *args):  # each CSA layer's FlexAttention call, recorded as the mask shape it was given
+        built.append(("attend", *args[-1].csa_block_masks[1].shape[-2:]))
+        return attend(self, *args)
+
     monkeypatch.setattr(modeling_llamathink, "csa_block_masks", recorded)
+    monkeypatch.setattr(LlamaThinkCompressedSparseAttention, "_attend_flex", attend_flex)
     monkeypatch.setattr(LlamaThinkCompressedSparseAttention, "uses_flex_window", lambda self, device: True)
     dims = {"head_dim": 16, "mixer_types": ["csa", "linear", "csa", "full"], "csa_window": 16, "csa_stride": 4}
     model = randomize_(tiny_model(**(dims | overrides)), seed=3).double()
-    model.model.compiled_layers = model.model.compiled_layers_cuda_graphs = True
+    model.model.compiled_layers = model.model.compiled_layers_cuda_graphs = model.model.compiled_layers_inductor = True
     return model.requires_grad_(False), built
 
 
@@ -614,10 +622,11 @@ def test_csa_flex_attention_matches_the_sdpa_paths(T, monkeypatch):
     model, built = _flex_csa_model(monkeypatch)
     ids = torch.randint(3, 90, (2, T), generator=torch.Generator().manual_seed(T))
     flex = model.train()(ids, use_cache=False).logits
-    assert built == [(T, 16, 4)]
+    taken = [(T, 16, 4), ("attend", T, -(-T // 4)), ("attend", T, -(-T // 4))]  # the masks, then both CSA layers
+    assert built == taken
     model.model.compiled_layers = False
     sdpa = model(ids, use_cache=False).logits
-    assert built == [(T, 16, 4)]
+    assert built == taken
     torch.testing.assert_close(flex, sdpa, rtol=1e-10, atol=1e-10)
     # the masks element by element: the window of the query's position and the 15 before it; block j once complete
     from torch.nn.attention.flex_attention import create_mask
@@ -632,9 +641,10 @@ def test_csa_flex_attention_matches_the_sdpa_paths(T, monkeypatch):
 
 def test_csa_flex_attention_only_for_compiled_layers_on_whole_rows(monkeypatch):
     """The FlexAttention masks are built (and CSA takes its FlexAttention path) only for a forward of layers compiled
-    with CUDA graphs on whole rows: not with a cache, padding or packed documents, nor where the layers run eagerly
-    (forwards without autograd), are compiled without CUDA graphs or are not compiled; each of those forwards still
-    gives the SDPA model's logits. On a CPU, and for heads narrower than 16, the path is never taken (no
+    by inductor with CUDA graphs on whole rows: not with a cache, padding or packed documents, nor where the layers
+    run eagerly (forwards without autograd), are compiled without CUDA graphs or by another backend (whose
+    FlexAttention is the unfused reference) or are not compiled; each of those forwards still gives the SDPA
+    model's logits. On a CPU, and for heads narrower than 16, the path is never taken (no
     FlexAttention backward there; inductor's narrowest)."""
     model, built = _flex_csa_model(monkeypatch)
     ids = torch.randint(3, 90, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -654,15 +664,32 @@ def test_csa_flex_attention_only_for_compiled_layers_on_whole_rows(monkeypatch):
         same_logits(use_cache=False)
     model.model.compiled_layers_cuda_graphs = False
     same_logits(use_cache=False)
+    model.model.compiled_layers_cuda_graphs, model.model.compiled_layers_inductor = True, False  # e.g. "cudagraphs"
+    same_logits(use_cache=False)
     assert built == []
-    model.model.compiled_layers_cuda_graphs = True
+    model.model.compiled_layers_inductor = True
     model(ids, use_cache=False)
-    assert built == [(24, 16, 4)]
+    assert built == [(24, 16, 4), ("attend", 24, 6), ("attend", 24, 6)]
     monkeypatch.undo()
     for dims, device, taken in ((16, "cuda", True), (16, "cpu", False), (12, "cuda", False)):
         config = tiny_config(head_dim=dims)
         layer = LlamaThinkCompressedSparseAttention(config, layer_idx=1)
         assert layer.uses_flex_window(torch.device(device)) is taken, (dims, device)
+
+
+def test_compile_layers_records_whether_inductor_and_cuda_graphs_run_the_layers():
+    """`compile_layers` tells the model how its layers run (what decides CSA's FlexAttention path): CUDA graphs for a
+    CUDA-graph mode, inductor's option or the "cudagraphs" backend; inductor (which fuses FlexAttention) unless
+    another backend is named."""
+    for kwargs, graphs, inductor in (
+        ({}, False, True),
+        ({"mode": "reduce-overhead"}, True, True),
+        ({"options": {"triton.cudagraphs": True}}, True, True),
+        ({"backend": "cudagraphs"}, True, False),
+        ({"backend": "aot_eager"}, False, False),
+    ):
+        model = tiny_model().compile_layers(**kwargs)
+        assert (model.model.compiled_layers_cuda_graphs, model.model.compiled_layers_inductor) == (graphs, inductor)
 
 
 def _csa_local_paths(model, ids, mask, positions, weights, prefill: int, cache_mask=None):
