@@ -612,8 +612,8 @@ def _flex_csa_model(monkeypatch, **overrides):
 
 @pytest.mark.parametrize("T", [1, 3, 4, 5, 16, 37, 70])
 def test_csa_flex_attention_matches_the_sdpa_paths(T, monkeypatch):
-    """Compiled layers on whole rows run both CSA paths through FlexAttention (`_attend_flex`, with the static masks
-    of `csa_block_masks`): the sliding window of W = 16 positions and the completed blocks of S = 4 positions give
+    """Layers compiled by inductor with CUDA graphs run both CSA paths on whole rows through FlexAttention
+    (`_attend_flex`, with the static masks of `csa_block_masks`): the sliding window of W = 16 positions and the completed blocks of S = 4 positions give
     the SDPA paths' logits to float64 rounding, for rows shorter than a block (no block visible: zeros), than the
     window, and longer than both, not a multiple of S. A wrong window edge, block rule, pooling or block RoPE moves
     the logits far more."""
