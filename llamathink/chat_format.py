@@ -300,7 +300,12 @@ ROLE_ALIASES = {
 
 def normalize_messages(messages: Iterable[dict]) -> list[dict]:
     """Plain ``{"role", "content"}`` dicts: role aliases resolved (``human``/``gpt``/ShareGPT ``from``/``value``),
-    content as text (text parts joined). Unknown roles and malformed messages raise ``ValueError``."""
+    content as text (text parts joined). Unknown roles, malformed messages, and ``messages`` that are not a list
+    (or another sequence) of them raise ``ValueError``."""
+    if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Iterable):
+        raise ValueError(  # noqa: TRY004
+            f"messages must be a list of {{role, content}} objects, got {type(messages).__name__}"
+        )
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):

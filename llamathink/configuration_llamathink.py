@@ -269,6 +269,8 @@ class LlamaThinkConfig(PretrainedConfig):
         # transformers' own validators (run by `super().__init__`) compare token ids with the vocabulary size and
         # would fail on a wrong type with an error that does not name it
         _check_positive_int("vocab_size", vocab_size)
+        for key in ("dtype", "torch_dtype"):  # transformers would look the name up in torch and raise AttributeError
+            _check_dtype(key, kwargs.get(key))
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
@@ -464,6 +466,18 @@ class LlamaThinkConfig(PretrainedConfig):
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
+
+
+def _check_dtype(name: str, value) -> None:
+    """`value` (a config's `dtype` or `torch_dtype`) is None, a torch dtype or its attribute name in torch
+    ("bfloat16", as transformers looks it up); else ValueError naming `name` and the value."""
+    import torch
+
+    if value is None or isinstance(value, torch.dtype):
+        return
+    if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
+        return
+    raise ValueError(f"{name} must be a torch dtype name such as 'bfloat16', 'float16' or 'float32', got {value!r}")
 
 
 def _check_positive_int(name: str, value) -> None:

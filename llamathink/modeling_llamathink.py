@@ -2763,6 +2763,9 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         return generation_config
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        chunk = generation_config.prefill_chunk_size
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
+            raise ValueError(f"prefill_chunk_size must be a positive number of tokens (or None), got {chunk!r}")
         out = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         given = model_kwargs.get(_GENERATE_CACHE_KEY)
         if isinstance(given, LlamaThinkCache):  # continued: the model may have changed since (adapters switched)

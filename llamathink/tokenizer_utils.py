@@ -355,7 +355,13 @@ def _names_unreadable_tokenizer(path: Path):
     except ImportError:  # a missing optional package: its own message says what to install
         raise
     except Exception as err:  # whatever the parser raised, re-raised with the file's name
-        raise ValueError(f"{path}: cannot read this tokenizer ({type(err).__name__}: {err})") from err
+        # transformers also reads a model folder's config.json (for the tokenizer's class): its errors come here too
+        what = (
+            "this tokenizer or the config.json beside it"
+            if (Path(path) / "config.json").is_file()
+            else "this tokenizer"
+        )
+        raise ValueError(f"{path}: cannot read {what} ({type(err).__name__}: {err})") from err
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, *, check: bool = True):

@@ -304,6 +304,28 @@ def test_sample_set_keeps_who_speaks_first(sample):
         assert len(messages) == row["conversation"].count("<person")
 
 
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("str", "row is a JSON string, not an object"),
+        (None, "row is a JSON null, not an object"),
+        (3.5, "row is a JSON number, not an object"),
+        ([{"role": "user", "content": "a"}], "row is a JSON array, not an object"),
+        ({"messages": float("nan")}, "messages must be a list of {role, content} objects, got float"),
+        ({"messages": "hi"}, "messages must be a list of {role, content} objects, got str"),
+        ({"messages": {"role": "user", "content": "a"}}, "messages must be a list of .* got dict"),
+        ({"conversations": None}, "messages must be a list of .* got NoneType"),
+    ],
+)
+def test_a_row_that_is_not_an_object_with_a_messages_list_is_named_so(row, message):
+    """A data file's row of another JSON kind, or whose messages are not a list: a message that says so (not a
+    row's letters listed as its keys, nor Python's "'float' object is not iterable")."""
+    from llamathink.data.chat import row_to_messages
+
+    with pytest.raises(ValueError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        row_to_messages(row)
+
+
 def test_messages_without_text_content_are_invalid_rows_not_empty_replies(tmp_path):
     good = {
         "messages": [

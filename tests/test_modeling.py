@@ -109,6 +109,13 @@ def test_default_config_is_the_95m_model():
         ({"linear_conv_kernel_dim": 257}, "linear_conv_kernel_dim=257 is longer than the context"),
         ({"gdn_chunk_size": 10**9}, "gdn_chunk_size=1000000000 is past 4096"),
         ({"max_position_embeddings": 2**21}, "max_position_embeddings=2097152 is past"),
+        # transformers looks a dtype's name up in torch (an AttributeError that names no field)
+        ({"dtype": "bfloat17"}, "dtype must be a torch dtype name"),
+        ({"torch_dtype": "fp16"}, "torch_dtype must be a torch dtype name"),
+        ({"dtype": "Size"}, "dtype must be a torch dtype name"),
+        ({"dtype": "torch.float16"}, "dtype must be a torch dtype name"),
+        ({"dtype": "auto"}, "dtype must be a torch dtype name"),
+        ({"dtype": 16}, "dtype must be a torch dtype name"),
     ],
 )
 def test_config_rejects_inconsistent_values(overrides, field):
@@ -207,6 +214,20 @@ def test_a_config_edited_after_it_was_built_is_checked_by_the_model_and_by_save(
         LlamaThinkConfig.from_pretrained(tmp_path / "saved", gdn_chunk_size=1 << 20)
     with pytest.raises(ValueError, match="num_key_value_heads=3"):
         AutoConfig.from_pretrained(tmp_path / "saved", num_key_value_heads=3)
+
+
+def test_config_takes_dtypes_by_name_and_a_saved_bad_one_is_named(tmp_path):
+    """`dtype` / `torch_dtype` as transformers takes them (a torch dtype or its attribute name in torch); a
+    config.json whose dtype names no torch dtype is refused by AutoConfig with the field named."""
+    from transformers import AutoConfig
+
+    for value in (torch.bfloat16, "bfloat16", "float16", "float32", None):
+        tiny_config(dtype=value)
+        tiny_config(torch_dtype=value)
+    saved = tiny_config().to_dict() | {"dtype": "bfloat17"}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="dtype must be a torch dtype name .* got 'bfloat17'"):
+        AutoConfig.from_pretrained(tmp_path)
 
 
 def test_config_names_allowed_mixer_values():
@@ -1584,6 +1605,9 @@ def test_generate_with_chunked_prefill_equals_generate():
                 torch.testing.assert_close(torch.stack(chunked.scores), torch.stack(whole.scores))
         with pytest.raises(ValueError, match="Cannot use prefill chunking without a cache"):  # transformers' own
             model.generate(ids, prefill_chunk_size=4, use_cache=False, **kwargs)
+        for bad in (0, -1, 2.5, True, "4"):  # (torch.split's own errors otherwise, or a chunk per token for True)
+            with pytest.raises(ValueError, match=f"prefill_chunk_size must be a positive number of tokens .* {bad!r}"):
+                model.generate(ids, prefill_chunk_size=bad, **kwargs)
 
 
 def test_generate_from_inputs_embeds_counts_their_positions_against_the_limit(short_model):

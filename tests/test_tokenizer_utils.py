@@ -245,6 +245,19 @@ def test_an_unreadable_tokenizer_json_is_named(tmp_path, text):
             load_tokenizer(spec)
 
 
+def test_a_model_folders_unreadable_config_is_named_beside_its_tokenizer(tmp_path):
+    """transformers reads a model folder's config.json when it loads the tokenizer there: an error of that file is
+    reported as the tokenizer's or the config's, with the underlying message (here a dtype torch does not have)."""
+    import json
+
+    from llamathink import LlamaThinkConfig
+
+    load_tokenizer("builtin").save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(LlamaThinkConfig().to_dict() | {"dtype": "bfloat17"}))
+    with pytest.raises(ValueError, match="cannot read this tokenizer or the config.json beside it .*bfloat17"):
+        load_tokenizer(tmp_path)
+
+
 def test_a_tokenizer_with_shared_ids_or_a_bad_model_max_length_is_refused_at_load(tmp_path):
     """Two tokens given one id (it loaded, trained a whole run, then failed to save next to the model) and a
     model_max_length that is not a positive integer (a TypeError at the first encode): refused by name at load."""

@@ -82,9 +82,17 @@ def parse_person_conversation(text: str) -> list[dict]:
     return messages
 
 
+def _json_kind(value) -> str:
+    """The JSON name of a parsed value's type ("string", "number", "null", ...)."""
+    kinds = {str: "string", bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
 def row_to_messages(row: dict, data_format: str = "auto") -> list[dict]:
     """One dataset row as a list of messages. ``data_format``: ``auto`` (by the row's keys), ``messages``,
-    ``sharegpt`` or ``person``."""
+    ``sharegpt`` or ``person``. Raises ValueError for a row that is not a JSON object or does not hold messages."""
+    if not isinstance(row, dict):
+        raise ValueError(f"row is a JSON {_json_kind(row)}, not an object with a messages list")  # noqa: TRY004
     if data_format == "auto":
         if "messages" in row:
             data_format = "messages"
