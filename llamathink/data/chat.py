@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, NamedTuple, Sequence
 
@@ -91,7 +92,7 @@ def _json_kind(value) -> str:
 def row_to_messages(row: dict, data_format: str = "auto") -> list[dict]:
     """One dataset row as a list of messages. ``data_format``: ``auto`` (by the row's keys), ``messages``,
     ``sharegpt`` or ``person``. Raises ValueError for a row that is not a JSON object or does not hold messages."""
-    if not isinstance(row, dict):
+    if not isinstance(row, Mapping):
         raise ValueError(f"row is a JSON {_json_kind(row)}, not an object with a messages list")  # noqa: TRY004
     if data_format == "auto":
         if "messages" in row:
