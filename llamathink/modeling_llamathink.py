@@ -2650,12 +2650,12 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         # unfused reference, which scores every key. A whole-model compile traces this forward, and keeps the SDPA
         # paths.
         csa_masks = None
-        csa = next((layer.mixer for layer in self.layers if hasattr(layer.mixer, "uses_flex_window")), None)
         whole_rows = segments is None and cache is None and valid is None
         graphs = self.compiled_layers and self.compiled_layers_cuda_graphs and self.compiled_layers_inductor
-        compiled = graphs and not eager and not torch.compiler.is_compiling()
-        if compiled and whole_rows and csa is not None and csa.uses_flex_window(device):
-            csa_masks = csa_block_masks(T, csa.window, csa.stride, device)
+        if graphs and whole_rows and not eager and not torch.compiler.is_compiling():  # (no layer scan when decoding)
+            csa = next((layer.mixer for layer in self.layers if hasattr(layer.mixer, "uses_flex_window")), None)
+            if csa is not None and csa.uses_flex_window(device):
+                csa_masks = csa_block_masks(T, csa.window, csa.stride, device)
         cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
         ctx = ForwardContext(
             position_ids=position_ids,
