@@ -44,7 +44,9 @@ tensor the default pattern also has starts as the default model's at the same se
 attention shares one softmax with its sliding window, instead of two softmaxes mixed by the blend gate; training
 forward only, a dense [T, T + T / stride] mask), `csa_blend=select` (the same softmax also over the raw tokens of
 `csa_select` compressed blocks outside the window, default 16, chosen per kv head by compressed-attention
-probability as in Native Sparse Attention). Values are read as JSON where they parse, otherwise as text.
+probability as in Native Sparse Attention), `csa_flex=0` (CSA layers keep their SDPA paths where CUDA-graph layers
+would run them through FlexAttention: the same attention by other kernels, for a paired comparison of the two).
+Values are read as JSON where they parse, otherwise as text.
 
 Output: `quality.json` (settings, versions, per-run curves of validation loss against steps, tokens and
 training seconds, final validation and test loss, tokens/s) and `quality.png` (validation loss against tokens
@@ -95,6 +97,7 @@ RUN_KEYS = {
     "adamw_suffixes",
     "csa_blend",
     "csa_select",
+    "csa_flex",
 }
 CSA_BLENDS = ("learned", "local", "joint", "select")
 INIT_KEYS = {
@@ -142,7 +145,7 @@ def parse_run(spec: str) -> dict:
         if not eq:
             raise ValueError(f"run {name!r}: {part!r} is not key=value")
         value = _value(raw)
-        if key in ("compile", "document_masking", "combo_kernels"):
+        if key in ("compile", "document_masking", "combo_kernels", "csa_flex"):
             run[key] = bool(value)
         elif key == "adamw_suffixes":
             run[key] = str(value).split("/")
@@ -175,7 +178,7 @@ def parse_run(spec: str) -> dict:
     if biased and run.get("csa_blend", "learned") != "learned":
         raise ValueError(f"run {name!r}: init.blend_bias (csa_blend_bias) needs the learned blend (csa_blend=learned)")
     if run["model"] != "llamathink" and (
-        run["config"] or run["init"] or run.get("document_masking") or "csa_blend" in run
+        run["config"] or run["init"] or run.get("document_masking") or "csa_blend" in run or "csa_flex" in run
     ):
         raise ValueError(f"run {name!r}: config and init overrides apply to llamathink only")
     known = set(inspect.signature(LlamaThinkConfig.__init__).parameters) - {"self", "kwargs"}
@@ -225,6 +228,8 @@ def build_model(run: dict, seed: int = 0) -> torch.nn.Module:
     reinit(model, choices)
     blend = run.get("csa_blend", "learned")
     for module in model.modules():
+        if isinstance(module, LlamaThinkCompressedSparseAttention) and not run.get("csa_flex", True):
+            module.flex_window = False
         if isinstance(module, LlamaThinkCompressedSparseAttention) and blend == "local":
             module._combine = types.MethodType(_combine_local_only, module)
         if isinstance(module, LlamaThinkCompressedSparseAttention) and blend in ("joint", "select"):

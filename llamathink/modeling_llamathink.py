@@ -1399,6 +1399,10 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
     # step's attention kernels were 0.55 ms (10%) faster at 128 on an H200 (BENCHMARKS.md section 1, session 35);
     # 64 was slower again (more, smaller chunks). Windows of 128 or less run whole, as before.
     local_chunk: int = 128
+    # Whether whole rows may take FlexAttention where `uses_flex_window` allows it; False (on an instance) keeps the
+    # SDPA paths in every mode, for comparing the two paths' training (`bench_quality.py`'s `csa_flex=0`) and for
+    # tests that need every mode to run the same kernels. Either way the attention is the same function.
+    flex_window: bool = True
 
     def __init__(self, config: LlamaThinkConfig, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -1425,8 +1429,8 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         """Whether whole rows (no cache, padding or packing) go through FlexAttention when this layer runs compiled
         by inductor with CUDA graphs (`_attend_flex`, with `csa_block_masks`; `LlamaThinkModel.forward` decides):
         on CUDA (PyTorch has no FlexAttention backward on CPU) with heads of at least 16 (the narrowest inductor's
-        kernels take)."""
-        return device.type == "cuda" and self.head_dim >= 16
+        kernels take), unless `flex_window` is off."""
+        return self.flex_window and device.type == "cuda" and self.head_dim >= 16
 
     def _attend_flex(self, q, k, k_raw, v, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Both paths on whole rows through FlexAttention -> (local, compressed), each [B, Hq, T, D]: q [B, Hq, T, D]

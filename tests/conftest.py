@@ -106,8 +106,8 @@ def graph_test_model(gdn_backend: str, mode: str) -> LlamaThinkForCausalLM:
     dims = {"linear_key_head_dim": 16, "linear_value_head_dim": 32, "head_dim": 16, "hidden_size": 64}
     model = tiny_model(dtype=torch.float32, gdn_backend=gdn_backend, **dims).cuda().train()
     for layer in model.model.layers:
-        if hasattr(layer.mixer, "uses_flex_window"):
-            layer.mixer.uses_flex_window = lambda device: False
+        if hasattr(layer.mixer, "flex_window"):
+            layer.mixer.flex_window = False
     return model if mode == "eager" else model.compile_layers(**compile_kwargs(mode))
 
 

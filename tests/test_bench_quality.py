@@ -619,6 +619,19 @@ def test_runs_compile_with_combo_kernels_and_the_compile_mode_training_uses():
         bq.parse_run("r:compile=1,compile_mode=fast")
 
 
+def test_csa_flex_0_keeps_every_csa_layer_on_its_sdpa_paths():
+    """`csa_flex=0` turns FlexAttention off in every CSA layer (`flex_window`), and only there; a peer refuses it."""
+
+    def flex(model):
+        return [m.uses_flex_window(torch.device("cuda")) for m in model.modules() if hasattr(m, "flex_window")]
+
+    assert flex(build("")) == [True]
+    assert flex(build("csa_flex=1")) == [True]
+    assert flex(build("csa_flex=0")) == [False]
+    with pytest.raises(ValueError, match="llamathink only"):
+        bq.parse_run("r:model=hf-llama,csa_flex=0")
+
+
 def test_a_compiled_run_takes_the_mode_training_resolves(tmp_path, monkeypatch):
     """`train_run` compiles a LlamaThink run with the mode `compile_mode: auto` resolves to for it
     (`resolve_compile_mode`, given the run's facts: torch.compile's default mode on this CPU; CUDA graphs on a GPU,

@@ -696,6 +696,9 @@ def test_csa_flex_attention_only_for_compiled_layers_on_whole_rows(monkeypatch):
         config = tiny_config(head_dim=dims)
         layer = LlamaThinkCompressedSparseAttention(config, layer_idx=1)
         assert layer.uses_flex_window(torch.device(device)) is taken, (dims, device)
+    layer = LlamaThinkCompressedSparseAttention(tiny_config(head_dim=16), layer_idx=1)
+    layer.flex_window = False
+    assert not layer.uses_flex_window(torch.device("cuda"))
 
 
 def test_compile_layers_records_whether_inductor_and_cuda_graphs_run_the_layers():
