@@ -1,7 +1,7 @@
 """Where the time goes: a torch.profiler view of one LlamaThink training step and of cached decoding on one GPU.
 
     python benchmarks/profile_gpu.py [--backend auto] [--batch 16] [--seq 1024] [--decode-tokens 32] [--compile]
-                                     [--no-eager] [--peers hf-llama] [--optimizer | --optimizer-only] [--out DIR]
+                                     [--cuda-graphs] [--no-eager] [--peers hf-llama] [--optimizer | --optimizer-only] [--out DIR]
                                      [--top-kernels N] [--eager-ops] [--host-python] [--kernel-sources]
                                      [--inductor-option KEY=VALUE ...]
 
@@ -14,7 +14,9 @@ time of gradient clipping + the optimizer step (Muon + AdamW), with Muon's Newto
 a CUDA graph (`muon_cuda_graph`); --optimizer-only times only that, for LlamaThink and for HF Llama (the peer of
 `bench_gpu.py`, same optimizer code) in one process. Every kernel table ends with the step's GPU time by kind of
 kernel (matrix products, attention, fla, inductor's fused kernels, ...); `--peers hf-llama` profiles that peer's
-compiled step the same way in the same process, so the kinds can be compared model against model.
+compiled step the same way in the same process, so the kinds can be compared model against model. With
+--cuda-graphs the layers (and the peers) compile in torch.compile's reduce-overhead mode, as one-GPU training
+compiles them: the profile then shows the kernels the CUDA graphs replay (CSA's FlexAttention path among them).
 
 With --kernel-sources (and --compile) inductor's generated code of the compiled step is kept (with --out, in
 DIR/kernel_sources_<backend>.py.gz): every inductor kernel of the top-kernel list is followed by the graph that
@@ -104,9 +106,25 @@ def training_loss(model, ids):
 
 
 def forward_backward(model, ids):
-    """One bf16 training step without the optimizer (`training_loss`, then its backward)."""
+    """One bf16 training step without the optimizer (`training_loss`, then its backward). A model compiled with CUDA
+    graphs (`with_cuda_graphs`) begins a new cudagraph-trees step first and keeps its `.grad` tensors (zeroed), as
+    training does."""
+    graphs = getattr(model, "profile_cuda_graphs", False)
+    if graphs:
+        torch.compiler.cudagraph_mark_step_begin()
     training_loss(model, ids).backward()
-    model.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=not graphs)
+
+
+def with_cuda_graphs(model):
+    """Mark `model` (compiled in a CUDA-graph mode) for `forward_backward`, and give every parameter a zero `.grad`
+    that lives for the run (no gradient is then a graph's output, which the next replay would overwrite). Returns
+    the model."""
+    model.profile_cuda_graphs = True
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    return model
 
 
 # Kernel-name patterns of each kind of GPU work, first match wins (names as CUDA, cuBLAS/cuDNN, fla, tilelang and
@@ -443,15 +461,18 @@ def host_python_profile(model, ids, steps: int = 5, rows: int = 40) -> str:
     plain_ms = (time.perf_counter() - t0) * 1e3 / steps
     profiler = cProfile.Profile()
     forward_s = 0.0
+    graphs = getattr(model, "profile_cuda_graphs", False)
     for _ in range(steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         profiler.enable()
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         loss = training_loss(model, ids)
         profiler.disable()
         forward_s += time.perf_counter() - t0
         loss.backward()
-        model.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=not graphs)
     torch.cuda.synchronize()
     profiled_ms = forward_s * 1e3 / steps
     stats = pstats.Stats(profiler)
@@ -617,6 +638,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--compile", action="store_true", help="also profile the torch.compile'd training step")
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="compile in torch.compile's reduce-overhead mode, as one-GPU training does (compile_mode: auto): the "
+        "layers' kernels replayed as CUDA graphs (CSA then runs through FlexAttention); the peers too (needs "
+        "--compile)",
+    )
     parser.add_argument("--out", default=None, help="also write the report to DIR/profile_<backend>.txt")
     parser.add_argument("--no-decode", action="store_true", help="skip the decoding profile")
     parser.add_argument("--host-stacks", action="store_true", help="also where the compiled step spends host time")
@@ -670,12 +698,12 @@ def main(argv=None) -> int:
     for peer in filter(None, args.peers.split(",")):
         check_model_name(peer)
     options = dict(inductor_option(text) for text in args.inductor_option)  # refused before any GPU work
-    if (options or args.eager_ops or args.host_python or args.kernel_sources) and (
+    if (options or args.eager_ops or args.host_python or args.kernel_sources or args.cuda_graphs) and (
         not args.compile or args.optimizer_only
     ):
         parser.error(
-            "--inductor-option, --eager-ops, --host-python and --kernel-sources apply to the compiled step: add "
-            "--compile (not --optimizer-only)"
+            "--inductor-option, --eager-ops, --host-python, --kernel-sources and --cuda-graphs apply to the compiled "
+            "step: add --compile (not --optimizer-only)"
         )
     top_kernels = args.top_kernels or (40 if args.kernel_sources else 0)
     torch.manual_seed(0)
@@ -705,9 +733,12 @@ def main(argv=None) -> int:
         from llamathink.train.loop import compile_kwargs
 
         # regional compilation with the run setting combo_kernels' default, as `compile: true` trains
-        training = compile_kwargs("default", combo_kernels=True)["options"]
+        mode = "reduce-overhead" if args.cuda_graphs else "default"
+        training = compile_kwargs(mode, combo_kernels=True)["options"]
         compiled = model.compile_layers(options={**training, **options})
-        report.append("## top kernels of one compiled training step (each decoder layer compiled)")
+        if args.cuda_graphs:
+            with_cuda_graphs(compiled)
+        report.append(f"## top kernels of one compiled training step (each decoder layer compiled; {mode} mode)")
         sources = [] if args.kernel_sources else None
         report.append(
             kernel_table(
@@ -731,7 +762,11 @@ def main(argv=None) -> int:
             report.append("## host time of the compiled step by Python package and function (cProfile)")
             report.append(host_python_profile(compiled, ids))
     for peer_name in filter(None, args.peers.split(",")):
-        peer = torch.compile(build(peer_name).cuda())  # compiled whole, as bench_gpu.py compiles the peers
+        peer = build(peer_name).cuda()
+        if args.cuda_graphs:  # compiled whole, as bench_gpu.py compiles the peers (`:cudagraphs`: the same mode)
+            peer = with_cuda_graphs(torch.compile(peer, mode="reduce-overhead"))
+        else:
+            peer = torch.compile(peer)
         report.append(f"## top kernels of one compiled training step of {peer_name} (compiled whole)")
         report.append(kernel_table(peer, ids, top_kernels=top_kernels))
         report.append(step_wall_ms(peer, ids))
