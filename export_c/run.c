@@ -1349,10 +1349,18 @@ static inline double sumsq(const float *x, int n) {
     return ss;
 }
 
+/* 1/sqrt(m + eps) for a mean square m summed in double: NaN where m is beyond float's range (a hidden state above
+ * about 1e19: weights too large for the model's float32 arithmetic), not the 0 that 1/sqrt(inf) would give. PyTorch's
+ * float32 norms overflow there too; NaN reaches the logits, which `sample` refuses, where a zeroed state would print
+ * one token forever. */
+static float inv_root(double m, float eps) {
+    const float mf = (float)m;
+    return isfinite(mf) ? 1.0f / sqrtf(mf + eps) : NAN;
+}
+
 /* x * 1/sqrt(mean(x^2)+eps) * w1 */
 static void rmsnorm(float *o, const float *x, const float *w1, int n, float eps) {
-    const double ss = sumsq(x, n);
-    float inv = 1.0f / sqrtf((float)(ss / n) + eps);
+    const float inv = inv_root(sumsq(x, n) / n, eps);
     for (int i = 0; i < n; i++) o[i] = (x[i] * inv) * w1[i];
 }
 
@@ -1555,7 +1563,7 @@ static void mixer_linear(const Model *m, const Layer *L, LayerState *ls, State *
         vsilu_mul(u, u, NULL, C);
         for (int kh = 0; kh < Hk; kh++) {
             float *uq = u + kh * Dk, *uk = u + QK + kh * Dk;
-            const float iq = 1.0f / sqrtf((float)sumsq(uq, Dk) + 1e-6f), ik = 1.0f / sqrtf((float)sumsq(uk, Dk) + 1e-6f);
+            const float iq = inv_root(sumsq(uq, Dk), 1e-6f), ik = inv_root(sumsq(uk, Dk), 1e-6f);
             for (int i = 0; i < Dk; i++) {
                 uq[i] = uq[i] * iq * qscale;
                 uk[i] = uk[i] * ik;
@@ -1618,7 +1626,7 @@ static void mixer_linear(const Model *m, const Layer *L, LayerState *ls, State *
         for (int h = 0; h < Hv; h++) {
             const float *o = PO + ((size_t)h * T + t) * Dv;
             float *out = s->mo + (size_t)t * VD + h * Dv;
-            const float inv = 1.0f / sqrtf((float)(sumsq(o, Dv) / Dv) + eps);
+            const float inv = inv_root(sumsq(o, Dv) / Dv, eps);
             vsilu_mul(sz, pr + C + h * Dv, L->gnorm, Dv);
             for (int j = 0; j < Dv; j++) out[j] = (o[j] * inv) * sz[j];
         }
@@ -2207,7 +2215,7 @@ static uint32_t rng_u32(void) {
 static float rng_f32(void) { return (rng_u32() >> 8) / 16777216.0f; }
 
 typedef struct { float p; int i; } ProbIdx;
-#define NONFINITE_MSG "the model produced a NaN or infinite logit (non-finite weights in model.bin?)"
+#define NONFINITE_MSG "the model produced a NaN or infinite logit (non-finite weights in model.bin, or weights so large that a hidden state overflows float32?)"
 static int cmp_prob(const void *a, const void *b) {
     float x = ((const ProbIdx *)a)->p, y = ((const ProbIdx *)b)->p;
     return (x < y) - (x > y);

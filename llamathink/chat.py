@@ -364,24 +364,52 @@ def load_chat_model(
 
 
 def _check_forward_is_finite(model, tokenizer, dtype: str) -> None:
-    """Raise ValueError when a short probe gives NaN or +inf logits, or a position without a finite logit: finite
-    weights too large for `dtype`'s arithmetic (they overflow inside a layer) would otherwise print garbage or
-    nothing. A -inf logit alone (a masked vocabulary id) is fine."""
+    """Raise ValueError when a short probe gives NaN or +inf logits, a position without a finite logit, or an
+    RMSNorm input whose squares overflow float32 (values above about 1e19: the norm then outputs zeros, and every
+    logit after it is the same finite number): finite weights too large for `dtype`'s arithmetic would otherwise
+    print garbage or nothing. A -inf logit alone (a masked vocabulary id) is fine. Norms are found by class name
+    (`...RMSNorm`), so a model loaded through `trust_remote_code` is probed alike."""
     import torch
 
     ids = [tokenizer.bos_token_id or 0, *tokenizer("Hello", add_special_tokens=False)["input_ids"]]
     device = next(model.parameters()).device
-    with torch.no_grad():
-        logits = model(torch.tensor([ids], device=device)).logits
+    overflow = []  # (norm's name, largest |input|) of the first norm whose input's squares overflow
+
+    def check_input(name):
+        def hook(module, args):
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if x is not None and not overflow and not bool(torch.isfinite(x.float().square().sum(-1)).all()):
+                overflow.append((name, x.detach().float().abs().max().item()))
+
+        return hook
+
+    hooks = [
+        module.register_forward_pre_hook(check_input(name))
+        for name, module in model.named_modules()
+        if type(module).__name__.endswith("RMSNorm")
+    ]
+    try:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids], device=device)).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
     # -inf is a masked token (some models mask unused vocabulary ids); NaN, +inf or no finite logit at all is not
-    if not (bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any())) and bool(
-        torch.isfinite(logits).any(dim=-1).all()
+    if (
+        not overflow
+        and not (bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()))
+        and bool(torch.isfinite(logits).any(dim=-1).all())
     ):
         return
     name, largest = max(((n, p.detach().abs().max().item()) for n, p in model.named_parameters()), key=lambda x: x[1])
+    where = (
+        f"the input of {overflow[0][0]} reaches |x| = {overflow[0][1]:.3g}, whose squares overflow float32"
+        if overflow
+        else f"its forward pass gives NaN or infinite logits in {dtype}"
+    )
     raise ValueError(
-        f"its forward pass gives NaN or infinite logits in {dtype} (largest weight: {name}, |w| = {largest:.3g}): "
-        "the weights are out of the range this model can compute with (saved from a run that diverged?)"
+        f"{where} (largest weight: {name}, |w| = {largest:.3g}): the weights are out of the range this model can "
+        "compute with (saved from a run that diverged?)"
     )
 
 

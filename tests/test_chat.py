@@ -1148,8 +1148,26 @@ def test_chat_refuses_finite_weights_too_large_to_compute_with(finetuned, tmp_pa
     save_file(weights, final / "model.safetensors", metadata={"format": "pt"})
     assert chat_main([str(final), "-p", "Hi!", "--max-new-tokens", "4", "--greedy"]) == 2
     err = capsys.readouterr().err
-    assert "forward pass gives NaN or infinite logits in float32" in err, err
+    assert "the input of model.layers.0.input_layernorm reaches |x| = " in err, err  # the embeddings, 1e28
+    assert "squares overflow float32" in err, err
     assert "model.layers.0.mlp.down_proj.weight, |w| = 3e+31" in err and "Traceback" not in err
+
+
+def test_chat_refuses_a_hidden_state_that_overflows_the_next_norm(finetuned, tmp_path, capsys):
+    """One MLP's weights scaled by 1e30: its output (about 1e30) is finite, but the next RMSNorm's float32 sum of
+    squares overflows, the norm outputs zeros and every logit is the same finite number, so the NaN/inf check alone
+    passed it and the chat printed one token forever with status 0. Refused at load, naming that norm."""
+    from safetensors.torch import load_file, save_file
+
+    final = tmp_path / "final"
+    shutil.copytree(finetuned[1] / "final", final)
+    weights = load_file(final / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"].mul_(1e30)
+    save_file(weights, final / "model.safetensors", metadata={"format": "pt"})
+    assert chat_main([str(final), "-p", "Hi!", "--max-new-tokens", "4", "--greedy"]) == 2
+    err = capsys.readouterr().err
+    assert "the input of model.layers.2.input_layernorm reaches |x| = " in err, err
+    assert "model.layers.1.mlp.up_proj.weight" in err and "Traceback" not in err
 
 
 def test_forward_probe_takes_masked_vocabulary_and_refuses_nan(tok):

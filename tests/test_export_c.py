@@ -2085,6 +2085,31 @@ def test_nan_weights_are_an_error_not_an_answer(asan_bin, mini_files, tmp_path):
         assert not (tmp_path / "out.bin").exists()
 
 
+def test_a_hidden_state_that_overflows_float32_is_an_error_not_an_answer(asan_bin, tmp_path):
+    """One MLP's weights scaled by 1e30 (finite, exported as they are): the hidden state after it is finite but the
+    next RMSNorm's mean square is beyond float32, where 1/sqrt(inf) = 0 zeroed the state and every logit (it printed
+    id 0 forever, status 0). The norms now give NaN there, and the run stops with the non-finite message."""
+    from safetensors.numpy import load_file, save_file
+
+    ck = tmp_path / "ck"
+    reference.make_random_checkpoint(str(ck), MINI, seed=1)
+    w = load_file(str(ck / "model.safetensors"))
+    w["model.layers.1.mlp.up_proj.weight"] *= np.float32(1e30)
+    save_file(w, str(ck / "model.safetensors"))
+    ex.export(str(ck), str(tmp_path / "big.bin"), "fp32", verbose=False)
+    for t in ("0", "0.8"):
+        r = subprocess.run(
+            [str(asan_bin), str(tmp_path / "big.bin"), "--ids", "1 5", "-n", "3", "-t", t, "--print-ids"],
+            capture_output=True,
+            text=True,
+            env=SAN_ENV,
+            timeout=60,
+        )
+        err = _clean_exit(r)
+        assert r.returncode == 1 and "a hidden state overflows float32" in err, err
+        assert r.stdout.strip() == "", r.stdout
+
+
 def test_chat_refuses_invalid_utf8_and_nul_bytes(asan_bin, chat_ctx96, chat_tok):
     """Chat messages that are not UTF-8 text (bytes Python would decode to lone surrogates, which
     llamathink.chat_format refuses) or that hold a NUL byte (everything after it used to be dropped
