@@ -31,6 +31,7 @@ from typing import Any, Sequence, TextIO
 
 from llamathink.chat_format import (
     check_content,
+    check_fits,
     is_llamathink_template,
     looks_like_llamathink_template,
     prompt_ids,
@@ -129,6 +130,7 @@ class ChatSession:
         self.notices = notices
         if self.system:  # refused once here, not at every turn (as "message 0" or "the message is too long")
             check_content(0, self.system, "the system prompt")
+            check_fits(tokenizer, self.system, self.max_context - self.reserve, "the system prompt")
             first = [{"role": "system", "content": self.system}, {"role": "user", "content": ""}]
             taken = len(prompt_ids(tokenizer, first))
             if taken > self.max_context - self.reserve:

@@ -65,6 +65,7 @@ next user turn. Token for token this is :func:`prompt_ids` of the same messages.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -472,11 +473,40 @@ def prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
     return list(out["input_ids"])
 
 
+@functools.lru_cache(maxsize=8)
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token of ``tokenizer`` can stand for: its longest vocabulary piece. A piece is at
+    least as long as its text for SentencePiece vocabularies (``▁`` is one space, a byte token ``<0x0A>`` six
+    characters for one byte) and byte-level BPE ones (one character per byte)."""
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return max(1, max((len(p) for p in pieces if isinstance(p, str)), default=1))
+
+
+# Text longer than this many times the characters its tokens could hold is refused before it is tokenized: a
+# normaliser may shorten text (NFKC composes some pairs), hence the margin; within it the tokenizer decides.
+_CHARS_MARGIN = 4
+
+
+def check_fits(tokenizer, text: str, budget: int, what: str = "the message") -> None:
+    """Raise :class:`ContextOverflow` when ``text`` has so many characters that it cannot fit ``budget`` tokens
+    (more than ``_CHARS_MARGIN`` times ``budget`` tokens of ``max_token_chars`` each), without tokenizing it: a
+    pasted file of megabytes would otherwise take the tokenizer minutes and gigabytes before the context check."""
+    limit = _CHARS_MARGIN * max(budget, 0) * max_token_chars(tokenizer)
+    if len(text) > limit:
+        raise ContextOverflow(
+            f"{what} is too long for the context window ({len(text):,} characters; at most {budget} tokens leave "
+            f"room for the reply, which no text over {limit:,} characters fits in with this tokenizer)"
+        )
+
+
 def trim_history(tokenizer, messages: Sequence[dict], budget: int) -> tuple[list[dict], int]:
     """Drop the oldest messages (leading system messages stay, and the kept history never starts with an
     assistant reply whose question was dropped) until the prompt is at most ``budget`` tokens.
-    Returns ``(messages, number dropped)``; raises :class:`ContextOverflow` if the newest message cannot fit."""
+    Returns ``(messages, number dropped)``; raises :class:`ContextOverflow` if the newest message cannot fit (at
+    once, untokenized, when its characters alone rule it out: `check_fits`)."""
     msgs = list(messages)
+    if msgs and isinstance(msgs[-1].get("content"), str):
+        check_fits(tokenizer, msgs[-1]["content"], budget)
     n_system = 0
     while n_system < len(msgs) and msgs[n_system]["role"] == "system":
         n_system += 1

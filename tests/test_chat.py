@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import types
 from collections import Counter
 
 import pytest
@@ -746,6 +747,35 @@ def test_trim_history_drops_the_oldest_turns_first(tok):
     assert kept == [msgs[0]] + msgs[5:] and dropped == 4
     with pytest.raises(ContextOverflow):
         trim_history(tok, msgs, len(prompt_ids(tok, [msgs[0], msgs[-1]])) - 1)
+
+
+def test_a_message_too_long_by_its_characters_alone_is_refused_untokenized(tok, monkeypatch):
+    """A message with more characters than the budget's tokens could stand for (4x margin) is refused before the
+    tokenizer sees it (a pasted 10 MB file took the chat 37 s and 4.7 GB to tokenize before the context check);
+    within that bound the tokens decide, as before. The bound holds: no text here takes fewer tokens than its
+    characters over `max_token_chars`."""
+    import llamathink.chat_format as cf
+    from llamathink.chat import ChatSession
+
+    longest = cf.max_token_chars(tok)
+    for text in ("a" * 5000, "Caf\u00e9 \u2615 " * 300, "the " * 2000, "\n\n" * 900):
+        assert len(text) <= longest * len(tok(text, add_special_tokens=False)["input_ids"]), text[:20]
+    calls, real = [], cf.prompt_ids
+    monkeypatch.setattr(cf, "prompt_ids", lambda *a: calls.append(1) or real(*a))
+    limit = 4 * 100 * longest
+    with pytest.raises(ContextOverflow, match=f"{limit + 1:,} characters"):
+        trim_history(tok, [{"role": "user", "content": "a" * (limit + 1)}], 100)
+    assert calls == []
+    with pytest.raises(ContextOverflow, match="tokens with the template"):  # at the bound: tokenized, then refused
+        trim_history(tok, [{"role": "user", "content": "a" * limit}], 100)
+    assert calls
+
+    class Config:
+        max_position_embeddings, vocab_size = 64, len(tok)
+
+    model = types.SimpleNamespace(config=Config())
+    with pytest.raises(ContextOverflow, match="the system prompt is too long for the context window"):
+        ChatSession(model, tok, system="x" * (4 * 64 * longest), max_context=64)
 
 
 def test_streamed_text_is_the_stripped_reply(tok):
