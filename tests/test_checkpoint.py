@@ -3,6 +3,7 @@
 failures say what happened and keep the previous checkpoint, resumes apply or refuse changed settings, and fp16
 loss-scale overflows are skipped by the GradScaler and counted rather than stopping training."""
 
+import copy
 import dataclasses
 import errno
 import json
@@ -121,6 +122,46 @@ def test_checkpoints_are_weights_only_and_old_numpy_rng_checkpoints_still_load(m
     loaded = ckpt.restore_checkpoint(legacy, *_parts(model_json, settings))
     assert loaded["step"] == 4 and loaded["history"]["losses"][4] == 2.5 and loaded["run_id"] is None
     assert np.array_equal(np.random.rand(3), expected)  # the NumPy generator continues where it was saved
+
+
+def test_damaged_run_records_are_refused_before_anything_is_loaded(model_json, tmp_path):  # noqa: F811
+    """The records a resume carries on from: a history that is missing (the resumed run rewrote history.json with its
+    new steps only, losing the earlier ones on disk) or not a mapping (a TypeError from deep in the loop), counts
+    that are not counts, a W&B id that is not one: each refused by name, the model untouched. Optimizer moments
+    missing after the first step get a note naming how many."""
+    settings = _settings()
+    parts = _parts(model_json, settings)
+    path = _save(tmp_path / "run", 4, parts, settings)
+    good = torch.load(path / "state.pt", weights_only=True)
+    for edit, named in [
+        (lambda s: s.pop("history"), r"its history \(the run's losses so far\) is missing"),
+        (lambda s: s.update(history="x"), "its history is a str, not a mapping"),
+        (lambda s: s.update(history={"losses": [1.0]}), "its history's losses is not a mapping"),
+        (lambda s: s.update(tokens_seen="many"), "its tokens_seen is 'many', not a count"),
+        (lambda s: s.update(overflow_steps=-1), "its overflow_steps is -1, not a count"),
+        (lambda s: s.update(trained_tokens=True), "its trained_tokens is True, not a count"),
+        (lambda s: s.update(wandb_run_id=7), "its wandb_run_id is 7, not a run id"),
+    ]:
+        state = copy.deepcopy(good)
+        edit(state)
+        torch.save(state, path / "state.pt")
+        fresh = _parts(model_json, settings, seed=1)
+        before = {k: v.clone() for k, v in fresh[0].state_dict().items()}
+        with pytest.raises(ckpt.CheckpointError, match=named + ".*the checkpoint is damaged"):
+            ckpt.restore_checkpoint(path, *fresh, settings)
+        assert all(torch.equal(before[k], v) for k, v in fresh[0].state_dict().items())
+    # moments for some parameters only: a note, and the resume goes on
+    model, optimizer = parts[0], parts[1]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p) if p.dim() == 1 else None  # the 1-D ones (AdamW's) step, the matrices do not
+    optimizer.step()
+    path = _save(tmp_path / "run2", 4, parts, settings)
+    logged = []
+    ckpt.restore_checkpoint(path, *_parts(model_json, settings, seed=1), settings, log=logged.append)
+    n_all = sum(1 for _ in model.parameters())
+    n_without = sum(1 for p in model.parameters() if p.dim() != 1)
+    assert any(f"no moments for {n_without} of {n_all} parameters" in m for m in logged), logged
+    assert not any("a damaged file" in m for m in logged)
 
 
 def test_a_corrupt_checkpoint_or_meta_is_named(model_json, tmp_path):  # noqa: F811
@@ -497,7 +538,9 @@ def test_resume_applies_changed_learning_rates_and_schedule_from_the_first_step(
         "adamw_lr: 0.002 -> 0.001",
         "weight_decay: 0.01 -> 0.05",
     ]
-    assert "changed settings" in logged[0] and "adamw_lr: 0.002 -> 0.001" in logged[0]
+    # (a note first: this optimizer stepped without gradients, so it has no moments to restore)
+    assert logged[0].startswith("note: ") and "no moments for 72 of 72 parameters" in logged[0], logged
+    assert "changed settings" in logged[1] and "adamw_lr: 0.002 -> 0.001" in logged[1]
     optimizer, scheduler = resumed[1], resumed[2]
     factor = optim.lr_factor(6, after)  # the new schedule at the saved step (max_steps 20, not 12)
     assert factor != optim.lr_factor(6, before)
@@ -856,6 +899,15 @@ def test_symlinked_checkpoint_folders_are_never_listed_resumed_or_deleted(model_
     assert not (root / "step_00000008").is_symlink() and ckpt.checkpoint_meta(root / "step_00000008")["step"] == 8
     assert not [p.name for p in root.iterdir() if p.name.startswith(".tmp-")]
     assert ckpt.load_checkpoint(elsewhere)["step"] == 9
+    # a link that leads nowhere (a target that is gone, a loop) under the name of a step to save: replaced too (the
+    # save failed with NotADirectoryError after the training up to it)
+    (root / "step_00000010").symlink_to(tmp_path / "gone", target_is_directory=True)
+    (root / "step_00000012").symlink_to(root / "step_00000012")
+    for step in (10, 12):
+        _save(out, step, parts, settings, run_id="run-a", keep_last=3)
+        assert ckpt.checkpoint_meta(root / f"step_{step:08d}")["step"] == step
+    assert _names(ckpt.list_checkpoints(out)) == ["step_00000008", "step_00000010", "step_00000012"]
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_a_checkpoint_whose_step_does_not_match_is_not_trusted(model_json, tmp_path):  # noqa: F811

@@ -783,10 +783,13 @@ def save_checkpoint(
         if final.exists():  # re-saving the same step after a resume: replace it
             print(f"note: replacing the checkpoint {final.name} saved before (the run went on from an earlier step)")
             os.replace(final, old)
+        elif final.is_symlink():  # a link that leads nowhere holds nothing: moved aside like a replaced checkpoint
+            print(f"note: replacing {final}, a symbolic link that leads nowhere (a loop, or a target that is gone)")
+            os.replace(final, old)
         os.replace(tmp, final)
     except BaseException as err:  # also Ctrl-C: never leave a partial folder or a moved-away checkpoint behind
         shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not final.exists():
+        if (old.exists() or old.is_symlink()) and not (final.exists() or final.is_symlink()):
             os.replace(old, final)
         if isinstance(err, (OSError, RuntimeError)):
             raise CheckpointError(_save_error_message(err, step, final, _nbytes(state), previous)) from err
@@ -1324,6 +1327,7 @@ def restore_checkpoint(
             "checkpoint's state.pt was put there, so the checkpoint is not trusted; resume an earlier checkpoint, or "
             "delete this one"
         )
+    _check_run_records(path, state, log)
     changes = []
     if cfg is not None and state["step"] > cfg.max_steps:
         raise ResumeSettingsError(
@@ -1367,6 +1371,46 @@ def restore_checkpoint(
     state["run_id"] = meta.get("run_id") or (saved_run if isinstance(saved_run, str) else None)  # meta.json lost
     state["settings_changed"] = changes
     return state
+
+
+def _check_run_records(path: Path, state: dict, log=print) -> None:
+    """Refuse (CheckpointError) a checkpoint whose run records a resume would carry on from are damaged: the history
+    (the losses so far, which the resumed run writes to history.json over the earlier file: a missing one lost
+    them), the counts of tokens and overflow steps, the W&B run id. Parameters without optimizer moments after the
+    first step (Muon's momentum and AdamW's averages then restart from zero) get a note through `log`: a
+    parameter that never had a gradient has none, and neither do all of them in a damaged file."""
+    what = None
+    history = state.get("history")
+    if history is None:
+        what = "history (the run's losses so far) is missing"
+    elif not isinstance(history, dict):
+        what = f"history is a {type(history).__name__}, not a mapping"
+    else:
+        bad = [k for k in ("losses", "eval") if k in history and not isinstance(history[k], dict)]
+        if bad:
+            what = f"history's {', '.join(bad)} {'is not a mapping' if len(bad) == 1 else 'are not mappings'}"
+    for key in ("tokens_seen", "trained_tokens", "overflow_steps"):
+        value = state.get(key, 0)
+        if what is None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            what = f"{key} is {value!r}, not a count"
+    if what is None and not isinstance(state.get("wandb_run_id"), (str, type(None))):
+        what = f"wandb_run_id is {state['wandb_run_id']!r}, not a run id"
+    if what is not None:
+        raise CheckpointError(
+            f"cannot resume from {path}: its {what}; the checkpoint is damaged. Resume an earlier checkpoint "
+            "(resume: <its folder>) or delete this one"
+        )
+    moments = state["optimizer"].get("state")
+    params = [i for group in state["optimizer"].get("param_groups", []) for i in group.get("params", [])]
+    if state["step"] > 0 and isinstance(moments, dict) and params:
+        without = [i for i in params if i not in moments]
+        if without:
+            log(
+                f"note: {path} is at step {state['step']}, but its optimizer state has no moments for "
+                f"{len(without)} of {len(params)} parameters (Muon's momentum, AdamW's averages): "
+                f"{'a damaged file, or ' if len(without) == len(params) else ''}parameters that had no gradient yet; "
+                "they start from zero"
+            )
 
 
 def resolve_resume(cfg: RunConfig, log=print) -> Path | None:
