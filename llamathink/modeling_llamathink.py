@@ -2015,10 +2015,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * scale.to(grad_hidden.dtype), grad_weight, None, None, None, None
 
 
-def _next_token_targets(labels: torch.Tensor, num_items_in_batch, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _next_token_targets(
+    labels: torch.Tensor, num_items_in_batch, device, shift_labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """labels [B, T] -> (targets [B, T] on `device`, where position t predicts labels[t + 1] and the last position
-    predicts nothing (-100), and the loss divisor: `num_items_in_batch`, else the number of kept targets)."""
-    targets = F.pad(labels, (0, 1), value=-100)[:, 1:].to(device)
+    predicts nothing (-100), and the loss divisor: `num_items_in_batch`, else the number of kept targets).
+    `shift_labels` [B, T] (transformers' name: targets already shifted, position t predicting shift_labels[t], as
+    context parallelism and padding-free collators give them, the last position's target from beyond the row
+    included) are the targets as given, in place of the shifted `labels`."""
+    if shift_labels is not None:
+        targets = shift_labels.to(device)
+    else:
+        targets = F.pad(labels, (0, 1), value=-100)[:, 1:].to(device)
     if num_items_in_batch is None:
         return targets, (targets != -100).sum()
     return targets, torch.as_tensor(num_items_in_batch, device=device)
@@ -2031,6 +2039,7 @@ def chunked_causal_lm_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_rows: int | None = None,
     compile_backend=None,
+    shift_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy of `lm_head(hidden_states)` against `labels` (shifted inside, -100 ignored), equal to
     transformers' `ForCausalLMLoss` on the full logits, without materialising them (see `_ChunkedLinearCrossEntropy`).
@@ -2041,9 +2050,10 @@ def chunked_causal_lm_loss(
     the most rows per chunk; by default the B*T rows are split into chunks of near-equal size (all equal when
     their number divides B*T, as for 16 x 1024; else the last is shorter), so that one batch shape compiles at
     most two chunk shapes. `compile_backend` (a `torch.compile` backend, e.g. "inductor"; what `compile_layers`
-    sets) runs each chunk through the compiled `cross_entropy_chunk`; None runs it eagerly."""
+    sets) runs each chunk through the compiled `cross_entropy_chunk`; None runs it eagerly. `shift_labels` [B, T]:
+    targets already shifted, used in place of the shifted `labels` (`_next_token_targets`)."""
     B, T, H = hidden_states.shape
-    targets, divisor = _next_token_targets(labels, num_items_in_batch, hidden_states.device)
+    targets, divisor = _next_token_targets(labels, num_items_in_batch, hidden_states.device, shift_labels)
     targets = targets.reshape(-1)
     hidden = hidden_states.reshape(B * T, H)
     if torch.is_autocast_enabled(hidden.device.type):
@@ -2126,6 +2136,7 @@ def chunked_causal_lm_loss_through_module(
     labels: torch.Tensor,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_rows: int | None = None,
+    shift_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy of `head(hidden_states)` against `labels` (shifted inside, -100 ignored) for any
     output module: a PEFT LoRA layer, a quantised Linear, a Linear with hooks. `head` is called on [B, n, H] slices
@@ -2133,9 +2144,10 @@ def chunked_causal_lm_loss_through_module(
     path. When there is more than one slice, each is wrapped in non-reentrant activation checkpointing
     (`torch.utils.checkpoint`): only one slice's logits exist at a time, in the forward and in the backward (where
     the slice is recomputed, calling `head` a second time with the same RNG state). Returns the same value as
-    `chunked_causal_lm_loss` for a plain Linear (the mean over kept targets, or the sum / `num_items_in_batch`)."""
+    `chunked_causal_lm_loss` for a plain Linear (the mean over kept targets, or the sum / `num_items_in_batch`), with
+    `shift_labels` as there."""
     B, T, H = hidden_states.shape
-    targets, divisor = _next_token_targets(labels, num_items_in_batch, hidden_states.device)
+    targets, divisor = _next_token_targets(labels, num_items_in_batch, hidden_states.device, shift_labels)
     if chunk_rows is None:  # ~256 MiB of fp32 logits per slice (a head without `out_features`: assume 32000)
         chunk_rows = max(1, (64 * 2**20) // int(getattr(head, "out_features", None) or 32000))
     step = max(1, chunk_rows // B)
@@ -2976,8 +2988,20 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         the head's weight when `lm_head` is a plain Linear (`is_plain_linear`), else
         `chunked_causal_lm_loss_through_module`, which calls the wrapped head (LoRA, quantised, hooked) so that it
         stays in the path and the loss equals the eval-mode one. By default the logits come back with the loss, as
-        from transformers' own models: trainers such as TRL's `SFTTrainer` read them (entropy, token accuracy)."""
+        from transformers' own models: trainers such as TRL's `SFTTrainer` read them (entropy, token accuracy).
+
+        `shift_labels` (a keyword, transformers' name; with `labels`, as its models take it) [B, T] are targets
+        already shifted, position t predicting shift_labels[t]: what context parallelism and padding-free collators
+        pass, where a row's last position has a target beyond it. The loss then uses them in place of the shifted
+        `labels`. Raises ValueError for labels or shift_labels that are not integer token ids (-100 ignored) of the
+        vocabulary, or not [B, T]."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        shift_labels = kwargs.pop("shift_labels", None)
+        if shift_labels is not None and labels is None:
+            raise ValueError(
+                "shift_labels needs labels: the loss is computed when labels are given (as in transformers' models), "
+                "and shift_labels then replaces their shifted copy"
+            )
         cache = cache if cache is not None else past_key_values
         if cache is not None:
             _check_cache(cache, self.config)
@@ -2991,18 +3015,9 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
                 return (logits, cache)
             return LlamaThinkCausalLMOutput(logits=logits, **{_OUTPUT_CACHE_FIELD: cache})
         if labels is not None:
-            if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-                raise ValueError(f"labels must be an integer tensor (token ids, -100 ignored), got {labels.dtype}")
-            labels = labels.long()  # cross-entropy takes int64 targets (a no-op for int64 labels)
-            # before the forward: a host sync here waits only for the previous step's work, and the one for the ids
-            # just after it finds the GPU idle; after the forward it would hold the host until the forward ran
-            if not torch.compiler.is_compiling():  # (CUDA would assert inside the loss)
-                outside = (labels != -100) & ((labels < 0) | (labels >= self.config.vocab_size))
-                if bool(outside.any()):
-                    raise ValueError(
-                        f"labels contains {labels[outside][0].item()}: neither -100 (ignored) nor a token id in the "
-                        f"vocabulary [0, {self.config.vocab_size})"
-                    )
+            labels = self._check_targets("labels", labels)
+        if shift_labels is not None:
+            shift_labels = self._check_targets("shift_labels", shift_labels)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -3015,8 +3030,9 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        if labels is not None and labels.shape != hidden_states.shape[:2]:
-            raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(hidden_states.shape[:2])}")
+        for name, targets in (("labels", labels), ("shift_labels", shift_labels)):
+            if targets is not None and targets.shape != hidden_states.shape[:2]:
+                raise ValueError(f"{name} has shape {tuple(targets.shape)}, expected {tuple(hidden_states.shape[:2])}")
         if skip_logits:
             if labels is None:
                 raise ValueError("skip_logits=True needs labels: without logits the loss is the only output")
@@ -3028,9 +3044,12 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
                     labels,
                     num_items_in_batch=num_items,
                     compile_backend=self.loss_compile_backend,
+                    shift_labels=shift_labels,
                 )
             else:  # a wrapped head (LoRA, quantised, hooked) must be called, never bypassed through its weight
-                loss = chunked_causal_lm_loss_through_module(hidden_states, self.lm_head, labels, num_items)
+                loss = chunked_causal_lm_loss_through_module(
+                    hidden_states, self.lm_head, labels, num_items, shift_labels=shift_labels
+                )
             if not return_dict:
                 return tuple(x for x in (loss, outputs.cache, outputs.hidden_states) if x is not None)
             return LlamaThinkCausalLMOutput(
@@ -3047,6 +3066,7 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
                 labels=labels,
                 vocab_size=self.config.vocab_size,
                 num_items_in_batch=kwargs.get("num_items_in_batch"),
+                shift_labels=shift_labels,
             )
         if not return_dict:
             out = (logits, outputs.cache, outputs.hidden_states)
@@ -3055,6 +3075,24 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         return LlamaThinkCausalLMOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{_OUTPUT_CACHE_FIELD: outputs.cache}
         )
+
+    def _check_targets(self, name: str, targets: torch.Tensor) -> torch.Tensor:
+        """`labels` / `shift_labels` as int64, or ValueError naming them: not integer, or an id that is neither -100
+        (ignored) nor in the vocabulary (CUDA would assert inside the loss). Checked before the forward: a host sync
+        here waits only for the previous step's work, and the one for the ids just after it finds the GPU idle;
+        after the forward it would hold the host until the forward ran."""
+        if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor (token ids, -100 ignored), got {targets.dtype}")
+        # cross-entropy takes int64 targets; transformers' loss views them flat (both no-ops for contiguous int64)
+        targets = targets.long().contiguous()
+        if not torch.compiler.is_compiling():
+            outside = (targets != -100) & ((targets < 0) | (targets >= self.config.vocab_size))
+            if bool(outside.any()):
+                raise ValueError(
+                    f"{name} contains {targets[outside][0].item()}: neither -100 (ignored) nor a token id in the "
+                    f"vocabulary [0, {self.config.vocab_size})"
+                )
+        return targets
 
 
 # ----------------------------------------------------------------------------------------------------------------

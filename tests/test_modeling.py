@@ -1879,6 +1879,50 @@ def test_loss_through_the_head_module_equals_the_fused_loss_and_gradients(chunk_
     _assert_same_loss_and_grads(*results)
 
 
+@pytest.mark.parametrize("num_items", [None, 30])
+def test_shift_labels_are_the_targets_of_every_loss_path(num_items):
+    """transformers' `shift_labels` (targets already shifted: context parallelism and padding-free collators give
+    them, the last position's target from beyond the row) replace the shifted labels in the full-logits loss, the
+    fused chunked loss and the loss through the head module, as in transformers' `ForCausalLMLoss` (they were
+    dropped without a word, the loss taken from `labels`). Shift labels equal to the shifted labels give the same
+    loss as labels alone; shift labels without labels, or of another shape, are refused."""
+    ids, labels = _loss_batch(seed=8)
+    shift = torch.randint(0, 96, ids.shape, generator=torch.Generator().manual_seed(9))
+    shift[0, :4] = -100
+    shift[1, -1] = 5  # the last position has a target here (a shifted label never does)
+    model = tiny_model()
+    model.train()
+    logits = model(ids).logits
+    want = F.cross_entropy(logits.reshape(-1, 96), shift.reshape(-1), ignore_index=-100, reduction="sum")
+    want = want / (num_items if num_items is not None else (shift != -100).sum())
+    kw = {"num_items_in_batch": num_items} if num_items is not None else {}
+    got = {
+        "logits": model(ids, labels=labels, shift_labels=shift, **kw).loss,
+        "fused": model(ids, labels=labels, shift_labels=shift, skip_logits=True, **kw).loss,
+    }
+    hidden = model.model(ids).last_hidden_state
+    got["module"] = modeling.chunked_causal_lm_loss_through_module(
+        hidden, model.lm_head, labels, num_items, chunk_rows=7, shift_labels=shift
+    )
+    for path, loss in got.items():  # (transformers' loss on full logits computes in float32)
+        tol = 1e-6 if path == "logits" else 1e-12
+        torch.testing.assert_close(loss, want.to(loss.dtype), rtol=tol, atol=tol, msg=path)
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    for skip in (False, True):
+        torch.testing.assert_close(
+            model(ids, labels=labels, shift_labels=shifted, skip_logits=skip).loss,
+            model(ids, labels=labels, skip_logits=skip).loss,
+            rtol=1e-12,
+            atol=1e-12,
+        )
+    with pytest.raises(ValueError, match="shift_labels needs labels"):
+        model(ids, shift_labels=shift)
+    with pytest.raises(ValueError, match=r"shift_labels has shape \(3, 18\), expected"):
+        model(ids, labels=labels, shift_labels=shift[:, 1:])
+    with pytest.raises(ValueError, match="shift_labels contains 96: neither -100"):
+        model(ids, labels=labels, shift_labels=torch.full_like(shift, 96))
+
+
 def test_peft_lora_on_lm_head_and_q_proj_trains_through_the_chunked_loss():
     """PEFT LoRA on lm_head (and q_proj): one training step has a finite loss equal to the eval-mode loss, and the
     head's LoRA matrices get nonzero gradients (the old weight read skipped them)."""
