@@ -389,7 +389,7 @@ def test_content_without_text_is_refused_by_the_jinja_template_as_by_python(tok,
     assert tok.apply_chat_template(ok, tokenize=False) == render_chat(ok, guard=True).text
 
 
-def test_messages_sharegpt_and_person_rows_from_jsonl_and_datasets(tmp_path):
+def test_messages_sharegpt_and_person_rows_from_jsonl_and_datasets(tmp_path, monkeypatch):
     rows = [
         {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
         {"conversations": [{"from": "human", "value": "c"}, {"from": "gpt", "value": "d"}]},
@@ -431,6 +431,32 @@ def test_messages_sharegpt_and_person_rows_from_jsonl_and_datasets(tmp_path):
     path.write_text(json.dumps(rows[0]) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"chats.jsonl:2: not valid JSON"):
         load_conversations(str(path))
+    # a folder of .jsonl files (read by datasets as one table) names the file and line as well, and a record that is
+    # not an object (a raw DatasetGenerationError traceback before); a whole folder loads as before
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    (folder / "b.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert load_conversations(str(folder)) == convs[:1] * 2
+    for bad, named in [
+        ("{not json", r"folder/b.jsonl:2: not valid JSON"),
+        ('"just a string"', r"folder/b.jsonl: record 2 is a JSON string, not an object"),
+        ("[1, 2]", r"folder/b.jsonl: record 2 is a JSON array, not an object"),
+    ]:
+        (folder / "b.jsonl").write_text(json.dumps(rows[0]) + "\n" + bad + "\n")
+        with pytest.raises(ValueError, match=rf"folder: cannot be read as a data folder: .*{named}"):
+            load_conversations(str(folder))
+
+    # a Hub id that cannot be reached: named, not a ConnectionError traceback (datasets' error stands in for the
+    # network, so that the test never waits on it)
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'someone/no-such-dataset-xyz' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(
+        ValueError, match=r"someone/no-such-dataset-xyz: cannot be read as a Hub dataset .*: ConnectionError: Couldn't"
+    ):
+        load_conversations("someone/no-such-dataset-xyz")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -126,27 +126,47 @@ def sample_conversations_path() -> Path:
     return sample_data_path("conversations.jsonl")
 
 
+def _jsonl_rows(path: Path) -> Iterable:
+    """The records of a .jsonl file, or ValueError naming the file and line of the first that is not UTF-8 text or
+    not JSON. Bad bytes become lone surrogates, found line by line so that the error names the line (universal
+    newlines); utf-8-sig: a byte-order mark before the first record (Windows editors write one) is dropped."""
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError as err:
+                bad = line[err.start].encode("utf-8", "surrogateescape")
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {bad!r} at column {err.start + 1})") from None
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from None
+
+
+def _folder_problem(path: Path) -> str | None:
+    """Why `datasets` could not read the .jsonl files of the folder `path` as one table, where our reader can tell:
+    "<file>:<line>: ..." for a line that is not UTF-8 or JSON, or for a record that is not a JSON object (a
+    folder's rows form one table: every row must be an object). None where none of its .jsonl files shows it."""
+    for file in sorted(path.rglob("*.jsonl")):
+        try:
+            for lineno, row in enumerate(_jsonl_rows(file), 1):
+                if not isinstance(row, dict):
+                    return (
+                        f"{file}: record {lineno} is a JSON {_json_kind(row)}, not an object (the rows of a folder are "
+                        "read as one table; give the file itself to have such rows skipped and counted)"
+                    )
+        except ValueError as err:
+            return str(err)
+    return None
+
+
 def _iter_rows(source: str, split: str, config_name: str | None) -> Iterable[dict]:
     path = Path(source).expanduser()
     if source == "sample":
         path = sample_conversations_path()
     if path.is_file() and path.name.endswith(".jsonl"):
-        # bad bytes become lone surrogates, found line by line so that the error names the line (universal newlines);
-        # utf-8-sig: a byte-order mark before the first record (Windows editors write one) is dropped
-        with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
-            for lineno, line in enumerate(f, 1):
-                try:
-                    line.encode("utf-8")
-                except UnicodeEncodeError as err:
-                    bad = line[err.start].encode("utf-8", "surrogateescape")
-                    raise ValueError(
-                        f"{path}:{lineno}: not UTF-8 text (byte {bad!r} at column {err.start + 1})"
-                    ) from None
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from None
+        yield from _jsonl_rows(path)
         return
     import datasets
 
@@ -170,7 +190,17 @@ def _iter_rows(source: str, split: str, config_name: str | None) -> Iterable[dic
             path.suffix in (".jsonl", ".json", ".parquet", ".csv") or source.startswith((".", "/", "~"))
         ):
             raise ValueError(f"{source}: no such file (a local path; a Hub dataset id has no file extension)")
-        ds = datasets.load_dataset(source, config_name, split=split)
+        try:
+            ds = datasets.load_dataset(source, config_name, split=split)
+        except Exception as err:  # noqa: BLE001  (a parse error, no such split, an unreachable Hub: name the source)
+            cause = (
+                err.__cause__ if isinstance(err, datasets.exceptions.DatasetGenerationError) and err.__cause__ else err
+            )
+            where = "data folder" if path.is_dir() else "Hub dataset (offline, misspelt or private?)"
+            problem = _folder_problem(path) if path.is_dir() else None
+            raise ValueError(
+                f"{source}: cannot be read as a {where}: {problem or f'{type(cause).__name__}: {cause}'}"
+            ) from None
     yield from ds
 
 
