@@ -1164,6 +1164,12 @@ def test_resuming_a_checkpoint_beyond_max_steps_is_refused(model_json, tmp_path)
     assert (
         ckpt.restore_checkpoint(path, *_parts(model_json, _settings(max_steps=8)), _settings(max_steps=8))["step"] == 8
     )
+    # a setting that can never change (another seed, model, kind of run) is named first: raising max_steps, what
+    # the step's message asks for, would only lead to it
+    other = _settings(max_steps=6, seed=99)
+    with pytest.raises(ckpt.ResumeSettingsError, match="seed") as refused:
+        ckpt.restore_checkpoint(path, *_parts(model_json, other), other)
+    assert "max_steps" not in str(refused.value)
 
 
 def test_a_checkpoint_of_wrong_shapes_or_types_is_named_not_a_deep_traceback(model_json, tmp_path):  # noqa: F811

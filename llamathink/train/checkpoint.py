@@ -1329,18 +1329,18 @@ def restore_checkpoint(
         )
     _check_run_records(path, state, log)
     changes = []
-    if cfg is not None and state["step"] > cfg.max_steps:
-        raise ResumeSettingsError(
-            f"cannot resume from {path}: it is at step {state['step']}, beyond max_steps="
-            f"{cfg.max_steps}; set max_steps to at least {state['step']}"
-        )
-    if cfg is not None:
+    if cfg is not None:  # (a checkpoint of another kind of run or model is named before its step: no step fixes it)
         saved = meta.get("config") or state.get("config")
         fingerprints = meta.get("input_fingerprints") or state.get("input_fingerprints")
         changes = compare_resume_settings(
             saved, cfg, _saved_world_size(state, meta), world_size, where=str(path), saved_fingerprints=fingerprints
         )
         check_model_unchanged(state.get("model_architecture"), model, cfg, where=str(path))
+    if cfg is not None and state["step"] > cfg.max_steps:
+        raise ResumeSettingsError(
+            f"cannot resume from {path}: it is at step {state['step']}, beyond max_steps="
+            f"{cfg.max_steps}; set max_steps to at least {state['step']}"
+        )
     fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     part = "model"
     try:  # a checkpoint of another model shape, optimizer recipe or data must say so, naming the part and folder
