@@ -385,6 +385,13 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     if cfg.compile:
         warning = "warning: " if why.startswith("untested:") else ""
         accelerator.print(f"{warning}compile_mode {cfg.compile_mode}: {compile_mode} ({why})")
+    if cfg.compile and packed and (accelerator.device.type != "cuda" or cfg.mixed_precision not in ("bf16", "fp16")):
+        accelerator.print(
+            f"warning: document_masking with compile: true on {accelerator.device.type} in "
+            f"{cfg.mixed_precision if cfg.mixed_precision != 'no' else 'float32'}: the per-document paths (no "
+            "FlexAttention or fla here: a GPU in 16-bit has them) recompile for every new packing, and past "
+            "torch.compile's recompile limit the layers run eagerly; compile: false trains faster here"
+        )
 
     def final(raw_model, final_dir: Path, history: dict, on_saved):
         save_final(raw_model, tokenizer, final_dir, cfg, history, tokens_seen=history["tokens_seen"], on_saved=on_saved)
