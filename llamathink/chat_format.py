@@ -135,9 +135,13 @@ CHAT_TEMPLATE = r"""{#- LlamaThink chat format (llamathink/chat.py): text role m
         {{- '### User:\n' + content + '\n\n' -}}
     {%- elif message['role'] == 'assistant' -%}
         {{- '### Assistant:\n' -}}
-        {%- generation -%}
+        {%- if message['weight'] is defined and message['weight'] == 0 -%}
             {{- content + eos_token -}}
-        {%- endgeneration -%}
+        {%- else -%}
+            {%- generation -%}
+                {{- content + eos_token -}}
+            {%- endgeneration -%}
+        {%- endif -%}
     {%- else -%}
         {{- raise_exception('LlamaThink chat template: unknown role ' ~ message['role'] ~ '; use system, user or assistant') -}}
     {%- endif -%}
@@ -156,6 +160,7 @@ SHIPPED_TEMPLATE_SHA256 = (
     "a2dc9548da322eb2f86bbf53c7d8a9204fe0b02659d3f67663def73c041dc654",
     "d67d7a053f08de259b6640594a16e0cb4c4edd2db4660c685f7183d61fa56e5e",
     "5677f5de333253751341b837ef9d26a8e00a34229d823973fa469e9629ea8ee8",
+    "2667e2c188813254659f81cf9cccd2355305351c9a621593773c0727b4bf9af5",  # an assistant message's "weight": 0
 )
 _TEMPLATE_SIGNATURE = "{#- LlamaThink chat format (llamathink/chat.py)"
 
@@ -299,10 +304,23 @@ ROLE_ALIASES = {
 }
 
 
+def _message_weight(i: int, role: str, message: dict) -> int:
+    """An assistant message's ``weight`` (OpenAI's fine-tuning format): 1 (trained, the default) or 0 (kept as
+    context, not trained). ValueError for another value, or a weight on a message of another role (never trained)."""
+    weight = message["weight"]
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise ValueError(f"message {i}: weight must be 0 (not trained) or 1 (trained), got {weight!r}")
+    if role != "assistant":
+        raise ValueError(f"message {i}: weight applies to assistant messages only (a {role} message is never trained)")
+    return int(weight)
+
+
 def normalize_messages(messages: Iterable[dict]) -> list[dict]:
     """Plain ``{"role", "content"}`` dicts: role aliases resolved (``human``/``gpt``/ShareGPT ``from``/``value``),
-    content as text (text parts joined). Unknown roles, malformed messages, and ``messages`` that are not a list
-    (or another sequence) of them raise ``ValueError``."""
+    content as text (text parts joined). An assistant message's ``"weight": 0`` (OpenAI's fine-tuning format: kept
+    as context, not trained) is kept as ``"weight": 0`` (1, the default, is left out). Unknown roles, malformed
+    messages, weights other than 0 and 1, and ``messages`` that are not a list (or another sequence) of them raise
+    ``ValueError``."""
     if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Iterable):
         raise ValueError(  # noqa: TRY004
             f"messages must be a list of {{role, content}} objects, got {type(messages).__name__}"
@@ -322,6 +340,8 @@ def normalize_messages(messages: Iterable[dict]) -> list[dict]:
             raise ValueError(f"message {i}: {err}") from None
         check_content(i, text)
         out.append({"role": role, "content": text})
+        if "weight" in message and _message_weight(i, role, message) == 0:
+            out[-1]["weight"] = 0
     return out
 
 
@@ -356,7 +376,8 @@ def render_chat(
             block = USER_PREFIX + content + TURN_SUFFIX
         elif role == "assistant":
             block = ASSISTANT_PREFIX + content + eos_token
-            label_spans.append((pos + len(ASSISTANT_PREFIX), pos + len(block)))
+            if message.get("weight", 1) != 0:  # "weight": 0: context, not trained (`normalize_messages`)
+                label_spans.append((pos + len(ASSISTANT_PREFIX), pos + len(block)))
             special_spans.append((pos + len(block) - len(eos_token), pos + len(block), "eos"))
         else:
             raise ValueError(f"message {i}: unknown role {role!r}; use system, user or assistant")

@@ -29,6 +29,7 @@ from llamathink.chat_format import (
     ContextOverflow,
     apply_template,
     chat_ids,
+    normalize_messages,
     prompt_ids,
     render_chat,
     set_chat_template,
@@ -251,6 +252,37 @@ def test_truncation_at_turn_boundaries_and_skip_counts(tok):
     )
     assert build_example(tok, long_conv, first - 1, stats) is None  # the first reply does not fit: dropped
     assert stats == Counter(no_assistant=2, kept=3, truncated=2, too_long=1)
+
+
+def test_an_assistant_message_of_weight_0_is_context_not_trained(any_tok):
+    """OpenAI's per-message `"weight": 0` keeps an assistant message in the conversation unlabelled (it was trained
+    on without a word): our labels and the Jinja template's `{% generation %}` mask (what TRL's assistant-only loss
+    reads) both leave it out, with the same ids as without weights. A conversation whose replies all have weight 0
+    has nothing to learn, and truncation ends at a trained reply; weights other than 0/1, or on other roles, are
+    refused."""
+    conv = [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue.", "weight": 0},
+        {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "Green.", "weight": 1},
+        {"role": "user", "content": "And one more?"},
+        {"role": "assistant", "content": "Red.", "weight": 0},
+    ]
+    example = build_example(any_tok, conv, max_len=100_000)
+    ref = any_tok.apply_chat_template(conv[:4], return_dict=True, return_assistant_tokens_mask=True)
+    plain = any_tok.apply_chat_template([{k: m[k] for k in ("role", "content")} for m in conv[:4]], return_dict=True)
+    assert example.input_ids == ref["input_ids"] == plain["input_ids"]  # cut after the last trained reply
+    assert [int(lab != -100) for lab in example.labels] == ref["assistant_masks"]
+    runs = _runs(example.labels)
+    assert len(runs) == 1 and any_tok.decode(example.input_ids[runs[0][0] : runs[0][1]]) == "Green." + any_tok.eos_token
+    stats = Counter()
+    assert build_example(any_tok, [conv[0], conv[1]], 100_000, stats) is None and stats["no_assistant"] == 1
+    for weight in (0.5, 2, True, "0", None):
+        with pytest.raises(ValueError, match="message 1: weight must be 0 .* or 1"):
+            normalize_messages([conv[0], {**conv[1], "weight": weight}])
+    with pytest.raises(ValueError, match="message 0: weight applies to assistant messages only"):
+        normalize_messages([{**conv[0], "weight": 0}, conv[1]])
+    assert normalize_messages(conv)[3] == {"role": "assistant", "content": "Green."}  # weight 1: the default
 
 
 def test_build_examples_on_the_sample_set(tok, sample):

@@ -11,10 +11,12 @@ Labels, truncation, skipping
 labels to -100 everywhere except the tokens of each assistant content and its EOS. Positions are not shifted
 (``labels[i]`` is ``input_ids[i]`` or -100; the model shifts inside, as Hugging Face causal LMs do).
 
-* Nothing to learn: a conversation without an assistant message is skipped (counted as ``no_assistant``).
+* An assistant message with ``"weight": 0`` (OpenAI's fine-tuning format) stays in the conversation as context
+  but is not trained (its labels are -100); ``"weight": 1`` is the default.
+* Nothing to learn: a conversation without a trained assistant message is skipped (counted as ``no_assistant``).
 * Too long (``max_len`` tokens): the conversation is cut at a message boundary, keeping the longest run of whole
-  messages from the start that ends with an assistant message and fits (counted as ``truncated``); if even the
-  first assistant message ends past ``max_len`` the conversation is dropped (``too_long``). Messages after the last
+  messages from the start that ends with a trained assistant message and fits (counted as ``truncated``); if even
+  the first one ends past ``max_len`` the conversation is dropped (``too_long``). Messages after the last trained
   assistant message are never kept (they would carry no labels). A truncated example is token for token
   ``apply_chat_template`` of the kept messages.
 
@@ -277,14 +279,14 @@ def _finish(
     # token index where each message ends = the first token that starts at or after its last character
     ends = np.searchsorted(starts, np.asarray([e for _, e in rendered.message_spans], dtype=np.int64), side="left")
     keep = None
-    for k in range(len(messages), 0, -1):  # the longest prefix of whole messages ending with an assistant turn
-        if messages[k - 1]["role"] == "assistant" and ends[k - 1] <= max_len:
+    for k in range(len(messages), 0, -1):  # the longest prefix of whole messages ending with a trained assistant turn
+        if messages[k - 1]["role"] == "assistant" and messages[k - 1].get("weight", 1) and ends[k - 1] <= max_len:
             keep = k
             break
     if keep is None:
         stats["too_long"] += 1
         return None
-    if any(m["role"] == "assistant" for m in messages[keep:]):
+    if any(m["role"] == "assistant" and m.get("weight", 1) for m in messages[keep:]):
         stats["truncated"] += 1
     cut = int(ends[keep - 1])
     trained = np.zeros(len(starts), dtype=bool)
@@ -373,7 +375,7 @@ def build_examples(
         messages = normalize_messages(messages)
         if system_prompt and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": system_prompt}] + messages
-        if not any(m["role"] == "assistant" for m in messages):
+        if not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):  # (weight 0: not trained)
             stats["no_assistant"] += 1
             continue
         chunk.append((messages, render_chat(messages, bos_token=bos, eos_token=eos)))
