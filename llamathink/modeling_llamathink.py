@@ -2778,6 +2778,17 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         generation_config._llamathink_prompt = (input_ids_length, hidden)
         return generation_config
 
+    def _prepare_generation_config(self, *args, **kwargs):
+        # generate()'s settings as transformers merges them, checked before it expands the inputs: it sizes tensors
+        # with num_beams and num_return_sequences and divides by num_beams (0 gave a ZeroDivisionError from inside
+        # beam search, 2.5 a TypeError from repeat_interleave)
+        generation_config, model_kwargs = super()._prepare_generation_config(*args, **kwargs)
+        for name in ("num_beams", "num_return_sequences"):
+            value = getattr(generation_config, name, None)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        return generation_config, model_kwargs
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         chunk = generation_config.prefill_chunk_size
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):

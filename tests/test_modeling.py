@@ -1611,6 +1611,11 @@ def test_generate_with_chunked_prefill_equals_generate():
         for bad in (0, -1, 2.5, True, "4"):  # (torch.split's own errors otherwise, or a chunk per token for True)
             with pytest.raises(ValueError, match=f"prefill_chunk_size must be a positive number of tokens .* {bad!r}"):
                 model.generate(ids, prefill_chunk_size=bad, **kwargs)
+        # beams and returned sequences: a ZeroDivisionError from inside beam search for 0, a TypeError for 2.5
+        for name in ("num_beams", "num_return_sequences"):
+            for bad in (0, -2, 2.5, True):
+                with pytest.raises(ValueError, match=f"{name} must be a positive integer, got {bad!r}"):
+                    model.generate(ids, **{**kwargs, "num_beams": 4, name: bad})
 
 
 def test_generate_from_inputs_embeds_counts_their_positions_against_the_limit(short_model):
