@@ -380,7 +380,13 @@ def _check_forward_is_finite(model, tokenizer, dtype: str) -> None:
     def check_input(name):
         def hook(module, args):
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            if x is not None and not overflow and not bool(torch.isfinite(x.float().square().sum(-1)).all()):
+            # finite values whose squares overflow (NaN or inf inputs are the logits check's to name)
+            if (
+                x is not None
+                and not overflow
+                and bool(torch.isfinite(x).all())
+                and not bool(torch.isfinite(x.float().square().sum(-1)).all())
+            ):
                 overflow.append((name, x.detach().float().abs().max().item()))
 
         return hook

@@ -65,7 +65,7 @@ next user turn. Token for token this is :func:`prompt_ids` of the same messages.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import hashlib
 import json
 import re
@@ -340,7 +340,8 @@ def normalize_messages(messages: Iterable[dict]) -> list[dict]:
             raise ValueError(f"message {i}: {err}") from None
         check_content(i, text)
         out.append({"role": role, "content": text})
-        if "weight" in message and _message_weight(i, role, message) == 0:
+        # (null is no weight: datasets' struct columns give every message the keys any message of the data has)
+        if message.get("weight") is not None and _message_weight(i, role, message) == 0:
             out[-1]["weight"] = 0
     return out
 
@@ -494,13 +495,19 @@ def prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
     return list(out["input_ids"])
 
 
-@functools.lru_cache(maxsize=8)
 def max_token_chars(tokenizer) -> int:
     """The most characters one token of ``tokenizer`` can stand for: its longest vocabulary piece. A piece is at
     least as long as its text for SentencePiece vocabularies (``▁`` is one space, a byte token ``<0x0A>`` six
-    characters for one byte) and byte-level BPE ones (one character per byte)."""
+    characters for one byte) and byte-level BPE ones (one character per byte). Kept on the tokenizer for its
+    vocabulary size (a token added later computes it again)."""
+    cached = getattr(tokenizer, "_llamathink_max_token_chars", None)
+    if cached is not None and cached[0] == len(tokenizer):
+        return cached[1]
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    return max(1, max((len(p) for p in pieces if isinstance(p, str)), default=1))
+    longest = max(1, max((len(p) for p in pieces if isinstance(p, str)), default=1))
+    with contextlib.suppress(AttributeError, TypeError):  # (a tokenizer that takes no attributes computes each time)
+        tokenizer._llamathink_max_token_chars = (len(tokenizer), longest)
+    return longest
 
 
 # Text longer than this many times the characters its tokens could hold is refused before it is tokenized: a

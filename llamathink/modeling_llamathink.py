@@ -31,6 +31,7 @@ import copy
 import functools
 import inspect
 import math
+import operator
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -1399,8 +1400,8 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
     # step's attention kernels were 0.55 ms (10%) faster at 128 on an H200 (BENCHMARKS.md section 1, session 35);
     # 64 was slower again (more, smaller chunks). Windows of 128 or less run whole, as before.
     local_chunk: int = 128
-    # Whether whole rows may take FlexAttention where `uses_flex_window` allows it; False (on an instance) keeps the
-    # SDPA paths in every mode, for comparing the two paths' training (`bench_quality.py`'s `csa_flex=0`) and for
+    # Whether whole rows may take FlexAttention where `uses_flex_window` allows it; False (on an instance) keeps this
+    # layer's SDPA paths in every mode, for comparing the two paths' training (`bench_quality.py`'s `csa_flex=0`) and for
     # tests that need every mode to run the same kernels. Either way the attention is the same function.
     flex_window: bool = True
 
@@ -1641,7 +1642,8 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
             local = self._local_attention(q, k, v, None, None, ctx.segments.ids)
             comp = self._compressed_attention_packed(q, k_raw, v, ctx)
             return self._combine(local, comp, hidden_states, gate)
-        if ctx.csa_block_masks is not None:  # whole rows, compiled with CUDA graphs (`LlamaThinkModel.forward`)
+        # whole rows, compiled with CUDA graphs (`LlamaThinkModel.forward`), unless this layer's path is turned off
+        if ctx.csa_block_masks is not None and self.flex_window:
             local, comp = self._attend_flex(q, k, k_raw, v, ctx)
             return self._combine(local, comp, hidden_states, gate)
         state = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
@@ -2669,7 +2671,9 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         whole_rows = segments is None and cache is None and valid is None
         graphs = self.compiled_layers and self.compiled_layers_cuda_graphs and self.compiled_layers_inductor
         if graphs and whole_rows and not eager and not torch.compiler.is_compiling():  # (no layer scan when decoding)
-            csa = next((layer.mixer for layer in self.layers if hasattr(layer.mixer, "uses_flex_window")), None)
+            csa = next(
+                (m for m in (layer.mixer for layer in self.layers) if getattr(m, "flex_window", False)), None
+            )  # (the first CSA layer that may take the path: the masks are the same for every CSA layer)
             if csa is not None and csa.uses_flex_window(device):
                 csa_masks = csa_block_masks(T, csa.window, csa.stride, device)
         cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
@@ -2785,7 +2789,11 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         generation_config, model_kwargs = super()._prepare_generation_config(*args, **kwargs)
         for name in ("num_beams", "num_return_sequences"):
             value = getattr(generation_config, name, None)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            try:
+                count = None if isinstance(value, bool) else operator.index(value)  # ints, NumPy's included
+            except TypeError:
+                count = None
+            if value is not None and (count is None or count < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         return generation_config, model_kwargs
 
@@ -3001,18 +3009,17 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         stays in the path and the loss equals the eval-mode one. By default the logits come back with the loss, as
         from transformers' own models: trainers such as TRL's `SFTTrainer` read them (entropy, token accuracy).
 
-        `shift_labels` (a keyword, transformers' name; with `labels`, as its models take it) [B, T] are targets
-        already shifted, position t predicting shift_labels[t]: what context parallelism and padding-free collators
-        pass, where a row's last position has a target beyond it. The loss then uses them in place of the shifted
-        `labels`. Raises ValueError for labels or shift_labels that are not integer token ids (-100 ignored) of the
+        `shift_labels` (a keyword, transformers' name) [B, T] are targets already shifted, position t predicting
+        shift_labels[t]: what context parallelism and padding-free collators pass, where a row's last position has a
+        target beyond it. With `labels` the loss uses them in place of the shifted `labels`; without, no loss is
+        computed and they go unused, as in transformers' models. Raises ValueError for labels or shift_labels that are not integer token ids (-100 ignored) of the
         vocabulary, or not [B, T]."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        # without labels no loss is computed, and shift_labels go unused, as in transformers' models (its Trainer
+        # drops labels for a custom loss or label smoothing after context parallelism has added shift_labels)
         shift_labels = kwargs.pop("shift_labels", None)
-        if shift_labels is not None and labels is None:
-            raise ValueError(
-                "shift_labels needs labels: the loss is computed when labels are given (as in transformers' models), "
-                "and shift_labels then replaces their shifted copy"
-            )
+        if labels is None:
+            shift_labels = None
         cache = cache if cache is not None else past_key_values
         if cache is not None:
             _check_cache(cache, self.config)

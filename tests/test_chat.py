@@ -277,12 +277,33 @@ def test_an_assistant_message_of_weight_0_is_context_not_trained(any_tok):
     assert len(runs) == 1 and any_tok.decode(example.input_ids[runs[0][0] : runs[0][1]]) == "Green." + any_tok.eos_token
     stats = Counter()
     assert build_example(any_tok, [conv[0], conv[1]], 100_000, stats) is None and stats["no_assistant"] == 1
-    for weight in (0.5, 2, True, "0", None):
+    for weight in (0.5, 2, True, "0"):
         with pytest.raises(ValueError, match="message 1: weight must be 0 .* or 1"):
             normalize_messages([conv[0], {**conv[1], "weight": weight}])
     with pytest.raises(ValueError, match="message 0: weight applies to assistant messages only"):
         normalize_messages([{**conv[0], "weight": 0}, conv[1]])
     assert normalize_messages(conv)[3] == {"role": "assistant", "content": "Green."}  # weight 1: the default
+    # null is no weight: datasets' struct columns (parquet, the Hub, save_to_disk) give every message every key
+    # that some message has, so a refused null refused every row of such data
+    plain = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert normalize_messages([{**m, "weight": None} for m in plain]) == plain
+
+
+def test_rows_with_weights_on_some_messages_load_from_a_datasets_table(tmp_path):
+    import datasets
+
+    rows = [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]},
+        {"messages": [{"role": "user", "content": "r"}, {"role": "assistant", "content": "b"}]},
+    ]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "chats.parquet"))
+    stats = Counter()
+    convs = load_conversations(str(tmp_path / "chats.parquet"), stats=stats)
+    assert stats["invalid"] == 0, stats
+    assert convs == [
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}],
+        [{"role": "user", "content": "r"}, {"role": "assistant", "content": "b"}],
+    ]
 
 
 def test_build_examples_on_the_sample_set(tok, sample):

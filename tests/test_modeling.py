@@ -660,6 +660,26 @@ def test_csa_flex_attention_matches_the_sdpa_paths(T, monkeypatch):
     assert torch.equal(create_mask(blocks.mask_mod, 1, 1, T, nb, "cpu")[0, 0], 4 * (j[:, :nb] + 1) <= t)
 
 
+def test_csa_flex_window_turns_the_path_off_layer_by_layer(monkeypatch):
+    """`flex_window = False` on a CSA layer keeps that layer on its SDPA paths while the others take FlexAttention
+    (the first CSA layer's flag decided for every layer); with every layer off no mask is built. The logits stay the
+    SDPA model's."""
+    model, built = _flex_csa_model(monkeypatch)
+    ids = torch.randint(3, 90, (2, 21), generator=torch.Generator().manual_seed(1))
+    reference = copy.deepcopy(model)
+    reference.model.compiled_layers = False
+    want = reference.train()(ids, use_cache=False).logits
+    first, second = model.model.layers[0].mixer, model.model.layers[2].mixer
+    for off, taken in (([first], 1), ([second], 1), ([first, second], 0)):
+        first.flex_window = second.flex_window = True
+        for mixer in off:
+            mixer.flex_window = False
+        built.clear()
+        got = model.train()(ids, use_cache=False).logits
+        assert built == ([(21, 16, 4)] if taken else []) + [("attend", 21, 6)] * taken, (off, built)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_csa_flex_attention_only_for_compiled_layers_on_whole_rows(monkeypatch):
     """The FlexAttention masks are built (and CSA takes its FlexAttention path) only for a forward of layers compiled
     by inductor with CUDA graphs on whole rows: not with a cache, padding or packed documents, nor where the layers
@@ -1616,6 +1636,8 @@ def test_generate_with_chunked_prefill_equals_generate():
             for bad in (0, -2, 2.5, True):
                 with pytest.raises(ValueError, match=f"{name} must be a positive integer, got {bad!r}"):
                     model.generate(ids, **{**kwargs, "num_beams": 4, name: bad})
+        out = model.generate(ids, **{**kwargs, "num_beams": np.int64(2), "num_return_sequences": np.int64(2)})
+        assert out.sequences.shape[0] == 2 * ids.shape[0]  # NumPy integers are integers
 
 
 def test_generate_from_inputs_embeds_counts_their_positions_against_the_limit(short_model):
@@ -1890,7 +1912,9 @@ def test_shift_labels_are_the_targets_of_every_loss_path(num_items):
     them, the last position's target from beyond the row) replace the shifted labels in the full-logits loss, the
     fused chunked loss and the loss through the head module, as in transformers' `ForCausalLMLoss` (they were
     dropped without a word, the loss taken from `labels`). Shift labels equal to the shifted labels give the same
-    loss as labels alone; shift labels without labels, or of another shape, are refused."""
+    loss as labels alone; without labels no loss is computed (transformers' Trainer drops labels for a custom loss
+    after context parallelism added shift_labels); shift labels of another shape or outside the vocabulary are
+    refused."""
     ids, labels = _loss_batch(seed=8)
     shift = torch.randint(0, 96, ids.shape, generator=torch.Generator().manual_seed(9))
     shift[0, :4] = -100
@@ -1920,8 +1944,9 @@ def test_shift_labels_are_the_targets_of_every_loss_path(num_items):
             rtol=1e-12,
             atol=1e-12,
         )
-    with pytest.raises(ValueError, match="shift_labels needs labels"):
-        model(ids, shift_labels=shift)
+    out = model(ids, shift_labels=shift)  # no labels: no loss, shift_labels unused (as transformers' models)
+    assert out.loss is None
+    torch.testing.assert_close(out.logits, logits, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"shift_labels has shape \(3, 18\), expected"):
         model(ids, labels=labels, shift_labels=shift[:, 1:])
     with pytest.raises(ValueError, match="shift_labels contains 96: neither -100"):

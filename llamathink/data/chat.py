@@ -193,13 +193,12 @@ def _iter_rows(source: str, split: str, config_name: str | None) -> Iterable[dic
         ):
             raise ValueError(f"{source}: no such file (a local path; a Hub dataset id has no file extension)")
         try:
-            ds = datasets.load_dataset(source, config_name, split=split)
+            ds = datasets.load_dataset(str(path) if path.is_dir() else source, config_name, split=split)
         except Exception as err:  # noqa: BLE001  (a parse error, no such split, an unreachable Hub: name the source)
-            cause = (
-                err.__cause__ if isinstance(err, datasets.exceptions.DatasetGenerationError) and err.__cause__ else err
-            )
+            unreadable = isinstance(err, datasets.exceptions.DatasetGenerationError)  # (a file's records failed)
+            cause = err.__cause__ if unreadable and err.__cause__ else err
             where = "data folder" if path.is_dir() else "Hub dataset (offline, misspelt or private?)"
-            problem = _folder_problem(path) if path.is_dir() else None
+            problem = _folder_problem(path) if path.is_dir() and unreadable else None
             raise ValueError(
                 f"{source}: cannot be read as a {where}: {problem or f'{type(cause).__name__}: {cause}'}"
             ) from None
