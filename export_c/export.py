@@ -207,6 +207,11 @@ def load_config(d: str) -> dict:
         raise ExportError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ExportError(f"{path} holds a JSON {type(raw).__name__}, not a config object")
+    if raw.get("model_type", "llamathink") != "llamathink":  # (another architecture's fields would be misread)
+        raise ExportError(
+            f"{path} is a {raw['model_type']!r} model's config, not a LlamaThink one (model_type 'llamathink'): run.c "
+            "runs LlamaThink models only"
+        )
     cfg = dict(DEFAULTS)
     cfg.update({k: v for k, v in raw.items() if k in DEFAULTS and v is not None})
     _rope_from_dicts(raw, cfg, path)

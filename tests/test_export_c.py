@@ -2378,7 +2378,11 @@ def test_the_exporter_never_overwrites_what_it_did_not_write(chat_model, tmp_pat
         tkx.export_tokenizer(str(d), str(d / "config.json"))
     broken = tmp_path / "broken"
     broken.mkdir()
-    for text, message in (("{oops", "is not valid JSON"), ("[1]", "holds a JSON list, not a config object")):
+    for text, message in (
+        ("{oops", "is not valid JSON"),
+        ("[1]", "holds a JSON list, not a config object"),
+        ('{"model_type": "llama", "hidden_size": 64}', "is a 'llama' model's config, not a LlamaThink one"),
+    ):
         (broken / "config.json").write_text(text)
         with pytest.raises(ex.ExportError, match=f"config.json {message}"):
             ex.export(str(broken), str(tmp_path / "b.bin"), verbose=False)
