@@ -1401,8 +1401,8 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
     # 64 was slower again (more, smaller chunks). Windows of 128 or less run whole, as before.
     local_chunk: int = 128
     # Whether whole rows may take FlexAttention where `uses_flex_window` allows it; False (on an instance) keeps this
-    # layer's SDPA paths in every mode, for comparing the two paths' training (`bench_quality.py`'s `csa_flex=0`) and for
-    # tests that need every mode to run the same kernels. Either way the attention is the same function.
+    # layer's SDPA paths in every mode, for comparing the two paths' training (`bench_quality.py`'s `csa_flex=0`)
+    # and for tests that need every mode to run the same kernels. Either way the attention is the same function.
     flex_window: bool = True
 
     def __init__(self, config: LlamaThinkConfig, layer_idx: int):
@@ -3012,8 +3012,8 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         `shift_labels` (a keyword, transformers' name) [B, T] are targets already shifted, position t predicting
         shift_labels[t]: what context parallelism and padding-free collators pass, where a row's last position has a
         target beyond it. With `labels` the loss uses them in place of the shifted `labels`; without, no loss is
-        computed and they go unused, as in transformers' models. Raises ValueError for labels or shift_labels that are not integer token ids (-100 ignored) of the
-        vocabulary, or not [B, T]."""
+        computed and they go unused, as in transformers' models. Raises ValueError for labels or shift_labels that
+        are not integer token ids (-100 ignored) of the vocabulary, or not [B, T]."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         # without labels no loss is computed, and shift_labels go unused, as in transformers' models (its Trainer
         # drops labels for a custom loss or label smoothing after context parallelism has added shift_labels)
