@@ -1227,6 +1227,20 @@ def test_invalid_text_and_bad_cli_numbers_are_refused(tok, tmp_path, capsys):
     assert b"error: your message is not valid text: lone surrogate U+DCFF at character 1" in r.stderr, r.stderr[-2000:]
 
 
+def test_chat_names_a_config_without_model_type(finetuned, tmp_path, capsys):
+    """A model folder whose config.json lost its model_type: named as such (transformers' own message asked for
+    trust_remote_code, which would not help)."""
+    final = tmp_path / "final"
+    shutil.copytree(finetuned[1] / "final", final)
+    config = json.loads((final / "config.json").read_text())
+    config.pop("model_type")
+    config.pop("auto_map", None)
+    (final / "config.json").write_text(json.dumps(config))
+    assert chat_main([str(final), "-p", "Hi!", "--max-new-tokens", "2", "--greedy"]) == 2
+    err = capsys.readouterr().err
+    assert "its config.json gives no model_type" in err and "Traceback" not in err, err
+
+
 def test_chat_refuses_weights_with_nan_by_name(finetuned, tmp_path, capsys):
     """A saved model whose weights hold NaN (a run that diverged, then saved): refused at load naming the tensor
     (sampling failed deep in torch.multinomial, greedy decoding printed an empty reply)."""

@@ -111,6 +111,17 @@ def load_saved_model(path: str, setting: str, dtype: torch.dtype = torch.float32
     check_saved_model_path(path, setting)
     if auto:
         from transformers import AutoModelForCausalLM as loader
+
+        config_file = Path(path).expanduser() / "config.json"
+        try:  # (transformers' message for it asks for trust_remote_code, which would not help)
+            raw = json.loads(config_file.read_text()) if config_file.is_file() else None
+        except (OSError, ValueError):  # unreadable, not JSON: transformers names it
+            raw = None
+        if isinstance(raw, dict) and "model_type" not in raw and "auto_map" not in raw:
+            raise ValueError(
+                f"{setting}={path}: its config.json gives no model_type, so no model class can be chosen for it "
+                "(a LlamaThink model's is 'llamathink': add it)"
+            )
     else:
         from ..modeling_llamathink import LlamaThinkForCausalLM as loader
 
