@@ -633,9 +633,11 @@ def export(
     tmp = out_path + ".tmp"
     try:
         size = _write_model(tmp, cfg, tensors, dtype, group, entries)
-    except BaseException:  # no half-written .tmp left behind
+    except BaseException as e:  # no half-written .tmp left behind
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a write's error (a full disk) names no file: name it
+            raise ExportError(f"cannot write {out_path}: {e.strerror or e}") from e
         raise
     os.replace(tmp, out_path)
     if verbose:
