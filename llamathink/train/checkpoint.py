@@ -109,15 +109,17 @@ def load_saved_model(path: str, setting: str, dtype: torch.dtype = torch.float32
     from safetensors import SafetensorError
 
     check_saved_model_path(path, setting)
+    config_file = Path(path).expanduser() / "config.json"
+    try:  # a local folder's config (None: a Hub id, or unreadable, not JSON, not an object: transformers names it)
+        raw = json.loads(config_file.read_text()) if config_file.is_file() else None
+    except (OSError, ValueError):
+        raw = None
+    raw = raw if isinstance(raw, dict) else None
     if auto:
         from transformers import AutoModelForCausalLM as loader
 
-        config_file = Path(path).expanduser() / "config.json"
-        try:  # (transformers' message for it asks for trust_remote_code, which would not help)
-            raw = json.loads(config_file.read_text()) if config_file.is_file() else None
-        except (OSError, ValueError):  # unreadable, not JSON: transformers names it
-            raw = None
-        if isinstance(raw, dict) and "model_type" not in raw and "auto_map" not in raw:
+        # (transformers' message for it asks for trust_remote_code, which would not help)
+        if raw is not None and "model_type" not in raw and "auto_map" not in raw:
             raise ValueError(
                 f"{setting}={path}: its config.json gives no model_type, so no model class can be chosen for it "
                 "(a LlamaThink model's is 'llamathink': add it)"
@@ -125,13 +127,8 @@ def load_saved_model(path: str, setting: str, dtype: torch.dtype = torch.float32
     else:
         from ..modeling_llamathink import LlamaThinkForCausalLM as loader
 
-        config_file = Path(path).expanduser() / "config.json"
-        try:  # another architecture would otherwise be named by its every tensor, as "missing"
-            model_type = (
-                json.loads(config_file.read_text()).get("model_type", "none given") if config_file.is_file() else None
-            )
-        except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object: transformers names it
-            model_type = None
+        # another architecture would otherwise be named by its every tensor, as "missing"
+        model_type = raw.get("model_type", "none given") if raw is not None else None
         if model_type is not None and model_type != "llamathink":
             raise ValueError(
                 f"{setting}={path} is not a LlamaThink model: its config.json gives model_type {model_type!r} "
@@ -1390,27 +1387,27 @@ def _check_run_records(path: Path, state: dict, log=print) -> None:
     them), the counts of tokens and overflow steps, the W&B run id. Parameters without optimizer moments after the
     first step (Muon's momentum and AdamW's averages then restart from zero) get a note through `log`: a
     parameter that never had a gradient has none, and neither do all of them in a damaged file."""
-    what = None
-    history = state.get("history")
-    if history is None:
-        what = "history (the run's losses so far) is missing"
-    elif not isinstance(history, dict):
-        what = f"history is a {type(history).__name__}, not a mapping"
-    else:
-        bad = [k for k in ("losses", "eval") if k in history and not isinstance(history[k], dict)]
-        if bad:
-            what = f"history's {', '.join(bad)} {'is not a mapping' if len(bad) == 1 else 'are not mappings'}"
-    for key in ("tokens_seen", "trained_tokens", "overflow_steps"):
-        value = state.get(key, 0)
-        if what is None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            what = f"{key} is {value!r}, not a count"
-    if what is None and not isinstance(state.get("wandb_run_id"), (str, type(None))):
-        what = f"wandb_run_id is {state['wandb_run_id']!r}, not a run id"
-    if what is not None:
+
+    def damaged(what: str):
         raise CheckpointError(
             f"cannot resume from {path}: its {what}; the checkpoint is damaged. Resume an earlier checkpoint "
             "(resume: <its folder>) or delete this one"
         )
+
+    history = state.get("history")
+    if history is None:
+        damaged("history (the run's losses so far) is missing")
+    if not isinstance(history, dict):
+        damaged(f"history is a {type(history).__name__}, not a mapping")
+    bad = [k for k in ("losses", "eval") if k in history and not isinstance(history[k], dict)]
+    if bad:
+        damaged(f"history's {', '.join(bad)} {'is not a mapping' if len(bad) == 1 else 'are not mappings'}")
+    for key in ("tokens_seen", "trained_tokens", "overflow_steps"):
+        value = state.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            damaged(f"{key} is {value!r}, not a count")
+    if not isinstance(state.get("wandb_run_id"), (str, type(None))):
+        damaged(f"wandb_run_id is {state['wandb_run_id']!r}, not a run id")
     moments = state["optimizer"].get("state")
     params = [i for group in state["optimizer"].get("param_groups", []) for i in group.get("params", [])]
     if state["step"] > 0 and isinstance(moments, dict) and params:
