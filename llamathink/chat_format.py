@@ -315,6 +315,12 @@ def _message_weight(i: int, role: str, message: dict) -> int:
     return int(weight)
 
 
+def is_trained(message: dict) -> bool:
+    """Whether finetuning trains on `message`: an assistant message, unless it has ``"weight": 0`` (kept as
+    context; `normalize_messages`)."""
+    return message.get("role") == "assistant" and message.get("weight", 1) != 0
+
+
 def normalize_messages(messages: Iterable[dict]) -> list[dict]:
     """Plain ``{"role", "content"}`` dicts: role aliases resolved (``human``/``gpt``/ShareGPT ``from``/``value``),
     content as text (text parts joined). An assistant message's ``"weight": 0`` (OpenAI's fine-tuning format: kept
@@ -377,7 +383,7 @@ def render_chat(
             block = USER_PREFIX + content + TURN_SUFFIX
         elif role == "assistant":
             block = ASSISTANT_PREFIX + content + eos_token
-            if message.get("weight", 1) != 0:  # "weight": 0: context, not trained (`normalize_messages`)
+            if is_trained(message):
                 label_spans.append((pos + len(ASSISTANT_PREFIX), pos + len(block)))
             special_spans.append((pos + len(block) - len(eos_token), pos + len(block), "eos"))
         else:

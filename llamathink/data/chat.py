@@ -51,6 +51,7 @@ from ..chat_format import (
     check_chat_tokenizer,
     check_content,
     encode_rendered,
+    is_trained,
     normalize_messages,
     render_chat,
 )
@@ -279,13 +280,13 @@ def _finish(
     ends = np.searchsorted(starts, np.asarray([e for _, e in rendered.message_spans], dtype=np.int64), side="left")
     keep = None
     for k in range(len(messages), 0, -1):  # the longest prefix of whole messages ending with a trained assistant turn
-        if messages[k - 1]["role"] == "assistant" and messages[k - 1].get("weight", 1) and ends[k - 1] <= max_len:
+        if is_trained(messages[k - 1]) and ends[k - 1] <= max_len:
             keep = k
             break
     if keep is None:
         stats["too_long"] += 1
         return None
-    if any(m["role"] == "assistant" and m.get("weight", 1) for m in messages[keep:]):
+    if any(is_trained(m) for m in messages[keep:]):
         stats["truncated"] += 1
     cut = int(ends[keep - 1])
     trained = np.zeros(len(starts), dtype=bool)
@@ -374,7 +375,7 @@ def build_examples(
         messages = normalize_messages(messages)
         if system_prompt and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": system_prompt}] + messages
-        if not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):  # (weight 0: not trained)
+        if not any(is_trained(m) for m in messages):
             stats["no_assistant"] += 1
             continue
         chunk.append((messages, render_chat(messages, bos_token=bos, eos_token=eos)))
