@@ -2052,6 +2052,21 @@ def test_hostile_command_lines_get_clear_errors(asan_bin, mini_files, tmp_path):
     assert r.returncode == 1 and f"error: {tmp_path} is not a regular file" in err, err
 
 
+def _assert_generation_stops(run_bin, model_bin, message: str):
+    """Greedy and sampled generation from `model_bin` both end with status 1 and `message`, printing no id."""
+    for t in ("0", "0.8"):
+        r = subprocess.run(
+            [str(run_bin), str(model_bin), "--ids", "1 5", "-n", "3", "-t", t, "--print-ids"],
+            capture_output=True,
+            text=True,
+            env=SAN_ENV,
+            timeout=60,
+        )
+        err = _clean_exit(r)
+        assert r.returncode == 1 and message in err, (t, err)
+        assert r.stdout.strip() == "", r.stdout
+
+
 def test_nan_weights_are_an_error_not_an_answer(asan_bin, mini_files, tmp_path):
     """A model.bin whose weights hold NaN gives NaN logits: run.c stops with a message (it used to print id 0
     as if chosen); the exporter refuses a checkpoint with NaN / inf weights, naming the tensor."""
@@ -2060,17 +2075,7 @@ def test_nan_weights_are_an_error_not_an_answer(asan_bin, mini_files, tmp_path):
         struct.pack_into("<f", data, off, float("nan"))
     p = tmp_path / "nan.bin"
     p.write_bytes(bytes(data))
-    for t in ("0", "0.8"):
-        r = subprocess.run(
-            [str(asan_bin), str(p), "--ids", "1 5", "-n", "3", "-t", t, "--print-ids"],
-            capture_output=True,
-            text=True,
-            env=SAN_ENV,
-            timeout=60,
-        )
-        err = _clean_exit(r)
-        assert r.returncode == 1 and "error: the model produced a NaN or infinite logit" in err, err
-        assert r.stdout.strip() == "", r.stdout
+    _assert_generation_stops(asan_bin, p, "error: the model produced a NaN or infinite logit")
     from safetensors.numpy import load_file, save_file
 
     ck = tmp_path / "ck"
@@ -2097,17 +2102,7 @@ def test_a_hidden_state_that_overflows_float32_is_an_error_not_an_answer(asan_bi
     w["model.layers.1.mlp.up_proj.weight"] *= np.float32(1e30)
     save_file(w, str(ck / "model.safetensors"))
     ex.export(str(ck), str(tmp_path / "big.bin"), "fp32", verbose=False)
-    for t in ("0", "0.8"):
-        r = subprocess.run(
-            [str(asan_bin), str(tmp_path / "big.bin"), "--ids", "1 5", "-n", "3", "-t", t, "--print-ids"],
-            capture_output=True,
-            text=True,
-            env=SAN_ENV,
-            timeout=60,
-        )
-        err = _clean_exit(r)
-        assert r.returncode == 1 and "a hidden state overflows float32" in err, err
-        assert r.stdout.strip() == "", r.stdout
+    _assert_generation_stops(asan_bin, tmp_path / "big.bin", "a hidden state overflows float32")
 
 
 def test_chat_refuses_invalid_utf8_and_nul_bytes(asan_bin, chat_ctx96, chat_tok):
