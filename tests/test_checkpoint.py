@@ -1430,6 +1430,14 @@ def test_a_failed_final_save_leaves_the_earlier_final_folder_whole(sample_data, 
     with pytest.raises(loop.OutputWriteError, match=message):
         loop.save_final(model, None, final, cfg)
     assert {p.name: p.read_bytes() for p in final.iterdir()} == before
+    # a link that loops at the final folder's name (a RuntimeError from Path.resolve after the whole run): replaced
+    looped = tmp_path / "looped" / "final"
+    looped.parent.mkdir()
+    looped.symlink_to(looped)
+    monkeypatch.undo()
+    loop.save_final(model, None, looped, cfg)
+    assert not looped.is_symlink() and (looped / "config.json").is_file()
+    monkeypatch.setattr("llamathink.model_card.write_model_card", disk_full)
     # history.json the same way: the earlier one whole, no temporary file left
     loop.write_history(tmp_path, {"losses": {1: 2.0}})
     monkeypatch.setattr(Path, "write_text", disk_full)

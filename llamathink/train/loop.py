@@ -226,7 +226,13 @@ def save_final(
     from ..model_card import write_model_card
     from ..tokenizer_utils import save_tokenizer_for_model
 
-    final_dir = Path(final_dir).resolve()
+    final_dir = Path(final_dir)
+    try:  # (a link to a folder still to be made is written through: there)
+        final_dir = final_dir.resolve()
+    except RuntimeError:  # a link that loops holds nothing: it goes, as `save_checkpoint` replaces one
+        print(f"note: replacing {final_dir}, a symbolic link that leads nowhere (a loop)")
+        final_dir.unlink()
+        final_dir = final_dir.resolve()
     # written next to its place and renamed: a failure (full disk, Ctrl-C) leaves the earlier folder, if any, whole
     tmp, old = final_dir.with_name(f".{final_dir.name}.tmp"), final_dir.with_name(f".{final_dir.name}.old")
     if old.exists() and not final_dir.exists():  # killed between the two renames below: the earlier folder back
