@@ -171,7 +171,10 @@ class LlamaThinkConfig(PretrainedConfig):
             them with another length is warned). The chunked form is exact, so the length changes speed and
             rounding, not the function.
         gdn_backend (`str`, defaults to `"auto"`): Gated DeltaNet kernels: `"auto"` (fla's Triton kernels on CUDA
-            where installed and trustworthy, else PyTorch), `"fla"` (the same, warning when it must fall back),
+            where installed and trustworthy, else PyTorch; a compiled pretraining run of fixed-shape batches takes
+            FlashQLA's where flash-qla is installed and an earlier run on the machine has built its kernels for
+            the same shapes, and otherwise builds them in the background after its first step for the runs after
+            it: `LlamaThinkPreTrainedModel.choose_training_kernels`), `"fla"` (fla's, warning when it must fall back),
             `"flash_qla"` (FlashQLA's fused delta-rule kernels with fla's conv: at the 95M shape on an H200 the
             compiled training step's kernels take 7.7% less time than with fla's, but its kernels' first build
             is slower; used where flash-qla is installed and the GPU (sm90, sm100), 16-bit dtype and heads of at

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import json
 import operator
@@ -113,8 +114,10 @@ def select_gdn_backend(
     inputs are 16-bit; otherwise "torch" (the PyTorch reference), with one warning saying why. Where fla runs,
     "flash_qla" gives "flash_qla" (FlashQLA's delta-rule kernels, fla's conv and decode step) where
     `flash_qla_problem` finds none for `head_dims` (Dk, Dv) and `dtype`, and warns once where it cannot. "auto"
-    stays on fla: FlashQLA's first kernel builds made a cold first compiled step 101 s on an H200, against fla's
-    42-44 s (BENCHMARKS.md section 1, session 28).
+    resolves to fla here: FlashQLA's first kernel builds made a cold first compiled step 87-101 s on an H200, against
+    fla's 42-44 s (BENCHMARKS.md section 1, sessions 28 and 40), so a compiled training run switches its "auto"
+    layers to FlashQLA only where its kernels are built already
+    (`LlamaThinkPreTrainedModel.choose_training_kernels`).
     `dtype`: the dtype of the values (v)."""
     if requested == "torch" or device.type != "cuda":
         if requested in ("fla", "flash_qla") and device.type != "cuda":
@@ -467,11 +470,16 @@ def _flash_qla_kernels():
     return _fla_state["flash_qla"]
 
 
-def flash_qla_problem(device: torch.device, head_dims: tuple[int, int] | None, dtype: torch.dtype | None) -> str | None:
+def flash_qla_problem(
+    device: torch.device,
+    head_dims: tuple[int, int] | None,
+    dtype: torch.dtype | None,
+    import_it: bool = True,
+) -> str | None:
     """Why FlashQLA's kernels cannot run a Gated DeltaNet layer with key and value heads of `head_dims` (Dk, Dv)
     on values of `dtype` on `device`, or None where they can: a CUDA GPU of an architecture FlashQLA trains on
     with chunks of 64 (sm90, sm100/103), 16-bit values, heads at most 128 wide, and flash-qla (and fla)
-    importable."""
+    importable. `import_it` False: flash-qla installed is enough (its import takes seconds)."""
     if device.type != "cuda":
         return "FlashQLA needs a CUDA GPU"
     if dtype not in (torch.float16, torch.bfloat16):
@@ -481,6 +489,10 @@ def flash_qla_problem(device: torch.device, head_dims: tuple[int, int] | None, d
     arch_problem = _flash_qla_arch_problem(device.index if device.index is not None else torch.cuda.current_device())
     if arch_problem is not None:
         return arch_problem
+    if not import_it:
+        import importlib.util
+
+        return None if importlib.util.find_spec("flash_qla") is not None else "flash-qla is not installed"
     if _flash_qla_kernels() is None:
         return f"flash-qla is not available ({_fla_state.get('flash_qla_error')})"
     return None
@@ -974,7 +986,8 @@ def prebuild_fla_kernels(
     """Run fla's causal conv and the chunked Gated DeltaNet forward and backward once on random inputs of one
     training step's shapes, through the same custom ops a compiled step calls
     (`llamathink::fla_causal_conv1d_silu_split`, and `llamathink::fla_chunk_gdn` with the package's recorded
-    autotune choices or, with `delta_rule` "flash_qla", `llamathink::flash_qla_chunk_gdn`), so that Triton and
+    autotune choices or, with `delta_rule` "flash_qla", `llamathink::flash_qla_chunk_gdn`; with "none" the conv
+    alone, for a step whose delta-rule kernels are built already), so that Triton and
     tilelang build and cache (TRITON_CACHE_DIR, TILELANG_CACHE_DIR) the kernels that step launches. The body of `start_fla_prebuild`'s child
     process; also callable directly. `part`: "all", or for FlashQLA one of its four TileLang kernels, which
     processes build side by side, each on random inputs: "solve" (`kkt_solve`, the WY matrices; with fla's conv
@@ -995,9 +1008,10 @@ def prebuild_fla_kernels(
     index (default the current one). Raises RuntimeError where fla is not available, ValueError for `conv_parts`
     that do not sum to conv_dim."""
     conv_parts = _conv_parts(conv_parts, conv_dim)
-    if part not in {"fla": ("all",), "flash_qla": FLASH_QLA_PARTS}.get(delta_rule, ()):
+    if part not in {"fla": ("all",), "flash_qla": FLASH_QLA_PARTS, "none": ("all",)}.get(delta_rule, ()):
         raise ValueError(
-            f"delta_rule={delta_rule!r}, part={part!r}: expected fla (all) or flash_qla ({', '.join(FLASH_QLA_PARTS)})"
+            f"delta_rule={delta_rule!r}, part={part!r}: expected fla (all), flash_qla ({', '.join(FLASH_QLA_PARTS)})"
+            " or none (all)"
         )
     if device is not None:  # before fla's import, which may open a CUDA context on the current device
         torch.cuda.set_device(device)
@@ -1031,6 +1045,10 @@ def prebuild_fla_kernels(
 
     if part == "all":
         conv()  # its tensors freed before the delta rule's: the child's peak memory is the larger of the two
+        if delta_rule == "none":  # the delta rule's kernels are in the disk cache already (`flash_qla_built`)
+            torch.cuda.synchronize(dev)
+            built()
+            return
     H, scale = num_heads, head_k_dim**-0.5
     if delta_rule == "flash_qla":  # the padded heads the op takes (`flash_qla_chunk_gated_delta_rule`)
         head_k_dim = head_v_dim = FLASH_QLA_HEAD_DIM
@@ -1095,6 +1113,7 @@ def start_fla_prebuild(
     log_path: str | Path | None = None,
     delta_rule: str = "fla",
     conv_parts: tuple[int, ...] | list[int] | None = None,
+    wait: bool = True,
 ):
     """Start `prebuild_fla_kernels` in a child Python process and return it (a `subprocess.Popen`), or None where
     there is nothing to build: fla or CUDA missing, a dtype fla does not train in, or `LLAMATHINK_FLA_PREBUILD=0` (or
@@ -1110,7 +1129,9 @@ def start_fla_prebuild(
     so here this process's FlashQLA calls do (`wait_for_prebuild`): the forward for the `solve` and `forward`
     parts, the backward for `states` and `backward`, each until its part's process has told that its kernels are
     built or that it failed (a file in a folder of its own), at most `PREBUILD_WAIT_LIMIT_S` a call; then the
-    kernels load from TileLang's disk cache rather than being built a second time beside the prebuild's.
+    kernels load from TileLang's disk cache rather than being built a second time beside the prebuild's. With
+    `wait` False nothing here waits: a build for later runs (`start_flash_qla_build`). A FlashQLA prebuild whose
+    four parts all end well records that its kernels are built (`flash_qla_built`).
 
     One cache for both: where TRITON_CACHE_DIR is unset, inductor sets it in this process, at its first compiled
     kernel, to its own per-device folder (`torch._inductor.runtime.cache_dir_utils.triton_cache_dir`, under
@@ -1163,7 +1184,7 @@ def start_fla_prebuild(
         "conv_parts": list(conv_parts) if conv_parts is not None else None,
     }
     ready = None
-    if delta_rule == "flash_qla":  # where its parts' processes tell that they have ended (`wait_for_prebuild`)
+    if delta_rule == "flash_qla" and wait:  # where its parts' processes tell that they have ended (`wait_for_prebuild`)
         ready = Path(tempfile.mkdtemp(prefix="llamathink-prebuild-"))
         args["ready_dir"] = str(ready)
     ptxas = _ptxas_for_prebuild()  # (before the environment is read: it may set TRITON_PTXAS_PATH here)
@@ -1314,6 +1335,15 @@ def _prebuild_child_main(args_json: str, parent_pid: int):
         failed = {part: code for part, code in codes.items() if code != 0}
         if failed:
             raise RuntimeError(f"FlashQLA's prebuild processes ended with codes {failed}")
+        record_flash_qla_build(
+            args["batch_size"],
+            args["seq_len"],
+            args["num_heads"],
+            (args["head_k_dim"], args["head_v_dim"]),
+            args["dtype"],
+            args["packed"],
+            args["device"],
+        )
         return
     _prebuild_part(args, ready)
 
@@ -1390,6 +1420,128 @@ def _stop_prebuild_children():
             child.kill()
     for entry in _prebuild_waits:
         shutil.rmtree(entry.ready, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FlashQLA's kernels built once per machine
+# ----------------------------------------------------------------------------------------------------------------
+# FlashQLA trains the Gated DeltaNet layers faster than fla (BENCHMARKS.md section 1), but TileLang builds its
+# backward kernel in about 50 s, which a cold machine's first compiled step would wait for. TileLang keeps built
+# kernels in its disk cache, so the cost is once per machine and shape. A FlashQLA prebuild whose four parts all end
+# well leaves a record of what it built beside that cache; `gdn_backend` "auto" trains with FlashQLA where the record
+# says the step's kernels are there, and otherwise with fla's kernels while the loop builds FlashQLA's in the
+# background for the runs after it (`LlamaThinkPreTrainedModel.choose_training_kernels`).
+
+FLASH_QLA_BUILD_RECORD_FORMAT = 1
+
+
+def _tilelang_cache_dir() -> Path:
+    """TileLang's disk cache folder, as TileLang reads it (`tilelang/env.py`): TILELANG_CACHE_DIR, else
+    ~/.tilelang/cache. Read here rather than from tilelang, whose import takes seconds."""
+    return Path(os.environ.get("TILELANG_CACHE_DIR") or "~/.tilelang/cache").expanduser()
+
+
+def _gpu_identity(device: int) -> dict:
+    """What picks FlashQLA's kernels on CUDA device `device` besides the shapes: its name, architecture and SM count
+    (FlashQLA sizes its forward's variants by the SM count)."""
+    props = torch.cuda.get_device_properties(device)
+    return {"gpu": props.name, "capability": [props.major, props.minor], "sm_count": props.multi_processor_count}
+
+
+def _distribution_version(distribution: str) -> str | None:
+    """The installed version of `distribution` (a pip name), or None: read from its metadata, not imported."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _flash_qla_build_key(
+    batch_size: int,
+    seq_len: int,
+    num_heads: int,
+    head_dims: tuple[int, int],
+    dtype: str,
+    packed: bool,
+    device: int,
+) -> dict:
+    """Everything that decides which FlashQLA kernels a training step of these shapes launches on `device`: the
+    shapes as `prebuild_fla_kernels` takes them (`dtype` a torch dtype's name), the GPU, and the versions of the
+    packages and the CUDA toolkit that build them."""
+    version = _distribution_version
+    return {
+        "format": FLASH_QLA_BUILD_RECORD_FORMAT,
+        "batch_size": int(batch_size),
+        "seq_len": int(seq_len),
+        "num_heads": int(num_heads),
+        "head_dims": [int(d) for d in head_dims],
+        "dtype": str(dtype).removeprefix("torch."),
+        "packed": bool(packed),
+        **_gpu_identity(device),
+        "flash_qla": version("flash-qla"),
+        "tilelang": version("tilelang"),
+        "fla": version("fla-core"),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
+
+
+def _flash_qla_build_record(key: dict) -> Path:
+    """The record file of a FlashQLA build with key `key`, in a folder of ours inside TileLang's cache (a cleared
+    cache takes its records with it)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return _tilelang_cache_dir() / "llamathink" / f"flash-qla-{digest}.json"
+
+
+def record_flash_qla_build(
+    batch_size: int,
+    seq_len: int,
+    num_heads: int,
+    head_dims: tuple[int, int],
+    dtype: str | torch.dtype,
+    packed: bool,
+    device: int,
+) -> Path:
+    """Record that TileLang's disk cache now holds the FlashQLA kernels a training step of these shapes launches on
+    CUDA device `device` (arguments as `prebuild_fla_kernels`'s; `head_dims` the model's (Dk, Dv), before FlashQLA's
+    padding). Called by a FlashQLA prebuild once its four parts have all ended well. Written whole or not at all
+    (a temporary file renamed); returns the record's path. Raises OSError where the cache folder cannot be
+    written."""
+    key = _flash_qla_build_key(batch_size, seq_len, num_heads, head_dims, str(dtype), packed, device)
+    path = _flash_qla_build_record(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(key, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def flash_qla_built(
+    batch_size: int,
+    seq_len: int,
+    num_heads: int,
+    head_dims: tuple[int, int],
+    dtype: str | torch.dtype,
+    packed: bool,
+    device: int,
+) -> bool:
+    """Whether a finished FlashQLA prebuild has recorded (`record_flash_qla_build`) that TileLang's disk cache
+    holds the kernels a training step of these shapes launches on CUDA device `device`, built by the installed
+    flash-qla, tilelang and fla for this GPU kind. Reads one small file (no import of FlashQLA); an unreadable or
+    foreign record counts as none. A cache emptied by hand but for our folder would make the step build the kernels
+    itself: slower, never wrong."""
+    key = _flash_qla_build_key(batch_size, seq_len, num_heads, head_dims, str(dtype), packed, device)
+    if key["flash_qla"] is None or key["tilelang"] is None:
+        return False
+    try:
+        return json.loads(_flash_qla_build_record(key).read_text()) == key
+    except (OSError, ValueError):
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ from .kernels_llamathink import (
     FLA_GDN_KERNELS,
     FLASH_QLA_GDN_KERNELS,
     fla_causal_conv1d_silu_split,
+    flash_qla_built,
+    flash_qla_problem,
     probe_fla,
     probe_flash_qla,
     select_gdn_backend,
@@ -2273,29 +2275,131 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         `compile_layers`, before the first step, in each process that trains (the child builds for this model's
         device); the training loop does for fixed-shape pretraining batches. Raises OSError where the child cannot
         be started."""
-        mixers = [m for m in self.modules() if isinstance(m, LlamaThinkGatedDeltaNet)]
-        device = next(self.parameters()).device
-        if not mixers or device.type != "cuda":
+        mixers = self._gated_deltanets()
+        if not mixers or mixers[0].conv1d.weight.device.type != "cuda":
             return None
         mixer = mixers[0]
+        device = mixer.conv1d.weight.device
         backend = select_gdn_backend(mixer.backend, device, needs_grad=True, dtype=dtype, head_dims=mixer.head_dims)
         if backend == "torch":
             return None
+        if backend == "flash_qla" and flash_qla_built(
+            *self._flash_qla_build_shapes(batch_size, seq_len, dtype, packed)
+        ):
+            backend = "none"  # its kernels load from TileLang's disk cache: the conv's alone are left to build
         return start_fla_prebuild(
-            batch_size,
-            seq_len,
-            num_heads=mixer.num_v_heads,  # q and k heads reach fla repeated to the value heads
-            head_k_dim=mixer.head_k_dim,
-            head_v_dim=mixer.head_v_dim,
-            conv_dim=mixer.conv_dim,
-            conv_parts=mixer.conv_parts,
-            conv_kernel_size=mixer.conv_kernel_size,
-            dtype=dtype,
-            packed=packed,
-            device=device,
-            conv_weight_dtype=mixer.conv1d.weight.dtype,
+            **self._prebuild_shapes(batch_size, seq_len, dtype, packed), log_path=log_path, delta_rule=backend
+        )
+
+    def _gated_deltanets(self) -> list:
+        return [m for m in self.modules() if isinstance(m, LlamaThinkGatedDeltaNet)]
+
+    def _training_device(self) -> torch.device:
+        """Where the Gated DeltaNet layers' kernels run: the first one's conv weight's device."""
+        return self._gated_deltanets()[0].conv1d.weight.device
+
+    def _prebuild_shapes(self, batch_size: int, seq_len: int, dtype: torch.dtype, packed: bool) -> dict:
+        """`kernels_llamathink.start_fla_prebuild`'s shape arguments for this model's compiled training step."""
+        mixer = self._gated_deltanets()[0]
+        return {
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "num_heads": mixer.num_v_heads,  # q and k heads reach fla repeated to the value heads
+            "head_k_dim": mixer.head_k_dim,
+            "head_v_dim": mixer.head_v_dim,
+            "conv_dim": mixer.conv_dim,
+            "conv_parts": mixer.conv_parts,
+            "conv_kernel_size": mixer.conv_kernel_size,
+            "dtype": dtype,
+            "packed": packed,
+            "device": mixer.conv1d.weight.device,
+            "conv_weight_dtype": mixer.conv1d.weight.dtype,
+        }
+
+    def _flash_qla_build_shapes(self, batch_size: int, seq_len: int, dtype: torch.dtype, packed: bool) -> tuple:
+        """`flash_qla_built`'s arguments for this model's compiled training step (on its first Gated DeltaNet
+        layer's device)."""
+        mixer, device = self._gated_deltanets()[0], self._training_device()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return batch_size, seq_len, mixer.num_v_heads, mixer.head_dims, dtype, packed, index
+
+    def choose_training_kernels(
+        self,
+        batch_size: int,
+        seq_len: int,
+        packed: bool = False,
+        dtype: torch.dtype = torch.bfloat16,
+        kernels: str | None = None,
+    ) -> str | None:
+        """Decide, once at the start of a compiled training run of fixed-shape batches (`batch_size` x `seq_len`
+        tokens in autocast `dtype`, `packed`: document-masked rows), which Gated DeltaNet kernels its layers with
+        `gdn_backend` "auto" train with, and return what every Gated DeltaNet layer will run: "flash_qla", "fla" or
+        "torch" (None: the model has no such layer on CUDA).
+
+        "auto" takes FlashQLA's kernels where FlashQLA can run them (`flash_qla_problem`) and a finished prebuild
+        has recorded them built on this machine for these shapes (`flash_qla_built`; `start_flash_qla_build` makes
+        one): they then load from TileLang's disk cache, and the step runs about 10% faster than on fla's kernels
+        (BENCHMARKS.md section 1). Otherwise it stays on fla's kernels, whose first build takes seconds, not
+        TileLang's minute. `kernels` overrides the record: "flash_qla" or "fla", e.g. what a checkpoint says the
+        run trained with, so that a resumed run goes on with the same kernels (FlashQLA that cannot run here: fla,
+        with a warning). Sets the layers' `backend`; the config keeps "auto". Layers that name their backend keep
+        it. Raises ValueError for another `kernels`."""
+        if kernels not in (None, "flash_qla", "fla", "torch"):
+            raise ValueError(f"kernels={kernels!r}: expected 'flash_qla', 'fla', 'torch' or None")
+        mixers = self._gated_deltanets()
+        if not mixers or self._training_device().type != "cuda":
+            return None
+        device, head_dims = self._training_device(), mixers[0].head_dims
+        automatic = [m for m in mixers if m.backend == "auto"]
+        if automatic and select_gdn_backend("auto", device, True, dtype, head_dims) == "fla":
+            if kernels is None:
+                wanted = flash_qla_built(*self._flash_qla_build_shapes(batch_size, seq_len, dtype, packed))
+            else:
+                wanted = kernels == "flash_qla"
+            if wanted:
+                problem = flash_qla_problem(device, head_dims, dtype)
+                if problem is None:
+                    for mixer in automatic:
+                        mixer.backend = "flash_qla"
+                else:
+                    logger.warning(f"FlashQLA's kernels cannot run here ({problem}); training on fla's kernels")
+        chosen = {select_gdn_backend(m.backend, device, True, dtype, m.head_dims) for m in mixers}
+        return chosen.pop() if len(chosen) == 1 else "mixed"
+
+    def start_flash_qla_build(
+        self,
+        batch_size: int,
+        seq_len: int,
+        packed: bool = False,
+        dtype: torch.dtype = torch.bfloat16,
+        log_path: str | None = None,
+    ):
+        """Build FlashQLA's kernels for a compiled training step of `batch_size` x `seq_len` tokens in `dtype`
+        (`packed`: document-masked rows) into TileLang's disk cache, in the background, for the runs after this
+        one: `kernels_llamathink.start_fla_prebuild` with FlashQLA's four parts and nothing waiting for them; once
+        all four have ended well the child records the build (`record_flash_qla_build`), and later runs with
+        `gdn_backend` "auto" train with FlashQLA (`choose_training_kernels`). Returns the child (a
+        `subprocess.Popen`; about a minute on an H200, killed if this process ends first), or None where there is
+        nothing to build: no layer with `gdn_backend` "auto" training on fla here, FlashQLA not installed or
+        unable to run on this GPU, dtype or head size, the build recorded already, or `LLAMATHINK_FLA_PREBUILD=0`.
+        Its cost while it runs: four processes, each with a CUDA context and one step's delta-rule inputs on this
+        model's GPU, and a CPU core each. The training loop starts it after a run's first step. Raises OSError
+        where the child cannot be started."""
+        mixers = [m for m in self._gated_deltanets() if m.backend == "auto"]
+        if not mixers:
+            return None
+        device, head_dims = self._training_device(), mixers[0].head_dims
+        if device.type != "cuda" or select_gdn_backend("auto", device, True, dtype, head_dims) != "fla":
+            return None
+        if flash_qla_problem(device, head_dims, dtype, import_it=False) is not None:
+            return None
+        if flash_qla_built(*self._flash_qla_build_shapes(batch_size, seq_len, dtype, packed)):
+            return None
+        return start_fla_prebuild(
+            **self._prebuild_shapes(batch_size, seq_len, dtype, packed),
             log_path=log_path,
-            delta_rule=backend,
+            delta_rule="flash_qla",
+            wait=False,
         )
 
     @torch.no_grad()

@@ -2,6 +2,7 @@
 gradients, and cached decoding against the uncached forward on the GPU."""
 
 import contextlib
+import copy
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from conftest import (
 )
 
 from llamathink import kernels_llamathink as kernels
+from llamathink import modeling_llamathink as modeling
 from llamathink.kernels_llamathink import (
     _fla_ops,
     fla_backward_problem,
@@ -1150,6 +1152,50 @@ def test_flash_qla_prebuild_builds_every_kernel_the_compiled_step_launches(packe
     assert any(f.startswith("triton") for f in built), sorted(built)[:20]
     _prebuilt_step(model, packed)
     assert cached() == built, sorted(cached() - built)
+
+
+@needs_flash_qla
+def test_auto_layers_build_flash_qla_for_later_runs_then_train_with_its_cached_kernels(tmp_path, monkeypatch):
+    """`gdn_backend` "auto" on a machine without FlashQLA's kernels: the run trains on fla's
+    (`choose_training_kernels`) and builds FlashQLA's for later runs (`start_flash_qla_build`: four processes
+    that nothing waits for, ending well, the build recorded). A later run of the same shapes then trains with
+    FlashQLA: its delta rule runs through FlashQLA's kernels, loaded from TileLang's disk cache (no file added to
+    it), with the loss and gradients of fla's step to bf16 rounding. Heads (3 of 24 x 40) no other test uses."""
+    if fla_backward_problem(torch.device("cuda")) is not None:
+        pytest.skip(fla_backward_problem(torch.device("cuda")))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path / "tilelang"))
+    monkeypatch.setenv("LLAMATHINK_FLA_PREBUILD", "1")
+    dims = {"linear_num_key_heads": 3, "linear_num_value_heads": 3, "linear_key_head_dim": 24}
+    dims |= {"linear_value_head_dim": 40, "head_dim": 16, "hidden_size": 64}
+    first = tiny_model(dtype=torch.float32, **dims).cuda().train()
+    second = copy.deepcopy(first)
+    assert first.choose_training_kernels(2, 160) == "fla"
+    log = tmp_path / "build.log"
+    child = first.start_flash_qla_build(2, 160, log_path=log)
+    assert child is not None and not [e for e in kernels._prebuild_waits if e.child is child]
+    assert child.wait(timeout=500) == 0, log.read_text()[-3000:]
+    assert first.start_flash_qla_build(2, 160) is None  # recorded: nothing left to build
+    assert second.choose_training_kernels(2, 160) == "flash_qla" and second.config.gdn_backend == "auto"
+    cache = tmp_path / "tilelang"
+    files = {p for p in cache.rglob("*") if p.is_file()}
+    calls = []
+    chunk = modeling.FLASH_QLA_GDN_KERNELS["chunk"]
+    monkeypatch.setitem(modeling.FLASH_QLA_GDN_KERNELS, "chunk", lambda *a, **k: calls.append(1) or chunk(*a, **k))
+    torch.manual_seed(0)
+    ids = torch.randint(0, first.config.vocab_size, (2, 160), device="cuda")
+    results = []
+    for model in (first, second):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((loss.detach().float(), grads.float()))
+    assert len(calls) == first.config.mixer_types.count("linear"), calls  # the second model's layers alone
+    assert {p for p in cache.rglob("*") if p.is_file()} == files  # loaded, not built again
+    (loss_fla, grad_fla), (loss_qla, grad_qla) = results
+    torch.testing.assert_close(loss_qla, loss_fla, rtol=1e-2, atol=0)
+    assert (grad_qla - grad_fla).norm() <= 3e-2 * grad_fla.norm(), ((grad_qla - grad_fla).norm(), grad_fla.norm())
 
 
 @needs_flash_qla

@@ -3029,6 +3029,9 @@ if os.environ.get("FAKE_PREBUILD"):
             raise RuntimeError("after the kernels of the step's shapes")
 
     kernels_llamathink.prebuild_fla_kernels = fake
+    # the build record's GPU and package versions, without a GPU or FlashQLA here
+    kernels_llamathink._gpu_identity = lambda device: {"gpu": "fake", "capability": [9, 0], "sm_count": 132}
+    kernels_llamathink._distribution_version = lambda name: "1.0"
 """
 
 
@@ -3067,6 +3070,130 @@ def test_flash_qla_prebuild_parts_tell_their_end_however_they_end(tmp_path, monk
     run = subprocess.run([*command[:6], str(gone.pid)], capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 3 and not ready.exists(), (run.returncode, run.stderr[-3000:])
     assert time.monotonic() - start < 60
+
+
+def _fake_gpu_and_flash_qla(monkeypatch, versions=None):
+    """`_flash_qla_build_key`'s GPU and package versions, without a GPU or FlashQLA."""
+    versions = {"flash-qla": "1.0", "tilelang": "1.0", "fla-core": "1.0", **(versions or {})}
+    monkeypatch.setattr(kernels, "_gpu_identity", lambda device: {"gpu": "fake", "capability": [9, 0], "sm_count": 132})
+    monkeypatch.setattr(kernels, "_distribution_version", versions.get)
+
+
+def test_flash_qla_build_record_names_the_shapes_gpu_and_versions_it_was_built_for(tmp_path, monkeypatch):
+    """`flash_qla_built` is true only for the step shapes, GPU and package versions a build recorded
+    (`record_flash_qla_build`), in TileLang's cache folder (TILELANG_CACHE_DIR); an unreadable, foreign or
+    truncated record, or flash-qla or tilelang missing, counts as no build. The record is written whole (no
+    temporary file left)."""
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path / "tl"))
+    _fake_gpu_and_flash_qla(monkeypatch)
+    shapes = (16, 1024, 9, (112, 112), "bfloat16", False, 0)
+    assert not kernels.flash_qla_built(*shapes)
+    path = kernels.record_flash_qla_build(*shapes)
+    assert path.parent == tmp_path / "tl" / "llamathink" and [p.name for p in path.parent.iterdir()] == [path.name]
+    assert kernels.flash_qla_built(*shapes)
+    assert kernels.flash_qla_built(16, 1024, 9, (112, 112), torch.bfloat16, False, 0)  # a dtype as torch names it
+    for other in [
+        (64, 1024, 9, (112, 112), "bfloat16", False, 0),  # another batch size
+        (16, 2048, 9, (112, 112), "bfloat16", False, 0),
+        (16, 1024, 8, (128, 128), "bfloat16", False, 0),
+        (16, 1024, 9, (112, 112), "float16", False, 0),
+        (16, 1024, 9, (112, 112), "bfloat16", True, 0),  # packed rows
+    ]:
+        assert not kernels.flash_qla_built(*other), other
+    with monkeypatch.context() as patch:  # another GPU kind
+        patch.setattr(kernels, "_gpu_identity", lambda d: {"gpu": "other", "capability": [10, 0], "sm_count": 148})
+        assert not kernels.flash_qla_built(*shapes)
+    for versions in ({"tilelang": "1.1"}, {"flash-qla": None}, {"tilelang": None}):
+        with monkeypatch.context() as patch:
+            _fake_gpu_and_flash_qla(patch, versions)
+            assert not kernels.flash_qla_built(*shapes), versions
+    text = path.read_text()
+    for damaged in (text[: len(text) // 2], "[]", json.dumps({**json.loads(text), "batch_size": 64})):
+        path.write_text(damaged)
+        assert not kernels.flash_qla_built(*shapes), damaged
+    path.unlink()
+    path.mkdir()  # not a file
+    assert not kernels.flash_qla_built(*shapes)
+
+
+def test_auto_layers_train_with_flash_qla_only_where_its_build_is_recorded_or_a_resumed_run_says_so(monkeypatch):
+    """`choose_training_kernels`: layers with `gdn_backend` "auto" switch to FlashQLA (their `backend`; the config
+    keeps "auto") where its build is recorded for the step's shapes and it can run, or where `kernels` says so (a
+    resumed run); otherwise, or where FlashQLA cannot run (a warning), they stay on fla. Layers that name a backend
+    keep it. `start_flash_qla_build` builds only for "auto" layers on fla whose build is not recorded. CPU: the GPU
+    and the packages are stood in for."""
+    built, problem, started = {"yes": False}, {"why": None}, []
+    monkeypatch.setattr(modeling.LlamaThinkPreTrainedModel, "_training_device", lambda self: torch.device("cuda", 0))
+    monkeypatch.setattr(modeling, "select_gdn_backend", lambda requested, *a, **k: requested.replace("auto", "fla"))
+    monkeypatch.setattr(modeling, "flash_qla_built", lambda *args: built["yes"] and args[:4] == (16, 1024, 2, (8, 8)))
+    monkeypatch.setattr(modeling, "flash_qla_problem", lambda *a, **k: problem["why"])
+    monkeypatch.setattr(modeling, "start_fla_prebuild", lambda **kw: started.append(kw) or "child")
+
+    def model(**overrides):
+        return tiny_model(
+            linear_num_key_heads=2,
+            linear_num_value_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            **overrides,
+        )
+
+    def backends(m):
+        return {mixer.backend for mixer in m._gated_deltanets()}
+
+    m = model()
+    assert m.choose_training_kernels(16, 1024) == "fla" and backends(m) == {"auto"}
+    assert m.start_flash_qla_build(16, 1024, log_path="log") == "child"
+    assert started[-1]["delta_rule"] == "flash_qla" and started[-1]["wait"] is False
+    assert (started[-1]["batch_size"], started[-1]["num_heads"], started[-1]["log_path"]) == (16, 2, "log")
+    built["yes"] = True
+    assert m.start_flash_qla_build(16, 1024) is None and len(started) == 1  # built already
+    assert m.choose_training_kernels(64, 1024) == "fla"  # built for batch 16 only
+    assert m.choose_training_kernels(16, 1024) == "flash_qla"
+    assert backends(m) == {"flash_qla"} and m.config.gdn_backend == "auto"
+    assert m.start_flash_qla_build(16, 1024) is None  # nothing left on fla
+    assert model().choose_training_kernels(16, 1024, kernels="fla") == "fla"  # a run that started on fla
+    built["yes"] = False
+    assert model().choose_training_kernels(16, 1024, kernels="flash_qla") == "flash_qla"  # a resumed FlashQLA run
+    problem["why"] = "FlashQLA has no kernels for sm80"
+    with warnings.catch_warnings(record=True):
+        m = model()
+        assert m.choose_training_kernels(16, 1024, kernels="flash_qla") == "fla" and backends(m) == {"auto"}
+        assert m.start_flash_qla_build(16, 1024) is None  # cannot run here: nothing to build
+    problem["why"], built["yes"] = None, True
+    m = model(gdn_backend="fla")  # a named backend is kept
+    assert m.choose_training_kernels(16, 1024) == "fla" and m.start_flash_qla_build(16, 1024) is None
+    with pytest.raises(ValueError, match="kernels='FlashQLA': expected"):
+        m.choose_training_kernels(16, 1024, kernels="FlashQLA")
+
+
+def test_flash_qla_prebuild_records_its_build_only_when_all_four_parts_end_well(tmp_path, monkeypatch):
+    """A FlashQLA prebuild's child records the build (`flash_qla_built` true afterwards) once its four parts have
+    all ended well, also where nothing waits for it (`wait=False`, a build for later runs, which has no folder of
+    parts' ends); a part that fails, even after its kernels for the step were built, leaves no record. The builds
+    here are stand-ins (a sitecustomize in each process: no GPU)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_FAKE_PREBUILD_SITE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), str(REPO_ROOT)]))
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path / "tl"))
+    monkeypatch.setenv("FAKE_PREBUILD_ROOT", str(REPO_ROOT))
+    _fake_gpu_and_flash_qla(monkeypatch)
+    shapes = (2, 64, 4, (8, 10), "bfloat16", False, 0)  # as `_captured_prebuild_command` starts it
+    command = _captured_prebuild_command(kernels, monkeypatch, delta_rule="flash_qla", wait=False)
+    assert (
+        "ready_dir" not in json.loads(command[5])
+        and not kernels._prebuild_waits[-1:]
+        or all(e.ready != json.loads(command[5]).get("ready_dir") for e in kernels._prebuild_waits)
+    )
+    monkeypatch.setenv("FAKE_PREBUILD", json.dumps({"backward": "late-error"}))
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode != 0 and "ended with codes" in run.stderr, run.stderr[-3000:]
+    assert not kernels.flash_qla_built(*shapes) and not (tmp_path / "tl").exists()
+    monkeypatch.setenv("FAKE_PREBUILD", json.dumps({}))  # every part done
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert kernels.flash_qla_built(*shapes)
 
 
 def test_flash_qla_calls_wait_once_for_each_prebuild_part_until_its_process_tells_its_end(tmp_path, monkeypatch):

@@ -1220,6 +1220,82 @@ def test_compile_true_trains_layer_by_layer_and_saves_plain_checkpoints(sample_d
     assert not any("_orig_mod" in n for n in names)
 
 
+def test_compiled_pretraining_chooses_its_gdn_kernels_once_builds_flash_qla_after_step_one_and_resumes_alike(
+    sample_data, model_json, tmp_path, monkeypatch, capsys
+):
+    """Compiled 16-bit pretraining asks the model once, before its first step, which Gated DeltaNet kernels to train
+    with (`choose_training_kernels`, at its micro-batch shape); where that is fla's, it starts FlashQLA's build for
+    later runs (`start_flash_qla_build`) after its first step, never beside the first step's compilation, its output
+    in out_dir/flash_qla_build.log. Its checkpoints keep the choice (`gdn_kernels`), and a resumed run is given it,
+    so that it goes on with the kernels it trained with. (The model's side is stood in for here: no GPU.)"""
+    from accelerate.state import AcceleratorState
+
+    from llamathink.modeling_llamathink import LlamaThinkForCausalLM, LlamaThinkPreTrainedModel
+    from llamathink.train.checkpoint import CheckpointError, list_checkpoints
+
+    calls, choice = [], {"kernels": "fla"}
+
+    def choose(self, batch_size, seq_len, packed=False, dtype=None, kernels=None):
+        calls.append(("choose", batch_size, seq_len, packed, dtype, kernels))
+        return kernels or choice["kernels"]
+
+    def build(self, batch_size, seq_len, packed=False, dtype=None, log_path=None):
+        calls.append(("build", batch_size, seq_len, packed, dtype, log_path))
+        return object()
+
+    forward = LlamaThinkForCausalLM.forward
+
+    def counted(self, *args, **kwargs):
+        if self.training:
+            calls.append("step")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaThinkPreTrainedModel, "choose_training_kernels", choose)
+    monkeypatch.setattr(LlamaThinkPreTrainedModel, "start_flash_qla_build", build)
+    monkeypatch.setattr(LlamaThinkForCausalLM, "forward", counted)
+    compile_layers = LlamaThinkPreTrainedModel.compile_layers
+    monkeypatch.setattr(
+        LlamaThinkPreTrainedModel, "compile_layers", lambda self, **kw: compile_layers(self, backend="eager")
+    )
+    settings = {"max_steps": 3, "warmup_steps": 1, "eval_every": 10, "save_every": 2, "grad_accum": 1}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        out = tmp_path / "run"
+        cfg = _cfg(sample_data, model_json, out, compile=True, mixed_precision="bf16", **settings)
+        torch._dynamo.reset()
+        pretrain.train(dataclasses.replace(cfg, stop_at_step=2))
+        assert calls == [
+            ("choose", 8, 64, False, torch.bfloat16, None),
+            "step",
+            ("build", 8, 64, False, torch.bfloat16, out / "flash_qla_build.log"),
+            "step",
+        ], calls
+        assert "FlashQLA's faster ones are being built in the background" in capsys.readouterr().out
+        state = torch.load(list_checkpoints(out)[-1] / "state.pt", weights_only=False)
+        assert state["gdn_kernels"] == "fla"
+        calls.clear()
+        choice["kernels"] = "flash_qla"  # built since: the resumed run still goes on with fla's
+        torch._dynamo.reset()
+        pretrain.train(dataclasses.replace(cfg, resume="auto"))
+        assert calls[0] == ("choose", 8, 64, False, torch.bfloat16, "fla") and calls.count("step") == 1, calls
+        assert "Gated DeltaNet kernels: fla's (as the run trained with before)" in capsys.readouterr().out
+        # a new run takes the built FlashQLA kernels, keeps that in its checkpoints and builds nothing
+        calls.clear()
+        torch._dynamo.reset()
+        pretrain.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "second")))
+        assert [c for c in calls if c != "step"] == [("choose", 8, 64, False, torch.bfloat16, None)], calls
+        assert "Gated DeltaNet kernels: FlashQLA's (built on this machine" in capsys.readouterr().out
+        last = list_checkpoints(tmp_path / "second")[-1]
+        state = torch.load(last / "state.pt", weights_only=False)
+        assert state["gdn_kernels"] == "flash_qla"
+        state["gdn_kernels"] = "flashqla"  # a damaged record is refused by name
+        torch.save(state, last / "state.pt")
+        with pytest.raises(CheckpointError, match="gdn_kernels is 'flashqla', not 'fla' or 'flash_qla'"):
+            pretrain.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "second"), resume="auto", max_steps=4))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.mark.parametrize("document_masking", [False, True])
 def test_compiled_pretraining_starts_the_fla_prebuild_at_its_batch_shape(
     sample_data, model_json, tmp_path, monkeypatch, capsys, document_masking

@@ -1384,7 +1384,8 @@ def restore_checkpoint(
 def _check_run_records(path: Path, state: dict, log=print) -> None:
     """Refuse (CheckpointError) a checkpoint whose run records a resume would carry on from are damaged: the history
     (the losses so far, which the resumed run writes to history.json over the earlier file: a missing one lost
-    them), the counts of tokens and overflow steps, the W&B run id. Parameters without optimizer moments after the
+    them), the counts of tokens and overflow steps, the W&B run id, the Gated DeltaNet kernels it trained with
+    (`gdn_kernels`, kept by compiled runs). Parameters without optimizer moments after the
     first step (Muon's momentum and AdamW's averages then restart from zero) get a note through `log`: a
     parameter that never had a gradient has none, and neither do all of them in a damaged file."""
 
@@ -1408,6 +1409,8 @@ def _check_run_records(path: Path, state: dict, log=print) -> None:
             damaged(f"{key} is {value!r}, not a count")
     if not isinstance(state.get("wandb_run_id"), (str, type(None))):
         damaged(f"wandb_run_id is {state['wandb_run_id']!r}, not a run id")
+    if state.get("gdn_kernels", "fla") not in ("fla", "flash_qla"):
+        damaged(f"gdn_kernels is {state['gdn_kernels']!r}, not 'fla' or 'flash_qla'")
     moments = state["optimizer"].get("state")
     params = [i for group in state["optimizer"].get("param_groups", []) for i in group.get("params", [])]
     if state["step"] > 0 and isinstance(moments, dict) and params:

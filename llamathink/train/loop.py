@@ -413,6 +413,48 @@ def _start_fla_prebuild(
         print(f"warning: fla's kernels are not prebuilt ({type(err).__name__}: {err}); the first step builds them")
 
 
+def _choose_gdn_kernels(
+    raw_model, accelerator, shape: tuple[int, int, bool], dtype: torch.dtype, resumed: str | None
+) -> str | None:
+    """The Gated DeltaNet kernels this compiled run trains with (`choose_training_kernels`): what a resumed run's
+    checkpoint says it trained with, else the main process's choice, given to every process so that all run the
+    same kernels. Printed where it is FlashQLA's or fla's."""
+    if not hasattr(raw_model, "choose_training_kernels"):
+        return None
+    if resumed not in (None, "fla", "flash_qla"):  # (a checkpoint's record is checked when it is read)
+        resumed = None
+    choice = resumed
+    if choice is None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        mine = [raw_model.choose_training_kernels(*shape, dtype=dtype) if accelerator.is_main_process else None]
+        choice = broadcast_object_list(mine)[0]
+        choice = choice if choice in ("fla", "flash_qla") else None  # (others: every process finds the same)
+    kernels = raw_model.choose_training_kernels(*shape, dtype=dtype, kernels=choice)
+    if kernels == "flash_qla":
+        how = "as the run trained with before" if resumed else "built on this machine for this batch shape"
+        accelerator.print(f"Gated DeltaNet kernels: FlashQLA's ({how})")
+    elif kernels == "fla" and resumed == "fla":
+        accelerator.print("Gated DeltaNet kernels: fla's (as the run trained with before)")
+    return kernels
+
+
+def _start_flash_qla_build(raw_model, shape: tuple[int, int, bool], dtype: torch.dtype, log_path: Path | None, log):
+    """Start building FlashQLA's kernels for later runs (`start_flash_qla_build`; its output in `log_path`, the main
+    process's out_dir/flash_qla_build.log) and say so. Only an optimisation: a child that cannot be started is
+    reported and training goes on."""
+    try:
+        child = raw_model.start_flash_qla_build(*shape, dtype=dtype, log_path=log_path)
+    except Exception as err:  # noqa: BLE001 - an optimisation must never stop a run
+        log(f"warning: FlashQLA's kernels are not being built ({type(err).__name__}: {err})")
+        return
+    if child is not None:
+        log(
+            "Gated DeltaNet kernels: fla's; FlashQLA's faster ones are being built in the background for later "
+            f"runs of this shape on this machine{f' ({log_path})' if log_path is not None else ''}"
+        )
+
+
 def inductor_has_combo_kernels() -> bool:
     """Whether this torch's inductor has the `combo_kernels` option (`torch._inductor.config`)."""
     import torch._inductor.config as inductor_config
@@ -576,10 +618,14 @@ def run_training(
     elif compile == "model":
         model = torch.compile(model, **how)
     prebuild_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    gdn_kernels, build_flash_qla = None, False
     if compile is not None and fla_prebuild is not None and prebuild_dtype is not None:
+        resumed_kernels = state.get("gdn_kernels") if resume_from is not None else None
+        gdn_kernels = _choose_gdn_kernels(raw_model, accelerator, fla_prebuild, prebuild_dtype, resumed_kernels)
         _start_fla_prebuild(
             raw_model, fla_prebuild, prebuild_dtype, out_dir, is_main, accelerator.is_local_main_process
         )
+        build_flash_qla = gdn_kernels == "fla" and accelerator.is_local_main_process
     cuda_graphs = compile is not None and uses_cuda_graphs(how)
     if cuda_graphs:  # gradients accumulate into tensors of their own (see the docstring)
         for p in raw_model.parameters():
@@ -688,6 +734,10 @@ def run_training(
             if trained_tokens is not None:
                 trained_tokens += n_step
             history["losses"][step] = loss_value
+            if build_flash_qla:  # after the first step: never beside its compilation
+                build_flash_qla = False
+                log_path = out_dir / "flash_qla_build.log" if is_main else None
+                _start_flash_qla_build(raw_model, fla_prebuild, prebuild_dtype, log_path, accelerator.print)
 
             # --- logging ----------------------------------------------------------------------------------------------
             if step % cfg.log_every == 0 or step == cfg.max_steps:
@@ -752,6 +802,8 @@ def run_training(
                         "overflow_steps": counters.overflows,
                         "input_fingerprints": fingerprints,
                     }
+                    if gdn_kernels in ("fla", "flash_qla"):  # a resumed run goes on with the same kernels
+                        extra["gdn_kernels"] = gdn_kernels
                     for name, count in (("tokens_seen", tokens_seen), ("trained_tokens", trained_tokens)):
                         if count is not None:  # an unknown count stays unknown in later checkpoints too
                             extra[name] = count
