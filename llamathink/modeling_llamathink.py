@@ -32,6 +32,7 @@ import functools
 import inspect
 import math
 import operator
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -416,9 +417,13 @@ class LlamaThinkCache:
 
     def materialize(self):
         """Copy the state out of the static decode buffers into this cache's own tensors (a no-op otherwise)."""
-        static, self._static = self._static, None
-        if static is not None and static.owner is not None and static.owner() is self:
-            static.store(self)
+        static = self._static
+        if static is None:
+            return
+        with static.lock:  # not while another thread's step is using the buffers
+            static, self._static = self._static, None
+            if static is not None and static.owner is not None and static.owner() is self:
+                static.store(self)
 
     def check_compatible(self, config: LlamaThinkConfig):
         """Raise a ValueError unless this cache holds one state per layer of a model with `config.mixer_types`, of
@@ -571,22 +576,26 @@ class _StaticDecoder:
     `load_static_state`, `store_static_state`), so this class knows no mixer type.
     """
 
-    def __init__(self, model: LlamaThinkForCausalLM, batch_size: int, use_graph: bool):
+    def __init__(self, model: LlamaThinkForCausalLM, batch_size: int, use_graph: bool, lock: threading.RLock):
         cfg = model.config
         weight = model.lm_head.weight
         device = weight.device
         B, L = batch_size, cfg.max_position_embeddings
         self.model, self.batch_size, self.use_graph = model, batch_size, use_graph
+        self.lock = lock  # the model's: one step (or hand-back) at a time over all of its decoders
         self.mixers = [layer.mixer for layer in model.model.layers]
-        self.layers: list[_LayerState] = [
-            mixer.allocate_static_state(B, L, device=device, dtype=weight.dtype) for mixer in self.mixers
-        ]
-        self.index = torch.zeros(1, dtype=torch.long, device=device)  # cache index (padding included) of the new token
-        self.positions = torch.zeros(B, dtype=torch.long, device=device)  # each row's position of the new token
-        self.key_valid = torch.ones(B, L, dtype=torch.bool, device=device)  # which cache indices are real tokens
+        # Plain tensors even when made under torch.inference_mode: its tensors could never again be written outside
+        # it, and the buffers outlive the generate() call that made them
+        with torch.inference_mode(False):
+            self.layers: list[_LayerState] = [
+                mixer.allocate_static_state(B, L, device=device, dtype=weight.dtype) for mixer in self.mixers
+            ]
+            self.index = torch.zeros(1, dtype=torch.long, device=device)  # cache index (padding included) of the token
+            self.positions = torch.zeros(B, dtype=torch.long, device=device)  # each row's position of the new token
+            self.key_valid = torch.ones(B, L, dtype=torch.bool, device=device)  # which cache indices are real tokens
+            self.slots = torch.arange(max(L, csa_window(cfg)), device=device)
+            self.input_ids = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.padded = False  # whether the cache has seen padding (it then keeps `key_valid`)
-        self.slots = torch.arange(max(L, csa_window(cfg)), device=device)
-        self.input_ids = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.logits: torch.Tensor | None = None
         self.graph = None
         self.owner = None  # weakref to the cache whose state is in the buffers
@@ -617,7 +626,13 @@ class _StaticDecoder:
         self.logits = self.model._decode_static_step(self.input_ids, self)
 
     def step(self, cache: LlamaThinkCache, input_ids: torch.Tensor) -> torch.Tensor:
-        """Decode one token [B, 1] with `cache` -> logits [B, vocab]; advances the cache by one position."""
+        """Decode one token [B, 1] with `cache` -> logits [B, vocab]; advances the cache by one position. Threads
+        that decode with one model (each its own cache: a chat server, a streamer) take turns, one step each: the
+        buffers hold one cache's state at a time."""
+        with self.lock:
+            return self._step(cache, input_ids)
+
+    def _step(self, cache: LlamaThinkCache, input_ids: torch.Tensor) -> torch.Tensor:
         previous = self.owner() if self.owner is not None else None
         if previous is not cache:
             if previous is not None:
@@ -2658,7 +2673,9 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
             starts = key_valid[:, :1].long() + (key_valid.long().diff(dim=1) == 1).sum(1, keepdim=True)
             if bool((starts > 1).any()):
                 raise ValueError(
-                    "attention_mask has padding between real tokens; only left or right padding is supported"
+                    "attention_mask has padding between real tokens; only left or right padding is supported. (Given "
+                    "no attention_mask, generate() makes one from pad_token_id: a prompt that holds the pad token's "
+                    "id, such as Llama 2's <unk> (0) where that is the pad token, needs an explicit attention_mask.)"
                 )
             if (explicit_cache or past > 0) and not bool(key_valid.any(1).all()):  # nothing to continue from
                 empty = key_valid.any(1).logical_not().nonzero().flatten().tolist()
@@ -2978,6 +2995,11 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
                 generation_config.min_length = min(generation_config.min_length, generation_config.max_length)
 
     # --- one-token decode on static buffers (CUDA graphs) -----------------------------------------------------
+    def _decode_lock(self) -> threading.RLock:
+        """The lock under which one thread at a time checks for and runs a static decode step, or moves a cache's
+        state in or out of this model's decode buffers (one per model, made on first use)."""
+        return self.__dict__.setdefault("_static_lock", threading.RLock())
+
     def _static_decoder(self, batch_size: int, signature: int) -> _StaticDecoder:
         """The decoder for this batch size and model state (`_decode_signature`), rebuilt when that changed."""
         key = (batch_size, signature)
@@ -2988,7 +3010,7 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
             while len(decoders) >= _MAX_STATIC_DECODERS:  # least recently used batch size goes (a cache whose
                 del decoders[next(iter(decoders))]  # state is in it still holds it and can take the state back)
             use_graph = self.lm_head.weight.device.type == "cuda"
-            decoders[key] = _StaticDecoder(self, batch_size, use_graph=use_graph)
+            decoders[key] = _StaticDecoder(self, batch_size, use_graph=use_graph, lock=self._decode_lock())
         decoders[key] = decoders.pop(key)  # most recently used last
         return decoders[key]
 
@@ -3010,9 +3032,9 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         return hash(tuple(parts))
 
     def __getstate__(self):
-        # copy.deepcopy / pickle: CUDA graphs and weak references to caches cannot be copied; they are rebuilt
+        # copy.deepcopy / pickle: CUDA graphs, weak references to caches and locks cannot be copied; they are rebuilt
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {k: v for k, v in state.items() if k != "_static_decoders"}
+        return {k: v for k, v in state.items() if k not in ("_static_decoders", "_static_lock")}
 
     def release_decode_graphs(self):
         """Free the CUDA graphs and static buffers of one-token decoding (they are rebuilt when needed)."""
@@ -3130,9 +3152,13 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         extra = (inputs_embeds is not None, labels is not None, bool(output_hidden_states))
         if input_ids is not None:
             input_ids = _as_index(input_ids)  # (the static decoder embeds them directly)
-        if self._can_decode_static(input_ids, cache, attention_mask, position_ids, extra):
-            decoder = self._static_decoder(input_ids.shape[0], cache._decode_signature)
-            logits = decoder.step(cache, input_ids)[:, None]  # [B, 1, vocab]
+        logits = None
+        if cache is not None and input_ids is not None and input_ids.shape[1] == 1:
+            with self._decode_lock():  # another thread's step may be moving this cache's state (`_StaticDecoder`)
+                if self._can_decode_static(input_ids, cache, attention_mask, position_ids, extra):
+                    decoder = self._static_decoder(input_ids.shape[0], cache._decode_signature)
+                    logits = decoder.step(cache, input_ids)[:, None]  # [B, 1, vocab]
+        if logits is not None:
             if not return_dict:
                 return (logits, cache)
             return LlamaThinkCausalLMOutput(logits=logits, **{_OUTPUT_CACHE_FIELD: cache})

@@ -896,6 +896,14 @@ def test_bad_inputs_raise_clear_errors(model):
         model()
     with pytest.raises(ValueError, match="padding between real tokens"):
         model(torch.ones(1, 5, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 0, 1, 1]]))
+    # the likely cause when generate() made the mask: a prompt that holds the pad token's id
+    prompt = torch.tensor([[5, 6, 0, 7]])
+    with pytest.raises(ValueError, match="generate\\(\\) makes one from pad_token_id: a prompt that holds"):
+        model.generate(prompt, max_new_tokens=1, pad_token_id=0, eos_token_id=2)
+    assert model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, pad_token_id=0).shape == (
+        1,
+        5,
+    )
     with pytest.raises(ValueError, match="labels has shape"):
         model(torch.ones(1, 5, dtype=torch.long), labels=torch.ones(1, 4, dtype=torch.long))
     for bad in (96, -1):  # torch's IndexError on the CPU, a device-side assert on CUDA
@@ -1151,6 +1159,67 @@ def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     for i, r in enumerate(rows):
         ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
     return ids, mask
+
+
+def test_static_decode_buffers_made_under_inference_mode_serve_calls_outside_it(static_model):
+    """The static decode buffers outlive the generate() call that made them: made under torch.inference_mode (a
+    serving loop's), they still serve a later call outside it, and a cache returned from inside it continues
+    outside it, each with the tokens of a model that never saw inference mode (its tensors, once made, could never
+    be written in place outside it)."""
+    import copy
+
+    model, plain = static_model, copy.deepcopy(static_model)
+    prompt = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        want = plain.generate(prompt, **kwargs)
+        longer = plain.generate(want, **kwargs)
+    steps = _count_static_steps(model)
+    with torch.inference_mode():
+        out = model.generate(prompt, return_dict_in_generate=True, **kwargs)
+    assert torch.equal(out.sequences, want)
+    with torch.no_grad():
+        assert torch.equal(model.generate(prompt, **kwargs), want)
+        cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+        assert torch.equal(model.generate(out.sequences, past_key_values=cache, **kwargs), longer)
+    assert len(steps) == 5 + 5 + 6  # all static (the continuation's first step, out's last token, too)
+
+
+def test_static_decode_serves_threads_that_generate_with_one_model_at_once(static_model):
+    """Two threads generating with one model at once, each with its own cache (a chat server, a streamer), take
+    turns with the static decode buffers: each gets the tokens it gets alone (the buffers hold one cache's state at
+    a time; unguarded, the threads read and wrote each other's state)."""
+    import threading
+
+    model = static_model
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 96, (1, 10), generator=generator) for _ in range(2)]
+    kwargs = dict(max_new_tokens=40, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        alone = [model.generate(p, **kwargs) for p in prompts]
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)  # (the threads then interleave their steps finely)
+    try:
+        for _ in range(4):
+            got, start = [None, None], threading.Barrier(2)
+
+            def work(i):
+                start.wait()
+                with torch.no_grad():
+                    try:
+                        got[i] = model.generate(prompts[i], **kwargs)
+                    except Exception as err:  # noqa: BLE001 - reported below
+                        got[i] = err
+
+            threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            for i in range(2):
+                assert isinstance(got[i], torch.Tensor) and torch.equal(got[i], alone[i]), (i, got[i])
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 def test_static_decode_of_a_left_padded_batch_equals_each_row_alone(static_model):
