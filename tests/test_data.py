@@ -418,6 +418,31 @@ def test_prepare_restart_is_byte_identical(tmp_path, small_tok, docs, shard_toke
         assert read_dir(out) == ref
 
 
+def test_a_rerun_naming_the_same_input_another_way_continues_the_preparation(tmp_path, small_tok, docs, monkeypatch):
+    """A stopped preparation continued with its input named another way (relative, ./, absolute) is the same
+    preparation (it was refused as one whose source differs); another file is still another preparation. A
+    stop_after_shards below 1 is refused by name (0 wrote a shard)."""
+    write_jsonl(tmp_path / "d.jsonl", docs[:40])
+    write_jsonl(tmp_path / "e.jsonl", docs[:40])
+    monkeypatch.chdir(tmp_path)
+    kw = {"shard_tokens": 50, "val_docs": 4, "num_workers": 1, "progress": False}
+    part = prepare(LocalSource(["d.jsonl"]), tmp_path / "out", small_tok, stop_after_shards=1, **kw)
+    assert part["complete"] is False
+    with pytest.raises(ValueError, match="different preparation \\(differs in: source\\)"):
+        prepare(LocalSource(["e.jsonl"]), tmp_path / "out", small_tok, **kw)
+    part = prepare(LocalSource(["./d.jsonl"]), tmp_path / "out", small_tok, stop_after_shards=1, **kw)
+    assert len(part["train_shards"]) == 2
+    meta = prepare(LocalSource([str(tmp_path / "d.jsonl")]), tmp_path / "out", small_tok, **kw)
+    ref = prepare(LocalSource(["d.jsonl"]), tmp_path / "ref", small_tok, **kw)
+    got, want = read_dir(tmp_path / "out"), read_dir(tmp_path / "ref")
+    assert {n: b for n, b in got.items() if n != "meta.json"} == {n: b for n, b in want.items() if n != "meta.json"}
+    assert meta["source"]["paths"] == [str(tmp_path / "d.jsonl")]  # (the name the finishing run was given)
+    assert {**meta, "source": None} == {**ref, "source": None} and meta["train"]["num_docs"] == 36
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"stop_after_shards must be >= 1 or None \\(no stop\\), got {bad}"):
+            prepare(LocalSource(["d.jsonl"]), tmp_path / "z", small_tok, stop_after_shards=bad, **kw)
+
+
 def test_prepare_restart_after_crash(tmp_path, small_tok, docs, monkeypatch):
     src = LocalSource([str(write_jsonl(tmp_path / "d.jsonl", docs[:60]))])
     kw = dict(shard_tokens=700, val_docs=5, num_workers=2, batch_docs=4, progress=False)
@@ -473,6 +498,30 @@ def test_prepare_errors(tmp_path, small_tok, docs):
 
     with pytest.raises(ValueError, match="needs both a BOS and an EOS"):
         prepare(src, tmp_path / "nb", NoBos(), num_workers=1, progress=False)
+
+
+def test_a_second_preparation_of_a_folder_being_written_is_refused_at_once(tmp_path, small_tok, docs):
+    """Two preparations writing one folder (the second with --overwrite deleted the first's shards under it, and both
+    reported success over a folder that training then refused): the second is refused at once, naming the holder;
+    once the first has ended the folder is free. The lock file is no part of the data: a run's fingerprint of the
+    folder is the same with it, whatever pid it holds (a rerun on a finished folder takes the lock too)."""
+    from llamathink.data.preparation import LOCK_FILE, _preparation_lock
+    from llamathink.train.checkpoint import _fingerprint
+
+    src = LocalSource([str(write_jsonl(tmp_path / "d.jsonl", docs[:10]))])
+    out = tmp_path / "out"
+    prepare(src, out, small_tok, val_docs=2, num_workers=1, progress=False)
+    print_before = _fingerprint(out)
+    held = rf"{out} is being written by another preparation \(pid {os.getpid()}\)"
+    with _preparation_lock(out), pytest.raises(ValueError, match=held):  # another preparation at work
+        prepare(src, out, small_tok, val_docs=2, num_workers=1, progress=False, overwrite=True)
+    assert len(list(out.glob("train_*.bin"))) >= 1  # nothing deleted
+    (out / LOCK_FILE).write_text("12345")
+    assert _fingerprint(out) == print_before
+    assert prepare(src, out, small_tok, val_docs=2, num_workers=1, progress=False)["val"]["num_docs"] == 2
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="afile is a file, not a folder"):
+        prepare(src, tmp_path / "afile", small_tok, num_workers=1, progress=False)
 
 
 def poke_last_token(path: Path, token: int) -> None:

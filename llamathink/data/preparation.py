@@ -779,9 +779,16 @@ def tokenizer_fingerprint(tok) -> str | None:
 
 
 def _check_settings(
-    shard_tokens: int, val_docs: int, max_doc_chars: int | None, batch_docs: int, max_docs: int | None = None
+    shard_tokens: int,
+    val_docs: int,
+    max_doc_chars: int | None,
+    batch_docs: int,
+    max_docs: int | None = None,
+    stop_after_shards: int | None = None,
 ) -> None:
     """Raise ``ValueError`` naming the first setting of :func:`prepare` that is out of range."""
+    if stop_after_shards is not None and stop_after_shards < 1:
+        raise ValueError(f"stop_after_shards must be >= 1 or None (no stop), got {stop_after_shards}")
     if max_docs is not None and max_docs < 1:
         raise ValueError(f"max_docs must be >= 1 or None (no limit), got {max_docs}")
     if shard_tokens < 1:
@@ -842,6 +849,56 @@ def _check_resumable(out: Path, state: dict) -> None:
             )
 
 
+def _same_local_files(saved: dict | None, current: dict) -> bool:
+    """Whether two local sources (``LocalSource.describe``) name the same files in the same order, each written
+    another way (relative, absolute, through a link), with the same reading settings: ``samefile`` on each pair,
+    relative names read from the current directory, as the rerun's own are."""
+    if not isinstance(saved, dict) or saved.get("type") != "local" or current.get("type") != "local":
+        return False
+    if {k: v for k, v in saved.items() if k != "paths"} != {k: v for k, v in current.items() if k != "paths"}:
+        return False
+    paths, now = saved.get("paths"), current.get("paths")
+    if not isinstance(paths, list) or len(paths) != len(now):
+        return False
+    try:
+        return all(os.path.samefile(a, b) for a, b in zip(paths, now))
+    except (OSError, TypeError, ValueError):  # a name that is not there any more: not known to be the same
+        return False
+
+
+LOCK_FILE = ".prepare.lock"
+
+
+@contextlib.contextmanager
+def _preparation_lock(out: Path):
+    """Hold an exclusive lock on the output folder `out` (fcntl.flock on <out>/.prepare.lock, released when the
+    block ends or the process dies), so that a second preparation of the same folder (an `--overwrite` would delete
+    the first one's shards under it) is refused at once. Raises ValueError naming the holder's pid, or where `out`
+    cannot be made or written."""
+    import fcntl
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        problem = "is a file, not a folder" if out.exists() and not out.is_dir() else f"cannot be written ({err})"
+        raise ValueError(f"--out {out} {problem}") from err
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise ValueError(
+                f"{out} is being written by another preparation (pid {holder}); wait for it to end, or use another "
+                "output folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _start_or_resume(out: Path, config: dict, val_docs: int, overwrite: bool) -> dict:
     """The progress state (``progress.json``) of a preparation ``config`` in ``out``.
 
@@ -862,6 +919,8 @@ def _start_or_resume(out: Path, config: dict, val_docs: int, overwrite: bool) ->
         saved = dict(state.get("config") or {})
         if "max_doc_chars" not in saved:  # written before long documents were cut: they were tokenized whole
             saved["max_doc_chars"] = config["max_doc_chars"] if state.get("complete") else None
+        if _same_local_files(saved.get("source"), config["source"]):  # one input, named another way (./x, /abs/x)
+            saved["source"] = config["source"]
         if not overwrite and saved == config:
             _check_resumable(out, state)
             return state
@@ -1213,7 +1272,7 @@ def prepare(
     Returns the meta dict (also written to ``meta.json``); when stopped early it
     returns ``{"complete": False, ...progress...}``.
     """
-    _check_settings(shard_tokens, val_docs, max_doc_chars, batch_docs, max_docs)
+    _check_settings(shard_tokens, val_docs, max_doc_chars, batch_docs, max_docs, stop_after_shards)
     tok, tok_name = _resolve_tokenizer(tokenizer)
     vocab_size, bos_id, eos_id = _shard_token_ids(tok, tok_name)
     kind, payload = _tokenizer_payload(tok)
@@ -1239,65 +1298,68 @@ def prepare(
     if isinstance(source, LocalSource):  # an input that is not there fails before out_dir is claimed or written
         source.files()
     out = Path(out_dir)
-    state = _start_or_resume(out, config, val_docs, overwrite)
-    if state.get("complete") and (out / META_FILE).exists():  # finished by an earlier run
-        with open(out / META_FILE, encoding="utf-8") as f:
-            return json.load(f)
+    with _preparation_lock(out):  # one preparation writes a folder at a time
+        state = _start_or_resume(out, config, val_docs, overwrite)
+        if state.get("complete") and (out / META_FILE).exists():  # finished by an earlier run
+            with open(out / META_FILE, encoding="utf-8") as f:
+                return json.load(f)
 
-    num_workers = (os.cpu_count() or 1) if num_workers is None else int(num_workers)
-    bad = BadRecords(skip_bad_records)
-    digests = DocumentDigests()
-    batches = _batched(
-        _remaining_pieces(source, state["docs_done"], max_docs, max_doc_chars, bad, digests, state.get("docs_sha256")),
-        batch_docs,
-        max_doc_chars,
-    )
-    writer = ShardWriter(
-        out,
-        state,
-        digests=digests,
-        shard_tokens=shard_tokens,
-        val_docs=val_docs,
-        vocab_size=vocab_size,
-        bos_id=bos_id,
-        eos_id=eos_id,
-        max_new_shards=stop_after_shards,
-    )
-    from tqdm.auto import tqdm
+        num_workers = (os.cpu_count() or 1) if num_workers is None else int(num_workers)
+        bad = BadRecords(skip_bad_records)
+        digests = DocumentDigests()
+        batches = _batched(
+            _remaining_pieces(
+                source, state["docs_done"], max_docs, max_doc_chars, bad, digests, state.get("docs_sha256")
+            ),
+            batch_docs,
+            max_doc_chars,
+        )
+        writer = ShardWriter(
+            out,
+            state,
+            digests=digests,
+            shard_tokens=shard_tokens,
+            val_docs=val_docs,
+            vocab_size=vocab_size,
+            bos_id=bos_id,
+            eos_id=eos_id,
+            max_new_shards=stop_after_shards,
+        )
+        from tqdm.auto import tqdm
 
-    # The bar closes before the workers are shut down (contexts are left in reverse order).
-    with (
-        _tokenized(batches, kind, payload, bos_id, eos_id, num_workers, mp_context) as results,
-        tqdm(
-            total=max_docs,
-            initial=writer.start,
-            unit="doc",
-            desc="tokenizing",
-            disable=not progress,
-            dynamic_ncols=True,
-        ) as bar,
-    ):
-        stopped = _write_all(writer, results, bar)
+        # The bar closes before the workers are shut down (contexts are left in reverse order).
+        with (
+            _tokenized(batches, kind, payload, bos_id, eos_id, num_workers, mp_context) as results,
+            tqdm(
+                total=max_docs,
+                initial=writer.start,
+                unit="doc",
+                desc="tokenizing",
+                disable=not progress,
+                dynamic_ncols=True,
+            ) as bar,
+        ):
+            stopped = _write_all(writer, results, bar)
 
-    _report_bad(bad)
-    if stopped:
-        return {
-            "complete": False,
-            **{k: state[k] for k in ("docs_done", "skip_tokens", "train_shards")},
-            "bad_records": bad.summary(),
-        }
-    writer.finish()
-    meta = _meta(
-        config,
-        state,
-        num_docs=writer.doc_index,
-        train_tokens=writer.train_tokens,
-        val_docs=val_docs,
-        skip_bad_records=skip_bad_records,
-        bad=bad,
-    )
-    writer.complete(meta)
-    return meta
+        _report_bad(bad)
+        if stopped:
+            return {
+                "complete": False,
+                **{k: state[k] for k in ("docs_done", "skip_tokens", "train_shards")},
+                "bad_records": bad.summary(),
+            }
+        writer.finish()
+        meta = _meta(
+            config,
+            state,
+            num_docs=writer.doc_index,
+            train_tokens=writer.train_tokens,
+            val_docs=val_docs,
+            skip_bad_records=skip_bad_records,
+            bad=bad,
+        )
+        writer.complete(meta)
+        return meta
 
 
 def _report_bad(bad: BadRecords) -> None:

@@ -1035,7 +1035,11 @@ def _fingerprint(path: Path, exclude: tuple[Path, ...] = ()) -> str:
         # not input, or two runs writing in one data folder would each see the other's checkpoints as a data edit
         runs = {e.parent for e in entries if e.name == LOCK_FILE or (e == checkpoint_dir(e.parent) and e.is_dir())}
         exclude = (*exclude, *(out for run in runs for out in _own_outputs(run)))
-        files = [e for e in entries if e.is_file()]
+        from ..data.preparation import LOCK_FILE as PREPARATION_LOCK
+
+        # (a data folder's preparation lock holds the pid of the last `prepare`, which a rerun on a finished folder
+        # also takes: no edit of the data)
+        files = [e for e in entries if e.is_file() and e.name != PREPARATION_LOCK]
         if exclude:
             files = [f for f in files if not any(f.resolve().is_relative_to(e) for e in exclude)]
     for file in files:
