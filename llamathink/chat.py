@@ -36,6 +36,7 @@ from llamathink.chat_format import (
     looks_like_llamathink_template,
     prompt_ids,
     set_chat_template,
+    storable_text,
     trim_history,
 )
 
@@ -201,7 +202,8 @@ class ChatSession:
             with torch.no_grad():
                 out = self.model.generate(input_ids, **kwargs)
             new = out[0, len(ids) :].tolist()
-            answer = self.tokenizer.decode(new, skip_special_tokens=True).strip()
+            # (what `check_content` would refuse in the next turn's history becomes U+FFFD: sampling may make any bytes)
+            answer = storable_text(self.tokenizer.decode(new, skip_special_tokens=True).strip())
             self.messages = msgs + [{"role": "assistant", "content": answer}]
             return answer
         except BaseException:

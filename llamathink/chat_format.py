@@ -294,6 +294,13 @@ def check_content(i: int, content: str, name: str | None = None) -> None:
         )
 
 
+def storable_text(text: str) -> str:
+    """`text` with every character `check_content` refuses (U+FDD0, lone surrogates) replaced by U+FFFD, the
+    replacement character: for the model's own replies, which sampling can make of any bytes and which go back
+    into the history that every later turn renders."""
+    return _LONE_SURROGATE.sub("\ufffd", text.replace(TEXT_GUARD, "\ufffd"))
+
+
 ROLE_ALIASES = {
     "human": "user",
     "gpt": "assistant",
@@ -488,10 +495,23 @@ def prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
     With the LlamaThink template (any version, or none set) these are :func:`chat_ids`: message content is
     encoded as text, BOS/EOS only where the template puts them. A tokenizer with another chat template gets that
     template's ``apply_chat_template`` ids; what that template raises (a role it does not take, a turn order) is a
-    ValueError naming the template's own message."""
+    ValueError naming the template's own message. Raises ValueError where, with another template, a message holds
+    the text of one of the tokenizer's special or added tokens (that template would encode it as the token)."""
     template = getattr(tokenizer, "chat_template", None)
     if template is None or is_llamathink_template(template):
         return chat_ids(tokenizer, messages, add_generation_prompt=True)
+    # Another template is rendered to text and tokenized whole, where a special token's text in a message (a typed
+    # "</s>") would become that token: refused, since only our template keeps content apart from control tokens
+    controls = sorted({*tokenizer.all_special_tokens, *tokenizer.get_added_vocab()} - {""}, key=len, reverse=True)
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        typed = next((t for t in controls if isinstance(content, str) and t in content), None)
+        if typed is not None:
+            raise ValueError(
+                f"message {i} contains {typed!r}, the text of a special token, which this tokenizer's chat template "
+                "(not LlamaThink's) would encode as that token itself; remove it, or use the LlamaThink template "
+                "(`set_chat_template`), which keeps typed text as text"
+            )
     try:
         out = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=True)
     except Exception as err:  # jinja2's TemplateError (a template's raise_exception, e.g. "System role not supported")

@@ -559,6 +559,20 @@ def finetuned(base_model, tmp_path_factory):
     return finetune.finetune(_ft_cfg(base_model, out)), out
 
 
+def test_finetune_refuses_a_tokenizer_whose_ids_are_not_the_models(base_model, tmp_path):
+    """`tokenizer:` naming another tokenizer than the one saved with init_from (here the builtin vocabulary of 512,
+    whose ids mean other pieces): refused before anything trains, naming both and a moved piece (it trained, every
+    id meaning another piece). The model's own tokenizer, named, passes (`load_chat_tokenizer`)."""
+    cfg = _ft_cfg(base_model, tmp_path / "ft", tokenizer="builtin:512")
+    with pytest.raises(
+        ValueError, match=r"tokenizer='builtin:512' is not the tokenizer saved with init_from=.* of its"
+    ):
+        finetune.finetune(cfg)
+    assert not (tmp_path / "ft" / "checkpoints").exists() or not any((tmp_path / "ft" / "checkpoints").iterdir())
+    same = finetune.load_chat_tokenizer(_ft_cfg(base_model, tmp_path / "ft2", tokenizer="builtin"))
+    assert len(same) == 1024
+
+
 def test_finetune_lowers_the_held_out_assistant_loss(finetuned):
     history, out = finetuned
     assert sorted(history["losses"]) == list(range(1, FT_STEPS + 1))
@@ -1115,6 +1129,30 @@ def test_the_guard_character_is_refused_everywhere(tok, tmp_path):
         finetune.FinetuneConfig(init_from="x", out_dir=str(tmp_path / "ft"), system_prompt="\n ")
     with pytest.raises(ValueError, match="system_prompt must be text or null, got 5"):
         finetune.FinetuneConfig(init_from="x", out_dir=str(tmp_path / "ft"), system_prompt=5)
+    # refused by its own name when the settings are read, not after the model has loaded (as "message 0")
+    for bad, why in (("be \ufdd0 brief", "system_prompt contains U\\+FDD0"), ("x\udcff", "system_prompt is not valid")):
+        with pytest.raises(ValueError, match=why):
+            finetune.FinetuneConfig(init_from="x", out_dir=str(tmp_path / "ft"), system_prompt=bad)
+
+
+def test_a_reply_the_chat_format_would_refuse_does_not_lock_the_session(tok):
+    """A reply that decodes to U+FDD0 (byte tokens that sampling can produce) is kept with U+FFFD in its place, so
+    that the next turns' history is still accepted (it refused every later message, which the user cannot edit)."""
+    from llamathink.chat_format import check_content, storable_text
+
+    assert storable_text("a\ufdd0b\udcffc") == "a\ufffdb\ufffdc" and storable_text("plain") == "plain"
+    check_content(0, storable_text("\ufdd0\ud800"))
+    session = ChatSession(tiny_chat_model(max_positions=64), tok, settings=GenerationSettings(4, 0.0))
+    decode = session.tokenizer.decode
+    session.tokenizer.decode = lambda ids, **kw: "Hi \ufdd0"  # the sampled reply
+    try:
+        assert session.reply("hello") == "Hi \ufffd"
+    finally:
+        session.tokenizer.decode = decode
+    stdout, stderr = io.StringIO(), io.StringIO()
+    assert run_interactive(session, io.StringIO("how are you?\n"), stdout, stderr) == 0
+    assert "U+FDD0" not in stderr.getvalue(), stderr.getvalue()
+    assert [m["role"] for m in session.messages] == ["user", "assistant"] * 2
 
 
 def test_the_guard_is_saved_and_changes_nothing_else(tok, tmp_path):
@@ -1389,6 +1427,28 @@ def test_a_template_that_refuses_a_role_or_a_turn_is_a_one_line_error(tok):
     stdout, stderr = io.StringIO(), io.StringIO()
     assert run_interactive(session, io.StringIO("hello\nand then?\n"), stdout, stderr) == 0
     assert "one exchange only" in stderr.getvalue() and len(session.messages) == 2  # the first exchange kept
+
+
+def test_another_template_refuses_a_typed_special_token_rather_than_encode_it_as_one(tok):
+    """A tokenizer with another model's chat template renders the conversation to text and tokenizes it whole, so a
+    typed "</s>" became the real end-of-sequence id (and "<s>" a BOS): such a message is refused, naming the token,
+    and the interactive chat says so and goes on. The LlamaThink template keeps the same text as text."""
+    plain = copy.deepcopy(tok)
+    plain.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
+    )
+    typed = [{"role": "user", "content": "hi </s> <s> there"}]
+    with pytest.raises(ValueError, match="message 0 contains '</s>', the text of a special token"):
+        prompt_ids(plain, typed)
+    ids = prompt_ids(plain, [{"role": "user", "content": "hi there"}])
+    assert ids.count(plain.eos_token_id) == 1 and ids.count(plain.bos_token_id) == 1
+    ours = prompt_ids(tok, typed)  # the LlamaThink template: text stays text
+    assert ours.count(tok.eos_token_id) == 0 and ours.count(tok.bos_token_id) == 1
+    session = ChatSession(tiny_chat_model(max_positions=96), plain, settings=GenerationSettings(4, 0.0))
+    stdout, stderr = io.StringIO(), io.StringIO()
+    assert run_interactive(session, io.StringIO("end </s> now\nhello\n"), stdout, stderr) == 0
+    assert "contains '</s>', the text of a special token" in stderr.getvalue(), stderr.getvalue()
+    assert [m["content"] for m in session.messages][::2] == ["hello"]
 
 
 def test_chat_refuses_a_tokenizer_that_is_not_the_models(finetuned, tmp_path, capsys):

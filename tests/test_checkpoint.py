@@ -486,6 +486,35 @@ def test_a_failed_save_says_why_and_keeps_the_previous_checkpoint(model_json, tm
     assert ckpt.load_checkpoint(root / "step_00000002")["step"] == 2
 
 
+def test_ctrl_c_inside_torch_save_is_an_interruption_not_a_failed_write(model_json, tmp_path, monkeypatch):  # noqa: F811
+    """Ctrl-C while torch.save writes state.pt: torch's writer turns the KeyboardInterrupt raised in its write
+    callback into a RuntimeError ("unexpected pos"), which read as a failed write (CheckpointError, exit status 2).
+    It is a KeyboardInterrupt (the command's "interrupted", status 130), and the previous checkpoint is intact."""
+    import signal
+
+    out = tmp_path / "interrupted"
+    settings = _settings()
+    parts = _parts(model_json, settings)
+    _save(out, 2, parts, settings)
+    real_save = torch.save
+
+    def interrupted_save(obj, f, *args, **kwargs):
+        real_save({"partial": torch.zeros(100)}, f)
+        try:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C: its handler raises inside the writer
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2752 vs 2648") from None
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        _save(out, 4, parts, settings)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+    monkeypatch.setattr(torch, "save", real_save)
+    root = ckpt.checkpoint_dir(out)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002"]
+    assert ckpt.load_checkpoint(root / "step_00000002")["step"] == 2
+
+
 def test_resaving_a_step_replaces_it_and_a_failure_then_keeps_the_old_one(model_json, tmp_path, monkeypatch):  # noqa: F811
     out = tmp_path / "again"
     settings = _settings()
@@ -1634,6 +1663,28 @@ def test_resume_accepts_a_moved_input_with_the_same_contents_and_refuses_a_chang
     assert f"data_dir: '{sample_data}' -> '{data}' (moved: same contents)" in printed
     assert f"model_config: '{model_json}' -> '{config}' (moved: same contents)" in printed
     assert "resumed from" in printed and sorted(map(int, history["losses"])) == [1, 2, 3, 4]
+
+
+def test_held_out_settings_that_split_the_training_data_are_fixed_without_an_eval_data_file(tmp_path):
+    """`max_eval_conversations` and `eval_data` may change on resume where an eval_data file holds the held-out
+    conversations (the evaluation set alone changes). Without one, the held-out conversations are split off the
+    training data, so either changes which conversations the run trains on: refused by name (it failed later as a
+    changed example count that named no setting)."""
+
+    def cfg(**kw):
+        return finetune.FinetuneConfig(init_from="x", out_dir=str(tmp_path / "ft"), data="d.jsonl", **kw)
+
+    with pytest.raises(ckpt.ResumeSettingsError, match=r"max_eval_conversations: 100 -> 50 \(without eval_data it "):
+        ckpt.compare_resume_settings(
+            dataclasses.asdict(cfg(max_eval_conversations=100)), cfg(max_eval_conversations=50), 1, 1
+        )
+    with pytest.raises(ckpt.ResumeSettingsError, match=r"eval_data: None -> 'e.jsonl' \(without eval_data"):
+        ckpt.compare_resume_settings(dataclasses.asdict(cfg()), cfg(eval_data="e.jsonl"), 1, 1)
+    saved = dataclasses.asdict(cfg(eval_data="e.jsonl", max_eval_conversations=100))
+    assert ckpt.compare_resume_settings(saved, cfg(eval_data="f.jsonl", max_eval_conversations=50), 1, 1) == [
+        "eval_data: 'e.jsonl' -> 'f.jsonl'",
+        "max_eval_conversations: 100 -> 50",
+    ]
 
 
 def test_a_null_tokenizer_and_the_one_the_data_names_are_one_setting(sample_data, model_json, tmp_path):  # noqa: F811

@@ -228,6 +228,8 @@ def test_a_value_that_cannot_be_read_as_its_type_is_an_error_naming_the_field(tm
         ("TrainConfig", {"grad_accum": 2.5}, r"grad_accum must be an integer, got 2.5"),
         ("TrainConfig", {"micro_batch_size": "4"}, r"micro_batch_size must be an integer, got '4'"),
         ("TrainConfig", {"seq_len": True}, r"seq_len must be an integer, got True"),
+        ("TrainConfig", {"seq_len": 1}, r"seq_len must be at least 2 \(a token and the next one it predicts\), got 1"),
+        ("FinetuneConfig", {"max_len": 1}, r"max_len must be at least 2 \(a token and the next one it predicts\)"),
         ("TrainConfig", {"muon_cuda_graph": "yes"}, r"muon_cuda_graph must be true or false, got 'yes'"),
         ("TrainConfig", {"peak_tflops": "989"}, r"peak_tflops must be a number or null, got '989'"),
         ("TrainConfig", {"sample_prompts": ["a", 3]}, r"sample_prompts must be a list of text, got \['a', 3\]"),

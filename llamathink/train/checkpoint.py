@@ -775,12 +775,13 @@ def save_checkpoint(
         "input_fingerprints": extra.get("input_fingerprints"),
         "model_architecture": model_architecture(model),
     }
+    interrupts: list[int] = []
     try:
         for path in (tmp, old):
             if path.is_symlink() or path.exists():
                 _remove_folder_or_link(path)
         tmp.mkdir()
-        with open(tmp / STATE_FILE, "wb") as f:
+        with open(tmp / STATE_FILE, "wb") as f, _noting_interrupts(interrupts):
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
@@ -799,6 +800,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         if (old.exists() or old.is_symlink()) and not (final.exists() or final.is_symlink()):
             os.replace(old, final)
+        if interrupts and not isinstance(err, KeyboardInterrupt):  # Ctrl-C inside torch.save's writes: it comes
+            raise KeyboardInterrupt from err  # back as torch's RuntimeError, which is no write failure
         if isinstance(err, (OSError, RuntimeError)):
             raise CheckpointError(_save_error_message(err, step, final, _nbytes(state), previous)) from err
         raise
@@ -818,6 +821,30 @@ def save_checkpoint(
         except OSError as err:  # the new checkpoint is saved; an old one left behind must not stop the run
             print(f"could not remove the old checkpoint {stale} (keep_last={keep_last}): {err}")
     return final
+
+
+@contextlib.contextmanager
+def _noting_interrupts(interrupts: list):
+    """Within the block, SIGINT (Ctrl-C) still raises KeyboardInterrupt, and is also noted in `interrupts`: torch.save
+    writing to a Python file turns an exception raised in its write callback into a RuntimeError, which would
+    otherwise read as a failed write. Only in the main thread (where Python handles signals); elsewhere a no-op."""
+    import signal
+    import threading
+
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if not callable(previous):  # not the main thread, or SIGINT ignored / left to the system
+        yield
+        return
+
+    def note(signum, frame):
+        interrupts.append(signum)
+        previous(signum, frame)  # (Python's default raises KeyboardInterrupt)
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def remove_checkpoint(path: Path):
@@ -975,6 +1002,9 @@ RESUME_APPLIED = (
     "eval_at_start",
 )
 _NOT_COMPARED = ("resume", "overwrite")
+# finetuning settings that may change on resume where an eval_data file holds the held-out conversations, but that
+# choose the training conversations where they are split off the training data (`split_held_out`)
+_SPLIT_TRAINING_DATA = ("eval_data", "max_eval_conversations")
 
 # Settings that name files or folders: a resumed run must find their contents as the run found them at its start
 # (the names alone are compared by `compare_resume_settings`; an edited model config would change the architecture,
@@ -1162,7 +1192,13 @@ def compare_resume_settings(
             if now.get(name) == prints[name]:
                 changed.append(f"{line} (moved: same contents)")
                 continue
-        (changed if name in RESUME_APPLIED else fixed).append(line)
+        applied = name in RESUME_APPLIED
+        if name in _SPLIT_TRAINING_DATA and not (saved.get("eval_data") and current.get("eval_data")):
+            # without an eval_data file the held-out conversations are split off the training data: these settings
+            # then change which conversations the run trains on
+            applied = False
+            line += " (without eval_data it changes the training split)"
+        (changed if applied else fixed).append(line)
     if saved_world is not None and all(k in saved for k in ("micro_batch_size", "grad_accum")):
         factors = (saved["micro_batch_size"], saved["grad_accum"], saved_world)
         if not all(isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in factors):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..chat_format import prompt_ids, set_chat_template
+from ..chat_format import check_content, prompt_ids, set_chat_template
 from ..data import check_vocab
 from ..data.chat import (
     ChatBatchLoader,
@@ -41,7 +41,6 @@ from .checkpoint import load_saved_model, own_out_dir
 from .config import RunConfig
 from .config import load_config as _load_settings
 from .loop import TrainingHooks, begin_run, command_main, make_accelerator, run_training, save_final
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Run settings
@@ -111,6 +110,10 @@ class FinetuneConfig(RunConfig):
             raise ValueError(
                 "system_prompt is blank: the template would render an empty system block; use null for none"
             )
+        if self.system_prompt is not None:  # now, not after the model has loaded, and by its own name
+            check_content(0, self.system_prompt, name="system_prompt")
+        if self.max_len is not None and self.max_len < 2:
+            raise ValueError(f"max_len must be at least 2 (a token and the next one it predicts), got {self.max_len}")
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> FinetuneConfig:
@@ -286,6 +289,8 @@ def load_chat_tokenizer(cfg: FinetuneConfig):
         if cfg.tokenizer:
             raise
         raise ValueError(f"no usable tokenizer saved with init_from={cfg.init_from!r} ({err}); {choose}") from err
+    if cfg.tokenizer:
+        _check_same_pieces(cfg, tokenizer)
     try:
         return set_chat_template(tokenizer)
     except ValueError as err:  # e.g. a folder whose tokenizer_config.json (which names BOS and EOS) was lost
@@ -295,6 +300,30 @@ def load_chat_tokenizer(cfg: FinetuneConfig):
             f"the tokenizer saved with init_from={cfg.init_from!r} cannot carry the chat format: {err} (is its "
             f"tokenizer_config.json missing or edited?); {choose}"
         ) from err
+
+
+def _check_same_pieces(cfg: FinetuneConfig, tokenizer) -> None:
+    """Raise ValueError where `tokenizer` (the `tokenizer` setting) gives one of the pieces of the tokenizer saved
+    with init_from another id: the model learned its ids from that one, so every such id would mean another piece.
+    A tokenizer that extends it (the same ids, more after them) passes; so does an init_from folder without a
+    tokenizer of its own, or a Hub id that cannot be read offline (nothing to compare)."""
+    from ..tokenizer_utils import load_tokenizer
+
+    local = Path(cfg.init_from).expanduser()
+    if not (local.is_dir() and any(local.glob("tokenizer*"))):
+        return
+    try:
+        saved = load_tokenizer(str(local))
+    except (OSError, ValueError):  # (a folder whose tokenizer cannot load: the model's own check names it)
+        return
+    mine = tokenizer.get_vocab()
+    moved = [piece for piece, i in saved.get_vocab().items() if mine.get(piece) != i]
+    if moved:
+        raise ValueError(
+            f"tokenizer={cfg.tokenizer!r} is not the tokenizer saved with init_from={cfg.init_from!r}: {len(moved)} "
+            f"of its {len(saved)} pieces have other ids or none (e.g. {moved[0]!r}), so the ids the model learned "
+            "would mean other text; leave tokenizer unset to finetune with the model's own"
+        )
 
 
 def finetune(cfg: FinetuneConfig) -> dict:

@@ -82,6 +82,8 @@ class TrainConfig(RunConfig):
     def __post_init__(self):
         super().__post_init__()
         self.check_positive("seq_len", "eval_batches")
+        if self.seq_len < 2:  # a window of one token has no next token to predict
+            raise ValueError(f"seq_len must be at least 2 (a token and the next one it predicts), got {self.seq_len}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if self.compile_mode not in ("auto", "default") and not self.compile:
