@@ -495,16 +495,18 @@ def prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
     With the LlamaThink template (any version, or none set) these are :func:`chat_ids`: message content is
     encoded as text, BOS/EOS only where the template puts them. A tokenizer with another chat template gets that
     template's ``apply_chat_template`` ids; what that template raises (a role it does not take, a turn order) is a
-    ValueError naming the template's own message. Raises ValueError where, with another template, a message holds
-    the text of one of the tokenizer's special or added tokens (that template would encode it as the token)."""
+    ValueError naming the template's own message. Raises ValueError where, with another template, a user or system
+    message holds the text of one of the tokenizer's special tokens (that template would encode it as the token)."""
     template = getattr(tokenizer, "chat_template", None)
     if template is None or is_llamathink_template(template):
         return chat_ids(tokenizer, messages, add_generation_prompt=True)
-    # Another template is rendered to text and tokenized whole, where a special token's text in a message (a typed
-    # "</s>") would become that token: refused, since only our template keeps content apart from control tokens
-    controls = sorted({*tokenizer.all_special_tokens, *tokenizer.get_added_vocab()} - {""}, key=len, reverse=True)
+    # Another template is rendered to text and tokenized whole, where a special token's text in a typed message (a
+    # "</s>") would become that token: refused, since only our template keeps content apart from control tokens.
+    # (The model's own replies are not checked: refusing one would refuse every later turn of the session.)
+    controls = sorted(set(tokenizer.all_special_tokens) - {""}, key=len, reverse=True)
     for i, message in enumerate(messages):
-        content = message.get("content") if isinstance(message, dict) else None
+        typed = isinstance(message, dict) and message.get("role") != "assistant"
+        content = message.get("content") if typed else None
         typed = next((t for t in controls if isinstance(content, str) and t in content), None)
         if typed is not None:
             raise ValueError(

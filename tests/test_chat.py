@@ -571,6 +571,15 @@ def test_finetune_refuses_a_tokenizer_whose_ids_are_not_the_models(base_model, t
     assert not (tmp_path / "ft" / "checkpoints").exists() or not any((tmp_path / "ft" / "checkpoints").iterdir())
     same = finetune.load_chat_tokenizer(_ft_cfg(base_model, tmp_path / "ft2", tokenizer="builtin"))
     assert len(same) == 1024
+    # reserved added tokens renamed at their ids (a usual extension): the base vocabulary is what must match
+    reserved = builtin_tokenizer()
+    reserved.add_special_tokens({"additional_special_tokens": ["<reserved_0>", "<reserved_1>"]})
+    reserved.save_pretrained(tmp_path / "base2")
+    renamed = builtin_tokenizer()
+    renamed.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    renamed.save_pretrained(tmp_path / "tok2")
+    cfg = _ft_cfg(tmp_path / "base2", tmp_path / "ft3", tokenizer=str(tmp_path / "tok2"))
+    finetune._check_same_pieces(cfg, renamed)
 
 
 def test_finetune_lowers_the_held_out_assistant_loss(finetuned):
@@ -1449,6 +1458,10 @@ def test_another_template_refuses_a_typed_special_token_rather_than_encode_it_as
     assert run_interactive(session, io.StringIO("end </s> now\nhello\n"), stdout, stderr) == 0
     assert "contains '</s>', the text of a special token" in stderr.getvalue(), stderr.getvalue()
     assert [m["content"] for m in session.messages][::2] == ["hello"]
+    # the model's own reply is not refused (that would refuse every later turn), nor an ordinary added token
+    prompt_ids(plain, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "the tag is </s>"}])
+    plain.add_tokens(["    "])  # not special: indentation, as code tokenizers add
+    prompt_ids(plain, [{"role": "user", "content": "def f():\n    return 1"}])
 
 
 def test_chat_refuses_a_tokenizer_that_is_not_the_models(finetuned, tmp_path, capsys):

@@ -1045,6 +1045,8 @@ _OUT_DIR_ENTRIES = (
     "finetune_config.json.tmp",
     LOCK_FILE,
     "wandb",
+    "fla_prebuild.log",
+    "flash_qla_build.log",
 )
 
 

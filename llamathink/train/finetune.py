@@ -305,7 +305,7 @@ def load_chat_tokenizer(cfg: FinetuneConfig):
 def _check_same_pieces(cfg: FinetuneConfig, tokenizer) -> None:
     """Raise ValueError where `tokenizer` (the `tokenizer` setting) gives one of the pieces of the tokenizer saved
     with init_from another id: the model learned its ids from that one, so every such id would mean another piece.
-    A tokenizer that extends it (the same ids, more after them) passes; so does an init_from folder without a
+    A tokenizer that extends it (the same ids, more after them) or renames its added tokens passes; so does an init_from folder without a
     tokenizer of its own, or a Hub id that cannot be read offline (nothing to compare)."""
     from ..tokenizer_utils import load_tokenizer
 
@@ -314,10 +314,11 @@ def _check_same_pieces(cfg: FinetuneConfig, tokenizer) -> None:
         return
     try:
         saved = load_tokenizer(str(local))
-    except (OSError, ValueError):  # (a folder whose tokenizer cannot load: the model's own check names it)
+    except (OSError, ValueError, ImportError):  # (a folder whose tokenizer cannot load: nothing to compare)
         return
-    mine = tokenizer.get_vocab()
-    moved = [piece for piece, i in saved.get_vocab().items() if mine.get(piece) != i]
+    mine, added = tokenizer.get_vocab(), saved.get_added_vocab()
+    # the base vocabulary only: added tokens (reserved ones renamed at their ids, say) may change
+    moved = [piece for piece, i in saved.get_vocab().items() if piece not in added and mine.get(piece) != i]
     if moved:
         raise ValueError(
             f"tokenizer={cfg.tokenizer!r} is not the tokenizer saved with init_from={cfg.init_from!r}: {len(moved)} "
