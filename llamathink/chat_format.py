@@ -505,12 +505,13 @@ def prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
     # (The model's own replies are not checked: refusing one would refuse every later turn of the session.)
     controls = sorted(set(tokenizer.all_special_tokens) - {""}, key=len, reverse=True)
     for i, message in enumerate(messages):
-        typed = isinstance(message, dict) and message.get("role") != "assistant"
-        content = message.get("content") if typed else None
-        typed = next((t for t in controls if isinstance(content, str) and t in content), None)
-        if typed is not None:
+        if not isinstance(message, dict) or message.get("role") == "assistant":
+            continue
+        content = message.get("content")
+        found = next((t for t in controls if isinstance(content, str) and t in content), None)
+        if found is not None:
             raise ValueError(
-                f"message {i} contains {typed!r}, the text of a special token, which this tokenizer's chat template "
+                f"message {i} contains {found!r}, the text of a special token, which this tokenizer's chat template "
                 "(not LlamaThink's) would encode as that token itself; remove it, or use the LlamaThink template "
                 "(`set_chat_template`), which keeps typed text as text"
             )

@@ -2291,10 +2291,10 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         device); the training loop does for fixed-shape pretraining batches. Raises OSError where the child cannot
         be started."""
         mixers = self._gated_deltanets()
-        if not mixers or mixers[0].conv1d.weight.device.type != "cuda":
+        device = self._training_device() if mixers else None
+        if device is None or device.type != "cuda":
             return None
         mixer = mixers[0]
-        device = mixer.conv1d.weight.device
         backend = select_gdn_backend(mixer.backend, device, needs_grad=True, dtype=dtype, head_dims=mixer.head_dims)
         if backend == "torch":
             return None
@@ -2359,12 +2359,13 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         run trained with, so that a resumed run goes on with the same kernels (FlashQLA that cannot run here: fla,
         with a warning). Sets the layers' `backend`; the config keeps "auto". Layers that name their backend keep
         it. Raises ValueError for another `kernels`."""
-        if kernels not in (None, "flash_qla", "fla", "torch"):
-            raise ValueError(f"kernels={kernels!r}: expected 'flash_qla', 'fla', 'torch' or None")
+        if kernels not in (None, "flash_qla", "fla"):
+            raise ValueError(f"kernels={kernels!r}: expected 'flash_qla', 'fla' or None")
         mixers = self._gated_deltanets()
-        if not mixers or self._training_device().type != "cuda":
+        device = self._training_device() if mixers else None
+        if device is None or device.type != "cuda":
             return None
-        device, head_dims = self._training_device(), mixers[0].head_dims
+        head_dims = mixers[0].head_dims
         automatic = [m for m in mixers if m.backend == "auto"]
         if automatic and select_gdn_backend("auto", device, True, dtype, head_dims) == "fla":
             if kernels is None:

@@ -305,8 +305,8 @@ def load_chat_tokenizer(cfg: FinetuneConfig):
 def _check_same_pieces(cfg: FinetuneConfig, tokenizer) -> None:
     """Raise ValueError where `tokenizer` (the `tokenizer` setting) gives one of the pieces of the tokenizer saved
     with init_from another id: the model learned its ids from that one, so every such id would mean another piece.
-    A tokenizer that extends it (the same ids, more after them) or renames its added tokens passes; so does an init_from folder without a
-    tokenizer of its own, or a Hub id that cannot be read offline (nothing to compare)."""
+    A tokenizer that extends it (the same ids, more after them) or renames its added tokens passes; so does an
+    init_from folder without a tokenizer of its own, or a Hub id that cannot be read offline (nothing to compare)."""
     from ..tokenizer_utils import load_tokenizer
 
     local = Path(cfg.init_from).expanduser()

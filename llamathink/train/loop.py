@@ -421,9 +421,7 @@ def _choose_gdn_kernels(
     same kernels. Printed where it is FlashQLA's or fla's."""
     if not hasattr(raw_model, "choose_training_kernels"):
         return None
-    if resumed not in (None, "fla", "flash_qla"):  # (a checkpoint's record is checked when it is read)
-        resumed = None
-    choice = resumed
+    choice = resumed  # ("fla" or "flash_qla": `_check_run_records` refuses any other record)
     if choice is None and accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
