@@ -702,7 +702,7 @@ FLASH_QLA_GDN_KERNELS = {"chunk": flash_qla_chunk_gated_delta_rule, "recurrent":
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Short causal convolution (the Gated DeltaNet conv): fla's fused Triton conv + SiLU, channels-last
+# Short causal convolution (the Gated DeltaNet conv): fla's fused conv + SiLU (Gluon or Triton), channels-last
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -723,6 +723,87 @@ def _fla_conv_internals():
         except Exception:  # fla missing, broken, or reorganised
             pass
     return _fla_state["conv"]
+
+
+FLA_CONV_ENV = "LLAMATHINK_FLA_CONV"  # fla's conv kernels: "gluon" (the default) or "triton" (`fla_conv_kernels`)
+FLA_CONV_KERNELS = ("gluon", "triton")
+
+
+def _fla_conv_gluon():
+    """fla's Gluon causal conv (`fla.modules.causal_conv1d.backends.gluon`, fla-core 0.6: forward, backward, and the
+    verifier that says which calls it takes), or None where this fla, Triton or GPU lacks it."""
+    if "conv-gluon" not in _fla_state:
+        _fla_state["conv-gluon"] = None
+        try:
+            from fla.backends import GluonBackend
+
+            if GluonBackend.is_available():  # an NVIDIA GPU, and a Triton with `triton.experimental.gluon`
+                from fla.modules.causal_conv1d.backends import gluon
+
+                _fla_state["conv-gluon"] = (
+                    gluon.causal_conv1d_fwd_gluon,
+                    gluon.causal_conv1d_bwd_gluon,
+                    gluon.causal_conv1d_fwd_verifier,
+                )
+        except Exception:  # fla or Triton without it, or reorganised: fla's Triton kernels
+            pass
+    return _fla_state["conv-gluon"]
+
+
+def fla_conv_kernels(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> str:
+    """Which of fla's two causal-conv implementations the package's conv ops (`fla_causal_conv1d_silu`,
+    `fla_causal_conv1d_silu_split` and their backward) run for x [B, T, C] (as the op receives it), weight [C, K] and
+    `cu_seqlens`: "gluon" or "triton".
+
+    "gluon": fla's Gluon kernels (`fla.modules.causal_conv1d.backends.gluon`, opt-in in fla itself through its
+    `FLA_CONV_GLUON=1`). Their backward recomputes the conv's pre-activation in registers where the Triton backward
+    first reruns the whole forward to memory, and each thread reuses its loaded inputs across neighbouring outputs:
+    at the seed's shape (batch 16 x 1024, 3024 channels, bf16) forward + backward take 0.46x the Triton kernels' time
+    with the same errors against float32 (benchmarks/bench_conv.py, BENCHMARKS.md section 1, session 41). Taken
+    where `LLAMATHINK_FLA_CONV` is unset or "gluon", fla and Triton have them (`fla.backends.GluonBackend`: an NVIDIA
+    GPU, `triton.experimental.gluon`), their verifier takes the call (channels adjacent in memory, K <= 4, packed
+    rows in a batch of one; no `torch.distributed` process group: fla keeps them to one process), and no Gluon call
+    has failed in this process.
+    "triton": fla's Triton kernels (`fla.modules.causal_conv1d.ops`), everywhere else, and with
+    `LLAMATHINK_FLA_CONV=triton`. fla's own switch still applies to them: with `FLA_CONV_GLUON=1` fla hands them
+    to its Gluon kernels itself.
+
+    Raises ValueError for another value of `LLAMATHINK_FLA_CONV`."""
+    setting = os.environ.get(FLA_CONV_ENV, "").strip().lower() or "gluon"
+    if setting not in FLA_CONV_KERNELS:
+        raise ValueError(
+            f"{FLA_CONV_ENV}={os.environ[FLA_CONV_ENV]!r}: expected one of {', '.join(FLA_CONV_KERNELS)} "
+            "(or unset: gluon where fla can run it)"
+        )
+    gluon = _fla_conv_gluon()
+    if setting == "triton" or gluon is None or "conv-gluon-failed" in _fla_state:
+        return "triton"
+    try:
+        takes, _ = gluon[2](x=x, weight=weight, cu_seqlens=cu_seqlens)
+    except Exception:  # a verifier that cannot judge the call: the kernels that take every call
+        takes = False
+    return "gluon" if takes else "triton"
+
+
+def _fla_conv_call(direction: str, x: torch.Tensor, weight: torch.Tensor, cu_seqlens, **kwargs):
+    """fla's conv `direction` ("forward" or "backward") on x [B, T, C] with the implementation `fla_conv_kernels`
+    picks, the keyword arguments as fla's `causal_conv1d_fwd` / `causal_conv1d_bwd` take them. A Gluon call that
+    raises (a kernel this GPU or Triton cannot build) turns Gluon off for the process with a warning and runs the
+    Triton kernels instead; running out of memory is raised as it is."""
+    index = 0 if direction == "forward" else 1
+    if fla_conv_kernels(x, weight, cu_seqlens) == "gluon":
+        try:
+            return _fla_conv_gluon()[index](x=x, weight=weight, cu_seqlens=cu_seqlens, **kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:
+            _fla_state["conv-gluon-failed"] = f"{type(err).__name__}: {err}"
+            _warn_once(
+                "conv-gluon-failed",
+                f"fla's Gluon causal conv failed ({type(err).__name__}: {err}); the Gated DeltaNet conv runs on "
+                f"fla's Triton kernels in this process ({FLA_CONV_ENV}=triton chooses them from the start)",
+            )
+    return _fla_conv_internals()[index](x=x, weight=weight, cu_seqlens=cu_seqlens, **kwargs)
 
 
 def _fla_conv_takes_strides() -> bool:
@@ -765,17 +846,17 @@ def _define_fla_conv_op():
     layout = (torch.Tag.needs_fixed_stride_order,)
 
     def forward(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-        fwd, _ = _fla_conv_internals()
         with _device_of(x):
-            y, _ = fwd(
-                x=_as_fla_conv_rows(x),
-                weight=weight,
+            y, _ = _fla_conv_call(
+                "forward",
+                _as_fla_conv_rows(x),
+                weight,
+                cu_seqlens,
                 bias=None,
                 residual=None,
                 initial_state=None,
                 output_final_state=False,
                 activation="silu",
-                cu_seqlens=cu_seqlens,
             )
         return y.contiguous()
 
@@ -795,19 +876,20 @@ def _define_fla_conv_op():
         x: torch.Tensor, weight: torch.Tensor, grad_y: torch.Tensor, cu_seqlens: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradients w.r.t. x (x's dtype) and weight (weight's dtype), contiguous, by fla's fused backward (which
-        recomputes the pre-activation rather than storing it); x and grad_y may have any strides, as in the forward."""
-        _, bwd = _fla_conv_internals()
+        recomputes the pre-activation rather than storing it; Gluon or Triton kernels, `fla_conv_kernels`); x and
+        grad_y may have any strides, as in the forward."""
         with _device_of(x):
-            dx, dw = bwd(
-                x=_as_fla_conv_rows(x),
+            dx, dw = _fla_conv_call(
+                "backward",
+                _as_fla_conv_rows(x),
+                weight,
+                cu_seqlens,
                 dy=_as_fla_conv_rows(grad_y.to(x.dtype)),
                 dht=None,
-                weight=weight,
                 bias=None,
                 residual=None,
                 initial_state=None,
                 activation="silu",
-                cu_seqlens=cu_seqlens,
             )[:2]
         return dx.to(x.dtype).contiguous(), dw.to(weight.dtype).contiguous()
 
@@ -863,10 +945,11 @@ _fla_conv_op = _define_fla_conv_op()
 
 
 def fla_causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
-    """`silu(causal depthwise conv1d(x))` by fla's fused Triton kernels (forward and backward), in the channels-last
-    layout: x [B, T, C] (16-bit), weight [C, K] (the `nn.Conv1d` weight [C, 1, K] without its middle axis; kept in
-    its own dtype, gradients too) -> [B, T, C] in x's dtype. Output t sees inputs t - K + 1 .. t, zeros before the
-    start of each sequence: the row, or with `cu_seqlens` [N + 1] (B = 1) each of the N packed sequences.
+    """`silu(causal depthwise conv1d(x))` by fla's fused kernels (forward and backward; its Gluon or its Triton
+    ones, `fla_conv_kernels`), in the channels-last layout: x [B, T, C] (16-bit), weight [C, K] (the `nn.Conv1d`
+    weight [C, 1, K] without its middle axis; kept in its own dtype, gradients too) -> [B, T, C] in x's dtype.
+    Output t sees inputs t - K + 1 .. t, zeros before the start of each sequence: the row, or with `cu_seqlens`
+    [N + 1] (B = 1) each of the N packed sequences.
 
     The reference is `LlamaThinkGatedDeltaNet._causal_conv`'s PyTorch form (tests/test_gpu.py compares both, forward
     and gradients). x may have any strides: the op reads it where it lies, or copies it, as fla's kernels allow
@@ -909,6 +992,7 @@ def probe_fla():
         return
     _fla_chunk_internals()
     _fla_conv_internals()
+    _fla_conv_gluon()
     for index in range(torch.cuda.device_count()):  # the model may move to any of them later
         fla_backward_problem(torch.device("cuda", index))
     if "tuned" not in _fla_state:
@@ -1033,10 +1117,14 @@ def prebuild_fla_kernels(
 
     def conv():
         if _fla_conv_internals() is not None:
-            x = leaf(B, T, conv_dim)
             weight = leaf(conv_dim, conv_kernel_size, dtype=getattr(torch, conv_weight_dtype))
-            ys = torch.ops.llamathink.fla_causal_conv1d_silu_split(x, weight, cu_seqlens, list(conv_parts))
-            torch.autograd.backward(ys, [torch.randn_like(y) for y in ys])
+            # contiguous rows (eager), and rows padded to 128 bytes (inductor's layout of the qkv projection's
+            # output, 3024 -> 3072 channels): fla's Gluon kernels are built for each row stride
+            row = -(-conv_dim * dt.itemsize // 128) * 128 // dt.itemsize
+            for width in dict.fromkeys((conv_dim, row)):
+                x = leaf(B, T, width)[..., :conv_dim]
+                ys = torch.ops.llamathink.fla_causal_conv1d_silu_split(x, weight, cu_seqlens, list(conv_parts))
+                torch.autograd.backward(ys, [torch.randn_like(y) for y in ys])
 
     def built():  # the kernels the step may launch are in the caches
         if on_built is not None:
@@ -1861,6 +1949,8 @@ def _load_fla_tuned_configs(path, setting: str, named: bool) -> int:
 
 __all__ = [
     "FLASH_QLA_GDN_KERNELS",
+    "FLA_CONV_ENV",
+    "FLA_CONV_KERNELS",
     "FLA_GDN_KERNELS",
     "FLA_PREBUILD_ENV",
     "FLA_TUNED_CONFIGS_ENV",
@@ -1871,6 +1961,7 @@ __all__ = [
     "fla_causal_conv1d_silu_split",
     "fla_chunk_gated_delta_rule",
     "fla_conv_available",
+    "fla_conv_kernels",
     "fla_recurrent_gated_delta_rule",
     "fla_tuned_configs_path",
     "flash_qla_chunk_gated_delta_rule",

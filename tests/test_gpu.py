@@ -384,15 +384,23 @@ def test_fla_variable_length_kernel_matches_the_reference_on_each_sequence():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not fla_conv_available(), reason="fla is not installed")
+@pytest.mark.parametrize("conv_kernels", ["gluon", "triton"])
 @pytest.mark.parametrize("channels", [96, 100])
-def test_fla_causal_conv_matches_the_reference(channels):
-    """fla's fused conv + SiLU (channels-last, bf16) against PyTorch's depthwise conv in fp32, forward and gradients
-    (input and weight), for one sequence per row and for packed sequences (cu_seqlens), each of which must start
-    from zeros as if alone; strided inputs and the split into channel groups against the contiguous whole call.
-    100 channels: not a multiple of fla's channel tiles (its masked path)."""
+def test_fla_causal_conv_matches_the_reference(channels, conv_kernels, monkeypatch):
+    """fla's fused conv + SiLU (channels-last, bf16), by its Gluon kernels (the default) and by its Triton ones
+    (`LLAMATHINK_FLA_CONV`), against PyTorch's depthwise conv in fp32, forward and gradients (input and weight), for
+    one sequence per row and for packed sequences (cu_seqlens), each of which must start from zeros as if alone;
+    strided inputs and the split into channel groups against the contiguous whole call. 100 channels: not a
+    multiple of fla's channel tiles (their masked paths)."""
+    monkeypatch.delenv("FLA_CONV_GLUON", raising=False)  # fla's own switch would send Triton's calls to Gluon
+    monkeypatch.delenv("FLA_GLUON", raising=False)
+    monkeypatch.setenv("LLAMATHINK_FLA_CONV", conv_kernels)
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(2, 300, channels, device="cuda", generator=gen).bfloat16()
     weight = torch.randn(channels, 4, device="cuda", generator=gen) * 0.5
+    flat = x.reshape(1, 600, channels)
+    cu = torch.tensor([0, 37, 38, 170, 300, 600], device="cuda")
+    assert [kernels.fla_conv_kernels(*call) for call in ((x, weight), (flat, weight, cu))] == [conv_kernels] * 2
 
     def reference(x, weight):  # [B, T, C] -> [B, T, C], fp32
         out = torch.nn.functional.conv1d(
@@ -400,7 +408,6 @@ def test_fla_causal_conv_matches_the_reference(channels):
         )
         return torch.nn.functional.silu(out).transpose(1, 2)
 
-    cu = torch.tensor([0, 37, 38, 170, 300, 600], device="cuda")
     for packed in (False, True):
         xs, ws = x.clone().requires_grad_(), weight.clone().requires_grad_()
         xr, wr = x.float().requires_grad_(), weight.clone().requires_grad_()
@@ -461,6 +468,7 @@ def test_fla_causal_conv_matches_the_reference(channels):
         torch.autograd.backward(parts, list(dy.reshape(x_in.shape).split(widths, -1)))
         torch.testing.assert_close(xs.grad, dx_c.reshape(x.shape), rtol=0, atol=0)
         torch.testing.assert_close(ws.grad, dw_c, rtol=1e-5, atol=1e-5 * dw_c.abs().max().item())
+    assert "conv-gluon-failed" not in kernels._fla_state  # no Gluon call fell back to Triton
 
 
 @needs_fla
@@ -1178,7 +1186,6 @@ def test_auto_layers_build_flash_qla_for_later_runs_then_train_with_its_cached_k
     assert first.start_flash_qla_build(2, 160) is None  # recorded: nothing left to build
     assert second.choose_training_kernels(2, 160) == "flash_qla" and second.config.gdn_backend == "auto"
     cache = tmp_path / "tilelang"
-    files = {p for p in cache.rglob("*") if p.is_file()}
     calls = []
     chunk = modeling.FLASH_QLA_GDN_KERNELS["chunk"]
     monkeypatch.setitem(modeling.FLASH_QLA_GDN_KERNELS, "chunk", lambda *a, **k: calls.append(1) or chunk(*a, **k))
@@ -1186,13 +1193,15 @@ def test_auto_layers_build_flash_qla_for_later_runs_then_train_with_its_cached_k
     ids = torch.randint(0, first.config.vocab_size, (2, 160), device="cuda")
     results = []
     for model in (first, second):
+        # (after fla's step: its backward builds a TileLang kernel of fla's own, #640, into the same cache)
+        files = {p for p in cache.rglob("*") if p.is_file()}
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         results.append((loss.detach().float(), grads.float()))
     assert len(calls) == first.config.mixer_types.count("linear"), calls  # the second model's layers alone
-    assert {p for p in cache.rglob("*") if p.is_file()} == files  # loaded, not built again
+    assert {p for p in cache.rglob("*") if p.is_file()} == files  # FlashQLA's kernels loaded, not built again
     (loss_fla, grad_fla), (loss_qla, grad_qla) = results
     torch.testing.assert_close(loss_qla, loss_fla, rtol=1e-2, atol=0)
     assert (grad_qla - grad_fla).norm() <= 3e-2 * grad_fla.norm(), ((grad_qla - grad_fla).norm(), grad_fla.norm())

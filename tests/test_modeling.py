@@ -2564,6 +2564,69 @@ def test_gated_deltanet_runs_fla_conv_per_part_on_views_of_the_qkv_rows(monkeypa
                 assert ((got - want).norm() / want.norm()).item() < 2e-2, (run, packed)  # bf16 rounding
 
 
+def test_fla_conv_takes_gluon_where_it_runs_and_falls_back_to_triton(monkeypatch):
+    """`fla_conv_kernels` / the conv ops' calls: fla's Gluon kernels by default where its verifier takes the call,
+    its Triton kernels with `LLAMATHINK_FLA_CONV=triton`, for calls the verifier refuses, and for the rest of the
+    process after a Gluon call fails (with a warning naming the error; running out of memory is raised); another
+    value of the switch is an error that names it."""
+    from llamathink import kernels_llamathink as kernels
+
+    calls = []
+
+    def implementation(name, direction):
+        def run(x, weight, cu_seqlens, **kwargs):
+            calls.append((name, direction))
+            if name == "gluon" and fail:
+                raise fail[0]
+            return (x * 2, None) if direction == "forward" else (x * 3, weight * 0, None, None, None)
+
+        return run
+
+    def verifier(x, weight, cu_seqlens=None, **kwargs):
+        return (x.shape[0] == 1, "packed rows need a batch of one") if cu_seqlens is not None else (True, None)
+
+    fail = []
+    monkeypatch.setattr(kernels, "_fla_state", {})
+    kernels._fla_state["conv"] = (implementation("triton", "forward"), implementation("triton", "backward"))
+    kernels._fla_state["conv-gluon"] = (
+        implementation("gluon", "forward"),
+        implementation("gluon", "backward"),
+        verifier,
+    )
+    kernels._fla_state["conv-strides"] = True
+    monkeypatch.delenv("LLAMATHINK_FLA_CONV", raising=False)
+    x, weight, cu = torch.ones(2, 8, 12, dtype=torch.bfloat16), torch.ones(12, 4), torch.tensor([0, 3, 8])
+    op, backward = torch.ops.llamathink.fla_causal_conv1d_silu, torch.ops.llamathink.fla_causal_conv1d_silu_backward
+
+    assert kernels.fla_conv_kernels(x, weight) == "gluon"
+    assert torch.equal(op(x, weight, None), x * 2) and torch.equal(backward(x, weight, x, None)[0], x * 3)
+    assert kernels.fla_conv_kernels(x, weight, cu) == "triton"  # refused by the verifier: batch 2 with cu_seqlens
+    assert kernels.fla_conv_kernels(x[:1], weight, cu) == "gluon"
+    monkeypatch.setenv("LLAMATHINK_FLA_CONV", " Triton ")
+    assert kernels.fla_conv_kernels(x, weight) == "triton"
+    op(x, weight, None)
+    assert calls == [("gluon", "forward"), ("gluon", "backward"), ("triton", "forward")]
+    monkeypatch.setenv("LLAMATHINK_FLA_CONV", "cuda")
+    with pytest.raises(ValueError, match=r"LLAMATHINK_FLA_CONV='cuda': expected one of gluon, triton"):
+        op(x, weight, None)
+
+    monkeypatch.setenv("LLAMATHINK_FLA_CONV", "gluon")
+    fail.append(torch.OutOfMemoryError("CUDA out of memory"))
+    with pytest.raises(torch.OutOfMemoryError):
+        op(x, weight, None)
+    assert kernels.fla_conv_kernels(x, weight) == "gluon"  # memory is not the kernels' fault
+    fail[0] = RuntimeError("PassManager::run failed")
+    calls.clear()
+    warned = []
+    monkeypatch.setattr(kernels, "_warn_once", lambda key, message: warned.append(message))
+    assert torch.equal(op(x, weight, None), x * 2)  # the Triton kernels' result
+    assert calls == [("gluon", "forward"), ("triton", "forward")]
+    assert len(warned) == 1 and "Gluon causal conv failed (RuntimeError: PassManager::run failed)" in warned[0]
+    assert kernels.fla_conv_kernels(x, weight) == "triton"  # for the rest of the process
+    backward(x, weight, x, None)
+    assert calls[-1] == ("triton", "backward")
+
+
 def test_fla_causal_conv1d_silu_split_names_widths_that_do_not_fit(monkeypatch):
     """The public wrapper refuses channel groups that are not positive integers summing to C, naming them."""
     from llamathink import kernels_llamathink as kernels
