@@ -1669,7 +1669,7 @@ def test_held_out_settings_that_split_the_training_data_are_fixed_without_an_eva
     """`max_eval_conversations` and `eval_data` may change on resume where an eval_data file holds the held-out
     conversations (the evaluation set alone changes). Without one, the held-out conversations are split off the
     training data, so either changes which conversations the run trains on: refused by name (it failed later as a
-    changed example count that named no setting)."""
+    changed example count that named no setting), unless eval_fraction is 0 (nothing split off) before and now."""
 
     def cfg(**kw):
         return finetune.FinetuneConfig(init_from="x", out_dir=str(tmp_path / "ft"), data="d.jsonl", **kw)
@@ -1685,6 +1685,14 @@ def test_held_out_settings_that_split_the_training_data_are_fixed_without_an_eva
         "eval_data: 'e.jsonl' -> 'f.jsonl'",
         "max_eval_conversations: 100 -> 50",
     ]
+    # with eval_fraction 0 nothing is split off the training data: both may change
+    saved = dataclasses.asdict(cfg(eval_fraction=0.0, max_eval_conversations=100))
+    assert ckpt.compare_resume_settings(saved, cfg(eval_fraction=0.0, eval_data="e.jsonl"), 1, 1) == [
+        "eval_data: None -> 'e.jsonl'",
+        "max_eval_conversations: 100 -> 1000",
+    ]
+    with pytest.raises(ckpt.ResumeSettingsError, match=r"eval_fraction: 0.0 -> 0.05"):
+        ckpt.compare_resume_settings(saved, cfg(max_eval_conversations=50), 1, 1)
 
 
 def test_a_null_tokenizer_and_the_one_the_data_names_are_one_setting(sample_data, model_json, tmp_path):  # noqa: F811

@@ -1006,6 +1006,13 @@ _NOT_COMPARED = ("resume", "overwrite")
 # choose the training conversations where they are split off the training data (`split_held_out`)
 _SPLIT_TRAINING_DATA = ("eval_data", "max_eval_conversations")
 
+def _splits_nothing(saved: dict, current: dict) -> bool:
+    """Whether finetuning settings `saved` and `current` both hold no conversations out of the training data
+    (`eval_fraction` 0: `split_held_out` then keeps them all), so that the held-out settings cannot change it."""
+    fractions = [d.get("eval_fraction") for d in (saved, current)]
+    return all(isinstance(f, (int, float)) and not isinstance(f, bool) and f <= 0 for f in fractions)
+
+
 # Settings that name files or folders: a resumed run must find their contents as the run found them at its start
 # (the names alone are compared by `compare_resume_settings`; an edited model config would change the architecture,
 # an edited data file the examples, silently).
@@ -1195,7 +1202,11 @@ def compare_resume_settings(
                 changed.append(f"{line} (moved: same contents)")
                 continue
         applied = name in RESUME_APPLIED
-        if name in _SPLIT_TRAINING_DATA and not (saved.get("eval_data") and current.get("eval_data")):
+        if (
+            name in _SPLIT_TRAINING_DATA
+            and not (saved.get("eval_data") and current.get("eval_data"))
+            and not _splits_nothing(saved, current)
+        ):
             # without an eval_data file the held-out conversations are split off the training data: these settings
             # then change which conversations the run trains on
             applied = False
