@@ -1006,6 +1006,7 @@ _NOT_COMPARED = ("resume", "overwrite")
 # choose the training conversations where they are split off the training data (`split_held_out`)
 _SPLIT_TRAINING_DATA = ("eval_data", "max_eval_conversations")
 
+
 def _splits_nothing(saved: dict, current: dict) -> bool:
     """Whether finetuning settings `saved` and `current` both hold no conversations out of the training data
     (`eval_fraction` 0: `split_held_out` then keeps them all), so that the held-out settings cannot change it."""
