@@ -750,10 +750,25 @@ def _fla_conv_gluon():
     return _fla_state["conv-gluon"]
 
 
-def fla_conv_kernels(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> str:
+GLUON_CONV_SHAPES_PER_PROCESS = 4  # distinct Gluon builds of each direction a process makes (`fla_conv_kernels`)
+
+
+def _gluon_conv_shape(x: torch.Tensor, weight: torch.Tensor, cu_seqlens, grad_y) -> tuple:
+    """What fla's Gluon conv kernels are built for (its strides are compile-time constants): a key of the call's
+    direction, shapes, strides and dtypes."""
+    key = ("backward" if grad_y is not None else "forward", tuple(x.shape), x.stride(), x.dtype, weight.dtype)
+    return (*key, cu_seqlens is None) + ((grad_y.stride(), grad_y.dtype) if grad_y is not None else ())
+
+
+def fla_conv_kernels(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
+    grad_y: torch.Tensor | None = None,
+) -> str:
     """Which of fla's two causal-conv implementations the package's conv ops (`fla_causal_conv1d_silu`,
-    `fla_causal_conv1d_silu_split` and their backward) run for x [B, T, C] (as the op receives it), weight [C, K] and
-    `cu_seqlens`: "gluon" or "triton".
+    `fla_causal_conv1d_silu_split` and their backward) run next for x [B, T, C] (as the op receives it), weight
+    [C, K], `cu_seqlens` and, for the backward, the output gradient `grad_y` [B, T, C]: "gluon" or "triton".
 
     "gluon": fla's Gluon kernels (`fla.modules.causal_conv1d.backends.gluon`, opt-in in fla itself through its
     `FLA_CONV_GLUON=1`). Their backward recomputes the conv's pre-activation in registers where the Triton backward
@@ -761,12 +776,15 @@ def fla_conv_kernels(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Te
     at the seed's shape (batch 16 x 1024, 3024 channels, bf16) forward + backward take 0.46x the Triton kernels' time
     with the same errors against float32 (benchmarks/bench_conv.py, BENCHMARKS.md section 1, session 41). Taken
     where `LLAMATHINK_FLA_CONV` is unset or "gluon", fla and Triton have them (`fla.backends.GluonBackend`: an NVIDIA
-    GPU, `triton.experimental.gluon`), their verifier takes the call (channels adjacent in memory, K <= 4, packed
-    rows in a batch of one; no `torch.distributed` process group: fla keeps them to one process), and no Gluon call
-    has failed in this process.
-    "triton": fla's Triton kernels (`fla.modules.causal_conv1d.ops`), everywhere else, and with
-    `LLAMATHINK_FLA_CONV=triton`. fla's own switch still applies to them: with `FLA_CONV_GLUON=1` fla hands them
-    to its Gluon kernels itself.
+    GPU, `triton.experimental.gluon`), their verifier takes the call (channels adjacent in memory, K of 2 to 4,
+    packed rows in a batch of one; no `torch.distributed` process group: fla keeps them to one process), no Gluon
+    call has failed in this process, and the call's shape is one of the first `GLUON_CONV_SHAPES_PER_PROCESS` of its
+    direction that this process ran on Gluon: Gluon takes the strides, so the length, as compile-time constants and
+    builds kernels for each new shape, where a training run has one shape (and its evaluation's).
+    "triton": fla's Triton kernels (`fla.modules.causal_conv1d.ops`), which take any length with the same kernels:
+    every other call (finetuning batches padded to their longest conversation beyond the first few lengths,
+    uncached generation), and all calls with `LLAMATHINK_FLA_CONV=triton`. fla's own switches still apply to them:
+    with `FLA_CONV_GLUON=1` or `FLA_GLUON=1` fla hands them to its Gluon kernels itself.
 
     Raises ValueError for another value of `LLAMATHINK_FLA_CONV`."""
     setting = os.environ.get(FLA_CONV_ENV, "").strip().lower() or "gluon"
@@ -782,27 +800,40 @@ def fla_conv_kernels(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Te
         takes, _ = gluon[2](x=x, weight=weight, cu_seqlens=cu_seqlens)
     except Exception:  # a verifier that cannot judge the call: the kernels that take every call
         takes = False
-    return "gluon" if takes else "triton"
+    if not takes:
+        return "triton"
+    shapes, key = _fla_state.setdefault("conv-gluon-shapes", set()), _gluon_conv_shape(x, weight, cu_seqlens, grad_y)
+    if key not in shapes and sum(k[0] == key[0] for k in shapes) >= GLUON_CONV_SHAPES_PER_PROCESS:
+        return "triton"
+    return "gluon"
 
 
-def _fla_conv_call(direction: str, x: torch.Tensor, weight: torch.Tensor, cu_seqlens, **kwargs):
-    """fla's conv `direction` ("forward" or "backward") on x [B, T, C] with the implementation `fla_conv_kernels`
-    picks, the keyword arguments as fla's `causal_conv1d_fwd` / `causal_conv1d_bwd` take them. A Gluon call that
-    raises (a kernel this GPU or Triton cannot build) turns Gluon off for the process with a warning and runs the
-    Triton kernels instead; running out of memory is raised as it is."""
-    index = 0 if direction == "forward" else 1
-    if fla_conv_kernels(x, weight, cu_seqlens) == "gluon":
+def _fla_conv_call(x: torch.Tensor, weight: torch.Tensor, cu_seqlens, grad_y=None, **kwargs):
+    """fla's conv forward on x [B, T, C], or its backward given the output gradient `grad_y`, with the
+    implementation `fla_conv_kernels` picks; the other keyword arguments as fla's `causal_conv1d_fwd` /
+    `causal_conv1d_bwd` take them. A Gluon call that raises (a kernel this GPU or Triton cannot build) turns Gluon
+    off for the process with a warning and runs the Triton kernels instead; running out of memory, and errors while
+    a CUDA graph is being captured (whose capture they have broken), are raised as they are."""
+    index = 0 if grad_y is None else 1
+    if grad_y is not None:
+        kwargs["dy"] = grad_y
+    if fla_conv_kernels(x, weight, cu_seqlens, grad_y) == "gluon":
         try:
-            return _fla_conv_gluon()[index](x=x, weight=weight, cu_seqlens=cu_seqlens, **kwargs)
+            out = _fla_conv_gluon()[index](x=x, weight=weight, cu_seqlens=cu_seqlens, **kwargs)
         except torch.OutOfMemoryError:
             raise
         except Exception as err:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise
             _fla_state["conv-gluon-failed"] = f"{type(err).__name__}: {err}"
             _warn_once(
-                "conv-gluon-failed",
+                "conv-gluon-failed-warning",
                 f"fla's Gluon causal conv failed ({type(err).__name__}: {err}); the Gated DeltaNet conv runs on "
                 f"fla's Triton kernels in this process ({FLA_CONV_ENV}=triton chooses them from the start)",
             )
+        else:
+            _fla_state["conv-gluon-shapes"].add(_gluon_conv_shape(x, weight, cu_seqlens, grad_y))
+            return out
     return _fla_conv_internals()[index](x=x, weight=weight, cu_seqlens=cu_seqlens, **kwargs)
 
 
@@ -848,7 +879,6 @@ def _define_fla_conv_op():
     def forward(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         with _device_of(x):
             y, _ = _fla_conv_call(
-                "forward",
                 _as_fla_conv_rows(x),
                 weight,
                 cu_seqlens,
@@ -880,11 +910,10 @@ def _define_fla_conv_op():
         grad_y may have any strides, as in the forward."""
         with _device_of(x):
             dx, dw = _fla_conv_call(
-                "backward",
                 _as_fla_conv_rows(x),
                 weight,
                 cu_seqlens,
-                dy=_as_fla_conv_rows(grad_y.to(x.dtype)),
+                grad_y=_as_fla_conv_rows(grad_y.to(x.dtype)),
                 dht=None,
                 bias=None,
                 residual=None,
@@ -1118,13 +1147,18 @@ def prebuild_fla_kernels(
     def conv():
         if _fla_conv_internals() is not None:
             weight = leaf(conv_dim, conv_kernel_size, dtype=getattr(torch, conv_weight_dtype))
-            # contiguous rows (eager), and rows padded to 128 bytes (inductor's layout of the qkv projection's
-            # output, 3024 -> 3072 channels): fla's Gluon kernels are built for each row stride
+            x = leaf(B, T, conv_dim)  # contiguous rows, as eager training has them
+            ys = torch.ops.llamathink.fla_causal_conv1d_silu_split(x, weight, cu_seqlens, list(conv_parts))
+            torch.autograd.backward(ys, [torch.randn_like(y) for y in ys])
+            # a compiled step's layout: inductor pads rows of over 1024 elements to 128 bytes (the qkv projection's
+            # output and the joined output gradient, 3024 -> 3072 channels), and fla's Gluon kernels are built for
+            # each row stride
             row = -(-conv_dim * dt.itemsize // 128) * 128 // dt.itemsize
-            for width in dict.fromkeys((conv_dim, row)):
-                x = leaf(B, T, width)[..., :conv_dim]
-                ys = torch.ops.llamathink.fla_causal_conv1d_silu_split(x, weight, cu_seqlens, list(conv_parts))
-                torch.autograd.backward(ys, [torch.randn_like(y) for y in ys])
+            if conv_dim > 1024 and row != conv_dim:
+                x, grad_y = (torch.randn(B, T, row, device=dev, dtype=dt)[..., :conv_dim] for _ in range(2))
+                with torch.no_grad():
+                    torch.ops.llamathink.fla_causal_conv1d_silu_split(x, weight, cu_seqlens, list(conv_parts))
+                    torch.ops.llamathink.fla_causal_conv1d_silu_backward(x, weight, grad_y, cu_seqlens)
 
     def built():  # the kernels the step may launch are in the caches
         if on_built is not None:
@@ -1277,6 +1311,8 @@ def start_fla_prebuild(
         args["ready_dir"] = str(ready)
     ptxas = _ptxas_for_prebuild()  # (before the environment is read: it may set TRITON_PTXAS_PATH here)
     env = {**os.environ, **ptxas}
+    if torch.distributed.is_available() and torch.distributed.is_initialized() or "conv-gluon-failed" in _fla_state:
+        env[FLA_CONV_ENV] = "triton"  # what this process runs (fla's Gluon conv refuses a process group's calls)
     try:
         with open(log_path, "w") if log_path is not None else contextlib.nullcontext(subprocess.DEVNULL) as out:
             child = subprocess.Popen(
@@ -1954,6 +1990,7 @@ __all__ = [
     "FLA_GDN_KERNELS",
     "FLA_PREBUILD_ENV",
     "FLA_TUNED_CONFIGS_ENV",
+    "GLUON_CONV_SHAPES_PER_PROCESS",
     "earlier_tuned_configs",
     "fla_autotune_choices",
     "fla_backward_problem",

@@ -1056,8 +1056,8 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         when caching. With packed `segments` (`segment_pos` [B, T]: each token's position in its sequence) a token
         sees no input from before the start of its sequence, as at the start of a row.
 
-        Three forms of one function: fla's fused Triton conv + SiLU (`backend` "fla" or "flash_qla", 16-bit, no
-        cache; packed sequences through its `cu_seqlens`), K shifted products (under torch.compile, where inductor
+        Three forms of one function: fla's fused conv + SiLU (`backend` "fla" or "flash_qla", 16-bit, no cache;
+        packed sequences through its `cu_seqlens`; its Gluon or Triton kernels, `fla_conv_kernels`), K shifted products (under torch.compile, where inductor
         fuses them with the SiLU, and for packed sequences without fla), and cuDNN's depthwise conv (eager, the CPU
         path). fla's runs once per part, on the part's channels where they lie in qkv's rows, so that q, k and v
         each come out contiguous: inductor then normalises q and k in one pass (it loops a row reduction over a

@@ -2566,9 +2566,10 @@ def test_gated_deltanet_runs_fla_conv_per_part_on_views_of_the_qkv_rows(monkeypa
 
 def test_fla_conv_takes_gluon_where_it_runs_and_falls_back_to_triton(monkeypatch):
     """`fla_conv_kernels` / the conv ops' calls: fla's Gluon kernels by default where its verifier takes the call,
-    its Triton kernels with `LLAMATHINK_FLA_CONV=triton`, for calls the verifier refuses, and for the rest of the
-    process after a Gluon call fails (with a warning naming the error; running out of memory is raised); another
-    value of the switch is an error that names it."""
+    for the first `GLUON_CONV_SHAPES_PER_PROCESS` shapes of each direction (Gluon builds kernels per shape); its
+    Triton kernels with `LLAMATHINK_FLA_CONV=triton`, for calls the verifier refuses, for further shapes, and for
+    the rest of the process after a Gluon call fails (with one warning naming the error; running out of memory is
+    raised); another value of the switch is an error that names it."""
     from llamathink import kernels_llamathink as kernels
 
     calls = []
@@ -2585,8 +2586,9 @@ def test_fla_conv_takes_gluon_where_it_runs_and_falls_back_to_triton(monkeypatch
     def verifier(x, weight, cu_seqlens=None, **kwargs):
         return (x.shape[0] == 1, "packed rows need a batch of one") if cu_seqlens is not None else (True, None)
 
-    fail = []
+    fail, warned = [], []
     monkeypatch.setattr(kernels, "_fla_state", {})
+    monkeypatch.setattr(kernels.logger, "warning", warned.append)
     kernels._fla_state["conv"] = (implementation("triton", "forward"), implementation("triton", "backward"))
     kernels._fla_state["conv-gluon"] = (
         implementation("gluon", "forward"),
@@ -2610,21 +2612,30 @@ def test_fla_conv_takes_gluon_where_it_runs_and_falls_back_to_triton(monkeypatch
     with pytest.raises(ValueError, match=r"LLAMATHINK_FLA_CONV='cuda': expected one of gluon, triton"):
         op(x, weight, None)
 
+    # Gluon for the first shapes of each direction, then for those shapes only
     monkeypatch.setenv("LLAMATHINK_FLA_CONV", "gluon")
+    lengths = range(8, 8 + kernels.GLUON_CONV_SHAPES_PER_PROCESS + 1)
+    calls.clear()
+    for T in lengths:
+        op(torch.ones(2, T, 12, dtype=torch.bfloat16), weight, None)
+    op(x, weight, None)
+    assert [name for name, _ in calls] == ["gluon"] * (len(lengths) - 1) + ["triton", "gluon"]
+    assert kernels.fla_conv_kernels(x, weight, None, x) == "gluon"  # the backward's first shape: its own count
+    assert kernels.fla_conv_kernels(x, weight, None, x[..., :6]) == "gluon"  # another layout of dy is a shape
+
     fail.append(torch.OutOfMemoryError("CUDA out of memory"))
     with pytest.raises(torch.OutOfMemoryError):
         op(x, weight, None)
-    assert kernels.fla_conv_kernels(x, weight) == "gluon"  # memory is not the kernels' fault
+    assert kernels.fla_conv_kernels(x, weight) == "gluon" and not warned  # memory is not the kernels' fault
     fail[0] = RuntimeError("PassManager::run failed")
     calls.clear()
-    warned = []
-    monkeypatch.setattr(kernels, "_warn_once", lambda key, message: warned.append(message))
     assert torch.equal(op(x, weight, None), x * 2)  # the Triton kernels' result
     assert calls == [("gluon", "forward"), ("triton", "forward")]
     assert len(warned) == 1 and "Gluon causal conv failed (RuntimeError: PassManager::run failed)" in warned[0]
     assert kernels.fla_conv_kernels(x, weight) == "triton"  # for the rest of the process
     backward(x, weight, x, None)
-    assert calls[-1] == ("triton", "backward")
+    op(x, weight, None)
+    assert calls[-2:] == [("triton", "backward"), ("triton", "forward")] and len(warned) == 1
 
 
 def test_fla_causal_conv1d_silu_split_names_widths_that_do_not_fit(monkeypatch):
