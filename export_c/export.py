@@ -21,6 +21,7 @@ import math
 import os
 import struct
 import sys
+import tempfile
 
 import numpy as np
 
@@ -136,6 +137,9 @@ def check_output(path: str, magic: int, what: str) -> None:
     weights, config or tokenizer, or any other file, with an export."""
     if os.path.isdir(path):
         raise ExportError(f"{path} is a folder; give the path of the {what} file to write")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ExportError(f"cannot write the {what} file {path}: no such folder {folder}")
     if os.path.exists(path) and not os.path.isfile(path):  # a device such as /dev/null: it would be renamed over
         raise ExportError(f"{path} is not a regular file; give the path of the {what} file to write")
     if os.path.exists(path) and os.path.getsize(path) > 0:
@@ -149,16 +153,53 @@ def check_output(path: str, magic: int, what: str) -> None:
 
 
 def resolve_source(src: str) -> str:
-    """A local directory, or a Hugging Face hub id downloaded with huggingface_hub."""
+    """A local directory, or a Hugging Face hub id downloaded with huggingface_hub. Raises ExportError for a file,
+    for a path that names no folder (one that cannot be a Hub id, "name" or "namespace/name", or whose first part
+    is a local folder: a mistyped local path is never looked up on the Hub), and for a failed download."""
     if os.path.isdir(src):
         return src
     if os.path.exists(src):
         raise ExportError(f"{src} is a file; pass the checkpoint directory")
+    parts = src.split("/")
+    if src.startswith((".", "/", "~")) or os.sep in src.replace("/", "") or len(parts) > 2 or not all(parts):
+        raise ExportError(f"no such folder: {src}")
+    if len(parts) == 2 and os.path.isdir(parts[0]):
+        raise ExportError(f"no such folder: {src} ({parts[0]}/ is a local folder, so it is not taken as a Hub id)")
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:  # pragma: no cover
         raise ExportError(f"{src} is not a directory and huggingface_hub is unavailable") from e
-    return snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
+    try:
+        return snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
+    except Exception as e:  # offline, no such repo, no access
+        raise ExportError(
+            f"{src} is not a local folder, and downloading it from the Hugging Face Hub failed: {type(e).__name__}: {e}"
+        ) from e
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_beside(path: str, write) -> str:
+    """Call `write(f)` on a new temporary file in `path`'s folder and return the file's name, for the caller to
+    rename over `path` (`os.replace`) once everything it writes has been written. The file is created anew (never
+    an existing file, nor a link's target) with the permissions a new file gets; it is removed again if `write`
+    raises. An OSError of a write that names no file (a full disk) is raised as an ExportError naming `path`."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+    except BaseException as e:  # no half-written file left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:
+            raise ExportError(f"cannot write {path}: {e.strerror or e}") from e
+        raise
+    return tmp
 
 
 # (also in llamathink.train.checkpoint: this module runs without the package)
@@ -289,10 +330,22 @@ def eos_ids(cfg: dict) -> list[int]:
 
 
 def _safetensor_files(d: str) -> list[str]:
+    """The weights files of checkpoint folder `d`: those its `model.safetensors.index.json` maps tensors to, or
+    every `*.safetensors` there. Raises ExportError naming an index that is not JSON, has no `weight_map` of tensor
+    names to file names in `d`, or no weights files at all."""
     idx = os.path.join(d, "model.safetensors.index.json")
     if os.path.exists(idx):
-        with open(idx) as f:
-            wm = json.load(f)["weight_map"]
+        try:
+            with open(idx, encoding="utf-8") as f:
+                wm = json.load(f)
+        except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+            raise ExportError(f"{idx} cannot be read as JSON: {e}") from e
+        wm = wm.get("weight_map") if isinstance(wm, dict) else None
+        if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
+            raise ExportError(f"{idx} has no weight_map of tensor names to weights files")
+        bad = sorted({v for v in wm.values() if os.path.basename(v) != v or not v.endswith(".safetensors")})
+        if bad:
+            raise ExportError(f"{idx} maps tensors to {bad[0]!r}, which is not a .safetensors file of {d}")
         return sorted({os.path.join(d, v) for v in wm.values()})
     files = sorted(glob.glob(os.path.join(d, "*.safetensors")))
     if not files:
@@ -611,13 +664,21 @@ def header_bytes(cfg: dict, dtype: str, group: int, n_tensors: int, file_size: i
 
 
 def export(
-    src: str, out_path: str, dtype: str = "fp32", group_size="auto", verbose=True, config: dict | None = None
+    src: str,
+    out_path: str,
+    dtype: str = "fp32",
+    group_size="auto",
+    verbose=True,
+    config: dict | None = None,
+    commit: bool = True,
 ) -> dict:
-    """Export checkpoint ``src`` (directory or hub id) to the run.c model file ``out_path`` (written to
-    ``out_path + ".tmp"`` and renamed, so a failure leaves no partial file). ``config``: the source's
-    ``load_config``, where the caller has read it already. Returns the config, int8 group size, tensor count, file
-    size in bytes and source directory. Raises ExportError for a config or tensors the format cannot hold
-    (missing / misshapen tensors, out-of-range or non-finite fields, NaN / inf weights)."""
+    """Export checkpoint ``src`` (directory or hub id) to the run.c model file ``out_path`` (written to a new
+    temporary file beside it and renamed, so a failure leaves no partial file and the earlier file as it was).
+    ``config``: the source's ``load_config``, where the caller has read it already. ``commit`` False: leave the
+    written file under its temporary name (``"tmp"`` in the result) for the caller to rename over ``out_path`` with
+    ``os.replace`` (or remove), e.g. once the tokenizer exported with it is written too. Returns the config, int8
+    group size, tensor count, file size in bytes and source directory. Raises ExportError for a config or tensors
+    the format cannot hold (missing / misshapen tensors, out-of-range or non-finite fields, NaN / inf weights)."""
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype}")
     check_output(out_path, MAGIC, "run.c model")
@@ -630,50 +691,50 @@ def export(
             raise ExportError(f"tensor {name} holds {int((~np.isfinite(t)).sum())} NaN or infinite values")
     group = pick_group_size(cfg, group_size) if dtype == "int8" else 0
     entries = layout(cfg)
-    tmp = out_path + ".tmp"
-    try:
-        size = _write_model(tmp, cfg, tensors, dtype, group, entries)
-    except BaseException as e:  # no half-written .tmp left behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError) and e.filename is None:  # a write's error (a full disk) names no file: name it
-            raise ExportError(f"cannot write {out_path}: {e.strerror or e}") from e
-        raise
+    sizes = []
+    tmp = write_beside(out_path, lambda f: sizes.append(_write_model(f, cfg, tensors, dtype, group, entries)))
+    result = dict(config=cfg, group_size=group, n_tensors=len(entries), size=sizes[0], dir=d)
+    if not commit:
+        return {**result, "tmp": tmp}
     os.replace(tmp, out_path)
     if verbose:
-        print(f"wrote {out_path}: {dtype}, group {group}, {len(entries)} tensors, {size} bytes", file=sys.stderr)
-    return dict(config=cfg, group_size=group, n_tensors=len(entries), size=size, dir=d)
+        print(_written(out_path, dtype, result), file=sys.stderr)
+    return result
 
 
-def _write_model(tmp: str, cfg: dict, tensors: dict, dtype: str, group: int, entries: list) -> int:
-    """Write the model file to ``tmp``; returns its size in bytes."""
-    with open(tmp, "wb") as f:
-        f.write(b"\0" * HEADER_SIZE)
+def _written(out_path: str, dtype: str, result: dict) -> str:
+    """What `export` says of a model file it wrote."""
+    return f"wrote {out_path}: {dtype}, group {result['group_size']}, {result['n_tensors']} tensors, {result['size']} bytes"
 
-        def pad():
-            f.write(b"\0" * (-f.tell() % ALIGN))
 
-        for kind, names, rows, cols in entries:
-            if kind == "vec":
-                pad()
-                f.write(tensors[names[0]].reshape(-1).astype("<f4").tobytes())
-                continue
-            w = np.concatenate([tensors[n].reshape(-1, cols) for n in names], axis=0)
-            assert w.shape == (rows, cols), (names, w.shape, rows, cols)
+def _write_model(f, cfg: dict, tensors: dict, dtype: str, group: int, entries: list) -> int:
+    """Write the model file to the binary file object ``f``; returns its size in bytes."""
+    f.write(b"\0" * HEADER_SIZE)
+
+    def pad():
+        f.write(b"\0" * (-f.tell() % ALIGN))
+
+    for kind, names, rows, cols in entries:
+        if kind == "vec":
             pad()
-            kc = mat_kc(dtype, cols, group)
-            if dtype == "fp32":
-                f.write(pack_blocks(w.astype("<f4"), kc).tobytes())
-            elif dtype == "bf16":
-                f.write(pack_blocks(to_bf16_bits(w).astype("<u2"), kc).tobytes())
-            else:
-                q, s = quantize_int8(w, group)
-                f.write(pack_blocks(q, kc).tobytes())
-                pad()
-                f.write(pack_blocks(s.reshape(rows, cols // group).astype("<f4"), 1).tobytes())
-        size = f.tell()
-        f.seek(0)
-        f.write(header_bytes(cfg, dtype, group, len(entries), size))
+            f.write(tensors[names[0]].reshape(-1).astype("<f4").tobytes())
+            continue
+        w = np.concatenate([tensors[n].reshape(-1, cols) for n in names], axis=0)
+        assert w.shape == (rows, cols), (names, w.shape, rows, cols)
+        pad()
+        kc = mat_kc(dtype, cols, group)
+        if dtype == "fp32":
+            f.write(pack_blocks(w.astype("<f4"), kc).tobytes())
+        elif dtype == "bf16":
+            f.write(pack_blocks(to_bf16_bits(w).astype("<u2"), kc).tobytes())
+        else:
+            q, s = quantize_int8(w, group)
+            f.write(pack_blocks(q, kc).tobytes())
+            pad()
+            f.write(pack_blocks(s.reshape(rows, cols // group).astype("<f4"), 1).tobytes())
+    size = f.tell()
+    f.seek(0)
+    f.write(header_bytes(cfg, dtype, group, len(entries), size))
     return size
 
 
@@ -724,7 +785,7 @@ def main(argv=None) -> int:
     try:
         tokenizer = config = None
         if a.tokenizer_out:  # checked, and the tokenizer read, before anything is written
-            from .tokenizer_export import TK_MAGIC, chat_markers, load_tokenizer, write_tokenizer
+            from .tokenizer_export import TK_MAGIC, chat_markers, load_tokenizer, tokenizer_written, write_tokenizer
 
             if os.path.realpath(a.tokenizer_out) == os.path.realpath(a.out) or (
                 os.path.exists(a.out) and os.path.exists(a.tokenizer_out) and os.path.samefile(a.out, a.tokenizer_out)
@@ -742,9 +803,23 @@ def main(argv=None) -> int:
                     f"the model's {vocab} token ids (vocab_size): it is not this model's tokenizer; give the one the "
                     "model was trained with (--tokenizer-src), nothing was written"
                 )
-        export(a.src if tokenizer is None else source, a.out, a.dtype, a.group_size, config=config)
-        if tokenizer is not None:
-            write_tokenizer(tokenizer, a.tokenizer_out, markers)
+        written = export(
+            a.src if tokenizer is None else source, a.out, a.dtype, a.group_size, config=config, commit=False
+        )
+        tokenizer_tmp = None
+        try:  # both files written before either replaces an earlier one: a failure leaves the pair as it was
+            if tokenizer is not None:
+                tokenizer_tmp = write_tokenizer(tokenizer, a.tokenizer_out, markers, commit=False)
+            os.replace(written["tmp"], a.out)
+        except BaseException:
+            for tmp in (written["tmp"], tokenizer_tmp):
+                if tmp is not None and os.path.exists(tmp):
+                    os.remove(tmp)
+            raise
+        print(_written(a.out, a.dtype, written), file=sys.stderr)
+        if tokenizer_tmp is not None:
+            os.replace(tokenizer_tmp, a.tokenizer_out)
+            print(tokenizer_written(tokenizer, a.tokenizer_out, markers), file=sys.stderr)
     except Exception as e:  # ExportError, TokenizerExportError, I/O errors
         if not isinstance(e, (ExportError, OSError, ValueError)) and type(e).__name__ != "TokenizerExportError":
             raise

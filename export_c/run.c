@@ -2378,6 +2378,12 @@ static int stdout_ok(void) {
     return 0;
 }
 
+/* 1 when path and other (may be NULL) name one existing file: the same device and inode */
+static int same_file(const char *path, const char *other) {
+    struct stat a, b;
+    return other && stat(path, &a) == 0 && stat(other, &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+}
+
 /* delete a half-written output file (no truncated file left that looks like a result); only a regular
  * file: --logits-out may name a device */
 static void remove_regular(const char *path) {
@@ -2749,18 +2755,20 @@ static int chat_turn(Chat *c, const char *text, char *err, size_t errn) {
     return 0;
 }
 
-/* all of f, NUL-terminated; *len: its length (a NUL inside makes it longer than strlen) */
-static char *read_all(FILE *f, size_t *len) {
+/* all of f, NUL-terminated, but no more than limit + 1 bytes (the caller refuses longer text: an endless
+ * stream must not fill the memory first); *len: its length (a NUL inside makes it longer than strlen) */
+static char *read_all(FILE *f, size_t *len, size_t limit) {
     size_t n = 0, cap = 4096;
     char *b = (char *)malloc(cap);
     if (!b) return NULL;
-    for (;;) {
+    while (n <= limit) {
         if (n + 1 >= cap) {
             char *nb = (char *)realloc(b, cap *= 2);
             if (!nb) { free(b); return NULL; }
             b = nb;
         }
-        size_t k = fread(b + n, 1, cap - n - 1, f);
+        size_t want = cap - n - 1 < limit + 1 - n ? cap - n - 1 : limit + 1 - n;
+        size_t k = fread(b + n, 1, want, f);
         if (k == 0) break;
         n += k;
     }
@@ -2830,7 +2838,7 @@ static int chat_main(const Model *m, State *s, const Tokenizer *tk, ProbIdx *pi,
     }
     if (prompt) {
         size_t rlen = 0;
-        char *raw = !strcmp(prompt, "-") ? read_all(stdin, &rlen) : strdup(prompt);
+        char *raw = !strcmp(prompt, "-") ? read_all(stdin, &rlen, LT_MAX_TEXT) : strdup(prompt);
         if (raw && rlen > strlen(raw)) { /* the rest would be silently cut off */
             fprintf(stderr, "error: the message contains a NUL byte (at offset %zu)\n", strlen(raw));
             free(raw);
@@ -3053,6 +3061,12 @@ int main(int argc, char **argv) {
         if (check_ids(&m, ids, n)) return 1;
         if (n > m.max_pos) { fprintf(stderr, "error: %d ids exceed max_position_embeddings %d\n", n, m.max_pos); return 1; }
         if (state_init(&s, &m, chunk, 1, err, sizeof err)) { fprintf(stderr, "error: %s\n", err); return 1; }
+        /* the model (mapped: truncating it would kill the process) or the tokenizer would be lost */
+        if (same_file(logits_out, model_path) || same_file(logits_out, tok_path)) {
+            fprintf(stderr, "error: --logits-out %s is the %s file; give another path\n", logits_out,
+                    same_file(logits_out, model_path) ? "model" : "tokenizer");
+            return 1;
+        }
         FILE *f = fopen(logits_out, "wb");
         if (!f) { fprintf(stderr, "error: cannot write %s\n", logits_out); return 1; }
         for (int i = 0; i < n; i += s.chunk) {

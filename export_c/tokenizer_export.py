@@ -405,7 +405,13 @@ def _chat_template_text(src: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def write_tokenizer_bin(t: dict, out_path: str, markers: dict | None = None) -> None:
+def write_tokenizer_bin(t: dict, out_path: str, markers: dict | None = None, commit: bool = True) -> str | None:
+    """Write the tokenizer `t` (from `load_tokenizer`) with chat `markers` as run.c's tokenizer.bin at `out_path`:
+    into a new temporary file beside it, renamed over `out_path` once written (a failure leaves no partial file and
+    the earlier file as it was); with `commit` False, left under that name, which is returned, for the caller to
+    rename (`os.replace`) or remove."""
+    from .export import write_beside
+
     markers = markers or {}
     n = len(t["pieces"])
     max_len = max(1, max(len(p) for p in t["pieces"]))
@@ -432,15 +438,11 @@ def write_tokenizer_bin(t: dict, out_path: str, markers: dict | None = None) -> 
     for k, v in markers.items():
         kb, vb = k.encode("utf-8"), v.encode("utf-8")
         body += struct.pack("<I", len(kb)) + kb + struct.pack("<I", len(vb)) + vb
-    tmp = out_path + ".tmp"  # written whole, then renamed: a failure leaves no partial tokenizer
-    try:
-        with open(tmp, "wb") as f:
-            f.write(bytes(hdr) + bytes(body))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    tmp = write_beside(out_path, lambda f: f.write(bytes(hdr) + bytes(body)))
+    if not commit:
+        return tmp
     os.replace(tmp, out_path)
+    return None
 
 
 def export_tokenizer(src: str, out_path: str, markers: dict | None = None, sentencepiece_rules: bool = False) -> dict:
@@ -454,16 +456,22 @@ def export_tokenizer(src: str, out_path: str, markers: dict | None = None, sente
     return t
 
 
-def write_tokenizer(t: dict, out_path: str, markers: dict | None = None) -> None:
-    """Write the tokenizer `t` (from `load_tokenizer`) as tokenizer.bin and say so on stderr; markers as in
-    `export_tokenizer`."""
+def write_tokenizer(t: dict, out_path: str, markers: dict | None = None, commit: bool = True) -> str | None:
+    """Write the tokenizer `t` (from `load_tokenizer`) as tokenizer.bin and say so on stderr (once renamed into
+    place: with `commit` False the caller says it, `tokenizer_written`); markers as in `export_tokenizer`, `commit`
+    (and what is returned) as in `write_tokenizer_bin`."""
     if markers is None:
         markers = default_chat_markers()
-    write_tokenizer_bin(t, out_path, markers)
-    print(
-        f"wrote {out_path}: {len(t['pieces'])} pieces, bos {t['bos']} eos {t['eos']}, {len(markers)} chat markers",
-        file=sys.stderr,
-    )
+    tmp = write_tokenizer_bin(t, out_path, markers, commit)
+    if commit:
+        print(tokenizer_written(t, out_path, markers), file=sys.stderr)
+    return tmp
+
+
+def tokenizer_written(t: dict, out_path: str, markers: dict | None) -> str:
+    """What `write_tokenizer` says of a tokenizer.bin it wrote (`markers` None: the default chat markers)."""
+    n = len(default_chat_markers() if markers is None else markers)
+    return f"wrote {out_path}: {len(t['pieces'])} pieces, bos {t['bos']} eos {t['eos']}, {n} chat markers"
 
 
 def main(argv=None) -> int:

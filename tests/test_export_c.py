@@ -2461,3 +2461,144 @@ def test_an_inconsistent_tokenizer_json_is_refused_before_anything_is_written(ti
     args = [str(tiny[1]), str(model_bin), "--tokenizer-out", str(tok_bin), "--tokenizer-src", str(folder)]
     assert ex.main(args) == 1
     assert re.search(message, capsys.readouterr().err) and not model_bin.exists() and not tok_bin.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs that must not lose what is there (an adversarial trial, session 41)
+# ---------------------------------------------------------------------------------------------
+def test_runner_refuses_logits_out_onto_its_model_or_tokenizer(run_bin, chat_model, tmp_path):
+    """`--logits-out` naming the model file (mapped: truncating it killed the runner and left it empty) or the
+    tokenizer file (replaced by logits) is refused by name, both files as they were; another path is written."""
+    model_copy, tok_copy = tmp_path / "m.bin", tmp_path / "t.bin"
+    model_copy.write_bytes(chat_model["bin"].read_bytes())
+    tok_copy.write_bytes(chat_model["tokbin"].read_bytes())
+    before = (model_copy.read_bytes(), tok_copy.read_bytes())
+    base = [str(run_bin), str(model_copy), "-z", str(tok_copy), "--logits-for", "1 5 7", "--logits-out"]
+    for target, what in ((model_copy, "model"), (tok_copy, "tokenizer"), (tmp_path / "." / "m.bin", "model")):
+        r = subprocess.run([*base, str(target)], capture_output=True, text=True)
+        assert r.returncode == 1 and f"--logits-out {target} is the {what} file" in r.stderr, r.stderr
+    assert (model_copy.read_bytes(), tok_copy.read_bytes()) == before
+    r = subprocess.run([*base, str(tmp_path / "logits.f32")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "logits.f32").stat().st_size == 3 * 4 * CHAT_CFG["vocab_size"]
+
+
+def test_runner_stops_reading_a_message_from_stdin_past_the_limit(run_bin, chat_model):
+    """`-m chat -i -` reads at most one byte past the 16 MiB message limit before refusing the message (it read an
+    endless stream into memory first)."""
+    r = subprocess.run(
+        [str(run_bin), str(chat_model["bin"]), "-z", str(chat_model["tokbin"]), "-m", "chat", "-i", "-"],
+        input=b"a" * (20 << 20),
+        capture_output=True,
+    )
+    assert r.returncode == 1
+    assert b"the message is too long (16777217 bytes; at most 16777216)" in r.stderr, r.stderr[-300:]
+
+
+def test_a_failed_export_leaves_the_earlier_files_and_nothing_else(tiny, tmp_path, capsys, monkeypatch):
+    """The model file and the tokenizer are both written before either replaces an earlier one: a tokenizer that
+    cannot be written leaves the earlier model file as it was (it was replaced, without its tokenizer). Temporary
+    files are created anew beside the output: a file or a link already at `OUT.tmp` is left alone. An output folder
+    that does not exist is named before anything is written."""
+    _, ck, files = tiny
+    out = tmp_path / "m.bin"
+    out.write_bytes(files["fp32"].read_bytes())
+    before = out.read_bytes()
+    assert ex.main([str(ck), str(out), "--dtype", "int8", "--tokenizer-out", str(tmp_path / "no" / "tok.bin")]) == 1
+    err = capsys.readouterr().err
+    assert f"no such folder {tmp_path / 'no'}" in err and "wrote" not in err, err
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.bin"]
+
+    notes, precious = tmp_path / "m.bin.tmp", tmp_path / "precious.txt"
+    notes.write_text("notes")
+    precious.write_text("precious")
+    (tmp_path / "o.bin.tmp").symlink_to(precious)
+    for target in (out, tmp_path / "o.bin"):
+        assert ex.main([str(ck), str(target)]) == 0
+        assert target.read_bytes() == files["fp32"].read_bytes() and not target.is_symlink()
+    assert notes.read_text() == "notes" and precious.read_text() == "precious"
+    assert (out.stat().st_mode & 0o777) == (0o666 & ~_umask())  # a new file's permissions, not mkstemp's 0600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "m.bin.tmp", "o.bin", "o.bin.tmp", "precious.txt"]
+
+    # a tokenizer write that fails part-way (a full disk) leaves neither file changed nor a temporary file
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    import export_c.tokenizer_export as tk
+
+    chat_dir = _chat_source(tmp_path / "chat")
+    capsys.readouterr()
+    monkeypatch.setattr(
+        tk, "write_tokenizer_bin", lambda t, path, markers=None, commit=True: ex.write_beside(path, full_disk)
+    )
+    assert ex.main([chat_dir, str(out), "--dtype", "bf16", "--tokenizer-out", str(tok_dir / "t.bin")]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write {tok_dir / 't.bin'}: No space left on device" in err and "wrote" not in err, err
+    assert out.read_bytes() == files["fp32"].read_bytes() and list(tok_dir.iterdir()) == []
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _chat_source(d: Path) -> str:
+    """A checkpoint folder of a tiny model with the built-in tokenizer saved beside it."""
+    from llamathink.tokenizer_utils import load_tokenizer
+
+    model = _torch_model(CHAT_CFG)
+    model.save_pretrained(d)
+    load_tokenizer("builtin").save_pretrained(d)
+    return str(d)
+
+
+def test_a_mistyped_local_folder_is_never_looked_up_on_the_hub(tiny, tmp_path, monkeypatch, capsys):
+    """A source that is no folder is taken as a Hub id only where it can be one ("name" or "namespace/name") and
+    its first part is not a local folder; a Hub failure is named as one."""
+    _, ck, _ = tiny
+    monkeypatch.chdir(ck.parent)
+    asked = []
+
+    def snapshot_download(repo_id, **kwargs):
+        asked.append(repo_id)
+        raise ConnectionError("no network")
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    out = str(tmp_path / "m.bin")
+    for typo in (f"{ck.name}x", f"./{ck.name}x", f"{ck.name}/final", "runs/typo/final", "/no/such/dir", "a//b"):
+        assert ex.main([typo, out]) == 1
+        err = capsys.readouterr().err
+        if typo == f"{ck.name}x":  # could be a Hub id
+            assert "is not a local folder, and downloading it from the Hugging Face Hub failed" in err, err
+        else:
+            assert f"no such folder: {typo}" in err, err
+    assert asked == [f"{ck.name}x"]
+
+
+@pytest.mark.parametrize(
+    "index, fault",
+    [
+        ("{not json", "cannot be read as JSON"),
+        ("[]", "has no weight_map"),
+        ('{"metadata": {}}', "has no weight_map"),
+        ('{"weight_map": []}', "has no weight_map"),
+        ('{"weight_map": {"a": 3}}', "has no weight_map"),
+        ('{"weight_map": {"a": "../other/model.safetensors"}}', "which is not a .safetensors file of"),
+    ],
+)
+def test_a_malformed_shard_index_is_named(tiny, tmp_path, capsys, index, fault):
+    _, ck, _ = tiny
+    d = tmp_path / "ck"
+    d.mkdir()
+    for f in ck.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    (d / "model.safetensors.index.json").write_text(index)
+    assert ex.main([str(d), str(tmp_path / "m.bin")]) == 1
+    err = capsys.readouterr().err
+    assert "model.safetensors.index.json" in err and fault in err, err
