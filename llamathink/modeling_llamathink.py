@@ -2219,16 +2219,20 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, refusing weights without the CSA blend bias their config asks for.
+        """`PreTrainedModel.from_pretrained`, refusing weights that do not match their config.
 
-        transformers fills a missing weight with its init and only logs it; for `blend_proj.bias` that is a model
-        from before `csa_blend_bias` existed (or saved with it null) read with the default -4 (a hand-written
-        config.json without the key), whose every CSA layer would then compute something else.
+        transformers fills a missing weight with its init, drops an unexpected one, and only logs both: a model
+        whose config.json was edited (layer count, `mixer_types`, `hyper_connections`, `tie_word_embeddings`) or
+        whose weights file lost tensors would load and compute something else. Here missing or unexpected tensors
+        are an error, unless `output_loading_info=True` asks for them (then returned as transformers returns
+        them, for the caller to judge). A missing `blend_proj.bias` alone is a model from before `csa_blend_bias`
+        existed (or saved with it null) read with the default -4 (a hand-written config.json without the key),
+        whose every CSA layer would then compute something else: always refused, with the fix.
 
         Raises:
             ValueError: naming the missing biases and the fix (`"csa_blend_bias": null` in config.json); where
-                other tensors are missing or unexpected too, naming those instead (the config's layers differ
-                from the weights', e.g. an edited `mixer_types`, and the bias is not the fault).
+                other tensors are missing or unexpected (without `output_loading_info`; with it only alongside a
+                missing bias), naming those instead.
         """
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
@@ -2236,9 +2240,10 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         all_missing = sorted(info.get("missing_keys") or ())
         missing = [k for k in all_missing if k.endswith("blend_proj.bias")]
         others, unexpected = [k for k in all_missing if k not in missing], sorted(info.get("unexpected_keys") or ())
-        if missing and (others or unexpected):
+        if (others or unexpected) and (missing or not wants_info):
             raise ValueError(
-                f"{source}: its weights do not match its config.json (mixer_types, layer count or sizes edited?): "
+                f"{source}: its weights do not match its config.json (mixer_types, layer count, sizes, "
+                "hyper_connections or tie_word_embeddings edited, or tensors lost from the weights file?): "
                 f"missing tensors {_some(all_missing)}; unexpected tensors {_some(unexpected)}"
             )
         if missing:

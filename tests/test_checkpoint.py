@@ -859,7 +859,8 @@ def test_a_run_that_fails_at_its_start_leaves_an_existing_folder_as_it_was(sampl
     """A run that fails before training, in a folder that already held something (a saved model), removes the lock
     file and the empty checkpoints/ it added: they made every loader take the model for a training run's folder.
     An empty checkpoints/ left by an earlier version does not either. Training in place (out_dir = init_from) is
-    refused by name before anything is written."""
+    refused by name before anything is written, and so is a model in the run's own final/ or checkpoints/ (with
+    overwrite, the run deleted it)."""
     model = tmp_path / "model"
     LlamaThinkForCausalLM(LlamaThinkConfig.from_json_file(str(model_json))).save_pretrained(model)
     before = sorted(p.name for p in model.iterdir())
@@ -876,6 +877,12 @@ def test_a_run_that_fails_at_its_start_leaves_an_existing_folder_as_it_was(sampl
                 finetune.FinetuneConfig(init_from=str(model) + "/", **settings)
             else:
                 _cfg(sample_data, model_json, model, **settings)
+    # a model in out_dir's final/ or checkpoints/ (which the run replaces, rotates away or, with overwrite, deletes)
+    for inside in ("final", "checkpoints/step_00000010", ".final.old"):
+        for overwrite in (False, True):
+            with pytest.raises(ValueError, match=rf"init_from .* is in out_dir {tmp_path}'s {inside.split('/')[0]}/"):
+                finetune.FinetuneConfig(init_from=str(tmp_path / inside), out_dir=str(tmp_path), overwrite=overwrite)
+    finetune.FinetuneConfig(init_from=str(tmp_path / "pretrain" / "final"), out_dir=str(tmp_path))  # beside: fine
 
 
 def test_run_settings_that_would_mislead_are_refused(sample_data, model_json, tmp_path, monkeypatch):  # noqa: F811
@@ -1748,3 +1755,20 @@ def test_a_resume_that_changes_the_validation_set_says_so(sample_data, model_jso
     lines = ckpt.compare_resume_settings(saved, halved, 1, 1)
     assert "micro_batch_size: 8 -> 4" in lines
     assert any(line.startswith("evaluation: 16 -> 8 validation windows") for line in lines), lines
+
+
+def test_a_saved_model_with_nan_weights_is_refused_where_a_run_or_chat_loads_it(model_json, tmp_path):  # noqa: F811
+    """`load_saved_model` (init_from of pretraining and finetuning, the chat) refuses weights with NaN or infinite
+    values by setting and tensor: a run from them stopped at its first step with advice (nonfinite: skip) that only
+    skipped ten more steps."""
+    from safetensors.torch import load_file, save_file
+
+    LlamaThinkForCausalLM(LlamaThinkConfig.from_json_file(str(model_json))).save_pretrained(tmp_path / "m")
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    assert isinstance(ckpt.load_saved_model(str(tmp_path / "m"), "init_from"), LlamaThinkForCausalLM)
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        ValueError, match=r"init_from=.*m: its weights hold NaN or infinite values \(model\.norm\.weight\)"
+    ):
+        ckpt.load_saved_model(str(tmp_path / "m"), "init_from")

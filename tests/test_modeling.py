@@ -2358,6 +2358,41 @@ def test_weights_of_other_layers_than_the_config_are_named_not_blamed_on_the_ble
             assert text.endswith(ending) if isinstance(ending, str) else ending.search(text), text
 
 
+def test_weights_that_do_not_match_the_config_are_refused_not_filled_in(tmp_path):
+    """transformers fills a missing tensor with its init and drops an unexpected one with a log line: a saved
+    model whose config.json was edited (hyper-connections off, untied head, a layer more or less) or whose weights
+    file lost a tensor would load and compute something else. Each is refused, naming the tensors; with
+    `output_loading_info=True` the load goes on and the caller gets the keys."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    tiny_model().save_pretrained(tmp_path / "good")
+    config = json.loads((tmp_path / "good" / "config.json").read_text())
+    weights = load_file(str(tmp_path / "good" / "model.safetensors"))
+    cases = {
+        "hyper_connections": ({"hyper_connections": False}, None, "unexpected tensors model.layers.0."),
+        "untied": ({"tie_word_embeddings": False}, None, "missing tensors lm_head.weight"),
+        "layers": (
+            {"num_hidden_layers": config["num_hidden_layers"] + 1, "mixer_types": [*config["mixer_types"], "full"]},
+            None,
+            f"missing tensors model.layers.{config['num_hidden_layers']}.",
+        ),
+        "lost tensor": ({}, "model.embed_tokens.weight", "missing tensors lm_head.weight, model.embed_tokens.weight;"),
+    }
+    for name, (edit, lost, message) in cases.items():
+        folder = tmp_path / name.replace(" ", "_")
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**config, **edit}))
+        save_file({k: v for k, v in weights.items() if k != lost}, str(folder / "model.safetensors"))
+        for load in (LlamaThinkForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained):
+            with pytest.raises(ValueError, match=r"its weights do not match its config\.json") as err:
+                load(folder, trust_remote_code=True)
+            assert message in str(err.value), (name, str(err.value))
+        model, info = LlamaThinkForCausalLM.from_pretrained(folder, output_loading_info=True)
+        assert info["missing_keys"] or info["unexpected_keys"], name
+    assert isinstance(LlamaThinkForCausalLM.from_pretrained(tmp_path / "good"), LlamaThinkForCausalLM)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Saving, loading, remote code
 # ---------------------------------------------------------------------------------------------------------------

@@ -104,8 +104,9 @@ def load_saved_model(path: str, setting: str, dtype: torch.dtype = torch.float32
     for missing, unexpected or misshapen tensors (against the model its config.json describes); for an unreadable
     (truncated, corrupt) weights file; without `auto`, for a local folder whose config.json names another model
     type; for a tensor stored in a dtype that is not floating point (an integer or bool tensor would be cast to
-    floats without a word); and for an `lm_head.weight` that differs from the embeddings where config.json says
-    they are tied (transformers then unties them, with a log line)."""
+    floats without a word); for an `lm_head.weight` that differs from the embeddings where config.json says
+    they are tied (transformers then unties them, with a log line); and for weights with NaN or infinite values in
+    `dtype`."""
     from safetensors import SafetensorError
 
     check_saved_model_path(path, setting)
@@ -180,6 +181,13 @@ def load_saved_model(path: str, setting: str, dtype: torch.dtype = torch.float32
             f"{setting}={path}: config.json says tie_word_embeddings: true, but its weights hold an lm_head.weight "
             "that differs from the embeddings; set tie_word_embeddings to false if the head is trained apart, or "
             "remove lm_head.weight from the weights"
+        )
+    broken = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if broken:  # training would stop at its first step's loss, sampling fail deep inside torch.multinomial
+        raise ValueError(
+            f"{setting}={path}: its weights hold NaN or infinite values ({_some(broken, shown=3)}) in {dtype}: the "
+            "model cannot be trained or generate text (saved from a run that diverged, or values beyond the range "
+            "of the dtype)"
         )
     return model
 

@@ -133,14 +133,25 @@ class RunConfig:
             raise ValueError("push_to_hub needs hub_model_id")
 
     def check_out_dir_apart_from(self, setting: str):
-        """Refuse (ValueError) an out_dir that is the folder of the model named by `setting` (init_from): the run
-        would put its checkpoints and final/ into the model it starts from."""
+        """Refuse (ValueError) an out_dir that is the folder of the model named by `setting` (init_from), or whose
+        own outputs hold it (its final/ and checkpoints/, which the run replaces, rotates away or, with overwrite,
+        deletes): the run would write into, replace or delete the model it starts from."""
         source = getattr(self, setting)
-        if source and Path(source).expanduser().resolve() == Path(self.out_dir).expanduser().resolve():
+        if not source:
+            return
+        model, out = Path(source).expanduser().resolve(), Path(self.out_dir).expanduser().resolve()
+        if model == out:
             raise ValueError(
                 f"out_dir {self.out_dir} is the {setting} model's folder: the run would write its checkpoints and "
                 "final model into the model it starts from; choose another out_dir"
             )
+        for own in (out / name for name in RUN_OUTPUT_FOLDERS):
+            if model == own or own in model.parents:
+                raise ValueError(
+                    f"{setting} {source} is in out_dir {self.out_dir}'s {own.name}/, which the run replaces or "
+                    "deletes: it would lose the model it starts from; choose another out_dir (or copy the model "
+                    "out of it first)"
+                )
 
     def check_positive(self, *names: str, or_null: bool = False):
         """Each named setting must be > 0 (or, with or_null, None: no limit). Raises ValueError naming the setting,
@@ -153,6 +164,9 @@ class RunConfig:
                 hint = f" ({OFF_HINTS[name]})" if name in OFF_HINTS else ""
                 raise ValueError(f"{name} must be positive{' or null' if or_null else ''}, got {value!r}{hint}")
 
+
+# the folders of out_dir that a run replaces, rotates away or (with overwrite) deletes (`checkpoint._OUT_DIR_ENTRIES`)
+RUN_OUTPUT_FOLDERS = ("final", ".final.tmp", ".final.old", "checkpoints")
 
 # how to turn off what an interval setting schedules, for its error where it is given as 0
 OFF_HINTS = {
