@@ -311,7 +311,13 @@ class LlamaThinkConfig(PretrainedConfig):
         return _saved_config(super()._dict_from_json_file(json_file))
 
     def validate_llamathink(self):
-        """Raise `ValueError` naming the field when the configuration cannot describe a working model."""
+        """Raise `ValueError` naming the field when the configuration cannot describe a working model. NumPy
+        numbers (a value computed with numpy, or read from an array) are taken as the Python numbers they hold,
+        in lists too, so that they pass the checks below and save to config.json."""
+        for name, value in list(vars(self).items()):
+            plain = _plain_number(value)
+            if plain is not value:
+                setattr(self, name, plain)
         positive_ints = (
             "vocab_size",
             "hidden_size",
@@ -481,6 +487,17 @@ def _check_dtype(name: str, value) -> None:
     if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
         return
     raise ValueError(f"{name} must be a torch dtype name such as 'bfloat16', 'float16' or 'float32', got {value!r}")
+
+
+def _plain_number(value):
+    """`value` with NumPy scalars (`np.int64`, `np.float32`, `np.bool_`) replaced by the Python numbers they hold,
+    in lists and tuples too; `value` itself where there is none."""
+    if isinstance(value, (list, tuple)):
+        items = [_plain_number(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
 
 
 def _check_positive_int(name: str, value) -> None:

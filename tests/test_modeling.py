@@ -230,6 +230,21 @@ def test_config_takes_dtypes_by_name_and_a_saved_bad_one_is_named(tmp_path):
         AutoConfig.from_pretrained(tmp_path)
 
 
+def test_config_takes_numpy_numbers_as_the_python_numbers_they_hold(tmp_path):
+    """A value computed with numpy (np.int64, np.float32, in a list too) was refused with a message that
+    contradicted itself ("rope_theta must be a finite positive number, got np.float32(10000.0)"): it is taken as
+    the Python number, and the config saves and loads as JSON; a numpy value out of range is still refused."""
+    import numpy as np
+
+    config = tiny_config(rope_theta=np.float32(1e4), hidden_size=np.int64(64), A_init_range=[np.float64(1.0), 16])
+    assert (config.rope_theta, config.hidden_size, config.A_init_range) == (1e4, 64, [1.0, 16])
+    assert type(config.hidden_size) is int and type(config.A_init_range[0]) is float
+    config.save_pretrained(tmp_path)
+    assert LlamaThinkConfig.from_pretrained(tmp_path).hidden_size == 64
+    with pytest.raises(ValueError, match="hidden_size must be a positive integer, got 0"):
+        tiny_config(hidden_size=np.int64(0))
+
+
 def test_config_names_allowed_mixer_values():
     with pytest.raises(ValueError, match=r"\['linear', 'csa', 'full'\]"):
         tiny_config(mixer_types=["linear", "csa", "full", "attention"])
