@@ -2933,6 +2933,9 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         if isinstance(given, LlamaThinkCache):  # continued: the model may have changed since (adapters switched)
             given._decode_signature = None
         chunked = generation_config.prefill_chunk_size is not None and generation_config.use_cache is not False
+        if chunked and model_kwargs.get("inputs_embeds") is not None:
+            # (transformers' chunked prefill slices input_ids: with embeddings it built empty position ids)
+            raise ValueError("prefill_chunk_size prefills input_ids chunk by chunk; it does not take inputs_embeds")
         if chunked and given is None:
             # chunked prefill feeds the prompt to a cache chunk by chunk, and transformers asks for one up front
             # (the first forward builds it otherwise)

@@ -1715,6 +1715,9 @@ def test_generate_with_chunked_prefill_equals_generate():
         for bad in (0, -1, 2.5, True, "4"):  # (torch.split's own errors otherwise, or a chunk per token for True)
             with pytest.raises(ValueError, match=f"prefill_chunk_size must be a positive number of tokens .* {bad!r}"):
                 model.generate(ids, prefill_chunk_size=bad, **kwargs)
+        embeds = model.get_input_embeddings()(ids[:1])  # (transformers slices input_ids: empty position ids)
+        with pytest.raises(ValueError, match="prefill_chunk_size prefills input_ids .* does not take inputs_embeds"):
+            model.generate(inputs_embeds=embeds, prefill_chunk_size=4, **kwargs)
         # beams and returned sequences: a ZeroDivisionError from inside beam search for 0, a TypeError for 2.5
         for name in ("num_beams", "num_return_sequences"):
             for bad in (0, -2, 2.5, True):
