@@ -2352,8 +2352,12 @@ static int *parse_ids(const char *s, int *n) {
 /* A regular file's bytes (+ one spare byte); NULL with errno set otherwise (EISDIR for a directory,
  * EINVAL for a pipe or device, whose size is not known in advance). */
 static uint8_t *read_file(const char *path, size_t *size) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
+    /* opened without blocking: a FIFO given as the file would otherwise wait for a writer forever (refused
+     * below as not a regular file) */
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
+    if (fd < 0) return NULL;
+    FILE *f = fdopen(fd, "rb");
+    if (!f) { int e = errno; close(fd); errno = e; return NULL; }
     struct stat st;
     if (fstat(fileno(f), &st) != 0) { int e = errno; fclose(f); errno = e; return NULL; }
     if (!S_ISREG(st.st_mode)) { fclose(f); errno = S_ISDIR(st.st_mode) ? EISDIR : EINVAL; return NULL; }
@@ -3024,11 +3028,12 @@ int main(int argc, char **argv) {
         return stdout_ok() ? 0 : 1;
     }
 
-    int fd = open(model_path, O_RDONLY);
+    int fd = open(model_path, O_RDONLY | O_NONBLOCK); /* a FIFO must not block: refused below */
     if (fd < 0) { fprintf(stderr, "error: cannot open %s: %s\n", model_path, strerror(errno)); return 1; }
     struct stat st;
-    if (fstat(fd, &st) != 0 || st.st_size <= 0) { fprintf(stderr, "error: cannot stat %s or empty file\n", model_path); close(fd); return 1; }
+    if (fstat(fd, &st) != 0) { fprintf(stderr, "error: cannot stat %s: %s\n", model_path, strerror(errno)); close(fd); return 1; }
     if (!S_ISREG(st.st_mode)) { fprintf(stderr, "error: %s is not a regular file\n", model_path); close(fd); return 1; }
+    if (st.st_size <= 0) { fprintf(stderr, "error: %s is an empty file\n", model_path); close(fd); return 1; }
     size_t fsize = (size_t)st.st_size;
 #ifdef MAP_POPULATE /* fault the weights in now (page-cache reads), not during the first forward pass */
     void *map = mmap(NULL, fsize, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);

@@ -2603,3 +2603,19 @@ def test_a_malformed_shard_index_is_named(tiny, tmp_path, capsys, index, fault):
     assert ex.main([str(d), str(tmp_path / "m.bin")]) == 1
     err = capsys.readouterr().err
     assert "model.safetensors.index.json" in err and fault in err, err
+
+
+def test_runner_refuses_a_fifo_or_an_empty_file_without_waiting(run_bin, chat_model, tmp_path):
+    """A FIFO given as the model or the tokenizer is refused at once (opening it waited for a writer forever); an
+    empty model file is named as such."""
+    fifo, empty = tmp_path / "pipe", tmp_path / "empty.bin"
+    os.mkfifo(fifo)
+    empty.write_bytes(b"")
+    cases = [
+        ([str(fifo), "--ids", "1 2"], f"{fifo} is not a regular file"),
+        ([str(empty), "--ids", "1 2"], f"{empty} is an empty file"),
+        ([str(chat_model["bin"]), "-z", str(fifo), "-i", "hi"], f"cannot read {fifo}"),
+    ]
+    for args, message in cases:
+        r = subprocess.run([str(run_bin), *args], capture_output=True, text=True, timeout=20, check=False)
+        assert r.returncode == 1 and message in r.stderr, (args, r.stderr)
