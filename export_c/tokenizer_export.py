@@ -335,7 +335,13 @@ def load_tokenizer(src: str, sentencepiece_rules: bool = False) -> dict:
     return t
 
 
+MAX_MARKER_BYTES = 65536  # run.c's limit on a chat marker's key or value (UTF-8 bytes)
+
+
 def parse_markers(items) -> dict:
+    """KEY=VALUE chat markers (backslash escapes in the value as in a Python string) -> {key: value}. Raises
+    TokenizerExportError for an item without "=", a bad escape, or a key or value over `MAX_MARKER_BYTES` bytes
+    (run.c would refuse the whole tokenizer.bin)."""
     out = {}
     for it in items or []:
         if "=" not in it:
@@ -347,6 +353,12 @@ def parse_markers(items) -> dict:
             raise TokenizerExportError(
                 f"chat marker {it!r}: a bad backslash escape or byte sequence in its value ({e.reason})"
             ) from None
+        for what, text in (("key", k), ("value", out[k])):
+            if len(text.encode("utf-8")) > MAX_MARKER_BYTES:
+                raise TokenizerExportError(
+                    f"chat marker {k[:40]!r}: its {what} has {len(text.encode('utf-8'))} bytes; run.c takes at most "
+                    f"{MAX_MARKER_BYTES}"
+                )
     return out
 
 

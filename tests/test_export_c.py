@@ -2619,3 +2619,20 @@ def test_runner_refuses_a_fifo_or_an_empty_file_without_waiting(run_bin, chat_mo
     for args, message in cases:
         r = subprocess.run([str(run_bin), *args], capture_output=True, text=True, timeout=20, check=False)
         assert r.returncode == 1 and message in r.stderr, (args, r.stderr)
+
+
+def test_a_chat_marker_longer_than_the_runner_takes_is_refused_at_export(tiny, tmp_path, capsys):
+    """A --chat-marker key or value over 65536 bytes (run.c refused the whole tokenizer.bin then, naming a "bad
+    marker length 0") is refused by the exporter, naming the marker, before anything is written."""
+    assert tkx.parse_markers(["user=" + "x" * tkx.MAX_MARKER_BYTES])["user"] == "x" * tkx.MAX_MARKER_BYTES
+    for item, what in (("user=" + "\\xc3\\xa9" * 40000, "value has 80000 bytes"), ("k" * 70000 + "=v", "key has")):
+        with pytest.raises(tkx.TokenizerExportError, match=what):
+            tkx.parse_markers([item])
+    _, ck, _ = tiny
+    out = tmp_path / "m.bin"
+    assert (
+        ex.main([str(ck), str(out), "--tokenizer-out", str(tmp_path / "t.bin"), "--chat-marker", "user=" + "y" * 70000])
+        == 1
+    )
+    assert "its value has 70000 bytes; run.c takes at most 65536" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
