@@ -2679,9 +2679,11 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
             starts = key_valid[:, :1].long() + (key_valid.long().diff(dim=1) == 1).sum(1, keepdim=True)
             if bool((starts > 1).any()):
                 raise ValueError(
-                    "attention_mask has padding between real tokens; only left or right padding is supported. (Given "
-                    "no attention_mask, generate() makes one from pad_token_id: a prompt that holds the pad token's "
-                    "id, such as Llama 2's <unk> (0) where that is the pad token, needs an explicit attention_mask.)"
+                    "attention_mask has padding between real tokens; only left or right padding is supported. (In "
+                    "generate() a right-padded prompt gives this once tokens follow its padding: pad prompts on the "
+                    "left, tokenizer.padding_side = 'left'. Given no attention_mask, generate() makes one from "
+                    "pad_token_id: a prompt that holds the pad token's id, such as Llama 2's <unk> (0) where that is "
+                    "the pad token, needs an explicit attention_mask.)"
                 )
             if (explicit_cache or past > 0) and not bool(key_valid.any(1).all()):  # nothing to continue from
                 empty = key_valid.any(1).logical_not().nonzero().flatten().tolist()

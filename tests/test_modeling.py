@@ -915,6 +915,10 @@ def test_bad_inputs_raise_clear_errors(model):
     prompt = torch.tensor([[5, 6, 0, 7]])
     with pytest.raises(ValueError, match="generate\\(\\) makes one from pad_token_id: a prompt that holds"):
         model.generate(prompt, max_new_tokens=1, pad_token_id=0, eos_token_id=2)
+    # a right-padded prompt without the cache: the generated tokens follow its padding
+    right = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 8, 9]])
+    with pytest.raises(ValueError, match="a right-padded prompt gives this once tokens follow its padding: pad"):
+        model.generate(right, attention_mask=(right != 0).long(), use_cache=False, max_new_tokens=2, pad_token_id=0)
     assert model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, pad_token_id=0).shape == (
         1,
         5,
