@@ -2930,6 +2930,11 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         chunk = generation_config.prefill_chunk_size
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
             raise ValueError(f"prefill_chunk_size must be a positive number of tokens (or None), got {chunk!r}")
+        if generation_config.use_cache is False and model_kwargs.get(_GENERATE_CACHE_KEY) is not None:
+            # (each step would feed the whole sequence again into a cache that already holds it)
+            raise ValueError(
+                "generate() was given a cache (cache or past_key_values) and use_cache=False; drop one of the two"
+            )
         out = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         given = model_kwargs.get(_GENERATE_CACHE_KEY)
         if isinstance(given, LlamaThinkCache):  # continued: the model may have changed since (adapters switched)

@@ -915,6 +915,10 @@ def test_bad_inputs_raise_clear_errors(model):
     prompt = torch.tensor([[5, 6, 0, 7]])
     with pytest.raises(ValueError, match="generate\\(\\) makes one from pad_token_id: a prompt that holds"):
         model.generate(prompt, max_new_tokens=1, pad_token_id=0, eos_token_id=2)
+    # a cache given with use_cache=False: each step would feed the whole sequence again into it
+    for key in ("cache", "past_key_values"):
+        with pytest.raises(ValueError, match=r"given a cache \(cache or past_key_values\) and use_cache=False"):
+            model.generate(prompt[:, :2], **{key: LlamaThinkCache(model.config)}, use_cache=False, max_new_tokens=2)
     # a right-padded prompt without the cache: the generated tokens follow its padding
     right = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 8, 9]])
     with pytest.raises(ValueError, match="a right-padded prompt gives this once tokens follow its padding: pad"):
