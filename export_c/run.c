@@ -2979,6 +2979,10 @@ int main(int argc, char **argv) {
         fprintf(stderr, "error: unknown mode %s (-m generate | chat | encode | decode | logits)\n", mode);
         return 1;
     }
+    if (!strcmp(mode, "chat") && steps_given && steps == 0) { /* every reply would be empty, kept in the history */
+        fprintf(stderr, "error: -n 0 in chat mode: a reply needs at least one token (as llamathink-chat's --max-new-tokens)\n");
+        return 1;
+    }
     if (getenv("LT_PAR_MIN")) { /* work (multiply-adds) below which a matmul runs on one thread */
         float pm;
         if (parse_float_opt("LT_PAR_MIN (environment)", getenv("LT_PAR_MIN"), 0.0, 1e18, &pm)) return 1;

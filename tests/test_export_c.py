@@ -2636,3 +2636,12 @@ def test_a_chat_marker_longer_than_the_runner_takes_is_refused_at_export(tiny, t
     )
     assert "its value has 70000 bytes; run.c takes at most 65536" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_chat_mode_refuses_replies_of_no_tokens(run_bin, chat_model):
+    """-m chat -n 0 printed empty replies and kept them in the history; refused by name (llamathink-chat refuses
+    --max-new-tokens 0 too). Generation mode keeps -n 0 (the prompt alone)."""
+    base = [str(run_bin), str(chat_model["bin"]), "-z", str(chat_model["tokbin"]), "-n", "0", "-i", "hi"]
+    r = subprocess.run([*base, "-m", "chat"], capture_output=True, text=True, check=False)
+    assert r.returncode == 1 and "-n 0 in chat mode" in r.stderr, r.stderr
+    assert subprocess.run(base, capture_output=True, text=True, check=False).returncode == 0
