@@ -830,10 +830,12 @@ def test_commands_report_bad_input_in_one_line(sample_data, model_json, tmp_path
         assert finetune.main(["--init_from", str(init_from), *chat]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
-    # a finetuning run in a pretraining run's folder: named as such, not as a changed init_from
+    # a finetuning run in a pretraining run's folder: named as such, not as a changed init_from (the model a copy of
+    # the run's final/: from final/ itself the run would replace the model it starts from, refused as that)
+    shutil.copytree(out / "final", tmp_path / "pretrained")
     args = [
         "--init_from",
-        str(out / "final"),
+        str(tmp_path / "pretrained"),
         "--out_dir",
         str(out),
         "--wandb_mode",
@@ -851,6 +853,9 @@ def test_commands_report_bad_input_in_one_line(sample_data, model_json, tmp_path
     ]
     assert finetune.main(args) == 2
     assert "it is a pretraining checkpoint and this is a finetuning run" in capsys.readouterr().err
+    args[1] = str(out / "final")
+    assert finetune.main(args) == 2
+    assert f"init_from {out / 'final'} is in out_dir {out}'s final/, which the run replaces" in capsys.readouterr().err
 
 
 def test_wandb_that_cannot_start_stops_the_run_with_one_named_error(tmp_path, monkeypatch):
