@@ -879,10 +879,12 @@ def test_a_run_that_fails_at_its_start_leaves_an_existing_folder_as_it_was(sampl
                 _cfg(sample_data, model_json, model, **settings)
     # a model in out_dir's final/ or checkpoints/ (which the run replaces, rotates away or, with overwrite, deletes)
     for inside in ("final", "checkpoints/step_00000010", ".final.old"):
+        (tmp_path / inside).mkdir(parents=True)
         for overwrite in (False, True):
             with pytest.raises(ValueError, match=rf"init_from .* is in out_dir {tmp_path}'s {inside.split('/')[0]}/"):
                 finetune.FinetuneConfig(init_from=str(tmp_path / inside), out_dir=str(tmp_path), overwrite=overwrite)
     finetune.FinetuneConfig(init_from=str(tmp_path / "pretrain" / "final"), out_dir=str(tmp_path))  # beside: fine
+    finetune.FinetuneConfig(init_from="org/final", out_dir="org")  # a Hub id, not a folder of out_dir
 
 
 def test_run_settings_that_would_mislead_are_refused(sample_data, model_json, tmp_path, monkeypatch):  # noqa: F811

@@ -145,8 +145,8 @@ class RunConfig:
                 f"out_dir {self.out_dir} is the {setting} model's folder: the run would write its checkpoints and "
                 "final model into the model it starts from; choose another out_dir"
             )
-        for own in (out / name for name in RUN_OUTPUT_FOLDERS):
-            if model == own or own in model.parents:
+        for own in (out / name for name in RUN_OUTPUT_FOLDERS):  # (a Hub id names no local folder to lose)
+            if (model == own or own in model.parents) and Path(source).expanduser().exists():
                 raise ValueError(
                     f"{setting} {source} is in out_dir {self.out_dir}'s {own.name}/, which the run replaces or "
                     "deletes: it would lose the model it starts from; choose another out_dir (or copy the model "
