@@ -2979,8 +2979,10 @@ int main(int argc, char **argv) {
         fprintf(stderr, "error: unknown mode %s (-m generate | chat | encode | decode | logits)\n", mode);
         return 1;
     }
-    if (!strcmp(mode, "chat") && steps_given && steps == 0) { /* every reply would be empty, kept in the history */
-        fprintf(stderr, "error: -n 0 in chat mode: a reply needs at least one token (as llamathink-chat's --max-new-tokens)\n");
+    /* every reply would be empty, and kept in the history; with --print-prompt-ids, -n 0 shows the prompts alone */
+    if (!strcmp(mode, "chat") && steps_given && steps == 0 && !print_prompt_ids) {
+        fprintf(stderr, "error: -n 0 in chat mode: a reply needs at least one token, as llamathink-chat's "
+                        "--max-new-tokens (with --print-prompt-ids it prints each prompt's ids alone)\n");
         return 1;
     }
     if (getenv("LT_PAR_MIN")) { /* work (multiply-adds) below which a matmul runs on one thread */

@@ -2640,8 +2640,10 @@ def test_a_chat_marker_longer_than_the_runner_takes_is_refused_at_export(tiny, t
 
 def test_chat_mode_refuses_replies_of_no_tokens(run_bin, chat_model):
     """-m chat -n 0 printed empty replies and kept them in the history; refused by name (llamathink-chat refuses
-    --max-new-tokens 0 too). Generation mode keeps -n 0 (the prompt alone)."""
+    --max-new-tokens 0 too). Generation mode keeps -n 0 (the prompt alone), and so does chat mode with
+    --print-prompt-ids (each prompt's ids alone)."""
     base = [str(run_bin), str(chat_model["bin"]), "-z", str(chat_model["tokbin"]), "-n", "0", "-i", "hi"]
     r = subprocess.run([*base, "-m", "chat"], capture_output=True, text=True, check=False)
     assert r.returncode == 1 and "-n 0 in chat mode" in r.stderr, r.stderr
-    assert subprocess.run(base, capture_output=True, text=True, check=False).returncode == 0
+    for args in (base, [*base, "-m", "chat", "--print-prompt-ids"]):
+        assert subprocess.run(args, capture_output=True, text=True, check=False).returncode == 0, args
