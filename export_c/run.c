@@ -2781,6 +2781,33 @@ static char *read_all(FILE *f, size_t *len, size_t limit) {
     return b;
 }
 
+/* one line of f (its '\n' included), NUL-terminated in *buf (grown as needed, *cap its size), but no more than
+ * limit + 1 of its bytes stored: a longer line is read to its end and only counted, never held whole. Returns the
+ * line's length in bytes (more than limit: too long, its stored part cut), or -1 at the end of f (or an error, or
+ * out of memory) before any byte */
+static ssize_t getline_bounded(char **buf, size_t *cap, FILE *f, size_t limit) {
+    size_t n = 0, total = 0;
+    int c = EOF;
+    while ((c = getc(f)) != EOF) {
+        total++;
+        if (n <= limit) {
+            if (n + 2 > *cap) {
+                size_t nc = *cap ? *cap : 256;
+                while (nc < n + 2) nc *= 2;
+                char *nb = (char *)realloc(*buf, nc);
+                if (!nb) return -1;
+                *buf = nb;
+                *cap = nc;
+            }
+            (*buf)[n++] = (char)c;
+        }
+        if (c == '\n') break;
+    }
+    if (total == 0) return -1;
+    (*buf)[n] = 0;
+    return (ssize_t)total;
+}
+
 #define CHAT_HELP "/reset clears the history, /exit or Ctrl-D quits; Ctrl-C stops a reply, at the prompt it quits"
 
 /* chat mode: one message (-i; "-" reads it from stdin) or an interactive loop over stdin lines */
@@ -2895,7 +2922,7 @@ static int chat_main(const Model *m, State *s, const Tokenizer *tk, ProbIdx *pi,
         if (g_quit) { fprintf(stderr, "\n"); break; }
         fprintf(stderr, "> ");
         fflush(stderr);
-        const ssize_t got = getline(&line, &lcap, stdin);
+        const ssize_t got = getline_bounded(&line, &lcap, stdin, LT_MAX_TEXT);
         if (got < 0) {
             fprintf(stderr, "\n");
             break;

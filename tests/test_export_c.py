@@ -2647,3 +2647,34 @@ def test_chat_mode_refuses_replies_of_no_tokens(run_bin, chat_model):
     assert r.returncode == 1 and "-n 0 in chat mode" in r.stderr, r.stderr
     for args in (base, [*base, "-m", "chat", "--print-prompt-ids"]):
         assert subprocess.run(args, capture_output=True, text=True, check=False).returncode == 0, args
+
+
+def test_chat_loop_counts_a_line_past_the_limit_without_holding_it(run_bin, chat_model, tmp_path):
+    """The interactive chat reads a line longer than the 16 MiB message limit to its end without holding it (it
+    read the whole line into memory, then refused it: a 64 MiB line took 75 MB), names its length, keeps nothing of
+    it, and goes on with the next line as with any other. Peak memory measured by a small wrapper process that
+    feeds the line from a file (a child forked from pytest would count pytest's own memory)."""
+    stdin = tmp_path / "stdin.txt"
+    with open(stdin, "wb") as f:
+        f.write(b"a" * (64 << 20) + b"\nHello\n")
+    wrapper = (
+        "import resource, subprocess, sys\n"
+        "with open(sys.argv[1], 'rb') as f:\n"
+        "    r = subprocess.run(sys.argv[2:], stdin=f, capture_output=True)\n"
+        "sys.stderr.buffer.write(r.stderr)\n"
+        "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
+    args = [str(run_bin), str(chat_model["bin"]), "-z", str(chat_model["tokbin"]), "-m", "chat", "-T", "1"]
+    r = subprocess.run(
+        [sys.executable, "-c", wrapper, str(stdin), *args, "-n", "0", "--print-prompt-ids"],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    returncode, peak_kib = map(int, r.stdout.split())
+    assert returncode == 0, r.stderr[-500:]
+    assert b"the message is too long (67108865 bytes; at most 16777216); nothing was kept" in r.stderr
+    assert peak_kib < 45 * 1024, peak_kib  # the 16 MiB the limit needs, not the line's 64
+    prompts = [ln.split(b"prompt ids:")[1].split() for ln in r.stderr.splitlines() if b"prompt ids:" in ln]
+    _, alone = _chat(run_bin, chat_model, "-n", "0", "--print-prompt-ids", stdin=b"Hello\n")
+    assert [[int(x) for x in p] for p in prompts] == alone and len(alone) == 1  # the next line, as if alone
