@@ -787,6 +787,12 @@ def fla_conv_kernels(
     with `FLA_CONV_GLUON=1` or `FLA_GLUON=1` fla hands them to its Gluon kernels itself.
 
     Raises ValueError for another value of `LLAMATHINK_FLA_CONV`."""
+    return _fla_conv_choice(x, weight, cu_seqlens, grad_y)[0]
+
+
+def _fla_conv_choice(x, weight, cu_seqlens, grad_y) -> tuple[str, tuple | None]:
+    """`fla_conv_kernels`' answer, and with "gluon" the call's shape key (`_gluon_conv_shape`) to record once the
+    call has run."""
     setting = os.environ.get(FLA_CONV_ENV, "").strip().lower() or "gluon"
     if setting not in FLA_CONV_KERNELS:
         raise ValueError(
@@ -795,17 +801,17 @@ def fla_conv_kernels(
         )
     gluon = _fla_conv_gluon()
     if setting == "triton" or gluon is None or "conv-gluon-failed" in _fla_state:
-        return "triton"
+        return "triton", None
     try:
         takes, _ = gluon[2](x=x, weight=weight, cu_seqlens=cu_seqlens)
     except Exception:  # a verifier that cannot judge the call: the kernels that take every call
         takes = False
     if not takes:
-        return "triton"
+        return "triton", None
     shapes, key = _fla_state.setdefault("conv-gluon-shapes", set()), _gluon_conv_shape(x, weight, cu_seqlens, grad_y)
     if key not in shapes and sum(k[0] == key[0] for k in shapes) >= GLUON_CONV_SHAPES_PER_PROCESS:
-        return "triton"
-    return "gluon"
+        return "triton", None
+    return "gluon", key
 
 
 def _fla_conv_call(x: torch.Tensor, weight: torch.Tensor, cu_seqlens, grad_y=None, **kwargs):
@@ -817,7 +823,8 @@ def _fla_conv_call(x: torch.Tensor, weight: torch.Tensor, cu_seqlens, grad_y=Non
     index = 0 if grad_y is None else 1
     if grad_y is not None:
         kwargs["dy"] = grad_y
-    if fla_conv_kernels(x, weight, cu_seqlens, grad_y) == "gluon":
+    choice, shape = _fla_conv_choice(x, weight, cu_seqlens, grad_y)
+    if choice == "gluon":
         try:
             out = _fla_conv_gluon()[index](x=x, weight=weight, cu_seqlens=cu_seqlens, **kwargs)
         except torch.OutOfMemoryError:
@@ -832,7 +839,7 @@ def _fla_conv_call(x: torch.Tensor, weight: torch.Tensor, cu_seqlens, grad_y=Non
                 f"fla's Triton kernels in this process ({FLA_CONV_ENV}=triton chooses them from the start)",
             )
         else:
-            _fla_state["conv-gluon-shapes"].add(_gluon_conv_shape(x, weight, cu_seqlens, grad_y))
+            _fla_state["conv-gluon-shapes"].add(shape)
             return out
     return _fla_conv_internals()[index](x=x, weight=weight, cu_seqlens=cu_seqlens, **kwargs)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import RunConfig
+from .config import RUN_OUTPUT_FOLDERS, RunConfig
 from .optim import lr_factor
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1049,10 +1049,7 @@ def input_fingerprints(cfg) -> dict[str, str]:
 # what a run writes in its out_dir: left out of an input folder's fingerprint when out_dir lies in that folder (or
 # is it), or every checkpoint would make the input look edited
 _OUT_DIR_ENTRIES = (
-    "checkpoints",
-    "final",
-    ".final.tmp",
-    ".final.old",
+    *RUN_OUTPUT_FOLDERS,  # checkpoints/ and final/ (with final/'s temporary names)
     "history.json",
     "history.json.tmp",
     "train_config.json",

@@ -145,8 +145,10 @@ class RunConfig:
                 f"out_dir {self.out_dir} is the {setting} model's folder: the run would write its checkpoints and "
                 "final model into the model it starts from; choose another out_dir"
             )
-        for own in (out / name for name in RUN_OUTPUT_FOLDERS):  # (a Hub id names no local folder to lose)
-            if (model == own or own in model.parents) and Path(source).expanduser().exists():
+        if not Path(source).expanduser().exists():  # a Hub id: no local folder to lose
+            return
+        for own in (out / name for name in RUN_OUTPUT_FOLDERS):
+            if model == own or own in model.parents:
                 raise ValueError(
                     f"{setting} {source} is in out_dir {self.out_dir}'s {own.name}/, which the run replaces or "
                     "deletes: it would lose the model it starts from; choose another out_dir (or copy the model "
@@ -165,7 +167,8 @@ class RunConfig:
                 raise ValueError(f"{name} must be positive{' or null' if or_null else ''}, got {value!r}{hint}")
 
 
-# the folders of out_dir that a run replaces, rotates away or (with overwrite) deletes (`checkpoint._OUT_DIR_ENTRIES`)
+# the folders of out_dir that a run replaces, rotates away or (with overwrite) deletes (the first of
+# `checkpoint._OUT_DIR_ENTRIES`, the run's outputs)
 RUN_OUTPUT_FOLDERS = ("final", ".final.tmp", ".final.old", "checkpoints")
 
 # how to turn off what an interval setting schedules, for its error where it is given as 0
