@@ -32,6 +32,7 @@ defaults, or with `:combo` with training's options.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -46,6 +47,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # trace_gaps
 
 
 def versions() -> dict:
@@ -292,7 +294,7 @@ def compile_phases(first_step_s: float) -> dict:
     return phases
 
 
-def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False) -> dict:
+def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False, trace_dir=None) -> dict:
     torch.manual_seed(0)
     model = build(name).cuda()
     n_params = sum(p.numel() for p in model.parameters())
@@ -325,17 +327,25 @@ def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False) -> d
     torch.cuda.reset_peak_memory_stats()
     count = [0]
 
+    tracing = [False]  # while the trace's steps run: their parts annotated (`trace_gaps.py` reads them)
+
+    def part(label: str):
+        return torch.profiler.record_function(label) if tracing[0] else contextlib.nullcontext()
+
     def step():
         extra = {"position_ids": packings[count[0] % len(packings)]} if packings else {}
         extra.update(ours)  # LlamaThink's chunked loss, as in training
         count[0] += 1
-        if cudagraphs and compile_model:
-            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be overwritten
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = step_model(input_ids=ids, labels=ids, use_cache=False, **extra).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with part("bench_step"):
+            if cudagraphs and compile_model:
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be overwritten
+            with part("forward"), torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = step_model(input_ids=ids, labels=ids, use_cache=False, **extra).loss
+            with part("backward"):
+                loss.backward()
+            with part("optimizer"):
+                opt.step()
+                opt.zero_grad(set_to_none=True)
         return loss
 
     torch._dynamo.utils.compilation_time_metrics.clear()
@@ -368,10 +378,43 @@ def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False) -> d
         "first_step_s": first_step_s,
         "first_step_phases_s": first_step_phases,
     }
+    if trace_dir is not None:
+        result["gpu_idle"] = trace_steps(step, tracing, name, batch, trace_dir)
     del model, opt, step_model
     gc.collect()
     torch.cuda.empty_cache()
     return result
+
+
+TRACE_STEPS = 3
+
+
+def trace_steps(step, tracing: list, name: str, batch: int, trace_dir: str) -> dict:
+    """Profile `TRACE_STEPS` more steps (torch.profiler, host and device), write the Chrome trace to
+    `trace_dir`/trace_<name>_b<batch>.json.gz and return where the steps left the GPU idle (`trace_gaps.analyse`:
+    per step its busy and idle microseconds and the largest origins of its gaps and host waits)."""
+    import trace_gaps
+
+    path = Path(trace_dir) / f"trace_{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}_b{batch}.json.gz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    tracing[0] = True
+    try:
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(TRACE_STEPS):
+                step()
+            torch.cuda.synchronize()
+    finally:
+        tracing[0] = False
+    prof.export_chrome_trace(str(path))
+    gaps = trace_gaps.analyse(trace_gaps.load_trace(path), marker="bench_step")
+    return {
+        "trace": path.name,
+        "busy_us_per_step": gaps["busy_us_per_step"],
+        "idle_us_per_step": gaps["idle_us_per_step"],
+        "gaps_by_origin": gaps["gaps_by_origin"][:12],
+        "waits_by_origin": gaps["waits_by_origin"][:8],
+    }
 
 
 @torch.no_grad()
@@ -408,7 +451,7 @@ def run_one(name: str, args, peak: float) -> dict:
     for compiled in [True] if args.compiled_only else [False, True] if args.compile else [False]:
         for batch in [] if args.no_train else train_batches:
             try:
-                r = bench_train(name, batch, args.seq, args.steps, args.warmup, peak, compiled)
+                r = bench_train(name, batch, args.seq, args.steps, args.warmup, peak, compiled, args.trace)
             except Exception as err:  # an out-of-memory batch must not hide the others
                 r = {"model": name, "batch": batch, "compiled": compiled, "error": f"{type(err).__name__}: {err}"[:500]}
                 gc.collect()
@@ -443,6 +486,12 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=300.0, help="time limit of each model's process")
     parser.add_argument("--in-process", action="store_true", help="measure every model in this process")
     parser.add_argument("--out", default=None, help="write results as JSON here")
+    parser.add_argument(
+        "--trace",
+        default=None,
+        metavar="DIR",
+        help="after timing, profile a few more training steps: their trace to DIR, their GPU idle time to the row",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the process measuring one model
     args = parser.parse_args(argv)
     for name in args.models.split(","):

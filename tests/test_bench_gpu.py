@@ -106,3 +106,55 @@ def test_the_same_command_with_its_compiled_measurement_passes_the_checks(monkey
     for argv in (["--models", "llamathink:fla:cudagraphs", "--compiled-only"], ["--train-batches", "16, 64"]):
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             bg.main(argv)
+
+
+def test_trace_gaps_names_the_idle_time_and_the_host_code_that_ended_it(tmp_path):
+    """`trace_gaps.analyse` on a hand-made Kineto trace of one step: kernels at 20-30 us (launched inside
+    aten::embedding), 40-50 and 45-70 us (one CUDA graph launched inside CompiledFunction, overlapping), a host wait
+    inside aten::item; the step spans 0-100 us. Busy 10 + 30 us, idle 60 us: 20 before the embedding's kernel, 10
+    before the graph's, 30 after the last kernel."""
+    import gzip
+    import json
+
+    import trace_gaps
+
+    def x(cat, name, ts, dur, tid=1, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid, "args": args}
+
+    events = [
+        x("user_annotation", "bench_step", 0, 100),
+        x("cpu_op", "aten::embedding", 5, 6),
+        x("cuda_runtime", "cudaLaunchKernel", 8, 2, correlation=1),
+        x("kernel", "embedding_kernel", 20, 10, tid=7, correlation=1),
+        x("cpu_op", "CompiledFunction", 30, 30),
+        x("cpu_op", "aten::empty", 31, 1),
+        x("cuda_runtime", "cudaGraphLaunch", 35, 3, correlation=2),
+        x("kernel", "triton_a", 40, 10, tid=7, correlation=2),
+        x("kernel", "triton_b", 45, 25, tid=8, correlation=2),
+        x("cpu_op", "aten::item", 72, 15),
+        x("cuda_runtime", "cudaStreamSynchronize", 75, 10, correlation=3),
+        x("kernel", "outside_the_step", 150, 10, tid=7, correlation=4),
+    ]
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    result = trace_gaps.analyse(trace_gaps.load_trace(path), marker="bench_step")
+    assert result["steps"] == [{"span_us": 100, "busy_us": 40, "idle_us": 60}]
+    assert result["gaps_by_origin"] == [
+        ["(after the step's last work)", 30.0, 1.0],
+        ["aten::embedding", 20.0, 1.0],
+        ["CompiledFunction", 10.0, 1.0],
+    ]
+    assert result["waits_by_origin"] == [["aten::item", 10.0, 1.0]]
+    assert result["largest_gaps"][0] == {
+        "gap_us": 20,
+        "origin": "aten::embedding",
+        "launch": "cudaLaunchKernel",
+        "next": "embedding_kernel",
+    }
+    assert "idle 0.06 ms" in trace_gaps.report(result)
+    with pytest.raises(ValueError, match="no GPU events"):
+        trace_gaps.analyse([e for e in events if e["cat"] != "kernel"])
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="bad.json: not a readable Chrome trace"):
+        trace_gaps.load_trace(tmp_path / "bad.json")

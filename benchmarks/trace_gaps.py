@@ -1,0 +1,209 @@
+"""Where a profiled training step leaves the GPU idle, and what the host was doing then.
+
+    python benchmarks/trace_gaps.py TRACE.json[.gz] [--marker bench_step] [--top 15] [--min-gap-us 2]
+
+Reads a torch.profiler (Kineto) Chrome trace, such as `bench_gpu.py --trace DIR` writes, and for each span of the
+user annotation `--marker` (one training step; the whole trace without one) reports:
+- the span, the GPU's busy time (the union of its kernels, copies and fills on every stream) and its idle time;
+- the idle gaps longer than `--min-gap-us`, summed by the host code that launched the work ending each gap (the
+  chain of host ops around the launch: a gap ends when the host launches the next work, so a long gap before work
+  launched from `aten::embedding` says the host was still getting there);
+- the host's waits for the device (`cudaStreamSynchronize`, `cudaDeviceSynchronize`, `cudaEventSynchronize`, and
+  blocking copies to the host), with the host ops around each.
+
+The step's wall time is its GPU busy time plus its idle time; a step whose kernels alone would reach a peer's MFU
+but whose wall time does not is losing the difference in these gaps. Method: the Chrome trace format of Kineto,
+whose kernel events carry the `correlation` id of the host runtime call (cudaLaunchKernel, cudaGraphLaunch, ...)
+that launched them (every kernel of a replayed CUDA graph carries its cudaGraphLaunch's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import collections
+import gzip
+import json
+import sys
+from pathlib import Path
+
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+HOST_OP_CATEGORIES = ("cpu_op", "user_annotation", "python_function")
+RUNTIME_CATEGORIES = ("cuda_runtime", "cuda_driver")
+WAIT_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def load_trace(path: str | Path) -> list[dict]:
+    """The `traceEvents` of a Chrome trace file (plain or gzipped JSON). Raises ValueError naming the file when it is
+    not one."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt") as f:
+            doc = json.load(f)
+    except (OSError, ValueError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable Chrome trace ({err})") from err
+    events = doc.get("traceEvents") if isinstance(doc, dict) else doc
+    if not isinstance(events, list):
+        raise ValueError(f"{path}: no traceEvents list (not a torch.profiler trace)")  # noqa: TRY004 (a bad file)
+    return [e for e in events if isinstance(e, dict) and e.get("ph") == "X" and "ts" in e]
+
+
+def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [(s, e) for s, e in out]
+
+
+class _HostOps:
+    """The host ops of one thread, nested by their times, to find those enclosing a moment (outermost first)."""
+
+    def __init__(self, ops: list[dict]):
+        self.ops = sorted(ops, key=lambda e: (e["ts"], -e.get("dur", 0)))
+        self.starts = [e["ts"] for e in self.ops]
+        self.parent = []
+        stack: list[int] = []
+        for i, e in enumerate(self.ops):
+            while stack and self._end(stack[-1]) < e["ts"]:
+                stack.pop()
+            self.parent.append(stack[-1] if stack else -1)
+            stack.append(i)
+
+    def _end(self, i: int) -> float:
+        return self.ops[i]["ts"] + self.ops[i].get("dur", 0)
+
+    def around(self, ts: float) -> list[str]:
+        i = bisect.bisect_right(self.starts, ts) - 1  # the last op begun by ts, or one of its parents, holds ts
+        chain = []
+        while i >= 0:
+            if self._end(i) >= ts:
+                chain.append(self.ops[i]["name"])
+            i = self.parent[i]
+        return chain[::-1]
+
+
+def analyse(events: list[dict], marker: str | None = "bench_step", min_gap_us: float = 2.0, levels: int = 3) -> dict:
+    """GPU busy and idle time per step and the idle gaps by their host origin (see the module docstring).
+
+    `events`: `load_trace`'s list. `marker`: the name of the user annotation around each step (None, or no such
+    annotation: the span from the first to the last GPU event). `levels`: how many host ops under the step's own
+    annotation name a gap's origin. Returns {"steps": [per step: span_us, busy_us, idle_us], "idle_us_per_step",
+    "gaps_by_origin": [[origin, total_us_per_step, count_per_step], ...] (largest first), "waits_by_origin": the
+    same for the host's waits, "largest_gaps": [...]}."""
+    gpu = [e for e in events if e.get("cat") in GPU_CATEGORIES]
+    if not gpu:
+        raise ValueError("the trace has no GPU events (profiled without CUDA activity, or on the CPU)")
+    runtime = {}
+    for e in events:
+        if e.get("cat") in RUNTIME_CATEGORIES and "correlation" in e.get("args", {}):
+            runtime[e["args"]["correlation"]] = e
+    threads = collections.defaultdict(list)
+    for e in events:
+        if e.get("cat") in HOST_OP_CATEGORIES:
+            threads[e.get("tid")].append(e)
+    host = {tid: _HostOps(ops) for tid, ops in threads.items()}
+    spans = sorted(
+        (e["ts"], e["ts"] + e["dur"])
+        for e in events
+        if marker and e.get("cat") == "user_annotation" and e["name"] == marker
+    )
+    if not spans:
+        spans = [(min(e["ts"] for e in gpu), max(e["ts"] + e.get("dur", 0) for e in gpu))]
+
+    def origin(ts: float, tid) -> str:
+        chain = host[tid].around(ts) if tid in host else []
+        if marker in chain:
+            chain = chain[chain.index(marker) + 1 :]
+        return " > ".join(chain[:levels]) or "(no host op)"
+
+    gpu_sorted = sorted(gpu, key=lambda e: e["ts"])
+    starts = [e["ts"] for e in gpu_sorted]
+    steps, gaps_by, waits_by, largest = (
+        [],
+        collections.defaultdict(lambda: [0.0, 0]),
+        collections.defaultdict(lambda: [0.0, 0]),
+        [],
+    )
+    for lo, hi in spans:
+        inside = gpu_sorted[bisect.bisect_left(starts, lo) : bisect.bisect_right(starts, hi)]
+        busy = _merged([(max(e["ts"], lo), min(e["ts"] + e.get("dur", 0), hi)) for e in inside])
+        busy_us = sum(e - s for s, e in busy)
+        steps.append({"span_us": hi - lo, "busy_us": busy_us, "idle_us": hi - lo - busy_us})
+        # each gap: from the end of busy work (or the step's start) to the next work; named by that work's launch
+        edges = [lo] + [e for _, e in busy]
+        for gap_start, (next_start, _) in zip(edges, busy):
+            gap = next_start - gap_start
+            if gap < min_gap_us:
+                continue
+            first = next(e for e in inside if e["ts"] >= next_start)
+            launch = runtime.get(first.get("args", {}).get("correlation"))
+            where = origin(launch["ts"], launch.get("tid")) if launch else "(launch not in the trace)"
+            call = launch["name"] if launch else "?"
+            gaps_by[where][0] += gap
+            gaps_by[where][1] += 1
+            largest.append({"gap_us": gap, "origin": where, "launch": call, "next": first["name"][:80]})
+        if busy and hi - busy[-1][1] >= min_gap_us:
+            gaps_by["(after the step's last work)"][0] += hi - busy[-1][1]
+            gaps_by["(after the step's last work)"][1] += 1
+    for e in events:
+        waiting = e.get("cat") in RUNTIME_CATEGORIES and e["name"].startswith(WAIT_CALLS)
+        if waiting and any(lo <= e["ts"] <= hi for lo, hi in spans):
+            where = origin(e["ts"], e.get("tid"))
+            waits_by[where][0] += e.get("dur", 0)
+            waits_by[where][1] += 1
+    n = len(spans)
+
+    def table(d):
+        return [[k, round(v[0] / n, 1), round(v[1] / n, 2)] for k, v in sorted(d.items(), key=lambda kv: -kv[1][0])]
+
+    return {
+        "steps": [{k: round(v, 1) for k, v in s.items()} for s in steps],
+        "idle_us_per_step": round(sum(s["idle_us"] for s in steps) / n, 1),
+        "busy_us_per_step": round(sum(s["busy_us"] for s in steps) / n, 1),
+        "gaps_by_origin": table(gaps_by),
+        "waits_by_origin": table(waits_by),
+        "largest_gaps": sorted(largest, key=lambda g: -g["gap_us"])[:20],
+    }
+
+
+def report(result: dict, top: int = 15) -> str:
+    """`analyse`'s result as text."""
+    lines = [
+        (
+            f"steps: {len(result['steps'])}; per step: GPU busy {result['busy_us_per_step'] / 1e3:.2f} ms, "
+            f"idle {result['idle_us_per_step'] / 1e3:.2f} ms"
+        ),
+        "idle gaps by the host code that launched the work after them (us per step, gaps per step):",
+    ]
+    lines += [f"  {us:9.1f}  {count:7.2f}  {where}" for where, us, count in result["gaps_by_origin"][:top]]
+    lines.append("host waits for the device (us per step, waits per step):")
+    lines += [f"  {us:9.1f}  {count:7.2f}  {where}" for where, us, count in result["waits_by_origin"][:top]]
+    lines.append("largest gaps:")
+    lines += [
+        f"  {g['gap_us']:9.1f}  {g['launch']} from {g['origin']} -> {g['next']}" for g in result["largest_gaps"][:top]
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("trace")
+    parser.add_argument("--marker", default="bench_step", help="the user annotation around each step")
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--min-gap-us", type=float, default=2.0)
+    parser.add_argument("--levels", type=int, default=3, help="host ops under the step that name a gap's origin")
+    args = parser.parse_args(argv)
+    try:
+        result = analyse(load_trace(args.trace), args.marker, args.min_gap_us, args.levels)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    print(report(result, args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
