@@ -15,7 +15,8 @@ the first one's compiler caches). Compiled LlamaThink is compiled layer by layer
 `compile: true` trains with); `llamathink:<backend>:whole` compiles the whole model as one graph instead; the
 peers are compiled whole (`torch.compile(model)`). Variants of LlamaThink: `:no-hc` (hyper-connections off),
 `:packed` (documents of 64-700 tokens per row, position ids restarting: the document-masked training path),
-`:eager-decode` (one-token steps without CUDA graphs), `:head128` (8 Gated DeltaNet heads of 128 instead of 9 of
+`:device-checks` (the forward checks its token ids and labels itself, one host sync per step, as outside the
+training loops, which check them on the host: `inputs_checked_by_caller`), `:eager-decode` (one-token steps without CUDA graphs), `:head128` (8 Gated DeltaNet heads of 128 instead of 9 of
 112: what fla's padding of 112 to 128-wide tiles costs), `:untuned-fla` (fla's kernels autotuned in the process
 instead of taking the package's recorded choices, `LLAMATHINK_FLA_TUNED_CONFIGS=0`), `:prebuild` (compiled: fla's
 kernels built by a child process while the first step compiles, `start_fla_prebuild`, as the pretraining loop
@@ -74,6 +75,7 @@ def versions() -> dict:
 
 LLAMATHINK_BACKENDS = ("auto", "flash_qla", "fla", "torch")
 LLAMATHINK_VARIANTS = (
+    "device-checks",
     "no-hc",
     "eager-decode",
     "whole",
@@ -295,6 +297,8 @@ def compile_phases(first_step_s: float) -> dict:
 
 
 def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False, trace_dir=None) -> dict:
+    from llamathink.modeling_llamathink import inputs_checked_by_caller
+
     torch.manual_seed(0)
     model = build(name).cuda()
     n_params = sum(p.numel() for p in model.parameters())
@@ -324,6 +328,10 @@ def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False, trac
     # packed rows: a new packing every step (as real data), from a few precomputed ones
     packings = [packed_positions(batch, seq, i).cuda() for i in range(4)] if ":packed" in name else None
     ours = {"skip_logits": True} if name.startswith("llamathink") else {}  # peers: transformers' own loss
+    # LlamaThink as the training loops run it: the batch's token ids checked on the host (here: made in range), the
+    # forward's own check, a host sync per step, skipped; `:device-checks` keeps it (peers check nothing)
+    trusted = name.startswith("llamathink") and ":device-checks" not in name
+    checked = (lambda: inputs_checked_by_caller(model)) if trusted else contextlib.nullcontext
     torch.cuda.reset_peak_memory_stats()
     count = [0]
 
@@ -339,7 +347,7 @@ def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False, trac
         with part("bench_step"):
             if cudagraphs and compile_model:
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be overwritten
-            with part("forward"), torch.autocast("cuda", dtype=torch.bfloat16):
+            with part("forward"), checked(), torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = step_model(input_ids=ids, labels=ids, use_cache=False, **extra).loss
             with part("backward"):
                 loss.backward()

@@ -8,8 +8,8 @@ user annotation `--marker` (one training step; the whole trace without one) repo
 - the idle gaps longer than `--min-gap-us`, summed by the host code that launched the work ending each gap (the
   chain of host ops around the launch: a gap ends when the host launches the next work, so a long gap before work
   launched from `aten::embedding` says the host was still getting there);
-- the host's waits for the device (`cudaStreamSynchronize`, `cudaDeviceSynchronize`, `cudaEventSynchronize`, and
-  blocking copies to the host), with the host ops around each.
+- the host's waits for the device (`cudaStreamSynchronize`, `cudaDeviceSynchronize`, `cudaEventSynchronize`,
+  `cudaMemcpy`, and copies to the host), with the host ops around each.
 
 The step's wall time is its GPU busy time plus its idle time; a step whose kernels alone would reach a peer's MFU
 but whose wall time does not is losing the difference in these gaps. Method: the Chrome trace format of Kineto,
@@ -30,7 +30,7 @@ from pathlib import Path
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 HOST_OP_CATEGORIES = ("cpu_op", "user_annotation", "python_function")
 RUNTIME_CATEGORIES = ("cuda_runtime", "cuda_driver")
-WAIT_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
 
 def load_trace(path: str | Path) -> list[dict]:
@@ -149,8 +149,12 @@ def analyse(events: list[dict], marker: str | None = "bench_step", min_gap_us: f
         if busy and hi - busy[-1][1] >= min_gap_us:
             gaps_by["(after the step's last work)"][0] += hi - busy[-1][1]
             gaps_by["(after the step's last work)"][1] += 1
+    # the host's waits: synchronising calls, and copies to the host (an asynchronous one to pageable memory waits too)
+    to_host = {e["args"].get("correlation") for e in gpu if e["name"].startswith("Memcpy DtoH")}
     for e in events:
-        waiting = e.get("cat") in RUNTIME_CATEGORIES and e["name"].startswith(WAIT_CALLS)
+        waiting = e.get("cat") in RUNTIME_CATEGORIES and (
+            e["name"] in SYNC_CALLS or (e["name"].startswith("cudaMemcpy") and e["args"].get("correlation") in to_host)
+        )
         if waiting and any(lo <= e["ts"] <= hi for lo, hi in spans):
             where = origin(e["ts"], e.get("tid"))
             waits_by[where][0] += e.get("dur", 0)

@@ -27,6 +27,7 @@ kernels files) next to the weights for `trust_remote_code=True` loading where th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -2086,6 +2087,86 @@ def chunked_causal_lm_loss(
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, divisor, chunk_rows, chunk_fn)
 
 
+TOKEN_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)  # the dtypes input_ids may come in
+
+
+def _is_target_dtype(dtype: torch.dtype) -> bool:  # labels: any integer dtype (-100 needs a signed one to occur)
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def check_token_values(
+    vocab_size: int,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    **targets: torch.Tensor,
+) -> None:
+    """Raise ValueError naming the first bad input of a causal-LM forward: `input_ids` [B, T] not in an integer dtype
+    (`TOKEN_ID_DTYPES`) or holding an id outside [0, vocab_size); an `attention_mask` holding a value other than 0
+    (padding) and 1 (transformers counts positions as the mask's running sum, so a 2 would skip one); a target
+    tensor (keyword: its name, e.g. `labels=`, `shift_labels=`) not of an integer dtype or holding a value that is
+    neither -100 (ignored) nor a token id (CUDA would assert inside the embedding or the loss).
+
+    The model's forward calls it on every batch (unless `inputs_checked_by_caller`). For tensors on a GPU reading
+    the verdict is one host sync, which waits for all work queued before it; for CPU tensors it is none. So
+    training loops call it on each batch's host copy before moving it to the device, and run the forward inside
+    `inputs_checked_by_caller` (`llamathink.train.loop.run_training`). Tensors may lie on different devices."""
+    if input_ids is not None and input_ids.dtype not in TOKEN_ID_DTYPES:
+        raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    for name, t in targets.items():
+        if not _is_target_dtype(t.dtype):
+            raise ValueError(f"{name} must be an integer tensor (token ids, -100 ignored), got {t.dtype}")
+    stats = {}  # 0-d int64 tensors, read together
+    if input_ids is not None and input_ids.numel():
+        stats["lo"], stats["hi"] = input_ids.min(), input_ids.max()
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        stats["mask"] = ((attention_mask != 0) & (attention_mask != 1)).any()
+    outside = {name: (t != -100) & ((t < 0) | (t >= vocab_size)) for name, t in targets.items()}
+    stats.update({name: bad.any() for name, bad in outside.items()})
+    if not stats:
+        return
+    device = next(iter(stats.values())).device
+    values = dict(zip(stats, torch.stack([v.to(device, torch.int64) for v in stats.values()]).tolist()))
+    if values.get("lo", 0) < 0 or values.get("hi", 0) >= vocab_size:
+        bad = values["lo"] if values["lo"] < 0 else values["hi"]
+        raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab_size})")
+    if values.get("mask"):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (a real token)")
+    for name, bad in outside.items():
+        if values[name]:
+            raise ValueError(
+                f"{name} contains {targets[name][bad][0].item()}: neither -100 (ignored) nor a token id in the "
+                f"vocabulary [0, {vocab_size})"
+            )
+
+
+_CHECKED_BY_CALLER = "_llamathink_inputs_checked_by_caller"  # a count on each LlamaThink model module
+
+
+@contextlib.contextmanager
+def inputs_checked_by_caller(model: nn.Module):
+    """Within this block, forwards of the LlamaThink models in `model` (itself, or a wrapper such as DDP's, PEFT's
+    or accelerate's) skip `check_token_values` on their input_ids, attention_mask, labels and shift_labels: the
+    caller has checked those values itself, on the host (`check_token_values` on the batch's CPU tensors, as the
+    training loops do). Shapes and dtypes are still checked.
+
+    Why: the forward's own check reads its verdict on the host, so each training step's forward would wait there
+    for the GPU to finish everything queued before it (the previous step's backward and optimizer), then leave the
+    GPU idle while the host launches the next step's first kernels. An id outside the vocabulary given inside the
+    block is undefined behaviour, as in transformers' models (on CUDA a device-side assert). Re-entrant."""
+    modules = [m for m in model.modules() if isinstance(m, LlamaThinkPreTrainedModel)]
+    for m in modules:
+        setattr(m, _CHECKED_BY_CALLER, getattr(m, _CHECKED_BY_CALLER, 0) + 1)
+    try:
+        yield model
+    finally:
+        for m in modules:
+            setattr(m, _CHECKED_BY_CALLER, getattr(m, _CHECKED_BY_CALLER) - 1)
+
+
+def _inputs_checked_by_caller(module: nn.Module) -> bool:
+    return getattr(module, _CHECKED_BY_CALLER, 0) > 0
+
+
 def _as_index(input_ids: torch.Tensor) -> torch.Tensor:
     """Token ids as the embedding's index dtype: int16 and uint8 ids (which the input checks accept) as int64."""
     return input_ids.long() if input_ids.dtype in (torch.int16, torch.uint8) else input_ids
@@ -2546,25 +2627,11 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
             raise ValueError("the input sequence is empty")
         if B == 0:
             raise ValueError("the batch is empty (0 rows)")
-        # value checks, one host sync for all, none while compiling: token ids inside the vocabulary, and a mask of
-        # 0s and 1s (transformers counts positions as the mask's running sum, so a 2 would skip a position)
-        checks = {}
-        if input_ids is not None and not torch.compiler.is_compiling():
-            if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-                raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-            checks["lo"], checks["hi"] = input_ids.min(), input_ids.max()
-        if attention_mask is not None and attention_mask.dtype != torch.bool and not torch.compiler.is_compiling():
-            checks["mask"] = ((attention_mask != 0) & (attention_mask != 1)).any()
-        if checks:
-            device = next(iter(checks.values())).device
-            values = dict(zip(checks, torch.stack([c.to(device, torch.int64) for c in checks.values()]).tolist()))
-            if values.get("lo", 0) < 0 or values.get("hi", 0) >= self.config.vocab_size:
-                bad = values["lo"] if values["lo"] < 0 else values["hi"]
-                raise ValueError(
-                    f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size})"
-                )
-            if values.get("mask"):
-                raise ValueError("attention_mask must hold only 0 (padding) and 1 (a real token)")
+        if input_ids is not None and input_ids.dtype not in TOKEN_ID_DTYPES:
+            raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        # value checks (one host sync), none while compiling or where the caller has checked them on the host
+        if not torch.compiler.is_compiling() and not _inputs_checked_by_caller(self):
+            check_token_values(self.config.vocab_size, input_ids=input_ids, attention_mask=attention_mask)
         if attention_mask is not None:
             if (
                 attention_mask.dim() != 2
@@ -3241,22 +3308,16 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         )
 
     def _check_targets(self, name: str, targets: torch.Tensor) -> torch.Tensor:
-        """`labels` / `shift_labels` as int64, or ValueError naming them: not integer, or an id that is neither -100
-        (ignored) nor in the vocabulary (CUDA would assert inside the loss). Checked before the forward: a host sync
-        here waits only for the previous step's work, and the one for the ids just after it finds the GPU idle;
+        """`labels` / `shift_labels` as int64, or ValueError naming them: not integer, or (`check_token_values`, unless
+        `inputs_checked_by_caller`) an id that is neither -100 (ignored) nor in the vocabulary (CUDA would assert
+        inside the loss). Checked before the forward: its host sync then waits only for the previous step's work;
         after the forward it would hold the host until the forward ran."""
-        if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        if not torch.compiler.is_compiling() and not _inputs_checked_by_caller(self):
+            check_token_values(self.config.vocab_size, **{name: targets})
+        elif not _is_target_dtype(targets.dtype):
             raise ValueError(f"{name} must be an integer tensor (token ids, -100 ignored), got {targets.dtype}")
         # cross-entropy takes int64 targets; transformers' loss views them flat (both no-ops for contiguous int64)
-        targets = targets.long().contiguous()
-        if not torch.compiler.is_compiling():
-            outside = (targets != -100) & ((targets < 0) | (targets >= self.config.vocab_size))
-            if bool(outside.any()):
-                raise ValueError(
-                    f"{name} contains {targets[outside][0].item()}: neither -100 (ignored) nor a token id in the "
-                    f"vocabulary [0, {self.config.vocab_size})"
-                )
-        return targets
+        return targets.long().contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -111,8 +111,9 @@ def test_the_same_command_with_its_compiled_measurement_passes_the_checks(monkey
 def test_trace_gaps_names_the_idle_time_and_the_host_code_that_ended_it(tmp_path):
     """`trace_gaps.analyse` on a hand-made Kineto trace of one step: kernels at 20-30 us (launched inside
     aten::embedding), 40-50 and 45-70 us (one CUDA graph launched inside CompiledFunction, overlapping), a host wait
-    inside aten::item; the step spans 0-100 us. Busy 10 + 30 us, idle 60 us: 20 before the embedding's kernel, 10
-    before the graph's, 30 after the last kernel."""
+    inside aten::item (a copy to the host and a synchronize), a copy on the device that is no wait; the step spans
+    0-100 us. Busy 10 + 1 + 30 + 1 us, idle 58 us: 20 before the embedding's kernel, 8 before the device copy
+    (launched inside CompiledFunction), 28 after the copy to the host."""
     import gzip
     import json
 
@@ -131,30 +132,34 @@ def test_trace_gaps_names_the_idle_time_and_the_host_code_that_ended_it(tmp_path
         x("cuda_runtime", "cudaGraphLaunch", 35, 3, correlation=2),
         x("kernel", "triton_a", 40, 10, tid=7, correlation=2),
         x("kernel", "triton_b", 45, 25, tid=8, correlation=2),
+        x("cuda_runtime", "cudaMemcpyAsync", 36, 1, correlation=5),  # a copy on the device: no wait
+        x("gpu_memcpy", "Memcpy DtoD (Device -> Device)", 38, 1, tid=7, correlation=5),
         x("cpu_op", "aten::item", 72, 15),
-        x("cuda_runtime", "cudaStreamSynchronize", 75, 10, correlation=3),
+        x("cuda_runtime", "cudaMemcpyAsync", 73, 1, correlation=6),
+        x("gpu_memcpy", "Memcpy DtoH (Device -> Pinned)", 71, 1, tid=9, correlation=6),
+        x("cuda_runtime", "cudaStreamSynchronize", 75, 9, correlation=3),
         x("kernel", "outside_the_step", 150, 10, tid=7, correlation=4),
     ]
     path = tmp_path / "t.json.gz"
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": events}, f)
     result = trace_gaps.analyse(trace_gaps.load_trace(path), marker="bench_step")
-    assert result["steps"] == [{"span_us": 100, "busy_us": 40, "idle_us": 60}]
-    assert result["gaps_by_origin"] == [
-        ["(after the step's last work)", 30.0, 1.0],
+    assert result["steps"] == [{"span_us": 100, "busy_us": 42, "idle_us": 58}]
+    assert result["gaps_by_origin"] == [  # (gaps under --min-gap-us's 2 us left out: 39-40, 70-71)
+        ["(after the step's last work)", 28.0, 1.0],
         ["aten::embedding", 20.0, 1.0],
-        ["CompiledFunction", 10.0, 1.0],
+        ["CompiledFunction", 8.0, 1.0],
     ]
-    assert result["waits_by_origin"] == [["aten::item", 10.0, 1.0]]
+    assert result["waits_by_origin"] == [["aten::item", 10.0, 2.0]]
     assert result["largest_gaps"][0] == {
         "gap_us": 20,
         "origin": "aten::embedding",
         "launch": "cudaLaunchKernel",
         "next": "embedding_kernel",
     }
-    assert "idle 0.06 ms" in trace_gaps.report(result)
+    assert "idle 0.06 ms" in trace_gaps.report(result)  # 58 us
     with pytest.raises(ValueError, match="no GPU events"):
-        trace_gaps.analyse([e for e in events if e["cat"] != "kernel"])
+        trace_gaps.analyse([e for e in events if e["cat"] not in trace_gaps.GPU_CATEGORIES])
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="bad.json: not a readable Chrome trace"):
         trace_gaps.load_trace(tmp_path / "bad.json")

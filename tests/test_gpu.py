@@ -44,6 +44,14 @@ needs_flash_qla = pytest.mark.skipif(_FLASH_QLA_PROBLEM is not None, reason=str(
 FAST_BACKENDS = [pytest.param("fla", marks=needs_fla), pytest.param("flash_qla", marks=needs_flash_qla)]
 
 
+@pytest.fixture(autouse=True)
+def _gluon_conv_shapes_of_this_test(monkeypatch):
+    """Each test picks fla's conv kernels as a fresh process would: the Gluon shapes that earlier tests ran are not
+    counted against `GLUON_CONV_SHAPES_PER_PROCESS` (after a test of many shapes, a later test's training step
+    would otherwise run fla's Triton conv, which, for one, a prebuild child never built for it)."""
+    monkeypatch.setitem(kernels._fla_state, "conv-gluon-shapes", set())
+
+
 def _inputs(B=2, T=300, H=4, Dk=64, Dv=64, dtype=torch.bfloat16, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     kw = dict(device="cuda", generator=gen)

@@ -3636,3 +3636,45 @@ def test_mixed_dtype_addmm_probe_picks_the_form_torch_takes(monkeypatch):
     for addmm, want in cases.items():
         monkeypatch.setattr(torch, "addmm", addmm)
         assert probe(torch.device("cpu"), torch.bfloat16, torch.float32) == want, addmm.__name__
+
+
+def test_inputs_checked_by_caller_skips_the_forwards_value_check_and_nothing_else(model, monkeypatch):
+    """`check_token_values` names each bad input (ids, mask, targets) on tensors of any device mix; inside
+    `inputs_checked_by_caller` (given the model or a wrapper of it) the forward skips it, so a training step does
+    not wait for the GPU, but still refuses wrong shapes and dtypes; the count is restored on leaving, also after an
+    error, and blocks nest. Outside, every forward with labels checks (the ids and the labels)."""
+    check = modeling.check_token_values
+    vocab = model.config.vocab_size
+    with pytest.raises(ValueError, match=f"input_ids contains token id {vocab}, outside the vocabulary"):
+        check(vocab, input_ids=torch.tensor([[1, vocab]]))
+    with pytest.raises(ValueError, match="attention_mask must hold only 0"):
+        check(vocab, input_ids=torch.tensor([[1, 2]]), attention_mask=torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match=r"shift_labels contains -7: neither -100 \(ignored\)"):
+        check(vocab, labels=torch.tensor([[-100, 3]]), shift_labels=torch.tensor([[5, -7]]))
+    with pytest.raises(ValueError, match="input_ids must be an integer tensor, got torch.float32"):
+        check(vocab, input_ids=torch.ones(1, 2))
+    check(vocab, input_ids=torch.tensor([[0, vocab - 1]]), labels=torch.tensor([[-100, vocab - 1]]))  # all good
+
+    calls = []
+    monkeypatch.setattr(modeling, "check_token_values", lambda *a, **k: calls.append(sorted(k)) or check(*a, **k))
+    ids = torch.randint(3, vocab, (2, 6), generator=torch.Generator().manual_seed(0))
+    ref = model(ids, labels=ids)
+    assert calls == [["labels"], ["attention_mask", "input_ids"]]
+    wrapper = torch.nn.ModuleDict({"inner": model})  # as DDP, PEFT or accelerate wrap it
+    calls.clear()
+    with modeling.inputs_checked_by_caller(wrapper):
+        with modeling.inputs_checked_by_caller(model):
+            out = model(ids, labels=ids)
+        assert torch.equal(out.loss, ref.loss) and torch.equal(out.logits, ref.logits)
+        model(ids, labels=ids)  # the outer block still holds
+        with pytest.raises(ValueError, match="labels has shape"):
+            model(ids, labels=ids[:, :-1])
+        with pytest.raises(ValueError, match="labels must be an integer tensor"):
+            model(ids, labels=ids.float())
+        with pytest.raises(ValueError, match="input_ids must be an integer tensor"):
+            model(ids.float())
+    assert calls == []
+    with pytest.raises(ValueError, match=f"labels contains {vocab}"):
+        model(ids, labels=torch.full_like(ids, vocab))
+    assert calls == [["labels"]]
+    assert all(getattr(m, modeling._CHECKED_BY_CALLER, 0) == 0 for m in wrapper.modules())

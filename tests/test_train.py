@@ -1471,3 +1471,26 @@ def test_a_leading_tilde_in_a_path_setting_is_the_home_folder(tmp_path, monkeypa
 
     tuned = FinetuneConfig(data="~/chats.jsonl", init_from="~")
     assert (tuned.data, tuned.init_from) == (f"{tmp_path}/chats.jsonl", str(tmp_path))
+
+
+def test_the_loop_checks_batches_on_the_host_and_the_forward_then_skips_its_own_check(monkeypatch):
+    """`check_batch_on_host`: a CPU batch's ids and labels are checked there (no device sync), a bad label named
+    before any forward, and the forward then runs inside `inputs_checked_by_caller` (no check of its own, whose
+    host sync would drain the GPU's queue every step); a batch already on a device keeps the forward's check."""
+    from llamathink import modeling_llamathink as modeling
+    from llamathink.train.loop import check_batch_on_host
+
+    model = tiny_model(torch.float32)
+    ids = torch.randint(3, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=f"labels contains {model.config.vocab_size}: neither -100"):
+        check_batch_on_host({"input_ids": ids, "labels": torch.full_like(ids, model.config.vocab_size)}, model)
+    calls = []
+    monkeypatch.setattr(modeling, "check_token_values", lambda *a, **k: calls.append(k) or None)
+    with check_batch_on_host({"input_ids": ids, "labels": ids}, model):
+        assert modeling._inputs_checked_by_caller(model) and modeling._inputs_checked_by_caller(model.model)
+        loss = model(input_ids=ids, labels=ids).loss
+    assert calls == [] and torch.isfinite(loss)
+    assert not modeling._inputs_checked_by_caller(model)
+    on_device = {"input_ids": ids.to("meta"), "labels": ids.to("meta")}
+    with check_batch_on_host(on_device, model):
+        assert not modeling._inputs_checked_by_caller(model)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..data.chat import trained_tokens as count_trained_tokens
-from ..modeling_llamathink import uses_cuda_graphs
+from ..modeling_llamathink import check_token_values, inputs_checked_by_caller, uses_cuda_graphs
 from .checkpoint import (
     CheckpointError,
     OutDirInUse,
@@ -370,6 +370,20 @@ def begin_run(cfg: RunConfig, is_main: bool = True) -> tuple[Path | None, str]:
 MODEL_INPUTS = ("input_ids", "labels", "position_ids")
 
 
+def check_batch_on_host(batch: dict, raw_model):
+    """Check a batch's `input_ids` and `labels` (`check_token_values`: ValueError naming a token id outside the
+    vocabulary or a label that is neither -100 nor one) and return the context to run its forward in:
+    `inputs_checked_by_caller(raw_model)` where they are CPU tensors, whose check needs no device sync, so that the
+    forward skips its own, which would wait for the GPU to finish the previous step and then leave it idle while
+    the host launches the next (BENCHMARKS.md section 1, session 42); else a plain context, the forward checking
+    them where they lie."""
+    given = {k: batch[k] for k in ("input_ids", "labels") if k in batch}
+    if not given or any(t.device.type != "cpu" for t in given.values()):
+        return contextlib.nullcontext()
+    check_token_values(raw_model.config.vocab_size, **given)
+    return inputs_checked_by_caller(raw_model)
+
+
 @dataclass
 class TrainingHooks:
     """What differs between pretraining and finetuning, as plain callables and values (see `run_training`).
@@ -685,12 +699,13 @@ def run_training(
                 raise ValueError(f"step {step + 1}: no token of the step's batches has a label; nothing to train on")
             loss_sum = torch.zeros((), device=accelerator.device)
             for micro, (batch, n) in enumerate(zip(micro_batches, counts)):
+                checked = check_batch_on_host(batch, raw_model)
                 inputs = {k: batch[k].to(accelerator.device) for k in MODEL_INPUTS if k in batch}
                 sync = micro == cfg.grad_accum - 1
                 ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
                 if cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()
-                with ctx, accelerator.autocast():
+                with ctx, checked, accelerator.autocast():
                     if n > 0:
                         loss = model(**inputs, use_cache=False, skip_logits=True).loss  # chunked loss, no logits
                     else:  # nothing to learn in this slice; every process must still run backward for DDP
