@@ -398,23 +398,29 @@ TRACE_STEPS = 3
 
 
 def trace_steps(step, tracing: list, name: str, batch: int, trace_dir: str) -> dict:
-    """Profile `TRACE_STEPS` more steps (torch.profiler, host and device), write the Chrome trace to
-    `trace_dir`/trace_<name>_b<batch>.json.gz and return where the steps left the GPU idle (`trace_gaps.analyse`:
-    per step its busy and idle microseconds and the largest origins of its gaps and host waits)."""
+    """Profile `TRACE_STEPS` more steps (torch.profiler, host and device, after one unrecorded step under it), write
+    the Chrome trace to `trace_dir`/trace_<name>_b<batch>.json.gz and return where the steps left the GPU idle
+    (`trace_gaps.analyse`: per step its busy and idle microseconds and the largest origins of its gaps and host
+    waits)."""
     import trace_gaps
 
     path = Path(trace_dir) / f"trace_{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}_b{batch}.json.gz"
     path.parent.mkdir(parents=True, exist_ok=True)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    # one step under the profiler before the recorded ones: the first recorded step would pay the profiler's start
+    schedule = torch.profiler.schedule(wait=0, warmup=1, active=TRACE_STEPS, repeat=1)
     tracing[0] = True
     try:
-        with torch.profiler.profile(activities=activities) as prof:
-            for _ in range(TRACE_STEPS):
+        with torch.profiler.profile(
+            activities=activities, schedule=schedule, on_trace_ready=lambda p: p.export_chrome_trace(str(path))
+        ) as prof:
+            for i in range(1 + TRACE_STEPS):
                 step()
-            torch.cuda.synchronize()
+                if i == TRACE_STEPS:  # the last step's kernels have run before the recording stops
+                    torch.cuda.synchronize()
+                prof.step()
     finally:
         tracing[0] = False
-    prof.export_chrome_trace(str(path))
     gaps = trace_gaps.analyse(trace_gaps.load_trace(path), marker="bench_step")
     return {
         "trace": path.name,

@@ -89,8 +89,11 @@ class _HostOps:
 def analyse(events: list[dict], marker: str | None = "bench_step", min_gap_us: float = 2.0, levels: int = 3) -> dict:
     """GPU busy and idle time per step and the idle gaps by their host origin (see the module docstring).
 
-    `events`: `load_trace`'s list. `marker`: the name of the user annotation around each step (None, or no such
-    annotation: the span from the first to the last GPU event). `levels`: how many host ops under the step's own
+    `events`: `load_trace`'s list. `marker`: the name of the user annotation around each step on the host (None,
+    or no such annotation: the whole trace, first to last GPU event, as one step). A step's GPU work is the work
+    its host span launched; its window on the GPU runs from its first work to the next step's first work (the
+    last step's to its last work's end): a wait for the host before a step's first kernel counts with the step
+    before, whatever the host was doing. `levels`: how many host ops under the step's own
     annotation name a gap's origin. Returns {"steps": [per step: span_us, busy_us, idle_us], "idle_us_per_step",
     "gaps_by_origin": [[origin, total_us_per_step, count_per_step], ...] (largest first), "waits_by_origin": the
     same for the host's waits, "largest_gaps": [...]}."""
@@ -111,8 +114,6 @@ def analyse(events: list[dict], marker: str | None = "bench_step", min_gap_us: f
         for e in events
         if marker and e.get("cat") == "user_annotation" and e["name"] == marker
     )
-    if not spans:
-        spans = [(min(e["ts"] for e in gpu), max(e["ts"] + e.get("dur", 0) for e in gpu))]
 
     def origin(ts: float, tid) -> str:
         chain = host[tid].around(ts) if tid in host else []
@@ -120,35 +121,56 @@ def analyse(events: list[dict], marker: str | None = "bench_step", min_gap_us: f
             chain = chain[chain.index(marker) + 1 :]
         return " > ".join(chain[:levels]) or "(no host op)"
 
+    # each GPU event belongs to the step whose host span launched it; a step's window on the GPU runs from its first
+    # work to the next step's first work (the last step's: to its last work's end), so the idle time before a step
+    # begins on the GPU (waiting for the host to launch it) is counted with the step before
+    spans_lo = [lo for lo, _ in spans]
+
+    def step_of(e: dict) -> int | None:
+        launch = runtime.get(e.get("args", {}).get("correlation"))
+        if launch is None:
+            return None
+        i = bisect.bisect_right(spans_lo, launch["ts"]) - 1
+        return i if i >= 0 and launch["ts"] <= spans[i][1] else None
+
     gpu_sorted = sorted(gpu, key=lambda e: e["ts"])
     starts = [e["ts"] for e in gpu_sorted]
+    firsts, lasts = {}, {}
+    for e in gpu_sorted:
+        i = step_of(e) if spans else 0  # without step annotations: the whole trace is one window
+        if i is not None:
+            firsts.setdefault(i, e["ts"])
+            lasts[i] = max(lasts.get(i, e["ts"]), e["ts"] + e.get("dur", 0))
+    order = sorted(firsts)
+    windows = [(firsts[i], firsts[order[n + 1]] if n + 1 < len(order) else lasts[i]) for n, i in enumerate(order)]
+    if not windows:
+        raise ValueError(f"no GPU work in the trace was launched inside a {marker!r} annotation")
     steps, gaps_by, waits_by, largest = (
         [],
         collections.defaultdict(lambda: [0.0, 0]),
         collections.defaultdict(lambda: [0.0, 0]),
         [],
     )
-    for lo, hi in spans:
-        inside = gpu_sorted[bisect.bisect_left(starts, lo) : bisect.bisect_right(starts, hi)]
-        busy = _merged([(max(e["ts"], lo), min(e["ts"] + e.get("dur", 0), hi)) for e in inside])
+    for lo, hi in windows:
+        inside = gpu_sorted[bisect.bisect_left(starts, lo) : bisect.bisect_left(starts, hi)]
+        busy = _merged([(e["ts"], min(e["ts"] + e.get("dur", 0), hi)) for e in inside])
         busy_us = sum(e - s for s, e in busy)
         steps.append({"span_us": hi - lo, "busy_us": busy_us, "idle_us": hi - lo - busy_us})
-        # each gap: from the end of busy work (or the step's start) to the next work; named by that work's launch
-        edges = [lo] + [e for _, e in busy]
-        for gap_start, (next_start, _) in zip(edges, busy):
+        # each gap: from the end of busy work to the next work (in this window or the next step's first); named by
+        # the host code that launched that work
+        ends = [e for _, e in busy]
+        nexts = [s for s, _ in busy[1:]] + ([hi] if hi < lasts[order[-1]] else [])
+        for gap_start, next_start in zip(ends, nexts):
             gap = next_start - gap_start
             if gap < min_gap_us:
                 continue
-            first = next(e for e in inside if e["ts"] >= next_start)
+            first = gpu_sorted[bisect.bisect_left(starts, next_start)]
             launch = runtime.get(first.get("args", {}).get("correlation"))
             where = origin(launch["ts"], launch.get("tid")) if launch else "(launch not in the trace)"
             call = launch["name"] if launch else "?"
             gaps_by[where][0] += gap
             gaps_by[where][1] += 1
             largest.append({"gap_us": gap, "origin": where, "launch": call, "next": first["name"][:80]})
-        if busy and hi - busy[-1][1] >= min_gap_us:
-            gaps_by["(after the step's last work)"][0] += hi - busy[-1][1]
-            gaps_by["(after the step's last work)"][1] += 1
     # the host's waits: synchronising calls, and copies to the host (an asynchronous one to pageable memory waits too)
     to_host = {e["args"].get("correlation") for e in gpu if e["name"].startswith("Memcpy DtoH")}
     for e in events:
@@ -159,7 +181,7 @@ def analyse(events: list[dict], marker: str | None = "bench_step", min_gap_us: f
             where = origin(e["ts"], e.get("tid"))
             waits_by[where][0] += e.get("dur", 0)
             waits_by[where][1] += 1
-    n = len(spans)
+    n = len(windows)
 
     def table(d):
         return [[k, round(v[0] / n, 1), round(v[1] / n, 2)] for k, v in sorted(d.items(), key=lambda kv: -kv[1][0])]

@@ -109,11 +109,12 @@ def test_the_same_command_with_its_compiled_measurement_passes_the_checks(monkey
 
 
 def test_trace_gaps_names_the_idle_time_and_the_host_code_that_ended_it(tmp_path):
-    """`trace_gaps.analyse` on a hand-made Kineto trace of one step: kernels at 20-30 us (launched inside
-    aten::embedding), 40-50 and 45-70 us (one CUDA graph launched inside CompiledFunction, overlapping), a host wait
-    inside aten::item (a copy to the host and a synchronize), a copy on the device that is no wait; the step spans
-    0-100 us. Busy 10 + 1 + 30 + 1 us, idle 58 us: 20 before the embedding's kernel, 8 before the device copy
-    (launched inside CompiledFunction), 28 after the copy to the host."""
+    """`trace_gaps.analyse` on a hand-made Kineto trace of two steps whose host spans (0-100, 100-200 us) run ahead
+    of the GPU. Step 1 launches kernels at 20-30 us (from aten::embedding), a copy on the device at 38-39 (no
+    wait), 40-50 and 45-70 (one CUDA graph from CompiledFunction, overlapping) and a copy to the host at 71-72
+    (a wait, with a synchronize, inside aten::item); step 2 launches one kernel (from aten::embedding) that runs at
+    150-160. Step 1's window on the GPU is 20-150 us: busy 10 + 1 + 30 + 1, idle 88 (8 before the device copy,
+    78 before step 2's kernel; gaps under 2 us left out); step 2's is 150-160, all busy."""
     import gzip
     import json
 
@@ -132,34 +133,43 @@ def test_trace_gaps_names_the_idle_time_and_the_host_code_that_ended_it(tmp_path
         x("cuda_runtime", "cudaGraphLaunch", 35, 3, correlation=2),
         x("kernel", "triton_a", 40, 10, tid=7, correlation=2),
         x("kernel", "triton_b", 45, 25, tid=8, correlation=2),
-        x("cuda_runtime", "cudaMemcpyAsync", 36, 1, correlation=5),  # a copy on the device: no wait
+        x("cuda_runtime", "cudaMemcpyAsync", 36, 1, correlation=5),
         x("gpu_memcpy", "Memcpy DtoD (Device -> Device)", 38, 1, tid=7, correlation=5),
-        x("cpu_op", "aten::item", 72, 15),
-        x("cuda_runtime", "cudaMemcpyAsync", 73, 1, correlation=6),
+        x("cpu_op", "aten::item", 62, 15),
+        x("cuda_runtime", "cudaMemcpyAsync", 63, 1, correlation=6),
         x("gpu_memcpy", "Memcpy DtoH (Device -> Pinned)", 71, 1, tid=9, correlation=6),
-        x("cuda_runtime", "cudaStreamSynchronize", 75, 9, correlation=3),
-        x("kernel", "outside_the_step", 150, 10, tid=7, correlation=4),
+        x("cuda_runtime", "cudaStreamSynchronize", 65, 9, correlation=3),
+        x("user_annotation", "bench_step", 100, 100),
+        x("cpu_op", "aten::embedding", 104, 6),
+        x("cuda_runtime", "cudaLaunchKernel", 105, 2, correlation=4),
+        x("kernel", "embedding_kernel", 150, 10, tid=7, correlation=4),
+        x("kernel", "not_launched_in_a_step", 300, 10, tid=7, correlation=99),
     ]
     path = tmp_path / "t.json.gz"
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": events}, f)
     result = trace_gaps.analyse(trace_gaps.load_trace(path), marker="bench_step")
-    assert result["steps"] == [{"span_us": 100, "busy_us": 42, "idle_us": 58}]
-    assert result["gaps_by_origin"] == [  # (gaps under --min-gap-us's 2 us left out: 39-40, 70-71)
-        ["(after the step's last work)", 28.0, 1.0],
-        ["aten::embedding", 20.0, 1.0],
-        ["CompiledFunction", 8.0, 1.0],
+    assert result["steps"] == [
+        {"span_us": 130, "busy_us": 42, "idle_us": 88},
+        {"span_us": 10, "busy_us": 10, "idle_us": 0},
     ]
-    assert result["waits_by_origin"] == [["aten::item", 10.0, 2.0]]
+    assert result["idle_us_per_step"] == 44.0
+    assert result["gaps_by_origin"] == [["aten::embedding", 39.0, 0.5], ["CompiledFunction", 4.0, 0.5]]
+    assert result["waits_by_origin"] == [["aten::item", 5.0, 1.0]]
     assert result["largest_gaps"][0] == {
-        "gap_us": 20,
+        "gap_us": 78,
         "origin": "aten::embedding",
         "launch": "cudaLaunchKernel",
         "next": "embedding_kernel",
     }
-    assert "idle 0.06 ms" in trace_gaps.report(result)  # 58 us
+    assert "idle 0.04 ms" in trace_gaps.report(result)
+    # no annotation: the whole trace as one step
+    whole = trace_gaps.analyse(trace_gaps.load_trace(path), marker=None)
+    assert whole["steps"] == [{"span_us": 290, "busy_us": 62, "idle_us": 228}]
     with pytest.raises(ValueError, match="no GPU events"):
         trace_gaps.analyse([e for e in events if e["cat"] not in trace_gaps.GPU_CATEGORIES])
+    with pytest.raises(ValueError, match="no GPU work in the trace was launched inside a 'bench_step' annotation"):
+        trace_gaps.analyse([x("user_annotation", "bench_step", 0, 1), *events[2:4]])
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="bad.json: not a readable Chrome trace"):
         trace_gaps.load_trace(tmp_path / "bad.json")
