@@ -23,6 +23,7 @@ import argparse
 import bisect
 import collections
 import gzip
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -34,8 +35,9 @@ SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
 
 
 def load_trace(path: str | Path) -> list[dict]:
-    """The `traceEvents` of a Chrome trace file (plain or gzipped JSON). Raises ValueError naming the file when it is
-    not one."""
+    """The complete events ("ph": "X") of a Chrome trace file (plain or gzipped JSON), each with a str `name`,
+    numbers `ts` and `dur` (microseconds) and a dict `args` (given empty where the event has none). Raises
+    ValueError naming the file when it is not such a trace, or the first event that lacks one of those."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
@@ -46,7 +48,20 @@ def load_trace(path: str | Path) -> list[dict]:
     events = doc.get("traceEvents") if isinstance(doc, dict) else doc
     if not isinstance(events, list):
         raise ValueError(f"{path}: no traceEvents list (not a torch.profiler trace)")  # noqa: TRY004 (a bad file)
-    return [e for e in events if isinstance(e, dict) and e.get("ph") == "X" and "ts" in e]
+    complete = []
+    for index, e in enumerate(events):
+        if not isinstance(e, dict) or e.get("ph") != "X":
+            continue
+        number = (int, float)
+        fields_ok = isinstance(e.get("name"), str) and isinstance(e.get("args", {}), dict)
+        times_ok = all(isinstance(e.get(k), number) and not isinstance(e.get(k), bool) for k in ("ts", "dur"))
+        if not (fields_ok and times_ok):
+            raise ValueError(
+                f"{path}: traceEvents[{index}] is a complete event without a name, numeric ts and dur, or with args "
+                f"that are no object: {json.dumps(e)[:200]}"
+            )
+        complete.append({**e, "args": e.get("args", {})})
+    return complete
 
 
 def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -93,16 +108,19 @@ def analyse(events: list[dict], marker: str | None = "bench_step", min_gap_us: f
     or no such annotation: the whole trace, first to last GPU event, as one step). A step's GPU work is the work
     its host span launched; its window on the GPU runs from its first work to the next step's first work (the
     last step's to its last work's end): a wait for the host before a step's first kernel counts with the step
-    before, whatever the host was doing. `levels`: how many host ops under the step's own
-    annotation name a gap's origin. Returns {"steps": [per step: span_us, busy_us, idle_us], "idle_us_per_step",
-    "gaps_by_origin": [[origin, total_us_per_step, count_per_step], ...] (largest first), "waits_by_origin": the
-    same for the host's waits, "largest_gaps": [...]}."""
-    gpu = [e for e in events if e.get("cat") in GPU_CATEGORIES]
+    before, whatever the host was doing. Busy time is the union of every GPU event (all streams, any step's)
+    within the window; a step that launched no GPU work has an empty window. `levels`: how many host ops under
+    the step's own annotation name a gap's origin. Returns {"steps": [per step: span_us, busy_us, idle_us],
+    "busy_us_per_step", "idle_us_per_step", "gaps_by_origin": [[origin, total_us_per_step, count_per_step], ...]
+    (largest first), "waits_by_origin": the same for the host's waits inside the steps (the whole trace without
+    steps), "largest_gaps": [...]}. Raises ValueError for a trace without GPU events, or whose steps launched
+    none."""
+    gpu = sorted((e for e in events if e.get("cat") in GPU_CATEGORIES), key=lambda e: e["ts"])
     if not gpu:
         raise ValueError("the trace has no GPU events (profiled without CUDA activity, or on the CPU)")
     runtime = {}
     for e in events:
-        if e.get("cat") in RUNTIME_CATEGORIES and "correlation" in e.get("args", {}):
+        if e.get("cat") in RUNTIME_CATEGORIES and "correlation" in e["args"]:
             runtime[e["args"]["correlation"]] = e
     threads = collections.defaultdict(list)
     for e in events:
@@ -121,75 +139,74 @@ def analyse(events: list[dict], marker: str | None = "bench_step", min_gap_us: f
             chain = chain[chain.index(marker) + 1 :]
         return " > ".join(chain[:levels]) or "(no host op)"
 
-    # each GPU event belongs to the step whose host span launched it; a step's window on the GPU runs from its first
-    # work to the next step's first work (the last step's: to its last work's end), so the idle time before a step
-    # begins on the GPU (waiting for the host to launch it) is counted with the step before
-    spans_lo = [lo for lo, _ in spans]
+    def launch_of(e: dict) -> dict | None:
+        return runtime.get(e["args"].get("correlation"))
 
-    def step_of(e: dict) -> int | None:
-        launch = runtime.get(e.get("args", {}).get("correlation"))
+    def step_of(e: dict) -> int | None:  # the step whose host span launched GPU event e
+        if not spans:
+            return 0
+        launch = launch_of(e)
         if launch is None:
             return None
         i = bisect.bisect_right(spans_lo, launch["ts"]) - 1
         return i if i >= 0 and launch["ts"] <= spans[i][1] else None
 
-    gpu_sorted = sorted(gpu, key=lambda e: e["ts"])
-    starts = [e["ts"] for e in gpu_sorted]
+    spans_lo = [lo for lo, _ in spans]
+    n_steps = len(spans) or 1
     firsts, lasts = {}, {}
-    for e in gpu_sorted:
-        i = step_of(e) if spans else 0  # without step annotations: the whole trace is one window
+    for e in gpu:
+        i = step_of(e)
         if i is not None:
             firsts.setdefault(i, e["ts"])
-            lasts[i] = max(lasts.get(i, e["ts"]), e["ts"] + e.get("dur", 0))
-    order = sorted(firsts)
-    windows = [(firsts[i], firsts[order[n + 1]] if n + 1 < len(order) else lasts[i]) for n, i in enumerate(order)]
-    if not windows:
+            lasts[i] = max(lasts.get(i, e["ts"]), e["ts"] + e["dur"])
+    if not firsts:
         raise ValueError(f"no GPU work in the trace was launched inside a {marker!r} annotation")
-    steps, gaps_by, waits_by, largest = (
-        [],
-        collections.defaultdict(lambda: [0.0, 0]),
-        collections.defaultdict(lambda: [0.0, 0]),
-        [],
-    )
-    for lo, hi in windows:
-        inside = gpu_sorted[bisect.bisect_left(starts, lo) : bisect.bisect_left(starts, hi)]
-        busy = _merged([(e["ts"], min(e["ts"] + e.get("dur", 0), hi)) for e in inside])
-        busy_us = sum(e - s for s, e in busy)
+    order = sorted(firsts)
+    windows = {i: (firsts[i], firsts[order[n + 1]] if n + 1 < len(order) else lasts[i]) for n, i in enumerate(order)}
+    busy = _merged([(e["ts"], e["ts"] + e["dur"]) for e in gpu])  # every stream's work, any step's
+    starts = [e["ts"] for e in gpu]
+    steps = []
+    for i in range(n_steps):
+        lo, hi = windows.get(i, (0.0, 0.0))
+        busy_us = sum(max(0.0, min(e, hi) - max(s, lo)) for s, e in busy)
         steps.append({"span_us": hi - lo, "busy_us": busy_us, "idle_us": hi - lo - busy_us})
-        # each gap: from the end of busy work to the next work (in this window or the next step's first); named by
-        # the host code that launched that work
-        ends = [e for _, e in busy]
-        nexts = [s for s, _ in busy[1:]] + ([hi] if hi < lasts[order[-1]] else [])
-        for gap_start, next_start in zip(ends, nexts):
-            gap = next_start - gap_start
-            if gap < min_gap_us:
-                continue
-            first = gpu_sorted[bisect.bisect_left(starts, next_start)]
-            launch = runtime.get(first.get("args", {}).get("correlation"))
-            where = origin(launch["ts"], launch.get("tid")) if launch else "(launch not in the trace)"
-            call = launch["name"] if launch else "?"
-            gaps_by[where][0] += gap
-            gaps_by[where][1] += 1
-            largest.append({"gap_us": gap, "origin": where, "launch": call, "next": first["name"][:80]})
+    # each gap between busy intervals inside the windows, with the step whose window holds it, named by the host
+    # code that launched the work ending it
+    bounds = sorted(windows.values())
+    lows = [lo for lo, _ in bounds]
+    gaps_by, largest = collections.defaultdict(lambda: [0.0, 0]), []
+    for (_, gap_start), (next_start, _) in itertools.pairwise(busy):
+        gap = next_start - gap_start
+        k = bisect.bisect_right(lows, gap_start) - 1
+        if gap < min_gap_us or k < 0 or gap_start >= bounds[k][1]:
+            continue
+        first = gpu[bisect.bisect_left(starts, next_start)]
+        launch = launch_of(first)
+        where = origin(launch["ts"], launch.get("tid")) if launch else "(launch not in the trace)"
+        gaps_by[where][0] += gap
+        gaps_by[where][1] += 1
+        call = launch["name"] if launch else "?"
+        largest.append({"gap_us": gap, "origin": where, "launch": call, "next": first["name"][:80]})
     # the host's waits: synchronising calls, and copies to the host (an asynchronous one to pageable memory waits too)
     to_host = {e["args"].get("correlation") for e in gpu if e["name"].startswith("Memcpy DtoH")}
+    waits_by = collections.defaultdict(lambda: [0.0, 0])
     for e in events:
         waiting = e.get("cat") in RUNTIME_CATEGORIES and (
             e["name"] in SYNC_CALLS or (e["name"].startswith("cudaMemcpy") and e["args"].get("correlation") in to_host)
         )
-        if waiting and any(lo <= e["ts"] <= hi for lo, hi in spans):
+        if waiting and (not spans or any(lo <= e["ts"] <= hi for lo, hi in spans)):
             where = origin(e["ts"], e.get("tid"))
-            waits_by[where][0] += e.get("dur", 0)
+            waits_by[where][0] += e["dur"]
             waits_by[where][1] += 1
-    n = len(windows)
 
     def table(d):
-        return [[k, round(v[0] / n, 1), round(v[1] / n, 2)] for k, v in sorted(d.items(), key=lambda kv: -kv[1][0])]
+        rows = sorted(d.items(), key=lambda kv: -kv[1][0])
+        return [[k, round(v[0] / n_steps, 1), round(v[1] / n_steps, 2)] for k, v in rows]
 
     return {
         "steps": [{k: round(v, 1) for k, v in s.items()} for s in steps],
-        "idle_us_per_step": round(sum(s["idle_us"] for s in steps) / n, 1),
-        "busy_us_per_step": round(sum(s["busy_us"] for s in steps) / n, 1),
+        "busy_us_per_step": round(sum(s["busy_us"] for s in steps) / n_steps, 1),
+        "idle_us_per_step": round(sum(s["idle_us"] for s in steps) / n_steps, 1),
         "gaps_by_origin": table(gaps_by),
         "waits_by_origin": table(waits_by),
         "largest_gaps": sorted(largest, key=lambda g: -g["gap_us"])[:20],

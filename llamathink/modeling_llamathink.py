@@ -28,6 +28,7 @@ kernels files) next to the weights for `trust_remote_code=True` loading where th
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import functools
 import inspect
@@ -2106,10 +2107,12 @@ def check_token_values(
     tensor (keyword: its name, e.g. `labels=`, `shift_labels=`) not of an integer dtype or holding a value that is
     neither -100 (ignored) nor a token id (CUDA would assert inside the embedding or the loss).
 
-    The model's forward calls it on every batch (unless `inputs_checked_by_caller`). For tensors on a GPU reading
-    the verdict is one host sync, which waits for all work queued before it; for CPU tensors it is none. So
-    training loops call it on each batch's host copy before moving it to the device, and run the forward inside
-    `inputs_checked_by_caller` (`llamathink.train.loop.run_training`). Tensors may lie on different devices."""
+    The model's forward calls it on every batch, except while compiled and inside `inputs_checked_by_caller`:
+    `LlamaThinkModel` on input_ids and attention_mask, `LlamaThinkForCausalLM` on labels and shift_labels. For
+    tensors on a GPU reading the verdict is one host sync a call, which waits for all work queued before it; for
+    CPU tensors it is none. So the training loop calls it on each batch's CPU tensors before copying them to the
+    device, and runs the forward inside `inputs_checked_by_caller` (`llamathink.train.loop.check_batch_on_host`).
+    Tensors may lie on different devices."""
     if input_ids is not None and input_ids.dtype not in TOKEN_ID_DTYPES:
         raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
     for name, t in targets.items():
@@ -2120,6 +2123,7 @@ def check_token_values(
         stats["lo"], stats["hi"] = input_ids.min(), input_ids.max()
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         stats["mask"] = ((attention_mask != 0) & (attention_mask != 1)).any()
+    targets = {name: t.long() for name, t in targets.items()}  # compared as int64: -100 and vocab_size fit
     outside = {name: (t != -100) & ((t < 0) | (t >= vocab_size)) for name, t in targets.items()}
     stats.update({name: bad.any() for name, bad in outside.items()})
     if not stats:
@@ -2139,7 +2143,11 @@ def check_token_values(
             )
 
 
-_CHECKED_BY_CALLER = "_llamathink_inputs_checked_by_caller"  # a count on each LlamaThink model module
+# the LlamaThink model modules whose forwards skip `check_token_values` in this thread (and async context) now: ids of
+# modules the enclosing `inputs_checked_by_caller` blocks hold alive
+_CHECKED_BY_CALLER: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "llamathink_inputs_checked_by_caller", default=frozenset()
+)
 
 
 @contextlib.contextmanager
@@ -2147,24 +2155,24 @@ def inputs_checked_by_caller(model: nn.Module):
     """Within this block, forwards of the LlamaThink models in `model` (itself, or a wrapper such as DDP's, PEFT's
     or accelerate's) skip `check_token_values` on their input_ids, attention_mask, labels and shift_labels: the
     caller has checked those values itself, on the host (`check_token_values` on the batch's CPU tensors, as the
-    training loops do). Shapes and dtypes are still checked.
+    training loop does: `llamathink.train.loop.check_batch_on_host`). Shapes and dtypes are still checked. The block
+    holds for the thread (and async context) that entered it, not for others using the same model, and not for
+    copies of the model.
 
-    Why: the forward's own check reads its verdict on the host, so each training step's forward would wait there
-    for the GPU to finish everything queued before it (the previous step's backward and optimizer), then leave the
-    GPU idle while the host launches the next step's first kernels. An id outside the vocabulary given inside the
-    block is undefined behaviour, as in transformers' models (on CUDA a device-side assert). Re-entrant."""
-    modules = [m for m in model.modules() if isinstance(m, LlamaThinkPreTrainedModel)]
-    for m in modules:
-        setattr(m, _CHECKED_BY_CALLER, getattr(m, _CHECKED_BY_CALLER, 0) + 1)
+    Why: the forward's own check reads its verdict on the host, so a training step's forward would wait there for
+    the GPU to finish everything queued before it (the previous step's backward and optimizer), then leave the GPU
+    idle while the host launches the next step's first kernels. An id outside the vocabulary given inside the block
+    is undefined behaviour, as in transformers' models (on CUDA a device-side assert). Blocks nest."""
+    held = frozenset(id(m) for m in model.modules() if isinstance(m, LlamaThinkPreTrainedModel))
+    token = _CHECKED_BY_CALLER.set(_CHECKED_BY_CALLER.get() | held)
     try:
         yield model
     finally:
-        for m in modules:
-            setattr(m, _CHECKED_BY_CALLER, getattr(m, _CHECKED_BY_CALLER) - 1)
+        _CHECKED_BY_CALLER.reset(token)
 
 
 def _inputs_checked_by_caller(module: nn.Module) -> bool:
-    return getattr(module, _CHECKED_BY_CALLER, 0) > 0
+    return id(module) in _CHECKED_BY_CALLER.get()
 
 
 def _as_index(input_ids: torch.Tensor) -> torch.Tensor:

@@ -170,6 +170,31 @@ def test_trace_gaps_names_the_idle_time_and_the_host_code_that_ended_it(tmp_path
         trace_gaps.analyse([e for e in events if e["cat"] not in trace_gaps.GPU_CATEGORIES])
     with pytest.raises(ValueError, match="no GPU work in the trace was launched inside a 'bench_step' annotation"):
         trace_gaps.analyse([x("user_annotation", "bench_step", 0, 1), *events[2:4]])
+    # overlapping streams across a step boundary: step 1's kernel (0-100 us) still runs when step 2's first kernel
+    # (50-60, another stream) starts; busy time is the union of both steps' work: 110 of 210 us
+    overlap = [
+        x("user_annotation", "bench_step", -20, 10),
+        x("cuda_runtime", "cudaLaunchKernel", -15, 1, correlation=1),
+        x("kernel", "a", 0, 100, tid=7, correlation=1),
+        x("user_annotation", "bench_step", -10, 10),
+        x("cuda_runtime", "cudaLaunchKernel", -5, 1, correlation=2),
+        x("kernel", "b", 50, 10, tid=8, correlation=2),
+        x("cuda_runtime", "cudaLaunchKernel", -4, 1, correlation=3),
+        x("kernel", "c", 200, 10, tid=7, correlation=3),
+        x("user_annotation", "bench_step", 0, 10),  # a step that launched nothing, holding a host wait
+        x("cuda_runtime", "cudaStreamSynchronize", 2, 90),
+    ]
+    result = trace_gaps.analyse(overlap)
+    assert [s["busy_us"] for s in result["steps"]] == [50, 60, 0]
+    assert sum(s["idle_us"] for s in result["steps"]) == 100 and result["steps"][2]["span_us"] == 0
+    assert result["largest_gaps"][0]["gap_us"] == 100 and result["largest_gaps"][0]["next"] == "c"
+    assert result["waits_by_origin"] == [["(no host op)", 30.0, 0.33]]  # 90 us over 3 steps
+    # without steps the waits of the whole trace count
+    assert trace_gaps.analyse(overlap, marker=None)["waits_by_origin"] == [["bench_step", 90.0, 1.0]]
+    # a malformed event is named, not a KeyError
+    (tmp_path / "no_dur.json").write_text(json.dumps({"traceEvents": [{"ph": "X", "name": "k", "ts": 1}]}))
+    with pytest.raises(ValueError, match=r"no_dur.json: traceEvents\[0\] is a complete event without"):
+        trace_gaps.load_trace(tmp_path / "no_dur.json")
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="bad.json: not a readable Chrome trace"):
         trace_gaps.load_trace(tmp_path / "bad.json")

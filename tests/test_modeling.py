@@ -3677,4 +3677,25 @@ def test_inputs_checked_by_caller_skips_the_forwards_value_check_and_nothing_els
     with pytest.raises(ValueError, match=f"labels contains {vocab}"):
         model(ids, labels=torch.full_like(ids, vocab))
     assert calls == [["labels"]]
-    assert all(getattr(m, modeling._CHECKED_BY_CALLER, 0) == 0 for m in wrapper.modules())
+    assert modeling._CHECKED_BY_CALLER.get() == frozenset()
+    # the block holds for its own thread only, and not for a copy of the model made inside it
+    with modeling.inputs_checked_by_caller(model):
+        copied = copy.deepcopy(model)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            other_thread = pool.submit(model, ids, labels=torch.full_like(ids, vocab)).exception()
+    assert isinstance(other_thread, ValueError) and f"labels contains {vocab}" in str(other_thread)
+    with pytest.raises(ValueError, match=f"labels contains {vocab}"):
+        copied(ids, labels=torch.full_like(ids, vocab))
+
+
+def test_narrow_integer_labels_are_checked_as_the_token_ids_they_hold():
+    """Labels of 8- and 16-bit integer dtypes are compared as int64: a valid id above the dtype's range of
+    vocab_size (uint8 labels with vocab 32000) is no error, and an out-of-vocabulary one is named, not taken for
+    -100 by wrap-around (uint8 156 == -100 mod 256)."""
+    check = modeling.check_token_values
+    for dtype in (torch.uint8, torch.int8, torch.int16):
+        check(32000, labels=torch.tensor([[5, 66, 100]], dtype=dtype))  # all valid ids
+    with pytest.raises(ValueError, match="labels contains 156: neither -100"):
+        check(96, labels=torch.tensor([[5, 156]], dtype=torch.uint8))
+    with pytest.raises(ValueError, match="shift_labels contains 32767: neither -100"):
+        check(32000, shift_labels=torch.tensor([[-100, 32767]], dtype=torch.int16))

@@ -374,14 +374,23 @@ def check_batch_on_host(batch: dict, raw_model):
     """Check a batch's `input_ids` and `labels` (`check_token_values`: ValueError naming a token id outside the
     vocabulary or a label that is neither -100 nor one) and return the context to run its forward in:
     `inputs_checked_by_caller(raw_model)` where they are CPU tensors, whose check needs no device sync, so that the
-    forward skips its own, which would wait for the GPU to finish the previous step and then leave it idle while
-    the host launches the next (BENCHMARKS.md section 1, session 42); else a plain context, the forward checking
-    them where they lie."""
+    forward skips its own check, which would wait for the GPU to finish the previous step and then leave it idle
+    while the host launches the next (with the copies of `to_device`, which do not wait either); else a plain
+    context, the forward checking them where they lie."""
     given = {k: batch[k] for k in ("input_ids", "labels") if k in batch}
     if not given or any(t.device.type != "cpu" for t in given.values()):
         return contextlib.nullcontext()
     check_token_values(raw_model.config.vocab_size, **given)
     return inputs_checked_by_caller(raw_model)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`. A CPU tensor goes to a CUDA device through pinned memory without the host waiting: a plain
+    copy from pageable memory synchronises the stream, which drains the GPU's queue of the previous step's work
+    (PyTorch's caching host allocator keeps the pinned buffer until the copy has run)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @dataclass
@@ -700,7 +709,7 @@ def run_training(
             loss_sum = torch.zeros((), device=accelerator.device)
             for micro, (batch, n) in enumerate(zip(micro_batches, counts)):
                 checked = check_batch_on_host(batch, raw_model)
-                inputs = {k: batch[k].to(accelerator.device) for k in MODEL_INPUTS if k in batch}
+                inputs = {k: to_device(batch[k], accelerator.device) for k in MODEL_INPUTS if k in batch}
                 sync = micro == cfg.grad_accum - 1
                 ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
                 if cuda_graphs:
