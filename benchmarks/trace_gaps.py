@@ -106,8 +106,8 @@ def analyse(events: list[dict], marker: str | None = "bench_step", min_gap_us: f
 
     `events`: `load_trace`'s list. `marker`: the name of the user annotation around each step on the host (None,
     or no such annotation: the whole trace, first to last GPU event, as one step). A step's GPU work is the work
-    its host span launched; its window on the GPU runs from its first work to the next step's first work (the
-    last step's to its last work's end): a wait for the host before a step's first kernel counts with the step
+    its host span launched; its window on the GPU runs from its first work to the first work of the step that
+    began next on the GPU (the last one's to the end of all work): a wait for the host before a step's first kernel counts with the step
     before, whatever the host was doing. Busy time is the union of every GPU event (all streams, any step's)
     within the window; a step that launched no GPU work has an empty window. `levels`: how many host ops under
     the step's own annotation name a gap's origin. Returns {"steps": [per step: span_us, busy_us, idle_us],
@@ -161,8 +161,11 @@ def analyse(events: list[dict], marker: str | None = "bench_step", min_gap_us: f
             lasts[i] = max(lasts.get(i, e["ts"]), e["ts"] + e["dur"])
     if not firsts:
         raise ValueError(f"no GPU work in the trace was launched inside a {marker!r} annotation")
-    order = sorted(firsts)
-    windows = {i: (firsts[i], firsts[order[n + 1]] if n + 1 < len(order) else lasts[i]) for n, i in enumerate(order)}
+    # windows in the order the steps began on the GPU (a step's first copy may run on an idle stream before the
+    # step before it begins): each ends where the next begins, so none is negative and they do not overlap
+    order = sorted(firsts, key=lambda i: (firsts[i], i))
+    ends = [firsts[j] for j in order[1:]] + [max(lasts.values())]
+    windows = {i: (firsts[i], end) for i, end in zip(order, ends)}
     busy = _merged([(e["ts"], e["ts"] + e["dur"]) for e in gpu])  # every stream's work, any step's
     starts = [e["ts"] for e in gpu]
     steps = []

@@ -2143,10 +2143,10 @@ def check_token_values(
             )
 
 
-# the LlamaThink model modules whose forwards skip `check_token_values` in this thread (and async context) now: ids of
-# modules the enclosing `inputs_checked_by_caller` blocks hold alive
-_CHECKED_BY_CALLER: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
-    "llamathink_inputs_checked_by_caller", default=frozenset()
+# the LlamaThink model modules whose forwards skip `check_token_values` in this thread (and async context) now: the
+# ids of modules that enclosing `inputs_checked_by_caller` blocks hold alive, each with the number of such blocks
+_CHECKED_BY_CALLER: contextvars.ContextVar[dict[int, int]] = contextvars.ContextVar(
+    "llamathink_inputs_checked_by_caller", default={}
 )
 
 
@@ -2156,19 +2156,29 @@ def inputs_checked_by_caller(model: nn.Module):
     or accelerate's) skip `check_token_values` on their input_ids, attention_mask, labels and shift_labels: the
     caller has checked those values itself, on the host (`check_token_values` on the batch's CPU tensors, as the
     training loop does: `llamathink.train.loop.check_batch_on_host`). Shapes and dtypes are still checked. The block
-    holds for the thread (and async context) that entered it, not for others using the same model, and not for
-    copies of the model.
+    holds for the thread (and async context, with the tasks it starts) that entered it, not for other threads
+    using the same model, and not for copies of the model. Blocks nest, and may end in any order (each one counts
+    itself in and out).
 
     Why: the forward's own check reads its verdict on the host, so a training step's forward would wait there for
     the GPU to finish everything queued before it (the previous step's backward and optimizer), then leave the GPU
     idle while the host launches the next step's first kernels. An id outside the vocabulary given inside the block
-    is undefined behaviour, as in transformers' models (on CUDA a device-side assert). Blocks nest."""
-    held = frozenset(id(m) for m in model.modules() if isinstance(m, LlamaThinkPreTrainedModel))
-    token = _CHECKED_BY_CALLER.set(_CHECKED_BY_CALLER.get() | held)
+    is undefined behaviour, as in transformers' models (on CUDA a device-side assert)."""
+    held = [id(m) for m in model.modules() if isinstance(m, LlamaThinkPreTrainedModel)]
+    counts = dict(_CHECKED_BY_CALLER.get())  # a new dict each time: a context copied from this one keeps its own
+    for key in held:
+        counts[key] = counts.get(key, 0) + 1
+    _CHECKED_BY_CALLER.set(counts)
     try:
         yield model
     finally:
-        _CHECKED_BY_CALLER.reset(token)
+        counts = dict(_CHECKED_BY_CALLER.get())
+        for key in held:
+            if counts.get(key, 0) > 1:
+                counts[key] -= 1
+            else:  # (absent: the block ends in another context than it began in; nothing of it is held there)
+                counts.pop(key, None)
+        _CHECKED_BY_CALLER.set(counts)
 
 
 def _inputs_checked_by_caller(module: nn.Module) -> bool:

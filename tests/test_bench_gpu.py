@@ -191,6 +191,21 @@ def test_trace_gaps_names_the_idle_time_and_the_host_code_that_ended_it(tmp_path
     assert result["waits_by_origin"] == [["(no host op)", 30.0, 0.33]]  # 90 us over 3 steps
     # without steps the waits of the whole trace count
     assert trace_gaps.analyse(overlap, marker=None)["waits_by_origin"] == [["bench_step", 90.0, 1.0]]
+    # steps that begin on the GPU out of order (step 2's first copy on an idle stream before step 1's kernel):
+    # windows follow the GPU's order, none negative, and together they span all the work
+    early = [
+        x("user_annotation", "bench_step", -20, 10),
+        x("cuda_runtime", "cudaLaunchKernel", -15, 1, correlation=1),
+        x("kernel", "a", 100, 50, tid=7, correlation=1),
+        x("user_annotation", "bench_step", -10, 10),
+        x("cuda_runtime", "cudaMemcpyAsync", -5, 1, correlation=2),
+        x("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)", 30, 5, tid=9, correlation=2),
+        x("cuda_runtime", "cudaLaunchKernel", -4, 1, correlation=3),
+        x("kernel", "b", 150, 20, tid=7, correlation=3),
+    ]
+    result = trace_gaps.analyse(early)
+    assert all(s["span_us"] >= 0 and s["idle_us"] >= 0 for s in result["steps"])
+    assert sum(s["span_us"] for s in result["steps"]) == 140 and sum(s["busy_us"] for s in result["steps"]) == 75
     # a malformed event is named, not a KeyError
     (tmp_path / "no_dur.json").write_text(json.dumps({"traceEvents": [{"ph": "X", "name": "k", "ts": 1}]}))
     with pytest.raises(ValueError, match=r"no_dur.json: traceEvents\[0\] is a complete event without"):

@@ -3677,7 +3677,22 @@ def test_inputs_checked_by_caller_skips_the_forwards_value_check_and_nothing_els
     with pytest.raises(ValueError, match=f"labels contains {vocab}"):
         model(ids, labels=torch.full_like(ids, vocab))
     assert calls == [["labels"]]
-    assert modeling._CHECKED_BY_CALLER.get() == frozenset()
+    assert modeling._CHECKED_BY_CALLER.get() == {}
+    # blocks that end out of order (a generator's block closed inside a later one) each count themselves out
+    other = LlamaThinkForCausalLM(model.config).double()
+
+    def held_in_generator():
+        with modeling.inputs_checked_by_caller(other):
+            yield
+
+    gen = held_in_generator()
+    next(gen)
+    with modeling.inputs_checked_by_caller(model):
+        gen.close()
+        assert not modeling._inputs_checked_by_caller(other) and modeling._inputs_checked_by_caller(model)
+    assert modeling._CHECKED_BY_CALLER.get() == {}
+    with pytest.raises(ValueError, match=f"labels contains {vocab}"):
+        other(ids, labels=torch.full_like(ids, vocab))
     # the block holds for its own thread only, and not for a copy of the model made inside it
     with modeling.inputs_checked_by_caller(model):
         copied = copy.deepcopy(model)

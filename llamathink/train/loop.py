@@ -385,11 +385,14 @@ def check_batch_on_host(batch: dict, raw_model):
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`t` on `device`. A CPU tensor goes to a CUDA device through pinned memory without the host waiting: a plain
-    copy from pageable memory synchronises the stream, which drains the GPU's queue of the previous step's work
-    (PyTorch's caching host allocator keeps the pinned buffer until the copy has run)."""
+    """`t` on `device`. A CPU tensor goes to a CUDA device through a contiguous pinned copy without the host
+    waiting: a plain copy from pageable memory synchronises the stream, which drains the GPU's queue of the previous
+    step's work (PyTorch's caching host allocator keeps the pinned buffer until the copy has run). The pinned copy
+    is contiguous whatever `t`'s strides (an expanded or sliced batch tensor): CUDA copies other layouts through
+    pageable memory."""
     if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
+        pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return pinned.copy_(t).to(device, non_blocking=True)
     return t.to(device)
 
 
