@@ -2,9 +2,11 @@
 
     python benchmarks/trace_gaps.py TRACE.json[.gz] [--marker bench_step] [--top 15] [--min-gap-us 2]
 
-Reads a torch.profiler (Kineto) Chrome trace, such as `bench_gpu.py --trace DIR` writes, and for each span of the
-user annotation `--marker` (one training step; the whole trace without one) reports:
-- the span, the GPU's busy time (the union of its kernels, copies and fills on every stream) and its idle time;
+Reads a torch.profiler (Kineto) Chrome trace, such as `bench_gpu.py --trace DIR` writes, and for each training
+step (the GPU work launched inside one span of the user annotation `--marker`; the whole trace without one)
+reports:
+- its window on the GPU, the GPU's busy time there (the union of the kernels, copies and fills on every stream)
+  and its idle time;
 - the idle gaps longer than `--min-gap-us`, summed by the host code that launched the work ending each gap (the
   chain of host ops around the launch: a gap ends when the host launches the next work, so a long gap before work
   launched from `aten::embedding` says the host was still getting there);
@@ -78,7 +80,7 @@ class _HostOps:
     """The host ops of one thread, nested by their times, to find those enclosing a moment (outermost first)."""
 
     def __init__(self, ops: list[dict]):
-        self.ops = sorted(ops, key=lambda e: (e["ts"], -e.get("dur", 0)))
+        self.ops = sorted(ops, key=lambda e: (e["ts"], -e["dur"]))
         self.starts = [e["ts"] for e in self.ops]
         self.parent = []
         stack: list[int] = []
@@ -89,7 +91,7 @@ class _HostOps:
             stack.append(i)
 
     def _end(self, i: int) -> float:
-        return self.ops[i]["ts"] + self.ops[i].get("dur", 0)
+        return self.ops[i]["ts"] + self.ops[i]["dur"]
 
     def around(self, ts: float) -> list[str]:
         i = bisect.bisect_right(self.starts, ts) - 1  # the last op begun by ts, or one of its parents, holds ts
@@ -104,17 +106,16 @@ class _HostOps:
 def analyse(events: list[dict], marker: str | None = "bench_step", min_gap_us: float = 2.0, levels: int = 3) -> dict:
     """GPU busy and idle time per step and the idle gaps by their host origin (see the module docstring).
 
-    `events`: `load_trace`'s list. `marker`: the name of the user annotation around each step on the host (None,
-    or no such annotation: the whole trace, first to last GPU event, as one step). A step's GPU work is the work
-    its host span launched; its window on the GPU runs from its first work to the first work of the step that
-    began next on the GPU (the last one's to the end of all work): a wait for the host before a step's first kernel counts with the step
-    before, whatever the host was doing. Busy time is the union of every GPU event (all streams, any step's)
-    within the window; a step that launched no GPU work has an empty window. `levels`: how many host ops under
-    the step's own annotation name a gap's origin. Returns {"steps": [per step: span_us, busy_us, idle_us],
+    `events`: `load_trace`'s list. `marker`: the name of the user annotation around each step on the host (None, or no
+    such annotation: the whole trace, first to last GPU event, as one step). A step's GPU work is the work its host
+    span launched; its window on the GPU runs from its first work to the first work of the step that began next on
+    the GPU (the last one's to the end of all work): a wait for the host before a step's first kernel counts with
+    the step before, whatever the host was doing. Busy time is the union of every GPU event (all streams, any
+    step's) within the window; a step that launched no GPU work has an empty window. `levels`: how many host ops
+    under the step's own annotation name a gap's origin. Returns {"steps": [per step: span_us, busy_us, idle_us],
     "busy_us_per_step", "idle_us_per_step", "gaps_by_origin": [[origin, total_us_per_step, count_per_step], ...]
     (largest first), "waits_by_origin": the same for the host's waits inside the steps (the whole trace without
-    steps), "largest_gaps": [...]}. Raises ValueError for a trace without GPU events, or whose steps launched
-    none."""
+    steps), "largest_gaps": [...]}. Raises ValueError for a trace without GPU events, or whose steps launched none."""
     gpu = sorted((e for e in events if e.get("cat") in GPU_CATEGORIES), key=lambda e: e["ts"])
     if not gpu:
         raise ValueError("the trace has no GPU events (profiled without CUDA activity, or on the CPU)")
@@ -166,6 +167,7 @@ def analyse(events: list[dict], marker: str | None = "bench_step", min_gap_us: f
     order = sorted(firsts, key=lambda i: (firsts[i], i))
     ends = [firsts[j] for j in order[1:]] + [max(lasts.values())]
     windows = {i: (firsts[i], end) for i, end in zip(order, ends)}
+    bounds = [windows[i] for i in order]  # (contiguous, in time order)
     busy = _merged([(e["ts"], e["ts"] + e["dur"]) for e in gpu])  # every stream's work, any step's
     starts = [e["ts"] for e in gpu]
     steps = []
@@ -175,7 +177,6 @@ def analyse(events: list[dict], marker: str | None = "bench_step", min_gap_us: f
         steps.append({"span_us": hi - lo, "busy_us": busy_us, "idle_us": hi - lo - busy_us})
     # each gap between busy intervals inside the windows, with the step whose window holds it, named by the host
     # code that launched the work ending it
-    bounds = sorted(windows.values())
     lows = [lo for lo, _ in bounds]
     gaps_by, largest = collections.defaultdict(lambda: [0.0, 0]), []
     for (_, gap_start), (next_start, _) in itertools.pairwise(busy):

@@ -2645,11 +2645,12 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
             raise ValueError("the input sequence is empty")
         if B == 0:
             raise ValueError("the batch is empty (0 rows)")
-        if input_ids is not None and input_ids.dtype not in TOKEN_ID_DTYPES:
-            raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-        # value checks (one host sync), none while compiling or where the caller has checked them on the host
+        # value checks (one host sync), none while compiling or where the caller has checked them on the host; the
+        # dtype always
         if not torch.compiler.is_compiling() and not _inputs_checked_by_caller(self):
             check_token_values(self.config.vocab_size, input_ids=input_ids, attention_mask=attention_mask)
+        elif input_ids is not None and input_ids.dtype not in TOKEN_ID_DTYPES:
+            raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
         if attention_mask is not None:
             if (
                 attention_mask.dim() != 2
