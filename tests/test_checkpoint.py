@@ -21,6 +21,7 @@ from test_train import _cfg, model_json, poison_first_step, sample_data  # noqa:
 
 from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
 from llamathink.data import chat as data_chat
+from llamathink.muon import Muon
 from llamathink.train import checkpoint as ckpt
 from llamathink.train import config as run_config
 from llamathink.train import finetune, loop, optim, pretrain
@@ -589,18 +590,17 @@ def test_a_resumed_training_run_steps_with_the_changed_learning_rate(sample_data
     out = tmp_path / "run"
     pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=2, adamw_lr=0.004))
     seen = []
-    real_step = loop.optimizer_step
+    real_step = Muon.step
 
-    def recording_step(cfg, step, loss_value, grad_norm, optimizer, *args, **kwargs):
-        seen.append((step, [(g["use_muon"], g["lr"]) for g in optimizer.param_groups]))
-        return real_step(cfg, step, loss_value, grad_norm, optimizer, *args, **kwargs)
+    def recording_step(optimizer, *args, **kwargs):
+        seen.append([(g["use_muon"], g["lr"]) for g in optimizer.param_groups])
+        return real_step(optimizer, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "optimizer_step", recording_step)
+    monkeypatch.setattr(Muon, "step", recording_step)
     cfg = _cfg(sample_data, model_json, out, max_steps=4, save_every=2, stop_at_step=3, adamw_lr=0.001)
     pretrain.train(cfg)
-    step, lrs = seen[0]
-    assert step == 3  # the step being taken: 2 were done; its rate is the schedule's after 2 steps
-    for use_muon, lr in lrs:
+    assert len(seen) == 1  # step 3 alone: 2 were done; its rate is the schedule's after 2 steps
+    for use_muon, lr in seen[0]:
         peak = cfg.muon_lr if use_muon else 0.001
         assert lr == pytest.approx(peak * optim.lr_factor(2, cfg), rel=1e-12)
 

@@ -434,6 +434,76 @@ def test_nonfinite_loss_stops_or_skips_and_keeps_checkpoints(sample_data, model_
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_00000002", "step_00000003"]
 
 
+def test_step_values_are_read_two_steps_late_and_all_at_a_pause():
+    """`StepValues`: `ready` hands back, oldest first, every step but the last two added (the same steps whatever
+    the timing, as every process of a run must), `drain` the rest; the values are those added."""
+    values = loop.StepValues(max_lag=2)
+    for step in (1, 2):
+        values.add(step, torch.tensor([float(step), 10.0 * step]))
+        assert values.ready() == []
+    values.add(3, torch.tensor([3.0, float("nan")]))
+    assert values.ready() == [(1, 1.0, 10.0)]
+    values.add(4, torch.tensor([4.0, 40.0]))
+    values.add(5, torch.tensor([5.0, 50.0]))
+    step, loss, grad_norm = values.ready()[1]
+    assert (step, loss) == (3, 3.0) and math.isnan(grad_norm)
+    assert values.drain() == [(4, 4.0, 40.0), (5, 5.0, 50.0)] and values.drain() == []
+
+
+def test_losses_read_late_are_those_of_their_steps(sample_data, model_json, tmp_path):
+    """With nonfinite: stop (no update depends on its step's loss) the loop reads each step's loss and gradient
+    norm late (`StepValues`); the history, the log lines and the checkpoints get the same values at the same
+    steps as a run that waits for them before each update (nonfinite: skip), and the same weights."""
+    runs = {}
+    for policy in ("stop", "skip"):
+        runs[policy] = pretrain.train(
+            _cfg(sample_data, model_json, tmp_path / policy, nonfinite=policy, max_steps=8, log_every=3, save_every=4)
+        )
+    late, waited = runs["stop"], runs["skip"]
+    assert sorted(late["losses"]) == list(range(1, 9))
+    assert late["losses"] == waited["losses"]  # bitwise: the same computations
+    assert {s: m["train/loss"] for s, m in late["perf"].items()} == {s: late["losses"][s] for s in (3, 6, 8)}
+    assert {s: m["train/grad_norm"] for s, m in late["perf"].items()} == {
+        s: m["train/grad_norm"] for s, m in waited["perf"].items()
+    }
+    saved = ckpt.load_checkpoint(tmp_path / "stop/checkpoints/step_00000004")
+    assert saved["history"]["losses"] == {s: late["losses"][s] for s in range(1, 5)}
+    a, b = saved["model"], ckpt.load_checkpoint(tmp_path / "skip/checkpoints/step_00000004")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_nonfinite_step_read_late_stops_the_run_before_its_weights_are_saved(
+    sample_data, model_json, tmp_path, monkeypatch
+):
+    """A step that goes non-finite mid-run with nonfinite: stop: its update (and the next one's) is applied before
+    its loss is read, but the run stops, naming that step, before any checkpoint, evaluation or log line after it:
+    the checkpoints on disk are the good ones."""
+    real_build = pretrain.build_model
+    calls = []
+
+    def poisoned_at_step_4(cfg):
+        model = real_build(cfg)
+
+        def hook(module, args, output):  # the 7th and 8th forward: step 4's two micro-batches
+            calls.append(1)
+            return output * float("nan") if len(calls) in (7, 8) else output
+
+        model.model.norm.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(pretrain, "build_model", poisoned_at_step_4)
+    out = tmp_path / "mid"
+    with pytest.raises(loop.NonFiniteLoss, match=r"at step 4 \(loss nan.*The last checkpoint, .*step_00000003, is"):
+        pretrain.train(
+            _cfg(sample_data, model_json, out, max_steps=12, save_every=3, log_every=100, eval_every=100, keep_last=5)
+        )
+    assert len(calls) > 8  # step 5 ran before step 4's loss was read
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_00000003"]
+    saved = ckpt.load_checkpoint(out / "checkpoints/step_00000003")
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+    assert sorted(saved["history"]["losses"]) == [1, 2, 3]
+
+
 def test_validation_data_that_cannot_be_evaluated_is_refused_before_the_first_step(
     sample_data, model_json, tmp_path, monkeypatch
 ):

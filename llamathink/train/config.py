@@ -47,7 +47,7 @@ class RunConfig:
     # numerics
     mixed_precision: str = "bf16"  # "no", "bf16" or "fp16" (passed to accelerate)
     seed: int = 1337
-    nonfinite: str = "stop"  # "stop" or "skip" when the loss is NaN/inf
+    nonfinite: str = "stop"  # "stop" or "skip" (that update; slower: each update waits for its loss) at NaN/inf
     max_consecutive_skips: int = 10
     # evaluation, samples, logging
     eval_every: int = 250

@@ -3,8 +3,9 @@
 `run_training` is the loop: one optimizer step = `grad_accum` micro-batches per process, the loss of the step the
 mean over every trained token of the step (each token weighs the same, whatever its micro-batch or process),
 gradient clipping, the optimizer step (non-finite losses and fp16 loss-scale overflows handled by
-`optimizer_step`), the learning-rate schedule, logging (progress bar, Weights & Biases, `history.json`),
-evaluation, samples, checkpoints (`llamathink.train.checkpoint`) and the final `save_pretrained` folder. What
+`optimizer_step`, or read a step or two late where no update depends on them, `StepValues`), the learning-rate
+schedule, logging (progress bar, Weights & Biases, `history.json`), evaluation, samples, checkpoints
+(`llamathink.train.checkpoint`) and the final `save_pretrained` folder. What
 differs between pretraining and finetuning comes in as plain callables and values: how many loss terms a batch
 has, how to evaluate, what samples to print, extra metrics, and how to write the final folder.
 """
@@ -99,6 +100,55 @@ def write_settings(path: Path, cfg) -> None:
 
 class NonFiniteLoss(RuntimeError):
     """A non-finite loss or gradient stopped the run (`nonfinite: stop`, or too many such steps in a row)."""
+
+
+class StepValues:
+    """Each optimizer step's mean loss and gradient norm, read on the host without waiting for the GPU.
+
+    Reading a step's values as soon as it is launched (`.tolist()`) waits for the GPU to finish the step, which
+    then sits idle while the host launches the next one. `add` instead starts a copy of a step's values [2] (a
+    float32 device tensor: loss, gradient norm) to pinned host memory and records a CUDA event after it; `ready`
+    hands back, oldest first, the values of all but the last `max_lag` steps added (which keeps the host at most
+    about `max_lag` steps ahead of the GPU, and a non-finite step's report at most as many steps late); `drain`
+    those of all. On a CPU device the values are kept as they are (already computed)."""
+
+    def __init__(self, max_lag: int = 2):
+        self.max_lag = max_lag
+        self._pending: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
+
+    def add(self, step: int, values: torch.Tensor) -> None:
+        """Start reading `values` [2] of optimizer step `step` (its number as the log names it)."""
+        if values.device.type != "cuda":
+            self._pending.append((step, values.detach().clone(), None))
+            return
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values.detach(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((step, host, event))
+
+    def ready(self) -> list[tuple[int, float, float]]:
+        """(step, loss, gradient norm) of the steps added before the last `max_lag`, oldest first, waiting for their
+        copies (which the GPU has made by then, as a rule: it is working on a later step). Which steps come back
+        depends only on how many were added, so that every process of a run reads the same steps at the same time."""
+        n = max(0, len(self._pending) - self.max_lag)
+        out = [self._read(entry) for entry in self._pending[:n]]
+        del self._pending[:n]
+        return out
+
+    def drain(self) -> list[tuple[int, float, float]]:
+        """(step, loss, gradient norm) of every step added and not yet handed back, waiting for the GPU."""
+        out = [self._read(entry) for entry in self._pending]
+        self._pending.clear()
+        return out
+
+    @staticmethod
+    def _read(entry: tuple[int, torch.Tensor, torch.cuda.Event | None]) -> tuple[int, float, float]:
+        step, host, event = entry
+        if event is not None:
+            event.synchronize()
+        loss, grad_norm = host.tolist()
+        return step, loss, grad_norm
 
 
 @dataclass
@@ -572,6 +622,12 @@ def run_training(
     Returns the history plus "tokens_seen" (input positions processed), "trained_tokens" (loss terms),
     "overflow_steps" (fp16 loss-scale overflows) and "final_dir" (`<out_dir>/final`, or None when the run stopped
     before max_steps). Raises NonFiniteLoss (see `optimizer_step`), CheckpointError, ResumeSettingsError.
+
+    With `nonfinite: stop` and no loss scaler (bf16, fp32) each update is applied without waiting for its step's
+    loss and gradient norm, which are read up to two steps later and at every log line, evaluation, sample and
+    checkpoint (`StepValues`), so the host keeps the GPU's queue full; a non-finite step then stops the run, named
+    by that step, before anything after it is logged or saved. `nonfinite: skip` and fp16's loss scaler read them
+    before each update, which depends on them.
     """
     is_main = accelerator.is_main_process
     world = accelerator.num_processes
@@ -683,6 +739,12 @@ def run_training(
 
         progress = tqdm(total=cfg.max_steps, initial=start_step, desc=desc, dynamic_ncols=True)
 
+    # With nonfinite: stop and no loss scaler, no update depends on its step's loss: the update is applied at once
+    # and the step's values are read a step or two later (`StepValues`), so the host never waits for the GPU to
+    # finish a step before launching the next (the run stops at the first non-finite step, before any later save).
+    # Otherwise (nonfinite: skip, fp16's loss scaler) each update waits for its values (`optimizer_step`).
+    read_later = cfg.nonfinite == "stop" and accelerator.scaler is None
+    step_values = StepValues()
     try:
         model.train()
         processed = 0  # input positions of this process's run (for tokens/s, whatever the saved counts)
@@ -725,28 +787,33 @@ def run_training(
                     accelerator.backward(loss * (n * world / n_step))  # DDP averages gradients over processes
                 loss_sum += loss.detach().float() * n
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # unscales fp16 gradients
-            # the step's one wait for the device (the update below depends on both values being finite): read together
-            loss_value, grad_norm = torch.stack(
+            values = torch.stack(  # [2]: the step's mean loss and its gradients' norm
                 [
                     accelerator.reduce(loss_sum, "sum") / n_step,
                     torch.as_tensor(grad_norm, device=loss_sum.device).float(),
                 ]
-            ).tolist()
+            )
             if measure:
                 _sync(accelerator.device)
                 t_opt = time.perf_counter()
-            if not optimizer_step(  # (named by the step it would complete, as the log names steps)
-                cfg,
-                step + 1,
-                loss_value,
-                grad_norm,
-                optimizer,
-                accelerator,
-                counters,
-                accelerator.scaler,
-                not cuda_graphs,
-            ):
-                continue  # the data position advanced; the step counter did not
+            if read_later:  # (named by the step it completes, as the log names steps)
+                step_values.add(step + 1, values)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=not cuda_graphs)
+            else:  # the update depends on the values: wait for them
+                loss_value, grad_norm = values.tolist()
+                if not optimizer_step(
+                    cfg,
+                    step + 1,
+                    loss_value,
+                    grad_norm,
+                    optimizer,
+                    accelerator,
+                    counters,
+                    accelerator.scaler,
+                    not cuda_graphs,
+                ):
+                    continue  # the data position advanced; the step counter did not
             if measure:
                 _sync(accelerator.device)
                 now = time.perf_counter()
@@ -758,7 +825,20 @@ def run_training(
                 tokens_seen += positions
             if trained_tokens is not None:
                 trained_tokens += n_step
-            history["losses"][step] = loss_value
+            if read_later:  # every step's values before a log line, evaluation, sample or checkpoint
+                # (on the same steps in every process, so that all stop at one non-finite step)
+                pause = step == end_step or any(
+                    step % every == 0 for every in (cfg.log_every, cfg.save_every, cfg.eval_every, cfg.sample_every)
+                )
+                for done, loss_value, grad_norm in step_values.drain() if pause else step_values.ready():
+                    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                        # (nonfinite: stop: raises; the weights the update spoiled are never saved)
+                        skip_nonfinite_step(
+                            cfg, done, loss_value, grad_norm, 0, optimizer, accelerator, not cuda_graphs
+                        )
+                    history["losses"][done] = loss_value
+            else:
+                history["losses"][step] = loss_value
             if build_flash_qla:  # after the first step: never beside its compilation
                 build_flash_qla = False
                 log_path = out_dir / "flash_qla_build.log" if is_main else None

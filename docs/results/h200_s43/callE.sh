@@ -1,0 +1,2 @@
+# call E (session 43, fresh machine): the optimizer's share of the step, LlamaThink's and HF Llama's parameters
+mkdir -p $OUT/cE && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader && python -c "import torch, transformers; print(torch.__version__, transformers.__version__)" && timeout 300 python benchmarks/bench_optimizer.py --out $OUT/cE/optimizer.json 2>&1 | grep -v Warning | cut -c1-900
