@@ -1252,3 +1252,23 @@ def test_flash_qla_step_waits_for_the_prebuild_parts_it_calls(tmp_path, monkeypa
     for parts, told in seen:
         assert {f"{p}.done" for p in parts} <= told, (parts, told, log.read_text()[-3000:])
     assert entry.pending == set()
+
+
+def test_the_loops_batch_copies_and_step_values_do_not_wait_for_the_gpu():
+    """The training loop's two CUDA paths that must not synchronise: `to_device` copies CPU tensors (sliced and
+    expanded ones too) through pinned memory, equal to them; `StepValues` copies each step's values [2] to the host
+    behind the GPU's queue (still running when `add` returns) and hands back, two steps late and then all at once,
+    exactly the values added."""
+    from llamathink.train.loop import StepValues, to_device
+
+    device = torch.device("cuda")
+    for batch in (torch.arange(24).view(4, 6)[:, ::2], torch.arange(3).expand(4, 3)):
+        assert torch.equal(to_device(batch, device).cpu(), batch)
+    values = StepValues(max_lag=2)
+    base = torch.zeros(2, device=device)
+    for step in range(1, 5):
+        torch.cuda._sleep(50_000_000)  # tens of milliseconds of GPU work ahead of the values
+        values.add(step, base + torch.tensor([step, 10.0 * step], device=device))
+        assert not values._pending[-1][2].query()  # the host did not wait for the copy
+        assert values.ready() == ([(step - 2, float(step - 2), 10.0 * (step - 2))] if step > 2 else [])
+    assert values.drain() == [(3, 3.0, 30.0), (4, 4.0, 40.0)]

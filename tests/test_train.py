@@ -472,36 +472,85 @@ def test_losses_read_late_are_those_of_their_steps(sample_data, model_json, tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_nonfinite_step_read_late_stops_the_run_before_its_weights_are_saved(
-    sample_data, model_json, tmp_path, monkeypatch
-):
-    """A step that goes non-finite mid-run with nonfinite: stop: its update (and the next one's) is applied before
-    its loss is read, but the run stops, naming that step, before any checkpoint, evaluation or log line after it:
-    the checkpoints on disk are the good ones."""
+def poison_step(patch, bad_step: int, grad_accum: int = 2) -> list:
+    """Through `patch`, pretraining builds models whose training forwards of optimizer step `bad_step` (its
+    `grad_accum` micro-batches) give NaN; returns the list that counts the training forwards."""
     real_build = pretrain.build_model
     calls = []
 
-    def poisoned_at_step_4(cfg):
+    def poisoned(cfg):
         model = real_build(cfg)
 
-        def hook(module, args, output):  # the 7th and 8th forward: step 4's two micro-batches
+        def hook(module, args, output):
+            if not module.training:  # (evaluations and samples)
+                return output
             calls.append(1)
-            return output * float("nan") if len(calls) in (7, 8) else output
+            return output * float("nan") if (len(calls) - 1) // grad_accum + 1 == bad_step else output
 
         model.model.norm.register_forward_hook(hook)
         return model
 
-    monkeypatch.setattr(pretrain, "build_model", poisoned_at_step_4)
-    out = tmp_path / "mid"
-    with pytest.raises(loop.NonFiniteLoss, match=r"at step 4 \(loss nan.*The last checkpoint, .*step_00000003, is"):
-        pretrain.train(
-            _cfg(sample_data, model_json, out, max_steps=12, save_every=3, log_every=100, eval_every=100, keep_last=5)
-        )
-    assert len(calls) > 8  # step 5 ran before step 4's loss was read
-    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_00000003"]
-    saved = ckpt.load_checkpoint(out / "checkpoints/step_00000003")
-    assert all(torch.isfinite(t).all() for t in saved["model"].values())
-    assert sorted(saved["history"]["losses"]) == [1, 2, 3]
+    patch.setattr(pretrain, "build_model", poisoned)
+    return calls
+
+
+QUIET = {"log_every": 100, "save_every": 100, "eval_every": 100, "keep_last": 5}
+
+
+@pytest.mark.parametrize(
+    "bad, settings, saved",
+    [
+        (4, dict(QUIET, save_every=3), ["step_00000003"]),  # read two steps late, at the next checkpoint
+        (4, dict(QUIET, eval_every=5), []),  # before an evaluation
+        (4, dict(QUIET, log_every=5), []),  # before a log line
+        (4, dict(QUIET, sample_every=5), []),  # before samples
+        (5, dict(QUIET, stop_at_step=5), []),  # the run's last step (its checkpoint)
+        (11, dict(QUIET, max_steps=11), []),  # the last step (the final model)
+        (1, dict(QUIET), []),  # the first step
+    ],
+)
+def test_a_nonfinite_step_read_late_stops_the_run_before_anything_after_it(
+    sample_data, model_json, tmp_path, monkeypatch, bad, settings, saved
+):
+    """With nonfinite: stop a step's update is applied before its loss is read (`StepValues`), but a step that goes
+    non-finite stops the run, naming that step, before any later log line, evaluation, sample, checkpoint or final
+    model: the checkpoints on disk are the good ones, though up to two more updates ran."""
+    calls = poison_step(monkeypatch, bad)
+    evaluated, sampled = [], []
+    monkeypatch.setattr(pretrain, "evaluate", lambda *args: evaluated.append(1) or 1.0)
+    real_samples = pretrain.generate_samples
+    monkeypatch.setattr(pretrain, "generate_samples", lambda *a, **k: sampled.append(1) or real_samples(*a, **k))
+    out = tmp_path / "run"
+    settings = {"max_steps": 12, **settings}
+    with pytest.raises(loop.NonFiniteLoss, match=rf"at step {bad} \(loss nan"):
+        pretrain.train(_cfg(sample_data, model_json, out, **settings))
+    assert (evaluated, sampled) == ([], [])
+    assert not (out / "final").exists()
+    assert [p.name for p in ckpt.list_checkpoints(out)] == saved
+    if saved:  # (history.json as the checkpoint wrote it)
+        assert len(calls) > 2 * bad  # the next step ran before the bad one's loss was read
+        state = ckpt.load_checkpoint(out / "checkpoints" / saved[-1])
+        assert all(torch.isfinite(t).all() for t in state["model"].values())
+        assert sorted(state["history"]["losses"]) == [1, 2, 3]
+        assert sorted(json.loads((out / "history.json").read_text())["losses"], key=int) == ["1", "2", "3"]
+    else:
+        assert not (out / "history.json").exists()
+
+
+def test_a_later_error_does_not_hide_a_nonfinite_step_still_to_be_read(sample_data, model_json, tmp_path, monkeypatch):
+    """A step that fails (here: step 5's batches have no label) before an earlier step's non-finite loss was read
+    stops the run as that step's NonFiniteLoss (exit status 1), the later error named in its message."""
+    poison_step(monkeypatch, 4)
+    real_count = loop.count_trained_tokens
+    counted = []
+
+    def count(labels):
+        counted.append(1)
+        return 0 if len(counted) in (9, 10) else real_count(labels)  # step 5's two micro-batches
+
+    monkeypatch.setattr(loop, "count_trained_tokens", count)
+    with pytest.raises(loop.NonFiniteLoss, match=r"at step 4 \(loss nan.*a later step then failed: ValueError: step 5"):
+        pretrain.train(_cfg(sample_data, model_json, tmp_path / "run", max_steps=12, **QUIET))
 
 
 def test_validation_data_that_cannot_be_evaluated_is_refused_before_the_first_step(

@@ -124,7 +124,7 @@ class StepValues:
         host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
         host.copy_(values.detach(), non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(values.device))  # (the stream of the copy, whatever the current device)
         self._pending.append((step, host, event))
 
     def ready(self) -> list[tuple[int, float, float]]:
@@ -624,10 +624,11 @@ def run_training(
     before max_steps). Raises NonFiniteLoss (see `optimizer_step`), CheckpointError, ResumeSettingsError.
 
     With `nonfinite: stop` and no loss scaler (bf16, fp32) each update is applied without waiting for its step's
-    loss and gradient norm, which are read up to two steps later and at every log line, evaluation, sample and
-    checkpoint (`StepValues`), so the host keeps the GPU's queue full; a non-finite step then stops the run, named
-    by that step, before anything after it is logged or saved. `nonfinite: skip` and fp16's loss scaler read them
-    before each update, which depends on them.
+    loss and gradient norm, which are read up to two steps later, and at the first and last steps and every log
+    line, evaluation, sample and checkpoint (`StepValues`), so the host keeps the GPU's queue full; a non-finite
+    step then stops the run, named by that step, before any later step is logged, evaluated, sampled or saved (also
+    when a later step fails first). `nonfinite: skip` and fp16's loss scaler read them before each update, which
+    depends on them.
     """
     is_main = accelerator.is_main_process
     world = accelerator.num_processes
@@ -825,9 +826,10 @@ def run_training(
                 tokens_seen += positions
             if trained_tokens is not None:
                 trained_tokens += n_step
-            if read_later:  # every step's values before a log line, evaluation, sample or checkpoint
-                # (on the same steps in every process, so that all stop at one non-finite step)
-                pause = step == end_step or any(
+            if read_later:  # every step's values before a log line, evaluation, sample or checkpoint, and the
+                # first step's before FlashQLA's background build starts (on the same steps in every process, so
+                # that all stop at one non-finite step)
+                pause = step in (start_step + 1, end_step) or any(
                     step % every == 0 for every in (cfg.log_every, cfg.save_every, cfg.eval_every, cfg.sample_every)
                 )
                 for done, loss_value, grad_norm in step_values.drain() if pause else step_values.ready():
@@ -932,6 +934,21 @@ def run_training(
                 accelerator.wait_for_everyone()
             if paused:
                 t_last, tokens_last = time.perf_counter(), processed
+    except Exception as err:
+        # A later step's error must not hide an earlier non-finite step whose values were still to be read: the run
+        # went wrong there. (A CUDA error may have made them unreadable: then the error stands as it is.)
+        if read_later and not isinstance(err, NonFiniteLoss):
+            try:
+                unread = step_values.drain()
+            except Exception:  # noqa: BLE001
+                unread = []
+            for done, loss_value, grad_norm in unread:
+                if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                    try:
+                        skip_nonfinite_step(cfg, done, loss_value, grad_norm, 0, optimizer, accelerator, False)
+                    except NonFiniteLoss as stop:
+                        raise NonFiniteLoss(f"{stop} (a later step then failed: {type(err).__name__}: {err})") from err
+        raise
     finally:  # also when the loop stops on an error: its one-line message then starts on a line of its own
         if progress is not None:
             progress.close()
