@@ -2306,6 +2306,35 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         "AutoModelForCausalLM": "modeling_llamathink.LlamaThinkForCausalLM",
     }
 
+    # The config fields that the modules copy (or build from) when the model is built: an edit of `model.config`
+    # afterwards does not change what the model computes, so a config.json written with it would describe another
+    # model (`save_pretrained` refuses). (`vocab_size` is left out: `resize_token_embeddings` changes it with the
+    # weights.)
+    BUILD_FIELDS = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "mixer_types",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "linear_num_key_heads",
+        "linear_num_value_heads",
+        "linear_key_head_dim",
+        "linear_value_head_dim",
+        "linear_conv_kernel_dim",
+        "gdn_chunk_size",
+        "csa_window",
+        "csa_stride",
+        "csa_blend_bias",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "rope_theta",
+        "partial_rotary_factor",
+        "hyper_connections",
+        "tie_word_embeddings",
+    )
+
     def __init__(self, config: LlamaThinkConfig, *args, **kwargs):
         # a config edited after it was built (`config.num_hidden_layers = 2`) is checked again here: the layers
         # would otherwise be built from inconsistent fields and fail deep inside, or save a model that cannot load
@@ -2315,6 +2344,44 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         for auto_class, reference in self._auto_map.items():
             auto_map.setdefault(auto_class, reference)
         config.auto_map = auto_map
+
+    def post_init(self):
+        """transformers' `post_init` (weights initialised), then the values of `BUILD_FIELDS` the model was built
+        with recorded (`config_edits_since_build`)."""
+        super().post_init()
+        self._built_with = {name: copy.deepcopy(getattr(self.config, name, None)) for name in self.BUILD_FIELDS}
+
+    def config_edits_since_build(self) -> dict[str, tuple]:
+        """{field: (value the model was built with, value in `self.config` now)} for each of `BUILD_FIELDS` edited
+        since: the model still computes with the first. Empty for a model built before the record existed."""
+        built = getattr(self, "_built_with", None) or {}
+        edits = {}
+        for name, then in built.items():
+            now = getattr(self.config, name, None)
+            if (list(now) if isinstance(now, tuple) else now) != then:  # (a tuple of the same mixer types is no edit)
+                edits[name] = (then, now)
+        return edits
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`, refusing a `config` edited since the model was built.
+
+        The layers copy their sizes, norm epsilon, RoPE base and the CSA and delta-rule settings when they are built
+        (`BUILD_FIELDS`), so `model.config.rms_norm_eps = 1e-5` afterwards changes nothing the model computes: the
+        saved config.json would describe another model (the reloaded one would compute something else, or not
+        load). Raises ValueError, before anything is written, naming an inconsistent config's fault
+        (`validate_llamathink`), else each edited field with its built and its new value: set the field back, or
+        build a new model from the edited config and load these weights into it."""
+        self.config.validate_llamathink()  # (an edit into an inconsistent config: named as such first)
+        edits = self.config_edits_since_build()
+        if edits:
+            named = "; ".join(f"{name}: built with {then!r}, now {now!r}" for name, (then, now) in edits.items())
+            raise ValueError(
+                f"cannot save to {save_directory}: the model's config was edited after the model was built ({named}), "
+                "and the model still computes with the values it was built with, so the saved config.json would "
+                "describe another model. Set the field(s) back, or build a new model from the edited config "
+                "(`LlamaThinkForCausalLM(config)`) and load these weights into it (`load_state_dict`)"
+            )
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

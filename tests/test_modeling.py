@@ -216,6 +216,33 @@ def test_a_config_edited_after_it_was_built_is_checked_by_the_model_and_by_save(
         AutoConfig.from_pretrained(tmp_path / "saved", num_key_value_heads=3)
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [("rms_norm_eps", 1e-2), ("rope_theta", 100.0), ("csa_window", 8), ("hyper_connections", False)],
+)
+def test_a_config_edited_after_the_model_was_built_is_not_saved_as_the_models(tmp_path, field, value):
+    """The layers copy their norm epsilon, RoPE base, CSA window and structure when they are built, so a valid edit
+    of `model.config` afterwards changes nothing the model computes: a config.json saved with it would reload as
+    another model (a different epsilon: other logits) or not at all. `save_pretrained` refuses it, naming the
+    field with both values, and writes nothing; set back (also as an equal value of another type), the model
+    saves and reloads to the same logits; a new model built from the edited config is saved as it is."""
+    model = randomize_(LlamaThinkForCausalLM(tiny_config()), seed=5).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    before = getattr(model.config, field)
+    setattr(model.config, field, value)
+    with pytest.raises(ValueError, match=rf"edited after the model was built \({field}: built with {before!r}, now"):
+        model.save_pretrained(tmp_path / "edited")
+    assert not (tmp_path / "edited").exists() or not any((tmp_path / "edited").iterdir())
+    edited = LlamaThinkForCausalLM(copy.deepcopy(model.config))  # built from the edited config: saved as it is
+    edited.save_pretrained(tmp_path / "rebuilt")
+    assert getattr(LlamaThinkConfig.from_pretrained(tmp_path / "rebuilt"), field) == value
+    setattr(model.config, field, int(before) if isinstance(before, float) and before == int(before) else before)
+    model.save_pretrained(tmp_path / "back")
+    reloaded = LlamaThinkForCausalLM.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
 def test_config_takes_dtypes_by_name_and_a_saved_bad_one_is_named(tmp_path):
     """`dtype` / `torch_dtype` as transformers takes them (a torch dtype or its attribute name in torch); a
     config.json whose dtype names no torch dtype is refused by AutoConfig with the field named."""
