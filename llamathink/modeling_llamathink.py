@@ -2308,8 +2308,9 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
 
     # The config fields that the modules copy (or build from) when the model is built: an edit of `model.config`
     # afterwards does not change what the model computes, so a config.json written with it would describe another
-    # model (`save_pretrained` refuses). (`vocab_size` is left out: `resize_token_embeddings` changes it with the
-    # weights.)
+    # model (`save_pretrained` refuses). `csa_window` counts as the layers use it, at most the context
+    # (`csa_window(config)`); the context itself is read at run time. (`vocab_size` is left out:
+    # `resize_token_embeddings` changes it with the weights.)
     BUILD_FIELDS = (
         "hidden_size",
         "intermediate_size",
@@ -2327,7 +2328,6 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         "csa_window",
         "csa_stride",
         "csa_blend_bias",
-        "max_position_embeddings",
         "rms_norm_eps",
         "rope_theta",
         "partial_rotary_factor",
@@ -2349,15 +2349,21 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         """transformers' `post_init` (weights initialised), then the values of `BUILD_FIELDS` the model was built
         with recorded (`config_edits_since_build`)."""
         super().post_init()
-        self._built_with = {name: copy.deepcopy(getattr(self.config, name, None)) for name in self.BUILD_FIELDS}
+        self._built_with = self._build_values()
+
+    def _build_values(self) -> dict:
+        values = {name: copy.deepcopy(getattr(self.config, name, None)) for name in self.BUILD_FIELDS}
+        values["csa_window"] = csa_window(self.config)
+        return values
 
     def config_edits_since_build(self) -> dict[str, tuple]:
         """{field: (value the model was built with, value in `self.config` now)} for each of `BUILD_FIELDS` edited
         since: the model still computes with the first. Empty for a model built before the record existed."""
         built = getattr(self, "_built_with", None) or {}
+        current = self._build_values() if built else {}
         edits = {}
         for name, then in built.items():
-            now = getattr(self.config, name, None)
+            now = current[name]
             if (list(now) if isinstance(now, tuple) else now) != then:  # (a tuple of the same mixer types is no edit)
                 edits[name] = (then, now)
         return edits

@@ -243,6 +243,19 @@ def test_a_config_edited_after_the_model_was_built_is_not_saved_as_the_models(tm
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
+def test_a_longer_context_set_after_build_is_saved_the_model_computes_with_it(tmp_path):
+    """`max_position_embeddings` is read at run time, and the CSA window the layers use (at most the context) is
+    unchanged by a longer one: the model saves with it, reloads with it, and gives the same logits."""
+    model = randomize_(LlamaThinkForCausalLM(tiny_config()), seed=6).eval()
+    model.config.max_position_embeddings *= 2
+    model.save_pretrained(tmp_path / "longer")
+    reloaded = LlamaThinkForCausalLM.from_pretrained(tmp_path / "longer").eval()
+    assert reloaded.config.max_position_embeddings == model.config.max_position_embeddings
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
 def test_config_takes_dtypes_by_name_and_a_saved_bad_one_is_named(tmp_path):
     """`dtype` / `torch_dtype` as transformers takes them (a torch dtype or its attribute name in torch); a
     config.json whose dtype names no torch dtype is refused by AutoConfig with the field named."""
