@@ -419,6 +419,11 @@ class LlamaThinkConfig(PretrainedConfig):
             raise ValueError(f"gdn_backend={self.gdn_backend!r} is not one of the allowed values {list(GDN_BACKENDS)}")
         if not (isinstance(self.decode_cuda_graphs, bool) or self.decode_cuda_graphs == "always"):
             raise ValueError(f'decode_cuda_graphs must be true, false or "always", got {self.decode_cuda_graphs!r}')
+        if getattr(self, "output_attentions", False):  # (transformers' models return them where it is true)
+            raise ValueError(
+                "output_attentions=true is not supported: LlamaThink's linear and compressed mixers have no attention "
+                "matrix; set it to false"
+            )
         for name in ("hyper_connections", "rescale_prenorm_residual", "tie_word_embeddings", "use_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

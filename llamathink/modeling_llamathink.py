@@ -2788,9 +2788,11 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         mixer (`PackedSegments`); such a batch takes no padding and no cache. Positions that neither follow on nor
         restart at 0 raise a ValueError.
         """
-        if kwargs.get("output_attentions"):
+        # (asked for by the call, or by the config, where transformers' models read its default)
+        if kwargs.get("output_attentions", getattr(self.config, "output_attentions", False)):
             raise ValueError(
-                "output_attentions is not supported: linear and compressed mixers have no attention matrix"
+                "output_attentions is not supported: linear and compressed mixers have no attention matrix (set "
+                "config.output_attentions to false)"
             )
         cache = cache if cache is not None else past_key_values
         explicit_cache = cache is not None or use_cache is True

@@ -256,6 +256,22 @@ def test_a_longer_context_set_after_build_is_saved_the_model_computes_with_it(tm
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
+def test_output_attentions_is_refused_by_the_config_and_by_the_forward():
+    """LlamaThink has no attention matrix to return (linear and compressed mixers): asking for one, in the config
+    (where transformers' models take their default) or in the call, is a ValueError naming it, not a result
+    without attentions."""
+    with pytest.raises(ValueError, match="output_attentions=true is not supported"):
+        tiny_config(output_attentions=True)
+    model = LlamaThinkForCausalLM(tiny_config()).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    with pytest.raises(ValueError, match="output_attentions is not supported"):
+        model(ids, output_attentions=True)
+    model.config._output_attentions = True  # set after the build (transformers' setter allows it with eager attention)
+    with pytest.raises(ValueError, match="output_attentions is not supported.*config.output_attentions"):
+        model(ids)
+    assert model(ids, output_attentions=False).logits.shape == (1, 6, model.config.vocab_size)
+
+
 def test_config_takes_dtypes_by_name_and_a_saved_bad_one_is_named(tmp_path):
     """`dtype` / `torch_dtype` as transformers takes them (a torch dtype or its attribute name in torch); a
     config.json whose dtype names no torch dtype is refused by AutoConfig with the field named."""
