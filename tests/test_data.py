@@ -443,6 +443,34 @@ def test_a_rerun_naming_the_same_input_another_way_continues_the_preparation(tmp
             prepare(LocalSource(["d.jsonl"]), tmp_path / "z", small_tok, stop_after_shards=bad, **kw)
 
 
+def test_a_preparation_that_fails_before_writing_anything_leaves_the_folder_as_it_was(tmp_path, small_tok, docs):
+    """A preparation that fails before its first shard (here a first record that is not JSON; an unreachable Hub
+    dataset fails the same way) removes the progress.json it had just recorded, and the folder where it made it:
+    the next preparation into that folder, of another input, is not refused as "a different preparation". One
+    that had progress keeps it when its continuation fails."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"\n')
+    kw = {"shard_tokens": 50, "val_docs": 4, "num_workers": 1, "progress": False}
+    with pytest.raises(ValueError, match="bad.jsonl"):
+        prepare(LocalSource([str(bad)]), tmp_path / "new", small_tok, **kw)
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("kept")
+    with pytest.raises(ValueError, match="bad.jsonl"):
+        prepare(LocalSource([str(bad)]), mine, small_tok, **kw)
+    assert sorted(p.name for p in mine.iterdir()) == [".prepare.lock", "notes.txt"]
+    good = write_jsonl(tmp_path / "d.jsonl", docs[:40])
+    assert prepare(LocalSource([str(good)]), mine, small_tok, **kw)["train"]["num_docs"] == 36
+    kept = tmp_path / "kept"
+    part = prepare(LocalSource([str(good)]), kept, small_tok, stop_after_shards=1, **kw)
+    assert len(part["train_shards"]) == 1
+    write_jsonl(good, docs[40:80])  # the input changed under the stopped preparation: its continuation fails
+    with pytest.raises(ValueError):
+        prepare(LocalSource([str(good)]), kept, small_tok, **kw)
+    assert len(json.loads((kept / "progress.json").read_text())["train_shards"]) == 1
+
+
 def test_prepare_restart_after_crash(tmp_path, small_tok, docs, monkeypatch):
     src = LocalSource([str(write_jsonl(tmp_path / "d.jsonl", docs[:60]))])
     kw = dict(shard_tokens=700, val_docs=5, num_workers=2, batch_docs=4, progress=False)

@@ -899,6 +899,34 @@ def _preparation_lock(out: Path):
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _unstarted_removed_on_error(out: Path, made_out: bool):
+    """A preparation that fails before it has written anything to keep (a source that cannot be reached or read,
+    a bad first record, Ctrl-C) leaves `out` as it was: the fresh `progress.json` it recorded, its lock file and
+    the folder itself where this run made it are removed, so the next preparation into `out` (another source,
+    say) is not refused as "a different preparation". Yields `started(flag)`, to be called once this run's
+    progress state is in place, with whether it holds progress to keep (a resumed run's); before that call an
+    error leaves everything as it is. Shards count once written (`ShardWriter` records each in progress.json)."""
+    resumed = [True]
+
+    def started(flag: bool) -> None:
+        resumed[0] = flag
+
+    try:
+        yield started
+    except BaseException:
+        if not resumed[0]:
+            progress = out / PROGRESS_FILE
+            with contextlib.suppress(OSError, ValueError):
+                state = json.loads(progress.read_text(encoding="utf-8"))
+                if state.get("docs_done") == 0 and not state.get("train_shards") and state.get("val") is None:
+                    progress.unlink()
+                    if made_out and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+                        (out / LOCK_FILE).unlink(missing_ok=True)
+                        out.rmdir()
+        raise
+
+
 def _start_or_resume(out: Path, config: dict, val_docs: int, overwrite: bool) -> dict:
     """The progress state (``progress.json``) of a preparation ``config`` in ``out``.
 
@@ -1298,8 +1326,10 @@ def prepare(
     if isinstance(source, LocalSource):  # an input that is not there fails before out_dir is claimed or written
         source.files()
     out = Path(out_dir)
-    with _preparation_lock(out):  # one preparation writes a folder at a time
+    made_out = not out.exists()
+    with _preparation_lock(out), _unstarted_removed_on_error(out, made_out) as started:
         state = _start_or_resume(out, config, val_docs, overwrite)
+        started(state["docs_done"] > 0 or bool(state["train_shards"]) or state.get("val") is not None)
         if state.get("complete") and (out / META_FILE).exists():  # finished by an earlier run
             with open(out / META_FILE, encoding="utf-8") as f:
                 return json.load(f)
