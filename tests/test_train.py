@@ -746,6 +746,19 @@ def test_wandb_offline_logging(sample_data, model_json, tmp_path, monkeypatch):
     assert state["wandb_run_id"] and state["wandb_run_id"] in runs[0].name
 
 
+def test_a_number_with_a_leading_zero_is_refused_not_read_as_octal(tmp_path):
+    """YAML 1.1 (PyYAML) reads 010 as the octal 8: a settings file's or an option's integer with a leading zero is
+    a ValueError naming it, the option and the octal reading; quoted, or 0 itself, or 0x1F, it is read as written."""
+    with pytest.raises(
+        ValueError, match=r"--warmup_steps: 010 has a leading zero, which YAML reads as an octal .*\(8\)"
+    ):
+        pretrain.load_config(None, ["--warmup_steps", "010"])
+    path = tmp_path / "run.yaml"
+    path.write_text("warmup_steps: '010'\nmax_steps: 0x1F\nseed: 0\n")
+    cfg = pretrain.load_config(str(path), ["--eval_every", "1_000"])
+    assert (cfg.warmup_steps, cfg.max_steps, cfg.seed, cfg.eval_every) == (10, 31, 0, 1000)
+
+
 @pytest.mark.parametrize(
     "text, named",
     [
@@ -761,6 +774,10 @@ def test_wandb_offline_logging(sample_data, model_json, tmp_path, monkeypatch):
         ),
         ("- max_steps: 5\n", r"run.yaml: expected a mapping of settings, got list"),
         ("0\n", r"run.yaml: expected a mapping of settings, got int"),
+        (  # YAML 1.1 reads 010 as 8
+            "warmup_steps: 1\nmax_steps: 010\n",
+            r"run.yaml line 2: 010 has a leading zero, which YAML reads as an octal number \(8\)",
+        ),
     ],
 )
 def test_a_settings_file_that_is_not_one_mapping_of_distinct_settings_is_named(tmp_path, text, named):

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,10 +326,32 @@ def parse_setting(raw: str, annotation, name: str):
     if is_text and raw.strip().lower() not in _NULL_WORDS:
         return raw
     try:
-        value = yaml.safe_load(raw)
+        value = yaml.load(raw, Loader=_settings_loader(f"--{name}", lines=False))  # (a SafeLoader subclass)
     except yaml.YAMLError:
         value = raw  # e.g. `[0.9, 0.99` : coerce_setting says what was expected
     return coerce_setting(value, annotation, name, where="--")
+
+
+def _settings_loader(where: str, lines: bool = True):
+    """yaml.SafeLoader, refusing an integer written with a leading zero (`max_steps: 010`): YAML 1.1, which
+    PyYAML reads, takes it for an octal number (8), where a settings file surely meant ten. Raises ValueError naming
+    `where` (a file, with the `lines` number, or an option) and the value."""
+    import yaml
+
+    class SettingsLoader(yaml.SafeLoader):
+        def construct_yaml_int(self, node):
+            text = str(node.value)
+            if re.fullmatch(r"[-+]?0[0-7_]+", text) and text.strip("+-0_"):
+                octal = int(text.replace("_", ""), 8)
+                line = f" line {node.start_mark.line + 1}" if lines else ""
+                raise ValueError(
+                    f"{where}{line}: {text} has a leading zero, which YAML reads as an octal number ({octal}); write "
+                    f"it without the zero, or quote it"
+                )
+            return super().construct_yaml_int(node)
+
+    SettingsLoader.add_constructor("tag:yaml.org,2002:int", SettingsLoader.construct_yaml_int)
+    return SettingsLoader
 
 
 def _read_settings_yaml(path) -> Any:
@@ -340,7 +363,7 @@ def _read_settings_yaml(path) -> Any:
     if not Path(path).is_file():
         raise FileNotFoundError(f"settings file {path} (--config) does not exist or is not a file")
 
-    class _UniqueKeyLoader(yaml.SafeLoader):
+    class _UniqueKeyLoader(_settings_loader(str(path))):
         def construct_mapping(self, node, deep=False):
             seen = {}
             for key_node, _ in node.value:
