@@ -1265,10 +1265,11 @@ def test_the_loops_batch_copies_and_step_values_do_not_wait_for_the_gpu():
     for batch in (torch.arange(24).view(4, 6)[:, ::2], torch.arange(3).expand(4, 3)):
         assert torch.equal(to_device(batch, device).cpu(), batch)
     values = StepValues(max_lag=2)
-    base = torch.zeros(2, device=device)
+    scale = torch.tensor([1.0, 10.0], device=device)  # (made before the GPU is kept busy: a copy here would wait)
+    torch.cuda.synchronize()
     for step in range(1, 5):
         torch.cuda._sleep(50_000_000)  # tens of milliseconds of GPU work ahead of the values
-        values.add(step, base + torch.tensor([step, 10.0 * step], device=device))
+        values.add(step, scale * step)
         assert not values._pending[-1][2].query()  # the host did not wait for the copy
         assert values.ready() == ([(step - 2, float(step - 2), 10.0 * (step - 2))] if step > 2 else [])
     assert values.drain() == [(3, 3.0, 30.0), (4, 4.0, 40.0)]
