@@ -2306,16 +2306,12 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         "AutoModelForCausalLM": "modeling_llamathink.LlamaThinkForCausalLM",
     }
 
-    # The config fields that the modules copy (or build from) when the model is built: an edit of `model.config`
-    # afterwards does not change what the model computes, so a config.json written with it would describe another
-    # model (`save_pretrained` refuses). `csa_window` counts as the layers use it, at most the context
-    # (`csa_window(config)`); the context itself is read at run time. (`vocab_size` is left out:
-    # `resize_token_embeddings` changes it with the weights.)
+    # The config fields that the layers copy when the model is built and that its weights do not record (their
+    # names and shapes do: sizes, layers, hyper-connections and tying are checked when the weights load): an edit
+    # of `model.config` afterwards changes nothing the model computes, so a config.json written with it would
+    # describe another model (`save_pretrained` refuses). The CSA window counts as the layers use it, at most the
+    # context (`config_edits_since_build`).
     BUILD_FIELDS = (
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "mixer_types",
         "num_attention_heads",
         "num_key_value_heads",
         "head_dim",
@@ -2323,16 +2319,10 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         "linear_num_value_heads",
         "linear_key_head_dim",
         "linear_value_head_dim",
-        "linear_conv_kernel_dim",
-        "gdn_chunk_size",
-        "csa_window",
         "csa_stride",
-        "csa_blend_bias",
         "rms_norm_eps",
         "rope_theta",
         "partial_rotary_factor",
-        "hyper_connections",
-        "tie_word_embeddings",
     )
 
     def __init__(self, config: LlamaThinkConfig, *args, **kwargs):
@@ -2346,37 +2336,43 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         config.auto_map = auto_map
 
     def post_init(self):
-        """transformers' `post_init` (weights initialised), then the values of `BUILD_FIELDS` the model was built
-        with recorded (`config_edits_since_build`)."""
+        """transformers' `post_init` (weights initialised), then the values of `BUILD_FIELDS` and the CSA window the
+        model was built with recorded (`config_edits_since_build`)."""
         super().post_init()
-        self._built_with = self._build_values()
-
-    def _build_values(self) -> dict:
-        values = {name: copy.deepcopy(getattr(self.config, name, None)) for name in self.BUILD_FIELDS}
-        values["csa_window"] = csa_window(self.config)
-        return values
+        self._built_with = {name: copy.deepcopy(getattr(self.config, name, None)) for name in self.BUILD_FIELDS}
+        self._built_with["csa_window"] = csa_window(self.config)
 
     def config_edits_since_build(self) -> dict[str, tuple]:
         """{field: (value the model was built with, value in `self.config` now)} for each of `BUILD_FIELDS` edited
-        since: the model still computes with the first. Empty for a model built before the record existed."""
-        built = getattr(self, "_built_with", None) or {}
-        current = self._build_values() if built else {}
+        since: the model still computes with the first. Also the CSA window where the model's (at most the context
+        it was built for) and the config's differ on sequences the config's context allows. Empty for a model built
+        before the record existed."""
+        built = dict(getattr(self, "_built_with", None) or {})
+        if not built:
+            return {}
         edits = {}
+        window = built.pop("csa_window")
+        context = self.config.max_position_embeddings
+        if isinstance(context, int) and min(window, context) != csa_window(self.config):
+            name = "csa_window (as the layers use it: at most max_position_embeddings)"
+            edits[name] = (window, csa_window(self.config))
         for name, then in built.items():
-            now = current[name]
-            if (list(now) if isinstance(now, tuple) else now) != then:  # (a tuple of the same mixer types is no edit)
+            now = getattr(self.config, name, None)
+            if now != then:
                 edits[name] = (then, now)
         return edits
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' `save_pretrained`, refusing a `config` edited since the model was built.
 
-        The layers copy their sizes, norm epsilon, RoPE base and the CSA and delta-rule settings when they are built
+        The layers copy their head layout, norm epsilon, RoPE base and CSA settings when they are built
         (`BUILD_FIELDS`), so `model.config.rms_norm_eps = 1e-5` afterwards changes nothing the model computes: the
-        saved config.json would describe another model (the reloaded one would compute something else, or not
-        load). Raises ValueError, before anything is written, naming an inconsistent config's fault
-        (`validate_llamathink`), else each edited field with its built and its new value: set the field back, or
-        build a new model from the edited config and load these weights into it."""
+        saved config.json would describe another model (the reloaded one would compute something else). Edits the
+        weights record (layers removed, embeddings resized or untied) are saved as they are.
+
+        Raises ValueError, before anything is written, naming an inconsistent config's fault (`validate_llamathink`),
+        else each edited field with its built and its new value: set the field back, or build a new model from the
+        edited config and load these weights into it."""
         self.config.validate_llamathink()  # (an edit into an inconsistent config: named as such first)
         edits = self.config_edits_since_build()
         if edits:
@@ -2788,11 +2784,12 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         mixer (`PackedSegments`); such a batch takes no padding and no cache. Positions that neither follow on nor
         restart at 0 raise a ValueError.
         """
-        # (asked for by the call, or by the config, where transformers' models read its default)
-        if kwargs.get("output_attentions", getattr(self.config, "output_attentions", False)):
+        # (asked for by the call, or where it leaves it unset by the config, as transformers' models read it)
+        asked = kwargs.get("output_attentions")
+        if asked or (asked is None and getattr(self.config, "output_attentions", False)):
             raise ValueError(
                 "output_attentions is not supported: linear and compressed mixers have no attention matrix (set "
-                "config.output_attentions to false)"
+                "output_attentions to false where it is asked for: the call, the generation config or the config)"
             )
         cache = cache if cache is not None else past_key_values
         explicit_cache = cache is not None or use_cache is True

@@ -445,15 +445,15 @@ def test_a_rerun_naming_the_same_input_another_way_continues_the_preparation(tmp
 
 def test_a_preparation_that_fails_before_writing_anything_leaves_the_folder_as_it_was(tmp_path, small_tok, docs):
     """A preparation that fails before its first shard (here a first record that is not JSON; an unreachable Hub
-    dataset fails the same way) removes the progress.json it had just recorded, and the folder where it made it:
-    the next preparation into that folder, of another input, is not refused as "a different preparation". One
-    that had progress keeps it when its continuation fails."""
+    dataset fails the same way) removes the progress.json it had just recorded (the folder and its lock file
+    stay): the next preparation into that folder, of another input, is not refused as "a different preparation".
+    One that had progress keeps it when its continuation fails."""
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"\n')
     kw = {"shard_tokens": 50, "val_docs": 4, "num_workers": 1, "progress": False}
     with pytest.raises(ValueError, match="bad.jsonl"):
         prepare(LocalSource([str(bad)]), tmp_path / "new", small_tok, **kw)
-    assert not (tmp_path / "new").exists()
+    assert [p.name for p in (tmp_path / "new").iterdir()] == [".prepare.lock"]
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("kept")
@@ -465,6 +465,24 @@ def test_a_preparation_that_fails_before_writing_anything_leaves_the_folder_as_i
     kept = tmp_path / "kept"
     part = prepare(LocalSource([str(good)]), kept, small_tok, stop_after_shards=1, **kw)
     assert len(part["train_shards"]) == 1
+    from llamathink.data import preparation
+
+    real_write, writes = preparation._atomic_write_json, []
+
+    def failing_second_write(path, obj):  # the fresh record, then the first shard's record fails (a full disk)
+        writes.append(path)
+        if len(writes) == 2:
+            raise OSError(28, "No space left on device")
+        return real_write(path, obj)
+
+    preparation._atomic_write_json = failing_second_write
+    try:
+        with pytest.raises(OSError):
+            prepare(LocalSource([str(good)]), tmp_path / "full", small_tok, **kw)
+    finally:
+        preparation._atomic_write_json = real_write
+    assert (tmp_path / "full" / "progress.json").exists()  # a shard on disk keeps the record: a rerun continues
+    assert prepare(LocalSource([str(good)]), tmp_path / "full", small_tok, **kw)["train"]["num_docs"] == 36
     write_jsonl(good, docs[40:80])  # the input changed under the stopped preparation: its continuation fails
     with pytest.raises(ValueError):
         prepare(LocalSource([str(good)]), kept, small_tok, **kw)

@@ -218,24 +218,32 @@ def test_a_config_edited_after_it_was_built_is_checked_by_the_model_and_by_save(
 
 @pytest.mark.parametrize(
     "field, value",
-    [("rms_norm_eps", 1e-2), ("rope_theta", 100.0), ("csa_window", 8), ("hyper_connections", False)],
+    [("rms_norm_eps", 1e-2), ("rope_theta", 100.0), ("csa_window", 8), ("csa_stride", 2), ("head_dim", 24)],
 )
 def test_a_config_edited_after_the_model_was_built_is_not_saved_as_the_models(tmp_path, field, value):
-    """The layers copy their norm epsilon, RoPE base, CSA window and structure when they are built, so a valid edit
-    of `model.config` afterwards changes nothing the model computes: a config.json saved with it would reload as
-    another model (a different epsilon: other logits) or not at all. `save_pretrained` refuses it, naming the
-    field with both values, and writes nothing; set back (also as an equal value of another type), the model
+    """The layers copy their norm epsilon, RoPE base, CSA settings and head layout when they are built, and the
+    weights do not record them, so a valid edit of `model.config` afterwards changes nothing the model computes: a
+    config.json saved with it would reload as another model (other logits). `save_pretrained` refuses it, naming
+    the field with both values, and writes nothing; set back (also as an equal value of another type), the model
     saves and reloads to the same logits; a new model built from the edited config is saved as it is."""
     model = randomize_(LlamaThinkForCausalLM(tiny_config()), seed=5).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, 12))
     before = getattr(model.config, field)
     setattr(model.config, field, value)
-    with pytest.raises(ValueError, match=rf"edited after the model was built \({field}: built with {before!r}, now"):
+    if field == "head_dim":  # (the same projection widths: half the heads of twice the width)
+        model.config.num_attention_heads //= 2
+        model.config.num_key_value_heads //= 2
+    with pytest.raises(
+        ValueError, match=rf"edited after the model was built \(.*\b{field}\b.*?: built with {before!r}, now"
+    ):
         model.save_pretrained(tmp_path / "edited")
-    assert not (tmp_path / "edited").exists() or not any((tmp_path / "edited").iterdir())
+    assert not (tmp_path / "edited").exists()
     edited = LlamaThinkForCausalLM(copy.deepcopy(model.config))  # built from the edited config: saved as it is
     edited.save_pretrained(tmp_path / "rebuilt")
     assert getattr(LlamaThinkConfig.from_pretrained(tmp_path / "rebuilt"), field) == value
+    if field == "head_dim":
+        model.config.num_attention_heads *= 2
+        model.config.num_key_value_heads *= 2
     setattr(model.config, field, int(before) if isinstance(before, float) and before == int(before) else before)
     model.save_pretrained(tmp_path / "back")
     reloaded = LlamaThinkForCausalLM.from_pretrained(tmp_path / "back").eval()
@@ -243,17 +251,30 @@ def test_a_config_edited_after_the_model_was_built_is_not_saved_as_the_models(tm
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
-def test_a_longer_context_set_after_build_is_saved_the_model_computes_with_it(tmp_path):
-    """`max_position_embeddings` is read at run time, and the CSA window the layers use (at most the context) is
-    unchanged by a longer one: the model saves with it, reloads with it, and gives the same logits."""
+def test_edits_the_weights_record_or_that_keep_the_function_are_saved(tmp_path):
+    """What `save_pretrained`'s check of config edits lets through, because the saved model computes what the
+    model did: embeddings untied (`tie_word_embeddings` false, as PEFT's merge of a trained head sets it), layers
+    removed with the config to match, a shorter context than the CSA window (the same attention on every sequence
+    it allows), a longer one where the window stays inside it. A longer context past a window that the built
+    layers cut to the old context is refused."""
     model = randomize_(LlamaThinkForCausalLM(tiny_config()), seed=6).eval()
-    model.config.max_position_embeddings *= 2
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() + 0.1)
+    model.config.tie_word_embeddings = False
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers, model.config.mixer_types = 2, model.config.mixer_types[:2]
+    model.config.max_position_embeddings = model.config.csa_window // 2  # 8 < the window (16)
+    model.save_pretrained(tmp_path / "edited")
+    reloaded = LlamaThinkForCausalLM.from_pretrained(tmp_path / "edited").eval()
+    with torch.no_grad():  # (the window cut to the context runs other kernels: float rounding apart)
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    model = randomize_(LlamaThinkForCausalLM(tiny_config()), seed=6).eval()
+    model.config.max_position_embeddings *= 2  # 512: the window (16) stays inside it
     model.save_pretrained(tmp_path / "longer")
-    reloaded = LlamaThinkForCausalLM.from_pretrained(tmp_path / "longer").eval()
-    assert reloaded.config.max_position_embeddings == model.config.max_position_embeddings
-    ids = torch.randint(0, model.config.vocab_size, (1, 12))
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    small = randomize_(LlamaThinkForCausalLM(tiny_config(max_position_embeddings=8)), seed=6)  # window cut to 8
+    small.config.max_position_embeddings = 64
+    with pytest.raises(ValueError, match=r"csa_window \(as the layers use it.*\): built with 8, now 16"):
+        small.save_pretrained(tmp_path / "small")
 
 
 def test_output_attentions_is_refused_by_the_config_and_by_the_forward():
@@ -267,7 +288,7 @@ def test_output_attentions_is_refused_by_the_config_and_by_the_forward():
     with pytest.raises(ValueError, match="output_attentions is not supported"):
         model(ids, output_attentions=True)
     model.config._output_attentions = True  # set after the build (transformers' setter allows it with eager attention)
-    with pytest.raises(ValueError, match="output_attentions is not supported.*config.output_attentions"):
+    with pytest.raises(ValueError, match="output_attentions is not supported.*the config\\)"):
         model(ids)
     assert model(ids, output_attentions=False).logits.shape == (1, 6, model.config.vocab_size)
 

@@ -900,13 +900,14 @@ def _preparation_lock(out: Path):
 
 
 @contextlib.contextmanager
-def _unstarted_removed_on_error(out: Path, made_out: bool):
-    """A preparation that fails before it has written anything to keep (a source that cannot be reached or read,
-    a bad first record, Ctrl-C) leaves `out` as it was: the fresh `progress.json` it recorded, its lock file and
-    the folder itself where this run made it are removed, so the next preparation into `out` (another source,
-    say) is not refused as "a different preparation". Yields `started(flag)`, to be called once this run's
-    progress state is in place, with whether it holds progress to keep (a resumed run's); before that call an
-    error leaves everything as it is. Shards count once written (`ShardWriter` records each in progress.json)."""
+def _unstarted_removed_on_error(out: Path):
+    """A preparation that fails before it has written a shard (a source that cannot be reached or read, a bad
+    first record, Ctrl-C) removes the fresh `progress.json` it recorded, so that the next preparation into `out`
+    (of another input, say) is not refused as "a different preparation". Yields `started(flag)`, to be called
+    once this run's progress state is in place, with whether it holds progress to keep (a resumed run's); before
+    that call an error leaves everything as it is. A shard file in `out` keeps the record too (one written before
+    the record of it failed: the next run sorts it out). The folder and its lock file stay: removing the lock file
+    under a run that has opened it would let two runs lock the folder at once."""
     resumed = [True]
 
     def started(flag: bool) -> None:
@@ -919,11 +920,10 @@ def _unstarted_removed_on_error(out: Path, made_out: bool):
             progress = out / PROGRESS_FILE
             with contextlib.suppress(OSError, ValueError):
                 state = json.loads(progress.read_text(encoding="utf-8"))
-                if state.get("docs_done") == 0 and not state.get("train_shards") and state.get("val") is None:
+                shards = any(_SHARD_RE.match(p.name) for p in out.iterdir())
+                fresh = state.get("docs_done") == 0 and not state.get("train_shards") and state.get("val") is None
+                if fresh and not shards:
                     progress.unlink()
-                    if made_out and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
-                        (out / LOCK_FILE).unlink(missing_ok=True)
-                        out.rmdir()
         raise
 
 
@@ -1326,8 +1326,7 @@ def prepare(
     if isinstance(source, LocalSource):  # an input that is not there fails before out_dir is claimed or written
         source.files()
     out = Path(out_dir)
-    made_out = not out.exists()
-    with _preparation_lock(out), _unstarted_removed_on_error(out, made_out) as started:
+    with _preparation_lock(out), _unstarted_removed_on_error(out) as started:
         state = _start_or_resume(out, config, val_docs, overwrite)
         started(state["docs_done"] > 0 or bool(state["train_shards"]) or state.get("val") is not None)
         if state.get("complete") and (out / META_FILE).exists():  # finished by an earlier run

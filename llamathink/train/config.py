@@ -345,8 +345,8 @@ def _settings_loader(where: str, lines: bool = True):
                 octal = int(text.replace("_", ""), 8)
                 line = f" line {node.start_mark.line + 1}" if lines else ""
                 raise ValueError(
-                    f"{where}{line}: {text} has a leading zero, which YAML reads as an octal number ({octal}); write "
-                    f"it without the zero, or quote it"
+                    f"{where}{line}: {text} has a leading zero, which YAML reads as an octal number ({octal}): for "
+                    f"the number write it without the zero, for text quote it ('{text}')"
                 )
             return super().construct_yaml_int(node)
 
