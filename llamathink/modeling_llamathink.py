@@ -2351,11 +2351,10 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         if not built:
             return {}
         edits = {}
-        window = built.pop("csa_window")
+        window, now_window = built.pop("csa_window"), csa_window(self.config)
         context = self.config.max_position_embeddings
-        if isinstance(context, int) and min(window, context) != csa_window(self.config):
-            name = "csa_window (as the layers use it: at most max_position_embeddings)"
-            edits[name] = (window, csa_window(self.config))
+        if isinstance(context, int) and min(window, context) != now_window:
+            edits["csa_window (as the layers use it: at most max_position_embeddings)"] = (window, now_window)
         for name, then in built.items():
             now = getattr(self.config, name, None)
             if now != then:

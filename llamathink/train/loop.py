@@ -746,6 +746,15 @@ def run_training(
     # Otherwise (nonfinite: skip, fp16's loss scaler) each update waits for its values (`optimizer_step`).
     read_later = cfg.nonfinite == "stop" and accelerator.scaler is None
     step_values = StepValues()
+
+    def record_read(read: list[tuple[int, float, float]]) -> None:
+        """The losses of steps read late (`StepValues`) into the history; NonFiniteLoss (nonfinite: stop) naming
+        the first non-finite step: the weights its update spoiled are never saved."""
+        for done, loss, norm in read:
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                skip_nonfinite_step(cfg, done, loss, norm, 0, optimizer, accelerator, not cuda_graphs)
+            history["losses"][done] = loss
+
     try:
         model.train()
         processed = 0  # input positions of this process's run (for tokens/s, whatever the saved counts)
@@ -832,13 +841,10 @@ def run_training(
                 pause = step in (start_step + 1, end_step) or any(
                     step % every == 0 for every in (cfg.log_every, cfg.save_every, cfg.eval_every, cfg.sample_every)
                 )
-                for done, loss_value, grad_norm in step_values.drain() if pause else step_values.ready():
-                    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                        # (nonfinite: stop: raises; the weights the update spoiled are never saved)
-                        skip_nonfinite_step(
-                            cfg, done, loss_value, grad_norm, 0, optimizer, accelerator, not cuda_graphs
-                        )
-                    history["losses"][done] = loss_value
+                read = step_values.drain() if pause else step_values.ready()
+                record_read(read)
+                if pause:  # (this step's values, for its log line)
+                    _, loss_value, grad_norm = read[-1]
             else:
                 history["losses"][step] = loss_value
             if build_flash_qla:  # after the first step: never beside its compilation
@@ -942,12 +948,10 @@ def run_training(
                 unread = step_values.drain()
             except Exception:  # noqa: BLE001
                 unread = []
-            for done, loss_value, grad_norm in unread:
-                if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                    try:
-                        skip_nonfinite_step(cfg, done, loss_value, grad_norm, 0, optimizer, accelerator, False)
-                    except NonFiniteLoss as stop:
-                        raise NonFiniteLoss(f"{stop} (a later step then failed: {type(err).__name__}: {err})") from err
+            try:
+                record_read(unread)
+            except NonFiniteLoss as stop:
+                raise NonFiniteLoss(f"{stop} (a later step then failed: {type(err).__name__}: {err})") from err
         raise
     finally:  # also when the loop stops on an error: its one-line message then starts on a line of its own
         if progress is not None:
