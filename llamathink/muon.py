@@ -44,11 +44,17 @@ CUDA graphs (one process, every Muon matrix on one CUDA device; ``cuda_graph=Non
     eagerly, the orthogonalisation is about twenty kernel launches per shape bucket (the normalisation, five
     iterations of three batched matrix products, casts), and their host time exceeds their GPU time: a small
     model's step waits on the host.  So the first step records every bucket's Newton-Schulz chain as one CUDA graph
-    (``torch.cuda.CUDAGraph``) over static input and output buffers; each step copies the look-ahead updates into
-    the inputs (two ``foreach`` launches), replays the graph once and applies the outputs (two ``foreach`` launches
-    per group).  The graph is recorded again when the set of matrices with a gradient changes (after
-    ``MAX_GRAPH_RECORDINGS`` recordings the optimizer stays eager, with a warning).  The eager path
-    above is the reference, used on CPUs, with several ranks and with ``cuda_graph=False``.
+    (``torch.cuda.CUDAGraph``) over static input and output buffers; each step writes the look-ahead updates into
+    the inputs (one pass per matrix), replays the graph once and applies the outputs (one ``foreach`` pass per
+    group).  The graph is recorded again when the set of matrices with a gradient, or their update's factor (the
+    learning-rate adjustment, the weight decay), changes (after ``MAX_GRAPH_RECORDINGS`` recordings the optimizer
+    stays eager, with a warning).  The eager path above, used on CPUs, with several ranks and with
+    ``cuda_graph=False``, computes the same numbers the same way.
+
+Memory passes: the update's shape factor is folded into the last Newton-Schulz product, and the decay and the update
+are one ``lerp``: the outputs hold ``V = -adjusted_lr / (lr * weight_decay) * O``, and
+``W.lerp_(V, lr * weight_decay) = W * (1 - lr * weight_decay) - adjusted_lr * O``.  AdamW groups on CUDA take
+torch's fused AdamW kernel.
 """
 
 from __future__ import annotations
@@ -99,20 +105,23 @@ def zeropower_via_newtonschulz(
     coefficients: Sequence[float] = NS_COEFFICIENTS,
     eps: float = NS_EPS,
     dtype: torch.dtype | None = None,
+    scale: float = 1.0,
 ) -> Tensor:
     """Approximately orthogonalise a matrix (or a batch of same-shape matrices).
 
-    Returns ``~ U V^T`` where ``U S V^T`` is the SVD of each ``[rows, cols]`` slice of
-    ``update`` (shape ``[rows, cols]`` or ``[batch, rows, cols]``), in **bfloat16** on GPUs (fp32 on CPUs; ``dtype`` overrides).
+    Returns ``~ scale * U V^T`` where ``U S V^T`` is the SVD of each ``[rows, cols]`` slice of
+    ``update`` (shape ``[rows, cols]`` or ``[batch, rows, cols]``), in **bfloat16** on GPUs (fp32 on CPUs; ``dtype``
+    overrides), contiguous.
     The quintic iteration ``X <- a X + (b A + c A^2) X`` with ``A = X X^T`` does not
     converge exactly to 1 (singular values end up in ~[0.7, 1.2]); that is fine for
-    Muon and lets 5 cheap bf16 iterations suffice.
+    Muon and lets 5 cheap bf16 iterations suffice (Keller Jordan's Muon).
 
     * Each slice is first divided by its Frobenius norm (+ eps): the Frobenius norm
       bounds the spectral norm, so all singular values start in [0, 1], inside the
       region where the polynomial iteration behaves.  The norm is accumulated in fp32 (fp64 for fp64 input).
-    * Tall slices (rows > cols) are transposed so that the Gram matrix ``X X^T`` is
-      the small ``[min, min]`` one - same result, fewer FLOPs.
+    * Tall slices (rows > cols) iterate on the small ``[cols, cols]`` Gram matrix ``A = X^T X`` and multiply from
+      the right, ``X <- a X + X (b A + c A^2)`` (the same iteration on ``X^T``), so that no transposed copy is made.
+    * ``scale`` multiplies the result inside the last iteration's product (Muon's shape factor, at no extra pass).
     * The input is never modified.
     """
     if update.ndim not in (2, 3):
@@ -122,19 +131,21 @@ def zeropower_via_newtonschulz(
     a, b, c = (float(x) for x in coefficients)
     squeeze = update.ndim == 2
     x = update.unsqueeze(0) if squeeze else update
-    transposed = x.size(-2) > x.size(-1)
-    if transposed:
-        x = x.mT
+    tall = x.size(-2) > x.size(-1)
     norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
-    # fp32 divide then a single rounding to the iteration dtype (out of place: never touch the input). bf16 on GPUs
-    # (tensor cores); fp32 on CPUs, where bf16 matmuls are emulated and several times slower without AMX.
-    x = (x / (norm + eps)).to(dtype or ns_output_dtype(x.device))
-    for _ in range(steps):
-        gram = torch.bmm(x, x.mT)  # [B, m, m], m = min(rows, cols)
+    # The divide in fp32 (fp64 for fp64 input) with one rounding to the iteration dtype on the way out, in one
+    # kernel, out of place (never touch the input). bf16 on GPUs (tensor cores); fp32 on CPUs, where bf16 matmuls
+    # are emulated and several times slower without AMX.
+    x = torch.div(x, norm + eps, out=torch.empty(x.shape, dtype=dtype or ns_output_dtype(x.device), device=x.device))
+    for step in range(steps):
+        s = float(scale) if step == steps - 1 else 1.0
+        gram = torch.bmm(x.mT, x) if tall else torch.bmm(x, x.mT)  # [B, m, m], m = min(rows, cols)
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b*A + c*A@A
-        x = torch.baddbmm(x, poly, x, beta=a)  # a*X + (b*A + c*A@A) @ X
-    if transposed:
-        x = x.mT
+        # s * (a*X + X @ poly), or from the left for wide slices. (a*X stays the product's fp32 addend: folding a
+        # into the bf16 polynomial's diagonal would save the addend's copy but doubles the error against fp64.)
+        x = torch.baddbmm(x, x, poly, beta=a * s, alpha=s) if tall else torch.baddbmm(x, poly, x, beta=a * s, alpha=s)
+    if steps == 0 and scale != 1.0:
+        x = x * scale
     return x.squeeze(0) if squeeze else x
 
 
@@ -158,6 +169,25 @@ def adjusted_muon_lr(lr: float, adjust_lr_fn: str | None, shape: Sequence[int]) 
     raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {adjust_lr_fn!r}")
 
 
+# Devices whose AdamW groups take torch's fused kernel (`_fused_adamw_takes`). The CPU keeps the foreach path: the
+# reference, bitwise equal to torch.optim.AdamW(foreach=False).
+FUSED_ADAMW_DEVICES = ("cuda",)
+
+
+def _fused_adamw_takes(params: list[Tensor], grads: list[Tensor]) -> bool:
+    """Whether one AdamW group's tensors can go to torch's fused AdamW kernel (``torch._fused_adamw_``, present
+    since torch 2.0): one device of `FUSED_ADAMW_DEVICES`, one floating dtype the kernel takes, gradients of the
+    parameters' dtype."""
+    if getattr(torch, "_fused_adamw_", None) is None:
+        return False
+    device, dtype = params[0].device, params[0].dtype
+    return (
+        device.type in FUSED_ADAMW_DEVICES
+        and dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and all(t.device == device and t.dtype == dtype for t in (*params, *grads))
+    )
+
+
 # torch >= 2.13 deprecates all_gather_into_tensor in favour of all_gather_single.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 
@@ -165,6 +195,52 @@ _all_gather_flat = getattr(dist, "all_gather_single", None) or getattr(dist, "al
 # --------------------------------------------------------------------------------------
 # Newton-Schulz for every shape bucket, recorded as one CUDA graph
 # --------------------------------------------------------------------------------------
+def _update_factor(group: dict[str, Any], shape: Sequence[int]) -> float:
+    """What one matrix's orthogonalised update is multiplied by before it is applied (`_apply_updates`): its
+    :func:`adjusted_muon_lr` at ``lr = 1``, divided by ``-weight_decay`` where the group decays by ``lerp``."""
+    factor = adjusted_muon_lr(1.0, group["adjust_lr_fn"], shape)
+    return -factor / group["weight_decay"] if _decays_by_lerp(group) else factor
+
+
+def _decays_by_lerp(group: dict[str, Any]) -> bool:
+    """Whether a group's weight decay and update are applied as one ``lerp`` (`_apply_updates`): every weight decay
+    whose reciprocal keeps the scaled update finite in fp32 (below 1e-30 the decay ``1 - lr * wd`` is 1 in fp32
+    anyway, and the update is added alone)."""
+    return group["weight_decay"] >= 1e-30
+
+
+def _bucket_factors(items: list[tuple[Tensor, Any, dict[str, Any]]], shape: Sequence[int], device) -> float | Tensor:
+    """The `_update_factor` of a shape bucket's matrices: one float where they share it (the usual case), else a
+    ``[n, 1, 1]`` fp32 tensor (groups in one bucket may differ in ``adjust_lr_fn`` or weight decay)."""
+    factors = [_update_factor(group, shape) for _, _, group in items]
+    if len(set(factors)) == 1:
+        return factors[0]
+    return torch.tensor(factors, dtype=torch.float32, device=device).view(-1, 1, 1)
+
+
+def _orthogonalise_bucket(inputs: Tensor, factors: float | Tensor, ns_settings: tuple, out: Tensor) -> Tensor:
+    """``out <- zeropower_via_newtonschulz(inputs) * factors`` for one shape bucket, inputs and out ``[n, rows,
+    cols]`` in the parameters' dtype: one shared factor inside the last Newton-Schulz product, then a cast;
+    several as a product in fp32 with one rounding to the parameters' dtype. The same numbers on every path (the
+    recorded graph, the eager step, each rank of a sharded one)."""
+    steps, coefficients, eps = ns_settings
+    if isinstance(factors, float):
+        return out.copy_(zeropower_via_newtonschulz(inputs, steps, coefficients, eps, scale=factors))
+    return torch.mul(zeropower_via_newtonschulz(inputs, steps, coefficients, eps), factors, out=out)
+
+
+def _apply_updates(group: dict[str, Any], params: list[Tensor], updates: list[Tensor]) -> None:
+    """``p <- p * (1 - lr * wd) - lr * factor * O`` for a group's matrices, given ``updates = factor * O`` with
+    `_update_factor`'s factor: the decoupled weight decay with the *unadjusted* lr (as torch.optim.Muon) and the
+    shape-adjusted update. Where the group decays, ``updates`` hold ``-adjusted / wd * O``, so that one foreach
+    pass, ``p.lerp_(update, lr * wd) = p + lr * wd * (update - p)``, is both; else ``p += -lr * update``."""
+    lr = group["lr"]
+    if _decays_by_lerp(group):
+        torch._foreach_lerp_(params, updates, lr * group["weight_decay"])
+    else:
+        torch._foreach_add_(params, updates, alpha=-lr)
+
+
 class _NewtonSchulzGraph:
     """Every shape bucket's orthogonalisation of one optimizer step as one recorded CUDA graph.
 
@@ -172,13 +248,13 @@ class _NewtonSchulzGraph:
     (ns_steps, coefficients, eps))``, ``items`` the ``(param, index, group)`` triples of that bucket, ``index`` the
     parameter's position among its group's parameters with a gradient.  Per bucket the graph reads a static input
     ``[n, rows, cols]`` (the parameters' dtype) and writes a static output of the same shape and dtype:
-    ``zeropower_via_newtonschulz(input) * factor``, where ``factor`` is each matrix's
-    :func:`adjusted_muon_lr` at ``lr = 1`` (so the caller's update is ``p -= lr * output``).  Callers fill the inputs
+    ``zeropower_via_newtonschulz(input) * factor``, with each matrix's ``factor`` from :func:`_update_factor`
+    (`_orthogonalise_bucket`).  Callers fill the inputs
     through :attr:`inputs` (one view per parameter of each group, ``[rows, cols]``), call :meth:`replay`, then read
     :attr:`outputs` (views laid out the same way).
 
-    ``signature`` identifies the plan (the parameters, their shapes, dtypes, device and settings): a step whose
-    plan differs needs a new graph.
+    ``signature`` identifies the plan (the parameters, their shapes, dtypes, device and settings, the factors): a
+    step whose plan differs needs a new graph.
 
     Raises the ``RuntimeError`` of ``torch.cuda.graph`` when recording fails (the optimizer then warns and stays
     eager).
@@ -186,7 +262,8 @@ class _NewtonSchulzGraph:
 
     def __init__(self, buckets: list[tuple[tuple, list[tuple[Tensor, Any, dict[str, Any]]]]], signature: tuple) -> None:
         self.signature = signature
-        self._work: list[tuple[Tensor, Tensor, Tensor, tuple]] = []  # (input, output, factors, ns settings)
+        # (input, output, factors: one float or a [n, 1, 1] fp32 tensor, ns settings)
+        self._work: list[tuple[Tensor, Tensor, float | Tensor, tuple]] = []
         # id(group) -> one view per parameter (in the group's order) of its slot in the inputs / outputs
         self.inputs: dict[int, list[Tensor]] = {}
         self.outputs: dict[int, list[Tensor]] = {}
@@ -195,13 +272,7 @@ class _NewtonSchulzGraph:
         for (shape, dtype, _, ns_settings), items in buckets:
             inputs = torch.zeros((len(items), *shape), dtype=dtype, device=device)
             outputs = torch.zeros_like(inputs)
-            # [n, 1, 1]: each matrix's own shape factor (groups in one bucket may use different adjust_lr_fn)
-            factors = torch.tensor(
-                [adjusted_muon_lr(1.0, group["adjust_lr_fn"], shape) for _, _, group in items],
-                dtype=torch.float32,
-                device=device,
-            ).view(-1, 1, 1)
-            self._work.append((inputs, outputs, factors, ns_settings))
+            self._work.append((inputs, outputs, _bucket_factors(items, shape, device), ns_settings))
             for i, (_, index, group) in enumerate(items):
                 self.inputs.setdefault(id(group), [inputs[0]] * sizes[id(group)])[index] = inputs[i]
                 self.outputs.setdefault(id(group), [outputs[0]] * sizes[id(group)])[index] = outputs[i]
@@ -220,9 +291,8 @@ class _NewtonSchulzGraph:
             self._orthogonalise()
 
     def _orthogonalise(self) -> None:
-        for inputs, outputs, factors, (steps, coefficients, eps) in self._work:
-            ortho = zeropower_via_newtonschulz(inputs, steps, coefficients, eps)
-            torch.mul(ortho, factors, out=outputs)  # product in fp32, one rounding to the parameters' dtype
+        for inputs, outputs, factors, ns_settings in self._work:
+            _orthogonalise_bucket(inputs, factors, ns_settings, out=outputs)
 
     def replay(self) -> None:
         """Run the recorded orthogonalisation on the current contents of the inputs."""
@@ -248,7 +318,8 @@ class Muon(torch.optim.Optimizer):
     * AdamW groups: ``lr`` (from ``adamw_lr``), ``weight_decay`` (from
       ``adamw_weight_decay``, default ``weight_decay``), ``betas``, ``eps`` (from
       ``adamw_eps``).  Same arithmetic as ``torch.optim.AdamW`` (bias correction,
-      decoupled weight decay ``p *= 1 - lr * wd``), done with ``torch._foreach_*``.
+      decoupled weight decay ``p *= 1 - lr * wd``): on CUDA torch's fused AdamW kernel, elsewhere
+      ``torch._foreach_*`` (bitwise torch's ``foreach=False`` AdamW on CPUs).
 
     Params whose ``.grad`` is None are skipped (their state is untouched).
 
@@ -496,8 +567,9 @@ class Muon(torch.optim.Optimizer):
             self._graph_recordings += 1
             if self._graph_recordings > MAX_GRAPH_RECORDINGS:  # e.g. layers that get a gradient only on some steps
                 warnings.warn(
-                    f"Muon: the set of matrices with a gradient changed {MAX_GRAPH_RECORDINGS} times, and each "
-                    "change records a new CUDA graph; the optimizer goes on eagerly",
+                    "Muon: the set of matrices with a gradient, or their weight decay or learning-rate adjustment, "
+                    f"changed {MAX_GRAPH_RECORDINGS} times, and each change records a new CUDA graph; the optimizer "
+                    "goes on eagerly",
                     stacklevel=3,
                 )
                 self._cuda_graph, self._ns_graph = False, None
@@ -517,17 +589,13 @@ class Muon(torch.optim.Optimizer):
         for group, _, grads, bufs in work:
             inputs = graph.inputs[id(group)]
             if group["nesterov"]:
-                torch._foreach_copy_(inputs, grads)
-                torch._foreach_lerp_(inputs, bufs, group["momentum"])  # (1-m)*G + m*B
+                for g, buf, slot in zip(grads, bufs, inputs):  # one pass each (a copy then a lerp_ were two)
+                    torch.lerp(g, buf, group["momentum"], out=slot)  # (1-m)*G + m*B
             else:
                 torch._foreach_copy_(inputs, bufs)
         graph.replay()
         for group, params, _, _ in work:
-            lr, wd = group["lr"], group["weight_decay"]
-            if wd != 0:
-                # Decoupled weight decay uses the *unadjusted* lr (as torch.optim.Muon).
-                torch._foreach_mul_(params, 1.0 - lr * wd)
-            torch._foreach_add_(params, graph.outputs[id(group)], alpha=-lr)  # outputs carry the shape factor
+            _apply_updates(group, params, graph.outputs[id(group)])
         return True
 
     def _graph_unavailable(
@@ -547,7 +615,7 @@ class Muon(torch.optim.Optimizer):
 
         ``work`` holds ``(group, params, payloads)``; each bucket lists ``(param, payload, group)`` in
         ``param_groups`` order, which is identical on all ranks, so the bucket/ownership plan is deterministic.
-        Also returns a signature of the plan (which parameters, in which buckets, with which lr adjustment).
+        Also returns a signature of the plan (which parameters, in which buckets, with which factor of the update).
         """
         buckets: dict[tuple, list[tuple[Tensor, Any, dict[str, Any]]]] = {}
         for group, params, payloads in work:
@@ -556,7 +624,7 @@ class Muon(torch.optim.Optimizer):
                 key = (tuple(p.shape), p.dtype, p.device, ns_key)
                 buckets.setdefault(key, []).append((p, payload, group))
         signature = tuple(
-            (key, tuple((id(p), id(group), group["adjust_lr_fn"]) for p, _, group in items))
+            (key, tuple((id(p), id(group), _update_factor(group, key[0])) for p, _, group in items))
             for key, items in buckets.items()
         )
         return buckets, signature
@@ -578,13 +646,12 @@ class Muon(torch.optim.Optimizer):
         buckets, _ = self._buckets(work)
 
         if world == 1:
-            for key, items in buckets.items():
-                steps, coeffs, eps = key[3]
-                ortho = zeropower_via_newtonschulz(torch.stack([u for _, u, _ in items]), steps, coeffs, eps)
-                # One cast for the whole bucket; contiguous so that the foreach kernels
-                # in _apply_bucket take their fast (multi-tensor) path.
-                ortho = ortho.to(dtype=key[1], memory_format=torch.contiguous_format)
-                self._apply_bucket(items, ortho.unbind(0))
+            for (shape, dtype, device, ns_settings), items in buckets.items():
+                inputs = torch.stack([u for _, u, _ in items])  # [n, rows, cols]
+                outputs = _orthogonalise_bucket(
+                    inputs, _bucket_factors(items, shape, device), ns_settings, out=torch.empty_like(inputs)
+                )
+                self._apply_bucket(items, outputs.unbind(0))
             return
 
         if _all_gather_flat is None:  # pragma: no cover - very old torch
@@ -599,50 +666,49 @@ class Muon(torch.optim.Optimizer):
             n = len(items)
             per_rank = -(-n // world)  # ceil: every rank sends the same-size block
             device = key[2]
+            factors = _bucket_factors(items, shape, device)
+            # One shared factor goes inside the last product, as on one process; several are applied after the
+            # gather, in fp32 (`_orthogonalise_bucket`): every rank applies the numbers one process would.
+            scale = factors if isinstance(factors, float) else 1.0
             ns_dtype = ns_output_dtype(device)  # what zeropower_via_newtonschulz returns on this device
             send = torch.zeros((per_rank, *shape), dtype=ns_dtype, device=device)
             mine = items[(rank - offset) % world :: world]
             if mine:
                 send[: len(mine)] = zeropower_via_newtonschulz(
-                    torch.stack([u for _, u, _ in mine]), ns_steps, coeffs, eps
+                    torch.stack([u for _, u, _ in mine]), ns_steps, coeffs, eps, scale=scale
                 )
             recv = torch.empty((world * per_rank, *shape), dtype=ns_dtype, device=device)
             # Async: on NCCL the gather of this bucket overlaps the next bucket's NS.
             handle = _all_gather_flat(recv, send, group=pg, async_op=True)
-            pending.append((key, items, offset, per_rank, recv, handle))
+            pending.append((key, items, offset, per_rank, recv, handle, factors))
             offset += n
 
-        for key, items, start, per_rank, recv, handle in pending:
+        for key, items, start, per_rank, recv, handle, factors in pending:
             handle.wait()
             # recv is owner-major: rows [owner*per_rank, (owner+1)*per_rank) are that
             # owner's matrices in bucket order.  Map them back to bucket positions.
-            rows = recv.to(dtype=key[1]).unbind(0)
-            ordered: list[Tensor] = [rows[0]] * len(items)
+            order = [0] * len(items)
             for owner in range(world):
                 first = (owner - start) % world
                 for j, idx in enumerate(range(first, len(items), world)):
-                    ordered[idx] = rows[owner * per_rank + j]
-            self._apply_bucket(items, ordered)
+                    order[idx] = owner * per_rank + j
+            rows = recv[order]  # [n, rows, cols] in bucket order
+            if isinstance(factors, float):
+                updates = rows.to(dtype=key[1])
+            else:
+                updates = torch.mul(rows, factors, out=torch.empty(rows.shape, dtype=key[1], device=rows.device))
+            self._apply_bucket(items, updates.unbind(0))
 
     @staticmethod
-    def _apply_bucket(items: list[tuple[Tensor, Tensor, dict[str, Any]]], ortho: Sequence[Tensor]) -> None:
-        """p <- p * (1 - lr * wd) - adjusted_lr * O for one shape bucket (foreach ops).
-
-        All matrices of a bucket share a shape, so each param group present in the
-        bucket needs only one scalar step size.
-        """
+    def _apply_bucket(items: list[tuple[Tensor, Tensor, dict[str, Any]]], updates: Sequence[Tensor]) -> None:
+        """`_apply_updates` for one shape bucket: ``updates`` in bucket order, each its matrix's ``factor * O``."""
         by_group: dict[int, tuple[dict[str, Any], list[Tensor], list[Tensor]]] = {}
-        for (p, _, group), o in zip(items, ortho):
+        for (p, _, group), u in zip(items, updates):
             entry = by_group.setdefault(id(group), (group, [], []))
             entry[1].append(p)
-            entry[2].append(o)
-        for group, params, updates in by_group.values():
-            lr, wd = group["lr"], group["weight_decay"]
-            if wd != 0:
-                # Decoupled weight decay uses the *unadjusted* lr (as torch.optim.Muon).
-                torch._foreach_mul_(params, 1.0 - lr * wd)
-            step = adjusted_muon_lr(lr, group["adjust_lr_fn"], params[0].shape)
-            torch._foreach_add_(params, updates, alpha=-step)
+            entry[2].append(u)
+        for group, params, group_updates in by_group.values():
+            _apply_updates(group, params, group_updates)
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
         """AdamW for one group with foreach kernels; same arithmetic as torch.optim.AdamW."""
@@ -673,6 +739,28 @@ class Muon(torch.optim.Optimizer):
             return
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
+        if _fused_adamw_takes(params, grads):
+            # torch's fused AdamW kernel (what torch.optim.AdamW(fused=True) calls): one pass over each tensor
+            # instead of the foreach path's eight. It reads the step count from a tensor, one per distinct count.
+            for count in sorted(set(steps)):
+                chosen = [i for i, s in enumerate(steps) if s == count]
+                step_count = torch.full((), float(count), dtype=torch.float32, device=params[0].device)
+                torch._fused_adamw_(
+                    [params[i] for i in chosen],
+                    [grads[i] for i in chosen],
+                    [exp_avgs[i] for i in chosen],
+                    [exp_avg_sqs[i] for i in chosen],
+                    [],
+                    [step_count] * len(chosen),
+                    lr=lr,
+                    beta1=beta1,
+                    beta2=beta2,
+                    weight_decay=wd,
+                    eps=eps,
+                    amsgrad=False,
+                    maximize=False,
+                )
+            return
         if wd != 0:
             torch._foreach_mul_(params, 1.0 - lr * wd)
         torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)

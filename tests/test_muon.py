@@ -89,6 +89,21 @@ def test_newton_schulz_zero_matrix_is_zero():
     assert torch.count_nonzero(zeropower_via_newtonschulz(torch.zeros(5, 7))) == 0
 
 
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48), (3, 40, 24)])
+@pytest.mark.parametrize("steps", [5, 1, 0])
+def test_newton_schulz_in_fp32_is_the_fp64_iteration_and_scales_inside(shape, steps):
+    """In fp32 the iteration is the fp64 one (a tall matrix iterates on X^T X from the right, with no transposed
+    copy: the same numbers as the iteration on X^T), and `scale` multiplies the result inside the last product."""
+    gen = torch.Generator().manual_seed(4)
+    g = torch.randn(shape, generator=gen)
+    o = zeropower_via_newtonschulz(g, steps=steps, dtype=torch.float32)
+    assert o.is_contiguous()
+    expected = torch.stack([ns_fp64(m, steps) for m in g.reshape(-1, *shape[-2:])]).reshape(shape)
+    assert rel_err(o, expected) < 2e-6
+    scaled = zeropower_via_newtonschulz(g, steps=steps, dtype=torch.float32, scale=-1.75)
+    torch.testing.assert_close(scaled, -1.75 * o, rtol=1e-5, atol=1e-6)
+
+
 def test_adjusted_lr_values():
     assert adjusted_muon_lr(0.02, "original", (48, 32)) == pytest.approx(0.02 * 1.5**0.5)
     assert adjusted_muon_lr(0.02, "original", (32, 48)) == pytest.approx(0.02)
@@ -156,13 +171,13 @@ def test_muon_step_is_exactly_decay_plus_scaled_ns():
         torch.testing.assert_close(p.detach(), expected, rtol=0, atol=2e-6)
 
     # Zero gradient and zero momentum: NS(0) = 0, so the step is *only* the decoupled
-    # weight decay p *= 1 - lr * wd (with the unadjusted lr).
+    # weight decay p *= 1 - lr * wd (with the unadjusted lr), to fp32's rounding (applied as p.lerp_(0, lr * wd)).
     q = torch.randn(shape, generator=gen).requires_grad_()
     opt2 = Muon([q], lr=lr, weight_decay=wd)
     q.grad = torch.zeros(shape)
     old = q.detach().clone()
     opt2.step()
-    torch.testing.assert_close(q.detach(), old * (1 - lr * wd), rtol=0, atol=0)
+    torch.testing.assert_close(q.detach(), old * (1 - lr * wd), rtol=1.2e-7, atol=0)
 
 
 def test_defaults():
@@ -180,7 +195,22 @@ def test_defaults():
 # --------------------------------------------------------------------------------------
 # AdamW groups vs torch.optim.AdamW
 # --------------------------------------------------------------------------------------
-def test_adamw_groups_match_torch_adamw():
+@pytest.mark.parametrize("fused", [False, True])
+def test_adamw_groups_match_torch_adamw(fused, monkeypatch):
+    """Bitwise torch's AdamW: the foreach path (the CPU's) against foreach=False, the fused kernel's path (CUDA's,
+    taken here on the CPU) against fused=True, both with a parameter that misses steps."""
+    import llamathink.muon as muon_module
+
+    called = Counter()
+    if fused:
+        monkeypatch.setattr(muon_module, "FUSED_ADAMW_DEVICES", ("cuda", "cpu"))
+        real = torch._fused_adamw_
+
+        def counting(*args, **kwargs):
+            called["ours" if called["in_step"] else "torch's"] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(torch, "_fused_adamw_", counting)
     gen = torch.Generator().manual_seed(0)
     shapes = [(7, 5), (11,), (3, 2, 4), (6,)]
     init = [torch.randn(s, generator=gen) for s in shapes]
@@ -203,7 +233,7 @@ def test_adamw_groups_match_torch_adamw():
         lr=1e-2,
         betas=(0.9, 0.99),
         eps=1e-8,
-        foreach=False,
+        **({"fused": True} if fused else {"foreach": False}),
     )
     for step in range(8):
         for i, (a, b) in enumerate(zip(mine, ref)):
@@ -214,7 +244,9 @@ def test_adamw_groups_match_torch_adamw():
                 continue
             g = torch.randn(a.shape, generator=gen)
             a.grad, b.grad = g.clone(), g.clone()
+        called["in_step"] = 1
         opt.step()
+        called["in_step"] = 0
         ref_opt.step()
         # Same arithmetic in the same order as torch's AdamW: bitwise on CPU.
         for a, b in zip(mine, ref):
@@ -222,6 +254,8 @@ def test_adamw_groups_match_torch_adamw():
     assert opt.state[mine[1]]["step"] == 6 and opt.state[mine[0]]["step"] == 8
     for a, b in zip(mine, ref):
         torch.testing.assert_close(opt.state[a]["exp_avg_sq"], ref_opt.state[b]["exp_avg_sq"], rtol=0, atol=0)
+    if fused:  # a call per group and step, and one more on the steps where param 1's count lags (4, 5, 7, 8)
+        assert called["ours"] == 8 * 2 + 4
 
 
 # --------------------------------------------------------------------------------------
@@ -400,10 +434,40 @@ def graph_step_matches_eager(monkeypatch_or_none, device="cpu", dtype=torch.floa
 def test_graph_step_buffers_match_eager_step(monkeypatch):
     eager, graphed, opt = graph_step_matches_eager(monkeypatch)
     assert opt._ns_graph is not None and opt._ns_graph._graph is None  # the static-buffer path ran, unrecorded
-    for a, b in zip(eager, graphed):
-        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-6, atol=1e-7)
+    for a, b in zip(eager, graphed):  # the same arithmetic (`_orthogonalise_bucket`, `_apply_updates`): bitwise
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=0)
     # The matrix without a gradient at step 2 was left alone then, and replanned for: the others still moved.
     assert len(opt._ns_graph.inputs[id(opt.param_groups[0])]) == 4
+
+
+def test_graph_step_applies_decay_and_update_as_one_lerp_at_any_weight_decay(monkeypatch):
+    """The graph's outputs hold -factor/wd * O and the step applies them by lerp_(p, out, lr*wd): the eager step's
+    decay and update for a strong, an ordinary and a tiny decay (huge outputs, still finite), and the plain add where
+    the decay is below fp32's resolution or zero; a group whose decay changes gets a new graph."""
+    gen = torch.Generator().manual_seed(7)
+    decays = (0.5, 0.01, 1e-20, 1e-40, 0.0)
+    runs = []
+    for cuda_graph in (False, None):
+        params = [torch.randn(24, 16, generator=torch.Generator().manual_seed(i)).requires_grad_() for i in range(5)]
+        opt = Muon([{"params": [p], "weight_decay": wd} for p, wd in zip(params, decays)], cuda_graph=cuda_graph)
+        if cuda_graph is None:
+            monkeypatch.setattr(opt, "_graph_unavailable", lambda work: None)
+        runs.append((params, opt))
+    for step in range(4):
+        grads = [torch.randn(24, 16, generator=gen) for _ in decays]
+        if step == 2:  # a changed decay: new factors, so a new plan
+            for _, opt in runs:
+                opt.param_groups[1]["weight_decay"] = 0.2
+        for params, opt in runs:
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    (eager, _), (graphed, opt) = runs
+    assert opt._ns_graph is not None and opt._graph_recordings == 2
+    outputs = [opt._ns_graph.outputs[id(group)][0] for group in opt.param_groups]
+    assert torch.isfinite(torch.stack(outputs)).all() and outputs[2].abs().max() > 1e15  # -factor/1e-20 * O
+    for a, b in zip(eager, graphed):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=0)
 
 
 @pytest.mark.gpu
@@ -422,6 +486,28 @@ def test_recorded_graph_step_matches_eager_step_on_gpu():
         moved = (a.detach().float() - p0.float()).norm()
         gap = (b.detach().float() - a.detach().float()).norm()
         assert gap <= 1e-5 * moved, (i, gap.item(), moved.item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adamw_groups_take_torchs_fused_kernel_on_gpu(dtype):
+    """On CUDA the AdamW groups are torch's fused AdamW, bitwise (a parameter missing steps included)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    init = [torch.randn(s, generator=gen, device="cuda", dtype=dtype) for s in [(64, 48), (300,), (5, 7)]]
+    mine = [t.clone().requires_grad_() for t in init]
+    ref = [t.clone().requires_grad_() for t in init]
+    opt = Muon([{"params": mine, "use_muon": False, "weight_decay": 0.1}], adamw_lr=1e-2)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, fused=True)
+    for step in range(6):
+        for i, (a, b) in enumerate(zip(mine, ref)):
+            g = None if (i == 1 and step == 2) else torch.randn(a.shape, generator=gen, device="cuda", dtype=dtype)
+            a.grad, b.grad = g, None if g is None else g.clone()
+        opt.step()
+        ref_opt.step()
+        for a, b in zip(mine, ref):
+            assert torch.equal(a.detach(), b.detach())
+    assert all(opt.state[p]["step"] == (5 if i == 1 else 6) for i, p in enumerate(mine))
 
 
 def test_graph_step_goes_eager_when_the_matrices_with_a_gradient_keep_changing(monkeypatch):
