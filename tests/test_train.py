@@ -760,6 +760,28 @@ def test_a_number_with_a_leading_zero_is_refused_not_read_as_octal(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "text, override, named",
+    [
+        ("max_steps: 1:30\n", [], r"run.yaml line 1: 1:30 is a base-60 number to YAML \(90\)"),
+        ("seed: 1\nmin_lr_ratio: 0:0.5\n", [], r"run.yaml line 2: 0:0.5 is a base-60 number to YAML \(0.5\)"),
+        ("wandb_run_name: 1:30\n", [], r"run.yaml line 1: 1:30 is a base-60 number to YAML \(90\)"),
+        ("seed: 1\n", ["--max_steps", "1:30"], r"--max_steps: 1:30 is a base-60 number to YAML \(90\)"),
+        ("seed: 1\n", ["--muon_lr=-1:30.5"], r"--muon_lr: -1:30.5 is a base-60 number to YAML \(-90.5\)"),
+    ],
+)
+def test_a_base_60_number_is_refused_not_read_as_seconds(tmp_path, text, override, named):
+    """YAML 1.1 (PyYAML) reads 1:30 as 90 and 1:30.5 as 90.5 (base 60): refused in a settings file and in a number
+    option, naming it and YAML's reading; in a file quoted, and in a text option as written, it is the text."""
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=named + r": for the number write it in decimal, for text quote it"):
+        pretrain.load_config(str(path), override)
+    path.write_text("wandb_run_name: '1:30'\n")
+    cfg = pretrain.load_config(str(path), ["--wandb_project", "2:45"])
+    assert (cfg.wandb_run_name, cfg.wandb_project) == ("1:30", "2:45")
+
+
+@pytest.mark.parametrize(
     "text, named",
     [
         (

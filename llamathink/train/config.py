@@ -333,24 +333,38 @@ def parse_setting(raw: str, annotation, name: str):
 
 
 def _settings_loader(where: str, lines: bool = True):
-    """yaml.SafeLoader, refusing an integer written with a leading zero (`max_steps: 010`): YAML 1.1, which
-    PyYAML reads, takes it for an octal number (8), where a settings file surely meant ten. Raises ValueError naming
-    `where` (a file, with the `lines` number, or an option) and the value."""
+    """yaml.SafeLoader, refusing the two YAML 1.1 number forms that PyYAML reads where a settings file surely meant
+    something else: an integer with a leading zero (`max_steps: 010`, read as the octal 8) and a base-60 number
+    (`max_steps: 1:30`, read as 90; `1:30.5` as 90.5). Raises ValueError naming `where` (a file, with the `lines`
+    number, or an option), the value and YAML's reading of it."""
     import yaml
+
+    def refuse(node, reading: str, value) -> None:
+        text = str(node.value)
+        line = f" line {node.start_mark.line + 1}" if lines else ""
+        raise ValueError(
+            f"{where}{line}: {text} {reading} ({value}): for the number write it in decimal, for text quote it "
+            f"('{text}')"
+        )
 
     class SettingsLoader(yaml.SafeLoader):
         def construct_yaml_int(self, node):
             text = str(node.value)
             if re.fullmatch(r"[-+]?0[0-7_]+", text) and text.strip("+-0_"):
-                octal = int(text.replace("_", ""), 8)
-                line = f" line {node.start_mark.line + 1}" if lines else ""
-                raise ValueError(
-                    f"{where}{line}: {text} has a leading zero, which YAML reads as an octal number ({octal}): for "
-                    f"the number write it without the zero, for text quote it ('{text}')"
-                )
-            return super().construct_yaml_int(node)
+                refuse(node, "has a leading zero, which YAML reads as an octal number", int(text.replace("_", ""), 8))
+            value = super().construct_yaml_int(node)
+            if ":" in text:
+                refuse(node, "is a base-60 number to YAML", value)
+            return value
+
+        def construct_yaml_float(self, node):
+            value = super().construct_yaml_float(node)
+            if ":" in str(node.value):
+                refuse(node, "is a base-60 number to YAML", value)
+            return value
 
     SettingsLoader.add_constructor("tag:yaml.org,2002:int", SettingsLoader.construct_yaml_int)
+    SettingsLoader.add_constructor("tag:yaml.org,2002:float", SettingsLoader.construct_yaml_float)
     return SettingsLoader
 
 
