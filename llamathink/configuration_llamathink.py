@@ -20,6 +20,8 @@ DEFAULT_MIXER_PATTERN = ("linear", "linear", "csa", "full")
 GDN_BACKENDS = ("auto", "flash_qla", "fla", "torch")
 MAX_CONTEXT = 1 << 20  # max_position_embeddings: export_c/run.c's limit too
 MAX_GDN_CHUNK = 4096
+# float32's smallest positive normal number and its largest finite one (A_init_range, dt_init_range)
+FLOAT32_TINY, FLOAT32_MAX = 2.0**-126, (2.0 - 2.0**-23) * 2.0**127
 
 
 def _saved_config(config_dict):
@@ -443,8 +445,14 @@ class LlamaThinkConfig(PretrainedConfig):
                 and len(value) == 2
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
             )
-            if not numbers or not 0 < value[0] <= value[1] < float("inf"):
-                raise ValueError(f"{name} must be two numbers [low, high] with 0 < low <= high, got {value!r}")
+            # The layers draw and keep these in float32 (log(A), the inverse softplus of dt): both ends must be
+            # float32 normal numbers, or the start is 0, inf or the draw fails.
+            low_bound, high_bound = FLOAT32_TINY, FLOAT32_MAX
+            if not numbers or not low_bound <= value[0] <= value[1] <= high_bound:
+                raise ValueError(
+                    f"{name} must be two numbers [low, high] with {low_bound:.4g} <= low <= high <= {high_bound:.4g} "
+                    f"(float32's positive normal range), got {value!r}"
+                )
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name, None)
             ids = value if isinstance(value, (list, tuple)) else [value]

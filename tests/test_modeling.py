@@ -2317,6 +2317,8 @@ def test_init_options():
         {"A_init_range": [1]},
         {"dt_init_range": [0.1, 0.001]},
         {"dt_init_range": "0.1"},
+        {"A_init_range": [1e-300, 16]},  # log(A) in float32: -inf
+        {"dt_init_range": [0.001, 1e39]},  # beyond float32: the draw gives inf
         {"rescale_prenorm_residual": "yes"},
         {"zero_init_residual": "yes"},
         {"zero_init_residual": 1},
