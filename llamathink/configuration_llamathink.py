@@ -20,8 +20,9 @@ DEFAULT_MIXER_PATTERN = ("linear", "linear", "csa", "full")
 GDN_BACKENDS = ("auto", "flash_qla", "fla", "torch")
 MAX_CONTEXT = 1 << 20  # max_position_embeddings: export_c/run.c's limit too
 MAX_GDN_CHUNK = 4096
-# float32's smallest positive normal number and its largest finite one (A_init_range, dt_init_range)
-FLOAT32_TINY, FLOAT32_MAX = 2.0**-126, (2.0 - 2.0**-23) * 2.0**127
+# The bounds of A_init_range and dt_init_range: float32's smallest positive normal number, and a largest value whose
+# log's exp stays finite in float32 (the layers keep log(A) and the inverse softplus of dt in float32)
+INIT_RANGE_MIN, INIT_RANGE_MAX = 2.0**-126, 1e38
 
 
 def _saved_config(config_dict):
@@ -445,13 +446,12 @@ class LlamaThinkConfig(PretrainedConfig):
                 and len(value) == 2
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
             )
-            # The layers draw and keep these in float32 (log(A), the inverse softplus of dt): both ends must be
-            # float32 normal numbers, or the start is 0, inf or the draw fails.
-            low_bound, high_bound = FLOAT32_TINY, FLOAT32_MAX
-            if not numbers or not low_bound <= value[0] <= value[1] <= high_bound:
+            # The layers draw and keep these in float32 (log(A), the inverse softplus of dt): beyond these bounds
+            # the start is -inf or inf, or the draw fails.
+            if not numbers or not INIT_RANGE_MIN <= value[0] <= value[1] <= INIT_RANGE_MAX:
                 raise ValueError(
-                    f"{name} must be two numbers [low, high] with {low_bound:.4g} <= low <= high <= {high_bound:.4g} "
-                    f"(float32's positive normal range), got {value!r}"
+                    f"{name} must be two numbers [low, high] with {INIT_RANGE_MIN:.4g} <= low <= high <= "
+                    f"{INIT_RANGE_MAX:.4g} (what float32 keeps finite), got {value!r}"
                 )
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name, None)

@@ -46,15 +46,15 @@ CUDA graphs (one process, every Muon matrix on one CUDA device; ``cuda_graph=Non
     model's step waits on the host.  So the first step records every bucket's Newton-Schulz chain as one CUDA graph
     (``torch.cuda.CUDAGraph``) over static input and output buffers; each step writes the look-ahead updates into
     the inputs (one pass per matrix), replays the graph once and applies the outputs (one ``foreach`` pass per
-    group).  The graph is recorded again when the set of matrices with a gradient, or their update's factor (the
-    learning-rate adjustment, the weight decay), changes (after ``MAX_GRAPH_RECORDINGS`` recordings the optimizer
-    stays eager, with a warning).  The eager path above, used on CPUs, with several ranks and with
-    ``cuda_graph=False``, computes the same numbers the same way.
+    group).  The graph is recorded again when the set of matrices with a gradient or their learning-rate adjustment
+    changes (after ``MAX_GRAPH_RECORDINGS`` recordings the optimizer stays eager, with a warning).  The eager path
+    above, used on CPUs, with several ranks and with ``cuda_graph=False``, computes the same numbers the same way.
 
 Memory passes: the update's shape factor is folded into the last Newton-Schulz product, and the decay and the update
-are one ``lerp``: the outputs hold ``V = -adjusted_lr / (lr * weight_decay) * O``, and
-``W.lerp_(V, lr * weight_decay) = W * (1 - lr * weight_decay) - adjusted_lr * O``.  AdamW groups on CUDA take
-torch's fused AdamW kernel.
+are one ``lerp``: where a group decays, the outputs hold ``V = -adjusted_lr / (lr * weight_decay) * O``, and
+``W.lerp_(V, lr * weight_decay) = W * (1 - lr * weight_decay) - adjusted_lr * O`` (a ``mul_`` and an ``add_`` where
+the decay is zero, too small for ``V`` to fit the parameters' dtype, or changed since the graph was recorded).
+AdamW groups on CUDA take torch's fused AdamW kernel.
 """
 
 from __future__ import annotations
@@ -136,7 +136,11 @@ def zeropower_via_newtonschulz(
     # The divide in fp32 (fp64 for fp64 input) with one rounding to the iteration dtype on the way out, in one
     # kernel, out of place (never touch the input). bf16 on GPUs (tensor cores); fp32 on CPUs, where bf16 matmuls
     # are emulated and several times slower without AMX.
-    x = torch.div(x, norm + eps, out=torch.empty(x.shape, dtype=dtype or ns_output_dtype(x.device), device=x.device))
+    dtype = dtype or ns_output_dtype(x.device)
+    if torch.is_grad_enabled() and x.requires_grad:  # (out= takes no autograd)
+        x = (x / (norm + eps)).to(dtype)
+    else:
+        x = torch.div(x, norm + eps, out=torch.empty(x.shape, dtype=dtype, device=x.device))
     for step in range(steps):
         s = float(scale) if step == steps - 1 else 1.0
         gram = torch.bmm(x.mT, x) if tall else torch.bmm(x, x.mT)  # [B, m, m], m = min(rows, cols)
@@ -175,7 +179,7 @@ FUSED_ADAMW_DEVICES = ("cuda",)
 
 
 def _fused_adamw_takes(params: list[Tensor], grads: list[Tensor]) -> bool:
-    """Whether one AdamW group's tensors can go to torch's fused AdamW kernel (``torch._fused_adamw_``, present
+    """Whether these AdamW tensors can go to torch's fused AdamW kernel together (``torch._fused_adamw_``, present
     since torch 2.0): one device of `FUSED_ADAMW_DEVICES`, one floating dtype the kernel takes, gradients of the
     parameters' dtype."""
     if getattr(torch, "_fused_adamw_", None) is None:
@@ -195,24 +199,34 @@ _all_gather_flat = getattr(dist, "all_gather_single", None) or getattr(dist, "al
 # --------------------------------------------------------------------------------------
 # Newton-Schulz for every shape bucket, recorded as one CUDA graph
 # --------------------------------------------------------------------------------------
-def _update_factor(group: dict[str, Any], shape: Sequence[int]) -> float:
+def _scaled_for(group: dict[str, Any]) -> float | None:
+    """The weight decay a group's orthogonalised updates are divided by, so that `_apply_updates` applies decay and
+    update as one ``lerp`` (see there), or None where they are not: no decay, or a decay so small that
+    ``adjusted_lr / weight_decay`` times an update entry (at most about 1.2; 4 allowed) would not fit a parameter's
+    dtype (float16 below a weight decay of about 1e-4, float32 below about 1e-38, where ``1 - lr * wd`` is 1)."""
+    wd = group["weight_decay"]
+    if wd <= 0:
+        return None
+    for p in group["params"]:
+        if 4.0 * adjusted_muon_lr(1.0, group["adjust_lr_fn"], p.shape) / wd > torch.finfo(p.dtype).max:
+            return None
+    return wd
+
+
+def _update_factor(group: dict[str, Any], shape: Sequence[int], scaled_for: float | None) -> float:
     """What one matrix's orthogonalised update is multiplied by before it is applied (`_apply_updates`): its
-    :func:`adjusted_muon_lr` at ``lr = 1``, divided by ``-weight_decay`` where the group decays by ``lerp``."""
+    :func:`adjusted_muon_lr` at ``lr = 1``, divided by ``-scaled_for`` (`_scaled_for`) where that is not None."""
     factor = adjusted_muon_lr(1.0, group["adjust_lr_fn"], shape)
-    return -factor / group["weight_decay"] if _decays_by_lerp(group) else factor
+    return factor if scaled_for is None else -factor / scaled_for
 
 
-def _decays_by_lerp(group: dict[str, Any]) -> bool:
-    """Whether a group's weight decay and update are applied as one ``lerp`` (`_apply_updates`): every weight decay
-    whose reciprocal keeps the scaled update finite in fp32 (below 1e-30 the decay ``1 - lr * wd`` is 1 in fp32
-    anyway, and the update is added alone)."""
-    return group["weight_decay"] >= 1e-30
-
-
-def _bucket_factors(items: list[tuple[Tensor, Any, dict[str, Any]]], shape: Sequence[int], device) -> float | Tensor:
-    """The `_update_factor` of a shape bucket's matrices: one float where they share it (the usual case), else a
-    ``[n, 1, 1]`` fp32 tensor (groups in one bucket may differ in ``adjust_lr_fn`` or weight decay)."""
-    factors = [_update_factor(group, shape) for _, _, group in items]
+def _bucket_factors(
+    items: list[tuple[Tensor, Any, dict[str, Any]]], shape: Sequence[int], device, scaled_for: dict[int, float | None]
+) -> float | Tensor:
+    """The `_update_factor` of a shape bucket's matrices (`scaled_for`: each group's, by ``id``): one float where
+    they share it (the usual case), else a ``[n, 1, 1]`` fp32 tensor (groups in one bucket may differ in
+    ``adjust_lr_fn`` or weight decay)."""
+    factors = [_update_factor(group, shape, scaled_for[id(group)]) for _, _, group in items]
     if len(set(factors)) == 1:
         return factors[0]
     return torch.tensor(factors, dtype=torch.float32, device=device).view(-1, 1, 1)
@@ -229,16 +243,21 @@ def _orthogonalise_bucket(inputs: Tensor, factors: float | Tensor, ns_settings: 
     return torch.mul(zeropower_via_newtonschulz(inputs, steps, coefficients, eps), factors, out=out)
 
 
-def _apply_updates(group: dict[str, Any], params: list[Tensor], updates: list[Tensor]) -> None:
-    """``p <- p * (1 - lr * wd) - lr * factor * O`` for a group's matrices, given ``updates = factor * O`` with
-    `_update_factor`'s factor: the decoupled weight decay with the *unadjusted* lr (as torch.optim.Muon) and the
-    shape-adjusted update. Where the group decays, ``updates`` hold ``-adjusted / wd * O``, so that one foreach
-    pass, ``p.lerp_(update, lr * wd) = p + lr * wd * (update - p)``, is both; else ``p += -lr * update``."""
-    lr = group["lr"]
-    if _decays_by_lerp(group):
-        torch._foreach_lerp_(params, updates, lr * group["weight_decay"])
-    else:
-        torch._foreach_add_(params, updates, alpha=-lr)
+def _apply_updates(
+    group: dict[str, Any], params: list[Tensor], updates: list[Tensor], scaled_for: float | None
+) -> None:
+    """``p <- p * (1 - lr * wd) - lr * factor * O`` for a group's matrices: the decoupled weight decay with the
+    *unadjusted* lr (as torch.optim.Muon) and the shape-adjusted update. ``updates`` hold ``factor * O``, divided
+    by ``-scaled_for`` where that is not None (`_scaled_for`, `_update_factor`). Where it is the group's weight
+    decay, one foreach pass, ``p.lerp_(update, lr * wd) = p + lr * wd * (update - p)``, is both; otherwise (no
+    decay, a tiny one, or a decay changed since the updates' graph was recorded) a ``mul_`` and an ``add_``."""
+    lr, wd = group["lr"], group["weight_decay"]
+    if scaled_for is not None and wd == scaled_for:
+        torch._foreach_lerp_(params, updates, lr * wd)
+        return
+    if wd != 0:
+        torch._foreach_mul_(params, 1.0 - lr * wd)
+    torch._foreach_add_(params, updates, alpha=-lr if scaled_for is None else lr * scaled_for)
 
 
 class _NewtonSchulzGraph:
@@ -268,11 +287,13 @@ class _NewtonSchulzGraph:
         self.inputs: dict[int, list[Tensor]] = {}
         self.outputs: dict[int, list[Tensor]] = {}
         sizes = collections.Counter(id(group) for _, items in buckets for _, _, group in items)
+        # id(group) -> the weight decay its outputs are divided by (`_scaled_for`, at recording)
+        self.scaled_for = {id(group): _scaled_for(group) for _, items in buckets for _, _, group in items}
         device = buckets[0][0][2]
         for (shape, dtype, _, ns_settings), items in buckets:
             inputs = torch.zeros((len(items), *shape), dtype=dtype, device=device)
             outputs = torch.zeros_like(inputs)
-            self._work.append((inputs, outputs, _bucket_factors(items, shape, device), ns_settings))
+            self._work.append((inputs, outputs, _bucket_factors(items, shape, device, self.scaled_for), ns_settings))
             for i, (_, index, group) in enumerate(items):
                 self.inputs.setdefault(id(group), [inputs[0]] * sizes[id(group)])[index] = inputs[i]
                 self.outputs.setdefault(id(group), [outputs[0]] * sizes[id(group)])[index] = outputs[i]
@@ -567,9 +588,9 @@ class Muon(torch.optim.Optimizer):
             self._graph_recordings += 1
             if self._graph_recordings > MAX_GRAPH_RECORDINGS:  # e.g. layers that get a gradient only on some steps
                 warnings.warn(
-                    "Muon: the set of matrices with a gradient, or their weight decay or learning-rate adjustment, "
-                    f"changed {MAX_GRAPH_RECORDINGS} times, and each change records a new CUDA graph; the optimizer "
-                    "goes on eagerly",
+                    "Muon: the set of matrices with a gradient, or their learning-rate adjustment, changed "
+                    f"{MAX_GRAPH_RECORDINGS} times, and each change records a new CUDA graph; the optimizer goes on "
+                    "eagerly",
                     stacklevel=3,
                 )
                 self._cuda_graph, self._ns_graph = False, None
@@ -595,7 +616,7 @@ class Muon(torch.optim.Optimizer):
                 torch._foreach_copy_(inputs, bufs)
         graph.replay()
         for group, params, _, _ in work:
-            _apply_updates(group, params, graph.outputs[id(group)])
+            _apply_updates(group, params, graph.outputs[id(group)], graph.scaled_for[id(group)])
         return True
 
     def _graph_unavailable(
@@ -615,7 +636,7 @@ class Muon(torch.optim.Optimizer):
 
         ``work`` holds ``(group, params, payloads)``; each bucket lists ``(param, payload, group)`` in
         ``param_groups`` order, which is identical on all ranks, so the bucket/ownership plan is deterministic.
-        Also returns a signature of the plan (which parameters, in which buckets, with which factor of the update).
+        Also returns a signature of the plan (which parameters, in which buckets, with which lr adjustment).
         """
         buckets: dict[tuple, list[tuple[Tensor, Any, dict[str, Any]]]] = {}
         for group, params, payloads in work:
@@ -624,7 +645,7 @@ class Muon(torch.optim.Optimizer):
                 key = (tuple(p.shape), p.dtype, p.device, ns_key)
                 buckets.setdefault(key, []).append((p, payload, group))
         signature = tuple(
-            (key, tuple((id(p), id(group), _update_factor(group, key[0])) for p, _, group in items))
+            (key, tuple((id(p), id(group), group["adjust_lr_fn"]) for p, _, group in items))
             for key, items in buckets.items()
         )
         return buckets, signature
@@ -644,14 +665,14 @@ class Muon(torch.optim.Optimizer):
         world, rank, pg = self._world()
 
         buckets, _ = self._buckets(work)
+        scaled_for = {id(group): _scaled_for(group) for group, _, _ in work}
 
         if world == 1:
             for (shape, dtype, device, ns_settings), items in buckets.items():
                 inputs = torch.stack([u for _, u, _ in items])  # [n, rows, cols]
-                outputs = _orthogonalise_bucket(
-                    inputs, _bucket_factors(items, shape, device), ns_settings, out=torch.empty_like(inputs)
-                )
-                self._apply_bucket(items, outputs.unbind(0))
+                factors = _bucket_factors(items, shape, device, scaled_for)
+                outputs = _orthogonalise_bucket(inputs, factors, ns_settings, out=torch.empty_like(inputs))
+                self._apply_bucket(items, outputs.unbind(0), scaled_for)
             return
 
         if _all_gather_flat is None:  # pragma: no cover - very old torch
@@ -666,7 +687,7 @@ class Muon(torch.optim.Optimizer):
             n = len(items)
             per_rank = -(-n // world)  # ceil: every rank sends the same-size block
             device = key[2]
-            factors = _bucket_factors(items, shape, device)
+            factors = _bucket_factors(items, shape, device, scaled_for)
             # One shared factor goes inside the last product, as on one process; several are applied after the
             # gather, in fp32 (`_orthogonalise_bucket`): every rank applies the numbers one process would.
             scale = factors if isinstance(factors, float) else 1.0
@@ -697,21 +718,27 @@ class Muon(torch.optim.Optimizer):
                 updates = rows.to(dtype=key[1])
             else:
                 updates = torch.mul(rows, factors, out=torch.empty(rows.shape, dtype=key[1], device=rows.device))
-            self._apply_bucket(items, updates.unbind(0))
+            self._apply_bucket(items, updates.unbind(0), scaled_for)
 
     @staticmethod
-    def _apply_bucket(items: list[tuple[Tensor, Tensor, dict[str, Any]]], updates: Sequence[Tensor]) -> None:
-        """`_apply_updates` for one shape bucket: ``updates`` in bucket order, each its matrix's ``factor * O``."""
+    def _apply_bucket(
+        items: list[tuple[Tensor, Tensor, dict[str, Any]]],
+        updates: Sequence[Tensor],
+        scaled_for: dict[int, float | None],
+    ) -> None:
+        """`_apply_updates` for one shape bucket: ``updates`` in bucket order, each its matrix's ``factor * O``
+        (`_update_factor`; `scaled_for`: each group's, by ``id``)."""
         by_group: dict[int, tuple[dict[str, Any], list[Tensor], list[Tensor]]] = {}
         for (p, _, group), u in zip(items, updates):
             entry = by_group.setdefault(id(group), (group, [], []))
             entry[1].append(p)
             entry[2].append(u)
         for group, params, group_updates in by_group.values():
-            _apply_updates(group, params, group_updates)
+            _apply_updates(group, params, group_updates, scaled_for[id(group)])
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
-        """AdamW for one group with foreach kernels; same arithmetic as torch.optim.AdamW."""
+        """AdamW for one group: torch's fused kernel for the tensors it takes (`_fused_adamw_takes`), the foreach
+        path for the others; same arithmetic as torch.optim.AdamW."""
         params: list[Tensor] = []
         grads: list[Tensor] = []
         exp_avgs: list[Tensor] = []
@@ -737,30 +764,58 @@ class Muon(torch.optim.Optimizer):
             steps.append(state["step"])
         if not params:
             return
+        # Each parameter's update depends only on its own device and dtype (as in torch's fused AdamW, which groups
+        # by them): the fused kernel's share, then the foreach path for the rest.
+        fused: dict[tuple, list[int]] = {}
+        rest: list[int] = []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if _fused_adamw_takes([p], [g]):
+                fused.setdefault((p.device, p.dtype, steps[i]), []).append(i)
+            else:
+                rest.append(i)
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
-        if _fused_adamw_takes(params, grads):
+        for (device, _, count), chosen in fused.items():
             # torch's fused AdamW kernel (what torch.optim.AdamW(fused=True) calls): one pass over each tensor
-            # instead of the foreach path's eight. It reads the step count from a tensor, one per distinct count.
-            for count in sorted(set(steps)):
-                chosen = [i for i, s in enumerate(steps) if s == count]
-                step_count = torch.full((), float(count), dtype=torch.float32, device=params[0].device)
-                torch._fused_adamw_(
-                    [params[i] for i in chosen],
-                    [grads[i] for i in chosen],
-                    [exp_avgs[i] for i in chosen],
-                    [exp_avg_sqs[i] for i in chosen],
-                    [],
-                    [step_count] * len(chosen),
-                    lr=lr,
-                    beta1=beta1,
-                    beta2=beta2,
-                    weight_decay=wd,
-                    eps=eps,
-                    amsgrad=False,
-                    maximize=False,
-                )
-            return
+            # instead of the foreach path's eight. It reads the step count from a tensor.
+            step_count = torch.full((), float(count), dtype=torch.float32, device=device)
+            torch._fused_adamw_(
+                [params[i] for i in chosen],
+                [grads[i] for i in chosen],
+                [exp_avgs[i] for i in chosen],
+                [exp_avg_sqs[i] for i in chosen],
+                [],
+                [step_count] * len(chosen),
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=wd,
+                eps=eps,
+                amsgrad=False,
+                maximize=False,
+            )
+        if rest:
+            self._adamw_foreach(
+                group,
+                [params[i] for i in rest],
+                [grads[i] for i in rest],
+                [exp_avgs[i] for i in rest],
+                [exp_avg_sqs[i] for i in rest],
+                [steps[i] for i in rest],
+            )
+
+    @staticmethod
+    def _adamw_foreach(
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        steps: list[int],
+    ) -> None:
+        """AdamW with foreach kernels, the steps already counted: bitwise torch.optim.AdamW(foreach=False) on CPUs."""
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
         if wd != 0:
             torch._foreach_mul_(params, 1.0 - lr * wd)
         torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)

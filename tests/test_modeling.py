@@ -2319,6 +2319,7 @@ def test_init_options():
         {"dt_init_range": "0.1"},
         {"A_init_range": [1e-300, 16]},  # log(A) in float32: -inf
         {"dt_init_range": [0.001, 1e39]},  # beyond float32: the draw gives inf
+        {"dt_init_range": [0.001, 3.4e38]},  # float32's largest: log's exp rounds to inf
         {"rescale_prenorm_residual": "yes"},
         {"zero_init_residual": "yes"},
         {"zero_init_residual": 1},

@@ -102,6 +102,12 @@ def test_newton_schulz_in_fp32_is_the_fp64_iteration_and_scales_inside(shape, st
     assert rel_err(o, expected) < 2e-6
     scaled = zeropower_via_newtonschulz(g, steps=steps, dtype=torch.float32, scale=-1.75)
     torch.testing.assert_close(scaled, -1.75 * o, rtol=1e-5, atol=1e-6)
+    # differentiable, with the same value (the optimizer runs it without autograd)
+    x = g.clone().requires_grad_()
+    y = zeropower_via_newtonschulz(x, steps=steps, dtype=torch.float32, scale=-1.75)
+    torch.testing.assert_close(y.detach(), scaled, rtol=0, atol=0)
+    y.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
 def test_adjusted_lr_values():
@@ -256,6 +262,30 @@ def test_adamw_groups_match_torch_adamw(fused, monkeypatch):
         torch.testing.assert_close(opt.state[a]["exp_avg_sq"], ref_opt.state[b]["exp_avg_sq"], rtol=0, atol=0)
     if fused:  # a call per group and step, and one more on the steps where param 1's count lags (4, 5, 7, 8)
         assert called["ours"] == 8 * 2 + 4
+
+
+def test_adamw_groups_update_each_tensor_as_its_own_dtype_would(monkeypatch):
+    """A group mixing float32, bfloat16 and float64 tensors, with the fused kernel taken (forced on the CPU): each
+    tensor's update equals the one it gets alone in a group (the fused kernel per dtype it takes, float64 on the
+    foreach path), as in torch's fused AdamW, which groups by dtype; not the foreach path for the whole group."""
+    import llamathink.muon as muon_module
+
+    monkeypatch.setattr(muon_module, "FUSED_ADAMW_DEVICES", ("cuda", "cpu"))
+    gen = torch.Generator().manual_seed(5)
+    init = [torch.randn(6, 5, generator=gen).to(d) for d in (torch.float32, torch.bfloat16, torch.float64)]
+    together = [t.clone().requires_grad_() for t in init]
+    alone = [t.clone().requires_grad_() for t in init]
+    opt = Muon([{"params": together, "use_muon": False}], adamw_lr=0.3)  # steps above bfloat16's rounding
+    alone_opts = [Muon([{"params": [t], "use_muon": False}], adamw_lr=0.3) for t in alone]
+    for _ in range(3):
+        for a, b in zip(together, alone):
+            a.grad = torch.randn(a.shape, generator=gen).to(a.dtype)
+            b.grad = a.grad.clone()
+        opt.step()
+        for o in alone_opts:
+            o.step()
+    for a, b in zip(together, alone):
+        assert torch.equal(a.detach(), b.detach()), a.dtype
 
 
 # --------------------------------------------------------------------------------------
@@ -441,9 +471,12 @@ def test_graph_step_buffers_match_eager_step(monkeypatch):
 
 
 def test_graph_step_applies_decay_and_update_as_one_lerp_at_any_weight_decay(monkeypatch):
-    """The graph's outputs hold -factor/wd * O and the step applies them by lerp_(p, out, lr*wd): the eager step's
-    decay and update for a strong, an ordinary and a tiny decay (huge outputs, still finite), and the plain add where
-    the decay is below fp32's resolution or zero; a group whose decay changes gets a new graph."""
+    """The graph's outputs hold -factor/wd * O and the step applies them by lerp_(p, out, lr*wd): bitwise the eager
+    step for a strong, an ordinary and a tiny decay (huge outputs, still finite), and the plain add where the decay is
+    below fp32's resolution or zero. A decay changed every step (a schedule) keeps the recorded graph: its outputs
+    are then applied by a mul_ and an add_, to fp32's rounding of the eager step's lerp, without a new recording."""
+    import llamathink.muon as muon_module
+
     gen = torch.Generator().manual_seed(7)
     decays = (0.5, 0.01, 1e-20, 1e-40, 0.0)
     runs = []
@@ -453,21 +486,52 @@ def test_graph_step_applies_decay_and_update_as_one_lerp_at_any_weight_decay(mon
         if cuda_graph is None:
             monkeypatch.setattr(opt, "_graph_unavailable", lambda work: None)
         runs.append((params, opt))
-    for step in range(4):
-        grads = [torch.randn(24, 16, generator=gen) for _ in decays]
-        if step == 2:  # a changed decay: new factors, so a new plan
-            for _, opt in runs:
-                opt.param_groups[1]["weight_decay"] = 0.2
-        for params, opt in runs:
-            for p, g in zip(params, grads):
-                p.grad = g.clone()
-            opt.step()
-    (eager, _), (graphed, opt) = runs
-    assert opt._ns_graph is not None and opt._graph_recordings == 2
+    steps = muon_module.MAX_GRAPH_RECORDINGS + 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(steps):
+            grads = [torch.randn(24, 16, generator=gen) for _ in decays]
+            if step >= 2:  # from step 3 on, group 1's decay changes every step
+                for _, opt in runs:
+                    opt.param_groups[1]["weight_decay"] = 0.2 / step
+            for params, opt in runs:
+                for p, g in zip(params, grads):
+                    p.grad = g.clone()
+                opt.step()
+            (eager, _), (graphed, opt) = runs
+            for i, (a, b) in enumerate(zip(eager, graphed)):
+                exact = step < 2 or i != 1
+                torch.testing.assert_close(b.detach(), a.detach(), rtol=0 if exact else 1e-6, atol=0 if exact else 1e-7)
+    assert opt._ns_graph is not None and opt._graph_recordings == 1
+    assert opt._ns_graph.scaled_for[id(opt.param_groups[1])] == 0.01  # as recorded
     outputs = [opt._ns_graph.outputs[id(group)][0] for group in opt.param_groups]
     assert torch.isfinite(torch.stack(outputs)).all() and outputs[2].abs().max() > 1e15  # -factor/1e-20 * O
-    for a, b in zip(eager, graphed):
-        torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=0)
+    assert outputs[3].abs().max() < 10  # 1e-40: not divided (its reciprocal would overflow fp32)
+
+
+@pytest.mark.parametrize("weight_decay", [1e-3, 1e-5, 1e-7])
+@pytest.mark.parametrize("lr", [0.02, 0.0])
+@pytest.mark.parametrize("cuda_graph", [False, None])
+def test_float16_matrices_keep_finite_updates_at_small_weight_decay(monkeypatch, weight_decay, lr, cuda_graph):
+    """Where factor / wd times an update entry would not fit float16 (a small decay), the update is not divided by
+    the decay: the step stays p * (1 - lr * wd) - lr * factor * O to float16's rounding, and p itself at lr 0 (the
+    divided update overflowed to inf, and to NaN at lr 0)."""
+    gen = torch.Generator().manual_seed(11)
+    p = torch.randn(64, 64, generator=gen).to(torch.float16).requires_grad_()
+    opt = Muon([p], lr=lr, weight_decay=weight_decay, cuda_graph=cuda_graph)
+    if cuda_graph is None:
+        monkeypatch.setattr(opt, "_graph_unavailable", lambda work: None)
+    g = torch.randn(64, 64, generator=gen).to(torch.float16)
+    p.grad = g.clone()
+    before = p.detach().clone()
+    opt.step()
+    assert torch.isfinite(p.detach()).all()
+    if lr == 0:
+        assert torch.equal(p.detach(), before)
+        return
+    update = (1 - 0.95) * g.float() + 0.95 * ((1 - 0.95) * g.float())  # Nesterov look-ahead from a zero buffer
+    expected = before.float() * (1 - lr * weight_decay) - lr * zeropower_via_newtonschulz(update).float()
+    torch.testing.assert_close(p.detach().float(), expected, rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.gpu
