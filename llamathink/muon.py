@@ -272,8 +272,9 @@ class _NewtonSchulzGraph:
     through :attr:`inputs` (one view per parameter of each group, ``[rows, cols]``), call :meth:`replay`, then read
     :attr:`outputs` (views laid out the same way).
 
-    ``signature`` identifies the plan (the parameters, their shapes, dtypes, device and settings, the factors): a
-    step whose plan differs needs a new graph.
+    ``signature`` identifies the plan (the parameters, their shapes, dtypes, device and settings, their lr
+    adjustment): a step whose plan differs needs a new graph. A changed weight decay does not: :attr:`scaled_for`
+    keeps, per group, the decay the outputs were divided by (`_apply_updates`).
 
     Raises the ``RuntimeError`` of ``torch.cuda.graph`` when recording fails (the optimizer then warns and stays
     eager).
