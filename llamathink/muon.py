@@ -48,7 +48,10 @@ CUDA graphs (one process, every Muon matrix on one CUDA device; ``cuda_graph=Non
     the inputs (one pass per matrix), replays the graph once and applies the outputs (one ``foreach`` pass per
     group).  The graph is recorded again when the set of matrices with a gradient or their learning-rate adjustment
     changes (after ``MAX_GRAPH_RECORDINGS`` recordings the optimizer stays eager, with a warning).  The eager path
-    above, used on CPUs, with several ranks and with ``cuda_graph=False``, computes the same numbers the same way.
+    above, used on CPUs, with several ranks and with ``cuda_graph=False``, computes the same numbers the same way,
+    except after a weight decay changed since the graph was recorded (a schedule): the graph's outputs are then
+    applied by a ``mul_`` and an ``add_``, the same update to the parameters' rounding (so a resumed run, which
+    records anew, matches the uninterrupted one to rounding, not bitwise).
 
 Memory passes: the update's shape factor is folded into the last Newton-Schulz product, and the decay and the update
 are one ``lerp``: where a group decays, the outputs hold ``V = -adjusted_lr / (lr * weight_decay) * O``, and
@@ -203,12 +206,16 @@ def _scaled_for(group: dict[str, Any]) -> float | None:
     """The weight decay a group's orthogonalised updates are divided by, so that `_apply_updates` applies decay and
     update as one ``lerp`` (see there), or None where they are not: no decay, or a decay so small that
     ``adjusted_lr / weight_decay`` times an update entry (at most about 1.2; 4 allowed) would not fit a parameter's
-    dtype (float16 below a weight decay of about 1e-4, float32 below about 1e-38, where ``1 - lr * wd`` is 1)."""
+    dtype or float32 (where Newton-Schulz and the factors compute; float16 below a weight decay of about 1e-4,
+    every other dtype below about 1e-38, where ``1 - lr * wd`` is 1 in float32)."""
     wd = group["weight_decay"]
     if wd <= 0:
         return None
     for p in group["params"]:
-        if 4.0 * adjusted_muon_lr(1.0, group["adjust_lr_fn"], p.shape) / wd > torch.finfo(p.dtype).max:
+        if not p.is_floating_point():
+            continue
+        largest = min(torch.finfo(p.dtype).max, torch.finfo(torch.float32).max)
+        if 4.0 * adjusted_muon_lr(1.0, group["adjust_lr_fn"], p.shape) / wd > largest:
             return None
     return wd
 

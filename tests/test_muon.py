@@ -534,6 +534,32 @@ def test_float16_matrices_keep_finite_updates_at_small_weight_decay(monkeypatch,
     torch.testing.assert_close(p.detach().float(), expected, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("weight_decay", [1e-39, 1e-100])
+@pytest.mark.parametrize("cuda_graph", [False, None])
+def test_float64_matrices_at_decays_below_float32s_range_step_finitely(monkeypatch, weight_decay, cuda_graph):
+    """Newton-Schulz and the update factors compute in float32 whatever the parameters' dtype: a float64 matrix whose
+    factor / wd would not fit float32 is not divided by its decay (it failed with an overflow, or went non-finite
+    beside a matrix of another decay in its shape bucket), and steps as the formula says."""
+    gen = torch.Generator().manual_seed(13)
+    params = [torch.randn(8, 8, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(2)]
+    opt = Muon(
+        [{"params": params[:1], "weight_decay": weight_decay}, {"params": params[1:], "weight_decay": 0.01}],
+        cuda_graph=cuda_graph,
+    )
+    if cuda_graph is None:
+        monkeypatch.setattr(opt, "_graph_unavailable", lambda work: None)
+    grads = [torch.randn(8, 8, generator=gen, dtype=torch.float64) for _ in params]
+    before = [p.detach().clone() for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+    for p, b, g, wd in zip(params, before, grads, (weight_decay, 0.01)):
+        update = 0.05 * g + 0.95 * (0.05 * g)  # Nesterov look-ahead from a zero buffer
+        expected = b * (1 - 0.02 * wd) - 0.02 * zeropower_via_newtonschulz(update).double()
+        assert torch.isfinite(p.detach()).all()
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_recorded_graph_step_matches_eager_step_on_gpu():
