@@ -21,7 +21,9 @@ DeltaNet heads of 128 instead of 9 of 112: what fla's padding of 112 to 128-wide
 kernels autotuned in the process instead of taking the package's recorded choices,
 `LLAMATHINK_FLA_TUNED_CONFIGS=0`), `:prebuild` (compiled: fla's kernels built by a child process while the first
 step compiles, `start_fla_prebuild`, as the pretraining loop does), `:csa-chunk<N>` (the CSA window's local path in
-query chunks of N, `local_chunk`: the same function, run in other kernels; the default is 128). On any model,
+query chunks of N, `local_chunk`: the same function, run in other kernels; the default is 128), `:group<N>` (compiled:
+runs of N consecutive layers per compiled region, `compile_layers(layers_per_graph=N)`; `:group1` compiles each layer
+alone; the default is one repetition of the mixer pattern). On any model,
 `:cudagraphs` compiles with `mode="reduce-overhead"` (the compiled kernels replayed as CUDA graphs: no per-kernel
 launch cost on the host) and `:cold` runs the process with new, empty compiler caches (Triton's, inductor's,
 tilelang's), so that its first step is what a fresh machine pays, however warm this one is. Compiled LlamaThink
@@ -98,6 +100,13 @@ def csa_chunk(part: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def layer_group(part: str) -> int | None:
+    """The layers per compiled region of a `group<N>` variant (`compile_layers(layers_per_graph=N)`: N consecutive
+    layers per region), or None where `part` is not one."""
+    match = re.fullmatch(r"group([1-9][0-9]*)", part)
+    return int(match.group(1)) if match else None
+
+
 def check_model_name(name: str) -> None:
     """Raise SystemExit naming what is wrong with a `--models` entry: an unknown model, LlamaThink without a
     backend, or a variant the model does not have (a misspelt variant would otherwise be measured as the plain
@@ -118,7 +127,12 @@ def check_model_name(name: str) -> None:
             raise SystemExit(f"{name!r}: {bad[0]!r}: csa-chunk<N> needs a positive integer N without leading zeros")
         if len(chunks) > 1:
             raise SystemExit(f"{name!r}: more than one csa-chunk<N> ({', '.join(chunks)}); name one")
-        parts, known = [part for part in parts if part not in chunks], (*known, "csa-chunk<N>")
+        groups = [part for part in parts if layer_group(part) is not None]
+        if len(groups) > 1:
+            raise SystemExit(f"{name!r}: more than one group<N> ({', '.join(groups)}); name one")
+        if groups and "whole" in parts:
+            raise SystemExit(f"{name!r}: {groups[0]!r} sets the layers per compiled region; 'whole' compiles one graph")
+        parts, known = [part for part in parts if part not in chunks + groups], (*known, "csa-chunk<N>", "group<N>")
     unknown = [part for part in parts if part not in known]
     if unknown:
         raise SystemExit(f"{name!r}: unknown variant {unknown[0]!r} of {model} ({', '.join(known)})")
@@ -162,7 +176,7 @@ def check_arguments(args) -> None:
             raise SystemExit(f"{option} must be a positive number, got {value}")
     if not (args.compile or args.compiled_only) or args.no_train:  # no compiled training measured
         for name in args.models.split(","):
-            compiled_only = [p for p in name.split(":")[1:] if p in COMPILED_VARIANTS]
+            compiled_only = [p for p in name.split(":")[1:] if p in COMPILED_VARIANTS or layer_group(p) is not None]
             if compiled_only:
                 raise SystemExit(
                     f"{name!r}: {compiled_only[0]!r} changes only the compiled training measurement: add --compile "
@@ -319,7 +333,11 @@ def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False, trac
             kwargs = compile_kwargs(mode, combo_kernels=":no-combo" not in name)
         else:
             kwargs = {"mode": mode}
-        step_model = model.compile_layers(**kwargs) if regional else torch.compile(model, **kwargs)
+        if regional:
+            group = next(filter(None, map(layer_group, name.split(":"))), None)
+            step_model = model.compile_layers(layers_per_graph=group, **kwargs)
+        else:
+            step_model = torch.compile(model, **kwargs)
     else:
         step_model = model
     if ":prebuild" in name and compile_model:  # fla's kernels built by a child process while the step compiles

@@ -6,7 +6,7 @@
                                      [--inductor-option KEY=VALUE ...]
 
 Prints (and with --out writes as text) the kernels that take the most GPU time in a bf16 training step (with
---compile also those of the step with each decoder layer compiled), the GPU time per layer kind (forward + backward, measured with
+--compile also those of the step with the decoder layers compiled as training compiles them), the GPU time per layer kind (forward + backward, measured with
 CUDA events around each decoder layer and the loss), and for
 greedy decoding at batch 1: host time per token, kernel launches per token and the host<->device syncs per token,
 with the Python lines that cause them (`torch.cuda.set_sync_debug_mode`); with --optimizer also the host and GPU
@@ -738,7 +738,7 @@ def main(argv=None) -> int:
         compiled = model.compile_layers(options={**training, **options})
         if args.cuda_graphs:
             with_cuda_graphs(compiled)
-        report.append(f"## top kernels of one compiled training step (each decoder layer compiled; {mode} mode)")
+        report.append(f"## top kernels of one compiled training step (`compile_layers`; {mode} mode)")
         sources = [] if args.kernel_sources else None
         report.append(
             kernel_table(

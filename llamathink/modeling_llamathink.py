@@ -1844,6 +1844,37 @@ class LlamaThinkDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + out
 
 
+def mixer_pattern_period(mixer_types: list[str]) -> int:
+    """The length of the shortest run of mixer types that `mixer_types` is made of, repeated whole: 4 for the seed's
+    linear, linear, csa, full four times over; len(mixer_types) where no shorter run repeats."""
+    n = len(mixer_types)
+    return next((p for p in range(1, n + 1) if n % p == 0 and mixer_types == mixer_types[:p] * (n // p)), n)
+
+
+def check_layers_per_graph(layers_per_graph) -> None:
+    """Raise ValueError unless `layers_per_graph` (`compile_layers`) is None or a positive integer."""
+    if layers_per_graph is not None and (
+        isinstance(layers_per_graph, bool) or not isinstance(layers_per_graph, int) or layers_per_graph < 1
+    ):
+        raise ValueError(f"layers_per_graph must be a positive integer or None, got {layers_per_graph!r}")
+
+
+class LlamaThinkLayerRun(nn.Module):
+    """Consecutive decoder layers called one after the other: the region that `compile_layers` compiles as one graph
+    (`LlamaThinkModel.compile_layer_runs`). It holds the model's own layers but is not one of its submodules, so the
+    model's parameters, state dict and hooks are unchanged; each layer is called as a module (its hooks run)."""
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """hidden_states [B, T, hidden] through each layer in turn -> [B, T, hidden]."""
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, ctx=ctx)
+        return hidden_states
+
+
 # transformers 5.24 names the cache field of model outputs `cache` (with a `past_key_values` alias); 5.17 and older
 # name it `past_key_values`. Declare whichever the installed version reads, and give both spellings.
 _OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -2421,28 +2452,41 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
             )
         return (model, info) if wants_info else model
 
-    def compile_layers(self, **compile_kwargs):
-        """Regional compilation: `torch.compile` each decoder layer in place (`nn.Module.compile`) rather than the
-        whole model, and return the model. Layers of one mixer type share one compiled graph (one compilation per
-        mixer type, not per layer), so the first step compiles in a fraction of the whole-model time and a warm
-        cache restarts fast. The chunked training loss compiles too (one graph per chunk shape, with the same
-        `backend` but never CUDA graphs: `chunked_causal_lm_loss`), which fuses its logsumexp and softmax passes;
-        the embedding and the final norm stay eager. Parameter names and state dicts are unchanged (no `_orig_mod.`
-        wrapper), so checkpoints, `save_pretrained` and DDP see the plain model.
+    def compile_layers(self, layers_per_graph: int | None = None, **compile_kwargs):
+        """Regional compilation: `torch.compile` runs of consecutive decoder layers in place (`nn.Module.compile`)
+        rather than the whole model, and return the model. Runs of the same mixer types share one compiled graph,
+        so the first step compiles in a fraction of the whole-model time and a warm cache restarts fast. The chunked
+        training loss compiles too (one graph per chunk shape, with the same `backend` but never CUDA graphs:
+        `chunked_causal_lm_loss`), which fuses its logsumexp and softmax passes; the embedding and the final norm
+        stay eager. Parameter names and state dicts are unchanged (no `_orig_mod.` wrapper), so checkpoints,
+        `save_pretrained` and DDP see the plain model.
+
+        `layers_per_graph`: how many consecutive layers one compiled region holds. None (the default): one
+        repetition of the model's mixer pattern (`mixer_pattern_period`: the seed's linear, linear, csa, full, 4
+        layers, one graph replayed 4 times), where the pattern repeats; else 1. A region of several layers lets
+        inductor fuse across their boundaries (a layer's residual update with the next layer's norm, in the
+        forward and the backward) for about the compile time of one layer per mixer type (BENCHMARKS.md section 1,
+        session 45). 1: each layer its own region (layers of one mixer type share one graph). N > 1: runs of N
+        layers, a shorter last run compiling a graph of its own. The layers are compiled one by one as well, for
+        the forwards that the runs do not serve: `output_hidden_states` (each layer's output), gradient
+        checkpointing (which checkpoints each layer), and a model whose `layers` were replaced after this call.
+        Raises ValueError for a `layers_per_graph` that is not a positive integer.
 
         Method: PyTorch's regional compilation recipe (pytorch.org/tutorials/recipes/regional_compilation.html);
         `compile_kwargs` go to `torch.compile` (for example `mode`, `dynamic`, `backend`). `mode="reduce-overhead"`
-        replays each layer's forward and backward kernels as CUDA graphs (cudagraph trees), which removes the
+        replays each region's forward and backward kernels as CUDA graphs (cudagraph trees), which removes the
         host's per-kernel launch cost; call `torch.compiler.cudagraph_mark_step_begin()` before each training
         forward, and accumulate gradients into existing `.grad` tensors (`zero_grad(set_to_none=False)`) rather
         than keeping a graph's output as `.grad` across replays (what `run_training` does). Evaluation forwards
         (eval mode without autograd; with CUDA graphs any forward without autograd) and cached generation run
         the eager layers."""
+        check_layers_per_graph(layers_per_graph)  # before anything is compiled
         cuda_graphs = uses_cuda_graphs(compile_kwargs)
         for module in self.modules():
             if isinstance(module, LlamaThinkDecoderLayer):
                 module.compile(**compile_kwargs)
             elif isinstance(module, LlamaThinkModel):
+                module.compile_layer_runs(layers_per_graph, **compile_kwargs)
                 module.compiled_layers = True
                 module.compiled_layers_cuda_graphs = cuda_graphs
                 module.compiled_layers_inductor = compile_kwargs.get("backend", "inductor") == "inductor"
@@ -2679,6 +2723,7 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
     def __init__(self, config: LlamaThinkConfig):
         super().__init__(config)
         self.compiled_layers = False  # set by `compile_layers`: packed batches then use FlexAttention
+        self.layer_runs = None  # set by `compile_layers` (`compile_layer_runs`): runs of layers compiled as one region
         self.compiled_layers_cuda_graphs = False  # set by `compile_layers(mode=...)` with a CUDA-graph mode
         self.compiled_layers_inductor = False  # set by `compile_layers` with inductor (which fuses FlexAttention)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -2688,6 +2733,38 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         self.gradient_checkpointing = False
         _mark_residual_outputs(self)
         self.post_init()
+
+    def compile_layer_runs(self, layers_per_graph: int | None = None, **compile_kwargs) -> None:
+        """Make the runs of consecutive layers that training forwards call as compiled regions (`compile_layers`
+        documents `layers_per_graph`; None: one repetition of the mixer pattern where it repeats, else 1) and
+        compile each with `compile_kwargs`; runs of one layer leave the layers to be called one by one."""
+        check_layers_per_graph(layers_per_graph)
+        n = len(self.layers)
+        if layers_per_graph is None:
+            period = mixer_pattern_period([getattr(layer, "mixer_type", type(layer).__name__) for layer in self.layers])
+            layers_per_graph = period if period < n else 1
+        self.layer_runs = None
+        if layers_per_graph > 1 and n > 1:
+            self.layer_runs = [
+                LlamaThinkLayerRun(list(self.layers[i : i + layers_per_graph])) for i in range(0, n, layers_per_graph)
+            ]
+            for run in self.layer_runs:
+                run.compile(**compile_kwargs)
+
+    def _current_layer_runs(self) -> list | None:
+        """`layer_runs`, while they still hold exactly `layers` in order; else None (with a warning, once): layers
+        replaced or added after `compile_layers` run one by one."""
+        runs = self.layer_runs
+        if not runs:
+            return None
+        held = [layer for run in runs for layer in run.layers]
+        if len(held) != len(self.layers) or any(a is not b for a, b in zip(held, self.layers)):
+            logger.warning_once(
+                "the decoder layers changed after compile_layers: they now run one by one (call compile_layers "
+                "again to compile runs of the new layers)"
+            )
+            return None
+        return runs
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -2980,10 +3057,15 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
 
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
-        for layer in self.layers:
-            hidden_states = (layer.forward if eager else layer)(hidden_states, ctx=ctx)
-            if output_hidden_states and layer is not self.layers[-1]:
-                all_hidden_states += (hidden_states,)
+        runs = None if eager or output_hidden_states or checkpointed else self._current_layer_runs()
+        if runs:  # (compiled runs of several layers, `compile_layers`)
+            for run in runs:
+                hidden_states = run(hidden_states, ctx=ctx)
+        else:
+            for layer in self.layers:
+                hidden_states = (layer.forward if eager else layer)(hidden_states, ctx=ctx)
+                if output_hidden_states and layer is not self.layers[-1]:
+                    all_hidden_states += (hidden_states,)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)

@@ -23,6 +23,8 @@ from llamathink.modeling_llamathink import LlamaThinkCompressedSparseAttention  
         "llamathink:fla:no-combo:cudagraphs",
         "hf-llama:combo",
         "llamathink:fla:csa-chunk128",
+        "llamathink:fla:cudagraphs:group1",
+        "llamathink:fla:cudagraphs:group4:csa-chunk64",
     ],
 )
 def test_known_model_names_pass(name):
@@ -44,8 +46,13 @@ def test_known_model_names_pass(name):
         ("llamathink:fla:csa-chunk", "'csa-chunk': csa-chunk<N> needs a positive integer N"),
         ("llamathink:fla:csa-chunk064", "'csa-chunk064': csa-chunk<N> needs a positive integer N without leading"),
         ("llamathink:fla:csa-chunk128:csa-chunk64", "more than one csa-chunk<N> \\(csa-chunk128, csa-chunk64\\)"),
-        ("llamathink:fla:chunk128", r"unknown variant 'chunk128' of llamathink \(.*csa-chunk<N>\)"),
+        ("llamathink:fla:chunk128", r"unknown variant 'chunk128' of llamathink \(.*csa-chunk<N>, group<N>\)"),
         ("hf-llama:csa-chunk128", "unknown variant 'csa-chunk128' of hf-llama"),
+        ("llamathink:fla:group0", "unknown variant 'group0' of llamathink"),
+        ("llamathink:fla:group04", "unknown variant 'group04' of llamathink"),
+        ("llamathink:fla:group4:group2", r"more than one group<N> \(group4, group2\)"),
+        ("llamathink:fla:whole:group4", "'group4' sets the layers per compiled region; 'whole' compiles one graph"),
+        ("hf-llama:group4", "unknown variant 'group4' of hf-llama"),
     ],
 )
 def test_wrong_model_names_stop_with_the_fault_named(name, message):
@@ -94,6 +101,7 @@ def test_a_wrong_name_stops_the_command_before_anything_runs():
         (["--models", "llamathink:fla:cudagraphs"], r"'cudagraphs' changes only the compiled training measurement"),
         (["--models", "hf-llama:combo", "--no-train"], r"'combo' changes only the compiled training measurement"),
         (["--models", "llamathink:fla:whole", "--compiled-only", "--no-train"], r"'whole' changes only the compiled"),
+        (["--models", "llamathink:fla:group4"], r"'group4' changes only the compiled training measurement"),
     ],
 )
 def test_numbers_and_compiled_variants_that_give_no_measurement_stop_the_command(argv, message):

@@ -647,6 +647,44 @@ def test_compiled_csa_layers_run_flex_attention_with_the_sdpa_paths_values(monke
     assert any("blend_proj" in n for n in errors) and any("compress_k" in n for n in errors)
 
 
+@pytest.mark.parametrize("gdn_backend", ["torch", FAST_BACKENDS[0]])
+def test_compiled_runs_of_layers_replay_as_cuda_graphs_with_the_eager_values(gdn_backend):
+    """`compile_layers`' default on a model whose mixer pattern repeats (linear, csa, full, twice over): runs of three
+    layers, one graph compiled by inductor for both runs, replayed as CUDA graphs (training's default; CSA on
+    FlexAttention). Over three steps (cudagraph trees' warm-up, recording and replay): in float32 (the PyTorch
+    kernels) the loss and every parameter's gradient equal the eager model's to float32 rounding; under bf16 autocast
+    with fla's kernels each is as close to the float32 CPU reference as the eager model's on the GPU.
+    A run that dropped or repeated a layer, or a replay that read the other run's buffers, is off by far more."""
+    _skip_without_fla_backward(gdn_backend)
+    dims = {"head_dim": 16, "hidden_size": 64, "csa_window": 64, "mixer_types": ["linear", "csa", "full"] * 2}
+    dims |= {"num_hidden_layers": 6, "gdn_backend": gdn_backend, **GDN_DIMS["dims16x32"]}
+    autocast = gdn_backend != "torch"
+    ids = torch.randint(1, 96, (2, 256), generator=torch.Generator().manual_seed(0))
+    if autocast:  # the reference: float32 on the CPU; the eager GPU model's distance from it is the allowance
+        loss_ref, grads_ref = loss_and_grads(tiny_model(dtype=torch.float32, **dims).train(), ids, autocast=False)
+        loss_eager, grads_eager = loss_and_grads(
+            tiny_model(dtype=torch.float32, **dims).cuda().train(), ids.cuda(), True
+        )
+        allowed = {n: 2 * e + 1e-2 for n, e in relative_errors(grads_eager, grads_ref).items()}
+        allowed_loss = 2 * abs(loss_eager - loss_ref) + 2e-3 * abs(loss_ref)
+    else:
+        loss_ref, grads_ref = loss_and_grads(tiny_model(dtype=torch.float32, **dims).cuda().train(), ids.cuda(), False)
+        allowed, allowed_loss = dict.fromkeys(grads_ref, 1e-4), 1e-5 * abs(loss_ref)
+    model = tiny_model(dtype=torch.float32, **dims).cuda().train()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model.compile_layers(**compile_kwargs("reduce-overhead"))
+    assert [len(run.layers) for run in model.model.layer_runs] == [3, 3]
+    for _ in range(3):
+        torch.compiler.cudagraph_mark_step_begin()
+        loss, grads = loss_and_grads(model, ids.cuda(), autocast=autocast)
+        assert abs(loss - loss_ref) < allowed_loss, (loss, loss_ref)
+        errors = relative_errors(grads, grads_ref)
+        worst = sorted(((e / allowed[n], e, n) for n, e in errors.items()), reverse=True)[:5]
+        assert all(errors[n] < allowed[n] for n in errors), worst
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # one run's graph and the loss's
+
+
 @pytest.fixture
 def deterministic():
     """`torch.use_deterministic_algorithms(True)` for one test: PyTorch's atomic-add kernels (the eager embedding and

@@ -3611,11 +3611,82 @@ def test_compile_layers_through_aot_autograd_match_eager(dtype):
                 assert (grads[name] - grad).norm() <= 2e-2 * grad.norm() + 1e-6, name
 
 
-def test_compile_layers_compiles_once_per_mixer_type_and_matches_eager():
-    """Regional compilation (`compile_layers`): one graph per mixer type however many layers share it, the same
-    loss and gradients as the eager model (float64), packed batches included, and cached generation through the
-    eager layer forwards with the same tokens. A counting backend stands in for inductor (the graphs are what
-    dynamo hands over; their code is run as traced)."""
+def test_mixer_pattern_period_is_the_shortest_run_repeated_whole():
+    assert modeling.mixer_pattern_period(LlamaThinkConfig().mixer_types) == 4  # the seed's 16 layers
+    assert modeling.mixer_pattern_period(["linear"] * 3) == 1
+    assert modeling.mixer_pattern_period(["linear", "full", "linear"]) == 3  # no run repeats whole
+    assert modeling.mixer_pattern_period(["linear", "full"] * 2 + ["linear"]) == 5
+    assert modeling.mixer_pattern_period(["linear", "linear", "full"] * 2) == 3
+
+
+def test_compiled_runs_of_layers_give_way_to_each_layer_where_a_run_cannot_serve(caplog):
+    """`compile_layers` compiles runs of the mixer pattern (here linear, full, twice over) and training forwards call
+    them; forwards that need each layer alone call the layers (compiled one by one): `output_hidden_states`, gradient
+    checkpointing, and layers replaced after `compile_layers` (with a warning). Every path gives the eager model's
+    loss, gradients and hidden states (float64); the parameters and state dict are the model's own. A counting
+    backend stands in for inductor."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    kwargs = {"mixer_types": ["linear", "full"] * 2, "num_hidden_layers": 4}
+    ref, compiled = tiny_model(**kwargs).train(), tiny_model(**kwargs).train()
+    keys = list(compiled.state_dict())
+    compiled.compile_layers(backend=counting_backend)
+    assert [len(run.layers) for run in compiled.model.layer_runs] == [2, 2]
+    assert list(compiled.state_dict()) == keys and len(list(compiled.parameters())) == len(list(ref.parameters()))
+    ids = torch.randint(3, 96, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def step(model, **kwargs):
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=ids, use_cache=False, **kwargs)
+        out.loss.backward()
+        return out, {n: p.grad for n, p in model.named_parameters()}
+
+    def same(**kwargs):
+        (out_ref, grads_ref), (out, grads) = step(ref, **kwargs), step(compiled, **kwargs)
+        torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-12, atol=1e-12)
+        for name, grad in grads_ref.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+        for h, h_ref in zip(out.hidden_states or (), out_ref.hidden_states or ()):
+            torch.testing.assert_close(h, h_ref, rtol=1e-12, atol=1e-12)
+        return out
+
+    same()
+    assert len([gm for gm in graphs if "logsumexp" not in gm.code]) == 1  # one run's graph, called twice
+    n = len(graphs)
+    out = same(output_hidden_states=True)
+    assert len(out.hidden_states) == 5
+    assert len(graphs) == n + 2  # the linear and full layers, each compiled alone
+    ref.gradient_checkpointing_enable(), compiled.gradient_checkpointing_enable()
+    same()  # (the layers' graphs recompile for the checkpoint)
+    ref.gradient_checkpointing_disable(), compiled.gradient_checkpointing_disable()
+    for model in (ref, compiled):  # a layer replaced after compile_layers: each layer runs alone
+        model.model.layers[3] = copy.deepcopy(model.model.layers[1])
+    with caplog.at_level("WARNING"):
+        same()
+    assert "the decoder layers changed after compile_layers" in caplog.text
+    compiled.compile_layers(layers_per_graph=3, backend=counting_backend)  # a shorter last run: its own graph
+    assert [len(run.layers) for run in compiled.model.layer_runs] == [3, 1]
+    same()
+
+
+@pytest.mark.parametrize("layers_per_graph", [0, -1, True, 2.0, "2"])
+def test_compile_layers_refuses_a_layers_per_graph_that_is_not_a_positive_integer(layers_per_graph):
+    with pytest.raises(ValueError, match=r"layers_per_graph must be a positive integer or None, got"):
+        tiny_model().compile_layers(layers_per_graph=layers_per_graph, backend="eager")
+
+
+@pytest.mark.parametrize(("layers_per_graph", "layer_graphs"), [(None, 1), (1, 3)], ids=["pattern-runs", "layers"])
+def test_compile_layers_compiles_once_per_mixer_type_and_matches_eager(layers_per_graph, layer_graphs):
+    """Regional compilation (`compile_layers`): by default one graph for a run of the mixer pattern (here linear,
+    csa, full, twice over), replayed for each run; with `layers_per_graph=1` one graph per mixer type however many
+    layers share it. Either way the same loss and gradients as the eager model (float64), packed batches included,
+    and cached generation through the eager layer forwards with the same tokens. A counting backend stands in for
+    inductor (the graphs are what dynamo hands over; their code is run as traced)."""
     graphs = []
 
     def counting_backend(gm, example_inputs):
@@ -3625,7 +3696,8 @@ def test_compile_layers_compiles_once_per_mixer_type_and_matches_eager():
     torch._dynamo.reset()
     mixers = ["linear", "csa", "full", "linear", "csa", "full"]
     ref = tiny_model(mixer_types=mixers, num_hidden_layers=6).train()
-    compiled = tiny_model(mixer_types=mixers, num_hidden_layers=6).train().compile_layers(backend=counting_backend)
+    compiled = tiny_model(mixer_types=mixers, num_hidden_layers=6).train()
+    compiled.compile_layers(layers_per_graph=layers_per_graph, backend=counting_backend)
     assert compiled.model.compiled_layers and not ref.model.compiled_layers
 
     def step(model, ids, **kwargs):
@@ -3641,7 +3713,7 @@ def test_compile_layers_compiles_once_per_mixer_type_and_matches_eager():
         for name, grad in grads_ref.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-9, atol=1e-12, msg=name)
     loss_graphs = [gm for gm in graphs if "logsumexp" in gm.code]
-    assert len(graphs) - len(loss_graphs) == 3, f"{len(graphs) - len(loss_graphs)} layer graphs for 3 mixer types"
+    assert len(graphs) - len(loss_graphs) == layer_graphs, f"{len(graphs) - len(loss_graphs)} layer graphs"
     assert len(loss_graphs) == 1  # the chunked loss, compiled once for the one chunk shape
     positions = torch.cat([torch.arange(15), torch.arange(25)])[None].expand(2, 40)
     (loss_ref, grads_ref), (loss, grads) = (

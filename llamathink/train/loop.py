@@ -610,9 +610,10 @@ def run_training(
     token. `history` starts the record (e.g. data counts); the loop adds {"losses": {step: loss}, "eval": {step:
     loss}, "perf": {step: metrics}}, writes it to `<out_dir>/history.json` at every checkpoint and at the end, and
     keeps it in the checkpoints with the tokens seen. `settings_file` (in out_dir) receives the settings just
-    before the run first writes to out_dir (with `overwrite: true`, when the earlier run's checkpoints go). `compile`: None (eager), "layers" (each decoder layer compiled in place, the model's
-    `compile_layers`) or "model" (the prepared model wrapped in one torch.compile); `compile_mode` is torch.compile's
-    `mode`; `combo_kernels` turns on inductor's combo kernels (`compile_kwargs`). `fla_prebuild` (batch size,
+    before the run first writes to out_dir (with `overwrite: true`, when the earlier run's checkpoints go).
+    `compile`: None (eager), "layers" (the decoder layers compiled in place, in runs of the mixer pattern: the
+    model's `compile_layers`) or "model" (the prepared model wrapped in one torch.compile); `compile_mode` is
+    torch.compile's `mode`; `combo_kernels` turns on inductor's combo kernels (`compile_kwargs`). `fla_prebuild` (batch size,
     sequence length, packed), for batches of that one shape: when compiling in 16-bit, a child process builds fla's
     kernels for them while the first step compiles (`_start_fla_prebuild`).
     With a CUDA-graph mode ("reduce-overhead", "max-autotune") each micro-batch begins a new cudagraph-trees step,
