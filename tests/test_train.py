@@ -1529,16 +1529,26 @@ def test_compiled_pretraining_starts_the_fla_prebuild_at_its_batch_shape(
     assert start(pretrain.build_model(_cfg(sample_data, model_json, tmp_path / "x")), 8, 64) is None  # CPU
 
 
-def test_two_process_ddp_with_compiled_layers_matches_one_process(sample_data, model_json, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mixers", [None, ["linear", "full", "linear", "full"]], ids=["layers", "pattern-runs"])
+def test_two_process_ddp_with_compiled_layers_matches_one_process(
+    sample_data, model_json, tmp_path, monkeypatch, mixers
+):
     """`compile: true` under DDP (what the FineWeb recipes run): two processes of 4 rows each, with gradient
     accumulation (DDP's `no_sync` on the first micro-batch), give the one-process run's losses for the same global
-    batch, and each process trains its compiled layers (one graph per mixer type and the loss: no eager fallback).
-    dynamo's "aot_eager" backend stands in for inductor in both runs (tests/_compiled_pretrain_worker.py)."""
+    batch, and each process trains its compiled layers (no eager fallback): one graph per mixer type and the loss's
+    for a mixer pattern that does not repeat, one for the runs of a repeating pattern (`compile_layers`' runs of
+    layers, here two runs of linear, full) and the loss's. dynamo's "aot_eager" backend stands in for inductor in
+    both runs (tests/_compiled_pretrain_worker.py)."""
     import _compiled_pretrain_worker as worker
 
     from llamathink.modeling_llamathink import LlamaThinkPreTrainedModel
 
     monkeypatch.setattr(LlamaThinkPreTrainedModel, "compile_layers", worker.compile_layers)  # as the workers run
+    config = LlamaThinkConfig.from_json_file(str(model_json))
+    if mixers is not None:
+        config.mixer_types = mixers
+        model_json = tmp_path / "config.json"
+        config.to_json_file(model_json)
     settings = {"max_steps": 3, "warmup_steps": 1, "eval_every": 3, "save_every": 3, "log_every": 1, "compile": True}
     torch._dynamo.reset()
     one = pretrain.train(_cfg(sample_data, model_json, tmp_path / "one", **settings))
@@ -1549,9 +1559,9 @@ def test_two_process_ddp_with_compiled_layers_matches_one_process(sample_data, m
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    mixer_types = len(set(LlamaThinkConfig.from_json_file(str(model_json)).mixer_types))
+    layer_graphs = 1 if mixers is not None else len(set(config.mixer_types))
     graphs = dict(re.findall(r"^rank (\d) graphs (\d+)$", proc.stdout, re.MULTILINE))
-    assert graphs == {"0": str(mixer_types + 1), "1": str(mixer_types + 1)}, proc.stdout[-2000:]
+    assert graphs == {"0": str(layer_graphs + 1), "1": str(layer_graphs + 1)}, proc.stdout[-2000:]
     two = json.loads((tmp_path / "two" / "history.json").read_text())
     for step, loss in one["losses"].items():
         assert two["losses"][str(step)] == pytest.approx(loss, rel=1e-5), step
