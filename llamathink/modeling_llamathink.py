@@ -2470,7 +2470,9 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         layers, a shorter last run compiling a graph of its own. The layers are compiled one by one as well, for
         the forwards that the runs do not serve: `output_hidden_states` (each layer's output), gradient
         checkpointing (which checkpoints each layer), and a model whose `layers` were replaced after this call.
-        Raises ValueError for a `layers_per_graph` that is not a positive integer.
+        Raises ValueError for a `layers_per_graph` that is not a positive integer. A copy of the model
+        (`copy.deepcopy`) runs its layers uncompiled, with the same results (torch does not copy a module's compiled
+        call); call this method on the copy to compile it.
 
         Method: PyTorch's regional compilation recipe (pytorch.org/tutorials/recipes/regional_compilation.html);
         `compile_kwargs` go to `torch.compile` (for example `mode`, `dynamic`, `backend`). `mode="reduce-overhead"`
@@ -2737,7 +2739,8 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
     def compile_layer_runs(self, layers_per_graph: int | None = None, **compile_kwargs) -> None:
         """Make the runs of consecutive layers that training forwards call as compiled regions (`compile_layers`
         documents `layers_per_graph`; None: one repetition of the mixer pattern where it repeats, else 1) and
-        compile each with `compile_kwargs`; runs of one layer leave the layers to be called one by one."""
+        compile each with `compile_kwargs`; runs of one layer leave the layers to be called one by one. Raises
+        ValueError for a `layers_per_graph` that is not a positive integer (`check_layers_per_graph`)."""
         check_layers_per_graph(layers_per_graph)
         n = len(self.layers)
         if layers_per_graph is None:
