@@ -11,26 +11,25 @@ the first step's seconds (with --compile: the compilation), then greedy `generat
 
 Each model runs in its own process with its own time limit (`--budget-s`), one after the other, so that one slow
 compilation cannot take the others' time; a model listed twice measures a warm restart (the second process finds the
-first one's compiler caches). Compiled LlamaThink is compiled layer by layer (`compile_layers`, what `compile: true`
-trains with); `llamathink:<backend>:whole` compiles the whole model as one graph instead; the peers are compiled
-whole (`torch.compile(model)`). Variants of LlamaThink: `:no-hc` (hyper-connections off), `:packed` (documents of
-64-700 tokens per row, position ids restarting: the document-masked training path), `:device-checks` (the forward
-checks its token ids and labels itself, with host syncs every step, as outside the training loop, which checks them
-on the host: `inputs_checked_by_caller`), `:eager-decode` (one-token steps without CUDA graphs), `:head128` (8 Gated
-DeltaNet heads of 128 instead of 9 of 112: what fla's padding of 112 to 128-wide tiles costs), `:untuned-fla` (fla's
-kernels autotuned in the process instead of taking the package's recorded choices,
-`LLAMATHINK_FLA_TUNED_CONFIGS=0`), `:prebuild` (compiled: fla's kernels built by a child process while the first
-step compiles, `start_fla_prebuild`, as the pretraining loop does), `:csa-chunk<N>` (the CSA window's local path in
-query chunks of N, `local_chunk`: the same function, run in other kernels; the default is 128), `:group<N>` (compiled:
-runs of N consecutive layers per compiled region, `compile_layers(layers_per_graph=N)`; `:group1` compiles each layer
-alone; the default is one repetition of the mixer pattern). On any model,
-`:cudagraphs` compiles with `mode="reduce-overhead"` (the compiled kernels replayed as CUDA graphs: no per-kernel
-launch cost on the host) and `:cold` runs the process with new, empty compiler caches (Triton's, inductor's,
-tilelang's), so that its first step is what a fresh machine pays, however warm this one is. Compiled LlamaThink
-takes the inductor options training takes (`llamathink.train.loop.compile_kwargs`): combo kernels, as the run
-setting `combo_kernels` does by default (`:no-combo`: without them), and `TRAINING_INDUCTOR_OPTIONS`; a peer
-compiles with torch.compile's defaults, or with `:combo` with training's options.
-"""
+first one's compiler caches). Compiled LlamaThink is compiled by regions (`compile_layers`: runs of the mixer
+pattern, what `compile: true` trains with); `llamathink:<backend>:whole` compiles the whole model as one graph
+instead; the peers are compiled whole (`torch.compile(model)`). Variants of LlamaThink: `:no-hc` (hyper-connections
+off), `:packed` (documents of 64-700 tokens per row, position ids restarting: the document-masked training path),
+`:device-checks` (the forward checks its token ids and labels itself, with host syncs every step, as outside the
+training loop, which checks them on the host: `inputs_checked_by_caller`), `:eager-decode` (one-token steps without
+CUDA graphs), `:head128` (8 Gated DeltaNet heads of 128 instead of 9 of 112: what fla's padding of 112 to 128-wide
+tiles costs), `:untuned-fla` (fla's kernels autotuned in the process instead of taking the package's recorded
+choices, `LLAMATHINK_FLA_TUNED_CONFIGS=0`), `:prebuild` (compiled: fla's kernels built by a child process while the
+first step compiles, `start_fla_prebuild`, as the pretraining loop does), `:csa-chunk<N>` (the CSA window's local
+path in query chunks of N, `local_chunk`: the same function, run in other kernels; the default is 128), `:group<N>`
+(compiled: runs of N consecutive layers per compiled region, `compile_layers(layers_per_graph=N)`; `:group1` compiles
+each layer alone; the default is one repetition of the mixer pattern). On any model, `:cudagraphs` compiles with
+`mode="reduce-overhead"` (the compiled kernels replayed as CUDA graphs: no per-kernel launch cost on the host) and
+`:cold` runs the process with new, empty compiler caches (Triton's, inductor's, tilelang's), so that its first step
+is what a fresh machine pays, however warm this one is. Compiled LlamaThink takes the inductor options training takes
+(`llamathink.train.loop.compile_kwargs`): combo kernels, as the run setting `combo_kernels` does by default
+(`:no-combo`: without them), and `TRAINING_INDUCTOR_OPTIONS`; a peer compiles with torch.compile's defaults, or with
+`:combo` with training's options. """
 
 from __future__ import annotations
 

@@ -438,7 +438,7 @@ def train_run(run: dict, args, val: np.ndarray, test: np.ndarray, device: torch.
     )
     how = torch_compile_kwargs(run, mode)
     cuda_graphs = run["compile"] and uses_cuda_graphs(how)
-    if run["compile"]:  # LlamaThink as `compile: true` trains (layer by layer); the peers as one graph
+    if run["compile"]:  # LlamaThink as `compile: true` trains (`compile_layers`); the peers as one graph
         if hasattr(model, "compile_layers"):
             step_model = model.compile_layers(**how)
         else:

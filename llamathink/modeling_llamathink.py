@@ -1859,10 +1859,21 @@ def check_layers_per_graph(layers_per_graph) -> None:
         raise ValueError(f"layers_per_graph must be a positive integer or None, got {layers_per_graph!r}")
 
 
+def _layer_hooks(layers) -> tuple:
+    """The handles of each layer's own forward and backward hooks (what a compiled run's graph was traced with)."""
+    return tuple(
+        tuple(
+            tuple(hooks) for hooks in (m._forward_pre_hooks, m._forward_hooks, m._backward_pre_hooks, m._backward_hooks)
+        )
+        for m in layers
+    )
+
+
 class LlamaThinkLayerRun(nn.Module):
     """Consecutive decoder layers called one after the other: the region that `compile_layers` compiles as one graph
     (`LlamaThinkModel.compile_layer_runs`). It holds the model's own layers but is not one of its submodules, so the
-    model's parameters, state dict and hooks are unchanged; each layer is called as a module (its hooks run)."""
+    model's parameters, state dict and hooks are unchanged; each layer is called as a module (the hooks it had when
+    the run was compiled run; `LlamaThinkModel._current_layer_runs` turns to the layers alone when they change)."""
 
     def __init__(self, layers: list[nn.Module]):
         super().__init__()
@@ -2465,12 +2476,16 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         repetition of the model's mixer pattern (`mixer_pattern_period`: the seed's linear, linear, csa, full, 4
         layers, one graph replayed 4 times), where the pattern repeats; else 1. A region of several layers lets
         inductor fuse across their boundaries (a layer's residual update with the next layer's norm, in the
-        forward and the backward) for about the compile time of one layer per mixer type (BENCHMARKS.md section 1,
-        session 45). 1: each layer its own region (layers of one mixer type share one graph). N > 1: runs of N
-        layers, a shorter last run compiling a graph of its own. The layers are compiled one by one as well, for
-        the forwards that the runs do not serve: `output_hidden_states` (each layer's output), gradient
-        checkpointing (which checkpoints each layer), and a model whose `layers` were replaced after this call.
-        Raises ValueError for a `layers_per_graph` that is not a positive integer. A copy of the model
+        forward and the backward); the graph inlines every layer of the run, and the seed's run of four compiled in
+        about the time its three mixer types took alone (BENCHMARKS.md section 1, session 45). 1: each layer its own
+        region (layers of one mixer type share one graph). N > 1: runs of N layers, a shorter last run compiling a
+        graph of its own; an N that is not a multiple of the pattern's period makes several different runs, each
+        its own graph (a warning says so). The layers are compiled one by one as well, for the forwards that the
+        runs do not serve: `output_hidden_states` (each layer's output), gradient checkpointing (which checkpoints
+        each layer), a model whose `layers` were replaced after this call, and layers whose own hooks changed after
+        it. (Hooks added to a layer's submodules after the first compiled step are not seen, as with any
+        torch.compile'd module: dynamo does not guard on them. Register them before.) Raises ValueError for a
+        `layers_per_graph` that is not a positive integer. A copy of the model
         (`copy.deepcopy`) runs its layers uncompiled, with the same results (torch does not copy a module's compiled
         call); call this method on the copy to compile it.
 
@@ -2726,6 +2741,7 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         super().__init__(config)
         self.compiled_layers = False  # set by `compile_layers`: packed batches then use FlexAttention
         self.layer_runs = None  # set by `compile_layers` (`compile_layer_runs`): runs of layers compiled as one region
+        self._layer_run_hooks = ()  # the layers' own hooks when the runs were made (`_current_layer_runs`)
         self.compiled_layers_cuda_graphs = False  # set by `compile_layers(mode=...)` with a CUDA-graph mode
         self.compiled_layers_inductor = False  # set by `compile_layers` with inductor (which fuses FlexAttention)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -2742,21 +2758,31 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         compile each with `compile_kwargs`; runs of one layer leave the layers to be called one by one. Raises
         ValueError for a `layers_per_graph` that is not a positive integer (`check_layers_per_graph`)."""
         check_layers_per_graph(layers_per_graph)
-        n = len(self.layers)
+        kinds = [getattr(layer, "mixer_type", type(layer).__name__) for layer in self.layers]
+        n, period = len(kinds), mixer_pattern_period(kinds)
         if layers_per_graph is None:
-            period = mixer_pattern_period([getattr(layer, "mixer_type", type(layer).__name__) for layer in self.layers])
             layers_per_graph = period if period < n else 1
         self.layer_runs = None
         if layers_per_graph > 1 and n > 1:
-            self.layer_runs = [
-                LlamaThinkLayerRun(list(self.layers[i : i + layers_per_graph])) for i in range(0, n, layers_per_graph)
-            ]
+            starts = range(0, n, layers_per_graph)
+            distinct = {tuple(kinds[i : i + layers_per_graph]) for i in starts}
+            if len(distinct) > 1 + (n % layers_per_graph > 0):
+                logger.warning(
+                    f"layers_per_graph={layers_per_graph} cuts the mixer pattern (period {period}) into "
+                    f"{len(distinct)} different runs, each its own graph to compile (and each counted against "
+                    f"dynamo's recompile limit, past which a run trains eagerly); a multiple of {period} gives one"
+                )
+            self.layer_runs = [LlamaThinkLayerRun(list(self.layers[i : i + layers_per_graph])) for i in starts]
+            self._layer_run_hooks = _layer_hooks(self.layers)
             for run in self.layer_runs:
                 run.compile(**compile_kwargs)
 
     def _current_layer_runs(self) -> list | None:
-        """`layer_runs`, while they still hold exactly `layers` in order; else None (with a warning, once): layers
-        replaced or added after `compile_layers` run one by one."""
+        """`layer_runs`, while they still hold exactly `layers` in order and no layer's own hooks changed since
+        `compile_layers`; else None, with a warning once: the layers then run one by one. A run's compiled graph
+        inlines its layers' calls, and dynamo does not recompile it for a hook added later (it would silently not
+        run), where a layer compiled alone runs its hooks. Replaced or removed layers also drop the runs (which
+        would otherwise keep the old layers' memory)."""
         runs = self.layer_runs
         if not runs:
             return None
@@ -2765,6 +2791,13 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
             logger.warning_once(
                 "the decoder layers changed after compile_layers: they now run one by one (call compile_layers "
                 "again to compile runs of the new layers)"
+            )
+            self.layer_runs = None
+            return None
+        if _layer_hooks(self.layers) != self._layer_run_hooks:
+            logger.warning_once(
+                "hooks were added to or removed from decoder layers after compile_layers: the layers now run one by "
+                "one, so that the hooks run (call compile_layers again to compile runs of them)"
             )
             return None
         return runs

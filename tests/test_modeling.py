@@ -3664,14 +3664,32 @@ def test_compiled_runs_of_layers_give_way_to_each_layer_where_a_run_cannot_serve
     ref.gradient_checkpointing_enable(), compiled.gradient_checkpointing_enable()
     same()  # (the layers' graphs recompile for the checkpoint)
     ref.gradient_checkpointing_disable(), compiled.gradient_checkpointing_disable()
+    # a hook added to a layer after the runs' graph was traced: the layers run alone, so that it runs
+    handles = [
+        model.model.layers[1].register_forward_hook(lambda mod, args, out: out * 0.5) for model in (ref, compiled)
+    ]
+    with caplog.at_level("WARNING"):
+        same()
+    assert "hooks were added to or removed from decoder layers after compile_layers" in caplog.text
+    for handle in handles:
+        handle.remove()
+    same()  # the runs again, as traced
     for model in (ref, compiled):  # a layer replaced after compile_layers: each layer runs alone
         model.model.layers[3] = copy.deepcopy(model.model.layers[1])
     with caplog.at_level("WARNING"):
         same()
     assert "the decoder layers changed after compile_layers" in caplog.text
+    assert compiled.model.layer_runs is None  # dropped with the layers they held
     compiled.compile_layers(layers_per_graph=3, backend=counting_backend)  # a shorter last run: its own graph
     assert [len(run.layers) for run in compiled.model.layer_runs] == [3, 1]
     same()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        compiled.compile_layers(layers_per_graph=2, backend=counting_backend)  # fits the period 2: no warning
+        assert "cuts the mixer pattern" not in caplog.text
+        six = tiny_model(mixer_types=["linear", "csa", "full"] * 2, num_hidden_layers=6)
+        six.compile_layers(layers_per_graph=2, backend="eager")  # runs (linear, csa), (full, linear), (csa, full)
+    assert "layers_per_graph=2 cuts the mixer pattern (period 3) into 3 different runs" in caplog.text
 
 
 @pytest.mark.parametrize("layers_per_graph", [0, -1, True, 2.0, "2"])

@@ -56,9 +56,9 @@ class TrainConfig(RunConfig):
     seq_len: int = 1024
     # pretraining only: torch.compile, the size of an evaluation, the peak for MFU
     compile: bool = False
-    # with compile: true compiles the decoder layers in runs of the mixer pattern (one graph for all runs: a short
-    # first step, fast warm restarts; `LlamaThinkForCausalLM.compile_layers`); false compiles the whole model as one
-    # graph
+    # with compile: true compiles the decoder layers in runs of the mixer pattern (one graph for the runs of a
+    # repeating pattern: a short first step, fast warm restarts; `LlamaThinkForCausalLM.compile_layers`); false
+    # compiles the whole model as one graph
     regional_compile: bool = True
     # torch.compile's mode (with compile: true). "auto": "reduce-overhead" for compiled layers in one process on a
     # GPU with windows of one shape, in bf16 or float32 (the path its GPU tests cover), "default" elsewhere
