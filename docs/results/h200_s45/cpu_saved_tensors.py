@@ -3,15 +3,21 @@
 #   1 [17.74, 13.95, 0.77] MiB fw outputs per graph (incl. the layer output)
 #   None [31.63, 0.77] MiB fw outputs per graph (incl. the layer output)
 # Run from the repository root: python docs/results/h200_s45/cpu_saved_tensors.py
-import torch, sys
+import sys
+
+import torch
+
 sys.path.insert(0, "tests")
-from conftest import tiny_model
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
+
 from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
+
 rec = []
+
+
 def fw(gm, ex):
-    out = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     saved = 0
     for a in out:
         v = getattr(a, "meta", {}).get("val") if hasattr(a, "meta") else None
@@ -19,12 +25,18 @@ def fw(gm, ex):
             saved += v.numel() * v.element_size()
     rec.append(saved)
     return gm.forward
-def bw(gm, ex): return gm.forward
+
+
+def bw(gm, ex):
+    return gm.forward
+
+
 backend = aot_autograd(fw_compiler=fw, bw_compiler=bw, partition_fn=min_cut_rematerialization_partition)
 cfg = LlamaThinkConfig(mixer_types=["csa", "full"] * 2, num_hidden_layers=4, vocab_size=1000)
 ids = torch.randint(0, 1000, (1, 256))
 for lpg in (1, None):
-    torch._dynamo.reset(); rec.clear()
+    torch._dynamo.reset()
+    rec.clear()
     torch.manual_seed(0)
     m = LlamaThinkForCausalLM(cfg).train()
     m.compile_layers(layers_per_graph=lpg, backend=backend)
