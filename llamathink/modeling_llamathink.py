@@ -1859,21 +1859,18 @@ def check_layers_per_graph(layers_per_graph) -> None:
         raise ValueError(f"layers_per_graph must be a positive integer or None, got {layers_per_graph!r}")
 
 
-def _layer_hooks(layers) -> tuple:
-    """The handles of each layer's own forward and backward hooks (what a compiled run's graph was traced with)."""
-    return tuple(
-        tuple(
-            tuple(hooks) for hooks in (m._forward_pre_hooks, m._forward_hooks, m._backward_pre_hooks, m._backward_hooks)
-        )
-        for m in layers
-    )
+def _layers_have_hooks(layers) -> bool:
+    """Whether any of `layers` has forward or backward hooks of its own. Such layers are not run inside a compiled
+    run: dynamo does not recompile a graph for hooks added after it was traced (it would reuse a graph traced without
+    them, also from a later `compile_layers`), while a layer compiled alone runs its hooks."""
+    return any(m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks for m in layers)
 
 
 class LlamaThinkLayerRun(nn.Module):
     """Consecutive decoder layers called one after the other: the region that `compile_layers` compiles as one graph
     (`LlamaThinkModel.compile_layer_runs`). It holds the model's own layers but is not one of its submodules, so the
-    model's parameters, state dict and hooks are unchanged; each layer is called as a module (the hooks it had when
-    the run was compiled run; `LlamaThinkModel._current_layer_runs` turns to the layers alone when they change)."""
+    model's parameters, state dict and hooks are unchanged. Layers with hooks of their own are not run in a run
+    (`_layers_have_hooks`)."""
 
     def __init__(self, layers: list[nn.Module]):
         super().__init__()
@@ -2482,8 +2479,8 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         graph of its own; an N that is not a multiple of the pattern's period makes several different runs, each
         its own graph (a warning says so). The layers are compiled one by one as well, for the forwards that the
         runs do not serve: `output_hidden_states` (each layer's output), gradient checkpointing (which checkpoints
-        each layer), a model whose `layers` were replaced after this call, and layers whose own hooks changed after
-        it. (Hooks added to a layer's submodules after the first compiled step are not seen, as with any
+        each layer), a model whose `layers` were replaced after this call, and layers with forward or backward hooks
+        of their own. (Hooks added to a layer's submodules after its first compiled step are not seen, as with any
         torch.compile'd module: dynamo does not guard on them. Register them before.) Raises ValueError for a
         `layers_per_graph` that is not a positive integer. A copy of the model
         (`copy.deepcopy`) runs its layers uncompiled, with the same results (torch does not copy a module's compiled
@@ -2741,7 +2738,6 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         super().__init__(config)
         self.compiled_layers = False  # set by `compile_layers`: packed batches then use FlexAttention
         self.layer_runs = None  # set by `compile_layers` (`compile_layer_runs`): runs of layers compiled as one region
-        self._layer_run_hooks = ()  # the layers' own hooks when the runs were made (`_current_layer_runs`)
         self.compiled_layers_cuda_graphs = False  # set by `compile_layers(mode=...)` with a CUDA-graph mode
         self.compiled_layers_inductor = False  # set by `compile_layers` with inductor (which fuses FlexAttention)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -2772,17 +2768,17 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
                     f"{len(distinct)} different runs, each its own graph to compile (and each counted against "
                     f"dynamo's recompile limit, past which a run trains eagerly); a multiple of {period} gives one"
                 )
+            if _layers_have_hooks(self.layers):
+                logger.warning("decoder layers have hooks: they are compiled one by one, so that the hooks run")
+                return
             self.layer_runs = [LlamaThinkLayerRun(list(self.layers[i : i + layers_per_graph])) for i in starts]
-            self._layer_run_hooks = _layer_hooks(self.layers)
             for run in self.layer_runs:
                 run.compile(**compile_kwargs)
 
     def _current_layer_runs(self) -> list | None:
-        """`layer_runs`, while they still hold exactly `layers` in order and no layer's own hooks changed since
-        `compile_layers`; else None, with a warning once: the layers then run one by one. A run's compiled graph
-        inlines its layers' calls, and dynamo does not recompile it for a hook added later (it would silently not
-        run), where a layer compiled alone runs its hooks. Replaced or removed layers also drop the runs (which
-        would otherwise keep the old layers' memory)."""
+        """`layer_runs`, while they still hold exactly `layers` in order and no layer has hooks of its own
+        (`_layers_have_hooks`); else None, with a warning once: the layers then run one by one. Replaced or removed
+        layers also drop the runs (which would otherwise keep the old layers' memory)."""
         runs = self.layer_runs
         if not runs:
             return None
@@ -2794,10 +2790,9 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
             )
             self.layer_runs = None
             return None
-        if _layer_hooks(self.layers) != self._layer_run_hooks:
+        if _layers_have_hooks(self.layers):
             logger.warning_once(
-                "hooks were added to or removed from decoder layers after compile_layers: the layers now run one by "
-                "one, so that the hooks run (call compile_layers again to compile runs of them)"
+                "decoder layers have hooks: they now run one by one, each compiled alone, so that the hooks run"
             )
             return None
         return runs

@@ -3670,9 +3670,15 @@ def test_compiled_runs_of_layers_give_way_to_each_layer_where_a_run_cannot_serve
     ]
     with caplog.at_level("WARNING"):
         same()
-    assert "hooks were added to or removed from decoder layers after compile_layers" in caplog.text
+        assert "decoder layers have hooks: they now run one by one" in caplog.text
+        # compiled again with the hook in place: still each layer alone (a run would reuse the graph traced without it)
+        compiled.compile_layers(backend=counting_backend)
+        assert compiled.model.layer_runs is None
+        assert "decoder layers have hooks: they are compiled one by one" in caplog.text
+        same()
     for handle in handles:
         handle.remove()
+    compiled.compile_layers(backend=counting_backend)
     same()  # the runs again, as traced
     for model in (ref, compiled):  # a layer replaced after compile_layers: each layer runs alone
         model.model.layers[3] = copy.deepcopy(model.model.layers[1])
