@@ -2482,9 +2482,9 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         each layer), a model whose `layers` were replaced after this call, and layers with forward or backward hooks
         of their own. (Hooks added to a layer's submodules after its first compiled step are not seen, as with any
         torch.compile'd module: dynamo does not guard on them. Register them before.) Raises ValueError for a
-        `layers_per_graph` that is not a positive integer. A copy of the model
-        (`copy.deepcopy`) runs its layers uncompiled, with the same results (torch does not copy a module's compiled
-        call); call this method on the copy to compile it.
+        `layers_per_graph` that is not a positive integer. A copy of the model (`copy.deepcopy`) runs its layers
+        uncompiled, with the same results (torch does not copy a module's compiled call); call this method on the
+        copy to compile it.
 
         Method: PyTorch's regional compilation recipe (pytorch.org/tutorials/recipes/regional_compilation.html);
         `compile_kwargs` go to `torch.compile` (for example `mode`, `dynamic`, `backend`). `mode="reduce-overhead"`
