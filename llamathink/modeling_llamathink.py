@@ -1859,18 +1859,11 @@ def check_layers_per_graph(layers_per_graph) -> None:
         raise ValueError(f"layers_per_graph must be a positive integer or None, got {layers_per_graph!r}")
 
 
-def _layers_have_hooks(layers) -> bool:
-    """Whether any of `layers` has forward or backward hooks of its own. Such layers are not run inside a compiled
-    run: dynamo does not recompile a graph for hooks added after it was traced (it would reuse a graph traced without
-    them, also from a later `compile_layers`), while a layer compiled alone runs its hooks."""
-    return any(m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks for m in layers)
-
-
 class LlamaThinkLayerRun(nn.Module):
     """Consecutive decoder layers called one after the other: the region that `compile_layers` compiles as one graph
     (`LlamaThinkModel.compile_layer_runs`). It holds the model's own layers but is not one of its submodules, so the
-    model's parameters, state dict and hooks are unchanged. Layers with hooks of their own are not run in a run
-    (`_layers_have_hooks`)."""
+    model's parameters, state dict and hooks are unchanged. Layers with hooks are not run in a run
+    (`LlamaThinkModel._current_layer_runs`)."""
 
     def __init__(self, layers: list[nn.Module]):
         super().__init__()
@@ -2480,11 +2473,11 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         its own graph (a warning says so). The layers are compiled one by one as well, for the forwards that the
         runs do not serve: `output_hidden_states` (each layer's output), gradient checkpointing (which checkpoints
         each layer), a model whose `layers` were replaced after this call, and layers with forward or backward hooks
-        of their own. (Hooks added to a layer's submodules after its first compiled step are not seen, as with any
-        torch.compile'd module: dynamo does not guard on them. Register them before.) Raises ValueError for a
-        `layers_per_graph` that is not a positive integer. A copy of the model (`copy.deepcopy`) runs its layers
-        uncompiled, with the same results (torch does not copy a module's compiled call); call this method on the
-        copy to compile it.
+        (their own or every module's). (Hooks added to a layer's submodules after its first compiled step are not
+        seen, as with any torch.compile'd module: dynamo does not guard on them. Register them before.) Raises
+        ValueError for a `layers_per_graph` that is not a positive integer. A copy of the model (`copy.deepcopy`)
+        runs its layers uncompiled, with the same results (torch does not copy a module's compiled call); call this
+        method on the copy to compile it.
 
         Method: PyTorch's regional compilation recipe (pytorch.org/tutorials/recipes/regional_compilation.html);
         `compile_kwargs` go to `torch.compile` (for example `mode`, `dynamic`, `backend`). `mode="reduce-overhead"`
@@ -2768,7 +2761,7 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
                     f"{len(distinct)} different runs, each its own graph to compile (and each counted against "
                     f"dynamo's recompile limit, past which a run trains eagerly); a multiple of {period} gives one"
                 )
-            if _layers_have_hooks(self.layers):
+            if any(map(_has_torch_hooks, self.layers)):
                 logger.warning("decoder layers have hooks: they are compiled one by one, so that the hooks run")
                 return
             self.layer_runs = [LlamaThinkLayerRun(list(self.layers[i : i + layers_per_graph])) for i in starts]
@@ -2776,9 +2769,11 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
                 run.compile(**compile_kwargs)
 
     def _current_layer_runs(self) -> list | None:
-        """`layer_runs`, while they still hold exactly `layers` in order and no layer has hooks of its own
-        (`_layers_have_hooks`); else None, with a warning once: the layers then run one by one. Replaced or removed
-        layers also drop the runs (which would otherwise keep the old layers' memory)."""
+        """`layer_runs`, while they still hold exactly `layers` in order and no layer has forward or backward hooks
+        (`_has_torch_hooks`: its own or every module's); else None, with a warning once: the layers then run one by
+        one. Dynamo does not recompile a run's graph for hooks added after it was traced (it would reuse a graph
+        traced without them, also from a later `compile_layers`), while a layer compiled alone runs its hooks.
+        Replaced or removed layers also drop the runs (which would otherwise keep the old layers' memory)."""
         runs = self.layer_runs
         if not runs:
             return None
@@ -2790,7 +2785,7 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
             )
             self.layer_runs = None
             return None
-        if _layers_have_hooks(self.layers):
+        if any(map(_has_torch_hooks, self.layers)):
             logger.warning_once(
                 "decoder layers have hooks: they now run one by one, each compiled alone, so that the hooks run"
             )

@@ -3678,7 +3678,14 @@ def test_compiled_runs_of_layers_give_way_to_each_layer_where_a_run_cannot_serve
         same()
     for handle in handles:
         handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda mod, args, out: None)
+    try:  # a hook for every module is a layer's hook too
+        compiled.compile_layers(backend=counting_backend)
+        assert compiled.model.layer_runs is None
+    finally:
+        handle.remove()
     compiled.compile_layers(backend=counting_backend)
+    assert compiled.model.layer_runs is not None
     same()  # the runs again, as traced
     for model in (ref, compiled):  # a layer replaced after compile_layers: each layer runs alone
         model.model.layers[3] = copy.deepcopy(model.model.layers[1])
