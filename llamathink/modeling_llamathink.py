@@ -141,6 +141,7 @@ class LlamaThinkRotaryEmbedding(nn.Module):
         super()._apply(fn, recurse)
         if self.inv_freq.dtype != torch.float32:
             self.inv_freq = self.compute_inv_freq(device=self.inv_freq.device)
+        self._whole_rows = {}  # (tables of the old frequencies' device)
         return self
 
     @torch.no_grad()
@@ -149,6 +150,30 @@ class LlamaThinkRotaryEmbedding(nn.Module):
         freqs = position_ids[..., None].float() * self.inv_freq.float()  # [B, T, rotary_dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    # tables of `whole_rows` kept at once (eval batches and a short last batch add shapes; the oldest goes first)
+    whole_rows_kept: int = 8
+
+    @torch.no_grad()
+    def whole_rows(
+        self, batch: int, seq_len: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` for rows at positions 0 .. seq_len - 1 each: cos, sin [batch, seq_len, rotary_dim], the same
+        values, made once per shape and dtype and then returned as the same tensors (views of [1, T, R] tables),
+        marked as static inputs for torch.compile (`torch._dynamo.mark_static_address`, unguarded). CUDA graphs of
+        compiled layers then read them in place: inputs that are not static are copied into the graph's own
+        buffers before every replay. Not for tracing (each traced call would bake the tables in)."""
+        key = (batch, seq_len, dtype, torch.device(device))
+        cache = self.__dict__.setdefault("_whole_rows", {})
+        if key not in cache:
+            positions = torch.arange(seq_len, device=device)[None]  # [1, T]
+            tables = tuple(t.expand(batch, -1, -1) for t in self(positions, dtype))  # [1, T, R] -> [B, T, R]
+            for t in tables:
+                torch._dynamo.mark_static_address(t, guard=False)
+            while len(cache) >= self.whole_rows_kept:
+                cache.pop(next(iter(cache)))
+            cache[key] = tables
+        return cache[key]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -908,6 +933,10 @@ def csa_block_masks(seq_len: int, window: int, stride: int, device: torch.device
     compressed = create_block_mask(
         functools.partial(_completed_blocks, stride), None, None, seq_len, blocks, device=device, _compile=long
     )
+    for mask in (local, compressed):  # CUDA graphs of the compiled layers read them in place (no copy per replay)
+        for t in mask.as_tuple(flatten=True):
+            if isinstance(t, torch.Tensor):
+                torch._dynamo.mark_static_address(t, guard=False)
     return local, compressed
 
 
@@ -2222,6 +2251,52 @@ def _as_index(input_ids: torch.Tensor) -> torch.Tensor:
     return input_ids.long() if input_ids.dtype in (torch.int16, torch.uint8) else input_ids
 
 
+class _EmbeddingIndexAdd(torch.autograd.Function):
+    """`F.embedding(ids, weight)` whose weight gradient is summed by `index_add_` into a zeroed table.
+
+    ids [...] (int64), weight [V, H] -> [..., H]; the gradient w.r.t. weight is [V, H] in weight's dtype, summed in
+    float32 for 16-bit weights (as PyTorch's own backward sums). On CUDA, PyTorch's embedding backward sorts the
+    indices (radix sort, segment sums: about ten kernels) once a batch holds more than 3072 of them; `index_add_`
+    adds each row with atomics in one kernel after the zero fill (what inductor emits for a compiled embedding's
+    backward). The summation order then varies from run to run, so `embedding_lookup` takes this path only while
+    `torch.use_deterministic_algorithms` is off."""
+
+    @staticmethod
+    def forward(ctx, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (ids,) = ctx.saved_tensors
+        acc = _acc_dtype(ctx.weight_dtype)
+        grad_weight = torch.zeros(ctx.weight_shape, dtype=acc, device=grad_output.device)
+        # [..., H] -> [N, H] rows added at their ids
+        grad_weight.index_add_(0, ids.reshape(-1), grad_output.reshape(-1, ctx.weight_shape[1]).to(acc))
+        return None, grad_weight.to(ctx.weight_dtype)
+
+
+def embedding_lookup(embedding: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """`embedding(ids)`: ids [B, T] -> [B, T, H]. A plain `nn.Embedding` (`is_plain_module`; no padding index, max
+    norm, frequency scaling or sparse gradient) on CUDA, outside tracing and deterministic algorithms, takes
+    `_EmbeddingIndexAdd`, whose backward sums the weight gradient with one atomic kernel; anything else calls the
+    module (its hooks, wrappers and options apply)."""
+    plain = (
+        ids.is_cuda
+        and is_plain_module(embedding, nn.Embedding)
+        and embedding.padding_idx is None
+        and embedding.max_norm is None
+        and not embedding.scale_grad_by_freq
+        and not embedding.sparse
+    )
+    if not plain or torch.compiler.is_compiling() or torch.are_deterministic_algorithms_enabled():
+        return embedding(ids)
+    if not (torch.is_grad_enabled() and embedding.weight.requires_grad):
+        return F.embedding(ids, embedding.weight)
+    return _EmbeddingIndexAdd.apply(ids, embedding.weight)
+
+
 def is_plain_linear(module: nn.Module) -> bool:
     """True when `module(x)` is exactly `x @ module.weight.T`, so that its weight may be read instead of calling
     the module (`chunked_causal_lm_loss` with the head, `LlamaThinkGatedDeltaNet._gate_projections`): an
@@ -2917,7 +2992,7 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         past = cache.get_seq_length() if cache is not None else 0
         B, T = self._check_inputs(input_ids, inputs_embeds, attention_mask, past)
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(_as_index(input_ids))
+            inputs_embeds = embedding_lookup(self.embed_tokens, _as_index(input_ids))
         device = inputs_embeds.device
         if cache is not None and cache.batch_size is not None and cache.batch_size != B:
             raise ValueError(f"the cache holds {cache.batch_size} rows but the input has batch size {B}")
@@ -3065,7 +3140,10 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
             )  # (the first CSA layer that may take the path: the masks are the same for every CSA layer)
             if csa is not None and csa.uses_flex_window(device):
                 csa_masks = csa_block_masks(T, csa.window, csa.stride, device)
-        cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        if whole_rows and real_lengths is None and not torch.compiler.is_compiling():  # positions 0 .. T - 1
+            cos, sin = self.rotary_emb.whole_rows(B, T, inputs_embeds.dtype, device)
+        else:
+            cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
         ctx = ForwardContext(
             position_ids=position_ids,
             cos=cos,

@@ -617,7 +617,8 @@ def test_compiled_csa_layers_run_flex_attention_with_the_sdpa_paths_values(monke
     every parameter's gradient equal the eager model's (its SDPA paths) to float32 rounding, over two steps (the
     second a graph replay), for rows of 300 tokens (not a multiple of FlexAttention's 128-token blocks nor of the
     window) with a window of 64 and blocks of 4, queries before the first complete block included (they output 0).
-    A window edge, block rule or pooling off by one position moves them by far more."""
+    A window edge, block rule or pooling off by one position moves them by far more. A third step after the masks'
+    and rotary tables' caches were dropped (new static inputs) gives the same values."""
     from llamathink.modeling_llamathink import LlamaThinkCompressedSparseAttention, csa_block_masks
 
     dims = {"head_dim": 16, "hidden_size": 64, "csa_window": 64, "csa_stride": 4, "mixer_types": ["csa", "full", "csa"]}
@@ -645,6 +646,14 @@ def test_compiled_csa_layers_run_flex_attention_with_the_sdpa_paths_values(monke
     after = csa_block_masks.cache_info()
     assert after.hits + after.misses >= before.hits + before.misses + 2, "the FlexAttention masks were not asked for"
     assert any("blend_proj" in n for n in errors) and any("compress_k" in n for n in errors)
+    # the masks and the rotary tables are static inputs of the CUDA graphs (read in place): new ones (a cache
+    # dropped) make cudagraph trees record again, never replay over the old memory
+    csa_block_masks.cache_clear()
+    model.model.rotary_emb._whole_rows.clear()
+    torch.compiler.cudagraph_mark_step_begin()
+    loss, grads = loss_and_grads(model, ids, autocast=False)
+    assert abs(loss - loss_ref) < 1e-5 * abs(loss_ref), (loss, loss_ref)
+    assert max(relative_errors(grads, grads_ref).values()) < 1e-4
 
 
 @pytest.mark.parametrize("gdn_backend", ["torch", FAST_BACKENDS[0]])
@@ -683,6 +692,30 @@ def test_compiled_runs_of_layers_replay_as_cuda_graphs_with_the_eager_values(gdn
         worst = sorted(((e / allowed[n], e, n) for n, e in errors.items()), reverse=True)[:5]
         assert all(errors[n] < allowed[n] for n in errors), worst
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # one run's graph and the loss's
+
+
+def test_embedding_lookup_on_cuda_takes_the_index_add_backward_with_the_embeddings_values():
+    """On CUDA a plain embedding's lookup (`embedding_lookup`, what the model's forward calls) runs
+    `_EmbeddingIndexAdd`: the same output as `nn.Embedding`, and a weight gradient equal to its sort-based
+    backward's to float32 rounding (16384 ids over a 32000-row table, many repeated: the batch shape of training,
+    past PyTorch's 3072-index direct kernel); with deterministic algorithms on, the module's own backward."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(32000, 96).cuda()
+    ids = torch.randint(0, 500, (16, 1024), device="cuda")  # about 33 uses of each id
+    grad = torch.randn(16, 1024, 96, device="cuda")
+    out = modeling.embedding_lookup(emb, ids)
+    assert type(out.grad_fn).__name__ == "_EmbeddingIndexAddBackward"
+    (ours,) = torch.autograd.grad(out, emb.weight, grad)
+    ref_out = emb(ids)
+    (ref,) = torch.autograd.grad(ref_out, emb.weight, grad)
+    assert torch.equal(out, ref_out)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert ours[500:].abs().max() == 0
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert modeling.embedding_lookup(emb, ids).grad_fn.name() == "EmbeddingBackward0"
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @pytest.fixture

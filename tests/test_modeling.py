@@ -601,6 +601,73 @@ def test_rotary_matches_transformers_qwen3_5_rotary_for_text_positions():
     torch.testing.assert_close(sin, sin_ref)
 
 
+def test_whole_row_rotary_tables_are_the_forwards_values_made_once_and_static():
+    """`whole_rows` gives `forward`'s cos / sin of positions 0 .. T - 1 exactly, as the same tensors on every call
+    (marked static for CUDA graphs: no copy per replay), keeps a bounded number of shapes and drops them on a move;
+    the model hands them to its layers for whole rows only (not with padding, a cache or packed documents). CSA's
+    FlexAttention masks are marked static as well."""
+    config = tiny_config()
+    rotary = LlamaThinkRotaryEmbedding(config)
+    for dtype in (torch.float32, torch.bfloat16):
+        cos, sin = rotary.whole_rows(3, 11, dtype, torch.device("cpu"))
+        ref_cos, ref_sin = rotary(torch.arange(11)[None].expand(3, 11), dtype)
+        assert cos.shape == (3, 11, config.rotary_dim) and cos.dtype == dtype
+        assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+        again = rotary.whole_rows(3, 11, dtype, torch.device("cpu"))
+        assert again[0] is cos and again[1] is sin
+        assert cos._dynamo_static_input_type == sin._dynamo_static_input_type == "unguarded"
+    for T in range(1, 3 * rotary.whole_rows_kept):
+        rotary.whole_rows(1, T, torch.float32, torch.device("cpu"))
+    assert len(rotary._whole_rows) == rotary.whole_rows_kept
+    rotary.to(torch.float64)  # a move drops the tables (and keeps the frequencies in float32)
+    assert rotary._whole_rows == {} and rotary.inv_freq.dtype == torch.float32
+
+    model = tiny_model(dtype=torch.float32)
+    seen = []
+    model.model.layers[0].register_forward_pre_hook(lambda m, a, kw: seen.append(kw["ctx"].cos), with_kwargs=True)
+    ids = torch.randint(3, config.vocab_size, (2, 9))
+    model(input_ids=ids, use_cache=False)
+    model(input_ids=ids, position_ids=torch.arange(9)[None].expand(2, 9), use_cache=False)
+    tables = model.model.rotary_emb.whole_rows(2, 9, torch.float32, torch.device("cpu"))
+    assert seen[0] is tables[0] and seen[1] is tables[0]
+    model(input_ids=ids, attention_mask=torch.tensor([[0] + [1] * 8, [1] * 9]), use_cache=False)  # left padding
+    model(input_ids=ids, position_ids=torch.tensor([list(range(4)) + list(range(5))] * 2), use_cache=False)  # packed
+    model(input_ids=ids[:, :5], use_cache=True)  # a cache: positions go on from the cached length
+    assert all(cos is not tables[0] for cos in seen[2:]) and len(seen) == 5
+    # CSA's FlexAttention masks (cached per shape) are static inputs too
+    masks = modeling.csa_block_masks(64, 16, 4, torch.device("cpu"))
+    tensors = [t for mask in masks for t in mask.as_tuple(flatten=True) if isinstance(t, torch.Tensor)]
+    assert len(tensors) >= 8 and all(t._dynamo_static_input_type == "unguarded" for t in tensors)
+
+
+def test_embedding_lookup_sums_the_weight_gradient_as_the_embedding_backward():
+    """`_EmbeddingIndexAdd` (the CUDA fast path of `embedding_lookup`) gives `F.embedding`'s output and weight
+    gradient, repeated ids summed (in float32 for a bf16 table, rounded once); `embedding_lookup` calls the module
+    itself off CUDA, and for a module with a hook or options the fast path does not carry."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 7, (3, 20))  # many repeats
+    for dtype in (torch.float64, torch.bfloat16):
+        weight = torch.randn(7, 5, dtype=dtype, requires_grad=True)
+        grad = torch.randn(3, 20, 5, dtype=dtype)
+        out = modeling._EmbeddingIndexAdd.apply(ids, weight)
+        (ours,) = torch.autograd.grad(out, weight, grad)
+        ref_out = F.embedding(ids, weight)
+        (ref,) = torch.autograd.grad(ref_out, weight, grad)
+        assert torch.equal(out, ref_out) and ours.dtype == dtype
+        exact = torch.zeros(7, 5, dtype=torch.float64).index_add_(0, ids.flatten(), grad.reshape(-1, 5).double())
+        if dtype == torch.float64:
+            torch.testing.assert_close(ours, exact, rtol=1e-12, atol=1e-12)
+        else:  # one rounding of the float32 sum
+            torch.testing.assert_close(ours, exact.to(dtype), rtol=0, atol=0)
+            torch.testing.assert_close(ref.float(), exact.float(), rtol=2e-2, atol=2e-2)
+
+    emb = torch.nn.Embedding(7, 5)
+    calls = []
+    emb.register_forward_hook(lambda m, a, o: calls.append(o))
+    out = modeling.embedding_lookup(emb, ids)
+    assert len(calls) == 1 and out.grad_fn.name() == "EmbeddingBackward0"  # (CPU: the module itself)
+
+
 def _naive_csa(mod: LlamaThinkCompressedSparseAttention, x, rotary):
     """CSA computed straight from its definition, one query at a time, with dense loops (batch 1)."""
     T = x.shape[1]
