@@ -11,7 +11,10 @@ reports:
   chain of host ops around the launch: a gap ends when the host launches the next work, so a long gap before work
   launched from `aten::embedding` says the host was still getting there);
 - the host's waits for the device (`cudaStreamSynchronize`, `cudaDeviceSynchronize`, `cudaEventSynchronize`,
-  `cudaMemcpy`, and copies to the host), with the host ops around each.
+  `cudaMemcpy`, and copies to the host), with the host ops around each;
+- the copies and fills the host launched on the device outside CUDA graphs, summed by the host ops around each
+  launch: among them torch.compile's CUDA graphs copying each input that is not static (a parameter, a buffer, a
+  tensor marked with `torch._dynamo.mark_static_address`) into the graph's own memory before every replay.
 
 The step's wall time is its GPU busy time plus its idle time; a step whose kernels alone would reach a peer's MFU
 but whose wall time does not is losing the difference in these gaps. Method: the Chrome trace format of Kineto,
@@ -115,7 +118,8 @@ def analyse(events: list[dict], marker: str | None = "bench_step", min_gap_us: f
     under the step's own annotation name a gap's origin. Returns {"steps": [per step: span_us, busy_us, idle_us],
     "busy_us_per_step", "idle_us_per_step", "gaps_by_origin": [[origin, total_us_per_step, count_per_step], ...]
     (largest first), "waits_by_origin": the same for the host's waits inside the steps (the whole trace without
-    steps), "largest_gaps": [...]}. Raises ValueError for a trace without GPU events, or whose steps launched none."""
+    steps), "host_copies_by_origin": the same for the copies and fills the steps' host code launched outside CUDA
+    graphs (their GPU time), "largest_gaps": [...]}. Raises ValueError for a trace without GPU events, or whose steps launched none."""
     gpu = sorted((e for e in events if e.get("cat") in GPU_CATEGORIES), key=lambda e: e["ts"])
     if not gpu:
         raise ValueError("the trace has no GPU events (profiled without CUDA activity, or on the CPU)")
@@ -203,6 +207,16 @@ def analyse(events: list[dict], marker: str | None = "bench_step", min_gap_us: f
             waits_by[where][0] += e["dur"]
             waits_by[where][1] += 1
 
+    # the host's own copies and fills (a CUDA graph's are launched by its cudaGraphLaunch)
+    copies_by = collections.defaultdict(lambda: [0.0, 0])
+    for e in gpu:
+        launch = launch_of(e)
+        if e.get("cat") == "kernel" or launch is None or launch["name"] == "cudaGraphLaunch" or step_of(e) is None:
+            continue
+        where = origin(launch["ts"], launch.get("tid"))
+        copies_by[where][0] += e["dur"]
+        copies_by[where][1] += 1
+
     def table(d):
         rows = sorted(d.items(), key=lambda kv: -kv[1][0])
         return [[k, round(v[0] / n_steps, 1), round(v[1] / n_steps, 2)] for k, v in rows]
@@ -213,6 +227,7 @@ def analyse(events: list[dict], marker: str | None = "bench_step", min_gap_us: f
         "idle_us_per_step": round(sum(s["idle_us"] for s in steps) / n_steps, 1),
         "gaps_by_origin": table(gaps_by),
         "waits_by_origin": table(waits_by),
+        "host_copies_by_origin": table(copies_by),
         "largest_gaps": sorted(largest, key=lambda g: -g["gap_us"])[:20],
     }
 
@@ -229,6 +244,8 @@ def report(result: dict, top: int = 15) -> str:
     lines += [f"  {us:9.1f}  {count:7.2f}  {where}" for where, us, count in result["gaps_by_origin"][:top]]
     lines.append("host waits for the device (us per step, waits per step):")
     lines += [f"  {us:9.1f}  {count:7.2f}  {where}" for where, us, count in result["waits_by_origin"][:top]]
+    lines.append("copies and fills launched by the host, outside CUDA graphs (us per step, copies per step):")
+    lines += [f"  {us:9.1f}  {count:7.2f}  {where}" for where, us, count in result["host_copies_by_origin"][:top]]
     lines.append("largest gaps:")
     lines += [
         f"  {g['gap_us']:9.1f}  {g['launch']} from {g['origin']} -> {g['next']}" for g in result["largest_gaps"][:top]

@@ -917,7 +917,8 @@ def csa_block_masks(seq_len: int, window: int, stride: int, device: torch.device
       t when stride * (j + 1) <= t (a query before the first completed block sees none: FlexAttention outputs 0).
 
     Both are broadcast over batch and heads and depend on the shape alone, so they are built once per shape and
-    device (cached here) and the compiled layers receive the same objects every step. FlexAttention skips the key
+    device (cached here) and the compiled layers receive the same objects every step, their tensors marked as static
+    inputs (`torch._dynamo.mark_static_address`): CUDA graphs read them in place. FlexAttention skips the key
     blocks a mask rules out entirely, and no band or mask tensor is built in the layer's graph. Method:
     PyTorch's FlexAttention (`torch.nn.attention.flex_attention.create_block_mask`); the masks are those of
     `LlamaThinkCompressedSparseAttention._local_attention` and `_compressed_attention` on such rows."""
@@ -933,7 +934,7 @@ def csa_block_masks(seq_len: int, window: int, stride: int, device: torch.device
     compressed = create_block_mask(
         functools.partial(_completed_blocks, stride), None, None, seq_len, blocks, device=device, _compile=long
     )
-    for mask in (local, compressed):  # CUDA graphs of the compiled layers read them in place (no copy per replay)
+    for mask in (local, compressed):  # unguarded: cudagraph trees record again should new masks replace these
         for t in mask.as_tuple(flatten=True):
             if isinstance(t, torch.Tensor):
                 torch._dynamo.mark_static_address(t, guard=False)

@@ -122,7 +122,8 @@ def test_trace_gaps_names_the_idle_time_and_the_host_code_that_ended_it(tmp_path
     wait), 40-50 and 45-70 (one CUDA graph from CompiledFunction, overlapping) and a copy to the host at 71-72
     (a wait, with a synchronize, inside aten::item); step 2 launches one kernel (from aten::embedding) that runs at
     150-160. Step 1's window on the GPU is 20-150 us: busy 10 + 1 + 30 + 1, idle 88 (8 before the device copy,
-    78 before step 2's kernel; gaps under 2 us left out); step 2's is 150-160, all busy."""
+    78 before step 2's kernel; gaps under 2 us left out); step 2's is 150-160, all busy. The two copies are the
+    host's own (not a CUDA graph's), named by the host ops around their launches."""
     import gzip
     import json
 
@@ -164,6 +165,8 @@ def test_trace_gaps_names_the_idle_time_and_the_host_code_that_ended_it(tmp_path
     assert result["idle_us_per_step"] == 44.0
     assert result["gaps_by_origin"] == [["aten::embedding", 39.0, 0.5], ["CompiledFunction", 4.0, 0.5]]
     assert result["waits_by_origin"] == [["aten::item", 5.0, 1.0]]
+    # the host's copies (not a graph's): the device copy from CompiledFunction, the copy to the host from aten::item
+    assert result["host_copies_by_origin"] == [["CompiledFunction", 0.5, 0.5], ["aten::item", 0.5, 0.5]]
     assert result["largest_gaps"][0] == {
         "gap_us": 78,
         "origin": "aten::embedding",
