@@ -12,9 +12,10 @@ reports:
   launched from `aten::embedding` says the host was still getting there);
 - the host's waits for the device (`cudaStreamSynchronize`, `cudaDeviceSynchronize`, `cudaEventSynchronize`,
   `cudaMemcpy`, and copies to the host), with the host ops around each;
-- the copies and fills the host launched on the device outside CUDA graphs, summed by the host ops around each
-  launch: among them torch.compile's CUDA graphs copying each input that is not static (a parameter, a buffer, a
-  tensor marked with `torch._dynamo.mark_static_address`) into the graph's own memory before every replay.
+- the copies and fills the host launched on the device outside CUDA graphs (copy and fill events, and kernels
+  launched inside a host copy or fill op: `COPY_OPS`), summed by the host ops around each launch: among them
+  torch.compile's CUDA graphs copying each input that is not static (a parameter, a buffer, a tensor marked with
+  `torch._dynamo.mark_static_address`) into the graph's own memory before every replay (`aten::_foreach_copy_`).
 
 The step's wall time is its GPU busy time plus its idle time; a step whose kernels alone would reach a peer's MFU
 but whose wall time does not is losing the difference in these gaps. Method: the Chrome trace format of Kineto,
@@ -37,6 +38,8 @@ GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 HOST_OP_CATEGORIES = ("cpu_op", "user_annotation", "python_function")
 RUNTIME_CATEGORIES = ("cuda_runtime", "cuda_driver")
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+# host ops whose kernels copy or fill memory (casts run `aten::copy_`; `zeros` runs `aten::fill_`)
+COPY_OPS = ("aten::copy_", "aten::_foreach_copy_", "aten::fill_", "aten::zero_", "aten::_foreach_zero_")
 
 
 def load_trace(path: str | Path) -> list[dict]:
@@ -211,9 +214,12 @@ def analyse(events: list[dict], marker: str | None = "bench_step", min_gap_us: f
     copies_by = collections.defaultdict(lambda: [0.0, 0])
     for e in gpu:
         launch = launch_of(e)
-        if e.get("cat") == "kernel" or launch is None or launch["name"] == "cudaGraphLaunch" or step_of(e) is None:
+        if launch is None or launch["name"] == "cudaGraphLaunch" or step_of(e) is None:
             continue
-        where = origin(launch["ts"], launch.get("tid"))
+        tid = launch.get("tid")
+        if e.get("cat") == "kernel" and not set(COPY_OPS) & set(host[tid].around(launch["ts"]) if tid in host else []):
+            continue
+        where = origin(launch["ts"], tid)
         copies_by[where][0] += e["dur"]
         copies_by[where][1] += 1
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -151,7 +152,7 @@ class LlamaThinkRotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    # tables of `whole_rows` kept at once (eval batches and a short last batch add shapes; the oldest goes first)
+    # sequence lengths whose `whole_rows` tables are kept at once (the least recently used goes first)
     whole_rows_kept: int = 8
 
     @torch.no_grad()
@@ -159,21 +160,45 @@ class LlamaThinkRotaryEmbedding(nn.Module):
         self, batch: int, seq_len: int, dtype: torch.dtype, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` for rows at positions 0 .. seq_len - 1 each: cos, sin [batch, seq_len, rotary_dim], the same
-        values, made once per shape and dtype and then returned as the same tensors (views of [1, T, R] tables),
-        marked as static inputs for torch.compile (`torch._dynamo.mark_static_address`, unguarded). CUDA graphs of
-        compiled layers then read them in place: inputs that are not static are copied into the graph's own
-        buffers before every replay. Not for tracing (each traced call would bake the tables in)."""
-        key = (batch, seq_len, dtype, torch.device(device))
-        cache = self.__dict__.setdefault("_whole_rows", {})
-        if key not in cache:
+        values, as views of [1, seq_len, rotary_dim] tables made once per length, dtype and device, marked as static
+        inputs for torch.compile (`torch._dynamo.mark_static_address`, unguarded). CUDA graphs of compiled layers
+        then read them in place: inputs that are not static are copied into the graph's own buffers before every
+        replay, and a static input at a new address makes cudagraph trees record their graphs again.
+
+        The tables are kept for `whole_rows_kept` lengths (least recently used first out) and made again when the
+        frequencies change (`inv_freq` replaced or edited in place, or the module moved). Where a cached table could
+        differ from what calling the module gives, this calls it instead (new tensors, not kept): a module with hooks
+        (its own, global ones, or accelerate's), a subclass, a dispatch mode (e.g. FakeTensorMode) or a CUDA-graph
+        capture under way. Thread-safe. Not for tracing (each traced call would bake the tables in)."""
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        mode = _get_current_dispatch_mode()
+        if capturing or mode is not None or not is_plain_module(self, LlamaThinkRotaryEmbedding):
             positions = torch.arange(seq_len, device=device)[None]  # [1, T]
-            tables = tuple(t.expand(batch, -1, -1) for t in self(positions, dtype))  # [1, T, R] -> [B, T, R]
-            for t in tables:
-                torch._dynamo.mark_static_address(t, guard=False)
-            while len(cache) >= self.whole_rows_kept:
-                cache.pop(next(iter(cache)))
-            cache[key] = tables
-        return cache[key]
+            return tuple(t.expand(batch, -1, -1) for t in self(positions, dtype))
+        freq = self.inv_freq
+        key = (seq_len, dtype, torch.device(device), id(freq), freq.data_ptr(), freq._version)
+        with _WHOLE_ROWS_LOCK:
+            cache = self.__dict__.setdefault("_whole_rows", {})  # key -> (tables [1, T, R], {batch: views})
+            entry = cache.pop(key, None)  # (re-inserted last: the most recently used)
+            if entry is None:
+                with torch.inference_mode(False):  # (kept tensors must serve training forwards too)
+                    entry = (self(torch.arange(seq_len, device=device)[None], dtype), {})  # [1, T, R] each
+                while len(cache) >= self.whole_rows_kept:
+                    cache.pop(next(iter(cache)))
+            cache[key] = entry
+            tables, views = entry
+            if batch not in views:  # [1, T, R] -> [B, T, R]; views of one table share its address
+                if len(views) >= self.whole_rows_kept:
+                    views.clear()
+                views[batch] = tuple(t.expand(batch, -1, -1) for t in tables)
+                for t in views[batch]:
+                    torch._dynamo.mark_static_address(t, guard=False)
+            return views[batch]
+
+
+# guards `LlamaThinkRotaryEmbedding.whole_rows`' caches (generate() may run in several threads, DataParallel replicas
+# share one module's dict)
+_WHOLE_ROWS_LOCK = threading.Lock()
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -2255,47 +2280,62 @@ def _as_index(input_ids: torch.Tensor) -> torch.Tensor:
 class _EmbeddingIndexAdd(torch.autograd.Function):
     """`F.embedding(ids, weight)` whose weight gradient is summed by `index_add_` into a zeroed table.
 
-    ids [...] (int64), weight [V, H] -> [..., H]; the gradient w.r.t. weight is [V, H] in weight's dtype, summed in
-    float32 for 16-bit weights (as PyTorch's own backward sums). On CUDA, PyTorch's embedding backward sorts the
-    indices (radix sort, segment sums: about ten kernels) once a batch holds more than 3072 of them; `index_add_`
-    adds each row with atomics in one kernel after the zero fill (what inductor emits for a compiled embedding's
-    backward). The summation order then varies from run to run, so `embedding_lookup` takes this path only while
-    `torch.use_deterministic_algorithms` is off."""
+    ids [...] (integer), weight [V, H] (float32 or float64) -> [..., H]; the gradient w.r.t. weight is [V, H] in
+    weight's dtype. On CUDA, PyTorch's embedding backward sorts the indices (radix sort, segment sums: about ten
+    kernels) once a batch holds more than 3072 of them; `index_add_` adds each row with atomics in one kernel after
+    the zero fill (what inductor emits for a compiled embedding's backward). The summation order then varies from
+    run to run, so `embedding_lookup` takes this path only while `torch.use_deterministic_algorithms` is off; and
+    only for float32 / float64 tables, which sum in their own dtype (PyTorch sums a 16-bit table's rows in float32
+    per segment; a float32 copy of the whole table would add its size to the backward's peak memory)."""
 
     @staticmethod
     def forward(ctx, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(ids)
-        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+        ctx.save_for_forward(ids)
+        ctx.num_embeddings = weight.shape[0]
         return F.embedding(ids, weight)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (ids,) = ctx.saved_tensors
-        acc = _acc_dtype(ctx.weight_dtype)
-        grad_weight = torch.zeros(ctx.weight_shape, dtype=acc, device=grad_output.device)
-        # [..., H] -> [N, H] rows added at their ids
-        grad_weight.index_add_(0, ids.reshape(-1), grad_output.reshape(-1, ctx.weight_shape[1]).to(acc))
-        return None, grad_weight.to(ctx.weight_dtype)
+        H = grad_output.shape[-1]
+        grad_weight = grad_output.new_zeros(ctx.num_embeddings, H)
+        grad_weight.index_add_(0, ids.reshape(-1), grad_output.reshape(-1, H))  # [..., H] -> [N, H] rows at their ids
+        return None, grad_weight
+
+    @staticmethod
+    def jvp(ctx, ids_tangent, weight_tangent):  # forward-mode AD: the lookup is linear in the table
+        (ids,) = ctx.saved_tensors
+        return F.embedding(ids, weight_tangent)
 
 
-def embedding_lookup(embedding: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """`embedding(ids)`: ids [B, T] -> [B, T, H]. A plain `nn.Embedding` (`is_plain_module`; no padding index, max
-    norm, frequency scaling or sparse gradient) on CUDA, outside tracing and deterministic algorithms, takes
-    `_EmbeddingIndexAdd`, whose backward sums the weight gradient with one atomic kernel; anything else calls the
-    module (its hooks, wrappers and options apply)."""
-    plain = (
-        ids.is_cuda
+def _index_add_embedding_applies(embedding: nn.Module, on_cuda: bool) -> bool:
+    """Whether `embedding_lookup` runs `_EmbeddingIndexAdd` for `embedding` (with ids on CUDA when `on_cuda`): a
+    plain `nn.Embedding` (`is_plain_module`: no hook, subclass or wrapper) without padding index, max norm,
+    frequency scaling or sparse gradient, whose float32 / float64 weight takes a gradient now, outside tracing and
+    deterministic algorithms; else the module is called."""
+    return (
+        on_cuda
         and is_plain_module(embedding, nn.Embedding)
         and embedding.padding_idx is None
         and embedding.max_norm is None
         and not embedding.scale_grad_by_freq
         and not embedding.sparse
+        and embedding.weight.dtype in (torch.float32, torch.float64)
+        and embedding.weight.requires_grad
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not torch.are_deterministic_algorithms_enabled()
     )
-    if not plain or torch.compiler.is_compiling() or torch.are_deterministic_algorithms_enabled():
-        return embedding(ids)
-    if not (torch.is_grad_enabled() and embedding.weight.requires_grad):
-        return F.embedding(ids, embedding.weight)
-    return _EmbeddingIndexAdd.apply(ids, embedding.weight)
+
+
+def embedding_lookup(embedding: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """`embedding(ids)`: ids [B, T] -> [B, T, H], the same values; where `_index_add_embedding_applies` (a plain
+    float32 table on CUDA, training) through `_EmbeddingIndexAdd`, whose backward sums the weight gradient with one
+    atomic kernel instead of PyTorch's sort-based backward."""
+    if _index_add_embedding_applies(embedding, ids.is_cuda):
+        return _EmbeddingIndexAdd.apply(ids, embedding.weight)
+    return embedding(ids)
 
 
 def is_plain_linear(module: nn.Module) -> bool:
@@ -3141,7 +3181,15 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
             )  # (the first CSA layer that may take the path: the masks are the same for every CSA layer)
             if csa is not None and csa.uses_flex_window(device):
                 csa_masks = csa_block_masks(T, csa.window, csa.stride, device)
-        if whole_rows and real_lengths is None and not torch.compiler.is_compiling():  # positions 0 .. T - 1
+        # the compiled layers on rows at positions 0 .. T - 1 take RoPE tables made once per length (`whole_rows`:
+        # static inputs of their CUDA graphs); eager layers and tensor subclasses (e.g. DTensor) take new ones
+        if (
+            whole_rows
+            and self.compiled_layers
+            and not eager
+            and type(inputs_embeds) is torch.Tensor
+            and not torch.compiler.is_compiling()
+        ):
             cos, sin = self.rotary_emb.whole_rows(B, T, inputs_embeds.dtype, device)
         else:
             cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)

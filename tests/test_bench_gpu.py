@@ -148,6 +148,10 @@ def test_trace_gaps_names_the_idle_time_and_the_host_code_that_ended_it(tmp_path
         x("cuda_runtime", "cudaMemcpyAsync", 63, 1, correlation=6),
         x("gpu_memcpy", "Memcpy DtoH (Device -> Pinned)", 71, 1, tid=9, correlation=6),
         x("cuda_runtime", "cudaStreamSynchronize", 65, 9, correlation=3),
+        x("gpu_memset", "Memset (Device)", 44, 0.5, tid=7, correlation=2),  # the graph's own: not the host's
+        x("cpu_op", "aten::_foreach_copy_", 33, 2),  # a copy kernel inside the graph's busy time (no gap moves)
+        x("cuda_runtime", "cudaLaunchKernel", 33.5, 1, correlation=7),
+        x("kernel", "multi_tensor_apply_kernel", 46, 3, tid=9, correlation=7),
         x("user_annotation", "bench_step", 100, 100),
         x("cpu_op", "aten::embedding", 104, 6),
         x("cuda_runtime", "cudaLaunchKernel", 105, 2, correlation=4),
@@ -165,8 +169,13 @@ def test_trace_gaps_names_the_idle_time_and_the_host_code_that_ended_it(tmp_path
     assert result["idle_us_per_step"] == 44.0
     assert result["gaps_by_origin"] == [["aten::embedding", 39.0, 0.5], ["CompiledFunction", 4.0, 0.5]]
     assert result["waits_by_origin"] == [["aten::item", 5.0, 1.0]]
-    # the host's copies (not a graph's): the device copy from CompiledFunction, the copy to the host from aten::item
-    assert result["host_copies_by_origin"] == [["CompiledFunction", 0.5, 0.5], ["aten::item", 0.5, 0.5]]
+    # the host's copies (not a graph's): the copy kernel under aten::_foreach_copy_, the device copy from
+    # CompiledFunction, the copy to the host from aten::item; not the kernels of aten::embedding nor the graph's fill
+    assert result["host_copies_by_origin"] == [
+        ["CompiledFunction > aten::_foreach_copy_", 1.5, 0.5],
+        ["CompiledFunction", 0.5, 0.5],
+        ["aten::item", 0.5, 0.5],
+    ]
     assert result["largest_gaps"][0] == {
         "gap_us": 78,
         "origin": "aten::embedding",

@@ -618,7 +618,8 @@ def test_compiled_csa_layers_run_flex_attention_with_the_sdpa_paths_values(monke
     second a graph replay), for rows of 300 tokens (not a multiple of FlexAttention's 128-token blocks nor of the
     window) with a window of 64 and blocks of 4, queries before the first complete block included (they output 0).
     A window edge, block rule or pooling off by one position moves them by far more. A third step after the masks'
-    and rotary tables' caches were dropped (new static inputs) gives the same values."""
+    and rotary tables' caches were dropped and the old ones spoilt (new static inputs, at new addresses) gives the
+    same values."""
     from llamathink.modeling_llamathink import LlamaThinkCompressedSparseAttention, csa_block_masks
 
     dims = {"head_dim": 16, "hidden_size": 64, "csa_window": 64, "csa_stride": 4, "mixer_types": ["csa", "full", "csa"]}
@@ -646,10 +647,20 @@ def test_compiled_csa_layers_run_flex_attention_with_the_sdpa_paths_values(monke
     after = csa_block_masks.cache_info()
     assert after.hits + after.misses >= before.hits + before.misses + 2, "the FlexAttention masks were not asked for"
     assert any("blend_proj" in n for n in errors) and any("compress_k" in n for n in errors)
-    # the masks and the rotary tables are static inputs of the CUDA graphs (read in place): new ones (a cache
-    # dropped) make cudagraph trees record again, never replay over the old memory
+    # the masks and the rotary tables are static inputs of the CUDA graphs (read in place): new ones (the caches
+    # dropped; the old ones kept alive, then spoilt) make cudagraph trees record again, never replay the old memory
+    old_masks = csa_block_masks(300, 64, 4, ids.device)
+    old_tables = [tables for tables, _ in model.model.rotary_emb._whole_rows.values()]
+    assert old_tables, "the compiled layers took no whole-row rotary tables"
     csa_block_masks.cache_clear()
     model.model.rotary_emb._whole_rows.clear()
+    for mask in old_masks:  # no key block left: a replay reading them would attend nothing
+        for t in (mask.kv_num_blocks, mask.full_kv_num_blocks):
+            if t is not None:
+                t.zero_()
+    for tables in old_tables:
+        for t in tables:
+            t.fill_(float("nan"))
     torch.compiler.cudagraph_mark_step_begin()
     loss, grads = loss_and_grads(model, ids, autocast=False)
     assert abs(loss - loss_ref) < 1e-5 * abs(loss_ref), (loss, loss_ref)

@@ -602,51 +602,105 @@ def test_rotary_matches_transformers_qwen3_5_rotary_for_text_positions():
 
 
 def test_whole_row_rotary_tables_are_the_forwards_values_made_once_and_static():
-    """`whole_rows` gives `forward`'s cos / sin of positions 0 .. T - 1 exactly, as the same tensors on every call
-    (marked static for CUDA graphs: no copy per replay), keeps a bounded number of shapes and drops them on a move;
-    the model hands them to its layers for whole rows only (not with padding, a cache or packed documents). CSA's
-    FlexAttention masks are marked static as well."""
+    """`whole_rows` gives `forward`'s cos / sin of positions 0 .. T - 1 exactly, as the same tensors on every call,
+    views of one table per length whatever the batch (marked static for CUDA graphs: no copy per replay, one address);
+    it keeps the most recently used lengths, makes the tables again when the frequencies change (edited in place,
+    replaced, module moved), and keeps nothing where a cached table could differ from calling the module: hooks, a
+    dispatch mode (FakeTensorMode). Tables first made in inference mode serve training; threads share the cache
+    safely. CSA's FlexAttention masks are marked static as well."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     config = tiny_config()
+    cpu = torch.device("cpu")
     rotary = LlamaThinkRotaryEmbedding(config)
     for dtype in (torch.float32, torch.bfloat16):
-        cos, sin = rotary.whole_rows(3, 11, dtype, torch.device("cpu"))
+        cos, sin = rotary.whole_rows(3, 11, dtype, cpu)
         ref_cos, ref_sin = rotary(torch.arange(11)[None].expand(3, 11), dtype)
         assert cos.shape == (3, 11, config.rotary_dim) and cos.dtype == dtype
         assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
-        again = rotary.whole_rows(3, 11, dtype, torch.device("cpu"))
+        again = rotary.whole_rows(3, 11, dtype, cpu)
         assert again[0] is cos and again[1] is sin
         assert cos._dynamo_static_input_type == sin._dynamo_static_input_type == "unguarded"
+        other_batch = rotary.whole_rows(5, 11, dtype, cpu)[0]
+        assert other_batch.shape[0] == 5 and other_batch.data_ptr() == cos.data_ptr()  # one table, one address
+    # least recently used out: length 11 in float32, used again before each new length, stays
+    hot = rotary.whole_rows(3, 11, torch.float32, cpu)[0]
     for T in range(1, 3 * rotary.whole_rows_kept):
-        rotary.whole_rows(1, T, torch.float32, torch.device("cpu"))
+        rotary.whole_rows(1, T + 20, torch.float32, cpu)
+        assert rotary.whole_rows(3, 11, torch.float32, cpu)[0] is hot
     assert len(rotary._whole_rows) == rotary.whole_rows_kept
+    # new frequencies, new tables: edited in place, replaced, or the module moved
+    rotary.inv_freq.mul_(0.5)
+    edited = rotary.whole_rows(3, 11, torch.float32, cpu)[0]
+    assert edited is not hot and torch.equal(edited, rotary(torch.arange(11)[None].expand(3, 11), torch.float32)[0])
+    rotary.inv_freq = rotary.compute_inv_freq()
+    assert torch.equal(rotary.whole_rows(3, 11, torch.float32, cpu)[0], hot)
     rotary.to(torch.float64)  # a move drops the tables (and keeps the frequencies in float32)
     assert rotary._whole_rows == {} and rotary.inv_freq.dtype == torch.float32
+    # a hook sees (and may change) every call's tables: none are kept
+    calls = []
+    handle = rotary.register_forward_hook(lambda m, a, out: calls.append(1) or tuple(t * 2 for t in out))
+    first, second = rotary.whole_rows(3, 7, torch.float32, cpu)[0], rotary.whole_rows(3, 7, torch.float32, cpu)[0]
+    assert len(calls) == 2 and first is not second and torch.equal(first, second)
+    handle.remove()
+    assert torch.equal(rotary.whole_rows(3, 7, torch.float32, cpu)[0], first / 2) and rotary._whole_rows != {}
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        rotary.whole_rows(2, 13, torch.float32, cpu)
+    assert all(key[0] != 13 for key in rotary._whole_rows)
+    # first made in inference mode, then used by a training forward with autograd
+    with torch.inference_mode():
+        rotary.whole_rows(2, 17, torch.float32, cpu)
+    x = torch.randn(2, 1, 17, config.rotary_dim, requires_grad=True)
+    (apply_rotary(x, *rotary.whole_rows(2, 17, torch.float32, cpu)) ** 2).sum().backward()
+    assert x.grad is not None
 
-    model = tiny_model(dtype=torch.float32)
-    seen = []
-    model.model.layers[0].register_forward_pre_hook(lambda m, a, kw: seen.append(kw["ctx"].cos), with_kwargs=True)
-    ids = torch.randint(3, config.vocab_size, (2, 9))
-    model(input_ids=ids, use_cache=False)
-    model(input_ids=ids, position_ids=torch.arange(9)[None].expand(2, 9), use_cache=False)
-    tables = model.model.rotary_emb.whole_rows(2, 9, torch.float32, torch.device("cpu"))
-    assert seen[0] is tables[0] and seen[1] is tables[0]
-    model(input_ids=ids, attention_mask=torch.tensor([[0] + [1] * 8, [1] * 9]), use_cache=False)  # left padding
-    model(input_ids=ids, position_ids=torch.tensor([list(range(4)) + list(range(5))] * 2), use_cache=False)  # packed
-    model(input_ids=ids[:, :5], use_cache=True)  # a cache: positions go on from the cached length
-    assert all(cos is not tables[0] for cos in seen[2:]) and len(seen) == 5
+    # threads share the cache: every call gets its tables, none is lost to another thread's eviction
+    def hammer(seed):
+        for T in np.random.default_rng(seed).integers(1, 4 * rotary.whole_rows_kept, 200):
+            cos, _ = rotary.whole_rows(1 + int(T) % 3, int(T), torch.float32, cpu)
+            assert cos.shape[1] == T
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(hammer, range(8)))
     # CSA's FlexAttention masks (cached per shape) are static inputs too
-    masks = modeling.csa_block_masks(64, 16, 4, torch.device("cpu"))
+    masks = modeling.csa_block_masks(64, 16, 4, cpu)
     tensors = [t for mask in masks for t in mask.as_tuple(flatten=True) if isinstance(t, torch.Tensor)]
     assert len(tensors) >= 8 and all(t._dynamo_static_input_type == "unguarded" for t in tensors)
 
 
+def test_the_model_hands_whole_row_rotary_tables_to_compiled_layers_only(monkeypatch):
+    """The model's forward gives its layers `whole_rows`' tables when they run compiled on whole rows (training
+    forwards), and new tables to eager layers (an uncompiled model, evaluation without autograd) and to rows with
+    padding, packed documents or a cache; the loss is the same either way."""
+    made = []
+    context = modeling.ForwardContext
+    monkeypatch.setattr(modeling, "ForwardContext", lambda **kw: made.append(kw["cos"]) or context(**kw))
+    ids = torch.randint(3, 96, (2, 9))
+    model = tiny_model(dtype=torch.float32).train()
+    loss_plain = model(input_ids=ids, labels=ids).loss  # not compiled yet: eager layers
+    model.compile_layers(backend="eager")
+    loss = model(input_ids=ids, labels=ids).loss
+    model(input_ids=ids, position_ids=torch.arange(9)[None].expand(2, 9), labels=ids)
+    tables = model.model.rotary_emb.whole_rows(2, 9, torch.float32, torch.device("cpu"))
+    assert made[1] is tables[0] and made[2] is tables[0] and made[0] is not tables[0]
+    torch.testing.assert_close(loss, loss_plain, rtol=1e-6, atol=0)
+    model(input_ids=ids, attention_mask=torch.tensor([[0] + [1] * 8, [1] * 9]), labels=ids)  # left padding
+    model(input_ids=ids, position_ids=torch.tensor([list(range(4)) + list(range(5))] * 2), labels=ids)  # packed
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)  # evaluation: eager layers
+        model(input_ids=ids[:, :5], use_cache=True)  # a cache: positions go on from the cached length
+    assert len(made) == 7 and all(cos is not tables[0] for cos in made[3:])
+
+
 def test_embedding_lookup_sums_the_weight_gradient_as_the_embedding_backward():
-    """`_EmbeddingIndexAdd` (the CUDA fast path of `embedding_lookup`) gives `F.embedding`'s output and weight
-    gradient, repeated ids summed (in float32 for a bf16 table, rounded once); `embedding_lookup` calls the module
-    itself off CUDA, and for a module with a hook or options the fast path does not carry."""
+    """`_EmbeddingIndexAdd` (the CUDA path of `embedding_lookup`) gives `F.embedding`'s output, weight gradient
+    (repeated ids summed) and forward-mode derivative; `_index_add_embedding_applies` takes it only for a plain
+    float32 / float64 table on CUDA in training, outside deterministic algorithms, and `embedding_lookup` calls the
+    module otherwise."""
     torch.manual_seed(0)
     ids = torch.randint(0, 7, (3, 20))  # many repeats
-    for dtype in (torch.float64, torch.bfloat16):
+    for dtype in (torch.float64, torch.float32):
         weight = torch.randn(7, 5, dtype=dtype, requires_grad=True)
         grad = torch.randn(3, 20, 5, dtype=dtype)
         out = modeling._EmbeddingIndexAdd.apply(ids, weight)
@@ -655,17 +709,43 @@ def test_embedding_lookup_sums_the_weight_gradient_as_the_embedding_backward():
         (ref,) = torch.autograd.grad(ref_out, weight, grad)
         assert torch.equal(out, ref_out) and ours.dtype == dtype
         exact = torch.zeros(7, 5, dtype=torch.float64).index_add_(0, ids.flatten(), grad.reshape(-1, 5).double())
-        if dtype == torch.float64:
-            torch.testing.assert_close(ours, exact, rtol=1e-12, atol=1e-12)
-        else:  # one rounding of the float32 sum
-            torch.testing.assert_close(ours, exact.to(dtype), rtol=0, atol=0)
-            torch.testing.assert_close(ref.float(), exact.float(), rtol=2e-2, atol=2e-2)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(ours.double(), exact, rtol=tol, atol=tol)
+        torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
+    import torch.autograd.forward_ad as fwAD
 
-    emb = torch.nn.Embedding(7, 5)
-    calls = []
-    emb.register_forward_hook(lambda m, a, o: calls.append(o))
-    out = modeling.embedding_lookup(emb, ids)
-    assert len(calls) == 1 and out.grad_fn.name() == "EmbeddingBackward0"  # (CPU: the module itself)
+    tangent = torch.randn(7, 5, dtype=torch.float64)
+    with fwAD.dual_level():
+        dual = modeling._EmbeddingIndexAdd.apply(ids, fwAD.make_dual(weight.detach().double(), tangent))
+        assert torch.equal(fwAD.unpack_dual(dual).tangent, F.embedding(ids, tangent))
+
+    def applies(emb, on_cuda=True):
+        return modeling._index_add_embedding_applies(emb, on_cuda)
+
+    plain = torch.nn.Embedding(7, 5)
+    assert applies(plain) and not applies(plain, on_cuda=False)
+    assert not applies(torch.nn.Embedding(7, 5, padding_idx=0))
+    assert not applies(torch.nn.Embedding(7, 5, max_norm=1.0))
+    assert not applies(torch.nn.Embedding(7, 5, scale_grad_by_freq=True))
+    assert not applies(torch.nn.Embedding(7, 5, sparse=True))
+    assert not applies(torch.nn.Embedding(7, 5).to(torch.bfloat16))  # 16-bit tables: PyTorch's own backward
+    frozen = torch.nn.Embedding(7, 5)
+    frozen.weight.requires_grad_(False)
+    assert not applies(frozen)
+    hooked = torch.nn.Embedding(7, 5)
+    handle = hooked.register_forward_hook(lambda m, a, o: None)
+    assert not applies(hooked)
+    handle.remove()
+    assert applies(hooked)
+    with torch.no_grad():
+        assert not applies(plain)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not applies(plain)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    # off CUDA the module itself
+    assert modeling.embedding_lookup(plain, ids).grad_fn.name() == "EmbeddingBackward0"
 
 
 def _naive_csa(mod: LlamaThinkCompressedSparseAttention, x, rotary):
