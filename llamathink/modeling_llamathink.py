@@ -145,6 +145,11 @@ class LlamaThinkRotaryEmbedding(nn.Module):
         self._whole_rows = {}  # (tables of the old frequencies' device)
         return self
 
+    def __getstate__(self):  # copies and pickles leave `whole_rows`' tables behind (keyed on this module's tensors)
+        state = dict(super().__getstate__())  # (a copy: the base class may return the instance's own dict)
+        state.pop("_whole_rows", None)
+        return state
+
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B, T] -> cos, sin [B, T, rotary_dim] (fp32 math, returned in `dtype`)."""
@@ -165,28 +170,31 @@ class LlamaThinkRotaryEmbedding(nn.Module):
         then read them in place: inputs that are not static are copied into the graph's own buffers before every
         replay, and a static input at a new address makes cudagraph trees record their graphs again.
 
-        The tables are kept for `whole_rows_kept` lengths (least recently used first out) and made again when the
-        frequencies change (`inv_freq` replaced or edited in place, or the module moved). Where a cached table could
-        differ from what calling the module gives, this calls it instead (new tensors, not kept): a module with hooks
-        (its own, global ones, or accelerate's), a subclass, a dispatch mode (e.g. FakeTensorMode) or a CUDA-graph
-        capture under way. Thread-safe. Not for tracing (each traced call would bake the tables in)."""
+        The tables are kept for `whole_rows_kept` lengths (least recently used first out; 0 keeps none) and made
+        again when the frequencies change: `inv_freq` replaced, edited in place (not through `.data`, which autograd
+        does not count), or the module moved. Where a cached table could differ from what calling the module gives,
+        this calls it instead (new tensors, not kept): a module with hooks (its own, global ones, or accelerate's), a
+        subclass, frequencies made in inference mode (they count no edits), a dispatch mode (e.g. FakeTensorMode) or
+        a CUDA-graph capture under way. Thread-safe. Not for tracing (each traced call would bake the tables in)."""
+        freq = self.inv_freq
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        mode = _get_current_dispatch_mode()
-        if capturing or mode is not None or not is_plain_module(self, LlamaThinkRotaryEmbedding):
+        uncached = capturing or self.whole_rows_kept <= 0 or freq.is_inference()
+        if uncached or _get_current_dispatch_mode() is not None or not is_plain_module(self, LlamaThinkRotaryEmbedding):
             positions = torch.arange(seq_len, device=device)[None]  # [1, T]
             return tuple(t.expand(batch, -1, -1) for t in self(positions, dtype))
-        freq = self.inv_freq
         key = (seq_len, dtype, torch.device(device), id(freq), freq.data_ptr(), freq._version)
         with _WHOLE_ROWS_LOCK:
-            cache = self.__dict__.setdefault("_whole_rows", {})  # key -> (tables [1, T, R], {batch: views})
+            cache = self.__dict__.setdefault("_whole_rows", {})  # key -> (tables [1, T, R], {batch: views}, freq)
             entry = cache.pop(key, None)  # (re-inserted last: the most recently used)
             if entry is None:
                 with torch.inference_mode(False):  # (kept tensors must serve training forwards too)
-                    entry = (self(torch.arange(seq_len, device=device)[None], dtype), {})  # [1, T, R] each
-                while len(cache) >= self.whole_rows_kept:
+                    tables = self(torch.arange(seq_len, device=device)[None], dtype)  # [1, T, R] each
+                # the entry holds the frequencies it was made from, so that no later tensor takes their id and address
+                entry = (tables, {}, freq)
+                while cache and len(cache) >= self.whole_rows_kept:
                     cache.pop(next(iter(cache)))
             cache[key] = entry
-            tables, views = entry
+            tables, views, _ = entry
             if batch not in views:  # [1, T, R] -> [B, T, R]; views of one table share its address
                 if len(views) >= self.whole_rows_kept:
                     views.clear()

@@ -152,6 +152,11 @@ def test_trace_gaps_names_the_idle_time_and_the_host_code_that_ended_it(tmp_path
         x("cpu_op", "aten::_foreach_copy_", 33, 2),  # a copy kernel inside the graph's busy time (no gap moves)
         x("cuda_runtime", "cudaLaunchKernel", 33.5, 1, correlation=7),
         x("kernel", "multi_tensor_apply_kernel", 46, 3, tid=9, correlation=7),
+        x("cpu_op", "aten::zeros", 56, 2),  # a fill kernel: aten::zeros > aten::zero_ > aten::fill_
+        x("cpu_op", "aten::zero_", 56.2, 1.6),
+        x("cpu_op", "aten::fill_", 56.4, 1.2),
+        x("cuda_runtime", "cudaLaunchKernel", 56.6, 0.5, correlation=8),
+        x("kernel", "FillFunctor", 57, 2, tid=9, correlation=8),
         x("user_annotation", "bench_step", 100, 100),
         x("cpu_op", "aten::embedding", 104, 6),
         x("cuda_runtime", "cudaLaunchKernel", 105, 2, correlation=4),
@@ -173,6 +178,7 @@ def test_trace_gaps_names_the_idle_time_and_the_host_code_that_ended_it(tmp_path
     # CompiledFunction, the copy to the host from aten::item; not the kernels of aten::embedding nor the graph's fill
     assert result["host_copies_by_origin"] == [
         ["CompiledFunction > aten::_foreach_copy_", 1.5, 0.5],
+        ["CompiledFunction > aten::zeros > aten::zero_", 1.0, 0.5],
         ["CompiledFunction", 0.5, 0.5],
         ["aten::item", 0.5, 0.5],
     ]

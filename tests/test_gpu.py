@@ -650,7 +650,7 @@ def test_compiled_csa_layers_run_flex_attention_with_the_sdpa_paths_values(monke
     # the masks and the rotary tables are static inputs of the CUDA graphs (read in place): new ones (the caches
     # dropped; the old ones kept alive, then spoilt) make cudagraph trees record again, never replay the old memory
     old_masks = csa_block_masks(300, 64, 4, ids.device)
-    old_tables = [tables for tables, _ in model.model.rotary_emb._whole_rows.values()]
+    old_tables = [entry[0] for entry in model.model.rotary_emb._whole_rows.values()]
     assert old_tables, "the compiled layers took no whole-row rotary tables"
     csa_block_masks.cache_clear()
     model.model.rotary_emb._whole_rows.clear()

@@ -633,8 +633,18 @@ def test_whole_row_rotary_tables_are_the_forwards_values_made_once_and_static():
     rotary.inv_freq.mul_(0.5)
     edited = rotary.whole_rows(3, 11, torch.float32, cpu)[0]
     assert edited is not hot and torch.equal(edited, rotary(torch.arange(11)[None].expand(3, 11), torch.float32)[0])
-    rotary.inv_freq = rotary.compute_inv_freq()
-    assert torch.equal(rotary.whole_rows(3, 11, torch.float32, cpu)[0], hot)
+    for scale in (2.0, 3.0, 1.0):  # replaced (the old tensors freed: a new one may take their address)
+        rotary.inv_freq = rotary.compute_inv_freq() * scale
+        made = rotary.whole_rows(3, 11, torch.float32, cpu)[0]
+        assert torch.equal(made, rotary(torch.arange(11)[None].expand(3, 11), torch.float32)[0])
+    assert torch.equal(made, hot)
+    assert not hasattr(copy.deepcopy(rotary), "_whole_rows") and rotary._whole_rows  # copies leave the tables
+    wide = LlamaThinkRotaryEmbedding(config)  # wider tables: freed frequencies' memory is soon reused
+    wide.rotary_dim = 1024
+    for scale in range(300):
+        wide.inv_freq = wide.compute_inv_freq() * (1.0 + scale % 7)
+        made = wide.whole_rows(1, 3, torch.float32, cpu)[0]
+        assert torch.equal(made, wide(torch.arange(3)[None], torch.float32)[0]), scale
     rotary.to(torch.float64)  # a move drops the tables (and keeps the frequencies in float32)
     assert rotary._whole_rows == {} and rotary.inv_freq.dtype == torch.float32
     # a hook sees (and may change) every call's tables: none are kept
@@ -654,14 +664,32 @@ def test_whole_row_rotary_tables_are_the_forwards_values_made_once_and_static():
     (apply_rotary(x, *rotary.whole_rows(2, 17, torch.float32, cpu)) ** 2).sum().backward()
     assert x.grad is not None
 
-    # threads share the cache: every call gets its tables, none is lost to another thread's eviction
-    def hammer(seed):
-        for T in np.random.default_rng(seed).integers(1, 4 * rotary.whole_rows_kept, 200):
-            cos, _ = rotary.whole_rows(1 + int(T) % 3, int(T), torch.float32, cpu)
-            assert cos.shape[1] == T
+    # frequencies made in inference mode count no edits: never cached; nor with whole_rows_kept = 0
+    with torch.inference_mode():
+        frozen = LlamaThinkRotaryEmbedding(config)
+    assert torch.equal(frozen.whole_rows(2, 5, torch.float32, cpu)[0], rotary.whole_rows(2, 5, torch.float32, cpu)[0])
+    assert not getattr(frozen, "_whole_rows", None)
+    off = LlamaThinkRotaryEmbedding(config)
+    off.whole_rows_kept = 0
+    assert torch.equal(off.whole_rows(2, 5, torch.float32, cpu)[0], frozen.whole_rows(2, 5, torch.float32, cpu)[0])
+    assert not getattr(off, "_whole_rows", None)
 
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(hammer, range(8)))
+    # threads share the cache: every call gets its tables, none is lost to another thread's eviction (two lengths
+    # kept, threads switched every microsecond: without the lock some call finds its entry gone)
+    def hammer(seed):
+        for T in np.random.default_rng(seed).integers(1, 6, 1000):
+            batch = 1 + int(T) * seed % 5
+            cos, _ = rotary.whole_rows(batch, int(T), torch.float32, cpu)
+            assert cos.shape[:2] == (batch, T)
+
+    rotary.whole_rows_kept, switch = 2, sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(hammer, range(8)))
+    finally:
+        sys.setswitchinterval(switch)
+        del rotary.whole_rows_kept
     # CSA's FlexAttention masks (cached per shape) are static inputs too
     masks = modeling.csa_block_masks(64, 16, 4, cpu)
     tensors = [t for mask in masks for t in mask.as_tuple(flatten=True) if isinstance(t, torch.Tensor)]
