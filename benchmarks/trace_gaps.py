@@ -39,7 +39,7 @@ HOST_OP_CATEGORIES = ("cpu_op", "user_annotation", "python_function")
 RUNTIME_CATEGORIES = ("cuda_runtime", "cuda_driver")
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 # host ops whose kernels copy or fill memory (casts run `aten::copy_`; `zeros` runs `aten::fill_`)
-COPY_OPS = ("aten::copy_", "aten::_foreach_copy_", "aten::fill_", "aten::zero_", "aten::_foreach_zero_")
+COPY_OPS = frozenset(("aten::copy_", "aten::_foreach_copy_", "aten::fill_", "aten::zero_", "aten::_foreach_zero_"))
 
 
 def load_trace(path: str | Path) -> list[dict]:
@@ -122,7 +122,8 @@ def analyse(events: list[dict], marker: str | None = "bench_step", min_gap_us: f
     "busy_us_per_step", "idle_us_per_step", "gaps_by_origin": [[origin, total_us_per_step, count_per_step], ...]
     (largest first), "waits_by_origin": the same for the host's waits inside the steps (the whole trace without
     steps), "host_copies_by_origin": the same for the copies and fills the steps' host code launched outside CUDA
-    graphs (their GPU time), "largest_gaps": [...]}. Raises ValueError for a trace without GPU events, or whose steps launched none."""
+    graphs (their GPU time), "largest_gaps": [...]}. Raises ValueError for a trace without GPU events, or whose
+    steps launched none."""
     gpu = sorted((e for e in events if e.get("cat") in GPU_CATEGORIES), key=lambda e: e["ts"])
     if not gpu:
         raise ValueError("the trace has no GPU events (profiled without CUDA activity, or on the CPU)")
@@ -217,7 +218,7 @@ def analyse(events: list[dict], marker: str | None = "bench_step", min_gap_us: f
         if launch is None or launch["name"] == "cudaGraphLaunch" or step_of(e) is None:
             continue
         tid = launch.get("tid")
-        if e.get("cat") == "kernel" and not set(COPY_OPS) & set(host[tid].around(launch["ts"]) if tid in host else []):
+        if e.get("cat") == "kernel" and (tid not in host or COPY_OPS.isdisjoint(host[tid].around(launch["ts"]))):
             continue
         where = origin(launch["ts"], tid)
         copies_by[where][0] += e["dur"]
