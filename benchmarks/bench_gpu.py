@@ -23,7 +23,8 @@ choices, `LLAMATHINK_FLA_TUNED_CONFIGS=0`), `:prebuild` (compiled: fla's kernels
 first step compiles, `start_fla_prebuild`, as the pretraining loop does), `:csa-chunk<N>` (the CSA window's local
 path in query chunks of N, `local_chunk`: the same function, run in other kernels; the default is 128), `:group<N>`
 (compiled: runs of N consecutive layers per compiled region, `compile_layers(layers_per_graph=N)`; `:group1` compiles
-each layer alone; the default is one repetition of the mixer pattern). On any model, `:cudagraphs` compiles with
+each layer alone; the default is one repetition of the mixer pattern), `:loss-rows<N>` (the chunked loss in chunks of
+at most N rows, `chunked_causal_lm_loss(chunk_rows=N)`). On any model, `:cudagraphs` compiles with
 `mode="reduce-overhead"` (the compiled kernels replayed as CUDA graphs: no per-kernel launch cost on the host) and
 `:cold` runs the process with new, empty compiler caches (Triton's, inductor's, tilelang's), so that its first step
 is what a fresh machine pays, however warm this one is. Compiled LlamaThink takes the inductor options training takes
@@ -99,6 +100,13 @@ def csa_chunk(part: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def loss_rows(part: str) -> int | None:
+    """The most rows per chunk of the chunked loss of a `loss-rows<N>` variant (`chunked_causal_lm_loss(...,
+    chunk_rows=N)`), or None where `part` is not one."""
+    match = re.fullmatch(r"loss-rows([1-9][0-9]*)", part)
+    return int(match.group(1)) if match else None
+
+
 def layer_group(part: str) -> int | None:
     """The layers per compiled region of a `group<N>` variant (`compile_layers(layers_per_graph=N)`: N consecutive
     layers per region), or None where `part` is not one."""
@@ -131,7 +139,11 @@ def check_model_name(name: str) -> None:
             raise SystemExit(f"{name!r}: more than one group<N> ({', '.join(groups)}); name one")
         if groups and "whole" in parts:
             raise SystemExit(f"{name!r}: {groups[0]!r} sets the layers per compiled region; 'whole' compiles one graph")
-        parts, known = [part for part in parts if part not in chunks + groups], (*known, "csa-chunk<N>", "group<N>")
+        rows = [part for part in parts if loss_rows(part) is not None]
+        if len(rows) > 1:
+            raise SystemExit(f"{name!r}: more than one loss-rows<N> ({', '.join(rows)}); name one")
+        parts = [part for part in parts if part not in chunks + groups + rows]
+        known = (*known, "csa-chunk<N>", "group<N>", "loss-rows<N>")
     unknown = [part for part in parts if part not in known]
     if unknown:
         raise SystemExit(f"{name!r}: unknown variant {unknown[0]!r} of {model} ({', '.join(known)})")
@@ -210,6 +222,13 @@ def build(name: str):
             for layer in model.model.layers:
                 if layer.mixer_type == "csa":
                     layer.mixer.local_chunk = chunk
+        for rows in filter(None, map(loss_rows, parts)):  # (this process measures this model alone)
+            import functools
+
+            from llamathink import modeling_llamathink
+
+            loss = modeling_llamathink.chunked_causal_lm_loss
+            modeling_llamathink.chunked_causal_lm_loss = functools.partial(loss, chunk_rows=rows)
         return model
     name = name.split(":")[0]  # a peer's variants (`:cudagraphs`) only change how it is compiled
     if name == "hf-llama":

@@ -47,14 +47,19 @@ def shifted(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels, (0, 1), value=-100)[0, 1:]
 
 
-def losses(rows: int):
-    """name -> function(h, w, labels) -> mean next-token loss (a 0-d tensor), or the reason it cannot run."""
+def losses(rows: int, chunk_rows: list[int] = ()):
+    """name -> function(h, w, labels) -> mean next-token loss (a 0-d tensor), or the reason it cannot run.
+    `chunk_rows`: more rows of ours, compiled, with chunks of at most that many rows each (`ours_rows<N>`)."""
     from llamathink.modeling_llamathink import chunked_causal_lm_loss
 
     fns = {
         "ours": lambda h, w, y: chunked_causal_lm_loss(h, w, y, compile_backend="inductor"),
         "ours_eager": lambda h, w, y: chunked_causal_lm_loss(h, w, y),
     }
+    for n in chunk_rows:
+        fns[f"ours_rows{n}"] = lambda h, w, y, n=n: chunked_causal_lm_loss(
+            h, w, y, chunk_rows=n, compile_backend="inductor"
+        )
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -78,7 +83,17 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=576)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--out", help="also write the rows as JSON here")
+    parser.add_argument(
+        "--chunk-rows", default="", help="comma list: also ours compiled with chunks of at most N rows (ours_rows<N>)"
+    )
+    parser.add_argument("--only", default="", help="comma list of the rows to measure (default: every row)")
     args = parser.parse_args(argv)
+    try:
+        chunk_rows = [int(n) for n in args.chunk_rows.split(",") if n.strip()]
+    except ValueError:
+        raise SystemExit(f"--chunk-rows: {args.chunk_rows!r} is not a comma list of row counts") from None
+    if any(n < 1 for n in chunk_rows):
+        raise SystemExit(f"--chunk-rows: every count must be at least 1, got {args.chunk_rows!r}")
     for option, value in (("--rows", args.rows), ("--hidden", args.hidden), ("--vocab", args.vocab)):
         if value < 1:
             raise SystemExit(f"{option} must be at least 1, got {value}")
@@ -94,7 +109,13 @@ def main(argv=None) -> int:
     ref.backward()
     ref_grads = (h32.grad, w32.grad)
     results = []
-    for name, fn in losses(args.rows).items():
+    only = {n.strip() for n in args.only.split(",") if n.strip()}
+    fns = losses(args.rows, chunk_rows)
+    if only - fns.keys():
+        raise SystemExit(f"--only: no row {min(only - fns.keys())!r} (rows: {', '.join(fns)})")
+    for name, fn in fns.items():
+        if only and name not in only:
+            continue
         row = {"name": name, "rows": args.rows, "hidden": args.hidden, "vocab": args.vocab}
         if isinstance(fn, str):
             results.append(row | {"skipped": fn})

@@ -2118,6 +2118,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             total += loss
             grad_hidden[rows] = grad_h
             grad_weight = accumulate_grad_weight(grad_weight, grad_logits, hidden[rows])
+            del loss, grad_h, grad_logits  # free this chunk's [n, V] gradient before the next chunk makes its own
         divisor = divisor.to(acc)
         ctx.save_for_backward(grad_hidden, grad_weight, divisor)
         ctx.weight_dtype = weight.dtype
@@ -2148,6 +2149,20 @@ def _next_token_targets(
     return targets, torch.as_tensor(num_items_in_batch, device=device)
 
 
+# The most logits one chunk of `chunked_causal_lm_loss` holds by default: [eager, compiled]. A compiled chunk keeps
+# its bf16 logits and their gradient (4 bytes a logit), an eager one also the float32 logits (8 bytes a logit).
+LOSS_CHUNK_LOGITS = (2**26, 2**27)
+
+
+def loss_chunk_rows(rows: int, vocab_size: int, compiled: bool) -> int:
+    """The rows per chunk that `chunked_causal_lm_loss` takes by default for `rows` rows of `vocab_size` logits:
+    near-equal chunks (all equal where their number divides `rows`) of at most `LOSS_CHUNK_LOGITS[compiled]`
+    logits each (at least one row). At the seed's 32000 tokens: 4096 rows compiled, 2048 eagerly."""
+    cap = max(1, LOSS_CHUNK_LOGITS[bool(compiled)] // vocab_size)
+    n_chunks = max(1, math.ceil(rows / cap))
+    return max(1, math.ceil(rows / n_chunks))
+
+
 def chunked_causal_lm_loss(
     hidden_states: torch.Tensor,
     weight: torch.Tensor,
@@ -2162,10 +2177,13 @@ def chunked_causal_lm_loss(
     Under autocast the head matmuls run in the autocast dtype and the softmax in fp32, like the unfused path.
 
     hidden_states [B, T, H], weight [V, H], labels [B, T]. Returns a 0-d tensor: the sum of token losses over
-    `num_items_in_batch`, else their mean over kept targets. `chunk_rows` (default: ~256 MiB of fp32 logits) is
-    the most rows per chunk; by default the B*T rows are split into chunks of near-equal size (all equal when
-    their number divides B*T, as for 16 x 1024; else the last is shorter), so that one batch shape compiles at
-    most two chunk shapes. `compile_backend` (a `torch.compile` backend, e.g. "inductor"; what `compile_layers`
+    `num_items_in_batch`, else their mean over kept targets. `chunk_rows` is the most rows per chunk; by default
+    (`loss_chunk_rows`) a chunk holds at most 2**27 logits compiled (4096 rows at the seed's 32000 tokens: its bf16
+    logits and their gradient, 512 MiB together; fewer, larger chunks run the head's products in fewer passes over
+    the float32 weight gradient, BENCHMARKS.md section 1, session 47) and 2**26 eagerly (the eager chunk also holds
+    float32 logits), and the B*T rows are split into chunks of near-equal size (all equal when their number
+    divides B*T, as for 16 x 1024; else the last is shorter), so that one batch shape compiles at most two chunk
+    shapes. `compile_backend` (a `torch.compile` backend, e.g. "inductor"; what `compile_layers`
     sets) runs each chunk through the compiled `cross_entropy_chunk`; None runs it eagerly. `shift_labels` [B, T]:
     targets already shifted, used in place of the shifted `labels` (`_next_token_targets`)."""
     B, T, H = hidden_states.shape
@@ -2174,10 +2192,8 @@ def chunked_causal_lm_loss(
     hidden = hidden_states.reshape(B * T, H)
     if torch.is_autocast_enabled(hidden.device.type):
         hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
-    if chunk_rows is None:  # near-equal chunks of at most ~256 MiB of fp32 logits each
-        rows, cap = hidden.shape[0], max(1, (64 * 2**20) // weight.shape[0])
-        n_chunks = max(1, math.ceil(rows / cap))
-        chunk_rows = max(1, math.ceil(rows / n_chunks))
+    if chunk_rows is None:
+        chunk_rows = loss_chunk_rows(hidden.shape[0], weight.shape[0], compiled=compile_backend is not None)
     chunk_fn = cross_entropy_chunk if compile_backend is None else _compiled_cross_entropy_chunk(compile_backend)
     with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen explicitly above
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, divisor, chunk_rows, chunk_fn)

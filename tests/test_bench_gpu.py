@@ -46,13 +46,19 @@ def test_known_model_names_pass(name):
         ("llamathink:fla:csa-chunk", "'csa-chunk': csa-chunk<N> needs a positive integer N"),
         ("llamathink:fla:csa-chunk064", "'csa-chunk064': csa-chunk<N> needs a positive integer N without leading"),
         ("llamathink:fla:csa-chunk128:csa-chunk64", "more than one csa-chunk<N> \\(csa-chunk128, csa-chunk64\\)"),
-        ("llamathink:fla:chunk128", r"unknown variant 'chunk128' of llamathink \(.*csa-chunk<N>, group<N>\)"),
+        (
+            "llamathink:fla:chunk128",
+            r"unknown variant 'chunk128' of llamathink \(.*csa-chunk<N>, group<N>, loss-rows<N>\)",
+        ),
         ("hf-llama:csa-chunk128", "unknown variant 'csa-chunk128' of hf-llama"),
         ("llamathink:fla:group0", "unknown variant 'group0' of llamathink"),
         ("llamathink:fla:group04", "unknown variant 'group04' of llamathink"),
         ("llamathink:fla:group4:group2", r"more than one group<N> \(group4, group2\)"),
         ("llamathink:fla:whole:group4", "'group4' sets the layers per compiled region; 'whole' compiles one graph"),
         ("hf-llama:group4", "unknown variant 'group4' of hf-llama"),
+        ("llamathink:fla:loss-rows0", "unknown variant 'loss-rows0' of llamathink"),
+        ("llamathink:fla:loss-rows4096:loss-rows8192", r"more than one loss-rows<N> \(loss-rows4096, loss-rows8192\)"),
+        ("hf-llama:loss-rows4096", "unknown variant 'loss-rows4096' of hf-llama"),
     ],
 )
 def test_wrong_model_names_stop_with_the_fault_named(name, message):

@@ -206,6 +206,36 @@ def test_chunked_loss_accumulates_the_head_gradient_in_float32_on_gpu(compiled):
     assert ((weight.grad.double() - w64.grad).norm() / w64.grad.norm()).item() < 1e-2
 
 
+def test_compiled_chunked_loss_holds_one_chunks_logits_and_gradient_at_a_time():
+    """The compiled chunked loss's forward at a 32000-token head: its peak memory above the inputs is one chunk's
+    bf16 logits and gradient (4 bytes a logit) and the head-sized sums, not also the chunk before's gradient (6
+    bytes a logit: the previous chunk's [n, V] gradient kept alive while the next chunk makes its own)."""
+    from llamathink.modeling_llamathink import chunked_causal_lm_loss
+
+    torch._dynamo.reset()
+    rows, chunk_rows, vocab, width = 8192, 2048, 32000, 64
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(1, rows, width, device="cuda", generator=gen).bfloat16().requires_grad_()
+    weight = (torch.randn(vocab, width, device="cuda", generator=gen) / 8).requires_grad_()
+    labels = torch.randint(0, vocab, (1, rows), device="cuda", generator=gen)
+
+    def loss():
+        return chunked_causal_lm_loss(hidden, weight, labels, chunk_rows=chunk_rows, compile_backend="inductor")
+
+    loss().backward()  # compiles the chunk
+    hidden.grad = weight.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    value = loss()
+    peak = torch.cuda.max_memory_allocated() - base
+    chunk_logits = chunk_rows * vocab
+    # the head-sized buffers: the float32 weight-gradient sum, the weight's bf16 copy, the hidden gradient, slack
+    head = vocab * width * (4 + 2) + rows * width * 2 + 2**20
+    assert 4 * chunk_logits <= peak < 5 * chunk_logits + head, (peak / chunk_logits, head / chunk_logits)
+    assert torch.isfinite(value)
+
+
 @needs_fla
 def test_fla_recurrent_matches_reference():
     q, k, v, g, beta, s0 = _inputs(T=1)

@@ -2045,6 +2045,39 @@ def _assert_same_loss_and_grads(reference, other):
         torch.testing.assert_close(other[1][name], grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize(
+    "rows, vocab, compiled, expected",
+    [
+        (16384, 32000, True, 4096),  # the seed's batch: 4 chunks of 2**27 logits at most
+        (16384, 32000, False, 2048),  # eager chunks also hold float32 logits: 2**26
+        (65536, 32000, True, 4096),
+        (4000, 32000, True, 4000),  # one chunk
+        (5000, 32000, True, 2500),  # two near-equal chunks, not 4194 + 806
+        (5001, 32000, True, 2501),  # a ragged last chunk of 2500
+        (3, 2**28, True, 1),  # a vocabulary past the cap: one row a chunk
+    ],
+)
+def test_loss_chunks_hold_at_most_their_logits_in_near_equal_parts(rows, vocab, compiled, expected):
+    assert modeling.loss_chunk_rows(rows, vocab, compiled) == expected
+
+
+def test_chunked_loss_takes_the_compiled_or_eager_chunk_rows(monkeypatch):
+    """`chunked_causal_lm_loss` without `chunk_rows` splits by `loss_chunk_rows` for its mode: with a compile
+    backend the compiled cap, without one the eager cap (here 6 and 3 rows of 10 logits)."""
+    taken = []
+    apply = modeling._ChunkedLinearCrossEntropy.apply
+    monkeypatch.setattr(modeling, "LOSS_CHUNK_LOGITS", (30, 60))
+    monkeypatch.setattr(
+        modeling._ChunkedLinearCrossEntropy, "apply", lambda *a: taken.append(a[4]) or apply(*a), raising=True
+    )
+    hidden, weight = torch.randn(2, 6, 4, dtype=torch.float64), torch.randn(10, 4, dtype=torch.float64)
+    labels = torch.randint(0, 10, (2, 6))
+    eager = modeling.chunked_causal_lm_loss(hidden, weight, labels)
+    compiled = modeling.chunked_causal_lm_loss(hidden, weight, labels, compile_backend="eager")
+    assert taken == [3, 6]
+    torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("chunk_rows", [None, 5])
 @pytest.mark.parametrize("num_items", [None, 40])
 def test_chunked_loss_equals_full_logits_loss_and_gradients(chunk_rows, num_items):
