@@ -222,7 +222,7 @@ def build(name: str):
             for layer in model.model.layers:
                 if layer.mixer_type == "csa":
                     layer.mixer.local_chunk = chunk
-        for rows in filter(None, map(loss_rows, parts)):  # (this process measures this model alone)
+        for rows in filter(None, map(loss_rows, parts)):  # (this model's own process: `main` refuses --in-process)
             import functools
 
             from llamathink import modeling_llamathink
@@ -547,15 +547,18 @@ def main(argv=None) -> int:
     for name in args.models.split(","):
         check_model_name(name)
     check_arguments(args)
+    names = args.models.split(",")
+    # variants that need a process of their own: their own environment, or the loss of the process patched (`build`)
+    own_env = [
+        n for n in names if {"cold", "untuned-fla"} & set(n.split(":")[1:]) or any(map(loss_rows, n.split(":")[1:]))
+    ]
+    if args.in_process and own_env:
+        raise SystemExit(f"--in-process cannot give {', '.join(own_env)} a process of its own: leave it out")
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA GPU")
     results = {"versions": versions(), "train": [], "generate": []}
     print(json.dumps(results["versions"]), flush=True)
     peak = args.peak_tflops * 1e12
-    names = args.models.split(",")
-    own_env = [n for n in names if {"cold", "untuned-fla"} & set(n.split(":")[1:])]
-    if args.in_process and own_env:
-        raise SystemExit(f"--in-process cannot give {', '.join(own_env)} its own environment: leave it out")
     for index, name in enumerate(names):
         if args.child or args.in_process or (len(names) == 1 and name not in own_env):
             part = run_one(name, args, peak)

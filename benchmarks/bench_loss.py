@@ -103,6 +103,8 @@ def main(argv=None) -> int:
         raise SystemExit("bench_loss.py needs a CUDA GPU")
     from triton.testing import do_bench
 
+    from llamathink.modeling_llamathink import _compiled_cross_entropy_chunk
+
     h, w, labels = make_inputs(args.rows, args.hidden, args.vocab)
     h32, w32 = (t.detach().float().requires_grad_() for t in (h, w))
     ref = F.cross_entropy((h32 @ w32.T).reshape(-1, args.vocab), shifted(labels), ignore_index=-100)
@@ -126,6 +128,10 @@ def main(argv=None) -> int:
             h.grad = w.grad = None
             fn(h, w, labels).backward()
 
+        # each row compiles its own chunk shape afresh: after a first shape dynamo would compile the next ones with
+        # the row count as a variable (automatic dynamic shapes), which the training step at one batch shape never runs
+        torch._dynamo.reset()
+        _compiled_cross_entropy_chunk.cache_clear()
         step()  # builds (compiles) it
         torch.cuda.synchronize()
         loss = fn(h, w, labels)

@@ -2149,18 +2149,22 @@ def _next_token_targets(
     return targets, torch.as_tensor(num_items_in_batch, device=device)
 
 
-# The most logits one chunk of `chunked_causal_lm_loss` holds by default: [eager, compiled]. A compiled chunk keeps
-# its bf16 logits and their gradient (4 bytes a logit), an eager one also the float32 logits (8 bytes a logit).
+# The most logits one chunk of `chunked_causal_lm_loss` holds by default: [unfused, fused]. A chunk fused by inductor
+# on 16-bit inputs keeps its logits and their gradient (4 bytes a logit); an eager one (or one compiled by another
+# backend, or in float32) also float32 logits and temporaries (8 bytes a logit or more).
 LOSS_CHUNK_LOGITS = (2**26, 2**27)
 
 
-def loss_chunk_rows(rows: int, vocab_size: int, compiled: bool) -> int:
-    """The rows per chunk that `chunked_causal_lm_loss` takes by default for `rows` rows of `vocab_size` logits:
-    near-equal chunks (all equal where their number divides `rows`) of at most `LOSS_CHUNK_LOGITS[compiled]`
-    logits each (at least one row). At the seed's 32000 tokens: 4096 rows compiled, 2048 eagerly."""
-    cap = max(1, LOSS_CHUNK_LOGITS[bool(compiled)] // vocab_size)
-    n_chunks = max(1, math.ceil(rows / cap))
-    return max(1, math.ceil(rows / n_chunks))
+def loss_chunk_rows(rows: int, vocab_size: int, fused: bool) -> int:
+    """The rows per chunk that `chunked_causal_lm_loss` takes by default for `rows` rows of `vocab_size` logits, at
+    most `LOSS_CHUNK_LOGITS[fused]` logits a chunk (at least one row). `fused`: the chunks run through inductor on
+    16-bit inputs. Equal chunks where a count of them between the fewest possible and twice that divides `rows`
+    (one chunk shape to compile: 4 of 4096 rows for 16 x 1024 rows of 32000 logits fused, 8 of 2048 unfused; 4 of
+    2560 for 10 x 1024 fused), else the fewest near-equal ones (the last shorter: two shapes)."""
+    cap = max(1, LOSS_CHUNK_LOGITS[bool(fused)] // vocab_size)
+    fewest = max(1, math.ceil(rows / cap))
+    equal = next((n for n in range(fewest, 2 * fewest + 1) if rows % n == 0), None)
+    return rows // equal if equal is not None else max(1, math.ceil(rows / fewest))
 
 
 def chunked_causal_lm_loss(
@@ -2178,12 +2182,12 @@ def chunked_causal_lm_loss(
 
     hidden_states [B, T, H], weight [V, H], labels [B, T]. Returns a 0-d tensor: the sum of token losses over
     `num_items_in_batch`, else their mean over kept targets. `chunk_rows` is the most rows per chunk; by default
-    (`loss_chunk_rows`) a chunk holds at most 2**27 logits compiled (4096 rows at the seed's 32000 tokens: its bf16
-    logits and their gradient, 512 MiB together; fewer, larger chunks run the head's products in fewer passes over
-    the float32 weight gradient, BENCHMARKS.md section 1, session 47) and 2**26 eagerly (the eager chunk also holds
-    float32 logits), and the B*T rows are split into chunks of near-equal size (all equal when their number
-    divides B*T, as for 16 x 1024; else the last is shorter), so that one batch shape compiles at most two chunk
-    shapes. `compile_backend` (a `torch.compile` backend, e.g. "inductor"; what `compile_layers`
+    (`loss_chunk_rows`) a chunk holds at most 2**27 logits when inductor fuses it on 16-bit inputs (4096 rows of
+    32000 logits at 16 x 1024: their bf16 values and gradient, 500 MiB together; fewer, larger chunks run the head's
+    products in fewer passes over the float32 weight gradient, BENCHMARKS.md section 1, session 47) and 2**26
+    otherwise (an eager chunk also holds float32 logits), the B*T rows split into equal chunks where a count of them
+    near the fewest divides B*T, else near-equal ones (the last shorter), so that one batch shape compiles at most
+    two chunk shapes. `compile_backend` (a `torch.compile` backend, e.g. "inductor"; what `compile_layers`
     sets) runs each chunk through the compiled `cross_entropy_chunk`; None runs it eagerly. `shift_labels` [B, T]:
     targets already shifted, used in place of the shifted `labels` (`_next_token_targets`)."""
     B, T, H = hidden_states.shape
@@ -2193,7 +2197,8 @@ def chunked_causal_lm_loss(
     if torch.is_autocast_enabled(hidden.device.type):
         hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
     if chunk_rows is None:
-        chunk_rows = loss_chunk_rows(hidden.shape[0], weight.shape[0], compiled=compile_backend is not None)
+        fused = compile_backend == "inductor" and hidden.element_size() <= 2
+        chunk_rows = loss_chunk_rows(hidden.shape[0], weight.shape[0], fused)
     chunk_fn = cross_entropy_chunk if compile_backend is None else _compiled_cross_entropy_chunk(compile_backend)
     with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen explicitly above
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, divisor, chunk_rows, chunk_fn)

@@ -25,6 +25,7 @@ from llamathink.modeling_llamathink import LlamaThinkCompressedSparseAttention  
         "llamathink:fla:csa-chunk128",
         "llamathink:fla:cudagraphs:group1",
         "llamathink:fla:cudagraphs:group4:csa-chunk64",
+        "llamathink:flash_qla:cudagraphs:loss-rows4096",
     ],
 )
 def test_known_model_names_pass(name):
@@ -64,6 +65,22 @@ def test_known_model_names_pass(name):
 def test_wrong_model_names_stop_with_the_fault_named(name, message):
     with pytest.raises(SystemExit, match=message):
         bg.check_model_name(name)
+
+
+def test_loss_rows_variant_gives_the_chunked_loss_its_rows_in_its_own_process_only(monkeypatch):
+    """`:loss-rows<N>` makes the process's chunked loss take chunks of N rows (what `LlamaThinkForCausalLM.forward`
+    calls), and `--in-process` refuses it: the patch would reach every model measured after it."""
+    from llamathink import modeling_llamathink as modeling
+
+    loss = modeling.chunked_causal_lm_loss
+    monkeypatch.setattr(modeling, "chunked_causal_lm_loss", loss)  # restored after the test
+    bg.build("llamathink:torch:loss-rows64")
+    assert modeling.chunked_causal_lm_loss.func is loss and modeling.chunked_causal_lm_loss.keywords == {
+        "chunk_rows": 64
+    }
+    argv = ["--models", "llamathink:fla,llamathink:fla:loss-rows4096", "--compiled-only", "--in-process"]
+    with pytest.raises(SystemExit, match=r"cannot give llamathink:fla:loss-rows4096 a process of its own"):
+        bg.main(argv)
 
 
 def test_csa_chunk_variant_sets_the_local_chunk_of_every_csa_layer_only():

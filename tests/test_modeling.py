@@ -2046,36 +2046,46 @@ def _assert_same_loss_and_grads(reference, other):
 
 
 @pytest.mark.parametrize(
-    "rows, vocab, compiled, expected",
+    "rows, vocab, fused, expected",
     [
         (16384, 32000, True, 4096),  # the seed's batch: 4 chunks of 2**27 logits at most
-        (16384, 32000, False, 2048),  # eager chunks also hold float32 logits: 2**26
+        (16384, 32000, False, 2048),  # unfused chunks also hold float32 logits: 2**26
         (65536, 32000, True, 4096),
+        (10240, 32000, True, 2560),  # 3 chunks at fewest, 3 does not divide 10240: 4 equal ones
+        (3072, 32000, False, 1536),
         (4000, 32000, True, 4000),  # one chunk
-        (5000, 32000, True, 2500),  # two near-equal chunks, not 4194 + 806
-        (5001, 32000, True, 2501),  # a ragged last chunk of 2500
+        (5000, 32000, True, 2500),  # two equal chunks, not 4194 + 806
+        (5001, 32000, True, 1667),  # 2 does not divide it, 3 does
+        (5003, 32000, True, 2502),  # a prime: 2502 + 2501 (near-equal, the last shorter)
         (3, 2**28, True, 1),  # a vocabulary past the cap: one row a chunk
     ],
 )
-def test_loss_chunks_hold_at_most_their_logits_in_near_equal_parts(rows, vocab, compiled, expected):
-    assert modeling.loss_chunk_rows(rows, vocab, compiled) == expected
+def test_loss_chunks_hold_at_most_their_logits_in_equal_parts_where_they_can(rows, vocab, fused, expected):
+    assert modeling.loss_chunk_rows(rows, vocab, fused) == expected
 
 
-def test_chunked_loss_takes_the_compiled_or_eager_chunk_rows(monkeypatch):
-    """`chunked_causal_lm_loss` without `chunk_rows` splits by `loss_chunk_rows` for its mode: with a compile
-    backend the compiled cap, without one the eager cap (here 6 and 3 rows of 10 logits)."""
+def test_chunked_loss_takes_the_fused_chunk_rows_only_for_inductor_on_16_bit_inputs(monkeypatch):
+    """`chunked_causal_lm_loss` without `chunk_rows` splits by `loss_chunk_rows`: the fused cap (here 6 rows of 10
+    logits) for chunks compiled by inductor on bf16 inputs, the unfused cap (3 rows) eagerly, for another backend
+    (whose chunks inductor does not fuse) and for float32 inputs (twice the bytes a logit)."""
     taken = []
     apply = modeling._ChunkedLinearCrossEntropy.apply
     monkeypatch.setattr(modeling, "LOSS_CHUNK_LOGITS", (30, 60))
-    monkeypatch.setattr(
-        modeling._ChunkedLinearCrossEntropy, "apply", lambda *a: taken.append(a[4]) or apply(*a), raising=True
-    )
-    hidden, weight = torch.randn(2, 6, 4, dtype=torch.float64), torch.randn(10, 4, dtype=torch.float64)
+    monkeypatch.setattr(modeling, "_compiled_cross_entropy_chunk", lambda backend: modeling.cross_entropy_chunk)
+    monkeypatch.setattr(modeling._ChunkedLinearCrossEntropy, "apply", lambda *a: taken.append(a[4]) or apply(*a))
+    hidden, weight = torch.randn(2, 6, 4), torch.randn(10, 4)
     labels = torch.randint(0, 10, (2, 6))
-    eager = modeling.chunked_causal_lm_loss(hidden, weight, labels)
-    compiled = modeling.chunked_causal_lm_loss(hidden, weight, labels, compile_backend="eager")
-    assert taken == [3, 6]
-    torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
+    losses = []
+    for dtype, backend in [
+        (torch.bfloat16, None),
+        (torch.bfloat16, "inductor"),
+        (torch.bfloat16, "aot_eager"),
+        (torch.float32, "inductor"),
+    ]:
+        losses.append(modeling.chunked_causal_lm_loss(hidden.to(dtype), weight, labels, compile_backend=backend))
+    assert taken == [3, 6, 3, 3]
+    for loss in losses[1:3]:
+        torch.testing.assert_close(loss, losses[0], rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("chunk_rows", [None, 5])
