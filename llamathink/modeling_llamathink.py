@@ -2164,7 +2164,7 @@ def loss_chunk_rows(rows: int, vocab_size: int, fused: bool) -> int:
     cap = max(1, LOSS_CHUNK_LOGITS[bool(fused)] // vocab_size)
     fewest = max(1, math.ceil(rows / cap))
     equal = next((n for n in range(fewest, 2 * fewest + 1) if rows % n == 0), None)
-    return rows // equal if equal is not None else max(1, math.ceil(rows / fewest))
+    return max(1, rows // equal) if equal is not None else max(1, math.ceil(rows / fewest))  # (0 rows: 1, no chunk)
 
 
 def chunked_causal_lm_loss(

@@ -2058,6 +2058,7 @@ def _assert_same_loss_and_grads(reference, other):
         (5001, 32000, True, 1667),  # 2 does not divide it, 3 does
         (5003, 32000, True, 2502),  # a prime: 2502 + 2501 (near-equal, the last shorter)
         (3, 2**28, True, 1),  # a vocabulary past the cap: one row a chunk
+        (0, 32000, True, 1),  # no rows: no chunk, but a valid step for the chunk loop
     ],
 )
 def test_loss_chunks_hold_at_most_their_logits_in_equal_parts_where_they_can(rows, vocab, fused, expected):
@@ -2083,9 +2084,13 @@ def test_chunked_loss_takes_the_fused_chunk_rows_only_for_inductor_on_16_bit_inp
         (torch.float32, "inductor"),
     ]:
         losses.append(modeling.chunked_causal_lm_loss(hidden.to(dtype), weight, labels, compile_backend=backend))
-    assert taken == [3, 6, 3, 3]
-    for loss in losses[1:3]:
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 states that the loss casts to bf16 (training's case)
+        losses.append(modeling.chunked_causal_lm_loss(hidden, weight, labels, compile_backend="inductor"))
+    assert taken == [3, 6, 3, 3, 6]
+    for loss in losses[1:3] + losses[4:]:
         torch.testing.assert_close(loss, losses[0], rtol=1e-2, atol=1e-2)
+    empty = modeling.chunked_causal_lm_loss(hidden[:, :0], weight, labels[:, :0], compile_backend="inductor")
+    assert taken[-1] == 1 and torch.isnan(empty)  # no rows: the mean of no loss, as F.cross_entropy gives
 
 
 @pytest.mark.parametrize("chunk_rows", [None, 5])
