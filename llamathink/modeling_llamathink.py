@@ -3704,6 +3704,7 @@ __all__ = [
     "uses_cuda_graphs",
     "chunked_causal_lm_loss",
     "chunked_causal_lm_loss_through_module",
+    "loss_chunk_rows",
     "cross_entropy_chunk",
     "accumulate_grad_weight",
     "is_plain_linear",
