@@ -544,10 +544,10 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the process measuring one model
     args = parser.parse_args(argv)
-    for name in args.models.split(","):
+    names = args.models.split(",")
+    for name in names:
         check_model_name(name)
     check_arguments(args)
-    names = args.models.split(",")
     # variants that need a process of their own: their own environment, or the loss of the process patched (`build`)
     own_env = [
         n for n in names if {"cold", "untuned-fla"} & set(n.split(":")[1:]) or any(map(loss_rows, n.split(":")[1:]))
