@@ -1988,17 +1988,19 @@ else:  # pragma: no cover - exercised on transformers < 5.24
 
 
 def cross_entropy_chunk(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, grad_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss and gradients of one chunk of rows of the head: the body of `_ChunkedLinearCrossEntropy`.
 
-    hidden [n, H] and weight [V, H] in the compute dtype, targets [n] (-100 = ignored). Returns the summed
-    cross-entropy of `hidden @ weight.T` (a 0-d tensor in the accumulation dtype, fp32 for 16-bit inputs), its
-    gradient w.r.t. `hidden` [n, H] and w.r.t. the logits [n, V] (both in the compute dtype), with the softmax in
-    the accumulation dtype; the caller adds `grad_logits.T @ hidden` to its weight gradient (`accumulate_grad_weight`:
-    on CUDA one product straight into the float32 sum). Plain PyTorch, so that `torch.compile` can fuse the cast,
-    the logsumexp and the softmax - onehot into passes over the [n, V] logits that write only the compute-dtype
-    gradient (`chunked_causal_lm_loss(..., compile_backend=...)`); eagerly it is the reference. Both forms compute
+    hidden [n, H] and weight [V, H] in the compute dtype, targets [n] (-100 = ignored), grad_scale: None or a 0-d or
+    one-element tensor that the gradients are multiplied by (the loss's 1 / divisor), in the accumulation dtype
+    before they are rounded to the compute dtype. Returns the summed cross-entropy of `hidden @ weight.T` (a 0-d
+    tensor in the accumulation dtype, fp32 for 16-bit inputs; not scaled), its gradient w.r.t. `hidden` [n, H] and
+    w.r.t. the logits [n, V] (both in the compute dtype, times `grad_scale`), with the softmax in the accumulation
+    dtype; the caller adds `grad_logits.T @ hidden` to its weight gradient (`accumulate_grad_weight`: on CUDA one
+    product straight into the float32 sum). Plain PyTorch, so that `torch.compile` can fuse the cast, the logsumexp
+    and the softmax - onehot into passes over the [n, V] logits that write only the compute-dtype gradient
+    (`chunked_causal_lm_loss(..., compile_backend=...)`); eagerly it is the reference. Both forms compute
     each element with the same operations in the same dtypes."""
     acc = _acc_dtype(hidden.dtype)
     logits = (hidden @ weight.T).to(acc)  # [n, V]
@@ -2016,7 +2018,8 @@ def cross_entropy_chunk(
     else:  # in the logits' buffer: no second fp32 [n, V] tensor
         grad = logits.sub_(lse[:, None]).exp_()
         grad[torch.arange(len(safe), device=safe.device), safe] -= 1.0
-    grad = (grad * keep[:, None]).to(hidden.dtype)
+    row_scale = keep.to(acc) if grad_scale is None else keep.to(acc) * grad_scale.to(acc)  # [n]: 0 where ignored
+    grad = (grad * row_scale[:, None]).to(hidden.dtype)
     return loss, grad @ weight, grad
 
 
@@ -2094,42 +2097,50 @@ def _compiled_cross_entropy_chunk(backend):
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Sum of token cross-entropies of `hidden @ weight.T`, computed `chunk_rows` rows at a time.
+    """Sum of token cross-entropies of `hidden @ weight.T` over `divisor`, computed `chunk_rows` rows at a time.
 
     The logits of the whole batch (16 x 1024 x 32000 in fp32 is 2 GiB, plus as much again for their gradient) never
     exist at once: each chunk's logits are made, turned into the loss and into the gradients w.r.t. `hidden` and
-    `weight` right away (`chunk_fn`, `cross_entropy_chunk` or its compiled form), then dropped. The backward only
-    scales the stored gradients, so the head matmuls are done exactly once each, as in the unfused forward +
-    backward. Method: the chunked "fused linear cross-entropy" of Liger-Kernel and Apple's Cut Cross-Entropy
-    (Wijmans et al. 2024), here in PyTorch.
+    `weight` right away (`chunk_fn`, `cross_entropy_chunk` or its compiled form; the gradients already divided by
+    `divisor`, in the accumulation dtype), then dropped. The backward only multiplies the stored gradients by the
+    incoming one, so the head matmuls are done exactly once each, as in the unfused forward + backward. `hidden`
+    comes in its own dtype (float32 under autocast) and is cast to `compute_dtype` here, so the backward writes its
+    gradient in that dtype in one pass (the product in float32). Method: the chunked "fused linear cross-entropy"
+    of Liger-Kernel and Apple's Cut Cross-Entropy (Wijmans et al. 2024), here in PyTorch.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, divisor, chunk_rows: int, chunk_fn):
-        # hidden [N, H] (already in the compute dtype), weight [V, H], targets [N] (-100 = ignored), divisor: scalar
-        acc = _acc_dtype(hidden.dtype)
-        grad_hidden = torch.empty_like(hidden)
+    def forward(ctx, hidden, weight, targets, divisor, chunk_rows: int, chunk_fn, compute_dtype: torch.dtype):
+        # hidden [N, H] in the caller's dtype, weight [V, H], targets [N] (-100 = ignored), divisor: 0-d tensor
+        acc = _acc_dtype(compute_dtype)
+        h = hidden.to(compute_dtype)
+        grad_hidden = torch.empty_like(h)
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        w = weight.to(hidden.dtype)
-        total = torch.zeros((), dtype=acc, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_rows):
+        w = weight.to(compute_dtype)
+        divisor = divisor.to(acc)
+        grad_scale = (1.0 / divisor).reshape(1)  # (a 0-d CPU tensor would make dynamo trace the chunk twice)
+        total = torch.zeros((), dtype=acc, device=h.device)
+        for start in range(0, h.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            loss, grad_h, grad_logits = chunk_fn(hidden[rows], w, targets[rows])
+            loss, grad_h, grad_logits = chunk_fn(h[rows], w, targets[rows], grad_scale)
             total += loss
             grad_hidden[rows] = grad_h
-            grad_weight = accumulate_grad_weight(grad_weight, grad_logits, hidden[rows])
+            grad_weight = accumulate_grad_weight(grad_weight, grad_logits, h[rows])
             del loss, grad_h, grad_logits  # free this chunk's [n, V] gradient before the next chunk makes its own
-        divisor = divisor.to(acc)
-        ctx.save_for_backward(grad_hidden, grad_weight, divisor)
-        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype, ctx.hidden_dtype = weight.dtype, hidden.dtype
         return total / divisor
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        grad_hidden, grad_weight, divisor = ctx.saved_tensors
-        scale = grad_out / divisor
-        grad_weight = (grad_weight * scale).to(ctx.weight_dtype)
-        return grad_hidden * scale.to(grad_hidden.dtype), grad_weight, None, None, None, None
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_weight = (grad_weight * grad_out).to(ctx.weight_dtype)
+        # one kernel: the compute-dtype gradient times grad_out in float32 (a [1] tensor takes part in type
+        # promotion, where a 0-d one would be rounded to bf16), written in the input's dtype
+        scale = grad_out.to(grad_weight.dtype).reshape(1)
+        out = torch.empty(grad_hidden.shape, dtype=ctx.hidden_dtype, device=grad_hidden.device)
+        return torch.mul(grad_hidden, scale, out=out), grad_weight, None, None, None, None, None
 
 
 def _next_token_targets(
@@ -2194,14 +2205,15 @@ def chunked_causal_lm_loss(
     targets, divisor = _next_token_targets(labels, num_items_in_batch, hidden_states.device, shift_labels)
     targets = targets.reshape(-1)
     hidden = hidden_states.reshape(B * T, H)
+    compute_dtype = hidden.dtype
     if torch.is_autocast_enabled(hidden.device.type):
-        hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
+        compute_dtype = torch.get_autocast_dtype(hidden.device.type)
     if chunk_rows is None:
-        fused = compile_backend == "inductor" and hidden.element_size() <= 2
+        fused = compile_backend == "inductor" and compute_dtype.itemsize <= 2
         chunk_rows = loss_chunk_rows(hidden.shape[0], weight.shape[0], fused)
     chunk_fn = cross_entropy_chunk if compile_backend is None else _compiled_cross_entropy_chunk(compile_backend)
     with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen explicitly above
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, divisor, chunk_rows, chunk_fn)
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, divisor, chunk_rows, chunk_fn, compute_dtype)
 
 
 TOKEN_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)  # the dtypes input_ids may come in

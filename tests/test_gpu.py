@@ -180,21 +180,23 @@ def test_chunked_loss_accumulates_the_head_gradient_in_float32_on_gpu(compiled):
         hidden, weight, labels, chunk_rows=chunk_rows, compile_backend="inductor" if compiled else None
     )
     loss.backward()
-    # the float64 sum of the same chunks' bf16 softmax gradients (the same chunk function: the same values) times
-    # the hidden rows
+    # the float64 sum of the same chunks' bf16 softmax gradients (the same chunk function and divisor: the same
+    # values) times the hidden rows
     chunk_fn = _compiled_cross_entropy_chunk("inductor") if compiled else cross_entropy_chunk
     flat, targets = (
         hidden.detach().reshape(-1, 64),
         torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1),
     )
-    kept = (targets != -100).sum().double()
+    grad_scale = 1.0 / (targets != -100).sum().float()  # the loss's 1 / divisor, as it passes it to each chunk
     expected = torch.zeros(1000, 64, dtype=torch.float64, device="cuda")
     for start in range(0, flat.shape[0], chunk_rows):
         _, _, grad_logits = chunk_fn(
-            flat[start : start + chunk_rows], weight.detach().bfloat16(), targets[start : start + chunk_rows]
+            flat[start : start + chunk_rows],
+            weight.detach().bfloat16(),
+            targets[start : start + chunk_rows],
+            grad_scale,
         )
         expected += grad_logits.double().T @ flat[start : start + chunk_rows].double()
-    expected /= kept
     gap = ((weight.grad.double() - expected).norm() / expected.norm()).item()
     assert gap < 1e-5, gap
     # against the float64 definition on full logits

@@ -2156,6 +2156,41 @@ def test_chunked_loss_under_bf16_autocast_matches_fp32():
         model(ids, skip_logits=True)
 
 
+@pytest.mark.parametrize("backend", [None, "inductor"], ids=["eager", "inductor"])
+def test_chunked_loss_scales_both_gradients_in_float32_under_autocast(backend):
+    """Under bf16 autocast the chunked loss takes the float32 hidden states and returns their gradient in float32,
+    and a loss weighted by c (`c * loss`, gradient accumulation's 1 / steps) gives gradients c times the unweighted
+    ones to float32 rounding, for the hidden states as for the head: the divisor (1000 items here, not a power of 2)
+    enters the gradients in float32 before their bf16 rounding, and the incoming gradient multiplies them in
+    float32. (Rounding the scale to bf16 would make the two gradients disagree by up to 0.4%.)"""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 24, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(96, 16, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 96, (2, 24), generator=gen)
+    labels[1, :7] = -100
+    grads = {}
+    for c in (1.0, 0.3, 1 / 3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = chunked_causal_lm_loss(hidden, weight, labels, 1000, chunk_rows=16, compile_backend=backend)
+        grads[c] = torch.autograd.grad(c * loss, (hidden, weight))
+        assert loss.dtype == grads[c][0].dtype == grads[c][1].dtype == torch.float32
+    for c in (0.3, 1 / 3):
+        for got, unweighted in zip(grads[c], grads[1.0]):
+            kept = unweighted != 0
+            assert kept.sum() > 0.5 * kept.numel()
+            ratio = (got[kept].double() / unweighted[kept].double()) / c
+            assert (ratio - 1).abs().max().item() < 1e-6
+    # the float64 loss of the bf16-rounded inputs, to bf16 rounding: the divisor reached both gradients once
+    h64 = hidden.detach().bfloat16().double().requires_grad_()
+    w64 = weight.detach().bfloat16().double().requires_grad_()
+    targets = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)
+    ref = F.cross_entropy(h64.reshape(-1, 16) @ w64.T, targets, ignore_index=-100, reduction="sum") / 1000
+    ref_grads = torch.autograd.grad(ref, (h64, w64))
+    for got, expected in zip(grads[1.0], ref_grads):
+        assert ((got.double() - expected).norm() / expected.norm()).item() < 1e-2
+
+
 def _train_and_eval_loss(model, ids, labels):
     """Train-mode loss (chunked, `skip_logits=True`, as the training loops ask) and eval-mode loss (full logits) on
     the same batch, each with the gradients it gives: ((loss, {name: grad}), (loss, {name: grad}))."""
