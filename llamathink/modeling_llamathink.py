@@ -2139,7 +2139,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # one kernel: the compute-dtype gradient times grad_out in float32 (a [1] tensor takes part in type
         # promotion, where a 0-d one would be rounded to bf16), written in the input's dtype
         scale = grad_out.to(grad_weight.dtype).reshape(1)
-        out = torch.empty(grad_hidden.shape, dtype=ctx.hidden_dtype, device=grad_hidden.device)
+        out = torch.empty_like(grad_hidden, dtype=ctx.hidden_dtype)
         return torch.mul(grad_hidden, scale, out=out), grad_weight, None, None, None, None, None
 
 
