@@ -2101,12 +2101,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     The logits of the whole batch (16 x 1024 x 32000 in fp32 is 2 GiB, plus as much again for their gradient) never
     exist at once: each chunk's logits are made, turned into the loss and into the gradients w.r.t. `hidden` and
-    `weight` right away (`chunk_fn`, `cross_entropy_chunk` or its compiled form; the gradients already divided by
-    `divisor`, in the accumulation dtype), then dropped. The backward only multiplies the stored gradients by the
-    incoming one, so the head matmuls are done exactly once each, as in the unfused forward + backward. `hidden`
-    comes in its own dtype (float32 under autocast) and is cast to `compute_dtype` here, so the backward writes its
-    gradient in that dtype in one pass (the product in float32). Method: the chunked "fused linear cross-entropy"
-    of Liger-Kernel and Apple's Cut Cross-Entropy (Wijmans et al. 2024), here in PyTorch.
+    `weight` right away (`chunk_fn`, `cross_entropy_chunk` or its compiled form), then dropped. The backward only
+    multiplies the stored gradients by the incoming one, so the head matmuls are done exactly once each, as in the
+    unfused forward + backward. Method: the chunked "fused linear cross-entropy" of Liger-Kernel and Apple's Cut
+    Cross-Entropy (Wijmans et al. 2024), here in PyTorch.
+
+    Scaling: where the compute dtype has float32's exponent range (bf16, float32, float64), the 1 / divisor enters
+    each chunk's softmax gradient in float32 before it is rounded (`cross_entropy_chunk`'s `grad_scale`); in
+    float16 it is applied in the backward instead, since a softmax gradient divided by a batch's token count would
+    mostly underflow float16 before a loss scaler's factor arrives. The backward multiplies by the incoming gradient
+    (and that 1 / divisor) in float32 and writes the hidden states' gradient in their own dtype in one pass: `hidden`
+    comes in the caller's dtype (float32 under autocast) and is cast to `compute_dtype` here.
+
+    There is no second derivative (the gradients are computed in the forward): a backward with
+    `create_graph=True` (double backward, gradient penalties) raises a RuntimeError rather than giving gradients
+    without the loss's second-order terms.
     """
 
     @staticmethod
@@ -2118,28 +2127,36 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         w = weight.to(compute_dtype)
         divisor = divisor.to(acc)
-        grad_scale = (1.0 / divisor).reshape(1)  # (a 0-d CPU tensor would make dynamo trace the chunk twice)
+        inverse = (1.0 / divisor).reshape(1)  # (one element: a 0-d CPU tensor would make dynamo trace a chunk twice)
+        in_chunks = torch.finfo(compute_dtype).tiny <= torch.finfo(torch.float32).tiny  # not float16
         total = torch.zeros((), dtype=acc, device=h.device)
         for start in range(0, h.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            loss, grad_h, grad_logits = chunk_fn(h[rows], w, targets[rows], grad_scale)
+            loss, grad_h, grad_logits = chunk_fn(h[rows], w, targets[rows], inverse if in_chunks else None)
             total += loss
             grad_hidden[rows] = grad_h
             grad_weight = accumulate_grad_weight(grad_weight, grad_logits, h[rows])
             del loss, grad_h, grad_logits  # free this chunk's [n, V] gradient before the next chunk makes its own
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.save_for_backward(grad_hidden, grad_weight, *(() if in_chunks else (inverse,)))
         ctx.weight_dtype, ctx.hidden_dtype = weight.dtype, hidden.dtype
         return total / divisor
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        grad_weight = (grad_weight * grad_out).to(ctx.weight_dtype)
-        # one kernel: the compute-dtype gradient times grad_out in float32 (a [1] tensor takes part in type
-        # promotion, where a 0-d one would be rounded to bf16), written in the input's dtype
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "the chunked loss (skip_logits=True, chunked_causal_lm_loss) has no second derivative: its gradients "
+                "are computed in the forward. For a backward with create_graph=True (double backward, gradient "
+                "penalties) compute the loss on the full logits (the model's forward with skip_logits=False)"
+            )
+        grad_hidden, grad_weight, *inverse = ctx.saved_tensors
+        # in the accumulation dtype (float32 for 16-bit inputs), and one element: a [1] tensor takes part in type
+        # promotion, where a 0-d one would be rounded to the 16-bit gradient's dtype
         scale = grad_out.to(grad_weight.dtype).reshape(1)
-        out = torch.empty_like(grad_hidden, dtype=ctx.hidden_dtype)
+        if inverse:  # (float16: the divisor was left out of the chunks)
+            scale = scale * inverse[0]
+        grad_weight = (grad_weight * scale).to(ctx.weight_dtype)
+        out = torch.empty_like(grad_hidden, dtype=ctx.hidden_dtype)  # one kernel: the product in float32
         return torch.mul(grad_hidden, scale, out=out), grad_weight, None, None, None, None, None
 
 
@@ -2200,7 +2217,8 @@ def chunked_causal_lm_loss(
     near the fewest divides B*T, else near-equal ones (the last shorter), so that one batch shape compiles at most
     two chunk shapes. `compile_backend` (a `torch.compile` backend, e.g. "inductor"; what `compile_layers`
     sets) runs each chunk through the compiled `cross_entropy_chunk`; None runs it eagerly. `shift_labels` [B, T]:
-    targets already shifted, used in place of the shifted `labels` (`_next_token_targets`)."""
+    targets already shifted, used in place of the shifted `labels` (`_next_token_targets`). The loss has no second
+    derivative: a backward with `create_graph=True` raises a RuntimeError (`_ChunkedLinearCrossEntropy`)."""
     B, T, H = hidden_states.shape
     targets, divisor = _next_token_targets(labels, num_items_in_batch, hidden_states.device, shift_labels)
     targets = targets.reshape(-1)
