@@ -2156,7 +2156,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if inverse:  # (float16: the divisor was left out of the chunks)
             scale = scale * inverse[0]
         grad_weight = (grad_weight * scale).to(ctx.weight_dtype)
-        out = torch.empty_like(grad_hidden, dtype=ctx.hidden_dtype)  # one kernel: the product in float32
+        out = torch.empty_like(grad_hidden, dtype=ctx.hidden_dtype)  # one kernel, the product in `scale`'s dtype
         return torch.mul(grad_hidden, scale, out=out), grad_weight, None, None, None, None, None
 
 

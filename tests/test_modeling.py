@@ -2218,7 +2218,7 @@ def test_chunked_loss_under_float16_autocast_keeps_small_gradients_for_the_loss_
 def test_chunked_loss_of_a_bf16_model_multiplies_its_gradient_by_the_incoming_one_in_float32():
     """A model in bf16 (no autocast): a loss weighted by 1/3 gives the unweighted hidden gradient times 1/3 computed
     in float32 and rounded once to bf16, and the float32 scale reaches the head's gradient too (the scale rounded to
-    bf16 first, as before, was 0.2% off in a third of the entries)."""
+    bf16 first, as before, put a third of the entries 0.2% off)."""
     gen = torch.Generator().manual_seed(1)
     hidden = torch.randn(2, 24, 16, generator=gen).bfloat16().requires_grad_()
     weight = torch.randn(96, 16, generator=gen).bfloat16().requires_grad_()
