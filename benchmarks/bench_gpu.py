@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -223,8 +224,6 @@ def build(name: str):
                 if layer.mixer_type == "csa":
                     layer.mixer.local_chunk = chunk
         for rows in filter(None, map(loss_rows, parts)):  # (this model's own process: `main` refuses --in-process)
-            import functools
-
             from llamathink import modeling_llamathink
 
             loss = modeling_llamathink.chunked_causal_lm_loss
