@@ -755,8 +755,9 @@ def main(argv=None) -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="chat-template marker stored in tokenizer.bin (repeatable; overrides one "
-        "key of the default llamathink.chat_format.CHAT_MARKERS)",
+        help="chat-template marker stored in tokenizer.bin (repeatable; overrides one key of the default "
+        "llamathink.chat_format.CHAT_MARKERS: system_prefix, system_suffix, user_prefix, user_suffix, "
+        "assistant_prefix; assistant_suffix must stay empty)",
     )
     ap.add_argument(
         "--no-chat-markers",

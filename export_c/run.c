@@ -2284,7 +2284,9 @@ static void usage(void) {
         "The prompt is kept whole and -n shrinks to what the context (max_position_embeddings) leaves\n"
         "after it; a prompt of max_position_embeddings tokens or more is refused. Generation stops at\n"
         "any of the model's EOS ids. Numbers must be whole and in range (-n 0..2^31-1, -t 0..1e6,\n"
-        "-p 0..1, -k >= 0, -T 0..1024, --chunk 1..2^20); texts are limited to 16 MiB.\n"
+        "-p 0..1, -k >= 0, -T 0..1024, --chunk 1..2^20); texts are limited to 16 MiB. Each mode takes only\n"
+        "the options it reads (encode: -i -z --no-bos; decode: --ids -z; logits: --logits-for --logits-out\n"
+        "--chunk -T -z; -y and --print-prompt-ids are chat's, --stats and --no-bos generate's); any other is an error.\n"
         "Chat (-m chat -z tokenizer.bin): the llamathink-chat template; -i TEXT answers one message\n"
         "('-' reads it from stdin) and exits, without -i lines are read from stdin until EOF or /exit.\n"
         "The oldest exchanges are dropped when the history outgrows the context window. Ctrl-C stops\n"
@@ -2957,6 +2959,32 @@ static int chat_main(const Model *m, State *s, const Tokenizer *tk, ProbIdx *pi,
     return rc;
 }
 
+/* The options each mode reads (space-separated, with a space at both ends). An option the mode would ignore is
+ * refused: a decode run given -i instead of --ids printed nothing and exited 0. */
+static const char *mode_options(const char *mode) {
+    if (!strcmp(mode, "generate"))
+        return " -i -z --ids -n -t -k -p -s -T --chunk --no-bos --ignore-eos --print-ids --stats ";
+    if (!strcmp(mode, "chat")) return " -i -z -y -n -t -k -p -s -T --chunk --ignore-eos --print-ids --print-prompt-ids ";
+    if (!strcmp(mode, "encode")) return " -i -z --no-bos ";
+    if (!strcmp(mode, "decode")) return " -z --ids ";
+    return " -z -T --chunk --logits-for --logits-out "; /* logits */
+}
+
+/* 0 when every option in given[0 .. n) is one `mode` reads; else a message naming the first that is not, and 1 */
+static int check_mode_options(const char *mode, const char **given, int n) {
+    const char *reads = mode_options(mode);
+    for (int i = 0; i < n; i++) {
+        char key[32];
+        snprintf(key, sizeof key, " %s ", given[i]);
+        if (!strstr(reads, key)) {
+            fprintf(stderr, "error: %s does not apply to %s mode, which reads only%s(-m MODE chooses the mode)\n",
+                    given[i], mode, reads);
+            return 1;
+        }
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
 #if defined(_OPENMP) && defined(__linux__)
     maybe_reexec_passive(argv);
@@ -2969,9 +2997,13 @@ int main(int argc, char **argv) {
     int print_prompt_ids = 0, steps_given = 0;
     float temp = 1.0f, top_p = 0.9f;
     unsigned long long seed = (unsigned long long)time(NULL);
+    const char **given = (const char **)malloc(sizeof(char *) * (size_t)argc); /* the options given, -m and -h aside */
+    int n_given = 0;
+    if (!given) { fprintf(stderr, "error: out of memory\n"); return 1; }
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (strcmp(a, "-m")) given[n_given++] = a;
 #define NEEDV() do { if (!v) { fprintf(stderr, "error: %s needs a value\n", a); return 1; } i++; } while (0)
         if (!strcmp(a, "-m")) { NEEDV(); mode = v; }
         else if (!strcmp(a, "-i")) { NEEDV(); prompt = v; }
@@ -3004,6 +3036,16 @@ int main(int argc, char **argv) {
     if (strcmp(mode, "generate") && strcmp(mode, "chat") && strcmp(mode, "encode") && strcmp(mode, "decode") &&
         strcmp(mode, "logits")) {
         fprintf(stderr, "error: unknown mode %s (-m generate | chat | encode | decode | logits)\n", mode);
+        return 1;
+    }
+    if (check_mode_options(mode, given, n_given)) return 1;
+    free(given);
+    if (prompt && ids_str) {
+        fprintf(stderr, "error: give the prompt as -i TEXT or as --ids \"...\", not both\n");
+        return 1;
+    }
+    if (!strcmp(mode, "decode") && !ids_str) {
+        fprintf(stderr, "error: decode mode needs --ids \"...\" (the token ids to decode)\n");
         return 1;
     }
     /* every reply would be empty, and kept in the history; with --print-prompt-ids, -n 0 shows the prompts alone */

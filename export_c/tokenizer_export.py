@@ -22,9 +22,10 @@ flag 8 in tokenizer.bin tells run.c to do the same (also for a tokenizer.model w
 such a tokenizer.json, which is what transformers loads from that directory).
 
 Chat markers: by default tokenizer.bin stores llamathink.chat_format.CHAT_MARKERS (the strings of
-the chat template that run.c's chat mode rebuilds; it ignores assistant_suffix, since an assistant
-turn ends with the EOS token); --chat-marker KEY=VALUE overrides or adds one key
-(backslash escapes such as \\n are decoded), --no-chat-markers stores only the --chat-marker ones.
+the chat template that run.c's chat mode rebuilds; an assistant turn ends with the EOS token, so
+assistant_suffix is empty); --chat-marker KEY=VALUE overrides one key (backslash escapes such as \\n
+are decoded), --no-chat-markers stores only the --chat-marker ones. A key run.c does not read, or a
+non-empty assistant_suffix, is refused (`CHAT_MARKER_KEYS`).
 """
 
 from __future__ import annotations
@@ -336,17 +337,33 @@ def load_tokenizer(src: str, sentencepiece_rules: bool = False) -> dict:
 
 
 MAX_MARKER_BYTES = 65536  # run.c's limit on a chat marker's key or value (UTF-8 bytes)
+# The keys of llamathink.chat_format.CHAT_MARKERS (the exporter runs without the package; a test keeps them equal):
+# run.c's chat mode reads the first five; an assistant turn ends with the EOS token, so assistant_suffix stays empty
+CHAT_MARKER_KEYS = ("system_prefix", "system_suffix", "user_prefix", "user_suffix", "assistant_prefix")
+EMPTY_CHAT_MARKER_KEYS = ("assistant_suffix",)
 
 
 def parse_markers(items) -> dict:
     """KEY=VALUE chat markers (backslash escapes in the value as in a Python string) -> {key: value}. Raises
-    TokenizerExportError for an item without "=", a bad escape, or a key or value over `MAX_MARKER_BYTES` bytes
-    (run.c would refuse the whole tokenizer.bin)."""
+    TokenizerExportError for an item without "=", a key that run.c does not read (`CHAT_MARKER_KEYS`; a mistyped
+    key would be stored and silently unused), a non-empty `assistant_suffix` (run.c ends an assistant turn with
+    the EOS token), a bad escape, or a key or value over `MAX_MARKER_BYTES` bytes (run.c would refuse the whole
+    tokenizer.bin)."""
     out = {}
     for it in items or []:
         if "=" not in it:
             raise TokenizerExportError(f"chat marker {it!r} is not KEY=VALUE")
         k, v = it.split("=", 1)
+        if k not in CHAT_MARKER_KEYS + EMPTY_CHAT_MARKER_KEYS:
+            raise TokenizerExportError(
+                f"chat marker {it[:60]!r}: run.c's chat mode reads no key {k[:40]!r}; the keys are "
+                f"{', '.join(CHAT_MARKER_KEYS + EMPTY_CHAT_MARKER_KEYS)}"
+            )
+        if k in EMPTY_CHAT_MARKER_KEYS and v:
+            raise TokenizerExportError(
+                f"chat marker {it[:60]!r}: {k} must be empty; run.c ends an assistant turn with the EOS token and "
+                "feeds nothing after it"
+            )
         try:  # backslash escapes (\\n, \\t, \\xNN) as in a Python string; the rest as typed (UTF-8)
             out[k] = v.encode("utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8")
         except (UnicodeDecodeError, UnicodeEncodeError) as e:

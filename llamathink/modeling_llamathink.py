@@ -45,6 +45,7 @@ from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.generation import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput, logging
 
@@ -3376,6 +3377,17 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
             if value is not None and (count is None or count < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         return generation_config, model_kwargs
+
+    def _validate_generation_mode(self, generation_mode, generation_config, *args, **kwargs):
+        # transformers 5.17 refuses assisted decoding for stateful models here; 5.25 no longer does, and its
+        # assisted loop then failed with "Assisted decoding requires a cache" (the model has one)
+        if generation_mode == GenerationMode.ASSISTED_GENERATION:
+            raise ValueError(
+                "LlamaThink does not support assisted (speculative) decoding (assistant_model, "
+                "prompt_lookup_num_tokens, assistant_early_exit): its recurrent state (the Gated DeltaNet state, the "
+                "conv and CSA buffers) cannot be rolled back to drop rejected draft tokens; generate without them"
+            )
+        return super()._validate_generation_mode(generation_mode, generation_config, *args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         chunk = generation_config.prefill_chunk_size

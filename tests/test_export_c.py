@@ -2015,6 +2015,50 @@ def test_text_guard_fdd0_refused_in_chat_and_deleted_by_guarded_encode(run_bin, 
     assert len(r.stdout.splitlines()) == 2
 
 
+def test_options_a_mode_does_not_read_are_errors_not_ignored(run_bin, chat_model, tmp_path):
+    """Each mode refuses, by name, an option it would ignore: decode given -i (the text it encodes) instead of --ids,
+    or no ids at all, printed nothing and exited 0; -i and --ids together dropped one prompt. The options each mode
+    reads still run."""
+    f, tok = str(chat_model["bin"]), str(chat_model["tokbin"])
+
+    def run(*args):  # (bytes: a random model's reply need not be UTF-8)
+        r = subprocess.run([str(run_bin), *args], capture_output=True, timeout=60, check=False)
+        return r.returncode, r.stdout, r.stderr.decode(errors="replace")
+
+    chat = [f, "-z", tok, "-m", "chat", "-n", "1", "-t", "0"]
+    refused = [
+        (["-", "-m", "decode", "-z", tok, "-i", "1 5"], "-i does not apply to decode mode"),
+        (["-", "-m", "decode", "-z", tok], "decode mode needs --ids"),
+        (["-", "-m", "encode", "-z", tok, "--ids", "1 5"], "--ids does not apply to encode mode"),
+        (["-", "-m", "encode", "-z", tok, "-i", "ab", "-n", "3"], "-n does not apply to encode mode"),
+        ([f, "-z", tok, "-i", "ab", "--ids", "1 5", "-n", "2"], "give the prompt as -i TEXT or as --ids"),
+        ([f, "--ids", "1 5", "-y", "be brief", "-n", "2"], "-y does not apply to generate mode"),
+        ([f, "--ids", "1 5", "--print-prompt-ids"], "--print-prompt-ids does not apply to generate mode"),
+        ([f, "--ids", "1 5", "--logits-out", str(tmp_path / "l.f32")], "--logits-out does not apply to generate"),
+        ([f, "--logits-for", "1 5", "--logits-out", str(tmp_path / "l.f32"), "-n", "2"], "-n does not apply to logits"),
+        ([*chat, "--ids", "1 5"], "--ids does not apply to chat mode"),
+        ([*chat, "-i", "ab", "--stats"], "--stats does not apply to chat mode"),
+        ([*chat, "-i", "ab", "--no-bos"], "--no-bos does not apply to chat mode"),
+    ]
+    for args, message in refused:
+        rc, out, err = run(*args)
+        assert rc == 1 and out == b"" and f"error: {message}" in err, (args, err)
+    assert not (tmp_path / "l.f32").exists()
+    encoded = run("-", "-m", "encode", "-z", tok, "-i", "ab", "--no-bos")[1].decode().strip()
+    accepted = [
+        ["-", "-m", "decode", "-z", tok, "--ids", encoded],
+        ["-", "-m", "encode", "-z", tok, "-i", "ab", "--no-bos"],
+        [f, "-z", tok, "--ids", "1 5", "-n", "2", "-t", "0", "-k", "3", "-p", "0.5", "-s", "1", "-T", "1", "--stats"],
+        [f, "--logits-for", "1 5", "--logits-out", str(tmp_path / "l.f32"), "--chunk", "1", "-T", "1", "-z", tok],
+        [*chat, "-i", "ab", "-y", "be brief", "-T", "1", "--chunk", "2", "--print-ids", "--ignore-eos", "-s", "3"],
+    ]
+    for args in accepted:
+        rc, out, err = run(*args)
+        assert rc == 0 and (out or "--logits-for" in args), (args, err)
+    assert (tmp_path / "l.f32").stat().st_size > 0
+    assert run(*accepted[0])[1] == b"ab"
+
+
 def test_hostile_command_lines_get_clear_errors(asan_bin, mini_files, tmp_path):
     """Decode mode names an out-of-range id (it used to drop it silently); an unknown mode is refused before any
     file is read; LT_PAR_MIN is parsed strictly like an option; a directory or device given as a file is named
@@ -2624,18 +2668,50 @@ def test_runner_refuses_a_fifo_or_an_empty_file_without_waiting(run_bin, chat_mo
 def test_a_chat_marker_longer_than_the_runner_takes_is_refused_at_export(tiny, tmp_path, capsys):
     """A --chat-marker key or value over 65536 bytes (run.c refused the whole tokenizer.bin then, naming a "bad
     marker length 0") is refused by the exporter, naming the marker, before anything is written."""
-    assert tkx.parse_markers(["user=" + "x" * tkx.MAX_MARKER_BYTES])["user"] == "x" * tkx.MAX_MARKER_BYTES
-    for item, what in (("user=" + "\\xc3\\xa9" * 40000, "value has 80000 bytes"), ("k" * 70000 + "=v", "key has")):
+    longest = "x" * tkx.MAX_MARKER_BYTES
+    assert tkx.parse_markers(["user_prefix=" + longest])["user_prefix"] == longest
+    for item, what in (
+        ("user_prefix=" + "\\xc3\\xa9" * 40000, "value has 80000 bytes"),
+        ("k" * 70000 + "=v", "no key"),
+    ):
         with pytest.raises(tkx.TokenizerExportError, match=what):
             tkx.parse_markers([item])
     _, ck, _ = tiny
     out = tmp_path / "m.bin"
-    assert (
-        ex.main([str(ck), str(out), "--tokenizer-out", str(tmp_path / "t.bin"), "--chat-marker", "user=" + "y" * 70000])
-        == 1
-    )
+    marker = "user_prefix=" + "y" * 70000
+    assert ex.main([str(ck), str(out), "--tokenizer-out", str(tmp_path / "t.bin"), "--chat-marker", marker]) == 1
     assert "its value has 70000 bytes; run.c takes at most 65536" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_chat_marker_run_c_would_not_read_is_refused_at_export(tiny, tmp_path, capsys):
+    """--chat-marker takes only the keys run.c's chat mode reads (those of llamathink's CHAT_MARKERS; a mistyped
+    key was stored and never read) and an empty assistant_suffix (run.c ends an assistant turn with EOS); anything
+    else is refused, naming the keys, before any file is written."""
+    from llamathink.chat_format import CHAT_MARKERS
+
+    assert set(tkx.CHAT_MARKER_KEYS + tkx.EMPTY_CHAT_MARKER_KEYS) == set(CHAT_MARKERS)
+    assert {k for k, v in CHAT_MARKERS.items() if v == ""} == set(tkx.EMPTY_CHAT_MARKER_KEYS)
+    assert tkx.parse_markers(["user_prefix=Q:\\n", "assistant_suffix="]) == {
+        "user_prefix": "Q:\n",
+        "assistant_suffix": "",
+    }
+    for item, message in (
+        ("user=### Human:\\n", "reads no key 'user'; the keys are system_prefix, system_suffix, user_prefix"),
+        ("=x", "reads no key ''"),
+        ("eos=</s>", "reads no key 'eos'"),
+        ("User_Prefix=Q:", "reads no key 'User_Prefix'"),
+        ("assistant_suffix=\\n", "assistant_suffix must be empty"),
+    ):
+        with pytest.raises(tkx.TokenizerExportError, match=message):
+            tkx.parse_markers([item])
+        _, ck, _ = tiny
+        args = [str(ck), str(tmp_path / "m.bin"), "--tokenizer-out", str(tmp_path / "t.bin"), "--chat-marker", item]
+        assert ex.main(args) == 1
+        assert "error: chat marker" in capsys.readouterr().err
+        assert tkx.main([str(ck), str(tmp_path / "t.bin"), "--chat-marker", item]) == 1
+        assert "chat marker" in capsys.readouterr().err
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_chat_mode_refuses_replies_of_no_tokens(run_bin, chat_model):

@@ -1987,6 +1987,24 @@ def test_generate_with_chunked_prefill_equals_generate():
         assert out.sequences.shape[0] == 2 * ids.shape[0]  # NumPy integers are integers
 
 
+def test_assisted_decoding_is_refused_by_name_before_anything_runs():
+    """Assisted (speculative) decoding needs a cache that can drop rejected draft tokens; the recurrent state cannot.
+    Each way of asking for it (a draft model, prompt lookup) gets a ValueError that says so, before any forward (on
+    transformers 5.25 it failed inside the assisted loop with "Assisted decoding requires a cache")."""
+    model = tiny_model().eval()
+    ids = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(23))
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        for asked in ({"prompt_lookup_num_tokens": 2}, {"assistant_model": tiny_model().eval()}):
+            with pytest.raises(ValueError, match="does not support assisted .*cannot be rolled back"):
+                model.generate(ids, **kwargs, **asked)
+        assert calls == []
+        assert model.generate(ids, **kwargs).shape == (1, 12)  # plain greedy decoding still runs
+    hook.remove()
+
+
 def test_generate_from_inputs_embeds_counts_their_positions_against_the_limit(short_model):
     ids = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(15))
     embeds = short_model.get_input_embeddings()(ids).detach()
