@@ -106,10 +106,14 @@ CONTROL_TOKEN_START = "<"
 CHAT_TEMPLATE = r"""{#- LlamaThink chat format (llamathink/chat.py): text role markers, EOS ends an assistant turn -#}
 {#- Content is text: every "<" in it is followed by U+FDD0, which the tokenizer's normalizer deletes, so a typed
     "</s>" is never the EOS token (llamathink.chat.TEXT_GUARD) -#}
+{#- continue_final_message: transformers appends this tag and a space to the last message, renders, checks that the
+    message's raw text is in the result and cuts it at the tag. The text is guarded before the tag, so its raw copy
+    follows the tag, where the cut drops it -#}
+{%- set continue_tag = 'CONTINUE_FINAL_MESSAGE_TAG' -%}
 {{- bos_token -}}
 {%- for message in messages -%}
     {%- if message['content'] is string -%}
-        {%- set content = message['content'] | trim -%}
+        {%- set raw = message['content'] -%}
     {%- elif message['content'] is defined and message['content'] is not none and message['content'] is iterable
             and message['content'] is not mapping -%}
         {%- set i = loop.index0 -%}
@@ -119,28 +123,37 @@ CHAT_TEMPLATE = r"""{#- LlamaThink chat format (llamathink/chat.py): text role m
                                     ' is not a text part {"type": "text", "text": "..."}; this model reads text only') -}}
             {%- endif -%}
         {%- endfor -%}
-        {%- set content = message['content'] | map(attribute='text') | join('') | trim -%}
+        {%- set raw = message['content'] | map(attribute='text') | join('') -%}
     {%- else -%}
         {{- raise_exception('LlamaThink chat template: message ' ~ loop.index0 ~
                             ' has no text content (missing, null, or not a string or a list of text parts)') -}}
     {%- endif -%}
+    {%- set continued = loop.last and not add_generation_prompt and raw.endswith(continue_tag + ' ') -%}
+    {%- set content = (raw[:-(continue_tag | length) - 1] if continued else raw) | trim -%}
     {%- if '\uFDD0' in content -%}
         {{- raise_exception('LlamaThink chat template: message ' ~ loop.index0 ~
                             ' contains U+FDD0, a Unicode noncharacter the template reserves') -}}
     {%- endif -%}
+    {%- if continued and continue_tag in content -%}
+        {{- raise_exception('LlamaThink chat template: the message to continue contains ' ~ continue_tag ~
+                            ", transformers' own marker for continue_final_message") -}}
+    {%- endif -%}
+    {%- set text = content -%}
     {%- set content = content | replace('<', '<\uFDD0') -%}
+    {%- set end = continue_tag + ' ' + text if continued else '' -%}
     {%- if message['role'] == 'system' -%}
-        {{- '### System:\n' + content + '\n\n' -}}
+        {{- '### System:\n' + content + (end or '\n\n') -}}
     {%- elif message['role'] == 'user' -%}
-        {{- '### User:\n' + content + '\n\n' -}}
+        {{- '### User:\n' + content + (end or '\n\n') -}}
     {%- elif message['role'] == 'assistant' -%}
         {{- '### Assistant:\n' -}}
         {%- if message['weight'] is defined and message['weight'] == 0 -%}
-            {{- content + eos_token -}}
+            {{- content + (end or eos_token) -}}
         {%- else -%}
             {%- generation -%}
-                {{- content + eos_token -}}
+                {{- content + ('' if continued else eos_token) -}}
             {%- endgeneration -%}
+            {{- end -}}
         {%- endif -%}
     {%- else -%}
         {{- raise_exception('LlamaThink chat template: unknown role ' ~ message['role'] ~ '; use system, user or assistant') -}}
@@ -161,6 +174,7 @@ SHIPPED_TEMPLATE_SHA256 = (
     "d67d7a053f08de259b6640594a16e0cb4c4edd2db4660c685f7183d61fa56e5e",
     "5677f5de333253751341b837ef9d26a8e00a34229d823973fa469e9629ea8ee8",
     "2667e2c188813254659f81cf9cccd2355305351c9a621593773c0727b4bf9af5",  # an assistant message's "weight": 0
+    "1c60be4aaa79842d9344a20c11510737154fc2525bff644da9b58d84b23178e6",  # continue_final_message with guarded text
 )
 _TEMPLATE_SIGNATURE = "{#- LlamaThink chat format (llamathink/chat.py)"
 

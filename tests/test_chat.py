@@ -141,6 +141,36 @@ def test_template_renders_the_documented_strings(any_tok):
         apply_template([{"role": "tool", "content": "x"}])
 
 
+def test_continue_final_message_continues_any_text_as_text(any_tok):
+    """transformers' `continue_final_message` (an assistant prefill, or a message continued) renders the last
+    message open, without its end: for any text, "<" and typed control tokens included (the template guards every
+    "<", and transformers looks for the raw text in the render: it failed for "Use the <b> tag"). The ids are those
+    of the whole conversation without the last message's end (EOS, or a turn's blank line), content read as text;
+    a message that contains transformers' own tag is refused by name."""
+    cases = ["Sure, here", "Use the <b> tag", "x < y so", "say </s> and <s> now  ", "<", "a\n<unk>"]
+    parts = [{"type": "text", "text": "a <s>"}, {"type": "text", "text": " b<"}]
+    for content in [*cases, parts]:
+        text = content if isinstance(content, str) else "".join(p["text"] for p in content)
+        for role, end in (("assistant", any_tok.eos_token), ("user", "\n\n")):
+            messages = [{"role": "system", "content": "be <brief>"}, {"role": role, "content": content}]
+            open_text = apply_template(messages)[: -len(end)]
+            rendered = any_tok.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+            assert rendered == open_text and rendered.endswith(text.strip().replace("<", "<\ufdd0")), (role, content)
+            ids = any_tok.apply_chat_template(messages, continue_final_message=True, return_dict=True)["input_ids"]
+            closed = chat_ids(any_tok, messages)
+            if role == "assistant":
+                assert ids == closed[:-1] and closed[-1] == any_tok.eos_token_id, content
+            else:
+                assert closed[: len(ids)] == ids and len(closed) > len(ids), content
+            assert any_tok.eos_token_id not in ids and ids.count(any_tok.bos_token_id) == 1, content
+    with pytest.raises(Exception, match="contains CONTINUE_FINAL_MESSAGE_TAG"):
+        any_tok.apply_chat_template(
+            [{"role": "assistant", "content": "x CONTINUE_FINAL_MESSAGE_TAG y"}], continue_final_message=True
+        )
+    # without continue_final_message, the template renders as before (a trailing tag-like text is not stripped)
+    assert any_tok.apply_chat_template(CONV, tokenize=False) == CONV_TEXT
+
+
 def test_jinja_template_equals_the_python_reference_on_the_sample_set(tok, sample):
     for messages in sample:
         for gen in (False, True):
