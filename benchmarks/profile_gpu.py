@@ -1,15 +1,17 @@
 """Where the time goes: a torch.profiler view of one LlamaThink training step and of cached decoding on one GPU.
 
     python benchmarks/profile_gpu.py [--backend auto] [--batch 16] [--seq 1024] [--decode-tokens 32] [--compile]
-                                     [--cuda-graphs] [--no-eager] [--peers hf-llama] [--optimizer | --optimizer-only] [--out DIR]
-                                     [--top-kernels N] [--eager-ops] [--host-python] [--kernel-sources]
-                                     [--inductor-option KEY=VALUE ...]
+                                     [--cuda-graphs] [--no-eager] [--peers hf-llama] [--eager-peers hf-qwen3.5]
+                                     [--optimizer | --optimizer-only] [--out DIR] [--top-kernels N] [--eager-ops]
+                                     [--host-python] [--kernel-sources] [--inductor-option KEY=VALUE ...]
 
 Prints (and with --out writes as text) the kernels that take the most GPU time in a bf16 training step (with
 --compile also those of the step with the decoder layers compiled as training compiles them), the GPU time per layer kind (forward + backward, measured with
 CUDA events around each decoder layer and the loss), and for
 greedy decoding at batch 1: host time per token, kernel launches per token and the host<->device syncs per token,
-with the Python lines that cause them (`torch.cuda.set_sync_debug_mode`); with --optimizer also the host and GPU
+with the Python lines that cause them (`torch.cuda.set_sync_debug_mode`); every profiled training step also gives
+its host launch calls and its host syncs by Python line, and `--eager-peers hf-qwen3.5` profiles that peer's eager
+step the same way in the same process (the eager target of issue 17); with --optimizer also the host and GPU
 time of gradient clipping + the optimizer step (Muon + AdamW), with Muon's Newton-Schulz step eager and recorded as
 a CUDA graph (`muon_cuda_graph`); --optimizer-only times only that, for LlamaThink and for HF Llama (the peer of
 `bench_gpu.py`, same optimizer code) in one process. Every kernel table ends with the step's GPU time by kind of
@@ -184,6 +186,59 @@ def kernel_kinds(averages) -> str:
     lines = ["GPU ms by kind of kernel:"]
     for kind, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {kind:42s} {ms:8.2f} ms  {100 * ms / total:5.1f}%  {counts[kind]:5d} launches")
+    return "\n".join(lines)
+
+
+# The host API calls that put work on the GPU's queue: kernels (runtime and driver APIs), and copies and fills.
+LAUNCH_CALLS = (
+    "cudaLaunchKernel",
+    "cudaLaunchKernelExC",
+    "cuLaunchKernel",
+    "cuLaunchKernelEx",
+    "cudaMemcpyAsync",
+    "cudaMemsetAsync",
+    "cudaGraphLaunch",
+)
+
+
+def launch_calls(averages) -> int:
+    """How many times the host put work on the GPU's queue in a profiled region (`LAUNCH_CALLS` in
+    `prof.key_averages()`): each costs host time, which is what bounds an eager step whose GPU waits on its host.
+    A CUDA graph's replay counts once."""
+    return sum(e.count for e in averages if e.key in LAUNCH_CALLS)
+
+
+# What `torch.cuda.set_sync_debug_mode("warn")` warns with (c10/cuda/CUDAFunctions.cpp)
+_SYNC_WARNING = "called a synchronizing CUDA operation"
+
+
+def host_syncs(run) -> collections.Counter:
+    """The host<->device synchronisations that `run()` makes, counted by the Python line that makes them
+    ("file.py:line"), caught with `torch.cuda.set_sync_debug_mode("warn")`. A sync in a step makes the host wait for
+    the GPU to finish everything queued before it, so host and GPU time add up where they would overlap. Warnings
+    other than the sync warning are not counted."""
+    syncs = collections.Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if _SYNC_WARNING in str(w.message):
+            syncs[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    return syncs
+
+
+def step_syncs(model, ids, rows: int = 10) -> str:
+    """The host syncs of one training step (`forward_backward`) by Python line (`host_syncs`), after a warm-up step
+    (autotuners and first calls sync once)."""
+    forward_backward(model, ids)
+    torch.cuda.synchronize()
+    syncs = host_syncs(lambda: forward_backward(model, ids))
+    lines = [f"host syncs in a training step: {sum(syncs.values())}" + ("; by line:" if syncs else "")]
+    lines += [f"  {n:6d}  {where}" for where, n in syncs.most_common(rows)]
     return "\n".join(lines)
 
 
@@ -365,7 +420,10 @@ def kernel_table(
     averages = prof.key_averages()
     busy_ms = sum(e.self_device_time_total for e in averages if is_gpu_kernel(e)) / 1e3
     table = averages.table(sort_by="device_time_total", row_limit=rows, max_name_column_width=70)
-    text = f"{table}\nGPU kernel time of the step (forward + backward): {busy_ms:.1f} ms\n{kernel_kinds(averages)}"
+    text = (
+        f"{table}\nGPU kernel time of the step (forward + backward): {busy_ms:.1f} ms; host launch calls "
+        f"(`LAUNCH_CALLS`): {launch_calls(averages)}\n{kernel_kinds(averages)}"
+    )
     if top_kernels:
         kernels = [e for e in averages if is_gpu_kernel(e)]
         kernels.sort(key=lambda e: -e.self_device_time_total)
@@ -571,23 +629,12 @@ def decode_profile(model, tokens: int) -> str:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         model.generate(ids, **kwargs)
         torch.cuda.synchronize()
-    launches = sum(
-        e.count for e in prof.key_averages() if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")
-    )
+    launches = launch_calls(prof.key_averages())
     gpu_us = sum(e.device_time_total for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
-    syncs = collections.Counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            model.generate(ids, **kwargs)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    for w in caught:
-        syncs[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    syncs = host_syncs(lambda: model.generate(ids, **kwargs))
     lines = [
         f"decode batch 1: {1 / per_token:.1f} tokens/s, {per_token * 1e3:.2f} ms/token host wall time",
-        f"kernel launches per token: {launches / tokens:.0f}; GPU busy per token: {gpu_us / tokens / 1e3:.3f} ms",
+        f"host launch calls per token: {launches / tokens:.0f}; GPU busy per token: {gpu_us / tokens / 1e3:.3f} ms",
         f"host syncs per token: {sum(syncs.values()) / tokens:.1f}; by line:",
     ]
     lines += [f"  {n / tokens:6.2f}  {where}" for where, n in syncs.most_common(20)]
@@ -651,7 +698,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--host-python",
         action="store_true",
-        help="also the compiled step's host time by Python function and package (cProfile; needs --compile)",
+        help="also each profiled step's host time by Python function and package (cProfile): the eager step's "
+        "(and the eager peers'), with --compile also the compiled step's",
     )
     parser.add_argument("--optimizer", action="store_true", help="also time gradient clipping + the optimizer step")
     parser.add_argument("--optimizer-only", action="store_true", help="only that, for LlamaThink and HF Llama")
@@ -683,8 +731,14 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--peers", default="", help="comma list of bench_gpu.py peers (e.g. hf-llama) to profile compiled whole"
     )
+    parser.add_argument(
+        "--eager-peers",
+        default="",
+        help="comma list of bench_gpu.py peers (e.g. hf-qwen3.5) whose eager step to profile as LlamaThink's: "
+        "kernels, launch calls, wall time, syncs (not with --no-eager)",
+    )
     args = parser.parse_args(argv)
-    from bench_gpu import build, check_model_name, csa_chunk  # the models exactly as bench_gpu.py builds them
+    from bench_gpu import PEERS, build, check_model_name, csa_chunk  # the models exactly as bench_gpu.py builds them
 
     name = args.model or f"llamathink:{args.backend}"
     check_model_name(name)  # before any GPU work: a misspelt variant would profile the plain model
@@ -695,16 +749,24 @@ def main(argv=None) -> int:
             f"--model {name}: of bench_gpu's variants only those of the model itself profile here "
             f"({', '.join(MODEL_VARIANTS)}, csa-chunk<N>)"
         )
+    eager_peers = [peer for peer in args.eager_peers.split(",") if peer]
     for peer in filter(None, args.peers.split(",")):
         check_model_name(peer)
+    for peer in eager_peers:
+        if peer not in PEERS:
+            parser.error(f"--eager-peers {peer}: expected peers of bench_gpu.py ({', '.join(PEERS)}), no variants")
+    if eager_peers and (args.no_eager or args.optimizer_only):
+        parser.error("--eager-peers profiles beside the eager step: not with --no-eager or --optimizer-only")
     options = dict(inductor_option(text) for text in args.inductor_option)  # refused before any GPU work
-    if (options or args.eager_ops or args.host_python or args.kernel_sources or args.cuda_graphs) and (
+    if (options or args.eager_ops or args.kernel_sources or args.cuda_graphs) and (
         not args.compile or args.optimizer_only
     ):
         parser.error(
-            "--inductor-option, --eager-ops, --host-python, --kernel-sources and --cuda-graphs apply to the compiled "
-            "step: add --compile (not --optimizer-only)"
+            "--inductor-option, --eager-ops, --kernel-sources and --cuda-graphs apply to the compiled step: add "
+            "--compile (not --optimizer-only)"
         )
+    if args.host_python and (args.optimizer_only or (args.no_eager and not args.compile)):
+        parser.error("--host-python profiles the eager or the compiled step: not with --optimizer-only")
     top_kernels = args.top_kernels or (40 if args.kernel_sources else 0)
     torch.manual_seed(0)
     if args.optimizer_only:
@@ -727,6 +789,21 @@ def main(argv=None) -> int:
         report.append("## top kernels of one training step")
         report.append(kernel_table(model, ids))
         report.append(step_wall_ms(model, ids))
+        report.append(step_syncs(model, ids))
+        if args.host_python:
+            report.append("## host time of the eager step by Python package and function (cProfile)")
+            report.append(host_python_profile(model, ids))
+        for peer_name in eager_peers:  # in this process, before anything compiles: eager against eager
+            peer = build(peer_name).cuda()
+            report.append(f"## top kernels of one eager training step of {peer_name}")
+            report.append(kernel_table(peer, ids))
+            report.append(step_wall_ms(peer, ids))
+            report.append(step_syncs(peer, ids))
+            if args.host_python:
+                report.append(f"## host time of {peer_name}'s eager step by Python package and function (cProfile)")
+                report.append(host_python_profile(peer, ids))
+            del peer
+            torch.cuda.empty_cache()
     if args.compile:
         from torch._dynamo.utils import counters
 

@@ -39,3 +39,70 @@ def test_a_cuda_graph_step_marks_its_start_and_keeps_zeroed_gradients(monkeypatc
     assert marks == [1] and seen["norm"] > 0  # a real backward ran, then its gradients were zeroed in place
     for name, p in model.named_parameters():
         assert p.grad is grads[name] and not p.grad.any(), name
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--eager-peers", "hf-qwen"], "--eager-peers hf-qwen: expected peers of bench_gpu.py"),
+        (["--eager-peers", "hf-llama:cudagraphs"], "--eager-peers hf-llama:cudagraphs: expected peers"),
+        (["--eager-peers", "llamathink:fla"], "--eager-peers llamathink:fla: expected peers"),
+        (["--eager-peers", "hf-qwen3.5", "--no-eager"], "--eager-peers profiles beside the eager step"),
+        (["--host-python", "--optimizer-only"], "--host-python profiles the eager or the compiled step"),
+        (["--host-python", "--no-eager"], "--host-python profiles the eager or the compiled step"),
+        (["--eager-ops"], "--eager-ops, --kernel-sources and --cuda-graphs apply to the compiled step"),
+    ],
+)
+def test_options_that_profile_nothing_stop_before_any_gpu_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        profile_gpu.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_launch_calls_count_what_the_host_queues_on_the_gpu_only():
+    """Kernel launches of both CUDA APIs, copies, fills and graph replays count; other host calls and GPU kernels
+    (which the profiler lists under their own names) do not."""
+
+    class Event:
+        def __init__(self, key, count):
+            self.key, self.count = key, count
+
+    events = [
+        Event("cudaLaunchKernel", 300),
+        Event("cuLaunchKernelEx", 40),
+        Event("cudaMemcpyAsync", 7),
+        Event("cudaMemsetAsync", 5),
+        Event("cudaGraphLaunch", 2),
+        Event("cudaStreamSynchronize", 3),
+        Event("aten::mm", 50),
+        Event("void at::native::elementwise_kernel<128, 2>", 300),
+    ]
+    assert profile_gpu.launch_calls(events) == 354
+
+
+def test_host_syncs_count_sync_warnings_by_line_and_restore_the_mode(monkeypatch):
+    """`host_syncs` counts the sync debug mode's warnings by the Python line that raised them, not other warnings,
+    and sets the mode back to "default" also where the run raises (CPU: the mode and the warnings stood in for)."""
+    import warnings
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def run():
+        for _ in range(3):
+            warnings.warn("called a synchronizing CUDA operation", UserWarning)  # the first line
+        warnings.warn("called a synchronizing CUDA operation", UserWarning)  # the second
+        warnings.warn("an unrelated warning", UserWarning)
+
+    first = run.__code__.co_firstlineno + 2
+    syncs = profile_gpu.host_syncs(run)
+    assert syncs == {f"test_profile_gpu.py:{first}": 3, f"test_profile_gpu.py:{first + 1}": 1}
+    assert modes == ["warn", "default"]
+
+    def fails():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        profile_gpu.host_syncs(fails)
+    assert modes[-2:] == ["warn", "default"]
