@@ -6,19 +6,19 @@
                                      [--host-python] [--kernel-sources] [--inductor-option KEY=VALUE ...]
 
 Prints (and with --out writes as text) the kernels that take the most GPU time in a bf16 training step (with
---compile also those of the step with the decoder layers compiled as training compiles them), the GPU time per layer kind (forward + backward, measured with
-CUDA events around each decoder layer and the loss), and for
-greedy decoding at batch 1: host time per token, kernel launches per token and the host<->device syncs per token,
-with the Python lines that cause them (`torch.cuda.set_sync_debug_mode`); every profiled training step also gives
-its host launch calls and its host syncs by Python line, and `--eager-peers hf-qwen3.5` profiles that peer's eager
-step the same way in the same process (the eager target of issue 17); with --optimizer also the host and GPU
-time of gradient clipping + the optimizer step (Muon + AdamW), with Muon's Newton-Schulz step eager and recorded as
-a CUDA graph (`muon_cuda_graph`); --optimizer-only times only that, for LlamaThink and for HF Llama (the peer of
+--compile also those of the step with the decoder layers compiled as training compiles them), the GPU time per layer
+kind (forward + backward, measured with CUDA events around each decoder layer and the loss), and for greedy decoding
+at batch 1: host time per token, host launch calls per token and the host<->device syncs per token, with the Python
+lines that cause them (`torch.cuda.set_sync_debug_mode`); every kernel table also gives the step's host launch
+calls, the eager steps their host syncs by Python line, and `--eager-peers hf-qwen3.5` profiles that peer's eager
+step the same way in the same process (the eager target of issue 17); with --optimizer also the host and GPU time of
+gradient clipping + the optimizer step (Muon + AdamW), with Muon's Newton-Schulz step eager and recorded as a CUDA
+graph (`muon_cuda_graph`); --optimizer-only times only that, for LlamaThink and for HF Llama (the peer of
 `bench_gpu.py`, same optimizer code) in one process. Every kernel table ends with the step's GPU time by kind of
 kernel (matrix products, attention, fla, inductor's fused kernels, ...); `--peers hf-llama` profiles that peer's
-compiled step the same way in the same process, so the kinds can be compared model against model. With
---cuda-graphs the layers (and the peers) compile in torch.compile's reduce-overhead mode, as one-GPU training
-compiles them: the profile then shows the kernels the CUDA graphs replay (CSA's FlexAttention path among them).
+compiled step the same way in the same process, so the kinds can be compared model against model. With --cuda-graphs
+the layers (and the peers) compile in torch.compile's reduce-overhead mode, as one-GPU training compiles them: the
+profile then shows the kernels the CUDA graphs replay (CSA's FlexAttention path among them).
 
 With --kernel-sources (and --compile) inductor's generated code of the compiled step is kept (with --out, in
 DIR/kernel_sources_<backend>.py.gz): every inductor kernel of the top-kernel list is followed by the graph that
@@ -216,15 +216,16 @@ def host_syncs(run) -> collections.Counter:
     """The host<->device synchronisations that `run()` makes, counted by the Python line that makes them
     ("file.py:line"), caught with `torch.cuda.set_sync_debug_mode("warn")`. A sync in a step makes the host wait for
     the GPU to finish everything queued before it, so host and GPU time add up where they would overlap. Warnings
-    other than the sync warning are not counted."""
+    other than the sync warning are not counted; the mode set before is set again afterwards."""
     syncs = collections.Counter()
+    before = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             run()
         finally:
-            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.set_sync_debug_mode(before)
     for w in caught:
         if _SYNC_WARNING in str(w.message):
             syncs[f"{Path(w.filename).name}:{w.lineno}"] += 1
@@ -766,7 +767,10 @@ def main(argv=None) -> int:
             "--compile (not --optimizer-only)"
         )
     if args.host_python and (args.optimizer_only or (args.no_eager and not args.compile)):
-        parser.error("--host-python profiles the eager or the compiled step: not with --optimizer-only")
+        parser.error(
+            "--host-python profiles the eager or the compiled step: not with --optimizer-only, nor with --no-eager "
+            "without --compile"
+        )
     top_kernels = args.top_kernels or (40 if args.kernel_sources else 0)
     torch.manual_seed(0)
     if args.optimizer_only:

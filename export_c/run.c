@@ -2992,6 +2992,7 @@ int main(int argc, char **argv) {
     if (argc < 2) { usage(); return 1; }
     if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) { usage(); return 0; }
     const char *model_path = argv[1], *mode = "generate", *prompt = NULL, *tok_path = NULL, *ids_str = NULL;
+    const char *mode_arg = NULL; /* -m as given: --logits-for chooses logits mode only where no other was asked for */
     const char *logits_for = NULL, *logits_out = NULL, *system = NULL;
     int steps = 256, top_k = 0, threads = 0, chunk = 256, no_bos = 0, ignore_eos = 0, print_ids = 0, stats = 0;
     int print_prompt_ids = 0, steps_given = 0;
@@ -3005,7 +3006,7 @@ int main(int argc, char **argv) {
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (strcmp(a, "-m")) given[n_given++] = a;
 #define NEEDV() do { if (!v) { fprintf(stderr, "error: %s needs a value\n", a); return 1; } i++; } while (0)
-        if (!strcmp(a, "-m")) { NEEDV(); mode = v; }
+        if (!strcmp(a, "-m")) { NEEDV(); mode = mode_arg = v; }
         else if (!strcmp(a, "-i")) { NEEDV(); prompt = v; }
         else if (!strcmp(a, "-z")) { NEEDV(); tok_path = v; }
         else if (!strcmp(a, "--ids")) { NEEDV(); ids_str = v; }
@@ -3027,12 +3028,13 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--print-prompt-ids")) print_prompt_ids = 1;
         else if (!strcmp(a, "-y")) { NEEDV(); system = v; }
         else if (!strcmp(a, "--stats")) stats = 1;
-        else if (!strcmp(a, "--logits-for")) { NEEDV(); logits_for = v; mode = "logits"; }
+        else if (!strcmp(a, "--logits-for")) { NEEDV(); logits_for = v; }
         else if (!strcmp(a, "--logits-out")) { NEEDV(); logits_out = v; }
         else if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(); return 0; }
         else { fprintf(stderr, "error: unknown option %s\n", a); usage(); return 1; }
 #undef NEEDV
     }
+    if (logits_for && !mode_arg) mode = "logits";
     if (strcmp(mode, "generate") && strcmp(mode, "chat") && strcmp(mode, "encode") && strcmp(mode, "decode") &&
         strcmp(mode, "logits")) {
         fprintf(stderr, "error: unknown mode %s (-m generate | chat | encode | decode | logits)\n", mode);
@@ -3042,6 +3044,11 @@ int main(int argc, char **argv) {
     free(given);
     if (prompt && ids_str) {
         fprintf(stderr, "error: give the prompt as -i TEXT or as --ids \"...\", not both\n");
+        return 1;
+    }
+    if (no_bos && ids_str) { /* BOS is added to a text prompt only; ids are fed as given */
+        fprintf(stderr, "error: --no-bos applies to a text prompt (-i); --ids are fed as given (leave the BOS id "
+                        "out of them for no BOS)\n");
         return 1;
     }
     if (!strcmp(mode, "decode") && !ids_str) {

@@ -106,14 +106,12 @@ CONTROL_TOKEN_START = "<"
 CHAT_TEMPLATE = r"""{#- LlamaThink chat format (llamathink/chat.py): text role markers, EOS ends an assistant turn -#}
 {#- Content is text: every "<" in it is followed by U+FDD0, which the tokenizer's normalizer deletes, so a typed
     "</s>" is never the EOS token (llamathink.chat.TEXT_GUARD) -#}
-{#- continue_final_message: transformers appends this tag and a space to the last message, renders, checks that the
-    message's raw text is in the result and cuts it at the tag. The text is guarded before the tag, so its raw copy
-    follows the tag, where the cut drops it -#}
-{%- set continue_tag = 'CONTINUE_FINAL_MESSAGE_TAG' -%}
+{#- transformers' continue_final_message appends "CONTINUE_FINAL_MESSAGE_TAG " to the last message and looks for
+    its raw text in the render: a guarded one is refused by name -#}
 {{- bos_token -}}
 {%- for message in messages -%}
     {%- if message['content'] is string -%}
-        {%- set raw = message['content'] -%}
+        {%- set content = message['content'] | trim -%}
     {%- elif message['content'] is defined and message['content'] is not none and message['content'] is iterable
             and message['content'] is not mapping -%}
         {%- set i = loop.index0 -%}
@@ -123,37 +121,36 @@ CHAT_TEMPLATE = r"""{#- LlamaThink chat format (llamathink/chat.py): text role m
                                     ' is not a text part {"type": "text", "text": "..."}; this model reads text only') -}}
             {%- endif -%}
         {%- endfor -%}
-        {%- set raw = message['content'] | map(attribute='text') | join('') -%}
+        {%- set content = message['content'] | map(attribute='text') | join('') | trim -%}
     {%- else -%}
         {{- raise_exception('LlamaThink chat template: message ' ~ loop.index0 ~
                             ' has no text content (missing, null, or not a string or a list of text parts)') -}}
     {%- endif -%}
-    {%- set continued = loop.last and not add_generation_prompt and raw.endswith(continue_tag + ' ') -%}
-    {%- set content = (raw[:-(continue_tag | length) - 1] if continued else raw) | trim -%}
     {%- if '\uFDD0' in content -%}
         {{- raise_exception('LlamaThink chat template: message ' ~ loop.index0 ~
                             ' contains U+FDD0, a Unicode noncharacter the template reserves') -}}
     {%- endif -%}
-    {%- if continued and continue_tag in content -%}
-        {{- raise_exception('LlamaThink chat template: the message to continue contains ' ~ continue_tag ~
-                            ", transformers' own marker for continue_final_message") -}}
+    {%- if loop.last and not add_generation_prompt and '<' in content
+            and (message['content'] if message['content'] is string
+                 else message['content'] | map(attribute='text') | join('')).endswith('CONTINUE_FINAL_MESSAGE_TAG ') -%}
+        {{- raise_exception('LlamaThink chat template: the last message ends with "CONTINUE_FINAL_MESSAGE_TAG ", '
+                            ~ "transformers' mark of continue_final_message, and contains \"<\", which the template "
+                            ~ 'guards, so transformers would not find its raw text: continue it with '
+                            ~ 'llamathink.chat_format.chat_ids(tokenizer, messages, continue_final_message=True)') -}}
     {%- endif -%}
-    {%- set text = content -%}
     {%- set content = content | replace('<', '<\uFDD0') -%}
-    {%- set end = continue_tag + ' ' + text if continued else '' -%}
     {%- if message['role'] == 'system' -%}
-        {{- '### System:\n' + content + (end or '\n\n') -}}
+        {{- '### System:\n' + content + '\n\n' -}}
     {%- elif message['role'] == 'user' -%}
-        {{- '### User:\n' + content + (end or '\n\n') -}}
+        {{- '### User:\n' + content + '\n\n' -}}
     {%- elif message['role'] == 'assistant' -%}
         {{- '### Assistant:\n' -}}
         {%- if message['weight'] is defined and message['weight'] == 0 -%}
-            {{- content + (end or eos_token) -}}
+            {{- content + eos_token -}}
         {%- else -%}
             {%- generation -%}
-                {{- content + ('' if continued else eos_token) -}}
+                {{- content + eos_token -}}
             {%- endgeneration -%}
-            {{- end -}}
         {%- endif -%}
     {%- else -%}
         {{- raise_exception('LlamaThink chat template: unknown role ' ~ message['role'] ~ '; use system, user or assistant') -}}
@@ -174,7 +171,7 @@ SHIPPED_TEMPLATE_SHA256 = (
     "d67d7a053f08de259b6640594a16e0cb4c4edd2db4660c685f7183d61fa56e5e",
     "5677f5de333253751341b837ef9d26a8e00a34229d823973fa469e9629ea8ee8",
     "2667e2c188813254659f81cf9cccd2355305351c9a621593773c0727b4bf9af5",  # an assistant message's "weight": 0
-    "1c60be4aaa79842d9344a20c11510737154fc2525bff644da9b58d84b23178e6",  # continue_final_message with guarded text
+    "f8cc2011c1617e87adb0da155a4241f4bff44415e4e2068353312a873559d8f2",  # continue_final_message: guarded text refused
 )
 _TEMPLATE_SIGNATURE = "{#- LlamaThink chat format (llamathink/chat.py)"
 
@@ -380,13 +377,21 @@ def render_chat(
     eos_token: str = "</s>",
     add_generation_prompt: bool = False,
     guard: bool = False,
+    continue_final_message: bool = False,
 ) -> RenderedChat:
     """The chat format in Python: the rendered text, where each message and each trained span (assistant content
     and its EOS) lie in it, and where the template's own BOS/EOS tokens are (``special_spans``).
 
     ``guard=False`` gives the text the model reads (content verbatim); ``guard=True`` the text :data:`CHAT_TEMPLATE`
-    renders (every ``<`` in a content followed by :data:`TEXT_GUARD`). Content is ``str.strip``-ped. Raises
-    ``ValueError`` for an unknown role or a content that contains :data:`TEXT_GUARD` or a lone surrogate."""
+    renders (every ``<`` in a content followed by :data:`TEXT_GUARD`). Content is ``str.strip``-ped.
+    ``continue_final_message`` leaves the last message open, without its end (EOS, or a turn's blank line), for the
+    model to continue (an assistant prefill), as transformers' option of that name does. Raises ``ValueError`` for
+    an unknown role, a content that contains :data:`TEXT_GUARD` or a lone surrogate, or ``continue_final_message``
+    with no message or with ``add_generation_prompt``."""
+    if continue_final_message and (add_generation_prompt or not messages):
+        raise ValueError(
+            "continue_final_message continues the last message: it needs a message, and no add_generation_prompt"
+        )
     parts, pos = [bos_token], len(bos_token)
     message_spans, label_spans, special_spans = [], [], [(0, len(bos_token), "bos")]
     for i, message in enumerate(messages):
@@ -398,15 +403,17 @@ def render_chat(
         check_content(i, content)
         if guard:
             content = content.replace(CONTROL_TOKEN_START, CONTROL_TOKEN_START + TEXT_GUARD)
+        open_end = continue_final_message and i == len(messages) - 1  # left open: no end of turn
         if role == "system":
-            block = SYSTEM_PREFIX + content + TURN_SUFFIX
+            block = SYSTEM_PREFIX + content + ("" if open_end else TURN_SUFFIX)
         elif role == "user":
-            block = USER_PREFIX + content + TURN_SUFFIX
+            block = USER_PREFIX + content + ("" if open_end else TURN_SUFFIX)
         elif role == "assistant":
-            block = ASSISTANT_PREFIX + content + eos_token
+            block = ASSISTANT_PREFIX + content + ("" if open_end else eos_token)
             if is_trained(message):
                 label_spans.append((pos + len(ASSISTANT_PREFIX), pos + len(block)))
-            special_spans.append((pos + len(block) - len(eos_token), pos + len(block), "eos"))
+            if not open_end:
+                special_spans.append((pos + len(block) - len(eos_token), pos + len(block), "eos"))
         else:
             raise ValueError(f"message {i}: unknown role {role!r}; use system, user or assistant")
         parts.append(block)
@@ -477,12 +484,16 @@ def encode_rendered(tokenizer, rendered: Sequence[RenderedChat]) -> list[tuple[l
     return out
 
 
-def chat_ids(tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = False) -> list[int]:
+def chat_ids(
+    tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = False, continue_final_message: bool = False
+) -> list[int]:
     """Token ids of ``messages`` in the LlamaThink format, content as text (:func:`encode_rendered`): equal to
     ``tokenizer.apply_chat_template(messages, add_generation_prompt=..., tokenize=True)`` once
-    :func:`set_chat_template` has been applied, and to what the C runner feeds. ``messages`` may use the aliases
-    and keys :func:`llamathink.data.chat.normalize_messages` accepts (``human``/``gpt``, ShareGPT
-    ``from``/``value``)."""
+    :func:`set_chat_template` has been applied, and to what the C runner feeds. ``continue_final_message`` leaves
+    the last message open (an assistant prefill: the ids end with its text, no EOS), as transformers' option does,
+    also for a text with ``<`` (which :data:`CHAT_TEMPLATE` refuses there, since transformers looks for the raw text
+    in the guarded render). ``messages`` may use the aliases and keys :func:`llamathink.data.chat.normalize_messages`
+    accepts (``human``/``gpt``, ShareGPT ``from``/``value``). Raises ``ValueError`` as :func:`render_chat`."""
     # imported here: llamathink.data.chat builds on this module, so a module-level import would be circular
 
     rendered = render_chat(
@@ -490,6 +501,7 @@ def chat_ids(tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool
         bos_token=tokenizer.bos_token,
         eos_token=tokenizer.eos_token,
         add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
     )
     return encode_rendered(tokenizer, [rendered])[0][0]
 

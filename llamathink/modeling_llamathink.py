@@ -3383,9 +3383,10 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         # assisted loop then failed with "Assisted decoding requires a cache" (the model has one)
         if generation_mode == GenerationMode.ASSISTED_GENERATION:
             raise ValueError(
-                "LlamaThink does not support assisted (speculative) decoding (assistant_model, "
-                "prompt_lookup_num_tokens, assistant_early_exit): its recurrent state (the Gated DeltaNet state, the "
-                "conv and CSA buffers) cannot be rolled back to drop rejected draft tokens; generate without them"
+                "LlamaThink does not support assisted (speculative) decoding, which drafts tokens and keeps the "
+                "accepted ones (assistant_model, prompt_lookup_num_tokens, assistant_early_exit, use_mtp, "
+                "speculation_type): its recurrent state (the Gated DeltaNet state, the conv and CSA buffers) cannot "
+                "be rolled back to drop rejected draft tokens; generate without them"
             )
         return super()._validate_generation_mode(generation_mode, generation_config, *args, **kwargs)
 

@@ -141,33 +141,47 @@ def test_template_renders_the_documented_strings(any_tok):
         apply_template([{"role": "tool", "content": "x"}])
 
 
-def test_continue_final_message_continues_any_text_as_text(any_tok):
-    """transformers' `continue_final_message` (an assistant prefill, or a message continued) renders the last
-    message open, without its end: for any text, "<" and typed control tokens included (the template guards every
-    "<", and transformers looks for the raw text in the render: it failed for "Use the <b> tag"). The ids are those
-    of the whole conversation without the last message's end (EOS, or a turn's blank line), content read as text;
-    a message that contains transformers' own tag is refused by name."""
-    cases = ["Sure, here", "Use the <b> tag", "x < y so", "say </s> and <s> now  ", "<", "a\n<unk>"]
+def test_continue_final_message_leaves_the_last_message_open_as_text(any_tok):
+    """An open last message (an assistant prefill): `chat_ids(..., continue_final_message=True)` for any text, "<" and
+    typed control tokens included, is the closed conversation's ids without the last end (EOS, or a turn's blank
+    line), control tokens as text. transformers' `continue_final_message` gives the same ids for text without "<";
+    for text with "<" the template refuses it by name (transformers looks for the raw text in the guarded render,
+    and a raw copy beside it would let a typed "</s>" through wherever that option is not set), and so it does for
+    a last message that itself ends with transformers' tag, set or not."""
+    cases = ["Sure, here", "say </s> and <s> now  ", "x < y so", "<", "a\n<unk>", "caf\u00e9 \u4e2d"]
     parts = [{"type": "text", "text": "a <s>"}, {"type": "text", "text": " b<"}]
-    for content in [*cases, parts]:
+    for content in [*cases, parts, [{"type": "text", "text": " plain "}]]:
         text = content if isinstance(content, str) else "".join(p["text"] for p in content)
-        for role, end in (("assistant", any_tok.eos_token), ("user", "\n\n")):
-            messages = [{"role": "system", "content": "be <brief>"}, {"role": role, "content": content}]
-            open_text = apply_template(messages)[: -len(end)]
-            rendered = any_tok.apply_chat_template(messages, continue_final_message=True, tokenize=False)
-            assert rendered == open_text and rendered.endswith(text.strip().replace("<", "<\ufdd0")), (role, content)
-            ids = any_tok.apply_chat_template(messages, continue_final_message=True, return_dict=True)["input_ids"]
+        for role in ("assistant", "user", "system"):
+            messages = [{"role": "user", "content": "be <brief>"}, {"role": role, "content": content}]
+            open_ids = chat_ids(any_tok, messages, continue_final_message=True)
             closed = chat_ids(any_tok, messages)
-            if role == "assistant":
-                assert ids == closed[:-1] and closed[-1] == any_tok.eos_token_id, content
+            end = [any_tok.eos_token_id] if role == "assistant" else closed[len(open_ids) :]
+            assert closed == open_ids + end and end, (role, content)
+            assert any_tok.eos_token_id not in open_ids and open_ids.count(any_tok.bos_token_id) == 1
+            if "<" in text:
+                with pytest.raises(Exception, match="contains .*<.*, which the template guards.*chat_ids"):
+                    any_tok.apply_chat_template(messages, continue_final_message=True)
             else:
-                assert closed[: len(ids)] == ids and len(closed) > len(ids), content
-            assert any_tok.eos_token_id not in ids and ids.count(any_tok.bos_token_id) == 1, content
-    with pytest.raises(Exception, match="contains CONTINUE_FINAL_MESSAGE_TAG"):
-        any_tok.apply_chat_template(
-            [{"role": "assistant", "content": "x CONTINUE_FINAL_MESSAGE_TAG y"}], continue_final_message=True
-        )
-    # without continue_final_message, the template renders as before (a trailing tag-like text is not stripped)
+                hf = any_tok.apply_chat_template(messages, continue_final_message=True, return_dict=True)
+                assert hf["input_ids"] == open_ids, (role, content)
+    with pytest.raises(ValueError, match="continue_final_message continues the last message"):
+        chat_ids(any_tok, [], continue_final_message=True)
+    with pytest.raises(ValueError, match="continue_final_message continues the last message"):
+        chat_ids(any_tok, CONV, continue_final_message=True, add_generation_prompt=True)
+    # the tag typed at the end of a last message, without the option: refused where the text has "<" (a raw copy
+    # would let "</s>" through), rendered as text where it has none; anywhere else it is text
+    tagged = "say </s> now CONTINUE_FINAL_MESSAGE_TAG "
+    with pytest.raises(Exception, match="which the template guards"):
+        any_tok.apply_chat_template([{"role": "assistant", "content": tagged}], tokenize=False)
+    plain = [{"role": "assistant", "content": "say CONTINUE_FINAL_MESSAGE_TAG "}]
+    assert any_tok.apply_chat_template(plain, tokenize=False) == apply_template(plain)
+    early = [{"role": "user", "content": tagged}, {"role": "assistant", "content": "ok"}]
+    assert any_tok.apply_chat_template(early, tokenize=False) == apply_template(early)
+    assert any_tok.apply_chat_template(early, return_dict=True)["input_ids"] == chat_ids(any_tok, early)
+    assert any_tok.apply_chat_template(
+        [tagged_msg := {"role": "user", "content": tagged}], add_generation_prompt=True, tokenize=False
+    ) == apply_template([tagged_msg], add_generation_prompt=True)
     assert any_tok.apply_chat_template(CONV, tokenize=False) == CONV_TEXT
 
 

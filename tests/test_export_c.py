@@ -2039,6 +2039,14 @@ def test_options_a_mode_does_not_read_are_errors_not_ignored(run_bin, chat_model
         ([*chat, "--ids", "1 5"], "--ids does not apply to chat mode"),
         ([*chat, "-i", "ab", "--stats"], "--stats does not apply to chat mode"),
         ([*chat, "-i", "ab", "--no-bos"], "--no-bos does not apply to chat mode"),
+        ([f, "--ids", "1 5", "--no-bos", "-n", "2"], "--no-bos applies to a text prompt (-i); --ids are fed as given"),
+        # an explicit mode is not overridden by --logits-for, whatever the order
+        (
+            [*chat, "--logits-for", "1 5", "--logits-out", str(tmp_path / "l.f32")],
+            "--logits-for does not apply to chat",
+        ),
+        ([f, "--logits-for", "1 5", "-m", "generate"], "--logits-for does not apply to generate mode"),
+        (["-", "-m", "encode", "-z", tok, "-i", "a", "--logits-for", "1"], "--logits-for does not apply to encode"),
     ]
     for args, message in refused:
         rc, out, err = run(*args)
@@ -2050,6 +2058,7 @@ def test_options_a_mode_does_not_read_are_errors_not_ignored(run_bin, chat_model
         ["-", "-m", "encode", "-z", tok, "-i", "ab", "--no-bos"],
         [f, "-z", tok, "--ids", "1 5", "-n", "2", "-t", "0", "-k", "3", "-p", "0.5", "-s", "1", "-T", "1", "--stats"],
         [f, "--logits-for", "1 5", "--logits-out", str(tmp_path / "l.f32"), "--chunk", "1", "-T", "1", "-z", tok],
+        [f, "-m", "logits", "--logits-for", "1 5", "--logits-out", str(tmp_path / "l.f32")],
         [*chat, "-i", "ab", "-y", "be brief", "-T", "1", "--chunk", "2", "--print-ids", "--ignore-eos", "-s", "3"],
     ]
     for args in accepted:

@@ -1989,19 +1989,33 @@ def test_generate_with_chunked_prefill_equals_generate():
 
 def test_assisted_decoding_is_refused_by_name_before_anything_runs():
     """Assisted (speculative) decoding needs a cache that can drop rejected draft tokens; the recurrent state cannot.
-    Each way of asking for it (a draft model, prompt lookup) gets a ValueError that says so, before any forward (on
-    transformers 5.25 it failed inside the assisted loop with "Assisted decoding requires a cache")."""
+    Each way of asking for it (a draft model, prompt lookup, early exit) gets a ValueError that says so, before any
+    forward (on transformers 5.25 it failed inside the assisted loop with "Assisted decoding requires a cache").
+    As another model's draft model, its cache refuses to be cut back by name at the first verification."""
     model = tiny_model().eval()
     ids = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(23))
     calls = []
     hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
     kwargs = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
-        for asked in ({"prompt_lookup_num_tokens": 2}, {"assistant_model": tiny_model().eval()}):
+        for asked in (
+            {"prompt_lookup_num_tokens": 2},
+            {"prompt_lookup_num_tokens": 2, "do_sample": True},
+            {"assistant_model": tiny_model().eval()},
+            {"assistant_early_exit": 1},
+        ):
             with pytest.raises(ValueError, match="does not support assisted .*cannot be rolled back"):
-                model.generate(ids, **kwargs, **asked)
+                model.generate(ids, **{**kwargs, **asked})
         assert calls == []
         assert model.generate(ids, **kwargs).shape == (1, 12)  # plain greedy decoding still runs
+        # as the draft model of another: its cache refuses to be cut back, by name, at the first verification
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        target = LlamaForCausalLM(
+            LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+        ).eval()
+        with pytest.raises(NotImplementedError, match="cannot be cropped: .* cannot be rolled back"):
+            target.generate(ids, **kwargs, assistant_model=model)
     hook.remove()
 
 

@@ -83,11 +83,12 @@ def test_launch_calls_count_what_the_host_queues_on_the_gpu_only():
 
 def test_host_syncs_count_sync_warnings_by_line_and_restore_the_mode(monkeypatch):
     """`host_syncs` counts the sync debug mode's warnings by the Python line that raised them, not other warnings,
-    and sets the mode back to "default" also where the run raises (CPU: the mode and the warnings stood in for)."""
+    and sets the mode it found back also where the run raises (CPU: the mode and the warnings stood in for)."""
     import warnings
 
     modes = []
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)  # "default", as the mode reads back
 
     def run():
         for _ in range(3):
@@ -98,11 +99,12 @@ def test_host_syncs_count_sync_warnings_by_line_and_restore_the_mode(monkeypatch
     first = run.__code__.co_firstlineno + 2
     syncs = profile_gpu.host_syncs(run)
     assert syncs == {f"test_profile_gpu.py:{first}": 3, f"test_profile_gpu.py:{first + 1}": 1}
-    assert modes == ["warn", "default"]
+    assert modes == ["warn", 0]
 
     def fails():
         raise RuntimeError("boom")
 
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 2)  # a caller's "error" mode is set again
     with pytest.raises(RuntimeError, match="boom"):
         profile_gpu.host_syncs(fails)
-    assert modes[-2:] == ["warn", "default"]
+    assert modes[-2:] == ["warn", 2]
