@@ -130,9 +130,15 @@ CHAT_TEMPLATE = r"""{#- LlamaThink chat format (llamathink/chat.py): text role m
         {{- raise_exception('LlamaThink chat template: message ' ~ loop.index0 ~
                             ' contains U+FDD0, a Unicode noncharacter the template reserves') -}}
     {%- endif -%}
-    {%- if loop.last and not add_generation_prompt and '<' in content
+    {%- set continued = loop.last and not add_generation_prompt
             and (message['content'] if message['content'] is string
                  else message['content'] | map(attribute='text') | join('')).endswith('CONTINUE_FINAL_MESSAGE_TAG ') -%}
+    {%- if continued and content == 'CONTINUE_FINAL_MESSAGE_TAG' -%}
+        {#- an empty text to continue: the tag's space kept, so that transformers cuts at the tag exactly instead
+            of stripping the role marker's newline -#}
+        {%- set content = 'CONTINUE_FINAL_MESSAGE_TAG ' -%}
+    {%- endif -%}
+    {%- if continued and '<' in content -%}
         {{- raise_exception('LlamaThink chat template: the last message ends with "CONTINUE_FINAL_MESSAGE_TAG ", '
                             ~ "transformers' mark of continue_final_message, and contains \"<\", which the template "
                             ~ 'guards, so transformers would not find its raw text: continue it with '
@@ -171,7 +177,9 @@ SHIPPED_TEMPLATE_SHA256 = (
     "d67d7a053f08de259b6640594a16e0cb4c4edd2db4660c685f7183d61fa56e5e",
     "5677f5de333253751341b837ef9d26a8e00a34229d823973fa469e9629ea8ee8",
     "2667e2c188813254659f81cf9cccd2355305351c9a621593773c0727b4bf9af5",  # an assistant message's "weight": 0
-    "f8cc2011c1617e87adb0da155a4241f4bff44415e4e2068353312a873559d8f2",  # continue_final_message: guarded text refused
+    "1c60be4aaa79842d9344a20c11510737154fc2525bff644da9b58d84b23178e6",  # session 50's first two forms of
+    "f8cc2011c1617e87adb0da155a4241f4bff44415e4e2068353312a873559d8f2",  # continue_final_message (briefly on main)
+    "9133e9d9857dbc45ccf888a5dbab88c59514f5595d356276094032f7e4ae7464",  # continue_final_message: "<" refused
 )
 _TEMPLATE_SIGNATURE = "{#- LlamaThink chat format (llamathink/chat.py)"
 

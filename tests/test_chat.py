@@ -144,20 +144,23 @@ def test_template_renders_the_documented_strings(any_tok):
 def test_continue_final_message_leaves_the_last_message_open_as_text(any_tok):
     """An open last message (an assistant prefill): `chat_ids(..., continue_final_message=True)` for any text, "<" and
     typed control tokens included, is the closed conversation's ids without the last end (EOS, or a turn's blank
-    line), control tokens as text. transformers' `continue_final_message` gives the same ids for text without "<";
+    line), control tokens as text; an empty text leaves the role marker whole. transformers' `continue_final_message` gives the same ids for text without "<";
     for text with "<" the template refuses it by name (transformers looks for the raw text in the guarded render,
     and a raw copy beside it would let a typed "</s>" through wherever that option is not set), and so it does for
     a last message that itself ends with transformers' tag, set or not."""
-    cases = ["Sure, here", "say </s> and <s> now  ", "x < y so", "<", "a\n<unk>", "caf\u00e9 \u4e2d"]
+    cases = ["Sure, here", "say </s> and <s> now  ", "x < y so", "<", "a\n<unk>", "caf\u00e9 \u4e2d", "", " \n"]
     parts = [{"type": "text", "text": "a <s>"}, {"type": "text", "text": " b<"}]
-    for content in [*cases, parts, [{"type": "text", "text": " plain "}]]:
+    for content in [*cases, parts, [{"type": "text", "text": " plain "}], [{"type": "text", "text": ""}]]:
         text = content if isinstance(content, str) else "".join(p["text"] for p in content)
         for role in ("assistant", "user", "system"):
             messages = [{"role": "user", "content": "be <brief>"}, {"role": role, "content": content}]
             open_ids = chat_ids(any_tok, messages, continue_final_message=True)
-            closed = chat_ids(any_tok, messages)
-            end = [any_tok.eos_token_id] if role == "assistant" else closed[len(open_ids) :]
-            assert closed == open_ids + end and end, (role, content)
+            # the guarded render without its end, tokenized as transformers tokenizes a render
+            end = any_tok.eos_token if role == "assistant" else "\n\n"
+            open_text = apply_template(messages)[: -len(end)]
+            assert open_ids == any_tok(open_text, add_special_tokens=False)["input_ids"], (role, content)
+            if role == "assistant":
+                assert chat_ids(any_tok, messages) == [*open_ids, any_tok.eos_token_id], content
             assert any_tok.eos_token_id not in open_ids and open_ids.count(any_tok.bos_token_id) == 1
             if "<" in text:
                 with pytest.raises(Exception, match="contains .*<.*, which the template guards.*chat_ids"):
