@@ -2960,7 +2960,7 @@ static int chat_main(const Model *m, State *s, const Tokenizer *tk, ProbIdx *pi,
 }
 
 /* The options each mode reads (space-separated, with a space at both ends). An option the mode would ignore is
- * refused: a decode run given -i instead of --ids printed nothing and exited 0. */
+ * refused, so that a slip (decode given -i for --ids, -y outside chat) is named instead of running without it. */
 static const char *mode_options(const char *mode) {
     if (!strcmp(mode, "generate"))
         return " -i -z --ids -n -t -k -p -s -T --chunk --no-bos --ignore-eos --print-ids --stats ";

@@ -3379,8 +3379,8 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         return generation_config, model_kwargs
 
     def _validate_generation_mode(self, generation_mode, generation_config, *args, **kwargs):
-        # transformers 5.17 refuses assisted decoding for stateful models here; 5.25 no longer does, and its
-        # assisted loop then failed with "Assisted decoding requires a cache" (the model has one)
+        # refused up front: transformers 5.17 refuses stateful models here, 5.25 does not, and its assisted loop
+        # then stops with a misleading "Assisted decoding requires a cache"
         if generation_mode == GenerationMode.ASSISTED_GENERATION:
             raise ValueError(
                 "LlamaThink does not support assisted (speculative) decoding, which drafts tokens and keeps the "
