@@ -3740,6 +3740,19 @@ def flops_per_token(config: LlamaThinkConfig, seq_len: int) -> float:
     return flops
 
 
+def _name_among_causal_lms() -> None:
+    """Name `LlamaThinkForCausalLM` among transformers' causal LMs (`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, which
+    `AutoModelForCausalLM.register` does not fill), as transformers' own are: `Trainer` shifts the labels of a
+    smoothed loss (`label_smoothing_factor`) only for a model named there, and smoothed the targets of each position's
+    own token otherwise, without a word; the text-generation pipeline checks the name too. At import, so that a model
+    loaded with `trust_remote_code` (this file without the package) is named as well."""
+    from transformers.models.auto import modeling_auto
+
+    modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(LlamaThinkConfig.model_type, "LlamaThinkForCausalLM")
+
+
+_name_among_causal_lms()
+
 __all__ = [
     "LlamaThinkCache",
     "flops_per_token",

@@ -2922,6 +2922,8 @@ def test_remote_code_round_trip_in_a_fresh_process_without_the_package(tmp_path,
         assert out.shape == (1, 13)
         base = AutoModel.from_pretrained({str(ckpt)!r}, trust_remote_code=True)
         assert type(base).__name__ == "LlamaThinkModel"
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        assert MODEL_FOR_CAUSAL_LM_MAPPING_NAMES["llamathink"] == "LlamaThinkForCausalLM"  # (Trainer's shift)
         print("REMOTE-OK")
         """
     )
@@ -2930,6 +2932,41 @@ def test_remote_code_round_trip_in_a_fresh_process_without_the_package(tmp_path,
     env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0 and "REMOTE-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_trainer_label_smoothing_smooths_next_token_targets(tmp_path):
+    """`Trainer` with `label_smoothing_factor` shifts the labels only for a model named among transformers' causal LMs
+    (`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`); LlamaThink was not, so it smoothed each position's own token (a loss
+    that trains the model to copy its input), without a word. Plain and with a PEFT adapter (the Trainer reads the
+    base model's name), the logged loss is the smoothed loss of the next-token targets."""
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    class InOrder(Trainer):  # the batch as given, so that the loss can be recomputed
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    ids = torch.randint(1, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    rows = [{"input_ids": r, "labels": r} for r in ids]
+    for adapter in (False, True):
+        model = tiny_model(dtype=torch.float32).train()
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
+        if adapter:
+            model = get_peft_model(model, LoraConfig(r=2, target_modules=["down_proj"]))
+        args = TrainingArguments(
+            str(tmp_path / f"run{adapter}"), per_device_train_batch_size=2, max_steps=1, learning_rate=0.0,
+            label_smoothing_factor=0.1, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
+        )  # fmt: skip
+        trainer = InOrder(model=model, args=args, train_dataset=rows)
+        trainer.train()
+        logged = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
+        smoother = LabelSmoother(0.1)
+        shifted = smoother({"logits": logits}, ids, shift_labels=True).item()
+        unshifted = smoother({"logits": logits}, ids).item()
+        assert logged == pytest.approx(shifted, rel=1e-5) and abs(shifted - unshifted) > 0.1, (logged, shifted)
 
 
 def test_a_second_copy_of_the_modeling_file_loads_in_the_same_process(tmp_path, monkeypatch):
