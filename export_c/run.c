@@ -2286,7 +2286,8 @@ static void usage(void) {
         "any of the model's EOS ids. Numbers must be whole and in range (-n 0..2^31-1, -t 0..1e6,\n"
         "-p 0..1, -k >= 0, -T 0..1024, --chunk 1..2^20); texts are limited to 16 MiB. Each mode takes only\n"
         "the options it reads (encode: -i -z --no-bos; decode: --ids -z; logits: --logits-for --logits-out\n"
-        "--chunk -T -z; -y and --print-prompt-ids are chat's, --stats and --no-bos generate's); any other is an error.\n"
+        "--chunk -T -z; -y and --print-prompt-ids are chat's, --stats and --no-bos generate's); any other\n"
+        "is an error.\n"
         "Chat (-m chat -z tokenizer.bin): the llamathink-chat template; -i TEXT answers one message\n"
         "('-' reads it from stdin) and exits, without -i lines are read from stdin until EOF or /exit.\n"
         "The oldest exchanges are dropped when the history outgrows the context window. Ctrl-C stops\n"
@@ -2964,7 +2965,8 @@ static int chat_main(const Model *m, State *s, const Tokenizer *tk, ProbIdx *pi,
 static const char *mode_options(const char *mode) {
     if (!strcmp(mode, "generate"))
         return " -i -z --ids -n -t -k -p -s -T --chunk --no-bos --ignore-eos --print-ids --stats ";
-    if (!strcmp(mode, "chat")) return " -i -z -y -n -t -k -p -s -T --chunk --ignore-eos --print-ids --print-prompt-ids ";
+    if (!strcmp(mode, "chat"))
+        return " -i -z -y -n -t -k -p -s -T --chunk --ignore-eos --print-ids --print-prompt-ids ";
     if (!strcmp(mode, "encode")) return " -i -z --no-bos ";
     if (!strcmp(mode, "decode")) return " -z --ids ";
     return " -z -T --chunk --logits-for --logits-out "; /* logits */
