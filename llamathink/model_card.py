@@ -129,7 +129,7 @@ def model_card_text(
 
     if finetune:
         base_model = _hub_id(cfg.init_from)
-        datasets = [d for d in [_hub_id(cfg.data), _hub_id(getattr(cfg, "eval_data", None))] if d]
+        datasets = list(dict.fromkeys(d for d in [_hub_id(cfg.data), _hub_id(getattr(cfg, "eval_data", None))] if d))
         data = (
             "the conversations bundled with LlamaThink (`llamathink/sample_data/conversations.jsonl`)"
             if cfg.data == "sample"
@@ -200,8 +200,11 @@ def model_card_text(
         ("precision / seed", f"{cfg.mixed_precision} / {cfg.seed}"),
     ]
 
+    def cell(text) -> str:  # a "|" ends a Markdown table cell even inside backticks; a newline ends the row
+        return " ".join(str(text).split("\n")).replace("|", "\\|")
+
     def table(pairs):
-        return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in pairs)
+        return "| | |\n|---|---|\n" + "\n".join(f"| {cell(k)} | {cell(v)} |" for k, v in pairs)
 
     if chat:
         example = (

@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -909,6 +910,17 @@ def test_run_settings_that_would_mislead_are_refused(sample_data, model_json, tm
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="mixed_precision: fp16 needs a CUDA GPU"):
             loop.make_accelerator(_cfg(sample_data, model_json, tmp_path / "fp16", mixed_precision="fp16"))
+    # `accelerate launch` with another precision (its config file's, or --mixed_precision) than the run's: the run's
+    # is the one trained with, and a warning says so (it was silent, also for fp16 on the CPU)
+    plain = _cfg(sample_data, model_json, tmp_path / "mp", mixed_precision="no")
+    for launched, warned in (("fp16", True), ("bf16", True), ("no", False)):
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            accelerator = loop.make_accelerator(plain)
+        assert accelerator.mixed_precision == "no"
+        said = [str(w.message) for w in caught if "accelerate launch asked for" in str(w.message)]
+        assert len(said) == warned and (not warned or f"{launched!r}" in said[0]), said
     other = tmp_path / "llama"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))

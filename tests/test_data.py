@@ -287,6 +287,25 @@ def test_llama2_bos_eos_and_newlines(tmp_path):
     assert meta["train"]["num_docs"] == 3 and meta["train"]["num_tokens"] == len(toks)
 
 
+def test_saved_datasets_of_no_rows_or_of_several_splits_are_named(tmp_path, small_tok):
+    """A save_to_disk split of no rows (which datasets 5.2 cannot load: an IndexError from inside it) is a source
+    of no documents, named as any empty source is; a saved DatasetDict (one folder per split) names its splits and
+    the folder to give instead of "no .txt, ... files"."""
+    import datasets
+
+    datasets.Dataset.from_dict({"text": []}).save_to_disk(str(tmp_path / "empty"))
+    assert list(LocalSource([str(tmp_path / "empty")])) == []
+    with pytest.raises(ValueError, match="no training documents: the source produced 0 documents"):
+        prepare(LocalSource([str(tmp_path / "empty")]), tmp_path / "out", small_tok, val_docs=0, progress=False)
+    split = datasets.Dataset.from_dict({"text": ["a b c", "d e"]})
+    datasets.DatasetDict(train=split, test=split).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(
+        ValueError, match=r"dd is a saved DatasetDict \(splits: test, train\): give one split's .*dd/train"
+    ):
+        LocalSource([str(tmp_path / "dd")]).files()
+    assert list(LocalSource([str(tmp_path / "dd" / "train")])) == ["a b c", "d e"]
+
+
 def test_sources_agree(tmp_path, small_tok, docs):
     """.txt, .jsonl, .jsonl.gz, .parquet, datasets.load_dataset and save_to_disk
     give the same token stream."""

@@ -302,6 +302,29 @@ def test_card_without_history_says_so_and_names_a_hub_base_model(tmp_path):
     assert f"{cfg.max_steps:,} optimizer steps" in card
 
 
+def test_card_metadata_lists_each_dataset_once_and_table_cells_keep_their_pipes(tmp_path):
+    """The same Hub dataset for training and evaluation (as configuration/finetune/chat_95m.yaml gives) is listed
+    once in the card's metadata; a "|" in a path (which ends a Markdown table cell even inside backticks) is
+    escaped, so every table row keeps its two cells."""
+    from llamathink.model_card import model_card_text
+
+    model, tokenizer = tiny_chat_model()
+    cfg = finetune.FinetuneConfig(
+        init_from="org/base",
+        data="HuggingFaceTB/smol-smoltalk",
+        eval_data="HuggingFaceTB/smol-smoltalk",
+        out_dir=str(tmp_path / "x"),
+        wandb_mode="disabled",
+    )
+    card = model_card_text(model, cfg, tokenizer=tokenizer)
+    assert card.count("- HuggingFaceTB/smol-smoltalk") == 1
+    cfg = finetune.FinetuneConfig(init_from="/models/a|b", data="my|chats.jsonl", out_dir=str(tmp_path / "y"))
+    card = model_card_text(model, cfg, tokenizer=tokenizer)
+    rows = [line for line in card.splitlines() if line.startswith("| ") and not line.startswith("| |")]
+    assert rows and all(line.replace("\\|", "").count("|") == 3 for line in rows), rows
+    assert "`my\\|chats.jsonl`" in card and "`/models/a\\|b`" in card
+
+
 def test_push_to_hub_uploads_the_saved_folder_with_its_card(tmp_path, monkeypatch):
     import huggingface_hub
 

@@ -352,6 +352,12 @@ class LocalSource:
                 if (p / "state.json").is_file() and (p / "dataset_info.json").is_file():
                     out.append(p)  # datasets.save_to_disk directory
                     continue
+                if (p / "dataset_dict.json").is_file():  # a DatasetDict's save_to_disk: one folder per split
+                    splits = sorted(q.name for q in p.iterdir() if (q / "state.json").is_file())
+                    raise ValueError(
+                        f"{p} is a saved DatasetDict (splits: {', '.join(splits) or 'none'}): give one split's folder, "
+                        f"e.g. {p / ('train' if 'train' in splits or not splits else splits[0])}"
+                    )
                 found = sorted(q for q in p.rglob("*") if (q.is_file() or q.is_symlink()) and _has_suffix(q))
                 if not found:
                     raise FileNotFoundError(f"no {', '.join(_LOCAL_SUFFIXES)} files under {p}")
@@ -394,6 +400,12 @@ class LocalSource:
         if path.is_dir() and (path / "state.json").is_file():
             import datasets
 
+            try:  # a saved split of no rows has no data files, and datasets 5.2 cannot load it (an IndexError)
+                empty = json.loads((path / "state.json").read_text()).get("_data_files") == []
+            except (OSError, ValueError, AttributeError):
+                empty = False  # (load_from_disk names what is wrong with the folder)
+            if empty:
+                return
             ds = datasets.load_from_disk(str(path))
             for i, row in enumerate(ds):
                 yield from _row_pieces(row, self.text_field, f"{path} row {i}", bad, max_chars)

@@ -222,13 +222,23 @@ def optimizer_step(
 
 def make_accelerator(cfg: RunConfig):
     """The accelerate Accelerator of a run (mixed precision from `cfg`; on CUDA with fp16 it owns a GradScaler).
-    Raises ValueError for fp16 without CUDA: accelerate would train in fp32 there, while the run records fp16."""
+    Raises ValueError for fp16 without CUDA: accelerate would train in fp32 there, while the run records fp16.
+    The run config's precision is the one trained with; where `accelerate launch` asked for another (its config
+    file's `mixed_precision` or `--mixed_precision`, passed on in ACCELERATE_MIXED_PRECISION), a warning says so."""
     from accelerate import Accelerator
 
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError(
             "mixed_precision: fp16 needs a CUDA GPU (on the CPU accelerate trains in fp32 without a word); use bf16 "
             "or no"
+        )
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launched is not None and launched != cfg.mixed_precision:
+        warnings.warn(
+            f"accelerate launch asked for mixed precision {launched!r} (its config file or --mixed_precision); this "
+            f"run trains with its own mixed_precision: {cfg.mixed_precision!r} (the run config or --mixed_precision "
+            "of the training command): set that one to change it",
+            stacklevel=2,
         )
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
 
