@@ -559,6 +559,16 @@ def host_python_profile(model, ids, steps: int = 5, rows: int = 40) -> str:
     return "\n".join(lines)
 
 
+def eager_step_report(model, ids, what: str, host_python: bool) -> list[str]:
+    """The eager step's sections of the report, alike for LlamaThink and an eager peer: its kernels
+    (`kernel_table`), wall time and peak memory (`step_wall_ms`), host syncs (`step_syncs`) and, with `host_python`,
+    its host time by package (`host_python_profile`); `what` names the step in that last heading."""
+    out = [kernel_table(model, ids), step_wall_ms(model, ids), step_syncs(model, ids)]
+    if host_python:
+        out += [f"## host time of {what} by Python package and function (cProfile)", host_python_profile(model, ids)]
+    return out
+
+
 def optimizer_ms(model, steps: int = 10, cuda_graph: bool = True) -> str:
     """The training loop's work between backward and the next forward, alone: gradient clipping and the project's
     optimizer (Muon for hidden matrices, AdamW for the rest; `llamathink.train.optim.build_optimizer` with the
@@ -791,21 +801,11 @@ def main(argv=None) -> int:
         for name, ms in sorted(layer_times(model, ids).items()):
             report.append(f"  {name:24s} {ms:8.2f}")
         report.append("## top kernels of one training step")
-        report.append(kernel_table(model, ids))
-        report.append(step_wall_ms(model, ids))
-        report.append(step_syncs(model, ids))
-        if args.host_python:
-            report.append("## host time of the eager step by Python package and function (cProfile)")
-            report.append(host_python_profile(model, ids))
+        report += eager_step_report(model, ids, "the eager step", args.host_python)
         for peer_name in eager_peers:  # in this process, before anything compiles: eager against eager
             peer = build(peer_name).cuda()
             report.append(f"## top kernels of one eager training step of {peer_name}")
-            report.append(kernel_table(peer, ids))
-            report.append(step_wall_ms(peer, ids))
-            report.append(step_syncs(peer, ids))
-            if args.host_python:
-                report.append(f"## host time of {peer_name}'s eager step by Python package and function (cProfile)")
-                report.append(host_python_profile(peer, ids))
+            report += eager_step_report(peer, ids, f"{peer_name}'s eager step", args.host_python)
             del peer
             torch.cuda.empty_cache()
     if args.compile:
