@@ -144,10 +144,11 @@ def test_template_renders_the_documented_strings(any_tok):
 def test_continue_final_message_leaves_the_last_message_open_as_text(any_tok):
     """An open last message (an assistant prefill): `chat_ids(..., continue_final_message=True)` for any text, "<" and
     typed control tokens included, is the closed conversation's ids without the last end (EOS, or a turn's blank
-    line), control tokens as text; an empty text leaves the role marker whole. transformers' `continue_final_message` gives the same ids for text without "<";
-    for text with "<" the template refuses it by name (transformers looks for the raw text in the guarded render,
-    and a raw copy beside it would let a typed "</s>" through wherever that option is not set), and so it does for
-    a last message that itself ends with transformers' tag, set or not."""
+    line), control tokens as text; an empty text leaves the role marker whole. transformers'
+    `continue_final_message` gives the same ids for text without "<"; for text with "<" the template refuses it by
+    name (transformers looks for the raw text in the guarded render, and a raw copy beside it would let a typed
+    "</s>" through wherever that option is not set), and so it does for a last message that itself ends with
+    transformers' tag, set or not."""
     cases = ["Sure, here", "say </s> and <s> now  ", "x < y so", "<", "a\n<unk>", "caf\u00e9 \u4e2d", "", " \n"]
     parts = [{"type": "text", "text": "a <s>"}, {"type": "text", "text": " b<"}]
     for content in [*cases, parts, [{"type": "text", "text": " plain "}], [{"type": "text", "text": ""}]]:
@@ -182,9 +183,9 @@ def test_continue_final_message_leaves_the_last_message_open_as_text(any_tok):
     early = [{"role": "user", "content": tagged}, {"role": "assistant", "content": "ok"}]
     assert any_tok.apply_chat_template(early, tokenize=False) == apply_template(early)
     assert any_tok.apply_chat_template(early, return_dict=True)["input_ids"] == chat_ids(any_tok, early)
-    assert any_tok.apply_chat_template(
-        [tagged_msg := {"role": "user", "content": tagged}], add_generation_prompt=True, tokenize=False
-    ) == apply_template([tagged_msg], add_generation_prompt=True)
+    asking = [{"role": "user", "content": tagged}]
+    rendered = any_tok.apply_chat_template(asking, add_generation_prompt=True, tokenize=False)
+    assert rendered == apply_template(asking, add_generation_prompt=True)
     assert any_tok.apply_chat_template(CONV, tokenize=False) == CONV_TEXT
 
 
