@@ -125,7 +125,7 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 class ExportError(Exception):
-    pass
+    """A checkpoint, option or output the exporter refuses; the message names the file or value and why."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +232,9 @@ def _rope_from_dicts(raw: dict, cfg: dict, path: str) -> None:
 
 
 def load_config(d: str) -> dict:
+    """The model settings run.c needs from `d`/config.json: `DEFAULTS` updated with the file's values (RoPE read
+    from its rope dicts too). Raises ExportError for a missing, unreadable or non-LlamaThink config (a PEFT adapter
+    folder is named as one) and for values run.c cannot run."""
     path = os.path.join(d, "config.json")
     if os.path.islink(path) and not os.path.exists(path):
         raise ExportError(f"{path} is a symbolic link that leads nowhere (a loop, or a target that is gone)")
@@ -388,6 +391,8 @@ def load_tensors(d: str) -> dict[str, np.ndarray]:
 # layout (must match model_init() in run.c)
 # ---------------------------------------------------------------------------------------------
 def derived(cfg: dict) -> dict:
+    """Widths derived from a config: R rotary dims per head, C Gated DeltaNet conv channels (q|k|v), VD its value
+    width, QD / KV the attention query / key-value widths."""
     D = cfg["head_dim"]
     return dict(
         R=int(D * cfg["partial_rotary_factor"]),
@@ -461,6 +466,7 @@ def layout(cfg: dict) -> list[tuple]:
 
 
 def expected_shapes(cfg: dict) -> dict[str, tuple]:
+    """Every tensor a checkpoint of `cfg` must hold, by its transformers name -> its shape."""
     H, I, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     d = derived(cfg)
     Hv, D, K = cfg["linear_num_value_heads"], cfg["head_dim"], cfg["linear_conv_kernel_dim"]
@@ -517,6 +523,8 @@ def expected_shapes(cfg: dict) -> dict[str, tuple]:
 
 
 def check_tensors(cfg: dict, tensors: dict[str, np.ndarray]) -> None:
+    """Raises ExportError naming every missing or unknown tensor and every shape that differs from
+    `expected_shapes(cfg)` (a tied head saved as a copy of the embedding is allowed)."""
     exp = expected_shapes(cfg)
     missing = sorted(n for n in exp if n not in tensors)
     unknown = sorted(n for n in tensors if n not in exp)
@@ -538,10 +546,14 @@ def check_tensors(cfg: dict, tensors: dict[str, np.ndarray]) -> None:
 
 
 def matmul_cols(cfg: dict) -> list[int]:
+    """The distinct row lengths (input widths) of the matrices run.c multiplies by, ascending."""
     return sorted({c for kind, _, _, c in layout(cfg) if kind == "mat"})
 
 
 def pick_group_size(cfg: dict, requested: str | int = "auto") -> int:
+    """The int8 quantisation group (values per scale): `requested`, checked, or with "auto" the largest of
+    `GROUP_CANDIDATES` that divides every row length. Raises ExportError for a group that is not a positive multiple
+    of 16 or does not divide some row length."""
     cols = matmul_cols(cfg)
     if requested != "auto":
         try:
@@ -586,6 +598,7 @@ def quantize_int8(w: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dequantize_int8(q: np.ndarray, scale: np.ndarray, g: int) -> np.ndarray:
+    """The inverse of `quantize_int8`: q [rows, cols] int8 and scale [rows * cols / g] -> [rows, cols] float32."""
     rows, cols = q.shape
     return (q.reshape(rows, cols // g, g).astype(np.float32) * scale.reshape(rows, cols // g, 1)).reshape(rows, cols)
 
@@ -739,6 +752,8 @@ def _write_model(f, cfg: dict, tensors: dict, dtype: str, group: int, entries: l
 
 
 def main(argv=None) -> int:
+    """`llamathink-export-c`: the command line (the module docstring); returns the exit status: 0, or 1 after
+    printing the error that stopped it (ExportError, TokenizerExportError, I/O)."""
     ap = argparse.ArgumentParser(prog="python -m export_c.export", description=__doc__.split("\n")[0])
     ap.add_argument("src", help="checkpoint directory (config.json + *.safetensors) or hub id")
     ap.add_argument("out", help="output model .bin")

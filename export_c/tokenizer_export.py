@@ -50,7 +50,7 @@ NO_MERGE = -1e30
 
 
 class TokenizerExportError(Exception):
-    pass
+    """A tokenizer file the exporter cannot write for run.c; the message names the file and why."""
 
 
 def _varint(b: bytes, i: int) -> tuple[int, int]:
@@ -297,6 +297,10 @@ def _read_hf_json(path: str) -> dict:
 
 
 def load_tokenizer(src: str, sentencepiece_rules: bool = False) -> dict:
+    """The vocabulary, merge ranks and flags run.c's tokenizer needs, from a SentencePiece `tokenizer.model` or a
+    transformers `tokenizer.json` (`src`: the file or its folder). With a .model file merges are ranked as
+    transformers' LlamaTokenizer ranks them unless `sentencepiece_rules` (SentencePiece's own scores). Raises
+    TokenizerExportError for a missing or unusable file."""
     sp = os.path.join(src, "tokenizer.model") if os.path.isdir(src) else src
     if os.path.isfile(sp) and sp.endswith(".model"):
         t = read_sentencepiece(sp)
@@ -504,6 +508,7 @@ def tokenizer_written(t: dict, out_path: str, markers: dict | None) -> str:
 
 
 def main(argv=None) -> int:
+    """The tokenizer exporter's command line; returns the exit status."""
     ap = argparse.ArgumentParser(prog="python -m export_c.tokenizer_export")
     ap.add_argument("src", help="directory with tokenizer.model or tokenizer.json (or the file)")
     ap.add_argument("out")

@@ -153,6 +153,7 @@ class ChatSession:
         self.reset()
 
     def reset(self):
+        """Forget the conversation: the history holds the system message alone (or nothing)."""
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     @property
@@ -161,6 +162,10 @@ class ChatSession:
         return max(1, min(self.settings.max_new_tokens, self.max_context // 2))
 
     def reply(self, text: str, stream: TextIO | None = None) -> str:
+        """The assistant's answer to the user's `text` (also written to `stream` as it is generated), with both
+        added to the history; the oldest messages are dropped (and `notices` told) where the history no longer fits
+        the context with room for the reply. Raises ValueError for text the chat template cannot carry (U+FDD0,
+        a lone surrogate: `check_content`); on any error the history is left as it was."""
         import torch
 
         check_content(len(self.messages), text, "your message")  # named as the user knows it, not by index

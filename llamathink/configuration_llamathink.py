@@ -487,6 +487,7 @@ class LlamaThinkConfig(PretrainedConfig):
 
     @property
     def rotary_dim(self) -> int:
+        """The head dims RoPE rotates, `int(head_dim * partial_rotary_factor)` (the first ones of each head)."""
         return int(self.head_dim * self.partial_rotary_factor)
 
 

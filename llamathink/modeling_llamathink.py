@@ -101,6 +101,7 @@ class LlamaThinkRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., dim] -> the same shape and dtype, normalised over the last dim in float32 (float64 kept)."""
         # F.rms_norm is one fused kernel on GPU (and saves only x and 1/rms for backward) instead of ~6 passes
         acc = _acc_dtype(x.dtype)
         return F.rms_norm(x.to(acc), x.shape[-1:], 1.0 + self.weight.to(acc), self.eps).type_as(x)
@@ -118,6 +119,7 @@ class LlamaThinkGatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """x, gate [..., dim] -> [..., dim] in x's dtype; the norm and the SiLU gate computed in float32."""
         dtype, acc = x.dtype, _acc_dtype(x.dtype)
         xf = F.rms_norm(x.to(acc), x.shape[-1:], None, self.eps)
         out = self.weight * xf.to(dtype)
@@ -134,6 +136,7 @@ class LlamaThinkRotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
 
     def compute_inv_freq(self, device=None) -> torch.Tensor:
+        """The rotary frequencies [rotary_dim / 2], float32: theta^(-2i / rotary_dim) (RoFormer, Su et al. 2021)."""
         exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=device) / self.rotary_dim
         return 1.0 / (self.base**exponents)
 
@@ -211,6 +214,7 @@ _WHOLE_ROWS_LOCK = threading.Lock()
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """x [..., R] -> [-x2, x1] for its halves x1, x2 [..., R / 2] (the rotate-half RoPE layout of HF Llama)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
@@ -225,6 +229,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class LlamaThinkMLP(nn.Module):
+    """SwiGLU feed-forward block, `down_proj(silu(gate_proj(x)) * up_proj(x))`: [B, T, hidden_size] -> the same
+    shape through `intermediate_size` (Shazeer 2020, "GLU Variants Improve Transformer"; as in Llama and Qwen3.5)."""
+
     def __init__(self, config: LlamaThinkConfig):
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
@@ -525,6 +532,7 @@ class LlamaThinkCache:
 
     # --- what transformers' generate() asks of a cache ---------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Positions processed so far (padding included; every layer holds the same); `layer_idx` is ignored."""
         return self.seq_length
 
     def __len__(self) -> int:
@@ -538,6 +546,7 @@ class LlamaThinkCache:
 
     @property
     def batch_size(self) -> int | None:
+        """Rows held, or None before the first forward."""
         return None if self.real_lengths is None else self.real_lengths.shape[0]
 
     def _map_batch(self, fn):
@@ -554,18 +563,23 @@ class LlamaThinkCache:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int):
+        """Each row repeated `repeats` times in place (generate()'s num_return_sequences / beams): row i becomes
+        rows i * repeats .. i * repeats + repeats - 1."""
         self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor):
+        """Keep the rows `indices` [N] (long or bool), in that order."""
         self._map_batch(lambda t: t[indices.to(t.device)])
 
     def crop(self, max_length: int):
+        """Refused: raises NotImplementedError (a Gated DeltaNet state holds every position; it cannot be cut back)."""
         raise NotImplementedError(
             "LlamaThinkCache cannot be cropped: Gated DeltaNet layers keep a recurrent state that cannot be rolled back"
         )
 
     # --- bookkeeping used by the model -------------------------------------------------------------------------
     def check_continuable(self):
+        """Raises ValueError, naming the reason, where this cache cannot take further positions."""
         if not self.continuable:
             raise ValueError(f"this LlamaThinkCache cannot be continued: {self._not_continuable_reason}")
 
@@ -1189,6 +1203,10 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
+        """hidden_states [B, T, hidden_size] (normed) -> the mixer's output, the same shape: short causal conv
+        over q, k, v, the gated delta rule (Yang et al. 2024, "Gated Delta Networks"; on CUDA the kernels `gdn_backend`
+        names, fla's or FlashQLA's, else the PyTorch reference), the gated output norm and `out_proj`. `ctx` brings the cache, padding
+        (`valid`) and packed segments; without it the rows are whole sequences, no cache."""
         if ctx is not None and ctx.static is not None:
             return self.decode_static(hidden_states, ctx)
         valid = ctx.valid if ctx is not None else None
@@ -1399,6 +1417,9 @@ class LlamaThinkAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True)
 
     def forward(self, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """hidden_states [B, T, hidden_size] (normed) -> [B, T, hidden_size]: causal grouped-query attention
+        with partial RoPE, q/k norms and a sigmoid output gate (Qwen3.5's gated attention), over the cache's earlier
+        positions where `ctx.cache` holds some; padding and packed segments as `ctx` says."""
         if ctx.static is not None:
             return self.decode_static(hidden_states, ctx)
         B, T, _ = hidden_states.shape
@@ -1717,6 +1738,8 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         state.partial = partial[:, :S]
 
     def forward(self, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """hidden_states [B, T, hidden_size] (normed) -> [B, T, hidden_size]: the local and compressed paths (the
+        class docstring), blended and gated; cache, padding and packed segments as `ctx` says."""
         if ctx.static is not None:
             return self.decode_static(hidden_states, ctx)
         B, T, _ = hidden_states.shape
@@ -1880,6 +1903,11 @@ def mixer_class(kind: str) -> type[nn.Module]:
 
 
 class LlamaThinkDecoderLayer(GradientCheckpointingLayer):
+    """One pre-norm block, a mixer (`config.mixer_types[layer_idx]`: "linear" Gated DeltaNet, "csa" compressed
+    sparse attention or "full" attention) then the SwiGLU MLP. With `config.hyper_connections` each residual update
+    is `(1 + r) * h + (1 + s) * f(norm(h))` with per-channel scales r, s initialised to zero (a per-channel,
+    static simplification of hyper-connections: Zhu et al. 2024, "Hyper-Connections"), else `h + f(norm(h))`."""
+
     def __init__(self, config: LlamaThinkConfig, layer_idx: int):
         super().__init__()
         self.mixer_type = config.mixer_types[layer_idx]
@@ -1895,6 +1923,7 @@ class LlamaThinkDecoderLayer(GradientCheckpointingLayer):
             self.mlp_sublayer_scale = nn.Parameter(torch.zeros(config.hidden_size))
 
     def forward(self, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """hidden_states [B, T, hidden_size] -> the same shape and dtype (the residual stream after this layer)."""
         out = self.mixer(self.input_layernorm(hidden_states), ctx)
         if self.hyper_connections:  # (1 + r) * h + (1 + s) * out, the second product fused into the add
             hidden_states = torch.addcmul(
@@ -2498,6 +2527,10 @@ def _some(names: list[str], shown: int = 4) -> str:
 
 
 class LlamaThinkPreTrainedModel(PreTrainedModel):
+    """The transformers base of the LlamaThink models: the config class, weight init (`_init_weights`), gradient
+    checkpointing, remote-code loading (`auto_map` in the saved config.json) and the training helpers shared by
+    `LlamaThinkModel` and `LlamaThinkForCausalLM` (`compile_layers`, kernel choice)."""
+
     config_class = LlamaThinkConfig
     config: LlamaThinkConfig
     base_model_prefix = "model"
@@ -2969,9 +3002,11 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         return runs
 
     def get_input_embeddings(self):
+        """The token embedding, nn.Embedding(vocab_size, hidden_size)."""
         return self.embed_tokens
 
     def set_input_embeddings(self, value):
+        """Replace the token embedding (transformers' resize_token_embeddings calls this)."""
         self.embed_tokens = value
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past: int):
@@ -3294,6 +3329,10 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
 
 
 class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
+    """`LlamaThinkModel` with a language-model head (tied to the embedding by default): next-token logits and loss
+    in `forward`, and transformers' `generate()` over a `LlamaThinkCache` (greedy, sampling, beam search; assisted
+    decoding is refused, the recurrent state cannot be rolled back)."""
+
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: LlamaThinkConfig):
@@ -3305,15 +3344,19 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def get_input_embeddings(self):
+        """The token embedding, nn.Embedding(vocab_size, hidden_size)."""
         return self.model.embed_tokens
 
     def set_input_embeddings(self, value):
+        """Replace the token embedding (transformers' resize_token_embeddings calls this)."""
         self.model.embed_tokens = value
 
     def get_output_embeddings(self):
+        """The head, nn.Linear(hidden_size, vocab_size, bias=False)."""
         return self.lm_head
 
     def set_output_embeddings(self, new_embeddings):
+        """Replace the head (transformers' resize_token_embeddings calls this)."""
         self.lm_head = new_embeddings
 
     @classmethod

@@ -716,6 +716,8 @@ class DocumentDigests:
         self.at = {0: self.hash.hexdigest()}
 
     def wrap(self, pieces: Iterable[Piece]) -> Iterator[Piece]:
+        """Yield `pieces` unchanged, adding each one's text to the digest as it passes (a document's last piece
+        closes it)."""
         for piece in pieces:
             self.hash.update(piece.text.encode("utf-8", "surrogatepass"))
             if piece.last:
