@@ -107,6 +107,7 @@ class LlamaThinkRMSNorm(nn.Module):
         return F.rms_norm(x.to(acc), x.shape[-1:], 1.0 + self.weight.to(acc), self.eps).type_as(x)
 
     def extra_repr(self) -> str:
+        """The weight's shape and eps, for the module's repr."""
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
 
 
@@ -239,6 +240,7 @@ class LlamaThinkMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., hidden_size] -> [..., hidden_size]."""
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -540,8 +542,8 @@ class LlamaThinkCache:
 
     @property
     def is_linear(self) -> list[bool]:
-        # generate() slices continuation inputs only for caches that know their sequence length; every layer of
-        # this cache does (the shared `seq_length`), so none reports itself as length-less.
+        """Per layer, whether it keeps no sequence length: all False. generate() slices continuation inputs only
+        for caches that know their length, and every layer of this cache does (the shared `seq_length`)."""
         return [False] * len(self._layers)
 
     @property
