@@ -777,8 +777,8 @@ def test_a_base_60_number_is_refused_not_read_as_seconds(tmp_path, text, overrid
     with pytest.raises(ValueError, match=named + r": for the number write it in decimal, for text quote it"):
         pretrain.load_config(str(path), override)
     path.write_text("wandb_run_name: '1:30'\n")
-    cfg = pretrain.load_config(str(path), ["--wandb_project", "2:45"])
-    assert (cfg.wandb_run_name, cfg.wandb_project) == ("1:30", "2:45")
+    cfg = pretrain.load_config(str(path), ["--out_dir", "2:45"])
+    assert (cfg.wandb_run_name, cfg.out_dir) == ("1:30", "2:45")
 
 
 @pytest.mark.parametrize(
@@ -1026,6 +1026,34 @@ def test_wandb_that_cannot_start_stops_the_run_with_one_named_error(tmp_path, mo
     cfg = run_config.RunConfig(out_dir=str(tmp_path), wandb_mode="online", wandb_project="p")
     with pytest.raises(ValueError, match=r"wandb_mode=online: W&B could not start the run \(UsageError: No API key"):
         loop._init_wandb(cfg, None)
+    with pytest.raises(ValueError, match=r"\(UsageError: No API key.*\); log in \(`wandb login`\)"):
+        loop._init_wandb(cfg, None)
+    # offline, W&B needs no login: the hint names the settings and the folder instead
+    cfg = run_config.RunConfig(out_dir=str(tmp_path), wandb_mode="offline", wandb_project="p")
+    monkeypatch.setattr(wandb, "init", lambda **kw: (_ for _ in ()).throw(PermissionError("read-only file system")))
+    with pytest.raises(ValueError, match=r"offline: .*read-only file system\); check wandb_project") as err:
+        loop._init_wandb(cfg, None)
+    assert "login" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "project, message",
+    [
+        ("me/llamathink", r"wandb_project 'me/llamathink' holds /; W&B project names cannot contain"),
+        ("runs: 95M?", r"holds : \?;"),
+        ("x" * 129, r"wandb_project is 129 characters long; W&B takes at most 128"),
+        (" ", r"wandb_project is empty"),
+    ],
+)
+def test_a_wandb_project_name_that_wandb_refuses_stops_the_run_before_any_work(project, message):
+    """W&B's own rule for project names (at most 128 characters, none of / \\ # ? % :), checked with the other
+    settings: wandb.init would refuse the name only once the model is built and the data read. A run that logs
+    nothing (wandb_mode: disabled) is not held to it; the rule's limits pass."""
+    with pytest.raises(ValueError, match=message):
+        run_config.RunConfig(wandb_project=project)
+    assert run_config.RunConfig(wandb_project=project, wandb_mode="disabled").wandb_mode == "disabled"
+    assert run_config.RunConfig(wandb_project="x" * 128 + "").wandb_project == "x" * 128
+    assert run_config.RunConfig(wandb_project="llamathink-95m_v2.1 (ablation)").wandb_project
 
 
 def test_a_saved_model_whose_weights_do_not_fit_is_refused_by_name(tmp_path, capsys, monkeypatch):

@@ -125,6 +125,8 @@ class RunConfig:
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         if self.wandb_mode not in ("online", "offline", "disabled"):
             raise ValueError(f"wandb_mode must be 'online', 'offline' or 'disabled', got {self.wandb_mode!r}")
+        if self.wandb_mode != "disabled" and self.wandb_project is not None:
+            _check_wandb_project(self.wandb_project)
         if not 0 <= self.seed < 2**32:  # the range every generator seeded from it accepts (NumPy's, torch's)
             raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if not 0 <= self.warmup_steps <= self.max_steps:
@@ -194,6 +196,28 @@ PATH_SETTINGS = (
 )
 _NULL_WORDS = ("null", "none", "~", "")
 _TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+# W&B's own rule for project names (wandb.sdk.wandb_settings): checked here so that a run stops before any work
+WANDB_PROJECT_FORBIDDEN = "/\\#?%:"
+WANDB_PROJECT_MAX_LEN = 128
+
+
+def _check_wandb_project(name: str) -> None:
+    """Raise ValueError where W&B would refuse `name` as a project: empty, longer than 128 characters, or holding
+    one of / \\ # ? % :."""
+    if not name.strip():
+        raise ValueError(
+            "wandb_project is empty: give a W&B project name, or null (or wandb_mode: disabled) to log none"
+        )
+    if len(name) > WANDB_PROJECT_MAX_LEN:
+        raise ValueError(f"wandb_project is {len(name)} characters long; W&B takes at most {WANDB_PROJECT_MAX_LEN}")
+    found = sorted({c for c in name if c in WANDB_PROJECT_FORBIDDEN})
+    if found:
+        raise ValueError(
+            f"wandb_project {name!r} holds {' '.join(found)}; W&B project names cannot contain any of "
+            f"{' '.join(WANDB_PROJECT_FORBIDDEN)}"
+        )
 
 
 @functools.cache

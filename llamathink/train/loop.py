@@ -389,10 +389,15 @@ def _init_wandb(cfg: RunConfig, run_id: str | None):
             config=dataclasses.asdict(cfg),
             dir=str(Path(cfg.out_dir)),
         )
-    except Exception as err:  # no API key, no network (before the first step: nothing is lost)
+    except Exception as err:  # no API key, no network, a setting W&B refuses (before the first step: nothing is lost)
+        if cfg.wandb_mode == "online":
+            hint = "log in (`wandb login`), or set wandb_mode: offline (sync later) or disabled"
+        else:  # an offline run needs no login or network: a setting or its folder is the cause
+            hint = (
+                f"check wandb_project, wandb_run_name and that {cfg.out_dir} is writable, or set wandb_mode: disabled"
+            )
         raise ValueError(
-            f"wandb_mode={cfg.wandb_mode}: W&B could not start the run ({type(err).__name__}: {err}); log in "
-            "(`wandb login`), or set wandb_mode: offline (sync later) or disabled"
+            f"wandb_mode={cfg.wandb_mode}: W&B could not start the run ({type(err).__name__}: {err}); {hint}"
         ) from err
 
 
