@@ -184,7 +184,10 @@ class LlamaThinkConfig(PretrainedConfig):
             most 128 suit it; else as `"fla"`, warning once) or `"torch"` (always the PyTorch reference).
         decode_cuda_graphs (`bool` or `"always"`, defaults to True): on CUDA, run each one-token decode step
             (left-padded batches included) as one replay of a captured CUDA graph (static-shape state buffers; see
-            `LlamaThinkCache`). False runs every step eagerly on the cache's own tensors. `"always"` also takes the
+            `LlamaThinkCache`), for contexts (`max_position_embeddings`) of at most 16384 positions, where every step
+            attending over all the slots still costs less than the launches it saves. A step that asks for more
+            than the new token's logits (hidden states, other options) and a model with forward hooks (which a graph
+            replay would not run) take the eager path. False runs every step eagerly on the cache's own tensors. `"always"` also takes the
             static-buffer step off CUDA, run eagerly there (no graph): it exercises the captured step's code on a
             machine without a GPU (the tests use it) and keeps the decode state in buffers allocated once for
             `max_position_embeddings` positions; on CPU it is usually no faster, as every step attends over all slots.

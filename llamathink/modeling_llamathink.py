@@ -471,6 +471,7 @@ class LlamaThinkCache:
         self.signature = _cache_signature(config)  # the shapes its states take (`check_compatible`)
         self._static: _StaticDecoder | None = None  # set while the state lives in a _StaticDecoder's buffers
         self._decode_signature: int | None = None  # the model's `_decode_signature` when the cache entered that path
+        self._decode_modules: tuple = ()  # the model's modules then, whose forward hooks each static step looks for
         self.seq_length = 0  # positions processed, padding included (index space)
         self.real_lengths: torch.Tensor | None = None  # [B] long: real tokens seen per row = next position
         self.max_real_length: int | None = None  # host copy of real_lengths.max() (saves a device sync per step)
@@ -994,6 +995,23 @@ def csa_block_masks(seq_len: int, window: int, stride: int, device: torch.device
 # ----------------------------------------------------------------------------------------------------------------
 # Mixers
 # ----------------------------------------------------------------------------------------------------------------
+
+
+# The longest context (`max_position_embeddings`) for which `decode_cuda_graphs=True` takes the static one-token step on
+# CUDA: its buffers hold the whole context and every step attends over all of its slots, so its cost grows with the
+# context, not with the tokens held. Measured with a tiny model on an H200 (session 51): 7.6x the eager step's tokens/s
+# at 1024 positions, 0.44x at 131072 (break-even near 50K); larger models gain more from the saved launches.
+STATIC_DECODE_MAX_POSITIONS = 16384
+
+
+def _forward_hooks_present(modules) -> bool:
+    """Whether any of `modules` has a forward (pre-)hook, or one is registered for every module
+    (`torch.nn.modules.module.register_module_forward_hook`): hooks that must run on every step."""
+    from torch.nn.modules import module as module_lib
+
+    if module_lib._global_forward_hooks or module_lib._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def _padded_rows(weights: list[torch.Tensor]) -> torch.Tensor:
@@ -3579,10 +3597,18 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         return True
 
     def _can_decode_static(self, input_ids, cache, attention_mask, position_ids, extra) -> bool:
+        """Whether this one-token step may run on the static buffers (`_StaticDecoder`): it computes only the logits
+        of the new token, so any other output or option asked for (`extra`: embeddings, labels, hidden states,
+        skip_logits, a logits_to_keep tensor, further keyword arguments) takes the general path, which also checks
+        them; so does a model with forward hooks (a CUDA graph replays no Python, and the static step calls the
+        layers without `LlamaThinkModel.forward`), and, unless `decode_cuda_graphs` is "always", a context longer
+        than `STATIC_DECODE_MAX_POSITIONS` (each static step attends over every slot of the context)."""
         if cache is None or input_ids is None or input_ids.shape[1] != 1 or any(extra):
             return False
         mode = self.config.decode_cuda_graphs  # True: on CUDA; "always": on every device (eager off CUDA); False: off
-        on = mode == "always" or (input_ids.is_cuda and bool(mode))
+        on = mode == "always" or (
+            input_ids.is_cuda and bool(mode) and self.config.max_position_embeddings <= STATIC_DECODE_MAX_POSITIONS
+        )
         if not on or torch.is_grad_enabled() or torch.is_autocast_enabled(input_ids.device.type):
             return False
         B, L = input_ids.shape[0], cache.seq_length
@@ -3592,6 +3618,9 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
             return False
         if cache._decode_signature is None:  # once per cache and generate() call (`_prepare_cache_for_generation`)
             cache._decode_signature = self._decode_signature()
+            cache._decode_modules = tuple(self.modules())
+        if _forward_hooks_present(cache._decode_modules):  # every step: a hook may be added between two of them
+            return False
         if cache.batch_size != B or (
             attention_mask is not None and tuple(attention_mask.shape) not in ((B, L + 1), (B, 1))
         ):
@@ -3674,7 +3703,18 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         if cache is not None:
             _check_cache(cache, self.config)
-        extra = (inputs_embeds is not None, labels is not None, bool(output_hidden_states))
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        # what the static one-token step does not compute or check (`_can_decode_static`); options left at None or
+        # False ask for nothing
+        extra = (
+            inputs_embeds is not None,
+            labels is not None,
+            bool(output_hidden_states),
+            skip_logits,
+            not isinstance(logits_to_keep, int),
+            any(v is not None and v is not False for v in kwargs.values()),
+        )
         if input_ids is not None:
             input_ids = _as_index(input_ids)  # (the static decoder embeds them directly)
         logits = None

@@ -396,6 +396,32 @@ def test_cuda_graph_decode_equals_eager_decode():
         torch.testing.assert_close(torch.stack(out.scores), torch.stack(slow.scores), rtol=1e-4, atol=1e-4)
 
 
+def test_cuda_graph_decode_gives_way_to_forward_hooks_and_long_contexts():
+    """A graph replay runs no Python: with a forward hook in the model every step takes the general path (the hook
+    sees each step's own output, equal to the eager run's), and no graph is captured; a context longer than
+    `STATIC_DECODE_MAX_POSITIONS` (every static step attends over all of its slots) decodes eagerly too."""
+    model = tiny_model(dtype=torch.float32, mixer_types=["csa", "linear", "full", "csa"]).cuda().eval()
+    prompt = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(5)).cuda()
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    seen = []
+    hook = model.model.layers[3].register_forward_hook(lambda mod, args, out: seen.append(out.clone()))
+    with torch.no_grad():
+        fast = model.generate(prompt, **kwargs)
+        assert not model.__dict__.get("_static_decoders") and len(seen) == 6
+        model.config.decode_cuda_graphs = False
+        hooked_eager = list(seen)
+        seen.clear()
+        assert torch.equal(model.generate(prompt, **kwargs), fast)
+        for a, b in zip(hooked_eager, seen, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        hook.remove()
+        model.config.decode_cuda_graphs = True
+        assert torch.equal(model.generate(prompt, **kwargs), fast) and model.__dict__.get("_static_decoders")
+        model.release_decode_graphs()
+        model.config.max_position_embeddings = modeling.STATIC_DECODE_MAX_POSITIONS + 1
+        assert torch.equal(model.generate(prompt, **kwargs), fast) and not model.__dict__.get("_static_decoders")
+
+
 @needs_fla
 def test_fla_variable_length_kernel_matches_the_reference_on_each_sequence():
     """fla's cu_seqlens mode (the packed-documents path): every sequence of the flattened row starts from a zero

@@ -2408,6 +2408,62 @@ def test_offloaded_or_hooked_gated_deltanet_conv_is_called_as_a_module(tmp_path)
             hooked(ids, position_ids=packed)
 
 
+def test_one_token_steps_run_every_forward_hook_and_honour_every_option_the_general_path_does():
+    """The static one-token step (on for every device here, "always") computes the new token's logits only, and
+    calls the layers without `LlamaThinkModel.forward` (on CUDA it replays a graph: no Python at all). So a forward
+    hook anywhere in the model (added before generate() or between two steps), hidden states asked for (also through
+    the config), skip_logits, a logits_to_keep tensor or another keyword send the step down the general path, which
+    runs the hooks on every step and returns or refuses the option as on any other step; without them the step is
+    static (its buffers are in use)."""
+    model = tiny_model(decode_cuda_graphs="always").eval()
+    ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(4))
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        ref = model.generate(ids, **kwargs)
+        assert model.__dict__.get("_static_decoders")  # the static step served the plain call
+        calls = {"model": [], "layer": []}
+        hooks = [
+            model.model.register_forward_hook(lambda mod, args, out: calls["model"].append(out.last_hidden_state)),
+            model.model.layers[3].register_forward_hook(lambda mod, args, out: calls["layer"].append(out.clone())),
+        ]
+        assert torch.equal(model.generate(ids, **kwargs), ref)
+        assert len(calls["model"]) == len(calls["layer"]) == 5  # the prompt and four one-token steps
+        model.config.decode_cuda_graphs = False  # the hooks saw what the general path computes, step by step
+        seen = {k: list(v) for k, v in calls.items()}
+        calls["model"].clear(), calls["layer"].clear()
+        model.generate(ids, **kwargs)
+        for name in calls:
+            for fast, slow in zip(seen[name], calls[name], strict=True):
+                torch.testing.assert_close(fast, slow, rtol=0, atol=0)
+        model.config.decode_cuda_graphs = "always"
+        for hook in hooks:
+            hook.remove()
+        # a hook added between two steps of a hand-written loop runs from the next step on
+        out = model(ids, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(token, past_key_values=cache)
+        assert cache._static is not None  # the step was static
+        hook = model.model.layers[0].register_forward_pre_hook(lambda mod, args: calls["layer"].append(1))
+        calls["layer"].clear()
+        model(out.logits.argmax(-1), past_key_values=cache)
+        assert calls["layer"] == [1]
+        hook.remove()
+        # options: each as on a step of the general path
+        model.config.output_hidden_states = True
+        out = model(ids, use_cache=True)
+        step = model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values)
+        assert step.hidden_states is not None and len(step.hidden_states) == model.config.num_hidden_layers + 1
+        model.config.output_hidden_states = False
+        out = model(ids, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        step = model(token, past_key_values=cache, logits_to_keep=torch.tensor([0, 0]))
+        assert step.logits.shape == (2, 2, model.config.vocab_size)
+        with pytest.raises(ValueError, match="skip_logits=True needs labels"):
+            model(token, past_key_values=cache, skip_logits=True)
+        with pytest.raises(ValueError, match="output_attentions"):
+            model(token, past_key_values=cache, output_attentions=True)
+
+
 @pytest.mark.parametrize("chunk_rows, num_items", [(None, None), (7, None), (1, 40)])
 def test_loss_through_the_head_module_equals_the_fused_loss_and_gradients(chunk_rows, num_items):
     """`chunked_causal_lm_loss_through_module` (several checkpointed slices, ragged last one) gives the fused
