@@ -402,7 +402,7 @@ def test_cuda_graph_decode_gives_way_to_forward_hooks_and_long_contexts():
     `STATIC_DECODE_MAX_POSITIONS` (every static step attends over all of its slots) decodes eagerly too."""
     model = tiny_model(dtype=torch.float32, mixer_types=["csa", "linear", "full", "csa"]).cuda().eval()
     prompt = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(5)).cuda()
-    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
     seen = []
     hook = model.model.layers[3].register_forward_hook(lambda mod, args, out: seen.append(out.clone()))
     with torch.no_grad():

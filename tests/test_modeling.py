@@ -2417,7 +2417,7 @@ def test_one_token_steps_run_every_forward_hook_and_honour_every_option_the_gene
     static (its buffers are in use)."""
     model = tiny_model(decode_cuda_graphs="always").eval()
     ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(4))
-    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
     with torch.no_grad():
         ref = model.generate(ids, **kwargs)
         assert model.__dict__.get("_static_decoders")  # the static step served the plain call
@@ -2432,8 +2432,8 @@ def test_one_token_steps_run_every_forward_hook_and_honour_every_option_the_gene
         seen = {k: list(v) for k, v in calls.items()}
         calls["model"].clear(), calls["layer"].clear()
         model.generate(ids, **kwargs)
-        for name in calls:
-            for fast, slow in zip(seen[name], calls[name], strict=True):
+        for name, slow_calls in calls.items():
+            for fast, slow in zip(seen[name], slow_calls, strict=True):
                 torch.testing.assert_close(fast, slow, rtol=0, atol=0)
         model.config.decode_cuda_graphs = "always"
         for hook in hooks:
