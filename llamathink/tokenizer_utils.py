@@ -447,6 +447,27 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, check: bool = True):
 _LOAD_ONLY_KWARGS = ("is_local", "local_files_only")
 
 
+def saved_tokenizer(folder: str | os.PathLike):
+    """The tokenizer saved in a local model folder (`load_tokenizer`), or None where `folder` is not a local folder,
+    holds no tokenizer file, or its tokenizer cannot be loaded (nothing to compare a tokenizer with)."""
+    local = Path(folder).expanduser()
+    if not (local.is_dir() and any(local.glob("tokenizer*"))):
+        return None
+    try:
+        return load_tokenizer(str(local))
+    except (OSError, ValueError, ImportError):
+        return None
+
+
+def pieces_with_other_ids(reference, tokenizer) -> list[str]:
+    """The pieces of `reference`'s base vocabulary (its added tokens left out: reserved ones may be renamed at their
+    ids) that `tokenizer` gives another id or none; empty where `tokenizer` encodes every piece as `reference` does
+    (it may extend it with more ids after them). A model trained on `reference`'s ids reads those pieces as other
+    text under `tokenizer`."""
+    mine, added = tokenizer.get_vocab(), reference.get_added_vocab()
+    return [piece for piece, i in reference.get_vocab().items() if piece not in added and mine.get(piece) != i]
+
+
 def save_tokenizer_for_model(tok, save_dir: str | os.PathLike, model_max_length: int):
     """Save a copy of ``tok`` next to a model with the defaults that model needs; returns the saved copy.
 

@@ -1016,6 +1016,36 @@ def test_commands_report_bad_input_in_one_line(sample_data, model_json, tmp_path
     assert f"init_from {out / 'final'} is in out_dir {out}'s final/, which the run replaces" in capsys.readouterr().err
 
 
+def test_pretraining_refuses_a_tokenizer_that_is_not_the_datas_or_the_models(sample_data, model_json, tmp_path):
+    """The shards hold one tokenizer's ids. Continued pretraining (init_from) on data of a tokenizer that gives the
+    pieces of the model's saved tokenizer other ids or none would train the model on them as if they meant its own
+    text: refused, naming both, before the model is built (a model whose tokenizer the data's extends passes). A
+    `tokenizer` setting of another size than the data's meta.json records cannot be the data's: refused too."""
+    from llamathink.tokenizer_utils import load_tokenizer
+
+    small = tmp_path / "data512"
+    prepare(LocalSource([str(sample_data_path("prose.jsonl"))]), small, "builtin:512", val_docs=20, progress=False)
+    base = tmp_path / "base"
+    LlamaThinkForCausalLM(LlamaThinkConfig.from_json_file(model_json)).save_pretrained(base)
+    load_tokenizer("builtin").save_pretrained(base)  # the model's: 1024 pieces; the data's: the first 512 of them
+    cfg = _cfg(small, None, tmp_path / "out", model_config=None, init_from=str(base), data_dir=str(small))
+    with pytest.raises(
+        ValueError,
+        match=rf"{small} was tokenized with 'builtin:512', which is not the tokenizer saved with init_from="
+        r"'.*base': 512 of its 1024 pieces have other ids or none .*\(llamathink-prepare --tokenizer",
+    ):
+        pretrain.train(cfg)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+    load_tokenizer("builtin:512").save_pretrained(base)  # the data's own tokenizer (more ids in the model): passes
+    pretrain.train(dataclasses.replace(cfg, max_steps=1, warmup_steps=0, eval_every=1, save_every=1))
+    with pytest.raises(
+        ValueError,
+        match=r"the tokenizer 'builtin:512' has 512 tokens, but .*meta.json says the shards"
+        r" were made with a tokenizer of 1024: leave tokenizer unset",
+    ):
+        pretrain.train(_cfg(sample_data, model_json, tmp_path / "out2", tokenizer="builtin:512"))
+
+
 def test_wandb_that_cannot_start_stops_the_run_with_one_named_error(tmp_path, monkeypatch):
     import wandb
 

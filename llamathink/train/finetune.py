@@ -307,18 +307,10 @@ def _check_same_pieces(cfg: FinetuneConfig, tokenizer) -> None:
     with init_from another id: the model learned its ids from that one, so every such id would mean another piece.
     A tokenizer that extends it (the same ids, more after them) or renames its added tokens passes; so does an
     init_from folder without a tokenizer of its own, or a Hub id that cannot be read offline (nothing to compare)."""
-    from ..tokenizer_utils import load_tokenizer
+    from ..tokenizer_utils import pieces_with_other_ids, saved_tokenizer
 
-    local = Path(cfg.init_from).expanduser()
-    if not (local.is_dir() and any(local.glob("tokenizer*"))):
-        return
-    try:
-        saved = load_tokenizer(str(local))
-    except (OSError, ValueError, ImportError):  # (a folder whose tokenizer cannot load: nothing to compare)
-        return
-    mine, added = tokenizer.get_vocab(), saved.get_added_vocab()
-    # the base vocabulary only: added tokens (reserved ones renamed at their ids, say) may change
-    moved = [piece for piece, i in saved.get_vocab().items() if piece not in added and mine.get(piece) != i]
+    saved = saved_tokenizer(cfg.init_from)
+    moved = pieces_with_other_ids(saved, tokenizer) if saved is not None else []
     if moved:
         raise ValueError(
             f"tokenizer={cfg.tokenizer!r} is not the tokenizer saved with init_from={cfg.init_from!r}: {len(moved)} "

@@ -307,6 +307,23 @@ def resolve_compile_mode(
     return "reduce-overhead", "one process on a GPU, compiled layers, windows of one shape"
 
 
+def _check_init_from_tokenizer(cfg: TrainConfig, tokenizer, tokenizer_name: str) -> None:
+    """Raise ValueError where the data's tokenizer (`tokenizer`, read as `tokenizer_name`) gives one of the pieces
+    of the tokenizer saved with init_from another id: the model learned that tokenizer's ids, and would be trained
+    on the data's ids as if they meant the same text. An init_from without a tokenizer of its own passes."""
+    from ..tokenizer_utils import pieces_with_other_ids, saved_tokenizer
+
+    saved = saved_tokenizer(cfg.init_from)
+    moved = pieces_with_other_ids(saved, tokenizer) if saved is not None else []
+    if moved:
+        raise ValueError(
+            f"{cfg.data_dir} was tokenized with {tokenizer_name!r}, which is not the tokenizer saved with "
+            f"init_from={cfg.init_from!r}: {len(moved)} of its {len(saved)} pieces have other ids or none (e.g. "
+            f"{moved[0]!r}), so the model would learn its ids anew as other text; prepare the data with the "
+            f"model's tokenizer (llamathink-prepare --tokenizer {cfg.init_from})"
+        )
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a pretraining run. Returns {"losses": {step: loss}, "eval": {step: loss}, "perf": {step:
     metrics}, "tokens_seen": n, "overflow_steps": n, "final_dir": <out_dir>/final or None when stopped early}. The run
@@ -346,6 +363,19 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
             ) from None
 
     recorded = meta.get("tokenizer_sha256")
+    if tokenizer is not None and meta.get("vocab_size") is not None and len(tokenizer) != int(meta["vocab_size"]):
+        # another size cannot be the same tokenizer serialised otherwise: the shards' ids would be read as other text
+        raise ValueError(
+            f"the tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens, but {Path(cfg.data_dir) / 'meta.json'} "
+            f"says the shards were made with a tokenizer of {meta['vocab_size']}: "
+            + (
+                "leave tokenizer unset to use the data's own, or prepare the data with this one"
+                if cfg.tokenizer
+                else "is the tokenizer file it names edited or replaced? pass --tokenizer with the data's own"
+            )
+        )
+    if tokenizer is not None and cfg.init_from is not None:
+        _check_init_from_tokenizer(cfg, tokenizer, tokenizer_name)
     if tokenizer is not None and recorded and tokenizer_fingerprint(tokenizer) not in (None, recorded):
         # (a warning, not an error: another `tokenizers` version may serialise the same tokenizer otherwise)
         accelerator.print(
