@@ -450,6 +450,29 @@ def test_step_values_are_read_two_steps_late_and_all_at_a_pause():
     assert values.drain() == [(4, 4.0, 40.0), (5, 5.0, 50.0)] and values.drain() == []
 
 
+def test_the_logged_learning_rate_is_the_one_each_logged_step_trained_with(sample_data, model_json, tmp_path):
+    """`train/lr` of step k is the rate its update used, `lr_factor(k - 1)` times the peak (the schedule moves on
+    after the update): the first warmup step's partial rate, not the next one's, and the last step's rate, not the
+    zero that follows it. Each update's rate is read from the optimizer when the schedule moves on after it."""
+    cfg = _cfg(sample_data, model_json, tmp_path / "out", max_steps=5, warmup_steps=2, log_every=1, eval_every=100)
+    used = []
+    real_step = torch.optim.lr_scheduler.LambdaLR.step
+
+    def step(self, *args, **kwargs):
+        if hasattr(self, "_last_lr"):  # (not the step LambdaLR takes when it is made)
+            used.append(self.optimizer.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step)
+        perf = pretrain.train(cfg)["perf"]
+    logged = [perf[k]["train/lr"] for k in range(1, 6)]
+    assert logged == used
+    factors = [optim.lr_factor(k - 1, cfg) for k in range(1, 6)]
+    assert factors[0] == 0.5 and factors[-1] > 0
+    torch.testing.assert_close(torch.tensor(logged), logged[1] * torch.tensor(factors), rtol=1e-12, atol=0)
+
+
 def test_losses_read_late_are_those_of_their_steps(sample_data, model_json, tmp_path):
     """With nonfinite: stop (no update depends on its step's loss) the loop reads each step's loss and gradient
     norm late (`StepValues`); the history, the log lines and the checkpoints get the same values at the same

@@ -844,6 +844,7 @@ def run_training(
                 _sync(accelerator.device)
                 now = time.perf_counter()
                 optimizer_share = (now - t_opt) / (now - t_step)
+            step_lr = scheduler.get_last_lr()[0]  # the rate this update used (the log names it by this step)
             scheduler.step()
             step += 1
             processed += positions
@@ -874,7 +875,7 @@ def run_training(
                 tok_s = (processed - tokens_last) / max(now - t_last, 1e-9)
                 metrics = {
                     "train/loss": loss_value,
-                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/lr": step_lr,
                     "train/grad_norm": float(grad_norm),
                     "perf/tokens_per_s": tok_s,
                     "train/overflow_steps": counters.overflows,
