@@ -25,7 +25,7 @@ setup(
     include_package_data=True,
     install_requires=[
         "torch>=2.5",
-        # 5.17 (the GPU image) to 5.24 (newest) are tested; 5.24 renamed generate()'s cache argument
+        # 5.17 (the GPU image) to 5.25 (newest) are tested; 5.24 renamed generate()'s cache argument
         "transformers>=5.17,<6",
         "accelerate>=1.0",
         "datasets>=3.0",

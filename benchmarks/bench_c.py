@@ -7,8 +7,10 @@
 Builds run.c (-O3 -march=native -fopenmp), writes a random checkpoint with the default
 LlamaThinkConfig shape (no PyTorch model needed), exports it at each dtype, then times greedy
 decode of --decode tokens and prefill of a --prompt-token prompt.  Prints tok/s and the ratio to
-the bandwidth ceilings of DESIGN.md section 5 (~84 fp32, ~170 bf16, ~315 int8 tok/s on two
-threads at ~32 GB/s).  Best of --repeat runs is reported (other processes share the cores).
+the bandwidth ceilings in CEILING (~84 fp32, ~170 bf16, ~315 int8 tok/s on two threads at an
+assumed ~32 GB/s, which the decode targets in TARGET assume too) and to the ceilings at the
+bandwidth measured in the run ('now-ceil'); BENCHMARKS.md section 4 records the results.  Best of
+--repeat runs is reported (other processes share the cores).
 
 --llama2c: a peer in the same run.  Builds that run.c (karpathy/llama2.c; not part of this
 repository) with the same flags (-O3 -march=native -fopenmp) and with its own `make runomp` flags
@@ -213,7 +215,7 @@ def main(argv=None) -> int:
     print(
         "streaming read bandwidth measured now: "
         + ", ".join(f"{th} thread(s) {bw[th]:.1f} GB/s" for th in threads)
-        + " (DESIGN.md: ~16 / ~32 GB/s); 'now-ceil' = that bandwidth / bytes per token"
+        + " (the ceilings and targets assume ~32 GB/s on 2 threads); 'now-ceil' = that bandwidth / bytes per token"
     )
     print(
         f"{'model':16} {'thr':>3} {'MB/tok':>7} {'decode tok/s':>13} {'ceiling':>8} {'ratio':>6} "

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Multi-GPU check of train_hf.py (issue 6), run from the repository root on a machine with N GPUs:
 #   bash benchmarks/multi_gpu_check.sh N STEPS LONG_STEPS DATA_JSONL_GZ TOKENIZER_MODEL OUT
+# Defaults: 2 50 300 .gpu-data/english-docs.jsonl.gz .gpu-data/tokenizer.model runs/multigpu. N is 2, 4 or 8 (the
+# counts with an accelerate_configs/ddp_<N>gpu.yaml; in runs 1 and 2 each GPU takes 16 / N rows). The documents
+# and the tokenizer are not in the repository: DATA_JSONL_GZ is prepared with TOKENIZER_MODEL into DATA_DIR (default
+# runs/english/data) unless that folder holds a meta.json already, and every run loads TOKENIZER_MODEL.
 # 1) the same global batch (16 x 1024) on 1 GPU and on N GPUs for STEPS steps: the loss curves must agree within
 #    bf16 noise (each rank reads different windows; DDP averages the gradients; Muon shards its work over ranks);
 # 2) checkpoints move: the N-GPU run's mid-way checkpoint resumes on 1 GPU and the 1-GPU one on N GPUs, and both

@@ -449,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--trust-remote-code",
         action="store_true",
-        help="load the model code stored with the checkpoint (needed only without this package)",
+        help="load the model code stored with the checkpoint instead of this package's (not needed to load one)",
     )
     args = ap.parse_args(argv)
     if sys.stdout is None:  # started with standard output closed (`>&-`): replies would vanish, status 0
