@@ -20,9 +20,12 @@ DEFAULT_MIXER_PATTERN = ("linear", "linear", "csa", "full")
 GDN_BACKENDS = ("auto", "flash_qla", "fla", "torch")
 MAX_CONTEXT = 1 << 20  # max_position_embeddings: export_c/run.c's limit too
 MAX_GDN_CHUNK = 4096
-# The bounds of A_init_range and dt_init_range: float32's smallest positive normal number, and a largest value whose
-# log's exp stays finite in float32 (the layers keep log(A) and the inverse softplus of dt in float32)
-INIT_RANGE_MIN, INIT_RANGE_MAX = 2.0**-126, 1e38
+# The bounds of A_init_range and dt_init_range: float32's smallest positive normal number (the layers keep log(A) and
+# the inverse softplus of dt in float32), and a largest value that keeps the chunked delta rule's running sum of
+# log-decays finite in float32: a chunk (at most MAX_GDN_CHUNK tokens) sums -A * dt per token, and past about 3.4e38
+# the sum is -inf and the chunk's outputs NaN (where token-by-token decoding stays finite). 1e15 * 1e15 * 4096 is
+# 4e33, room left for the input's share of dt.
+INIT_RANGE_MIN, INIT_RANGE_MAX = 2.0**-126, 1e15
 
 
 def _saved_config(config_dict):
@@ -187,10 +190,11 @@ class LlamaThinkConfig(PretrainedConfig):
             `LlamaThinkCache`), for contexts (`max_position_embeddings`) of at most 16384 positions, where every step
             attending over all the slots still costs less than the launches it saves. A step that asks for more
             than the new token's logits (hidden states, other options) and a model with forward hooks (which a graph
-            replay would not run) take the eager path. False runs every step eagerly on the cache's own tensors. `"always"` also takes the
-            static-buffer step off CUDA, run eagerly there (no graph): it exercises the captured step's code on a
-            machine without a GPU (the tests use it) and keeps the decode state in buffers allocated once for
-            `max_position_embeddings` positions; on CPU it is usually no faster, as every step attends over all slots.
+            replay would not run) take the eager path. False runs every step eagerly on the cache's own tensors.
+            `"always"` also takes the static-buffer step off CUDA (and at any context length), run eagerly there (no
+            graph): it exercises the captured step's code on a machine without a GPU (the tests use it) and keeps the
+            decode state in buffers allocated once for `max_position_embeddings` positions; on CPU it is usually no
+            faster, as every step attends over all slots.
     """
 
     model_type = "llamathink"
@@ -278,6 +282,12 @@ class LlamaThinkConfig(PretrainedConfig):
         # transformers' own validators (run by `super().__init__`) compare token ids with the vocabulary size and
         # would fail on a wrong type with an error that does not name it
         _check_positive_int("vocab_size", vocab_size)
+        if "layer_types" in kwargs:  # (it would be stored and ignored: the model is built from mixer_types)
+            raise ValueError(
+                "layer_types is not a LlamaThink setting: the layer pattern is mixer_types, each of 'linear' (Gated "
+                "DeltaNet, Qwen3.5's 'linear_attention'), 'csa' (compressed sparse attention) or 'full' (Qwen3.5's "
+                "'full_attention')"
+            )
         for key in ("dtype", "torch_dtype"):  # transformers would look the name up in torch and raise AttributeError
             _check_dtype(key, kwargs.get(key))
         super().__init__(
@@ -454,7 +464,7 @@ class LlamaThinkConfig(PretrainedConfig):
             if not numbers or not INIT_RANGE_MIN <= value[0] <= value[1] <= INIT_RANGE_MAX:
                 raise ValueError(
                     f"{name} must be two numbers [low, high] with {INIT_RANGE_MIN:.4g} <= low <= high <= "
-                    f"{INIT_RANGE_MAX:.4g} (what float32 keeps finite), got {value!r}"
+                    f"{INIT_RANGE_MAX:.4g} (what float32 keeps finite in the layers' log-decays), got {value!r}"
                 )
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name, None)

@@ -444,7 +444,7 @@ def _check_cache(cache, config: LlamaThinkConfig) -> None:
 
 
 class LlamaThinkCache:
-    """Decode state of the hybrid stack, usable with `generate()` (transformers 5.17 to 5.24).
+    """Decode state of the hybrid stack, usable with `generate()` (transformers 5.17 to 5.25).
 
     Holds, per layer, a `GatedDeltaNetState`, `AttentionState` or `CompressedAttentionState`, plus what every
     layer shares: how many positions were processed (`get_seq_length`, padding included, so it matches the
@@ -3408,7 +3408,7 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         input_ids_length,
         inputs_tensor,
     ):
-        # generate()'s length set-up (same signature in transformers 5.17 to 5.24). The prompt is checked here,
+        # generate()'s length set-up (same signature in transformers 5.17 to 5.25). The prompt is checked here,
         # before transformers' own length checks and before any forward; the length is capped once the cache is
         # known (`_prepare_cache_for_generation`), because a continued cache can add positions.
         generation_config = super()._prepare_generated_length(
@@ -3452,6 +3452,16 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
                 "be rolled back to drop rejected draft tokens; generate without them"
             )
         return super()._validate_generation_mode(generation_mode, generation_config, *args, **kwargs)
+
+    def init_continuous_batching(self, *args, **kwargs):
+        """Refused (NotImplementedError): transformers' continuous batching (`generate_batch`,
+        `continuous_batching_context_manager`, `init_continuous_batching`) keeps every request in a paged
+        key/value cache, which has no place for the Gated DeltaNet and CSA state; without this refusal it fails
+        in its background thread and returns empty outputs. `generate()` with a padded batch serves many prompts."""
+        raise NotImplementedError(
+            "LlamaThink does not support continuous batching (generate_batch): its paged attention cache holds "
+            "keys and values only, not the Gated DeltaNet and CSA state; call generate() on a left-padded batch"
+        )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         chunk = generation_config.prefill_chunk_size

@@ -66,6 +66,8 @@ def test_default_config_is_the_95m_model():
     [
         (dict(mixer_types=["linear", "full"]), "mixer_types"),
         (dict(mixer_types=["linear", "csa", "full", "mamba"]), "mixer_types[3]"),
+        # Qwen3.5's name for the pattern would be stored and ignored
+        ({"layer_types": ["linear_attention"] * 3 + ["full_attention"]}, "layer_types is not a LlamaThink setting"),
         (dict(num_attention_heads=5), "num_key_value_heads"),
         (dict(linear_num_value_heads=3), "linear_num_key_heads"),
         (dict(hidden_size=0), "hidden_size"),
@@ -2019,6 +2021,25 @@ def test_assisted_decoding_is_refused_by_name_before_anything_runs():
     hook.remove()
 
 
+def test_continuous_batching_is_refused_by_name_at_once():
+    """transformers' continuous batching keeps requests in a paged key/value cache, which cannot hold the recurrent
+    state: each of its entry points raises NotImplementedError at once (it ran for a while, then returned empty
+    outputs with status FAILED, the error only logged), before any forward."""
+    from transformers import GenerationConfig
+
+    model = tiny_model().eval()
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    config = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=2)
+    with pytest.raises(NotImplementedError, match="does not support continuous batching"):
+        model.generate_batch(inputs=[[5, 6, 7]], generation_config=config)
+    with pytest.raises(NotImplementedError, match="does not support continuous batching"):
+        with model.continuous_batching_context_manager(generation_config=config):
+            pass
+    assert calls == [] and getattr(model, "_cached_continuous_batching_manager", None) is None
+    hook.remove()
+
+
 def test_generate_from_inputs_embeds_counts_their_positions_against_the_limit(short_model):
     ids = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(15))
     embeds = short_model.get_input_embeddings()(ids).detach()
@@ -2725,6 +2746,8 @@ def test_init_options():
         {"A_init_range": [1e-300, 16]},  # log(A) in float32: -inf
         {"dt_init_range": [0.001, 1e39]},  # beyond float32: the draw gives inf
         {"dt_init_range": [0.001, 3.4e38]},  # float32's largest: log's exp rounds to inf
+        {"A_init_range": [1e37, 1e37]},  # a chunk's running sum of log-decays would be -inf: NaN outputs
+        {"dt_init_range": [1, 1e16]},
         {"rescale_prenorm_residual": "yes"},
         {"zero_init_residual": "yes"},
         {"zero_init_residual": 1},
@@ -2733,6 +2756,19 @@ def test_init_options():
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             tiny_config(**bad)
+    # the largest rates accepted: a 64-token chunk's log-decays stay finite, and equal to decoding token by token
+    extreme = tiny_config(A_init_range=[1e15, 1e15], dt_init_range=[1e15, 1e15], gdn_backend="torch", gdn_chunk_size=64)
+    model = LlamaThinkForCausalLM(extreme).eval()
+    ids = torch.randint(3, 96, (1, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole = model(ids).logits
+        out = model(ids[:, :1], use_cache=True)
+        steps = [out.logits]
+        for t in range(1, 64):
+            out = model(ids[:, t : t + 1], cache=out.past_key_values)
+            steps.append(out.logits)
+    assert torch.isfinite(whole).all()
+    torch.testing.assert_close(whole, torch.cat(steps, 1), rtol=1e-5, atol=1e-5)
 
 
 def test_zero_init_residual_setting():
