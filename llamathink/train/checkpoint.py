@@ -1408,6 +1408,15 @@ def restore_checkpoint(
             f"cannot resume from {path}: it is at step {state['step']}, beyond max_steps="
             f"{cfg.max_steps}; set max_steps to at least {state['step']}"
         )
+    if cfg is not None and state["step"] == cfg.max_steps and changes:
+        # nothing is left to train: the changed settings would reach only the final folder's model card and
+        # train_config.json, which would then name settings the model never trained with
+        raise ResumeSettingsError(
+            f"the run of {path} ended there (step {state['step']} = max_steps), so these changed settings would "
+            f"train nothing, only rewrite the final model's records: {'; '.join(changes)}. Raise max_steps to "
+            "train on with them, or start a fresh run (resume: none, with overwrite: true to replace this one's "
+            "checkpoints)"
+        )
     fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     part = "model"
     try:  # a checkpoint of another model shape, optimizer recipe or data must say so, naming the part and folder
