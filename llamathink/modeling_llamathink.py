@@ -600,21 +600,15 @@ class LlamaThinkCache:
             if past is None:
                 past = torch.ones(batch_size, self.seq_length, dtype=torch.bool, device=device)
             self.key_valid = torch.cat((past, new_valid), dim=-1)
-            if not bool(new_valid[:, -1].all()):
+            # a row whose input ended in padding after a real token was right-padded: its next token would follow
+            # the padding. A row that holds no real token yet is inside its left padding (a chunked prefill's
+            # chunk ended there): it continues, its state still the empty one.
+            if bool((new_valid[:, -1].logical_not() & self.key_valid.any(-1)).any()):
                 self.continuable = False
-                ended_in_padding = new_valid[:, -1].logical_not()
-                if bool((ended_in_padding & self.key_valid.any(-1)).any()):
-                    self._not_continuable_reason = (
-                        "it was built from right-padded input (a padding token after a real token); use left "
-                        "padding (tokenizer.padding_side = 'left') for generation"
-                    )
-                else:  # left padding that the chunk ended inside
-                    rows = ended_in_padding.nonzero().flatten().tolist()
-                    self._not_continuable_reason = (
-                        f"its input ended inside the left padding of rows {rows}, which hold no real token yet; "
-                        "a chunk of a left-padded prompt must reach each row's first real token (prefill the "
-                        "prompt in one call, as generate() does)"
-                    )
+                self._not_continuable_reason = (
+                    "it was built from right-padded input (a padding token after a real token); use left "
+                    "padding (tokenizer.padding_side = 'left') for generation"
+                )
         self.seq_length += num_new
 
 
@@ -3176,12 +3170,6 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
                     "pad_token_id: a prompt that holds the pad token's id, such as Llama 2's <unk> (0) where that is "
                     "the pad token, needs an explicit attention_mask.)"
                 )
-            if (explicit_cache or past > 0) and not bool(key_valid.any(1).all()):  # nothing to continue from
-                empty = key_valid.any(1).logical_not().nonzero().flatten().tolist()
-                raise ValueError(
-                    f"attention_mask rows {empty} hold no real token: nothing to continue from (a chunk of a "
-                    "left-padded prompt must reach each row's first real token)"
-                )
 
         segments = None
         seq_idx, cu_seqlens = (
@@ -3484,6 +3472,17 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
             # chunked prefill feeds the prompt to a cache chunk by chunk, and transformers asks for one up front
             # (the first forward builds it otherwise)
             model_kwargs[_GENERATE_CACHE_KEY] = LlamaThinkCache(self.config)
+        mask = model_kwargs.get("attention_mask")
+        if (
+            isinstance(mask, torch.Tensor)
+            and mask.dim() == 2
+            and mask.shape[1] > 0
+            and not bool(mask.bool().any(1).all())
+        ):
+            # (a forward takes such a row, as padding whose outputs go unused: a chunk of a left-padded prompt can
+            # hold nothing else)
+            empty = mask.bool().any(1).logical_not().nonzero().flatten().tolist()
+            raise ValueError(f"attention_mask rows {empty} hold no real token: nothing to generate from")
         prompt = getattr(generation_config, "_llamathink_prompt", None)
         if prompt is not None:
             self._bound_generation_length(generation_config, model_kwargs, *prompt)

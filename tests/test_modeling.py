@@ -1598,15 +1598,22 @@ def test_right_padded_forward_is_exact_for_real_tokens_and_its_cache_refuses_to_
     torch.testing.assert_close(out.logits[1, :7], alone[0], rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="right-padded"):
         model(ids[:, :1], cache=out.cache)
-    # a chunk that ends inside a row's left padding is not right padding: the message says what it is
+    # a chunk that ends inside a row's left padding is not right padding: the row goes on from its empty state, and
+    # chunk by chunk equals the prompt in one forward (what generate()'s prefill_chunk_size does with any padding)
     left = torch.ones(2, 12, dtype=torch.long)
     left[0, :9] = 0
     with torch.no_grad():
-        first = model(ids[:, :6], attention_mask=left[:, :6], use_cache=None)
-    with pytest.raises(ValueError, match=r"ended inside the left padding of rows \[0\].*reach each row's first real"):
-        model(ids[:, 6:], attention_mask=left, cache=first.cache)
-    with pytest.raises(ValueError, match=r"rows \[0\] hold no real token.*reach each row's first real token"):
-        model(ids[:, :6], attention_mask=left[:, :6], cache=LlamaThinkCache(model.config))
+        whole = model(ids, attention_mask=left, use_cache=True)
+        cache = LlamaThinkCache(model.config)
+        chunks = [
+            model(ids[:, a:b], attention_mask=left[:, :b], cache=cache).logits for a, b in ((0, 3), (3, 6), (6, 12))
+        ]
+        step = torch.cat((left, torch.ones(2, 1, dtype=torch.long)), 1)
+        token = ids[:, :1]
+        after = [model(token, attention_mask=step, cache=c).logits for c in (whole.cache, cache)]
+    torch.testing.assert_close(torch.cat(chunks, 1)[0, 9:], whole.logits[0, 9:], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.cat(chunks, 1)[1], whole.logits[1], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(after[0], after[1], rtol=1e-10, atol=1e-10)
 
 
 def test_reorder_cache_permutes_every_state_kind(model):
@@ -1958,20 +1965,33 @@ def test_static_decoder_is_rebuilt_when_peft_adapters_or_modules_change():
 def test_generate_with_chunked_prefill_equals_generate():
     """`generate(prefill_chunk_size=...)` (transformers feeds the prompt in chunks to a cache it needs up front,
     which this model otherwise builds in its first forward): the same tokens and scores as one prefill, with the
-    prompt in chunks of 4 and 5 (the last chunk shorter) and a left-padded batch whose chunks all hold real tokens."""
+    prompt in chunks of 4 and 5 (the last chunk shorter), and left-padded batches, also where whole chunks are a
+    row's padding (a row longer padded than the chunk: it was refused), with the static step and without; each row
+    of those generates what it generates alone. A row of padding only is refused: nothing to generate from."""
     model = tiny_model().eval()
-    ids = torch.randint(3, 96, (2, 13), generator=torch.Generator().manual_seed(22))
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0  # row 1 left-padded by 2: every chunk of 4 or 5 still holds a real token of it
+    ids = torch.randint(3, 96, (3, 13), generator=torch.Generator().manual_seed(22))
+    short = torch.ones_like(ids)
+    short[1, :2] = 0  # row 1 left-padded by 2: every chunk of 4 or 5 holds a real token of it
+    long = torch.ones_like(ids)
+    long[0, :11], long[2, :6] = 0, 0  # rows whose first chunks, or first two, are padding only
     kwargs = {"max_new_tokens": 7, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
     kwargs |= {"output_scores": True, "return_dict_in_generate": True}
     with torch.no_grad():
-        for attention_mask in (None, mask):
+        for attention_mask, static in ((None, True), (short, True), (long, True), (long, "always"), (long, False)):
+            model.config.decode_cuda_graphs = static
             whole = model.generate(ids, attention_mask=attention_mask, **kwargs)
             for chunk in (4, 5):
                 chunked = model.generate(ids, attention_mask=attention_mask, prefill_chunk_size=chunk, **kwargs)
                 assert torch.equal(chunked.sequences, whole.sequences), chunk
                 torch.testing.assert_close(torch.stack(chunked.scores), torch.stack(whole.scores))
+            for row, real in enumerate(attention_mask.sum(1).tolist() if attention_mask is not None else ()):
+                alone = model.generate(ids[row : row + 1, 13 - real :], **kwargs)
+                assert torch.equal(alone.sequences[0, real:], whole.sequences[row, 13:]), (row, static)
+        model.config.decode_cuda_graphs = True
+        empty = long.clone()
+        empty[1] = 0
+        with pytest.raises(ValueError, match=r"attention_mask rows \[1\] hold no real token: nothing to generate"):
+            model.generate(ids, attention_mask=empty, prefill_chunk_size=4, **kwargs)
         with pytest.raises(ValueError, match="Cannot use prefill chunking without a cache"):  # transformers' own
             model.generate(ids, prefill_chunk_size=4, use_cache=False, **kwargs)
         for bad in (0, -1, 2.5, True, "4"):  # (torch.split's own errors otherwise, or a chunk per token for True)
