@@ -2375,6 +2375,15 @@ def _inputs_checked_by_caller(module: nn.Module) -> bool:
     return id(module) in _CHECKED_BY_CALLER.get()
 
 
+def _check_tensor_arguments(**arguments) -> None:
+    """Raise TypeError naming each keyword argument given (not None) that is not a torch.Tensor, e.g. a NumPy array or
+    a list of token ids (torch.as_tensor converts them); the later checks read a tensor's dtype and shape."""
+    for name, value in arguments.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            kind = f"{type(value).__module__}.{type(value).__qualname__}".removeprefix("builtins.")
+            raise TypeError(f"{name} must be a torch.Tensor, got {kind} (torch.as_tensor converts it)")
+
+
 def _as_index(input_ids: torch.Tensor) -> torch.Tensor:
     """Token ids as the embedding's index dtype: int16 and uint8 ids (which the input checks accept) as int64."""
     return input_ids.long() if input_ids.dtype in (torch.int16, torch.uint8) else input_ids
@@ -3024,6 +3033,7 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         self.embed_tokens = value
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past: int):
+        _check_tensor_arguments(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
@@ -3725,6 +3735,7 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
             any(v is not None and v is not False for v in kwargs.values()),
         )
         if input_ids is not None:
+            _check_tensor_arguments(input_ids=input_ids, attention_mask=attention_mask)
             input_ids = _as_index(input_ids)  # (the static decoder embeds them directly)
         logits = None
         if cache is not None and input_ids is not None and input_ids.shape[1] == 1:

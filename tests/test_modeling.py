@@ -2041,6 +2041,24 @@ def test_assisted_decoding_is_refused_by_name_before_anything_runs():
     hook.remove()
 
 
+def test_inputs_that_are_not_tensors_are_named_with_their_type():
+    """A NumPy array or a list where a tensor goes is a TypeError naming the argument and its type (the dtype checks
+    read the array's dtype and said "must be an integer tensor, got int64"); position_ids are converted, as before."""
+    model = tiny_model().eval()
+    ids = torch.tensor([[3, 4, 5]])
+    for kwargs, named in (
+        ({"input_ids": ids.numpy()}, "input_ids must be a torch.Tensor, got numpy.ndarray"),
+        ({"input_ids": [[3, 4, 5]]}, "input_ids must be a torch.Tensor, got list"),
+        ({"input_ids": ids, "attention_mask": np.ones((1, 3))}, "attention_mask must be a torch.Tensor, got numpy"),
+        ({"inputs_embeds": np.zeros((1, 3, 48))}, "inputs_embeds must be a torch.Tensor, got numpy.ndarray"),
+    ):
+        for call in (model, model.model):
+            with pytest.raises(TypeError, match=named):
+                call(**kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, position_ids=[[0, 1, 2]]).logits, model(ids).logits)
+
+
 def test_continuous_batching_is_refused_by_name_at_once():
     """transformers' continuous batching keeps requests in a paged key/value cache, which cannot hold the recurrent
     state: each of its entry points raises NotImplementedError at once (it ran for a while, then returned empty
