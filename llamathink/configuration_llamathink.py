@@ -282,12 +282,15 @@ class LlamaThinkConfig(PretrainedConfig):
         # transformers' own validators (run by `super().__init__`) compare token ids with the vocabulary size and
         # would fail on a wrong type with an error that does not name it
         _check_positive_int("vocab_size", vocab_size)
-        if "layer_types" in kwargs:  # (it would be stored and ignored: the model is built from mixer_types)
+        if (
+            kwargs.get("layer_types") is not None
+        ):  # (it would be stored and ignored: the model is built from mixer_types)
             raise ValueError(
                 "layer_types is not a LlamaThink setting: the layer pattern is mixer_types, each of 'linear' (Gated "
                 "DeltaNet, Qwen3.5's 'linear_attention'), 'csa' (compressed sparse attention) or 'full' (Qwen3.5's "
                 "'full_attention')"
             )
+        kwargs.pop("layer_types", None)
         for key in ("dtype", "torch_dtype"):  # transformers would look the name up in torch and raise AttributeError
             _check_dtype(key, kwargs.get(key))
         super().__init__(

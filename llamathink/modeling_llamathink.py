@@ -471,7 +471,6 @@ class LlamaThinkCache:
         self.signature = _cache_signature(config)  # the shapes its states take (`check_compatible`)
         self._static: _StaticDecoder | None = None  # set while the state lives in a _StaticDecoder's buffers
         self._decode_signature: int | None = None  # the model's `_decode_signature` when the cache entered that path
-        self._decode_modules: tuple = ()  # the model's modules then, whose forward hooks each static step looks for
         self.seq_length = 0  # positions processed, padding included (index space)
         self.real_lengths: torch.Tensor | None = None  # [B] long: real tokens seen per row = next position
         self.max_real_length: int | None = None  # host copy of real_lengths.max() (saves a device sync per step)
@@ -3596,10 +3595,12 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
     def __getstate__(self):
         # copy.deepcopy / pickle: CUDA graphs, weak references to caches and locks cannot be copied; they are rebuilt
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {k: v for k, v in state.items() if k not in ("_static_decoders", "_static_lock")}
+        return {k: v for k, v in state.items() if k not in ("_static_decoders", "_static_lock", "_hooked_modules")}
 
     def release_decode_graphs(self):
-        """Free the CUDA graphs and static buffers of one-token decoding (they are rebuilt when needed)."""
+        """Free the CUDA graphs and static buffers of one-token decoding (they are rebuilt when needed), and forget
+        the list of modules whose hooks each static step looks for (modules swapped in since are listed anew)."""
+        self.__dict__.pop("_hooked_modules", None)
         for decoder in self.__dict__.pop("_static_decoders", {}).values():
             if decoder.owner is not None and decoder.owner() is not None:
                 decoder.owner().materialize()
@@ -3635,10 +3636,13 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
             return False  # empty or full caches take the general path (which also reports errors)
         if cache._static is None and not self._static_decoding_safe():  # once per cache entering the static path
             return False
-        if cache._decode_signature is None:  # once per cache and generate() call (`_prepare_cache_for_generation`)
-            cache._decode_signature = self._decode_signature()
-            cache._decode_modules = tuple(self.modules())
-        if _forward_hooks_present(cache._decode_modules):  # every step: a hook may be added between two of them
+        modules = self.__dict__.get("_hooked_modules")
+        if cache._decode_signature is None or modules is None:  # once per cache and generate() call
+            cache._decode_signature = self._decode_signature()  # (`_prepare_cache_for_generation` resets it)
+            # the modules whose calls the static step skips or replays (this model's own hooks run around forward
+            # either way); listed again with the signature and after `release_decode_graphs`
+            modules = self.__dict__["_hooked_modules"] = tuple(m for m in self.modules() if m is not self)
+        if _forward_hooks_present(modules):  # every step: a hook may be added between two of them
             return False
         if cache.batch_size != B or (
             attention_mask is not None and tuple(attention_mask.shape) not in ((B, L + 1), (B, 1))

@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -2497,16 +2498,30 @@ def test_one_token_steps_run_every_forward_hook_and_honour_every_option_the_gene
         model.config.decode_cuda_graphs = "always"
         for hook in hooks:
             hook.remove()
-        # a hook added between two steps of a hand-written loop runs from the next step on
+        # a hook added between two steps of a hand-written loop runs from the next step on (the static step skips
+        # LlamaThinkModel.forward); a hook on the causal LM itself runs around forward on either path
         out = model(ids, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        outer = model.register_forward_pre_hook(lambda mod, args: calls["layer"].append("outer"))
         out = model(token, past_key_values=cache)
         assert cache._static is not None  # the step was static
-        hook = model.model.layers[0].register_forward_pre_hook(lambda mod, args: calls["layer"].append(1))
+        # the cache holds its state only, not the model (it is copied and saved with the state)
+        assert len(pickle.dumps(cache)) < sum(p.numel() * p.element_size() for p in model.parameters()) / 4
+        hook = model.model.register_forward_pre_hook(lambda mod, args: calls["layer"].append("model"))
+        calls["layer"].clear()
+        out = model(out.logits.argmax(-1), past_key_values=cache)
+        assert calls["layer"] == ["outer", "model"]
+        hook.remove(), outer.remove()
+        # a module swapped in between steps is looked at once the graphs are released (as after an adapter switch)
+        swapped = copy.deepcopy(model.model.layers[2].mlp)
+        swapped.register_forward_hook(lambda mod, args, out: calls["layer"].append("swapped"))
+        model(out.logits.argmax(-1), past_key_values=cache)
+        assert cache._static is not None
+        model.model.layers[2].mlp = swapped
+        model.release_decode_graphs()
         calls["layer"].clear()
         model(out.logits.argmax(-1), past_key_values=cache)
-        assert calls["layer"] == [1]
-        hook.remove()
+        assert calls["layer"] == ["swapped"]
         # options: each as on a step of the general path
         model.config.output_hidden_states = True
         out = model(ids, use_cache=True)

@@ -1043,7 +1043,7 @@ def test_pretraining_refuses_a_tokenizer_that_is_not_the_datas_or_the_models(sam
     """The shards hold one tokenizer's ids. Continued pretraining (init_from) on data of a tokenizer that gives the
     pieces of the model's saved tokenizer other ids or none would train the model on them as if they meant its own
     text: refused, naming both, before the model is built (a model whose tokenizer the data's extends passes). A
-    `tokenizer` setting of another size than the data's meta.json records cannot be the data's: refused too."""
+    `tokenizer` setting smaller than the data's meta.json records cannot be the data's: refused too."""
     from llamathink.tokenizer_utils import load_tokenizer
 
     small = tmp_path / "data512"

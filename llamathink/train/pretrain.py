@@ -363,8 +363,8 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
             ) from None
 
     recorded = meta.get("tokenizer_sha256")
-    if tokenizer is not None and meta.get("vocab_size") is not None and len(tokenizer) != int(meta["vocab_size"]):
-        # another size cannot be the same tokenizer serialised otherwise: the shards' ids would be read as other text
+    if tokenizer is not None and meta.get("vocab_size") is not None and len(tokenizer) < int(meta["vocab_size"]):
+        # a smaller tokenizer cannot be the data's (a larger one may extend it: the fingerprint warning below)
         raise ValueError(
             f"the tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens, but {Path(cfg.data_dir) / 'meta.json'} "
             f"says the shards were made with a tokenizer of {meta['vocab_size']}: "
