@@ -2374,6 +2374,21 @@ def _inputs_checked_by_caller(module: nn.Module) -> bool:
     return id(module) in _CHECKED_BY_CALLER.get()
 
 
+def _caller_stacklevel() -> int:
+    """The `warnings.warn` stacklevel, for the function that calls this one, of the first frame outside this module,
+    transformers (remote-code copies of this module included: `transformers_modules`), torch, contextlib and
+    functools: the user's line that called generate(), however many of the installed transformers' decorators and
+    helpers lie between (a fixed level pointed into them)."""
+    skipped = (__name__, "transformers", "torch", "contextlib", "functools")
+    frame, level = inspect.currentframe().f_back, 1  # level 1: the function that warns
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if not any(module == name or module.startswith((name + ".", name + "_")) for name in skipped):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
+
+
 def _check_tensor_arguments(**arguments) -> None:
     """Raise TypeError naming each keyword argument given (not None) that is not a torch.Tensor, e.g. a NumPy array or
     a list of token ids (torch.as_tensor converts them); the later checks read a tensor's dtype and shape."""
@@ -3549,7 +3564,7 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
                 f"generation stops at max_position_embeddings={limit}: the prompt takes {prompt} positions and "
                 f"{requested} new tokens were asked for, so at most {limit - prompt} are generated",
                 UserWarning,
-                stacklevel=5,
+                stacklevel=_caller_stacklevel(),
             )
             generation_config.max_length = limit - hidden
             if generation_config.min_length is not None:

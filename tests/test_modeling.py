@@ -1739,6 +1739,13 @@ def test_generate_with_max_length_beyond_the_limit_is_capped(short_model):
     reference, _ = _generate_warnings(short_model, prompt, max_new_tokens=7, **kwargs)
     assert out.shape == (1, 32) and torch.equal(out, reference)
     assert len(messages) == 1 and "at most 7" in messages[0]
+    # the warning names the line that called generate() (a fixed stacklevel named a transformers decorator)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        short_model.generate(prompt, max_length=100, **kwargs)
+        line = sys._getframe().f_lineno - 1
+    (where,) = [(w.filename, w.lineno) for w in caught if "max_position_embeddings" in str(w.message)]
+    assert where == (__file__, line)
 
 
 def test_generate_caps_a_left_padded_batch_by_its_longest_row(short_model):
