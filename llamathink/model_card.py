@@ -142,6 +142,13 @@ def model_card_text(
             )
         origin = f"Chat-finetuned from `{cfg.init_from}` with `finetune_chat.py` (loss on assistant tokens only)"
         batch = f"{_count(cfg.micro_batch_size, 'conversation')} x {_count(cfg.grad_accum, 'micro-batch')}"
+        if getattr(cfg, "packing", False):  # each row holds several conversations, each attended alone
+            rows, conversations = counts.get("packed_rows"), counts.get("train_conversations")
+            per_row = f", {conversations / rows:.1f} conversations a row on average" if rows and conversations else ""
+            batch = (
+                f"{_count(cfg.micro_batch_size, 'packed row')} (conversations packed up to "
+                f"{cfg.max_len or 'the context'} tokens{per_row}) x {_count(cfg.grad_accum, 'micro-batch')}"
+            )
         eval_what = "held-out assistant loss (cross-entropy, nats per token)"
         tokens_what = "assistant tokens trained on"
     else:

@@ -325,6 +325,21 @@ def test_card_metadata_lists_each_dataset_once_and_table_cells_keep_their_pipes(
     assert "`my\\|chats.jsonl`" in card and "`/models/a\\|b`" in card
 
 
+def test_a_packed_finetuning_card_counts_rows_not_conversations(tmp_path):
+    """With packing each micro-batch row holds several conversations: the card says rows, their length and how many
+    conversations a row held on average (it said "4 conversations", for rows of about 6.6)."""
+    from llamathink.model_card import model_card_text
+
+    model, tokenizer = tiny_chat_model()
+    cfg = finetune.FinetuneConfig(
+        init_from="org/base", packing=True, max_len=256, micro_batch_size=4, out_dir=str(tmp_path / "x")
+    )
+    history = {"losses": {1: 3.0}, "data": {"train_conversations": 352, "eval_conversations": 8, "packed_rows": 214}}
+    card = model_card_text(model, cfg, tokenizer=tokenizer, history=history)
+    assert "each of 4 packed rows (conversations packed up to 256 tokens, 1.6 conversations a row on average) x" in card
+    assert "4 conversations x" not in card
+
+
 def test_push_to_hub_uploads_the_saved_folder_with_its_card(tmp_path, monkeypatch):
     import huggingface_hub
 
