@@ -2686,9 +2686,14 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         missing = [k for k in all_missing if k.endswith("blend_proj.bias")]
         others, unexpected = [k for k in all_missing if k not in missing], sorted(info.get("unexpected_keys") or ())
         if (others or unexpected) and (missing or not wants_info):
+            # the caller's own config values come first among the likely causes (an Auto class applies them to the
+            # config it passes on: those are not seen here)
+            fields = set(model.config.to_dict())
+            overrides = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k in fields)
+            given = f"the config values passed to from_pretrained ({overrides}), or " if overrides else ""
             raise ValueError(
-                f"{source}: its weights do not match its config.json (mixer_types, layer count, sizes, "
-                "hyper_connections or tie_word_embeddings edited, or tensors lost from the weights file?): "
+                f"{source}: its weights do not match the config ({given}its config.json: mixer_types, layer count, "
+                "sizes, hyper_connections or tie_word_embeddings edited, or tensors lost from the weights file?): "
                 f"missing tensors {_some(all_missing)}; unexpected tensors {_some(unexpected)}"
             )
         if missing:

@@ -2961,7 +2961,7 @@ def test_weights_of_other_layers_than_the_config_are_named_not_blamed_on_the_ble
             with pytest.raises(ValueError) as err:
                 load(tmp_path, trust_remote_code=True)
             text = str(err.value)
-            assert "its weights do not match its config.json" in text and "csa_blend_bias" not in text, text
+            assert "its weights do not match the config (its config.json" in text and "csa_blend_bias" not in text, text
             assert text.endswith(ending) if isinstance(ending, str) else ending.search(text), text
 
 
@@ -2992,12 +2992,15 @@ def test_weights_that_do_not_match_the_config_are_refused_not_filled_in(tmp_path
         (folder / "config.json").write_text(json.dumps({**config, **edit}))
         save_file({k: v for k, v in weights.items() if k != lost}, str(folder / "model.safetensors"))
         for load in (LlamaThinkForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained):
-            with pytest.raises(ValueError, match=r"its weights do not match its config\.json") as err:
+            with pytest.raises(ValueError, match=r"its weights do not match the config \(its config\.json") as err:
                 load(folder, trust_remote_code=True)
             assert message in str(err.value), (name, str(err.value))
         model, info = LlamaThinkForCausalLM.from_pretrained(folder, output_loading_info=True)
         assert info["missing_keys"] or info["unexpected_keys"], name
     assert isinstance(LlamaThinkForCausalLM.from_pretrained(tmp_path / "good"), LlamaThinkForCausalLM)
+    # the caller's own config values are named first among the causes
+    with pytest.raises(ValueError, match=r"the config values passed to from_pretrained \(tie_word_embeddings=False\)"):
+        LlamaThinkForCausalLM.from_pretrained(tmp_path / "good", tie_word_embeddings=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------

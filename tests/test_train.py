@@ -1190,7 +1190,7 @@ def test_a_saved_model_whose_weights_do_not_fit_is_refused_by_name(tmp_path, cap
     assert config["mixer_types"] == ["linear", "csa", "full", "linear"]
     (moved / "config.json").write_text(json.dumps(dict(config, mixer_types=["linear", "full", "csa", "linear"])))
     (moved / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes())
-    with pytest.raises(ValueError, match=rf"^init_from={re.escape(str(moved))}: its weights do not match its config"):
+    with pytest.raises(ValueError, match=rf"^init_from={re.escape(str(moved))}: its weights do not match the config"):
         ckpt.load_saved_model(str(moved), "init_from")
 
 
