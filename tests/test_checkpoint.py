@@ -596,7 +596,8 @@ def test_resume_applies_changed_learning_rates_and_schedule_from_the_first_step(
 def test_a_finished_run_rerun_with_changed_settings_is_refused(sample_data, model_json, tmp_path):  # noqa: F811
     """Rerunning a finished run (its last checkpoint at max_steps) trains nothing: changed settings would reach only
     final/'s model card and train_config.json, which would name rates the model never trained with. Refused by name,
-    final/ untouched; the same settings rerun as before (final/ saved again, equal), and a larger max_steps trains on."""
+    final/ untouched; the same settings rerun as before (final/ saved again, equal), as do changes that claim no
+    training (a cadence), and a larger max_steps trains on."""
     out = tmp_path / "run"
     pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2))
     card = (out / "final" / "README.md").read_text()
@@ -610,6 +611,7 @@ def test_a_finished_run_rerun_with_changed_settings_is_refused(sample_data, mode
     assert (out / "final" / "README.md").read_text() == card
     pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2))
     assert (out / "final" / "model.safetensors").read_bytes() == weights
+    pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, log_every=1))  # no training claim
     result = pretrain.train(_cfg(sample_data, model_json, out, max_steps=6, save_every=2, muon_lr=0.005))
     assert sorted(result["losses"]) == [1, 2, 3, 4, 5, 6] and "0.005" in (out / "final" / "README.md").read_text()
 

@@ -55,6 +55,21 @@ class OutDirInUse(RuntimeError):
     """The out_dir belongs to another run: one running now (its lock), or earlier runs' checkpoints."""
 
 
+# The settings a finished run's records (model card, train_config.json) name as what the model trained with: changed
+# on a resume that trains no step, they would be recorded without having trained anything (`restore_checkpoint`)
+TRAINING_RECORD_SETTINGS = (
+    "optimizer",
+    "muon_lr",
+    "adamw_lr",
+    "adamw_betas",
+    "weight_decay",
+    "muon_adjust_lr",
+    "grad_clip",
+    "warmup_steps",
+    "min_lr_ratio",
+)
+
+
 class ResumeSettingsError(ValueError):
     """Settings that must not change within a run differ between the checkpoint and this run."""
 
@@ -1408,12 +1423,14 @@ def restore_checkpoint(
             f"cannot resume from {path}: it is at step {state['step']}, beyond max_steps="
             f"{cfg.max_steps}; set max_steps to at least {state['step']}"
         )
-    if cfg is not None and state["step"] == cfg.max_steps and changes:
-        # nothing is left to train: the changed settings would reach only the final folder's model card and
-        # train_config.json, which would then name settings the model never trained with
+    claimed = [c for c in changes if c.split(":", 1)[0] in TRAINING_RECORD_SETTINGS]
+    if cfg is not None and state["step"] == cfg.max_steps and claimed:
+        # nothing is left to train: the changed optimizer settings would reach only the final folder's model card
+        # and train_config.json, which would then name settings the model never trained with (other changes, an
+        # out_dir, cadences, a Hub upload, max_steps lowered to this step, describe no training and pass)
         raise ResumeSettingsError(
             f"the run of {path} ended there (step {state['step']} = max_steps), so these changed settings would "
-            f"train nothing, only rewrite the final model's records: {'; '.join(changes)}. Raise max_steps to "
+            f"train nothing, only rewrite the final model's records: {'; '.join(claimed)}. Raise max_steps to "
             "train on with them, or start a fresh run (resume: none, with overwrite: true to replace this one's "
             "checkpoints)"
         )
