@@ -1216,10 +1216,10 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
-        """hidden_states [B, T, hidden_size] (normed) -> the mixer's output, the same shape: short causal conv
-        over q, k, v, the gated delta rule (Yang et al. 2024, "Gated Delta Networks"; on CUDA the kernels `gdn_backend`
-        names, fla's or FlashQLA's, else the PyTorch reference), the gated output norm and `out_proj`. `ctx` brings the cache, padding
-        (`valid`) and packed segments; without it the rows are whole sequences, no cache."""
+        """hidden_states [B, T, hidden_size] (normed) -> the mixer's output, the same shape: short causal conv over
+        q, k, v, the gated delta rule (Yang et al. 2024, "Gated Delta Networks"; on CUDA the kernels `gdn_backend`
+        names, fla's or FlashQLA's, else the PyTorch reference), the gated output norm and `out_proj`. `ctx` brings
+        the cache, padding (`valid`) and packed segments; without it the rows are whole sequences, no cache."""
         if ctx is not None and ctx.static is not None:
             return self.decode_static(hidden_states, ctx)
         valid = ctx.valid if ctx is not None else None
