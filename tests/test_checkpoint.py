@@ -898,6 +898,11 @@ def test_a_run_that_fails_at_its_start_leaves_an_existing_folder_as_it_was(sampl
         pretrain.train(_cfg(tmp_path / "no_data", model_json, model))
     assert sorted(p.name for p in model.iterdir()) == before
     assert isinstance(ckpt.load_saved_model(str(model), "init_from"), LlamaThinkForCausalLM)
+    # a new out_dir deep under folders that did not exist: all of them go again (a relative preset path run from
+    # another working folder left runs/<name>/ behind)
+    with pytest.raises(FileNotFoundError):
+        pretrain.train(_cfg(tmp_path / "no_data", model_json, tmp_path / "new" / "runs" / "x"))
+    assert not (tmp_path / "new").exists()
     ckpt.checkpoint_dir(model).mkdir()
     assert isinstance(ckpt.load_saved_model(str(model), "init_from"), LlamaThinkForCausalLM)
     ckpt.checkpoint_dir(model).rmdir()

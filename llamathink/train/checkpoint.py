@@ -395,6 +395,9 @@ def own_out_dir(out_dir: str | Path, is_main: bool = True):
     # what this run adds, removed again if it fails before writing anything else (a bad data path, ...): an empty
     # checkpoints/ left in a saved model's folder would make every loader take it for a training run's
     created = [p for p in (out_dir, checkpoint_dir(out_dir), out_dir / LOCK_FILE) if not p.exists()]
+    # and the folders above it that `mkdir(parents=True)` makes (outermost first: removed last)
+    missing_parents = [] if out_dir.exists() else [p for p in out_dir.absolute().parents if not p.exists()]
+    created = missing_parents[::-1] + created
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint_dir(out_dir).mkdir(exist_ok=True)  # now, not at the first save after hours of training
