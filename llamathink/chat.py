@@ -204,7 +204,7 @@ class ChatSession:
                 kwargs["suppress_tokens"] = self.textless_ids
             if stream is not None:
                 kwargs["streamer"] = _StreamPrinter(self.tokenizer, stream)
-            with torch.no_grad():
+            with torch.no_grad(), _own_generation_config(self.model):
                 out = self.model.generate(input_ids, **kwargs)
             new = out[0, len(ids) :].tolist()
             # (what `check_content` would refuse in the next turn's history becomes U+FFFD: sampling may make any bytes)
@@ -214,6 +214,21 @@ class ChatSession:
         except BaseException:
             self.messages = before
             raise
+
+
+@contextlib.contextmanager
+def _own_generation_config(model):
+    """While the block runs, `model.generation_config` is transformers' defaults alone: generate() fills every
+    setting the caller leaves unset from the model's own, so a saved folder's generation_config.json (beams, a time
+    limit, penalties, forced or suppressed tokens, output formats) would shape the chat's replies unseen."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -334,6 +349,13 @@ def load_chat_model(
             f"the tokenizer's end-of-sequence token is {tok.eos_token!r} (id {tok.eos_token_id}), the model's is id "
             f"{', '.join(map(str, sorted(model_eos))) or 'unset'}: replies would not stop where the model ends them "
             "(is this the model's own tokenizer?)"
+        )
+    model_bos = model.config.bos_token_id
+    if model_bos is not None and tok.bos_token_id is not None and tok.bos_token_id != model_bos:
+        raise ValueError(
+            f"the tokenizer's beginning-of-sequence token is {tok.bos_token!r} (id {tok.bos_token_id}), the model's is "
+            f"id {model_bos}: every prompt would start with a token the model did not learn to start with (is this "
+            "the model's own tokenizer, its tokenizer_config.json or special_tokens_map.json edited?)"
         )
     template = getattr(tok, "chat_template", None)
     if not template:

@@ -1027,6 +1027,24 @@ def test_interactive_chat_stops_cleanly_when_the_reply_cannot_be_written(tok, er
     assert ("No space left on device" in stderr.getvalue()) == (status == 1)
 
 
+def test_the_chat_generates_with_its_own_settings_only(tok):
+    """A model's generation_config (its folder's generation_config.json) can hold beams, a time limit, penalties or
+    output formats: the chat passes a generation config of its own settings alone, so a reply equals the one of a
+    clean config (beam search printed nothing with streaming, max_time cut replies, return_dict_in_generate
+    crashed the reply)."""
+    from transformers import GenerationConfig
+
+    model = tiny_chat_model(max_positions=96)
+    settings = GenerationSettings(max_new_tokens=6, temperature=0)
+    clean = ChatSession(model, tok, settings=settings).reply("hello there")
+    model.generation_config = GenerationConfig(
+        num_beams=4, max_time=1e-6, repetition_penalty=5.0, return_dict_in_generate=True, output_scores=True
+    )
+    stream = io.StringIO()
+    assert ChatSession(model, tok, settings=settings).reply("hello there", stream=stream) == clean
+    assert stream.getvalue().strip() == clean
+
+
 def test_ctrl_c_stops_a_reply_and_leaves_at_the_prompt(tok, monkeypatch):
     model = tiny_chat_model(max_positions=96)
     session = ChatSession(model, tok, settings=GenerationSettings(max_new_tokens=4, temperature=0))
@@ -1513,8 +1531,9 @@ def test_another_template_refuses_a_typed_special_token_rather_than_encode_it_as
 
 
 def test_chat_refuses_a_tokenizer_that_is_not_the_models(finetuned, tmp_path, capsys):
-    """A tokenizer whose end-of-sequence id differs from the model's (replies never stopped) or that is larger than
-    the model's vocabulary: refused at load, naming the ids."""
+    """A tokenizer whose end-of-sequence id differs from the model's (replies never stopped), whose
+    beginning-of-sequence id does (prompts started with another token), or that is larger than the model's
+    vocabulary: refused at load, naming the ids."""
     final = tmp_path / "final"
     shutil.copytree(finetuned[1] / "final", final)
     config = json.loads((final / "tokenizer_config.json").read_text())
@@ -1523,6 +1542,13 @@ def test_chat_refuses_a_tokenizer_that_is_not_the_models(finetuned, tmp_path, ca
     assert chat_main([str(final), "-p", "Hi!", "--max-new-tokens", "4", "--greedy"]) == 2
     err = capsys.readouterr().err
     assert "end-of-sequence token is '<unk>' (id 0), the model's is id 2" in err and "Traceback" not in err
+    # the beginning-of-sequence token too (every prompt started with another token)
+    config["eos_token"] = "</s>"
+    (final / "tokenizer_config.json").write_text(json.dumps(config))
+    (final / "special_tokens_map.json").write_text(json.dumps({"bos_token": "</s>"}))
+    assert chat_main([str(final), "-p", "Hi!", "--max-new-tokens", "4", "--greedy"]) == 2
+    err = capsys.readouterr().err
+    assert "beginning-of-sequence token is '</s>' (id 2), the model's is id 1" in err and "Traceback" not in err
     assert chat_main([str(finetuned[1] / "final"), "--tokenizer", "builtin:2048", "-p", "Hi!", "--greedy"]) == 2
     assert "tokenizer vocabulary size 2048 is larger than the model vocab_size 1024" in capsys.readouterr().err
 
