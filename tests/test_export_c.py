@@ -407,6 +407,17 @@ def test_sharded_and_bf16_checkpoints(tmp_path, tiny, run_bin):
     out = tmp_path / "sh.bin"
     assert ex.main([str(sh), str(out)]) == 0
     assert out.read_bytes() == files["fp32"].read_bytes()
+    # a model.safetensors left from an earlier save beside the shards: transformers would load it, the exporter the
+    # shards; refused by the exporter and by the loader the chat and the trainers share, naming both files
+    import shutil
+
+    from llamathink.train.checkpoint import load_saved_model
+
+    shutil.copy(ck / "model.safetensors", sh / "model.safetensors")
+    stale = tmp_path / "stale.bin"
+    assert ex.main([str(sh), str(stale)]) == 1 and not stale.exists()
+    with pytest.raises(ValueError, match=r"init_from=.* holds both model.safetensors and model.safetensors.index.json"):
+        load_saved_model(str(sh), "init_from")
     # a checkpoint stored in bf16 exports to bf16 with the matmul weights bit-identical
     b16 = tmp_path / "b16"
     model.to(torch.bfloat16).save_pretrained(b16)

@@ -125,7 +125,14 @@ def load_saved_model(path: str, setting: str, dtype: torch.dtype = torch.float32
     from safetensors import SafetensorError
 
     check_saved_model_path(path, setting)
-    config_file = Path(path).expanduser() / "config.json"
+    folder = Path(path).expanduser()
+    if (folder / "model.safetensors").is_file() and (folder / "model.safetensors.index.json").is_file():
+        # transformers loads the single file, the C exporter (as sharded saves mean) the index's shards
+        raise ValueError(
+            f"{setting}={path} holds both model.safetensors and model.safetensors.index.json (sharded weights): "
+            "one of them is left from an earlier save, and loaders disagree on which to read; remove the stale one"
+        )
+    config_file = folder / "config.json"
     try:  # a local folder's config (None: a Hub id, or unreadable, not JSON, not an object: transformers names it)
         raw = json.loads(config_file.read_text()) if config_file.is_file() else None
     except (OSError, ValueError):
