@@ -19,6 +19,8 @@ MIXER_TYPES = ("linear", "csa", "full")
 DEFAULT_MIXER_PATTERN = ("linear", "linear", "csa", "full")
 GDN_BACKENDS = ("auto", "flash_qla", "fla", "torch")
 MAX_CONTEXT = 1 << 20  # max_position_embeddings: export_c/run.c's limit too
+# widths past export_c/run.c's limits (export_c.export.INT_RANGES): refused before the model would allocate them
+MAX_SIZES = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18}
 MAX_GDN_CHUNK = 4096
 # The bounds of A_init_range and dt_init_range: float32's smallest positive normal number (the layers keep log(A) and
 # the inverse softplus of dt in float32), and a largest value that keeps the chunked delta rule's running sum of
@@ -410,6 +412,11 @@ class LlamaThinkConfig(PretrainedConfig):
                 f"max_position_embeddings={self.max_position_embeddings} is past the {MAX_CONTEXT:,} positions this "
                 "model (and the C runner) supports"
             )
+        for name, limit in MAX_SIZES.items():  # (a typo of a few digits would allocate terabytes in the first layer)
+            if getattr(self, name) > limit:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} is past the {limit:,} this model (and the C runner) supports"
+                )
         # (a csa_window past the context is allowed, as a smaller context with the default window is common: the
         # layers use min(csa_window, max_position_embeddings), which sees the same tokens)
         if self.csa_stride > self.max_position_embeddings:

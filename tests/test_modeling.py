@@ -112,6 +112,9 @@ def test_default_config_is_the_95m_model():
         ({"linear_conv_kernel_dim": 257}, "linear_conv_kernel_dim=257 is longer than the context"),
         ({"gdn_chunk_size": 10**9}, "gdn_chunk_size=1000000000 is past 4096"),
         ({"max_position_embeddings": 2**21}, "max_position_embeddings=2097152 is past"),
+        ({"vocab_size": 16_000_000}, "vocab_size=16000000 is past the 4,194,304"),
+        ({"intermediate_size": 10**9}, "intermediate_size=1000000000 is past"),
+        ({"hidden_size": 2**17, "head_dim": 64, "num_attention_heads": 4}, "hidden_size=131072 is past"),
         # transformers looks a dtype's name up in torch (an AttributeError that names no field)
         ({"dtype": "bfloat17"}, "dtype must be a torch dtype name"),
         ({"torch_dtype": "fp16"}, "torch_dtype must be a torch dtype name"),

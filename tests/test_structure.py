@@ -322,3 +322,11 @@ def test_the_packages_public_functions_and_classes_have_docstrings():
     paths = sorted((REPO_ROOT / "llamathink").rglob("*.py")) + sorted((REPO_ROOT / "export_c").rglob("*.py"))
     assert len(paths) > 10
     assert _public_definitions_without_docstrings(paths) == []
+
+
+def test_the_configs_size_limits_are_the_exporters():
+    """`LlamaThinkConfig` refuses widths past run.c's limits, as the exporter does (`export.INT_RANGES`): one number
+    each, so that a model the config accepts is one the C runner takes."""
+    for name, limit in configuration.MAX_SIZES.items():
+        assert ex.INT_RANGES[name][1] == limit, name
+    assert ex.INT_RANGES["max_position_embeddings"][1] == configuration.MAX_CONTEXT
