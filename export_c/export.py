@@ -337,13 +337,6 @@ def _safetensor_files(d: str) -> list[str]:
     every `*.safetensors` there. Raises ExportError naming an index that is not JSON, has no `weight_map` of tensor
     names to file names in `d`, or no weights files at all."""
     idx = os.path.join(d, "model.safetensors.index.json")
-    if os.path.exists(idx) and os.path.isfile(os.path.join(d, "model.safetensors")):
-        # transformers loads the single file, this exporter the index's shards: the C model would not be the one
-        # PyTorch runs
-        raise ExportError(
-            f"{d} holds both model.safetensors and model.safetensors.index.json (sharded weights): one of them is "
-            "left from an earlier save, and transformers would load the other; remove the stale one"
-        )
     if os.path.exists(idx):
         try:
             with open(idx, encoding="utf-8") as f:
@@ -356,6 +349,13 @@ def _safetensor_files(d: str) -> list[str]:
         bad = sorted({v for v in wm.values() if os.path.basename(v) != v or not v.endswith(".safetensors")})
         if bad:
             raise ExportError(f"{idx} maps tensors to {bad[0]!r}, which is not a .safetensors file of {d}")
+        if "model.safetensors" not in wm.values() and os.path.isfile(os.path.join(d, "model.safetensors")):
+            # transformers loads the single file, this exporter the index's shards: the C model would not be the one
+            # PyTorch runs
+            raise ExportError(
+                f"{d} holds both model.safetensors and model.safetensors.index.json (sharded weights): one of them "
+                "is left from an earlier save, and transformers would load the other; remove the stale one"
+            )
         return sorted({os.path.join(d, v) for v in wm.values()})
     files = sorted(glob.glob(os.path.join(d, "*.safetensors")))
     if not files:

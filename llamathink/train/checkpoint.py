@@ -111,6 +111,19 @@ def check_saved_model_path(path: str, setting: str) -> None:
         raise FileNotFoundError(f"{setting}={path}: no such folder")
 
 
+def _stale_single_weights_file(folder: Path) -> bool:
+    """Whether `folder` holds a model.safetensors beside a model.safetensors.index.json that does not name it (an
+    unreadable index names nothing)."""
+    index = folder / "model.safetensors.index.json"
+    if not ((folder / "model.safetensors").is_file() and index.is_file()):
+        return False
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map") or {}
+        return "model.safetensors" not in set(weight_map.values())
+    except (OSError, ValueError, AttributeError, TypeError):
+        return True
+
+
 def load_saved_model(path: str, setting: str, dtype: torch.dtype = torch.float32, auto: bool = False, **kwargs):
     """The saved model at `path` (`from_pretrained`; with `auto`, through `AutoModelForCausalLM`, which takes
     `trust_remote_code` in `kwargs`), strictly: transformers fills a tensor missing from the weights with fresh random
@@ -126,7 +139,7 @@ def load_saved_model(path: str, setting: str, dtype: torch.dtype = torch.float32
 
     check_saved_model_path(path, setting)
     folder = Path(path).expanduser()
-    if (folder / "model.safetensors").is_file() and (folder / "model.safetensors.index.json").is_file():
+    if _stale_single_weights_file(folder):
         # transformers loads the single file, the C exporter (as sharded saves mean) the index's shards
         raise ValueError(
             f"{setting}={path} holds both model.safetensors and model.safetensors.index.json (sharded weights): "
