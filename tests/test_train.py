@@ -251,15 +251,30 @@ def test_settings_built_in_python_are_checked_against_their_types(cls, values, n
     assert pretrain.TrainConfig(muon_lr=1, adamw_betas=[0.9, 0.95], peak_tflops=None).adamw_betas == (0.9, 0.95)
 
 
-def test_a_model_config_past_what_the_machine_can_allocate_is_named_with_its_size(sample_data, model_json, tmp_path):
+def test_a_model_config_past_what_the_machine_can_allocate_is_named_with_its_size(
+    sample_data, model_json, tmp_path, monkeypatch
+):
     """A model JSON whose widths ask for more memory than the machine has is a ValueError naming the file and the
-    parameter count, not the allocator's error from inside a layer. (A vocabulary of 2^40: its embedding, the first
-    tensor allocated, is 2^48 bytes at width 64, past the 2^47 of an x86-64 process's address space on any machine.)"""
+    parameter count, not the allocator's error from inside a layer (the allocator's refusal stood in for: within
+    the config's limits it depends on the machine). Widths past run.c's limits (a vocabulary of 2^40) are refused
+    by the config itself, before anything is allocated."""
     config = json.loads(model_json.read_text())
     huge = tmp_path / "huge.json"
     huge.write_text(json.dumps({**config, "vocab_size": 2**40}))
-    with pytest.raises(ValueError, match=rf"model_config {huge} describes a model of [\d,]+ parameters .* allocate"):
+    with pytest.raises(ValueError, match=r"vocab_size=1099511627776 is past the 4,194,304"):
         pretrain.build_model(_cfg(sample_data, huge, tmp_path / "out"))
+    real = pretrain.LlamaThinkForCausalLM
+
+    def allocator_refuses(config):
+        if torch.get_default_device().type != "meta":
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+        return real(config)
+
+    monkeypatch.setattr(pretrain, "LlamaThinkForCausalLM", allocator_refuses)
+    with pytest.raises(
+        ValueError, match=rf"model_config {model_json} describes a model of [\d,]+ parameters .* allocate"
+    ):
+        pretrain.build_model(_cfg(sample_data, model_json, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
