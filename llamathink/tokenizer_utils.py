@@ -468,6 +468,20 @@ def pieces_with_other_ids(reference, tokenizer) -> list[str]:
     return [piece for piece, i in reference.get_vocab().items() if piece not in added and mine.get(piece) != i]
 
 
+def check_saved_tokenizer_pieces(init_from: str, tokenizer, subject: str, consequence: str) -> None:
+    """Raise ValueError where `tokenizer` gives one of the pieces of the tokenizer saved with the model `init_from`
+    (`saved_tokenizer`) another id or none (`pieces_with_other_ids`): "{subject} the tokenizer saved with init_from=...:
+    N of its M pieces have other ids or none (e.g. ...), so {consequence}". A model without a readable tokenizer of
+    its own (a Hub id offline) passes: nothing to compare."""
+    saved = saved_tokenizer(init_from)
+    moved = pieces_with_other_ids(saved, tokenizer) if saved is not None else []
+    if moved:
+        raise ValueError(
+            f"{subject} the tokenizer saved with init_from={init_from!r}: {len(moved)} of its {len(saved)} pieces "
+            f"have other ids or none (e.g. {moved[0]!r}), so {consequence}"
+        )
+
+
 def save_tokenizer_for_model(tok, save_dir: str | os.PathLike, model_max_length: int):
     """Save a copy of ``tok`` next to a model with the defaults that model needs; returns the saved copy.
 

@@ -307,16 +307,14 @@ def _check_same_pieces(cfg: FinetuneConfig, tokenizer) -> None:
     with init_from another id: the model learned its ids from that one, so every such id would mean another piece.
     A tokenizer that extends it (the same ids, more after them) or renames its added tokens passes; so does an
     init_from folder without a tokenizer of its own, or a Hub id that cannot be read offline (nothing to compare)."""
-    from ..tokenizer_utils import pieces_with_other_ids, saved_tokenizer
+    from ..tokenizer_utils import check_saved_tokenizer_pieces
 
-    saved = saved_tokenizer(cfg.init_from)
-    moved = pieces_with_other_ids(saved, tokenizer) if saved is not None else []
-    if moved:
-        raise ValueError(
-            f"tokenizer={cfg.tokenizer!r} is not the tokenizer saved with init_from={cfg.init_from!r}: {len(moved)} "
-            f"of its {len(saved)} pieces have other ids or none (e.g. {moved[0]!r}), so the ids the model learned "
-            "would mean other text; leave tokenizer unset to finetune with the model's own"
-        )
+    check_saved_tokenizer_pieces(
+        cfg.init_from,
+        tokenizer,
+        f"tokenizer={cfg.tokenizer!r} is not",
+        "the ids the model learned would mean other text; leave tokenizer unset to finetune with the model's own",
+    )
 
 
 def finetune(cfg: FinetuneConfig) -> dict:

@@ -311,17 +311,15 @@ def _check_init_from_tokenizer(cfg: TrainConfig, tokenizer, tokenizer_name: str)
     """Raise ValueError where the data's tokenizer (`tokenizer`, read as `tokenizer_name`) gives one of the pieces
     of the tokenizer saved with init_from another id: the model learned that tokenizer's ids, and would be trained
     on the data's ids as if they meant the same text. An init_from without a tokenizer of its own passes."""
-    from ..tokenizer_utils import pieces_with_other_ids, saved_tokenizer
+    from ..tokenizer_utils import check_saved_tokenizer_pieces
 
-    saved = saved_tokenizer(cfg.init_from)
-    moved = pieces_with_other_ids(saved, tokenizer) if saved is not None else []
-    if moved:
-        raise ValueError(
-            f"{cfg.data_dir} was tokenized with {tokenizer_name!r}, which is not the tokenizer saved with "
-            f"init_from={cfg.init_from!r}: {len(moved)} of its {len(saved)} pieces have other ids or none (e.g. "
-            f"{moved[0]!r}), so the model would learn its ids anew as other text; prepare the data with the "
-            f"model's tokenizer (llamathink-prepare --tokenizer {cfg.init_from})"
-        )
+    check_saved_tokenizer_pieces(
+        cfg.init_from,
+        tokenizer,
+        f"{cfg.data_dir} was tokenized with {tokenizer_name!r}, which is not",
+        "the model would learn its ids anew as other text; prepare the data with the model's tokenizer "
+        f"(llamathink-prepare --tokenizer {cfg.init_from})",
+    )
 
 
 def train(cfg: TrainConfig) -> dict:
