@@ -30,7 +30,7 @@ at most N rows, `chunked_causal_lm_loss(chunk_rows=N)`). On any model, `:cudagra
 is what a fresh machine pays, however warm this one is. Compiled LlamaThink takes the inductor options training takes
 (`llamathink.train.loop.compile_kwargs`): combo kernels, as the run setting `combo_kernels` does by default
 (`:no-combo`: without them), and `TRAINING_INDUCTOR_OPTIONS`; a peer compiles with torch.compile's defaults, or with
-`:combo` with training's options. """
+`:combo` with training's options."""
 
 from __future__ import annotations
 
@@ -42,10 +42,12 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -186,6 +188,22 @@ def check_arguments(args) -> None:
     for option, value in (("--peak-tflops", args.peak_tflops), ("--budget-s", args.budget_s)):
         if not 0 < value < float("inf"):
             raise SystemExit(f"{option} must be a positive number, got {value}")
+    if args.interleave < 0:
+        raise SystemExit(f"--interleave must be a number of rounds (at least 1; 0: off), got {args.interleave}")
+    if args.interleave:
+        clashing = [
+            option
+            for option, on in (
+                ("--compile", args.compile),
+                ("--compiled-only", args.compiled_only),
+                ("--train-batches", args.train_batches is not None),
+                ("--trace", args.trace is not None),
+                ("--no-train", args.no_train),
+            )
+            if on
+        ]
+        if clashing:
+            raise SystemExit(f"--interleave measures eager training at --batch only: leave out {', '.join(clashing)}")
     if not (args.compile or args.compiled_only) or args.no_train:  # no compiled training measured
         for name in args.models.split(","):
             compiled_only = [p for p in name.split(":")[1:] if p in COMPILED_VARIANTS or layer_group(p) is not None]
@@ -327,7 +345,12 @@ def compile_phases(first_step_s: float) -> dict:
     return phases
 
 
-def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False, trace_dir=None) -> dict:
+def training_step(name: str, batch: int, seq: int, compile_model: bool = False) -> types.SimpleNamespace:
+    """Model `name` built on the GPU with its fused AdamW, and its training step on one random batch [batch, seq] as
+    bench_gpu times it (bf16 autocast; compiled as training compiles it with `compile_model`). Returns a namespace:
+    `step()` (one forward, backward and optimizer step; returns the loss), `tracing` (a one-item list: True
+    annotates the step's parts for `trace_steps`), `model`, `opt`, `step_model`, `n_params`, `fpt` (FLOPs per
+    token) and `scope` (what was compiled: "layers", "model" or None)."""
     from llamathink.modeling_llamathink import inputs_checked_by_caller
 
     torch.manual_seed(0)
@@ -391,6 +414,17 @@ def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False, trac
                 opt.zero_grad(set_to_none=True)
         return loss
 
+    return types.SimpleNamespace(
+        step=step, tracing=tracing, model=model, opt=opt, step_model=step_model, n_params=n_params, fpt=fpt, scope=scope
+    )
+
+
+def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False, trace_dir=None) -> dict:
+    """One training row: `training_step`'s first step (the compilation, where compiled), `warmup` - 1 more, then
+    the mean time of `steps` steps -> tokens/s, MFU against `peak` FLOP/s, peak memory and the first step's
+    seconds; with `trace_dir`, `trace_steps`' GPU idle time."""
+    run = training_step(name, batch, seq, compile_model)
+    step, tracing, n_params, fpt, scope = run.step, run.tracing, run.n_params, run.fpt, run.scope
     torch._dynamo.utils.compilation_time_metrics.clear()
     t_first = time.perf_counter()
     step()  # the first step also compiles
@@ -423,10 +457,74 @@ def bench_train(name, batch, seq, steps, warmup, peak, compile_model=False, trac
     }
     if trace_dir is not None:
         result["gpu_idle"] = trace_steps(step, tracing, name, batch, trace_dir)
-    del model, opt, step_model
+    del run, step
     gc.collect()
     torch.cuda.empty_cache()
     return result
+
+
+def bench_interleaved(names: list[str], batch: int, seq: int, steps: int, warmup: int, rounds: int, peak: float):
+    """Eager training rows of several models measured in turns in this one process: each model built and warmed up
+    (its first step, then `warmup` - 1 more), then `rounds` rounds in which every model runs `steps` steps (the order
+    reversed every other round). A machine's speed drifts between processes and over minutes (clocks, the host's
+    load): in turns, each model's rounds see the same drift, so the ratio of two models' tokens/s within a round is
+    steadier than that of rows measured in separate processes. Yields one row per model: `tokens_per_s` from the
+    median round, `round_tokens_per_s` (each round's), MFU, the first step's seconds and `peak_mem_gib` (the peak
+    during its own warm-up above the memory held before it was built: the other models' weights and optimizer
+    states stay resident and are not counted), then, for each model after the first, a row of its per-round
+    tokens/s ratios to the first model's (`ratio_to`, `round_ratios`, their median)."""
+    runs, rows = [], []
+    for name in names:
+        held = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run = training_step(name, batch, seq)
+        t_first = time.perf_counter()
+        run.step()
+        torch.cuda.synchronize()
+        first_step_s = time.perf_counter() - t_first
+        for _ in range(warmup - 1):
+            run.step()
+        torch.cuda.synchronize()
+        peak_mem = (torch.cuda.max_memory_allocated() - held) / 2**30
+        runs.append((name, run, first_step_s, peak_mem))
+    per_round = {name: [] for name in names}
+    for r in range(rounds):
+        for name, run, _, _ in runs if r % 2 == 0 else runs[::-1]:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                loss = run.step()
+            torch.cuda.synchronize()
+            per_round[name].append(batch * seq * steps / (time.perf_counter() - t0))
+            run.last_loss = float(loss.detach())
+    for name, run, first_step_s, peak_mem in runs:
+        tok_s = statistics.median(per_round[name])
+        rows.append(
+            {
+                "model": name,
+                "params": run.n_params,
+                "batch": batch,
+                "seq": seq,
+                "compiled": False,
+                "interleaved_rounds": rounds,
+                "steps_per_round": steps,
+                "step_s": batch * seq / tok_s,
+                "tokens_per_s": tok_s,
+                "round_tokens_per_s": per_round[name],
+                "mfu": tok_s * run.fpt / peak,
+                "flops_per_token": run.fpt,
+                "peak_mem_gib": peak_mem,
+                "loss": run.last_loss,
+                "first_step_s": first_step_s,
+            }
+        )
+    first = names[0]
+    for name in names[1:]:
+        ratios = [a / b for a, b in zip(per_round[name], per_round[first])]
+        rows.append(
+            {"model": name, "ratio_to": first, "round_ratios": ratios, "median_ratio": statistics.median(ratios)}
+        )
+    return rows
 
 
 TRACE_STEPS = 3
@@ -534,6 +632,14 @@ def main(argv=None) -> int:
     parser.add_argument("--no-generate", action="store_true")
     parser.add_argument("--budget-s", type=float, default=300.0, help="time limit of each model's process")
     parser.add_argument("--in-process", action="store_true", help="measure every model in this process")
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="eager training only: every model in this process, in ROUNDS rounds of --steps steps each, taking turns"
+        " (`bench_interleaved`); rows give the median round and each model's ratio to the first",
+    )
     parser.add_argument("--out", default=None, help="write results as JSON here")
     parser.add_argument(
         "--trace",
@@ -551,13 +657,21 @@ def main(argv=None) -> int:
     own_env = [
         n for n in names if {"cold", "untuned-fla"} & set(n.split(":")[1:]) or any(map(loss_rows, n.split(":")[1:]))
     ]
-    if args.in_process and own_env:
-        raise SystemExit(f"--in-process cannot give {', '.join(own_env)} a process of its own: leave it out")
+    if (args.in_process or args.interleave) and own_env:
+        option = "--in-process" if args.in_process else "--interleave"
+        raise SystemExit(f"{option} cannot give {', '.join(own_env)} a process of its own: leave it out")
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA GPU")
     results = {"versions": versions(), "train": [], "generate": []}
     print(json.dumps(results["versions"]), flush=True)
     peak = args.peak_tflops * 1e12
+    if args.interleave:
+        for row in bench_interleaved(names, args.batch, args.seq, args.steps, args.warmup, args.interleave, peak):
+            results["train"].append(row)
+            print(json.dumps(row), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2))
+        return 0
     for index, name in enumerate(names):
         if args.child or args.in_process or (len(names) == 1 and name not in own_env):
             part = run_one(name, args, peak)

@@ -373,6 +373,100 @@ def fla_chunk_gated_delta_rule(
     return o.to(v.dtype), state if output_final_state else None
 
 
+def fla_fused_gates_available() -> bool:
+    """Whether this fla's chunked delta rule computes the layer's gates itself (`fla_chunk_gated_delta_rule_gated`):
+    beta's sigmoid (`use_beta_sigmoid_in_kernel`) and the decay `-exp(A_log) * softplus(a + dt_bias)` with its
+    chunk-local sum (`use_gate_in_kernel`), fla-core 0.6."""
+    if "fused-gates" not in _fla_state:
+        _fla_state["fused-gates"] = False
+        if _fla_ops() is not None:
+            try:
+                from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd
+
+                chunk = _fla_ops()[0]
+                _fla_state["fused-gates"] = "use_beta_sigmoid_in_kernel" in inspect.signature(chunk).parameters and {
+                    "use_gate_in_kernel",
+                    "A_log",
+                    "dt_bias",
+                } <= set(inspect.signature(chunk_gated_delta_rule_fwd).parameters)
+            except (ImportError, AttributeError, TypeError, ValueError):  # fla reorganised: the model's gates
+                _fla_state["fused-gates"] = False
+    return _fla_state["fused-gates"]
+
+
+@torch.compiler.disable
+def fla_chunk_gated_delta_rule_gated(
+    q, k, v, a, b, A_log, dt_bias, scale, initial_state=None, output_final_state=False, cu_seqlens=None
+):
+    """The Gated DeltaNet layer's delta rule from its gate pre-activations, by fla's chunked kernels, which compute
+    the gates in their own passes (`fla_fused_gates_available`): q, k [B, T, Hk, Dk] L2-normalised, v [B, T, Hv,
+    Dv] (Hv a multiple of Hk: each key head serves Hv / Hk consecutive value heads, fla's grouped-value form), the
+    beta and decay pre-activations b, a [B, T, Hv], A_log and dt_bias [Hv] (float32 parameters; fla returns their
+    gradients) -> o [B, T, Hv, Dv] in v's dtype and the final state [B, Hv, Dk, Dv] float32 (None unless
+    `output_final_state`). `cu_seqlens` [N + 1] (B = 1): N packed sequences, each from a zero state.
+
+    The same function as `fla_chunk_gated_delta_rule` given beta = sigmoid(b) and g = -exp(A_log) * softplus(a +
+    dt_bias) (float32), the model's `_heads_and_gates` (tests/test_gpu.py compares forward and gradients with the
+    PyTorch reference). q and k are not normalised here: fla's own L2-norm kernels time 25 configurations per
+    shape bucket on their first call (a minute of a cold first step), where one fused `rms_norm` needs none
+    (`l2norm_rms`). Eager only: under torch.compile the model computes the gates in the traced graph, where
+    inductor fuses them. 16-bit q, k, v, a, b."""
+    chunk, _ = _fla_ops()
+    extra = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+    o, state = chunk(
+        q,
+        k,
+        v,
+        a,
+        b,
+        scale=scale,
+        initial_state=None if initial_state is None else initial_state.float(),
+        output_final_state=output_final_state,
+        use_beta_sigmoid_in_kernel=True,
+        use_gate_in_kernel=True,
+        A_log=A_log,
+        dt_bias=dt_bias,
+        **extra,
+    )
+    return o.to(v.dtype), state
+
+
+def _fla_gated_norm():
+    """fla's fused gated RMSNorm function (`rms_norm_gated`, fla.modules.norm.fused_norm_gate in fla-core 0.6,
+    fla.modules.fused_norm_gate before), or None where fla lacks it in the form used here."""
+    if "gated-norm" not in _fla_state:
+        _fla_state["gated-norm"] = None
+        if _fla_ops() is not None:
+            import importlib
+
+            for module in ("fla.modules.norm.fused_norm_gate", "fla.modules.fused_norm_gate"):
+                try:
+                    fn = importlib.import_module(module).rms_norm_gated
+                except (ImportError, AttributeError):  # another layout of fla: try the next, else the PyTorch norm
+                    continue
+                if {"x", "g", "weight", "bias", "activation", "eps"} <= set(inspect.signature(fn).parameters):
+                    _fla_state["gated-norm"] = fn
+                    break
+    return _fla_state["gated-norm"]
+
+
+def fla_gated_norm_available() -> bool:
+    """True when fla's fused gated RMSNorm (`fla_gated_rms_norm`) can be used."""
+    return _fla_gated_norm() is not None
+
+
+@torch.compiler.disable
+def fla_gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`rmsnorm(x) * weight * silu(gate)` over the last dim by fla's fused kernel, forward and backward (one pass
+    each, float32 inside): x, gate [..., D] (CUDA), weight [D] -> [..., D] in x's dtype; gradients for x, gate and
+    weight in their own dtypes. The reference is `LlamaThinkGatedRMSNorm`'s PyTorch form (tests/test_gpu.py
+    compares both). Raises RuntimeError where fla's kernel is not available (`fla_gated_norm_available`)."""
+    fn = _fla_gated_norm()
+    if fn is None:
+        raise RuntimeError("fla's fused gated RMSNorm (fla.modules.norm.fused_norm_gate) is not available")
+    return fn(x, gate, weight, None, activation="silu", eps=eps)
+
+
 @torch.compiler.disable
 def fla_recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False):
     """fla's fused recurrent kernel (decode; it has no backward) behind our contract."""
@@ -867,10 +961,72 @@ def _as_fla_conv_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() or (t.stride(-1) == 1 and _fla_conv_takes_strides()) else t.contiguous()
 
 
+def _fla_conv_forward(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """The body of `llamathink::fla_causal_conv1d_silu`: silu(causal conv(x)) [B, T, C], contiguous."""
+    with _device_of(x):
+        y, _ = _fla_conv_call(
+            _as_fla_conv_rows(x),
+            weight,
+            cu_seqlens,
+            bias=None,
+            residual=None,
+            initial_state=None,
+            output_final_state=False,
+            activation="silu",
+        )
+    return y.contiguous()
+
+
+def _fla_conv_split_forward(x: torch.Tensor, weight: torch.Tensor, cu_seqlens, widths) -> list[torch.Tensor]:
+    """`_fla_conv_forward` once per group of consecutive channels (`widths`), each on the group's view of x."""
+    outs, start = [], 0
+    for width in widths:
+        outs.append(_fla_conv_forward(x[..., start : start + width], weight[start : start + width], cu_seqlens))
+        start += width
+    return outs
+
+
+def _fla_conv_backward(x: torch.Tensor, weight: torch.Tensor, grad_y: torch.Tensor, cu_seqlens):
+    """The body of `llamathink::fla_causal_conv1d_silu_backward`: (dx in x's dtype, dw in weight's), contiguous."""
+    with _device_of(x):
+        dx, dw = _fla_conv_call(
+            _as_fla_conv_rows(x),
+            weight,
+            cu_seqlens,
+            grad_y=_as_fla_conv_rows(grad_y.to(x.dtype)),
+            dht=None,
+            bias=None,
+            residual=None,
+            initial_state=None,
+            activation="silu",
+        )[:2]
+    return dx.to(x.dtype).contiguous(), dw.to(weight.dtype).contiguous()
+
+
+class _FlaConvSplitFunction(torch.autograd.Function):
+    """The eager form of `llamathink::fla_causal_conv1d_silu_split`: the same forward and backward functions called
+    straight from autograd. A custom op's every call passes through the dispatcher and torch.library's Python
+    wrappers (its schema check, its autograd and its aliasing check), host time that eager training, which is
+    bound by the host, pays on every layer; dynamo needs the op, eager code does not."""
+
+    @staticmethod
+    def forward(ctx, x, weight, cu_seqlens, widths):
+        ctx.save_for_backward(x, weight, cu_seqlens)
+        return tuple(_fla_conv_split_forward(x, weight, cu_seqlens, widths))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, weight, cu_seqlens = ctx.saved_tensors
+        grad_y = torch.cat(grads, dim=-1) if len(grads) > 1 else grads[0]
+        dx, dw = _fla_conv_backward(x, weight, grad_y, cu_seqlens)
+        return dx, dw, None, None
+
+
 def _define_fla_conv_op():
     """Define `llamathink::fla_causal_conv1d_silu`, its backward op and `llamathink::fla_causal_conv1d_silu_split`
     (the same conv per channel group, the model's op), with their autograd formulas, once per process (see
-    `_define_fla_chunk_op`). One op serves eager and compiled training: dynamo records it as a single node.
+    `_define_fla_chunk_op`). The ops are for torch.compile, which records each as a single node; eager calls of
+    the split conv run the same functions from `_FlaConvSplitFunction`.
 
     The ops are tagged `needs_fixed_stride_order`: inductor may hand them its padded layouts (it pads the rows of
     the qkv projection's output, 3024 channels, to 3072) instead of copying them to the exact contiguous strides
@@ -883,26 +1039,12 @@ def _define_fla_conv_op():
 
     layout = (torch.Tag.needs_fixed_stride_order,)
 
-    def forward(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-        with _device_of(x):
-            y, _ = _fla_conv_call(
-                _as_fla_conv_rows(x),
-                weight,
-                cu_seqlens,
-                bias=None,
-                residual=None,
-                initial_state=None,
-                output_final_state=False,
-                activation="silu",
-            )
-        return y.contiguous()
-
     @torch.library.custom_op("llamathink::fla_causal_conv1d_silu", mutates_args=(), tags=layout)
     def fla_causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         """x [B, T, C] 16-bit, any strides (copied where fla's kernels cannot read them: `_as_fla_conv_rows`);
         weight [C, K] (fp32); `cu_seqlens` [N + 1] (B = 1): N packed sequences, each starting from zeros ->
         silu(causal depthwise conv) [B, T, C] in x's dtype, contiguous."""
-        return forward(x, weight, cu_seqlens)
+        return _fla_conv_forward(x, weight, cu_seqlens)
 
     @fla_causal_conv1d_silu.register_fake
     def _(x, weight, cu_seqlens):
@@ -915,19 +1057,7 @@ def _define_fla_conv_op():
         """Gradients w.r.t. x (x's dtype) and weight (weight's dtype), contiguous, by fla's fused backward (which
         recomputes the pre-activation rather than storing it; Gluon or Triton kernels, `fla_conv_kernels`); x and
         grad_y may have any strides, as in the forward."""
-        with _device_of(x):
-            dx, dw = _fla_conv_call(
-                _as_fla_conv_rows(x),
-                weight,
-                cu_seqlens,
-                grad_y=_as_fla_conv_rows(grad_y.to(x.dtype)),
-                dht=None,
-                bias=None,
-                residual=None,
-                initial_state=None,
-                activation="silu",
-            )[:2]
-        return dx.to(x.dtype).contiguous(), dw.to(weight.dtype).contiguous()
+        return _fla_conv_backward(x, weight, grad_y, cu_seqlens)
 
     @fla_causal_conv1d_silu_backward.register_fake
     def _(x, weight, grad_y, cu_seqlens):
@@ -950,11 +1080,7 @@ def _define_fla_conv_op():
     ) -> list[torch.Tensor]:
         """`fla_causal_conv1d_silu` run once per group of consecutive channels (`widths`, summing to C), each on
         the group's view of x's rows -> [B, T, w] for each width w, each contiguous."""
-        outs, start = [], 0
-        for width in widths:
-            outs.append(forward(x[..., start : start + width], weight[start : start + width], cu_seqlens))
-            start += width
-        return outs
+        return _fla_conv_split_forward(x, weight, cu_seqlens, widths)
 
     @fla_causal_conv1d_silu_split.register_fake
     def _(x, weight, cu_seqlens, widths):
@@ -1011,6 +1137,8 @@ def fla_causal_conv1d_silu_split(
     if _fla_conv_internals() is None:
         raise RuntimeError("fla's causal conv (fla.modules.causal_conv1d) is not available")
     widths = _conv_parts(widths, x.shape[-1], name="widths", total="x.shape[-1]")
+    if not torch.compiler.is_compiling():  # the custom op is for dynamo; eagerly its dispatch is only host time
+        return _FlaConvSplitFunction.apply(x, weight.contiguous(), cu_seqlens, tuple(widths))
     return tuple(torch.ops.llamathink.fla_causal_conv1d_silu_split(x, weight.contiguous(), cu_seqlens, list(widths)))
 
 

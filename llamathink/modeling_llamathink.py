@@ -54,6 +54,10 @@ from .kernels_llamathink import (
     FLA_GDN_KERNELS,
     FLASH_QLA_GDN_KERNELS,
     fla_causal_conv1d_silu_split,
+    fla_chunk_gated_delta_rule_gated,
+    fla_fused_gates_available,
+    fla_gated_norm_available,
+    fla_gated_rms_norm,
     flash_qla_built,
     flash_qla_problem,
     probe_fla,
@@ -119,8 +123,21 @@ class LlamaThinkGatedRMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def uses_fla(self, x: torch.Tensor) -> bool:
+        """Whether `forward` runs fla's fused kernel for x: eager training (gradients needed, or the module in
+        training mode; not traced, where inductor fuses the PyTorch form) of 16-bit x on CUDA, with fla's kernel
+        available (`fla_gated_norm_available`). In training mode the answer does not depend on grad mode, so that
+        the no-grad first pass of reentrant gradient checkpointing runs the kernel its recomputation runs."""
+        if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or torch.compiler.is_compiling():
+            return False
+        needs_grad = (torch.is_grad_enabled() or self.training) and (x.requires_grad or self.weight.requires_grad)
+        return needs_grad and fla_gated_norm_available()
+
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """x, gate [..., dim] -> [..., dim] in x's dtype; the norm and the SiLU gate computed in float32."""
+        """x, gate [..., dim] -> [..., dim] in x's dtype; the norm and the SiLU gate computed in float32 (in one
+        fused kernel, fla's, where `uses_fla`)."""
+        if self.uses_fla(x):
+            return fla_gated_rms_norm(x, gate, self.weight, self.eps)
         dtype, acc = x.dtype, _acc_dtype(x.dtype)
         xf = F.rms_norm(x.to(acc), x.shape[-1:], None, self.eps)
         out = self.weight * xf.to(dtype)
@@ -259,6 +276,17 @@ def csa_window(config: LlamaThinkConfig) -> int:
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """`x / sqrt(sum(x^2) + eps)` over the last dim (the convention of fla and transformers' Qwen3.5)."""
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def l2norm_rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """`l2norm(x)` over the last dim D in x's dtype, computed in float32 by one fused RMSNorm: x / sqrt(sum(x^2) +
+    eps) = rms_norm(x, eps / D) / sqrt(D), the 1 / sqrt(D) as the norm's weight. On CUDA a single kernel forward and
+    backward (`torch.rms_norm`), where `l2norm` is five element-wise passes and their backward: the eager fla path's
+    q and k (`LlamaThinkGatedDeltaNet._gated_delta_rule_fused`)."""
+    D = x.shape[-1]
+    acc = _acc_dtype(x.dtype)
+    weight = torch.full((D,), D**-0.5, dtype=acc, device=x.device)
+    return F.rms_norm(x.to(acc), (D,), weight, eps / D).to(x.dtype)
 
 
 def torch_recurrent_gated_delta_rule(
@@ -1239,12 +1267,45 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         segment_pos = ctx.position_ids if segments is not None else None
         q, k, v = self._causal_conv(qkv, state, backend, segments, segment_pos)  # [B, T, key/key/value_dim]
         z, b, a = self._gate_projections(hidden_states)
-        q, k, v, g, beta = self._heads_and_gates(q, k, v, b, a, valid)
         initial_state = state.recurrent if state is not None else None
-        o, final_state = self._delta_rule(q, k, v, g, beta, initial_state, state is not None, backend, segments)
+        if self._gates_in_kernel(backend, valid, q, initial_state):
+            o, final_state = self._gated_delta_rule_fused(q, k, v, a, b, initial_state, state is not None, segments)
+        else:
+            q, k, v, g, beta = self._heads_and_gates(q, k, v, b, a, valid)
+            o, final_state = self._delta_rule(q, k, v, g, beta, initial_state, state is not None, backend, segments)
         if state is not None:
             state.recurrent = final_state.detach()
         return self._output(o, z, hidden_states.dtype)
+
+    def _gates_in_kernel(self, backend: str, valid: torch.Tensor | None, q: torch.Tensor, initial_state) -> bool:
+        """Whether fla's kernels compute this call's gates (`_gated_delta_rule_fused`): eager fla calls of the chunked
+        kernel (not a one-token step from a state, which `_delta_rule` may give the recurrent kernel) without padding
+        (whose mask enters the gates), on 16-bit inputs, with a fla that has the fused gates
+        (`fla_fused_gates_available`). The answer does not depend on grad mode (reentrant gradient checkpointing's
+        no-grad pass and its recomputation run the same kernels). Under torch.compile the gates stay in the traced
+        graph, where inductor fuses them with the conv."""
+        if backend != "fla" or valid is not None or q.dtype not in (torch.float16, torch.bfloat16):
+            return False
+        if torch.compiler.is_compiling() or (q.shape[1] == 1 and initial_state is not None):
+            return False
+        return fla_fused_gates_available()
+
+    def _gated_delta_rule_fused(self, q, k, v, a, b, initial_state, output_final_state: bool, segments=None):
+        """The conv's q, k, v channels [B, T, key_dim / key_dim / value_dim] and the gate pre-activations a, b [B, T,
+        Hv] -> the delta rule's output [B, T, Hv, Dv] and final state, with q and k normalised by one fused RMSNorm
+        each (`l2norm_rms`) and beta and the decay computed by fla's kernels (`fla_chunk_gated_delta_rule_gated`):
+        the function of `_heads_and_gates` then `_delta_rule`, in a few kernels instead of a dozen element-wise
+        passes and their backward. Key heads are not repeated: fla serves groups of value heads itself."""
+        B, T, _ = q.shape
+        q = l2norm_rms(q.reshape(B, T, self.num_k_heads, self.head_k_dim))
+        k = l2norm_rms(k.reshape(B, T, self.num_k_heads, self.head_k_dim))
+        v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
+        scale, params = self.head_k_dim**-0.5, (self.A_log, self.dt_bias)
+        if segments is None:
+            return fla_chunk_gated_delta_rule_gated(q, k, v, a, b, *params, scale, initial_state, output_final_state)
+        flat = [x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, a, b)]  # [1, B*T, ...]: one packed row
+        o, _ = fla_chunk_gated_delta_rule_gated(*flat, *params, scale, cu_seqlens=segments.cu_seqlens)
+        return o.reshape(B, T, *o.shape[2:]), None
 
     def _gate_projections(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`in_proj_z`, `in_proj_b` and `in_proj_a` of hidden_states [B, T, hidden] -> z [B, T, value_dim] and the
@@ -1293,9 +1354,11 @@ class LlamaThinkGatedDeltaNet(nn.Module):
 
     def _output(self, o: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Delta-rule output o [B, T, Hv, Dv] and the output gate's projection z [B, T, value_dim] -> [B, T, hidden];
-        o enters the gated norm in `dtype` (the mixer input's)."""
+        o enters the gated norm in `dtype` (the mixer input's), or as it is where the norm runs fla's kernel."""
         B, T, _ = z.shape
-        o = self.norm(o.to(dtype), z.reshape(B, T, self.num_v_heads, self.head_v_dim))  # [B, T, Hv, Dv]
+        # fla's fused norm reads o as the delta rule gives it (16-bit) and computes in float32 itself
+        o = o if self.norm.uses_fla(o) else o.to(dtype)
+        o = self.norm(o, z.reshape(B, T, self.num_v_heads, self.head_v_dim))  # [B, T, Hv, Dv]
         return self.out_proj(o.reshape(B, T, self.value_dim))
 
     def decode_static(self, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

@@ -125,6 +125,9 @@ def test_a_wrong_name_stops_the_command_before_anything_runs():
         (["--models", "hf-llama:combo", "--no-train"], r"'combo' changes only the compiled training measurement"),
         (["--models", "llamathink:fla:whole", "--compiled-only", "--no-train"], r"'whole' changes only the compiled"),
         (["--models", "llamathink:fla:group4"], r"'group4' changes only the compiled training measurement"),
+        (["--interleave", "-2"], r"--interleave must be a number of rounds \(at least 1; 0: off\), got -2"),
+        (["--interleave", "3", "--compile", "--trace", "t"], r"--interleave .* leave out --compile, --trace"),
+        (["--interleave", "3", "--models", "hf-llama,llamathink:fla:cold"], r"--interleave cannot give .*:cold"),
     ],
 )
 def test_numbers_and_compiled_variants_that_give_no_measurement_stop_the_command(argv, message):
@@ -137,6 +140,46 @@ def test_the_same_command_with_its_compiled_measurement_passes_the_checks(monkey
     for argv in (["--models", "llamathink:fla:cudagraphs", "--compiled-only"], ["--train-batches", "16, 64"]):
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             bg.main(argv)
+
+
+def test_interleaved_rows_take_turns_and_give_each_rounds_ratio_under_drift(monkeypatch):
+    """`bench_interleaved` with the GPU and the models stood in for: every model is built and warmed up once, then
+    runs `steps` steps per round in turns (the order reversed every other round); a machine that slows down 10% a
+    round changes each model's tokens/s but not their ratio within a round, which the rows give (model b's step
+    taking 1.25x model a's: 0.8), with the median round's tokens/s."""
+    clock, calls, built = [0.0], [], []
+    step_s = {"a": 0.1, "b": 0.125}
+    warmup_steps, steps_per_round = 2 * 2, 2 * 2  # 2 models x 2 steps
+
+    def training_step(name, batch, seq, compile_model=False):
+        built.append(name)
+
+        def step():
+            round_index = max(0, len(calls) - warmup_steps) // steps_per_round
+            calls.append(name)
+            clock[0] += step_s[name] * 1.1**round_index  # the machine slows down round by round
+            return bg.torch.tensor(1.0)
+
+        return bg.types.SimpleNamespace(step=step, n_params=10, fpt=6.0)
+
+    monkeypatch.setattr(bg, "training_step", training_step)
+    monkeypatch.setattr(bg.time, "perf_counter", lambda: clock[0])
+    for fn in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(bg.torch.cuda, fn, lambda: None)
+    monkeypatch.setattr(bg.torch.cuda, "memory_allocated", lambda: 0)
+    monkeypatch.setattr(bg.torch.cuda, "max_memory_allocated", lambda: 2**30)
+    rows = list(bg.bench_interleaved(["a", "b"], 2, 8, steps=2, warmup=2, rounds=4, peak=1e3))
+    assert built == ["a", "b"]
+    assert calls[:warmup_steps] == ["a", "a", "b", "b"]
+    assert calls[warmup_steps:] == ["a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b", "b", "b", "a", "a"]
+    a, b, ratio = rows
+    assert (a["model"], b["model"], a["interleaved_rounds"], a["peak_mem_gib"]) == ("a", "b", 4, 1.0)
+    # 2 steps of 2 x 8 tokens a round, 0.2 s of model a's at the first round's speed
+    assert a["round_tokens_per_s"] == pytest.approx([32 / (0.2 * 1.1**r) for r in range(4)])
+    assert ratio["ratio_to"] == "a" and ratio["round_ratios"] == pytest.approx([0.8] * 4)
+    assert ratio["median_ratio"] == pytest.approx(0.8)
+    assert a["tokens_per_s"] == pytest.approx((32 / 0.22 + 32 / 0.242) / 2)  # the median of 4: the middle two's mean
+    assert a["step_s"] == pytest.approx(16 / a["tokens_per_s"])
 
 
 def test_trace_gaps_names_the_idle_time_and_the_host_code_that_ended_it(tmp_path):

@@ -3,6 +3,7 @@ gradients, and cached decoding against the uncached forward on the GPU."""
 
 import contextlib
 import copy
+import itertools
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,10 @@ from llamathink.kernels_llamathink import (
     fla_causal_conv1d_silu,
     fla_causal_conv1d_silu_split,
     fla_chunk_gated_delta_rule,
+    fla_chunk_gated_delta_rule_gated,
     fla_conv_available,
+    fla_fused_gates_available,
+    fla_gated_norm_available,
     fla_recurrent_gated_delta_rule,
     flash_qla_chunk_gated_delta_rule,
     flash_qla_problem,
@@ -447,6 +451,117 @@ def test_fla_variable_length_kernel_matches_the_reference_on_each_sequence():
     ):
         err = (a.float() - b).norm() / b.norm()
         assert err < 3e-2, (name, err.item())
+
+
+def _reference_gates(q, k, a, b, A_log, dt_bias, value_heads):
+    """The model's gates in float32 (`LlamaThinkGatedDeltaNet._heads_and_gates`): q, k [B, T, Hk, D] L2-normed and
+    repeated per group of value heads, beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias)."""
+    group = value_heads // q.shape[2]
+    q, k = (l2norm(x.float()).repeat_interleave(group, dim=2) for x in (q, k))
+    g = -A_log.exp() * torch.nn.functional.softplus(a.float() + dt_bias)
+    return q, k, g, torch.sigmoid(b.float())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not fla_fused_gates_available(), reason="fla is not installed")
+@pytest.mark.parametrize("case", ["rows", "grouped-values", "packed", "state"])
+def test_fla_kernels_computing_the_gates_match_the_reference(case):
+    """`fla_chunk_gated_delta_rule_gated` after `l2norm_rms` (fla computing beta's sigmoid and the decay in its
+    kernels, the model's eager path) against the float32 PyTorch gates and reference kernel: the output, the final
+    state and the gradients of q, k, v, a, b, A_log, dt_bias and the initial state as close as fla's kernel given the gates
+    made in PyTorch (`fla_chunk_gated_delta_rule`, bf16 rounding, about 1%; a wrong gate or norm is off by ~1).
+    Cases: whole rows; grouped values (4 value heads per 2 key heads, fla's grouped-value form against the
+    model's repeat); packed documents (`cu_seqlens`); a cached prefill (initial and final state)."""
+    if fla_backward_problem(torch.device("cuda")) is not None:
+        pytest.skip(fla_backward_problem(torch.device("cuda")))
+    Hk, Hv, D = (2, 4, 32) if case == "grouped-values" else (4, 4, 32)
+    B, T = (1, 300) if case == "packed" else (2, 150)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    kw = {"device": "cuda", "generator": gen}
+    bf16 = torch.bfloat16
+    q, k = (torch.randn(B, T, Hk, D, **kw).to(bf16) for _ in range(2))
+    v = torch.randn(B, T, Hv, D, **kw).to(bf16)
+    a, b = (torch.randn(B, T, Hv, **kw).to(bf16) for _ in range(2))
+    A_log, dt_bias = torch.rand(Hv, **kw) * 2, torch.randn(Hv, **kw) * 0.5
+    s0 = torch.randn(B, Hv, D, D, **kw) * 0.1 if case == "state" else None
+    cu = torch.tensor([0, 37, 170, 300], device="cuda") if case == "packed" else None
+    leaves = [x.float() if x.dtype == bf16 else x for x in (q, k, v, a, b, A_log, dt_bias)]
+    names = ["q", "k", "v", "a", "b", "A_log", "dt_bias"] + (["s0"] if s0 is not None else [])
+    scale = D**-0.5
+
+    def reference(q, k, v, a, b, A_log, dt_bias, s0=None):
+        qn, kn, g, beta = _reference_gates(q, k, a, b, A_log, dt_bias, Hv)
+        if cu is None:
+            return torch_chunk_gated_delta_rule(qn, kn, v, g, beta, scale, s0, s0 is not None)
+        bounds = cu.tolist()
+        parts = [
+            torch_chunk_gated_delta_rule(*(x[:, s:e] for x in (qn, kn, v, g, beta)), scale)[0]
+            for s, e in itertools.pairwise(bounds)
+        ]
+        return torch.cat(parts, dim=1), None
+
+    def unfused(q, k, v, a, b, A_log, dt_bias, s0=None):  # fla's kernel, the gates made in PyTorch
+        qn, kn, g, beta = _reference_gates(q, k, a, b, A_log, dt_bias, Hv)
+        return fla_chunk_gated_delta_rule(qn, kn, v, g, beta, scale, s0, s0 is not None, cu_seqlens=cu)
+
+    def fused(q, k, v, a, b, A_log, dt_bias, s0=None):  # the model's eager path: q, k by `l2norm_rms`
+        q, k = modeling.l2norm_rms(q), modeling.l2norm_rms(k)
+        return fla_chunk_gated_delta_rule_gated(q, k, v, a, b, A_log, dt_bias, scale, s0, s0 is not None, cu)
+
+    w = torch.randn(B, T, Hv, D, **kw)
+    runs = {}
+    for name, fn, inputs in (
+        ("reference", reference, leaves),
+        ("unfused", unfused, [q, k, v, a, b, A_log, dt_bias]),
+        ("fused", fused, [q, k, v, a, b, A_log, dt_bias]),
+    ):
+        inputs = [x.clone().requires_grad_() for x in inputs] + (
+            [s0.clone().requires_grad_()] if s0 is not None else []
+        )
+        o, state = fn(*inputs)
+        assert o.shape == v.shape and (state is None) == (s0 is None)
+        loss = (o.float() * w).sum() + (state.float().square().sum() if state is not None else 0)
+        runs[name] = (o.float(), state, torch.autograd.grad(loss, inputs))
+    o_ref, state_ref, grads_ref = runs["reference"]
+    errors = {}
+    for name in ("unfused", "fused"):
+        o, state, grads = runs[name]
+        errors[name] = {"o": ((o - o_ref).norm() / o_ref.norm()).item()}
+        if state is not None:
+            errors[name]["state"] = ((state.float() - state_ref).norm() / state_ref.norm()).item()
+        for n, g, r in zip(names, grads, grads_ref):
+            errors[name][n] = ((g.float() - r).norm() / r.norm()).item()
+    assert all(e < 5e-2 for e in errors["fused"].values()), errors
+    assert all(errors["fused"][n] < 1.5 * errors["unfused"][n] + 5e-3 for n in errors["fused"]), errors
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not fla_gated_norm_available(), reason="fla is not installed")
+def test_gated_norm_takes_fla_kernel_in_eager_training_with_the_references_values():
+    """`LlamaThinkGatedRMSNorm` on 16-bit CUDA inputs runs fla's fused kernel (`uses_fla`) in training (gradients
+    needed, or training mode: the no-grad pass of reentrant checkpointing runs what its recomputation runs), the
+    PyTorch form in evaluation without gradients and on float32; output and the gradients of x, the gate and the
+    weight within bf16 rounding of the float32 reference (a wrong kernel, e.g. a sigmoid gate or a missing weight,
+    is off by ~1)."""
+    torch.manual_seed(0)
+    norm = modeling.LlamaThinkGatedRMSNorm(32).cuda()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x, gate = (torch.randn(2, 50, 4, 32, device="cuda").to(torch.bfloat16) for _ in range(2))
+    with torch.no_grad():
+        assert norm.uses_fla(x) and not norm.eval().uses_fla(x)
+    assert not norm.train().uses_fla(x.float().requires_grad_())
+    reference = copy.deepcopy(norm)
+    xr, gr = (t.float().requires_grad_() for t in (x, gate))
+    out_ref = reference(xr, gr)
+    xf, gf = (t.clone().requires_grad_() for t in (x, gate))
+    assert norm.uses_fla(xf)
+    out = norm(xf, gf)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    w = torch.randn_like(out_ref)
+    grads_ref = torch.autograd.grad((out_ref * w).sum(), [xr, gr, reference.weight])
+    grads = torch.autograd.grad((out.float() * w).sum(), [xf, gf, norm.weight])
+    for name, a, b in zip(["out", "x", "gate", "weight"], (out, *grads), (out_ref, *grads_ref)):
+        err = ((a.float() - b).norm() / b.norm()).item()
+        assert err < 2e-2, (name, err)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not fla_conv_available(), reason="fla is not installed")

@@ -3,6 +3,7 @@ modules, causality, caching and generate(), padding, saving and remote-code load
 
 import concurrent.futures
 import copy
+import itertools
 import json
 import math
 import os
@@ -3167,7 +3168,8 @@ def test_text_generation_pipeline(tmp_path):
 
 
 def test_gated_deltanet_runs_fla_conv_per_part_on_views_of_the_qkv_rows(monkeypatch):
-    """fla's path of `_causal_conv` through the real custom op (`llamathink::fla_causal_conv1d_silu_split`), with
+    """fla's path of `_causal_conv`, eagerly through `_FlaConvSplitFunction` and traced through the real custom op
+    (`llamathink::fla_causal_conv1d_silu_split`), with
     fla's conv functions stood in for by PyTorch ones of the same signature (this CPU has no fla): the forward runs
     once per part, q's, k's and v's channels (`conv_parts`), on views of qkv's rows at offsets 0, key_dim and
     2 key_dim (not copies); the backward once over all channels, on the parts' gradients joined. The parts and the
@@ -3247,6 +3249,96 @@ def test_gated_deltanet_runs_fla_conv_per_part_on_views_of_the_qkv_rows(monkeypa
             got_parts, got_dx, got_dw = results[run]
             for got, want in zip([*got_parts, got_dx, got_dw], [*want_parts, want_dx, want_dw]):
                 assert ((got - want).norm() / want.norm()).item() < 2e-2, (run, packed)  # bf16 rounding
+
+
+def test_l2norm_by_one_rms_norm_equals_l2norm():
+    """`l2norm_rms` (x / sqrt(sum x^2 + eps) as rms_norm(x, eps / D) / sqrt(D)) equals `l2norm`: to float64 rounding
+    in float64 (tiny and large rows, where eps matters and where it does not), and in bf16 to the rounding of
+    its output (float32 inside, one rounding at the end); gradients likewise."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 112, generator=gen, dtype=torch.float64)
+    x[0, 0] *= 1e-5  # sum x^2 ~ eps
+    x[1, 1] *= 1e3
+    for dtype, tol in ((torch.float64, 1e-12), (torch.bfloat16, 8e-3)):
+        a, b = x.to(dtype).detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+        got, want = modeling.l2norm_rms(a), modeling.l2norm(b)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+        w = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        (got.double() * w).sum().backward()
+        (want * w).sum().backward()
+        assert ((a.grad.double() - b.grad).norm() / b.grad.norm()).item() < tol
+
+
+@pytest.mark.parametrize("case", ["rows", "grouped-values", "packed", "state"])
+def test_gated_deltanet_hands_fla_the_raw_gate_inputs_where_its_kernels_compute_the_gates(case, monkeypatch):
+    """`_gated_delta_rule_fused` (eager fla: q and k normalised by `l2norm_rms`, fla computes beta's sigmoid and the
+    decay) with fla's chunk function stood in for by the PyTorch gates and kernel (this CPU has no fla): it receives
+    q and k normalised (key heads, not repeated), a as the gate input, b as beta's, A_log, dt_bias and the flags
+    that ask fla for the gates, and the layer's output, final state and gradients equal the PyTorch path's
+    (`_heads_and_gates` then `_delta_rule`) for whole rows, grouped values (fla's grouped-value form against the
+    model's repeat), packed documents (one flattened row with `cu_seqlens`) and a cached prefill."""
+    from llamathink import kernels_llamathink as kernels
+    from llamathink.modeling_llamathink import packed_segments
+
+    # the tiny model's 2 key heads serve 4 value heads (grouped values); "rows" has one key head per value head
+    overrides = {"linear_num_key_heads": 4} if case == "rows" else {}
+    layer = modeling.LlamaThinkGatedDeltaNet(tiny_config(**overrides), 0).double()
+    assert (layer.num_k_heads, layer.num_v_heads) == ((4, 4) if case == "rows" else (2, 4))
+    randomize_(layer)
+    seen = []
+
+    def chunk(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens=None, **flags):
+        assert flags["use_beta_sigmoid_in_kernel"] is True and flags["use_gate_in_kernel"] is True
+        assert not flags.get("use_qk_l2norm_in_kernel")
+        torch.testing.assert_close(q.norm(dim=-1), torch.ones_like(q[..., 0]), rtol=0, atol=1e-5)  # normalised (eps)
+        seen.append((tuple(q.shape), tuple(v.shape), cu_seqlens is not None))
+        group = v.shape[2] // q.shape[2]
+        qn, kn = (x.repeat_interleave(group, dim=2) for x in (q, k))
+        gate = -flags["A_log"].exp() * F.softplus(g + flags["dt_bias"])
+        args = (qn, kn, v, gate, torch.sigmoid(beta), scale)
+        if cu_seqlens is None:  # (the state comes as fla takes it, float32: s0 below is exact in float32)
+            state = None if initial_state is None else initial_state.to(q.dtype)
+            return modeling.torch_chunk_gated_delta_rule(*args, state, output_final_state)
+        bounds = cu_seqlens.tolist()
+        parts = [
+            modeling.torch_chunk_gated_delta_rule(*(x[:, s:e] for x in args[:5]), scale)[0]
+            for s, e in itertools.pairwise(bounds)
+        ]
+        return torch.cat(parts, dim=1), None
+
+    monkeypatch.setitem(kernels._fla_state, "ops", (chunk, None))
+    B, T = 2, 24
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(B, T, layer.key_dim, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(B, T, layer.value_dim, generator=gen, dtype=torch.float64)
+    a, b = (torch.randn(B, T, layer.num_v_heads, generator=gen, dtype=torch.float64) for _ in range(2))
+    s0 = torch.randn(B, layer.num_v_heads, layer.head_k_dim, layer.head_v_dim, generator=gen, dtype=torch.float64)
+    s0 = s0.float().double() if case == "state" else None
+    segments = None
+    if case == "packed":
+        pos = torch.cat([torch.arange(10), torch.arange(14)])[None].repeat(2, 1)
+        segments, _ = packed_segments(pos, None, None, B, T)
+    w = torch.randn(B, T, layer.num_v_heads, layer.head_v_dim, generator=gen, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        inputs = [x.clone().requires_grad_() for x in (q, k, v, a, b)]
+        layer.zero_grad()
+        if fused:
+            o, state = layer._gated_delta_rule_fused(*inputs, s0, s0 is not None, segments)
+        else:
+            gates = layer._heads_and_gates(*inputs[:3], inputs[4], inputs[3], None)
+            o, state = layer._delta_rule(*gates, s0, s0 is not None, "torch", segments)
+        loss = (o * w).sum() + (state.square().sum() if state is not None else 0)
+        loss.backward()
+        results.append([o, *(x.grad for x in inputs), layer.A_log.grad.clone(), layer.dt_bias.grad.clone()])
+        if state is not None:
+            results[-1].append(state)
+    key_heads = (1, B * T) if case == "packed" else (B, T)
+    want = ((*key_heads, layer.num_k_heads, layer.head_k_dim), (*key_heads, 4, layer.head_v_dim), case == "packed")
+    assert seen == [want], seen
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
 def test_fla_conv_takes_gluon_where_it_runs_and_falls_back_to_triton(monkeypatch):
