@@ -20,7 +20,25 @@ DEFAULT_MIXER_PATTERN = ("linear", "linear", "csa", "full")
 GDN_BACKENDS = ("auto", "flash_qla", "fla", "torch")
 MAX_CONTEXT = 1 << 20  # max_position_embeddings: export_c/run.c's limit too
 # widths past export_c/run.c's limits (export_c.export.INT_RANGES): refused before the model would allocate them
-MAX_SIZES = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18}
+# The largest sizes the model (and export_c's run.c: export.INT_RANGES) takes: past them a typo of a few digits would
+# allocate terabytes (or build a million layers) before any other check could name it
+MAX_SIZES = {
+    "vocab_size": 1 << 22,
+    "hidden_size": 1 << 16,
+    "intermediate_size": 1 << 18,
+    "num_hidden_layers": 512,
+    "num_attention_heads": 4096,
+    "num_key_value_heads": 4096,
+    "head_dim": 4096,
+    "linear_num_key_heads": 4096,
+    "linear_num_value_heads": 4096,
+    "linear_key_head_dim": 4096,
+    "linear_value_head_dim": 4096,
+    "linear_conv_kernel_dim": 64,
+    "csa_stride": 1 << 16,
+    "csa_window": 1 << 20,
+}
+MAX_WIDTH = 1 << 20  # the attention query width and the Gated DeltaNet conv width (run.c's limit too)
 MAX_GDN_CHUNK = 4096
 # The bounds of A_init_range and dt_init_range: float32's smallest positive normal number (the layers keep log(A) and
 # the inverse softplus of dt in float32), and a largest value that keeps the chunked delta rule's running sum of
@@ -417,6 +435,15 @@ class LlamaThinkConfig(PretrainedConfig):
                 raise ValueError(
                     f"{name}={getattr(self, name)} is past the {limit:,} this model (and the C runner) supports"
                 )
+        widths = {
+            "the attention query width num_attention_heads * head_dim": self.num_attention_heads * self.head_dim,
+            "the Gated DeltaNet conv width 2 * linear_num_key_heads * linear_key_head_dim + linear_num_value_heads * "
+            "linear_value_head_dim": 2 * self.linear_num_key_heads * self.linear_key_head_dim
+            + self.linear_num_value_heads * self.linear_value_head_dim,
+        }
+        for what, width in widths.items():
+            if width > MAX_WIDTH:
+                raise ValueError(f"{what} is {width:,}, past the {MAX_WIDTH:,} this model (and the C runner) supports")
         # (a csa_window past the context is allowed, as a smaller context with the default window is common: the
         # layers use min(csa_window, max_position_embeddings), which sees the same tokens)
         if self.csa_stride > self.max_position_embeddings:

@@ -110,12 +110,27 @@ def test_default_config_is_the_95m_model():
         ({"rope_parameters": {"rope_theta": -1.0}}, "rope_theta must be a finite positive number"),
         # spans that would allocate their length in every forward
         ({"csa_stride": 257}, "csa_stride=257 is longer than the context"),
-        ({"linear_conv_kernel_dim": 257}, "linear_conv_kernel_dim=257 is longer than the context"),
+        ({"linear_conv_kernel_dim": 40, "max_position_embeddings": 32}, "linear_conv_kernel_dim=40 is longer than"),
+        ({"linear_conv_kernel_dim": 65}, "linear_conv_kernel_dim=65 is past the 64"),
         ({"gdn_chunk_size": 10**9}, "gdn_chunk_size=1000000000 is past 4096"),
         ({"max_position_embeddings": 2**21}, "max_position_embeddings=2097152 is past"),
         ({"vocab_size": 16_000_000}, "vocab_size=16000000 is past the 4,194,304"),
         ({"intermediate_size": 10**9}, "intermediate_size=1000000000 is past"),
         ({"hidden_size": 2**17, "head_dim": 64, "num_attention_heads": 4}, "hidden_size=131072 is past"),
+        # counts and widths that would build a million layers or allocate terabytes before any other check
+        ({"num_hidden_layers": 513, "mixer_types": ["linear"] * 513}, "num_hidden_layers=513 is past the 512"),
+        ({"num_attention_heads": 8192, "num_key_value_heads": 1}, "num_attention_heads=8192 is past the 4,096"),
+        ({"linear_key_head_dim": 10**6}, "linear_key_head_dim=1000000 is past the 4,096"),
+        ({"linear_num_value_heads": 10**5}, "linear_num_value_heads=100000 is past"),
+        ({"csa_window": 2**40}, "csa_window=1099511627776 is past the 1,048,576"),
+        (
+            {"num_attention_heads": 4096, "num_key_value_heads": 1, "head_dim": 512},
+            r"attention query width num_attention_heads \* head_dim is 2,097,152, past the 1,048,576",
+        ),
+        (
+            {"linear_num_key_heads": 2048, "linear_num_value_heads": 4096, "linear_key_head_dim": 256},
+            r"Gated DeltaNet conv width .* is 1,089,536, past the 1,048,576",
+        ),
         # transformers looks a dtype's name up in torch (an AttributeError that names no field)
         ({"dtype": "bfloat17"}, "dtype must be a torch dtype name"),
         ({"torch_dtype": "fp16"}, "torch_dtype must be a torch dtype name"),
@@ -182,11 +197,11 @@ def test_a_saved_config_with_a_rope_dict_it_never_applied_loads_as_trained(tmp_p
 
 
 def test_a_csa_window_past_the_context_is_the_context():
-    """A window longer than the context (the default 512 in a smaller model, or 2^40: 140 TB of padding in the first
-    forward before) sees what a window of the whole context sees: the same logits, cached and not, with buffers of
-    the context's length."""
+    """A window longer than the context (the default 512 in a smaller model, or 2^20, the largest the config takes:
+    TBs of padding in the first forward of a 2^40 window before the layers took min(window, context)) sees what a
+    window of the whole context sees: the same logits, cached and not, with buffers of the context's length."""
     ids = torch.randint(1, 96, (2, 40), generator=torch.Generator().manual_seed(3))
-    models = [tiny_model(csa_window=window, max_position_embeddings=64, seed=5).eval() for window in (64, 2**40)]
+    models = [tiny_model(csa_window=window, max_position_embeddings=64, seed=5).eval() for window in (64, 2**20)]
     assert models[1].model.layers[1].mixer.window == 64
     with torch.no_grad():
         logits = [m(ids).logits for m in models]

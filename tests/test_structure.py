@@ -330,3 +330,6 @@ def test_the_configs_size_limits_are_the_exporters():
     for name, limit in configuration.MAX_SIZES.items():
         assert ex.INT_RANGES[name][1] == limit, name
     assert ex.INT_RANGES["max_position_embeddings"][1] == configuration.MAX_CONTEXT
+    assert ex.WIDTH_LIMIT == configuration.MAX_WIDTH
+    # every size field the exporter bounds, the config bounds (the context and the query widths above)
+    assert set(ex.INT_RANGES) - set(configuration.MAX_SIZES) == {"max_position_embeddings"}
