@@ -1820,3 +1820,47 @@ def test_a_saved_model_with_nan_weights_is_refused_where_a_run_or_chat_loads_it(
         ValueError, match=r"init_from=.*m: its weights hold NaN or infinite values \(model\.norm\.weight\)"
     ):
         ckpt.load_saved_model(str(tmp_path / "m"), "init_from")
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"eos_token_id": "x"}, r"eos_token_id='x', not a token id of the model \(0 \.\. 127\)"),
+        ({"eos_token_id": [2, 4096]}, r"eos_token_id=\[2, 4096\], not a token id"),
+        ({"pad_token_id": True}, r"pad_token_id=True, not a token id"),
+        ({"max_length": "ten"}, r"max_length='ten': it must be an integer >= 1"),
+        ({"min_new_tokens": -1}, r"min_new_tokens=-1: it must be an integer >= 0"),
+        ({"num_beams": 10**9}, r"num_beams=1000000000, past the 1024"),
+        ({"top_p": 1.5}, r"top_p=1.5: it must be in \[0, 1\]"),
+        ({"temperature": float("nan")}, r"temperature=nan: it must be a finite number >= 0"),
+        ({"repetition_penalty": 0}, r"repetition_penalty=0: it must be a finite number > 0"),
+        ({"top_k": 2.5}, r"top_k=2.5: it must be an integer >= 0"),
+    ],
+)
+def test_trainers_refuse_an_init_from_generation_config_that_generate_could_not_use(
+    settings,
+    message,
+    model_json,  # noqa: F811
+    tmp_path,
+):
+    """transformers loads a generation_config.json as it is (a string EOS, beams by the billion) and
+    `save_pretrained` writes it into the finished model: `load_saved_model(check_generation=True)`, what pretraining
+    and finetuning load `init_from` with, refuses it by file and field before a run starts; a sane one (sampling
+    settings, several EOS ids) passes, and without the check (the chat, which generates with its own settings)
+    the damaged one loads."""
+    from llamathink.train import pretrain
+
+    config = json.loads(Path(model_json).read_text())
+    folder = tmp_path / "m"
+    LlamaThinkForCausalLM(LlamaThinkConfig(**{**config, "vocab_size": 128})).save_pretrained(folder)
+    sane = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 50, "eos_token_id": [2, 3], "max_length": 64}
+    (folder / "generation_config.json").write_text(json.dumps(sane))
+    model = ckpt.load_saved_model(str(folder), "init_from", check_generation=True)
+    assert model.generation_config.eos_token_id == [2, 3]
+    (folder / "generation_config.json").write_text(json.dumps(settings))
+    assert isinstance(ckpt.load_saved_model(str(folder), "model"), LlamaThinkForCausalLM)
+    with pytest.raises(ValueError, match=rf"init_from=.*m: its generation_config.json (has )?{message}"):
+        ckpt.load_saved_model(str(folder), "init_from", check_generation=True)
+    cfg = _cfg(None, model_json, tmp_path / "run", model_config=None, init_from=str(folder))
+    with pytest.raises(ValueError, match="its generation_config.json"):
+        pretrain.build_model(cfg)

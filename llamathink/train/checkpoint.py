@@ -124,7 +124,14 @@ def _stale_single_weights_file(folder: Path) -> bool:
         return True
 
 
-def load_saved_model(path: str, setting: str, dtype: torch.dtype = torch.float32, auto: bool = False, **kwargs):
+def load_saved_model(
+    path: str,
+    setting: str,
+    dtype: torch.dtype = torch.float32,
+    auto: bool = False,
+    check_generation: bool = False,
+    **kwargs,
+):
     """The saved model at `path` (`from_pretrained`; with `auto`, through `AutoModelForCausalLM`, which takes
     `trust_remote_code` in `kwargs`), strictly: transformers fills a tensor missing from the weights with fresh random
     values and skips an unknown one, reporting both only in a log line; a training or chat command would then go on
@@ -133,8 +140,9 @@ def load_saved_model(path: str, setting: str, dtype: torch.dtype = torch.float32
     (truncated, corrupt) weights file; without `auto`, for a local folder whose config.json names another model
     type; for a tensor stored in a dtype that is not floating point (an integer or bool tensor would be cast to
     floats without a word); for an `lm_head.weight` that differs from the embeddings where config.json says
-    they are tied (transformers then unties them, with a log line); and for weights with NaN or infinite values in
-    `dtype`."""
+    they are tied (transformers then unties them, with a log line); for weights with NaN or infinite values in
+    `dtype`; and with `check_generation` (the trainers, whose finished model saves the generation config it loaded),
+    for a generation_config.json that `check_generation_config` refuses."""
     from safetensors import SafetensorError
 
     check_saved_model_path(path, setting)
@@ -224,7 +232,74 @@ def load_saved_model(path: str, setting: str, dtype: torch.dtype = torch.float32
             "model cannot be trained or generate text (saved from a run that diverged, or values beyond the range "
             "of the dtype)"
         )
+    if check_generation:
+        check_generation_config(model, setting, path)
     return model
+
+
+GENERATION_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+# (field, smallest value): counts and lengths that generate() takes as Python ints
+GENERATION_COUNT_FIELDS = (
+    ("max_length", 1),
+    ("max_new_tokens", 1),
+    ("min_length", 0),
+    ("min_new_tokens", 0),
+    ("num_beams", 1),
+    ("num_beam_groups", 1),
+    ("num_return_sequences", 1),
+    ("top_k", 0),
+    ("no_repeat_ngram_size", 0),
+)
+MAX_GENERATION_BEAMS = 1024  # beams and returned sequences: past this, generate() would allocate them all at once
+# (field, test, what it must be): real-valued settings
+GENERATION_REAL_FIELDS = (
+    ("temperature", lambda v: 0 <= v < float("inf"), "a finite number >= 0"),
+    ("top_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("typical_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("repetition_penalty", lambda v: 0 < v < float("inf"), "a finite number > 0"),
+    ("length_penalty", lambda v: -float("inf") < v < float("inf"), "a finite number"),
+)
+
+
+def check_generation_config(model, setting: str, path: str) -> None:
+    """Refuse, with a ValueError naming `setting`, `path`, the file and the field, a loaded model's generation
+    config (its folder's generation_config.json) that generate() could not use, or that would make it allocate
+    without bound: token ids (BOS, EOS, pad, decoder start) that are not ids of the model's vocabulary (EOS may be a
+    list of them), counts and lengths that are not integers at or above their least value (max_length 1, num_beams
+    1, min_length 0, ...), more than `MAX_GENERATION_BEAMS` beams or returned sequences, real-valued settings out
+    of range (temperature, top_p, repetition_penalty, ...). transformers loads such files as they are (its own
+    `GenerationConfig.validate`, run as it loads them, checks how settings combine, not these), and
+    `save_pretrained` writes them into the finished model, so a training run would hand them on."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        return
+    vocab = model.config.vocab_size
+    where = f"{setting}={path}: its generation_config.json"
+    hint = "fix the field or remove it (or the file: the model's config then gives the token ids)"
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for field in GENERATION_TOKEN_FIELDS:
+        value = getattr(gen, field, None)
+        ids = value if field == "eos_token_id" and isinstance(value, list) and value else [value]
+        if value is not None and not all(is_int(i) and 0 <= i < vocab for i in ids):
+            raise ValueError(f"{where} has {field}={value!r}, not a token id of the model (0 .. {vocab - 1}); {hint}")
+    for field, least in GENERATION_COUNT_FIELDS:
+        value = getattr(gen, field, None)
+        if value is not None and not (is_int(value) and value >= least):
+            raise ValueError(f"{where} has {field}={value!r}: it must be an integer >= {least}; {hint}")
+    for field in ("num_beams", "num_return_sequences"):
+        value = getattr(gen, field, None)
+        if value is not None and value > MAX_GENERATION_BEAMS:
+            raise ValueError(f"{where} has {field}={value}, past the {MAX_GENERATION_BEAMS} this package takes; {hint}")
+    for field, test, what in GENERATION_REAL_FIELDS:
+        value = getattr(gen, field, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not test(value):
+            raise ValueError(f"{where} has {field}={value!r}: it must be {what}; {hint}")
 
 
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # safetensors' names of the dtypes weights may have

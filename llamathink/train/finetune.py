@@ -332,7 +332,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 def _finetune(cfg: FinetuneConfig, accelerator) -> dict:
     resume_from, run_id = begin_run(cfg, accelerator.is_main_process)
-    model = load_saved_model(cfg.init_from, "init_from")  # first: a model that cannot be had is the error to see
+    model = load_saved_model(
+        cfg.init_from, "init_from", check_generation=True
+    )  # first: a model that cannot be had is the error to see
     tokenizer = load_chat_tokenizer(cfg)
     check_vocab(len(tokenizer), model.config.vocab_size)
     for i, prompt in enumerate(cfg.sample_prompts):  # rendered now, not first at the sample step after training

@@ -109,7 +109,7 @@ def build_model(cfg: TrainConfig) -> LlamaThinkForCausalLM:
     setting when the path is missing or not a model, `seq_len` is beyond the model's context, or the model it
     describes is more than this machine can allocate (with its parameter count)."""
     if cfg.init_from is not None:
-        return load_saved_model(cfg.init_from, "init_from")
+        return load_saved_model(cfg.init_from, "init_from", check_generation=True)
     path = Path(cfg.model_config)
     if not path.exists():
         raise FileNotFoundError(f"model_config {path} does not exist")
