@@ -468,11 +468,12 @@ def bench_interleaved(names: list[str], batch: int, seq: int, steps: int, warmup
     (its first step, then `warmup` - 1 more), then `rounds` rounds in which every model runs `steps` steps (the order
     reversed every other round). A machine's speed drifts between processes and over minutes (clocks, the host's
     load): in turns, each model's rounds see the same drift, so the ratio of two models' tokens/s within a round is
-    steadier than that of rows measured in separate processes. Yields one row per model: `tokens_per_s` from the
-    median round, `round_tokens_per_s` (each round's), MFU, the first step's seconds and `peak_mem_gib` (the peak
-    during its own warm-up above the memory held before it was built: the other models' weights and optimizer
-    states stay resident and are not counted), then, for each model after the first, a row of its per-round
-    tokens/s ratios to the first model's (`ratio_to`, `round_ratios`, their median)."""
+    steadier than that of rows measured in separate processes. Returns one row per model: `tokens_per_s` from the
+    median round, `round_tokens_per_s` (each round's), MFU, the first step's seconds (not comparable between the
+    models: a later model finds the kernels an earlier one built, and autotuned, in this process) and
+    `peak_mem_gib` (the peak during its own warm-up above the memory held before it was built: the other models'
+    weights and optimizer states stay resident and are not counted), then, for each model after the first, a row
+    of its per-round tokens/s ratios to the first model's (`ratio_to`, `round_ratios`, their median)."""
     runs, rows = [], []
     for name in names:
         held = torch.cuda.memory_allocated()

@@ -123,20 +123,19 @@ class LlamaThinkGatedRMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def uses_fla(self, x: torch.Tensor) -> bool:
-        """Whether `forward` runs fla's fused kernel for x: eager training (gradients needed, or the module in
-        training mode; not traced, where inductor fuses the PyTorch form) of 16-bit x on CUDA, with fla's kernel
-        available (`fla_gated_norm_available`). In training mode the answer does not depend on grad mode, so that
-        the no-grad first pass of reentrant gradient checkpointing runs the kernel its recomputation runs."""
+    @staticmethod
+    def fla_takes(x: torch.Tensor) -> bool:
+        """Whether fla's fused kernel (`fla_gated_rms_norm`) can run this norm on x: 16-bit x on CUDA, not traced
+        (inductor fuses the PyTorch form), fla's kernel available (`fla_gated_norm_available`)."""
         if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or torch.compiler.is_compiling():
             return False
-        needs_grad = (torch.is_grad_enabled() or self.training) and (x.requires_grad or self.weight.requires_grad)
-        return needs_grad and fla_gated_norm_available()
+        return fla_gated_norm_available()
 
-    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """x, gate [..., dim] -> [..., dim] in x's dtype; the norm and the SiLU gate computed in float32 (in one
-        fused kernel, fla's, where `uses_fla`)."""
-        if self.uses_fla(x):
+    def forward(self, x: torch.Tensor, gate: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """x, gate [..., dim] -> [..., dim] in x's dtype; the norm and the SiLU gate computed in float32. `fused`:
+        in fla's fused kernel where it can take x (`fla_takes`); the caller decides when (the Gated DeltaNet: in
+        training on fla's kernels, `LlamaThinkGatedDeltaNet._output`)."""
+        if fused and self.fla_takes(x):
             return fla_gated_rms_norm(x, gate, self.weight, self.eps)
         dtype, acc = x.dtype, _acc_dtype(x.dtype)
         xf = F.rms_norm(x.to(acc), x.shape[-1:], None, self.eps)
@@ -285,8 +284,15 @@ def l2norm_rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     q and k (`LlamaThinkGatedDeltaNet._gated_delta_rule_fused`)."""
     D = x.shape[-1]
     acc = _acc_dtype(x.dtype)
-    weight = torch.full((D,), D**-0.5, dtype=acc, device=x.device)
-    return F.rms_norm(x.to(acc), (D,), weight, eps / D).to(x.dtype)
+    return F.rms_norm(x.to(acc), (D,), _inverse_sqrt_weight(D, acc, x.device), eps / D).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _inverse_sqrt_weight(D: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[D] filled with 1 / sqrt(D) (`l2norm_rms`' weight), made once per size, dtype and device rather than by two
+    kernels every call; outside inference mode, so that training forwards can save it for their backward."""
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.full((D,), D**-0.5, dtype=dtype, device=device)
 
 
 def torch_recurrent_gated_delta_rule(
@@ -1220,10 +1226,11 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         return F.silu(out).split(self.conv_parts, dim=-1)
 
     def _delta_rule(self, q, k, v, g, beta, initial_state, output_final_state, backend: str, segments=None):
-        """The dispatch point of the delta-rule kernel: FlashQLA's, fla's or the PyTorch reference (`backend`, from
-        `select_gdn_backend`), chunked or recurrent. With packed `segments` the state starts from zero at each
-        sequence: the GPU kernels' variable-length form over the flattened batch (`cu_seqlens`), or the PyTorch
-        reference run on each sequence alone."""
+        """The dispatch point of the delta-rule kernel given the gates: FlashQLA's, fla's or the PyTorch reference
+        (`backend`, from `select_gdn_backend`), chunked or recurrent (eager fla calls that leave the gates to fla's
+        kernels take `_gated_delta_rule_fused` instead, `_gates_in_kernel`). With packed `segments` the state
+        starts from zero at each sequence: the GPU kernels' variable-length form over the flattened batch
+        (`cu_seqlens`), or the PyTorch reference run on each sequence alone."""
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta))
         kernels = {"fla": FLA_GDN_KERNELS, "flash_qla": FLASH_QLA_GDN_KERNELS}.get(backend, GDN_KERNELS)
         if segments is not None:
@@ -1275,7 +1282,9 @@ class LlamaThinkGatedDeltaNet(nn.Module):
             o, final_state = self._delta_rule(q, k, v, g, beta, initial_state, state is not None, backend, segments)
         if state is not None:
             state.recurrent = final_state.detach()
-        return self._output(o, z, hidden_states.dtype)
+        # fla's gated norm where fla's kernels train this layer (`backend` follows `gdn_backend` and the GPU), in
+        # both passes of reentrant gradient checkpointing (`needs_grad` does not depend on grad mode in training)
+        return self._output(o, z, hidden_states.dtype, fused_norm=backend in ("fla", "flash_qla") and needs_grad)
 
     def _gates_in_kernel(self, backend: str, valid: torch.Tensor | None, q: torch.Tensor, initial_state) -> bool:
         """Whether fla's kernels compute this call's gates (`_gated_delta_rule_fused`): eager fla calls of the chunked
@@ -1352,13 +1361,16 @@ class LlamaThinkGatedDeltaNet(nn.Module):
             g = g * valid[..., None]
         return q, k, v, g, beta
 
-    def _output(self, o: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _output(self, o: torch.Tensor, z: torch.Tensor, dtype: torch.dtype, fused_norm: bool = False) -> torch.Tensor:
         """Delta-rule output o [B, T, Hv, Dv] and the output gate's projection z [B, T, value_dim] -> [B, T, hidden];
-        o enters the gated norm in `dtype` (the mixer input's), or as it is where the norm runs fla's kernel."""
+        o enters the gated norm in `dtype` (the mixer input's). `fused_norm` (training on fla's kernels): the norm
+        runs fla's fused kernel where it takes o (`LlamaThinkGatedRMSNorm.fla_takes`), reading o as the delta rule
+        gives it (16-bit; float32 inside). A norm replaced by another module (PEFT's wrappers) is called as before."""
         B, T, _ = z.shape
-        # fla's fused norm reads o as the delta rule gives it (16-bit) and computes in float32 itself
-        o = o if self.norm.uses_fla(o) else o.to(dtype)
-        o = self.norm(o, z.reshape(B, T, self.num_v_heads, self.head_v_dim))  # [B, T, Hv, Dv]
+        z = z.reshape(B, T, self.num_v_heads, self.head_v_dim)
+        if fused_norm and type(self.norm) is LlamaThinkGatedRMSNorm and self.norm.fla_takes(o):
+            return self.out_proj(self.norm(o, z, fused=True).reshape(B, T, self.value_dim))
+        o = self.norm(o.to(dtype), z)  # [B, T, Hv, Dv]
         return self.out_proj(o.reshape(B, T, self.value_dim))
 
     def decode_static(self, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

@@ -536,25 +536,21 @@ def test_fla_kernels_computing_the_gates_match_the_reference(case):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not fla_gated_norm_available(), reason="fla is not installed")
 def test_gated_norm_takes_fla_kernel_in_eager_training_with_the_references_values():
-    """`LlamaThinkGatedRMSNorm` on 16-bit CUDA inputs runs fla's fused kernel (`uses_fla`) in training (gradients
-    needed, or training mode: the no-grad pass of reentrant checkpointing runs what its recomputation runs), the
-    PyTorch form in evaluation without gradients and on float32; output and the gradients of x, the gate and the
-    weight within bf16 rounding of the float32 reference (a wrong kernel, e.g. a sigmoid gate or a missing weight,
-    is off by ~1)."""
+    """`LlamaThinkGatedRMSNorm(..., fused=True)` runs fla's fused kernel where it takes x (`fla_takes`: 16-bit CUDA
+    tensors, not float32): output and the gradients of x, the gate and the weight within bf16 rounding of the
+    float32 reference (a wrong kernel, e.g. a sigmoid gate or a missing weight, is off by ~1). (Which calls ask for
+    it, the Gated DeltaNet's training on fla's kernels, is tested on the CPU.)"""
     torch.manual_seed(0)
     norm = modeling.LlamaThinkGatedRMSNorm(32).cuda()
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
     x, gate = (torch.randn(2, 50, 4, 32, device="cuda").to(torch.bfloat16) for _ in range(2))
-    with torch.no_grad():
-        assert norm.uses_fla(x) and not norm.eval().uses_fla(x)
-    assert not norm.train().uses_fla(x.float().requires_grad_())
+    assert norm.fla_takes(x) and not norm.fla_takes(x.float())
     reference = copy.deepcopy(norm)
     xr, gr = (t.float().requires_grad_() for t in (x, gate))
     out_ref = reference(xr, gr)
     xf, gf = (t.clone().requires_grad_() for t in (x, gate))
-    assert norm.uses_fla(xf)
-    out = norm(xf, gf)
+    out = norm(xf, gf, fused=True)
     assert out.dtype == torch.bfloat16 and out.shape == x.shape
     w = torch.randn_like(out_ref)
     grads_ref = torch.autograd.grad((out_ref * w).sum(), [xr, gr, reference.weight])

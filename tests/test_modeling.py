@@ -4548,3 +4548,48 @@ def test_narrow_integer_labels_are_checked_as_the_token_ids_they_hold():
         check(96, labels=torch.tensor([[5, 156]], dtype=torch.uint8))
     with pytest.raises(ValueError, match="shift_labels contains 32767: neither -100"):
         check(32000, shift_labels=torch.tensor([[-100, 32767]], dtype=torch.int16))
+
+
+@pytest.mark.parametrize("case", ["torch-backend", "fla-training", "fla-eval", "fla-checkpointed-adapter"])
+def test_gated_deltanet_runs_fla_gated_norm_exactly_where_it_trains_on_fla_kernels(case, monkeypatch):
+    """The Gated DeltaNet's output norm takes fla's fused kernel (`fused=True`) only where the layer trains on
+    fla's kernels (its `gdn_backend` as `select_gdn_backend` resolves it): never with gdn_backend "torch" (nor where
+    fla falls back to it), not in evaluation without gradients, and under reentrant gradient checkpointing of a
+    layer whose own weights are frozen (an adapter's trainable) in both passes, the no-grad first one and the
+    recomputation, so that the backward differentiates what the forward computed. fla's kernel, its delta rule and
+    the GPU stood in for by PyTorch (this CPU has no fla); the values equal the PyTorch norm's either way."""
+    calls = []
+
+    def fla_norm(x, gate, weight, eps):  # the PyTorch norm's function, recorded
+        calls.append(torch.is_grad_enabled())
+        return (weight * F.rms_norm(x, x.shape[-1:], None, eps) * F.silu(gate)).to(x.dtype)
+
+    monkeypatch.setattr(modeling.LlamaThinkGatedRMSNorm, "fla_takes", staticmethod(lambda x: True))
+    monkeypatch.setattr(modeling, "fla_gated_rms_norm", fla_norm)
+    monkeypatch.setattr(modeling, "select_gdn_backend", lambda requested, *a, **k: requested)
+    monkeypatch.setitem(modeling.FLA_GDN_KERNELS, "chunk", modeling.torch_chunk_gated_delta_rule)
+    backend = "torch" if case == "torch-backend" else "fla"
+    layer = modeling.LlamaThinkGatedDeltaNet(tiny_config(gdn_backend=backend), 0).double()
+    randomize_(layer)
+    x = torch.randn(
+        2, 12, layer.in_proj_qkv.in_features, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    reference = copy.deepcopy(layer)
+    reference.backend = "torch"
+    want = reference(x)
+    if case == "fla-eval":
+        with torch.no_grad():
+            got = layer.eval()(x)
+        assert calls == []
+    elif case == "fla-checkpointed-adapter":
+        for name, p in layer.named_parameters():
+            p.requires_grad_(name == "in_proj_qkv.weight")  # the layer's own weights frozen but one
+        # (reentrant checkpointing needs an input that requires grad: PEFT's enable_input_require_grads)
+        got = torch.utils.checkpoint.checkpoint(layer, x.clone().requires_grad_(), use_reentrant=True)
+        got.sum().backward()
+        assert calls == [False, True]  # the first pass without gradients, the recomputation with them
+        assert layer.in_proj_qkv.weight.grad is not None
+    else:
+        got = layer(x.clone().requires_grad_())
+        assert calls == ([] if backend == "torch" else [True])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
