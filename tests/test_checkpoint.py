@@ -1864,3 +1864,32 @@ def test_trainers_refuse_an_init_from_generation_config_that_generate_could_not_
     cfg = _cfg(None, model_json, tmp_path / "run", model_config=None, init_from=str(folder))
     with pytest.raises(ValueError, match="its generation_config.json"):
         pretrain.build_model(cfg)
+
+
+@pytest.mark.parametrize(
+    ("index", "message"),
+    [
+        ("{broken", r"its model\.safetensors\.index\.json cannot be read as JSON \(Expecting property name"),
+        (
+            json.dumps({"weight_map": [1, 2]}),
+            r"its model\.safetensors\.index\.json has no weight_map object .* \(got list\)",
+        ),
+        (json.dumps([1]), r"its model\.safetensors\.index\.json has no weight_map object .* \(got NoneType\)"),
+        (
+            json.dumps({"weight_map": {"model.norm.weight": 7}}),
+            r"its .*index\.json has no weight_map object .* \(got dict\)",
+        ),
+    ],
+)
+def test_a_damaged_sharded_weights_index_is_named_where_a_run_or_chat_loads_it(index, message, tmp_path):
+    """A model.safetensors.index.json that is not JSON, or has no weight map of tensor names to shard files, is
+    refused by file before transformers reads it: it raised a bare JSON message without the file's name, or an
+    AttributeError from inside its loader (a list for the weight map)."""
+    from conftest import tiny_model
+
+    folder = tmp_path / "m"
+    tiny_model(dtype=torch.float32).save_pretrained(folder, max_shard_size="20KB")
+    assert isinstance(ckpt.load_saved_model(str(folder), "init_from"), LlamaThinkForCausalLM)
+    (folder / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ValueError, match=rf"init_from=.*m: {message}"):
+        ckpt.load_saved_model(str(folder), "init_from")

@@ -124,6 +124,25 @@ def _stale_single_weights_file(folder: Path) -> bool:
         return True
 
 
+def _weights_index_problem(folder: Path) -> str | None:
+    """What is wrong with `folder`'s model.safetensors.index.json (sharded weights), or None where there is none or
+    it is sound: not JSON, not an object, or no `weight_map` object of tensor names to shard file names.
+    transformers reads it without checking its form, and fails deep inside on a wrong one."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, ValueError) as err:  # (UnicodeDecodeError is a ValueError)
+        return f"{index.name} cannot be read as JSON ({err})"
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        return f"{index.name} has no weight_map object of tensor names to shard files (got {type(weight_map).__name__})"
+    return None
+
+
 def load_saved_model(
     path: str,
     setting: str,
@@ -141,7 +160,8 @@ def load_saved_model(
     type; for a tensor stored in a dtype that is not floating point (an integer or bool tensor would be cast to
     floats without a word); for an `lm_head.weight` that differs from the embeddings where config.json says
     they are tied (transformers then unties them, with a log line); for weights with NaN or infinite values in
-    `dtype`; and with `check_generation` (the trainers, whose finished model saves the generation config it loaded),
+    `dtype`; for a sharded weights index that is not JSON or lacks its weight map (`_weights_index_problem`); and
+    with `check_generation` (the trainers, whose finished model saves the generation config it loaded),
     for a generation_config.json that `check_generation_config` refuses."""
     from safetensors import SafetensorError
 
@@ -153,6 +173,9 @@ def load_saved_model(
             f"{setting}={path} holds both model.safetensors and model.safetensors.index.json (sharded weights): "
             "one of them is left from an earlier save, and loaders disagree on which to read; remove the stale one"
         )
+    index_problem = _weights_index_problem(folder)
+    if index_problem is not None:
+        raise ValueError(f"{setting}={path}: its {index_problem}; is the folder's save complete?")
     config_file = folder / "config.json"
     try:  # a local folder's config (None: a Hub id, or unreadable, not JSON, not an object: transformers names it)
         raw = json.loads(config_file.read_text()) if config_file.is_file() else None
