@@ -30,11 +30,13 @@ from dataclasses import dataclass
 from typing import Any, Sequence, TextIO
 
 from llamathink.chat_format import (
+    TemplateRenderTimeout,
     check_content,
     check_fits,
     is_llamathink_template,
     looks_like_llamathink_template,
     prompt_ids,
+    render_deadline,
     set_chat_template,
     storable_text,
     trim_history,
@@ -372,7 +374,10 @@ def load_chat_model(
         probe = [{"role": "user", "content": "Hello, how are you?"}]
         try:
             prompt_ids(tok, probe)
-            rendered = tok.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
+            with render_deadline():
+                rendered = tok.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
+        except TemplateRenderTimeout:
+            raise
         except ValueError as err:  # (prompt_ids turns what the template raises into a ValueError)
             cause = err.__cause__ or err  # jinja2's syntax and undefined-variable errors, a template that raises
             raise ValueError(

@@ -69,6 +69,8 @@ import contextlib
 import hashlib
 import json
 import re
+import sys
+import time
 from typing import Any, Iterable, NamedTuple, Sequence
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -519,6 +521,43 @@ def chat_ids(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+TEMPLATE_RENDER_LIMIT_S = 10.0  # a chat template that takes longer to render a conversation is stopped
+
+
+class TemplateRenderTimeout(ValueError):
+    """A chat template ran past `TEMPLATE_RENDER_LIMIT_S` rendering one conversation (`render_deadline`)."""
+
+
+@contextlib.contextmanager
+def render_deadline(seconds: float | None = None, what: str = "the tokenizer's chat template"):
+    """While the block runs, stop any Jinja template code (the Python that jinja2 compiles a template to, running
+    in frames of the file "<template>") after `seconds` (default `TEMPLATE_RENDER_LIMIT_S`), with
+    `TemplateRenderTimeout` naming `what`: a template
+    that loops without end (jinja2's sandbox caps each `range` at 100,000 items, not loops inside loops) would
+    otherwise hang the chat. Only template frames are traced line by line, and only in this thread; the earlier
+    trace function (a debugger's, coverage's) is put back after."""
+    seconds = TEMPLATE_RENDER_LIMIT_S if seconds is None else seconds
+    deadline = time.monotonic() + seconds
+
+    def on_line(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise TemplateRenderTimeout(
+                f"{what} took longer than {seconds:g} s to render the conversation and was stopped (a loop without "
+                "end?); use another template, or LlamaThink's (`set_chat_template`)"
+            )
+        return on_line
+
+    def on_call(frame, event, arg):
+        return on_line if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
+
+
 class ContextOverflow(ValueError):
     """The newest message alone (with the system prompt) does not fit the context window."""
 
@@ -550,7 +589,12 @@ def prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
                 "(`set_chat_template`), which keeps typed text as text"
             )
     try:
-        out = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=True)
+        with render_deadline():
+            out = tokenizer.apply_chat_template(
+                list(messages), add_generation_prompt=True, tokenize=True, return_dict=True
+            )
+    except TemplateRenderTimeout:
+        raise
     except Exception as err:  # jinja2's TemplateError (a template's raise_exception, e.g. "System role not supported")
         raise ValueError(
             f"the tokenizer's chat template refuses this conversation ({type(err).__name__}: {err})"

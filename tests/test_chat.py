@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 import types
 from collections import Counter
 
@@ -1483,6 +1484,38 @@ def test_chat_refuses_a_broken_chat_template_at_load(finetuned, tmp_path, capsys
     err = capsys.readouterr().err
     assert "chat template (chat_template.jinja or tokenizer_config.json) cannot render" in err
     assert "Traceback" not in err
+
+
+LOOPING_TEMPLATE = (  # 10^10 loop steps inside jinja2's sandbox (which caps each range at 100,000 items)
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+)
+
+
+def test_a_chat_template_that_loops_without_end_is_stopped_by_name(tok, finetuned, tmp_path, capsys, monkeypatch):
+    """Another model's chat template that loops for hours (loops inside loops: jinja2's sandbox caps a range, not
+    their product) is stopped after `TEMPLATE_RENDER_LIMIT_S` with an error naming the template and the time,
+    where a turn is rendered (`prompt_ids`) and when the chat loads (one line, no traceback); the trace function
+    that was set before is set again after (coverage's, a debugger's)."""
+    from llamathink import chat_format
+
+    monkeypatch.setattr(chat_format, "TEMPLATE_RENDER_LIMIT_S", 0.5)
+    looping = copy.deepcopy(tok)
+    looping.chat_template = LOOPING_TEMPLATE
+    before = sys.gettrace()
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"chat template took longer than 0.5 s to render the conversation"):
+        prompt_ids(looping, [{"role": "user", "content": "hi"}])
+    assert time.monotonic() - start < 5 and sys.gettrace() is before
+    quick = copy.deepcopy(tok)  # a template that renders in time is untouched
+    quick.chat_template = "{% for i in range(1000) %}{% endfor %}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert prompt_ids(quick, [{"role": "user", "content": "hi"}]) == quick("hi", add_special_tokens=False)["input_ids"]
+    final = tmp_path / "final"
+    shutil.copytree(finetuned[1] / "final", final)
+    (final / "chat_template.jinja").write_text(LOOPING_TEMPLATE)
+    assert chat_main([str(final), "-p", "Hi!", "--max-new-tokens", "4", "--greedy"]) == 2
+    err = capsys.readouterr().err
+    assert "took longer than 0.5 s to render" in err and "Traceback" not in err, err[-2000:]
 
 
 def test_a_template_that_refuses_a_role_or_a_turn_is_a_one_line_error(tok):
