@@ -333,9 +333,11 @@ def eos_ids(cfg: dict) -> list[int]:
 
 
 def _safetensor_files(d: str) -> list[str]:
-    """The weights files of checkpoint folder `d`: those its `model.safetensors.index.json` maps tensors to, or
-    every `*.safetensors` there. Raises ExportError naming an index that is not JSON, has no `weight_map` of tensor
-    names to file names in `d`, or no weights files at all."""
+    """The weights files of checkpoint folder `d`, those transformers loads: the ones its
+    `model.safetensors.index.json` maps tensors to, else `model.safetensors` (other `*.safetensors` beside it, a
+    PEFT adapter saved in the same folder say, are left out with a note), else every `*.safetensors` there. Raises
+    ExportError naming an index that is not JSON, has no `weight_map` of tensor names to file names in `d`, or no
+    weights files at all."""
     idx = os.path.join(d, "model.safetensors.index.json")
     if os.path.exists(idx):
         try:
@@ -358,6 +360,16 @@ def _safetensor_files(d: str) -> list[str]:
             )
         return sorted({os.path.join(d, v) for v in wm.values()})
     files = sorted(glob.glob(os.path.join(d, "*.safetensors")))
+    single = os.path.join(d, "model.safetensors")
+    if os.path.isfile(single):
+        others = [os.path.basename(f) for f in files if f != single]
+        if others:
+            print(
+                f"note: {d}: exporting model.safetensors, the weights transformers loads; {', '.join(others)} "
+                "beside it left out",
+                file=sys.stderr,
+            )
+        return [single]
     if not files:
         raise ExportError(f"no *.safetensors in {d}")
     return files

@@ -397,7 +397,7 @@ def test_exporter_rejects_bad_checkpoints(tmp_path, capsys):
     assert "does not divide" in capsys.readouterr().err
 
 
-def test_sharded_and_bf16_checkpoints(tmp_path, tiny, run_bin):
+def test_sharded_and_bf16_checkpoints(tmp_path, tiny, run_bin, capsys):
     import torch
 
     model, ck, files = tiny
@@ -418,6 +418,20 @@ def test_sharded_and_bf16_checkpoints(tmp_path, tiny, run_bin):
     assert ex.main([str(sh), str(stale)]) == 1 and not stale.exists()
     with pytest.raises(ValueError, match=r"init_from=.* holds both model.safetensors and model.safetensors.index.json"):
         load_saved_model(str(sh), "init_from")
+    # another *.safetensors beside model.safetensors (a PEFT adapter saved in the same folder): transformers loads
+    # model.safetensors alone, and so does the exporter, with a note naming what it left out
+    from safetensors.numpy import save_file
+
+    save_file(
+        {"base_model.model.lm_head.lora_A.weight": np.zeros((4, 48), np.float32)}, str(ck / "adapter.safetensors")
+    )
+    beside = tmp_path / "beside.bin"
+    try:
+        assert ex.main([str(ck), str(beside)]) == 0
+    finally:
+        (ck / "adapter.safetensors").unlink()
+    assert beside.read_bytes() == files["fp32"].read_bytes()
+    assert "adapter.safetensors beside it left out" in capsys.readouterr().err
     # a checkpoint stored in bf16 exports to bf16 with the matmul weights bit-identical
     b16 = tmp_path / "b16"
     model.to(torch.bfloat16).save_pretrained(b16)
