@@ -39,6 +39,8 @@ MAX_SIZES = {
     "csa_window": 1 << 20,
 }
 MAX_WIDTH = 1 << 20  # the attention query width and the Gated DeltaNet conv width (run.c's limit too)
+MAX_ROPE_THETA = 1e12  # rope_theta below this (run.c's range)
+MAX_EOS_IDS = 16  # end-of-sequence ids a config may list (run.c's)
 MAX_GDN_CHUNK = 4096
 # The bounds of A_init_range and dt_init_range: float32's smallest positive normal number (the layers keep log(A) and
 # the inverse softplus of dt in float32), and a largest value that keeps the chunked delta rule's running sum of
@@ -278,6 +280,11 @@ class LlamaThinkConfig(PretrainedConfig):
         self.dt_init_range = list(dt_init_range) if isinstance(dt_init_range, (list, tuple)) else dt_init_range
         if mixer_types is None:
             _check_positive_int("num_hidden_layers", num_hidden_layers)
+            if num_hidden_layers > MAX_SIZES["num_hidden_layers"]:  # before a default pattern of its length is made
+                raise ValueError(
+                    f"num_hidden_layers={num_hidden_layers} is past the {MAX_SIZES['num_hidden_layers']:,} this model "
+                    "(and the C runner) supports"
+                )
             if num_hidden_layers % len(DEFAULT_MIXER_PATTERN) != 0:
                 raise ValueError(
                     f"mixer_types is not given and num_hidden_layers={num_hidden_layers} is not a multiple of "
@@ -388,6 +395,13 @@ class LlamaThinkConfig(PretrainedConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+        # the C runner's ranges (export_c's FLOAT_FIELDS): a model the config takes is one it exports
+        if self.rope_theta >= MAX_ROPE_THETA:
+            raise ValueError(f"rope_theta={self.rope_theta!r} is past the {MAX_ROPE_THETA:g} this model supports")
+        if self.rms_norm_eps >= 1:
+            raise ValueError(
+                f"rms_norm_eps must be below 1 (a small number added to the mean square), got {self.rms_norm_eps!r}"
+            )
         if not isinstance(self.mixer_types, list):  # (a config error, ValueError like every other here)
             raise ValueError(  # noqa: TRY004
                 f"mixer_types must be a list of mixer names, one per layer, got {self.mixer_types!r}"
@@ -514,6 +528,8 @@ class LlamaThinkConfig(PretrainedConfig):
             )
             if isinstance(value, (list, tuple)) and (name != "eos_token_id" or not value or None in value):
                 raise ValueError(f"{name} must be {allowed}, got {value!r}")
+            if isinstance(value, (list, tuple)) and len(value) > MAX_EOS_IDS:
+                raise ValueError(f"{name} has {len(value)} ids; at most {MAX_EOS_IDS} are supported (the C runner's)")
             for token_id in ids:
                 if token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int)):
                     raise ValueError(f"{name} must be {allowed}, got {value!r}")

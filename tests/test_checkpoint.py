@@ -1869,7 +1869,10 @@ def test_trainers_refuse_an_init_from_generation_config_that_generate_could_not_
 @pytest.mark.parametrize(
     ("index", "message"),
     [
-        ("{broken", r"its model\.safetensors\.index\.json cannot be read as JSON \(Expecting property name"),
+        (
+            "{broken",
+            r"its model\.safetensors\.index\.json cannot be read as JSON \(JSONDecodeError: Expecting property",
+        ),
         (
             json.dumps({"weight_map": [1, 2]}),
             r"its model\.safetensors\.index\.json has no weight_map object .* \(got list\)",
@@ -1879,6 +1882,9 @@ def test_trainers_refuse_an_init_from_generation_config_that_generate_could_not_
             json.dumps({"weight_map": {"model.norm.weight": 7}}),
             r"its .*index\.json has no weight_map object .* \(got dict\)",
         ),
+        (json.dumps({"weight_map": {}, "metadata": {}}), r"its .*index\.json maps no tensors"),
+        ("[" * 100000 + "]" * 100000, r"its .*index\.json cannot be read as JSON \(RecursionError"),
+        ("no-metadata", r"its .*index\.json has no metadata object \(got NoneType\)"),
     ],
 )
 def test_a_damaged_sharded_weights_index_is_named_where_a_run_or_chat_loads_it(index, message, tmp_path):
@@ -1890,6 +1896,50 @@ def test_a_damaged_sharded_weights_index_is_named_where_a_run_or_chat_loads_it(i
     folder = tmp_path / "m"
     tiny_model(dtype=torch.float32).save_pretrained(folder, max_shard_size="20KB")
     assert isinstance(ckpt.load_saved_model(str(folder), "init_from"), LlamaThinkForCausalLM)
+    if index == "no-metadata":  # the real index without its metadata
+        index = json.dumps(
+            {"weight_map": json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]}
+        )
     (folder / "model.safetensors.index.json").write_text(index)
     with pytest.raises(ValueError, match=rf"init_from=.*m: {message}"):
         ckpt.load_saved_model(str(folder), "init_from")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[]", r"holds a list, not a JSON object of settings"),
+        ("null", r"holds a NoneType, not a JSON object"),
+        ("{broken", r"cannot be read as JSON \(JSONDecodeError"),
+        (json.dumps({"pad_token_id": "0"}), r"is refused by transformers \(TypeError"),
+        (json.dumps({"num_return_sequences": 2}), r"is refused by transformers \(ValueError: Greedy methods"),
+        (json.dumps({"repetition_penalty": 2}), r"makes generate\(\) fail \(ValueError: .*penalty"),
+        (json.dumps({"forced_eos_token_id": 100000}), r"makes generate\(\) fail \(IndexError"),
+        (json.dumps({"do_sample": True, "temperature": 2}), r"makes generate\(\) fail \(ValueError: .*temperature"),
+    ],
+)
+def test_trainers_name_a_generation_config_that_transformers_or_generate_refuse_and_the_chat_skips_it(
+    text,
+    message,
+    model_json,  # noqa: F811
+    tmp_path,
+):
+    """A generation_config.json that is no JSON object, that transformers refuses (a bare TypeError or a message
+    without the file's name from inside `from_pretrained` before), or with which generate() fails at its first
+    tokens (an integer penalty, a forced token outside the vocabulary: the trainers' sample steps failed mid-run):
+    refused by file where the trainers load `init_from`; the chat, which generates with its own settings, loads
+    the folder without reading it. The probe generate() leaves torch's random state as it was."""
+    config = json.loads(Path(model_json).read_text())
+    folder = tmp_path / "m"
+    LlamaThinkForCausalLM(LlamaThinkConfig(**{**config, "vocab_size": 128})).save_pretrained(folder)
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.7}))
+    state = torch.random.get_rng_state()
+    ckpt.load_saved_model(str(folder), "init_from", check_generation=True)  # sampling in the probe
+    assert torch.equal(torch.random.get_rng_state(), state)
+    (folder / "generation_config.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"init_from=.*m: its generation_config.json {message}"):
+        ckpt.load_saved_model(str(folder), "init_from", check_generation=True)
+    from transformers import GenerationConfig
+
+    model = ckpt.load_saved_model(str(folder), "model")  # the file not read: transformers' defaults
+    assert model.generation_config.to_json_string() == GenerationConfig().to_json_string()

@@ -119,6 +119,10 @@ def test_default_config_is_the_95m_model():
         ({"hidden_size": 2**17, "head_dim": 64, "num_attention_heads": 4}, "hidden_size=131072 is past"),
         # counts and widths that would build a million layers or allocate terabytes before any other check
         ({"num_hidden_layers": 513, "mixer_types": ["linear"] * 513}, "num_hidden_layers=513 is past the 512"),
+        ({"num_hidden_layers": 4 * 10**12, "mixer_types": None}, "num_hidden_layers=4000000000000 is past the 512"),
+        ({"rope_theta": 1e13}, r"rope_theta=10000000000000.0 is past the 1e\+12"),
+        ({"rms_norm_eps": 2.0}, "rms_norm_eps must be below 1"),
+        ({"eos_token_id": list(range(2, 19))}, "eos_token_id has 17 ids; at most 16"),
         ({"num_attention_heads": 8192, "num_key_value_heads": 1}, "num_attention_heads=8192 is past the 4,096"),
         ({"linear_key_head_dim": 10**6}, "linear_key_head_dim=1000000 is past the 4,096"),
         ({"linear_num_value_heads": 10**5}, "linear_num_value_heads=100000 is past"),

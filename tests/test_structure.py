@@ -330,6 +330,10 @@ def test_the_configs_size_limits_are_the_exporters():
     for name, limit in configuration.MAX_SIZES.items():
         assert ex.INT_RANGES[name][1] == limit, name
     assert ex.INT_RANGES["max_position_embeddings"][1] == configuration.MAX_CONTEXT
-    assert ex.WIDTH_LIMIT == configuration.MAX_WIDTH
+    assert ex.WIDTH_LIMIT == configuration.MAX_WIDTH and ex.MAX_EOS == configuration.MAX_EOS_IDS
+    rope_in_range, _ = ex.FLOAT_FIELDS["rope_theta"]
+    assert rope_in_range(configuration.MAX_ROPE_THETA * 0.999) and not rope_in_range(configuration.MAX_ROPE_THETA)
+    eps_in_range, _ = ex.FLOAT_FIELDS["rms_norm_eps"]
+    assert eps_in_range(0.999) and not eps_in_range(1.0)
     # every size field the exporter bounds, the config bounds (the context and the query widths above)
     assert set(ex.INT_RANGES) - set(configuration.MAX_SIZES) == {"max_position_embeddings"}

@@ -133,13 +133,17 @@ def _weights_index_problem(folder: Path) -> str | None:
         return None
     try:
         data = json.loads(index.read_text())
-    except (OSError, ValueError) as err:  # (UnicodeDecodeError is a ValueError)
-        return f"{index.name} cannot be read as JSON ({err})"
+    except (OSError, ValueError, RecursionError) as err:  # (UnicodeDecodeError is a ValueError)
+        return f"{index.name} cannot be read as JSON ({type(err).__name__}: {err})"
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         return f"{index.name} has no weight_map object of tensor names to shard files (got {type(weight_map).__name__})"
+    if not weight_map:
+        return f"{index.name} maps no tensors (an empty weight_map)"
+    if not isinstance(data.get("metadata"), dict):  # transformers reads its total size from there
+        return f"{index.name} has no metadata object (got {type(data.get('metadata')).__name__})"
     return None
 
 
@@ -181,6 +185,8 @@ def load_saved_model(
         raw = json.loads(config_file.read_text()) if config_file.is_file() else None
     except (OSError, ValueError):
         raw = None
+    except RecursionError:  # (transformers' own reading would raise it from deep inside)
+        raise ValueError(f"{setting}={path}: its config.json is nested too deeply to be read as JSON") from None
     raw = raw if isinstance(raw, dict) else None
     if auto:
         from transformers import AutoModelForCausalLM as loader
@@ -201,6 +207,13 @@ def load_saved_model(
                 f"{setting}={path} is not a LlamaThink model: its config.json gives model_type {model_type!r} "
                 "(a LlamaThink model's is 'llamathink')"
             )
+    # The generation config: the trainers' read here first (transformers raises a bare TypeError for some damaged
+    # files), the chat's not at all (it generates with its own settings alone)
+    kwargs["generation_config"] = _read_generation_config(folder, setting, path) if check_generation else None
+    if kwargs["generation_config"] is None:
+        from transformers import GenerationConfig
+
+        kwargs["generation_config"] = GenerationConfig()
     try:  # (a misshapen tensor is loaded as a fresh one and listed, to be named below)
         model, info = loader.from_pretrained(
             path, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
@@ -285,15 +298,42 @@ GENERATION_REAL_FIELDS = (
 )
 
 
+def _read_generation_config(folder: Path, setting: str, path: str):
+    """The `GenerationConfig` of a local folder's generation_config.json, or None (no such file, or a Hub id: then
+    transformers' defaults from the model's config). Raises ValueError naming the file where it is not a JSON object
+    or transformers refuses its values."""
+    from transformers import GenerationConfig
+
+    file = folder / "generation_config.json"
+    if not file.is_file():
+        return None
+    where = f"{setting}={path}: its generation_config.json"
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError, RecursionError) as err:  # (UnicodeDecodeError is a ValueError)
+        raise ValueError(f"{where} cannot be read as JSON ({type(err).__name__}: {err}); fix or remove it") from None
+    if not isinstance(data, dict):
+        raise ValueError(  # noqa: TRY004 - a file error, ValueError like every other refusal here
+            f"{where} holds a {type(data).__name__}, not a JSON object of settings; fix or remove it"
+        )
+    try:
+        return GenerationConfig.from_dict(data)
+    except Exception as err:  # noqa: BLE001 - transformers' refusals (ValueError, TypeError for mistyped fields)
+        raise ValueError(
+            f"{where} is refused by transformers ({type(err).__name__}: {err}); fix or remove it"
+        ) from None
+
+
 def check_generation_config(model, setting: str, path: str) -> None:
     """Refuse, with a ValueError naming `setting`, `path`, the file and the field, a loaded model's generation
     config (its folder's generation_config.json) that generate() could not use, or that would make it allocate
     without bound: token ids (BOS, EOS, pad, decoder start) that are not ids of the model's vocabulary (EOS may be a
     list of them), counts and lengths that are not integers at or above their least value (max_length 1, num_beams
     1, min_length 0, ...), more than `MAX_GENERATION_BEAMS` beams or returned sequences, real-valued settings out
-    of range (temperature, top_p, repetition_penalty, ...). transformers loads such files as they are (its own
-    `GenerationConfig.validate`, run as it loads them, checks how settings combine, not these), and
-    `save_pretrained` writes them into the finished model, so a training run would hand them on."""
+    of range (temperature, top_p, repetition_penalty, ...), and settings with which a two-token generate() on the
+    loaded model fails (an integer penalty, a forced token outside the vocabulary, ...). transformers loads such
+    files as they are (its own `GenerationConfig.validate`, run as it loads them, checks how settings combine,
+    not these), and `save_pretrained` writes them into the finished model, so a training run would hand them on."""
     gen = getattr(model, "generation_config", None)
     if gen is None:
         return
@@ -323,6 +363,19 @@ def check_generation_config(model, setting: str, path: str) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not test(value):
             raise ValueError(f"{where} has {field}={value!r}: it must be {what}; {hint}")
+    # What the fields above do not cover (settings transformers checks only as it generates: an integer penalty, a
+    # forced or banned token outside the vocabulary, ...): two tokens generated with these settings, on the CPU
+    # weights as loaded, the random state kept as it was (a run's draws do not depend on this probe)
+    config = model.config
+    first = config.bos_token_id if isinstance(config.bos_token_id, int) else 0
+    ids = torch.tensor([[first]], device=next(model.parameters()).device)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        try:
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=0, min_length=0)
+        except Exception as err:  # noqa: BLE001 - whatever generate() raises for these settings
+            raise ValueError(
+                f"{where} makes generate() fail ({type(err).__name__}: {str(err)[:300]}); {hint}"
+            ) from None
 
 
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # safetensors' names of the dtypes weights may have
