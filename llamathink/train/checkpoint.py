@@ -207,13 +207,14 @@ def load_saved_model(
                 f"{setting}={path} is not a LlamaThink model: its config.json gives model_type {model_type!r} "
                 "(a LlamaThink model's is 'llamathink')"
             )
-    # The generation config: the trainers' read here first (transformers raises a bare TypeError for some damaged
-    # files), the chat's not at all (it generates with its own settings alone)
-    kwargs["generation_config"] = _read_generation_config(folder, setting, path) if check_generation else None
-    if kwargs["generation_config"] is None:
-        from transformers import GenerationConfig
+    # The generation config: a local folder's read here first for the trainers (transformers raises a bare
+    # TypeError for some damaged files; a Hub id's is read by transformers), not read at all for the chat (it
+    # generates with its own settings alone)
+    from transformers import GenerationConfig
 
-        kwargs["generation_config"] = GenerationConfig()
+    generation = _read_generation_config(folder, setting, path) if check_generation else GenerationConfig()
+    if generation is not None:
+        kwargs["generation_config"] = generation
     try:  # (a misshapen tensor is loaded as a fresh one and listed, to be named below)
         model, info = loader.from_pretrained(
             path, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
@@ -300,7 +301,7 @@ GENERATION_REAL_FIELDS = (
 
 def _read_generation_config(folder: Path, setting: str, path: str):
     """The `GenerationConfig` of a local folder's generation_config.json, or None (no such file, or a Hub id: then
-    transformers' defaults from the model's config). Raises ValueError naming the file where it is not a JSON object
+    transformers reads the Hub's, or makes one from the model's config). Raises ValueError naming the file where it is not a JSON object
     or transformers refuses its values."""
     from transformers import GenerationConfig
 
