@@ -301,8 +301,8 @@ GENERATION_REAL_FIELDS = (
 
 def _read_generation_config(folder: Path, setting: str, path: str):
     """The `GenerationConfig` of a local folder's generation_config.json, or None (no such file, or a Hub id: then
-    transformers reads the Hub's, or makes one from the model's config). Raises ValueError naming the file where it is not a JSON object
-    or transformers refuses its values."""
+    transformers reads the Hub's, or makes one from the model's config). Raises ValueError naming the file where it
+    is not a JSON object or transformers refuses its values."""
     from transformers import GenerationConfig
 
     file = folder / "generation_config.json"
@@ -372,7 +372,7 @@ def check_generation_config(model, setting: str, path: str) -> None:
     ids = torch.tensor([[first]], device=next(model.parameters()).device)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         try:
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=0, min_length=0)
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=0)
         except Exception as err:  # noqa: BLE001 - whatever generate() raises for these settings
             raise ValueError(
                 f"{where} makes generate() fail ({type(err).__name__}: {str(err)[:300]}); {hint}"
