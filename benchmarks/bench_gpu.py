@@ -1,6 +1,7 @@
 """Training and generation throughput on one GPU, LlamaThink beside its Hugging Face peers.
 
     python benchmarks/bench_gpu.py [--batch 16] [--seq 1024] [--steps 10] [--compile] [--budget-s 240] [--out results.json]
+                                   [--interleave ROUNDS]
 
 Models at the 95M shape with tied embeddings: LlamaThink with a Gated DeltaNet backend (fla, torch), transformers'
 LlamaForCausalLM (all full attention) and transformers' Qwen3.5 text model with the pattern linear, linear, full,
@@ -11,24 +12,27 @@ the first step's seconds (with --compile: the compilation), then greedy `generat
 
 Each model runs in its own process with its own time limit (`--budget-s`), one after the other, so that one slow
 compilation cannot take the others' time; a model listed twice measures a warm restart (the second process finds the
-first one's compiler caches). Compiled LlamaThink is compiled by regions (`compile_layers`: runs of the mixer
-pattern, what `compile: true` trains with); `llamathink:<backend>:whole` compiles the whole model as one graph
-instead; the peers are compiled whole (`torch.compile(model)`). Variants of LlamaThink: `:no-hc` (hyper-connections
-off), `:packed` (documents of 64-700 tokens per row, position ids restarting: the document-masked training path),
-`:device-checks` (the forward checks its token ids and labels itself, with host syncs every step, as outside the
-training loop, which checks them on the host: `inputs_checked_by_caller`), `:eager-decode` (one-token steps without
-CUDA graphs), `:head128` (8 Gated DeltaNet heads of 128 instead of 9 of 112: what fla's padding of 112 to 128-wide
-tiles costs), `:untuned-fla` (fla's kernels autotuned in the process instead of taking the package's recorded
-choices, `LLAMATHINK_FLA_TUNED_CONFIGS=0`), `:prebuild` (compiled: fla's kernels built by a child process while the
-first step compiles, `start_fla_prebuild`, as the pretraining loop does), `:csa-chunk<N>` (the CSA window's local
-path in query chunks of N, `local_chunk`: the same function, run in other kernels; the default is 128), `:group<N>`
-(compiled: runs of N consecutive layers per compiled region, `compile_layers(layers_per_graph=N)`; `:group1` compiles
-each layer alone; the default is one repetition of the mixer pattern), `:loss-rows<N>` (the chunked loss in chunks of
-at most N rows, `chunked_causal_lm_loss(chunk_rows=N)`). On any model, `:cudagraphs` compiles with
+first one's compiler caches). `--interleave ROUNDS` instead builds the models in this one process and runs their
+eager training in turns, `--steps` steps each per round, and gives each round's tokens/s ratio to the first model:
+rows of separate processes can differ by more than the change measured (BENCHMARKS.md section 1, session 52).
+Compiled LlamaThink is compiled by regions (`compile_layers`: runs of the mixer pattern, what `compile: true` trains
+with); `llamathink:<backend>:whole` compiles the whole model as one graph instead; the peers are compiled whole
+(`torch.compile(model)`). Variants of LlamaThink: `:no-hc` (hyper-connections off), `:packed` (documents of 64-700
+tokens per row, position ids restarting: the document-masked training path), `:device-checks` (the forward checks
+its token ids and labels itself, with host syncs every step, as outside the training loop, which checks them on the
+host: `inputs_checked_by_caller`), `:eager-decode` (one-token steps without CUDA graphs), `:head128` (8 Gated
+DeltaNet heads of 128 instead of 9 of 112: what fla's padding of 112 to 128-wide tiles costs), `:untuned-fla` (fla's
+kernels autotuned in the process instead of taking the package's recorded choices,
+`LLAMATHINK_FLA_TUNED_CONFIGS=0`), `:prebuild` (compiled: fla's kernels built by a child process while the first
+step compiles, `start_fla_prebuild`, as the pretraining loop does), `:csa-chunk<N>` (the CSA window's local path in
+query chunks of N, `local_chunk`: the same function, run in other kernels; the default is 128), `:group<N>`
+(compiled: runs of N consecutive layers per compiled region, `compile_layers(layers_per_graph=N)`; `:group1`
+compiles each layer alone; the default is one repetition of the mixer pattern), `:loss-rows<N>` (the chunked loss in
+chunks of at most N rows, `chunked_causal_lm_loss(chunk_rows=N)`). On any model, `:cudagraphs` compiles with
 `mode="reduce-overhead"` (the compiled kernels replayed as CUDA graphs: no per-kernel launch cost on the host) and
 `:cold` runs the process with new, empty compiler caches (Triton's, inductor's, tilelang's), so that its first step
-is what a fresh machine pays, however warm this one is. Compiled LlamaThink takes the inductor options training takes
-(`llamathink.train.loop.compile_kwargs`): combo kernels, as the run setting `combo_kernels` does by default
+is what a fresh machine pays, however warm this one is. Compiled LlamaThink takes the inductor options training
+takes (`llamathink.train.loop.compile_kwargs`): combo kernels, as the run setting `combo_kernels` does by default
 (`:no-combo`: without them), and `TRAINING_INDUCTOR_OPTIONS`; a peer compiles with torch.compile's defaults, or with
 `:combo` with training's options."""
 
