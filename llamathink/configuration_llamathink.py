@@ -50,6 +50,12 @@ MAX_GDN_CHUNK = 4096
 INIT_RANGE_MIN, INIT_RANGE_MAX = 2.0**-126, 1e15
 
 
+def _check_max_size(name: str, value: int) -> None:
+    """Raise ValueError where size field `name`'s `value` is past its `MAX_SIZES` limit."""
+    if value > MAX_SIZES[name]:
+        raise ValueError(f"{name}={value} is past the {MAX_SIZES[name]:,} this model (and the C runner) supports")
+
+
 def _saved_config(config_dict):
     """A config dict as `from_pretrained` / `from_json_file` read it from a file: `_without_csa_blend_bias`, then
     `_without_unapplied_rope`."""
@@ -280,11 +286,7 @@ class LlamaThinkConfig(PretrainedConfig):
         self.dt_init_range = list(dt_init_range) if isinstance(dt_init_range, (list, tuple)) else dt_init_range
         if mixer_types is None:
             _check_positive_int("num_hidden_layers", num_hidden_layers)
-            if num_hidden_layers > MAX_SIZES["num_hidden_layers"]:  # before a default pattern of its length is made
-                raise ValueError(
-                    f"num_hidden_layers={num_hidden_layers} is past the {MAX_SIZES['num_hidden_layers']:,} this model "
-                    "(and the C runner) supports"
-                )
+            _check_max_size("num_hidden_layers", num_hidden_layers)  # before a default pattern of its length is made
             if num_hidden_layers % len(DEFAULT_MIXER_PATTERN) != 0:
                 raise ValueError(
                     f"mixer_types is not given and num_hidden_layers={num_hidden_layers} is not a multiple of "
@@ -444,11 +446,8 @@ class LlamaThinkConfig(PretrainedConfig):
                 f"max_position_embeddings={self.max_position_embeddings} is past the {MAX_CONTEXT:,} positions this "
                 "model (and the C runner) supports"
             )
-        for name, limit in MAX_SIZES.items():  # (a typo of a few digits would allocate terabytes in the first layer)
-            if getattr(self, name) > limit:
-                raise ValueError(
-                    f"{name}={getattr(self, name)} is past the {limit:,} this model (and the C runner) supports"
-                )
+        for name in MAX_SIZES:  # (a typo of a few digits would allocate terabytes in the first layer)
+            _check_max_size(name, getattr(self, name))
         widths = {
             "the attention query width num_attention_heads * head_dim": self.num_attention_heads * self.head_dim,
             "the Gated DeltaNet conv width 2 * linear_num_key_heads * linear_key_head_dim + linear_num_value_heads * "

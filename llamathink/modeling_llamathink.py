@@ -1369,8 +1369,9 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         B, T, _ = z.shape
         z = z.reshape(B, T, self.num_v_heads, self.head_v_dim)
         if fused_norm and type(self.norm) is LlamaThinkGatedRMSNorm and self.norm.fla_takes(o):
-            return self.out_proj(self.norm(o, z, fused=True).reshape(B, T, self.value_dim))
-        o = self.norm(o.to(dtype), z)  # [B, T, Hv, Dv]
+            o = self.norm(o, z, fused=True)
+        else:
+            o = self.norm(o.to(dtype), z)  # [B, T, Hv, Dv]
         return self.out_proj(o.reshape(B, T, self.value_dim))
 
     def decode_static(self, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

@@ -111,40 +111,42 @@ def check_saved_model_path(path: str, setting: str) -> None:
         raise FileNotFoundError(f"{setting}={path}: no such folder")
 
 
-def _stale_single_weights_file(folder: Path) -> bool:
-    """Whether `folder` holds a model.safetensors beside a model.safetensors.index.json that does not name it (an
-    unreadable index names nothing)."""
-    index = folder / "model.safetensors.index.json"
-    if not ((folder / "model.safetensors").is_file() and index.is_file()):
-        return False
-    try:
-        weight_map = json.loads(index.read_text()).get("weight_map") or {}
-        return "model.safetensors" not in set(weight_map.values())
-    except (OSError, ValueError, AttributeError, TypeError):
-        return True
-
-
-def _weights_index_problem(folder: Path) -> str | None:
-    """What is wrong with `folder`'s model.safetensors.index.json (sharded weights), or None where there is none or
-    it is sound: not JSON, not an object, or no `weight_map` object of tensor names to shard file names.
-    transformers reads it without checking its form, and fails deep inside on a wrong one."""
+def _weights_index_problem(folder: Path, where: str) -> str | None:
+    """Why `folder`'s model.safetensors.index.json (sharded weights) cannot be loaded, as a message beginning with
+    `where`, or None where there is no index or it is sound. Read once, checked in this order: a model.safetensors
+    beside an index that does not name it (one of them stale: transformers loads the single file, the C exporter,
+    as sharded saves mean, the index's shards; an unreadable index names nothing); then the index's own form, which
+    transformers reads without checking and fails deep inside on: not JSON, no `weight_map` object of tensor names
+    to shard file names, an empty one, no `metadata` object."""
     index = folder / "model.safetensors.index.json"
     if not index.is_file():
         return None
     try:
-        data = json.loads(index.read_text())
+        data, unreadable = json.loads(index.read_text()), None
     except (OSError, ValueError, RecursionError) as err:  # (UnicodeDecodeError is a ValueError)
-        return f"{index.name} cannot be read as JSON ({type(err).__name__}: {err})"
+        data, unreadable = None, f"{index.name} cannot be read as JSON ({type(err).__name__}: {err})"
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not all(
+    names_single = isinstance(weight_map, dict) and "model.safetensors" in weight_map.values()
+    if (folder / "model.safetensors").is_file() and not names_single:
+        return (
+            f"{where} holds both model.safetensors and model.safetensors.index.json (sharded weights): one of them is "
+            "left from an earlier save, and loaders disagree on which to read; remove the stale one"
+        )
+    if unreadable is not None:
+        problem = unreadable
+    elif not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
-        return f"{index.name} has no weight_map object of tensor names to shard files (got {type(weight_map).__name__})"
-    if not weight_map:
-        return f"{index.name} maps no tensors (an empty weight_map)"
-    if not isinstance(data.get("metadata"), dict):  # transformers reads its total size from there
-        return f"{index.name} has no metadata object (got {type(data.get('metadata')).__name__})"
-    return None
+        problem = (
+            f"{index.name} has no weight_map object of tensor names to shard files (got {type(weight_map).__name__})"
+        )
+    elif not weight_map:
+        problem = f"{index.name} maps no tensors (an empty weight_map)"
+    elif not isinstance(data.get("metadata"), dict):  # transformers reads its total size from there
+        problem = f"{index.name} has no metadata object (got {type(data.get('metadata')).__name__})"
+    else:
+        return None
+    return f"{where}: its {problem}; is the folder's save complete?"
 
 
 def load_saved_model(
@@ -164,22 +166,16 @@ def load_saved_model(
     type; for a tensor stored in a dtype that is not floating point (an integer or bool tensor would be cast to
     floats without a word); for an `lm_head.weight` that differs from the embeddings where config.json says
     they are tied (transformers then unties them, with a log line); for weights with NaN or infinite values in
-    `dtype`; for a sharded weights index that is not JSON or lacks its weight map (`_weights_index_problem`); and
+    `dtype`; for a sharded weights index that is stale, not JSON or lacks its weight map (`_weights_index_problem`); and
     with `check_generation` (the trainers, whose finished model saves the generation config it loaded),
     for a generation_config.json that `check_generation_config` refuses."""
     from safetensors import SafetensorError
 
     check_saved_model_path(path, setting)
     folder = Path(path).expanduser()
-    if _stale_single_weights_file(folder):
-        # transformers loads the single file, the C exporter (as sharded saves mean) the index's shards
-        raise ValueError(
-            f"{setting}={path} holds both model.safetensors and model.safetensors.index.json (sharded weights): "
-            "one of them is left from an earlier save, and loaders disagree on which to read; remove the stale one"
-        )
-    index_problem = _weights_index_problem(folder)
+    index_problem = _weights_index_problem(folder, f"{setting}={path}")
     if index_problem is not None:
-        raise ValueError(f"{setting}={path}: its {index_problem}; is the folder's save complete?")
+        raise ValueError(index_problem)
     config_file = folder / "config.json"
     try:  # a local folder's config (None: a Hub id, or unreadable, not JSON, not an object: transformers names it)
         raw = json.loads(config_file.read_text()) if config_file.is_file() else None
