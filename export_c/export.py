@@ -247,7 +247,7 @@ def load_config(d: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, >4300 digits, too deep
         raise ExportError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ExportError(f"{path} holds a JSON {type(raw).__name__}, not a config object")
@@ -343,7 +343,7 @@ def _safetensor_files(d: str) -> list[str]:
         try:
             with open(idx, encoding="utf-8") as f:
                 wm = json.load(f)
-        except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8, not JSON, nested too deeply
             raise ExportError(f"{idx} cannot be read as JSON: {e}") from e
         wm = wm.get("weight_map") if isinstance(wm, dict) else None
         if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):

@@ -184,7 +184,7 @@ def read_text_guard_flag(path: str) -> int:
     try:
         with open(path, encoding="utf-8") as f:
             j = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise TokenizerExportError(f"{path}: cannot read it to check its normalizer ({e})") from e
     if not isinstance(j, dict):
         raise TokenizerExportError(f"{path}: not a tokenizer.json (not a JSON object)")
@@ -196,7 +196,8 @@ def read_hf_json(path: str) -> dict:
     beside it. Raises TokenizerExportError naming the file when either is not valid JSON of the expected shape."""
     try:
         return _read_hf_json(path)
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # (JSONDecodeError is a ValueError)
+    # (JSONDecodeError is a ValueError; RecursionError: nesting too deep)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
         raise TokenizerExportError(
             f"{path} (or the tokenizer_config.json beside it): not a readable tokenizer file ({type(e).__name__}: {e})"
         ) from e
@@ -433,7 +434,7 @@ def _chat_template_text(src: str) -> str | None:
     try:
         with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as f:
             value = json.load(f).get("chat_template")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
     return value if isinstance(value, str) else None
 

@@ -355,8 +355,14 @@ class LlamaThinkConfig(PretrainedConfig):
 
     @classmethod
     def _dict_from_json_file(cls, json_file):
-        """The same for `from_json_file`, which builds the config from the file's dict without `from_dict`."""
-        return _saved_config(super()._dict_from_json_file(json_file))
+        """The same for `from_json_file`, which builds the config from the file's dict without `from_dict`. Raises
+        OSError naming the file where it is no JSON that Python can read: transformers names a syntax error, but a
+        number past Python's 4300 digits or nesting past the recursion limit would come from deep inside it."""
+        try:
+            config_dict = super()._dict_from_json_file(json_file)
+        except (ValueError, RecursionError) as err:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+            raise OSError(f"the config file {json_file} cannot be read as JSON ({type(err).__name__}: {err})") from None
+        return _saved_config(config_dict)
 
     def validate_llamathink(self):
         """Raise `ValueError` naming the field when the configuration cannot describe a working model. NumPy

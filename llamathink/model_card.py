@@ -61,7 +61,7 @@ def _pretraining_data(cfg) -> tuple[str, list[str]]:
     meta_path = Path(cfg.data_dir) / "meta.json"
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return f"token shards in `{cfg.data_dir}`", []
     # an edited or foreign meta.json must not break the end of a training run: fields of other types are left out
     source = _field(meta, "source", dict) or {}

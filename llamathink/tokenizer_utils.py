@@ -588,18 +588,6 @@ def greedy_encode(text: str, pieces: Sequence[str], scores: Sequence[float]) -> 
 # ---------------------------------------------------------------------------
 
 
-def _read_texts(paths: Sequence[str], text_field: str) -> Iterator[str]:
-    for p in paths:
-        if p.endswith(".jsonl"):
-            with open(p, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        yield json.loads(line)[text_field]
-        else:
-            with open(p, encoding="utf-8") as f:
-                yield f.read()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m llamathink.tokenizer_utils train|info ...``"""
     ap = argparse.ArgumentParser(prog="python -m llamathink.tokenizer_utils", description=__doc__.split("\n\n")[0])
@@ -609,22 +597,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--input",
         nargs="*",
         default=[],
-        help=".txt (one document per file) or .jsonl files; default: the bundled sample corpus",
+        help="files, folders or globs of documents, as `llamathink-prepare --input` reads them (.txt: one document "
+        "per file, .jsonl, .jsonl.gz, .parquet); default: the bundled sample corpus",
     )
     tr.add_argument("--text-field", default="text")
+    tr.add_argument(
+        "--skip-bad-records",
+        action="store_true",
+        help="skip records that cannot be read (not JSON, no text field, not UTF-8...) and count them",
+    )
     tr.add_argument("--vocab-size", type=int, default=DEFAULT_BUILTIN_VOCAB)
     tr.add_argument("--out", required=True, help="output directory")
     info = sub.add_parser("info", help="load a tokenizer and print a summary")
     info.add_argument("name_or_path")
     info.add_argument("--text", default="Hello world")
     args = ap.parse_args(argv)
+    try:  # bad input (a missing file, a record that is not JSON, too small a vocabulary): one line naming it
+        if args.cmd == "train":
+            from .data.preparation import BadRecords, LocalSource  # (the data package's reader, checks and formats)
+
+            bad = BadRecords(args.skip_bad_records)
+            source = LocalSource(args.input, text_field=args.text_field) if args.input else None
+            tok = train_tokenizer(source.documents(bad) if source else iter_sample_texts(), vocab_size=args.vocab_size)
+            if bad.total:
+                print(f"skipped {bad.total} bad record(s) {bad.summary()['by_kind']}; first: {bad.examples[0]}")
+        else:
+            tok = load_tokenizer(args.name_or_path)
+    except (ValueError, OSError) as err:
+        ap.exit(2, f"{ap.prog}: error: {err}\n")
     if args.cmd == "train":
-        texts = _read_texts(args.input, args.text_field) if args.input else iter_sample_texts()
-        tok = train_tokenizer(texts, vocab_size=args.vocab_size)
         tok.save_pretrained(args.out)
         print(f"saved tokenizer with {len(tok)} tokens to {args.out}")
     else:
-        tok = load_tokenizer(args.name_or_path)
         ids = tok.encode(args.text, add_special_tokens=False)
         print(
             json.dumps(

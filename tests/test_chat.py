@@ -530,9 +530,10 @@ def test_messages_sharegpt_and_person_rows_from_jsonl_and_datasets(tmp_path, mon
     path.write_bytes(path.read_bytes() + b'{"text": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=r"chats.jsonl:6: not UTF-8 text"):
         load_conversations(str(path))
-    path.write_text(json.dumps(rows[0]) + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"chats.jsonl:2: not valid JSON"):
-        load_conversations(str(path))
+    for bad in ("{not json", '{"id": ' + "9" * 5000 + "}", "[" * 100_000 + "]" * 100_000):  # (Python's own limits)
+        path.write_text(json.dumps(rows[0]) + "\n" + bad + "\n")
+        with pytest.raises(ValueError, match=r"chats.jsonl:2: not valid JSON"):
+            load_conversations(str(path))
     # a folder of .jsonl files (read by datasets as one table) names the file and line as well, and a record that is
     # not an object (a raw DatasetGenerationError traceback before); a whole folder loads as before
     folder = tmp_path / "folder"

@@ -1867,6 +1867,33 @@ def test_trainers_refuse_an_init_from_generation_config_that_generate_could_not_
 
 
 @pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("{broken", r"JSONDecodeError: Expecting property name"),
+        ('{"vocab_size": ' + "9" * 5000 + "}", r"ValueError: Exceeds the limit \(4300 digits\)"),
+        ('{"x": ' + "[" * 100_000 + "]" * 100_000 + "}", r"RecursionError: maximum recursion depth"),
+    ],
+    ids=["syntax", "long_number", "deep"],
+)
+def test_a_config_json_that_python_cannot_read_is_named_by_every_loader(text, error, tmp_path):
+    """A config.json that is not JSON, or is JSON past Python's own limits (a number of more than 4300 digits,
+    nesting past the recursion limit), is named by file: where a run or the chat loads a model, where a fresh run
+    reads its model_config, and in bare `from_pretrained`. transformers names only the syntax error; the other two
+    came from deep inside it, naming no file."""
+    from conftest import tiny_model
+
+    folder = tmp_path / "m"
+    tiny_model(dtype=torch.float32).save_pretrained(folder)
+    (folder / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"init_from=.*m: its config.json cannot be read as JSON \({error}"):
+        ckpt.load_saved_model(str(folder), "init_from")
+    with pytest.raises(OSError, match=rf"config file .*m/config.json cannot be read as JSON \({error}"):
+        LlamaThinkForCausalLM.from_pretrained(folder)
+    with pytest.raises(ValueError, match=r"model_config .*m/config.json is not a readable JSON file \("):
+        pretrain.check_config_keys(folder / "config.json")
+
+
+@pytest.mark.parametrize(
     ("index", "message"),
     [
         (
@@ -1883,7 +1910,9 @@ def test_trainers_refuse_an_init_from_generation_config_that_generate_could_not_
             r"its .*index\.json has no weight_map object .* \(got dict\)",
         ),
         (json.dumps({"weight_map": {}, "metadata": {}}), r"its .*index\.json maps no tensors"),
-        ("[" * 100000 + "]" * 100000, r"its .*index\.json cannot be read as JSON \(RecursionError"),
+        pytest.param(
+            "[" * 100000 + "]" * 100000, r"its .*index\.json cannot be read as JSON \(RecursionError", id="deep"
+        ),
         ("no-metadata", r"its .*index\.json has no metadata object \(got NoneType\)"),
     ],
 )

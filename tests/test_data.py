@@ -911,6 +911,12 @@ def _bad_input(tmp_path, case):
     if case == "invalid_json":
         p.write_bytes(good + b'{"text": "no end\n' + tail)
         return p, "in.jsonl:3", "invalid JSON"
+    if case == "long_number_json":  # valid JSON that Python refuses: a number past its 4300-digit limit
+        p.write_bytes(good + b'{"text": "x", "id": ' + b"7" * 5000 + b"}\n" + tail)
+        return p, "in.jsonl:3", r"invalid JSON \(Exceeds the limit \(4300 digits\)"
+    if case == "deep_json":  # and nesting past its recursion limit
+        p.write_bytes(good + b'{"text": "x", "meta": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n" + tail)
+        return p, "in.jsonl:3", "invalid JSON .*recursion depth"
     if case == "missing_field":
         p.write_bytes(good + b"\n" + b'{"body": "x"}\n' + tail)  # a blank line 3 still counts as a line
         return p, "in.jsonl:4", "no field 'text'"
@@ -967,6 +973,8 @@ BAD_CASES = {
     "invalid_utf8": "invalid_utf8",
     "lone_surrogate": "lone_surrogate",
     "invalid_json": "invalid_json",
+    "long_number_json": "invalid_json",
+    "deep_json": "invalid_json",
     "missing_field": "missing_field",
     "not_a_string": "not_a_string",
     "nul_only": "nul_only",
@@ -1275,6 +1283,30 @@ def test_progress_from_before_max_doc_chars(tmp_path, small_tok, docs):
         prepare(src, tmp_path / "part", small_tok, **kw)
     prepare(src, tmp_path / "part", small_tok, max_doc_chars=None, **kw)
     assert all_train_tokens(tmp_path / "part").tolist() == all_train_tokens(tmp_path / "done").tolist()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ['{"docs_done": 0', "[1]", '{"complete": true}', "[" * 100_000, "meta.json"],
+    ids=["truncated", "list", "no_config", "deep", "meta"],
+)
+def test_a_damaged_progress_or_meta_json_is_named_and_nothing_is_deleted(tmp_path, small_tok, docs, damage):
+    """A preparation folder whose progress.json (which documents its shards hold) cannot be read, or whose finished
+    meta.json is damaged: the error names the file and --overwrite, the shards stay; --overwrite prepares afresh."""
+    src = LocalSource([str(write_jsonl(tmp_path / "d.jsonl", docs[:20]))])
+    kw = dict(shard_tokens=500, val_docs=2, num_workers=1, progress=False)
+    out = tmp_path / "out"
+    meta = prepare(src, out, small_tok, **kw)
+    tokens = all_train_tokens(out).tolist()
+    damaged = out / ("meta.json" if damage == "meta.json" else "progress.json")
+    damaged.write_text("{" if damage == "meta.json" else damage)
+    files = sorted(p.name for p in out.iterdir())
+    named = r"meta.json is not a valid meta.json" if damage == "meta.json" else r"progress.json cannot be read as a"
+    with pytest.raises(ValueError, match=rf"out/{named} .*--overwrite"):
+        prepare(src, out, small_tok, **kw)
+    assert sorted(p.name for p in out.iterdir()) == files  # nothing removed
+    assert prepare(src, out, small_tok, overwrite=True, **kw) == meta
+    assert all_train_tokens(out).tolist() == tokens
 
 
 def test_piece_context_fallback():

@@ -2453,6 +2453,8 @@ def test_the_exporter_never_overwrites_what_it_did_not_write(chat_model, tmp_pat
     broken.mkdir()
     for text, message in (
         ("{oops", "is not valid JSON"),
+        ('{"vocab_size": ' + "9" * 5000 + "}", r"is not valid JSON \(Exceeds the limit \(4300 digits"),
+        ('{"x": ' + "[" * 100_000 + "]" * 100_000 + "}", r"is not valid JSON \(maximum recursion depth"),
         ("[1]", "holds a JSON list, not a config object"),
         ('{"model_type": "llama", "hidden_size": 64}', "is a 'llama' model's config, not a LlamaThink one"),
     ):
@@ -2664,6 +2666,7 @@ def test_a_mistyped_local_folder_is_never_looked_up_on_the_hub(tiny, tmp_path, m
     "index, fault",
     [
         ("{not json", "cannot be read as JSON"),
+        pytest.param("[" * 100_000 + "]" * 100_000, "cannot be read as JSON: maximum recursion depth", id="deep"),
         ("[]", "has no weight_map"),
         ('{"metadata": {}}', "has no weight_map"),
         ('{"weight_map": []}', "has no weight_map"),

@@ -276,7 +276,7 @@ def _entry_config(**config):
     ("content", "fault"),
     [
         ("{not json", "Expecting property name"),
-        ("[" * 200000, "recursion"),
+        pytest.param("[" * 200000, "recursion", id="deep"),
         ("[1, 2]", "holds a list, not an object"),
         (json.dumps(_doc(format=2)), "format 2 is not 1"),
         (json.dumps(_doc(gpu=7)), "'gpu' is not a string"),

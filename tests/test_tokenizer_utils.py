@@ -2,6 +2,7 @@
 shared tokenizer.model and are skipped without it)."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -227,6 +228,37 @@ def test_cli_train_and_info(tmp_path, capsys):
     out = capsys.readouterr().out
     info = json.loads(out[out.index("{") :])
     assert info["vocab_size"] == 512 and info["bos_token_id"] == 1 and info["ids"]
+
+
+def test_cli_train_reads_its_input_as_prepare_does_and_names_bad_records(tmp_path, capsys):
+    """`train --input` takes what `llamathink-prepare --input` takes (a folder of .jsonl and .txt files here), and
+    its bad input gives one line naming the file and line, not a traceback: a record that is not JSON (including
+    numbers past Python's 4300 digits), a record without the text field, an input that does not exist; with
+    --skip-bad-records such records are skipped and counted, and the tokenizer is that of the good documents."""
+    texts = list(iter_sample_texts())[:60]
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts[:59]) + "\n")
+    (folder / "b.txt").write_text(texts[59])
+    out = tmp_path / "t"
+    assert main(["train", "--input", str(folder), "--vocab-size", "512", "--out", str(out)]) == 0
+    reference = train_tokenizer(texts, vocab_size=512).backend_tokenizer.to_str()
+    assert load_tokenizer(str(out)).backend_tokenizer.to_str() == reference
+    with open(folder / "a.jsonl", "a") as f:
+        f.write('{"text": "x", "id": ' + "7" * 5000 + "}\n")
+    for args, named in [
+        ([str(folder)], r"a\.jsonl:60: invalid JSON \(Exceeds the limit \(4300 digits"),
+        ([str(tmp_path / "nothere.jsonl")], r"input .*nothere\.jsonl does not exist"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            main(["train", "--input", *args, "--vocab-size", "512", "--out", str(tmp_path / "u")])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and re.search(named, err) and "Traceback" not in err, err
+    assert not (tmp_path / "u").exists()
+    (folder / "c.jsonl").write_text('{"body": "no text field"}\n')
+    assert main(["train", "--input", str(folder), "--vocab-size", "512", "--out", str(out), "--skip-bad-records"]) == 0
+    assert "skipped 2 bad record(s) {'invalid_json': 1, 'missing_field': 1}" in capsys.readouterr().out
+    assert load_tokenizer(str(out)).backend_tokenizer.to_str() == reference
 
 
 @pytest.mark.parametrize(

@@ -833,6 +833,9 @@ def test_a_base_60_number_is_refused_not_read_as_seconds(tmp_path, text, overrid
             r"run.yaml is not valid YAML: could not determine a constructor",
         ),
         ("- max_steps: 5\n", r"run.yaml: expected a mapping of settings, got list"),
+        pytest.param(
+            "max_steps: " + "[" * 100_000 + "]" * 100_000 + "\n", r"run.yaml: a value is nested too deeply", id="deep"
+        ),
         ("0\n", r"run.yaml: expected a mapping of settings, got int"),
         (  # YAML 1.1 reads 010 as 8
             "warmup_steps: 1\nmax_steps: 010\n",
@@ -854,6 +857,11 @@ def test_a_settings_file_that_is_not_one_mapping_of_distinct_settings_is_named(t
     assert pretrain.load_config(str(path)).max_steps == pretrain.TrainConfig().max_steps
 
 
+def test_a_command_line_value_nested_past_the_recursion_limit_is_named_as_the_wrong_type():
+    with pytest.raises(ValueError, match=r"max_steps expects an integer, got '\[\[\["):
+        pretrain.load_config(None, ["--max_steps", "[" * 100_000 + "]" * 100_000])
+
+
 @pytest.mark.parametrize(
     "setting, written, named",
     [
@@ -873,6 +881,14 @@ def test_a_seed_or_lr_rule_no_generator_or_optimizer_accepts_is_refused_at_parse
     "text, named",
     [
         ("{not json", r"meta.json is not a valid meta.json \(Expecting property name"),
+        pytest.param(
+            '{"vocab_size": ' + "9" * 5000 + "}",
+            r"meta.json is not a valid meta.json \(Exceeds the limit \(4300 digits",
+            id="long_number",
+        ),
+        pytest.param(
+            "[" * 100_000 + "]" * 100_000, r"meta.json is not a valid meta.json \(maximum recursion", id="deep"
+        ),
         ("[1, 2]", r"meta.json is not a meta.json written by prepare \(expected an object .*got list\)"),
         ('{"vocab_size": "1024"}', r"got dict with vocab_size '1024'"),
         ('{"tokenizer": "builtin"}', r"meta.json is not a meta.json written by prepare .*got dict\)"),

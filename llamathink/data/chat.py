@@ -143,7 +143,7 @@ def _jsonl_rows(path: Path) -> Iterable:
             if line.strip():
                 try:
                     yield json.loads(line)
-                except json.JSONDecodeError as err:
+                except (ValueError, RecursionError) as err:  # (also >4300-digit numbers, too deep nesting)
                     raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from None
 
 

@@ -46,6 +46,7 @@ from .shards import (
     TOKEN_DTYPE,
     _atomic_write_json,
     _shard_name,
+    load_meta,
     read_shard_header,
     write_shard,
 )
@@ -239,9 +240,14 @@ def _document_pieces(
 
 
 def _row_pieces(row: Any, field_name: str, where: Any, bad: BadRecords, max_chars: int | None) -> Iterator[Piece]:
-    if not isinstance(row, dict) or field_name not in row:
-        keys = list(row) if isinstance(row, dict) else type(row).__name__
-        bad("missing_field", where, f"record has no field {field_name!r} (fields: {keys}); use --text-field")
+    if not isinstance(row, dict):
+        kind = "null" if row is None else type(row).__name__
+        bad("missing_field", where, f"record is a JSON {kind}, not an object with a field {field_name!r}")
+        return
+    if field_name not in row:
+        keys = list(row)  # (a few of them: a record may have thousands)
+        shown = ", ".join(map(repr, keys[:8])) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+        bad("missing_field", where, f"record has no field {field_name!r} (fields: {shown or 'none'}); use --text-field")
         return
     yield from _document_pieces(row[field_name], where, bad, max_chars, field_name)
 
@@ -330,8 +336,8 @@ class LocalSource:
     file with invalid UTF-8 is one bad record, skipped whole in either split
     mode (it is checked before any of it is used).
 
-    Iterating yields whole documents (strings); :func:`prepare` uses
-    :meth:`pieces`.
+    Iterating (or :meth:`documents`) yields whole documents (strings);
+    :func:`prepare` uses :meth:`pieces`.
     """
 
     paths: Sequence[str]
@@ -383,7 +389,11 @@ class LocalSource:
         }
 
     def __iter__(self) -> Iterator[str]:
-        return _join_pieces(self.pieces(None))
+        return self.documents()
+
+    def documents(self, bad: BadRecords | None = None) -> Iterator[str]:
+        """The documents, whole, reporting bad records to ``bad`` (default: raise on the first one)."""
+        return _join_pieces(self.pieces(None, bad))
 
     def pieces(
         self, max_doc_chars: int | None = DEFAULT_MAX_DOC_CHARS, bad: BadRecords | None = None
@@ -402,7 +412,7 @@ class LocalSource:
 
             try:  # a saved split of no rows has no data files, and datasets 5.2 cannot load it (an IndexError)
                 empty = json.loads((path / "state.json").read_text()).get("_data_files") == []
-            except (OSError, ValueError, AttributeError):
+            except (OSError, ValueError, AttributeError, RecursionError):
                 empty = False  # (load_from_disk names what is wrong with the folder)
             if empty:
                 return
@@ -495,7 +505,8 @@ class LocalSource:
                         continue
                     try:
                         row = json.loads(line)
-                    except json.JSONDecodeError as e:
+                    # (also a number of more than 4300 digits, nesting past the recursion limit)
+                    except (ValueError, RecursionError) as e:
                         bad("invalid_json", where, f"invalid JSON ({e})")
                         continue
                     yield from _row_pieces(row, self.text_field, where, bad, max_chars)
@@ -932,13 +943,32 @@ def _unstarted_removed_on_error(out: Path):
     except BaseException:
         if not resumed[0]:
             progress = out / PROGRESS_FILE
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError, AttributeError, RecursionError):
                 state = json.loads(progress.read_text(encoding="utf-8"))
                 shards = any(_SHARD_RE.match(p.name) for p in out.iterdir())
                 fresh = state.get("docs_done") == 0 and not state.get("train_shards") and state.get("val") is None
                 if fresh and not shards:
                     progress.unlink()
         raise
+
+
+def _read_progress(path: Path, overwrite: bool) -> dict | None:
+    """The state in a `progress.json`; None for an unreadable one with ``overwrite`` (the preparation starts
+    afresh). Raises ValueError naming the file when it cannot be read (truncated, edited, not JSON, no object with a
+    ``config`` object) and ``overwrite`` is not set: the shards beside it cannot be trusted without it."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        problem = None if isinstance(state, dict) and isinstance(state.get("config"), dict) else "no config object"
+    except (OSError, ValueError, RecursionError) as err:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        state, problem = None, f"{type(err).__name__}: {err}"
+    if problem is None:
+        return state
+    if overwrite:
+        return None
+    raise ValueError(
+        f"{path} cannot be read as a preparation's progress ({problem}), so the shards beside it cannot be "
+        "resumed; use another output directory or overwrite=True / --overwrite"
+    )
 
 
 def _start_or_resume(out: Path, config: dict, val_docs: int, overwrite: bool) -> dict:
@@ -955,10 +985,9 @@ def _start_or_resume(out: Path, config: dict, val_docs: int, overwrite: bool) ->
     for p in out.iterdir():  # temporary files left by a run that was killed mid-write
         if _TMP_RE.match(p.name):
             p.unlink()
-    if prog_path.exists():
-        with open(prog_path, encoding="utf-8") as f:
-            state = json.load(f)
-        saved = dict(state.get("config") or {})
+    state = _read_progress(prog_path, overwrite) if prog_path.exists() else None
+    if state is not None:
+        saved = dict(state["config"])
         if "max_doc_chars" not in saved:  # written before long documents were cut: they were tokenized whole
             saved["max_doc_chars"] = config["max_doc_chars"] if state.get("complete") else None
         if _same_local_files(saved.get("source"), config["source"]):  # one input, named another way (./x, /abs/x)
@@ -1344,8 +1373,7 @@ def prepare(
         state = _start_or_resume(out, config, val_docs, overwrite)
         started(state["docs_done"] > 0 or bool(state["train_shards"]) or state.get("val") is not None)
         if state.get("complete") and (out / META_FILE).exists():  # finished by an earlier run
-            with open(out / META_FILE, encoding="utf-8") as f:
-                return json.load(f)
+            return load_meta(out)  # (a damaged one is named, with what to do)
 
         num_workers = (os.cpu_count() or 1) if num_workers is None else int(num_workers)
         bad = BadRecords(skip_bad_records)

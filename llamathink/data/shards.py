@@ -265,8 +265,8 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
     try:
         with open(p, encoding="utf-8") as f:
             meta = json.load(f)
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{p} is not a valid meta.json ({e}); prepare {data_dir} again") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
+        raise ValueError(f"{p} is not a valid meta.json ({e}); prepare {data_dir} again (--overwrite)") from None
     vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
     if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab <= 0:
         raise ValueError(

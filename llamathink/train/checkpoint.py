@@ -177,12 +177,14 @@ def load_saved_model(
     if index_problem is not None:
         raise ValueError(index_problem)
     config_file = folder / "config.json"
-    try:  # a local folder's config (None: a Hub id, or unreadable, not JSON, not an object: transformers names it)
+    try:  # a local folder's config (None: a Hub id; not an object: transformers names it)
         raw = json.loads(config_file.read_text()) if config_file.is_file() else None
-    except (OSError, ValueError):
-        raw = None
-    except RecursionError:  # (transformers' own reading would raise it from deep inside)
-        raise ValueError(f"{setting}={path}: its config.json is nested too deeply to be read as JSON") from None
+    # (transformers' own reading names a syntax error only: a number past 4300 digits or nesting past the recursion
+    # limit would come from deep inside it)
+    except (OSError, ValueError, RecursionError) as err:  # (UnicodeDecodeError is a ValueError)
+        raise ValueError(
+            f"{setting}={path}: its config.json cannot be read as JSON ({type(err).__name__}: {err})"
+        ) from None
     raw = raw if isinstance(raw, dict) else None
     if auto:
         from transformers import AutoModelForCausalLM as loader
@@ -464,7 +466,7 @@ def checkpoint_meta(path: str | Path) -> dict:
         }
     try:
         meta = json.loads(file.read_text())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise CheckpointError(f"cannot read {file}: {err}") from err
     if not isinstance(meta, dict):
         raise CheckpointError(f"{file} is not a checkpoint's meta.json (a JSON object of run_id, step, saved_at, ...)")
@@ -804,7 +806,7 @@ def _history_run_id(out_dir) -> str | None:
     try:
         with open(Path(out_dir) / "history.json", encoding="utf-8") as f:
             history = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return history.get("run_id") if isinstance(history, dict) else None
 
@@ -1492,7 +1494,7 @@ def check_model_unchanged(saved: dict | None, model, cfg, where: str) -> None:
         path = getattr(cfg, "model_config", None)
         try:
             written = json.loads(Path(path).read_text()) if path and Path(path).is_file() else None
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             written = None
         if not isinstance(written, dict) or "transformers_version" in written:
             return  # a saved config lists every field; a folder is read by from_pretrained the same way

@@ -351,7 +351,7 @@ def parse_setting(raw: str, annotation, name: str):
         return raw
     try:
         value = yaml.load(raw, Loader=_settings_loader(f"--{name}", lines=False))  # (a SafeLoader subclass)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # (RecursionError: nesting past Python's recursion limit)
         value = raw  # e.g. `[0.9, 0.99` : coerce_setting says what was expected
     return coerce_setting(value, annotation, name, where="--")
 
@@ -395,7 +395,8 @@ def _settings_loader(where: str, lines: bool = True):
 def _read_settings_yaml(path) -> Any:
     """The YAML document in `path` (an empty file reads as {}), read with yaml.safe_load's constructors (no Python
     objects). A key written twice in one mapping is an error naming both lines (YAML keeps the last silently), as
-    is a syntax error (e.g. a tab used for indentation) or several documents: ValueError naming the file."""
+    is a syntax error (e.g. a tab used for indentation), several documents or nesting past Python's recursion
+    limit: ValueError naming the file."""
     import yaml
 
     if not Path(path).is_file():
@@ -423,6 +424,8 @@ def _read_settings_yaml(path) -> Any:
         loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
         raise ValueError(f"{path} is not valid YAML: {err}") from None
+    except RecursionError:  # (PyYAML builds nested values recursively)
+        raise ValueError(f"{path}: a value is nested too deeply to be read (past Python's recursion limit)") from None
     return {} if loaded is None else loaded
 
 

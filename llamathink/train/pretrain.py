@@ -155,7 +155,7 @@ def check_config_keys(path: Path) -> None:
     keeps any key as a plain attribute, so a typo (`num_hidden_layer`) would train the default instead, silently."""
     try:
         keys = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
         raise ValueError(f"model_config {path} is not a readable JSON file ({err})") from None
     if not isinstance(keys, dict):  # (a bad file, like the JSON errors above: the CLI reports ValueErrors)
         raise ValueError(  # noqa: TRY004
