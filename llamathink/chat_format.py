@@ -522,6 +522,10 @@ def chat_ids(
 
 
 TEMPLATE_RENDER_LIMIT_S = 10.0  # a chat template that takes longer to render a conversation is stopped
+# A chat template's rendering of one conversation longer than this many characters is refused before it is
+# tokenized: far beyond what any context window holds (each typed message is checked against the window), it can
+# only be a template that prints without end, which would take the tokenizer minutes and gigabytes.
+TEMPLATE_OUTPUT_LIMIT_CHARS = 1 << 24
 
 
 class TemplateRenderTimeout(ValueError):
@@ -569,7 +573,9 @@ def prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
     encoded as text, BOS/EOS only where the template puts them. A tokenizer with another chat template gets that
     template's ``apply_chat_template`` ids; what that template raises (a role it does not take, a turn order) is a
     ValueError naming the template's own message. Raises ValueError where, with another template, a user or system
-    message holds the text of one of the tokenizer's special tokens (that template would encode it as the token)."""
+    message holds the text of one of the tokenizer's special tokens (that template would encode it as the token),
+    or where that template renders the conversation as more than `TEMPLATE_OUTPUT_LIMIT_CHARS` characters;
+    `TemplateRenderTimeout` where it takes longer than `TEMPLATE_RENDER_LIMIT_S` (`render_deadline`)."""
     template = getattr(tokenizer, "chat_template", None)
     if template is None or is_llamathink_template(template):
         return chat_ids(tokenizer, messages, add_generation_prompt=True)
@@ -588,18 +594,28 @@ def prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
                 "(not LlamaThink's) would encode as that token itself; remove it, or use the LlamaThink template "
                 "(`set_chat_template`), which keeps typed text as text"
             )
-    try:
-        with render_deadline():
-            out = tokenizer.apply_chat_template(
-                list(messages), add_generation_prompt=True, tokenize=True, return_dict=True
-            )
-    except TemplateRenderTimeout:
-        raise
-    except Exception as err:  # jinja2's TemplateError (a template's raise_exception, e.g. "System role not supported")
+
+    def render(**kwargs):
+        try:
+            with render_deadline():
+                return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, **kwargs)
+        except TemplateRenderTimeout:
+            raise
+        except Exception as err:  # jinja2's TemplateError (a template's raise_exception: "System role not supported")
+            raise ValueError(
+                f"the tokenizer's chat template refuses this conversation ({type(err).__name__}: {err})"
+            ) from err
+
+    # rendered to text first, so that a template that prints without end is refused before the tokenizer reads it;
+    # then as transformers tokenizes it (its options for a rendered chat: no BOS/EOS added, its control tokens)
+    text = render(tokenize=False)
+    if isinstance(text, str) and len(text) > TEMPLATE_OUTPUT_LIMIT_CHARS:
         raise ValueError(
-            f"the tokenizer's chat template refuses this conversation ({type(err).__name__}: {err})"
-        ) from err
-    return list(out["input_ids"])
+            f"the tokenizer's chat template renders this conversation as {len(text):,} characters, more than any "
+            f"context window holds (at most {TEMPLATE_OUTPUT_LIMIT_CHARS:,}; a template that prints without end?); "
+            "use another template, or LlamaThink's (`set_chat_template`)"
+        )
+    return list(render(tokenize=True, return_dict=True)["input_ids"])
 
 
 def max_token_chars(tokenizer) -> int:

@@ -32,12 +32,14 @@ import contextvars
 import copy
 import functools
 import inspect
+import json
 import math
 import operator
 import threading
 import warnings
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -2639,6 +2641,86 @@ def _some(names: list[str], shown: int = 4) -> str:
     return ", ".join(names[:shown]) + more
 
 
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # safetensors' names of the dtypes weights may have
+
+
+def _weights_files(source, kwargs: dict) -> list:
+    """The safetensors files that `from_pretrained(source, **kwargs)` reads: those its weights index names, else
+    `model.safetensors` (each with `variant` in its name where one is given; other files beside them, such as an
+    adapter, are not read), in a local folder or, for a Hub id, in its snapshot in the local cache (none where it is
+    not there, or for a source that is neither)."""
+    if not isinstance(source, (str, Path)):  # (weights passed as a state_dict)
+        return []
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(
+                snapshot_download(
+                    str(source),
+                    revision=kwargs.get("revision"),
+                    cache_dir=kwargs.get("cache_dir"),
+                    local_files_only=True,
+                    allow_patterns=["*.safetensors", "*.json"],
+                )
+            )
+        except (OSError, ValueError):  # not in the local cache (LocalEntryNotFoundError), not a repo id
+            return []
+    folder = folder / kwargs["subfolder"] if kwargs.get("subfolder") else folder
+    variant = f".{kwargs['variant']}" if kwargs.get("variant") else ""
+    index = folder / f"model.safetensors.index{variant}.json"
+    try:
+        names = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else set()
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
+        names = set()  # (an index transformers could read was read above; this one names no files)
+    names = names or {f"model{variant}.safetensors"}
+    return sorted(folder / name for name in names if isinstance(name, str) and (folder / name).is_file())
+
+
+def _non_float_tensors(files: list) -> list[str]:
+    """'name (DTYPE)' for each tensor of the safetensors `files` whose stored dtype is not in FLOAT_DTYPES (read
+    from the files' headers; no tensor data is read)."""
+    try:  # (in a try block: a Hub copy of this file may import only torch and transformers, `check_imports`)
+        from safetensors import safe_open
+    except ImportError:  # transformers reads safetensors files with it: without it there are none to read
+        return []
+    found = []
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (a safetensors file, not a dict)
+                dtype = f.get_slice(name).get_dtype()
+                if dtype not in FLOAT_DTYPES:
+                    found.append(f"{name} ({dtype})")
+    return found
+
+
+def unusable_weights(model: nn.Module, files: list) -> str | None:
+    """Why a loaded `model` cannot compute, or None: tensors of its safetensors weights `files` stored as integers
+    or bools (`from_pretrained` casts them to floats as they are; read from the headers), else parameters holding
+    NaN or infinite values in the dtype loaded (saved from a run that diverged, or past the range of float16).
+    Parameters on the meta device (offloaded) are not read. For any model class: the trainers and the chat check
+    other architectures with it too."""
+    not_float = _non_float_tensors(files)
+    if not_float:
+        return (
+            f"weights must be floating point ({', '.join(sorted(FLOAT_DTYPES))}); {_some(not_float, shown=3)} would "
+            "be cast to floats as they are"
+        )
+    broken = [
+        (name, p.dtype)
+        for name, p in model.named_parameters()
+        if p.device.type != "meta" and not bool(torch.isfinite(p).all())
+    ]
+    if broken:  # training would stop at its first step's loss, sampling fail deep inside torch.multinomial
+        return (
+            f"its weights hold NaN or infinite values ({_some([name for name, _ in broken], shown=3)}) in "
+            f"{', '.join(sorted({str(dtype) for _, dtype in broken}))}: the model cannot be trained or generate text "
+            "(saved from a run that diverged, or values beyond the range of the dtype)"
+        )
+    return None
+
+
 class LlamaThinkPreTrainedModel(PreTrainedModel):
     """The transformers base of the LlamaThink models: the config class, weight init (`_init_weights`), gradient
     checkpointing, remote-code loading (`auto_map` in the saved config.json) and the training helpers shared by
@@ -2750,10 +2832,16 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
         existed (or saved with it null) read with the default -4 (a hand-written config.json without the key),
         whose every CSA layer would then compute something else: always refused, with the fix.
 
+        Weights that load into a model that cannot compute are refused as well (transformers casts and loads
+        them without a word): a tensor stored as integers or bools (its values cast to floats as they are, read
+        from the weights files' headers), and NaN or infinite values in the dtype loaded (a run that diverged, or
+        values past the range of float16).
+
         Raises:
             ValueError: naming the missing biases and the fix (`"csa_blend_bias": null` in config.json); where
                 other tensors are missing or unexpected (without `output_loading_info`; with it only alongside a
-                missing bias), naming those instead.
+                missing bias), naming those instead; naming the tensors stored in a dtype that is not floating
+                point, or holding NaN or infinite values.
         """
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
@@ -2778,6 +2866,9 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
                 f"(csa_blend_bias={model.config.csa_blend_bias}, the default where config.json leaves it out); a "
                 'model saved without one needs "csa_blend_bias": null in its config.json'
             )
+        problem = unusable_weights(model, _weights_files(source, kwargs))
+        if problem is not None:
+            raise ValueError(f"{source}: {problem}")
         return (model, info) if wants_info else model
 
     def compile_layers(self, layers_per_graph: int | None = None, **compile_kwargs):

@@ -1519,6 +1519,27 @@ def test_a_chat_template_that_loops_without_end_is_stopped_by_name(tok, finetune
     assert "took longer than 0.5 s to render" in err and "Traceback" not in err, err[-2000:]
 
 
+def test_a_chat_template_that_prints_without_end_is_refused_before_it_is_tokenized(tok, monkeypatch):
+    """A template whose rendering is longer than any context window (one string product of gigabytes is quick to
+    render, and would take the tokenizer minutes) is refused by its length, naming the template, before the
+    tokenizer reads it; a template's rendering under the limit is tokenized as transformers tokenizes it."""
+    from llamathink import chat_format
+
+    monkeypatch.setattr(chat_format, "TEMPLATE_OUTPUT_LIMIT_CHARS", 10_000)
+    printing = copy.deepcopy(tok)
+    printing.chat_template = "{{ 'spam ' * 1000000 }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    monkeypatch.setattr(type(printing), "__call__", lambda *a, **k: pytest.fail("the rendering was tokenized"))
+    with pytest.raises(ValueError, match=r"chat template renders this conversation as 5,000,002 characters, more th"):
+        prompt_ids(printing, [{"role": "user", "content": "hi"}])
+    monkeypatch.undo()
+    monkeypatch.setattr(chat_format, "TEMPLATE_OUTPUT_LIMIT_CHARS", 10_000)
+    short = copy.deepcopy(tok)
+    short.chat_template = "{{ 'spam ' * 100 }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    messages = [{"role": "user", "content": "hi"}]
+    expected = short.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert prompt_ids(short, messages) == expected
+
+
 def test_a_template_that_refuses_a_role_or_a_turn_is_a_one_line_error(tok):
     """Templates of other models refuse some conversations with jinja's raise_exception (a system role, a third
     message): a ValueError naming the template's message (a traceback before), refused when the session starts for

@@ -3026,6 +3026,59 @@ def test_weights_that_do_not_match_the_config_are_refused_not_filled_in(tmp_path
         LlamaThinkForCausalLM.from_pretrained(tmp_path / "good", tie_word_embeddings=False)
 
 
+def test_weights_that_cannot_compute_are_refused_by_bare_from_pretrained(tmp_path):
+    """transformers loads a tensor stored as integers cast to floats, and NaN or infinite values, without a word:
+    the model would then give NaN logits, or sample from nonsense. `from_pretrained` (and through trust_remote_code
+    the Auto class) refuses them, naming the tensors: integer weights (read from the headers of the files it
+    reads, sharded ones and a variant's included), NaN, and values that overflow the dtype asked for (float16).
+    A safetensors file beside the weights that from_pretrained does not read (an adapter, say) is not blamed."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    tiny_model(dtype=torch.float32).save_pretrained(tmp_path / "good")
+    weights = load_file(str(tmp_path / "good" / "model.safetensors"))
+    config = (tmp_path / "good" / "config.json").read_text()
+    integer, nan, large = (dict(weights) for _ in range(3))
+    integer["model.norm.weight"] = (weights["model.norm.weight"] * 1000).to(torch.int32)
+    nan["model.layers.0.mlp.up_proj.weight"] = weights["model.layers.0.mlp.up_proj.weight"].clone()
+    nan["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    large["model.norm.weight"] = weights["model.norm.weight"] * 1e6  # finite in float32, inf in float16
+    cases = [
+        (integer, {}, r"weights must be floating point \(.*\); model\.norm\.weight \(I32\) would be cast"),
+        (nan, {}, r"its weights hold NaN or infinite values \(model\.layers\.0\.mlp\.up_proj\.weight\) in "),
+        (
+            large,
+            {"dtype": torch.float16},
+            r"its weights hold NaN or infinite values \(model\.norm\.weight\) in torch\.float16",
+        ),
+        (integer, {"variant": "v1"}, r"weights must be .*; model\.norm\.weight \(I32\) would be cast"),
+    ]
+    for i, (tensors, kwargs, named) in enumerate(cases):
+        folder = tmp_path / f"case{i}"
+        folder.mkdir()
+        (folder / "config.json").write_text(config)
+        name = f"model.{kwargs['variant']}.safetensors" if "variant" in kwargs else "model.safetensors"
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        for load in (LlamaThinkForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained):
+            with pytest.raises(ValueError, match=rf"{re.escape(str(folder))}: {named}"):
+                load(folder, trust_remote_code=True, **kwargs)
+    assert LlamaThinkForCausalLM.from_pretrained(tmp_path / "good", dtype=torch.float16) is not None
+    # sharded weights: the shards the index names are read; a stray file beside them is not
+    sharded = tmp_path / "sharded"
+    LlamaThinkForCausalLM(LlamaThinkConfig.from_json_file(str(tmp_path / "good" / "config.json"))).save_pretrained(
+        sharded, max_shard_size="20KB"
+    )
+    save_file({"step": torch.tensor([3])}, str(sharded / "adapter_model.safetensors"))
+    assert isinstance(LlamaThinkForCausalLM.from_pretrained(sharded), LlamaThinkForCausalLM)
+    shard = sorted(sharded.glob("model-*.safetensors"))[-1]
+    tensors = load_file(str(shard))
+    first = sorted(tensors)[0]
+    tensors[first] = torch.ones_like(tensors[first], dtype=torch.int64)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{re.escape(first)} \(I64\) would be cast"):
+        LlamaThinkForCausalLM.from_pretrained(sharded)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Saving, loading, remote code
 # ---------------------------------------------------------------------------------------------------------------

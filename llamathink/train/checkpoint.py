@@ -226,7 +226,12 @@ def load_saved_model(
     except ValueError as err:  # the model's own refusals (its config, its weights): named by the setting too
         text = str(err)
         raise ValueError(f"{setting}={text}" if text.startswith(f"{path}:") else f"{setting}={path}: {text}") from err
-    from ..modeling_llamathink import _some  # a few names of each kind and how many more, not every tensor
+    from ..modeling_llamathink import (  # (_some: a few names of each kind and how many more, not every tensor)
+        LlamaThinkPreTrainedModel,
+        _some,
+        _weights_files,
+        unusable_weights,
+    )
 
     problems = [
         f"{what} {_some(sorted(info[key]))}"
@@ -242,13 +247,6 @@ def load_saved_model(
             f"{setting}={path}: its weights do not match the model its config.json describes ({'; '.join(problems)}); "
             "refusing to go on with those tensors random or dropped"
         )
-    not_float = _non_float_tensors(_weights_files(path, kwargs))
-    if not_float:
-        listed = _some(not_float, shown=3)
-        raise ValueError(
-            f"{setting}={path}: weights must be floating point ({', '.join(sorted(FLOAT_DTYPES))}); {listed} "
-            "would be cast to floats as they are"
-        )
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     if (
         getattr(model.config, "tie_word_embeddings", False)
@@ -260,13 +258,13 @@ def load_saved_model(
             "that differs from the embeddings; set tie_word_embeddings to false if the head is trained apart, or "
             "remove lm_head.weight from the weights"
         )
-    broken = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-    if broken:  # training would stop at its first step's loss, sampling fail deep inside torch.multinomial
-        raise ValueError(
-            f"{setting}={path}: its weights hold NaN or infinite values ({_some(broken, shown=3)}) in {dtype}: the "
-            "model cannot be trained or generate text (saved from a run that diverged, or values beyond the range "
-            "of the dtype)"
-        )
+    # (this package's LlamaThink classes refused such weights in from_pretrained; another architecture's, or a saved
+    # folder's own copy of the modeling code through `auto`, may not)
+    problem = (
+        None if isinstance(model, LlamaThinkPreTrainedModel) else unusable_weights(model, _weights_files(path, kwargs))
+    )
+    if problem is not None:
+        raise ValueError(f"{setting}={path}: {problem}")
     if check_generation:
         check_generation_config(model, setting, path)
     return model
@@ -375,48 +373,6 @@ def check_generation_config(model, setting: str, path: str) -> None:
             raise ValueError(
                 f"{where} makes generate() fail ({type(err).__name__}: {str(err)[:300]}); {hint}"
             ) from None
-
-
-FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # safetensors' names of the dtypes weights may have
-
-
-def _weights_files(path: str, kwargs: dict) -> list[Path]:
-    """The safetensors files `from_pretrained(path, **kwargs)` has read: the folder's, or for a Hub id those of its
-    snapshot in the local cache (empty where it cannot be found there)."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        try:
-            from huggingface_hub import snapshot_download
-
-            folder = Path(
-                snapshot_download(
-                    path,
-                    revision=kwargs.get("revision"),
-                    cache_dir=kwargs.get("cache_dir"),
-                    local_files_only=True,
-                    allow_patterns=["*.safetensors", "*.json"],
-                )
-            )
-        except (OSError, ValueError):  # not in the local cache (LocalEntryNotFoundError), not a repo id
-            return []
-    if kwargs.get("subfolder"):
-        folder = folder / kwargs["subfolder"]
-    return sorted(folder.glob("*.safetensors"))
-
-
-def _non_float_tensors(files: list[Path]) -> list[str]:
-    """'name (DTYPE)' for each tensor of `files` whose stored dtype is not in FLOAT_DTYPES (read from the files'
-    headers; no tensor data is read)."""
-    from safetensors import safe_open
-
-    found = []
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (a safetensors file, not a dict)
-                dtype = f.get_slice(name).get_dtype()
-                if dtype not in FLOAT_DTYPES:
-                    found.append(f"{name} ({dtype})")
-    return found
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
