@@ -14,6 +14,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -785,12 +786,24 @@ static void mv_i8_block(const Mat *W, int b, const int8_t *xq, const float *xs, 
 #endif
 }
 
-/* symmetric int8 quantisation of an activation vector in groups of G */
+/* symmetric int8 quantisation of an activation vector in groups of G. A group holding a NaN or an infinity (a hidden
+ * state that overflowed: weights far too large) gets scale NaN, so that the products it feeds are NaN, as in float32
+ * arithmetic, and `sample` refuses them: the maximum skips a NaN, and a zero scale would make them 0 without a word. */
 static void quantize_act(const float *x, int n, int G, int8_t *q, float *s) {
     for (int g = 0; g < n / G; g++) {
         const float *xg = x + g * G;
         float amax = 0.0f;
-        for (int k = 0; k < G; k++) { float a = fabsf(xg[k]); amax = a > amax ? a : amax; }
+        int finite = 1;
+        for (int k = 0; k < G; k++) {
+            float a = fabsf(xg[k]);
+            finite &= a <= FLT_MAX; /* (false for NaN too) */
+            amax = a > amax ? a : amax;
+        }
+        if (!finite) {
+            s[g] = NAN;
+            memset(q + g * G, 0, (size_t)G);
+            continue;
+        }
         float sc = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
         s[g] = sc;
         for (int k = 0; k < G; k++) q[g * G + k] = (int8_t)lrintf(xg[k] * inv);
@@ -3161,6 +3174,15 @@ int main(int argc, char **argv) {
         for (int i = 0; i < n; i += s.chunk) {
             int T = n - i < s.chunk ? n - i : s.chunk;
             forward(&m, &s, ids + i, T, 1);
+            for (size_t j = 0; j < (size_t)T * m.vocab; j++) {
+                if (!isfinite(s.logits[j])) { /* as generation refuses them: no file of NaN logits */
+                    fprintf(stderr, "error: " NONFINITE_MSG " at position %d; %s not written\n",
+                            i + (int)(j / m.vocab), logits_out);
+                    fclose(f);
+                    remove_regular(logits_out);
+                    return 1;
+                }
+            }
             if (fwrite(s.logits, sizeof(float), (size_t)T * m.vocab, f) != (size_t)T * m.vocab) {
                 fprintf(stderr, "error: cannot write %s: %s\n", logits_out, strerror(errno));
                 fclose(f);
@@ -3191,6 +3213,10 @@ int main(int argc, char **argv) {
             const char *text = prompt ? prompt : "";
             size_t L = strlen(text);
             if (L > LT_MAX_TEXT) { fprintf(stderr, "error: -i text too long (%zu bytes; at most %u)\n", L, LT_MAX_TEXT); return 1; }
+            if (utf8_invalid_at(text, L) >= 0) { /* as chat mode and llamathink's tokenizers refuse it */
+                fprintf(stderr, "error: -i prompt is not valid UTF-8 (byte offset %lld)\n", utf8_invalid_at(text, L));
+                return 1;
+            }
             pr = (int *)malloc(sizeof(int) * (L * 4 + 8));
             n = pr ? encode(&tk, text, L, !no_bos, pr, (int)(L * 4 + 8)) : -1;
             if (n < 0) { fprintf(stderr, "error: out of memory encoding the prompt\n"); return 1; }

@@ -2168,19 +2168,34 @@ def test_nan_weights_are_an_error_not_an_answer(asan_bin, mini_files, tmp_path):
         assert not (tmp_path / "out.bin").exists()
 
 
-def test_a_hidden_state_that_overflows_float32_is_an_error_not_an_answer(asan_bin, tmp_path):
-    """One MLP's weights scaled by 1e30 (finite, exported as they are): the hidden state after it is finite but the
-    next RMSNorm's mean square is beyond float32, where 1/sqrt(inf) = 0 zeroed the state and every logit (it printed
-    id 0 forever, status 0). The norms now give NaN there, and the run stops with the non-finite message."""
+@pytest.mark.parametrize(("scale", "dtype"), [(1e30, "fp32"), (1e30, "int8"), (1e38, "int8"), (1e38, "bf16")])
+def test_a_hidden_state_that_overflows_float32_is_an_error_not_an_answer(asan_bin, tmp_path, scale, dtype):
+    """One MLP's weights scaled by 1e30 or 1e38 (finite, exported as they are): a hidden state or the next RMSNorm's
+    mean square is beyond float32, where 1/sqrt(inf) = 0 zeroed the state and every logit (it printed id 0 forever,
+    status 0), and int8's activation quantisation skipped the NaN it made (a scale of 0: every logit 0 again). Both
+    now give NaN there, and the run stops with the non-finite message; --logits-out writes no file of NaN logits."""
     from safetensors.numpy import load_file, save_file
 
     ck = tmp_path / "ck"
     reference.make_random_checkpoint(str(ck), MINI, seed=1)
     w = load_file(str(ck / "model.safetensors"))
-    w["model.layers.1.mlp.up_proj.weight"] *= np.float32(1e30)
+    w["model.layers.1.mlp.up_proj.weight"] *= np.float32(scale)
     save_file(w, str(ck / "model.safetensors"))
-    ex.export(str(ck), str(tmp_path / "big.bin"), "fp32", verbose=False)
+    ex.export(str(ck), str(tmp_path / "big.bin"), dtype, verbose=False)
     _assert_generation_stops(asan_bin, tmp_path / "big.bin", "a hidden state overflows float32")
+    out = tmp_path / "logits.f32"
+    for chunk in ("1", "4"):  # one position at a time (the decode step's kernels), then the prefill's
+        r = subprocess.run(
+            [str(asan_bin), str(tmp_path / "big.bin"), "--logits-for", "1 5 7", "--logits-out", str(out)]
+            + ["--chunk", chunk],
+            capture_output=True,
+            text=True,
+            env=SAN_ENV,
+            timeout=60,
+        )
+        err = _clean_exit(r)
+        assert r.returncode == 1 and "NaN or infinite logit" in err and "at position 0" in err, err
+        assert not out.exists()
 
 
 def test_chat_refuses_invalid_utf8_and_nul_bytes(asan_bin, chat_ctx96, chat_tok):
@@ -2228,6 +2243,10 @@ def test_chat_refuses_invalid_utf8_and_nul_bytes(asan_bin, chat_ctx96, chat_tok)
         r = subprocess.run(base + extra, input=stdin, capture_output=True, env=SAN_ENV, timeout=60)
         err = _clean_exit(r)
         assert r.returncode == 1 and msg in err and r.stdout == b"", (extra, err)
+    generate = [*base[:4], "-n", "2", "-i", b"The \xff\xfe river"]  # (it printed "The \ufffd\ufffd river" and went on)
+    r = subprocess.run(generate, capture_output=True, env=SAN_ENV, timeout=60)
+    err = _clean_exit(r)
+    assert r.returncode == 1 and "error: -i prompt is not valid UTF-8 (byte offset 4)" in err and r.stdout == b"", err
 
 
 def test_output_write_failures_are_errors(asan_bin, mini_files, chat_ctx96):
