@@ -220,7 +220,9 @@ def train_tokenizer(
     the most frequent other characters of the text, at most ``max_alphabet``;
     default ``min(256, (vocab_size - 259) // 2)``), then learned merges.  Any
     character outside the alphabet is encoded as UTF-8 bytes, so every string
-    round-trips.  Deterministic for the same input.
+    round-trips.  Deterministic for the same input.  Raises ValueError for a
+    ``vocab_size`` out of range, and for ``texts`` without a document that is
+    more than whitespace (nothing to learn from).
     """
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
@@ -252,7 +254,17 @@ def train_tokenizer(
         initial_alphabet=_BASE_ALPHABET,
         show_progress=False,
     )
-    trainer_tk.train_from_iterator((t for t in texts if t), trainer=trainer)
+    counted = [0]
+
+    def documents():
+        for t in texts:
+            if t and not t.isspace():
+                counted[0] += 1
+                yield t
+
+    trainer_tk.train_from_iterator(documents(), trainer=trainer)
+    if counted[0] == 0:
+        raise ValueError("no text to train a tokenizer on (no document holds more than whitespace)")
     learned = [p for p, _ in sorted(trainer_tk.get_vocab().items(), key=lambda kv: kv[1])]
     reserved = [UNK, BOS, EOS] + BYTE_PIECES
     reserved_set = set(reserved)
@@ -588,6 +600,26 @@ def greedy_encode(text: str, pieces: Sequence[str], scores: Sequence[float]) -> 
 # ---------------------------------------------------------------------------
 
 
+# what save_pretrained writes for a tokenizer: a folder holding only these may be written over by `train --out`
+TOKENIZER_FILES = frozenset(
+    {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja"}
+)
+
+
+def _check_tokenizer_out(out: Path) -> None:
+    """Raise ValueError where `train --out` would write over something that is not an earlier tokenizer: a file,
+    or a folder holding other files (a model folder's tokenizer replaced would no longer match its model)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder for the tokenizer's files")
+    others = sorted(p.name for p in out.iterdir() if p.name not in TOKENIZER_FILES) if out.is_dir() else []
+    if others:
+        raise ValueError(
+            f"--out {out} holds other files than a tokenizer's ({', '.join(others[:4])}"
+            f"{f' and {len(others) - 4} more' if len(others) > 4 else ''}): a model folder's tokenizer replaced would "
+            "no longer match its model; give a new or empty folder"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m llamathink.tokenizer_utils train|info ...``"""
     ap = argparse.ArgumentParser(prog="python -m llamathink.tokenizer_utils", description=__doc__.split("\n\n")[0])
@@ -607,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="skip records that cannot be read (not JSON, no text field, not UTF-8...) and count them",
     )
     tr.add_argument("--vocab-size", type=int, default=DEFAULT_BUILTIN_VOCAB)
-    tr.add_argument("--out", required=True, help="output directory")
+    tr.add_argument("--out", required=True, help="output folder: new, empty, or holding an earlier tokenizer only")
     info = sub.add_parser("info", help="load a tokenizer and print a summary")
     info.add_argument("name_or_path")
     info.add_argument("--text", default="Hello world")
@@ -616,18 +648,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "train":
             from .data.preparation import BadRecords, LocalSource  # (the data package's reader, checks and formats)
 
+            _check_tokenizer_out(Path(args.out))  # before the training: a wrong --out is named at once
             bad = BadRecords(args.skip_bad_records)
             source = LocalSource(args.input, text_field=args.text_field) if args.input else None
             tok = train_tokenizer(source.documents(bad) if source else iter_sample_texts(), vocab_size=args.vocab_size)
             if bad.total:
                 print(f"skipped {bad.total} bad record(s) {bad.summary()['by_kind']}; first: {bad.examples[0]}")
+            try:
+                tok.save_pretrained(args.out)
+            except OSError as err:  # (a folder that cannot be made or written: its own message names the path)
+                raise ValueError(f"cannot write the tokenizer to --out {args.out} ({err})") from None
         else:
+            try:
+                args.text.encode("utf-8")
+            except UnicodeEncodeError as err:  # (bytes that are not UTF-8 reach Python as lone surrogates)
+                raise ValueError(
+                    f"--text is not UTF-8 text (character {err.start + 1}: invalid UTF-8 input?)"
+                ) from None
             tok = load_tokenizer(args.name_or_path)
     except (ValueError, OSError) as err:
         ap.exit(2, f"{ap.prog}: error: {err}\n")
     if args.cmd == "train":
-        tok.save_pretrained(args.out)
-        print(f"saved tokenizer with {len(tok)} tokens to {args.out}")
+        fewer = f" (of the {args.vocab_size} asked: the text is too small to learn more merges)"
+        print(f"saved tokenizer with {len(tok)} tokens to {args.out}{fewer if len(tok) < args.vocab_size else ''}")
     else:
         ids = tok.encode(args.text, add_special_tokens=False)
         print(

@@ -261,6 +261,44 @@ def test_cli_train_reads_its_input_as_prepare_does_and_names_bad_records(tmp_pat
     assert load_tokenizer(str(out)).backend_tokenizer.to_str() == reference
 
 
+def test_cli_train_refuses_an_out_it_would_spoil_and_input_without_text(tmp_path, capsys):
+    """`train --out` writes a new or empty folder, or over an earlier tokenizer; a file, or a folder holding other
+    files (a model folder, whose tokenizer replaced would no longer match the model), is refused before training
+    and left as it was. Input without text (whitespace only; every record skipped) is an error, not a tokenizer of
+    the bare alphabet; a vocabulary smaller than asked (too little text) is said so; `info --text` that is not
+    UTF-8 is named (it was a TypeError from inside tokenizers)."""
+    text = tmp_path / "docs.txt"
+    text.write_text(" ".join(list(iter_sample_texts())[:3]))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (tmp_path / "afile").write_text("hi")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("  \n\n\t\n")
+    no_field = tmp_path / "nf.jsonl"
+    no_field.write_text('{"txt": "hello"}\n')
+    for args, named in [
+        (["--out", str(model)], r"--out .*model holds other files than a tokenizer's \(config\.json\)"),
+        (["--out", str(tmp_path / "afile")], r"--out .*afile is a file, not a folder"),
+        (["--input", str(blank), "--out", str(tmp_path / "t1")], r"no text to train a tokenizer on"),
+        (["--input", str(no_field), "--skip-bad-records", "--out", str(tmp_path / "t2")], r"no text to train"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            main(["train", "--input", str(text), "--vocab-size", "400", *args])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and re.search(named, err) and "Traceback" not in err, (args, err)
+    assert sorted(p.name for p in model.iterdir()) == ["config.json"] and (tmp_path / "afile").read_text() == "hi"
+    assert not (tmp_path / "t1").exists() and not (tmp_path / "t2").exists()
+    out = tmp_path / "tok"
+    for _ in range(2):  # a second run writes over the first one's tokenizer
+        assert main(["train", "--input", str(text), "--vocab-size", "2000", "--out", str(out)]) == 0
+        said = capsys.readouterr().out
+        assert re.search(r"saved tokenizer with \d+ tokens to .*tok \(of the 2000 asked: the text is too small", said)
+    with pytest.raises(SystemExit) as stop:
+        main(["info", str(out), "--text", "caf\udce9"])  # how Python reads the bytes caf\xe9 of a command line
+    assert stop.value.code == 2 and "--text is not UTF-8 text (character 4" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "text",
     ['{"version": "1.0", "model": {', "not json at all", '{"model": {"type": "BPE", "vocab": [1, 2]}}'],
