@@ -513,6 +513,17 @@ def test_messages_sharegpt_and_person_rows_from_jsonl_and_datasets(tmp_path, mon
 
     datasets.Dataset.from_list(rows[:1] * 3).save_to_disk(str(tmp_path / "ds"))
     assert load_conversations(str(tmp_path / "ds")) == convs[:1] * 3
+    # a .json or .parquet file of mixed formats is read by datasets as one table, every row given each format's key
+    # (null where it had none): read as its .jsonl twin is (the ShareGPT rows were refused as null "messages")
+    (tmp_path / "mixed.json").write_text(json.dumps(rows[:3]))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {key: [row.get(key) for row in rows[:3]] for key in ("messages", "conversations", "conversation")}
+    pq.write_table(pa.table(columns), tmp_path / "mixed.parquet")  # (one column per key, null where a row has none)
+    for mixed in ("mixed.json", "mixed.parquet"):
+        stats = Counter()
+        assert load_conversations(str(tmp_path / mixed), stats=stats) == convs and not stats, (mixed, stats)
     path.write_bytes("".join(json.dumps(r) + "\r" for r in rows).encode())  # old Mac line ends read alike
     assert load_conversations(str(path)) == convs
     path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())  # a byte-order mark

@@ -93,19 +93,20 @@ def _json_kind(value) -> str:
 
 
 def row_to_messages(row: dict, data_format: str = "auto") -> list[dict]:
-    """One dataset row as a list of messages. ``data_format``: ``auto`` (by the row's keys), ``messages``,
-    ``sharegpt`` or ``person``. Raises ValueError for a row that is not a JSON object or does not hold messages."""
+    """One dataset row as a list of messages. ``data_format``: ``auto`` (by the row's keys: the first of messages,
+    conversations, conversation that is not null), ``messages``, ``sharegpt`` or ``person``. Raises ValueError for a
+    row that is not a JSON object or does not hold messages."""
     if not isinstance(row, Mapping):
         raise ValueError(f"row is a JSON {_json_kind(row)}, not an object with a messages list")  # noqa: TRY004
     if data_format == "auto":
-        if "messages" in row:
-            data_format = "messages"
-        elif "conversations" in row:
-            data_format = "sharegpt"
-        elif "conversation" in row:
-            data_format = "person"
-        else:
-            raise ValueError(f"row has none of the keys messages, conversations, conversation: {sorted(row)}")
+        # A null key counts as absent: datasets reads a .json/.parquet file of mixed formats as one table, and
+        # fills each row's missing columns with null (a ShareGPT row gains "messages": null)
+        found = [key for key in ("messages", "conversations", "conversation") if row.get(key) is not None]
+        if not found:
+            raise ValueError(
+                f"row has none of the keys messages, conversations, conversation (that is not null): {sorted(row)}"
+            )
+        data_format = {"messages": "messages", "conversations": "sharegpt", "conversation": "person"}[found[0]]
     if data_format == "messages":
         messages = normalize_messages(row["messages"])
     elif data_format == "sharegpt":
