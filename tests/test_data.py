@@ -460,6 +460,12 @@ def test_a_rerun_naming_the_same_input_another_way_continues_the_preparation(tmp
     for bad in (0, -1):
         with pytest.raises(ValueError, match=f"stop_after_shards must be >= 1 or None \\(no stop\\), got {bad}"):
             prepare(LocalSource(["d.jsonl"]), tmp_path / "z", small_tok, stop_after_shards=bad, **kw)
+    # a worker count no machine needs (a typo's 100000 started processes by the thousand) or below 0 is refused
+    most = P.MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
+    for bad in (-2, most + 1, 100_000):
+        with pytest.raises(ValueError, match=rf"num_workers \(--workers\) must be in \[0, {most}\] .*got {bad}$"):
+            prepare(LocalSource(["d.jsonl"]), tmp_path / "z", small_tok, **{**kw, "num_workers": bad})
+    assert not (tmp_path / "z").exists()
 
 
 def test_a_preparation_that_fails_before_writing_anything_leaves_the_folder_as_it_was(tmp_path, small_tok, docs):

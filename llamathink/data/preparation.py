@@ -803,6 +803,9 @@ def tokenizer_fingerprint(tok) -> str | None:
     return _tokenizer_fingerprint(*_tokenizer_payload(tok))
 
 
+MAX_WORKERS_PER_CPU = 4  # tokenizer processes past this many per CPU only cost memory (a typo's thousands: gigabytes)
+
+
 def _check_settings(
     shard_tokens: int,
     val_docs: int,
@@ -810,8 +813,15 @@ def _check_settings(
     batch_docs: int,
     max_docs: int | None = None,
     stop_after_shards: int | None = None,
+    num_workers: int | None = None,
 ) -> None:
     """Raise ``ValueError`` naming the first setting of :func:`prepare` that is out of range."""
+    most = MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
+    if num_workers is not None and not 0 <= num_workers <= most:  # (each worker is a process holding a tokenizer)
+        raise ValueError(
+            f"num_workers (--workers) must be in [0, {most}] ({MAX_WORKERS_PER_CPU} per CPU of this machine; 0 or 1: "
+            f"tokenize in this process), got {num_workers}"
+        )
     if stop_after_shards is not None and stop_after_shards < 1:
         raise ValueError(f"stop_after_shards must be >= 1 or None (no stop), got {stop_after_shards}")
     if max_docs is not None and max_docs < 1:
@@ -1343,7 +1353,7 @@ def prepare(
     Returns the meta dict (also written to ``meta.json``); when stopped early it
     returns ``{"complete": False, ...progress...}``.
     """
-    _check_settings(shard_tokens, val_docs, max_doc_chars, batch_docs, max_docs, stop_after_shards)
+    _check_settings(shard_tokens, val_docs, max_doc_chars, batch_docs, max_docs, stop_after_shards, num_workers)
     tok, tok_name = _resolve_tokenizer(tokenizer)
     vocab_size, bos_id, eos_id = _shard_token_ids(tok, tok_name)
     kind, payload = _tokenizer_payload(tok)
@@ -1500,7 +1510,9 @@ def _add_prepare_arguments(p: argparse.ArgumentParser) -> None:
         help="number of leading documents held out in val_000000.bin (0: none)",
     )
     p.add_argument("--max-docs", type=int, default=None, help="read at most this many documents (val included)")
-    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPU count)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="tokenizer processes (default: CPU count; at most 4 per CPU)"
+    )
     p.add_argument("--batch-docs", type=int, default=64, help="documents per worker task")
     p.add_argument(
         "--mp-context",
