@@ -37,8 +37,8 @@ def _mixer_layout(mixer_types: list[str]) -> str:
 
 
 def _count(n: int, noun: str) -> str:
-    """``1 step``, ``3 steps``."""
-    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+    """``1 step``, ``3 steps``, ``2 micro-batches``."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "es" if noun.endswith(("ch", "sh", "s", "x")) else "s")
 
 
 def _last_eval(history: dict | None) -> tuple[int, float] | None:

@@ -3371,6 +3371,9 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         seq_idx, cu_seqlens = (
             torch.as_tensor(x, device=device) if x is not None else None for x in (seq_idx, cu_seqlens)
         )
+        for name, value in (("seq_idx", seq_idx), ("cu_seq_lens_q", cu_seqlens)):
+            if value is not None and not _is_target_dtype(value.dtype):  # (a float's fraction would be cut off)
+                raise ValueError(f"{name} must be an integer tensor, got {value.dtype}")
         self._check_flash_attention_kwargs(kwargs, cu_seqlens)
         if position_ids is not None:
             position_ids = torch.as_tensor(position_ids, device=device)
@@ -3607,7 +3610,7 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
         # only inputs_embeds are given)
         hidden = inputs_tensor.shape[1] - input_ids_length if model_input_name == "inputs_embeds" else 0
         self._check_prompt_fits(input_ids_length + hidden)
-        generation_config._llamathink_prompt = (input_ids_length, hidden)
+        generation_config._llamathink_prompt = (input_ids_length, hidden, inputs_tensor.shape[0])
         return generation_config
 
     def _prepare_generation_config(self, *args, **kwargs):
@@ -3692,7 +3695,9 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
                 "token; shorten the prompt"
             )
 
-    def _bound_generation_length(self, generation_config, model_kwargs: dict, input_ids_length: int, hidden: int):
+    def _bound_generation_length(
+        self, generation_config, model_kwargs: dict, input_ids_length: int, hidden: int, batch: int
+    ):
         """Bound generate() by `max_position_embeddings`, before any forward pass.
 
         A prompt that leaves no position for a new token raises a ValueError naming both numbers. A requested
@@ -3705,9 +3710,18 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
 
         The attention mask must cover the prompt's positions, or the cached positions and the prompt's: a
         ValueError names the widths (transformers may drop an all-ones mask and build `position_ids` from its
-        width, so a wrong width would otherwise surface as a `position_ids` error the caller never passed)."""
+        width, so a wrong width would otherwise surface as a `position_ids` error the caller never passed). A
+        continued cache of another batch size than the prompt's (`batch` rows; without beams or several returned
+        sequences, which expand it) is named first."""
         cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
         past = cache.get_seq_length() if isinstance(cache, LlamaThinkCache) else 0
+        rows = getattr(cache, "batch_size", None) if isinstance(cache, LlamaThinkCache) else None
+        expanded = (generation_config.num_beams or 1) > 1 or (generation_config.num_return_sequences or 1) > 1
+        if rows is not None and rows != batch and not expanded:  # (named before the lengths: they follow from it)
+            raise ValueError(
+                f"the cache holds {rows} rows but the prompt has batch size {batch}: continue a cache with the "
+                "batch that filled it"
+            )
         mask = model_kwargs.get("attention_mask")
         # (transformers 5.24 drops an all-ones mask and keeps its width as `_mask_length`)
         width = mask.shape[-1] if isinstance(mask, torch.Tensor) else getattr(generation_config, "_mask_length", None)

@@ -1694,6 +1694,10 @@ def test_continuing_from_returned_cache_equals_one_long_generate(model):
         # "the input sequence is empty"
         with pytest.raises(ValueError, match="the cache holds 32 positions but input_ids only 10: pass the ids"):
             model.generate(ids[:, :10], past_key_values=cache, max_new_tokens=2, **kwargs)
+        # a cache of one row continued with two prompts: its batch named first, whatever the lengths say
+        for prompt in (ids[:, :10], torch.cat((ids, ids), 1)):  # too short for the cache (10), long enough (46)
+            with pytest.raises(ValueError, match="the cache holds 1 rows but the prompt has batch size 2: continue"):
+                model.generate(prompt.expand(2, -1), past_key_values=cache, max_new_tokens=2, **kwargs)
     assert torch.equal(continued, one_shot)
 
 

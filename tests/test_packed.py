@@ -173,6 +173,13 @@ def test_packed_inputs_that_cannot_be_honoured_are_refused():
         model(input_ids=ids, cu_seq_lens_q=torch.tensor([0, 3, 8]), use_cache=False)
     with pytest.raises(ValueError, match="must rise from 0 to the sequence length 8"):
         model(input_ids=ids[:1], cu_seq_lens_q=torch.tensor([0, 3, 7]), use_cache=False)
+    # fractions would be cut off into another packing (2.7 read as 2), as for position_ids
+    with pytest.raises(ValueError, match=r"cu_seq_lens_q must be an integer tensor, got torch\.float32"):
+        model(input_ids=ids[:1], cu_seq_lens_q=torch.tensor([0, 2.7, 8]), use_cache=False)
+    with pytest.raises(ValueError, match=r"seq_idx must be an integer tensor, got torch\.float32"):
+        model(input_ids=ids[:1], seq_idx=torch.tensor([[0, 0, 0.5, 0.5, 1, 1, 1, 1]]), use_cache=False)
+    with pytest.raises(ValueError, match=r"seq_idx must be an integer tensor, got torch\.bool"):
+        model(input_ids=ids[:1], seq_idx=torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]]).bool(), use_cache=False)
     # flash-attention's other packing arguments must describe the same documents, never be ignored
     cu = torch.tensor([0, 3, 8])
     with pytest.raises(ValueError, match=r"cu_seq_lens_k \(\[0, 8\]\) must equal cu_seq_lens_q \(\[0, 3, 8\]\)"):

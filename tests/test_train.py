@@ -927,8 +927,9 @@ def test_the_model_card_survives_a_meta_json_of_unexpected_types(sample_data, mo
             {"vocab_size": 1024, "train": {"num_tokens": 12345}, "source": {"type": "local", "paths": ["/x/a.txt"]}}
         )
     )
-    card = model_card_text(model, _cfg(data, model_json, tmp_path / "out"))
+    card = model_card_text(model, _cfg(data, model_json, tmp_path / "out", grad_accum=2))
     assert f"local files (`a.txt`), tokenized whole documents in `{data}` (12,345 training tokens)" in card
+    assert " x 2 micro-batches per process" in card  # (it wrote "micro-batchs")
 
 
 def test_a_sample_prompt_longer_than_the_context_is_skipped_not_fatal(sample_data, model_json, tmp_path, capsys):
