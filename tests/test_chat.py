@@ -417,7 +417,8 @@ def test_sample_set_keeps_who_speaks_first(sample):
         ({"messages": float("nan")}, "messages must be a list of {role, content} objects, got float"),
         ({"messages": "hi"}, "messages must be a list of {role, content} objects, got str"),
         ({"messages": {"role": "user", "content": "a"}}, "messages must be a list of .* got dict"),
-        ({"conversations": None}, "messages must be a list of .* got NoneType"),
+        ({"conversations": None}, r"none of the keys messages, .* \(that is not null\): \['conversations'\]"),
+        ({"conversations": None, "messages": "hi"}, "messages must be a list of .* got str"),
     ],
 )
 def test_a_row_that_is_not_an_object_with_a_messages_list_is_named_so(row, message):
