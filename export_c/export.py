@@ -159,7 +159,7 @@ def resolve_source(src: str) -> str:
     if os.path.isdir(src):
         return src
     if os.path.exists(src):
-        raise ExportError(f"{src} is a file; pass the checkpoint directory")
+        raise ExportError(f"{src} is a file; pass the saved model's folder (save_pretrained's, e.g. <out_dir>/final)")
     parts = src.split("/")
     if src.startswith((".", "/", "~")) or os.sep in src.replace("/", "") or len(parts) > 2 or not all(parts):
         raise ExportError(f"no such folder: {src}")
@@ -243,6 +243,13 @@ def load_config(d: str) -> dict:
     if not os.path.exists(path):
         if os.path.exists(os.path.join(d, "adapter_config.json")):
             raise ExportError(f"{d} is a PEFT adapter (adapter_config.json), not a whole model: {ADAPTER_HINT}")
+        if os.path.exists(os.path.join(d, "state.pt")):  # (as llamathink's loaders name it)
+            raise ExportError(
+                f"{d} is a training checkpoint (it holds state.pt), not a saved model: export the run's final folder "
+                "(<out_dir>/final)"
+            )
+        if os.path.isdir(os.path.join(d, "final")) or os.path.isdir(os.path.join(d, "checkpoints")):
+            raise ExportError(f"{d} is a training run's folder, not a saved model: export {os.path.join(d, 'final')}")
         raise ExportError(f"no config.json in {d}")
     try:
         with open(path, encoding="utf-8") as f:

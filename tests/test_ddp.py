@@ -13,6 +13,13 @@ from llamathink.train import checkpoint as ckpt
 
 
 def _run(nproc, model_json, data, out, micro_batch, **overrides):
+    proc = _launch(nproc, model_json, data, out, micro_batch, **overrides)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    last = ckpt.list_checkpoints(out)[-1]
+    return ckpt.load_checkpoint(last)
+
+
+def _launch(nproc, model_json, data, out, micro_batch, **overrides) -> subprocess.CompletedProcess:
     settings = dict(
         model_config=model_json,
         data_dir=data,
@@ -45,10 +52,7 @@ def _run(nproc, model_json, data, out, micro_batch, **overrides):
             str(REPO_ROOT / "train_hf.py"),
             *args,
         ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    last = ckpt.list_checkpoints(out)[-1]
-    return ckpt.load_checkpoint(last)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_two_process_ddp_matches_one_process_and_checkpoints_move_between_them(sample_data, model_json, tmp_path):
@@ -74,3 +78,12 @@ def test_two_process_ddp_matches_one_process_and_checkpoints_move_between_them(s
         assert sorted(history) == list(range(1, 9))
         for step in range(5, 9):
             assert abs(history[step] - l1[step]) < 1e-4 * abs(l1[step]), (step, history[step], l1[step])
+
+    # a check of the main process alone (here: out_dir holds another run's checkpoints) stops every process with
+    # its one line: the other process went on into DDP's setup and died there with gloo's traceback (NCCL: waited)
+    before = sorted(p.name for p in ckpt.list_checkpoints(tmp_path / "two"))
+    refused = _launch(2, model_json, sample_data, tmp_path / "two", micro_batch=4, resume="none")
+    workers = refused.stderr.split("failed (exitcode")[0]  # (torchrun's own report of a failed run follows)
+    assert refused.returncode != 0 and workers.count("holds checkpoints of another run") == 2, workers[-3000:]
+    assert "Traceback" not in workers and "terminate called" not in workers, workers[-3000:]
+    assert sorted(p.name for p in ckpt.list_checkpoints(tmp_path / "two")) == before

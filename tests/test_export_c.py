@@ -706,6 +706,23 @@ def test_a_peft_adapter_folder_is_named_as_one(tmp_path):
         check_saved_model_path(str(tmp_path), "init_from")
 
 
+def test_a_training_checkpoint_or_run_folder_is_named_with_the_folder_to_export(tmp_path):
+    """A checkpoint folder (state.pt, no config.json) or a run's out_dir given to the exporter: named as such with
+    the run's final folder to export, as the loaders name them (it said only "no config.json", and for state.pt
+    itself "pass the checkpoint directory", which then failed)."""
+    step = tmp_path / "checkpoints" / "step_00000080"
+    step.mkdir(parents=True)
+    (step / "state.pt").write_bytes(b"")
+    with pytest.raises(ex.ExportError, match=r"step_00000080 is a training checkpoint \(it holds state.pt\), not a"):
+        ex.load_config(str(step))
+    with pytest.raises(
+        ex.ExportError, match=rf"is a training run's folder, not a saved model: export {tmp_path}/final"
+    ):
+        ex.load_config(str(tmp_path))
+    with pytest.raises(ex.ExportError, match=r"state.pt is a file; pass the saved model's folder"):
+        ex.resolve_source(str(step / "state.pt"))
+
+
 @pytest.mark.parametrize("kind", ["loop", "gone", "folder"])
 def test_a_config_json_that_is_no_file_is_named_as_such(tmp_path, kind):
     """config.json as a symbolic link to itself, to a file that is gone, or a folder: named as such by the exporter

@@ -1752,6 +1752,9 @@ def test_a_leading_tilde_in_a_path_setting_is_the_home_folder(tmp_path, monkeypa
 
     tuned = FinetuneConfig(data="~/chats.jsonl", init_from="~")
     assert (tuned.data, tuned.init_from) == (f"{tmp_path}/chats.jsonl", str(tmp_path))
+    # the chat's model path (`load_saved_model`, a quoted "~/m" on its command line) too: it was a Hub lookup
+    tiny_model(torch.float32).save_pretrained(tmp_path / "m")
+    assert isinstance(ckpt.load_saved_model("~/m", "model"), LlamaThinkForCausalLM)
 
 
 def test_the_loop_checks_batches_on_the_host_and_the_forward_then_skips_its_own_check(monkeypatch):

@@ -171,6 +171,8 @@ def load_saved_model(
     for a generation_config.json that `check_generation_config` refuses."""
     from safetensors import SafetensorError
 
+    if path.startswith("~"):  # (as a shell would; a quoted "~/x" reached here as it is and was looked up on the Hub)
+        path = str(Path(path).expanduser())
     check_saved_model_path(path, setting)
     folder = Path(path).expanduser()
     index_problem = _weights_index_problem(folder, f"{setting}={path}")

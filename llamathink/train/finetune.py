@@ -17,6 +17,7 @@ same whatever the length of its conversation, over micro-batches and processes.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -331,7 +332,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 
 def _finetune(cfg: FinetuneConfig, accelerator) -> dict:
-    resume_from, run_id = begin_run(cfg, accelerator.is_main_process)
+    resume_from, run_id = begin_run(cfg, accelerator)
     model = load_saved_model(
         cfg.init_from, "init_from", check_generation=True
     )  # first: a model that cannot be had is the error to see
@@ -374,7 +375,7 @@ def _finetune(cfg: FinetuneConfig, accelerator) -> dict:
         save_final(
             raw_model, tokenizer, final_dir, cfg, history, tokens_seen=history["trained_tokens"], on_saved=on_saved
         )
-        accelerator.print(f"saved {final_dir}; chat with: llamathink-chat {final_dir}")
+        accelerator.print(f"saved {final_dir}; chat with: llamathink-chat {shlex.quote(str(final_dir))}")
 
     def samples(raw_model) -> list[str]:
         pairs = generate_samples(raw_model, tokenizer, cfg, accelerator.device)

@@ -406,13 +406,44 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def begin_run(cfg: RunConfig, is_main: bool = True) -> tuple[Path | None, str]:
+def on_main_for_all(accelerator, fn: Callable, share_result: bool = False):
+    """`fn()` on the main process alone, its outcome reaching every process: an error it raises is raised on every
+    process (same type and message), so that no process goes on into a collective (DDP's setup, a barrier) that the
+    stopped main process never joins: gloo then fails with a traceback of its own, NCCL waits until its timeout.
+    Returns fn's result on the main process, and on the others too with `share_result` (it must pickle), else None
+    there. Without several processes (`accelerator` None or of one process) it is `fn()`."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return fn()
+    from accelerate.utils import broadcast_object_list
+
+    outcome, error = [None, None], None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+            outcome = [None, result if share_result else None]
+        except Exception as err:  # noqa: BLE001 - raised again below, here and on every other process
+            error, outcome = err, [(type(err), str(err)), None]
+    failure, shared = broadcast_object_list(outcome)
+    if failure is not None:
+        if error is None:
+            kind, message = failure
+            try:
+                error = kind(message)
+            except Exception:  # noqa: BLE001 - an error type that takes other arguments: its message all the same
+                error = RuntimeError(message)
+        error.on_every_process = True  # (every process stops here: `command_main` may end the process group)
+        raise error
+    return result if accelerator.is_main_process else shared
+
+
+def begin_run(cfg: RunConfig, accelerator=None) -> tuple[Path | None, str]:
     """(the checkpoint to resume or None, this run's id), checked before any data or model is loaded: a resume that
     cannot work, an out_dir holding another run's checkpoints, or a `push_to_hub` the Hub will not take, fails in
     seconds rather than after the data is read or the model trained (`resolve_resume`, `claim_checkpoints`,
-    `check_hub_access`, `check_inputs_unchanged`)."""
-    if is_main:
-        check_hub_access(cfg)
+    `check_hub_access`, `check_inputs_unchanged`). The checks of the main process alone (`on_main_for_all`) stop
+    every process of a multi-process run, and its run id is every process's."""
+    is_main = accelerator is None or accelerator.is_main_process
+    on_main_for_all(accelerator, lambda: check_hub_access(cfg))
     resume_from = resolve_resume(cfg, log=print if is_main else lambda message: None)  # its notes once, not per rank
     meta = checkpoint_meta(resume_from) if resume_from is not None else {}
     if resume_from is not None and meta.get("run_id") is None:  # meta.json lost (or an older format)
@@ -421,12 +452,16 @@ def begin_run(cfg: RunConfig, is_main: bool = True) -> tuple[Path | None, str]:
             if is_main:
                 print(f"note: {resume_from} has no meta.json; going on with its run {saved_id} (state.pt)")
             meta = {**meta, "run_id": saved_id}
-    if is_main and resume_from is not None:  # inputs edited in place since the run started
-        fingerprints = dict(meta.get("input_fingerprints") or {})
-        if meta.get("model_architecture") is not None:  # the model it builds is compared instead, as built
-            fingerprints.pop("model_config", None)  # (`check_model_unchanged`): an edit that restores it resumes
-        check_inputs_unchanged(fingerprints, cfg, str(resume_from), meta.get("config"))
-    return resume_from, claim_checkpoints(cfg, resume_from, meta.get("run_id"), is_main)
+
+    def main_checks() -> str:
+        if resume_from is not None:  # inputs edited in place since the run started
+            fingerprints = dict(meta.get("input_fingerprints") or {})
+            if meta.get("model_architecture") is not None:  # the model it builds is compared instead, as built
+                fingerprints.pop("model_config", None)  # (`check_model_unchanged`): an edit that restores it resumes
+            check_inputs_unchanged(fingerprints, cfg, str(resume_from), meta.get("config"))
+        return claim_checkpoints(cfg, resume_from, meta.get("run_id"))
+
+    return resume_from, on_main_for_all(accelerator, main_checks, share_result=True)
 
 
 # Batch keys the loop passes to the model when a batch has them (a loader may add others, e.g. the attention_mask of
@@ -679,10 +714,14 @@ def run_training(
         fingerprints = input_fingerprints(cfg)
     history["run_id"] = run_id  # history.json says whose it is (`claim_checkpoints`)
     settings_path = out_dir / settings_file
-    if is_main and (settings_path.is_symlink() or settings_path.exists()) and not settings_path.is_file():
-        raise ValueError(  # now, not at the first checkpoint: the steps until then would be lost
-            f"{settings_path}, where the run records its settings, is not a file: move it out of the way"
-        )
+
+    def check_settings_path():
+        if (settings_path.is_symlink() or settings_path.exists()) and not settings_path.is_file():
+            raise ValueError(  # now, not at the first checkpoint: the steps until then would be lost
+                f"{settings_path}, where the run records its settings, is not a file: move it out of the way"
+            )
+
+    on_main_for_all(accelerator, check_settings_path)
     claimed, set_aside = False, []
 
     def claim_out_dir():
@@ -729,7 +768,7 @@ def run_training(
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
 
-    run = _init_wandb(cfg, wandb_id) if is_main else None
+    run = on_main_for_all(accelerator, lambda: _init_wandb(cfg, wandb_id))  # (None on the other processes)
     if run is not None and resume_from is None and hooks.summary:
         run.summary.update({k: v for k, v in hooks.summary.items() if not isinstance(v, dict)})
     peak = hooks.peak_flops * world if hooks.flops_per_token and hooks.peak_flops else None
@@ -1032,7 +1071,7 @@ def command_main(argv: list[str] | None, *, prog: str, settings: type, run: Call
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", help=f"YAML file of {settings.__name__} settings")
     args, overrides = parser.parse_known_args(argv)
-    out_dir, finished = None, False
+    out_dir, finished, together = None, False, False
     try:
         cfg = load_config(settings, args.config, overrides)
         out_dir = cfg.out_dir
@@ -1042,6 +1081,7 @@ def command_main(argv: list[str] | None, *, prog: str, settings: type, run: Call
         print(f"{prog}: stopped: {err}", file=sys.stderr)
         return 1
     except USER_ERRORS as err:
+        together = getattr(err, "on_every_process", False)  # (`on_main_for_all`: no peer waits in a collective)
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -1057,9 +1097,9 @@ def command_main(argv: list[str] | None, *, prog: str, settings: type, run: Call
         return 130
     finally:
         # After a run that went well, before the interpreter exits: a gloo or NCCL process group left to be torn
-        # down at exit can abort the process ("terminate called without an active exception"). Not after an error:
-        # peers may still wait in a collective, and the launcher ends them.
-        if finished and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # down at exit can abort the process ("terminate called without an active exception"). Not after an error
+        # of one process: peers may still wait in a collective, and the launcher ends them.
+        if (finished or together) and torch.distributed.is_available() and torch.distributed.is_initialized():
             with contextlib.suppress(Exception):
                 torch.distributed.destroy_process_group()
     return 0

@@ -335,7 +335,7 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig, accelerator) -> dict:
-    resume_from, run_id = begin_run(cfg, accelerator.is_main_process)
+    resume_from, run_id = begin_run(cfg, accelerator)
     meta = load_meta(cfg.data_dir)
     check_shards_against_meta(cfg.data_dir, meta)  # a shard deleted, truncated or added since `prepare`
     try:
