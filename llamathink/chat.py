@@ -255,11 +255,29 @@ def _read_line(stdin: TextIO, prompt: str) -> str | None:
     return None if line == "" else line
 
 
+class _BestEffort:
+    """A stream of notices whose write failures are dropped (stderr closed, or redirected to a full disk): the
+    replies on stdout go on without them, where the first notice used to end the chat with status 1 and no word."""
+
+    def __init__(self, stream: TextIO | None):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # (ValueError: closed; None: no stderr)
+            self.stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            self.stream.flush()
+
+
 def run_interactive(
     session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None
 ) -> int:
-    """The interactive loop: read a line, stream the reply, repeat until EOF, ``/exit`` or Ctrl-C at the prompt."""
-    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    """The interactive loop: read a line, stream the reply, repeat until EOF, ``/exit`` or Ctrl-C at the prompt.
+    Notices go to `stderr` as far as it can be written (`_BestEffort`)."""
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, _BestEffort(stderr or sys.stderr)
     tty = stdin is sys.stdin and stdin.isatty()
     stderr.write(f"[{HELP}]\n")
     stderr.flush()
@@ -531,7 +549,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = GenerationSettings(args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_k, args.top_p)
     try:
         session = ChatSession(
-            model, tokenizer, system=args.system, settings=settings, max_context=args.max_context, notices=sys.stderr
+            model,
+            tokenizer,
+            system=args.system,
+            settings=settings,
+            max_context=args.max_context,
+            notices=_BestEffort(sys.stderr),
         )
     except ValueError as err:  # --max-context beyond the model's window, a --system prompt that cannot fit
         print(f"llamathink-chat: error: {err}", file=sys.stderr)

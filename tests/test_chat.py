@@ -1041,6 +1041,24 @@ def test_interactive_chat_stops_cleanly_when_the_reply_cannot_be_written(tok, er
     assert ("No space left on device" in stderr.getvalue()) == (status == 1)
 
 
+def test_interactive_chat_goes_on_when_its_notices_cannot_be_written(tok):
+    """stderr closed or on a full disk: the help line and other notices are dropped and the replies go on (the first
+    notice ended the chat with status 1 and no word); the replies are the ones a writable stderr gets."""
+    model = tiny_chat_model(max_positions=96)
+    replies = []
+    for stderr in (io.StringIO(), None):
+
+        class Unwritable(io.StringIO):
+            def write(self, text):
+                raise OSError(28, "No space left on device")
+
+        session = ChatSession(model, tok, settings=GenerationSettings(max_new_tokens=4, temperature=0))
+        stdout = io.StringIO()
+        assert run_interactive(session, io.StringIO("hello\n/help\nagain\n"), stdout, stderr or Unwritable()) == 0
+        replies.append(stdout.getvalue())
+    assert replies[0] == replies[1] and replies[0].count("\n") == 2, replies
+
+
 def test_the_chat_generates_with_its_own_settings_only(tok):
     """A model's generation_config (its folder's generation_config.json) can hold beams, a time limit, penalties or
     output formats: the chat passes a generation config of its own settings alone, so a reply equals the one of a
