@@ -1105,6 +1105,7 @@ def test_wandb_that_cannot_start_stops_the_run_with_one_named_error(tmp_path, mo
     import wandb
 
     def no_key(**kwargs):
+        (Path(kwargs["dir"]) / "wandb" / "run-x").mkdir(parents=True)  # (as W&B makes its folder, then fails)
         raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
 
     monkeypatch.setattr(wandb, "init", no_key)
@@ -1113,6 +1114,12 @@ def test_wandb_that_cannot_start_stops_the_run_with_one_named_error(tmp_path, mo
         loop._init_wandb(cfg, None)
     with pytest.raises(ValueError, match=r"\(UsageError: No API key.*\); log in \(`wandb login`\)"):
         loop._init_wandb(cfg, None)
+    assert not (tmp_path / "wandb").exists()  # the failed start's folder is removed (it was left behind)
+    (tmp_path / "wandb").mkdir()
+    (tmp_path / "wandb" / "earlier-run").write_text("kept")
+    with pytest.raises(ValueError, match=r"W&B could not start the run"):
+        loop._init_wandb(cfg, None)
+    assert (tmp_path / "wandb" / "earlier-run").read_text() == "kept"  # one it found is not touched
     # offline, W&B needs no login: the hint names the settings and the folder instead
     cfg = run_config.RunConfig(out_dir=str(tmp_path), wandb_mode="offline", wandb_project="p")
     monkeypatch.setattr(wandb, "init", lambda **kw: (_ for _ in ()).throw(PermissionError("read-only file system")))

@@ -379,6 +379,8 @@ def _init_wandb(cfg: RunConfig, run_id: str | None):
         import wandb
     except ImportError as err:
         raise ImportError("wandb is not installed: pip install wandb, or set wandb_mode: disabled") from err
+    folder = Path(cfg.out_dir) / "wandb"  # where W&B writes its run files (`dir`)
+    made = not (folder.exists() or folder.is_symlink())
     try:
         return wandb.init(
             project=cfg.wandb_project,
@@ -390,6 +392,8 @@ def _init_wandb(cfg: RunConfig, run_id: str | None):
             dir=str(Path(cfg.out_dir)),
         )
     except Exception as err:  # no API key, no network, a setting W&B refuses (before the first step: nothing is lost)
+        if made:  # the files of the run that did not start: a failed start leaves out_dir as it found it
+            shutil.rmtree(folder, ignore_errors=True)
         if cfg.wandb_mode == "online":
             hint = "log in (`wandb login`), or set wandb_mode: offline (sync later) or disabled"
         else:  # an offline run needs no login or network: a setting or its folder is the cause
