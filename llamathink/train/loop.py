@@ -553,10 +553,9 @@ def _choose_gdn_kernels(
         return None
     choice = resumed  # ("fla" or "flash_qla": `_check_run_records` refuses any other record)
     if choice is None and accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        mine = [raw_model.choose_training_kernels(*shape, dtype=dtype) if accelerator.is_main_process else None]
-        choice = broadcast_object_list(mine)[0]
+        choice = on_main_for_all(
+            accelerator, lambda: raw_model.choose_training_kernels(*shape, dtype=dtype), share_result=True
+        )
         choice = choice if choice in ("fla", "flash_qla") else None  # (others: every process finds the same)
     kernels = raw_model.choose_training_kernels(*shape, dtype=dtype, kernels=choice)
     if kernels == "flash_qla":
