@@ -628,6 +628,8 @@ def test_cli_prepare_and_inspect(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["meta"]["tokenizer"] == "builtin"
     assert summary["shards"]["train_000000.bin"]["num_tokens"] == 2000
+    assert main(["inspect", str(tmp_path / "out" / "meta.json")]) == 0  # the folder's meta.json stands for it
+    assert json.loads(capsys.readouterr().out) == summary
     # the shards are checked against meta.json: a listed shard gone, another vocabulary, an id outside it
     out, vocab = tmp_path / "out", summary["meta"]["vocab_size"]
     header = summary["shards"]["train_000000.bin"]
@@ -1478,7 +1480,16 @@ def test_inspect_names_a_missing_or_foreign_file_in_one_line(tmp_path, capsys):
 
     foreign = tmp_path / "notes.bin"
     foreign.write_bytes(b"# not a shard" * 100)
-    for path, message in ((tmp_path / "missing", "no shards at"), (foreign, "not a LlamaThink token shard")):
+    short = tmp_path / "short.txt"  # shorter than a shard's header, yet no shard cut short
+    short.write_text('{"vocab_size": 32000}')
+    write_shard(tmp_path / "cut.bin", [1, 2, 3], 10)
+    (tmp_path / "cut.bin").write_bytes((tmp_path / "cut.bin").read_bytes()[:2])  # cut inside the magic number
+    for path, message in (
+        (tmp_path / "missing", "no shards at"),
+        (foreign, "not a LlamaThink token shard"),
+        (short, "not a LlamaThink token shard"),
+        (tmp_path / "cut.bin", "truncated shard: 2 bytes"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             data_main(["inspect", str(path)])
         err = capsys.readouterr().err.strip()

@@ -40,11 +40,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _inspect(path: str) -> int:
-    """Print the headers of the shards at ``path`` (a folder's ``train_*``/``val_*`` shards, or one file) and the
+    """Print the headers of the shards at ``path`` (a folder's ``train_*``/``val_*`` shards, or one file; a folder's
+    meta.json stands for the folder) and the
     folder's meta.json as JSON; raises ``FileNotFoundError`` when there are none, ``ValueError`` for a bad shard.
     A folder's shards are also checked against its meta.json (`_check_against_meta`), a shard without one against
     its own header (every token id inside its vocabulary)."""
     p = Path(path)
+    if p.name == META_FILE and p.is_file():  # the folder's description: inspect the folder it describes
+        p = p.parent
     files = [p] if p.is_file() else sorted(q for q in p.glob("*.bin") if _SHARD_RE.match(q.name))
     if not files:
         raise FileNotFoundError(f"no shards at {p}")

@@ -143,19 +143,24 @@ def read_shard_header(path: str | os.PathLike) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"shard file not found: {path}")
     size = os.path.getsize(path)
-    if size < HEADER_BYTES:
-        raise ValueError(f"{path}: truncated shard: {size} bytes is smaller than the {HEADER_BYTES}-byte header")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    magic = int(header[0]) & 0xFFFFFFFF
-    version = int(header[1])
-    token_bytes = int(header[2])
-    if magic not in (SHARD_MAGIC, LEGACY_SHARD_MAGIC):
+    with open(path, "rb") as f:
+        head = f.read(HEADER_BYTES)
+    # The magic number first: a short file that is not a shard at all (a meta.json, a text file) is named as such,
+    # not as a truncated shard.
+    magic = int.from_bytes(head[:4].ljust(4, b"\0"), "little")
+    cut_in_magic = len(head) < 4 and any(_magic_bytes(m).startswith(head) for m in (SHARD_MAGIC, LEGACY_SHARD_MAGIC))
+    if magic not in (SHARD_MAGIC, LEGACY_SHARD_MAGIC) and not cut_in_magic:
         other = _OTHER_MAGICS.get(magic)
         raise ValueError(
             f"{path}: not a LlamaThink token shard (bad magic number 0x{magic:08X} "
             f"{_magic_bytes(magic)!r}, expected 0x{SHARD_MAGIC:08X} {_magic_bytes(SHARD_MAGIC)!r}"
             f"{f'; it looks like {other}' if other else ''})"
         )
+    if size < HEADER_BYTES:
+        raise ValueError(f"{path}: truncated shard: {size} bytes is smaller than the {HEADER_BYTES}-byte header")
+    header = np.frombuffer(head, dtype="<i4", count=HEADER_INTS)
+    version = int(header[1])
+    token_bytes = int(header[2])
     if magic == LEGACY_SHARD_MAGIC and (version, token_bytes) != (FORMAT_VERSION, TOKEN_DTYPE.itemsize):
         # Every shard with the legacy magic is version 1 with 2-byte tokens; a C model file has its header size
         # (1024) where a shard has its token size.
