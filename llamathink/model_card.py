@@ -41,6 +41,15 @@ def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}" + ("" if n == 1 else "es" if noun.endswith(("ch", "sh", "s", "x")) else "s")
 
 
+def _processes(history: dict | None) -> str:
+    """``per process`` when the history does not say how many there were, ``on 1 process`` or ``per process, on 2
+    processes`` when it does (``num_processes``, written by the training loop)."""
+    n = (history or {}).get("num_processes")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return "per process"
+    return "on 1 process" if n == 1 else f"per process, on {n} processes"
+
+
 def _last_eval(history: dict | None) -> tuple[int, float] | None:
     """(step, loss) of the last evaluation in a run history ({"eval": {step: loss}}; steps may be JSON strings)."""
     evals = (history or {}).get("eval") or {}
@@ -102,8 +111,8 @@ def model_card_text(
         cfg: the run's settings: a ``llamathink.train.pretrain.TrainConfig`` (pretraining: has ``data_dir``) or a
             ``llamathink.train.finetune.FinetuneConfig`` (chat finetuning: has ``data`` and ``init_from``).
         history: the run history, ``{"losses": {step: loss}, "eval": {step: loss}}`` (finetuning adds ``"data"``,
-            the conversation counts); the last step trained and the last evaluation loss come from it. None: the
-            card says they are not known.
+            the conversation counts; the training loop adds ``"num_processes"``); the last step trained, the last
+            evaluation loss and the number of processes come from it. None: the card says they are not known.
         tokens_seen: tokens consumed by the run (pretraining: every input token; finetuning: the assistant tokens
             the loss was taken on). None: not stated.
         tokenizer: the saved tokenizer, if any (vocabulary size and whether it carries a chat template).
@@ -195,7 +204,7 @@ def model_card_text(
     training = [
         ("run", origin),
         ("data", data),
-        ("steps", f"{_count(steps, 'optimizer step')}, each of {batch} per process"),
+        ("steps", f"{_count(steps, 'optimizer step')}, each of {batch} {_processes(history)}"),
         (tokens_what, f"{int(tokens_seen):,}" if tokens_seen is not None else "not recorded"),
         ("final " + eval_what, f"{last_eval[1]:.4f} at step {last_eval[0]:,}" if last_eval else "not measured"),
         ("optimizer", optimizer),

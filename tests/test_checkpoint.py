@@ -1814,6 +1814,9 @@ def test_a_saved_model_with_nan_weights_is_refused_where_a_run_or_chat_loads_it(
     LlamaThinkForCausalLM(LlamaThinkConfig.from_json_file(str(model_json))).save_pretrained(tmp_path / "m")
     weights = load_file(tmp_path / "m" / "model.safetensors")
     assert isinstance(ckpt.load_saved_model(str(tmp_path / "m"), "init_from"), LlamaThinkForCausalLM)
+    assert isinstance(ckpt.load_saved_model(tmp_path / "m", "init_from"), LlamaThinkForCausalLM)  # a Path too
+    with pytest.raises(TypeError, match="init_from: a saved model's folder or Hub id is a string or path, got int"):
+        ckpt.load_saved_model(7, "init_from")
     weights["model.norm.weight"][0] = float("nan")
     save_file(weights, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(

@@ -59,6 +59,8 @@ def test_two_process_ddp_matches_one_process_and_checkpoints_move_between_them(s
     one = _run(1, model_json, sample_data, tmp_path / "one", micro_batch=8)
     two = _run(2, model_json, sample_data, tmp_path / "two", micro_batch=4)  # same global batch: 2 x 4 = 8
     l1, l2 = one["history"]["losses"], two["history"]["losses"]
+    for out, processes in (("one", "x 2 micro-batches on 1 process"), ("two", "per process, on 2 processes")):
+        assert processes in (tmp_path / out / "final" / "README.md").read_text(encoding="utf-8")  # the model card
     assert sorted(l1) == sorted(l2) == list(range(1, 9))
     for step in l1:  # same windows per global step, gradients averaged by DDP: equal up to reduction order
         assert abs(l1[step] - l2[step]) < 1e-4 * abs(l1[step]), (step, l1[step], l2[step])

@@ -281,7 +281,13 @@ def test_pretraining_card_states_the_data_steps_and_tokens(tmp_path):
     assert "datasets:\n- HuggingFaceFW/fineweb" in card
     assert "the Hub dataset `HuggingFaceFW/fineweb` (sample-10BT)" in card and "123,456 training tokens" in card
     assert "| training tokens seen | 384 |" in card and "6.1250 at step 3" in card
-    assert "3 optimizer steps, each of 2 sequences of 64 tokens x 1 micro-batch per process" in card
+    assert "3 optimizer steps, each of 2 sequences of 64 tokens x 1 micro-batch per process |" in card
+    for processes, said in (
+        (1, "x 1 micro-batch on 1 process |"),
+        (4, "x 1 micro-batch per process, on 4 processes |"),
+    ):
+        loop.save_final(model, None, tmp_path / "final", cfg, {**history, "num_processes": processes}, tokens_seen=384)
+        assert said in (tmp_path / "final" / "README.md").read_text(encoding="utf-8")
     assert "Pretrained from scratch" in card and "apply_chat_template" not in card  # no chat template saved
     assert not (tmp_path / "final" / "tokenizer_config.json").exists()
 

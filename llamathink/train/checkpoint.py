@@ -150,7 +150,7 @@ def _weights_index_problem(folder: Path, where: str) -> str | None:
 
 
 def load_saved_model(
-    path: str,
+    path: str | os.PathLike,
     setting: str,
     dtype: torch.dtype = torch.float32,
     auto: bool = False,
@@ -168,9 +168,13 @@ def load_saved_model(
     they are tied (transformers then unties them, with a log line); for weights with NaN or infinite values in
     `dtype`; for a sharded weights index that is stale, not JSON or lacks its weight map (`_weights_index_problem`); and
     with `check_generation` (the trainers, whose finished model saves the generation config it loaded),
-    for a generation_config.json that `check_generation_config` refuses."""
+    for a generation_config.json that `check_generation_config` refuses; TypeError for a `path` that is neither a
+    string nor an `os.PathLike`."""
     from safetensors import SafetensorError
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{setting}: a saved model's folder or Hub id is a string or path, got {type(path).__name__}")
+    path = os.fspath(path)
     if path.startswith("~"):  # (as a shell would; a quoted "~/x" reached here as it is and was looked up on the Hub)
         path = str(Path(path).expanduser())
     check_saved_model_path(path, setting)

@@ -1040,7 +1040,7 @@ def run_training(
             hooks.save_final(
                 raw_model,
                 final_dir,
-                {**history, "tokens_seen": tokens_seen, "trained_tokens": trained_tokens},
+                {**history, "tokens_seen": tokens_seen, "trained_tokens": trained_tokens, "num_processes": world},
                 final_in_place,
             )
     finally:
