@@ -3,6 +3,7 @@
 (The multi-GPU run of the same code path needs a machine with several GPUs; see BENCHMARKS.md.)"""
 
 import os
+import resource
 import subprocess
 import sys
 
@@ -19,7 +20,11 @@ def _run(nproc, model_json, data, out, micro_batch, **overrides):
     return ckpt.load_checkpoint(last)
 
 
-def _launch(nproc, model_json, data, out, micro_batch, **overrides) -> subprocess.CompletedProcess:
+def _launch(
+    nproc, model_json, data, out, micro_batch, file_size_limit=None, timeout=600, **overrides
+) -> subprocess.CompletedProcess:
+    """The run, as a subprocess; `file_size_limit` (bytes): no file it writes may grow past it (RLIMIT_FSIZE:
+    a write past it fails with EFBIG, as on a full disk)."""
     settings = dict(
         model_config=model_json,
         data_dir=data,
@@ -52,7 +57,12 @@ def _launch(nproc, model_json, data, out, micro_batch, **overrides) -> subproces
             str(REPO_ROOT / "train_hf.py"),
             *args,
         ]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    preexec = limit if file_size_limit is not None else None
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, preexec_fn=preexec)
 
 
 def test_two_process_ddp_matches_one_process_and_checkpoints_move_between_them(sample_data, model_json, tmp_path):
@@ -89,3 +99,25 @@ def test_two_process_ddp_matches_one_process_and_checkpoints_move_between_them(s
     assert refused.returncode != 0 and workers.count("holds checkpoints of another run") == 2, workers[-3000:]
     assert "Traceback" not in workers and "terminate called" not in workers, workers[-3000:]
     assert sorted(p.name for p in ckpt.list_checkpoints(tmp_path / "two")) == before
+
+
+def test_a_checkpoint_the_main_process_cannot_write_stops_every_process(sample_data, model_json, tmp_path):
+    """The main process alone writes checkpoints and the finished model. When it cannot (here a file-size limit,
+    as on a full disk), every process stops with the one-line message that names the file; the other process
+    waited at the next barrier until gloo's timeout (30 minutes; NCCL's: 10) and the launcher's."""
+    refused = _launch(
+        2,
+        model_json,
+        sample_data,
+        tmp_path / "out",
+        micro_batch=4,
+        max_steps=4,
+        save_every=2,
+        file_size_limit=64 * 1024,  # the weights' file is larger (the 1024 x 64 fp32 embedding alone: 256 KiB)
+        timeout=240,
+    )
+    workers = refused.stderr.split("failed (exitcode")[0]  # (torchrun's own report of a failed run follows)
+    said = "a write was cut short while writing checkpoint step 2"
+    assert refused.returncode != 0 and workers.count(said) == 2, workers[-3000:]
+    assert "file-size limit (ulimit -f) of 65,536 bytes" in workers and "Traceback" not in workers, workers[-3000:]
+    assert not ckpt.list_checkpoints(tmp_path / "out")  # (no partial checkpoint left behind)

@@ -826,6 +826,18 @@ def _nbytes(obj) -> int:
     return 0
 
 
+def _file_size_limit() -> int | None:
+    """The process's limit on the size of a file it writes (RLIMIT_FSIZE) in bytes, or None: no limit (or no such
+    limit on this system)."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, AttributeError, OSError, ValueError):
+        return None
+    return None if limit == resource.RLIM_INFINITY else limit
+
+
 def _save_error_message(err: BaseException, step: int, final: Path, needed: int, previous: Path | None) -> str:
     """What went wrong while writing a checkpoint, in words (torch reports a full disk as e.g.
     'inline_container.cc ... unexpected pos'), and what is still safe."""
@@ -841,6 +853,10 @@ def _save_error_message(err: BaseException, step: int, final: Path, needed: int,
         what = f"permission denied while writing {where} ({getattr(err, 'filename', None) or final.parent})"
     elif code == errno.EROFS:
         what = f"read-only file system: cannot write {where}"
+    elif code == errno.EFBIG or (code is None and "unexpected pos" in str(err)):  # (torch's word for a short write)
+        limit = _file_size_limit()
+        cause = f"this process's file-size limit (ulimit -f) of {limit:,} bytes" if limit else "a full disk or a quota"
+        what = f"a write was cut short while writing {where} ({cause}; about {needed:,} bytes needed)"
     else:
         what = f"could not write {where}: {type(err).__name__}: {err}"
     kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint of this run exists"

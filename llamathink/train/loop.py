@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -789,6 +790,44 @@ def run_training(
         if run is not None:
             run.log({"eval/loss": val}, step=step)
 
+    def print_samples():  # (on the main process: `on_main_for_all`)
+        for line in hooks.samples(raw_model):
+            accelerator.print(f"[sample] {line}")
+
+    def save(step: int, tokens_seen: int | None, trained_tokens: int | None):
+        """A checkpoint of `step` and the history, written by the main process (`on_main_for_all`: a failure to
+        write them stops every process with its message: the others would wait at the next barrier)."""
+        extra = {
+            "history": history,
+            "config": dataclasses.asdict(cfg),
+            "wandb_run_id": run.id if run is not None else wandb_id,
+            "run_id": run_id,
+            "overflow_steps": counters.overflows,
+            "input_fingerprints": fingerprints,
+        }
+        if gdn_kernels in ("fla", "flash_qla"):  # a resumed run goes on with the same kernels
+            extra["gdn_kernels"] = gdn_kernels
+        for name, count in (("tokens_seen", tokens_seen), ("trained_tokens", trained_tokens)):
+            if count is not None:  # an unknown count stays unknown in later checkpoints too
+                extra[name] = count
+        claim_out_dir()
+        try:  # (settled from what is on disk: the save may raise after its checkpoint is in place)
+            save_checkpoint(
+                cfg.out_dir,
+                step,
+                raw_model,
+                optimizer,
+                scheduler,
+                loader,
+                extra,
+                cfg.keep_last,
+                run_id=run_id,
+                world_size=world,
+            )
+        finally:
+            settle_overwrite()
+        write_history(out_dir, history)
+
     if hooks.evaluate is not None and cfg.eval_at_start and resume_from is None:
         evaluate(0)
 
@@ -958,45 +997,13 @@ def run_training(
             if hooks.evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 paused = True
                 evaluate(step)
-            if is_main and hooks.samples is not None and step % cfg.sample_every == 0:
+            if hooks.samples is not None and step % cfg.sample_every == 0:
                 paused = True
-                for line in hooks.samples(raw_model):
-                    accelerator.print(f"[sample] {line}")
+                on_main_for_all(accelerator, print_samples)
             if step % cfg.save_every == 0 or step == end_step:
                 paused = True
                 accelerator.wait_for_everyone()
-                if is_main:
-                    extra = {
-                        "history": history,
-                        "config": dataclasses.asdict(cfg),
-                        "wandb_run_id": run.id if run is not None else wandb_id,
-                        "run_id": run_id,
-                        "overflow_steps": counters.overflows,
-                        "input_fingerprints": fingerprints,
-                    }
-                    if gdn_kernels in ("fla", "flash_qla"):  # a resumed run goes on with the same kernels
-                        extra["gdn_kernels"] = gdn_kernels
-                    for name, count in (("tokens_seen", tokens_seen), ("trained_tokens", trained_tokens)):
-                        if count is not None:  # an unknown count stays unknown in later checkpoints too
-                            extra[name] = count
-                    claim_out_dir()
-                    try:  # (settled from what is on disk: the save may raise after its checkpoint is in place)
-                        save_checkpoint(
-                            cfg.out_dir,
-                            step,
-                            raw_model,
-                            optimizer,
-                            scheduler,
-                            loader,
-                            extra,
-                            cfg.keep_last,
-                            run_id=run_id,
-                            world_size=world,
-                        )
-                    finally:
-                        settle_overwrite()
-                    write_history(out_dir, history)
-                accelerator.wait_for_everyone()
+                on_main_for_all(accelerator, functools.partial(save, step, tokens_seen, trained_tokens))
             if paused:
                 t_last, tokens_last = time.perf_counter(), processed
     except Exception as err:
@@ -1017,9 +1024,11 @@ def run_training(
             progress.close()
 
     final_dir = out_dir / "final"
-    if is_main:
-        claim_out_dir()  # (a run of no step saved no checkpoint: its history and final model are its first output)
     final_saved = False
+
+    def write_run_history():
+        claim_out_dir()  # (a run of no step saved no checkpoint: its history and final model are its first output)
+        write_history(out_dir, history)
 
     def final_in_place():
         # the finished model is this run's output: an overwrite settles now, before a Hub upload that may be killed
@@ -1028,21 +1037,16 @@ def run_training(
         final_saved = True
         settle_overwrite(whole=True)
 
-    try:
-        if is_main:
-            write_history(out_dir, history)
+    try:  # (written by the main process; a failure stops every process: `on_main_for_all`)
+        on_main_for_all(accelerator, write_run_history)
         if start_step < step < cfg.max_steps:  # stop_at_step: paused, not done (a run of no step said so above)
             accelerator.print(
                 f"stopped at step {step} of {cfg.max_steps} (stop_at_step), checkpoint in {out_dir / 'checkpoints'}:"
                 " to go on, rerun with resume: auto (the default) and a later stop_at_step or none"
             )
-        if is_main and step == cfg.max_steps:
-            hooks.save_final(
-                raw_model,
-                final_dir,
-                {**history, "tokens_seen": tokens_seen, "trained_tokens": trained_tokens, "num_processes": world},
-                final_in_place,
-            )
+        if step == cfg.max_steps:
+            record = {**history, "tokens_seen": tokens_seen, "trained_tokens": trained_tokens, "num_processes": world}
+            on_main_for_all(accelerator, lambda: hooks.save_final(raw_model, final_dir, record, final_in_place))
     finally:
         if is_main:  # (a run that saved a checkpoint has settled already)
             settle_overwrite(whole=final_saved)
