@@ -2632,6 +2632,11 @@ def chunked_causal_lm_loss_through_module(
     return total / divisor.to(total.dtype)
 
 
+def _layer_mixer_types(layers) -> list[str]:
+    """The mixer type of each decoder layer in `layers` as built (a module of another class: its class name)."""
+    return [getattr(layer, "mixer_type", type(layer).__name__) for layer in layers]
+
+
 def _some(names: list[str], shown: int = 4) -> str:
     """The first `shown` of `names`, and how many more: an error message that names the fault without listing
     every tensor of a model."""
@@ -2797,17 +2802,69 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
                 edits[name] = (then, now)
         return edits
 
+    def config_mismatches(self) -> list[str]:
+        """How `self.config` no longer describes this model's own weights: the fields whose value differs from what
+        the modules hold (`vocab_size`, `hidden_size`, `num_hidden_layers`, `mixer_types`, `hyper_connections`,
+        `tie_word_embeddings`),
+        then the tensors whose name or shape differ from those of a model built from the config now (built on the
+        meta device: no memory). Empty where the config describes the model, as after `resize_token_embeddings`, or
+        after layers removed with `num_hidden_layers` and `mixer_types` set to match."""
+        base = getattr(self, "model", self)
+        embeddings, head = self.get_input_embeddings(), self.get_output_embeddings()
+        held = {
+            "vocab_size": embeddings.num_embeddings,
+            "hidden_size": embeddings.embedding_dim,
+            "num_hidden_layers": len(base.layers),
+            "mixer_types": _layer_mixer_types(base.layers),
+            "hyper_connections": all(getattr(layer, "hyper_connections", False) for layer in base.layers),
+        }
+        if head is not None:
+            held["tie_word_embeddings"] = head.weight is embeddings.weight
+        config = {name: getattr(self.config, name, None) for name in held}
+        if isinstance(config["mixer_types"], tuple):
+            config["mixer_types"] = list(config["mixer_types"])
+        found = [
+            f"{name}: the model's {value!r}, the config's {config[name]!r}"
+            for name, value in held.items()
+            if value != config[name]
+        ]
+        try:
+            with torch.device("meta"):
+                described = type(self)(copy.deepcopy(self.config)).state_dict()
+        except (ValueError, TypeError) as err:  # a config no model can be built from: `validate_llamathink` names it
+            return [*found, f"no model can be built from the config ({err})"]
+        mine = self.state_dict()
+        differ = [
+            f"{name} {tuple(mine[name].shape)} where the config gives {tuple(described[name].shape)}"
+            for name in described
+            if name in mine and mine[name].shape != described[name].shape
+        ]
+        lacking, extra = [n for n in described if n not in mine], [n for n in mine if n not in described]
+        tensors = [
+            f"{what} {_some(names)}"
+            for what, names in (("shapes", differ), ("missing tensors", lacking), ("unexpected tensors", extra))
+            if names
+        ]
+        return [*found, *tensors]
+
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """transformers' `save_pretrained`, refusing a `config` edited since the model was built.
+        """transformers' `save_pretrained`, refusing a `config` that does not describe the model.
 
         The layers copy their head layout, norm epsilon, RoPE base and CSA settings when they are built
         (`BUILD_FIELDS`), so `model.config.rms_norm_eps = 1e-5` afterwards changes nothing the model computes: the
-        saved config.json would describe another model (the reloaded one would compute something else). Edits the
-        weights record (layers removed, embeddings resized or untied) are saved as they are.
+        saved config.json would describe another model (the reloaded one would compute something else). The
+        fields the weights record (sizes, layers, mixer types, tying) must describe the modules as they are
+        (`config_mismatches`): `model.config.tie_word_embeddings = False` alone, or layers removed with the config
+        left as it was, would save a folder that does not load (or, tied on reload, loses the output head).
+        Edits of the modules that keep the config in step (`resize_token_embeddings`, layers removed with
+        `num_hidden_layers` and `mixer_types` set to match, an output head untied into a parameter of its own
+        with `tie_word_embeddings = False`) are saved as they are. A model carrying transformers' own PEFT
+        adapters (`add_adapter`), which saves the adapters alone, is not checked.
 
         Raises ValueError, before anything is written, naming an inconsistent config's fault (`validate_llamathink`),
-        else each edited field with its built and its new value: set the field back, or build a new model from the
-        edited config and load these weights into it."""
+        each field edited since the model was built with its built and its new value (set the field back, or build
+        a new model from the edited config and load these weights into it), or each field and tensor where the
+        config and the modules differ."""
         self.config.validate_llamathink()  # (an edit into an inconsistent config: named as such first)
         edits = self.config_edits_since_build()
         if edits:
@@ -2818,6 +2875,25 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
                 "describe another model. Set the field(s) back, or build a new model from the edited config "
                 "(`LlamaThinkForCausalLM(config)`) and load these weights into it (`load_state_dict`)"
             )
+        if not getattr(self, "_hf_peft_config_loaded", False):
+            mismatches = self.config_mismatches()
+            if mismatches:
+                injected = any(".base_layer." in n or "lora_" in n for n in self.state_dict())
+                hint = (
+                    "save the adapter with the PeftModel's save_pretrained, or merge_and_unload() first"
+                    if injected
+                    else "set the config to match the model, or build a model from the config and load the "
+                    "weights it takes"
+                )
+                if any(m.startswith("tie_word_embeddings") for m in mismatches):
+                    hint += (
+                        " (an untied output head is a weight of its own: "
+                        "`model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())`)"
+                    )
+                raise ValueError(
+                    f"cannot save to {save_directory}: the model's config does not describe its weights "
+                    f"({'; '.join(mismatches)}), so the saved folder would not load as this model: {hint}"
+                )
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
@@ -3320,6 +3396,13 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         if cache is not None:
             _check_cache(cache, self.config)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if (use_cache or cache is not None) and list(self.config.mixer_types) != _layer_mixer_types(self.layers):
+            # (a cache holds one state per config.mixer_types entry: it would not fit the layers)
+            raise ValueError(
+                f"config.mixer_types {list(self.config.mixer_types)} does not name this model's layers "
+                f"{_layer_mixer_types(self.layers)} (edited after the model was built?), and a cache is built from "
+                "the config: set config.mixer_types back, or build a model from the edited config"
+            )
         # without gradients nothing is recomputed, so the layers run as they are, cache included (generate() from a
         # model in training mode), as transformers' GradientCheckpointingLayer does
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()

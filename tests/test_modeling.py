@@ -303,6 +303,41 @@ def test_edits_the_weights_record_or_that_keep_the_function_are_saved(tmp_path):
         small.save_pretrained(tmp_path / "small")
 
 
+@pytest.mark.parametrize(
+    "edit, named",
+    [
+        (lambda m: setattr(m.config, "tie_word_embeddings", False), r"tie_word_embeddings: the model's True, the co"),
+        (lambda m: setattr(m.config, "hidden_size", 32), r"hidden_size: the model's 48, the config's 32; shapes"),
+        (lambda m: setattr(m.config, "vocab_size", 80), r"vocab_size: the model's 96, the config's 80"),
+        (lambda m: setattr(m.config, "intermediate_size", 64), r"shapes model\.layers\.0\.mlp\.gate_proj\.weight"),
+        (lambda m: setattr(m.config, "hyper_connections", False), r"hyper_connections: the model's True, the con"),
+        (lambda m: setattr(m.config, "linear_conv_kernel_dim", 3), r"conv1d\.weight \(72, 1, 4\) where the config"),
+        (lambda m: setattr(m.config, "mixer_types", ["full"] * 4), r"mixer_types: the model's \['linear', 'csa'"),
+        (lambda m: setattr(m.model, "layers", m.model.layers[:2]), r"num_hidden_layers: the model's 2, the config's 4"),
+    ],
+    ids=["untied", "hidden", "vocab", "mlp", "hyper", "conv", "mixers", "layers-cut"],
+)
+def test_a_config_that_does_not_describe_the_weights_is_not_saved(tmp_path, edit, named):
+    """Fields the weights record, edited in `model.config` alone (or layers removed with the config left as it
+    was), saved a folder that did not load again (missing or misshapen tensors), or that would tie an output head
+    trained on its own: `save_pretrained` refuses, naming the field and the tensors, and writes nothing. A config
+    edited into a mixer pattern other than the layers' is named by the next cached forward too (its cache would
+    not fit the layers), while an uncached forward computes as built."""
+    model = randomize_(LlamaThinkForCausalLM(tiny_config()), seed=7).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        before = model(ids, use_cache=False).logits
+    edit(model)
+    with pytest.raises(ValueError, match=rf"cannot save to .*config does not describe its weights \(.*{named}"):
+        model.save_pretrained(tmp_path / "edited")
+    assert not (tmp_path / "edited").exists()
+    if model.config.mixer_types == ["full"] * 4:
+        with pytest.raises(ValueError, match=r"config\.mixer_types \['full'.*does not name this model's layers"):
+            model(ids)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids, use_cache=False).logits, before, rtol=0, atol=0)
+
+
 def test_output_attentions_is_refused_by_the_config_and_by_the_forward():
     """LlamaThink has no attention matrix to return (linear and compressed mixers): asking for one, in the config
     (where transformers' models take their default) or in the call, is a ValueError naming it, not a result
