@@ -57,6 +57,8 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from .hub import hub_lookup_failure, offline_variable
+
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 SPACE = "\u2581"  # "▁", SentencePiece's visible space
 BYTE_PIECES = [f"<0x{b:02X}>" for b in range(256)]
@@ -440,6 +442,8 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, check: bool = True):
         try:
             tok = AutoTokenizer.from_pretrained(spec)
         except Exception as e:
+            if offline_variable() is not None:
+                raise ValueError(hub_lookup_failure(f"tokenizer {spec!r}", e)) from e
             raise ValueError(
                 f"could not load tokenizer {spec!r}: not a local path, not 'builtin', and the "
                 f"Hub/cache lookup failed ({type(e).__name__}: {e})"

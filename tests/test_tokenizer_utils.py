@@ -220,6 +220,24 @@ def test_builtin_names(small):
     assert len(load_tokenizer("builtin:512")) == 512
 
 
+def test_a_hub_tokenizer_not_in_the_cache_offline_says_so(monkeypatch):
+    """A Hub id that is not in the local cache, in offline mode: the message names the variable that set it and how
+    to go on, where transformers' asks to check the internet connection; online, its own message stands."""
+    import transformers
+
+    def lookup(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'. Check your internet connection")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lookup)
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(ValueError, match="Hub/cache lookup failed \\(OSError: We couldn't connect"):
+        load_tokenizer("someone/tokenizer")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "true")
+    with pytest.raises(ValueError, match="tokenizer 'someone/tokenizer': not a local path, .*; HF_HUB_OFFLINE is set"):
+        load_tokenizer("someone/tokenizer")
+
+
 def test_cli_train_and_info(tmp_path, capsys):
     src = tmp_path / "docs.jsonl"
     src.write_text("\n".join(json.dumps({"text": t}) for t in list(iter_sample_texts())[:100]) + "\n")

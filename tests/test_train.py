@@ -20,6 +20,7 @@ from conftest import REPO_ROOT, tiny_model
 
 from llamathink import LlamaThinkConfig, LlamaThinkForCausalLM
 from llamathink.data import LocalSource, TokenBatchLoader, prepare, val_batches
+from llamathink.hub import OFFLINE_VARIABLES
 from llamathink.modeling_llamathink import flops_per_token
 from llamathink.tokenizer_utils import sample_data_path
 from llamathink.train import checkpoint as ckpt
@@ -1206,7 +1207,13 @@ def test_a_saved_model_whose_weights_do_not_fit_is_refused_by_name(tmp_path, cap
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(LlamaThinkForCausalLM, "from_pretrained", offline)
+    for variable in OFFLINE_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
     with pytest.raises(ValueError, match="init_from=someone/model: cannot be loaded \\(OSError: We couldn't connect"):
+        ckpt.load_saved_model("someone/model", "init_from")
+    # offline mode: the id is not in the cache, and transformers' "check your internet connection" is not the cause
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    with pytest.raises(ValueError, match="init_from=someone/model: not a local path, and not in the local Hugging Fa"):
         ckpt.load_saved_model("someone/model", "init_from")
     monkeypatch.undo()
     capsys.readouterr()

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..hub import hub_lookup_failure
 from .config import RUN_OUTPUT_FOLDERS, RunConfig
 from .optim import lr_factor
 
@@ -227,8 +228,10 @@ def load_saved_model(
         raise ValueError(
             f"{setting}={path}: a weights file cannot be read ({err}); is it truncated or corrupt?"
         ) from None
-    except OSError as err:  # a Hub id without network or access, an unreadable file
-        raise ValueError(f"{setting}={path}: cannot be loaded ({type(err).__name__}: {err})") from err
+    except OSError as err:  # a Hub id without network or access (or offline), an unreadable file
+        if folder.exists():
+            raise ValueError(f"{setting}={path}: cannot be loaded ({type(err).__name__}: {err})") from err
+        raise ValueError(hub_lookup_failure(f"{setting}={path}", err)) from err
     except ValueError as err:  # the model's own refusals (its config, its weights): named by the setting too
         text = str(err)
         raise ValueError(f"{setting}={text}" if text.startswith(f"{path}:") else f"{setting}={path}: {text}") from err
