@@ -7,13 +7,16 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import llama2_model_path
+from conftest import REPO_ROOT, llama2_model_path
 from llamathink import data as D
 from llamathink.data import (
     HEADER_BYTES,
@@ -587,12 +590,77 @@ def test_a_second_preparation_of_a_folder_being_written_is_refused_at_once(tmp_p
     with _preparation_lock(out), pytest.raises(ValueError, match=held):  # another preparation at work
         prepare(src, out, small_tok, val_docs=2, num_workers=1, progress=False, overwrite=True)
     assert len(list(out.glob("train_*.bin"))) >= 1  # nothing deleted
+    # the lock held by a process that outlived the preparation that wrote its pid (it started it): said so
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with _preparation_lock(out) as fd:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, gone.stdout.strip().encode(), 0)
+        with pytest.raises(ValueError, match=rf"\(pid {gone.stdout.strip()}, no longer running: a process it star"):
+            prepare(src, out, small_tok, val_docs=2, num_workers=1, progress=False)
     (out / LOCK_FILE).write_text("12345")
     assert _fingerprint(out) == print_before
     assert prepare(src, out, small_tok, val_docs=2, num_workers=1, progress=False)["val"]["num_docs"] == 2
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ValueError, match="afile is a file, not a folder"):
         prepare(src, tmp_path / "afile", small_tok, num_workers=1, progress=False)
+
+
+def _children(pid: int) -> list[int]:
+    """The pids of the live processes whose parent is `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
+def test_a_killed_preparation_leaves_no_workers_and_its_rerun_continues(tmp_path):
+    """A preparation killed (the OOM killer, a job's time limit) left its forked tokenizer workers waiting on their
+    task queue for ever, holding the folder's lock: the rerun that the README promises continues was refused,
+    naming the dead process. Its workers now close their copy of the lock and exit with it, and the rerun writes
+    what an uninterrupted preparation writes."""
+    import time
+
+    texts = [" ".join(f"w{(i * 7 + j) % 997}" for j in range(60)) for i in range(1_500)]
+    src = write_jsonl(tmp_path / "d.jsonl", texts)
+    cmd = [sys.executable, "-m", "llamathink.data", "prepare", "--input", str(src), "--tokenizer", "builtin"]
+    cmd += ["--shard-tokens", "4000", "--val-docs", "10", "--workers", "2", "--batch-docs", "8", "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    run = subprocess.Popen([*cmd, "--out", str(tmp_path / "out")], env=env, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "out").glob("train_000002.bin")) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = _children(run.pid)
+    run.kill()  # (SIGKILL; SIGTERM ends a Python process without its cleanup as well)
+    run.wait(timeout=60)
+    assert not (tmp_path / "out" / "meta.json").exists() and len(workers) == 2, "killed too late, or no workers"
+    deadline = time.monotonic() + 20
+    while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    outlived = [pid for pid in workers if _running(pid)]
+    for pid in outlived:  # (not left behind by a failing test)
+        os.kill(pid, signal.SIGKILL)
+    assert not outlived, "the workers outlived their preparation"
+    rerun = subprocess.run([*cmd, "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    uninterrupted = subprocess.run([*cmd, "--out", str(tmp_path / "whole")], env=env, capture_output=True, text=True)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+    from llamathink.data.preparation import LOCK_FILE  # (it holds the pid of the run that last took it)
+
+    written, whole = read_dir(tmp_path / "out"), read_dir(tmp_path / "whole")
+    assert written.pop(LOCK_FILE) != whole.pop(LOCK_FILE) and written == whole
 
 
 def poke_last_token(path: Path, token: int) -> None:

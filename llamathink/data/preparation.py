@@ -31,6 +31,8 @@ import os
 import re
 import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
@@ -618,13 +620,30 @@ def _source_pieces(source, max_doc_chars: int | None, bad: BadRecords) -> Iterat
 _W: dict = {}
 
 
-def _init_worker(kind: str, payload: Any, bos_id: int, eos_id: int) -> None:
+def _init_worker(
+    kind: str, payload: Any, bos_id: int, eos_id: int, parent: int | None = None, inherited: Sequence[int] = ()
+) -> None:
+    """A tokenizer worker's start: its encoder, Ctrl-C left to the parent, the parent's descriptors in `inherited`
+    (a forked worker's copy of the output folder's lock) closed, and an exit of its own once the process `parent`
+    is gone (a killed preparation: an orphan waits on its task queue forever, and a forked one held the lock)."""
     # Ctrl-C reaches the whole process group: the parent alone handles it (stops feeding, lets the running batches
     # finish, keeps the shards written); a worker interrupted mid-task would die holding the task queue.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for fd in inherited:
+        with contextlib.suppress(OSError):  # (not inherited: a spawned worker)
+            os.close(fd)
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="exit-with-parent").start()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _W.clear()
     _W.update(_make_encoder(kind, payload, bos_id, eos_id))
+
+
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """End this process once its parent is no longer `parent` (the parent died, and the process was adopted)."""
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)
 
 
 def _make_encoder(kind: str, payload: Any, bos_id: int, eos_id: int) -> dict:
@@ -904,12 +923,24 @@ def _same_local_files(saved: dict | None, current: dict) -> bool:
 LOCK_FILE = ".prepare.lock"
 
 
+def _process_exists(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (not ours to signal: it exists)
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def _preparation_lock(out: Path):
     """Hold an exclusive lock on the output folder `out` (fcntl.flock on <out>/.prepare.lock, released when the
     block ends or the process dies), so that a second preparation of the same folder (an `--overwrite` would delete
-    the first one's shards under it) is refused at once. Raises ValueError naming the holder's pid, or where `out`
-    cannot be made or written."""
+    the first one's shards under it) is refused at once. Yields the lock's file descriptor (forked tokenizer
+    workers close their copy: `_init_worker`). Raises ValueError naming the holder's pid, or where `out` cannot be
+    made or written."""
     import fcntl
 
     try:
@@ -923,13 +954,15 @@ def _preparation_lock(out: Path):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            gone = holder.isdigit() and not _process_exists(int(holder))
             raise ValueError(
-                f"{out} is being written by another preparation (pid {holder}); wait for it to end, or use another "
-                "output folder"
+                f"{out} is being written by another preparation (pid {holder}"
+                f"{', no longer running: a process it started holds the folder still' if gone else ''}); wait for "
+                "it to end, or use another output folder"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
+        yield fd
     finally:
         os.close(fd)
 
@@ -1074,10 +1107,12 @@ def _tokenized(
     eos_id: int,
     num_workers: int,
     mp_context: str | None,
+    parent_fds: Sequence[int] = (),
 ) -> Iterator[Iterator[list[tuple[np.ndarray, bool]]]]:
     """Context giving the batches tokenized in order (see :func:`_encode_flagged`): by ``num_workers`` worker
     processes when that is more than one, else in this process.  Leaving it shuts the workers down; after an
-    error or a stop only the few batches already running finish."""
+    error or a stop only the few batches already running finish.  The workers close their copies of
+    ``parent_fds`` (the output folder's lock) and exit when this process dies (`_init_worker`)."""
     if num_workers <= 1:
         enc = _make_encoder(kind, payload, bos_id, eos_id)
         yield (_encode_flagged(enc, b) for b in batches)
@@ -1094,7 +1129,8 @@ def _tokenized(
         num_workers,
         mp_context=mp.get_context(mp_context),
         initializer=_init_worker,
-        initargs=(kind, payload, bos_id, eos_id),
+        # (only a forked worker holds copies of this process's descriptors; in a spawned one the numbers are others')
+        initargs=(kind, payload, bos_id, eos_id, os.getpid(), tuple(parent_fds) if mp_context == "fork" else ()),
     )
     try:
         yield _ordered_imap(pool, _encode_docs, batches, max_in_flight=2 * num_workers)
@@ -1379,7 +1415,7 @@ def prepare(
     if isinstance(source, LocalSource):  # an input that is not there fails before out_dir is claimed or written
         source.files()
     out = Path(out_dir)
-    with _preparation_lock(out), _unstarted_removed_on_error(out) as started:
+    with _preparation_lock(out) as lock_fd, _unstarted_removed_on_error(out) as started:
         state = _start_or_resume(out, config, val_docs, overwrite)
         started(state["docs_done"] > 0 or bool(state["train_shards"]) or state.get("val") is not None)
         if state.get("complete") and (out / META_FILE).exists():  # finished by an earlier run
@@ -1410,7 +1446,7 @@ def prepare(
 
         # The bar closes before the workers are shut down (contexts are left in reverse order).
         with (
-            _tokenized(batches, kind, payload, bos_id, eos_id, num_workers, mp_context) as results,
+            _tokenized(batches, kind, payload, bos_id, eos_id, num_workers, mp_context, (lock_fd,)) as results,
             tqdm(
                 total=max_docs,
                 initial=writer.start,
