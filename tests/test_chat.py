@@ -681,6 +681,19 @@ def test_a_sample_prompt_that_cannot_be_a_message_is_refused_before_training(bas
     assert not (out / "checkpoints").exists()
 
 
+def test_a_sample_prompt_that_fills_the_context_is_skipped_with_a_note(base_model, tok, tmp_path, capsys):
+    """Finetuning's samples skip a prompt whose conversation fills the model's context, saying so as pretraining's
+    do (it was dropped without a word), and reply to the others."""
+    from llamathink.train.finetune import generate_samples
+
+    model = tiny_chat_model()
+    long_prompt = "word " * model.config.max_position_embeddings
+    cfg = _ft_cfg(base_model, tmp_path / "run", sample_prompts=[long_prompt, "Hi"], sample_tokens=4)
+    pairs = generate_samples(model, tok, cfg, torch.device("cpu"))
+    assert [prompt for prompt, _ in pairs] == ["Hi"]
+    assert "sample prompt skipped: its " in capsys.readouterr().out
+
+
 def test_packed_rows_train_each_conversation_as_alone(tok, sample, base_model, tmp_path):
     """packing: conversations packed into rows (each exactly once, no row over max_len, fewer rows than
     conversations); a packed batch's loss is the loss of its conversations one by one, token-weighted (the model

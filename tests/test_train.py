@@ -399,11 +399,13 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(sample_data, model_json
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_adamw_only_run(sample_data, model_json, tmp_path):
+def test_adamw_only_run(sample_data, model_json, tmp_path, capsys):
     history = pretrain.train(
         _cfg(sample_data, model_json, tmp_path / "adamw", optimizer="adamw", max_steps=6, eval_every=100)
     )
     assert len(history["losses"]) == 6 and all(math.isfinite(v) for v in history["losses"].values())
+    started = next(line for line in capsys.readouterr().out.splitlines() if "optimizer adamw: " in line)
+    assert "adamw_matrices " in started and "muon" not in started.split("optimizer adamw: ")[1]  # (said "muon")
 
 
 def test_keep_last_checkpoints(sample_data, model_json, tmp_path):

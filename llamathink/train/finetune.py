@@ -41,7 +41,15 @@ from ..data.chat import (
 from .checkpoint import load_saved_model, own_out_dir
 from .config import RunConfig
 from .config import load_config as _load_settings
-from .loop import TrainingHooks, begin_run, command_main, make_accelerator, run_training, save_final
+from .loop import (
+    TrainingHooks,
+    begin_run,
+    command_main,
+    make_accelerator,
+    run_training,
+    sample_room,
+    save_final,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Run settings
@@ -251,14 +259,15 @@ def sample_conversation(cfg: FinetuneConfig, prompt: str) -> list[dict]:
 
 @torch.no_grad()
 def generate_samples(model, tokenizer, cfg: FinetuneConfig, device) -> list[tuple[str, str]]:
-    """Greedy replies to the sample prompts (each a one-message conversation, plus the system prompt if set)."""
+    """Greedy replies to the sample prompts (each a one-message conversation, plus the system prompt if set). A
+    prompt that fills the model's context is skipped, with a printed note (`sample_room`)."""
     was_training = model.training
     model.eval()
     out = []
     for prompt in cfg.sample_prompts:
         ids = prompt_ids(tokenizer, sample_conversation(cfg, prompt))
-        room = model.config.max_position_embeddings - len(ids)
-        if room <= 0:
+        room = sample_room(model, prompt, len(ids))  # (the prompt's tokens: in the chat template)
+        if room == 0:
             continue
         x = torch.tensor([ids], device=device)
         y = model.generate(

@@ -411,6 +411,19 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def sample_room(model, prompt: str, prompt_tokens: int) -> int:
+    """How many tokens a sample may generate after its prompt of `prompt_tokens` tokens, in the model's context
+    (`max_position_embeddings`); 0, with a printed note naming the prompt, where the prompt fills the context: the
+    training run's samples skip it rather than stop the run."""
+    room = model.config.max_position_embeddings - prompt_tokens
+    if room <= 0:
+        print(
+            f"sample prompt skipped: its {prompt_tokens} tokens fill the model's context "
+            f"(max_position_embeddings={model.config.max_position_embeddings}): {prompt[:40]!r}..."
+        )
+    return max(room, 0)
+
+
 def on_main_for_all(accelerator, fn: Callable, share_result: bool = False):
     """`fn()` on the main process alone, its outcome reaching every process: an error it raises is raised on every
     process (same type and message), so that no process goes on into a collective (DDP's setup, a barrier) that the

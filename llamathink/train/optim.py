@@ -207,7 +207,8 @@ def summarize_param_groups(groups: Iterable[dict[str, Any]]) -> dict[str, dict[s
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig, extra_adamw_suffixes: Sequence[str] = ()) -> Muon:
-    """One optimizer object either way, so checkpoints and schedules treat both recipes alike.
+    """One optimizer object either way, so checkpoints and schedules treat both recipes alike. With
+    `cfg.optimizer` "adamw" the hidden matrices Muon would train are AdamW's group "adamw_matrices".
     `extra_adamw_suffixes`: more 2-D parameters (by name suffix) for AdamW instead of Muon (`classify_parameter`).
     `cfg.muon_cuda_graph` false keeps Muon's step eager (true: recorded as a CUDA graph where it can be)."""
     route = {"extra_adamw_suffixes": extra_adamw_suffixes, "log": False}  # (checked by muon_param_groups)
@@ -217,6 +218,8 @@ def build_optimizer(model: nn.Module, cfg: RunConfig, extra_adamw_suffixes: Sequ
         groups = muon_param_groups(model, cfg.adamw_lr, cfg.adamw_lr, cfg.weight_decay, **route)
         for group in groups:
             group["use_muon"] = False
+            if group.get("name") == MUON:  # (named for what trains it: the run's summary lists the groups)
+                group["name"] = "adamw_matrices"
     return Muon(
         groups,
         lr=cfg.muon_lr,

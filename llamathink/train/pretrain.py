@@ -37,7 +37,15 @@ from ..modeling_llamathink import CUDA_GRAPH_COMPILE_MODES, LlamaThinkForCausalL
 from .checkpoint import load_saved_model, own_out_dir
 from .config import RunConfig
 from .config import load_config as _load_settings
-from .loop import TrainingHooks, begin_run, command_main, make_accelerator, run_training, save_final
+from .loop import (
+    TrainingHooks,
+    begin_run,
+    command_main,
+    make_accelerator,
+    run_training,
+    sample_room,
+    save_final,
+)
 
 # torch.compile's modes (`compile_mode`), after "auto" (`resolve_compile_mode`)
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -241,12 +249,8 @@ def generate_samples(model, tokenizer, cfg: TrainConfig, device) -> list[str]:
     texts = []
     for prompt in cfg.sample_prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-        room = model.config.max_position_embeddings - ids.shape[1]
-        if room <= 0:
-            print(
-                f"sample prompt skipped: its {ids.shape[1]} tokens fill the model's context "
-                f"(max_position_embeddings={model.config.max_position_embeddings}): {prompt[:40]!r}..."
-            )
+        room = sample_room(model, prompt, ids.shape[1])
+        if room == 0:
             continue
         out = model.generate(
             ids,
