@@ -676,7 +676,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fewer = f" (of the {args.vocab_size} asked: the text is too small to learn more merges)"
         print(f"saved tokenizer with {len(tok)} tokens to {args.out}{fewer if len(tok) < args.vocab_size else ''}")
     else:
-        ids = tok.encode(args.text, add_special_tokens=False)
+        # as the data, the chat and the C runner encode text: "<s>" typed in it is those characters, not BOS
+        ids = tok.encode(args.text, add_special_tokens=False, split_special_tokens=True)
         print(
             json.dumps(
                 {

@@ -1385,9 +1385,25 @@ def test_a_damaged_progress_or_meta_json_is_named_and_nothing_is_deleted(tmp_pat
     assert all_train_tokens(out).tolist() == tokens
 
 
+@pytest.mark.parametrize("which", ["builtin", "llama2"])
+def test_a_cut_through_a_merge_keeps_the_text(which):
+    """A long document cut where no whitespace is near (a run of one character, minified code, a data URI) is cut
+    through a merge: the piece after the cut was tokenized alone, and started with the tokenizer's dummy-prefix
+    space, a space that is not in the document. Its tokens may differ from the whole document's at the cut; its
+    text is the document's."""
+    tok = builtin_tokenizer(1024) if which == "builtin" else load_tokenizer(llama2_model_path())
+    enc = P._make_encoder(*P._tokenizer_payload(tok), 1, 2)
+    for text in ("=" * 40, "Title\n" + "=" * 45 + "\nBody", "x" * 33 + "\n\n" + "y" * 30):
+        pieces = list(P._document_pieces(text, "d", D.BadRecords(), 20))
+        assert len(pieces) > 1 and "".join(p.text for p in pieces) == text
+        ids = np.concatenate(P._encode_with(enc, pieces)).tolist()
+        assert ids[0] == 1 and ids[-1] == 2 and tok.decode(ids[1:-1]) == text, (text, tok.decode(ids[1:-1]))
+
+
 def test_piece_context_fallback():
     """Where the context character merges with the piece's first characters (its tokens are not a prefix), the
-    piece is tokenized alone; BOS/EOS go only at the document's real start and end."""
+    piece is tokenized after a neutral character instead (here too its tokens are a prefix: the piece's are those
+    of the piece alone); BOS/EOS go only at the document's real start and end."""
 
     class MergeAB:  # characters as ids, except that "ab" is one token (99)
         def __call__(self, texts, **kw):

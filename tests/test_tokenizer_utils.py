@@ -246,6 +246,11 @@ def test_cli_train_and_info(tmp_path, capsys):
     out = capsys.readouterr().out
     info = json.loads(out[out.index("{") :])
     assert info["vocab_size"] == 512 and info["bos_token_id"] == 1 and info["ids"]
+    # typed control tokens are text, as the data, the chat and the C runner encode them (they gave BOS and EOS)
+    assert main(["info", str(tmp_path / "t"), "--text", "a <s> </s> <unk>"]) == 0
+    out = capsys.readouterr().out
+    info = json.loads(out[out.index("{") :])
+    assert not {1, 2, 0} & set(info["ids"]) and "".join(info["pieces"]).replace("\u2581", " ") == " a <s> </s> <unk>"
 
 
 def test_cli_train_reads_its_input_as_prepare_does_and_names_bad_records(tmp_path, capsys):

@@ -673,6 +673,21 @@ def _encode_texts(enc: dict, texts: list[str]) -> list[list[int]]:
     return enc["tok"](texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
+# Characters to tokenize a piece after where its own context merges across the cut: SentencePiece-style vocabularies
+# (Llama 2's, the builtin one) merge a newline with nothing but newlines, and a letter never with a newline.
+_NEUTRAL_CONTEXTS = ("\n", "a")
+
+
+def _without_context(enc: dict, context: str, ids) -> Any:
+    """``ids`` (the tokens of ``context`` + a piece) without the tokens of ``context`` alone, or None where those
+    are not a prefix of them (a merge across the cut)."""
+    cache = enc.setdefault("context_ids", {})
+    ctx = cache.get(context)
+    if ctx is None:
+        ctx = cache[context] = list(_encode_texts(enc, [context])[0])
+    return ids[len(ctx) :] if list(ids[: len(ctx)]) == ctx else None
+
+
 def _encode_with(enc: dict, pieces: list[Piece]) -> list[np.ndarray]:
     """Token arrays (uint16) of document pieces: ``[BOS]`` before a first
     piece, ``[EOS]`` after a last one.
@@ -683,22 +698,25 @@ def _encode_with(enc: dict, pieces: list[Piece]) -> list[np.ndarray]:
     input specially (SentencePiece's dummy-prefix space, Llama 2 and the
     builtin tokenizer) tokenizes the piece as it would inside the whole
     document.  Where the context's tokens are not a prefix of the result (a
-    merge across the cut), the piece is tokenized alone; only then can the
-    stream differ from tokenizing the whole document, and only at the cut.
+    merge across the cut, as in a run of one character cut in two), the piece
+    is tokenized after a character that no merge crosses
+    (:data:`_NEUTRAL_CONTEXTS`) in the same way: the stream then differs from
+    tokenizing the whole document in the tokens at the cut, never in the text
+    (tokenized alone, the piece would start with the dummy prefix: a space
+    that is not in the document).  Only where none of them serves is the piece
+    tokenized alone.
     """
     pieces = [p if isinstance(p, Piece) else Piece(p) for p in pieces]
     ids_list = _encode_texts(enc, [p.context + p.text if p.context else p.text for p in pieces])
-    ctx_cache = enc.setdefault("context_ids", {})
     out = []
     for p, ids in zip(pieces, ids_list, strict=True):
         if p.context:
-            ctx = ctx_cache.get(p.context)
-            if ctx is None:
-                ctx = ctx_cache[p.context] = list(_encode_texts(enc, [p.context])[0])
-            if list(ids[: len(ctx)]) == ctx:
-                ids = ids[len(ctx) :]
-            else:
-                ids = _encode_texts(enc, [p.text])[0]
+            after = _without_context(enc, p.context, ids)
+            for neutral in _NEUTRAL_CONTEXTS:
+                if after is not None:
+                    break
+                after = _without_context(enc, neutral, _encode_texts(enc, [neutral + p.text])[0])
+            ids = after if after is not None else _encode_texts(enc, [p.text])[0]
         a = np.empty(len(ids) + p.first + p.last, dtype=TOKEN_DTYPE)
         if p.first:
             a[0] = enc["bos"]
