@@ -1130,6 +1130,25 @@ def test_chat_main_interactive_reads_stdin_until_eof(finetuned, monkeypatch, cap
     assert err.count("error") == 1 and "the system prompt takes" in err and "context window holds 128" in err, err
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "no-stream"])
+def test_a_reply_the_terminal_encoding_cannot_hold_is_shown_not_lost(finetuned, monkeypatch, stream):
+    """stdout in an encoding without the reply's characters (a non-UTF-8 locale, PYTHONIOENCODING=ascii): the
+    reply was lost to a UnicodeEncodeError, reported as a refused message; it is shown with replacement marks."""
+    final = finetuned[1] / "final"
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr("sys.stdout", out)
+
+    def reply(self, text, stream=None):
+        if stream is not None:
+            stream.write("h\u00e9llo \u4e16")
+        return "h\u00e9llo \u4e16"
+
+    monkeypatch.setattr(ChatSession, "reply", reply)
+    assert chat_main([str(final), "-p", "hi", *([] if stream else ["--no-stream"])]) == 0
+    out.flush()
+    assert out.buffer.getvalue() == b"h?llo ?\n"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # message content is text: typed control tokens never become BOS/EOS
 # ---------------------------------------------------------------------------------------------------------------
