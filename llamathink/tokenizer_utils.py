@@ -72,7 +72,14 @@ SAMPLE_DATA_DIR = Path(__file__).resolve().parent / "sample_data"
 # following word (so "a   b" gives "▁a", "▁▁", "▁b").  Merges therefore never
 # cross these boundaries, and the learned pieces stay valid when the final
 # tokenizer encodes a whole document as one word (split=False), like Llama 2.
-_TRAIN_SPLIT_PATTERN = r"\n+|" + SPACE + r"+(?=" + SPACE + r")|" + SPACE + r"?[^" + SPACE + r"\n]+|" + SPACE + r"+"
+# A word holds at most MAX_TRAIN_WORD_CHARS characters after its space (a
+# longer run is cut into words of that length): the BPE trainer's time grows
+# with the square of a word's length, and a run without whitespace (minified
+# code, a data URI, a line of "=") took minutes for a few hundred thousand
+# characters.
+MAX_TRAIN_WORD_CHARS = 64
+_WORD = "{1,%d}" % MAX_TRAIN_WORD_CHARS
+_TRAIN_SPLIT_PATTERN = rf"\n{_WORD}|{SPACE}{_WORD}(?={SPACE})|{SPACE}?[^{SPACE}\n]{_WORD}|{SPACE}{_WORD}"
 
 # Characters that are always part of a trained tokenizer's alphabet, even if the
 # training text lacks some of them (everything else falls back to bytes).

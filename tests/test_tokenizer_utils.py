@@ -214,6 +214,23 @@ def test_train_small_input_and_bad_sizes():
         train_tokenizer(["x"], vocab_size=70000)
 
 
+def test_training_cuts_runs_without_whitespace_into_bounded_words():
+    """The trainer's words are at most MAX_TRAIN_WORD_CHARS characters: a run without whitespace was one word,
+    and the BPE trainer's time grows with the square of a word's length (640K characters of "=": minutes). The
+    text is all there, and a tokenizer trained on such runs encodes them back exactly."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from llamathink.tokenizer_utils import _TRAIN_SPLIT_PATTERN, MAX_TRAIN_WORD_CHARS, SPACE
+
+    split = pre_tokenizers.Split(Regex(_TRAIN_SPLIT_PATTERN), behavior="isolated")
+    for text in (SPACE + "=" * 200, "\n" * 150, SPACE * 130 + "x", "ab" + SPACE + "c" * 70):
+        words = [w for w, _ in split.pre_tokenize_str(text)]
+        assert "".join(words) == text and max(map(len, words)) <= MAX_TRAIN_WORD_CHARS + 1, words  # (+ its space)
+    long_run = "=" * 20_000 + " " + "data:" + "QUJD" * 5_000
+    tok = train_tokenizer([long_run, "a few words of text"], vocab_size=400)
+    assert tok.decode(tok.encode(long_run, add_special_tokens=False)) == long_run
+
+
 def test_builtin_names(small):
     tok = load_tokenizer("builtin")
     assert tok.backend_tokenizer.to_str() == small.backend_tokenizer.to_str()
