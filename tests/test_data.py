@@ -663,6 +663,38 @@ def test_a_killed_preparation_leaves_no_workers_and_its_rerun_continues(tmp_path
     assert written.pop(LOCK_FILE) != whole.pop(LOCK_FILE) and written == whole
 
 
+def test_a_rerun_of_a_finished_preparation_names_an_input_changed_since(tmp_path, small_tok, docs):
+    """A finished preparation rerun after its input changed (a file edited, grown, added to its folder or gone)
+    reported the old shards as written from the new input: refused, naming the file and --overwrite, which
+    prepares the new input. An unchanged rerun still returns the result without reading the input."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    first = write_jsonl(folder / "a.jsonl", docs[:6])
+    kw = dict(val_docs=1, num_workers=1, progress=False)
+    out = tmp_path / "out"
+    meta = prepare(LocalSource([str(folder)]), out, small_tok, **kw)
+    assert prepare(LocalSource([str(folder)]), out, small_tok, **kw) == meta
+    changes = (
+        (lambda: write_jsonl(folder / "b.jsonl", docs[6:8]), r"b\.jsonl: a file it did not read"),
+        (lambda: (folder / "b.jsonl").unlink(), r"b\.jsonl: gone since"),
+        (
+            lambda: first.write_text(first.read_text() + json.dumps({"text": "more"}) + "\n"),
+            r"a\.jsonl: [\d,]+ bytes now",
+        ),
+    )
+    for change, named in changes:
+        change()
+        with pytest.raises(
+            ValueError, match=rf"{out} was prepared from input that has changed \(.*{named}.*--overwrite"
+        ):
+            prepare(LocalSource([str(folder)]), out, small_tok, **kw)
+        meta = prepare(LocalSource([str(folder)]), out, small_tok, overwrite=True, **kw)
+    assert meta["num_docs"] == 7  # (the six documents and the one added)
+    os.utime(first, ns=(0, 0))
+    with pytest.raises(ValueError, match=r"a\.jsonl: modified since \(the same size\)"):
+        prepare(LocalSource([str(folder)]), out, small_tok, **kw)
+
+
 def poke_last_token(path: Path, token: int) -> None:
     """Overwrite a shard's last token in place (write_shard refuses ids outside the vocabulary)."""
     raw = bytearray(path.read_bytes())

@@ -938,6 +938,49 @@ def _same_local_files(saved: dict | None, current: dict) -> bool:
         return False
 
 
+def _input_stamps(source) -> dict[str, list[int]] | None:
+    """{file (resolved path): [size in bytes, modification time in ns]} of a local source's input files, every
+    file of a saved dataset's folder included; None for another source. Recorded in progress.json by each run
+    that reads the input, so that a rerun of the finished preparation sees an input changed since
+    (`_check_input_unchanged`)."""
+    if not isinstance(source, LocalSource):
+        return None
+    stamps = {}
+    for path in source.files():
+        for file in sorted(q for q in path.rglob("*") if q.is_file()) if path.is_dir() else [path]:
+            try:
+                info = file.stat()
+            except OSError:  # (gone since the listing: read as such below)
+                continue
+            stamps[str(file.resolve())] = [info.st_size, info.st_mtime_ns]
+    return stamps
+
+
+def _check_input_unchanged(out: Path, recorded: dict | None, now: dict | None) -> None:
+    """ValueError where the input files of a finished preparation in `out` are not those it read (`recorded`,
+    `_input_stamps`): a file added, gone, of another size or modified since; a rerun would otherwise report the
+    old result as written from the new input. Nothing to compare (a Hub source, a folder prepared before the
+    record existed): passes."""
+    if not isinstance(recorded, dict) or now is None:
+        return
+    for name in sorted(set(recorded) | set(now)):
+        then, current = recorded.get(name), now.get(name)
+        if then == current:
+            continue
+        if then is None:
+            change = "a file it did not read"
+        elif current is None:
+            change = "gone since"
+        elif then[0] != current[0]:
+            change = f"{current[0]:,} bytes now, {then[0]:,} then"
+        else:
+            change = "modified since (the same size)"
+        raise ValueError(
+            f"{out} was prepared from input that has changed ({name}: {change}); its shards hold the input as it "
+            "was: rerun with --overwrite to prepare it afresh, or use another --out"
+        )
+
+
 LOCK_FILE = ".prepare.lock"
 
 
@@ -1436,8 +1479,12 @@ def prepare(
     with _preparation_lock(out) as lock_fd, _unstarted_removed_on_error(out) as started:
         state = _start_or_resume(out, config, val_docs, overwrite)
         started(state["docs_done"] > 0 or bool(state["train_shards"]) or state.get("val") is not None)
+        stamps = _input_stamps(source)
         if state.get("complete") and (out / META_FILE).exists():  # finished by an earlier run
+            _check_input_unchanged(out, state.get("input_files"), stamps)
             return load_meta(out)  # (a damaged one is named, with what to do)
+        if stamps is not None:  # (written with the progress: the input this run reads, its digest checked below)
+            state["input_files"] = stamps
 
         num_workers = (os.cpu_count() or 1) if num_workers is None else int(num_workers)
         bad = BadRecords(skip_bad_records)
