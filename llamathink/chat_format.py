@@ -638,11 +638,19 @@ def max_token_chars(tokenizer) -> int:
 _CHARS_MARGIN = 4
 
 
+def max_fitting_chars(tokenizer, budget: int) -> int:
+    """The most characters a text can have and still fit ``budget`` tokens of ``tokenizer``, as far as its
+    characters alone tell: ``_CHARS_MARGIN`` times ``budget`` tokens of ``max_token_chars`` each. A longer text
+    certainly does not fit; it is refused or cut without being tokenized (megabytes take the tokenizer minutes
+    and gigabytes)."""
+    return _CHARS_MARGIN * max(budget, 0) * max_token_chars(tokenizer)
+
+
 def check_fits(tokenizer, text: str, budget: int, what: str = "the message") -> None:
     """Raise :class:`ContextOverflow` when ``text`` has so many characters that it cannot fit ``budget`` tokens
-    (more than ``_CHARS_MARGIN`` times ``budget`` tokens of ``max_token_chars`` each), without tokenizing it: a
-    pasted file of megabytes would otherwise take the tokenizer minutes and gigabytes before the context check."""
-    limit = _CHARS_MARGIN * max(budget, 0) * max_token_chars(tokenizer)
+    (`max_fitting_chars`), without tokenizing it: a pasted file of megabytes would otherwise take the tokenizer
+    minutes and gigabytes before the context check."""
+    limit = max_fitting_chars(tokenizer, budget)
     if len(text) > limit:
         raise ContextOverflow(
             f"{what} is too long for the context window ({len(text):,} characters; at most {budget} tokens leave "

@@ -955,6 +955,33 @@ def test_a_message_too_long_by_its_characters_alone_is_refused_untokenized(tok, 
         ChatSession(model, tok, system="x" * (4 * 64 * longest), max_context=64)
 
 
+def test_finetuning_data_cuts_a_huge_message_untokenized_as_truncation_would(tok, monkeypatch):
+    """A training conversation with a message of more characters than max_len tokens could hold (a 10 MB paste
+    took 20 s and 2 GB to tokenize before the truncation dropped it): cut before tokenizing, with what the
+    truncation rule gives (the same example, counted as truncated, or dropped as too long)."""
+    import llamathink.data.chat as dc
+    from llamathink.chat_format import max_fitting_chars
+
+    limit = max_fitting_chars(tok, 64)
+    short = [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello!"}]
+    huge = [{"role": "user", "content": "x" * (limit + 1)}, {"role": "assistant", "content": "Too long."}]
+    seen, real = [], dc.encode_rendered
+    monkeypatch.setattr(dc, "encode_rendered", lambda t, rendered: seen.extend(rendered) or real(t, rendered))
+    stats = Counter()
+    examples = build_examples(tok, [short + huge, huge + short, short], 64, stats=stats)
+    assert max(len(r.text) for r in seen) < 200  # (nothing of the huge message was tokenized)
+    assert [list(examples[i][0]) for i in range(len(examples))] == 2 * [
+        tok.apply_chat_template(short, return_dict=True)["input_ids"]
+    ]
+    assert stats == Counter(kept=2, truncated=1, too_long=1)
+    # the same conversations tokenized whole (the bound raised past them): the same examples and counts
+    monkeypatch.setattr(dc, "max_fitting_chars", lambda *a: 10 * limit, raising=False)
+    whole_stats = Counter()
+    whole = build_examples(tok, [short + huge, huge + short, short], 64, stats=whole_stats)
+    assert [list(whole[i][0]) for i in range(len(whole))] == [list(examples[i][0]) for i in range(len(examples))]
+    assert whole_stats == stats and max(len(r.text) for r in seen) > limit
+
+
 def test_streamed_text_is_the_stripped_reply(tok):
     from llamathink.chat import _StreamPrinter
 

@@ -52,6 +52,7 @@ from ..chat_format import (
     check_content,
     encode_rendered,
     is_trained,
+    max_fitting_chars,
     normalize_messages,
     render_chat,
 )
@@ -261,8 +262,11 @@ def _finish(
     messages: list[dict],
     max_len: int,
     stats: Counter,
+    cut_trained: bool = False,
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """Cut one tokenized conversation by the truncation rule; (ids, trained flags) or None when dropped."""
+    """Cut one tokenized conversation by the truncation rule; (ids, trained flags) or None when dropped.
+    `cut_trained`: trained messages were cut off the conversation before it was tokenized (it counts as
+    truncated)."""
     off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     starts, stops = off[:, 0], off[:, 1]
     if len(starts) > 1 and bool((np.diff(starts) < 0).any()):
@@ -287,7 +291,7 @@ def _finish(
     if keep is None:
         stats["too_long"] += 1
         return None
-    if any(is_trained(m) for m in messages[keep:]):
+    if cut_trained or any(is_trained(m) for m in messages[keep:]):
         stats["truncated"] += 1
     cut = int(ends[keep - 1])
     trained = np.zeros(len(starts), dtype=bool)
@@ -360,14 +364,18 @@ def build_examples(
         raise ValueError(f"max_len must be at least 2, got {max_len}")
     check_chat_tokenizer(tokenizer)
     bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    # A message of more characters than this holds more than max_len tokens: it and every message after it are cut
+    # before tokenizing, as the truncation rule would cut them after, so that a huge one (megabytes) is never
+    # tokenized.
+    limit_chars = max_fitting_chars(tokenizer, max_len)
     rows: list[tuple[np.ndarray, np.ndarray]] = []
-    chunk: list[tuple[list[dict], RenderedChat]] = []
+    chunk: list[tuple[list[dict], RenderedChat, bool]] = []
 
     def flush():
         if chunk:
-            encoded = encode_rendered(tokenizer, [r for _, r in chunk])
-            for (messages, rendered), (ids, offsets) in zip(chunk, encoded):
-                row = _finish(ids, offsets, rendered, messages, max_len, stats)
+            encoded = encode_rendered(tokenizer, [r for _, r, _ in chunk])
+            for (messages, rendered, cut_trained), (ids, offsets) in zip(chunk, encoded):
+                row = _finish(ids, offsets, rendered, messages, max_len, stats, cut_trained)
                 if row is not None:
                     rows.append(row)
             chunk.clear()
@@ -379,7 +387,14 @@ def build_examples(
         if not any(is_trained(m) for m in messages):
             stats["no_assistant"] += 1
             continue
-        chunk.append((messages, render_chat(messages, bos_token=bos, eos_token=eos)))
+        huge = next((i for i, m in enumerate(messages) if len(m["content"]) > limit_chars), None)
+        cut_trained = huge is not None and any(is_trained(m) for m in messages[huge:])
+        if huge is not None:
+            messages = messages[:huge]
+            if not any(is_trained(m) for m in messages):  # (what _finish says of a first turn past max_len)
+                stats["too_long"] += 1
+                continue
+        chunk.append((messages, render_chat(messages, bos_token=bos, eos_token=eos), cut_trained))
         if len(chunk) >= chunk_size:
             flush()
     flush()
