@@ -393,6 +393,12 @@ def test_prepare_layout_and_parallel_determinism(tmp_path, small_tok, docs):
     )
     assert read_dir(tmp_path / "one") == read_dir(tmp_path / "two")
     assert m1 == m2 == load_meta(tmp_path / "one")
+    # workers of the other start methods (a fork server's are its children, not this process's: they exited at
+    # once, taking them for orphans)
+    kw = dict(shard_tokens=3000, val_docs=10, num_workers=2, batch_docs=5, progress=False)
+    for context in ("forkserver", "spawn"):
+        assert prepare(src, tmp_path / context, small_tok, mp_context=context, **kw) == m1
+        assert read_dir(tmp_path / context) == read_dir(tmp_path / "one")
     shards = m1["train"]["shards"]
     assert all(s["tokens"] == 3000 for s in shards[:-1]) and 0 < shards[-1]["tokens"] <= 3000
     assert m1["train"]["num_docs"] == len(docs) - 10 and m1["val"]["num_docs"] == 10

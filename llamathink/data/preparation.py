@@ -620,20 +620,19 @@ def _source_pieces(source, max_doc_chars: int | None, bad: BadRecords) -> Iterat
 _W: dict = {}
 
 
-def _init_worker(
-    kind: str, payload: Any, bos_id: int, eos_id: int, parent: int | None = None, inherited: Sequence[int] = ()
-) -> None:
+def _init_worker(kind: str, payload: Any, bos_id: int, eos_id: int, inherited: Sequence[int] = ()) -> None:
     """A tokenizer worker's start: its encoder, Ctrl-C left to the parent, the parent's descriptors in `inherited`
-    (a forked worker's copy of the output folder's lock) closed, and an exit of its own once the process `parent`
-    is gone (a killed preparation: an orphan waits on its task queue forever, and a forked one held the lock)."""
+    (a forked worker's copy of the output folder's lock) closed, and an exit of its own once its parent is gone
+    (a killed preparation: an orphan waits on its task queue forever, and a forked one held the lock). The parent
+    is the preparation (fork, spawn) or multiprocessing's fork server, which ends with it."""
     # Ctrl-C reaches the whole process group: the parent alone handles it (stops feeding, lets the running batches
     # finish, keeps the shards written); a worker interrupted mid-task would die holding the task queue.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for fd in inherited:
         with contextlib.suppress(OSError):  # (not inherited: a spawned worker)
             os.close(fd)
-    if parent is not None:
-        threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="exit-with-parent").start()
+    parent = os.getppid()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="exit-with-parent").start()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _W.clear()
     _W.update(_make_encoder(kind, payload, bos_id, eos_id))
@@ -1191,7 +1190,7 @@ def _tokenized(
         mp_context=mp.get_context(mp_context),
         initializer=_init_worker,
         # (only a forked worker holds copies of this process's descriptors; in a spawned one the numbers are others')
-        initargs=(kind, payload, bos_id, eos_id, os.getpid(), tuple(parent_fds) if mp_context == "fork" else ()),
+        initargs=(kind, payload, bos_id, eos_id, tuple(parent_fds) if mp_context == "fork" else ()),
     )
     try:
         yield _ordered_imap(pool, _encode_docs, batches, max_in_flight=2 * num_workers)
