@@ -582,7 +582,11 @@ def prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
     # Another template is rendered to text and tokenized whole, where a special token's text in a typed message (a
     # "</s>") would become that token: refused, since only our template keeps content apart from control tokens.
     # (The model's own replies are not checked: refusing one would refuse every later turn of the session.)
-    controls = sorted(set(tokenizer.all_special_tokens) - {""}, key=len, reverse=True)
+    # (the named special tokens, and every token added as special: TRL's clone_chat_template adds a template's
+    # control tokens so, and they are in no special-token list but the one it makes EOS)
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special_added = {str(t) for t in added.values() if getattr(t, "special", False)}
+    controls = sorted((set(tokenizer.all_special_tokens) | special_added) - {""}, key=len, reverse=True)
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") == "assistant":
             continue
@@ -651,9 +655,10 @@ def check_fits(tokenizer, text: str, budget: int, what: str = "the message") -> 
     (`max_fitting_chars`), without tokenizing it: a pasted file of megabytes would otherwise take the tokenizer
     minutes and gigabytes before the context check."""
     limit = max_fitting_chars(tokenizer, budget)
-    if len(text) > limit:
+    chars = len(text.strip())  # (the template strips content: surrounding whitespace takes no tokens)
+    if chars > limit:
         raise ContextOverflow(
-            f"{what} is too long for the context window ({len(text):,} characters; at most {budget} tokens leave "
+            f"{what} is too long for the context window ({chars:,} characters; at most {budget} tokens leave "
             f"room for the reply, which no text over {limit:,} characters fits in with this tokenizer)"
         )
 

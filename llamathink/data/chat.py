@@ -387,7 +387,8 @@ def build_examples(
         if not any(is_trained(m) for m in messages):
             stats["no_assistant"] += 1
             continue
-        huge = next((i for i, m in enumerate(messages) if len(m["content"]) > limit_chars), None)
+        # (the template strips content: surrounding whitespace takes no tokens)
+        huge = next((i for i, m in enumerate(messages) if len(m["content"].strip()) > limit_chars), None)
         cut_trained = huge is not None and any(is_trained(m) for m in messages[huge:])
         if huge is not None:
             messages = messages[:huge]
