@@ -2632,6 +2632,14 @@ def chunked_causal_lm_loss_through_module(
     return total / divisor.to(total.dtype)
 
 
+def _equal_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the same values (False where either has none: the meta device)."""
+    if a.shape != b.shape or a.is_meta or b.is_meta:
+        return False
+    with torch.no_grad():
+        return bool(torch.equal(a, b.to(a.device)))
+
+
 def _layer_mixer_types(layers) -> list[str]:
     """The mixer type of each decoder layer in `layers` as built (a module of another class: its class name)."""
     return [getattr(layer, "mixer_type", type(layer).__name__) for layer in layers]
@@ -2819,7 +2827,10 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
             "hyper_connections": all(getattr(layer, "hyper_connections", False) for layer in base.layers),
         }
         if head is not None:
-            held["tie_word_embeddings"] = head.weight is embeddings.weight
+            tied = head.weight is embeddings.weight
+            if not tied and self.config.tie_word_embeddings:  # an output head of its own equal to the embeddings
+                tied = _equal_values(head.weight, embeddings.weight)  # (tied again on reload: the same model)
+            held["tie_word_embeddings"] = tied
         config = {name: getattr(self.config, name, None) for name in held}
         if isinstance(config["mixer_types"], tuple):
             config["mixer_types"] = list(config["mixer_types"])
@@ -3356,6 +3367,27 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
                 if given is not None and int(given) != longest:
                     raise ValueError(f"{name}={int(given)} is not the longest sequence of cu_seq_lens_q ({longest})")
 
+    def _check_cacheable(self) -> None:
+        """ValueError where a cache would not fit the layers: it holds one state per `config.mixer_types` entry,
+        and each mixer finds its own by its `layer_idx`. Both hold as built; `config.mixer_types` edited alone,
+        or layers removed or reordered in `layers` (their `layer_idx` then not their positions), would fail deep
+        inside a mixer or read another layer's state."""
+        built = _layer_mixer_types(self.layers)
+        if list(self.config.mixer_types) != built:
+            raise ValueError(
+                f"config.mixer_types {list(self.config.mixer_types)} does not name this model's layers {built} "
+                "(edited after the model was built?), and a cache is built from the config: set config.mixer_types "
+                "back, or build a model from the edited config"
+            )
+        indices = [getattr(getattr(layer, "mixer", None), "layer_idx", i) for i, layer in enumerate(self.layers)]
+        if indices != list(range(len(indices))):
+            raise ValueError(
+                f"the layers' cache indices (layer_idx) are {indices}, not their positions 0..{len(indices) - 1} "
+                "(layers removed or reordered after the model was built?), so a cache would give a layer another "
+                "layer's state: number them again (`for i, layer in enumerate(model.model.layers): "
+                "layer.mixer.layer_idx = i`), or save the model and load it again"
+            )
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -3396,13 +3428,8 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         if cache is not None:
             _check_cache(cache, self.config)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if (use_cache or cache is not None) and list(self.config.mixer_types) != _layer_mixer_types(self.layers):
-            # (a cache holds one state per config.mixer_types entry: it would not fit the layers)
-            raise ValueError(
-                f"config.mixer_types {list(self.config.mixer_types)} does not name this model's layers "
-                f"{_layer_mixer_types(self.layers)} (edited after the model was built?), and a cache is built from "
-                "the config: set config.mixer_types back, or build a model from the edited config"
-            )
+        if use_cache or cache is not None:
+            self._check_cacheable()
         # without gradients nothing is recomputed, so the layers run as they are, cache included (generate() from a
         # model in training mode), as transformers' GradientCheckpointingLayer does
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()

@@ -331,11 +331,44 @@ def test_a_config_that_does_not_describe_the_weights_is_not_saved(tmp_path, edit
     with pytest.raises(ValueError, match=rf"cannot save to .*config does not describe its weights \(.*{named}"):
         model.save_pretrained(tmp_path / "edited")
     assert not (tmp_path / "edited").exists()
+    if named.startswith("tie_word_embeddings"):  # an output head of its own, equal to the embeddings: saved
+        model.config.tie_word_embeddings = True  # (as PEFT's unload() leaves a tied model's head under
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # modules_to_save)
+        model.save_pretrained(tmp_path / "equal")
+        with torch.no_grad():
+            reloaded = LlamaThinkForCausalLM.from_pretrained(tmp_path / "equal").eval()
+            torch.testing.assert_close(reloaded(ids, use_cache=False).logits, before, rtol=0, atol=0)
+        with torch.no_grad():
+            model.lm_head.weight.add_(0.5)
+        with pytest.raises(ValueError, match="tie_word_embeddings: the model's False, the config's True"):
+            model.save_pretrained(tmp_path / "different")
     if model.config.mixer_types == ["full"] * 4:
         with pytest.raises(ValueError, match=r"config\.mixer_types \['full'.*does not name this model's layers"):
             model(ids)
         with torch.no_grad():
             torch.testing.assert_close(model(ids, use_cache=False).logits, before, rtol=0, atol=0)
+
+
+def test_a_middle_layer_removed_is_named_by_a_cached_forward_until_the_layers_are_numbered_again(tmp_path):
+    """A middle layer removed with the config kept in step (as the README allows) saves and reloads, but the kept
+    layers keep their built cache indices (0, 2, 3 of three layers): a cached forward failed deep in a mixer, or
+    read another layer's state. It is named, with the fix; numbered again, the model generates as its reload."""
+    model = randomize_(LlamaThinkForCausalLM(tiny_config()), seed=8).eval()
+    del model.model.layers[1]
+    model.config.num_hidden_layers, model.config.mixer_types = 3, ["linear", "full", "linear"]
+    ids = torch.randint(3, model.config.vocab_size, (1, 6))
+    with pytest.raises(ValueError, match=r"cache indices \(layer_idx\) are \[0, 2, 3\], not their positions 0\.\.2"):
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        uncached = model(ids, use_cache=False).logits  # (no cache: computed as built)
+    model.save_pretrained(tmp_path / "pruned")
+    reloaded = LlamaThinkForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    for i, layer in enumerate(model.model.layers):
+        layer.mixer.layer_idx = i
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids, use_cache=False).logits, uncached, rtol=0, atol=0)
+        expected = reloaded.generate(ids, max_new_tokens=5, do_sample=False)
+        assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), expected)
 
 
 def test_output_attentions_is_refused_by_the_config_and_by_the_forward():
