@@ -41,6 +41,7 @@ from llamathink.chat_format import (
     storable_text,
     trim_history,
 )
+from llamathink.cli import tolerant_output
 
 # ---------------------------------------------------------------------------------------------------------------
 # Chatting: streaming generation, the session
@@ -533,8 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error(f"--device {args.device}: this machine has no {device.type} device (use --device cpu or auto)")
     if hasattr(sys.stdin, "reconfigure"):  # invalid UTF-8 in: a clear refusal per message, not a traceback
         sys.stdin.reconfigure(errors="surrogateescape")
-    if hasattr(sys.stdout, "reconfigure"):  # a reply the terminal's encoding cannot hold: shown with "?", not lost
-        sys.stdout.reconfigure(errors="replace")
+    tolerant_output()  # a reply the terminal's encoding cannot hold: shown with "?", not lost
     if args.seed is not None:
         torch.manual_seed(args.seed)
     try:

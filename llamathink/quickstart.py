@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from .cli import tolerant_output
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,6 +33,7 @@ def _step(title: str):
 
 def main(argv: list[str] | None = None) -> int:
     """`llamathink-quickstart`: the module docstring's stages, in order, under `--out`; returns the exit status."""
+    tolerant_output()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
     parser.add_argument("--fast", action="store_true", help="a few steps only (a smoke test of the pipeline)")

@@ -57,6 +57,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from .cli import tolerant_output
 from .hub import hub_lookup_failure, offline_variable
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
@@ -633,6 +634,7 @@ def _check_tokenizer_out(out: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m llamathink.tokenizer_utils train|info ...``"""
+    tolerant_output()
     ap = argparse.ArgumentParser(prog="python -m llamathink.tokenizer_utils", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("train", help="train a small Llama-style tokenizer and save it with save_pretrained")

@@ -399,6 +399,39 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(sample_data, model_json
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_sample_the_terminal_cannot_encode_does_not_stop_the_run(sample_data, model_json, tmp_path, monkeypatch):
+    """stdout in an encoding without a sample's characters (a non-UTF-8 locale, PYTHONIOENCODING=ascii): the run
+    stopped at its first sample with a UnicodeEncodeError (and, before its first checkpoint, removed its out_dir);
+    the sample is printed with replacement marks and the run goes on."""
+    import io
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr("sys.stdout", out)
+    settings = dict(
+        model_config=model_json,
+        data_dir=sample_data,
+        out_dir=tmp_path / "run",
+        seq_len=64,
+        micro_batch_size=2,
+        grad_accum=1,
+        max_steps=2,
+        warmup_steps=1,
+        mixed_precision="no",
+        eval_every=100,
+        sample_every=1,
+        sample_tokens=2,
+        save_every=100,
+        wandb_mode="disabled",
+        progress_bar="false",
+        peak_tflops="null",
+    )
+    argv = [f"--{k}={v}" for k, v in settings.items()] + ['--sample_prompts=["Caf\u00e9 \u2615"]']
+    assert pretrain.main(argv) == 0
+    out.flush()
+    assert "[sample] 'Caf? ?" in out.buffer.getvalue().decode("ascii")
+    assert (tmp_path / "run" / "final" / "config.json").exists()
+
+
 def test_adamw_only_run(sample_data, model_json, tmp_path, capsys):
     history = pretrain.train(
         _cfg(sample_data, model_json, tmp_path / "adamw", optimizer="adamw", max_steps=6, eval_every=100)

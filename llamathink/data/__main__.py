@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..cli import tolerant_output
 from .preparation import _PREPARE_DESCRIPTION, _add_prepare_arguments, _run_cli
 from .shards import (
     _SHARD_RE,
@@ -74,6 +75,7 @@ def _check_against_meta(folder: Path, meta: dict) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``python -m llamathink.data SUBCOMMAND ...`` (``argv`` without the program name); return the exit status."""
+    tolerant_output()
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.cmd == "inspect":

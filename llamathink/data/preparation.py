@@ -39,6 +39,7 @@ from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from ..cli import tolerant_output
 from .shards import (
     _SHARD_RE,
     FORMAT_VERSION,
@@ -1708,4 +1709,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``llamathink-prepare`` console script: ``llamathink-prepare --input PATH... --tokenizer TOK --out DIR
     [options]``, the options of ``python -m llamathink.data prepare`` without the subcommand.  Returns the exit
     status (see :func:`_run_cli`)."""
+    tolerant_output()
     return _run_cli(_build_parser().parse_args(argv))

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import tolerant_output
 from ..data.chat import trained_tokens as count_trained_tokens
 from ..modeling_llamathink import check_token_values, inputs_checked_by_caller, uses_cuda_graphs
 from .checkpoint import (
@@ -1088,6 +1089,7 @@ def command_main(argv: list[str] | None, *, prog: str, settings: type, run: Call
     import argparse
     import sys
 
+    tolerant_output()  # (a generated sample the terminal's encoding cannot hold stopped the run)
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", help=f"YAML file of {settings.__name__} settings")
     args, overrides = parser.parse_known_args(argv)
