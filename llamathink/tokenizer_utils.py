@@ -451,7 +451,7 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, check: bool = True):
             tok = AutoTokenizer.from_pretrained(spec)
         except Exception as e:
             if offline_variable() is not None:
-                raise ValueError(hub_lookup_failure(f"tokenizer {spec!r}", e)) from e
+                raise ValueError(hub_lookup_failure(f"tokenizer {spec!r}", e, spec)) from e
             raise ValueError(
                 f"could not load tokenizer {spec!r}: not a local path, not 'builtin', and the "
                 f"Hub/cache lookup failed ({type(e).__name__}: {e})"

@@ -237,7 +237,7 @@ def test_builtin_names(small):
     assert len(load_tokenizer("builtin:512")) == 512
 
 
-def test_a_hub_tokenizer_not_in_the_cache_offline_says_so(monkeypatch):
+def test_a_hub_tokenizer_not_in_the_cache_offline_says_so(monkeypatch, tmp_path):
     """A Hub id that is not in the local cache, in offline mode: the message names the variable that set it and how
     to go on, where transformers' asks to check the internet connection; online, its own message stands."""
     import transformers
@@ -251,7 +251,11 @@ def test_a_hub_tokenizer_not_in_the_cache_offline_says_so(monkeypatch):
     with pytest.raises(ValueError, match="Hub/cache lookup failed \\(OSError: We couldn't connect"):
         load_tokenizer("someone/tokenizer")
     monkeypatch.setenv("HF_HUB_OFFLINE", "true")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(ValueError, match="tokenizer 'someone/tokenizer': not a local path, .*; HF_HUB_OFFLINE is set"):
+        load_tokenizer("someone/tokenizer")
+    (tmp_path / "models--someone--tokenizer").mkdir()  # in the cache, but not loadable: the real error is named
+    with pytest.raises(ValueError, match=r"cannot be loaded \(OSError: We couldn't connect.*HF_HUB_OFFLINE is set: on"):
         load_tokenizer("someone/tokenizer")
 
 

@@ -1248,7 +1248,14 @@ def test_a_saved_model_whose_weights_do_not_fit_is_refused_by_name(tmp_path, cap
         ckpt.load_saved_model("someone/model", "init_from")
     # offline mode: the id is not in the cache, and transformers' "check your internet connection" is not the cause
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(ValueError, match="init_from=someone/model: not a local path, and not in the local Hugging Fa"):
+        ckpt.load_saved_model("someone/model", "init_from")
+    # some of it in the cache (a file damaged or missing there): the library's own error, not "not in the cache"
+    (tmp_path / "hub" / "models--someone--model").mkdir(parents=True)
+    with pytest.raises(
+        ValueError, match=r"cannot be loaded \(OSError: We couldn't .*TRANSFORMERS_OFFLINE is set: only"
+    ):
         ckpt.load_saved_model("someone/model", "init_from")
     monkeypatch.undo()
     capsys.readouterr()

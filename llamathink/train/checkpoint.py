@@ -231,7 +231,7 @@ def load_saved_model(
     except OSError as err:  # a Hub id without network or access (or offline), an unreadable file
         if folder.exists():
             raise ValueError(f"{setting}={path}: cannot be loaded ({type(err).__name__}: {err})") from err
-        raise ValueError(hub_lookup_failure(f"{setting}={path}", err)) from err
+        raise ValueError(hub_lookup_failure(f"{setting}={path}", err, path)) from err
     except ValueError as err:  # the model's own refusals (its config, its weights): named by the setting too
         text = str(err)
         raise ValueError(f"{setting}={text}" if text.startswith(f"{path}:") else f"{setting}={path}: {text}") from err
