@@ -696,9 +696,20 @@ def test_a_rerun_of_a_finished_preparation_names_an_input_changed_since(tmp_path
             prepare(LocalSource([str(folder)]), out, small_tok, **kw)
         meta = prepare(LocalSource([str(folder)]), out, small_tok, overwrite=True, **kw)
     assert meta["num_docs"] == 7  # (the six documents and the one added)
+    # only the modification time changed (a touch, a copy): the documents are read again, untokenized, and the
+    # same ones pass (and are recorded: the next rerun compares the new time); the same size with other text not
     os.utime(first, ns=(0, 0))
-    with pytest.raises(ValueError, match=r"a\.jsonl: modified since \(the same size\)"):
+    assert prepare(LocalSource([str(folder)]), out, small_tok, **kw) == meta
+    assert json.loads((out / "progress.json").read_text())["input_files"][str(first.resolve())][1] == 0
+    first.write_text(first.read_text().replace("a", "b", 1))
+    with pytest.raises(ValueError, match=r"a\.jsonl: modified since, with other documents \(the same size\)"):
         prepare(LocalSource([str(folder)]), out, small_tok, **kw)
+    # local files read through datasets (--hf-dataset json --hf-data-files FILE) are compared too
+    hf = HFSource("json", split="train", streaming=True, data_files=str(first))
+    prepare(hf, tmp_path / "hf", small_tok, **kw)
+    first.write_text(first.read_text() + json.dumps({"text": "one more"}) + "\n")
+    with pytest.raises(ValueError, match=r"has changed \(.*a\.jsonl: [\d,]+ bytes now"):
+        prepare(hf, tmp_path / "hf", small_tok, **kw)
 
 
 def poke_last_token(path: Path, token: int) -> None:

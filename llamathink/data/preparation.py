@@ -35,7 +35,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -938,15 +938,40 @@ def _same_local_files(saved: dict | None, current: dict) -> bool:
         return False
 
 
+def _local_input_files(source) -> list[Path] | None:
+    """The local files or folders a source reads: a `LocalSource`'s files; the local ``data_files`` (globs
+    expanded) or local dataset folder of an `HFSource` (``--hf-dataset json --hf-data-files x.jsonl``). None for
+    a source of nothing local (a Hub dataset)."""
+    if isinstance(source, LocalSource):
+        return source.files()
+    if not isinstance(source, HFSource):
+        return None
+    specs, pending = [], [source.data_files, source.name]
+    while pending:
+        item = pending.pop(0)
+        if isinstance(item, str):
+            specs.append(item)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    found = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        found.extend([path] if path.exists() else sorted(Path(m) for m in glob.glob(str(path), recursive=True)))
+    return found or None
+
+
 def _input_stamps(source) -> dict[str, list[int]] | None:
-    """{file (resolved path): [size in bytes, modification time in ns]} of a local source's input files, every
-    file of a saved dataset's folder included; None for another source. Recorded in progress.json by each run
-    that reads the input, so that a rerun of the finished preparation sees an input changed since
-    (`_check_input_unchanged`)."""
-    if not isinstance(source, LocalSource):
+    """{file (resolved path): [size in bytes, modification time in ns]} of a source's local input files, every
+    file of a folder included (`_local_input_files`); None for a source of nothing local. Recorded in
+    progress.json by each run that reads the input, so that a rerun of the finished preparation sees an input
+    changed since (`_check_input_unchanged`)."""
+    paths = _local_input_files(source)
+    if paths is None:
         return None
     stamps = {}
-    for path in source.files():
+    for path in paths:
         for file in sorted(q for q in path.rglob("*") if q.is_file()) if path.is_dir() else [path]:
             try:
                 info = file.stat()
@@ -956,29 +981,38 @@ def _input_stamps(source) -> dict[str, list[int]] | None:
     return stamps
 
 
-def _check_input_unchanged(out: Path, recorded: dict | None, now: dict | None) -> None:
+def _check_input_unchanged(
+    out: Path, recorded: dict | None, now: dict | None, same_documents: Callable[[], bool]
+) -> bool:
     """ValueError where the input files of a finished preparation in `out` are not those it read (`recorded`,
-    `_input_stamps`): a file added, gone, of another size or modified since; a rerun would otherwise report the
-    old result as written from the new input. Nothing to compare (a Hub source, a folder prepared before the
+    `_input_stamps`): a file added, gone, or of another size; a rerun would otherwise report the old result as
+    written from the new input. Where only modification times differ (a `touch`, a copy), `same_documents()`
+    decides (the input read again, untokenized, against the digest of the documents written): True is returned
+    for the caller to record the new stamps. Nothing to compare (a Hub source, a folder prepared before the
     record existed): passes."""
-    if not isinstance(recorded, dict) or now is None:
-        return
+    if not isinstance(recorded, dict) or now is None or recorded == now:
+        return False
+    changes = []
     for name in sorted(set(recorded) | set(now)):
         then, current = recorded.get(name), now.get(name)
         if then == current:
             continue
         if then is None:
-            change = "a file it did not read"
+            changes.append((name, "a file it did not read"))
         elif current is None:
-            change = "gone since"
+            changes.append((name, "gone since"))
         elif then[0] != current[0]:
-            change = f"{current[0]:,} bytes now, {then[0]:,} then"
+            changes.append((name, f"{current[0]:,} bytes now, {then[0]:,} then"))
         else:
-            change = "modified since (the same size)"
-        raise ValueError(
-            f"{out} was prepared from input that has changed ({name}: {change}); its shards hold the input as it "
-            "was: rerun with --overwrite to prepare it afresh, or use another --out"
-        )
+            changes.append((name, "modified since, with other documents (the same size)"))
+    touched = all(change.startswith("modified since") for _, change in changes)
+    if touched and same_documents():
+        return True
+    name, change = changes[0]
+    raise ValueError(
+        f"{out} was prepared from input that has changed ({name}: {change}); its shards hold the input as it "
+        "was: rerun with --overwrite to prepare it afresh, or use another --out"
+    )
 
 
 LOCK_FILE = ".prepare.lock"
@@ -1481,7 +1515,21 @@ def prepare(
         started(state["docs_done"] > 0 or bool(state["train_shards"]) or state.get("val") is not None)
         stamps = _input_stamps(source)
         if state.get("complete") and (out / META_FILE).exists():  # finished by an earlier run
-            _check_input_unchanged(out, state.get("input_files"), stamps)
+
+            def same_documents() -> bool:
+                digests = DocumentDigests()
+                read = _remaining_pieces(source, 0, max_docs, max_doc_chars, BadRecords(skip_bad_records), digests)
+                for _ in read:
+                    pass
+                expected = state.get("docs_sha256")
+                return (
+                    expected is not None
+                    and digests.count == state["docs_done"]
+                    and digests.take(state["docs_done"]) == expected
+                )
+
+            if _check_input_unchanged(out, state.get("input_files"), stamps, same_documents):
+                _atomic_write_json(out / PROGRESS_FILE, {**state, "input_files": stamps})
             return load_meta(out)  # (a damaged one is named, with what to do)
         if stamps is not None:  # (written with the progress: the input this run reads, its digest checked below)
             state["input_files"] = stamps
