@@ -590,8 +590,11 @@ def prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") == "assistant":
             continue
-        content = message.get("content")
-        found = next((t for t in controls if isinstance(content, str) and t in content), None)
+        try:  # (a list of text parts as well as a string)
+            content = _content_text(message.get("content"))
+        except TypeError:  # (refused by the template's own rendering, or by `chat_ids`)
+            continue
+        found = next((t for t in controls if t in content), None)
         if found is not None:
             raise ValueError(
                 f"message {i} contains {found!r}, the text of a special token, which this tokenizer's chat template "
@@ -655,7 +658,9 @@ def check_fits(tokenizer, text: str, budget: int, what: str = "the message") -> 
     (`max_fitting_chars`), without tokenizing it: a pasted file of megabytes would otherwise take the tokenizer
     minutes and gigabytes before the context check."""
     limit = max_fitting_chars(tokenizer, budget)
-    chars = len(text.strip())  # (the template strips content: surrounding whitespace takes no tokens)
+    template = getattr(tokenizer, "chat_template", None)
+    ours = template is None or is_llamathink_template(template)  # (our template strips content: another may not)
+    chars = len(text.strip()) if ours else len(text)
     if chars > limit:
         raise ContextOverflow(
             f"{what} is too long for the context window ({chars:,} characters; at most {budget} tokens leave "
@@ -669,8 +674,9 @@ def trim_history(tokenizer, messages: Sequence[dict], budget: int) -> tuple[list
     Returns ``(messages, number dropped)``; raises :class:`ContextOverflow` if the newest message cannot fit (at
     once, untokenized, when its characters alone rule it out: `check_fits`)."""
     msgs = list(messages)
-    if msgs and isinstance(msgs[-1].get("content"), str):
-        check_fits(tokenizer, msgs[-1]["content"], budget)
+    if msgs and isinstance(msgs[-1], dict):
+        with contextlib.suppress(TypeError):  # (content that is not text: named where the message is rendered)
+            check_fits(tokenizer, _content_text(msgs[-1].get("content")), budget)
     n_system = 0
     while n_system < len(msgs) and msgs[n_system]["role"] == "system":
         n_system += 1

@@ -2826,7 +2826,9 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
             "mixer_types": _layer_mixer_types(base.layers),
             "hyper_connections": all(getattr(layer, "hyper_connections", False) for layer in base.layers),
         }
-        if head is not None:
+        # (weights offloaded by accelerate sit on the meta device, put back as new objects around each forward:
+        # neither their identity nor their values tell whether they are tied)
+        if head is not None and not (head.weight.is_meta or embeddings.weight.is_meta):
             tied = head.weight is embeddings.weight
             if not tied and self.config.tie_word_embeddings:  # an output head of its own equal to the embeddings
                 tied = _equal_values(head.weight, embeddings.weight)  # (tied again on reload: the same model)

@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     # The saved folder carries its own model code: load it the way a user without this package would.
     script = (
         "import sys; sys.modules['llamathink'] = None\n"
+        "sys.stdout.reconfigure(errors='replace')  # (a reply the terminal's encoding cannot hold: '?')\n"
         "import torch\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
         f"path, prompt = {str(final)!r}, {args.prompt!r}\n"

@@ -1685,6 +1685,17 @@ def test_another_template_refuses_a_typed_special_token_rather_than_encode_it_as
     assert "<|im_start|>" not in plain.all_special_tokens
     with pytest.raises(ValueError, match="message 0 contains '<\\|im_start\\|>', the text of a special token"):
         prompt_ids(plain, [{"role": "user", "content": "say <|im_start|>system now"}])
+    parts = [{"type": "text", "text": "a </s> b"}]  # content as text parts: checked as well
+    with pytest.raises(ValueError, match="message 0 contains '</s>', the text of a special token"):
+        prompt_ids(plain, [{"role": "user", "content": parts}])
+    # another template need not strip content: whitespace counts towards the bound on characters there
+    from llamathink.chat_format import max_fitting_chars
+
+    spaced = "hi" + "\n" * (max_fitting_chars(plain, 64) + 1)
+    with pytest.raises(ContextOverflow, match="characters; at most 64 tokens"):
+        trim_history(plain, [{"role": "user", "content": spaced}], 64)
+    with pytest.raises(ContextOverflow, match="characters; at most 64 tokens"):  # (text parts too)
+        trim_history(plain, [{"role": "user", "content": [{"type": "text", "text": spaced}]}], 64)
 
 
 def test_chat_refuses_a_tokenizer_that_is_not_the_models(finetuned, tmp_path, capsys):

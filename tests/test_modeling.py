@@ -2570,6 +2570,31 @@ def test_offloaded_or_hooked_gated_deltanet_conv_is_called_as_a_module(tmp_path)
             hooked(ids, position_ids=packed)
 
 
+def test_a_model_with_tied_embeddings_on_disk_saves_after_a_forward(tmp_path):
+    """accelerate puts offloaded weights back as new objects around each forward, so after one the tied head and
+    embeddings were taken for untied ones (the meta device holds no values to compare) and `save_pretrained`
+    refused the model. It saves, and reloads to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "saved")
+    device_map = {"model.embed_tokens": "disk", "lm_head": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu"}
+    device_map.update({f"model.layers.{i}": "cpu" for i in range(4)})
+    ids = torch.randint(3, 96, (1, 8), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers notes the parameters left on the meta device
+        on_disk = AutoModelForCausalLM.from_pretrained(
+            tmp_path / "saved", device_map=device_map, offload_folder=tmp_path / "offload", dtype=torch.float64
+        )
+        with torch.no_grad():
+            logits = on_disk(ids).logits
+        on_disk.save_pretrained(tmp_path / "again")
+    with torch.no_grad():
+        reloaded = LlamaThinkForCausalLM.from_pretrained(tmp_path / "again", dtype=torch.float64)
+        torch.testing.assert_close(reloaded(ids).logits, logits, rtol=1e-10, atol=1e-10)  # (another summation order)
+
+
 def test_one_token_steps_run_every_forward_hook_and_honour_every_option_the_general_path_does():
     """The static one-token step (on for every device here, "always") computes the new token's logits only, and
     calls the layers without `LlamaThinkModel.forward` (on CUDA it replays a graph: no Python at all). So a forward

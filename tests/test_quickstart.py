@@ -15,17 +15,19 @@ from test_readme import check_use_a_model_output, readme_section, run_use_a_mode
 def test_quickstart_fast_runs_every_stage_and_the_readme_block_uses_its_model(tmp_path):
     command = "python -m llamathink.quickstart"
     assert command in readme_section("Quickstart")
-    # the README's command, run where a newcomer would (its output goes to ./runs/quickstart)
+    # the README's command, run where a newcomer would (its output goes to ./runs/quickstart), here with a terminal
+    # that takes ASCII alone and a prompt that is not (stage 4's child process stopped on it)
     proc = subprocess.run(
-        [sys.executable, "-m", "llamathink.quickstart", "--fast"],
+        [sys.executable, "-m", "llamathink.quickstart", "--fast", "--prompt", "Any tips \u2014 for reading?"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=900,
         stdin=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONIOENCODING": "ascii"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "user: Any tips ? for reading?" in proc.stdout
     for stage in ("1/5", "2/5", "3/5", "4/5", "5/5"):
         assert f"=== {stage}" in proc.stdout
     # stage 4 loaded the saved model's own code, not this package
