@@ -2813,9 +2813,8 @@ class LlamaThinkPreTrainedModel(PreTrainedModel):
     def config_mismatches(self) -> list[str]:
         """How `self.config` no longer describes this model's own weights: the fields whose value differs from what
         the modules hold (`vocab_size`, `hidden_size`, `num_hidden_layers`, `mixer_types`, `hyper_connections`,
-        `tie_word_embeddings`),
-        then the tensors whose name or shape differ from those of a model built from the config now (built on the
-        meta device: no memory). Empty where the config describes the model, as after `resize_token_embeddings`, or
+        `tie_word_embeddings`), then the tensors whose name or shape differ from those of a model built from the
+        config now (built on the meta device: no memory). Empty where the config describes the model, as after `resize_token_embeddings`, or
         after layers removed with `num_hidden_layers` and `mixer_types` set to match."""
         base = getattr(self, "model", self)
         embeddings, head = self.get_input_embeddings(), self.get_output_embeddings()

@@ -407,26 +407,10 @@ def test_a_sample_the_terminal_cannot_encode_does_not_stop_the_run(sample_data, 
 
     out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
     monkeypatch.setattr("sys.stdout", out)
-    settings = dict(
-        model_config=model_json,
-        data_dir=sample_data,
-        out_dir=tmp_path / "run",
-        seq_len=64,
-        micro_batch_size=2,
-        grad_accum=1,
-        max_steps=2,
-        warmup_steps=1,
-        mixed_precision="no",
-        eval_every=100,
-        sample_every=1,
-        sample_tokens=2,
-        save_every=100,
-        wandb_mode="disabled",
-        progress_bar="false",
-        peak_tflops="null",
-    )
-    argv = [f"--{k}={v}" for k, v in settings.items()] + ['--sample_prompts=["Caf\u00e9 \u2615"]']
-    assert pretrain.main(argv) == 0
+    settings = dict(micro_batch_size=2, grad_accum=1, max_steps=2, warmup_steps=1, sample_every=1, sample_tokens=2)
+    cfg = _cfg(sample_data, model_json, tmp_path / "run", sample_prompts=["Caf\u00e9 \u2615"], **settings)
+    loop.write_settings(tmp_path / "run.yaml", cfg)  # (JSON: YAML reads it)
+    assert pretrain.main(["--config", str(tmp_path / "run.yaml")]) == 0
     out.flush()
     assert "[sample] 'Caf? ?" in out.buffer.getvalue().decode("ascii")
     assert (tmp_path / "run" / "final" / "config.json").exists()
