@@ -350,11 +350,18 @@ def test_an_overwrite_whose_first_save_fails_or_is_killed_gives_the_earlier_chec
         raise OSError(errno.ENOSPC, "No space left on device")
 
     overwrite = _cfg(sample_data, model_json, out, max_steps=2, save_every=2, resume="none", overwrite=True)
+    recorded = (out / "train_config.json").read_text()
     with monkeypatch.context() as patch:
         patch.setattr(torch, "save", full_disk)
         with pytest.raises(ckpt.CheckpointError, match="disk full while writing checkpoint step 2"):
             pretrain.train(overwrite)
+        # the record of the settings stays the earlier run's, which the checkpoints beside it trained with (and a
+        # new out_dir is left without one)
+        with pytest.raises(ckpt.CheckpointError, match="disk full"):
+            pretrain.train(dataclasses.replace(overwrite, out_dir=str(tmp_path / "new")))
     unchanged()
+    assert (out / "train_config.json").read_text() == recorded and json.loads(recorded)["max_steps"] == 4
+    assert not (tmp_path / "new" / "train_config.json").exists()
 
     # kills: the earlier checkpoints moved aside by a run (of id `new`) that left no whole checkpoint, all of them
     # (the new one half-written) or one of two (killed between the renames): the next start puts them back
@@ -389,6 +396,7 @@ def test_an_overwrite_whose_first_save_fails_or_is_killed_gives_the_earlier_chec
     found = ckpt.list_checkpoints(out)
     new_ids = {ckpt.checkpoint_meta(p)["run_id"] for p in found}
     assert _names(found) == ["step_00000002"] and old_id not in new_ids
+    assert json.loads((out / "train_config.json").read_text())["max_steps"] == 2  # its checkpoint stands
     assert not [p.name for p in root.iterdir() if p.name.startswith(ckpt.SET_ASIDE_PREFIX)]
 
     # a kill after the new run's first whole checkpoint, before it deleted the earlier ones: the next start does

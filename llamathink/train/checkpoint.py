@@ -720,7 +720,7 @@ def _put_back(aside: list[Path]) -> list[str]:
     return restored
 
 
-def _holds_checkpoint_of(out_dir, run_id: str) -> bool:
+def holds_checkpoint_of(out_dir, run_id: str) -> bool:
     """Whether out_dir holds a whole checkpoint of run `run_id`."""
     return any(_run_id_or_none(p) == run_id for p in list_checkpoints(out_dir))
 
@@ -735,7 +735,7 @@ def settle_set_aside(aside: list[Path], run_id: str, whole: bool | None = None) 
         return
     root = aside[0].parent
     if whole is None:
-        whole = _holds_checkpoint_of(root.parent, run_id)
+        whole = holds_checkpoint_of(root.parent, run_id)
     if not whole:
         _put_back(aside)
         return
@@ -759,7 +759,7 @@ def _settle_set_aside(root: Path) -> list[str]:
             by_run.setdefault(parts[0], []).append(path)
     restored = []
     for run_id, aside in by_run.items():
-        if _holds_checkpoint_of(root.parent, run_id):
+        if holds_checkpoint_of(root.parent, run_id):
             settle_set_aside(aside, run_id, whole=True)
         else:
             restored += _put_back(aside)
@@ -1223,8 +1223,10 @@ _OUT_DIR_ENTRIES = (
     "history.json.tmp",
     "train_config.json",
     "train_config.json.tmp",
+    "train_config.json.staged",
     "finetune_config.json",
     "finetune_config.json.tmp",
+    "finetune_config.json.staged",
     LOCK_FILE,
     "wandb",
     "fla_prebuild.log",

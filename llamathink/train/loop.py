@@ -39,6 +39,7 @@ from .checkpoint import (
     checkpoint_meta,
     claim_checkpoints,
     input_fingerprints,
+    holds_checkpoint_of,
     list_checkpoints,
     resolve_resume,
     restore_checkpoint,
@@ -98,6 +99,37 @@ def write_settings(path: Path, cfg) -> None:
     """A run's settings (a dataclass) as JSON at `path` (its record in out_dir), written as `write_history` writes.
     Raises OutputWriteError naming the file (e.g. a folder in the way, a full disk)."""
     _write_json(Path(path), json.dumps(dataclasses.asdict(cfg), indent=2, default=str), "start the run again")
+
+
+class StagedSettings:
+    """A run's record of its settings (`write_settings`) that takes the place of out_dir's earlier one only with the
+    run's first output: written to `<path>.staged` at `stage` (a failure there moves nothing), then moved over `path`
+    by `settle(True)` once a first checkpoint or history of the run is in out_dir, or removed by `settle(False)`. A
+    run whose first save fails (a full disk) thus leaves the earlier run's record beside the earlier run's outputs,
+    not one naming settings that nothing in out_dir trained with. Raises OutputWriteError naming the file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.staged = self.path.with_name(f"{self.path.name}.staged")
+        self.pending = False
+
+    def stage(self, cfg) -> None:
+        write_settings(self.staged, cfg)
+        self.pending = True
+
+    def settle(self, in_place: bool) -> None:
+        if not self.pending:
+            return
+        self.pending = False
+        try:
+            if in_place:
+                os.replace(self.staged, self.path)
+            else:
+                self.staged.unlink(missing_ok=True)
+        except OSError as err:
+            raise _output_write_error(
+                self.path, err, f"the checkpoints in {checkpoint_dir(self.path.parent)} are", "start the run again"
+            ) from err
 
 
 class NonFiniteLoss(RuntimeError):
@@ -677,8 +709,8 @@ def run_training(
     (`llamathink.data.chat.trained_tokens`) over the step's total on all processes, so the step's loss is the mean over every trained
     token. `history` starts the record (e.g. data counts); the loop adds {"losses": {step: loss}, "eval": {step:
     loss}, "perf": {step: metrics}}, writes it to `<out_dir>/history.json` at every checkpoint and at the end, and
-    keeps it in the checkpoints with the tokens seen. `settings_file` (in out_dir) receives the settings just
-    before the run first writes to out_dir (with `overwrite: true`, when the earlier run's checkpoints go).
+    keeps it in the checkpoints with the tokens seen. `settings_file` (in out_dir) receives the settings with the
+    run's first output there, its first whole checkpoint or its history (`StagedSettings`).
     `compile`: None (eager), "layers" (the decoder layers compiled in place, in runs of the mixer pattern: the
     model's `compile_layers`) or "model" (the prepared model wrapped in one torch.compile); `compile_mode` is
     torch.compile's `mode`; `combo_kernels` turns on inductor's combo kernels (`compile_kwargs`). `fla_prebuild` (batch size,
@@ -742,23 +774,28 @@ def run_training(
     on_main_for_all(accelerator, check_settings_path)
     claimed, set_aside = False, []
 
+    settings = StagedSettings(settings_path)
+
     def claim_out_dir():
         """(main process) Before this run first writes to out_dir (a checkpoint, history.json, the final model):
-        this run's settings recorded and the earlier run's checkpoints moved aside (overwrite: true), to be deleted
+        this run's settings staged and the earlier run's checkpoints moved aside (overwrite: true), to be deleted
         by `settle_overwrite` once this run's first checkpoint is whole. A run that stops before then (a refused
-        resume, W&B, the compilation, an evaluation, the first steps) leaves out_dir as it was."""
+        resume, W&B, the compilation, an evaluation, the first steps, its first save) leaves out_dir as it was."""
         nonlocal claimed
         if not claimed:
-            write_settings(settings_path, cfg)  # first: a failure to write it moves nothing
+            settings.stage(cfg)  # first: a failure to write it moves nothing
             set_aside.extend(set_aside_earlier_checkpoints(cfg, resume_from, run_id))
             claimed = True
 
     def settle_overwrite(whole: bool | None = None):
-        """(main process) After this run's first save: the earlier run's checkpoints it moved aside are deleted if
-        its output is whole (None: a whole checkpoint of this run is in out_dir), else put back
-        (`settle_set_aside`)."""
+        """(main process) After this run's first save: the earlier run's checkpoints it moved aside are deleted and
+        its settings recorded if its output is whole (None: a whole checkpoint of this run is in out_dir), else the
+        checkpoints are put back (`settle_set_aside`) and the staged settings dropped."""
+        if whole is None:
+            whole = holds_checkpoint_of(out_dir, run_id)
         settle_set_aside(set_aside, run_id, whole)
         set_aside.clear()
+        settings.settle(whole)
 
     # The optimizer is prepared so accelerate can handle mixed precision; the LR schedule is stepped by us once
     # per optimizer step (accelerate would step a prepared scheduler once per process).
@@ -1043,6 +1080,7 @@ def run_training(
     def write_run_history():
         claim_out_dir()  # (a run of no step saved no checkpoint: its history and final model are its first output)
         write_history(out_dir, history)
+        settings.settle(True)  # (this run's history now stands in out_dir)
 
     def final_in_place():
         # the finished model is this run's output: an overwrite settles now, before a Hub upload that may be killed
