@@ -309,6 +309,24 @@ def test_saved_datasets_of_no_rows_or_of_several_splits_are_named(tmp_path, smal
     assert list(LocalSource([str(tmp_path / "dd" / "train")])) == ["a b c", "d e"]
 
 
+def test_an_input_file_named_twice_is_read_once(tmp_path, small_tok, capsys):
+    """A file that two inputs name (a folder and a file in it, overlapping globs, a link to it) is one input: its
+    documents were tokenized once per name, and trained on that many times, without a word."""
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    (folder / "a.txt").write_text("first document")
+    (folder / "b.txt").write_text("second document")
+    (tmp_path / "link.txt").symlink_to(folder / "b.txt")
+    source = LocalSource([str(folder / "b.txt"), str(folder), str(folder / "*.txt"), str(tmp_path / "link.txt")])
+    a, b = folder / "a.txt", folder / "b.txt"
+    assert source.files() == [b, a]
+    assert source.repeated_files() == [(b, b), (a, a), (b, b), (tmp_path / "link.txt", b)]
+    assert list(source) == ["second document", "first document"]
+    meta = prepare(source, tmp_path / "out", small_tok, val_docs=0, progress=False)
+    assert meta["train"]["num_docs"] == 2
+    assert "prepare: 4 input file(s) named more than once are read once (first: " in capsys.readouterr().err
+
+
 def test_sources_agree(tmp_path, small_tok, docs):
     """.txt, .jsonl, .jsonl.gz, .parquet, datasets.load_dataset and save_to_disk
     give the same token stream."""

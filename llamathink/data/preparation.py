@@ -314,9 +314,36 @@ def _scan_txt(path: Path) -> tuple[str, str, str] | None:
     return None
 
 
+def _files_named_by(spec: str) -> list[Path]:
+    """The input files one of LocalSource's paths names: the file, the supported files under a folder (sorted), a
+    `datasets.save_to_disk` folder, or a glob's matches (sorted)."""
+    p = Path(spec)
+    if p.is_dir():
+        if (p / "state.json").is_file() and (p / "dataset_info.json").is_file():
+            return [p]  # datasets.save_to_disk directory
+        if (p / "dataset_dict.json").is_file():  # a DatasetDict's save_to_disk: one folder per split
+            splits = sorted(q.name for q in p.iterdir() if (q / "state.json").is_file())
+            raise ValueError(
+                f"{p} is a saved DatasetDict (splits: {', '.join(splits) or 'none'}): give one split's folder, "
+                f"e.g. {p / ('train' if 'train' in splits or not splits else splits[0])}"
+            )
+        found = sorted(q for q in p.rglob("*") if (q.is_file() or q.is_symlink()) and _has_suffix(q))
+        if not found:
+            raise FileNotFoundError(f"no {', '.join(_LOCAL_SUFFIXES)} files under {p}")
+        return found
+    if p.is_file():
+        if not _has_suffix(p):
+            raise ValueError(f"{p}: unsupported input file type (expected one of {', '.join(_LOCAL_SUFFIXES)})")
+        return [p]
+    matches = sorted(Path(m) for m in glob.glob(spec, recursive=True) if _has_suffix(Path(m)))
+    if not matches:
+        raise FileNotFoundError(f"input {spec} does not exist")
+    return matches
+
+
 @dataclass
 class LocalSource:
-    """Documents from local files, in sorted path order.
+    """Documents from local files, in sorted path order (each file once: see `files`).
 
     ``paths`` may be files, directories (searched recursively for ``.txt``,
     ``.jsonl``, ``.jsonl.gz`` and ``.parquet`` files), glob patterns, or a
@@ -352,35 +379,27 @@ class LocalSource:
             raise ValueError(f"txt_split must be 'file' or 'paragraph', got {self.txt_split!r}")
 
     def files(self) -> list[Path]:
-        """The input files the paths, folders and globs name, in order: FileNotFoundError for one that matches no
-        file, ValueError for a file of an unsupported type."""
-        out: list[Path] = []
+        """The input files the paths, folders and globs name, in order, each once: a file that two of them name (or
+        that two names link to) is read where it is first named, since its documents would otherwise be trained on
+        twice (`repeated_files` says which). FileNotFoundError for a name that matches no file, ValueError for a
+        file of an unsupported type."""
+        return list(self._distinct_files()[0].values())
+
+    def repeated_files(self) -> list[tuple[Path, Path]]:
+        """(name, first name) for each input file named again after its first name (see `files`)."""
+        return self._distinct_files()[1]
+
+    def _distinct_files(self) -> tuple[dict[Path, Path], list[tuple[Path, Path]]]:
+        first: dict[Path, Path] = {}  # resolved path -> the name it was first found by
+        again = []
         for spec in self.paths:
-            p = Path(spec)
-            if p.is_dir():
-                if (p / "state.json").is_file() and (p / "dataset_info.json").is_file():
-                    out.append(p)  # datasets.save_to_disk directory
-                    continue
-                if (p / "dataset_dict.json").is_file():  # a DatasetDict's save_to_disk: one folder per split
-                    splits = sorted(q.name for q in p.iterdir() if (q / "state.json").is_file())
-                    raise ValueError(
-                        f"{p} is a saved DatasetDict (splits: {', '.join(splits) or 'none'}): give one split's folder, "
-                        f"e.g. {p / ('train' if 'train' in splits or not splits else splits[0])}"
-                    )
-                found = sorted(q for q in p.rglob("*") if (q.is_file() or q.is_symlink()) and _has_suffix(q))
-                if not found:
-                    raise FileNotFoundError(f"no {', '.join(_LOCAL_SUFFIXES)} files under {p}")
-                out.extend(found)
-            elif p.is_file():
-                if not _has_suffix(p):
-                    raise ValueError(f"{p}: unsupported input file type (expected one of {', '.join(_LOCAL_SUFFIXES)})")
-                out.append(p)
-            else:
-                matches = sorted(Path(m) for m in glob.glob(spec, recursive=True) if _has_suffix(Path(m)))
-                if not matches:
-                    raise FileNotFoundError(f"input {spec} does not exist")
-                out.extend(matches)
-        return out
+            for path in _files_named_by(spec):
+                key = path.resolve()
+                if key in first:
+                    again.append((path, first[key]))
+                else:
+                    first[key] = path
+        return first, again
 
     def describe(self) -> dict:
         """What the source is, for meta.json (``source``) and the model card."""
@@ -1508,7 +1527,14 @@ def prepare(
         "max_doc_chars": max_doc_chars,
     }
     if isinstance(source, LocalSource):  # an input that is not there fails before out_dir is claimed or written
-        source.files()
+        again = source.repeated_files()
+        if again:
+            name, first = again[0]
+            print(
+                f"prepare: {len(again)} input file(s) named more than once are read once (first: {name}, the same "
+                f"file as {first})",
+                file=sys.stderr,
+            )
     out = Path(out_dir)
     with _preparation_lock(out) as lock_fd, _unstarted_removed_on_error(out) as started:
         state = _start_or_resume(out, config, val_docs, overwrite)
