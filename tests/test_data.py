@@ -465,8 +465,9 @@ def test_prepare_restart_is_byte_identical(tmp_path, small_tok, docs, shard_toke
 
 
 def test_a_rerun_naming_the_same_input_another_way_continues_the_preparation(tmp_path, small_tok, docs, monkeypatch):
-    """A stopped preparation continued with its input named another way (relative, ./, absolute) is the same
-    preparation (it was refused as one whose source differs); another file is still another preparation. A
+    """A stopped preparation continued with its input named another way (relative, ./, absolute, from another
+    directory) is the same preparation (it was refused as one whose source differs); another file is still another
+    preparation, also one of the same relative name in another directory (it was taken for the same). A
     stop_after_shards below 1 is refused by name (0 wrote a shard)."""
     write_jsonl(tmp_path / "d.jsonl", docs[:40])
     write_jsonl(tmp_path / "e.jsonl", docs[:40])
@@ -478,6 +479,16 @@ def test_a_rerun_naming_the_same_input_another_way_continues_the_preparation(tmp
         prepare(LocalSource(["e.jsonl"]), tmp_path / "out", small_tok, **kw)
     part = prepare(LocalSource(["./d.jsonl"]), tmp_path / "out", small_tok, stop_after_shards=1, **kw)
     assert len(part["train_shards"]) == 2
+    # from another directory: the recorded relative name is read from the directory it was given in, so the input
+    # named from there continues, and the same relative name for another file there is another preparation
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    part = prepare(LocalSource(["../d.jsonl"]), tmp_path / "out", small_tok, stop_after_shards=1, **kw)
+    assert len(part["train_shards"]) == 3
+    write_jsonl(tmp_path / "sub" / "d.jsonl", docs[40:80])
+    with pytest.raises(ValueError, match="different preparation \\(differs in: source\\)"):
+        prepare(LocalSource(["d.jsonl"]), tmp_path / "out", small_tok, **kw)
+    monkeypatch.chdir(tmp_path)
     meta = prepare(LocalSource([str(tmp_path / "d.jsonl")]), tmp_path / "out", small_tok, **kw)
     ref = prepare(LocalSource(["d.jsonl"]), tmp_path / "ref", small_tok, **kw)
     got, want = read_dir(tmp_path / "out"), read_dir(tmp_path / "ref")

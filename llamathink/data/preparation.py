@@ -940,21 +940,24 @@ def _check_resumable(out: Path, state: dict) -> None:
             )
 
 
-def _same_local_files(saved: dict | None, current: dict) -> bool:
+def _same_local_files(saved: dict | None, current: dict, saved_cwd: str | None = None) -> bool | None:
     """Whether two local sources (``LocalSource.describe``) name the same files in the same order, each written
     another way (relative, absolute, through a link), with the same reading settings: ``samefile`` on each pair,
-    relative names read from the current directory, as the rerun's own are."""
+    the saved relative names read from the directory they were given in (``saved_cwd``; the current one for a
+    preparation that did not record it), the rerun's from the current one. False where a pair names two files that
+    both exist (also the same relative name given in another directory), None where it is not known (not two local
+    sources of one setting and length, or a saved name that is not there any more)."""
     if not isinstance(saved, dict) or saved.get("type") != "local" or current.get("type") != "local":
-        return False
+        return None
     if {k: v for k, v in saved.items() if k != "paths"} != {k: v for k, v in current.items() if k != "paths"}:
-        return False
+        return None
     paths, now = saved.get("paths"), current.get("paths")
     if not isinstance(paths, list) or len(paths) != len(now):
-        return False
+        return None
     try:
-        return all(os.path.samefile(a, b) for a, b in zip(paths, now))
+        return all(os.path.samefile(os.path.join(saved_cwd or os.curdir, a), b) for a, b in zip(paths, now))
     except (OSError, TypeError, ValueError):  # a name that is not there any more: not known to be the same
-        return False
+        return None
 
 
 def _local_input_files(source) -> list[Path] | None:
@@ -1147,8 +1150,11 @@ def _start_or_resume(out: Path, config: dict, val_docs: int, overwrite: bool) ->
         saved = dict(state["config"])
         if "max_doc_chars" not in saved:  # written before long documents were cut: they were tokenized whole
             saved["max_doc_chars"] = config["max_doc_chars"] if state.get("complete") else None
-        if _same_local_files(saved.get("source"), config["source"]):  # one input, named another way (./x, /abs/x)
+        same_files = _same_local_files(saved.get("source"), config["source"], state.get("source_cwd"))
+        if same_files:  # one input, named another way (./x, /abs/x) or from another directory
             saved["source"] = config["source"]
+        elif same_files is False:  # (also one relative name given in two directories, for two files)
+            saved["source"] = "other files"
         if not overwrite and saved == config:
             _check_resumable(out, state)
             return state
@@ -1170,6 +1176,7 @@ def _start_or_resume(out: Path, config: dict, val_docs: int, overwrite: bool) ->
         prog_path.unlink()
     state = {
         "config": config,
+        "source_cwd": os.getcwd(),  # where a local source's relative names are read from (`_same_local_files`)
         "complete": False,
         "val_done": val_docs == 0,
         "val": None,
