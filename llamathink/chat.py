@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Sequence, TextIO
@@ -48,10 +49,16 @@ from llamathink.cli import tolerant_output
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# a SentencePiece byte-fallback token (Llama's <0xE2>): the tokenizer decodes a run of them as one byte string,
+# each byte U+FFFD where the run is not valid UTF-8, so a later byte can change how the whole run reads
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
 class _StreamPrinter:
-    """A ``generate()`` streamer (BaseStreamer interface) that writes the reply as it grows: the reply tokens are
-    decoded from the start each time and the new text is written, holding back an incomplete UTF-8 character and
-    trailing whitespace, so that what is written is exactly the stripped reply."""
+    """A ``generate()`` streamer (BaseStreamer interface) that writes the reply as it grows, exactly as `Chat.reply`
+    returns it (`reply_text`): the reply tokens are decoded from the start each time and the new text is written,
+    holding back a trailing run of byte-fallback tokens (a later byte may turn the run's text into U+FFFDs), an
+    incomplete UTF-8 character (byte-level tokenizers) and trailing whitespace."""
 
     def __init__(self, tokenizer, out: TextIO):
         self.tokenizer, self.out = tokenizer, out
@@ -59,26 +66,32 @@ class _StreamPrinter:
         self.printed = 0
         self.prompt_seen = False
 
-    def _text(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True).lstrip()
+    def _write_up_to(self, text: str):
+        if len(text) > self.printed:
+            self.out.write(text[self.printed :])
+            self.out.flush()
+            self.printed = len(text)
 
     def put(self, value):
         if not self.prompt_seen:  # generate() first hands over the prompt
             self.prompt_seen = True
             return
         self.tokens.extend(value.reshape(-1).tolist())
-        text = self._text().rstrip("\ufffd").rstrip()
-        if len(text) > self.printed:
-            self.out.write(text[self.printed :])
-            self.out.flush()
-            self.printed = len(text)
+        done = len(self.tokens)
+        while done and _BYTE_TOKEN.fullmatch(str(self.tokenizer.convert_ids_to_tokens(self.tokens[done - 1]))):
+            done -= 1
+        self._write_up_to(reply_text(self.tokenizer, self.tokens[:done]).rstrip("\ufffd").rstrip())
 
     def end(self):
-        text = self._text().rstrip()
-        if len(text) > self.printed:
-            self.out.write(text[self.printed :])
-        self.printed = len(text)
+        self._write_up_to(reply_text(self.tokenizer, self.tokens))
         self.out.flush()
+
+
+def reply_text(tokenizer, ids: list[int]) -> str:
+    """The text of the reply tokens `ids` as the chat shows and keeps it: decoded without special tokens, stripped,
+    with what `check_content` would refuse in the next turn's history (U+FDD0) made U+FFFD, since sampling may make
+    any bytes (`storable_text`)."""
+    return storable_text(tokenizer.decode(ids, skip_special_tokens=True).strip())
 
 
 MIN_TEMPERATURE = 1e-3  # below it sampling is greedy in all but name, and float32 logits / t overflow
@@ -209,9 +222,7 @@ class ChatSession:
                 kwargs["streamer"] = _StreamPrinter(self.tokenizer, stream)
             with torch.no_grad(), _own_generation_config(self.model):
                 out = self.model.generate(input_ids, **kwargs)
-            new = out[0, len(ids) :].tolist()
-            # (what `check_content` would refuse in the next turn's history becomes U+FFFD: sampling may make any bytes)
-            answer = storable_text(self.tokenizer.decode(new, skip_special_tokens=True).strip())
+            answer = reply_text(self.tokenizer, out[0, len(ids) :].tolist())
             self.messages = msgs + [{"role": "assistant", "content": answer}]
             return answer
         except BaseException:

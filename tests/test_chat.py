@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import os
+import random
 import re
 import shlex
 import shutil
@@ -1002,6 +1003,41 @@ def test_streamed_text_is_the_stripped_reply(tok):
         assert "\ufffd" not in out.getvalue()
     printer.end()
     assert out.getvalue() == reply.strip()
+
+
+def test_streamed_text_is_the_reply_also_for_byte_runs_that_are_not_utf8(tok):
+    """Sampling can make a run of byte-fallback tokens that is not valid UTF-8. The tokenizer decodes such a run as
+    U+FFFD for every byte, also for the ASCII bytes at its start, which the stream had already written as they came
+    ("8I" of <0x38><0x49><0x85>): the streamed reply differed from the one returned and kept in the history. The
+    stream now holds back a trailing byte run, and writes exactly `reply_text` of the tokens; a seeded search of
+    random runs of byte and word tokens finds no difference."""
+    from llamathink.chat import _StreamPrinter, reply_text
+
+    vocab = tok.get_vocab()
+    byte_ids = sorted(i for t, i in vocab.items() if t.startswith("<0x"))
+    words = sorted(i for t, i in vocab.items() if not t.startswith("<"))
+    byte = {int(t[3:5], 16): i for t, i in vocab.items() if t.startswith("<0x")}
+    word = tok("Warning", add_special_tokens=False)["input_ids"]
+
+    def streamed(ids, shown_after=None):
+        out = io.StringIO()
+        printer = _StreamPrinter(tok, out)
+        printer.put(torch.tensor([[1]]))
+        for n, i in enumerate(ids, 1):
+            printer.put(torch.tensor([i]))
+            if n == shown_after:
+                shown = out.getvalue()
+        printer.end()
+        return out.getvalue(), shown if shown_after else None
+
+    ids = word + [byte[0x38], byte[0x49], byte[0x85], byte[0xF7]] + word
+    text, shown = streamed(ids, shown_after=len(word) + 2)
+    assert shown == "Warning"  # "8I" held back: the run is not over
+    assert text == reply_text(tok, ids) and re.fullmatch("Warning\ufffd{4} ?Warning", text)
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = [rng.choice(byte_ids if rng.random() < 0.6 else words) for _ in range(rng.randint(1, 10))]
+        assert streamed(ids)[0] == reply_text(tok, ids), tok.convert_ids_to_tokens(ids)
 
 
 def test_ids_the_tokenizer_has_no_text_for_are_never_sampled(monkeypatch):
