@@ -791,6 +791,8 @@ def run_training(
         """(main process) After this run's first save: the earlier run's checkpoints it moved aside are deleted and
         its settings recorded if its output is whole (None: a whole checkpoint of this run is in out_dir), else the
         checkpoints are put back (`settle_set_aside`) and the staged settings dropped."""
+        if not set_aside and not settings.pending:  # (settled at the first save)
+            return
         if whole is None:
             whole = holds_checkpoint_of(out_dir, run_id)
         settle_set_aside(set_aside, run_id, whole)
