@@ -327,6 +327,25 @@ def test_an_input_file_named_twice_is_read_once(tmp_path, small_tok, capsys):
     assert "prepare: 4 input file(s) named more than once are read once (first: " in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_tokenizer_workers_start_with_ctrl_c_ignored(method):
+    """Ctrl-C reaches the whole process group, and the preparation alone handles it. A worker ignored it only from
+    its initializer on, so a spawned worker interrupted while importing the package printed a KeyboardInterrupt
+    traceback. Workers now start with SIGINT ignored: a process of the preparation's context that raises SIGINT
+    at its very start exits cleanly (it ended with KeyboardInterrupt, exit code 1), and this process's own
+    Ctrl-C handler is the one it had."""
+    import multiprocessing as mp
+
+    handler = signal.getsignal(signal.SIGINT)
+    ctx = P._WorkersIgnoreInterrupt(mp.get_context(method))
+    worker = ctx.Process(target=signal.raise_signal, args=(signal.SIGINT,))
+    worker.start()
+    worker.join(60)
+    assert worker.exitcode == 0
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert ctx.get_start_method() == method  # (the rest of the context is the one it wraps)
+
+
 def test_sources_agree(tmp_path, small_tok, docs):
     """.txt, .jsonl, .jsonl.gz, .parquet, datasets.load_dataset and save_to_disk
     give the same token stream."""

@@ -27,6 +27,7 @@ import glob
 import gzip
 import hashlib
 import json
+import multiprocessing.context as _mp_context
 import os
 import re
 import signal
@@ -658,6 +659,52 @@ def _init_worker(kind: str, payload: Any, bos_id: int, eos_id: int, inherited: S
     _W.update(_make_encoder(kind, payload, bos_id, eos_id))
 
 
+class _StartsIgnoringInterrupt:
+    """(mixin for a multiprocessing Process class) `start` with Ctrl-C (SIGINT) ignored by this process while the
+    child is forked, or forked and executed (spawn, the fork server): a disposition the child keeps across exec
+    and that Python leaves in place at its start. A Ctrl-C in those few milliseconds is lost (pressed again, it
+    stops the preparation as any other)."""
+
+    def start(self):
+        if threading.current_thread() is not threading.main_thread():  # (signal handlers: main thread only)
+            return super().start()
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return super().start()
+        finally:
+            signal.signal(signal.SIGINT, handler)
+
+
+# one per start method, at module level: a spawned worker's Process object is pickled by its class's name
+class _SpawnWorker(_StartsIgnoringInterrupt, _mp_context.SpawnProcess):
+    pass
+
+
+_WORKER_CLASSES: dict[str, type] = {"spawn": _SpawnWorker}
+if sys.platform != "win32":  # (multiprocessing has fork and the fork server on POSIX systems only)
+
+    class _ForkWorker(_StartsIgnoringInterrupt, _mp_context.ForkProcess):
+        pass
+
+    class _ForkServerWorker(_StartsIgnoringInterrupt, _mp_context.ForkServerProcess):
+        pass
+
+    _WORKER_CLASSES.update(fork=_ForkWorker, forkserver=_ForkServerWorker)
+
+
+class _WorkersIgnoreInterrupt:
+    """A multiprocessing context (`ctx`'s, attribute for attribute) whose processes start with Ctrl-C ignored
+    (`_StartsIgnoringInterrupt`). `_init_worker` ignores it too, but only after a spawned worker has imported this
+    package: a Ctrl-C in that second printed a KeyboardInterrupt traceback per worker."""
+
+    def __init__(self, ctx):
+        self._ctx = ctx
+        self.Process = _WORKER_CLASSES.get(ctx.get_start_method(), ctx.Process)
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+
 def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
     """End this process once its parent is no longer `parent` (the parent died, and the process was adopted)."""
     while os.getppid() == parent:
@@ -1248,7 +1295,7 @@ def _tokenized(
     # a queue lock held by a worker; an executor's shutdown cancels what has not started and survives dead workers
     pool = ProcessPoolExecutor(
         num_workers,
-        mp_context=mp.get_context(mp_context),
+        mp_context=_WorkersIgnoreInterrupt(mp.get_context(mp_context)),
         initializer=_init_worker,
         # (only a forked worker holds copies of this process's descriptors; in a spawned one the numbers are others')
         initargs=(kind, payload, bos_id, eos_id, tuple(parent_fds) if mp_context == "fork" else ()),
