@@ -416,8 +416,10 @@ def test_cuda_graph_decode_gives_way_to_forward_hooks_and_long_contexts():
         hooked_eager = list(seen)
         seen.clear()
         assert torch.equal(model.generate(prompt, **kwargs), fast)
+        # (to float32's rounding: cuBLAS may pick another reduction order between two generate() calls; a hook
+        # shown another step's output, or a stale graph's, is off by the size of the activations)
         for a, b in zip(hooked_eager, seen, strict=True):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         hook.remove()
         model.config.decode_cuda_graphs = True
         assert torch.equal(model.generate(prompt, **kwargs), fast) and model.__dict__.get("_static_decoders")
