@@ -313,6 +313,10 @@ def test_a_fresh_run_refuses_an_out_dir_with_another_runs_checkpoints(sample_dat
         pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=1, resume="none", overwrite=True))
     assert _names(ckpt.list_checkpoints(out)) == earlier
     (out / "train_config.json").rmdir()
+    (out / "train_config.json.staged").mkdir()  # (the name it is staged under, checked as well)
+    with pytest.raises(ValueError, match=r"train_config.json.staged, where the run records its settings, is not a"):
+        pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=1, resume="none", overwrite=True))
+    (out / "train_config.json.staged").rmdir()
     fresh = pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=1, resume="none", overwrite=True))
     assert sorted(fresh["losses"]) == [1, 2]
     found = ckpt.list_checkpoints(out)
@@ -397,6 +401,31 @@ def test_an_overwrite_whose_first_save_fails_or_is_killed_gives_the_earlier_chec
     new_ids = {ckpt.checkpoint_meta(p)["run_id"] for p in found}
     assert _names(found) == ["step_00000002"] and old_id not in new_ids
     assert json.loads((out / "train_config.json").read_text())["max_steps"] == 2  # its checkpoint stands
+    # interrupted after its first whole checkpoint, while deleting the earlier ones: its settings are in place
+    # (they were moved after the deletion); killed between that checkpoint and the move, the next start moves them
+    # (the newest checkpoint trained with them), and drops staged settings no checkpoint trained with
+    o2 = tmp_path / "o2"
+    pretrain.train(_cfg(sample_data, model_json, o2, max_steps=4, save_every=2, stop_at_step=4))
+    recorded = (o2 / "train_config.json").read_text()
+    real_remove = ckpt._remove_folder_or_link
+
+    def interrupted(path):
+        real_remove(path)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt, "_remove_folder_or_link", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain.train(dataclasses.replace(overwrite, out_dir=str(o2)))
+    assert json.loads((o2 / "train_config.json").read_text())["max_steps"] == 2
+    staged = loop.StagedSettings(o2 / "train_config.json")
+    newest_config = ckpt.checkpoint_meta(ckpt.list_checkpoints(o2)[-1])["config"]
+    for content, moved in ((newest_config, True), ({**newest_config, "seed": 99}, False), ("{cut", False)):
+        (o2 / "train_config.json").write_text(recorded)
+        staged.staged.write_text(content if isinstance(content, str) else json.dumps(content))
+        staged.recover()
+        assert not staged.staged.exists()
+        assert json.loads((o2 / "train_config.json").read_text()) == (newest_config if moved else json.loads(recorded))
     assert not [p.name for p in root.iterdir() if p.name.startswith(ckpt.SET_ASIDE_PREFIX)]
 
     # a kill after the new run's first whole checkpoint, before it deleted the earlier ones: the next start does

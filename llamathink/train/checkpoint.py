@@ -574,7 +574,7 @@ def own_out_dir(out_dir: str | Path, is_main: bool = True):
         if restored:
             print(
                 f"restored the earlier run's checkpoints {', '.join(restored)} in {root}: the overwrite: true run that "
-                "moved them aside stopped before its first checkpoint was whole (its settings record stays)"
+                "moved them aside stopped before its first checkpoint was whole"
             )
         leftovers = [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX)] if root.is_dir() else []
         for path in leftovers:
@@ -602,7 +602,8 @@ def own_out_dir(out_dir: str | Path, is_main: bool = True):
         os.close(fd)  # releases the lock; the file stays (removing it would race with a waiting run)
 
 
-# what a finished run leaves in out_dir besides its checkpoints (the settings files are rewritten by every start)
+# what a finished run leaves in out_dir besides its checkpoints (the settings files are replaced by every run's first
+# output)
 RUN_OUTPUTS = ("final", "history.json")
 
 
@@ -1224,9 +1225,11 @@ _OUT_DIR_ENTRIES = (
     "train_config.json",
     "train_config.json.tmp",
     "train_config.json.staged",
+    "train_config.json.staged.tmp",
     "finetune_config.json",
     "finetune_config.json.tmp",
     "finetune_config.json.staged",
+    "finetune_config.json.staged.tmp",
     LOCK_FILE,
     "wandb",
     "fla_prebuild.log",

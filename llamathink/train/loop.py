@@ -114,13 +114,41 @@ class StagedSettings:
         self.pending = False
 
     def stage(self, cfg) -> None:
+        """Write the settings `cfg` (a dataclass) to `<path>.staged`."""
         write_settings(self.staged, cfg)
         self.pending = True
 
     def settle(self, in_place: bool) -> None:
+        """Move the staged settings over `path` (`in_place`: the run's first output is in out_dir) or drop them."""
         if not self.pending:
             return
         self.pending = False
+        self._move_or_drop(in_place)
+
+    def recover(self) -> None:
+        """At a run's start: settings a killed run left staged are moved over `path` where out_dir's newest
+        checkpoint trained with them (its meta.json's config: the run was killed between that checkpoint and the
+        move), else dropped. Raises ValueError where `path` or the staged name is not a file (a folder in the way:
+        the steps until the first save would be lost)."""
+        for path in (self.path, self.staged):
+            if (path.is_symlink() or path.exists()) and not path.is_file():
+                raise ValueError(  # now, not at the first checkpoint: the steps until then would be lost
+                    f"{path}, where the run records its settings, is not a file: move it out of the way"
+                )
+        if not self.staged.exists():
+            return
+        try:
+            staged = json.loads(self.staged.read_text())
+        except (OSError, ValueError, UnicodeDecodeError):  # (cut short by the kill: not the newest checkpoint's)
+            staged = None
+        newest = list_checkpoints(self.path.parent)[-1:]
+        try:
+            trained = checkpoint_meta(newest[0]).get("config") if newest else None
+        except CheckpointError:
+            trained = None
+        self._move_or_drop(staged is not None and staged == trained)
+
+    def _move_or_drop(self, in_place: bool) -> None:
         try:
             if in_place:
                 os.replace(self.staged, self.path)
@@ -765,16 +793,9 @@ def run_training(
     history["run_id"] = run_id  # history.json says whose it is (`claim_checkpoints`)
     settings_path = out_dir / settings_file
 
-    def check_settings_path():
-        if (settings_path.is_symlink() or settings_path.exists()) and not settings_path.is_file():
-            raise ValueError(  # now, not at the first checkpoint: the steps until then would be lost
-                f"{settings_path}, where the run records its settings, is not a file: move it out of the way"
-            )
-
-    on_main_for_all(accelerator, check_settings_path)
-    claimed, set_aside = False, []
-
     settings = StagedSettings(settings_path)
+    on_main_for_all(accelerator, settings.recover)
+    claimed, set_aside = False, []
 
     def claim_out_dir():
         """(main process) Before this run first writes to out_dir (a checkpoint, history.json, the final model):
@@ -795,9 +816,9 @@ def run_training(
             return
         if whole is None:
             whole = holds_checkpoint_of(out_dir, run_id)
+        settings.settle(whole)  # first: deleting the earlier checkpoints may take a while (a kill there)
         settle_set_aside(set_aside, run_id, whole)
         set_aside.clear()
-        settings.settle(whole)
 
     # The optimizer is prepared so accelerate can handle mixed precision; the LR schedule is stepped by us once
     # per optimizer step (accelerate would step a prepared scheduler once per process).
