@@ -49,16 +49,14 @@ from llamathink.cli import tolerant_output
 # ---------------------------------------------------------------------------------------------------------------
 
 
-# a SentencePiece byte-fallback token (Llama's <0xE2>): the tokenizer decodes a run of them as one byte string,
-# each byte U+FFFD where the run is not valid UTF-8, so a later byte can change how the whole run reads
-_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+# a SentencePiece byte-fallback token (Llama's <0xE2>)
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 class _StreamPrinter:
     """A ``generate()`` streamer (BaseStreamer interface) that writes the reply as it grows, exactly as `Chat.reply`
-    returns it (`reply_text`): the reply tokens are decoded from the start each time and the new text is written,
-    holding back a trailing run of byte-fallback tokens (a later byte may turn the run's text into U+FFFDs), an
-    incomplete UTF-8 character (byte-level tokenizers) and trailing whitespace."""
+    returns it (`reply_text`, whose text of a token prefix only grows): the reply tokens are read from the start
+    each time and the new text is written, holding back an incomplete UTF-8 character and trailing whitespace."""
 
     def __init__(self, tokenizer, out: TextIO):
         self.tokenizer, self.out = tokenizer, out
@@ -77,10 +75,7 @@ class _StreamPrinter:
             self.prompt_seen = True
             return
         self.tokens.extend(value.reshape(-1).tolist())
-        done = len(self.tokens)
-        while done and _BYTE_TOKEN.fullmatch(str(self.tokenizer.convert_ids_to_tokens(self.tokens[done - 1]))):
-            done -= 1
-        self._write_up_to(reply_text(self.tokenizer, self.tokens[:done]).rstrip("\ufffd").rstrip())
+        self._write_up_to(reply_text(self.tokenizer, self.tokens).rstrip("\ufffd").rstrip())
 
     def end(self):
         self._write_up_to(reply_text(self.tokenizer, self.tokens))
@@ -90,8 +85,39 @@ class _StreamPrinter:
 def reply_text(tokenizer, ids: list[int]) -> str:
     """The text of the reply tokens `ids` as the chat shows and keeps it: decoded without special tokens, stripped,
     with what `check_content` would refuse in the next turn's history (U+FDD0) made U+FFFD, since sampling may make
-    any bytes (`storable_text`)."""
-    return storable_text(tokenizer.decode(ids, skip_special_tokens=True).strip())
+    any bytes (`storable_text`).
+
+    A run of byte-fallback tokens (<0xE2>, SentencePiece's) that is not valid UTF-8 reads as Python's
+    ``bytes.decode("utf-8", "replace")`` reads it: one U+FFFD per invalid sequence, the valid characters kept. The
+    tokenizer's own decoder makes every byte of such a run U+FFFD, the ASCII ones too, so a later byte could change
+    text already streamed; here the text of a prefix of `ids` is a prefix of the text of `ids`, up to an
+    incomplete last character and trailing whitespace."""
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    skipped = set(tokenizer.all_special_ids)
+    kept: list[int] = []
+    run, run_ids = bytearray(), []
+
+    def end_run():
+        if run:
+            valid = bytes(run).decode("utf-8", "replace").encode("utf-8")
+            as_ids = tokenizer.convert_tokens_to_ids([f"<0x{b:02X}>" for b in valid])
+            # (a vocabulary without all 256 byte tokens under these names: the run as it came)
+            kept.extend(run_ids if None in as_ids or tokenizer.unk_token_id in as_ids else as_ids)
+            run.clear()
+            run_ids.clear()
+
+    for i, token in zip(ids, tokens):
+        if i in skipped:  # (dropped by the decode: the byte runs on either side join)
+            continue
+        byte = _BYTE_TOKEN.fullmatch(token) if isinstance(token, str) else None
+        if byte is not None:
+            run.append(int(byte.group(1), 16))
+            run_ids.append(i)
+            continue
+        end_run()
+        kept.append(i)
+    end_run()
+    return storable_text(tokenizer.decode(kept, skip_special_tokens=True).strip())
 
 
 MIN_TEMPERATURE = 1e-3  # below it sampling is greedy in all but name, and float32 logits / t overflow

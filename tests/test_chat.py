@@ -1008,35 +1008,46 @@ def test_streamed_text_is_the_stripped_reply(tok):
 def test_streamed_text_is_the_reply_also_for_byte_runs_that_are_not_utf8(tok):
     """Sampling can make a run of byte-fallback tokens that is not valid UTF-8. The tokenizer decodes such a run as
     U+FFFD for every byte, also for the ASCII bytes at its start, which the stream had already written as they came
-    ("8I" of <0x38><0x49><0x85>): the streamed reply differed from the one returned and kept in the history. The
-    stream now holds back a trailing byte run, and writes exactly `reply_text` of the tokens; a seeded search of
-    random runs of byte and word tokens finds no difference."""
+    ("8I" of <0x38><0x49><0x85>): the streamed reply differed from the one returned and kept in the history.
+    `reply_text` reads such a run as Python's UTF-8 decoder does (one U+FFFD per invalid sequence, the valid
+    characters kept), so the text of a prefix only grows: the stream writes each character once its bytes are in
+    (a reply of byte-fallback characters, as CJK text is in a small vocabulary, streams character by character) and
+    ends equal to the reply. A seeded search of random runs of byte, special and word tokens finds no difference
+    (special tokens, which the decode drops, join the byte runs on either side)."""
     from llamathink.chat import _StreamPrinter, reply_text
 
     vocab = tok.get_vocab()
     byte_ids = sorted(i for t, i in vocab.items() if t.startswith("<0x"))
     words = sorted(i for t, i in vocab.items() if not t.startswith("<"))
+    special = sorted(tok.all_special_ids)
     byte = {int(t[3:5], 16): i for t, i in vocab.items() if t.startswith("<0x")}
     word = tok("Warning", add_special_tokens=False)["input_ids"]
 
-    def streamed(ids, shown_after=None):
-        out = io.StringIO()
+    def streamed(ids):
+        out, shown = io.StringIO(), []
         printer = _StreamPrinter(tok, out)
         printer.put(torch.tensor([[1]]))
-        for n, i in enumerate(ids, 1):
+        for i in ids:
             printer.put(torch.tensor([i]))
-            if n == shown_after:
-                shown = out.getvalue()
+            shown.append(out.getvalue())
         printer.end()
-        return out.getvalue(), shown if shown_after else None
+        return out.getvalue(), shown
 
-    ids = word + [byte[0x38], byte[0x49], byte[0x85], byte[0xF7]] + word
-    text, shown = streamed(ids, shown_after=len(word) + 2)
-    assert shown == "Warning"  # "8I" held back: the run is not over
-    assert text == reply_text(tok, ids) and re.fullmatch("Warning\ufffd{4} ?Warning", text)
+    ids = word + [byte[0x38], byte[0x49], byte[0x85], tok.bos_token_id, byte[0xF7]] + word
+    text, shown = streamed(ids)
+    assert shown[len(word) + 1] == "Warning8I"  # not taken back by the invalid bytes after it
+    assert text == reply_text(tok, ids) and re.fullmatch("Warning8I\ufffd\ufffd ?Warning", text)
+    cjk = "\u4f60\u597d\uff0c\u4e16\u754c"
+    text, shown = streamed([byte[b] for b in cjk.encode()])
+    assert text == cjk and shown[2::3] == [cjk[: n + 1] for n in range(len(cjk))]
     rng = random.Random(0)
+
+    def pick():
+        r = rng.random()
+        return rng.choice(byte_ids if r < 0.6 else special if r < 0.7 else words)
+
     for _ in range(300):
-        ids = [rng.choice(byte_ids if rng.random() < 0.6 else words) for _ in range(rng.randint(1, 10))]
+        ids = [pick() for _ in range(rng.randint(1, 10))]
         assert streamed(ids)[0] == reply_text(tok, ids), tok.convert_ids_to_tokens(ids)
 
 
