@@ -309,7 +309,7 @@ def test_saved_datasets_of_no_rows_or_of_several_splits_are_named(tmp_path, smal
     assert list(LocalSource([str(tmp_path / "dd" / "train")])) == ["a b c", "d e"]
 
 
-def test_an_input_file_named_twice_is_read_once(tmp_path, small_tok, capsys):
+def test_an_input_file_named_twice_is_read_once(tmp_path, small_tok, capsys, monkeypatch):
     """A file that two inputs name (a folder and a file in it, overlapping globs, a link to it) is one input: its
     documents were tokenized once per name, and trained on that many times, without a word."""
     folder = tmp_path / "txt"
@@ -320,11 +320,39 @@ def test_an_input_file_named_twice_is_read_once(tmp_path, small_tok, capsys):
     source = LocalSource([str(folder / "b.txt"), str(folder), str(folder / "*.txt"), str(tmp_path / "link.txt")])
     a, b = folder / "a.txt", folder / "b.txt"
     assert source.files() == [b, a]
-    assert source.repeated_files() == [(b, b), (a, a), (b, b), (tmp_path / "link.txt", b)]
+    specs = source.paths
+    assert source.repeated_files() == [
+        (b, specs[0], specs[1]),
+        (a, specs[1], specs[2]),
+        (b, specs[0], specs[2]),
+        (tmp_path / "link.txt", specs[0], specs[3]),
+    ]
     assert list(source) == ["second document", "first document"]
     meta = prepare(source, tmp_path / "out", small_tok, val_docs=0, progress=False)
     assert meta["train"]["num_docs"] == 2
-    assert "prepare: 4 input file(s) named more than once are read once (first: " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"prepare: 4 input file(s) named more than once (first: {b}, named by {str(b)!r} and again by " in err
+    # the same files named otherwise (the folder alone, from another directory) are the same preparation
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = prepare(LocalSource(["../txt/b.txt", "../txt"]), tmp_path / "out", small_tok, val_docs=0, progress=False)
+    assert again == meta
+    # a preparation begun before inputs named twice were read once (no mark in its progress.json) read them once per
+    # name: finished, it is reported with a note saying so; stopped after some documents, it is refused by name
+    progress = tmp_path / "out" / P.PROGRESS_FILE
+    state = json.loads(progress.read_text())
+    progress.write_text(json.dumps({k: v for k, v in state.items() if k != "inputs_read_once"}))
+    assert prepare(source, tmp_path / "out", small_tok, val_docs=0, progress=False) == meta
+    assert "was prepared before inputs named twice were read once: it holds the documents of 4 input" in (
+        capsys.readouterr().err
+    )
+    progress.write_text(json.dumps({**state, "complete": False, "inputs_read_once": None}))
+    with pytest.raises(ValueError, match="was begun before inputs named twice were read once, and has read 4 input"):
+        prepare(source, tmp_path / "out", small_tok, val_docs=0, progress=False)
+    # a link loop among the inputs is a bad record, as it was (resolving it raised RuntimeError)
+    (folder / "loop.txt").symlink_to(folder / "loop.txt")
+    with pytest.raises(ValueError, match="loop.txt"):
+        prepare(LocalSource([str(folder)]), tmp_path / "loop", small_tok, val_docs=0, progress=False)
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
@@ -486,7 +514,7 @@ def test_prepare_restart_is_byte_identical(tmp_path, small_tok, docs, shard_toke
 def test_a_rerun_naming_the_same_input_another_way_continues_the_preparation(tmp_path, small_tok, docs, monkeypatch):
     """A stopped preparation continued with its input named another way (relative, ./, absolute, from another
     directory) is the same preparation (it was refused as one whose source differs); another file is still another
-    preparation, also one of the same relative name in another directory (it was taken for the same). A
+    preparation, and one of the same relative name in another directory is refused by its documents. A
     stop_after_shards below 1 is refused by name (0 wrote a shard)."""
     write_jsonl(tmp_path / "d.jsonl", docs[:40])
     write_jsonl(tmp_path / "e.jsonl", docs[:40])
@@ -499,13 +527,13 @@ def test_a_rerun_naming_the_same_input_another_way_continues_the_preparation(tmp
     part = prepare(LocalSource(["./d.jsonl"]), tmp_path / "out", small_tok, stop_after_shards=1, **kw)
     assert len(part["train_shards"]) == 2
     # from another directory: the recorded relative name is read from the directory it was given in, so the input
-    # named from there continues, and the same relative name for another file there is another preparation
+    # named from there continues; the same relative name for another file there is refused by its documents
     (tmp_path / "sub").mkdir()
     monkeypatch.chdir(tmp_path / "sub")
     part = prepare(LocalSource(["../d.jsonl"]), tmp_path / "out", small_tok, stop_after_shards=1, **kw)
     assert len(part["train_shards"]) == 3
     write_jsonl(tmp_path / "sub" / "d.jsonl", docs[40:80])
-    with pytest.raises(ValueError, match="different preparation \\(differs in: source\\)"):
+    with pytest.raises(ValueError, match="the first 4 documents of the input are not those the interrupted"):
         prepare(LocalSource(["d.jsonl"]), tmp_path / "out", small_tok, **kw)
     monkeypatch.chdir(tmp_path)
     meta = prepare(LocalSource([str(tmp_path / "d.jsonl")]), tmp_path / "out", small_tok, **kw)

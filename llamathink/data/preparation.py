@@ -384,22 +384,23 @@ class LocalSource:
         that two names link to) is read where it is first named, since its documents would otherwise be trained on
         twice (`repeated_files` says which). FileNotFoundError for a name that matches no file, ValueError for a
         file of an unsupported type."""
-        return list(self._distinct_files()[0].values())
+        return [path for path, _ in self._distinct_files()[0].values()]
 
-    def repeated_files(self) -> list[tuple[Path, Path]]:
-        """(name, first name) for each input file named again after its first name (see `files`)."""
+    def repeated_files(self) -> list[tuple[Path, str, str]]:
+        """(file, the input that named it first, the input that names it again) for each input file named again
+        (see `files`)."""
         return self._distinct_files()[1]
 
-    def _distinct_files(self) -> tuple[dict[Path, Path], list[tuple[Path, Path]]]:
-        first: dict[Path, Path] = {}  # resolved path -> the name it was first found by
+    def _distinct_files(self) -> tuple[dict[str, tuple[Path, str]], list[tuple[Path, str, str]]]:
+        first: dict[str, tuple[Path, str]] = {}  # real path -> (the name it was first found by, its input)
         again = []
         for spec in self.paths:
             for path in _files_named_by(spec):
-                key = path.resolve()
+                key = os.path.realpath(path)  # (a link loop stays a name: read, it is a bad record)
                 if key in first:
-                    again.append((path, first[key]))
+                    again.append((path, first[key][1], spec))
                 else:
-                    first[key] = path
+                    first[key] = (path, spec)
         return first, again
 
     def describe(self) -> dict:
@@ -987,24 +988,25 @@ def _check_resumable(out: Path, state: dict) -> None:
             )
 
 
-def _same_local_files(saved: dict | None, current: dict, saved_cwd: str | None = None) -> bool | None:
-    """Whether two local sources (``LocalSource.describe``) name the same files in the same order, each written
-    another way (relative, absolute, through a link), with the same reading settings: ``samefile`` on each pair,
-    the saved relative names read from the directory they were given in (``saved_cwd``; the current one for a
-    preparation that did not record it), the rerun's from the current one. False where a pair names two files that
-    both exist (also the same relative name given in another directory), None where it is not known (not two local
-    sources of one setting and length, or a saved name that is not there any more)."""
+def _same_local_files(saved: dict | None, current: dict, saved_cwd: str | None = None) -> bool:
+    """Whether two local sources (``LocalSource.describe``) read the same files in the same order, however they are
+    named (relative or absolute, through a link, a folder or a glob of its files), with the same reading settings:
+    the saved names read from the directory they were given in (``saved_cwd``; the current one for a preparation
+    that did not record it), the rerun's from the current one. False where that is not known (a saved name that
+    matches nothing any more)."""
     if not isinstance(saved, dict) or saved.get("type") != "local" or current.get("type") != "local":
-        return None
+        return False
     if {k: v for k, v in saved.items() if k != "paths"} != {k: v for k, v in current.items() if k != "paths"}:
-        return None
-    paths, now = saved.get("paths"), current.get("paths")
-    if not isinstance(paths, list) or len(paths) != len(now):
-        return None
+        return False
+    paths = saved.get("paths")
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        return False
     try:
-        return all(os.path.samefile(os.path.join(saved_cwd or os.curdir, a), b) for a, b in zip(paths, now))
+        was = LocalSource([os.path.join(saved_cwd or os.curdir, p) for p in paths]).files()
+        now = LocalSource(current["paths"]).files()
     except (OSError, TypeError, ValueError):  # a name that is not there any more: not known to be the same
-        return None
+        return False
+    return [os.path.realpath(p) for p in was] == [os.path.realpath(p) for p in now]
 
 
 def _local_input_files(source) -> list[Path] | None:
@@ -1178,6 +1180,43 @@ def _read_progress(path: Path, overwrite: bool) -> dict | None:
     )
 
 
+def _check_repeated_inputs(out: Path, source: LocalSource, state: dict) -> None:
+    """Input files named more than once (`LocalSource.repeated_files`) are read once, said on stderr. A preparation
+    begun before they were (no ``inputs_read_once`` in its progress.json) whose inputs named a file twice read it
+    once per name: a finished one is reported as it is, with a note that it holds those documents more than once;
+    a stopped one that wrote documents is refused (ValueError: they were counted in that other order)."""
+
+    def named(again):
+        name, by, also = again[0]
+        return f"{len(again)} input file(s) named more than once (first: {name}, named by {by!r} and again by {also!r})"
+
+    earlier = []
+    if not state.get("inputs_read_once"):
+        saved = state["config"].get("source")
+        try:
+            cwd = state.get("source_cwd") or os.curdir
+            earlier = LocalSource([os.path.join(cwd, p) for p in saved["paths"]]).repeated_files()
+        except (KeyError, TypeError, ValueError, OSError):  # (names that match nothing now: not known)
+            earlier = []
+    if earlier and state.get("complete"):
+        print(
+            f"prepare: {out} was prepared before inputs named twice were read once: it holds the documents of "
+            f"{named(earlier)} once per name; --overwrite prepares it again with each file once",
+            file=sys.stderr,
+        )
+        return
+    if earlier and state["docs_done"]:
+        raise ValueError(
+            f"{out} was begun before inputs named twice were read once, and has read {named(earlier)} once per "
+            "name: its documents would be counted in two orders; --overwrite prepares it again with each file once"
+        )
+    again = source.repeated_files()
+    if again:
+        print(f"prepare: {named(again)} are read once", file=sys.stderr)
+    if not state.get("complete"):
+        state["inputs_read_once"] = True  # (recorded with the next shard)
+
+
 def _start_or_resume(out: Path, config: dict, val_docs: int, overwrite: bool) -> dict:
     """The progress state (``progress.json``) of a preparation ``config`` in ``out``.
 
@@ -1197,11 +1236,10 @@ def _start_or_resume(out: Path, config: dict, val_docs: int, overwrite: bool) ->
         saved = dict(state["config"])
         if "max_doc_chars" not in saved:  # written before long documents were cut: they were tokenized whole
             saved["max_doc_chars"] = config["max_doc_chars"] if state.get("complete") else None
-        same_files = _same_local_files(saved.get("source"), config["source"], state.get("source_cwd"))
-        if same_files:  # one input, named another way (./x, /abs/x) or from another directory
+        # one input, named another way (./x, /abs/x, a folder or its files) or from another directory (where the
+        # same relative names for other files pass here as before: the documents' digests are checked next)
+        if _same_local_files(saved.get("source"), config["source"], state.get("source_cwd")):
             saved["source"] = config["source"]
-        elif same_files is False:  # (also one relative name given in two directories, for two files)
-            saved["source"] = "other files"
         if not overwrite and saved == config:
             _check_resumable(out, state)
             return state
@@ -1224,6 +1262,7 @@ def _start_or_resume(out: Path, config: dict, val_docs: int, overwrite: bool) ->
     state = {
         "config": config,
         "source_cwd": os.getcwd(),  # where a local source's relative names are read from (`_same_local_files`)
+        "inputs_read_once": True,  # (`_note_repeated_inputs`)
         "complete": False,
         "val_done": val_docs == 0,
         "val": None,
@@ -1581,18 +1620,13 @@ def prepare(
         "max_doc_chars": max_doc_chars,
     }
     if isinstance(source, LocalSource):  # an input that is not there fails before out_dir is claimed or written
-        again = source.repeated_files()
-        if again:
-            name, first = again[0]
-            print(
-                f"prepare: {len(again)} input file(s) named more than once are read once (first: {name}, the same "
-                f"file as {first})",
-                file=sys.stderr,
-            )
+        source.files()
     out = Path(out_dir)
     with _preparation_lock(out) as lock_fd, _unstarted_removed_on_error(out) as started:
         state = _start_or_resume(out, config, val_docs, overwrite)
         started(state["docs_done"] > 0 or bool(state["train_shards"]) or state.get("val") is not None)
+        if isinstance(source, LocalSource):
+            _check_repeated_inputs(out, source, state)
         stamps = _input_stamps(source)
         if state.get("complete") and (out / META_FILE).exists():  # finished by an earlier run
 
