@@ -657,9 +657,10 @@ def claim_checkpoints(cfg: RunConfig, resume_from: Path | None, run_id: str | No
         )
     if finished:  # overwrite: true; say what stays until this run writes its own
         print(
-            f"overwrite: the earlier run's {' and '.join(finished)} in {cfg.out_dir} stay until this run writes its "
-            "own (history.json at its first checkpoint, final at its end); should it stop before, they are still the "
-            "earlier run's"
+            f"overwrite: the earlier run's {' and '.join(finished)} in {cfg.out_dir} "
+            f"{'stay' if len(finished) > 1 else 'stays'} until this run writes its own (history.json at its first "
+            f"checkpoint, final at its end); should it stop before, {'they are' if len(finished) > 1 else 'it is'} "
+            "still the earlier run's"
         )
     return run_id
 
