@@ -4,7 +4,8 @@ Usage:
     python -m export_c.export <model_dir_or_hub_id> <out.bin> [--dtype fp32|bf16|int8]
                               [--group-size auto|N] [--tokenizer-out tokenizer.bin]
                               [--tokenizer-src DIR] [--chat-marker KEY=VALUE ...]
-                              [--no-chat-markers] [--tokenizer-sentencepiece]
+                              [--no-chat-markers]
+                              [--tokenizer-sentencepiece | --tokenizer-transformers-rules]
 
 The checkpoint is read tensor by tensor by NAME with the safetensors library; no PyTorch model
 is built.  Every tensor in the checkpoint must be used and every expected tensor must exist
@@ -805,11 +806,22 @@ def main(argv=None) -> int:
         action="store_true",
         help="store no default chat markers in tokenizer.bin (only --chat-marker ones)",
     )
-    ap.add_argument(
+    rules = ap.add_mutually_exclusive_group()
+    rules.add_argument(
         "--tokenizer-sentencepiece",
-        action="store_true",
-        help="tokenizer.model source: SentencePiece's own rules instead of "
-        "transformers' LlamaTokenizer's (see export_c/README.md)",
+        dest="tokenizer_rules",
+        action="store_const",
+        const=True,
+        help="tokenizer.model source: SentencePiece's own rules (the default for a .model file or a folder holding "
+        "only tokenizer.model, as training read it; see export_c/README.md)",
+    )
+    rules.add_argument(
+        "--tokenizer-transformers-rules",
+        dest="tokenizer_rules",
+        action="store_const",
+        const=False,
+        help="tokenizer.model source: transformers' LlamaTokenizer's rules (the default for a folder with a "
+        "tokenizer.json or tokenizer_config.json)",
     )
     a = ap.parse_args(argv)
     tokenizer_only = [
@@ -818,7 +830,10 @@ def main(argv=None) -> int:
             ("--tokenizer-src", a.tokenizer_src),
             ("--chat-marker", a.chat_marker),
             ("--no-chat-markers", a.no_chat_markers),
-            ("--tokenizer-sentencepiece", a.tokenizer_sentencepiece),
+            (
+                {True: "--tokenizer-sentencepiece", False: "--tokenizer-transformers-rules"}.get(a.tokenizer_rules),
+                a.tokenizer_rules is not None,
+            ),
         )
         if given
     ]
@@ -836,7 +851,7 @@ def main(argv=None) -> int:
             check_output(a.tokenizer_out, TK_MAGIC, "run.c tokenizer")
             source = resolve_source(a.src)
             markers = chat_markers(a.chat_marker, not a.no_chat_markers, a.tokenizer_src or source)
-            tokenizer = load_tokenizer(a.tokenizer_src or source, a.tokenizer_sentencepiece)
+            tokenizer = load_tokenizer(a.tokenizer_src or source, a.tokenizer_rules)
             config = load_config(source)  # read once: export() takes it
             vocab = config["vocab_size"]
             if len(tokenizer["pieces"]) > vocab:  # another model's tokenizer: run.c would refuse the pair

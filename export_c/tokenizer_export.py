@@ -2,19 +2,19 @@
 
 Usage:
     python -m export_c.tokenizer_export <dir> <tokenizer.bin> [--chat-marker KEY=VALUE ...]
-                                        [--no-chat-markers] [--sentencepiece]
+                                        [--no-chat-markers] [--sentencepiece | --transformers-rules]
 
 Sources, in order of preference inside <dir>:
   * tokenizer.model (SentencePiece; parsed directly from its protobuf, no extra package):
     pieces, scores, piece types (byte pieces <0x00>..<0xFF>), BOS/EOS/UNK ids.
   * tokenizer.json (HF `tokenizers` BPE): scores derived from merge ranks (score of a piece =
     -rank of the first merge producing it; pieces no merge produces are never merge targets).
-By default a tokenizer.model is encoded like transformers' LlamaTokenizer (merges ranked by piece
-id); --sentencepiece follows SentencePiece itself (piece scores), as llamathink.tokenizer_utils
-does.  Encoding rule stored in flags (see README): spaces -> U+2581, a U+2581 prefix is prepended
-unless the text already starts with a space (HF Metaspace prepend_scheme="first", which is what
-transformers' LlamaTokenizer does); --sentencepiece always prepends (SentencePiece, and the
-project's own tokenizer_utils, whose tokenizer.json is detected as such automatically).
+A tokenizer.model is encoded as training read it (llamathink.tokenizer_utils.load_tokenizer): a .model
+file, or a folder holding only tokenizer.model, by SentencePiece's own rules (piece scores, a U+2581
+prefix always: --sentencepiece); a folder with a tokenizer.json or tokenizer_config.json beside it like
+transformers' LlamaTokenizer, which AutoTokenizer loads from it (merges ranked by piece id, no U+2581
+prefix when the text already starts with a space, HF Metaspace prepend_scheme="first":
+--transformers-rules).  A tokenizer.json carries its own rules (the project's is detected as such).
 
 Text guard: a tokenizer that went through llamathink.chat_format.set_chat_template has Replace(U+FDD0, "")
 as the first step of its normalizer (tokenizer.json), so it deletes U+FDD0 from every text it encodes;
@@ -297,13 +297,26 @@ def _read_hf_json(path: str) -> dict:
     )
 
 
-def load_tokenizer(src: str, sentencepiece_rules: bool = False) -> dict:
+def sentencepiece_rules_by_default(src: str) -> bool:
+    """Whether a tokenizer.model source is encoded by SentencePiece's own rules unless told otherwise: as
+    `llamathink.tokenizer_utils.load_tokenizer` reads it, which is how training tokenized its data. A .model file,
+    or a folder whose tokenizer.model has no tokenizer.json or tokenizer_config.json beside it: SentencePiece's
+    rules. A folder with those files: transformers' LlamaTokenizer's (what `AutoTokenizer` loads from it)."""
+    if not os.path.isdir(src):
+        return True
+    return not any(os.path.exists(os.path.join(src, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def load_tokenizer(src: str, sentencepiece_rules: bool | None = None) -> dict:
     """The vocabulary, merge ranks and flags run.c's tokenizer needs, from a SentencePiece `tokenizer.model` or a
-    transformers `tokenizer.json` (`src`: the file or its folder). With a .model file merges are ranked as
-    transformers' LlamaTokenizer ranks them unless `sentencepiece_rules` (SentencePiece's own scores). Raises
-    TokenizerExportError for a missing or unusable file."""
+    transformers `tokenizer.json` (`src`: the file or its folder). With a .model file merges are ranked by
+    SentencePiece's own scores when `sentencepiece_rules`, as transformers' LlamaTokenizer ranks them when False;
+    None: as the project's training read `src` (`sentencepiece_rules_by_default`). Raises TokenizerExportError for
+    a missing or unusable file."""
     sp = os.path.join(src, "tokenizer.model") if os.path.isdir(src) else src
     if os.path.isfile(sp) and sp.endswith(".model"):
+        if sentencepiece_rules is None:
+            sentencepiece_rules = sentencepiece_rules_by_default(src)
         t = read_sentencepiece(sp)
         if not sentencepiece_rules:
             # transformers' LlamaTokenizer (v5) converts a SentencePiece BPE model into merges
@@ -479,9 +492,11 @@ def write_tokenizer_bin(t: dict, out_path: str, markers: dict | None = None, com
     return None
 
 
-def export_tokenizer(src: str, out_path: str, markers: dict | None = None, sentencepiece_rules: bool = False) -> dict:
+def export_tokenizer(
+    src: str, out_path: str, markers: dict | None = None, sentencepiece_rules: bool | None = None
+) -> dict:
     """Write tokenizer.bin; markers=None stores the default chat markers (CHAT_MARKERS), a dict
-    stores exactly those ({} for none)."""
+    stores exactly those ({} for none); `sentencepiece_rules` as in `load_tokenizer`."""
     from .export import check_output
 
     check_output(out_path, TK_MAGIC, "run.c tokenizer")
@@ -523,13 +538,23 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--no-chat-markers", action="store_true", help="store no default chat markers (only --chat-marker ones)"
     )
-    ap.add_argument(
+    rules = ap.add_mutually_exclusive_group()
+    rules.add_argument(
         "--sentencepiece",
-        action="store_true",
-        help="tokenizer.model only: encode like SentencePiece itself (and like "
-        "llamathink.tokenizer_utils): merges by piece score, dummy prefix always; "
-        "default: like transformers' LlamaTokenizer (merges by piece id, no prefix "
-        "when the text starts with a space)",
+        dest="sentencepiece",
+        action="store_const",
+        const=True,
+        help="tokenizer.model only: encode like SentencePiece itself (and like llamathink.tokenizer_utils): merges "
+        "by piece score, dummy prefix always; the default for a .model file or a folder holding only "
+        "tokenizer.model, which is how training read it",
+    )
+    rules.add_argument(
+        "--transformers-rules",
+        dest="sentencepiece",
+        action="store_const",
+        const=False,
+        help="tokenizer.model only: encode like transformers' LlamaTokenizer (merges by piece id, no prefix when "
+        "the text starts with a space); the default for a folder with a tokenizer.json or tokenizer_config.json",
     )
     a = ap.parse_args(argv)
     from .export import ExportError

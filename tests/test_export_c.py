@@ -604,8 +604,16 @@ def test_exporter_refuses_a_tokenizer_larger_than_the_models_vocabulary(tiny, tm
 def test_tokenizer_llama2_sentencepiece(run_bin, llama2_dir, work):
     hf = _llama2_hf(llama2_dir)
     tok_bin = work / "llama2_sp.bin"
-    tkx.export_tokenizer(str(llama2_dir), str(tok_bin), {"user_prefix": "<user>", "assistant_prefix": "<bot>"})
+    markers = {"user_prefix": "<user>", "assistant_prefix": "<bot>"}
+    tkx.export_tokenizer(str(llama2_dir), str(tok_bin), markers, sentencepiece_rules=False)
     _check_tokenizer(run_bin, hf, tok_bin)
+    # (the default for a folder holding a tokenizer_config.json beside its tokenizer.model: transformers' rules)
+    hf_dir = work / "llama2_with_config"
+    hf_dir.mkdir(exist_ok=True)
+    shutil.copy(llama2_dir / "tokenizer.model", hf_dir / "tokenizer.model")
+    (hf_dir / "tokenizer_config.json").write_text("{}")
+    tkx.export_tokenizer(str(hf_dir), str(work / "llama2_cfg.bin"), markers)
+    _check_tokenizer(run_bin, hf, work / "llama2_cfg.bin")
     assert _c_encode(run_bin, tok_bin, "\n")[-1] == 13  # <0x0A> byte piece
     # the exporter CLI writes model + tokenizer (+ chat markers, with \n escapes) in one go, for a model of the
     # tokenizer's 32000 token ids
@@ -643,10 +651,20 @@ def test_tokenizer_project_llama2_json(run_bin, llama2_dir, work):
     tok_bin = work / "project_llama2.bin"
     tkx.export_tokenizer(str(d), str(tok_bin))
     _check_tokenizer(run_bin, hf, tok_bin)
-    # and --sentencepiece on the raw tokenizer.model gives the same tokenizer
-    legacy = work / "llama2_sp_rules.bin"
-    assert tkx.main([str(llama2_dir), str(legacy), "--sentencepiece"]) == 0
-    _check_tokenizer(run_bin, hf, legacy)
+    # and the raw tokenizer.model gives the same tokenizer: as a file or a folder holding only it, by default (how
+    # training reads them: a runner exported from the file training named encoded "a  b" otherwise), and with
+    # --sentencepiece; --transformers-rules gives transformers' LlamaTokenizer's encoding
+    for i, args in enumerate(
+        ([str(llama2_dir / "tokenizer.model")], [str(llama2_dir)], [str(llama2_dir), "--sentencepiece"])
+    ):
+        out = work / f"llama2_sp_rules{i}.bin"
+        assert tkx.main([args[0], str(out), *args[1:]]) == 0
+        _check_tokenizer(run_bin, hf, out)
+        assert _c_encode(run_bin, out, "a  b   c") == hf("a  b   c", add_special_tokens=False)["input_ids"]
+    assert tkx.main([str(llama2_dir / "tokenizer.model"), str(work / "llama2_tr.bin"), "--transformers-rules"]) == 0
+    text, transformers_ids = "a  b   c", _llama2_hf(llama2_dir)("a  b   c", add_special_tokens=False)["input_ids"]
+    assert _c_encode(run_bin, work / "llama2_tr.bin", text) == transformers_ids
+    assert transformers_ids != hf(text, add_special_tokens=False)["input_ids"]  # (the two rules differ)
 
 
 def _sentencepiece_bytes(pieces: list[bytes], types: list[int] | None = None) -> bytes:
@@ -1883,7 +1901,7 @@ def test_long_line_encodes_fast_and_exactly(run_bin, llama2_dir, work, chat_llam
     hf = _llama2_hf(llama2_dir)
     tok_bin = work / "llama2_long.bin"
     if not tok_bin.exists():
-        tkx.export_tokenizer(str(llama2_dir), str(tok_bin))
+        tkx.export_tokenizer(str(llama2_dir), str(tok_bin), sentencepiece_rules=False)
     text = " ".join(t.replace("\n", " ") for t in TRICKY)
     text = (text + " ") * (100_000 // len(text.encode()) + 1)
     text = text[:100_000]
