@@ -32,13 +32,31 @@ def _step(title: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`llamathink-quickstart`: the module docstring's stages, in order, under `--out`; returns the exit status."""
+    """`llamathink-quickstart`: the module docstring's stages, in order, under `--out`; returns the exit status: 0
+    when done, 2 with a one-line `llamathink-quickstart: error: ...` for a setting or file a stage refuses (the
+    training commands' `USER_ERRORS`), 130 with one line for Ctrl-C."""
     tolerant_output()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
     parser.add_argument("--fast", action="store_true", help="a few steps only (a smoke test of the pipeline)")
     parser.add_argument("--prompt", default="Hi! Can you recommend something to read?")
     args = parser.parse_args(argv)
+    from .train.loop import USER_ERRORS
+
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(
+            "\nllamathink-quickstart: interrupted; the same command starts it again (its runs start over)",
+            file=sys.stderr,
+        )
+        return 130
+    except USER_ERRORS as err:
+        print(f"llamathink-quickstart: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     presets = REPO_ROOT / "configuration"
     if not (presets / "train" / "tiny_cpu.yaml").exists():
         raise SystemExit(f"the presets are missing under {presets}: run the quickstart from a repository checkout")

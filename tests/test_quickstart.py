@@ -95,3 +95,25 @@ def test_quickstart_rerun_over_data_prepared_by_another_checkout(tmp_path, monke
         quickstart.main(["--out", str(out), "--fast"])
     meta = json.loads((out / "data" / "meta.json").read_text())
     assert str(sample_data_path("prose.jsonl")) in json.dumps(meta) and str(elsewhere) not in json.dumps(meta)
+
+
+@pytest.mark.parametrize(
+    "error, status, said",
+    [
+        (KeyboardInterrupt(), 130, "llamathink-quickstart: interrupted; the same command starts it again"),
+        (ValueError("out_dir is locked"), 2, "llamathink-quickstart: error: out_dir is locked"),
+    ],
+)
+def test_quickstart_stopped_in_a_stage_says_so_in_one_line(tmp_path, monkeypatch, capsys, error, status, said):
+    """Ctrl-C during a stage, or a setting or file a stage refuses, ends the quickstart with one line and the
+    training commands' exit status (it printed a traceback from deep inside torch or the stage)."""
+    from llamathink import quickstart
+    from llamathink.train import pretrain
+
+    def stop(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(pretrain, "train", stop)
+    assert quickstart.main(["--out", str(tmp_path / "qs"), "--fast"]) == status
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err
