@@ -998,6 +998,8 @@ def _same_local_files(saved: dict | None, current: dict, saved_cwd: str | None =
         return False
     if {k: v for k, v in saved.items() if k != "paths"} != {k: v for k, v in current.items() if k != "paths"}:
         return False
+    if saved == current and saved_cwd in (None, os.getcwd()):  # (the same names from the same place: not listed)
+        return True
     paths = saved.get("paths")
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         return False
