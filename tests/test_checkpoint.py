@@ -2012,3 +2012,29 @@ def test_trainers_name_a_generation_config_that_transformers_or_generate_refuse_
 
     model = ckpt.load_saved_model(str(folder), "model")  # the file not read: transformers' defaults
     assert model.generation_config.to_json_string() == GenerationConfig().to_json_string()
+
+
+def test_staged_settings_follow_the_last_saved_checkpoint_not_the_highest_step(
+    sample_data,  # noqa: F811
+    model_json,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    """A run resumed from an earlier checkpoint of its folder, killed between its first checkpoint and moving its
+    settings in place: the next start compares them with the checkpoint saved last (the resumed run's step 3),
+    not the highest step (the first run's step 4), and moves them in place (they were dropped)."""
+    out = tmp_path / "run"
+    pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=2, keep_last=3))
+    step2 = str(ckpt.list_checkpoints(out)[0])
+
+    def killed(self, in_place):  # (stands in for a kill between the checkpoint and the move)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop.StagedSettings, "settle", killed)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain.train(_cfg(sample_data, model_json, out, max_steps=4, save_every=1, keep_last=3, resume=step2))
+    assert ckpt.latest_checkpoint(out).name == "step_00000003" and ckpt.list_checkpoints(out)[-1].name.endswith("4")
+    assert json.loads((out / "train_config.json").read_text())["save_every"] == 2
+    loop.StagedSettings(out / "train_config.json").recover()
+    assert json.loads((out / "train_config.json").read_text())["save_every"] == 1

@@ -40,6 +40,7 @@ from .checkpoint import (
     claim_checkpoints,
     holds_checkpoint_of,
     input_fingerprints,
+    latest_checkpoint,
     list_checkpoints,
     resolve_resume,
     restore_checkpoint,
@@ -126,7 +127,7 @@ class StagedSettings:
         self._move_or_drop(in_place)
 
     def recover(self) -> None:
-        """At a run's start: settings a killed run left staged are moved over `path` where out_dir's newest
+        """At a run's start: settings a killed run left staged are moved over `path` where out_dir's last saved
         checkpoint trained with them (its meta.json's config: the run was killed between that checkpoint and the
         move), else dropped. Raises ValueError where `path` or the staged name is not a file (a folder in the way:
         the steps until the first save would be lost)."""
@@ -141,9 +142,9 @@ class StagedSettings:
             staged = json.loads(self.staged.read_text())
         except (OSError, ValueError, UnicodeDecodeError):  # (cut short by the kill: not the newest checkpoint's)
             staged = None
-        newest = list_checkpoints(self.path.parent)[-1:]
+        newest = latest_checkpoint(self.path.parent)  # (the last saved: a resumed run's may be of a lower step)
         try:
-            trained = checkpoint_meta(newest[0]).get("config") if newest else None
+            trained = checkpoint_meta(newest).get("config") if newest is not None else None
         except CheckpointError:
             trained = None
         self._move_or_drop(staged is not None and staged == trained)
