@@ -55,12 +55,13 @@ _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 class _StreamPrinter:
     """A ``generate()`` streamer (BaseStreamer interface) that writes the reply as it grows, exactly as `Chat.reply`
-    returns it (`reply_text`, whose text of a token prefix only grows): the reply tokens are read from the start
-    each time and the new text is written, holding back an incomplete UTF-8 character and trailing whitespace."""
+    returns it (`reply_text`, whose text of a token prefix only grows): the reply's tokens are added to a
+    `_ReplyDecoder` as they come and its text is written as it grows, holding back an incomplete UTF-8 character
+    and trailing whitespace."""
 
     def __init__(self, tokenizer, out: TextIO):
-        self.tokenizer, self.out = tokenizer, out
-        self.tokens: list[int] = []
+        self.out = out
+        self.reply = _ReplyDecoder(tokenizer)
         self.printed = 0
         self.prompt_seen = False
 
@@ -74,12 +75,50 @@ class _StreamPrinter:
         if not self.prompt_seen:  # generate() first hands over the prompt
             self.prompt_seen = True
             return
-        self.tokens.extend(value.reshape(-1).tolist())
-        self._write_up_to(reply_text(self.tokenizer, self.tokens).rstrip("\ufffd").rstrip())
+        self.reply.add(value.reshape(-1).tolist())
+        self._write_up_to(self.reply.text().rstrip("\ufffd").rstrip())
 
     def end(self):
-        self._write_up_to(reply_text(self.tokenizer, self.tokens))
+        self._write_up_to(self.reply.text())
         self.out.flush()
+
+
+class _ReplyDecoder:
+    """The reply tokens added so far (`add`), and their text (`text`) as `reply_text` reads them: special tokens
+    dropped, each run of byte-fallback tokens replaced by the byte tokens of its text as Python's UTF-8 decoder reads
+    it (valid, so the tokenizer's decoder keeps every character). A token is looked at once, when added."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.skipped = set(tokenizer.all_special_ids)
+        self.kept: list[int] = []  # the tokens before the open byte run, runs made valid
+        self.run, self.run_ids = bytearray(), []  # the open byte run: its bytes and tokens
+
+    def add(self, ids: list[int]) -> None:
+        for i, token in zip(ids, self.tokenizer.convert_ids_to_tokens(ids)):
+            if i in self.skipped:  # (dropped by the decode: the byte runs on either side join)
+                continue
+            byte = _BYTE_TOKEN.fullmatch(token) if isinstance(token, str) else None
+            if byte is not None:
+                self.run.append(int(byte.group(1), 16))
+                self.run_ids.append(i)
+                continue
+            self.kept += self._valid_run()
+            self.run.clear()
+            self.run_ids.clear()
+            self.kept.append(i)
+
+    def _valid_run(self) -> list[int]:
+        if not self.run:
+            return []
+        valid = bytes(self.run).decode("utf-8", "replace").encode("utf-8")
+        ids = self.tokenizer.convert_tokens_to_ids([f"<0x{b:02X}>" for b in valid])
+        # (a vocabulary without all 256 byte tokens under these names: the run as it came)
+        return list(self.run_ids) if None in ids or self.tokenizer.unk_token_id in ids else ids
+
+    def text(self) -> str:
+        ids = self.kept + self._valid_run()
+        return storable_text(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
 
 
 def reply_text(tokenizer, ids: list[int]) -> str:
@@ -91,33 +130,10 @@ def reply_text(tokenizer, ids: list[int]) -> str:
     ``bytes.decode("utf-8", "replace")`` reads it: one U+FFFD per invalid sequence, the valid characters kept. The
     tokenizer's own decoder makes every byte of such a run U+FFFD, the ASCII ones too, so a later byte could change
     text already streamed; here the text of a prefix of `ids` is a prefix of the text of `ids`, up to an
-    incomplete last character and trailing whitespace."""
-    tokens = tokenizer.convert_ids_to_tokens(ids)
-    skipped = set(tokenizer.all_special_ids)
-    kept: list[int] = []
-    run, run_ids = bytearray(), []
-
-    def end_run():
-        if run:
-            valid = bytes(run).decode("utf-8", "replace").encode("utf-8")
-            as_ids = tokenizer.convert_tokens_to_ids([f"<0x{b:02X}>" for b in valid])
-            # (a vocabulary without all 256 byte tokens under these names: the run as it came)
-            kept.extend(run_ids if None in as_ids or tokenizer.unk_token_id in as_ids else as_ids)
-            run.clear()
-            run_ids.clear()
-
-    for i, token in zip(ids, tokens):
-        if i in skipped:  # (dropped by the decode: the byte runs on either side join)
-            continue
-        byte = _BYTE_TOKEN.fullmatch(token) if isinstance(token, str) else None
-        if byte is not None:
-            run.append(int(byte.group(1), 16))
-            run_ids.append(i)
-            continue
-        end_run()
-        kept.append(i)
-    end_run()
-    return storable_text(tokenizer.decode(kept, skip_special_tokens=True).strip())
+    incomplete last character and trailing whitespace (`_ReplyDecoder`)."""
+    reply = _ReplyDecoder(tokenizer)
+    reply.add(list(ids))
+    return reply.text()
 
 
 MIN_TEMPERATURE = 1e-3  # below it sampling is greedy in all but name, and float32 logits / t overflow
