@@ -157,6 +157,7 @@ def _run(args: argparse.Namespace) -> int:
     _step("4/5 reload through trust_remote_code (in a process where llamathink is not importable) and chat")
     # The saved folder carries its own model code: load it the way a user without this package would.
     script = (
+        "import signal; signal.signal(signal.SIGINT, signal.SIG_DFL)  # (Ctrl-C: ended at once; the parent says so)\n"
         "import sys; sys.modules['llamathink'] = None\n"
         "sys.stdout.reconfigure(errors='replace')  # (a reply the terminal's encoding cannot hold: '?')\n"
         "import torch\n"
