@@ -745,7 +745,7 @@ def test_a_killed_preparation_leaves_no_workers_and_its_rerun_continues(tmp_path
     assert written.pop(LOCK_FILE) != whole.pop(LOCK_FILE) and written == whole
 
 
-def test_a_rerun_of_a_finished_preparation_names_an_input_changed_since(tmp_path, small_tok, docs):
+def test_a_rerun_of_a_finished_preparation_names_an_input_changed_since(tmp_path, small_tok, docs, monkeypatch):
     """A finished preparation rerun after its input changed (a file edited, grown, added to its folder or gone)
     reported the old shards as written from the new input: refused, naming the file and --overwrite, which
     prepares the new input. An unchanged rerun still returns the result without reading the input."""
@@ -780,6 +780,20 @@ def test_a_rerun_of_a_finished_preparation_names_an_input_changed_since(tmp_path
     first.write_text(first.read_text().replace("a", "b", 1))
     with pytest.raises(ValueError, match=r"a\.jsonl: modified since, with other documents \(the same size\)"):
         prepare(LocalSource([str(folder)]), out, small_tok, **kw)
+    # the input named by the same relative name from a copy of the project (files of the same sizes under other
+    # names): the same documents pass, others are refused naming the file no longer read ("gone", it said)
+    project = tmp_path / "project"
+    project.mkdir()
+    write_jsonl(project / "x.jsonl", docs[:5])
+    monkeypatch.chdir(project)
+    copied = prepare(LocalSource(["x.jsonl"]), tmp_path / "copied", small_tok, **kw)
+    shutil.copytree(project, tmp_path / "copy")
+    monkeypatch.chdir(tmp_path / "copy")
+    assert prepare(LocalSource(["x.jsonl"]), tmp_path / "copied", small_tok, **kw) == copied
+    (project / "x.jsonl").write_text((project / "x.jsonl").read_text().replace("a", "b", 1))
+    monkeypatch.chdir(project)  # (the record now names the copy's file, which is still there)
+    with pytest.raises(ValueError, match=r"copy/x\.jsonl: no longer among the inputs"):
+        prepare(LocalSource(["x.jsonl"]), tmp_path / "copied", small_tok, **kw)
     # local files read through datasets (--hf-dataset json --hf-data-files FILE) are compared too
     hf = HFSource("json", split="train", streaming=True, data_files=str(first))
     prepare(hf, tmp_path / "hf", small_tok, **kw)

@@ -1059,9 +1059,10 @@ def _check_input_unchanged(
 ) -> bool:
     """ValueError where the input files of a finished preparation in `out` are not those it read (`recorded`,
     `_input_stamps`): a file added, gone, or of another size; a rerun would otherwise report the old result as
-    written from the new input. Where only modification times differ (a `touch`, a copy), `same_documents()`
-    decides (the input read again, untokenized, against the digest of the documents written): True is returned
-    for the caller to record the new stamps. Nothing to compare (a Hub source, a folder prepared before the
+    written from the new input. Where only modification times differ (a `touch`, a copy), or files of the same
+    sizes have other names (the input moved or copied), `same_documents()` decides (the input read again,
+    untokenized, against the digest of the documents written): True is returned for the caller to record the new
+    stamps. Nothing to compare (a Hub source, a folder prepared before the
     record existed): passes."""
     if not isinstance(recorded, dict) or now is None or recorded == now:
         return False
@@ -1073,13 +1074,17 @@ def _check_input_unchanged(
         if then is None:
             changes.append((name, "a file it did not read"))
         elif current is None:
-            changes.append((name, "gone since"))
+            changes.append((name, "no longer among the inputs" if os.path.exists(name) else "gone since"))
         elif then[0] != current[0]:
             changes.append((name, f"{current[0]:,} bytes now, {then[0]:,} then"))
         else:
             changes.append((name, "modified since, with other documents (the same size)"))
     touched = all(change.startswith("modified since") for _, change in changes)
-    if touched and same_documents():
+    try:  # files of the same sizes under other names: the input moved or copied (another checkout of a project)
+        moved = sorted(v[0] for v in recorded.values()) == sorted(v[0] for v in now.values())
+    except (TypeError, IndexError, KeyError):  # (a hand-edited record)
+        moved = False
+    if (touched or moved) and same_documents():
         return True
     name, change = changes[0]
     raise ValueError(
