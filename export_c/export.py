@@ -812,16 +812,16 @@ def main(argv=None) -> int:
         dest="tokenizer_rules",
         action="store_const",
         const=True,
-        help="tokenizer.model source: SentencePiece's own rules (the default for a .model file or a folder holding "
-        "only tokenizer.model, as training read it; see export_c/README.md)",
+        help="tokenizer.model source: SentencePiece's own rules (the default for a .model file or a folder without "
+        "a tokenizer_config.json naming LlamaTokenizer, as training read it; see export_c/README.md)",
     )
     rules.add_argument(
         "--tokenizer-transformers-rules",
         dest="tokenizer_rules",
         action="store_const",
         const=False,
-        help="tokenizer.model source: transformers' LlamaTokenizer's rules (the default for a folder with a "
-        "tokenizer.json or tokenizer_config.json)",
+        help="tokenizer.model source: transformers' LlamaTokenizer's rules (the default for a folder whose "
+        "tokenizer_config.json names LlamaTokenizer)",
     )
     a = ap.parse_args(argv)
     tokenizer_only = [
@@ -838,7 +838,8 @@ def main(argv=None) -> int:
         if given
     ]
     if tokenizer_only and not a.tokenizer_out:  # they would be ignored: say so rather than write a model alone
-        ap.error(f"{', '.join(tokenizer_only)} only apply to tokenizer.bin: add --tokenizer-out PATH")
+        verb = "apply" if len(tokenizer_only) > 1 else "applies"
+        ap.error(f"{', '.join(tokenizer_only)} only {verb} to tokenizer.bin: add --tokenizer-out PATH")
     try:
         tokenizer = config = None
         if a.tokenizer_out:  # checked, and the tokenizer read, before anything is written

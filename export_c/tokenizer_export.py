@@ -4,17 +4,18 @@ Usage:
     python -m export_c.tokenizer_export <dir> <tokenizer.bin> [--chat-marker KEY=VALUE ...]
                                         [--no-chat-markers] [--sentencepiece | --transformers-rules]
 
-Sources, in order of preference inside <dir>:
-  * tokenizer.model (SentencePiece; parsed directly from its protobuf, no extra package):
-    pieces, scores, piece types (byte pieces <0x00>..<0xFF>), BOS/EOS/UNK ids.
+Sources, in order of preference inside <dir> (the file transformers loads from it):
   * tokenizer.json (HF `tokenizers` BPE): scores derived from merge ranks (score of a piece =
     -rank of the first merge producing it; pieces no merge produces are never merge targets).
+  * tokenizer.model (SentencePiece; parsed directly from its protobuf, no extra package):
+    pieces, scores, piece types (byte pieces <0x00>..<0xFF>), BOS/EOS/UNK ids.
 A tokenizer.model is encoded as training read it (llamathink.tokenizer_utils.load_tokenizer): a .model
-file, or a folder holding only tokenizer.model, by SentencePiece's own rules (piece scores, a U+2581
-prefix always: --sentencepiece); a folder with a tokenizer.json or tokenizer_config.json beside it like
-transformers' LlamaTokenizer, which AutoTokenizer loads from it (merges ranked by piece id, no U+2581
-prefix when the text already starts with a space, HF Metaspace prepend_scheme="first":
---transformers-rules).  A tokenizer.json carries its own rules (the project's is detected as such).
+file, or a folder holding it without a tokenizer_config.json naming LlamaTokenizer, by SentencePiece's
+own rules (piece scores, a U+2581 prefix always: --sentencepiece); a folder whose tokenizer_config.json
+names LlamaTokenizer like transformers' LlamaTokenizer, which AutoTokenizer loads from it (merges ranked
+by piece id, no U+2581 prefix when the text already starts with a space, HF Metaspace
+prepend_scheme="first": --transformers-rules).  A tokenizer.json carries its own rules (the project's is
+detected as such); the two options are refused for it.
 
 Text guard: a tokenizer that went through llamathink.chat_format.set_chat_template has Replace(U+FDD0, "")
 as the first step of its normalizer (tokenizer.json), so it deletes U+FDD0 from every text it encodes;
@@ -300,11 +301,17 @@ def _read_hf_json(path: str) -> dict:
 def sentencepiece_rules_by_default(src: str) -> bool:
     """Whether a tokenizer.model source is encoded by SentencePiece's own rules unless told otherwise: as
     `llamathink.tokenizer_utils.load_tokenizer` reads it, which is how training tokenized its data. A .model file,
-    or a folder whose tokenizer.model has no tokenizer.json or tokenizer_config.json beside it: SentencePiece's
-    rules. A folder with those files: transformers' LlamaTokenizer's (what `AutoTokenizer` loads from it)."""
+    or a folder holding it without a tokenizer_config.json that names a Llama tokenizer class: SentencePiece's
+    rules (`AutoTokenizer` converts it so too). A folder whose tokenizer_config.json names LlamaTokenizer(Fast):
+    transformers' LlamaTokenizer's. (A folder with a tokenizer.json is read from that file, `load_tokenizer`.)"""
     if not os.path.isdir(src):
         return True
-    return not any(os.path.exists(os.path.join(src, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+    try:
+        with open(os.path.join(src, "tokenizer_config.json"), encoding="utf-8") as f:
+            named = json.load(f).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):  # (none, or not a JSON object: AutoTokenizer's own reading)
+        return True
+    return not (isinstance(named, str) and named.startswith("LlamaTokenizer"))
 
 
 def load_tokenizer(src: str, sentencepiece_rules: bool | None = None) -> dict:
@@ -313,8 +320,10 @@ def load_tokenizer(src: str, sentencepiece_rules: bool | None = None) -> dict:
     SentencePiece's own scores when `sentencepiece_rules`, as transformers' LlamaTokenizer ranks them when False;
     None: as the project's training read `src` (`sentencepiece_rules_by_default`). Raises TokenizerExportError for
     a missing or unusable file."""
+    # in a folder, the file transformers loads: tokenizer.json where there is one (it carries its own rules)
+    folder_json = os.path.isdir(src) and os.path.isfile(os.path.join(src, "tokenizer.json"))
     sp = os.path.join(src, "tokenizer.model") if os.path.isdir(src) else src
-    if os.path.isfile(sp) and sp.endswith(".model"):
+    if not folder_json and os.path.isfile(sp) and sp.endswith(".model"):
         if sentencepiece_rules is None:
             sentencepiece_rules = sentencepiece_rules_by_default(src)
         t = read_sentencepiece(sp)
@@ -334,6 +343,12 @@ def load_tokenizer(src: str, sentencepiece_rules: bool | None = None) -> dict:
         js = os.path.join(src, "tokenizer.json") if os.path.isdir(src) else src
         if not os.path.isfile(js):
             raise TokenizerExportError(f"no tokenizer.model or tokenizer.json in {src}")
+        if sentencepiece_rules is not None:  # (a tokenizer.json carries its own rules)
+            raise TokenizerExportError(
+                f"the SentencePiece / transformers rule options apply to a tokenizer.model; {js} is read instead "
+                "(a folder is read from its tokenizer.json, as transformers reads it): leave the option out, or "
+                "name the .model file"
+            )
         t = read_hf_json(js)
     if t["byte_fallback"]:
         t["flags"] |= FLAG_BYTE_FALLBACK
@@ -545,8 +560,8 @@ def main(argv=None) -> int:
         action="store_const",
         const=True,
         help="tokenizer.model only: encode like SentencePiece itself (and like llamathink.tokenizer_utils): merges "
-        "by piece score, dummy prefix always; the default for a .model file or a folder holding only "
-        "tokenizer.model, which is how training read it",
+        "by piece score, dummy prefix always; the default for a .model file or a folder without a "
+        "tokenizer_config.json naming LlamaTokenizer, which is how training read it",
     )
     rules.add_argument(
         "--transformers-rules",
@@ -554,7 +569,7 @@ def main(argv=None) -> int:
         action="store_const",
         const=False,
         help="tokenizer.model only: encode like transformers' LlamaTokenizer (merges by piece id, no prefix when "
-        "the text starts with a space); the default for a folder with a tokenizer.json or tokenizer_config.json",
+        "the text starts with a space); the default for a folder whose tokenizer_config.json names LlamaTokenizer",
     )
     a = ap.parse_args(argv)
     from .export import ExportError

@@ -607,13 +607,22 @@ def test_tokenizer_llama2_sentencepiece(run_bin, llama2_dir, work):
     markers = {"user_prefix": "<user>", "assistant_prefix": "<bot>"}
     tkx.export_tokenizer(str(llama2_dir), str(tok_bin), markers, sentencepiece_rules=False)
     _check_tokenizer(run_bin, hf, tok_bin)
-    # (the default for a folder holding a tokenizer_config.json beside its tokenizer.model: transformers' rules)
-    hf_dir = work / "llama2_with_config"
-    hf_dir.mkdir(exist_ok=True)
-    shutil.copy(llama2_dir / "tokenizer.model", hf_dir / "tokenizer.model")
-    (hf_dir / "tokenizer_config.json").write_text("{}")
-    tkx.export_tokenizer(str(hf_dir), str(work / "llama2_cfg.bin"), markers)
-    _check_tokenizer(run_bin, hf, work / "llama2_cfg.bin")
+    # the default for a folder whose tokenizer_config.json names LlamaTokenizer beside its tokenizer.model:
+    # transformers' rules; one that names no class: SentencePiece's. Each as training reads the folder
+    from llamathink.tokenizer_utils import load_tokenizer
+
+    for config, rules_of in (({"tokenizer_class": "LlamaTokenizer"}, hf), ({}, None)):
+        hf_dir = work / f"llama2_with_config{len(config)}"
+        hf_dir.mkdir(exist_ok=True)
+        shutil.copy(llama2_dir / "tokenizer.model", hf_dir / "tokenizer.model")
+        (hf_dir / "tokenizer_config.json").write_text(json.dumps(config))
+        tkx.export_tokenizer(str(hf_dir), str(work / "llama2_cfg.bin"), markers)
+        trained = load_tokenizer(str(hf_dir))
+        for text in ("a  b   c", " leading space", "Hello world"):
+            ids = trained(text, add_special_tokens=False)["input_ids"]
+            assert _c_encode(run_bin, work / "llama2_cfg.bin", text) == ids, (config, text)
+            if rules_of is not None:
+                assert ids == rules_of(text, add_special_tokens=False)["input_ids"]
     assert _c_encode(run_bin, tok_bin, "\n")[-1] == 13  # <0x0A> byte piece
     # the exporter CLI writes model + tokenizer (+ chat markers, with \n escapes) in one go, for a model of the
     # tokenizer's 32000 token ids
@@ -651,6 +660,15 @@ def test_tokenizer_project_llama2_json(run_bin, llama2_dir, work):
     tok_bin = work / "project_llama2.bin"
     tkx.export_tokenizer(str(d), str(tok_bin))
     _check_tokenizer(run_bin, hf, tok_bin)
+    # with the tokenizer.model beside it, the folder is still read from its tokenizer.json, as transformers reads
+    # it (the tokenizer.model was read, by transformers' rules: "a  b" encoded otherwise than in training)
+    shutil.copy(llama2_dir / "tokenizer.model", d / "tokenizer.model")
+    tkx.export_tokenizer(str(d), str(work / "project_llama2_both.bin"))
+    _check_tokenizer(run_bin, hf, work / "project_llama2_both.bin")
+    (d / "tokenizer.model").unlink()
+    # a rule option for a folder read from its tokenizer.json is refused, not ignored
+    with pytest.raises(tkx.TokenizerExportError, match="rule options apply to a tokenizer.model; .*tokenizer.json"):
+        tkx.export_tokenizer(str(d), str(work / "refused.bin"), sentencepiece_rules=True)
     # and the raw tokenizer.model gives the same tokenizer: as a file or a folder holding only it, by default (how
     # training reads them: a runner exported from the file training named encoded "a  b" otherwise), and with
     # --sentencepiece; --transformers-rules gives transformers' LlamaTokenizer's encoding
@@ -2031,7 +2049,7 @@ def test_text_guard_fdd0_refused_in_chat_and_deleted_by_guarded_encode(run_bin, 
         assert flags(tmp_path / "llama2_guarded.bin") & tkx.FLAG_NO_PREFIX_IF_SPACE
         check(tmp_path / "llama2_guarded.bin", hf, guarded=True)
         (d / "tokenizer.json").write_text("{", encoding="utf-8")  # unreadable: whether it deletes U+FDD0 is unknown
-        with pytest.raises(tkx.TokenizerExportError, match="tokenizer.json: cannot read"):
+        with pytest.raises(tkx.TokenizerExportError, match="tokenizer.json.*not a readable tokenizer file"):
             tkx.export_tokenizer(str(d), str(tmp_path / "bad.bin"))
     # a U+FDD0 replacement that is not the first step cannot be followed by run.c: refused by the exporter
     late = {
@@ -2495,10 +2513,15 @@ def test_the_exporter_never_overwrites_what_it_did_not_write(chat_model, tmp_pat
     assert ex.main([str(d), model_bin, "--tokenizer-out", str(tmp_path / "link.bin")]) == 1
     assert "is the model's output path too" in capsys.readouterr().err
     assert ex.main([str(d), str(tmp_path / "x.bin"), "--tokenizer-out", str(tmp_path / "x.bin")]) == 1
-    for flags in (["--chat-marker", "user_start=<u>"], ["--no-chat-markers"], ["--tokenizer-src", str(d)]):
+    for flags in (
+        ["--chat-marker", "user_start=<u>"],
+        ["--no-chat-markers"],
+        ["--tokenizer-src", str(d), "--tokenizer-transformers-rules"],
+    ):
         with pytest.raises(SystemExit) as stop:  # tokenizer settings without a tokenizer to write: not ignored
             ex.main([str(d), str(tmp_path / "y.bin"), *flags])
-        assert stop.value.code == 2 and "only apply to tokenizer.bin: add --tokenizer-out" in capsys.readouterr().err
+        verb = "apply" if len(flags) > 2 else "applies"
+        assert stop.value.code == 2 and f"only {verb} to tokenizer.bin: add --tokenizer-out" in capsys.readouterr().err
         assert not (tmp_path / "y.bin").exists()
     assert {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()} == before  # every file as it was
     with pytest.raises(ex.ExportError, match="refusing to overwrite"):
