@@ -313,10 +313,11 @@ def test_a_fresh_run_refuses_an_out_dir_with_another_runs_checkpoints(sample_dat
         pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=1, resume="none", overwrite=True))
     assert _names(ckpt.list_checkpoints(out)) == earlier
     (out / "train_config.json").rmdir()
-    (out / "train_config.json.staged").mkdir()  # (the name it is staged under, checked as well)
-    with pytest.raises(ValueError, match=r"train_config.json.staged, where the run records its settings, is not a"):
-        pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=1, resume="none", overwrite=True))
-    (out / "train_config.json.staged").rmdir()
+    for name in ("train_config.json.staged", "train_config.json.staged.tmp"):  # (the names it is written through)
+        (out / name).mkdir()
+        with pytest.raises(ValueError, match=rf"{name}, where the run records its settings, is not a file"):
+            pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=1, resume="none", overwrite=True))
+        (out / name).rmdir()
     fresh = pretrain.train(_cfg(sample_data, model_json, out, max_steps=2, save_every=1, resume="none", overwrite=True))
     assert sorted(fresh["losses"]) == [1, 2]
     found = ckpt.list_checkpoints(out)

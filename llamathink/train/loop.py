@@ -131,7 +131,9 @@ class StagedSettings:
         checkpoint trained with them (its meta.json's config: the run was killed between that checkpoint and the
         move), else dropped. Raises ValueError where `path` or the staged name is not a file (a folder in the way:
         the steps until the first save would be lost)."""
-        for path in (self.path, self.staged):
+        # (and the temporary names they are written through, `_write_json`)
+        names = (self.path, self.staged, self.staged.with_name(f"{self.staged.name}.tmp"))
+        for path in names:
             if (path.is_symlink() or path.exists()) and not path.is_file():
                 raise ValueError(  # now, not at the first checkpoint: the steps until then would be lost
                     f"{path}, where the run records its settings, is not a file: move it out of the way"
