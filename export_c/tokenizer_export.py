@@ -302,8 +302,8 @@ def sentencepiece_rules_by_default(src: str) -> bool:
     """Whether a tokenizer.model source is encoded by SentencePiece's own rules unless told otherwise: as
     `llamathink.tokenizer_utils.load_tokenizer` reads it, which is how training tokenized its data. A .model file,
     or a folder holding it without a tokenizer_config.json that names a Llama tokenizer class: SentencePiece's
-    rules (`AutoTokenizer` converts it so too). A folder whose tokenizer_config.json names LlamaTokenizer(Fast):
-    transformers' LlamaTokenizer's. (A folder with a tokenizer.json is read from that file, `load_tokenizer`.)"""
+    rules (`AutoTokenizer` converts it so too). A folder whose tokenizer_config.json names (Code)LlamaTokenizer
+    (Fast): transformers' LlamaTokenizer's. (A folder with a tokenizer.json is read from that file, `load_tokenizer`.)"""
     if not os.path.isdir(src):
         return True
     try:
@@ -311,7 +311,12 @@ def sentencepiece_rules_by_default(src: str) -> bool:
             named = json.load(f).get("tokenizer_class")
     except (OSError, ValueError, AttributeError):  # (none, or not a JSON object: AutoTokenizer's own reading)
         return True
-    return not (isinstance(named, str) and named.startswith("LlamaTokenizer"))
+    return named not in _LLAMA_RULE_CLASSES
+
+
+# the tokenizer classes transformers reads a tokenizer.model with by LlamaTokenizer's rules (another name, or none:
+# its generic conversion, by SentencePiece's)
+_LLAMA_RULE_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast")
 
 
 def load_tokenizer(src: str, sentencepiece_rules: bool | None = None) -> dict:

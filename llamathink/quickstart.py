@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -43,13 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .train.loop import USER_ERRORS
 
+    interrupted = "\nllamathink-quickstart: interrupted; the same command starts it again (its runs start over)"
     try:
         return _run(args)
     except KeyboardInterrupt:
-        print(
-            "\nllamathink-quickstart: interrupted; the same command starts it again (its runs start over)",
-            file=sys.stderr,
-        )
+        print(interrupted, file=sys.stderr)
+        return 130
+    except subprocess.CalledProcessError as err:
+        if err.returncode != -signal.SIGINT:  # (a child that failed otherwise: its own output says how)
+            raise
+        print(interrupted, file=sys.stderr)  # (the child ended by Ctrl-C before this process saw it)
         return 130
     except USER_ERRORS as err:
         print(f"llamathink-quickstart: error: {err}", file=sys.stderr)

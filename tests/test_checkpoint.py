@@ -2039,3 +2039,8 @@ def test_staged_settings_follow_the_last_saved_checkpoint_not_the_highest_step(
     assert json.loads((out / "train_config.json").read_text())["save_every"] == 2
     loop.StagedSettings(out / "train_config.json").recover()
     assert json.loads((out / "train_config.json").read_text())["save_every"] == 1
+    # a damaged meta.json among the checkpoints does not stop the start here (the resume names it or passes it)
+    (ckpt.list_checkpoints(out)[0] / ckpt.META_FILE).write_text("{")
+    (out / "train_config.json.staged").write_text("{}")
+    loop.StagedSettings(out / "train_config.json").recover()
+    assert not (out / "train_config.json.staged").exists()

@@ -611,8 +611,9 @@ def test_tokenizer_llama2_sentencepiece(run_bin, llama2_dir, work):
     # transformers' rules; one that names no class: SentencePiece's. Each as training reads the folder
     from llamathink.tokenizer_utils import load_tokenizer
 
-    for config, rules_of in (({"tokenizer_class": "LlamaTokenizer"}, hf), ({}, None)):
-        hf_dir = work / f"llama2_with_config{len(config)}"
+    configs = [{"tokenizer_class": name} for name in ("LlamaTokenizer", "CodeLlamaTokenizer", "LlamaTokenizerX")]
+    for config, rules_of in zip([*configs, {}], (hf, None, None, None)):
+        hf_dir = work / f"llama2_with_config{config.get('tokenizer_class')}"
         hf_dir.mkdir(exist_ok=True)
         shutil.copy(llama2_dir / "tokenizer.model", hf_dir / "tokenizer.model")
         (hf_dir / "tokenizer_config.json").write_text(json.dumps(config))

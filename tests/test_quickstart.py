@@ -102,6 +102,8 @@ def test_quickstart_rerun_over_data_prepared_by_another_checkout(tmp_path, monke
     [
         (KeyboardInterrupt(), 130, "llamathink-quickstart: interrupted; the same command starts it again"),
         (ValueError("out_dir is locked"), 2, "llamathink-quickstart: error: out_dir is locked"),
+        # (a child process ended by the Ctrl-C before this process raised KeyboardInterrupt)
+        (subprocess.CalledProcessError(-2, ["python"]), 130, "llamathink-quickstart: interrupted; the same command"),
     ],
 )
 def test_quickstart_stopped_in_a_stage_says_so_in_one_line(tmp_path, monkeypatch, capsys, error, status, said):

@@ -144,10 +144,10 @@ class StagedSettings:
             staged = json.loads(self.staged.read_text())
         except (OSError, ValueError, UnicodeDecodeError):  # (cut short by the kill: not the newest checkpoint's)
             staged = None
-        newest = latest_checkpoint(self.path.parent)  # (the last saved: a resumed run's may be of a lower step)
-        try:
+        try:  # (the last saved: a resumed run's may be of a lower step)
+            newest = latest_checkpoint(self.path.parent)
             trained = checkpoint_meta(newest).get("config") if newest is not None else None
-        except CheckpointError:
+        except CheckpointError:  # (a damaged meta.json: the resume names it, or passes over it)
             trained = None
         self._move_or_drop(staged is not None and staged == trained)
 
