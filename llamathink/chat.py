@@ -54,10 +54,10 @@ _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 class _StreamPrinter:
-    """A ``generate()`` streamer (BaseStreamer interface) that writes the reply as it grows, exactly as `Chat.reply`
-    returns it (`reply_text`, whose text of a token prefix only grows): the reply's tokens are added to a
-    `_ReplyDecoder` as they come and its text is written as it grows, holding back an incomplete UTF-8 character
-    and trailing whitespace."""
+    """A ``generate()`` streamer (BaseStreamer interface) that writes the reply as it grows, exactly as
+    `ChatSession.reply` returns it (`reply_text`, whose text of a token prefix only grows): the reply's tokens are
+    added to a `_ReplyDecoder` as they come and its text is written as it grows, holding back an incomplete UTF-8
+    character and trailing whitespace."""
 
     def __init__(self, tokenizer, out: TextIO):
         self.out = out
