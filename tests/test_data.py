@@ -794,6 +794,13 @@ def test_a_rerun_of_a_finished_preparation_names_an_input_changed_since(tmp_path
     monkeypatch.chdir(project)  # (the record now names the copy's file, which is still there)
     with pytest.raises(ValueError, match=r"copy/x\.jsonl: no longer among the inputs"):
         prepare(LocalSource(["x.jsonl"]), tmp_path / "copied", small_tok, **kw)
+    # a record of the input files edited by hand into another form is named, not a formatting error
+    progress = tmp_path / "copied" / "progress.json"
+    state = json.loads(progress.read_text())
+    for bad in ({"x.jsonl": ["1110", 5]}, {"x.jsonl": [1]}, {"x.jsonl": None}):
+        progress.write_text(json.dumps({**state, "input_files": bad}))
+        with pytest.raises(ValueError, match=r"progress.json: its record of the input files \(input_files\) is not"):
+            prepare(LocalSource(["x.jsonl"]), tmp_path / "copied", small_tok, **kw)
     # local files read through datasets (--hf-dataset json --hf-data-files FILE) are compared too
     hf = HFSource("json", split="train", streaming=True, data_files=str(first))
     prepare(hf, tmp_path / "hf", small_tok, **kw)

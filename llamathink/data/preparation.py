@@ -1054,6 +1054,11 @@ def _input_stamps(source) -> dict[str, list[int]] | None:
     return stamps
 
 
+def _is_stamp(value) -> bool:
+    """Whether `value` is an input file's stamp as `_input_stamps` records it: [size in bytes, mtime in ns]."""
+    return isinstance(value, list) and len(value) == 2 and all(type(x) is int for x in value)
+
+
 def _check_input_unchanged(
     out: Path, recorded: dict | None, now: dict | None, same_documents: Callable[[], bool]
 ) -> bool:
@@ -1066,6 +1071,11 @@ def _check_input_unchanged(
     record existed): passes."""
     if not isinstance(recorded, dict) or now is None or recorded == now:
         return False
+    if not all(_is_stamp(v) for v in recorded.values()):
+        raise ValueError(
+            f"{out / PROGRESS_FILE}: its record of the input files (input_files) is not {{file: [size, mtime_ns]}}: "
+            "was it edited? Rerun with --overwrite to prepare the input afresh"
+        )
     changes = []
     for name in sorted(set(recorded) | set(now)):
         then, current = recorded.get(name), now.get(name)
@@ -1080,10 +1090,8 @@ def _check_input_unchanged(
         else:
             changes.append((name, "modified since, with other documents (the same size)"))
     touched = all(change.startswith("modified since") for _, change in changes)
-    try:  # files of the same sizes under other names: the input moved or copied (another checkout of a project)
-        moved = sorted(v[0] for v in recorded.values()) == sorted(v[0] for v in now.values())
-    except (TypeError, IndexError, KeyError):  # (a hand-edited record)
-        moved = False
+    # files of the same sizes under other names: the input moved or copied (another checkout of a project)
+    moved = sorted(v[0] for v in recorded.values()) == sorted(v[0] for v in now.values())
     if (touched or moved) and same_documents():
         return True
     name, change = changes[0]
