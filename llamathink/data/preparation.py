@@ -1195,10 +1195,10 @@ def _read_progress(path: Path, overwrite: bool) -> dict | None:
     )
 
 
-def _check_repeated_inputs(out: Path, source: LocalSource, state: dict) -> None:
-    """Input files named more than once (`LocalSource.repeated_files`) are read once, said on stderr. A preparation
-    begun before they were (no ``inputs_read_once`` in its progress.json) whose inputs named a file twice read it
-    once per name: a finished one is reported as it is, with a note that it holds those documents more than once;
+def _check_repeated_inputs(out: Path, again: list[tuple[Path, str, str]], state: dict) -> None:
+    """Input files named more than once (`again`: `LocalSource.repeated_files`) are read once, said on stderr. A
+    preparation begun before they were (no ``inputs_read_once`` in its progress.json) whose inputs named a file
+    twice read it once per name: a finished one is reported as it is, with a note that it holds those documents more than once;
     a stopped one that wrote documents is refused (ValueError: they were counted in that other order)."""
 
     def named(again):
@@ -1225,7 +1225,6 @@ def _check_repeated_inputs(out: Path, source: LocalSource, state: dict) -> None:
             f"{out} was begun before inputs named twice were read once, and has read {named(earlier)} once per "
             "name: its documents would be counted in two orders; --overwrite prepares it again with each file once"
         )
-    again = source.repeated_files()
     if again:
         print(f"prepare: {named(again)} are read once", file=sys.stderr)
     if not state.get("complete"):
@@ -1634,14 +1633,16 @@ def prepare(
         "max_docs": max_docs,
         "max_doc_chars": max_doc_chars,
     }
-    if isinstance(source, LocalSource):  # an input that is not there fails before out_dir is claimed or written
-        source.files()
+    again = None  # (one listing of the inputs: it also fails for an input that is not there, before out_dir is
+    # claimed or written)
+    if isinstance(source, LocalSource):
+        again = source.repeated_files()
     out = Path(out_dir)
     with _preparation_lock(out) as lock_fd, _unstarted_removed_on_error(out) as started:
         state = _start_or_resume(out, config, val_docs, overwrite)
         started(state["docs_done"] > 0 or bool(state["train_shards"]) or state.get("val") is not None)
-        if isinstance(source, LocalSource):
-            _check_repeated_inputs(out, source, state)
+        if again is not None:
+            _check_repeated_inputs(out, again, state)
         stamps = _input_stamps(source)
         if state.get("complete") and (out / META_FILE).exists():  # finished by an earlier run
 
