@@ -1198,8 +1198,9 @@ def _read_progress(path: Path, overwrite: bool) -> dict | None:
 def _check_repeated_inputs(out: Path, again: list[tuple[Path, str, str]], state: dict) -> None:
     """Input files named more than once (`again`: `LocalSource.repeated_files`) are read once, said on stderr. A
     preparation begun before they were (no ``inputs_read_once`` in its progress.json) whose inputs named a file
-    twice read it once per name: a finished one is reported as it is, with a note that it holds those documents more than once;
-    a stopped one that wrote documents is refused (ValueError: they were counted in that other order)."""
+    twice read it once per name: a finished one is reported as it is, with a note that it holds those documents
+    more than once; a stopped one that wrote documents is refused (ValueError: they were counted in that other
+    order)."""
 
     def named(again):
         name, by, also = again[0]
