@@ -385,6 +385,40 @@ def inductor_ms_by_graph(
     return dict(sorted(by_graph.items(), key=lambda kv: -kv[1]))
 
 
+def gpu_idle(prof, rows: int = 12) -> str:
+    """Where the GPU waits in a profiled step: the span from its first kernel's start to its last kernel's end, the
+    time inside it with no kernel or copy running (ms), and the `rows` longest such gaps, each with the kernel that
+    ends it and the host ops that launched that kernel (the op and two of its callers). A gap is time the host was
+    behind the GPU: launches, Python, syncs. From `prof.events()`: kernels are the events on the CUDA device, and a
+    kernel's `linked_correlation_id` is the id of the CPU op that launched it."""
+    events = prof.events()
+    ops = {e.id: e for e in events if e.device_type == torch.autograd.DeviceType.CPU}
+    kernels = sorted(
+        (e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("## ")),
+        key=lambda e: e.time_range.start,
+    )
+    if not kernels:
+        return "GPU idle inside the step: no kernels"
+    gaps, busy_until = [], kernels[0].time_range.start
+    for e in kernels:
+        if e.time_range.start > busy_until:
+            gaps.append((e.time_range.start - busy_until, e))
+        busy_until = max(busy_until, e.time_range.end)
+    span = (busy_until - kernels[0].time_range.start) / 1e3
+    idle = sum(gap for gap, _ in gaps) / 1e3
+    lines = [
+        f"GPU idle inside the step: {idle:.1f} of {span:.1f} ms ({len(gaps)} gaps); the longest (us, the kernel "
+        "after it <- the op launching it < its callers):"
+    ]
+    for gap, kernel in sorted(gaps, key=lambda g: -g[0])[:rows]:
+        chain, op = [], ops.get(kernel.linked_correlation_id)
+        while op is not None and len(chain) < 3:
+            chain.append(op.name[:50])
+            op = op.cpu_parent
+        lines.append(f"  {gap:9.1f}  {kernel.name[:60]} <- {' < '.join(chain) or '?'}")
+    return "\n".join(lines)
+
+
 def kernel_table(
     model,
     ids,
@@ -393,6 +427,7 @@ def kernel_table(
     top_kernels: int = 0,
     eager_ops: bool = False,
     sources: list[str] | None = None,
+    trace: Path | None = None,
 ) -> str:
     """The kernels taking the most GPU time in one training step; with `host_stacks` also the Python call sites
     taking the most host time (where a step that waits on the host spends it); with `top_kernels` also that many
@@ -403,7 +438,8 @@ def kernel_table(
     from (`kernel_origins`) and inductor's time is summed by compiled graph (`inductor_ms_by_graph`). The code is
     caught by `torch._inductor.utils.run_and_get_code`, which first resets dynamo for the whole process
     (`torch._dynamo.reset`: every compiled function recompiles at its next call): pass `sources` for the first
-    model this process compiles, before any other is profiled."""
+    model this process compiles, before any other is profiled. With `trace` (a path ending in .json.gz) the step's
+    profile is also written there as a gzipped Chrome trace (chrome://tracing, ui.perfetto.dev)."""
     from torch.profiler import ProfilerActivity, profile
 
     earlier = {id(module) for module in loaded_inductor_modules()}  # other models' code: not this one's picks
@@ -423,8 +459,15 @@ def kernel_table(
     table = averages.table(sort_by="device_time_total", row_limit=rows, max_name_column_width=70)
     text = (
         f"{table}\nGPU kernel time of the step (forward + backward): {busy_ms:.1f} ms; host launch calls "
-        f"(`LAUNCH_CALLS`): {launch_calls(averages)}\n{kernel_kinds(averages)}"
+        f"(`LAUNCH_CALLS`): {launch_calls(averages)}\n{kernel_kinds(averages)}\n{gpu_idle(prof)}"
     )
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        plain = trace.with_suffix("")  # the profiler writes plain JSON
+        prof.export_chrome_trace(str(plain))
+        with open(plain, "rb") as f, gzip.open(trace, "wb") as out:
+            out.write(f.read())
+        plain.unlink()
     if top_kernels:
         kernels = [e for e in averages if is_gpu_kernel(e)]
         kernels.sort(key=lambda e: -e.self_device_time_total)
@@ -559,11 +602,12 @@ def host_python_profile(model, ids, steps: int = 5, rows: int = 40) -> str:
     return "\n".join(lines)
 
 
-def eager_step_report(model, ids, what: str, host_python: bool) -> list[str]:
+def eager_step_report(model, ids, what: str, host_python: bool, trace: Path | None = None) -> list[str]:
     """The eager step's sections of the report, alike for LlamaThink and an eager peer: its kernels
-    (`kernel_table`), wall time and peak memory (`step_wall_ms`), host syncs (`step_syncs`) and, with `host_python`,
-    its host time by package (`host_python_profile`); `what` names the step in that last heading."""
-    out = [kernel_table(model, ids), step_wall_ms(model, ids), step_syncs(model, ids)]
+    (`kernel_table`, with `trace` also written as a Chrome trace there), wall time and peak memory (`step_wall_ms`),
+    host syncs (`step_syncs`) and, with `host_python`, its host time by package (`host_python_profile`); `what`
+    names the step in that last heading."""
+    out = [kernel_table(model, ids, trace=trace), step_wall_ms(model, ids), step_syncs(model, ids)]
     if host_python:
         out += [f"## host time of {what} by Python package and function (cProfile)", host_python_profile(model, ids)]
     return out
@@ -748,7 +792,17 @@ def main(argv=None) -> int:
         help="comma list of bench_gpu.py peers (e.g. hf-qwen3.5) whose eager step to profile as LlamaThink's: "
         "kernels, launch calls, wall time, syncs (not with --no-eager)",
     )
+    parser.add_argument(
+        "--eager-trace",
+        action="store_true",
+        help="also write each profiled eager step (LlamaThink's and the eager peers') as a gzipped Chrome trace in "
+        "--out's folder (trace_eager_<model>.json.gz)",
+    )
     args = parser.parse_args(argv)
+    if args.eager_trace and (not args.out or args.no_eager or args.optimizer_only):
+        parser.error(
+            "--eager-trace writes the eager steps' traces into --out's folder: give --out, with the eager step"
+        )
     from bench_gpu import PEERS, build, check_model_name, csa_chunk  # the models exactly as bench_gpu.py builds them
 
     name = args.model or f"llamathink:{args.backend}"
@@ -801,11 +855,14 @@ def main(argv=None) -> int:
         for name, ms in sorted(layer_times(model, ids).items()):
             report.append(f"  {name:24s} {ms:8.2f}")
         report.append("## top kernels of one training step")
-        report += eager_step_report(model, ids, "the eager step", args.host_python)
+        traces = Path(args.out) if args.out and args.eager_trace else None
+        trace = traces / f"trace_eager_{args.backend}.json.gz" if traces else None
+        report += eager_step_report(model, ids, "the eager step", args.host_python, trace)
         for peer_name in eager_peers:  # in this process, before anything compiles: eager against eager
             peer = build(peer_name).cuda()
             report.append(f"## top kernels of one eager training step of {peer_name}")
-            report += eager_step_report(peer, ids, f"{peer_name}'s eager step", args.host_python)
+            trace = traces / f"trace_eager_{peer_name}.json.gz" if traces else None
+            report += eager_step_report(peer, ids, f"{peer_name}'s eager step", args.host_python, trace)
             del peer
             torch.cuda.empty_cache()
     if args.compile:
