@@ -411,7 +411,7 @@ def gpu_idle(prof, rows: int = 12) -> str:
         "after it <- the op launching it < its callers):"
     ]
     for gap, kernel in sorted(gaps, key=lambda g: -g[0])[:rows]:
-        chain, op = [], ops.get(kernel.linked_correlation_id)
+        chain, op = [], ops.get(getattr(kernel, "linked_correlation_id", None))  # (torch >= 2.12)
         while op is not None and len(chain) < 3:
             chain.append(op.name[:50])
             op = op.cpu_parent

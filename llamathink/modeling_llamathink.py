@@ -238,13 +238,73 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]; cos/sin [B, T, R] with R <= D: rotate the first R dims, pass the rest through."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tables: RotaryTables | None = None):
+    """x [B, H, T, D]; cos/sin [B, T, R] with R <= D: rotate the first R dims, pass the rest through -> [B, H, T, D]
+    in the dtype x and the tables promote to. With `tables` (`rotary_tables` of these cos and sin, for heads of
+    D), eagerly the same rotation in three kernels each way (`_RotateHalf`) instead of the slices, halves and
+    concatenations below, which stay the reference and what torch.compile traces."""
+    if tables is not None and not torch.compiler.is_compiling():
+        return _RotateHalf.apply(x, tables.cos, tables.sin, tables.index)
     cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, R]
     rot = cos.shape[-1]
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     x_rot = x_rot * cos + rotate_half(x_rot) * sin
     return torch.cat((x_rot, x_pass), dim=-1)
+
+
+@dataclass
+class RotaryTables:
+    """`apply_rotary`'s rotation as one element-wise form over whole heads of D: `x * cos + x[..., index] * sin`.
+    cos [B, 1, T, D] holds the rotary cosines on the first R dims and 1 after them; sin [B, 1, T, D] the sines,
+    negated on the first R / 2 dims (rotate-half's -x2), and 0 after R; index [D] (int64) swaps the halves of the
+    first R dims and keeps the rest (its own inverse)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    index: torch.Tensor
+
+
+def rotary_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> RotaryTables:
+    """cos/sin [B, T, R] (`LlamaThinkRotaryEmbedding`) -> `RotaryTables` for heads of `head_dim` >= R, in cos's
+    dtype: made once per forward and shared by every attention layer's q and k."""
+    R = cos.shape[-1]
+    index, sign = _rotate_half_index(R, head_dim, cos.device)
+    return RotaryTables(
+        cos=F.pad(cos, (0, head_dim - R), value=1.0)[:, None],
+        sin=F.pad(sin * sign.to(sin.dtype), (0, head_dim - R))[:, None],
+        index=index,
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _rotate_half_index(R: int, D: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index [D]: rotate-half's source dim of each output dim, its halves of R swapped and the rest kept; sign [R]:
+    -1 on the first half, +1 on the second), made once per size and device, outside inference mode (saved by
+    training forwards)."""
+    with torch.inference_mode(False), torch.no_grad():
+        h = R // 2
+        index = torch.cat([torch.arange(h, R), torch.arange(h), torch.arange(R, D)]).to(device)
+        sign = torch.cat([torch.full((h,), -1.0), torch.ones(R - h)]).to(device)
+        return index, sign
+
+
+class _RotateHalf(torch.autograd.Function):
+    """x [..., D] -> `x * cos + x[..., index] * sin` (`RotaryTables`; the tables take no gradient). The backward is
+    `g * cos + (g * sin)[..., index]` (index is its own inverse), in x's dtype: three kernels each way, where the
+    autograd of `apply_rotary`'s reference form launches about twice as many (slices, negation, concatenations and
+    their backward)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, index):
+        ctx.save_for_backward(cos, sin, index)
+        ctx.x_dtype = x.dtype
+        return torch.addcmul(x * cos, x.index_select(-1, index), sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin, index = ctx.saved_tensors
+        dx = torch.addcmul((grad * sin).index_select(-1, index), grad, cos)
+        return dx.to(ctx.x_dtype), None, None, None
 
 
 class LlamaThinkMLP(nn.Module):
@@ -259,7 +319,32 @@ class LlamaThinkMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., hidden_size] -> [..., hidden_size]."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = stacked_projections(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(gate) * up)
+
+
+def stacked_projections(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
+    """The outputs of `linears` on x [..., T, in_features]: [..., T, out_features_i] each, as their calls give them.
+
+    Eagerly, where every one is a plain bias-free `nn.Linear` (`is_plain_linear`: not a PEFT wrapper, not hooked or
+    offloaded) and their weights share a dtype, as one matrix product with the weights stacked: under autocast the
+    input is cast once rather than once per projection, and the backward is one product for the input's gradient
+    and one for the stacked weights' (where separate calls take one of each per projection, then a cast and a sum
+    of the input's gradients). The eager step is bound by the host's launches, so fewer, larger kernels pay;
+    the outputs are views of the one product. Under torch.compile, and for one token per row (decoding, where the
+    stacking would copy the weights every step), each module is called."""
+    stack = (
+        len(linears) > 1
+        and x.dim() >= 2
+        and x.shape[-2] > 1
+        and not torch.compiler.is_compiling()
+        and all(is_plain_linear(m) for m in linears)
+        and len({m.weight.dtype for m in linears}) == 1
+    )
+    if not stack:
+        return tuple(m(x) for m in linears)
+    weight = torch.cat([m.weight for m in linears])  # [sum of out_features, in_features]
+    return F.linear(x, weight).split([m.weight.shape[0] for m in linears], dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -912,6 +997,22 @@ class ForwardContext:
     # FlexAttention block masks of compressed sparse attention's two paths (`csa_block_masks`), set where layers
     # compiled with CUDA graphs run on whole rows (no cache, padding or packing); None: its SDPA paths
     csa_block_masks: tuple | None = None
+    # `rotary_tables` of cos and sin for the attention layers' heads, set for eager forwards (`apply_rotary`)
+    rotary_tables: RotaryTables | None = None
+    # what layers of one kind compute alike from this context (CSA's masks), made by the first (`per_forward`);
+    # a dict for eager forwards, None where layers run compiled (a traced layer must not fill a dict)
+    shared: dict | None = None
+
+
+def per_forward(shared: dict | None, key, make):
+    """`make()`, once per forward where `shared` (`ForwardContext.shared`) is given: the first layer's call makes it
+    and keeps it under `key` (which must name everything the value depends on beyond the context), later layers
+    take it. Without `shared`, or traced, every call makes it."""
+    if shared is None or torch.compiler.is_compiling():
+        return make()
+    if key not in shared:
+        shared[key] = make()
+    return shared[key]
 
 
 def packed_sdpa(q, k, v, segments: PackedSegments, scale: float, bucket: int = 128) -> torch.Tensor:
@@ -1452,18 +1553,21 @@ class LlamaThinkAttention(nn.Module):
         self.q_norm = LlamaThinkRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = LlamaThinkRMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """-> q [B, Hq, T, D] (RoPE'd), k [B, Hkv, T, D] (RoPE'd), k_raw (normed, un-RoPE'd), v, gate [B, T, Hq*D]."""
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tables: RotaryTables | None = None):
+        """x [B, T, hidden] -> q [B, Hq, T, D] (RoPE'd), k [B, Hkv, T, D] (RoPE'd), k_raw (normed, un-RoPE'd), v,
+        gate [B, T, Hq*D]; cos/sin [B, T, R] and, where given, their `rotary_tables` (`apply_rotary`)."""
         B, T, _ = x.shape
-        q, gate = self.q_proj(x).view(B, T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        q, k, v = stacked_projections(x, (self.q_proj, self.k_proj, self.v_proj))
+        q, gate = q.view(B, T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
         gate = gate.reshape(B, T, self.num_heads * self.head_dim)
         q = self.q_norm(q).transpose(1, 2)  # [B, Hq, T, D]
-        k_raw = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        return apply_rotary(q, cos, sin), apply_rotary(k_raw, cos, sin), k_raw, v, gate
+        k_raw = self.k_norm(k.view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        return apply_rotary(q, cos, sin, tables), apply_rotary(k_raw, cos, sin, tables), k_raw, v, gate
 
-    def _grouped_sdpa(self, q, k, v, mask) -> torch.Tensor:
-        """SDPA of q [..., Hq, L, D] over k, v [..., Hkv, S, D] with a bool mask [..., 1, L, S] shared by the heads.
+    def _grouped_sdpa(self, q, k, v, mask, grouped: bool = False) -> torch.Tensor:
+        """SDPA of q [..., Hq, L, D] over k, v [..., Hkv, S, D] with a bool mask [..., 1, L, S] shared by the heads,
+        or (`grouped`) that mask already tiled by `_grouped_mask` ([N, 1, G * L, S], N the leading dims' product).
 
         GQA without copying keys: the G query heads of a kv head are stacked along the query length
         ([..., Hkv, G * L, D]), so each kv head is read once and the mask is tiled G times instead."""
@@ -1472,9 +1576,15 @@ class LlamaThinkAttention(nn.Module):
         # the fused SDPA kernels take 4-D inputs only: fold the leading dims into one batch dim
         q = q.reshape(-1, self.num_kv_heads, G * L, D)  # query head h = kv head h // G, group member h % G
         k, v = k.reshape(-1, self.num_kv_heads, S, D), v.reshape(-1, self.num_kv_heads, S, D)
-        mask = mask.reshape(-1, 1, 1, L, S).expand(-1, 1, G, L, S).reshape(-1, 1, G * L, S)  # [N, 1, G*L, S]
+        if not grouped:
+            mask = self._grouped_mask(mask, L, S)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
         return out.reshape(*lead, Hq, L, D)
+
+    def _grouped_mask(self, mask: torch.Tensor, L: int, S: int) -> torch.Tensor:
+        """A bool mask [..., 1, L, S] of one query head -> [N, 1, G * L, S] for `_grouped_sdpa`'s stacked groups."""
+        G = self.num_groups
+        return mask.reshape(-1, 1, 1, L, S).expand(-1, 1, G, L, S).reshape(-1, 1, G * L, S)
 
     def uses_flex_attention(self, device: torch.device) -> bool:
         """Whether packed batches go through FlexAttention when this layer runs compiled: on CUDA (PyTorch has no
@@ -1514,7 +1624,7 @@ class LlamaThinkAttention(nn.Module):
         if ctx.static is not None:
             return self.decode_static(hidden_states, ctx)
         B, T, _ = hidden_states.shape
-        q, k, _, v, gate = self.project(hidden_states, ctx.cos, ctx.sin)
+        q, k, _, v, gate = self.project(hidden_states, ctx.cos, ctx.sin, ctx.rotary_tables)
         state = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
         if state is not None:
             if state.keys is not None:
@@ -1531,7 +1641,7 @@ class LlamaThinkAttention(nn.Module):
         B = hidden_states.shape[0]
         static = ctx.static
         state, index = static.layers[self.layer_idx], static.index
-        q, k, _, v, gate = self.project(hidden_states, ctx.cos, ctx.sin)
+        q, k, _, v, gate = self.project(hidden_states, ctx.cos, ctx.sin, ctx.rotary_tables)
         state.keys.index_copy_(2, index, k.to(state.keys.dtype))
         state.values.index_copy_(2, index, v.to(state.values.dtype))
         mask = (static.slots[: state.keys.shape[2]] <= index) & static.key_valid  # [B, max_len]
@@ -1659,7 +1769,14 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         return local, comp
 
     def _local_attention(
-        self, q, k, v, valid, state: CompressedAttentionState | None, segment_ids: torch.Tensor | None = None
+        self,
+        q,
+        k,
+        v,
+        valid,
+        state: CompressedAttentionState | None,
+        segment_ids: torch.Tensor | None = None,
+        shared: dict | None = None,
     ) -> torch.Tensor:
         """Sliding-window causal attention -> [B, Hq, T, D]; updates the state's window when caching.
 
@@ -1668,44 +1785,54 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         for W = 64), one SDPA call over all chunks with a [C, C + W] band mask: no T x T mask, no copies of kv heads.
         A query scores C + W keys of which it may see W, so shorter chunks waste less (W / (C + W) of the scores
         count) for more, smaller chunks. With packed `segment_ids` [B, T] a query also sees only keys of its own
-        sequence."""
+        sequence. Without a cache the mask depends only on the forward's padding and segments, the same for every
+        CSA layer: with `shared` (`ForwardContext.shared`, eager forwards) it is made once per forward."""
         B, Hkv, T, D = k.shape
         W = self.window
-        if state is not None and state.window_k is not None:  # the W - 1 cached positions, one invalid slot before
-            past_k, past_v = F.pad(state.window_k, (0, 0, 1, 0)), F.pad(state.window_v, (0, 0, 1, 0))
-            past_valid = F.pad(state.window_valid, (1, 0), value=False)
-        else:
-            past_k = k.new_zeros(B, Hkv, W, D)
-            past_v = v.new_zeros(B, Hkv, W, D)
-            past_valid = torch.zeros(B, W, dtype=torch.bool, device=k.device)
-        new_valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=k.device)
-        keys = torch.cat((past_k, k), dim=2)  # [B, Hkv, W + T, D]; query i sits at index W + i
-        values = torch.cat((past_v, v), dim=2)
-        key_valid = torch.cat((past_valid, new_valid), dim=1)  # [B, W + T]
-        if state is not None:
-            state.window_k = keys[:, :, T + 1 :].detach()
-            state.window_v = values[:, :, T + 1 :].detach()
-            state.window_valid = key_valid[:, T + 1 :]
-
         C = min(T, W, self.local_chunk)  # query chunk; chunk c needs keys [c*C, c*C + C + W)
         n = -(-T // C)
         pad = n * C - T
+        if state is None:  # the W slots before the row hold no key (zeros, masked)
+            keys, values = (F.pad(x, (0, 0, W, pad)) for x in (k, v))  # [B, Hkv, W + n*C, D]
+        else:
+            if state.window_k is not None:  # the W - 1 cached positions, one invalid slot before
+                past_k, past_v = F.pad(state.window_k, (0, 0, 1, 0)), F.pad(state.window_v, (0, 0, 1, 0))
+                past_valid = F.pad(state.window_valid, (1, 0), value=False)
+            else:
+                past_k, past_v = k.new_zeros(B, Hkv, W, D), v.new_zeros(B, Hkv, W, D)
+                past_valid = torch.zeros(B, W, dtype=torch.bool, device=k.device)
+            new_valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=k.device)
+            keys = torch.cat((past_k, k), dim=2)  # [B, Hkv, W + T, D]; query i sits at index W + i
+            values = torch.cat((past_v, v), dim=2)
+            key_valid = torch.cat((past_valid, new_valid), dim=1)  # [B, W + T]
+            state.window_k = keys[:, :, T + 1 :].detach()
+            state.window_v = values[:, :, T + 1 :].detach()
+            state.window_valid = key_valid[:, T + 1 :]
+            keys, values = (F.pad(x, (0, 0, 0, pad)) for x in (keys, values))
+            shared = None  # (the window's validity is this layer's own)
+
+        def band_mask() -> torch.Tensor:  # [B, n, C, C + W]
+            if state is None:
+                real = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=k.device)
+                slots = F.pad(real, (W, pad), value=False)  # [B, W + n*C]
+            else:
+                slots = F.pad(key_valid, (0, pad), value=False)
+            slots = slots.unfold(1, C + W, C)  # [B, n, C + W]
+            r = torch.arange(C, device=q.device)[:, None]
+            o = torch.arange(C + W, device=q.device)[None, :]
+            band = (o > r) & (o <= r + W)  # [C, C + W]: query r sees band offsets r+1..r+W (itself at r + W)
+            allowed = band & slots[:, :, None, :]  # [B, n, C, C + W]
+            if segment_ids is not None:  # (packed sequences come without cache: the W slots before the row are empty)
+                key_ids = F.pad(segment_ids, (W, pad), value=-1).unfold(1, C + W, C)  # [B, n, C + W]
+                query_ids = F.pad(segment_ids, (0, pad), value=-1).view(B, n, C)
+                allowed = allowed & (key_ids[:, :, None, :] == query_ids[..., None])
+            return self._grouped_mask(allowed | (o == r + W), C, C + W)  # own key always allowed
+
+        mask = per_forward(shared, ("csa_local", W, C, self.num_groups), band_mask)
         q = F.pad(q, (0, 0, 0, pad)).view(B, self.num_heads, n, C, D).transpose(1, 2)  # [B, n, Hq, C, D]
-        keys, values = (F.pad(x, (0, 0, 0, pad)) for x in (keys, values))
-        key_valid = F.pad(key_valid, (0, pad), value=False)
         keys = keys.unfold(2, C + W, C).permute(0, 2, 1, 4, 3)  # [B, n, Hkv, C + W, D]
         values = values.unfold(2, C + W, C).permute(0, 2, 1, 4, 3)
-        key_valid = key_valid.unfold(1, C + W, C)  # [B, n, C + W]
-        r = torch.arange(C, device=q.device)[:, None]
-        o = torch.arange(C + W, device=q.device)[None, :]
-        band = (o > r) & (o <= r + W)  # [C, C + W]: query r sees band offsets r+1..r+W (itself at r + W)
-        allowed = band & key_valid[:, :, None, :]  # [B, n, C, C + W]
-        if segment_ids is not None:  # (packed sequences come without cache: the W slots before the row are empty)
-            key_ids = F.pad(segment_ids, (W, pad), value=-1).unfold(1, C + W, C)  # [B, n, C + W]
-            query_ids = F.pad(segment_ids, (0, pad), value=-1).view(B, n, C)
-            allowed = allowed & (key_ids[:, :, None, :] == query_ids[..., None])
-        mask = allowed | (o == r + W)  # own key always allowed
-        out = self._grouped_sdpa(q, keys, values, mask[:, :, None])  # [B, n, Hq, C, D]
+        out = self._grouped_sdpa(q, keys, values, mask, grouped=True)  # [B, n, Hq, C, D]
         return out.transpose(1, 2).reshape(B, self.num_heads, n * C, D)[:, :, :T]
 
     def _compressed_attention(self, q, k_raw, v, ctx: ForwardContext) -> torch.Tensor:
@@ -1715,6 +1842,10 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         state = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
         pos = ctx.position_ids  # [B, T]
         valid = ctx.valid
+        # Without a cache every row's blocks start at block 0 and what follows depends only on the forward's
+        # positions and padding, the same for every CSA layer: with `ctx.shared` (eager forwards) the block slots,
+        # the blocks' RoPE tables and the mask are made once per forward (`per_forward`).
+        shared = ctx.shared if state is None else None
         p0 = ctx.real_lengths if ctx.real_lengths is not None else torch.zeros(B, dtype=torch.long, device=q.device)
         base = p0 // S  # block holding this chunk's first position, per row
 
@@ -1723,9 +1854,12 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         # every row numbers its real tokens from 0 (the model's forward checks it), so ceil(T / S) blocks hold them
         # all (SDPA then scores a round 256 blocks at the seed's T = 1024, S = 4, not 257)
         nb = (T + 2 * S - 2) // S if ctx.real_lengths is not None else -(-T // S)
-        rel = pos // S - base[:, None]  # [B, T]
-        if valid is not None:
-            rel = rel.masked_fill(~valid, nb)
+
+        def block_slots() -> torch.Tensor:  # [B, T]: each token's block, relative to `base`; padding: slot nb
+            rel = pos // S - base[:, None]
+            return rel.masked_fill(~valid, nb) if valid is not None else rel
+
+        rel = per_forward(shared, ("csa_slots", S, nb), block_slots)
         kv = torch.cat((k_raw, v), dim=1).transpose(1, 2).reshape(B, T, 2 * E)  # [B, T, 2E]: k heads | v heads
         sums = kv.new_zeros(B, nb + 1, 2 * E).scatter_add(1, rel[..., None].expand(B, T, 2 * E), kv)
         if state is not None and state.partial is not None:  # cached members of block `base`
@@ -1735,7 +1869,9 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         new_k = self.compress_k(mean[..., :E]).view(B, nb, Hkv, D).transpose(1, 2)  # [B, Hkv, nb, D]
         new_v = self.compress_v(mean[..., E:]).view(B, nb, Hkv, D).transpose(1, 2)
         new_abs = base[:, None] + torch.arange(nb, device=q.device)[None, :]  # absolute block index [B, nb]
-        cos, sin = ctx.rotary(new_abs * S + S // 2, new_k.dtype)  # RoPE at the block centre
+        cos, sin = per_forward(  # RoPE at the block centre
+            shared, ("csa_rope", S, nb, new_k.dtype), lambda: ctx.rotary(new_abs * S + S // 2, new_k.dtype)
+        )
         new_k = apply_rotary(new_k, cos, sin)
 
         # 2) Attend over cached blocks (absolute slots 0..N-1, valid below `base`) and this chunk's blocks.
@@ -1748,7 +1884,11 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
             block_abs = torch.cat((cached_abs, new_abs), dim=1)
         else:
             blocks_k, blocks_v, block_abs = new_k, new_v, new_abs
-        visible = block_abs[:, None, :] < (pos // S)[:, :, None]  # [B, T, N]: block j visible iff S(j+1) <= t
+        visible = per_forward(  # [B, T, N]: block j visible iff S(j+1) <= t, as `_attend_blocks` takes it
+            shared,
+            ("csa_blocks", S, nb, self.num_groups),
+            lambda: self._blocks_mask(block_abs[:, None, :] < (pos // S)[:, :, None]),
+        )
         out = self._attend_blocks(q, blocks_k, blocks_v, visible)
 
         if state is not None:
@@ -1788,14 +1928,21 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
             return q.new_zeros(q.shape)
         return self._attend_blocks(q, new_k, new_v, visible)
 
-    def _attend_blocks(self, q, blocks_k, blocks_v, visible: torch.Tensor) -> torch.Tensor:
-        """q [B, Hq, T, D] over compressed blocks [B, Hkv, N, D] where `visible` [B, T, N] -> [B, Hq, T, D]. A query
-        that sees no block (t < S, padding) outputs 0: SDPA would give NaN for an all-masked row, so such rows look
-        at block 0 and are zeroed afterwards (no gradient flows through them either); `visible` is changed so."""
+    def _attend_blocks(self, q, blocks_k, blocks_v, visible: torch.Tensor | tuple) -> torch.Tensor:
+        """q [B, Hq, T, D] over compressed blocks [B, Hkv, N, D] where `visible` [B, T, N] (or its `_blocks_mask`)
+        -> [B, Hq, T, D]. A query that sees no block (t < S, padding) outputs 0: SDPA would give NaN for an
+        all-masked row, so such rows look at block 0 and are zeroed afterwards (no gradient flows through them
+        either)."""
+        mask, any_visible = visible if isinstance(visible, tuple) else self._blocks_mask(visible)
+        out = self._grouped_sdpa(q, blocks_k, blocks_v, mask, grouped=True)  # [B, Hq, T, D]
+        return out * any_visible.to(out.dtype)
+
+    def _blocks_mask(self, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """visible [B, T, N] (changed in place) -> (`_grouped_sdpa`'s mask [B, 1, G * T, N], with a query that
+        sees no block looking at block 0; whether it sees any [B, 1, T, 1], bool)."""
         any_visible = visible.any(-1, keepdim=True)  # [B, T, 1]
         visible[..., :1] |= ~any_visible
-        out = self._grouped_sdpa(q, blocks_k, blocks_v, visible[:, None])  # [B, Hq, T, D]
-        return out * any_visible[:, None].to(out.dtype)
+        return self._grouped_mask(visible[:, None], visible.shape[1], visible.shape[2]), any_visible[:, None]
 
     @torch.no_grad()
     def _update_blocks(self, state, new_k, new_v, kv, pos, valid, base, new_lengths, max_new_length: int):
@@ -1834,9 +1981,9 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         if ctx.static is not None:
             return self.decode_static(hidden_states, ctx)
         B, T, _ = hidden_states.shape
-        q, k, k_raw, v, gate = self.project(hidden_states, ctx.cos, ctx.sin)
+        q, k, k_raw, v, gate = self.project(hidden_states, ctx.cos, ctx.sin, ctx.rotary_tables)
         if ctx.segments is not None:  # packed sequences (no cache, no padding)
-            local = self._local_attention(q, k, v, None, None, ctx.segments.ids)
+            local = self._local_attention(q, k, v, None, None, ctx.segments.ids, shared=ctx.shared)
             comp = self._compressed_attention_packed(q, k_raw, v, ctx)
             return self._combine(local, comp, hidden_states, gate)
         # whole rows, compiled with CUDA graphs (`LlamaThinkModel.forward`), unless this layer's path is turned off
@@ -1844,7 +1991,7 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
             local, comp = self._attend_flex(q, k, k_raw, v, ctx)
             return self._combine(local, comp, hidden_states, gate)
         state = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
-        local = self._local_attention(q, k, v, ctx.valid, state)
+        local = self._local_attention(q, k, v, ctx.valid, state, shared=ctx.shared)
         comp = self._compressed_attention(q, k_raw, v, ctx)
         return self._combine(local, comp, hidden_states, gate)
 
@@ -1867,7 +2014,9 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
         static = ctx.static
         state, index, slots = static.layers[self.layer_idx], static.index, static.slots
         pos = static.positions  # [B]
-        q, k, k_raw, v, gate = self.project(hidden_states, ctx.cos, ctx.sin)  # q [B, Hq, 1, D], k [B, Hkv, 1, D]
+        q, k, k_raw, v, gate = self.project(
+            hidden_states, ctx.cos, ctx.sin, ctx.rotary_tables
+        )  # q [B, Hq, 1, D], k [B, Hkv, 1, D]
 
         # local window over cache indices: slot s holds the latest index i <= index with i % W == s; it is seen
         # when i >= 0 and that index is a real token of the row
@@ -3624,6 +3773,10 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         runs = None if eager or output_hidden_states or checkpointed else self._current_layer_runs()
+        if not runs and not torch.compiler.is_compiling():  # eager layers: shared per forward
+            ctx.shared = {}
+            if {"full", "csa"} & set(self.config.mixer_types):
+                ctx.rotary_tables = rotary_tables(cos, sin, self.config.head_dim)  # (for every attention layer)
         if runs:  # (compiled runs of several layers, `compile_layers`)
             for run in runs:
                 hidden_states = run(hidden_states, ctx=ctx)

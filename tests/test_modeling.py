@@ -1,6 +1,7 @@
 """Model-core tests: configuration, kernels, mixers against independent references and transformers' Qwen3.5
 modules, causality, caching and generate(), padding, saving and remote-code loading."""
 
+import collections
 import concurrent.futures
 import copy
 import itertools
@@ -1124,6 +1125,51 @@ def _assert_same_logits_and_grads(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_eager_shortcuts_give_their_reference_forms_values(monkeypatch):
+    """The eager forward's launch-saving forms against the forms they replace, on every path of the attention
+    layers (plain rows, left padding, packed documents, a cached prefill continued; float64): q, k, v (and the MLP's
+    gate and up) projections stacked into one product (`stacked_projections`), RoPE through whole-head tables
+    (`rotary_tables`, `_RotateHalf`), and CSA's masks made once per forward and shared by its layers
+    (`per_forward`). Each form is taken (counted) before it is turned off."""
+    model = tiny_model(csa_window=8, mixer_types=["csa", "full", "linear", "csa"], num_hidden_layers=4)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 96, (2, 29), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0  # left padding
+    positions = torch.cat([torch.arange(11), torch.arange(18)])[None].expand(2, -1)  # two documents a row
+    weights = torch.randn(2, 29, 96, dtype=torch.float64, generator=gen)
+    taken = collections.Counter()
+    shared_forms = (modeling.stacked_projections, modeling._RotateHalf.apply, modeling.per_forward)
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            if name != "shared" or (args[0] is not None and args[1] in args[0]):  # (a value another layer made)
+                taken[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for name, fn in zip(("stacked", "rope", "shared"), shared_forms):
+        target = modeling._RotateHalf if name == "rope" else modeling
+        monkeypatch.setattr(target, "apply" if name == "rope" else fn.__name__, counting(name, fn))
+
+    def paths():  # the paths with a cache (`_csa_local_paths`), then training's (no cache): plain rows and padding
+        outs, grads = _csa_local_paths(model, ids, mask, positions, weights, prefill=13)
+        model.zero_grad()
+        extra = [model(ids, use_cache=False).logits, model(ids, attention_mask=mask, use_cache=False).logits]
+        sum((out * weights).sum() for out in extra).backward()
+        return outs + extra, grads + [p.grad.clone() for p in model.parameters()]
+
+    fast = paths()
+    # CSA's second layer takes the first's masks in both training paths (4 each) and packed documents (1)
+    assert taken["stacked"] >= 3 * 8 and taken["rope"] >= 2 * 3 * 3 and taken["shared"] == 9, taken
+    monkeypatch.setattr(modeling, "stacked_projections", lambda x, linears: tuple(m(x) for m in linears))
+    monkeypatch.setattr(modeling, "rotary_tables", lambda cos, sin, head_dim: None)
+    monkeypatch.setattr(modeling, "per_forward", lambda shared, key, make: make())
+    reference = paths()
+    _assert_same_logits_and_grads(fast, reference)
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 5])
 def test_csa_local_chunk_changes_nothing(chunk):
     """The CSA local path's query chunk (`local_chunk`, below the window of 8) gives the same logits and gradients as
@@ -1145,10 +1191,10 @@ def test_csa_local_chunk_changes_nothing(chunk):
     chunks = []  # the query length of each local-path SDPA call: a band of C + W keys for C queries
 
     def recording(m):
-        def grouped_sdpa(q, k, v, mask):
+        def grouped_sdpa(q, k, v, mask, **kwargs):
             if k.shape[-2] == q.shape[-2] + m.window:
                 chunks.append(q.shape[-2])
-            return type(m)._grouped_sdpa(m, q, k, v, mask)
+            return type(m)._grouped_sdpa(m, q, k, v, mask, **kwargs)
 
         return grouped_sdpa
 
