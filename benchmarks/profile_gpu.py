@@ -385,40 +385,6 @@ def inductor_ms_by_graph(
     return dict(sorted(by_graph.items(), key=lambda kv: -kv[1]))
 
 
-def gpu_idle(prof, rows: int = 12) -> str:
-    """Where the GPU waits in a profiled step: the span from its first kernel's start to its last kernel's end, the
-    time inside it with no kernel or copy running (ms), and the `rows` longest such gaps, each with the kernel that
-    ends it and the host ops that launched that kernel (the op and two of its callers). A gap is time the host was
-    behind the GPU: launches, Python, syncs. From `prof.events()`: kernels are the events on the CUDA device, and a
-    kernel's `linked_correlation_id` is the id of the CPU op that launched it."""
-    events = prof.events()
-    ops = {e.id: e for e in events if e.device_type == torch.autograd.DeviceType.CPU}
-    kernels = sorted(
-        (e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("## ")),
-        key=lambda e: e.time_range.start,
-    )
-    if not kernels:
-        return "GPU idle inside the step: no kernels"
-    gaps, busy_until = [], kernels[0].time_range.start
-    for e in kernels:
-        if e.time_range.start > busy_until:
-            gaps.append((e.time_range.start - busy_until, e))
-        busy_until = max(busy_until, e.time_range.end)
-    span = (busy_until - kernels[0].time_range.start) / 1e3
-    idle = sum(gap for gap, _ in gaps) / 1e3
-    lines = [
-        f"GPU idle inside the step: {idle:.1f} of {span:.1f} ms ({len(gaps)} gaps); the longest (us, the kernel "
-        "after it <- the op launching it < its callers):"
-    ]
-    for gap, kernel in sorted(gaps, key=lambda g: -g[0])[:rows]:
-        chain, op = [], ops.get(getattr(kernel, "linked_correlation_id", None))  # (torch >= 2.12)
-        while op is not None and len(chain) < 3:
-            chain.append(op.name[:50])
-            op = op.cpu_parent
-        lines.append(f"  {gap:9.1f}  {kernel.name[:60]} <- {' < '.join(chain) or '?'}")
-    return "\n".join(lines)
-
-
 def kernel_table(
     model,
     ids,
@@ -439,7 +405,8 @@ def kernel_table(
     caught by `torch._inductor.utils.run_and_get_code`, which first resets dynamo for the whole process
     (`torch._dynamo.reset`: every compiled function recompiles at its next call): pass `sources` for the first
     model this process compiles, before any other is profiled. With `trace` (a path ending in .json.gz) the step's
-    profile is also written there as a gzipped Chrome trace (chrome://tracing, ui.perfetto.dev)."""
+    profile is also written there as a gzipped Chrome trace, which `trace_gaps.py` reads (where the GPU waits, and
+    for which host op)."""
     from torch.profiler import ProfilerActivity, profile
 
     earlier = {id(module) for module in loaded_inductor_modules()}  # other models' code: not this one's picks
@@ -459,7 +426,7 @@ def kernel_table(
     table = averages.table(sort_by="device_time_total", row_limit=rows, max_name_column_width=70)
     text = (
         f"{table}\nGPU kernel time of the step (forward + backward): {busy_ms:.1f} ms; host launch calls "
-        f"(`LAUNCH_CALLS`): {launch_calls(averages)}\n{kernel_kinds(averages)}\n{gpu_idle(prof)}"
+        f"(`LAUNCH_CALLS`): {launch_calls(averages)}\n{kernel_kinds(averages)}"
     )
     if trace is not None:
         trace.parent.mkdir(parents=True, exist_ok=True)
@@ -796,7 +763,7 @@ def main(argv=None) -> int:
         "--eager-trace",
         action="store_true",
         help="also write each profiled eager step (LlamaThink's and the eager peers') as a gzipped Chrome trace in "
-        "--out's folder (trace_eager_<model>.json.gz)",
+        "--out's folder (trace_eager_<model>.json.gz), for trace_gaps.py",
     )
     args = parser.parse_args(argv)
     if args.eager_trace and (not args.out or args.no_eager or args.optimizer_only):

@@ -110,37 +110,6 @@ def test_host_syncs_count_sync_warnings_by_line_and_restore_the_mode(monkeypatch
     assert modes[-2:] == ["warn", 2]
 
 
-def test_gpu_idle_sums_the_time_no_kernel_runs_and_names_the_host_op_behind_each_gap():
-    """Overlapping kernels count once; each gap is named by the kernel that ends it and the op (with its caller)
-    that launched that kernel, linked by the kernel's correlation id."""
-    from types import SimpleNamespace
-
-    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
-
-    def event(name, device, start, end, id=0, linked=0, parent=None):
-        span = SimpleNamespace(start=start, end=end)
-        return SimpleNamespace(
-            name=name, device_type=device, time_range=span, id=id, linked_correlation_id=linked, cpu_parent=parent
-        )
-
-    caller = event("llamathink.mixer", cpu, 0, 100, id=1)
-    events = [
-        caller,
-        event("aten::mm", cpu, 0, 5, id=2, parent=caller),
-        event("aten::mul", cpu, 40, 45, id=3, parent=caller),
-        event("gemm", cuda, 10, 30, linked=2),
-        event("overlapping", cuda, 20, 35, linked=2),  # runs beside gemm: no gap, busy until 35
-        event("mul_kernel", cuda, 50, 60, linked=3),  # 15 us after 35
-        event("## Call CompiledFxGraph ##", cuda, 0, 200),  # a range, not a kernel
-        event("copy", cuda, 1060, 1070, linked=99),  # 1000 us after 60, its op not profiled
-    ]
-    text = profile_gpu.gpu_idle(SimpleNamespace(events=lambda: events))
-    lines = text.splitlines()
-    assert lines[0].startswith("GPU idle inside the step: 1.0 of 1.1 ms (2 gaps)")
-    assert lines[1].split() == ["1000.0", "copy", "<-", "?"]
-    assert lines[2].split() == ["15.0", "mul_kernel", "<-", "aten::mul", "<", "llamathink.mixer"]
-
-
 @pytest.mark.parametrize("argv", [["--eager-trace"], ["--eager-trace", "--out", "x", "--no-eager"]])
 def test_eager_trace_needs_a_folder_and_the_eager_step(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
