@@ -106,11 +106,14 @@ class LlamaThinkRMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., dim] -> the same shape and dtype, normalised over the last dim in float32 (float64 kept)."""
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., dim] -> the same shape and dtype, normalised over the last dim in float32 (float64 kept).
+        `scale` [dim]: `1 + weight`, where the caller made it already (`LlamaThinkDecoderLayer`: one launch for
+        several such sums)."""
         # F.rms_norm is one fused kernel on GPU (and saves only x and 1/rms for backward) instead of ~6 passes
         acc = _acc_dtype(x.dtype)
-        return F.rms_norm(x.to(acc), x.shape[-1:], 1.0 + self.weight.to(acc), self.eps).type_as(x)
+        scale = 1.0 + self.weight if scale is None else scale
+        return F.rms_norm(x.to(acc), x.shape[-1:], scale.to(acc), self.eps).type_as(x)
 
     def extra_repr(self) -> str:
         """The weight's shape and eps, for the module's repr."""
@@ -2164,17 +2167,38 @@ class LlamaThinkDecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """hidden_states [B, T, hidden_size] -> the same shape and dtype (the residual stream after this layer)."""
-        out = self.mixer(self.input_layernorm(hidden_states), ctx)
+        norm_1, norm_2, r_1, s_1, r_2, s_2 = self._scales()
+        out = self.mixer(self.input_layernorm(hidden_states, *norm_1), ctx)
         if self.hyper_connections:  # (1 + r) * h + (1 + s) * out, the second product fused into the add
-            hidden_states = torch.addcmul(
-                hidden_states * (1 + self.mixer_residual_scale), out, 1 + self.mixer_sublayer_scale
-            )
+            hidden_states = torch.addcmul(hidden_states * r_1, out, s_1)
         else:
             hidden_states = hidden_states + out
-        out = self.mlp(self.post_attention_layernorm(hidden_states))
+        out = self.mlp(self.post_attention_layernorm(hidden_states, *norm_2))
         if self.hyper_connections:
-            return torch.addcmul(hidden_states * (1 + self.mlp_residual_scale), out, 1 + self.mlp_sublayer_scale)
+            return torch.addcmul(hidden_states * r_2, out, s_2)
         return hidden_states + out
+
+    def _scales(self) -> tuple:
+        """The `1 + p` of this layer's two norm weights and four hyper-connection scales [hidden_size] each: (the
+        input norm's arguments, the post-attention norm's, (1 + r), (1 + s) of the mixer, (1 + r), (1 + s) of the
+        MLP), the norms' arguments () where the norm computes its own (a norm replaced or hooked) and the scales
+        None without hyper-connections. Eagerly one multi-tensor add (`torch._foreach_add`) makes all of them: one
+        launch where each sum was its own in a host-bound step; traced, each is a plain sum (inductor fuses it)."""
+        norms = [
+            n for n in (self.input_layernorm, self.post_attention_layernorm) if is_plain_module(n, LlamaThinkRMSNorm)
+        ]
+        params = [n.weight for n in norms]
+        if self.hyper_connections:
+            params += [
+                self.mixer_residual_scale,
+                self.mixer_sublayer_scale,
+                self.mlp_residual_scale,
+                self.mlp_sublayer_scale,
+            ]
+        sums = iter(torch._foreach_add(params, 1.0) if not torch.compiler.is_compiling() else [1 + p for p in params])
+        norm_args = [(next(sums),) if n in norms else () for n in (self.input_layernorm, self.post_attention_layernorm)]
+        scales = list(sums) if self.hyper_connections else [None] * 4
+        return (*norm_args, *scales)
 
 
 def mixer_pattern_period(mixer_types: list[str]) -> int:

@@ -1130,7 +1130,8 @@ def test_eager_shortcuts_give_their_reference_forms_values(monkeypatch):
     layers (plain rows, left padding, packed documents, a cached prefill continued; float64): q, k, v (and the MLP's
     gate and up) projections stacked into one product (`stacked_projections`), RoPE through whole-head tables
     (`rotary_tables`, `_RotateHalf`), and CSA's masks made once per forward and shared by its layers
-    (`per_forward`). Each form is taken (counted) before it is turned off."""
+    (`per_forward`), and each decoder layer's `1 + weight` of its norms and hyper-connection scales in one
+    multi-tensor add (`LlamaThinkDecoderLayer._scales`). Each form is taken (counted) before it is turned off."""
     model = tiny_model(csa_window=8, mixer_types=["csa", "full", "linear", "csa"], num_hidden_layers=4)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 96, (2, 29), generator=gen)
@@ -1149,6 +1150,8 @@ def test_eager_shortcuts_give_their_reference_forms_values(monkeypatch):
 
         return wrapper
 
+    foreach_add = torch._foreach_add
+    monkeypatch.setattr(torch, "_foreach_add", counting("foreach", foreach_add))
     for name, fn in zip(("stacked", "rope", "shared"), shared_forms):
         target = modeling._RotateHalf if name == "rope" else modeling
         monkeypatch.setattr(target, "apply" if name == "rope" else fn.__name__, counting(name, fn))
@@ -1163,9 +1166,16 @@ def test_eager_shortcuts_give_their_reference_forms_values(monkeypatch):
     fast = paths()
     # CSA's second layer takes the first's masks in both training paths (4 each) and packed documents (1)
     assert taken["stacked"] >= 3 * 8 and taken["rope"] >= 2 * 3 * 3 and taken["shared"] == 9, taken
+    assert taken["foreach"] == 4 * 7, taken  # every layer of the seven forwards
     monkeypatch.setattr(modeling, "stacked_projections", lambda x, linears: tuple(m(x) for m in linears))
     monkeypatch.setattr(modeling, "rotary_tables", lambda cos, sin, head_dim: None)
     monkeypatch.setattr(modeling, "per_forward", lambda shared, key, make: make())
+
+    def scales_one_by_one(layer):  # the norms make their own `1 + weight`; each hyper-connection sum its own launch
+        names = ("mixer_residual_scale", "mixer_sublayer_scale", "mlp_residual_scale", "mlp_sublayer_scale")
+        return ((), (), *(1 + getattr(layer, name) for name in names))
+
+    monkeypatch.setattr(modeling.LlamaThinkDecoderLayer, "_scales", scales_one_by_one)
     reference = paths()
     _assert_same_logits_and_grads(fast, reference)
 
