@@ -1004,17 +1004,15 @@ def _fla_conv_backward(x: torch.Tensor, weight: torch.Tensor, grad_y: torch.Tens
 
 
 class _FlaConvSplitFunction(torch.autograd.Function):
-    """The eager form of `llamathink::fla_causal_conv1d_silu_split`: the same backward function called straight
-    from autograd, and the forward over all channels at once, its output split into views of the groups. A custom
-    op's every call passes through the dispatcher and torch.library's Python wrappers (its schema check, its
-    autograd and its aliasing check), and each call of fla's Triton kernel costs 0.1-0.5 ms of host time (its
-    launch path in Python): host time that eager training, which is bound by the host, pays on every layer; dynamo
-    needs the op and contiguous groups (for inductor's fused norms of q and k), eager code does neither."""
+    """The eager form of `llamathink::fla_causal_conv1d_silu_split`: the same forward and backward functions called
+    straight from autograd. A custom op's every call passes through the dispatcher and torch.library's Python
+    wrappers (its schema check, its autograd and its aliasing check), host time that eager training, which is
+    bound by the host, pays on every layer; dynamo needs the op, eager code does not."""
 
     @staticmethod
     def forward(ctx, x, weight, cu_seqlens, widths):
         ctx.save_for_backward(x, weight, cu_seqlens)
-        return tuple(_fla_conv_forward(x, weight, cu_seqlens).split(widths, dim=-1))  # [B, T, w] views each
+        return tuple(_fla_conv_split_forward(x, weight, cu_seqlens, widths))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -1128,12 +1126,10 @@ def fla_causal_conv1d_silu_split(
     x: torch.Tensor, weight: torch.Tensor, widths: Sequence[int], cu_seqlens: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, ...]:
     """`fla_causal_conv1d_silu(x, weight, cu_seqlens)` split along the channels into groups of `widths` (positive
-    integers summing to C) -> one [B, T, w] tensor per group. Traced (torch.compile), each group is contiguous:
-    fla's forward runs once per group, on the group's view of x's rows, so that no part of the output is a strided
-    slice of a wider tensor (inductor loops a row reduction over such slices, BENCHMARKS.md section 1, session 32);
-    eagerly the forward runs once over all channels and the groups are views of its output (`_FlaConvSplitFunction`:
-    one launch of fla's kernel instead of one per group). The backward runs once over all C channels. The Gated
-    DeltaNet's q, k and v channels (`LlamaThinkGatedDeltaNet.conv_parts`).
+    integers summing to C) -> one contiguous [B, T, w] tensor per group: fla's forward runs once per group, on the
+    group's view of x's rows, so that no part of the output is a strided slice of a wider tensor (inductor loops a
+    row reduction over such slices, BENCHMARKS.md section 1, session 32); the backward runs once over all C
+    channels. The Gated DeltaNet's q, k and v channels (`LlamaThinkGatedDeltaNet.conv_parts`).
 
     Values equal those of `fla_causal_conv1d_silu` split afterwards (the same kernels, per channel). Raises
     ValueError for widths that are not positive integers summing to C, RuntimeError where fla's conv is not

@@ -1414,8 +1414,7 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         B, T, _ = q.shape
         q = l2norm_rms(q.reshape(B, T, self.num_k_heads, self.head_k_dim))
         k = l2norm_rms(k.reshape(B, T, self.num_k_heads, self.head_k_dim))
-        # (eagerly the conv's parts are views of one output's rows; fla's kernels read contiguous tensors)
-        v = v.reshape(B, T, self.num_v_heads, self.head_v_dim).contiguous()
+        v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
         scale, params = self.head_k_dim**-0.5, (self.A_log, self.dt_bias)
         if segments is None:
             return fla_chunk_gated_delta_rule_gated(q, k, v, a, b, *params, scale, initial_state, output_final_state)
