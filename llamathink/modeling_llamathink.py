@@ -2181,24 +2181,22 @@ class LlamaThinkDecoderLayer(GradientCheckpointingLayer):
     def _scales(self) -> tuple:
         """The `1 + p` of this layer's two norm weights and four hyper-connection scales [hidden_size] each: (the
         input norm's arguments, the post-attention norm's, (1 + r), (1 + s) of the mixer, (1 + r), (1 + s) of the
-        MLP), the norms' arguments () where the norm computes its own (a norm replaced or hooked) and the scales
-        None without hyper-connections. Eagerly one multi-tensor add (`torch._foreach_add`) makes all of them: one
-        launch where each sum was its own in a host-bound step; traced, each is a plain sum (inductor fuses it)."""
-        norms = [
-            n for n in (self.input_layernorm, self.post_attention_layernorm) if is_plain_module(n, LlamaThinkRMSNorm)
-        ]
-        params = [n.weight for n in norms]
-        if self.hyper_connections:
-            params += [
-                self.mixer_residual_scale,
-                self.mixer_sublayer_scale,
-                self.mlp_residual_scale,
-                self.mlp_sublayer_scale,
-            ]
-        sums = iter(torch._foreach_add(params, 1.0) if not torch.compiler.is_compiling() else [1 + p for p in params])
-        norm_args = [(next(sums),) if n in norms else () for n in (self.input_layernorm, self.post_attention_layernorm)]
-        scales = list(sums) if self.hyper_connections else [None] * 4
-        return (*norm_args, *scales)
+        MLP), the norms' arguments () where the norm makes its own, and the scales None without hyper-connections.
+        Eagerly one multi-tensor add (`torch._foreach_add`) makes all six: one launch where each sum was its own in
+        a host-bound step (a norm replaced or hooked, `is_plain_module`, still makes its own). Traced, each sum is
+        written out as before (inductor fuses them into their users)."""
+        residual = (
+            (self.mixer_residual_scale, self.mixer_sublayer_scale, self.mlp_residual_scale, self.mlp_sublayer_scale)
+            if self.hyper_connections
+            else ()
+        )
+        norms = (self.input_layernorm, self.post_attention_layernorm)
+        if torch.compiler.is_compiling():
+            return ((), (), *(1 + p for p in residual)) if residual else ((), (), None, None, None, None)
+        plain = [is_plain_module(n, LlamaThinkRMSNorm) for n in norms]
+        sums = iter(torch._foreach_add([n.weight for n, ok in zip(norms, plain) if ok] + list(residual), 1.0))
+        norm_args = [(next(sums),) if ok else () for ok in plain]
+        return (*norm_args, *(sums if residual else (None,) * 4))
 
 
 def mixer_pattern_period(mixer_types: list[str]) -> int:
