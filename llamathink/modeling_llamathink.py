@@ -93,6 +93,25 @@ _GENERATE_CACHE_KEY = (
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _constant_cache(maxsize: int):
+    """`functools.lru_cache(maxsize)` for functions that make constant tensors (masks, index and weight tables)
+    once per size and device, except while a dispatch mode is active (`FakeTensorMode` of shape and memory
+    estimators, tracing tools): then every call makes its own, so that no fake or traced tensor is kept for later
+    real calls. The wrapped function keeps `cache_info` and `cache_clear`."""
+
+    def decorate(fn):
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args):
+            return fn(*args) if _get_current_dispatch_mode() is not None else cached(*args)
+
+        wrapper.cache_info, wrapper.cache_clear = cached.cache_info, cached.cache_clear
+        return wrapper
+
+    return decorate
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: fp32 for low-precision inputs, fp64 kept (the tests check exactness in double)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -279,7 +298,7 @@ def rotary_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> Rotary
     )
 
 
-@functools.lru_cache(maxsize=16)
+@_constant_cache(maxsize=16)
 def _rotate_half_index(R: int, D: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(index [D]: rotate-half's source dim of each output dim, its halves of R swapped and the rest kept; sign [R]:
     -1 on the first half, +1 on the second), made once per size and device, outside inference mode (saved by
@@ -295,19 +314,32 @@ class _RotateHalf(torch.autograd.Function):
     """x [..., D] -> `x * cos + x[..., index] * sin` (`RotaryTables`; the tables take no gradient). The backward is
     `g * cos + (g * sin)[..., index]` (index is its own inverse), in x's dtype: three kernels each way, where the
     autograd of `apply_rotary`'s reference form launches about twice as many (slices, negation, concatenations and
-    their backward)."""
+    their backward). Linear in x, so its forward-mode derivative (`jvp`) is itself applied to x's tangent; torch.func
+    transforms take it too (`setup_context`, and vmap's rule generated)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, cos, sin, index):
-        ctx.save_for_backward(cos, sin, index)
-        ctx.x_dtype = x.dtype
+    def forward(x, cos, sin, index):
         return torch.addcmul(x * cos, x.index_select(-1, index), sin)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, cos, sin, index = inputs
+        ctx.save_for_backward(cos, sin, index)
+        ctx.save_for_forward(cos, sin, index)
+        ctx.x_dtype = x.dtype
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin, index = ctx.saved_tensors
         dx = torch.addcmul((grad * sin).index_select(-1, index), grad, cos)
         return dx.to(ctx.x_dtype), None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent, cos_tangent, sin_tangent, index_tangent):
+        cos, sin, index = ctx.saved_tensors
+        return torch.addcmul(x_tangent * cos, x_tangent.index_select(-1, index), sin)
 
 
 class LlamaThinkMLP(nn.Module):
@@ -329,20 +361,26 @@ class LlamaThinkMLP(nn.Module):
 def stacked_projections(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
     """The outputs of `linears` on x [..., T, in_features]: [..., T, out_features_i] each, as their calls give them.
 
-    Eagerly, where every one is a plain bias-free `nn.Linear` (`is_plain_linear`: not a PEFT wrapper, not hooked or
-    offloaded) and their weights share a dtype, as one matrix product with the weights stacked: under autocast the
-    input is cast once rather than once per projection, and the backward is one product for the input's gradient
-    and one for the stacked weights' (where separate calls take one of each per projection, then a cast and a sum
-    of the input's gradients). The eager step is bound by the host's launches, so fewer, larger kernels pay;
-    the outputs are views of the one product. Under torch.compile, and for one token per row (decoding, where the
-    stacking would copy the weights every step), each module is called."""
+    Eagerly under autocast, where every one is a plain bias-free `nn.Linear` (`is_plain_linear`: not a PEFT wrapper,
+    not hooked or offloaded) whose weight autocast casts (its dtype is not autocast's), all of one dtype, as one
+    matrix product with the weights stacked: the input is cast once rather than once per projection, the weights in
+    one cast of their stack instead of one each (the copy kept for the backward either way), and the backward is
+    one product for the input's gradient and one for the stacked weights' (where separate calls take one of each
+    per projection, then a cast and a sum of the input's gradients). The eager step is bound by the host's
+    launches, so fewer, larger kernels pay; the outputs are views of the one product. Elsewhere each module is
+    called: without autocast the stack would be a copy of the weights kept for the backward beside them; under
+    torch.compile inductor plans the products itself; for one token per row (decoding) the stacking would copy the
+    weights every step to save nothing."""
+    device = x.device.type
     stack = (
         len(linears) > 1
         and x.dim() >= 2
         and x.shape[-2] > 1
         and not torch.compiler.is_compiling()
+        and torch.is_autocast_enabled(device)
         and all(is_plain_linear(m) for m in linears)
         and len({m.weight.dtype for m in linears}) == 1
+        and linears[0].weight.dtype != torch.get_autocast_dtype(device)
     )
     if not stack:
         return tuple(m(x) for m in linears)
@@ -377,7 +415,7 @@ def l2norm_rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return F.rms_norm(x.to(acc), (D,), _inverse_sqrt_weight(D, acc, x.device), eps / D).to(x.dtype)
 
 
-@functools.lru_cache(maxsize=64)
+@_constant_cache(maxsize=64)
 def _inverse_sqrt_weight(D: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[D] filled with 1 / sqrt(D) (`l2norm_rms`' weight), made once per size, dtype and device rather than by two
     kernels every call; outside inference mode, so that training forwards can save it for their backward."""
@@ -1000,10 +1038,10 @@ class ForwardContext:
     # FlexAttention block masks of compressed sparse attention's two paths (`csa_block_masks`), set where layers
     # compiled with CUDA graphs run on whole rows (no cache, padding or packing); None: its SDPA paths
     csa_block_masks: tuple | None = None
-    # `rotary_tables` of cos and sin for the attention layers' heads, set for eager forwards (`apply_rotary`)
+    # `rotary_tables` of cos and sin for the attention layers' heads, where the layers run eagerly (`apply_rotary`)
     rotary_tables: RotaryTables | None = None
-    # what layers of one kind compute alike from this context (CSA's masks), made by the first (`per_forward`);
-    # a dict for eager forwards, None where layers run compiled (a traced layer must not fill a dict)
+    # what layers of one kind compute alike from this context (CSA's masks), made by the first (`per_forward`): a
+    # dict where the layers run eagerly, None where they run compiled (traced code ignores both fields)
     shared: dict | None = None
 
 
@@ -1091,7 +1129,7 @@ def _completed_blocks(stride: int, b, h, q_idx, kv_idx):
     return stride * (kv_idx + 1) <= q_idx
 
 
-@functools.lru_cache(maxsize=16)
+@_constant_cache(maxsize=16)
 def csa_block_masks(seq_len: int, window: int, stride: int, device: torch.device) -> tuple:
     """FlexAttention block masks of compressed sparse attention on whole rows of `seq_len` tokens at positions
     0 .. seq_len - 1 (no cache, padding or packing) -> (local, compressed):
@@ -3795,7 +3833,7 @@ class LlamaThinkModel(LlamaThinkPreTrainedModel):
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         runs = None if eager or output_hidden_states or checkpointed else self._current_layer_runs()
-        if not runs and not torch.compiler.is_compiling():  # eager layers: shared per forward
+        if (eager or not self.compiled_layers) and not torch.compiler.is_compiling():  # the layers run eagerly
             ctx.shared = {}
             if {"full", "csa"} & set(self.config.mixer_types):
                 ctx.rotary_tables = rotary_tables(cos, sin, self.config.head_dim)  # (for every attention layer)

@@ -1127,11 +1127,11 @@ def _assert_same_logits_and_grads(got, want):
 
 def test_eager_shortcuts_give_their_reference_forms_values(monkeypatch):
     """The eager forward's launch-saving forms against the forms they replace, on every path of the attention
-    layers (plain rows, left padding, packed documents, a cached prefill continued; float64): q, k, v (and the MLP's
-    gate and up) projections stacked into one product (`stacked_projections`), RoPE through whole-head tables
-    (`rotary_tables`, `_RotateHalf`), and CSA's masks made once per forward and shared by its layers
+    layers (plain rows, left padding, packed documents, a cached prefill continued; float64): RoPE through
+    whole-head tables (`rotary_tables`, `_RotateHalf`), CSA's masks made once per forward and shared by its layers
     (`per_forward`), and each decoder layer's `1 + weight` of its norms and hyper-connection scales in one
-    multi-tensor add (`LlamaThinkDecoderLayer._scales`). Each form is taken (counted) before it is turned off."""
+    multi-tensor add (`LlamaThinkDecoderLayer._scales`). Each form is taken (counted) before it is turned off. (The
+    stacked projections, taken under autocast only: the next test.)"""
     model = tiny_model(csa_window=8, mixer_types=["csa", "full", "linear", "csa"], num_hidden_layers=4)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 96, (2, 29), generator=gen)
@@ -1140,7 +1140,6 @@ def test_eager_shortcuts_give_their_reference_forms_values(monkeypatch):
     positions = torch.cat([torch.arange(11), torch.arange(18)])[None].expand(2, -1)  # two documents a row
     weights = torch.randn(2, 29, 96, dtype=torch.float64, generator=gen)
     taken = collections.Counter()
-    shared_forms = (modeling.stacked_projections, modeling._RotateHalf.apply, modeling.per_forward)
 
     def counting(name, fn):
         def wrapper(*args, **kwargs):
@@ -1150,11 +1149,9 @@ def test_eager_shortcuts_give_their_reference_forms_values(monkeypatch):
 
         return wrapper
 
-    foreach_add = torch._foreach_add
-    monkeypatch.setattr(torch, "_foreach_add", counting("foreach", foreach_add))
-    for name, fn in zip(("stacked", "rope", "shared"), shared_forms):
-        target = modeling._RotateHalf if name == "rope" else modeling
-        monkeypatch.setattr(target, "apply" if name == "rope" else fn.__name__, counting(name, fn))
+    monkeypatch.setattr(torch, "_foreach_add", counting("foreach", torch._foreach_add))
+    monkeypatch.setattr(modeling._RotateHalf, "apply", counting("rope", modeling._RotateHalf.apply))
+    monkeypatch.setattr(modeling, "per_forward", counting("shared", modeling.per_forward))
 
     def paths():  # the paths with a cache (`_csa_local_paths`), then training's (no cache): plain rows and padding
         outs, grads = _csa_local_paths(model, ids, mask, positions, weights, prefill=13)
@@ -1165,9 +1162,8 @@ def test_eager_shortcuts_give_their_reference_forms_values(monkeypatch):
 
     fast = paths()
     # CSA's second layer takes the first's masks in both training paths (4 each) and packed documents (1)
-    assert taken["stacked"] >= 3 * 8 and taken["rope"] >= 2 * 3 * 3 and taken["shared"] == 9, taken
+    assert taken["rope"] >= 2 * 3 * 3 and taken["shared"] == 9, taken
     assert taken["foreach"] == 4 * 7, taken  # every layer of the seven forwards
-    monkeypatch.setattr(modeling, "stacked_projections", lambda x, linears: tuple(m(x) for m in linears))
     monkeypatch.setattr(modeling, "rotary_tables", lambda cos, sin, head_dim: None)
     monkeypatch.setattr(modeling, "per_forward", lambda shared, key, make: make())
 
@@ -1178,6 +1174,96 @@ def test_eager_shortcuts_give_their_reference_forms_values(monkeypatch):
     monkeypatch.setattr(modeling.LlamaThinkDecoderLayer, "_scales", scales_one_by_one)
     reference = paths()
     _assert_same_logits_and_grads(fast, reference)
+
+
+def test_stacked_projections_under_autocast_give_the_modules_values(monkeypatch):
+    """`stacked_projections` under (CPU bf16) autocast with float32 weights: q, k, v and the MLP's gate and up as
+    one product each (counted by the stacked weights' widths), with the logits and every gradient of calling each
+    module (the same bf16 casts; products summed in another order: bf16 rounding apart). Without autocast, and for
+    hooked projections, each module is called (no stacked copy of the weights kept for the backward)."""
+    model = tiny_model(dtype=torch.float32, csa_window=8, mixer_types=["csa", "full", "linear"], num_hidden_layers=3)
+    config = model.config
+    model.train()
+    ids = torch.randint(1, 96, (2, 24), generator=torch.Generator().manual_seed(0))
+    attention = config.num_attention_heads * config.head_dim
+    widths = {2 * config.intermediate_size, 2 * attention + 2 * config.num_key_value_heads * config.head_dim}
+    stacked = []
+    linear = F.linear
+
+    def spy(x, weight, *args, **kwargs):
+        if weight.shape[0] in widths:
+            stacked.append(weight.shape[0])
+        return linear(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(F, "linear", spy)
+
+    def loss_and_grads(autocast=True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        return out.logits.float(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    logits, grads = loss_and_grads()
+    assert sorted(set(stacked)) == sorted(widths) and len(stacked) == 3 + 2  # 3 MLPs, 2 attention layers
+    stacked.clear()
+    loss_and_grads(autocast=False)
+    assert stacked == []  # without autocast: no stack
+    hook = model.model.layers[0].mlp.up_proj.register_forward_pre_hook(lambda module, args: None)
+    loss_and_grads()
+    hook.remove()
+    assert len(stacked) == 2 + 2  # the hooked MLP's projections called one by one
+    monkeypatch.setattr(modeling, "stacked_projections", lambda x, linears: tuple(m(x) for m in linears))
+    ref_logits, ref_grads = loss_and_grads()
+    assert (logits - ref_logits).norm() / ref_logits.norm() < 2e-2
+    for name, g in ref_grads.items():
+        assert (grads[name] - g).norm() <= 5e-2 * g.norm() + 1e-6, name
+
+
+def test_constant_caches_keep_no_fake_tensors():
+    """A forward under `FakeTensorMode` (shape and memory estimators) makes the constant tables it needs (RoPE's
+    index, the q/k norm's weight) without keeping them: a later real forward gives real values, as before it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = tiny_model(mixer_types=["csa", "full", "full", "csa"], csa_window=8, num_hidden_layers=4)
+    ids = torch.randint(1, 96, (2, 29), generator=torch.Generator().manual_seed(0))
+    modeling._rotate_half_index.cache_clear()
+    modeling._inverse_sqrt_weight.cache_clear()
+    embeds = model.model.embed_tokens(ids).detach()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = model(inputs_embeds=mode.from_tensor(embeds), use_cache=False).logits
+        q = mode.from_tensor(torch.randn(2, 3, 16))
+        modeling.l2norm_rms(q)
+    assert fake.shape == (2, 29, 96)
+    assert modeling._rotate_half_index.cache_info().currsize == 0
+    assert modeling._inverse_sqrt_weight.cache_info().currsize == 0
+    out = model(inputs_embeds=embeds, use_cache=False).logits
+    assert type(out) is torch.Tensor and torch.isfinite(out).all()
+    torch.testing.assert_close(out, model(ids, use_cache=False).logits)
+
+
+def test_rotate_half_takes_forward_ad_and_torch_func():
+    """`_RotateHalf` (RoPE through `rotary_tables`) under forward-mode AD (`torch.func.jvp`), `torch.func.grad` and
+    `torch.func.vmap`, with the values of `apply_rotary`'s reference form (float64)."""
+    gen = torch.Generator().manual_seed(0)
+    B, H, T, D, R = 2, 3, 5, 12, 8
+    freqs = torch.randn(B, T, R // 2, dtype=torch.float64, generator=gen)
+    cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
+    tables = modeling.rotary_tables(cos, sin, D)
+    x, t = (torch.randn(B, H, T, D, dtype=torch.float64, generator=gen) for _ in range(2))
+    w = torch.randn(B, H, T, D, dtype=torch.float64, generator=gen)
+
+    def fast(x):
+        return modeling.apply_rotary(x, cos, sin, tables)
+
+    def reference(x):
+        return modeling.apply_rotary(x, cos, sin)
+
+    for a, b in zip(torch.func.jvp(fast, (x,), (t,)), torch.func.jvp(reference, (x,), (t,))):
+        torch.testing.assert_close(a, b)
+    grads = [torch.func.grad(lambda x, f=f: (f(x) * w).sum())(x) for f in (fast, reference)]
+    torch.testing.assert_close(grads[0], grads[1])
+    torch.testing.assert_close(torch.func.vmap(fast)(torch.stack((x, t))), torch.stack((reference(x), reference(t))))
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 5])
