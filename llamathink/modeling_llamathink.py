@@ -127,12 +127,13 @@ class LlamaThinkRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., dim] -> the same shape and dtype, normalised over the last dim in float32 (float64 kept).
-        `scale` [dim]: `1 + weight`, where the caller made it already (`LlamaThinkDecoderLayer`: one launch for
-        several such sums)."""
+        `scale` [dim]: `1 + weight` in that dtype, where the caller made it already (`LlamaThinkDecoderLayer._scales`:
+        one launch for several such sums)."""
         # F.rms_norm is one fused kernel on GPU (and saves only x and 1/rms for backward) instead of ~6 passes
         acc = _acc_dtype(x.dtype)
-        scale = 1.0 + self.weight if scale is None else scale
-        return F.rms_norm(x.to(acc), x.shape[-1:], scale.to(acc), self.eps).type_as(x)
+        # the sum in float32 (a 16-bit weight's 1 + w rounded to 16 bits would move the norm's every output)
+        scale = 1.0 + self.weight.to(acc) if scale is None else scale.to(acc)
+        return F.rms_norm(x.to(acc), x.shape[-1:], scale, self.eps).type_as(x)
 
     def extra_repr(self) -> str:
         """The weight's shape and eps, for the module's repr."""
@@ -362,13 +363,13 @@ def stacked_projections(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tupl
     """The outputs of `linears` on x [..., T, in_features]: [..., T, out_features_i] each, as their calls give them.
 
     Eagerly under autocast, where every one is a plain bias-free `nn.Linear` (`is_plain_linear`: not a PEFT wrapper,
-    not hooked or offloaded) whose weight autocast casts (its dtype is not autocast's), all of one dtype, as one
-    matrix product with the weights stacked: the input is cast once rather than once per projection, the weights in
-    one cast of their stack instead of one each (the copy kept for the backward either way), and the backward is
-    one product for the input's gradient and one for the stacked weights' (where separate calls take one of each
-    per projection, then a cast and a sum of the input's gradients). The eager step is bound by the host's
-    launches, so fewer, larger kernels pay; the outputs are views of the one product. Elsewhere each module is
-    called: without autocast the stack would be a copy of the weights kept for the backward beside them; under
+    not hooked or offloaded) whose weight autocast casts (a 16- or 32-bit float, not autocast's dtype), all of one
+    dtype, as one matrix product with the weights stacked: the input is cast once rather than once per projection,
+    the weights in one cast of their stack instead of one each (the copy kept for the backward either way), and the
+    backward is one product for the input's gradient and one for the stacked weights' (where separate calls take
+    one of each per projection, then a cast and a sum of the input's gradients). The eager step is bound by the
+    host's launches, so fewer, larger kernels pay; the outputs are views of the one product. Elsewhere each module
+    is called: without the cast the stack would be a copy of the weights kept for the backward beside them; under
     torch.compile inductor plans the products itself; for one token per row (decoding) the stacking would copy the
     weights every step to save nothing."""
     device = x.device.type
@@ -380,6 +381,8 @@ def stacked_projections(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tupl
         and torch.is_autocast_enabled(device)
         and all(is_plain_linear(m) for m in linears)
         and len({m.weight.dtype for m in linears}) == 1
+        # the weights autocast casts: 16- and 32-bit floats other than its own dtype (it leaves float64 alone)
+        and linears[0].weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and linears[0].weight.dtype != torch.get_autocast_dtype(device)
     )
     if not stack:
@@ -2205,7 +2208,7 @@ class LlamaThinkDecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """hidden_states [B, T, hidden_size] -> the same shape and dtype (the residual stream after this layer)."""
-        norm_1, norm_2, r_1, s_1, r_2, s_2 = self._scales()
+        norm_1, norm_2, r_1, s_1, r_2, s_2 = self._scales(_acc_dtype(hidden_states.dtype))
         out = self.mixer(self.input_layernorm(hidden_states, *norm_1), ctx)
         if self.hyper_connections:  # (1 + r) * h + (1 + s) * out, the second product fused into the add
             hidden_states = torch.addcmul(hidden_states * r_1, out, s_1)
@@ -2216,13 +2219,14 @@ class LlamaThinkDecoderLayer(GradientCheckpointingLayer):
             return torch.addcmul(hidden_states * r_2, out, s_2)
         return hidden_states + out
 
-    def _scales(self) -> tuple:
-        """The `1 + p` of this layer's two norm weights and four hyper-connection scales [hidden_size] each: (the
-        input norm's arguments, the post-attention norm's, (1 + r), (1 + s) of the mixer, (1 + r), (1 + s) of the
-        MLP), the norms' arguments () where the norm makes its own, and the scales None without hyper-connections.
-        Eagerly one multi-tensor add (`torch._foreach_add`) makes all six: one launch where each sum was its own in
-        a host-bound step (a norm replaced or hooked, `is_plain_module`, still makes its own). Traced, each sum is
-        written out as before (inductor fuses them into their users)."""
+    def _scales(self, norm_dtype: torch.dtype) -> tuple:
+        """The `1 + p` of this layer's two norm weights (in `norm_dtype`, the norms' float32 or float64) and its four
+        hyper-connection scales (in their own dtype) [hidden_size] each: (the input norm's arguments, the
+        post-attention norm's, (1 + r), (1 + s) of the mixer, (1 + r), (1 + s) of the MLP), the norms' arguments ()
+        where the norm makes its own, and the scales None without hyper-connections. Eagerly one multi-tensor add
+        (`torch._foreach_add`) makes them all: one launch where each sum was its own in a host-bound step (a norm
+        replaced or hooked, `is_plain_module`, still makes its own). Traced, the norms make their own and the
+        scales' sums are written out (inductor fuses them into their users)."""
         residual = (
             (self.mixer_residual_scale, self.mixer_sublayer_scale, self.mlp_residual_scale, self.mlp_sublayer_scale)
             if self.hyper_connections
@@ -2232,7 +2236,8 @@ class LlamaThinkDecoderLayer(GradientCheckpointingLayer):
         if torch.compiler.is_compiling():
             return ((), (), *(1 + p for p in residual)) if residual else ((), (), None, None, None, None)
         plain = [is_plain_module(n, LlamaThinkRMSNorm) for n in norms]
-        sums = iter(torch._foreach_add([n.weight for n, ok in zip(norms, plain) if ok] + list(residual), 1.0))
+        terms = [n.weight.to(norm_dtype) for n, ok in zip(norms, plain) if ok] + list(residual)
+        sums = iter(torch._foreach_add(terms, 1.0) if terms else ())
         norm_args = [(next(sums),) if ok else () for ok in plain]
         return (*norm_args, *(sums if residual else (None,) * 4))
 

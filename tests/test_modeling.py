@@ -1167,13 +1167,47 @@ def test_eager_shortcuts_give_their_reference_forms_values(monkeypatch):
     monkeypatch.setattr(modeling, "rotary_tables", lambda cos, sin, head_dim: None)
     monkeypatch.setattr(modeling, "per_forward", lambda shared, key, make: make())
 
-    def scales_one_by_one(layer):  # the norms make their own `1 + weight`; each hyper-connection sum its own launch
+    def scales_one_by_one(layer, norm_dtype):  # the norms make their own `1 + weight`; each scale's sum its own
         names = ("mixer_residual_scale", "mixer_sublayer_scale", "mlp_residual_scale", "mlp_sublayer_scale")
         return ((), (), *(1 + getattr(layer, name) for name in names))
 
     monkeypatch.setattr(modeling.LlamaThinkDecoderLayer, "_scales", scales_one_by_one)
     reference = paths()
     _assert_same_logits_and_grads(fast, reference)
+
+
+def test_layer_scales_keep_the_norms_float32_sums_and_take_hooked_norms(monkeypatch):
+    """`LlamaThinkDecoderLayer._scales`: a bf16 model's norms get `1 + weight` summed in float32, as a norm makes it
+    alone (a 16-bit sum would round 1 + w and move every output), so the layer's output is the one of the sums made
+    one by one, bit for bit; and a layer whose norms are both hooked (any global module hook), without
+    hyper-connections, has no sum to make and runs (an empty multi-tensor add raised)."""
+    model = tiny_model(dtype=torch.bfloat16, mixer_types=["full", "linear"], num_hidden_layers=2)
+    for p in model.parameters():  # norm weights far from 0, where 1 + w in bf16 drops bits
+        if p.dim() == 1:
+            p.data.normal_(0, 0.3)
+    ids = torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    norm = model.model.layers[0].input_layernorm
+    x = torch.randn(3, norm.weight.shape[0], generator=torch.Generator().manual_seed(1)).bfloat16()
+    want = F.rms_norm(x.float(), x.shape[-1:], 1 + norm.weight.float(), norm.eps).bfloat16()
+    assert torch.equal(norm(x), want)
+    fast = model(ids, use_cache=False).logits
+
+    def scales_one_by_one(layer, norm_dtype):
+        names = ("mixer_residual_scale", "mixer_sublayer_scale", "mlp_residual_scale", "mlp_sublayer_scale")
+        return ((), (), *(1 + getattr(layer, name) for name in names))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling.LlamaThinkDecoderLayer, "_scales", scales_one_by_one)
+        assert torch.equal(model(ids, use_cache=False).logits, fast)
+
+    plain = tiny_model(hyper_connections=False, mixer_types=["full", "linear"], num_hidden_layers=2)
+    want = plain(ids, use_cache=False).logits
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    try:
+        # (a global hook also sends GDN's gate projections through their modules: float64 rounding apart)
+        torch.testing.assert_close(plain(ids, use_cache=False).logits, want, rtol=1e-10, atol=1e-12)
+    finally:
+        handle.remove()
 
 
 def test_stacked_projections_under_autocast_give_the_modules_values(monkeypatch):
@@ -1213,6 +1247,11 @@ def test_stacked_projections_under_autocast_give_the_modules_values(monkeypatch)
     loss_and_grads()
     hook.remove()
     assert len(stacked) == 2 + 2  # the hooked MLP's projections called one by one
+    stacked.clear()
+    model.double()  # autocast leaves float64 alone: no cast to share, no stack
+    loss_and_grads()
+    model.float()
+    assert stacked == []
     monkeypatch.setattr(modeling, "stacked_projections", lambda x, linears: tuple(m(x) for m in linears))
     ref_logits, ref_grads = loss_and_grads()
     assert (logits - ref_logits).norm() / ref_logits.norm() < 2e-2
