@@ -1,4 +1,4 @@
-# call A (session 56): main's eager step against HF Qwen3.5's on an H200 in turns in one process (bench_gpu
+# call A (session 56; never ran: no machine started for it, call B replaced it): main's eager step against HF Qwen3.5's on an H200 in turns in one process (bench_gpu
 # --interleave), then both eager steps profiled in one process with the GPU's idle gaps and Chrome traces
 # (profile_gpu --eager-peers hf-qwen3.5 --eager-trace), then fla's choices for the eager step's added kernels at batch 16
 # (tune_fla_configs --keep-recorded; copy $W/tuned.json over llamathink/fla_configs/NVIDIA_H200.json if it changed;

@@ -1,4 +1,4 @@
-# call B (session 56): the eager step of main (runs/main.tar: `git archive HEAD llamathink benchmarks configuration setup.py` of main) and of this tree, each against
+# call B (session 56; ran on an H100, docs/results/h100_s56/): the eager step of main (runs/main.tar: `git archive HEAD llamathink benchmarks configuration setup.py` of main) and of this tree, each against
 # HF Qwen3.5's in turns in its own process (bench_gpu --interleave), then this tree's eager step and HF Qwen3.5's
 # profiled in one process with the GPU's idle gaps and Chrome traces (profile_gpu --eager-peers --eager-trace).
 mkdir -p /tmp/site /tmp/kcache; [ -d /tmp/site/fla ] || tar -xJf runs/gpu-site-slim.tar.xz -C /tmp/site

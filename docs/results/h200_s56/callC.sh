@@ -1,4 +1,4 @@
-# call C (session 56): GPU tests of the eager launch savings (the GPU backends against the CPU reference, eager bf16
+# call C (session 56; ran on an H100, docs/results/h100_s56/): GPU tests of the eager launch savings (the GPU backends against the CPU reference, eager bf16
 # training; packed training; the cached and CUDA-graph decode), then main (runs/main.tar) and this tree in turns,
 # each its own process of bench_gpu --interleave against HF Qwen3.5, twice.
 mkdir -p /tmp/site /tmp/kcache; [ -d /tmp/site/fla ] || tar -xJf runs/gpu-site-slim.tar.xz -C /tmp/site
