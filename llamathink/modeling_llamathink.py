@@ -127,11 +127,11 @@ class LlamaThinkRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., dim] -> the same shape and dtype, normalised over the last dim in float32 (float64 kept).
-        `scale` [dim]: `1 + weight` in that dtype, where the caller made it already (`LlamaThinkDecoderLayer._scales`:
-        one launch for several such sums)."""
+        `scale` [dim]: `1 + weight`, where the caller made it already in that float32 or float64
+        (`LlamaThinkDecoderLayer._scales`: one launch for several such sums)."""
         # F.rms_norm is one fused kernel on GPU (and saves only x and 1/rms for backward) instead of ~6 passes
         acc = _acc_dtype(x.dtype)
-        # the sum in float32 (a 16-bit weight's 1 + w rounded to 16 bits would move the norm's every output)
+        # the sum in float32 or float64 (a 16-bit weight's 1 + w rounded to 16 bits would move every output)
         scale = 1.0 + self.weight.to(acc) if scale is None else scale.to(acc)
         return F.rms_norm(x.to(acc), x.shape[-1:], scale, self.eps).type_as(x)
 
@@ -387,7 +387,7 @@ def stacked_projections(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tupl
     )
     if not stack:
         return tuple(m(x) for m in linears)
-    weight = torch.cat([m.weight for m in linears])  # [sum of out_features, in_features]
+    weight = cat_rows([m.weight for m in linears])  # [sum of out_features, in_features]
     return F.linear(x, weight).split([m.weight.shape[0] for m in linears], dim=-1)
 
 
@@ -1192,7 +1192,19 @@ def _padded_rows(weights: list[torch.Tensor]) -> torch.Tensor:
     """[rows_i, H] weights -> their rows stacked and zero rows added up to a multiple of 8 (16-byte rows of 16-bit
     outputs, which keep cuBLAS on its aligned kernels)."""
     pad = -sum(w.shape[0] for w in weights) % 8
-    return torch.cat(weights + ([weights[0].new_zeros(pad, weights[0].shape[1])] if pad else []))
+    return cat_rows(weights + ([weights[0].new_zeros(pad, weights[0].shape[1])] if pad else []))
+
+
+def cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat(tensors)` along dim 0, of 16-bit tensors outside autocast: autocast's `cat` promotes its inputs to
+    the widest float among them and its own dtype, and bf16 and fp16 have no widest (a bf16 stack under fp16
+    autocast raised "Unexpected floating ScalarType"); stacking weights needs no cast (their product casts them)."""
+    device = tensors[0].device.type
+    sixteen_bit = tensors[0].dtype in (torch.float16, torch.bfloat16)
+    if sixteen_bit and device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            return torch.cat(tensors)
+    return torch.cat(tensors)
 
 
 class _StackedGateProjections(torch.autograd.Function):
@@ -2224,9 +2236,10 @@ class LlamaThinkDecoderLayer(GradientCheckpointingLayer):
         hyper-connection scales (in their own dtype) [hidden_size] each: (the input norm's arguments, the
         post-attention norm's, (1 + r), (1 + s) of the mixer, (1 + r), (1 + s) of the MLP), the norms' arguments ()
         where the norm makes its own, and the scales None without hyper-connections. Eagerly one multi-tensor add
-        (`torch._foreach_add`) makes them all: one launch where each sum was its own in a host-bound step (a norm
-        replaced or hooked, `is_plain_module`, still makes its own). Traced, the norms make their own and the
-        scales' sums are written out (inductor fuses them into their users)."""
+        (`torch._foreach_add`) makes them all: one launch where each sum was its own in a host-bound step, for
+        float32 weights (a 16-bit model's scales and its norms' float32 copies differ in dtype, which a multi-tensor
+        add runs one by one); a norm replaced or hooked (`is_plain_module`) still makes its own. Traced, the norms
+        make their own and the scales' sums are written out (inductor fuses them into their users)."""
         residual = (
             (self.mixer_residual_scale, self.mixer_sublayer_scale, self.mlp_residual_scale, self.mlp_sublayer_scale)
             if self.hyper_connections

@@ -1262,6 +1262,27 @@ def test_stacked_projections_under_autocast_give_the_modules_values(monkeypatch)
         assert (grads[name] - g).norm() <= 5e-2 * g.norm() + 1e-6, name
 
 
+@pytest.mark.parametrize("weights, autocast", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_sixteen_bit_weights_train_under_the_other_sixteen_bit_autocast(weights, autocast, monkeypatch):
+    """Weights stacked for one product (the attention's and MLP's `stacked_projections`, GDN's gate projections)
+    under autocast to the other 16-bit dtype: autocast's `cat` has no widest dtype for bf16 and fp16 and raised;
+    the stack is made outside autocast (`cat_rows`), and the logits are those of each module called alone (the
+    same casts and products)."""
+    model = tiny_model(dtype=weights, mixer_types=["linear", "full", "csa"], num_hidden_layers=3, csa_window=8).train()
+    ids = torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def logits():
+        with torch.autocast("cpu", dtype=autocast):
+            out = model(ids, use_cache=False).logits.float()
+        out.sum().backward()  # (the backward runs too)
+        return out.detach()
+
+    stacked = logits()
+    monkeypatch.setattr(modeling, "stacked_projections", lambda x, linears: tuple(m(x) for m in linears))
+    assert torch.isfinite(stacked).all()
+    assert (stacked - logits()).norm() <= 2e-2 * stacked.norm()
+
+
 def test_constant_caches_keep_no_fake_tensors():
     """A forward under `FakeTensorMode` (shape and memory estimators) makes the constant tables it needs (RoPE's
     index, the q/k norm's weight) without keeping them: a later real forward gives real values, as before it."""
