@@ -1,4 +1,4 @@
-# call E (session 56, for branch try/eager-conv-once; not run: no device time left): GPU tests of the eager conv in one launch (fla's conv against the reference, the split's views),
+# call E (session 56, for branch try/eager-conv-once = eager_conv_once.patch here, `git apply` on main; not run: no device time left): GPU tests of the eager conv in one launch (fla's conv against the reference, the split's views),
 # the eager model against the CPU reference, the gates computed in fla's kernels; then, time left, this tree against
 # HF Qwen3.5 in turns (bench_gpu --interleave).
 mkdir -p /tmp/site /tmp/kcache; [ -d /tmp/site/fla ] || tar -xJf runs/gpu-site-slim.tar.xz -C /tmp/site
