@@ -1134,7 +1134,7 @@ def test_eager_shortcuts_give_their_reference_forms_values(monkeypatch):
     whole-head tables (`rotary_tables`, `_RotateHalf`), CSA's masks made once per forward and shared by its layers
     (`per_forward`), and each decoder layer's `1 + weight` of its norms and hyper-connection scales in one
     multi-tensor add (`LlamaThinkDecoderLayer._scales`). Each form is taken (counted) before it is turned off. (The
-    stacked projections, taken under autocast only: the next test.)"""
+    stacked projections, taken under autocast only: `test_stacked_projections_under_autocast_give_the_modules_values`.)"""
     model = tiny_model(csa_window=8, mixer_types=["csa", "full", "linear", "csa"], num_hidden_layers=4)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 96, (2, 29), generator=gen)
