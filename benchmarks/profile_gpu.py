@@ -428,13 +428,9 @@ def kernel_table(
         f"{table}\nGPU kernel time of the step (forward + backward): {busy_ms:.1f} ms; host launch calls "
         f"(`LAUNCH_CALLS`): {launch_calls(averages)}\n{kernel_kinds(averages)}"
     )
-    if trace is not None:
+    if trace is not None:  # (the profiler gzips a path ending in .gz itself, as bench_gpu's `trace_steps` has it)
         trace.parent.mkdir(parents=True, exist_ok=True)
-        plain = trace.with_suffix("")  # the profiler writes plain JSON
-        prof.export_chrome_trace(str(plain))
-        with open(plain, "rb") as f, gzip.open(trace, "wb") as out:
-            out.write(f.read())
-        plain.unlink()
+        prof.export_chrome_trace(str(trace))
     if top_kernels:
         kernels = [e for e in averages if is_gpu_kernel(e)]
         kernels.sort(key=lambda e: -e.self_device_time_total)
