@@ -13,9 +13,12 @@ A tokenizer.model is encoded as training read it (llamathink.tokenizer_utils.loa
 file, or a folder holding it without a tokenizer_config.json naming LlamaTokenizer, by SentencePiece's
 own rules (piece scores, a U+2581 prefix always: --sentencepiece); a folder whose tokenizer_config.json
 names LlamaTokenizer like transformers' LlamaTokenizer, which AutoTokenizer loads from it (merges ranked
-by piece id, no U+2581 prefix when the text already starts with a space, HF Metaspace
-prepend_scheme="first": --transformers-rules).  A tokenizer.json carries its own rules (the project's is
-detected as such); the two options are refused for it.
+by piece id, no U+2581 prefix when the text already starts with a space or U+2581, HF Metaspace
+prepend_scheme="first": --transformers-rules; add_prefix_space false in that tokenizer_config.json: no prefix).
+A tokenizer.json carries its own rules; the two options are refused for it. Its rules are read by running its own
+normalizer and pre-tokenizer (the tokenizers library) on probe texts (`text_rule_flags`): a file whose rules run.c
+cannot follow (a byte-level or lowercasing step, words split before the merges, ...) is refused, not exported to
+encode otherwise.
 
 Text guard: a tokenizer that went through llamathink.chat_format.set_chat_template has Replace(U+FDD0, "")
 as the first step of its normalizer (tokenizer.json), so it deletes U+FDD0 from every text it encodes;
@@ -43,7 +46,7 @@ TK_HEADER_SIZE = 64
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 FLAG_DUMMY_PREFIX = 1
 FLAG_BYTE_FALLBACK = 2
-FLAG_NO_PREFIX_IF_SPACE = 4
+FLAG_NO_PREFIX_IF_SPACE = 4  # no prefix where the text starts with a space or U+2581 (HF Metaspace "first")
 FLAG_DROP_TEXT_GUARD = 8  # delete U+FDD0 before anything else (llamathink.chat_format.set_chat_template)
 # llamathink.chat_format.TEXT_GUARD (a copy: the exporter also runs without the package)
 TEXT_GUARD = "\ufdd0"
@@ -192,6 +195,96 @@ def read_text_guard_flag(path: str) -> int:
     return text_guard_flag(j, path)
 
 
+SPACE = "\u2581"  # SentencePiece's space piece character, run.c's stand-in for " "
+# texts whose normalized form (normalizer, then pre-tokenizer) tells run.c's rules apart: the prefix at the start
+# (plain, after a space, after a literal U+2581, after a newline), spaces inside and at the end, and characters that
+# a lowercasing, Unicode-normalizing, stripping or byte-level step would change
+_RULE_PROBES = (
+    "",
+    "x",
+    " x",
+    "  x",
+    SPACE + "x",
+    SPACE + " x",
+    "\nx y",
+    "x  y ",
+    "\tA",
+    "Caf\u00e9 e\u0301 \ufb01 \u00a0x",
+    TEXT_GUARD + " x",
+    "x" + TEXT_GUARD + "y",
+    "\u4e2d\u6587 \U0001f600",
+)
+
+
+def run_c_normalized(text: str, flags: int) -> str:
+    """The string run.c's `encode` merges for `text` under tokenizer `flags` (its normalization, in Python): U+FDD0
+    deleted (flag 8), a U+2581 prefix (flag 1) unless the text starts with a space or U+2581 (flag 4), every space
+    made U+2581. The empty text stays empty."""
+    if flags & FLAG_DROP_TEXT_GUARD:
+        text = text.replace(TEXT_GUARD, "")
+    if not text:
+        return ""
+    prefix = flags & FLAG_DUMMY_PREFIX and not (flags & FLAG_NO_PREFIX_IF_SPACE and text[0] in (" ", SPACE))
+    return (SPACE if prefix else "") + text.replace(" ", SPACE)
+
+
+def text_rule_flags(path: str, guard_flag: int) -> int:
+    """run.c's prefix flags for the tokenizer.json at `path` (`FLAG_DUMMY_PREFIX`, `FLAG_NO_PREFIX_IF_SPACE`, or
+    none), found by running the file's own normalizer and pre-tokenizer (the `tokenizers` library) on probe texts and
+    taking the flags under which `run_c_normalized` gives the same strings; `guard_flag` is `text_guard_flag`'s.
+
+    Raises TokenizerExportError naming the file and a probe text where no flags give the file's string (a
+    byte-level, lowercasing, Unicode-normalizing or stripping step; a prefix rule run.c lacks), where the
+    pre-tokenizer splits a text into words (run.c merges over the whole text), and where the BPE model has options
+    run.c lacks (dropout, subword prefixes or suffixes)."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as e:
+        raise TokenizerExportError(
+            f"{path}: reading a tokenizer.json's text rules needs the tokenizers package (pip install tokenizers)"
+        ) from e
+    try:
+        tk = Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises its own Exception type for files it cannot parse
+        raise TokenizerExportError(f"{path}: the tokenizers library cannot read it ({e})") from e
+    model = tk.model
+    if (
+        getattr(model, "dropout", None)
+        or getattr(model, "continuing_subword_prefix", None)
+        or getattr(model, "end_of_word_suffix", None)
+    ):
+        raise TokenizerExportError(
+            f"{path}: its BPE model has dropout, continuing_subword_prefix or end_of_word_suffix set; run.c's "
+            "tokenizer has none of them"
+        )
+
+    def normalized(text: str) -> str:
+        text = tk.normalizer.normalize_str(text) if tk.normalizer is not None else text
+        words = [w for w, _ in tk.pre_tokenizer.pre_tokenize_str(text)] if tk.pre_tokenizer is not None else [text]
+        if len(words) > 1:
+            raise TokenizerExportError(
+                f"{path}: its pre-tokenizer splits {text!r} into {words!r}; run.c merges over the whole text, so "
+                "its encodings would differ"
+            )
+        return words[0] if words else ""
+
+    wanted = [normalized(text) for text in _RULE_PROBES]
+    candidates = (FLAG_DUMMY_PREFIX | FLAG_NO_PREFIX_IF_SPACE, FLAG_DUMMY_PREFIX, 0)
+    for flags in candidates:
+        if all(run_c_normalized(t, guard_flag | flags) == w for t, w in zip(_RULE_PROBES, wanted)):
+            return flags
+    # the probe the nearest rules (fewest differences) get wrong, for the message
+    best = min(
+        candidates, key=lambda f: sum(run_c_normalized(t, guard_flag | f) != w for t, w in zip(_RULE_PROBES, wanted))
+    )
+    text, want = next((t, w) for t, w in zip(_RULE_PROBES, wanted) if run_c_normalized(t, guard_flag | best) != w)
+    raise TokenizerExportError(
+        f"{path}: its normalizer and pre-tokenizer turn {text!r} into {want!r}, and run.c's rules (spaces as U+2581, "
+        f"a U+2581 prefix always, never or unless the text starts with one) give {run_c_normalized(text, guard_flag | best)!r} at "
+        "best: run.c would encode such texts otherwise than transformers"
+    )
+
+
 def read_hf_json(path: str) -> dict:
     """The run.c tokenizer of an HF tokenizer.json (BPE) at `path`, with bos/eos from the tokenizer_config.json
     beside it. Raises TokenizerExportError naming the file when either is not valid JSON of the expected shape."""
@@ -248,19 +341,8 @@ def _read_hf_json(path: str) -> dict:
         scores[t["id"]] = NO_MERGE if t.get("special", False) else 0.0
     if 0 <= unk < n:
         types[unk] = UNKNOWN
-    pre = j.get("pre_tokenizer") or {}
-    pres = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    norms = _normalizer_steps(j)
-    meta = [p for p in pres if p.get("type") == "Metaspace"]
-    prepend_norm = any(x.get("type") == "Prepend" for x in norms)
-    flags = text_guard_flag(j, path)
-    if prepend_norm:
-        # normalizer Prepend(U+2581) always adds the prefix (a Metaspace after it then sees a
-        # leading U+2581 and adds nothing more)
-        flags |= FLAG_DUMMY_PREFIX
-    elif meta and meta[0].get("prepend_scheme", "always") in ("first", "always"):
-        # Metaspace alone prepends only when the text does not already start with a space
-        flags |= FLAG_DUMMY_PREFIX | FLAG_NO_PREFIX_IF_SPACE
+    guard = text_guard_flag(j, path)
+    flags = guard | text_rule_flags(path, guard)
     bos = eos = None
     cfg_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
     if os.path.exists(cfg_path):
@@ -304,14 +386,20 @@ def sentencepiece_rules_by_default(src: str) -> bool:
     or a folder holding it without a tokenizer_config.json that names a Llama tokenizer class: SentencePiece's
     rules (`AutoTokenizer` converts it so too). A folder whose tokenizer_config.json names (Code)LlamaTokenizer
     (Fast): transformers' LlamaTokenizer's. (A folder with a tokenizer.json is read from that file, `load_tokenizer`.)"""
+    return _tokenizer_config(src).get("tokenizer_class") not in _LLAMA_RULE_CLASSES
+
+
+def _tokenizer_config(src: str) -> dict:
+    """The tokenizer_config.json of folder `src` as a dict; {} for a file, a folder without one, or a file that is
+    not a JSON object (as AutoTokenizer reads such a folder: with no settings from it)."""
     if not os.path.isdir(src):
-        return True
+        return {}
     try:
         with open(os.path.join(src, "tokenizer_config.json"), encoding="utf-8") as f:
-            named = json.load(f).get("tokenizer_class")
-    except (OSError, ValueError, AttributeError):  # (none, or not a JSON object: AutoTokenizer's own reading)
-        return True
-    return named not in _LLAMA_RULE_CLASSES
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 # the tokenizer classes transformers reads a tokenizer.model with by LlamaTokenizer's rules (another name, or none:
@@ -338,7 +426,10 @@ def load_tokenizer(src: str, sentencepiece_rules: bool | None = None) -> dict:
             # "\u2581\u2581": score -1e9, id 259); rank by id so that encodings match it exactly.
             t["scores"] = [-float(i) if ty in (NORMAL, USER_DEFINED) else 0.0 for i, ty in enumerate(t["types"])]
         flags = 0
-        if t["add_dummy_prefix"]:
+        # transformers' LlamaTokenizer takes tokenizer_config.json's add_prefix_space: False is no prefix at all
+        # (Metaspace prepend_scheme "never"); its generic conversion (SentencePiece's rules) ignores it
+        no_prefix = not sentencepiece_rules and _tokenizer_config(src).get("add_prefix_space") is False
+        if t["add_dummy_prefix"] and not no_prefix:
             flags |= FLAG_DUMMY_PREFIX
             if not sentencepiece_rules:
                 flags |= FLAG_NO_PREFIX_IF_SPACE

@@ -533,6 +533,11 @@ TRICKY = [
     "code: def f(x):\n    return x ** 2  # done",
     "math 3 + 4 = 7; 100% sure?!",
     "The quick brown fox jumps over the lazy dog. " * 3,
+    # a literal U+2581 where a space would be: HF's Metaspace sees both alike
+    "\u2581literal start",
+    "\u2581 x",
+    "\u2581\u2581",
+    " \u2581x",
 ]
 
 
@@ -645,6 +650,108 @@ def test_tokenizer_llama2_tokenizer_json(run_bin, llama2_dir, work):
     tok_bin = work / "llama2_json.bin"
     tkx.export_tokenizer(str(d), str(tok_bin))
     _check_tokenizer(run_bin, hf, tok_bin)
+
+
+def test_tokenizer_json_of_each_llama2_conversion_encodes_as_transformers(run_bin, llama2_dir, work):
+    """The tokenizer.json transformers writes for the Llama 2 tokenizer.model read without a tokenizer class (its
+    generic conversion: Replace(" " -> U+2581), Replace(^U+2581 -> two), Metaspace "always"), as LlamaTokenizer
+    (Metaspace "first") and as LlamaTokenizer with add_prefix_space false (Metaspace "never"): run.c encodes and
+    decodes TRICKY as transformers does (the first was exported with the "first" rule, and a literal U+2581 at the
+    start of a text got a prefix under the second). And a folder holding the tokenizer.model with a
+    tokenizer_config.json of add_prefix_space false encodes as training reads that folder."""
+    transformers = pytest.importorskip("transformers")
+    from llamathink.tokenizer_utils import load_tokenizer
+
+    _llama2_hf(llama2_dir)  # (skips where transformers cannot convert it)
+    makers = {
+        "classless": lambda: transformers.AutoTokenizer.from_pretrained(str(llama2_dir)),
+        "llama": lambda: transformers.LlamaTokenizer.from_pretrained(str(llama2_dir)),
+        "no_prefix": lambda: transformers.LlamaTokenizer.from_pretrained(str(llama2_dir), add_prefix_space=False),
+    }
+    schemes = set()
+    for name, make in makers.items():
+        d = work / f"conversion_{name}"
+        make().save_pretrained(str(d))
+        (d / "tokenizer.model").unlink(missing_ok=True)
+        schemes.add(json.dumps(json.loads((d / "tokenizer.json").read_text())["pre_tokenizer"], sort_keys=True))
+        hf = transformers.AutoTokenizer.from_pretrained(str(d))
+        tkx.export_tokenizer(str(d), str(work / f"conversion_{name}.bin"))
+        _check_tokenizer(run_bin, hf, work / f"conversion_{name}.bin")
+    assert len(schemes) == 3  # three different rule sets were checked
+    folder = work / "llama2_no_prefix_config"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(llama2_dir / "tokenizer.model", folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "LlamaTokenizer", "add_prefix_space": False})
+    )
+    tkx.export_tokenizer(str(folder), str(work / "no_prefix_config.bin"))
+    trained = load_tokenizer(str(folder))
+    for text in TRICKY:
+        assert _c_encode(run_bin, work / "no_prefix_config.bin", text) == trained.encode(
+            text, add_special_tokens=False
+        ), text
+    assert trained.encode("x", add_special_tokens=False) == [29916]  # (no prefix: "x", not "\u2581x")
+
+
+def _bpe_tokenizer_json(path, normalizer=None, pre_tokenizer=None, **bpe) -> None:
+    """A small BPE tokenizer.json (pieces of "hello world" and the ASCII letters, specials <unk> <s> </s>) with the
+    given normalizer, pre-tokenizer and BPE options, built with the tokenizers library."""
+    from tokenizers import Tokenizer, models
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {
+        p: i
+        for i, p in enumerate(["<unk>", "<s>", "</s>", "\u2581", "\u0120", *letters, *[c.upper() for c in letters]])
+    }
+    merges = [("h", "e"), ("he", "l"), ("hel", "l"), ("hell", "o"), ("\u2581", "hello"), ("\u0120", "hello")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", **bpe))
+    if normalizer is not None:
+        tk.normalizer = normalizer
+    if pre_tokenizer is not None:
+        tk.pre_tokenizer = pre_tokenizer
+    tk.save(str(path))
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("byte_level", "normalizer and pre-tokenizer turn"),
+        ("lowercase", r"turn '\\tA' into '\u2581\\ta'"),
+        ("split_words", "pre-tokenizer splits"),
+        ("nfkc", "normalizer and pre-tokenizer turn"),
+        ("dropout", "dropout"),
+    ],
+)
+def test_a_tokenizer_json_whose_text_rules_run_c_lacks_is_refused(case, message, tmp_path):
+    """A tokenizer.json whose normalizer, pre-tokenizer or BPE options make encodings run.c cannot reproduce (a
+    byte-level pre-tokenizer, a lowercasing or NFKC normalizer, Metaspace splitting words, BPE dropout) is refused
+    with the file named and nothing written; before, it was exported with run.c's default prefix rule and
+    encoded otherwise than transformers."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    metaspace = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    kwargs = {
+        "byte_level": dict(pre_tokenizer=pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)),
+        "lowercase": dict(normalizer=normalizers.Lowercase(), pre_tokenizer=metaspace),
+        "split_words": dict(
+            pre_tokenizer=pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+        ),
+        "nfkc": dict(normalizer=normalizers.NFKC(), pre_tokenizer=metaspace),
+        "dropout": dict(pre_tokenizer=metaspace, dropout=0.1),
+    }[case]
+    d = tmp_path / case
+    d.mkdir()
+    _bpe_tokenizer_json(d / "tokenizer.json", **kwargs)
+    out = tmp_path / "tok.bin"
+    with pytest.raises(tkx.TokenizerExportError, match=re.escape(str(d / "tokenizer.json")) + ".*" + message):
+        tkx.export_tokenizer(str(d), str(out))
+    assert not out.exists()
+    # the same file with only the Metaspace pre-tokenizer is exported, with the "first" rule
+    _bpe_tokenizer_json(d / "tokenizer.json", pre_tokenizer=metaspace)
+    tkx.export_tokenizer(str(d), str(out))
+    assert tkx.load_tokenizer(str(d))["flags"] & 7 == tkx.FLAG_DUMMY_PREFIX | tkx.FLAG_NO_PREFIX_IF_SPACE
 
 
 def test_tokenizer_project_llama2_json(run_bin, llama2_dir, work):
