@@ -245,8 +245,12 @@ def text_rule_flags(path: str, guard_flag: int) -> int:
         ) from e
     try:
         tk = Tokenizer.from_file(path)
-    except Exception as e:  # tokenizers raises its own Exception type for files it cannot parse
-        raise TokenizerExportError(f"{path}: the tokenizers library cannot read it ({e})") from e
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    # tokenizers raises Exception for a file it cannot parse, and a Rust panic as pyo3's PanicException, a
+    # BaseException
+    except BaseException as e:
+        raise TokenizerExportError(f"{path}: the tokenizers library cannot read it ({type(e).__name__}: {e})") from e
     model = tk.model
     if (
         getattr(model, "dropout", None)
@@ -268,7 +272,12 @@ def text_rule_flags(path: str, guard_flag: int) -> int:
             )
         return words[0] if words else ""
 
-    wanted = [normalized(text) for text in _RULE_PROBES]
+    try:
+        wanted = [normalized(text) for text in _RULE_PROBES]
+    except (KeyboardInterrupt, SystemExit, TokenizerExportError):
+        raise
+    except BaseException as e:  # (as above)
+        raise TokenizerExportError(f"{path}: its normalizer or pre-tokenizer failed ({type(e).__name__}: {e})") from e
     candidates = (FLAG_DUMMY_PREFIX | FLAG_NO_PREFIX_IF_SPACE, FLAG_DUMMY_PREFIX, 0)
     for flags in candidates:
         if all(run_c_normalized(t, guard_flag | flags) == w for t, w in zip(_RULE_PROBES, wanted)):
