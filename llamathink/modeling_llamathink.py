@@ -1207,6 +1207,23 @@ def cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(tensors)
 
 
+def needs_plain_autograd(*tensors: torch.Tensor, module: nn.Module | None = None) -> bool:
+    """Whether the model must take its plain PyTorch forms instead of its own autograd Functions that have no
+    torch.func rules or forward-mode derivative (`_StackedGateProjections`, `_EmbeddingIndexAdd`,
+    `_ChunkedLinearCrossEntropy`, and fla's and FlashQLA's kernels): True while a torch.func transform (grad, vjp,
+    jvp, vmap, jacrev, ...) is active (the test `torch.autograd.Function.apply` makes before it refuses such a
+    Function), or where one of `tensors` or of `module`'s parameters carries a forward-mode AD tangent
+    (`torch.autograd.forward_ad`). False while tracing (torch.compile), which takes the Functions as they are."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return True
+    if torch.autograd.forward_ad._current_level < 0:  # no dual level entered: no tensor has a tangent
+        return False
+    params = module.parameters() if module is not None else ()
+    return any(torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in (*tensors, *params))
+
+
 class _StackedGateProjections(torch.autograd.Function):
     """`in_proj_z`, `in_proj_b`, `in_proj_a` of hidden [..., H] (weights w_z [Dv, H], w_b and w_a [Hv, H]) -> z
     [..., Dv], b and a [..., Hv], as one matrix product of the stacked weights (`_padded_rows`).
@@ -1428,8 +1445,11 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         needs_grad = (torch.is_grad_enabled() or self.training) and (
             hidden_states.requires_grad or any(p.requires_grad for p in self.parameters())
         )
-        # one choice for the layer
+        # one choice for the layer; torch.func transforms and forward-mode AD run the PyTorch kernels (fla's have
+        # neither rules for them nor a forward-mode derivative)
         backend = select_gdn_backend(self.backend, qkv.device, needs_grad, qkv.dtype, self.head_dims)
+        if backend != "torch" and needs_plain_autograd(hidden_states, module=self):
+            backend = "torch"
         segment_pos = ctx.position_ids if segments is not None else None
         q, k, v = self._causal_conv(qkv, state, backend, segments, segment_pos)  # [B, T, key/key/value_dim]
         z, b, a = self._gate_projections(hidden_states)
@@ -1488,7 +1508,7 @@ class LlamaThinkGatedDeltaNet(nn.Module):
         backward takes z's gradient and (b, a)'s apart (`_StackedGateProjections`)."""
         projections = (self.in_proj_z, self.in_proj_b, self.in_proj_a)
         plain = all(is_plain_linear(m) for m in projections) and len({m.weight.dtype for m in projections}) == 1
-        if not plain or hidden_states.shape[1] == 1:
+        if not plain or hidden_states.shape[1] == 1 or needs_plain_autograd(hidden_states, module=self):
             return tuple(m(hidden_states) for m in projections)
         return _StackedGateProjections.apply(hidden_states, *(m.weight for m in projections))
 
@@ -2743,8 +2763,8 @@ class _EmbeddingIndexAdd(torch.autograd.Function):
 def _index_add_embedding_applies(embedding: nn.Module, on_cuda: bool) -> bool:
     """Whether `embedding_lookup` runs `_EmbeddingIndexAdd` for `embedding` (with ids on CUDA when `on_cuda`): a
     plain `nn.Embedding` (`is_plain_module`: no hook, subclass or wrapper) without padding index, max norm,
-    frequency scaling or sparse gradient, whose float32 / float64 weight takes a gradient now, outside tracing and
-    deterministic algorithms; else the module is called."""
+    frequency scaling or sparse gradient, whose float32 / float64 weight takes a gradient now, outside tracing,
+    deterministic algorithms and torch.func transforms (`needs_plain_autograd`); else the module is called."""
     return (
         on_cuda
         and is_plain_module(embedding, nn.Embedding)
@@ -2757,6 +2777,7 @@ def _index_add_embedding_applies(embedding: nn.Module, on_cuda: bool) -> bool:
         and torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
         and not torch.are_deterministic_algorithms_enabled()
+        and not needs_plain_autograd()
     )
 
 
@@ -4317,7 +4338,17 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
             if labels is None:
                 raise ValueError("skip_logits=True needs labels: without logits the loss is the only output")
             num_items = kwargs.get("num_items_in_batch")
-            if is_plain_linear(self.lm_head):
+            if needs_plain_autograd(hidden_states, module=self.lm_head):
+                # the chunked losses' autograd Function and checkpointing have no torch.func rules: the loss on the
+                # full logits, the same value
+                loss = self.loss_function(
+                    logits=self.lm_head(hidden_states),
+                    labels=labels,
+                    vocab_size=self.config.vocab_size,
+                    num_items_in_batch=num_items,
+                    shift_labels=shift_labels,
+                )
+            elif is_plain_linear(self.lm_head):
                 loss = chunked_causal_lm_loss(
                     hidden_states,
                     self.lm_head.weight,

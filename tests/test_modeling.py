@@ -1329,6 +1329,52 @@ def test_rotate_half_takes_forward_ad_and_torch_func():
     torch.testing.assert_close(torch.func.vmap(fast)(torch.stack((x, t))), torch.stack((reference(x), reference(t))))
 
 
+def test_torch_func_transforms_and_forward_ad_take_the_plain_forms_with_the_same_values():
+    """Under torch.func transforms (grad, vmap, jvp, grad over the parameters through `functional_call`) and
+    forward-mode AD, the model takes its plain PyTorch forms (`needs_plain_autograd`) instead of its autograd
+    Functions without rules for them, which raised (`_StackedGateProjections` in every Gated DeltaNet layer, the
+    chunked loss of `skip_logits=True`), and gives the values of ordinary autograd (float64; the forward-mode ones
+    under SDPA's math backend, PyTorch's flash attention on CPU having no forward-mode derivative)."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = tiny_model()  # linear, csa, full, linear
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 96, (2, 9), generator=gen)
+    emb = model.get_input_embeddings()(ids).detach()
+    tangent, w = (
+        torch.randn(emb.shape, dtype=emb.dtype, generator=gen),
+        torch.randn(2, 9, 96, dtype=emb.dtype, generator=gen),
+    )
+
+    def f(e):
+        return model(inputs_embeds=e, use_cache=False).logits
+
+    e = emb.clone().requires_grad_()
+    (want,) = torch.autograd.grad((f(e) * w).sum(), e)  # ordinary autograd: the stacked gate projections
+    torch.testing.assert_close(torch.func.grad(lambda e: (f(e) * w).sum())(emb), want)
+    torch.testing.assert_close(torch.func.vmap(lambda e: f(e[None])[0])(emb), f(emb))
+    with sdpa_kernel(SDPBackend.MATH):
+        _, want = torch.autograd.functional.jvp(f, emb, tangent)  # ordinary autograd (the double-backward trick)
+        torch.testing.assert_close(torch.func.jvp(f, (emb,), (tangent,))[1], want)
+        with fwAD.dual_level():
+            torch.testing.assert_close(fwAD.unpack_dual(f(fwAD.make_dual(emb, tangent))).tangent, want)
+    assert want.abs().max() > 1  # (not a vanishing derivative)
+    # grad over the parameters of the chunked loss, against its ordinary backward
+    params = dict(model.named_parameters())
+    kwargs = {"use_cache": False, "labels": ids, "skip_logits": True}
+    grads = torch.func.grad(lambda p: torch.func.functional_call(model, p, (ids,), kwargs).loss)(params)
+    model.zero_grad()
+    model(ids, **kwargs).loss.backward()
+    for name, p in params.items():
+        torch.testing.assert_close(grads[name], p.grad, msg=name)
+    # the embedding's index_add_ path (CUDA training) steps aside under a transform too
+    table = torch.nn.Embedding(96, 8)
+    seen = []
+    torch.func.grad(lambda x: seen.append(modeling._index_add_embedding_applies(table, True)) or x.sum())(emb)
+    assert seen == [False] and modeling._index_add_embedding_applies(table, True)
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 5])
 def test_csa_local_chunk_changes_nothing(chunk):
     """The CSA local path's query chunk (`local_chunk`, below the window of 8) gives the same logits and gradients as
