@@ -733,13 +733,13 @@ def test_a_tokenizer_json_whose_text_rules_run_c_lacks_is_refused(case, message,
 
     metaspace = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
     kwargs = {
-        "byte_level": dict(pre_tokenizer=pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)),
-        "lowercase": dict(normalizer=normalizers.Lowercase(), pre_tokenizer=metaspace),
-        "split_words": dict(
-            pre_tokenizer=pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
-        ),
-        "nfkc": dict(normalizer=normalizers.NFKC(), pre_tokenizer=metaspace),
-        "dropout": dict(pre_tokenizer=metaspace, dropout=0.1),
+        "byte_level": {"pre_tokenizer": pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)},
+        "lowercase": {"normalizer": normalizers.Lowercase(), "pre_tokenizer": metaspace},
+        "split_words": {
+            "pre_tokenizer": pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+        },
+        "nfkc": {"normalizer": normalizers.NFKC(), "pre_tokenizer": metaspace},
+        "dropout": {"pre_tokenizer": metaspace, "dropout": 0.1},
     }[case]
     d = tmp_path / case
     d.mkdir()
