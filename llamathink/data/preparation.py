@@ -1191,7 +1191,7 @@ def _read_progress(path: Path, overwrite: bool) -> dict | None:
         return None
     raise ValueError(
         f"{path} cannot be read as a preparation's progress ({problem}), so the shards beside it cannot be "
-        "resumed; use another output directory or overwrite=True / --overwrite"
+        "resumed; use another --out or --overwrite"
     )
 
 
@@ -1262,13 +1262,13 @@ def _start_or_resume(out: Path, config: dict, val_docs: int, overwrite: bool) ->
             diff = sorted(k for k in set(config) | set(saved) if config.get(k) != saved.get(k))
             raise ValueError(
                 f"{out} holds a different preparation (differs in: {', '.join(diff)}); "
-                "use another output directory or overwrite=True / --overwrite"
+                "use another --out or --overwrite"
             )
     existing = [p for p in out.iterdir() if _SHARD_RE.match(p.name)] + [p for p in (meta_path,) if p.exists()]
     if existing and not overwrite:
         raise ValueError(
             f"{out} already contains shards but no matching {PROGRESS_FILE}; "
-            "use another output directory or overwrite=True / --overwrite"
+            "use another --out or --overwrite"
         )
     for p in existing:
         p.unlink()
@@ -1607,6 +1607,10 @@ def prepare(
     whole document except, rarely, at a cut.  Together with streamed .txt
     reading and batches of at most ``max_doc_chars`` characters, the memory of
     a run does not grow with the document length.
+
+    Errors name the settings as ``llamathink-prepare`` spells them, like the
+    command's own messages: ``--overwrite`` is ``overwrite=True`` here,
+    ``--out`` is ``out_dir``, ``--val-docs`` is ``val_docs``.
 
     Returns the meta dict (also written to ``meta.json``); when stopped early it
     returns ``{"complete": False, ...progress...}``.
