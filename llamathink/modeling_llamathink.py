@@ -1208,12 +1208,13 @@ def cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def needs_plain_autograd(*tensors: torch.Tensor, module: nn.Module | None = None) -> bool:
-    """Whether the model must take its plain PyTorch forms instead of its own autograd Functions that have no
-    torch.func rules or forward-mode derivative (`_StackedGateProjections`, `_EmbeddingIndexAdd`,
-    `_ChunkedLinearCrossEntropy`, and fla's and FlashQLA's kernels): True while a torch.func transform (grad, vjp,
-    jvp, vmap, jacrev, ...) is active (the test `torch.autograd.Function.apply` makes before it refuses such a
+    """Whether the model must take its plain PyTorch forms instead of its own autograd Functions that lack torch.func
+    rules (`_StackedGateProjections`, `_EmbeddingIndexAdd`, `_ChunkedLinearCrossEntropy`, fla's and FlashQLA's
+    kernels) or a forward-mode derivative (all but `_EmbeddingIndexAdd`): True while a torch.func transform (grad,
+    vjp, jvp, vmap, jacrev, ...) is active (the test `torch.autograd.Function.apply` makes before it refuses such a
     Function), or where one of `tensors` or of `module`'s parameters carries a forward-mode AD tangent
-    (`torch.autograd.forward_ad`). False while tracing (torch.compile), which takes the Functions as they are."""
+    (`torch.autograd.forward_ad`). False while tracing (torch.compile), which takes the Functions as they are.
+    (vmap over token ids, masks or positions stays unsupported: the input checks read their values.)"""
     if torch.compiler.is_compiling():
         return False
     if torch._C._are_functorch_transforms_active():
@@ -2023,6 +2024,9 @@ class LlamaThinkCompressedSparseAttention(LlamaThinkAttention):
     @torch.no_grad()
     def _update_blocks(self, state, new_k, new_v, kv, pos, valid, base, new_lengths, max_new_length: int):
         """Store completed blocks in absolute slots and keep the raw members of the block being filled."""
+        # the cache holds values only, as the other layers' caches (`detach`): no_grad stops reverse mode, not a
+        # forward-mode AD tangent, which the stored blocks would carry into later steps
+        new_k, new_v, kv = new_k.detach(), new_v.detach(), kv.detach()
         B, Hkv, nb, D = new_k.shape
         S = self.stride
         completed = new_lengths // S  # [B]
@@ -2777,7 +2781,7 @@ def _index_add_embedding_applies(embedding: nn.Module, on_cuda: bool) -> bool:
         and torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
         and not torch.are_deterministic_algorithms_enabled()
-        and not needs_plain_autograd()
+        and not needs_plain_autograd()  # (a transform only: its `jvp` takes forward-mode AD)
     )
 
 
@@ -4339,15 +4343,12 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
                 raise ValueError("skip_logits=True needs labels: without logits the loss is the only output")
             num_items = kwargs.get("num_items_in_batch")
             if needs_plain_autograd(hidden_states, module=self.lm_head):
-                # the chunked losses' autograd Function and checkpointing have no torch.func rules: the loss on the
-                # full logits, the same value
-                loss = self.loss_function(
-                    logits=self.lm_head(hidden_states),
-                    labels=labels,
-                    vocab_size=self.config.vocab_size,
-                    num_items_in_batch=num_items,
-                    shift_labels=shift_labels,
-                )
+                # the chunked losses' autograd Function and checkpointing have no torch.func rules: the same loss on
+                # the full logits, in the chunked loss's accumulation dtype (float64 for a float64 model)
+                targets, divisor = _next_token_targets(labels, num_items, hidden_states.device, shift_labels)
+                logits = self.lm_head(hidden_states)
+                logits = logits.to(_acc_dtype(logits.dtype)).flatten(0, 1)  # [B * T, V]
+                loss = F.cross_entropy(logits, targets.reshape(-1), ignore_index=-100, reduction="sum") / divisor
             elif is_plain_linear(self.lm_head):
                 loss = chunked_causal_lm_loss(
                     hidden_states,

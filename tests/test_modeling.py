@@ -1360,14 +1360,29 @@ def test_torch_func_transforms_and_forward_ad_take_the_plain_forms_with_the_same
         with fwAD.dual_level():
             torch.testing.assert_close(fwAD.unpack_dual(f(fwAD.make_dual(emb, tangent))).tangent, want)
     assert want.abs().max() > 1  # (not a vanishing derivative)
-    # grad over the parameters of the chunked loss, against its ordinary backward
+    # grad over the parameters of the chunked loss, against its ordinary backward (both in float64)
     params = dict(model.named_parameters())
     kwargs = {"use_cache": False, "labels": ids, "skip_logits": True}
+    loss = torch.func.functional_call(model, params, (ids,), kwargs).loss
     grads = torch.func.grad(lambda p: torch.func.functional_call(model, p, (ids,), kwargs).loss)(params)
     model.zero_grad()
-    model(ids, **kwargs).loss.backward()
+    eager = model(ids, **kwargs).loss
+    eager.backward()
+    assert loss.dtype == eager.dtype == torch.float64
+    torch.testing.assert_close(loss, eager, rtol=1e-13, atol=0)
     for name, p in params.items():
-        torch.testing.assert_close(grads[name], p.grad, msg=name)
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-13, msg=name)
+    # a cached prefill and one step: forward-mode AD through the CSA layer's stored blocks as reverse mode (the cache
+    # holds values only, so neither sees the prefill's part through it)
+    csa = tiny_model(mixer_types=["csa"] * 2, num_hidden_layers=2)
+
+    def decode(e):
+        cache = csa(inputs_embeds=e[:, :8], use_cache=True).cache
+        return csa(inputs_embeds=e[:, 8:], cache=cache, use_cache=True).logits
+
+    with sdpa_kernel(SDPBackend.MATH):
+        _, want = torch.autograd.functional.jvp(decode, emb, tangent)
+        torch.testing.assert_close(torch.func.jvp(decode, (emb,), (tangent,))[1], want)
     # the embedding's index_add_ path (CUDA training) steps aside under a transform too
     table = torch.nn.Embedding(96, 8)
     seen = []
