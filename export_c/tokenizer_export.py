@@ -15,10 +15,11 @@ own rules (piece scores, a U+2581 prefix always: --sentencepiece); a folder whos
 names LlamaTokenizer like transformers' LlamaTokenizer, which AutoTokenizer loads from it (merges ranked
 by piece id, no U+2581 prefix when the text already starts with a space or U+2581, HF Metaspace
 prepend_scheme="first": --transformers-rules; add_prefix_space false in that tokenizer_config.json: no prefix).
-A tokenizer.json carries its own rules; the two options are refused for it. Its rules are read by running its own
-normalizer and pre-tokenizer (the tokenizers library) on probe texts (`text_rule_flags`): a file whose rules run.c
-cannot follow (a byte-level or lowercasing step, words split before the merges, ...) is refused, not exported to
-encode otherwise.
+A tokenizer.json carries its own rules; the two options are refused for it. Its rules, as transformers encodes
+with them (for a folder, those of the tokenizer class AutoTokenizer loads), are read by running them (the
+tokenizers library) on probe texts (`check_text_rules`): a tokenizer whose rules run.c cannot follow (a
+byte-level or lowercasing step, words split before the merges, added tokens that are not special, ...) is refused,
+not exported to encode otherwise. So is a tokenizer.model that normalizes text (`_parse_sentencepiece`).
 
 Text guard: a tokenizer that went through llamathink.chat_format.set_chat_template has Replace(U+FDD0, "")
 as the first step of its normalizer (tokenizer.json), so it deletes U+FDD0 from every text it encodes;
@@ -121,10 +122,30 @@ def _parse_sentencepiece(data: bytes) -> dict:
             types.append(typ)
         elif fn == 2 and wt == 2:  # the integer settings only (special ids, byte_fallback)
             trainer = {f2: v2 for f2, w2, v2 in _fields(v) if w2 == 0}
-        elif fn == 3 and wt == 2:
-            normalizer = {f2: v2 for f2, w2, v2 in _fields(v) if w2 == 0}
+        elif fn == 3 and wt == 2:  # NormalizerSpec: 1 name, 2 precompiled_charsmap, 3-5 flags
+            normalizer = {f2: (bytes(v2) if w2 == 2 else v2) for f2, w2, v2 in _fields(v) if w2 in (0, 2)}
     if not pieces:
         raise TokenizerExportError("no pieces")
+    # run.c turns spaces into U+2581 and changes nothing else: a model that maps characters (a precompiled charsmap,
+    # e.g. SentencePiece's default nmt_nfkc), removes extra whitespace (the proto's default: true) or keeps spaces
+    # as they are would encode otherwise in SentencePiece (Llama 2's: "identity", no charsmap, removal off)
+    changes = [
+        what
+        for what, applies in (
+            (
+                f"normalizes characters ({normalizer.get(1, b'').decode('utf-8', 'replace') or 'a charsmap'})",
+                bool(normalizer.get(2)),
+            ),
+            ("removes extra whitespace (remove_extra_whitespaces)", bool(normalizer.get(4, 1))),
+            ("keeps spaces unescaped (escape_whitespaces false)", not normalizer.get(5, 1)),
+        )
+        if applies
+    ]
+    if changes:
+        raise TokenizerExportError(
+            f"its normalizer {' and '.join(changes)}, which run.c's tokenizer does not: only models without text "
+            "normalization (like Llama 2's) can be exported"
+        )
 
     def sid(field, default):
         v = trainer.get(field, default)
@@ -198,7 +219,8 @@ def read_text_guard_flag(path: str) -> int:
 SPACE = "\u2581"  # SentencePiece's space piece character, run.c's stand-in for " "
 # texts whose normalized form (normalizer, then pre-tokenizer) tells run.c's rules apart: the prefix at the start
 # (plain, after a space, after a literal U+2581, after a newline), spaces inside and at the end, and characters that
-# a lowercasing, Unicode-normalizing, stripping or byte-level step would change
+# a lowercasing, Unicode-normalizing, stripping or byte-level step would change; `_probes` adds each printable ASCII
+# character and the strings the file's own Replace steps match
 _RULE_PROBES = (
     "",
     "x",
@@ -209,11 +231,16 @@ _RULE_PROBES = (
     "\nx y",
     "x  y ",
     "\tA",
-    "Caf\u00e9 e\u0301 \ufb01 \u00a0x",
+    "a\r\nb\r",
+    "don't 12345 x-y",
+    "Caf\u00e9 e\u0301 \ufb01 \u00a0x \u3000",
     TEXT_GUARD + " x",
     "x" + TEXT_GUARD + "y",
     "\u4e2d\u6587 \U0001f600",
 )
+# normalizer Replace steps by regular expression that run.c follows (their effect the probes check): the generic
+# Llama 2 conversion's doubled leading U+2581, and the text guard written as a regex
+_KNOWN_REGEX_REPLACES = {("\\A" + SPACE, SPACE + SPACE), ("^" + SPACE, SPACE + SPACE), (TEXT_GUARD, "")}
 
 
 def run_c_normalized(text: str, flags: int) -> str:
@@ -228,15 +255,94 @@ def run_c_normalized(text: str, flags: int) -> str:
     return (SPACE if prefix else "") + text.replace(" ", SPACE)
 
 
-def text_rule_flags(path: str, guard_flag: int) -> int:
-    """run.c's prefix flags for the tokenizer.json at `path` (`FLAG_DUMMY_PREFIX`, `FLAG_NO_PREFIX_IF_SPACE`, or
-    none), found by running the file's own normalizer and pre-tokenizer (the `tokenizers` library) on probe texts and
-    taking the flags under which `run_c_normalized` gives the same strings; `guard_flag` is `text_guard_flag`'s.
+def run_c_decoded(t: dict, ids: list[int]) -> str:
+    """The text run.c's decoding prints for token `ids` of tokenizer `t` (`load_tokenizer`'s dict), in Python:
+    control, unknown and unused pieces dropped, byte pieces as their byte, U+2581 as a space, and with flag 1 one
+    leading space of the first printed piece dropped. Invalid UTF-8 shows as U+FFFD."""
+    out, first = bytearray(), True
+    for i in ids:
+        kind, piece = t["types"][i], t["pieces"][i]
+        if kind in (CONTROL, UNKNOWN, UNUSED):
+            continue
+        if kind == BYTE:
+            out.append(i - t["byte0"])
+            first = False
+            continue
+        k = 0
+        while k < len(piece):
+            if piece[k : k + 3] == SPACE_BYTES:
+                if not (first and t["flags"] & FLAG_DUMMY_PREFIX):
+                    out += b" "
+                k += 3
+            else:
+                out.append(piece[k])
+                k += 1
+            first = False
+    return out.decode("utf-8", "replace")
 
-    Raises TokenizerExportError naming the file and a probe text where no flags give the file's string (a
-    byte-level, lowercasing, Unicode-normalizing or stripping step; a prefix rule run.c lacks), where the
-    pre-tokenizer splits a text into words (run.c merges over the whole text), and where the BPE model has options
-    run.c lacks (dropout, subword prefixes or suffixes)."""
+
+SPACE_BYTES = SPACE.encode("utf-8")
+
+
+def _flat_steps(state) -> list:
+    """The steps of a normalizer or pre-tokenizer state (tokenizer.json), nested Sequences flattened."""
+    if not isinstance(state, dict):
+        return []
+    if state.get("type") != "Sequence":
+        return [state]
+    inner = state.get("normalizers", state.get("pretokenizers", []))
+    return [step for part in (inner if isinstance(inner, list) else []) for step in _flat_steps(part)]
+
+
+def _unfollowed_step(state: dict, pieces) -> str | None:
+    """The first step of tokenizer.json state `state` that run.c has no counterpart for, described; None where it
+    follows every one (the probes then check how). run.c follows normalizer `Replace` of a string (or of the
+    regular expressions in `_KNOWN_REGEX_REPLACES`) and `Prepend`; the `Metaspace` pre-tokenizer with U+2581, which
+    splits words apart only where no piece has U+2581 after its first character (`split: true`; else run.c's
+    merges across words would differ); a BPE model without dropout, subword prefix or suffix, and with byte
+    fallback where it fuses unknown characters into one `<unk>` (run.c gives one per character)."""
+    for step in _flat_steps(state.get("normalizer")):
+        kind = step.get("type")
+        pattern = step.get("pattern") if isinstance(step.get("pattern"), dict) else {}
+        if kind == "Prepend" or (kind == "Replace" and "String" in pattern):
+            continue
+        if kind == "Replace" and (pattern.get("Regex"), step.get("content")) in _KNOWN_REGEX_REPLACES:
+            continue
+        what = f"Replace(Regex {pattern.get('Regex')!r} -> {step.get('content')!r})" if kind == "Replace" else kind
+        return f"normalizer step {what}"
+    for step in _flat_steps(state.get("pre_tokenizer")):
+        if step.get("type") != "Metaspace" or step.get("replacement", SPACE) != SPACE:
+            return f"pre-tokenizer {step.get('type')}" + (
+                " (another replacement than U+2581)" * (step.get("type") == "Metaspace")
+            )
+        if step.get("split", True) and any(SPACE_BYTES in p[1:] for p in pieces):
+            return "pre-tokenizer Metaspace with split: true (words merged apart) and pieces with U+2581 inside"
+    model = state.get("model") or {}
+    for option in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(option):
+            return f"BPE option {option}={model[option]!r}"
+    if model.get("fuse_unk") and not model.get("byte_fallback"):
+        return "BPE option fuse_unk without byte_fallback (unknown characters fused into one <unk>)"
+    return None
+
+
+def _probes(state: dict) -> list[str]:
+    """`_RULE_PROBES`, each printable ASCII character, and texts holding each string the normalizer's Replace and
+    Prepend steps of tokenizer.json state `state` match or add."""
+    texts = [*_RULE_PROBES, "".join(map(chr, range(33, 127))), " ".join(map(chr, range(33, 127)))]
+    for step in _flat_steps(state.get("normalizer")):
+        found = step.get("pattern", {}).get("String") if isinstance(step.get("pattern"), dict) else None
+        for part in (found, step.get("prepend"), step.get("content")):
+            if isinstance(part, str) and part:
+                texts += [part + "x", "x" + part + "y", "x" + part, " " + part]
+    return texts
+
+
+def _backend_tokenizer(path: str, folder: str | None):
+    """The `tokenizers.Tokenizer` that transformers encodes with for `folder` (`AutoTokenizer`, whose tokenizer
+    class may replace the file's normalizer and pre-tokenizer by its own: transformers 5's LlamaTokenizer does),
+    else, for a tokenizer.json file or where transformers is not installed, the file at `path` itself. Raises
+    TokenizerExportError where neither can be read."""
     try:
         from tokenizers import Tokenizer
     except ImportError as e:
@@ -244,54 +350,96 @@ def text_rule_flags(path: str, guard_flag: int) -> int:
             f"{path}: reading a tokenizer.json's text rules needs the tokenizers package (pip install tokenizers)"
         ) from e
     try:
-        tk = Tokenizer.from_file(path)
-    except (KeyboardInterrupt, SystemExit):
+        if folder is not None:
+            try:
+                from transformers import AutoTokenizer
+            except ImportError:
+                folder = None
+        if folder is None:
+            return Tokenizer.from_file(path)
+        backend = getattr(AutoTokenizer.from_pretrained(folder), "backend_tokenizer", None)
+        if backend is None:
+            raise TokenizerExportError(f"{folder}: transformers loads a tokenizer without a tokenizers backend there")
+        return Tokenizer.from_str(backend.to_str())  # (a copy: the guard may be put in below)
+    except (KeyboardInterrupt, SystemExit, TokenizerExportError):
         raise
     # tokenizers raises Exception for a file it cannot parse, and a Rust panic as pyo3's PanicException, a
-    # BaseException
+    # BaseException; transformers raises OSError, ValueError and others for a folder it cannot load
     except BaseException as e:
-        raise TokenizerExportError(f"{path}: the tokenizers library cannot read it ({type(e).__name__}: {e})") from e
-    model = tk.model
-    if (
-        getattr(model, "dropout", None)
-        or getattr(model, "continuing_subword_prefix", None)
-        or getattr(model, "end_of_word_suffix", None)
-    ):
+        where = (
+            f"transformers cannot load the tokenizer of {folder}"
+            if folder
+            else f"{path}: the tokenizers library cannot read it"
+        )
+        raise TokenizerExportError(f"{where} ({type(e).__name__}: {e})") from e
+
+
+def check_text_rules(t: dict, path: str, folder: str | None = None) -> int:
+    """run.c's prefix flags (`FLAG_DUMMY_PREFIX`, `FLAG_NO_PREFIX_IF_SPACE`, or neither) for tokenizer `t` read from
+    the tokenizer.json at `path` (`folder`: the folder it was named by, which transformers loads through its
+    tokenizer class), found by running transformers' normalizer and pre-tokenizer for it (`_backend_tokenizer`) on
+    probe texts (`_probes`) and taking the flags under which `run_c_normalized` gives the same strings; and a check
+    that run.c decodes each probe's tokens as transformers does (`run_c_decoded`). `t["flags"]` holds the text guard
+    flag already (`text_guard_flag`: the project's chat and finetuning put the guard back where a tokenizer class
+    dropped it).
+
+    Raises TokenizerExportError naming the file (and a probe text where one differs) for a step run.c has no
+    counterpart for (`_unfollowed_step`: a byte-level, lowercasing, Unicode-normalizing or digit-splitting step,
+    BPE dropout, ...), for rules no flags reproduce, and for a decoder that prints otherwise than run.c."""
+    from tokenizers import normalizers
+
+    backend = _backend_tokenizer(path, folder)
+    guard = t["flags"] & FLAG_DROP_TEXT_GUARD
+    state = json.loads(backend.to_str())
+    if guard and not text_guard_flag(state, path):  # (a tokenizer class that drops the file's normalizer)
+        backend.normalizer = normalizers.Sequence(
+            [normalizers.Replace(TEXT_GUARD, ""), *([backend.normalizer] if backend.normalizer else [])]
+        )
+        state = json.loads(backend.to_str())
+    problem = _unfollowed_step(state, t["pieces"])
+    if problem:
         raise TokenizerExportError(
-            f"{path}: its BPE model has dropout, continuing_subword_prefix or end_of_word_suffix set; run.c's "
-            "tokenizer has none of them"
+            f"{path}: its {problem} has no counterpart in run.c's tokenizer, which would encode otherwise than transformers"
         )
 
     def normalized(text: str) -> str:
-        text = tk.normalizer.normalize_str(text) if tk.normalizer is not None else text
-        words = [w for w, _ in tk.pre_tokenizer.pre_tokenize_str(text)] if tk.pre_tokenizer is not None else [text]
-        if len(words) > 1:
-            raise TokenizerExportError(
-                f"{path}: its pre-tokenizer splits {text!r} into {words!r}; run.c merges over the whole text, so "
-                "its encodings would differ"
-            )
-        return words[0] if words else ""
+        text = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
+        words = [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(text)] if backend.pre_tokenizer else [text]
+        return "".join(words)
 
+    probes = _probes(state)
     try:
-        wanted = [normalized(text) for text in _RULE_PROBES]
-    except (KeyboardInterrupt, SystemExit, TokenizerExportError):
+        wanted = [normalized(text) for text in probes]
+        ids = [backend.encode(text, add_special_tokens=False).ids for text in probes]
+        decoded = [backend.decode(x, skip_special_tokens=True) for x in ids]
+    except (KeyboardInterrupt, SystemExit):
         raise
-    except BaseException as e:  # (as above)
-        raise TokenizerExportError(f"{path}: its normalizer or pre-tokenizer failed ({type(e).__name__}: {e})") from e
+    except BaseException as e:  # (as in _backend_tokenizer)
+        raise TokenizerExportError(
+            f"{path}: its normalizer, pre-tokenizer or decoder failed ({type(e).__name__}: {e})"
+        ) from e
     candidates = (FLAG_DUMMY_PREFIX | FLAG_NO_PREFIX_IF_SPACE, FLAG_DUMMY_PREFIX, 0)
-    for flags in candidates:
-        if all(run_c_normalized(t, guard_flag | flags) == w for t, w in zip(_RULE_PROBES, wanted)):
-            return flags
-    # the probe the nearest rules (fewest differences) get wrong, for the message
-    best = min(
-        candidates, key=lambda f: sum(run_c_normalized(t, guard_flag | f) != w for t, w in zip(_RULE_PROBES, wanted))
+    flags = next(
+        (f for f in candidates if all(run_c_normalized(x, guard | f) == w for x, w in zip(probes, wanted))), None
     )
-    text, want = next((t, w) for t, w in zip(_RULE_PROBES, wanted) if run_c_normalized(t, guard_flag | best) != w)
-    raise TokenizerExportError(
-        f"{path}: its normalizer and pre-tokenizer turn {text!r} into {want!r}, and run.c's rules (spaces as U+2581, "
-        f"a U+2581 prefix always, never or unless the text starts with one) give {run_c_normalized(text, guard_flag | best)!r} at "
-        "best: run.c would encode such texts otherwise than transformers"
-    )
+    if flags is None:
+        # the probe the nearest rules (fewest differences) get wrong, for the message
+        best = min(candidates, key=lambda f: sum(run_c_normalized(x, guard | f) != w for x, w in zip(probes, wanted)))
+        text, want = next((x, w) for x, w in zip(probes, wanted) if run_c_normalized(x, guard | best) != w)
+        raise TokenizerExportError(
+            f"{path}: its normalizer and pre-tokenizer turn {text!r} into {want!r}, and run.c's rules (spaces as "
+            f"U+2581, a U+2581 prefix always, never or unless the text starts with one) give "
+            f"{run_c_normalized(text, guard | best)!r} at best: run.c would encode such texts otherwise than transformers"
+        )
+    decoding = {**t, "flags": t["flags"] | flags}
+    for text, x, want in zip(probes, ids, decoded):
+        if max(x, default=-1) < len(t["pieces"]) and run_c_decoded(decoding, x) != want:
+            raise TokenizerExportError(
+                f"{path}: its decoder prints the tokens of {text!r} as {want!r}, run.c as "
+                f"{run_c_decoded(decoding, x)!r}: run.c decodes U+2581 as a space and drops one leading space where "
+                "it adds the prefix"
+            )
+    return flags
 
 
 def read_hf_json(path: str) -> dict:
@@ -321,9 +469,16 @@ def _read_hf_json(path: str) -> dict:
     added = {t["id"] for t in j.get("added_tokens", [])}
     if len(set(vocab.values())) < len(vocab):
         raise TokenizerExportError(f"{path}: model.vocab gives one id to several pieces")
-    missing = sorted(set(range(n)) - set(vocab.values()) - added)
-    if missing:  # run.c would hold empty pieces there
-        raise TokenizerExportError(f"{path}: ids {missing[:5]} of 0..{n - 1} have no piece (the ids have gaps)")
+    named = set(vocab.values()) | added
+    if len(named) < n:  # run.c would hold empty pieces there (counted first: an id of 10**10 names no range)
+        missing = sorted(set(range(n)) - named)[:5] if n <= 4 * len(named) + 1024 else "far beyond the pieces"
+        raise TokenizerExportError(f"{path}: ids {missing} of 0..{n - 1} have no piece (the ids have gaps)")
+    plain_added = [t["content"] for t in j.get("added_tokens", []) if not t.get("special", False)]
+    if plain_added:
+        raise TokenizerExportError(
+            f"{path}: added tokens that are not special ({', '.join(map(repr, plain_added[:3]))}): transformers "
+            "matches them in the text before the merges, run.c does not"
+        )
     pieces = [b""] * n
     types = [UNUSED] * n
     for p, i in vocab.items():
@@ -350,8 +505,7 @@ def _read_hf_json(path: str) -> dict:
         scores[t["id"]] = NO_MERGE if t.get("special", False) else 0.0
     if 0 <= unk < n:
         types[unk] = UNKNOWN
-    guard = text_guard_flag(j, path)
-    flags = guard | text_rule_flags(path, guard)
+    flags = text_guard_flag(j, path)  # (the prefix flags: `check_text_rules`, once the pieces are all known)
     bos = eos = None
     cfg_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
     if os.path.exists(cfg_path):
@@ -455,6 +609,7 @@ def load_tokenizer(src: str, sentencepiece_rules: bool | None = None) -> dict:
                 "name the .model file"
             )
         t = read_hf_json(js)
+        t["json"] = (js, src if os.path.isdir(src) else None)
     if t["byte_fallback"]:
         t["flags"] |= FLAG_BYTE_FALLBACK
     # byte pieces must be contiguous <0x00>..<0xFF>
@@ -471,6 +626,8 @@ def load_tokenizer(src: str, sentencepiece_rules: bool | None = None) -> dict:
     elif t["byte_fallback"]:
         raise TokenizerExportError("byte_fallback set but no <0x00> piece")
     t["byte0"] = byte0
+    if "json" in t:
+        t["flags"] |= check_text_rules(t, *t.pop("json"))
     return t
 
 

@@ -693,65 +693,121 @@ def test_tokenizer_json_of_each_llama2_conversion_encodes_as_transformers(run_bi
     assert trained.encode("x", add_special_tokens=False) == [29916]  # (no prefix: "x", not "\u2581x")
 
 
-def _bpe_tokenizer_json(path, normalizer=None, pre_tokenizer=None, **bpe) -> None:
-    """A small BPE tokenizer.json (pieces of "hello world" and the ASCII letters, specials <unk> <s> </s>) with the
-    given normalizer, pre-tokenizer and BPE options, built with the tokenizers library."""
-    from tokenizers import Tokenizer, models
+def _bpe_tokenizer_json(path, normalizer=None, pre_tokenizer=None, extra=(), plain_added=(), **bpe):
+    """A small BPE tokenizer.json (pieces of "hello world" and the ASCII letters, `extra` pieces, special added
+    tokens <unk> <s> </s>, non-special added tokens `plain_added`, a Metaspace decoder) with the given normalizer,
+    pre-tokenizer and BPE options, built with the tokenizers library; returns the Tokenizer."""
+    from tokenizers import Tokenizer, decoders, models
 
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = {
-        p: i
-        for i, p in enumerate(["<unk>", "<s>", "</s>", "\u2581", "\u0120", *letters, *[c.upper() for c in letters]])
-    }
+    pieces = ["<unk>", "<s>", "</s>", "\u2581", "\u0120", *letters, *[c.upper() for c in letters], *extra]
+    vocab = {p: i for i, p in enumerate(pieces)}
     merges = [("h", "e"), ("he", "l"), ("hel", "l"), ("hell", "o"), ("\u2581", "hello"), ("\u0120", "hello")]
     for a, b in merges:
         vocab[a + b] = len(vocab)
     tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", **bpe))
+    tk.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tk.add_tokens(list(plain_added))
     if normalizer is not None:
         tk.normalizer = normalizer
     if pre_tokenizer is not None:
         tk.pre_tokenizer = pre_tokenizer
+    tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
     tk.save(str(path))
+    return tk
 
 
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("byte_level", "normalizer and pre-tokenizer turn"),
-        ("lowercase", r"turn '\\tA' into '\u2581\\ta'"),
-        ("split_words", "pre-tokenizer splits"),
-        ("nfkc", "normalizer and pre-tokenizer turn"),
-        ("dropout", "dropout"),
+        ("byte_level", "its pre-tokenizer ByteLevel has no counterpart"),
+        ("lowercase", "its normalizer step Lowercase has no counterpart"),
+        ("nfkc", "its normalizer step NFKC has no counterpart"),
+        ("digits", "its pre-tokenizer Digits has no counterpart"),
+        ("regex", r"its normalizer step Replace\(Regex '\\\\s\+' -> ' '\) has no counterpart"),
+        ("carriage_return", r"turn 'a\\r\\nb\\r' into '\u2581a\\nb'"),
+        ("apostrophe", "turn \"don't 12345 x-y\" into '\u2581don\u2019t"),
+        ("split_words", "Metaspace with split: true .* pieces with U\\+2581 inside"),
+        ("dropout", "BPE option dropout=0.1"),
+        ("fuse_unk", "BPE option fuse_unk without byte_fallback"),
+        ("plain_added", "added tokens that are not special \\('<think>'\\)"),
+        ("strip_decoder", "its decoder prints the tokens of"),
     ],
 )
-def test_a_tokenizer_json_whose_text_rules_run_c_lacks_is_refused(case, message, tmp_path):
-    """A tokenizer.json whose normalizer, pre-tokenizer or BPE options make encodings run.c cannot reproduce (a
-    byte-level pre-tokenizer, a lowercasing or NFKC normalizer, Metaspace splitting words, BPE dropout) is refused
-    with the file named and nothing written; before, it was exported with run.c's default prefix rule and
-    encoded otherwise than transformers."""
-    from tokenizers import normalizers, pre_tokenizers
+def test_a_tokenizer_json_whose_text_rules_run_c_lacks_is_refused(case, message, run_bin, tmp_path):
+    """A tokenizer.json whose normalizer, pre-tokenizer, decoder, added tokens or BPE options make run.c encode or
+    decode otherwise than transformers (a byte-level or digit-splitting pre-tokenizer, a lowercasing, NFKC or
+    regex normalizer step, Replace steps the probes catch, Metaspace splitting words where pieces hold U+2581
+    inside, dropout, fused unknowns, added tokens matched before the merges, a decoder that keeps the prefix's
+    space) is refused with the file named and nothing written; before, each was exported with a guessed prefix
+    rule. The same file without the fault, and Metaspace splitting words where no piece holds U+2581 inside, are
+    exported and encode as the tokenizers library does."""
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
 
     metaspace = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    split = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
     kwargs = {
         "byte_level": {"pre_tokenizer": pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)},
         "lowercase": {"normalizer": normalizers.Lowercase(), "pre_tokenizer": metaspace},
-        "split_words": {
-            "pre_tokenizer": pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
-        },
         "nfkc": {"normalizer": normalizers.NFKC(), "pre_tokenizer": metaspace},
+        "digits": {"pre_tokenizer": pre_tokenizers.Sequence([metaspace, pre_tokenizers.Digits(True)])},
+        "regex": {"normalizer": normalizers.Replace(Regex("\\s+"), " "), "pre_tokenizer": metaspace},
+        "carriage_return": {"normalizer": normalizers.Replace("\r", ""), "pre_tokenizer": metaspace},
+        "apostrophe": {"normalizer": normalizers.Replace("'", "\u2019"), "pre_tokenizer": metaspace},
+        "split_words": {"pre_tokenizer": split, "extra": ["\u2581\u2581"]},
         "dropout": {"pre_tokenizer": metaspace, "dropout": 0.1},
+        "fuse_unk": {"pre_tokenizer": metaspace, "fuse_unk": True},
+        "plain_added": {"pre_tokenizer": metaspace, "plain_added": ["<think>"]},
+        "strip_decoder": {"pre_tokenizer": pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never")},
     }[case]
     d = tmp_path / case
     d.mkdir()
-    _bpe_tokenizer_json(d / "tokenizer.json", **kwargs)
+    tk = _bpe_tokenizer_json(d / "tokenizer.json", **kwargs)
+    if case == "strip_decoder":  # no prefix added, yet the decoder drops a leading space
+        tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Strip(" ", 1, 0)])
+        tk.save(str(d / "tokenizer.json"))
     out = tmp_path / "tok.bin"
     with pytest.raises(tkx.TokenizerExportError, match=re.escape(str(d / "tokenizer.json")) + ".*" + message):
         tkx.export_tokenizer(str(d), str(out))
     assert not out.exists()
-    # the same file with only the Metaspace pre-tokenizer is exported, with the "first" rule
-    _bpe_tokenizer_json(d / "tokenizer.json", pre_tokenizer=metaspace)
-    tkx.export_tokenizer(str(d), str(out))
-    assert tkx.load_tokenizer(str(d))["flags"] & 7 == tkx.FLAG_DUMMY_PREFIX | tkx.FLAG_NO_PREFIX_IF_SPACE
+    # without the fault, and splitting words where no piece has U+2581 inside, exported with the "first" rule
+    for pre_tokenizer in (metaspace, split):
+        tk = _bpe_tokenizer_json(d / "tokenizer.json", pre_tokenizer=pre_tokenizer)
+        tkx.export_tokenizer(str(d), str(out))
+        assert tkx.load_tokenizer(str(d))["flags"] & 7 == tkx.FLAG_DUMMY_PREFIX | tkx.FLAG_NO_PREFIX_IF_SPACE
+        for text in ("hello world", " hello  hello ", "\u2581hello", "Hello hellO"):
+            assert _c_encode(run_bin, out, text) == tk.encode(text, add_special_tokens=False).ids, text
+
+
+def test_tokenizer_json_ids_far_beyond_the_pieces_are_refused_by_name(tmp_path):
+    """An added token whose id is 10**10 (a hostile or corrupt tokenizer.json): a TokenizerExportError naming the
+    gap, not a MemoryError from listing the ids in between."""
+    d = tmp_path / "far"
+    d.mkdir()
+    _bpe_tokenizer_json(d / "tokenizer.json")
+    state = json.loads((d / "tokenizer.json").read_text())
+    state["added_tokens"][0]["id"] = 10**10
+    (d / "tokenizer.json").write_text(json.dumps(state))
+    with pytest.raises(tkx.TokenizerExportError, match=r"ids far beyond the pieces of 0\.\.10000000000 have no piece"):
+        tkx.export_tokenizer(str(d), str(tmp_path / "tok.bin"))
+
+
+def test_sentencepiece_model_that_normalizes_text_is_refused(tmp_path):
+    """A tokenizer.model whose NormalizerSpec maps characters (a charsmap, as SentencePiece's default nmt_nfkc),
+    removes extra whitespace (the proto's default) or keeps spaces unescaped: refused naming it; run.c would encode
+    "a  b" or "\ufb01" otherwise than SentencePiece. Llama 2's spec ("identity", no removal) is exported."""
+    pieces = [b"<unk>", b"<s>", b"</s>", b"\xe2\x96\x81a", b"b"]
+    cases = {
+        "charsmap": ({1: b"nmt_nfkc", 2: b"\x01\x02"}, "normalizes characters \\(nmt_nfkc\\)"),
+        "whitespace": ({4: 1}, "removes extra whitespace"),
+        "unescaped": ({5: 0}, "keeps spaces unescaped"),
+    }
+    for name, (spec, message) in cases.items():
+        (tmp_path / f"{name}.model").write_bytes(_sentencepiece_bytes(pieces, normalizer=spec))
+        with pytest.raises(tkx.TokenizerExportError, match=message):
+            tkx.export_tokenizer(str(tmp_path / f"{name}.model"), str(tmp_path / "tok.bin"))
+    (tmp_path / "identity.model").write_bytes(_sentencepiece_bytes(pieces))
+    assert tkx.load_tokenizer(str(tmp_path / "identity.model"))["pieces"] == pieces
 
 
 def test_tokenizer_project_llama2_json(run_bin, llama2_dir, work):
@@ -793,8 +849,10 @@ def test_tokenizer_project_llama2_json(run_bin, llama2_dir, work):
     assert transformers_ids != hf(text, add_special_tokens=False)["input_ids"]  # (the two rules differ)
 
 
-def _sentencepiece_bytes(pieces: list[bytes], types: list[int] | None = None) -> bytes:
-    """A minimal SentencePiece ModelProto: field 1 = one SentencePiece {1: piece, 2: score (float32), 3: type}."""
+def _sentencepiece_bytes(pieces: list[bytes], types: list[int] | None = None, normalizer: dict | None = None) -> bytes:
+    """A minimal SentencePiece ModelProto: field 1 = one SentencePiece {1: piece, 2: score (float32), 3: type}, and
+    field 3 the NormalizerSpec of Llama 2's model (name "identity", add_dummy_prefix, no whitespace removal) with
+    `normalizer`'s fields ({number: int or bytes}) over it."""
 
     def varint(n: int) -> bytes:
         out = b""
@@ -812,6 +870,10 @@ def _sentencepiece_bytes(pieces: list[bytes], types: list[int] | None = None) ->
     for i, (piece, typ) in enumerate(zip(pieces, types)):
         entry = field(1, 2, piece) + field(2, 5, struct.pack("<f", -float(i))) + field(3, 0, varint(typ))
         body += field(1, 2, entry)
+    spec = {1: b"identity", 3: 1, 4: 0, **(normalizer or {})}
+    body += field(
+        3, 2, b"".join(field(k, 2, v) if isinstance(v, bytes) else field(k, 0, varint(v)) for k, v in spec.items())
+    )
     return body
 
 
