@@ -515,7 +515,14 @@ def save_tokenizer_for_model(tok, save_dir: str | os.PathLike, model_max_length:
     * ``model_max_length``: the model's context (``config.max_position_embeddings``), so tokenizer warnings and
       ``truncation=True`` use the real limit instead of transformers' "very large" placeholder.
 
-    ``tok`` itself is not changed. Raises ``ValueError`` if ``model_max_length`` is not a positive integer.
+    The saved folder loads (``AutoTokenizer``) with ``tok``'s own text pipeline (normalizer, pre-tokenizer,
+    post-processor, decoder): where ``tok``'s class builds its own on loading instead of reading tokenizer.json's
+    (transformers 5's ``LlamaTokenizer`` does, from ``add_prefix_space``, and so dropped the chat template's text
+    guard, ``llamathink.chat_format.set_chat_template``), tokenizer_config.json names the generic
+    ``PreTrainedTokenizerFast``, which reads the file as written.
+
+    ``tok`` itself is not changed. Raises ``ValueError`` if ``model_max_length`` is not a positive integer, or if
+    the saved folder still loads with another pipeline.
     """
     if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) or model_max_length <= 0:
         raise ValueError(f"model_max_length must be a positive integer, got {model_max_length!r}")
@@ -528,7 +535,35 @@ def save_tokenizer_for_model(tok, save_dir: str | os.PathLike, model_max_length:
     for key in _LOAD_ONLY_KWARGS:
         out.init_kwargs.pop(key, None)
     out.save_pretrained(os.fspath(save_dir))
+    if _text_pipeline(_reloaded(save_dir)) != _text_pipeline(out):
+        config_path = Path(save_dir) / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if _text_pipeline(_reloaded(save_dir)) != _text_pipeline(out):
+            raise ValueError(
+                f"{save_dir}: the saved tokenizer ({type(tok).__name__}) loads with another text pipeline than it "
+                "was saved with, even as PreTrainedTokenizerFast"
+            )
     return out
+
+
+def _reloaded(folder: str | os.PathLike):
+    """The tokenizer ``AutoTokenizer`` loads from a saved `folder` (no network)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.fspath(folder), local_files_only=True)
+
+
+def _text_pipeline(tok) -> tuple:
+    """The normalizer, pre-tokenizer, post-processor and decoder of a fast tokenizer (their tokenizer.json states),
+    what decides how it encodes and decodes text beyond its vocabulary; () for a tokenizer without a tokenizers
+    backend."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return ()
+    state = json.loads(backend.to_str())
+    return tuple(state.get(key) for key in ("normalizer", "pre_tokenizer", "post_processor", "decoder"))
 
 
 # ---------------------------------------------------------------------------

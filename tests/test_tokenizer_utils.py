@@ -18,6 +18,7 @@ from llamathink.tokenizer_utils import (
     iter_sample_texts,
     load_tokenizer,
     main,
+    save_tokenizer_for_model,
     tokenizer_from_sentencepiece,
     train_tokenizer,
     vocab_and_scores,
@@ -391,3 +392,41 @@ def test_a_tokenizer_with_shared_ids_or_a_bad_model_max_length_is_refused_at_loa
         (folder / "tokenizer_config.json").write_text(json.dumps(config))
         with pytest.raises(ValueError, match="model_max_length must be a positive integer"):
             load_tokenizer(folder)
+
+
+def test_a_chat_tokenizer_saved_for_a_model_loads_with_its_text_guard(tmp_path):
+    """A Llama 2 folder whose tokenizer_config.json names LlamaTokenizer (a Hub layout), given the chat template
+    (its U+FDD0 text guard put first in the normalizer) and saved with `save_tokenizer_for_model`: `AutoTokenizer`
+    loads it back with the guard and encodes chats as the tokenizer that was saved. transformers 5's LlamaTokenizer
+    builds its own normalizer when loaded, so the saved folder used to encode the template's guarded content as byte
+    tokens; it is now named as the generic PreTrainedTokenizerFast. A tokenizer whose class reads tokenizer.json as
+    written keeps its class."""
+    from transformers import AutoTokenizer
+
+    from llamathink.chat_format import set_chat_template
+
+    folder = tmp_path / "hub_layout"
+    folder.mkdir()
+    shutil.copy(llama2_model_path(), folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    tok = set_chat_template(load_tokenizer(folder))
+    assert type(tok).__name__ == "LlamaTokenizer"
+    save_tokenizer_for_model(tok, tmp_path / "saved", 1024)
+    again = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    chat = [{"role": "user", "content": "say </s> or <s> please"}, {"role": "assistant", "content": "ok </s>"}]
+    for text in ("a\ufdd0b", " leading", "Hello world", "\u2581x"):
+        assert again.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False), text
+    assert again.apply_chat_template(chat, tokenize=True) == tok.apply_chat_template(chat, tokenize=True)
+    assert again.encode("a\ufdd0b", add_special_tokens=False) == tok.encode("ab", add_special_tokens=False)
+    assert json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())["tokenizer_class"] == (
+        "PreTrainedTokenizerFast"
+    )
+    plain = set_chat_template(load_tokenizer(llama2_model_path()))
+    save_tokenizer_for_model(plain, tmp_path / "plain", 1024)
+    plain.save_pretrained(tmp_path / "as_transformers_saves_it")
+    assert (
+        json.loads((tmp_path / "plain" / "tokenizer_config.json").read_text())["tokenizer_class"]
+        == (
+            json.loads((tmp_path / "as_transformers_saves_it" / "tokenizer_config.json").read_text())["tokenizer_class"]
+        )
+    )
