@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import struct
 import sys
 
@@ -47,7 +48,7 @@ TK_HEADER_SIZE = 64
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 FLAG_DUMMY_PREFIX = 1
 FLAG_BYTE_FALLBACK = 2
-FLAG_NO_PREFIX_IF_SPACE = 4  # no prefix where the text starts with a space or U+2581 (HF Metaspace "first")
+FLAG_NO_PREFIX_IF_SPACE = 4  # no prefix where the text starts with a space, U+2581 or a deleted U+FDD0 (HF "first")
 FLAG_DROP_TEXT_GUARD = 8  # delete U+FDD0 before anything else (llamathink.chat_format.set_chat_template)
 # llamathink.chat_format.TEXT_GUARD (a copy: the exporter also runs without the package)
 TEXT_GUARD = "\ufdd0"
@@ -235,6 +236,8 @@ _RULE_PROBES = (
     "don't 12345 x-y",
     "Caf\u00e9 e\u0301 \ufb01 \u00a0x \u3000",
     TEXT_GUARD + " x",
+    TEXT_GUARD + "x",
+    TEXT_GUARD + TEXT_GUARD + "Hello",
     "x" + TEXT_GUARD + "y",
     "\u4e2d\u6587 \U0001f600",
 )
@@ -245,13 +248,17 @@ _KNOWN_REGEX_REPLACES = {("\\A" + SPACE, SPACE + SPACE), ("^" + SPACE, SPACE + S
 
 def run_c_normalized(text: str, flags: int) -> str:
     """The string run.c's `encode` merges for `text` under tokenizer `flags` (its normalization, in Python): U+FDD0
-    deleted (flag 8), a U+2581 prefix (flag 1) unless the text starts with a space or U+2581 (flag 4), every space
-    made U+2581. The empty text stays empty."""
+    deleted (flag 8), a U+2581 prefix (flag 1) unless the text starts with a space or U+2581, or with a U+FDD0 that
+    was deleted (flag 4: HF's Metaspace "first", which prefixes only a word at the original text's offset 0), every
+    space made U+2581. The empty text stays empty."""
+    guarded_start = False
     if flags & FLAG_DROP_TEXT_GUARD:
+        guarded_start = text.startswith(TEXT_GUARD)
         text = text.replace(TEXT_GUARD, "")
     if not text:
         return ""
-    prefix = flags & FLAG_DUMMY_PREFIX and not (flags & FLAG_NO_PREFIX_IF_SPACE and text[0] in (" ", SPACE))
+    no_prefix = text[0] in (" ", SPACE) or guarded_start
+    prefix = flags & FLAG_DUMMY_PREFIX and not (flags & FLAG_NO_PREFIX_IF_SPACE and no_prefix)
     return (SPACE if prefix else "") + text.replace(" ", SPACE)
 
 
@@ -357,7 +364,15 @@ def _backend_tokenizer(path: str, folder: str | None):
                 folder = None
         if folder is None:
             return Tokenizer.from_file(path)
-        backend = getattr(AutoTokenizer.from_pretrained(folder), "backend_tokenizer", None)
+        from transformers.utils import logging as transformers_logging
+
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # (a checkpoint's "model of type llamathink" notice)
+        try:  # never code from the folder: refused at once rather than asked on the terminal
+            loaded = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+        backend = getattr(loaded, "backend_tokenizer", None)
         if backend is None:
             raise TokenizerExportError(f"{folder}: transformers loads a tokenizer without a tokenizers backend there")
         return Tokenizer.from_str(backend.to_str())  # (a copy: the guard may be put in below)
@@ -367,7 +382,7 @@ def _backend_tokenizer(path: str, folder: str | None):
     # BaseException; transformers raises OSError, ValueError and others for a folder it cannot load
     except BaseException as e:
         where = (
-            f"transformers cannot load the tokenizer of {folder}"
+            f"{path}: transformers cannot load the tokenizer of its folder (the exporter runs no code from it)"
             if folder
             else f"{path}: the tokenizers library cannot read it"
         )
@@ -396,13 +411,33 @@ def check_text_rules(t: dict, path: str, folder: str | None = None) -> int:
             [normalizers.Replace(TEXT_GUARD, ""), *([backend.normalizer] if backend.normalizer else [])]
         )
         state = json.loads(backend.to_str())
+    named = {piece for piece, kind in zip(t["pieces"], t["types"]) if kind in (CONTROL, UNKNOWN)}
+    extra = [a["content"] for a in state.get("added_tokens", []) if a["content"].encode("utf-8") not in named]
+    if extra:  # (tokenizer_config.json's extra special tokens, or a tokenizer class's own)
+        raise TokenizerExportError(
+            f"{path}: transformers loads it with added tokens that tokenizer.json does not mark special "
+            f"({', '.join(map(repr, extra[:3]))}): transformers matches them in the text before the merges, run.c "
+            "does not"
+        )
     problem = _unfollowed_step(state, t["pieces"])
     if problem:
         raise TokenizerExportError(
             f"{path}: its {problem} has no counterpart in run.c's tokenizer, which would encode otherwise than transformers"
         )
 
+    unk = backend.token_to_id(state.get("model", {}).get("unk_token") or "") if state.get("model") else None
+
     def normalized(text: str) -> str:
+        # the string the merges saw: the encoding's tokens joined (byte pieces as their bytes), which keeps what the
+        # pipeline does by offset into the original text (Metaspace "first" adds no prefix once a normalizer step
+        # deleted the text's first characters); the normalizer and pre-tokenizer on their own where a token is unknown
+        encoding = backend.encode(text, add_special_tokens=False)
+        if unk is None or unk not in encoding.ids:
+            joined = bytearray()
+            for token in encoding.tokens:
+                byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", token)
+                joined += bytes([int(byte.group(1), 16)]) if byte else token.encode("utf-8")
+            return joined.decode("utf-8", "replace")
         text = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
         words = [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(text)] if backend.pre_tokenizer else [text]
         return "".join(words)

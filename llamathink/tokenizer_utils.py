@@ -535,12 +535,21 @@ def save_tokenizer_for_model(tok, save_dir: str | os.PathLike, model_max_length:
     for key in _LOAD_ONLY_KWARGS:
         out.init_kwargs.pop(key, None)
     out.save_pretrained(os.fspath(save_dir))
-    if _text_pipeline(_reloaded(save_dir)) != _text_pipeline(out):
+    # (a tokenizer without a tokenizers backend, or of a class from outside transformers, whose code the folder
+    # names for `trust_remote_code`, is left as saved)
+    pipeline = _text_pipeline(out)
+    if (
+        pipeline
+        and type(out).__module__.startswith("transformers.")
+        and _text_pipeline(_reloaded(save_dir)) != pipeline
+    ):
         config_path = Path(save_dir) / "tokenizer_config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        written = config_path.read_text(encoding="utf-8")
+        config = json.loads(written)
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        if _text_pipeline(_reloaded(save_dir)) != _text_pipeline(out):
+        if _text_pipeline(_reloaded(save_dir)) != pipeline:
+            config_path.write_text(written, encoding="utf-8")
             raise ValueError(
                 f"{save_dir}: the saved tokenizer ({type(tok).__name__}) loads with another text pipeline than it "
                 "was saved with, even as PreTrainedTokenizerFast"
@@ -552,7 +561,7 @@ def _reloaded(folder: str | os.PathLike):
     """The tokenizer ``AutoTokenizer`` loads from a saved `folder` (no network)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(os.fspath(folder), local_files_only=True)
+    return AutoTokenizer.from_pretrained(os.fspath(folder), local_files_only=True, trust_remote_code=False)
 
 
 def _text_pipeline(tok) -> tuple:

@@ -678,6 +678,19 @@ def test_tokenizer_json_of_each_llama2_conversion_encodes_as_transformers(run_bi
         tkx.export_tokenizer(str(d), str(work / f"conversion_{name}.bin"))
         _check_tokenizer(run_bin, hf, work / f"conversion_{name}.bin")
     assert len(schemes) == 3  # three different rule sets were checked
+    # LlamaTokenizer with the chat template's guard, saved for a model (as PreTrainedTokenizerFast, keeping the
+    # guard): HF's Metaspace "first" gives no prefix to a text whose leading U+FDD0 the guard deleted, nor does run.c
+    from llamathink.chat_format import set_chat_template
+    from llamathink.tokenizer_utils import save_tokenizer_for_model
+
+    guarded = work / "conversion_llama_guarded"
+    save_tokenizer_for_model(set_chat_template(makers["llama"]()), guarded, 1024)
+    hf = transformers.AutoTokenizer.from_pretrained(str(guarded))
+    tkx.export_tokenizer(str(guarded), str(work / "conversion_llama_guarded.bin"))
+    for text in ("\ufdd0x", "\ufdd0\ufdd0Hello", "\ufdd0 x", "x\ufdd0y", "Hello world"):
+        want = hf.encode(text, add_special_tokens=False)
+        assert _c_encode(run_bin, work / "conversion_llama_guarded.bin", text) == want, text
+    assert hf.encode("\ufdd0x", add_special_tokens=False) == [29916]  # "x", no prefix
     folder = work / "llama2_no_prefix_config"
     folder.mkdir(exist_ok=True)
     shutil.copy(llama2_dir / "tokenizer.model", folder / "tokenizer.model")
@@ -732,6 +745,8 @@ def _bpe_tokenizer_json(path, normalizer=None, pre_tokenizer=None, extra=(), pla
         ("fuse_unk", "BPE option fuse_unk without byte_fallback"),
         ("plain_added", "added tokens that are not special \\('<think>'\\)"),
         ("strip_decoder", "its decoder prints the tokens of"),
+        ("config_special", "added tokens that tokenizer.json does not mark special \\('he'\\)"),
+        ("remote_code", "transformers cannot load the tokenizer of its folder .*trust_remote_code"),
     ],
 )
 def test_a_tokenizer_json_whose_text_rules_run_c_lacks_is_refused(case, message, run_bin, tmp_path):
@@ -759,6 +774,8 @@ def test_a_tokenizer_json_whose_text_rules_run_c_lacks_is_refused(case, message,
         "fuse_unk": {"pre_tokenizer": metaspace, "fuse_unk": True},
         "plain_added": {"pre_tokenizer": metaspace, "plain_added": ["<think>"]},
         "strip_decoder": {"pre_tokenizer": pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never")},
+        "config_special": {"pre_tokenizer": metaspace},
+        "remote_code": {"pre_tokenizer": metaspace},
     }[case]
     d = tmp_path / case
     d.mkdir()
@@ -766,10 +783,17 @@ def test_a_tokenizer_json_whose_text_rules_run_c_lacks_is_refused(case, message,
     if case == "strip_decoder":  # no prefix added, yet the decoder drops a leading space
         tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Strip(" ", 1, 0)])
         tk.save(str(d / "tokenizer.json"))
+    configs = {  # tokenizer_config.json: a special token only it names; a tokenizer class from the folder's code
+        "config_special": {"extra_special_tokens": ["he"]},
+        "remote_code": {"tokenizer_class": "Mine", "auto_map": {"AutoTokenizer": [None, "mine.Mine"]}},
+    }
+    if case in configs:
+        (d / "tokenizer_config.json").write_text(json.dumps(configs[case]))
     out = tmp_path / "tok.bin"
-    with pytest.raises(tkx.TokenizerExportError, match=re.escape(str(d / "tokenizer.json")) + ".*" + message):
+    with pytest.raises(tkx.TokenizerExportError, match="(?s)" + re.escape(str(d / "tokenizer.json")) + ".*" + message):
         tkx.export_tokenizer(str(d), str(out))
     assert not out.exists()
+    (d / "tokenizer_config.json").unlink(missing_ok=True)
     # without the fault, and splitting words where no piece has U+2581 inside, exported with the "first" rule
     for pre_tokenizer in (metaspace, split):
         tk = _bpe_tokenizer_json(d / "tokenizer.json", pre_tokenizer=pre_tokenizer)
