@@ -443,7 +443,7 @@ def test_a_tokenizer_without_a_tokenizers_backend_is_saved_as_it_is(tmp_path):
         pytest.skip(f"transformers {transformers.__version__} has no SentencePieceBackend")
 
     class SlowLlama(backend_class):
-        vocab_files_names = {"vocab_file": "tokenizer.model"}
+        vocab_files_names = {"vocab_file": "tokenizer.model"}  # noqa: RUF012 (transformers reads it so)
 
     save_tokenizer_for_model(SlowLlama(vocab_file=str(llama2_model_path())), tmp_path / "slow", 512)
     assert json.loads((tmp_path / "slow" / "tokenizer_config.json").read_text())["tokenizer_class"] == "SlowLlama"
