@@ -521,8 +521,8 @@ def save_tokenizer_for_model(tok, save_dir: str | os.PathLike, model_max_length:
     guard, ``llamathink.chat_format.set_chat_template``), tokenizer_config.json names the generic
     ``PreTrainedTokenizerFast``, which reads the file as written.
 
-    ``tok`` itself is not changed. Raises ``ValueError`` if ``model_max_length`` is not a positive integer, or if
-    the saved folder still loads with another pipeline.
+    ``tok`` itself is not changed. Raises ``ValueError`` if ``model_max_length`` is not a positive integer; warns
+    where the saved folder cannot be loaded again, or loads with another pipeline under either class name.
     """
     if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) or model_max_length <= 0:
         raise ValueError(f"model_max_length must be a positive integer, got {model_max_length!r}")
@@ -538,30 +538,36 @@ def save_tokenizer_for_model(tok, save_dir: str | os.PathLike, model_max_length:
     # (a tokenizer without a tokenizers backend, or of a class from outside transformers, whose code the folder
     # names for `trust_remote_code`, is left as saved)
     pipeline = _text_pipeline(out)
-    if (
-        pipeline
-        and type(out).__module__.startswith("transformers.")
-        and _text_pipeline(_reloaded(save_dir)) != pipeline
-    ):
+    if pipeline and type(out).__module__.startswith("transformers.") and _reloaded_pipeline(save_dir) != pipeline:
         config_path = Path(save_dir) / "tokenizer_config.json"
         written = config_path.read_text(encoding="utf-8")
         config = json.loads(written)
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        if _text_pipeline(_reloaded(save_dir)) != pipeline:
+        if _reloaded_pipeline(save_dir) != pipeline:
             config_path.write_text(written, encoding="utf-8")
-            raise ValueError(
+            # (a warning, not an error: this runs as a finished training run saves its model)
+            warnings.warn(
                 f"{save_dir}: the saved tokenizer ({type(tok).__name__}) loads with another text pipeline than it "
-                "was saved with, even as PreTrainedTokenizerFast"
+                "was saved with (normalizer, pre-tokenizer, post-processor or decoder), even as "
+                "PreTrainedTokenizerFast: check how the folder encodes before using it",
+                stacklevel=2,
             )
     return out
 
 
-def _reloaded(folder: str | os.PathLike):
-    """The tokenizer ``AutoTokenizer`` loads from a saved `folder` (no network)."""
+def _reloaded_pipeline(folder: str | os.PathLike) -> tuple | None:
+    """`_text_pipeline` of the tokenizer ``AutoTokenizer`` loads from a saved `folder` (no network, no code from the
+    folder); None where it cannot load it (named in a warning)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(os.fspath(folder), local_files_only=True, trust_remote_code=False)
+    try:
+        return _text_pipeline(
+            AutoTokenizer.from_pretrained(os.fspath(folder), local_files_only=True, trust_remote_code=False)
+        )
+    except Exception as err:  # noqa: BLE001 (transformers raises OSError, ValueError, ImportError and others here)
+        warnings.warn(f"{folder}: transformers cannot load the saved tokenizer again ({err})", stacklevel=3)
+        return None
 
 
 def _text_pipeline(tok) -> tuple:
