@@ -447,3 +447,19 @@ def test_a_tokenizer_without_a_tokenizers_backend_is_saved_as_it_is(tmp_path):
 
     save_tokenizer_for_model(SlowLlama(vocab_file=str(llama2_model_path())), tmp_path / "slow", 512)
     assert json.loads((tmp_path / "slow" / "tokenizer_config.json").read_text())["tokenizer_class"] == "SlowLlama"
+
+
+def test_a_saved_tokenizer_transformers_cannot_load_again_is_named_not_fatal(tmp_path, monkeypatch):
+    """Where the reload check of `save_tokenizer_for_model` fails inside transformers, the save stands (it runs as
+    a finished training run saves its model) and a warning names the folder."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise OSError("no such class here")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    with pytest.warns(
+        UserWarning, match=r"saved.*: transformers cannot load the saved tokenizer again \(no such class"
+    ):
+        save_tokenizer_for_model(builtin_tokenizer(), tmp_path / "saved", 512)
+    assert (tmp_path / "saved" / "tokenizer.json").is_file()
