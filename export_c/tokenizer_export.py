@@ -468,7 +468,8 @@ def check_text_rules(t: dict, path: str, folder: str | None = None) -> int:
         )
     decoding = {**t, "flags": t["flags"] | flags}
     for text, x, want in zip(probes, ids, decoded):
-        if max(x, default=-1) < len(t["pieces"]) and run_c_decoded(decoding, x) != want:
+        # (an unknown piece prints nothing in run.c by design, whatever the decoder makes of it)
+        if max(x, default=-1) < len(t["pieces"]) and unk not in x and run_c_decoded(decoding, x) != want:
             raise TokenizerExportError(
                 f"{path}: its decoder prints the tokens of {text!r} as {want!r}, run.c as "
                 f"{run_c_decoded(decoding, x)!r}: run.c decodes U+2581 as a space and drops one leading space where "
