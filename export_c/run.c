@@ -59,9 +59,12 @@
 #define TK_VERSION 1u
 #define TK_HEADER_SIZE 64u
 /* tokenizer flags: 1 add a U+2581 prefix, 2 byte fallback, 4 no prefix when the text starts with a
- * space or U+2581 or with U+FDD0 that flag 8 deletes, 8 delete U+FDD0 first (the normalizer step llamathink.chat_format.set_chat_template installs) */
+ * space or U+2581, 8 delete U+FDD0 first (the normalizer step llamathink.chat_format.set_chat_template
+ * installs), 16 no prefix either when flag 8 deleted the text's first characters (HF's Metaspace
+ * prepend_scheme "first", which prefixes only a word at the original text's offset 0; "always" does not) */
 #define TK_FLAG_DROP_TEXT_GUARD 8
-#define TK_FLAGS_ALL 15
+#define TK_FLAG_PREFIX_AT_OFFSET_0 16
+#define TK_FLAGS_ALL 31
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_I8 = 2 };
 enum { MIX_LINEAR = 0, MIX_CSA = 1, MIX_FULL = 2 };
@@ -2138,11 +2141,11 @@ static int encode(const Tokenizer *t, const char *text, size_t tlen, int add_bos
     uint8_t *norm = (uint8_t *)malloc(tlen * 3 + 4);
     if (!norm) return -1;
     size_t p = 0;
-    /* flag 4, HF's Metaspace with prepend_scheme "first": it sees spaces as U+2581 already, so a text starting
-     * with a literal U+2581 gets no prefix either; nor does one whose first characters the guard deleted (i0 > 0:
-     * "first" prefixes only a word that starts at the original text's offset 0) */
+    /* flag 4, HF's Metaspace: it sees spaces as U+2581 already, so a text starting with a literal U+2581 gets
+     * no prefix either; flag 16: nor does one whose first characters the guard deleted (i0 > 0) */
     const int starts_spaced = text[i0] == ' ' || (tlen - i0 >= 3 && !memcmp(text + i0, "\xe2\x96\x81", 3));
-    if ((t->flags & 1) && !((t->flags & 4) && (starts_spaced || i0 > 0))) { memcpy(norm, "\xe2\x96\x81", 3); p = 3; }
+    const int no_prefix = ((t->flags & 4) && starts_spaced) || ((t->flags & TK_FLAG_PREFIX_AT_OFFSET_0) && i0 > 0);
+    if ((t->flags & 1) && !no_prefix) { memcpy(norm, "\xe2\x96\x81", 3); p = 3; }
     for (size_t i = i0; i < tlen; i++) {
         if (drop_guard && is_text_guard(text, i, tlen)) i += 2;
         else if (text[i] == ' ') { memcpy(norm + p, "\xe2\x96\x81", 3); p += 3; }

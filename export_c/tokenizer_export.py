@@ -48,8 +48,11 @@ TK_HEADER_SIZE = 64
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 FLAG_DUMMY_PREFIX = 1
 FLAG_BYTE_FALLBACK = 2
-FLAG_NO_PREFIX_IF_SPACE = 4  # no prefix where the text starts with a space, U+2581 or a deleted U+FDD0 (HF "first")
+FLAG_NO_PREFIX_IF_SPACE = 4  # no prefix where the text starts with a space or U+2581 (HF's Metaspace)
 FLAG_DROP_TEXT_GUARD = 8  # delete U+FDD0 before anything else (llamathink.chat_format.set_chat_template)
+# no prefix either where flag 8 deleted the text's first characters (HF's Metaspace "first": only a word at the
+# original text's offset 0 is prefixed; "always" prefixes it)
+FLAG_PREFIX_AT_OFFSET_0 = 16
 # llamathink.chat_format.TEXT_GUARD (a copy: the exporter also runs without the package)
 TEXT_GUARD = "\ufdd0"
 NO_MERGE = -1e30
@@ -248,17 +251,19 @@ _KNOWN_REGEX_REPLACES = {("\\A" + SPACE, SPACE + SPACE), ("^" + SPACE, SPACE + S
 
 def run_c_normalized(text: str, flags: int) -> str:
     """The string run.c's `encode` merges for `text` under tokenizer `flags` (its normalization, in Python): U+FDD0
-    deleted (flag 8), a U+2581 prefix (flag 1) unless the text starts with a space or U+2581, or with a U+FDD0 that
-    was deleted (flag 4: HF's Metaspace "first", which prefixes only a word at the original text's offset 0), every
-    space made U+2581. The empty text stays empty."""
+    deleted (flag 8), a U+2581 prefix (flag 1) unless the text starts with a space or U+2581 (flag 4) or with a
+    U+FDD0 that was deleted (flag 16: HF's Metaspace "first", which prefixes only a word at the original text's
+    offset 0), every space made U+2581. The empty text stays empty."""
     guarded_start = False
     if flags & FLAG_DROP_TEXT_GUARD:
         guarded_start = text.startswith(TEXT_GUARD)
         text = text.replace(TEXT_GUARD, "")
     if not text:
         return ""
-    no_prefix = text[0] in (" ", SPACE) or guarded_start
-    prefix = flags & FLAG_DUMMY_PREFIX and not (flags & FLAG_NO_PREFIX_IF_SPACE and no_prefix)
+    no_prefix = (flags & FLAG_NO_PREFIX_IF_SPACE and text[0] in (" ", SPACE)) or (
+        flags & FLAG_PREFIX_AT_OFFSET_0 and guarded_start
+    )
+    prefix = flags & FLAG_DUMMY_PREFIX and not no_prefix
     return (SPACE if prefix else "") + text.replace(" ", SPACE)
 
 
@@ -390,7 +395,8 @@ def _backend_tokenizer(path: str, folder: str | None):
 
 
 def check_text_rules(t: dict, path: str, folder: str | None = None) -> int:
-    """run.c's prefix flags (`FLAG_DUMMY_PREFIX`, `FLAG_NO_PREFIX_IF_SPACE`, or neither) for tokenizer `t` read from
+    """run.c's prefix flags (`FLAG_DUMMY_PREFIX`, `FLAG_NO_PREFIX_IF_SPACE`, `FLAG_PREFIX_AT_OFFSET_0`, or none)
+    for tokenizer `t` read from
     the tokenizer.json at `path` (`folder`: the folder it was named by, which transformers loads through its
     tokenizer class), found by running transformers' normalizer and pre-tokenizer for it (`_backend_tokenizer`) on
     probe texts (`_probes`) and taking the flags under which `run_c_normalized` gives the same strings; and a check
@@ -431,16 +437,14 @@ def check_text_rules(t: dict, path: str, folder: str | None = None) -> int:
         # the string the merges saw: the encoding's tokens joined (byte pieces as their bytes), which keeps what the
         # pipeline does by offset into the original text (Metaspace "first" adds no prefix once a normalizer step
         # deleted the text's first characters); the normalizer and pre-tokenizer on their own where a token is unknown
+        # (an unknown token: the original characters it stands for, which the accepted steps leave as they are)
         encoding = backend.encode(text, add_special_tokens=False)
-        if unk is None or unk not in encoding.ids:
-            joined = bytearray()
-            for token in encoding.tokens:
-                byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", token)
-                joined += bytes([int(byte.group(1), 16)]) if byte else token.encode("utf-8")
-            return joined.decode("utf-8", "replace")
-        text = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
-        words = [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(text)] if backend.pre_tokenizer else [text]
-        return "".join(words)
+        joined = bytearray()
+        for token, token_id, (start, stop) in zip(encoding.tokens, encoding.ids, encoding.offsets):
+            byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", token)
+            piece = text[start:stop] if token_id == unk else token
+            joined += bytes([int(byte.group(1), 16)]) if byte and token_id != unk else piece.encode("utf-8")
+        return joined.decode("utf-8", "replace")
 
     probes = _probes(state)
     try:
@@ -453,7 +457,9 @@ def check_text_rules(t: dict, path: str, folder: str | None = None) -> int:
         raise TokenizerExportError(
             f"{path}: its normalizer, pre-tokenizer or decoder failed ({type(e).__name__}: {e})"
         ) from e
-    candidates = (FLAG_DUMMY_PREFIX | FLAG_NO_PREFIX_IF_SPACE, FLAG_DUMMY_PREFIX, 0)
+    # (flag 16 only where it is needed: a runner older than it refuses a file that has it)
+    first = FLAG_DUMMY_PREFIX | FLAG_NO_PREFIX_IF_SPACE
+    candidates = (first, first | FLAG_PREFIX_AT_OFFSET_0, FLAG_DUMMY_PREFIX, 0)
     flags = next(
         (f for f in candidates if all(run_c_normalized(x, guard | f) == w for x, w in zip(probes, wanted))), None
     )
@@ -632,8 +638,12 @@ def load_tokenizer(src: str, sentencepiece_rules: bool | None = None) -> dict:
             flags |= FLAG_DUMMY_PREFIX
             if not sentencepiece_rules:
                 flags |= FLAG_NO_PREFIX_IF_SPACE
-        # transformers loads a directory's tokenizer.json when there is one: its text guard applies
-        t["flags"] = flags | read_text_guard_flag(os.path.join(os.path.dirname(sp) or ".", "tokenizer.json"))
+        # transformers loads a directory's tokenizer.json when there is one: its text guard applies (before
+        # LlamaTokenizer's Metaspace "first", which then prefixes no text whose first characters it deleted)
+        guard = read_text_guard_flag(os.path.join(os.path.dirname(sp) or ".", "tokenizer.json"))
+        if guard and flags & FLAG_NO_PREFIX_IF_SPACE:
+            flags |= FLAG_PREFIX_AT_OFFSET_0
+        t["flags"] = flags | guard
     else:
         js = os.path.join(src, "tokenizer.json") if os.path.isdir(src) else src
         if not os.path.isfile(js):

@@ -538,36 +538,47 @@ def save_tokenizer_for_model(tok, save_dir: str | os.PathLike, model_max_length:
     # (a tokenizer without a tokenizers backend, or of a class from outside transformers, whose code the folder
     # names for `trust_remote_code`, is left as saved)
     pipeline = _text_pipeline(out)
-    if pipeline and type(out).__module__.startswith("transformers.") and _reloaded_pipeline(save_dir) != pipeline:
+    if not pipeline or not type(out).__module__.startswith("transformers."):
+        return out
+    reloaded, error = _reloaded_pipeline(save_dir)
+    if reloaded != pipeline:
         config_path = Path(save_dir) / "tokenizer_config.json"
         written = config_path.read_text(encoding="utf-8")
         config = json.loads(written)
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        if _reloaded_pipeline(save_dir) != pipeline:
+        reloaded, error = _reloaded_pipeline(save_dir)
+        if reloaded != pipeline:
             config_path.write_text(written, encoding="utf-8")
             # (a warning, not an error: this runs as a finished training run saves its model)
+            problem = (
+                f"cannot be loaded again ({error})"
+                if error
+                else "loads with another text pipeline (normalizer, pre-tokenizer, post-processor or decoder) than "
+                "it was saved with"
+            )
             warnings.warn(
-                f"{save_dir}: the saved tokenizer ({type(tok).__name__}) loads with another text pipeline than it "
-                "was saved with (normalizer, pre-tokenizer, post-processor or decoder), even as "
-                "PreTrainedTokenizerFast: check how the folder encodes before using it",
+                f"{save_dir}: the saved tokenizer ({type(tok).__name__}) {problem}, also as PreTrainedTokenizerFast: "
+                "check how the folder encodes before using it",
                 stacklevel=2,
             )
     return out
 
 
-def _reloaded_pipeline(folder: str | os.PathLike) -> tuple | None:
+def _reloaded_pipeline(folder: str | os.PathLike) -> tuple[tuple | None, str | None]:
     """`_text_pipeline` of the tokenizer ``AutoTokenizer`` loads from a saved `folder` (no network, no code from the
-    folder); None where it cannot load it (named in a warning)."""
+    folder), and None; (None, why) where it cannot load it."""
     from transformers import AutoTokenizer
 
     try:
-        return _text_pipeline(
-            AutoTokenizer.from_pretrained(os.fspath(folder), local_files_only=True, trust_remote_code=False)
-        )
-    except Exception as err:  # noqa: BLE001 (transformers raises OSError, ValueError, ImportError and others here)
-        warnings.warn(f"{folder}: transformers cannot load the saved tokenizer again ({err})", stacklevel=3)
-        return None
+        loaded = AutoTokenizer.from_pretrained(os.fspath(folder), local_files_only=True, trust_remote_code=False)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    # transformers raises OSError, ValueError, ImportError and others here, and tokenizers a Rust panic as pyo3's
+    # PanicException, a BaseException
+    except BaseException as err:  # noqa: BLE001
+        return None, f"{type(err).__name__}: {err}"
+    return _text_pipeline(loaded), None
 
 
 def _text_pipeline(tok) -> tuple:

@@ -768,7 +768,11 @@ def test_a_tokenizer_json_whose_text_rules_run_c_lacks_is_refused(case, message,
         "digits": {"pre_tokenizer": pre_tokenizers.Sequence([metaspace, pre_tokenizers.Digits(True)])},
         "regex": {"normalizer": normalizers.Replace(Regex("\\s+"), " "), "pre_tokenizer": metaspace},
         "carriage_return": {"normalizer": normalizers.Replace("\r", ""), "pre_tokenizer": metaspace},
-        "apostrophe": {"normalizer": normalizers.Replace("'", "\u2019"), "pre_tokenizer": metaspace},
+        "apostrophe": {
+            "normalizer": normalizers.Replace("'", "\u2019"),
+            "pre_tokenizer": metaspace,
+            "extra": ["'", "\u2019"],
+        },
         "split_words": {"pre_tokenizer": split, "extra": ["\u2581\u2581"]},
         "dropout": {"pre_tokenizer": metaspace, "dropout": 0.1},
         "fuse_unk": {"pre_tokenizer": metaspace, "fuse_unk": True},
@@ -801,6 +805,30 @@ def test_a_tokenizer_json_whose_text_rules_run_c_lacks_is_refused(case, message,
         assert tkx.load_tokenizer(str(d))["flags"] & 7 == tkx.FLAG_DUMMY_PREFIX | tkx.FLAG_NO_PREFIX_IF_SPACE
         for text in ("hello world", " hello  hello ", "\u2581hello", "Hello hellO"):
             assert _c_encode(run_bin, out, text) == tk.encode(text, add_special_tokens=False).ids, text
+
+
+@pytest.mark.parametrize("scheme", ["first", "always"])
+def test_metaspace_schemes_after_a_deleted_leading_guard_encode_as_transformers(scheme, run_bin, tmp_path):
+    """A tokenizer with the chat template's text guard (Replace(U+FDD0, "") first) and Metaspace: "first" prefixes
+    no text whose leading U+FDD0 the guard deleted (the word is not at the original offset 0), "always" prefixes it.
+    The exporter tells them apart (flag 16 for "first" only; "always" was refused once flag 4 took the "first"
+    rule) and run.c encodes both as the tokenizers library does."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    d = tmp_path / scheme
+    d.mkdir()
+    tk = _bpe_tokenizer_json(
+        d / "tokenizer.json",
+        normalizer=normalizers.Sequence([normalizers.Replace("\ufdd0", "")]),
+        pre_tokenizer=pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False),
+    )
+    out = tmp_path / f"{scheme}.bin"
+    tkx.export_tokenizer(str(d), str(out))
+    flags = tkx.load_tokenizer(str(d))["flags"]
+    assert flags & tkx.FLAG_DROP_TEXT_GUARD and flags & tkx.FLAG_NO_PREFIX_IF_SPACE
+    assert bool(flags & tkx.FLAG_PREFIX_AT_OFFSET_0) == (scheme == "first")
+    for text in ("\ufdd0hello", "\ufdd0\ufdd0hello hello", "\ufdd0 hello", "hello\ufdd0hello", "hello", " hello"):
+        assert _c_encode(run_bin, out, text) == tk.encode(text, add_special_tokens=False).ids, text
 
 
 def test_tokenizer_json_ids_far_beyond_the_pieces_are_refused_by_name(tmp_path):
