@@ -4346,9 +4346,7 @@ class LlamaThinkForCausalLM(LlamaThinkPreTrainedModel, GenerationMixin):
                 # the chunked losses' autograd Function and checkpointing have no torch.func rules: the same loss on
                 # the full logits, in the chunked loss's accumulation dtype (float64 for a float64 model)
                 targets, divisor = _next_token_targets(labels, num_items, hidden_states.device, shift_labels)
-                logits = self.lm_head(hidden_states)
-                logits = logits.to(_acc_dtype(logits.dtype)).flatten(0, 1)  # [B * T, V]
-                loss = F.cross_entropy(logits, targets.reshape(-1), ignore_index=-100, reduction="sum") / divisor
+                loss = _head_cross_entropy_sum(self.lm_head, hidden_states, targets) / divisor
             elif is_plain_linear(self.lm_head):
                 loss = chunked_causal_lm_loss(
                     hidden_states,
