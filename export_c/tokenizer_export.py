@@ -174,14 +174,6 @@ def _parse_sentencepiece(data: bytes) -> dict:
     )
 
 
-def _normalizer_steps(j: dict) -> list:
-    norm = j.get("normalizer") or {}
-    if not isinstance(norm, dict):
-        return []
-    steps = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
-    return [x for x in steps if isinstance(x, dict)] if isinstance(steps, list) else []
-
-
 def _is_text_guard(step: dict) -> bool:
     return step.get("type") == "Replace" and step.get("pattern") == {"String": TEXT_GUARD} and step.get("content") == ""
 
@@ -191,7 +183,7 @@ def text_guard_flag(j: dict, path: str) -> int:
     ``llamathink.chat_format.set_chat_template`` installs it (``Replace(U+FDD0, "")`` as the first normalizer
     step, or the whole normalizer); else 0. Raises TokenizerExportError for any other step that
     replaces U+FDD0: run.c only knows the deletion before every other rule."""
-    steps = _normalizer_steps(j)
+    steps = _flat_steps(j.get("normalizer"))
     if steps and _is_text_guard(steps[0]):
         return FLAG_DROP_TEXT_GUARD
     for step in steps:
@@ -541,10 +533,10 @@ def _read_hf_json(path: str) -> dict:
         if len(p) == 6 and p.startswith(b"<0x") and p.endswith(b">"):
             types[i] = BYTE
     unk = vocab.get(model.get("unk_token") or "", -1)
-    for t in j.get("added_tokens", []):
+    for t in j.get("added_tokens", []):  # (special ones only: the others were refused above)
         pieces[t["id"]] = t["content"].encode("utf-8")
-        types[t["id"]] = CONTROL if t.get("special", False) else USER_DEFINED
-        scores[t["id"]] = NO_MERGE if t.get("special", False) else 0.0
+        types[t["id"]] = CONTROL
+        scores[t["id"]] = NO_MERGE
     if 0 <= unk < n:
         types[unk] = UNKNOWN
     flags = text_guard_flag(j, path)  # (the prefix flags: `check_text_rules`, once the pieces are all known)
