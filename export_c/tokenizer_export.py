@@ -425,12 +425,11 @@ def check_text_rules(t: dict, path: str, folder: str | None = None) -> int:
 
     unk = backend.token_to_id(state.get("model", {}).get("unk_token") or "") if state.get("model") else None
 
-    def normalized(text: str) -> str:
-        # the string the merges saw: the encoding's tokens joined (byte pieces as their bytes), which keeps what the
-        # pipeline does by offset into the original text (Metaspace "first" adds no prefix once a normalizer step
-        # deleted the text's first characters); the normalizer and pre-tokenizer on their own where a token is unknown
-        # (an unknown token: the original characters it stands for, which the accepted steps leave as they are)
-        encoding = backend.encode(text, add_special_tokens=False)
+    def normalized(text: str, encoding) -> str:
+        # the string the merges saw: `text`'s encoding's tokens joined (byte pieces as their bytes, an unknown token
+        # as the original characters it stands for, which the accepted steps leave as they are), which keeps what
+        # the pipeline does by offset into the original text (Metaspace "first" adds no prefix once a normalizer
+        # step deleted the text's first characters)
         joined = bytearray()
         for token, token_id, (start, stop) in zip(encoding.tokens, encoding.ids, encoding.offsets):
             byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", token)
@@ -440,8 +439,9 @@ def check_text_rules(t: dict, path: str, folder: str | None = None) -> int:
 
     probes = _probes(state)
     try:
-        wanted = [normalized(text) for text in probes]
-        ids = [backend.encode(text, add_special_tokens=False).ids for text in probes]
+        encodings = [backend.encode(text, add_special_tokens=False) for text in probes]
+        wanted = [normalized(text, encoding) for text, encoding in zip(probes, encodings)]
+        ids = [encoding.ids for encoding in encodings]
         decoded = [backend.decode(x, skip_special_tokens=True) for x in ids]
     except (KeyboardInterrupt, SystemExit):
         raise
